@@ -1,0 +1,101 @@
+//! PUBLISH (packet type 3): the hot path.
+//!
+//! Decoding a QoS 0 PUBLISH without properties allocates once (the topic's
+//! `Arc<str>`); the payload is the tail of the frozen packet, not a copy.
+//! Encoding reserves once and writes with `put_slice`. Topic wildcards and an
+//! empty topic (5.0 topic alias) are left to the session.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use super::header::{self, kind};
+use super::primitives::{field_len, put_prefixed, Reader};
+use super::properties::{self, PropKind};
+use super::{DecodeError, Properties, Publish, QoS, Version};
+
+const DUP: u8 = 0x08;
+const RETAIN: u8 = 0x01;
+
+/// Decodes a PUBLISH from its fixed header flags and body.
+#[inline]
+pub(crate) fn decode(flags: u8, mut body: Bytes, version: Version) -> Result<Publish, DecodeError> {
+    let qos = QoS::from_u8((flags >> 1) & 0x03).ok_or(DecodeError::Malformed(
+        "[MQTT-3.3.1-4] PUBLISH QoS is 3",
+    ))?;
+    let dup = flags & DUP != 0;
+    if dup && qos == QoS::AtMostOnce {
+        return Err(DecodeError::Malformed(
+            "[MQTT-3.3.1-2] DUP flag set on a QoS 0 PUBLISH",
+        ));
+    }
+    let mut r = Reader::new(&body);
+    let topic = r.topic()?;
+    let mut packet_id = 0;
+    if qos != QoS::AtMostOnce {
+        packet_id = r.u16()?;
+        if packet_id == 0 {
+            return Err(DecodeError::Protocol(
+                "[MQTT-2.2.1-3] PUBLISH with QoS > 0 has packet identifier 0",
+            ));
+        }
+    }
+    let properties = if version.is_v5() {
+        properties::decode(&mut r, PropKind::Publish)?
+    } else {
+        Properties::default()
+    };
+    let consumed = r.position();
+    body.advance(consumed);
+    Ok(Publish {
+        dup,
+        qos,
+        retain: flags & RETAIN != 0,
+        topic,
+        packet_id,
+        payload: body,
+        properties,
+    })
+}
+
+/// (remaining length, property list length).
+#[inline]
+fn lens(p: &Publish, version: Version) -> (usize, usize) {
+    let mut remaining = field_len(p.topic.len()) + p.payload.len();
+    if p.qos != QoS::AtMostOnce {
+        remaining += 2;
+    }
+    let mut props = 0;
+    if version.is_v5() {
+        props = properties::len(&p.properties, PropKind::Publish);
+        remaining += properties::prefixed_len(props);
+    }
+    (remaining, props)
+}
+
+/// Remaining length of the encoding of `p`.
+#[inline]
+pub(crate) fn remaining_len(p: &Publish, version: Version) -> usize {
+    lens(p, version).0
+}
+
+/// Appends PUBLISH. The DUP flag is written only for QoS > 0
+/// (`[MQTT-3.3.1-2]`).
+#[inline]
+pub(crate) fn encode(p: &Publish, version: Version, out: &mut BytesMut) {
+    let (remaining, props) = lens(p, version);
+    let mut byte0 = (kind::PUBLISH << 4) | ((p.qos as u8) << 1);
+    if p.dup && p.qos != QoS::AtMostOnce {
+        byte0 |= DUP;
+    }
+    if p.retain {
+        byte0 |= RETAIN;
+    }
+    header::write(out, byte0, remaining);
+    put_prefixed(out, p.topic.as_bytes());
+    if p.qos != QoS::AtMostOnce {
+        out.put_u16(p.packet_id);
+    }
+    if version.is_v5() {
+        properties::encode(&p.properties, PropKind::Publish, props, out);
+    }
+    out.put_slice(&p.payload);
+}

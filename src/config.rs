@@ -1,0 +1,295 @@
+//! Broker configuration: TOML with an embedded default, validated at start.
+//!
+//! Node-wide and read-only once the broker runs: each shard gets its own
+//! copy. A file given with `--config` is merged over the embedded default, so
+//! it only names what it changes; unknown keys and out-of-range values are
+//! refused with a message naming the key.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::session::{OverflowPolicy, SessionLimits};
+
+/// The embedded default configuration (what `--print-default-config` prints).
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// A configuration that cannot be used, with the key at fault.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not TOML, an unknown key, or a value of the wrong type.
+    #[error("config: {0}")]
+    Parse(String),
+    /// A value outside its allowed range, or limits that contradict each other.
+    #[error("config: {key} = {value}: {why}")]
+    Invalid {
+        /// Dotted key, e.g. `mqtt.receive_maximum`.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// The allowed range or relationship.
+        why: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners, shards, connection limits.
+    pub server: ServerConfig,
+    /// MQTT limits.
+    pub mqtt: MqttConfig,
+    /// Shard-to-shard lanes.
+    pub mesh: MeshConfig,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Addresses to listen on.
+    pub listen: Vec<SocketAddr>,
+    /// Number of shards; 0 = one per online CPU.
+    pub shards: usize,
+    /// Pin shard i to CPU i when shards ≤ CPUs.
+    pub pin_cpus: bool,
+    /// Connections the broker accepts at once.
+    pub connections_max: usize,
+    /// Time a new connection has to send CONNECT.
+    pub connect_timeout_ms: u64,
+    /// io_uring registered buffer memory per shard.
+    pub io_memory_bytes: usize,
+    /// Socket read size.
+    pub read_buffer_bytes: usize,
+    /// Encoded bytes buffered per connection before a write.
+    pub write_buffer_bytes: usize,
+}
+
+/// `[mqtt]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Largest packet accepted.
+    pub packet_size_max_bytes: u32,
+    /// Server Receive Maximum.
+    pub receive_maximum: u16,
+    /// Outbound in-flight cap.
+    pub inflight_max: u16,
+    /// Messages queued per session.
+    pub queue_messages_max: usize,
+    /// Bytes queued per session.
+    pub queue_bytes_max: usize,
+    /// Overflow policy: `drop_new` or `drop_oldest`.
+    pub queue_overflow: String,
+    /// Queue QoS 0 for offline sessions.
+    pub queue_qos0_offline: bool,
+    /// Inbound Topic Alias Maximum.
+    pub topic_alias_max: u16,
+    /// Topic levels.
+    pub topic_levels_max: usize,
+    /// Subscriptions per session.
+    pub subscriptions_max: usize,
+    /// Client id length.
+    pub client_id_bytes_max: usize,
+    /// Keepalive cap.
+    pub keep_alive_s_max: u16,
+    /// Session expiry cap.
+    pub session_expiry_s_max: u32,
+    /// Response Information prefix.
+    pub response_topic_prefix: String,
+    /// Retained messages in the whole broker.
+    pub retained_messages_max: usize,
+}
+
+/// `[mesh]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MeshConfig {
+    /// Batches per lane.
+    pub lane_capacity: usize,
+    /// Messages buffered for other shards before reading pauses.
+    pub outbox_messages_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_toml("").expect("the embedded default config is valid")
+    }
+}
+
+impl Config {
+    /// Parse `text` merged over the embedded default, then validate.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let mut base: toml::Table = DEFAULT_CONFIG.parse().expect("embedded default is TOML");
+        let user: toml::Table = text.parse().map_err(|e| ConfigError::Parse(format!("{e}")))?;
+        merge(&mut base, user);
+        let config = Config::deserialize(base).map_err(|e| ConfigError::Parse(format!("{e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Read and parse a config file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// Shards to run: the configured count, or one per online CPU.
+    pub fn shard_count(&self) -> usize {
+        if self.server.shards == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.server.shards
+        }
+    }
+
+    /// The session limits every shard hands its sessions.
+    pub fn session_limits(&self) -> SessionLimits {
+        let m = &self.mqtt;
+        SessionLimits {
+            receive_maximum: m.receive_maximum,
+            inflight_max: m.inflight_max,
+            queue_messages_max: m.queue_messages_max,
+            queue_bytes_max: m.queue_bytes_max,
+            overflow: if m.queue_overflow == "drop_oldest" {
+                OverflowPolicy::DropOldest
+            } else {
+                OverflowPolicy::DropNew
+            },
+            queue_qos0_offline: m.queue_qos0_offline,
+            topic_alias_max: m.topic_alias_max,
+            topic_levels_max: m.topic_levels_max,
+            subscriptions_max: m.subscriptions_max,
+            packet_size_max_bytes: m.packet_size_max_bytes,
+            keep_alive_s_max: m.keep_alive_s_max,
+            session_expiry_s_max: m.session_expiry_s_max,
+            response_topic_prefix: m.response_topic_prefix.clone(),
+        }
+    }
+
+    /// Check every value's range and the relationships between limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        let m = &self.mqtt;
+        if s.listen.is_empty() {
+            return Err(invalid("server.listen", "[]", "give at least one address"));
+        }
+        range("server.shards", s.shards, 0, 256)?;
+        range("server.connections_max", s.connections_max, 1, 10_000_000)?;
+        range("server.connect_timeout_ms", s.connect_timeout_ms, 100, 600_000)?;
+        range("server.io_memory_bytes", s.io_memory_bytes, 64 << 10, 1 << 30)?;
+        range("server.read_buffer_bytes", s.read_buffer_bytes, 512, 16 << 20)?;
+        range("server.write_buffer_bytes", s.write_buffer_bytes, 512, 64 << 20)?;
+        range("mqtt.packet_size_max_bytes", m.packet_size_max_bytes, 64, 268_435_460)?;
+        range("mqtt.receive_maximum", m.receive_maximum, 1, u16::MAX)?;
+        range("mqtt.inflight_max", m.inflight_max, 1, u16::MAX)?;
+        range("mqtt.queue_messages_max", m.queue_messages_max, 1, 100_000_000)?;
+        range("mqtt.queue_bytes_max", m.queue_bytes_max, 1024, 1 << 40)?;
+        range("mqtt.topic_levels_max", m.topic_levels_max, 1, 65_535)?;
+        range("mqtt.subscriptions_max", m.subscriptions_max, 1, 10_000_000)?;
+        range("mqtt.client_id_bytes_max", m.client_id_bytes_max, 23, 65_535)?;
+        range("mqtt.retained_messages_max", m.retained_messages_max, 0, 1 << 40)?;
+        range("mesh.lane_capacity", self.mesh.lane_capacity, 16, 1 << 20)?;
+        range("mesh.outbox_messages_max", self.mesh.outbox_messages_max, 64, 1 << 30)?;
+        if !matches!(m.queue_overflow.as_str(), "drop_new" | "drop_oldest") {
+            let v = format!("{:?}", m.queue_overflow);
+            return Err(invalid("mqtt.queue_overflow", &v, "must be \"drop_new\" or \"drop_oldest\""));
+        }
+        if m.response_topic_prefix.is_empty() || m.response_topic_prefix.contains(['+', '#']) {
+            let v = format!("{:?}", m.response_topic_prefix);
+            return Err(invalid("mqtt.response_topic_prefix", &v, "must be a non-empty topic without wildcards"));
+        }
+        if m.queue_bytes_max < m.packet_size_max_bytes as usize {
+            let why = format!(
+                "must be at least mqtt.packet_size_max_bytes ({}), or a largest message could never be queued",
+                m.packet_size_max_bytes
+            );
+            return Err(invalid("mqtt.queue_bytes_max", &m.queue_bytes_max.to_string(), &why));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(key: &'static str, value: &str, why: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: value.to_string(),
+        why: why.to_string(),
+    }
+}
+
+fn range<T>(key: &'static str, value: T, min: T, max: T) -> Result<(), ConfigError>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if value < min || value > max {
+        return Err(invalid(key, &value.to_string(), &format!("must be in {min}..={max}")));
+    }
+    Ok(())
+}
+
+/// Recursively lay `over` onto `base`: tables merge, other values replace.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::default();
+        assert_eq!(c.server.listen, vec!["0.0.0.0:1883".parse().unwrap()]);
+        assert_eq!(c.mqtt.receive_maximum, 128);
+    }
+
+    #[test]
+    fn partial_file_overrides_only_its_keys() {
+        let c = Config::from_toml("[mqtt]\ninflight_max = 7\n").unwrap();
+        assert_eq!(c.mqtt.inflight_max, 7);
+        assert_eq!(c.mqtt.receive_maximum, 128);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = Config::from_toml("[mqtt]\nreceive_maximum = 0\n").unwrap_err();
+        assert!(e.to_string().contains("mqtt.receive_maximum = 0"), "{e}");
+        let e = Config::from_toml("[mqtt]\nqueue_overflow = \"lose_all\"\n").unwrap_err();
+        assert!(e.to_string().contains("mqtt.queue_overflow"), "{e}");
+        let e = Config::from_toml("[mqtt]\nno_such_key = 1\n").unwrap_err();
+        assert!(e.to_string().contains("no_such_key"), "{e}");
+        let e = Config::from_toml("[server]\nlisten = [\"nonsense\"]\n").unwrap_err();
+        assert!(e.to_string().contains("listen"), "{e}");
+        let e = Config::from_toml("[mqtt]\nreceive_maximum = 70000\n").unwrap_err();
+        assert!(e.to_string().contains("receive_maximum"), "{e}");
+    }
+
+    #[test]
+    fn contradicting_limits_are_refused() {
+        let text = "[mqtt]\npacket_size_max_bytes = 2000000\nqueue_bytes_max = 100000\n";
+        let e = Config::from_toml(text).unwrap_err();
+        assert!(e.to_string().contains("mqtt.queue_bytes_max"), "{e}");
+    }
+}

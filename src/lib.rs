@@ -1,0 +1,36 @@
+//! shardmq: a thread-per-core, shared-nothing MQTT 3.1 / 3.1.1 / 5.0 broker.
+//!
+//! ```text
+//!  socket ─▶ shard::connection (reader) ─▶ codec::decode ─▶ session (sans-IO)
+//!                                                              │ actions
+//!        ┌─────────────────────────────────────────────────────┘
+//!        ▼
+//!  shard::routing: route replica match ─┬─▶ local subscriber trie ─▶ sessions
+//!                                       └─▶ mesh batch per shard ─▶ their tries
+//!  session transmit ─▶ codec::encode ─▶ shard::connection (writer) ─▶ socket
+//! ```
+//!
+//! Each shard is a glommio executor pinned to a core with its own io_uring,
+//! listener (SO_REUSEPORT), sessions, subscriber trie, route replica and part
+//! of the retained store. A connection moves to its client's home shard
+//! (`hash(client_id) % shards`) once CONNECT is read. Shards exchange only
+//! batched messages over bounded SPSC lanes. See `DESIGN.md` in the shared
+//! folder for the whole picture.
+//!
+//! `codec`, `router` and `session` do no I/O and read no clock; `shard` and
+//! `broker` are the only modules that know the runtime.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod broker;
+pub mod codec;
+pub mod config;
+pub mod message;
+pub mod router;
+pub mod session;
+pub mod shard;
+
+pub use broker::{Broker, StartError};
+pub use config::Config;
+pub use shard::home_shard;

@@ -1,0 +1,127 @@
+//! The `shardmq` binary: parse flags, load the config, run the broker until
+//! SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use shardmq::config::DEFAULT_CONFIG;
+use shardmq::{Broker, Config};
+
+const USAGE: &str = "\
+shardmq: a thread-per-core MQTT 3.1 / 3.1.1 / 5.0 broker
+
+USAGE: shardmq [OPTIONS]
+
+OPTIONS:
+  --config FILE            TOML config, merged over the embedded default
+  --listen ADDR            listen on ADDR (host:port); repeat for several;
+                           replaces server.listen from the config
+  --shards N               shards (threads); 0 = one per CPU
+  --print-default-config   print the embedded default config and exit
+  -h, --help               this text
+  -V, --version            version
+
+Logging: RUST_LOG=debug|info|warn (default info).";
+
+/// What the command line asked for.
+struct Args {
+    config: Option<PathBuf>,
+    listen: Vec<String>,
+    shards: Option<usize>,
+}
+
+fn parse_args() -> anyhow::Result<Option<Args>> {
+    let mut args = Args {
+        config: None,
+        listen: Vec::new(),
+        shards: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--config" => args.config = Some(value("--config")?.into()),
+            "--listen" => args.listen.push(value("--listen")?),
+            "--shards" => {
+                let v = value("--shards")?;
+                args.shards = Some(
+                    v.parse()
+                        .with_context(|| format!("--shards {v}: not a number"))?,
+                );
+            }
+            "--print-default-config" => {
+                print!("{DEFAULT_CONFIG}");
+                return Ok(None);
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            "-V" | "--version" => {
+                println!("shardmq {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            other => bail!("unknown argument {other:?} (see --help)"),
+        }
+    }
+    Ok(Some(args))
+}
+
+fn load_config(args: &Args) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if !args.listen.is_empty() {
+        config.server.listen = args
+            .listen
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .with_context(|| format!("--listen {a}: not an address like 0.0.0.0:1883"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    if let Some(n) = args.shards {
+        config.server.shards = n;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn run() -> anyhow::Result<()> {
+    let Some(args) = parse_args()? else {
+        return Ok(());
+    };
+    let config = load_config(&args)?;
+    let shards = config.shard_count();
+    let broker = Broker::start(config)?;
+    let addrs: Vec<String> = broker.local_addrs().iter().map(|a| a.to_string()).collect();
+    log::info!(
+        "shardmq listening on {} with {shards} shards",
+        addrs.join(", ")
+    );
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("cannot install signal handlers")?;
+    if let Some(sig) = signals.forever().next() {
+        log::info!("signal {sig}: stopping");
+    }
+    broker.stop();
+    log::info!("stopped");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shardmq: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! The routed message: what one PUBLISH (or will) becomes once accepted.
+//!
+//! A `Message` is immutable and shared by `Arc` between every subscriber on
+//! every shard, so a fan-out to N sessions never copies the payload or topic.
+//! It is the one type that crosses shards on the publish path.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::codec::{Properties, Publish, QoS, Topic};
+
+/// Client identifier, shared between a session, its messages and the maps
+/// that index it.
+pub type ClientId = Arc<str>;
+
+/// An accepted application message, ready to be routed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// Topic name (aliases already resolved).
+    pub topic: Topic,
+    /// Payload, shared with every delivery.
+    pub payload: Bytes,
+    /// QoS the publisher used; a delivery gets min(this, granted).
+    pub qos: QoS,
+    /// RETAIN flag as published.
+    pub retain: bool,
+    /// Properties forwarded to subscribers: payload format, content type,
+    /// response topic, correlation data, user properties. Never a topic
+    /// alias, subscription identifier or expiry (those are per delivery).
+    pub properties: Properties,
+    /// When the message expires (5.0 Message Expiry Interval), if ever.
+    pub expires_at: Option<Instant>,
+    /// The publishing client, for No Local. `None` for broker-made messages.
+    pub publisher: Option<ClientId>,
+}
+
+impl Message {
+    /// Turn an inbound PUBLISH (topic already resolved) into a routed message.
+    pub fn from_publish(publish: Publish, now: Instant, publisher: Option<ClientId>) -> Message {
+        let mut properties = publish.properties;
+        let expires_at = properties
+            .message_expiry_interval
+            .take()
+            .map(|s| now + std::time::Duration::from_secs(u64::from(s)));
+        properties.topic_alias = None;
+        properties.subscription_identifiers.clear();
+        Message {
+            topic: publish.topic,
+            payload: publish.payload,
+            qos: publish.qos,
+            retain: publish.retain,
+            properties,
+            expires_at,
+            publisher,
+        }
+    }
+
+    /// True once the message's expiry interval has passed.
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+
+    /// Whole seconds left before expiry, rounded up (the interval sent on
+    /// forward), or `None` when the message never expires.
+    pub fn remaining_expiry_s(&self, now: Instant) -> Option<u32> {
+        self.expires_at.map(|t| {
+            let left = t.saturating_duration_since(now);
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            u32::try_from(secs).unwrap_or(u32::MAX)
+        })
+    }
+
+    /// Bytes this message costs in a queue (topic + payload), for limits.
+    pub fn cost_bytes(&self) -> usize {
+        self.topic.len() + self.payload.len()
+    }
+}

@@ -1,0 +1,30 @@
+//! Routing data structures of one shard.
+//!
+//! This module owns:
+//! - [`topic`]: MQTT topic rules — validation of topic names and filters,
+//!   shared subscription (`$share/{group}/{filter}`) parsing, and the
+//!   reference matcher [`topic::matches`] that defines the semantics the
+//!   other structures implement;
+//! - [`FilterTrie`]: the subscription filter trie, used both as each
+//!   shard's subscriber trie (key = session) and as the route replica
+//!   (key = shard id, answering "which shards want this topic");
+//! - [`RetainedStore`]: the retained-message store for the topics a shard
+//!   owns, searchable by filter without a full scan.
+//!
+//! Shard-local: each shard owns its own instances. They are plain
+//! single-threaded data structures — no locks, no atomics, no I/O.
+
+mod entries;
+pub mod retained;
+pub mod topic;
+pub mod trie;
+
+#[cfg(test)]
+mod tests;
+
+pub use entries::EntriesIter;
+pub use retained::RetainedStore;
+pub use topic::{
+    has_wildcard, matches, parse_shared, validate_topic_filter, validate_topic_name, TopicError,
+};
+pub use trie::FilterTrie;

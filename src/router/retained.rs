@@ -1,0 +1,309 @@
+//! The retained message store for the topics one shard owns.
+//!
+//! A tree of topic levels. Each node's children are a short vector searched
+//! linearly (up to 8) or a hash map; a node holding a message keeps its full
+//! topic next to the value so matches need no string building. Walks that
+//! follow a filter (`+` = every child, `#` = the whole subtree) use an
+//! explicit stack; insert/remove/retain recurse or loop once per level, so
+//! their depth is bounded by the topic level limit the broker validates.
+
+use core::mem;
+
+use hashbrown::HashMap;
+use smallvec::SmallVec;
+
+use super::topic::split_level;
+
+/// Above this many children a node's children move to a hash map.
+const FEW_MAX: usize = 8;
+/// At or below this many children a hash map moves back to a vector.
+const FEW_BACK: usize = FEW_MAX / 2;
+
+/// Children of a retained node, by level.
+enum Children<V> {
+    Few(Vec<(Box<str>, RNode<V>)>),
+    Many(Box<HashMap<Box<str>, RNode<V>>>),
+}
+
+/// One level of the retained tree.
+struct RNode<V> {
+    children: Children<V>,
+    /// The full topic and message of the topic ending here.
+    value: Option<(Box<str>, V)>,
+}
+
+impl<V> Default for RNode<V> {
+    fn default() -> Self {
+        RNode {
+            children: Children::Few(Vec::new()),
+            value: None,
+        }
+    }
+}
+
+impl<V> RNode<V> {
+    fn is_vacant(&self) -> bool {
+        self.value.is_none() && self.children.is_empty()
+    }
+
+    /// Number of nodes in this subtree (including this one).
+    fn count(&self) -> usize {
+        let mut n = 1;
+        self.children.for_each(|_, c| n += c.count());
+        n
+    }
+}
+
+impl<V> Children<V> {
+    fn len(&self) -> usize {
+        match self {
+            Children::Few(v) => v.len(),
+            Children::Many(m) => m.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(&self, level: &str) -> Option<&RNode<V>> {
+        match self {
+            Children::Few(v) => v.iter().find(|(l, _)| &**l == level).map(|(_, n)| n),
+            Children::Many(m) => m.get(level),
+        }
+    }
+
+    fn get_mut(&mut self, level: &str) -> Option<&mut RNode<V>> {
+        match self {
+            Children::Few(v) => v.iter_mut().find(|(l, _)| &**l == level).map(|(_, n)| n),
+            Children::Many(m) => m.get_mut(level),
+        }
+    }
+
+    fn get_or_insert(&mut self, level: &str) -> &mut RNode<V> {
+        if let Children::Few(v) = self {
+            if v.len() >= FEW_MAX && !v.iter().any(|(l, _)| &**l == level) {
+                *self = Children::Many(Box::new(mem::take(v).into_iter().collect()));
+            }
+        }
+        match self {
+            Children::Few(v) => match v.iter().position(|(l, _)| &**l == level) {
+                Some(i) => &mut v[i].1,
+                None => {
+                    v.push((level.into(), RNode::default()));
+                    &mut v.last_mut().expect("just pushed").1
+                }
+            },
+            Children::Many(m) => m.entry_ref(level).or_default(),
+        }
+    }
+
+    fn remove(&mut self, level: &str) {
+        match self {
+            Children::Few(v) => v.retain(|(l, _)| &**l != level),
+            Children::Many(m) => {
+                m.remove(level);
+            }
+        }
+        self.demote();
+    }
+
+    /// Keeps the children for which `f` returns true.
+    fn retain(&mut self, mut f: impl FnMut(&mut RNode<V>) -> bool) {
+        match self {
+            Children::Few(v) => v.retain_mut(|(_, n)| f(n)),
+            Children::Many(m) => m.retain(|_, n| f(n)),
+        }
+        self.demote();
+    }
+
+    /// Moves a small map back to a vector; frees an empty vector.
+    fn demote(&mut self) {
+        match self {
+            Children::Many(m) if m.len() <= FEW_BACK => {
+                *self = Children::Few(mem::take(m.as_mut()).into_iter().collect());
+            }
+            Children::Few(v) if v.is_empty() => *v = Vec::new(),
+            _ => {}
+        }
+    }
+
+    fn for_each<'a>(&'a self, mut f: impl FnMut(&'a str, &'a RNode<V>)) {
+        match self {
+            Children::Few(v) => v.iter().for_each(|(l, n)| f(l, n)),
+            Children::Many(m) => m.iter().for_each(|(l, n)| f(l, n)),
+        }
+    }
+}
+
+/// Topic names (no wildcards) → `V`, searchable by filter without a full
+/// scan. Topics are expected to be valid names
+/// ([`validate_topic_name`](crate::router::topic::validate_topic_name)).
+/// Single-threaded; each shard owns its own instance.
+pub struct RetainedStore<V> {
+    root: RNode<V>,
+    len: usize,
+}
+
+impl<V> Default for RetainedStore<V> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<V> RetainedStore<V> {
+    /// An empty store.
+    pub fn new() -> Self {
+        RetainedStore {
+            root: RNode::default(),
+            len: 0,
+        }
+    }
+
+    /// Stores `value` under `topic`, returning the value it replaces.
+    pub fn insert(&mut self, topic: &str, value: V) -> Option<V> {
+        let mut node = &mut self.root;
+        for level in topic.split('/') {
+            node = node.children.get_or_insert(level);
+        }
+        match &mut node.value {
+            Some((_, old)) => Some(mem::replace(old, value)),
+            slot @ None => {
+                *slot = Some((topic.into(), value));
+                self.len += 1;
+                None
+            }
+        }
+    }
+
+    /// Removes the value of `topic`, pruning nodes left empty.
+    pub fn remove(&mut self, topic: &str) -> Option<V> {
+        let (level, rest) = split_level(topic);
+        let removed = Self::remove_below(&mut self.root, level, rest);
+        if removed.is_some() {
+            self.len -= 1;
+        }
+        removed
+    }
+
+    /// The value of `topic`.
+    pub fn get(&self, topic: &str) -> Option<&V> {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            node = node.children.get(level)?;
+        }
+        node.value.as_ref().map(|(_, v)| v)
+    }
+
+    /// Calls `f(topic, value)` for every stored topic matching `filter`
+    /// ([`topic::matches`](crate::router::topic::matches) semantics,
+    /// including the `$` rule). Walks only the branches the filter allows:
+    /// `+` = every child of a level, `#` = the whole subtree including the
+    /// parent level itself.
+    pub fn for_each_match(&self, filter: &str, mut f: impl FnMut(&str, &V)) {
+        // (node, rest of the filter below it, node is the root)
+        let mut stack: SmallVec<[(&RNode<V>, Option<&str>, bool); 16]> = SmallVec::new();
+        stack.push((&self.root, Some(filter), true));
+        while let Some((node, rest, at_root)) = stack.pop() {
+            let Some(rest) = rest else {
+                if let Some((topic, value)) = &node.value {
+                    f(topic, value);
+                }
+                continue;
+            };
+            let (level, rest) = split_level(rest);
+            match level {
+                "#" => Self::subtree(node, at_root, &mut f),
+                "+" => node.children.for_each(|l, child| {
+                    if !(at_root && l.starts_with('$')) {
+                        stack.push((child, rest, false));
+                    }
+                }),
+                _ => {
+                    if let Some(child) = node.children.get(level) {
+                        stack.push((child, rest, false));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Number of stored topics.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True if nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Keeps only the values for which `f(topic, value)` returns true (e.g.
+    /// drops expired messages), pruning nodes left empty.
+    pub fn retain(&mut self, mut f: impl FnMut(&str, &mut V) -> bool) {
+        let mut removed = 0;
+        Self::retain_node(&mut self.root, &mut f, &mut removed);
+        self.len -= removed;
+    }
+
+    /// Nodes in the tree including the root (for tests). O(n).
+    #[doc(hidden)]
+    pub fn node_count(&self) -> usize {
+        self.root.count()
+    }
+
+    /// Removes `level`/`rest` below `node`; prunes the child if left vacant.
+    fn remove_below(node: &mut RNode<V>, level: &str, rest: Option<&str>) -> Option<V> {
+        let child = node.children.get_mut(level)?;
+        let removed = match rest {
+            None => child.value.take().map(|(_, v)| v),
+            Some(rest) => {
+                let (next, rest) = split_level(rest);
+                Self::remove_below(child, next, rest)
+            }
+        };
+        if removed.is_some() && child.is_vacant() {
+            node.children.remove(level);
+        }
+        removed
+    }
+
+    /// Calls `f` for every value in the subtree of `node` (itself included),
+    /// skipping `$` children of the root.
+    fn subtree(node: &RNode<V>, at_root: bool, f: &mut impl FnMut(&str, &V)) {
+        let mut stack: SmallVec<[&RNode<V>; 16]> = SmallVec::new();
+        if at_root {
+            node.children.for_each(|l, child| {
+                if !l.starts_with('$') {
+                    stack.push(child);
+                }
+            });
+        } else {
+            stack.push(node);
+        }
+        while let Some(node) = stack.pop() {
+            if let Some((topic, value)) = &node.value {
+                f(topic, value);
+            }
+            node.children.for_each(|_, child| stack.push(child));
+        }
+    }
+
+    /// Post-order retain: drops rejected values, then vacant children.
+    fn retain_node(
+        node: &mut RNode<V>,
+        f: &mut impl FnMut(&str, &mut V) -> bool,
+        removed: &mut usize,
+    ) {
+        if let Some((topic, value)) = &mut node.value {
+            if !f(topic, value) {
+                node.value = None;
+                *removed += 1;
+            }
+        }
+        node.children.retain(|child| {
+            Self::retain_node(child, f, removed);
+            !child.is_vacant()
+        });
+    }
+}

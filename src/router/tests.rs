@@ -1,0 +1,436 @@
+//! Tests of the router module: spec cases for topic rules, and property
+//! tests of the trie and the retained store against `topic::matches`.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use proptest::prelude::*;
+
+use super::topic::{
+    has_wildcard, level_count, matches, parse_shared, validate_topic_filter, validate_topic_name,
+    TopicError,
+};
+use super::{FilterTrie, RetainedStore};
+
+const MAX: usize = 32;
+
+#[test]
+fn valid_topic_names() {
+    for name in [
+        "a",
+        "a/b",
+        "/",
+        "a//b",
+        "/a",
+        "a/",
+        "$SYS/broker/load",
+        "sport/tennis/player1",
+        "ü/日本",
+        " ",
+    ] {
+        assert_eq!(validate_topic_name(name, MAX), Ok(()), "{name:?}");
+    }
+}
+
+#[test]
+fn invalid_topic_names() {
+    use TopicError::*;
+    let long = "a".repeat(65_536);
+    let deep = "a/".repeat(32) + "a"; // 33 levels
+    let cases: &[(&str, TopicError)] = &[
+        ("", Empty),
+        (&long, TooLong),
+        (&deep, TooManyLevels { levels: 33, max: 32 }),
+        ("a/+", WildcardInName),
+        ("#", WildcardInName),
+        ("a/b#", WildcardInName),
+        ("a\0b", NullChar),
+    ];
+    for (name, err) in cases {
+        assert_eq!(validate_topic_name(name, MAX), Err(*err), "{name:?}");
+    }
+    assert_eq!(validate_topic_name(&"a".repeat(65_535), MAX), Ok(()));
+    assert_eq!(validate_topic_name(&("a/".repeat(31) + "a"), MAX), Ok(()));
+}
+
+#[test]
+fn valid_topic_filters() {
+    for filter in [
+        "#",
+        "+",
+        "+/+",
+        "/+",
+        "a/#",
+        "a/+/b",
+        "+/tennis/#",
+        "sport/tennis/player1/#",
+        "a//b",
+        "/",
+        "$SYS/#",
+        "$share/g/a",
+    ] {
+        assert_eq!(validate_topic_filter(filter, MAX), Ok(()), "{filter:?}");
+    }
+}
+
+#[test]
+fn invalid_topic_filters() {
+    use TopicError::*;
+    let long = "a".repeat(65_536);
+    let cases: &[(&str, TopicError)] = &[
+        ("", Empty),
+        (&long, TooLong),
+        ("a/b/c", TooManyLevels { levels: 3, max: 2 }),
+        ("sport/tennis#", BadWildcard),
+        ("sport/tennis/#/ranking", BadWildcard),
+        ("#/a", BadWildcard),
+        ("sport+", BadWildcard),
+        ("a/+b/c", BadWildcard),
+        ("++", BadWildcard),
+        ("##", BadWildcard),
+        ("a/\0", NullChar),
+    ];
+    for (filter, err) in cases {
+        let max = if *filter == "a/b/c" { 2 } else { MAX };
+        assert_eq!(validate_topic_filter(filter, max), Err(*err), "{filter:?}");
+    }
+}
+
+#[test]
+fn shared_subscriptions() {
+    use TopicError::*;
+    assert_eq!(parse_shared("$share/g/a/+"), Ok(Some(("g", "a/+"))));
+    assert_eq!(parse_shared("$share/g/#"), Ok(Some(("g", "#"))));
+    assert_eq!(parse_shared("$share/g//"), Ok(Some(("g", "/"))));
+    assert_eq!(parse_shared("$share/g/$SYS/x"), Ok(Some(("g", "$SYS/x"))));
+    assert_eq!(parse_shared("a/b"), Ok(None));
+    assert_eq!(parse_shared("$SYS/a"), Ok(None));
+    assert_eq!(parse_shared("$shared/a"), Ok(None));
+    assert_eq!(parse_shared("a/$share/g/b"), Ok(None));
+    for bad in ["$share", "$share/", "$share//a", "$share/g", "$share/g/"] {
+        assert_eq!(parse_shared(bad), Err(BadSharedSubscription), "{bad:?}");
+    }
+    for bad in ["$share/g+/a", "$share/g#/a", "$share/+/a", "$share/#/a"] {
+        assert_eq!(parse_shared(bad), Err(BadSharedSubscription), "{bad:?}");
+    }
+    assert_eq!(parse_shared("$share/g/a/#/b"), Err(BadWildcard));
+    assert_eq!(parse_shared("$share/g/a\0"), Err(NullChar));
+    assert_eq!(parse_shared("$share/g\0/a"), Err(BadSharedSubscription));
+}
+
+#[test]
+fn error_messages_cite_the_spec() {
+    assert_eq!(
+        TopicError::WildcardInName.to_string(),
+        "[MQTT-3.3.2-2] topic name contains a wildcard"
+    );
+    for e in [
+        TopicError::Empty,
+        TopicError::TooLong,
+        TopicError::BadWildcard,
+        TopicError::NullChar,
+        TopicError::BadSharedSubscription,
+    ] {
+        assert!(e.to_string().starts_with("[MQTT-"), "{e}");
+    }
+    let e = TopicError::TooManyLevels { levels: 40, max: 32 };
+    assert!(e.to_string().contains("40") && e.to_string().contains("32"));
+}
+
+#[test]
+fn wildcard_and_level_helpers() {
+    assert!(has_wildcard("a/+"));
+    assert!(has_wildcard("#"));
+    assert!(has_wildcard("a+b"));
+    assert!(!has_wildcard("a/b"));
+    assert_eq!(level_count("a"), 1);
+    assert_eq!(level_count("/"), 2);
+    assert_eq!(level_count("a//b/"), 4);
+}
+
+#[test]
+fn matches_spec_examples() {
+    let cases: &[(&str, &str, bool)] = &[
+        ("sport/tennis/player1/#", "sport/tennis/player1", true),
+        ("sport/tennis/player1/#", "sport/tennis/player1/ranking", true),
+        ("sport/tennis/player1/#", "sport/tennis/player1/score/wimbledon", true),
+        ("sport/tennis/player1/#", "sport/tennis/player2", false),
+        ("sport/#", "sport", true),
+        ("sport/tennis/+", "sport/tennis/player1", true),
+        ("sport/tennis/+", "sport/tennis/player2", true),
+        ("sport/tennis/+", "sport/tennis/player1/ranking", false),
+        ("sport/+", "sport", false),
+        ("sport/+", "sport/", true),
+        ("+/+", "/finance", true),
+        ("/+", "/finance", true),
+        ("+", "/finance", false),
+        ("#", "/finance", true),
+        ("+/tennis/#", "sport/tennis/player1", true),
+        ("#", "$SYS", false),
+        ("#", "$SYS/monitor/Clients", false),
+        ("+/monitor/Clients", "$SYS/monitor/Clients", false),
+        ("$SYS/#", "$SYS/monitor/Clients", true),
+        ("$SYS/#", "$SYS", true),
+        ("$SYS/monitor/+", "$SYS/monitor/Clients", true),
+        ("a/#", "a", true),
+        ("a/#", "ab", false),
+        ("a/+/#", "a/b", true),
+        ("a/b", "a/b", true),
+        ("a/b", "a/b/", false),
+        ("a//b", "a//b", true),
+        ("a/+/b", "a//b", true),
+        ("+", "a", true),
+        ("+", "$", false),
+        ("a/$b", "a/$b", true),
+        ("a/+", "a/$b", true),
+        ("a/#", "a/$b", true),
+    ];
+    for &(filter, topic, expected) in cases {
+        assert_eq!(matches(filter, topic), expected, "{filter:?} vs {topic:?}");
+    }
+}
+
+/// Entries the trie reports for `topic`.
+fn trie_matches(trie: &FilterTrie<u8, String>, topic: &str) -> BTreeSet<(String, u8)> {
+    let mut out = BTreeSet::new();
+    trie.for_each_match(topic, |k, v| {
+        assert!(out.insert((v.clone(), *k)), "entry visited twice");
+    });
+    out
+}
+
+/// Entries of `model` whose filter matches `topic`.
+fn model_matches(model: &HashMap<String, HashSet<u8>>, topic: &str) -> BTreeSet<(String, u8)> {
+    let mut out = BTreeSet::new();
+    for (filter, keys) in model {
+        if matches(filter, topic) {
+            out.extend(keys.iter().map(|k| (filter.clone(), *k)));
+        }
+    }
+    out
+}
+
+#[test]
+fn trie_basic() {
+    let mut t: FilterTrie<u32, &str> = FilterTrie::new();
+    assert_eq!(t.insert("a/+", 1, "x"), (None, true));
+    assert_eq!(t.insert("a/+", 2, "y"), (None, false));
+    assert_eq!(t.insert("a/+", 1, "z"), (Some("x"), false));
+    assert_eq!(t.insert("#", 1, "h"), (None, true));
+    assert_eq!((t.len(), t.filter_count()), (3, 2));
+    assert_eq!(t.get("a/+", &1), Some(&"z"));
+    *t.get_mut("a/+", &2).unwrap() = "w";
+    let mut e: Vec<_> = t.entries("a/+").map(|(k, v)| (*k, *v)).collect();
+    e.sort();
+    assert_eq!(e, [(1, "z"), (2, "w")]);
+    assert_eq!(t.entries("a").count(), 0);
+    let mut hits = Vec::new();
+    t.for_each_match("a/b", |k, v| hits.push((*k, *v)));
+    hits.sort();
+    assert_eq!(hits, [(1, "h"), (1, "z"), (2, "w")]);
+    let mut hits = Vec::new();
+    t.for_each_match("$SYS/b", |k, v| hits.push((*k, *v)));
+    assert!(hits.is_empty());
+    assert_eq!(t.remove("a/+", &3), (None, false));
+    assert_eq!(t.remove("x/y", &1), (None, false));
+    assert_eq!(t.remove("a/+", &1), (Some("z"), false));
+    assert_eq!(t.remove("a/+", &2), (Some("w"), true));
+    assert_eq!(t.remove("#", &1), (Some("h"), true));
+    assert!(t.is_empty());
+    assert_eq!((t.node_count(), t.filter_count()), (1, 0));
+}
+
+#[test]
+fn trie_for_each_and_shrink() {
+    let mut t: FilterTrie<u32, u32> = FilterTrie::new();
+    let filters = ["a", "a/b", "+/b/#", "#", "/", "a//+", "$SYS/#", "x/#/y"];
+    for (i, f) in filters.iter().enumerate() {
+        for k in 0..20 {
+            t.insert(f, k, i as u32);
+        }
+    }
+    for k in 0..20 {
+        t.remove("a/b", &k);
+    }
+    assert!(t.heap_bytes() > 0);
+    t.shrink_to_fit();
+    let mut seen = BTreeSet::new();
+    t.for_each(|f, k, v| {
+        assert_eq!(filters[*v as usize], f);
+        seen.insert((f.to_owned(), *k));
+    });
+    assert_eq!(seen.len(), 7 * 20);
+    let mut n = 0;
+    t.for_each_match("a/b/c", |_, _| n += 1);
+    assert_eq!(n, 40); // "+/b/#" and "#"
+    for f in filters {
+        for k in 0..20 {
+            t.remove(f, &k);
+        }
+    }
+    assert_eq!((t.len(), t.node_count()), (0, 1));
+}
+
+#[test]
+fn retained_basic() {
+    let mut r = RetainedStore::new();
+    assert_eq!(r.insert("a/b", 1), None);
+    assert_eq!(r.insert("a/b", 2), Some(1));
+    assert_eq!(r.insert("a", 3), None);
+    assert_eq!(r.insert("$SYS/x", 4), None);
+    assert_eq!(r.get("a/b"), Some(&2));
+    assert_eq!(r.get("a/c"), None);
+    assert_eq!(r.len(), 3);
+    let mut hits = Vec::new();
+    r.for_each_match("#", |t, v| hits.push((t.to_owned(), *v)));
+    hits.sort();
+    assert_eq!(hits, [("a".to_owned(), 3), ("a/b".to_owned(), 2)]);
+    r.retain(|t, v| {
+        *v += 10;
+        t != "a"
+    });
+    assert_eq!((r.get("a"), r.get("a/b"), r.len()), (None, Some(&12), 2));
+    assert_eq!(r.remove("a"), None);
+    assert_eq!(r.remove("a/b"), Some(12));
+    assert_eq!(r.remove("$SYS/x"), Some(14));
+    assert!(r.is_empty());
+    assert_eq!(r.node_count(), 1);
+}
+
+#[test]
+fn retained_many_children_switch_to_map() {
+    let mut r = RetainedStore::new();
+    for i in 0..100 {
+        r.insert(&format!("s/{i}/v"), i);
+    }
+    let mut n = 0;
+    r.for_each_match("s/+/v", |_, _| n += 1);
+    assert_eq!(n, 100);
+    r.retain(|_, v| *v % 10 == 0);
+    assert_eq!(r.len(), 10);
+    let mut got = Vec::new();
+    r.for_each_match("s/#", |t, _| got.push(t.to_owned()));
+    got.sort();
+    assert_eq!(got.len(), 10);
+    r.retain(|_, _| false);
+    assert_eq!((r.len(), r.node_count()), (0, 1));
+}
+
+/// One level of a random filter.
+fn filter_level() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(vec!["", "$SYS", "a", "b", "+", "#"])
+}
+
+/// One level of a random topic name.
+fn topic_level() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(vec!["", "$SYS", "a", "b", "c"])
+}
+
+/// A valid random filter: levels after the first `#` are dropped.
+fn filter() -> impl Strategy<Value = String> {
+    prop::collection::vec(filter_level(), 1..5).prop_map(|levels| {
+        let end = levels.iter().position(|l| *l == "#").map_or(levels.len(), |i| i + 1);
+        levels[..end].join("/")
+    })
+}
+
+fn topic() -> impl Strategy<Value = String> {
+    prop::collection::vec(topic_level(), 1..5).prop_map(|levels| levels.join("/"))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn trie_matches_reference(
+        subs in prop::collection::vec((filter(), 0u8..12), 0..60),
+        topics in prop::collection::vec(topic(), 1..20),
+    ) {
+        let mut trie = FilterTrie::new();
+        let mut model: HashMap<String, HashSet<u8>> = HashMap::new();
+        for (f, k) in &subs {
+            prop_assert_eq!(validate_topic_filter(f, MAX), Ok(()));
+            trie.insert(f, *k, f.clone());
+            model.entry(f.clone()).or_default().insert(*k);
+        }
+        for t in &topics {
+            prop_assert_eq!(trie_matches(&trie, t), model_matches(&model, t), "topic {:?}", t);
+        }
+        // Remove half, compact, check again, then remove the rest.
+        for (f, k) in subs.iter().step_by(2) {
+            trie.remove(f, k);
+            let gone = model.get_mut(f).is_some_and(|s| s.remove(k) && s.is_empty());
+            if gone {
+                model.remove(f);
+            }
+        }
+        trie.shrink_to_fit();
+        for t in &topics {
+            prop_assert_eq!(trie_matches(&trie, t), model_matches(&model, t), "topic {:?}", t);
+        }
+        for (f, k) in &subs {
+            trie.remove(f, k);
+        }
+        prop_assert!(trie.is_empty());
+        prop_assert_eq!(trie.filter_count(), 0);
+        prop_assert_eq!(trie.node_count(), 1);
+    }
+
+    #[test]
+    fn retained_matches_reference(
+        stored in prop::collection::vec(topic(), 0..60),
+        filters in prop::collection::vec(filter(), 1..20),
+    ) {
+        let mut store = RetainedStore::new();
+        let mut model = BTreeSet::new();
+        for t in &stored {
+            store.insert(t, t.clone());
+            model.insert(t.clone());
+        }
+        prop_assert_eq!(store.len(), model.len());
+        for f in &filters {
+            let mut got = BTreeSet::new();
+            store.for_each_match(f, |t, v| {
+                assert_eq!(t, v);
+                assert!(got.insert(t.to_owned()), "topic visited twice");
+            });
+            let want: BTreeSet<String> =
+                model.iter().filter(|t| matches(f, t)).cloned().collect();
+            prop_assert_eq!(got, want, "filter {:?}", f);
+        }
+        for t in &stored {
+            store.remove(t);
+            prop_assert_eq!(store.get(t), None);
+        }
+        prop_assert!(store.is_empty());
+        prop_assert_eq!(store.node_count(), 1);
+    }
+
+    #[test]
+    fn trie_transitions(ops in prop::collection::vec((any::<bool>(), 0usize..6, 0u8..20), 0..300)) {
+        const FILTERS: [&str; 6] = ["a", "a/+", "#", "a/b/#", "/", "$SYS/+"];
+        let mut trie = FilterTrie::new();
+        let mut model: HashMap<String, HashSet<u8>> = HashMap::new();
+        for (insert, fi, k) in ops {
+            let f = FILTERS[fi];
+            let keys = model.entry(f.to_owned()).or_default();
+            if insert {
+                let was_empty = keys.is_empty();
+                let had = !keys.insert(k);
+                let (prev, first) = trie.insert(f, k, u32::from(k) * 7);
+                prop_assert_eq!(prev.is_some(), had);
+                prop_assert_eq!(first, was_empty);
+            } else {
+                let had = keys.remove(&k);
+                let (removed, last) = trie.remove(f, &k);
+                prop_assert_eq!(removed, had.then_some(u32::from(k) * 7));
+                prop_assert_eq!(last, had && keys.is_empty());
+            }
+            let want: BTreeSet<u8> = model[f].iter().copied().collect();
+            let got: BTreeSet<u8> = trie.entries(f).map(|(k, _)| *k).collect();
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(trie.get(f, &k).is_some(), model[f].contains(&k));
+            prop_assert_eq!(trie.len(), model.values().map(HashSet::len).sum::<usize>());
+            prop_assert_eq!(trie.filter_count(), model.values().filter(|s| !s.is_empty()).count());
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! Client → server packets on an established connection.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::codec::{
+    reason, Auth, Disconnect, Packet, Properties, PubResp, Publish, QoS, SubAck, SubOptions,
+    Subscribe, UnsubAck, Unsubscribe,
+};
+use crate::message::Message;
+use crate::router::topic::{parse_shared, validate_topic_filter, validate_topic_name};
+
+use super::{Action, Session, Subscription};
+
+impl Session {
+    /// Feed one packet read from the attached connection. Packets for a
+    /// session without a connection are ignored (the shard closes such
+    /// sockets).
+    pub fn handle_packet(&mut self, now: Instant, packet: Packet) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        conn.last_activity = now;
+        match packet {
+            Packet::Publish(p) => self.on_publish(now, p),
+            Packet::PubAck(a) => self.on_puback(now, &a),
+            Packet::PubRec(r) => self.on_pubrec(now, &r),
+            Packet::PubRel(r) => self.on_pubrel(&r),
+            Packet::PubComp(c) => self.on_pubcomp(now, &c),
+            Packet::Subscribe(s) => self.on_subscribe(now, s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
+            Packet::PingReq => self.transmit.push_back(Packet::PingResp),
+            Packet::Disconnect(d) => self.on_disconnect(now, d),
+            Packet::Auth(a) => self.on_auth(now, a),
+            Packet::Connect(_) => self.violation(
+                now,
+                reason::PROTOCOL_ERROR,
+                "[MQTT-3.1.0-2] second CONNECT on a connection",
+            ),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                self.violation(
+                    now,
+                    reason::PROTOCOL_ERROR,
+                    "a client sent a packet only a server may send",
+                )
+            }
+        }
+        self.check_invariants();
+    }
+
+    /// A protocol violation or a malformed packet: log it with the client id,
+    /// send DISCONNECT with `reason` (5.0 only), close, publish the will.
+    pub fn violation(&mut self, now: Instant, reason: u8, why: &str) {
+        if self.conn.is_none() {
+            return;
+        }
+        log::info!(
+            "client {}: {why}; closing (reason 0x{reason:02X})",
+            self.client_id
+        );
+        self.send_disconnect(reason, Some(why));
+        self.detach(now, true);
+    }
+
+    fn on_publish(&mut self, now: Instant, mut p: Publish) {
+        if let Err((code, why)) = self.resolve_topic(&mut p) {
+            return self.violation(now, code, &why);
+        }
+        if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err()
+        {
+            if p.qos == QoS::AtMostOnce {
+                let why = "payload is not UTF-8 but its Payload Format Indicator says it is";
+                return self.violation(now, reason::PAYLOAD_FORMAT_INVALID, why);
+            }
+            return self.acknowledge(p.qos, p.packet_id, reason::PAYLOAD_FORMAT_INVALID);
+        }
+        match p.qos {
+            QoS::AtMostOnce => self.accept_publish(now, p),
+            QoS::AtLeastOnce => {
+                let id = p.packet_id;
+                self.accept_publish(now, p);
+                self.acknowledge(QoS::AtLeastOnce, id, reason::SUCCESS);
+            }
+            QoS::ExactlyOnce => self.on_publish_qos2(now, p),
+        }
+    }
+
+    /// Exactly once, receiver side: route at the first PUBLISH with an id,
+    /// answer a duplicate with PUBREC only, forget the id at PUBREL.
+    fn on_publish_qos2(&mut self, now: Instant, p: Publish) {
+        let id = p.packet_id;
+        if !self.inbound_qos2.contains(&id) {
+            if self.inbound_qos2.len() >= usize::from(self.limits.receive_maximum) {
+                let why = "more unacknowledged QoS 2 publishes than the server's Receive Maximum";
+                return self.violation(now, reason::RECEIVE_MAXIMUM_EXCEEDED, why);
+            }
+            self.inbound_qos2.insert(id);
+            self.accept_publish(now, p);
+        }
+        self.acknowledge(QoS::ExactlyOnce, id, reason::SUCCESS);
+    }
+
+    fn accept_publish(&mut self, now: Instant, p: Publish) {
+        self.stats.received += 1;
+        let message = Message::from_publish(p, now, Some(self.client_id.clone()));
+        self.actions.push_back(Action::Publish(Arc::new(message)));
+    }
+
+    /// PUBACK (QoS 1) or PUBREC (QoS 2) for an inbound publish.
+    fn acknowledge(&mut self, qos: QoS, packet_id: u16, code: u8) {
+        let resp = PubResp {
+            packet_id,
+            reason: self.reason_for_version(code),
+            properties: Properties::default(),
+        };
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.transmit.push_back(Packet::PubAck(resp)),
+            QoS::ExactlyOnce => self.transmit.push_back(Packet::PubRec(resp)),
+        }
+    }
+
+    /// Apply the inbound topic alias and validate the topic name.
+    fn resolve_topic(&mut self, p: &mut Publish) -> Result<(), (u8, String)> {
+        let conn = self.conn.as_mut().expect("connected");
+        if let Some(alias) = p.properties.topic_alias {
+            if alias == 0 || alias > self.limits.topic_alias_max {
+                let why = format!(
+                    "[MQTT-3.3.2-9] topic alias {alias} is outside 1..={}",
+                    self.limits.topic_alias_max
+                );
+                return Err((reason::TOPIC_ALIAS_INVALID, why));
+            }
+            if p.topic.is_empty() {
+                match conn.aliases_in.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => {
+                        let why = format!("[MQTT-3.3.4-?] topic alias {alias} was never set");
+                        return Err((reason::PROTOCOL_ERROR, why));
+                    }
+                }
+            } else {
+                conn.aliases_in.insert(alias, p.topic.clone());
+            }
+        }
+        validate_topic_name(&p.topic, self.limits.topic_levels_max)
+            .map_err(|e| (reason::TOPIC_NAME_INVALID, e.to_string()))
+    }
+
+    fn on_pubrel(&mut self, rel: &PubResp) {
+        let code = if self.inbound_qos2.remove(&rel.packet_id) {
+            reason::SUCCESS
+        } else {
+            reason::PACKET_IDENTIFIER_NOT_FOUND
+        };
+        let comp = PubResp {
+            packet_id: rel.packet_id,
+            reason: self.reason_for_version(code),
+            properties: Properties::default(),
+        };
+        self.transmit.push_back(Packet::PubComp(comp));
+    }
+
+    fn on_subscribe(&mut self, now: Instant, s: Subscribe) {
+        let subscription_id = s.properties.subscription_identifiers.first().copied();
+        let mut reasons = Vec::with_capacity(s.filters.len());
+        for (filter, options) in s.filters {
+            match self.subscribe_one(filter, options, subscription_id) {
+                Ok(code) => reasons.push(code),
+                Err(why) => return self.violation(now, reason::PROTOCOL_ERROR, why),
+            }
+        }
+        self.transmit.push_back(Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            reasons,
+            properties: Properties::default(),
+        }));
+    }
+
+    /// One filter of a SUBSCRIBE: the SUBACK code, or a violation.
+    fn subscribe_one(
+        &mut self,
+        filter: String,
+        options: SubOptions,
+        subscription_id: Option<u32>,
+    ) -> Result<u8, &'static str> {
+        let v5 = self.version().is_some_and(|v| v.is_v5());
+        let failure = |code: u8| if v5 { code } else { reason::UNSPECIFIED_ERROR };
+        let levels = self.limits.topic_levels_max;
+        let valid = match parse_shared(&filter) {
+            Ok(Some((_, inner))) => {
+                if options.no_local {
+                    return Err("[MQTT-3.8.3-4] No Local set on a shared subscription");
+                }
+                validate_topic_filter(inner, levels).is_ok()
+            }
+            Ok(None) => validate_topic_filter(&filter, levels).is_ok(),
+            Err(_) => false,
+        };
+        if !valid {
+            log::info!("client {}: invalid topic filter {filter:?}", self.client_id);
+            return Ok(failure(reason::TOPIC_FILTER_INVALID));
+        }
+        let is_new = !self.subscriptions.contains_key(&filter);
+        if is_new && self.subscriptions.len() >= self.limits.subscriptions_max {
+            return Ok(failure(reason::QUOTA_EXCEEDED));
+        }
+        let subscription = Subscription {
+            options,
+            subscription_id,
+        };
+        self.subscriptions.insert(filter.clone(), subscription.clone());
+        self.actions.push_back(Action::Subscribe {
+            filter,
+            subscription,
+            is_new,
+        });
+        Ok(options.qos as u8)
+    }
+
+    fn on_unsubscribe(&mut self, u: Unsubscribe) {
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        for filter in u.filters {
+            if self.subscriptions.remove(&filter).is_some() {
+                self.actions.push_back(Action::Unsubscribe { filter });
+                reasons.push(reason::SUCCESS);
+            } else {
+                reasons.push(reason::NO_SUBSCRIPTION_EXISTED);
+            }
+        }
+        if !self.version().is_some_and(|v| v.is_v5()) {
+            reasons.clear();
+        }
+        self.transmit.push_back(Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            reasons,
+            properties: Properties::default(),
+        }));
+    }
+
+    fn on_disconnect(&mut self, now: Instant, d: Disconnect) {
+        let conn = self.conn.as_ref().expect("connected");
+        if let Some(expiry) = d.properties.session_expiry_interval {
+            if conn.expiry_was_zero && expiry != 0 {
+                let why = "[MQTT-3.14.2-2] DISCONNECT sets a session expiry after CONNECT set 0";
+                return self.violation(now, reason::PROTOCOL_ERROR, why);
+            }
+            self.expiry_s = expiry.min(self.limits.session_expiry_s_max);
+        }
+        let publish_will = d.reason == reason::DISCONNECT_WITH_WILL;
+        self.detach(now, publish_will);
+    }
+
+    fn on_auth(&mut self, now: Instant, a: Auth) {
+        if a.properties.authentication_method.is_some() {
+            let why = "no authentication method is supported";
+            self.violation(now, reason::BAD_AUTHENTICATION_METHOD, why);
+        } else {
+            let why = "[MQTT-4.12.0-7] AUTH without an authentication method in CONNECT";
+            self.violation(now, reason::PROTOCOL_ERROR, why);
+        }
+    }
+
+    /// Queue a DISCONNECT with `code` for a 5.0 connection (3.x has none).
+    pub(super) fn send_disconnect(&mut self, code: u8, why: Option<&str>) {
+        if !self.version().is_some_and(|v| v.is_v5()) {
+            return;
+        }
+        let properties = Properties {
+            reason_string: why.map(str::to_string),
+            ..Properties::default()
+        };
+        self.transmit.push_back(Packet::Disconnect(Disconnect {
+            reason: code,
+            properties,
+        }));
+    }
+}

@@ -1,0 +1,246 @@
+//! Connect, disconnect, takeover, will and expiry: the session's life.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+
+use crate::codec::{reason, ConnAck, Connect, Packet, Properties, Will};
+use crate::message::Message;
+
+use super::{Action, Conn, Session};
+
+/// What the shard learns when a connection is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attached {
+    /// Generation of the new connection (tags its socket tasks).
+    pub generation: u64,
+}
+
+impl Session {
+    /// Attach a connection from a validated CONNECT and queue the CONNACK
+    /// (then any redelivery). The shard has already decided whether the
+    /// session is resumed (`session_present`), taken over a live connection
+    /// with [`Session::takeover`], and assigned a client id when the client
+    /// sent an empty one.
+    pub fn connect(
+        &mut self,
+        now: Instant,
+        connect: Connect,
+        session_present: bool,
+        assigned_client_id: Option<&str>,
+    ) -> Attached {
+        debug_assert!(self.conn.is_none(), "takeover must detach the old connection first");
+        let requested_expiry = self.requested_expiry(&connect);
+        self.expiry_s = requested_expiry.min(self.limits.session_expiry_s_max);
+        let (keep_alive, server_keep_alive) = self.grant_keep_alive(&connect);
+        let props = &connect.properties;
+        let client_receive_max = props.receive_maximum.unwrap_or(u16::MAX);
+        let conn = Conn {
+            version: connect.version,
+            keep_alive: Duration::from_secs(u64::from(keep_alive)),
+            last_activity: now,
+            window: client_receive_max.min(self.limits.inflight_max).max(1),
+            max_packet_out: props.maximum_packet_size.unwrap_or(u32::MAX),
+            alias_out_max: props.topic_alias_maximum.unwrap_or(0),
+            aliases_out: HashMap::new(),
+            empty_topic: Arc::from(""),
+            aliases_in: HashMap::new(),
+            will: connect.will,
+            expiry_was_zero: requested_expiry == 0,
+        };
+        let response_info = props.request_response_information == Some(1);
+        self.conn = Some(conn);
+        self.generation += 1;
+        self.offline_since = None;
+        // [MQTT-3.1.3-9]: a reconnect before the will delay cancels the will.
+        self.pending_will = None;
+        let mut ack = ConnAck {
+            session_present,
+            reason: reason::SUCCESS,
+            properties: Properties::default(),
+        };
+        if connect.version.is_v5() {
+            ack.properties = self.connack_properties(
+                requested_expiry,
+                server_keep_alive,
+                assigned_client_id,
+                response_info,
+            );
+        }
+        self.transmit.push_back(Packet::ConnAck(ack));
+        self.redeliver(now);
+        Attached {
+            generation: self.generation,
+        }
+    }
+
+    /// Session Expiry Interval the client asked for: 5.0 from the property,
+    /// 3.x from the clean session flag (clean = ends with the connection,
+    /// persistent = never expires, subject to the configured maximum).
+    fn requested_expiry(&self, connect: &Connect) -> u32 {
+        if connect.version.is_v5() {
+            connect.properties.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        }
+    }
+
+    /// Keepalive in force and, for 5.0, the Server Keep Alive to announce
+    /// when it differs from what the client asked.
+    fn grant_keep_alive(&self, connect: &Connect) -> (u16, Option<u16>) {
+        let max = self.limits.keep_alive_s_max;
+        let asked = connect.keep_alive;
+        if connect.version.is_v5() && max > 0 && (asked == 0 || asked > max) {
+            (max, Some(max))
+        } else {
+            (asked, None)
+        }
+    }
+
+    fn connack_properties(
+        &self,
+        requested_expiry: u32,
+        server_keep_alive: Option<u16>,
+        assigned_client_id: Option<&str>,
+        response_info: bool,
+    ) -> Properties {
+        let l = &self.limits;
+        Properties {
+            session_expiry_interval: (self.expiry_s != requested_expiry).then_some(self.expiry_s),
+            receive_maximum: Some(l.receive_maximum),
+            maximum_packet_size: Some(l.packet_size_max_bytes),
+            topic_alias_maximum: (l.topic_alias_max > 0).then_some(l.topic_alias_max),
+            assigned_client_identifier: assigned_client_id.map(str::to_string),
+            server_keep_alive,
+            retain_available: Some(1),
+            wildcard_subscription_available: Some(1),
+            subscription_identifier_available: Some(1),
+            shared_subscription_available: Some(1),
+            response_information: response_info
+                .then(|| format!("{}/{}", l.response_topic_prefix, self.client_id)),
+            ..Properties::default()
+        }
+    }
+
+    /// The network connection ended without DISCONNECT (read error, EOF).
+    /// `generation` guards against a late report from a replaced connection.
+    pub fn connection_lost(&mut self, now: Instant, generation: u64) {
+        if self.conn.is_some() && generation == self.generation {
+            log::debug!("client {}: connection lost", self.client_id);
+            self.detach(now, true);
+        }
+    }
+
+    /// A new connection with this client id arrived: DISCONNECT 0x8E to the
+    /// old one (5.0), close it, and handle its will as for any abnormal end.
+    pub fn takeover(&mut self, now: Instant) {
+        if self.conn.is_some() {
+            log::info!("client {}: session taken over", self.client_id);
+            self.send_disconnect(reason::SESSION_TAKEN_OVER, None);
+            self.detach(now, true);
+        }
+    }
+
+    /// The broker is stopping: DISCONNECT 0x8B (5.0) and close.
+    pub fn shutdown(&mut self, now: Instant) {
+        if self.conn.is_some() {
+            self.send_disconnect(reason::SERVER_SHUTTING_DOWN, None);
+            self.detach(now, false);
+        }
+    }
+
+    /// A CONNECT with Clean Start discards this (offline) session: a pending
+    /// will is published now, since the session ends ([MQTT-3.1.2-4]).
+    pub fn discard(&mut self, now: Instant) {
+        debug_assert!(self.conn.is_none());
+        self.end(now);
+    }
+
+    /// Drop the connection part. The DISCONNECT (if any) stays queued in
+    /// `transmit` for the shard to write to the old socket before closing.
+    pub(super) fn detach(&mut self, now: Instant, publish_will: bool) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        self.offline_since = Some(now);
+        self.actions.push_back(Action::Close);
+        if let Some(will) = conn.will.filter(|_| publish_will) {
+            self.schedule_will(now, will);
+        }
+        if self.expiry_s == 0 {
+            self.end(now);
+        }
+    }
+
+    /// Publish now, or after the Will Delay Interval (capped by the session
+    /// expiry: the will goes at the earlier of the two).
+    fn schedule_will(&mut self, now: Instant, will: Will) {
+        let delay = will.properties.will_delay_interval.unwrap_or(0).min(self.expiry_s);
+        if delay == 0 {
+            self.publish_will(now, will);
+        } else {
+            let at = now + Duration::from_secs(u64::from(delay));
+            self.pending_will = Some((will, at));
+        }
+    }
+
+    fn publish_will(&mut self, now: Instant, will: Will) {
+        log::debug!("client {}: publishing will on {}", self.client_id, will.topic);
+        let mut properties = will.properties;
+        properties.will_delay_interval = None;
+        let expires_at = properties
+            .message_expiry_interval
+            .take()
+            .map(|s| now + Duration::from_secs(u64::from(s)));
+        let message = Message {
+            topic: will.topic,
+            payload: will.payload,
+            qos: will.qos,
+            retain: will.retain,
+            properties,
+            expires_at,
+            publisher: None,
+        };
+        self.actions.push_back(Action::Publish(Arc::new(message)));
+    }
+
+    /// The session ends: a pending will goes out, the shard drops the rest.
+    fn end(&mut self, now: Instant) {
+        if self.ended {
+            return;
+        }
+        if let Some((will, _)) = self.pending_will.take() {
+            self.publish_will(now, will);
+        }
+        self.ended = true;
+        self.actions.push_back(Action::End);
+    }
+
+    /// When an offline session expires, if it does.
+    pub(super) fn expiry_deadline(&self) -> Option<Instant> {
+        let since = self.offline_since?;
+        (self.expiry_s != u32::MAX).then(|| since + Duration::from_secs(u64::from(self.expiry_s)))
+    }
+
+    /// Run whatever is due at `now`: keepalive expiry (DISCONNECT 0x8D), a
+    /// delayed will, session expiry.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(c) = &self.conn {
+            if !c.keep_alive.is_zero() && now >= c.last_activity + c.keep_alive * 3 / 2 {
+                let why = format!("no packet for 1.5 x keepalive ({} s)", c.keep_alive.as_secs());
+                self.violation(now, reason::KEEP_ALIVE_TIMEOUT, &why);
+            }
+        }
+        if self.pending_will.as_ref().is_some_and(|(_, at)| *at <= now) {
+            let (will, _) = self.pending_will.take().expect("checked");
+            self.publish_will(now, will);
+        }
+        if self.expiry_deadline().is_some_and(|at| at <= now) {
+            log::debug!("client {}: session expired", self.client_id);
+            self.end(now);
+        }
+    }
+}

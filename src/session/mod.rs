@@ -1,0 +1,322 @@
+//! The session: one client's MQTT state machine, sans-IO.
+//!
+//! Shard-local: a session lives on its client's home shard
+//! (`hash(client_id) % shards`) and never moves while the broker runs. It is
+//! `!Send` (it holds an `Rc` to the shard's limits).
+//!
+//! Inputs are decoded packets, deliveries from the router and `now`; outputs
+//! are packets to transmit ([`Session::poll_transmit`]) and actions for the
+//! shard ([`Session::poll_action`]): publish a message, change a
+//! subscription, close the connection, end the session. The session never
+//! reads the clock or touches a socket, so every timeout (keepalive, will
+//! delay, session expiry, message expiry) is tested with a virtual clock.
+//!
+//! Invariants (checked by [`Session::check_invariants`] in debug builds):
+//! in-flight packet ids are unique and non-zero; the in-flight window never
+//! exceeds the client's Receive Maximum; `queue_bytes` is the sum of the
+//! queued messages' costs; inbound QoS 2 ids never exceed the server's
+//! Receive Maximum.
+
+mod inbound;
+mod lifecycle;
+mod outbound;
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hashbrown::{HashMap, HashSet};
+use smallvec::SmallVec;
+
+use crate::codec::{Packet, QoS, SubOptions, Topic, Version, Will};
+use crate::message::{ClientId, Message};
+
+use outbound::Outbound;
+
+/// Subscription identifiers attached to one delivery.
+pub type SubIds = SmallVec<[u32; 1]>;
+
+/// What to do with a message when a session's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverflowPolicy {
+    /// Keep what is queued, drop the new message (counted).
+    DropNew,
+    /// Drop the oldest queued message to make room (counted).
+    DropOldest,
+}
+
+/// Per-session limits, from the broker config; shared by every session of a
+/// shard.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    /// The server's Receive Maximum: QoS 1/2 publishes a client may have
+    /// unacknowledged towards us; more is DISCONNECT 0x93.
+    pub receive_maximum: u16,
+    /// Cap on our outbound in-flight window (the client's Receive Maximum
+    /// lowers it further).
+    pub inflight_max: u16,
+    /// Messages queued per session (offline, or waiting for the window).
+    pub queue_messages_max: usize,
+    /// Bytes (topic + payload) queued per session, including QoS 0 waiting
+    /// for the socket.
+    pub queue_bytes_max: usize,
+    /// What to drop when the queue is full.
+    pub overflow: OverflowPolicy,
+    /// Queue QoS 0 messages for offline persistent sessions.
+    pub queue_qos0_offline: bool,
+    /// Topic aliases a client may use towards us (CONNACK Topic Alias Maximum).
+    pub topic_alias_max: u16,
+    /// Levels allowed in a topic name or filter.
+    pub topic_levels_max: usize,
+    /// Subscriptions per session.
+    pub subscriptions_max: usize,
+    /// Largest packet we accept (CONNACK Maximum Packet Size).
+    pub packet_size_max_bytes: u32,
+    /// Largest keepalive a client gets; 5.0 clients asking for more (or 0)
+    /// are told this value in Server Keep Alive. 0 = no cap.
+    pub keep_alive_s_max: u16,
+    /// Largest session expiry interval granted, seconds.
+    pub session_expiry_s_max: u32,
+    /// Prefix of the Response Information sent to clients that request it;
+    /// the client id is appended after a `/`.
+    pub response_topic_prefix: String,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            receive_maximum: 128,
+            inflight_max: 128,
+            queue_messages_max: 1000,
+            queue_bytes_max: 16 << 20,
+            overflow: OverflowPolicy::DropNew,
+            queue_qos0_offline: false,
+            topic_alias_max: 32,
+            topic_levels_max: 32,
+            subscriptions_max: 1000,
+            packet_size_max_bytes: 1 << 20,
+            keep_alive_s_max: 3600,
+            session_expiry_s_max: u32::MAX,
+            response_topic_prefix: "response".to_string(),
+        }
+    }
+}
+
+/// A stored subscription of this session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// Options as granted.
+    pub options: SubOptions,
+    /// 5.0 Subscription Identifier.
+    pub subscription_id: Option<u32>,
+}
+
+/// How one message reaches this session: the router has already merged
+/// overlapping subscriptions into one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Highest granted QoS among the matching subscriptions.
+    pub qos: QoS,
+    /// RETAIN flag to send (retained on subscribe, or Retain As Published).
+    pub retain: bool,
+    /// Every matching subscription's identifier.
+    pub subscription_ids: SubIds,
+}
+
+/// What a session asks its shard to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Route this message to its subscribers (a client PUBLISH or a will).
+    Publish(Arc<Message>),
+    /// Add or replace a subscription in the shard's subscriber trie; send
+    /// retained messages as the options say.
+    Subscribe {
+        /// The full filter as the client sent it (may be `$share/...`).
+        filter: String,
+        /// The stored subscription.
+        subscription: Subscription,
+        /// False when it replaced an existing subscription (Retain Handling 1).
+        is_new: bool,
+    },
+    /// Remove a subscription from the shard's subscriber trie.
+    Unsubscribe {
+        /// The full filter as the client sent it.
+        filter: String,
+    },
+    /// Close the network connection once the queued transmits are written.
+    Close,
+    /// The session has ended (expired, or clean and disconnected): the shard
+    /// drops it and all its subscriptions.
+    End,
+}
+
+/// Counters kept per session and summed by the shard for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Messages accepted from the client.
+    pub received: u64,
+    /// Messages sent to the client (first transmissions).
+    pub sent: u64,
+    /// Messages dropped because a queue was full.
+    pub dropped_queue_full: u64,
+    /// QoS 0 messages dropped while the session was offline.
+    pub dropped_offline_qos0: u64,
+    /// Messages dropped because they expired before delivery.
+    pub dropped_expired: u64,
+    /// Messages dropped because they exceed the client's Maximum Packet Size.
+    pub dropped_too_large: u64,
+}
+
+/// The part of a session that exists only while a connection is attached.
+#[derive(Debug)]
+struct Conn {
+    version: Version,
+    /// Keepalive granted (zero = none).
+    keep_alive: Duration,
+    last_activity: Instant,
+    /// Outbound in-flight window: min(client Receive Maximum, inflight_max).
+    window: u16,
+    /// Client's Maximum Packet Size.
+    max_packet_out: u32,
+    /// Topic aliases we may assign towards the client.
+    alias_out_max: u16,
+    aliases_out: HashMap<Topic, u16>,
+    /// The empty topic sent with an established alias (one allocation per
+    /// connection, not per message).
+    empty_topic: Topic,
+    aliases_in: HashMap<u16, Topic>,
+    will: Option<Will>,
+    /// The session expiry sent in CONNECT was 0: a DISCONNECT may not raise it.
+    expiry_was_zero: bool,
+}
+
+/// One client's session. See the module docs.
+#[derive(Debug)]
+pub struct Session {
+    client_id: ClientId,
+    limits: Rc<SessionLimits>,
+    /// Present while a connection is attached.
+    conn: Option<Conn>,
+    /// Incremented at every connect, so a shard can tell a stale connection.
+    generation: u64,
+    /// Session Expiry Interval in force, seconds (`u32::MAX` = never).
+    expiry_s: u32,
+    /// When the last connection ended; `None` while connected.
+    offline_since: Option<Instant>,
+    /// A will waiting for its delay, and when it is due.
+    pending_will: Option<(Will, Instant)>,
+    subscriptions: HashMap<String, Subscription>,
+    out: Outbound,
+    /// Inbound QoS 2 packet ids received and not yet released (PUBREL).
+    inbound_qos2: HashSet<u16>,
+    transmit: VecDeque<Packet>,
+    actions: VecDeque<Action>,
+    ended: bool,
+    stats: SessionStats,
+}
+
+impl Session {
+    /// A new, empty, offline session for `client_id`.
+    pub fn new(client_id: ClientId, limits: Rc<SessionLimits>, now: Instant) -> Session {
+        Session {
+            client_id,
+            limits,
+            conn: None,
+            generation: 0,
+            expiry_s: 0,
+            offline_since: Some(now),
+            pending_will: None,
+            subscriptions: HashMap::new(),
+            out: Outbound::default(),
+            inbound_qos2: HashSet::new(),
+            transmit: VecDeque::new(),
+            actions: VecDeque::new(),
+            ended: false,
+            stats: SessionStats::default(),
+        }
+    }
+
+    /// The client identifier.
+    pub fn client_id(&self) -> &ClientId {
+        &self.client_id
+    }
+
+    /// Generation of the current (or last) connection.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Protocol version of the attached connection.
+    pub fn version(&self) -> Option<Version> {
+        self.conn.as_ref().map(|c| c.version)
+    }
+
+    /// True while a connection is attached.
+    pub fn is_connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// True once the session has ended; the shard should drop it.
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// The session's subscriptions, by full filter.
+    pub fn subscriptions(&self) -> &HashMap<String, Subscription> {
+        &self.subscriptions
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    /// Messages waiting in the queue (not in flight).
+    pub fn queued_len(&self) -> usize {
+        self.out.queue.len()
+    }
+
+    /// Messages sent and not yet fully acknowledged.
+    pub fn inflight_len(&self) -> usize {
+        self.out.inflight.len()
+    }
+
+    /// Next packet to write to the connection, in order.
+    pub fn poll_transmit(&mut self) -> Option<Packet> {
+        self.transmit.pop_front()
+    }
+
+    /// True when packets are waiting in [`Session::poll_transmit`].
+    pub fn has_transmit(&self) -> bool {
+        !self.transmit.is_empty()
+    }
+
+    /// Next action for the shard.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The earliest moment [`Session::handle_timeout`] has work to do.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        if self.ended {
+            return None;
+        }
+        let keepalive = self.conn.as_ref().and_then(|c| {
+            (!c.keep_alive.is_zero()).then(|| c.last_activity + c.keep_alive * 3 / 2)
+        });
+        let will = self.pending_will.as_ref().map(|(_, at)| *at);
+        let expiry = self.expiry_deadline();
+        [keepalive, will, expiry].into_iter().flatten().min()
+    }
+
+    /// Debug-build check of the invariants in the module docs.
+    pub fn check_invariants(&self) {
+        if cfg!(debug_assertions) {
+            self.out.check_invariants();
+            assert!(self.inbound_qos2.len() <= usize::from(self.limits.receive_maximum));
+        }
+    }
+}

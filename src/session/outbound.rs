@@ -1,0 +1,358 @@
+//! Server → client delivery: packet ids, the in-flight window, the bounded
+//! queue, topic aliases and the client's Maximum Packet Size.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::codec::{self, Packet, Properties, PubResp, Publish, QoS};
+use crate::message::Message;
+
+use super::{Conn, Delivery, OverflowPolicy, Session, SubIds};
+
+/// Where an outbound QoS 1/2 message is in its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stage {
+    /// QoS 1 PUBLISH sent, waiting for PUBACK.
+    AwaitAck,
+    /// QoS 2 PUBLISH sent, waiting for PUBREC.
+    AwaitRec,
+    /// PUBREL sent, waiting for PUBCOMP.
+    AwaitComp,
+}
+
+/// A message sent with a packet id and not yet acknowledged.
+#[derive(Debug, Clone)]
+pub(super) struct Inflight {
+    pub(super) packet_id: u16,
+    pub(super) message: Arc<Message>,
+    pub(super) qos: QoS,
+    pub(super) retain: bool,
+    pub(super) subscription_ids: SubIds,
+    pub(super) stage: Stage,
+}
+
+/// A message waiting for the window or for the client to come back.
+#[derive(Debug, Clone)]
+pub(super) struct Queued {
+    pub(super) message: Arc<Message>,
+    pub(super) delivery: Delivery,
+}
+
+/// Outbound state that survives reconnects.
+#[derive(Debug, Default)]
+pub(super) struct Outbound {
+    /// In send order; acknowledgements usually arrive in that order too.
+    pub(super) inflight: VecDeque<Inflight>,
+    pub(super) queue: VecDeque<Queued>,
+    /// Sum of `cost_bytes` over `queue`.
+    pub(super) queue_bytes: usize,
+    /// Last packet id handed out.
+    last_packet_id: u16,
+}
+
+impl Outbound {
+    /// A free packet id: the next after the last one, skipping ids in flight.
+    fn allocate_packet_id(&mut self) -> u16 {
+        loop {
+            self.last_packet_id = self.last_packet_id.wrapping_add(1).max(1);
+            let id = self.last_packet_id;
+            if !self.inflight.iter().any(|m| m.packet_id == id) {
+                return id;
+            }
+        }
+    }
+
+    pub(super) fn position(&self, packet_id: u16) -> Option<usize> {
+        self.inflight.iter().position(|m| m.packet_id == packet_id)
+    }
+
+    fn pop_queue(&mut self) -> Option<Queued> {
+        let q = self.queue.pop_front()?;
+        self.queue_bytes -= q.message.cost_bytes();
+        Some(q)
+    }
+
+    pub(super) fn check_invariants(&self) {
+        let sum: usize = self.queue.iter().map(|q| q.message.cost_bytes()).sum();
+        assert_eq!(sum, self.queue_bytes, "queue bytes must equal their sum");
+        for (i, m) in self.inflight.iter().enumerate() {
+            assert_ne!(m.packet_id, 0);
+            assert!(
+                self.inflight.iter().skip(i + 1).all(|o| o.packet_id != m.packet_id),
+                "in-flight packet ids must be unique"
+            );
+        }
+    }
+}
+
+impl Session {
+    /// Hand the session a message the router matched to its subscriptions.
+    pub fn deliver(&mut self, now: Instant, message: &Arc<Message>, delivery: Delivery) {
+        if self.ended {
+            return;
+        }
+        if message.is_expired(now) {
+            self.stats.dropped_expired += 1;
+            return;
+        }
+        let qos = delivery.qos.min(message.qos);
+        let delivery = Delivery { qos, ..delivery };
+        if !self.is_connected() {
+            if qos == QoS::AtMostOnce && !self.limits.queue_qos0_offline {
+                self.stats.dropped_offline_qos0 += 1;
+                return;
+            }
+            self.enqueue(message, delivery);
+            return;
+        }
+        if qos == QoS::AtMostOnce {
+            if self.transmit_backlog_full() {
+                self.stats.dropped_queue_full += 1;
+                return;
+            }
+            self.send_publish(now, message, &delivery, 0, false);
+        } else if self.out.queue.is_empty() && self.window_open() {
+            self.start_inflight(now, message.clone(), delivery);
+        } else {
+            self.enqueue(message, delivery);
+        }
+    }
+
+    fn window_open(&self) -> bool {
+        self.conn
+            .as_ref()
+            .is_some_and(|c| self.out.inflight.len() < usize::from(c.window))
+    }
+
+    /// QoS 0 bypasses the queue, so a client that does not read must not make
+    /// the transmit queue grow without bound.
+    fn transmit_backlog_full(&self) -> bool {
+        self.transmit.len() >= self.limits.queue_messages_max
+    }
+
+    fn enqueue(&mut self, message: &Arc<Message>, delivery: Delivery) {
+        let cost = message.cost_bytes();
+        let limits = &self.limits;
+        let full = |o: &Outbound| {
+            o.queue.len() >= limits.queue_messages_max
+                || o.queue_bytes + cost > limits.queue_bytes_max
+        };
+        if full(&self.out) {
+            match limits.overflow {
+                OverflowPolicy::DropNew => {
+                    self.stats.dropped_queue_full += 1;
+                    return;
+                }
+                OverflowPolicy::DropOldest => {
+                    while full(&self.out) && self.out.pop_queue().is_some() {
+                        self.stats.dropped_queue_full += 1;
+                    }
+                    if full(&self.out) {
+                        self.stats.dropped_queue_full += 1;
+                        return;
+                    }
+                }
+            }
+        }
+        self.out.queue_bytes += cost;
+        self.out.queue.push_back(Queued {
+            message: message.clone(),
+            delivery,
+        });
+    }
+
+    /// Move queued messages into the window while it has room.
+    pub(super) fn pump(&mut self, now: Instant) {
+        while self.is_connected() {
+            let Some(front) = self.out.queue.front() else {
+                return;
+            };
+            if front.delivery.qos != QoS::AtMostOnce && !self.window_open() {
+                return;
+            }
+            let q = self.out.pop_queue().expect("front exists");
+            if q.message.is_expired(now) {
+                self.stats.dropped_expired += 1;
+                continue;
+            }
+            if q.delivery.qos == QoS::AtMostOnce {
+                self.send_publish(now, &q.message, &q.delivery, 0, false);
+            } else {
+                self.start_inflight(now, q.message, q.delivery);
+            }
+        }
+    }
+
+    fn start_inflight(&mut self, now: Instant, message: Arc<Message>, delivery: Delivery) {
+        let packet_id = self.out.allocate_packet_id();
+        if !self.send_publish(now, &message, &delivery, packet_id, false) {
+            return;
+        }
+        let stage = if delivery.qos == QoS::AtLeastOnce {
+            Stage::AwaitAck
+        } else {
+            Stage::AwaitRec
+        };
+        self.out.inflight.push_back(Inflight {
+            packet_id,
+            message,
+            qos: delivery.qos,
+            retain: delivery.retain,
+            subscription_ids: delivery.subscription_ids,
+            stage,
+        });
+    }
+
+    /// Build and queue one PUBLISH. False when it was dropped because it is
+    /// larger than the client accepts ([MQTT-3.1.2-25]: treated as delivered).
+    fn send_publish(
+        &mut self,
+        now: Instant,
+        message: &Message,
+        delivery: &Delivery,
+        packet_id: u16,
+        dup: bool,
+    ) -> bool {
+        let conn = self.conn.as_mut().expect("send_publish needs a connection");
+        let mut publish = Publish {
+            dup,
+            qos: delivery.qos,
+            retain: delivery.retain,
+            topic: message.topic.clone(),
+            packet_id,
+            payload: message.payload.clone(),
+            properties: Properties::default(),
+        };
+        if conn.version.is_v5() {
+            publish.properties = message.properties.clone();
+            publish.properties.message_expiry_interval = message.remaining_expiry_s(now);
+            publish.properties.subscription_identifiers = delivery.subscription_ids.clone();
+        }
+        let mut packet = Packet::Publish(publish);
+        let len = codec::encoded_len(&packet, conn.version);
+        if len > conn.max_packet_out as usize {
+            self.stats.dropped_too_large += 1;
+            return false;
+        }
+        if let Packet::Publish(p) = &mut packet {
+            // A new alias adds a 3-byte property: assign one only if it fits.
+            conn.apply_alias(p, len + 3 <= conn.max_packet_out as usize);
+        }
+        if !dup {
+            self.stats.sent += 1;
+        }
+        self.transmit.push_back(packet);
+        true
+    }
+
+    /// Resend everything in flight after a reconnect: PUBLISH with DUP for
+    /// unacknowledged messages, PUBREL for those past PUBREC
+    /// ([MQTT-4.4.0-1]).
+    pub(super) fn redeliver(&mut self, now: Instant) {
+        let inflight = std::mem::take(&mut self.out.inflight);
+        for m in inflight {
+            if m.stage == Stage::AwaitComp {
+                self.transmit.push_back(Packet::PubRel(PubResp {
+                    packet_id: m.packet_id,
+                    ..PubResp::default()
+                }));
+                self.out.inflight.push_back(m);
+                continue;
+            }
+            let delivery = Delivery {
+                qos: m.qos,
+                retain: m.retain,
+                subscription_ids: m.subscription_ids.clone(),
+            };
+            if self.send_publish(now, &m.message, &delivery, m.packet_id, true) {
+                self.out.inflight.push_back(m);
+            }
+        }
+        self.pump(now);
+    }
+
+    /// PUBACK from the client.
+    pub(super) fn on_puback(&mut self, now: Instant, ack: &PubResp) {
+        match self.out.position(ack.packet_id) {
+            Some(i) if self.out.inflight[i].stage == Stage::AwaitAck => {
+                self.out.inflight.remove(i);
+                self.pump(now);
+            }
+            _ => log::debug!(
+                "client {}: PUBACK for unknown packet id {}",
+                self.client_id,
+                ack.packet_id
+            ),
+        }
+    }
+
+    /// PUBREC from the client: answer PUBREL, or drop the message when the
+    /// client refused it with an error reason.
+    pub(super) fn on_pubrec(&mut self, now: Instant, rec: &PubResp) {
+        let reason = match self.out.position(rec.packet_id) {
+            Some(i) if rec.reason >= 0x80 => {
+                self.out.inflight.remove(i);
+                self.pump(now);
+                return;
+            }
+            Some(i) => {
+                self.out.inflight[i].stage = Stage::AwaitComp;
+                0
+            }
+            None => codec::reason::PACKET_IDENTIFIER_NOT_FOUND,
+        };
+        self.transmit.push_back(Packet::PubRel(PubResp {
+            packet_id: rec.packet_id,
+            reason: self.reason_for_version(reason),
+            properties: Properties::default(),
+        }));
+    }
+
+    /// PUBCOMP from the client.
+    pub(super) fn on_pubcomp(&mut self, now: Instant, comp: &PubResp) {
+        match self.out.position(comp.packet_id) {
+            Some(i) if self.out.inflight[i].stage == Stage::AwaitComp => {
+                self.out.inflight.remove(i);
+                self.pump(now);
+            }
+            _ => log::debug!(
+                "client {}: PUBCOMP for unknown packet id {}",
+                self.client_id,
+                comp.packet_id
+            ),
+        }
+    }
+
+    /// Reason codes exist only in 5.0; 3.x acknowledgements carry none.
+    pub(super) fn reason_for_version(&self, reason: u8) -> u8 {
+        if self.version().is_some_and(|v| v.is_v5()) {
+            reason
+        } else {
+            0
+        }
+    }
+}
+
+impl Conn {
+    /// Replace the topic by an alias when the client allows aliases: the
+    /// first PUBLISH on a topic carries topic and new alias, later ones an
+    /// empty topic and the alias. When every alias is taken the topic is sent
+    /// in full.
+    fn apply_alias(&mut self, publish: &mut Publish, room_for_new: bool) {
+        if self.alias_out_max == 0 {
+            return;
+        }
+        if let Some(&alias) = self.aliases_out.get(&publish.topic) {
+            publish.properties.topic_alias = Some(alias);
+            publish.topic = self.empty_topic.clone();
+            return;
+        }
+        let next = self.aliases_out.len() + 1;
+        if room_for_new && next <= usize::from(self.alias_out_max) {
+            let alias = next as u16;
+            self.aliases_out.insert(publish.topic.clone(), alias);
+            publish.properties.topic_alias = Some(alias);
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! Connection tasks: accept, read CONNECT, move to the home shard, then one
+//! reader and one writer task per connection.
+//!
+//! Shard-local. These tasks are the only code that touches a socket, and
+//! they make no protocol decisions: bytes go to the codec, packets to the
+//! shard and its sessions; packets to send come back from the session.
+//!
+//! The one `unsafe` block in the broker outside the log is here: borrowing a
+//! socket's descriptor to duplicate it for the move to the home shard.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt};
+use glommio::net::{TcpListener, TcpStream};
+
+use crate::codec::{self, reason, ConnAck, Connect, DecodeError, Packet, Version};
+use crate::session::Session;
+
+use super::mesh::{Handoff, MeshMsg};
+use super::{home_shard, ConnHandle, SessionSlot, Shard};
+
+/// Why a connection ended before it became a session.
+#[derive(Debug)]
+enum HandshakeError {
+    Io(io::Error),
+    Closed,
+    TimedOut,
+    NotConnect,
+    Decode(DecodeError),
+}
+
+/// Accept connections on `listener` until the task is cancelled.
+pub(crate) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                glommio::spawn_local(handshake(shard.clone(), stream)).detach();
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                log::warn!("shard {}: accept failed: {e}", shard.id);
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Read CONNECT within the connect timeout, check the client id, and serve
+/// the connection here or hand it to its home shard.
+async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
+    let max = shard.config.mqtt.packet_size_max_bytes as usize;
+    let timeout = Duration::from_millis(shard.config.server.connect_timeout_ms);
+    let mut buf = BytesMut::with_capacity(1024);
+    let read = read_connect(&mut stream, &mut buf, max);
+    let expired = async {
+        glommio::timer::sleep(timeout).await;
+        Err(HandshakeError::TimedOut)
+    };
+    let connect = match read.or(expired).await {
+        Ok(c) => c,
+        Err(e) => return refuse_handshake(&mut stream, peer, e).await,
+    };
+    let assigned = match check_client_id(&shard, &connect) {
+        Ok(a) => a,
+        Err(code) => {
+            log::info!("{peer:?}: CONNECT refused (reason 0x{code:02X}), client id {:?}", connect.client_id);
+            return send_connack_error(&mut stream, connect.version, code).await;
+        }
+    };
+    let client_id = assigned.as_deref().unwrap_or(&connect.client_id);
+    let home = home_shard(client_id, shard.shards);
+    if home == shard.id {
+        return serve(shard, stream, connect, buf, assigned).await;
+    }
+    match duplicate(&stream) {
+        Ok(socket) => {
+            let handoff = Handoff {
+                socket,
+                connect,
+                buffered: buf,
+                assigned_client_id: assigned,
+            };
+            shard.mesh.send(home, MeshMsg::Handoff(Box::new(handoff)));
+        }
+        Err(e) => log::warn!("{peer:?}: cannot move connection to shard {home}: {e}"),
+    }
+}
+
+async fn read_connect(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Connect, HandshakeError> {
+    let mut chunk = [0u8; 1024];
+    loop {
+        match codec::decode(buf, Version::V5, max) {
+            Ok(Some(Packet::Connect(c))) => return Ok(*c),
+            Ok(Some(_)) => return Err(HandshakeError::NotConnect),
+            Ok(None) => {}
+            Err(e) => return Err(HandshakeError::Decode(e)),
+        }
+        let n = stream.read(&mut chunk).await.map_err(HandshakeError::Io)?;
+        if n == 0 {
+            return Err(HandshakeError::Closed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Answer a failed handshake where the protocol allows an answer, and close.
+async fn refuse_handshake(stream: &mut TcpStream, peer: Option<std::net::SocketAddr>, e: HandshakeError) {
+    match e {
+        HandshakeError::Decode(DecodeError::UnsupportedProtocolVersion(level)) => {
+            log::info!("{peer:?}: unsupported protocol level {level}");
+            let version = if level >= 5 { Version::V5 } else { Version::V3_1_1 };
+            send_connack_error(stream, version, reason::UNSUPPORTED_PROTOCOL_VERSION).await;
+        }
+        HandshakeError::Decode(e) => log::info!("{peer:?}: bad CONNECT: {e}"),
+        HandshakeError::NotConnect => {
+            log::info!("{peer:?}: [MQTT-3.1.0-1] first packet is not CONNECT; closing")
+        }
+        HandshakeError::TimedOut => log::debug!("{peer:?}: no CONNECT within the connect timeout"),
+        HandshakeError::Io(e) => log::debug!("{peer:?}: read error before CONNECT: {e}"),
+        HandshakeError::Closed => {}
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both).await;
+}
+
+/// Client id rules: an empty id gets one assigned (5.0 always, 3.1.1 with
+/// clean session only); 3.1 requires one; a too long id is refused; so is an
+/// enhanced authentication method (none is supported).
+fn check_client_id(shard: &Shard, connect: &Connect) -> Result<Option<String>, u8> {
+    if connect.properties.authentication_method.is_some() {
+        return Err(reason::BAD_AUTHENTICATION_METHOD);
+    }
+    if connect.client_id.len() > shard.config.mqtt.client_id_bytes_max {
+        return Err(reason::CLIENT_IDENTIFIER_NOT_VALID);
+    }
+    if !connect.client_id.is_empty() {
+        return Ok(None);
+    }
+    match connect.version {
+        Version::V3_1 => Err(reason::CLIENT_IDENTIFIER_NOT_VALID),
+        Version::V3_1_1 if !connect.clean_start => Err(reason::CLIENT_IDENTIFIER_NOT_VALID),
+        _ => Ok(Some(assign_client_id(shard.id))),
+    }
+}
+
+/// A client id unique in this broker's lifetime.
+fn assign_client_id(shard: usize) -> String {
+    thread_local! {
+        static NEXT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+    let n = NEXT.with(|c| {
+        c.set(c.get() + 1);
+        c.get()
+    });
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    format!("shardmq-{shard}-{started:x}-{n}")
+}
+
+async fn send_connack_error(stream: &mut TcpStream, version: Version, code: u8) {
+    let mut out = BytesMut::new();
+    let ack = ConnAck {
+        session_present: false,
+        reason: code,
+        properties: Default::default(),
+    };
+    codec::encode(&Packet::ConnAck(ack), version, &mut out);
+    let _ = stream.write_all(&out).await;
+    let _ = stream.shutdown(std::net::Shutdown::Both).await;
+}
+
+/// Duplicate the socket's descriptor so the connection can move to another
+/// shard; the caller drops its own stream afterwards.
+#[allow(unsafe_code)]
+fn duplicate(stream: &TcpStream) -> io::Result<socket2::Socket> {
+    // SAFETY: the descriptor is owned by `stream`, which is alive for the
+    // whole (immediate) use of the borrow: it is duplicated at once.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let owned = std::net::TcpStream::from(fd.try_clone_to_owned()?);
+    Ok(socket2::Socket::from(owned))
+}
+
+/// A connection handed over by another shard.
+pub(crate) fn spawn_handoff(shard: Rc<Shard>, h: Handoff) {
+    let stream = TcpStream::from(h.socket);
+    glommio::spawn_local(serve(shard, stream, h.connect, h.buffered, h.assigned_client_id)).detach();
+}
+
+impl Shard {
+    /// Attach a connection to its session on this (home) shard: takeover,
+    /// clean start, resume or create; queue the CONNACK.
+    fn attach(&self, now: Instant, connect: Connect, assigned: Option<String>) -> Result<Rc<ConnHandle>, u8> {
+        let mut st = self.state.borrow_mut();
+        let client_id: &str = assigned.as_deref().unwrap_or(&connect.client_id);
+        let existing = st.by_client.get(client_id).copied();
+        let live = existing.is_some_and(|k| st.sessions.get(k).is_some_and(|s| s.conn.is_some()));
+        if self.stopping.get() {
+            return Err(reason::SERVER_SHUTTING_DOWN);
+        }
+        if !live && st.stats.connections >= self.connections_max {
+            log::warn!("shard {}: connections_max reached; refusing {client_id}", self.id);
+            return Err(reason::QUOTA_EXCEEDED);
+        }
+        let mut resumed = None;
+        if let Some(key) = existing {
+            let slot = st.sessions.get_mut(key).expect("indexed session exists");
+            slot.session.takeover(now);
+            self.drive(&mut st, key, now);
+            if let Some(slot) = st.sessions.get_mut(key) {
+                if connect.clean_start {
+                    slot.session.discard(now);
+                    self.drive(&mut st, key, now);
+                } else {
+                    resumed = Some(key);
+                }
+            }
+        }
+        let key = match resumed {
+            Some(k) => k,
+            None => {
+                let id: crate::message::ClientId = client_id.into();
+                let session = Session::new(id.clone(), self.limits.clone(), now);
+                let key = st.sessions.insert(SessionSlot {
+                    session,
+                    conn: None,
+                    timer_at: None,
+                    held_for_routes: 0,
+                });
+                st.by_client.insert(id, key);
+                key
+            }
+        };
+        let version = connect.version;
+        let slot = st.sessions.get_mut(key).expect("just inserted or resumed");
+        let attached = slot.session.connect(now, connect, resumed.is_some(), assigned.as_deref());
+        let handle = Rc::new(ConnHandle {
+            key,
+            generation: attached.generation,
+            version,
+            wake: Default::default(),
+            closing: Default::default(),
+            last_packets: Default::default(),
+        });
+        slot.conn = Some(handle.clone());
+        st.stats.connections += 1;
+        self.drive(&mut st, key, now);
+        Ok(handle)
+    }
+
+    /// Encode the session's waiting packets into `out`, up to about
+    /// `limit` bytes. Nothing while route acknowledgements are awaited.
+    fn drain_transmit(&self, conn: &ConnHandle, out: &mut BytesMut, limit: usize) {
+        let mut st = self.state.borrow_mut();
+        let Some(slot) = st.sessions.get_mut(conn.key) else {
+            return;
+        };
+        if slot.session.generation() != conn.generation || slot.held_for_routes > 0 {
+            return;
+        }
+        while out.len() < limit {
+            match slot.session.poll_transmit() {
+                Some(p) => codec::encode(&p, conn.version, out),
+                None => break,
+            }
+        }
+        if slot.session.has_transmit() {
+            conn.wake.notify();
+        }
+    }
+}
+
+/// Serve an accepted (or handed over) connection on its home shard.
+async fn serve(shard: Rc<Shard>, stream: TcpStream, connect: Connect, buffered: BytesMut, assigned: Option<String>) {
+    let version = connect.version;
+    let mut stream = stream;
+    let handle = match shard.attach(Instant::now(), connect, assigned) {
+        Ok(h) => h,
+        Err(code) => return send_connack_error(&mut stream, version, code).await,
+    };
+    shard.sockets.set(shard.sockets.get() + 1);
+    let _open = scopeguard(|| shard.sockets.set(shard.sockets.get() - 1));
+    let stream = SharedStream(Rc::new(RefCell::new(stream)));
+    let writer = glommio::spawn_local(write_loop(shard.clone(), handle.clone(), stream.clone()));
+    read_loop(&shard, &handle, stream.clone(), buffered).await;
+    if !handle.closing.get() {
+        shard.on_connection_lost(handle.key, handle.generation, Instant::now());
+    }
+    writer.await;
+}
+
+async fn read_loop(shard: &Shard, conn: &ConnHandle, mut stream: SharedStream, mut buf: BytesMut) {
+    let max = shard.config.mqtt.packet_size_max_bytes as usize;
+    let mut chunk = vec![0u8; shard.config.server.read_buffer_bytes];
+    loop {
+        let now = Instant::now();
+        loop {
+            match codec::decode(&mut buf, conn.version, max) {
+                Ok(Some(packet)) => shard.on_packet(conn.key, conn.generation, now, packet),
+                Ok(None) => break,
+                Err(e) => {
+                    let why = e.to_string();
+                    shard.on_bad_bytes(conn.key, conn.generation, now, e.reason_code(), &why);
+                    return;
+                }
+            }
+            if conn.closing.get() {
+                return;
+            }
+        }
+        while shard.mesh.congested() && !conn.closing.get() {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        let n = match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if conn.closing.get() {
+            return;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+async fn write_loop(shard: Rc<Shard>, conn: Rc<ConnHandle>, mut stream: SharedStream) {
+    let limit = shard.config.server.write_buffer_bytes;
+    let mut out = BytesMut::with_capacity(512);
+    loop {
+        let closing = conn.closing.get();
+        if closing {
+            for p in conn.last_packets.take() {
+                codec::encode(&p, conn.version, &mut out);
+            }
+        } else {
+            shard.drain_transmit(&conn, &mut out, limit);
+        }
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+            continue;
+        }
+        if closing {
+            break;
+        }
+        conn.wake.wait().await;
+    }
+    // glommio's shutdown is a plain syscall, ready at its first poll, so
+    // this borrow never spans a yield to the reader task.
+    let s = stream.0.borrow();
+    let _ = s.shutdown(std::net::Shutdown::Both).await;
+}
+
+/// Runs `f` when dropped (counts open sockets even if a task is cancelled).
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+/// One socket used by a reader and a writer task on the same shard. Each
+/// poll borrows the stream only for its own duration, and a shard runs one
+/// poll at a time, so the borrows never overlap.
+#[derive(Clone)]
+struct SharedStream(Rc<RefCell<TcpStream>>);
+
+impl AsyncRead for SharedStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SharedStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_close(cx)
+    }
+}

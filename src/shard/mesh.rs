@@ -1,0 +1,199 @@
+//! The shard-to-shard mesh: one bounded SPSC lane per ordered pair of
+//! shards (glommio `channel_mesh`), carrying batches.
+//!
+//! Shard-local: each shard owns its senders, its receivers and an outbox
+//! per destination. Anything queued during one loop turn leaves as one batch
+//! per destination: the flusher task runs after the turn's other ready tasks.
+//! A full lane makes the flusher wait; the outbox then grows, and past
+//! `outbox_messages_max` the shard stops reading from its clients until it
+//! drains (backpressure, never an unbounded queue).
+
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use glommio::channels::channel_mesh::Senders;
+use smallvec::SmallVec;
+
+use crate::codec::{Connect, QoS};
+use crate::message::{ClientId, Message};
+
+use super::notify::Notify;
+use super::SessionKey;
+
+/// A shared subscription the receiving shard must serve: pick one of its
+/// members of `group` for `filter`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SharedPick {
+    /// Share name.
+    pub group: Arc<str>,
+    /// Filter inside `$share/{group}/`.
+    pub filter: Arc<str>,
+}
+
+/// Who is waiting for retained messages: a subscription on some shard.
+#[derive(Debug, Clone)]
+pub struct RetainedWaiter {
+    /// Shard of the subscribing session.
+    pub shard: usize,
+    /// The session on that shard.
+    pub session: SessionKey,
+    /// Guards against the key having been reused by another client.
+    pub client_id: ClientId,
+    /// Granted QoS of the subscription.
+    pub qos: QoS,
+    /// Its subscription identifier.
+    pub subscription_id: Option<u32>,
+}
+
+/// A connection moving to its home shard after CONNECT was read.
+#[derive(Debug)]
+pub struct Handoff {
+    /// The socket (a duplicate of the accepting shard's descriptor).
+    pub socket: socket2::Socket,
+    /// The CONNECT already decoded.
+    pub connect: Connect,
+    /// Bytes read after CONNECT.
+    pub buffered: BytesMut,
+    /// Client id the broker assigned (empty id in CONNECT).
+    pub assigned_client_id: Option<String>,
+}
+
+/// A route replica change: `key` gained or lost subscribers of `filter`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RouteKey {
+    /// Shard `0` has ordinary subscribers of the filter.
+    Shard(u16),
+    /// Shard has members of a shared subscription (`group`, `filter`).
+    Shared {
+        /// The shared subscription.
+        pick: SharedPick,
+        /// The shard with members.
+        shard: u16,
+    },
+}
+
+/// One message on the mesh.
+#[derive(Debug)]
+pub enum MeshMsg {
+    /// Deliver to this shard's ordinary subscribers (if `ordinary`) and to
+    /// one member of each listed shared subscription.
+    Publish {
+        /// The message.
+        message: Arc<Message>,
+        /// Deliver to ordinary (non-shared) subscribers.
+        ordinary: bool,
+        /// Shared subscriptions this shard serves for this message.
+        shared: SmallVec<[SharedPick; 1]>,
+    },
+    /// Store (or, with an empty payload, delete) a retained message: the
+    /// receiver owns its topic.
+    Retain(Arc<Message>),
+    /// Send the retained messages matching `filter` to `waiter`.
+    RetainedQuery {
+        /// The subscription filter.
+        filter: Arc<str>,
+        /// Where to send them.
+        waiter: RetainedWaiter,
+    },
+    /// Retained messages for a subscription, from one owner shard.
+    RetainedReply {
+        /// The subscription.
+        waiter: RetainedWaiter,
+        /// Matching retained messages.
+        messages: Vec<Arc<Message>>,
+    },
+    /// Route replica delta (broadcast on 0↔1 transitions).
+    Route {
+        /// The filter.
+        filter: Arc<str>,
+        /// Who has subscribers.
+        key: RouteKey,
+        /// Gained (true) or lost (false).
+        add: bool,
+        /// Acknowledge to (shard, session, generation) once applied.
+        ack_to: Option<(usize, SessionKey, u64)>,
+    },
+    /// A route delta was applied by the sending shard.
+    RouteAck {
+        /// The subscribing session.
+        session: SessionKey,
+        /// Its connection generation when it subscribed.
+        generation: u64,
+    },
+    /// A connection whose home is the receiving shard.
+    Handoff(Box<Handoff>),
+}
+
+/// One batch on a lane.
+pub type Batch = Vec<MeshMsg>;
+
+/// This shard's sending side of the mesh.
+pub struct Mesh {
+    senders: Senders<Batch>,
+    outbox: RefCell<Vec<Batch>>,
+    /// Messages in the outbox, for backpressure.
+    pending: Cell<usize>,
+    pending_max: usize,
+    wake: Notify,
+}
+
+impl Mesh {
+    /// Wrap the joined mesh senders.
+    pub fn new(senders: Senders<Batch>, shards: usize, pending_max: usize) -> Mesh {
+        Mesh {
+            senders,
+            outbox: RefCell::new((0..shards).map(|_| Vec::new()).collect()),
+            pending: Cell::new(0),
+            pending_max,
+            wake: Notify::default(),
+        }
+    }
+
+    /// Queue `msg` for shard `to`; it leaves with this loop turn's batch.
+    pub fn send(&self, to: usize, msg: MeshMsg) {
+        debug_assert_ne!(to, self.senders.peer_id(), "a shard never sends to itself");
+        self.outbox.borrow_mut()[to].push(msg);
+        self.pending.set(self.pending.get() + 1);
+        self.wake.notify();
+    }
+
+    /// Queue `msg` for every other shard.
+    pub fn broadcast(&self, msg: impl Fn() -> MeshMsg) {
+        let me = self.senders.peer_id();
+        for to in 0..self.senders.nr_consumers() {
+            if to != me {
+                self.send(to, msg());
+            }
+        }
+    }
+
+    /// True while the outbox holds more than its limit.
+    pub fn congested(&self) -> bool {
+        self.pending.get() > self.pending_max
+    }
+
+    /// The flusher task: after each loop turn, one batch per destination.
+    pub async fn flush_loop(&self) {
+        loop {
+            self.wake.wait().await;
+            futures_lite::future::yield_now().await;
+            let batches: Vec<(usize, Batch)> = {
+                let mut outbox = self.outbox.borrow_mut();
+                outbox
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(_, b)| !b.is_empty())
+                    .map(|(to, b)| (to, std::mem::take(b)))
+                    .collect()
+            };
+            for (to, batch) in batches {
+                let n = batch.len();
+                if self.senders.send_to(to, batch).await.is_err() {
+                    log::debug!("mesh lane to shard {to} is closed; dropped {n} messages");
+                }
+                self.pending.set(self.pending.get() - n);
+            }
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! The per-core runtime: one glommio executor per shard.
+//!
+//! Shard-local: a `Shard` and everything it owns (sessions, subscriber trie,
+//! route replica, its part of the retained store, mesh outbox, timers) lives
+//! on one thread and is `!Send`. Shards share nothing; they exchange
+//! [`mesh::MeshMsg`] batches. This module is the only one that knows glommio
+//! (with `broker`, which starts the executors), so a later move to another
+//! io_uring runtime stays local.
+//!
+//! The data path: a connection task reads bytes, decodes packets and hands
+//! them to [`Shard::on_packet`]; the session's actions are applied by
+//! [`Shard::drive`] (routing, subscriptions, closes); packets to send wait in
+//! each session until its connection's writer task drains them.
+//!
+//! Borrow rule: `State` sits in one `RefCell`, borrowed only by synchronous
+//! code. Never spawn a task while it is borrowed: glommio's `spawn_local`
+//! runs the new task's first poll immediately.
+
+mod connection;
+pub mod mesh;
+mod notify;
+mod routing;
+mod slab;
+
+use std::cell::{Cell, RefCell};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+
+use crate::codec::{Packet, Version};
+use crate::config::Config;
+use crate::message::{ClientId, Message};
+use crate::router::{FilterTrie, RetainedStore};
+use crate::session::{Action, Session, SessionLimits, SessionStats, Subscription};
+
+pub(crate) use connection::accept_loop;
+use mesh::{Mesh, RouteKey};
+use notify::Notify;
+use slab::Slab;
+
+/// Index of a session in its shard's slab.
+pub type SessionKey = u32;
+
+/// Key of an entry in the subscriber trie: a session, and the share name
+/// when the subscription is shared.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SubKey {
+    session: SessionKey,
+    group: Option<Arc<str>>,
+}
+
+/// Value of an entry in the subscriber trie.
+#[derive(Debug, Clone)]
+pub struct SubEntry {
+    subscription: Subscription,
+    /// The filter without `$share/{group}/`, to tell shared subscriptions of
+    /// one group with different filters apart.
+    filter: Arc<str>,
+}
+
+/// The socket side of a session, shared by its reader and writer tasks.
+#[derive(Debug)]
+pub struct ConnHandle {
+    key: SessionKey,
+    generation: u64,
+    version: Version,
+    /// Wakes the writer: packets are waiting, or the connection is closing.
+    wake: Notify,
+    /// Set when the session let go of this connection.
+    closing: Cell<bool>,
+    /// Packets to write before closing (DISCONNECT, last acks).
+    last_packets: RefCell<Vec<Packet>>,
+}
+
+impl ConnHandle {
+    fn close(&self, last_packets: Vec<Packet>) {
+        self.last_packets.borrow_mut().extend(last_packets);
+        self.closing.set(true);
+        self.wake.notify();
+    }
+}
+
+/// A session and the connection attached to it.
+#[derive(Debug)]
+struct SessionSlot {
+    session: Session,
+    conn: Option<Rc<ConnHandle>>,
+    /// Deadline registered in the timer heap (the earliest pending entry).
+    timer_at: Option<Instant>,
+    /// Route acknowledgements still awaited from other shards; while
+    /// non-zero the writer holds the session's output.
+    held_for_routes: u32,
+}
+
+/// Counters of one shard.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShardStats {
+    /// Connections attached now.
+    pub connections: usize,
+    /// Messages routed from this shard's publishers.
+    pub routed: u64,
+    /// Deliveries into this shard's sessions.
+    pub delivered: u64,
+    /// Retained messages dropped because the store was full.
+    pub retained_dropped: u64,
+    /// Counters summed over sessions that ended.
+    pub ended_sessions: SessionStats,
+}
+
+/// Mutable state of a shard, behind one `RefCell` never held across an await.
+struct State {
+    sessions: Slab<SessionSlot>,
+    by_client: HashMap<ClientId, SessionKey>,
+    /// filter → local subscriptions.
+    subscribers: FilterTrie<SubKey, SubEntry>,
+    /// How many local subscriptions each route key has per filter; a route
+    /// delta is broadcast on 0↔1 only.
+    local_routes: HashMap<(Arc<str>, RouteKey), u32>,
+    /// Replica of every shard's routes: filter → who has subscribers.
+    routes: FilterTrie<RouteKey, ()>,
+    /// Retained messages of the topics this shard owns.
+    retained: RetainedStore<Arc<Message>>,
+    /// Round-robin position per shared subscription (choice of shard on the
+    /// publishing side, of member on the serving side).
+    shared_next: HashMap<mesh::SharedPick, usize>,
+    timers: BinaryHeap<Reverse<(Instant, SessionKey)>>,
+    stats: ShardStats,
+}
+
+/// One shard; see the module docs.
+pub struct Shard {
+    id: usize,
+    shards: usize,
+    config: Config,
+    limits: Rc<SessionLimits>,
+    retained_max: usize,
+    connections_max: usize,
+    state: RefCell<State>,
+    mesh: Mesh,
+    stopping: Cell<bool>,
+    /// Sockets of attached connections still open (reader or writer alive).
+    sockets: Cell<usize>,
+}
+
+/// Stable hash used to place client ids and retained topics on shards
+/// (FNV-1a, 64 bit): the same on every node and every run.
+pub fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The home shard of a client id: where its session lives.
+pub fn home_shard(client_id: &str, shards: usize) -> usize {
+    (stable_hash(client_id) % shards as u64) as usize
+}
+
+impl Shard {
+    /// A shard with empty state; `mesh` is its side of the joined mesh.
+    pub fn new(id: usize, shards: usize, config: Config, mesh: Mesh) -> Shard {
+        let limits = Rc::new(config.session_limits());
+        let retained_max = config.mqtt.retained_messages_max.div_ceil(shards);
+        let connections_max = config.server.connections_max.div_ceil(shards);
+        Shard {
+            id,
+            shards,
+            limits,
+            retained_max,
+            connections_max,
+            config,
+            mesh,
+            stopping: Cell::new(false),
+            sockets: Cell::new(0),
+            state: RefCell::new(State {
+                sessions: Slab::default(),
+                by_client: HashMap::new(),
+                subscribers: FilterTrie::new(),
+                local_routes: HashMap::new(),
+                routes: FilterTrie::new(),
+                retained: RetainedStore::new(),
+                shared_next: HashMap::new(),
+                timers: BinaryHeap::new(),
+                stats: ShardStats::default(),
+            }),
+        }
+    }
+
+    /// This shard's index.
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    /// The mesh sender side.
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> ShardStats {
+        self.state.borrow().stats
+    }
+
+    /// A packet read from the connection `generation` of session `key`.
+    pub fn on_packet(&self, key: SessionKey, generation: u64, now: Instant, packet: Packet) {
+        let mut st = self.state.borrow_mut();
+        let Some(slot) = st.sessions.get_mut(key) else {
+            return;
+        };
+        if slot.session.generation() != generation || !slot.session.is_connected() {
+            return;
+        }
+        slot.session.handle_packet(now, packet);
+        self.drive(&mut st, key, now);
+    }
+
+    /// A decode error on the connection: DISCONNECT with its reason code.
+    pub fn on_bad_bytes(&self, key: SessionKey, generation: u64, now: Instant, reason: u8, why: &str) {
+        self.with_session(key, generation, now, |s| s.violation(now, reason, why));
+    }
+
+    /// The connection's socket ended (EOF or error) without DISCONNECT.
+    pub fn on_connection_lost(&self, key: SessionKey, generation: u64, now: Instant) {
+        self.with_session(key, generation, now, |s| s.connection_lost(now, generation));
+    }
+
+    fn with_session(&self, key: SessionKey, generation: u64, now: Instant, f: impl FnOnce(&mut Session)) {
+        let mut st = self.state.borrow_mut();
+        let Some(slot) = st.sessions.get_mut(key) else {
+            return;
+        };
+        if slot.session.generation() == generation {
+            f(&mut slot.session);
+            self.drive(&mut st, key, now);
+        }
+    }
+
+    /// Apply every action session `key` has queued, then wake its writer
+    /// and re-arm its timer.
+    fn drive(&self, st: &mut State, key: SessionKey, now: Instant) {
+        loop {
+            let Some(slot) = st.sessions.get_mut(key) else {
+                return;
+            };
+            let Some(action) = slot.session.poll_action() else {
+                break;
+            };
+            match action {
+                Action::Publish(message) => self.route(st, now, message),
+                Action::Subscribe {
+                    filter,
+                    subscription,
+                    is_new,
+                } => self.subscribe(st, now, key, &filter, subscription, is_new),
+                Action::Unsubscribe { filter } => self.unsubscribe(st, key, &filter),
+                Action::Close => Self::close_connection(st, key),
+                Action::End => {
+                    self.end_session(st, key);
+                    return;
+                }
+            }
+        }
+        Self::after_step(st, key);
+    }
+
+    /// Wake the session's writer if it has output, and keep the timer heap
+    /// holding the session's earliest deadline.
+    fn after_step(st: &mut State, key: SessionKey) {
+        let Some(slot) = st.sessions.get_mut(key) else {
+            return;
+        };
+        if slot.session.has_transmit() {
+            if let Some(c) = &slot.conn {
+                c.wake.notify();
+            }
+        }
+        let next = slot.session.next_timeout();
+        if let Some(at) = next {
+            if slot.timer_at.is_none_or(|t| at < t) {
+                slot.timer_at = Some(at);
+                st.timers.push(Reverse((at, key)));
+            }
+        }
+    }
+
+    /// The session let go of its connection: hand the writer the packets
+    /// still queued for it (a DISCONNECT) and tell it to close.
+    fn close_connection(st: &mut State, key: SessionKey) {
+        let Some(slot) = st.sessions.get_mut(key) else {
+            return;
+        };
+        if let Some(conn) = slot.conn.take() {
+            let mut last = Vec::new();
+            while let Some(p) = slot.session.poll_transmit() {
+                last.push(p);
+            }
+            conn.close(last);
+            st.stats.connections -= 1;
+        }
+    }
+
+    /// Drop an ended session and every subscription it held.
+    fn end_session(&self, st: &mut State, key: SessionKey) {
+        Self::close_connection(st, key);
+        let filters: Vec<String> = match st.sessions.get(key) {
+            Some(slot) => slot.session.subscriptions().keys().cloned().collect(),
+            None => return,
+        };
+        for filter in filters {
+            self.unsubscribe(st, key, &filter);
+        }
+        // Route any will the session published on its way out.
+        let slot = st.sessions.remove(key).expect("checked above");
+        let mut session = slot.session;
+        while let Some(action) = session.poll_action() {
+            if let Action::Publish(m) = action {
+                self.route(st, Instant::now(), m);
+            }
+        }
+        let s = session.stats();
+        let e = &mut st.stats.ended_sessions;
+        e.received += s.received;
+        e.sent += s.sent;
+        e.dropped_queue_full += s.dropped_queue_full;
+        e.dropped_offline_qos0 += s.dropped_offline_qos0;
+        e.dropped_expired += s.dropped_expired;
+        e.dropped_too_large += s.dropped_too_large;
+        if st.by_client.get(session.client_id()) == Some(&key) {
+            st.by_client.remove(session.client_id());
+        }
+    }
+
+    /// Run every timer that is due.
+    pub fn on_tick(&self, now: Instant) {
+        let mut st = self.state.borrow_mut();
+        while let Some(Reverse((at, key))) = st.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            st.timers.pop();
+            let Some(slot) = st.sessions.get_mut(key) else {
+                continue;
+            };
+            if slot.timer_at != Some(at) {
+                continue; // superseded by an earlier deadline
+            }
+            slot.timer_at = None;
+            slot.session.handle_timeout(now);
+            self.drive(&mut st, key, now);
+        }
+    }
+
+    /// Stop: DISCONNECT 0x8B to every 5.0 client and close every connection.
+    pub fn begin_stop(&self, now: Instant) {
+        self.stopping.set(true);
+        let mut st = self.state.borrow_mut();
+        let keys: Vec<SessionKey> = st.sessions.keys().collect();
+        for key in keys {
+            if let Some(slot) = st.sessions.get_mut(key) {
+                slot.session.shutdown(now);
+                self.drive(&mut st, key, now);
+            }
+        }
+    }
+
+    /// Connections still attached.
+    pub fn connection_count(&self) -> usize {
+        self.state.borrow().stats.connections
+    }
+
+    /// Sockets still open (attached, or closing and flushing).
+    pub fn open_sockets(&self) -> usize {
+        self.sockets.get()
+    }
+
+    /// True once [`Shard::begin_stop`] ran.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.get()
+    }
+
+    /// Sessions on this shard.
+    pub fn session_count(&self) -> usize {
+        self.state.borrow().sessions.len()
+    }
+
+    /// How long the housekeeping task sleeps between timer checks.
+    pub const TICK: Duration = Duration::from_millis(50);
+}

@@ -1,0 +1,474 @@
+//! The publish path on a shard: route replica match, local fan-out with
+//! overlapping subscriptions merged, shared-subscription choice, retained
+//! messages, and the mesh messages that carry all of these between shards.
+//!
+//! Shard-local code over [`State`]; every function runs to completion
+//! without awaiting.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use smallvec::SmallVec;
+
+use crate::codec::QoS;
+use crate::message::Message;
+use crate::router::topic::{has_wildcard, parse_shared};
+use crate::session::{Delivery, SubIds, Subscription};
+
+use super::mesh::{MeshMsg, RetainedWaiter, RouteKey, SharedPick};
+use super::{SessionKey, Shard, State, SubEntry, SubKey};
+
+/// One session's merged view of the subscriptions a message matched.
+struct Target {
+    session: SessionKey,
+    qos: QoS,
+    retain: bool,
+    subscription_ids: SubIds,
+}
+
+impl Shard {
+    /// Route a message accepted on this shard to every shard with
+    /// subscribers, and its retained copy to the topic's owner.
+    pub(super) fn route(&self, st: &mut State, now: Instant, message: Arc<Message>) {
+        st.stats.routed += 1;
+        if message.retain {
+            let owner = self.topic_owner(&message.topic);
+            if owner == self.id {
+                self.store_retained(st, message.clone());
+            } else {
+                self.mesh.send(owner, MeshMsg::Retain(message.clone()));
+            }
+        }
+        let mut ordinary: SmallVec<[u16; 8]> = SmallVec::new();
+        let mut shared: SmallVec<[(SharedPick, SmallVec<[u16; 4]>); 1]> = SmallVec::new();
+        st.routes.for_each_match(&message.topic, |key, _| match key {
+            RouteKey::Shard(s) => {
+                if !ordinary.contains(s) {
+                    ordinary.push(*s);
+                }
+            }
+            RouteKey::Shared { pick, shard } => match shared.iter_mut().find(|(p, _)| p == pick) {
+                Some((_, shards)) => shards.push(*shard),
+                None => shared.push((pick.clone(), SmallVec::from_slice(&[*shard]))),
+            },
+        });
+        let mut picks: SmallVec<[(u16, SharedPick); 1]> = SmallVec::new();
+        for (pick, mut shards) in shared {
+            shards.sort_unstable();
+            let next = st.shared_next.entry(pick.clone()).or_insert(0);
+            *next = next.wrapping_add(1);
+            picks.push((shards[*next % shards.len()], pick));
+        }
+        for dest in 0..self.shards as u16 {
+            let to_ordinary = ordinary.contains(&dest);
+            let to_shared: SmallVec<[SharedPick; 1]> = picks
+                .iter()
+                .filter(|(s, _)| *s == dest)
+                .map(|(_, p)| p.clone())
+                .collect();
+            if !to_ordinary && to_shared.is_empty() {
+                continue;
+            }
+            if usize::from(dest) == self.id {
+                self.deliver_local(st, now, &message, to_ordinary, &to_shared);
+            } else {
+                self.mesh.send(
+                    usize::from(dest),
+                    MeshMsg::Publish {
+                        message: message.clone(),
+                        ordinary: to_ordinary,
+                        shared: to_shared,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Deliver to this shard's sessions: every ordinary subscriber (one copy
+    /// per session, at the highest granted QoS, with every matching
+    /// subscription identifier) and one member of each shared subscription
+    /// in `shared`.
+    fn deliver_local(
+        &self,
+        st: &mut State,
+        now: Instant,
+        message: &Arc<Message>,
+        ordinary: bool,
+        shared: &[SharedPick],
+    ) {
+        let mut targets: SmallVec<[Target; 8]> = SmallVec::new();
+        let mut members: SmallVec<[(SessionKey, SharedPick, Target); 2]> = SmallVec::new();
+        let sessions = &st.sessions;
+        let no_local = |key: SessionKey| {
+            let publisher = message.publisher.as_deref();
+            publisher.is_some() && sessions.get(key).map(|s| &**s.session.client_id()) == publisher
+        };
+        st.subscribers.for_each_match(&message.topic, |key, entry| {
+            let sub = &entry.subscription;
+            let target = Target {
+                session: key.session,
+                qos: sub.options.qos,
+                retain: message.retain && sub.options.retain_as_published,
+                subscription_ids: sub.subscription_id.into_iter().collect(),
+            };
+            match &key.group {
+                None if ordinary => {
+                    if !(sub.options.no_local && no_local(key.session)) {
+                        targets.push(target);
+                    }
+                }
+                None => {}
+                Some(group) => {
+                    let pick = SharedPick {
+                        group: group.clone(),
+                        filter: entry.filter.clone(),
+                    };
+                    if shared.contains(&pick) {
+                        members.push((key.session, pick, target));
+                    }
+                }
+            }
+        });
+        let mut merged = merge_targets(targets);
+        for pick in shared {
+            if let Some(t) = self.choose_member(st, pick, &mut members) {
+                merged.push(t);
+            }
+        }
+        for t in merged {
+            let delivery = Delivery {
+                qos: t.qos,
+                retain: t.retain,
+                subscription_ids: t.subscription_ids,
+            };
+            if let Some(slot) = st.sessions.get_mut(t.session) {
+                slot.session.deliver(now, message, delivery);
+                st.stats.delivered += 1;
+                Self::after_step(st, t.session);
+            }
+        }
+    }
+
+    /// Round-robin over the local members of one shared subscription,
+    /// preferring connected ones.
+    fn choose_member(
+        &self,
+        st: &mut State,
+        pick: &SharedPick,
+        members: &mut SmallVec<[(SessionKey, SharedPick, Target); 2]>,
+    ) -> Option<Target> {
+        let mut candidates: SmallVec<[usize; 4]> = (0..members.len())
+            .filter(|&i| members[i].1 == *pick)
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        candidates.sort_unstable_by_key(|&i| members[i].0);
+        let connected: SmallVec<[usize; 4]> = candidates
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let key = members[i].0;
+                st.sessions.get(key).is_some_and(|s| s.session.is_connected())
+            })
+            .collect();
+        let pool = if connected.is_empty() { &candidates } else { &connected };
+        let next = st.shared_next.entry(pick.clone()).or_insert(0);
+        *next = next.wrapping_add(1);
+        let i = pool[*next % pool.len()];
+        let (_, _, t) = members.swap_remove(i);
+        Some(Target { retain: false, ..t })
+    }
+
+    /// Apply a subscription to the subscriber trie and the route replica,
+    /// then gather retained messages as its Retain Handling says.
+    pub(super) fn subscribe(
+        &self,
+        st: &mut State,
+        now: Instant,
+        key: SessionKey,
+        filter: &str,
+        subscription: Subscription,
+        is_new: bool,
+    ) {
+        let (group, inner) = match parse_shared(filter) {
+            Ok(Some((g, f))) => (Some(Arc::<str>::from(g)), f),
+            _ => (None, filter),
+        };
+        let inner: Arc<str> = Arc::from(inner);
+        let sub_key = SubKey {
+            session: key,
+            group: group.clone(),
+        };
+        let entry = SubEntry {
+            subscription: subscription.clone(),
+            filter: inner.clone(),
+        };
+        let (previous, _) = st.subscribers.insert(&inner, sub_key, entry);
+        if previous.is_none() {
+            let route = self.route_key(group.clone(), inner.clone());
+            self.route_count(st, inner.clone(), route, true, key);
+        }
+        let handling = subscription.options.retain_handling;
+        if group.is_none() && (handling == 0 || (handling == 1 && is_new)) {
+            self.gather_retained(st, now, key, &inner, &subscription);
+        }
+    }
+
+    /// Remove a subscription from the subscriber trie and the route replica.
+    pub(super) fn unsubscribe(&self, st: &mut State, key: SessionKey, filter: &str) {
+        let (group, inner) = match parse_shared(filter) {
+            Ok(Some((g, f))) => (Some(Arc::<str>::from(g)), f),
+            _ => (None, filter),
+        };
+        let sub_key = SubKey {
+            session: key,
+            group: group.clone(),
+        };
+        if st.subscribers.remove(inner, &sub_key).0.is_some() {
+            let inner: Arc<str> = Arc::from(inner);
+            let route = self.route_key(group, inner.clone());
+            self.route_count(st, inner, route, false, key);
+        }
+    }
+
+    fn route_key(&self, group: Option<Arc<str>>, filter: Arc<str>) -> RouteKey {
+        match group {
+            None => RouteKey::Shard(self.id as u16),
+            Some(group) => RouteKey::Shared {
+                pick: SharedPick { group, filter },
+                shard: self.id as u16,
+            },
+        }
+    }
+
+    /// Count local subscriptions per route key; broadcast on 0↔1. A new
+    /// route holds the subscriber's output (its SUBACK) until every other
+    /// shard has applied it, so a publish that follows the SUBACK anywhere
+    /// on the node reaches the new subscription.
+    fn route_count(
+        &self,
+        st: &mut State,
+        filter: Arc<str>,
+        key: RouteKey,
+        add: bool,
+        subscriber: SessionKey,
+    ) {
+        let entry = st.local_routes.entry((filter.clone(), key.clone())).or_insert(0);
+        let transition = if add {
+            *entry += 1;
+            *entry == 1
+        } else {
+            *entry -= 1;
+            *entry == 0
+        };
+        if !transition {
+            return;
+        }
+        if !add {
+            st.local_routes.remove(&(filter.clone(), key.clone()));
+        }
+        Self::apply_route(st, &filter, key.clone(), add);
+        let ack_to = match st.sessions.get_mut(subscriber) {
+            Some(slot) if add && self.shards > 1 => {
+                slot.held_for_routes += self.shards as u32 - 1;
+                Some((self.id, subscriber, slot.session.generation()))
+            }
+            _ => None,
+        };
+        self.mesh.broadcast(|| MeshMsg::Route {
+            filter: filter.clone(),
+            key: key.clone(),
+            add,
+            ack_to,
+        });
+    }
+
+    /// Another shard applied a route this session's subscribe created.
+    fn route_acked(st: &mut State, key: SessionKey, generation: u64) {
+        if let Some(slot) = st.sessions.get_mut(key) {
+            if slot.session.generation() == generation && slot.held_for_routes > 0 {
+                slot.held_for_routes -= 1;
+                if slot.held_for_routes == 0 {
+                    if let Some(c) = &slot.conn {
+                        c.wake.notify();
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_route(st: &mut State, filter: &str, key: RouteKey, add: bool) {
+        if add {
+            st.routes.insert(filter, key, ());
+        } else {
+            st.routes.remove(filter, &key);
+        }
+    }
+
+    /// The shard that owns a retained topic.
+    fn topic_owner(&self, topic: &str) -> usize {
+        super::home_shard(topic, self.shards)
+    }
+
+    /// Store, replace or (empty payload) delete a retained message.
+    fn store_retained(&self, st: &mut State, message: Arc<Message>) {
+        if message.payload.is_empty() {
+            st.retained.remove(&message.topic);
+            return;
+        }
+        if st.retained.get(&message.topic).is_none() && st.retained.len() >= self.retained_max {
+            st.stats.retained_dropped += 1;
+            log::warn!(
+                "retained store of shard {} is full ({} messages); not retaining {}",
+                self.id,
+                self.retained_max,
+                message.topic
+            );
+            return;
+        }
+        let topic = message.topic.clone();
+        st.retained.insert(&topic, message);
+    }
+
+    /// Send the retained messages matching a new subscription: from this
+    /// shard directly, from the owner shard of an exact topic, or from every
+    /// shard for a wildcard filter.
+    fn gather_retained(
+        &self,
+        st: &mut State,
+        now: Instant,
+        key: SessionKey,
+        filter: &Arc<str>,
+        subscription: &Subscription,
+    ) {
+        let Some(slot) = st.sessions.get(key) else {
+            return;
+        };
+        let waiter = RetainedWaiter {
+            shard: self.id,
+            session: key,
+            client_id: slot.session.client_id().clone(),
+            qos: subscription.options.qos,
+            subscription_id: subscription.subscription_id,
+        };
+        let owners: SmallVec<[usize; 8]> = if has_wildcard(filter) {
+            (0..self.shards).collect()
+        } else {
+            SmallVec::from_slice(&[self.topic_owner(filter)])
+        };
+        for owner in owners {
+            if owner == self.id {
+                let messages = Self::matching_retained(st, now, filter);
+                Self::deliver_retained(st, now, &waiter, &messages);
+            } else {
+                let query = MeshMsg::RetainedQuery {
+                    filter: filter.clone(),
+                    waiter: waiter.clone(),
+                };
+                self.mesh.send(owner, query);
+            }
+        }
+    }
+
+    fn matching_retained(st: &mut State, now: Instant, filter: &str) -> Vec<Arc<Message>> {
+        let mut out = Vec::new();
+        let mut expired = false;
+        st.retained.for_each_match(filter, |_, m| {
+            if m.is_expired(now) {
+                expired = true;
+            } else {
+                out.push(m.clone());
+            }
+        });
+        if expired {
+            st.retained.retain(|_, m| !m.is_expired(now));
+        }
+        out
+    }
+
+    fn deliver_retained(st: &mut State, now: Instant, waiter: &RetainedWaiter, messages: &[Arc<Message>]) {
+        let Some(slot) = st.sessions.get_mut(waiter.session) else {
+            return;
+        };
+        if *slot.session.client_id() != waiter.client_id {
+            return;
+        }
+        for m in messages {
+            let delivery = Delivery {
+                qos: waiter.qos,
+                retain: true,
+                subscription_ids: waiter.subscription_id.into_iter().collect(),
+            };
+            slot.session.deliver(now, m, delivery);
+        }
+        Self::after_step(st, waiter.session);
+    }
+
+    /// Handle one batch from another shard.
+    pub fn on_mesh_batch(self: &std::rc::Rc<Self>, batch: super::mesh::Batch, now: Instant) {
+        let mut handoffs = Vec::new();
+        let mut st = self.state.borrow_mut();
+        for msg in batch {
+            match msg {
+                MeshMsg::Publish {
+                    message,
+                    ordinary,
+                    shared,
+                } => self.deliver_local(&mut st, now, &message, ordinary, &shared),
+                MeshMsg::Retain(m) => self.store_retained(&mut st, m),
+                MeshMsg::RetainedQuery { filter, waiter } => {
+                    let messages = Self::matching_retained(&mut st, now, &filter);
+                    let to = waiter.shard;
+                    self.mesh.send(to, MeshMsg::RetainedReply { waiter, messages });
+                }
+                MeshMsg::RetainedReply { waiter, messages } => {
+                    Self::deliver_retained(&mut st, now, &waiter, &messages)
+                }
+                MeshMsg::Route {
+                    filter,
+                    key,
+                    add,
+                    ack_to,
+                } => {
+                    Self::apply_route(&mut st, &filter, key, add);
+                    if let Some((to, session, generation)) = ack_to {
+                        self.mesh.send(to, MeshMsg::RouteAck { session, generation });
+                    }
+                }
+                MeshMsg::RouteAck {
+                    session,
+                    generation,
+                } => Self::route_acked(&mut st, session, generation),
+                MeshMsg::Handoff(h) => handoffs.push(*h),
+            }
+        }
+        // glommio's spawn_local polls the new task at once: spawn only after
+        // the state borrow is released.
+        drop(st);
+        for h in handoffs {
+            super::connection::spawn_handoff(self.clone(), h);
+        }
+    }
+}
+
+/// Merge the matches of one session into one delivery: highest QoS, retain
+/// if any subscription keeps it, every subscription identifier.
+fn merge_targets(mut targets: SmallVec<[Target; 8]>) -> SmallVec<[Target; 8]> {
+    if targets.len() < 2 {
+        return targets;
+    }
+    targets.sort_unstable_by_key(|t| t.session);
+    let mut merged: SmallVec<[Target; 8]> = SmallVec::new();
+    for t in targets {
+        match merged.last_mut() {
+            Some(last) if last.session == t.session => {
+                last.qos = last.qos.max(t.qos);
+                last.retain |= t.retain;
+                last.subscription_ids.extend(t.subscription_ids);
+            }
+            _ => merged.push(t),
+        }
+    }
+    merged
+}

@@ -1,0 +1,253 @@
+//! Shared test support: a real broker on a loopback ephemeral port, and a
+//! raw-packet client built on our codec for malformed and edge-case input.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use shardmq::codec::{self, Connect, Packet, Properties, QoS, SubOptions, Subscribe, Version};
+use shardmq::{Broker, Config};
+
+/// A broker owned by one test; stopped when dropped.
+pub struct TestBroker {
+    pub broker: Option<Broker>,
+    pub addr: SocketAddr,
+    pub shards: usize,
+}
+
+impl TestBroker {
+    pub fn start(shards: usize) -> TestBroker {
+        Self::start_with(shards, |_| {})
+    }
+
+    pub fn start_with(shards: usize, tweak: impl FnOnce(&mut Config)) -> TestBroker {
+        let _ = env_logger_init();
+        let mut config = Config::default();
+        config.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        config.server.shards = shards;
+        config.server.pin_cpus = false;
+        config.server.io_memory_bytes = 128 << 10;
+        tweak(&mut config);
+        let broker = Broker::start(config).expect("broker starts");
+        let addr = broker.local_addrs()[0];
+        TestBroker {
+            broker: Some(broker),
+            addr,
+            shards,
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(b) = self.broker.take() {
+            b.stop();
+        }
+    }
+
+    /// A client id whose session lives on `shard`.
+    pub fn id_on_shard(&self, prefix: &str, shard: usize) -> String {
+        (0..)
+            .map(|i| format!("{prefix}-{i}"))
+            .find(|id| shardmq::home_shard(id, self.shards) == shard)
+            .unwrap()
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Tests log only when RUST_LOG is set.
+fn env_logger_init() -> Result<(), log::SetLoggerError> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off"))
+        .is_test(true)
+        .try_init()
+}
+
+/// A blocking client that speaks bytes and packets, for edge cases.
+pub struct Raw {
+    pub stream: TcpStream,
+    pub version: Version,
+    buf: BytesMut,
+}
+
+pub const WAIT: Duration = Duration::from_secs(5);
+
+impl Raw {
+    pub fn open(addr: SocketAddr, version: Version) -> Raw {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).unwrap();
+        Raw {
+            stream,
+            version,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Open and complete CONNECT/CONNACK; returns the CONNACK.
+    pub fn connect(
+        addr: SocketAddr,
+        version: Version,
+        client_id: &str,
+        clean: bool,
+    ) -> (Raw, codec::ConnAck) {
+        Self::connect_with(addr, connect_packet(version, client_id, clean))
+    }
+
+    pub fn connect_with(addr: SocketAddr, connect: Connect) -> (Raw, codec::ConnAck) {
+        let mut raw = Raw::open(addr, connect.version);
+        raw.send(&Packet::Connect(Box::new(connect)));
+        match raw.recv() {
+            Some(Packet::ConnAck(a)) => (raw, a),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    pub fn send(&mut self, p: &Packet) {
+        let mut out = BytesMut::new();
+        codec::encode(p, self.version, &mut out);
+        self.stream.write_all(&out).expect("write");
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// Next packet within WAIT; None if the broker closed the connection.
+    pub fn recv(&mut self) -> Option<Packet> {
+        self.recv_within(WAIT)
+            .expect("a packet or a close within the wait")
+    }
+
+    /// Err(()) on timeout, Ok(None) on close.
+    pub fn recv_within(&mut self, wait: Duration) -> Result<Option<Packet>, ()> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(p) = codec::decode(&mut self.buf, self.version, 1 << 28)
+                .expect("broker sends valid packets")
+            {
+                return Ok(Some(p));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(());
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 8192];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Ok(None),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(())
+                }
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+
+    /// Assert nothing arrives for `wait`.
+    pub fn expect_silence(&mut self, wait: Duration) {
+        if let Ok(p) = self.recv_within(wait) {
+            panic!("expected nothing, got {p:?}");
+        }
+    }
+
+    /// Expect the broker to close the connection, possibly after a
+    /// DISCONNECT; returns the DISCONNECT reason if one was sent.
+    pub fn expect_close(&mut self) -> Option<u8> {
+        let mut reason = None;
+        loop {
+            match self.recv() {
+                None => return reason,
+                Some(Packet::Disconnect(d)) => reason = Some(d.reason),
+                Some(other) => panic!("expected a close, got {other:?}"),
+            }
+        }
+    }
+
+    pub fn subscribe(&mut self, packet_id: u16, filter: &str, qos: QoS) -> Vec<u8> {
+        self.subscribe_opts(
+            packet_id,
+            filter,
+            SubOptions {
+                qos,
+                ..Default::default()
+            },
+            Properties::default(),
+        )
+    }
+
+    pub fn subscribe_opts(
+        &mut self,
+        packet_id: u16,
+        filter: &str,
+        options: SubOptions,
+        properties: Properties,
+    ) -> Vec<u8> {
+        self.send(&Packet::Subscribe(Subscribe {
+            packet_id,
+            filters: vec![(filter.to_string(), options)],
+            properties,
+        }));
+        match self.recv() {
+            Some(Packet::SubAck(a)) => {
+                assert_eq!(a.packet_id, packet_id);
+                a.reasons
+            }
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    pub fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS, retain: bool, packet_id: u16) {
+        self.send(&Packet::Publish(publish(
+            topic, payload, qos, retain, packet_id,
+        )));
+    }
+
+    /// Next PUBLISH (skipping nothing: any other packet fails the test).
+    pub fn recv_publish(&mut self) -> codec::Publish {
+        match self.recv() {
+            Some(Packet::Publish(p)) => p,
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+}
+
+pub fn connect_packet(version: Version, client_id: &str, clean: bool) -> Connect {
+    Connect {
+        version,
+        clean_start: clean,
+        keep_alive: 60,
+        client_id: client_id.to_string(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Properties::default(),
+    }
+}
+
+pub fn publish(
+    topic: &str,
+    payload: &[u8],
+    qos: QoS,
+    retain: bool,
+    packet_id: u16,
+) -> codec::Publish {
+    codec::Publish {
+        dup: false,
+        qos,
+        retain,
+        topic: topic.into(),
+        packet_id,
+        payload: bytes::Bytes::copy_from_slice(payload),
+        properties: Properties::default(),
+    }
+}
