@@ -81,7 +81,12 @@ impl Broker {
             } else {
                 Placement::Unbound
             };
-            let (config, mesh, addrs, ready) = (config.clone(), mesh.clone(), addrs.clone(), ready_tx.clone());
+            let (config, mesh, addrs, ready) = (
+                config.clone(),
+                mesh.clone(),
+                addrs.clone(),
+                ready_tx.clone(),
+            );
             let executor = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{id}"))
                 .io_memory(config.server.io_memory_bytes)
@@ -168,7 +173,12 @@ async fn run_shard(
         }
     };
     let outbox_max = config.mesh.outbox_messages_max;
-    let shard = Rc::new(Shard::new(id, shards, config, Mesh::new(senders, shards, outbox_max)));
+    let shard = Rc::new(Shard::new(
+        id,
+        shards,
+        config,
+        Mesh::new(senders, shards, outbox_max),
+    ));
     for (_, rx) in receivers.streams() {
         let shard = shard.clone();
         glommio::spawn_local(async move {
@@ -217,8 +227,11 @@ fn resolve_listen(listen: &[SocketAddr]) -> Result<Vec<SocketAddr>, StartError> 
     listen
         .iter()
         .map(|&addr| {
-            let probe = StdListener::bind(addr).map_err(|source| StartError::Listen { addr, source })?;
-            probe.local_addr().map_err(|source| StartError::Listen { addr, source })
+            let probe =
+                StdListener::bind(addr).map_err(|source| StartError::Listen { addr, source })?;
+            probe
+                .local_addr()
+                .map_err(|source| StartError::Listen { addr, source })
         })
         .collect()
 }
@@ -230,7 +243,12 @@ fn check_os_limits(config: &Config, shards: usize) -> Result<(), StartError> {
     // io_memory per shard plus room for three rings per shard.
     let need = (shards * (config.server.io_memory_bytes + (256 << 10))) as u64;
     let (soft, hard) = Resource::MEMLOCK.get().unwrap_or((0, 0));
-    if soft < need && Resource::MEMLOCK.set(need.max(soft), need.max(hard)).is_err() && hard < need {
+    if soft < need
+        && Resource::MEMLOCK
+            .set(need.max(soft), need.max(hard))
+            .is_err()
+        && hard < need
+    {
         return Err(StartError::Limit(format!(
             "locked memory limit is {} KiB but {shards} shards need {} KiB \
              ({} bytes of server.io_memory_bytes each, plus rings): raise it \

@@ -132,7 +132,9 @@ impl Config {
     /// Parse `text` merged over the embedded default, then validate.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let mut base: toml::Table = DEFAULT_CONFIG.parse().expect("embedded default is TOML");
-        let user: toml::Table = text.parse().map_err(|e| ConfigError::Parse(format!("{e}")))?;
+        let user: toml::Table = text
+            .parse()
+            .map_err(|e| ConfigError::Parse(format!("{e}")))?;
         merge(&mut base, user);
         let config = Config::deserialize(base).map_err(|e| ConfigError::Parse(format!("{e}")))?;
         config.validate()?;
@@ -190,35 +192,92 @@ impl Config {
         }
         range("server.shards", s.shards, 0, 256)?;
         range("server.connections_max", s.connections_max, 1, 10_000_000)?;
-        range("server.connect_timeout_ms", s.connect_timeout_ms, 100, 600_000)?;
-        range("server.io_memory_bytes", s.io_memory_bytes, 64 << 10, 1 << 30)?;
-        range("server.read_buffer_bytes", s.read_buffer_bytes, 512, 16 << 20)?;
-        range("server.write_buffer_bytes", s.write_buffer_bytes, 512, 64 << 20)?;
-        range("mqtt.packet_size_max_bytes", m.packet_size_max_bytes, 64, 268_435_460)?;
+        range(
+            "server.connect_timeout_ms",
+            s.connect_timeout_ms,
+            100,
+            600_000,
+        )?;
+        range(
+            "server.io_memory_bytes",
+            s.io_memory_bytes,
+            64 << 10,
+            1 << 30,
+        )?;
+        range(
+            "server.read_buffer_bytes",
+            s.read_buffer_bytes,
+            512,
+            16 << 20,
+        )?;
+        range(
+            "server.write_buffer_bytes",
+            s.write_buffer_bytes,
+            512,
+            64 << 20,
+        )?;
+        range(
+            "mqtt.packet_size_max_bytes",
+            m.packet_size_max_bytes,
+            64,
+            268_435_460,
+        )?;
         range("mqtt.receive_maximum", m.receive_maximum, 1, u16::MAX)?;
         range("mqtt.inflight_max", m.inflight_max, 1, u16::MAX)?;
-        range("mqtt.queue_messages_max", m.queue_messages_max, 1, 100_000_000)?;
+        range(
+            "mqtt.queue_messages_max",
+            m.queue_messages_max,
+            1,
+            100_000_000,
+        )?;
         range("mqtt.queue_bytes_max", m.queue_bytes_max, 1024, 1 << 40)?;
         range("mqtt.topic_levels_max", m.topic_levels_max, 1, 65_535)?;
         range("mqtt.subscriptions_max", m.subscriptions_max, 1, 10_000_000)?;
-        range("mqtt.client_id_bytes_max", m.client_id_bytes_max, 23, 65_535)?;
-        range("mqtt.retained_messages_max", m.retained_messages_max, 0, 1 << 40)?;
+        range(
+            "mqtt.client_id_bytes_max",
+            m.client_id_bytes_max,
+            23,
+            65_535,
+        )?;
+        range(
+            "mqtt.retained_messages_max",
+            m.retained_messages_max,
+            0,
+            1 << 40,
+        )?;
         range("mesh.lane_capacity", self.mesh.lane_capacity, 16, 1 << 20)?;
-        range("mesh.outbox_messages_max", self.mesh.outbox_messages_max, 64, 1 << 30)?;
+        range(
+            "mesh.outbox_messages_max",
+            self.mesh.outbox_messages_max,
+            64,
+            1 << 30,
+        )?;
         if !matches!(m.queue_overflow.as_str(), "drop_new" | "drop_oldest") {
             let v = format!("{:?}", m.queue_overflow);
-            return Err(invalid("mqtt.queue_overflow", &v, "must be \"drop_new\" or \"drop_oldest\""));
+            return Err(invalid(
+                "mqtt.queue_overflow",
+                &v,
+                "must be \"drop_new\" or \"drop_oldest\"",
+            ));
         }
         if m.response_topic_prefix.is_empty() || m.response_topic_prefix.contains(['+', '#']) {
             let v = format!("{:?}", m.response_topic_prefix);
-            return Err(invalid("mqtt.response_topic_prefix", &v, "must be a non-empty topic without wildcards"));
+            return Err(invalid(
+                "mqtt.response_topic_prefix",
+                &v,
+                "must be a non-empty topic without wildcards",
+            ));
         }
         if m.queue_bytes_max < m.packet_size_max_bytes as usize {
             let why = format!(
                 "must be at least mqtt.packet_size_max_bytes ({}), or a largest message could never be queued",
                 m.packet_size_max_bytes
             );
-            return Err(invalid("mqtt.queue_bytes_max", &m.queue_bytes_max.to_string(), &why));
+            return Err(invalid(
+                "mqtt.queue_bytes_max",
+                &m.queue_bytes_max.to_string(),
+                &why,
+            ));
         }
         Ok(())
     }
@@ -237,7 +296,11 @@ where
     T: PartialOrd + std::fmt::Display,
 {
     if value < min || value > max {
-        return Err(invalid(key, &value.to_string(), &format!("must be in {min}..={max}")));
+        return Err(invalid(
+            key,
+            &value.to_string(),
+            &format!("must be in {min}..={max}"),
+        ));
     }
     Ok(())
 }

@@ -83,7 +83,11 @@ pub(crate) fn remaining_len(c: &ConnAck, version: Version) -> usize {
 pub(crate) fn encode(c: &ConnAck, version: Version, out: &mut BytesMut) {
     let (remaining, props) = lens(c, version);
     header::write(out, kind::CONNACK << 4, remaining);
-    let code = if version.is_v5() { c.reason } else { reason_to_v3(c.reason) };
+    let code = if version.is_v5() {
+        c.reason
+    } else {
+        reason_to_v3(c.reason)
+    };
     out.put_slice(&[u8::from(c.session_present), code]);
     if version.is_v5() {
         properties::encode(&c.properties, PropKind::ConnAck, props, out);

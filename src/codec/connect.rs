@@ -139,7 +139,11 @@ struct Lens {
 fn lens(c: &Connect) -> Lens {
     let v5 = c.version.is_v5();
     let (name, _) = protocol(c.version);
-    let props = if v5 { properties::len(&c.properties, PropKind::Connect) } else { 0 };
+    let props = if v5 {
+        properties::len(&c.properties, PropKind::Connect)
+    } else {
+        0
+    };
     let mut remaining = field_len(name.len()) + 1 + 1 + 2 + field_len(c.client_id.len());
     if v5 {
         remaining += properties::prefixed_len(props);
@@ -154,7 +158,11 @@ fn lens(c: &Connect) -> Lens {
     }
     remaining += c.username.as_ref().map_or(0, |u| field_len(u.len()));
     remaining += c.password.as_ref().map_or(0, |p| field_len(p.len()));
-    Lens { remaining, props, will_props }
+    Lens {
+        remaining,
+        props,
+        will_props,
+    }
 }
 
 /// Remaining length of the encoding of `c`.

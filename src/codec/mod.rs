@@ -105,7 +105,11 @@ fn decode_body(byte0: u8, body: Bytes, version: Version) -> Result<Packet, Decod
         kind::PINGRESP => ping::decode(&body).map(|()| Packet::PingResp)?,
         kind::DISCONNECT => Packet::Disconnect(disconnect::decode(&body, version)?),
         kind::AUTH => Packet::Auth(auth::decode(&body)?),
-        _ => return Err(DecodeError::Malformed("[MQTT-2.1.2] packet type 0 is reserved")),
+        _ => {
+            return Err(DecodeError::Malformed(
+                "[MQTT-2.1.2] packet type 0 is reserved",
+            ))
+        }
     })
 }
 

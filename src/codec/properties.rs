@@ -62,19 +62,42 @@ use id::*;
 
 /// Every property identifier defined by MQTT 5.0.
 const KNOWN: u64 = mask(&[
-    PAYLOAD_FORMAT_INDICATOR, MESSAGE_EXPIRY_INTERVAL, CONTENT_TYPE, RESPONSE_TOPIC,
-    CORRELATION_DATA, SUBSCRIPTION_IDENTIFIER, SESSION_EXPIRY_INTERVAL,
-    ASSIGNED_CLIENT_IDENTIFIER, SERVER_KEEP_ALIVE, AUTHENTICATION_METHOD, AUTHENTICATION_DATA,
-    REQUEST_PROBLEM_INFORMATION, WILL_DELAY_INTERVAL, REQUEST_RESPONSE_INFORMATION,
-    RESPONSE_INFORMATION, SERVER_REFERENCE, REASON_STRING, RECEIVE_MAXIMUM, TOPIC_ALIAS_MAXIMUM,
-    TOPIC_ALIAS, MAXIMUM_QOS, RETAIN_AVAILABLE, USER_PROPERTY, MAXIMUM_PACKET_SIZE,
-    WILDCARD_SUBSCRIPTION_AVAILABLE, SUBSCRIPTION_IDENTIFIER_AVAILABLE,
+    PAYLOAD_FORMAT_INDICATOR,
+    MESSAGE_EXPIRY_INTERVAL,
+    CONTENT_TYPE,
+    RESPONSE_TOPIC,
+    CORRELATION_DATA,
+    SUBSCRIPTION_IDENTIFIER,
+    SESSION_EXPIRY_INTERVAL,
+    ASSIGNED_CLIENT_IDENTIFIER,
+    SERVER_KEEP_ALIVE,
+    AUTHENTICATION_METHOD,
+    AUTHENTICATION_DATA,
+    REQUEST_PROBLEM_INFORMATION,
+    WILL_DELAY_INTERVAL,
+    REQUEST_RESPONSE_INFORMATION,
+    RESPONSE_INFORMATION,
+    SERVER_REFERENCE,
+    REASON_STRING,
+    RECEIVE_MAXIMUM,
+    TOPIC_ALIAS_MAXIMUM,
+    TOPIC_ALIAS,
+    MAXIMUM_QOS,
+    RETAIN_AVAILABLE,
+    USER_PROPERTY,
+    MAXIMUM_PACKET_SIZE,
+    WILDCARD_SUBSCRIPTION_AVAILABLE,
+    SUBSCRIPTION_IDENTIFIER_AVAILABLE,
     SHARED_SUBSCRIPTION_AVAILABLE,
 ]);
 
 const MESSAGE: u64 = mask(&[
-    PAYLOAD_FORMAT_INDICATOR, MESSAGE_EXPIRY_INTERVAL, CONTENT_TYPE, RESPONSE_TOPIC,
-    CORRELATION_DATA, USER_PROPERTY,
+    PAYLOAD_FORMAT_INDICATOR,
+    MESSAGE_EXPIRY_INTERVAL,
+    CONTENT_TYPE,
+    RESPONSE_TOPIC,
+    CORRELATION_DATA,
+    USER_PROPERTY,
 ]);
 const ACK: u64 = mask(&[REASON_STRING, USER_PROPERTY]);
 
@@ -110,28 +133,51 @@ impl PropKind {
     pub const fn allowed(self) -> u64 {
         match self {
             PropKind::Connect => mask(&[
-                SESSION_EXPIRY_INTERVAL, RECEIVE_MAXIMUM, MAXIMUM_PACKET_SIZE,
-                TOPIC_ALIAS_MAXIMUM, REQUEST_RESPONSE_INFORMATION, REQUEST_PROBLEM_INFORMATION,
-                USER_PROPERTY, AUTHENTICATION_METHOD, AUTHENTICATION_DATA,
+                SESSION_EXPIRY_INTERVAL,
+                RECEIVE_MAXIMUM,
+                MAXIMUM_PACKET_SIZE,
+                TOPIC_ALIAS_MAXIMUM,
+                REQUEST_RESPONSE_INFORMATION,
+                REQUEST_PROBLEM_INFORMATION,
+                USER_PROPERTY,
+                AUTHENTICATION_METHOD,
+                AUTHENTICATION_DATA,
             ]),
             PropKind::Will => MESSAGE | bit(WILL_DELAY_INTERVAL),
             PropKind::ConnAck => mask(&[
-                SESSION_EXPIRY_INTERVAL, RECEIVE_MAXIMUM, MAXIMUM_QOS, RETAIN_AVAILABLE,
-                MAXIMUM_PACKET_SIZE, ASSIGNED_CLIENT_IDENTIFIER, TOPIC_ALIAS_MAXIMUM,
-                REASON_STRING, USER_PROPERTY, WILDCARD_SUBSCRIPTION_AVAILABLE,
-                SUBSCRIPTION_IDENTIFIER_AVAILABLE, SHARED_SUBSCRIPTION_AVAILABLE,
-                SERVER_KEEP_ALIVE, RESPONSE_INFORMATION, SERVER_REFERENCE,
-                AUTHENTICATION_METHOD, AUTHENTICATION_DATA,
+                SESSION_EXPIRY_INTERVAL,
+                RECEIVE_MAXIMUM,
+                MAXIMUM_QOS,
+                RETAIN_AVAILABLE,
+                MAXIMUM_PACKET_SIZE,
+                ASSIGNED_CLIENT_IDENTIFIER,
+                TOPIC_ALIAS_MAXIMUM,
+                REASON_STRING,
+                USER_PROPERTY,
+                WILDCARD_SUBSCRIPTION_AVAILABLE,
+                SUBSCRIPTION_IDENTIFIER_AVAILABLE,
+                SHARED_SUBSCRIPTION_AVAILABLE,
+                SERVER_KEEP_ALIVE,
+                RESPONSE_INFORMATION,
+                SERVER_REFERENCE,
+                AUTHENTICATION_METHOD,
+                AUTHENTICATION_DATA,
             ]),
             PropKind::Publish => MESSAGE | bit(TOPIC_ALIAS) | bit(SUBSCRIPTION_IDENTIFIER),
             PropKind::PubResp | PropKind::SubAck | PropKind::UnsubAck => ACK,
             PropKind::Subscribe => bit(SUBSCRIPTION_IDENTIFIER) | bit(USER_PROPERTY),
             PropKind::Unsubscribe => bit(USER_PROPERTY),
             PropKind::Disconnect => mask(&[
-                SESSION_EXPIRY_INTERVAL, REASON_STRING, USER_PROPERTY, SERVER_REFERENCE,
+                SESSION_EXPIRY_INTERVAL,
+                REASON_STRING,
+                USER_PROPERTY,
+                SERVER_REFERENCE,
             ]),
             PropKind::Auth => mask(&[
-                AUTHENTICATION_METHOD, AUTHENTICATION_DATA, REASON_STRING, USER_PROPERTY,
+                AUTHENTICATION_METHOD,
+                AUTHENTICATION_DATA,
+                REASON_STRING,
+                USER_PROPERTY,
             ]),
         }
     }
@@ -223,7 +269,10 @@ fn maximum_packet_size(r: &mut Reader<'_>) -> Result<u32, DecodeError> {
 fn read_value(r: &mut Reader<'_>, id: u8, p: &mut Properties) -> Result<(), DecodeError> {
     match id {
         PAYLOAD_FORMAT_INDICATOR => {
-            p.payload_format_indicator = Some(flag(r, "[MQTT-3.3.2.3.2] Payload Format Indicator is not 0 or 1")?)
+            p.payload_format_indicator = Some(flag(
+                r,
+                "[MQTT-3.3.2.3.2] Payload Format Indicator is not 0 or 1",
+            )?)
         }
         MESSAGE_EXPIRY_INTERVAL => p.message_expiry_interval = Some(r.u32()?),
         CONTENT_TYPE => p.content_type = Some(r.string()?),
@@ -236,11 +285,17 @@ fn read_value(r: &mut Reader<'_>, id: u8, p: &mut Properties) -> Result<(), Deco
         AUTHENTICATION_METHOD => p.authentication_method = Some(r.string()?),
         AUTHENTICATION_DATA => p.authentication_data = Some(r.binary()?),
         REQUEST_PROBLEM_INFORMATION => {
-            p.request_problem_information = Some(flag(r, "[MQTT-3.1.2.11.7] Request Problem Information is not 0 or 1")?)
+            p.request_problem_information = Some(flag(
+                r,
+                "[MQTT-3.1.2.11.7] Request Problem Information is not 0 or 1",
+            )?)
         }
         WILL_DELAY_INTERVAL => p.will_delay_interval = Some(r.u32()?),
         REQUEST_RESPONSE_INFORMATION => {
-            p.request_response_information = Some(flag(r, "[MQTT-3.1.2.11.6] Request Response Information is not 0 or 1")?)
+            p.request_response_information = Some(flag(
+                r,
+                "[MQTT-3.1.2.11.6] Request Response Information is not 0 or 1",
+            )?)
         }
         RESPONSE_INFORMATION => p.response_information = Some(r.string()?),
         SERVER_REFERENCE => p.server_reference = Some(r.string()?),
@@ -257,15 +312,28 @@ fn read_value(r: &mut Reader<'_>, id: u8, p: &mut Properties) -> Result<(), Deco
         USER_PROPERTY => p.user_properties.push(r.string_pair()?),
         MAXIMUM_PACKET_SIZE => p.maximum_packet_size = Some(maximum_packet_size(r)?),
         WILDCARD_SUBSCRIPTION_AVAILABLE => {
-            p.wildcard_subscription_available = Some(flag(r, "[MQTT-3.2.2.3.11] Wildcard Subscription Available is not 0 or 1")?)
+            p.wildcard_subscription_available = Some(flag(
+                r,
+                "[MQTT-3.2.2.3.11] Wildcard Subscription Available is not 0 or 1",
+            )?)
         }
         SUBSCRIPTION_IDENTIFIER_AVAILABLE => {
-            p.subscription_identifier_available = Some(flag(r, "[MQTT-3.2.2.3.12] Subscription Identifiers Available is not 0 or 1")?)
+            p.subscription_identifier_available = Some(flag(
+                r,
+                "[MQTT-3.2.2.3.12] Subscription Identifiers Available is not 0 or 1",
+            )?)
         }
         SHARED_SUBSCRIPTION_AVAILABLE => {
-            p.shared_subscription_available = Some(flag(r, "[MQTT-3.2.2.3.13] Shared Subscription Available is not 0 or 1")?)
+            p.shared_subscription_available = Some(flag(
+                r,
+                "[MQTT-3.2.2.3.13] Shared Subscription Available is not 0 or 1",
+            )?)
         }
-        _ => return Err(DecodeError::Malformed("[MQTT-2.2.2] unknown property identifier")),
+        _ => {
+            return Err(DecodeError::Malformed(
+                "[MQTT-2.2.2] unknown property identifier",
+            ))
+        }
     }
     Ok(())
 }
@@ -355,26 +423,66 @@ fn walk<S: Sink>(p: &Properties, kind: PropKind, s: &mut S) {
     };
     byte(s, PAYLOAD_FORMAT_INDICATOR, p.payload_format_indicator);
     four(s, MESSAGE_EXPIRY_INTERVAL, p.message_expiry_interval);
-    field(s, CONTENT_TYPE, p.content_type.as_deref().map(str::as_bytes));
-    field(s, RESPONSE_TOPIC, p.response_topic.as_deref().map(str::as_bytes));
+    field(
+        s,
+        CONTENT_TYPE,
+        p.content_type.as_deref().map(str::as_bytes),
+    );
+    field(
+        s,
+        RESPONSE_TOPIC,
+        p.response_topic.as_deref().map(str::as_bytes),
+    );
     field(s, CORRELATION_DATA, p.correlation_data.as_deref());
     if ok(SUBSCRIPTION_IDENTIFIER) {
-        let n = if kind.repeatable(SUBSCRIPTION_IDENTIFIER) { usize::MAX } else { 1 };
+        let n = if kind.repeatable(SUBSCRIPTION_IDENTIFIER) {
+            usize::MAX
+        } else {
+            1
+        };
         for &v in p.subscription_identifiers.iter().take(n) {
             s.vbi(SUBSCRIPTION_IDENTIFIER, v);
         }
     }
     four(s, SESSION_EXPIRY_INTERVAL, p.session_expiry_interval);
-    field(s, ASSIGNED_CLIENT_IDENTIFIER, p.assigned_client_identifier.as_deref().map(str::as_bytes));
+    field(
+        s,
+        ASSIGNED_CLIENT_IDENTIFIER,
+        p.assigned_client_identifier.as_deref().map(str::as_bytes),
+    );
     two(s, SERVER_KEEP_ALIVE, p.server_keep_alive);
-    field(s, AUTHENTICATION_METHOD, p.authentication_method.as_deref().map(str::as_bytes));
+    field(
+        s,
+        AUTHENTICATION_METHOD,
+        p.authentication_method.as_deref().map(str::as_bytes),
+    );
     field(s, AUTHENTICATION_DATA, p.authentication_data.as_deref());
-    byte(s, REQUEST_PROBLEM_INFORMATION, p.request_problem_information);
+    byte(
+        s,
+        REQUEST_PROBLEM_INFORMATION,
+        p.request_problem_information,
+    );
     four(s, WILL_DELAY_INTERVAL, p.will_delay_interval);
-    byte(s, REQUEST_RESPONSE_INFORMATION, p.request_response_information);
-    field(s, RESPONSE_INFORMATION, p.response_information.as_deref().map(str::as_bytes));
-    field(s, SERVER_REFERENCE, p.server_reference.as_deref().map(str::as_bytes));
-    field(s, REASON_STRING, p.reason_string.as_deref().map(str::as_bytes));
+    byte(
+        s,
+        REQUEST_RESPONSE_INFORMATION,
+        p.request_response_information,
+    );
+    field(
+        s,
+        RESPONSE_INFORMATION,
+        p.response_information.as_deref().map(str::as_bytes),
+    );
+    field(
+        s,
+        SERVER_REFERENCE,
+        p.server_reference.as_deref().map(str::as_bytes),
+    );
+    field(
+        s,
+        REASON_STRING,
+        p.reason_string.as_deref().map(str::as_bytes),
+    );
     two(s, RECEIVE_MAXIMUM, p.receive_maximum);
     two(s, TOPIC_ALIAS_MAXIMUM, p.topic_alias_maximum);
     two(s, TOPIC_ALIAS, p.topic_alias);
@@ -386,9 +494,21 @@ fn walk<S: Sink>(p: &Properties, kind: PropKind, s: &mut S) {
         }
     }
     four(s, MAXIMUM_PACKET_SIZE, p.maximum_packet_size);
-    byte(s, WILDCARD_SUBSCRIPTION_AVAILABLE, p.wildcard_subscription_available);
-    byte(s, SUBSCRIPTION_IDENTIFIER_AVAILABLE, p.subscription_identifier_available);
-    byte(s, SHARED_SUBSCRIPTION_AVAILABLE, p.shared_subscription_available);
+    byte(
+        s,
+        WILDCARD_SUBSCRIPTION_AVAILABLE,
+        p.wildcard_subscription_available,
+    );
+    byte(
+        s,
+        SUBSCRIPTION_IDENTIFIER_AVAILABLE,
+        p.subscription_identifier_available,
+    );
+    byte(
+        s,
+        SHARED_SUBSCRIPTION_AVAILABLE,
+        p.shared_subscription_available,
+    );
 }
 
 /// Size of the property list of `p` for `kind`, without its length prefix.

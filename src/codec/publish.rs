@@ -18,9 +18,8 @@ const RETAIN: u8 = 0x01;
 /// Decodes a PUBLISH from its fixed header flags and body.
 #[inline]
 pub(crate) fn decode(flags: u8, mut body: Bytes, version: Version) -> Result<Publish, DecodeError> {
-    let qos = QoS::from_u8((flags >> 1) & 0x03).ok_or(DecodeError::Malformed(
-        "[MQTT-3.3.1-4] PUBLISH QoS is 3",
-    ))?;
+    let qos = QoS::from_u8((flags >> 1) & 0x03)
+        .ok_or(DecodeError::Malformed("[MQTT-3.3.1-4] PUBLISH QoS is 3"))?;
     let dup = flags & DUP != 0;
     if dup && qos == QoS::AtMostOnce {
         return Err(DecodeError::Malformed(

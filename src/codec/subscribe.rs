@@ -27,14 +27,11 @@ pub(crate) fn decode_options(b: u8, version: Version) -> Result<SubOptions, Deco
             "[MQTT-3.8.3-5] reserved bits of the subscription options are not 0",
         ));
     }
-    let qos = QoS::from_u8(b & QOS_MASK).ok_or(DecodeError::Malformed(
-        "[MQTT-3.8.3-4] requested QoS is 3",
-    ))?;
+    let qos = QoS::from_u8(b & QOS_MASK)
+        .ok_or(DecodeError::Malformed("[MQTT-3.8.3-4] requested QoS is 3"))?;
     let retain_handling = (b >> RETAIN_HANDLING_SHIFT) & 0x03;
     if retain_handling == 3 {
-        return Err(DecodeError::Protocol(
-            "[MQTT-3.8.3.1] Retain Handling is 3",
-        ));
+        return Err(DecodeError::Protocol("[MQTT-3.8.3.1] Retain Handling is 3"));
     }
     Ok(SubOptions {
         qos,
@@ -99,7 +96,11 @@ fn lens(s: &Subscribe, version: Version) -> (usize, usize) {
         props = properties::len(&s.properties, PropKind::Subscribe);
         remaining += properties::prefixed_len(props);
     }
-    remaining += s.filters.iter().map(|(f, _)| field_len(f.len()) + 1).sum::<usize>();
+    remaining += s
+        .filters
+        .iter()
+        .map(|(f, _)| field_len(f.len()) + 1)
+        .sum::<usize>();
     (remaining, props)
 }
 

@@ -39,7 +39,13 @@ fn invalid_topic_names() {
     let cases: &[(&str, TopicError)] = &[
         ("", Empty),
         (&long, TooLong),
-        (&deep, TooManyLevels { levels: 33, max: 32 }),
+        (
+            &deep,
+            TooManyLevels {
+                levels: 33,
+                max: 32,
+            },
+        ),
         ("a/+", WildcardInName),
         ("#", WildcardInName),
         ("a/b#", WildcardInName),
@@ -132,7 +138,10 @@ fn error_messages_cite_the_spec() {
     ] {
         assert!(e.to_string().starts_with("[MQTT-"), "{e}");
     }
-    let e = TopicError::TooManyLevels { levels: 40, max: 32 };
+    let e = TopicError::TooManyLevels {
+        levels: 40,
+        max: 32,
+    };
     assert!(e.to_string().contains("40") && e.to_string().contains("32"));
 }
 
@@ -151,8 +160,16 @@ fn wildcard_and_level_helpers() {
 fn matches_spec_examples() {
     let cases: &[(&str, &str, bool)] = &[
         ("sport/tennis/player1/#", "sport/tennis/player1", true),
-        ("sport/tennis/player1/#", "sport/tennis/player1/ranking", true),
-        ("sport/tennis/player1/#", "sport/tennis/player1/score/wimbledon", true),
+        (
+            "sport/tennis/player1/#",
+            "sport/tennis/player1/ranking",
+            true,
+        ),
+        (
+            "sport/tennis/player1/#",
+            "sport/tennis/player1/score/wimbledon",
+            true,
+        ),
         ("sport/tennis/player1/#", "sport/tennis/player2", false),
         ("sport/#", "sport", true),
         ("sport/tennis/+", "sport/tennis/player1", true),
@@ -328,7 +345,10 @@ fn topic_level() -> impl Strategy<Value = &'static str> {
 /// A valid random filter: levels after the first `#` are dropped.
 fn filter() -> impl Strategy<Value = String> {
     prop::collection::vec(filter_level(), 1..5).prop_map(|levels| {
-        let end = levels.iter().position(|l| *l == "#").map_or(levels.len(), |i| i + 1);
+        let end = levels
+            .iter()
+            .position(|l| *l == "#")
+            .map_or(levels.len(), |i| i + 1);
         levels[..end].join("/")
     })
 }

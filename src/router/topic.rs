@@ -31,7 +31,9 @@ pub enum TopicError {
     #[error("[MQTT-3.3.2-2] topic name contains a wildcard")]
     WildcardInName,
     /// `+` or `#` does not occupy a whole level, or `#` is not the last level.
-    #[error("[MQTT-4.7.1-2] [MQTT-4.7.1-3] wildcard must occupy a whole level and '#' must be last")]
+    #[error(
+        "[MQTT-4.7.1-2] [MQTT-4.7.1-3] wildcard must occupy a whole level and '#' must be last"
+    )]
     BadWildcard,
     /// The string contains U+0000.
     #[error("[MQTT-4.7.3-2] topic contains the null character U+0000")]

@@ -253,7 +253,9 @@ impl<K: Eq + Hash + Clone, V> FilterTrie<K, V> {
     pub fn for_each(&self, mut f: impl FnMut(&str, &K, &V)) {
         let mut kids: HashMap<u32, Vec<(&str, u32)>> = HashMap::new();
         for (edge, &child) in &self.edges {
-            kids.entry(edge.parent).or_default().push((&edge.level, child));
+            kids.entry(edge.parent)
+                .or_default()
+                .push((&edge.level, child));
         }
         let mut filter = String::new();
         // (node, length of `filter` at its parent, its level)

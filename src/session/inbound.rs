@@ -37,13 +37,12 @@ impl Session {
                 reason::PROTOCOL_ERROR,
                 "[MQTT-3.1.0-2] second CONNECT on a connection",
             ),
-            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
-                self.violation(
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => self
+                .violation(
                     now,
                     reason::PROTOCOL_ERROR,
                     "a client sent a packet only a server may send",
-                )
-            }
+                ),
         }
         self.check_invariants();
     }
@@ -66,7 +65,8 @@ impl Session {
         if let Err((code, why)) = self.resolve_topic(&mut p) {
             return self.violation(now, code, &why);
         }
-        if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err()
+        if p.properties.payload_format_indicator == Some(1)
+            && std::str::from_utf8(&p.payload).is_err()
         {
             if p.qos == QoS::AtMostOnce {
                 let why = "payload is not UTF-8 but its Payload Format Indicator says it is";
@@ -209,7 +209,8 @@ impl Session {
             options,
             subscription_id,
         };
-        self.subscriptions.insert(filter.clone(), subscription.clone());
+        self.subscriptions
+            .insert(filter.clone(), subscription.clone());
         self.actions.push_back(Action::Subscribe {
             filter,
             subscription,

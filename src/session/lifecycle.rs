@@ -30,7 +30,10 @@ impl Session {
         session_present: bool,
         assigned_client_id: Option<&str>,
     ) -> Attached {
-        debug_assert!(self.conn.is_none(), "takeover must detach the old connection first");
+        debug_assert!(
+            self.conn.is_none(),
+            "takeover must detach the old connection first"
+        );
         let requested_expiry = self.requested_expiry(&connect);
         self.expiry_s = requested_expiry.min(self.limits.session_expiry_s_max);
         let (keep_alive, server_keep_alive) = self.grant_keep_alive(&connect);
@@ -178,7 +181,11 @@ impl Session {
     /// Publish now, or after the Will Delay Interval (capped by the session
     /// expiry: the will goes at the earlier of the two).
     fn schedule_will(&mut self, now: Instant, will: Will) {
-        let delay = will.properties.will_delay_interval.unwrap_or(0).min(self.expiry_s);
+        let delay = will
+            .properties
+            .will_delay_interval
+            .unwrap_or(0)
+            .min(self.expiry_s);
         if delay == 0 {
             self.publish_will(now, will);
         } else {
@@ -188,7 +195,11 @@ impl Session {
     }
 
     fn publish_will(&mut self, now: Instant, will: Will) {
-        log::debug!("client {}: publishing will on {}", self.client_id, will.topic);
+        log::debug!(
+            "client {}: publishing will on {}",
+            self.client_id,
+            will.topic
+        );
         let mut properties = will.properties;
         properties.will_delay_interval = None;
         let expires_at = properties
@@ -230,7 +241,10 @@ impl Session {
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Some(c) = &self.conn {
             if !c.keep_alive.is_zero() && now >= c.last_activity + c.keep_alive * 3 / 2 {
-                let why = format!("no packet for 1.5 x keepalive ({} s)", c.keep_alive.as_secs());
+                let why = format!(
+                    "no packet for 1.5 x keepalive ({} s)",
+                    c.keep_alive.as_secs()
+                );
                 self.violation(now, reason::KEEP_ALIVE_TIMEOUT, &why);
             }
         }

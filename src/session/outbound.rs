@@ -79,7 +79,10 @@ impl Outbound {
         for (i, m) in self.inflight.iter().enumerate() {
             assert_ne!(m.packet_id, 0);
             assert!(
-                self.inflight.iter().skip(i + 1).all(|o| o.packet_id != m.packet_id),
+                self.inflight
+                    .iter()
+                    .skip(i + 1)
+                    .all(|o| o.packet_id != m.packet_id),
                 "in-flight packet ids must be unique"
             );
         }

@@ -72,7 +72,10 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
     let assigned = match check_client_id(&shard, &connect) {
         Ok(a) => a,
         Err(code) => {
-            log::info!("{peer:?}: CONNECT refused (reason 0x{code:02X}), client id {:?}", connect.client_id);
+            log::info!(
+                "{peer:?}: CONNECT refused (reason 0x{code:02X}), client id {:?}",
+                connect.client_id
+            );
             return send_connack_error(&mut stream, connect.version, code).await;
         }
     };
@@ -117,11 +120,19 @@ async fn read_connect(
 }
 
 /// Answer a failed handshake where the protocol allows an answer, and close.
-async fn refuse_handshake(stream: &mut TcpStream, peer: Option<std::net::SocketAddr>, e: HandshakeError) {
+async fn refuse_handshake(
+    stream: &mut TcpStream,
+    peer: Option<std::net::SocketAddr>,
+    e: HandshakeError,
+) {
     match e {
         HandshakeError::Decode(DecodeError::UnsupportedProtocolVersion(level)) => {
             log::info!("{peer:?}: unsupported protocol level {level}");
-            let version = if level >= 5 { Version::V5 } else { Version::V3_1_1 };
+            let version = if level >= 5 {
+                Version::V5
+            } else {
+                Version::V3_1_1
+            };
             send_connack_error(stream, version, reason::UNSUPPORTED_PROTOCOL_VERSION).await;
         }
         HandshakeError::Decode(e) => log::info!("{peer:?}: bad CONNECT: {e}"),
@@ -196,13 +207,25 @@ fn duplicate(stream: &TcpStream) -> io::Result<socket2::Socket> {
 /// A connection handed over by another shard.
 pub(crate) fn spawn_handoff(shard: Rc<Shard>, h: Handoff) {
     let stream = TcpStream::from(h.socket);
-    glommio::spawn_local(serve(shard, stream, h.connect, h.buffered, h.assigned_client_id)).detach();
+    glommio::spawn_local(serve(
+        shard,
+        stream,
+        h.connect,
+        h.buffered,
+        h.assigned_client_id,
+    ))
+    .detach();
 }
 
 impl Shard {
     /// Attach a connection to its session on this (home) shard: takeover,
     /// clean start, resume or create; queue the CONNACK.
-    fn attach(&self, now: Instant, connect: Connect, assigned: Option<String>) -> Result<Rc<ConnHandle>, u8> {
+    fn attach(
+        &self,
+        now: Instant,
+        connect: Connect,
+        assigned: Option<String>,
+    ) -> Result<Rc<ConnHandle>, u8> {
         let mut st = self.state.borrow_mut();
         let client_id: &str = assigned.as_deref().unwrap_or(&connect.client_id);
         let existing = st.by_client.get(client_id).copied();
@@ -211,7 +234,10 @@ impl Shard {
             return Err(reason::SERVER_SHUTTING_DOWN);
         }
         if !live && st.stats.connections >= self.connections_max {
-            log::warn!("shard {}: connections_max reached; refusing {client_id}", self.id);
+            log::warn!(
+                "shard {}: connections_max reached; refusing {client_id}",
+                self.id
+            );
             return Err(reason::QUOTA_EXCEEDED);
         }
         let mut resumed = None;
@@ -245,7 +271,9 @@ impl Shard {
         };
         let version = connect.version;
         let slot = st.sessions.get_mut(key).expect("just inserted or resumed");
-        let attached = slot.session.connect(now, connect, resumed.is_some(), assigned.as_deref());
+        let attached = slot
+            .session
+            .connect(now, connect, resumed.is_some(), assigned.as_deref());
         let handle = Rc::new(ConnHandle {
             key,
             generation: attached.generation,
@@ -283,7 +311,13 @@ impl Shard {
 }
 
 /// Serve an accepted (or handed over) connection on its home shard.
-async fn serve(shard: Rc<Shard>, stream: TcpStream, connect: Connect, buffered: BytesMut, assigned: Option<String>) {
+async fn serve(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    connect: Connect,
+    buffered: BytesMut,
+    assigned: Option<String>,
+) {
     let version = connect.version;
     let mut stream = stream;
     let handle = match shard.attach(Instant::now(), connect, assigned) {
@@ -384,13 +418,21 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
 struct SharedStream(Rc<RefCell<TcpStream>>);
 
 impl AsyncRead for SharedStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for SharedStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)
     }
 

@@ -218,7 +218,14 @@ impl Shard {
     }
 
     /// A decode error on the connection: DISCONNECT with its reason code.
-    pub fn on_bad_bytes(&self, key: SessionKey, generation: u64, now: Instant, reason: u8, why: &str) {
+    pub fn on_bad_bytes(
+        &self,
+        key: SessionKey,
+        generation: u64,
+        now: Instant,
+        reason: u8,
+        why: &str,
+    ) {
         self.with_session(key, generation, now, |s| s.violation(now, reason, why));
     }
 
@@ -227,7 +234,13 @@ impl Shard {
         self.with_session(key, generation, now, |s| s.connection_lost(now, generation));
     }
 
-    fn with_session(&self, key: SessionKey, generation: u64, now: Instant, f: impl FnOnce(&mut Session)) {
+    fn with_session(
+        &self,
+        key: SessionKey,
+        generation: u64,
+        now: Instant,
+        f: impl FnOnce(&mut Session),
+    ) {
         let mut st = self.state.borrow_mut();
         let Some(slot) = st.sessions.get_mut(key) else {
             return;

@@ -41,17 +41,20 @@ impl Shard {
         }
         let mut ordinary: SmallVec<[u16; 8]> = SmallVec::new();
         let mut shared: SmallVec<[(SharedPick, SmallVec<[u16; 4]>); 1]> = SmallVec::new();
-        st.routes.for_each_match(&message.topic, |key, _| match key {
-            RouteKey::Shard(s) => {
-                if !ordinary.contains(s) {
-                    ordinary.push(*s);
+        st.routes
+            .for_each_match(&message.topic, |key, _| match key {
+                RouteKey::Shard(s) => {
+                    if !ordinary.contains(s) {
+                        ordinary.push(*s);
+                    }
                 }
-            }
-            RouteKey::Shared { pick, shard } => match shared.iter_mut().find(|(p, _)| p == pick) {
-                Some((_, shards)) => shards.push(*shard),
-                None => shared.push((pick.clone(), SmallVec::from_slice(&[*shard]))),
-            },
-        });
+                RouteKey::Shared { pick, shard } => {
+                    match shared.iter_mut().find(|(p, _)| p == pick) {
+                        Some((_, shards)) => shards.push(*shard),
+                        None => shared.push((pick.clone(), SmallVec::from_slice(&[*shard]))),
+                    }
+                }
+            });
         let mut picks: SmallVec<[(u16, SharedPick); 1]> = SmallVec::new();
         for (pick, mut shards) in shared {
             shards.sort_unstable();
@@ -169,10 +172,16 @@ impl Shard {
             .copied()
             .filter(|&i| {
                 let key = members[i].0;
-                st.sessions.get(key).is_some_and(|s| s.session.is_connected())
+                st.sessions
+                    .get(key)
+                    .is_some_and(|s| s.session.is_connected())
             })
             .collect();
-        let pool = if connected.is_empty() { &candidates } else { &connected };
+        let pool = if connected.is_empty() {
+            &candidates
+        } else {
+            &connected
+        };
         let next = st.shared_next.entry(pick.clone()).or_insert(0);
         *next = next.wrapping_add(1);
         let i = pool[*next % pool.len()];
@@ -254,7 +263,10 @@ impl Shard {
         add: bool,
         subscriber: SessionKey,
     ) {
-        let entry = st.local_routes.entry((filter.clone(), key.clone())).or_insert(0);
+        let entry = st
+            .local_routes
+            .entry((filter.clone(), key.clone()))
+            .or_insert(0);
         let transition = if add {
             *entry += 1;
             *entry == 1
@@ -387,7 +399,12 @@ impl Shard {
         out
     }
 
-    fn deliver_retained(st: &mut State, now: Instant, waiter: &RetainedWaiter, messages: &[Arc<Message>]) {
+    fn deliver_retained(
+        st: &mut State,
+        now: Instant,
+        waiter: &RetainedWaiter,
+        messages: &[Arc<Message>],
+    ) {
         let Some(slot) = st.sessions.get_mut(waiter.session) else {
             return;
         };
@@ -420,7 +437,8 @@ impl Shard {
                 MeshMsg::RetainedQuery { filter, waiter } => {
                     let messages = Self::matching_retained(&mut st, now, &filter);
                     let to = waiter.shard;
-                    self.mesh.send(to, MeshMsg::RetainedReply { waiter, messages });
+                    self.mesh
+                        .send(to, MeshMsg::RetainedReply { waiter, messages });
                 }
                 MeshMsg::RetainedReply { waiter, messages } => {
                     Self::deliver_retained(&mut st, now, &waiter, &messages)
@@ -433,7 +451,13 @@ impl Shard {
                 } => {
                     Self::apply_route(&mut st, &filter, key, add);
                     if let Some((to, session, generation)) = ack_to {
-                        self.mesh.send(to, MeshMsg::RouteAck { session, generation });
+                        self.mesh.send(
+                            to,
+                            MeshMsg::RouteAck {
+                                session,
+                                generation,
+                            },
+                        );
                     }
                 }
                 MeshMsg::RouteAck {

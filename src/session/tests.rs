@@ -1,0 +1,600 @@
+//! Session tests on a virtual clock: every timeout is driven by passing
+//! `now`, nothing sleeps.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::*;
+use crate::codec::{reason, Connect, Disconnect, Properties, PubResp, Publish};
+
+const S: Duration = Duration::from_secs(1);
+
+fn limits() -> Rc<SessionLimits> {
+    Rc::new(SessionLimits::default())
+}
+
+fn connect(version: Version, clean: bool, keep_alive: u16, expiry: Option<u32>) -> Connect {
+    Connect {
+        version,
+        clean_start: clean,
+        keep_alive,
+        client_id: "c".into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Properties {
+            session_expiry_interval: expiry,
+            ..Properties::default()
+        },
+    }
+}
+
+fn will(delay: Option<u32>) -> Will {
+    Will {
+        topic: "will/t".into(),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Properties {
+            will_delay_interval: delay,
+            ..Properties::default()
+        },
+    }
+}
+
+fn message(qos: QoS, expires_at: Option<Instant>) -> Arc<Message> {
+    Arc::new(Message {
+        topic: "a/b".into(),
+        payload: Bytes::from_static(b"x"),
+        qos,
+        retain: false,
+        properties: Properties::default(),
+        expires_at,
+        publisher: None,
+    })
+}
+
+fn delivery(qos: QoS) -> Delivery {
+    Delivery {
+        qos,
+        retain: false,
+        subscription_ids: SubIds::new(),
+    }
+}
+
+fn session(t0: Instant) -> Session {
+    Session::new("c".into(), limits(), t0)
+}
+
+fn drain(s: &mut Session) -> (Vec<Packet>, Vec<Action>) {
+    let mut p = Vec::new();
+    while let Some(x) = s.poll_transmit() {
+        p.push(x);
+    }
+    let mut a = Vec::new();
+    while let Some(x) = s.poll_action() {
+        a.push(x);
+    }
+    (p, a)
+}
+
+fn will_published(actions: &[Action]) -> bool {
+    actions
+        .iter()
+        .any(|a| matches!(a, Action::Publish(m) if &*m.topic == "will/t"))
+}
+
+fn publishes(packets: &[Packet]) -> Vec<&Publish> {
+    packets
+        .iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some(p),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn connack_advertises_limits_for_v5() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.connect(
+        t0,
+        connect(Version::V5, true, 30, None),
+        false,
+        Some("auto-1"),
+    );
+    let (p, _) = drain(&mut s);
+    let Packet::ConnAck(ack) = &p[0] else {
+        panic!("{p:?}")
+    };
+    assert_eq!(ack.reason, 0);
+    assert_eq!(ack.properties.receive_maximum, Some(128));
+    assert_eq!(
+        ack.properties.assigned_client_identifier.as_deref(),
+        Some("auto-1")
+    );
+    assert_eq!(ack.properties.shared_subscription_available, Some(1));
+}
+
+#[test]
+fn keepalive_expires_at_one_and_a_half_times_and_publishes_will() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    let mut c = connect(Version::V5, true, 10, None);
+    c.will = Some(will(None));
+    s.connect(t0, c, false, None);
+    drain(&mut s);
+    assert_eq!(s.next_timeout(), Some(t0 + 15 * S));
+    s.handle_timeout(t0 + 14 * S);
+    assert!(s.is_connected());
+    s.handle_packet(t0 + 14 * S, Packet::PingReq);
+    assert_eq!(drain(&mut s).0, vec![Packet::PingResp]);
+    s.handle_timeout(t0 + 28 * S);
+    assert!(
+        s.is_connected(),
+        "the PINGREQ at 14 s moved the deadline to 29 s"
+    );
+    s.handle_timeout(t0 + 29 * S);
+    assert!(!s.is_connected());
+    let (p, a) = drain(&mut s);
+    assert!(matches!(&p[..], [Packet::Disconnect(d)] if d.reason == reason::KEEP_ALIVE_TIMEOUT));
+    assert!(will_published(&a));
+    assert!(a.contains(&Action::Close));
+    assert!(
+        a.contains(&Action::End),
+        "session expiry 0 ends the session"
+    );
+}
+
+#[test]
+fn server_keep_alive_caps_v5_clients() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.connect(t0, connect(Version::V5, true, 0, None), false, None);
+    let (p, _) = drain(&mut s);
+    let Packet::ConnAck(ack) = &p[0] else {
+        panic!()
+    };
+    assert_eq!(ack.properties.server_keep_alive, Some(3600));
+    assert_eq!(s.next_timeout(), Some(t0 + 5400 * S));
+}
+
+#[test]
+fn will_delay_publishes_after_the_delay() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    let mut c = connect(Version::V5, true, 0, Some(100));
+    c.will = Some(will(Some(5)));
+    s.connect(t0, c, false, None);
+    drain(&mut s);
+    s.connection_lost(t0, s.generation());
+    let (_, a) = drain(&mut s);
+    assert!(!will_published(&a));
+    assert_eq!(s.next_timeout(), Some(t0 + 5 * S));
+    s.handle_timeout(t0 + 4 * S);
+    assert!(!will_published(&drain(&mut s).1));
+    s.handle_timeout(t0 + 5 * S);
+    assert!(will_published(&drain(&mut s).1));
+    assert!(!s.is_ended());
+}
+
+#[test]
+fn will_delay_is_cut_short_by_session_end() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    let mut c = connect(Version::V5, true, 0, Some(5));
+    c.will = Some(will(Some(100)));
+    s.connect(t0, c, false, None);
+    drain(&mut s);
+    s.connection_lost(t0, s.generation());
+    drain(&mut s);
+    s.handle_timeout(t0 + 5 * S);
+    let (_, a) = drain(&mut s);
+    assert!(will_published(&a));
+    assert!(a.contains(&Action::End));
+}
+
+#[test]
+fn reconnect_within_will_delay_cancels_the_will() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    let mut c = connect(Version::V5, false, 0, Some(100));
+    c.will = Some(will(Some(10)));
+    s.connect(t0, c, false, None);
+    drain(&mut s);
+    s.connection_lost(t0 + S, s.generation());
+    drain(&mut s);
+    s.connect(
+        t0 + 3 * S,
+        connect(Version::V5, false, 0, Some(100)),
+        true,
+        None,
+    );
+    s.handle_timeout(t0 + 60 * S);
+    assert!(!will_published(&drain(&mut s).1));
+}
+
+#[test]
+fn normal_disconnect_drops_the_will_and_0x04_sends_it() {
+    for (code, sent) in [
+        (reason::SUCCESS, false),
+        (reason::DISCONNECT_WITH_WILL, true),
+    ] {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        let mut c = connect(Version::V5, true, 0, None);
+        c.will = Some(will(None));
+        s.connect(t0, c, false, None);
+        drain(&mut s);
+        let d = Disconnect {
+            reason: code,
+            properties: Properties::default(),
+        };
+        s.handle_packet(t0, Packet::Disconnect(d));
+        assert_eq!(will_published(&drain(&mut s).1), sent, "reason {code:#x}");
+    }
+}
+
+#[test]
+fn session_expiry_ends_an_offline_session() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.connect(t0, connect(Version::V5, false, 0, Some(10)), false, None);
+    drain(&mut s);
+    s.connection_lost(t0 + S, s.generation());
+    assert!(!drain(&mut s).1.contains(&Action::End));
+    s.handle_timeout(t0 + 10 * S);
+    assert!(!s.is_ended());
+    s.handle_timeout(t0 + 11 * S);
+    assert!(s.is_ended());
+    assert!(drain(&mut s).1.contains(&Action::End));
+}
+
+#[test]
+fn v311_persistent_session_never_expires_and_clean_one_ends_at_once() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.connect(t0, connect(Version::V3_1_1, false, 0, None), false, None);
+    s.connection_lost(t0, s.generation());
+    assert_eq!(s.next_timeout(), None);
+    let mut s = session(t0);
+    s.connect(t0, connect(Version::V3_1_1, true, 0, None), false, None);
+    s.connection_lost(t0, s.generation());
+    assert!(s.is_ended());
+}
+
+#[test]
+fn disconnect_may_not_raise_a_zero_session_expiry() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.connect(t0, connect(Version::V5, true, 0, None), false, None);
+    drain(&mut s);
+    let d = Disconnect {
+        reason: 0,
+        properties: Properties {
+            session_expiry_interval: Some(30),
+            ..Properties::default()
+        },
+    };
+    s.handle_packet(t0, Packet::Disconnect(d));
+    let (p, _) = drain(&mut s);
+    assert!(matches!(&p[..], [Packet::Disconnect(d)] if d.reason == reason::PROTOCOL_ERROR));
+}
+
+#[test]
+fn expired_messages_are_dropped_and_live_ones_carry_the_remaining_interval() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.connect(t0, connect(Version::V5, false, 0, Some(1000)), false, None);
+    s.connection_lost(t0, s.generation());
+    drain(&mut s);
+    s.deliver(
+        t0,
+        &message(QoS::AtLeastOnce, Some(t0 + 5 * S)),
+        delivery(QoS::AtLeastOnce),
+    );
+    s.deliver(
+        t0,
+        &message(QoS::AtLeastOnce, Some(t0 + 60 * S)),
+        delivery(QoS::AtLeastOnce),
+    );
+    assert_eq!(s.queued_len(), 2);
+    s.connect(
+        t0 + 20 * S,
+        connect(Version::V5, false, 0, Some(1000)),
+        true,
+        None,
+    );
+    let (p, _) = drain(&mut s);
+    let pubs = publishes(&p);
+    assert_eq!(pubs.len(), 1);
+    assert_eq!(pubs[0].properties.message_expiry_interval, Some(40));
+    assert_eq!(s.stats().dropped_expired, 1);
+}
+
+#[test]
+fn unacknowledged_messages_are_redelivered_with_dup_on_resume() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.connect(t0, connect(Version::V3_1_1, false, 0, None), false, None);
+    drain(&mut s);
+    s.deliver(
+        t0,
+        &message(QoS::AtLeastOnce, None),
+        delivery(QoS::AtLeastOnce),
+    );
+    s.deliver(
+        t0,
+        &message(QoS::ExactlyOnce, None),
+        delivery(QoS::ExactlyOnce),
+    );
+    let (p, _) = drain(&mut s);
+    let ids: Vec<u16> = publishes(&p).iter().map(|p| p.packet_id).collect();
+    assert_eq!(ids, vec![1, 2]);
+    s.handle_packet(
+        t0,
+        Packet::PubRec(PubResp {
+            packet_id: 2,
+            ..PubResp::default()
+        }),
+    );
+    assert!(matches!(&drain(&mut s).0[..], [Packet::PubRel(r)] if r.packet_id == 2));
+    s.connection_lost(t0, s.generation());
+    s.connect(t0 + S, connect(Version::V3_1_1, false, 0, None), true, None);
+    let (p, _) = drain(&mut s);
+    assert!(matches!(&p[0], Packet::ConnAck(a) if a.session_present));
+    assert!(matches!(&p[1], Packet::Publish(x) if x.dup && x.packet_id == 1));
+    assert!(
+        matches!(&p[2], Packet::PubRel(r) if r.packet_id == 2),
+        "{p:?}"
+    );
+    s.handle_packet(
+        t0,
+        Packet::PubAck(PubResp {
+            packet_id: 1,
+            ..PubResp::default()
+        }),
+    );
+    s.handle_packet(
+        t0,
+        Packet::PubComp(PubResp {
+            packet_id: 2,
+            ..PubResp::default()
+        }),
+    );
+    assert_eq!(s.inflight_len(), 0);
+}
+
+#[test]
+fn the_window_follows_the_clients_receive_maximum() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    let mut c = connect(Version::V5, true, 0, None);
+    c.properties.receive_maximum = Some(2);
+    s.connect(t0, c, false, None);
+    drain(&mut s);
+    for _ in 0..3 {
+        s.deliver(
+            t0,
+            &message(QoS::AtLeastOnce, None),
+            delivery(QoS::AtLeastOnce),
+        );
+    }
+    assert_eq!(publishes(&drain(&mut s).0).len(), 2);
+    assert_eq!(s.queued_len(), 1);
+    s.handle_packet(
+        t0,
+        Packet::PubAck(PubResp {
+            packet_id: 1,
+            ..PubResp::default()
+        }),
+    );
+    let (p, _) = drain(&mut s);
+    assert_eq!(publishes(&p)[0].packet_id, 3);
+}
+
+#[test]
+fn delivery_qos_is_the_lower_of_publish_and_granted() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.connect(t0, connect(Version::V3_1_1, true, 0, None), false, None);
+    drain(&mut s);
+    s.deliver(
+        t0,
+        &message(QoS::ExactlyOnce, None),
+        delivery(QoS::AtLeastOnce),
+    );
+    s.deliver(
+        t0,
+        &message(QoS::AtMostOnce, None),
+        delivery(QoS::ExactlyOnce),
+    );
+    let (p, _) = drain(&mut s);
+    let qos: Vec<QoS> = publishes(&p).iter().map(|p| p.qos).collect();
+    assert_eq!(qos, vec![QoS::AtLeastOnce, QoS::AtMostOnce]);
+}
+
+#[test]
+fn inbound_qos2_is_routed_once() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.connect(t0, connect(Version::V5, true, 0, None), false, None);
+    drain(&mut s);
+    let p = Publish {
+        dup: false,
+        qos: QoS::ExactlyOnce,
+        retain: false,
+        topic: "t".into(),
+        packet_id: 9,
+        payload: Bytes::new(),
+        properties: Properties::default(),
+    };
+    s.handle_packet(t0, Packet::Publish(p.clone()));
+    s.handle_packet(t0, Packet::Publish(Publish { dup: true, ..p }));
+    let (out, actions) = drain(&mut s);
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::Publish(_)))
+            .count(),
+        1
+    );
+    assert_eq!(
+        out.iter()
+            .filter(|p| matches!(p, Packet::PubRec(_)))
+            .count(),
+        2
+    );
+    s.handle_packet(
+        t0,
+        Packet::PubRel(PubResp {
+            packet_id: 9,
+            ..PubResp::default()
+        }),
+    );
+    s.handle_packet(
+        t0,
+        Packet::PubRel(PubResp {
+            packet_id: 9,
+            ..PubResp::default()
+        }),
+    );
+    let (out, _) = drain(&mut s);
+    let reasons: Vec<u8> = out
+        .iter()
+        .filter_map(|p| match p {
+            Packet::PubComp(c) => Some(c.reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reasons, vec![0, reason::PACKET_IDENTIFIER_NOT_FOUND]);
+}
+
+#[test]
+fn outbound_topic_aliases_are_assigned_then_reused() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    let mut c = connect(Version::V5, true, 0, None);
+    c.properties.topic_alias_maximum = Some(1);
+    s.connect(t0, c, false, None);
+    drain(&mut s);
+    for _ in 0..2 {
+        s.deliver(
+            t0,
+            &message(QoS::AtMostOnce, None),
+            delivery(QoS::AtMostOnce),
+        );
+    }
+    let (p, _) = drain(&mut s);
+    let pubs = publishes(&p);
+    assert_eq!(
+        (&*pubs[0].topic, pubs[0].properties.topic_alias),
+        ("a/b", Some(1))
+    );
+    assert_eq!(
+        (&*pubs[1].topic, pubs[1].properties.topic_alias),
+        ("", Some(1))
+    );
+}
+
+#[test]
+fn messages_over_the_clients_maximum_packet_size_are_dropped() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    let mut c = connect(Version::V5, true, 0, None);
+    c.properties.maximum_packet_size = Some(20);
+    s.connect(t0, c, false, None);
+    drain(&mut s);
+    let big = Arc::new(Message {
+        payload: Bytes::from(vec![0u8; 100]),
+        ..(*message(QoS::AtLeastOnce, None)).clone()
+    });
+    s.deliver(t0, &big, delivery(QoS::AtLeastOnce));
+    s.deliver(
+        t0,
+        &message(QoS::AtLeastOnce, None),
+        delivery(QoS::AtLeastOnce),
+    );
+    let (p, _) = drain(&mut s);
+    assert_eq!(publishes(&p).len(), 1);
+    assert_eq!(s.stats().dropped_too_large, 1);
+    assert_eq!(s.inflight_len(), 1);
+}
+
+#[test]
+fn a_full_queue_drops_new_or_oldest_and_counts() {
+    for (policy, first_kept) in [
+        (OverflowPolicy::DropNew, 0u8),
+        (OverflowPolicy::DropOldest, 2u8),
+    ] {
+        let t0 = Instant::now();
+        let limits = Rc::new(SessionLimits {
+            queue_messages_max: 3,
+            overflow: policy,
+            ..SessionLimits::default()
+        });
+        let mut s = Session::new("c".into(), limits, t0);
+        s.connect(t0, connect(Version::V3_1_1, false, 0, None), false, None);
+        s.connection_lost(t0, s.generation());
+        drain(&mut s);
+        for i in 0..5u8 {
+            let m = Arc::new(Message {
+                payload: Bytes::from(vec![i]),
+                ..(*message(QoS::AtLeastOnce, None)).clone()
+            });
+            s.deliver(t0, &m, delivery(QoS::AtLeastOnce));
+        }
+        assert_eq!(s.queued_len(), 3);
+        assert_eq!(s.stats().dropped_queue_full, 2);
+        s.connect(t0, connect(Version::V3_1_1, false, 0, None), true, None);
+        let (p, _) = drain(&mut s);
+        assert_eq!(publishes(&p)[0].payload[0], first_kept, "{policy:?}");
+        s.check_invariants();
+    }
+}
+
+#[test]
+fn offline_qos0_is_dropped_by_default() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.connect(t0, connect(Version::V3_1_1, false, 0, None), false, None);
+    s.connection_lost(t0, s.generation());
+    s.deliver(
+        t0,
+        &message(QoS::AtMostOnce, None),
+        delivery(QoS::AtMostOnce),
+    );
+    assert_eq!(s.queued_len(), 0);
+    assert_eq!(s.stats().dropped_offline_qos0, 1);
+}
+
+#[test]
+fn takeover_sends_0x8e_and_keeps_the_session() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.connect(t0, connect(Version::V5, false, 0, Some(60)), false, None);
+    drain(&mut s);
+    s.takeover(t0);
+    let (p, a) = drain(&mut s);
+    assert!(matches!(&p[..], [Packet::Disconnect(d)] if d.reason == reason::SESSION_TAKEN_OVER));
+    assert_eq!(a, vec![Action::Close]);
+    assert!(!s.is_ended());
+}
+
+#[test]
+fn second_connect_is_a_protocol_error() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.connect(t0, connect(Version::V5, true, 0, None), false, None);
+    drain(&mut s);
+    s.handle_packet(
+        t0,
+        Packet::Connect(Box::new(connect(Version::V5, true, 0, None))),
+    );
+    let (p, _) = drain(&mut s);
+    assert!(matches!(&p[..], [Packet::Disconnect(d)] if d.reason == reason::PROTOCOL_ERROR));
+}
