@@ -663,3 +663,16 @@ async fn shared_subscription_member_disconnect_sends_all_to_other() {
     assert_eq!(got, want, "every message goes to the remaining member");
     stays.expect_no_publish().await;
 }
+
+#[test]
+fn tmp_raw_takeover_probe() {
+    let b = TestBroker::start(2);
+    for shard in 0..2 {
+        for clean in [true, false] {
+            let id = b.id_on_shard(&format!("raw{clean}"), shard);
+            let (mut first, _) = Raw::connect(b.addr, Version::V5, &id, clean);
+            let (_second, ack) = Raw::connect(b.addr, Version::V5, &id, clean);
+            eprintln!("shard {shard} clean {clean}: second ack {:?}; first got {:?}", ack.reason, first.expect_close());
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! The `shardmq` binary as an operator uses it: flags, config errors, and a
+//! clean stop on SIGTERM with DISCONNECT 0x8B to 5.0 clients.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::*;
+use shardmq::codec::Version;
+
+fn shardmq() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_shardmq"))
+}
+
+#[test]
+fn print_default_config_prints_the_embedded_toml() {
+    let out = shardmq().arg("--print-default-config").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text, shardmq::config::DEFAULT_CONFIG);
+    shardmq::Config::from_toml(&text).unwrap();
+}
+
+#[test]
+fn a_bad_config_value_is_refused_with_its_key() {
+    let dir = std::env::temp_dir().join(format!("shardmq-bad-config-{}", std::process::id()));
+    std::fs::write(&dir, "[mqtt]\ninflight_max = 0\n").unwrap();
+    let out = shardmq().arg("--config").arg(&dir).output().unwrap();
+    std::fs::remove_file(&dir).unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("mqtt.inflight_max = 0: must be in 1..=65535"), "{err}");
+}
+
+#[test]
+fn unknown_flags_and_bad_addresses_are_refused() {
+    let out = shardmq().arg("--frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--frobnicate"));
+    let out = shardmq().args(["--listen", "nowhere"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen nowhere"));
+}
+
+#[test]
+fn a_port_in_use_is_refused_instead_of_shared() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = shardmq().args(["--listen", &addr, "--shards", "2"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen on"));
+}
+
+#[test]
+fn sigterm_disconnects_v5_clients_with_0x8b_and_exits_cleanly() {
+    let mut child = shardmq()
+        .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("broker logs its address").unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().trim_end_matches(',').parse().unwrap();
+        }
+    };
+    let (mut client, ack) = Raw::connect(addr, Version::V5, "stop-me", true);
+    assert_eq!(ack.reason, 0);
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert_eq!(client.expect_close(), Some(0x8B));
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
