@@ -30,7 +30,10 @@ fn a_bad_config_value_is_refused_with_its_key() {
     std::fs::remove_file(&dir).unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("mqtt.inflight_max = 0: must be in 1..=65535"), "{err}");
+    assert!(
+        err.contains("mqtt.inflight_max = 0: must be in 1..=65535"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -47,7 +50,10 @@ fn unknown_flags_and_bad_addresses_are_refused() {
 fn a_port_in_use_is_refused_instead_of_shared() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let out = shardmq().args(["--listen", &addr, "--shards", "2"]).output().unwrap();
+    let out = shardmq()
+        .args(["--listen", &addr, "--shards", "2"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen on"));
 }
@@ -64,12 +70,21 @@ fn sigterm_disconnects_v5_clients_with_0x8b_and_exits_cleanly() {
     let addr = loop {
         let line = lines.next().expect("broker logs its address").unwrap();
         if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().trim_end_matches(',').parse().unwrap();
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches(',')
+                .parse()
+                .unwrap();
         }
     };
     let (mut client, ack) = Raw::connect(addr, Version::V5, "stop-me", true);
     assert_eq!(ack.reason, 0);
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert_eq!(client.expect_close(), Some(0x8B));
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use common::*;
 use shardmq::codec::{
-    self, reason, Disconnect, Packet, Properties, PubResp, QoS, SubOptions, Subscribe,
-    Unsubscribe, Version,
+    self, reason, Disconnect, Packet, Properties, PubResp, QoS, SubOptions, Subscribe, Unsubscribe,
+    Version,
 };
 
 /// Short wait used to check that nothing (more) arrives.
@@ -129,7 +129,13 @@ fn publish_qos1(p: &mut Raw, topic: &str, payload: &[u8], id: u16) {
 /// PUBACKs.
 fn publish_numbered(p: &mut Raw, topic: &str, n: u16) {
     for i in 0..n {
-        p.publish(topic, i.to_string().as_bytes(), QoS::AtLeastOnce, false, i + 1);
+        p.publish(
+            topic,
+            i.to_string().as_bytes(),
+            QoS::AtLeastOnce,
+            false,
+            i + 1,
+        );
     }
     for i in 0..n {
         match p.recv() {
@@ -163,7 +169,11 @@ fn v5_bytes_disconnect(b: &TestBroker, id: &str, bytes: &[u8], code: u8) {
     let (mut c, ack) = Raw::connect(b.addr, Version::V5, id, true);
     assert_eq!(ack.reason, 0);
     c.send_bytes(bytes);
-    assert_eq!(c.expect_close(), Some(code), "expected DISCONNECT 0x{code:02X}");
+    assert_eq!(
+        c.expect_close(),
+        Some(code),
+        "expected DISCONNECT 0x{code:02X}"
+    );
 }
 
 /// 3.1.1 client: send `bytes`, expect a close without anything sent.
@@ -204,7 +214,12 @@ fn packet_larger_than_maximum_v5_gets_disconnect_0x95() {
     assert_eq!(c.expect_close(), Some(reason::PACKET_TOO_LARGE));
     s.expect_silence(QUIET);
     // Far over the limit.
-    v5_bytes_disconnect(&b, "big5b", &v5_publish_frame("big/t", 4000), reason::PACKET_TOO_LARGE);
+    v5_bytes_disconnect(
+        &b,
+        "big5b",
+        &v5_publish_frame("big/t", 4000),
+        reason::PACKET_TOO_LARGE,
+    );
     assert_broker_serves(&b);
 }
 
@@ -262,7 +277,12 @@ fn garbage_after_connect_is_closed_and_others_unaffected() {
 
     for shard in 0..2 {
         // Packet type 0 is reserved: malformed.
-        v5_bytes_disconnect(&b, &b.id_on_shard("garbage5", shard), &GARBAGE, reason::MALFORMED_PACKET);
+        v5_bytes_disconnect(
+            &b,
+            &b.id_on_shard("garbage5", shard),
+            &GARBAGE,
+            reason::MALFORMED_PACKET,
+        );
         v311_bytes_close(&b, &b.id_on_shard("garbage4", shard), &GARBAGE);
     }
     // Garbage instead of a CONNECT.
@@ -316,7 +336,10 @@ fn fuzz_templates(version: Version) -> Vec<Vec<u8>> {
     let mut publish_props = publish("fz/a", b"payload", QoS::ExactlyOnce, true, 3);
     publish_props.properties.topic_alias = Some(1);
     publish_props.properties.payload_format_indicator = Some(1);
-    publish_props.properties.user_properties.push(("k".into(), "v".into()));
+    publish_props
+        .properties
+        .user_properties
+        .push(("k".into(), "v".into()));
     let packets = [
         Packet::Publish(publish("fz/t", b"hello", QoS::AtMostOnce, false, 0)),
         Packet::Publish(publish("fz/t", b"hello", QoS::AtLeastOnce, false, 1)),
@@ -367,7 +390,11 @@ fn fuzz_input(rng: &mut XorShift, templates: &[Vec<u8>]) -> Vec<u8> {
         }
         1 => {
             let kind = (1 + rng.below(15)) as u8;
-            let flags = if rng.below(2) == 0 { 0 } else { rng.byte() & 0x0F };
+            let flags = if rng.below(2) == 0 {
+                0
+            } else {
+                rng.byte() & 0x0F
+            };
             let n = rng.below(200);
             let body = rng.bytes(n);
             let mut f = frame((kind << 4) | flags, &body);
@@ -424,7 +451,10 @@ fn fuzz_random_bytes_after_connect_never_break_the_broker() {
         let which = i % versions.len();
         let id = format!("fuzz-{i}");
         let (mut c, ack) = Raw::connect(b.addr, versions[which], &id, true);
-        assert_eq!(ack.reason, 0, "seed {seed}, connection {i}: CONNACK refused");
+        assert_eq!(
+            ack.reason, 0,
+            "seed {seed}, connection {i}: CONNACK refused"
+        );
         let input = fuzz_input(&mut rng, &templates[which]);
         // The broker may close (and reset) before everything is written.
         let _ = c.stream.write_all(&input);
@@ -450,7 +480,10 @@ fn subscriptions_max_v5_third_gets_0x97() {
     let (mut c, _) = Raw::connect(b.addr, Version::V5, "submax5", true);
     assert_eq!(c.subscribe(1, "q/a", QoS::AtMostOnce), vec![0]);
     assert_eq!(c.subscribe(2, "q/b", QoS::AtLeastOnce), vec![1]);
-    assert_eq!(c.subscribe(3, "q/c", QoS::AtMostOnce), vec![reason::QUOTA_EXCEEDED]);
+    assert_eq!(
+        c.subscribe(3, "q/c", QoS::AtMostOnce),
+        vec![reason::QUOTA_EXCEEDED]
+    );
     // Replacing an existing subscription is not a new one.
     assert_eq!(c.subscribe(4, "q/a", QoS::AtLeastOnce), vec![1]);
     assert_broker_serves(&b);
@@ -476,7 +509,11 @@ fn topic_levels_max_publish_v5_gets_disconnect_0x90() {
     c.publish("a/b/c/d", b"four", QoS::AtMostOnce, false, 0);
     assert_eq!(c.expect_close(), Some(reason::TOPIC_NAME_INVALID));
     s.expect_silence(QUIET);
-    v311_bytes_close(&b, "lvl4", &frame(0x30, &[field(b"a/b/c/d"), b"x".to_vec()].concat()));
+    v311_bytes_close(
+        &b,
+        "lvl4",
+        &frame(0x30, &[field(b"a/b/c/d"), b"x".to_vec()].concat()),
+    );
     assert_broker_serves(&b);
 }
 
@@ -484,10 +521,16 @@ fn topic_levels_max_publish_v5_gets_disconnect_0x90() {
 fn topic_levels_max_subscribe_gets_0x8f() {
     let b = TestBroker::start_with(2, |cfg| cfg.mqtt.topic_levels_max = 3);
     let (mut c, _) = Raw::connect(b.addr, Version::V5, "lvl-filter5", true);
-    assert_eq!(c.subscribe(1, "a/b/c/d", QoS::AtMostOnce), vec![reason::TOPIC_FILTER_INVALID]);
+    assert_eq!(
+        c.subscribe(1, "a/b/c/d", QoS::AtMostOnce),
+        vec![reason::TOPIC_FILTER_INVALID]
+    );
     assert_eq!(c.subscribe(2, "a/b/c", QoS::AtMostOnce), vec![0]);
     assert_eq!(c.subscribe(3, "a/+/#", QoS::AtMostOnce), vec![0]);
-    assert_eq!(c.subscribe(4, "a/+/+/#", QoS::AtMostOnce), vec![reason::TOPIC_FILTER_INVALID]);
+    assert_eq!(
+        c.subscribe(4, "a/+/+/#", QoS::AtMostOnce),
+        vec![reason::TOPIC_FILTER_INVALID]
+    );
     let (mut c4, _) = Raw::connect(b.addr, Version::V3_1_1, "lvl-filter4", true);
     assert_eq!(c4.subscribe(1, "a/b/c/d", QoS::AtMostOnce), vec![0x80]);
 }
@@ -498,11 +541,25 @@ fn client_id_longer_than_maximum_is_refused() {
     let long = "x".repeat(24);
     let ok = "y".repeat(23);
     let mut c = Raw::open(b.addr, Version::V5);
-    c.send(&Packet::Connect(Box::new(connect_packet(Version::V5, &long, true))));
-    assert_eq!(read_until_close(&mut c.stream), vec![0x20, 0x03, 0x00, 0x85, 0x00]);
+    c.send(&Packet::Connect(Box::new(connect_packet(
+        Version::V5,
+        &long,
+        true,
+    ))));
+    assert_eq!(
+        read_until_close(&mut c.stream),
+        vec![0x20, 0x03, 0x00, 0x85, 0x00]
+    );
     let mut c = Raw::open(b.addr, Version::V3_1_1);
-    c.send(&Packet::Connect(Box::new(connect_packet(Version::V3_1_1, &long, true))));
-    assert_eq!(read_until_close(&mut c.stream), vec![0x20, 0x02, 0x00, 0x02]);
+    c.send(&Packet::Connect(Box::new(connect_packet(
+        Version::V3_1_1,
+        &long,
+        true,
+    ))));
+    assert_eq!(
+        read_until_close(&mut c.stream),
+        vec![0x20, 0x02, 0x00, 0x02]
+    );
     let (_c, ack) = Raw::connect(b.addr, Version::V5, &ok, true);
     assert_eq!(ack.reason, 0);
     let (_c, ack) = Raw::connect(b.addr, Version::V3_1_1, &ok, true);
@@ -539,7 +596,10 @@ fn slow_subscriber_drops_messages_without_stalling_its_shard() {
     slow.send(&puback(first.packet_id));
     let mut got = vec![0];
     got.extend(drain_acking(&mut slow));
-    assert!(got.len() >= 2, "acking must release queued messages: {got:?}");
+    assert!(
+        got.len() >= 2,
+        "acking must release queued messages: {got:?}"
+    );
     assert!(
         got.len() <= 1 + 10,
         "at most 1 in flight + 10 queued may survive, got {} : {got:?}",
@@ -592,16 +652,32 @@ fn connections_max_per_shard_refuses_with_0x97() {
     // 4 connections over 2 shards: 2 per shard.
     let mut shard0 = Vec::new();
     for i in 0..2 {
-        let (c, ack) = Raw::connect(b.addr, Version::V5, &b.id_on_shard(&format!("cmax{i}"), 0), true);
+        let (c, ack) = Raw::connect(
+            b.addr,
+            Version::V5,
+            &b.id_on_shard(&format!("cmax{i}"), 0),
+            true,
+        );
         assert_eq!(ack.reason, 0, "connection {i} on shard 0");
         shard0.push(c);
     }
     let id = b.id_on_shard("cmax-extra", 0);
     let mut refused = Raw::open(b.addr, Version::V5);
-    refused.send(&Packet::Connect(Box::new(connect_packet(Version::V5, &id, true))));
-    assert_eq!(read_until_close(&mut refused.stream), vec![0x20, 0x03, 0x00, 0x97, 0x00]);
+    refused.send(&Packet::Connect(Box::new(connect_packet(
+        Version::V5,
+        &id,
+        true,
+    ))));
+    assert_eq!(
+        read_until_close(&mut refused.stream),
+        vec![0x20, 0x03, 0x00, 0x97, 0x00]
+    );
     let mut refused4 = Raw::open(b.addr, Version::V3_1_1);
-    refused4.send(&Packet::Connect(Box::new(connect_packet(Version::V3_1_1, &id, true))));
+    refused4.send(&Packet::Connect(Box::new(connect_packet(
+        Version::V3_1_1,
+        &id,
+        true,
+    ))));
     let reply = read_until_close(&mut refused4.stream);
     assert!(
         reply.len() == 4 && reply[..3] == [0x20, 0x02, 0x00] && reply[3] != 0,
@@ -611,7 +687,12 @@ fn connections_max_per_shard_refuses_with_0x97() {
     // Shard 1 still has room for its share.
     let _shard1: Vec<_> = (0..2)
         .map(|i| {
-            let (c, ack) = Raw::connect(b.addr, Version::V5, &b.id_on_shard(&format!("cmax1-{i}"), 1), true);
+            let (c, ack) = Raw::connect(
+                b.addr,
+                Version::V5,
+                &b.id_on_shard(&format!("cmax1-{i}"), 1),
+                true,
+            );
             assert_eq!(ack.reason, 0, "connection {i} on shard 1");
             c
         })
@@ -639,7 +720,10 @@ fn keepalive_zero_gets_server_keep_alive_maximum() {
     let mut c = connect_packet(Version::V5, "ka3", true);
     c.keep_alive = 3;
     let (_c, ack) = Raw::connect_with(b.addr, c);
-    assert_eq!(ack.properties.server_keep_alive, None, "3 s is within the cap");
+    assert_eq!(
+        ack.properties.server_keep_alive, None,
+        "3 s is within the cap"
+    );
 }
 
 #[test]

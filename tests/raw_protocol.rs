@@ -258,7 +258,13 @@ fn publish_qos2(p: &mut Raw, topic: &str, payload: &[u8], id: u16) {
 }
 
 /// A PUBLISH in 5.0 layout with raw topic bytes, flags and properties.
-fn v5_publish_bytes(byte0: u8, topic: &[u8], packet_id: Option<u16>, props: &[u8], payload: &[u8]) -> Vec<u8> {
+fn v5_publish_bytes(
+    byte0: u8,
+    topic: &[u8],
+    packet_id: Option<u16>,
+    props: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
     let mut body = field(topic);
     if let Some(id) = packet_id {
         body.extend_from_slice(&id.to_be_bytes());
@@ -313,7 +319,11 @@ fn second_connect_v5_gets_disconnect_0x82() {
     let b = TestBroker::start(2);
     let (mut c, ack) = Raw::connect(b.addr, Version::V5, "twice-5", true);
     assert_eq!(ack.reason, 0);
-    c.send(&Packet::Connect(Box::new(connect_packet(Version::V5, "twice-5", true))));
+    c.send(&Packet::Connect(Box::new(connect_packet(
+        Version::V5,
+        "twice-5",
+        true,
+    ))));
     assert_eq!(c.expect_close(), Some(reason::PROTOCOL_ERROR));
 }
 
@@ -322,7 +332,11 @@ fn second_connect_v311_is_closed() {
     let b = TestBroker::start(2);
     let (mut c, ack) = Raw::connect(b.addr, Version::V3_1_1, "twice-4", true);
     assert_eq!(ack.reason, 0);
-    c.send(&Packet::Connect(Box::new(connect_packet(Version::V3_1_1, "twice-4", true))));
+    c.send(&Packet::Connect(Box::new(connect_packet(
+        Version::V3_1_1,
+        "twice-4",
+        true,
+    ))));
     assert_eq!(read_until_close(&mut c.stream), Vec::<u8>::new());
 }
 
@@ -463,7 +477,10 @@ fn empty_client_id_v5_gets_assigned_identifier_and_works() {
     // A second anonymous client gets a different identifier.
     let (_other, ack2) = Raw::connect(b.addr, Version::V5, "", true);
     assert_eq!(ack2.reason, 0);
-    assert_ne!(ack2.properties.assigned_client_identifier.as_deref(), Some(assigned.as_str()));
+    assert_ne!(
+        ack2.properties.assigned_client_identifier.as_deref(),
+        Some(assigned.as_str())
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -515,7 +532,12 @@ fn publish_wildcard_topic_v5_gets_disconnect_0x90() {
     let b = TestBroker::start(2);
     for (i, topic) in [&b"a/+"[..], b"a/#", b"+", b"#"].into_iter().enumerate() {
         let bytes = v5_publish_bytes(0x30, topic, None, &[], b"x");
-        v5_bytes_disconnect(&b, &format!("wild5-{i}"), &bytes, reason::TOPIC_NAME_INVALID);
+        v5_bytes_disconnect(
+            &b,
+            &format!("wild5-{i}"),
+            &bytes,
+            reason::TOPIC_NAME_INVALID,
+        );
     }
     assert_broker_serves(&b);
 }
@@ -524,7 +546,11 @@ fn publish_wildcard_topic_v5_gets_disconnect_0x90() {
 fn publish_wildcard_topic_v311_is_closed() {
     let b = TestBroker::start(2);
     for (i, topic) in [&b"a/+"[..], b"a/#"].into_iter().enumerate() {
-        v311_bytes_close(&b, &format!("wild4-{i}"), &v311_publish_bytes(0x30, topic, None, b"x"));
+        v311_bytes_close(
+            &b,
+            &format!("wild4-{i}"),
+            &v311_publish_bytes(0x30, topic, None, b"x"),
+        );
     }
     assert_broker_serves(&b);
 }
@@ -535,7 +561,11 @@ fn publish_qos_3_is_malformed() {
     // 0x36: QoS bits 11 [MQTT-3.3.1-4].
     let bytes = v5_publish_bytes(0x36, b"a/b", Some(1), &[], b"x");
     v5_bytes_disconnect(&b, "qos3-5", &bytes, reason::MALFORMED_PACKET);
-    v311_bytes_close(&b, "qos3-4", &v311_publish_bytes(0x36, b"a/b", Some(1), b"x"));
+    v311_bytes_close(
+        &b,
+        "qos3-4",
+        &v311_publish_bytes(0x36, b"a/b", Some(1), b"x"),
+    );
     assert_broker_serves(&b);
 }
 
@@ -564,10 +594,17 @@ fn publish_topic_invalid_utf8_is_malformed() {
     let b = TestBroker::start(2);
     // [MQTT-1.5.4-1]: an invalid sequence, a lone continuation byte and an
     // encoded surrogate.
-    for (i, topic) in [&b"a/\xC3\x28"[..], b"\x80", b"\xED\xA0\x80"].into_iter().enumerate() {
+    for (i, topic) in [&b"a/\xC3\x28"[..], b"\x80", b"\xED\xA0\x80"]
+        .into_iter()
+        .enumerate()
+    {
         let bytes = v5_publish_bytes(0x30, topic, None, &[], b"x");
         v5_bytes_disconnect(&b, &format!("utf5-{i}"), &bytes, reason::MALFORMED_PACKET);
-        v311_bytes_close(&b, &format!("utf4-{i}"), &v311_publish_bytes(0x30, topic, None, b"x"));
+        v311_bytes_close(
+            &b,
+            &format!("utf4-{i}"),
+            &v311_publish_bytes(0x30, topic, None, b"x"),
+        );
     }
     assert_broker_serves(&b);
 }
@@ -581,10 +618,17 @@ fn publish_qos1_with_packet_id_zero_is_closed() {
     c.send_bytes(&v5_publish_bytes(0x32, b"a/b", Some(0), &[], b"x"));
     let code = c.expect_close();
     assert!(
-        matches!(code, Some(reason::MALFORMED_PACKET | reason::PROTOCOL_ERROR)),
+        matches!(
+            code,
+            Some(reason::MALFORMED_PACKET | reason::PROTOCOL_ERROR)
+        ),
         "expected DISCONNECT 0x81 or 0x82, got {code:?}"
     );
-    v311_bytes_close(&b, "pid0-4", &v311_publish_bytes(0x32, b"a/b", Some(0), b"x"));
+    v311_bytes_close(
+        &b,
+        "pid0-4",
+        &v311_publish_bytes(0x32, b"a/b", Some(0), b"x"),
+    );
     assert_broker_serves(&b);
 }
 
@@ -592,7 +636,12 @@ fn publish_qos1_with_packet_id_zero_is_closed() {
 fn pubrel_with_wrong_fixed_header_flags_is_malformed() {
     let b = TestBroker::start(2);
     // [MQTT-3.6.1-1]: PUBREL flags must be 0010.
-    v5_bytes_disconnect(&b, "relflags5", &[0x60, 0x02, 0x00, 0x01], reason::MALFORMED_PACKET);
+    v5_bytes_disconnect(
+        &b,
+        "relflags5",
+        &[0x60, 0x02, 0x00, 0x01],
+        reason::MALFORMED_PACKET,
+    );
     v311_bytes_close(&b, "relflags4", &[0x60, 0x02, 0x00, 0x01]);
     assert_broker_serves(&b);
 }
@@ -631,6 +680,18 @@ fn payload_format_utf8_with_invalid_payload_qos1_gets_puback_0x99() {
     s.expect_silence(QUIET);
     p.send_bytes(&[0xC0, 0x00]);
     assert_eq!(read_n(&mut p.stream, 2), vec![0xD0, 0x00]);
+}
+
+#[test]
+fn payload_format_utf8_with_invalid_payload_qos2_gets_pubrec_0x99() {
+    let b = TestBroker::start(2);
+    let (mut s, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("pfi2-sub", 0), true);
+    assert_eq!(s.subscribe(1, "pfi2/t", QoS::ExactlyOnce), vec![2]);
+    let (mut p, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("pfi2-pub", 1), true);
+    let bytes = v5_publish_bytes(0x34, b"pfi2/t", Some(4), &[0x01, 0x01], &[0xC3, 0x28]);
+    p.send_bytes(&bytes);
+    assert_eq!(read_n(&mut p.stream, 5), vec![0x50, 0x03, 0x00, 0x04, 0x99]);
+    s.expect_silence(QUIET);
 }
 
 #[test]
@@ -677,7 +738,12 @@ fn subscribe_invalid_filters_v311_get_0x80_valid_ones_succeed() {
         read_n(&mut c.stream, 10),
         vec![0x90, 0x08, 0x00, 0x03, 0x01, 0x80, 0x80, 0x80, 0x80, 0x01]
     );
-    let (mut p, _) = Raw::connect(b.addr, Version::V3_1_1, &b.id_on_shard("badf4-pub", 1), true);
+    let (mut p, _) = Raw::connect(
+        b.addr,
+        Version::V3_1_1,
+        &b.id_on_shard("badf4-pub", 1),
+        true,
+    );
     p.publish("good/x", b"1", QoS::AtMostOnce, false, 0);
     p.publish("good2/y/z", b"2", QoS::AtMostOnce, false, 0);
     let m1 = c.recv_publish();
@@ -732,7 +798,11 @@ fn shared_subscription_with_no_local_gets_disconnect_0x82() {
 fn shared_subscription_without_filter_gets_failure_code() {
     let b = TestBroker::start(2);
     let (mut c, _) = Raw::connect(b.addr, Version::V5, "share-nofilter", true);
-    subscribe_many(&mut c, 2, &["$share/g", "$share/g/", "$share//a", "$share/g/ok"]);
+    subscribe_many(
+        &mut c,
+        2,
+        &["$share/g", "$share/g/", "$share//a", "$share/g/ok"],
+    );
     match c.recv() {
         Some(Packet::SubAck(a)) => {
             assert_eq!(a.packet_id, 2);
@@ -750,7 +820,10 @@ fn shared_subscription_without_filter_gets_failure_code() {
     }
     let (mut c4, _) = Raw::connect(b.addr, Version::V3_1_1, "share-nofilter-4", true);
     subscribe_many(&mut c4, 3, &["$share/g"]);
-    assert_eq!(read_n(&mut c4.stream, 5), vec![0x90, 0x03, 0x00, 0x03, 0x80]);
+    assert_eq!(
+        read_n(&mut c4.stream, 5),
+        vec![0x90, 0x03, 0x00, 0x03, 0x80]
+    );
 }
 
 #[test]
@@ -773,7 +846,12 @@ fn subscribe_reserved_option_bits_is_closed() {
 fn subscribe_without_filters_is_closed() {
     let b = TestBroker::start(2);
     // [MQTT-3.8.3-3] (3.1.1) / [MQTT-3.8.3-2] (5.0): protocol error.
-    v5_bytes_disconnect(&b, "nofilt5", &frame(0x82, &[0x00, 0x01, 0x00]), reason::PROTOCOL_ERROR);
+    v5_bytes_disconnect(
+        &b,
+        "nofilt5",
+        &frame(0x82, &[0x00, 0x01, 0x00]),
+        reason::PROTOCOL_ERROR,
+    );
     v311_bytes_close(&b, "nofilt4", &frame(0x82, &[0x00, 0x01]));
     assert_broker_serves(&b);
 }
@@ -799,7 +877,10 @@ fn unsubscribe_unknown_filter_v5_gets_0x11() {
         filters: vec!["nope/t".into(), "known/t".into()],
         properties: Properties::default(),
     }));
-    assert_eq!(read_n(&mut c.stream, 7), vec![0xB0, 0x05, 0x00, 0x05, 0x00, 0x11, 0x00]);
+    assert_eq!(
+        read_n(&mut c.stream, 7),
+        vec![0xB0, 0x05, 0x00, 0x05, 0x00, 0x11, 0x00]
+    );
 }
 
 #[test]
@@ -828,7 +909,12 @@ fn server_only_packet_is_refused(b: &TestBroker, name: &str, bytes: &[u8]) {
 fn client_sending_connack_is_closed() {
     let b = TestBroker::start(2);
     // Each version gets a CONNACK in its own layout.
-    v5_bytes_disconnect(&b, "connack-5", &[0x20, 0x03, 0x00, 0x00, 0x00], reason::PROTOCOL_ERROR);
+    v5_bytes_disconnect(
+        &b,
+        "connack-5",
+        &[0x20, 0x03, 0x00, 0x00, 0x00],
+        reason::PROTOCOL_ERROR,
+    );
     v311_bytes_close(&b, "connack-4", &[0x20, 0x02, 0x00, 0x00]);
     assert_broker_serves(&b);
 }
@@ -838,7 +924,12 @@ fn client_sending_suback_is_closed() {
     let b = TestBroker::start(2);
     // 3.1.1 layout (id 1, granted QoS 0); 5.0 layout differs, so send each
     // version its own.
-    v5_bytes_disconnect(&b, "suback-5", &[0x90, 0x04, 0x00, 0x01, 0x00, 0x00], reason::PROTOCOL_ERROR);
+    v5_bytes_disconnect(
+        &b,
+        "suback-5",
+        &[0x90, 0x04, 0x00, 0x01, 0x00, 0x00],
+        reason::PROTOCOL_ERROR,
+    );
     v311_bytes_close(&b, "suback-4", &[0x90, 0x03, 0x00, 0x01, 0x00]);
     assert_broker_serves(&b);
 }
@@ -853,7 +944,12 @@ fn client_sending_pingresp_is_closed() {
 #[test]
 fn client_sending_unsuback_is_closed() {
     let b = TestBroker::start(2);
-    v5_bytes_disconnect(&b, "unsuback-5", &[0xB0, 0x04, 0x00, 0x01, 0x00, 0x00], reason::PROTOCOL_ERROR);
+    v5_bytes_disconnect(
+        &b,
+        "unsuback-5",
+        &[0xB0, 0x04, 0x00, 0x01, 0x00, 0x00],
+        reason::PROTOCOL_ERROR,
+    );
     v311_bytes_close(&b, "unsuback-4", &[0xB0, 0x02, 0x00, 0x01]);
     assert_broker_serves(&b);
 }
@@ -885,13 +981,24 @@ fn qos2_inbound_duplicate_is_delivered_exactly_once() {
     let first = v5_publish_bytes(0x34, b"q2in/t", Some(7), &[], b"once");
     let dup = v5_publish_bytes(0x3C, b"q2in/t", Some(7), &[], b"once");
     p.send_bytes(&first);
-    assert_eq!(read_n(&mut p.stream, 4), vec![0x50, 0x02, 0x00, 0x07], "PUBREC");
+    assert_eq!(
+        read_n(&mut p.stream, 4),
+        vec![0x50, 0x02, 0x00, 0x07],
+        "PUBREC"
+    );
     p.send_bytes(&dup);
-    assert_eq!(read_n(&mut p.stream, 4), vec![0x50, 0x02, 0x00, 0x07], "PUBREC again");
+    assert_eq!(
+        read_n(&mut p.stream, 4),
+        vec![0x50, 0x02, 0x00, 0x07],
+        "PUBREC again"
+    );
 
     // The subscriber receives one copy and completes its own handshake.
     let m = s.recv_publish();
-    assert_eq!((&*m.topic, &m.payload[..], m.qos), ("q2in/t", &b"once"[..], QoS::ExactlyOnce));
+    assert_eq!(
+        (&*m.topic, &m.payload[..], m.qos),
+        ("q2in/t", &b"once"[..], QoS::ExactlyOnce)
+    );
     s.send(&pubrec(m.packet_id));
     match s.recv() {
         Some(Packet::PubRel(r)) => assert_eq!(r.packet_id, m.packet_id),
@@ -900,7 +1007,11 @@ fn qos2_inbound_duplicate_is_delivered_exactly_once() {
     s.send(&pubcomp(m.packet_id));
 
     p.send(&pubrel(7));
-    assert_eq!(read_n(&mut p.stream, 4), vec![0x70, 0x02, 0x00, 0x07], "PUBCOMP success");
+    assert_eq!(
+        read_n(&mut p.stream, 4),
+        vec![0x70, 0x02, 0x00, 0x07],
+        "PUBCOMP success"
+    );
     s.expect_silence(QUIET);
 
     // After PUBREL the id is free: a PUBREL for it (or any unknown id) gets
@@ -929,7 +1040,10 @@ fn qos2_outbound_full_handshake() {
     let (mut p, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("q2out-pub", 1), true);
     publish_qos2(&mut p, "q2out/t", b"hs", 1);
     let m = s.recv_publish();
-    assert_eq!((m.qos, m.dup, &m.payload[..]), (QoS::ExactlyOnce, false, &b"hs"[..]));
+    assert_eq!(
+        (m.qos, m.dup, &m.payload[..]),
+        (QoS::ExactlyOnce, false, &b"hs"[..])
+    );
     assert_ne!(m.packet_id, 0);
     s.send(&pubrec(m.packet_id));
     let [hi, lo] = m.packet_id.to_be_bytes();
@@ -958,7 +1072,10 @@ fn qos2_outbound_publish_redelivered_with_dup_after_reconnect() {
     assert!(again.dup, "redelivered PUBLISH must have DUP=1");
     assert_eq!(again.packet_id, m.packet_id);
     assert_eq!(again.qos, QoS::ExactlyOnce);
-    assert_eq!((&*again.topic, &again.payload[..]), ("q2re/t", &b"again"[..]));
+    assert_eq!(
+        (&*again.topic, &again.payload[..]),
+        ("q2re/t", &b"again"[..])
+    );
     s.send(&pubrec(again.packet_id));
     match s.recv() {
         Some(Packet::PubRel(r)) => assert_eq!(r.packet_id, m.packet_id),
@@ -1029,7 +1146,10 @@ fn qos1_unacked_redelivered_with_dup_acked_not() {
         s.send(&puback(m.packet_id));
     }
     s.send_bytes(&[0xC0, 0x00]);
-    assert!(matches!(s.recv(), Some(Packet::PingResp)), "m1 was acked and must not come back");
+    assert!(
+        matches!(s.recv(), Some(Packet::PingResp)),
+        "m1 was acked and must not come back"
+    );
     drop(s);
 
     // Everything acked: nothing is redelivered.
@@ -1055,11 +1175,19 @@ fn session_takeover_disconnects_first_with_0x8e_and_resumes_session() {
 
         let (mut second, ack) = Raw::connect_with(b.addr, v5_connect(&id, false, 300));
         assert_eq!(ack.reason, 0);
-        assert!(ack.session_present, "clean start 0 resumes the taken-over session");
+        assert!(
+            ack.session_present,
+            "clean start 0 resumes the taken-over session"
+        );
         assert_eq!(first.expect_close(), Some(reason::SESSION_TAKEN_OVER));
 
         // The subscription moved with the session.
-        let (mut p, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("takeover-pub", 1 - shard), true);
+        let (mut p, _) = Raw::connect(
+            b.addr,
+            Version::V5,
+            &b.id_on_shard("takeover-pub", 1 - shard),
+            true,
+        );
         publish_qos1(&mut p, &topic, b"to second", 1);
         let m = second.recv_publish();
         assert_eq!(&m.payload[..], b"to second");
@@ -1096,7 +1224,10 @@ fn topic_alias_zero_gets_disconnect_0x94() {
 fn topic_alias_above_maximum_gets_disconnect_0x94() {
     let b = TestBroker::start(2);
     let (mut c, ack) = Raw::connect(b.addr, Version::V5, "alias-max", true);
-    let max = ack.properties.topic_alias_maximum.expect("CONNACK Topic Alias Maximum");
+    let max = ack
+        .properties
+        .topic_alias_maximum
+        .expect("CONNACK Topic Alias Maximum");
     assert_eq!(max, 32);
     c.send(&alias_publish("al/t", max, b"ok"));
     c.send(&alias_publish("al/t", max + 1, b"x"));
@@ -1131,8 +1262,27 @@ fn topic_alias_set_then_used_delivers_full_topic() {
     for (topic, payload) in want {
         let m = s.recv_publish();
         assert_eq!((&*m.topic, &m.payload[..]), (topic, payload));
-        assert_eq!(m.properties.topic_alias, None, "subscriber did not allow aliases");
+        assert_eq!(
+            m.properties.topic_alias, None,
+            "subscriber did not allow aliases"
+        );
     }
+}
+
+#[test]
+fn topic_alias_does_not_survive_a_reconnect() {
+    let b = TestBroker::start(2);
+    let id = b.id_on_shard("alias-reconnect", 0);
+    let (mut c, _) = Raw::connect_with(b.addr, v5_connect(&id, true, 300));
+    c.send(&alias_publish("alias/r", 2, b"set"));
+    c.send_bytes(&[0xC0, 0x00]);
+    assert!(matches!(c.recv(), Some(Packet::PingResp)));
+    drop(c);
+    // Aliases belong to the network connection, not the session.
+    let (mut c, ack) = Raw::connect_with(b.addr, v5_connect(&id, false, 300));
+    assert!(ack.session_present);
+    c.send(&alias_publish("", 2, b"use"));
+    assert_eq!(c.expect_close(), Some(reason::PROTOCOL_ERROR));
 }
 
 // ---------------------------------------------------------------------------
@@ -1184,10 +1334,22 @@ fn normal_disconnect_closes_without_reply() {
 fn encode_helper_matches_codec() {
     // The literal builders above agree with the codec for a plain PUBLISH.
     let p = Packet::Publish(publish("a/b", b"x", QoS::AtLeastOnce, false, 1));
-    assert_eq!(encode(&p, Version::V5), v5_publish_bytes(0x32, b"a/b", Some(1), &[], b"x"));
-    assert_eq!(encode(&p, Version::V3_1_1), v311_publish_bytes(0x32, b"a/b", Some(1), b"x"));
+    assert_eq!(
+        encode(&p, Version::V5),
+        v5_publish_bytes(0x32, b"a/b", Some(1), &[], b"x")
+    );
+    assert_eq!(
+        encode(&p, Version::V3_1_1),
+        v311_publish_bytes(0x32, b"a/b", Some(1), b"x")
+    );
     let c = Packet::Connect(Box::new(connect_packet(Version::V3_1_1, "id", true)));
-    assert_eq!(encode(&c, Version::V3_1_1), connect_frame(b"MQTT", 4, 0x02, &field(b"id")));
+    assert_eq!(
+        encode(&c, Version::V3_1_1),
+        connect_frame(b"MQTT", 4, 0x02, &field(b"id"))
+    );
     let c = Packet::Connect(Box::new(connect_packet(Version::V5, "id", false)));
-    assert_eq!(encode(&c, Version::V5), connect_frame(b"MQTT", 5, 0x00, &field(b"id")));
+    assert_eq!(
+        encode(&c, Version::V5),
+        connect_frame(b"MQTT", 5, 0x00, &field(b"id"))
+    );
 }

@@ -18,7 +18,7 @@ pub(crate) fn decode(body: &Bytes) -> Result<Auth, DecodeError> {
     if r.remaining() > 0 {
         a.reason = r.u8()?;
         if r.remaining() > 0 {
-            a.properties = properties::decode(&mut r, PropKind::Auth)?;
+            properties::decode(&mut r, PropKind::Auth, &mut a.properties)?;
         }
     }
     r.finish()?;

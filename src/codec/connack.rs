@@ -49,13 +49,14 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<ConnAck, DecodeEr
         ));
     }
     let code = r.u8()?;
-    let (reason, properties) = if version.is_v5() {
-        (code, properties::decode(&mut r, PropKind::ConnAck)?)
+    let mut properties = Properties::default();
+    let reason = if version.is_v5() {
+        properties::decode(&mut r, PropKind::ConnAck, &mut properties)?;
+        code
     } else {
-        let reason = reason_from_v3(code).ok_or(DecodeError::Malformed(
+        reason_from_v3(code).ok_or(DecodeError::Malformed(
             "[MQTT-3.2.2.3] reserved CONNACK return code",
-        ))?;
-        (reason, Properties::default())
+        ))?
     };
     r.finish()?;
     Ok(ConnAck {

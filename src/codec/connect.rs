@@ -73,11 +73,10 @@ fn check_flags(flags: u8, version: Version) -> Result<(), DecodeError> {
 }
 
 fn read_will(r: &mut Reader<'_>, flags: u8, version: Version) -> Result<Will, DecodeError> {
-    let properties = if version.is_v5() {
-        properties::decode(r, PropKind::Will)?
-    } else {
-        Properties::default()
-    };
+    let mut properties = Properties::default();
+    if version.is_v5() {
+        properties::decode(r, PropKind::Will, &mut properties)?;
+    }
     let topic = r.topic()?;
     let payload = r.binary()?;
     let qos = QoS::from_u8((flags >> WILL_QOS_SHIFT) & 0x03)
@@ -98,11 +97,10 @@ pub(crate) fn decode(body: &Bytes) -> Result<Connect, DecodeError> {
     let flags = r.u8()?;
     check_flags(flags, version)?;
     let keep_alive = r.u16()?;
-    let properties = if version.is_v5() {
-        properties::decode(&mut r, PropKind::Connect)?
-    } else {
-        Properties::default()
-    };
+    let mut properties = Properties::default();
+    if version.is_v5() {
+        properties::decode(&mut r, PropKind::Connect, &mut properties)?;
+    }
     let client_id = r.string()?;
     let will = match flags & WILL {
         0 => None,

@@ -16,7 +16,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<Disconnect, Decod
     if version.is_v5() && r.remaining() > 0 {
         d.reason = r.u8()?;
         if r.remaining() > 0 {
-            d.properties = properties::decode(&mut r, PropKind::Disconnect)?;
+            properties::decode(&mut r, PropKind::Disconnect, &mut d.properties)?;
         }
     }
     r.finish()?;

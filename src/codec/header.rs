@@ -109,3 +109,17 @@ pub(crate) fn write(out: &mut BytesMut, byte0: u8, remaining: usize) {
     out.reserve(1 + n + remaining);
     out.put_slice(&tmp[..1 + n]);
 }
+
+/// Like [`write`], followed by the big-endian `first` (the first field of
+/// the body), in one `put_slice`.
+#[inline]
+pub(crate) fn write_with_u16(out: &mut BytesMut, byte0: u8, remaining: usize, first: u16) {
+    let mut tmp = [0u8; 7];
+    tmp[0] = byte0;
+    let mut vbi = [0u8; 4];
+    let n = vbi_bytes(remaining, &mut vbi);
+    tmp[1..1 + n].copy_from_slice(&vbi[..n]);
+    tmp[1 + n..3 + n].copy_from_slice(&first.to_be_bytes());
+    out.reserve(1 + n + remaining);
+    out.put_slice(&tmp[..3 + n]);
+}

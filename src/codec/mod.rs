@@ -35,8 +35,8 @@ mod error;
 mod header;
 mod packet;
 mod ping;
-pub mod primitives;
-pub mod properties;
+mod primitives;
+mod properties;
 mod publish;
 mod pubresp;
 mod suback;
@@ -52,6 +52,10 @@ pub use error::DecodeError;
 pub use packet::*;
 
 use header::kind;
+
+/// Largest packet MQTT can express: a 5-byte fixed header plus the largest
+/// remaining length (268,435,455). A useful upper bound for `max_packet_size`.
+pub const MAX_PACKET_SIZE: usize = 5 + primitives::MAX_VARIABLE_BYTE_INTEGER;
 
 /// Decode one packet from the front of `buf`. Ok(None) = need more bytes (buf untouched).
 /// `version` is the connection's version, used for every packet except CONNECT (which carries its own).
@@ -80,17 +84,19 @@ pub fn decode(
     if buf.len() < size {
         return Ok(None);
     }
-    let mut frame = buf.split_to(size);
-    frame.advance(h.len);
-    decode_body(h.byte0, frame.freeze(), version).map(Some)
+    let mut body = buf.split_to(size).freeze();
+    body.advance(h.len);
+    if h.byte0 >> 4 == kind::PUBLISH {
+        // Built in place in the return value: a `Packet` is large.
+        return publish::decode(h.byte0 & 0x0F, body, version);
+    }
+    decode_body(h.byte0, body, version).map(Some)
 }
 
-/// Decodes the body of a packet whose fixed header (first byte `byte0`) has
-/// been checked.
-#[inline]
+/// Decodes the body of a packet other than PUBLISH whose fixed header (first
+/// byte `byte0`) has been checked.
 fn decode_body(byte0: u8, body: Bytes, version: Version) -> Result<Packet, DecodeError> {
     Ok(match byte0 >> 4 {
-        kind::PUBLISH => Packet::Publish(publish::decode(byte0 & 0x0F, body, version)?),
         kind::CONNECT => Packet::Connect(Box::new(connect::decode(&body)?)),
         kind::CONNACK => Packet::ConnAck(connack::decode(&body, version)?),
         kind::PUBACK => Packet::PubAck(pubresp::decode(&body, version)?),

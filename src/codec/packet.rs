@@ -195,8 +195,8 @@ pub struct Will {
 }
 
 /// CONNACK. `reason` is always an MQTT 5.0 reason code; the encoder maps it to
-/// a 3.x return code (0x84 → 1, 0x85 → 2, 0x86 → 4, 0x87 → 5, other failures
-/// → 3) and the decoder maps 3.x return codes back.
+/// a 3.x return code (0x84 → 1, 0x85 → 2, 0x86 and 0x8C → 4, 0x87 and 0x8A →
+/// 5, other failures → 3) and the decoder maps 3.x return codes back.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConnAck {
     /// Session Present flag.

@@ -188,17 +188,23 @@ impl PropKind {
     }
 
     /// True when `id` is allowed in this kind.
+    #[cfg(test)]
     pub const fn allows(self, id: u8) -> bool {
         id < 64 && self.allowed() & bit(id) != 0
     }
 }
 
-/// Reads a property length and the property list that follows it.
-pub(crate) fn decode(r: &mut Reader<'_>, kind: PropKind) -> Result<Properties, DecodeError> {
+/// Reads a property length and the property list that follows it into
+/// `props` (which starts empty; filled in place because `Properties` is
+/// large).
+pub(crate) fn decode(
+    r: &mut Reader<'_>,
+    kind: PropKind,
+    props: &mut Properties,
+) -> Result<(), DecodeError> {
     let len = r.vbi()? as usize;
-    let mut props = Properties::default();
     if len == 0 {
-        return Ok(props);
+        return Ok(());
     }
     if len > r.remaining() {
         return Err(DecodeError::Malformed(
@@ -227,9 +233,9 @@ pub(crate) fn decode(r: &mut Reader<'_>, kind: PropKind) -> Result<Properties, D
             ));
         }
         seen |= b;
-        read_value(&mut pr, id as u8, &mut props)?;
+        read_value(&mut pr, id as u8, props)?;
     }
-    Ok(props)
+    Ok(())
 }
 
 /// A byte property whose only legal values are 0 and 1.
@@ -404,7 +410,8 @@ impl Sink for Write<'_> {
 
 /// Visits, in identifier order, every set property that `kind` allows.
 fn walk<S: Sink>(p: &Properties, kind: PropKind, s: &mut S) {
-    let ok = |id: u8| kind.allows(id);
+    let allowed = kind.allowed();
+    let ok = |id: u8| allowed & bit(id) != 0;
     let byte = |s: &mut S, id: u8, v: Option<u8>| match v {
         Some(v) if ok(id) => s.byte(id, v),
         _ => {}
@@ -512,10 +519,28 @@ fn walk<S: Sink>(p: &Properties, kind: PropKind, s: &mut S) {
 }
 
 /// Size of the property list of `p` for `kind`, without its length prefix.
+#[inline]
 pub(crate) fn len(p: &Properties, kind: PropKind) -> usize {
+    if kind == PropKind::Publish && !has_message_properties(p) {
+        // The hot path: a PUBLISH without properties.
+        return 0;
+    }
     let mut l = Len(0);
     walk(p, kind, &mut l);
     l.0
+}
+
+/// True when any property a PUBLISH may carry is set.
+#[inline]
+fn has_message_properties(p: &Properties) -> bool {
+    p.payload_format_indicator.is_some()
+        || p.message_expiry_interval.is_some()
+        || p.content_type.is_some()
+        || p.response_topic.is_some()
+        || p.correlation_data.is_some()
+        || !p.subscription_identifiers.is_empty()
+        || p.topic_alias.is_some()
+        || !p.user_properties.is_empty()
 }
 
 /// Size of the property length prefix plus a list of `len` bytes.

@@ -8,16 +8,21 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::header::{self, kind};
-use super::primitives::{field_len, put_prefixed, Reader};
+use super::primitives::{field_len, Reader, MAX_FIELD_LEN};
 use super::properties::{self, PropKind};
-use super::{DecodeError, Properties, Publish, QoS, Version};
+use super::{DecodeError, Packet, Properties, Publish, QoS, Version};
 
 const DUP: u8 = 0x08;
 const RETAIN: u8 = 0x01;
 
-/// Decodes a PUBLISH from its fixed header flags and body.
+/// Decodes a PUBLISH from its fixed header flags and body. Returns the
+/// `decode` result directly so that the large `Packet` is built in place.
 #[inline]
-pub(crate) fn decode(flags: u8, mut body: Bytes, version: Version) -> Result<Publish, DecodeError> {
+pub(crate) fn decode(
+    flags: u8,
+    mut body: Bytes,
+    version: Version,
+) -> Result<Option<Packet>, DecodeError> {
     let qos = QoS::from_u8((flags >> 1) & 0x03)
         .ok_or(DecodeError::Malformed("[MQTT-3.3.1-4] PUBLISH QoS is 3"))?;
     let dup = flags & DUP != 0;
@@ -37,14 +42,13 @@ pub(crate) fn decode(flags: u8, mut body: Bytes, version: Version) -> Result<Pub
             ));
         }
     }
-    let properties = if version.is_v5() {
-        properties::decode(&mut r, PropKind::Publish)?
-    } else {
-        Properties::default()
-    };
+    let mut properties = Properties::default();
+    if version.is_v5() {
+        properties::decode(&mut r, PropKind::Publish, &mut properties)?;
+    }
     let consumed = r.position();
     body.advance(consumed);
-    Ok(Publish {
+    Ok(Some(Packet::Publish(Publish {
         dup,
         qos,
         retain: flags & RETAIN != 0,
@@ -52,7 +56,7 @@ pub(crate) fn decode(flags: u8, mut body: Bytes, version: Version) -> Result<Pub
         packet_id,
         payload: body,
         properties,
-    })
+    })))
 }
 
 /// (remaining length, property list length).
@@ -88,8 +92,14 @@ pub(crate) fn encode(p: &Publish, version: Version, out: &mut BytesMut) {
     if p.retain {
         byte0 |= RETAIN;
     }
-    header::write(out, byte0, remaining);
-    put_prefixed(out, p.topic.as_bytes());
+    let topic = p.topic.as_bytes();
+    assert!(
+        topic.len() <= MAX_FIELD_LEN,
+        "topic of {} bytes exceeds 65535",
+        topic.len()
+    );
+    header::write_with_u16(out, byte0, remaining, topic.len() as u16);
+    out.put_slice(topic);
     if p.qos != QoS::AtMostOnce {
         out.put_u16(p.packet_id);
     }

@@ -24,7 +24,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<PubResp, DecodeEr
     if version.is_v5() && r.remaining() > 0 {
         resp.reason = r.u8()?;
         if r.remaining() > 0 {
-            resp.properties = properties::decode(&mut r, PropKind::PubResp)?;
+            properties::decode(&mut r, PropKind::PubResp, &mut resp.properties)?;
         }
     }
     r.finish()?;

@@ -12,11 +12,10 @@ use super::{DecodeError, Properties, SubAck, Version};
 pub(crate) fn decode(body: &Bytes, version: Version) -> Result<SubAck, DecodeError> {
     let mut r = Reader::new(body);
     let packet_id = r.u16()?;
-    let properties = if version.is_v5() {
-        properties::decode(&mut r, PropKind::SubAck)?
-    } else {
-        Properties::default()
-    };
+    let mut properties = Properties::default();
+    if version.is_v5() {
+        properties::decode(&mut r, PropKind::SubAck, &mut properties)?;
+    }
     let reasons = r.take(r.remaining())?.to_vec();
     if reasons.is_empty() {
         return Err(DecodeError::Protocol(

@@ -65,11 +65,10 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<Subscribe, Decode
             "[MQTT-2.2.1-3] SUBSCRIBE has packet identifier 0",
         ));
     }
-    let properties = if version.is_v5() {
-        properties::decode(&mut r, PropKind::Subscribe)?
-    } else {
-        Properties::default()
-    };
+    let mut properties = Properties::default();
+    if version.is_v5() {
+        properties::decode(&mut r, PropKind::Subscribe, &mut properties)?;
+    }
     let mut filters = Vec::new();
     while r.remaining() > 0 {
         let filter = r.string()?;

@@ -21,7 +21,8 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<UnsubAck, DecodeE
             properties: Properties::default(),
         });
     }
-    let properties = properties::decode(&mut r, PropKind::UnsubAck)?;
+    let mut properties = Properties::default();
+    properties::decode(&mut r, PropKind::UnsubAck, &mut properties)?;
     let reasons = r.take(r.remaining())?.to_vec();
     if reasons.is_empty() {
         return Err(DecodeError::Protocol(

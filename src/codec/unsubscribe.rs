@@ -16,11 +16,10 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<Unsubscribe, Deco
             "[MQTT-2.2.1-3] UNSUBSCRIBE has packet identifier 0",
         ));
     }
-    let properties = if version.is_v5() {
-        properties::decode(&mut r, PropKind::Unsubscribe)?
-    } else {
-        Properties::default()
-    };
+    let mut properties = Properties::default();
+    if version.is_v5() {
+        properties::decode(&mut r, PropKind::Unsubscribe, &mut properties)?;
+    }
     let mut filters = Vec::new();
     while r.remaining() > 0 {
         filters.push(r.string()?);

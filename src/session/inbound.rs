@@ -62,6 +62,10 @@ impl Session {
     }
 
     fn on_publish(&mut self, now: Instant, mut p: Publish) {
+        if !p.properties.subscription_identifiers.is_empty() {
+            let why = "[MQTT-3.3.4-6] a client PUBLISH carries a Subscription Identifier";
+            return self.violation(now, reason::PROTOCOL_ERROR, why);
+        }
         if let Err((code, why)) = self.resolve_topic(&mut p) {
             return self.violation(now, code, &why);
         }

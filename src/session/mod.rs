@@ -214,6 +214,11 @@ pub struct Session {
     inbound_qos2: HashSet<u16>,
     transmit: VecDeque<Packet>,
     actions: VecDeque<Action>,
+    /// Retained-message gathers from other shards still outstanding.
+    gathers_pending: u32,
+    /// Live deliveries that arrived during a gather: they go out after the
+    /// retained messages, which must come first.
+    held: VecDeque<(Arc<Message>, Delivery)>,
     ended: bool,
     stats: SessionStats,
 }
@@ -234,6 +239,8 @@ impl Session {
             inbound_qos2: HashSet::new(),
             transmit: VecDeque::new(),
             actions: VecDeque::new(),
+            gathers_pending: 0,
+            held: VecDeque::new(),
             ended: false,
             stats: SessionStats::default(),
         }

@@ -91,7 +91,50 @@ impl Outbound {
 
 impl Session {
     /// Hand the session a message the router matched to its subscriptions.
+    /// While retained messages are being gathered for a new subscription,
+    /// live messages wait behind them (bounded by the queue limit).
     pub fn deliver(&mut self, now: Instant, message: &Arc<Message>, delivery: Delivery) {
+        if self.gathers_pending > 0 && !self.ended {
+            if self.held.len() >= self.limits.queue_messages_max {
+                self.stats.dropped_queue_full += 1;
+            } else {
+                self.held.push_back((message.clone(), delivery));
+            }
+            return;
+        }
+        self.deliver_now(now, message, delivery);
+    }
+
+    /// A retained-message gather for a new subscription has started on
+    /// another shard; live deliveries wait until it ends.
+    pub fn begin_retained_gather(&mut self) {
+        self.gathers_pending += 1;
+    }
+
+    /// Deliver retained messages for a subscription (ahead of held ones).
+    pub fn deliver_retained(
+        &mut self,
+        now: Instant,
+        messages: &[Arc<Message>],
+        delivery: &Delivery,
+    ) {
+        for m in messages {
+            self.deliver_now(now, m, delivery.clone());
+        }
+    }
+
+    /// One gather ended; when none is left, release the held deliveries.
+    pub fn end_retained_gather(&mut self, now: Instant) {
+        debug_assert!(self.gathers_pending > 0);
+        self.gathers_pending = self.gathers_pending.saturating_sub(1);
+        if self.gathers_pending == 0 {
+            for (m, d) in std::mem::take(&mut self.held) {
+                self.deliver_now(now, &m, d);
+            }
+        }
+    }
+
+    fn deliver_now(&mut self, now: Instant, message: &Arc<Message>, delivery: Delivery) {
         if self.ended {
             return;
         }

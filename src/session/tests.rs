@@ -598,3 +598,31 @@ fn second_connect_is_a_protocol_error() {
     let (p, _) = drain(&mut s);
     assert!(matches!(&p[..], [Packet::Disconnect(d)] if d.reason == reason::PROTOCOL_ERROR));
 }
+
+#[test]
+fn live_messages_wait_behind_a_retained_gather() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.connect(t0, connect(Version::V3_1_1, true, 0, None), false, None);
+    drain(&mut s);
+    s.begin_retained_gather();
+    let live = Arc::new(Message {
+        payload: Bytes::from_static(b"live"),
+        ..(*message(QoS::AtMostOnce, None)).clone()
+    });
+    s.deliver(t0, &live, delivery(QoS::AtMostOnce));
+    assert!(!s.has_transmit(), "held until the retained messages arrive");
+    let retained = Delivery {
+        retain: true,
+        ..delivery(QoS::AtMostOnce)
+    };
+    s.deliver_retained(t0, &[message(QoS::AtMostOnce, None)], &retained);
+    s.end_retained_gather(t0);
+    let (p, _) = drain(&mut s);
+    let pubs = publishes(&p);
+    assert_eq!((pubs[0].retain, &pubs[0].payload[..]), (true, &b"x"[..]));
+    assert_eq!(
+        (pubs[1].retain, &pubs[1].payload[..]),
+        (false, &b"live"[..])
+    );
+}

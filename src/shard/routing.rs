@@ -372,8 +372,11 @@ impl Shard {
         for owner in owners {
             if owner == self.id {
                 let messages = Self::matching_retained(st, now, filter);
-                Self::deliver_retained(st, now, &waiter, &messages);
+                Self::deliver_retained(st, now, &waiter, &messages, false);
             } else {
+                if let Some(slot) = st.sessions.get_mut(key) {
+                    slot.session.begin_retained_gather();
+                }
                 let query = MeshMsg::RetainedQuery {
                     filter: filter.clone(),
                     waiter: waiter.clone(),
@@ -399,11 +402,14 @@ impl Shard {
         out
     }
 
+    /// Retained messages for a new subscription; `gathered` when they come
+    /// from another shard (which ends one gather).
     fn deliver_retained(
         st: &mut State,
         now: Instant,
         waiter: &RetainedWaiter,
         messages: &[Arc<Message>],
+        gathered: bool,
     ) {
         let Some(slot) = st.sessions.get_mut(waiter.session) else {
             return;
@@ -411,13 +417,14 @@ impl Shard {
         if *slot.session.client_id() != waiter.client_id {
             return;
         }
-        for m in messages {
-            let delivery = Delivery {
-                qos: waiter.qos,
-                retain: true,
-                subscription_ids: waiter.subscription_id.into_iter().collect(),
-            };
-            slot.session.deliver(now, m, delivery);
+        let delivery = Delivery {
+            qos: waiter.qos,
+            retain: true,
+            subscription_ids: waiter.subscription_id.into_iter().collect(),
+        };
+        slot.session.deliver_retained(now, messages, &delivery);
+        if gathered {
+            slot.session.end_retained_gather(now);
         }
         Self::after_step(st, waiter.session);
     }
@@ -441,7 +448,7 @@ impl Shard {
                         .send(to, MeshMsg::RetainedReply { waiter, messages });
                 }
                 MeshMsg::RetainedReply { waiter, messages } => {
-                    Self::deliver_retained(&mut st, now, &waiter, &messages)
+                    Self::deliver_retained(&mut st, now, &waiter, &messages, true)
                 }
                 MeshMsg::Route {
                     filter,

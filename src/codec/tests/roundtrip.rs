@@ -1,0 +1,113 @@
+//! Property tests: encode → decode round trips, split buffers, back-to-back
+//! packets.
+
+use bytes::BytesMut;
+use proptest::prelude::*;
+
+use proptest::collection::vec;
+
+use super::strategies::{packet, publish, version, versioned_packet};
+use crate::codec::*;
+
+fn encoded(p: &Packet, v: Version) -> BytesMut {
+    let mut out = BytesMut::new();
+    encode(p, v, &mut out);
+    out
+}
+
+proptest! {
+    #[test]
+    fn encode_then_decode_is_identity((v, p) in versioned_packet()) {
+        let mut buf = encoded(&p, v);
+        prop_assert_eq!(buf.len(), encoded_len(&p, v));
+        let got = decode(&mut buf, v, MAX_PACKET_SIZE);
+        prop_assert_eq!(got, Ok(Some(p)));
+        prop_assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn encode_appends_after_existing_bytes((v, p) in versioned_packet(), prefix in 0usize..8) {
+        let mut out = BytesMut::from(&vec![0xAAu8; prefix][..]);
+        encode(&p, v, &mut out);
+        prop_assert_eq!(out.len(), prefix + encoded_len(&p, v));
+        prop_assert_eq!(&out[prefix..], &encoded(&p, v)[..]);
+    }
+
+    #[test]
+    fn every_prefix_needs_more_bytes((v, p) in versioned_packet()) {
+        let bytes = encoded(&p, v);
+        for n in 0..bytes.len() {
+            let mut buf = BytesMut::from(&bytes[..n]);
+            prop_assert_eq!(decode(&mut buf, v, MAX_PACKET_SIZE), Ok(None));
+            prop_assert_eq!(&buf[..], &bytes[..n]);
+        }
+        let mut buf = bytes.clone();
+        prop_assert_eq!(decode(&mut buf, v, MAX_PACKET_SIZE), Ok(Some(p)));
+    }
+
+    #[test]
+    fn split_feeding_decodes_the_same((v, p) in versioned_packet(), at in any::<prop::sample::Index>()) {
+        // Feed a prefix, then the rest, into one growing buffer.
+        let bytes = encoded(&p, v);
+        let at = at.index(bytes.len() + 1);
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&bytes[..at]);
+        if at < bytes.len() {
+            prop_assert_eq!(decode(&mut buf, v, MAX_PACKET_SIZE), Ok(None));
+            prop_assert_eq!(buf.len(), at);
+            buf.extend_from_slice(&bytes[at..]);
+        }
+        prop_assert_eq!(decode(&mut buf, v, MAX_PACKET_SIZE), Ok(Some(p)));
+        prop_assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn back_to_back_packets_decode_in_order(
+        (v, packets) in version().prop_flat_map(|v| (Just(v), vec(packet(v), 1..5)))
+    ) {
+        let mut buf = BytesMut::new();
+        for p in &packets {
+            encode(p, v, &mut buf);
+        }
+        for p in &packets {
+            prop_assert_eq!(decode(&mut buf, v, MAX_PACKET_SIZE), Ok(Some(p.clone())));
+        }
+        prop_assert!(buf.is_empty());
+        prop_assert_eq!(decode(&mut buf, v, MAX_PACKET_SIZE), Ok(None));
+    }
+
+    #[test]
+    fn two_packets_then_a_partial_one(
+        (v, a, b) in version().prop_flat_map(|v| (Just(v), packet(v), packet(v))),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut buf = encoded(&a, v);
+        buf.extend_from_slice(&encoded(&b, v));
+        let third = encoded(&a, v);
+        let cut = cut.index(third.len());
+        buf.extend_from_slice(&third[..cut]);
+        prop_assert_eq!(decode(&mut buf, v, MAX_PACKET_SIZE), Ok(Some(a)));
+        prop_assert_eq!(decode(&mut buf, v, MAX_PACKET_SIZE), Ok(Some(b)));
+        prop_assert_eq!(decode(&mut buf, v, MAX_PACKET_SIZE), Ok(None));
+        prop_assert_eq!(&buf[..], &third[..cut]);
+    }
+
+    #[test]
+    fn large_publish_round_trips(v in version(), p in version().prop_flat_map(|v| publish(v, 40_000))) {
+        // Payloads past 16 KiB take a 3-byte remaining length.
+        let v = if p.properties.is_empty() { v } else { Version::V5 };
+        let p = Packet::Publish(p);
+        let mut buf = encoded(&p, v);
+        prop_assert_eq!(buf.len(), encoded_len(&p, v));
+        prop_assert_eq!(decode(&mut buf, v, MAX_PACKET_SIZE), Ok(Some(p)));
+    }
+
+    #[test]
+    fn max_packet_size_is_inclusive((v, p) in versioned_packet()) {
+        let bytes = encoded(&p, v);
+        let n = bytes.len();
+        prop_assert_eq!(decode(&mut bytes.clone(), v, n), Ok(Some(p)));
+        let too_large = decode(&mut bytes.clone(), v, n - 1);
+        prop_assert_eq!(too_large, Err(DecodeError::PacketTooLarge { size: n, max: n - 1 }));
+    }
+}
