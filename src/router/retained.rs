@@ -90,6 +90,8 @@ impl<V> Children<V> {
             Children::Few(v) => match v.iter().position(|(l, _)| &**l == level) {
                 Some(i) => &mut v[i].1,
                 None => {
+                    // Grow one at a time: most nodes have one or two children.
+                    v.reserve_exact(1);
                     v.push((level.into(), RNode::default()));
                     &mut v.last_mut().expect("just pushed").1
                 }
@@ -135,6 +137,10 @@ impl<V> Children<V> {
         }
     }
 }
+
+/// A branch still to walk in `for_each_match`: the node, the rest of the
+/// filter below it, and whether the node is the root.
+type Pending<'a, V> = (&'a RNode<V>, Option<&'a str>, bool);
 
 /// Topic names (no wildcards) → `V`, searchable by filter without a full
 /// scan. Topics are expected to be valid names
@@ -201,8 +207,7 @@ impl<V> RetainedStore<V> {
     /// `+` = every child of a level, `#` = the whole subtree including the
     /// parent level itself.
     pub fn for_each_match(&self, filter: &str, mut f: impl FnMut(&str, &V)) {
-        // (node, rest of the filter below it, node is the root)
-        let mut stack: SmallVec<[(&RNode<V>, Option<&str>, bool); 16]> = SmallVec::new();
+        let mut stack: SmallVec<[Pending<'_, V>; 16]> = SmallVec::new();
         stack.push((&self.root, Some(filter), true));
         while let Some((node, rest, at_root)) = stack.pop() {
             let Some(rest) = rest else {

@@ -344,17 +344,21 @@ fn topic_level() -> impl Strategy<Value = &'static str> {
 
 /// A valid random filter: levels after the first `#` are dropped.
 fn filter() -> impl Strategy<Value = String> {
-    prop::collection::vec(filter_level(), 1..5).prop_map(|levels| {
-        let end = levels
-            .iter()
-            .position(|l| *l == "#")
-            .map_or(levels.len(), |i| i + 1);
-        levels[..end].join("/")
-    })
+    prop::collection::vec(filter_level(), 1..5)
+        .prop_map(|levels| {
+            let end = levels
+                .iter()
+                .position(|l| *l == "#")
+                .map_or(levels.len(), |i| i + 1);
+            levels[..end].join("/")
+        })
+        .prop_filter("non-empty", |f| !f.is_empty())
 }
 
 fn topic() -> impl Strategy<Value = String> {
-    prop::collection::vec(topic_level(), 1..5).prop_map(|levels| levels.join("/"))
+    prop::collection::vec(topic_level(), 1..5)
+        .prop_map(|levels| levels.join("/"))
+        .prop_filter("non-empty", |t| !t.is_empty())
 }
 
 proptest! {
@@ -403,6 +407,7 @@ proptest! {
         let mut store = RetainedStore::new();
         let mut model = BTreeSet::new();
         for t in &stored {
+            prop_assert_eq!(validate_topic_name(t, MAX), Ok(()));
             store.insert(t, t.clone());
             model.insert(t.clone());
         }

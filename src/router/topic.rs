@@ -171,7 +171,8 @@ pub fn has_wildcard(filter: &str) -> bool {
 /// `"a"` → `("a", None)`, `"a/"` → `("a", Some(""))`.
 #[inline]
 pub(crate) fn split_level(s: &str) -> (&str, Option<&str>) {
-    match s.find('/') {
+    // A byte loop beats `find` (memchr set-up) on short levels.
+    match s.bytes().position(|b| b == b'/') {
         Some(i) => (&s[..i], Some(&s[i + 1..])),
         None => (s, None),
     }

@@ -196,6 +196,8 @@ impl<K: Eq + Hash + Clone, V> FilterTrie<K, V> {
     /// particular order. Does not allocate unless more than 16 branches are
     /// pending at once.
     pub fn for_each_match(&self, topic: &str, mut f: impl FnMut(&K, &V)) {
+        // `+` branches wait on the stack; the named branch is followed in
+        // place, so a plain path never round-trips through memory.
         let mut stack: SmallVec<[(u32, Option<&str>); 16]> = SmallVec::new();
         let root = &self.nodes[ROOT as usize];
         let (first, rest) = split_level(topic);
@@ -205,10 +207,8 @@ impl<K: Eq + Hash + Clone, V> FilterTrie<K, V> {
                 stack.push((root.plus, rest));
             }
         }
-        if let Some(child) = self.named(ROOT, root, first) {
-            stack.push((child, rest));
-        }
-        while let Some((id, rest)) = stack.pop() {
+        let mut next = self.named(ROOT, root, first).map(|id| (id, rest));
+        while let Some((id, rest)) = next.take().or_else(|| stack.pop()) {
             let node = &self.nodes[id as usize];
             self.emit_hash(node, &mut f);
             let Some(rest) = rest else {
@@ -219,9 +219,7 @@ impl<K: Eq + Hash + Clone, V> FilterTrie<K, V> {
             if node.plus != NONE {
                 stack.push((node.plus, rest));
             }
-            if let Some(child) = self.named(id, node, level) {
-                stack.push((child, rest));
-            }
+            next = self.named(id, node, level).map(|id| (id, rest));
         }
     }
 

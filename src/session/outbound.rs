@@ -10,15 +10,15 @@ use crate::message::Message;
 
 use super::{Conn, Delivery, OverflowPolicy, Session, SubIds};
 
-/// Where an outbound QoS 1/2 message is in its handshake.
+/// Which acknowledgement an outbound QoS 1/2 message waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Stage {
+pub(super) enum Awaiting {
     /// QoS 1 PUBLISH sent, waiting for PUBACK.
-    AwaitAck,
+    Ack,
     /// QoS 2 PUBLISH sent, waiting for PUBREC.
-    AwaitRec,
+    Rec,
     /// PUBREL sent, waiting for PUBCOMP.
-    AwaitComp,
+    Comp,
 }
 
 /// A message sent with a packet id and not yet acknowledged.
@@ -29,7 +29,7 @@ pub(super) struct Inflight {
     pub(super) qos: QoS,
     pub(super) retain: bool,
     pub(super) subscription_ids: SubIds,
-    pub(super) stage: Stage,
+    pub(super) stage: Awaiting,
 }
 
 /// A message waiting for the window or for the client to come back.
@@ -236,9 +236,9 @@ impl Session {
             return;
         }
         let stage = if delivery.qos == QoS::AtLeastOnce {
-            Stage::AwaitAck
+            Awaiting::Ack
         } else {
-            Stage::AwaitRec
+            Awaiting::Rec
         };
         self.out.inflight.push_back(Inflight {
             packet_id,
@@ -298,7 +298,7 @@ impl Session {
     pub(super) fn redeliver(&mut self, now: Instant) {
         let inflight = std::mem::take(&mut self.out.inflight);
         for m in inflight {
-            if m.stage == Stage::AwaitComp {
+            if m.stage == Awaiting::Comp {
                 self.transmit.push_back(Packet::PubRel(PubResp {
                     packet_id: m.packet_id,
                     ..PubResp::default()
@@ -321,7 +321,7 @@ impl Session {
     /// PUBACK from the client.
     pub(super) fn on_puback(&mut self, now: Instant, ack: &PubResp) {
         match self.out.position(ack.packet_id) {
-            Some(i) if self.out.inflight[i].stage == Stage::AwaitAck => {
+            Some(i) if self.out.inflight[i].stage == Awaiting::Ack => {
                 self.out.inflight.remove(i);
                 self.pump(now);
             }
@@ -343,7 +343,7 @@ impl Session {
                 return;
             }
             Some(i) => {
-                self.out.inflight[i].stage = Stage::AwaitComp;
+                self.out.inflight[i].stage = Awaiting::Comp;
                 0
             }
             None => codec::reason::PACKET_IDENTIFIER_NOT_FOUND,
@@ -358,7 +358,7 @@ impl Session {
     /// PUBCOMP from the client.
     pub(super) fn on_pubcomp(&mut self, now: Instant, comp: &PubResp) {
         match self.out.position(comp.packet_id) {
-            Some(i) if self.out.inflight[i].stage == Stage::AwaitComp => {
+            Some(i) if self.out.inflight[i].stage == Awaiting::Comp => {
                 self.out.inflight.remove(i);
                 self.pump(now);
             }

@@ -270,12 +270,15 @@ impl Shard {
             }
         };
         let version = connect.version;
+        st.last_conn_id += 1;
+        let conn_id = st.last_conn_id;
         let slot = st.sessions.get_mut(key).expect("just inserted or resumed");
         let attached = slot
             .session
             .connect(now, connect, resumed.is_some(), assigned.as_deref());
         let handle = Rc::new(ConnHandle {
             key,
+            id: conn_id,
             generation: attached.generation,
             version,
             wake: Default::default(),
@@ -283,6 +286,8 @@ impl Shard {
             last_packets: Default::default(),
         });
         slot.conn = Some(handle.clone());
+        // Acks awaited for an earlier connection's subscribes are moot.
+        slot.held_for_routes = 0;
         st.stats.connections += 1;
         self.drive(&mut st, key, now);
         Ok(handle)
@@ -295,7 +300,8 @@ impl Shard {
         let Some(slot) = st.sessions.get_mut(conn.key) else {
             return;
         };
-        if slot.session.generation() != conn.generation || slot.held_for_routes > 0 {
+        let current = slot.conn.as_ref().is_some_and(|c| c.id == conn.id);
+        if !current || slot.held_for_routes > 0 {
             return;
         }
         while out.len() < limit {
@@ -330,7 +336,7 @@ async fn serve(
     let writer = glommio::spawn_local(write_loop(shard.clone(), handle.clone(), stream.clone()));
     read_loop(&shard, &handle, stream.clone(), buffered).await;
     if !handle.closing.get() {
-        shard.on_connection_lost(handle.key, handle.generation, Instant::now());
+        shard.on_connection_lost(&handle, Instant::now());
     }
     writer.await;
 }
@@ -342,11 +348,11 @@ async fn read_loop(shard: &Shard, conn: &ConnHandle, mut stream: SharedStream, m
         let now = Instant::now();
         loop {
             match codec::decode(&mut buf, conn.version, max) {
-                Ok(Some(packet)) => shard.on_packet(conn.key, conn.generation, now, packet),
+                Ok(Some(packet)) => shard.on_packet(conn, now, packet),
                 Ok(None) => break,
                 Err(e) => {
                     let why = e.to_string();
-                    shard.on_bad_bytes(conn.key, conn.generation, now, e.reason_code(), &why);
+                    shard.on_bad_bytes(conn, now, e.reason_code(), &why);
                     return;
                 }
             }
@@ -368,6 +374,9 @@ async fn read_loop(shard: &Shard, conn: &ConnHandle, mut stream: SharedStream, m
     }
 }
 
+// The RefCell borrow at the end is held over glommio's shutdown, which is a
+// plain syscall ready at its first poll: no other task runs meanwhile.
+#[allow(clippy::await_holding_refcell_ref)]
 async fn write_loop(shard: Rc<Shard>, conn: Rc<ConnHandle>, mut stream: SharedStream) {
     let limit = shard.config.server.write_buffer_bytes;
     let mut out = BytesMut::with_capacity(512);

@@ -111,15 +111,15 @@ pub enum MeshMsg {
         key: RouteKey,
         /// Gained (true) or lost (false).
         add: bool,
-        /// Acknowledge to (shard, session, generation) once applied.
+        /// Acknowledge to (shard, session, connection id) once applied.
         ack_to: Option<(usize, SessionKey, u64)>,
     },
     /// A route delta was applied by the sending shard.
     RouteAck {
         /// The subscribing session.
         session: SessionKey,
-        /// Its connection generation when it subscribed.
-        generation: u64,
+        /// Its connection when it subscribed.
+        conn_id: u64,
     },
     /// A connection whose home is the receiving shard.
     Handoff(Box<Handoff>),

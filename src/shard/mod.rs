@@ -66,6 +66,10 @@ pub struct SubEntry {
 #[derive(Debug)]
 pub struct ConnHandle {
     key: SessionKey,
+    /// Unique among this shard's connections, ever: a stale task or message
+    /// can never be mistaken for a later connection that reuses the key.
+    id: u64,
+    /// The session's generation for this connection.
     generation: u64,
     version: Version,
     /// Wakes the writer: packets are waiting, or the connection is closing.
@@ -128,6 +132,8 @@ struct State {
     /// publishing side, of member on the serving side).
     shared_next: HashMap<mesh::SharedPick, usize>,
     timers: BinaryHeap<Reverse<(Instant, SessionKey)>>,
+    /// Last connection id handed out.
+    last_conn_id: u64,
     stats: ShardStats,
 }
 
@@ -184,6 +190,7 @@ impl Shard {
                 retained: RetainedStore::new(),
                 shared_next: HashMap::new(),
                 timers: BinaryHeap::new(),
+                last_conn_id: 0,
                 stats: ShardStats::default(),
             }),
         }
@@ -204,50 +211,32 @@ impl Shard {
         self.state.borrow().stats
     }
 
-    /// A packet read from the connection `generation` of session `key`.
-    pub fn on_packet(&self, key: SessionKey, generation: u64, now: Instant, packet: Packet) {
-        let mut st = self.state.borrow_mut();
-        let Some(slot) = st.sessions.get_mut(key) else {
-            return;
-        };
-        if slot.session.generation() != generation || !slot.session.is_connected() {
-            return;
-        }
-        slot.session.handle_packet(now, packet);
-        self.drive(&mut st, key, now);
+    /// A packet read from connection `conn`.
+    pub fn on_packet(&self, conn: &ConnHandle, now: Instant, packet: Packet) {
+        self.with_session(conn, now, |s| s.handle_packet(now, packet));
     }
 
     /// A decode error on the connection: DISCONNECT with its reason code.
-    pub fn on_bad_bytes(
-        &self,
-        key: SessionKey,
-        generation: u64,
-        now: Instant,
-        reason: u8,
-        why: &str,
-    ) {
-        self.with_session(key, generation, now, |s| s.violation(now, reason, why));
+    pub fn on_bad_bytes(&self, conn: &ConnHandle, now: Instant, reason: u8, why: &str) {
+        self.with_session(conn, now, |s| s.violation(now, reason, why));
     }
 
     /// The connection's socket ended (EOF or error) without DISCONNECT.
-    pub fn on_connection_lost(&self, key: SessionKey, generation: u64, now: Instant) {
-        self.with_session(key, generation, now, |s| s.connection_lost(now, generation));
+    pub fn on_connection_lost(&self, conn: &ConnHandle, now: Instant) {
+        let generation = conn.generation;
+        self.with_session(conn, now, |s| s.connection_lost(now, generation));
     }
 
-    fn with_session(
-        &self,
-        key: SessionKey,
-        generation: u64,
-        now: Instant,
-        f: impl FnOnce(&mut Session),
-    ) {
+    /// Run `f` on the session `conn` belongs to, if `conn` is still its
+    /// connection, then apply the session's actions.
+    fn with_session(&self, conn: &ConnHandle, now: Instant, f: impl FnOnce(&mut Session)) {
         let mut st = self.state.borrow_mut();
-        let Some(slot) = st.sessions.get_mut(key) else {
+        let Some(slot) = st.sessions.get_mut(conn.key) else {
             return;
         };
-        if slot.session.generation() == generation {
+        if slot.conn.as_ref().is_some_and(|c| c.id == conn.id) {
             f(&mut slot.session);
-            self.drive(&mut st, key, now);
+            self.drive(&mut st, conn.key, now);
         }
     }
 

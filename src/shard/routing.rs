@@ -115,10 +115,8 @@ impl Shard {
                 subscription_ids: sub.subscription_id.into_iter().collect(),
             };
             match &key.group {
-                None if ordinary => {
-                    if !(sub.options.no_local && no_local(key.session)) {
-                        targets.push(target);
-                    }
+                None if ordinary && !(sub.options.no_local && no_local(key.session)) => {
+                    targets.push(target);
                 }
                 None => {}
                 Some(group) => {
@@ -284,7 +282,8 @@ impl Shard {
         let ack_to = match st.sessions.get_mut(subscriber) {
             Some(slot) if add && self.shards > 1 => {
                 slot.held_for_routes += self.shards as u32 - 1;
-                Some((self.id, subscriber, slot.session.generation()))
+                let conn = slot.conn.as_ref().map_or(0, |c| c.id);
+                Some((self.id, subscriber, conn))
             }
             _ => None,
         };
@@ -297,9 +296,10 @@ impl Shard {
     }
 
     /// Another shard applied a route this session's subscribe created.
-    fn route_acked(st: &mut State, key: SessionKey, generation: u64) {
+    fn route_acked(st: &mut State, key: SessionKey, conn_id: u64) {
         if let Some(slot) = st.sessions.get_mut(key) {
-            if slot.session.generation() == generation && slot.held_for_routes > 0 {
+            let current = slot.conn.as_ref().is_some_and(|c| c.id == conn_id);
+            if current && slot.held_for_routes > 0 {
                 slot.held_for_routes -= 1;
                 if slot.held_for_routes == 0 {
                     if let Some(c) = &slot.conn {
@@ -457,20 +457,13 @@ impl Shard {
                     ack_to,
                 } => {
                     Self::apply_route(&mut st, &filter, key, add);
-                    if let Some((to, session, generation)) = ack_to {
-                        self.mesh.send(
-                            to,
-                            MeshMsg::RouteAck {
-                                session,
-                                generation,
-                            },
-                        );
+                    if let Some((to, session, conn_id)) = ack_to {
+                        self.mesh.send(to, MeshMsg::RouteAck { session, conn_id });
                     }
                 }
-                MeshMsg::RouteAck {
-                    session,
-                    generation,
-                } => Self::route_acked(&mut st, session, generation),
+                MeshMsg::RouteAck { session, conn_id } => {
+                    Self::route_acked(&mut st, session, conn_id)
+                }
                 MeshMsg::Handoff(h) => handoffs.push(*h),
             }
         }

@@ -56,11 +56,6 @@ impl<T> Slab<T> {
         self.len
     }
 
-    /// True when nothing is stored.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Keys of every stored value.
     pub fn keys(&self) -> impl Iterator<Item = u32> + '_ {
         self.slots
