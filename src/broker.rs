@@ -68,7 +68,7 @@ impl Broker {
         let addrs = resolve_listen(&config.server.listen)?;
         let mesh = MeshBuilder::<Batch, Full>::full(shards, config.mesh.lane_capacity);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(shards);
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = allowed_cpus();
         let mut broker = Broker {
             addrs: addrs.clone(),
             controls: Vec::new(),
@@ -76,10 +76,11 @@ impl Broker {
         };
         for id in 0..shards {
             let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
-            let placement = if config.server.pin_cpus && shards <= cpus {
-                Placement::Fixed(id)
-            } else {
-                Placement::Unbound
+            let placement = match &cpus {
+                Some(cpus) if config.server.pin_cpus && shards <= cpus.len() => {
+                    Placement::Fixed(cpus[id])
+                }
+                _ => Placement::Unbound,
             };
             let (config, mesh, addrs, ready) = (
                 config.clone(),
@@ -220,6 +221,28 @@ async fn run_shard(
     log::debug!("shard {id} stopped");
 }
 
+/// The CPUs this process may run on (its affinity mask, which a cgroup or
+/// `taskset` may have narrowed), from `/proc/self/status`.
+fn allowed_cpus() -> Option<Vec<usize>> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+    parse_cpu_list(list.trim())
+}
+
+/// Parse a kernel CPU list such as `0-3,8,10-11`.
+fn parse_cpu_list(list: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<usize>().ok()?..=b.parse::<usize>().ok()?),
+            None => cpus.push(part.parse().ok()?),
+        }
+    }
+    (!cpus.is_empty()).then_some(cpus)
+}
+
 /// Check each address is free (a plain bind, without SO_REUSEPORT, fails if
 /// another process listens there: with SO_REUSEPORT it would silently share
 /// the port) and resolve port 0 to a real port.
@@ -275,4 +298,17 @@ fn check_os_limits(config: &Config, shards: usize) -> Result<(), StartError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cpu_list;
+
+    #[test]
+    fn cpu_lists_parse_like_the_kernel_prints_them() {
+        assert_eq!(parse_cpu_list("0-1"), Some(vec![0, 1]));
+        assert_eq!(parse_cpu_list("0-2,5,8-9"), Some(vec![0, 1, 2, 5, 8, 9]));
+        assert_eq!(parse_cpu_list(""), None);
+        assert_eq!(parse_cpu_list("x"), None);
+    }
 }
