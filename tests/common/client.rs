@@ -33,7 +33,7 @@ pub enum Ev<P, E> {
 /// that were skipped while waiting for something else.
 pub struct Events<P, E> {
     rx: Receiver<Ev<P, E>>,
-    stash: VecDeque<Ev<P, E>>,
+    stash: VecDeque<Box<Ev<P, E>>>,
     task: JoinHandle<()>,
 }
 
@@ -43,7 +43,7 @@ impl<P: Debug, E: Debug> Events<P, E> {
     pub async fn find<T>(
         &mut self,
         wait: Duration,
-        mut f: impl FnMut(Ev<P, E>) -> Result<T, Ev<P, E>>,
+        mut f: impl FnMut(Box<Ev<P, E>>) -> Result<T, Box<Ev<P, E>>>,
     ) -> Option<T> {
         let mut i = 0;
         while i < self.stash.len() {
@@ -61,7 +61,7 @@ impl<P: Debug, E: Debug> Events<P, E> {
         let deadline = Instant::now() + wait;
         loop {
             match self.rx.try_recv() {
-                Ok(ev) => match f(ev) {
+                Ok(ev) => match f(Box::new(ev)) {
                     Ok(t) => return Some(t),
                     Err(ev) => self.stash.push_back(ev),
                 },
@@ -143,10 +143,10 @@ pub mod v3 {
             task,
         };
         let connack = events
-            .find(WAIT, |ev| match ev {
+            .find(WAIT, |ev| match *ev {
                 Ev::Packet(Packet::ConnAck(a)) => Ok(Ok(a)),
                 Ev::Closed(e) => Ok(Err(e)),
-                other => Err(other),
+                other => Err(Box::new(other)),
             })
             .await
             .expect("CONNACK within the wait")
@@ -166,10 +166,10 @@ pub mod v3 {
                 .await
                 .expect("request queued");
             self.events
-                .find(WAIT, |ev| match ev {
+                .find(WAIT, |ev| match *ev {
                     Ev::Packet(Packet::SubAck(a)) => Ok(a.return_codes),
                     Ev::Closed(e) => panic!("connection closed while subscribing: {e:?}"),
-                    other => Err(other),
+                    other => Err(Box::new(other)),
                 })
                 .await
                 .expect("SUBACK within the wait")
@@ -182,10 +182,10 @@ pub mod v3 {
                 .await
                 .expect("request queued");
             self.events
-                .find(WAIT, |ev| match ev {
+                .find(WAIT, |ev| match *ev {
                     Ev::Packet(Packet::UnsubAck(_)) => Ok(()),
                     Ev::Closed(e) => panic!("connection closed while unsubscribing: {e:?}"),
-                    other => Err(other),
+                    other => Err(Box::new(other)),
                 })
                 .await
                 .expect("UNSUBACK within the wait")
@@ -203,10 +203,10 @@ pub mod v3 {
         pub async fn publish_acked(&mut self, topic: &str, retain: bool, payload: &[u8]) {
             self.publish(topic, QoS::AtLeastOnce, retain, payload).await;
             self.events
-                .find(WAIT, |ev| match ev {
+                .find(WAIT, |ev| match *ev {
                     Ev::Packet(Packet::PubAck(_)) => Ok(()),
                     Ev::Closed(e) => panic!("connection closed while publishing: {e:?}"),
-                    other => Err(other),
+                    other => Err(Box::new(other)),
                 })
                 .await
                 .expect("PUBACK within the wait")
@@ -215,10 +215,10 @@ pub mod v3 {
         /// Next PUBLISH within `wait`, if any (panics if the connection ends).
         pub async fn try_next_publish(&mut self, wait: Duration) -> Option<Publish> {
             self.events
-                .find(wait, |ev| match ev {
+                .find(wait, |ev| match *ev {
                     Ev::Packet(Packet::Publish(p)) => Ok(p),
                     Ev::Closed(e) => panic!("connection closed while waiting for PUBLISH: {e:?}"),
-                    other => Err(other),
+                    other => Err(Box::new(other)),
                 })
                 .await
         }
@@ -244,9 +244,9 @@ pub mod v3 {
         /// Wait until the connection ends; returns the error that ended it.
         pub async fn closed(&mut self) -> ConnectionError {
             self.events
-                .find(WAIT, |ev| match ev {
+                .find(WAIT, |ev| match *ev {
                     Ev::Closed(e) => Ok(e),
-                    other => Err(other),
+                    other => Err(Box::new(other)),
                 })
                 .await
                 .expect("the connection closes within the wait")
@@ -286,9 +286,7 @@ pub mod v5 {
 
     /// Set the Session Expiry Interval in CONNECT (keeps other properties).
     pub fn set_session_expiry(o: &mut MqttOptions, seconds: u32) {
-        let mut props = o
-            .connect_properties()
-            .unwrap_or_else(ConnectProperties::new);
+        let mut props = o.connect_properties().unwrap_or_default();
         props.session_expiry_interval = Some(seconds);
         o.set_connect_properties(props);
     }
@@ -326,10 +324,10 @@ pub mod v5 {
             task,
         };
         let connack = events
-            .find(WAIT, |ev| match ev {
+            .find(WAIT, |ev| match *ev {
                 Ev::Packet(Packet::ConnAck(a)) => Ok(Ok(a)),
                 Ev::Closed(e) => Ok(Err(e)),
-                other => Err(other),
+                other => Err(Box::new(other)),
             })
             .await
             .expect("CONNACK within the wait")
@@ -383,10 +381,10 @@ pub mod v5 {
                 .await
                 .expect("request queued");
             self.events
-                .find(WAIT, |ev| match ev {
+                .find(WAIT, |ev| match *ev {
                     Ev::Packet(Packet::SubAck(a)) => Ok(a.return_codes),
                     Ev::Closed(e) => panic!("connection closed while subscribing: {e:?}"),
-                    other => Err(other),
+                    other => Err(Box::new(other)),
                 })
                 .await
                 .expect("SUBACK within the wait")
@@ -424,10 +422,10 @@ pub mod v5 {
         /// Wait for the next PUBACK from the broker.
         pub async fn puback(&mut self) {
             self.events
-                .find(WAIT, |ev| match ev {
+                .find(WAIT, |ev| match *ev {
                     Ev::Packet(Packet::PubAck(_)) => Ok(()),
                     Ev::Closed(e) => panic!("connection closed while publishing: {e:?}"),
-                    other => Err(other),
+                    other => Err(Box::new(other)),
                 })
                 .await
                 .expect("PUBACK within the wait")
@@ -442,10 +440,10 @@ pub mod v5 {
         /// Next PUBLISH within `wait`, if any (panics if the connection ends).
         pub async fn try_next_publish(&mut self, wait: Duration) -> Option<Publish> {
             self.events
-                .find(wait, |ev| match ev {
+                .find(wait, |ev| match *ev {
                     Ev::Packet(Packet::Publish(p)) => Ok(p),
                     Ev::Closed(e) => panic!("connection closed while waiting for PUBLISH: {e:?}"),
-                    other => Err(other),
+                    other => Err(Box::new(other)),
                 })
                 .await
         }
@@ -476,9 +474,9 @@ pub mod v5 {
         /// Wait until the connection ends; returns the error that ended it.
         pub async fn closed(&mut self) -> ConnectionError {
             self.events
-                .find(WAIT, |ev| match ev {
+                .find(WAIT, |ev| match *ev {
                     Ev::Closed(e) => Ok(e),
-                    other => Err(other),
+                    other => Err(Box::new(other)),
                 })
                 .await
                 .expect("the connection closes within the wait")
