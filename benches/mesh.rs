@@ -39,6 +39,7 @@ fn publish(m: &Arc<Message>) -> MeshMsg {
         message: m.clone(),
         ordinary: true,
         shared: SmallVec::new(),
+        hops: 0,
     }
 }
 

@@ -1212,7 +1212,6 @@ fn alias_publish(topic: &str, alias: u16, payload: &[u8]) -> Packet {
 }
 
 #[test]
-#[ignore = "broker bug: codec refuses Topic Alias 0 as protocol error 0x82 before the session's 0x94 check runs"]
 fn topic_alias_zero_gets_disconnect_0x94() {
     let b = TestBroker::start(2);
     let (mut c, _) = Raw::connect(b.addr, Version::V5, "alias0", true);

@@ -310,7 +310,9 @@ fn read_value(r: &mut Reader<'_>, id: u8, p: &mut Properties) -> Result<(), Deco
             p.receive_maximum = Some(nonzero_u16(r, "[MQTT-3.1.2.11.3] Receive Maximum is 0")?)
         }
         TOPIC_ALIAS_MAXIMUM => p.topic_alias_maximum = Some(r.u16()?),
-        TOPIC_ALIAS => p.topic_alias = Some(nonzero_u16(r, "[MQTT-3.3.2-8] Topic Alias is 0")?),
+        // Alias 0 ([MQTT-3.3.2-8]) is left to the session, which answers
+        // it like any alias outside 1..=maximum: DISCONNECT 0x94.
+        TOPIC_ALIAS => p.topic_alias = Some(r.u16()?),
         MAXIMUM_QOS => p.maximum_qos = Some(flag(r, "[MQTT-3.2.2.3.4] Maximum QoS is not 0 or 1")?),
         RETAIN_AVAILABLE => {
             p.retain_available = Some(flag(r, "[MQTT-3.2.2.3.5] Retain Available is not 0 or 1")?)

@@ -263,7 +263,7 @@ impl Shard {
                     session,
                     conn: None,
                     timer_at: None,
-                    held_for_routes: 0,
+                    held_acks: 0,
                 });
                 st.by_client.insert(id, key);
                 key
@@ -287,7 +287,7 @@ impl Shard {
         });
         slot.conn = Some(handle.clone());
         // Acks awaited for an earlier connection's subscribes are moot.
-        slot.held_for_routes = 0;
+        slot.held_acks = 0;
         st.stats.connections += 1;
         self.drive(&mut st, key, now);
         Ok(handle)
@@ -301,7 +301,7 @@ impl Shard {
             return;
         };
         let current = slot.conn.as_ref().is_some_and(|c| c.id == conn.id);
-        if !current || slot.held_for_routes > 0 {
+        if !current || slot.held_acks > 0 {
             return;
         }
         while out.len() < limit {

@@ -59,6 +59,18 @@ pub struct Handoff {
     pub assigned_client_id: Option<String>,
 }
 
+/// Whom to acknowledge once a mesh message has taken effect: a session
+/// whose output (a SUBACK, a PUBACK) waits until it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckTo {
+    /// Shard of the waiting session.
+    pub shard: usize,
+    /// The session.
+    pub session: SessionKey,
+    /// Its connection when it started waiting.
+    pub conn_id: u64,
+}
+
 /// A route replica change: `key` gained or lost subscribers of `filter`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum RouteKey {
@@ -85,10 +97,18 @@ pub enum MeshMsg {
         ordinary: bool,
         /// Shared subscriptions this shard serves for this message.
         shared: SmallVec<[SharedPick; 1]>,
+        /// Times a shared pick was forwarded because the chosen shard had
+        /// lost its members meanwhile (bounded by the shard count).
+        hops: u8,
     },
     /// Store (or, with an empty payload, delete) a retained message: the
     /// receiver owns its topic.
-    Retain(Arc<Message>),
+    Retain {
+        /// The message.
+        message: Arc<Message>,
+        /// Acknowledge once stored (a QoS 1/2 publisher's ack waits).
+        ack_to: Option<AckTo>,
+    },
     /// Send the retained messages matching `filter` to `waiter`.
     RetainedQuery {
         /// The subscription filter.
@@ -111,16 +131,11 @@ pub enum MeshMsg {
         key: RouteKey,
         /// Gained (true) or lost (false).
         add: bool,
-        /// Acknowledge to (shard, session, connection id) once applied.
-        ack_to: Option<(usize, SessionKey, u64)>,
+        /// Acknowledge once applied (the subscriber's SUBACK waits).
+        ack_to: Option<AckTo>,
     },
-    /// A route delta was applied by the sending shard.
-    RouteAck {
-        /// The subscribing session.
-        session: SessionKey,
-        /// Its connection when it subscribed.
-        conn_id: u64,
-    },
+    /// A route delta or retained store asked for acknowledgement took effect.
+    Ack(AckTo),
     /// A connection whose home is the receiving shard.
     Handoff(Box<Handoff>),
 }

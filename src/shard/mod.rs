@@ -95,9 +95,10 @@ struct SessionSlot {
     conn: Option<Rc<ConnHandle>>,
     /// Deadline registered in the timer heap (the earliest pending entry).
     timer_at: Option<Instant>,
-    /// Route acknowledgements still awaited from other shards; while
-    /// non-zero the writer holds the session's output.
-    held_for_routes: u32,
+    /// Acknowledgements still awaited from other shards (route deltas of
+    /// its subscribes, retained stores of its publishes); while non-zero the
+    /// writer holds the session's output.
+    held_acks: u32,
 }
 
 /// Counters of one shard.
@@ -251,7 +252,7 @@ impl Shard {
                 break;
             };
             match action {
-                Action::Publish(message) => self.route(st, now, message),
+                Action::Publish(message) => self.route(st, now, message, Some(key)),
                 Action::Subscribe {
                     filter,
                     subscription,
@@ -319,7 +320,7 @@ impl Shard {
         let mut session = slot.session;
         while let Some(action) = session.poll_action() {
             if let Action::Publish(m) = action {
-                self.route(st, Instant::now(), m);
+                self.route(st, Instant::now(), m, None);
             }
         }
         let s = session.stats();

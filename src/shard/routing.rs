@@ -15,7 +15,7 @@ use crate::message::Message;
 use crate::router::topic::{has_wildcard, parse_shared};
 use crate::session::{Delivery, SubIds, Subscription};
 
-use super::mesh::{MeshMsg, RetainedWaiter, RouteKey, SharedPick};
+use super::mesh::{AckTo, MeshMsg, RetainedWaiter, RouteKey, SharedPick};
 use super::{SessionKey, Shard, State, SubEntry, SubKey};
 
 /// One session's merged view of the subscriptions a message matched.
@@ -28,15 +28,31 @@ struct Target {
 
 impl Shard {
     /// Route a message accepted on this shard to every shard with
-    /// subscribers, and its retained copy to the topic's owner.
-    pub(super) fn route(&self, st: &mut State, now: Instant, message: Arc<Message>) {
+    /// subscribers, and its retained copy to the topic's owner. When the
+    /// owner is another shard and the publisher (`from`) waits for an ack,
+    /// its output is held until the owner has stored the message, so that
+    /// after PUBACK any new subscription on the node sees it.
+    pub(super) fn route(
+        &self,
+        st: &mut State,
+        now: Instant,
+        message: Arc<Message>,
+        from: Option<SessionKey>,
+    ) {
         st.stats.routed += 1;
         if message.retain {
             let owner = self.topic_owner(&message.topic);
             if owner == self.id {
                 self.store_retained(st, message.clone());
             } else {
-                self.mesh.send(owner, MeshMsg::Retain(message.clone()));
+                let ack_to = from
+                    .filter(|_| message.qos != QoS::AtMostOnce)
+                    .and_then(|key| self.hold_output(st, key, 1));
+                let retain = MeshMsg::Retain {
+                    message: message.clone(),
+                    ack_to,
+                };
+                self.mesh.send(owner, retain);
             }
         }
         let mut ordinary: SmallVec<[u16; 8]> = SmallVec::new();
@@ -73,7 +89,7 @@ impl Shard {
                 continue;
             }
             if usize::from(dest) == self.id {
-                self.deliver_local(st, now, &message, to_ordinary, &to_shared);
+                self.deliver_local(st, now, &message, to_ordinary, &to_shared, 0);
             } else {
                 self.mesh.send(
                     usize::from(dest),
@@ -81,6 +97,7 @@ impl Shard {
                         message: message.clone(),
                         ordinary: to_ordinary,
                         shared: to_shared,
+                        hops: 0,
                     },
                 );
             }
@@ -98,6 +115,7 @@ impl Shard {
         message: &Arc<Message>,
         ordinary: bool,
         shared: &[SharedPick],
+        hops: u8,
     ) {
         let mut targets: SmallVec<[Target; 8]> = SmallVec::new();
         let mut members: SmallVec<[(SessionKey, SharedPick, Target); 2]> = SmallVec::new();
@@ -132,8 +150,9 @@ impl Shard {
         });
         let mut merged = merge_targets(targets);
         for pick in shared {
-            if let Some(t) = self.choose_member(st, pick, &mut members) {
-                merged.push(t);
+            match self.choose_member(st, pick, &mut members) {
+                Some(t) => merged.push(t),
+                None => self.reroute_shared(st, message, pick, hops),
             }
         }
         for t in merged {
@@ -148,6 +167,40 @@ impl Shard {
                 Self::after_step(st, t.session);
             }
         }
+    }
+
+    /// The shard chosen for a shared subscription has no member left (it
+    /// left while the message was on its way): pass the message to another
+    /// shard that has members, at most once per shard.
+    fn reroute_shared(&self, st: &mut State, message: &Arc<Message>, pick: &SharedPick, hops: u8) {
+        let mut shards: SmallVec<[u16; 4]> = SmallVec::new();
+        st.routes.for_each_match(&message.topic, |key, _| {
+            if let RouteKey::Shared { pick: p, shard } = key {
+                if p == pick && usize::from(*shard) != self.id {
+                    shards.push(*shard);
+                }
+            }
+        });
+        if shards.is_empty() || usize::from(hops) >= self.shards {
+            log::debug!(
+                "shared subscription {}/{} has no member for {}",
+                pick.group,
+                pick.filter,
+                message.topic
+            );
+            return;
+        }
+        shards.sort_unstable();
+        let next = st.shared_next.entry(pick.clone()).or_insert(0);
+        *next = next.wrapping_add(1);
+        let to = usize::from(shards[*next % shards.len()]);
+        let forward = MeshMsg::Publish {
+            message: message.clone(),
+            ordinary: false,
+            shared: SmallVec::from_buf([pick.clone()]),
+            hops: hops + 1,
+        };
+        self.mesh.send(to, forward);
     }
 
     /// Round-robin over the local members of one shared subscription,
@@ -279,13 +332,10 @@ impl Shard {
             st.local_routes.remove(&(filter.clone(), key.clone()));
         }
         Self::apply_route(st, &filter, key.clone(), add);
-        let ack_to = match st.sessions.get_mut(subscriber) {
-            Some(slot) if add && self.shards > 1 => {
-                slot.held_for_routes += self.shards as u32 - 1;
-                let conn = slot.conn.as_ref().map_or(0, |c| c.id);
-                Some((self.id, subscriber, conn))
-            }
-            _ => None,
+        let ack_to = if add {
+            self.hold_output(st, subscriber, self.shards as u32 - 1)
+        } else {
+            None
         };
         self.mesh.broadcast(|| MeshMsg::Route {
             filter: filter.clone(),
@@ -295,17 +345,35 @@ impl Shard {
         });
     }
 
-    /// Another shard applied a route this session's subscribe created.
-    fn route_acked(st: &mut State, key: SessionKey, conn_id: u64) {
-        if let Some(slot) = st.sessions.get_mut(key) {
-            let current = slot.conn.as_ref().is_some_and(|c| c.id == conn_id);
-            if current && slot.held_for_routes > 0 {
-                slot.held_for_routes -= 1;
-                if slot.held_for_routes == 0 {
-                    if let Some(c) = &slot.conn {
-                        c.wake.notify();
-                    }
-                }
+    /// Hold a connected session's output until `count` acknowledgements
+    /// arrive; the `AckTo` to send along. None when there is nothing to hold.
+    fn hold_output(&self, st: &mut State, key: SessionKey, count: u32) -> Option<AckTo> {
+        let slot = st.sessions.get_mut(key)?;
+        let conn = slot.conn.as_ref()?;
+        if count == 0 {
+            return None;
+        }
+        slot.held_acks += count;
+        Some(AckTo {
+            shard: self.id,
+            session: key,
+            conn_id: conn.id,
+        })
+    }
+
+    /// Another shard applied a route delta or stored a retained message
+    /// this session waits for.
+    fn acked(st: &mut State, ack: AckTo) {
+        let Some(slot) = st.sessions.get_mut(ack.session) else {
+            return;
+        };
+        let Some(conn) = slot.conn.as_ref().filter(|c| c.id == ack.conn_id) else {
+            return;
+        };
+        if slot.held_acks > 0 {
+            slot.held_acks -= 1;
+            if slot.held_acks == 0 {
+                conn.wake.notify();
             }
         }
     }
@@ -439,8 +507,14 @@ impl Shard {
                     message,
                     ordinary,
                     shared,
-                } => self.deliver_local(&mut st, now, &message, ordinary, &shared),
-                MeshMsg::Retain(m) => self.store_retained(&mut st, m),
+                    hops,
+                } => self.deliver_local(&mut st, now, &message, ordinary, &shared, hops),
+                MeshMsg::Retain { message, ack_to } => {
+                    self.store_retained(&mut st, message);
+                    if let Some(ack) = ack_to {
+                        self.mesh.send(ack.shard, MeshMsg::Ack(ack));
+                    }
+                }
                 MeshMsg::RetainedQuery { filter, waiter } => {
                     let messages = Self::matching_retained(&mut st, now, &filter);
                     let to = waiter.shard;
@@ -457,13 +531,11 @@ impl Shard {
                     ack_to,
                 } => {
                     Self::apply_route(&mut st, &filter, key, add);
-                    if let Some((to, session, conn_id)) = ack_to {
-                        self.mesh.send(to, MeshMsg::RouteAck { session, conn_id });
+                    if let Some(ack) = ack_to {
+                        self.mesh.send(ack.shard, MeshMsg::Ack(ack));
                     }
                 }
-                MeshMsg::RouteAck { session, conn_id } => {
-                    Self::route_acked(&mut st, session, conn_id)
-                }
+                MeshMsg::Ack(ack) => Self::acked(&mut st, ack),
                 MeshMsg::Handoff(h) => handoffs.push(*h),
             }
         }

@@ -429,7 +429,12 @@ fn property_zero_values_are_protocol_errors() {
         V5,
         "Subscription Identifier is 0",
     );
-    protocol(&[0x30, 7, 0, 1, b't', 3, 0x23, 0, 0], V5, "[MQTT-3.3.2-8]");
+    // Topic Alias 0 decodes: the session answers it with DISCONNECT 0x94.
+    let mut buf = bytes::BytesMut::from(&[0x30, 7, 0, 1, b't', 3, 0x23, 0, 0][..]);
+    match crate::codec::decode(&mut buf, V5, 1 << 20) {
+        Ok(Some(crate::codec::Packet::Publish(p))) => assert_eq!(p.properties.topic_alias, Some(0)),
+        other => panic!("{other:?}"),
+    }
     protocol(
         &connect_with_props(&[0x21, 0, 0], &[]),
         V5,
