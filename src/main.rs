@@ -120,7 +120,7 @@ fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("shardmq: {e:#}");
+            eprintln!("shardmq: {e}");
             ExitCode::from(2)
         }
     }
