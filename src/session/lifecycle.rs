@@ -49,7 +49,7 @@ impl Session {
             aliases_out: HashMap::new(),
             empty_topic: Arc::from(""),
             aliases_in: HashMap::new(),
-            will: connect.will,
+            will: connect.will.map(Box::new),
             expiry_was_zero: requested_expiry == 0,
         };
         let response_info = props.request_response_information == Some(1);
@@ -171,7 +171,7 @@ impl Session {
         self.offline_since = Some(now);
         self.actions.push_back(Action::Close);
         if let Some(will) = conn.will.filter(|_| publish_will) {
-            self.schedule_will(now, will);
+            self.schedule_will(now, *will);
         }
         if self.expiry_s == 0 {
             self.end(now);
@@ -190,7 +190,7 @@ impl Session {
             self.publish_will(now, will);
         } else {
             let at = now + Duration::from_secs(u64::from(delay));
-            self.pending_will = Some((will, at));
+            self.pending_will = Some(Box::new((will, at)));
         }
     }
 
@@ -223,7 +223,8 @@ impl Session {
         if self.ended {
             return;
         }
-        if let Some((will, _)) = self.pending_will.take() {
+        if let Some(pending) = self.pending_will.take() {
+            let (will, _) = *pending;
             self.publish_will(now, will);
         }
         self.ended = true;
@@ -248,8 +249,8 @@ impl Session {
                 self.violation(now, reason::KEEP_ALIVE_TIMEOUT, &why);
             }
         }
-        if self.pending_will.as_ref().is_some_and(|(_, at)| *at <= now) {
-            let (will, _) = self.pending_will.take().expect("checked");
+        if self.pending_will.as_ref().is_some_and(|w| w.1 <= now) {
+            let (will, _) = *self.pending_will.take().expect("checked");
             self.publish_will(now, will);
         }
         if self.expiry_deadline().is_some_and(|at| at <= now) {

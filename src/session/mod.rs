@@ -188,7 +188,8 @@ struct Conn {
     /// connection, not per message).
     empty_topic: Topic,
     aliases_in: HashMap<u16, Topic>,
-    will: Option<Will>,
+    /// Boxed: most connections have none, and a will is large.
+    will: Option<Box<Will>>,
     /// The session expiry sent in CONNECT was 0: a DISCONNECT may not raise it.
     expiry_was_zero: bool,
 }
@@ -207,7 +208,7 @@ pub struct Session {
     /// When the last connection ended; `None` while connected.
     offline_since: Option<Instant>,
     /// A will waiting for its delay, and when it is due.
-    pending_will: Option<(Will, Instant)>,
+    pending_will: Option<Box<(Will, Instant)>>,
     subscriptions: HashMap<String, Subscription>,
     out: Outbound,
     /// Inbound QoS 2 packet ids received and not yet released (PUBREL).
@@ -314,7 +315,7 @@ impl Session {
         let keepalive = self.conn.as_ref().and_then(|c| {
             (!c.keep_alive.is_zero()).then(|| c.last_activity + c.keep_alive * 3 / 2)
         });
-        let will = self.pending_will.as_ref().map(|(_, at)| *at);
+        let will = self.pending_will.as_ref().map(|w| w.1);
         let expiry = self.expiry_deadline();
         [keepalive, will, expiry].into_iter().flatten().min()
     }

@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt};
+use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt, FutureExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::codec::{self, reason, ConnAck, Connect, DecodeError, Packet, Version};
@@ -59,7 +59,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
     let peer = stream.peer_addr().ok();
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
     let timeout = Duration::from_millis(shard.config.server.connect_timeout_ms);
-    let mut buf = BytesMut::with_capacity(1024);
+    let mut buf = BytesMut::new();
     let read = read_connect(&mut stream, &mut buf, max);
     let expired = async {
         glommio::timer::sleep(timeout).await;
@@ -82,7 +82,9 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
     let client_id = assigned.as_deref().unwrap_or(&connect.client_id);
     let home = home_shard(client_id, shard.shards);
     if home == shard.id {
-        return serve(shard, stream, connect, buf, assigned).await;
+        // A task of its own: this handshake's future is freed now.
+        glommio::spawn_local(serve(shard, stream, connect, buf, assigned)).detach();
+        return;
     }
     match duplicate(&stream) {
         Ok(socket) => {
@@ -102,21 +104,50 @@ async fn read_connect(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     max: usize,
-) -> Result<Connect, HandshakeError> {
-    let mut chunk = [0u8; 1024];
+) -> Result<Box<Connect>, HandshakeError> {
     loop {
         match codec::decode(buf, Version::V5, max) {
-            Ok(Some(Packet::Connect(c))) => return Ok(*c),
+            Ok(Some(Packet::Connect(c))) => return Ok(c),
             Ok(Some(_)) => return Err(HandshakeError::NotConnect),
             Ok(None) => {}
             Err(e) => return Err(HandshakeError::Decode(e)),
         }
-        let n = stream.read(&mut chunk).await.map_err(HandshakeError::Io)?;
-        if n == 0 {
-            return Err(HandshakeError::Closed);
+        match read_into(stream, buf, 4096).await {
+            Ok(0) => return Err(HandshakeError::Closed),
+            Ok(_) => {}
+            Err(e) => return Err(HandshakeError::Io(e)),
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+thread_local! {
+    /// The shard's one read buffer (one thread per shard). glommio's
+    /// non-buffered read tries `recv` and otherwise waits for readiness with
+    /// an io_uring poll that keeps no reference to the buffer, so the buffer
+    /// is borrowed only during a poll: an idle connection holds none.
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Read what the socket has (up to `max` bytes) onto the end of `buf`.
+async fn read_into(
+    stream: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    max: usize,
+) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        READ_BUF.with(|shared| {
+            let mut shared = shared.borrow_mut();
+            if shared.len() < max {
+                shared.resize(max, 0);
+            }
+            let poll = Pin::new(&mut *stream).poll_read(cx, &mut shared[..max]);
+            if let Poll::Ready(Ok(n)) = poll {
+                buf.extend_from_slice(&shared[..n]);
+            }
+            poll
+        })
+    })
+    .await
 }
 
 /// Answer a failed handshake where the protocol allows an answer, and close.
@@ -223,7 +254,7 @@ impl Shard {
     fn attach(
         &self,
         now: Instant,
-        connect: Connect,
+        connect: Box<Connect>,
         assigned: Option<String>,
     ) -> Result<Rc<ConnHandle>, u8> {
         let mut st = self.state.borrow_mut();
@@ -275,7 +306,7 @@ impl Shard {
         let slot = st.sessions.get_mut(key).expect("just inserted or resumed");
         let attached = slot
             .session
-            .connect(now, connect, resumed.is_some(), assigned.as_deref());
+            .connect(now, *connect, resumed.is_some(), assigned.as_deref());
         let handle = Rc::new(ConnHandle {
             key,
             id: conn_id,
@@ -320,7 +351,7 @@ impl Shard {
 async fn serve(
     shard: Rc<Shard>,
     stream: TcpStream,
-    connect: Connect,
+    connect: Box<Connect>,
     buffered: BytesMut,
     assigned: Option<String>,
 ) {
@@ -343,7 +374,7 @@ async fn serve(
 
 async fn read_loop(shard: &Shard, conn: &ConnHandle, mut stream: SharedStream, mut buf: BytesMut) {
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
-    let mut chunk = vec![0u8; shard.config.server.read_buffer_bytes];
+    let read_max = shard.config.server.read_buffer_bytes;
     loop {
         let now = Instant::now();
         loop {
@@ -363,14 +394,16 @@ async fn read_loop(shard: &Shard, conn: &ConnHandle, mut stream: SharedStream, m
         while shard.mesh.congested() && !conn.closing.get() {
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
-        let n = match stream.read(&mut chunk).await {
+        if buf.is_empty() && buf.capacity() > 0 {
+            buf = BytesMut::new(); // an idle connection keeps no buffer
+        }
+        match read_into(&mut stream, &mut buf, read_max).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
+            Ok(_) => {}
+        }
         if conn.closing.get() {
             return;
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -379,7 +412,7 @@ async fn read_loop(shard: &Shard, conn: &ConnHandle, mut stream: SharedStream, m
 #[allow(clippy::await_holding_refcell_ref)]
 async fn write_loop(shard: Rc<Shard>, conn: Rc<ConnHandle>, mut stream: SharedStream) {
     let limit = shard.config.server.write_buffer_bytes;
-    let mut out = BytesMut::with_capacity(512);
+    let mut out = BytesMut::new();
     loop {
         let closing = conn.closing.get();
         if closing {
@@ -394,6 +427,9 @@ async fn write_loop(shard: Rc<Shard>, conn: Rc<ConnHandle>, mut stream: SharedSt
                 break;
             }
             out.clear();
+            if out.capacity() > 8192 {
+                out = BytesMut::new(); // give back what a burst grew
+            }
             continue;
         }
         if closing {

@@ -52,7 +52,7 @@ pub struct Handoff {
     /// The socket (a duplicate of the accepting shard's descriptor).
     pub socket: socket2::Socket,
     /// The CONNECT already decoded.
-    pub connect: Connect,
+    pub connect: Box<Connect>,
     /// Bytes read after CONNECT.
     pub buffered: BytesMut,
     /// Client id the broker assigned (empty id in CONNECT).
