@@ -624,8 +624,16 @@ fn offline_queue_keeps(overflow: &str) -> Vec<u32> {
     s.send(&Packet::Disconnect(Disconnect::default()));
     assert_eq!(s.expect_close(), None);
 
+    // A barrier on the subscriber's shard: lanes between two shards are
+    // FIFO, so once the marker arrives the 50 messages have reached the
+    // offline session's queue (a PUBACK only means the broker took them).
+    let (mut barrier, _) =
+        Raw::connect(b.addr, Version::V3_1_1, &b.id_on_shard("barrier", 0), true);
+    barrier.subscribe(1, "offline/barrier", QoS::AtMostOnce);
     let (mut p, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("offline-pub", 1), true);
     publish_numbered(&mut p, "offline/t", 50);
+    p.publish("offline/barrier", b"", QoS::AtMostOnce, false, 0);
+    assert_eq!(&*barrier.recv_publish().topic, "offline/barrier");
 
     let (mut s, ack) = Raw::connect(b.addr, Version::V3_1_1, &sub_id, false);
     assert!(ack.session_present);
