@@ -1,1 +1,93 @@
-fn main() {}
+//! `shardmq-bench`: an MQTT load generator with emqtt-bench's commands and
+//! flags (`conn`, `pub`, `sub`) plus `bench`, publishers and subscribers in
+//! one process measuring throughput, end-to-end latency and loss.
+//!
+//! Every run is bounded by `--duration` (default 60 s) and by message counts;
+//! it only connects to the host it is given. See `--help` and
+//! `loadtest/README.md`.
+
+mod args;
+mod bench;
+mod emq;
+mod engine;
+mod mqtt;
+mod stats;
+
+use std::net::ToSocketAddrs;
+use std::process::ExitCode;
+
+use args::Command;
+use mqtt::ConnectOpts;
+
+fn main() -> ExitCode {
+    stats::start_instant();
+    let args = match args::parse(std::env::args().collect()) {
+        Ok(Some(a)) => a,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shardmq-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let nofile = stats::raise_nofile();
+    let needed = match args.command {
+        Command::Bench => args.pubs + args.subs,
+        _ => args.count,
+    } as u64;
+    if nofile > 0 && needed + 64 > nofile {
+        eprintln!(
+            "shardmq-bench: warning: {needed} connections but the open-file limit is {nofile}"
+        );
+    }
+    // Resolve once, prefer IPv4 (brokers here listen on 127.0.0.1).
+    let addr = match (args.host.as_str(), args.port).to_socket_addrs() {
+        Ok(addrs) => {
+            let all: Vec<_> = addrs.collect();
+            match all.iter().find(|a| a.is_ipv4()).or(all.first()) {
+                Some(a) => *a,
+                None => {
+                    eprintln!("shardmq-bench: {}: no address", args.host);
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("shardmq-bench: {}: {e}", args.host);
+            return ExitCode::from(2);
+        }
+    };
+    let opts = ConnectOpts {
+        addr,
+        version: args.version,
+        keepalive: args.keepalive,
+        username: args.username.clone(),
+        password: args.password.clone(),
+        timeout: args.connect_timeout,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("shardmq-bench: runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = rt.block_on(async move {
+        match args.command {
+            Command::Bench => bench::run(args, opts).await,
+            _ => emq::run(args, opts).await,
+        }
+    });
+    // Tasks that did not stop in time are not waited for.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("shardmq-bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
