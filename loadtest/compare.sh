@@ -215,8 +215,21 @@ cell_rss() {
   echo "$(fmt_num "$b") B/conn ($(jget "$f" broker_rss_kb_before) → $(jget "$f" broker_rss_kb_after) KiB)"
 }
 
+cell_split() { # broker CPU s / bench CPU s in the window
+  local f=$1
+  [ -f "$f" ] && [ "$(jget "$f" ok)" = true ] || { echo "-"; return; }
+  if [ "$(jget "$f" command)" = conn ]; then
+    echo "$(fmt_num "$(jget "$f" broker_cpu_s)" 2) / - (whole run)"
+  else
+    echo "$(fmt_num "$(jget "$f" broker_cpu_s)" 2) / $(fmt_num "$(jget "$f" bench_cpu_s)" 2) in $(fmt_num "$(jget "$f" measured_s)" 1) s"
+  fi
+}
+
 MODEL=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
 SHARDMQ_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "?")
+if [ -n "$(git -C "$ROOT" status --porcelain -- src Cargo.toml 2>/dev/null)" ]; then
+  SHARDMQ_REV="$SHARDMQ_REV + uncommitted changes in src/"
+fi
 MOSQ_VER=$("$MOSQUITTO_BIN" -h 2>/dev/null | head -1 || true)
 {
   echo "# shardmq vs Mosquitto, $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -238,6 +251,18 @@ MOSQ_VER=$("$MOSQUITTO_BIN" -h 2>/dev/null | head -1 || true)
     m="$WORK/mosquitto-$i.json"
     echo "| $name | $(cell_rate "$s") | $(cell_rate "$m") | $(cell_cpu "$s") | $(cell_cpu "$m") | $(cell_lat "$s") | $(cell_lat "$m") | $(cell_loss "$s") | $(cell_loss "$m") | $(cell_rss "$s") | $(cell_rss "$m") |"
   done
+  echo
+  echo "CPU seconds used during each measured window (+ drain), broker / shardmq-bench, out of $(nproc) × window:"
+  echo
+  echo "| scenario | shardmq run: broker / bench | Mosquitto run: broker / bench |"
+  echo "|---|---|---|"
+  for i in "${!SCENARIOS[@]}"; do
+    name=${SCENARIOS[$i]%%|*}
+    echo "| $name | $(cell_split "$WORK/shardmq-$i.json") | $(cell_split "$WORK/mosquitto-$i.json") |"
+  done
+  echo
+  echo "Closed-loop rows keep 200 (fan-in: 8) messages in flight per publisher → subscriber link, so their latency is"
+  echo "about in-flight ÷ rate (Little's law) and mostly shows the throughput; the fixed-rate row is the latency comparison."
   echo
   echo "Commands (\`\$BROKER_PID\` is the broker's pid, FILE a JSON summary; the same for Mosquitto with its port):"
   echo
