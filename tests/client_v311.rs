@@ -5,11 +5,10 @@
 #[path = "common/client.rs"]
 mod client;
 mod common;
-
-use std::time::Duration;
+#[path = "common/scenarios.rs"]
+mod scenarios;
 
 use client::v3::*;
-use client::WAIT;
 use common::{Raw, TestBroker};
 use shardmq::codec::{self, Version};
 
@@ -39,14 +38,22 @@ async fn connect_persistent(b: &TestBroker, id: &str) -> Client {
     connect(o).await
 }
 
-fn with_will(mut o: MqttOptions, topic: &str, payload: &[u8], retain: bool) -> MqttOptions {
+/// A client on shard 1 with a QoS 1 will on `topic`.
+async fn connect_with_will(
+    b: &TestBroker,
+    prefix: &str,
+    topic: &str,
+    payload: &[u8],
+    retain: bool,
+) -> Client {
+    let mut o = options(b.addr, &b.id_on_shard(prefix, 1));
     o.set_last_will(LastWill::new(
         topic,
         payload.to_vec(),
         QoS::AtLeastOnce,
         retain,
     ));
-    o
+    connect(o).await
 }
 
 /// Subscribers granted QoS 0, 1 and 2 on shard 0; a publisher on shard 1
@@ -344,13 +351,7 @@ async fn will_published_on_abrupt_drop() {
     let b = TestBroker::start(2);
     let mut s = connect_on(&b, "sub", 0).await;
     s.subscribe("will/t", QoS::AtLeastOnce).await;
-    let o = with_will(
-        options(b.addr, &b.id_on_shard("dying", 1)),
-        "will/t",
-        b"gone",
-        false,
-    );
-    let w = connect(o).await;
+    let w = connect_with_will(&b, "dying", "will/t", b"gone", false).await;
     w.events.abort(); // the socket closes without DISCONNECT
     let m = s.next_publish().await;
     assert_eq!((m.topic.as_str(), text(&m).as_str()), ("will/t", "gone"));
@@ -363,13 +364,7 @@ async fn will_not_published_on_normal_disconnect() {
     let b = TestBroker::start(2);
     let mut s = connect_on(&b, "sub", 0).await;
     s.subscribe("will/t", QoS::AtLeastOnce).await;
-    let o = with_will(
-        options(b.addr, &b.id_on_shard("polite", 1)),
-        "will/t",
-        b"gone",
-        false,
-    );
-    let w = connect(o).await;
+    let w = connect_with_will(&b, "polite", "will/t", b"gone", false).await;
     w.disconnect().await;
     let mut p = connect_on(&b, "pub", 1).await;
     p.publish_acked("will/t", false, b"marker").await;
@@ -383,13 +378,7 @@ async fn will_retain_is_stored() {
     let b = TestBroker::start(2);
     let mut live = connect_on(&b, "live", 0).await;
     live.subscribe("wr/t", QoS::AtLeastOnce).await;
-    let o = with_will(
-        options(b.addr, &b.id_on_shard("dying", 1)),
-        "wr/t",
-        b"retained will",
-        true,
-    );
-    let w = connect(o).await;
+    let w = connect_with_will(&b, "dying", "wr/t", b"retained will", true).await;
     w.events.abort();
     let m = live.next_publish().await;
     assert_eq!((text(&m).as_str(), m.retain), ("retained will", false));
@@ -444,93 +433,12 @@ async fn keepalive_timeout_closes_and_publishes_will() {
     assert_eq!(raw.expect_close(), None, "3.1.1 has no server DISCONNECT");
 }
 
-/// Collect `n` publishes from two clients together (bounded overall).
-async fn collect_two(a: &mut Client, b: &mut Client, n: usize) -> (Vec<String>, Vec<String>) {
-    let (mut from_a, mut from_b) = (Vec::new(), Vec::new());
-    let deadline = tokio::time::Instant::now() + WAIT * 2;
-    while from_a.len() + from_b.len() < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} of {n} messages arrived: {from_a:?} {from_b:?}",
-            from_a.len() + from_b.len()
-        );
-        if let Some(m) = a.try_next_publish(Duration::from_millis(50)).await {
-            from_a.push(text(&m));
-        }
-        if let Some(m) = b.try_next_publish(Duration::from_millis(50)).await {
-            from_b.push(text(&m));
-        }
-    }
-    a.expect_no_publish().await;
-    b.expect_no_publish().await;
-    (from_a, from_b)
-}
-
-fn assert_exactly_once(a: &[String], b: &[String], expected: &[String]) {
-    let mut all: Vec<String> = a.iter().chain(b).cloned().collect();
-    all.sort();
-    let mut want = expected.to_vec();
-    want.sort();
-    assert_eq!(
-        all, want,
-        "each message exactly once overall: {a:?} / {b:?}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_subscription_splits_across_shards() {
-    let b = TestBroker::start(2);
-    let mut m0 = connect_on(&b, "member", 0).await;
-    let mut m1 = connect_on(&b, "member", 1).await;
-    for m in [&mut m0, &mut m1] {
-        assert_eq!(
-            m.subscribe("$share/g/sh/#", QoS::AtLeastOnce).await,
-            vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
-        );
-    }
-    let mut p = connect_on(&b, "pub", 0).await;
-    let payloads: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
-    for (i, pl) in payloads.iter().enumerate() {
-        p.publish_acked(&format!("sh/{}", i % 3), false, pl.as_bytes())
-            .await;
-    }
-    let (a, c) = collect_two(&mut m0, &mut m1, 20).await;
-    assert_exactly_once(&a, &c, &payloads);
-    assert!(
-        !a.is_empty() && !c.is_empty(),
-        "both members get a share: {a:?} / {c:?}"
-    );
+    scenarios::shared_subscription_splits_across_shards::<Client>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_subscription_member_disconnect_sends_all_to_other() {
-    let b = TestBroker::start(2);
-    let mut stays = connect_on(&b, "stays", 0).await;
-    let mut leaves = connect_on(&b, "leaves", 1).await;
-    stays.subscribe("$share/g/sd/#", QoS::AtLeastOnce).await;
-    leaves.subscribe("$share/g/sd/#", QoS::AtLeastOnce).await;
-    // The publisher shares the leaving member's shard, so once that member's
-    // session has ended no route to it remains anywhere the publish starts.
-    let mut p = connect_on(&b, "pub", 1).await;
-    let first: Vec<String> = (0..20).map(|i| format!("a{i}")).collect();
-    for pl in &first {
-        p.publish_acked("sd/x", false, pl.as_bytes()).await;
-    }
-    let (a, c) = collect_two(&mut stays, &mut leaves, 20).await;
-    assert_exactly_once(&a, &c, &first);
-
-    leaves.disconnect().await;
-    let second: Vec<String> = (0..20).map(|i| format!("b{i}")).collect();
-    for pl in &second {
-        p.publish_acked("sd/x", false, pl.as_bytes()).await;
-    }
-    let mut got = Vec::new();
-    while got.len() < second.len() {
-        got.push(text(&stays.next_publish().await));
-    }
-    got.sort();
-    let mut want = second.clone();
-    want.sort();
-    assert_eq!(got, want, "every message goes to the remaining member");
-    stays.expect_no_publish().await;
+    scenarios::shared_subscription_member_disconnect_sends_all_to_other::<Client>().await;
 }

@@ -5,12 +5,13 @@
 #[path = "common/client.rs"]
 mod client;
 mod common;
+#[path = "common/scenarios.rs"]
+mod scenarios;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use client::v5::*;
-use client::WAIT;
 use common::{Raw, TestBroker};
 use shardmq::codec::{self, Version};
 
@@ -131,21 +132,18 @@ async fn session_expiry_resumes_within_interval_and_ends_after() {
     s.expect_no_publish().await;
 }
 
+/// Subscribe at QoS 1 with No Local and Retain As Published as given.
+async fn subscribe_flags(c: &mut Client, path: &str, no_local: bool, retain_as_published: bool) {
+    let rule = RetainForwardRule::OnEverySubscribe;
+    let f = filter(path, QoS::AtLeastOnce, no_local, retain_as_published, rule);
+    c.subscribe_filters(vec![f], None).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_local_suppresses_own_publishes() {
     let b = TestBroker::start(2);
     let mut me = connect_on(&b, "me", 0).await;
-    me.subscribe_filters(
-        vec![filter(
-            "nl/t",
-            QoS::AtLeastOnce,
-            true,
-            false,
-            RetainForwardRule::OnEverySubscribe,
-        )],
-        None,
-    )
-    .await;
+    subscribe_flags(&mut me, "nl/t", true, false).await;
     let mut other = connect_on(&b, "other", 1).await;
     other.subscribe("nl/t", QoS::AtLeastOnce).await;
 
@@ -167,17 +165,7 @@ async fn no_local_suppresses_own_publishes() {
 async fn retain_as_published_keeps_flag_on_live_delivery() {
     let b = TestBroker::start(2);
     let mut keep = connect_on(&b, "rap", 0).await;
-    keep.subscribe_filters(
-        vec![filter(
-            "rap/t",
-            QoS::AtLeastOnce,
-            false,
-            true,
-            RetainForwardRule::OnEverySubscribe,
-        )],
-        None,
-    )
-    .await;
+    subscribe_flags(&mut keep, "rap/t", false, true).await;
     let mut clear = connect_on(&b, "norap", 1).await;
     clear.subscribe("rap/t", QoS::AtLeastOnce).await;
     let mut p = connect_on(&b, "pub", 1).await;
@@ -287,12 +275,8 @@ async fn message_expiry_for_offline_session() {
         message_expiry_interval: Some(s),
         ..Default::default()
     };
-    p.publish_props("me/t", QoS::AtLeastOnce, false, b"short", expiring(1))
-        .await;
-    p.puback().await;
-    p.publish_props("me/t", QoS::AtLeastOnce, false, b"long", expiring(60))
-        .await;
-    p.puback().await;
+    p.publish_props_acked("me/t", b"short", expiring(1)).await;
+    p.publish_props_acked("me/t", b"long", expiring(60)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let mut s = connect(persistent(&b, &id, false, 60)).await;
@@ -328,9 +312,7 @@ async fn request_response_properties_pass_through() {
         content_type: Some("application/json".into()),
         ..Default::default()
     };
-    p.publish_props("rr/req", QoS::AtLeastOnce, false, b"{\"q\":1}", sent)
-        .await;
-    p.puback().await;
+    p.publish_props_acked("rr/req", b"{\"q\":1}", sent).await;
     let m = s.next_publish().await;
     let got = props(&m);
     assert_eq!(got.payload_format_indicator, Some(1));
@@ -368,18 +350,10 @@ async fn topic_alias_inbound() {
         topic_alias: Some(a),
         ..Default::default()
     };
-    p.publish_props("ta/in", QoS::AtLeastOnce, false, b"first", alias(1))
-        .await;
-    p.puback().await;
-    p.publish_props("", QoS::AtLeastOnce, false, b"second", alias(1))
-        .await;
-    p.puback().await;
-    p.publish_props("ta/other", QoS::AtLeastOnce, false, b"third", alias(2))
-        .await;
-    p.puback().await;
-    p.publish_props("", QoS::AtLeastOnce, false, b"fourth", alias(1))
-        .await;
-    p.puback().await;
+    p.publish_props_acked("ta/in", b"first", alias(1)).await;
+    p.publish_props_acked("", b"second", alias(1)).await;
+    p.publish_props_acked("ta/other", b"third", alias(2)).await;
+    p.publish_props_acked("", b"fourth", alias(1)).await;
     for (t, pl) in [
         ("ta/in", "first"),
         ("ta/in", "second"),
@@ -578,93 +552,12 @@ async fn maximum_packet_size_respected() {
     s.expect_no_publish().await;
 }
 
-/// Collect `n` publishes from two clients together (bounded overall).
-async fn collect_two(a: &mut Client, b: &mut Client, n: usize) -> (Vec<String>, Vec<String>) {
-    let (mut from_a, mut from_b) = (Vec::new(), Vec::new());
-    let deadline = tokio::time::Instant::now() + WAIT * 2;
-    while from_a.len() + from_b.len() < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} of {n} messages arrived: {from_a:?} {from_b:?}",
-            from_a.len() + from_b.len()
-        );
-        if let Some(m) = a.try_next_publish(Duration::from_millis(50)).await {
-            from_a.push(text(&m));
-        }
-        if let Some(m) = b.try_next_publish(Duration::from_millis(50)).await {
-            from_b.push(text(&m));
-        }
-    }
-    a.expect_no_publish().await;
-    b.expect_no_publish().await;
-    (from_a, from_b)
-}
-
-fn assert_exactly_once(a: &[String], b: &[String], expected: &[String]) {
-    let mut all: Vec<String> = a.iter().chain(b).cloned().collect();
-    all.sort();
-    let mut want = expected.to_vec();
-    want.sort();
-    assert_eq!(
-        all, want,
-        "each message exactly once overall: {a:?} / {b:?}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_subscription_splits_across_shards() {
-    let b = TestBroker::start(2);
-    let mut m0 = connect_on(&b, "member", 0).await;
-    let mut m1 = connect_on(&b, "member", 1).await;
-    for m in [&mut m0, &mut m1] {
-        assert_eq!(
-            m.subscribe("$share/g/sh/#", QoS::AtLeastOnce).await,
-            vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
-        );
-    }
-    let mut p = connect_on(&b, "pub", 0).await;
-    let payloads: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
-    for (i, pl) in payloads.iter().enumerate() {
-        p.publish_acked(&format!("sh/{}", i % 3), false, pl.as_bytes())
-            .await;
-    }
-    let (a, c) = collect_two(&mut m0, &mut m1, 20).await;
-    assert_exactly_once(&a, &c, &payloads);
-    assert!(
-        !a.is_empty() && !c.is_empty(),
-        "both members get a share: {a:?} / {c:?}"
-    );
+    scenarios::shared_subscription_splits_across_shards::<Client>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_subscription_member_disconnect_sends_all_to_other() {
-    let b = TestBroker::start(2);
-    let mut stays = connect_on(&b, "stays", 0).await;
-    let mut leaves = connect_on(&b, "leaves", 1).await;
-    stays.subscribe("$share/g/sd/#", QoS::AtLeastOnce).await;
-    leaves.subscribe("$share/g/sd/#", QoS::AtLeastOnce).await;
-    // The publisher shares the leaving member's shard, so once that member's
-    // session has ended no route to it remains where the publish starts.
-    let mut p = connect_on(&b, "pub", 1).await;
-    let first: Vec<String> = (0..20).map(|i| format!("a{i}")).collect();
-    for pl in &first {
-        p.publish_acked("sd/x", false, pl.as_bytes()).await;
-    }
-    let (a, c) = collect_two(&mut stays, &mut leaves, 20).await;
-    assert_exactly_once(&a, &c, &first);
-
-    leaves.disconnect().await;
-    let second: Vec<String> = (0..20).map(|i| format!("b{i}")).collect();
-    for pl in &second {
-        p.publish_acked("sd/x", false, pl.as_bytes()).await;
-    }
-    let mut got = Vec::new();
-    while got.len() < second.len() {
-        got.push(text(&stays.next_publish().await));
-    }
-    got.sort();
-    let mut want = second.clone();
-    want.sort();
-    assert_eq!(got, want, "every message goes to the remaining member");
-    stays.expect_no_publish().await;
+    scenarios::shared_subscription_member_disconnect_sends_all_to_other::<Client>().await;
 }

@@ -7,88 +7,19 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::net::Shutdown;
 
-use bytes::BytesMut;
+use common::raw::*;
 use common::*;
 use shardmq::codec::{
     self, reason, Disconnect, Packet, Properties, PubResp, QoS, SubOptions, Subscribe, Unsubscribe,
     Version,
 };
 
-/// Short wait used to check that nothing (more) arrives.
-const QUIET: Duration = Duration::from_millis(300);
-
 // ---------------------------------------------------------------------------
-// Helpers (local to this file).
+// Helpers (local to this file; shared ones are in common/raw.rs).
 // ---------------------------------------------------------------------------
-
-/// A packet with fixed header byte `byte0` and `body`.
-fn frame(byte0: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![byte0];
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-fn field(s: &[u8]) -> Vec<u8> {
-    let mut out = (s.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(s);
-    out
-}
-
-fn encode(p: &Packet, version: Version) -> Vec<u8> {
-    let mut out = BytesMut::new();
-    codec::encode(p, version, &mut out);
-    out.to_vec()
-}
-
-fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-    )
-}
-
-/// Every byte the broker sends until it closes the connection; `Err` with
-/// what arrived if it does not close within `WAIT`.
-fn try_read_until_close(s: &mut TcpStream) -> Result<Vec<u8>, Vec<u8>> {
-    let deadline = Instant::now() + WAIT;
-    let mut out = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(out);
-        }
-        s.set_read_timeout(Some(left)).unwrap();
-        let mut chunk = [0u8; 4096];
-        match s.read(&mut chunk) {
-            Ok(0) => return Ok(out),
-            Ok(n) => out.extend_from_slice(&chunk[..n]),
-            Err(e) if is_timeout(&e) => return Err(out),
-            Err(_) => return Ok(out), // reset: closed
-        }
-    }
-}
-
-fn read_until_close(s: &mut TcpStream) -> Vec<u8> {
-    try_read_until_close(s).unwrap_or_else(|got| {
-        panic!("broker did not close the connection within {WAIT:?}; received {got:02X?}")
-    })
-}
 
 /// A fresh subscriber and publisher, in both shard directions, still
 /// round-trip a QoS 1 message: the broker survived whatever the test did.
@@ -96,32 +27,7 @@ fn assert_broker_serves(b: &TestBroker) {
     for (sub_shard, pub_shard) in [(0, 1), (1, 0)] {
         let sub_id = b.id_on_shard(&format!("alive-sub{sub_shard}"), sub_shard);
         let pub_id = b.id_on_shard(&format!("alive-pub{pub_shard}"), pub_shard);
-        let topic = format!("alive/{sub_shard}");
-        let (mut s, ack) = Raw::connect(b.addr, Version::V5, &sub_id, true);
-        assert_eq!(ack.reason, 0, "fresh subscriber refused");
-        assert_eq!(s.subscribe(1, &topic, QoS::AtLeastOnce), vec![1]);
-        let (mut p, ack) = Raw::connect(b.addr, Version::V3_1_1, &pub_id, true);
-        assert_eq!(ack.reason, 0, "fresh publisher refused");
-        publish_qos1(&mut p, &topic, b"still here", 1);
-        let m = s.recv_publish();
-        assert_eq!(&*m.topic, topic);
-        assert_eq!(&m.payload[..], b"still here");
-    }
-}
-
-fn puback(id: u16) -> Packet {
-    Packet::PubAck(PubResp {
-        packet_id: id,
-        ..Default::default()
-    })
-}
-
-/// Publish QoS 1 and wait for its PUBACK (the message has been routed).
-fn publish_qos1(p: &mut Raw, topic: &str, payload: &[u8], id: u16) {
-    p.publish(topic, payload, QoS::AtLeastOnce, false, id);
-    match p.recv() {
-        Some(Packet::PubAck(a)) => assert_eq!((a.packet_id, a.reason), (id, 0)),
-        other => panic!("expected PUBACK {id}, got {other:?}"),
+        assert_round_trip(b, &sub_id, &pub_id, &format!("alive/{sub_shard}"));
     }
 }
 
@@ -138,10 +44,7 @@ fn publish_numbered(p: &mut Raw, topic: &str, n: u16) {
         );
     }
     for i in 0..n {
-        match p.recv() {
-            Some(Packet::PubAck(a)) => assert_eq!((a.packet_id, a.reason), (i + 1, 0)),
-            other => panic!("expected PUBACK {}, got {other:?}", i + 1),
-        }
+        expect_puback(p, i + 1);
     }
 }
 
@@ -167,33 +70,6 @@ fn collect_acking(s: &mut Raw, expected: usize) -> Vec<u32> {
     }
 }
 
-/// 5.0 client: send `bytes`, expect DISCONNECT with `code`, then close.
-fn v5_bytes_disconnect(b: &TestBroker, id: &str, bytes: &[u8], code: u8) {
-    let (mut c, ack) = Raw::connect(b.addr, Version::V5, id, true);
-    assert_eq!(ack.reason, 0);
-    c.send_bytes(bytes);
-    assert_eq!(
-        c.expect_close(),
-        Some(code),
-        "expected DISCONNECT 0x{code:02X}"
-    );
-}
-
-/// 3.1.1 client: send `bytes`, expect a close without anything sent.
-fn v311_bytes_close(b: &TestBroker, id: &str, bytes: &[u8]) {
-    let (mut c, ack) = Raw::connect(b.addr, Version::V3_1_1, id, true);
-    assert_eq!(ack.reason, 0);
-    c.send_bytes(bytes);
-    assert_eq!(read_until_close(&mut c.stream), Vec::<u8>::new());
-}
-
-fn v5_publish_frame(topic: &str, payload_len: usize) -> Vec<u8> {
-    let mut body = field(topic.as_bytes());
-    body.push(0); // property length
-    body.extend(vec![b'x'; payload_len]);
-    frame(0x30, &body)
-}
-
 // ---------------------------------------------------------------------------
 // Packet size and remaining length.
 // ---------------------------------------------------------------------------
@@ -206,12 +82,12 @@ fn packet_larger_than_maximum_v5_gets_disconnect_0x95() {
     let (mut c, ack) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("big5", 1), true);
     assert_eq!(ack.properties.maximum_packet_size, Some(1024));
     // Exactly 1024 bytes on the wire (3-byte fixed header + 1021): accepted.
-    let at_limit = v5_publish_frame("big/t", 1013);
+    let at_limit = v5_publish_bytes(0x30, b"big/t", None, &[], &[b'x'; 1013]);
     assert_eq!(at_limit.len(), 1024);
     c.send_bytes(&at_limit);
     assert_eq!(s.recv_publish().payload.len(), 1013);
     // 1025 bytes: too large.
-    let over = v5_publish_frame("big/t", 1014);
+    let over = v5_publish_bytes(0x30, b"big/t", None, &[], &[b'x'; 1014]);
     assert_eq!(over.len(), 1025);
     c.send_bytes(&over);
     assert_eq!(c.expect_close(), Some(reason::PACKET_TOO_LARGE));
@@ -220,7 +96,7 @@ fn packet_larger_than_maximum_v5_gets_disconnect_0x95() {
     v5_bytes_disconnect(
         &b,
         "big5b",
-        &v5_publish_frame("big/t", 4000),
+        &v5_publish_bytes(0x30, b"big/t", None, &[], &[b'x'; 4000]),
         reason::PACKET_TOO_LARGE,
     );
     assert_broker_serves(&b);
@@ -229,9 +105,8 @@ fn packet_larger_than_maximum_v5_gets_disconnect_0x95() {
 #[test]
 fn packet_larger_than_maximum_v311_is_closed() {
     let b = TestBroker::start_with(2, |cfg| cfg.mqtt.packet_size_max_bytes = 1024);
-    let mut body = field(b"big/t");
-    body.extend([b'x'; 2000]);
-    v311_bytes_close(&b, "big4", &frame(0x30, &body));
+    let publish = v311_publish_bytes(0x30, b"big/t", None, &[b'x'; 2000]);
+    v311_bytes_close(&b, "big4", &publish);
     assert_broker_serves(&b);
 }
 
@@ -274,9 +149,7 @@ const GARBAGE: [u8; 16] = [
 fn garbage_after_connect_is_closed_and_others_unaffected() {
     let b = TestBroker::start(2);
     // A well-behaved pair, connected before and used after the garbage.
-    let (mut s, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("calm-sub", 0), true);
-    assert_eq!(s.subscribe(1, "calm/t", QoS::AtLeastOnce), vec![1]);
-    let (mut p, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("calm-pub", 1), true);
+    let (mut s, mut p) = v5_sub_and_pub(&b, "calm", "calm/t", QoS::AtLeastOnce);
 
     for shard in 0..2 {
         // Packet type 0 is reserved: malformed.
@@ -481,14 +354,16 @@ fn fuzz_random_bytes_after_connect_never_break_the_broker() {
 fn subscriptions_max_v5_third_gets_0x97() {
     let b = TestBroker::start_with(2, |cfg| cfg.mqtt.subscriptions_max = 2);
     let (mut c, _) = Raw::connect(b.addr, Version::V5, "submax5", true);
-    assert_eq!(c.subscribe(1, "q/a", QoS::AtMostOnce), vec![0]);
-    assert_eq!(c.subscribe(2, "q/b", QoS::AtLeastOnce), vec![1]);
-    assert_eq!(
-        c.subscribe(3, "q/c", QoS::AtMostOnce),
-        vec![reason::QUOTA_EXCEEDED]
+    subscribe_each(
+        &mut c,
+        &[
+            ("q/a", QoS::AtMostOnce, 0),
+            ("q/b", QoS::AtLeastOnce, 1),
+            ("q/c", QoS::AtMostOnce, reason::QUOTA_EXCEEDED),
+            // Replacing an existing subscription is not a new one.
+            ("q/a", QoS::AtLeastOnce, 1),
+        ],
     );
-    // Replacing an existing subscription is not a new one.
-    assert_eq!(c.subscribe(4, "q/a", QoS::AtLeastOnce), vec![1]);
     assert_broker_serves(&b);
 }
 
@@ -496,17 +371,20 @@ fn subscriptions_max_v5_third_gets_0x97() {
 fn subscriptions_max_v311_third_gets_0x80() {
     let b = TestBroker::start_with(2, |cfg| cfg.mqtt.subscriptions_max = 2);
     let (mut c, _) = Raw::connect(b.addr, Version::V3_1_1, "submax4", true);
-    assert_eq!(c.subscribe(1, "q/a", QoS::AtMostOnce), vec![0]);
-    assert_eq!(c.subscribe(2, "q/b", QoS::AtMostOnce), vec![0]);
-    assert_eq!(c.subscribe(3, "q/c", QoS::AtMostOnce), vec![0x80]);
+    subscribe_each(
+        &mut c,
+        &[
+            ("q/a", QoS::AtMostOnce, 0),
+            ("q/b", QoS::AtMostOnce, 0),
+            ("q/c", QoS::AtMostOnce, 0x80),
+        ],
+    );
 }
 
 #[test]
 fn topic_levels_max_publish_v5_gets_disconnect_0x90() {
     let b = TestBroker::start_with(2, |cfg| cfg.mqtt.topic_levels_max = 3);
-    let (mut s, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("lvl-sub", 0), true);
-    assert_eq!(s.subscribe(1, "a/#", QoS::AtMostOnce), vec![0]);
-    let (mut c, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("lvl-pub", 1), true);
+    let (mut s, mut c) = v5_sub_and_pub(&b, "lvl", "a/#", QoS::AtMostOnce);
     c.publish("a/b/c", b"three", QoS::AtMostOnce, false, 0);
     assert_eq!(&s.recv_publish().payload[..], b"three");
     c.publish("a/b/c/d", b"four", QoS::AtMostOnce, false, 0);
@@ -515,7 +393,7 @@ fn topic_levels_max_publish_v5_gets_disconnect_0x90() {
     v311_bytes_close(
         &b,
         "lvl4",
-        &frame(0x30, &[field(b"a/b/c/d"), b"x".to_vec()].concat()),
+        &v311_publish_bytes(0x30, b"a/b/c/d", None, b"x"),
     );
     assert_broker_serves(&b);
 }
@@ -524,15 +402,14 @@ fn topic_levels_max_publish_v5_gets_disconnect_0x90() {
 fn topic_levels_max_subscribe_gets_0x8f() {
     let b = TestBroker::start_with(2, |cfg| cfg.mqtt.topic_levels_max = 3);
     let (mut c, _) = Raw::connect(b.addr, Version::V5, "lvl-filter5", true);
-    assert_eq!(
-        c.subscribe(1, "a/b/c/d", QoS::AtMostOnce),
-        vec![reason::TOPIC_FILTER_INVALID]
-    );
-    assert_eq!(c.subscribe(2, "a/b/c", QoS::AtMostOnce), vec![0]);
-    assert_eq!(c.subscribe(3, "a/+/#", QoS::AtMostOnce), vec![0]);
-    assert_eq!(
-        c.subscribe(4, "a/+/+/#", QoS::AtMostOnce),
-        vec![reason::TOPIC_FILTER_INVALID]
+    subscribe_each(
+        &mut c,
+        &[
+            ("a/b/c/d", QoS::AtMostOnce, reason::TOPIC_FILTER_INVALID),
+            ("a/b/c", QoS::AtMostOnce, 0),
+            ("a/+/#", QoS::AtMostOnce, 0),
+            ("a/+/+/#", QoS::AtMostOnce, reason::TOPIC_FILTER_INVALID),
+        ],
     );
     let (mut c4, _) = Raw::connect(b.addr, Version::V3_1_1, "lvl-filter4", true);
     assert_eq!(c4.subscribe(1, "a/b/c/d", QoS::AtMostOnce), vec![0x80]);
@@ -543,26 +420,10 @@ fn client_id_longer_than_maximum_is_refused() {
     let b = TestBroker::start_with(2, |cfg| cfg.mqtt.client_id_bytes_max = 23);
     let long = "x".repeat(24);
     let ok = "y".repeat(23);
-    let mut c = Raw::open(b.addr, Version::V5);
-    c.send(&Packet::Connect(Box::new(connect_packet(
-        Version::V5,
-        &long,
-        true,
-    ))));
-    assert_eq!(
-        read_until_close(&mut c.stream),
-        vec![0x20, 0x03, 0x00, 0x85, 0x00]
-    );
-    let mut c = Raw::open(b.addr, Version::V3_1_1);
-    c.send(&Packet::Connect(Box::new(connect_packet(
-        Version::V3_1_1,
-        &long,
-        true,
-    ))));
-    assert_eq!(
-        read_until_close(&mut c.stream),
-        vec![0x20, 0x02, 0x00, 0x02]
-    );
+    let reply = connect_reply(&b, connect_packet(Version::V5, &long, true));
+    assert_eq!(reply, vec![0x20, 0x03, 0x00, 0x85, 0x00]);
+    let reply = connect_reply(&b, connect_packet(Version::V3_1_1, &long, true));
+    assert_eq!(reply, vec![0x20, 0x02, 0x00, 0x02]);
     let (_c, ack) = Raw::connect(b.addr, Version::V5, &ok, true);
     assert_eq!(ack.reason, 0);
     let (_c, ack) = Raw::connect(b.addr, Version::V3_1_1, &ok, true);
@@ -660,53 +521,28 @@ fn offline_queue_drop_oldest_keeps_last_10() {
 fn connections_max_per_shard_refuses_with_0x97() {
     let b = TestBroker::start_with(2, |cfg| cfg.server.connections_max = 4);
     // 4 connections over 2 shards: 2 per shard.
-    let mut shard0 = Vec::new();
-    for i in 0..2 {
-        let (c, ack) = Raw::connect(
-            b.addr,
-            Version::V5,
-            &b.id_on_shard(&format!("cmax{i}"), 0),
-            true,
-        );
-        assert_eq!(ack.reason, 0, "connection {i} on shard 0");
-        shard0.push(c);
-    }
+    let fill = |prefix: &str, shard: usize| -> Vec<Raw> {
+        (0..2)
+            .map(|i| {
+                let id = b.id_on_shard(&format!("{prefix}{i}"), shard);
+                let (c, ack) = Raw::connect(b.addr, Version::V5, &id, true);
+                assert_eq!(ack.reason, 0, "connection {i} on shard {shard}");
+                c
+            })
+            .collect()
+    };
+    let mut shard0 = fill("cmax", 0);
     let id = b.id_on_shard("cmax-extra", 0);
-    let mut refused = Raw::open(b.addr, Version::V5);
-    refused.send(&Packet::Connect(Box::new(connect_packet(
-        Version::V5,
-        &id,
-        true,
-    ))));
-    assert_eq!(
-        read_until_close(&mut refused.stream),
-        vec![0x20, 0x03, 0x00, 0x97, 0x00]
-    );
-    let mut refused4 = Raw::open(b.addr, Version::V3_1_1);
-    refused4.send(&Packet::Connect(Box::new(connect_packet(
-        Version::V3_1_1,
-        &id,
-        true,
-    ))));
-    let reply = read_until_close(&mut refused4.stream);
+    let reply = connect_reply(&b, connect_packet(Version::V5, &id, true));
+    assert_eq!(reply, vec![0x20, 0x03, 0x00, 0x97, 0x00]);
+    let reply = connect_reply(&b, connect_packet(Version::V3_1_1, &id, true));
     assert!(
         reply.len() == 4 && reply[..3] == [0x20, 0x02, 0x00] && reply[3] != 0,
         "3.1.1 gets a failure CONNACK: {reply:02X?}"
     );
 
     // Shard 1 still has room for its share.
-    let _shard1: Vec<_> = (0..2)
-        .map(|i| {
-            let (c, ack) = Raw::connect(
-                b.addr,
-                Version::V5,
-                &b.id_on_shard(&format!("cmax1-{i}"), 1),
-                true,
-            );
-            assert_eq!(ack.reason, 0, "connection {i} on shard 1");
-            c
-        })
-        .collect();
+    let _shard1 = fill("cmax1-", 1);
 
     // Closing one connection on shard 0 makes room again.
     let mut gone = shard0.pop().unwrap();
@@ -716,32 +552,39 @@ fn connections_max_per_shard_refuses_with_0x97() {
     assert_eq!(ack.reason, 0);
 }
 
+/// Connect with a keep alive of `seconds`.
+fn connect_keep_alive(
+    b: &TestBroker,
+    version: Version,
+    id: &str,
+    seconds: u16,
+) -> (Raw, codec::ConnAck) {
+    let mut c = connect_packet(version, id, true);
+    c.keep_alive = seconds;
+    Raw::connect_with(b.addr, c)
+}
+
 #[test]
 fn keepalive_zero_gets_server_keep_alive_maximum() {
     let b = TestBroker::start_with(2, |cfg| cfg.mqtt.keep_alive_s_max = 5);
-    let mut c = connect_packet(Version::V5, "ka0", true);
-    c.keep_alive = 0;
-    let (_c, ack) = Raw::connect_with(b.addr, c);
-    assert_eq!(ack.properties.server_keep_alive, Some(5));
-    let mut c = connect_packet(Version::V5, "ka100", true);
-    c.keep_alive = 100;
-    let (_c, ack) = Raw::connect_with(b.addr, c);
-    assert_eq!(ack.properties.server_keep_alive, Some(5));
-    let mut c = connect_packet(Version::V5, "ka3", true);
-    c.keep_alive = 3;
-    let (_c, ack) = Raw::connect_with(b.addr, c);
-    assert_eq!(
-        ack.properties.server_keep_alive, None,
-        "3 s is within the cap"
-    );
+    // 0 (none) and 100 s are capped to 5 s; 3 s is within the cap.
+    for (id, seconds, cap) in [
+        ("ka0", 0, Some(5)),
+        ("ka100", 100, Some(5)),
+        ("ka3", 3, None),
+    ] {
+        let (_c, ack) = connect_keep_alive(&b, Version::V5, id, seconds);
+        assert_eq!(
+            ack.properties.server_keep_alive, cap,
+            "keep alive {seconds} s, maximum 5 s"
+        );
+    }
 }
 
 #[test]
 fn keepalive_expired_v5_gets_disconnect_0x8d() {
     let b = TestBroker::start_with(2, |cfg| cfg.mqtt.keep_alive_s_max = 5);
-    let mut c = connect_packet(Version::V5, "ka1-5", true);
-    c.keep_alive = 1;
-    let (mut c, ack) = Raw::connect_with(b.addr, c);
+    let (mut c, ack) = connect_keep_alive(&b, Version::V5, "ka1-5", 1);
     assert_eq!(ack.properties.server_keep_alive, None);
     // 1.5 x 1 s without a packet; bounded by WAIT (5 s).
     assert_eq!(c.expect_close(), Some(reason::KEEP_ALIVE_TIMEOUT));
@@ -750,9 +593,7 @@ fn keepalive_expired_v5_gets_disconnect_0x8d() {
 #[test]
 fn keepalive_expired_v311_is_closed() {
     let b = TestBroker::start(2);
-    let mut c = connect_packet(Version::V3_1_1, "ka1-4", true);
-    c.keep_alive = 1;
-    let (mut c, _) = Raw::connect_with(b.addr, c);
+    let (mut c, _) = connect_keep_alive(&b, Version::V3_1_1, "ka1-4", 1);
     assert_eq!(read_until_close(&mut c.stream), Vec::<u8>::new());
 }
 

@@ -9,45 +9,16 @@ use std::io::Read;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use common::raw::*;
 use common::*;
 use shardmq::codec::{
-    self, reason, Auth, Disconnect, Packet, Properties, PubResp, QoS, SubOptions, Subscribe,
-    Unsubscribe, Version,
+    self, reason, Auth, Disconnect, Packet, Properties, QoS, SubOptions, Subscribe, Unsubscribe,
+    Version,
 };
 
-/// Short wait used to check that nothing (more) arrives.
-const QUIET: Duration = Duration::from_millis(300);
-
 // ---------------------------------------------------------------------------
-// Helpers (local to this file).
+// Helpers (local to this file; shared ones are in common/raw.rs).
 // ---------------------------------------------------------------------------
-
-/// A packet with fixed header byte `byte0` and `body`.
-fn frame(byte0: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![byte0];
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-/// A length-prefixed string or binary field.
-fn field(s: &[u8]) -> Vec<u8> {
-    let mut out = (s.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(s);
-    out
-}
 
 /// A CONNECT with explicit protocol name, level and flags; a property length
 /// of 0 is written for level 5 and above.
@@ -63,41 +34,6 @@ fn connect_frame(name: &[u8], level: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
     frame(0x10, &body)
 }
 
-fn encode(p: &Packet, version: Version) -> Vec<u8> {
-    let mut out = BytesMut::new();
-    codec::encode(p, version, &mut out);
-    out.to_vec()
-}
-
-/// Every byte the broker sends until it closes the connection. Fails if it
-/// does not close within `WAIT`.
-fn read_until_close(s: &mut TcpStream) -> Vec<u8> {
-    let deadline = Instant::now() + WAIT;
-    let mut out = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "broker did not close the connection within {WAIT:?}; received {out:02X?}"
-        );
-        s.set_read_timeout(Some(left)).unwrap();
-        let mut chunk = [0u8; 4096];
-        match s.read(&mut chunk) {
-            Ok(0) => return out,
-            Ok(n) => out.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                panic!("broker did not close the connection within {WAIT:?}; received {out:02X?}")
-            }
-            Err(_) => return out, // reset: closed
-        }
-    }
-}
-
 /// Exactly `n` bytes from the socket, within `WAIT`.
 fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
     let deadline = Instant::now() + WAIT;
@@ -110,12 +46,7 @@ fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
         match s.read(&mut out[got..]) {
             Ok(0) => panic!("closed after {:02X?}, wanted {n} bytes", &out[..got]),
             Ok(k) => got += k,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if is_timeout(&e) => {
                 panic!("timed out after {:02X?}, wanted {n} bytes", &out[..got])
             }
             Err(e) => panic!("read error {e} after {:02X?}", &out[..got]),
@@ -131,11 +62,7 @@ fn expect_no_bytes(s: &mut TcpStream, wait: Duration) {
     match s.read(&mut chunk) {
         Ok(0) => panic!("connection closed, expected it to stay open"),
         Ok(n) => panic!("expected nothing, got {:02X?}", &chunk[..n]),
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) => {}
+        Err(e) if is_timeout(&e) => {}
         Err(e) => panic!("expected silence, got error {e}"),
     }
 }
@@ -148,80 +75,44 @@ fn first_bytes_reply(b: &TestBroker, bytes: &[u8]) -> Vec<u8> {
     read_until_close(&mut raw.stream)
 }
 
-/// 5.0 client: send `bytes`, expect DISCONNECT with `code`, then close.
-fn v5_bytes_disconnect(b: &TestBroker, id: &str, bytes: &[u8], code: u8) {
-    let (mut c, ack) = Raw::connect(b.addr, Version::V5, id, true);
-    assert_eq!(ack.reason, 0);
-    c.send_bytes(bytes);
-    assert_eq!(
-        c.expect_close(),
-        Some(code),
-        "expected DISCONNECT 0x{code:02X} after {bytes:02X?}"
-    );
-}
-
-/// 3.1.1 client: send `bytes`, expect a close without any DISCONNECT.
-fn v311_bytes_close(b: &TestBroker, id: &str, bytes: &[u8]) {
-    let (mut c, ack) = Raw::connect(b.addr, Version::V3_1_1, id, true);
-    assert_eq!(ack.reason, 0);
-    c.send_bytes(bytes);
-    assert_eq!(
-        read_until_close(&mut c.stream),
-        Vec::<u8>::new(),
-        "3.1.1: expected a plain close after {bytes:02X?}"
-    );
-}
-
 /// A fresh subscriber (shard 0) and publisher (shard 1) still round-trip a
 /// QoS 1 message: the broker survived whatever the test did.
 fn assert_broker_serves(b: &TestBroker) {
     let sub_id = b.id_on_shard("alive-sub", 0);
     let pub_id = b.id_on_shard("alive-pub", 1);
-    let (mut s, ack) = Raw::connect(b.addr, Version::V5, &sub_id, true);
-    assert_eq!(ack.reason, 0, "fresh subscriber refused");
-    assert_eq!(s.subscribe(1, "alive/check", QoS::AtLeastOnce), vec![1]);
-    let (mut p, ack) = Raw::connect(b.addr, Version::V3_1_1, &pub_id, true);
-    assert_eq!(ack.reason, 0, "fresh publisher refused");
-    p.publish("alive/check", b"still here", QoS::AtLeastOnce, false, 1);
-    match p.recv() {
-        Some(Packet::PubAck(a)) => assert_eq!(a.packet_id, 1),
-        other => panic!("expected PUBACK, got {other:?}"),
-    }
-    let m = s.recv_publish();
-    assert_eq!(&*m.topic, "alive/check");
-    assert_eq!(&m.payload[..], b"still here");
+    assert_round_trip(b, &sub_id, &pub_id, "alive/check");
 }
 
 fn ack(c: &mut Raw, packet: Packet) {
     c.send(&packet);
 }
 
-fn puback(id: u16) -> Packet {
-    Packet::PubAck(PubResp {
-        packet_id: id,
-        ..Default::default()
-    })
-}
-
 fn pubrec(id: u16) -> Packet {
-    Packet::PubRec(PubResp {
-        packet_id: id,
-        ..Default::default()
-    })
+    Packet::PubRec(pub_resp(id))
 }
 
 fn pubrel(id: u16) -> Packet {
-    Packet::PubRel(PubResp {
-        packet_id: id,
-        ..Default::default()
-    })
+    Packet::PubRel(pub_resp(id))
 }
 
 fn pubcomp(id: u16) -> Packet {
-    Packet::PubComp(PubResp {
-        packet_id: id,
-        ..Default::default()
-    })
+    Packet::PubComp(pub_resp(id))
+}
+
+/// The next packet is a PUBREC for `id` with reason 0.
+fn expect_pubrec(c: &mut Raw, id: u16) {
+    match c.recv() {
+        Some(Packet::PubRec(r)) => assert_eq!((r.packet_id, r.reason), (id, 0)),
+        other => panic!("expected PUBREC {id}, got {other:?}"),
+    }
+}
+
+/// The next packet is a PUBREL for `id`.
+fn expect_pubrel(c: &mut Raw, id: u16) {
+    match c.recv() {
+        Some(Packet::PubRel(r)) => assert_eq!(r.packet_id, id),
+        other => panic!("expected PUBREL, got {other:?}"),
+    }
 }
 
 /// A 5.0 CONNECT with a session expiry interval.
@@ -231,58 +122,15 @@ fn v5_connect(id: &str, clean: bool, expiry: u32) -> codec::Connect {
     c
 }
 
-/// Publish QoS 1 and wait for its PUBACK (the message has been routed).
-fn publish_qos1(p: &mut Raw, topic: &str, payload: &[u8], id: u16) {
-    p.publish(topic, payload, QoS::AtLeastOnce, false, id);
-    match p.recv() {
-        Some(Packet::PubAck(a)) => {
-            assert_eq!(a.packet_id, id);
-            assert_eq!(a.reason, 0);
-        }
-        other => panic!("expected PUBACK {id}, got {other:?}"),
-    }
-}
-
 /// Publish QoS 2 and complete the handshake as the sender.
 fn publish_qos2(p: &mut Raw, topic: &str, payload: &[u8], id: u16) {
     p.publish(topic, payload, QoS::ExactlyOnce, false, id);
-    match p.recv() {
-        Some(Packet::PubRec(r)) => assert_eq!((r.packet_id, r.reason), (id, 0)),
-        other => panic!("expected PUBREC {id}, got {other:?}"),
-    }
+    expect_pubrec(p, id);
     p.send(&pubrel(id));
     match p.recv() {
         Some(Packet::PubComp(c)) => assert_eq!((c.packet_id, c.reason), (id, 0)),
         other => panic!("expected PUBCOMP {id}, got {other:?}"),
     }
-}
-
-/// A PUBLISH in 5.0 layout with raw topic bytes, flags and properties.
-fn v5_publish_bytes(
-    byte0: u8,
-    topic: &[u8],
-    packet_id: Option<u16>,
-    props: &[u8],
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut body = field(topic);
-    if let Some(id) = packet_id {
-        body.extend_from_slice(&id.to_be_bytes());
-    }
-    body.push(props.len() as u8);
-    body.extend_from_slice(props);
-    body.extend_from_slice(payload);
-    frame(byte0, &body)
-}
-
-/// A PUBLISH in 3.1.1 layout with raw topic bytes and flags.
-fn v311_publish_bytes(byte0: u8, topic: &[u8], packet_id: Option<u16>, payload: &[u8]) -> Vec<u8> {
-    let mut body = field(topic);
-    if let Some(id) = packet_id {
-        body.extend_from_slice(&id.to_be_bytes());
-    }
-    body.extend_from_slice(payload);
-    frame(byte0, &body)
 }
 
 // ---------------------------------------------------------------------------
@@ -314,29 +162,26 @@ fn no_connect_within_connect_timeout_is_closed() {
     assert_broker_serves(&b);
 }
 
+/// A connected client that has sent a second CONNECT.
+fn connect_twice(b: &TestBroker, version: Version, id: &str) -> Raw {
+    let (mut c, ack) = Raw::connect(b.addr, version, id, true);
+    assert_eq!(ack.reason, 0);
+    let again = connect_packet(version, id, true);
+    c.send(&Packet::Connect(Box::new(again)));
+    c
+}
+
 #[test]
 fn second_connect_v5_gets_disconnect_0x82() {
     let b = TestBroker::start(2);
-    let (mut c, ack) = Raw::connect(b.addr, Version::V5, "twice-5", true);
-    assert_eq!(ack.reason, 0);
-    c.send(&Packet::Connect(Box::new(connect_packet(
-        Version::V5,
-        "twice-5",
-        true,
-    ))));
+    let mut c = connect_twice(&b, Version::V5, "twice-5");
     assert_eq!(c.expect_close(), Some(reason::PROTOCOL_ERROR));
 }
 
 #[test]
 fn second_connect_v311_is_closed() {
     let b = TestBroker::start(2);
-    let (mut c, ack) = Raw::connect(b.addr, Version::V3_1_1, "twice-4", true);
-    assert_eq!(ack.reason, 0);
-    c.send(&Packet::Connect(Box::new(connect_packet(
-        Version::V3_1_1,
-        "twice-4",
-        true,
-    ))));
+    let mut c = connect_twice(&b, Version::V3_1_1, "twice-4");
     assert_eq!(read_until_close(&mut c.stream), Vec::<u8>::new());
 }
 
@@ -492,9 +337,7 @@ fn connect_with_authentication_method_gets_connack_0x8c() {
     let b = TestBroker::start(2);
     let mut c = connect_packet(Version::V5, "auth-method", true);
     c.properties.authentication_method = Some("SCRAM-SHA-1".into());
-    let mut raw = Raw::open(b.addr, Version::V5);
-    raw.send(&Packet::Connect(Box::new(c)));
-    let reply = read_until_close(&mut raw.stream);
+    let reply = connect_reply(&b, c);
     assert_eq!(reply, vec![0x20, 0x03, 0x00, 0x8C, 0x00]);
 }
 
@@ -555,17 +398,26 @@ fn publish_wildcard_topic_v311_is_closed() {
     assert_broker_serves(&b);
 }
 
+/// The same PUBLISH (header byte `byte0`, payload "x") in each version's
+/// layout: client `id5` (5.0) gets DISCONNECT 0x81, client `id4` (3.1.1) a
+/// plain close.
+fn publish_is_malformed(
+    b: &TestBroker,
+    [id5, id4]: [&str; 2],
+    byte0: u8,
+    topic: &[u8],
+    packet_id: Option<u16>,
+) {
+    let bytes = v5_publish_bytes(byte0, topic, packet_id, &[], b"x");
+    v5_bytes_disconnect(b, id5, &bytes, reason::MALFORMED_PACKET);
+    v311_bytes_close(b, id4, &v311_publish_bytes(byte0, topic, packet_id, b"x"));
+}
+
 #[test]
 fn publish_qos_3_is_malformed() {
     let b = TestBroker::start(2);
     // 0x36: QoS bits 11 [MQTT-3.3.1-4].
-    let bytes = v5_publish_bytes(0x36, b"a/b", Some(1), &[], b"x");
-    v5_bytes_disconnect(&b, "qos3-5", &bytes, reason::MALFORMED_PACKET);
-    v311_bytes_close(
-        &b,
-        "qos3-4",
-        &v311_publish_bytes(0x36, b"a/b", Some(1), b"x"),
-    );
+    publish_is_malformed(&b, ["qos3-5", "qos3-4"], 0x36, b"a/b", Some(1));
     assert_broker_serves(&b);
 }
 
@@ -573,9 +425,7 @@ fn publish_qos_3_is_malformed() {
 fn publish_qos_0_with_dup_is_malformed() {
     let b = TestBroker::start(2);
     // 0x38: DUP with QoS 0 [MQTT-3.3.1-2].
-    let bytes = v5_publish_bytes(0x38, b"a/b", None, &[], b"x");
-    v5_bytes_disconnect(&b, "dup0-5", &bytes, reason::MALFORMED_PACKET);
-    v311_bytes_close(&b, "dup0-4", &v311_publish_bytes(0x38, b"a/b", None, b"x"));
+    publish_is_malformed(&b, ["dup0-5", "dup0-4"], 0x38, b"a/b", None);
     assert_broker_serves(&b);
 }
 
@@ -583,9 +433,7 @@ fn publish_qos_0_with_dup_is_malformed() {
 fn publish_topic_with_nul_is_malformed() {
     let b = TestBroker::start(2);
     // [MQTT-1.5.4-2]: U+0000 in a UTF-8 string.
-    let bytes = v5_publish_bytes(0x30, b"a\0b", None, &[], b"x");
-    v5_bytes_disconnect(&b, "nul-5", &bytes, reason::MALFORMED_PACKET);
-    v311_bytes_close(&b, "nul-4", &v311_publish_bytes(0x30, b"a\0b", None, b"x"));
+    publish_is_malformed(&b, ["nul-5", "nul-4"], 0x30, b"a\0b", None);
     assert_broker_serves(&b);
 }
 
@@ -598,13 +446,8 @@ fn publish_topic_invalid_utf8_is_malformed() {
         .into_iter()
         .enumerate()
     {
-        let bytes = v5_publish_bytes(0x30, topic, None, &[], b"x");
-        v5_bytes_disconnect(&b, &format!("utf5-{i}"), &bytes, reason::MALFORMED_PACKET);
-        v311_bytes_close(
-            &b,
-            &format!("utf4-{i}"),
-            &v311_publish_bytes(0x30, topic, None, b"x"),
-        );
+        let (id5, id4) = (format!("utf5-{i}"), format!("utf4-{i}"));
+        publish_is_malformed(&b, [&id5, &id4], 0x30, topic, None);
     }
     assert_broker_serves(&b);
 }
@@ -666,12 +509,7 @@ fn publish_larger_than_client_maximum_packet_size_is_not_sent() {
 #[test]
 fn payload_format_utf8_with_invalid_payload_qos1_gets_puback_0x99() {
     let b = TestBroker::start(2);
-    let sub_id = b.id_on_shard("pfi-sub", 0);
-    let (mut s, _) = Raw::connect(b.addr, Version::V5, &sub_id, true);
-    assert_eq!(s.subscribe(1, "pfi/t", QoS::AtLeastOnce), vec![1]);
-    let pub_id = b.id_on_shard("pfi-pub", 1);
-    let (mut p, ack) = Raw::connect(b.addr, Version::V5, &pub_id, true);
-    assert_eq!(ack.reason, 0);
+    let (mut s, mut p) = v5_sub_and_pub(&b, "pfi", "pfi/t", QoS::AtLeastOnce);
     // Payload Format Indicator (0x01) = 1, payload not UTF-8.
     let bytes = v5_publish_bytes(0x32, b"pfi/t", Some(9), &[0x01, 0x01], &[0xFF, 0xFE, 0x00]);
     p.send_bytes(&bytes);
@@ -685,9 +523,7 @@ fn payload_format_utf8_with_invalid_payload_qos1_gets_puback_0x99() {
 #[test]
 fn payload_format_utf8_with_invalid_payload_qos2_gets_pubrec_0x99() {
     let b = TestBroker::start(2);
-    let (mut s, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("pfi2-sub", 0), true);
-    assert_eq!(s.subscribe(1, "pfi2/t", QoS::ExactlyOnce), vec![2]);
-    let (mut p, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("pfi2-pub", 1), true);
+    let (mut s, mut p) = v5_sub_and_pub(&b, "pfi2", "pfi2/t", QoS::ExactlyOnce);
     let bytes = v5_publish_bytes(0x34, b"pfi2/t", Some(4), &[0x01, 0x01], &[0xC3, 0x28]);
     p.send_bytes(&bytes);
     assert_eq!(read_n(&mut p.stream, 5), vec![0x50, 0x03, 0x00, 0x04, 0x99]);
@@ -726,24 +562,19 @@ fn subscribe_many(c: &mut Raw, packet_id: u16, filters: &[&str]) {
 
 const BAD_FILTERS: [&str; 4] = ["a/#/b", "a+", "#/", ""];
 
-#[test]
-fn subscribe_invalid_filters_v311_get_0x80_valid_ones_succeed() {
+/// One SUBSCRIBE with valid filters around `BAD_FILTERS`, from client
+/// `name` on shard 0: the SUBACK is exactly `suback`, and the valid filters
+/// deliver publishes from client `{name}-pub` on shard 1.
+fn subscribe_invalid_filters(version: Version, name: &str, packet_id: u16, suback: &[u8]) {
     let b = TestBroker::start(2);
-    let (mut c, _) = Raw::connect(b.addr, Version::V3_1_1, &b.id_on_shard("badf4", 0), true);
+    let (mut c, _) = Raw::connect(b.addr, version, &b.id_on_shard(name, 0), true);
     let mut filters = vec!["good/+"];
     filters.extend(BAD_FILTERS);
     filters.push("good2/#");
-    subscribe_many(&mut c, 3, &filters);
-    assert_eq!(
-        read_n(&mut c.stream, 10),
-        vec![0x90, 0x08, 0x00, 0x03, 0x01, 0x80, 0x80, 0x80, 0x80, 0x01]
-    );
-    let (mut p, _) = Raw::connect(
-        b.addr,
-        Version::V3_1_1,
-        &b.id_on_shard("badf4-pub", 1),
-        true,
-    );
+    subscribe_many(&mut c, packet_id, &filters);
+    assert_eq!(read_n(&mut c.stream, suback.len()), suback);
+    let pub_id = b.id_on_shard(&format!("{name}-pub"), 1);
+    let (mut p, _) = Raw::connect(b.addr, version, &pub_id, true);
     p.publish("good/x", b"1", QoS::AtMostOnce, false, 0);
     p.publish("good2/y/z", b"2", QoS::AtMostOnce, false, 0);
     let m1 = c.recv_publish();
@@ -753,24 +584,25 @@ fn subscribe_invalid_filters_v311_get_0x80_valid_ones_succeed() {
 }
 
 #[test]
-fn subscribe_invalid_filters_v5_get_0x8f_valid_ones_succeed() {
-    let b = TestBroker::start(2);
-    let (mut c, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("badf5", 0), true);
-    let mut filters = vec!["good/+"];
-    filters.extend(BAD_FILTERS);
-    filters.push("good2/#");
-    subscribe_many(&mut c, 4, &filters);
-    assert_eq!(
-        read_n(&mut c.stream, 11),
-        vec![0x90, 0x09, 0x00, 0x04, 0x00, 0x01, 0x8F, 0x8F, 0x8F, 0x8F, 0x01]
+fn subscribe_invalid_filters_v311_get_0x80_valid_ones_succeed() {
+    subscribe_invalid_filters(
+        Version::V3_1_1,
+        "badf4",
+        3,
+        &[0x90, 0x08, 0x00, 0x03, 0x01, 0x80, 0x80, 0x80, 0x80, 0x01],
     );
-    let (mut p, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("badf5-pub", 1), true);
-    p.publish("good/x", b"1", QoS::AtMostOnce, false, 0);
-    p.publish("good2/y/z", b"2", QoS::AtMostOnce, false, 0);
-    let m1 = c.recv_publish();
-    let m2 = c.recv_publish();
-    assert_eq!((&*m1.topic, &m1.payload[..]), ("good/x", &b"1"[..]));
-    assert_eq!((&*m2.topic, &m2.payload[..]), ("good2/y/z", &b"2"[..]));
+}
+
+#[test]
+fn subscribe_invalid_filters_v5_get_0x8f_valid_ones_succeed() {
+    subscribe_invalid_filters(
+        Version::V5,
+        "badf5",
+        4,
+        &[
+            0x90, 0x09, 0x00, 0x04, 0x00, 0x01, 0x8F, 0x8F, 0x8F, 0x8F, 0x01,
+        ],
+    );
 }
 
 #[test]
@@ -900,22 +732,19 @@ fn unsubscribe_unknown_filter_v311_gets_unsuback_without_codes() {
 // Packets only a server may send, and PING.
 // ---------------------------------------------------------------------------
 
-fn server_only_packet_is_refused(b: &TestBroker, name: &str, bytes: &[u8]) {
-    v5_bytes_disconnect(b, &format!("{name}-5"), bytes, reason::PROTOCOL_ERROR);
-    v311_bytes_close(b, &format!("{name}-4"), bytes);
+/// A packet only a server may send, in each version's layout: client
+/// `{name}-5` gets DISCONNECT 0x82, client `{name}-4` (3.1.1) a plain close.
+fn server_only_packet_is_refused(b: &TestBroker, name: &str, v5: &[u8], v311: &[u8]) {
+    v5_bytes_disconnect(b, &format!("{name}-5"), v5, reason::PROTOCOL_ERROR);
+    v311_bytes_close(b, &format!("{name}-4"), v311);
 }
 
 #[test]
 fn client_sending_connack_is_closed() {
     let b = TestBroker::start(2);
     // Each version gets a CONNACK in its own layout.
-    v5_bytes_disconnect(
-        &b,
-        "connack-5",
-        &[0x20, 0x03, 0x00, 0x00, 0x00],
-        reason::PROTOCOL_ERROR,
-    );
-    v311_bytes_close(&b, "connack-4", &[0x20, 0x02, 0x00, 0x00]);
+    let v5 = [0x20, 0x03, 0x00, 0x00, 0x00];
+    server_only_packet_is_refused(&b, "connack", &v5, &[0x20, 0x02, 0x00, 0x00]);
     assert_broker_serves(&b);
 }
 
@@ -924,33 +753,23 @@ fn client_sending_suback_is_closed() {
     let b = TestBroker::start(2);
     // 3.1.1 layout (id 1, granted QoS 0); 5.0 layout differs, so send each
     // version its own.
-    v5_bytes_disconnect(
-        &b,
-        "suback-5",
-        &[0x90, 0x04, 0x00, 0x01, 0x00, 0x00],
-        reason::PROTOCOL_ERROR,
-    );
-    v311_bytes_close(&b, "suback-4", &[0x90, 0x03, 0x00, 0x01, 0x00]);
+    let v5 = [0x90, 0x04, 0x00, 0x01, 0x00, 0x00];
+    server_only_packet_is_refused(&b, "suback", &v5, &[0x90, 0x03, 0x00, 0x01, 0x00]);
     assert_broker_serves(&b);
 }
 
 #[test]
 fn client_sending_pingresp_is_closed() {
     let b = TestBroker::start(2);
-    server_only_packet_is_refused(&b, "pingresp", &[0xD0, 0x00]);
+    server_only_packet_is_refused(&b, "pingresp", &[0xD0, 0x00], &[0xD0, 0x00]);
     assert_broker_serves(&b);
 }
 
 #[test]
 fn client_sending_unsuback_is_closed() {
     let b = TestBroker::start(2);
-    v5_bytes_disconnect(
-        &b,
-        "unsuback-5",
-        &[0xB0, 0x04, 0x00, 0x01, 0x00, 0x00],
-        reason::PROTOCOL_ERROR,
-    );
-    v311_bytes_close(&b, "unsuback-4", &[0xB0, 0x02, 0x00, 0x01]);
+    let v5 = [0xB0, 0x04, 0x00, 0x01, 0x00, 0x00];
+    server_only_packet_is_refused(&b, "unsuback", &v5, &[0xB0, 0x02, 0x00, 0x01]);
     assert_broker_serves(&b);
 }
 
@@ -1000,10 +819,7 @@ fn qos2_inbound_duplicate_is_delivered_exactly_once() {
         ("q2in/t", &b"once"[..], QoS::ExactlyOnce)
     );
     s.send(&pubrec(m.packet_id));
-    match s.recv() {
-        Some(Packet::PubRel(r)) => assert_eq!(r.packet_id, m.packet_id),
-        other => panic!("expected PUBREL, got {other:?}"),
-    }
+    expect_pubrel(&mut s, m.packet_id);
     s.send(&pubcomp(m.packet_id));
 
     p.send(&pubrel(7));
@@ -1077,10 +893,7 @@ fn qos2_outbound_publish_redelivered_with_dup_after_reconnect() {
         ("q2re/t", &b"again"[..])
     );
     s.send(&pubrec(again.packet_id));
-    match s.recv() {
-        Some(Packet::PubRel(r)) => assert_eq!(r.packet_id, m.packet_id),
-        other => panic!("expected PUBREL, got {other:?}"),
-    }
+    expect_pubrel(&mut s, m.packet_id);
     s.send(&pubcomp(again.packet_id));
     s.expect_silence(QUIET);
 }
@@ -1096,10 +909,7 @@ fn qos2_outbound_pubrel_resent_after_reconnect() {
     publish_qos2(&mut p, "q2rel/t", b"rel", 1);
     let m = s.recv_publish();
     s.send(&pubrec(m.packet_id));
-    match s.recv() {
-        Some(Packet::PubRel(r)) => assert_eq!(r.packet_id, m.packet_id),
-        other => panic!("expected PUBREL, got {other:?}"),
-    }
+    expect_pubrel(&mut s, m.packet_id);
     drop(s); // no PUBCOMP
 
     // Raw bytes: CONNACK (session present) then the PUBREL, not the PUBLISH
@@ -1244,9 +1054,7 @@ fn topic_alias_unknown_with_empty_topic_gets_disconnect_0x82() {
 #[test]
 fn topic_alias_set_then_used_delivers_full_topic() {
     let b = TestBroker::start(2);
-    let (mut s, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("alias-sub", 0), true);
-    assert_eq!(s.subscribe(1, "alias/#", QoS::AtMostOnce), vec![0]);
-    let (mut p, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("alias-pub", 1), true);
+    let (mut s, mut p) = v5_sub_and_pub(&b, "alias", "alias/#", QoS::AtMostOnce);
     p.send(&alias_publish("alias/full/topic", 3, b"one"));
     p.send(&alias_publish("", 3, b"two"));
     // Re-point alias 3, then use it again.
@@ -1297,10 +1105,7 @@ fn receive_maximum_exceeded_gets_disconnect_0x93() {
         c.publish("rm/t", b"x", QoS::ExactlyOnce, false, id);
     }
     for id in 1..=2u16 {
-        match c.recv() {
-            Some(Packet::PubRec(r)) => assert_eq!((r.packet_id, r.reason), (id, 0)),
-            other => panic!("expected PUBREC {id}, got {other:?}"),
-        }
+        expect_pubrec(&mut c, id);
     }
     assert_eq!(c.expect_close(), Some(reason::RECEIVE_MAXIMUM_EXCEEDED));
     assert_broker_serves(&b);
@@ -1331,7 +1136,8 @@ fn normal_disconnect_closes_without_reply() {
 
 #[test]
 fn encode_helper_matches_codec() {
-    // The literal builders above agree with the codec for a plain PUBLISH.
+    // The literal builders (common/raw.rs, and connect_frame above) agree
+    // with the codec for a plain PUBLISH.
     let p = Packet::Publish(publish("a/b", b"x", QoS::AtLeastOnce, false, 1));
     assert_eq!(
         encode(&p, Version::V5),

@@ -76,6 +76,55 @@ impl<P: Debug, E: Debug> Events<P, E> {
         }
     }
 
+    /// What `pick` takes from the first packet (within `wait`) it picks;
+    /// packets it passes over are stashed. Panics if the connection ends
+    /// while `doing`.
+    pub async fn packet<T>(
+        &mut self,
+        wait: Duration,
+        doing: &str,
+        mut pick: impl FnMut(&P) -> Option<T>,
+    ) -> Option<T> {
+        self.find(wait, |ev| {
+            let picked = match &*ev {
+                Ev::Packet(p) => pick(p),
+                Ev::Closed(e) => panic!("connection closed while {doing}: {e:?}"),
+            };
+            picked.ok_or(ev)
+        })
+        .await
+    }
+
+    /// Like `packet` within WAIT, but panics unless `what` arrives.
+    pub async fn expect_packet<T>(
+        &mut self,
+        what: &str,
+        doing: &str,
+        pick: impl FnMut(&P) -> Option<T>,
+    ) -> T {
+        match self.packet(WAIT, doing, pick).await {
+            Some(t) => t,
+            None => panic!("{what} within the wait"),
+        }
+    }
+
+    /// Wait for the packet `is` picks out (an acknowledgement); panics unless
+    /// `what` arrives within WAIT.
+    pub async fn expect_ack(&mut self, what: &str, doing: &str, is: impl Fn(&P) -> bool) {
+        self.expect_packet(what, doing, |p| is(p).then_some(()))
+            .await
+    }
+
+    /// Wait until the connection ends; returns the error that ended it.
+    pub async fn closed(&mut self) -> E {
+        self.find(WAIT, |ev| match *ev {
+            Ev::Closed(e) => Ok(e),
+            other => Err(Box::new(other)),
+        })
+        .await
+        .expect("the connection closes within the wait")
+    }
+
     /// Everything stashed so far, for failure messages.
     pub fn stashed(&self) -> String {
         format!("{:?}", self.stash)
@@ -91,6 +140,216 @@ impl<P, E> Drop for Events<P, E> {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// What the scenarios written once for both protocol versions
+/// (`scenarios.rs`) need from a client; `v3::Client` and `v5::Client`
+/// implement it by calling their own methods of the same names.
+pub trait Session: Sized {
+    /// A SUBACK return code of this version.
+    type SubAckCode: PartialEq + Debug;
+    /// The code that grants QoS 1.
+    const GRANTED_QOS1: Self::SubAckCode;
+
+    /// Connect as `id` with the version's default options.
+    async fn connect_as(addr: SocketAddr, id: &str) -> Self;
+    /// Subscribe at QoS 1 and wait for the SUBACK.
+    async fn subscribe_qos1(&mut self, filter: &str) -> Vec<Self::SubAckCode>;
+    /// Publish at QoS 1 (not retained) and wait for the PUBACK.
+    async fn publish_acked(&mut self, topic: &str, payload: &[u8]);
+    /// The payload of the next PUBLISH within `wait`, if any.
+    async fn try_next_text(&mut self, wait: Duration) -> Option<String>;
+    /// The payload of the next PUBLISH; panics if none arrives within WAIT.
+    async fn next_text(&mut self) -> String;
+    /// Assert no PUBLISH arrives within QUIET.
+    async fn expect_no_publish(&mut self);
+    /// Send DISCONNECT and wait for the broker to close the connection.
+    async fn disconnect(self);
+}
+
+/// What `v3` and `v5` have in common. rumqttc's 3.1.1 and 5.0 APIs have the
+/// same shape but separate types, so this is expanded once in each module,
+/// where `AsyncClient`, `Event`, `Packet`, `Publish`, `QoS`, ... name that
+/// version's types.
+macro_rules! client_common {
+    () => {
+        /// A connected client.
+        pub struct Client {
+            pub client: AsyncClient,
+            pub events: Events<Packet, ConnectionError>,
+            pub connack: ConnAck,
+        }
+
+        /// Connect and wait for CONNACK (panics if refused or none arrives).
+        pub async fn connect(options: MqttOptions) -> Client {
+            let (client, mut eventloop) = AsyncClient::new(options, 100);
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let task = tokio::spawn(async move {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(p)) => {
+                            if tx.send(Ev::Packet(p)).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(Event::Outgoing(_)) => {}
+                        Err(e) => {
+                            let _ = tx.send(Ev::Closed(e));
+                            return;
+                        }
+                    }
+                }
+            });
+            let mut events = Events {
+                rx,
+                stash: VecDeque::new(),
+                task,
+            };
+            let connack = events
+                .find(WAIT, |ev| match *ev {
+                    Ev::Packet(Packet::ConnAck(a)) => Ok(Ok(a)),
+                    Ev::Closed(e) => Ok(Err(e)),
+                    other => Err(Box::new(other)),
+                })
+                .await
+                .expect("CONNACK within the wait")
+                .unwrap_or_else(|e| panic!("connect failed: {e:?}"));
+            Client {
+                client,
+                events,
+                connack,
+            }
+        }
+
+        impl Client {
+            /// Wait for the SUBACK of a subscribe just sent.
+            async fn suback(&mut self) -> Vec<SubscribeReasonCode> {
+                self.events
+                    .expect_packet("SUBACK", "subscribing", |p| match p {
+                        Packet::SubAck(a) => Some(a.return_codes.clone()),
+                        _ => None,
+                    })
+                    .await
+            }
+
+            /// Unsubscribe and wait for the UNSUBACK.
+            pub async fn unsubscribe(&mut self, filter: &str) {
+                self.client
+                    .unsubscribe(filter)
+                    .await
+                    .expect("request queued");
+                let is_unsuback = |p: &Packet| matches!(p, Packet::UnsubAck(_));
+                self.events
+                    .expect_ack("UNSUBACK", "unsubscribing", is_unsuback)
+                    .await
+            }
+
+            /// Publish without waiting for any acknowledgement.
+            pub async fn publish(&self, topic: &str, qos: QoS, retain: bool, payload: &[u8]) {
+                self.client
+                    .publish(topic, qos, retain, payload.to_vec())
+                    .await
+                    .expect("request queued");
+            }
+
+            /// Wait for the next PUBACK from the broker.
+            pub async fn puback(&mut self) {
+                let is_puback = |p: &Packet| matches!(p, Packet::PubAck(_));
+                self.events
+                    .expect_ack("PUBACK", "publishing", is_puback)
+                    .await
+            }
+
+            /// Publish at QoS 1 and wait for the broker's PUBACK.
+            pub async fn publish_acked(&mut self, topic: &str, retain: bool, payload: &[u8]) {
+                self.publish(topic, QoS::AtLeastOnce, retain, payload).await;
+                self.puback().await;
+            }
+
+            /// Next PUBLISH within `wait`, if any (panics if the connection ends).
+            pub async fn try_next_publish(&mut self, wait: Duration) -> Option<Publish> {
+                self.events
+                    .packet(wait, "waiting for PUBLISH", |p| match p {
+                        Packet::Publish(p) => Some(p.clone()),
+                        _ => None,
+                    })
+                    .await
+            }
+
+            /// Next PUBLISH; panics if none arrives within `wait`.
+            pub async fn next_publish_within(&mut self, wait: Duration) -> Publish {
+                match self.try_next_publish(wait).await {
+                    Some(p) => p,
+                    None => panic!(
+                        "no PUBLISH within {wait:?}; other events: {}",
+                        self.events.stashed()
+                    ),
+                }
+            }
+
+            /// Next PUBLISH; panics if none arrives within WAIT.
+            pub async fn next_publish(&mut self) -> Publish {
+                self.next_publish_within(WAIT).await
+            }
+
+            /// Assert no PUBLISH arrives within QUIET.
+            pub async fn expect_no_publish(&mut self) {
+                if let Some(p) = self.try_next_publish(QUIET).await {
+                    panic!("expected no PUBLISH, got {p:?}");
+                }
+            }
+
+            /// Wait until the connection ends; returns the error that ended it.
+            pub async fn closed(&mut self) -> ConnectionError {
+                self.events.closed().await
+            }
+
+            /// Send DISCONNECT (normal) and wait for the broker to close.
+            pub async fn disconnect(mut self) {
+                self.client.disconnect().await.expect("request queued");
+                self.closed().await;
+            }
+        }
+
+        impl Session for Client {
+            type SubAckCode = SubscribeReasonCode;
+            const GRANTED_QOS1: SubscribeReasonCode =
+                SubscribeReasonCode::Success(QoS::AtLeastOnce);
+
+            async fn connect_as(addr: SocketAddr, id: &str) -> Client {
+                connect(options(addr, id)).await
+            }
+
+            async fn subscribe_qos1(&mut self, filter: &str) -> Vec<SubscribeReasonCode> {
+                self.subscribe(filter, QoS::AtLeastOnce).await
+            }
+
+            async fn publish_acked(&mut self, topic: &str, payload: &[u8]) {
+                Client::publish_acked(self, topic, false, payload).await
+            }
+
+            async fn try_next_text(&mut self, wait: Duration) -> Option<String> {
+                self.try_next_publish(wait).await.map(|p| text(&p))
+            }
+
+            async fn next_text(&mut self) -> String {
+                text(&self.next_publish().await)
+            }
+
+            async fn expect_no_publish(&mut self) {
+                Client::expect_no_publish(self).await
+            }
+
+            async fn disconnect(self) {
+                Client::disconnect(self).await
+            }
+        }
+
+        /// Payload as text.
+        pub fn text(p: &Publish) -> String {
+            String::from_utf8_lossy(&p.payload).into_owned()
+        }
+    };
 }
 
 pub mod v3 {
@@ -110,53 +369,7 @@ pub mod v3 {
         o
     }
 
-    /// A connected 3.1.1 client.
-    pub struct Client {
-        pub client: AsyncClient,
-        pub events: Events<Packet, ConnectionError>,
-        pub connack: ConnAck,
-    }
-
-    /// Connect and wait for CONNACK (panics if refused or none arrives).
-    pub async fn connect(options: MqttOptions) -> Client {
-        let (client, mut eventloop) = AsyncClient::new(options, 100);
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let task = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(p)) => {
-                        if tx.send(Ev::Packet(p)).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Event::Outgoing(_)) => {}
-                    Err(e) => {
-                        let _ = tx.send(Ev::Closed(e));
-                        return;
-                    }
-                }
-            }
-        });
-        let mut events = Events {
-            rx,
-            stash: VecDeque::new(),
-            task,
-        };
-        let connack = events
-            .find(WAIT, |ev| match *ev {
-                Ev::Packet(Packet::ConnAck(a)) => Ok(Ok(a)),
-                Ev::Closed(e) => Ok(Err(e)),
-                other => Err(Box::new(other)),
-            })
-            .await
-            .expect("CONNACK within the wait")
-            .unwrap_or_else(|e| panic!("connect failed: {e:?}"));
-        Client {
-            client,
-            events,
-            connack,
-        }
-    }
+    client_common!();
 
     impl Client {
         /// Subscribe and wait for the SUBACK; returns its return codes.
@@ -165,103 +378,8 @@ pub mod v3 {
                 .subscribe(filter, qos)
                 .await
                 .expect("request queued");
-            self.events
-                .find(WAIT, |ev| match *ev {
-                    Ev::Packet(Packet::SubAck(a)) => Ok(a.return_codes),
-                    Ev::Closed(e) => panic!("connection closed while subscribing: {e:?}"),
-                    other => Err(Box::new(other)),
-                })
-                .await
-                .expect("SUBACK within the wait")
+            self.suback().await
         }
-
-        /// Unsubscribe and wait for the UNSUBACK.
-        pub async fn unsubscribe(&mut self, filter: &str) {
-            self.client
-                .unsubscribe(filter)
-                .await
-                .expect("request queued");
-            self.events
-                .find(WAIT, |ev| match *ev {
-                    Ev::Packet(Packet::UnsubAck(_)) => Ok(()),
-                    Ev::Closed(e) => panic!("connection closed while unsubscribing: {e:?}"),
-                    other => Err(Box::new(other)),
-                })
-                .await
-                .expect("UNSUBACK within the wait")
-        }
-
-        /// Publish without waiting for any acknowledgement.
-        pub async fn publish(&self, topic: &str, qos: QoS, retain: bool, payload: &[u8]) {
-            self.client
-                .publish(topic, qos, retain, payload.to_vec())
-                .await
-                .expect("request queued");
-        }
-
-        /// Publish at QoS 1 and wait for the broker's PUBACK.
-        pub async fn publish_acked(&mut self, topic: &str, retain: bool, payload: &[u8]) {
-            self.publish(topic, QoS::AtLeastOnce, retain, payload).await;
-            self.events
-                .find(WAIT, |ev| match *ev {
-                    Ev::Packet(Packet::PubAck(_)) => Ok(()),
-                    Ev::Closed(e) => panic!("connection closed while publishing: {e:?}"),
-                    other => Err(Box::new(other)),
-                })
-                .await
-                .expect("PUBACK within the wait")
-        }
-
-        /// Next PUBLISH within `wait`, if any (panics if the connection ends).
-        pub async fn try_next_publish(&mut self, wait: Duration) -> Option<Publish> {
-            self.events
-                .find(wait, |ev| match *ev {
-                    Ev::Packet(Packet::Publish(p)) => Ok(p),
-                    Ev::Closed(e) => panic!("connection closed while waiting for PUBLISH: {e:?}"),
-                    other => Err(Box::new(other)),
-                })
-                .await
-        }
-
-        /// Next PUBLISH; panics if none arrives within WAIT.
-        pub async fn next_publish(&mut self) -> Publish {
-            match self.try_next_publish(WAIT).await {
-                Some(p) => p,
-                None => panic!(
-                    "no PUBLISH within {WAIT:?}; other events: {}",
-                    self.events.stashed()
-                ),
-            }
-        }
-
-        /// Assert no PUBLISH arrives within QUIET.
-        pub async fn expect_no_publish(&mut self) {
-            if let Some(p) = self.try_next_publish(QUIET).await {
-                panic!("expected no PUBLISH, got {p:?}");
-            }
-        }
-
-        /// Wait until the connection ends; returns the error that ended it.
-        pub async fn closed(&mut self) -> ConnectionError {
-            self.events
-                .find(WAIT, |ev| match *ev {
-                    Ev::Closed(e) => Ok(e),
-                    other => Err(Box::new(other)),
-                })
-                .await
-                .expect("the connection closes within the wait")
-        }
-
-        /// Send DISCONNECT and wait for the broker to close the connection.
-        pub async fn disconnect(mut self) {
-            self.client.disconnect().await.expect("request queued");
-            self.closed().await;
-        }
-    }
-
-    /// Payload as text.
-    pub fn text(p: &Publish) -> String {
-        String::from_utf8_lossy(&p.payload).into_owned()
     }
 }
 
@@ -291,54 +409,6 @@ pub mod v5 {
         o.set_connect_properties(props);
     }
 
-    /// A connected 5.0 client.
-    pub struct Client {
-        pub client: AsyncClient,
-        pub events: Events<Packet, ConnectionError>,
-        pub connack: ConnAck,
-    }
-
-    /// Connect and wait for CONNACK (panics if refused or none arrives).
-    pub async fn connect(options: MqttOptions) -> Client {
-        let (client, mut eventloop) = AsyncClient::new(options, 100);
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let task = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(p)) => {
-                        if tx.send(Ev::Packet(p)).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Event::Outgoing(_)) => {}
-                    Err(e) => {
-                        let _ = tx.send(Ev::Closed(e));
-                        return;
-                    }
-                }
-            }
-        });
-        let mut events = Events {
-            rx,
-            stash: VecDeque::new(),
-            task,
-        };
-        let connack = events
-            .find(WAIT, |ev| match *ev {
-                Ev::Packet(Packet::ConnAck(a)) => Ok(Ok(a)),
-                Ev::Closed(e) => Ok(Err(e)),
-                other => Err(Box::new(other)),
-            })
-            .await
-            .expect("CONNACK within the wait")
-            .unwrap_or_else(|e| panic!("connect failed: {e:?}"));
-        Client {
-            client,
-            events,
-            connack,
-        }
-    }
-
     /// A filter with every option spelled out.
     pub fn filter(
         path: &str,
@@ -355,6 +425,8 @@ pub mod v5 {
             retain_forward_rule: retain_handling,
         }
     }
+
+    client_common!();
 
     impl Client {
         /// CONNACK properties (panics if the broker sent none).
@@ -380,14 +452,7 @@ pub mod v5 {
                 .subscribe_many_with_properties(filters, props)
                 .await
                 .expect("request queued");
-            self.events
-                .find(WAIT, |ev| match *ev {
-                    Ev::Packet(Packet::SubAck(a)) => Ok(a.return_codes),
-                    Ev::Closed(e) => panic!("connection closed while subscribing: {e:?}"),
-                    other => Err(Box::new(other)),
-                })
-                .await
-                .expect("SUBACK within the wait")
+            self.suback().await
         }
 
         /// Plain subscribe; wait for the SUBACK.
@@ -411,87 +476,17 @@ pub mod v5 {
                 .expect("request queued");
         }
 
-        /// Publish without waiting.
-        pub async fn publish(&self, topic: &str, qos: QoS, retain: bool, payload: &[u8]) {
-            self.client
-                .publish(topic, qos, retain, payload.to_vec())
-                .await
-                .expect("request queued");
-        }
-
-        /// Wait for the next PUBACK from the broker.
-        pub async fn puback(&mut self) {
-            self.events
-                .find(WAIT, |ev| match *ev {
-                    Ev::Packet(Packet::PubAck(_)) => Ok(()),
-                    Ev::Closed(e) => panic!("connection closed while publishing: {e:?}"),
-                    other => Err(Box::new(other)),
-                })
-                .await
-                .expect("PUBACK within the wait")
-        }
-
-        /// Publish at QoS 1 and wait for the PUBACK.
-        pub async fn publish_acked(&mut self, topic: &str, retain: bool, payload: &[u8]) {
-            self.publish(topic, QoS::AtLeastOnce, retain, payload).await;
+        /// Publish at QoS 1 with properties and wait for the PUBACK.
+        pub async fn publish_props_acked(
+            &mut self,
+            topic: &str,
+            payload: &[u8],
+            props: PublishProperties,
+        ) {
+            self.publish_props(topic, QoS::AtLeastOnce, false, payload, props)
+                .await;
             self.puback().await;
         }
-
-        /// Next PUBLISH within `wait`, if any (panics if the connection ends).
-        pub async fn try_next_publish(&mut self, wait: Duration) -> Option<Publish> {
-            self.events
-                .find(wait, |ev| match *ev {
-                    Ev::Packet(Packet::Publish(p)) => Ok(p),
-                    Ev::Closed(e) => panic!("connection closed while waiting for PUBLISH: {e:?}"),
-                    other => Err(Box::new(other)),
-                })
-                .await
-        }
-
-        /// Next PUBLISH; panics if none arrives within `wait`.
-        pub async fn next_publish_within(&mut self, wait: Duration) -> Publish {
-            match self.try_next_publish(wait).await {
-                Some(p) => p,
-                None => panic!(
-                    "no PUBLISH within {wait:?}; other events: {}",
-                    self.events.stashed()
-                ),
-            }
-        }
-
-        /// Next PUBLISH; panics if none arrives within WAIT.
-        pub async fn next_publish(&mut self) -> Publish {
-            self.next_publish_within(WAIT).await
-        }
-
-        /// Assert no PUBLISH arrives within QUIET.
-        pub async fn expect_no_publish(&mut self) {
-            if let Some(p) = self.try_next_publish(QUIET).await {
-                panic!("expected no PUBLISH, got {p:?}");
-            }
-        }
-
-        /// Wait until the connection ends; returns the error that ended it.
-        pub async fn closed(&mut self) -> ConnectionError {
-            self.events
-                .find(WAIT, |ev| match *ev {
-                    Ev::Closed(e) => Ok(e),
-                    other => Err(Box::new(other)),
-                })
-                .await
-                .expect("the connection closes within the wait")
-        }
-
-        /// Send DISCONNECT (normal) and wait for the broker to close.
-        pub async fn disconnect(mut self) {
-            self.client.disconnect().await.expect("request queued");
-            self.closed().await;
-        }
-    }
-
-    /// Payload as text.
-    pub fn text(p: &Publish) -> String {
-        String::from_utf8_lossy(&p.payload).into_owned()
     }
 
     /// Topic as text (rumqttc resolves incoming topic aliases).

@@ -10,6 +10,8 @@ use bytes::BytesMut;
 use shardmq::codec::{self, Connect, Packet, Properties, QoS, SubOptions, Subscribe, Version};
 use shardmq::{Broker, Config};
 
+pub mod raw;
+
 /// A broker owned by one test; stopped when dropped.
 pub struct TestBroker {
     pub broker: Option<Broker>,
