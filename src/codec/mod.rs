@@ -50,6 +50,7 @@ mod tests;
 pub use connack::{reason_from_v3, reason_to_v3};
 pub use error::DecodeError;
 pub use packet::*;
+pub use publish::PublishView;
 
 use header::kind;
 
@@ -150,6 +151,20 @@ pub fn encode(packet: &Packet, version: Version, out: &mut BytesMut) {
         Packet::Disconnect(d) => disconnect::encode(d, version, out),
         Packet::Auth(a) => auth::encode(a, out),
     }
+}
+
+/// Append a PUBLISH given by borrowed parts (see [`PublishView`]): the
+/// broker's per-delivery encoder. Decodes to the equivalent [`Publish`];
+/// panics on the same oversize fields as [`encode`].
+#[inline]
+pub fn encode_publish(view: &PublishView, version: Version, out: &mut BytesMut) {
+    publish::encode_view(view, version, out);
+}
+
+/// Exact number of bytes [`encode_publish`] would append.
+#[inline]
+pub fn publish_len(view: &PublishView, version: Version) -> usize {
+    publish::view_len(view, version)
 }
 
 /// Exact number of bytes `encode` would append.

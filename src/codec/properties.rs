@@ -545,6 +545,51 @@ fn has_message_properties(p: &Properties) -> bool {
         || !p.user_properties.is_empty()
 }
 
+/// Per-delivery PUBLISH properties laid over a message's own (which never
+/// hold them): the remaining expiry, a topic alias, subscription ids.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PublishExtra<'a> {
+    pub(crate) message_expiry_interval: Option<u32>,
+    pub(crate) topic_alias: Option<u16>,
+    pub(crate) subscription_identifiers: &'a [u32],
+}
+
+fn walk_extra<S: Sink>(e: &PublishExtra, s: &mut S) {
+    if let Some(v) = e.message_expiry_interval {
+        s.four(MESSAGE_EXPIRY_INTERVAL, v);
+    }
+    if let Some(v) = e.topic_alias {
+        s.two(TOPIC_ALIAS, v);
+    }
+    for &v in e.subscription_identifiers {
+        s.vbi(SUBSCRIPTION_IDENTIFIER, v);
+    }
+}
+
+/// Size of the per-delivery properties, without a length prefix.
+#[inline]
+pub(crate) fn extra_len(e: &PublishExtra) -> usize {
+    let mut l = Len(0);
+    walk_extra(e, &mut l);
+    l.0
+}
+
+/// Writes the length prefix `base_len + extra_len`, then the message's own
+/// PUBLISH properties and the per-delivery ones.
+pub(crate) fn encode_publish_view(
+    base: Option<&Properties>,
+    base_len: usize,
+    extra: &PublishExtra,
+    extra_len: usize,
+    out: &mut BytesMut,
+) {
+    put_vbi(out, base_len + extra_len);
+    if let Some(p) = base.filter(|_| base_len > 0) {
+        walk(p, PropKind::Publish, &mut Write(out));
+    }
+    walk_extra(extra, &mut Write(out));
+}
+
 /// Size of the property length prefix plus a list of `len` bytes.
 #[inline]
 pub(crate) fn prefixed_len(len: usize) -> usize {

@@ -108,3 +108,102 @@ pub(crate) fn encode(p: &Publish, version: Version, out: &mut BytesMut) {
     }
     out.put_slice(&p.payload);
 }
+
+/// A PUBLISH described by borrowed parts: how the broker sends one shared
+/// message to many subscribers without building a [`Publish`] (and cloning
+/// its topic, payload handle and properties) per delivery.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishView<'a> {
+    /// DUP flag (written only for QoS > 0).
+    pub dup: bool,
+    /// QoS of this delivery.
+    pub qos: QoS,
+    /// RETAIN flag of this delivery.
+    pub retain: bool,
+    /// Topic name; empty when an established topic alias replaces it.
+    pub topic: &'a str,
+    /// Packet identifier; ignored for QoS 0.
+    pub packet_id: u16,
+    /// Application payload.
+    pub payload: &'a [u8],
+    /// The message's forwarded 5.0 properties. They must not hold a message
+    /// expiry, topic alias or subscription identifier: those come from the
+    /// fields below.
+    pub properties: Option<&'a Properties>,
+    /// Remaining Message Expiry Interval.
+    pub message_expiry_interval: Option<u32>,
+    /// Topic alias of this delivery.
+    pub topic_alias: Option<u16>,
+    /// Identifiers of the subscriptions this delivery matched.
+    pub subscription_identifiers: &'a [u32],
+}
+
+impl PublishView<'_> {
+    fn extra(&self) -> properties::PublishExtra<'_> {
+        properties::PublishExtra {
+            message_expiry_interval: self.message_expiry_interval,
+            topic_alias: self.topic_alias,
+            subscription_identifiers: self.subscription_identifiers,
+        }
+    }
+
+    /// (remaining length, base property length, extra property length).
+    #[inline]
+    fn lens(&self, version: Version) -> (usize, usize, usize) {
+        let mut remaining = field_len(self.topic.len()) + self.payload.len();
+        if self.qos != QoS::AtMostOnce {
+            remaining += 2;
+        }
+        let (mut base, mut extra) = (0, 0);
+        if version.is_v5() {
+            if let Some(p) = self.properties {
+                debug_assert!(
+                    p.message_expiry_interval.is_none()
+                        && p.topic_alias.is_none()
+                        && p.subscription_identifiers.is_empty(),
+                    "per-delivery properties come from the view's own fields"
+                );
+                base = properties::len(p, PropKind::Publish);
+            }
+            extra = properties::extra_len(&self.extra());
+            remaining += properties::prefixed_len(base + extra);
+        }
+        (remaining, base, extra)
+    }
+}
+
+/// Exact encoded size of a [`PublishView`] (fixed header included).
+#[inline]
+pub(crate) fn view_len(v: &PublishView, version: Version) -> usize {
+    let remaining = v.lens(version).0;
+    header::len(remaining) + remaining
+}
+
+/// Appends the PUBLISH a [`PublishView`] describes. It decodes to the
+/// equivalent [`Publish`] (the per-delivery properties come last).
+#[inline]
+pub(crate) fn encode_view(v: &PublishView, version: Version, out: &mut BytesMut) {
+    let (remaining, base, extra) = v.lens(version);
+    let mut byte0 = (kind::PUBLISH << 4) | ((v.qos as u8) << 1);
+    if v.dup && v.qos != QoS::AtMostOnce {
+        byte0 |= DUP;
+    }
+    if v.retain {
+        byte0 |= RETAIN;
+    }
+    let topic = v.topic.as_bytes();
+    assert!(
+        topic.len() <= MAX_FIELD_LEN,
+        "topic of {} bytes exceeds 65535",
+        topic.len()
+    );
+    header::write_with_u16(out, byte0, remaining, topic.len() as u16);
+    out.put_slice(topic);
+    if v.qos != QoS::AtMostOnce {
+        out.put_u16(v.packet_id);
+    }
+    if version.is_v5() {
+        properties::encode_publish_view(v.properties, base, &v.extra(), extra, out);
+    }
+    out.put_slice(v.payload);
+}

@@ -10,6 +10,7 @@ use crate::codec::{
 use crate::message::Message;
 use crate::router::topic::{parse_shared, validate_topic_filter, validate_topic_name};
 
+use super::transmit::{AckKind, Outgoing};
 use super::{Action, Session, Subscription};
 
 impl Session {
@@ -29,7 +30,7 @@ impl Session {
             Packet::PubComp(c) => self.on_pubcomp(now, &c),
             Packet::Subscribe(s) => self.on_subscribe(now, s),
             Packet::Unsubscribe(u) => self.on_unsubscribe(u),
-            Packet::PingReq => self.transmit.push_back(Packet::PingResp),
+            Packet::PingReq => self.transmit.push_back(Packet::PingResp.into()),
             Packet::Disconnect(d) => self.on_disconnect(now, d),
             Packet::Auth(a) => self.on_auth(now, a),
             Packet::Connect(_) => self.violation(
@@ -112,15 +113,17 @@ impl Session {
 
     /// PUBACK (QoS 1) or PUBREC (QoS 2) for an inbound publish.
     fn acknowledge(&mut self, qos: QoS, packet_id: u16, code: u8) {
-        let resp = PubResp {
-            packet_id,
-            reason: self.reason_for_version(code),
-            properties: Properties::default(),
-        };
+        let reason = self.reason_for_version(code);
         match qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.transmit.push_back(Packet::PubAck(resp)),
-            QoS::ExactlyOnce => self.transmit.push_back(Packet::PubRec(resp)),
+            QoS::AtLeastOnce => {
+                self.transmit
+                    .push_back(Outgoing::Ack(AckKind::Ack, packet_id, reason))
+            }
+            QoS::ExactlyOnce => {
+                self.transmit
+                    .push_back(Outgoing::Ack(AckKind::Rec, packet_id, reason))
+            }
         }
     }
 
@@ -157,12 +160,9 @@ impl Session {
         } else {
             reason::PACKET_IDENTIFIER_NOT_FOUND
         };
-        let comp = PubResp {
-            packet_id: rel.packet_id,
-            reason: self.reason_for_version(code),
-            properties: Properties::default(),
-        };
-        self.transmit.push_back(Packet::PubComp(comp));
+        let reason = self.reason_for_version(code);
+        self.transmit
+            .push_back(Outgoing::Ack(AckKind::Comp, rel.packet_id, reason));
     }
 
     fn on_subscribe(&mut self, now: Instant, s: Subscribe) {
@@ -174,11 +174,14 @@ impl Session {
                 Err(why) => return self.violation(now, reason::PROTOCOL_ERROR, why),
             }
         }
-        self.transmit.push_back(Packet::SubAck(SubAck {
-            packet_id: s.packet_id,
-            reasons,
-            properties: Properties::default(),
-        }));
+        self.transmit.push_back(
+            Packet::SubAck(SubAck {
+                packet_id: s.packet_id,
+                reasons,
+                properties: Properties::default(),
+            })
+            .into(),
+        );
     }
 
     /// One filter of a SUBSCRIBE: the SUBACK code, or a violation.
@@ -236,11 +239,14 @@ impl Session {
         if !self.version().is_some_and(|v| v.is_v5()) {
             reasons.clear();
         }
-        self.transmit.push_back(Packet::UnsubAck(UnsubAck {
-            packet_id: u.packet_id,
-            reasons,
-            properties: Properties::default(),
-        }));
+        self.transmit.push_back(
+            Packet::UnsubAck(UnsubAck {
+                packet_id: u.packet_id,
+                reasons,
+                properties: Properties::default(),
+            })
+            .into(),
+        );
     }
 
     fn on_disconnect(&mut self, now: Instant, d: Disconnect) {
@@ -275,9 +281,12 @@ impl Session {
             reason_string: why.map(str::to_string),
             ..Properties::default()
         };
-        self.transmit.push_back(Packet::Disconnect(Disconnect {
-            reason: code,
-            properties,
-        }));
+        self.transmit.push_back(
+            Packet::Disconnect(Disconnect {
+                reason: code,
+                properties,
+            })
+            .into(),
+        );
     }
 }

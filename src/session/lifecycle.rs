@@ -47,7 +47,6 @@ impl Session {
             max_packet_out: props.maximum_packet_size.unwrap_or(u32::MAX),
             alias_out_max: props.topic_alias_maximum.unwrap_or(0),
             aliases_out: HashMap::new(),
-            empty_topic: Arc::from(""),
             aliases_in: HashMap::new(),
             will: connect.will.map(Box::new),
             expiry_was_zero: requested_expiry == 0,
@@ -71,7 +70,7 @@ impl Session {
                 response_info,
             );
         }
-        self.transmit.push_back(Packet::ConnAck(ack));
+        self.transmit.push_back(Packet::ConnAck(ack).into());
         self.redeliver(now);
         Attached {
             generation: self.generation,

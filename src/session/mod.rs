@@ -22,6 +22,7 @@ mod lifecycle;
 mod outbound;
 #[cfg(test)]
 mod tests;
+mod transmit;
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -35,6 +36,7 @@ use crate::codec::{Packet, QoS, SubOptions, Topic, Version, Will};
 use crate::message::{ClientId, Message};
 
 use outbound::Outbound;
+use transmit::Outgoing;
 
 /// Subscription identifiers attached to one delivery.
 pub type SubIds = SmallVec<[u32; 1]>;
@@ -184,9 +186,6 @@ struct Conn {
     /// Topic aliases we may assign towards the client.
     alias_out_max: u16,
     aliases_out: HashMap<Topic, u16>,
-    /// The empty topic sent with an established alias (one allocation per
-    /// connection, not per message).
-    empty_topic: Topic,
     aliases_in: HashMap<u16, Topic>,
     /// Boxed: most connections have none, and a will is large.
     will: Option<Box<Will>>,
@@ -213,7 +212,7 @@ pub struct Session {
     out: Outbound,
     /// Inbound QoS 2 packet ids received and not yet released (PUBREL).
     inbound_qos2: HashSet<u16>,
-    transmit: VecDeque<Packet>,
+    transmit: VecDeque<Outgoing>,
     actions: VecDeque<Action>,
     /// Retained-message gathers from other shards still outstanding.
     gathers_pending: u32,
@@ -294,7 +293,18 @@ impl Session {
 
     /// Next packet to write to the connection, in order.
     pub fn poll_transmit(&mut self) -> Option<Packet> {
-        self.transmit.pop_front()
+        self.transmit.pop_front().map(Outgoing::into_packet)
+    }
+
+    /// Encode waiting packets for `version` into `out` until it holds about
+    /// `limit` bytes: the writer's fast path (no `Packet` per delivery).
+    pub fn encode_transmit(&mut self, version: Version, out: &mut bytes::BytesMut, limit: usize) {
+        while out.len() < limit {
+            match self.transmit.pop_front() {
+                Some(o) => o.encode(version, out),
+                None => return,
+            }
+        }
     }
 
     /// True when packets are waiting in [`Session::poll_transmit`].

@@ -5,9 +5,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::codec::{self, Packet, Properties, PubResp, Publish, QoS};
+use crate::codec::{self, PubResp, QoS};
 use crate::message::Message;
 
+use super::transmit::{AckKind, Delivered, Outgoing};
 use super::{Conn, Delivery, OverflowPolicy, Session, SubIds};
 
 /// Which acknowledgement an outbound QoS 1/2 message waits for.
@@ -250,45 +251,49 @@ impl Session {
         });
     }
 
-    /// Build and queue one PUBLISH. False when it was dropped because it is
-    /// larger than the client accepts ([MQTT-3.1.2-25]: treated as delivered).
+    /// Queue one PUBLISH. False when it was dropped because it is larger
+    /// than the client accepts ([MQTT-3.1.2-25]: treated as delivered).
     fn send_publish(
         &mut self,
         now: Instant,
-        message: &Message,
+        message: &Arc<Message>,
         delivery: &Delivery,
         packet_id: u16,
         dup: bool,
     ) -> bool {
         let conn = self.conn.as_mut().expect("send_publish needs a connection");
-        let mut publish = Publish {
-            dup,
+        let v5 = conn.version.is_v5();
+        let mut d = Delivered {
+            message: message.clone(),
             qos: delivery.qos,
             retain: delivery.retain,
-            topic: message.topic.clone(),
+            dup,
             packet_id,
-            payload: message.payload.clone(),
-            properties: Properties::default(),
+            v5,
+            topic_alias: None,
+            elide_topic: false,
+            message_expiry_interval: if v5 {
+                message.remaining_expiry_s(now)
+            } else {
+                None
+            },
+            subscription_ids: if v5 {
+                delivery.subscription_ids.clone()
+            } else {
+                SubIds::new()
+            },
         };
-        if conn.version.is_v5() {
-            publish.properties = message.properties.clone();
-            publish.properties.message_expiry_interval = message.remaining_expiry_s(now);
-            publish.properties.subscription_identifiers = delivery.subscription_ids.clone();
-        }
-        let mut packet = Packet::Publish(publish);
-        let len = codec::encoded_len(&packet, conn.version);
+        let len = codec::publish_len(&d.view(), conn.version);
         if len > conn.max_packet_out as usize {
             self.stats.dropped_too_large += 1;
             return false;
         }
-        if let Packet::Publish(p) = &mut packet {
-            // A new alias adds a 3-byte property: assign one only if it fits.
-            conn.apply_alias(p, len + 3 <= conn.max_packet_out as usize);
-        }
+        // A new alias adds a 3-byte property: assign one only if it fits.
+        conn.apply_alias(&mut d, len + 3 <= conn.max_packet_out as usize);
         if !dup {
             self.stats.sent += 1;
         }
-        self.transmit.push_back(packet);
+        self.transmit.push_back(Outgoing::Publish(d));
         true
     }
 
@@ -299,10 +304,8 @@ impl Session {
         let inflight = std::mem::take(&mut self.out.inflight);
         for m in inflight {
             if m.stage == Awaiting::Comp {
-                self.transmit.push_back(Packet::PubRel(PubResp {
-                    packet_id: m.packet_id,
-                    ..PubResp::default()
-                }));
+                self.transmit
+                    .push_back(Outgoing::Ack(AckKind::Rel, m.packet_id, 0));
                 self.out.inflight.push_back(m);
                 continue;
             }
@@ -348,11 +351,9 @@ impl Session {
             }
             None => codec::reason::PACKET_IDENTIFIER_NOT_FOUND,
         };
-        self.transmit.push_back(Packet::PubRel(PubResp {
-            packet_id: rec.packet_id,
-            reason: self.reason_for_version(reason),
-            properties: Properties::default(),
-        }));
+        let reason = self.reason_for_version(reason);
+        self.transmit
+            .push_back(Outgoing::Ack(AckKind::Rel, rec.packet_id, reason));
     }
 
     /// PUBCOMP from the client.
@@ -385,20 +386,20 @@ impl Conn {
     /// first PUBLISH on a topic carries topic and new alias, later ones an
     /// empty topic and the alias. When every alias is taken the topic is sent
     /// in full.
-    fn apply_alias(&mut self, publish: &mut Publish, room_for_new: bool) {
+    fn apply_alias(&mut self, d: &mut Delivered, room_for_new: bool) {
         if self.alias_out_max == 0 {
             return;
         }
-        if let Some(&alias) = self.aliases_out.get(&publish.topic) {
-            publish.properties.topic_alias = Some(alias);
-            publish.topic = self.empty_topic.clone();
+        if let Some(&alias) = self.aliases_out.get(&d.message.topic) {
+            d.topic_alias = Some(alias);
+            d.elide_topic = true;
             return;
         }
         let next = self.aliases_out.len() + 1;
         if room_for_new && next <= usize::from(self.alias_out_max) {
             let alias = next as u16;
-            self.aliases_out.insert(publish.topic.clone(), alias);
-            publish.properties.topic_alias = Some(alias);
+            self.aliases_out.insert(d.message.topic.clone(), alias);
+            d.topic_alias = Some(alias);
         }
     }
 }

@@ -335,12 +335,7 @@ impl Shard {
         if !current || slot.held_acks > 0 {
             return;
         }
-        while out.len() < limit {
-            match slot.session.poll_transmit() {
-                Some(p) => codec::encode(&p, conn.version, out),
-                None => break,
-            }
-        }
+        slot.session.encode_transmit(conn.version, out, limit);
         if slot.session.has_transmit() {
             conn.wake.notify();
         }

@@ -17,6 +17,44 @@ fn encoded(p: &Packet, v: Version) -> BytesMut {
 
 proptest! {
     #[test]
+    fn a_publish_view_decodes_to_the_equivalent_publish(
+        v in version(),
+        p in version().prop_flat_map(|v| publish(v, 256)),
+    ) {
+        let mut base = p.properties.clone();
+        let expiry = base.message_expiry_interval.take();
+        let alias = base.topic_alias.take();
+        let ids = std::mem::take(&mut base.subscription_identifiers);
+        let view = PublishView {
+            dup: p.dup,
+            qos: p.qos,
+            retain: p.retain,
+            topic: &p.topic,
+            packet_id: p.packet_id,
+            payload: &p.payload,
+            properties: Some(&base),
+            message_expiry_interval: expiry,
+            topic_alias: alias,
+            subscription_identifiers: &ids,
+        };
+        let mut out = BytesMut::new();
+        encode_publish(&view, v, &mut out);
+        prop_assert_eq!(out.len(), publish_len(&view, v));
+        let mut expected = p.clone();
+        if !v.is_v5() {
+            expected.properties = Properties::default();
+        }
+        if expected.qos == QoS::AtMostOnce {
+            expected.dup = false;
+        }
+        let mut direct = BytesMut::new();
+        encode(&Packet::Publish(expected.clone()), v, &mut direct);
+        prop_assert_eq!(out.len(), direct.len());
+        let got = decode(&mut out, v, MAX_PACKET_SIZE);
+        prop_assert_eq!(got, decode(&mut direct, v, MAX_PACKET_SIZE));
+    }
+
+    #[test]
     fn encode_then_decode_is_identity((v, p) in versioned_packet()) {
         let mut buf = encoded(&p, v);
         prop_assert_eq!(buf.len(), encoded_len(&p, v));
