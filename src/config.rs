@@ -100,6 +100,8 @@ pub struct MqttConfig {
     pub topic_levels_max: usize,
     /// Subscriptions per session.
     pub subscriptions_max: usize,
+    /// Sessions (connected or offline) in the whole broker.
+    pub sessions_max: usize,
     /// Client id length.
     pub client_id_bytes_max: usize,
     /// Keepalive cap.
@@ -233,6 +235,7 @@ impl Config {
         range("mqtt.queue_bytes_max", m.queue_bytes_max, 1024, 1 << 40)?;
         range("mqtt.topic_levels_max", m.topic_levels_max, 1, 65_535)?;
         range("mqtt.subscriptions_max", m.subscriptions_max, 1, 10_000_000)?;
+        range("mqtt.sessions_max", m.sessions_max, 1, 100_000_000)?;
         range(
             "mqtt.client_id_bytes_max",
             m.client_id_bytes_max,

@@ -36,10 +36,31 @@ pub struct Message {
     pub publisher: Option<ClientId>,
 }
 
+/// Payloads up to this size are copied out of the connection's read buffer
+/// when a message is accepted. A decoded payload is a slice of that buffer,
+/// and a small retained or queued message would otherwise keep the whole
+/// read chunk (kilobytes) alive for as long as it lives. Larger payloads
+/// mostly fill their chunk and stay zero-copy.
+pub const PAYLOAD_COPY_MAX_BYTES: usize = 16 << 10;
+
+/// Make a payload and its properties keep no read buffer alive (see
+/// [`PAYLOAD_COPY_MAX_BYTES`]): decoded `Bytes` are slices of the buffer the
+/// packet was read into.
+pub fn own_buffers(payload: &mut Bytes, properties: &mut Properties) {
+    if payload.len() <= PAYLOAD_COPY_MAX_BYTES {
+        *payload = Bytes::copy_from_slice(payload);
+    }
+    if let Some(c) = &mut properties.correlation_data {
+        *c = Bytes::copy_from_slice(c);
+    }
+}
+
 impl Message {
     /// Turn an inbound PUBLISH (topic already resolved) into a routed message.
     pub fn from_publish(publish: Publish, now: Instant, publisher: Option<ClientId>) -> Message {
+        let mut payload = publish.payload;
         let mut properties = publish.properties;
+        own_buffers(&mut payload, &mut properties);
         let expires_at = properties
             .message_expiry_interval
             .take()
@@ -48,7 +69,7 @@ impl Message {
         properties.subscription_identifiers.clear();
         Message {
             topic: publish.topic,
-            payload: publish.payload,
+            payload,
             qos: publish.qos,
             retain: publish.retain,
             properties,

@@ -30,7 +30,7 @@ impl Session {
             Packet::PubComp(c) => self.on_pubcomp(now, &c),
             Packet::Subscribe(s) => self.on_subscribe(now, s),
             Packet::Unsubscribe(u) => self.on_unsubscribe(u),
-            Packet::PingReq => self.transmit.push_back(Packet::PingResp.into()),
+            Packet::PingReq => self.push_packet(Packet::PingResp),
             Packet::Disconnect(d) => self.on_disconnect(now, d),
             Packet::Auth(a) => self.on_auth(now, a),
             Packet::Connect(_) => self.violation(
@@ -69,6 +69,12 @@ impl Session {
         }
         if let Err((code, why)) = self.resolve_topic(&mut p) {
             return self.violation(now, code, &why);
+        }
+        if let Some(rt) = &p.properties.response_topic {
+            if let Err(e) = validate_topic_name(rt, self.limits.topic_levels_max) {
+                let why = format!("[MQTT-3.3.2-14] response topic {rt:?}: {e}");
+                return self.violation(now, reason::PROTOCOL_ERROR, &why);
+            }
         }
         if p.properties.payload_format_indicator == Some(1)
             && std::str::from_utf8(&p.payload).is_err()
@@ -116,14 +122,12 @@ impl Session {
         let reason = self.reason_for_version(code);
         match qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => {
-                self.transmit
-                    .push_back(Outgoing::Ack(AckKind::Ack, packet_id, reason))
-            }
-            QoS::ExactlyOnce => {
-                self.transmit
-                    .push_back(Outgoing::Ack(AckKind::Rec, packet_id, reason))
-            }
+            QoS::AtLeastOnce => self
+                .transmit
+                .push(Outgoing::Ack(AckKind::Ack, packet_id, reason)),
+            QoS::ExactlyOnce => self
+                .transmit
+                .push(Outgoing::Ack(AckKind::Rec, packet_id, reason)),
         }
     }
 
@@ -142,7 +146,7 @@ impl Session {
                 match conn.aliases_in.get(&alias) {
                     Some(t) => p.topic = t.clone(),
                     None => {
-                        let why = format!("[MQTT-3.3.4-?] topic alias {alias} was never set");
+                        let why = format!("[MQTT-3.3.2-7] topic alias {alias} was never set");
                         return Err((reason::PROTOCOL_ERROR, why));
                     }
                 }
@@ -162,7 +166,7 @@ impl Session {
         };
         let reason = self.reason_for_version(code);
         self.transmit
-            .push_back(Outgoing::Ack(AckKind::Comp, rel.packet_id, reason));
+            .push(Outgoing::Ack(AckKind::Comp, rel.packet_id, reason));
     }
 
     fn on_subscribe(&mut self, now: Instant, s: Subscribe) {
@@ -174,14 +178,11 @@ impl Session {
                 Err(why) => return self.violation(now, reason::PROTOCOL_ERROR, why),
             }
         }
-        self.transmit.push_back(
-            Packet::SubAck(SubAck {
-                packet_id: s.packet_id,
-                reasons,
-                properties: Properties::default(),
-            })
-            .into(),
-        );
+        self.push_packet(Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            reasons,
+            properties: Properties::default(),
+        }));
     }
 
     /// One filter of a SUBSCRIBE: the SUBACK code, or a violation.
@@ -239,14 +240,11 @@ impl Session {
         if !self.version().is_some_and(|v| v.is_v5()) {
             reasons.clear();
         }
-        self.transmit.push_back(
-            Packet::UnsubAck(UnsubAck {
-                packet_id: u.packet_id,
-                reasons,
-                properties: Properties::default(),
-            })
-            .into(),
-        );
+        self.push_packet(Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            reasons,
+            properties: Properties::default(),
+        }));
     }
 
     fn on_disconnect(&mut self, now: Instant, d: Disconnect) {
@@ -258,7 +256,9 @@ impl Session {
             }
             self.expiry_s = expiry.min(self.limits.session_expiry_s_max);
         }
-        let publish_will = d.reason == reason::DISCONNECT_WITH_WILL;
+        // [MQTT-3.14.4-3]: only a normal disconnection (0x00) discards the
+        // will; 0x04 asks for it and an error code is no normal end either.
+        let publish_will = d.reason != reason::SUCCESS;
         self.detach(now, publish_will);
     }
 
@@ -281,12 +281,9 @@ impl Session {
             reason_string: why.map(str::to_string),
             ..Properties::default()
         };
-        self.transmit.push_back(
-            Packet::Disconnect(Disconnect {
-                reason: code,
-                properties,
-            })
-            .into(),
-        );
+        self.push_packet(Packet::Disconnect(Disconnect {
+            reason: code,
+            properties,
+        }));
     }
 }

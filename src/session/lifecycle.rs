@@ -48,7 +48,10 @@ impl Session {
             alias_out_max: props.topic_alias_maximum.unwrap_or(0),
             aliases_out: HashMap::new(),
             aliases_in: HashMap::new(),
-            will: connect.will.map(Box::new),
+            will: connect.will.map(|mut w| {
+                crate::message::own_buffers(&mut w.payload, &mut w.properties);
+                Box::new(w)
+            }),
             expiry_was_zero: requested_expiry == 0,
         };
         let response_info = props.request_response_information == Some(1);
@@ -70,7 +73,7 @@ impl Session {
                 response_info,
             );
         }
-        self.transmit.push_back(Packet::ConnAck(ack).into());
+        self.push_packet(Packet::ConnAck(ack));
         self.redeliver(now);
         Attached {
             generation: self.generation,
@@ -146,11 +149,14 @@ impl Session {
         }
     }
 
-    /// The broker is stopping: DISCONNECT 0x8B (5.0) and close.
+    /// The broker is stopping: DISCONNECT 0x8B (5.0) and close. The server
+    /// ends the connection without the client's DISCONNECT, so the will is
+    /// handled as for any abnormal end ([MQTT-3.1.2-8]): published now, or
+    /// kept pending for its delay.
     pub fn shutdown(&mut self, now: Instant) {
         if self.conn.is_some() {
             self.send_disconnect(reason::SERVER_SHUTTING_DOWN, None);
-            self.detach(now, false);
+            self.detach(now, true);
         }
     }
 

@@ -36,7 +36,7 @@ use crate::codec::{Packet, QoS, SubOptions, Topic, Version, Will};
 use crate::message::{ClientId, Message};
 
 use outbound::Outbound;
-use transmit::Outgoing;
+use transmit::{Outgoing, TransmitQueue};
 
 /// Subscription identifiers attached to one delivery.
 pub type SubIds = SmallVec<[u32; 1]>;
@@ -212,7 +212,7 @@ pub struct Session {
     out: Outbound,
     /// Inbound QoS 2 packet ids received and not yet released (PUBREL).
     inbound_qos2: HashSet<u16>,
-    transmit: VecDeque<Outgoing>,
+    transmit: TransmitQueue,
     actions: VecDeque<Action>,
     /// Retained-message gathers from other shards still outstanding.
     gathers_pending: u32,
@@ -237,7 +237,7 @@ impl Session {
             subscriptions: HashMap::new(),
             out: Outbound::default(),
             inbound_qos2: HashSet::new(),
-            transmit: VecDeque::new(),
+            transmit: TransmitQueue::default(),
             actions: VecDeque::new(),
             gathers_pending: 0,
             held: VecDeque::new(),
@@ -293,14 +293,14 @@ impl Session {
 
     /// Next packet to write to the connection, in order.
     pub fn poll_transmit(&mut self) -> Option<Packet> {
-        self.transmit.pop_front().map(Outgoing::into_packet)
+        self.transmit.pop().map(Outgoing::into_packet)
     }
 
     /// Encode waiting packets for `version` into `out` until it holds about
     /// `limit` bytes: the writer's fast path (no `Packet` per delivery).
     pub fn encode_transmit(&mut self, version: Version, out: &mut bytes::BytesMut, limit: usize) {
         while out.len() < limit {
-            match self.transmit.pop_front() {
+            match self.transmit.pop() {
                 Some(o) => o.encode(version, out),
                 None => return,
             }
@@ -310,6 +310,14 @@ impl Session {
     /// True when packets are waiting in [`Session::poll_transmit`].
     pub fn has_transmit(&self) -> bool {
         !self.transmit.is_empty()
+    }
+
+    /// True when the packets waiting for the socket reach the session's
+    /// queue limits: the shard stops reading from a client that does not
+    /// read its acknowledgements, and QoS 0 deliveries are dropped.
+    pub fn transmit_backlog_full(&self) -> bool {
+        self.transmit.len() >= self.limits.queue_messages_max
+            || self.transmit.publish_bytes() >= self.limits.queue_bytes_max
     }
 
     /// Next action for the shard.

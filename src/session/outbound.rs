@@ -31,6 +31,10 @@ pub(super) struct Inflight {
     pub(super) retain: bool,
     pub(super) subscription_ids: SubIds,
     pub(super) stage: Awaiting,
+    /// Sent on the current connection. False for messages carried over a
+    /// reconnect beyond the client's new Receive Maximum: they keep their
+    /// packet id and go out (with DUP) as the window opens.
+    pub(super) sent: bool,
 }
 
 /// A message waiting for the window or for the client to come back.
@@ -48,6 +52,8 @@ pub(super) struct Outbound {
     pub(super) queue: VecDeque<Queued>,
     /// Sum of `cost_bytes` over `queue`.
     pub(super) queue_bytes: usize,
+    /// In-flight messages not sent on the current connection.
+    pub(super) unsent: usize,
     /// Last packet id handed out.
     last_packet_id: u16,
 }
@@ -60,6 +66,15 @@ impl Outbound {
             let id = self.last_packet_id;
             if !self.inflight.iter().any(|m| m.packet_id == id) {
                 return id;
+            }
+        }
+    }
+
+    /// Forget in-flight message `i` (acknowledged, refused or dropped).
+    pub(super) fn remove_inflight(&mut self, i: usize) {
+        if let Some(m) = self.inflight.remove(i) {
+            if !m.sent {
+                self.unsent -= 1;
             }
         }
     }
@@ -77,6 +92,8 @@ impl Outbound {
     pub(super) fn check_invariants(&self) {
         let sum: usize = self.queue.iter().map(|q| q.message.cost_bytes()).sum();
         assert_eq!(sum, self.queue_bytes, "queue bytes must equal their sum");
+        let unsent = self.inflight.iter().filter(|m| !m.sent).count();
+        assert_eq!(unsent, self.unsent, "unsent count must match the window");
         for (i, m) in self.inflight.iter().enumerate() {
             assert_ne!(m.packet_id, 0);
             assert!(
@@ -154,6 +171,8 @@ impl Session {
             return;
         }
         if qos == QoS::AtMostOnce {
+            // QoS 0 bypasses the queue: a client that does not read must
+            // not make the transmit queue grow without bound.
             if self.transmit_backlog_full() {
                 self.stats.dropped_queue_full += 1;
                 return;
@@ -166,16 +185,12 @@ impl Session {
         }
     }
 
+    /// Room for one more QoS 1/2 PUBLISH under the client's Receive
+    /// Maximum (counting what was sent on this connection).
     fn window_open(&self) -> bool {
         self.conn
             .as_ref()
-            .is_some_and(|c| self.out.inflight.len() < usize::from(c.window))
-    }
-
-    /// QoS 0 bypasses the queue, so a client that does not read must not make
-    /// the transmit queue grow without bound.
-    fn transmit_backlog_full(&self) -> bool {
-        self.transmit.len() >= self.limits.queue_messages_max
+            .is_some_and(|c| self.out.inflight.len() - self.out.unsent < usize::from(c.window))
     }
 
     fn enqueue(&mut self, message: &Arc<Message>, delivery: Delivery) {
@@ -209,8 +224,21 @@ impl Session {
         });
     }
 
-    /// Move queued messages into the window while it has room.
+    /// Move queued messages into the window while it has room: first the
+    /// in-flight ones a reconnect left unsent, then the queue.
     pub(super) fn pump(&mut self, now: Instant) {
+        while self.out.unsent > 0 && self.window_open() {
+            let i = self
+                .out
+                .inflight
+                .iter()
+                .position(|m| !m.sent)
+                .expect("unsent counts entries");
+            self.out.unsent -= 1;
+            if !self.resend(now, i) {
+                self.out.inflight.remove(i);
+            }
+        }
         while self.is_connected() {
             let Some(front) = self.out.queue.front() else {
                 return;
@@ -248,6 +276,7 @@ impl Session {
             retain: delivery.retain,
             subscription_ids: delivery.subscription_ids,
             stage,
+            sent: true,
         });
     }
 
@@ -293,39 +322,46 @@ impl Session {
         if !dup {
             self.stats.sent += 1;
         }
-        self.transmit.push_back(Outgoing::Publish(d));
+        self.transmit.push(Outgoing::Publish(d));
         true
     }
 
-    /// Resend everything in flight after a reconnect: PUBLISH with DUP for
-    /// unacknowledged messages, PUBREL for those past PUBREC
-    /// ([MQTT-4.4.0-1]).
+    /// Resend what is in flight after a reconnect, with the original packet
+    /// ids ([MQTT-4.4.0-1]): PUBLISH with DUP for unacknowledged messages,
+    /// PUBREL for those past PUBREC. Only as many as the client's new
+    /// Receive Maximum allows go now; the rest as acks open the window.
     pub(super) fn redeliver(&mut self, now: Instant) {
-        let inflight = std::mem::take(&mut self.out.inflight);
-        for m in inflight {
-            if m.stage == Awaiting::Comp {
-                self.transmit
-                    .push_back(Outgoing::Ack(AckKind::Rel, m.packet_id, 0));
-                self.out.inflight.push_back(m);
-                continue;
-            }
-            let delivery = Delivery {
-                qos: m.qos,
-                retain: m.retain,
-                subscription_ids: m.subscription_ids.clone(),
-            };
-            if self.send_publish(now, &m.message, &delivery, m.packet_id, true) {
-                self.out.inflight.push_back(m);
-            }
+        for m in &mut self.out.inflight {
+            m.sent = false;
         }
+        self.out.unsent = self.out.inflight.len();
         self.pump(now);
+    }
+
+    /// Send in-flight message `i` again. False when it no longer fits the
+    /// client's Maximum Packet Size (then it counts as delivered).
+    fn resend(&mut self, now: Instant, i: usize) -> bool {
+        let m = &mut self.out.inflight[i];
+        m.sent = true;
+        if m.stage == Awaiting::Comp {
+            let id = m.packet_id;
+            self.transmit.push(Outgoing::Ack(AckKind::Rel, id, 0));
+            return true;
+        }
+        let delivery = Delivery {
+            qos: m.qos,
+            retain: m.retain,
+            subscription_ids: m.subscription_ids.clone(),
+        };
+        let (message, id) = (m.message.clone(), m.packet_id);
+        self.send_publish(now, &message, &delivery, id, true)
     }
 
     /// PUBACK from the client.
     pub(super) fn on_puback(&mut self, now: Instant, ack: &PubResp) {
         match self.out.position(ack.packet_id) {
             Some(i) if self.out.inflight[i].stage == Awaiting::Ack => {
-                self.out.inflight.remove(i);
+                self.out.remove_inflight(i);
                 self.pump(now);
             }
             _ => log::debug!(
@@ -341,26 +377,30 @@ impl Session {
     pub(super) fn on_pubrec(&mut self, now: Instant, rec: &PubResp) {
         let reason = match self.out.position(rec.packet_id) {
             Some(i) if rec.reason >= 0x80 => {
-                self.out.inflight.remove(i);
+                self.out.remove_inflight(i);
                 self.pump(now);
                 return;
             }
             Some(i) => {
-                self.out.inflight[i].stage = Awaiting::Comp;
+                let m = &mut self.out.inflight[i];
+                m.stage = Awaiting::Comp;
+                if !std::mem::replace(&mut m.sent, true) {
+                    self.out.unsent -= 1;
+                }
                 0
             }
             None => codec::reason::PACKET_IDENTIFIER_NOT_FOUND,
         };
         let reason = self.reason_for_version(reason);
         self.transmit
-            .push_back(Outgoing::Ack(AckKind::Rel, rec.packet_id, reason));
+            .push(Outgoing::Ack(AckKind::Rel, rec.packet_id, reason));
     }
 
     /// PUBCOMP from the client.
     pub(super) fn on_pubcomp(&mut self, now: Instant, comp: &PubResp) {
         match self.out.position(comp.packet_id) {
             Some(i) if self.out.inflight[i].stage == Awaiting::Comp => {
-                self.out.inflight.remove(i);
+                self.out.remove_inflight(i);
                 self.pump(now);
             }
             _ => log::debug!(

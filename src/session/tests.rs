@@ -219,10 +219,12 @@ fn reconnect_within_will_delay_cancels_the_will() {
 }
 
 #[test]
-fn normal_disconnect_drops_the_will_and_0x04_sends_it() {
+fn normal_disconnect_drops_the_will_and_other_reasons_send_it() {
     for (code, sent) in [
         (reason::SUCCESS, false),
         (reason::DISCONNECT_WITH_WILL, true),
+        (reason::UNSPECIFIED_ERROR, true),
+        (reason::PROTOCOL_ERROR, true),
     ] {
         let t0 = Instant::now();
         let mut s = session(t0);
@@ -625,4 +627,37 @@ fn live_messages_wait_behind_a_retained_gather() {
         (pubs[1].retain, &pubs[1].payload[..]),
         (false, &b"live"[..])
     );
+}
+
+#[test]
+fn fan_out_shares_one_payload_buffer() {
+    let t0 = Instant::now();
+    let m = message(QoS::AtMostOnce, None);
+    let mut payloads = Vec::new();
+    for _ in 0..3 {
+        let mut s = session(t0);
+        s.connect(t0, connect(Version::V5, true, 0, None), false, None);
+        drain(&mut s);
+        s.deliver(t0, &m, delivery(QoS::AtMostOnce));
+        let (p, _) = drain(&mut s);
+        payloads.push(publishes(&p)[0].payload.as_ptr());
+    }
+    assert!(
+        payloads.iter().all(|&p| p == m.payload.as_ptr()),
+        "every delivery points at the message's one buffer"
+    );
+}
+
+#[test]
+fn shutdown_publishes_the_will() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    let mut c = connect(Version::V5, true, 0, None);
+    c.will = Some(will(None));
+    s.connect(t0, c, false, None);
+    drain(&mut s);
+    s.shutdown(t0);
+    let (p, a) = drain(&mut s);
+    assert!(matches!(&p[..], [Packet::Disconnect(d)] if d.reason == reason::SERVER_SHUTTING_DOWN));
+    assert!(will_published(&a));
 }

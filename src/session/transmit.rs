@@ -6,6 +6,7 @@
 //! subscribers costs N small entries, and the writer encodes each straight
 //! into its buffer with [`codec::encode_publish`].
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -84,6 +85,44 @@ impl Delivered {
     }
 }
 
+/// Packets waiting for the socket, in order, with the bytes of the
+/// deliveries among them (for the session's byte limit).
+#[derive(Debug, Default)]
+pub(super) struct TransmitQueue {
+    items: VecDeque<Outgoing>,
+    publish_bytes: usize,
+}
+
+impl TransmitQueue {
+    pub(super) fn push(&mut self, o: Outgoing) {
+        if let Outgoing::Publish(d) = &o {
+            self.publish_bytes += d.message.cost_bytes();
+        }
+        self.items.push_back(o);
+    }
+
+    pub(super) fn pop(&mut self) -> Option<Outgoing> {
+        let o = self.items.pop_front()?;
+        if let Outgoing::Publish(d) = &o {
+            self.publish_bytes -= d.message.cost_bytes();
+        }
+        Some(o)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Topic and payload bytes of the deliveries waiting.
+    pub(super) fn publish_bytes(&self) -> usize {
+        self.publish_bytes
+    }
+}
+
 /// A packet waiting in a session's transmit queue.
 #[derive(Debug)]
 pub(super) enum Outgoing {
@@ -146,9 +185,34 @@ fn encode_ack(kind: AckKind, packet_id: u16, reason: u8, version: Version, out: 
     }
 }
 
-impl From<Packet> for Outgoing {
-    fn from(p: Packet) -> Outgoing {
-        Outgoing::Other(Box::new(p))
+impl super::Session {
+    /// Queue a packet other than a delivery or an ack. A 5.0 client's
+    /// Maximum Packet Size holds for every packet ([MQTT-3.1.2-24]): the
+    /// reason string and user properties go first when it would not fit
+    /// ([MQTT-3.1.2-25]).
+    pub(super) fn push_packet(&mut self, mut packet: Packet) {
+        if let Some(conn) = &self.conn {
+            let max = conn.max_packet_out as usize;
+            if codec::encoded_len(&packet, conn.version) > max {
+                if let Some(p) = packet_properties(&mut packet) {
+                    p.reason_string = None;
+                    p.user_properties.clear();
+                }
+            }
+        }
+        self.transmit.push(Outgoing::Other(Box::new(packet)));
+    }
+}
+
+/// The properties of the packets a server sends with a reason string.
+fn packet_properties(packet: &mut Packet) -> Option<&mut Properties> {
+    match packet {
+        Packet::ConnAck(p) => Some(&mut p.properties),
+        Packet::SubAck(p) => Some(&mut p.properties),
+        Packet::UnsubAck(p) => Some(&mut p.properties),
+        Packet::Disconnect(p) => Some(&mut p.properties),
+        Packet::Auth(p) => Some(&mut p.properties),
+        _ => None,
     }
 }
 

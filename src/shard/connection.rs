@@ -21,6 +21,7 @@ use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt, FutureExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::codec::{self, reason, ConnAck, Connect, DecodeError, Packet, Version};
+use crate::router::topic::validate_topic_name;
 use crate::session::Session;
 
 use super::mesh::{Handoff, MeshMsg};
@@ -40,6 +41,14 @@ enum HandshakeError {
 pub(crate) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     loop {
         match listener.accept().await {
+            Ok(stream) if shard.handshakes.get() >= shard.connections_max => {
+                log::warn!(
+                    "shard {}: {} connections are waiting to send CONNECT; closing a new one",
+                    shard.id,
+                    shard.handshakes.get()
+                );
+                drop(stream);
+            }
             Ok(stream) => {
                 glommio::spawn_local(handshake(shard.clone(), stream)).detach();
             }
@@ -55,6 +64,9 @@ pub(crate) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
 /// Read CONNECT within the connect timeout, check the client id, and serve
 /// the connection here or hand it to its home shard.
 async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
+    shard.handshakes.set(shard.handshakes.get() + 1);
+    let counted = shard.clone();
+    let _counted = scopeguard(move || counted.handshakes.set(counted.handshakes.get() - 1));
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
@@ -69,14 +81,19 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
         Ok(c) => c,
         Err(e) => return refuse_handshake(&mut stream, peer, e).await,
     };
-    let assigned = match check_client_id(&shard, &connect) {
+    let assigned = match check_connect(&shard, &connect) {
         Ok(a) => a,
-        Err(code) => {
+        Err(Refusal { code, why }) => {
             log::info!(
-                "{peer:?}: CONNECT refused (reason 0x{code:02X}), client id {:?}",
+                "{peer:?}: CONNECT refused (reason 0x{code:02X}), client id {:?}: {why}",
                 connect.client_id
             );
-            return send_connack_error(&mut stream, connect.version, code).await;
+            if connect.version.is_v5() || code < 0x90 {
+                return send_connack_error(&mut stream, connect.version, code).await;
+            }
+            // 3.x has no return code for a bad will: close ([MQTT-4.8.0-1]).
+            let _ = stream.shutdown(std::net::Shutdown::Both).await;
+            return;
         }
     };
     let client_id = assigned.as_deref().unwrap_or(&connect.client_id);
@@ -177,24 +194,73 @@ async fn refuse_handshake(
     let _ = stream.shutdown(std::net::Shutdown::Both).await;
 }
 
-/// Client id rules: an empty id gets one assigned (5.0 always, 3.1.1 with
-/// clean session only); 3.1 requires one; a too long id is refused; so is an
-/// enhanced authentication method (none is supported).
-fn check_client_id(shard: &Shard, connect: &Connect) -> Result<Option<String>, u8> {
+/// Why a CONNECT is refused: the CONNACK reason code and a log line.
+struct Refusal {
+    code: u8,
+    why: String,
+}
+
+impl Refusal {
+    fn new(code: u8, why: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            why: why.into(),
+        }
+    }
+}
+
+/// CONNECT rules the codec cannot check alone: the client id (an empty id
+/// gets one assigned: 5.0 always, 3.1.1 with clean session only; 3.1
+/// requires one; a too long id is refused), no enhanced authentication
+/// (none is supported), and a will whose topic, response topic and payload
+/// format are valid. Returns the assigned client id, if any.
+fn check_connect(shard: &Shard, connect: &Connect) -> Result<Option<String>, Refusal> {
     if connect.properties.authentication_method.is_some() {
-        return Err(reason::BAD_AUTHENTICATION_METHOD);
+        let why = "no authentication method is supported";
+        return Err(Refusal::new(reason::BAD_AUTHENTICATION_METHOD, why));
+    }
+    if let Some(will) = &connect.will {
+        check_will(will, shard.config.mqtt.topic_levels_max)?;
     }
     if connect.client_id.len() > shard.config.mqtt.client_id_bytes_max {
-        return Err(reason::CLIENT_IDENTIFIER_NOT_VALID);
+        let why = format!(
+            "client id longer than mqtt.client_id_bytes_max ({})",
+            shard.config.mqtt.client_id_bytes_max
+        );
+        return Err(Refusal::new(reason::CLIENT_IDENTIFIER_NOT_VALID, why));
     }
     if !connect.client_id.is_empty() {
         return Ok(None);
     }
+    let why = "[MQTT-3.1.3-8] empty client id without clean session";
     match connect.version {
-        Version::V3_1 => Err(reason::CLIENT_IDENTIFIER_NOT_VALID),
-        Version::V3_1_1 if !connect.clean_start => Err(reason::CLIENT_IDENTIFIER_NOT_VALID),
+        Version::V3_1 => Err(Refusal::new(reason::CLIENT_IDENTIFIER_NOT_VALID, why)),
+        Version::V3_1_1 if !connect.clean_start => {
+            Err(Refusal::new(reason::CLIENT_IDENTIFIER_NOT_VALID, why))
+        }
         _ => Ok(Some(assign_client_id(shard.id))),
     }
+}
+
+/// A will is published like any PUBLISH, so it must be one that could be.
+fn check_will(will: &codec::Will, levels_max: usize) -> Result<(), Refusal> {
+    if let Err(e) = validate_topic_name(&will.topic, levels_max) {
+        let why = format!("[MQTT-3.3.2-2] will topic {:?}: {e}", will.topic);
+        return Err(Refusal::new(reason::TOPIC_NAME_INVALID, why));
+    }
+    if let Some(rt) = &will.properties.response_topic {
+        if let Err(e) = validate_topic_name(rt, levels_max) {
+            let why = format!("[MQTT-3.3.2-14] will response topic {rt:?}: {e}");
+            return Err(Refusal::new(reason::TOPIC_NAME_INVALID, why));
+        }
+    }
+    if will.properties.payload_format_indicator == Some(1)
+        && std::str::from_utf8(&will.payload).is_err()
+    {
+        let why = "will payload is not UTF-8 but its Payload Format Indicator says it is";
+        return Err(Refusal::new(reason::PAYLOAD_FORMAT_INVALID, why));
+    }
+    Ok(())
 }
 
 /// A client id unique in this broker's lifetime.
@@ -262,7 +328,7 @@ impl Shard {
         let existing = st.by_client.get(client_id).copied();
         let live = existing.is_some_and(|k| st.sessions.get(k).is_some_and(|s| s.conn.is_some()));
         if self.stopping.get() {
-            return Err(reason::SERVER_SHUTTING_DOWN);
+            return Err(reason::SERVER_UNAVAILABLE);
         }
         if !live && st.stats.connections >= self.connections_max {
             log::warn!(
@@ -287,11 +353,22 @@ impl Shard {
         }
         let key = match resumed {
             Some(k) => k,
+            None if st.sessions.len() >= self.sessions_max => {
+                log::warn!(
+                    "shard {}: sessions_max reached ({}); refusing {client_id}",
+                    self.id,
+                    self.sessions_max
+                );
+                return Err(reason::QUOTA_EXCEEDED);
+            }
             None => {
                 let id: crate::message::ClientId = client_id.into();
                 let session = Session::new(id.clone(), self.limits.clone(), now);
+                st.last_session_uid += 1;
+                let uid = st.last_session_uid;
                 let key = st.sessions.insert(SessionSlot {
                     session,
+                    uid,
                     conn: None,
                     timer_at: None,
                     held_acks: 0,
@@ -313,6 +390,7 @@ impl Shard {
             generation: attached.generation,
             version,
             wake: Default::default(),
+            drained: Default::default(),
             closing: Default::default(),
             last_packets: Default::default(),
         });
@@ -322,6 +400,14 @@ impl Shard {
         st.stats.connections += 1;
         self.drive(&mut st, key, now);
         Ok(handle)
+    }
+
+    /// True when the session's transmit backlog is at its limit.
+    fn transmit_backlogged(&self, conn: &ConnHandle) -> bool {
+        let st = self.state.borrow();
+        st.sessions
+            .get(conn.key)
+            .is_some_and(|slot| slot.session.transmit_backlog_full())
     }
 
     /// Encode the session's waiting packets into `out`, up to about
@@ -389,6 +475,10 @@ async fn read_loop(shard: &Shard, conn: &ConnHandle, mut stream: SharedStream, m
         while shard.mesh.congested() && !conn.closing.get() {
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
+        // A client that does not read what we send it is not read either.
+        while shard.transmit_backlogged(conn) && !conn.closing.get() {
+            conn.drained.wait().await;
+        }
         if buf.is_empty() && buf.capacity() > 0 {
             buf = BytesMut::new(); // an idle connection keeps no buffer
         }
@@ -422,6 +512,7 @@ async fn write_loop(shard: Rc<Shard>, conn: Rc<ConnHandle>, mut stream: SharedSt
                 break;
             }
             out.clear();
+            conn.drained.notify();
             if out.capacity() > 8192 {
                 out = BytesMut::new(); // give back what a burst grew
             }

@@ -16,7 +16,7 @@ use glommio::channels::channel_mesh::Senders;
 use smallvec::SmallVec;
 
 use crate::codec::{Connect, QoS};
-use crate::message::{ClientId, Message};
+use crate::message::Message;
 
 use super::notify::Notify;
 use super::SessionKey;
@@ -38,8 +38,8 @@ pub struct RetainedWaiter {
     pub shard: usize,
     /// The session on that shard.
     pub session: SessionKey,
-    /// Guards against the key having been reused by another client.
-    pub client_id: ClientId,
+    /// The session's uid: guards against the key having been reused.
+    pub session_uid: u64,
     /// Granted QoS of the subscription.
     pub qos: QoS,
     /// Its subscription identifier.

@@ -74,6 +74,9 @@ pub struct ConnHandle {
     version: Version,
     /// Wakes the writer: packets are waiting, or the connection is closing.
     wake: Notify,
+    /// Wakes the reader when the writer has written: a reader paused on a
+    /// full transmit backlog looks again.
+    drained: Notify,
     /// Set when the session let go of this connection.
     closing: Cell<bool>,
     /// Packets to write before closing (DISCONNECT, last acks).
@@ -85,6 +88,7 @@ impl ConnHandle {
         self.last_packets.borrow_mut().extend(last_packets);
         self.closing.set(true);
         self.wake.notify();
+        self.drained.notify();
     }
 }
 
@@ -92,6 +96,9 @@ impl ConnHandle {
 #[derive(Debug)]
 struct SessionSlot {
     session: Session,
+    /// Unique among this shard's sessions, ever: a late reply for an ended
+    /// session cannot reach a new one that reuses its slab key.
+    uid: u64,
     conn: Option<Rc<ConnHandle>>,
     /// Deadline registered in the timer heap (the earliest pending entry).
     timer_at: Option<Instant>,
@@ -129,12 +136,17 @@ struct State {
     routes: FilterTrie<RouteKey, ()>,
     /// Retained messages of the topics this shard owns.
     retained: RetainedStore<Arc<Message>>,
-    /// Round-robin position per shared subscription (choice of shard on the
-    /// publishing side, of member on the serving side).
-    shared_next: HashMap<mesh::SharedPick, usize>,
+    /// Round-robin position per shared subscription over the shards with
+    /// members (publishing side).
+    shared_shard_next: HashMap<mesh::SharedPick, usize>,
+    /// Round-robin position per shared subscription over this shard's
+    /// members (serving side).
+    shared_member_next: HashMap<mesh::SharedPick, usize>,
     timers: BinaryHeap<Reverse<(Instant, SessionKey)>>,
     /// Last connection id handed out.
     last_conn_id: u64,
+    /// Last session uid handed out.
+    last_session_uid: u64,
     stats: ShardStats,
 }
 
@@ -146,11 +158,16 @@ pub struct Shard {
     limits: Rc<SessionLimits>,
     retained_max: usize,
     connections_max: usize,
+    /// This shard's share of `mqtt.sessions_max`.
+    sessions_max: usize,
     state: RefCell<State>,
     mesh: Mesh,
     stopping: Cell<bool>,
     /// Sockets of attached connections still open (reader or writer alive).
     sockets: Cell<usize>,
+    /// Accepted connections that have not finished CONNECT yet; bounded by
+    /// `connections_max` too.
+    handshakes: Cell<usize>,
 }
 
 /// Stable hash used to place client ids and retained topics on shards
@@ -172,16 +189,19 @@ impl Shard {
         let limits = Rc::new(config.session_limits());
         let retained_max = config.mqtt.retained_messages_max.div_ceil(shards);
         let connections_max = config.server.connections_max.div_ceil(shards);
+        let sessions_max = config.mqtt.sessions_max.div_ceil(shards);
         Shard {
             id,
             shards,
             limits,
             retained_max,
             connections_max,
+            sessions_max,
             config,
             mesh,
             stopping: Cell::new(false),
             sockets: Cell::new(0),
+            handshakes: Cell::new(0),
             state: RefCell::new(State {
                 sessions: Slab::default(),
                 by_client: HashMap::new(),
@@ -189,9 +209,11 @@ impl Shard {
                 local_routes: HashMap::new(),
                 routes: FilterTrie::new(),
                 retained: RetainedStore::new(),
-                shared_next: HashMap::new(),
+                shared_shard_next: HashMap::new(),
+                shared_member_next: HashMap::new(),
                 timers: BinaryHeap::new(),
                 last_conn_id: 0,
+                last_session_uid: 0,
                 stats: ShardStats::default(),
             }),
         }

@@ -74,7 +74,7 @@ impl Shard {
         let mut picks: SmallVec<[(u16, SharedPick); 1]> = SmallVec::new();
         for (pick, mut shards) in shared {
             shards.sort_unstable();
-            let next = st.shared_next.entry(pick.clone()).or_insert(0);
+            let next = st.shared_shard_next.entry(pick.clone()).or_insert(0);
             *next = next.wrapping_add(1);
             picks.push((shards[*next % shards.len()], pick));
         }
@@ -150,9 +150,9 @@ impl Shard {
         });
         let mut merged = merge_targets(targets);
         for pick in shared {
-            match self.choose_member(st, pick, &mut members) {
+            match self.choose_member(st, message, pick, hops, &mut members) {
                 Some(t) => merged.push(t),
-                None => self.reroute_shared(st, message, pick, hops),
+                None => self.forward_shared(st, message, pick, hops),
             }
         }
         for t in merged {
@@ -169,19 +169,30 @@ impl Shard {
         }
     }
 
-    /// The shard chosen for a shared subscription has no member left (it
-    /// left while the message was on its way): pass the message to another
-    /// shard that has members, at most once per shard.
-    fn reroute_shared(&self, st: &mut State, message: &Arc<Message>, pick: &SharedPick, hops: u8) {
+    /// Other shards with members of a shared subscription for this topic,
+    /// in ring order starting after this shard.
+    fn shared_ring(&self, st: &State, topic: &str, pick: &SharedPick) -> SmallVec<[u16; 4]> {
         let mut shards: SmallVec<[u16; 4]> = SmallVec::new();
-        st.routes.for_each_match(&message.topic, |key, _| {
+        st.routes.for_each_match(topic, |key, _| {
             if let RouteKey::Shared { pick: p, shard } = key {
-                if p == pick && usize::from(*shard) != self.id {
+                if p == pick && usize::from(*shard) != self.id && !shards.contains(shard) {
                     shards.push(*shard);
                 }
             }
         });
-        if shards.is_empty() || usize::from(hops) >= self.shards {
+        let me = self.id as u16;
+        let n = self.shards as u16;
+        shards.sort_unstable_by_key(|&s| (s + n - me) % n);
+        shards
+    }
+
+    /// Pass a shared-subscription message on to the next shard in ring
+    /// order that has members: this shard has no member left (one left
+    /// while the message was on its way) or none connected. `hops` counts
+    /// the shards already visited, so every shard is tried at most once.
+    fn forward_shared(&self, st: &mut State, message: &Arc<Message>, pick: &SharedPick, hops: u8) {
+        let ring = self.shared_ring(st, &message.topic, pick);
+        let Some(&to) = ring.first().filter(|_| usize::from(hops) + 1 < self.shards) else {
             log::debug!(
                 "shared subscription {}/{} has no member for {}",
                 pick.group,
@@ -189,26 +200,27 @@ impl Shard {
                 message.topic
             );
             return;
-        }
-        shards.sort_unstable();
-        let next = st.shared_next.entry(pick.clone()).or_insert(0);
-        *next = next.wrapping_add(1);
-        let to = usize::from(shards[*next % shards.len()]);
+        };
         let forward = MeshMsg::Publish {
             message: message.clone(),
             ordinary: false,
             shared: SmallVec::from_buf([pick.clone()]),
             hops: hops + 1,
         };
-        self.mesh.send(to, forward);
+        self.mesh.send(usize::from(to), forward);
     }
 
     /// Round-robin over the local members of one shared subscription,
-    /// preferring connected ones.
+    /// connected ones only. With none connected here, another shard with
+    /// members gets its chance first (None: forward); an offline member
+    /// (whose queue takes the message) is chosen only when no shard has a
+    /// connected one.
     fn choose_member(
         &self,
         st: &mut State,
+        message: &Arc<Message>,
         pick: &SharedPick,
+        hops: u8,
         members: &mut SmallVec<[(SessionKey, SharedPick, Target); 2]>,
     ) -> Option<Target> {
         let mut candidates: SmallVec<[usize; 4]> = (0..members.len())
@@ -228,16 +240,20 @@ impl Shard {
                     .is_some_and(|s| s.session.is_connected())
             })
             .collect();
-        let pool = if connected.is_empty() {
-            &candidates
-        } else {
+        let pool = if !connected.is_empty() {
             &connected
+        } else {
+            let others = self.shared_ring(st, &message.topic, pick).len();
+            if usize::from(hops) < others && usize::from(hops) + 1 < self.shards {
+                return None;
+            }
+            &candidates
         };
-        let next = st.shared_next.entry(pick.clone()).or_insert(0);
+        let next = st.shared_member_next.entry(pick.clone()).or_insert(0);
         *next = next.wrapping_add(1);
         let i = pool[*next % pool.len()];
         let (_, _, t) = members.swap_remove(i);
-        Some(Target { retain: false, ..t })
+        Some(t)
     }
 
     /// Apply a subscription to the subscriber trie and the route replica,
@@ -428,7 +444,7 @@ impl Shard {
         let waiter = RetainedWaiter {
             shard: self.id,
             session: key,
-            client_id: slot.session.client_id().clone(),
+            session_uid: slot.uid,
             qos: subscription.options.qos,
             subscription_id: subscription.subscription_id,
         };
@@ -482,7 +498,7 @@ impl Shard {
         let Some(slot) = st.sessions.get_mut(waiter.session) else {
             return;
         };
-        if *slot.session.client_id() != waiter.client_id {
+        if slot.uid != waiter.session_uid {
             return;
         }
         let delivery = Delivery {
