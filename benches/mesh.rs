@@ -40,6 +40,7 @@ fn publish(m: &Arc<Message>) -> MeshMsg {
         ordinary: true,
         shared: SmallVec::new(),
         hops: 0,
+        origin: None,
     }
 }
 

@@ -7,15 +7,18 @@
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use glommio::channels::channel_mesh::{Full, MeshBuilder};
-use glommio::net::TcpListener;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use thiserror::Error;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Durability};
+use crate::log::dir::DataDir;
+use crate::persist::recover::{recover, RecoveryError, RecoverySettings, ShardStart};
+use crate::persist::WallClock;
 use crate::shard::mesh::{Batch, Mesh};
 use crate::shard::{accept_loop, Shard};
 
@@ -36,6 +39,9 @@ pub enum StartError {
     /// An operating system limit is too low and could not be raised.
     #[error("{0}")]
     Limit(String),
+    /// The logs could not be recovered.
+    #[error(transparent)]
+    Recovery(#[from] RecoveryError),
     /// A shard failed to start.
     #[error("shard {shard} failed to start: {why}")]
     Shard {
@@ -57,6 +63,15 @@ pub struct Broker {
     addrs: Vec<SocketAddr>,
     controls: Vec<Sender<Control>>,
     executors: Vec<ExecutorJoinHandle<()>>,
+    /// The locked data directory, held while the broker runs.
+    _data_dir: Option<DataDir>,
+}
+
+/// What a shard starts from when the log is on.
+struct Durable {
+    start: ShardStart,
+    routes: Arc<Vec<(usize, String)>>,
+    clock: WallClock,
 }
 
 impl Broker {
@@ -66,6 +81,7 @@ impl Broker {
         let shards = config.shard_count();
         check_os_limits(&config, shards)?;
         let addrs = resolve_listen(&config.server.listen)?;
+        let (data_dir, mut durables) = recover_logs(&config, shards)?;
         let mesh = MeshBuilder::<Batch, Full>::full(shards, config.mesh.lane_capacity);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(shards);
         let cpus = allowed_cpus();
@@ -73,8 +89,10 @@ impl Broker {
             addrs: addrs.clone(),
             controls: Vec::new(),
             executors: Vec::new(),
+            _data_dir: data_dir,
         };
         for id in 0..shards {
+            let durable = durables.as_mut().map(|d| d.remove(0));
             let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
             let placement = match &cpus {
                 Some(cpus) if config.server.pin_cpus && shards <= cpus.len() => {
@@ -91,7 +109,7 @@ impl Broker {
             let executor = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{id}"))
                 .io_memory(config.server.io_memory_bytes)
-                .spawn(move || run_shard(id, shards, config, mesh, addrs, ctl_rx, ready))
+                .spawn(move || run_shard(id, shards, config, mesh, addrs, ctl_rx, ready, durable))
                 .map_err(|e| StartError::Shard {
                     shard: id,
                     why: e.to_string(),
@@ -156,7 +174,40 @@ impl Drop for Broker {
     }
 }
 
+/// Recover the logs (when durability is on): the locked data directory and
+/// one start per shard.
+fn recover_logs(
+    config: &Config,
+    shards: usize,
+) -> Result<(Option<DataDir>, Option<Vec<Durable>>), StartError> {
+    if config.durability() == Durability::Memory {
+        return Ok((None, None));
+    }
+    let settings = RecoverySettings {
+        data_dir: config.storage.data_dir.clone(),
+        shards,
+        segment_bytes: config.storage.segment_bytes,
+    };
+    let recovery = recover(&settings)?;
+    for line in recovery.summary.lines() {
+        log::info!("{line}");
+    }
+    let routes = Arc::new(recovery.routes);
+    let clock = recovery.clock;
+    let durables = recovery
+        .shards
+        .into_iter()
+        .map(|start| Durable {
+            start,
+            routes: routes.clone(),
+            clock,
+        })
+        .collect();
+    Ok((Some(recovery.dir), Some(durables)))
+}
+
 /// The body of one shard's executor.
+#[allow(clippy::too_many_arguments)]
 async fn run_shard(
     id: usize,
     shards: usize,
@@ -165,6 +216,7 @@ async fn run_shard(
     addrs: Vec<SocketAddr>,
     control: Receiver<Control>,
     ready: Sender<Result<(), (usize, String)>>,
+    durable: Option<Durable>,
 ) {
     let (senders, mut receivers) = match mesh.join().await {
         Ok(joined) => joined,
@@ -180,11 +232,18 @@ async fn run_shard(
         config,
         Mesh::new(senders, shards, outbox_max),
     ));
-    for (_, rx) in receivers.streams() {
+    let power_safe = shard.config().durability() == Durability::PowerSafe;
+    if let Some(d) = durable {
+        shard.restore(d.start, &d.routes, d.clock);
+    }
+    if power_safe {
+        glommio::spawn_local(shard.clone().sync_loop()).detach();
+    }
+    for (from, rx) in receivers.streams() {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             while let Some(batch) = rx.recv().await {
-                shard.on_mesh_batch(batch, Instant::now());
+                shard.on_mesh_batch(batch, from, Instant::now());
             }
         })
         .detach();
@@ -193,7 +252,7 @@ async fn run_shard(
     glommio::spawn_local(async move { flusher.mesh().flush_loop().await }).detach();
     let mut accepts = Vec::new();
     for addr in &addrs {
-        match TcpListener::bind(addr) {
+        match crate::shard::bind_listener(*addr) {
             Ok(l) => accepts.push(glommio::spawn_local(accept_loop(shard.clone(), l)).detach()),
             Err(e) => {
                 let _ = ready.send(Err((id, format!("cannot listen on {addr}: {e}"))));
@@ -218,6 +277,8 @@ async fn run_shard(
     while shard.open_sockets() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
+    shard.on_tick(Instant::now());
+    shard.sync_now().await;
     log::debug!("shard {id} stopped");
 }
 

@@ -52,6 +52,37 @@ pub struct Config {
     pub mqtt: MqttConfig,
     /// Shard-to-shard lanes.
     pub mesh: MeshConfig,
+    /// The per-shard logs.
+    pub storage: StorageConfig,
+}
+
+/// How acknowledged messages and sessions are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// No log: everything is lost when the process ends.
+    Memory,
+    /// Acknowledge once the record is in the mapped log: survives `kill -9`
+    /// (the kernel still holds the pages), not a power failure.
+    KillSafe,
+    /// Acknowledge only after `fdatasync` of the log (grouped): survives a
+    /// power failure too.
+    PowerSafe,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `memory`, `kill_safe` or `power_safe`.
+    pub durability: String,
+    /// Directory of the logs.
+    pub data_dir: std::path::PathBuf,
+    /// Size of one preallocated segment file.
+    pub segment_bytes: usize,
+    /// Power-safe: longest wait between two syncs while records wait.
+    pub sync_interval_ms: u64,
+    /// Delayed publishes (`$delayed/{seconds}/{topic}`) the broker holds.
+    pub delayed_messages_max: usize,
 }
 
 /// `[server]`.
@@ -161,6 +192,15 @@ impl Config {
         }
     }
 
+    /// The durability mode `storage.durability` names.
+    pub fn durability(&self) -> Durability {
+        match self.storage.durability.as_str() {
+            "memory" => Durability::Memory,
+            "power_safe" => Durability::PowerSafe,
+            _ => Durability::KillSafe,
+        }
+    }
+
     /// The session limits every shard hands its sessions.
     pub fn session_limits(&self) -> SessionLimits {
         let m = &self.mqtt;
@@ -182,6 +222,7 @@ impl Config {
             keep_alive_s_max: m.keep_alive_s_max,
             session_expiry_s_max: m.session_expiry_s_max,
             response_topic_prefix: m.response_topic_prefix.clone(),
+            status: Default::default(),
         }
     }
 
@@ -255,6 +296,41 @@ impl Config {
             64,
             1 << 30,
         )?;
+        let st = &self.storage;
+        if !matches!(
+            st.durability.as_str(),
+            "memory" | "kill_safe" | "power_safe"
+        ) {
+            let v = format!("{:?}", st.durability);
+            return Err(invalid(
+                "storage.durability",
+                &v,
+                "must be \"memory\", \"kill_safe\" or \"power_safe\"",
+            ));
+        }
+        range("storage.segment_bytes", st.segment_bytes, 1 << 20, 1 << 32)?;
+        range("storage.sync_interval_ms", st.sync_interval_ms, 0, 1000)?;
+        range(
+            "storage.delayed_messages_max",
+            st.delayed_messages_max,
+            0,
+            100_000_000,
+        )?;
+        let record_max = m.packet_size_max_bytes as usize * 2 + (64 << 10);
+        if st.segment_bytes < record_max {
+            let why = format!(
+                "must be at least twice mqtt.packet_size_max_bytes plus 64 KiB ({record_max}), \
+                 so the largest message fits a segment"
+            );
+            return Err(invalid(
+                "storage.segment_bytes",
+                &st.segment_bytes.to_string(),
+                &why,
+            ));
+        }
+        if st.data_dir.as_os_str().is_empty() {
+            return Err(invalid("storage.data_dir", "\"\"", "give a directory"));
+        }
         if !matches!(m.queue_overflow.as_str(), "drop_new" | "drop_oldest") {
             let v = format!("{:?}", m.queue_overflow);
             return Err(invalid(

@@ -26,7 +26,9 @@
 pub mod broker;
 pub mod codec;
 pub mod config;
+pub mod log;
 pub mod message;
+pub mod persist;
 pub mod router;
 pub mod session;
 pub mod shard;

@@ -18,6 +18,8 @@ OPTIONS:
   --listen ADDR            listen on ADDR (host:port); repeat for several;
                            replaces server.listen from the config
   --shards N               shards (threads); 0 = one per CPU
+  --data-dir DIR           directory of the logs (storage.data_dir)
+  --durability MODE        kill_safe, power_safe or memory (storage.durability)
   --print-default-config   print the embedded default config and exit
   -h, --help               this text
   -V, --version            version
@@ -29,6 +31,8 @@ struct Args {
     config: Option<PathBuf>,
     listen: Vec<String>,
     shards: Option<usize>,
+    data_dir: Option<PathBuf>,
+    durability: Option<String>,
 }
 
 fn parse_args() -> anyhow::Result<Option<Args>> {
@@ -36,6 +40,8 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
         config: None,
         listen: Vec::new(),
         shards: None,
+        data_dir: None,
+        durability: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -50,6 +56,8 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
                         .with_context(|| format!("--shards {v}: not a number"))?,
                 );
             }
+            "--data-dir" => args.data_dir = Some(value("--data-dir")?.into()),
+            "--durability" => args.durability = Some(value("--durability")?),
             "--print-default-config" => {
                 print!("{DEFAULT_CONFIG}");
                 return Ok(None);
@@ -85,6 +93,12 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     }
     if let Some(n) = args.shards {
         config.server.shards = n;
+    }
+    if let Some(d) = &args.data_dir {
+        config.storage.data_dir = d.clone();
+    }
+    if let Some(d) = &args.durability {
+        config.storage.durability = d.clone();
     }
     config.validate()?;
     Ok(config)

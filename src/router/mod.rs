@@ -25,6 +25,20 @@ mod tests;
 pub use entries::EntriesIter;
 pub use retained::RetainedStore;
 pub use topic::{
-    has_wildcard, matches, parse_shared, validate_topic_filter, validate_topic_name, TopicError,
+    has_wildcard, matches, parse_delayed, parse_shared, validate_topic_filter, validate_topic_name,
+    TopicError,
 };
 pub use trie::FilterTrie;
+
+use std::sync::Arc;
+
+/// One shared subscription: a share name and the filter inside
+/// `$share/{group}/{filter}`. Members of one group with different filters
+/// are different shared subscriptions.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SharedPick {
+    /// Share name.
+    pub group: Arc<str>,
+    /// Filter inside `$share/{group}/`.
+    pub filter: Arc<str>,
+}

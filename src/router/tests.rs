@@ -124,6 +124,36 @@ fn shared_subscriptions() {
 }
 
 #[test]
+fn delayed_publishes() {
+    use super::topic::parse_delayed;
+    assert_eq!(parse_delayed("$delayed/10/a/b"), Ok(Some((10, "a/b"))));
+    assert_eq!(parse_delayed("$delayed/0/x"), Ok(Some((0, "x"))));
+    assert_eq!(
+        parse_delayed("$delayed/4294967/x"),
+        Ok(Some((4_294_967, "x")))
+    );
+    for not_delayed in ["a/b", "$delayedx/1/a", "$delayed", "$SYS/x"] {
+        assert_eq!(parse_delayed(not_delayed), Ok(None), "{not_delayed}");
+    }
+    for bad in [
+        "$delayed/",
+        "$delayed/10",
+        "$delayed/10/",
+        "$delayed/x/a",
+        "$delayed/-1/a",
+        "$delayed/+5/a",
+        "$delayed/4294968/a",
+        "$delayed/10/$SYS/a",
+    ] {
+        assert_eq!(
+            parse_delayed(bad),
+            Err(TopicError::BadDelayedPublish),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
 fn error_messages_cite_the_spec() {
     assert_eq!(
         TopicError::WildcardInName.to_string(),

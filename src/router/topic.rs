@@ -41,6 +41,38 @@ pub enum TopicError {
     /// A `$share/...` filter without a valid share name and topic filter.
     #[error("[MQTT-4.8.2-1] [MQTT-4.8.2-2] shared subscription must be $share/{{name}}/{{filter}}, name without '/', '+', '#'")]
     BadSharedSubscription,
+    /// A `$delayed/...` topic without a valid delay and topic.
+    #[error("a delayed publish must be $delayed/{{seconds}}/{{topic}}, seconds at most {DELAY_MAX_S}, topic not starting with '$'")]
+    BadDelayedPublish,
+}
+
+/// First level of a delayed publish: `$delayed/{seconds}/{topic}`.
+pub const DELAYED_PREFIX: &str = "$delayed";
+
+/// Longest delay of a delayed publish, seconds (about 49 days, as EMQX).
+pub const DELAY_MAX_S: u32 = 4_294_967;
+
+/// Splits a delayed publish topic `$delayed/{seconds}/{topic}` into
+/// `Some((seconds, topic))`; `Ok(None)` when the topic is not one. The
+/// topic itself must be a valid name (checked by the caller with the
+/// broker's level limit) and not start with `$`.
+pub fn parse_delayed(topic: &str) -> Result<Option<(u32, &str)>, TopicError> {
+    let Some(rest) = topic.strip_prefix(DELAYED_PREFIX) else {
+        return Ok(None);
+    };
+    let Some(rest) = rest.strip_prefix('/') else {
+        return Ok(None);
+    };
+    let (secs, inner) = rest.split_once('/').ok_or(TopicError::BadDelayedPublish)?;
+    let secs: u32 = secs
+        .parse()
+        .ok()
+        .filter(|s| *s <= DELAY_MAX_S && secs.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or(TopicError::BadDelayedPublish)?;
+    if inner.is_empty() || inner.starts_with('$') {
+        return Err(TopicError::BadDelayedPublish);
+    }
+    Ok(Some((secs, inner)))
 }
 
 /// Number of levels of a topic name or filter: `count('/') + 1`.

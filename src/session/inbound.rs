@@ -8,7 +8,9 @@ use crate::codec::{
     Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::message::Message;
-use crate::router::topic::{parse_shared, validate_topic_filter, validate_topic_name};
+use crate::router::topic::{
+    parse_delayed, parse_shared, validate_topic_filter, validate_topic_name,
+};
 
 use super::transmit::{AckKind, Outgoing};
 use super::{Action, Session, Subscription};
@@ -79,26 +81,80 @@ impl Session {
         if p.properties.payload_format_indicator == Some(1)
             && std::str::from_utf8(&p.payload).is_err()
         {
-            if p.qos == QoS::AtMostOnce {
-                let why = "payload is not UTF-8 but its Payload Format Indicator says it is";
-                return self.violation(now, reason::PAYLOAD_FORMAT_INVALID, why);
-            }
-            return self.acknowledge(p.qos, p.packet_id, reason::PAYLOAD_FORMAT_INVALID);
+            let why = "payload is not UTF-8 but its Payload Format Indicator says it is";
+            return self.refuse_publish(now, &p, reason::PAYLOAD_FORMAT_INVALID, why);
+        }
+        let delay_s = match self.take_delay(&mut p) {
+            Ok(d) => d,
+            Err(why) => return self.refuse_publish(now, &p, reason::TOPIC_NAME_INVALID, &why),
+        };
+        let duplicate = p.qos == QoS::ExactlyOnce && self.inbound_qos2.contains(&p.packet_id);
+        if let Some((code, why)) = self.cannot_take(&p, delay_s).filter(|_| !duplicate) {
+            return self.refuse_publish(now, &p, code, why);
         }
         match p.qos {
-            QoS::AtMostOnce => self.accept_publish(now, p),
+            QoS::AtMostOnce => self.accept_publish(now, p, None, delay_s),
             QoS::AtLeastOnce => {
                 let id = p.packet_id;
-                self.accept_publish(now, p);
+                self.accept_publish(now, p, None, delay_s);
                 self.acknowledge(QoS::AtLeastOnce, id, reason::SUCCESS);
             }
-            QoS::ExactlyOnce => self.on_publish_qos2(now, p),
+            QoS::ExactlyOnce => self.on_publish_qos2(now, p, delay_s),
         }
+    }
+
+    /// A PUBLISH the broker will not take. QoS 1/2 get the reason code in
+    /// their acknowledgement (5.0) or a close (3.x, whose acknowledgements
+    /// cannot refuse: the client sends it again later); QoS 0 a DISCONNECT.
+    fn refuse_publish(&mut self, now: Instant, p: &Publish, code: u8, why: &str) {
+        let v5 = self.version().is_some_and(|v| v.is_v5());
+        if p.qos == QoS::AtMostOnce || !v5 {
+            return self.violation(now, code, why);
+        }
+        log::info!(
+            "client {}: PUBLISH to {} refused (0x{code:02X}): {why}",
+            self.client_id,
+            p.topic
+        );
+        self.acknowledge(p.qos, p.packet_id, code);
+    }
+
+    /// A reason the shard cannot take this publish now: its log is full
+    /// (QoS 1/2), or it holds as many delayed publishes as it may.
+    fn cannot_take(&self, p: &Publish, delay_s: Option<u32>) -> Option<(u8, &'static str)> {
+        let status = &self.limits.status;
+        if p.qos != QoS::AtMostOnce && status.store_full.get() {
+            return Some((
+                reason::QUOTA_EXCEEDED,
+                "the message log is full (no disk space): QoS 1/2 messages are refused",
+            ));
+        }
+        if delay_s.is_some() && status.delayed_full.get() {
+            return Some((
+                reason::QUOTA_EXCEEDED,
+                "storage.delayed_messages_max delayed publishes are already waiting",
+            ));
+        }
+        None
+    }
+
+    /// A `$delayed/{seconds}/{topic}` publish gets its final topic; the
+    /// delay is returned.
+    fn take_delay(&self, p: &mut Publish) -> Result<Option<u32>, String> {
+        let (secs, inner) = match parse_delayed(&p.topic) {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(format!("{:?}: {e}", p.topic)),
+        };
+        validate_topic_name(inner, self.limits.topic_levels_max)
+            .map_err(|e| format!("{:?}: {e}", p.topic))?;
+        p.topic = Arc::from(inner);
+        Ok(Some(secs))
     }
 
     /// Exactly once, receiver side: route at the first PUBLISH with an id,
     /// answer a duplicate with PUBREC only, forget the id at PUBREL.
-    fn on_publish_qos2(&mut self, now: Instant, p: Publish) {
+    fn on_publish_qos2(&mut self, now: Instant, p: Publish, delay_s: Option<u32>) {
         let id = p.packet_id;
         if !self.inbound_qos2.contains(&id) {
             if self.inbound_qos2.len() >= usize::from(self.limits.receive_maximum) {
@@ -106,15 +162,25 @@ impl Session {
                 return self.violation(now, reason::RECEIVE_MAXIMUM_EXCEEDED, why);
             }
             self.inbound_qos2.insert(id);
-            self.accept_publish(now, p);
+            self.accept_publish(now, p, Some(id), delay_s);
         }
         self.acknowledge(QoS::ExactlyOnce, id, reason::SUCCESS);
     }
 
-    fn accept_publish(&mut self, now: Instant, p: Publish) {
+    fn accept_publish(
+        &mut self,
+        now: Instant,
+        p: Publish,
+        qos2_packet_id: Option<u16>,
+        delay_s: Option<u32>,
+    ) {
         self.stats.received += 1;
         let message = Message::from_publish(p, now, Some(self.client_id.clone()));
-        self.actions.push_back(Action::Publish(Arc::new(message)));
+        self.actions.push_back(Action::Publish {
+            message: Arc::new(message),
+            qos2_packet_id,
+            delay_s,
+        });
     }
 
     /// PUBACK (QoS 1) or PUBREC (QoS 2) for an inbound publish.
@@ -160,6 +226,9 @@ impl Session {
 
     fn on_pubrel(&mut self, rel: &PubResp) {
         let code = if self.inbound_qos2.remove(&rel.packet_id) {
+            let packet_id = rel.packet_id;
+            self.journal
+                .push_back(super::Journal::Qos2Done { packet_id });
             reason::SUCCESS
         } else {
             reason::PACKET_IDENTIFIER_NOT_FOUND

@@ -220,7 +220,11 @@ impl Session {
             expires_at,
             publisher: None,
         };
-        self.actions.push_back(Action::Publish(Arc::new(message)));
+        self.actions.push_back(Action::Publish {
+            message: Arc::new(message),
+            qos2_packet_id: None,
+            delay_s: None,
+        });
     }
 
     /// The session ends: a pending will goes out, the shard drops the rest.
@@ -231,6 +235,7 @@ impl Session {
         if let Some(pending) = self.pending_will.take() {
             let (will, _) = *pending;
             self.publish_will(now, will);
+            self.journal.push_back(super::Journal::WillDone);
         }
         self.ended = true;
         self.actions.push_back(Action::End);
@@ -257,6 +262,7 @@ impl Session {
         if self.pending_will.as_ref().is_some_and(|w| w.1 <= now) {
             let (will, _) = *self.pending_will.take().expect("checked");
             self.publish_will(now, will);
+            self.journal.push_back(super::Journal::WillDone);
         }
         if self.expiry_deadline().is_some_and(|at| at <= now) {
             log::debug!("client {}: session expired", self.client_id);

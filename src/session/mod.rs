@@ -17,6 +17,7 @@
 //! queued messages' costs; inbound QoS 2 ids never exceed the server's
 //! Receive Maximum.
 
+mod durable;
 mod inbound;
 mod lifecycle;
 mod outbound;
@@ -35,6 +36,7 @@ use smallvec::SmallVec;
 use crate::codec::{Packet, QoS, SubOptions, Topic, Version, Will};
 use crate::message::{ClientId, Message};
 
+pub use durable::{DurableState, Restored, RestoredInflight, StoredDelivery};
 use outbound::Outbound;
 use transmit::{Outgoing, TransmitQueue};
 
@@ -85,6 +87,19 @@ pub struct SessionLimits {
     /// Prefix of the Response Information sent to clients that request it;
     /// the client id is appended after a `/`.
     pub response_topic_prefix: String,
+    /// What the shard can take right now, set by the shard.
+    pub status: Rc<ShardStatus>,
+}
+
+/// Conditions of the shard a session must know when it answers a PUBLISH.
+/// Shard-local; the shard sets them, its sessions read them.
+#[derive(Debug, Default)]
+pub struct ShardStatus {
+    /// The log has no room for new messages (a disk is full): QoS 1/2
+    /// publishes are refused with 0x97 (3.x: the connection is closed).
+    pub store_full: std::cell::Cell<bool>,
+    /// The shard holds its share of `storage.delayed_messages_max`.
+    pub delayed_full: std::cell::Cell<bool>,
 }
 
 impl Default for SessionLimits {
@@ -103,12 +118,13 @@ impl Default for SessionLimits {
             keep_alive_s_max: 3600,
             session_expiry_s_max: u32::MAX,
             response_topic_prefix: "response".to_string(),
+            status: Rc::default(),
         }
     }
 }
 
 /// A stored subscription of this session.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Subscription {
     /// Options as granted.
     pub options: SubOptions,
@@ -126,13 +142,57 @@ pub struct Delivery {
     pub retain: bool,
     /// Every matching subscription's identifier.
     pub subscription_ids: SubIds,
+    /// The message's id in the shard's log when this delivery is stored
+    /// there (a QoS 1/2 delivery to a persistent session). The session
+    /// reports what becomes of it through [`Session::poll_journal`].
+    pub stored: Option<u64>,
+}
+
+/// A change to a stored delivery or to inbound QoS 2 state that the shard
+/// must write to its log (see [`Session::poll_journal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Journal {
+    /// A stored message was sent for the first time, with this packet id.
+    Sent {
+        /// Stored message id.
+        id: u64,
+        /// Its packet id.
+        packet_id: u16,
+    },
+    /// A stored QoS 2 message got its PUBREC: PUBREL stage.
+    Released {
+        /// Stored message id.
+        id: u64,
+    },
+    /// The session is done with a stored message: acknowledged, refused,
+    /// expired, too large for the client, or dropped from a full queue.
+    Done {
+        /// Stored message id.
+        id: u64,
+    },
+    /// An inbound QoS 2 packet id was released by PUBREL.
+    Qos2Done {
+        /// The packet id.
+        packet_id: u16,
+    },
+    /// A will that waited for its delay was published.
+    WillDone,
 }
 
 /// What a session asks its shard to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Route this message to its subscribers (a client PUBLISH or a will).
-    Publish(Arc<Message>),
+    Publish {
+        /// The message.
+        message: Arc<Message>,
+        /// The packet id of an inbound QoS 2 PUBLISH, which the session now
+        /// remembers until PUBREL (stored with the message, atomically).
+        qos2_packet_id: Option<u16>,
+        /// A delayed publish (`$delayed/{seconds}/{topic}`): route it after
+        /// this many seconds. The message already has its final topic.
+        delay_s: Option<u32>,
+    },
     /// Add or replace a subscription in the shard's subscriber trie; send
     /// retained messages as the options say.
     Subscribe {
@@ -214,6 +274,7 @@ pub struct Session {
     inbound_qos2: HashSet<u16>,
     transmit: TransmitQueue,
     actions: VecDeque<Action>,
+    journal: VecDeque<Journal>,
     /// Retained-message gathers from other shards still outstanding.
     gathers_pending: u32,
     /// Live deliveries that arrived during a gather: they go out after the
@@ -239,6 +300,7 @@ impl Session {
             inbound_qos2: HashSet::new(),
             transmit: TransmitQueue::default(),
             actions: VecDeque::new(),
+            journal: VecDeque::new(),
             gathers_pending: 0,
             held: VecDeque::new(),
             ended: false,
@@ -323,6 +385,18 @@ impl Session {
     /// Next action for the shard.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
+    }
+
+    /// Next change the shard must log, in order.
+    pub fn poll_journal(&mut self) -> Option<Journal> {
+        self.journal.pop_front()
+    }
+
+    /// Journal that a stored delivery is finished with, if it was stored.
+    pub(super) fn done(&mut self, stored: Option<u64>) {
+        if let Some(id) = stored {
+            self.journal.push_back(Journal::Done { id });
+        }
     }
 
     /// The earliest moment [`Session::handle_timeout`] has work to do.

@@ -30,6 +30,8 @@ pub(super) struct Inflight {
     pub(super) qos: QoS,
     pub(super) retain: bool,
     pub(super) subscription_ids: SubIds,
+    /// Id in the shard's log, when stored.
+    pub(super) stored: Option<u64>,
     pub(super) stage: Awaiting,
     /// Sent on the current connection. False for messages carried over a
     /// reconnect beyond the client's new Receive Maximum: they keep their
@@ -55,7 +57,7 @@ pub(super) struct Outbound {
     /// In-flight messages not sent on the current connection.
     pub(super) unsent: usize,
     /// Last packet id handed out.
-    last_packet_id: u16,
+    pub(super) last_packet_id: u16,
 }
 
 impl Outbound {
@@ -70,13 +72,14 @@ impl Outbound {
         }
     }
 
-    /// Forget in-flight message `i` (acknowledged, refused or dropped).
-    pub(super) fn remove_inflight(&mut self, i: usize) {
-        if let Some(m) = self.inflight.remove(i) {
-            if !m.sent {
-                self.unsent -= 1;
-            }
+    /// Forget in-flight message `i` (acknowledged, refused or dropped);
+    /// returns its stored id.
+    pub(super) fn remove_inflight(&mut self, i: usize) -> Option<u64> {
+        let m = self.inflight.remove(i)?;
+        if !m.sent {
+            self.unsent -= 1;
         }
+        m.stored
     }
 
     pub(super) fn position(&self, packet_id: u16) -> Option<usize> {
@@ -115,6 +118,7 @@ impl Session {
         if self.gathers_pending > 0 && !self.ended {
             if self.held.len() >= self.limits.queue_messages_max {
                 self.stats.dropped_queue_full += 1;
+                self.done(delivery.stored);
             } else {
                 self.held.push_back((message.clone(), delivery));
             }
@@ -129,16 +133,10 @@ impl Session {
         self.gathers_pending += 1;
     }
 
-    /// Deliver retained messages for a subscription (ahead of held ones).
-    pub fn deliver_retained(
-        &mut self,
-        now: Instant,
-        messages: &[Arc<Message>],
-        delivery: &Delivery,
-    ) {
-        for m in messages {
-            self.deliver_now(now, m, delivery.clone());
-        }
+    /// Deliver a retained message for a new subscription (ahead of the
+    /// live ones held meanwhile).
+    pub fn deliver_retained(&mut self, now: Instant, message: &Arc<Message>, delivery: Delivery) {
+        self.deliver_now(now, message, delivery);
     }
 
     /// One gather ended; when none is left, release the held deliveries.
@@ -158,6 +156,7 @@ impl Session {
         }
         if message.is_expired(now) {
             self.stats.dropped_expired += 1;
+            self.done(delivery.stored);
             return;
         }
         let qos = delivery.qos.min(message.qos);
@@ -165,6 +164,7 @@ impl Session {
         if !self.is_connected() {
             if qos == QoS::AtMostOnce && !self.limits.queue_qos0_offline {
                 self.stats.dropped_offline_qos0 += 1;
+                self.done(delivery.stored);
                 return;
             }
             self.enqueue(message, delivery);
@@ -175,9 +175,11 @@ impl Session {
             // not make the transmit queue grow without bound.
             if self.transmit_backlog_full() {
                 self.stats.dropped_queue_full += 1;
+                self.done(delivery.stored);
                 return;
             }
             self.send_publish(now, message, &delivery, 0, false);
+            self.done(delivery.stored);
         } else if self.out.queue.is_empty() && self.window_open() {
             self.start_inflight(now, message.clone(), delivery);
         } else {
@@ -195,7 +197,7 @@ impl Session {
 
     fn enqueue(&mut self, message: &Arc<Message>, delivery: Delivery) {
         let cost = message.cost_bytes();
-        let limits = &self.limits;
+        let limits = self.limits.clone();
         let full = |o: &Outbound| {
             o.queue.len() >= limits.queue_messages_max
                 || o.queue_bytes + cost > limits.queue_bytes_max
@@ -204,14 +206,20 @@ impl Session {
             match limits.overflow {
                 OverflowPolicy::DropNew => {
                     self.stats.dropped_queue_full += 1;
+                    self.done(delivery.stored);
                     return;
                 }
                 OverflowPolicy::DropOldest => {
-                    while full(&self.out) && self.out.pop_queue().is_some() {
+                    while full(&self.out) {
+                        let Some(old) = self.out.pop_queue() else {
+                            break;
+                        };
                         self.stats.dropped_queue_full += 1;
+                        self.done(old.delivery.stored);
                     }
                     if full(&self.out) {
                         self.stats.dropped_queue_full += 1;
+                        self.done(delivery.stored);
                         return;
                     }
                 }
@@ -236,7 +244,8 @@ impl Session {
                 .expect("unsent counts entries");
             self.out.unsent -= 1;
             if !self.resend(now, i) {
-                self.out.inflight.remove(i);
+                let gone = self.out.inflight.remove(i).expect("index is in range");
+                self.done(gone.stored);
             }
         }
         while self.is_connected() {
@@ -249,10 +258,12 @@ impl Session {
             let q = self.out.pop_queue().expect("front exists");
             if q.message.is_expired(now) {
                 self.stats.dropped_expired += 1;
+                self.done(q.delivery.stored);
                 continue;
             }
             if q.delivery.qos == QoS::AtMostOnce {
                 self.send_publish(now, &q.message, &q.delivery, 0, false);
+                self.done(q.delivery.stored);
             } else {
                 self.start_inflight(now, q.message, q.delivery);
             }
@@ -262,7 +273,12 @@ impl Session {
     fn start_inflight(&mut self, now: Instant, message: Arc<Message>, delivery: Delivery) {
         let packet_id = self.out.allocate_packet_id();
         if !self.send_publish(now, &message, &delivery, packet_id, false) {
+            self.done(delivery.stored);
             return;
+        }
+        if let Some(id) = delivery.stored {
+            self.journal
+                .push_back(super::Journal::Sent { id, packet_id });
         }
         let stage = if delivery.qos == QoS::AtLeastOnce {
             Awaiting::Ack
@@ -275,6 +291,7 @@ impl Session {
             qos: delivery.qos,
             retain: delivery.retain,
             subscription_ids: delivery.subscription_ids,
+            stored: delivery.stored,
             stage,
             sent: true,
         });
@@ -352,6 +369,7 @@ impl Session {
             qos: m.qos,
             retain: m.retain,
             subscription_ids: m.subscription_ids.clone(),
+            stored: m.stored,
         };
         let (message, id) = (m.message.clone(), m.packet_id);
         self.send_publish(now, &message, &delivery, id, true)
@@ -361,7 +379,8 @@ impl Session {
     pub(super) fn on_puback(&mut self, now: Instant, ack: &PubResp) {
         match self.out.position(ack.packet_id) {
             Some(i) if self.out.inflight[i].stage == Awaiting::Ack => {
-                self.out.remove_inflight(i);
+                let stored = self.out.remove_inflight(i);
+                self.done(stored);
                 self.pump(now);
             }
             _ => log::debug!(
@@ -377,15 +396,20 @@ impl Session {
     pub(super) fn on_pubrec(&mut self, now: Instant, rec: &PubResp) {
         let reason = match self.out.position(rec.packet_id) {
             Some(i) if rec.reason >= 0x80 => {
-                self.out.remove_inflight(i);
+                let stored = self.out.remove_inflight(i);
+                self.done(stored);
                 self.pump(now);
                 return;
             }
             Some(i) => {
                 let m = &mut self.out.inflight[i];
+                let first = m.stage != Awaiting::Comp;
                 m.stage = Awaiting::Comp;
                 if !std::mem::replace(&mut m.sent, true) {
                     self.out.unsent -= 1;
+                }
+                if let Some(id) = m.stored.filter(|_| first) {
+                    self.journal.push_back(super::Journal::Released { id });
                 }
                 0
             }
@@ -400,7 +424,8 @@ impl Session {
     pub(super) fn on_pubcomp(&mut self, now: Instant, comp: &PubResp) {
         match self.out.position(comp.packet_id) {
             Some(i) if self.out.inflight[i].stage == Awaiting::Comp => {
-                self.out.remove_inflight(i);
+                let stored = self.out.remove_inflight(i);
+                self.done(stored);
                 self.pump(now);
             }
             _ => log::debug!(

@@ -62,6 +62,7 @@ fn delivery(qos: QoS) -> Delivery {
         qos,
         retain: false,
         subscription_ids: SubIds::new(),
+        stored: None,
     }
 }
 
@@ -84,7 +85,7 @@ fn drain(s: &mut Session) -> (Vec<Packet>, Vec<Action>) {
 fn will_published(actions: &[Action]) -> bool {
     actions
         .iter()
-        .any(|a| matches!(a, Action::Publish(m) if &*m.topic == "will/t"))
+        .any(|a| matches!(a, Action::Publish { message, .. } if &*message.topic == "will/t"))
 }
 
 fn publishes(packets: &[Packet]) -> Vec<&Publish> {
@@ -441,7 +442,7 @@ fn inbound_qos2_is_routed_once() {
     assert_eq!(
         actions
             .iter()
-            .filter(|a| matches!(a, Action::Publish(_)))
+            .filter(|a| matches!(a, Action::Publish { .. }))
             .count(),
         1
     );
@@ -618,7 +619,7 @@ fn live_messages_wait_behind_a_retained_gather() {
         retain: true,
         ..delivery(QoS::AtMostOnce)
     };
-    s.deliver_retained(t0, &[message(QoS::AtMostOnce, None)], &retained);
+    s.deliver_retained(t0, &message(QoS::AtMostOnce, None), retained.clone());
     s.end_retained_gather(t0);
     let (p, _) = drain(&mut s);
     let pubs = publishes(&p);

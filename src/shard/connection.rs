@@ -5,8 +5,9 @@
 //! they make no protocol decisions: bytes go to the codec, packets to the
 //! shard and its sessions; packets to send come back from the session.
 //!
-//! The one `unsafe` block in the broker outside the log is here: borrowing a
-//! socket's descriptor to duplicate it for the move to the home shard.
+//! The broker's `unsafe` code outside the log is here: borrowing a socket's
+//! descriptor to duplicate it for the move to the home shard, and handing a
+//! listening socket set up with socket2 to glommio.
 
 use std::cell::RefCell;
 use std::io;
@@ -290,6 +291,24 @@ async fn send_connack_error(stream: &mut TcpStream, version: Version, code: u8) 
     let _ = stream.shutdown(std::net::Shutdown::Both).await;
 }
 
+/// A listener on `addr` for this shard: SO_REUSEPORT (every shard listens
+/// on the same address and the kernel spreads connections) and
+/// SO_REUSEADDR (a restart is not refused while the previous run's
+/// connections sit in TIME_WAIT).
+#[allow(unsafe_code)]
+pub(crate) fn bind_listener(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    // SAFETY: the descriptor was just created, bound and set listening here,
+    // and its ownership passes to the glommio listener.
+    Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
+}
+
 /// Duplicate the socket's descriptor so the connection can move to another
 /// shard; the caller drops its own stream afterwards.
 #[allow(unsafe_code)]
@@ -372,6 +391,8 @@ impl Shard {
                     conn: None,
                     timer_at: None,
                     held_acks: 0,
+                    durable: None,
+                    wait_seq: 0,
                 });
                 st.by_client.insert(id, key);
                 key
@@ -398,6 +419,7 @@ impl Shard {
         // Acks awaited for an earlier connection's subscribes are moot.
         slot.held_acks = 0;
         st.stats.connections += 1;
+        Self::durable_connect(&mut st, key);
         self.drive(&mut st, key, now);
         Ok(handle)
     }
@@ -421,6 +443,12 @@ impl Shard {
         if !current || slot.held_acks > 0 {
             return;
         }
+        if Self::output_waits_for_sync(&mut st, conn.key, conn.id) {
+            return;
+        }
+        let Some(slot) = st.sessions.get_mut(conn.key) else {
+            return;
+        };
         slot.session.encode_transmit(conn.version, out, limit);
         if slot.session.has_transmit() {
             conn.wake.notify();

@@ -17,19 +17,11 @@ use smallvec::SmallVec;
 
 use crate::codec::{Connect, QoS};
 use crate::message::Message;
+use crate::persist::Origin;
+pub use crate::router::SharedPick;
 
 use super::notify::Notify;
 use super::SessionKey;
-
-/// A shared subscription the receiving shard must serve: pick one of its
-/// members of `group` for `filter`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SharedPick {
-    /// Share name.
-    pub group: Arc<str>,
-    /// Filter inside `$share/{group}/`.
-    pub filter: Arc<str>,
-}
 
 /// Who is waiting for retained messages: a subscription on some shard.
 #[derive(Debug, Clone)]
@@ -100,6 +92,9 @@ pub enum MeshMsg {
         /// Times a shared pick was forwarded because the chosen shard had
         /// lost its members meanwhile (bounded by the shard count).
         hops: u8,
+        /// Where it was accepted, when that was logged (durable QoS 1/2):
+        /// the receiver records it and answers [`MeshMsg::Applied`].
+        origin: Option<Origin>,
     },
     /// Store (or, with an empty payload, delete) a retained message: the
     /// receiver owns its topic.
@@ -108,6 +103,8 @@ pub enum MeshMsg {
         message: Arc<Message>,
         /// Acknowledge once stored (a QoS 1/2 publisher's ack waits).
         ack_to: Option<AckTo>,
+        /// Where it was accepted, when that was logged.
+        origin: Option<Origin>,
     },
     /// Send the retained messages matching `filter` to `waiter`.
     RetainedQuery {
@@ -138,6 +135,22 @@ pub enum MeshMsg {
     Ack(AckTo),
     /// A connection whose home is the receiving shard.
     Handoff(Box<Handoff>),
+    /// The sender applied (and logged) every message the receiver accepted
+    /// and sent it, up to this accept id.
+    Applied {
+        /// Accept id.
+        upto: u64,
+    },
+    /// The sender's accepted messages up to this id were applied everywhere.
+    Settled {
+        /// Accept id.
+        upto: u64,
+    },
+    /// The sender's log became full (or has room again).
+    StoreFull {
+        /// Full now.
+        full: bool,
+    },
 }
 
 /// One batch on a lane.

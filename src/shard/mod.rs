@@ -17,14 +17,17 @@
 //! runs the new task's first poll immediately.
 
 mod connection;
+mod delayed;
+mod durable;
 pub mod mesh;
 mod notify;
+mod restore;
 mod routing;
 mod slab;
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +40,10 @@ use crate::message::{ClientId, Message};
 use crate::router::{FilterTrie, RetainedStore};
 use crate::session::{Action, Session, SessionLimits, SessionStats, Subscription};
 
-pub(crate) use connection::accept_loop;
+use durable::{DurableSlot, Store};
+use routing::Source;
+
+pub(crate) use connection::{accept_loop, bind_listener};
 use mesh::{Mesh, RouteKey};
 use notify::Notify;
 use slab::Slab;
@@ -106,6 +112,11 @@ struct SessionSlot {
     /// its subscribes, retained stores of its publishes); while non-zero the
     /// writer holds the session's output.
     held_acks: u32,
+    /// Its place in the log, when the session is persistent.
+    durable: Option<DurableSlot>,
+    /// Power-safe: its output waits until log records below this sequence
+    /// number are synced.
+    wait_seq: u64,
 }
 
 /// Counters of one shard.
@@ -147,6 +158,12 @@ struct State {
     last_conn_id: u64,
     /// Last session uid handed out.
     last_session_uid: u64,
+    /// The log and what in it is live; None without durability.
+    store: Option<Store>,
+    /// Delayed publishes by (due, id).
+    delayed: BTreeMap<(Instant, u64), Arc<Message>>,
+    /// Next delayed publish id.
+    next_delayed_id: u64,
     stats: ShardStats,
 }
 
@@ -168,6 +185,10 @@ pub struct Shard {
     /// Accepted connections that have not finished CONNECT yet; bounded by
     /// `connections_max` too.
     handshakes: Cell<usize>,
+    /// This shard's share of `storage.delayed_messages_max`.
+    delayed_max: usize,
+    /// Wakes the group-commit task (power-safe): records wait for a sync.
+    sync_wake: Rc<notify::Notify>,
 }
 
 /// Stable hash used to place client ids and retained topics on shards
@@ -190,7 +211,10 @@ impl Shard {
         let retained_max = config.mqtt.retained_messages_max.div_ceil(shards);
         let connections_max = config.server.connections_max.div_ceil(shards);
         let sessions_max = config.mqtt.sessions_max.div_ceil(shards);
+        let delayed_max = config.storage.delayed_messages_max.div_ceil(shards);
         Shard {
+            delayed_max,
+            sync_wake: Rc::default(),
             id,
             shards,
             limits,
@@ -214,9 +238,17 @@ impl Shard {
                 timers: BinaryHeap::new(),
                 last_conn_id: 0,
                 last_session_uid: 0,
+                store: None,
+                delayed: BTreeMap::new(),
+                next_delayed_id: 1,
                 stats: ShardStats::default(),
             }),
         }
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// This shard's index.
@@ -274,16 +306,41 @@ impl Shard {
                 break;
             };
             match action {
-                Action::Publish(message) => self.route(st, now, message, Some(key)),
+                Action::Publish {
+                    message,
+                    qos2_packet_id,
+                    delay_s,
+                } => {
+                    let source = Source {
+                        from: Some(key),
+                        qos2_packet_id,
+                        delayed: None,
+                    };
+                    match delay_s {
+                        Some(d) => self.delay(st, now, message, d, source),
+                        None => self.route(st, now, message, source),
+                    }
+                }
                 Action::Subscribe {
                     filter,
                     subscription,
                     is_new,
-                } => self.subscribe(st, now, key, &filter, subscription, is_new),
-                Action::Unsubscribe { filter } => self.unsubscribe(st, key, &filter),
-                Action::Close => Self::close_connection(st, key),
+                } => {
+                    Self::durable_subscription(st, key, &filter, Some(&subscription));
+                    self.subscribe(st, now, key, &filter, subscription, is_new);
+                }
+                Action::Unsubscribe { filter } => {
+                    Self::durable_subscription(st, key, &filter, None);
+                    self.unsubscribe(st, key, &filter);
+                }
+                Action::Close => {
+                    Self::durable_offline(st, key);
+                    Self::close_connection(st, key);
+                }
                 Action::End => {
-                    self.end_session(st, key);
+                    Self::drain_journal(st, key);
+                    Self::durable_end(st, key);
+                    self.end_session(st, key, now);
                     return;
                 }
             }
@@ -294,6 +351,8 @@ impl Shard {
     /// Wake the session's writer if it has output, and keep the timer heap
     /// holding the session's earliest deadline.
     fn after_step(st: &mut State, key: SessionKey) {
+        Self::drain_journal(st, key);
+        Self::hold_for_sync(st, key);
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
         };
@@ -328,7 +387,7 @@ impl Shard {
     }
 
     /// Drop an ended session and every subscription it held.
-    fn end_session(&self, st: &mut State, key: SessionKey) {
+    fn end_session(&self, st: &mut State, key: SessionKey, now: Instant) {
         Self::close_connection(st, key);
         let filters: Vec<String> = match st.sessions.get(key) {
             Some(slot) => slot.session.subscriptions().keys().cloned().collect(),
@@ -341,8 +400,8 @@ impl Shard {
         let slot = st.sessions.remove(key).expect("checked above");
         let mut session = slot.session;
         while let Some(action) = session.poll_action() {
-            if let Action::Publish(m) = action {
-                self.route(st, Instant::now(), m, None);
+            if let Action::Publish { message, .. } = action {
+                self.route(st, now, message, Source::default());
             }
         }
         let s = session.stats();
@@ -358,9 +417,12 @@ impl Shard {
         }
     }
 
-    /// Run every timer that is due.
+    /// Run every timer that is due, send the delayed publishes that are
+    /// due, and keep the log (clock, settled frontier, compaction).
     pub fn on_tick(&self, now: Instant) {
         let mut st = self.state.borrow_mut();
+        self.send_due_delayed(&mut st, now);
+        self.durable_tick(&mut st, now);
         while let Some(Reverse((at, key))) = st.timers.peek().copied() {
             if at > now {
                 break;

@@ -15,8 +15,21 @@ use crate::message::Message;
 use crate::router::topic::{has_wildcard, parse_shared};
 use crate::session::{Delivery, SubIds, Subscription};
 
+use super::durable::StoreTarget;
 use super::mesh::{AckTo, MeshMsg, RetainedWaiter, RouteKey, SharedPick};
 use super::{SessionKey, Shard, State, SubEntry, SubKey};
+use crate::persist::{Origin, Scope};
+
+/// Where a routed message comes from: for acknowledgements and the log.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Source {
+    /// The publishing session (its ack may wait for a retained store).
+    pub(super) from: Option<SessionKey>,
+    /// An inbound QoS 2 packet id the publisher's session now remembers.
+    pub(super) qos2_packet_id: Option<u16>,
+    /// The delayed publish being sent.
+    pub(super) delayed: Option<u64>,
+}
 
 /// One session's merged view of the subscriptions a message matched.
 struct Target {
@@ -31,52 +44,34 @@ impl Shard {
     /// subscribers, and its retained copy to the topic's owner. When the
     /// owner is another shard and the publisher (`from`) waits for an ack,
     /// its output is held until the owner has stored the message, so that
-    /// after PUBACK any new subscription on the node sees it.
+    /// after PUBACK any new subscription on the node sees it. With a log, a
+    /// QoS 1/2 message bound for other shards is logged first (Accepted).
     pub(super) fn route(
         &self,
         st: &mut State,
         now: Instant,
         message: Arc<Message>,
-        from: Option<SessionKey>,
+        source: Source,
     ) {
         st.stats.routed += 1;
-        if message.retain {
-            let owner = self.topic_owner(&message.topic);
+        let owner = message.retain.then(|| self.topic_owner(&message.topic));
+        let (ordinary, picks) = self.destinations(st, &message.topic);
+        let origin = self.log_accept(st, &message, source, owner, &ordinary, &picks);
+        if let Some(owner) = owner {
             if owner == self.id {
-                self.store_retained(st, message.clone());
+                self.store_retained(st, message.clone(), origin);
             } else {
-                let ack_to = from
+                let ack_to = source
+                    .from
                     .filter(|_| message.qos != QoS::AtMostOnce)
                     .and_then(|key| self.hold_output(st, key, 1));
                 let retain = MeshMsg::Retain {
                     message: message.clone(),
                     ack_to,
+                    origin,
                 };
                 self.mesh.send(owner, retain);
             }
-        }
-        let mut ordinary: SmallVec<[u16; 8]> = SmallVec::new();
-        let mut shared: SmallVec<[(SharedPick, SmallVec<[u16; 4]>); 1]> = SmallVec::new();
-        st.routes
-            .for_each_match(&message.topic, |key, _| match key {
-                RouteKey::Shard(s) => {
-                    if !ordinary.contains(s) {
-                        ordinary.push(*s);
-                    }
-                }
-                RouteKey::Shared { pick, shard } => {
-                    match shared.iter_mut().find(|(p, _)| p == pick) {
-                        Some((_, shards)) => shards.push(*shard),
-                        None => shared.push((pick.clone(), SmallVec::from_slice(&[*shard]))),
-                    }
-                }
-            });
-        let mut picks: SmallVec<[(u16, SharedPick); 1]> = SmallVec::new();
-        for (pick, mut shards) in shared {
-            shards.sort_unstable();
-            let next = st.shared_shard_next.entry(pick.clone()).or_insert(0);
-            *next = next.wrapping_add(1);
-            picks.push((shards[*next % shards.len()], pick));
         }
         for dest in 0..self.shards as u16 {
             let to_ordinary = ordinary.contains(&dest);
@@ -89,7 +84,7 @@ impl Shard {
                 continue;
             }
             if usize::from(dest) == self.id {
-                self.deliver_local(st, now, &message, to_ordinary, &to_shared, 0);
+                self.deliver_local(st, now, &message, to_ordinary, &to_shared, 0, origin);
             } else {
                 self.mesh.send(
                     usize::from(dest),
@@ -98,16 +93,89 @@ impl Shard {
                         ordinary: to_ordinary,
                         shared: to_shared,
                         hops: 0,
+                        origin,
                     },
                 );
             }
         }
+        if let Some(id) = source.delayed {
+            Self::durable_delay_done(st, id, origin.is_some());
+        }
+    }
+
+    /// Shards with ordinary subscribers of `topic`, and for each shared
+    /// subscription matching it the shard chosen (round-robin) to serve it.
+    #[allow(clippy::type_complexity)]
+    fn destinations(
+        &self,
+        st: &mut State,
+        topic: &str,
+    ) -> (SmallVec<[u16; 8]>, SmallVec<[(u16, SharedPick); 1]>) {
+        let mut ordinary: SmallVec<[u16; 8]> = SmallVec::new();
+        let mut shared: SmallVec<[(SharedPick, SmallVec<[u16; 4]>); 1]> = SmallVec::new();
+        st.routes.for_each_match(topic, |key, _| match key {
+            RouteKey::Shard(s) => {
+                if !ordinary.contains(s) {
+                    ordinary.push(*s);
+                }
+            }
+            RouteKey::Shared { pick, shard } => match shared.iter_mut().find(|(p, _)| p == pick) {
+                Some((_, shards)) => shards.push(*shard),
+                None => shared.push((pick.clone(), SmallVec::from_slice(&[*shard]))),
+            },
+        });
+        let mut picks: SmallVec<[(u16, SharedPick); 1]> = SmallVec::new();
+        for (pick, mut shards) in shared {
+            shards.sort_unstable();
+            let next = st.shared_shard_next.entry(pick.clone()).or_insert(0);
+            *next = next.wrapping_add(1);
+            picks.push((shards[*next % shards.len()], pick));
+        }
+        (ordinary, picks)
+    }
+
+    /// Log a QoS 1/2 message as Accepted when the log is on and a crash
+    /// could otherwise lose or repeat it: it goes to other shards, it is a
+    /// persistent session's QoS 2 publish, or a delayed publish leaving.
+    fn log_accept(
+        &self,
+        st: &mut State,
+        message: &Arc<Message>,
+        source: Source,
+        owner: Option<usize>,
+        ordinary: &[u16],
+        picks: &[(u16, SharedPick)],
+    ) -> Option<Origin> {
+        if st.store.is_none() || message.qos == QoS::AtMostOnce {
+            return None;
+        }
+        let me = self.id as u16;
+        let mut dests: SmallVec<[u16; 4]> = SmallVec::new();
+        let all = ordinary
+            .iter()
+            .copied()
+            .chain(picks.iter().map(|(s, _)| *s))
+            .chain(owner.map(|o| o as u16));
+        for d in all {
+            if d != me && !dests.contains(&d) {
+                dests.push(d);
+            }
+        }
+        let from = source.qos2_packet_id.and_then(|pid| {
+            let key = source.from?;
+            Some((st.sessions.get(key)?.durable?.sid, pid))
+        });
+        if dests.is_empty() && from.is_none() && source.delayed.is_none() {
+            return None;
+        }
+        self.accept(st, message, Scope::everyone(), from, source.delayed, dests)
     }
 
     /// Deliver to this shard's sessions: every ordinary subscriber (one copy
     /// per session, at the highest granted QoS, with every matching
     /// subscription identifier) and one member of each shared subscription
     /// in `shared`.
+    #[allow(clippy::too_many_arguments)]
     fn deliver_local(
         &self,
         st: &mut State,
@@ -116,6 +184,7 @@ impl Shard {
         ordinary: bool,
         shared: &[SharedPick],
         hops: u8,
+        origin: Option<Origin>,
     ) {
         let mut targets: SmallVec<[Target; 8]> = SmallVec::new();
         let mut members: SmallVec<[(SessionKey, SharedPick, Target); 2]> = SmallVec::new();
@@ -149,23 +218,81 @@ impl Shard {
             }
         });
         let mut merged = merge_targets(targets);
+        let mut forwarded = false;
         for pick in shared {
             match self.choose_member(st, message, pick, hops, &mut members) {
                 Some(t) => merged.push(t),
-                None => self.forward_shared(st, message, pick, hops),
+                None => forwarded |= self.forward_shared(st, message, pick, hops, origin),
             }
         }
-        for t in merged {
+        let scope = Scope {
+            ordinary,
+            shared: shared.iter().cloned().collect(),
+        };
+        self.deliver_targets(st, now, message, merged, origin, scope, forwarded);
+        if origin.is_some_and(|o| usize::from(o.shard) != self.id) {
+            Self::applied(st, origin);
+        }
+    }
+
+    /// Hand `message` to each target session, storing the deliveries to
+    /// persistent sessions in one Message record (written before their
+    /// journals, so Sent records follow it). A forward of a durable message
+    /// leaves a marker record instead when nothing here was stored.
+    #[allow(clippy::too_many_arguments)]
+    fn deliver_targets(
+        &self,
+        st: &mut State,
+        now: Instant,
+        message: &Arc<Message>,
+        targets: SmallVec<[Target; 8]>,
+        origin: Option<Origin>,
+        scope: Scope,
+        forwarded: bool,
+    ) {
+        let mut id = None;
+        let mut stored: Vec<StoreTarget> = Vec::new();
+        let mut keys: SmallVec<[SessionKey; 8]> = SmallVec::new();
+        for t in targets {
+            let qos = t.qos.min(message.qos);
+            let sid = Self::storable(st, t.session, qos);
+            let store_id = match sid {
+                Some(sid) => {
+                    let id = *id.get_or_insert_with(|| Self::next_message_id(st).expect("a store"));
+                    stored.push(StoreTarget {
+                        key: t.session,
+                        sid,
+                        qos,
+                        retain: t.retain,
+                        subscription_ids: t.subscription_ids.clone(),
+                    });
+                    Some(id)
+                }
+                None => None,
+            };
             let delivery = Delivery {
                 qos: t.qos,
                 retain: t.retain,
                 subscription_ids: t.subscription_ids,
+                stored: store_id,
             };
             if let Some(slot) = st.sessions.get_mut(t.session) {
                 slot.session.deliver(now, message, delivery);
                 st.stats.delivered += 1;
-                Self::after_step(st, t.session);
+                keys.push(t.session);
             }
+        }
+        match id {
+            Some(id) => Self::store_message(st, id, Some(message), origin, scope, stored),
+            None if forwarded && origin.is_some() => {
+                if let Some(id) = Self::next_message_id(st) {
+                    Self::store_message(st, id, None, origin, scope, Vec::new());
+                }
+            }
+            None => {}
+        }
+        for key in keys {
+            Self::after_step(st, key);
         }
     }
 
@@ -190,7 +317,18 @@ impl Shard {
     /// order that has members: this shard has no member left (one left
     /// while the message was on its way) or none connected. `hops` counts
     /// the shards already visited, so every shard is tried at most once.
-    fn forward_shared(&self, st: &mut State, message: &Arc<Message>, pick: &SharedPick, hops: u8) {
+    ///
+    /// A durable message is logged again here as Accepted for the one
+    /// shared subscription: this shard answers for it from now on. Returns
+    /// true when the message was passed on.
+    fn forward_shared(
+        &self,
+        st: &mut State,
+        message: &Arc<Message>,
+        pick: &SharedPick,
+        hops: u8,
+        origin: Option<Origin>,
+    ) -> bool {
         let ring = self.shared_ring(st, &message.topic, pick);
         let Some(&to) = ring.first().filter(|_| usize::from(hops) + 1 < self.shards) else {
             log::debug!(
@@ -199,15 +337,24 @@ impl Shard {
                 pick.filter,
                 message.topic
             );
-            return;
+            return false;
         };
+        let origin = origin.and_then(|_| {
+            let scope = Scope {
+                ordinary: false,
+                shared: SmallVec::from_buf([pick.clone()]),
+            };
+            self.accept(st, message, scope, None, None, SmallVec::from_slice(&[to]))
+        });
         let forward = MeshMsg::Publish {
             message: message.clone(),
             ordinary: false,
             shared: SmallVec::from_buf([pick.clone()]),
             hops: hops + 1,
+            origin,
         };
         self.mesh.send(usize::from(to), forward);
+        true
     }
 
     /// Round-robin over the local members of one shared subscription,
@@ -267,10 +414,7 @@ impl Shard {
         subscription: Subscription,
         is_new: bool,
     ) {
-        let (group, inner) = match parse_shared(filter) {
-            Ok(Some((g, f))) => (Some(Arc::<str>::from(g)), f),
-            _ => (None, filter),
-        };
+        let (group, inner) = split_shared(filter);
         let inner: Arc<str> = Arc::from(inner);
         let sub_key = SubKey {
             session: key,
@@ -293,10 +437,7 @@ impl Shard {
 
     /// Remove a subscription from the subscriber trie and the route replica.
     pub(super) fn unsubscribe(&self, st: &mut State, key: SessionKey, filter: &str) {
-        let (group, inner) = match parse_shared(filter) {
-            Ok(Some((g, f))) => (Some(Arc::<str>::from(g)), f),
-            _ => (None, filter),
-        };
+        let (group, inner) = split_shared(filter);
         let sub_key = SubKey {
             session: key,
             group: group.clone(),
@@ -309,13 +450,7 @@ impl Shard {
     }
 
     fn route_key(&self, group: Option<Arc<str>>, filter: Arc<str>) -> RouteKey {
-        match group {
-            None => RouteKey::Shard(self.id as u16),
-            Some(group) => RouteKey::Shared {
-                pick: SharedPick { group, filter },
-                shard: self.id as u16,
-            },
-        }
+        route_key_of(self.id, group, filter)
     }
 
     /// Count local subscriptions per route key; broadcast on 0↔1. A new
@@ -408,9 +543,10 @@ impl Shard {
     }
 
     /// Store, replace or (empty payload) delete a retained message.
-    fn store_retained(&self, st: &mut State, message: Arc<Message>) {
+    fn store_retained(&self, st: &mut State, message: Arc<Message>, origin: Option<Origin>) {
         if message.payload.is_empty() {
             st.retained.remove(&message.topic);
+            Self::durable_retain(st, &message, origin);
             return;
         }
         if st.retained.get(&message.topic).is_none() && st.retained.len() >= self.retained_max {
@@ -424,6 +560,7 @@ impl Shard {
             return;
         }
         let topic = message.topic.clone();
+        Self::durable_retain(st, &message, origin);
         st.retained.insert(&topic, message);
     }
 
@@ -501,20 +638,46 @@ impl Shard {
         if slot.uid != waiter.session_uid {
             return;
         }
-        let delivery = Delivery {
-            qos: waiter.qos,
-            retain: true,
-            subscription_ids: waiter.subscription_id.into_iter().collect(),
-        };
-        slot.session.deliver_retained(now, messages, &delivery);
+        let subscription_ids: SubIds = waiter.subscription_id.into_iter().collect();
+        for m in messages {
+            let qos = waiter.qos.min(m.qos);
+            let sid = Self::storable(st, waiter.session, qos);
+            let id = sid.and_then(|_| Self::next_message_id(st));
+            let delivery = Delivery {
+                qos: waiter.qos,
+                retain: true,
+                subscription_ids: subscription_ids.clone(),
+                stored: id,
+            };
+            if let Some(slot) = st.sessions.get_mut(waiter.session) {
+                slot.session.deliver_retained(now, m, delivery);
+            }
+            if let (Some(id), Some(sid)) = (id, sid) {
+                let target = StoreTarget {
+                    key: waiter.session,
+                    sid,
+                    qos,
+                    retain: true,
+                    subscription_ids: subscription_ids.clone(),
+                };
+                Self::store_message(st, id, Some(m), None, Scope::default(), vec![target]);
+            }
+        }
         if gathered {
-            slot.session.end_retained_gather(now);
+            if let Some(slot) = st.sessions.get_mut(waiter.session) {
+                slot.session.end_retained_gather(now);
+            }
         }
         Self::after_step(st, waiter.session);
     }
 
-    /// Handle one batch from another shard.
-    pub fn on_mesh_batch(self: &std::rc::Rc<Self>, batch: super::mesh::Batch, now: Instant) {
+    /// Handle one batch from shard `from`.
+    pub fn on_mesh_batch(
+        self: &std::rc::Rc<Self>,
+        batch: super::mesh::Batch,
+        from: usize,
+        now: Instant,
+    ) {
         let mut handoffs = Vec::new();
         let mut st = self.state.borrow_mut();
         for msg in batch {
@@ -524,13 +687,22 @@ impl Shard {
                     ordinary,
                     shared,
                     hops,
-                } => self.deliver_local(&mut st, now, &message, ordinary, &shared, hops),
-                MeshMsg::Retain { message, ack_to } => {
-                    self.store_retained(&mut st, message);
+                    origin,
+                } => self.deliver_local(&mut st, now, &message, ordinary, &shared, hops, origin),
+                MeshMsg::Retain {
+                    message,
+                    ack_to,
+                    origin,
+                } => {
+                    self.store_retained(&mut st, message, origin);
+                    Self::applied(&mut st, origin);
                     if let Some(ack) = ack_to {
                         self.mesh.send(ack.shard, MeshMsg::Ack(ack));
                     }
                 }
+                MeshMsg::Applied { upto } => Self::on_applied(&mut st, from, upto),
+                MeshMsg::Settled { upto } => Self::on_settled(&mut st, from, upto),
+                MeshMsg::StoreFull { full } => self.on_store_full(&mut st, from, full),
                 MeshMsg::RetainedQuery { filter, waiter } => {
                     let messages = Self::matching_retained(&mut st, now, &filter);
                     let to = waiter.shard;
@@ -555,6 +727,7 @@ impl Shard {
                 MeshMsg::Handoff(h) => handoffs.push(*h),
             }
         }
+        self.send_applied(&mut st);
         // glommio's spawn_local polls the new task at once: spawn only after
         // the state borrow is released.
         drop(st);
@@ -583,4 +756,23 @@ fn merge_targets(mut targets: SmallVec<[Target; 8]>) -> SmallVec<[Target; 8]> {
         }
     }
     merged
+}
+
+/// The route replica key of a subscription on shard `shard`.
+pub(super) fn route_key_of(shard: usize, group: Option<Arc<str>>, filter: Arc<str>) -> RouteKey {
+    match group {
+        None => RouteKey::Shard(shard as u16),
+        Some(group) => RouteKey::Shared {
+            pick: SharedPick { group, filter },
+            shard: shard as u16,
+        },
+    }
+}
+
+/// A full filter split into its share name (if `$share/...`) and filter.
+pub(super) fn split_shared(filter: &str) -> (Option<Arc<str>>, &str) {
+    match parse_shared(filter) {
+        Ok(Some((g, f))) => (Some(Arc::<str>::from(g)), f),
+        _ => (None, filter),
+    }
 }

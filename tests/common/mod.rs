@@ -10,6 +10,7 @@ use bytes::BytesMut;
 use shardmq::codec::{self, Connect, Packet, Properties, QoS, SubOptions, Subscribe, Version};
 use shardmq::{Broker, Config};
 
+pub mod child;
 pub mod raw;
 
 /// A broker owned by one test; stopped when dropped.
@@ -31,6 +32,8 @@ impl TestBroker {
         config.server.shards = shards;
         config.server.pin_cpus = false;
         config.server.io_memory_bytes = 128 << 10;
+        // Tests that are not about durability run without a log.
+        config.storage.durability = "memory".into();
         tweak(&mut config);
         let broker = Broker::start(config).expect("broker starts");
         let addr = broker.local_addrs()[0];

@@ -1,0 +1,272 @@
+//! The per-shard append-only log: preallocated, memory-mapped segment files
+//! of checksummed, sequenced records.
+//!
+//! Shard-local: each shard writes only its own directory; no other shard
+//! reads it while the broker runs (recovery, before the shards start, reads
+//! them all). `log` knows files and bytes, not what the records mean (that
+//! is `persist`), and no runtime: the shard's group-commit task syncs the
+//! paths [`Log::take_dirty`] names.
+//!
+//! Invariants: sequence numbers grow by one from record to record across
+//! segments; segment indexes grow by one; every segment is fully allocated
+//! on disk before its first record is written; a spare segment is created
+//! ahead of need, so "the disk is full" shows as [`Log::has_spare`] turning
+//! false long before an append fails.
+//!
+//! The only `unsafe` code of the broker besides the socket move is here, in
+//! `segment.rs` (the mapping) and `dir.rs` (`flock`).
+
+pub mod dir;
+pub mod record;
+pub mod scan;
+mod segment;
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use segment::Segment;
+pub use segment::{file_name, parse_file_name};
+
+/// Why an append failed.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum AppendError {
+    /// The current segment is full and no new one can be created (the disk
+    /// is full): the record was not written.
+    #[error("the log is full: no space for a new segment")]
+    Full,
+}
+
+/// A segment that is no longer written, still on disk.
+#[derive(Debug, Clone)]
+struct Sealed {
+    index: u64,
+    path: PathBuf,
+    bytes: u64,
+}
+
+/// The log of one shard; see the module docs.
+#[derive(Debug)]
+pub struct Log {
+    dir: PathBuf,
+    segment_bytes: usize,
+    current: Segment,
+    /// The next segment, created ahead of need.
+    spare: Option<Segment>,
+    /// Index the next created segment gets.
+    next_index: u64,
+    sealed: VecDeque<Sealed>,
+    next_seq: u64,
+    /// Segments written since the last [`Log::take_dirty`].
+    dirty: Vec<PathBuf>,
+}
+
+impl Log {
+    /// Start a new log in `dir` (created if missing, must hold no
+    /// segments): segment `first_index` and a spare after it. The first
+    /// record gets `first_seq`.
+    pub fn create(
+        dir: &Path,
+        segment_bytes: usize,
+        first_index: u64,
+        first_seq: u64,
+    ) -> io::Result<Log> {
+        std::fs::create_dir_all(dir)?;
+        let current = Segment::create(dir, first_index, segment_bytes)?;
+        let mut log = Log {
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            dirty: vec![current.path().to_path_buf()],
+            current,
+            spare: None,
+            next_index: first_index + 1,
+            sealed: VecDeque::new(),
+            next_seq: first_seq,
+        };
+        log.ensure_spare();
+        sync_dir(dir)?;
+        Ok(log)
+    }
+
+    /// Largest body one record can carry.
+    pub fn body_max_bytes(&self) -> usize {
+        self.segment_bytes - record::HEADER_BYTES
+    }
+
+    /// Append a record; returns its sequence number. Rolls to the spare
+    /// segment when the current one is full.
+    pub fn append(&mut self, kind: u8, body: &[u8]) -> Result<u64, AppendError> {
+        assert!(
+            body.len() <= self.body_max_bytes(),
+            "a {}-byte record cannot fit a {}-byte segment",
+            body.len(),
+            self.segment_bytes
+        );
+        let seq = self.next_seq;
+        if !self.current.append(seq, kind, body) {
+            self.roll()?;
+            assert!(self.current.append(seq, kind, body), "fits a new segment");
+        }
+        self.next_seq += 1;
+        Ok(seq)
+    }
+
+    /// Move to the spare segment (creating it now if it is missing).
+    fn roll(&mut self) -> Result<(), AppendError> {
+        if self.spare.is_none() && !self.ensure_spare() {
+            return Err(AppendError::Full);
+        }
+        let next = self.spare.take().expect("ensured");
+        let old = std::mem::replace(&mut self.current, next);
+        self.sealed.push_back(Sealed {
+            index: old.index(),
+            path: old.path().to_path_buf(),
+            bytes: old.size() as u64,
+        });
+        self.dirty.push(self.current.path().to_path_buf());
+        self.ensure_spare();
+        Ok(())
+    }
+
+    /// Create the spare segment if there is none; false when the disk has
+    /// no room for it. Called at every roll and retried by the shard.
+    pub fn ensure_spare(&mut self) -> bool {
+        if self.spare.is_some() {
+            return true;
+        }
+        match Segment::create(&self.dir, self.next_index, self.segment_bytes) {
+            Ok(s) => {
+                self.next_index += 1;
+                self.spare = Some(s);
+                if let Err(e) = sync_dir(&self.dir) {
+                    log::warn!("cannot sync {}: {e}", self.dir.display());
+                }
+                true
+            }
+            Err(e) => {
+                log::debug!(
+                    "cannot create a spare segment in {}: {e}",
+                    self.dir.display()
+                );
+                false
+            }
+        }
+    }
+
+    /// True while a spare segment is ready: the log can take new data. When
+    /// false the broker refuses new QoS 1/2 messages and keeps the room left
+    /// in the current segment for bookkeeping records.
+    pub fn has_spare(&self) -> bool {
+        self.spare.is_some()
+    }
+
+    /// Sequence number the next record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Index of the segment being written.
+    pub fn current_index(&self) -> u64 {
+        self.current.index()
+    }
+
+    /// Index of the oldest segment still on disk.
+    pub fn oldest_index(&self) -> u64 {
+        self.sealed
+            .front()
+            .map_or(self.current.index(), |s| s.index)
+    }
+
+    /// Sealed segments on disk.
+    pub fn sealed_count(&self) -> usize {
+        self.sealed.len()
+    }
+
+    /// Bytes of segment files on disk (sealed, current and spare).
+    pub fn disk_bytes(&self) -> u64 {
+        let sealed: u64 = self.sealed.iter().map(|s| s.bytes).sum();
+        let spare = self.spare.as_ref().map_or(0, |s| s.size() as u64);
+        sealed + self.current.size() as u64 + spare
+    }
+
+    /// Bytes written into segments on disk (sealed in full, current so far).
+    pub fn used_bytes(&self) -> u64 {
+        let sealed: u64 = self.sealed.iter().map(|s| s.bytes).sum();
+        sealed + self.current.used() as u64
+    }
+
+    /// Delete every sealed segment with an index up to `index`: compaction
+    /// has rewritten what they held that is still live.
+    pub fn remove_through(&mut self, index: u64) -> io::Result<()> {
+        let mut removed = false;
+        while self.sealed.front().is_some_and(|s| s.index <= index) {
+            let s = self.sealed.pop_front().expect("checked");
+            std::fs::remove_file(&s.path)?;
+            removed = true;
+        }
+        if removed {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// The segment files written since the last call, for a sync: after
+    /// `fdatasync` on each, every record below `next_seq` (as read before
+    /// this call) is durable.
+    pub fn take_dirty(&mut self) -> Vec<PathBuf> {
+        let current = self.current.path().to_path_buf();
+        let mut dirty = std::mem::replace(&mut self.dirty, vec![current]);
+        dirty.dedup();
+        dirty
+    }
+
+    /// The directory of this log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Make a directory's entries (new or removed files) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A fresh, empty directory under the system temp dir.
+    pub(crate) fn temp_dir(name: &str) -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "shardmq-unit-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn rolls_keeps_a_spare_and_removes_sealed_segments() {
+        let dir = temp_dir("log-roll");
+        let mut log = Log::create(&dir, 1024, 0, 100).unwrap();
+        assert!(log.has_spare());
+        for i in 0..50u64 {
+            assert_eq!(log.append(1, &[i as u8; 100]), Ok(100 + i));
+        }
+        assert!(log.sealed_count() >= 4, "{log:?}");
+        assert_eq!(log.oldest_index(), 0);
+        let current = log.current_index();
+        log.remove_through(current - 1).unwrap();
+        assert_eq!(log.oldest_index(), current);
+        let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(files.len(), 2, "current and spare remain");
+        let dirty = log.take_dirty();
+        assert!(dirty.contains(&dir.join(file_name(current))));
+    }
+}

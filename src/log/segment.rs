@@ -1,0 +1,166 @@
+//! One preallocated, memory-mapped segment file being appended to.
+//!
+//! Shard-local. The file gets all its blocks at creation (`fallocate`), so a
+//! full disk is an error when a segment is created, never a SIGBUS while
+//! writing into the mapping. This file holds the log's mmap `unsafe`.
+
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapMut;
+
+use super::record;
+
+/// File name of segment `index`.
+pub fn file_name(index: u64) -> String {
+    format!("{index:010}.seg")
+}
+
+/// Index of a segment file name, if it is one.
+pub fn parse_file_name(name: &str) -> Option<u64> {
+    name.strip_suffix(".seg")?.parse().ok()
+}
+
+/// A segment open for appending.
+pub struct Segment {
+    index: u64,
+    path: PathBuf,
+    map: MmapMut,
+    /// Write offset: bytes used.
+    used: usize,
+    /// Kept open for the mapping's lifetime.
+    _file: File,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("index", &self.index)
+            .field("used", &self.used)
+            .field("size", &self.map.len())
+            .finish()
+    }
+}
+
+impl Segment {
+    /// Create segment `index` in `dir` with `bytes` allocated on disk and
+    /// map it. Fails (ENOSPC) when the disk cannot hold it.
+    pub fn create(dir: &Path, index: u64, bytes: usize) -> io::Result<Segment> {
+        let path = dir.join(file_name(index));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        if let Err(e) = allocate(&file, bytes) {
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        // SAFETY: the file was just created by this process with
+        // `create_new`, is exactly `bytes` long with every block allocated,
+        // and no other process or mapping writes it; the mapping lives no
+        // longer than `_file`.
+        let map = unsafe { MmapMut::map_mut(&file)? };
+        Ok(Segment {
+            index,
+            path,
+            map,
+            used: 0,
+            _file: file,
+        })
+    }
+
+    /// This segment's index.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// Its file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes used so far.
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
+    /// Size of the file.
+    pub fn size(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Append a record if it fits (a zero length must still fit after it,
+    /// or the segment ends exactly). False when it does not fit.
+    pub fn append(&mut self, seq: u64, kind: u8, body: &[u8]) -> bool {
+        let n = record::record_len(body.len());
+        if self.used + n > self.map.len() {
+            return false;
+        }
+        record::write(&mut self.map[self.used..self.used + n], seq, kind, body);
+        self.used += n;
+        true
+    }
+}
+
+/// Give `file` `bytes` of allocated blocks: `fallocate`, or where the
+/// filesystem lacks it, `posix_fallocate` (which writes zeros).
+fn allocate(file: &File, bytes: usize) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    let len = bytes as libc::off_t;
+    // SAFETY: plain system calls on a descriptor this function borrows.
+    let rc = unsafe { libc::fallocate(fd, 0, 0, len) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(err);
+    }
+    // SAFETY: as above.
+    let rc = unsafe { libc::posix_fallocate(fd, 0, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::record::{read, Read};
+
+    #[test]
+    fn appends_until_full_then_refuses() {
+        let dir = crate::log::tests::temp_dir("segment");
+        let mut s = Segment::create(&dir, 3, 256).unwrap();
+        assert_eq!(s.path().file_name().unwrap(), "0000000003.seg");
+        let mut seq = 0;
+        while s.append(seq, 1, &[7; 40]) {
+            seq += 1;
+        }
+        assert_eq!(seq, 256 / record::record_len(40) as u64);
+        drop(s);
+        let bytes = std::fs::read(dir.join(file_name(3))).unwrap();
+        assert_eq!(bytes.len(), 256);
+        let mut off = 0;
+        for want in 0..seq {
+            let Read::Record(r, next) = read(&bytes, off) else {
+                panic!("record {want}")
+            };
+            assert_eq!(r.seq, want);
+            off = next;
+        }
+        assert_eq!(read(&bytes, off), Read::End);
+        assert!(
+            Segment::create(&dir, 3, 256).is_err(),
+            "never reuses a file"
+        );
+    }
+}

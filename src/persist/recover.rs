@@ -1,0 +1,852 @@
+//! Recovery at start: read every shard log of the current generation, work
+//! out the broker's state, finish what a crash interrupted, and write it as
+//! the next generation laid out for the shard count now in force.
+//!
+//! Node-wide, on the starting thread, before any shard runs. The steps:
+//!
+//! 1. Replay each old shard log into a [`ShardImage`] (stopping at damage,
+//!    which is reported and whose segment files are kept aside).
+//! 2. Sessions that were connected when the broker stopped count as
+//!    disconnected at its last clock record: their wills wait for their
+//!    delay; sessions whose expiry has passed end (publishing a pending
+//!    will); wills that are due are published.
+//! 3. Messages that were accepted and not known applied everywhere are
+//!    routed again, to the persistent sessions (and retained store) that
+//!    did not get them: destinations record the origin of what they apply,
+//!    so nothing is delivered twice.
+//! 4. Sessions move to `hash(client id) % shards`, retained messages and
+//!    delayed publishes to `hash(topic) % shards`; the next generation is
+//!    written (one log per shard), `CURRENT` switches to it, and the old
+//!    one is deleted.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use hashbrown::HashMap;
+use thiserror::Error;
+
+use super::clock::WallClock;
+use super::image::ShardImage;
+use super::record::{Origin, Rec, Scope, SessionRec, Sid, Target, TargetState};
+use crate::codec::QoS;
+use crate::log::dir::{DataDir, DirError};
+use crate::log::scan::{scan, ScanReport};
+use crate::log::Log;
+use crate::message::Message;
+use crate::router::{parse_shared, FilterTrie, SharedPick};
+use crate::session::{Delivery, Restored, RestoredInflight, SubIds, Subscription};
+use crate::shard::home_shard;
+
+/// Why recovery failed (the broker does not start).
+#[derive(Debug, Error)]
+pub enum RecoveryError {
+    /// The data directory cannot be used.
+    #[error(transparent)]
+    Dir(#[from] DirError),
+    /// Reading or writing the logs failed.
+    #[error("data directory {dir}: {what}: {source}")]
+    Io {
+        /// The directory.
+        dir: String,
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// A recovered session, ready for its new home shard.
+#[derive(Debug)]
+pub struct SessionStart {
+    /// Its number in the new log.
+    pub sid: Sid,
+    /// Segment holding its full record.
+    pub seg: u64,
+    /// Client identifier.
+    pub client_id: Arc<str>,
+    /// Its state, offline.
+    pub restored: Restored,
+}
+
+/// A stored message of a new shard log: which sessions hold it.
+#[derive(Debug)]
+pub struct MessageStart {
+    /// Message id in the new log.
+    pub id: u64,
+    /// Segment of its record.
+    pub seg: u64,
+    /// The message.
+    pub message: Arc<Message>,
+    /// Sessions holding it.
+    pub sids: Vec<Sid>,
+}
+
+/// A retained message of a new shard.
+#[derive(Debug)]
+pub struct RetainedStart {
+    /// The message.
+    pub message: Arc<Message>,
+    /// When it was accepted.
+    pub stamp_ms: u64,
+    /// Segment of its record.
+    pub seg: u64,
+}
+
+/// A delayed publish of a new shard.
+#[derive(Debug)]
+pub struct DelayedStart {
+    /// Delayed id.
+    pub id: u64,
+    /// Due, Unix ms.
+    pub due_ms: u64,
+    /// The message.
+    pub message: Arc<Message>,
+    /// Segment of its record.
+    pub seg: u64,
+}
+
+/// Everything one shard starts from: its new log and the state in it.
+#[derive(Debug)]
+pub struct ShardStart {
+    /// The log, open for appending.
+    pub log: Log,
+    /// Sessions, offline.
+    pub sessions: Vec<SessionStart>,
+    /// Stored messages.
+    pub messages: Vec<MessageStart>,
+    /// Retained messages of the topics it owns.
+    pub retained: Vec<RetainedStart>,
+    /// Delayed publishes.
+    pub delayed: Vec<DelayedStart>,
+    /// Next session number.
+    pub next_sid: Sid,
+    /// Next message id.
+    pub next_message_id: u64,
+    /// Next delayed id.
+    pub next_delayed_id: u64,
+}
+
+/// The result of recovery; see the module docs.
+#[derive(Debug)]
+pub struct Recovery {
+    /// The locked data directory (held while the broker runs).
+    pub dir: DataDir,
+    /// The generation now in force.
+    pub generation: u64,
+    /// One start per shard.
+    pub shards: Vec<ShardStart>,
+    /// Every restored subscription: (shard, full filter), for the route
+    /// replicas.
+    pub routes: Vec<(usize, String)>,
+    /// The clock every deadline was converted with.
+    pub clock: WallClock,
+    /// What was recovered, for the log.
+    pub summary: String,
+}
+
+/// Settings recovery needs.
+#[derive(Debug, Clone)]
+pub struct RecoverySettings {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Shards of this run.
+    pub shards: usize,
+    /// Segment file size.
+    pub segment_bytes: usize,
+}
+
+/// A session gathered from an old shard.
+struct Gathered {
+    old_shard: usize,
+    rec: SessionRec,
+    /// Its deliveries, each with an ordering key (see `OrderKey`).
+    deliveries: Vec<(OrderKey, Arc<Message>, Target)>,
+    ended: bool,
+}
+
+/// Global order of stored messages in the new logs: old messages by (old
+/// shard, old id), then re-routed ones in routing order. Every session's
+/// own order agrees with it.
+type OrderKey = (u8, u64, u64);
+
+/// Run recovery; see the module docs.
+pub fn recover(settings: &RecoverySettings) -> Result<Recovery, RecoveryError> {
+    let started = Instant::now();
+    let dir = DataDir::open(&settings.data_dir)?;
+    let io = |what: &str| {
+        let dir = settings.data_dir.display().to_string();
+        let what = what.to_string();
+        move |source| RecoveryError::Io { dir, what, source }
+    };
+    let clock = WallClock::now();
+    let now_ms = clock.anchor_ms();
+    let current = dir.current().map_err(io("read CURRENT"))?;
+    let mut lines = Vec::new();
+    let mut images = Vec::new();
+    if let Some(gen) = current {
+        for (shard, path) in dir.shard_dirs(gen).map_err(io("list shard logs"))? {
+            let (image, report, bad) = read_shard(&path, shard, &clock)
+                .map_err(io(&format!("read {}", path.display())))?;
+            lines.push(describe(shard, &report, bad));
+            if let Some(d) = &report.damage {
+                if d.is_corruption() {
+                    keep_damaged(&dir, gen, shard, &report);
+                }
+            }
+            images.push(image);
+        }
+    }
+    let mut state = Merge::new(&images, now_ms);
+    state.gather_sessions();
+    state.settle_sessions();
+    state.reroute_accepted();
+    state.publish_wills();
+    state.gather_retained_and_delayed();
+    let generation = current.map_or(1, |g| g + 1);
+    let Written {
+        starts: shards,
+        routes,
+        counts,
+    } = write_generation(&dir, generation, settings, &clock, state)
+        .map_err(io("write the next generation"))?;
+    dir.set_current(generation).map_err(io("switch CURRENT"))?;
+    dir.remove_other_generations(generation)
+        .map_err(io("remove the old generation"))?;
+    lines.push(format!(
+        "recovered {} sessions ({} ended on expiry), {} queued and {} in-flight messages, \
+         {} retained, {} delayed publishes; {} messages routed again, {} wills published; \
+         generation {generation} written in {} ms",
+        counts.sessions,
+        counts.expired,
+        counts.queued,
+        counts.inflight,
+        counts.retained,
+        counts.delayed,
+        counts.rerouted,
+        counts.wills,
+        started.elapsed().as_millis()
+    ));
+    Ok(Recovery {
+        dir,
+        generation,
+        shards,
+        routes,
+        clock,
+        summary: lines.join("\n"),
+    })
+}
+
+/// Replay one shard log. Returns the image, the scan report and how many
+/// records were valid but could not be understood.
+fn read_shard(
+    path: &Path,
+    shard: usize,
+    clock: &WallClock,
+) -> std::io::Result<(ShardImage, ScanReport, u64)> {
+    let mut image = ShardImage::new(shard);
+    let mut bad = 0;
+    let report = scan(path, |r| match Rec::decode(r.kind, r.body, clock) {
+        Ok(rec) => image.apply(rec),
+        Err(e) => {
+            bad += 1;
+            log::error!(
+                "shard {shard} log: record {} (kind {}) does not decode: {e}; skipped",
+                r.seq,
+                r.kind
+            );
+        }
+    })?;
+    Ok((image, report, bad))
+}
+
+fn describe(shard: usize, r: &ScanReport, bad: u64) -> String {
+    let mut line = format!(
+        "shard {shard} log: {} records ({} bytes) in {} segments replayed",
+        r.records,
+        r.bytes,
+        r.segments.len()
+    );
+    if bad > 0 {
+        line += &format!("; {bad} records could not be decoded and were skipped");
+    }
+    match &r.damage {
+        None => {}
+        Some(d) if d.is_corruption() => {
+            log::error!("shard {shard} log: {d}");
+            line += &format!("; DAMAGE: {d}");
+        }
+        Some(d) => {
+            log::warn!("shard {shard} log: {d}");
+            line += &format!("; {d}");
+        }
+    }
+    line
+}
+
+/// Copy the segment files of a damaged log aside for inspection.
+fn keep_damaged(dir: &DataDir, gen: u64, shard: usize, report: &ScanReport) {
+    let to = dir
+        .damaged_dir()
+        .join(format!("gen-{gen:06}-shard-{shard}"));
+    if let Err(e) = std::fs::create_dir_all(&to) {
+        log::error!("cannot keep damaged segments in {}: {e}", to.display());
+        return;
+    }
+    for seg in &report.segments {
+        let name = seg.file_name().expect("segment files have names");
+        if let Err(e) = std::fs::copy(seg, to.join(name)) {
+            log::error!("cannot keep {}: {e}", seg.display());
+        }
+    }
+    log::error!(
+        "shard {shard} log: its segments are kept in {} for inspection",
+        to.display()
+    );
+}
+
+/// Key of a recovered subscription: a gathered session and the share name.
+type SubKey = (usize, Option<Arc<str>>);
+
+/// The node-wide state being put together.
+struct Merge<'a> {
+    images: &'a [ShardImage],
+    now_ms: u64,
+    /// Roughly when the broker stopped: its last clock record.
+    crash_ms: u64,
+    old_shards: usize,
+    sessions: Vec<Gathered>,
+    subscriptions: FilterTrie<SubKey, Subscription>,
+    retained: HashMap<Arc<str>, (Arc<Message>, u64)>,
+    delayed: Vec<(u64, Arc<Message>)>,
+    /// Wills to publish now.
+    wills: Vec<Arc<Message>>,
+    next_order: u64,
+    shared_next: HashMap<SharedPick, usize>,
+    rerouted: u64,
+    wills_published: u64,
+    expired: u64,
+}
+
+impl<'a> Merge<'a> {
+    fn new(images: &'a [ShardImage], now_ms: u64) -> Merge<'a> {
+        let crash_ms = images
+            .iter()
+            .map(|i| i.last_ms)
+            .max()
+            .filter(|&ms| ms > 0)
+            .unwrap_or(now_ms)
+            .min(now_ms);
+        Merge {
+            images,
+            now_ms,
+            crash_ms,
+            old_shards: images.len().max(1),
+            sessions: Vec::new(),
+            subscriptions: FilterTrie::new(),
+            retained: HashMap::new(),
+            delayed: Vec::new(),
+            wills: Vec::new(),
+            next_order: 0,
+            shared_next: HashMap::new(),
+            rerouted: 0,
+            wills_published: 0,
+            expired: 0,
+        }
+    }
+
+    fn gather_sessions(&mut self) {
+        let mut seen: HashMap<String, ()> = HashMap::new();
+        for image in self.images {
+            for (sid, rec) in &image.sessions {
+                if seen.insert(rec.client_id.clone(), ()).is_some() {
+                    log::warn!(
+                        "client {} has a session in more than one shard log; keeping the first",
+                        rec.client_id
+                    );
+                    continue;
+                }
+                let deliveries = image
+                    .deliveries_of(*sid)
+                    .into_iter()
+                    .map(|(id, m, t)| ((0, image.shard as u64, id), m, t))
+                    .collect();
+                self.sessions.push(Gathered {
+                    old_shard: image.shard,
+                    rec: rec.clone(),
+                    deliveries,
+                    ended: false,
+                });
+            }
+        }
+    }
+
+    /// Connected sessions became disconnected when the broker stopped;
+    /// expired ones end; due wills are collected for publishing.
+    fn settle_sessions(&mut self) {
+        for i in 0..self.sessions.len() {
+            let s = &mut self.sessions[i].rec;
+            if s.offline_since_ms.is_none() {
+                s.offline_since_ms = Some(self.crash_ms);
+                if let Some(w) = &s.will {
+                    let delay = w
+                        .properties
+                        .will_delay_interval
+                        .unwrap_or(0)
+                        .min(s.expiry_s);
+                    s.will_due_ms = Some(self.crash_ms + u64::from(delay) * 1000);
+                }
+            }
+            let since = s.offline_since_ms.expect("set above");
+            let expired =
+                s.expiry_s != u32::MAX && since + u64::from(s.expiry_s) * 1000 <= self.now_ms;
+            let will_due = s.will_due_ms.is_some_and(|d| d <= self.now_ms);
+            if (expired || will_due) && s.will.is_some() {
+                let will = s.will.take().expect("checked");
+                s.will_due_ms = None;
+                self.wills.push(Arc::new(will_message(will)));
+            }
+            if expired {
+                self.sessions[i].ended = true;
+                self.expired += 1;
+            }
+        }
+        for (i, g) in self.sessions.iter().enumerate() {
+            if g.ended {
+                continue;
+            }
+            for (filter, sub) in &g.rec.subscriptions {
+                let (group, inner) = match parse_shared(filter) {
+                    Ok(Some((g, f))) => (Some(Arc::<str>::from(g)), f),
+                    _ => (None, filter.as_str()),
+                };
+                self.subscriptions.insert(inner, (i, group), sub.clone());
+            }
+        }
+    }
+
+    /// Route again what was accepted and not known applied everywhere.
+    fn reroute_accepted(&mut self) {
+        for image in self.images {
+            for (id, a) in &image.accepted {
+                let origin = Origin {
+                    shard: image.shard as u16,
+                    id: *id,
+                };
+                self.route(&a.message, &a.scope, Some(origin), a.stamp_ms);
+            }
+        }
+    }
+
+    fn publish_wills(&mut self) {
+        for will in std::mem::take(&mut self.wills) {
+            self.wills_published += 1;
+            self.route(&will, &Scope::everyone(), None, self.now_ms);
+        }
+    }
+
+    /// Did the old shard `shard` apply `origin` (for `pick`, or its
+    /// ordinary subscribers when `pick` is None)?
+    fn applied(&self, shard: usize, origin: Option<Origin>, pick: Option<&SharedPick>) -> bool {
+        let Some(o) = origin else {
+            return false;
+        };
+        let Some(scope) = self.images.get(shard).and_then(|i| i.applied.get(&o)) else {
+            return false;
+        };
+        match pick {
+            None => scope.ordinary,
+            Some(p) => scope.shared.contains(p),
+        }
+    }
+
+    /// Deliver `message` to the persistent sessions that should have it and
+    /// did not get it, and to the retained store.
+    fn route(&mut self, message: &Arc<Message>, scope: &Scope, origin: Option<Origin>, stamp: u64) {
+        if message.expires_at.is_some_and(|t| t <= Instant::now()) {
+            return;
+        }
+        self.rerouted += u64::from(origin.is_some());
+        if message.retain && scope.ordinary {
+            let owner = home_shard(&message.topic, self.old_shards);
+            let stored = origin.is_some_and(|o| {
+                self.images
+                    .get(owner)
+                    .is_some_and(|i| i.applied_retain.contains(&o))
+            });
+            if !stored {
+                self.merge_retained(message.clone(), stamp);
+            }
+        }
+        let mut ordinary: BTreeMap<usize, Target> = BTreeMap::new();
+        let mut shared: BTreeMap<SharedPick, Vec<(usize, Target)>> = BTreeMap::new();
+        let sessions = &self.sessions;
+        self.subscriptions
+            .for_each_match(&message.topic, |(i, group), sub| {
+                let g = &sessions[*i];
+                let qos = sub.options.qos.min(message.qos);
+                if qos == QoS::AtMostOnce {
+                    return;
+                }
+                let target = Target {
+                    sid: 0,
+                    qos,
+                    retain: message.retain && sub.options.retain_as_published,
+                    subscription_ids: sub.subscription_id.into_iter().collect::<SubIds>(),
+                    state: TargetState::Queued,
+                };
+                match group {
+                    None => {
+                        let own = message.publisher.as_deref() == Some(g.rec.client_id.as_str());
+                        if !scope.ordinary || (sub.options.no_local && own) {
+                            return;
+                        }
+                        match ordinary.get_mut(i) {
+                            Some(t) => {
+                                t.qos = t.qos.max(target.qos);
+                                t.retain |= target.retain;
+                                t.subscription_ids.extend(target.subscription_ids);
+                            }
+                            None => {
+                                ordinary.insert(*i, target);
+                            }
+                        }
+                    }
+                    Some(group) => {
+                        let filter = sub_filter(&g.rec, group);
+                        let pick = SharedPick {
+                            group: group.clone(),
+                            filter,
+                        };
+                        if scope.ordinary || scope.shared.contains(&pick) {
+                            shared.entry(pick).or_default().push((*i, target));
+                        }
+                    }
+                }
+            });
+        let order = (1, self.next_order, 0);
+        self.next_order += 1;
+        for (i, t) in ordinary {
+            if !self.applied(self.sessions[i].old_shard, origin, None) {
+                self.sessions[i]
+                    .deliveries
+                    .push((order, message.clone(), t));
+            }
+        }
+        for (pick, members) in shared {
+            let done = (0..self.images.len()).any(|s| self.applied(s, origin, Some(&pick)));
+            if done {
+                continue;
+            }
+            let next = self.shared_next.entry(pick).or_insert(0);
+            let (i, t) = members[*next % members.len()].clone();
+            *next += 1;
+            self.sessions[i]
+                .deliveries
+                .push((order, message.clone(), t));
+        }
+    }
+
+    fn merge_retained(&mut self, message: Arc<Message>, stamp: u64) {
+        let newer = self
+            .retained
+            .get(&message.topic)
+            .is_none_or(|(_, s)| *s <= stamp);
+        if newer {
+            self.retained
+                .insert(message.topic.clone(), (message, stamp));
+        }
+    }
+
+    fn gather_retained_and_delayed(&mut self) {
+        for image in self.images {
+            for (m, stamp) in image.retained.values() {
+                self.merge_retained(m.clone(), *stamp);
+            }
+            for (due, m) in image.delayed.values() {
+                self.delayed.push((*due, m.clone()));
+            }
+        }
+        self.retained.retain(|_, (m, _)| !m.payload.is_empty());
+    }
+}
+
+/// The filter of a shared subscription of `group` in a session record.
+fn sub_filter(rec: &SessionRec, group: &str) -> Arc<str> {
+    rec.subscriptions
+        .iter()
+        .find_map(|(f, _)| match parse_shared(f) {
+            Ok(Some((g, inner))) if g == group => Some(Arc::from(inner)),
+            _ => None,
+        })
+        .unwrap_or_else(|| Arc::from(""))
+}
+
+/// The message a will becomes when it is published.
+fn will_message(will: crate::codec::Will) -> Message {
+    let mut properties = will.properties;
+    properties.will_delay_interval = None;
+    let expires_at = properties
+        .message_expiry_interval
+        .take()
+        .map(|s| Instant::now() + std::time::Duration::from_secs(u64::from(s)));
+    Message {
+        topic: will.topic,
+        payload: will.payload,
+        qos: will.qos,
+        retain: will.retain,
+        properties,
+        expires_at,
+        publisher: None,
+    }
+}
+
+/// Counts for the summary line.
+#[derive(Default)]
+struct Counts {
+    sessions: u64,
+    expired: u64,
+    queued: u64,
+    inflight: u64,
+    retained: u64,
+    delayed: u64,
+    rerouted: u64,
+    wills: u64,
+}
+
+/// What writing the next generation produced.
+struct Written {
+    starts: Vec<ShardStart>,
+    routes: Vec<(usize, String)>,
+    counts: Counts,
+}
+
+/// Stored messages of one new shard log, in the global order, with the
+/// sessions holding each.
+type Ordered = BTreeMap<OrderKey, (Arc<Message>, Vec<(Sid, Target)>)>;
+
+/// Targets per Message record, and subscriptions per Session record:
+/// larger sets continue in further records.
+const CHUNK: usize = 4096;
+
+/// Write the next generation and build each shard's start.
+fn write_generation(
+    dir: &DataDir,
+    generation: u64,
+    settings: &RecoverySettings,
+    clock: &WallClock,
+    mut state: Merge<'_>,
+) -> std::io::Result<Written> {
+    let n = settings.shards;
+    let mut counts = Counts {
+        expired: state.expired,
+        rerouted: state.rerouted,
+        wills: state.wills_published,
+        ..Counts::default()
+    };
+    let _ = std::fs::remove_dir_all(dir.generation_dir(generation));
+    let mut starts = Vec::with_capacity(n);
+    for shard in 0..n {
+        let path = dir.shard_dir(generation, shard);
+        let log = Log::create(&path, settings.segment_bytes, 0, 1)?;
+        starts.push(ShardStart {
+            log,
+            sessions: Vec::new(),
+            messages: Vec::new(),
+            retained: Vec::new(),
+            delayed: Vec::new(),
+            next_sid: 1,
+            next_message_id: 1,
+            next_delayed_id: 1,
+        });
+    }
+    let mut scratch = bytes::BytesMut::new();
+    let mut put = |log: &mut Log, rec: &Rec| -> std::io::Result<u64> {
+        scratch.clear();
+        let kind = rec.encode(clock, &mut scratch);
+        log.append(kind, &scratch)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::StorageFull, e))?;
+        Ok(log.current_index())
+    };
+    for (i, s) in starts.iter_mut().enumerate() {
+        put(
+            &mut s.log,
+            &Rec::Start {
+                shard: i as u16,
+                shards: n as u16,
+            },
+        )?;
+        put(
+            &mut s.log,
+            &Rec::Clock {
+                ms: clock.anchor_ms(),
+            },
+        )?;
+    }
+    let mut routes = Vec::new();
+    let mut per_shard: Vec<Vec<Gathered>> = (0..n).map(|_| Vec::new()).collect();
+    for g in std::mem::take(&mut state.sessions) {
+        if !g.ended {
+            per_shard[home_shard(&g.rec.client_id, n)].push(g);
+        }
+    }
+    for (shard, gathered) in per_shard.into_iter().enumerate() {
+        let start = &mut starts[shard];
+        // Stored messages of this shard in the global order, numbered anew.
+        let mut order: Ordered = BTreeMap::new();
+        let mut sessions = Vec::new();
+        for mut g in gathered {
+            let sid = start.next_sid;
+            start.next_sid += 1;
+            g.rec.sid = sid;
+            for (filter, _) in &g.rec.subscriptions {
+                routes.push((shard, filter.clone()));
+            }
+            let subs = std::mem::take(&mut g.rec.subscriptions);
+            let mut first = g.rec.clone();
+            first.subscriptions = subs.iter().take(CHUNK).cloned().collect();
+            let seg = put(&mut start.log, &Rec::Session(Box::new(first)))?;
+            for (filter, sub) in subs.iter().skip(CHUNK) {
+                let rec = Rec::Subscribe {
+                    sid,
+                    filter: filter.clone(),
+                    sub: sub.clone(),
+                };
+                put(&mut start.log, &rec)?;
+            }
+            g.rec.subscriptions = subs;
+            for (key, m, t) in &g.deliveries {
+                let e = order.entry(*key).or_insert_with(|| (m.clone(), Vec::new()));
+                e.1.push((sid, Target { sid, ..t.clone() }));
+            }
+            sessions.push((sid, seg, g));
+        }
+        let mut ids: HashMap<OrderKey, u64> = HashMap::new();
+        for (key, (message, targets)) in order {
+            let id = start.next_message_id;
+            start.next_message_id += 1;
+            ids.insert(key, id);
+            let mut seg = 0;
+            for chunk in targets.chunks(CHUNK) {
+                let rec = Rec::Message {
+                    id,
+                    origin: None,
+                    scope: Scope::everyone(),
+                    message: Some(message.clone()),
+                    targets: chunk.iter().map(|(_, t)| t.clone()).collect(),
+                };
+                seg = put(&mut start.log, &rec)?;
+            }
+            start.messages.push(MessageStart {
+                id,
+                seg,
+                message,
+                sids: targets.iter().map(|(s, _)| *s).collect(),
+            });
+        }
+        for (sid, seg, g) in sessions {
+            let restored = restore(&g, &ids, clock, &mut counts);
+            counts.sessions += 1;
+            start.sessions.push(SessionStart {
+                sid,
+                seg,
+                client_id: Arc::from(g.rec.client_id.as_str()),
+                restored,
+            });
+        }
+    }
+    for (topic, (message, stamp_ms)) in std::mem::take(&mut state.retained) {
+        let start = &mut starts[home_shard(&topic, n)];
+        let seg = put(
+            &mut start.log,
+            &Rec::Retain {
+                message: message.clone(),
+                stamp_ms,
+                origin: None,
+            },
+        )?;
+        counts.retained += 1;
+        start.retained.push(RetainedStart {
+            message,
+            stamp_ms,
+            seg,
+        });
+    }
+    for (due_ms, message) in std::mem::take(&mut state.delayed) {
+        let start = &mut starts[home_shard(&message.topic, n)];
+        let id = start.next_delayed_id;
+        start.next_delayed_id += 1;
+        let seg = put(
+            &mut start.log,
+            &Rec::Delayed {
+                id,
+                due_ms,
+                message: message.clone(),
+                from: None,
+            },
+        )?;
+        counts.delayed += 1;
+        start.delayed.push(DelayedStart {
+            id,
+            due_ms,
+            message,
+            seg,
+        });
+    }
+    Ok(Written {
+        starts,
+        routes,
+        counts,
+    })
+}
+
+/// A gathered session as the session module restores it.
+fn restore(
+    g: &Gathered,
+    ids: &HashMap<OrderKey, u64>,
+    clock: &WallClock,
+    counts: &mut Counts,
+) -> Restored {
+    let mut inflight = Vec::new();
+    let mut queue = Vec::new();
+    for (key, message, t) in &g.deliveries {
+        let delivery = Delivery {
+            qos: t.qos,
+            retain: t.retain,
+            subscription_ids: t.subscription_ids.clone(),
+            stored: ids.get(key).copied(),
+        };
+        match t.state {
+            TargetState::Queued => {
+                counts.queued += 1;
+                queue.push((message.clone(), delivery));
+            }
+            TargetState::Inflight {
+                packet_id,
+                released,
+            } => {
+                counts.inflight += 1;
+                inflight.push(RestoredInflight {
+                    message: message.clone(),
+                    delivery,
+                    packet_id,
+                    released,
+                });
+            }
+        }
+    }
+    let r = &g.rec;
+    Restored {
+        expiry_s: r.expiry_s,
+        offline_since: clock.to_instant(r.offline_since_ms.unwrap_or(clock.anchor_ms())),
+        subscriptions: r.subscriptions.clone(),
+        qos2_in: r.qos2_in.clone(),
+        pending_will: match (&r.will, r.will_due_ms) {
+            (Some(w), Some(due)) => Some((w.clone(), clock.to_instant(due))),
+            _ => None,
+        },
+        inflight,
+        queue,
+    }
+}

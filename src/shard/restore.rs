@@ -1,0 +1,116 @@
+//! Starting a shard from what recovery read back: its sessions (offline),
+//! their stored deliveries, retained messages, delayed publishes, its route
+//! replica, and the log it goes on writing.
+//!
+//! Shard-local; runs once, before the shard listens.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use hashbrown::HashMap;
+
+use crate::persist::recover::ShardStart;
+use crate::persist::WallClock;
+use crate::session::Session;
+
+use super::durable::{DurableSlot, ShardStartIds, Store};
+use super::routing::{route_key_of, split_shared};
+use super::{SessionSlot, Shard, SubEntry, SubKey};
+
+impl Shard {
+    /// Take over `start` (this shard's part of recovery) and `routes`
+    /// (every shard's subscriptions, for the route replica).
+    pub fn restore(&self, start: ShardStart, routes: &[(usize, String)], clock: WallClock) {
+        let mut st = self.state.borrow_mut();
+        let ShardStart {
+            log,
+            sessions,
+            messages,
+            retained,
+            delayed,
+            next_sid,
+            next_message_id,
+            next_delayed_id,
+        } = start;
+        let ids = ShardStartIds {
+            next_sid,
+            next_message_id,
+        };
+        let mode = self.config.durability();
+        let wake = self.sync_wake.clone();
+        let mut store = Store::new(&ids, log, mode, clock, self.id, self.shards, wake);
+        for (shard, filter) in routes {
+            let (group, inner) = split_shared(filter);
+            let key = route_key_of(*shard, group, Arc::from(inner));
+            st.routes.insert(inner, key, ());
+        }
+        let mut keys = HashMap::new();
+        for s in sessions {
+            st.last_session_uid += 1;
+            let uid = st.last_session_uid;
+            let session = Session::restore(s.client_id.clone(), self.limits.clone(), s.restored);
+            let subscriptions: Vec<_> = session
+                .subscriptions()
+                .iter()
+                .map(|(f, sub)| (f.clone(), sub.clone()))
+                .collect();
+            let key = st.sessions.insert(SessionSlot {
+                session,
+                uid,
+                conn: None,
+                timer_at: None,
+                held_acks: 0,
+                durable: Some(DurableSlot {
+                    sid: s.sid,
+                    seg: s.seg,
+                    bytes: 0,
+                }),
+                wait_seq: 0,
+            });
+            st.by_client.insert(s.client_id, key);
+            store.restore_session(key, uid, s.seg);
+            keys.insert(s.sid, key);
+            for (filter, subscription) in subscriptions {
+                let (group, inner) = split_shared(&filter);
+                let inner: Arc<str> = Arc::from(inner);
+                let route = route_key_of(self.id, group.clone(), inner.clone());
+                *st.local_routes.entry((inner.clone(), route)).or_insert(0) += 1;
+                let sub_key = SubKey {
+                    session: key,
+                    group,
+                };
+                let entry = SubEntry {
+                    subscription,
+                    filter: inner.clone(),
+                };
+                st.subscribers.insert(&inner, sub_key, entry);
+            }
+        }
+        for m in messages {
+            let holders = m
+                .sids
+                .iter()
+                .filter_map(|sid| keys.get(sid).copied())
+                .collect();
+            store.restore_message(m.id, m.seg, m.message, holders);
+        }
+        for r in retained {
+            store.restore_retained(r.message.topic.clone(), r.seg);
+            let topic = r.message.topic.clone();
+            st.retained.insert(&topic, r.message);
+        }
+        for d in delayed {
+            let due = clock.to_instant(d.due_ms);
+            store.restore_delayed(d.id, due, d.seg);
+            st.delayed.insert((due, d.id), d.message);
+        }
+        st.next_delayed_id = next_delayed_id;
+        st.store = Some(store);
+        let restored: Vec<_> = keys.values().copied().collect();
+        for key in restored {
+            Self::after_step(&mut st, key);
+        }
+        let now = Instant::now();
+        self.send_due_delayed(&mut st, now);
+    }
+}

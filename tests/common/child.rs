@@ -1,0 +1,118 @@
+//! The broker as a child process, for tests that kill it with SIGKILL and
+//! start it again on the same data directory.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A fresh, empty directory for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("shardmq-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running `shardmq` child process.
+pub struct ChildBroker {
+    child: Option<Child>,
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Everything it logged so far (stderr), line by line.
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl ChildBroker {
+    /// Start `shardmq` with `args` (plus `--listen 127.0.0.1:0`) and wait
+    /// until it listens. Panics with its log if it exits first.
+    pub fn start(args: &[&str]) -> ChildBroker {
+        Self::try_start(args).unwrap_or_else(|log| panic!("broker did not start:\n{log}"))
+    }
+
+    /// As `start`, but returns the log if the broker exits instead.
+    pub fn try_start(args: &[&str]) -> Result<ChildBroker, String> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn shardmq");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr = rest.split([',', ' ']).next().unwrap_or("").to_string();
+                    let _ = tx.send(addr);
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => Ok(ChildBroker {
+                child: Some(child),
+                addr: addr.parse().expect("a socket address"),
+                log,
+            }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                Err(log.lock().unwrap().join("\n"))
+            }
+        }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(status)) = c.try_wait() {
+                    assert!(status.success(), "broker exited with {status:?}");
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            panic!("broker did not stop within 10 s after SIGTERM");
+        }
+    }
+
+    /// The log so far, joined.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for ChildBroker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Write a config file for a durability test and return its path.
+pub fn config_file(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("shardmq.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
