@@ -1,6 +1,7 @@
 //! The crash test: the broker runs as a child process and is killed with
 //! SIGKILL at random moments, then started again on the same data
-//! directory, 20 times, while QoS 1 and QoS 2 publishers run against
+//! directory, 20 times (kill-safe mode; 8 more in power-safe mode), while
+//! QoS 1 and QoS 2 publishers run against
 //! persistent subscribers (two connected, one offline the whole time).
 //!
 //! What must hold at the end: every message whose PUBACK (QoS 1) or PUBCOMP
@@ -351,6 +352,16 @@ fn id_on(prefix: &str, shard: usize) -> String {
 
 #[test]
 fn acknowledged_messages_survive_20_kill_9_restarts() {
+    crash_cycles("kill_safe", CYCLES);
+}
+
+#[test]
+fn power_safe_acknowledged_messages_survive_kill_9_restarts() {
+    crash_cycles("power_safe", 8);
+}
+
+/// Run the crash test with `durability` for `cycles` kills.
+fn crash_cycles(durability: &str, cycles: usize) {
     let seed = std::env::var("SHARDMQ_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -363,14 +374,16 @@ fn acknowledged_messages_survive_20_kill_9_restarts() {
         });
     eprintln!("crash test seed: {seed} (SHARDMQ_CRASH_SEED={seed} replays the kill moments)");
     let mut rng = Rng(seed);
-    let dir = temp_dir("crash");
+    let dir = temp_dir(&format!("crash-{durability}"));
     let config = config_file(
         &dir,
         "[mqtt]\npacket_size_max_bytes = 65536\nqueue_messages_max = 1000000\nqueue_bytes_max = 1073741824\n\
-         [storage]\ndurability = \"kill_safe\"\nsegment_bytes = 1048576\n",
+         [storage]\nsegment_bytes = 1048576\n",
     );
     let data = dir.join("data");
     let args = [
+        "--durability",
+        durability,
         "--shards",
         "2",
         "--config",
@@ -379,7 +392,7 @@ fn acknowledged_messages_survive_20_kill_9_restarts() {
         data.to_str().unwrap(),
     ];
 
-    let mut publishers = vec![
+    let mut publishers = [
         Publisher {
             id: id_on("pub1", 0),
             qos: QoS::AtLeastOnce,
@@ -422,7 +435,7 @@ fn acknowledged_messages_survive_20_kill_9_restarts() {
         ));
     }
 
-    for cycle in 0..CYCLES {
+    for cycle in 0..cycles {
         if cycle > 0 {
             broker = ChildBroker::start(&args);
         }
@@ -466,7 +479,7 @@ fn acknowledged_messages_survive_20_kill_9_restarts() {
 
     // A last start: publishers finish what is in flight, everyone drains.
     let mut broker = ChildBroker::start(&args);
-    expect_retained(broker.addr, CYCLES);
+    expect_retained(broker.addr, cycles);
     let stop = AtomicBool::new(false);
     for p in publishers.iter_mut() {
         p.draining = true;

@@ -37,6 +37,14 @@ pub enum AppendError {
     /// is full): the record was not written.
     #[error("the log is full: no space for a new segment")]
     Full,
+    /// The record is larger than a segment can hold.
+    #[error("a {bytes}-byte record cannot fit a {max}-byte segment")]
+    TooLarge {
+        /// Its size.
+        bytes: usize,
+        /// The largest body a segment takes.
+        max: usize,
+    },
 }
 
 /// A segment that is no longer written, still on disk.
@@ -98,12 +106,12 @@ impl Log {
     /// Append a record; returns its sequence number. Rolls to the spare
     /// segment when the current one is full.
     pub fn append(&mut self, kind: u8, body: &[u8]) -> Result<u64, AppendError> {
-        assert!(
-            body.len() <= self.body_max_bytes(),
-            "a {}-byte record cannot fit a {}-byte segment",
-            body.len(),
-            self.segment_bytes
-        );
+        if body.len() > self.body_max_bytes() {
+            return Err(AppendError::TooLarge {
+                bytes: body.len(),
+                max: self.body_max_bytes(),
+            });
+        }
         let seq = self.next_seq;
         if !self.current.append(seq, kind, body) {
             self.roll()?;
@@ -160,6 +168,16 @@ impl Log {
     /// in the current segment for bookkeeping records.
     pub fn has_spare(&self) -> bool {
         self.spare.is_some()
+    }
+
+    /// Bytes left in the segment being written.
+    pub fn current_room(&self) -> usize {
+        self.current.size() - self.current.used()
+    }
+
+    /// Size of one segment.
+    pub fn segment_bytes(&self) -> usize {
+        self.segment_bytes
     }
 
     /// Sequence number the next record gets.
@@ -220,6 +238,24 @@ impl Log {
         let mut dirty = std::mem::replace(&mut self.dirty, vec![current]);
         dirty.dedup();
         dirty
+    }
+
+    /// Files a failed sync covered, to sync again next time.
+    pub fn mark_dirty(&mut self, paths: Vec<PathBuf>) {
+        self.dirty.extend(paths);
+    }
+
+    /// Make every record and segment file of this log durable (after
+    /// recovery wrote a generation, before it is switched to).
+    pub fn sync_all(&self) -> io::Result<()> {
+        for s in &self.sealed {
+            std::fs::File::open(&s.path)?.sync_data()?;
+        }
+        self.current.sync()?;
+        if let Some(spare) = &self.spare {
+            spare.sync()?;
+        }
+        sync_dir(&self.dir)
     }
 
     /// The directory of this log.

@@ -32,8 +32,8 @@ pub struct Segment {
     map: MmapMut,
     /// Write offset: bytes used.
     used: usize,
-    /// Kept open for the mapping's lifetime.
-    _file: File,
+    /// Kept open for the mapping's lifetime (and syncs).
+    file: File,
 }
 
 impl std::fmt::Debug for Segment {
@@ -64,14 +64,14 @@ impl Segment {
         // SAFETY: the file was just created by this process with
         // `create_new`, is exactly `bytes` long with every block allocated,
         // and no other process or mapping writes it; the mapping lives no
-        // longer than `_file`.
+        // longer than `file`.
         let map = unsafe { MmapMut::map_mut(&file)? };
         Ok(Segment {
             index,
             path,
             map,
             used: 0,
-            _file: file,
+            file,
         })
     }
 
@@ -93,6 +93,12 @@ impl Segment {
     /// Size of the file.
     pub fn size(&self) -> usize {
         self.map.len()
+    }
+
+    /// Write the mapping's dirty pages and the file's data to disk.
+    pub fn sync(&self) -> io::Result<()> {
+        self.map.flush()?;
+        self.file.sync_data()
     }
 
     /// Append a record if it fits (a zero length must still fit after it,

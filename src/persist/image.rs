@@ -246,24 +246,21 @@ impl ShardImage {
         let Some(message) = message else {
             return;
         };
-        if let Some(old) = self.messages.remove(&id) {
-            for sid in old.targets.keys() {
-                if let Some(ids) = self.by_session.get_mut(sid) {
-                    ids.remove(&id);
-                }
-            }
+        // Several records of one id merge: targets come in chunks, and a
+        // rewrite carries each target's current state. A target's session
+        // may be unknown here yet: compaction can write a session's whole
+        // record after messages it holds (see `deliveries_of`).
+        let entry = self.messages.entry(id).or_insert_with(|| MessageImage {
+            message,
+            targets: BTreeMap::new(),
+        });
+        for t in targets {
+            self.by_session.entry(t.sid).or_default().insert(id);
+            entry.targets.insert(t.sid, t);
         }
-        // A target's session may be unknown here yet: compaction can write
-        // a session's whole record after messages it holds. Sessions that
-        // never appear simply get nothing (see `deliveries_of`).
-        let targets: BTreeMap<Sid, Target> = targets.into_iter().map(|t| (t.sid, t)).collect();
-        if targets.is_empty() {
-            return;
+        if entry.targets.is_empty() {
+            self.messages.remove(&id);
         }
-        for sid in targets.keys() {
-            self.by_session.entry(*sid).or_default().insert(id);
-        }
-        self.messages.insert(id, MessageImage { message, targets });
     }
 
     fn set_state(&mut self, sid: Sid, id: u64, f: impl FnOnce(&mut TargetState)) {

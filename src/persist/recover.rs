@@ -64,6 +64,8 @@ pub struct SessionStart {
     pub sid: Sid,
     /// Segment holding its full record.
     pub seg: u64,
+    /// Size of its records.
+    pub bytes: u32,
     /// Client identifier.
     pub client_id: Arc<str>,
     /// Its state, offline.
@@ -75,8 +77,10 @@ pub struct SessionStart {
 pub struct MessageStart {
     /// Message id in the new log.
     pub id: u64,
-    /// Segment of its record.
+    /// Segment of its first record.
     pub seg: u64,
+    /// Size of its records.
+    pub bytes: u32,
     /// The message.
     pub message: Arc<Message>,
     /// Sessions holding it.
@@ -92,6 +96,8 @@ pub struct RetainedStart {
     pub stamp_ms: u64,
     /// Segment of its record.
     pub seg: u64,
+    /// Size of its record.
+    pub bytes: u32,
 }
 
 /// A delayed publish of a new shard.
@@ -105,6 +111,8 @@ pub struct DelayedStart {
     pub message: Arc<Message>,
     /// Segment of its record.
     pub seg: u64,
+    /// Size of its record.
+    pub bytes: u32,
 }
 
 /// Everything one shard starts from: its new log and the state in it.
@@ -317,7 +325,8 @@ struct Merge<'a> {
     crash_ms: u64,
     old_shards: usize,
     sessions: Vec<Gathered>,
-    subscriptions: FilterTrie<SubKey, Subscription>,
+    /// Every live subscription, with the filter inside a `$share/...`.
+    subscriptions: FilterTrie<SubKey, (Subscription, Arc<str>)>,
     retained: HashMap<Arc<str>, (Arc<Message>, u64)>,
     delayed: Vec<(u64, Arc<Message>)>,
     /// Wills to publish now.
@@ -421,7 +430,8 @@ impl<'a> Merge<'a> {
                     Ok(Some((g, f))) => (Some(Arc::<str>::from(g)), f),
                     _ => (None, filter.as_str()),
                 };
-                self.subscriptions.insert(inner, (i, group), sub.clone());
+                let value = (sub.clone(), Arc::<str>::from(inner));
+                self.subscriptions.insert(inner, (i, group), value);
             }
         }
     }
@@ -483,7 +493,7 @@ impl<'a> Merge<'a> {
         let mut shared: BTreeMap<SharedPick, Vec<(usize, Target)>> = BTreeMap::new();
         let sessions = &self.sessions;
         self.subscriptions
-            .for_each_match(&message.topic, |(i, group), sub| {
+            .for_each_match(&message.topic, |(i, group), (sub, inner)| {
                 let g = &sessions[*i];
                 let qos = sub.options.qos.min(message.qos);
                 if qos == QoS::AtMostOnce {
@@ -514,10 +524,9 @@ impl<'a> Merge<'a> {
                         }
                     }
                     Some(group) => {
-                        let filter = sub_filter(&g.rec, group);
                         let pick = SharedPick {
                             group: group.clone(),
-                            filter,
+                            filter: inner.clone(),
                         };
                         if scope.ordinary || scope.shared.contains(&pick) {
                             shared.entry(pick).or_default().push((*i, target));
@@ -572,17 +581,6 @@ impl<'a> Merge<'a> {
     }
 }
 
-/// The filter of a shared subscription of `group` in a session record.
-fn sub_filter(rec: &SessionRec, group: &str) -> Arc<str> {
-    rec.subscriptions
-        .iter()
-        .find_map(|(f, _)| match parse_shared(f) {
-            Ok(Some((g, inner))) if g == group => Some(Arc::from(inner)),
-            _ => None,
-        })
-        .unwrap_or_else(|| Arc::from(""))
-}
-
 /// The message a will becomes when it is published.
 fn will_message(will: crate::codec::Will) -> Message {
     let mut properties = will.properties;
@@ -626,9 +624,78 @@ struct Written {
 /// sessions holding each.
 type Ordered = BTreeMap<OrderKey, (Arc<Message>, Vec<(Sid, Target)>)>;
 
-/// Targets per Message record, and subscriptions per Session record:
-/// larger sets continue in further records.
-const CHUNK: usize = 4096;
+/// Targets per Message record: more continue in further records.
+const CHUNK: usize = 1024;
+
+/// Appends records to a new shard log, reporting where each went.
+struct Put<'a> {
+    clock: &'a WallClock,
+    scratch: bytes::BytesMut,
+}
+
+impl Put<'_> {
+    /// Append `rec`; returns (segment, size).
+    fn put(&mut self, log: &mut Log, rec: &Rec) -> std::io::Result<(u64, u32)> {
+        self.scratch.clear();
+        let kind = rec.encode(self.clock, &mut self.scratch);
+        log.append(kind, &self.scratch)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::StorageFull, e))?;
+        Ok((log.current_index(), self.scratch.len() as u32))
+    }
+
+    /// A session record, its subscriptions past a size budget in Subscribe
+    /// records after it; returns the first record's segment and the total.
+    fn session(&mut self, log: &mut Log, rec: &SessionRec) -> std::io::Result<(u64, u32)> {
+        let budget = log.segment_bytes() / 8;
+        let mut first = rec.clone();
+        first.subscriptions.clear();
+        let mut used = 0;
+        let mut rest = rec.subscriptions.iter();
+        for (filter, sub) in rest.by_ref() {
+            used += filter.len() + 16;
+            first.subscriptions.push((filter.clone(), sub.clone()));
+            if used >= budget {
+                break;
+            }
+        }
+        let (seg, mut bytes) = self.put(log, &Rec::Session(Box::new(first)))?;
+        for (filter, sub) in rest {
+            let sub = Rec::Subscribe {
+                sid: rec.sid,
+                filter: filter.clone(),
+                sub: sub.clone(),
+            };
+            bytes += self.put(log, &sub)?.1;
+        }
+        Ok((seg, bytes))
+    }
+
+    /// A message's records, targets in chunks (replay merges them); returns
+    /// the first record's segment and the total.
+    fn message(
+        &mut self,
+        log: &mut Log,
+        id: u64,
+        message: &Arc<Message>,
+        targets: &[Target],
+    ) -> std::io::Result<(u64, u32)> {
+        let mut first = None;
+        let mut bytes = 0;
+        for chunk in targets.chunks(CHUNK) {
+            let rec = Rec::Message {
+                id,
+                origin: None,
+                scope: Scope::everyone(),
+                message: Some(message.clone()),
+                targets: chunk.to_vec(),
+            };
+            let (seg, b) = self.put(log, &rec)?;
+            first.get_or_insert(seg);
+            bytes += b;
+        }
+        Ok((first.unwrap_or(0), bytes))
+    }
+}
 
 /// Write the next generation and build each shard's start.
 fn write_generation(
@@ -646,10 +713,29 @@ fn write_generation(
         ..Counts::default()
     };
     let _ = std::fs::remove_dir_all(dir.generation_dir(generation));
+    let mut w = Put {
+        clock,
+        scratch: bytes::BytesMut::new(),
+    };
     let mut starts = Vec::with_capacity(n);
     for shard in 0..n {
-        let path = dir.shard_dir(generation, shard);
-        let log = Log::create(&path, settings.segment_bytes, 0, 1)?;
+        let mut log = Log::create(
+            &dir.shard_dir(generation, shard),
+            settings.segment_bytes,
+            0,
+            1,
+        )?;
+        let start = Rec::Start {
+            shard: shard as u16,
+            shards: n as u16,
+        };
+        w.put(&mut log, &start)?;
+        w.put(
+            &mut log,
+            &Rec::Clock {
+                ms: clock.anchor_ms(),
+            },
+        )?;
         starts.push(ShardStart {
             log,
             sessions: Vec::new(),
@@ -660,29 +746,6 @@ fn write_generation(
             next_message_id: 1,
             next_delayed_id: 1,
         });
-    }
-    let mut scratch = bytes::BytesMut::new();
-    let mut put = |log: &mut Log, rec: &Rec| -> std::io::Result<u64> {
-        scratch.clear();
-        let kind = rec.encode(clock, &mut scratch);
-        log.append(kind, &scratch)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::StorageFull, e))?;
-        Ok(log.current_index())
-    };
-    for (i, s) in starts.iter_mut().enumerate() {
-        put(
-            &mut s.log,
-            &Rec::Start {
-                shard: i as u16,
-                shards: n as u16,
-            },
-        )?;
-        put(
-            &mut s.log,
-            &Rec::Clock {
-                ms: clock.anchor_ms(),
-            },
-        )?;
     }
     let mut routes = Vec::new();
     let mut per_shard: Vec<Vec<Gathered>> = (0..n).map(|_| Vec::new()).collect();
@@ -703,54 +766,35 @@ fn write_generation(
             for (filter, _) in &g.rec.subscriptions {
                 routes.push((shard, filter.clone()));
             }
-            let subs = std::mem::take(&mut g.rec.subscriptions);
-            let mut first = g.rec.clone();
-            first.subscriptions = subs.iter().take(CHUNK).cloned().collect();
-            let seg = put(&mut start.log, &Rec::Session(Box::new(first)))?;
-            for (filter, sub) in subs.iter().skip(CHUNK) {
-                let rec = Rec::Subscribe {
-                    sid,
-                    filter: filter.clone(),
-                    sub: sub.clone(),
-                };
-                put(&mut start.log, &rec)?;
-            }
-            g.rec.subscriptions = subs;
+            let (seg, bytes) = w.session(&mut start.log, &g.rec)?;
             for (key, m, t) in &g.deliveries {
                 let e = order.entry(*key).or_insert_with(|| (m.clone(), Vec::new()));
                 e.1.push((sid, Target { sid, ..t.clone() }));
             }
-            sessions.push((sid, seg, g));
+            sessions.push((sid, seg, bytes, g));
         }
         let mut ids: HashMap<OrderKey, u64> = HashMap::new();
         for (key, (message, targets)) in order {
             let id = start.next_message_id;
             start.next_message_id += 1;
             ids.insert(key, id);
-            let mut seg = 0;
-            for chunk in targets.chunks(CHUNK) {
-                let rec = Rec::Message {
-                    id,
-                    origin: None,
-                    scope: Scope::everyone(),
-                    message: Some(message.clone()),
-                    targets: chunk.iter().map(|(_, t)| t.clone()).collect(),
-                };
-                seg = put(&mut start.log, &rec)?;
-            }
+            let records: Vec<Target> = targets.iter().map(|(_, t)| t.clone()).collect();
+            let (seg, bytes) = w.message(&mut start.log, id, &message, &records)?;
             start.messages.push(MessageStart {
                 id,
                 seg,
+                bytes,
                 message,
                 sids: targets.iter().map(|(s, _)| *s).collect(),
             });
         }
-        for (sid, seg, g) in sessions {
+        for (sid, seg, bytes, g) in sessions {
             let restored = restore(&g, &ids, clock, &mut counts);
             counts.sessions += 1;
             start.sessions.push(SessionStart {
                 sid,
                 seg,
+                bytes,
                 client_id: Arc::from(g.rec.client_id.as_str()),
                 restored,
             });
@@ -758,42 +802,45 @@ fn write_generation(
     }
     for (topic, (message, stamp_ms)) in std::mem::take(&mut state.retained) {
         let start = &mut starts[home_shard(&topic, n)];
-        let seg = put(
-            &mut start.log,
-            &Rec::Retain {
-                message: message.clone(),
-                stamp_ms,
-                origin: None,
-            },
-        )?;
+        let rec = Rec::Retain {
+            message: message.clone(),
+            stamp_ms,
+            origin: None,
+        };
+        let (seg, bytes) = w.put(&mut start.log, &rec)?;
         counts.retained += 1;
         start.retained.push(RetainedStart {
             message,
             stamp_ms,
             seg,
+            bytes,
         });
     }
     for (due_ms, message) in std::mem::take(&mut state.delayed) {
         let start = &mut starts[home_shard(&message.topic, n)];
         let id = start.next_delayed_id;
         start.next_delayed_id += 1;
-        let seg = put(
-            &mut start.log,
-            &Rec::Delayed {
-                id,
-                due_ms,
-                message: message.clone(),
-                from: None,
-            },
-        )?;
+        let rec = Rec::Delayed {
+            id,
+            due_ms,
+            message: message.clone(),
+            from: None,
+        };
+        let (seg, bytes) = w.put(&mut start.log, &rec)?;
         counts.delayed += 1;
         start.delayed.push(DelayedStart {
             id,
             due_ms,
             message,
             seg,
+            bytes,
         });
     }
+    // Durable before CURRENT names it: records, files, directories.
+    for start in &starts {
+        start.log.sync_all()?;
+    }
+    crate::log::sync_dir(&dir.generation_dir(generation))?;
     Ok(Written {
         starts,
         routes,

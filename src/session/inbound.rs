@@ -96,10 +96,29 @@ impl Session {
             QoS::AtMostOnce => self.accept_publish(now, p, None, delay_s),
             QoS::AtLeastOnce => {
                 let id = p.packet_id;
-                self.accept_publish(now, p, None, delay_s);
-                self.acknowledge(QoS::AtLeastOnce, id, reason::SUCCESS);
+                self.accept_publish(now, p, Some(id), delay_s);
             }
             QoS::ExactlyOnce => self.on_publish_qos2(now, p, delay_s),
+        }
+    }
+
+    /// The shard's verdict on a QoS 1/2 publish handed over in
+    /// [`Action::Publish`]: acknowledge it, or refuse it because the shard
+    /// could not store it (its log is full): 5.0 gets 0x97, 3.x a close (its
+    /// acknowledgements cannot refuse; the client sends it again later).
+    pub fn publish_done(&mut self, now: Instant, qos: QoS, packet_id: u16, accepted: bool) {
+        if accepted {
+            return self.acknowledge(qos, packet_id, reason::SUCCESS);
+        }
+        if qos == QoS::ExactlyOnce {
+            self.inbound_qos2.remove(&packet_id);
+        }
+        let why = "the message log is full (no disk space): QoS 1/2 messages are refused";
+        if self.version().is_some_and(|v| v.is_v5()) {
+            log::warn!("client {}: PUBLISH refused (0x97): {why}", self.client_id);
+            self.acknowledge(qos, packet_id, reason::QUOTA_EXCEEDED);
+        } else {
+            self.violation(now, reason::QUOTA_EXCEEDED, why);
         }
     }
 
@@ -162,8 +181,9 @@ impl Session {
                 return self.violation(now, reason::RECEIVE_MAXIMUM_EXCEEDED, why);
             }
             self.inbound_qos2.insert(id);
-            self.accept_publish(now, p, Some(id), delay_s);
+            return self.accept_publish(now, p, Some(id), delay_s);
         }
+        // A duplicate: acknowledged again, not routed again.
         self.acknowledge(QoS::ExactlyOnce, id, reason::SUCCESS);
     }
 
@@ -171,14 +191,14 @@ impl Session {
         &mut self,
         now: Instant,
         p: Publish,
-        qos2_packet_id: Option<u16>,
+        packet_id: Option<u16>,
         delay_s: Option<u32>,
     ) {
         self.stats.received += 1;
         let message = Message::from_publish(p, now, Some(self.client_id.clone()));
         self.actions.push_back(Action::Publish {
             message: Arc::new(message),
-            qos2_packet_id,
+            packet_id,
             delay_s,
         });
     }

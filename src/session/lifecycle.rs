@@ -222,7 +222,7 @@ impl Session {
         };
         self.actions.push_back(Action::Publish {
             message: Arc::new(message),
-            qos2_packet_id: None,
+            packet_id: None,
             delay_s: None,
         });
     }

@@ -186,9 +186,11 @@ pub enum Action {
     Publish {
         /// The message.
         message: Arc<Message>,
-        /// The packet id of an inbound QoS 2 PUBLISH, which the session now
-        /// remembers until PUBREL (stored with the message, atomically).
-        qos2_packet_id: Option<u16>,
+        /// The client's packet id of a QoS 1/2 PUBLISH. Its PUBACK / PUBREC
+        /// waits for the shard's verdict: [`Session::publish_done`]. For
+        /// QoS 2 the session remembers the id until PUBREL (the shard stores
+        /// it with the message).
+        packet_id: Option<u16>,
         /// A delayed publish (`$delayed/{seconds}/{topic}`): route it after
         /// this many seconds. The message already has its final topic.
         delay_s: Option<u32>,

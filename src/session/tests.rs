@@ -437,14 +437,17 @@ fn inbound_qos2_is_routed_once() {
         properties: Properties::default(),
     };
     s.handle_packet(t0, Packet::Publish(p.clone()));
+    // The shard routes (and logs) it, then gives its verdict.
+    let Some(Action::Publish { packet_id, .. }) = s.poll_action() else {
+        panic!("a publish action")
+    };
+    assert_eq!(packet_id, Some(9));
+    s.publish_done(t0, QoS::ExactlyOnce, 9, true);
     s.handle_packet(t0, Packet::Publish(Publish { dup: true, ..p }));
     let (out, actions) = drain(&mut s);
-    assert_eq!(
-        actions
-            .iter()
-            .filter(|a| matches!(a, Action::Publish { .. }))
-            .count(),
-        1
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Publish { .. })),
+        "a duplicate is not routed again"
     );
     assert_eq!(
         out.iter()
@@ -661,4 +664,39 @@ fn shutdown_publishes_the_will() {
     let (p, a) = drain(&mut s);
     assert!(matches!(&p[..], [Packet::Disconnect(d)] if d.reason == reason::SERVER_SHUTTING_DOWN));
     assert!(will_published(&a));
+}
+
+#[test]
+fn a_publish_the_shard_cannot_store_is_refused() {
+    let t0 = Instant::now();
+    for version in [Version::V5, Version::V3_1_1] {
+        let mut s = session(t0);
+        s.connect(t0, connect(version, true, 0, None), false, None);
+        drain(&mut s);
+        let p = Publish {
+            dup: false,
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            topic: "t".into(),
+            packet_id: 4,
+            payload: Bytes::new(),
+            properties: Properties::default(),
+        };
+        s.handle_packet(t0, Packet::Publish(p.clone()));
+        assert!(matches!(s.poll_action(), Some(Action::Publish { .. })));
+        s.publish_done(t0, QoS::ExactlyOnce, 4, false);
+        let (out, actions) = drain(&mut s);
+        if version.is_v5() {
+            assert!(
+                matches!(&out[..], [Packet::PubRec(r)] if r.reason == reason::QUOTA_EXCEEDED),
+                "{out:?}"
+            );
+            // The id is forgotten: the same PUBLISH sent again is new.
+            s.handle_packet(t0, Packet::Publish(p));
+            assert!(matches!(s.poll_action(), Some(Action::Publish { .. })));
+        } else {
+            assert!(out.is_empty(), "3.x has no refusal code: {out:?}");
+            assert!(actions.contains(&Action::Close), "3.x is closed");
+        }
+    }
 }

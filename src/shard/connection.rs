@@ -414,6 +414,7 @@ impl Shard {
             drained: Default::default(),
             closing: Default::default(),
             last_packets: Default::default(),
+            close_wait_seq: Default::default(),
         });
         slot.conn = Some(handle.clone());
         // Acks awaited for an earlier connection's subscribes are moot.
@@ -528,6 +529,10 @@ async fn write_loop(shard: Rc<Shard>, conn: Rc<ConnHandle>, mut stream: SharedSt
     let mut out = BytesMut::new();
     loop {
         let closing = conn.closing.get();
+        if closing && shard.closing_waits_for_sync(&conn) {
+            conn.wake.wait().await;
+            continue;
+        }
         if closing {
             for p in conn.last_packets.take() {
                 codec::encode(&p, conn.version, &mut out);

@@ -14,7 +14,8 @@ use super::routing::Source;
 use super::{Shard, State};
 
 impl Shard {
-    /// Hold `message` for `delay_s` seconds.
+    /// Hold `message` for `delay_s` seconds. False when a QoS 1/2 one could
+    /// not be logged (the log is full): the publisher is refused.
     pub(super) fn delay(
         &self,
         st: &mut State,
@@ -22,7 +23,7 @@ impl Shard {
         message: Arc<Message>,
         delay_s: u32,
         source: Source,
-    ) {
+    ) -> bool {
         let id = st.next_delayed_id;
         st.next_delayed_id += 1;
         let due = now + Duration::from_secs(u64::from(delay_s));
@@ -30,12 +31,15 @@ impl Shard {
             let key = source.from?;
             Some((st.sessions.get(key)?.durable?.sid, pid))
         });
-        Self::durable_delay(st, id, due, &message, from);
+        if !Self::durable_delay(st, id, due, &message, from) {
+            return false;
+        }
         st.delayed.insert((due, id), message);
         self.limits
             .status
             .delayed_full
             .set(st.delayed.len() >= self.delayed_max);
+        true
     }
 
     /// Route every delayed publish that is due.
@@ -49,7 +53,13 @@ impl Shard {
                 delayed: Some(id),
                 ..Source::default()
             };
-            self.route(st, now, message, source);
+            if !self.route(st, now, message.clone(), source) {
+                // The log is full: try again in a second.
+                let due = now + Duration::from_secs(1);
+                Self::durable_delay_moved(st, id, due);
+                st.delayed.insert((due, id), message);
+                break;
+            }
         }
         self.limits
             .status

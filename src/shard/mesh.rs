@@ -105,6 +105,9 @@ pub enum MeshMsg {
         ack_to: Option<AckTo>,
         /// Where it was accepted, when that was logged.
         origin: Option<Origin>,
+        /// When it was accepted (Unix ms): orders retained messages after a
+        /// recovery.
+        stamp_ms: u64,
     },
     /// Send the retained messages matching `filter` to `waiter`.
     RetainedQuery {

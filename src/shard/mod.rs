@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
 
-use crate::codec::{Packet, Version};
+use crate::codec::{Packet, QoS, Version};
 use crate::config::Config;
 use crate::message::{ClientId, Message};
 use crate::router::{FilterTrie, RetainedStore};
@@ -87,6 +87,9 @@ pub struct ConnHandle {
     closing: Cell<bool>,
     /// Packets to write before closing (DISCONNECT, last acks).
     last_packets: RefCell<Vec<Packet>>,
+    /// Power-safe: the last packets wait until log records below this
+    /// sequence number are synced.
+    close_wait_seq: Cell<u64>,
 }
 
 impl ConnHandle {
@@ -308,17 +311,21 @@ impl Shard {
             match action {
                 Action::Publish {
                     message,
-                    qos2_packet_id,
+                    packet_id,
                     delay_s,
                 } => {
+                    let qos = message.qos;
                     let source = Source {
                         from: Some(key),
-                        qos2_packet_id,
+                        qos2_packet_id: packet_id.filter(|_| qos == QoS::ExactlyOnce),
                         delayed: None,
                     };
-                    match delay_s {
+                    let accepted = match delay_s {
                         Some(d) => self.delay(st, now, message, d, source),
                         None => self.route(st, now, message, source),
+                    };
+                    if let (Some(pid), Some(slot)) = (packet_id, st.sessions.get_mut(key)) {
+                        slot.session.publish_done(now, qos, pid, accepted);
                     }
                 }
                 Action::Subscribe {
@@ -373,6 +380,7 @@ impl Shard {
     /// The session let go of its connection: hand the writer the packets
     /// still queued for it (a DISCONNECT) and tell it to close.
     fn close_connection(st: &mut State, key: SessionKey) {
+        let wait_seq = Self::close_wait_seq(st, key);
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
         };
@@ -381,6 +389,7 @@ impl Shard {
             while let Some(p) = slot.session.poll_transmit() {
                 last.push(p);
             }
+            conn.close_wait_seq.set(wait_seq);
             conn.close(last);
             st.stats.connections -= 1;
         }

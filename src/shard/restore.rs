@@ -13,7 +13,7 @@ use crate::persist::recover::ShardStart;
 use crate::persist::WallClock;
 use crate::session::Session;
 
-use super::durable::{DurableSlot, ShardStartIds, Store};
+use super::durable::{DurableSlot, ShardStartIds, Store, StoreEnv};
 use super::routing::{route_key_of, split_shared};
 use super::{SessionSlot, Shard, SubEntry, SubKey};
 
@@ -36,9 +36,15 @@ impl Shard {
             next_sid,
             next_message_id,
         };
-        let mode = self.config.durability();
-        let wake = self.sync_wake.clone();
-        let mut store = Store::new(&ids, log, mode, clock, self.id, self.shards, wake);
+        let env = StoreEnv {
+            mode: self.config.durability(),
+            clock,
+            me: self.id,
+            shards: self.shards,
+            sync_wake: self.sync_wake.clone(),
+            status: self.limits.status.clone(),
+        };
+        let mut store = Store::new(&ids, log, env);
         for (shard, filter) in routes {
             let (group, inner) = split_shared(filter);
             let key = route_key_of(*shard, group, Arc::from(inner));
@@ -63,12 +69,12 @@ impl Shard {
                 durable: Some(DurableSlot {
                     sid: s.sid,
                     seg: s.seg,
-                    bytes: 0,
+                    bytes: s.bytes,
                 }),
                 wait_seq: 0,
             });
             st.by_client.insert(s.client_id, key);
-            store.restore_session(key, uid, s.seg);
+            store.restore_session(key, uid, s.seg, s.bytes);
             keys.insert(s.sid, key);
             for (filter, subscription) in subscriptions {
                 let (group, inner) = split_shared(&filter);
@@ -92,16 +98,16 @@ impl Shard {
                 .iter()
                 .filter_map(|sid| keys.get(sid).copied())
                 .collect();
-            store.restore_message(m.id, m.seg, m.message, holders);
+            store.restore_message(m.id, m.seg, m.bytes, m.message, holders);
         }
         for r in retained {
-            store.restore_retained(r.message.topic.clone(), r.seg);
+            store.restore_retained(r.message.topic.clone(), r.seg, r.bytes, r.stamp_ms);
             let topic = r.message.topic.clone();
             st.retained.insert(&topic, r.message);
         }
         for d in delayed {
             let due = clock.to_instant(d.due_ms);
-            store.restore_delayed(d.id, due, d.seg);
+            store.restore_delayed(d.id, due, d.seg, d.bytes);
             st.delayed.insert((due, d.id), d.message);
         }
         st.next_delayed_id = next_delayed_id;

@@ -46,20 +46,26 @@ impl Shard {
     /// its output is held until the owner has stored the message, so that
     /// after PUBACK any new subscription on the node sees it. With a log, a
     /// QoS 1/2 message bound for other shards is logged first (Accepted).
+    /// False when that record could not be written (the log is full): the
+    /// message is not routed, and the publisher is refused.
     pub(super) fn route(
         &self,
         st: &mut State,
         now: Instant,
         message: Arc<Message>,
         source: Source,
-    ) {
-        st.stats.routed += 1;
+    ) -> bool {
         let owner = message.retain.then(|| self.topic_owner(&message.topic));
         let (ordinary, picks) = self.destinations(st, &message.topic);
-        let origin = self.log_accept(st, &message, source, owner, &ordinary, &picks);
+        let stamp_ms = st.store.as_ref().map_or(0, |s| s.stamp_now());
+        let accepted = self.log_accept(st, &message, source, owner, &ordinary, &picks, stamp_ms);
+        let Ok(origin) = accepted else {
+            return false;
+        };
+        st.stats.routed += 1;
         if let Some(owner) = owner {
             if owner == self.id {
-                self.store_retained(st, message.clone(), origin);
+                self.store_retained(st, message.clone(), origin, stamp_ms);
             } else {
                 let ack_to = source
                     .from
@@ -69,8 +75,9 @@ impl Shard {
                     message: message.clone(),
                     ack_to,
                     origin,
+                    stamp_ms,
                 };
-                self.mesh.send(owner, retain);
+                self.send_routed(st, owner, retain, origin);
             }
         }
         for dest in 0..self.shards as u16 {
@@ -86,21 +93,20 @@ impl Shard {
             if usize::from(dest) == self.id {
                 self.deliver_local(st, now, &message, to_ordinary, &to_shared, 0, origin);
             } else {
-                self.mesh.send(
-                    usize::from(dest),
-                    MeshMsg::Publish {
-                        message: message.clone(),
-                        ordinary: to_ordinary,
-                        shared: to_shared,
-                        hops: 0,
-                        origin,
-                    },
-                );
+                let publish = MeshMsg::Publish {
+                    message: message.clone(),
+                    ordinary: to_ordinary,
+                    shared: to_shared,
+                    hops: 0,
+                    origin,
+                };
+                self.send_routed(st, usize::from(dest), publish, origin);
             }
         }
         if let Some(id) = source.delayed {
             Self::durable_delay_done(st, id, origin.is_some());
         }
+        true
     }
 
     /// Shards with ordinary subscribers of `topic`, and for each shared
@@ -137,6 +143,7 @@ impl Shard {
     /// Log a QoS 1/2 message as Accepted when the log is on and a crash
     /// could otherwise lose or repeat it: it goes to other shards, it is a
     /// persistent session's QoS 2 publish, or a delayed publish leaving.
+    #[allow(clippy::too_many_arguments)]
     fn log_accept(
         &self,
         st: &mut State,
@@ -145,9 +152,10 @@ impl Shard {
         owner: Option<usize>,
         ordinary: &[u16],
         picks: &[(u16, SharedPick)],
-    ) -> Option<Origin> {
+        stamp_ms: u64,
+    ) -> Result<Option<Origin>, crate::log::AppendError> {
         if st.store.is_none() || message.qos == QoS::AtMostOnce {
-            return None;
+            return Ok(None);
         }
         let me = self.id as u16;
         let mut dests: SmallVec<[u16; 4]> = SmallVec::new();
@@ -166,9 +174,11 @@ impl Shard {
             Some((st.sessions.get(key)?.durable?.sid, pid))
         });
         if dests.is_empty() && from.is_none() && source.delayed.is_none() {
-            return None;
+            return Ok(None);
         }
-        self.accept(st, message, Scope::everyone(), from, source.delayed, dests)
+        let scope = Scope::everyone();
+        self.accept(st, message, scope, from, source.delayed, stamp_ms, dests)
+            .map(Some)
     }
 
     /// Deliver to this shard's sessions: every ordinary subscriber (one copy
@@ -218,28 +228,28 @@ impl Shard {
             }
         });
         let mut merged = merge_targets(targets);
-        let mut forwarded = false;
         for pick in shared {
             match self.choose_member(st, message, pick, hops, &mut members) {
                 Some(t) => merged.push(t),
-                None => forwarded |= self.forward_shared(st, message, pick, hops, origin),
+                None => self.forward_shared(st, message, pick, hops, origin),
             }
         }
         let scope = Scope {
             ordinary,
             shared: shared.iter().cloned().collect(),
         };
-        self.deliver_targets(st, now, message, merged, origin, scope, forwarded);
+        self.deliver_targets(st, now, message, merged, origin, scope);
         if origin.is_some_and(|o| usize::from(o.shard) != self.id) {
             Self::applied(st, origin);
         }
     }
 
     /// Hand `message` to each target session, storing the deliveries to
-    /// persistent sessions in one Message record (written before their
-    /// journals, so Sent records follow it). A forward of a durable message
-    /// leaves a marker record instead when nothing here was stored.
-    #[allow(clippy::too_many_arguments)]
+    /// persistent sessions in Message records (written before their
+    /// journals, so Sent records follow them). A session that is a target
+    /// twice (an ordinary and a shared subscription) gets a second stored
+    /// message. With an origin and shared subscriptions served but nothing
+    /// stored, a marker records that this shard applied it.
     fn deliver_targets(
         &self,
         st: &mut State,
@@ -248,28 +258,35 @@ impl Shard {
         targets: SmallVec<[Target; 8]>,
         origin: Option<Origin>,
         scope: Scope,
-        forwarded: bool,
     ) {
-        let mut id = None;
-        let mut stored: Vec<StoreTarget> = Vec::new();
+        // (message id, its deliveries); each session at most once per id.
+        let mut groups: SmallVec<[(u64, Vec<StoreTarget>); 1]> = SmallVec::new();
         let mut keys: SmallVec<[SessionKey; 8]> = SmallVec::new();
         for t in targets {
             let qos = t.qos.min(message.qos);
-            let sid = Self::storable(st, t.session, qos);
-            let store_id = match sid {
-                Some(sid) => {
-                    let id = *id.get_or_insert_with(|| Self::next_message_id(st).expect("a store"));
-                    stored.push(StoreTarget {
-                        key: t.session,
-                        sid,
-                        qos,
-                        retain: t.retain,
-                        subscription_ids: t.subscription_ids.clone(),
-                    });
-                    Some(id)
+            let store_id = Self::storable(st, t.session, qos).map(|sid| {
+                let target = StoreTarget {
+                    key: t.session,
+                    sid,
+                    qos,
+                    retain: t.retain,
+                    subscription_ids: t.subscription_ids.clone(),
+                };
+                let free = groups
+                    .iter_mut()
+                    .find(|(_, g)| g.iter().all(|x| x.key != t.session));
+                match free {
+                    Some((id, g)) => {
+                        g.push(target);
+                        *id
+                    }
+                    None => {
+                        let id = Self::next_message_id(st).expect("a store");
+                        groups.push((id, vec![target]));
+                        id
+                    }
                 }
-                None => None,
-            };
+            });
             let delivery = Delivery {
                 qos: t.qos,
                 retain: t.retain,
@@ -282,14 +299,13 @@ impl Shard {
                 keys.push(t.session);
             }
         }
-        match id {
-            Some(id) => Self::store_message(st, id, Some(message), origin, scope, stored),
-            None if forwarded && origin.is_some() => {
-                if let Some(id) = Self::next_message_id(st) {
-                    Self::store_message(st, id, None, origin, scope, Vec::new());
-                }
+        if groups.is_empty() && origin.is_some() && !scope.shared.is_empty() {
+            if let Some(id) = Self::next_message_id(st) {
+                Self::store_message(st, id, None, origin, scope.clone(), Vec::new());
             }
-            None => {}
+        }
+        for (id, group) in groups {
+            Self::store_message(st, id, Some(message), origin, scope.clone(), group);
         }
         for key in keys {
             Self::after_step(st, key);
@@ -319,8 +335,9 @@ impl Shard {
     /// the shards already visited, so every shard is tried at most once.
     ///
     /// A durable message is logged again here as Accepted for the one
-    /// shared subscription: this shard answers for it from now on. Returns
-    /// true when the message was passed on.
+    /// shared subscription: this shard answers for it from now on. When
+    /// that record cannot be written (the log is full), the forward waits
+    /// for room and the origin's answer with it.
     fn forward_shared(
         &self,
         st: &mut State,
@@ -328,7 +345,7 @@ impl Shard {
         pick: &SharedPick,
         hops: u8,
         origin: Option<Origin>,
-    ) -> bool {
+    ) {
         let ring = self.shared_ring(st, &message.topic, pick);
         let Some(&to) = ring.first().filter(|_| usize::from(hops) + 1 < self.shards) else {
             log::debug!(
@@ -337,24 +354,31 @@ impl Shard {
                 pick.filter,
                 message.topic
             );
-            return false;
+            return;
         };
-        let origin = origin.and_then(|_| {
+        let mut own = None;
+        if origin.is_some() {
             let scope = Scope {
                 ordinary: false,
                 shared: SmallVec::from_buf([pick.clone()]),
             };
-            self.accept(st, message, scope, None, None, SmallVec::from_slice(&[to]))
-        });
+            let stamp_ms = st.store.as_ref().map_or(0, |s| s.stamp_now());
+            let dests = SmallVec::from_slice(&[to]);
+            match self.accept(st, message, scope, None, None, stamp_ms, dests) {
+                Ok(o) => own = Some(o),
+                Err(_) => {
+                    return Self::retry_forward(st, message, pick, hops + 1, to, origin);
+                }
+            }
+        }
         let forward = MeshMsg::Publish {
             message: message.clone(),
             ordinary: false,
             shared: SmallVec::from_buf([pick.clone()]),
             hops: hops + 1,
-            origin,
+            origin: own,
         };
-        self.mesh.send(usize::from(to), forward);
-        true
+        self.send_routed(st, usize::from(to), forward, own);
     }
 
     /// Round-robin over the local members of one shared subscription,
@@ -543,10 +567,16 @@ impl Shard {
     }
 
     /// Store, replace or (empty payload) delete a retained message.
-    fn store_retained(&self, st: &mut State, message: Arc<Message>, origin: Option<Origin>) {
+    fn store_retained(
+        &self,
+        st: &mut State,
+        message: Arc<Message>,
+        origin: Option<Origin>,
+        stamp_ms: u64,
+    ) {
         if message.payload.is_empty() {
             st.retained.remove(&message.topic);
-            Self::durable_retain(st, &message, origin);
+            Self::durable_retain(st, &message, origin, stamp_ms);
             return;
         }
         if st.retained.get(&message.topic).is_none() && st.retained.len() >= self.retained_max {
@@ -560,7 +590,7 @@ impl Shard {
             return;
         }
         let topic = message.topic.clone();
-        Self::durable_retain(st, &message, origin);
+        Self::durable_retain(st, &message, origin, stamp_ms);
         st.retained.insert(&topic, message);
     }
 
@@ -693,8 +723,9 @@ impl Shard {
                     message,
                     ack_to,
                     origin,
+                    stamp_ms,
                 } => {
-                    self.store_retained(&mut st, message, origin);
+                    self.store_retained(&mut st, message, origin, stamp_ms);
                     Self::applied(&mut st, origin);
                     if let Some(ack) = ack_to {
                         self.mesh.send(ack.shard, MeshMsg::Ack(ack));

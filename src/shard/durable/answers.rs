@@ -1,0 +1,266 @@
+//! The Accepted / Applied / Settled protocol between shards.
+//!
+//! Shard-local. The publisher's shard logs a QoS 1/2 message bound for
+//! other shards as Accepted (accept id) before acknowledging it. Each
+//! destination records the origin in what it stores and answers
+//! `Applied { upto }` (lanes are FIFO, so one number covers every earlier
+//! message). When every destination of an accept has answered, it is
+//! settled: a Settled record makes that durable, and the frontier is told
+//! to every shard so they can drop their proofs of application (markers).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+
+use crate::log::AppendError;
+use crate::message::Message;
+use crate::persist::{Origin, Rec, Scope, Sid};
+
+use super::super::mesh::MeshMsg;
+use super::{Obj, Shard, State, Store};
+
+/// An accepted message not yet applied everywhere.
+#[derive(Debug)]
+pub(super) struct Accepted {
+    pub(super) id: u64,
+    pub(super) seg: u64,
+    pub(super) bytes: u32,
+    pub(super) message: Arc<Message>,
+    pub(super) scope: Scope,
+    pub(super) stamp_ms: u64,
+    pub(super) delayed: Option<u64>,
+    /// Shards that must answer `Applied`.
+    dests: SmallVec<[u16; 4]>,
+}
+
+/// What this shard owes one origin shard in `Applied` answers.
+#[derive(Debug, Default)]
+pub(super) struct Owed {
+    /// Largest accept id of that origin applied here.
+    pub(super) applied: u64,
+    /// Largest id answered.
+    answered: u64,
+    /// Accept ids whose effects here are not logged yet (how many pieces
+    /// each): answers stop short of the first, so the origin keeps its
+    /// record until then.
+    pub(super) unlogged: BTreeMap<u64, u32>,
+}
+
+impl Owed {
+    /// The answer due now, if it moves forward.
+    fn due(&self) -> Option<u64> {
+        let mut upto = self.applied;
+        if let Some((&first, _)) = self.unlogged.first_key_value() {
+            upto = upto.min(first - 1);
+        }
+        (upto > self.answered).then_some(upto)
+    }
+
+    /// One more piece of `id` waits to be logged.
+    pub(super) fn hold(&mut self, id: u64) {
+        *self.unlogged.entry(id).or_insert(0) += 1;
+    }
+
+    /// A piece of `id` was logged (or is no longer needed).
+    pub(super) fn release(&mut self, id: u64) {
+        if let Some(n) = self.unlogged.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.unlogged.remove(&id);
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Hold the answers to `origin` until a piece of it is logged.
+    pub(super) fn hold_answer(&mut self, origin: Option<Origin>) {
+        if let Some(o) = origin {
+            self.owed[usize::from(o.shard)].hold(o.id);
+        }
+    }
+
+    /// A held piece of `origin` was logged.
+    pub(super) fn release_answer(&mut self, origin: Option<Origin>) {
+        if let Some(o) = origin {
+            self.owed[usize::from(o.shard)].release(o.id);
+        }
+    }
+
+    /// True while `origin` is not known settled: proof that this shard
+    /// applied it must stay in the log.
+    pub(super) fn unsettled(&self, origin: Option<Origin>) -> bool {
+        match origin {
+            None => false,
+            Some(o) if o.shard == self.me => o.id > self.settled_sent,
+            Some(o) => o.id > self.known_settled[usize::from(o.shard)],
+        }
+    }
+
+    /// Advance the settled frontier past every accept all its destinations
+    /// answered.
+    fn settle(&mut self) {
+        while let Some(a) = self.accepted.front() {
+            let done = a
+                .dests
+                .iter()
+                .all(|d| self.acked_upto[usize::from(*d)] >= a.id);
+            if !done {
+                break;
+            }
+            self.settled_upto = a.id;
+            self.live_bytes -= u64::from(a.bytes);
+            self.accepted.pop_front();
+        }
+    }
+
+    /// Drop the markers (and finished unlogged proofs) of `from`'s messages
+    /// up to its settled frontier `upto`.
+    fn forget_settled(&mut self, from: usize, upto: u64) {
+        if from == usize::from(self.me) {
+            self.settled_sent = self.settled_sent.max(upto);
+        } else {
+            self.known_settled[from] = self.known_settled[from].max(upto);
+        }
+        let mut freed = 0;
+        let me = self.me;
+        let known = &self.known_settled;
+        let settled_sent = self.settled_sent;
+        self.messages.retain(|_, m| {
+            let settled = m.origin.is_some_and(|o| {
+                let frontier = if o.shard == me {
+                    settled_sent
+                } else {
+                    known[usize::from(o.shard)]
+                };
+                o.id <= frontier
+            });
+            let keep = m.message.is_some() || !settled || !m.logged;
+            if !keep {
+                freed += u64::from(m.bytes);
+            }
+            keep
+        });
+        self.live_bytes -= freed;
+    }
+}
+
+impl Shard {
+    /// Write an Accepted record for a message about to be routed to
+    /// `dests` (other shards); returns its origin for the mesh messages.
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::shard) fn accept(
+        &self,
+        st: &mut State,
+        message: &Arc<Message>,
+        scope: Scope,
+        from: Option<(Sid, u16)>,
+        delayed: Option<u64>,
+        stamp_ms: u64,
+        dests: SmallVec<[u16; 4]>,
+    ) -> Result<Origin, AppendError> {
+        let store = st.store.as_mut().expect("accepting needs a store");
+        let id = store.next_accept_id;
+        let rec = Rec::Accepted {
+            id,
+            scope: scope.clone(),
+            message: message.clone(),
+            stamp_ms,
+            from,
+            delayed,
+        };
+        let (seg, bytes) = store.put(&rec)?;
+        store.next_accept_id += 1;
+        store.live_bytes += u64::from(bytes);
+        store.track(seg, Obj::Accepted(id));
+        store.accepted.push_back(Accepted {
+            id,
+            seg,
+            bytes,
+            message: message.clone(),
+            scope,
+            stamp_ms,
+            delayed,
+            dests,
+        });
+        store.settle();
+        Ok(Origin {
+            shard: self.id as u16,
+            id,
+        })
+    }
+
+    /// This shard applied the routed message `origin` (whether or not it
+    /// stored anything): answer its origin (batched).
+    pub(in crate::shard) fn applied(st: &mut State, origin: Option<Origin>) {
+        let (Some(store), Some(o)) = (st.store.as_mut(), origin) else {
+            return;
+        };
+        let owed = &mut store.owed[usize::from(o.shard)];
+        owed.applied = owed.applied.max(o.id);
+    }
+
+    /// Send the `Applied` answers that are due.
+    pub(in crate::shard) fn send_applied(&self, st: &mut State) {
+        let Some(store) = st.store.as_mut() else {
+            return;
+        };
+        for origin in 0..store.owed.len() {
+            if origin == self.id {
+                continue;
+            }
+            if let Some(upto) = store.owed[origin].due() {
+                store.owed[origin].answered = upto;
+                store.send_after_sync(&self.mesh, origin, MeshMsg::Applied { upto });
+            }
+        }
+    }
+
+    /// Shard `from` applied every message of ours up to `upto`.
+    pub(in crate::shard) fn on_applied(st: &mut State, from: usize, upto: u64) {
+        let Some(store) = st.store.as_mut() else {
+            return;
+        };
+        store.acked_upto[from] = store.acked_upto[from].max(upto);
+        store.settle();
+    }
+
+    /// Another shard's settled frontier: markers of its messages up to it
+    /// can go.
+    pub(in crate::shard) fn on_settled(st: &mut State, from: usize, upto: u64) {
+        if let Some(store) = st.store.as_mut() {
+            store.forget_settled(from, upto);
+        }
+    }
+
+    /// Log the settled frontier, and once that record is durable tell every
+    /// shard (and drop this shard's own markers up to it).
+    pub(super) fn write_settled(&self, st: &mut State) {
+        let Some(store) = st.store.as_mut() else {
+            return;
+        };
+        if store.settled_upto > store.settled_written {
+            let upto = store.settled_upto;
+            if store.put(&Rec::Settled { upto }).is_ok() {
+                store.settled_written = upto;
+                store.settled_written_seq = store.log.next_seq();
+            }
+        }
+        let durable = store.mode != crate::config::Durability::PowerSafe
+            || store.synced_next >= store.settled_written_seq;
+        if store.settled_written > store.settled_sent && durable {
+            let upto = store.settled_written;
+            self.mesh.broadcast(|| MeshMsg::Settled { upto });
+            store.forget_settled(self.id, upto);
+        }
+    }
+
+    /// Another shard's log became full or has room again.
+    pub(in crate::shard) fn on_store_full(&self, st: &mut State, from: usize, full: bool) {
+        if let Some(store) = st.store.as_mut() {
+            store.others_full[from] = full;
+            self.limits.status.store_full.set(store.refusing());
+        }
+    }
+}

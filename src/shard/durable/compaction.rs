@@ -1,0 +1,346 @@
+//! Compaction: rewrite the oldest segment's live objects at the head of
+//! the log and delete the segment, so the log's size follows its live data.
+//!
+//! Shard-local, run from the shard's tick. A rewrite is a whole record of
+//! the object's current state, which replay takes over earlier records of
+//! the same object; deltas older than it that survive in later segments
+//! are then already part of it (replay skips or merges them).
+
+use std::time::Instant;
+
+use hashbrown::HashMap;
+
+use crate::config::Durability;
+use crate::persist::{Rec, Target, TargetState};
+use crate::session::StoredDelivery;
+
+use super::super::slab::Slab;
+use super::super::SessionSlot;
+use super::{DurableSlot, Obj, SessionKey, Shard, State, Store};
+
+impl Shard {
+    /// Compact while the log holds more than twice its live bytes plus a
+    /// segment (a few segments per tick at most).
+    pub(super) fn compact(&self, st: &mut State) {
+        for _ in 0..4 {
+            let Some(store) = st.store.as_mut() else {
+                return;
+            };
+            let limit = store.live_bytes * 2 + store.log.body_max_bytes() as u64;
+            if store.compaction_stuck
+                || store.pending_removal.is_some()
+                || store.log.sealed_count() == 0
+                || store.log.used_bytes() <= limit
+            {
+                return;
+            }
+            store.compacting = true;
+            let done = self.compact_oldest(st);
+            let store = st.store.as_mut().expect("checked above");
+            store.compacting = false;
+            if !done {
+                store.compaction_stuck = store.full;
+                return;
+            }
+        }
+    }
+
+    /// Compact the oldest sealed segment; false if it could not be.
+    fn compact_oldest(&self, st: &mut State) -> bool {
+        let store = st.store.as_ref().expect("checked by the caller");
+        let victim = store.log.oldest_index();
+        let objs: Vec<Obj> = store
+            .by_seg
+            .range(..=victim)
+            .flat_map(|(_, v)| v.iter().cloned())
+            .collect();
+        if store.full {
+            // Only what fits beside the room kept for bookkeeping.
+            let need: u64 = objs.iter().map(|o| live_size(st, o, victim)).sum();
+            let room = store.log.current_room() - store.log.segment_bytes() / 2;
+            if need > room as u64 {
+                return false;
+            }
+        }
+        let mut targets: HashMap<u64, Vec<Target>> = objs
+            .iter()
+            .filter_map(|o| match o {
+                Obj::Message(id) if store.messages.get(id).is_some_and(|m| m.seg <= victim) => {
+                    Some((*id, Vec::new()))
+                }
+                _ => None,
+            })
+            .collect();
+        gather_targets(st, &mut targets);
+        let State {
+            store,
+            sessions,
+            retained,
+            delayed,
+            ..
+        } = st;
+        let store = store.as_mut().expect("checked by the caller");
+        for obj in objs {
+            let ok = match obj {
+                Obj::Session(key, uid) => rewrite_session(store, sessions, key, uid, victim),
+                Obj::Message(id) => {
+                    rewrite_message(store, id, targets.remove(&id).unwrap_or_default(), victim)
+                }
+                Obj::Retained(topic) => match retained.get(&topic) {
+                    Some(m) => rewrite_retained(store, m, victim),
+                    None => true,
+                },
+                Obj::Delayed(id) => {
+                    let due = store.delayed.get(&id).map(|d| d.0);
+                    match due.and_then(|due| Some((due, delayed.get(&(due, id))?.clone()))) {
+                        Some((due, m)) => rewrite_delayed(store, id, due, m, victim),
+                        None => true,
+                    }
+                }
+                Obj::Accepted(id) => rewrite_accepted(store, id, victim),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        store.by_seg = store.by_seg.split_off(&(victim + 1));
+        if store.mode == Durability::PowerSafe {
+            // The rewritten copies must be durable before the originals go.
+            store.pending_removal = Some((store.log.next_seq(), victim));
+            store.sync_wake.notify();
+            return true;
+        }
+        remove_segments(store, victim)
+    }
+}
+
+/// Delete the segments up to `victim`.
+pub(super) fn remove_segments(store: &mut Store, victim: u64) -> bool {
+    match store.log.remove_through(victim) {
+        Ok(()) => true,
+        Err(e) => {
+            log::error!("shard {}: cannot delete compacted segments: {e}", store.me);
+            false
+        }
+    }
+}
+
+/// Bytes a live object of the victim segment takes when rewritten.
+fn live_size(st: &State, obj: &Obj, victim: u64) -> u64 {
+    let store = st.store.as_ref().expect("a store");
+    let bytes = match obj {
+        Obj::Session(key, uid) => st
+            .sessions
+            .get(*key)
+            .filter(|s| s.uid == *uid)
+            .and_then(|s| s.durable)
+            .filter(|d| d.seg <= victim)
+            .map(|d| d.bytes),
+        Obj::Message(id) => store
+            .messages
+            .get(id)
+            .filter(|m| m.seg <= victim)
+            .map(|m| m.bytes),
+        Obj::Retained(t) => store
+            .retained
+            .get(t)
+            .filter(|m| m.seg <= victim)
+            .map(|m| m.bytes),
+        Obj::Delayed(id) => store
+            .delayed
+            .get(id)
+            .filter(|d| d.1.seg <= victim)
+            .map(|d| d.1.bytes),
+        Obj::Accepted(id) => store
+            .accepted
+            .iter()
+            .find(|a| a.id == *id && a.seg <= victim)
+            .map(|a| a.bytes),
+    };
+    u64::from(bytes.unwrap_or(0))
+}
+
+/// Collect the current delivery states of the messages in `ids` from the
+/// sessions holding them (one pass over each such session).
+pub(super) fn gather_targets(st: &State, ids: &mut HashMap<u64, Vec<Target>>) {
+    let Some(store) = st.store.as_ref() else {
+        return;
+    };
+    let mut keys: Vec<SessionKey> = ids
+        .keys()
+        .filter_map(|id| store.messages.get(id))
+        .flat_map(|m| m.sessions.iter().copied())
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for key in keys {
+        let Some(slot) = st.sessions.get(key) else {
+            continue;
+        };
+        let Some(d) = slot.durable else {
+            continue;
+        };
+        slot.session.stored_deliveries(|_, s: StoredDelivery| {
+            if let Some(v) = ids.get_mut(&s.id) {
+                v.push(Target {
+                    sid: d.sid,
+                    qos: s.qos,
+                    retain: s.retain,
+                    subscription_ids: s.subscription_ids,
+                    state: match s.packet_id {
+                        None => TargetState::Queued,
+                        Some(packet_id) => TargetState::Inflight {
+                            packet_id,
+                            released: s.released,
+                        },
+                    },
+                });
+            }
+        });
+    }
+}
+
+fn rewrite_session(
+    store: &mut Store,
+    sessions: &mut Slab<SessionSlot>,
+    key: SessionKey,
+    uid: u64,
+    victim: u64,
+) -> bool {
+    let Some(slot) = sessions.get_mut(key).filter(|s| s.uid == uid) else {
+        return true;
+    };
+    let Some(d) = slot.durable.filter(|d| d.seg <= victim) else {
+        return true;
+    };
+    match store.put_session(d.sid, &slot.session) {
+        Ok((seg, bytes)) => {
+            store.live_bytes = store.live_bytes - u64::from(d.bytes) + u64::from(bytes);
+            store.track(seg, Obj::Session(key, uid));
+            slot.durable = Some(DurableSlot {
+                sid: d.sid,
+                seg,
+                bytes,
+            });
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+fn rewrite_message(store: &mut Store, id: u64, targets: Vec<Target>, victim: u64) -> bool {
+    let Some(m) = store
+        .messages
+        .get(&id)
+        .filter(|m| m.seg <= victim && m.logged)
+    else {
+        return true;
+    };
+    let (old, head) = (m.bytes, m.head());
+    let Ok((seg, bytes)) = store.put_message(id, &head, &targets) else {
+        return false;
+    };
+    store.live_bytes = store.live_bytes - u64::from(old) + u64::from(bytes);
+    store.track(seg, Obj::Message(id));
+    let m = store.messages.get_mut(&id).expect("present");
+    m.seg = seg;
+    m.bytes = bytes;
+    true
+}
+
+fn rewrite_retained(
+    store: &mut Store,
+    message: &std::sync::Arc<crate::message::Message>,
+    victim: u64,
+) -> bool {
+    let Some(meta) = store
+        .retained
+        .get(&message.topic)
+        .copied()
+        .filter(|m| m.seg <= victim)
+    else {
+        return true;
+    };
+    let rec = Rec::Retain {
+        message: message.clone(),
+        stamp_ms: meta.stamp_ms,
+        origin: meta.origin,
+    };
+    let Ok((seg, bytes)) = store.put(&rec) else {
+        return false;
+    };
+    store.live_bytes = store.live_bytes - u64::from(meta.bytes) + u64::from(bytes);
+    store.track(seg, Obj::Retained(message.topic.clone()));
+    let m = store.retained.get_mut(&message.topic).expect("present");
+    m.seg = seg;
+    m.bytes = bytes;
+    true
+}
+
+fn rewrite_delayed(
+    store: &mut Store,
+    id: u64,
+    due: Instant,
+    message: std::sync::Arc<crate::message::Message>,
+    victim: u64,
+) -> bool {
+    let Some(old) = store
+        .delayed
+        .get(&id)
+        .map(|d| d.1)
+        .filter(|p| p.seg <= victim)
+    else {
+        return true;
+    };
+    // The publisher's QoS 2 packet id is in its session's own record now.
+    let rec = Rec::Delayed {
+        id,
+        due_ms: store.clock.to_ms(due),
+        message,
+        from: None,
+    };
+    let Ok((seg, bytes)) = store.put(&rec) else {
+        return false;
+    };
+    store.live_bytes = store.live_bytes - u64::from(old.bytes) + u64::from(bytes);
+    store.track(seg, Obj::Delayed(id));
+    let p = &mut store.delayed.get_mut(&id).expect("present").1;
+    p.seg = seg;
+    p.bytes = bytes;
+    true
+}
+
+fn rewrite_accepted(store: &mut Store, id: u64, victim: u64) -> bool {
+    let Some(a) = store
+        .accepted
+        .iter()
+        .find(|a| a.id == id && a.seg <= victim)
+    else {
+        return true;
+    };
+    // `from` stays out: the QoS 2 packet id lives in the publisher's
+    // session record (written after the original), and may be released by
+    // now; repeating it would bring a released id back.
+    let rec = Rec::Accepted {
+        id,
+        scope: a.scope.clone(),
+        message: a.message.clone(),
+        stamp_ms: a.stamp_ms,
+        from: None,
+        delayed: a.delayed,
+    };
+    let old = a.bytes;
+    let Ok((seg, bytes)) = store.put(&rec) else {
+        return false;
+    };
+    store.live_bytes = store.live_bytes - u64::from(old) + u64::from(bytes);
+    store.track(seg, Obj::Accepted(id));
+    let a = store
+        .accepted
+        .iter_mut()
+        .find(|a| a.id == id)
+        .expect("present");
+    a.seg = seg;
+    a.bytes = bytes;
+    true
+}

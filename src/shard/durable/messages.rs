@@ -1,0 +1,302 @@
+//! What a shard stores of routed messages: deliveries to its persistent
+//! sessions (Message records), markers that it applied a message, retained
+//! messages and delayed publishes.
+//!
+//! Shard-local.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use smallvec::SmallVec;
+
+use crate::codec::QoS;
+use crate::message::Message;
+use crate::persist::{Origin, Rec, Scope, Sid, Target, TargetState};
+use crate::session::SubIds;
+
+use super::retry::Retry;
+use super::{Obj, Placed, RetainedMeta, SessionKey, Shard, State, Store, TARGETS_PER_RECORD};
+
+/// A message stored for this shard's persistent sessions.
+#[derive(Debug)]
+pub(super) struct StoredMessage {
+    /// None for a marker: every delivery finished (or there was none) while
+    /// its origin is not yet settled, and the record must stay as proof
+    /// that this shard applied it.
+    pub(super) message: Option<Arc<Message>>,
+    pub(super) origin: Option<Origin>,
+    pub(super) scope: Scope,
+    /// Sessions with an unfinished delivery.
+    pub(super) sessions: SmallVec<[SessionKey; 2]>,
+    /// Segment of its first record.
+    pub(super) seg: u64,
+    pub(super) bytes: u32,
+    /// False while its record could not be written (the log was full): the
+    /// deliveries live in memory, answers to the origin wait, and the record
+    /// is written when room returns.
+    pub(super) logged: bool,
+}
+
+/// A delivery to a persistent session to store, as decided by routing.
+pub(in crate::shard) struct StoreTarget {
+    pub(in crate::shard) key: SessionKey,
+    pub(in crate::shard) sid: Sid,
+    pub(in crate::shard) qos: QoS,
+    pub(in crate::shard) retain: bool,
+    pub(in crate::shard) subscription_ids: SubIds,
+}
+
+impl StoreTarget {
+    fn queued(&self) -> Target {
+        Target {
+            sid: self.sid,
+            qos: self.qos,
+            retain: self.retain,
+            subscription_ids: self.subscription_ids.clone(),
+            state: TargetState::Queued,
+        }
+    }
+}
+
+/// What every record of one stored message repeats.
+pub(super) struct MessageHead {
+    origin: Option<Origin>,
+    scope: Scope,
+    message: Option<Arc<Message>>,
+}
+
+impl StoredMessage {
+    /// Its head, for writing its records.
+    pub(super) fn head(&self) -> MessageHead {
+        MessageHead {
+            origin: self.origin,
+            scope: self.scope.clone(),
+            message: self.message.clone(),
+        }
+    }
+}
+
+impl Store {
+    /// Write the records of message `id` (chunks of targets); returns the
+    /// first record's segment and the total size.
+    pub(super) fn put_message(
+        &mut self,
+        id: u64,
+        m: &MessageHead,
+        targets: &[Target],
+    ) -> Result<(u64, u32), crate::log::AppendError> {
+        let mut first = None;
+        let mut total = 0;
+        let chunks: Vec<&[Target]> = if targets.is_empty() {
+            vec![&[]]
+        } else {
+            targets.chunks(TARGETS_PER_RECORD).collect()
+        };
+        for chunk in chunks {
+            let rec = Rec::Message {
+                id,
+                origin: m.origin,
+                scope: m.scope.clone(),
+                message: m.message.clone(),
+                targets: chunk.to_vec(),
+            };
+            let (seg, bytes) = self.put(&rec)?;
+            first.get_or_insert(seg);
+            total += bytes;
+        }
+        Ok((first.expect("at least one chunk"), total))
+    }
+
+    /// Record `m` as message `id`: logged, or held for a retry.
+    fn insert_message(&mut self, id: u64, mut m: StoredMessage, targets: &[Target]) {
+        match self.put_message(id, &m.head(), targets) {
+            Ok((seg, bytes)) => {
+                m.seg = seg;
+                m.bytes = bytes;
+                m.logged = true;
+                self.live_bytes += u64::from(bytes);
+                self.track(seg, Obj::Message(id));
+            }
+            Err(_) => {
+                self.hold_answer(m.origin);
+                self.retry.push_back(Retry::Message(id));
+            }
+        }
+        self.messages.insert(id, m);
+    }
+
+    /// A restored stored message and the sessions holding it.
+    pub(in crate::shard) fn restore_message(
+        &mut self,
+        id: u64,
+        seg: u64,
+        bytes: u32,
+        message: Arc<Message>,
+        sessions: SmallVec<[SessionKey; 2]>,
+    ) {
+        self.live_bytes += u64::from(bytes);
+        self.track(seg, Obj::Message(id));
+        let m = StoredMessage {
+            message: Some(message),
+            origin: None,
+            scope: Scope::default(),
+            sessions,
+            seg,
+            bytes,
+            logged: true,
+        };
+        self.messages.insert(id, m);
+    }
+
+    /// A session finished with stored message `id`.
+    pub(super) fn message_done(&mut self, id: u64, key: SessionKey) {
+        let Some(m) = self.messages.get_mut(&id) else {
+            return;
+        };
+        if let Some(i) = m.sessions.iter().position(|k| *k == key) {
+            m.sessions.swap_remove(i);
+        }
+        if !m.sessions.is_empty() {
+            return;
+        }
+        let origin = m.origin;
+        if self.unsettled(origin) {
+            // Keep the record (or, unlogged, write it when room returns) as
+            // proof this shard applied `origin`, until the origin settles.
+            self.messages.get_mut(&id).expect("present").message = None;
+            return;
+        }
+        let m = self.messages.remove(&id).expect("present");
+        if m.logged {
+            self.live_bytes -= u64::from(m.bytes);
+        } else {
+            self.release_answer(origin);
+        }
+    }
+}
+
+impl Shard {
+    /// Store message `id`'s deliveries just handed to sessions (routing gave
+    /// every target a distinct session); with no message and no targets, a
+    /// marker that this shard applied `origin`.
+    pub(in crate::shard) fn store_message(
+        st: &mut State,
+        id: u64,
+        message: Option<&Arc<Message>>,
+        origin: Option<Origin>,
+        scope: Scope,
+        targets: Vec<StoreTarget>,
+    ) {
+        let Some(store) = st.store.as_mut() else {
+            return;
+        };
+        let m = StoredMessage {
+            message: message.cloned(),
+            origin,
+            scope,
+            sessions: targets.iter().map(|t| t.key).collect(),
+            seg: 0,
+            bytes: 0,
+            logged: false,
+        };
+        let records: Vec<Target> = targets.iter().map(StoreTarget::queued).collect();
+        store.insert_message(id, m, &records);
+    }
+
+    /// Store, replace or (empty payload) delete a retained topic's record.
+    /// `origin` and `stamp_ms` are the routed message's: recovery uses them
+    /// to tell what this shard applied and which retained message is newer.
+    pub(in crate::shard) fn durable_retain(
+        st: &mut State,
+        message: &Arc<Message>,
+        origin: Option<Origin>,
+        stamp_ms: u64,
+    ) {
+        let Some(store) = st.store.as_mut() else {
+            return;
+        };
+        let rec = Rec::Retain {
+            message: message.clone(),
+            stamp_ms,
+            origin,
+        };
+        let placed = store.put(&rec);
+        if let Some(old) = store.retained.remove(&message.topic) {
+            store.live_bytes -= u64::from(old.bytes);
+        }
+        match placed {
+            Ok((seg, bytes)) => {
+                if !message.payload.is_empty() {
+                    store.live_bytes += u64::from(bytes);
+                    store.track(seg, Obj::Retained(message.topic.clone()));
+                    let meta = RetainedMeta {
+                        seg,
+                        bytes,
+                        stamp_ms,
+                        origin,
+                    };
+                    store.retained.insert(message.topic.clone(), meta);
+                }
+            }
+            Err(_) => {
+                store.hold_answer(origin);
+                store.retry.push_back(Retry::Retain {
+                    topic: message.topic.clone(),
+                    stamp_ms,
+                    origin,
+                });
+            }
+        }
+    }
+
+    /// Record a delayed publish (with a QoS 2 publisher's packet id, which
+    /// its session now remembers). False when the log could not take a
+    /// QoS 1/2 one.
+    pub(in crate::shard) fn durable_delay(
+        st: &mut State,
+        id: u64,
+        due: Instant,
+        message: &Arc<Message>,
+        from: Option<(Sid, u16)>,
+    ) -> bool {
+        let Some(store) = st.store.as_mut() else {
+            return true;
+        };
+        let rec = Rec::Delayed {
+            id,
+            due_ms: store.wall_ms(due),
+            message: message.clone(),
+            from,
+        };
+        match store.put(&rec) {
+            Ok((seg, bytes)) => {
+                store.live_bytes += u64::from(bytes);
+                store.track(seg, Obj::Delayed(id));
+                store.delayed.insert(id, (due, Placed { seg, bytes }));
+                true
+            }
+            Err(_) => message.qos == QoS::AtMostOnce,
+        }
+    }
+
+    /// A delayed publish waits longer (it could not be sent yet).
+    pub(in crate::shard) fn durable_delay_moved(st: &mut State, id: u64, due: Instant) {
+        if let Some(d) = st.store.as_mut().and_then(|s| s.delayed.get_mut(&id)) {
+            d.0 = due;
+        }
+    }
+
+    /// A delayed publish was sent: its record is dead (the Accepted record
+    /// written when it was routed says so; without one, a DelayedDone does).
+    pub(in crate::shard) fn durable_delay_done(st: &mut State, id: u64, accepted: bool) {
+        let Some(store) = st.store.as_mut() else {
+            return;
+        };
+        if let Some((_, p)) = store.delayed.remove(&id) {
+            store.live_bytes -= u64::from(p.bytes);
+        }
+        if !accepted {
+            store.note(&Rec::DelayedDone { id });
+        }
+    }
+}

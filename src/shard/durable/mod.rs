@@ -1,0 +1,447 @@
+//! Durability on a shard: its log writer, and the bookkeeping of what in
+//! the log is still live, so acknowledged messages survive a crash and the
+//! log's size stays bounded.
+//!
+//! Shard-local. What gets written, and when:
+//!
+//! - A persistent session (expiry > 0) writes its whole state when it is
+//!   created, then deltas: Subscribe, Unsubscribe, Online, Offline, End
+//!   (`sessions`).
+//! - A QoS 1/2 publish that reaches other shards (or is QoS 2 from a
+//!   persistent session, or a delayed publish being sent) is written as
+//!   Accepted on the publisher's shard before its PUBACK/PUBREC, with an
+//!   accept id. Every shard that applies it records that origin in what it
+//!   writes and answers `Applied`; once all have, the accept is settled
+//!   (`answers`). After a crash, recovery routes again what was not
+//!   settled, to the sessions whose shard did not record it.
+//! - A delivery at QoS 1/2 to a persistent session is stored: one Message
+//!   record per message per shard with every such session, then Sent,
+//!   Released and Done as the session reports them (`messages`).
+//! - Retained messages (Retain), delayed publishes (Delayed, DelayedDone).
+//!
+//! What cannot be written because the log is full waits in memory and is
+//! written when room returns; answers to its origin wait for it (`retry`).
+//!
+//! Compaction (`compaction`): every live object remembers the segment of
+//! its first whole record. When the log holds more than twice the live
+//! bytes (plus a segment), the oldest segment's live objects are written
+//! again whole at the head and the segment is deleted.
+//!
+//! Kill-safe mode acknowledges once a record is in the mapping. Power-safe
+//! mode holds every session's output, every message to another shard that
+//! names an origin, and every `Applied` answer until the group-commit task
+//! has synced the records written before it (`sync`).
+
+mod answers;
+mod compaction;
+mod messages;
+mod retry;
+mod sessions;
+mod sync;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use hashbrown::HashMap;
+
+use crate::codec::QoS;
+use crate::config::Durability;
+use crate::log::{AppendError, Log};
+use crate::persist::{Origin, Rec, Sid, WallClock};
+use crate::session::ShardStatus;
+
+use super::mesh::MeshMsg;
+use super::notify::Notify;
+use super::{ConnHandle, SessionKey, Shard, State};
+
+use answers::{Accepted, Owed};
+use messages::StoredMessage;
+use retry::Retry;
+
+pub(super) use messages::StoreTarget;
+
+/// Targets per Message record; more continue in further records.
+const TARGETS_PER_RECORD: usize = 1024;
+
+/// A persistent session's place in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct DurableSlot {
+    /// Its number in the log.
+    pub(super) sid: Sid,
+    /// Segment of its last whole record.
+    pub(super) seg: u64,
+    /// Size of that record (for the live-bytes estimate).
+    pub(super) bytes: u32,
+}
+
+/// An object of the log, for compaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Obj {
+    Session(SessionKey, u64),
+    Message(u64),
+    Retained(Arc<str>),
+    Delayed(u64),
+    Accepted(u64),
+}
+
+/// Where a single-record object sits (delayed publishes).
+#[derive(Debug, Clone, Copy)]
+struct Placed {
+    seg: u64,
+    bytes: u32,
+}
+
+/// A retained message's record.
+#[derive(Debug, Clone, Copy)]
+struct RetainedMeta {
+    seg: u64,
+    bytes: u32,
+    /// When it was accepted: orders it against messages routed again.
+    stamp_ms: u64,
+    origin: Option<Origin>,
+}
+
+/// The durable side of a shard; see the module docs.
+pub(super) struct Store {
+    log: Log,
+    mode: Durability,
+    clock: WallClock,
+    scratch: BytesMut,
+    me: u16,
+    next_sid: Sid,
+    next_message_id: u64,
+    next_accept_id: u64,
+    messages: HashMap<u64, StoredMessage>,
+    accepted: VecDeque<Accepted>,
+    /// Per shard: the largest accept id it answered `Applied` for.
+    acked_upto: Vec<u64>,
+    settled_upto: u64,
+    settled_written: u64,
+    /// Log sequence number after the last Settled record.
+    settled_written_seq: u64,
+    settled_sent: u64,
+    /// Per origin shard: its settled frontier as last heard.
+    known_settled: Vec<u64>,
+    /// Per origin shard: the `Applied` answers owed to it.
+    owed: Vec<Owed>,
+    retained: HashMap<Arc<str>, RetainedMeta>,
+    /// Delayed publishes by id: when due, and their record.
+    delayed: HashMap<u64, (Instant, Placed)>,
+    /// Objects by the segment of their first whole record.
+    by_seg: BTreeMap<u64, Vec<Obj>>,
+    /// Sum of the live objects' whole-record sizes.
+    live_bytes: u64,
+    /// Work that could not be logged, to write when room returns.
+    retry: VecDeque<Retry>,
+    /// Records with a lower sequence number are synced (power-safe).
+    synced_next: u64,
+    /// Sessions whose output waits for a sync: (key, connection id).
+    sync_waiters: Vec<(SessionKey, u64)>,
+    /// Closing connections whose last packets wait for a sync.
+    closing_waiters: Vec<Rc<ConnHandle>>,
+    /// Mesh messages that wait for a sync: (sequence needed, to, message).
+    after_sync: Vec<(u64, usize, MeshMsg)>,
+    sync_wake: Rc<Notify>,
+    /// Power-safe compaction: segments up to the second number are deleted
+    /// once records below the first are synced.
+    pending_removal: Option<(u64, u64)>,
+    /// Sequence number when the clock was last written.
+    clock_seq: u64,
+    clock_at: Instant,
+    /// The log has no room for new messages (no spare segment).
+    full: bool,
+    /// `full` as last logged and told to the other shards.
+    reported_full: bool,
+    /// Compaction is rewriting: it may use the room kept for bookkeeping.
+    compacting: bool,
+    /// A compaction failed for lack of room while the log was full: none is
+    /// tried again until a spare segment could be made.
+    compaction_stuck: bool,
+    /// Which other shards reported a full log.
+    others_full: Vec<bool>,
+    /// When an append failure was last logged (rate limit).
+    failure_logged: Option<Instant>,
+    /// The shard's status its sessions read: `store_full` is raised the
+    /// moment the log has no spare segment.
+    status: Rc<ShardStatus>,
+}
+
+/// Where a store sits: its shard and what it shares with it.
+pub(super) struct StoreEnv {
+    pub(super) mode: Durability,
+    pub(super) clock: WallClock,
+    pub(super) me: usize,
+    pub(super) shards: usize,
+    pub(super) sync_wake: Rc<Notify>,
+    pub(super) status: Rc<ShardStatus>,
+}
+
+/// The id counters a shard's log continues from.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ShardStartIds {
+    pub(super) next_sid: Sid,
+    pub(super) next_message_id: u64,
+}
+
+impl Store {
+    /// The store of a shard starting from recovery's output (whose records
+    /// recovery has synced).
+    pub(super) fn new(start: &ShardStartIds, log: Log, env: StoreEnv) -> Store {
+        let StoreEnv {
+            mode,
+            clock,
+            me,
+            shards,
+            sync_wake,
+            status,
+        } = env;
+        let next = log.next_seq();
+        Store {
+            log,
+            mode,
+            clock,
+            scratch: BytesMut::new(),
+            me: me as u16,
+            next_sid: start.next_sid,
+            next_message_id: start.next_message_id,
+            next_accept_id: 1,
+            messages: HashMap::new(),
+            accepted: VecDeque::new(),
+            acked_upto: vec![0; shards],
+            settled_upto: 0,
+            settled_written: 0,
+            settled_written_seq: 0,
+            settled_sent: 0,
+            known_settled: vec![0; shards],
+            owed: (0..shards).map(|_| Owed::default()).collect(),
+            retained: HashMap::new(),
+            delayed: HashMap::new(),
+            by_seg: BTreeMap::new(),
+            live_bytes: 0,
+            retry: VecDeque::new(),
+            synced_next: next,
+            sync_waiters: Vec::new(),
+            closing_waiters: Vec::new(),
+            after_sync: Vec::new(),
+            sync_wake,
+            pending_removal: None,
+            clock_seq: next,
+            clock_at: Instant::now(),
+            full: false,
+            reported_full: false,
+            compacting: false,
+            compaction_stuck: false,
+            others_full: vec![false; shards],
+            failure_logged: None,
+            status,
+        }
+    }
+
+    /// Append `rec`; returns the segment it went into and its size. While
+    /// the log has no spare segment, the second half of the current one is
+    /// kept for bookkeeping (acks, session changes) and compaction: a record
+    /// bringing new message data is refused there.
+    fn put(&mut self, rec: &Rec) -> Result<(u64, u32), AppendError> {
+        if self.full
+            && !self.compacting
+            && brings_data(rec)
+            && self.log.current_room() < self.log.segment_bytes() / 2
+        {
+            return Err(AppendError::Full);
+        }
+        self.scratch.clear();
+        let kind = rec.encode(&self.clock, &mut self.scratch);
+        let bytes = self.scratch.len() as u32;
+        let appended = self.log.append(kind, &self.scratch);
+        if !self.log.has_spare() && !self.full {
+            // Refuse new messages from now on; the room left in the current
+            // segment is for the bookkeeping of those already taken.
+            self.full = true;
+            self.status.store_full.set(true);
+            log::error!(
+                "shard {}: no disk space for a new log segment in {}: refusing QoS 1/2 \
+                 messages (0x97) until there is",
+                self.me,
+                self.log.dir().display()
+            );
+        }
+        match appended {
+            Ok(_) => {
+                if self.mode == Durability::PowerSafe {
+                    self.sync_wake.notify();
+                }
+                Ok((self.log.current_index(), bytes))
+            }
+            Err(e) => {
+                let now = Instant::now();
+                if self
+                    .failure_logged
+                    .is_none_or(|t| now - t > Duration::from_secs(10))
+                {
+                    self.failure_logged = Some(now);
+                    log::error!(
+                        "shard {}: {e}: a record of kind {kind} was not written ({})",
+                        self.me,
+                        self.log.dir().display()
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Append a record that only records a change (no object of its own).
+    fn note(&mut self, rec: &Rec) {
+        let _ = self.put(rec);
+    }
+
+    fn track(&mut self, seg: u64, obj: Obj) {
+        self.by_seg.entry(seg).or_default().push(obj);
+    }
+
+    fn wall_ms(&self, t: Instant) -> u64 {
+        self.clock.to_ms(t)
+    }
+
+    /// Unix milliseconds now (stamps of accepted messages).
+    pub(super) fn stamp_now(&self) -> u64 {
+        self.clock.to_ms(Instant::now())
+    }
+
+    /// True when new QoS 1/2 messages cannot be taken (this shard's log or
+    /// another's is full).
+    fn refusing(&self) -> bool {
+        self.full || self.others_full.iter().any(|f| *f)
+    }
+
+    /// Power-safe: the sequence number output must wait for, when records
+    /// are not yet synced.
+    fn unsynced_upto(&self) -> Option<u64> {
+        let next = self.log.next_seq();
+        (self.mode == Durability::PowerSafe && next > self.synced_next).then_some(next)
+    }
+
+    /// Send now (kill-safe) or after the records written so far are synced.
+    fn send_after_sync(&mut self, mesh: &super::mesh::Mesh, to: usize, msg: MeshMsg) {
+        match self.unsynced_upto() {
+            Some(seq) => self.after_sync.push((seq, to, msg)),
+            None => mesh.send(to, msg),
+        }
+    }
+
+    /// A restored session whose whole record is in segment `seg`.
+    pub(super) fn restore_session(&mut self, key: SessionKey, uid: u64, seg: u64, bytes: u32) {
+        self.live_bytes += u64::from(bytes);
+        self.track(seg, Obj::Session(key, uid));
+    }
+
+    /// A restored retained message.
+    pub(super) fn restore_retained(
+        &mut self,
+        topic: Arc<str>,
+        seg: u64,
+        bytes: u32,
+        stamp_ms: u64,
+    ) {
+        self.live_bytes += u64::from(bytes);
+        self.track(seg, Obj::Retained(topic.clone()));
+        let meta = RetainedMeta {
+            seg,
+            bytes,
+            stamp_ms,
+            origin: None,
+        };
+        self.retained.insert(topic, meta);
+    }
+
+    /// A restored delayed publish.
+    pub(super) fn restore_delayed(&mut self, id: u64, due: Instant, seg: u64, bytes: u32) {
+        self.live_bytes += u64::from(bytes);
+        self.track(seg, Obj::Delayed(id));
+        self.delayed.insert(id, (due, Placed { seg, bytes }));
+    }
+}
+
+/// True for records that add message data (what a full log refuses first).
+fn brings_data(rec: &Rec) -> bool {
+    match rec {
+        Rec::Message { message, .. } => message.is_some(),
+        Rec::Accepted { .. } | Rec::Delayed { .. } => true,
+        Rec::Retain { message, .. } => !message.payload.is_empty(),
+        _ => false,
+    }
+}
+
+impl Shard {
+    /// The session number a delivery to `key` at `qos` is stored under,
+    /// when it is to be stored (persistent session, QoS 1/2).
+    pub(super) fn storable(st: &State, key: SessionKey, qos: QoS) -> Option<Sid> {
+        st.store.as_ref()?;
+        if qos == QoS::AtMostOnce {
+            return None;
+        }
+        st.sessions.get(key)?.durable.map(|d| d.sid)
+    }
+
+    /// A new message id for this shard's log.
+    pub(super) fn next_message_id(st: &mut State) -> Option<u64> {
+        let store = st.store.as_mut()?;
+        let id = store.next_message_id;
+        store.next_message_id += 1;
+        Some(id)
+    }
+
+    /// Send a routed message to another shard. In power-safe mode one that
+    /// names an origin waits until the origin's Accepted record is synced:
+    /// it must not be applied anywhere before it is durable here.
+    pub(super) fn send_routed(
+        &self,
+        st: &mut State,
+        to: usize,
+        msg: MeshMsg,
+        origin: Option<Origin>,
+    ) {
+        match (st.store.as_mut(), origin) {
+            (Some(store), Some(_)) => store.send_after_sync(&self.mesh, to, msg),
+            _ => self.mesh.send(to, msg),
+        }
+    }
+
+    /// Housekeeping on each tick: the clock record, answers and the settled
+    /// frontier, retries, the spare segment, compaction.
+    pub(super) fn durable_tick(&self, st: &mut State, now: Instant) {
+        if st.store.is_none() {
+            return;
+        }
+        self.send_applied(st);
+        self.write_settled(st);
+        let store = st.store.as_mut().expect("checked");
+        if store.log.next_seq() != store.clock_seq && now - store.clock_at >= Duration::from_secs(1)
+        {
+            let ms = store.clock.to_ms(now);
+            store.note(&Rec::Clock { ms });
+            store.clock_seq = store.log.next_seq();
+            store.clock_at = now;
+        }
+        // `put` raises `full` the moment the spare is gone; the tick lowers
+        // it once a spare could be made again.
+        let full = !store.log.ensure_spare();
+        store.full = full;
+        store.compaction_stuck &= full;
+        self.limits.status.store_full.set(store.refusing());
+        if full != store.reported_full {
+            store.reported_full = full;
+            if !full {
+                log::warn!("shard {}: the log has room again", self.id);
+            }
+            self.mesh.broadcast(|| MeshMsg::StoreFull { full });
+        }
+        if !full {
+            self.retry_unlogged(st);
+        }
+        self.compact(st);
+    }
+}

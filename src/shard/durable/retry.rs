@@ -1,0 +1,195 @@
+//! Work that could not be logged because the log was full, written when it
+//! has room again.
+//!
+//! Shard-local. Each entry holds back the `Applied` answer to its origin
+//! (see `answers`), so the origin keeps its Accepted record meanwhile and a
+//! crash before the retry loses nothing: recovery routes it again.
+
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+use smallvec::SmallVec;
+
+use crate::codec::{Properties, QoS};
+use crate::message::Message;
+use crate::persist::{Origin, Rec, Scope};
+use crate::router::SharedPick;
+
+use super::super::mesh::MeshMsg;
+use super::compaction::gather_targets;
+use super::{Obj, RetainedMeta, Shard, State};
+
+/// One piece of work waiting for room in the log.
+#[derive(Debug)]
+pub(in crate::shard) enum Retry {
+    /// A stored message whose record could not be written: write it with
+    /// its deliveries' current state (or as a marker once they finished).
+    Message(u64),
+    /// A retained topic whose record could not be written: write its
+    /// current value.
+    Retain {
+        topic: Arc<str>,
+        stamp_ms: u64,
+        origin: Option<Origin>,
+    },
+    /// A shared-subscription message to pass on to shard `to`, whose
+    /// Accepted record could not be written.
+    Forward {
+        message: Arc<Message>,
+        pick: SharedPick,
+        hops: u8,
+        to: u16,
+        parent: Option<Origin>,
+    },
+}
+
+impl Shard {
+    /// Queue a shared-subscription forward that could not be logged.
+    pub(in crate::shard) fn retry_forward(
+        st: &mut State,
+        message: &Arc<Message>,
+        pick: &SharedPick,
+        hops: u8,
+        to: u16,
+        parent: Option<Origin>,
+    ) {
+        let Some(store) = st.store.as_mut() else {
+            return;
+        };
+        store.hold_answer(parent);
+        store.retry.push_back(Retry::Forward {
+            message: message.clone(),
+            pick: pick.clone(),
+            hops,
+            to,
+            parent,
+        });
+    }
+
+    /// Write what waited for room, in order, until the log refuses again.
+    pub(super) fn retry_unlogged(&self, st: &mut State) {
+        loop {
+            let Some(next) = st.store.as_mut().and_then(|s| s.retry.pop_front()) else {
+                return;
+            };
+            if let Err(back) = self.retry_one(st, next) {
+                st.store.as_mut().expect("a store").retry.push_front(back);
+                return;
+            }
+        }
+    }
+
+    /// Try one entry; `Err` gives it back when the log still has no room.
+    fn retry_one(&self, st: &mut State, r: Retry) -> Result<(), Retry> {
+        match r {
+            Retry::Message(id) => {
+                let pending = st
+                    .store
+                    .as_ref()
+                    .and_then(|s| s.messages.get(&id))
+                    .is_some_and(|m| !m.logged);
+                if !pending {
+                    return Ok(());
+                }
+                let mut targets = HashMap::new();
+                targets.insert(id, Vec::new());
+                gather_targets(st, &mut targets);
+                let store = st.store.as_mut().expect("a store");
+                let head = store.messages.get(&id).expect("checked").head();
+                let targets = targets.remove(&id).unwrap_or_default();
+                let (seg, bytes) = store
+                    .put_message(id, &head, &targets)
+                    .map_err(|_| Retry::Message(id))?;
+                let m = store.messages.get_mut(&id).expect("checked");
+                m.logged = true;
+                m.seg = seg;
+                m.bytes = bytes;
+                let origin = m.origin;
+                store.live_bytes += u64::from(bytes);
+                store.track(seg, Obj::Message(id));
+                store.release_answer(origin);
+                Ok(())
+            }
+            Retry::Retain {
+                topic,
+                stamp_ms,
+                origin,
+            } => {
+                let message = st.retained.get(&topic).cloned().unwrap_or_else(|| {
+                    Arc::new(Message {
+                        topic: topic.clone(),
+                        payload: bytes::Bytes::new(),
+                        qos: QoS::AtMostOnce,
+                        retain: true,
+                        properties: Properties::default(),
+                        expires_at: None,
+                        publisher: None,
+                    })
+                });
+                let store = st.store.as_mut().expect("a store");
+                let rec = Rec::Retain {
+                    message: message.clone(),
+                    stamp_ms,
+                    origin,
+                };
+                let Ok((seg, bytes)) = store.put(&rec) else {
+                    return Err(Retry::Retain {
+                        topic,
+                        stamp_ms,
+                        origin,
+                    });
+                };
+                if let Some(old) = store.retained.remove(&topic) {
+                    store.live_bytes -= u64::from(old.bytes);
+                }
+                if !message.payload.is_empty() {
+                    store.live_bytes += u64::from(bytes);
+                    store.track(seg, Obj::Retained(topic.clone()));
+                    let meta = RetainedMeta {
+                        seg,
+                        bytes,
+                        stamp_ms,
+                        origin,
+                    };
+                    store.retained.insert(topic, meta);
+                }
+                store.release_answer(origin);
+                Ok(())
+            }
+            Retry::Forward {
+                message,
+                pick,
+                hops,
+                to,
+                parent,
+            } => {
+                let stamp_ms = st.store.as_ref().expect("a store").stamp_now();
+                let scope = Scope {
+                    ordinary: false,
+                    shared: SmallVec::from_buf([pick.clone()]),
+                };
+                let dests = SmallVec::from_slice(&[to]);
+                let accepted = self.accept(st, &message, scope, None, None, stamp_ms, dests);
+                let Ok(origin) = accepted else {
+                    return Err(Retry::Forward {
+                        message,
+                        pick,
+                        hops,
+                        to,
+                        parent,
+                    });
+                };
+                let forward = MeshMsg::Publish {
+                    message,
+                    ordinary: false,
+                    shared: SmallVec::from_buf([pick]),
+                    hops,
+                    origin: Some(origin),
+                };
+                self.send_routed(st, usize::from(to), forward, Some(origin));
+                st.store.as_mut().expect("a store").release_answer(parent);
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! What a shard logs of its persistent sessions: the whole state once, then
+//! each change (connection, subscriptions, journal of stored deliveries).
+//!
+//! Shard-local.
+
+use std::time::Instant;
+
+use crate::persist::record::SessionRec;
+use crate::persist::{Rec, Sid};
+use crate::session::{Journal, Session, Subscription};
+
+use super::{DurableSlot, Obj, SessionKey, Shard, State, Store};
+
+impl Store {
+    /// Write a session's whole state as sid `sid`: a Session record, with
+    /// subscriptions past a size budget in Subscribe records after it (a
+    /// record must fit a segment). Returns the first record's segment and
+    /// the total size.
+    pub(super) fn put_session(
+        &mut self,
+        sid: Sid,
+        session: &Session,
+    ) -> Result<(u64, u32), crate::log::AppendError> {
+        let s = session.durable_state();
+        let budget = self.log.segment_bytes() / 8;
+        let mut subscriptions = s.subscriptions.into_iter();
+        let mut first = Vec::new();
+        let mut used = 0;
+        for (filter, sub) in subscriptions.by_ref() {
+            used += filter.len() + 16;
+            first.push((filter, sub));
+            if used >= budget {
+                break;
+            }
+        }
+        let rec = Rec::Session(Box::new(SessionRec {
+            sid,
+            client_id: session.client_id().to_string(),
+            expiry_s: s.expiry_s,
+            offline_since_ms: s.offline_since.map(|t| self.clock.to_ms(t)),
+            subscriptions: first,
+            qos2_in: s.qos2_in,
+            will: s.will,
+            will_due_ms: s.will_due.map(|t| self.clock.to_ms(t)),
+        }));
+        let (seg, mut bytes) = self.put(&rec)?;
+        for (filter, sub) in subscriptions {
+            bytes += self.put(&Rec::Subscribe { sid, filter, sub })?.1;
+        }
+        Ok((seg, bytes))
+    }
+}
+
+impl Shard {
+    /// A connection attached: a persistent session writes its whole state
+    /// the first time, an Online record after.
+    pub(in crate::shard) fn durable_connect(st: &mut State, key: SessionKey) {
+        let (Some(store), Some(slot)) = (st.store.as_mut(), st.sessions.get_mut(key)) else {
+            return;
+        };
+        match slot.durable {
+            Some(d) => {
+                let state = slot.session.durable_state();
+                store.note(&Rec::Online {
+                    sid: d.sid,
+                    expiry_s: state.expiry_s,
+                    will: state.will.map(Box::new),
+                });
+            }
+            None if slot.session.durable_state().expiry_s > 0 => {
+                let sid = store.next_sid;
+                match store.put_session(sid, &slot.session) {
+                    Ok((seg, bytes)) => {
+                        store.next_sid += 1;
+                        store.live_bytes += u64::from(bytes);
+                        store.track(seg, Obj::Session(key, slot.uid));
+                        slot.durable = Some(DurableSlot { sid, seg, bytes });
+                    }
+                    Err(_) => log::warn!(
+                        "client {}: session not persisted (the log is full)",
+                        slot.session.client_id()
+                    ),
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// A subscription of a persistent session changed (`None`: removed).
+    pub(in crate::shard) fn durable_subscription(
+        st: &mut State,
+        key: SessionKey,
+        filter: &str,
+        sub: Option<&Subscription>,
+    ) {
+        let (Some(store), Some(slot)) = (st.store.as_mut(), st.sessions.get(key)) else {
+            return;
+        };
+        let Some(d) = slot.durable else {
+            return;
+        };
+        let filter = filter.to_string();
+        let rec = match sub {
+            Some(sub) => Rec::Subscribe {
+                sid: d.sid,
+                filter,
+                sub: sub.clone(),
+            },
+            None => Rec::Unsubscribe { sid: d.sid, filter },
+        };
+        store.note(&rec);
+    }
+
+    /// The connection of a persistent session ended.
+    pub(in crate::shard) fn durable_offline(st: &mut State, key: SessionKey) {
+        let (Some(store), Some(slot)) = (st.store.as_mut(), st.sessions.get(key)) else {
+            return;
+        };
+        let Some(d) = slot.durable else {
+            return;
+        };
+        let state = slot.session.durable_state();
+        let at = state.offline_since.unwrap_or_else(Instant::now);
+        let rec = Rec::Offline {
+            sid: d.sid,
+            at_ms: store.wall_ms(at),
+            expiry_s: state.expiry_s,
+            will_due_ms: state.will_due.map(|t| store.wall_ms(t)),
+        };
+        store.note(&rec);
+    }
+
+    /// A persistent session ended: everything it held goes.
+    pub(in crate::shard) fn durable_end(st: &mut State, key: SessionKey) {
+        let (Some(store), Some(slot)) = (st.store.as_mut(), st.sessions.get(key)) else {
+            return;
+        };
+        let Some(d) = slot.durable else {
+            return;
+        };
+        store.note(&Rec::SessionEnd { sid: d.sid });
+        store.live_bytes -= u64::from(d.bytes);
+        let mut ids = Vec::new();
+        slot.session.stored_deliveries(|_, s| ids.push(s.id));
+        for id in ids {
+            store.message_done(id, key);
+        }
+    }
+
+    /// Write what the session's journal reports.
+    pub(in crate::shard) fn drain_journal(st: &mut State, key: SessionKey) {
+        let Some(slot) = st.sessions.get_mut(key) else {
+            return;
+        };
+        let (Some(store), Some(d)) = (st.store.as_mut(), slot.durable) else {
+            while slot.session.poll_journal().is_some() {}
+            return;
+        };
+        let sid = d.sid;
+        while let Some(j) = slot.session.poll_journal() {
+            match j {
+                Journal::Sent { id, packet_id } => store.note(&Rec::Sent { sid, id, packet_id }),
+                Journal::Released { id } => store.note(&Rec::Released { sid, id }),
+                Journal::Done { id } => {
+                    store.note(&Rec::Done { sid, id });
+                    store.message_done(id, key);
+                }
+                Journal::Qos2Done { packet_id } => store.note(&Rec::Qos2Done { sid, packet_id }),
+                Journal::WillDone => store.note(&Rec::WillDone { sid }),
+            }
+        }
+    }
+}

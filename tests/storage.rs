@@ -1,0 +1,562 @@
+//! Durability beyond the crash test: damaged logs (a torn tail, a corrupt
+//! record), a full disk, a restart with another shard count, wall-clock
+//! expiry across a restart, delayed publishes, wills, compaction, power-safe
+//! mode and the data directory lock. The broker runs as a child process on
+//! a data directory of the test's own.
+//!
+//! Every wait is bounded; lower bounds on elapsed time are the only timing
+//! checks (a slow machine can only make them hold more easily).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::child::{config_file, temp_dir, ChildBroker};
+use common::raw::*;
+use common::*;
+use shardmq::codec::{self, reason, Disconnect, Packet, Properties, QoS, Version, Will};
+use shardmq::log::record::{read, Read};
+use shardmq::log::scan::segment_files;
+
+/// A test's directory, config and broker arguments.
+struct Setup {
+    dir: PathBuf,
+    data: PathBuf,
+    config: PathBuf,
+}
+
+impl Setup {
+    fn new(name: &str, extra_config: &str) -> Setup {
+        let dir = temp_dir(name);
+        Self::in_dir(dir, extra_config)
+    }
+
+    fn in_dir(dir: PathBuf, extra_config: &str) -> Setup {
+        let text = format!(
+            "[mqtt]\npacket_size_max_bytes = 65536\n[storage]\nsegment_bytes = 1048576\n{extra_config}"
+        );
+        let config = config_file(&dir, &text);
+        Setup {
+            data: dir.join("data"),
+            config,
+            dir,
+        }
+    }
+
+    fn args(&self, shards: usize) -> Vec<String> {
+        vec![
+            "--shards".into(),
+            shards.to_string(),
+            "--config".into(),
+            self.config.display().to_string(),
+            "--data-dir".into(),
+            self.data.display().to_string(),
+        ]
+    }
+
+    fn start(&self, shards: usize) -> ChildBroker {
+        let args = self.args(shards);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ChildBroker::start(&args)
+    }
+
+    /// Log directory of `shard` in the generation in force.
+    fn shard_dir(&self, shard: usize) -> PathBuf {
+        let current = std::fs::read_to_string(self.data.join("CURRENT")).unwrap();
+        self.data
+            .join(current.trim())
+            .join(format!("shard-{shard}"))
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A 5.0 CONNECT with a session expiry interval.
+fn v5(id: &str, clean: bool, expiry: u32) -> codec::Connect {
+    let mut c = connect_packet(Version::V5, id, clean);
+    c.properties.session_expiry_interval = Some(expiry);
+    c
+}
+
+/// A client id whose session lives on `shard` of `shards`.
+fn id_on(prefix: &str, shard: usize, shards: usize) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|id| shardmq::home_shard(id, shards) == shard)
+        .unwrap()
+}
+
+/// A persistent session subscribed to `filter` at QoS 1, then offline.
+fn offline_subscriber(b: &ChildBroker, id: &str, filter: &str) {
+    let (mut s, ack) = Raw::connect_with(b.addr, v5(id, true, 3600));
+    assert_eq!(ack.reason, 0);
+    assert_eq!(s.subscribe(1, filter, QoS::AtLeastOnce), vec![1]);
+    s.send(&Packet::Disconnect(Disconnect::default()));
+    assert_eq!(s.expect_close(), None);
+}
+
+/// Publish QoS 1 messages `{prefix}{i}` for i in `range` and await each
+/// PUBACK.
+fn publish_acked(p: &mut Raw, topic: &str, prefix: &str, range: std::ops::Range<u32>) {
+    for i in range {
+        publish_qos1(p, topic, format!("{prefix}{i}").as_bytes(), 1);
+    }
+}
+
+/// Resume `id`'s session and collect the payloads that arrive until quiet.
+fn drain(b: &ChildBroker, id: &str) -> (bool, Vec<String>) {
+    let (mut s, ack) = Raw::connect_with(b.addr, v5(id, false, 3600));
+    assert_eq!(ack.reason, 0);
+    let mut got = Vec::new();
+    while let Ok(Some(p)) = s.recv_within(Duration::from_millis(700)) {
+        match p {
+            Packet::Publish(m) => {
+                got.push(String::from_utf8(m.payload.to_vec()).unwrap());
+                if m.qos != QoS::AtMostOnce {
+                    s.send(&puback(m.packet_id));
+                }
+            }
+            other => panic!("{id}: expected PUBLISH, got {other:?}"),
+        }
+    }
+    (ack.session_present, got)
+}
+
+fn numbered(prefix: &str, range: std::ops::Range<u32>) -> Vec<String> {
+    range.map(|i| format!("{prefix}{i}")).collect()
+}
+
+/// The offset after the last valid record of the last segment holding any,
+/// and that segment.
+fn log_end(shard_dir: &Path) -> (PathBuf, usize) {
+    let mut last = None;
+    for (_, path) in segment_files(shard_dir).unwrap() {
+        let bytes = std::fs::read(&path).unwrap();
+        let mut off = 0;
+        while let Read::Record(_, next) = read(&bytes, off) {
+            off = next;
+        }
+        if off > 0 {
+            last = Some((path, off));
+        }
+    }
+    last.expect("a log with records")
+}
+
+// ---------------------------------------------------------------------------
+// Damaged logs.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_torn_tail_is_cut_and_everything_before_it_recovered() {
+    let s = Setup::new("torn", "");
+    let mut b = s.start(2);
+    let sub = id_on("torn-sub", 0, 2);
+    offline_subscriber(&b, &sub, "torn/#");
+    let (mut p, _) = Raw::connect(b.addr, Version::V5, &id_on("torn-pub", 1, 2), true);
+    publish_acked(&mut p, "torn/t", "m", 0..5);
+    b.kill9();
+
+    // A record half written when the process died: a length, then garbage.
+    let (seg, end) = log_end(&s.shard_dir(0));
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[end..end + 4].copy_from_slice(&200u32.to_le_bytes());
+    bytes[end + 4..end + 40].fill(0xA5);
+    std::fs::write(&seg, bytes).unwrap();
+
+    let b = s.start(2);
+    let log = b.log_text();
+    assert!(log.contains("torn tail at"), "the cut is reported:\n{log}");
+    assert!(
+        log.contains(&format!("offset {end}")),
+        "with its offset:\n{log}"
+    );
+    let (present, got) = drain(&b, &sub);
+    assert!(present);
+    assert_eq!(got, numbered("m", 0..5));
+}
+
+#[test]
+fn a_corrupt_record_is_reported_with_its_position_and_kept_aside() {
+    let s = Setup::new("corrupt", "");
+    let mut b = s.start(2);
+    let sub = id_on("corrupt-sub", 0, 2);
+    offline_subscriber(&b, &sub, "corrupt/#");
+    // On the subscriber's shard: its deliveries are logged before PUBACK.
+    let (mut p, _) = Raw::connect(b.addr, Version::V5, &id_on("corrupt-pub", 0, 2), true);
+    publish_acked(&mut p, "corrupt/t", "m", 0..20);
+    b.kill9();
+
+    // Flip one byte of a record in the middle of shard 0's log.
+    let dir = s.shard_dir(0);
+    let (seg, _) = log_end(&dir);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mut offsets = Vec::new();
+    let mut off = 0;
+    while let Read::Record(_, next) = read(&bytes, off) {
+        offsets.push(off);
+        off = next;
+    }
+    assert!(offsets.len() > 10, "enough records: {}", offsets.len());
+    let victim = offsets[offsets.len() / 2];
+    bytes[victim + 20] ^= 0x10;
+    std::fs::write(&seg, bytes).unwrap();
+
+    let b = s.start(2);
+    let log = b.log_text();
+    assert!(log.contains("corrupt record"), "reported:\n{log}");
+    assert!(
+        log.contains(&format!("offset {victim}")) && log.contains("NOT replayed"),
+        "with its position and what was cut:\n{log}"
+    );
+    let kept = s.data.join("damaged");
+    let files: Vec<_> = std::fs::read_dir(&kept)
+        .expect("damaged segments are kept")
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .collect();
+    assert!(!files.is_empty(), "segment copies in {}", kept.display());
+    // The broker serves.
+    let (mut w, _) = Raw::connect(b.addr, Version::V5, "after-damage", true);
+    assert_eq!(w.subscribe(1, "alive/#", QoS::AtLeastOnce), vec![1]);
+    publish_qos1(&mut p_after(&b), "alive/x", b"yes", 1);
+    assert_eq!(&w.recv_publish().payload[..], b"yes");
+}
+
+fn p_after(b: &ChildBroker) -> Raw {
+    Raw::connect(b.addr, Version::V5, "after-damage-pub", true).0
+}
+
+// ---------------------------------------------------------------------------
+// A full disk.
+// ---------------------------------------------------------------------------
+
+/// A size-capped tmpfs mounted for one test, unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "the full-disk test mounts a {size} tmpfs at {} and needs root (CAP_SYS_ADMIN)",
+            dir.display()
+        );
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_new_messages_with_0x97_and_loses_nothing() {
+    let root = temp_dir("full-disk");
+    let disk = SmallDisk::mount(&root.join("disk"), "10m");
+    let s = Setup::in_dir(disk.0.clone(), "");
+    let mut b = s.start(2);
+    let sub = id_on("full-sub", 1, 2);
+    offline_subscriber(&b, &sub, "full/#");
+    let mut watcher = Raw::connect(b.addr, Version::V5, &id_on("full-watch", 1, 2), true).0;
+    assert_eq!(watcher.subscribe(1, "qos0/#", QoS::AtMostOnce), vec![0]);
+    let (mut p, _) = Raw::connect(b.addr, Version::V5, &id_on("full-pub", 0, 2), true);
+
+    // Fill: 16 KiB messages for the offline session until one is refused.
+    let payload = vec![b'x'; 16 << 10];
+    let mut acked = 0u32;
+    let refused = loop {
+        assert!(acked < 2000, "the disk never filled");
+        p.publish("full/t", &payload, QoS::AtLeastOnce, false, 1);
+        match p.recv() {
+            Some(Packet::PubAck(a)) if a.reason == 0 => acked += 1,
+            Some(Packet::PubAck(a)) => break a.reason,
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    };
+    assert_eq!(refused, reason::QUOTA_EXCEEDED);
+    assert!(acked > 50, "only {acked} messages fitted");
+    assert!(
+        b.log_text().contains("no disk space for a new log segment"),
+        "the full disk is logged:\n{}",
+        b.log_text()
+    );
+    // QoS 0 still flows, and the publisher's connection is still open.
+    p.publish("qos0/t", b"still here", QoS::AtMostOnce, false, 0);
+    assert_eq!(&watcher.recv_publish().payload[..], b"still here");
+    p.publish("full/t", &payload, QoS::AtLeastOnce, false, 2);
+    match p.recv() {
+        Some(Packet::PubAck(a)) => assert_eq!((a.packet_id, a.reason), (2, 0x97)),
+        other => panic!("expected PUBACK 0x97, got {other:?}"),
+    }
+
+    // Every acknowledged message reaches the offline session.
+    let (present, got) = drain(&b, &sub);
+    assert!(present);
+    assert_eq!(got.len(), acked as usize, "acknowledged messages delivered");
+
+    // Once they are consumed, compaction frees the disk and messages are
+    // taken again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        p.publish("full/t", b"small", QoS::AtLeastOnce, false, 3);
+        match p.recv() {
+            Some(Packet::PubAck(a)) if a.reason == 0 => break,
+            Some(Packet::PubAck(_)) => {}
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the log never had room again:\n{}",
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = b.log_text();
+    b.kill9();
+    let b = s.start(2);
+    let (_, got) = drain(&b, &sub);
+    assert!(
+        got == vec!["small".to_string()],
+        "and it survives a restart, alone: got {} messages ({:?}...)\nfirst run:\n{before}\nrestart:\n{}",
+        got.len(),
+        got.iter().map(|g| &g[..g.len().min(8)]).collect::<Vec<_>>(),
+        b.log_text()
+    );
+    drop(b);
+    drop(disk);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+// ---------------------------------------------------------------------------
+// Restarts.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn sessions_rehome_when_the_shard_count_changes() {
+    let s = Setup::new("rehome", "");
+    let mut b = s.start(2);
+    let ids: Vec<String> = (0..6).map(|i| format!("rehome-{i}")).collect();
+    for id in &ids {
+        offline_subscriber(&b, id, "rehome/#");
+    }
+    let (mut p, _) = Raw::connect(b.addr, Version::V5, "rehome-pub", true);
+    publish_acked(&mut p, "rehome/t", "q", 0..3);
+    p.publish("rh-retained/x", b"kept", QoS::AtLeastOnce, true, 1);
+    expect_puback(&mut p, 1);
+    b.kill9();
+
+    for shards in [3, 1] {
+        let mut b = s.start(shards);
+        for id in &ids {
+            let (present, got) = drain(&b, id);
+            assert!(present, "{id} with {shards} shards");
+            let want = if shards == 3 {
+                numbered("q", 0..3)
+            } else {
+                vec![]
+            };
+            assert_eq!(got, want, "{id} with {shards} shards");
+        }
+        let (mut w, _) = Raw::connect(b.addr, Version::V5, &format!("rehome-w{shards}"), true);
+        w.subscribe(1, "rh-retained/+", QoS::AtLeastOnce);
+        assert_eq!(&w.recv_publish().payload[..], b"kept");
+        b.stop();
+    }
+}
+
+#[test]
+fn expiry_counts_wall_clock_time_across_a_restart() {
+    let s = Setup::new("expiry", "");
+    let mut b = s.start(2);
+    // A session that expires 2 s after it disconnects.
+    let (mut short, _) = Raw::connect_with(b.addr, v5("exp-short", true, 2));
+    short.subscribe(1, "exp/#", QoS::AtLeastOnce);
+    short.send(&Packet::Disconnect(Disconnect::default()));
+    short.expect_close();
+    offline_subscriber(&b, "exp-long", "exp/#");
+    let (mut p, _) = Raw::connect(b.addr, Version::V5, "exp-pub", true);
+    for (payload, expiry) in [("soon", 2u32), ("later", 600)] {
+        let mut m = publish("exp/t", payload.as_bytes(), QoS::AtLeastOnce, false, 1);
+        m.properties.message_expiry_interval = Some(expiry);
+        p.send(&Packet::Publish(m));
+        expect_puback(&mut p, 1);
+    }
+    let published = Instant::now();
+    b.kill9();
+    std::thread::sleep(Duration::from_millis(3000));
+
+    let b = s.start(2);
+    let (_, ack) = Raw::connect_with(b.addr, v5("exp-short", false, 2));
+    assert!(
+        !ack.session_present,
+        "the 2 s session expired while stopped"
+    );
+    let (mut long, ack) = Raw::connect_with(b.addr, v5("exp-long", false, 3600));
+    assert!(ack.session_present);
+    let m = long.recv_publish();
+    assert_eq!(
+        &m.payload[..],
+        b"later",
+        "the 2 s message expired while stopped"
+    );
+    let left = m.properties.message_expiry_interval.unwrap();
+    let waited = published.elapsed().as_secs() as u32;
+    assert!(left <= 600 - waited + 1, "{left} s left after {waited} s");
+    long.expect_silence(QUIET);
+}
+
+#[test]
+fn a_delayed_publish_survives_a_restart() {
+    let s = Setup::new("delayed", "");
+    let mut b = s.start(2);
+    offline_subscriber(&b, "delayed-sub", "del/#");
+    let (mut p, _) = Raw::connect(b.addr, Version::V5, "delayed-pub", true);
+    publish_qos1(&mut p, "$delayed/2/del/t", b"later", 1);
+    let published = Instant::now();
+    b.kill9();
+
+    let b = s.start(2);
+    let (mut sub, ack) = Raw::connect_with(b.addr, v5("delayed-sub", false, 3600));
+    assert!(ack.session_present);
+    let m = sub.recv_publish();
+    assert_eq!((&*m.topic, &m.payload[..]), ("del/t", &b"later"[..]));
+    assert!(
+        published.elapsed() >= Duration::from_millis(1900),
+        "not before its time: {:?}",
+        published.elapsed()
+    );
+    sub.send(&puback(m.packet_id));
+    sub.expect_silence(QUIET);
+}
+
+#[test]
+fn wills_survive_a_restart() {
+    let s = Setup::new("wills", "");
+    let mut b = s.start(2);
+    offline_subscriber(&b, "will-watch", "w/#");
+    let will = |topic: &str, delay: u32| Will {
+        topic: topic.into(),
+        payload: bytes::Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Properties {
+            will_delay_interval: Some(delay),
+            ..Properties::default()
+        },
+    };
+    // w/delayed: its connection drops, the will waits 2 s for its delay.
+    let mut c = v5("will-delayed", true, 60);
+    c.will = Some(will("w/delayed", 2));
+    let (dropped, _) = Raw::connect_with(b.addr, c);
+    drop(dropped);
+    // w/crash: still connected when the broker dies.
+    let mut c = v5("will-crash", true, 60);
+    c.will = Some(will("w/crash", 0));
+    let (_connected, _) = Raw::connect_with(b.addr, c);
+    std::thread::sleep(Duration::from_millis(300));
+    b.kill9();
+
+    let b = s.start(2);
+    let (mut w, ack) = Raw::connect_with(b.addr, v5("will-watch", false, 3600));
+    assert!(ack.session_present);
+    let mut topics = Vec::new();
+    while topics.len() < 2 {
+        let m = w.recv_publish();
+        w.send(&puback(m.packet_id));
+        topics.push(m.topic.to_string());
+    }
+    topics.sort();
+    assert_eq!(topics, vec!["w/crash", "w/delayed"]);
+}
+
+#[test]
+fn compaction_keeps_the_log_bounded() {
+    let s = Setup::new("compact", "");
+    let b = s.start(2);
+    let sub = id_on("compact-sub", 1, 2);
+    let (mut c, _) = Raw::connect_with(b.addr, v5(&sub, true, 3600));
+    c.subscribe(1, "compact/#", QoS::AtLeastOnce);
+    let (mut p, _) = Raw::connect(b.addr, Version::V5, &id_on("compact-pub", 0, 2), true);
+    // 24 MiB through a persistent subscriber that acks everything, with
+    // 1 MiB segments.
+    let payload = vec![b'c'; 4096];
+    for i in 0..6000u32 {
+        p.publish("compact/t", &payload, QoS::AtLeastOnce, false, 1);
+        expect_puback(&mut p, 1);
+        let m = c.recv_publish();
+        c.send(&puback(m.packet_id));
+        if i % 1000 == 999 {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let bytes: u64 = (0..2)
+        .flat_map(|shard| segment_files(&s.shard_dir(shard)).unwrap())
+        .map(|(_, p)| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        bytes <= 10 << 20,
+        "the logs hold {} MiB after 24 MiB went through",
+        bytes >> 20
+    );
+}
+
+#[test]
+fn a_second_broker_on_the_same_data_dir_is_refused() {
+    let s = Setup::new("lock", "");
+    let _first = s.start(1);
+    let args = s.args(1);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let log = match ChildBroker::try_start(&args) {
+        Ok(_) => panic!("a second broker started on the same data directory"),
+        Err(log) => log,
+    };
+    assert!(log.contains("is in use by another shardmq"), "{log}");
+}
+
+#[test]
+fn power_safe_mode_acknowledges_after_sync_and_survives_kill_9() {
+    let s = Setup::new("power", "durability = \"power_safe\"\n");
+    let mut b = s.start(2);
+    let sub = id_on("power-sub", 0, 2);
+    offline_subscriber(&b, &sub, "power/#");
+    let (mut p, _) = Raw::connect(b.addr, Version::V5, &id_on("power-pub", 1, 2), true);
+    publish_acked(&mut p, "power/t", "p", 0..50);
+    for i in 0..20u16 {
+        p.publish(
+            "power/t2",
+            format!("x{i}").as_bytes(),
+            QoS::ExactlyOnce,
+            false,
+            100 + i,
+        );
+        match p.recv() {
+            Some(Packet::PubRec(r)) => assert_eq!(r.reason, 0),
+            other => panic!("expected PUBREC, got {other:?}"),
+        }
+        p.send(&Packet::PubRel(pub_resp(100 + i)));
+        assert!(matches!(p.recv(), Some(Packet::PubComp(_))));
+    }
+    b.kill9();
+    let b = s.start(2);
+    let (present, got) = drain(&b, &sub);
+    assert!(present);
+    let mut want = numbered("p", 0..50);
+    want.extend(numbered("x", 0..20));
+    assert_eq!(got, want);
+}
