@@ -60,8 +60,10 @@ fn a_port_in_use_is_refused_instead_of_shared() {
 
 #[test]
 fn sigterm_disconnects_v5_clients_with_0x8b_and_exits_cleanly() {
+    let data = std::env::temp_dir().join(format!("shardmq-sigterm-{}", std::process::id()));
     let mut child = shardmq()
-        .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+        .args(["--listen", "127.0.0.1:0", "--shards", "2", "--data-dir"])
+        .arg(&data)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -88,4 +90,17 @@ fn sigterm_disconnects_v5_clients_with_0x8b_and_exits_cleanly() {
     assert_eq!(client.expect_close(), Some(0x8B));
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+    assert!(data.join("CURRENT").exists(), "the log lives in --data-dir");
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+#[test]
+fn a_bad_durability_is_refused_with_its_key() {
+    let out = shardmq()
+        .args(["--listen", "127.0.0.1:0", "--durability", "sometimes"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("storage.durability"), "{err}");
 }
