@@ -65,6 +65,11 @@ pub struct Args {
     pub size: usize,
     pub version: Version,
     pub keepalive: u16,
+    /// Clean session (3.x) / Clean Start (5.0).
+    pub clean: bool,
+    /// 5.0 Session Expiry Interval, seconds (3.x: a persistent session when
+    /// `clean` is false).
+    pub session_expiry: u32,
     pub username: Option<String>,
     pub password: Option<String>,
     /// 0 = no limit.
@@ -111,6 +116,9 @@ COMMON OPTIONS (emqtt-bench names):
                            as --max-connecting allows)
   -V, --version 3|4|5      MQTT 3.1, 3.1.1 or 5.0 (default 5)
   -k, --keepalive SECS     keepalive (default 300)
+  -C, --clean true|false   clean session / Clean Start (default true); false
+                           with -x > 0 (5.0) keeps a persistent session
+  -x, --session-expiry S   5.0 Session Expiry Interval (default 0)
   -u, --username USER      username
   -P, --password PASS      password
       --prefix PREFIX      client id prefix (default smqb); ids are
@@ -209,6 +217,8 @@ pub fn parse(argv: Vec<String>) -> Result<Option<Args>, String> {
         size: if command == Command::Bench { 64 } else { 256 },
         version: Version::V5,
         keepalive: 300,
+        clean: true,
+        session_expiry: 0,
         username: None,
         password: None,
         limit: 0,
@@ -294,6 +304,14 @@ pub fn parse(argv: Vec<String>) -> Result<Option<Args>, String> {
                 }
             }
             "-k" | "--keepalive" => a.keepalive = parse_num(&flag, &value()?)?,
+            "-C" | "--clean" => {
+                a.clean = match value()?.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    v => return Err(format!("{flag} {v:?}: true or false")),
+                }
+            }
+            "-x" | "--session-expiry" => a.session_expiry = parse_num(&flag, &value()?)?,
             "-u" | "--username" => a.username = Some(value()?),
             "-P" | "--password" => a.password = Some(value()?),
             "-L" | "--limit" => a.limit = parse_num(&flag, &value()?)?,

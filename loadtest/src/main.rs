@@ -60,6 +60,8 @@ fn main() -> ExitCode {
         addr,
         version: args.version,
         keepalive: args.keepalive,
+        clean: args.clean,
+        session_expiry: args.session_expiry,
         username: args.username.clone(),
         password: args.password.clone(),
         timeout: args.connect_timeout,

@@ -27,6 +27,8 @@ pub struct ConnectOpts {
     pub addr: SocketAddr,
     pub version: Version,
     pub keepalive: u16,
+    pub clean: bool,
+    pub session_expiry: u32,
     pub username: Option<String>,
     pub password: Option<String>,
     pub timeout: Duration,
@@ -73,13 +75,17 @@ impl Conn {
         };
         let connect = Connect {
             version: opts.version,
-            clean_start: true,
+            clean_start: opts.clean,
             keep_alive: opts.keepalive,
             client_id: client_id.to_string(),
             will: None,
             username: opts.username.clone(),
             password: opts.password.clone().map(Bytes::from),
-            properties: Default::default(),
+            properties: shardmq::codec::Properties {
+                session_expiry_interval: (opts.version.is_v5() && opts.session_expiry > 0)
+                    .then_some(opts.session_expiry),
+                ..Default::default()
+            },
         };
         encode(
             &Packet::Connect(Box::new(connect)),

@@ -69,6 +69,9 @@ pub struct Log {
     next_seq: u64,
     /// Segments written since the last [`Log::take_dirty`].
     dirty: Vec<PathBuf>,
+    /// Sync the directory after creating or deleting segments (power-safe
+    /// mode; a killed process loses no directory entry, a power cut can).
+    sync_dirs: bool,
 }
 
 impl Log {
@@ -92,10 +95,16 @@ impl Log {
             next_index: first_index + 1,
             sealed: VecDeque::new(),
             next_seq: first_seq,
+            sync_dirs: true,
         };
         log.ensure_spare();
         sync_dir(dir)?;
         Ok(log)
+    }
+
+    /// Whether creating and deleting segments syncs the directory.
+    pub fn set_sync_dirs(&mut self, on: bool) {
+        self.sync_dirs = on;
     }
 
     /// Largest body one record can carry.
@@ -148,8 +157,10 @@ impl Log {
             Ok(s) => {
                 self.next_index += 1;
                 self.spare = Some(s);
-                if let Err(e) = sync_dir(&self.dir) {
-                    log::warn!("cannot sync {}: {e}", self.dir.display());
+                if self.sync_dirs {
+                    if let Err(e) = sync_dir(&self.dir) {
+                        log::warn!("cannot sync {}: {e}", self.dir.display());
+                    }
                 }
                 true
             }
@@ -224,7 +235,7 @@ impl Log {
             std::fs::remove_file(&s.path)?;
             removed = true;
         }
-        if removed {
+        if removed && self.sync_dirs {
             sync_dir(&self.dir)?;
         }
         Ok(())

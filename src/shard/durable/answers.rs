@@ -98,6 +98,12 @@ impl Store {
         }
     }
 
+    /// Where accept `id` is among the unsettled ones (they are in id
+    /// order), if it is unsettled.
+    pub(super) fn accepted_index(&self, id: u64) -> Option<usize> {
+        self.accepted.binary_search_by_key(&id, |a| a.id).ok()
+    }
+
     /// Advance the settled frontier past every accept all its destinations
     /// answered.
     fn settle(&mut self) {

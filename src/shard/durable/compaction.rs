@@ -152,9 +152,9 @@ fn live_size(st: &State, obj: &Obj, victim: u64) -> u64 {
             .filter(|d| d.1.seg <= victim)
             .map(|d| d.1.bytes),
         Obj::Accepted(id) => store
-            .accepted
-            .iter()
-            .find(|a| a.id == *id && a.seg <= victim)
+            .accepted_index(*id)
+            .map(|i| &store.accepted[i])
+            .filter(|a| a.seg <= victim)
             .map(|a| a.bytes),
     };
     u64::from(bytes.unwrap_or(0))
@@ -311,13 +311,13 @@ fn rewrite_delayed(
 }
 
 fn rewrite_accepted(store: &mut Store, id: u64, victim: u64) -> bool {
-    let Some(a) = store
-        .accepted
-        .iter()
-        .find(|a| a.id == id && a.seg <= victim)
-    else {
+    let Some(i) = store.accepted_index(id) else {
         return true;
     };
+    let a = &store.accepted[i];
+    if a.seg > victim {
+        return true;
+    }
     // `from` stays out: the QoS 2 packet id lives in the publisher's
     // session record (written after the original), and may be released by
     // now; repeating it would bring a released id back.
@@ -335,11 +335,7 @@ fn rewrite_accepted(store: &mut Store, id: u64, victim: u64) -> bool {
     };
     store.live_bytes = store.live_bytes - u64::from(old) + u64::from(bytes);
     store.track(seg, Obj::Accepted(id));
-    let a = store
-        .accepted
-        .iter_mut()
-        .find(|a| a.id == id)
-        .expect("present");
+    let a = &mut store.accepted[i];
     a.seg = seg;
     a.bytes = bytes;
     true

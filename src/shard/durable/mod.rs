@@ -199,6 +199,8 @@ impl Store {
             status,
         } = env;
         let next = log.next_seq();
+        let mut log = log;
+        log.set_sync_dirs(mode == Durability::PowerSafe);
         Store {
             log,
             mode,
