@@ -84,9 +84,23 @@ impl Log {
         first_index: u64,
         first_seq: u64,
     ) -> io::Result<Log> {
+        let mut log = Self::create_without_spare(dir, segment_bytes, first_index, first_seq)?;
+        log.ensure_spare();
+        Ok(log)
+    }
+
+    /// As [`Log::create`], without making the spare segment yet (recovery:
+    /// the old generation still takes its room; the shard makes the spare
+    /// on its first tick).
+    pub fn create_without_spare(
+        dir: &Path,
+        segment_bytes: usize,
+        first_index: u64,
+        first_seq: u64,
+    ) -> io::Result<Log> {
         std::fs::create_dir_all(dir)?;
         let current = Segment::create(dir, first_index, segment_bytes)?;
-        let mut log = Log {
+        let log = Log {
             dir: dir.to_path_buf(),
             segment_bytes,
             dirty: vec![current.path().to_path_buf()],
@@ -97,7 +111,6 @@ impl Log {
             next_seq: first_seq,
             sync_dirs: true,
         };
-        log.ensure_spare();
         sync_dir(dir)?;
         Ok(log)
     }

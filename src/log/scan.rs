@@ -103,6 +103,8 @@ pub struct ScanReport {
     pub bytes: u64,
     /// Sequence number of the last record replayed.
     pub last_seq: Option<u64>,
+    /// The segment holding that record.
+    pub last_segment: Option<PathBuf>,
     /// Where reading stopped early, if it did.
     pub damage: Option<Damage>,
 }
@@ -149,6 +151,9 @@ pub fn scan(dir: &Path, mut f: impl FnMut(RecordRef<'_>)) -> io::Result<ScanRepo
                     report.records += 1;
                     report.bytes += (next - off) as u64;
                     report.last_seq = Some(r.seq);
+                    if report.last_segment.as_ref() != Some(path) {
+                        report.last_segment = Some(path.clone());
+                    }
                     expected = Some(r.seq + 1);
                     off = next;
                     continue;

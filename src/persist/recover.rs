@@ -198,10 +198,9 @@ pub fn recover(settings: &RecoverySettings) -> Result<Recovery, RecoveryError> {
             let (image, report, bad) = read_shard(&path, shard, &clock)
                 .map_err(io(&format!("read {}", path.display())))?;
             lines.push(describe(shard, &report, bad));
-            if let Some(d) = &report.damage {
-                if d.is_corruption() {
-                    keep_damaged(&dir, gen, shard, &report);
-                }
+            match &report.damage {
+                Some(d) if d.is_corruption() => keep_damaged(&dir, gen, shard, &report),
+                _ => drop_empty_segments(&report),
             }
             images.push(image);
         }
@@ -291,6 +290,22 @@ fn describe(shard: usize, r: &ScanReport, bad: u64) -> String {
         }
     }
     line
+}
+
+/// Delete the segments after the last one holding a record (the spare,
+/// all zeros): the next generation needs their room more, on a full disk.
+fn drop_empty_segments(report: &ScanReport) {
+    let Some(last) = report.last_segment.as_ref() else {
+        return;
+    };
+    let Some(pos) = report.segments.iter().position(|p| p == last) else {
+        return;
+    };
+    for empty in &report.segments[pos + 1..] {
+        if let Err(e) = std::fs::remove_file(empty) {
+            log::warn!("cannot delete the empty segment {}: {e}", empty.display());
+        }
+    }
 }
 
 /// Copy the segment files of a damaged log aside for inspection.
@@ -719,7 +734,7 @@ fn write_generation(
     };
     let mut starts = Vec::with_capacity(n);
     for shard in 0..n {
-        let mut log = Log::create(
+        let mut log = Log::create_without_spare(
             &dir.shard_dir(generation, shard),
             settings.segment_bytes,
             0,

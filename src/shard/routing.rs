@@ -299,13 +299,11 @@ impl Shard {
                 keys.push(t.session);
             }
         }
-        if groups.is_empty() && origin.is_some() && !scope.shared.is_empty() {
-            if let Some(id) = Self::next_message_id(st) {
-                Self::store_message(st, id, None, origin, scope.clone(), Vec::new());
-            }
+        if let Some(o) = origin.filter(|_| groups.is_empty() && !scope.shared.is_empty()) {
+            Self::store_marker(st, o, scope.clone());
         }
         for (id, group) in groups {
-            Self::store_message(st, id, Some(message), origin, scope.clone(), group);
+            Self::store_message(st, id, message, origin, scope.clone(), group);
         }
         for key in keys {
             Self::after_step(st, key);
@@ -690,7 +688,7 @@ impl Shard {
                     retain: true,
                     subscription_ids: subscription_ids.clone(),
                 };
-                Self::store_message(st, id, Some(m), None, Scope::default(), vec![target]);
+                Self::store_message(st, id, m, None, Scope::default(), vec![target]);
             }
         }
         if gathered {

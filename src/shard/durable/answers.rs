@@ -121,34 +121,15 @@ impl Store {
         }
     }
 
-    /// Drop the markers (and finished unlogged proofs) of `from`'s messages
-    /// up to its settled frontier `upto`.
+    /// `from`'s settled frontier moved to `upto` (for this shard itself:
+    /// its Settled record is durable). Proofs of application up to it are
+    /// no longer needed (compaction drops them).
     fn forget_settled(&mut self, from: usize, upto: u64) {
         if from == usize::from(self.me) {
             self.settled_sent = self.settled_sent.max(upto);
         } else {
             self.known_settled[from] = self.known_settled[from].max(upto);
         }
-        let mut freed = 0;
-        let me = self.me;
-        let known = &self.known_settled;
-        let settled_sent = self.settled_sent;
-        self.messages.retain(|_, m| {
-            let settled = m.origin.is_some_and(|o| {
-                let frontier = if o.shard == me {
-                    settled_sent
-                } else {
-                    known[usize::from(o.shard)]
-                };
-                o.id <= frontier
-            });
-            let keep = m.message.is_some() || !settled || !m.logged;
-            if !keep {
-                freed += u64::from(m.bytes);
-            }
-            keep
-        });
-        self.live_bytes -= freed;
     }
 }
 

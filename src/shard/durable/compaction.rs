@@ -54,9 +54,16 @@ impl Shard {
             .range(..=victim)
             .flat_map(|(_, v)| v.iter().cloned())
             .collect();
+        let proofs: Vec<(crate::persist::Origin, crate::persist::Scope)> = store
+            .proofs
+            .range(..=victim)
+            .flat_map(|(_, v)| v.iter().cloned())
+            .filter(|(o, _)| store.unsettled(Some(*o)))
+            .collect();
         if store.full {
             // Only what fits beside the room kept for bookkeeping.
-            let need: u64 = objs.iter().map(|o| live_size(st, o, victim)).sum();
+            let markers = proofs.len() as u64 * 64;
+            let need: u64 = objs.iter().map(|o| live_size(st, o, victim)).sum::<u64>() + markers;
             let room = store.log.current_room() - store.log.segment_bytes() / 2;
             if need > room as u64 {
                 return false;
@@ -103,7 +110,13 @@ impl Shard {
                 return false;
             }
         }
+        for (origin, scope) in proofs {
+            if store.put_marker(origin, scope).is_err() {
+                return false;
+            }
+        }
         store.by_seg = store.by_seg.split_off(&(victim + 1));
+        store.proofs = store.proofs.split_off(&(victim + 1));
         if store.mode == Durability::PowerSafe {
             // The rewritten copies must be durable before the originals go.
             store.pending_removal = Some((store.log.next_seq(), victim));

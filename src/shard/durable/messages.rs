@@ -1,8 +1,14 @@
 //! What a shard stores of routed messages: deliveries to its persistent
-//! sessions (Message records), markers that it applied a message, retained
-//! messages and delayed publishes.
+//! sessions (Message records), proofs that it applied a routed message
+//! (markers), retained messages and delayed publishes.
 //!
-//! Shard-local.
+//! Shard-local. A Message record that names an origin is also proof that
+//! this shard applied it, which recovery needs until the origin settles.
+//! Once its deliveries finish, the record is dead as a message but kept as
+//! a proof, remembered per segment: when compaction reaches the segment and
+//! the origin is still unsettled, a small marker record is written at the
+//! head instead. (Origins settle within milliseconds; compaction reaches a
+//! segment much later, so markers are rarely written.)
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,6 +16,7 @@ use std::time::Instant;
 use smallvec::SmallVec;
 
 use crate::codec::QoS;
+use crate::log::AppendError;
 use crate::message::Message;
 use crate::persist::{Origin, Rec, Scope, Sid, Target, TargetState};
 use crate::session::SubIds;
@@ -20,10 +27,7 @@ use super::{Obj, Placed, RetainedMeta, SessionKey, Shard, State, Store, TARGETS_
 /// A message stored for this shard's persistent sessions.
 #[derive(Debug)]
 pub(super) struct StoredMessage {
-    /// None for a marker: every delivery finished (or there was none) while
-    /// its origin is not yet settled, and the record must stay as proof
-    /// that this shard applied it.
-    pub(super) message: Option<Arc<Message>>,
+    pub(super) message: Arc<Message>,
     pub(super) origin: Option<Origin>,
     pub(super) scope: Scope,
     /// Sessions with an unfinished delivery.
@@ -62,7 +66,7 @@ impl StoreTarget {
 pub(super) struct MessageHead {
     origin: Option<Origin>,
     scope: Scope,
-    message: Option<Arc<Message>>,
+    message: Arc<Message>,
 }
 
 impl StoredMessage {
@@ -84,27 +88,22 @@ impl Store {
         id: u64,
         m: &MessageHead,
         targets: &[Target],
-    ) -> Result<(u64, u32), crate::log::AppendError> {
+    ) -> Result<(u64, u32), AppendError> {
         let mut first = None;
         let mut total = 0;
-        let chunks: Vec<&[Target]> = if targets.is_empty() {
-            vec![&[]]
-        } else {
-            targets.chunks(TARGETS_PER_RECORD).collect()
-        };
-        for chunk in chunks {
+        for chunk in targets.chunks(TARGETS_PER_RECORD) {
             let rec = Rec::Message {
                 id,
                 origin: m.origin,
                 scope: m.scope.clone(),
-                message: m.message.clone(),
+                message: Some(m.message.clone()),
                 targets: chunk.to_vec(),
             };
             let (seg, bytes) = self.put(&rec)?;
             first.get_or_insert(seg);
             total += bytes;
         }
-        Ok((first.expect("at least one chunk"), total))
+        Ok((first.unwrap_or_else(|| self.log.current_index()), total))
     }
 
     /// Record `m` as message `id`: logged, or held for a retry.
@@ -125,6 +124,31 @@ impl Store {
         self.messages.insert(id, m);
     }
 
+    /// Write a marker that this shard applied `origin` (serving `scope`).
+    pub(super) fn put_marker(&mut self, origin: Origin, scope: Scope) -> Result<(), AppendError> {
+        let id = self.next_message_id;
+        let rec = Rec::Message {
+            id,
+            origin: Some(origin),
+            scope: scope.clone(),
+            message: None,
+            targets: Vec::new(),
+        };
+        let (seg, _) = self.put(&rec)?;
+        self.next_message_id += 1;
+        self.proofs.entry(seg).or_default().push((origin, scope));
+        Ok(())
+    }
+
+    /// Write a marker, or when the log is full keep it (and the answer to
+    /// its origin) waiting for room.
+    pub(super) fn marker_or_retry(&mut self, origin: Origin, scope: Scope) {
+        if self.put_marker(origin, scope.clone()).is_err() {
+            self.hold_answer(Some(origin));
+            self.retry.push_back(Retry::Marker { origin, scope });
+        }
+    }
+
     /// A restored stored message and the sessions holding it.
     pub(in crate::shard) fn restore_message(
         &mut self,
@@ -137,7 +161,7 @@ impl Store {
         self.live_bytes += u64::from(bytes);
         self.track(seg, Obj::Message(id));
         let m = StoredMessage {
-            message: Some(message),
+            message,
             origin: None,
             scope: Scope::default(),
             sessions,
@@ -159,30 +183,31 @@ impl Store {
         if !m.sessions.is_empty() {
             return;
         }
-        let origin = m.origin;
-        if self.unsettled(origin) {
-            // Keep the record (or, unlogged, write it when room returns) as
-            // proof this shard applied `origin`, until the origin settles.
-            self.messages.get_mut(&id).expect("present").message = None;
-            return;
-        }
         let m = self.messages.remove(&id).expect("present");
         if m.logged {
             self.live_bytes -= u64::from(m.bytes);
-        } else {
-            self.release_answer(origin);
+            if let Some(o) = m.origin {
+                // The dead record stays as proof of application.
+                self.proofs.entry(m.seg).or_default().push((o, m.scope));
+            }
+            return;
+        }
+        // Never written: the proof still has to be, while the origin is
+        // unsettled.
+        self.release_answer(m.origin);
+        if let Some(o) = m.origin.filter(|_| self.unsettled(m.origin)) {
+            self.marker_or_retry(o, m.scope);
         }
     }
 }
 
 impl Shard {
     /// Store message `id`'s deliveries just handed to sessions (routing gave
-    /// every target a distinct session); with no message and no targets, a
-    /// marker that this shard applied `origin`.
+    /// every target a distinct session).
     pub(in crate::shard) fn store_message(
         st: &mut State,
         id: u64,
-        message: Option<&Arc<Message>>,
+        message: &Arc<Message>,
         origin: Option<Origin>,
         scope: Scope,
         targets: Vec<StoreTarget>,
@@ -191,7 +216,7 @@ impl Shard {
             return;
         };
         let m = StoredMessage {
-            message: message.cloned(),
+            message: message.clone(),
             origin,
             scope,
             sessions: targets.iter().map(|t| t.key).collect(),
@@ -201,6 +226,14 @@ impl Shard {
         };
         let records: Vec<Target> = targets.iter().map(StoreTarget::queued).collect();
         store.insert_message(id, m, &records);
+    }
+
+    /// Record that this shard applied `origin` for `scope` without storing
+    /// any delivery (a shared pick served by a clean session, or passed on).
+    pub(in crate::shard) fn store_marker(st: &mut State, origin: Origin, scope: Scope) {
+        if let Some(store) = st.store.as_mut() {
+            store.marker_or_retry(origin, scope);
+        }
     }
 
     /// Store, replace or (empty payload) delete a retained topic's record.

@@ -132,6 +132,10 @@ pub(super) struct Store {
     delayed: HashMap<u64, (Instant, Placed)>,
     /// Objects by the segment of their first whole record.
     by_seg: BTreeMap<u64, Vec<Obj>>,
+    /// Dead Message records kept as proof that this shard applied their
+    /// origin, by segment: compaction writes a marker for each whose origin
+    /// is still unsettled.
+    proofs: BTreeMap<u64, Vec<(Origin, crate::persist::Scope)>>,
     /// Sum of the live objects' whole-record sizes.
     live_bytes: u64,
     /// Work that could not be logged, to write when room returns.
@@ -201,6 +205,16 @@ impl Store {
         let next = log.next_seq();
         let mut log = log;
         log.set_sync_dirs(mode == Durability::PowerSafe);
+        // Recovery made no spare segment (the old generation held the room).
+        let full = !log.ensure_spare();
+        status.store_full.set(full);
+        if full {
+            log::error!(
+                "shard {me}: no disk space for a log segment in {}: refusing QoS 1/2 messages \
+                 (0x97) until there is",
+                log.dir().display()
+            );
+        }
         Store {
             log,
             mode,
@@ -222,6 +236,7 @@ impl Store {
             retained: HashMap::new(),
             delayed: HashMap::new(),
             by_seg: BTreeMap::new(),
+            proofs: BTreeMap::new(),
             live_bytes: 0,
             retry: VecDeque::new(),
             synced_next: next,
@@ -232,7 +247,7 @@ impl Store {
             pending_removal: None,
             clock_seq: next,
             clock_at: Instant::now(),
-            full: false,
+            full,
             reported_full: false,
             compacting: false,
             compaction_stuck: false,

@@ -23,8 +23,10 @@ use super::{Obj, RetainedMeta, Shard, State};
 #[derive(Debug)]
 pub(in crate::shard) enum Retry {
     /// A stored message whose record could not be written: write it with
-    /// its deliveries' current state (or as a marker once they finished).
+    /// its deliveries' current state.
     Message(u64),
+    /// A marker (proof of application) that could not be written.
+    Marker { origin: Origin, scope: Scope },
     /// A retained topic whose record could not be written: write its
     /// current value.
     Retain {
@@ -108,6 +110,19 @@ impl Shard {
                 store.live_bytes += u64::from(bytes);
                 store.track(seg, Obj::Message(id));
                 store.release_answer(origin);
+                Ok(())
+            }
+            Retry::Marker { origin, scope } => {
+                let store = st.store.as_mut().expect("a store");
+                if store.unsettled(Some(origin)) {
+                    store
+                        .put_marker(origin, scope.clone())
+                        .map_err(|_| Retry::Marker {
+                            origin,
+                            scope: scope.clone(),
+                        })?;
+                }
+                store.release_answer(Some(origin));
                 Ok(())
             }
             Retry::Retain {
