@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::codec::{Properties, Publish, QoS, Topic};
+use crate::codec::{Properties, Publish, QoS, Topic, Will};
 
 /// Client identifier, shared between a session, its messages and the maps
 /// that index it.
@@ -75,6 +75,25 @@ impl Message {
             properties,
             expires_at,
             publisher,
+        }
+    }
+
+    /// The message a will becomes when it is published at `now`.
+    pub fn from_will(will: Will, now: Instant) -> Message {
+        let mut properties = will.properties;
+        properties.will_delay_interval = None;
+        let expires_at = properties
+            .message_expiry_interval
+            .take()
+            .map(|s| now + std::time::Duration::from_secs(u64::from(s)));
+        Message {
+            topic: will.topic,
+            payload: will.payload,
+            qos: will.qos,
+            retain: will.retain,
+            properties,
+            expires_at,
+            publisher: None,
         }
     }
 

@@ -330,18 +330,6 @@ fn counts(s: &Subscriber) -> BTreeMap<&str, usize> {
     m
 }
 
-/// A small deterministic generator for the kill moments.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 /// A client id whose session lives on `shard` of 2.
 fn id_on(prefix: &str, shard: usize) -> String {
     (0..)
@@ -373,7 +361,7 @@ fn crash_cycles(durability: &str, cycles: usize) {
                 | 1
         });
     eprintln!("crash test seed: {seed} (SHARDMQ_CRASH_SEED={seed} replays the kill moments)");
-    let mut rng = Rng(seed);
+    let mut rng = common::XorShift::new(seed);
     let dir = temp_dir(&format!("crash-{durability}"));
     let config = config_file(
         &dir,
@@ -442,7 +430,7 @@ fn crash_cycles(durability: &str, cycles: usize) {
         expect_retained(broker.addr, cycle);
         let stop = Arc::new(AtomicBool::new(false));
         let addr = broker.addr;
-        let kill_after = Duration::from_millis(100 + rng.below(400));
+        let kill_after = Duration::from_millis(100 + rng.below(400) as u64);
         std::thread::scope(|scope| {
             let mut handles = Vec::new();
             for p in publishers.iter_mut() {

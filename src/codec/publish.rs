@@ -59,54 +59,17 @@ pub(crate) fn decode(
     })))
 }
 
-/// (remaining length, property list length).
-#[inline]
-fn lens(p: &Publish, version: Version) -> (usize, usize) {
-    let mut remaining = field_len(p.topic.len()) + p.payload.len();
-    if p.qos != QoS::AtMostOnce {
-        remaining += 2;
-    }
-    let mut props = 0;
-    if version.is_v5() {
-        props = properties::len(&p.properties, PropKind::Publish);
-        remaining += properties::prefixed_len(props);
-    }
-    (remaining, props)
-}
-
 /// Remaining length of the encoding of `p`.
 #[inline]
 pub(crate) fn remaining_len(p: &Publish, version: Version) -> usize {
-    lens(p, version).0
+    PublishView::of(p).lens(version).0
 }
 
 /// Appends PUBLISH. The DUP flag is written only for QoS > 0
 /// (`[MQTT-3.3.1-2]`).
 #[inline]
 pub(crate) fn encode(p: &Publish, version: Version, out: &mut BytesMut) {
-    let (remaining, props) = lens(p, version);
-    let mut byte0 = (kind::PUBLISH << 4) | ((p.qos as u8) << 1);
-    if p.dup && p.qos != QoS::AtMostOnce {
-        byte0 |= DUP;
-    }
-    if p.retain {
-        byte0 |= RETAIN;
-    }
-    let topic = p.topic.as_bytes();
-    assert!(
-        topic.len() <= MAX_FIELD_LEN,
-        "topic of {} bytes exceeds 65535",
-        topic.len()
-    );
-    header::write_with_u16(out, byte0, remaining, topic.len() as u16);
-    out.put_slice(topic);
-    if p.qos != QoS::AtMostOnce {
-        out.put_u16(p.packet_id);
-    }
-    if version.is_v5() {
-        properties::encode(&p.properties, PropKind::Publish, props, out);
-    }
-    out.put_slice(&p.payload);
+    encode_view(&PublishView::of(p), version, out);
 }
 
 /// A PUBLISH described by borrowed parts: how the broker sends one shared
@@ -126,9 +89,9 @@ pub struct PublishView<'a> {
     pub packet_id: u16,
     /// Application payload.
     pub payload: &'a [u8],
-    /// The message's forwarded 5.0 properties. They must not hold a message
-    /// expiry, topic alias or subscription identifier: those come from the
-    /// fields below.
+    /// The message's 5.0 properties. A message expiry, topic alias or
+    /// subscription identifiers given in the fields below must not be here
+    /// too.
     pub properties: Option<&'a Properties>,
     /// Remaining Message Expiry Interval.
     pub message_expiry_interval: Option<u32>,
@@ -138,7 +101,23 @@ pub struct PublishView<'a> {
     pub subscription_identifiers: &'a [u32],
 }
 
-impl PublishView<'_> {
+impl<'a> PublishView<'a> {
+    /// The view of a whole [`Publish`]: its own properties, nothing added.
+    fn of(p: &'a Publish) -> PublishView<'a> {
+        PublishView {
+            dup: p.dup,
+            qos: p.qos,
+            retain: p.retain,
+            topic: &p.topic,
+            packet_id: p.packet_id,
+            payload: &p.payload,
+            properties: Some(&p.properties),
+            message_expiry_interval: None,
+            topic_alias: None,
+            subscription_identifiers: &[],
+        }
+    }
+
     fn extra(&self) -> properties::PublishExtra<'_> {
         properties::PublishExtra {
             message_expiry_interval: self.message_expiry_interval,
@@ -158,10 +137,11 @@ impl PublishView<'_> {
         if version.is_v5() {
             if let Some(p) = self.properties {
                 debug_assert!(
-                    p.message_expiry_interval.is_none()
-                        && p.topic_alias.is_none()
-                        && p.subscription_identifiers.is_empty(),
-                    "per-delivery properties come from the view's own fields"
+                    (self.message_expiry_interval.is_none() || p.message_expiry_interval.is_none())
+                        && (self.topic_alias.is_none() || p.topic_alias.is_none())
+                        && (self.subscription_identifiers.is_empty()
+                            || p.subscription_identifiers.is_empty()),
+                    "a per-delivery property is given twice"
                 );
                 base = properties::len(p, PropKind::Publish);
             }

@@ -429,7 +429,8 @@ impl<'a> Merge<'a> {
             if (expired || will_due) && s.will.is_some() {
                 let will = s.will.take().expect("checked");
                 s.will_due_ms = None;
-                self.wills.push(Arc::new(will_message(will)));
+                self.wills
+                    .push(Arc::new(Message::from_will(will, Instant::now())));
             }
             if expired {
                 self.sessions[i].ended = true;
@@ -593,25 +594,6 @@ impl<'a> Merge<'a> {
             }
         }
         self.retained.retain(|_, (m, _)| !m.payload.is_empty());
-    }
-}
-
-/// The message a will becomes when it is published.
-fn will_message(will: crate::codec::Will) -> Message {
-    let mut properties = will.properties;
-    properties.will_delay_interval = None;
-    let expires_at = properties
-        .message_expiry_interval
-        .take()
-        .map(|s| Instant::now() + std::time::Duration::from_secs(u64::from(s)));
-    Message {
-        topic: will.topic,
-        payload: will.payload,
-        qos: will.qos,
-        retain: will.retain,
-        properties,
-        expires_at,
-        publisher: None,
     }
 }
 

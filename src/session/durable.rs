@@ -5,19 +5,15 @@
 //! Still sans-IO: plain values in, plain values out. The shard turns them
 //! into log records (`persist`) and back.
 
-use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
-
-use hashbrown::{HashMap, HashSet};
 
 use crate::codec::{QoS, Will};
 use crate::message::{ClientId, Message};
 
 use super::outbound::{Awaiting, Inflight, Outbound, Queued};
-use super::transmit::TransmitQueue;
-use super::{Delivery, Session, SessionLimits, SessionStats, SubIds, Subscription};
+use super::{Delivery, Session, SessionLimits, SubIds, Subscription};
 
 /// The parts of a session that outlive a restart, except its messages.
 #[derive(Debug, Clone, PartialEq)]
@@ -171,25 +167,12 @@ impl Session {
             out.queue_bytes += message.cost_bytes();
             out.queue.push_back(Queued { message, delivery });
         }
-        let subscriptions: HashMap<String, Subscription> = r.subscriptions.into_iter().collect();
-        Session {
-            client_id,
-            limits,
-            conn: None,
-            generation: 0,
-            expiry_s: r.expiry_s,
-            offline_since: Some(r.offline_since),
-            pending_will: r.pending_will.map(Box::new),
-            subscriptions,
-            out,
-            inbound_qos2: r.qos2_in.into_iter().collect::<HashSet<u16>>(),
-            transmit: TransmitQueue::default(),
-            actions: VecDeque::new(),
-            journal: VecDeque::new(),
-            gathers_pending: 0,
-            held: VecDeque::new(),
-            ended: false,
-            stats: SessionStats::default(),
-        }
+        let mut session = Session::new(client_id, limits, r.offline_since);
+        session.expiry_s = r.expiry_s;
+        session.pending_will = r.pending_will.map(Box::new);
+        session.subscriptions = r.subscriptions.into_iter().collect();
+        session.out = out;
+        session.inbound_qos2 = r.qos2_in.into_iter().collect();
+        session
     }
 }

@@ -205,23 +205,8 @@ impl Session {
             self.client_id,
             will.topic
         );
-        let mut properties = will.properties;
-        properties.will_delay_interval = None;
-        let expires_at = properties
-            .message_expiry_interval
-            .take()
-            .map(|s| now + Duration::from_secs(u64::from(s)));
-        let message = Message {
-            topic: will.topic,
-            payload: will.payload,
-            qos: will.qos,
-            retain: will.retain,
-            properties,
-            expires_at,
-            publisher: None,
-        };
         self.actions.push_back(Action::Publish {
-            message: Arc::new(message),
+            message: Arc::new(Message::from_will(will, now)),
             packet_id: None,
             delay_s: None,
         });

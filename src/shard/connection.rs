@@ -385,15 +385,7 @@ impl Shard {
                 let session = Session::new(id.clone(), self.limits.clone(), now);
                 st.last_session_uid += 1;
                 let uid = st.last_session_uid;
-                let key = st.sessions.insert(SessionSlot {
-                    session,
-                    uid,
-                    conn: None,
-                    timer_at: None,
-                    held_acks: 0,
-                    durable: None,
-                    wait_seq: 0,
-                });
+                let key = st.sessions.insert(SessionSlot::new(session, uid, None));
                 st.by_client.insert(id, key);
                 key
             }

@@ -122,6 +122,21 @@ struct SessionSlot {
     wait_seq: u64,
 }
 
+impl SessionSlot {
+    /// A slot for `session`, without a connection yet.
+    fn new(session: Session, uid: u64, durable: Option<DurableSlot>) -> SessionSlot {
+        SessionSlot {
+            session,
+            uid,
+            conn: None,
+            timer_at: None,
+            held_acks: 0,
+            durable,
+            wait_seq: 0,
+        }
+    }
+}
+
 /// Counters of one shard.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ShardStats {

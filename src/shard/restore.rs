@@ -60,19 +60,14 @@ impl Shard {
                 .iter()
                 .map(|(f, sub)| (f.clone(), sub.clone()))
                 .collect();
-            let key = st.sessions.insert(SessionSlot {
-                session,
-                uid,
-                conn: None,
-                timer_at: None,
-                held_acks: 0,
-                durable: Some(DurableSlot {
-                    sid: s.sid,
-                    seg: s.seg,
-                    bytes: s.bytes,
-                }),
-                wait_seq: 0,
-            });
+            let durable = DurableSlot {
+                sid: s.sid,
+                seg: s.seg,
+                bytes: s.bytes,
+            };
+            let key = st
+                .sessions
+                .insert(SessionSlot::new(session, uid, Some(durable)));
             st.by_client.insert(s.client_id, key);
             store.restore_session(key, uid, s.seg, s.bytes);
             keys.insert(s.sid, key);
