@@ -350,16 +350,7 @@ fn power_safe_acknowledged_messages_survive_kill_9_restarts() {
 
 /// Run the crash test with `durability` for `cycles` kills.
 fn crash_cycles(durability: &str, cycles: usize) {
-    let seed = std::env::var("SHARDMQ_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let seed = common::seed_from_env("SHARDMQ_CRASH_SEED");
     eprintln!("crash test seed: {seed} (SHARDMQ_CRASH_SEED={seed} replays the kill moments)");
     let mut rng = common::XorShift::new(seed);
     let dir = temp_dir(&format!("crash-{durability}"));

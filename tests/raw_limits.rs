@@ -268,16 +268,7 @@ fn fuzz_input(rng: &mut XorShift, templates: &[Vec<u8>]) -> Vec<u8> {
 
 #[test]
 fn fuzz_random_bytes_after_connect_never_break_the_broker() {
-    let seed = std::env::var("FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let seed = seed_from_env("FUZZ_SEED");
     // FUZZ_CONNECTIONS raises the count for a longer local run.
     let connections: usize = std::env::var("FUZZ_CONNECTIONS")
         .ok()

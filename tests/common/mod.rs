@@ -291,3 +291,18 @@ impl XorShift {
         (0..n).map(|_| self.byte()).collect()
     }
 }
+
+/// A seed for a randomized test: `var` from the environment to replay a
+/// run, else the clock.
+pub fn seed_from_env(var: &str) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        })
+}
