@@ -1,7 +1,7 @@
 //! Log hot path: what a stored QoS 1 delivery costs a shard in kill-safe
 //! mode. Encoding a Message record (64-byte payload, one target) and
-//! appending it (checksum, copy into the mapped segment), and the small
-//! records that follow a delivery (Sent, Done).
+//! appending it (checksum, copy into the mapped segment), and one of the
+//! small records that follow a delivery (Sent; Done is the same size).
 //!
 //! Segments are 64 MiB as by default; the bench deletes sealed ones as it
 //! goes, so it needs only a few of them on disk.

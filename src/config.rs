@@ -79,7 +79,8 @@ pub struct StorageConfig {
     pub data_dir: std::path::PathBuf,
     /// Size of one preallocated segment file.
     pub segment_bytes: usize,
-    /// Power-safe: longest wait between two syncs while records wait.
+    /// Power-safe: how long the group-commit task lets records gather
+    /// after the first one waits, before it syncs them (0: at once).
     pub sync_interval_ms: u64,
     /// Delayed publishes (`$delayed/{seconds}/{topic}`) the broker holds.
     pub delayed_messages_max: usize,

@@ -8,17 +8,22 @@
 //!  shard::routing: route replica match ─┬─▶ local subscriber trie ─▶ sessions
 //!                                       └─▶ mesh batch per shard ─▶ their tries
 //!  session transmit ─▶ codec::encode ─▶ shard::connection (writer) ─▶ socket
+//!
+//!  shard::durable ─▶ persist (records) ─▶ log (this shard's mmap segments)
+//!  start: persist::recover reads every log ─▶ shard::restore
 //! ```
 //!
 //! Each shard is a glommio executor pinned to a core with its own io_uring,
-//! listener (SO_REUSEPORT), sessions, subscriber trie, route replica and part
-//! of the retained store. A connection moves to its client's home shard
+//! listener (SO_REUSEPORT), sessions, subscriber trie, route replica, part
+//! of the retained store and append-only log. A connection moves to its client's home shard
 //! (`hash(client_id) % shards`) once CONNECT is read. Shards exchange only
 //! batched messages over bounded SPSC lanes. See `DESIGN.md` in the shared
 //! folder for the whole picture.
 //!
-//! `codec`, `router` and `session` do no I/O and read no clock; `shard` and
-//! `broker` are the only modules that know the runtime.
+//! `codec`, `router`, `session` and `persist::record` do no I/O and read no
+//! clock; `shard` and `broker` are the only modules that know the runtime;
+//! `log` does plain blocking file I/O (mapped writes, `fallocate`) and
+//! `persist::recover` reads and writes the logs before the shards start.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]

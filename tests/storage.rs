@@ -342,6 +342,69 @@ fn a_full_disk_refuses_new_messages_with_0x97_and_loses_nothing() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+#[test]
+fn a_restart_on_a_disk_too_full_for_recovery_refuses_and_loses_nothing() {
+    let root = temp_dir("full-restart");
+    let disk = SmallDisk::mount(&root.join("disk"), "10m");
+    let s = Setup::in_dir(disk.0.clone(), "");
+    let mut b = s.start(2);
+    let sub = id_on("fr-sub", 1, 2);
+    offline_subscriber(&b, &sub, "fr/#");
+    let (mut p, _) = Raw::connect(b.addr, Version::V5, &id_on("fr-pub", 0, 2), true);
+    let payload = vec![b'y'; 16 << 10];
+    let mut acked = 0u32;
+    loop {
+        assert!(acked < 2000, "the disk never filled");
+        p.publish("fr/t", &payload, QoS::AtLeastOnce, false, 1);
+        match p.recv() {
+            Some(Packet::PubAck(a)) if a.reason == 0 => acked += 1,
+            Some(Packet::PubAck(a)) => {
+                assert_eq!(a.reason, reason::QUOTA_EXCEEDED);
+                break;
+            }
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+    b.kill9();
+
+    // No room for a copy of the live state: the broker says so and stops.
+    let args = s.args(2);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let log = match ChildBroker::try_start(&args) {
+        Err(log) => log,
+        Ok(_) => panic!("the broker started on a disk too full to recover"),
+    };
+    assert!(
+        log.contains("recovery needs free room") && log.contains("free some space"),
+        "the refusal says why:\n{log}"
+    );
+    let generations: Vec<_> = std::fs::read_dir(&s.data)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("gen-"))
+        .collect();
+    assert_eq!(
+        generations.len(),
+        1,
+        "the partial generation is removed: {generations:?}"
+    );
+
+    // Room again: every acknowledged message is there.
+    let status = std::process::Command::new("mount")
+        .args(["-o", "remount,size=40m"])
+        .arg(&disk.0)
+        .status()
+        .expect("run mount");
+    assert!(status.success());
+    let b = s.start(2);
+    let (present, got) = drain(&b, &sub);
+    assert!(present);
+    assert_eq!(got.len(), acked as usize, "acknowledged messages delivered");
+    drop(b);
+    drop(disk);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 // ---------------------------------------------------------------------------
 // Restarts.
 // ---------------------------------------------------------------------------

@@ -122,7 +122,7 @@ impl Log {
 
     /// Largest body one record can carry.
     pub fn body_max_bytes(&self) -> usize {
-        self.segment_bytes - record::HEADER_BYTES
+        (self.segment_bytes - record::HEADER_BYTES).min(record::BODY_MAX_BYTES)
     }
 
     /// Append a record; returns its sequence number. Rolls to the spare
@@ -243,9 +243,10 @@ impl Log {
     /// has rewritten what they held that is still live.
     pub fn remove_through(&mut self, index: u64) -> io::Result<()> {
         let mut removed = false;
-        while self.sealed.front().is_some_and(|s| s.index <= index) {
-            let s = self.sealed.pop_front().expect("checked");
+        while let Some(s) = self.sealed.front().filter(|s| s.index <= index) {
+            // Forgotten only once gone, so a failed delete is tried again.
             std::fs::remove_file(&s.path)?;
+            self.sealed.pop_front();
             removed = true;
         }
         if removed && self.sync_dirs {

@@ -61,14 +61,6 @@ pub struct ShardImage {
     pub delayed: BTreeMap<u64, (u64, Arc<Message>)>,
     /// Latest wall clock record: about when the broker stopped.
     pub last_ms: u64,
-    /// Largest ids seen, so new ones never repeat them.
-    pub max_sid: Sid,
-    /// Largest message id seen.
-    pub max_message_id: u64,
-    /// Largest accept id seen.
-    pub max_accept_id: u64,
-    /// Largest delayed id seen.
-    pub max_delayed_id: u64,
 }
 
 impl ShardImage {
@@ -86,7 +78,6 @@ impl ShardImage {
             Rec::Start { .. } => {}
             Rec::Clock { ms } => self.last_ms = self.last_ms.max(ms),
             Rec::Session(s) => {
-                self.max_sid = self.max_sid.max(s.sid);
                 self.sessions.insert(s.sid, *s);
             }
             Rec::Subscribe { sid, filter, sub } => {
@@ -165,13 +156,15 @@ impl ShardImage {
                 scope,
                 message,
                 stamp_ms,
-                from,
-                delayed,
+                causes,
             } => {
-                self.max_accept_id = self.max_accept_id.max(id);
-                self.remember_qos2(from);
-                if let Some(d) = delayed {
+                self.remember_qos2(causes.qos2_from);
+                if let Some(d) = causes.delayed {
                     self.delayed.remove(&d);
+                }
+                if let Some(s) = causes.will_of.and_then(|sid| self.sessions.get_mut(&sid)) {
+                    s.will = None;
+                    s.will_due_ms = None;
                 }
                 if id > self.settled_upto {
                     let a = AcceptedImage {
@@ -207,7 +200,6 @@ impl ShardImage {
                 message,
                 from,
             } => {
-                self.max_delayed_id = self.max_delayed_id.max(id);
                 self.remember_qos2(from);
                 self.delayed.insert(id, (due_ms, message));
             }
@@ -237,7 +229,6 @@ impl ShardImage {
         message: Option<Arc<Message>>,
         targets: Vec<Target>,
     ) {
-        self.max_message_id = self.max_message_id.max(id);
         if let Some(o) = origin {
             let seen = self.applied.entry(o).or_default();
             seen.ordinary |= scope.ordinary;
@@ -404,8 +395,7 @@ mod tests {
                 scope: Scope::everyone(),
                 message: msg("a"),
                 stamp_ms: id,
-                from: None,
-                delayed: None,
+                causes: Default::default(),
             });
         }
         img.apply(Rec::Settled { upto: 2 });

@@ -17,4 +17,4 @@ pub mod record;
 pub mod recover;
 
 pub use clock::WallClock;
-pub use record::{Origin, Rec, Scope, Sid, Target, TargetState};
+pub use record::{Causes, Origin, Rec, Scope, Sid, Target, TargetState};

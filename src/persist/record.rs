@@ -100,6 +100,18 @@ impl Scope {
     }
 }
 
+/// What an Accepted record settles, atomically with the message: the
+/// record is written once, so replay sees both or neither.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Causes {
+    /// A QoS 2 publisher's session and packet id, remembered until PUBREL.
+    pub qos2_from: Option<(Sid, u16)>,
+    /// The delayed publish it was (now sent).
+    pub delayed: Option<u64>,
+    /// The session whose pending will it is (now published).
+    pub will_of: Option<Sid>,
+}
+
 /// How far one session got with one stored message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetState {
@@ -270,10 +282,8 @@ pub enum Rec {
         message: Arc<Message>,
         /// When it was accepted (orders retained messages).
         stamp_ms: u64,
-        /// A QoS 2 publisher's session and packet id.
-        from: Option<(Sid, u16)>,
-        /// The delayed publish it came from.
-        delayed: Option<u64>,
+        /// What its record settles besides its routing.
+        causes: Causes,
     },
     /// Every accepted message up to this id has been applied everywhere.
     Settled {
@@ -305,6 +315,54 @@ pub enum Rec {
         /// Delayed id.
         id: u64,
     },
+}
+
+/// Targets per Message record; more continue in further records of the
+/// same id, which replay merges.
+pub const TARGETS_PER_RECORD: usize = 1024;
+
+/// A session's whole state as records that each fit a segment: a Session
+/// record, and its subscriptions past `budget_bytes` in Subscribe records
+/// after it.
+pub fn session_records(mut rec: SessionRec, budget_bytes: usize) -> Vec<Rec> {
+    let mut used = 0;
+    let keep = rec
+        .subscriptions
+        .iter()
+        .position(|(filter, _)| {
+            used += filter.len() + 16;
+            used >= budget_bytes
+        })
+        .map_or(rec.subscriptions.len(), |i| i + 1);
+    let rest = rec.subscriptions.split_off(keep);
+    let sid = rec.sid;
+    let mut out = vec![Rec::Session(Box::new(rec))];
+    out.extend(
+        rest.into_iter()
+            .map(|(filter, sub)| Rec::Subscribe { sid, filter, sub }),
+    );
+    out
+}
+
+/// A stored message's records, its targets in chunks of
+/// [`TARGETS_PER_RECORD`].
+pub fn message_records(
+    id: u64,
+    origin: Option<Origin>,
+    scope: &Scope,
+    message: &Arc<Message>,
+    targets: &[Target],
+) -> Vec<Rec> {
+    targets
+        .chunks(TARGETS_PER_RECORD)
+        .map(|chunk| Rec::Message {
+            id,
+            origin,
+            scope: scope.clone(),
+            message: Some(message.clone()),
+            targets: chunk.to_vec(),
+        })
+        .collect()
 }
 
 /// A record body that cannot be read.
@@ -427,14 +485,14 @@ impl Rec {
                 scope,
                 message,
                 stamp_ms,
-                from,
-                delayed,
+                causes,
             } => {
                 w.u64(*id);
                 w.scope(scope);
                 w.u64(*stamp_ms);
-                w.opt_from(*from);
-                w.opt_u64(*delayed);
+                w.opt_from(causes.qos2_from);
+                w.opt_u64(causes.delayed);
+                w.opt_u64(causes.will_of);
                 w.message(message, clock);
             }
             Rec::Settled { upto } => w.u64(*upto),
@@ -537,14 +595,16 @@ impl Rec {
                 let id = r.u64()?;
                 let scope = r.scope()?;
                 let stamp_ms = r.u64()?;
-                let from = r.opt_from()?;
-                let delayed = r.opt_u64()?;
+                let causes = Causes {
+                    qos2_from: r.opt_from()?,
+                    delayed: r.opt_u64()?,
+                    will_of: r.opt_u64()?,
+                };
                 Rec::Accepted {
                     id,
                     scope,
                     stamp_ms,
-                    from,
-                    delayed,
+                    causes,
                     message: Arc::new(r.message(clock)?),
                 }
             }
@@ -1052,8 +1112,11 @@ mod tests {
                 scope,
                 message: message(&c),
                 stamp_ms: 8,
-                from: Some((3, 17)),
-                delayed: Some(2),
+                causes: Causes {
+                    qos2_from: Some((3, 17)),
+                    delayed: Some(2),
+                    will_of: Some(4),
+                },
             },
             Rec::Settled { upto: 44 },
             Rec::Retain {

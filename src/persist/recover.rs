@@ -29,15 +29,16 @@ use thiserror::Error;
 
 use super::clock::WallClock;
 use super::image::ShardImage;
-use super::record::{Origin, Rec, Scope, SessionRec, Sid, Target, TargetState};
+use super::record::{
+    message_records, session_records, Origin, Rec, Scope, SessionRec, Sid, Target, TargetState,
+};
 use crate::codec::QoS;
 use crate::log::dir::{DataDir, DirError};
 use crate::log::scan::{scan, ScanReport};
 use crate::log::Log;
 use crate::message::Message;
-use crate::router::{parse_shared, FilterTrie, SharedPick};
+use crate::router::{home_shard, parse_shared, FilterTrie, SharedPick};
 use crate::session::{Delivery, Restored, RestoredInflight, SubIds, Subscription};
-use crate::shard::home_shard;
 
 /// Why recovery failed (the broker does not start).
 #[derive(Debug, Error)]
@@ -216,8 +217,17 @@ pub fn recover(settings: &RecoverySettings) -> Result<Recovery, RecoveryError> {
         starts: shards,
         routes,
         counts,
-    } = write_generation(&dir, generation, settings, &clock, state)
-        .map_err(io("write the next generation"))?;
+    } = write_generation(&dir, generation, settings, &clock, state).map_err(|e| {
+        // Give the room back; the current generation is untouched.
+        let _ = std::fs::remove_dir_all(dir.generation_dir(generation));
+        let what = if e.kind() == std::io::ErrorKind::StorageFull {
+            "write the next generation (recovery needs free room for a copy of the live \
+             state; nothing was lost: free some space and start again)"
+        } else {
+            "write the next generation"
+        };
+        io(what)(e)
+    })?;
     dir.set_current(generation).map_err(io("switch CURRENT"))?;
     dir.remove_other_generations(generation)
         .map_err(io("remove the old generation"))?;
@@ -621,9 +631,6 @@ struct Written {
 /// sessions holding each.
 type Ordered = BTreeMap<OrderKey, (Arc<Message>, Vec<(Sid, Target)>)>;
 
-/// Targets per Message record: more continue in further records.
-const CHUNK: usize = 1024;
-
 /// Appends records to a new shard log, reporting where each went.
 struct Put<'a> {
     clock: &'a WallClock,
@@ -640,57 +647,16 @@ impl Put<'_> {
         Ok((log.current_index(), self.scratch.len() as u32))
     }
 
-    /// A session record, its subscriptions past a size budget in Subscribe
-    /// records after it; returns the first record's segment and the total.
-    fn session(&mut self, log: &mut Log, rec: &SessionRec) -> std::io::Result<(u64, u32)> {
-        let budget = log.segment_bytes() / 8;
-        let mut first = rec.clone();
-        first.subscriptions.clear();
-        let mut used = 0;
-        let mut rest = rec.subscriptions.iter();
-        for (filter, sub) in rest.by_ref() {
-            used += filter.len() + 16;
-            first.subscriptions.push((filter.clone(), sub.clone()));
-            if used >= budget {
-                break;
-            }
-        }
-        let (seg, mut bytes) = self.put(log, &Rec::Session(Box::new(first)))?;
-        for (filter, sub) in rest {
-            let sub = Rec::Subscribe {
-                sid: rec.sid,
-                filter: filter.clone(),
-                sub: sub.clone(),
-            };
-            bytes += self.put(log, &sub)?.1;
-        }
-        Ok((seg, bytes))
-    }
-
-    /// A message's records, targets in chunks (replay merges them); returns
-    /// the first record's segment and the total.
-    fn message(
-        &mut self,
-        log: &mut Log,
-        id: u64,
-        message: &Arc<Message>,
-        targets: &[Target],
-    ) -> std::io::Result<(u64, u32)> {
+    /// Append `recs`; returns the first one's segment and the total size.
+    fn put_all(&mut self, log: &mut Log, recs: &[Rec]) -> std::io::Result<(u64, u32)> {
         let mut first = None;
         let mut bytes = 0;
-        for chunk in targets.chunks(CHUNK) {
-            let rec = Rec::Message {
-                id,
-                origin: None,
-                scope: Scope::everyone(),
-                message: Some(message.clone()),
-                targets: chunk.to_vec(),
-            };
-            let (seg, b) = self.put(log, &rec)?;
+        for rec in recs {
+            let (seg, b) = self.put(log, rec)?;
             first.get_or_insert(seg);
             bytes += b;
         }
-        Ok((first.unwrap_or(0), bytes))
+        Ok((first.unwrap_or_else(|| log.current_index()), bytes))
     }
 }
 
@@ -763,7 +729,9 @@ fn write_generation(
             for (filter, _) in &g.rec.subscriptions {
                 routes.push((shard, filter.clone()));
             }
-            let (seg, bytes) = w.session(&mut start.log, &g.rec)?;
+            let budget = start.log.segment_bytes() / 8;
+            let (seg, bytes) =
+                w.put_all(&mut start.log, &session_records(g.rec.clone(), budget))?;
             for (key, m, t) in &g.deliveries {
                 let e = order.entry(*key).or_insert_with(|| (m.clone(), Vec::new()));
                 e.1.push((sid, Target { sid, ..t.clone() }));
@@ -776,7 +744,8 @@ fn write_generation(
             start.next_message_id += 1;
             ids.insert(key, id);
             let records: Vec<Target> = targets.iter().map(|(_, t)| t.clone()).collect();
-            let (seg, bytes) = w.message(&mut start.log, id, &message, &records)?;
+            let recs = message_records(id, None, &Scope::everyone(), &message, &records);
+            let (seg, bytes) = w.put_all(&mut start.log, &recs)?;
             start.messages.push(MessageStart {
                 id,
                 seg,

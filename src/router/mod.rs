@@ -11,6 +11,9 @@
 //! - [`RetainedStore`]: the retained-message store for the topics a shard
 //!   owns, searchable by filter without a full scan.
 //!
+//! - [`home_shard`]: which shard owns a client id's session or a retained
+//!   topic (a stable hash, the same on every node and every run).
+//!
 //! Shard-local: each shard owns its own instances. They are plain
 //! single-threaded data structures — no locks, no atomics, no I/O.
 
@@ -41,4 +44,18 @@ pub struct SharedPick {
     pub group: Arc<str>,
     /// Filter inside `$share/{group}/`.
     pub filter: Arc<str>,
+}
+
+/// Stable hash used to place client ids and retained topics on shards
+/// (FNV-1a, 64 bit): the same on every node and every run.
+pub fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The home shard of a client id (where its session lives) or of a retained
+/// topic (which shard stores it), among `shards`.
+pub fn home_shard(key: &str, shards: usize) -> usize {
+    (stable_hash(key) % shards as u64) as usize
 }

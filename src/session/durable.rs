@@ -32,6 +32,20 @@ pub struct DurableState {
     pub will_due: Option<Instant>,
 }
 
+/// How long a session lives and what it leaves behind: what changes when a
+/// connection attaches or ends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lifetime {
+    /// Session Expiry Interval in force, seconds.
+    pub expiry_s: u32,
+    /// When the last connection ended; None while connected.
+    pub offline_since: Option<Instant>,
+    /// The connection's will (connected) or the pending will (offline).
+    pub will: Option<Will>,
+    /// Offline: when the pending will is due.
+    pub will_due: Option<Instant>,
+}
+
 /// One stored delivery the session holds, and how far it got.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredDelivery {
@@ -84,22 +98,38 @@ pub struct Restored {
 impl Session {
     /// The durable parts of this session now.
     pub fn durable_state(&self) -> DurableState {
-        let (will, will_due) = match (&self.conn, &self.pending_will) {
-            (Some(c), _) => (c.will.as_deref().cloned(), None),
-            (None, Some(p)) => (Some(p.0.clone()), Some(p.1)),
-            (None, None) => (None, None),
-        };
+        let Lifetime {
+            expiry_s,
+            offline_since,
+            will,
+            will_due,
+        } = self.lifetime();
         let mut qos2_in: Vec<u16> = self.inbound_qos2.iter().copied().collect();
         qos2_in.sort_unstable();
         DurableState {
-            expiry_s: self.expiry_s,
-            offline_since: self.offline_since,
+            expiry_s,
+            offline_since,
             subscriptions: self
                 .subscriptions
                 .iter()
                 .map(|(f, s)| (f.clone(), s.clone()))
                 .collect(),
             qos2_in,
+            will,
+            will_due,
+        }
+    }
+
+    /// Its expiry, connection state and will.
+    pub fn lifetime(&self) -> Lifetime {
+        let (will, will_due) = match (&self.conn, &self.pending_will) {
+            (Some(c), _) => (c.will.as_deref().cloned(), None),
+            (None, Some(p)) => (Some(p.0.clone()), Some(p.1)),
+            (None, None) => (None, None),
+        };
+        Lifetime {
+            expiry_s: self.expiry_s,
+            offline_since: self.offline_since,
             will,
             will_due,
         }

@@ -200,6 +200,7 @@ impl Session {
             message: Arc::new(message),
             packet_id,
             delay_s,
+            will: false,
         });
     }
 

@@ -209,6 +209,7 @@ impl Session {
             message: Arc::new(Message::from_will(will, now)),
             packet_id: None,
             delay_s: None,
+            will: true,
         });
     }
 

@@ -5,9 +5,11 @@
 //! `!Send` (it holds an `Rc` to the shard's limits).
 //!
 //! Inputs are decoded packets, deliveries from the router and `now`; outputs
-//! are packets to transmit ([`Session::poll_transmit`]) and actions for the
-//! shard ([`Session::poll_action`]): publish a message, change a
-//! subscription, close the connection, end the session. The session never
+//! are packets to transmit ([`Session::poll_transmit`], or encoded straight
+//! into a buffer by [`Session::encode_transmit`]), actions for the shard
+//! ([`Session::poll_action`]): publish a message, change a subscription,
+//! close the connection, end the session; and the journal of changes to
+//! stored deliveries the shard must log ([`Session::poll_journal`]). The session never
 //! reads the clock or touches a socket, so every timeout (keepalive, will
 //! delay, session expiry, message expiry) is tested with a virtual clock.
 //!
@@ -36,7 +38,7 @@ use smallvec::SmallVec;
 use crate::codec::{Packet, QoS, SubOptions, Topic, Version, Will};
 use crate::message::{ClientId, Message};
 
-pub use durable::{DurableState, Restored, RestoredInflight, StoredDelivery};
+pub use durable::{DurableState, Lifetime, Restored, RestoredInflight, StoredDelivery};
 use outbound::Outbound;
 use transmit::{Outgoing, TransmitQueue};
 
@@ -194,6 +196,8 @@ pub enum Action {
         /// A delayed publish (`$delayed/{seconds}/{topic}`): route it after
         /// this many seconds. The message already has its final topic.
         delay_s: Option<u32>,
+        /// It is this session's will (the session no longer holds it).
+        will: bool,
     },
     /// Add or replace a subscription in the shard's subscriber trie; send
     /// retained messages as the options say.

@@ -372,6 +372,13 @@ impl Shard {
         }
         let key = match resumed {
             Some(k) => k,
+            None if self.limits.status.store_full.get() && asks_persistence(&connect) => {
+                log::warn!(
+                    "shard {}: the log is full; refusing a new persistent session for {client_id}",
+                    self.id
+                );
+                return Err(reason::QUOTA_EXCEEDED);
+            }
             None if st.sessions.len() >= self.sessions_max => {
                 log::warn!(
                     "shard {}: sessions_max reached ({}); refusing {client_id}",
@@ -446,6 +453,15 @@ impl Shard {
         if slot.session.has_transmit() {
             conn.wake.notify();
         }
+    }
+}
+
+/// True when the CONNECT asks for a session that outlives the connection.
+fn asks_persistence(connect: &Connect) -> bool {
+    if connect.version.is_v5() {
+        connect.properties.session_expiry_interval.unwrap_or(0) > 0
+    } else {
+        !connect.clean_start
     }
 }
 

@@ -1,5 +1,6 @@
 //! Delayed publishes: a PUBLISH to `$delayed/{seconds}/{topic}` is routed to
-//! `{topic}` that many seconds later, from the publisher's shard.
+//! `{topic}` that many seconds later, from the publisher's shard (after a
+//! restart, from the shard recovery gave it: the topic's home shard).
 //!
 //! Shard-local. Bounded by this shard's share of
 //! `storage.delayed_messages_max` (sessions refuse more with 0x97); logged

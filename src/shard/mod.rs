@@ -1,8 +1,10 @@
 //! The per-core runtime: one glommio executor per shard.
 //!
 //! Shard-local: a `Shard` and everything it owns (sessions, subscriber trie,
-//! route replica, its part of the retained store, mesh outbox, timers) lives
-//! on one thread and is `!Send`. Shards share nothing; they exchange
+//! route replica, its part of the retained store, its log and the
+//! bookkeeping of what in it is live, delayed publishes, mesh outbox,
+//! timers, the power-safe group-commit task) lives on one thread and is
+//! `!Send`. Shards share nothing; they exchange
 //! [`mesh::MeshMsg`] batches. This module is the only one that knows glommio
 //! (with `broker`, which starts the executors), so a later move to another
 //! io_uring runtime stays local.
@@ -37,6 +39,7 @@ use hashbrown::HashMap;
 use crate::codec::{Packet, QoS, Version};
 use crate::config::Config;
 use crate::message::{ClientId, Message};
+pub use crate::router::{home_shard, stable_hash};
 use crate::router::{FilterTrie, RetainedStore};
 use crate::session::{Action, Session, SessionLimits, SessionStats, Subscription};
 
@@ -209,19 +212,6 @@ pub struct Shard {
     sync_wake: Rc<notify::Notify>,
 }
 
-/// Stable hash used to place client ids and retained topics on shards
-/// (FNV-1a, 64 bit): the same on every node and every run.
-pub fn stable_hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// The home shard of a client id: where its session lives.
-pub fn home_shard(client_id: &str, shards: usize) -> usize {
-    (stable_hash(client_id) % shards as u64) as usize
-}
-
 impl Shard {
     /// A shard with empty state; `mesh` is its side of the joined mesh.
     pub fn new(id: usize, shards: usize, config: Config, mesh: Mesh) -> Shard {
@@ -328,12 +318,14 @@ impl Shard {
                     message,
                     packet_id,
                     delay_s,
+                    will,
                 } => {
                     let qos = message.qos;
                     let source = Source {
                         from: Some(key),
                         qos2_packet_id: packet_id.filter(|_| qos == QoS::ExactlyOnce),
                         delayed: None,
+                        will_of: will.then_some(key),
                     };
                     let accepted = match delay_s {
                         Some(d) => self.delay(st, now, message, d, source),

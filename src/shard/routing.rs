@@ -18,7 +18,7 @@ use crate::session::{Delivery, SubIds, Subscription};
 use super::durable::StoreTarget;
 use super::mesh::{AckTo, MeshMsg, RetainedWaiter, RouteKey, SharedPick};
 use super::{SessionKey, Shard, State, SubEntry, SubKey};
-use crate::persist::{Origin, Scope};
+use crate::persist::{Causes, Origin, Scope};
 
 /// Where a routed message comes from: for acknowledgements and the log.
 #[derive(Debug, Clone, Copy, Default)]
@@ -29,6 +29,8 @@ pub(super) struct Source {
     pub(super) qos2_packet_id: Option<u16>,
     /// The delayed publish being sent.
     pub(super) delayed: Option<u64>,
+    /// The session whose will this is.
+    pub(super) will_of: Option<SessionKey>,
 }
 
 /// One session's merged view of the subscriptions a message matched.
@@ -57,7 +59,7 @@ impl Shard {
     ) -> bool {
         let owner = message.retain.then(|| self.topic_owner(&message.topic));
         let (ordinary, picks) = self.destinations(st, &message.topic);
-        let stamp_ms = st.store.as_ref().map_or(0, |s| s.stamp_now());
+        let stamp_ms = st.store.as_ref().map_or(0, |s| s.stamp(now));
         let accepted = self.log_accept(st, &message, source, owner, &ordinary, &picks, stamp_ms);
         let Ok(origin) = accepted else {
             return false;
@@ -154,7 +156,11 @@ impl Shard {
         picks: &[(u16, SharedPick)],
         stamp_ms: u64,
     ) -> Result<Option<Origin>, crate::log::AppendError> {
-        if st.store.is_none() || message.qos == QoS::AtMostOnce {
+        let durable_sid = |key: Option<SessionKey>| Some(st.sessions.get(key?)?.durable?.sid);
+        let will_of = durable_sid(source.will_of);
+        // A will is logged whatever its QoS: the record also says the
+        // session's will is gone, so a restart does not publish it again.
+        if st.store.is_none() || (message.qos == QoS::AtMostOnce && will_of.is_none()) {
             return Ok(None);
         }
         let me = self.id as u16;
@@ -169,15 +175,17 @@ impl Shard {
                 dests.push(d);
             }
         }
-        let from = source.qos2_packet_id.and_then(|pid| {
-            let key = source.from?;
-            Some((st.sessions.get(key)?.durable?.sid, pid))
-        });
-        if dests.is_empty() && from.is_none() && source.delayed.is_none() {
+        let causes = Causes {
+            qos2_from: source
+                .qos2_packet_id
+                .and_then(|pid| Some((durable_sid(source.from)?, pid))),
+            delayed: source.delayed,
+            will_of,
+        };
+        if dests.is_empty() && causes == Causes::default() {
             return Ok(None);
         }
-        let scope = Scope::everyone();
-        self.accept(st, message, scope, from, source.delayed, stamp_ms, dests)
+        self.accept(st, message, Scope::everyone(), causes, stamp_ms, dests)
             .map(Some)
     }
 
@@ -360,9 +368,9 @@ impl Shard {
                 ordinary: false,
                 shared: SmallVec::from_buf([pick.clone()]),
             };
-            let stamp_ms = st.store.as_ref().map_or(0, |s| s.stamp_now());
+            let stamp_ms = st.store.as_ref().map_or(0, |s| s.stamp(Instant::now()));
             let dests = SmallVec::from_slice(&[to]);
-            match self.accept(st, message, scope, None, None, stamp_ms, dests) {
+            match self.accept(st, message, scope, Causes::default(), stamp_ms, dests) {
                 Ok(o) => own = Some(o),
                 Err(_) => {
                     return Self::retry_forward(st, message, pick, hops + 1, to, origin);

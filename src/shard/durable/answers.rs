@@ -15,7 +15,7 @@ use smallvec::SmallVec;
 
 use crate::log::AppendError;
 use crate::message::Message;
-use crate::persist::{Origin, Rec, Scope, Sid};
+use crate::persist::{Causes, Origin, Rec, Scope, Sid};
 
 use super::super::mesh::MeshMsg;
 use super::{Obj, Shard, State, Store};
@@ -30,6 +30,7 @@ pub(super) struct Accepted {
     pub(super) scope: Scope,
     pub(super) stamp_ms: u64,
     pub(super) delayed: Option<u64>,
+    pub(super) will_of: Option<Sid>,
     /// Shards that must answer `Applied`.
     dests: SmallVec<[u16; 4]>,
 }
@@ -136,14 +137,12 @@ impl Store {
 impl Shard {
     /// Write an Accepted record for a message about to be routed to
     /// `dests` (other shards); returns its origin for the mesh messages.
-    #[allow(clippy::too_many_arguments)]
     pub(in crate::shard) fn accept(
         &self,
         st: &mut State,
         message: &Arc<Message>,
         scope: Scope,
-        from: Option<(Sid, u16)>,
-        delayed: Option<u64>,
+        causes: Causes,
         stamp_ms: u64,
         dests: SmallVec<[u16; 4]>,
     ) -> Result<Origin, AppendError> {
@@ -154,8 +153,7 @@ impl Shard {
             scope: scope.clone(),
             message: message.clone(),
             stamp_ms,
-            from,
-            delayed,
+            causes,
         };
         let (seg, bytes) = store.put(&rec)?;
         store.next_accept_id += 1;
@@ -168,7 +166,8 @@ impl Shard {
             message: message.clone(),
             scope,
             stamp_ms,
-            delayed,
+            delayed: causes.delayed,
+            will_of: causes.will_of,
             dests,
         });
         store.settle();

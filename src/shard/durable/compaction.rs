@@ -11,7 +11,7 @@ use std::time::Instant;
 use hashbrown::HashMap;
 
 use crate::config::Durability;
-use crate::persist::{Rec, Target, TargetState};
+use crate::persist::{Causes, Rec, Target, TargetState};
 use crate::session::StoredDelivery;
 
 use super::super::slab::Slab;
@@ -64,7 +64,10 @@ impl Shard {
             // Only what fits beside the room kept for bookkeeping.
             let markers = proofs.len() as u64 * 64;
             let need: u64 = objs.iter().map(|o| live_size(st, o, victim)).sum::<u64>() + markers;
-            let room = store.log.current_room() - store.log.segment_bytes() / 2;
+            let room = store
+                .log
+                .current_room()
+                .saturating_sub(store.log.segment_bytes() / 2);
             if need > room as u64 {
                 return false;
             }
@@ -331,16 +334,19 @@ fn rewrite_accepted(store: &mut Store, id: u64, victim: u64) -> bool {
     if a.seg > victim {
         return true;
     }
-    // `from` stays out: the QoS 2 packet id lives in the publisher's
-    // session record (written after the original), and may be released by
-    // now; repeating it would bring a released id back.
+    // The QoS 2 packet id stays out: it lives in the publisher's session
+    // record (written after the original), and may be released by now;
+    // repeating it would bring a released id back.
     let rec = Rec::Accepted {
         id,
         scope: a.scope.clone(),
         message: a.message.clone(),
         stamp_ms: a.stamp_ms,
-        from: None,
-        delayed: a.delayed,
+        causes: Causes {
+            qos2_from: None,
+            delayed: a.delayed,
+            will_of: a.will_of,
+        },
     };
     let old = a.bytes;
     let Ok((seg, bytes)) = store.put(&rec) else {

@@ -18,11 +18,12 @@ use smallvec::SmallVec;
 use crate::codec::QoS;
 use crate::log::AppendError;
 use crate::message::Message;
+use crate::persist::record::message_records;
 use crate::persist::{Origin, Rec, Scope, Sid, Target, TargetState};
 use crate::session::SubIds;
 
 use super::retry::Retry;
-use super::{Obj, Placed, RetainedMeta, SessionKey, Shard, State, Store, TARGETS_PER_RECORD};
+use super::{Obj, Placed, RetainedMeta, SessionKey, Shard, State, Store};
 
 /// A message stored for this shard's persistent sessions.
 #[derive(Debug)]
@@ -89,21 +90,9 @@ impl Store {
         m: &MessageHead,
         targets: &[Target],
     ) -> Result<(u64, u32), AppendError> {
-        let mut first = None;
-        let mut total = 0;
-        for chunk in targets.chunks(TARGETS_PER_RECORD) {
-            let rec = Rec::Message {
-                id,
-                origin: m.origin,
-                scope: m.scope.clone(),
-                message: Some(m.message.clone()),
-                targets: chunk.to_vec(),
-            };
-            let (seg, bytes) = self.put(&rec)?;
-            first.get_or_insert(seg);
-            total += bytes;
-        }
-        Ok((first.unwrap_or_else(|| self.log.current_index()), total))
+        self.put_all(&message_records(
+            id, m.origin, &m.scope, &m.message, targets,
+        ))
     }
 
     /// Record `m` as message `id`: logged, or held for a retry.
@@ -146,6 +135,34 @@ impl Store {
         if self.put_marker(origin, scope.clone()).is_err() {
             self.hold_answer(Some(origin));
             self.retry.push_back(Retry::Marker { origin, scope });
+        }
+    }
+
+    /// Keep a retained topic whose record could not be written for a retry.
+    /// One entry per topic (the retry writes the topic's value then): a
+    /// newer message takes the older one's place, whose proof is no longer
+    /// needed (recovery orders retained messages by their stamps).
+    fn retry_retain(&mut self, topic: &Arc<str>, stamp_ms: u64, origin: Option<Origin>) {
+        self.hold_answer(origin);
+        let queued = self.retry.iter_mut().find_map(|r| match r {
+            Retry::Retain {
+                topic: t,
+                stamp_ms: s,
+                origin: o,
+            } if t == topic => Some((s, o)),
+            _ => None,
+        });
+        match queued {
+            Some((s, o)) => {
+                let older = std::mem::replace(o, origin);
+                *s = stamp_ms;
+                self.release_answer(older);
+            }
+            None => self.retry.push_back(Retry::Retain {
+                topic: topic.clone(),
+                stamp_ms,
+                origin,
+            }),
         }
     }
 
@@ -271,14 +288,7 @@ impl Shard {
                     store.retained.insert(message.topic.clone(), meta);
                 }
             }
-            Err(_) => {
-                store.hold_answer(origin);
-                store.retry.push_back(Retry::Retain {
-                    topic: message.topic.clone(),
-                    stamp_ms,
-                    origin,
-                });
-            }
+            Err(_) => store.retry_retain(&message.topic, stamp_ms, origin),
         }
     }
 

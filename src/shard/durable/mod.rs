@@ -5,8 +5,8 @@
 //! Shard-local. What gets written, and when:
 //!
 //! - A persistent session (expiry > 0) writes its whole state when it is
-//!   created, then deltas: Subscribe, Unsubscribe, Online, Offline, End
-//!   (`sessions`).
+//!   created, then deltas: Subscribe, Unsubscribe, Online, Offline,
+//!   Qos2Done, WillDone, End (`sessions`).
 //! - A QoS 1/2 publish that reaches other shards (or is QoS 2 from a
 //!   persistent session, or a delayed publish being sent) is written as
 //!   Accepted on the publisher's shard before its PUBACK/PUBREC, with an
@@ -62,9 +62,6 @@ use messages::StoredMessage;
 use retry::Retry;
 
 pub(super) use messages::StoreTarget;
-
-/// Targets per Message record; more continue in further records.
-const TARGETS_PER_RECORD: usize = 1024;
 
 /// A persistent session's place in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,8 +149,7 @@ pub(super) struct Store {
     /// Power-safe compaction: segments up to the second number are deleted
     /// once records below the first are synced.
     pending_removal: Option<(u64, u64)>,
-    /// Sequence number when the clock was last written.
-    clock_seq: u64,
+    /// When the clock was last written.
     clock_at: Instant,
     /// The log has no room for new messages (no spare segment).
     full: bool,
@@ -245,7 +241,6 @@ impl Store {
             after_sync: Vec::new(),
             sync_wake,
             pending_removal: None,
-            clock_seq: next,
             clock_at: Instant::now(),
             full,
             reported_full: false,
@@ -310,6 +305,18 @@ impl Store {
         }
     }
 
+    /// Append `recs`; returns the first one's segment and the total size.
+    fn put_all(&mut self, recs: &[Rec]) -> Result<(u64, u32), AppendError> {
+        let mut first = None;
+        let mut bytes = 0;
+        for rec in recs {
+            let (seg, b) = self.put(rec)?;
+            first.get_or_insert(seg);
+            bytes += b;
+        }
+        Ok((first.unwrap_or_else(|| self.log.current_index()), bytes))
+    }
+
     /// Append a record that only records a change (no object of its own).
     fn note(&mut self, rec: &Rec) {
         let _ = self.put(rec);
@@ -323,9 +330,9 @@ impl Store {
         self.clock.to_ms(t)
     }
 
-    /// Unix milliseconds now (stamps of accepted messages).
-    pub(super) fn stamp_now(&self) -> u64 {
-        self.clock.to_ms(Instant::now())
+    /// Unix milliseconds of `now` (stamps of accepted messages).
+    pub(super) fn stamp(&self, now: Instant) -> u64 {
+        self.clock.to_ms(now)
     }
 
     /// True when new QoS 1/2 messages cannot be taken (this shard's log or
@@ -436,11 +443,11 @@ impl Shard {
         self.send_applied(st);
         self.write_settled(st);
         let store = st.store.as_mut().expect("checked");
-        if store.log.next_seq() != store.clock_seq && now - store.clock_at >= Duration::from_secs(1)
-        {
+        // The clock, each second: recovery takes the last one as the moment
+        // the broker stopped, when connected sessions became disconnected.
+        if now - store.clock_at >= Duration::from_secs(1) {
             let ms = store.clock.to_ms(now);
             store.note(&Rec::Clock { ms });
-            store.clock_seq = store.log.next_seq();
             store.clock_at = now;
         }
         // `put` raises `full` the moment the spare is gone; the tick lowers

@@ -178,13 +178,18 @@ impl Shard {
                 to,
                 parent,
             } => {
-                let stamp_ms = st.store.as_ref().expect("a store").stamp_now();
+                let stamp_ms = st
+                    .store
+                    .as_ref()
+                    .expect("a store")
+                    .stamp(std::time::Instant::now());
                 let scope = Scope {
                     ordinary: false,
                     shared: SmallVec::from_buf([pick.clone()]),
                 };
                 let dests = SmallVec::from_slice(&[to]);
-                let accepted = self.accept(st, &message, scope, None, None, stamp_ms, dests);
+                let causes = Default::default();
+                let accepted = self.accept(st, &message, scope, causes, stamp_ms, dests);
                 let Ok(origin) = accepted else {
                     return Err(Retry::Forward {
                         message,

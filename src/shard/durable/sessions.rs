@@ -5,49 +5,51 @@
 
 use std::time::Instant;
 
-use crate::persist::record::SessionRec;
+use crate::log::AppendError;
+use crate::persist::record::{session_records, SessionRec};
 use crate::persist::{Rec, Sid};
 use crate::session::{Journal, Session, Subscription};
 
 use super::{DurableSlot, Obj, SessionKey, Shard, State, Store};
 
 impl Store {
-    /// Write a session's whole state as sid `sid`: a Session record, with
-    /// subscriptions past a size budget in Subscribe records after it (a
-    /// record must fit a segment). Returns the first record's segment and
-    /// the total size.
+    /// Write a session's whole state as sid `sid` (a Session record, then
+    /// Subscribe records for what does not fit one). All or none: when the
+    /// log has no spare segment and the current one cannot take them all,
+    /// nothing is written (a shorter Session record would replace a
+    /// complete older one at replay). Returns the first record's segment
+    /// and the total size.
     pub(super) fn put_session(
         &mut self,
         sid: Sid,
         session: &Session,
-    ) -> Result<(u64, u32), crate::log::AppendError> {
+    ) -> Result<(u64, u32), AppendError> {
         let s = session.durable_state();
-        let budget = self.log.segment_bytes() / 8;
-        let mut subscriptions = s.subscriptions.into_iter();
-        let mut first = Vec::new();
-        let mut used = 0;
-        for (filter, sub) in subscriptions.by_ref() {
-            used += filter.len() + 16;
-            first.push((filter, sub));
-            if used >= budget {
-                break;
-            }
-        }
-        let rec = Rec::Session(Box::new(SessionRec {
+        let rec = SessionRec {
             sid,
             client_id: session.client_id().to_string(),
             expiry_s: s.expiry_s,
             offline_since_ms: s.offline_since.map(|t| self.clock.to_ms(t)),
-            subscriptions: first,
+            subscriptions: s.subscriptions,
             qos2_in: s.qos2_in,
             will: s.will,
             will_due_ms: s.will_due.map(|t| self.clock.to_ms(t)),
-        }));
-        let (seg, mut bytes) = self.put(&rec)?;
-        for (filter, sub) in subscriptions {
-            bytes += self.put(&Rec::Subscribe { sid, filter, sub })?.1;
+        };
+        let recs = session_records(rec, self.log.segment_bytes() / 8);
+        if !self.log.has_spare() {
+            let need: usize = recs
+                .iter()
+                .map(|r| {
+                    self.scratch.clear();
+                    r.encode(&self.clock, &mut self.scratch);
+                    crate::log::record::record_len(self.scratch.len())
+                })
+                .sum();
+            if need > self.log.current_room() {
+                return Err(AppendError::Full);
+            }
         }
-        Ok((seg, bytes))
+        self.put_all(&recs)
     }
 }
 
@@ -60,14 +62,14 @@ impl Shard {
         };
         match slot.durable {
             Some(d) => {
-                let state = slot.session.durable_state();
+                let state = slot.session.lifetime();
                 store.note(&Rec::Online {
                     sid: d.sid,
                     expiry_s: state.expiry_s,
                     will: state.will.map(Box::new),
                 });
             }
-            None if slot.session.durable_state().expiry_s > 0 => {
+            None if slot.session.lifetime().expiry_s > 0 => {
                 let sid = store.next_sid;
                 match store.put_session(sid, &slot.session) {
                     Ok((seg, bytes)) => {
@@ -119,7 +121,7 @@ impl Shard {
         let Some(d) = slot.durable else {
             return;
         };
-        let state = slot.session.durable_state();
+        let state = slot.session.lifetime();
         let at = state.offline_since.unwrap_or_else(Instant::now);
         let rec = Rec::Offline {
             sid: d.sid,

@@ -45,7 +45,8 @@ impl Shard {
         }
     }
 
-    /// One sync; false when it failed (what it covered stays unsynced).
+    /// One sync. A file that cannot be opened is tried again later (its
+    /// records stay unacknowledged); a failed `fdatasync` stops the process.
     async fn sync_once(&self, files: &mut HashMap<PathBuf, BufferedFile>) -> bool {
         let Some((target, paths)) = Self::begin_sync(&mut self.state.borrow_mut()) else {
             return true;
@@ -58,35 +59,31 @@ impl Shard {
                         files.insert(path.clone(), f);
                     }
                     Err(e) => {
-                        log::error!(
-                            "shard {}: cannot open {} to sync it: {e}",
-                            self.id,
-                            path.display()
-                        );
-                        self.sync_failed(paths);
+                        let (id, path) = (self.id, path.display());
+                        log::error!("shard {id}: cannot open {path} to sync it: {e}");
+                        if let Some(store) = self.state.borrow_mut().store.as_mut() {
+                            store.log.mark_dirty(paths);
+                        }
                         return false;
                     }
                 }
             }
             if let Err(e) = files[path].fdatasync().await {
+                // After a failed fdatasync the kernel may have dropped the
+                // dirty pages, and a second one can succeed without them:
+                // nothing acknowledged since the last sync can be trusted.
+                // Stop, so a restart reads back what the disk really holds.
                 log::error!(
-                    "shard {}: fdatasync of {} failed: {e}",
+                    "shard {}: fdatasync of {} failed: {e}; stopping: power_safe cannot \
+                     acknowledge what it cannot sync",
                     self.id,
                     path.display()
                 );
-                self.sync_failed(paths);
-                return false;
+                std::process::abort();
             }
         }
         self.sync_done(&mut self.state.borrow_mut(), target);
         true
-    }
-
-    /// Put back the files of a failed sync, for the next one.
-    fn sync_failed(&self, paths: Vec<PathBuf>) {
-        if let Some(store) = self.state.borrow_mut().store.as_mut() {
-            store.log.mark_dirty(paths);
-        }
     }
 
     /// Start a sync: the files to sync and the sequence number all records
