@@ -19,14 +19,13 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::BytesMut;
 use common::child::{config_file, temp_dir, ChildBroker};
+use common::Raw;
 use shardmq::codec::{
     self, Connect, Packet, Properties, PubResp, Publish, QoS, SubOptions, Subscribe, Version,
 };
@@ -35,10 +34,7 @@ const CYCLES: usize = 20;
 
 /// A blocking MQTT 5.0 connection that reports a dead broker instead of
 /// panicking.
-struct Conn {
-    stream: TcpStream,
-    buf: BytesMut,
-}
+struct Conn(Raw);
 
 /// The broker went away (killed): the client will reconnect.
 #[derive(Debug)]
@@ -47,12 +43,7 @@ struct Gone;
 impl Conn {
     /// Connect with a persistent session; returns the session-present flag.
     fn open(addr: SocketAddr, id: &str, clean: bool) -> Result<(Conn, bool), Gone> {
-        let stream = TcpStream::connect(addr).map_err(|_| Gone)?;
-        stream.set_nodelay(true).unwrap();
-        let mut c = Conn {
-            stream,
-            buf: BytesMut::new(),
-        };
+        let mut c = Conn(Raw::try_open(addr, Version::V5).map_err(|_| Gone)?);
         let connect = Connect {
             version: Version::V5,
             clean_start: clean,
@@ -74,39 +65,15 @@ impl Conn {
     }
 
     fn send(&mut self, p: &Packet) -> Result<(), Gone> {
-        let mut out = BytesMut::new();
-        codec::encode(p, Version::V5, &mut out);
-        self.stream.write_all(&out).map_err(|_| Gone)
+        self.0.try_send(p).map_err(|_| Gone)
     }
 
     /// The next packet, None after `wait` without one.
     fn recv(&mut self, wait: Duration) -> Result<Option<Packet>, Gone> {
-        let deadline = Instant::now() + wait;
-        loop {
-            match codec::decode(&mut self.buf, Version::V5, 1 << 20) {
-                Ok(Some(p)) => return Ok(Some(p)),
-                Ok(None) => {}
-                Err(e) => panic!("broker sent a bad packet: {e}"),
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            self.stream.set_read_timeout(Some(left)).unwrap();
-            let mut chunk = [0u8; 16384];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return Err(Gone),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Ok(None)
-                }
-                Err(_) => return Err(Gone),
-            }
+        match self.0.recv_within(wait) {
+            Ok(Some(p)) => Ok(Some(p)),
+            Ok(None) => Err(Gone),
+            Err(()) => Ok(None),
         }
     }
 }
@@ -332,10 +299,7 @@ fn counts(s: &Subscriber) -> BTreeMap<&str, usize> {
 
 /// A client id whose session lives on `shard` of 2.
 fn id_on(prefix: &str, shard: usize) -> String {
-    (0..)
-        .map(|i| format!("{prefix}-{i}"))
-        .find(|id| shardmq::home_shard(id, 2) == shard)
-        .unwrap()
+    common::id_on(prefix, shard, 2)
 }
 
 #[test]

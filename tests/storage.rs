@@ -83,14 +83,6 @@ fn v5(id: &str, clean: bool, expiry: u32) -> codec::Connect {
     c
 }
 
-/// A client id whose session lives on `shard` of `shards`.
-fn id_on(prefix: &str, shard: usize, shards: usize) -> String {
-    (0..)
-        .map(|i| format!("{prefix}-{i}"))
-        .find(|id| shardmq::home_shard(id, shards) == shard)
-        .unwrap()
-}
-
 /// A persistent session subscribed to `filter` at QoS 1, then offline.
 fn offline_subscriber(b: &ChildBroker, id: &str, filter: &str) {
     let (mut s, ack) = Raw::connect_with(b.addr, v5(id, true, 3600));

@@ -52,11 +52,16 @@ impl TestBroker {
 
     /// A client id whose session lives on `shard`.
     pub fn id_on_shard(&self, prefix: &str, shard: usize) -> String {
-        (0..)
-            .map(|i| format!("{prefix}-{i}"))
-            .find(|id| shardmq::home_shard(id, self.shards) == shard)
-            .unwrap()
+        id_on(prefix, shard, self.shards)
     }
+}
+
+/// A client id (`{prefix}-{n}`) whose session lives on `shard` of `shards`.
+pub fn id_on(prefix: &str, shard: usize, shards: usize) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|id| shardmq::home_shard(id, shards) == shard)
+        .unwrap()
 }
 
 impl Drop for TestBroker {
@@ -83,13 +88,18 @@ pub const WAIT: Duration = Duration::from_secs(5);
 
 impl Raw {
     pub fn open(addr: SocketAddr, version: Version) -> Raw {
-        let stream = TcpStream::connect(addr).expect("connect");
-        stream.set_nodelay(true).unwrap();
-        Raw {
+        Self::try_open(addr, version).expect("connect")
+    }
+
+    /// As `open`, but a broker that is not there is an error.
+    pub fn try_open(addr: SocketAddr, version: Version) -> std::io::Result<Raw> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        Ok(Raw {
             stream,
             version,
             buf: BytesMut::new(),
-        }
+        })
     }
 
     /// Open and complete CONNECT/CONNACK; returns the CONNACK.
@@ -112,9 +122,14 @@ impl Raw {
     }
 
     pub fn send(&mut self, p: &Packet) {
+        self.try_send(p).expect("write");
+    }
+
+    /// As `send`, but a closed connection is an error.
+    pub fn try_send(&mut self, p: &Packet) -> std::io::Result<()> {
         let mut out = BytesMut::new();
         codec::encode(p, self.version, &mut out);
-        self.stream.write_all(&out).expect("write");
+        self.stream.write_all(&out)
     }
 
     pub fn send_bytes(&mut self, bytes: &[u8]) {
