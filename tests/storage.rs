@@ -256,6 +256,24 @@ impl Drop for SmallDisk {
     }
 }
 
+/// Publish `payload` at QoS 1 until the broker refuses one with 0x97 (the
+/// log is full); returns how many were acknowledged before.
+fn fill_until_refused(p: &mut Raw, topic: &str, payload: &[u8]) -> u32 {
+    let mut acked = 0u32;
+    let refused = loop {
+        assert!(acked < 2000, "the disk never filled");
+        p.publish(topic, payload, QoS::AtLeastOnce, false, 1);
+        match p.recv() {
+            Some(Packet::PubAck(a)) if a.reason == 0 => acked += 1,
+            Some(Packet::PubAck(a)) => break a.reason,
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    };
+    assert_eq!(refused, reason::QUOTA_EXCEEDED);
+    assert!(acked > 50, "only {acked} messages fitted");
+    acked
+}
+
 #[test]
 fn a_full_disk_refuses_new_messages_with_0x97_and_loses_nothing() {
     let root = temp_dir("full-disk");
@@ -268,20 +286,8 @@ fn a_full_disk_refuses_new_messages_with_0x97_and_loses_nothing() {
     assert_eq!(watcher.subscribe(1, "qos0/#", QoS::AtMostOnce), vec![0]);
     let (mut p, _) = Raw::connect(b.addr, Version::V5, &id_on("full-pub", 0, 2), true);
 
-    // Fill: 16 KiB messages for the offline session until one is refused.
     let payload = vec![b'x'; 16 << 10];
-    let mut acked = 0u32;
-    let refused = loop {
-        assert!(acked < 2000, "the disk never filled");
-        p.publish("full/t", &payload, QoS::AtLeastOnce, false, 1);
-        match p.recv() {
-            Some(Packet::PubAck(a)) if a.reason == 0 => acked += 1,
-            Some(Packet::PubAck(a)) => break a.reason,
-            other => panic!("expected PUBACK, got {other:?}"),
-        }
-    };
-    assert_eq!(refused, reason::QUOTA_EXCEEDED);
-    assert!(acked > 50, "only {acked} messages fitted");
+    let acked = fill_until_refused(&mut p, "full/t", &payload);
     assert!(
         b.log_text().contains("no disk space for a new log segment"),
         "the full disk is logged:\n{}",
@@ -343,20 +349,7 @@ fn a_restart_on_a_disk_too_full_for_recovery_refuses_and_loses_nothing() {
     let sub = id_on("fr-sub", 1, 2);
     offline_subscriber(&b, &sub, "fr/#");
     let (mut p, _) = Raw::connect(b.addr, Version::V5, &id_on("fr-pub", 0, 2), true);
-    let payload = vec![b'y'; 16 << 10];
-    let mut acked = 0u32;
-    loop {
-        assert!(acked < 2000, "the disk never filled");
-        p.publish("fr/t", &payload, QoS::AtLeastOnce, false, 1);
-        match p.recv() {
-            Some(Packet::PubAck(a)) if a.reason == 0 => acked += 1,
-            Some(Packet::PubAck(a)) => {
-                assert_eq!(a.reason, reason::QUOTA_EXCEEDED);
-                break;
-            }
-            other => panic!("expected PUBACK, got {other:?}"),
-        }
-    }
+    let acked = fill_until_refused(&mut p, "fr/t", &vec![b'y'; 16 << 10]);
     b.kill9();
 
     // No room for a copy of the live state: the broker says so and stops.
