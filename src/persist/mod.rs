@@ -6,7 +6,8 @@
 //! - [`recover`]: node-wide recovery before the shards start: replay every
 //!   log, finish what a crash interrupted, re-home for the shard count in
 //!   force, write the next generation;
-//! - [`clock`]: Unix-time deadlines, so expiry counts across a restart.
+//! - [`clock`]: Unix-time deadlines, so expiry counts across a restart;
+//! - [`writer`]: appending records to a log.
 //!
 //! The shards write records through `shard::durable` while they run; each
 //! writes only its own log.
@@ -15,6 +16,8 @@ pub mod clock;
 pub mod image;
 pub mod record;
 pub mod recover;
+pub mod writer;
 
 pub use clock::WallClock;
 pub use record::{Causes, Origin, Rec, Scope, Sid, Target, TargetState};
+pub use writer::Writer;

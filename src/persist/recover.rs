@@ -32,10 +32,11 @@ use super::image::ShardImage;
 use super::record::{
     message_records, session_records, Origin, Rec, Scope, SessionRec, Sid, Target, TargetState,
 };
+use super::writer::Writer;
 use crate::codec::QoS;
 use crate::log::dir::{DataDir, DirError};
 use crate::log::scan::{scan, ScanReport};
-use crate::log::Log;
+use crate::log::{AppendError, Log};
 use crate::message::Message;
 use crate::router::{home_shard, parse_shared, FilterTrie, SharedPick};
 use crate::session::{Delivery, Restored, RestoredInflight, SubIds, Subscription};
@@ -634,17 +635,19 @@ type Ordered = BTreeMap<OrderKey, (Arc<Message>, Vec<(Sid, Target)>)>;
 /// Appends records to a new shard log, reporting where each went.
 struct Put<'a> {
     clock: &'a WallClock,
-    scratch: bytes::BytesMut,
+    writer: Writer,
 }
 
 impl Put<'_> {
     /// Append `rec`; returns (segment, size).
     fn put(&mut self, log: &mut Log, rec: &Rec) -> std::io::Result<(u64, u32)> {
-        self.scratch.clear();
-        let kind = rec.encode(self.clock, &mut self.scratch);
-        log.append(kind, &self.scratch)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::StorageFull, e))?;
-        Ok((log.current_index(), self.scratch.len() as u32))
+        self.writer.append(log, self.clock, rec).map_err(|e| {
+            let kind = match e {
+                AppendError::Full => std::io::ErrorKind::StorageFull,
+                AppendError::TooLarge { .. } => std::io::ErrorKind::InvalidData,
+            };
+            std::io::Error::new(kind, e)
+        })
     }
 
     /// Append `recs`; returns the first one's segment and the total size.
@@ -678,7 +681,7 @@ fn write_generation(
     let _ = std::fs::remove_dir_all(dir.generation_dir(generation));
     let mut w = Put {
         clock,
-        scratch: bytes::BytesMut::new(),
+        writer: Writer::default(),
     };
     let mut starts = Vec::with_capacity(n);
     for shard in 0..n {

@@ -221,7 +221,6 @@ impl Session {
         if let Some(pending) = self.pending_will.take() {
             let (will, _) = *pending;
             self.publish_will(now, will);
-            self.journal.push_back(super::Journal::WillDone);
         }
         self.ended = true;
         self.actions.push_back(Action::End);
@@ -248,7 +247,6 @@ impl Session {
         if self.pending_will.as_ref().is_some_and(|w| w.1 <= now) {
             let (will, _) = *self.pending_will.take().expect("checked");
             self.publish_will(now, will);
-            self.journal.push_back(super::Journal::WillDone);
         }
         if self.expiry_deadline().is_some_and(|at| at <= now) {
             log::debug!("client {}: session expired", self.client_id);

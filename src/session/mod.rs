@@ -177,8 +177,6 @@ pub enum Journal {
         /// The packet id.
         packet_id: u16,
     },
-    /// A will that waited for its delay was published.
-    WillDone,
 }
 
 /// What a session asks its shard to do.

@@ -13,7 +13,7 @@ use crate::persist::recover::ShardStart;
 use crate::persist::WallClock;
 use crate::session::Session;
 
-use super::durable::{DurableSlot, ShardStartIds, Store, StoreEnv};
+use super::durable::{DurableSlot, Store, StoreEnv};
 use super::routing::{route_key_of, split_shared};
 use super::{SessionSlot, Shard, SubEntry, SubKey};
 
@@ -32,10 +32,6 @@ impl Shard {
             next_message_id,
             next_delayed_id,
         } = start;
-        let ids = ShardStartIds {
-            next_sid,
-            next_message_id,
-        };
         let env = StoreEnv {
             mode: self.config.durability(),
             clock,
@@ -44,7 +40,7 @@ impl Shard {
             sync_wake: self.sync_wake.clone(),
             status: self.limits.status.clone(),
         };
-        let mut store = Store::new(&ids, log, env);
+        let mut store = Store::new(next_sid, next_message_id, log, env);
         for (shard, filter) in routes {
             let (group, inner) = split_shared(filter);
             let key = route_key_of(*shard, group, Arc::from(inner));

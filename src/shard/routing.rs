@@ -59,10 +59,17 @@ impl Shard {
     ) -> bool {
         let owner = message.retain.then(|| self.topic_owner(&message.topic));
         let (ordinary, picks) = self.destinations(st, &message.topic);
-        let stamp_ms = st.store.as_ref().map_or(0, |s| s.stamp(now));
-        let accepted = self.log_accept(st, &message, source, owner, &ordinary, &picks, stamp_ms);
-        let Ok(origin) = accepted else {
-            return false;
+        let stamp_ms = st.store.as_ref().map_or(0, |s| s.wall_ms(now));
+        let origin = match self.log_accept(st, &message, source, owner, &ordinary, &picks, stamp_ms)
+        {
+            Ok(origin) => origin,
+            // A will goes out even when the log cannot take it (nobody
+            // waits for its acknowledgement); its session forgets it.
+            Err(_) if source.will_of.is_some() => {
+                Self::durable_will_done(st, source.will_of);
+                None
+            }
+            Err(_) => return false,
         };
         st.stats.routed += 1;
         if let Some(owner) = owner {
@@ -144,7 +151,11 @@ impl Shard {
 
     /// Log a QoS 1/2 message as Accepted when the log is on and a crash
     /// could otherwise lose or repeat it: it goes to other shards, it is a
-    /// persistent session's QoS 2 publish, or a delayed publish leaving.
+    /// persistent session's QoS 2 publish, a delayed publish leaving, or a
+    /// will (of any QoS: the record also says the session's will is gone).
+    /// While the log is full every QoS 1/2 message is accepted first: a
+    /// delivery here may then have to wait for room, and its accept stays
+    /// unsettled until it is logged.
     #[allow(clippy::too_many_arguments)]
     fn log_accept(
         &self,
@@ -158,11 +169,13 @@ impl Shard {
     ) -> Result<Option<Origin>, crate::log::AppendError> {
         let durable_sid = |key: Option<SessionKey>| Some(st.sessions.get(key?)?.durable?.sid);
         let will_of = durable_sid(source.will_of);
-        // A will is logged whatever its QoS: the record also says the
-        // session's will is gone, so a restart does not publish it again.
-        if st.store.is_none() || (message.qos == QoS::AtMostOnce && will_of.is_none()) {
+        let Some(store) = st.store.as_ref() else {
+            return Ok(None);
+        };
+        if message.qos == QoS::AtMostOnce && will_of.is_none() {
             return Ok(None);
         }
+        let full = store.is_full();
         let me = self.id as u16;
         let mut dests: SmallVec<[u16; 4]> = SmallVec::new();
         let all = ordinary
@@ -182,7 +195,7 @@ impl Shard {
             delayed: source.delayed,
             will_of,
         };
-        if dests.is_empty() && causes == Causes::default() {
+        if dests.is_empty() && causes == Causes::default() && !full {
             return Ok(None);
         }
         self.accept(st, message, Scope::everyone(), causes, stamp_ms, dests)
@@ -239,7 +252,7 @@ impl Shard {
         for pick in shared {
             match self.choose_member(st, message, pick, hops, &mut members) {
                 Some(t) => merged.push(t),
-                None => self.forward_shared(st, message, pick, hops, origin),
+                None => self.forward_shared(st, now, message, pick, hops, origin),
             }
         }
         let scope = Scope {
@@ -347,6 +360,7 @@ impl Shard {
     fn forward_shared(
         &self,
         st: &mut State,
+        now: Instant,
         message: &Arc<Message>,
         pick: &SharedPick,
         hops: u8,
@@ -368,7 +382,7 @@ impl Shard {
                 ordinary: false,
                 shared: SmallVec::from_buf([pick.clone()]),
             };
-            let stamp_ms = st.store.as_ref().map_or(0, |s| s.stamp(Instant::now()));
+            let stamp_ms = st.store.as_ref().map_or(0, |s| s.wall_ms(now));
             let dests = SmallVec::from_slice(&[to]);
             match self.accept(st, message, scope, Causes::default(), stamp_ms, dests) {
                 Ok(o) => own = Some(o),

@@ -106,13 +106,19 @@ impl Store {
     }
 
     /// Advance the settled frontier past every accept all its destinations
-    /// answered.
+    /// answered and whose pieces on this shard are logged (a delivery here
+    /// that waits for room keeps its accept unsettled, so recovery routes
+    /// it again after a crash).
     fn settle(&mut self) {
+        let own_unlogged = &self.owed[usize::from(self.me)].unlogged;
         while let Some(a) = self.accepted.front() {
             let done = a
                 .dests
                 .iter()
-                .all(|d| self.acked_upto[usize::from(*d)] >= a.id);
+                .all(|d| self.acked_upto[usize::from(*d)] >= a.id)
+                && own_unlogged
+                    .first_key_value()
+                    .is_none_or(|(&f, _)| f > a.id);
             if !done {
                 break;
             }
@@ -170,7 +176,6 @@ impl Shard {
             will_of: causes.will_of,
             dests,
         });
-        store.settle();
         Ok(Origin {
             shard: self.id as u16,
             id,
@@ -226,6 +231,7 @@ impl Shard {
         let Some(store) = st.store.as_mut() else {
             return;
         };
+        store.settle();
         if store.settled_upto > store.settled_written {
             let upto = store.settled_upto;
             if store.put(&Rec::Settled { upto }).is_ok() {
@@ -248,5 +254,94 @@ impl Shard {
             store.others_full[from] = full;
             self.limits.status.store_full.set(store.refusing());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::rc::Rc;
+    use std::sync::Arc;
+
+    use crate::config::Durability;
+    use crate::log::tests::temp_dir;
+    use crate::log::Log;
+    use crate::message::Message;
+    use crate::persist::{Causes, Origin, Rec, Scope, WallClock};
+
+    use super::super::{Store, StoreEnv};
+    use super::Accepted;
+
+    fn store(name: &str) -> Store {
+        let log = Log::create_without_spare(&temp_dir(name), 1 << 20, 0, 1).unwrap();
+        let env = StoreEnv {
+            mode: Durability::KillSafe,
+            clock: WallClock::now(),
+            me: 0,
+            shards: 2,
+            sync_wake: Rc::default(),
+            status: Rc::default(),
+        };
+        Store::new(0, 1, log, env)
+    }
+
+    /// Accept `id` as the publisher's shard does, bound for `dests`.
+    fn accept(s: &mut Store, id: u64, dests: &[u16]) {
+        let message = Arc::new(Message {
+            topic: Arc::from("t"),
+            payload: bytes::Bytes::from_static(b"m"),
+            qos: crate::codec::QoS::AtLeastOnce,
+            retain: false,
+            properties: Default::default(),
+            expires_at: None,
+            publisher: None,
+        });
+        let rec = Rec::Accepted {
+            id,
+            scope: Scope::everyone(),
+            message: message.clone(),
+            stamp_ms: 0,
+            causes: Causes::default(),
+        };
+        let (seg, bytes) = s.put(&rec).unwrap();
+        s.live_bytes += u64::from(bytes);
+        s.accepted.push_back(Accepted {
+            id,
+            seg,
+            bytes,
+            message,
+            scope: Scope::everyone(),
+            stamp_ms: 0,
+            delayed: None,
+            will_of: None,
+            dests: dests.into(),
+        });
+    }
+
+    #[test]
+    fn an_accept_settles_when_every_destination_answered() {
+        let mut s = store("settle-answers");
+        accept(&mut s, 1, &[1]);
+        s.settle();
+        assert_eq!(s.settled_upto, 0, "shard 1 has not answered");
+        s.acked_upto[1] = 1;
+        s.settle();
+        assert_eq!(s.settled_upto, 1);
+        assert!(s.accepted.is_empty());
+    }
+
+    #[test]
+    fn a_delivery_on_the_origin_shard_waiting_for_room_keeps_its_accept_unsettled() {
+        let mut s = store("settle-own");
+        accept(&mut s, 1, &[]);
+        accept(&mut s, 2, &[1]);
+        s.acked_upto[1] = 2;
+        // Accept 1's delivery here could not be logged (the log was full).
+        let own = Some(Origin { shard: 0, id: 1 });
+        s.hold_answer(own);
+        s.settle();
+        assert_eq!(s.settled_upto, 0, "a crash now must route accept 1 again");
+        s.release_answer(own);
+        s.settle();
+        assert_eq!(s.settled_upto, 2);
     }
 }

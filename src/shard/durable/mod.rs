@@ -6,11 +6,13 @@
 //!
 //! - A persistent session (expiry > 0) writes its whole state when it is
 //!   created, then deltas: Subscribe, Unsubscribe, Online, Offline,
-//!   Qos2Done, WillDone, End (`sessions`).
+//!   Qos2Done, End (`sessions`); WillDone only when its will went out
+//!   without an Accepted record.
 //! - A QoS 1/2 publish that reaches other shards (or is QoS 2 from a
-//!   persistent session, or a delayed publish being sent) is written as
-//!   Accepted on the publisher's shard before its PUBACK/PUBREC, with an
-//!   accept id. Every shard that applies it records that origin in what it
+//!   persistent session, a delayed publish being sent, a shared
+//!   subscription's message passed on, any message while the log is full)
+//!   and a persistent session's will are written as Accepted on the
+//!   publisher's shard before its PUBACK/PUBREC, with an accept id. Every shard that applies it records that origin in what it
 //!   writes and answers `Applied`; once all have, the accept is settled
 //!   (`answers`). After a crash, recovery routes again what was not
 //!   settled, to the sessions whose shard did not record it.
@@ -44,13 +46,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use hashbrown::HashMap;
 
 use crate::codec::QoS;
 use crate::config::Durability;
 use crate::log::{AppendError, Log};
-use crate::persist::{Origin, Rec, Sid, WallClock};
+use crate::persist::{Origin, Rec, Sid, WallClock, Writer};
 use crate::session::ShardStatus;
 
 use super::mesh::MeshMsg;
@@ -106,7 +107,7 @@ pub(super) struct Store {
     log: Log,
     mode: Durability,
     clock: WallClock,
-    scratch: BytesMut,
+    writer: Writer,
     me: u16,
     next_sid: Sid,
     next_message_id: u64,
@@ -133,7 +134,8 @@ pub(super) struct Store {
     /// origin, by segment: compaction writes a marker for each whose origin
     /// is still unsettled.
     proofs: BTreeMap<u64, Vec<(Origin, crate::persist::Scope)>>,
-    /// Sum of the live objects' whole-record sizes.
+    /// Sum of the live objects' whole-record sizes (headers included, as
+    /// the segments count them).
     live_bytes: u64,
     /// Work that could not be logged, to write when room returns.
     retry: VecDeque<Retry>,
@@ -179,17 +181,10 @@ pub(super) struct StoreEnv {
     pub(super) status: Rc<ShardStatus>,
 }
 
-/// The id counters a shard's log continues from.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct ShardStartIds {
-    pub(super) next_sid: Sid,
-    pub(super) next_message_id: u64,
-}
-
 impl Store {
     /// The store of a shard starting from recovery's output (whose records
-    /// recovery has synced).
-    pub(super) fn new(start: &ShardStartIds, log: Log, env: StoreEnv) -> Store {
+    /// recovery has synced), continuing its session and message numbers.
+    pub(super) fn new(next_sid: Sid, next_message_id: u64, log: Log, env: StoreEnv) -> Store {
         let StoreEnv {
             mode,
             clock,
@@ -215,10 +210,10 @@ impl Store {
             log,
             mode,
             clock,
-            scratch: BytesMut::new(),
+            writer: Writer::default(),
             me: me as u16,
-            next_sid: start.next_sid,
-            next_message_id: start.next_message_id,
+            next_sid,
+            next_message_id,
             next_accept_id: 1,
             messages: HashMap::new(),
             accepted: VecDeque::new(),
@@ -264,10 +259,7 @@ impl Store {
         {
             return Err(AppendError::Full);
         }
-        self.scratch.clear();
-        let kind = rec.encode(&self.clock, &mut self.scratch);
-        let bytes = self.scratch.len() as u32;
-        let appended = self.log.append(kind, &self.scratch);
+        let appended = self.writer.append(&mut self.log, &self.clock, rec);
         if !self.log.has_spare() && !self.full {
             // Refuse new messages from now on; the room left in the current
             // segment is for the bookkeeping of those already taken.
@@ -281,11 +273,11 @@ impl Store {
             );
         }
         match appended {
-            Ok(_) => {
+            Ok(placed) => {
                 if self.mode == Durability::PowerSafe {
                     self.sync_wake.notify();
                 }
-                Ok((self.log.current_index(), bytes))
+                Ok(placed)
             }
             Err(e) => {
                 let now = Instant::now();
@@ -295,8 +287,9 @@ impl Store {
                 {
                     self.failure_logged = Some(now);
                     log::error!(
-                        "shard {}: {e}: a record of kind {kind} was not written ({})",
+                        "shard {}: {e}: a record of kind {} was not written ({})",
                         self.me,
+                        rec.kind(),
                         self.log.dir().display()
                     );
                 }
@@ -326,13 +319,15 @@ impl Store {
         self.by_seg.entry(seg).or_default().push(obj);
     }
 
-    fn wall_ms(&self, t: Instant) -> u64 {
+    /// Unix milliseconds of `t` (deadlines, stamps of accepted messages).
+    pub(super) fn wall_ms(&self, t: Instant) -> u64 {
         self.clock.to_ms(t)
     }
 
-    /// Unix milliseconds of `now` (stamps of accepted messages).
-    pub(super) fn stamp(&self, now: Instant) -> u64 {
-        self.clock.to_ms(now)
+    /// True while this shard's log has no spare segment: records bringing
+    /// message data may be refused.
+    pub(super) fn is_full(&self) -> bool {
+        self.full
     }
 
     /// True when new QoS 1/2 messages cannot be taken (this shard's log or

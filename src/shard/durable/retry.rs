@@ -182,7 +182,7 @@ impl Shard {
                     .store
                     .as_ref()
                     .expect("a store")
-                    .stamp(std::time::Instant::now());
+                    .wall_ms(std::time::Instant::now());
                 let scope = Scope {
                     ordinary: false,
                     shared: SmallVec::from_buf([pick.clone()]),

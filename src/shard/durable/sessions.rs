@@ -39,11 +39,7 @@ impl Store {
         if !self.log.has_spare() {
             let need: usize = recs
                 .iter()
-                .map(|r| {
-                    self.scratch.clear();
-                    r.encode(&self.clock, &mut self.scratch);
-                    crate::log::record::record_len(self.scratch.len())
-                })
+                .map(|r| self.writer.size(&self.clock, r) as usize)
                 .sum();
             if need > self.log.current_room() {
                 return Err(AppendError::Full);
@@ -168,8 +164,16 @@ impl Shard {
                     store.message_done(id, key);
                 }
                 Journal::Qos2Done { packet_id } => store.note(&Rec::Qos2Done { sid, packet_id }),
-                Journal::WillDone => store.note(&Rec::WillDone { sid }),
             }
+        }
+    }
+
+    /// The will of session `key` went out without its Accepted record (the
+    /// log was full): record that the session no longer has one.
+    pub(in crate::shard) fn durable_will_done(st: &mut State, key: Option<SessionKey>) {
+        let sid = key.and_then(|k| st.sessions.get(k)?.durable.map(|d| d.sid));
+        if let (Some(store), Some(sid)) = (st.store.as_mut(), sid) {
+            store.note(&Rec::WillDone { sid });
         }
     }
 }
