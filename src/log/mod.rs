@@ -90,8 +90,8 @@ impl Log {
     }
 
     /// As [`Log::create`], without making the spare segment yet (recovery:
-    /// the old generation still takes its room; the shard makes the spare
-    /// on its first tick).
+    /// the old generation still takes its room; the shard's store makes the
+    /// spare when it is built).
     pub fn create_without_spare(
         dir: &Path,
         segment_bytes: usize,

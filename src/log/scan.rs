@@ -14,7 +14,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::record::{self, Read, RecordRef};
-use super::segment::parse_file_name;
+use super::segment::{map_read, parse_file_name};
 
 /// Where reading stopped early.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +34,8 @@ pub enum Damage {
         segment: PathBuf,
         /// Offset of the bad record.
         offset: usize,
-        /// Sequence number the bad record should have had.
+        /// Sequence number the bad record should have had (0 when it is
+        /// the log's first).
         seq: u64,
         /// What is wrong with it.
         why: &'static str,
@@ -140,8 +141,9 @@ pub fn scan(dir: &Path, mut f: impl FnMut(RecordRef<'_>)) -> io::Result<ScanRepo
             });
             return Ok(report);
         }
-        let bytes = std::fs::read(path)?;
+        let bytes = map_read(path)?;
         let mut off = 0;
+        let mut any = false;
         loop {
             let why = match record::read(&bytes, off) {
                 Read::End => break,
@@ -151,7 +153,8 @@ pub fn scan(dir: &Path, mut f: impl FnMut(RecordRef<'_>)) -> io::Result<ScanRepo
                     report.records += 1;
                     report.bytes += (next - off) as u64;
                     report.last_seq = Some(r.seq);
-                    if report.last_segment.as_ref() != Some(path) {
+                    if !any {
+                        any = true;
                         report.last_segment = Some(path.clone());
                     }
                     expected = Some(r.seq + 1);
@@ -211,7 +214,7 @@ fn count_from(bytes: &[u8], mut at: usize) -> u64 {
 fn count_later(files: &[(u64, PathBuf)]) -> u64 {
     files
         .iter()
-        .filter_map(|(_, p)| std::fs::read(p).ok())
+        .filter_map(|(_, p)| map_read(p).ok())
         .map(|b| count_from(&b, 0))
         .sum()
 }

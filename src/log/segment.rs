@@ -1,4 +1,5 @@
-//! One preallocated, memory-mapped segment file being appended to.
+//! One preallocated, memory-mapped segment file being appended to, and
+//! read-only mappings of segments for recovery's scan.
 //!
 //! Shard-local. The file gets all its blocks at creation (`fallocate`), so a
 //! full disk is an error when a segment is created, never a SIGBUS while
@@ -11,7 +12,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use memmap2::MmapMut;
+use memmap2::{Mmap, MmapMut};
 
 use super::record;
 
@@ -23,6 +24,16 @@ pub fn file_name(index: u64) -> String {
 /// Index of a segment file name, if it is one.
 pub fn parse_file_name(name: &str) -> Option<u64> {
     name.strip_suffix(".seg")?.parse().ok()
+}
+
+/// Map a segment file read-only: a scan touches only the pages it reads,
+/// not the preallocated zeros after the last record.
+pub fn map_read(path: &Path) -> io::Result<Mmap> {
+    let file = File::open(path)?;
+    // SAFETY: the data directory is locked (`LOCK`) while a broker uses it,
+    // and recovery runs before any shard appends, so nothing writes to or
+    // truncates the file while the mapping lives.
+    unsafe { Mmap::map(&file) }
 }
 
 /// A segment open for appending.
@@ -101,8 +112,9 @@ impl Segment {
         self.file.sync_data()
     }
 
-    /// Append a record if it fits (a zero length must still fit after it,
-    /// or the segment ends exactly). False when it does not fit.
+    /// Append a record if it fits. The bytes after it are zero, and fewer
+    /// than a length field's 4 read as the end, so no end marker is
+    /// needed. False when it does not fit.
     pub fn append(&mut self, seq: u64, kind: u8, body: &[u8]) -> bool {
         let n = record::record_len(body.len());
         if self.used + n > self.map.len() {
@@ -168,5 +180,13 @@ mod tests {
             Segment::create(&dir, 3, 256).is_err(),
             "never reuses a file"
         );
+        assert_eq!(&map_read(&dir.join(file_name(3))).unwrap()[..], &bytes[..]);
+    }
+
+    #[test]
+    fn an_empty_file_maps_empty() {
+        let dir = crate::log::tests::temp_dir("segment-empty");
+        std::fs::write(dir.join(file_name(0)), b"").unwrap();
+        assert!(map_read(&dir.join(file_name(0))).unwrap().is_empty());
     }
 }

@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use smallvec::SmallVec;
 use thiserror::Error;
 
@@ -898,7 +898,9 @@ impl<'a> Reader<'a> {
         let p = self.publish()?;
         Ok(Message {
             topic: p.topic,
-            payload: Bytes::copy_from_slice(&p.payload),
+            // A slice of this record's own copy of the packet (never of
+            // the log's mapping).
+            payload: p.payload,
             qos: p.qos,
             retain: p.retain,
             properties: p.properties,
@@ -955,6 +957,8 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
 
     use super::*;
 

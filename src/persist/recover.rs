@@ -5,7 +5,8 @@
 //! Node-wide, on the starting thread, before any shard runs. The steps:
 //!
 //! 1. Replay each old shard log into a [`ShardImage`] (stopping at damage,
-//!    which is reported and whose segment files are kept aside).
+//!    which is reported; the segment files of a corrupt log are copied
+//!    aside, a torn tail is just cut).
 //! 2. Sessions that were connected when the broker stopped count as
 //!    disconnected at its last clock record: their wills wait for their
 //!    delay; sessions whose expiry has passed end (publishing a pending
@@ -38,7 +39,7 @@ use crate::log::dir::{DataDir, DirError};
 use crate::log::scan::{scan, ScanReport};
 use crate::log::{AppendError, Log};
 use crate::message::Message;
-use crate::router::{home_shard, parse_shared, FilterTrie, SharedPick};
+use crate::router::{home_shard, split_shared, FilterTrie, SharedPick};
 use crate::session::{Delivery, Restored, RestoredInflight, SubIds, Subscription};
 
 /// Why recovery failed (the broker does not start).
@@ -453,10 +454,7 @@ impl<'a> Merge<'a> {
                 continue;
             }
             for (filter, sub) in &g.rec.subscriptions {
-                let (group, inner) = match parse_shared(filter) {
-                    Ok(Some((g, f))) => (Some(Arc::<str>::from(g)), f),
-                    _ => (None, filter.as_str()),
-                };
+                let (group, inner) = split_shared(filter);
                 let value = (sub.clone(), Arc::<str>::from(inner));
                 self.subscriptions.insert(inner, (i, group), value);
             }
@@ -501,7 +499,7 @@ impl<'a> Merge<'a> {
     /// Deliver `message` to the persistent sessions that should have it and
     /// did not get it, and to the retained store.
     fn route(&mut self, message: &Arc<Message>, scope: &Scope, origin: Option<Origin>, stamp: u64) {
-        if message.expires_at.is_some_and(|t| t <= Instant::now()) {
+        if message.is_expired(Instant::now()) {
             return;
         }
         self.rerouted += u64::from(origin.is_some());
@@ -523,9 +521,6 @@ impl<'a> Merge<'a> {
             .for_each_match(&message.topic, |(i, group), (sub, inner)| {
                 let g = &sessions[*i];
                 let qos = sub.options.qos.min(message.qos);
-                if qos == QoS::AtMostOnce {
-                    return;
-                }
                 let target = Target {
                     sid: 0,
                     qos,
@@ -555,7 +550,11 @@ impl<'a> Merge<'a> {
                             group: group.clone(),
                             filter: inner.clone(),
                         };
-                        if scope.ordinary || scope.shared.contains(&pick) {
+                        // Only members that would store it: the message must
+                        // not be lost to a QoS 0 member of an offline group.
+                        if qos != QoS::AtMostOnce
+                            && (scope.ordinary || scope.shared.contains(&pick))
+                        {
                             shared.entry(pick).or_default().push((*i, target));
                         }
                     }
@@ -563,7 +562,12 @@ impl<'a> Merge<'a> {
             });
         let order = (1, self.next_order, 0);
         self.next_order += 1;
-        for (i, t) in ordinary {
+        // As live delivery merges: one target per session at the highest
+        // QoS with every matching identifier; a QoS 0 one is not stored.
+        for (i, t) in ordinary
+            .into_iter()
+            .filter(|(_, t)| t.qos != QoS::AtMostOnce)
+        {
             if !self.applied(self.sessions[i].old_shard, origin, None) {
                 self.sessions[i]
                     .deliveries

@@ -35,6 +35,15 @@ pub use trie::FilterTrie;
 
 use std::sync::Arc;
 
+/// A full filter split into its share name (if `$share/{group}/...`) and
+/// the filter inside; anything else is its own filter.
+pub fn split_shared(filter: &str) -> (Option<Arc<str>>, &str) {
+    match parse_shared(filter) {
+        Ok(Some((g, f))) => (Some(Arc::<str>::from(g)), f),
+        _ => (None, filter),
+    }
+}
+
 /// One shared subscription: a share name and the filter inside
 /// `$share/{group}/{filter}`. Members of one group with different filters
 /// are different shared subscriptions.

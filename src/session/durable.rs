@@ -137,37 +137,31 @@ impl Session {
 
     /// Every stored delivery the session holds (in flight, queued, held
     /// behind a retained gather), with how far it got.
-    pub fn stored_deliveries(&self, mut f: impl FnMut(&Arc<Message>, StoredDelivery)) {
+    pub fn stored_deliveries(&self, mut f: impl FnMut(StoredDelivery)) {
         for m in &self.out.inflight {
             if let Some(id) = m.stored {
-                f(
-                    &m.message,
-                    StoredDelivery {
-                        id,
-                        qos: m.qos,
-                        retain: m.retain,
-                        subscription_ids: m.subscription_ids.clone(),
-                        packet_id: Some(m.packet_id),
-                        released: m.stage == Awaiting::Comp,
-                    },
-                );
+                f(StoredDelivery {
+                    id,
+                    qos: m.qos,
+                    retain: m.retain,
+                    subscription_ids: m.subscription_ids.clone(),
+                    packet_id: Some(m.packet_id),
+                    released: m.stage == Awaiting::Comp,
+                });
             }
         }
-        let queued = self.out.queue.iter().map(|q| (&q.message, &q.delivery));
-        let held = self.held.iter().map(|(m, d)| (m, d));
-        for (m, d) in queued.chain(held) {
+        let queued = self.out.queue.iter().map(|q| &q.delivery);
+        let held = self.held.iter().map(|(_, d)| d);
+        for d in queued.chain(held) {
             if let Some(id) = d.stored {
-                f(
-                    m,
-                    StoredDelivery {
-                        id,
-                        qos: d.qos,
-                        retain: d.retain,
-                        subscription_ids: d.subscription_ids.clone(),
-                        packet_id: None,
-                        released: false,
-                    },
-                );
+                f(StoredDelivery {
+                    id,
+                    qos: d.qos,
+                    retain: d.retain,
+                    subscription_ids: d.subscription_ids.clone(),
+                    packet_id: None,
+                    released: false,
+                });
             }
         }
     }

@@ -97,8 +97,9 @@ pub struct SessionLimits {
 /// Shard-local; the shard sets them, its sessions read them.
 #[derive(Debug, Default)]
 pub struct ShardStatus {
-    /// The log has no room for new messages (a disk is full): QoS 1/2
-    /// publishes are refused with 0x97 (3.x: the connection is closed).
+    /// This shard's log, or another shard's, has no room for new messages
+    /// (a disk is full): QoS 1/2 publishes are refused with 0x97 (3.x: the
+    /// connection is closed).
     pub store_full: std::cell::Cell<bool>,
     /// The shard holds its share of `storage.delayed_messages_max`.
     pub delayed_full: std::cell::Cell<bool>,

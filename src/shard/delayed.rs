@@ -28,18 +28,14 @@ impl Shard {
         let id = st.next_delayed_id;
         st.next_delayed_id += 1;
         let due = now + Duration::from_secs(u64::from(delay_s));
-        let from = source.qos2_packet_id.and_then(|pid| {
-            let key = source.from?;
-            Some((st.sessions.get(key)?.durable?.sid, pid))
-        });
+        let from = source
+            .qos2_packet_id
+            .and_then(|pid| Some((Self::durable_sid(st, source.from?)?, pid)));
         if !Self::durable_delay(st, id, due, &message, from) {
             return false;
         }
         st.delayed.insert((due, id), message);
-        self.limits
-            .status
-            .delayed_full
-            .set(st.delayed.len() >= self.delayed_max);
+        self.note_delayed_count(st);
         true
     }
 
@@ -62,6 +58,12 @@ impl Shard {
                 break;
             }
         }
+        self.note_delayed_count(st);
+    }
+
+    /// Tell the sessions whether this shard holds its share of delayed
+    /// publishes.
+    fn note_delayed_count(&self, st: &State) {
         self.limits
             .status
             .delayed_full

@@ -14,8 +14,9 @@ use crate::persist::WallClock;
 use crate::session::Session;
 
 use super::durable::{DurableSlot, Store, StoreEnv};
-use super::routing::{route_key_of, split_shared};
+use super::routing::route_key_of;
 use super::{SessionSlot, Shard, SubEntry, SubKey};
+use crate::router::split_shared;
 
 impl Shard {
     /// Take over `start` (this shard's part of recovery) and `routes`

@@ -12,7 +12,8 @@ use smallvec::SmallVec;
 
 use crate::codec::QoS;
 use crate::message::Message;
-use crate::router::topic::{has_wildcard, parse_shared};
+use crate::router::split_shared;
+use crate::router::topic::has_wildcard;
 use crate::session::{Delivery, SubIds, Subscription};
 
 use super::durable::StoreTarget;
@@ -167,7 +168,7 @@ impl Shard {
         picks: &[(u16, SharedPick)],
         stamp_ms: u64,
     ) -> Result<Option<Origin>, crate::log::AppendError> {
-        let durable_sid = |key: Option<SessionKey>| Some(st.sessions.get(key?)?.durable?.sid);
+        let durable_sid = |key: Option<SessionKey>| Self::durable_sid(st, key?);
         let will_of = durable_sid(source.will_of);
         let Some(store) = st.store.as_ref() else {
             return Ok(None);
@@ -249,6 +250,7 @@ impl Shard {
             }
         });
         let mut merged = merge_targets(targets);
+        let distinct = merged.len();
         for pick in shared {
             match self.choose_member(st, message, pick, hops, &mut members) {
                 Some(t) => merged.push(t),
@@ -259,7 +261,7 @@ impl Shard {
             ordinary,
             shared: shared.iter().cloned().collect(),
         };
-        self.deliver_targets(st, now, message, merged, origin, scope);
+        self.deliver_targets(st, now, message, merged, distinct, origin, scope);
         if origin.is_some_and(|o| usize::from(o.shard) != self.id) {
             Self::applied(st, origin);
         }
@@ -270,20 +272,23 @@ impl Shard {
     /// journals, so Sent records follow them). A session that is a target
     /// twice (an ordinary and a shared subscription) gets a second stored
     /// message. With an origin and shared subscriptions served but nothing
-    /// stored, a marker records that this shard applied it.
+    /// stored, a marker records that this shard applied it. The first
+    /// `distinct` targets are known to be different sessions.
+    #[allow(clippy::too_many_arguments)]
     fn deliver_targets(
         &self,
         st: &mut State,
         now: Instant,
         message: &Arc<Message>,
         targets: SmallVec<[Target; 8]>,
+        distinct: usize,
         origin: Option<Origin>,
         scope: Scope,
     ) {
         // (message id, its deliveries); each session at most once per id.
         let mut groups: SmallVec<[(u64, Vec<StoreTarget>); 1]> = SmallVec::new();
         let mut keys: SmallVec<[SessionKey; 8]> = SmallVec::new();
-        for t in targets {
+        for (i, t) in targets.into_iter().enumerate() {
             let qos = t.qos.min(message.qos);
             let store_id = Self::storable(st, t.session, qos).map(|sid| {
                 let target = StoreTarget {
@@ -293,9 +298,13 @@ impl Shard {
                     retain: t.retain,
                     subscription_ids: t.subscription_ids.clone(),
                 };
-                let free = groups
-                    .iter_mut()
-                    .find(|(_, g)| g.iter().all(|x| x.key != t.session));
+                let free = if i < distinct {
+                    groups.first_mut()
+                } else {
+                    groups
+                        .iter_mut()
+                        .find(|(_, g)| g.iter().all(|x| x.key != t.session))
+                };
                 match free {
                     Some((id, g)) => {
                         g.push(target);
@@ -817,13 +826,5 @@ pub(super) fn route_key_of(shard: usize, group: Option<Arc<str>>, filter: Arc<st
             pick: SharedPick { group, filter },
             shard: shard as u16,
         },
-    }
-}
-
-/// A full filter split into its share name (if `$share/...`) and filter.
-pub(super) fn split_shared(filter: &str) -> (Option<Arc<str>>, &str) {
-    match parse_shared(filter) {
-        Ok(Some((g, f))) => (Some(Arc::<str>::from(g)), f),
-        _ => (None, filter),
     }
 }

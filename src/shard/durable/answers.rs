@@ -91,12 +91,8 @@ impl Store {
 
     /// True while `origin` is not known settled: proof that this shard
     /// applied it must stay in the log.
-    pub(super) fn unsettled(&self, origin: Option<Origin>) -> bool {
-        match origin {
-            None => false,
-            Some(o) if o.shard == self.me => o.id > self.settled_sent,
-            Some(o) => o.id > self.known_settled[usize::from(o.shard)],
-        }
+    pub(super) fn unsettled(&self, origin: Origin) -> bool {
+        origin.id > self.known_settled[usize::from(origin.shard)]
     }
 
     /// Where accept `id` is among the unsettled ones (they are in id
@@ -132,11 +128,7 @@ impl Store {
     /// its Settled record is durable). Proofs of application up to it are
     /// no longer needed (compaction drops them).
     fn forget_settled(&mut self, from: usize, upto: u64) {
-        if from == usize::from(self.me) {
-            self.settled_sent = self.settled_sent.max(upto);
-        } else {
-            self.known_settled[from] = self.known_settled[from].max(upto);
-        }
+        self.known_settled[from] = self.known_settled[from].max(upto);
     }
 }
 
@@ -241,7 +233,7 @@ impl Shard {
         }
         let durable = store.mode != crate::config::Durability::PowerSafe
             || store.synced_next >= store.settled_written_seq;
-        if store.settled_written > store.settled_sent && durable {
+        if store.settled_written > store.known_settled[self.id] && durable {
             let upto = store.settled_written;
             self.mesh.broadcast(|| MeshMsg::Settled { upto });
             store.forget_settled(self.id, upto);

@@ -58,7 +58,7 @@ impl Shard {
             .proofs
             .range(..=victim)
             .flat_map(|(_, v)| v.iter().cloned())
-            .filter(|(o, _)| store.unsettled(Some(*o)))
+            .filter(|(o, _)| store.unsettled(*o))
             .collect();
         if store.full {
             // Only what fits beside the room kept for bookkeeping.
@@ -196,7 +196,7 @@ pub(super) fn gather_targets(st: &State, ids: &mut HashMap<u64, Vec<Target>>) {
         let Some(d) = slot.durable else {
             continue;
         };
-        slot.session.stored_deliveries(|_, s: StoredDelivery| {
+        slot.session.stored_deliveries(|s: StoredDelivery| {
             if let Some(v) = ids.get_mut(&s.id) {
                 v.push(Target {
                     sid: d.sid,

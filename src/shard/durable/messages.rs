@@ -212,7 +212,7 @@ impl Store {
         // Never written: the proof still has to be, while the origin is
         // unsettled.
         self.release_answer(m.origin);
-        if let Some(o) = m.origin.filter(|_| self.unsettled(m.origin)) {
+        if let Some(o) = m.origin.filter(|&o| self.unsettled(o)) {
             self.marker_or_retry(o, m.scope);
         }
     }

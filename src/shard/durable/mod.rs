@@ -71,7 +71,8 @@ pub(super) struct DurableSlot {
     pub(super) sid: Sid,
     /// Segment of its last whole record.
     pub(super) seg: u64,
-    /// Size of that record (for the live-bytes estimate).
+    /// Size of that whole state (its Session record and any Subscribe
+    /// records it overflowed into), for the live-bytes estimate.
     pub(super) bytes: u32,
 }
 
@@ -120,8 +121,8 @@ pub(super) struct Store {
     settled_written: u64,
     /// Log sequence number after the last Settled record.
     settled_written_seq: u64,
-    settled_sent: u64,
-    /// Per origin shard: its settled frontier as last heard.
+    /// Per origin shard: its settled frontier as last heard (for this
+    /// shard: as last told to the others).
     known_settled: Vec<u64>,
     /// Per origin shard: the `Applied` answers owed to it.
     owed: Vec<Owed>,
@@ -221,7 +222,6 @@ impl Store {
             settled_upto: 0,
             settled_written: 0,
             settled_written_seq: 0,
-            settled_sent: 0,
             known_settled: vec![0; shards],
             owed: (0..shards).map(|_| Owed::default()).collect(),
             retained: HashMap::new(),
@@ -395,14 +395,19 @@ fn brings_data(rec: &Rec) -> bool {
 }
 
 impl Shard {
+    /// The log's number of session `key`, when it is persistent (only then,
+    /// and only with a log, has it a place there).
+    pub(super) fn durable_sid(st: &State, key: SessionKey) -> Option<Sid> {
+        st.sessions.get(key)?.durable.map(|d| d.sid)
+    }
+
     /// The session number a delivery to `key` at `qos` is stored under,
     /// when it is to be stored (persistent session, QoS 1/2).
     pub(super) fn storable(st: &State, key: SessionKey, qos: QoS) -> Option<Sid> {
-        st.store.as_ref()?;
         if qos == QoS::AtMostOnce {
             return None;
         }
-        st.sessions.get(key)?.durable.map(|d| d.sid)
+        Self::durable_sid(st, key)
     }
 
     /// A new message id for this shard's log.

@@ -114,7 +114,7 @@ impl Shard {
             }
             Retry::Marker { origin, scope } => {
                 let store = st.store.as_mut().expect("a store");
-                if store.unsettled(Some(origin)) {
+                if store.unsettled(origin) {
                     store
                         .put_marker(origin, scope.clone())
                         .map_err(|_| Retry::Marker {

@@ -139,7 +139,7 @@ impl Shard {
         store.note(&Rec::SessionEnd { sid: d.sid });
         store.live_bytes -= u64::from(d.bytes);
         let mut ids = Vec::new();
-        slot.session.stored_deliveries(|_, s| ids.push(s.id));
+        slot.session.stored_deliveries(|s| ids.push(s.id));
         for id in ids {
             store.message_done(id, key);
         }
@@ -171,7 +171,7 @@ impl Shard {
     /// The will of session `key` went out without its Accepted record (the
     /// log was full): record that the session no longer has one.
     pub(in crate::shard) fn durable_will_done(st: &mut State, key: Option<SessionKey>) {
-        let sid = key.and_then(|k| st.sessions.get(k)?.durable.map(|d| d.sid));
+        let sid = key.and_then(|k| Self::durable_sid(st, k));
         if let (Some(store), Some(sid)) = (st.store.as_mut(), sid) {
             store.note(&Rec::WillDone { sid });
         }
