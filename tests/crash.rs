@@ -20,14 +20,13 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::child::{config_file, temp_dir, ChildBroker};
+use common::raw::pub_resp;
 use common::Raw;
 use shardmq::codec::{
-    self, Connect, Packet, Properties, PubResp, Publish, QoS, SubOptions, Subscribe, Version,
+    self, Connect, Packet, Properties, Publish, QoS, SubOptions, Subscribe, Version,
 };
 
 const CYCLES: usize = 20;
@@ -78,13 +77,6 @@ impl Conn {
     }
 }
 
-fn resp(id: u16) -> PubResp {
-    PubResp {
-        packet_id: id,
-        ..PubResp::default()
-    }
-}
-
 /// Where a publisher's one message in flight stands.
 #[derive(Debug, Clone, Copy)]
 enum Stage {
@@ -120,19 +112,19 @@ impl Publisher {
         })
     }
 
-    /// Publish until the broker dies or `stop` is set (then until nothing is
-    /// in flight).
-    fn run(&mut self, addr: SocketAddr, stop: &AtomicBool) -> Result<(), Gone> {
+    /// Publish until the broker dies (when draining: until nothing is in
+    /// flight).
+    fn run(&mut self, addr: SocketAddr) -> Result<(), Gone> {
         let (mut c, _) = Conn::open(addr, &self.id, false)?;
         // Resume the message in flight as MQTT requires: same packet id.
         match self.inflight {
             Some((n, pid, Stage::Published)) => c.send(&self.publish_packet(n, pid, true))?,
-            Some((_, pid, Stage::Released)) => c.send(&Packet::PubRel(resp(pid)))?,
+            Some((_, pid, Stage::Released)) => c.send(&Packet::PubRel(pub_resp(pid)))?,
             None => {}
         }
         loop {
             if self.inflight.is_none() {
-                if self.draining || stop.load(Ordering::Relaxed) {
+                if self.draining {
                     return Ok(());
                 }
                 // About 2,000 messages a second: enough to be killed in
@@ -159,7 +151,7 @@ impl Publisher {
                 Packet::PubRec(r) if r.packet_id == pid => {
                     assert_eq!(r.reason, 0, "{}: PUBREC {r:?}", self.id);
                     self.inflight = Some((n, pid, Stage::Released));
-                    c.send(&Packet::PubRel(resp(pid)))?;
+                    c.send(&Packet::PubRel(pub_resp(pid)))?;
                 }
                 Packet::PubComp(r) if r.packet_id == pid => {
                     self.acked.push(n);
@@ -189,20 +181,12 @@ impl Subscriber {
         }
     }
 
-    /// Receive until the broker dies, `stop` is set, or (when `quiet` is
-    /// given) nothing arrives for that long.
-    fn run(
-        &mut self,
-        addr: SocketAddr,
-        stop: &AtomicBool,
-        quiet: Option<Duration>,
-    ) -> Result<(), Gone> {
+    /// Receive until the broker dies or (when `quiet` is given) nothing
+    /// arrives for that long.
+    fn run(&mut self, addr: SocketAddr, quiet: Option<Duration>) -> Result<(), Gone> {
         let (mut c, present) = Conn::open(addr, &self.id, false)?;
         assert!(present, "{}: the session must survive the restart", self.id);
         loop {
-            if stop.load(Ordering::Relaxed) {
-                return Ok(());
-            }
             let wait = quiet.unwrap_or(Duration::from_millis(100));
             let Some(p) = c.recv(wait)? else {
                 if quiet.is_some() {
@@ -217,19 +201,19 @@ impl Subscriber {
                         QoS::AtMostOnce => self.received.push(text),
                         QoS::AtLeastOnce => {
                             self.received.push(text);
-                            c.send(&Packet::PubAck(resp(m.packet_id)))?;
+                            c.send(&Packet::PubAck(pub_resp(m.packet_id)))?;
                         }
                         QoS::ExactlyOnce => {
                             if self.pending.insert(m.packet_id) {
                                 self.received.push(text);
                             }
-                            c.send(&Packet::PubRec(resp(m.packet_id)))?;
+                            c.send(&Packet::PubRec(pub_resp(m.packet_id)))?;
                         }
                     }
                 }
                 Packet::PubRel(r) => {
                     self.pending.remove(&r.packet_id);
-                    c.send(&Packet::PubComp(resp(r.packet_id)))?;
+                    c.send(&Packet::PubComp(pub_resp(r.packet_id)))?;
                 }
                 other => panic!("{}: unexpected {other:?}", self.id),
             }
@@ -383,21 +367,18 @@ fn crash_cycles(durability: &str, cycles: usize) {
             broker = ChildBroker::start(&args);
         }
         expect_retained(broker.addr, cycle);
-        let stop = Arc::new(AtomicBool::new(false));
         let addr = broker.addr;
         let kill_after = Duration::from_millis(100 + rng.below(400) as u64);
         std::thread::scope(|scope| {
             let mut handles = Vec::new();
             for p in publishers.iter_mut() {
-                let stop = stop.clone();
                 handles.push(scope.spawn(move || {
-                    let _ = p.run(addr, &stop);
+                    let _ = p.run(addr);
                 }));
             }
             for s in [&mut s1, &mut s2] {
-                let stop = stop.clone();
                 handles.push(scope.spawn(move || {
-                    let _ = s.run(addr, &stop, None);
+                    let _ = s.run(addr, None);
                 }));
             }
             std::thread::sleep(kill_after);
@@ -423,15 +404,13 @@ fn crash_cycles(durability: &str, cycles: usize) {
     // A last start: publishers finish what is in flight, everyone drains.
     let mut broker = ChildBroker::start(&args);
     expect_retained(broker.addr, cycles);
-    let stop = AtomicBool::new(false);
     for p in publishers.iter_mut() {
         p.draining = true;
-        p.run(broker.addr, &stop).expect("the broker stays up");
+        p.run(broker.addr).expect("the broker stays up");
     }
     let quiet = Some(Duration::from_secs(2));
     for s in [&mut s1, &mut s2, &mut offline] {
-        s.run(broker.addr, &stop, quiet)
-            .expect("the broker stays up");
+        s.run(broker.addr, quiet).expect("the broker stays up");
     }
     broker.stop();
 

@@ -27,7 +27,7 @@ fn assert_broker_serves(b: &TestBroker) {
     for (sub_shard, pub_shard) in [(0, 1), (1, 0)] {
         let sub_id = b.id_on_shard(&format!("alive-sub{sub_shard}"), sub_shard);
         let pub_id = b.id_on_shard(&format!("alive-pub{pub_shard}"), pub_shard);
-        assert_round_trip(b, &sub_id, &pub_id, &format!("alive/{sub_shard}"));
+        assert_round_trip(b.addr, &sub_id, &pub_id, &format!("alive/{sub_shard}"));
     }
 }
 

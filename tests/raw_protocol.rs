@@ -80,7 +80,7 @@ fn first_bytes_reply(b: &TestBroker, bytes: &[u8]) -> Vec<u8> {
 fn assert_broker_serves(b: &TestBroker) {
     let sub_id = b.id_on_shard("alive-sub", 0);
     let pub_id = b.id_on_shard("alive-pub", 1);
-    assert_round_trip(b, &sub_id, &pub_id, "alive/check");
+    assert_round_trip(b.addr, &sub_id, &pub_id, "alive/check");
 }
 
 fn ack(c: &mut Raw, packet: Packet) {

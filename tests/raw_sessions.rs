@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::raw::*;
 use common::*;
@@ -370,8 +370,10 @@ fn a_subscriber_that_stops_reading_does_not_stall_others() {
     // It never reads again: its socket buffers fill, then its backlog.
     let mut healthy = watcher(&b, "healthy", 0, "stall/t");
     let (mut p, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("stall-pub", 1), true);
+    // A broker that stopped reading the publisher fails a write, not the
+    // test's patience.
+    p.stream.set_write_timeout(Some(WAIT)).unwrap();
     let payload = vec![b'x'; 4096];
-    let deadline = Instant::now() + WAIT * 4;
     let total = 3000; // 12 MB: far more than the socket buffers hold
     let mut received = 0;
     for i in 0..total {
@@ -382,7 +384,6 @@ fn a_subscriber_that_stops_reading_does_not_stall_others() {
                 received += 1;
             }
         }
-        assert!(Instant::now() < deadline, "publishing stalled");
     }
     // A QoS 1 marker after the flood arrives at the healthy subscriber.
     p.publish("stall/t", b"marker", QoS::AtLeastOnce, false, 9);

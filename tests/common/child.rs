@@ -46,7 +46,7 @@ impl ChildBroker {
         let (tx, rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if let Some(rest) = line.split("listening on ").nth(1) {
@@ -65,7 +65,8 @@ impl ChildBroker {
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                std::thread::sleep(Duration::from_millis(100));
+                // Its stderr is closed now: the reader has every line.
+                let _ = reader.join();
                 Err(log.lock().unwrap().join("\n"))
             }
         }
@@ -101,6 +102,21 @@ impl ChildBroker {
     /// The log so far, joined.
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// Wait (at most 10 s) until the log holds `needle`; the log so far.
+    pub fn wait_for_log(&self, needle: &str) -> Result<String, String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.log_text();
+            if text.contains(needle) {
+                return Ok(text);
+            }
+            if Instant::now() >= deadline {
+                return Err(text);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

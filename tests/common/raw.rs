@@ -1,9 +1,10 @@
-//! Helpers shared by the raw-packet tests (`raw_protocol.rs`, `raw_limits.rs`):
+//! Helpers shared by the raw-packet tests (`raw_protocol.rs`, `raw_limits.rs`,
+//! `raw_sessions.rs`, `storage.rs`):
 //! hand-built frames, reading a socket until the broker closes it, and the
 //! per-version "send these bytes, expect this end" checks.
 
 use std::io::Read;
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -199,11 +200,11 @@ pub fn subscribe_each(c: &mut Raw, cases: &[(&str, QoS, u8)]) {
 /// A fresh 5.0 subscriber `sub_id` and 3.1.1 publisher `pub_id` still
 /// round-trip a QoS 1 message on `topic`: the broker survived whatever the
 /// test did.
-pub fn assert_round_trip(b: &TestBroker, sub_id: &str, pub_id: &str, topic: &str) {
-    let (mut s, ack) = Raw::connect(b.addr, Version::V5, sub_id, true);
+pub fn assert_round_trip(addr: SocketAddr, sub_id: &str, pub_id: &str, topic: &str) {
+    let (mut s, ack) = Raw::connect(addr, Version::V5, sub_id, true);
     assert_eq!(ack.reason, 0, "fresh subscriber refused");
     assert_eq!(s.subscribe(1, topic, QoS::AtLeastOnce), vec![1]);
-    let (mut p, ack) = Raw::connect(b.addr, Version::V3_1_1, pub_id, true);
+    let (mut p, ack) = Raw::connect(addr, Version::V3_1_1, pub_id, true);
     assert_eq!(ack.reason, 0, "fresh publisher refused");
     publish_qos1(&mut p, topic, b"still here", 1);
     let m = s.recv_publish();
