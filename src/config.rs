@@ -94,7 +94,8 @@ pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
     /// Number of shards; 0 = one per online CPU.
     pub shards: usize,
-    /// Pin shard i to CPU i when shards ≤ CPUs.
+    /// Pin shard i to the i-th CPU the process may run on, when there are
+    /// no more shards than such CPUs.
     pub pin_cpus: bool,
     /// Connections the broker accepts at once.
     pub connections_max: usize,
