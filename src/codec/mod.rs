@@ -51,6 +51,7 @@ pub use connack::{reason_from_v3, reason_to_v3};
 pub use error::DecodeError;
 pub use packet::*;
 pub use publish::PublishView;
+pub(crate) use subscribe::{decode_options, encode_options};
 
 use header::kind;
 

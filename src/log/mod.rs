@@ -226,13 +226,6 @@ impl Log {
         self.sealed.len()
     }
 
-    /// Bytes of segment files on disk (sealed, current and spare).
-    pub fn disk_bytes(&self) -> u64 {
-        let sealed: u64 = self.sealed.iter().map(|s| s.bytes).sum();
-        let spare = self.spare.as_ref().map_or(0, |s| s.size() as u64);
-        sealed + self.current.size() as u64 + spare
-    }
-
     /// Bytes written into segments on disk (sealed in full, current so far).
     pub fn used_bytes(&self) -> u64 {
         let sealed: u64 = self.sealed.iter().map(|s| s.bytes).sum();

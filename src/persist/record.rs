@@ -19,7 +19,7 @@ use smallvec::SmallVec;
 use thiserror::Error;
 
 use super::clock::WallClock;
-use crate::codec::{self, Packet, Properties, PublishView, QoS, SubOptions, Version, Will};
+use crate::codec::{self, Packet, Properties, PublishView, QoS, Version, Will};
 use crate::message::Message;
 use crate::router::SharedPick;
 use crate::session::{SubIds, Subscription};
@@ -691,12 +691,8 @@ impl Writer<'_> {
         }
     }
     fn subscription(&mut self, s: &Subscription) {
-        let o = &s.options;
-        let b = o.qos as u8
-            | u8::from(o.no_local) << 2
-            | u8::from(o.retain_as_published) << 3
-            | (o.retain_handling & 3) << 4;
-        self.u8(b);
+        // The 5.0 subscription options byte, as in SUBSCRIBE.
+        self.u8(codec::encode_options(&s.options, Version::V5));
         self.u32(s.subscription_id.unwrap_or(0));
     }
     fn target(&mut self, t: &Target) {
@@ -850,13 +846,10 @@ impl<'a> Reader<'a> {
     fn subscription(&mut self) -> Result<Subscription, RecordError> {
         let b = self.u8()?;
         let id = self.u32()?;
+        let options = codec::decode_options(b, Version::V5)
+            .map_err(|_| RecordError::Invalid("subscription options"))?;
         Ok(Subscription {
-            options: SubOptions {
-                qos: Self::qos(b)?,
-                no_local: b & 4 != 0,
-                retain_as_published: b & 8 != 0,
-                retain_handling: (b >> 4) & 3,
-            },
+            options,
             subscription_id: (id != 0).then_some(id),
         })
     }
@@ -959,6 +952,8 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use bytes::Bytes;
+
+    use crate::codec::SubOptions;
 
     use super::*;
 

@@ -144,8 +144,6 @@ pub struct ShardStart {
 pub struct Recovery {
     /// The locked data directory (held while the broker runs).
     pub dir: DataDir,
-    /// The generation now in force.
-    pub generation: u64,
     /// One start per shard.
     pub shards: Vec<ShardStart>,
     /// Every restored subscription: (shard, full filter), for the route
@@ -249,7 +247,6 @@ pub fn recover(settings: &RecoverySettings) -> Result<Recovery, RecoveryError> {
     ));
     Ok(Recovery {
         dir,
-        generation,
         shards,
         routes,
         clock,

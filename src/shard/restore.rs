@@ -15,7 +15,7 @@ use crate::session::Session;
 
 use super::durable::{DurableSlot, Store, StoreEnv};
 use super::routing::route_key_of;
-use super::{SessionSlot, Shard, SubEntry, SubKey};
+use super::{SessionSlot, Shard};
 use crate::router::split_shared;
 
 impl Shard {
@@ -68,20 +68,13 @@ impl Shard {
             st.by_client.insert(s.client_id, key);
             store.restore_session(key, uid, s.seg, s.bytes);
             keys.insert(s.sid, key);
+            // The route replica came whole from recovery: only this
+            // shard's counts of its own routes are rebuilt here.
             for (filter, subscription) in subscriptions {
-                let (group, inner) = split_shared(&filter);
-                let inner: Arc<str> = Arc::from(inner);
-                let route = route_key_of(self.id, group.clone(), inner.clone());
-                *st.local_routes.entry((inner.clone(), route)).or_insert(0) += 1;
-                let sub_key = SubKey {
-                    session: key,
-                    group,
-                };
-                let entry = SubEntry {
-                    subscription,
-                    filter: inner.clone(),
-                };
-                st.subscribers.insert(&inner, sub_key, entry);
+                let (group, inner, _) =
+                    Self::insert_subscriber(&mut st, key, &filter, subscription);
+                let route = route_key_of(self.id, group, inner.clone());
+                *st.local_routes.entry((inner, route)).or_insert(0) += 1;
             }
         }
         for m in messages {

@@ -385,29 +385,52 @@ impl Shard {
             );
             return;
         };
-        let mut own = None;
-        if origin.is_some() {
-            let scope = Scope {
+        if origin.is_none() {
+            let forward = MeshMsg::Publish {
+                message: message.clone(),
                 ordinary: false,
                 shared: SmallVec::from_buf([pick.clone()]),
+                hops: hops + 1,
+                origin: None,
             };
-            let stamp_ms = st.store.as_ref().map_or(0, |s| s.wall_ms(now));
-            let dests = SmallVec::from_slice(&[to]);
-            match self.accept(st, message, scope, Causes::default(), stamp_ms, dests) {
-                Ok(o) => own = Some(o),
-                Err(_) => {
-                    return Self::retry_forward(st, message, pick, hops + 1, to, origin);
-                }
-            }
+            return self.mesh.send(usize::from(to), forward);
         }
+        if self
+            .forward_logged(st, now, message, pick, hops + 1, to)
+            .is_err()
+        {
+            Self::retry_forward(st, message, pick, hops + 1, to, origin);
+        }
+    }
+
+    /// Accept a shared-subscription message passed on to shard `to` (this
+    /// shard answers for it from now on) and send it.
+    pub(super) fn forward_logged(
+        &self,
+        st: &mut State,
+        now: Instant,
+        message: &Arc<Message>,
+        pick: &SharedPick,
+        hops: u8,
+        to: u16,
+    ) -> Result<(), crate::log::AppendError> {
+        let shared: SmallVec<[SharedPick; 1]> = SmallVec::from_buf([pick.clone()]);
+        let scope = Scope {
+            ordinary: false,
+            shared: shared.clone(),
+        };
+        let stamp_ms = st.store.as_ref().map_or(0, |s| s.wall_ms(now));
+        let dests = SmallVec::from_slice(&[to]);
+        let origin = self.accept(st, message, scope, Causes::default(), stamp_ms, dests)?;
         let forward = MeshMsg::Publish {
             message: message.clone(),
             ordinary: false,
-            shared: SmallVec::from_buf([pick.clone()]),
-            hops: hops + 1,
-            origin: own,
+            shared,
+            hops,
+            origin: Some(origin),
         };
-        self.send_routed(st, usize::from(to), forward, own);
+        self.send_routed(st, usize::from(to), forward, Some(origin));
+        Ok(())
     }
 
     /// Round-robin over the local members of one shared subscription,
@@ -467,18 +490,8 @@ impl Shard {
         subscription: Subscription,
         is_new: bool,
     ) {
-        let (group, inner) = split_shared(filter);
-        let inner: Arc<str> = Arc::from(inner);
-        let sub_key = SubKey {
-            session: key,
-            group: group.clone(),
-        };
-        let entry = SubEntry {
-            subscription: subscription.clone(),
-            filter: inner.clone(),
-        };
-        let (previous, _) = st.subscribers.insert(&inner, sub_key, entry);
-        if previous.is_none() {
+        let (group, inner, added) = Self::insert_subscriber(st, key, filter, subscription.clone());
+        if added {
             let route = self.route_key(group.clone(), inner.clone());
             self.route_count(st, inner.clone(), route, true, key);
         }
@@ -486,6 +499,29 @@ impl Shard {
         if group.is_none() && (handling == 0 || (handling == 1 && is_new)) {
             self.gather_retained(st, now, key, &inner, &subscription);
         }
+    }
+
+    /// Put session `key`'s subscription to `filter` into the subscriber
+    /// trie. Returns its share name, the filter inside, and whether the
+    /// session had no subscription to it before.
+    pub(super) fn insert_subscriber(
+        st: &mut State,
+        key: SessionKey,
+        filter: &str,
+        subscription: Subscription,
+    ) -> (Option<Arc<str>>, Arc<str>, bool) {
+        let (group, inner) = split_shared(filter);
+        let inner: Arc<str> = Arc::from(inner);
+        let sub_key = SubKey {
+            session: key,
+            group: group.clone(),
+        };
+        let entry = SubEntry {
+            subscription,
+            filter: inner.clone(),
+        };
+        let (previous, _) = st.subscribers.insert(&inner, sub_key, entry);
+        (group, inner, previous.is_none())
     }
 
     /// Remove a subscription from the subscriber trie and the route replica.

@@ -113,6 +113,37 @@ impl Store {
         self.messages.insert(id, m);
     }
 
+    /// Write a retained topic's record (an empty payload deletes it) and
+    /// make it the topic's live one.
+    pub(super) fn write_retain(
+        &mut self,
+        message: &Arc<Message>,
+        stamp_ms: u64,
+        origin: Option<Origin>,
+    ) -> Result<(), AppendError> {
+        let rec = Rec::Retain {
+            message: message.clone(),
+            stamp_ms,
+            origin,
+        };
+        let (seg, bytes) = self.put(&rec)?;
+        if let Some(old) = self.retained.remove(&message.topic) {
+            self.live_bytes -= u64::from(old.bytes);
+        }
+        if !message.payload.is_empty() {
+            self.live_bytes += u64::from(bytes);
+            self.track(seg, Obj::Retained(message.topic.clone()));
+            let meta = RetainedMeta {
+                seg,
+                bytes,
+                stamp_ms,
+                origin,
+            };
+            self.retained.insert(message.topic.clone(), meta);
+        }
+        Ok(())
+    }
+
     /// Write a marker that this shard applied `origin` (serving `scope`).
     pub(super) fn put_marker(&mut self, origin: Origin, scope: Scope) -> Result<(), AppendError> {
         let id = self.next_message_id;
@@ -265,30 +296,12 @@ impl Shard {
         let Some(store) = st.store.as_mut() else {
             return;
         };
-        let rec = Rec::Retain {
-            message: message.clone(),
-            stamp_ms,
-            origin,
-        };
-        let placed = store.put(&rec);
-        if let Some(old) = store.retained.remove(&message.topic) {
-            store.live_bytes -= u64::from(old.bytes);
-        }
-        match placed {
-            Ok((seg, bytes)) => {
-                if !message.payload.is_empty() {
-                    store.live_bytes += u64::from(bytes);
-                    store.track(seg, Obj::Retained(message.topic.clone()));
-                    let meta = RetainedMeta {
-                        seg,
-                        bytes,
-                        stamp_ms,
-                        origin,
-                    };
-                    store.retained.insert(message.topic.clone(), meta);
-                }
+        if store.write_retain(message, stamp_ms, origin).is_err() {
+            // The topic's older record no longer says its value.
+            if let Some(old) = store.retained.remove(&message.topic) {
+                store.live_bytes -= u64::from(old.bytes);
             }
-            Err(_) => store.retry_retain(&message.topic, stamp_ms, origin),
+            store.retry_retain(&message.topic, stamp_ms, origin);
         }
     }
 

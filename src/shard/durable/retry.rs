@@ -8,16 +8,14 @@
 use std::sync::Arc;
 
 use hashbrown::HashMap;
-use smallvec::SmallVec;
 
 use crate::codec::{Properties, QoS};
 use crate::message::Message;
-use crate::persist::{Origin, Rec, Scope};
+use crate::persist::{Origin, Scope};
 use crate::router::SharedPick;
 
-use super::super::mesh::MeshMsg;
 use super::compaction::gather_targets;
-use super::{Obj, RetainedMeta, Shard, State};
+use super::{Obj, Shard, State};
 
 /// One piece of work waiting for room in the log.
 #[derive(Debug)]
@@ -142,31 +140,12 @@ impl Shard {
                     })
                 });
                 let store = st.store.as_mut().expect("a store");
-                let rec = Rec::Retain {
-                    message: message.clone(),
-                    stamp_ms,
-                    origin,
-                };
-                let Ok((seg, bytes)) = store.put(&rec) else {
+                if store.write_retain(&message, stamp_ms, origin).is_err() {
                     return Err(Retry::Retain {
                         topic,
                         stamp_ms,
                         origin,
                     });
-                };
-                if let Some(old) = store.retained.remove(&topic) {
-                    store.live_bytes -= u64::from(old.bytes);
-                }
-                if !message.payload.is_empty() {
-                    store.live_bytes += u64::from(bytes);
-                    store.track(seg, Obj::Retained(topic.clone()));
-                    let meta = RetainedMeta {
-                        seg,
-                        bytes,
-                        stamp_ms,
-                        origin,
-                    };
-                    store.retained.insert(topic, meta);
                 }
                 store.release_answer(origin);
                 Ok(())
@@ -178,19 +157,11 @@ impl Shard {
                 to,
                 parent,
             } => {
-                let stamp_ms = st
-                    .store
-                    .as_ref()
-                    .expect("a store")
-                    .wall_ms(std::time::Instant::now());
-                let scope = Scope {
-                    ordinary: false,
-                    shared: SmallVec::from_buf([pick.clone()]),
-                };
-                let dests = SmallVec::from_slice(&[to]);
-                let causes = Default::default();
-                let accepted = self.accept(st, &message, scope, causes, stamp_ms, dests);
-                let Ok(origin) = accepted else {
+                let now = std::time::Instant::now();
+                if self
+                    .forward_logged(st, now, &message, &pick, hops, to)
+                    .is_err()
+                {
                     return Err(Retry::Forward {
                         message,
                         pick,
@@ -198,15 +169,7 @@ impl Shard {
                         to,
                         parent,
                     });
-                };
-                let forward = MeshMsg::Publish {
-                    message,
-                    ordinary: false,
-                    shared: SmallVec::from_buf([pick]),
-                    hops,
-                    origin: Some(origin),
-                };
-                self.send_routed(st, usize::from(to), forward, Some(origin));
+                }
                 st.store.as_mut().expect("a store").release_answer(parent);
                 Ok(())
             }
