@@ -40,7 +40,9 @@ use crate::log::scan::{scan, ScanReport};
 use crate::log::{AppendError, Log};
 use crate::message::Message;
 use crate::router::{home_shard, split_shared, FilterTrie, SharedPick};
-use crate::session::{Delivery, Restored, RestoredInflight, SubIds, Subscription};
+use crate::session::{
+    expires_after_s, will_delay_s, Delivery, Restored, RestoredInflight, SubIds, Subscription,
+};
 
 /// Why recovery failed (the broker does not start).
 #[derive(Debug, Error)]
@@ -423,17 +425,13 @@ impl<'a> Merge<'a> {
             if s.offline_since_ms.is_none() {
                 s.offline_since_ms = Some(self.crash_ms);
                 if let Some(w) = &s.will {
-                    let delay = w
-                        .properties
-                        .will_delay_interval
-                        .unwrap_or(0)
-                        .min(s.expiry_s);
+                    let delay = will_delay_s(w, s.expiry_s);
                     s.will_due_ms = Some(self.crash_ms + u64::from(delay) * 1000);
                 }
             }
             let since = s.offline_since_ms.expect("set above");
-            let expired =
-                s.expiry_s != u32::MAX && since + u64::from(s.expiry_s) * 1000 <= self.now_ms;
+            let expired = expires_after_s(s.expiry_s)
+                .is_some_and(|e| since + u64::from(e) * 1000 <= self.now_ms);
             let will_due = s.will_due_ms.is_some_and(|d| d <= self.now_ms);
             if (expired || will_due) && s.will.is_some() {
                 let will = s.will.take().expect("checked");

@@ -186,11 +186,7 @@ impl Session {
     /// Publish now, or after the Will Delay Interval (capped by the session
     /// expiry: the will goes at the earlier of the two).
     fn schedule_will(&mut self, now: Instant, will: Will) {
-        let delay = will
-            .properties
-            .will_delay_interval
-            .unwrap_or(0)
-            .min(self.expiry_s);
+        let delay = will_delay_s(&will, self.expiry_s);
         if delay == 0 {
             self.publish_will(now, will);
         } else {
@@ -229,7 +225,7 @@ impl Session {
     /// When an offline session expires, if it does.
     pub(super) fn expiry_deadline(&self) -> Option<Instant> {
         let since = self.offline_since?;
-        (self.expiry_s != u32::MAX).then(|| since + Duration::from_secs(u64::from(self.expiry_s)))
+        expires_after_s(self.expiry_s).map(|s| since + Duration::from_secs(u64::from(s)))
     }
 
     /// Run whatever is due at `now`: keepalive expiry (DISCONNECT 0x8D), a
@@ -253,4 +249,19 @@ impl Session {
             self.end(now);
         }
     }
+}
+
+/// Seconds after the connection ends that a will goes out: its Will Delay
+/// Interval, capped by the session's expiry (the earlier of the two).
+pub fn will_delay_s(will: &Will, expiry_s: u32) -> u32 {
+    will.properties
+        .will_delay_interval
+        .unwrap_or(0)
+        .min(expiry_s)
+}
+
+/// Seconds after going offline that a session with expiry interval
+/// `expiry_s` ends; None for `u32::MAX` (never).
+pub fn expires_after_s(expiry_s: u32) -> Option<u32> {
+    (expiry_s != u32::MAX).then_some(expiry_s)
 }
