@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use common::raw::*;
 use common::*;
 use shardmq::codec::{
-    self, reason, Auth, Disconnect, Packet, Properties, QoS, SubOptions, Subscribe, Unsubscribe,
-    Version,
+    reason, Auth, Disconnect, Packet, Properties, QoS, SubOptions, Subscribe, Unsubscribe, Version,
 };
 
 // ---------------------------------------------------------------------------
@@ -113,13 +112,6 @@ fn expect_pubrel(c: &mut Raw, id: u16) {
         Some(Packet::PubRel(r)) => assert_eq!(r.packet_id, id),
         other => panic!("expected PUBREL, got {other:?}"),
     }
-}
-
-/// A 5.0 CONNECT with a session expiry interval.
-fn v5_connect(id: &str, clean: bool, expiry: u32) -> codec::Connect {
-    let mut c = connect_packet(Version::V5, id, clean);
-    c.properties.session_expiry_interval = Some(expiry);
-    c
 }
 
 /// Publish QoS 2 and complete the handshake as the sender.

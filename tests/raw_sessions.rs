@@ -12,13 +12,6 @@ use common::raw::*;
 use common::*;
 use shardmq::codec::{self, reason, Disconnect, Packet, Properties, QoS, Version, Will};
 
-/// A 5.0 CONNECT with a session expiry interval.
-fn v5_connect(id: &str, clean: bool, expiry: u32) -> codec::Connect {
-    let mut c = connect_packet(Version::V5, id, clean);
-    c.properties.session_expiry_interval = Some(expiry);
-    c
-}
-
 /// A CONNECT carrying a QoS 1 will on `topic`.
 fn with_will(mut c: codec::Connect, topic: &str, payload: &[u8]) -> codec::Connect {
     c.will = Some(Will {

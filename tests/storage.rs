@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::child::{config_file, temp_dir, ChildBroker};
 use common::raw::*;
 use common::*;
-use shardmq::codec::{self, reason, Disconnect, Packet, Properties, QoS, Version, Will};
+use shardmq::codec::{reason, Disconnect, Packet, Properties, QoS, Version, Will};
 use shardmq::log::record::{read, Read};
 use shardmq::log::scan::segment_files;
 
@@ -76,16 +76,9 @@ impl Drop for Setup {
     }
 }
 
-/// A 5.0 CONNECT with a session expiry interval.
-fn v5(id: &str, clean: bool, expiry: u32) -> codec::Connect {
-    let mut c = connect_packet(Version::V5, id, clean);
-    c.properties.session_expiry_interval = Some(expiry);
-    c
-}
-
 /// A persistent session subscribed to `filter` at QoS 1, then offline.
 fn offline_subscriber(b: &ChildBroker, id: &str, filter: &str) {
-    let (mut s, ack) = Raw::connect_with(b.addr, v5(id, true, 3600));
+    let (mut s, ack) = Raw::connect_with(b.addr, v5_connect(id, true, 3600));
     assert_eq!(ack.reason, 0);
     assert_eq!(s.subscribe(1, filter, QoS::AtLeastOnce), vec![1]);
     s.send(&Packet::Disconnect(Disconnect::default()));
@@ -102,7 +95,7 @@ fn publish_acked(p: &mut Raw, topic: &str, prefix: &str, range: std::ops::Range<
 
 /// Resume `id`'s session and collect the payloads that arrive until quiet.
 fn drain(b: &ChildBroker, id: &str) -> (bool, Vec<String>) {
-    let (mut s, ack) = Raw::connect_with(b.addr, v5(id, false, 3600));
+    let (mut s, ack) = Raw::connect_with(b.addr, v5_connect(id, false, 3600));
     assert_eq!(ack.reason, 0);
     let mut got = Vec::new();
     while let Ok(Some(p)) = s.recv_within(Duration::from_millis(700)) {
@@ -435,7 +428,7 @@ fn expiry_counts_wall_clock_time_across_a_restart() {
     let s = Setup::new("expiry", "");
     let mut b = s.start(2);
     // A session that expires 2 s after it disconnects.
-    let (mut short, _) = Raw::connect_with(b.addr, v5("exp-short", true, 2));
+    let (mut short, _) = Raw::connect_with(b.addr, v5_connect("exp-short", true, 2));
     short.subscribe(1, "exp/#", QoS::AtLeastOnce);
     short.send(&Packet::Disconnect(Disconnect::default()));
     short.expect_close();
@@ -452,12 +445,12 @@ fn expiry_counts_wall_clock_time_across_a_restart() {
     std::thread::sleep(Duration::from_millis(3000));
 
     let b = s.start(2);
-    let (_, ack) = Raw::connect_with(b.addr, v5("exp-short", false, 2));
+    let (_, ack) = Raw::connect_with(b.addr, v5_connect("exp-short", false, 2));
     assert!(
         !ack.session_present,
         "the 2 s session expired while stopped"
     );
-    let (mut long, ack) = Raw::connect_with(b.addr, v5("exp-long", false, 3600));
+    let (mut long, ack) = Raw::connect_with(b.addr, v5_connect("exp-long", false, 3600));
     assert!(ack.session_present);
     let m = long.recv_publish();
     assert_eq!(
@@ -482,7 +475,7 @@ fn a_delayed_publish_survives_a_restart() {
     b.kill9();
 
     let b = s.start(2);
-    let (mut sub, ack) = Raw::connect_with(b.addr, v5("delayed-sub", false, 3600));
+    let (mut sub, ack) = Raw::connect_with(b.addr, v5_connect("delayed-sub", false, 3600));
     assert!(ack.session_present);
     let m = sub.recv_publish();
     assert_eq!((&*m.topic, &m.payload[..]), ("del/t", &b"later"[..]));
@@ -512,7 +505,7 @@ fn wills_survive_a_restart() {
     };
     // w/delayed: its connection ends with 0x04 (with will); the will waits
     // 2 s for its delay.
-    let mut c = v5("will-delayed", true, 60);
+    let mut c = v5_connect("will-delayed", true, 60);
     c.will = Some(will("w/delayed", 2));
     let (mut leaving, _) = Raw::connect_with(b.addr, c);
     leaving.send(&Packet::Disconnect(Disconnect {
@@ -522,13 +515,13 @@ fn wills_survive_a_restart() {
     assert_eq!(leaving.expect_close(), None);
     let left = Instant::now();
     // w/crash: still connected when the broker dies.
-    let mut c = v5("will-crash", true, 60);
+    let mut c = v5_connect("will-crash", true, 60);
     c.will = Some(will("w/crash", 0));
     let (_connected, _) = Raw::connect_with(b.addr, c);
     b.kill9();
 
     let b = s.start(2);
-    let (mut w, ack) = Raw::connect_with(b.addr, v5("will-watch", false, 3600));
+    let (mut w, ack) = Raw::connect_with(b.addr, v5_connect("will-watch", false, 3600));
     assert!(ack.session_present);
     let mut topics = Vec::new();
     while topics.len() < 2 {
@@ -553,7 +546,7 @@ fn compaction_keeps_the_log_bounded() {
     let s = Setup::new("compact", "");
     let b = s.start(2);
     let sub = id_on("compact-sub", 1, 2);
-    let (mut c, _) = Raw::connect_with(b.addr, v5(&sub, true, 3600));
+    let (mut c, _) = Raw::connect_with(b.addr, v5_connect(&sub, true, 3600));
     c.subscribe(1, "compact/#", QoS::AtLeastOnce);
     let (mut p, _) = Raw::connect(b.addr, Version::V5, &id_on("compact-pub", 0, 2), true);
     // 24 MiB through a persistent subscriber that acks everything, with

@@ -386,13 +386,7 @@ impl Shard {
             return;
         };
         if origin.is_none() {
-            let forward = MeshMsg::Publish {
-                message: message.clone(),
-                ordinary: false,
-                shared: SmallVec::from_buf([pick.clone()]),
-                hops: hops + 1,
-                origin: None,
-            };
+            let forward = shared_forward(message, pick, hops + 1, None);
             return self.mesh.send(usize::from(to), forward);
         }
         if self
@@ -414,21 +408,14 @@ impl Shard {
         hops: u8,
         to: u16,
     ) -> Result<(), crate::log::AppendError> {
-        let shared: SmallVec<[SharedPick; 1]> = SmallVec::from_buf([pick.clone()]);
         let scope = Scope {
             ordinary: false,
-            shared: shared.clone(),
+            shared: SmallVec::from_buf([pick.clone()]),
         };
         let stamp_ms = st.store.as_ref().map_or(0, |s| s.wall_ms(now));
         let dests = SmallVec::from_slice(&[to]);
         let origin = self.accept(st, message, scope, Causes::default(), stamp_ms, dests)?;
-        let forward = MeshMsg::Publish {
-            message: message.clone(),
-            ordinary: false,
-            shared,
-            hops,
-            origin: Some(origin),
-        };
+        let forward = shared_forward(message, pick, hops, Some(origin));
         self.send_routed(st, usize::from(to), forward, Some(origin));
         Ok(())
     }
@@ -852,6 +839,22 @@ fn merge_targets(mut targets: SmallVec<[Target; 8]>) -> SmallVec<[Target; 8]> {
         }
     }
     merged
+}
+
+/// A message passed on for one shared subscription only.
+fn shared_forward(
+    message: &Arc<Message>,
+    pick: &SharedPick,
+    hops: u8,
+    origin: Option<Origin>,
+) -> MeshMsg {
+    MeshMsg::Publish {
+        message: message.clone(),
+        ordinary: false,
+        shared: SmallVec::from_buf([pick.clone()]),
+        hops,
+        origin,
+    }
 }
 
 /// The route replica key of a subscription on shard `shard`.

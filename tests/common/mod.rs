@@ -241,6 +241,13 @@ impl Raw {
     }
 }
 
+/// A 5.0 CONNECT with a Session Expiry Interval.
+pub fn v5_connect(id: &str, clean: bool, expiry: u32) -> Connect {
+    let mut c = connect_packet(Version::V5, id, clean);
+    c.properties.session_expiry_interval = Some(expiry);
+    c
+}
+
 pub fn connect_packet(version: Version, client_id: &str, clean: bool) -> Connect {
     Connect {
         version,
