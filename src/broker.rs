@@ -5,7 +5,7 @@
 //! each shard. Shards get their config by value and join the mesh themselves;
 //! nothing but the control lanes and the join handles is shared.
 
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,11 +16,12 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use thiserror::Error;
 
 use crate::config::{Config, ConfigError, Durability};
+use crate::listen::{self, ListenError, PortLock};
 use crate::log::dir::DataDir;
 use crate::persist::recover::{recover, RecoveryError, RecoverySettings, ShardStart};
 use crate::persist::WallClock;
 use crate::shard::mesh::{Batch, Mesh};
-use crate::shard::{accept_loop, Shard};
+use crate::shard::{accept_loop, listener_from, Shard, StopReport};
 
 /// Why the broker could not start.
 #[derive(Debug, Error)]
@@ -29,13 +30,8 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A listen address cannot be used.
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     /// An operating system limit is too low and could not be raised.
     #[error("{0}")]
     Limit(String),
@@ -63,8 +59,52 @@ pub struct Broker {
     addrs: Vec<SocketAddr>,
     controls: Vec<Sender<Control>>,
     executors: Vec<ExecutorJoinHandle<()>>,
+    /// Each shard's report once it has stopped.
+    stopped: Receiver<StopReport>,
+    /// `server.shutdown_timeout_s`.
+    shutdown_timeout: Duration,
     /// The locked data directory, held while the broker runs.
     _data_dir: Option<DataDir>,
+    /// The listen-port locks, held while the broker runs.
+    _ports: Vec<PortLock>,
+}
+
+/// What an orderly stop closed, summed over the shards.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StopSummary {
+    /// Shards that finished stopping in time.
+    pub shards_stopped: usize,
+    /// Shards still busy at the shutdown timeout.
+    pub shards_late: usize,
+    /// The parts of every shard's report that did finish.
+    pub closed: StopReport,
+    /// How long the stop took.
+    pub took: Duration,
+}
+
+impl std::fmt::Display for StopSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.closed;
+        write!(
+            f,
+            "closed {} connections ({} sent DISCONNECT 0x8B, {} still flushing at the deadline), \
+             {} sessions kept, {} shard logs synced, in {} ms",
+            c.connections,
+            c.disconnects_sent,
+            c.sockets_left,
+            c.sessions,
+            c.logs_synced,
+            self.took.as_millis()
+        )?;
+        if self.shards_late > 0 {
+            write!(
+                f,
+                "; {} shards did not finish within the shutdown timeout",
+                self.shards_late
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// What a shard starts from when the log is on.
@@ -80,18 +120,24 @@ impl Broker {
         config.validate()?;
         let shards = config.shard_count();
         check_os_limits(&config, shards)?;
-        let addrs = resolve_listen(&config.server.listen)?;
+        let listeners = listen::open(&config.server.listen, shards)?;
         let (data_dir, mut durables) = recover_logs(&config, shards)?;
         let mesh = MeshBuilder::<Batch, Full>::full(shards, config.mesh.lane_capacity);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(shards);
+        let (stopped_tx, stopped_rx) = crossbeam_channel::bounded(shards);
         let cpus = allowed_cpus();
         let mut broker = Broker {
-            addrs: addrs.clone(),
+            addrs: listeners.addrs,
             controls: Vec::new(),
             executors: Vec::new(),
+            stopped: stopped_rx,
+            shutdown_timeout: Duration::from_secs(config.server.shutdown_timeout_s),
             _data_dir: data_dir,
+            _ports: listeners.locks,
         };
+        let mut sockets = listeners.sockets.into_iter();
         for id in 0..shards {
+            let sockets = sockets.next().unwrap_or_default();
             let durable = durables.as_mut().map(|d| d.remove(0));
             let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
             let placement = match &cpus {
@@ -100,16 +146,17 @@ impl Broker {
                 }
                 _ => Placement::Unbound,
             };
-            let (config, mesh, addrs, ready) = (
-                config.clone(),
-                mesh.clone(),
-                addrs.clone(),
-                ready_tx.clone(),
-            );
+            let lanes = Lanes {
+                mesh: mesh.clone(),
+                control: ctl_rx,
+                ready: ready_tx.clone(),
+                stopped: stopped_tx.clone(),
+            };
+            let config = config.clone();
             let executor = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{id}"))
                 .io_memory(config.server.io_memory_bytes)
-                .spawn(move || run_shard(id, shards, config, mesh, addrs, ctl_rx, ready, durable))
+                .spawn(move || run_shard(id, shards, config, lanes, sockets, durable))
                 .map_err(|e| StartError::Shard {
                     shard: id,
                     why: e.to_string(),
@@ -142,21 +189,44 @@ impl Broker {
         &self.addrs
     }
 
-    /// Stop accepting, DISCONNECT 0x8B every 5.0 client, close every
-    /// connection and wait for the shards to exit.
-    pub fn stop(mut self) {
-        self.stop_inner();
+    /// Stop in order: close the listeners, DISCONNECT 0x8B every 5.0
+    /// client, flush what each connection has queued, sync the log, and
+    /// wait (at most `server.shutdown_timeout_s`) for the shards to exit.
+    pub fn stop(mut self) -> StopSummary {
+        self.stop_inner()
     }
 
-    fn stop_inner(&mut self) {
+    fn stop_inner(&mut self) -> StopSummary {
+        let started = Instant::now();
+        let deadline = started + self.shutdown_timeout;
         for c in &self.controls {
             let _ = c.send(Control::Stop);
         }
-        for e in self.executors.drain(..) {
-            if let Err(err) = e.join() {
-                log::error!("a shard ended with an error: {err}");
+        let mut summary = StopSummary::default();
+        let running = self.executors.len();
+        while summary.shards_stopped < running {
+            match self.stopped.recv_deadline(deadline) {
+                Ok(report) => {
+                    summary.shards_stopped += 1;
+                    summary.closed.add(&report);
+                }
+                Err(_) => break,
             }
         }
+        summary.shards_late = running - summary.shards_stopped;
+        if summary.shards_late == 0 {
+            for e in self.executors.drain(..) {
+                if let Err(err) = e.join() {
+                    log::error!("a shard ended with an error: {err}");
+                }
+            }
+        } else {
+            // Their threads end with the process; nothing acknowledged
+            // depends on them (acks follow the log write or its sync).
+            self.executors.clear();
+        }
+        summary.took = started.elapsed();
+        summary
     }
 
     /// Block until the shards exit (they only do after [`Broker::stop`] or a
@@ -170,8 +240,18 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        self.stop_inner();
+        if !self.executors.is_empty() {
+            self.stop_inner();
+        }
     }
+}
+
+/// The channels one shard's executor is started with.
+struct Lanes {
+    mesh: MeshBuilder<Batch, Full>,
+    control: Receiver<Control>,
+    ready: Sender<Result<(), (usize, String)>>,
+    stopped: Sender<StopReport>,
 }
 
 /// Recover the logs (when durability is on): the locked data directory and
@@ -207,17 +287,20 @@ fn recover_logs(
 }
 
 /// The body of one shard's executor.
-#[allow(clippy::too_many_arguments)]
 async fn run_shard(
     id: usize,
     shards: usize,
     config: Config,
-    mesh: MeshBuilder<Batch, Full>,
-    addrs: Vec<SocketAddr>,
-    control: Receiver<Control>,
-    ready: Sender<Result<(), (usize, String)>>,
+    lanes: Lanes,
+    sockets: Vec<socket2::Socket>,
     durable: Option<Durable>,
 ) {
+    let Lanes {
+        mesh,
+        control,
+        ready,
+        stopped,
+    } = lanes;
     let (senders, mut receivers) = match mesh.join().await {
         Ok(joined) => joined,
         Err(_) => {
@@ -251,11 +334,15 @@ async fn run_shard(
     let flusher = shard.clone();
     glommio::spawn_local(async move { flusher.mesh().flush_loop().await }).detach();
     let mut accepts = Vec::new();
-    for addr in &addrs {
-        match crate::shard::bind_listener(*addr) {
-            Ok(l) => accepts.push(glommio::spawn_local(accept_loop(shard.clone(), l)).detach()),
+    let mut listening = Vec::new();
+    for socket in sockets {
+        match listener_from(socket) {
+            Ok((listener, handle)) => {
+                listening.push(handle);
+                accepts.push(glommio::spawn_local(accept_loop(shard.clone(), listener)).detach());
+            }
             Err(e) => {
-                let _ = ready.send(Err((id, format!("cannot listen on {addr}: {e}"))));
+                let _ = ready.send(Err((id, format!("cannot take a listening socket: {e}"))));
                 return;
             }
         }
@@ -269,17 +356,37 @@ async fn run_shard(
             Err(crossbeam_channel::TryRecvError::Empty) => {}
         }
     }
+    // Listeners first: shutting a listening socket down takes it out of the
+    // port at once (even while io_uring still holds an accept on it), so a
+    // restart never races this run's sockets.
     for a in accepts {
         a.cancel();
     }
-    shard.begin_stop(Instant::now());
-    let deadline = Instant::now() + Duration::from_secs(2);
+    for l in &listening {
+        let _ = l.shutdown(std::net::Shutdown::Both);
+    }
+    drop(listening);
+    let report = stop_shard(&shard).await;
+    log::debug!("shard {id} stopped");
+    let _ = stopped.send(report);
+}
+
+/// Close every connection of a stopping shard, wait for their output to
+/// be flushed (until shortly before the shutdown timeout), and sync the log.
+async fn stop_shard(shard: &Shard) -> StopReport {
+    let started = Instant::now();
+    let mut report = shard.begin_stop(started);
+    let timeout = Duration::from_secs(shard.config().server.shutdown_timeout_s);
+    // Leave a tenth of the timeout for the sync and the exit.
+    let deadline = started + timeout.mul_f32(0.9);
     while shard.open_sockets() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
+    report.sockets_left = shard.open_sockets();
     shard.on_tick(Instant::now());
     shard.sync_now().await;
-    log::debug!("shard {id} stopped");
+    report.logs_synced = usize::from(shard.config().durability() != Durability::Memory);
+    report
 }
 
 /// The CPUs this process may run on (its affinity mask, which a cgroup or
@@ -302,22 +409,6 @@ fn parse_cpu_list(list: &str) -> Option<Vec<usize>> {
         }
     }
     (!cpus.is_empty()).then_some(cpus)
-}
-
-/// Check each address is free (a plain bind, without SO_REUSEPORT, fails if
-/// another process listens there: with SO_REUSEPORT it would silently share
-/// the port) and resolve port 0 to a real port.
-fn resolve_listen(listen: &[SocketAddr]) -> Result<Vec<SocketAddr>, StartError> {
-    listen
-        .iter()
-        .map(|&addr| {
-            let probe =
-                StdListener::bind(addr).map_err(|source| StartError::Listen { addr, source })?;
-            probe
-                .local_addr()
-                .map_err(|source| StartError::Listen { addr, source })
-        })
-        .collect()
 }
 
 /// Raise the locked-memory and open-file limits where allowed, and refuse

@@ -101,6 +101,15 @@ pub struct ServerConfig {
     pub connections_max: usize,
     /// Time a new connection has to send CONNECT.
     pub connect_timeout_ms: u64,
+    /// Longest an orderly stop (SIGTERM, SIGINT) takes before the process
+    /// exits anyway.
+    pub shutdown_timeout_s: u64,
+    /// After the broker closes a connection (DISCONNECT, refusing CONNACK):
+    /// how long it reads and discards the client's input, so the client
+    /// reads the reason code instead of a reset.
+    pub close_drain_ms: u64,
+    /// ... and how many bytes at most.
+    pub close_drain_bytes: usize,
     /// io_uring registered buffer memory per shard.
     pub io_memory_bytes: usize,
     /// Socket read size.
@@ -243,6 +252,9 @@ impl Config {
             100,
             600_000,
         )?;
+        range("server.shutdown_timeout_s", s.shutdown_timeout_s, 1, 3600)?;
+        range("server.close_drain_ms", s.close_drain_ms, 0, 60_000)?;
+        range("server.close_drain_bytes", s.close_drain_bytes, 0, 64 << 20)?;
         range(
             "server.io_memory_bytes",
             s.io_memory_bytes,

@@ -31,6 +31,7 @@
 pub mod broker;
 pub mod codec;
 pub mod config;
+pub mod listen;
 pub mod log;
 pub mod message;
 pub mod persist;
@@ -38,6 +39,6 @@ pub mod router;
 pub mod session;
 pub mod shard;
 
-pub use broker::{Broker, StartError};
+pub use broker::{Broker, StartError, StopSummary};
 pub use config::Config;
 pub use shard::home_shard;

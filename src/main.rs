@@ -110,6 +110,7 @@ fn run() -> anyhow::Result<()> {
     };
     let config = load_config(&args)?;
     let shards = config.shard_count();
+    let config_timeout = config.server.shutdown_timeout_s;
     let broker = Broker::start(config)?;
     let addrs: Vec<String> = broker.local_addrs().iter().map(|a| a.to_string()).collect();
     log::info!(
@@ -122,10 +123,22 @@ fn run() -> anyhow::Result<()> {
     ])
     .context("cannot install signal handlers")?;
     if let Some(sig) = signals.forever().next() {
-        log::info!("signal {sig}: stopping");
+        log::info!(
+            "signal {sig}: stopping (at most {} s; a second signal exits at once)",
+            config_timeout
+        );
     }
-    broker.stop();
-    log::info!("stopped");
+    // A second signal ends the process at once. Nothing acknowledged is
+    // lost: kill_safe acknowledges after the copy into the mapping, which
+    // outlives the process; power_safe after the sync.
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            log::warn!("signal {sig} during shutdown: exiting now");
+            std::process::exit(128 + sig);
+        }
+    });
+    let summary = broker.stop();
+    log::info!("stopped: {summary}");
     Ok(())
 }
 

@@ -83,10 +83,7 @@ fn sigterm_disconnects_v5_clients_with_0x8b_and_exits_cleanly() {
     };
     let (mut client, ack) = Raw::connect(addr, Version::V5, "stop-me", true);
     assert_eq!(ack.reason, 0);
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    common::child::signal(child.id(), libc::SIGTERM);
     assert_eq!(client.expect_close(), Some(0x8B));
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");

@@ -53,6 +53,7 @@ pub(crate) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
             Ok(stream) => {
                 glommio::spawn_local(handshake(shard.clone(), stream)).detach();
             }
+            Err(_) if shard.is_stopping() => return,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 log::warn!("shard {}: accept failed: {e}", shard.id);
@@ -80,7 +81,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
     };
     let connect = match read.or(expired).await {
         Ok(c) => c,
-        Err(e) => return refuse_handshake(&mut stream, peer, e).await,
+        Err(e) => return refuse_handshake(&shard, &mut stream, peer, e).await,
     };
     let assigned = match check_connect(&shard, &connect) {
         Ok(a) => a,
@@ -90,7 +91,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
                 connect.client_id
             );
             if connect.version.is_v5() || code < 0x90 {
-                return send_connack_error(&mut stream, connect.version, code).await;
+                return send_connack_error(&shard, &mut stream, connect.version, code).await;
             }
             // 3.x has no return code for a bad will: close ([MQTT-4.8.0-1]).
             let _ = stream.shutdown(std::net::Shutdown::Both).await;
@@ -170,6 +171,7 @@ async fn read_into(
 
 /// Answer a failed handshake where the protocol allows an answer, and close.
 async fn refuse_handshake(
+    shard: &Shard,
     stream: &mut TcpStream,
     peer: Option<std::net::SocketAddr>,
     e: HandshakeError,
@@ -182,7 +184,8 @@ async fn refuse_handshake(
             } else {
                 Version::V3_1_1
             };
-            send_connack_error(stream, version, reason::UNSUPPORTED_PROTOCOL_VERSION).await;
+            send_connack_error(shard, stream, version, reason::UNSUPPORTED_PROTOCOL_VERSION).await;
+            return;
         }
         HandshakeError::Decode(e) => log::info!("{peer:?}: bad CONNECT: {e}"),
         HandshakeError::NotConnect => {
@@ -279,7 +282,8 @@ fn assign_client_id(shard: usize) -> String {
     format!("shardmq-{shard}-{started:x}-{n}")
 }
 
-async fn send_connack_error(stream: &mut TcpStream, version: Version, code: u8) {
+/// Send a refusing CONNACK, then close in order (see [`close_drained`]).
+async fn send_connack_error(shard: &Shard, stream: &mut TcpStream, version: Version, code: u8) {
     let mut out = BytesMut::new();
     let ack = ConnAck {
         session_present: false,
@@ -287,26 +291,79 @@ async fn send_connack_error(stream: &mut TcpStream, version: Version, code: u8) 
         properties: Default::default(),
     };
     codec::encode(&Packet::ConnAck(ack), version, &mut out);
-    let _ = stream.write_all(&out).await;
-    let _ = stream.shutdown(std::net::Shutdown::Both).await;
+    if stream.write_all(&out).await.is_ok() {
+        close_drained(shard, stream).await;
+    }
 }
 
-/// A listener on `addr` for this shard: SO_REUSEPORT (every shard listens
-/// on the same address and the kernel spreads connections) and
-/// SO_REUSEADDR (a restart is not refused while the previous run's
-/// connections sit in TIME_WAIT).
+/// End a connection the broker closes: shut the write side (the client
+/// reads what was sent, then EOF), then read and discard its input for at
+/// most `server.close_drain_ms` and `server.close_drain_bytes`. Closing a
+/// socket with unread input makes the kernel send a reset, which can
+/// destroy the reason code before the client reads it.
+async fn close_drained(shard: &Shard, stream: &mut (impl AsyncRead + ShutdownWrite + Unpin)) {
+    if stream.shutdown_write().await.is_err() {
+        return;
+    }
+    let server = &shard.config.server;
+    let (time, bytes_max) = (
+        Duration::from_millis(server.close_drain_ms),
+        server.close_drain_bytes,
+    );
+    let drain = async {
+        let mut buf = BytesMut::new();
+        let mut total = 0usize;
+        while total < bytes_max {
+            buf.clear();
+            match read_into(stream, &mut buf, 4096).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total = total.saturating_add(n),
+            }
+        }
+    };
+    drain
+        .or(async {
+            glommio::timer::sleep(time).await;
+        })
+        .await;
+}
+
+/// A stream whose write side can be shut down alone.
+trait ShutdownWrite {
+    async fn shutdown_write(&mut self) -> io::Result<()>;
+}
+
+impl ShutdownWrite for TcpStream {
+    async fn shutdown_write(&mut self) -> io::Result<()> {
+        self.shutdown(std::net::Shutdown::Write)
+            .await
+            .map_err(io::Error::from)
+    }
+}
+
+// glommio's shutdown is a plain syscall, ready at its first poll, so the
+// borrow never spans a yield to another task.
+#[allow(clippy::await_holding_refcell_ref)]
+impl ShutdownWrite for SharedStream {
+    async fn shutdown_write(&mut self) -> io::Result<()> {
+        let s = self.0.borrow();
+        s.shutdown(std::net::Shutdown::Write)
+            .await
+            .map_err(io::Error::from)
+    }
+}
+
+/// This shard's glommio listener on a socket bound and set listening by
+/// `listen::open`, and a second handle on the same socket: shutting that
+/// one down at stop takes the socket out of the port at once.
 #[allow(unsafe_code)]
-pub(crate) fn bind_listener(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+pub(crate) fn listener_from(socket: socket2::Socket) -> io::Result<(TcpListener, socket2::Socket)> {
     use std::os::fd::{FromRawFd, IntoRawFd};
-    let domain = socket2::Domain::for_address(addr);
-    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(4096)?;
-    // SAFETY: the descriptor was just created, bound and set listening here,
-    // and its ownership passes to the glommio listener.
-    Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
+    let handle = socket.try_clone()?;
+    // SAFETY: the descriptor is owned by `socket`, bound and listening; its
+    // ownership passes to the glommio listener.
+    let listener = unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) };
+    Ok((listener, handle))
 }
 
 /// Duplicate the socket's descriptor so the connection can move to another
@@ -411,6 +468,7 @@ impl Shard {
             version,
             wake: Default::default(),
             drained: Default::default(),
+            closed: Default::default(),
             closing: Default::default(),
             last_packets: Default::default(),
             close_wait_seq: Default::default(),
@@ -477,20 +535,30 @@ async fn serve(
     let mut stream = stream;
     let handle = match shard.attach(Instant::now(), connect, assigned) {
         Ok(h) => h,
-        Err(code) => return send_connack_error(&mut stream, version, code).await,
+        Err(code) => return send_connack_error(&shard, &mut stream, version, code).await,
     };
     shard.sockets.set(shard.sockets.get() + 1);
     let _open = scopeguard(|| shard.sockets.set(shard.sockets.get() - 1));
-    let stream = SharedStream(Rc::new(RefCell::new(stream)));
+    let mut stream = SharedStream(Rc::new(RefCell::new(stream)));
     let writer = glommio::spawn_local(write_loop(shard.clone(), handle.clone(), stream.clone()));
-    read_loop(&shard, &handle, stream.clone(), buffered).await;
+    let peer_ended = read_loop(&shard, &handle, stream.clone(), buffered).await;
     if !handle.closing.get() {
         shard.on_connection_lost(&handle, Instant::now());
     }
-    writer.await;
+    // The reader has returned: the drain below is the socket's only reader.
+    if writer.await && !peer_ended {
+        close_drained(&shard, &mut stream).await;
+    }
 }
 
-async fn read_loop(shard: &Shard, conn: &ConnHandle, mut stream: SharedStream, mut buf: BytesMut) {
+/// Read and decode until the connection closes; true when the peer ended
+/// it (EOF or a socket error), false when the broker did.
+async fn read_loop(
+    shard: &Shard,
+    conn: &ConnHandle,
+    mut stream: SharedStream,
+    mut buf: BytesMut,
+) -> bool {
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
     let read_max = shard.config.server.read_buffer_bytes;
     loop {
@@ -502,11 +570,11 @@ async fn read_loop(shard: &Shard, conn: &ConnHandle, mut stream: SharedStream, m
                 Err(e) => {
                     let why = e.to_string();
                     shard.on_bad_bytes(conn, now, e.reason_code(), &why);
-                    return;
+                    return false;
                 }
             }
             if conn.closing.get() {
-                return;
+                return false;
             }
         }
         while shard.mesh.congested() && !conn.closing.get() {
@@ -519,20 +587,25 @@ async fn read_loop(shard: &Shard, conn: &ConnHandle, mut stream: SharedStream, m
         if buf.is_empty() && buf.capacity() > 0 {
             buf = BytesMut::new(); // an idle connection keeps no buffer
         }
-        match read_into(&mut stream, &mut buf, read_max).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
+        let read = async { Some(read_into(&mut stream, &mut buf, read_max).await) };
+        let closed = async {
+            conn.closed.wait().await;
+            None
+        };
+        match read.or(closed).await {
+            Some(Ok(0) | Err(_)) => return true,
+            Some(Ok(_)) => {}
+            None => return false,
         }
         if conn.closing.get() {
-            return;
+            return false;
         }
     }
 }
 
-// The RefCell borrow at the end is held over glommio's shutdown, which is a
-// plain syscall ready at its first poll: no other task runs meanwhile.
-#[allow(clippy::await_holding_refcell_ref)]
-async fn write_loop(shard: Rc<Shard>, conn: Rc<ConnHandle>, mut stream: SharedStream) {
+/// Write the session's packets until the connection closes; true when
+/// everything was written and the write side is shut down in order.
+async fn write_loop(shard: Rc<Shard>, conn: Rc<ConnHandle>, mut stream: SharedStream) -> bool {
     let limit = shard.config.server.write_buffer_bytes;
     let mut out = BytesMut::new();
     loop {
@@ -550,7 +623,7 @@ async fn write_loop(shard: Rc<Shard>, conn: Rc<ConnHandle>, mut stream: SharedSt
         }
         if !out.is_empty() {
             if stream.write_all(&out).await.is_err() {
-                break;
+                return false;
             }
             out.clear();
             conn.drained.notify();
@@ -560,14 +633,10 @@ async fn write_loop(shard: Rc<Shard>, conn: Rc<ConnHandle>, mut stream: SharedSt
             continue;
         }
         if closing {
-            break;
+            return stream.shutdown_write().await.is_ok();
         }
         conn.wake.wait().await;
     }
-    // glommio's shutdown is a plain syscall, ready at its first poll, so
-    // this borrow never spans a yield to the reader task.
-    let s = stream.0.borrow();
-    let _ = s.shutdown(std::net::Shutdown::Both).await;
 }
 
 /// Runs `f` when dropped (counts open sockets even if a task is cancelled).

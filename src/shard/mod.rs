@@ -46,7 +46,7 @@ use crate::session::{Action, Session, SessionLimits, SessionStats, Subscription}
 use durable::{DurableSlot, Store};
 use routing::Source;
 
-pub(crate) use connection::{accept_loop, bind_listener};
+pub(crate) use connection::{accept_loop, listener_from};
 use mesh::{Mesh, RouteKey};
 use notify::Notify;
 use slab::Slab;
@@ -86,6 +86,9 @@ pub struct ConnHandle {
     /// Wakes the reader when the writer has written: a reader paused on a
     /// full transmit backlog looks again.
     drained: Notify,
+    /// Wakes the reader when the connection closes: the reader stops, and
+    /// the writer's last packets go out before the input is drained.
+    closed: Notify,
     /// Set when the session let go of this connection.
     closing: Cell<bool>,
     /// Packets to write before closing (DISCONNECT, last acks).
@@ -101,6 +104,7 @@ impl ConnHandle {
         self.closing.set(true);
         self.wake.notify();
         self.drained.notify();
+        self.closed.notify();
     }
 }
 
@@ -153,6 +157,32 @@ pub struct ShardStats {
     pub retained_dropped: u64,
     /// Counters summed over sessions that ended.
     pub ended_sessions: SessionStats,
+}
+
+/// What a shard's orderly stop closed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StopReport {
+    /// Connections attached when the stop began.
+    pub connections: usize,
+    /// Of those, 5.0 connections sent DISCONNECT 0x8B.
+    pub disconnects_sent: usize,
+    /// Sockets still flushing or draining when the shard stopped waiting.
+    pub sockets_left: usize,
+    /// Sessions the shard held at the stop (persistent ones are in the log).
+    pub sessions: usize,
+    /// Shards whose log was synced (0 or 1 per shard).
+    pub logs_synced: usize,
+}
+
+impl StopReport {
+    /// Add another shard's report to this one.
+    pub fn add(&mut self, other: &StopReport) {
+        self.connections += other.connections;
+        self.disconnects_sent += other.disconnects_sent;
+        self.sockets_left += other.sockets_left;
+        self.sessions += other.sessions;
+        self.logs_synced += other.logs_synced;
+    }
 }
 
 /// Mutable state of a shard, behind one `RefCell` never held across an await.
@@ -456,17 +486,26 @@ impl Shard {
         }
     }
 
-    /// Stop: DISCONNECT 0x8B to every 5.0 client and close every connection.
-    pub fn begin_stop(&self, now: Instant) {
+    /// Stop: DISCONNECT 0x8B to every 5.0 client and close every
+    /// connection; says what it closed.
+    pub fn begin_stop(&self, now: Instant) -> StopReport {
         self.stopping.set(true);
         let mut st = self.state.borrow_mut();
+        let mut report = StopReport {
+            connections: st.stats.connections,
+            ..StopReport::default()
+        };
         let keys: Vec<SessionKey> = st.sessions.keys().collect();
         for key in keys {
             if let Some(slot) = st.sessions.get_mut(key) {
+                let v5 = slot.conn.as_ref().is_some_and(|c| c.version.is_v5());
+                report.disconnects_sent += usize::from(v5);
                 slot.session.shutdown(now);
                 self.drive(&mut st, key, now);
             }
         }
+        report.sessions = st.sessions.len();
+        report
     }
 
     /// Connections still attached.

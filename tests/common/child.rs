@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,8 +35,13 @@ impl ChildBroker {
 
     /// As `start`, but returns the log if the broker exits instead.
     pub fn try_start(args: &[&str]) -> Result<ChildBroker, String> {
+        Self::try_start_on("127.0.0.1:0", args)
+    }
+
+    /// As `try_start`, listening on `listen`.
+    pub fn try_start_on(listen: &str, args: &[&str]) -> Result<ChildBroker, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(args)
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
@@ -80,12 +86,27 @@ impl ChildBroker {
         }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
+        self.terminate();
+        self.wait_stopped();
+    }
+
+    /// Send SIGTERM (the broker starts its orderly stop).
+    pub fn terminate(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, libc::SIGTERM);
+        }
+    }
+
+    /// Wait (at most 10 s) for the broker to exit, and assert it exited 0.
+    pub fn wait_stopped(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(status)) = c.try_wait() {
@@ -95,7 +116,10 @@ impl ChildBroker {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = c.kill();
-            panic!("broker did not stop within 10 s after SIGTERM");
+            panic!(
+                "broker did not stop within 10 s after SIGTERM:\n{}",
+                self.log_text()
+            );
         }
     }
 
@@ -118,6 +142,19 @@ impl ChildBroker {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Send `sig` to process `pid` (no external `kill` program needed).
+pub fn signal(pid: u32, sig: i32) {
+    let pid = i32::try_from(pid).expect("a pid fits an i32");
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 impl Drop for ChildBroker {
