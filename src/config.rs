@@ -273,11 +273,13 @@ impl Config {
             512,
             64 << 20,
         )?;
+        // 255 MiB: below MQTT's largest packet by enough that a stored
+        // message re-encoded with the properties the broker adds still fits.
         range(
             "mqtt.packet_size_max_bytes",
             m.packet_size_max_bytes,
             64,
-            268_435_460,
+            255 << 20,
         )?;
         range("mqtt.receive_maximum", m.receive_maximum, 1, u16::MAX)?;
         range("mqtt.inflight_max", m.inflight_max, 1, u16::MAX)?;
@@ -303,6 +305,16 @@ impl Config {
             0,
             1 << 40,
         )?;
+        // Response Information is `{prefix}/{client id}`, one string field.
+        let response_max = m.response_topic_prefix.len() + 1 + m.client_id_bytes_max;
+        if response_max > 65_535 {
+            return Err(invalid(
+                "mqtt.response_topic_prefix",
+                &m.response_topic_prefix.len().to_string(),
+                "its length plus 1 plus mqtt.client_id_bytes_max must be at most 65535 \
+                 (Response Information is one string field)",
+            ));
+        }
         range("mesh.lane_capacity", self.mesh.lane_capacity, 16, 1 << 20)?;
         range(
             "mesh.outbox_messages_max",

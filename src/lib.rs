@@ -38,6 +38,7 @@ pub mod persist;
 pub mod router;
 pub mod session;
 pub mod shard;
+pub mod text;
 
 pub use broker::{Broker, StartError, StopSummary};
 pub use config::Config;

@@ -142,8 +142,31 @@ fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A panic anywhere (a shard thread above all) ends the process at once,
+/// non-zero, after logging the panic, the thread (`shard-N`) and the client
+/// whose packets it was handling: a half-alive broker whose dead shard
+/// leaves its clients waiting for a CONNACK forever is worse than a restart
+/// (systemd's `Restart=on-failure`) that runs recovery.
+fn exit_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let thread = std::thread::current();
+        let client = shardmq::shard::last_client()
+            .map(|c| format!(" while handling client {}", shardmq::text::quote(&c)))
+            .unwrap_or_default();
+        log::error!(
+            "thread {} panicked{client}: {info}; exiting (code 101) so that the broker is \
+             restarted and recovers",
+            thread.name().unwrap_or("?")
+        );
+        std::process::exit(101);
+    }));
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    exit_on_panic();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -180,13 +180,31 @@ fn generation_name(gen: u64) -> String {
 }
 
 fn parse_generation(name: &str) -> Option<u64> {
-    name.strip_prefix("gen-")?.parse().ok()
+    // Digits only, and never the largest number: the next generation must
+    // have a name too.
+    let digits = name.strip_prefix("gen-")?;
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|&g| g < u64::MAX)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::log::tests::temp_dir;
+
+    #[test]
+    fn a_generation_name_is_digits_below_the_largest_number() {
+        assert_eq!(parse_generation(&generation_name(7)), Some(7));
+        assert_eq!(
+            parse_generation("gen-18446744073709551614"),
+            Some(u64::MAX - 1)
+        );
+        assert_eq!(parse_generation("gen-18446744073709551615"), None);
+        assert_eq!(parse_generation("gen-+7"), None);
+        assert_eq!(parse_generation("gen-"), None);
+    }
 
     #[test]
     fn a_second_open_is_refused_until_the_first_is_dropped() {

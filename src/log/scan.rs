@@ -133,10 +133,11 @@ pub fn scan(dir: &Path, mut f: impl FnMut(RecordRef<'_>)) -> io::Result<ScanRepo
     };
     let mut expected: Option<u64> = None;
     for (i, (index, path)) in files.iter().enumerate() {
-        if i > 0 && *index != files[i - 1].0 + 1 {
+        let follows = files[i.saturating_sub(1)].0.checked_add(1);
+        if i > 0 && Some(*index) != follows {
             let later = count_later(&files[i..]);
             report.damage = Some(Damage::MissingSegment {
-                index: files[i - 1].0 + 1,
+                index: follows.unwrap_or(u64::MAX),
                 later_records: later,
             });
             return Ok(report);
@@ -148,6 +149,7 @@ pub fn scan(dir: &Path, mut f: impl FnMut(RecordRef<'_>)) -> io::Result<ScanRepo
             let why = match record::read(&bytes, off) {
                 Read::End => break,
                 Read::Record(r, _) if expected.is_some_and(|e| r.seq != e) => "sequence break",
+                Read::Record(r, _) if r.seq == u64::MAX => "sequence number at its maximum",
                 Read::Record(r, next) => {
                     f(r);
                     report.records += 1;
@@ -157,7 +159,7 @@ pub fn scan(dir: &Path, mut f: impl FnMut(RecordRef<'_>)) -> io::Result<ScanRepo
                         any = true;
                         report.last_segment = Some(path.clone());
                     }
-                    expected = Some(r.seq + 1);
+                    expected = Some(r.seq + 1); // below u64::MAX: checked above
                     off = next;
                     continue;
                 }

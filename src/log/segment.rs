@@ -23,7 +23,18 @@ pub fn file_name(index: u64) -> String {
 
 /// Index of a segment file name, if it is one.
 pub fn parse_file_name(name: &str) -> Option<u64> {
-    name.strip_suffix(".seg")?.parse().ok()
+    // Exactly the digits `file_name` writes: no sign, no stray characters,
+    // and not the largest index (the next one could not be named).
+    let digits = name.strip_suffix(".seg")?;
+    let padded = digits.len() == 10;
+    let wide = digits.len() > 10 && !digits.starts_with('0');
+    if !(padded || wide) {
+        return None;
+    }
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|&i| i < u64::MAX)
 }
 
 /// Map a segment file read-only: a scan touches only the pages it reads,
@@ -153,6 +164,26 @@ fn allocate(file: &File, bytes: usize) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::log::record::{read, Read};
+
+    #[test]
+    fn only_names_the_log_writes_are_segments() {
+        assert_eq!(parse_file_name(&file_name(7)), Some(7));
+        assert_eq!(
+            parse_file_name(&file_name(12_345_678_901)),
+            Some(12_345_678_901)
+        );
+        for bad in [
+            "7.seg",
+            "+000000007.seg",
+            "00000000007.seg",
+            "18446744073709551615.seg",
+            "+18446744073709551614.seg",
+            "000000000x.seg",
+            "0000000007.log",
+        ] {
+            assert_eq!(parse_file_name(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn appends_until_full_then_refuses() {

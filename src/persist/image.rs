@@ -177,7 +177,10 @@ impl ShardImage {
             }
             Rec::Settled { upto } => {
                 self.settled_upto = self.settled_upto.max(upto);
-                self.accepted = self.accepted.split_off(&(self.settled_upto + 1));
+                self.accepted = match self.settled_upto.checked_add(1) {
+                    Some(after) => self.accepted.split_off(&after),
+                    None => Default::default(),
+                };
             }
             Rec::Retain {
                 message,

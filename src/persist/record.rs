@@ -888,7 +888,12 @@ impl<'a> Reader<'a> {
         let expires_ms = self.opt_u64()?;
         let publisher = self.string()?;
         let has_publisher = self.u8()? != 0;
-        let p = self.publish()?;
+        let mut p = self.publish()?;
+        // Per-delivery properties are added when a copy is sent; a record
+        // that carries them anyway must not make them appear twice.
+        p.properties.topic_alias = None;
+        p.properties.subscription_identifiers.clear();
+        p.properties.message_expiry_interval = None;
         Ok(Message {
             topic: p.topic,
             // A slice of this record's own copy of the packet (never of

@@ -214,7 +214,7 @@ pub fn recover(settings: &RecoverySettings) -> Result<Recovery, RecoveryError> {
     state.reroute_accepted();
     state.publish_wills();
     state.gather_retained_and_delayed();
-    let generation = current.map_or(1, |g| g + 1);
+    let generation = current.map_or(1, |g| g + 1); // below u64::MAX: see dir.rs
     let Written {
         starts: shards,
         routes,
@@ -426,12 +426,12 @@ impl<'a> Merge<'a> {
                 s.offline_since_ms = Some(self.crash_ms);
                 if let Some(w) = &s.will {
                     let delay = will_delay_s(w, s.expiry_s);
-                    s.will_due_ms = Some(self.crash_ms + u64::from(delay) * 1000);
+                    s.will_due_ms = Some(self.crash_ms.saturating_add(u64::from(delay) * 1000));
                 }
             }
             let since = s.offline_since_ms.expect("set above");
             let expired = expires_after_s(s.expiry_s)
-                .is_some_and(|e| since + u64::from(e) * 1000 <= self.now_ms);
+                .is_some_and(|e| since.saturating_add(u64::from(e) * 1000) <= self.now_ms);
             let will_due = s.will_due_ms.is_some_and(|d| d <= self.now_ms);
             if (expired || will_due) && s.will.is_some() {
                 let will = s.will.take().expect("checked");
@@ -652,11 +652,11 @@ impl Put<'_> {
     /// Append `recs`; returns the first one's segment and the total size.
     fn put_all(&mut self, log: &mut Log, recs: &[Rec]) -> std::io::Result<(u64, u32)> {
         let mut first = None;
-        let mut bytes = 0;
+        let mut bytes: u32 = 0;
         for rec in recs {
             let (seg, b) = self.put(log, rec)?;
             first.get_or_insert(seg);
-            bytes += b;
+            bytes = bytes.saturating_add(b);
         }
         Ok((first.unwrap_or_else(|| log.current_index()), bytes))
     }

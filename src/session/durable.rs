@@ -9,6 +9,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use hashbrown::HashSet;
+
 use crate::codec::{QoS, Will};
 use crate::message::{ClientId, Message};
 
@@ -169,7 +171,15 @@ impl Session {
     /// Rebuild an offline session from what the log held.
     pub fn restore(client_id: ClientId, limits: Rc<SessionLimits>, r: Restored) -> Session {
         let mut out = Outbound::default();
+        // A damaged log may hold packet id 0 or one id twice: such a
+        // delivery is queued again instead of being kept in flight.
+        let mut ids = HashSet::new();
+        let mut requeue = Vec::new();
         for i in r.inflight {
+            if i.packet_id == 0 || !ids.insert(i.packet_id) {
+                requeue.push((i.message, i.delivery));
+                continue;
+            }
             let stage = match (i.delivery.qos, i.released) {
                 (_, true) => Awaiting::Comp,
                 (QoS::ExactlyOnce, false) => Awaiting::Rec,
@@ -187,7 +197,7 @@ impl Session {
             });
         }
         out.last_packet_id = out.inflight.iter().map(|m| m.packet_id).max().unwrap_or(0);
-        for (message, delivery) in r.queue {
+        for (message, delivery) in requeue.into_iter().chain(r.queue) {
             out.queue_bytes += message.cost_bytes();
             out.queue.push_back(Queued { message, delivery });
         }
@@ -197,6 +207,12 @@ impl Session {
         session.subscriptions = r.subscriptions.into_iter().collect();
         session.out = out;
         session.inbound_qos2 = r.qos2_in.into_iter().collect();
+        // Kept even beyond a Receive Maximum lowered since they were logged:
+        // each is an exactly-once promise.
+        session.inbound_qos2_max = session
+            .inbound_qos2
+            .len()
+            .max(usize::from(session.limits.receive_maximum));
         session
     }
 }

@@ -11,6 +11,7 @@ use crate::message::Message;
 use crate::router::topic::{
     parse_delayed, parse_shared, validate_topic_filter, validate_topic_name,
 };
+use crate::text::quote;
 
 use super::transmit::{AckKind, Outgoing};
 use super::{Action, Session, Subscription};
@@ -56,9 +57,11 @@ impl Session {
         if self.conn.is_none() {
             return;
         }
-        log::info!(
-            "client {}: {why}; closing (reason 0x{reason:02X})",
-            self.client_id
+        client_log!(
+            self,
+            now,
+            log::Level::Info,
+            "{why}; closing (reason 0x{reason:02X})"
         );
         self.send_disconnect(reason, Some(why));
         self.detach(now, true);
@@ -74,7 +77,7 @@ impl Session {
         }
         if let Some(rt) = &p.properties.response_topic {
             if let Err(e) = validate_topic_name(rt, self.limits.topic_levels_max) {
-                let why = format!("[MQTT-3.3.2-14] response topic {rt:?}: {e}");
+                let why = format!("[MQTT-3.3.2-14] response topic {}: {e}", quote(rt));
                 return self.violation(now, reason::PROTOCOL_ERROR, &why);
             }
         }
@@ -115,7 +118,7 @@ impl Session {
         }
         let why = "the message log is full (no disk space): QoS 1/2 messages are refused";
         if self.version().is_some_and(|v| v.is_v5()) {
-            log::warn!("client {}: PUBLISH refused (0x97): {why}", self.client_id);
+            client_log!(self, now, log::Level::Warn, "PUBLISH refused (0x97): {why}");
             self.acknowledge(qos, packet_id, reason::QUOTA_EXCEEDED);
         } else {
             self.violation(now, reason::QUOTA_EXCEEDED, why);
@@ -130,10 +133,12 @@ impl Session {
         if p.qos == QoS::AtMostOnce || !v5 {
             return self.violation(now, code, why);
         }
-        log::info!(
-            "client {}: PUBLISH to {} refused (0x{code:02X}): {why}",
-            self.client_id,
-            p.topic
+        client_log!(
+            self,
+            now,
+            log::Level::Info,
+            "PUBLISH to {} refused (0x{code:02X}): {why}",
+            quote(&p.topic)
         );
         self.acknowledge(p.qos, p.packet_id, code);
     }
@@ -163,10 +168,10 @@ impl Session {
         let (secs, inner) = match parse_delayed(&p.topic) {
             Ok(Some(d)) => d,
             Ok(None) => return Ok(None),
-            Err(e) => return Err(format!("{:?}: {e}", p.topic)),
+            Err(e) => return Err(format!("{}: {e}", quote(&p.topic))),
         };
         validate_topic_name(inner, self.limits.topic_levels_max)
-            .map_err(|e| format!("{:?}: {e}", p.topic))?;
+            .map_err(|e| format!("{}: {e}", quote(&p.topic)))?;
         p.topic = Arc::from(inner);
         Ok(Some(secs))
     }
@@ -263,7 +268,7 @@ impl Session {
         let subscription_id = s.properties.subscription_identifiers.first().copied();
         let mut reasons = Vec::with_capacity(s.filters.len());
         for (filter, options) in s.filters {
-            match self.subscribe_one(filter, options, subscription_id) {
+            match self.subscribe_one(now, filter, options, subscription_id) {
                 Ok(code) => reasons.push(code),
                 Err(why) => return self.violation(now, reason::PROTOCOL_ERROR, why),
             }
@@ -278,6 +283,7 @@ impl Session {
     /// One filter of a SUBSCRIBE: the SUBACK code, or a violation.
     fn subscribe_one(
         &mut self,
+        now: Instant,
         filter: String,
         options: SubOptions,
         subscription_id: Option<u32>,
@@ -296,7 +302,13 @@ impl Session {
             Err(_) => false,
         };
         if !valid {
-            log::info!("client {}: invalid topic filter {filter:?}", self.client_id);
+            client_log!(
+                self,
+                now,
+                log::Level::Info,
+                "invalid topic filter {}",
+                quote(&filter)
+            );
             return Ok(failure(reason::TOPIC_FILTER_INVALID));
         }
         let is_new = !self.subscriptions.contains_key(&filter);

@@ -5,8 +5,9 @@ use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
 
-use crate::codec::{reason, ConnAck, Connect, Packet, Properties, Will};
+use crate::codec::{self, reason, ConnAck, Connect, Packet, Properties, Will};
 use crate::message::Message;
+use crate::text::quote;
 
 use super::{Action, Conn, Session};
 
@@ -44,7 +45,12 @@ impl Session {
             keep_alive: Duration::from_secs(u64::from(keep_alive)),
             last_activity: now,
             window: client_receive_max.min(self.limits.inflight_max).max(1),
-            max_packet_out: props.maximum_packet_size.unwrap_or(u32::MAX),
+            // No client asks for more than MQTT can encode: the size checks
+            // before encoding then also keep the encoder within its limits.
+            max_packet_out: props
+                .maximum_packet_size
+                .unwrap_or(u32::MAX)
+                .min(codec::MAX_PACKET_SIZE as u32),
             alias_out_max: props.topic_alias_maximum.unwrap_or(0),
             aliases_out: HashMap::new(),
             aliases_in: HashMap::new(),
@@ -134,7 +140,7 @@ impl Session {
     /// `generation` guards against a late report from a replaced connection.
     pub fn connection_lost(&mut self, now: Instant, generation: u64) {
         if self.conn.is_some() && generation == self.generation {
-            log::debug!("client {}: connection lost", self.client_id);
+            client_log!(self, now, log::Level::Debug, "connection lost");
             self.detach(now, true);
         }
     }
@@ -143,7 +149,7 @@ impl Session {
     /// old one (5.0), close it, and handle its will as for any abnormal end.
     pub fn takeover(&mut self, now: Instant) {
         if self.conn.is_some() {
-            log::info!("client {}: session taken over", self.client_id);
+            client_log!(self, now, log::Level::Info, "session taken over");
             self.send_disconnect(reason::SESSION_TAKEN_OVER, None);
             self.detach(now, true);
         }
@@ -196,10 +202,12 @@ impl Session {
     }
 
     fn publish_will(&mut self, now: Instant, will: Will) {
-        log::debug!(
-            "client {}: publishing will on {}",
-            self.client_id,
-            will.topic
+        client_log!(
+            self,
+            now,
+            log::Level::Debug,
+            "publishing will on {}",
+            quote(&will.topic)
         );
         self.actions.push_back(Action::Publish {
             message: Arc::new(Message::from_will(will, now)),
@@ -245,7 +253,7 @@ impl Session {
             self.publish_will(now, will);
         }
         if self.expiry_deadline().is_some_and(|at| at <= now) {
-            log::debug!("client {}: session expired", self.client_id);
+            client_log!(self, now, log::Level::Debug, "session expired");
             self.end(now);
         }
     }

@@ -19,6 +19,25 @@
 //! queued messages' costs; inbound QoS 2 ids never exceed the server's
 //! Receive Maximum.
 
+/// Log a line the client caused, naming it (quoted), if the session's log
+/// gate lets it through; the level is checked first, so a disabled level
+/// spends nothing.
+macro_rules! client_log {
+    ($s:expr, $now:expr, $level:expr, $($arg:tt)+) => {
+        if log::log_enabled!($level) {
+            if let Some(n) = $s.log_gate.allow($now) {
+                log::log!(
+                    $level,
+                    "client {}: {}{}",
+                    $crate::text::quote(&$s.client_id),
+                    format_args!($($arg)+),
+                    $crate::text::suppressed_note(n)
+                );
+            }
+        }
+    };
+}
+
 mod durable;
 mod inbound;
 mod lifecycle;
@@ -278,6 +297,11 @@ pub struct Session {
     out: Outbound,
     /// Inbound QoS 2 packet ids received and not yet released (PUBREL).
     inbound_qos2: HashSet<u16>,
+    /// What `inbound_qos2` may hold: the Receive Maximum, or more when a
+    /// restart under a lower one restored more.
+    inbound_qos2_max: usize,
+    /// Rate limit of the log lines this client causes.
+    log_gate: crate::text::LogGate,
     transmit: TransmitQueue,
     actions: VecDeque<Action>,
     journal: VecDeque<Journal>,
@@ -293,6 +317,7 @@ pub struct Session {
 impl Session {
     /// A new, empty, offline session for `client_id`.
     pub fn new(client_id: ClientId, limits: Rc<SessionLimits>, now: Instant) -> Session {
+        let inbound_qos2_max = usize::from(limits.receive_maximum);
         Session {
             client_id,
             limits,
@@ -304,6 +329,8 @@ impl Session {
             subscriptions: HashMap::new(),
             out: Outbound::default(),
             inbound_qos2: HashSet::new(),
+            inbound_qos2_max,
+            log_gate: crate::text::LogGate::per_client(),
             transmit: TransmitQueue::default(),
             actions: VecDeque::new(),
             journal: VecDeque::new(),
@@ -422,7 +449,7 @@ impl Session {
     pub fn check_invariants(&self) {
         if cfg!(debug_assertions) {
             self.out.check_invariants();
-            assert!(self.inbound_qos2.len() <= usize::from(self.limits.receive_maximum));
+            assert!(self.inbound_qos2.len() <= self.inbound_qos2_max);
         }
     }
 }

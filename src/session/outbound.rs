@@ -383,9 +383,11 @@ impl Session {
                 self.done(stored);
                 self.pump(now);
             }
-            _ => log::debug!(
-                "client {}: PUBACK for unknown packet id {}",
-                self.client_id,
+            _ => client_log!(
+                self,
+                now,
+                log::Level::Debug,
+                "PUBACK for unknown packet id {}",
                 ack.packet_id
             ),
         }
@@ -428,9 +430,11 @@ impl Session {
                 self.done(stored);
                 self.pump(now);
             }
-            _ => log::debug!(
-                "client {}: PUBCOMP for unknown packet id {}",
-                self.client_id,
+            _ => client_log!(
+                self,
+                now,
+                log::Level::Debug,
+                "PUBCOMP for unknown packet id {}",
                 comp.packet_id
             ),
         }

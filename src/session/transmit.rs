@@ -13,6 +13,7 @@ use bytes::BytesMut;
 
 use crate::codec::{self, Packet, Properties, PubResp, Publish, PublishView, QoS, Version};
 use crate::message::Message;
+use crate::text;
 
 use super::SubIds;
 
@@ -186,11 +187,17 @@ fn encode_ack(kind: AckKind, packet_id: u16, reason: u8, version: Version, out: 
 }
 
 impl super::Session {
-    /// Queue a packet other than a delivery or an ack. A 5.0 client's
-    /// Maximum Packet Size holds for every packet ([MQTT-3.1.2-24]): the
-    /// reason string and user properties go first when it would not fit
+    /// Queue a packet other than a delivery or an ack. A reason string is
+    /// cut to [`text::REASON_STRING_BYTES_MAX`]. A 5.0 client's Maximum
+    /// Packet Size holds for every packet ([MQTT-3.1.2-24]): the reason
+    /// string and user properties go first when it would not fit
     /// ([MQTT-3.1.2-25]).
     pub(super) fn push_packet(&mut self, mut packet: Packet) {
+        if let Some(p) = packet_properties(&mut packet) {
+            if let Some(r) = &mut p.reason_string {
+                r.truncate(text::cut(r, text::REASON_STRING_BYTES_MAX).len());
+            }
+        }
         if let Some(conn) = &self.conn {
             let max = conn.max_packet_out as usize;
             if codec::encoded_len(&packet, conn.version) > max {

@@ -24,6 +24,7 @@ use glommio::net::{TcpListener, TcpStream};
 use crate::codec::{self, reason, ConnAck, Connect, DecodeError, Packet, Version};
 use crate::router::topic::validate_topic_name;
 use crate::session::Session;
+use crate::text::quote;
 
 use super::mesh::{Handoff, MeshMsg};
 use super::{home_shard, ConnHandle, SessionSlot, Shard};
@@ -43,7 +44,9 @@ pub(crate) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok(stream) if shard.handshakes.get() >= shard.connections_max => {
-                log::warn!(
+                shard_log!(
+                    shard,
+                    log::Level::Warn,
                     "shard {}: {} connections are waiting to send CONNECT; closing a new one",
                     shard.id,
                     shard.handshakes.get()
@@ -56,7 +59,12 @@ pub(crate) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
             Err(_) if shard.is_stopping() => return,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                log::warn!("shard {}: accept failed: {e}", shard.id);
+                shard_log!(
+                    shard,
+                    log::Level::Warn,
+                    "shard {}: accept failed: {e}",
+                    shard.id
+                );
                 glommio::timer::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -86,9 +94,11 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
     let assigned = match check_connect(&shard, &connect) {
         Ok(a) => a,
         Err(Refusal { code, why }) => {
-            log::info!(
-                "{peer:?}: CONNECT refused (reason 0x{code:02X}), client id {:?}: {why}",
-                connect.client_id
+            shard_log!(
+                shard,
+                log::Level::Info,
+                "{peer:?}: CONNECT refused (reason 0x{code:02X}), client id {}: {why}",
+                quote(&connect.client_id)
             );
             if connect.version.is_v5() || code < 0x90 {
                 return send_connack_error(&shard, &mut stream, connect.version, code).await;
@@ -115,7 +125,11 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
             };
             shard.mesh.send(home, MeshMsg::Handoff(Box::new(handoff)));
         }
-        Err(e) => log::warn!("{peer:?}: cannot move connection to shard {home}: {e}"),
+        Err(e) => shard_log!(
+            shard,
+            log::Level::Warn,
+            "{peer:?}: cannot move connection to shard {home}: {e}"
+        ),
     }
 }
 
@@ -140,6 +154,9 @@ async fn read_connect(
 }
 
 thread_local! {
+    /// The client whose packets this shard is handling now, for the panic
+    /// report: set around each batch of packets read, not per packet.
+    static CURRENT_CLIENT: RefCell<Option<crate::message::ClientId>> = const { RefCell::new(None) };
     /// The shard's one read buffer (one thread per shard). glommio's
     /// non-buffered read tries `recv` and otherwise waits for readiness with
     /// an io_uring poll that keeps no reference to the buffer, so the buffer
@@ -178,7 +195,11 @@ async fn refuse_handshake(
 ) {
     match e {
         HandshakeError::Decode(DecodeError::UnsupportedProtocolVersion(level)) => {
-            log::info!("{peer:?}: unsupported protocol level {level}");
+            shard_log!(
+                shard,
+                log::Level::Info,
+                "{peer:?}: unsupported protocol level {level}"
+            );
             let version = if level >= 5 {
                 Version::V5
             } else {
@@ -187,12 +208,24 @@ async fn refuse_handshake(
             send_connack_error(shard, stream, version, reason::UNSUPPORTED_PROTOCOL_VERSION).await;
             return;
         }
-        HandshakeError::Decode(e) => log::info!("{peer:?}: bad CONNECT: {e}"),
-        HandshakeError::NotConnect => {
-            log::info!("{peer:?}: [MQTT-3.1.0-1] first packet is not CONNECT; closing")
+        HandshakeError::Decode(e) => {
+            shard_log!(shard, log::Level::Info, "{peer:?}: bad CONNECT: {e}")
         }
-        HandshakeError::TimedOut => log::debug!("{peer:?}: no CONNECT within the connect timeout"),
-        HandshakeError::Io(e) => log::debug!("{peer:?}: read error before CONNECT: {e}"),
+        HandshakeError::NotConnect => shard_log!(
+            shard,
+            log::Level::Info,
+            "{peer:?}: [MQTT-3.1.0-1] first packet is not CONNECT; closing"
+        ),
+        HandshakeError::TimedOut => shard_log!(
+            shard,
+            log::Level::Debug,
+            "{peer:?}: no CONNECT within the connect timeout"
+        ),
+        HandshakeError::Io(e) => shard_log!(
+            shard,
+            log::Level::Debug,
+            "{peer:?}: read error before CONNECT: {e}"
+        ),
         HandshakeError::Closed => {}
     }
     let _ = stream.shutdown(std::net::Shutdown::Both).await;
@@ -249,12 +282,12 @@ fn check_connect(shard: &Shard, connect: &Connect) -> Result<Option<String>, Ref
 /// A will is published like any PUBLISH, so it must be one that could be.
 fn check_will(will: &codec::Will, levels_max: usize) -> Result<(), Refusal> {
     if let Err(e) = validate_topic_name(&will.topic, levels_max) {
-        let why = format!("[MQTT-3.3.2-2] will topic {:?}: {e}", will.topic);
+        let why = format!("[MQTT-3.3.2-2] will topic {}: {e}", quote(&will.topic));
         return Err(Refusal::new(reason::TOPIC_NAME_INVALID, why));
     }
     if let Some(rt) = &will.properties.response_topic {
         if let Err(e) = validate_topic_name(rt, levels_max) {
-            let why = format!("[MQTT-3.3.2-14] will response topic {rt:?}: {e}");
+            let why = format!("[MQTT-3.3.2-14] will response topic {}: {e}", quote(rt));
             return Err(Refusal::new(reason::TOPIC_NAME_INVALID, why));
         }
     }
@@ -407,9 +440,12 @@ impl Shard {
             return Err(reason::SERVER_UNAVAILABLE);
         }
         if !live && st.stats.connections >= self.connections_max {
-            log::warn!(
-                "shard {}: connections_max reached; refusing {client_id}",
-                self.id
+            shard_log!(
+                self,
+                log::Level::Warn,
+                "shard {}: connections_max reached; refusing {}",
+                self.id,
+                quote(client_id)
             );
             return Err(reason::QUOTA_EXCEEDED);
         }
@@ -430,17 +466,23 @@ impl Shard {
         let key = match resumed {
             Some(k) => k,
             None if self.limits.status.store_full.get() && asks_persistence(&connect) => {
-                log::warn!(
-                    "shard {}: the log is full; refusing a new persistent session for {client_id}",
-                    self.id
+                shard_log!(
+                    self,
+                    log::Level::Warn,
+                    "shard {}: the log is full; refusing a new persistent session for {}",
+                    self.id,
+                    quote(client_id)
                 );
                 return Err(reason::QUOTA_EXCEEDED);
             }
             None if st.sessions.len() >= self.sessions_max => {
-                log::warn!(
-                    "shard {}: sessions_max reached ({}); refusing {client_id}",
+                shard_log!(
+                    self,
+                    log::Level::Warn,
+                    "shard {}: sessions_max reached ({}); refusing {}",
                     self.id,
-                    self.sessions_max
+                    self.sessions_max,
+                    quote(client_id)
                 );
                 return Err(reason::QUOTA_EXCEEDED);
             }
@@ -463,6 +505,7 @@ impl Shard {
             .connect(now, *connect, resumed.is_some(), assigned.as_deref());
         let handle = Rc::new(ConnHandle {
             key,
+            client_id: slot.session.client_id().clone(),
             id: conn_id,
             generation: attached.generation,
             version,
@@ -551,6 +594,49 @@ async fn serve(
     }
 }
 
+/// The client whose packets the calling shard thread was handling, if it
+/// was handling any: the broker's panic hook names it.
+pub fn last_client() -> Option<crate::message::ClientId> {
+    CURRENT_CLIENT.with(|c| c.try_borrow().ok().and_then(|c| c.clone()))
+}
+
+/// Handle the packets decoded from `buf` with [`CURRENT_CLIENT`] naming
+/// the client; Err on undecodable bytes (the session was told).
+fn handle_packets(shard: &Shard, conn: &ConnHandle, buf: &mut BytesMut) -> Result<(), ()> {
+    let max = shard.config.mqtt.packet_size_max_bytes as usize;
+    let now = Instant::now();
+    CURRENT_CLIENT.with(|c| *c.borrow_mut() = Some(conn.client_id.clone()));
+    let result = loop {
+        match codec::decode(buf, conn.version, max) {
+            Ok(Some(packet)) => {
+                #[cfg(debug_assertions)]
+                test_panic_trigger(shard, conn);
+                shard.on_packet(conn, now, packet)
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => {
+                let why = e.to_string();
+                shard.on_bad_bytes(conn, now, e.reason_code(), &why);
+                break Err(());
+            }
+        }
+        if conn.closing.get() {
+            break Ok(());
+        }
+    };
+    CURRENT_CLIENT.with(|c| *c.borrow_mut() = None);
+    result
+}
+
+/// Debug builds only, for the test that a shard's panic ends the process:
+/// a packet from the client named by `SHARDMQ_TEST_PANIC_CLIENT_ID` panics.
+#[cfg(debug_assertions)]
+fn test_panic_trigger(shard: &Shard, conn: &ConnHandle) {
+    if shard.test_panic_client.as_deref() == Some(&*conn.client_id) {
+        panic!("test-only panic trigger (SHARDMQ_TEST_PANIC_CLIENT_ID)");
+    }
+}
+
 /// Read and decode until the connection closes; true when the peer ended
 /// it (EOF or a socket error), false when the broker did.
 async fn read_loop(
@@ -559,23 +645,10 @@ async fn read_loop(
     mut stream: SharedStream,
     mut buf: BytesMut,
 ) -> bool {
-    let max = shard.config.mqtt.packet_size_max_bytes as usize;
     let read_max = shard.config.server.read_buffer_bytes;
     loop {
-        let now = Instant::now();
-        loop {
-            match codec::decode(&mut buf, conn.version, max) {
-                Ok(Some(packet)) => shard.on_packet(conn, now, packet),
-                Ok(None) => break,
-                Err(e) => {
-                    let why = e.to_string();
-                    shard.on_bad_bytes(conn, now, e.reason_code(), &why);
-                    return false;
-                }
-            }
-            if conn.closing.get() {
-                return false;
-            }
+        if handle_packets(shard, conn, &mut buf).is_err() || conn.closing.get() {
+            return false;
         }
         while shard.mesh.congested() && !conn.closing.get() {
             glommio::timer::sleep(Duration::from_millis(1)).await;

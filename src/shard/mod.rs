@@ -18,6 +18,24 @@
 //! code. Never spawn a task while it is borrowed: glommio's `spawn_local`
 //! runs the new task's first poll immediately.
 
+/// Log a line that clients can cause in numbers (refused handshakes, full
+/// stores) through the shard's log gate: a flood of them becomes a few
+/// lines and a count.
+macro_rules! shard_log {
+    ($shard:expr, $level:expr, $($arg:tt)+) => {
+        if log::log_enabled!($level) {
+            if let Some(n) = $shard.log_gate.borrow_mut().allow(std::time::Instant::now()) {
+                log::log!(
+                    $level,
+                    "{}{}",
+                    format_args!($($arg)+),
+                    $crate::text::suppressed_note(n)
+                );
+            }
+        }
+    };
+}
+
 mod connection;
 mod delayed;
 mod durable;
@@ -46,6 +64,7 @@ use crate::session::{Action, Session, SessionLimits, SessionStats, Subscription}
 use durable::{DurableSlot, Store};
 use routing::Source;
 
+pub use connection::last_client;
 pub(crate) use connection::{accept_loop, listener_from};
 use mesh::{Mesh, RouteKey};
 use notify::Notify;
@@ -75,6 +94,8 @@ pub struct SubEntry {
 #[derive(Debug)]
 pub struct ConnHandle {
     key: SessionKey,
+    /// The client's id, for the panic report ([`last_client`]).
+    client_id: ClientId,
     /// Unique among this shard's connections, ever: a stale task or message
     /// can never be mistaken for a later connection that reuses the key.
     id: u64,
@@ -240,6 +261,12 @@ pub struct Shard {
     delayed_max: usize,
     /// Wakes the group-commit task (power-safe): records wait for a sync.
     sync_wake: Rc<notify::Notify>,
+    /// Rate limit of the log lines clients cause on this shard as a crowd.
+    log_gate: RefCell<crate::text::LogGate>,
+    /// Debug builds: `SHARDMQ_TEST_PANIC_CLIENT_ID`, see
+    /// `connection::test_panic_trigger`.
+    #[cfg(debug_assertions)]
+    test_panic_client: Option<String>,
 }
 
 impl Shard {
@@ -253,6 +280,9 @@ impl Shard {
         Shard {
             delayed_max,
             sync_wake: Rc::default(),
+            log_gate: RefCell::new(crate::text::LogGate::new(50, Duration::from_millis(100))),
+            #[cfg(debug_assertions)]
+            test_panic_client: std::env::var("SHARDMQ_TEST_PANIC_CLIENT_ID").ok(),
             id,
             shards,
             limits,

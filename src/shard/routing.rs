@@ -377,11 +377,13 @@ impl Shard {
     ) {
         let ring = self.shared_ring(st, &message.topic, pick);
         let Some(&to) = ring.first().filter(|_| usize::from(hops) + 1 < self.shards) else {
-            log::debug!(
+            shard_log!(
+                self,
+                log::Level::Debug,
                 "shared subscription {}/{} has no member for {}",
-                pick.group,
-                pick.filter,
-                message.topic
+                crate::text::quote(&pick.group),
+                crate::text::quote(&pick.filter),
+                crate::text::quote(&message.topic)
             );
             return;
         };
@@ -633,11 +635,13 @@ impl Shard {
         }
         if st.retained.get(&message.topic).is_none() && st.retained.len() >= self.retained_max {
             st.stats.retained_dropped += 1;
-            log::warn!(
+            shard_log!(
+                self,
+                log::Level::Warn,
                 "retained store of shard {} is full ({} messages); not retaining {}",
                 self.id,
                 self.retained_max,
-                message.topic
+                crate::text::quote(&message.topic)
             );
             return;
         }

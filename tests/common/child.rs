@@ -40,10 +40,20 @@ impl ChildBroker {
 
     /// As `try_start`, listening on `listen`.
     pub fn try_start_on(listen: &str, args: &[&str]) -> Result<ChildBroker, String> {
+        Self::try_start_env(listen, args, &[])
+    }
+
+    /// As `try_start_on`, with environment variables set for the broker.
+    pub fn try_start_env(
+        listen: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<ChildBroker, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
             .args(["--listen", listen])
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -121,6 +131,35 @@ impl ChildBroker {
                 self.log_text()
             );
         }
+    }
+
+    /// Wait (at most `wait`) for the process to exit; its exit code, or
+    /// None if it still runs (or died by a signal).
+    pub fn wait_exit(&mut self, wait: Duration) -> Option<i32> {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                // Give the log reader a moment to take the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Resident memory of the process now, in bytes (VmRSS).
+    pub fn rss_bytes(&self) -> u64 {
+        let pid = self.pid().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kib * 1024
     }
 
     /// The log so far, joined.

@@ -301,11 +301,11 @@ impl Store {
     /// Append `recs`; returns the first one's segment and the total size.
     fn put_all(&mut self, recs: &[Rec]) -> Result<(u64, u32), AppendError> {
         let mut first = None;
-        let mut bytes = 0;
+        let mut bytes: u32 = 0;
         for rec in recs {
             let (seg, b) = self.put(rec)?;
             first.get_or_insert(seg);
-            bytes += b;
+            bytes = bytes.saturating_add(b);
         }
         Ok((first.unwrap_or_else(|| self.log.current_index()), bytes))
     }

@@ -76,7 +76,7 @@ impl Shard {
                     }
                     Err(_) => log::warn!(
                         "client {}: session not persisted (the log is full)",
-                        slot.session.client_id()
+                        crate::text::quote(slot.session.client_id())
                     ),
                 }
             }
