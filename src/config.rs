@@ -84,6 +84,11 @@ pub struct StorageConfig {
     pub sync_interval_ms: u64,
     /// Delayed publishes (`$delayed/{seconds}/{topic}`) the broker holds.
     pub delayed_messages_max: usize,
+    /// Bytes of delayed publishes (topic, payload, properties) the broker
+    /// holds.
+    pub delayed_bytes_max: u64,
+    /// Bytes of log segments on disk, all shards together.
+    pub log_bytes_max: u64,
 }
 
 /// `[server]`.
@@ -154,6 +159,16 @@ pub struct MqttConfig {
     pub response_topic_prefix: String,
     /// Retained messages in the whole broker.
     pub retained_messages_max: usize,
+    /// Bytes of retained messages (topic, payload, properties) in the whole
+    /// broker.
+    pub retained_bytes_max: u64,
+    /// Bytes of one retained message (topic, payload, properties).
+    pub retained_message_bytes_max: usize,
+    /// Bytes of user properties (names and values) one inbound packet may
+    /// carry.
+    pub user_properties_bytes_max: usize,
+    /// Bytes of topics one session's outbound topic-alias map keeps.
+    pub topic_alias_out_bytes_max: usize,
 }
 
 /// `[mesh]`.
@@ -212,6 +227,15 @@ impl Config {
         }
     }
 
+    /// Log segments one shard may keep on disk: its share of
+    /// `storage.log_bytes_max`, in whole segments, at least 3 (the one being
+    /// written, the spare, and one being compacted).
+    pub fn log_segments_max(&self, shards: usize) -> usize {
+        let share = self.storage.log_bytes_max / shards.max(1) as u64;
+        let segments = share / self.storage.segment_bytes.max(1) as u64;
+        usize::try_from(segments).unwrap_or(usize::MAX).max(3)
+    }
+
     /// The session limits every shard hands its sessions.
     pub fn session_limits(&self) -> SessionLimits {
         let m = &self.mqtt;
@@ -227,6 +251,8 @@ impl Config {
             },
             queue_qos0_offline: m.queue_qos0_offline,
             topic_alias_max: m.topic_alias_max,
+            topic_alias_out_bytes_max: m.topic_alias_out_bytes_max,
+            user_properties_bytes_max: m.user_properties_bytes_max,
             topic_levels_max: m.topic_levels_max,
             subscriptions_max: m.subscriptions_max,
             packet_size_max_bytes: m.packet_size_max_bytes,
@@ -315,6 +341,25 @@ impl Config {
                  (Response Information is one string field)",
             ));
         }
+        range("mqtt.retained_bytes_max", m.retained_bytes_max, 0, 1 << 50)?;
+        range(
+            "mqtt.retained_message_bytes_max",
+            m.retained_message_bytes_max,
+            64,
+            256 << 20,
+        )?;
+        range(
+            "mqtt.user_properties_bytes_max",
+            m.user_properties_bytes_max,
+            0,
+            256 << 20,
+        )?;
+        range(
+            "mqtt.topic_alias_out_bytes_max",
+            m.topic_alias_out_bytes_max,
+            0,
+            1 << 30,
+        )?;
         range("mesh.lane_capacity", self.mesh.lane_capacity, 16, 1 << 20)?;
         range(
             "mesh.outbox_messages_max",
@@ -342,6 +387,21 @@ impl Config {
             0,
             100_000_000,
         )?;
+        range(
+            "storage.delayed_bytes_max",
+            st.delayed_bytes_max,
+            0,
+            1 << 50,
+        )?;
+        let log_min = 3 * st.segment_bytes as u64;
+        if st.log_bytes_max < log_min {
+            let why = format!("must be at least 3 x storage.segment_bytes ({log_min})");
+            return Err(invalid(
+                "storage.log_bytes_max",
+                &st.log_bytes_max.to_string(),
+                &why,
+            ));
+        }
         let record_max = m.packet_size_max_bytes as usize * 2 + (64 << 10);
         if st.segment_bytes < record_max {
             let why = format!(

@@ -112,8 +112,25 @@ impl Message {
         })
     }
 
-    /// Bytes this message costs in a queue (topic + payload), for limits.
+    /// Bytes this message costs wherever it is held (a session's queue,
+    /// the retained store, delayed publishes), for their byte limits: topic,
+    /// payload and the properties it carries.
     pub fn cost_bytes(&self) -> usize {
-        self.topic.len() + self.payload.len()
+        let p = &self.properties;
+        let len = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        self.topic.len()
+            + self.payload.len()
+            + len(&p.content_type)
+            + len(&p.response_topic)
+            + p.correlation_data.as_ref().map_or(0, Bytes::len)
+            + user_properties_bytes(p)
     }
+}
+
+/// Bytes of the user properties in `p`: every name and value.
+pub fn user_properties_bytes(p: &Properties) -> usize {
+    p.user_properties
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum()
 }

@@ -636,3 +636,49 @@ fn power_safe_mode_acknowledges_after_sync_and_survives_kill_9() {
     want.extend(numbered("x", 0..5));
     assert_eq!(got, want);
 }
+
+#[test]
+fn the_log_at_log_bytes_max_refuses_with_0x97_as_a_full_disk_does_and_loses_nothing() {
+    // 1 MiB segments and a 4 MiB bound: the shard keeps at most 4 segments
+    // (the one written, the spare and two sealed) whatever the disk holds.
+    let s = Setup::new("log-budget", "log_bytes_max = 4194304\n");
+    let b = s.start(1);
+    let sub = "budget-sub";
+    offline_subscriber(&b, sub, "budget/#");
+    let (mut p, _) = Raw::connect(b.addr, Version::V5, "budget-pub", true);
+    let acked = fill_until_refused(&mut p, "budget/t");
+    assert!(
+        acked.len() < 256,
+        "{} messages of 16 KiB in 4 MiB",
+        acked.len()
+    );
+    if let Err(log) = b.wait_for_log("storage.log_bytes_max reached") {
+        panic!("the bound is named in the log:\n{log}");
+    }
+    let segments = std::fs::read_dir(s.shard_dir(0)).unwrap().count();
+    assert!(segments <= 4, "{segments} segments on disk");
+    let (present, got) = drain(&b, sub);
+    assert!(present);
+    assert!(
+        got == acked,
+        "{} delivered, {} acknowledged",
+        got.len(),
+        acked.len()
+    );
+    // Consumed, compacted: there is room again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        p.publish("budget/t", b"small", QoS::AtLeastOnce, false, 3);
+        match p.recv() {
+            Some(Packet::PubAck(a)) if a.reason == 0 => break,
+            Some(Packet::PubAck(_)) => {}
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no room again:\n{}",
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -72,6 +72,9 @@ pub struct Log {
     /// Sync the directory after creating or deleting segments (power-safe
     /// mode; a killed process loses no directory entry, a power cut can).
     sync_dirs: bool,
+    /// Segments on disk at most, spare included (`storage.log_bytes_max`):
+    /// reaching it is handled as a full disk.
+    segments_max: usize,
 }
 
 impl Log {
@@ -110,6 +113,7 @@ impl Log {
             sealed: VecDeque::new(),
             next_seq: first_seq,
             sync_dirs: true,
+            segments_max: usize::MAX,
         };
         sync_dir(dir)?;
         Ok(log)
@@ -160,11 +164,26 @@ impl Log {
         Ok(())
     }
 
+    /// Bound the segments on disk, spare included (at least 3).
+    pub fn set_segments_max(&mut self, segments: usize) {
+        self.segments_max = segments.max(3);
+    }
+
+    /// True when a new spare would pass the bound of
+    /// [`Log::set_segments_max`].
+    pub fn at_segments_max(&self) -> bool {
+        self.sealed.len() + 2 > self.segments_max
+    }
+
     /// Create the spare segment if there is none; false when the disk has
-    /// no room for it. Called at every roll and retried by the shard.
+    /// no room for it, or the log is at its bound. Called at every roll and
+    /// retried by the shard.
     pub fn ensure_spare(&mut self) -> bool {
         if self.spare.is_some() {
             return true;
+        }
+        if self.at_segments_max() {
+            return false;
         }
         match Segment::create(&self.dir, self.next_index, self.segment_bytes) {
             Ok(s) => {

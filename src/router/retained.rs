@@ -233,6 +233,18 @@ impl<V> RetainedStore<V> {
         }
     }
 
+    /// Visits every stored `(topic, value)`, `$` topics included.
+    pub fn for_each(&self, mut f: impl FnMut(&str, &V)) {
+        let mut stack: SmallVec<[&RNode<V>; 16]> = SmallVec::new();
+        stack.push(&self.root);
+        while let Some(node) = stack.pop() {
+            if let Some((topic, value)) = &node.value {
+                f(topic, value);
+            }
+            node.children.for_each(|_, child| stack.push(child));
+        }
+    }
+
     /// Number of stored topics.
     pub fn len(&self) -> usize {
         self.len

@@ -7,7 +7,7 @@ use crate::codec::{
     reason, Auth, Disconnect, Packet, Properties, PubResp, Publish, QoS, SubAck, SubOptions,
     Subscribe, UnsubAck, Unsubscribe,
 };
-use crate::message::Message;
+use crate::message::{user_properties_bytes, Message};
 use crate::router::topic::{
     parse_delayed, parse_shared, validate_topic_filter, validate_topic_name,
 };
@@ -80,6 +80,16 @@ impl Session {
                 let why = format!("[MQTT-3.3.2-14] response topic {}: {e}", quote(rt));
                 return self.violation(now, reason::PROTOCOL_ERROR, &why);
             }
+        }
+        let user_bytes = user_properties_bytes(&p.properties);
+        if user_bytes > self.limits.user_properties_bytes_max {
+            self.stats.refused_user_properties += 1;
+            let why = format!(
+                "{user_bytes} bytes of user properties, more than \
+                 mqtt.user_properties_bytes_max ({})",
+                self.limits.user_properties_bytes_max
+            );
+            return self.refuse_publish(now, &p, reason::QUOTA_EXCEEDED, &why);
         }
         if p.properties.payload_format_indicator == Some(1)
             && std::str::from_utf8(&p.payload).is_err()
@@ -156,7 +166,7 @@ impl Session {
         if delay_s.is_some() && status.delayed_full.get() {
             return Some((
                 reason::QUOTA_EXCEEDED,
-                "storage.delayed_messages_max delayed publishes are already waiting",
+                "storage.delayed_messages_max or delayed_bytes_max is reached",
             ));
         }
         None

@@ -53,6 +53,7 @@ impl Session {
                 .min(codec::MAX_PACKET_SIZE as u32),
             alias_out_max: props.topic_alias_maximum.unwrap_or(0),
             aliases_out: HashMap::new(),
+            aliases_out_bytes: 0,
             aliases_in: HashMap::new(),
             will: connect.will.map(|mut w| {
                 crate::message::own_buffers(&mut w.payload, &mut w.properties);

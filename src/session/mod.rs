@@ -95,6 +95,10 @@ pub struct SessionLimits {
     pub queue_qos0_offline: bool,
     /// Topic aliases a client may use towards us (CONNACK Topic Alias Maximum).
     pub topic_alias_max: u16,
+    /// Bytes of topics the outbound alias map keeps.
+    pub topic_alias_out_bytes_max: usize,
+    /// Bytes of user properties one inbound packet may carry.
+    pub user_properties_bytes_max: usize,
     /// Levels allowed in a topic name or filter.
     pub topic_levels_max: usize,
     /// Subscriptions per session.
@@ -135,6 +139,8 @@ impl Default for SessionLimits {
             overflow: OverflowPolicy::DropNew,
             queue_qos0_offline: false,
             topic_alias_max: 32,
+            topic_alias_out_bytes_max: 64 << 10,
+            user_properties_bytes_max: 64 << 10,
             topic_levels_max: 32,
             subscriptions_max: 1000,
             packet_size_max_bytes: 1 << 20,
@@ -255,6 +261,12 @@ pub struct SessionStats {
     pub dropped_expired: u64,
     /// Messages dropped because they exceed the client's Maximum Packet Size.
     pub dropped_too_large: u64,
+    /// Topics sent in full because the outbound alias map reached
+    /// `mqtt.topic_alias_out_bytes_max`.
+    pub alias_bytes_full: u64,
+    /// Packets refused for carrying more than
+    /// `mqtt.user_properties_bytes_max` of user properties.
+    pub refused_user_properties: u64,
 }
 
 /// The part of a session that exists only while a connection is attached.
@@ -271,6 +283,8 @@ struct Conn {
     /// Topic aliases we may assign towards the client.
     alias_out_max: u16,
     aliases_out: HashMap<Topic, u16>,
+    /// Bytes of the topics in `aliases_out`.
+    aliases_out_bytes: usize,
     aliases_in: HashMap<u16, Topic>,
     /// Boxed: most connections have none, and a will is large.
     will: Option<Box<Will>>,

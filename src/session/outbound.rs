@@ -335,7 +335,14 @@ impl Session {
             return false;
         }
         // A new alias adds a 3-byte property: assign one only if it fits.
-        conn.apply_alias(&mut d, len + 3 <= conn.max_packet_out as usize);
+        let alias_bytes_max = self.limits.topic_alias_out_bytes_max;
+        if conn.apply_alias(
+            &mut d,
+            len + 3 <= conn.max_packet_out as usize,
+            alias_bytes_max,
+        ) {
+            self.stats.alias_bytes_full += 1;
+        }
         if !dup {
             self.stats.sent += 1;
         }
@@ -453,22 +460,30 @@ impl Session {
 impl Conn {
     /// Replace the topic by an alias when the client allows aliases: the
     /// first PUBLISH on a topic carries topic and new alias, later ones an
-    /// empty topic and the alias. When every alias is taken the topic is sent
-    /// in full.
-    fn apply_alias(&mut self, d: &mut Delivered, room_for_new: bool) {
+    /// empty topic and the alias. When every alias is taken, or the map
+    /// holds `bytes_max` of topics, the topic is sent in full; true when the
+    /// byte bound was what stopped it.
+    fn apply_alias(&mut self, d: &mut Delivered, room_for_new: bool, bytes_max: usize) -> bool {
         if self.alias_out_max == 0 {
-            return;
+            return false;
         }
         if let Some(&alias) = self.aliases_out.get(&d.message.topic) {
             d.topic_alias = Some(alias);
             d.elide_topic = true;
-            return;
+            return false;
         }
         let next = self.aliases_out.len() + 1;
-        if room_for_new && next <= usize::from(self.alias_out_max) {
-            let alias = next as u16;
-            self.aliases_out.insert(d.message.topic.clone(), alias);
-            d.topic_alias = Some(alias);
+        if !room_for_new || next > usize::from(self.alias_out_max) {
+            return false;
         }
+        let bytes = self.aliases_out_bytes + d.message.topic.len();
+        if bytes > bytes_max {
+            return true;
+        }
+        let alias = next as u16;
+        self.aliases_out.insert(d.message.topic.clone(), alias);
+        self.aliases_out_bytes = bytes;
+        d.topic_alias = Some(alias);
+        false
     }
 }

@@ -22,6 +22,7 @@ use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt, FutureExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::codec::{self, reason, ConnAck, Connect, DecodeError, Packet, Version};
+use crate::message::user_properties_bytes;
 use crate::router::topic::validate_topic_name;
 use crate::session::Session;
 use crate::text::quote;
@@ -258,6 +259,19 @@ fn check_connect(shard: &Shard, connect: &Connect) -> Result<Option<String>, Ref
     }
     if let Some(will) = &connect.will {
         check_will(will, shard.config.mqtt.topic_levels_max)?;
+    }
+    let user_bytes = user_properties_bytes(&connect.properties)
+        + connect
+            .will
+            .as_ref()
+            .map_or(0, |w| user_properties_bytes(&w.properties));
+    let user_max = shard.config.mqtt.user_properties_bytes_max;
+    if user_bytes > user_max {
+        let why = format!(
+            "{user_bytes} bytes of user properties (CONNECT and will), more than \
+             mqtt.user_properties_bytes_max ({user_max})"
+        );
+        return Err(Refusal::new(reason::QUOTA_EXCEEDED, why));
     }
     if connect.client_id.len() > shard.config.mqtt.client_id_bytes_max {
         let why = format!(

@@ -34,6 +34,7 @@ impl Shard {
         if !Self::durable_delay(st, id, due, &message, from) {
             return false;
         }
+        st.delayed_bytes += message.cost_bytes() as u64;
         st.delayed.insert((due, id), message);
         self.note_delayed_count(st);
         true
@@ -46,6 +47,7 @@ impl Shard {
                 break;
             }
             let ((_, id), message) = entry.remove_entry();
+            st.delayed_bytes -= message.cost_bytes() as u64;
             let source = Source {
                 delayed: Some(id),
                 ..Source::default()
@@ -54,6 +56,7 @@ impl Shard {
                 // The log is full: try again in a second.
                 let due = now + Duration::from_secs(1);
                 Self::durable_delay_moved(st, id, due);
+                st.delayed_bytes += message.cost_bytes() as u64;
                 st.delayed.insert((due, id), message);
                 break;
             }
@@ -63,10 +66,12 @@ impl Shard {
 
     /// Tell the sessions whether this shard holds its share of delayed
     /// publishes.
-    fn note_delayed_count(&self, st: &State) {
-        self.limits
-            .status
-            .delayed_full
-            .set(st.delayed.len() >= self.delayed_max);
+    fn note_delayed_count(&self, st: &mut State) {
+        let bytes_full = st.delayed_bytes >= self.delayed_bytes_max;
+        let full = st.delayed.len() >= self.delayed_max || bytes_full;
+        if bytes_full && !self.limits.status.delayed_full.get() {
+            st.stats.delayed_bytes_full += 1;
+        }
+        self.limits.status.delayed_full.set(full);
     }
 }

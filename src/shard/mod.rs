@@ -174,8 +174,11 @@ pub struct ShardStats {
     pub routed: u64,
     /// Deliveries into this shard's sessions.
     pub delivered: u64,
-    /// Retained messages dropped because the store was full.
+    /// Retained messages not kept because the store was full (messages or
+    /// bytes) or the message was larger than one may be.
     pub retained_dropped: u64,
+    /// Delayed publishes refused or held at this shard's byte share.
+    pub delayed_bytes_full: u64,
     /// Counters summed over sessions that ended.
     pub ended_sessions: SessionStats,
 }
@@ -219,6 +222,8 @@ struct State {
     routes: FilterTrie<RouteKey, ()>,
     /// Retained messages of the topics this shard owns.
     retained: RetainedStore<Arc<Message>>,
+    /// Their bytes (`Message::cost_bytes`).
+    retained_bytes: u64,
     /// Round-robin position per shared subscription over the shards with
     /// members (publishing side).
     shared_shard_next: HashMap<mesh::SharedPick, usize>,
@@ -234,6 +239,8 @@ struct State {
     store: Option<Store>,
     /// Delayed publishes by (due, id).
     delayed: BTreeMap<(Instant, u64), Arc<Message>>,
+    /// Their bytes (`Message::cost_bytes`).
+    delayed_bytes: u64,
     /// Next delayed publish id.
     next_delayed_id: u64,
     stats: ShardStats,
@@ -246,6 +253,8 @@ pub struct Shard {
     config: Config,
     limits: Rc<SessionLimits>,
     retained_max: usize,
+    /// This shard's share of `mqtt.retained_bytes_max`.
+    retained_bytes_max: u64,
     connections_max: usize,
     /// This shard's share of `mqtt.sessions_max`.
     sessions_max: usize,
@@ -259,6 +268,8 @@ pub struct Shard {
     handshakes: Cell<usize>,
     /// This shard's share of `storage.delayed_messages_max`.
     delayed_max: usize,
+    /// This shard's share of `storage.delayed_bytes_max`.
+    delayed_bytes_max: u64,
     /// Wakes the group-commit task (power-safe): records wait for a sync.
     sync_wake: Rc<notify::Notify>,
     /// Rate limit of the log lines clients cause on this shard as a crowd.
@@ -277,8 +288,12 @@ impl Shard {
         let connections_max = config.server.connections_max.div_ceil(shards);
         let sessions_max = config.mqtt.sessions_max.div_ceil(shards);
         let delayed_max = config.storage.delayed_messages_max.div_ceil(shards);
+        let delayed_bytes_max = config.storage.delayed_bytes_max.div_ceil(shards as u64);
+        let retained_bytes_max = config.mqtt.retained_bytes_max.div_ceil(shards as u64);
         Shard {
             delayed_max,
+            delayed_bytes_max,
+            retained_bytes_max,
             sync_wake: Rc::default(),
             log_gate: RefCell::new(crate::text::LogGate::new(50, Duration::from_millis(100))),
             #[cfg(debug_assertions)]
@@ -301,6 +316,7 @@ impl Shard {
                 local_routes: HashMap::new(),
                 routes: FilterTrie::new(),
                 retained: RetainedStore::new(),
+                retained_bytes: 0,
                 shared_shard_next: HashMap::new(),
                 shared_member_next: HashMap::new(),
                 timers: BinaryHeap::new(),
@@ -308,6 +324,7 @@ impl Shard {
                 last_session_uid: 0,
                 store: None,
                 delayed: BTreeMap::new(),
+                delayed_bytes: 0,
                 next_delayed_id: 1,
                 stats: ShardStats::default(),
             }),
@@ -488,6 +505,8 @@ impl Shard {
         e.dropped_offline_qos0 += s.dropped_offline_qos0;
         e.dropped_expired += s.dropped_expired;
         e.dropped_too_large += s.dropped_too_large;
+        e.alias_bytes_full += s.alias_bytes_full;
+        e.refused_user_properties += s.refused_user_properties;
         if st.by_client.get(session.client_id()) == Some(&key) {
             st.by_client.remove(session.client_id());
         }
@@ -513,6 +532,42 @@ impl Shard {
             slot.timer_at = None;
             slot.session.handle_timeout(now);
             self.drive(&mut st, key, now);
+        }
+        if cfg!(debug_assertions) {
+            Self::check_invariants(&st);
+        }
+    }
+
+    /// Debug builds, once per tick: byte counters equal their sums, every
+    /// client index points at its session, and no round-robin position
+    /// outlives its shared subscription (memory that only grows).
+    fn check_invariants(st: &State) {
+        let mut retained = 0u64;
+        st.retained
+            .for_each(|_, m| retained += m.cost_bytes() as u64);
+        assert_eq!(retained, st.retained_bytes, "retained bytes match");
+        let delayed: u64 = st.delayed.values().map(|m| m.cost_bytes() as u64).sum();
+        assert_eq!(delayed, st.delayed_bytes, "delayed bytes match");
+        for (id, &key) in &st.by_client {
+            let slot = st.sessions.get(key).expect("an indexed session exists");
+            assert_eq!(slot.session.client_id(), id, "the index names its session");
+        }
+        for pick in st.shared_shard_next.keys() {
+            let live = st
+                .routes
+                .entries(&pick.filter)
+                .any(|(k, _)| matches!(k, RouteKey::Shared { pick: p, .. } if p == pick));
+            assert!(
+                live,
+                "a round-robin position outlived its shared subscription"
+            );
+        }
+        for pick in st.shared_member_next.keys() {
+            let live = st
+                .local_routes
+                .keys()
+                .any(|(_, k)| matches!(k, RouteKey::Shared { pick: p, .. } if p == pick));
+            assert!(live, "a member position outlived this shard's members");
         }
     }
 

@@ -41,6 +41,8 @@ impl Shard {
             sync_wake: self.sync_wake.clone(),
             status: self.limits.status.clone(),
         };
+        let mut log = log;
+        log.set_segments_max(self.config.log_segments_max(self.shards));
         let mut store = Store::new(next_sid, next_message_id, log, env);
         for (shard, filter) in routes {
             let (group, inner) = split_shared(filter);
@@ -88,11 +90,12 @@ impl Shard {
         for r in retained {
             store.restore_retained(r.message.topic.clone(), r.seg, r.bytes, r.stamp_ms);
             let topic = r.message.topic.clone();
-            st.retained.insert(&topic, r.message);
+            Self::insert_retained(&mut st, &topic, r.message);
         }
         for d in delayed {
             let due = clock.to_instant(d.due_ms);
             store.restore_delayed(d.id, due, d.seg, d.bytes);
+            st.delayed_bytes += d.message.cost_bytes() as u64;
             st.delayed.insert((due, d.id), d.message);
         }
         st.next_delayed_id = next_delayed_id;

@@ -559,6 +559,10 @@ impl Shard {
         }
         if !add {
             st.local_routes.remove(&(filter.clone(), key.clone()));
+            // This shard's last member of a shared subscription left.
+            if let RouteKey::Shared { pick, .. } = &key {
+                st.shared_member_next.remove(pick);
+            }
         }
         Self::apply_route(st, &filter, key.clone(), add);
         let ack_to = if add {
@@ -607,11 +611,21 @@ impl Shard {
         }
     }
 
+    /// Apply a route delta to the replica. When the last shard with
+    /// members of a shared subscription leaves, its round-robin position
+    /// goes too: nothing is kept for a group that no longer exists.
     fn apply_route(st: &mut State, filter: &str, key: RouteKey, add: bool) {
         if add {
             st.routes.insert(filter, key, ());
-        } else {
-            st.routes.remove(filter, &key);
+            return;
+        }
+        st.routes.remove(filter, &key);
+        if let RouteKey::Shared { pick, .. } = &key {
+            let same_pick =
+                |k: &RouteKey| matches!(k, RouteKey::Shared { pick: p, .. } if p == pick);
+            if !st.routes.entries(filter).any(|(k, _)| same_pick(k)) {
+                st.shared_shard_next.remove(pick);
+            }
         }
     }
 
@@ -629,25 +643,68 @@ impl Shard {
         stamp_ms: u64,
     ) {
         if message.payload.is_empty() {
-            st.retained.remove(&message.topic);
+            Self::remove_retained(st, &message.topic);
             Self::durable_retain(st, &message, origin, stamp_ms);
             return;
         }
-        if st.retained.get(&message.topic).is_none() && st.retained.len() >= self.retained_max {
+        if let Some(why) = self.retained_refusal(st, &message) {
             st.stats.retained_dropped += 1;
             shard_log!(
                 self,
                 log::Level::Warn,
-                "retained store of shard {} is full ({} messages); not retaining {}",
+                "shard {}: not retaining {} ({} bytes): {why}",
                 self.id,
-                self.retained_max,
-                crate::text::quote(&message.topic)
+                crate::text::quote(&message.topic),
+                message.cost_bytes()
             );
             return;
         }
         let topic = message.topic.clone();
         Self::durable_retain(st, &message, origin, stamp_ms);
-        st.retained.insert(&topic, message);
+        Self::insert_retained(st, &topic, message);
+    }
+
+    /// Why `message` cannot be retained here, if it cannot: too large for
+    /// one retained message, or the shard's share of the store is full
+    /// (a replacement counts the bytes it frees).
+    fn retained_refusal(&self, st: &State, message: &Message) -> Option<String> {
+        let cost = message.cost_bytes();
+        let per_message = self.config.mqtt.retained_message_bytes_max;
+        if cost > per_message {
+            return Some(format!(
+                "larger than mqtt.retained_message_bytes_max ({per_message})"
+            ));
+        }
+        let old = st.retained.get(&message.topic).map(|m| m.cost_bytes());
+        if old.is_none() && st.retained.len() >= self.retained_max {
+            return Some(format!(
+                "the shard's share of mqtt.retained_messages_max ({}) is in use",
+                self.retained_max
+            ));
+        }
+        let after = st.retained_bytes - old.unwrap_or(0) as u64 + cost as u64;
+        if after > self.retained_bytes_max {
+            return Some(format!(
+                "the shard's share of mqtt.retained_bytes_max ({}) is in use",
+                self.retained_bytes_max
+            ));
+        }
+        None
+    }
+
+    /// Keep `message` as the retained message of `topic`, counting bytes.
+    pub(super) fn insert_retained(st: &mut State, topic: &str, message: Arc<Message>) {
+        st.retained_bytes += message.cost_bytes() as u64;
+        if let Some(old) = st.retained.insert(topic, message) {
+            st.retained_bytes -= old.cost_bytes() as u64;
+        }
+    }
+
+    /// Drop the retained message of `topic`, counting bytes.
+    fn remove_retained(st: &mut State, topic: &str) {
+        if let Some(old) = st.retained.remove(topic) {
+            st.retained_bytes -= old.cost_bytes() as u64;
+        }
     }
 
     /// Send the retained messages matching a new subscription: from this

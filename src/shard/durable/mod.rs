@@ -182,6 +182,15 @@ pub(super) struct StoreEnv {
     pub(super) status: Rc<ShardStatus>,
 }
 
+/// Why the log has no spare segment: its bound, or the disk.
+fn why_full(log: &Log) -> &'static str {
+    if log.at_segments_max() {
+        "storage.log_bytes_max reached (its share of segments is in use): no room"
+    } else {
+        "no disk space"
+    }
+}
+
 impl Store {
     /// The store of a shard starting from recovery's output (whose records
     /// recovery has synced), continuing its session and message numbers.
@@ -202,8 +211,9 @@ impl Store {
         status.store_full.set(full);
         if full {
             log::error!(
-                "shard {me}: no disk space for a log segment in {}: refusing QoS 1/2 messages \
+                "shard {me}: {} for a log segment in {}: refusing QoS 1/2 messages \
                  (0x97) until there is",
+                why_full(&log),
                 log.dir().display()
             );
         }
@@ -266,9 +276,10 @@ impl Store {
             self.full = true;
             self.status.store_full.set(true);
             log::error!(
-                "shard {}: no disk space for a new log segment in {}: refusing QoS 1/2 \
+                "shard {}: {} for a new log segment in {}: refusing QoS 1/2 \
                  messages (0x97) until there is",
                 self.me,
+                why_full(&self.log),
                 self.log.dir().display()
             );
         }
