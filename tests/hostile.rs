@@ -14,6 +14,14 @@ use common::raw::*;
 use common::*;
 use shardmq::codec::{self, Packet, QoS, Version};
 
+/// The tests that open thousands of sockets run one at a time: together
+/// they would pass the test process's open-file limit (20,000 here).
+static MANY_SOCKETS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn many_sockets() -> std::sync::MutexGuard<'static, ()> {
+    MANY_SOCKETS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Every shard of `b` still round-trips a QoS 1 message.
 fn every_shard_serves(addr: std::net::SocketAddr, shards: usize, name: &str) {
     for shard in 0..shards {
@@ -192,6 +200,7 @@ fn a_client_cannot_forge_or_flood_log_lines() {
 /// other clients connect and publish; the broker's memory stays bounded.
 #[test]
 fn two_thousand_silent_sockets_are_closed_at_the_connect_timeout() {
+    let _one_at_a_time = many_sockets();
     let dir = temp_dir("silent-sockets");
     let config = child::config_file(&dir, "[server]\nconnect_timeout_ms = 1000\n");
     let b = ChildBroker::start(&[
@@ -217,5 +226,197 @@ fn two_thousand_silent_sockets_are_closed_at_the_connect_timeout() {
         assert_eq!(read_until_close(&mut s), Vec::<u8>::new());
     }
     every_shard_serves(b.addr, 2, "after-silent");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// 500 connections with one client id, all at once: each takes the
+/// session over from the one before; one connection is left, the others
+/// are told (0x8E) and closed, and the broker holds one session.
+#[test]
+fn a_takeover_storm_leaves_one_connection_and_a_bounded_broker() {
+    let _one_at_a_time = many_sockets();
+    let b = ChildBroker::start(&["--shards", "2", "--durability", "memory"]);
+    let connect = encode(
+        &Packet::Connect(Box::new(v5_connect("storm", false, 600))),
+        Version::V5,
+    );
+    let mut streams: Vec<std::net::TcpStream> = (0..500)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(b.addr).unwrap();
+            s.write_all(&connect).unwrap();
+            s
+        })
+        .collect();
+    let mut open = 0;
+    for s in &mut streams {
+        match try_read_until_close(s) {
+            Ok(bytes) => {
+                let got = packets(&bytes);
+                assert!(
+                    matches!(got.last(), Some(Packet::Disconnect(d)) if d.reason == 0x8E),
+                    "a replaced connection is told why: {got:?}"
+                );
+            }
+            Err(_) => open += 1,
+        }
+    }
+    assert_eq!(open, 1, "exactly one connection holds the session");
+    every_shard_serves(b.addr, 2, "storm");
+    let rss = b.rss_bytes();
+    assert!(rss < 128 << 20, "RSS {} MiB after the storm", rss >> 20);
+}
+
+/// One SUBSCRIBE with 5,000 wildcard filters over 300 retained messages:
+/// past `subscriptions_max` (1,000) filters are refused with 0x97, the
+/// retained replay stays bounded, and other clients are served meanwhile.
+#[test]
+fn a_subscribe_with_thousands_of_wildcard_filters_is_bounded() {
+    let b = ChildBroker::start(&["--shards", "2", "--durability", "memory"]);
+    let (mut p, _) = Raw::connect(b.addr, Version::V5, "wild-pub", true);
+    for i in 0..300u16 {
+        p.publish(&format!("w/{i}/x"), b"r", QoS::AtLeastOnce, true, i + 1);
+        assert!(matches!(p.recv(), Some(Packet::PubAck(_))));
+    }
+    let (mut s, _) = Raw::connect(b.addr, Version::V5, "wild-sub", true);
+    let filters: Vec<(String, codec::SubOptions)> = std::iter::once("w/#".to_string())
+        .chain((0..5000).map(|i| format!("w/+/{i}/#")))
+        .map(|f| (f, codec::SubOptions::default()))
+        .collect();
+    s.send(&Packet::Subscribe(codec::Subscribe {
+        packet_id: 9,
+        filters,
+        properties: Default::default(),
+    }));
+    every_shard_serves(b.addr, 2, "wild-others");
+    let mut granted = 0;
+    let mut refused = 0;
+    let mut retained = 0;
+    loop {
+        match s.recv_within(Duration::from_secs(3)) {
+            Ok(Some(Packet::SubAck(a))) => {
+                granted = a.reasons.iter().filter(|&&r| r == 0).count();
+                refused = a.reasons.iter().filter(|&&r| r == 0x97).count();
+            }
+            Ok(Some(Packet::Publish(_))) => retained += 1,
+            Ok(other) => panic!("{other:?}"),
+            Err(()) => break,
+        }
+    }
+    assert_eq!((granted, refused), (1000, 4001));
+    // Subscriptions that match a topic more than once deliver it once.
+    assert_eq!(retained, 300, "each retained message once");
+    let rss = b.rss_bytes();
+    assert!(rss < 128 << 20, "RSS {} MiB", rss >> 20);
+}
+
+/// A subscriber that stops reading costs at most its queue while the
+/// publisher goes on and another subscriber of the same topic receives
+/// everything; its drops are logged with its id.
+#[test]
+fn a_subscriber_that_stops_reading_costs_at_most_its_budget() {
+    let dir = temp_dir("slow-consumer");
+    let config = child::config_file(
+        &dir,
+        "[mqtt]\nqueue_bytes_max = 2097152\npacket_size_max_bytes = 65536\n",
+    );
+    let b = ChildBroker::start(&[
+        "--shards",
+        "2",
+        "--durability",
+        "memory",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let (mut stalled, _) = Raw::connect(b.addr, Version::V5, &id_on("stalled", 0, 2), true);
+    assert_eq!(stalled.subscribe(1, "slow/t", QoS::AtLeastOnce), vec![1]);
+    let (mut reader, _) = Raw::connect(b.addr, Version::V5, &id_on("reader", 1, 2), true);
+    assert_eq!(reader.subscribe(1, "slow/t", QoS::AtLeastOnce), vec![1]);
+    let count = 3000u32;
+    let reading = std::thread::spawn(move || {
+        let mut n = 0u32;
+        while n < count {
+            let m = reader.recv_publish();
+            assert_eq!(&m.payload[..4], &n.to_be_bytes(), "in order");
+            reader.send(&puback(m.packet_id));
+            n += 1;
+        }
+    });
+    let (mut p, _) = Raw::connect(b.addr, Version::V5, &id_on("slow-pub", 1, 2), true);
+    for n in 0..count {
+        let mut payload = n.to_be_bytes().to_vec();
+        payload.resize(4096, b'x');
+        publish_qos1(&mut p, "slow/t", &payload, (n % 60000 + 1) as u16);
+    }
+    reading
+        .join()
+        .expect("the reading subscriber got every message");
+    let rss = b.rss_bytes();
+    assert!(rss < 160 << 20, "RSS {} MiB", rss >> 20);
+    let log = b.wait_for_log("queue full").expect("drops are logged");
+    let lines = log.lines().filter(|l| l.contains("queue full")).count();
+    assert!(lines <= 5, "{lines} lines for one client");
+    assert!(log.contains("client \"stalled-"), "{log}");
+    drop(stalled);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// 15,000 connections at once against a broker that takes 10,000: each
+/// gets a CONNACK, accepted or refused, or a close; none hangs, and the
+/// broker still serves.
+#[test]
+fn fifteen_thousand_connects_in_a_burst_are_served_or_refused_cleanly() {
+    let _one_at_a_time = many_sockets();
+    let dir = temp_dir("connect-burst");
+    let config = child::config_file(&dir, "[server]\nconnections_max = 10000\n");
+    let b = ChildBroker::start(&[
+        "--shards",
+        "2",
+        "--durability",
+        "memory",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let connects: Vec<Vec<u8>> = (0..15_000)
+        .map(|i| {
+            encode(
+                &Packet::Connect(Box::new(connect_packet(
+                    Version::V3_1_1,
+                    &format!("burst-{i}"),
+                    true,
+                ))),
+                Version::V3_1_1,
+            )
+        })
+        .collect();
+    let mut streams = Vec::with_capacity(connects.len());
+    for c in &connects {
+        match std::net::TcpStream::connect(b.addr) {
+            Ok(mut s) => {
+                let _ = s.write_all(c);
+                streams.push(Some(s));
+            }
+            // The backlog overflowed: refused by the kernel, cleanly.
+            Err(_) => streams.push(None),
+        }
+    }
+    let (mut accepted, mut refused) = (0, 0);
+    for s in streams.iter_mut().flatten() {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut head = [0u8; 4];
+        match std::io::Read::read_exact(s, &mut head) {
+            Ok(()) if head == [0x20, 2, 0, 0] => accepted += 1,
+            Ok(()) => {
+                assert_eq!(head[..2], [0x20, 2], "a CONNACK");
+                refused += 1;
+            }
+            Err(e) if is_timeout(&e) => panic!("a connection got no answer within 20 s"),
+            Err(_) => refused += 1, // closed: refused before CONNECT was read
+        }
+    }
+    assert!(accepted >= 9_000, "{accepted} accepted, {refused} refused");
+    assert!(accepted <= 10_000, "{accepted} accepted");
+    assert_eq!(accepted + refused, streams.iter().flatten().count());
+    drop(streams);
+    every_shard_serves(b.addr, 2, "after-burst");
     let _ = std::fs::remove_dir_all(&dir);
 }

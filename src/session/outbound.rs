@@ -167,7 +167,7 @@ impl Session {
                 self.done(delivery.stored);
                 return;
             }
-            self.enqueue(message, delivery);
+            self.enqueue(now, message, delivery);
             return;
         }
         if qos == QoS::AtMostOnce {
@@ -183,7 +183,7 @@ impl Session {
         } else if self.out.queue.is_empty() && self.window_open() {
             self.start_inflight(now, message.clone(), delivery);
         } else {
-            self.enqueue(message, delivery);
+            self.enqueue(now, message, delivery);
         }
     }
 
@@ -195,7 +195,7 @@ impl Session {
             .is_some_and(|c| self.out.inflight.len() - self.out.unsent < usize::from(c.window))
     }
 
-    fn enqueue(&mut self, message: &Arc<Message>, delivery: Delivery) {
+    fn enqueue(&mut self, now: Instant, message: &Arc<Message>, delivery: Delivery) {
         let cost = message.cost_bytes();
         let limits = self.limits.clone();
         let full = |o: &Outbound| {
@@ -203,6 +203,24 @@ impl Session {
                 || o.queue_bytes + cost > limits.queue_bytes_max
         };
         if full(&self.out) {
+            let stored = if delivery.stored.is_some() {
+                ", stored"
+            } else {
+                ""
+            };
+            client_log!(
+                self,
+                now,
+                log::Level::Warn,
+                "queue full ({} messages, {} bytes; mqtt.queue_messages_max {}, \
+                 queue_bytes_max {}): dropping a QoS {} message{stored} ({} dropped before)",
+                self.out.queue.len(),
+                self.out.queue_bytes,
+                limits.queue_messages_max,
+                limits.queue_bytes_max,
+                delivery.qos as u8,
+                self.stats.dropped_queue_full
+            );
             match limits.overflow {
                 OverflowPolicy::DropNew => {
                     self.stats.dropped_queue_full += 1;
