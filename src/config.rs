@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::session::{OverflowPolicy, SessionLimits};
@@ -43,7 +43,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Listeners, shards, connection limits.
@@ -70,7 +70,7 @@ pub enum Durability {
 }
 
 /// `[storage]`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     /// `memory`, `kill_safe` or `power_safe`.
@@ -92,7 +92,7 @@ pub struct StorageConfig {
 }
 
 /// `[server]`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Addresses to listen on.
@@ -124,7 +124,7 @@ pub struct ServerConfig {
 }
 
 /// `[mqtt]`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
     /// Largest packet accepted.
@@ -172,7 +172,7 @@ pub struct MqttConfig {
 }
 
 /// `[mesh]`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MeshConfig {
     /// Batches per lane.
@@ -207,6 +207,12 @@ impl Config {
             source,
         })?;
         Config::from_toml(&text)
+    }
+
+    /// The whole config as TOML (every key, defaults included), as
+    /// `shardmq check-config` prints it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print the config: {e}\n"))
     }
 
     /// Shards to run: the configured count, or one per online CPU.

@@ -1,82 +1,77 @@
-//! The `shardmq` binary: parse flags, load the config, run the broker until
-//! SIGINT or SIGTERM.
+//! The `shardmq` binary: parse the command line (clap), load the config,
+//! run the broker until SIGINT or SIGTERM; or one of the subcommands.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use shardmq::config::DEFAULT_CONFIG;
 use shardmq::{Broker, Config};
 
-const USAGE: &str = "\
-shardmq: a thread-per-core MQTT 3.1 / 3.1.1 / 5.0 broker
+/// A thread-per-core MQTT 3.1 / 3.1.1 / 5.0 broker.
+///
+/// Without a subcommand, runs the broker: the embedded default config,
+/// merged with --config FILE, then the flags (each also read from its
+/// SHARDMQ_* environment variable). Logging: RUST_LOG=debug|info|warn
+/// (default info).
+#[derive(Debug, Parser)]
+#[command(name = "shardmq", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
 
-USAGE: shardmq [OPTIONS]
-
-OPTIONS:
-  --config FILE            TOML config, merged over the embedded default
-  --listen ADDR            listen on ADDR (host:port); repeat for several;
-                           replaces server.listen from the config
-  --shards N               shards (threads); 0 = one per CPU
-  --data-dir DIR           directory of the logs (storage.data_dir)
-  --durability MODE        kill_safe, power_safe or memory (storage.durability)
-  --print-default-config   print the embedded default config and exit
-  -h, --help               this text
-  -V, --version            version
-
-Logging: RUST_LOG=debug|info|warn (default info).";
-
-/// What the command line asked for.
-struct Args {
+/// The flags that shape a running broker.
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// TOML config, merged over the embedded default.
+    #[arg(long, value_name = "FILE", env = "SHARDMQ_CONFIG")]
     config: Option<PathBuf>,
+    /// Listen on ADDR (host:port); repeat for several (the variable takes a
+    /// comma-separated list). Replaces server.listen.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "SHARDMQ_LISTEN",
+        value_delimiter = ','
+    )]
     listen: Vec<String>,
+    /// Shards (threads); 0 = one per CPU. Replaces server.shards.
+    #[arg(long, value_name = "N", env = "SHARDMQ_SHARDS")]
     shards: Option<usize>,
+    /// Directory of the logs. Replaces storage.data_dir.
+    #[arg(long, value_name = "DIR", env = "SHARDMQ_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// kill_safe, power_safe or memory. Replaces storage.durability.
+    #[arg(long, value_name = "MODE", env = "SHARDMQ_DURABILITY")]
     durability: Option<String>,
+    /// Print the embedded default config (every key commented) and exit.
+    #[arg(long)]
+    print_default_config: bool,
 }
 
-fn parse_args() -> anyhow::Result<Option<Args>> {
-    let mut args = Args {
-        config: None,
-        listen: Vec::new(),
-        shards: None,
-        data_dir: None,
-        durability: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
-        match arg.as_str() {
-            "--config" => args.config = Some(value("--config")?.into()),
-            "--listen" => args.listen.push(value("--listen")?),
-            "--shards" => {
-                let v = value("--shards")?;
-                args.shards = Some(
-                    v.parse()
-                        .with_context(|| format!("--shards {v}: not a number"))?,
-                );
-            }
-            "--data-dir" => args.data_dir = Some(value("--data-dir")?.into()),
-            "--durability" => args.durability = Some(value("--durability")?),
-            "--print-default-config" => {
-                print!("{DEFAULT_CONFIG}");
-                return Ok(None);
-            }
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return Ok(None);
-            }
-            "-V" | "--version" => {
-                println!("shardmq {}", env!("CARGO_PKG_VERSION"));
-                return Ok(None);
-            }
-            other => bail!("unknown argument {other:?} (see --help)"),
-        }
-    }
-    Ok(Some(args))
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Parse and validate a config file as the broker would at start, and
+    /// print the merged config; exit 2 naming the bad key.
+    CheckConfig {
+        /// The TOML file.
+        file: PathBuf,
+    },
+    /// Print a shell completion script, e.g. `shardmq completions bash >
+    /// /etc/bash_completion.d/shardmq`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
-fn load_config(args: &Args) -> anyhow::Result<Config> {
+/// The config the flags describe: the file (or the default), then the flags.
+fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -85,10 +80,7 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
         config.server.listen = args
             .listen
             .iter()
-            .map(|a| {
-                a.parse()
-                    .with_context(|| format!("--listen {a}: not an address like 0.0.0.0:1883"))
-            })
+            .map(|a| parse_listen(a))
             .collect::<anyhow::Result<_>>()?;
     }
     if let Some(n) = args.shards {
@@ -104,28 +96,45 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-fn run() -> anyhow::Result<()> {
-    let Some(args) = parse_args()? else {
+fn parse_listen(a: &str) -> anyhow::Result<SocketAddr> {
+    a.trim()
+        .parse()
+        .with_context(|| format!("--listen {a}: not an address like 0.0.0.0:1883"))
+}
+
+/// `shardmq check-config FILE`.
+fn check_config(file: &Path) -> anyhow::Result<()> {
+    let config = Config::from_file(file)?;
+    config.validate()?;
+    print!("{}", config.to_toml());
+    eprintln!("shardmq: {}: valid", file.display());
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.print_default_config {
+        print!("{DEFAULT_CONFIG}");
         return Ok(());
-    };
+    }
     let config = load_config(&args)?;
     let shards = config.shard_count();
     let config_timeout = config.server.shutdown_timeout_s;
+    // Before the start: a signal during recovery, or right after the
+    // "listening" line, is an orderly stop too.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("cannot install signal handlers")?;
     let broker = Broker::start(config)?;
     let addrs: Vec<String> = broker.local_addrs().iter().map(|a| a.to_string()).collect();
     log::info!(
         "shardmq listening on {} with {shards} shards",
         addrs.join(", ")
     );
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("cannot install signal handlers")?;
     if let Some(sig) = signals.forever().next() {
         log::info!(
-            "signal {sig}: stopping (at most {} s; a second signal exits at once)",
-            config_timeout
+            "signal {sig}: stopping (at most {config_timeout} s; a second signal exits at once)"
         );
     }
     // A second signal ends the process at once. Nothing acknowledged is
@@ -167,7 +176,21 @@ fn exit_on_panic() {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     exit_on_panic();
-    match run() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::Completions { shell }) => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "shardmq",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        None => run(cli.run),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("shardmq: {e}");

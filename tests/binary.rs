@@ -101,3 +101,98 @@ fn a_bad_durability_is_refused_with_its_key() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("storage.durability"), "{err}");
 }
+
+#[test]
+fn help_lists_the_flags_the_subcommands_and_their_variables() {
+    let out = shardmq().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for needle in [
+        "--config",
+        "--listen",
+        "--shards",
+        "--data-dir",
+        "--durability",
+        "--print-default-config",
+        "check-config",
+        "completions",
+        "SHARDMQ_SHARDS",
+    ] {
+        assert!(text.contains(needle), "{needle} in:\n{text}");
+    }
+    let out = shardmq().arg("-V").output().unwrap();
+    let version = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        version.trim(),
+        format!("shardmq {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn check_config_prints_the_merged_config_or_names_the_bad_key() {
+    let dir = common::child::temp_dir("check-config");
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "[server]\nshards = 3\n").unwrap();
+    let out = shardmq().arg("check-config").arg(&good).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let merged = String::from_utf8(out.stdout).unwrap();
+    assert!(merged.contains("shards = 3"), "{merged}");
+    assert!(
+        merged.contains("inflight_max = 128"),
+        "defaults too:\n{merged}"
+    );
+    let again = shardmq::Config::from_toml(&merged).expect("the printed config loads");
+    assert_eq!(again.server.shards, 3);
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[mqtt]\ninflight_max = 0\n").unwrap();
+    let out = shardmq().arg("check-config").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("mqtt.inflight_max"), "{err}");
+
+    std::fs::write(&bad, "[mqtt]\ninflight_maximum = 5\n").unwrap();
+    let out = shardmq().arg("check-config").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("inflight_maximum"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn every_flag_reads_its_shardmq_variable() {
+    let dir = common::child::temp_dir("env-vars");
+    let mut child = shardmq()
+        .env("SHARDMQ_SHARDS", "1")
+        .env("SHARDMQ_LISTEN", "127.0.0.1:0")
+        .env("SHARDMQ_DURABILITY", "kill_safe")
+        .env("SHARDMQ_DATA_DIR", &dir)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let listening = loop {
+        let line = lines.next().expect("broker logs its address").unwrap();
+        if line.contains("listening on") {
+            break line;
+        }
+    };
+    assert!(listening.contains("with 1 shards"), "{listening}");
+    assert!(listening.contains("127.0.0.1:"), "{listening}");
+    common::child::signal(child.id(), libc::SIGTERM);
+    assert!(child.wait().unwrap().success());
+    assert!(
+        dir.join("CURRENT").exists(),
+        "SHARDMQ_DATA_DIR is the data dir"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn completions_are_printed_for_bash() {
+    let out = shardmq().args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("check-config") && text.contains("--data-dir"));
+}

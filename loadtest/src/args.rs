@@ -1,11 +1,11 @@
-//! Command line parsing, emqtt-bench compatible where the flags overlap.
-//!
-//! Hand-rolled (no parser crate): `-x VALUE`, `--long VALUE` and
-//! `--long=VALUE` are accepted. `-h` is the host, as in emqtt-bench; help is
-//! `--help`.
+//! Command line parsing on clap, emqtt-bench compatible where the flags
+//! overlap: `-x VALUE`, `--long VALUE` and `--long=VALUE` are accepted; `-h`
+//! is the host, as in emqtt-bench; help is `--help`.
 
 use std::path::PathBuf;
 use std::time::Duration;
+
+use clap::{Parser, Subcommand};
 
 use shardmq::codec::{QoS, Version};
 
@@ -96,75 +96,10 @@ pub struct Args {
     pub topic_prefix: String,
 }
 
-pub const USAGE: &str = "\
-shardmq-bench: MQTT load generator (emqtt-bench style) for shardmq and other brokers
-
-USAGE:
-  shardmq-bench conn  [OPTIONS]   open -c connections and hold them
-  shardmq-bench pub   [OPTIONS]   -c publishers, each publishing every -I ms
-  shardmq-bench sub   [OPTIONS]   -c subscribers on -t
-  shardmq-bench bench [OPTIONS]   publishers and subscribers in one process:
-                                  throughput, end-to-end latency, loss
-  shardmq-bench help | --help
-
-COMMON OPTIONS (emqtt-bench names):
-  -h, --host HOST          broker host (default localhost)
-  -p, --port PORT          broker port (default 1883)
-  -c, --count N            clients (conn/pub/sub; default 200)
-  -n, --startnumber N      first client sequence number (default 0)
-  -i, --interval MS        delay between two connects (default 10; 0 = as fast
-                           as --max-connecting allows)
-  -V, --version 3|4|5      MQTT 3.1, 3.1.1 or 5.0 (default 5)
-  -k, --keepalive SECS     keepalive (default 300)
-  -C, --clean true|false   clean session / Clean Start (default true); false
-                           with -x > 0 (5.0) keeps a persistent session
-  -x, --session-expiry S   5.0 Session Expiry Interval (default 0)
-  -u, --username USER      username
-  -P, --password PASS      password
-      --prefix PREFIX      client id prefix (default smqb); ids are
-                           PREFIX_KIND_PID_SEQ
-  -q, --qos 0|1|2          QoS (default 0)
-  -s, --size BYTES         payload size (default 256 for pub, 64 for bench)
-      --duration SECS      stop after SECS (default 60); every run is bounded
-      --inflight N         max unacknowledged QoS 1/2 publishes per publisher
-                           (default 64)
-      --json FILE          write the summary as JSON
-      --broker-pid PID     sample the broker's CPU time (/proc/PID/stat) and
-                           RSS (/proc/PID/status) over the measured window
-      --threads N          runtime worker threads (default: CPUs)
-      --max-connecting N   connects in progress at once (default 100)
-      --connect-timeout S  per-connection TCP + CONNACK (+ SUBACK) timeout
-                           (default 10)
-      --quiet              no per-second progress lines
-
-PUB / SUB:
-  -t, --topic TOPIC        topic (pub) or filter (sub), required; %i = client
-                           sequence number, %c = client id, %u = username
-  -I, --interval_of_msg MS publish interval per client (pub; default 1000;
-                           0 = as fast as the socket takes)
-  -L, --limit N            pub: messages per publisher; sub: total messages
-                           received, then stop (default: no limit)
-
-BENCH:
-      --mode pairs|fanout|fanin
-                           pairs: publisher i -> subscriber i on PREFIX/{i};
-                           fanout: 1 publisher -> --subs subscribers;
-                           fanin: --pubs publishers -> 1 subscriber (PREFIX/#)
-                           (default pairs)
-      --pubs N / --subs M  publishers / subscribers (default 10; pairs: N = M)
-      --rate R             fixed rate: R msg/s in total, evenly paced over the
-                           publishers (for latency at a given load)
-      --closed-loop W      each publisher pauses while it is more than W
-                           messages ahead of the slowest of its subscribers
-                           (default when --rate is not given: W = 100;
-                           W = 0: unthrottled)
-      --messages N         messages per publisher (default: until --duration)
-      --warmup SECS        not measured (default 0); --duration counts after it
-      --drain SECS         wait at most this long for in-flight messages after
-                           the publishers stop (default 2)
-      --topic-prefix P     topic prefix (default bench)
-  Payload (-s >= 20): publisher id u32, sequence u64, send time u64 (ns since
-  the process started), big-endian, then zeros.
+/// What `--help` shows after the options.
+const EXAMPLES: &str = "\
+Payload of bench (-s >= 20): publisher id u32, sequence u64, send time u64 (ns
+since the process started), big-endian, then zeros.
 
 EXAMPLES:
   shardmq-bench conn -c 1000 -i 0 --duration 10
@@ -174,180 +109,296 @@ EXAMPLES:
       --closed-loop 200 --warmup 2 --duration 10 --json out.json
   shardmq-bench bench --mode pairs --pubs 100 --subs 100 --rate 20000 --duration 10";
 
-fn parse_num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
-    v.parse()
-        .map_err(|_| format!("{flag} {v:?}: not a valid number"))
+/// MQTT load generator (emqtt-bench style) for shardmq and other brokers.
+///
+/// emqtt-bench's commands and flags (`-h` is the host, as there; help is
+/// `--help`), plus `bench`: publishers and subscribers in one process,
+/// measuring throughput, end-to-end latency and loss. Every run is bounded
+/// by --duration.
+#[derive(Debug, Parser)]
+#[command(name = "shardmq-bench", arg_required_else_help = true, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
 }
 
-fn parse_secs(flag: &str, v: &str) -> Result<Duration, String> {
-    let s: f64 = parse_num(flag, v)?;
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Open -c connections and hold them.
+    #[command(disable_help_flag = true)]
+    Conn {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// -c publishers, each publishing every -I ms.
+    #[command(disable_help_flag = true)]
+    Pub {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        pubsub: PubSub,
+    },
+    /// -c subscribers on -t.
+    #[command(disable_help_flag = true)]
+    Sub {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        pubsub: PubSub,
+    },
+    /// Publishers and subscribers in one process: throughput, end-to-end
+    /// latency, loss.
+    #[command(disable_help_flag = true, after_help = EXAMPLES)]
+    Bench {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        bench: BenchOnly,
+    },
+}
+
+/// Options of every command (emqtt-bench names).
+#[derive(Debug, clap::Args)]
+struct Common {
+    /// Broker host.
+    #[arg(short = 'h', long, default_value = "localhost")]
+    host: String,
+    /// Broker port.
+    #[arg(short, long, default_value_t = 1883)]
+    port: u16,
+    /// Clients (conn/pub/sub).
+    #[arg(short, long, default_value_t = 200)]
+    count: usize,
+    /// First client sequence number.
+    #[arg(short = 'n', long = "startnumber", default_value_t = 0)]
+    start: u64,
+    /// Delay between two connects, ms (0 = as fast as --max-connecting allows).
+    #[arg(short = 'i', long = "interval", default_value_t = 10.0)]
+    interval_ms: f64,
+    /// MQTT 3.1 (3), 3.1.1 (4) or 5.0 (5).
+    #[arg(short = 'V', long = "version", default_value = "5", value_parser = parse_version)]
+    version: Version,
+    /// Keepalive, seconds.
+    #[arg(short, long, default_value_t = 300)]
+    keepalive: u16,
+    /// Clean session / Clean Start; false with -x > 0 (5.0) keeps a
+    /// persistent session.
+    #[arg(short = 'C', long, default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    clean: bool,
+    /// 5.0 Session Expiry Interval, seconds.
+    #[arg(short = 'x', long = "session-expiry", default_value_t = 0)]
+    session_expiry: u32,
+    /// Username.
+    #[arg(short, long)]
+    username: Option<String>,
+    /// Password.
+    #[arg(short = 'P', long)]
+    password: Option<String>,
+    /// Client id prefix; ids are PREFIX_KIND_PID_SEQ.
+    #[arg(long, default_value = "smqb")]
+    prefix: String,
+    /// QoS 0, 1 or 2.
+    #[arg(short, long, default_value = "0", value_parser = parse_qos)]
+    qos: QoS,
+    /// Payload size, bytes (default 256 for pub, 64 for bench).
+    #[arg(short, long)]
+    size: Option<usize>,
+    /// Stop after SECS; every run is bounded.
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
+    duration: Duration,
+    /// Unacknowledged QoS 1/2 publishes per publisher at most.
+    #[arg(long, default_value_t = 64)]
+    inflight: usize,
+    /// Write the summary as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Sample the broker's CPU time (/proc/PID/stat) and RSS
+    /// (/proc/PID/status) over the measured window.
+    #[arg(long = "broker-pid", value_name = "PID")]
+    broker_pid: Option<u32>,
+    /// Runtime worker threads (default: CPUs).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Connects in progress at once.
+    #[arg(long = "max-connecting", default_value_t = 100)]
+    max_connecting: usize,
+    /// Per-connection TCP + CONNACK (+ SUBACK) timeout, seconds.
+    #[arg(long = "connect-timeout", value_name = "SECS", default_value = "10", value_parser = parse_secs)]
+    connect_timeout: Duration,
+    /// No per-second progress lines.
+    #[arg(long)]
+    quiet: bool,
+    /// Print help (-h is the host, as in emqtt-bench).
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
+}
+
+/// Options of `pub` and `sub`.
+#[derive(Debug, clap::Args)]
+struct PubSub {
+    /// Topic (pub) or filter (sub); %i = client sequence number, %c = client
+    /// id, %u = username.
+    #[arg(short, long, required = true)]
+    topic: Option<String>,
+    /// Publish interval per client, ms (pub; 0 = as fast as the socket takes).
+    #[arg(short = 'I', long = "interval_of_msg", default_value_t = 1000.0)]
+    pub_interval_ms: f64,
+    /// pub: messages per publisher; sub: total messages received, then stop
+    /// (0 = no limit).
+    #[arg(short = 'L', long, default_value_t = 0)]
+    limit: u64,
+}
+
+/// Options of `bench`.
+#[derive(Debug, clap::Args)]
+struct BenchOnly {
+    /// pairs: publisher i -> subscriber i; fanout: 1 publisher -> --subs
+    /// subscribers; fanin: --pubs publishers -> 1 subscriber (PREFIX/#).
+    #[arg(long, default_value = "pairs", value_parser = parse_mode)]
+    mode: Mode,
+    /// Publishers (default 10; pairs: --pubs = --subs).
+    #[arg(long)]
+    pubs: Option<usize>,
+    /// Subscribers (default 10).
+    #[arg(long)]
+    subs: Option<usize>,
+    /// Fixed rate: R msg/s in total, evenly paced over the publishers.
+    #[arg(long, value_name = "R")]
+    rate: Option<f64>,
+    /// Each publisher pauses while it is more than W messages ahead of the
+    /// slowest of its subscribers (default without --rate: 100; 0 =
+    /// unthrottled).
+    #[arg(long = "closed-loop", value_name = "W")]
+    closed_loop: Option<u64>,
+    /// Messages per publisher (default: until --duration).
+    #[arg(long, default_value_t = 0)]
+    messages: u64,
+    /// Seconds not measured; --duration counts after them.
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = parse_secs)]
+    warmup: Duration,
+    /// Wait at most this long for in-flight messages after the publishers
+    /// stop, seconds.
+    #[arg(long, value_name = "SECS", default_value = "2", value_parser = parse_secs)]
+    drain: Duration,
+    /// Topic prefix.
+    #[arg(long = "topic-prefix", default_value = "bench")]
+    topic_prefix: String,
+}
+
+fn parse_secs(v: &str) -> Result<Duration, String> {
+    let s: f64 = v
+        .parse()
+        .map_err(|_| format!("{v:?}: not a number of seconds"))?;
     if !(0.0..=86_400.0).contains(&s) {
-        return Err(format!("{flag} {v}: must be in 0..=86400 seconds"));
+        return Err(format!("{v}: must be in 0..=86400 seconds"));
     }
     Ok(Duration::from_secs_f64(s))
 }
 
+fn parse_version(v: &str) -> Result<Version, String> {
+    match v {
+        "3" => Ok(Version::V3_1),
+        "4" => Ok(Version::V3_1_1),
+        "5" => Ok(Version::V5),
+        _ => Err(format!("{v}: must be 3 (3.1), 4 (3.1.1) or 5")),
+    }
+}
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(format!("{v:?}: true or false")),
+    }
+}
+
+fn parse_qos(v: &str) -> Result<QoS, String> {
+    v.parse::<u8>()
+        .ok()
+        .and_then(QoS::from_u8)
+        .ok_or_else(|| format!("{v}: must be 0, 1 or 2"))
+}
+
+fn parse_mode(v: &str) -> Result<Mode, String> {
+    match v {
+        "pairs" => Ok(Mode::Pairs),
+        "fanout" => Ok(Mode::Fanout),
+        "fanin" => Ok(Mode::Fanin),
+        _ => Err(format!("{v}: must be pairs, fanout or fanin")),
+    }
+}
+
 /// `Ok(None)` means help was printed.
 pub fn parse(argv: Vec<String>) -> Result<Option<Args>, String> {
-    let mut it = argv.into_iter().skip(1).peekable();
-    let command = match it.next().as_deref() {
-        Some("conn") => Command::Conn,
-        Some("pub") => Command::Pub,
-        Some("sub") => Command::Sub,
-        Some("bench") => Command::Bench,
-        Some("help" | "--help") | None => {
-            println!("{USAGE}");
-            return Ok(None);
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            return match e.kind() {
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                | ErrorKind::DisplayVersion => {
+                    let _ = e.print();
+                    Ok(None)
+                }
+                _ => Err(e.to_string()),
+            };
         }
-        Some(other) => return Err(format!("unknown command {other:?} (see --help)")),
     };
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
+    let (command, common, pubsub, bench) = match cli.command {
+        Cmd::Conn { common } => (Command::Conn, common, None, None),
+        Cmd::Pub { common, pubsub } => (Command::Pub, common, Some(pubsub), None),
+        Cmd::Sub { common, pubsub } => (Command::Sub, common, Some(pubsub), None),
+        Cmd::Bench { common, bench } => (Command::Bench, common, None, Some(bench)),
+    };
+    let threads = common.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
     let mut a = Args {
         command,
-        host: "localhost".into(),
-        port: 1883,
-        count: 200,
-        start: 0,
-        interval_ms: 10.0,
-        pub_interval_ms: 1000.0,
-        topic: None,
-        qos: QoS::AtMostOnce,
-        size: if command == Command::Bench { 64 } else { 256 },
-        version: Version::V5,
-        keepalive: 300,
-        clean: true,
-        session_expiry: 0,
-        username: None,
-        password: None,
-        limit: 0,
-        prefix: "smqb".into(),
-        duration: Duration::from_secs(60),
-        json: None,
-        inflight: 64,
-        broker_pid: None,
+        host: common.host,
+        port: common.port,
+        count: common.count,
+        start: common.start,
+        interval_ms: common.interval_ms,
+        pub_interval_ms: pubsub.as_ref().map_or(1000.0, |p| p.pub_interval_ms),
+        topic: pubsub.as_ref().and_then(|p| p.topic.clone()),
+        qos: common.qos,
+        size: common
+            .size
+            .unwrap_or(if command == Command::Bench { 64 } else { 256 }),
+        version: common.version,
+        keepalive: common.keepalive,
+        clean: common.clean,
+        session_expiry: common.session_expiry,
+        username: common.username,
+        password: common.password,
+        limit: pubsub.as_ref().map_or(0, |p| p.limit),
+        prefix: common.prefix,
+        duration: common.duration,
+        json: common.json,
+        inflight: common.inflight,
+        broker_pid: common.broker_pid,
         threads,
-        max_connecting: 100,
-        connect_timeout: Duration::from_secs(10),
-        quiet: false,
-        mode: Mode::Pairs,
-        pubs: 10,
-        subs: 10,
-        rate: None,
-        closed_loop: None,
-        messages: 0,
-        warmup: Duration::ZERO,
-        drain: Duration::from_secs(2),
-        topic_prefix: "bench".into(),
+        max_connecting: common.max_connecting,
+        connect_timeout: common.connect_timeout,
+        quiet: common.quiet,
+        mode: bench.as_ref().map_or(Mode::Pairs, |b| b.mode),
+        pubs: bench.as_ref().and_then(|b| b.pubs).unwrap_or(10),
+        subs: bench.as_ref().and_then(|b| b.subs).unwrap_or(10),
+        rate: bench.as_ref().and_then(|b| b.rate),
+        closed_loop: bench.as_ref().and_then(|b| b.closed_loop),
+        messages: bench.as_ref().map_or(0, |b| b.messages),
+        warmup: bench.as_ref().map_or(Duration::ZERO, |b| b.warmup),
+        drain: bench.as_ref().map_or(Duration::from_secs(2), |b| b.drain),
+        topic_prefix: bench
+            .as_ref()
+            .map_or_else(|| "bench".into(), |b| b.topic_prefix.clone()),
     };
-    let mut pubs_set = false;
-    let mut subs_set = false;
-    while let Some(raw) = it.next() {
-        let (flag, inline) = match raw.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (raw.clone(), None),
-        };
-        if flag == "--help" {
-            println!("{USAGE}");
-            return Ok(None);
-        }
-        if flag == "--quiet" {
-            a.quiet = true;
-            continue;
-        }
-        let mut value = || -> Result<String, String> {
-            match &inline {
-                Some(v) => Ok(v.clone()),
-                None => it.next().ok_or_else(|| format!("{flag} needs a value")),
-            }
-        };
-        let bench_only = [
-            "--mode",
-            "--pubs",
-            "--subs",
-            "--rate",
-            "--closed-loop",
-            "--messages",
-            "--warmup",
-            "--drain",
-            "--topic-prefix",
-        ];
-        let pubsub_only = ["-t", "--topic", "-I", "--interval_of_msg", "-L", "--limit"];
-        if command != Command::Bench && bench_only.contains(&flag.as_str()) {
-            return Err(format!("{flag} is a `bench` option"));
-        }
-        if command == Command::Bench && pubsub_only.contains(&flag.as_str()) {
-            return Err(format!(
-                "{flag} is a pub/sub option (bench picks its own topics; see --help)"
-            ));
-        }
-        match flag.as_str() {
-            "-h" | "--host" => a.host = value()?,
-            "-p" | "--port" => a.port = parse_num(&flag, &value()?)?,
-            "-c" | "--count" => a.count = parse_num(&flag, &value()?)?,
-            "-n" | "--startnumber" => a.start = parse_num(&flag, &value()?)?,
-            "-i" | "--interval" => a.interval_ms = parse_num(&flag, &value()?)?,
-            "-I" | "--interval_of_msg" => a.pub_interval_ms = parse_num(&flag, &value()?)?,
-            "-t" | "--topic" => a.topic = Some(value()?),
-            "-q" | "--qos" => {
-                let v: u8 = parse_num(&flag, &value()?)?;
-                a.qos = QoS::from_u8(v).ok_or_else(|| format!("{flag} {v}: must be 0, 1 or 2"))?;
-            }
-            "-s" | "--size" => a.size = parse_num(&flag, &value()?)?,
-            "-V" | "--version" => {
-                a.version = match value()?.as_str() {
-                    "3" => Version::V3_1,
-                    "4" => Version::V3_1_1,
-                    "5" => Version::V5,
-                    v => return Err(format!("{flag} {v}: must be 3 (3.1), 4 (3.1.1) or 5")),
-                }
-            }
-            "-k" | "--keepalive" => a.keepalive = parse_num(&flag, &value()?)?,
-            "-C" | "--clean" => {
-                a.clean = match value()?.as_str() {
-                    "true" => true,
-                    "false" => false,
-                    v => return Err(format!("{flag} {v:?}: true or false")),
-                }
-            }
-            "-x" | "--session-expiry" => a.session_expiry = parse_num(&flag, &value()?)?,
-            "-u" | "--username" => a.username = Some(value()?),
-            "-P" | "--password" => a.password = Some(value()?),
-            "-L" | "--limit" => a.limit = parse_num(&flag, &value()?)?,
-            "--prefix" => a.prefix = value()?,
-            "--duration" => a.duration = parse_secs(&flag, &value()?)?,
-            "--json" => a.json = Some(value()?.into()),
-            "--inflight" => a.inflight = parse_num(&flag, &value()?)?,
-            "--broker-pid" => a.broker_pid = Some(parse_num(&flag, &value()?)?),
-            "--threads" => a.threads = parse_num(&flag, &value()?)?,
-            "--max-connecting" => a.max_connecting = parse_num(&flag, &value()?)?,
-            "--connect-timeout" => a.connect_timeout = parse_secs(&flag, &value()?)?,
-            "--mode" => {
-                a.mode = match value()?.as_str() {
-                    "pairs" => Mode::Pairs,
-                    "fanout" => Mode::Fanout,
-                    "fanin" => Mode::Fanin,
-                    v => return Err(format!("--mode {v}: must be pairs, fanout or fanin")),
-                }
-            }
-            "--pubs" => {
-                a.pubs = parse_num(&flag, &value()?)?;
-                pubs_set = true;
-            }
-            "--subs" => {
-                a.subs = parse_num(&flag, &value()?)?;
-                subs_set = true;
-            }
-            "--rate" => a.rate = Some(parse_num(&flag, &value()?)?),
-            "--closed-loop" => a.closed_loop = Some(parse_num(&flag, &value()?)?),
-            "--messages" => a.messages = parse_num(&flag, &value()?)?,
-            "--warmup" => a.warmup = parse_secs(&flag, &value()?)?,
-            "--drain" => a.drain = parse_secs(&flag, &value()?)?,
-            "--topic-prefix" => a.topic_prefix = value()?,
-            other => return Err(format!("unknown option {other:?} (see --help)")),
-        }
-    }
+    let pubs_set = bench.as_ref().is_some_and(|b| b.pubs.is_some());
+    let subs_set = bench.as_ref().is_some_and(|b| b.subs.is_some());
     validate(&mut a, pubs_set, subs_set)?;
     Ok(Some(a))
 }
@@ -475,6 +526,58 @@ mod tests {
         let a = p("bench --pubs=3 --duration=1.5").unwrap().unwrap();
         assert_eq!((a.pubs, a.subs), (3, 3));
         assert_eq!(a.duration, Duration::from_millis(1500));
+    }
+
+    /// Every command line the READMEs and loadtest/compare.sh use parses,
+    /// and means what it says.
+    #[test]
+    fn the_documented_command_lines_parse() {
+        for line in [
+            "conn -h 127.0.0.1 -c 1000 -i 0 --duration 10 --broker-pid 42",
+            "sub -h 127.0.0.1 -c 10 -t load/%i -q 1 --duration 30",
+            "pub -h 127.0.0.1 -c 10 -t load/%i -q 1 -I 10 -L 1000 --duration 30",
+            "bench -h 127.0.0.1 --mode pairs --pubs 100 -q 0 -s 64 --closed-loop 200 --warmup 2 \
+             --duration 10 --json pairs.json",
+            "bench -h 127.0.0.1 --mode pairs --pubs 100 --rate 20000 --duration 10",
+            "bench -h 127.0.0.1 --mode fanout --subs 100 --duration 10",
+            "bench -h 127.0.0.1 --mode fanin --pubs 100 --closed-loop 8 --duration 10",
+            "bench --mode pairs --pubs 100 --subs 100 -q 1 --closed-loop 200 --inflight 64 -s 64 \
+             --warmup 2 --duration 10 --drain 2 --quiet -p 28883 --json f.json",
+            "bench --mode pairs --pubs 100 --subs 100 -q 1 --closed-loop 200 --inflight 64 -V 5 \
+             -C false -x 600 -s 64 --warmup 2 --duration 10 --drain 2 --quiet",
+            "pub -t t -u user -P pass -k 30 -n 5 --prefix x --threads 2 --max-connecting 7 \
+             --connect-timeout 3 --topic-prefix-is-not-here",
+        ] {
+            let last = line.ends_with("--topic-prefix-is-not-here");
+            let r = p(line);
+            if last {
+                assert!(r.is_err(), "an unknown flag is refused: {line}");
+                continue;
+            }
+            assert!(matches!(r, Ok(Some(_))), "{line}: {r:?}");
+        }
+        let a = p("bench --mode pairs --pubs 100 --subs 100 -q 1 --closed-loop 200 --inflight 64 -V 5 -C false -x 600 -s 64 --warmup 2 --duration 10 --drain 2 --quiet")
+            .unwrap()
+            .unwrap();
+        assert_eq!((a.pubs, a.subs, a.inflight), (100, 100, 64));
+        assert_eq!(
+            (a.clean, a.session_expiry, a.version),
+            (false, 600, Version::V5)
+        );
+        assert_eq!((a.closed_loop, a.quiet), (Some(200), true));
+        assert_eq!(
+            (a.warmup, a.drain),
+            (Duration::from_secs(2), Duration::from_secs(2))
+        );
+        let a = p("pub -t t -u user -P pass -k 30 -n 5 --prefix x --threads 2")
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.username.as_deref(), Some("user"));
+        assert_eq!(a.password.as_deref(), Some("pass"));
+        assert_eq!((a.keepalive, a.start, a.threads), (30, 5, 2));
+        assert!(matches!(p("--help"), Ok(None)));
+        assert!(matches!(p("bench --help"), Ok(None)));
+        assert!(matches!(p(""), Ok(None)), "no command: help");
     }
 
     #[test]
