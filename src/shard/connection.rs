@@ -157,7 +157,8 @@ async fn read_connect(
 thread_local! {
     /// The client whose packets this shard is handling now, for the panic
     /// report: set around each batch of packets read, not per packet.
-    static CURRENT_CLIENT: RefCell<Option<crate::message::ClientId>> = const { RefCell::new(None) };
+    /// An `Rc` of the connection: setting it costs no atomic operation.
+    static CURRENT_CLIENT: RefCell<Option<Rc<ConnHandle>>> = const { RefCell::new(None) };
     /// The shard's one read buffer (one thread per shard). glommio's
     /// non-buffered read tries `recv` and otherwise waits for readiness with
     /// an io_uring poll that keeps no reference to the buffer, so the buffer
@@ -611,15 +612,19 @@ async fn serve(
 /// The client whose packets the calling shard thread was handling, if it
 /// was handling any: the broker's panic hook names it.
 pub fn last_client() -> Option<crate::message::ClientId> {
-    CURRENT_CLIENT.with(|c| c.try_borrow().ok().and_then(|c| c.clone()))
+    CURRENT_CLIENT.with(|c| {
+        c.try_borrow()
+            .ok()
+            .and_then(|c| c.as_ref().map(|conn| conn.client_id.clone()))
+    })
 }
 
 /// Handle the packets decoded from `buf` with [`CURRENT_CLIENT`] naming
 /// the client; Err on undecodable bytes (the session was told).
-fn handle_packets(shard: &Shard, conn: &ConnHandle, buf: &mut BytesMut) -> Result<(), ()> {
+fn handle_packets(shard: &Shard, conn: &Rc<ConnHandle>, buf: &mut BytesMut) -> Result<(), ()> {
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
     let now = Instant::now();
-    CURRENT_CLIENT.with(|c| *c.borrow_mut() = Some(conn.client_id.clone()));
+    CURRENT_CLIENT.with(|c| *c.borrow_mut() = Some(conn.clone()));
     let result = loop {
         match codec::decode(buf, conn.version, max) {
             Ok(Some(packet)) => {
@@ -655,7 +660,7 @@ fn test_panic_trigger(shard: &Shard, conn: &ConnHandle) {
 /// it (EOF or a socket error), false when the broker did.
 async fn read_loop(
     shard: &Shard,
-    conn: &ConnHandle,
+    conn: &Rc<ConnHandle>,
     mut stream: SharedStream,
     mut buf: BytesMut,
 ) -> bool {

@@ -28,11 +28,15 @@ impl Notify {
     pub async fn wait(&self) {
         poll_fn(|cx| {
             if self.set.replace(false) {
-                Poll::Ready(())
-            } else {
-                self.waker.set(Some(cx.waker().clone()));
-                Poll::Pending
+                return Poll::Ready(());
             }
+            // Keep the waker already stored when it wakes the same task
+            // (the common case: one waiter polled again and again).
+            match self.waker.take() {
+                Some(w) if w.will_wake(cx.waker()) => self.waker.set(Some(w)),
+                _ => self.waker.set(Some(cx.waker().clone())),
+            }
+            Poll::Pending
         })
         .await
     }
