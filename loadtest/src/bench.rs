@@ -50,34 +50,40 @@ impl SeqTrack {
     #[inline]
     pub fn on_seq(&mut self, s: u64) {
         self.received += 1;
-        if s == self.next {
-            self.next += 1;
-        } else if s > self.next {
-            self.gaps.insert(self.next, s);
-            self.gap_total += s - self.next;
-            self.next = s + 1;
-            if self.gaps.len() > MAX_GAPS {
-                let (a, b) = self.gaps.pop_first().unwrap();
-                self.gap_total -= b - a;
-                self.untracked += b - a;
-            }
-        } else {
-            if let Some((&a, &b)) = self.gaps.range(..=s).next_back() {
-                if s < b {
-                    self.gaps.remove(&a);
-                    if a < s {
-                        self.gaps.insert(a, s);
-                    }
-                    if s + 1 < b {
-                        self.gaps.insert(s + 1, b);
-                    }
-                    self.gap_total -= 1;
-                    self.reorder += 1;
-                    return;
+        match s.cmp(&self.next) {
+            std::cmp::Ordering::Equal => self.next += 1,
+            std::cmp::Ordering::Greater => {
+                self.gaps.insert(self.next, s);
+                self.gap_total += s - self.next;
+                self.next = s + 1;
+                if self.gaps.len() > MAX_GAPS {
+                    let (a, b) = self.gaps.pop_first().unwrap();
+                    self.gap_total -= b - a;
+                    self.untracked += b - a;
                 }
             }
-            self.dup += 1;
+            std::cmp::Ordering::Less => self.on_late(s),
         }
+    }
+
+    /// A sequence number below the next expected: a reordered message that
+    /// fills a gap, or a duplicate.
+    fn on_late(&mut self, s: u64) {
+        if let Some((&a, &b)) = self.gaps.range(..=s).next_back() {
+            if s < b {
+                self.gaps.remove(&a);
+                if a < s {
+                    self.gaps.insert(a, s);
+                }
+                if s + 1 < b {
+                    self.gaps.insert(s + 1, b);
+                }
+                self.gap_total -= 1;
+                self.reorder += 1;
+                return;
+            }
+        }
+        self.dup += 1;
     }
 
     /// Messages of the `sent` the publisher sent that never arrived.

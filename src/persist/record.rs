@@ -697,7 +697,7 @@ impl Writer<'_> {
     }
     fn target(&mut self, t: &Target) {
         self.u64(t.sid);
-        self.u8(t.qos as u8 | u8::from(t.retain) << 2);
+        self.u8(t.qos as u8 | (u8::from(t.retain) << 2));
         self.u32(t.subscription_ids.len() as u32);
         for id in &t.subscription_ids {
             self.u32(*id);

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Compare two shardmq binaries on the same machine, interleaved (A B A B ...),
+# so that a drift of the machine's speed hits both alike: broker CPU µs per
+# delivered message for QoS 0 and QoS 1, 100 pairs, closed loop, MQTT 3.1.1,
+# 64-byte payloads, 2 shards, the default (kill_safe) log on a fresh data
+# directory each run. Prints each round and the median ratio B / A.
+#
+#   loadtest/before-after.sh OLD_SHARDMQ NEW_SHARDMQ [ROUNDS]
+#
+# Build an older commit with, e.g.:
+#   git worktree add /tmp/old COMMIT && (cd /tmp/old && \
+#     CARGO_TARGET_DIR=/tmp/old-target cargo build --release --bin shardmq)
+# Each bench run is bounded (--duration, --drain, timeout 60); the script
+# takes about 20 s per row and round.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+A=${1:?old shardmq binary}
+B=${2:?new shardmq binary}
+ROUNDS=${3:-4}
+BENCH=${BENCH:-target/release/shardmq-bench}
+PORT=${PORT:-28990}
+WORK=$(mktemp -d /tmp/shardmq-before-after.XXXXXX)
+COMMON="-V 4 -s 64 --warmup 1 --duration 6 --drain 2 --quiet"
+ROWS=(
+  "qos0|bench --mode pairs --pubs 100 --subs 100 -q 0 --closed-loop 200 $COMMON"
+  "qos1|bench --mode pairs --pubs 100 --subs 100 -q 1 --closed-loop 200 --inflight 64 $COMMON"
+)
+[ -x "$BENCH" ] || cargo build --release -p shardmq-bench
+
+cpu_per_msg() { sed -n 's/^  "broker_cpu_us_per_msg": \(.*\),$/\1/p' "$1"; }
+
+for round in $(seq "$ROUNDS"); do
+  for row in "${ROWS[@]}"; do
+    name=${row%%|*}
+    args=${row#*|}
+    for who in A B; do
+      bin=$A
+      [ "$who" = B ] && bin=$B
+      rm -rf "$WORK/data"
+      "$bin" --listen "127.0.0.1:$PORT" --shards 2 --data-dir "$WORK/data" >"$WORK/broker.log" 2>&1 &
+      pid=$!
+      for _ in $(seq 100); do grep -q "listening on" "$WORK/broker.log" && break; sleep 0.1; done
+      # shellcheck disable=SC2086
+      timeout 60 "$BENCH" $args -h 127.0.0.1 -p "$PORT" --broker-pid "$pid" \
+        --json "$WORK/$name-$who-$round.json" >"$WORK/$name-$who-$round.out" 2>&1 || true
+      kill -TERM "$pid"
+      wait "$pid" || true
+      sleep 1
+    done
+    a=$(cpu_per_msg "$WORK/$name-A-$round.json")
+    b=$(cpu_per_msg "$WORK/$name-B-$round.json")
+    ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.3f", b / a }')
+    echo "round $round $name: A $a µs/msg, B $b µs/msg, B/A $ratio"
+    echo "$name $ratio" >>"$WORK/ratios"
+  done
+done
+for row in "${ROWS[@]}"; do
+  name=${row%%|*}
+  median=$(awk -v n="$name" '$1 == n { print $2 }' "$WORK/ratios" | sort -n |
+    awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
+  echo "$name: median B/A over $ROUNDS rounds = $median"
+done
+echo "(runs in $WORK)"
