@@ -3,14 +3,26 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader, Lines};
+use std::process::{Child, ChildStderr, Command, Stdio};
 
 use common::*;
 use shardmq::codec::Version;
 
 fn shardmq() -> Command {
     Command::new(env!("CARGO_BIN_EXE_shardmq"))
+}
+
+/// The broker's stderr, read up to and including its "listening on" line;
+/// that line, and the rest (keep it: a closed pipe would fail its writes).
+fn listening_line(child: &mut Child) -> (String, Lines<BufReader<ChildStderr>>) {
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = lines
+        .by_ref()
+        .map(|l| l.expect("a log line"))
+        .find(|l| l.contains("listening on"))
+        .expect("broker logs its address");
+    (line, lines)
 }
 
 #[test]
@@ -68,19 +80,15 @@ fn sigterm_disconnects_v5_clients_with_0x8b_and_exits_cleanly() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("broker logs its address").unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .trim_end_matches(',')
-                .parse()
-                .unwrap();
-        }
-    };
+    let (line, _log) = listening_line(&mut child);
+    let rest = line.split("listening on ").nth(1).unwrap();
+    let addr = rest
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_end_matches(',')
+        .parse()
+        .unwrap();
     let (mut client, ack) = Raw::connect(addr, Version::V5, "stop-me", true);
     assert_eq!(ack.reason, 0);
     common::child::signal(child.id(), libc::SIGTERM);
@@ -171,13 +179,7 @@ fn every_flag_reads_its_shardmq_variable() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let listening = loop {
-        let line = lines.next().expect("broker logs its address").unwrap();
-        if line.contains("listening on") {
-            break line;
-        }
-    };
+    let (listening, _log) = listening_line(&mut child);
     assert!(listening.contains("with 1 shards"), "{listening}");
     assert!(listening.contains("127.0.0.1:"), "{listening}");
     common::child::signal(child.id(), libc::SIGTERM);

@@ -22,6 +22,19 @@ fn many_sockets() -> std::sync::MutexGuard<'static, ()> {
     MANY_SOCKETS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A 2-shard broker without a log, with `config` (TOML) written in `dir`.
+fn memory_broker_with(dir: &std::path::Path, config: &str) -> ChildBroker {
+    let config = child::config_file(dir, config);
+    ChildBroker::start(&[
+        "--shards",
+        "2",
+        "--durability",
+        "memory",
+        "--config",
+        config.to_str().unwrap(),
+    ])
+}
+
 /// Every shard of `b` still round-trips a QoS 1 message.
 fn every_shard_serves(addr: std::net::SocketAddr, shards: usize, name: &str) {
     for shard in 0..shards {
@@ -202,15 +215,7 @@ fn a_client_cannot_forge_or_flood_log_lines() {
 fn two_thousand_silent_sockets_are_closed_at_the_connect_timeout() {
     let _one_at_a_time = many_sockets();
     let dir = temp_dir("silent-sockets");
-    let config = child::config_file(&dir, "[server]\nconnect_timeout_ms = 1000\n");
-    let b = ChildBroker::start(&[
-        "--shards",
-        "2",
-        "--durability",
-        "memory",
-        "--config",
-        config.to_str().unwrap(),
-    ]);
+    let b = memory_broker_with(&dir, "[server]\nconnect_timeout_ms = 1000\n");
     let silent: Vec<std::net::TcpStream> = (0..2000)
         .map(|_| std::net::TcpStream::connect(b.addr).expect("connect"))
         .collect();
@@ -315,18 +320,10 @@ fn a_subscribe_with_thousands_of_wildcard_filters_is_bounded() {
 #[test]
 fn a_subscriber_that_stops_reading_costs_at_most_its_budget() {
     let dir = temp_dir("slow-consumer");
-    let config = child::config_file(
+    let b = memory_broker_with(
         &dir,
         "[mqtt]\nqueue_bytes_max = 2097152\npacket_size_max_bytes = 65536\n",
     );
-    let b = ChildBroker::start(&[
-        "--shards",
-        "2",
-        "--durability",
-        "memory",
-        "--config",
-        config.to_str().unwrap(),
-    ]);
     let (mut stalled, _) = Raw::connect(b.addr, Version::V5, &id_on("stalled", 0, 2), true);
     assert_eq!(stalled.subscribe(1, "slow/t", QoS::AtLeastOnce), vec![1]);
     let (mut reader, _) = Raw::connect(b.addr, Version::V5, &id_on("reader", 1, 2), true);
@@ -367,15 +364,7 @@ fn a_subscriber_that_stops_reading_costs_at_most_its_budget() {
 fn fifteen_thousand_connects_in_a_burst_are_served_or_refused_cleanly() {
     let _one_at_a_time = many_sockets();
     let dir = temp_dir("connect-burst");
-    let config = child::config_file(&dir, "[server]\nconnections_max = 10000\n");
-    let b = ChildBroker::start(&[
-        "--shards",
-        "2",
-        "--durability",
-        "memory",
-        "--config",
-        config.to_str().unwrap(),
-    ]);
+    let b = memory_broker_with(&dir, "[server]\nconnections_max = 10000\n");
     let connects: Vec<Vec<u8>> = (0..15_000)
         .map(|i| {
             encode(

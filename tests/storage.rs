@@ -243,6 +243,26 @@ impl Drop for SmallDisk {
     }
 }
 
+/// Publish `small` at QoS 1 on `topic` until the broker takes it (the log
+/// has room again after compaction), for at most 20 s.
+fn publish_until_taken(b: &ChildBroker, p: &mut Raw, topic: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        p.publish(topic, b"small", QoS::AtLeastOnce, false, 3);
+        match p.recv() {
+            Some(Packet::PubAck(a)) if a.reason == 0 => return,
+            Some(Packet::PubAck(_)) => {}
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the log never had room again:\n{}",
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Publish numbered 16 KiB payloads at QoS 1 until the broker refuses one
 /// with 0x97 (the log is full); returns those acknowledged, in order.
 fn fill_until_refused(p: &mut Raw, topic: &str) -> Vec<String> {
@@ -300,21 +320,7 @@ fn a_full_disk_refuses_new_messages_with_0x97_and_loses_nothing() {
 
     // Once they are consumed, compaction frees the disk and messages are
     // taken again.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        p.publish("full/t", b"small", QoS::AtLeastOnce, false, 3);
-        match p.recv() {
-            Some(Packet::PubAck(a)) if a.reason == 0 => break,
-            Some(Packet::PubAck(_)) => {}
-            other => panic!("expected PUBACK, got {other:?}"),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the log never had room again:\n{}",
-            b.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    publish_until_taken(&b, &mut p, "full/t");
     let before = b.log_text();
     b.kill9();
     let b = s.start(2);
@@ -666,19 +672,5 @@ fn the_log_at_log_bytes_max_refuses_with_0x97_as_a_full_disk_does_and_loses_noth
         acked.len()
     );
     // Consumed, compacted: there is room again.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        p.publish("budget/t", b"small", QoS::AtLeastOnce, false, 3);
-        match p.recv() {
-            Some(Packet::PubAck(a)) if a.reason == 0 => break,
-            Some(Packet::PubAck(_)) => {}
-            other => panic!("expected PUBACK, got {other:?}"),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no room again:\n{}",
-            b.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    publish_until_taken(&b, &mut p, "budget/t");
 }
