@@ -409,3 +409,42 @@ fn fifteen_thousand_connects_in_a_burst_are_served_or_refused_cleanly() {
     every_shard_serves(b.addr, 2, "after-burst");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A storm of wills: 1,000 clients with wills drop their connections at
+/// once. Every will reaches the subscriber, and the broker still serves.
+#[test]
+fn a_storm_of_wills_is_delivered_whole_and_the_broker_serves() {
+    let _one_at_a_time = many_sockets();
+    let b = ChildBroker::start(&["--shards", "2", "--durability", "memory"]);
+    let (mut s, _) = Raw::connect(b.addr, Version::V5, "will-watch", true);
+    assert_eq!(s.subscribe(1, "storm/will/#", QoS::AtLeastOnce), vec![1]);
+    let clients: Vec<Raw> = (0..1000)
+        .map(|i| {
+            let mut c = connect_packet(Version::V3_1_1, &format!("will-{i}"), true);
+            c.will = Some(codec::Will {
+                topic: format!("storm/will/{i}").into(),
+                payload: bytes::Bytes::from_static(b"gone"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: Default::default(),
+            });
+            let (c, ack) = Raw::connect_with(b.addr, c);
+            assert_eq!(ack.reason, 0);
+            c
+        })
+        .collect();
+    drop(clients); // every connection ends without DISCONNECT
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < 1000 {
+        match s.recv_within(Duration::from_secs(10)) {
+            Ok(Some(Packet::Publish(p))) => {
+                s.send(&puback(p.packet_id));
+                got.insert(p.topic.to_string());
+            }
+            other => panic!("{} wills of 1000, then {other:?}", got.len()),
+        }
+    }
+    every_shard_serves(b.addr, 2, "after-wills");
+    let rss = b.rss_bytes();
+    assert!(rss < 128 << 20, "RSS {} MiB", rss >> 20);
+}

@@ -95,6 +95,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
     let assigned = match check_connect(&shard, &connect) {
         Ok(a) => a,
         Err(Refusal { code, why }) => {
+            shard.state.borrow_mut().stats.connects_refused += 1;
             shard_log!(
                 shard,
                 log::Level::Info,

@@ -179,6 +179,9 @@ pub struct ShardStats {
     pub retained_dropped: u64,
     /// Delayed publishes refused or held at this shard's byte share.
     pub delayed_bytes_full: u64,
+    /// CONNECTs refused before a session was involved (client id, will,
+    /// authentication method, user property bytes).
+    pub connects_refused: u64,
     /// Counters summed over sessions that ended.
     pub ended_sessions: SessionStats,
 }
