@@ -234,12 +234,13 @@ impl Config {
     }
 
     /// Log segments one shard may keep on disk: its share of
-    /// `storage.log_bytes_max`, in whole segments, at least 3 (the one being
-    /// written, the spare, and one being compacted).
+    /// `storage.log_bytes_max`, in whole segments (the log keeps at least 3
+    /// whatever this says: the one being written, the spare, one being
+    /// compacted).
     pub fn log_segments_max(&self, shards: usize) -> usize {
         let share = self.storage.log_bytes_max / shards.max(1) as u64;
         let segments = share / self.storage.segment_bytes.max(1) as u64;
-        usize::try_from(segments).unwrap_or(usize::MAX).max(3)
+        usize::try_from(segments).unwrap_or(usize::MAX)
     }
 
     /// The session limits every shard hands its sessions.

@@ -148,8 +148,7 @@ fn bind_retrying(addr: SocketAddr, deadline: Instant) -> Result<socket2::Socket,
         match bind_one(addr) {
             Ok(s) => return Ok(s),
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-                let others = tcp_listeners(addr).unwrap_or_default();
-                if let Some(holder) = process_holding(&others) {
+                if let Some(holder) = process_holding(&tcp_listeners(addr)) {
                     return Err(ListenError::InUse { addr, holder });
                 }
                 if Instant::now() >= deadline {
@@ -188,7 +187,6 @@ fn wait_for_stale(addr: SocketAddr, deadline: Instant) -> Result<(), ListenError
     loop {
         let ours = own_socket_inodes();
         let others: Vec<u64> = tcp_listeners(addr)
-            .unwrap_or_default()
             .into_iter()
             .filter(|i| !ours.contains(i))
             .collect();
@@ -223,7 +221,7 @@ fn wait_for_stale(addr: SocketAddr, deadline: Instant) -> Result<(), ListenError
 
 /// Inodes of the TCP sockets listening on `addr`'s port at an address that
 /// overlaps `addr` (the same, or either one unspecified).
-fn tcp_listeners(addr: SocketAddr) -> Option<Vec<u64>> {
+fn tcp_listeners(addr: SocketAddr) -> Vec<u64> {
     let mut inodes = Vec::new();
     for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
         let Ok(text) = std::fs::read_to_string(file) else {
@@ -238,7 +236,7 @@ fn tcp_listeners(addr: SocketAddr) -> Option<Vec<u64>> {
             }
         }
     }
-    Some(inodes)
+    inodes
 }
 
 /// One line of `/proc/net/tcp{,6}`: the local address, port and inode of a

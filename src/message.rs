@@ -61,12 +61,8 @@ impl Message {
         let mut payload = publish.payload;
         let mut properties = publish.properties;
         own_buffers(&mut payload, &mut properties);
-        let expires_at = properties
-            .message_expiry_interval
-            .take()
+        let expires_at = strip_per_delivery(&mut properties)
             .map(|s| now + std::time::Duration::from_secs(u64::from(s)));
-        properties.topic_alias = None;
-        properties.subscription_identifiers.clear();
         Message {
             topic: publish.topic,
             payload,
@@ -125,6 +121,15 @@ impl Message {
             + p.correlation_data.as_ref().map_or(0, Bytes::len)
             + user_properties_bytes(p)
     }
+}
+
+/// Take out the properties each delivery sets for itself (topic alias,
+/// subscription identifiers, message expiry), so a message never carries
+/// them; returns the Message Expiry Interval it had.
+pub fn strip_per_delivery(properties: &mut Properties) -> Option<u32> {
+    properties.topic_alias = None;
+    properties.subscription_identifiers.clear();
+    properties.message_expiry_interval.take()
 }
 
 /// Bytes of the user properties in `p`: every name and value.

@@ -48,12 +48,6 @@ impl fmt::Display for Quoted<'_> {
     }
 }
 
-impl fmt::Debug for Quoted<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
 /// The longest prefix of `s` of at most `max_bytes` bytes that ends on a
 /// character boundary.
 pub fn cut(s: &str, max_bytes: usize) -> &str {

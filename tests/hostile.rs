@@ -220,12 +220,7 @@ fn two_thousand_silent_sockets_are_closed_at_the_connect_timeout() {
         .map(|_| std::net::TcpStream::connect(b.addr).expect("connect"))
         .collect();
     every_shard_serves(b.addr, 2, "silent");
-    let rss = b.rss_bytes();
-    assert!(
-        rss < 256 << 20,
-        "RSS {} MiB with 2,000 silent sockets",
-        rss >> 20
-    );
+    b.assert_rss_below(256, "with 2,000 silent sockets");
     for mut s in silent {
         // Closed by the broker: EOF (or a reset) well within the wait.
         assert_eq!(read_until_close(&mut s), Vec::<u8>::new());
@@ -267,8 +262,7 @@ fn a_takeover_storm_leaves_one_connection_and_a_bounded_broker() {
     }
     assert_eq!(open, 1, "exactly one connection holds the session");
     every_shard_serves(b.addr, 2, "storm");
-    let rss = b.rss_bytes();
-    assert!(rss < 128 << 20, "RSS {} MiB after the storm", rss >> 20);
+    b.assert_rss_below(128, "after the takeover storm");
 }
 
 /// One SUBSCRIBE with 5,000 wildcard filters over 300 retained messages:
@@ -310,8 +304,7 @@ fn a_subscribe_with_thousands_of_wildcard_filters_is_bounded() {
     assert_eq!((granted, refused), (1000, 4001));
     // Subscriptions that match a topic more than once deliver it once.
     assert_eq!(retained, 300, "each retained message once");
-    let rss = b.rss_bytes();
-    assert!(rss < 128 << 20, "RSS {} MiB", rss >> 20);
+    b.assert_rss_below(128, "after the flood");
 }
 
 /// A subscriber that stops reading costs at most its queue while the
@@ -347,8 +340,7 @@ fn a_subscriber_that_stops_reading_costs_at_most_its_budget() {
     reading
         .join()
         .expect("the reading subscriber got every message");
-    let rss = b.rss_bytes();
-    assert!(rss < 160 << 20, "RSS {} MiB", rss >> 20);
+    b.assert_rss_below(160, "with a subscriber that does not read");
     let log = b.wait_for_log("queue full").expect("drops are logged");
     let lines = log.lines().filter(|l| l.contains("queue full")).count();
     assert!(lines <= 5, "{lines} lines for one client");
@@ -445,6 +437,5 @@ fn a_storm_of_wills_is_delivered_whole_and_the_broker_serves() {
         }
     }
     every_shard_serves(b.addr, 2, "after-wills");
-    let rss = b.rss_bytes();
-    assert!(rss < 128 << 20, "RSS {} MiB", rss >> 20);
+    b.assert_rss_below(128, "after the flood");
 }

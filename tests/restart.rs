@@ -107,6 +107,12 @@ fn fifty_restarts_on_one_port_all_listen_at_once_and_serve() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The start was refused, and its log holds `needle`.
+fn refused_naming(start: Result<ChildBroker, String>, needle: &str) {
+    let log = start.err().expect("the second broker is refused");
+    assert!(log.contains(needle), "{needle:?} in:\n{log}");
+}
+
 #[test]
 fn a_second_broker_on_a_port_or_data_dir_in_use_is_refused_naming_the_holder() {
     let addr = free_addr();
@@ -116,25 +122,14 @@ fn a_second_broker_on_a_port_or_data_dir_in_use_is_refused_naming_the_holder() {
     let pid = first.pid().unwrap();
 
     let same_port = ChildBroker::try_start_on(&addr, &["--durability", "memory"]);
-    let log = same_port
-        .err()
-        .expect("a second broker on the port is refused");
-    assert!(
-        log.contains(&format!("held by another shardmq (pid {pid} (shardmq))")),
-        "{log}"
-    );
+    let holder = format!("held by another shardmq (pid {pid} (shardmq))");
+    refused_naming(same_port, &holder);
 
     let same_dir = ChildBroker::try_start(&["--data-dir", dir_b.to_str().unwrap()])
         .expect("another port and directory are fine");
     drop(same_dir);
     let same_dir = ChildBroker::try_start(&["--data-dir", dir_a.to_str().unwrap()]);
-    let log = same_dir
-        .err()
-        .expect("a second broker on the data directory is refused");
-    assert!(
-        log.contains(&format!("in use by another shardmq (pid {pid})")),
-        "{log}"
-    );
+    refused_naming(same_dir, &format!("in use by another shardmq (pid {pid})"));
 
     raw::assert_round_trip(first.addr, "first-sub", "first-pub", "still/first");
     let _ = std::fs::remove_dir_all(&dir_a);

@@ -243,6 +243,19 @@ impl Drop for SmallDisk {
     }
 }
 
+/// The persistent session `id` resumes and receives exactly `acked`, once
+/// each, in order.
+fn assert_drains(b: &ChildBroker, id: &str, acked: &[String]) {
+    let (present, got) = drain(b, id);
+    assert!(present);
+    assert!(
+        got == acked,
+        "every acknowledged message, once, in order: {} delivered, {} acknowledged",
+        got.len(),
+        acked.len()
+    );
+}
+
 /// Publish `small` at QoS 1 on `topic` until the broker takes it (the log
 /// has room again after compaction), for at most 20 s.
 fn publish_until_taken(b: &ChildBroker, p: &mut Raw, topic: &str) {
@@ -309,14 +322,7 @@ fn a_full_disk_refuses_new_messages_with_0x97_and_loses_nothing() {
     }
 
     // Every acknowledged message reaches the offline session.
-    let (present, got) = drain(&b, &sub);
-    assert!(present);
-    assert!(
-        got == acked,
-        "every acknowledged message, once, in order: {} delivered, {} acknowledged",
-        got.len(),
-        acked.len()
-    );
+    assert_drains(&b, &sub, &acked);
 
     // Once they are consumed, compaction frees the disk and messages are
     // taken again.
@@ -379,14 +385,7 @@ fn a_restart_on_a_disk_too_full_for_recovery_refuses_and_loses_nothing() {
         .expect("run mount");
     assert!(status.success());
     let b = s.start(2);
-    let (present, got) = drain(&b, &sub);
-    assert!(present);
-    assert!(
-        got == acked,
-        "every acknowledged message, once, in order: {} delivered, {} acknowledged",
-        got.len(),
-        acked.len()
-    );
+    assert_drains(&b, &sub, &acked);
     drop(b);
     drop(disk);
     let _ = std::fs::remove_dir_all(&root);
@@ -663,14 +662,7 @@ fn the_log_at_log_bytes_max_refuses_with_0x97_as_a_full_disk_does_and_loses_noth
     }
     let segments = std::fs::read_dir(s.shard_dir(0)).unwrap().count();
     assert!(segments <= 4, "{segments} segments on disk");
-    let (present, got) = drain(&b, sub);
-    assert!(present);
-    assert!(
-        got == acked,
-        "{} delivered, {} acknowledged",
-        got.len(),
-        acked.len()
-    );
+    assert_drains(&b, sub, &acked);
     // Consumed, compacted: there is room again.
     publish_until_taken(&b, &mut p, "budget/t");
 }

@@ -30,7 +30,7 @@ impl Command {
 }
 
 /// Topology of `bench`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
     /// Publisher i → subscriber i on `bench/{i}`.
     Pairs,
@@ -183,7 +183,7 @@ struct Common {
     keepalive: u16,
     /// Clean session / Clean Start; false with -x > 0 (5.0) keeps a
     /// persistent session.
-    #[arg(short = 'C', long, default_value = "true", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    #[arg(short = 'C', long, default_value = "true", action = clap::ArgAction::Set)]
     clean: bool,
     /// 5.0 Session Expiry Interval, seconds.
     #[arg(short = 'x', long = "session-expiry", default_value_t = 0)]
@@ -254,7 +254,7 @@ struct PubSub {
 struct BenchOnly {
     /// pairs: publisher i -> subscriber i; fanout: 1 publisher -> --subs
     /// subscribers; fanin: --pubs publishers -> 1 subscriber (PREFIX/#).
-    #[arg(long, default_value = "pairs", value_parser = parse_mode)]
+    #[arg(long, value_enum, default_value = "pairs")]
     mode: Mode,
     /// Publishers (default 10; pairs: --pubs = --subs).
     #[arg(long)]
@@ -304,28 +304,11 @@ fn parse_version(v: &str) -> Result<Version, String> {
     }
 }
 
-fn parse_bool(v: &str) -> Result<bool, String> {
-    match v {
-        "true" => Ok(true),
-        "false" => Ok(false),
-        _ => Err(format!("{v:?}: true or false")),
-    }
-}
-
 fn parse_qos(v: &str) -> Result<QoS, String> {
     v.parse::<u8>()
         .ok()
         .and_then(QoS::from_u8)
         .ok_or_else(|| format!("{v}: must be 0, 1 or 2"))
-}
-
-fn parse_mode(v: &str) -> Result<Mode, String> {
-    match v {
-        "pairs" => Ok(Mode::Pairs),
-        "fanout" => Ok(Mode::Fanout),
-        "fanin" => Ok(Mode::Fanin),
-        _ => Err(format!("{v}: must be pairs, fanout or fanin")),
-    }
 }
 
 /// `Ok(None)` means help was printed.

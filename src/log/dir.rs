@@ -180,13 +180,7 @@ fn generation_name(gen: u64) -> String {
 }
 
 fn parse_generation(name: &str) -> Option<u64> {
-    // Digits only, and never the largest number: the next generation must
-    // have a name too.
-    let digits = name.strip_prefix("gen-")?;
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok().filter(|&g| g < u64::MAX)
+    super::parse_counter(name.strip_prefix("gen-")?)
 }
 
 #[cfg(test)]

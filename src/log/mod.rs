@@ -301,6 +301,16 @@ impl Log {
     }
 }
 
+/// A segment index or generation number from a file name: plain digits
+/// (no sign, no other character), and never the largest number, whose
+/// successor could not be named.
+fn parse_counter(digits: &str) -> Option<u64> {
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|&n| n < u64::MAX)
+}
+
 /// Make a directory's entries (new or removed files) durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()

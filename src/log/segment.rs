@@ -23,18 +23,14 @@ pub fn file_name(index: u64) -> String {
 
 /// Index of a segment file name, if it is one.
 pub fn parse_file_name(name: &str) -> Option<u64> {
-    // Exactly the digits `file_name` writes: no sign, no stray characters,
-    // and not the largest index (the next one could not be named).
+    // Exactly the width `file_name` writes.
     let digits = name.strip_suffix(".seg")?;
     let padded = digits.len() == 10;
     let wide = digits.len() > 10 && !digits.starts_with('0');
     if !(padded || wide) {
         return None;
     }
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok().filter(|&i| i < u64::MAX)
+    super::parse_counter(digits)
 }
 
 /// Map a segment file read-only: a scan touches only the pages it reads,

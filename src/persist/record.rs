@@ -889,11 +889,9 @@ impl<'a> Reader<'a> {
         let publisher = self.string()?;
         let has_publisher = self.u8()? != 0;
         let mut p = self.publish()?;
-        // Per-delivery properties are added when a copy is sent; a record
-        // that carries them anyway must not make them appear twice.
-        p.properties.topic_alias = None;
-        p.properties.subscription_identifiers.clear();
-        p.properties.message_expiry_interval = None;
+        // The record's own expiry stands; a damaged record must not make
+        // per-delivery properties appear twice when a copy is sent.
+        crate::message::strip_per_delivery(&mut p.properties);
         Ok(Message {
             topic: p.topic,
             // A slice of this record's own copy of the packet (never of

@@ -57,7 +57,6 @@ pub(crate) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
             Ok(stream) => {
                 glommio::spawn_local(handshake(shard.clone(), stream)).detach();
             }
-            Err(_) if shard.is_stopping() => return,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 shard_log!(
@@ -350,8 +349,8 @@ async fn send_connack_error(shard: &Shard, stream: &mut TcpStream, version: Vers
 /// most `server.close_drain_ms` and `server.close_drain_bytes`. Closing a
 /// socket with unread input makes the kernel send a reset, which can
 /// destroy the reason code before the client reads it.
-async fn close_drained(shard: &Shard, stream: &mut (impl AsyncRead + ShutdownWrite + Unpin)) {
-    if stream.shutdown_write().await.is_err() {
+async fn close_drained(shard: &Shard, stream: &mut TcpStream) {
+    if stream.shutdown(std::net::Shutdown::Write).await.is_err() {
         return;
     }
     let server = &shard.config.server;
@@ -375,31 +374,6 @@ async fn close_drained(shard: &Shard, stream: &mut (impl AsyncRead + ShutdownWri
             glommio::timer::sleep(time).await;
         })
         .await;
-}
-
-/// A stream whose write side can be shut down alone.
-trait ShutdownWrite {
-    async fn shutdown_write(&mut self) -> io::Result<()>;
-}
-
-impl ShutdownWrite for TcpStream {
-    async fn shutdown_write(&mut self) -> io::Result<()> {
-        self.shutdown(std::net::Shutdown::Write)
-            .await
-            .map_err(io::Error::from)
-    }
-}
-
-// glommio's shutdown is a plain syscall, ready at its first poll, so the
-// borrow never spans a yield to another task.
-#[allow(clippy::await_holding_refcell_ref)]
-impl ShutdownWrite for SharedStream {
-    async fn shutdown_write(&mut self) -> io::Result<()> {
-        let s = self.0.borrow();
-        s.shutdown(std::net::Shutdown::Write)
-            .await
-            .map_err(io::Error::from)
-    }
 }
 
 /// This shard's glommio listener on a socket bound and set listening by
@@ -598,15 +572,18 @@ async fn serve(
     };
     shard.sockets.set(shard.sockets.get() + 1);
     let _open = scopeguard(|| shard.sockets.set(shard.sockets.get() - 1));
-    let mut stream = SharedStream(Rc::new(RefCell::new(stream)));
+    let stream = SharedStream(Rc::new(RefCell::new(stream)));
     let writer = glommio::spawn_local(write_loop(shard.clone(), handle.clone(), stream.clone()));
     let peer_ended = read_loop(&shard, &handle, stream.clone(), buffered).await;
     if !handle.closing.get() {
         shard.on_connection_lost(&handle, Instant::now());
     }
-    // The reader has returned: the drain below is the socket's only reader.
-    if writer.await && !peer_ended {
-        close_drained(&shard, &mut stream).await;
+    let wrote_all = writer.await;
+    // Both tasks have ended, so the socket is this task's alone again.
+    if wrote_all && !peer_ended {
+        if let Ok(cell) = Rc::try_unwrap(stream.0) {
+            close_drained(&shard, &mut cell.into_inner()).await;
+        }
     }
 }
 
@@ -697,7 +674,7 @@ async fn read_loop(
 }
 
 /// Write the session's packets until the connection closes; true when
-/// everything was written and the write side is shut down in order.
+/// everything, the last packets included, was written.
 async fn write_loop(shard: Rc<Shard>, conn: Rc<ConnHandle>, mut stream: SharedStream) -> bool {
     let limit = shard.config.server.write_buffer_bytes;
     let mut out = BytesMut::new();
@@ -726,7 +703,7 @@ async fn write_loop(shard: Rc<Shard>, conn: Rc<ConnHandle>, mut stream: SharedSt
             continue;
         }
         if closing {
-            return stream.shutdown_write().await.is_ok();
+            return true;
         }
         conn.wake.wait().await;
     }

@@ -34,20 +34,28 @@ impl Shard {
         if !Self::durable_delay(st, id, due, &message, from) {
             return false;
         }
-        st.delayed_bytes += message.cost_bytes() as u64;
-        st.delayed.insert((due, id), message);
+        Self::hold_delayed(st, due, id, message);
         self.note_delayed_count(st);
         true
     }
 
+    /// Hold delayed publish `id` until `due`, counting its bytes.
+    pub(super) fn hold_delayed(st: &mut State, due: Instant, id: u64, message: Arc<Message>) {
+        st.delayed_bytes += message.cost_bytes() as u64;
+        st.delayed.insert((due, id), message);
+    }
+
+    /// Take out the first delayed publish due by `now`, if any.
+    fn take_due_delayed(st: &mut State, now: Instant) -> Option<(u64, Arc<Message>)> {
+        let entry = st.delayed.first_entry().filter(|e| e.key().0 <= now)?;
+        let ((_, id), message) = entry.remove_entry();
+        st.delayed_bytes -= message.cost_bytes() as u64;
+        Some((id, message))
+    }
+
     /// Route every delayed publish that is due.
     pub(super) fn send_due_delayed(&self, st: &mut State, now: Instant) {
-        while let Some(entry) = st.delayed.first_entry() {
-            if entry.key().0 > now {
-                break;
-            }
-            let ((_, id), message) = entry.remove_entry();
-            st.delayed_bytes -= message.cost_bytes() as u64;
+        while let Some((id, message)) = Self::take_due_delayed(st, now) {
             let source = Source {
                 delayed: Some(id),
                 ..Source::default()
@@ -56,8 +64,7 @@ impl Shard {
                 // The log is full: try again in a second.
                 let due = now + Duration::from_secs(1);
                 Self::durable_delay_moved(st, id, due);
-                st.delayed_bytes += message.cost_bytes() as u64;
-                st.delayed.insert((due, id), message);
+                Self::hold_delayed(st, due, id, message);
                 break;
             }
         }
@@ -65,7 +72,7 @@ impl Shard {
     }
 
     /// Tell the sessions whether this shard holds its share of delayed
-    /// publishes.
+    /// publishes (count or bytes); count each time the byte share is reached.
     fn note_delayed_count(&self, st: &mut State) {
         let bytes_full = st.delayed_bytes >= self.delayed_bytes_max;
         let full = st.delayed.len() >= self.delayed_max || bytes_full;

@@ -177,7 +177,8 @@ pub struct ShardStats {
     /// Retained messages not kept because the store was full (messages or
     /// bytes) or the message was larger than one may be.
     pub retained_dropped: u64,
-    /// Delayed publishes refused or held at this shard's byte share.
+    /// Times this shard's share of `storage.delayed_bytes_max` was reached
+    /// (new delayed publishes are refused while it is).
     pub delayed_bytes_full: u64,
     /// CONNECTs refused before a session was involved (client id, will,
     /// authentication method, user property bytes).

@@ -95,8 +95,7 @@ impl Shard {
         for d in delayed {
             let due = clock.to_instant(d.due_ms);
             store.restore_delayed(d.id, due, d.seg, d.bytes);
-            st.delayed_bytes += d.message.cost_bytes() as u64;
-            st.delayed.insert((due, d.id), d.message);
+            Self::hold_delayed(&mut st, due, d.id, d.message);
         }
         st.next_delayed_id = next_delayed_id;
         st.store = Some(store);

@@ -162,6 +162,12 @@ impl ChildBroker {
         kib * 1024
     }
 
+    /// Assert its resident memory is below `mib` MiB now.
+    pub fn assert_rss_below(&self, mib: u64, when: &str) {
+        let rss = self.rss_bytes();
+        assert!(rss < mib << 20, "RSS {} MiB {when}", rss >> 20);
+    }
+
     /// The log so far, joined.
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
