@@ -345,6 +345,7 @@ fn a_subscriber_that_stops_reading_costs_at_most_its_budget() {
     let lines = log.lines().filter(|l| l.contains("queue full")).count();
     assert!(lines <= 5, "{lines} lines for one client");
     assert!(log.contains("client \"stalled-"), "{log}");
+    every_shard_serves(b.addr, 2, "beside-stalled");
     drop(stalled);
     let _ = std::fs::remove_dir_all(&dir);
 }
