@@ -89,6 +89,10 @@ pub struct StorageConfig {
     pub delayed_bytes_max: u64,
     /// Bytes of log segments on disk, all shards together.
     pub log_bytes_max: u64,
+    /// Bytes (topic, payload, properties) one persistent session's queue
+    /// holds with a log: beyond the memory limits of `[mqtt]`, its QoS 1/2
+    /// messages wait in the log. 0: they never do.
+    pub session_queue_bytes_max: usize,
 }
 
 /// `[server]`.
@@ -251,6 +255,10 @@ impl Config {
             inflight_max: m.inflight_max,
             queue_messages_max: m.queue_messages_max,
             queue_bytes_max: m.queue_bytes_max,
+            queue_log_bytes_max: match self.durability() {
+                Durability::Memory => 0,
+                _ => self.storage.session_queue_bytes_max,
+            },
             overflow: if m.queue_overflow == "drop_oldest" {
                 OverflowPolicy::DropOldest
             } else {
@@ -399,6 +407,12 @@ impl Config {
             st.delayed_bytes_max,
             0,
             1 << 50,
+        )?;
+        range(
+            "storage.session_queue_bytes_max",
+            st.session_queue_bytes_max,
+            0,
+            1 << 40,
         )?;
         let log_min = 3 * st.segment_bytes as u64;
         if st.log_bytes_max < log_min {

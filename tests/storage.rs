@@ -33,8 +33,14 @@ impl Setup {
     }
 
     fn in_dir(dir: PathBuf, extra_config: &str) -> Setup {
+        Self::with_mqtt(dir, "", extra_config)
+    }
+
+    /// With `mqtt` added to `[mqtt]` and `storage` to `[storage]` (and any
+    /// later sections).
+    fn with_mqtt(dir: PathBuf, mqtt: &str, storage: &str) -> Setup {
         let text = format!(
-            "[mqtt]\npacket_size_max_bytes = 65536\n[storage]\nsegment_bytes = 1048576\n{extra_config}"
+            "[mqtt]\npacket_size_max_bytes = 65536\n{mqtt}\n[storage]\nsegment_bytes = 1048576\n{storage}"
         );
         let config = config_file(&dir, &text);
         Setup {
@@ -665,4 +671,76 @@ fn the_log_at_log_bytes_max_refuses_with_0x97_as_a_full_disk_does_and_loses_noth
     assert_drains(&b, sub, &acked);
     // Consumed, compacted: there is room again.
     publish_until_taken(&b, &mut p, "budget/t");
+}
+
+// ---------------------------------------------------------------------------
+// Offline queues in the log.
+// ---------------------------------------------------------------------------
+
+/// Publish `n` numbered QoS 1 messages of `size` bytes (`{prefix}{i}`
+/// padded with dots), each acknowledged; returns them in order.
+fn publish_padded(p: &mut Raw, topic: &str, prefix: &str, n: u32, size: usize) -> Vec<String> {
+    let mut acked = Vec::new();
+    for i in 0..n {
+        let payload = format!("{:.<size$}", format!("{prefix}{i}"));
+        publish_qos1(p, topic, payload.as_bytes(), 1);
+        acked.push(payload);
+    }
+    acked
+}
+
+#[test]
+fn an_offline_session_keeps_every_acknowledged_message_past_the_memory_limits_in_the_log() {
+    // 100 messages or 256 KiB in memory per queue; the rest waits in the
+    // log (1 MiB segments, so reads cross sealed segments and compaction).
+    let s = Setup::with_mqtt(
+        temp_dir("paged-queue"),
+        "queue_messages_max = 100\nqueue_bytes_max = 262144",
+        "",
+    );
+    let mut b = s.start(2);
+    let sub = id_on("paged-sub", 1, 2);
+    offline_subscriber(&b, &sub, "paged/#");
+    let (mut p, _) = Raw::connect(b.addr, Version::V5, &id_on("paged-pub", 0, 2), true);
+    let anon_before = b.rss_anon_bytes();
+    // 2,000 x 16 KiB = 31 MiB queued for one offline session.
+    let acked = publish_padded(&mut p, "paged/t", "a", 2000, 16 << 10);
+    let grown = b.rss_anon_bytes().saturating_sub(anon_before);
+    assert!(
+        grown < 12 << 20,
+        "31 MiB queued grew the broker's own memory by {} MiB: the queue is not in the log",
+        grown >> 20
+    );
+    assert_drains(&b, &sub, &acked);
+    // Again, and this time the broker is killed before the client is back.
+    offline_subscriber(&b, &sub, "paged/#");
+    let acked = publish_padded(&mut p, "paged/t", "b", 1500, 16 << 10);
+    drop(p);
+    b.kill9();
+    let b = s.start(2);
+    assert_drains(&b, &sub, &acked);
+    assert!(!b.log_text().contains("queue full"), "{}", b.log_text());
+}
+
+#[test]
+fn a_queue_at_session_queue_bytes_max_drops_counted_and_logged_with_the_client_id() {
+    // Each message costs its topic (7 bytes) and payload (993): 1,000.
+    let s = Setup::with_mqtt(
+        temp_dir("paged-full"),
+        "queue_messages_max = 10",
+        "session_queue_bytes_max = 50000",
+    );
+    let b = s.start(1);
+    let sub = "paged-full-sub";
+    offline_subscriber(&b, sub, "paged/#");
+    let (mut p, _) = Raw::connect(b.addr, Version::V5, "paged-full-pub", true);
+    let acked = publish_padded(&mut p, "paged/t", "m", 60, 993);
+    // Exactly 50 fit: 10 in memory, 40 in the log; every publisher was
+    // answered, the 10 beyond the bound were dropped for this subscriber.
+    assert_drains(&b, sub, &acked[..50]);
+    let log = b.wait_for_log("queue full").unwrap();
+    assert!(
+        log.contains(sub) && log.contains("storage.session_queue_bytes_max 50000"),
+        "{log}"
+    );
 }

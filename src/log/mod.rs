@@ -47,6 +47,42 @@ pub enum AppendError {
     },
 }
 
+/// Where a record starts: its segment and byte offset there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RecordAt {
+    /// Segment index.
+    pub segment: u64,
+    /// Byte offset of the record's header in the segment.
+    pub offset: u64,
+}
+
+/// Why a record could not be read back.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ReadError {
+    /// Its segment is no longer on disk (compacted away) or never was.
+    #[error("segment {0} is not in the log")]
+    NoSegment(u64),
+    /// The segment could not be mapped.
+    #[error("cannot map segment {segment}: {error}")]
+    Map {
+        /// Segment index.
+        segment: u64,
+        /// The system's error.
+        error: String,
+    },
+    /// Nothing that verifies starts at the offset.
+    #[error("no valid record at {at:?}: {why}")]
+    Bad {
+        /// Where it was looked for.
+        at: RecordAt,
+        /// What the framing found.
+        why: &'static str,
+    },
+}
+
+/// Read-only mappings of sealed segments kept for reads (most recent last).
+const READ_MAPS_MAX: usize = 4;
+
 /// A segment that is no longer written, still on disk.
 #[derive(Debug, Clone)]
 struct Sealed {
@@ -75,6 +111,10 @@ pub struct Log {
     /// Segments on disk at most, spare included (`storage.log_bytes_max`):
     /// reaching it is handled as a full disk.
     segments_max: usize,
+    /// Where the last appended record starts.
+    last_at: RecordAt,
+    /// Read-only mappings of sealed segments, for [`Log::read`].
+    read_maps: VecDeque<(u64, memmap2::Mmap)>,
 }
 
 impl Log {
@@ -114,6 +154,8 @@ impl Log {
             next_seq: first_seq,
             sync_dirs: true,
             segments_max: usize::MAX,
+            last_at: RecordAt::default(),
+            read_maps: VecDeque::new(),
         };
         sync_dir(dir)?;
         Ok(log)
@@ -143,8 +185,60 @@ impl Log {
             self.roll()?;
             assert!(self.current.append(seq, kind, body), "fits a new segment");
         }
+        self.last_at = RecordAt {
+            segment: self.current.index(),
+            offset: (self.current.used() - record::record_len(body.len())) as u64,
+        };
         self.next_seq += 1;
         Ok(seq)
+    }
+
+    /// Where the last appended record starts.
+    pub fn last_at(&self) -> RecordAt {
+        self.last_at
+    }
+
+    /// Read the record at `at` back (its checksum verified) and hand it to
+    /// `f`. A sealed segment is mapped read-only on first use; the last
+    /// few such mappings are kept.
+    pub fn read<T>(
+        &mut self,
+        at: RecordAt,
+        f: impl FnOnce(record::RecordRef<'_>) -> T,
+    ) -> Result<T, ReadError> {
+        let offset = usize::try_from(at.offset).unwrap_or(usize::MAX);
+        let bytes: &[u8] = if at.segment == self.current.index() {
+            self.current.written()
+        } else {
+            let Some(sealed) = self.sealed.iter().find(|s| s.index == at.segment) else {
+                return Err(ReadError::NoSegment(at.segment));
+            };
+            match self.read_maps.iter().position(|(i, _)| *i == at.segment) {
+                Some(i) => {
+                    let m = self.read_maps.remove(i).expect("found");
+                    self.read_maps.push_back(m);
+                }
+                None => {
+                    let map = segment::map_read(&sealed.path).map_err(|e| ReadError::Map {
+                        segment: at.segment,
+                        error: e.to_string(),
+                    })?;
+                    if self.read_maps.len() == READ_MAPS_MAX {
+                        self.read_maps.pop_front();
+                    }
+                    self.read_maps.push_back((at.segment, map));
+                }
+            }
+            &self.read_maps.back().expect("just pushed").1
+        };
+        match record::read(bytes, offset) {
+            record::Read::Record(r, _) => Ok(f(r)),
+            record::Read::End => Err(ReadError::Bad {
+                at,
+                why: "nothing written there",
+            }),
+            record::Read::Bad(why) => Err(ReadError::Bad { at, why }),
+        }
     }
 
     /// Move to the spare segment (creating it now if it is missing).
@@ -255,6 +349,7 @@ impl Log {
     /// has rewritten what they held that is still live.
     pub fn remove_through(&mut self, index: u64) -> io::Result<()> {
         let mut removed = false;
+        self.read_maps.retain(|(i, _)| *i > index);
         while let Some(s) = self.sealed.front().filter(|s| s.index <= index) {
             // Forgotten only once gone, so a failed delete is tried again.
             std::fs::remove_file(&s.path)?;
@@ -351,5 +446,41 @@ pub(crate) mod tests {
         assert_eq!(files.len(), 2, "current and spare remain");
         let dirty = log.take_dirty();
         assert!(dirty.contains(&dir.join(file_name(current))));
+    }
+
+    #[test]
+    fn a_record_reads_back_where_it_was_appended_until_its_segment_goes() {
+        let dir = temp_dir("log-read");
+        let mut log = Log::create(&dir, 1024, 0, 1).unwrap();
+        let mut placed = Vec::new();
+        for i in 0..60u8 {
+            log.append(7, &[i; 100]).unwrap();
+            placed.push((log.last_at(), i));
+        }
+        assert!(
+            log.sealed_count() > READ_MAPS_MAX,
+            "more segments than maps kept"
+        );
+        // Out of order, so mappings are made, reused and evicted.
+        for &(at, i) in placed.iter().rev().chain(placed.iter()) {
+            let body = log.read(at, |r| (r.kind, r.body.to_vec())).unwrap();
+            assert_eq!(body, (7, vec![i; 100]), "{at:?}");
+        }
+        let (first, _) = placed[0];
+        let off = RecordAt {
+            offset: first.offset + 1,
+            ..first
+        };
+        assert!(matches!(log.read(off, |_| ()), Err(ReadError::Bad { .. })));
+        let past = RecordAt {
+            offset: u64::MAX,
+            ..first
+        };
+        assert!(matches!(log.read(past, |_| ()), Err(ReadError::Bad { .. })));
+        let current = log.current_index();
+        log.remove_through(current - 1).unwrap();
+        assert_eq!(log.read(first, |_| ()), Err(ReadError::NoSegment(0)));
+        let (last, i) = *placed.last().unwrap();
+        assert_eq!(log.read(last, |r| r.body[0]), Ok(i));
     }
 }

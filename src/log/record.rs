@@ -61,7 +61,8 @@ pub enum Read<'a> {
 
 /// Read the record at `off` of `seg`, verifying its checksum.
 pub fn read(seg: &[u8], off: usize) -> Read<'_> {
-    let Some(head) = seg.get(off..off + 4) else {
+    // An offset past the segment (from a damaged index) reads as its end.
+    let Some(head) = seg.get(off..off.saturating_add(4)) else {
         return Read::End;
     };
     let len = u32::from_le_bytes(head.try_into().expect("4 bytes")) as usize;
@@ -71,7 +72,7 @@ pub fn read(seg: &[u8], off: usize) -> Read<'_> {
     if !(LEN_EXTRA..=LEN_EXTRA + BODY_MAX_BYTES).contains(&len) {
         return Read::Bad("length out of range");
     }
-    let Some(rest) = seg.get(off + 4..off + 8 + len) else {
+    let Some(rest) = seg.get(off + 4..(off + 8).saturating_add(len)) else {
         return Read::Bad("length runs past the end of the segment");
     };
     let crc = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes"));

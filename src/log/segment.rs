@@ -119,6 +119,11 @@ impl Segment {
         self.file.sync_data()
     }
 
+    /// The bytes written so far.
+    pub fn written(&self) -> &[u8] {
+        &self.map[..self.used]
+    }
+
     /// Append a record if it fits. The bytes after it are zero, and fewer
     /// than a length field's 4 read as the end, so no end marker is
     /// needed. False when it does not fit.

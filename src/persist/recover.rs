@@ -37,7 +37,7 @@ use super::writer::Writer;
 use crate::codec::QoS;
 use crate::log::dir::{DataDir, DirError};
 use crate::log::scan::{scan, ScanReport};
-use crate::log::{AppendError, Log};
+use crate::log::{AppendError, Log, RecordAt};
 use crate::message::Message;
 use crate::router::{home_shard, split_shared, FilterTrie, SharedPick};
 use crate::session::{
@@ -82,8 +82,8 @@ pub struct SessionStart {
 pub struct MessageStart {
     /// Message id in the new log.
     pub id: u64,
-    /// Segment of its first record.
-    pub seg: u64,
+    /// Where its first record starts.
+    pub at: RecordAt,
     /// Size of its records.
     pub bytes: u32,
     /// The message.
@@ -649,16 +649,21 @@ impl Put<'_> {
         })
     }
 
-    /// Append `recs`; returns the first one's segment and the total size.
-    fn put_all(&mut self, log: &mut Log, recs: &[Rec]) -> std::io::Result<(u64, u32)> {
+    /// Append `recs`; returns where the first one starts and the total
+    /// size.
+    fn put_all(&mut self, log: &mut Log, recs: &[Rec]) -> std::io::Result<(RecordAt, u32)> {
         let mut first = None;
         let mut bytes: u32 = 0;
         for rec in recs {
-            let (seg, b) = self.put(log, rec)?;
-            first.get_or_insert(seg);
+            let (_, b) = self.put(log, rec)?;
+            first.get_or_insert(log.last_at());
             bytes = bytes.saturating_add(b);
         }
-        Ok((first.unwrap_or_else(|| log.current_index()), bytes))
+        let at = first.unwrap_or_else(|| RecordAt {
+            segment: log.current_index(),
+            offset: 0,
+        });
+        Ok((at, bytes))
     }
 }
 
@@ -732,8 +737,8 @@ fn write_generation(
                 routes.push((shard, filter.clone()));
             }
             let budget = start.log.segment_bytes() / 8;
-            let (seg, bytes) =
-                w.put_all(&mut start.log, &session_records(g.rec.clone(), budget))?;
+            let (at, bytes) = w.put_all(&mut start.log, &session_records(g.rec.clone(), budget))?;
+            let seg = at.segment;
             for (key, m, t) in &g.deliveries {
                 let e = order.entry(*key).or_insert_with(|| (m.clone(), Vec::new()));
                 e.1.push((sid, Target { sid, ..t.clone() }));
@@ -747,10 +752,10 @@ fn write_generation(
             ids.insert(key, id);
             let records: Vec<Target> = targets.iter().map(|(_, t)| t.clone()).collect();
             let recs = message_records(id, None, &Scope::everyone(), &message, &records);
-            let (seg, bytes) = w.put_all(&mut start.log, &recs)?;
+            let (at, bytes) = w.put_all(&mut start.log, &recs)?;
             start.messages.push(MessageStart {
                 id,
-                seg,
+                at,
                 bytes,
                 message,
                 sids: targets.iter().map(|(s, _)| *s).collect(),

@@ -14,7 +14,7 @@ use hashbrown::HashSet;
 use crate::codec::{QoS, Will};
 use crate::message::{ClientId, Message};
 
-use super::outbound::{Awaiting, Inflight, Outbound, Queued};
+use super::outbound::{Awaiting, Inflight, Outbound};
 use super::{Delivery, Session, SessionLimits, SubIds, Subscription};
 
 /// The parts of a session that outlive a restart, except its messages.
@@ -198,8 +198,12 @@ impl Session {
         }
         out.last_packet_id = out.inflight.iter().map(|m| m.packet_id).max().unwrap_or(0);
         for (message, delivery) in requeue.into_iter().chain(r.queue) {
-            out.queue_bytes += message.cost_bytes();
-            out.queue.push_back(Queued { message, delivery });
+            out.push_queue(Some(message.clone()), message.cost_bytes(), delivery);
+        }
+        // What the memory limits do not hold stays in the log until the
+        // client is back to take it.
+        if limits.queue_log_bytes_max > 0 {
+            out.page_out_beyond(limits.queue_messages_max, limits.queue_bytes_max);
         }
         let mut session = Session::new(client_id, limits, r.offline_since);
         session.expiry_s = r.expiry_s;

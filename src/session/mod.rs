@@ -42,6 +42,7 @@ mod durable;
 mod inbound;
 mod lifecycle;
 mod outbound;
+pub use outbound::PAGE_IN_BATCH_MAX;
 #[cfg(test)]
 mod tests;
 mod transmit;
@@ -89,6 +90,11 @@ pub struct SessionLimits {
     /// Bytes (topic + payload) queued per session, including QoS 0 waiting
     /// for the socket.
     pub queue_bytes_max: usize,
+    /// Bytes a session's queue may hold when its QoS 1/2 deliveries are
+    /// stored in the shard's log (a persistent session with a log): past
+    /// the memory limits above, they wait in the log, not in memory.
+    /// 0: never paged out.
+    pub queue_log_bytes_max: usize,
     /// What to drop when the queue is full.
     pub overflow: OverflowPolicy,
     /// Queue QoS 0 messages for offline persistent sessions.
@@ -136,6 +142,7 @@ impl Default for SessionLimits {
             inflight_max: 128,
             queue_messages_max: 1000,
             queue_bytes_max: 16 << 20,
+            queue_log_bytes_max: 0,
             overflow: OverflowPolicy::DropNew,
             queue_qos0_offline: false,
             topic_alias_max: 32,
@@ -255,6 +262,8 @@ pub struct SessionStats {
     pub sent: u64,
     /// Messages dropped because a queue was full.
     pub dropped_queue_full: u64,
+    /// Queued messages lost because the log could not give them back.
+    pub lost_unreadable: u64,
     /// QoS 0 messages dropped while the session was offline.
     pub dropped_offline_qos0: u64,
     /// Messages dropped because they expired before delivery.
@@ -267,6 +276,32 @@ pub struct SessionStats {
     /// Packets refused for carrying more than
     /// `mqtt.user_properties_bytes_max` of user properties.
     pub refused_user_properties: u64,
+}
+
+impl SessionStats {
+    /// Add `other`'s counts to these.
+    pub fn add(&mut self, other: &SessionStats) {
+        let SessionStats {
+            received,
+            sent,
+            dropped_queue_full,
+            lost_unreadable,
+            dropped_offline_qos0,
+            dropped_expired,
+            dropped_too_large,
+            alias_bytes_full,
+            refused_user_properties,
+        } = *other;
+        self.received += received;
+        self.sent += sent;
+        self.dropped_queue_full += dropped_queue_full;
+        self.lost_unreadable += lost_unreadable;
+        self.dropped_offline_qos0 += dropped_offline_qos0;
+        self.dropped_expired += dropped_expired;
+        self.dropped_too_large += dropped_too_large;
+        self.alias_bytes_full += alias_bytes_full;
+        self.refused_user_properties += refused_user_properties;
+    }
 }
 
 /// The part of a session that exists only while a connection is attached.

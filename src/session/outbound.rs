@@ -42,18 +42,31 @@ pub(super) struct Inflight {
 /// A message waiting for the window or for the client to come back.
 #[derive(Debug, Clone)]
 pub(super) struct Queued {
-    pub(super) message: Arc<Message>,
+    /// `None` while paged out: the message waits in the shard's log under
+    /// `delivery.stored` and is read back by [`Session::page_in`].
+    pub(super) message: Option<Arc<Message>>,
+    /// The message's `cost_bytes`, known while it is paged out.
+    pub(super) cost: usize,
     pub(super) delivery: Delivery,
 }
+
+/// Stored deliveries read back from the log per [`Session::page_in`] call,
+/// so a long queue comes back over several loop turns.
+pub const PAGE_IN_BATCH_MAX: usize = 256;
 
 /// Outbound state that survives reconnects.
 #[derive(Debug, Default)]
 pub(super) struct Outbound {
     /// In send order; acknowledgements usually arrive in that order too.
     pub(super) inflight: VecDeque<Inflight>,
+    /// Resident entries first, then the `paged` ones (a suffix).
     pub(super) queue: VecDeque<Queued>,
-    /// Sum of `cost_bytes` over `queue`.
+    /// Sum of `cost` over `queue`.
     pub(super) queue_bytes: usize,
+    /// Entries at the end of `queue` whose message is paged out.
+    pub(super) paged: usize,
+    /// Sum of `cost` over them.
+    pub(super) paged_bytes: usize,
     /// In-flight messages not sent on the current connection.
     pub(super) unsent: usize,
     /// Last packet id handed out.
@@ -86,15 +99,88 @@ impl Outbound {
         self.inflight.iter().position(|m| m.packet_id == packet_id)
     }
 
+    /// Entries whose message is in memory.
+    fn resident_len(&self) -> usize {
+        self.queue.len() - self.paged
+    }
+
+    fn resident_bytes(&self) -> usize {
+        self.queue_bytes - self.paged_bytes
+    }
+
     fn pop_queue(&mut self) -> Option<Queued> {
         let q = self.queue.pop_front()?;
-        self.queue_bytes -= q.message.cost_bytes();
+        self.queue_bytes -= q.cost;
+        if q.message.is_none() {
+            self.paged -= 1;
+            self.paged_bytes -= q.cost;
+        }
         Some(q)
     }
 
+    /// Append an entry, in memory or (no message) paged out.
+    pub(super) fn push_queue(
+        &mut self,
+        message: Option<Arc<Message>>,
+        cost: usize,
+        delivery: Delivery,
+    ) {
+        debug_assert!(message.is_some() || delivery.stored.is_some());
+        debug_assert!(message.is_none() || self.paged == 0, "paged is a suffix");
+        self.queue_bytes += cost;
+        if message.is_none() {
+            self.paged += 1;
+            self.paged_bytes += cost;
+        }
+        self.queue.push_back(Queued {
+            message,
+            cost,
+            delivery,
+        });
+    }
+
+    /// Page out the stored entries beyond the in-memory limits (a session
+    /// restored from the log). An entry that is not stored stays resident,
+    /// and so does everything before it.
+    pub(super) fn page_out_beyond(&mut self, messages_max: usize, bytes_max: usize) {
+        let mut bytes = 0;
+        let mut cut = self.queue.len();
+        for (i, q) in self.queue.iter().enumerate() {
+            bytes += q.cost;
+            if i >= messages_max || bytes > bytes_max {
+                cut = i;
+                break;
+            }
+        }
+        if let Some(last) = self.queue.iter().rposition(|q| q.delivery.stored.is_none()) {
+            cut = cut.max(last + 1);
+        }
+        for q in self.queue.iter_mut().skip(cut) {
+            if q.message.take().is_some() {
+                self.paged += 1;
+                self.paged_bytes += q.cost;
+            }
+        }
+    }
+
     pub(super) fn check_invariants(&self) {
-        let sum: usize = self.queue.iter().map(|q| q.message.cost_bytes()).sum();
+        let sum: usize = self.queue.iter().map(|q| q.cost).sum();
         assert_eq!(sum, self.queue_bytes, "queue bytes must equal their sum");
+        let resident = self.resident_len();
+        for (i, q) in self.queue.iter().enumerate() {
+            match &q.message {
+                Some(m) => {
+                    assert!(i < resident, "paged entries are a suffix");
+                    assert_eq!(q.cost, m.cost_bytes(), "a resident entry's cost");
+                }
+                None => {
+                    assert!(i >= resident, "paged entries are a suffix");
+                    assert!(q.delivery.stored.is_some(), "only stored ones page out");
+                }
+            }
+        }
+        let paged: usize = self.queue.iter().skip(resident).map(|q| q.cost).sum();
+        assert_eq!(paged, self.paged_bytes, "paged bytes must equal their sum");
         let unsent = self.inflight.iter().filter(|m| !m.sent).count();
         assert_eq!(unsent, self.unsent, "unsent count must match the window");
         for (i, m) in self.inflight.iter().enumerate() {
@@ -195,14 +281,24 @@ impl Session {
             .is_some_and(|c| self.out.inflight.len() - self.out.unsent < usize::from(c.window))
     }
 
+    /// Queue a delivery behind the others. In memory while the queue's
+    /// resident part is within `queue_messages_max` / `queue_bytes_max`
+    /// and nothing is paged out; beyond that a stored delivery pages out to
+    /// the log, while the whole queue stays within `queue_log_bytes_max`.
+    /// Otherwise the overflow policy decides what is dropped.
     fn enqueue(&mut self, now: Instant, message: &Arc<Message>, delivery: Delivery) {
         let cost = message.cost_bytes();
         let limits = self.limits.clone();
-        let full = |o: &Outbound| {
-            o.queue.len() >= limits.queue_messages_max
-                || o.queue_bytes + cost > limits.queue_bytes_max
+        let pageable = delivery.stored.is_some() && limits.queue_log_bytes_max > 0;
+        let resident_fits = |o: &Outbound| {
+            o.paged == 0
+                && o.resident_len() < limits.queue_messages_max
+                && o.resident_bytes() + cost <= limits.queue_bytes_max
         };
-        if full(&self.out) {
+        let log_fits =
+            |o: &Outbound| pageable && o.queue_bytes + cost <= limits.queue_log_bytes_max;
+        let fits = |o: &Outbound| resident_fits(o) || log_fits(o);
+        if !fits(&self.out) {
             let stored = if delivery.stored.is_some() {
                 ", stored"
             } else {
@@ -212,30 +308,41 @@ impl Session {
                 self,
                 now,
                 log::Level::Warn,
-                "queue full ({} messages, {} bytes; mqtt.queue_messages_max {}, \
-                 queue_bytes_max {}): dropping a QoS {} message{stored} ({} dropped before)",
+                "queue full ({} messages, {} bytes, {} of them in the log; \
+                 mqtt.queue_messages_max {}, queue_bytes_max {}, \
+                 storage.session_queue_bytes_max {}): dropping a QoS {} message{stored} \
+                 ({} dropped before)",
                 self.out.queue.len(),
                 self.out.queue_bytes,
+                self.out.paged,
                 limits.queue_messages_max,
                 limits.queue_bytes_max,
+                limits.queue_log_bytes_max,
                 delivery.qos as u8,
                 self.stats.dropped_queue_full
             );
-            match limits.overflow {
+            // A message that cannot be paged out never waits behind ones
+            // that are: dropping older ones would not make room for it.
+            let policy = if self.out.paged > 0 && !pageable {
+                OverflowPolicy::DropNew
+            } else {
+                limits.overflow
+            };
+            match policy {
                 OverflowPolicy::DropNew => {
                     self.stats.dropped_queue_full += 1;
                     self.done(delivery.stored);
                     return;
                 }
                 OverflowPolicy::DropOldest => {
-                    while full(&self.out) {
+                    while !fits(&self.out) {
                         let Some(old) = self.out.pop_queue() else {
                             break;
                         };
                         self.stats.dropped_queue_full += 1;
                         self.done(old.delivery.stored);
                     }
-                    if full(&self.out) {
+                    if !fits(&self.out) {
                         self.stats.dropped_queue_full += 1;
                         self.done(delivery.stored);
                         return;
@@ -243,11 +350,84 @@ impl Session {
                 }
             }
         }
-        self.out.queue_bytes += cost;
-        self.out.queue.push_back(Queued {
-            message: message.clone(),
-            delivery,
-        });
+        if resident_fits(&self.out) {
+            self.out.push_queue(Some(message.clone()), cost, delivery);
+        } else {
+            self.out.push_queue(None, cost, delivery);
+        }
+    }
+
+    /// True when paged-out deliveries should be read back now: a
+    /// connection is attached and the resident part of the queue has
+    /// drained to half its limits (or is empty).
+    pub fn wants_page_in(&self) -> bool {
+        let o = &self.out;
+        o.paged > 0
+            && self.is_connected()
+            && (o.resident_len() == 0
+                || (o.resident_len() * 2 <= self.limits.queue_messages_max
+                    && o.resident_bytes() * 2 <= self.limits.queue_bytes_max))
+    }
+
+    /// Read back paged-out deliveries (at most [`PAGE_IN_BATCH_MAX`], and
+    /// as many as the in-memory limits allow) with `load`, which fetches a
+    /// stored message from the shard's log, then send what the window
+    /// takes. A message that cannot be read back is lost: counted, logged
+    /// and journaled as done. Returns how many were read back.
+    pub fn page_in(
+        &mut self,
+        now: Instant,
+        mut load: impl FnMut(u64) -> Result<Arc<Message>, String>,
+    ) -> usize {
+        let mut loaded = 0;
+        for _ in 0..PAGE_IN_BATCH_MAX {
+            if self.out.paged == 0 {
+                break;
+            }
+            let i = self.out.resident_len();
+            let cost = self.out.queue[i].cost;
+            let room = i == 0
+                || (i < self.limits.queue_messages_max
+                    && self.out.resident_bytes() + cost <= self.limits.queue_bytes_max);
+            if !room {
+                break;
+            }
+            let stored = self.out.queue[i].delivery.stored;
+            let got = match stored {
+                Some(id) => load(id),
+                None => Err("no stored id".to_string()),
+            };
+            self.out.paged -= 1;
+            self.out.paged_bytes -= cost;
+            match got {
+                Ok(m) => {
+                    let q = &mut self.out.queue[i];
+                    q.cost = m.cost_bytes();
+                    q.message = Some(m);
+                    self.out.queue_bytes = self.out.queue_bytes - cost + q.cost;
+                    loaded += 1;
+                }
+                Err(why) => {
+                    self.out.queue.remove(i);
+                    self.out.queue_bytes -= cost;
+                    self.stats.lost_unreadable += 1;
+                    self.done(stored);
+                    client_log!(
+                        self,
+                        now,
+                        log::Level::Error,
+                        "a queued message (log id {}) could not be read back from the \
+                         log and is lost: {why} ({} lost before)",
+                        stored.unwrap_or(0),
+                        self.stats.lost_unreadable - 1
+                    );
+                }
+            }
+        }
+        if loaded > 0 {
+            self.pump(now);
+        }
+        loaded
     }
 
     /// Move queued messages into the window while it has room: first the
@@ -270,20 +450,27 @@ impl Session {
             let Some(front) = self.out.queue.front() else {
                 return;
             };
+            if front.message.is_none() {
+                // Paged out: the shard reads it back (`page_in`).
+                return;
+            }
             if front.delivery.qos != QoS::AtMostOnce && !self.window_open() {
                 return;
             }
             let q = self.out.pop_queue().expect("front exists");
-            if q.message.is_expired(now) {
+            let Some(message) = q.message else {
+                unreachable!("checked resident above")
+            };
+            if message.is_expired(now) {
                 self.stats.dropped_expired += 1;
                 self.done(q.delivery.stored);
                 continue;
             }
             if q.delivery.qos == QoS::AtMostOnce {
-                self.send_publish(now, &q.message, &q.delivery, 0, false);
+                self.send_publish(now, &message, &q.delivery, 0, false);
                 self.done(q.delivery.stored);
             } else {
-                self.start_inflight(now, q.message, q.delivery);
+                self.start_inflight(now, message, q.delivery);
             }
         }
     }

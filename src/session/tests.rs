@@ -700,3 +700,203 @@ fn a_publish_the_shard_cannot_store_is_refused() {
         }
     }
 }
+
+/// A message whose payload is `i` (big-endian, 4 bytes).
+fn numbered(i: u32) -> Arc<Message> {
+    Arc::new(Message {
+        payload: Bytes::copy_from_slice(&i.to_be_bytes()),
+        ..(*message(QoS::AtLeastOnce, None)).clone()
+    })
+}
+
+fn stored(id: u64) -> Delivery {
+    Delivery {
+        stored: Some(id),
+        ..delivery(QoS::AtLeastOnce)
+    }
+}
+
+/// A persistent 3.1.1 session that pages out past 4 messages in memory and
+/// holds `log_bytes` in all, now offline.
+fn paging_session(t0: Instant, log_bytes: usize, policy: OverflowPolicy) -> Session {
+    let limits = Rc::new(SessionLimits {
+        queue_messages_max: 4,
+        queue_log_bytes_max: log_bytes,
+        inflight_max: 2,
+        overflow: policy,
+        ..SessionLimits::default()
+    });
+    let mut s = Session::new("c".into(), limits, t0);
+    s.connect(t0, connect(Version::V3_1_1, false, 0, None), false, None);
+    s.connection_lost(t0, s.generation());
+    drain(&mut s);
+    s
+}
+
+fn payload_ids(p: &[Packet]) -> Vec<u32> {
+    publishes(p)
+        .iter()
+        .map(|x| u32::from_be_bytes(x.payload[..4].try_into().unwrap()))
+        .collect()
+}
+
+fn ack_all(s: &mut Session, t0: Instant, p: &[Packet]) {
+    for x in publishes(p) {
+        let ack = PubResp {
+            packet_id: x.packet_id,
+            reason: 0,
+            properties: Properties::default(),
+        };
+        s.handle_packet(t0, Packet::PubAck(ack));
+    }
+}
+
+#[test]
+fn stored_deliveries_past_the_memory_limits_page_out_and_come_back_in_order() {
+    let t0 = Instant::now();
+    let cost = numbered(0).cost_bytes();
+    let mut s = paging_session(t0, 100 * cost, OverflowPolicy::DropNew);
+    for i in 0..20 {
+        s.deliver(t0, &numbered(i), stored(u64::from(i)));
+    }
+    assert_eq!(s.queued_len(), 20, "nothing dropped");
+    assert_eq!(s.out.paged, 16, "only 4 in memory");
+    s.check_invariants();
+    assert!(!s.wants_page_in(), "offline: nothing to read back for");
+    s.connect(t0, connect(Version::V3_1_1, false, 0, None), true, None);
+    let mut got = Vec::new();
+    let mut loads = Vec::new();
+    for _ in 0..40 {
+        if s.wants_page_in() {
+            s.page_in(t0, |id| {
+                loads.push(id);
+                Ok(numbered(id as u32))
+            });
+        }
+        s.check_invariants();
+        let (p, _) = drain(&mut s);
+        got.extend(payload_ids(&p));
+        ack_all(&mut s, t0, &p);
+        if got.len() == 20 {
+            break;
+        }
+    }
+    assert_eq!(got, (0..20).collect::<Vec<_>>());
+    assert_eq!(loads, (4..20).collect::<Vec<_>>(), "each read back once");
+    assert_eq!(s.queued_len() + s.inflight_len(), 0);
+    assert_eq!(s.stats().dropped_queue_full, 0);
+}
+
+#[test]
+fn the_log_budget_bounds_the_whole_queue_and_each_drop_is_counted() {
+    let t0 = Instant::now();
+    let cost = numbered(0).cost_bytes();
+    for (policy, first) in [
+        (OverflowPolicy::DropNew, 0),
+        (OverflowPolicy::DropOldest, 4),
+    ] {
+        let mut s = paging_session(t0, 10 * cost, policy);
+        for i in 0..14 {
+            s.deliver(t0, &numbered(i), stored(u64::from(i)));
+        }
+        assert_eq!(s.queued_len(), 10, "{policy:?}");
+        assert_eq!(s.stats().dropped_queue_full, 4);
+        let mut done = Vec::new();
+        while let Some(j) = s.poll_journal() {
+            if let Journal::Done { id } = j {
+                done.push(id);
+            }
+        }
+        let want: Vec<u64> = match policy {
+            OverflowPolicy::DropNew => (10..14).collect(),
+            OverflowPolicy::DropOldest => (0..4).collect(),
+        };
+        assert_eq!(done, want, "drops are journaled as done");
+        s.connect(t0, connect(Version::V3_1_1, false, 0, None), true, None);
+        s.page_in(t0, |id| Ok(numbered(id as u32)));
+        let (p, _) = drain(&mut s);
+        assert_eq!(payload_ids(&p)[0], first, "{policy:?}");
+        s.check_invariants();
+    }
+}
+
+#[test]
+fn what_cannot_page_out_never_jumps_the_paged_queue() {
+    let t0 = Instant::now();
+    let limits = Rc::new(SessionLimits {
+        queue_qos0_offline: true,
+        ..(*paging_session(t0, 1 << 20, OverflowPolicy::DropOldest).limits).clone()
+    });
+    let mut s = Session::new("c".into(), limits, t0);
+    s.connect(t0, connect(Version::V3_1_1, false, 0, None), false, None);
+    s.connection_lost(t0, s.generation());
+    for i in 0..6 {
+        s.deliver(t0, &numbered(i), stored(u64::from(i)));
+    }
+    // Not stored (QoS 0): nowhere to wait behind the paged ones.
+    s.deliver(t0, &numbered(99), delivery(QoS::AtMostOnce));
+    assert_eq!(
+        s.queued_len(),
+        6,
+        "dropped, not queued, and nothing older dropped for it"
+    );
+    assert_eq!(s.stats().dropped_queue_full, 1);
+    s.check_invariants();
+}
+
+#[test]
+fn a_message_the_log_cannot_give_back_is_counted_lost_and_the_rest_go_on() {
+    let t0 = Instant::now();
+    let mut s = paging_session(t0, 1 << 20, OverflowPolicy::DropNew);
+    for i in 0..8 {
+        s.deliver(t0, &numbered(i), stored(u64::from(i)));
+    }
+    while s.poll_journal().is_some() {}
+    s.connect(t0, connect(Version::V3_1_1, false, 0, None), true, None);
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        s.page_in(t0, |id| {
+            if id == 5 {
+                Err("checksum mismatch".into())
+            } else {
+                Ok(numbered(id as u32))
+            }
+        });
+        let (p, _) = drain(&mut s);
+        got.extend(payload_ids(&p));
+        ack_all(&mut s, t0, &p);
+    }
+    assert_eq!(got, vec![0, 1, 2, 3, 4, 6, 7]);
+    assert_eq!(s.stats().lost_unreadable, 1);
+    let done: Vec<u64> = std::iter::from_fn(|| s.poll_journal())
+        .filter_map(|j| match j {
+            Journal::Done { id } => Some(id),
+            _ => None,
+        })
+        .collect();
+    assert!(done.contains(&5), "the lost one is done with: {done:?}");
+    s.check_invariants();
+}
+
+#[test]
+fn a_restored_queue_keeps_only_the_memory_limits_in_memory() {
+    let t0 = Instant::now();
+    let limits = paging_session(t0, 1 << 20, OverflowPolicy::DropNew)
+        .limits
+        .clone();
+    let restored = Restored {
+        expiry_s: u32::MAX,
+        offline_since: t0,
+        subscriptions: Vec::new(),
+        qos2_in: Vec::new(),
+        pending_will: None,
+        inflight: Vec::new(),
+        queue: (0..10)
+            .map(|i| (numbered(i), stored(u64::from(i))))
+            .collect(),
+    };
+    let s = Session::restore("c".into(), limits, restored);
+    assert_eq!(s.queued_len(), 10);
+    assert_eq!(s.out.paged, 6);
+    s.check_invariants();
+}

@@ -440,12 +440,13 @@ impl Shard {
                 }
             }
         }
-        Self::after_step(st, key);
+        Self::after_step(st, key, now);
     }
 
     /// Wake the session's writer if it has output, and keep the timer heap
     /// holding the session's earliest deadline.
-    fn after_step(st: &mut State, key: SessionKey) {
+    fn after_step(st: &mut State, key: SessionKey, now: Instant) {
+        Self::page_in(st, key, now);
         Self::drain_journal(st, key);
         Self::hold_for_sync(st, key);
         let Some(slot) = st.sessions.get_mut(key) else {
@@ -501,16 +502,7 @@ impl Shard {
                 self.route(st, now, message, Source::default());
             }
         }
-        let s = session.stats();
-        let e = &mut st.stats.ended_sessions;
-        e.received += s.received;
-        e.sent += s.sent;
-        e.dropped_queue_full += s.dropped_queue_full;
-        e.dropped_offline_qos0 += s.dropped_offline_qos0;
-        e.dropped_expired += s.dropped_expired;
-        e.dropped_too_large += s.dropped_too_large;
-        e.alias_bytes_full += s.alias_bytes_full;
-        e.refused_user_properties += s.refused_user_properties;
+        st.stats.ended_sessions.add(&session.stats());
         if st.by_client.get(session.client_id()) == Some(&key) {
             st.by_client.remove(session.client_id());
         }

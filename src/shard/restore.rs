@@ -85,7 +85,7 @@ impl Shard {
                 .iter()
                 .filter_map(|sid| keys.get(sid).copied())
                 .collect();
-            store.restore_message(m.id, m.seg, m.bytes, m.message, holders);
+            store.restore_message(m.id, m.at, m.bytes, &m.message, holders);
         }
         for r in retained {
             store.restore_retained(r.message.topic.clone(), r.seg, r.bytes, r.stamp_ms);
@@ -100,10 +100,10 @@ impl Shard {
         st.next_delayed_id = next_delayed_id;
         st.store = Some(store);
         let restored: Vec<_> = keys.values().copied().collect();
-        for key in restored {
-            Self::after_step(&mut st, key);
-        }
         let now = Instant::now();
+        for key in restored {
+            Self::after_step(&mut st, key, now);
+        }
         self.send_due_delayed(&mut st, now);
     }
 }

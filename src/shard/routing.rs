@@ -336,7 +336,7 @@ impl Shard {
             Self::store_message(st, id, message, origin, scope.clone(), group);
         }
         for key in keys {
-            Self::after_step(st, key);
+            Self::after_step(st, key, now);
         }
     }
 
@@ -811,7 +811,7 @@ impl Shard {
                 slot.session.end_retained_gather(now);
             }
         }
-        Self::after_step(st, waiter.session);
+        Self::after_step(st, waiter.session, now);
     }
 
     /// Handle one batch from shard `from`.

@@ -151,14 +151,26 @@ impl ChildBroker {
 
     /// Resident memory of the process now, in bytes (VmRSS).
     pub fn rss_bytes(&self) -> u64 {
+        self.status_bytes("VmRSS:")
+    }
+
+    /// Its anonymous resident memory (RssAnon): what it holds in RAM
+    /// itself, without the file pages of its mapped log segments, which
+    /// the kernel may drop and read again.
+    pub fn rss_anon_bytes(&self) -> u64 {
+        self.status_bytes("RssAnon:")
+    }
+
+    /// A size line of /proc/PID/status, in bytes.
+    fn status_bytes(&self, field: &str) -> u64 {
         let pid = self.pid().expect("running");
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let kib: u64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
-            .expect("VmRSS in /proc/PID/status");
+            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"));
         kib * 1024
     }
 

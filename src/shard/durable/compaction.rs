@@ -248,19 +248,30 @@ fn rewrite_message(store: &mut Store, id: u64, targets: Vec<Target>, victim: u64
     let Some(m) = store
         .messages
         .get(&id)
-        .filter(|m| m.seg <= victim && m.logged)
+        .filter(|m| m.seg <= victim && m.is_logged())
     else {
         return true;
     };
-    let (old, head) = (m.bytes, m.head());
-    let Ok((seg, bytes)) = store.put_message(id, &head, &targets) else {
+    let old = m.bytes;
+    let head = match store.message_head(id) {
+        Ok(head) => head,
+        Err(e) => {
+            // Its sessions find it unreadable too when they come to it:
+            // each counts and logs the loss then.
+            log::error!(
+                "shard {}: compaction cannot copy a stored message: {e}",
+                store.me
+            );
+            return true;
+        }
+    };
+    let Ok((at, bytes)) = store.put_message(id, &head, &targets) else {
         return false;
     };
     store.live_bytes = store.live_bytes - u64::from(old) + u64::from(bytes);
-    store.track(seg, Obj::Message(id));
+    store.track(at.segment, Obj::Message(id));
     let m = store.messages.get_mut(&id).expect("present");
-    m.seg = seg;
-    m.bytes = bytes;
+    m.set_logged(at, bytes);
     true
 }
 

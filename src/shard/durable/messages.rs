@@ -10,15 +10,15 @@
 //! head instead. (Origins settle within milliseconds; compaction reaches a
 //! segment much later, so markers are rarely written.)
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use smallvec::SmallVec;
 
 use crate::codec::QoS;
-use crate::log::AppendError;
+use crate::log::{AppendError, ReadError, RecordAt};
 use crate::message::Message;
-use crate::persist::record::message_records;
+use crate::persist::record::{kind, message_records};
 use crate::persist::{Origin, Rec, Scope, Sid, Target, TargetState};
 use crate::session::SubIds;
 
@@ -28,7 +28,7 @@ use super::{Obj, Placed, RetainedMeta, SessionKey, Shard, State, Store};
 /// A message stored for this shard's persistent sessions.
 #[derive(Debug)]
 pub(super) struct StoredMessage {
-    pub(super) message: Arc<Message>,
+    pub(super) body: Body,
     pub(super) origin: Option<Origin>,
     pub(super) scope: Scope,
     /// Sessions with an unfinished delivery.
@@ -36,10 +36,51 @@ pub(super) struct StoredMessage {
     /// Segment of its first record.
     pub(super) seg: u64,
     pub(super) bytes: u32,
-    /// False while its record could not be written (the log was full): the
-    /// deliveries live in memory, answers to the origin wait, and the record
-    /// is written when room returns.
-    pub(super) logged: bool,
+}
+
+/// Where a stored message's content is.
+#[derive(Debug)]
+pub(super) enum Body {
+    /// Only in memory: its record could not be written (the log was full).
+    /// The deliveries live in memory, answers to the origin wait, and the
+    /// record is written when room returns.
+    Pinned(Arc<Message>),
+    /// In the log, its first record at `at`; in memory only while some
+    /// session holds it there (a session whose queue paged it out holds
+    /// none, and [`Store::load`] reads it back).
+    Logged { at: RecordAt, cached: Weak<Message> },
+}
+
+/// Why a stored message could not be given back.
+#[derive(Debug, thiserror::Error)]
+pub(in crate::shard) enum LoadError {
+    /// No message of that id is stored (a damaged index, or already done).
+    #[error("message {0} is not stored")]
+    NotStored(u64),
+    /// Its record could not be read.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The record there is not this message's.
+    #[error("the record at {at:?} is not message {id}: {why}")]
+    Mismatch { id: u64, at: RecordAt, why: String },
+}
+
+impl StoredMessage {
+    /// True once its record is written.
+    pub(super) fn is_logged(&self) -> bool {
+        matches!(self.body, Body::Logged { .. })
+    }
+
+    /// Its record was written at `at`, `bytes` long in all.
+    pub(super) fn set_logged(&mut self, at: RecordAt, bytes: u32) {
+        let cached = match &self.body {
+            Body::Pinned(m) => Arc::downgrade(m),
+            Body::Logged { cached, .. } => cached.clone(),
+        };
+        self.seg = at.segment;
+        self.bytes = bytes;
+        self.body = Body::Logged { at, cached };
+    }
 }
 
 /// A delivery to a persistent session to store, as decided by routing.
@@ -70,40 +111,93 @@ pub(super) struct MessageHead {
     message: Arc<Message>,
 }
 
-impl StoredMessage {
-    /// Its head, for writing its records.
-    pub(super) fn head(&self) -> MessageHead {
-        MessageHead {
-            origin: self.origin,
-            scope: self.scope.clone(),
-            message: self.message.clone(),
-        }
-    }
-}
-
 impl Store {
-    /// Write the records of message `id` (chunks of targets); returns the
-    /// first record's segment and the total size.
+    /// The head of stored message `id`, for writing its records (its
+    /// content read back from the log if no session holds it in memory).
+    pub(super) fn message_head(&mut self, id: u64) -> Result<MessageHead, LoadError> {
+        let message = self.load(id)?;
+        let m = self.messages.get(&id).ok_or(LoadError::NotStored(id))?;
+        Ok(MessageHead {
+            origin: m.origin,
+            scope: m.scope.clone(),
+            message,
+        })
+    }
+
+    /// Stored message `id`: from memory while anyone holds it there, else
+    /// read back from its record in the log.
+    pub(in crate::shard) fn load(&mut self, id: u64) -> Result<Arc<Message>, LoadError> {
+        let m = self.messages.get_mut(&id).ok_or(LoadError::NotStored(id))?;
+        let at = match &m.body {
+            Body::Pinned(message) => return Ok(message.clone()),
+            Body::Logged { at, cached } => match cached.upgrade() {
+                Some(message) => return Ok(message),
+                None => *at,
+            },
+        };
+        let clock = &self.clock;
+        let decoded = self.log.read(at, |r| {
+            if r.kind != kind::MESSAGE {
+                return Err(format!("a record of kind {}", r.kind));
+            }
+            Rec::decode(r.kind, r.body, clock).map_err(|e| e.to_string())
+        })?;
+        let message = match decoded {
+            Ok(Rec::Message {
+                id: found,
+                message: Some(message),
+                ..
+            }) if found == id => message,
+            Ok(_) => {
+                let why = "another message's record".to_string();
+                return Err(LoadError::Mismatch { id, at, why });
+            }
+            Err(why) => return Err(LoadError::Mismatch { id, at, why }),
+        };
+        if let Body::Logged { cached, .. } = &mut m.body {
+            *cached = Arc::downgrade(&message);
+        }
+        Ok(message)
+    }
+
+    /// Write the records of message `id` (chunks of targets); returns
+    /// where the first record starts and the total size.
     pub(super) fn put_message(
         &mut self,
         id: u64,
         m: &MessageHead,
         targets: &[Target],
-    ) -> Result<(u64, u32), AppendError> {
-        self.put_all(&message_records(
-            id, m.origin, &m.scope, &m.message, targets,
-        ))
+    ) -> Result<(RecordAt, u32), AppendError> {
+        let records = message_records(id, m.origin, &m.scope, &m.message, targets);
+        let mut first = None;
+        let mut bytes: u32 = 0;
+        for rec in &records {
+            let (_, b) = self.put(rec)?;
+            first.get_or_insert(self.log.last_at());
+            bytes = bytes.saturating_add(b);
+        }
+        let first = first.unwrap_or_else(|| RecordAt {
+            segment: self.log.current_index(),
+            offset: 0,
+        });
+        Ok((first, bytes))
     }
 
     /// Record `m` as message `id`: logged, or held for a retry.
     fn insert_message(&mut self, id: u64, mut m: StoredMessage, targets: &[Target]) {
-        match self.put_message(id, &m.head(), targets) {
-            Ok((seg, bytes)) => {
-                m.seg = seg;
-                m.bytes = bytes;
-                m.logged = true;
+        let head = match &m.body {
+            Body::Pinned(message) => MessageHead {
+                origin: m.origin,
+                scope: m.scope.clone(),
+                message: message.clone(),
+            },
+            Body::Logged { .. } => unreachable!("a new message is pinned until written"),
+        };
+        match self.put_message(id, &head, targets) {
+            Ok((at, bytes)) => {
+                m.set_logged(at, bytes);
                 self.live_bytes += u64::from(bytes);
-                self.track(seg, Obj::Message(id));
+                self.track(at.segment, Obj::Message(id));
             }
             Err(_) => {
                 self.hold_answer(m.origin);
@@ -201,21 +295,23 @@ impl Store {
     pub(in crate::shard) fn restore_message(
         &mut self,
         id: u64,
-        seg: u64,
+        at: RecordAt,
         bytes: u32,
-        message: Arc<Message>,
+        message: &Arc<Message>,
         sessions: SmallVec<[SessionKey; 2]>,
     ) {
         self.live_bytes += u64::from(bytes);
-        self.track(seg, Obj::Message(id));
+        self.track(at.segment, Obj::Message(id));
         let m = StoredMessage {
-            message,
+            body: Body::Logged {
+                at,
+                cached: Arc::downgrade(message),
+            },
             origin: None,
             scope: Scope::default(),
             sessions,
-            seg,
+            seg: at.segment,
             bytes,
-            logged: true,
         };
         self.messages.insert(id, m);
     }
@@ -232,7 +328,7 @@ impl Store {
             return;
         }
         let m = self.messages.remove(&id).expect("present");
-        if m.logged {
+        if m.is_logged() {
             self.live_bytes -= u64::from(m.bytes);
             if let Some(o) = m.origin {
                 // The dead record stays as proof of application.
@@ -264,13 +360,12 @@ impl Shard {
             return;
         };
         let m = StoredMessage {
-            message: message.clone(),
+            body: Body::Pinned(message.clone()),
             origin,
             scope,
             sessions: targets.iter().map(|t| t.key).collect(),
             seg: 0,
             bytes: 0,
-            logged: false,
         };
         let records: Vec<Target> = targets.iter().map(StoreTarget::queued).collect();
         store.insert_message(id, m, &records);

@@ -87,7 +87,7 @@ impl Shard {
                     .store
                     .as_ref()
                     .and_then(|s| s.messages.get(&id))
-                    .is_some_and(|m| !m.logged);
+                    .is_some_and(|m| !m.is_logged());
                 if !pending {
                     return Ok(());
                 }
@@ -95,18 +95,18 @@ impl Shard {
                 targets.insert(id, Vec::new());
                 gather_targets(st, &mut targets);
                 let store = st.store.as_mut().expect("a store");
-                let head = store.messages.get(&id).expect("checked").head();
+                let head = store
+                    .message_head(id)
+                    .expect("a pinned message is in memory");
                 let targets = targets.remove(&id).unwrap_or_default();
-                let (seg, bytes) = store
+                let (at, bytes) = store
                     .put_message(id, &head, &targets)
                     .map_err(|_| Retry::Message(id))?;
                 let m = store.messages.get_mut(&id).expect("checked");
-                m.logged = true;
-                m.seg = seg;
-                m.bytes = bytes;
+                m.set_logged(at, bytes);
                 let origin = m.origin;
                 store.live_bytes += u64::from(bytes);
-                store.track(seg, Obj::Message(id));
+                store.track(at.segment, Obj::Message(id));
                 store.release_answer(origin);
                 Ok(())
             }

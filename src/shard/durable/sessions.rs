@@ -146,6 +146,18 @@ impl Shard {
     }
 
     /// Write what the session's journal reports.
+    /// Read back deliveries session `key` paged out to the log, when it
+    /// is ready for them (see [`crate::session::Session::wants_page_in`]).
+    pub(in crate::shard) fn page_in(st: &mut State, key: SessionKey, now: Instant) {
+        let (Some(slot), Some(store)) = (st.sessions.get_mut(key), st.store.as_mut()) else {
+            return;
+        };
+        if slot.session.wants_page_in() {
+            slot.session
+                .page_in(now, |id| store.load(id).map_err(|e| e.to_string()));
+        }
+    }
+
     pub(in crate::shard) fn drain_journal(st: &mut State, key: SessionKey) {
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
