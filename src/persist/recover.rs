@@ -86,8 +86,6 @@ pub struct MessageStart {
     pub at: RecordAt,
     /// Size of its records.
     pub bytes: u32,
-    /// The message.
-    pub message: Arc<Message>,
     /// Sessions holding it.
     pub sids: Vec<Sid>,
 }
@@ -757,7 +755,6 @@ fn write_generation(
                 id,
                 at,
                 bytes,
-                message,
                 sids: targets.iter().map(|(s, _)| *s).collect(),
             });
         }

@@ -42,7 +42,7 @@ mod durable;
 mod inbound;
 mod lifecycle;
 mod outbound;
-pub use outbound::PAGE_IN_BATCH_MAX;
+pub use outbound::{PAGE_IN_BATCH_MAX, QUEUE_ENTRY_INDEX_BYTES};
 #[cfg(test)]
 mod tests;
 mod transmit;
@@ -92,8 +92,9 @@ pub struct SessionLimits {
     pub queue_bytes_max: usize,
     /// Bytes a session's queue may hold when its QoS 1/2 deliveries are
     /// stored in the shard's log (a persistent session with a log): past
-    /// the memory limits above, they wait in the log, not in memory.
-    /// 0: never paged out.
+    /// the memory limits above, they wait in the log, not in memory. Each
+    /// message counts its cost and [`QUEUE_ENTRY_INDEX_BYTES`]. 0: never
+    /// paged out.
     pub queue_log_bytes_max: usize,
     /// What to drop when the queue is full.
     pub overflow: OverflowPolicy,

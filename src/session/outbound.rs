@@ -50,6 +50,13 @@ pub(super) struct Queued {
     pub(super) delivery: Delivery,
 }
 
+/// What one queued message costs in memory besides the message itself
+/// while it is paged out: its queue entry and the shard's index of its
+/// record (measured: about 316 bytes per message with 100,000 queued).
+/// Charged per message against `queue_log_bytes_max`, so a queue of tiny
+/// messages cannot hold more in memory than its bound says.
+pub const QUEUE_ENTRY_INDEX_BYTES: usize = 320;
+
 /// Stored deliveries read back from the log per [`Session::page_in`] call,
 /// so a long queue comes back over several loop turns.
 pub const PAGE_IN_BATCH_MAX: usize = 256;
@@ -295,8 +302,10 @@ impl Session {
                 && o.resident_len() < limits.queue_messages_max
                 && o.resident_bytes() + cost <= limits.queue_bytes_max
         };
-        let log_fits =
-            |o: &Outbound| pageable && o.queue_bytes + cost <= limits.queue_log_bytes_max;
+        let log_fits = |o: &Outbound| {
+            let entries = (o.queue.len() + 1) * QUEUE_ENTRY_INDEX_BYTES;
+            pageable && o.queue_bytes + cost + entries <= limits.queue_log_bytes_max
+        };
         let fits = |o: &Outbound| resident_fits(o) || log_fits(o);
         if !fits(&self.out) {
             let stored = if delivery.stored.is_some() {

@@ -755,7 +755,8 @@ fn ack_all(s: &mut Session, t0: Instant, p: &[Packet]) {
 fn stored_deliveries_past_the_memory_limits_page_out_and_come_back_in_order() {
     let t0 = Instant::now();
     let cost = numbered(0).cost_bytes();
-    let mut s = paging_session(t0, 100 * cost, OverflowPolicy::DropNew);
+    let each = cost + QUEUE_ENTRY_INDEX_BYTES;
+    let mut s = paging_session(t0, 100 * each, OverflowPolicy::DropNew);
     for i in 0..20 {
         s.deliver(t0, &numbered(i), stored(u64::from(i)));
     }
@@ -795,7 +796,8 @@ fn the_log_budget_bounds_the_whole_queue_and_each_drop_is_counted() {
         (OverflowPolicy::DropNew, 0),
         (OverflowPolicy::DropOldest, 4),
     ] {
-        let mut s = paging_session(t0, 10 * cost, policy);
+        let each = cost + QUEUE_ENTRY_INDEX_BYTES;
+        let mut s = paging_session(t0, 10 * each, policy);
         for i in 0..14 {
             s.deliver(t0, &numbered(i), stored(u64::from(i)));
         }

@@ -85,7 +85,7 @@ impl Shard {
                 .iter()
                 .filter_map(|sid| keys.get(sid).copied())
                 .collect();
-            store.restore_message(m.id, m.at, m.bytes, &m.message, holders);
+            store.restore_message(m.id, m.at, m.bytes, holders);
         }
         for r in retained {
             store.restore_retained(r.message.topic.clone(), r.seg, r.bytes, r.stamp_ms);

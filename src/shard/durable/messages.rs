@@ -10,7 +10,7 @@
 //! head instead. (Origins settle within milliseconds; compaction reaches a
 //! segment much later, so markers are rarely written.)
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Instant;
 
 use smallvec::SmallVec;
@@ -45,10 +45,11 @@ pub(super) enum Body {
     /// The deliveries live in memory, answers to the origin wait, and the
     /// record is written when room returns.
     Pinned(Arc<Message>),
-    /// In the log, its first record at `at`; in memory only while some
-    /// session holds it there (a session whose queue paged it out holds
-    /// none, and [`Store::load`] reads it back).
-    Logged { at: RecordAt, cached: Weak<Message> },
+    /// In the log, its first record at `at`. The store keeps no copy (not
+    /// even a weak one, which would keep the allocation alive): sessions
+    /// hold it while it is in their memory, and [`Store::load`] reads it
+    /// back for a session that paged it out, or for compaction.
+    Logged { at: RecordAt },
 }
 
 /// Why a stored message could not be given back.
@@ -73,13 +74,9 @@ impl StoredMessage {
 
     /// Its record was written at `at`, `bytes` long in all.
     pub(super) fn set_logged(&mut self, at: RecordAt, bytes: u32) {
-        let cached = match &self.body {
-            Body::Pinned(m) => Arc::downgrade(m),
-            Body::Logged { cached, .. } => cached.clone(),
-        };
         self.seg = at.segment;
         self.bytes = bytes;
-        self.body = Body::Logged { at, cached };
+        self.body = Body::Logged { at };
     }
 }
 
@@ -124,16 +121,13 @@ impl Store {
         })
     }
 
-    /// Stored message `id`: from memory while anyone holds it there, else
-    /// read back from its record in the log.
+    /// Stored message `id`: the pinned copy until its record is written,
+    /// then read back from that record.
     pub(in crate::shard) fn load(&mut self, id: u64) -> Result<Arc<Message>, LoadError> {
-        let m = self.messages.get_mut(&id).ok_or(LoadError::NotStored(id))?;
+        let m = self.messages.get(&id).ok_or(LoadError::NotStored(id))?;
         let at = match &m.body {
             Body::Pinned(message) => return Ok(message.clone()),
-            Body::Logged { at, cached } => match cached.upgrade() {
-                Some(message) => return Ok(message),
-                None => *at,
-            },
+            Body::Logged { at } => *at,
         };
         let clock = &self.clock;
         let decoded = self.log.read(at, |r| {
@@ -154,9 +148,6 @@ impl Store {
             }
             Err(why) => return Err(LoadError::Mismatch { id, at, why }),
         };
-        if let Body::Logged { cached, .. } = &mut m.body {
-            *cached = Arc::downgrade(&message);
-        }
         Ok(message)
     }
 
@@ -297,16 +288,12 @@ impl Store {
         id: u64,
         at: RecordAt,
         bytes: u32,
-        message: &Arc<Message>,
         sessions: SmallVec<[SessionKey; 2]>,
     ) {
         self.live_bytes += u64::from(bytes);
         self.track(at.segment, Obj::Message(id));
         let m = StoredMessage {
-            body: Body::Logged {
-                at,
-                cached: Arc::downgrade(message),
-            },
+            body: Body::Logged { at },
             origin: None,
             scope: Scope::default(),
             sessions,
