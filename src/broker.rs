@@ -331,6 +331,18 @@ async fn run_shard(
         })
         .detach();
     }
+    let gatherer = shard.clone();
+    glommio::spawn_local(async move {
+        let wake = gatherer.gather_wake();
+        loop {
+            wake.wait().await;
+            // A few chunks per loop turn, then the other tasks run.
+            while gatherer.run_gathers(Instant::now(), 8) {
+                glommio::yield_if_needed().await;
+            }
+        }
+    })
+    .detach();
     let flusher = shard.clone();
     glommio::spawn_local(async move { flusher.mesh().flush_loop().await }).detach();
     let mut accepts = Vec::new();

@@ -26,7 +26,7 @@ pub mod trie;
 mod tests;
 
 pub use entries::EntriesIter;
-pub use retained::RetainedStore;
+pub use retained::{MatchWalk, RetainedStore};
 pub use topic::{
     has_wildcard, matches, parse_delayed, parse_shared, validate_topic_filter, validate_topic_name,
     TopicError,

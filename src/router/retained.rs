@@ -138,6 +138,59 @@ impl<V> Children<V> {
     }
 }
 
+/// Where a [`MatchWalk`] goes on below a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Below {
+    /// Match the filter's levels from this index on.
+    Filter(usize),
+    /// Everything in the subtree (a `#` above), the node itself included.
+    Subtree,
+}
+
+/// A walk over the stored topics matching a filter that stops after a
+/// bounded amount of work and goes on later ([`RetainedStore::walk`]), so
+/// a wildcard over a million retained topics is spread over many loop
+/// turns. It holds owned topic paths, not references into the tree, so
+/// the store may change between steps: a topic removed meanwhile is not
+/// found, one added where the walk has not been yet may be, one added
+/// where it has been is not (it reaches the subscriber live instead).
+/// Owned data only: it can travel to another shard and back.
+#[derive(Debug, Clone)]
+pub struct MatchWalk {
+    filter: Box<str>,
+    /// Branches still to walk: a node's path (`None`: the root) and what
+    /// is to be matched below it. Depth first.
+    pending: Vec<(Option<Box<str>>, Below)>,
+}
+
+impl MatchWalk {
+    /// A walk over the topics matching `filter` (a valid filter).
+    pub fn new(filter: &str) -> MatchWalk {
+        MatchWalk {
+            filter: filter.into(),
+            pending: vec![(None, Below::Filter(0))],
+        }
+    }
+
+    /// The filter walked.
+    pub fn filter(&self) -> &str {
+        &self.filter
+    }
+
+    /// True when nothing is left to walk.
+    pub fn is_done(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+/// The path of `level` below `path`.
+fn child_path(path: Option<&str>, level: &str) -> Box<str> {
+    match path {
+        None => level.into(),
+        Some(p) => format!("{p}/{level}").into(),
+    }
+}
+
 /// A branch still to walk in `for_each_match`: the node, the rest of the
 /// filter below it, and whether the node is the root.
 type Pending<'a, V> = (&'a RNode<V>, Option<&'a str>, bool);
@@ -231,6 +284,83 @@ impl<V> RetainedStore<V> {
                 }
             }
         }
+    }
+
+    /// Go on with `walk`: call `f(topic, value)` for the matches found
+    /// while visiting at most `visits_max` nodes, stopping early once `f`
+    /// has been called `found_max` times. Returns how many were found;
+    /// [`MatchWalk::is_done`] says whether the walk is over. Together, the
+    /// steps of a walk over an unchanged store find what
+    /// [`RetainedStore::for_each_match`] does, each topic once.
+    pub fn walk(
+        &self,
+        walk: &mut MatchWalk,
+        visits_max: usize,
+        found_max: usize,
+        mut f: impl FnMut(&str, &V),
+    ) -> usize {
+        let levels: SmallVec<[&str; 8]> = walk.filter.split('/').collect();
+        let mut found = 0;
+        let mut visits = 0;
+        while visits < visits_max && found < found_max {
+            let Some((path, below)) = walk.pending.pop() else {
+                break;
+            };
+            visits += 1;
+            let Some(node) = self.node(path.as_deref()) else {
+                continue; // removed since the walk passed its parent
+            };
+            let at_root = path.is_none();
+            let mut emit = |node: &RNode<V>| {
+                if let Some((topic, value)) = &node.value {
+                    f(topic, value);
+                    found += 1;
+                }
+            };
+            let mut push_children = |below: Below| {
+                node.children.for_each(|l, _| {
+                    if !(at_root && l.starts_with('$')) {
+                        walk.pending
+                            .push((Some(child_path(path.as_deref(), l)), below));
+                    }
+                });
+            };
+            match below {
+                Below::Subtree => {
+                    emit(node);
+                    push_children(Below::Subtree);
+                }
+                Below::Filter(i) if i == levels.len() => emit(node),
+                Below::Filter(i) => match levels[i] {
+                    "#" => {
+                        // "a/#" matches "a" too; the root holds no topic.
+                        if !at_root {
+                            emit(node);
+                        }
+                        push_children(Below::Subtree);
+                    }
+                    "+" => push_children(Below::Filter(i + 1)),
+                    level => {
+                        if node.children.get(level).is_some() {
+                            let child = child_path(path.as_deref(), level);
+                            walk.pending.push((Some(child), Below::Filter(i + 1)));
+                        }
+                    }
+                },
+            }
+        }
+        found
+    }
+
+    /// The node at `path` (`None`: the root).
+    fn node(&self, path: Option<&str>) -> Option<&RNode<V>> {
+        let mut node = &self.root;
+        if let Some(path) = path {
+            for level in path.split('/') {
+                node = node.children.get(level)?;
+            }
+        }
+        Some(node)
     }
 
     /// Visits every stored `(topic, value)`, `$` topics included.

@@ -9,7 +9,7 @@ use super::topic::{
     has_wildcard, level_count, matches, parse_shared, validate_topic_filter, validate_topic_name,
     TopicError,
 };
-use super::{FilterTrie, RetainedStore};
+use super::{FilterTrie, MatchWalk, RetainedStore};
 
 const MAX: usize = 32;
 
@@ -458,6 +458,67 @@ proptest! {
         }
         prop_assert!(store.is_empty());
         prop_assert_eq!(store.node_count(), 1);
+    }
+
+    #[test]
+    fn a_walk_in_small_steps_finds_what_one_match_does(
+        stored in prop::collection::vec(topic(), 0..60),
+        filters in prop::collection::vec(filter(), 1..10),
+        visits in 1usize..6,
+        found_max in 1usize..4,
+        removed in prop::collection::vec(any::<prop::sample::Index>(), 0..10),
+    ) {
+        let mut store = RetainedStore::new();
+        for t in &stored {
+            store.insert(t, t.clone());
+        }
+        for f in &filters {
+            let mut want = BTreeSet::new();
+            store.for_each_match(f, |t, _| {
+                want.insert(t.to_owned());
+            });
+            let mut walk = MatchWalk::new(f);
+            let mut got = BTreeSet::new();
+            let mut steps = 0;
+            while !walk.is_done() {
+                let n = store.walk(&mut walk, visits, found_max, |t, v| {
+                    assert_eq!(t, v);
+                    assert!(got.insert(t.to_owned()), "topic found twice");
+                });
+                prop_assert!(n <= found_max);
+                steps += 1;
+                prop_assert!(steps < 10_000, "the walk ends");
+            }
+            prop_assert_eq!(&got, &want, "filter {:?}", f);
+        }
+        // Topics removed between steps are never found; the others are.
+        for f in &filters {
+            let mut copy = RetainedStore::new();
+            for t in &stored {
+                copy.insert(t, t.clone());
+            }
+            let mut walk = MatchWalk::new(f);
+            let mut got = BTreeSet::new();
+            let mut gone = BTreeSet::new();
+            let mut removals = removed.iter();
+            while !walk.is_done() {
+                copy.walk(&mut walk, visits, found_max, |t, _| {
+                    got.insert(t.to_owned());
+                });
+                if let Some(i) = removals.next().filter(|_| !stored.is_empty()) {
+                    let t = i.get(&stored);
+                    if copy.remove(t).is_some() && !got.contains(t.as_str()) {
+                        gone.insert(t.clone());
+                    }
+                }
+            }
+            let want: BTreeSet<String> = stored
+                .iter()
+                .filter(|t| matches(f, t) && !gone.contains(*t))
+                .cloned()
+                .collect();
+            prop_assert_eq!(got, want, "filter {:?}", f);
+        }
     }
 
     #[test]

@@ -220,6 +220,28 @@ impl Session {
         self.deliver_now(now, message, delivery);
     }
 
+    /// Retained messages the session takes now: room left in memory for
+    /// its queue and the live messages held meanwhile (when its deliveries
+    /// page out, a chunk more while the log budget is below half), at most
+    /// `chunk_max`. While offline, or holding as many live messages as its
+    /// queue may, it takes a whole chunk (what does not fit is dropped and
+    /// counted): waiting would only hold the live messages longer.
+    pub fn retained_credit(&self, chunk_max: usize) -> usize {
+        let max = self.limits.queue_messages_max;
+        if !self.is_connected() || self.held.len() >= max {
+            return chunk_max;
+        }
+        let used = self.out.resident_len() + self.held.len();
+        let room = max.saturating_sub(used);
+        let log = self.limits.queue_log_bytes_max;
+        let log_room = if log > 0 && self.out.queue_bytes < log / 2 {
+            chunk_max
+        } else {
+            0
+        };
+        room.max(log_room).min(chunk_max)
+    }
+
     /// A retained-message gather for a new subscription has started on
     /// another shard; live deliveries wait until it ends.
     pub fn begin_retained_gather(&mut self) {

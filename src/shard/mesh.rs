@@ -18,6 +18,7 @@ use smallvec::SmallVec;
 use crate::codec::{Connect, QoS};
 use crate::message::Message;
 use crate::persist::Origin;
+use crate::router::MatchWalk;
 pub use crate::router::SharedPick;
 
 use super::notify::Notify;
@@ -109,19 +110,29 @@ pub enum MeshMsg {
         /// recovery.
         stamp_ms: u64,
     },
-    /// Send the retained messages matching `filter` to `waiter`.
+    /// Send the next chunk of retained messages matching a subscription
+    /// to `waiter`.
     RetainedQuery {
-        /// The subscription filter.
-        filter: Arc<str>,
         /// Where to send them.
         waiter: RetainedWaiter,
+        /// The walk over the filter's matches, where it stopped.
+        walk: Box<MatchWalk>,
+        /// Messages the subscriber's queue takes now (a chunk has at least
+        /// one, at most `gather::RETAINED_CHUNK_MAX`).
+        credit: usize,
     },
-    /// Retained messages for a subscription, from one owner shard.
+    /// A chunk of retained messages for a subscription, from one owner
+    /// shard.
     RetainedReply {
         /// The subscription.
         waiter: RetainedWaiter,
         /// Matching retained messages.
         messages: Vec<Arc<Message>>,
+        /// The credit the query gave (the subscriber's shard counts it as
+        /// outstanding until now).
+        credit: usize,
+        /// The rest of the walk; `None` when this owner has no more.
+        rest: Option<Box<MatchWalk>>,
     },
     /// Route replica delta (broadcast on 0↔1 transitions).
     Route {

@@ -39,6 +39,7 @@ macro_rules! shard_log {
 mod connection;
 mod delayed;
 mod durable;
+mod gather;
 pub mod mesh;
 mod notify;
 mod restore;
@@ -148,6 +149,10 @@ struct SessionSlot {
     /// Power-safe: its output waits until log records below this sequence
     /// number are synced.
     wait_seq: u64,
+    /// Retained-message walks waiting for room in the session's queue.
+    parked_gathers: Vec<gather::Gather>,
+    /// Credit granted to other shards for retained chunks not yet here.
+    gather_credit_out: usize,
 }
 
 impl SessionSlot {
@@ -161,6 +166,8 @@ impl SessionSlot {
             held_acks: 0,
             durable,
             wait_seq: 0,
+            parked_gathers: Vec::new(),
+            gather_credit_out: 0,
         }
     }
 }
@@ -247,6 +254,10 @@ struct State {
     delayed_bytes: u64,
     /// Next delayed publish id.
     next_delayed_id: u64,
+    /// Retained-message walks ready for their next chunk.
+    gathers: std::collections::VecDeque<gather::Gather>,
+    /// Wakes the gather task when `gathers` is not empty.
+    gather_wake: Rc<Notify>,
     stats: ShardStats,
 }
 
@@ -330,6 +341,8 @@ impl Shard {
                 delayed: BTreeMap::new(),
                 delayed_bytes: 0,
                 next_delayed_id: 1,
+                gathers: Default::default(),
+                gather_wake: Rc::default(),
                 stats: ShardStats::default(),
             }),
         }
@@ -447,6 +460,7 @@ impl Shard {
     /// holding the session's earliest deadline.
     fn after_step(st: &mut State, key: SessionKey, now: Instant) {
         Self::page_in(st, key, now);
+        Self::resume_gathers(st, key);
         Self::drain_journal(st, key);
         Self::hold_for_sync(st, key);
         let Some(slot) = st.sessions.get_mut(key) else {

@@ -13,11 +13,11 @@ use smallvec::SmallVec;
 use crate::codec::QoS;
 use crate::message::Message;
 use crate::router::split_shared;
-use crate::router::topic::has_wildcard;
 use crate::session::{Delivery, SubIds, Subscription};
 
 use super::durable::StoreTarget;
-use super::mesh::{AckTo, MeshMsg, RetainedWaiter, RouteKey, SharedPick};
+use super::gather::Gather;
+use super::mesh::{AckTo, MeshMsg, RouteKey, SharedPick};
 use super::{SessionKey, Shard, State, SubEntry, SubKey};
 use crate::persist::{Causes, Origin, Scope};
 
@@ -630,7 +630,7 @@ impl Shard {
     }
 
     /// The shard that owns a retained topic.
-    fn topic_owner(&self, topic: &str) -> usize {
+    pub(super) fn topic_owner(&self, topic: &str) -> usize {
         super::home_shard(topic, self.shards)
     }
 
@@ -701,117 +701,10 @@ impl Shard {
     }
 
     /// Drop the retained message of `topic`, counting bytes.
-    fn remove_retained(st: &mut State, topic: &str) {
+    pub(super) fn remove_retained(st: &mut State, topic: &str) {
         if let Some(old) = st.retained.remove(topic) {
             st.retained_bytes -= old.cost_bytes() as u64;
         }
-    }
-
-    /// Send the retained messages matching a new subscription: from this
-    /// shard directly, from the owner shard of an exact topic, or from every
-    /// shard for a wildcard filter.
-    fn gather_retained(
-        &self,
-        st: &mut State,
-        now: Instant,
-        key: SessionKey,
-        filter: &Arc<str>,
-        subscription: &Subscription,
-    ) {
-        let Some(slot) = st.sessions.get(key) else {
-            return;
-        };
-        let waiter = RetainedWaiter {
-            shard: self.id,
-            session: key,
-            session_uid: slot.uid,
-            qos: subscription.options.qos,
-            subscription_id: subscription.subscription_id,
-        };
-        let owners: SmallVec<[usize; 8]> = if has_wildcard(filter) {
-            (0..self.shards).collect()
-        } else {
-            SmallVec::from_slice(&[self.topic_owner(filter)])
-        };
-        for owner in owners {
-            if owner == self.id {
-                let messages = Self::matching_retained(st, now, filter);
-                Self::deliver_retained(st, now, &waiter, &messages, false);
-            } else {
-                if let Some(slot) = st.sessions.get_mut(key) {
-                    slot.session.begin_retained_gather();
-                }
-                let query = MeshMsg::RetainedQuery {
-                    filter: filter.clone(),
-                    waiter: waiter.clone(),
-                };
-                self.mesh.send(owner, query);
-            }
-        }
-    }
-
-    fn matching_retained(st: &mut State, now: Instant, filter: &str) -> Vec<Arc<Message>> {
-        let mut out = Vec::new();
-        let mut expired = false;
-        st.retained.for_each_match(filter, |_, m| {
-            if m.is_expired(now) {
-                expired = true;
-            } else {
-                out.push(m.clone());
-            }
-        });
-        if expired {
-            st.retained.retain(|_, m| !m.is_expired(now));
-        }
-        out
-    }
-
-    /// Retained messages for a new subscription; `gathered` when they come
-    /// from another shard (which ends one gather).
-    fn deliver_retained(
-        st: &mut State,
-        now: Instant,
-        waiter: &RetainedWaiter,
-        messages: &[Arc<Message>],
-        gathered: bool,
-    ) {
-        let Some(slot) = st.sessions.get_mut(waiter.session) else {
-            return;
-        };
-        if slot.uid != waiter.session_uid {
-            return;
-        }
-        let subscription_ids: SubIds = waiter.subscription_id.into_iter().collect();
-        for m in messages {
-            let qos = waiter.qos.min(m.qos);
-            let sid = Self::storable(st, waiter.session, qos);
-            let id = sid.and_then(|_| Self::next_message_id(st));
-            let delivery = Delivery {
-                qos: waiter.qos,
-                retain: true,
-                subscription_ids: subscription_ids.clone(),
-                stored: id,
-            };
-            if let Some(slot) = st.sessions.get_mut(waiter.session) {
-                slot.session.deliver_retained(now, m, delivery);
-            }
-            if let (Some(id), Some(sid)) = (id, sid) {
-                let target = StoreTarget {
-                    key: waiter.session,
-                    sid,
-                    qos,
-                    retain: true,
-                    subscription_ids: subscription_ids.clone(),
-                };
-                Self::store_message(st, id, m, None, Scope::default(), vec![target]);
-            }
-        }
-        if gathered {
-            if let Some(slot) = st.sessions.get_mut(waiter.session) {
-                slot.session.end_retained_gather(now);
-            }
-        }
-        Self::after_step(st, waiter.session, now);
     }
 
     /// Handle one batch from shard `from`.
@@ -847,14 +740,34 @@ impl Shard {
                 MeshMsg::Applied { upto } => Self::on_applied(&mut st, from, upto),
                 MeshMsg::Settled { upto } => Self::on_settled(&mut st, from, upto),
                 MeshMsg::StoreFull { full } => self.on_store_full(&mut st, from, full),
-                MeshMsg::RetainedQuery { filter, waiter } => {
-                    let messages = Self::matching_retained(&mut st, now, &filter);
+                MeshMsg::RetainedQuery {
+                    waiter,
+                    mut walk,
+                    credit,
+                } => {
+                    let messages = Self::retained_chunk(&mut st, now, &mut walk, credit);
+                    let rest = (!walk.is_done()).then_some(walk);
                     let to = waiter.shard;
-                    self.mesh
-                        .send(to, MeshMsg::RetainedReply { waiter, messages });
+                    let reply = MeshMsg::RetainedReply {
+                        waiter,
+                        messages,
+                        credit,
+                        rest,
+                    };
+                    self.mesh.send(to, reply);
                 }
-                MeshMsg::RetainedReply { waiter, messages } => {
-                    Self::deliver_retained(&mut st, now, &waiter, &messages, true)
+                MeshMsg::RetainedReply {
+                    waiter,
+                    messages,
+                    credit,
+                    rest,
+                } => {
+                    let rest = rest.map(|walk| Gather {
+                        owner: from,
+                        waiter: waiter.clone(),
+                        walk,
+                    });
+                    Self::deliver_retained(&mut st, now, &waiter, &messages, credit, rest)
                 }
                 MeshMsg::Route {
                     filter,
