@@ -8,9 +8,9 @@
 //! most [`RETAINED_CHUNK_MAX`]) messages found, plus the rest of the walk
 //! ([`MatchWalk`], owned data that travels with the reply). The
 //! subscriber's shard asks for the next chunk only when its session has
-//! room again; until then the walk waits in the session's slot. A walk of
-//! this shard's own store goes on from the gather task, one chunk per loop
-//! turn. So a `#` over a million retained topics, or a SUBSCRIBE with a
+//! room again; until then the walk waits in the session's slot. Chunks,
+//! whether of this shard's own store or asked for by another, are taken by
+//! the gather task, a few per loop turn. So a `#` over a million retained topics, or a SUBSCRIBE with a
 //! thousand wildcards, never stalls a shard and never builds more than a
 //! queue can take.
 //!
@@ -72,7 +72,6 @@ impl Shard {
     pub(super) fn gather_retained(
         &self,
         st: &mut State,
-        now: Instant,
         key: SessionKey,
         filter: &Arc<str>,
         subscription: &Subscription,
@@ -96,13 +95,48 @@ impl Shard {
             if let Some(slot) = st.sessions.get_mut(key) {
                 slot.session.begin_retained_gather();
             }
-            let gather = Gather {
+            // Through the gather task, a few chunks per loop turn: a
+            // SUBSCRIBE with a thousand wildcards walks nothing here.
+            st.gathers.push_back(Gather {
                 owner,
                 waiter: waiter.clone(),
                 walk: Box::new(MatchWalk::new(filter)),
-            };
-            self.step_gather(st, now, gather);
+            });
         }
+        st.gather_wake.notify();
+    }
+
+    /// Another shard asks for the next chunk of a walk over this shard's
+    /// retained store: served from the gather task, like this shard's own.
+    pub(super) fn on_retained_query(
+        st: &mut State,
+        waiter: RetainedWaiter,
+        walk: Box<MatchWalk>,
+        credit: usize,
+    ) {
+        st.serving.push_back((waiter, walk, credit));
+        st.gather_wake.notify();
+    }
+
+    /// Serve one chunk asked for by another shard.
+    fn serve_chunk(
+        &self,
+        st: &mut State,
+        now: Instant,
+        waiter: RetainedWaiter,
+        mut walk: Box<MatchWalk>,
+        credit: usize,
+    ) {
+        let messages = Self::retained_chunk(st, now, &mut walk, credit);
+        let rest = (!walk.is_done()).then_some(walk);
+        let to = waiter.shard;
+        let reply = MeshMsg::RetainedReply {
+            waiter,
+            messages,
+            credit,
+            rest,
+        };
+        self.mesh.send(to, reply);
     }
 
     /// Take the next chunk of `g`: from this shard's store now, or by
@@ -254,17 +288,21 @@ impl Shard {
         st.gather_wake.notify();
     }
 
-    /// The gather task's work: step the gathers waiting to go on, at most
-    /// `max` of them; true when more are waiting.
+    /// The gather task's work: serve the chunks other shards asked for and
+    /// step this shard's gathers, at most `max` chunks; true when more are
+    /// waiting.
     pub fn run_gathers(&self, now: Instant, max: usize) -> bool {
         let mut st = self.state.borrow_mut();
         for _ in 0..max {
-            let Some(g) = st.gathers.pop_front() else {
+            if let Some((waiter, walk, credit)) = st.serving.pop_front() {
+                self.serve_chunk(&mut st, now, waiter, walk, credit);
+            } else if let Some(g) = st.gathers.pop_front() {
+                self.step_gather(&mut st, now, g);
+            } else {
                 return false;
-            };
-            self.step_gather(&mut st, now, g);
+            }
         }
-        !st.gathers.is_empty()
+        !(st.serving.is_empty() && st.gathers.is_empty())
     }
 
     /// What wakes the gather task.

@@ -256,7 +256,10 @@ struct State {
     next_delayed_id: u64,
     /// Retained-message walks ready for their next chunk.
     gathers: std::collections::VecDeque<gather::Gather>,
-    /// Wakes the gather task when `gathers` is not empty.
+    /// Chunks other shards asked for: (waiter, walk, credit).
+    serving:
+        std::collections::VecDeque<(mesh::RetainedWaiter, Box<crate::router::MatchWalk>, usize)>,
+    /// Wakes the gather task when `gathers` or `serving` is not empty.
     gather_wake: Rc<Notify>,
     stats: ShardStats,
 }
@@ -342,6 +345,7 @@ impl Shard {
                 delayed_bytes: 0,
                 next_delayed_id: 1,
                 gathers: Default::default(),
+                serving: Default::default(),
                 gather_wake: Rc::default(),
                 stats: ShardStats::default(),
             }),
@@ -435,7 +439,7 @@ impl Shard {
                     is_new,
                 } => {
                     Self::durable_subscription(st, key, &filter, Some(&subscription));
-                    self.subscribe(st, now, key, &filter, subscription, is_new);
+                    self.subscribe(st, key, &filter, subscription, is_new);
                 }
                 Action::Unsubscribe { filter } => {
                     Self::durable_subscription(st, key, &filter, None);

@@ -473,7 +473,6 @@ impl Shard {
     pub(super) fn subscribe(
         &self,
         st: &mut State,
-        now: Instant,
         key: SessionKey,
         filter: &str,
         subscription: Subscription,
@@ -486,7 +485,7 @@ impl Shard {
         }
         let handling = subscription.options.retain_handling;
         if group.is_none() && (handling == 0 || (handling == 1 && is_new)) {
-            self.gather_retained(st, now, key, &inner, &subscription);
+            self.gather_retained(st, key, &inner, &subscription);
         }
     }
 
@@ -742,20 +741,9 @@ impl Shard {
                 MeshMsg::StoreFull { full } => self.on_store_full(&mut st, from, full),
                 MeshMsg::RetainedQuery {
                     waiter,
-                    mut walk,
+                    walk,
                     credit,
-                } => {
-                    let messages = Self::retained_chunk(&mut st, now, &mut walk, credit);
-                    let rest = (!walk.is_done()).then_some(walk);
-                    let to = waiter.shard;
-                    let reply = MeshMsg::RetainedReply {
-                        waiter,
-                        messages,
-                        credit,
-                        rest,
-                    };
-                    self.mesh.send(to, reply);
-                }
+                } => Self::on_retained_query(&mut st, waiter, walk, credit),
                 MeshMsg::RetainedReply {
                     waiter,
                     messages,
