@@ -61,6 +61,9 @@ fn small_limits() -> Rc<SessionLimits> {
         inflight_max: 4,
         queue_messages_max: 8,
         queue_bytes_max: 4096,
+        // QoS 1/2 deliveries are "stored": past the limits above they page
+        // out to the harness's log and are read back.
+        queue_log_bytes_max: 8192,
         topic_alias_max: 4,
         subscriptions_max: 8,
         packet_size_max_bytes: 4096,
@@ -86,6 +89,9 @@ pub fn session(data: &[u8]) {
     s.connect(now, connect.clone(), false, None);
     let mut generation = s.generation();
     let mut gathers = 0u32;
+    // The shard's log as the session sees it: stored messages by id, each
+    // forgotten when the session journals it done.
+    let mut log = StoredLog::default();
     let mut out = BytesMut::new();
     for _ in 0..256 {
         if s.is_ended() || input.is_empty() {
@@ -107,7 +113,7 @@ pub fn session(data: &[u8]) {
                 now += Duration::from_millis(250 * u64::from(op & 0x1F));
                 s.handle_timeout(now);
             }
-            0x60..=0x7F => deliver(&mut s, now, op, &mut input),
+            0x60..=0x7F => deliver(&mut s, now, op, &mut input, &mut log),
             0x80..=0x8F => {
                 s.connection_lost(now, generation);
                 if !s.is_ended() {
@@ -143,14 +149,56 @@ pub fn session(data: &[u8]) {
             }
         }
         settle(&mut s, now);
+        log.follow(&mut s, now);
         out.clear();
         if let Some(v) = s.version() {
             s.encode_transmit(v, &mut out, 1 << 20);
             decodes_whole(&mut out, v);
         }
         while s.poll_transmit().is_some() {}
-        while s.poll_journal().is_some() {}
+        log.follow(&mut s, now);
         s.check_invariants();
+        // The session never asks the log for a message it is done with.
+        assert_eq!(s.stats().lost_unreadable, 0, "a paged-out message was done");
+    }
+}
+
+/// The stored messages of the fuzzed session, as the shard's log holds
+/// them.
+#[derive(Default)]
+struct StoredLog {
+    next_id: u64,
+    messages: std::collections::HashMap<u64, Arc<Message>>,
+}
+
+impl StoredLog {
+    /// Store `message`; its id.
+    fn store(&mut self, message: &Arc<Message>) -> u64 {
+        self.next_id += 1;
+        self.messages.insert(self.next_id, message.clone());
+        self.next_id
+    }
+
+    /// Do what the shard does after each step: forget what the session is
+    /// done with, read back what it paged out when it wants it.
+    fn follow(&mut self, s: &mut Session, now: Instant) {
+        for _ in 0..8 {
+            while let Some(j) = s.poll_journal() {
+                if let shardmq::session::Journal::Done { id } = j {
+                    assert!(self.messages.remove(&id).is_some(), "done twice: {id}");
+                }
+            }
+            if !s.wants_page_in() {
+                return;
+            }
+            let messages = &self.messages;
+            s.page_in(now, |id| {
+                messages
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| format!("message {id} is not stored"))
+            });
+        }
     }
 }
 
@@ -193,7 +241,7 @@ fn default_connect(version: Version) -> Connect {
 
 /// A routed message for the session: QoS from `op`, topic and payload
 /// sizes from the next input byte.
-fn deliver(s: &mut Session, now: Instant, op: u8, input: &mut BytesMut) {
+fn deliver(s: &mut Session, now: Instant, op: u8, input: &mut BytesMut, log: &mut StoredLog) {
     let size = input.first().copied().unwrap_or(0);
     let qos = match op & 3 {
         1 => QoS::AtLeastOnce,
@@ -213,11 +261,14 @@ fn deliver(s: &mut Session, now: Instant, op: u8, input: &mut BytesMut) {
     if op & 0x10 != 0 {
         subscription_ids.push(u32::from(size) + 1);
     }
+    // A QoS 1/2 delivery to a persistent session is stored, as the shard
+    // does (clean sessions: never).
+    let stored = (qos != QoS::AtMostOnce && size & 1 == 1).then(|| log.store(&message));
     let delivery = Delivery {
         qos,
         retain: op & 4 != 0,
         subscription_ids,
-        stored: None,
+        stored,
     };
     if op & 0x20 != 0 {
         s.deliver_retained(now, &message, delivery);
