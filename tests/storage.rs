@@ -743,24 +743,6 @@ fn a_queue_at_session_queue_bytes_max_drops_counted_and_logged_with_the_client_i
     );
 }
 
-#[test]
-fn tmp_measure_index_bytes() {
-    let s = Setup::with_mqtt(temp_dir("tmp-measure"), "queue_messages_max = 100", "");
-    let b = s.start(1);
-    offline_subscriber(&b, "m-sub", "m/#");
-    let (mut p, _) = Raw::connect(b.addr, Version::V5, "m-pub", true);
-    publish_padded(&mut p, "m/t", "", 2000, 8);
-    std::thread::sleep(Duration::from_millis(500));
-    let before = b.rss_anon_bytes();
-    publish_padded(&mut p, "m/t", "", 100000, 8);
-    std::thread::sleep(Duration::from_millis(500));
-    let after = b.rss_anon_bytes();
-    eprintln!(
-        "MEASURE {} bytes per queued message",
-        (after - before) / 100000
-    );
-}
-
 /// A measurement, not a check (memory figures belong to measurements):
 /// the memory one paged-out message costs, which
 /// `shardmq::session::QUEUE_ENTRY_INDEX_BYTES` charges. Run with

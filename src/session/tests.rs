@@ -538,15 +538,12 @@ fn a_full_queue_drops_new_or_oldest_and_counts() {
         (OverflowPolicy::DropOldest, 2u8),
     ] {
         let t0 = Instant::now();
-        let limits = Rc::new(SessionLimits {
+        let limits = SessionLimits {
             queue_messages_max: 3,
             overflow: policy,
             ..SessionLimits::default()
-        });
-        let mut s = Session::new("c".into(), limits, t0);
-        s.connect(t0, connect(Version::V3_1_1, false, 0, None), false, None);
-        s.connection_lost(t0, s.generation());
-        drain(&mut s);
+        };
+        let mut s = offline_session(t0, limits);
         for i in 0..5u8 {
             let m = Arc::new(Message {
                 payload: Bytes::from(vec![i]),
@@ -719,14 +716,20 @@ fn stored(id: u64) -> Delivery {
 /// A persistent 3.1.1 session that pages out past 4 messages in memory and
 /// holds `log_bytes` in all, now offline.
 fn paging_session(t0: Instant, log_bytes: usize, policy: OverflowPolicy) -> Session {
-    let limits = Rc::new(SessionLimits {
+    let limits = SessionLimits {
         queue_messages_max: 4,
         queue_log_bytes_max: log_bytes,
         inflight_max: 2,
         overflow: policy,
         ..SessionLimits::default()
-    });
-    let mut s = Session::new("c".into(), limits, t0);
+    };
+    offline_session(t0, limits)
+}
+
+/// A persistent 3.1.1 session with `limits` that connected once and is
+/// offline now.
+fn offline_session(t0: Instant, limits: SessionLimits) -> Session {
+    let mut s = Session::new("c".into(), Rc::new(limits), t0);
     s.connect(t0, connect(Version::V3_1_1, false, 0, None), false, None);
     s.connection_lost(t0, s.generation());
     drain(&mut s);
@@ -825,13 +828,11 @@ fn the_log_budget_bounds_the_whole_queue_and_each_drop_is_counted() {
 #[test]
 fn what_cannot_page_out_never_jumps_the_paged_queue() {
     let t0 = Instant::now();
-    let limits = Rc::new(SessionLimits {
+    let limits = SessionLimits {
         queue_qos0_offline: true,
         ..(*paging_session(t0, 1 << 20, OverflowPolicy::DropOldest).limits).clone()
-    });
-    let mut s = Session::new("c".into(), limits, t0);
-    s.connect(t0, connect(Version::V3_1_1, false, 0, None), false, None);
-    s.connection_lost(t0, s.generation());
+    };
+    let mut s = offline_session(t0, limits);
     for i in 0..6 {
         s.deliver(t0, &numbered(i), stored(u64::from(i)));
     }
