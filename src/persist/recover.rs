@@ -39,9 +39,10 @@ use crate::log::dir::{DataDir, DirError};
 use crate::log::scan::{scan, ScanReport};
 use crate::log::{AppendError, Log, RecordAt};
 use crate::message::Message;
+use crate::router::fanout::{self, Fan, FanOut, Match};
 use crate::router::{home_shard, split_shared, FilterTrie, SharedPick};
 use crate::session::{
-    expires_after_s, will_delay_s, Delivery, Restored, RestoredInflight, SubIds, Subscription,
+    expires_after_s, will_delay_s, Delivery, Restored, RestoredInflight, Subscription,
 };
 
 /// Why recovery failed (the broker does not start).
@@ -507,77 +508,58 @@ impl<'a> Merge<'a> {
                 self.merge_retained(message.clone(), stamp);
             }
         }
-        let mut ordinary: BTreeMap<usize, Target> = BTreeMap::new();
-        let mut shared: BTreeMap<SharedPick, Vec<(usize, Target)>> = BTreeMap::new();
+        // The fan-out live routing uses, over every recovered session.
         let sessions = &self.sessions;
+        let publisher = message.publisher.as_deref();
+        let is_publisher = |i: usize| publisher == Some(sessions[i].rec.client_id.as_str());
+        let wants = |p: &SharedPick| scope.ordinary || scope.shared.contains(p);
+        let mut fan = Fan::new(message, scope.ordinary, wants, is_publisher);
         self.subscriptions
             .for_each_match(&message.topic, |(i, group), (sub, inner)| {
-                let g = &sessions[*i];
-                let qos = sub.options.qos.min(message.qos);
-                let target = Target {
-                    sid: 0,
-                    qos,
-                    retain: message.retain && sub.options.retain_as_published,
-                    subscription_ids: sub.subscription_id.into_iter().collect::<SubIds>(),
-                    state: TargetState::Queued,
-                };
-                match group {
-                    None => {
-                        let own = message.publisher.as_deref() == Some(g.rec.client_id.as_str());
-                        if !scope.ordinary || (sub.options.no_local && own) {
-                            return;
-                        }
-                        match ordinary.get_mut(i) {
-                            Some(t) => {
-                                t.qos = t.qos.max(target.qos);
-                                t.retain |= target.retain;
-                                t.subscription_ids.extend(target.subscription_ids);
-                            }
-                            None => {
-                                ordinary.insert(*i, target);
-                            }
-                        }
-                    }
-                    Some(group) => {
-                        let pick = SharedPick {
-                            group: group.clone(),
-                            filter: inner.clone(),
-                        };
-                        // Only members that would store it: the message must
-                        // not be lost to a QoS 0 member of an offline group.
-                        if qos != QoS::AtMostOnce
-                            && (scope.ordinary || scope.shared.contains(&pick))
-                        {
-                            shared.entry(pick).or_default().push((*i, target));
-                        }
-                    }
-                }
+                fan.add(Match {
+                    session: *i,
+                    group: group.as_ref(),
+                    filter: inner,
+                    options: &sub.options,
+                    subscription_id: sub.subscription_id,
+                });
             });
+        let FanOut { ordinary, shared } = fan.finish();
         let order = (1, self.next_order, 0);
         self.next_order += 1;
-        // As live delivery merges: one target per session at the highest
-        // QoS with every matching identifier; a QoS 0 one is not stored.
-        for (i, t) in ordinary
-            .into_iter()
-            .filter(|(_, t)| t.qos != QoS::AtMostOnce)
-        {
+        let stored = |t: fanout::Target<usize>| Target {
+            sid: 0,
+            qos: t.qos,
+            retain: t.retain,
+            subscription_ids: t.subscription_ids,
+            state: TargetState::Queued,
+        };
+        // Only what a persistent session stores: QoS 1/2.
+        for t in ordinary.into_iter().filter(|t| t.qos != QoS::AtMostOnce) {
+            let i = t.session;
             if !self.applied(self.sessions[i].old_shard, origin, None) {
                 self.sessions[i]
                     .deliveries
-                    .push((order, message.clone(), t));
+                    .push((order, message.clone(), stored(t)));
             }
         }
-        for (pick, members) in shared {
+        for (pick, mut members) in shared {
+            // A QoS 0 member would not store it: the message must not be
+            // lost to a QoS 0 member of an offline group.
+            members.retain(|t| t.qos != QoS::AtMostOnce);
             let done = (0..self.images.len()).any(|s| self.applied(s, origin, Some(&pick)));
             if done {
                 continue;
             }
             let next = self.shared_next.entry(pick).or_insert(0);
-            let (i, t) = members[*next % members.len()].clone();
-            *next += 1;
+            let Some(m) = fanout::choose_member(&members, next, |_| false) else {
+                continue;
+            };
+            let t = members.swap_remove(m);
+            let i = t.session;
             self.sessions[i]
                 .deliveries
-                .push((order, message.clone(), t));
+                .push((order, message.clone(), stored(t)));
         }
     }
 

@@ -9,7 +9,10 @@
 //!   shard's subscriber trie (key = session) and as the route replica
 //!   (key = shard id, answering "which shards want this topic");
 //! - [`RetainedStore`]: the retained-message store for the topics a shard
-//!   owns, searchable by filter without a full scan.
+//!   owns, searchable by filter without a full scan;
+//! - [`fanout`]: the one rule of who gets a message, at which QoS, with
+//!   which subscription identifiers, and which shared member, used by live
+//!   routing and recovery alike.
 //!
 //! - [`home_shard`]: which shard owns a client id's session or a retained
 //!   topic (a stable hash, the same on every node and every run).
@@ -18,6 +21,7 @@
 //! single-threaded data structures — no locks, no atomics, no I/O.
 
 mod entries;
+pub mod fanout;
 pub mod retained;
 pub mod topic;
 pub mod trie;
@@ -26,6 +30,7 @@ pub mod trie;
 mod tests;
 
 pub use entries::EntriesIter;
+pub use fanout::{choose_member, fan_out, Fan, FanOut, Match};
 pub use retained::{MatchWalk, RetainedStore};
 pub use topic::{
     has_wildcard, matches, parse_delayed, parse_shared, validate_topic_filter, validate_topic_name,

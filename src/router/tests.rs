@@ -1,7 +1,8 @@
 //! Tests of the router module: spec cases for topic rules, and property
 //! tests of the trie and the retained store against `topic::matches`.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use proptest::prelude::*;
 
@@ -9,7 +10,9 @@ use super::topic::{
     has_wildcard, level_count, matches, parse_shared, validate_topic_filter, validate_topic_name,
     TopicError,
 };
-use super::{FilterTrie, MatchWalk, RetainedStore};
+use super::{choose_member, Fan, FilterTrie, Match, MatchWalk, RetainedStore, SharedPick};
+use crate::codec::{QoS, SubOptions};
+use crate::message::Message;
 
 const MAX: usize = 32;
 
@@ -518,6 +521,139 @@ proptest! {
                 .cloned()
                 .collect();
             prop_assert_eq!(got, want, "filter {:?}", f);
+        }
+    }
+
+    #[test]
+    fn the_fan_out_over_trie_matches_is_the_rule_over_every_subscription(
+        subs in prop::collection::vec(
+            (filter(), 0u8..6, prop::option::of(0usize..2), 0u8..3, any::<bool>(), any::<bool>(), prop::option::of(1u32..4)),
+            0..40,
+        ),
+        topic in topic(),
+        message_qos in 0u8..3,
+        retain in any::<bool>(),
+        publisher in prop::option::of(0u8..6),
+        ordinary in any::<bool>(),
+        wanted in prop::collection::vec(any::<bool>(), 4),
+    ) {
+        const GROUPS: [&str; 2] = ["g", "h"];
+        let qos = |q: u8| [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][usize::from(q)];
+        // The subscriber trie: (session, group) per inner filter; a later
+        // subscription replaces an earlier one with the same key.
+        type Key = (u8, Option<Arc<str>>);
+        type Value = (SubOptions, Arc<str>, Option<u32>);
+        type ModelKey = (String, u8, Option<usize>);
+        type Shared = BTreeMap<(String, String), Vec<(u8, QoS, bool, Vec<u32>)>>;
+        let mut trie: FilterTrie<Key, Value> = FilterTrie::new();
+        let mut model: BTreeMap<ModelKey, (SubOptions, Option<u32>)> = BTreeMap::new();
+        for (f, session, group, q, nl, rap, id) in &subs {
+            let options = SubOptions {
+                qos: qos(*q),
+                no_local: *nl,
+                retain_as_published: *rap,
+                ..SubOptions::default()
+            };
+            let g = group.map(|g| Arc::<str>::from(GROUPS[g]));
+            trie.insert(f, (*session, g), (options, Arc::from(f.as_str()), *id));
+            model.insert((f.clone(), *session, *group), (options, *id));
+        }
+        let message = Message {
+            topic: topic.as_str().into(),
+            payload: Default::default(),
+            qos: qos(message_qos),
+            retain,
+            properties: Default::default(),
+            expires_at: None,
+            publisher: None,
+        };
+        let wants = |p: &SharedPick| {
+            let g = GROUPS.iter().position(|g| **g == *p.group).unwrap();
+            wanted[g * 2 + p.filter.len() % 2]
+        };
+        let is_publisher = |s: u8| publisher == Some(s);
+        let mut fan = Fan::new(&message, ordinary, wants, is_publisher);
+        trie.for_each_match(&topic, |(session, group), (options, inner, id)| {
+            fan.add(Match {
+                session: *session,
+                group: group.as_ref(),
+                filter: inner,
+                options,
+                subscription_id: *id,
+            });
+        });
+        let got = fan.finish();
+        // The rule, over every subscription, with the reference matcher.
+        let mut want_ordinary: BTreeMap<u8, (QoS, bool, Vec<u32>)> = BTreeMap::new();
+        let mut want_shared: Shared = BTreeMap::new();
+        for ((f, session, group), (options, id)) in &model {
+            if !matches(f, &topic) {
+                continue;
+            }
+            let q = options.qos.min(message.qos);
+            let r = retain && options.retain_as_published;
+            let ids: Vec<u32> = id.iter().copied().collect();
+            match group {
+                None => {
+                    if !ordinary || (options.no_local && publisher == Some(*session)) {
+                        continue;
+                    }
+                    let e = want_ordinary.entry(*session).or_insert((QoS::AtMostOnce, false, vec![]));
+                    e.0 = e.0.max(q);
+                    e.1 |= r;
+                    e.2.extend(ids);
+                }
+                Some(g) => {
+                    let pick = SharedPick { group: GROUPS[*g].into(), filter: f.as_str().into() };
+                    if wants(&pick) {
+                        want_shared
+                            .entry((GROUPS[*g].to_string(), f.clone()))
+                            .or_default()
+                            .push((*session, q, r, ids));
+                    }
+                }
+            }
+        }
+        let got_ordinary: BTreeMap<u8, (QoS, bool, Vec<u32>)> = got
+            .ordinary
+            .iter()
+            .map(|t| {
+                let mut ids = t.subscription_ids.to_vec();
+                ids.sort_unstable();
+                (t.session, (t.qos, t.retain, ids))
+            })
+            .collect();
+        prop_assert_eq!(got_ordinary.len(), got.ordinary.len(), "one target per session");
+        for v in want_ordinary.values_mut() {
+            v.2.sort_unstable();
+        }
+        prop_assert_eq!(got_ordinary, want_ordinary);
+        let got_shared: Shared = got
+            .shared
+            .iter()
+            .map(|(p, members)| {
+                let m = members
+                    .iter()
+                    .map(|t| (t.session, t.qos, t.retain, t.subscription_ids.to_vec()))
+                    .collect();
+                ((p.group.to_string(), p.filter.to_string()), m)
+            })
+            .collect();
+        for v in want_shared.values_mut() {
+            v.sort_by_key(|m| m.0);
+        }
+        prop_assert_eq!(got_shared, want_shared);
+        // A member is chosen from those preferred, round-robin.
+        for (_, members) in &got.shared {
+            let mut next = 0;
+            let mut seen = BTreeSet::new();
+            for _ in 0..members.len() * 2 {
+                let i = choose_member(members, &mut next, |s| s % 2 == 0).unwrap();
+                seen.insert(members[i].session);
+            }
+            let even: BTreeSet<u8> = members.iter().map(|t| t.session).filter(|s| s % 2 == 0).collect();
+            let all: BTreeSet<u8> = members.iter().map(|t| t.session).collect();
+            prop_assert_eq!(seen, if even.is_empty() { all } else { even });
         }
     }
 

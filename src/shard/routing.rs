@@ -12,8 +12,9 @@ use smallvec::SmallVec;
 
 use crate::codec::QoS;
 use crate::message::Message;
+use crate::router::fanout::{self, Fan, FanOut, Match};
 use crate::router::split_shared;
-use crate::session::{Delivery, SubIds, Subscription};
+use crate::session::{Delivery, Subscription};
 
 use super::durable::StoreTarget;
 use super::gather::Gather;
@@ -34,13 +35,8 @@ pub(super) struct Source {
     pub(super) will_of: Option<SessionKey>,
 }
 
-/// One session's merged view of the subscriptions a message matched.
-struct Target {
-    session: SessionKey,
-    qos: QoS,
-    retain: bool,
-    subscription_ids: SubIds,
-}
+/// One session's delivery of a routed message (the fan-out's target).
+type Target = fanout::Target<SessionKey>;
 
 impl Shard {
     /// Route a message accepted on this shard to every shard with
@@ -218,41 +214,29 @@ impl Shard {
         hops: u8,
         origin: Option<Origin>,
     ) {
-        let mut targets: SmallVec<[Target; 8]> = SmallVec::new();
-        let mut members: SmallVec<[(SessionKey, SharedPick, Target); 2]> = SmallVec::new();
         let sessions = &st.sessions;
-        let no_local = |key: SessionKey| {
-            let publisher = message.publisher.as_deref();
+        let publisher = message.publisher.as_deref();
+        let is_publisher = |key: SessionKey| {
             publisher.is_some() && sessions.get(key).map(|s| &**s.session.client_id()) == publisher
         };
+        let mut fan = Fan::new(message, ordinary, |p| shared.contains(p), is_publisher);
         st.subscribers.for_each_match(&message.topic, |key, entry| {
-            let sub = &entry.subscription;
-            let target = Target {
+            fan.add(Match {
                 session: key.session,
-                qos: sub.options.qos,
-                retain: message.retain && sub.options.retain_as_published,
-                subscription_ids: sub.subscription_id.into_iter().collect(),
-            };
-            match &key.group {
-                None if ordinary && !(sub.options.no_local && no_local(key.session)) => {
-                    targets.push(target);
-                }
-                None => {}
-                Some(group) => {
-                    let pick = SharedPick {
-                        group: group.clone(),
-                        filter: entry.filter.clone(),
-                    };
-                    if shared.contains(&pick) {
-                        members.push((key.session, pick, target));
-                    }
-                }
-            }
+                group: key.group.as_ref(),
+                filter: &entry.filter,
+                options: &entry.subscription.options,
+                subscription_id: entry.subscription.subscription_id,
+            });
         });
-        let mut merged = merge_targets(targets);
+        let FanOut {
+            ordinary: mut merged,
+            shared: mut groups,
+        } = fan.finish();
         let distinct = merged.len();
         for pick in shared {
-            match self.choose_member(st, message, pick, hops, &mut members) {
+            let members = groups.iter_mut().find(|(p, _)| p == pick).map(|(_, m)| m);
+            match members.and_then(|m| self.choose_member(st, message, pick, hops, m)) {
                 Some(t) => merged.push(t),
                 None => self.forward_shared(st, now, message, pick, hops, origin),
             }
@@ -433,39 +417,20 @@ impl Shard {
         message: &Arc<Message>,
         pick: &SharedPick,
         hops: u8,
-        members: &mut SmallVec<[(SessionKey, SharedPick, Target); 2]>,
+        members: &mut SmallVec<[Target; 2]>,
     ) -> Option<Target> {
-        let mut candidates: SmallVec<[usize; 4]> = (0..members.len())
-            .filter(|&i| members[i].1 == *pick)
-            .collect();
-        if candidates.is_empty() {
-            return None;
-        }
-        candidates.sort_unstable_by_key(|&i| members[i].0);
-        let connected: SmallVec<[usize; 4]> = candidates
-            .iter()
-            .copied()
-            .filter(|&i| {
-                let key = members[i].0;
-                st.sessions
-                    .get(key)
-                    .is_some_and(|s| s.session.is_connected())
-            })
-            .collect();
-        let pool = if !connected.is_empty() {
-            &connected
-        } else {
+        let sessions = &st.sessions;
+        let connected =
+            |key: &SessionKey| sessions.get(*key).is_some_and(|s| s.session.is_connected());
+        if !members.iter().any(|t| connected(&t.session)) {
             let others = self.shared_ring(st, &message.topic, pick).len();
             if usize::from(hops) < others && usize::from(hops) + 1 < self.shards {
                 return None;
             }
-            &candidates
-        };
+        }
         let next = st.shared_member_next.entry(pick.clone()).or_insert(0);
-        *next = next.wrapping_add(1);
-        let i = pool[*next % pool.len()];
-        let (_, _, t) = members.swap_remove(i);
-        Some(t)
+        let i = fanout::choose_member(members, next, connected)?;
+        Some(members.swap_remove(i))
     }
 
     /// Apply a subscription to the subscriber trie and the route replica,
@@ -780,27 +745,6 @@ impl Shard {
             super::connection::spawn_handoff(self.clone(), h);
         }
     }
-}
-
-/// Merge the matches of one session into one delivery: highest QoS, retain
-/// if any subscription keeps it, every subscription identifier.
-fn merge_targets(mut targets: SmallVec<[Target; 8]>) -> SmallVec<[Target; 8]> {
-    if targets.len() < 2 {
-        return targets;
-    }
-    targets.sort_unstable_by_key(|t| t.session);
-    let mut merged: SmallVec<[Target; 8]> = SmallVec::new();
-    for t in targets {
-        match merged.last_mut() {
-            Some(last) if last.session == t.session => {
-                last.qos = last.qos.max(t.qos);
-                last.retain |= t.retain;
-                last.subscription_ids.extend(t.subscription_ids);
-            }
-            _ => merged.push(t),
-        }
-    }
-    merged
 }
 
 /// A message passed on for one shared subscription only.
