@@ -190,6 +190,9 @@ pub struct ShardStats {
     /// CONNECTs refused before a session was involved (client id, will,
     /// authentication method, user property bytes).
     pub connects_refused: u64,
+    /// Log records that could not be written (the log was full, or a
+    /// record too large): each refused, held for a retry or counted here.
+    pub log_appends_failed: u64,
     /// Counters summed over sessions that ended.
     pub ended_sessions: SessionStats,
 }
@@ -556,6 +559,7 @@ impl Shard {
     /// client index points at its session, and no round-robin position
     /// outlives its shared subscription (memory that only grows).
     fn check_invariants(st: &State) {
+        durable::invariants::check(st);
         let mut retained = 0u64;
         st.retained
             .for_each(|_, m| retained += m.cost_bytes() as u64);

@@ -36,6 +36,7 @@
 
 mod answers;
 mod compaction;
+pub(super) mod invariants;
 mod messages;
 mod retry;
 mod sessions;
@@ -77,7 +78,7 @@ pub(super) struct DurableSlot {
 }
 
 /// An object of the log, for compaction.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Obj {
     Session(SessionKey, u64),
     Message(u64),
@@ -167,6 +168,9 @@ pub(super) struct Store {
     others_full: Vec<bool>,
     /// When an append failure was last logged (rate limit).
     failure_logged: Option<Instant>,
+    /// Records that could not be written, ever (each also logged, rate
+    /// limited): what was refused, held for a retry, or lost.
+    appends_failed: u64,
     /// The shard's status its sessions read: `store_full` is raised the
     /// moment the log has no spare segment.
     status: Rc<ShardStatus>,
@@ -253,6 +257,7 @@ impl Store {
             compaction_stuck: false,
             others_full: vec![false; shards],
             failure_logged: None,
+            appends_failed: 0,
             status,
         }
     }
@@ -291,6 +296,7 @@ impl Store {
                 Ok(placed)
             }
             Err(e) => {
+                self.appends_failed += 1;
                 let now = Instant::now();
                 if self
                     .failure_logged
@@ -454,6 +460,7 @@ impl Shard {
         self.send_applied(st);
         self.write_settled(st);
         let store = st.store.as_mut().expect("checked");
+        st.stats.log_appends_failed = store.appends_failed;
         // The clock, each second: recovery takes the last one as the moment
         // the broker stopped, when connected sessions became disconnected.
         if now - store.clock_at >= Duration::from_secs(1) {

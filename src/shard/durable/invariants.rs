@@ -1,0 +1,100 @@
+//! Debug-build checks of the store's bookkeeping against the shard's
+//! sessions, run after each tick (`Shard::check_invariants`).
+//!
+//! Shard-local. What compaction and recovery rely on: `live_bytes` is the
+//! sum of the live objects' record sizes; every live object is tracked at
+//! the segment of its whole record; a message not yet logged waits in the
+//! retry queue; accept ids rise; and the store and the sessions agree on
+//! which stored message each session still holds (a paged-out delivery
+//! included).
+
+use hashbrown::{HashMap, HashSet};
+
+use crate::session::StoredDelivery;
+
+use super::super::State;
+use super::retry::Retry;
+use super::{Obj, SessionKey};
+
+/// Check the store of `st`, if it has one; panics on a broken invariant.
+pub(in crate::shard) fn check(st: &State) {
+    let Some(store) = st.store.as_ref() else {
+        return;
+    };
+    let tracked: HashSet<(u64, &Obj)> = store
+        .by_seg
+        .iter()
+        .flat_map(|(seg, objs)| objs.iter().map(move |o| (*seg, o)))
+        .collect();
+    let mut live = 0u64;
+    for (id, m) in &store.messages {
+        if m.is_logged() {
+            live += u64::from(m.bytes);
+            if m.seg >= store.log.oldest_index() {
+                assert!(
+                    tracked.contains(&(m.seg, &Obj::Message(*id))),
+                    "stored message {id} is tracked at its segment {}",
+                    m.seg
+                );
+            }
+        } else {
+            assert!(
+                store
+                    .retry
+                    .iter()
+                    .any(|r| matches!(r, Retry::Message(x) if x == id)),
+                "stored message {id}, not logged, waits for a retry"
+            );
+        }
+    }
+    for meta in store.retained.values() {
+        live += u64::from(meta.bytes);
+    }
+    for (_, placed) in store.delayed.values() {
+        live += u64::from(placed.bytes);
+    }
+    let mut last_accept = 0;
+    for a in &store.accepted {
+        live += u64::from(a.bytes);
+        assert!(a.id > last_accept, "accept ids rise");
+        last_accept = a.id;
+    }
+    // Which session holds which stored message, as the sessions say.
+    let mut held: HashMap<u64, Vec<SessionKey>> = HashMap::new();
+    for key in st.sessions.keys() {
+        let Some(slot) = st.sessions.get(key) else {
+            continue;
+        };
+        let Some(d) = slot.durable else {
+            continue;
+        };
+        live += u64::from(d.bytes);
+        slot.session.stored_deliveries(|s: StoredDelivery| {
+            held.entry(s.id).or_default().push(key);
+        });
+    }
+    assert_eq!(
+        live, store.live_bytes,
+        "live bytes are the live objects' sum"
+    );
+    for (id, keys) in &held {
+        let m = store
+            .messages
+            .get(id)
+            .unwrap_or_else(|| panic!("a session holds stored message {id}, which the store has"));
+        for key in keys {
+            assert!(
+                m.sessions.contains(key),
+                "stored message {id} lists every session holding it"
+            );
+        }
+    }
+    for (id, m) in &store.messages {
+        for key in &m.sessions {
+            assert!(
+                held.get(id).is_some_and(|k| k.contains(key)),
+                "stored message {id} names only sessions that hold it"
+            );
+        }
+    }
+}
