@@ -7,6 +7,31 @@
 //! message). When every destination of an accept has answered, it is
 //! settled: a Settled record makes that durable, and the frontier is told
 //! to every shard so they can drop their proofs of application (markers).
+//!
+//! ```text
+//!  publisher's shard P                     destination shard D
+//!  -------------------                     -------------------
+//!  PUBLISH (QoS 1/2) in
+//!  log Accepted{id, message, scope}
+//!  [power-safe: wait for its sync]
+//!  PUBACK / PUBREC out
+//!  Publish{message, origin (P,id)} ───────▶ deliver; log Message records
+//!                                            naming origin (P,id), or a
+//!                                            marker when nothing is stored
+//!                                          [power-safe: wait for sync]
+//!  all of id's destinations answered ◀──── Applied{upto: id}
+//!  log Settled{upto}; the accept is dead
+//!  Settled{upto} ─────────────────────────▶ proofs of origins ≤ upto may go
+//! ```
+//!
+//! After a crash, recovery takes every Accepted record without a Settled
+//! one covering it, and routes its message again with the live fan-out
+//! rule (`router::fanout`), skipping each old shard that had recorded the
+//! origin (its Message records or marker: it applied the message, for the
+//! ordinary subscribers or the shared subscriptions the record's scope
+//! names). So a message acknowledged to its publisher reaches every
+//! matching persistent session once, even when the crash came between the
+//! PUBACK and the last destination's record.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
