@@ -11,7 +11,7 @@
 //!
 //! The data path: a connection task reads bytes, decodes packets and hands
 //! them to [`Shard::on_packet`]; the session's actions are applied by
-//! [`Shard::drive`] (routing, subscriptions, closes); packets to send wait in
+//! `Shard::drive` (routing, subscriptions, closes); packets to send wait in
 //! each session until its connection's writer task drains them.
 //!
 //! Borrow rule: `State` sits in one `RefCell`, borrowed only by synchronous
