@@ -88,9 +88,19 @@ impl ChildBroker {
         }
     }
 
-    /// SIGKILL, and wait for the process to be gone.
+    /// SIGKILL, and wait for the process to be gone. A broker that ended
+    /// by itself before (a panic, a failed invariant check) fails the test:
+    /// a crash test must not take a panic for the kill it meant.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if let Ok(Some(status)) = c.try_wait() {
+                if !std::thread::panicking() {
+                    panic!(
+                        "the broker had already exited ({status}) before it was killed:\n{}",
+                        self.log_text()
+                    );
+                }
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
