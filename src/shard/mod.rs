@@ -555,11 +555,37 @@ impl Shard {
         }
     }
 
-    /// Debug builds, once per tick: byte counters equal their sums, every
+    /// Debug builds, once per tick: the store's bookkeeping
+    /// (`durable::invariants`), route refcounts equal the subscriber trie's
+    /// entries, byte counters equal their sums, every
     /// client index points at its session, and no round-robin position
     /// outlives its shared subscription (memory that only grows).
     fn check_invariants(st: &State) {
         durable::invariants::check(st);
+        // Route refcounts match the subscriber trie: per filter and share
+        // name, the count is the number of local subscriptions.
+        let mut counted = 0u64;
+        for ((filter, route), &count) in &st.local_routes {
+            let group = match route {
+                RouteKey::Shard(_) => None,
+                RouteKey::Shared { pick, .. } => Some(&pick.group),
+            };
+            let entries = st
+                .subscribers
+                .entries(filter)
+                .filter(|(k, _)| k.group.as_ref() == group)
+                .count();
+            assert_eq!(
+                entries, count as usize,
+                "route refcount of {filter:?} matches the subscriber trie"
+            );
+            counted += u64::from(count);
+        }
+        assert_eq!(
+            counted,
+            st.subscribers.len() as u64,
+            "every local subscription is counted in a route"
+        );
         let mut retained = 0u64;
         st.retained
             .for_each(|_, m| retained += m.cost_bytes() as u64);
