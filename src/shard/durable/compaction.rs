@@ -16,7 +16,7 @@ use crate::session::StoredDelivery;
 
 use super::super::slab::Slab;
 use super::super::SessionSlot;
-use super::{DurableSlot, Obj, SessionKey, Shard, State, Store};
+use super::{DurableSlot, Obj, Room, SessionKey, Shard, State, Store};
 
 impl Shard {
     /// Compact while the log holds more than twice its live bytes plus a
@@ -27,7 +27,10 @@ impl Shard {
                 return;
             };
             let limit = store.live_bytes * 2 + store.log.body_max_bytes() as u64;
-            if store.compaction_stuck
+            if store.room
+                == (Room::Full {
+                    compaction_stuck: true,
+                })
                 || store.pending_removal.is_some()
                 || store.log.sealed_count() == 0
                 || store.log.used_bytes() <= limit
@@ -39,7 +42,9 @@ impl Shard {
             let store = st.store.as_mut().expect("checked above");
             store.compacting = false;
             if !done {
-                store.compaction_stuck = store.full;
+                if let Room::Full { compaction_stuck } = &mut store.room {
+                    *compaction_stuck = true;
+                }
                 return;
             }
         }
@@ -60,7 +65,7 @@ impl Shard {
             .flat_map(|(_, v)| v.iter().cloned())
             .filter(|(o, _)| store.unsettled(*o))
             .collect();
-        if store.full {
+        if store.room.is_full() {
             // Only what fits beside the room kept for bookkeeping.
             let markers = proofs.len() as u64 * 64;
             let need: u64 = objs.iter().map(|o| live_size(st, o, victim)).sum::<u64>() + markers;

@@ -155,15 +155,12 @@ pub(super) struct Store {
     pending_removal: Option<(u64, u64)>,
     /// When the clock was last written.
     clock_at: Instant,
-    /// The log has no room for new messages (no spare segment).
-    full: bool,
-    /// `full` as last logged and told to the other shards.
+    /// Whether the log has room for new messages.
+    room: Room,
+    /// Whether it was full, as last logged and told to the other shards.
     reported_full: bool,
     /// Compaction is rewriting: it may use the room kept for bookkeeping.
     compacting: bool,
-    /// A compaction failed for lack of room while the log was full: none is
-    /// tried again until a spare segment could be made.
-    compaction_stuck: bool,
     /// Which other shards reported a full log.
     others_full: Vec<bool>,
     /// When an append failure was last logged (rate limit).
@@ -174,6 +171,27 @@ pub(super) struct Store {
     /// The shard's status its sessions read: `store_full` is raised the
     /// moment the log has no spare segment.
     status: Rc<ShardStatus>,
+}
+
+/// How much room a shard's log has for new data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Room {
+    /// A spare segment is ready: every record is written.
+    Spare,
+    /// No spare segment (no disk space, or `storage.log_bytes_max`):
+    /// records bringing new message data are refused, and the second half
+    /// of the current segment is kept for bookkeeping and compaction.
+    Full {
+        /// A compaction failed for lack of room: none is tried again until
+        /// a spare segment could be made.
+        compaction_stuck: bool,
+    },
+}
+
+impl Room {
+    fn is_full(self) -> bool {
+        matches!(self, Room::Full { .. })
+    }
 }
 
 /// Where a store sits: its shard and what it shares with it.
@@ -251,10 +269,15 @@ impl Store {
             sync_wake,
             pending_removal: None,
             clock_at: Instant::now(),
-            full,
+            room: if full {
+                Room::Full {
+                    compaction_stuck: false,
+                }
+            } else {
+                Room::Spare
+            },
             reported_full: false,
             compacting: false,
-            compaction_stuck: false,
             others_full: vec![false; shards],
             failure_logged: None,
             appends_failed: 0,
@@ -267,7 +290,7 @@ impl Store {
     /// kept for bookkeeping (acks, session changes) and compaction: a record
     /// bringing new message data is refused there.
     fn put(&mut self, rec: &Rec) -> Result<(u64, u32), AppendError> {
-        if self.full
+        if self.room.is_full()
             && !self.compacting
             && brings_data(rec)
             && self.log.current_room() < self.log.segment_bytes() / 2
@@ -275,10 +298,12 @@ impl Store {
             return Err(AppendError::Full);
         }
         let appended = self.writer.append(&mut self.log, &self.clock, rec);
-        if !self.log.has_spare() && !self.full {
+        if !self.log.has_spare() && !self.room.is_full() {
             // Refuse new messages from now on; the room left in the current
             // segment is for the bookkeeping of those already taken.
-            self.full = true;
+            self.room = Room::Full {
+                compaction_stuck: false,
+            };
             self.status.store_full.set(true);
             log::error!(
                 "shard {}: {} for a new log segment in {}: refusing QoS 1/2 \
@@ -344,13 +369,13 @@ impl Store {
     /// True while this shard's log has no spare segment: records bringing
     /// message data may be refused.
     pub(super) fn is_full(&self) -> bool {
-        self.full
+        self.room.is_full()
     }
 
     /// True when new QoS 1/2 messages cannot be taken (this shard's log or
     /// another's is full).
     fn refusing(&self) -> bool {
-        self.full || self.others_full.iter().any(|f| *f)
+        self.room.is_full() || self.others_full.iter().any(|f| *f)
     }
 
     /// Power-safe: the sequence number output must wait for, when records
@@ -468,11 +493,16 @@ impl Shard {
             store.note(&Rec::Clock { ms });
             store.clock_at = now;
         }
-        // `put` raises `full` the moment the spare is gone; the tick lowers
-        // it once a spare could be made again.
+        // `put` makes the log full the moment the spare is gone; the tick
+        // gives it room again once a spare could be made.
         let full = !store.log.ensure_spare();
-        store.full = full;
-        store.compaction_stuck &= full;
+        store.room = match (full, store.room) {
+            (false, _) => Room::Spare,
+            (true, Room::Spare) => Room::Full {
+                compaction_stuck: false,
+            },
+            (true, stuck) => stuck,
+        };
         self.limits.status.store_full.set(store.refusing());
         if full != store.reported_full {
             store.reported_full = full;
