@@ -27,11 +27,12 @@ impl Shard {
                 return;
             };
             let limit = store.live_bytes * 2 + store.log.body_max_bytes() as u64;
-            if store.room
-                == (Room::Full {
-                    compaction_stuck: true,
-                })
-                || store.pending_removal.is_some()
+            if matches!(
+                store.room,
+                Room::Full {
+                    compaction_stuck: true
+                }
+            ) || store.pending_removal.is_some()
                 || store.log.sealed_count() == 0
                 || store.log.used_bytes() <= limit
             {
