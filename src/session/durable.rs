@@ -124,14 +124,14 @@ impl Session {
 
     /// Its expiry, connection state and will.
     pub fn lifetime(&self) -> Lifetime {
-        let (will, will_due) = match (&self.conn, &self.pending_will) {
+        let (will, will_due) = match (self.conn(), self.pending_will()) {
             (Some(c), _) => (c.will.as_deref().cloned(), None),
             (None, Some(p)) => (Some(p.0.clone()), Some(p.1)),
             (None, None) => (None, None),
         };
         Lifetime {
             expiry_s: self.expiry_s,
-            offline_since: self.offline_since,
+            offline_since: self.offline_since(),
             will,
             will_due,
         }
@@ -207,7 +207,10 @@ impl Session {
         }
         let mut session = Session::new(client_id, limits, r.offline_since);
         session.expiry_s = r.expiry_s;
-        session.pending_will = r.pending_will.map(Box::new);
+        session.presence = super::Presence::Offline {
+            since: r.offline_since,
+            pending_will: r.pending_will.map(Box::new),
+        };
         session.subscriptions = r.subscriptions.into_iter().collect();
         session.out = out;
         session.inbound_qos2 = r.qos2_in.into_iter().collect();

@@ -21,7 +21,7 @@ impl Session {
     /// session without a connection are ignored (the shard closes such
     /// sockets).
     pub fn handle_packet(&mut self, now: Instant, packet: Packet) {
-        let Some(conn) = self.conn.as_mut() else {
+        let Some(conn) = self.conn_mut() else {
             return;
         };
         conn.last_activity = now;
@@ -54,7 +54,7 @@ impl Session {
     /// A protocol violation or a malformed packet: log it with the client id,
     /// send DISCONNECT with `reason` (5.0 only), close, publish the will.
     pub fn violation(&mut self, now: Instant, reason: u8, why: &str) {
-        if self.conn.is_none() {
+        if self.conn().is_none() {
             return;
         }
         client_log!(
@@ -235,7 +235,9 @@ impl Session {
 
     /// Apply the inbound topic alias and validate the topic name.
     fn resolve_topic(&mut self, p: &mut Publish) -> Result<(), (u8, String)> {
-        let conn = self.conn.as_mut().expect("connected");
+        let super::Presence::Connected(conn) = &mut self.presence else {
+            unreachable!("a PUBLISH is handled while connected")
+        };
         if let Some(alias) = p.properties.topic_alias {
             if alias == 0 || alias > self.limits.topic_alias_max {
                 let why = format!(
@@ -360,7 +362,7 @@ impl Session {
     }
 
     fn on_disconnect(&mut self, now: Instant, d: Disconnect) {
-        let conn = self.conn.as_ref().expect("connected");
+        let conn = self.conn().expect("connected");
         if let Some(expiry) = d.properties.session_expiry_interval {
             if conn.expiry_was_zero && expiry != 0 {
                 let why = "[MQTT-3.14.2-2] DISCONNECT sets a session expiry after CONNECT set 0";

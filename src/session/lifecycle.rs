@@ -9,7 +9,7 @@ use crate::codec::{self, reason, ConnAck, Connect, Packet, Properties, Will};
 use crate::message::Message;
 use crate::text::quote;
 
-use super::{Action, Conn, Session};
+use super::{Action, Conn, Presence, Session};
 
 /// What the shard learns when a connection is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +32,7 @@ impl Session {
         assigned_client_id: Option<&str>,
     ) -> Attached {
         debug_assert!(
-            self.conn.is_none(),
+            self.conn().is_none(),
             "takeover must detach the old connection first"
         );
         let requested_expiry = self.requested_expiry(&connect);
@@ -62,11 +62,10 @@ impl Session {
             expiry_was_zero: requested_expiry == 0,
         };
         let response_info = props.request_response_information == Some(1);
-        self.conn = Some(conn);
+        // [MQTT-3.1.3-9]: a reconnect before the will delay cancels the
+        // will (it is dropped with the offline state).
+        self.presence = Presence::Connected(conn);
         self.generation += 1;
-        self.offline_since = None;
-        // [MQTT-3.1.3-9]: a reconnect before the will delay cancels the will.
-        self.pending_will = None;
         let mut ack = ConnAck {
             session_present,
             reason: reason::SUCCESS,
@@ -140,7 +139,7 @@ impl Session {
     /// The network connection ended without DISCONNECT (read error, EOF).
     /// `generation` guards against a late report from a replaced connection.
     pub fn connection_lost(&mut self, now: Instant, generation: u64) {
-        if self.conn.is_some() && generation == self.generation {
+        if self.conn().is_some() && generation == self.generation {
             client_log!(self, now, log::Level::Debug, "connection lost");
             self.detach(now, true);
         }
@@ -149,7 +148,7 @@ impl Session {
     /// A new connection with this client id arrived: DISCONNECT 0x8E to the
     /// old one (5.0), close it, and handle its will as for any abnormal end.
     pub fn takeover(&mut self, now: Instant) {
-        if self.conn.is_some() {
+        if self.conn().is_some() {
             client_log!(self, now, log::Level::Info, "session taken over");
             self.send_disconnect(reason::SESSION_TAKEN_OVER, None);
             self.detach(now, true);
@@ -161,7 +160,7 @@ impl Session {
     /// handled as for any abnormal end ([MQTT-3.1.2-8]): published now, or
     /// kept pending for its delay.
     pub fn shutdown(&mut self, now: Instant) {
-        if self.conn.is_some() {
+        if self.conn().is_some() {
             self.send_disconnect(reason::SERVER_SHUTTING_DOWN, None);
             self.detach(now, true);
         }
@@ -170,17 +169,23 @@ impl Session {
     /// A CONNECT with Clean Start discards this (offline) session: a pending
     /// will is published now, since the session ends ([MQTT-3.1.2-4]).
     pub fn discard(&mut self, now: Instant) {
-        debug_assert!(self.conn.is_none());
+        debug_assert!(self.conn().is_none());
         self.end(now);
     }
 
     /// Drop the connection part. The DISCONNECT (if any) stays queued in
     /// `transmit` for the shard to write to the old socket before closing.
     pub(super) fn detach(&mut self, now: Instant, publish_will: bool) {
-        let Some(conn) = self.conn.take() else {
+        if self.conn().is_none() {
             return;
+        }
+        let offline = Presence::Offline {
+            since: now,
+            pending_will: None,
         };
-        self.offline_since = Some(now);
+        let Presence::Connected(conn) = std::mem::replace(&mut self.presence, offline) else {
+            unreachable!("checked connected above")
+        };
         self.actions.push_back(Action::Close);
         if let Some(will) = conn.will.filter(|_| publish_will) {
             self.schedule_will(now, *will);
@@ -198,7 +203,9 @@ impl Session {
             self.publish_will(now, will);
         } else {
             let at = now + Duration::from_secs(u64::from(delay));
-            self.pending_will = Some(Box::new((will, at)));
+            if let Presence::Offline { pending_will, .. } = &mut self.presence {
+                *pending_will = Some(Box::new((will, at)));
+            }
         }
     }
 
@@ -223,7 +230,7 @@ impl Session {
         if self.ended {
             return;
         }
-        if let Some(pending) = self.pending_will.take() {
+        if let Some(pending) = self.take_pending_will() {
             let (will, _) = *pending;
             self.publish_will(now, will);
         }
@@ -233,14 +240,14 @@ impl Session {
 
     /// When an offline session expires, if it does.
     pub(super) fn expiry_deadline(&self) -> Option<Instant> {
-        let since = self.offline_since?;
+        let since = self.offline_since()?;
         expires_after_s(self.expiry_s).map(|s| since + Duration::from_secs(u64::from(s)))
     }
 
     /// Run whatever is due at `now`: keepalive expiry (DISCONNECT 0x8D), a
     /// delayed will, session expiry.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if let Some(c) = &self.conn {
+        if let Some(c) = self.conn() {
             if !c.keep_alive.is_zero() && now >= c.last_activity + c.keep_alive * 3 / 2 {
                 let why = format!(
                     "no packet for 1.5 x keepalive ({} s)",
@@ -249,8 +256,8 @@ impl Session {
                 self.violation(now, reason::KEEP_ALIVE_TIMEOUT, &why);
             }
         }
-        if self.pending_will.as_ref().is_some_and(|w| w.1 <= now) {
-            let (will, _) = *self.pending_will.take().expect("checked");
+        if self.pending_will().is_some_and(|w| w.1 <= now) {
+            let (will, _) = *self.take_pending_will().expect("checked");
             self.publish_will(now, will);
         }
         if self.expiry_deadline().is_some_and(|at| at <= now) {

@@ -328,21 +328,31 @@ struct Conn {
     expiry_was_zero: bool,
 }
 
+/// Whether a connection is attached; each state holds its own data.
+#[derive(Debug)]
+enum Presence {
+    /// A connection is attached.
+    Connected(Conn),
+    /// No connection since `since`.
+    Offline {
+        /// When the last connection ended (or the session was made).
+        since: Instant,
+        /// A will waiting for its delay, and when it is due.
+        pending_will: Option<Box<(Will, Instant)>>,
+    },
+}
+
 /// One client's session. See the module docs.
 #[derive(Debug)]
 pub struct Session {
     client_id: ClientId,
     limits: Rc<SessionLimits>,
-    /// Present while a connection is attached.
-    conn: Option<Conn>,
+    /// Connected (with the connection's state) or offline.
+    presence: Presence,
     /// Incremented at every connect, so a shard can tell a stale connection.
     generation: u64,
     /// Session Expiry Interval in force, seconds (`u32::MAX` = never).
     expiry_s: u32,
-    /// When the last connection ended; `None` while connected.
-    offline_since: Option<Instant>,
-    /// A will waiting for its delay, and when it is due.
-    pending_will: Option<Box<(Will, Instant)>>,
     subscriptions: HashMap<String, Subscription>,
     out: Outbound,
     /// Inbound QoS 2 packet ids received and not yet released (PUBREL).
@@ -371,11 +381,12 @@ impl Session {
         Session {
             client_id,
             limits,
-            conn: None,
             generation: 0,
             expiry_s: 0,
-            offline_since: Some(now),
-            pending_will: None,
+            presence: Presence::Offline {
+                since: now,
+                pending_will: None,
+            },
             subscriptions: HashMap::new(),
             out: Outbound::default(),
             inbound_qos2: HashSet::new(),
@@ -403,12 +414,53 @@ impl Session {
 
     /// Protocol version of the attached connection.
     pub fn version(&self) -> Option<Version> {
-        self.conn.as_ref().map(|c| c.version)
+        self.conn().map(|c| c.version)
+    }
+
+    /// The attached connection's state.
+    fn conn(&self) -> Option<&Conn> {
+        match &self.presence {
+            Presence::Connected(c) => Some(c),
+            Presence::Offline { .. } => None,
+        }
+    }
+
+    fn conn_mut(&mut self) -> Option<&mut Conn> {
+        match &mut self.presence {
+            Presence::Connected(c) => Some(c),
+            Presence::Offline { .. } => None,
+        }
+    }
+
+    /// When the last connection ended; None while connected.
+    fn offline_since(&self) -> Option<Instant> {
+        match &self.presence {
+            Presence::Connected(_) => None,
+            Presence::Offline { since, .. } => Some(*since),
+        }
+    }
+
+    /// The will waiting for its delay (offline only), and when it is due.
+    fn pending_will(&self) -> Option<&(Will, Instant)> {
+        match &self.presence {
+            Presence::Offline {
+                pending_will: Some(w),
+                ..
+            } => Some(w),
+            _ => None,
+        }
+    }
+
+    fn take_pending_will(&mut self) -> Option<Box<(Will, Instant)>> {
+        match &mut self.presence {
+            Presence::Offline { pending_will, .. } => pending_will.take(),
+            Presence::Connected(_) => None,
+        }
     }
 
     /// True while a connection is attached.
     pub fn is_connected(&self) -> bool {
-        self.conn.is_some()
+        self.conn().is_some()
     }
 
     /// True once the session has ended; the shard should drop it.
@@ -487,10 +539,10 @@ impl Session {
         if self.ended {
             return None;
         }
-        let keepalive = self.conn.as_ref().and_then(|c| {
+        let keepalive = self.conn().and_then(|c| {
             (!c.keep_alive.is_zero()).then(|| c.last_activity + c.keep_alive * 3 / 2)
         });
-        let will = self.pending_will.as_ref().map(|w| w.1);
+        let will = self.pending_will().map(|w| w.1);
         let expiry = self.expiry_deadline();
         [keepalive, will, expiry].into_iter().flatten().min()
     }

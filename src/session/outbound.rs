@@ -305,8 +305,7 @@ impl Session {
     /// Room for one more QoS 1/2 PUBLISH under the client's Receive
     /// Maximum (counting what was sent on this connection).
     fn window_open(&self) -> bool {
-        self.conn
-            .as_ref()
+        self.conn()
             .is_some_and(|c| self.out.inflight.len() - self.out.unsent < usize::from(c.window))
     }
 
@@ -543,7 +542,9 @@ impl Session {
         packet_id: u16,
         dup: bool,
     ) -> bool {
-        let conn = self.conn.as_mut().expect("send_publish needs a connection");
+        let super::Presence::Connected(conn) = &mut self.presence else {
+            unreachable!("send_publish needs a connection")
+        };
         let v5 = conn.version.is_v5();
         let mut d = Delivered {
             message: message.clone(),

@@ -198,7 +198,7 @@ impl super::Session {
                 r.truncate(text::cut(r, text::REASON_STRING_BYTES_MAX).len());
             }
         }
-        if let Some(conn) = &self.conn {
+        if let Some(conn) = self.conn() {
             let max = conn.max_packet_out as usize;
             if codec::encoded_len(&packet, conn.version) > max {
                 if let Some(p) = packet_properties(&mut packet) {
