@@ -68,7 +68,7 @@ impl SessionSlot {
 impl Shard {
     /// Send the retained messages matching a new subscription: from the
     /// owner shard of an exact topic, or from every shard for a wildcard
-    /// filter. This shard's own part starts at once.
+    /// filter. Each part starts from the gather task.
     pub(super) fn gather_retained(
         &self,
         st: &mut State,
