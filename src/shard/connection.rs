@@ -502,9 +502,7 @@ impl Shard {
             wake: Default::default(),
             drained: Default::default(),
             closed: Default::default(),
-            closing: Default::default(),
-            last_packets: Default::default(),
-            close_wait_seq: Default::default(),
+            phase: Default::default(),
         });
         slot.conn = Some(handle.clone());
         // Acks awaited for an earlier connection's subscribes are moot.
@@ -575,7 +573,7 @@ async fn serve(
     let stream = SharedStream(Rc::new(RefCell::new(stream)));
     let writer = glommio::spawn_local(write_loop(shard.clone(), handle.clone(), stream.clone()));
     let peer_ended = read_loop(&shard, &handle, stream.clone(), buffered).await;
-    if !handle.closing.get() {
+    if !handle.is_closing() {
         shard.on_connection_lost(&handle, Instant::now());
     }
     let wrote_all = writer.await;
@@ -617,7 +615,7 @@ fn handle_packets(shard: &Shard, conn: &Rc<ConnHandle>, buf: &mut BytesMut) -> R
                 break Err(());
             }
         }
-        if conn.closing.get() {
+        if conn.is_closing() {
             break Ok(());
         }
     };
@@ -644,14 +642,14 @@ async fn read_loop(
 ) -> bool {
     let read_max = shard.config.server.read_buffer_bytes;
     loop {
-        if handle_packets(shard, conn, &mut buf).is_err() || conn.closing.get() {
+        if handle_packets(shard, conn, &mut buf).is_err() || conn.is_closing() {
             return false;
         }
-        while shard.mesh.congested() && !conn.closing.get() {
+        while shard.mesh.congested() && !conn.is_closing() {
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
         // A client that does not read what we send it is not read either.
-        while shard.transmit_backlogged(conn) && !conn.closing.get() {
+        while shard.transmit_backlogged(conn) && !conn.is_closing() {
             conn.drained.wait().await;
         }
         if buf.is_empty() && buf.capacity() > 0 {
@@ -667,7 +665,7 @@ async fn read_loop(
             Some(Ok(_)) => {}
             None => return false,
         }
-        if conn.closing.get() {
+        if conn.is_closing() {
             return false;
         }
     }
@@ -679,13 +677,13 @@ async fn write_loop(shard: Rc<Shard>, conn: Rc<ConnHandle>, mut stream: SharedSt
     let limit = shard.config.server.write_buffer_bytes;
     let mut out = BytesMut::new();
     loop {
-        let closing = conn.closing.get();
+        let closing = conn.is_closing();
         if closing && shard.closing_waits_for_sync(&conn) {
             conn.wake.wait().await;
             continue;
         }
         if closing {
-            for p in conn.last_packets.take() {
+            for p in conn.take_last_packets() {
                 codec::encode(&p, conn.version, &mut out);
             }
         } else {

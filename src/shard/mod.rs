@@ -111,22 +111,73 @@ pub struct ConnHandle {
     /// Wakes the reader when the connection closes: the reader stops, and
     /// the writer's last packets go out before the input is drained.
     closed: Notify,
-    /// Set when the session let go of this connection.
-    closing: Cell<bool>,
-    /// Packets to write before closing (DISCONNECT, last acks).
-    last_packets: RefCell<Vec<Packet>>,
-    /// Power-safe: the last packets wait until log records below this
-    /// sequence number are synced.
-    close_wait_seq: Cell<u64>,
+    /// Open, or closing with its last packets.
+    phase: RefCell<Phase>,
+}
+
+/// Where a connection is in its life, as its reader and writer see it.
+#[derive(Debug, Default)]
+enum Phase {
+    /// Attached to its session: packets flow both ways.
+    #[default]
+    Open,
+    /// The session let go of it: the reader stops; the writer writes these
+    /// packets last (DISCONNECT, last acks), then the input is drained.
+    Closing {
+        /// Not yet handed to the writer.
+        last_packets: Vec<Packet>,
+        /// Power-safe: they wait until log records below this sequence
+        /// number are synced.
+        wait_seq: u64,
+    },
 }
 
 impl ConnHandle {
-    fn close(&self, last_packets: Vec<Packet>) {
-        self.last_packets.borrow_mut().extend(last_packets);
-        self.closing.set(true);
+    /// The session let go of this connection: `last_packets` go out once
+    /// log records below `wait_seq` are synced (power-safe; 0: at once).
+    fn close(&self, last_packets: Vec<Packet>, wait_seq: u64) {
+        {
+            let mut phase = self.phase.borrow_mut();
+            match &mut *phase {
+                Phase::Open => {
+                    *phase = Phase::Closing {
+                        last_packets,
+                        wait_seq,
+                    }
+                }
+                Phase::Closing {
+                    last_packets: waiting,
+                    wait_seq: seq,
+                } => {
+                    waiting.extend(last_packets);
+                    *seq = (*seq).max(wait_seq);
+                }
+            }
+        }
         self.wake.notify();
         self.drained.notify();
         self.closed.notify();
+    }
+
+    /// True once the session let go of this connection.
+    fn is_closing(&self) -> bool {
+        matches!(*self.phase.borrow(), Phase::Closing { .. })
+    }
+
+    /// Closing: the sequence number its last packets wait for.
+    fn close_wait_seq(&self) -> Option<u64> {
+        match &*self.phase.borrow() {
+            Phase::Closing { wait_seq, .. } => Some(*wait_seq),
+            Phase::Open => None,
+        }
+    }
+
+    /// Closing: the last packets not yet taken by the writer.
+    fn take_last_packets(&self) -> Vec<Packet> {
+        match &mut *self.phase.borrow_mut() {
+            Phase::Closing { last_packets, .. } => std::mem::take(last_packets),
+            Phase::Open => Vec::new(),
+        }
     }
 }
 
@@ -499,8 +550,7 @@ impl Shard {
             while let Some(p) = slot.session.poll_transmit() {
                 last.push(p);
             }
-            conn.close_wait_seq.set(wait_seq);
-            conn.close(last);
+            conn.close(last, wait_seq);
             st.stats.connections -= 1;
         }
     }

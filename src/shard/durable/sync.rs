@@ -181,7 +181,10 @@ impl Shard {
         let Some(store) = st.store.as_mut() else {
             return false;
         };
-        if conn.close_wait_seq.get() <= store.synced_next {
+        if conn
+            .close_wait_seq()
+            .is_none_or(|seq| seq <= store.synced_next)
+        {
             return false;
         }
         store.closing_waiters.push(conn.clone());
