@@ -368,8 +368,11 @@ pub struct Session {
     /// Retained-message gathers from other shards still outstanding.
     gathers_pending: u32,
     /// Live deliveries that arrived during a gather: they go out after the
-    /// retained messages, which must come first.
+    /// retained messages, which come first.
     held: VecDeque<(Arc<Message>, Delivery)>,
+    /// `held` reached the queue limit during the gathers outstanding: live
+    /// deliveries go to the queue at once until they have all ended.
+    held_released: bool,
     ended: bool,
     stats: SessionStats,
 }
@@ -397,6 +400,7 @@ impl Session {
             journal: VecDeque::new(),
             gathers_pending: 0,
             held: VecDeque::new(),
+            held_released: false,
             ended: false,
             stats: SessionStats::default(),
         }

@@ -206,29 +206,38 @@ impl Outbound {
 impl Session {
     /// Hand the session a message the router matched to its subscriptions.
     /// While retained messages are being gathered for a new subscription,
-    /// live messages wait behind them (bounded by the queue limit).
+    /// live messages wait behind them, as many as the queue limit; past
+    /// that, the held ones and every later one go to the queue at once (in
+    /// their order, behind the retained messages queued so far) rather
+    /// than be dropped: an acknowledged message is worth more than the
+    /// retained ones coming first.
     pub fn deliver(&mut self, now: Instant, message: &Arc<Message>, delivery: Delivery) {
-        if self.gathers_pending > 0 && !self.ended {
-            if self.held.len() >= self.limits.queue_messages_max {
-                self.stats.dropped_queue_full += 1;
-                self.done(delivery.stored);
-            } else {
+        if self.gathers_pending > 0 && !self.ended && !self.held_released {
+            if self.held.len() < self.limits.queue_messages_max {
                 self.held.push_back((message.clone(), delivery));
+                return;
             }
-            return;
+            self.held_released = true;
+            self.release_held(now);
         }
         self.deliver_now(now, message, delivery);
+    }
+
+    /// The held live deliveries go to the queue, in order.
+    fn release_held(&mut self, now: Instant) {
+        for (m, d) in std::mem::take(&mut self.held) {
+            self.deliver_now(now, &m, d);
+        }
     }
 
     /// Retained messages the session takes now: room left in memory for
     /// its queue and the live messages held meanwhile (when its deliveries
     /// page out, a chunk more while the log budget is below half), at most
-    /// `chunk_max`. While offline, or holding as many live messages as its
-    /// queue may, it takes a whole chunk (what does not fit is dropped and
-    /// counted): waiting would only hold the live messages longer.
+    /// `chunk_max`. While offline it takes a whole chunk (what does not fit
+    /// is dropped and counted, as any delivery would be).
     pub fn retained_credit(&self, chunk_max: usize) -> usize {
         let max = self.limits.queue_messages_max;
-        if !self.is_connected() || self.held.len() >= max {
+        if !self.is_connected() {
             return chunk_max;
         }
         let used = self.out.resident_len() + self.held.len();
@@ -259,9 +268,8 @@ impl Session {
         debug_assert!(self.gathers_pending > 0);
         self.gathers_pending = self.gathers_pending.saturating_sub(1);
         if self.gathers_pending == 0 {
-            for (m, d) in std::mem::take(&mut self.held) {
-                self.deliver_now(now, &m, d);
-            }
+            self.held_released = false;
+            self.release_held(now);
         }
     }
 

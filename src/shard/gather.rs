@@ -15,10 +15,11 @@
 //! queue can take.
 //!
 //! Live messages for the session wait behind the retained ones while a
-//! gather is outstanding (the session holds them, bounded by its queue
-//! limit); a session that is offline, or holds that many, takes the rest
-//! of the retained messages without waiting for room (beyond its queue
-//! they are dropped and counted, as any delivery would be).
+//! gather is outstanding (the session holds them, as many as its queue
+//! limit; past that they go to its queue at once, in order, rather than be
+//! dropped). A session that is offline takes the rest of the retained
+//! messages without waiting for room (beyond its queue they are dropped
+//! and counted, as any delivery would be).
 
 use std::rc::Rc;
 use std::sync::Arc;
