@@ -191,10 +191,6 @@ fn child_path(path: Option<&str>, level: &str) -> Box<str> {
     }
 }
 
-/// A branch still to walk in `for_each_match`: the node, the rest of the
-/// filter below it, and whether the node is the root.
-type Pending<'a, V> = (&'a RNode<V>, Option<&'a str>, bool);
-
 /// Topic names (no wildcards) → `V`, searchable by filter without a full
 /// scan. Topics are expected to be valid names
 /// ([`validate_topic_name`](crate::router::topic::validate_topic_name)).
@@ -256,42 +252,21 @@ impl<V> RetainedStore<V> {
 
     /// Calls `f(topic, value)` for every stored topic matching `filter`
     /// ([`topic::matches`](crate::router::topic::matches) semantics,
-    /// including the `$` rule). Walks only the branches the filter allows:
-    /// `+` = every child of a level, `#` = the whole subtree including the
-    /// parent level itself.
+    /// including the `$` rule): a [`MatchWalk`] taken to its end at once.
     pub fn for_each_match(&self, filter: &str, mut f: impl FnMut(&str, &V)) {
-        let mut stack: SmallVec<[Pending<'_, V>; 16]> = SmallVec::new();
-        stack.push((&self.root, Some(filter), true));
-        while let Some((node, rest, at_root)) = stack.pop() {
-            let Some(rest) = rest else {
-                if let Some((topic, value)) = &node.value {
-                    f(topic, value);
-                }
-                continue;
-            };
-            let (level, rest) = split_level(rest);
-            match level {
-                "#" => Self::subtree(node, at_root, &mut f),
-                "+" => node.children.for_each(|l, child| {
-                    if !(at_root && l.starts_with('$')) {
-                        stack.push((child, rest, false));
-                    }
-                }),
-                _ => {
-                    if let Some(child) = node.children.get(level) {
-                        stack.push((child, rest, false));
-                    }
-                }
-            }
+        let mut walk = MatchWalk::new(filter);
+        while !walk.is_done() {
+            self.walk(&mut walk, usize::MAX, usize::MAX, &mut f);
         }
     }
 
     /// Go on with `walk`: call `f(topic, value)` for the matches found
     /// while visiting at most `visits_max` nodes, stopping early once `f`
     /// has been called `found_max` times. Returns how many were found;
-    /// [`MatchWalk::is_done`] says whether the walk is over. Together, the
-    /// steps of a walk over an unchanged store find what
-    /// [`RetainedStore::for_each_match`] does, each topic once.
+    /// [`MatchWalk::is_done`] says whether the walk is over. Walks only
+    /// the branches the filter allows (`+` = every child of a level, `#` =
+    /// the whole subtree, the parent level included); together, the steps
+    /// of a walk over an unchanged store find each matching topic once.
     pub fn walk(
         &self,
         walk: &mut MatchWalk,
@@ -413,27 +388,6 @@ impl<V> RetainedStore<V> {
             node.children.remove(level);
         }
         removed
-    }
-
-    /// Calls `f` for every value in the subtree of `node` (itself included),
-    /// skipping `$` children of the root.
-    fn subtree(node: &RNode<V>, at_root: bool, f: &mut impl FnMut(&str, &V)) {
-        let mut stack: SmallVec<[&RNode<V>; 16]> = SmallVec::new();
-        if at_root {
-            node.children.for_each(|l, child| {
-                if !l.starts_with('$') {
-                    stack.push(child);
-                }
-            });
-        } else {
-            stack.push(node);
-        }
-        while let Some(node) = stack.pop() {
-            if let Some((topic, value)) = &node.value {
-                f(topic, value);
-            }
-            node.children.for_each(|_, child| stack.push(child));
-        }
     }
 
     /// Post-order retain: drops rejected values, then vacant children.

@@ -135,25 +135,13 @@ enum Phase {
 impl ConnHandle {
     /// The session let go of this connection: `last_packets` go out once
     /// log records below `wait_seq` are synced (power-safe; 0: at once).
+    /// Called once: the shard takes the handle out of the session's slot.
     fn close(&self, last_packets: Vec<Packet>, wait_seq: u64) {
-        {
-            let mut phase = self.phase.borrow_mut();
-            match &mut *phase {
-                Phase::Open => {
-                    *phase = Phase::Closing {
-                        last_packets,
-                        wait_seq,
-                    }
-                }
-                Phase::Closing {
-                    last_packets: waiting,
-                    wait_seq: seq,
-                } => {
-                    waiting.extend(last_packets);
-                    *seq = (*seq).max(wait_seq);
-                }
-            }
-        }
+        let was = self.phase.replace(Phase::Closing {
+            last_packets,
+            wait_seq,
+        });
+        debug_assert!(matches!(was, Phase::Open), "a connection closes once");
         self.wake.notify();
         self.drained.notify();
         self.closed.notify();

@@ -273,7 +273,7 @@ impl Shard {
         let mut groups: SmallVec<[(u64, Vec<StoreTarget>); 1]> = SmallVec::new();
         let mut keys: SmallVec<[SessionKey; 8]> = SmallVec::new();
         for (i, t) in targets.into_iter().enumerate() {
-            let qos = t.qos.min(message.qos);
+            let qos = t.qos; // the fan-out lowered it to the message's
             let store_id = Self::storable(st, t.session, qos).map(|sid| {
                 let target = StoreTarget {
                     key: t.session,

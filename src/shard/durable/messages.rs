@@ -159,19 +159,9 @@ impl Store {
         m: &MessageHead,
         targets: &[Target],
     ) -> Result<(RecordAt, u32), AppendError> {
-        let records = message_records(id, m.origin, &m.scope, &m.message, targets);
-        let mut first = None;
-        let mut bytes: u32 = 0;
-        for rec in &records {
-            let (_, b) = self.put(rec)?;
-            first.get_or_insert(self.log.last_at());
-            bytes = bytes.saturating_add(b);
-        }
-        let first = first.unwrap_or_else(|| RecordAt {
-            segment: self.log.current_index(),
-            offset: 0,
-        });
-        Ok((first, bytes))
+        self.put_all(&message_records(
+            id, m.origin, &m.scope, &m.message, targets,
+        ))
     }
 
     /// Record `m` as message `id`: logged, or held for a retry.

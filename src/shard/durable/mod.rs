@@ -51,7 +51,7 @@ use hashbrown::HashMap;
 
 use crate::codec::QoS;
 use crate::config::Durability;
-use crate::log::{AppendError, Log};
+use crate::log::{AppendError, Log, RecordAt};
 use crate::persist::{Origin, Rec, Sid, WallClock, Writer};
 use crate::session::ShardStatus;
 
@@ -340,16 +340,21 @@ impl Store {
         }
     }
 
-    /// Append `recs`; returns the first one's segment and the total size.
-    fn put_all(&mut self, recs: &[Rec]) -> Result<(u64, u32), AppendError> {
+    /// Append `recs`; returns where the first one starts and the total
+    /// size.
+    fn put_all(&mut self, recs: &[Rec]) -> Result<(RecordAt, u32), AppendError> {
         let mut first = None;
         let mut bytes: u32 = 0;
         for rec in recs {
-            let (seg, b) = self.put(rec)?;
-            first.get_or_insert(seg);
+            let (_, b) = self.put(rec)?;
+            first.get_or_insert(self.log.last_at());
             bytes = bytes.saturating_add(b);
         }
-        Ok((first.unwrap_or_else(|| self.log.current_index()), bytes))
+        let first = first.unwrap_or_else(|| RecordAt {
+            segment: self.log.current_index(),
+            offset: 0,
+        });
+        Ok((first, bytes))
     }
 
     /// Append a record that only records a change (no object of its own).

@@ -45,7 +45,7 @@ impl Store {
                 return Err(AppendError::Full);
             }
         }
-        self.put_all(&recs)
+        self.put_all(&recs).map(|(at, bytes)| (at.segment, bytes))
     }
 }
 
