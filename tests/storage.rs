@@ -706,6 +706,7 @@ fn an_offline_session_keeps_every_acknowledged_message_past_the_memory_limits_in
     // 2,000 x 16 KiB = 31 MiB queued for one offline session.
     let acked = publish_padded(&mut p, "paged/t", "a", 2000, 16 << 10);
     let grown = b.rss_anon_bytes().saturating_sub(anon_before);
+    eprintln!("31 MiB queued, anonymous memory grew {} KiB", grown >> 10);
     assert!(
         grown < 12 << 20,
         "31 MiB queued grew the broker's own memory by {} MiB: the queue is not in the log",
