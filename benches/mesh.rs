@@ -20,6 +20,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use shardmq::codec::{Properties, QoS};
 use shardmq::message::Message;
 use shardmq::shard::mesh::{Batch, Mesh, MeshMsg};
+use shardmq::shard::runtime::flush_loop;
 use smallvec::SmallVec;
 
 fn message() -> Arc<Message> {
@@ -58,9 +59,9 @@ fn batched_hop(n: u64) -> Duration {
     let producer = executor()
         .spawn(move || async move {
             let (senders, _r) = m.join().await.unwrap();
-            let out = Rc::new(Mesh::new(senders, 2, 1 << 20));
+            let out = Rc::new(Mesh::new(0, 2, 1 << 20));
             let flusher = out.clone();
-            glommio::spawn_local(async move { flusher.flush_loop().await }).detach();
+            glommio::spawn_local(async move { flush_loop(&flusher, senders).await }).detach();
             let msg = message();
             start_tx.send(Instant::now()).unwrap();
             let mut sent = 0;

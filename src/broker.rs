@@ -6,7 +6,6 @@
 //! nothing but the control lanes and the join handles is shared.
 
 use std::net::SocketAddr;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,10 +17,10 @@ use thiserror::Error;
 use crate::config::{Config, ConfigError, Durability};
 use crate::listen::{self, ListenError, PortLock};
 use crate::log::dir::DataDir;
-use crate::persist::recover::{recover, RecoveryError, RecoverySettings, ShardStart};
-use crate::persist::WallClock;
-use crate::shard::mesh::{Batch, Mesh};
-use crate::shard::{accept_loop, listener_from, Shard, StopReport};
+use crate::persist::recover::{recover, RecoveryError, RecoverySettings};
+use crate::shard::mesh::Batch;
+use crate::shard::runtime::{run_shard, Control, Durable, Lanes};
+use crate::shard::StopReport;
 
 /// Why the broker could not start.
 #[derive(Debug, Error)]
@@ -40,18 +39,12 @@ pub enum StartError {
     Recovery(#[from] RecoveryError),
     /// A shard failed to start.
     #[error("shard {shard} failed to start: {why}")]
-    Shard {
+    ShardCore {
         /// Which shard.
         shard: usize,
         /// Why.
         why: String,
     },
-}
-
-/// A message from the broker handle to a shard.
-#[derive(Debug, Clone, Copy)]
-enum Control {
-    Stop,
 }
 
 /// A running broker; see the module docs.
@@ -107,13 +100,6 @@ impl std::fmt::Display for StopSummary {
     }
 }
 
-/// What a shard starts from when the log is on.
-struct Durable {
-    start: ShardStart,
-    routes: Arc<Vec<(usize, String)>>,
-    clock: WallClock,
-}
-
 impl Broker {
     /// Start every shard and return once all of them listen.
     pub fn start(config: Config) -> Result<Broker, StartError> {
@@ -157,7 +143,7 @@ impl Broker {
                 .name(&format!("shard-{id}"))
                 .io_memory(config.server.io_memory_bytes)
                 .spawn(move || run_shard(id, shards, config, lanes, sockets, durable))
-                .map_err(|e| StartError::Shard {
+                .map_err(|e| StartError::ShardCore {
                     shard: id,
                     why: e.to_string(),
                 })?;
@@ -169,12 +155,12 @@ impl Broker {
                 Ok(Ok(())) => {}
                 Ok(Err((shard, why))) => {
                     broker.stop();
-                    return Err(StartError::Shard { shard, why });
+                    return Err(StartError::ShardCore { shard, why });
                 }
                 Err(_) => {
                     let why = "did not start within 30 s (is the locked-memory limit high enough?)";
                     broker.stop();
-                    return Err(StartError::Shard {
+                    return Err(StartError::ShardCore {
                         shard: usize::MAX,
                         why: why.into(),
                     });
@@ -246,14 +232,6 @@ impl Drop for Broker {
     }
 }
 
-/// The channels one shard's executor is started with.
-struct Lanes {
-    mesh: MeshBuilder<Batch, Full>,
-    control: Receiver<Control>,
-    ready: Sender<Result<(), (usize, String)>>,
-    stopped: Sender<StopReport>,
-}
-
 /// Recover the logs (when durability is on): the locked data directory and
 /// one start per shard.
 fn recover_logs(
@@ -284,121 +262,6 @@ fn recover_logs(
         })
         .collect();
     Ok((Some(recovery.dir), Some(durables)))
-}
-
-/// The body of one shard's executor.
-async fn run_shard(
-    id: usize,
-    shards: usize,
-    config: Config,
-    lanes: Lanes,
-    sockets: Vec<socket2::Socket>,
-    durable: Option<Durable>,
-) {
-    let Lanes {
-        mesh,
-        control,
-        ready,
-        stopped,
-    } = lanes;
-    let (senders, mut receivers) = match mesh.join().await {
-        Ok(joined) => joined,
-        Err(_) => {
-            let _ = ready.send(Err((id, "cannot join the shard mesh".into())));
-            return;
-        }
-    };
-    let outbox_max = config.mesh.outbox_messages_max;
-    let shard = Rc::new(Shard::new(
-        id,
-        shards,
-        config,
-        Mesh::new(senders, shards, outbox_max),
-    ));
-    let power_safe = shard.config().durability() == Durability::PowerSafe;
-    if let Some(d) = durable {
-        shard.restore(d.start, &d.routes, d.clock);
-    }
-    if power_safe {
-        glommio::spawn_local(shard.clone().sync_loop()).detach();
-    }
-    for (from, rx) in receivers.streams() {
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
-            while let Some(batch) = rx.recv().await {
-                shard.on_mesh_batch(batch, from, Instant::now());
-            }
-        })
-        .detach();
-    }
-    let gatherer = shard.clone();
-    glommio::spawn_local(async move {
-        let wake = gatherer.gather_wake();
-        loop {
-            wake.wait().await;
-            // A few chunks per loop turn, then the other tasks run.
-            while gatherer.run_gathers(Instant::now(), 8) {
-                glommio::yield_if_needed().await;
-            }
-        }
-    })
-    .detach();
-    let flusher = shard.clone();
-    glommio::spawn_local(async move { flusher.mesh().flush_loop().await }).detach();
-    let mut accepts = Vec::new();
-    let mut listening = Vec::new();
-    for socket in sockets {
-        match listener_from(socket) {
-            Ok((listener, handle)) => {
-                listening.push(handle);
-                accepts.push(glommio::spawn_local(accept_loop(shard.clone(), listener)).detach());
-            }
-            Err(e) => {
-                let _ = ready.send(Err((id, format!("cannot take a listening socket: {e}"))));
-                return;
-            }
-        }
-    }
-    let _ = ready.send(Ok(()));
-    loop {
-        glommio::timer::sleep(Shard::TICK).await;
-        shard.on_tick(Instant::now());
-        match control.try_recv() {
-            Ok(Control::Stop) | Err(crossbeam_channel::TryRecvError::Disconnected) => break,
-            Err(crossbeam_channel::TryRecvError::Empty) => {}
-        }
-    }
-    // Listeners first: shutting a listening socket down takes it out of the
-    // port at once (even while io_uring still holds an accept on it), so a
-    // restart never races this run's sockets.
-    for a in accepts {
-        a.cancel();
-    }
-    for l in &listening {
-        let _ = l.shutdown(std::net::Shutdown::Both);
-    }
-    drop(listening);
-    let report = stop_shard(&shard).await;
-    log::debug!("shard {id} stopped");
-    let _ = stopped.send(report);
-}
-
-/// Close every connection of a stopping shard, wait for their output to
-/// be flushed (until shortly before the shutdown timeout), and sync the log.
-async fn stop_shard(shard: &Shard) -> StopReport {
-    let started = Instant::now();
-    let mut report = shard.begin_stop(started);
-    let timeout = Duration::from_secs(shard.config().server.shutdown_timeout_s);
-    // Leave a tenth of the timeout for the sync and the exit.
-    let deadline = started + timeout.mul_f32(0.9);
-    while shard.open_sockets() > 0 && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(5)).await;
-    }
-    report.sockets_left = shard.open_sockets();
-    shard.on_tick(Instant::now());
-    shard.sync_now().await;
-    report.logs_synced = usize::from(shard.config().durability() != Durability::Memory);
-    report
 }
 
 /// The CPUs this process may run on (its affinity mask, which a cgroup or

@@ -1,13 +1,13 @@
 //! shardmq: a thread-per-core, shared-nothing MQTT 3.1 / 3.1.1 / 5.0 broker.
 //!
 //! ```text
-//!  socket ─▶ shard::connection (reader) ─▶ codec::decode ─▶ session (sans-IO)
+//!  socket ─▶ shard::runtime (reader)  ─▶ codec::decode ─▶ session (sans-IO)
 //!                                                              │ actions
 //!        ┌─────────────────────────────────────────────────────┘
 //!        ▼
 //!  shard::routing: route replica match ─┬─▶ local subscriber trie ─▶ sessions
 //!                                       └─▶ mesh batch per shard ─▶ their tries
-//!  session transmit ─▶ codec::encode ─▶ shard::connection (writer) ─▶ socket
+//!  session transmit ─▶ codec::encode ─▶ shard::runtime (writer)  ─▶ socket
 //!
 //!  shard::durable ─▶ persist (records) ─▶ log (this shard's mmap segments)
 //!  start: persist::recover reads every log ─▶ shard::restore
@@ -20,8 +20,9 @@
 //! batched messages over bounded SPSC lanes. See `DESIGN.md` in the shared
 //! folder for the whole picture.
 //!
-//! `codec`, `router`, `session` and `persist::record` do no I/O and read no
-//! clock; `shard` and `broker` are the only modules that know the runtime;
+//! `codec`, `router`, `session`, `persist::record` and the shard's core
+//! (`shard::ShardCore`) do no I/O and read no clock; `shard::runtime` and
+//! `broker` are the only modules that know the runtime (glommio);
 //! `log` does plain blocking file I/O (mapped writes, `fallocate`) and
 //! `persist::recover` reads and writes the logs before the shards start.
 

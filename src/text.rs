@@ -71,6 +71,8 @@ pub struct LogGate {
     tokens: u32,
     refilled: Option<Instant>,
     suppressed: u64,
+    /// The time [`LogGate::tick`] last gave.
+    ticked: Option<Instant>,
 }
 
 impl LogGate {
@@ -83,6 +85,7 @@ impl LogGate {
             tokens: burst,
             refilled: None,
             suppressed: 0,
+            ticked: None,
         }
     }
 
@@ -103,12 +106,32 @@ impl LogGate {
             self.tokens = self.tokens.saturating_add(add).min(self.burst);
             *since = now;
         }
+        self.take_token()
+    }
+
+    /// Spend a token if there is one.
+    fn take_token(&mut self) -> Option<u64> {
         if self.tokens == 0 {
             self.suppressed = self.suppressed.saturating_add(1);
             return None;
         }
         self.tokens -= 1;
         Some(std::mem::take(&mut self.suppressed))
+    }
+
+    /// May a line be logged now, the time being that of the caller's last
+    /// [`LogGate::tick`]? For code that reads no clock: its gate refills
+    /// as its ticks come.
+    pub fn allow_ticked(&mut self) -> Option<u64> {
+        match self.ticked {
+            Some(now) => self.allow(now),
+            None => self.take_token(),
+        }
+    }
+
+    /// The caller's clock reading, for [`LogGate::allow_ticked`].
+    pub fn tick(&mut self, now: Instant) {
+        self.ticked = Some(now);
     }
 }
 

@@ -48,7 +48,9 @@ impl Session {
                     "a client sent a packet only a server may send",
                 ),
         }
-        self.check_invariants();
+        if cfg!(debug_assertions) {
+            self.check_invariants();
+        }
     }
 
     /// A protocol violation or a malformed packet: log it with the client id,

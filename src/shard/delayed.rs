@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use crate::message::Message;
 
 use super::routing::Source;
-use super::{Shard, State};
+use super::{ShardCore, State};
 
-impl Shard {
+impl ShardCore {
     /// Hold `message` for `delay_s` seconds. False when a QoS 1/2 one could
     /// not be logged (the log is full): the publisher is refused.
     pub(super) fn delay(

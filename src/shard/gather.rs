@@ -36,7 +36,7 @@ use crate::session::{Delivery, SubIds, Subscription};
 use super::durable::StoreTarget;
 use super::mesh::{MeshMsg, RetainedWaiter};
 use super::notify::Notify;
-use super::{SessionKey, SessionSlot, Shard, State};
+use super::{SessionKey, SessionSlot, ShardCore, State};
 
 /// Retained messages one chunk carries at most.
 pub const RETAINED_CHUNK_MAX: usize = 256;
@@ -66,7 +66,7 @@ impl SessionSlot {
     }
 }
 
-impl Shard {
+impl ShardCore {
     /// Send the retained messages matching a new subscription: from the
     /// owner shard of an exact topic, or from every shard for a wildcard
     /// filter. Each part starts from the gather task.

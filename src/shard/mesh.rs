@@ -1,18 +1,19 @@
-//! The shard-to-shard mesh: one bounded SPSC lane per ordered pair of
-//! shards (glommio `channel_mesh`), carrying batches.
+//! What shards say to each other, and each shard's outbox of it.
 //!
-//! Shard-local: each shard owns its senders, its receivers and an outbox
-//! per destination. Anything queued during one loop turn leaves as one batch
-//! per destination: the flusher task runs after the turn's other ready tasks.
-//! A full lane makes the flusher wait; the outbox then grows, and past
+//! Shard-local: each shard owns an outbox per destination. Anything queued
+//! during one loop turn leaves as one batch per destination: the runtime's
+//! flusher ([`Mesh::take_batches`]) runs after the turn's other ready tasks
+//! and puts each batch on the bounded SPSC lane to its shard. A full lane
+//! makes the flusher wait; the outbox then grows, and past
 //! `outbox_messages_max` the shard stops reading from its clients until it
-//! drains (backpressure, never an unbounded queue).
+//! drains (backpressure, never an unbounded queue). No runtime here: the
+//! lanes belong to `shard::runtime`, and the simulator carries the batches
+//! itself.
 
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use glommio::channels::channel_mesh::Senders;
 use smallvec::SmallVec;
 
 use crate::codec::{Connect, QoS};
@@ -68,7 +69,7 @@ pub struct AckTo {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum RouteKey {
     /// Shard `0` has ordinary subscribers of the filter.
-    Shard(u16),
+    ShardCore(u16),
     /// Shard has members of a shared subscription (`group`, `filter`).
     Shared {
         /// The shared subscription.
@@ -170,21 +171,23 @@ pub enum MeshMsg {
 /// One batch on a lane.
 pub type Batch = Vec<MeshMsg>;
 
-/// This shard's sending side of the mesh.
+/// This shard's outbox: what it said to each other shard this loop turn.
 pub struct Mesh {
-    senders: Senders<Batch>,
+    me: usize,
     outbox: RefCell<Vec<Batch>>,
-    /// Messages in the outbox, for backpressure.
+    /// Messages queued and not yet on a lane, for backpressure.
     pending: Cell<usize>,
     pending_max: usize,
+    /// Wakes the flusher: a batch waits.
     wake: Notify,
 }
 
 impl Mesh {
-    /// Wrap the joined mesh senders.
-    pub fn new(senders: Senders<Batch>, shards: usize, pending_max: usize) -> Mesh {
+    /// The outbox of shard `me` of `shards`; past `pending_max` messages
+    /// not yet on a lane it reports [`Mesh::congested`].
+    pub fn new(me: usize, shards: usize, pending_max: usize) -> Mesh {
         Mesh {
-            senders,
+            me,
             outbox: RefCell::new((0..shards).map(|_| Vec::new()).collect()),
             pending: Cell::new(0),
             pending_max,
@@ -194,7 +197,7 @@ impl Mesh {
 
     /// Queue `msg` for shard `to`; it leaves with this loop turn's batch.
     pub fn send(&self, to: usize, msg: MeshMsg) {
-        debug_assert_ne!(to, self.senders.peer_id(), "a shard never sends to itself");
+        debug_assert_ne!(to, self.me, "a shard never sends to itself");
         self.outbox.borrow_mut()[to].push(msg);
         self.pending.set(self.pending.get() + 1);
         self.wake.notify();
@@ -202,11 +205,9 @@ impl Mesh {
 
     /// Queue `msg` for every other shard.
     pub fn broadcast(&self, msg: impl Fn() -> MeshMsg) {
-        let me = self.senders.peer_id();
-        for to in 0..self.senders.nr_consumers() {
-            if to != me {
-                self.send(to, msg());
-            }
+        let shards = self.outbox.borrow().len();
+        for to in (0..shards).filter(|&to| to != self.me) {
+            self.send(to, msg());
         }
     }
 
@@ -215,27 +216,27 @@ impl Mesh {
         self.pending.get() > self.pending_max
     }
 
-    /// The flusher task: after each loop turn, one batch per destination.
-    pub async fn flush_loop(&self) {
-        loop {
-            self.wake.wait().await;
-            futures_lite::future::yield_now().await;
-            let batches: Vec<(usize, Batch)> = {
-                let mut outbox = self.outbox.borrow_mut();
-                outbox
-                    .iter_mut()
-                    .enumerate()
-                    .filter(|(_, b)| !b.is_empty())
-                    .map(|(to, b)| (to, std::mem::take(b)))
-                    .collect()
-            };
-            for (to, batch) in batches {
-                let n = batch.len();
-                if self.senders.send_to(to, batch).await.is_err() {
-                    log::debug!("mesh lane to shard {to} is closed; dropped {n} messages");
-                }
-                self.pending.set(self.pending.get() - n);
-            }
-        }
+    /// Take this turn's batches, one per destination with anything queued,
+    /// in destination order. Their messages still count as pending until
+    /// [`Mesh::sent`] says they are on their lane.
+    pub fn take_batches(&self) -> Vec<(usize, Batch)> {
+        let mut outbox = self.outbox.borrow_mut();
+        outbox
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, b)| !b.is_empty())
+            .map(|(to, b)| (to, std::mem::take(b)))
+            .collect()
+    }
+
+    /// `n` messages taken by [`Mesh::take_batches`] are on their lane (or
+    /// were dropped with a closed lane).
+    pub fn sent(&self, n: usize) {
+        self.pending.set(self.pending.get() - n);
+    }
+
+    /// Wait until something is queued (the runtime's flusher).
+    pub async fn queued(&self) {
+        self.wake.wait().await
     }
 }

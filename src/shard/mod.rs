@@ -1,22 +1,36 @@
-//! The per-core runtime: one glommio executor per shard.
+//! A shard: [`ShardCore`], every decision of one core, and `runtime`, the
+//! glommio side that does its I/O.
 //!
-//! Shard-local: a `Shard` and everything it owns (sessions, subscriber trie,
-//! route replica, its part of the retained store, its log and the
+//! Shard-local: a `ShardCore` and everything it owns (sessions, subscriber
+//! trie, route replica, its part of the retained store, its log and the
 //! bookkeeping of what in it is live, delayed publishes, mesh outbox,
-//! timers, the power-safe group-commit task) lives on one thread and is
-//! `!Send`. Shards share nothing; they exchange
-//! [`mesh::MeshMsg`] batches. This module is the only one that knows glommio
-//! (with `broker`, which starts the executors), so a later move to another
-//! io_uring runtime stays local.
+//! timers) lives on one thread and is `!Send`. Shards share nothing; they
+//! exchange [`mesh::MeshMsg`] batches.
 //!
-//! The data path: a connection task reads bytes, decodes packets and hands
-//! them to [`Shard::on_packet`]; the session's actions are applied by
-//! `Shard::drive` (routing, subscriptions, closes); packets to send wait in
-//! each session until its connection's writer task drains them.
+//! ```text
+//!   runtime (glommio, this shard's thread)        ShardCore (no I/O, no clock)
+//!   ─────────────────────────────────────        ───────────────────────────
+//!   accept, read CONNECT ─────────────────────▶  handshake → serve / move / refuse
+//!   home shard's connection task ─────────────▶  attach → ConnHandle (CONNACK queued)
+//!   reader: bytes → codec::decode ────────────▶  on_packet / on_bad_bytes / on_connection_lost
+//!   writer ◀──────────────────────────────────   drain_transmit (held for acks and syncs)
+//!   mesh lane receivers ──────────────────────▶  on_mesh_batch → handoffs to serve
+//!   mesh flusher ◀────────────────────────────   mesh().take_batches / sent
+//!   tick (every 50 ms) ───────────────────────▶  on_tick: timers, delayed, log upkeep
+//!   gather task ──────────────────────────────▶  run_gathers (retained replay chunks)
+//!   group commit (power-safe) ◀───────────────   poll_sync → fdatasync → synced
+//! ```
 //!
-//! Borrow rule: `State` sits in one `RefCell`, borrowed only by synchronous
-//! code. Never spawn a task while it is borrowed: glommio's `spawn_local`
-//! runs the new task's first poll immediately.
+//! Every input carries the time (`now`); the core reads no clock. Its
+//! outputs are pulled: packets per connection (`drain_transmit`, or a
+//! closing connection's last packets), mesh batches, files to sync; the
+//! wake-ups ([`notify::Notify`]) only say that something can be pulled. The
+//! simulator (`tests/simulation.rs`) drives several cores the same way with
+//! a virtual clock and carries their batches itself.
+//!
+//! Borrow rule: the core's state sits in one `RefCell`, borrowed only by
+//! synchronous code; it never calls the runtime, so no task is spawned
+//! while it is borrowed.
 
 /// Log a line that clients can cause in numbers (refused handshakes, full
 /// stores) through the shard's log gate: a flood of them becomes a few
@@ -24,7 +38,7 @@
 macro_rules! shard_log {
     ($shard:expr, $level:expr, $($arg:tt)+) => {
         if log::log_enabled!($level) {
-            if let Some(n) = $shard.log_gate.borrow_mut().allow(std::time::Instant::now()) {
+            if let Some(n) = $shard.log_gate.borrow_mut().allow_ticked() {
                 log::log!(
                     $level,
                     "{}{}",
@@ -36,7 +50,7 @@ macro_rules! shard_log {
     };
 }
 
-mod connection;
+mod connect;
 mod delayed;
 mod durable;
 mod gather;
@@ -44,6 +58,7 @@ pub mod mesh;
 mod notify;
 mod restore;
 mod routing;
+pub mod runtime;
 mod slab;
 
 use std::cell::{Cell, RefCell};
@@ -65,10 +80,10 @@ use crate::session::{Action, Session, SessionLimits, SessionStats, Subscription}
 use durable::{DurableSlot, Store};
 use routing::Source;
 
-pub use connection::last_client;
-pub(crate) use connection::{accept_loop, listener_from};
+pub use connect::Handshake;
 use mesh::{Mesh, RouteKey};
 use notify::Notify;
+pub use runtime::last_client;
 use slab::Slab;
 
 /// Index of a session in its shard's slab.
@@ -148,7 +163,7 @@ impl ConnHandle {
     }
 
     /// True once the session let go of this connection.
-    fn is_closing(&self) -> bool {
+    pub fn is_closing(&self) -> bool {
         matches!(*self.phase.borrow(), Phase::Closing { .. })
     }
 
@@ -161,7 +176,7 @@ impl ConnHandle {
     }
 
     /// Closing: the last packets not yet taken by the writer.
-    fn take_last_packets(&self) -> Vec<Packet> {
+    pub fn take_last_packets(&self) -> Vec<Packet> {
         match &mut *self.phase.borrow_mut() {
             Phase::Closing { last_packets, .. } => std::mem::take(last_packets),
             Phase::Open => Vec::new(),
@@ -288,6 +303,8 @@ struct State {
     last_conn_id: u64,
     /// Last session uid handed out.
     last_session_uid: u64,
+    /// Last client id the broker assigned (empty id in CONNECT).
+    last_assigned_id: u64,
     /// The log and what in it is live; None without durability.
     store: Option<Store>,
     /// Delayed publishes by (due, id).
@@ -307,7 +324,7 @@ struct State {
 }
 
 /// One shard; see the module docs.
-pub struct Shard {
+pub struct ShardCore {
     id: usize,
     shards: usize,
     config: Config,
@@ -334,15 +351,19 @@ pub struct Shard {
     sync_wake: Rc<notify::Notify>,
     /// Rate limit of the log lines clients cause on this shard as a crowd.
     log_gate: RefCell<crate::text::LogGate>,
+    /// The runtime's start stamp, carried by assigned client ids.
+    boot_stamp: u64,
     /// Debug builds: `SHARDMQ_TEST_PANIC_CLIENT_ID`, see
-    /// `connection::test_panic_trigger`.
+    /// `runtime::connection::test_panic_trigger`.
     #[cfg(debug_assertions)]
     test_panic_client: Option<String>,
 }
 
-impl Shard {
-    /// A shard with empty state; `mesh` is its side of the joined mesh.
-    pub fn new(id: usize, shards: usize, config: Config, mesh: Mesh) -> Shard {
+impl ShardCore {
+    /// Shard `id` of `shards` with empty state; `mesh` is its outbox;
+    /// client ids it assigns carry `boot_stamp` (the runtime's start time,
+    /// so they differ from run to run).
+    pub fn new(id: usize, shards: usize, config: Config, mesh: Mesh, boot_stamp: u64) -> ShardCore {
         let limits = Rc::new(config.session_limits());
         let retained_max = config.mqtt.retained_messages_max.div_ceil(shards);
         let connections_max = config.server.connections_max.div_ceil(shards);
@@ -350,7 +371,8 @@ impl Shard {
         let delayed_max = config.storage.delayed_messages_max.div_ceil(shards);
         let delayed_bytes_max = config.storage.delayed_bytes_max.div_ceil(shards as u64);
         let retained_bytes_max = config.mqtt.retained_bytes_max.div_ceil(shards as u64);
-        Shard {
+        ShardCore {
+            boot_stamp,
             delayed_max,
             delayed_bytes_max,
             retained_bytes_max,
@@ -382,6 +404,7 @@ impl Shard {
                 timers: BinaryHeap::new(),
                 last_conn_id: 0,
                 last_session_uid: 0,
+                last_assigned_id: 0,
                 store: None,
                 delayed: BTreeMap::new(),
                 delayed_bytes: 0,
@@ -570,6 +593,7 @@ impl Shard {
     /// Run every timer that is due, send the delayed publishes that are
     /// due, and keep the log (clock, settled frontier, compaction).
     pub fn on_tick(&self, now: Instant) {
+        self.log_gate.borrow_mut().tick(now);
         let mut st = self.state.borrow_mut();
         self.send_due_delayed(&mut st, now);
         self.durable_tick(&mut st, now);
@@ -589,8 +613,15 @@ impl Shard {
             self.drive(&mut st, key, now);
         }
         if cfg!(debug_assertions) {
-            Self::check_invariants(&st);
+            Self::invariants(&st);
         }
+    }
+
+    /// Check every invariant of the shard and its store; panics naming the
+    /// first that does not hold. Debug builds run it after each tick; the
+    /// simulator after every input.
+    pub fn check_invariants(&self) {
+        Self::invariants(&self.state.borrow());
     }
 
     /// Debug builds, once per tick: the store's bookkeeping
@@ -598,14 +629,14 @@ impl Shard {
     /// entries, byte counters equal their sums, every
     /// client index points at its session, and no round-robin position
     /// outlives its shared subscription (memory that only grows).
-    fn check_invariants(st: &State) {
+    fn invariants(st: &State) {
         durable::invariants::check(st);
         // Route refcounts match the subscriber trie: per filter and share
         // name, the count is the number of local subscriptions.
         let mut counted = 0u64;
         for ((filter, route), &count) in &st.local_routes {
             let group = match route {
-                RouteKey::Shard(_) => None,
+                RouteKey::ShardCore(_) => None,
                 RouteKey::Shared { pick, .. } => Some(&pick.group),
             };
             let entries = st
@@ -634,6 +665,17 @@ impl Shard {
             let slot = st.sessions.get(key).expect("an indexed session exists");
             assert_eq!(slot.session.client_id(), id, "the index names its session");
         }
+        let mut connected = 0;
+        for key in st.sessions.keys() {
+            let slot = st.sessions.get(key).expect("a listed key");
+            slot.session.check_invariants();
+            if let Some(conn) = &slot.conn {
+                connected += 1;
+                assert_eq!(conn.key, key, "a connection names its session");
+                assert!(!conn.is_closing(), "an attached connection is open");
+            }
+        }
+        assert_eq!(connected, st.stats.connections, "connections are counted");
         for pick in st.shared_shard_next.keys() {
             let live = st
                 .routes
@@ -675,6 +717,18 @@ impl Shard {
         report
     }
 
+    /// Acknowledgements from other shards the attached connections wait
+    /// for (their output is held meanwhile): 0 once the mesh is quiet.
+    pub fn held_acks(&self) -> u64 {
+        let st = self.state.borrow();
+        st.sessions
+            .keys()
+            .filter_map(|k| st.sessions.get(k))
+            .filter(|slot| slot.conn.is_some())
+            .map(|slot| u64::from(slot.held_acks))
+            .sum()
+    }
+
     /// Connections still attached.
     pub fn connection_count(&self) -> usize {
         self.state.borrow().stats.connections
@@ -685,7 +739,7 @@ impl Shard {
         self.sockets.get()
     }
 
-    /// True once [`Shard::begin_stop`] ran.
+    /// True once [`ShardCore::begin_stop`] ran.
     pub fn is_stopping(&self) -> bool {
         self.stopping.get()
     }

@@ -15,13 +15,20 @@ use crate::session::Session;
 
 use super::durable::{DurableSlot, Store, StoreEnv};
 use super::routing::route_key_of;
-use super::{SessionSlot, Shard};
+use super::{SessionSlot, ShardCore};
 use crate::router::split_shared;
 
-impl Shard {
+impl ShardCore {
     /// Take over `start` (this shard's part of recovery) and `routes`
-    /// (every shard's subscriptions, for the route replica).
-    pub fn restore(&self, start: ShardStart, routes: &[(usize, String)], clock: WallClock) {
+    /// (every shard's subscriptions, for the route replica); `now` is the
+    /// shard's clock reading at the start.
+    pub fn restore(
+        &self,
+        start: ShardStart,
+        routes: &[(usize, String)],
+        clock: WallClock,
+        now: Instant,
+    ) {
         let mut st = self.state.borrow_mut();
         let ShardStart {
             log,
@@ -40,6 +47,7 @@ impl Shard {
             shards: self.shards,
             sync_wake: self.sync_wake.clone(),
             status: self.limits.status.clone(),
+            now,
         };
         let mut log = log;
         log.set_segments_max(self.config.log_segments_max(self.shards));
@@ -100,7 +108,6 @@ impl Shard {
         st.next_delayed_id = next_delayed_id;
         st.store = Some(store);
         let restored: Vec<_> = keys.values().copied().collect();
-        let now = Instant::now();
         for key in restored {
             Self::after_step(&mut st, key, now);
         }

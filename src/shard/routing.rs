@@ -19,7 +19,7 @@ use crate::session::{Delivery, Subscription};
 use super::durable::StoreTarget;
 use super::gather::Gather;
 use super::mesh::{AckTo, MeshMsg, RouteKey, SharedPick};
-use super::{SessionKey, Shard, State, SubEntry, SubKey};
+use super::{SessionKey, ShardCore, State, SubEntry, SubKey};
 use crate::persist::{Causes, Origin, Scope};
 
 /// Where a routed message comes from: for acknowledgements and the log.
@@ -38,7 +38,7 @@ pub(super) struct Source {
 /// One session's delivery of a routed message (the fan-out's target).
 type Target = fanout::Target<SessionKey>;
 
-impl Shard {
+impl ShardCore {
     /// Route a message accepted on this shard to every shard with
     /// subscribers, and its retained copy to the topic's owner. When the
     /// owner is another shard and the publisher (`from`) waits for an ack,
@@ -126,7 +126,7 @@ impl Shard {
         let mut ordinary: SmallVec<[u16; 8]> = SmallVec::new();
         let mut shared: SmallVec<[(SharedPick, SmallVec<[u16; 4]>); 1]> = SmallVec::new();
         st.routes.for_each_match(topic, |key, _| match key {
-            RouteKey::Shard(s) => {
+            RouteKey::ShardCore(s) => {
                 if !ordinary.contains(s) {
                     ordinary.push(*s);
                 }
@@ -671,13 +671,14 @@ impl Shard {
         }
     }
 
-    /// Handle one batch from shard `from`.
+    /// Handle one batch from shard `from`; returns the connections moved
+    /// here, for the runtime to serve.
     pub fn on_mesh_batch(
-        self: &std::rc::Rc<Self>,
+        &self,
         batch: super::mesh::Batch,
         from: usize,
         now: Instant,
-    ) {
+    ) -> Vec<super::mesh::Handoff> {
         let mut handoffs = Vec::new();
         let mut st = self.state.borrow_mut();
         for msg in batch {
@@ -738,12 +739,7 @@ impl Shard {
             }
         }
         self.send_applied(&mut st);
-        // glommio's spawn_local polls the new task at once: spawn only after
-        // the state borrow is released.
-        drop(st);
-        for h in handoffs {
-            super::connection::spawn_handoff(self.clone(), h);
-        }
+        handoffs
     }
 }
 
@@ -766,7 +762,7 @@ fn shared_forward(
 /// The route replica key of a subscription on shard `shard`.
 pub(super) fn route_key_of(shard: usize, group: Option<Arc<str>>, filter: Arc<str>) -> RouteKey {
     match group {
-        None => RouteKey::Shard(shard as u16),
+        None => RouteKey::ShardCore(shard as u16),
         Some(group) => RouteKey::Shared {
             pick: SharedPick { group, filter },
             shard: shard as u16,

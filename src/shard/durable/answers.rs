@@ -43,7 +43,7 @@ use crate::message::Message;
 use crate::persist::{Causes, Origin, Rec, Scope, Sid};
 
 use super::super::mesh::MeshMsg;
-use super::{Obj, Shard, State, Store};
+use super::{Obj, ShardCore, State, Store};
 
 /// An accepted message not yet applied everywhere.
 #[derive(Debug)]
@@ -157,7 +157,7 @@ impl Store {
     }
 }
 
-impl Shard {
+impl ShardCore {
     /// Write an Accepted record for a message about to be routed to
     /// `dests` (other shards); returns its origin for the mesh messages.
     pub(in crate::shard) fn accept(
@@ -297,6 +297,7 @@ mod tests {
             shards: 2,
             sync_wake: Rc::default(),
             status: Rc::default(),
+            now: std::time::Instant::now(),
         };
         Store::new(0, 1, log, env)
     }

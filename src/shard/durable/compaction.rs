@@ -16,9 +16,9 @@ use crate::session::StoredDelivery;
 
 use super::super::slab::Slab;
 use super::super::SessionSlot;
-use super::{DurableSlot, Obj, Room, SessionKey, Shard, State, Store};
+use super::{DurableSlot, Obj, Room, SessionKey, ShardCore, State, Store};
 
-impl Shard {
+impl ShardCore {
     /// Compact while the log holds more than twice its live bytes plus a
     /// segment (a few segments per tick at most).
     pub(super) fn compact(&self, st: &mut State) {

@@ -1,5 +1,5 @@
 //! Debug-build checks of the store's bookkeeping against the shard's
-//! sessions, run after each tick (`Shard::check_invariants`).
+//! sessions, run after each tick (`ShardCore::check_invariants`).
 //!
 //! Shard-local. What compaction and recovery rely on: `live_bytes` is the
 //! sum of the live objects' record sizes; every live object is tracked at

@@ -23,7 +23,7 @@ use crate::persist::{Origin, Rec, Scope, Sid, Target, TargetState};
 use crate::session::SubIds;
 
 use super::retry::Retry;
-use super::{Obj, Placed, RetainedMeta, SessionKey, Shard, State, Store};
+use super::{Obj, Placed, RetainedMeta, SessionKey, ShardCore, State, Store};
 
 /// A message stored for this shard's persistent sessions.
 #[derive(Debug)]
@@ -322,7 +322,7 @@ impl Store {
     }
 }
 
-impl Shard {
+impl ShardCore {
     /// Store message `id`'s deliveries just handed to sessions (routing gave
     /// every target a distinct session).
     pub(in crate::shard) fn store_message(

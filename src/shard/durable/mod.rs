@@ -57,7 +57,7 @@ use crate::session::ShardStatus;
 
 use super::mesh::MeshMsg;
 use super::notify::Notify;
-use super::{ConnHandle, SessionKey, Shard, State};
+use super::{ConnHandle, SessionKey, ShardCore, State};
 
 use answers::{Accepted, Owed};
 use messages::StoredMessage;
@@ -155,6 +155,8 @@ pub(super) struct Store {
     pending_removal: Option<(u64, u64)>,
     /// When the clock was last written.
     clock_at: Instant,
+    /// The shard's clock at its last tick (rate limits of log lines).
+    ticked_at: Instant,
     /// Whether the log has room for new messages.
     room: Room,
     /// Whether it was full, as last logged and told to the other shards.
@@ -202,6 +204,8 @@ pub(super) struct StoreEnv {
     pub(super) shards: usize,
     pub(super) sync_wake: Rc<Notify>,
     pub(super) status: Rc<ShardStatus>,
+    /// The shard's clock reading when the store is built.
+    pub(super) now: Instant,
 }
 
 /// Why the log has no spare segment: its bound, or the disk.
@@ -224,6 +228,7 @@ impl Store {
             shards,
             sync_wake,
             status,
+            now,
         } = env;
         let next = log.next_seq();
         let mut log = log;
@@ -268,7 +273,8 @@ impl Store {
             after_sync: Vec::new(),
             sync_wake,
             pending_removal: None,
-            clock_at: Instant::now(),
+            clock_at: now,
+            ticked_at: now,
             room: if full {
                 Room::Full {
                     compaction_stuck: false,
@@ -322,7 +328,7 @@ impl Store {
             }
             Err(e) => {
                 self.appends_failed += 1;
-                let now = Instant::now();
+                let now = self.ticked_at;
                 if self
                     .failure_logged
                     .is_none_or(|t| now - t > Duration::from_secs(10))
@@ -441,7 +447,7 @@ fn brings_data(rec: &Rec) -> bool {
     }
 }
 
-impl Shard {
+impl ShardCore {
     /// The log's number of session `key`, when it is persistent (only then,
     /// and only with a log, has it a place there).
     pub(super) fn durable_sid(st: &State, key: SessionKey) -> Option<Sid> {
@@ -490,6 +496,7 @@ impl Shard {
         self.send_applied(st);
         self.write_settled(st);
         let store = st.store.as_mut().expect("checked");
+        store.ticked_at = now;
         st.stats.log_appends_failed = store.appends_failed;
         // The clock, each second: recovery takes the last one as the moment
         // the broker stopped, when connected sessions became disconnected.
@@ -517,7 +524,7 @@ impl Shard {
             self.mesh.broadcast(|| MeshMsg::StoreFull { full });
         }
         if !full {
-            self.retry_unlogged(st);
+            self.retry_unlogged(st, now);
         }
         self.compact(st);
     }

@@ -6,6 +6,7 @@
 //! crash before the retry loses nothing: recovery routes it again.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use hashbrown::HashMap;
 
@@ -15,7 +16,7 @@ use crate::persist::{Origin, Scope};
 use crate::router::SharedPick;
 
 use super::compaction::gather_targets;
-use super::{Obj, Shard, State};
+use super::{Obj, ShardCore, State};
 
 /// One piece of work waiting for room in the log.
 #[derive(Debug)]
@@ -43,7 +44,7 @@ pub(in crate::shard) enum Retry {
     },
 }
 
-impl Shard {
+impl ShardCore {
     /// Queue a shared-subscription forward that could not be logged.
     pub(in crate::shard) fn retry_forward(
         st: &mut State,
@@ -67,12 +68,12 @@ impl Shard {
     }
 
     /// Write what waited for room, in order, until the log refuses again.
-    pub(super) fn retry_unlogged(&self, st: &mut State) {
+    pub(super) fn retry_unlogged(&self, st: &mut State, now: Instant) {
         loop {
             let Some(next) = st.store.as_mut().and_then(|s| s.retry.pop_front()) else {
                 return;
             };
-            if let Err(back) = self.retry_one(st, next) {
+            if let Err(back) = self.retry_one(st, next, now) {
                 st.store.as_mut().expect("a store").retry.push_front(back);
                 return;
             }
@@ -80,7 +81,7 @@ impl Shard {
     }
 
     /// Try one entry; `Err` gives it back when the log still has no room.
-    fn retry_one(&self, st: &mut State, r: Retry) -> Result<(), Retry> {
+    fn retry_one(&self, st: &mut State, r: Retry, now: Instant) -> Result<(), Retry> {
         match r {
             Retry::Message(id) => {
                 let pending = st
@@ -157,7 +158,6 @@ impl Shard {
                 to,
                 parent,
             } => {
-                let now = std::time::Instant::now();
                 if self
                     .forward_logged(st, now, &message, &pick, hops, to)
                     .is_err()

@@ -10,7 +10,7 @@ use crate::persist::record::{session_records, SessionRec};
 use crate::persist::{Rec, Sid};
 use crate::session::{Journal, Session, Subscription};
 
-use super::{DurableSlot, Obj, SessionKey, Shard, State, Store};
+use super::{DurableSlot, Obj, SessionKey, ShardCore, State, Store};
 
 impl Store {
     /// Write a session's whole state as sid `sid` (a Session record, then
@@ -49,7 +49,7 @@ impl Store {
     }
 }
 
-impl Shard {
+impl ShardCore {
     /// A connection attached: a persistent session writes its whole state
     /// the first time, an Online record after.
     pub(in crate::shard) fn durable_connect(st: &mut State, key: SessionKey) {

@@ -1,89 +1,47 @@
-//! Power-safe mode: the group-commit task, and everything that waits for
-//! it (session output, closing connections' last packets, mesh messages,
-//! the deletion of compacted segments).
+//! Power-safe mode: the sync gate. What waits for records to be synced
+//! (session output, closing connections' last packets, mesh messages, the
+//! deletion of compacted segments), and what is released when they are.
 //!
-//! Shard-local. The task syncs the segment files written since the last
-//! sync with io_uring `fdatasync` (glommio), then releases what waited for
-//! records below the sequence number it synced up to.
+//! Shard-local, no I/O: [`ShardCore::poll_sync`] names the files to sync
+//! and the sequence number they make durable; the runtime's group-commit
+//! task (`runtime::sync`) syncs them and calls [`ShardCore::synced`].
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::time::Duration;
-
-use glommio::io::BufferedFile;
-
-use crate::config::Durability;
 
 use super::super::ConnHandle;
 use super::compaction::remove_segments;
-use super::{SessionKey, Shard, State, Store};
+use super::{SessionKey, ShardCore, State, Store};
 
-impl Shard {
-    /// The group-commit task: whenever records wait, wait up to
-    /// `storage.sync_interval_ms` for more, sync, release what waited.
-    pub async fn sync_loop(self: Rc<Self>) {
-        let gather = Duration::from_millis(self.config.storage.sync_interval_ms);
-        let mut files = HashMap::new();
-        loop {
-            self.sync_wake.wait().await;
-            if !gather.is_zero() {
-                glommio::timer::sleep(gather).await;
-            }
-            if !self.sync_once(&mut files).await {
-                // Try again shortly; the records stay unacknowledged.
-                glommio::timer::sleep(Duration::from_millis(100)).await;
-                self.sync_wake.notify();
-            }
-        }
+impl ShardCore {
+    /// The files to sync now and the sequence number every record below
+    /// will be durable at once they are; None when nothing waits.
+    pub fn poll_sync(&self) -> Option<(u64, Vec<PathBuf>)> {
+        Self::begin_sync(&mut self.state.borrow_mut())
     }
 
-    /// Sync what is written now (at a clean stop; a no-op in kill-safe mode).
-    pub async fn sync_now(&self) {
-        if self.config.durability() == Durability::PowerSafe {
-            self.sync_once(&mut HashMap::new()).await;
-        }
+    /// Wait until records wait for a sync (the runtime's group-commit task).
+    pub async fn sync_wanted(&self) {
+        self.sync_wake.wait().await
     }
 
-    /// One sync. A file that cannot be opened is tried again later (its
-    /// records stay unacknowledged); a failed `fdatasync` stops the process.
-    async fn sync_once(&self, files: &mut HashMap<PathBuf, BufferedFile>) -> bool {
-        let Some((target, paths)) = Self::begin_sync(&mut self.state.borrow_mut()) else {
-            return true;
-        };
-        files.retain(|p, _| paths.contains(p));
-        for path in &paths {
-            if !files.contains_key(path) {
-                match BufferedFile::open(path).await {
-                    Ok(f) => {
-                        files.insert(path.clone(), f);
-                    }
-                    Err(e) => {
-                        let (id, path) = (self.id, path.display());
-                        log::error!("shard {id}: cannot open {path} to sync it: {e}");
-                        if let Some(store) = self.state.borrow_mut().store.as_mut() {
-                            store.log.mark_dirty(paths);
-                        }
-                        return false;
-                    }
-                }
-            }
-            if let Err(e) = files[path].fdatasync().await {
-                // After a failed fdatasync the kernel may have dropped the
-                // dirty pages, and a second one can succeed without them:
-                // nothing acknowledged since the last sync can be trusted.
-                // Stop, so a restart reads back what the disk really holds.
-                log::error!(
-                    "shard {}: fdatasync of {} failed: {e}; stopping: power_safe cannot \
-                     acknowledge what it cannot sync",
-                    self.id,
-                    path.display()
-                );
-                std::process::abort();
-            }
+    /// Ask for a sync again (one that could not be done is retried).
+    pub fn want_sync(&self) {
+        self.sync_wake.notify();
+    }
+
+    /// The sync [`ShardCore::poll_sync`] asked for is done: release what
+    /// waited for records below `synced_next`.
+    pub fn synced(&self, synced_next: u64) {
+        self.sync_done(&mut self.state.borrow_mut(), synced_next);
+    }
+
+    /// The sync could not start (a file would not open): its files are
+    /// synced with the next one; what waits stays held.
+    pub fn sync_failed(&self, paths: Vec<PathBuf>) {
+        if let Some(store) = self.state.borrow_mut().store.as_mut() {
+            store.log.mark_dirty(paths);
         }
-        self.sync_done(&mut self.state.borrow_mut(), target);
-        true
     }
 
     /// Start a sync: the files to sync and the sequence number all records

@@ -1,9 +1,11 @@
 //! Connection tasks: accept, read CONNECT, move to the home shard, then one
 //! reader and one writer task per connection.
 //!
-//! Shard-local. These tasks are the only code that touches a socket, and
-//! they make no protocol decisions: bytes go to the codec, packets to the
-//! shard and its sessions; packets to send come back from the session.
+//! Shard-local runtime code. These tasks are the only code that touches a
+//! socket, and they make no protocol decisions: bytes go to the codec,
+//! packets to the core ([`ShardCore::handshake`], [`ShardCore::attach`],
+//! [`ShardCore::on_packet`]); packets to send come back from the session
+//! ([`ShardCore::drain_transmit`]).
 //!
 //! The broker's `unsafe` code outside the log is here: borrowing a socket's
 //! descriptor to duplicate it for the move to the home shard, and handing a
@@ -22,13 +24,10 @@ use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt, FutureExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::codec::{self, reason, ConnAck, Connect, DecodeError, Packet, Version};
-use crate::message::user_properties_bytes;
-use crate::router::topic::validate_topic_name;
-use crate::session::Session;
-use crate::text::quote;
 
-use super::mesh::{Handoff, MeshMsg};
-use super::{home_shard, ConnHandle, SessionSlot, Shard};
+use super::super::connect::Handshake;
+use super::super::mesh::{Handoff, MeshMsg};
+use super::super::{ConnHandle, ShardCore};
 
 /// Why a connection ended before it became a session.
 #[derive(Debug)]
@@ -41,7 +40,7 @@ enum HandshakeError {
 }
 
 /// Accept connections on `listener` until the task is cancelled.
-pub(crate) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+pub(crate) async fn accept_loop(shard: Rc<ShardCore>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok(stream) if shard.handshakes.get() >= shard.connections_max => {
@@ -73,7 +72,7 @@ pub(crate) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
 
 /// Read CONNECT within the connect timeout, check the client id, and serve
 /// the connection here or hand it to its home shard.
-async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
+async fn handshake(shard: Rc<ShardCore>, mut stream: TcpStream) {
     shard.handshakes.set(shard.handshakes.get() + 1);
     let counted = shard.clone();
     let _counted = scopeguard(move || counted.handshakes.set(counted.handshakes.get() - 1));
@@ -91,31 +90,21 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
         Ok(c) => c,
         Err(e) => return refuse_handshake(&shard, &mut stream, peer, e).await,
     };
-    let assigned = match check_connect(&shard, &connect) {
-        Ok(a) => a,
-        Err(Refusal { code, why }) => {
-            shard.state.borrow_mut().stats.connects_refused += 1;
-            shard_log!(
-                shard,
-                log::Level::Info,
-                "{peer:?}: CONNECT refused (reason 0x{code:02X}), client id {}: {why}",
-                quote(&connect.client_id)
-            );
-            if connect.version.is_v5() || code < 0x90 {
-                return send_connack_error(&shard, &mut stream, connect.version, code).await;
-            }
-            // 3.x has no return code for a bad will: close ([MQTT-4.8.0-1]).
+    let (home, assigned) = match shard.handshake(&connect, peer) {
+        Handshake::Serve { assigned } => {
+            // A task of its own: this handshake's future is freed now.
+            glommio::spawn_local(serve(shard, stream, connect, buf, assigned)).detach();
+            return;
+        }
+        Handshake::MoveTo { home, assigned } => (home, assigned),
+        Handshake::Refuse { code, answer: true } => {
+            return send_connack_error(&shard, &mut stream, connect.version, code).await;
+        }
+        Handshake::Refuse { answer: false, .. } => {
             let _ = stream.shutdown(std::net::Shutdown::Both).await;
             return;
         }
     };
-    let client_id = assigned.as_deref().unwrap_or(&connect.client_id);
-    let home = home_shard(client_id, shard.shards);
-    if home == shard.id {
-        // A task of its own: this handshake's future is freed now.
-        glommio::spawn_local(serve(shard, stream, connect, buf, assigned)).detach();
-        return;
-    }
     match duplicate(&stream) {
         Ok(socket) => {
             let handoff = Handoff {
@@ -190,7 +179,7 @@ async fn read_into(
 
 /// Answer a failed handshake where the protocol allows an answer, and close.
 async fn refuse_handshake(
-    shard: &Shard,
+    shard: &ShardCore,
     stream: &mut TcpStream,
     peer: Option<std::net::SocketAddr>,
     e: HandshakeError,
@@ -233,105 +222,8 @@ async fn refuse_handshake(
     let _ = stream.shutdown(std::net::Shutdown::Both).await;
 }
 
-/// Why a CONNECT is refused: the CONNACK reason code and a log line.
-struct Refusal {
-    code: u8,
-    why: String,
-}
-
-impl Refusal {
-    fn new(code: u8, why: impl Into<String>) -> Refusal {
-        Refusal {
-            code,
-            why: why.into(),
-        }
-    }
-}
-
-/// CONNECT rules the codec cannot check alone: the client id (an empty id
-/// gets one assigned: 5.0 always, 3.1.1 with clean session only; 3.1
-/// requires one; a too long id is refused), no enhanced authentication
-/// (none is supported), and a will whose topic, response topic and payload
-/// format are valid. Returns the assigned client id, if any.
-fn check_connect(shard: &Shard, connect: &Connect) -> Result<Option<String>, Refusal> {
-    if connect.properties.authentication_method.is_some() {
-        let why = "no authentication method is supported";
-        return Err(Refusal::new(reason::BAD_AUTHENTICATION_METHOD, why));
-    }
-    if let Some(will) = &connect.will {
-        check_will(will, shard.config.mqtt.topic_levels_max)?;
-    }
-    let user_bytes = user_properties_bytes(&connect.properties)
-        + connect
-            .will
-            .as_ref()
-            .map_or(0, |w| user_properties_bytes(&w.properties));
-    let user_max = shard.config.mqtt.user_properties_bytes_max;
-    if user_bytes > user_max {
-        let why = format!(
-            "{user_bytes} bytes of user properties (CONNECT and will), more than \
-             mqtt.user_properties_bytes_max ({user_max})"
-        );
-        return Err(Refusal::new(reason::QUOTA_EXCEEDED, why));
-    }
-    if connect.client_id.len() > shard.config.mqtt.client_id_bytes_max {
-        let why = format!(
-            "client id longer than mqtt.client_id_bytes_max ({})",
-            shard.config.mqtt.client_id_bytes_max
-        );
-        return Err(Refusal::new(reason::CLIENT_IDENTIFIER_NOT_VALID, why));
-    }
-    if !connect.client_id.is_empty() {
-        return Ok(None);
-    }
-    let why = "[MQTT-3.1.3-8] empty client id without clean session";
-    match connect.version {
-        Version::V3_1 => Err(Refusal::new(reason::CLIENT_IDENTIFIER_NOT_VALID, why)),
-        Version::V3_1_1 if !connect.clean_start => {
-            Err(Refusal::new(reason::CLIENT_IDENTIFIER_NOT_VALID, why))
-        }
-        _ => Ok(Some(assign_client_id(shard.id))),
-    }
-}
-
-/// A will is published like any PUBLISH, so it must be one that could be.
-fn check_will(will: &codec::Will, levels_max: usize) -> Result<(), Refusal> {
-    if let Err(e) = validate_topic_name(&will.topic, levels_max) {
-        let why = format!("[MQTT-3.3.2-2] will topic {}: {e}", quote(&will.topic));
-        return Err(Refusal::new(reason::TOPIC_NAME_INVALID, why));
-    }
-    if let Some(rt) = &will.properties.response_topic {
-        if let Err(e) = validate_topic_name(rt, levels_max) {
-            let why = format!("[MQTT-3.3.2-14] will response topic {}: {e}", quote(rt));
-            return Err(Refusal::new(reason::TOPIC_NAME_INVALID, why));
-        }
-    }
-    if will.properties.payload_format_indicator == Some(1)
-        && std::str::from_utf8(&will.payload).is_err()
-    {
-        let why = "will payload is not UTF-8 but its Payload Format Indicator says it is";
-        return Err(Refusal::new(reason::PAYLOAD_FORMAT_INVALID, why));
-    }
-    Ok(())
-}
-
-/// A client id unique in this broker's lifetime.
-fn assign_client_id(shard: usize) -> String {
-    thread_local! {
-        static NEXT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-    }
-    let n = NEXT.with(|c| {
-        c.set(c.get() + 1);
-        c.get()
-    });
-    let started = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros());
-    format!("shardmq-{shard}-{started:x}-{n}")
-}
-
 /// Send a refusing CONNACK, then close in order (see [`close_drained`]).
-async fn send_connack_error(shard: &Shard, stream: &mut TcpStream, version: Version, code: u8) {
+async fn send_connack_error(shard: &ShardCore, stream: &mut TcpStream, version: Version, code: u8) {
     let mut out = BytesMut::new();
     let ack = ConnAck {
         session_present: false,
@@ -349,7 +241,7 @@ async fn send_connack_error(shard: &Shard, stream: &mut TcpStream, version: Vers
 /// most `server.close_drain_ms` and `server.close_drain_bytes`. Closing a
 /// socket with unread input makes the kernel send a reset, which can
 /// destroy the reason code before the client reads it.
-async fn close_drained(shard: &Shard, stream: &mut TcpStream) {
+async fn close_drained(shard: &ShardCore, stream: &mut TcpStream) {
     if stream.shutdown(std::net::Shutdown::Write).await.is_err() {
         return;
     }
@@ -401,7 +293,7 @@ fn duplicate(stream: &TcpStream) -> io::Result<socket2::Socket> {
 }
 
 /// A connection handed over by another shard.
-pub(crate) fn spawn_handoff(shard: Rc<Shard>, h: Handoff) {
+pub(crate) fn spawn_handoff(shard: Rc<ShardCore>, h: Handoff) {
     let stream = TcpStream::from(h.socket);
     glommio::spawn_local(serve(
         shard,
@@ -413,150 +305,9 @@ pub(crate) fn spawn_handoff(shard: Rc<Shard>, h: Handoff) {
     .detach();
 }
 
-impl Shard {
-    /// Attach a connection to its session on this (home) shard: takeover,
-    /// clean start, resume or create; queue the CONNACK.
-    fn attach(
-        &self,
-        now: Instant,
-        connect: Box<Connect>,
-        assigned: Option<String>,
-    ) -> Result<Rc<ConnHandle>, u8> {
-        let mut st = self.state.borrow_mut();
-        let client_id: &str = assigned.as_deref().unwrap_or(&connect.client_id);
-        let existing = st.by_client.get(client_id).copied();
-        let live = existing.is_some_and(|k| st.sessions.get(k).is_some_and(|s| s.conn.is_some()));
-        if self.stopping.get() {
-            return Err(reason::SERVER_UNAVAILABLE);
-        }
-        if !live && st.stats.connections >= self.connections_max {
-            shard_log!(
-                self,
-                log::Level::Warn,
-                "shard {}: connections_max reached; refusing {}",
-                self.id,
-                quote(client_id)
-            );
-            return Err(reason::QUOTA_EXCEEDED);
-        }
-        let mut resumed = None;
-        if let Some(key) = existing {
-            let slot = st.sessions.get_mut(key).expect("indexed session exists");
-            slot.session.takeover(now);
-            self.drive(&mut st, key, now);
-            if let Some(slot) = st.sessions.get_mut(key) {
-                if connect.clean_start {
-                    slot.session.discard(now);
-                    self.drive(&mut st, key, now);
-                } else {
-                    resumed = Some(key);
-                }
-            }
-        }
-        let key = match resumed {
-            Some(k) => k,
-            None if self.limits.status.store_full.get() && asks_persistence(&connect) => {
-                shard_log!(
-                    self,
-                    log::Level::Warn,
-                    "shard {}: the log is full; refusing a new persistent session for {}",
-                    self.id,
-                    quote(client_id)
-                );
-                return Err(reason::QUOTA_EXCEEDED);
-            }
-            None if st.sessions.len() >= self.sessions_max => {
-                shard_log!(
-                    self,
-                    log::Level::Warn,
-                    "shard {}: sessions_max reached ({}); refusing {}",
-                    self.id,
-                    self.sessions_max,
-                    quote(client_id)
-                );
-                return Err(reason::QUOTA_EXCEEDED);
-            }
-            None => {
-                let id: crate::message::ClientId = client_id.into();
-                let session = Session::new(id.clone(), self.limits.clone(), now);
-                st.last_session_uid += 1;
-                let uid = st.last_session_uid;
-                let key = st.sessions.insert(SessionSlot::new(session, uid, None));
-                st.by_client.insert(id, key);
-                key
-            }
-        };
-        let version = connect.version;
-        st.last_conn_id += 1;
-        let conn_id = st.last_conn_id;
-        let slot = st.sessions.get_mut(key).expect("just inserted or resumed");
-        let attached = slot
-            .session
-            .connect(now, *connect, resumed.is_some(), assigned.as_deref());
-        let handle = Rc::new(ConnHandle {
-            key,
-            client_id: slot.session.client_id().clone(),
-            id: conn_id,
-            generation: attached.generation,
-            version,
-            wake: Default::default(),
-            drained: Default::default(),
-            closed: Default::default(),
-            phase: Default::default(),
-        });
-        slot.conn = Some(handle.clone());
-        // Acks awaited for an earlier connection's subscribes are moot.
-        slot.held_acks = 0;
-        st.stats.connections += 1;
-        Self::durable_connect(&mut st, key);
-        self.drive(&mut st, key, now);
-        Ok(handle)
-    }
-
-    /// True when the session's transmit backlog is at its limit.
-    fn transmit_backlogged(&self, conn: &ConnHandle) -> bool {
-        let st = self.state.borrow();
-        st.sessions
-            .get(conn.key)
-            .is_some_and(|slot| slot.session.transmit_backlog_full())
-    }
-
-    /// Encode the session's waiting packets into `out`, up to about
-    /// `limit` bytes. Nothing while route acknowledgements are awaited.
-    fn drain_transmit(&self, conn: &ConnHandle, out: &mut BytesMut, limit: usize) {
-        let mut st = self.state.borrow_mut();
-        let Some(slot) = st.sessions.get_mut(conn.key) else {
-            return;
-        };
-        let current = slot.conn.as_ref().is_some_and(|c| c.id == conn.id);
-        if !current || slot.held_acks > 0 {
-            return;
-        }
-        if Self::output_waits_for_sync(&mut st, conn.key, conn.id) {
-            return;
-        }
-        let Some(slot) = st.sessions.get_mut(conn.key) else {
-            return;
-        };
-        slot.session.encode_transmit(conn.version, out, limit);
-        if slot.session.has_transmit() {
-            conn.wake.notify();
-        }
-    }
-}
-
-/// True when the CONNECT asks for a session that outlives the connection.
-fn asks_persistence(connect: &Connect) -> bool {
-    if connect.version.is_v5() {
-        connect.properties.session_expiry_interval.unwrap_or(0) > 0
-    } else {
-        !connect.clean_start
-    }
-}
-
 /// Serve an accepted (or handed over) connection on its home shard.
 async fn serve(
-    shard: Rc<Shard>,
+    shard: Rc<ShardCore>,
     stream: TcpStream,
     connect: Box<Connect>,
     buffered: BytesMut,
@@ -597,7 +348,7 @@ pub fn last_client() -> Option<crate::message::ClientId> {
 
 /// Handle the packets decoded from `buf` with [`CURRENT_CLIENT`] naming
 /// the client; Err on undecodable bytes (the session was told).
-fn handle_packets(shard: &Shard, conn: &Rc<ConnHandle>, buf: &mut BytesMut) -> Result<(), ()> {
+fn handle_packets(shard: &ShardCore, conn: &Rc<ConnHandle>, buf: &mut BytesMut) -> Result<(), ()> {
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
     let now = Instant::now();
     CURRENT_CLIENT.with(|c| *c.borrow_mut() = Some(conn.clone()));
@@ -626,7 +377,7 @@ fn handle_packets(shard: &Shard, conn: &Rc<ConnHandle>, buf: &mut BytesMut) -> R
 /// Debug builds only, for the test that a shard's panic ends the process:
 /// a packet from the client named by `SHARDMQ_TEST_PANIC_CLIENT_ID` panics.
 #[cfg(debug_assertions)]
-fn test_panic_trigger(shard: &Shard, conn: &ConnHandle) {
+fn test_panic_trigger(shard: &ShardCore, conn: &ConnHandle) {
     if shard.test_panic_client.as_deref() == Some(&*conn.client_id) {
         panic!("test-only panic trigger (SHARDMQ_TEST_PANIC_CLIENT_ID)");
     }
@@ -635,7 +386,7 @@ fn test_panic_trigger(shard: &Shard, conn: &ConnHandle) {
 /// Read and decode until the connection closes; true when the peer ended
 /// it (EOF or a socket error), false when the broker did.
 async fn read_loop(
-    shard: &Shard,
+    shard: &ShardCore,
     conn: &Rc<ConnHandle>,
     mut stream: SharedStream,
     mut buf: BytesMut,
@@ -673,7 +424,7 @@ async fn read_loop(
 
 /// Write the session's packets until the connection closes; true when
 /// everything, the last packets included, was written.
-async fn write_loop(shard: Rc<Shard>, conn: Rc<ConnHandle>, mut stream: SharedStream) -> bool {
+async fn write_loop(shard: Rc<ShardCore>, conn: Rc<ConnHandle>, mut stream: SharedStream) -> bool {
     let limit = shard.config.server.write_buffer_bytes;
     let mut out = BytesMut::new();
     loop {

@@ -1,0 +1,307 @@
+//! A connection's arrival: the CONNECT rules the codec cannot check
+//! alone, the choice of the shard that serves it, and attaching it to its
+//! session (takeover, clean start, resume, quotas); and what its writer
+//! takes from the session.
+//!
+//! Shard-local core code: no socket, no clock read. The runtime's
+//! connection tasks call [`ShardCore::handshake`] when CONNECT is read and
+//! [`ShardCore::attach`] on the home shard.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+
+use crate::codec::{self, reason, Connect, Version};
+use crate::message::user_properties_bytes;
+use crate::router::topic::validate_topic_name;
+use crate::session::Session;
+use crate::text::quote;
+
+use super::{home_shard, ConnHandle, SessionSlot, ShardCore};
+
+/// What to do with a connection whose CONNECT was read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Handshake {
+    /// Serve it here: this is its client's home shard.
+    Serve {
+        /// The client id the broker assigned (empty id in CONNECT).
+        assigned: Option<String>,
+    },
+    /// Move it to its client's home shard.
+    MoveTo {
+        /// The home shard.
+        home: usize,
+        /// The client id the broker assigned.
+        assigned: Option<String>,
+    },
+    /// Refuse it with this CONNACK reason code.
+    Refuse {
+        /// The reason code.
+        code: u8,
+        /// False: the protocol has no CONNACK code for it (a bad will in
+        /// 3.x, [MQTT-4.8.0-1]); close without answering.
+        answer: bool,
+    },
+}
+
+impl ShardCore {
+    /// CONNECT was read from a connection accepted here (`peer`, for the
+    /// log): refuse it, serve it here, or move it to its home shard.
+    pub fn handshake(&self, connect: &Connect, peer: Option<SocketAddr>) -> Handshake {
+        let assigned = match check_connect(self, connect) {
+            Ok(a) => a,
+            Err(Refusal { code, why }) => {
+                self.state.borrow_mut().stats.connects_refused += 1;
+                shard_log!(
+                    self,
+                    log::Level::Info,
+                    "{peer:?}: CONNECT refused (reason 0x{code:02X}), client id {}: {why}",
+                    quote(&connect.client_id)
+                );
+                let answer = connect.version.is_v5() || code < 0x90;
+                return Handshake::Refuse { code, answer };
+            }
+        };
+        let client_id = assigned.as_deref().unwrap_or(&connect.client_id);
+        let home = home_shard(client_id, self.shards);
+        if home == self.id {
+            Handshake::Serve { assigned }
+        } else {
+            Handshake::MoveTo { home, assigned }
+        }
+    }
+
+    /// A client id unique in this broker's lifetime: the shard, the
+    /// runtime's start stamp and a count.
+    fn assign_client_id(&self) -> String {
+        let mut st = self.state.borrow_mut();
+        st.last_assigned_id += 1;
+        format!(
+            "shardmq-{}-{:x}-{}",
+            self.id, self.boot_stamp, st.last_assigned_id
+        )
+    }
+
+    /// Attach a connection to its session on this (home) shard: takeover,
+    /// clean start, resume or create; queue the CONNACK.
+    pub fn attach(
+        &self,
+        now: Instant,
+        connect: Box<Connect>,
+        assigned: Option<String>,
+    ) -> Result<Rc<ConnHandle>, u8> {
+        let mut st = self.state.borrow_mut();
+        let client_id: &str = assigned.as_deref().unwrap_or(&connect.client_id);
+        let existing = st.by_client.get(client_id).copied();
+        let live = existing.is_some_and(|k| st.sessions.get(k).is_some_and(|s| s.conn.is_some()));
+        if self.stopping.get() {
+            return Err(reason::SERVER_UNAVAILABLE);
+        }
+        if !live && st.stats.connections >= self.connections_max {
+            shard_log!(
+                self,
+                log::Level::Warn,
+                "shard {}: connections_max reached; refusing {}",
+                self.id,
+                quote(client_id)
+            );
+            return Err(reason::QUOTA_EXCEEDED);
+        }
+        let mut resumed = None;
+        if let Some(key) = existing {
+            let slot = st.sessions.get_mut(key).expect("indexed session exists");
+            slot.session.takeover(now);
+            self.drive(&mut st, key, now);
+            if let Some(slot) = st.sessions.get_mut(key) {
+                if connect.clean_start {
+                    slot.session.discard(now);
+                    self.drive(&mut st, key, now);
+                } else {
+                    resumed = Some(key);
+                }
+            }
+        }
+        let key = match resumed {
+            Some(k) => k,
+            None if self.limits.status.store_full.get() && asks_persistence(&connect) => {
+                shard_log!(
+                    self,
+                    log::Level::Warn,
+                    "shard {}: the log is full; refusing a new persistent session for {}",
+                    self.id,
+                    quote(client_id)
+                );
+                return Err(reason::QUOTA_EXCEEDED);
+            }
+            None if st.sessions.len() >= self.sessions_max => {
+                shard_log!(
+                    self,
+                    log::Level::Warn,
+                    "shard {}: sessions_max reached ({}); refusing {}",
+                    self.id,
+                    self.sessions_max,
+                    quote(client_id)
+                );
+                return Err(reason::QUOTA_EXCEEDED);
+            }
+            None => {
+                let id: crate::message::ClientId = client_id.into();
+                let session = Session::new(id.clone(), self.limits.clone(), now);
+                st.last_session_uid += 1;
+                let uid = st.last_session_uid;
+                let key = st.sessions.insert(SessionSlot::new(session, uid, None));
+                st.by_client.insert(id, key);
+                key
+            }
+        };
+        let version = connect.version;
+        st.last_conn_id += 1;
+        let conn_id = st.last_conn_id;
+        let slot = st.sessions.get_mut(key).expect("just inserted or resumed");
+        let attached = slot
+            .session
+            .connect(now, *connect, resumed.is_some(), assigned.as_deref());
+        let handle = Rc::new(ConnHandle {
+            key,
+            client_id: slot.session.client_id().clone(),
+            id: conn_id,
+            generation: attached.generation,
+            version,
+            wake: Default::default(),
+            drained: Default::default(),
+            closed: Default::default(),
+            phase: Default::default(),
+        });
+        slot.conn = Some(handle.clone());
+        // Acks awaited for an earlier connection's subscribes are moot.
+        slot.held_acks = 0;
+        st.stats.connections += 1;
+        Self::durable_connect(&mut st, key);
+        self.drive(&mut st, key, now);
+        Ok(handle)
+    }
+
+    /// True when the session's transmit backlog is at its limit.
+    pub fn transmit_backlogged(&self, conn: &ConnHandle) -> bool {
+        let st = self.state.borrow();
+        st.sessions
+            .get(conn.key)
+            .is_some_and(|slot| slot.session.transmit_backlog_full())
+    }
+
+    /// Encode the session's waiting packets into `out`, up to about
+    /// `limit` bytes. Nothing while route acknowledgements are awaited.
+    pub fn drain_transmit(&self, conn: &ConnHandle, out: &mut BytesMut, limit: usize) {
+        let mut st = self.state.borrow_mut();
+        let Some(slot) = st.sessions.get_mut(conn.key) else {
+            return;
+        };
+        let current = slot.conn.as_ref().is_some_and(|c| c.id == conn.id);
+        if !current || slot.held_acks > 0 {
+            return;
+        }
+        if Self::output_waits_for_sync(&mut st, conn.key, conn.id) {
+            return;
+        }
+        let Some(slot) = st.sessions.get_mut(conn.key) else {
+            return;
+        };
+        slot.session.encode_transmit(conn.version, out, limit);
+        if slot.session.has_transmit() {
+            conn.wake.notify();
+        }
+    }
+}
+
+/// True when the CONNECT asks for a session that outlives the connection.
+fn asks_persistence(connect: &Connect) -> bool {
+    if connect.version.is_v5() {
+        connect.properties.session_expiry_interval.unwrap_or(0) > 0
+    } else {
+        !connect.clean_start
+    }
+}
+
+/// Why a CONNECT is refused: the CONNACK reason code and a log line.
+struct Refusal {
+    code: u8,
+    why: String,
+}
+
+impl Refusal {
+    fn new(code: u8, why: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            why: why.into(),
+        }
+    }
+}
+
+/// CONNECT rules the codec cannot check alone: the client id (an empty id
+/// gets one assigned: 5.0 always, 3.1.1 with clean session only; 3.1
+/// requires one; a too long id is refused), no enhanced authentication
+/// (none is supported), and a will whose topic, response topic and payload
+/// format are valid. Returns the assigned client id, if any.
+fn check_connect(shard: &ShardCore, connect: &Connect) -> Result<Option<String>, Refusal> {
+    if connect.properties.authentication_method.is_some() {
+        let why = "no authentication method is supported";
+        return Err(Refusal::new(reason::BAD_AUTHENTICATION_METHOD, why));
+    }
+    if let Some(will) = &connect.will {
+        check_will(will, shard.config.mqtt.topic_levels_max)?;
+    }
+    let user_bytes = user_properties_bytes(&connect.properties)
+        + connect
+            .will
+            .as_ref()
+            .map_or(0, |w| user_properties_bytes(&w.properties));
+    let user_max = shard.config.mqtt.user_properties_bytes_max;
+    if user_bytes > user_max {
+        let why = format!(
+            "{user_bytes} bytes of user properties (CONNECT and will), more than \
+             mqtt.user_properties_bytes_max ({user_max})"
+        );
+        return Err(Refusal::new(reason::QUOTA_EXCEEDED, why));
+    }
+    if connect.client_id.len() > shard.config.mqtt.client_id_bytes_max {
+        let why = format!(
+            "client id longer than mqtt.client_id_bytes_max ({})",
+            shard.config.mqtt.client_id_bytes_max
+        );
+        return Err(Refusal::new(reason::CLIENT_IDENTIFIER_NOT_VALID, why));
+    }
+    if !connect.client_id.is_empty() {
+        return Ok(None);
+    }
+    let why = "[MQTT-3.1.3-8] empty client id without clean session";
+    match connect.version {
+        Version::V3_1 => Err(Refusal::new(reason::CLIENT_IDENTIFIER_NOT_VALID, why)),
+        Version::V3_1_1 if !connect.clean_start => {
+            Err(Refusal::new(reason::CLIENT_IDENTIFIER_NOT_VALID, why))
+        }
+        _ => Ok(Some(shard.assign_client_id())),
+    }
+}
+
+/// A will is published like any PUBLISH, so it must be one that could be.
+fn check_will(will: &codec::Will, levels_max: usize) -> Result<(), Refusal> {
+    if let Err(e) = validate_topic_name(&will.topic, levels_max) {
+        let why = format!("[MQTT-3.3.2-2] will topic {}: {e}", quote(&will.topic));
+        return Err(Refusal::new(reason::TOPIC_NAME_INVALID, why));
+    }
+    if let Some(rt) = &will.properties.response_topic {
+        if let Err(e) = validate_topic_name(rt, levels_max) {
+            let why = format!("[MQTT-3.3.2-14] will response topic {}: {e}", quote(rt));
+            return Err(Refusal::new(reason::TOPIC_NAME_INVALID, why));
+        }
+    }
+    if will.properties.payload_format_indicator == Some(1)
+        && std::str::from_utf8(&will.payload).is_err()
+    {
+        let why = "will payload is not UTF-8 but its Payload Format Indicator says it is";
+        return Err(Refusal::new(reason::PAYLOAD_FORMAT_INVALID, why));
+    }
+    Ok(())
+}

@@ -1,0 +1,196 @@
+//! The glommio side of a shard: its executor's body, the tasks that do
+//! I/O for the core, and nothing that decides.
+//!
+//! Shard-local. [`run_shard`] builds the shard's [`ShardCore`], restores it
+//! from recovery, and runs its tasks: the accept loops and connection tasks
+//! (`connection`), a receiver per mesh lane, the mesh flusher that moves
+//! the core's outbox onto the lanes, the retained-gather task, the
+//! group-commit task (`sync`, power-safe), and the tick. Each task hands
+//! what it read to the core and writes what the core gives it; protocol
+//! decisions (CONNECT rules, takeover, quotas, routing, durability) are
+//! the core's. This module and `broker` (start-up) are the only ones that
+//! import glommio.
+
+mod connection;
+mod sync;
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
+
+use crate::config::{Config, Durability};
+use crate::persist::recover::ShardStart;
+use crate::persist::WallClock;
+
+use super::mesh::{Batch, Mesh};
+use super::{ShardCore, StopReport};
+
+pub use connection::last_client;
+use connection::{accept_loop, listener_from, spawn_handoff};
+
+/// A message from the broker handle to a shard.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Control {
+    Stop,
+}
+
+/// What a shard starts from when the log is on.
+pub(crate) struct Durable {
+    pub(crate) start: ShardStart,
+    pub(crate) routes: Arc<Vec<(usize, String)>>,
+    pub(crate) clock: WallClock,
+}
+
+/// The channels one shard's executor is started with.
+pub(crate) struct Lanes {
+    pub(crate) mesh: MeshBuilder<Batch, Full>,
+    pub(crate) control: Receiver<Control>,
+    pub(crate) ready: Sender<Result<(), (usize, String)>>,
+    pub(crate) stopped: Sender<StopReport>,
+}
+
+/// The body of one shard's executor.
+pub(crate) async fn run_shard(
+    id: usize,
+    shards: usize,
+    config: Config,
+    lanes: Lanes,
+    sockets: Vec<socket2::Socket>,
+    durable: Option<Durable>,
+) {
+    let Lanes {
+        mesh,
+        control,
+        ready,
+        stopped,
+    } = lanes;
+    let (senders, mut receivers) = match mesh.join().await {
+        Ok(joined) => joined,
+        Err(_) => {
+            let _ = ready.send(Err((id, "cannot join the shard mesh".into())));
+            return;
+        }
+    };
+    let outbox_max = config.mesh.outbox_messages_max;
+    let shard = Rc::new(ShardCore::new(
+        id,
+        shards,
+        config,
+        Mesh::new(id, shards, outbox_max),
+        boot_stamp(),
+    ));
+    let power_safe = shard.config().durability() == Durability::PowerSafe;
+    if let Some(d) = durable {
+        shard.restore(d.start, &d.routes, d.clock, Instant::now());
+    }
+    if power_safe {
+        glommio::spawn_local(sync::sync_loop(shard.clone())).detach();
+    }
+    for (from, rx) in receivers.streams() {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(batch) = rx.recv().await {
+                // Connections moved here are served by tasks of their own.
+                for handoff in shard.on_mesh_batch(batch, from, Instant::now()) {
+                    spawn_handoff(shard.clone(), handoff);
+                }
+            }
+        })
+        .detach();
+    }
+    let gatherer = shard.clone();
+    glommio::spawn_local(async move {
+        let wake = gatherer.gather_wake();
+        loop {
+            wake.wait().await;
+            // A few chunks per loop turn, then the other tasks run.
+            while gatherer.run_gathers(Instant::now(), 8) {
+                glommio::yield_if_needed().await;
+            }
+        }
+    })
+    .detach();
+    let flusher = shard.clone();
+    glommio::spawn_local(async move { flush_loop(flusher.mesh(), senders).await }).detach();
+    let mut accepts = Vec::new();
+    let mut listening = Vec::new();
+    for socket in sockets {
+        match listener_from(socket) {
+            Ok((listener, handle)) => {
+                listening.push(handle);
+                accepts.push(glommio::spawn_local(accept_loop(shard.clone(), listener)).detach());
+            }
+            Err(e) => {
+                let _ = ready.send(Err((id, format!("cannot take a listening socket: {e}"))));
+                return;
+            }
+        }
+    }
+    let _ = ready.send(Ok(()));
+    loop {
+        glommio::timer::sleep(ShardCore::TICK).await;
+        shard.on_tick(Instant::now());
+        match control.try_recv() {
+            Ok(Control::Stop) | Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+            Err(crossbeam_channel::TryRecvError::Empty) => {}
+        }
+    }
+    // Listeners first: shutting a listening socket down takes it out of the
+    // port at once (even while io_uring still holds an accept on it), so a
+    // restart never races this run's sockets.
+    for a in accepts {
+        a.cancel();
+    }
+    for l in &listening {
+        let _ = l.shutdown(std::net::Shutdown::Both);
+    }
+    drop(listening);
+    let report = stop_shard(&shard).await;
+    log::debug!("shard {id} stopped");
+    let _ = stopped.send(report);
+}
+
+/// Close every connection of a stopping shard, wait for their output to
+/// be flushed (until shortly before the shutdown timeout), and sync the log.
+async fn stop_shard(shard: &ShardCore) -> StopReport {
+    let started = Instant::now();
+    let mut report = shard.begin_stop(started);
+    let timeout = Duration::from_secs(shard.config().server.shutdown_timeout_s);
+    // Leave a tenth of the timeout for the sync and the exit.
+    let deadline = started + timeout.mul_f32(0.9);
+    while shard.open_sockets() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    report.sockets_left = shard.open_sockets();
+    shard.on_tick(Instant::now());
+    sync::sync_now(shard).await;
+    report.logs_synced = usize::from(shard.config().durability() != Durability::Memory);
+    report
+}
+
+/// The mesh flusher: after each loop turn, a shard's outbox onto the
+/// lanes, one batch per destination.
+pub async fn flush_loop(mesh: &Mesh, senders: Senders<Batch>) {
+    loop {
+        mesh.queued().await;
+        futures_lite::future::yield_now().await;
+        for (to, batch) in mesh.take_batches() {
+            let n = batch.len();
+            if senders.send_to(to, batch).await.is_err() {
+                log::debug!("mesh lane to shard {to} is closed; dropped {n} messages");
+            }
+            mesh.sent(n);
+        }
+    }
+}
+
+/// This run's start in Unix microseconds: assigned client ids carry it,
+/// so they differ from those of earlier runs.
+fn boot_stamp() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
