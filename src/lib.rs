@@ -32,6 +32,7 @@
 pub mod broker;
 pub mod codec;
 pub mod config;
+pub mod hash;
 pub mod listen;
 pub mod log;
 pub mod message;

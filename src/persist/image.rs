@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use hashbrown::HashMap;
+use crate::hash::HashMap;
 
 use super::record::{Origin, Rec, Scope, SessionRec, Sid, Target, TargetState};
 use crate::message::Message;
@@ -54,7 +54,7 @@ pub struct ShardImage {
     /// served of each.
     pub applied: HashMap<Origin, Scope>,
     /// Routed retained messages this shard stored, by origin.
-    pub applied_retain: hashbrown::HashSet<Origin>,
+    pub applied_retain: crate::hash::HashSet<Origin>,
     /// Retained messages of the topics this shard owned, with their stamps.
     pub retained: HashMap<Arc<str>, (Arc<Message>, u64)>,
     /// Delayed publishes by id: due time and message.

@@ -4,7 +4,7 @@
 use core::hash::Hash;
 use core::mem;
 
-use hashbrown::HashMap;
+use crate::hash::HashMap;
 use smallvec::SmallVec;
 
 /// Above this many entries a filter's entries move to a hash map.

@@ -9,7 +9,7 @@
 
 use core::mem;
 
-use hashbrown::HashMap;
+use crate::hash::HashMap;
 use smallvec::SmallVec;
 
 use super::topic::split_level;

@@ -15,7 +15,8 @@
 use core::hash::Hash;
 use core::mem;
 
-use hashbrown::{Equivalent, HashMap};
+use crate::hash::HashMap;
+use hashbrown::Equivalent;
 use smallvec::SmallVec;
 
 use super::entries::{Entries, EntriesIter};
@@ -122,7 +123,7 @@ impl<K: Eq + Hash + Clone, V> FilterTrie<K, V> {
         FilterTrie {
             nodes: vec![Node::default()],
             free: Vec::new(),
-            edges: HashMap::new(),
+            edges: HashMap::default(),
             filters: 0,
             len: 0,
         }
@@ -249,7 +250,7 @@ impl<K: Eq + Hash + Clone, V> FilterTrie<K, V> {
     /// Visits every `(filter, key, value)`, e.g. to resync a replica.
     /// Allocates (a child index and the filter string being built).
     pub fn for_each(&self, mut f: impl FnMut(&str, &K, &V)) {
-        let mut kids: HashMap<u32, Vec<(&str, u32)>> = HashMap::new();
+        let mut kids: HashMap<u32, Vec<(&str, u32)>> = HashMap::default();
         for (edge, &child) in &self.edges {
             kids.entry(edge.parent)
                 .or_default()

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hashbrown::HashSet;
+use crate::hash::HashSet;
 
 use crate::codec::{QoS, Will};
 use crate::message::{ClientId, Message};
@@ -173,7 +173,7 @@ impl Session {
         let mut out = Outbound::default();
         // A damaged log may hold packet id 0 or one id twice: such a
         // delivery is queued again instead of being kept in flight.
-        let mut ids = HashSet::new();
+        let mut ids = HashSet::default();
         let mut requeue = Vec::new();
         for i in r.inflight {
             if i.packet_id == 0 || !ids.insert(i.packet_id) {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hashbrown::HashMap;
+use crate::hash::HashMap;
 
 use crate::codec::{self, reason, ConnAck, Connect, Packet, Properties, Will};
 use crate::message::Message;
@@ -52,9 +52,9 @@ impl Session {
                 .unwrap_or(u32::MAX)
                 .min(codec::MAX_PACKET_SIZE as u32),
             alias_out_max: props.topic_alias_maximum.unwrap_or(0),
-            aliases_out: HashMap::new(),
+            aliases_out: HashMap::default(),
             aliases_out_bytes: 0,
-            aliases_in: HashMap::new(),
+            aliases_in: HashMap::default(),
             will: connect.will.map(|mut w| {
                 crate::message::own_buffers(&mut w.payload, &mut w.properties);
                 Box::new(w)

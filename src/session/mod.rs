@@ -52,7 +52,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hashbrown::{HashMap, HashSet};
+use crate::hash::{HashMap, HashSet};
 use smallvec::SmallVec;
 
 use crate::codec::{Packet, QoS, SubOptions, Topic, Version, Will};
@@ -390,9 +390,9 @@ impl Session {
                 since: now,
                 pending_will: None,
             },
-            subscriptions: HashMap::new(),
+            subscriptions: HashMap::default(),
             out: Outbound::default(),
-            inbound_qos2: HashSet::new(),
+            inbound_qos2: HashSet::default(),
             inbound_qos2_max,
             log_gate: crate::text::LogGate::per_client(),
             transmit: TransmitQueue::default(),

@@ -69,7 +69,7 @@ pub struct AckTo {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum RouteKey {
     /// Shard `0` has ordinary subscribers of the filter.
-    ShardCore(u16),
+    Shard(u16),
     /// Shard has members of a shared subscription (`group`, `filter`).
     Shared {
         /// The shared subscription.

@@ -68,7 +68,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hashbrown::HashMap;
+use crate::hash::HashMap;
 
 use crate::codec::{Packet, QoS, Version};
 use crate::config::Config;
@@ -393,14 +393,14 @@ impl ShardCore {
             handshakes: Cell::new(0),
             state: RefCell::new(State {
                 sessions: Slab::default(),
-                by_client: HashMap::new(),
+                by_client: HashMap::default(),
                 subscribers: FilterTrie::new(),
-                local_routes: HashMap::new(),
+                local_routes: HashMap::default(),
                 routes: FilterTrie::new(),
                 retained: RetainedStore::new(),
                 retained_bytes: 0,
-                shared_shard_next: HashMap::new(),
-                shared_member_next: HashMap::new(),
+                shared_shard_next: HashMap::default(),
+                shared_member_next: HashMap::default(),
                 timers: BinaryHeap::new(),
                 last_conn_id: 0,
                 last_session_uid: 0,
@@ -636,7 +636,7 @@ impl ShardCore {
         let mut counted = 0u64;
         for ((filter, route), &count) in &st.local_routes {
             let group = match route {
-                RouteKey::ShardCore(_) => None,
+                RouteKey::Shard(_) => None,
                 RouteKey::Shared { pick, .. } => Some(&pick.group),
             };
             let entries = st

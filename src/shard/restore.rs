@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use hashbrown::HashMap;
+use crate::hash::HashMap;
 
 use crate::persist::recover::ShardStart;
 use crate::persist::WallClock;
@@ -57,7 +57,7 @@ impl ShardCore {
             let key = route_key_of(*shard, group, Arc::from(inner));
             st.routes.insert(inner, key, ());
         }
-        let mut keys = HashMap::new();
+        let mut keys = HashMap::default();
         for s in sessions {
             st.last_session_uid += 1;
             let uid = st.last_session_uid;

@@ -126,7 +126,7 @@ impl ShardCore {
         let mut ordinary: SmallVec<[u16; 8]> = SmallVec::new();
         let mut shared: SmallVec<[(SharedPick, SmallVec<[u16; 4]>); 1]> = SmallVec::new();
         st.routes.for_each_match(topic, |key, _| match key {
-            RouteKey::ShardCore(s) => {
+            RouteKey::Shard(s) => {
                 if !ordinary.contains(s) {
                     ordinary.push(*s);
                 }
@@ -762,7 +762,7 @@ fn shared_forward(
 /// The route replica key of a subscription on shard `shard`.
 pub(super) fn route_key_of(shard: usize, group: Option<Arc<str>>, filter: Arc<str>) -> RouteKey {
     match group {
-        None => RouteKey::ShardCore(shard as u16),
+        None => RouteKey::Shard(shard as u16),
         Some(group) => RouteKey::Shared {
             pick: SharedPick { group, filter },
             shard: shard as u16,

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use hashbrown::HashMap;
+use crate::hash::HashMap;
 
 use crate::config::Durability;
 use crate::persist::{Causes, Rec, Target, TargetState};

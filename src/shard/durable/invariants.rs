@@ -8,7 +8,7 @@
 //! which stored message each session still holds (a paged-out delivery
 //! included).
 
-use hashbrown::{HashMap, HashSet};
+use crate::hash::{HashMap, HashSet};
 
 use crate::session::StoredDelivery;
 
@@ -60,7 +60,7 @@ pub(in crate::shard) fn check(st: &State) {
         last_accept = a.id;
     }
     // Which session holds which stored message, as the sessions say.
-    let mut held: HashMap<u64, Vec<SessionKey>> = HashMap::new();
+    let mut held: HashMap<u64, Vec<SessionKey>> = HashMap::default();
     for key in st.sessions.keys() {
         let Some(slot) = st.sessions.get(key) else {
             continue;

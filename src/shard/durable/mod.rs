@@ -47,7 +47,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hashbrown::HashMap;
+use crate::hash::HashMap;
 
 use crate::codec::QoS;
 use crate::config::Durability;
@@ -253,7 +253,7 @@ impl Store {
             next_sid,
             next_message_id,
             next_accept_id: 1,
-            messages: HashMap::new(),
+            messages: HashMap::default(),
             accepted: VecDeque::new(),
             acked_upto: vec![0; shards],
             settled_upto: 0,
@@ -261,8 +261,8 @@ impl Store {
             settled_written_seq: 0,
             known_settled: vec![0; shards],
             owed: (0..shards).map(|_| Owed::default()).collect(),
-            retained: HashMap::new(),
-            delayed: HashMap::new(),
+            retained: HashMap::default(),
+            delayed: HashMap::default(),
             by_seg: BTreeMap::new(),
             proofs: BTreeMap::new(),
             live_bytes: 0,

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use hashbrown::HashMap;
+use crate::hash::HashMap;
 
 use crate::codec::{Properties, QoS};
 use crate::message::Message;
@@ -92,7 +92,7 @@ impl ShardCore {
                 if !pending {
                     return Ok(());
                 }
-                let mut targets = HashMap::new();
+                let mut targets = HashMap::default();
                 targets.insert(id, Vec::new());
                 gather_targets(st, &mut targets);
                 let store = st.store.as_mut().expect("a store");
