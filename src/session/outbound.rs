@@ -233,13 +233,20 @@ impl Session {
     /// Retained messages the session takes now: room left in memory for
     /// its queue and the live messages held meanwhile (when its deliveries
     /// page out, a chunk more while the log budget is below half), at most
-    /// `chunk_max`. While offline it takes a whole chunk (what does not fit
-    /// is dropped and counted, as any delivery would be).
+    /// `chunk_max`, and never more than the packets waiting for the socket
+    /// leave room for (QoS 0 deliveries bypass the queue and are dropped
+    /// past that backlog: a burst of retained ones must not be). While
+    /// offline it takes a whole chunk (what does not fit is dropped and
+    /// counted, as any delivery would be).
     pub fn retained_credit(&self, chunk_max: usize) -> usize {
         let max = self.limits.queue_messages_max;
         if !self.is_connected() {
             return chunk_max;
         }
+        if self.transmit.publish_bytes() >= self.limits.queue_bytes_max {
+            return 0;
+        }
+        let transmit_room = max.saturating_sub(self.transmit.len());
         let used = self.out.resident_len() + self.held.len();
         let room = max.saturating_sub(used);
         let log = self.limits.queue_log_bytes_max;
@@ -248,7 +255,7 @@ impl Session {
         } else {
             0
         };
-        room.max(log_room).min(chunk_max)
+        room.max(log_room).min(chunk_max).min(transmit_room)
     }
 
     /// A retained-message gather for a new subscription has started on

@@ -930,3 +930,34 @@ fn live_messages_past_the_held_limit_during_a_gather_are_queued_in_order_not_dro
     assert_eq!(got, vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 100, 10]);
     s.check_invariants();
 }
+
+/// Found by the simulator (seed 42): a retained QoS 0 message was dropped
+/// because its chunk arrived while earlier ones still waited for the
+/// socket. The credit now leaves room in the transmit backlog too.
+#[test]
+fn retained_credit_stops_at_the_transmit_backlog_qos0_deliveries_would_be_dropped_past() {
+    let t0 = Instant::now();
+    let mut s = paging_session(t0, 1 << 20, OverflowPolicy::DropNew);
+    s.connect(t0, connect(Version::V3_1_1, false, 0, None), true, None);
+    drain(&mut s);
+    // Paging, but no more than the backlog takes: 4 while nothing waits.
+    assert_eq!(s.retained_credit(256), 4);
+    s.begin_retained_gather();
+    for i in 0..3 {
+        let qos0 = Delivery {
+            retain: true,
+            ..delivery(QoS::AtMostOnce)
+        };
+        s.deliver_retained(t0, &numbered(i), qos0);
+    }
+    // Three packets wait for the writer; the limit is 4 messages.
+    assert_eq!(s.retained_credit(256), 1);
+    s.deliver_retained(t0, &numbered(3), delivery(QoS::AtMostOnce));
+    assert_eq!(s.retained_credit(256), 0, "the backlog is full");
+    assert_eq!(s.stats().dropped_queue_full, 0);
+    let (p, _) = drain(&mut s);
+    assert_eq!(payload_ids(&p), vec![0, 1, 2, 3]);
+    assert_eq!(s.retained_credit(256), 4, "written: room again");
+    s.end_retained_gather(t0);
+    s.check_invariants();
+}

@@ -212,6 +212,8 @@ impl ShardCore {
         if slot.session.has_transmit() {
             conn.wake.notify();
         }
+        // Room for the socket may be room for a parked retained gather.
+        Self::resume_gathers(&mut st, conn.key);
     }
 }
 
