@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use hashbrown::HashMap;
+use crate::hash::HashMap;
 use thiserror::Error;
 
 use super::clock::WallClock;
@@ -210,9 +210,13 @@ pub fn recover(settings: &RecoverySettings) -> Result<Recovery, RecoveryError> {
     let mut state = Merge::new(&images, now_ms);
     state.gather_sessions();
     state.settle_sessions();
+    // Stored retained messages first: an accepted message its owner had
+    // not applied came after anything that owner stored from the same
+    // shard (one FIFO lane), so on an equal stamp it must win.
+    state.gather_retained_and_delayed();
     state.reroute_accepted();
     state.publish_wills();
-    state.gather_retained_and_delayed();
+    state.drop_retained_deletions();
     let generation = current.map_or(1, |g| g + 1); // below u64::MAX: see dir.rs
     let Written {
         starts: shards,
@@ -379,11 +383,11 @@ impl<'a> Merge<'a> {
             old_shards: images.len().max(1),
             sessions: Vec::new(),
             subscriptions: FilterTrie::new(),
-            retained: HashMap::new(),
+            retained: HashMap::default(),
             delayed: Vec::new(),
             wills: Vec::new(),
             next_order: 0,
-            shared_next: HashMap::new(),
+            shared_next: HashMap::default(),
             rerouted: 0,
             wills_published: 0,
             expired: 0,
@@ -391,7 +395,7 @@ impl<'a> Merge<'a> {
     }
 
     fn gather_sessions(&mut self) {
-        let mut seen: HashMap<String, ()> = HashMap::new();
+        let mut seen: HashMap<String, ()> = HashMap::default();
         for image in self.images {
             for (sid, rec) in &image.sessions {
                 if seen.insert(rec.client_id.clone(), ()).is_some() {
@@ -583,6 +587,10 @@ impl<'a> Merge<'a> {
                 self.delayed.push((*due, m.clone()));
             }
         }
+    }
+
+    /// An empty retained message deletes its topic's: once merged, it goes.
+    fn drop_retained_deletions(&mut self) {
         self.retained.retain(|_, (m, _)| !m.payload.is_empty());
     }
 }
@@ -725,7 +733,7 @@ fn write_generation(
             }
             sessions.push((sid, seg, bytes, g));
         }
-        let mut ids: HashMap<OrderKey, u64> = HashMap::new();
+        let mut ids: HashMap<OrderKey, u64> = HashMap::default();
         for (key, (message, targets)) in order {
             let id = start.next_message_id;
             start.next_message_id += 1;
