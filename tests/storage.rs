@@ -673,6 +673,35 @@ fn the_log_at_log_bytes_max_refuses_with_0x97_as_a_full_disk_does_and_loses_noth
     publish_until_taken(&b, &mut p, "budget/t");
 }
 
+/// At the smallest bound (3 segments) with something live in the oldest
+/// segment for good (a retained message), compaction still frees room
+/// once the queue is consumed. (The simulator found a deadlock near here,
+/// seed 861: a full log whose current segment was past its half kept
+/// half a segment for bookkeeping and so had no room to compact at all;
+/// this test does not reach that state, the seed does.)
+#[test]
+fn the_log_at_its_bound_compacts_what_stays_live_and_takes_messages_again() {
+    // The smallest bound: 3 segments (the one written, the spare, one more).
+    let s = Setup::new("log-bound-live", "log_bytes_max = 3145728\n");
+    let b = s.start(1);
+    let sub = "bound-sub";
+    offline_subscriber(&b, sub, "bound/#");
+    let (mut p, _) = Raw::connect(b.addr, Version::V5, "bound-pub", true);
+    // Live for as long as the broker runs: it stays in the oldest segment.
+    p.publish("kept/retained", b"kept", QoS::AtLeastOnce, true, 1);
+    assert!(matches!(p.recv(), Some(Packet::PubAck(a)) if a.reason == 0));
+    let acked = fill_until_refused(&mut p, "bound/t");
+    assert_drains(&b, sub, &acked);
+    publish_until_taken(&b, &mut p, "bound/t");
+    // And the retained message moved with compaction.
+    let (mut r, _) = Raw::connect(b.addr, Version::V5, "bound-reader", true);
+    r.subscribe(1, "kept/#", QoS::AtMostOnce);
+    match r.recv() {
+        Some(Packet::Publish(m)) => assert_eq!(&m.payload[..], b"kept"),
+        other => panic!("the retained message survives compaction: got {other:?}"),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Offline queues in the log.
 // ---------------------------------------------------------------------------

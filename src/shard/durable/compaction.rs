@@ -18,6 +18,28 @@ use super::super::slab::Slab;
 use super::super::SessionSlot;
 use super::{DurableSlot, Obj, Room, SessionKey, ShardCore, State, Store};
 
+/// Of the current segment's room, what compaction leaves unused while the
+/// log is full: the bookkeeping of messages already taken (acks, session
+/// changes) goes on there until the compacted segment is deleted and a
+/// spare can be made. A fraction of a segment (1/8): bookkeeping records
+/// are tens of bytes, and a reserve of half a segment could leave no room
+/// to compact at all once the current segment passed its half.
+const FULL_RESERVE_DIVISOR: usize = 8;
+
+/// How one compaction went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Compacted {
+    /// The oldest segment's live objects were rewritten; it is deleted
+    /// (or will be, once the copies are synced).
+    Done,
+    /// The log is full and the current segment cannot take the live
+    /// objects yet: tried again next tick (acks make them fewer).
+    NoRoom,
+    /// A rewrite failed midway: not tried again until a spare segment
+    /// can be made.
+    Failed,
+}
+
 impl ShardCore {
     /// Compact while the log holds more than twice its live bytes plus a
     /// segment (a few segments per tick at most).
@@ -42,17 +64,21 @@ impl ShardCore {
             let done = self.compact_oldest(st);
             let store = st.store.as_mut().expect("checked above");
             store.compacting = false;
-            if !done {
-                if let Room::Full { compaction_stuck } = &mut store.room {
-                    *compaction_stuck = true;
+            match done {
+                Compacted::Done => {}
+                Compacted::NoRoom => return,
+                Compacted::Failed => {
+                    if let Room::Full { compaction_stuck } = &mut store.room {
+                        *compaction_stuck = true;
+                    }
+                    return;
                 }
-                return;
             }
         }
     }
 
-    /// Compact the oldest sealed segment; false if it could not be.
-    fn compact_oldest(&self, st: &mut State) -> bool {
+    /// Compact the oldest sealed segment.
+    fn compact_oldest(&self, st: &mut State) -> Compacted {
         let store = st.store.as_ref().expect("checked by the caller");
         let victim = store.log.oldest_index();
         let objs: Vec<Obj> = store
@@ -73,9 +99,9 @@ impl ShardCore {
             let room = store
                 .log
                 .current_room()
-                .saturating_sub(store.log.segment_bytes() / 2);
+                .saturating_sub(store.log.segment_bytes() / FULL_RESERVE_DIVISOR);
             if need > room as u64 {
-                return false;
+                return Compacted::NoRoom;
             }
         }
         let mut targets: HashMap<u64, Vec<Target>> = objs
@@ -116,12 +142,12 @@ impl ShardCore {
                 Obj::Accepted(id) => rewrite_accepted(store, id, victim),
             };
             if !ok {
-                return false;
+                return Compacted::Failed;
             }
         }
         for (origin, scope) in proofs {
             if store.put_marker(origin, scope).is_err() {
-                return false;
+                return Compacted::Failed;
             }
         }
         store.by_seg = store.by_seg.split_off(&(victim + 1));
@@ -130,9 +156,13 @@ impl ShardCore {
             // The rewritten copies must be durable before the originals go.
             store.pending_removal = Some((store.log.next_seq(), victim));
             store.sync_wake.notify();
-            return true;
+            return Compacted::Done;
         }
-        remove_segments(store, victim)
+        if remove_segments(store, victim) {
+            Compacted::Done
+        } else {
+            Compacted::Failed
+        }
     }
 }
 
