@@ -232,13 +232,14 @@ impl Session {
 
     /// Retained messages the session takes now: room left in memory for
     /// its queue and the live messages held meanwhile (when its deliveries
-    /// page out, a chunk more while the log budget is below half), at most
+    /// page out, `pages_out`: a chunk more while the log budget is below
+    /// half), at most
     /// `chunk_max`, and never more than the packets waiting for the socket
     /// leave room for (QoS 0 deliveries bypass the queue and are dropped
     /// past that backlog: a burst of retained ones must not be). While
     /// offline it takes a whole chunk (what does not fit is dropped and
     /// counted, as any delivery would be).
-    pub fn retained_credit(&self, chunk_max: usize) -> usize {
+    pub fn retained_credit(&self, chunk_max: usize, pages_out: bool) -> usize {
         let max = self.limits.queue_messages_max;
         if !self.is_connected() {
             return chunk_max;
@@ -250,7 +251,7 @@ impl Session {
         let used = self.out.resident_len() + self.held.len();
         let room = max.saturating_sub(used);
         let log = self.limits.queue_log_bytes_max;
-        let log_room = if log > 0 && self.out.queue_bytes < log / 2 {
+        let log_room = if pages_out && log > 0 && self.out.queue_bytes < log / 2 {
             chunk_max
         } else {
             0

@@ -941,7 +941,9 @@ fn retained_credit_stops_at_the_transmit_backlog_qos0_deliveries_would_be_droppe
     s.connect(t0, connect(Version::V3_1_1, false, 0, None), true, None);
     drain(&mut s);
     // Paging, but no more than the backlog takes: 4 while nothing waits.
-    assert_eq!(s.retained_credit(256), 4);
+    assert_eq!(s.retained_credit(256, true), 4);
+    // Not paging (a clean session): the queue's room, here 4 as well.
+    assert_eq!(s.retained_credit(256, false), 4);
     s.begin_retained_gather();
     for i in 0..3 {
         let qos0 = Delivery {
@@ -951,13 +953,37 @@ fn retained_credit_stops_at_the_transmit_backlog_qos0_deliveries_would_be_droppe
         s.deliver_retained(t0, &numbered(i), qos0);
     }
     // Three packets wait for the writer; the limit is 4 messages.
-    assert_eq!(s.retained_credit(256), 1);
+    assert_eq!(s.retained_credit(256, true), 1);
     s.deliver_retained(t0, &numbered(3), delivery(QoS::AtMostOnce));
-    assert_eq!(s.retained_credit(256), 0, "the backlog is full");
+    assert_eq!(s.retained_credit(256, true), 0, "the backlog is full");
     assert_eq!(s.stats().dropped_queue_full, 0);
     let (p, _) = drain(&mut s);
     assert_eq!(payload_ids(&p), vec![0, 1, 2, 3]);
-    assert_eq!(s.retained_credit(256), 4, "written: room again");
+    assert_eq!(s.retained_credit(256, true), 4, "written: room again");
     s.end_retained_gather(t0);
     s.check_invariants();
+}
+
+/// Found by the simulator (seed 160 of its version with the log-filling
+/// seeds): a clean session on a broker with a log was granted a whole
+/// chunk on the log's budget, though its deliveries cannot page out, and
+/// dropped what its queue did not take.
+#[test]
+fn retained_credit_counts_the_log_only_for_sessions_whose_deliveries_page_out() {
+    let t0 = Instant::now();
+    let limits = SessionLimits {
+        queue_messages_max: 1000,
+        queue_log_bytes_max: 64 << 20,
+        inflight_max: 2,
+        ..SessionLimits::default()
+    };
+    let mut s = Session::new("c".into(), Rc::new(limits), t0);
+    s.connect(t0, connect(Version::V5, true, 0, None), false, None);
+    drain(&mut s);
+    for i in 0..998 {
+        s.deliver(t0, &numbered(i), delivery(QoS::AtLeastOnce));
+    }
+    // 2 in flight (waiting for the writer), 996 queued: room for 4.
+    assert_eq!(s.retained_credit(256, false), 4);
+    assert_eq!(s.retained_credit(256, true), 256);
 }

@@ -58,10 +58,12 @@ pub(super) struct Gather {
 
 impl SessionSlot {
     /// Retained messages the session can be sent now: what its queue
-    /// takes, less what chunks asked for from other shards will bring.
+    /// takes (a persistent session's stored deliveries page out to the
+    /// log; a clean session's do not), less what chunks asked for from
+    /// other shards will bring.
     fn available_credit(&self) -> usize {
         self.session
-            .retained_credit(RETAINED_CHUNK_MAX)
+            .retained_credit(RETAINED_CHUNK_MAX, self.durable.is_some())
             .saturating_sub(self.gather_credit_out)
     }
 }
