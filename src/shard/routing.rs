@@ -346,10 +346,10 @@ impl ShardCore {
     /// while the message was on its way) or none connected. `hops` counts
     /// the shards already visited, so every shard is tried at most once.
     ///
-    /// A durable message is logged again here as Accepted for the one
-    /// shared subscription: this shard answers for it from now on. When
-    /// that record cannot be written (the log is full), the forward waits
-    /// for room and the origin's answer with it.
+    /// A durable message (QoS 1/2 with a log) is logged again here as
+    /// Accepted for the one shared subscription: this shard answers for it
+    /// from now on. When that record cannot be written (the log is full),
+    /// the forward waits for room and the origin's answer, if any, with it.
     fn forward_shared(
         &self,
         st: &mut State,
@@ -371,7 +371,12 @@ impl ShardCore {
             );
             return;
         };
-        if origin.is_none() {
+        // A QoS 1/2 message is logged before it leaves, also when it was
+        // not logged here yet (served here, it needed no Accepted record):
+        // once acknowledged, a forward on a lane when the process dies
+        // must be routed again by recovery. (Found by the simulator.)
+        let durable = st.store.is_some() && message.qos != QoS::AtMostOnce;
+        if origin.is_none() && !durable {
             let forward = shared_forward(message, pick, hops + 1, None);
             return self.mesh.send(usize::from(to), forward);
         }
