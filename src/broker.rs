@@ -245,6 +245,7 @@ fn recover_logs(
         data_dir: config.storage.data_dir.clone(),
         shards,
         segment_bytes: config.storage.segment_bytes,
+        clock: None,
     };
     let recovery = recover(&settings)?;
     for line in recovery.summary.lines() {

@@ -53,6 +53,11 @@ impl WallClock {
         }
     }
 
+    /// The `Instant` of the anchor.
+    pub fn anchor(&self) -> Instant {
+        self.base
+    }
+
     /// Unix milliseconds of the anchor.
     pub fn anchor_ms(&self) -> u64 {
         self.base_ms

@@ -165,6 +165,9 @@ pub struct RecoverySettings {
     pub shards: usize,
     /// Segment file size.
     pub segment_bytes: usize,
+    /// The clock to read time from: `None` reads the system's (the
+    /// broker); the simulator gives its virtual one.
+    pub clock: Option<WallClock>,
 }
 
 /// A session gathered from an old shard.
@@ -190,8 +193,7 @@ pub fn recover(settings: &RecoverySettings) -> Result<Recovery, RecoveryError> {
         let what = what.to_string();
         move |source| RecoveryError::Io { dir, what, source }
     };
-    let clock = WallClock::now();
-    let now_ms = clock.anchor_ms();
+    let clock = settings.clock.unwrap_or_else(WallClock::now);
     let current = dir.current().map_err(io("read CURRENT"))?;
     let mut lines = Vec::new();
     let mut images = Vec::new();
@@ -207,7 +209,7 @@ pub fn recover(settings: &RecoverySettings) -> Result<Recovery, RecoveryError> {
             images.push(image);
         }
     }
-    let mut state = Merge::new(&images, now_ms);
+    let mut state = Merge::new(&images, &clock);
     state.gather_sessions();
     state.settle_sessions();
     // Stored retained messages first: an accepted message its owner had
@@ -350,6 +352,8 @@ type SubKey = (usize, Option<Arc<str>>);
 struct Merge<'a> {
     images: &'a [ShardImage],
     now_ms: u64,
+    /// The same moment as an `Instant`.
+    now: Instant,
     /// Roughly when the broker stopped: its last clock record.
     crash_ms: u64,
     old_shards: usize,
@@ -368,7 +372,8 @@ struct Merge<'a> {
 }
 
 impl<'a> Merge<'a> {
-    fn new(images: &'a [ShardImage], now_ms: u64) -> Merge<'a> {
+    fn new(images: &'a [ShardImage], clock: &WallClock) -> Merge<'a> {
+        let now_ms = clock.anchor_ms();
         let crash_ms = images
             .iter()
             .map(|i| i.last_ms)
@@ -379,6 +384,7 @@ impl<'a> Merge<'a> {
         Merge {
             images,
             now_ms,
+            now: clock.anchor(),
             crash_ms,
             old_shards: images.len().max(1),
             sessions: Vec::new(),
@@ -440,7 +446,7 @@ impl<'a> Merge<'a> {
                 let will = s.will.take().expect("checked");
                 s.will_due_ms = None;
                 self.wills
-                    .push(Arc::new(Message::from_will(will, Instant::now())));
+                    .push(Arc::new(Message::from_will(will, self.now)));
             }
             if expired {
                 self.sessions[i].ended = true;
@@ -497,7 +503,7 @@ impl<'a> Merge<'a> {
     /// Deliver `message` to the persistent sessions that should have it and
     /// did not get it, and to the retained store.
     fn route(&mut self, message: &Arc<Message>, scope: &Scope, origin: Option<Origin>, stamp: u64) {
-        if message.is_expired(Instant::now()) {
+        if message.is_expired(self.now) {
             return;
         }
         self.rerouted += u64::from(origin.is_some());

@@ -77,6 +77,7 @@ pub use crate::router::{home_shard, stable_hash};
 use crate::router::{FilterTrie, RetainedStore};
 use crate::session::{Action, Session, SessionLimits, SessionStats, Subscription};
 
+pub use durable::LogStatus;
 use durable::{DurableSlot, Store};
 use routing::Source;
 
@@ -715,6 +716,15 @@ impl ShardCore {
         }
         report.sessions = st.sessions.len();
         report
+    }
+
+    /// What the log holds; `None` without durability.
+    pub fn log_status(&self) -> Option<durable::LogStatus> {
+        self.state
+            .borrow()
+            .store
+            .as_ref()
+            .map(durable::Store::status)
     }
 
     /// Acknowledgements from other shards the attached connections wait

@@ -196,6 +196,26 @@ impl Room {
     }
 }
 
+/// What a shard's log holds, for operators and the simulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogStatus {
+    /// Bytes written in the segments on disk.
+    pub used_bytes: u64,
+    /// Of those, bytes of records still live.
+    pub live_bytes: u64,
+    /// Sealed segments (besides the one written and the spare).
+    pub sealed_segments: usize,
+    /// No spare segment: new data (QoS 1/2 publishes, new persistent
+    /// sessions) is refused.
+    pub full: bool,
+    /// A compaction failed for lack of room; none is tried until a spare
+    /// segment can be made.
+    pub compaction_stuck: bool,
+    /// Other shards whose log is full, as they reported it: this shard
+    /// refuses QoS 1/2 messages too while any is.
+    pub others_full: usize,
+}
+
 /// Where a store sits: its shard and what it shares with it.
 pub(super) struct StoreEnv {
     pub(super) mode: Durability,
@@ -381,6 +401,23 @@ impl Store {
     /// message data may be refused.
     pub(super) fn is_full(&self) -> bool {
         self.room.is_full()
+    }
+
+    /// What the log holds.
+    pub(super) fn status(&self) -> LogStatus {
+        LogStatus {
+            used_bytes: self.log.used_bytes(),
+            live_bytes: self.live_bytes,
+            sealed_segments: self.log.sealed_count(),
+            full: self.room.is_full(),
+            compaction_stuck: matches!(
+                self.room,
+                Room::Full {
+                    compaction_stuck: true
+                }
+            ),
+            others_full: self.others_full.iter().filter(|f| **f).count(),
+        }
     }
 
     /// True when new QoS 1/2 messages cannot be taken (this shard's log or

@@ -343,6 +343,7 @@ pub fn recover_input(data: &[u8]) -> Option<Result<String, String>> {
         data_dir: root.clone(),
         shards: shards_now,
         segment_bytes: 1 << 20,
+        clock: None,
     };
     let result = recover(&settings)
         .map(|r| r.summary)
