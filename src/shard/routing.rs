@@ -385,6 +385,19 @@ impl ShardCore {
             .is_err()
         {
             Self::retry_forward(st, message, pick, hops + 1, to, origin);
+            return;
+        }
+        // The forward answers for this pick from now on: say so at once,
+        // apart from any Message record of this shard's own deliveries
+        // (which a full log may hold back), or recovery would serve the
+        // pick again from the origin, and the group would get it twice
+        // (found by the simulator).
+        if let Some(parent) = origin {
+            let scope = Scope {
+                ordinary: false,
+                shared: SmallVec::from_buf([pick.clone()]),
+            };
+            Self::store_marker(st, parent, scope);
         }
     }
 
