@@ -60,6 +60,8 @@ mod restore;
 mod routing;
 pub mod runtime;
 mod slab;
+#[cfg(test)]
+mod tests;
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;

@@ -34,6 +34,7 @@ use connection::{accept_loop, listener_from, spawn_handoff};
 /// A message from the broker handle to a shard.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Control {
+    /// Close the listeners and connections, sync the log, exit.
     Stop,
 }
 

@@ -1,0 +1,219 @@
+//! Unit tests of `ShardCore`: driven as the runtime and the simulator
+//! drive it, without sockets, tasks or a clock (memory mode; the
+//! simulator, `tests/simulation.rs`, drives several with logs and crashes).
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::codec::{self, reason, Connect, Packet, Properties, QoS, Version, Will};
+use crate::config::Config;
+
+use super::mesh::{Mesh, MeshMsg};
+use super::{home_shard, ConnHandle, Handshake, ShardCore};
+
+fn core(id: usize, shards: usize) -> ShardCore {
+    let mut config = Config::default();
+    config.storage.durability = "memory".into();
+    config.server.shards = shards;
+    let mesh = Mesh::new(id, shards, config.mesh.outbox_messages_max);
+    ShardCore::new(id, shards, config, mesh, 0xabc)
+}
+
+fn connect(id: &str, version: Version) -> Connect {
+    Connect {
+        version,
+        clean_start: true,
+        keep_alive: 0,
+        client_id: id.into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Properties::default(),
+    }
+}
+
+/// A client id whose home is shard `shard` of `shards`.
+fn id_on(shard: usize, shards: usize) -> String {
+    (0..)
+        .map(|i| format!("c{i}"))
+        .find(|id| home_shard(id, shards) == shard)
+        .expect("some id lands on every shard")
+}
+
+/// Everything the writer would send on `conn` now, decoded.
+fn written(core: &ShardCore, conn: &ConnHandle, version: Version) -> Vec<Packet> {
+    let mut out = BytesMut::new();
+    core.drain_transmit(conn, &mut out, 1 << 20);
+    let mut packets = Vec::new();
+    while let Some(p) = codec::decode(&mut out, version, 1 << 20).unwrap() {
+        packets.push(p);
+    }
+    packets
+}
+
+/// Run every core's gather task and carry every batch, until quiet: what
+/// the runtime does between two reads.
+fn pump(cores: &[&ShardCore], now: Instant) {
+    loop {
+        let mut moved = false;
+        for c in cores {
+            while c.run_gathers(now, 8) {}
+        }
+        for (from, c) in cores.iter().enumerate() {
+            for (to, batch) in c.mesh().take_batches() {
+                c.mesh().sent(batch.len());
+                assert!(cores[to].on_mesh_batch(batch, from, now).is_empty());
+                moved = true;
+            }
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+#[test]
+fn a_connect_is_served_at_home_moved_elsewhere_or_refused_with_its_reason() {
+    let c = core(0, 2);
+    let here = id_on(0, 2);
+    let there = id_on(1, 2);
+    let v5 = Version::V5;
+    assert_eq!(
+        c.handshake(&connect(&here, v5), None),
+        Handshake::Serve { assigned: None }
+    );
+    assert_eq!(
+        c.handshake(&connect(&there, v5), None),
+        Handshake::MoveTo {
+            home: 1,
+            assigned: None
+        }
+    );
+    // An empty id gets one (5.0), unique and stamped with the boot stamp.
+    let (Handshake::Serve { assigned: Some(a) }
+    | Handshake::MoveTo {
+        assigned: Some(a), ..
+    }) = c.handshake(&connect("", v5), None)
+    else {
+        panic!("an id is assigned");
+    };
+    assert!(a.starts_with("shardmq-0-abc-"), "{a}");
+    // 3.1 requires an id: refused with a CONNACK.
+    assert_eq!(
+        c.handshake(&connect("", Version::V3_1), None),
+        Handshake::Refuse {
+            code: reason::CLIENT_IDENTIFIER_NOT_VALID,
+            answer: true
+        }
+    );
+    // A bad will topic: 5.0 answers 0x90; 3.1.1 has no code for it.
+    let mut bad = connect(&here, Version::V3_1_1);
+    bad.will = Some(Will {
+        topic: "a/+".into(),
+        payload: Bytes::new(),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::default(),
+    });
+    assert_eq!(
+        c.handshake(&bad, None),
+        Handshake::Refuse {
+            code: reason::TOPIC_NAME_INVALID,
+            answer: false
+        }
+    );
+    bad.version = v5;
+    assert!(matches!(
+        c.handshake(&bad, None),
+        Handshake::Refuse { answer: true, .. }
+    ));
+    assert_eq!(c.stats().connects_refused, 3);
+}
+
+#[test]
+fn a_takeover_closes_the_old_connection_with_0x8e_and_keeps_one_session() {
+    let c = core(0, 1);
+    let t0 = Instant::now();
+    let id = "dev";
+    let mut first = connect(id, Version::V5);
+    first.clean_start = false;
+    first.properties.session_expiry_interval = Some(60);
+    let old: Rc<ConnHandle> = c.attach(t0, Box::new(first.clone()), None).unwrap();
+    assert!(matches!(
+        written(&c, &old, Version::V5)[..],
+        [Packet::ConnAck(ref a)] if !a.session_present
+    ));
+    let new = c.attach(t0, Box::new(first), None).unwrap();
+    assert!(old.is_closing());
+    let last = old.take_last_packets();
+    assert!(
+        matches!(&last[..], [Packet::Disconnect(d)] if d.reason == reason::SESSION_TAKEN_OVER),
+        "{last:?}"
+    );
+    assert!(matches!(
+        written(&c, &new, Version::V5)[..],
+        [Packet::ConnAck(ref a)] if a.session_present
+    ));
+    assert_eq!(c.session_count(), 1);
+    assert_eq!(c.connection_count(), 1);
+    c.check_invariants();
+}
+
+#[test]
+fn a_publish_for_another_shard_leaves_in_this_turns_batch_and_nothing_reads_a_clock() {
+    // Two shards; a subscriber on shard 1 (its route delta applied here),
+    // a publisher on shard 0.
+    let (c0, c1) = (core(0, 2), core(1, 2));
+    let t0 = Instant::now();
+    let sub_id = id_on(1, 2);
+    let sub = c1
+        .attach(t0, Box::new(connect(&sub_id, Version::V3_1_1)), None)
+        .unwrap();
+    written(&c1, &sub, Version::V3_1_1);
+    let subscribe = codec::Subscribe {
+        packet_id: 1,
+        filters: vec![("t/#".into(), codec::SubOptions::default())],
+        properties: Properties::default(),
+    };
+    c1.on_packet(&sub, t0, Packet::Subscribe(subscribe));
+    // The SUBACK waits until shard 0 applied the route.
+    assert!(written(&c1, &sub, Version::V3_1_1).is_empty());
+    pump(&[&c0, &c1], t0);
+    assert!(matches!(
+        written(&c1, &sub, Version::V3_1_1)[..],
+        [Packet::SubAck(_)]
+    ));
+    let pub_id = id_on(0, 2);
+    let publisher = c0
+        .attach(t0, Box::new(connect(&pub_id, Version::V3_1_1)), None)
+        .unwrap();
+    let publish = codec::Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: "t/1".into(),
+        packet_id: 0,
+        payload: Bytes::from_static(b"hello"),
+        properties: Properties::default(),
+    };
+    // A time far from any real clock: the core takes what it is given.
+    let later = t0 + Duration::from_secs(3600);
+    c0.on_packet(&publisher, later, Packet::Publish(publish));
+    let batches = c0.mesh().take_batches();
+    assert_eq!(batches.len(), 1);
+    let (to, batch) = batches.into_iter().next().unwrap();
+    assert_eq!(to, 1);
+    assert!(matches!(&batch[..], [MeshMsg::Publish { .. }]));
+    c0.mesh().sent(batch.len());
+    c1.on_mesh_batch(batch, 0, later);
+    assert_eq!(c1.stats().delivered, 1);
+    let got = written(&c1, &sub, Version::V3_1_1);
+    assert!(
+        matches!(&got[..], [Packet::Publish(p)] if &p.payload[..] == b"hello"),
+        "{got:?}"
+    );
+    c0.check_invariants();
+    c1.check_invariants();
+}
