@@ -648,15 +648,24 @@ fn power_safe_mode_acknowledges_after_sync_and_survives_kill_9() {
     assert_eq!(got, want);
 }
 
+/// One shard with 1 MiB segments and `storage.log_bytes_max` =
+/// `log_bytes`, an offline subscriber `{name}-sub` of `{name}/#`, and a
+/// 5.0 publisher `{name}-pub`.
+fn at_a_log_bound(name: &str, log_bytes: u64) -> (Setup, ChildBroker, Raw, String) {
+    let s = Setup::new(name, &format!("log_bytes_max = {log_bytes}\n"));
+    let b = s.start(1);
+    let sub = format!("{name}-sub");
+    offline_subscriber(&b, &sub, &format!("{name}/#"));
+    let (p, _) = Raw::connect(b.addr, Version::V5, &format!("{name}-pub"), true);
+    (s, b, p, sub)
+}
+
 #[test]
 fn the_log_at_log_bytes_max_refuses_with_0x97_as_a_full_disk_does_and_loses_nothing() {
     // 1 MiB segments and a 4 MiB bound: the shard keeps at most 4 segments
     // (the one written, the spare and two sealed) whatever the disk holds.
-    let s = Setup::new("log-budget", "log_bytes_max = 4194304\n");
-    let b = s.start(1);
-    let sub = "budget-sub";
-    offline_subscriber(&b, sub, "budget/#");
-    let (mut p, _) = Raw::connect(b.addr, Version::V5, "budget-pub", true);
+    let (s, b, mut p, sub) = at_a_log_bound("budget", 4 << 20);
+    let sub = sub.as_str();
     let acked = fill_until_refused(&mut p, "budget/t");
     assert!(
         acked.len() < 256,
@@ -682,11 +691,8 @@ fn the_log_at_log_bytes_max_refuses_with_0x97_as_a_full_disk_does_and_loses_noth
 #[test]
 fn the_log_at_its_bound_compacts_what_stays_live_and_takes_messages_again() {
     // The smallest bound: 3 segments (the one written, the spare, one more).
-    let s = Setup::new("log-bound-live", "log_bytes_max = 3145728\n");
-    let b = s.start(1);
-    let sub = "bound-sub";
-    offline_subscriber(&b, sub, "bound/#");
-    let (mut p, _) = Raw::connect(b.addr, Version::V5, "bound-pub", true);
+    let (_s, b, mut p, sub) = at_a_log_bound("bound", 3 << 20);
+    let sub = sub.as_str();
     // Live for as long as the broker runs: it stays in the oldest segment.
     p.publish("kept/retained", b"kept", QoS::AtLeastOnce, true, 1);
     assert!(matches!(p.recv(), Some(Packet::PubAck(a)) if a.reason == 0));
