@@ -28,7 +28,8 @@
 //! `cargo test --release --test simulation`; `SHARDMQ_SIM_SEEDS=N` runs N
 //! seeds (default 40) after the seeds that once found a bug
 //! ([`FOUND_BUGS`]), `SHARDMQ_SIM_SEED=S` replays one, and
-//! `SHARDMQ_SIM_FIRST=F` starts the seeds at F. A failure prints its seed;
+//! `SHARDMQ_SIM_FIRST=F` starts the seeds at F. A failure prints its seed
+//! (`SHARDMQ_SIM_KEEP_GOING=1` runs on and lists every failing seed);
 //! `SHARDMQ_SIM_TRACE=CLIENT_ID` prints every packet that client sends and
 //! gets. A seed replays exactly: the broker's hash maps are seeded from it
 //! (`shardmq::hash`), and the simulator iterates nothing unordered.
@@ -1237,18 +1238,32 @@ fn seeded_runs_lose_nothing_acknowledged() {
         }
     };
     let started = Instant::now();
+    // SHARDMQ_SIM_KEEP_GOING=1: run every seed, name the failing ones at
+    // the end (for long runs); otherwise stop at the first.
+    let keep_going = std::env::var("SHARDMQ_SIM_KEEP_GOING").is_ok_and(|v| v == "1");
     let (mut crashes, mut refused, mut closed) = (0, 0, 0);
+    let mut failed = Vec::new();
     for &seed in &seeds {
-        let (c, r, k, _) = run(seed);
-        crashes += c;
-        refused += r;
-        closed += k;
+        if !keep_going {
+            let (c, r, k, _) = run(seed);
+            (crashes, refused, closed) = (crashes + c, refused + r, closed + k);
+            continue;
+        }
+        match std::panic::catch_unwind(|| run(seed)) {
+            Ok((c, r, k, _)) => (crashes, refused, closed) = (crashes + c, refused + r, closed + k),
+            Err(_) => failed.push(seed),
+        }
     }
     eprintln!(
         "simulation: {} seeds, {crashes} crashes, {refused} publishes refused, \
          {closed} connections closed by the broker, {:.1} s",
         seeds.len(),
         started.elapsed().as_secs_f64()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} seeds failed: {failed:?}",
+        failed.len()
     );
 }
 
