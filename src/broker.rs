@@ -39,7 +39,7 @@ pub enum StartError {
     Recovery(#[from] RecoveryError),
     /// A shard failed to start.
     #[error("shard {shard} failed to start: {why}")]
-    ShardCore {
+    Shard {
         /// Which shard.
         shard: usize,
         /// Why.
@@ -143,7 +143,7 @@ impl Broker {
                 .name(&format!("shard-{id}"))
                 .io_memory(config.server.io_memory_bytes)
                 .spawn(move || run_shard(id, shards, config, lanes, sockets, durable))
-                .map_err(|e| StartError::ShardCore {
+                .map_err(|e| StartError::Shard {
                     shard: id,
                     why: e.to_string(),
                 })?;
@@ -155,12 +155,12 @@ impl Broker {
                 Ok(Ok(())) => {}
                 Ok(Err((shard, why))) => {
                     broker.stop();
-                    return Err(StartError::ShardCore { shard, why });
+                    return Err(StartError::Shard { shard, why });
                 }
                 Err(_) => {
                     let why = "did not start within 30 s (is the locked-memory limit high enough?)";
                     broker.stop();
-                    return Err(StartError::ShardCore {
+                    return Err(StartError::Shard {
                         shard: usize::MAX,
                         why: why.into(),
                     });

@@ -9,7 +9,8 @@
 use std::cell::Cell;
 use std::hash::BuildHasher;
 
-use foldhash::fast::{FixedState, FoldHasher, RandomState};
+use foldhash::fast::{FoldHasher, SeedableRandomState};
+use foldhash::SharedSeed;
 
 /// A `hashbrown::HashMap` seeded as the module docs say.
 pub type HashMap<K, V> = hashbrown::HashMap<K, V, BuildHash>;
@@ -29,23 +30,22 @@ pub fn fix_seeds_on_this_thread(seed: Option<u64>) {
     FIXED.with(|f| f.set(seed));
 }
 
-/// The hasher builder of [`HashMap`] and [`HashSet`].
+/// The hasher builder of [`HashMap`] and [`HashSet`]: foldhash's own
+/// seedable state, so a fixed seed costs the hot path nothing.
 #[derive(Clone, Debug)]
-pub enum BuildHash {
-    /// Seeded at random (always, outside the simulator).
-    Random(RandomState),
-    /// Seeded from the thread's fixed sequence.
-    Fixed(FixedState),
-}
+pub struct BuildHash(SeedableRandomState);
 
 impl Default for BuildHash {
     fn default() -> BuildHash {
         match FIXED.with(Cell::get) {
-            None => BuildHash::Random(RandomState::default()),
+            None => BuildHash(SeedableRandomState::random()),
             Some(seed) => {
                 let next = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
                 FIXED.with(|f| f.set(Some(next)));
-                BuildHash::Fixed(FixedState::with_seed(seed))
+                BuildHash(SeedableRandomState::with_seed(
+                    seed,
+                    SharedSeed::global_fixed(),
+                ))
             }
         }
     }
@@ -56,10 +56,7 @@ impl BuildHasher for BuildHash {
 
     #[inline]
     fn build_hasher(&self) -> FoldHasher {
-        match self {
-            BuildHash::Random(s) => s.build_hasher(),
-            BuildHash::Fixed(s) => s.build_hasher(),
-        }
+        self.0.build_hasher()
     }
 }
 

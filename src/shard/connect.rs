@@ -100,14 +100,7 @@ impl ShardCore {
             return Err(reason::SERVER_UNAVAILABLE);
         }
         if !live && st.stats.connections >= self.connections_max {
-            shard_log!(
-                self,
-                log::Level::Warn,
-                "shard {}: connections_max reached; refusing {}",
-                self.id,
-                quote(client_id)
-            );
-            return Err(reason::QUOTA_EXCEEDED);
+            return Err(self.refuse_attach(client_id, format_args!("connections_max reached")));
         }
         let mut resumed = None;
         if let Some(key) = existing {
@@ -126,25 +119,12 @@ impl ShardCore {
         let key = match resumed {
             Some(k) => k,
             None if self.limits.status.store_full.get() && asks_persistence(&connect) => {
-                shard_log!(
-                    self,
-                    log::Level::Warn,
-                    "shard {}: the log is full; refusing a new persistent session for {}",
-                    self.id,
-                    quote(client_id)
-                );
-                return Err(reason::QUOTA_EXCEEDED);
+                let why = format_args!("the log is full: no new persistent session");
+                return Err(self.refuse_attach(client_id, why));
             }
             None if st.sessions.len() >= self.sessions_max => {
-                shard_log!(
-                    self,
-                    log::Level::Warn,
-                    "shard {}: sessions_max reached ({}); refusing {}",
-                    self.id,
-                    self.sessions_max,
-                    quote(client_id)
-                );
-                return Err(reason::QUOTA_EXCEEDED);
+                let why = format_args!("sessions_max reached ({})", self.sessions_max);
+                return Err(self.refuse_attach(client_id, why));
             }
             None => {
                 let id: crate::message::ClientId = client_id.into();
@@ -181,6 +161,19 @@ impl ShardCore {
         Self::durable_connect(&mut st, key);
         self.drive(&mut st, key, now);
         Ok(handle)
+    }
+
+    /// Log why `client_id` is refused a session here (rate limited with
+    /// the other lines clients cause); the CONNACK reason code.
+    fn refuse_attach(&self, client_id: &str, why: std::fmt::Arguments) -> u8 {
+        shard_log!(
+            self,
+            log::Level::Warn,
+            "shard {}: {why}; refusing {}",
+            self.id,
+            quote(client_id)
+        );
+        reason::QUOTA_EXCEEDED
     }
 
     /// True when the session's transmit backlog is at its limit.

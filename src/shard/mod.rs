@@ -669,8 +669,7 @@ impl ShardCore {
             assert_eq!(slot.session.client_id(), id, "the index names its session");
         }
         let mut connected = 0;
-        for key in st.sessions.keys() {
-            let slot = st.sessions.get(key).expect("a listed key");
+        for (key, slot) in st.sessions.iter() {
             slot.session.check_invariants();
             if let Some(conn) = &slot.conn {
                 connected += 1;
@@ -734,10 +733,9 @@ impl ShardCore {
     pub fn held_acks(&self) -> u64 {
         let st = self.state.borrow();
         st.sessions
-            .keys()
-            .filter_map(|k| st.sessions.get(k))
-            .filter(|slot| slot.conn.is_some())
-            .map(|slot| u64::from(slot.held_acks))
+            .iter()
+            .filter(|(_, slot)| slot.conn.is_some())
+            .map(|(_, slot)| u64::from(slot.held_acks))
             .sum()
     }
 

@@ -56,6 +56,14 @@ impl<T> Slab<T> {
         self.len
     }
 
+    /// Every stored value with its key.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &T)> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(k, s)| Some((k as u32, s.as_ref()?)))
+    }
+
     /// Keys of every stored value.
     pub fn keys(&self) -> impl Iterator<Item = u32> + '_ {
         self.slots

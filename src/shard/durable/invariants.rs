@@ -61,10 +61,7 @@ pub(in crate::shard) fn check(st: &State) {
     }
     // Which session holds which stored message, as the sessions say.
     let mut held: HashMap<u64, Vec<SessionKey>> = HashMap::default();
-    for key in st.sessions.keys() {
-        let Some(slot) = st.sessions.get(key) else {
-            continue;
-        };
+    for (key, slot) in st.sessions.iter() {
         let Some(d) = slot.durable else {
             continue;
         };

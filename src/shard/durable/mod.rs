@@ -155,8 +155,6 @@ pub(super) struct Store {
     pending_removal: Option<(u64, u64)>,
     /// When the clock was last written.
     clock_at: Instant,
-    /// The shard's clock at its last tick (rate limits of log lines).
-    ticked_at: Instant,
     /// Whether the log has room for new messages.
     room: Room,
     /// Whether it was full, as last logged and told to the other shards.
@@ -165,8 +163,9 @@ pub(super) struct Store {
     compacting: bool,
     /// Which other shards reported a full log.
     others_full: Vec<bool>,
-    /// When an append failure was last logged (rate limit).
-    failure_logged: Option<Instant>,
+    /// Rate limit of the append-failure log line: one per 10 s, on the
+    /// shard's tick time.
+    failure_gate: crate::text::LogGate,
     /// Records that could not be written, ever (each also logged, rate
     /// limited): what was refused, held for a retry, or lost.
     appends_failed: u64,
@@ -294,7 +293,6 @@ impl Store {
             sync_wake,
             pending_removal: None,
             clock_at: now,
-            ticked_at: now,
             room: if full {
                 Room::Full {
                     compaction_stuck: false,
@@ -305,7 +303,7 @@ impl Store {
             reported_full: false,
             compacting: false,
             others_full: vec![false; shards],
-            failure_logged: None,
+            failure_gate: crate::text::LogGate::new(1, Duration::from_secs(10)),
             appends_failed: 0,
             status,
         }
@@ -348,17 +346,13 @@ impl Store {
             }
             Err(e) => {
                 self.appends_failed += 1;
-                let now = self.ticked_at;
-                if self
-                    .failure_logged
-                    .is_none_or(|t| now - t > Duration::from_secs(10))
-                {
-                    self.failure_logged = Some(now);
+                if let Some(n) = self.failure_gate.allow_ticked() {
                     log::error!(
-                        "shard {}: {e}: a record of kind {} was not written ({})",
+                        "shard {}: {e}: a record of kind {} was not written ({}){}",
                         self.me,
                         rec.kind(),
-                        self.log.dir().display()
+                        self.log.dir().display(),
+                        crate::text::suppressed_note(n)
                     );
                 }
                 Err(e)
@@ -533,7 +527,7 @@ impl ShardCore {
         self.send_applied(st);
         self.write_settled(st);
         let store = st.store.as_mut().expect("checked");
-        store.ticked_at = now;
+        store.failure_gate.tick(now);
         st.stats.log_appends_failed = store.appends_failed;
         // The clock, each second: recovery takes the last one as the moment
         // the broker stopped, when connected sessions became disconnected.
