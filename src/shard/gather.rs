@@ -251,7 +251,11 @@ impl ShardCore {
                     retain: true,
                     subscription_ids: subscription_ids.clone(),
                 };
-                Self::store_message(st, id, m, None, Scope::default(), vec![target]);
+                // A retained delivery is handed over even when its record
+                // must wait for room: recovery does not replay retained
+                // messages, so a crash before the record loses this copy
+                // (never acknowledged to anyone) and repeats nothing.
+                Self::store_message(st, id, m, None, Scope::default(), &[target]);
             }
         }
         match rest {

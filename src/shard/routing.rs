@@ -16,7 +16,7 @@ use crate::router::fanout::{self, Fan, FanOut, Match};
 use crate::router::split_shared;
 use crate::session::{Delivery, Subscription};
 
-use super::durable::StoreTarget;
+use super::durable::{Held, StoreTarget};
 use super::gather::Gather;
 use super::mesh::{AckTo, MeshMsg, RouteKey, SharedPick};
 use super::{SessionKey, ShardCore, State, SubEntry, SubKey};
@@ -271,7 +271,7 @@ impl ShardCore {
     ) {
         // (message id, its deliveries); each session at most once per id.
         let mut groups: SmallVec<[(u64, Vec<StoreTarget>); 1]> = SmallVec::new();
-        let mut keys: SmallVec<[SessionKey; 8]> = SmallVec::new();
+        let mut deliveries: SmallVec<[(SessionKey, Delivery); 8]> = SmallVec::new();
         for (i, t) in targets.into_iter().enumerate() {
             let qos = t.qos; // the fan-out lowered it to the message's
             let store_id = Self::storable(st, t.session, qos).map(|sid| {
@@ -307,17 +307,40 @@ impl ShardCore {
                 subscription_ids: t.subscription_ids,
                 stored: store_id,
             };
-            if let Some(slot) = st.sessions.get_mut(t.session) {
-                slot.session.deliver(now, message, delivery);
-                st.stats.delivered += 1;
-                keys.push(t.session);
-            }
+            deliveries.push((t.session, delivery));
         }
         if let Some(o) = origin.filter(|_| groups.is_empty() && !scope.shared.is_empty()) {
             Self::store_marker(st, o, scope.clone());
         }
-        for (id, group) in groups {
-            Self::store_message(st, id, message, origin, scope.clone(), group);
+        // Records first: a delivery whose record must wait for room waits
+        // with it, out of its session (see `durable::Held`).
+        let mut waiting: SmallVec<[u64; 1]> = SmallVec::new();
+        for (id, group) in &groups {
+            if !Self::store_message(st, *id, message, origin, scope.clone(), group) {
+                waiting.push(*id);
+            }
+        }
+        let mut keys: SmallVec<[SessionKey; 8]> = SmallVec::new();
+        for (key, delivery) in deliveries {
+            let Some(slot) = st.sessions.get_mut(key) else {
+                continue;
+            };
+            if let Some(id) = delivery.stored.filter(|id| waiting.contains(id)) {
+                let held = Held {
+                    key,
+                    uid: slot.uid,
+                    sid: slot
+                        .durable
+                        .expect("a stored delivery's session is durable")
+                        .sid,
+                    delivery,
+                };
+                Self::hold_deliveries(st, id, vec![held]);
+                continue;
+            }
+            slot.session.deliver(now, message, delivery);
+            st.stats.delivered += 1;
+            keys.push(key);
         }
         for key in keys {
             Self::after_step(st, key, now);

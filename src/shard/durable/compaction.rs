@@ -225,6 +225,16 @@ pub(super) fn gather_targets(st: &State, ids: &mut HashMap<u64, Vec<Target>>) {
         .collect();
     keys.sort_unstable();
     keys.dedup();
+    for (id, targets) in ids.iter_mut() {
+        let held = store.messages.get(id).map_or(&[][..], |m| &m.held[..]);
+        targets.extend(held.iter().map(|h| Target {
+            sid: h.sid,
+            qos: h.delivery.qos,
+            retain: h.delivery.retain,
+            subscription_ids: h.delivery.subscription_ids.clone(),
+            state: TargetState::Queued,
+        }));
+    }
     for key in keys {
         let Some(slot) = st.sessions.get(key) else {
             continue;

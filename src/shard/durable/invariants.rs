@@ -6,7 +6,7 @@
 //! the segment of its whole record; a message not yet logged waits in the
 //! retry queue; accept ids rise; and the store and the sessions agree on
 //! which stored message each session still holds (a paged-out delivery
-//! included).
+//! included, and one held back until its record is written).
 
 use crate::hash::{HashMap, HashSet};
 
@@ -46,6 +46,10 @@ pub(in crate::shard) fn check(st: &State) {
                 "stored message {id}, not logged, waits for a retry"
             );
         }
+        assert!(
+            m.held.is_empty() || !m.is_logged(),
+            "stored message {id} holds deliveries back only until it is logged"
+        );
     }
     for meta in store.retained.values() {
         live += u64::from(meta.bytes);
@@ -69,6 +73,21 @@ pub(in crate::shard) fn check(st: &State) {
         slot.session.stored_deliveries(|s: StoredDelivery| {
             held.entry(s.id).or_default().push(key);
         });
+    }
+    for (id, m) in &store.messages {
+        for h in &m.held {
+            let slot = st
+                .sessions
+                .get(h.key)
+                .filter(|s| s.uid == h.uid)
+                .unwrap_or_else(|| panic!("message {id} holds a delivery back for a live session"));
+            assert_eq!(
+                slot.durable.map(|d| d.sid),
+                Some(h.sid),
+                "message {id} holds a delivery back under its session's sid"
+            );
+            held.entry(*id).or_default().push(h.key);
+        }
     }
     assert_eq!(
         live, store.live_bytes,

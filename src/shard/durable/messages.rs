@@ -20,7 +20,7 @@ use crate::log::{AppendError, ReadError, RecordAt};
 use crate::message::Message;
 use crate::persist::record::{kind, message_records};
 use crate::persist::{Origin, Rec, Scope, Sid, Target, TargetState};
-use crate::session::SubIds;
+use crate::session::{Delivery, SubIds};
 
 use super::retry::Retry;
 use super::{Obj, Placed, RetainedMeta, SessionKey, ShardCore, State, Store};
@@ -36,6 +36,24 @@ pub(super) struct StoredMessage {
     /// Segment of its first record.
     pub(super) seg: u64,
     pub(super) bytes: u32,
+    /// Deliveries held back until the record is written (see [`Held`]).
+    pub(super) held: Vec<Held>,
+}
+
+/// A delivery of a stored message whose record is not written yet, kept
+/// out of its session until it is: a client that received and
+/// acknowledged it before a crash would otherwise get it again as a new
+/// message when recovery routes the unsettled accept once more (twice for
+/// QoS 2). Only this delivery waits; the session goes on sending what is
+/// already logged.
+#[derive(Debug)]
+pub(in crate::shard) struct Held {
+    pub(in crate::shard) key: SessionKey,
+    /// The session slot's uid when routed: a new session under the same
+    /// key does not get it.
+    pub(in crate::shard) uid: u64,
+    pub(in crate::shard) sid: Sid,
+    pub(in crate::shard) delivery: Delivery,
 }
 
 /// Where a stored message's content is.
@@ -105,7 +123,7 @@ impl StoreTarget {
 pub(super) struct MessageHead {
     origin: Option<Origin>,
     scope: Scope,
-    message: Arc<Message>,
+    pub(super) message: Arc<Message>,
 }
 
 impl Store {
@@ -164,8 +182,10 @@ impl Store {
         ))
     }
 
-    /// Record `m` as message `id`: logged, or held for a retry.
-    fn insert_message(&mut self, id: u64, mut m: StoredMessage, targets: &[Target]) {
+    /// Record `m` as message `id`: logged (true), or held for a retry.
+    /// While older work waits for room, a new message waits behind it, so
+    /// the deliveries held back with it (see [`Held`]) keep their order.
+    fn insert_message(&mut self, id: u64, mut m: StoredMessage, targets: &[Target]) -> bool {
         let head = match &m.body {
             Body::Pinned(message) => MessageHead {
                 origin: m.origin,
@@ -174,18 +194,48 @@ impl Store {
             },
             Body::Logged { .. } => unreachable!("a new message is pinned until written"),
         };
-        match self.put_message(id, &head, targets) {
-            Ok((at, bytes)) => {
+        let written = if self.retry.is_empty() {
+            self.put_message(id, &head, targets).ok()
+        } else {
+            None
+        };
+        let logged = written.is_some();
+        match written {
+            Some((at, bytes)) => {
                 m.set_logged(at, bytes);
                 self.live_bytes += u64::from(bytes);
                 self.track(at.segment, Obj::Message(id));
             }
-            Err(_) => {
+            None => {
                 self.hold_answer(m.origin);
                 self.retry.push_back(Retry::Message(id));
             }
         }
         self.messages.insert(id, m);
+        logged
+    }
+
+    /// Session `key` ended: the deliveries held back for it go, and with
+    /// them its part of those messages.
+    pub(super) fn drop_held(&mut self, key: SessionKey) {
+        let waiting: Vec<u64> = self
+            .retry
+            .iter()
+            .filter_map(|r| match r {
+                Retry::Message(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        for id in waiting {
+            let Some(m) = self.messages.get_mut(&id) else {
+                continue;
+            };
+            let before = m.held.len();
+            m.held.retain(|h| h.key != key);
+            if m.held.len() != before {
+                self.message_done(id, key);
+            }
+        }
     }
 
     /// Write a retained topic's record (an empty payload deletes it) and
@@ -289,6 +339,7 @@ impl Store {
             sessions,
             seg: at.segment,
             bytes,
+            held: Vec::new(),
         };
         self.messages.insert(id, m);
     }
@@ -323,18 +374,20 @@ impl Store {
 }
 
 impl ShardCore {
-    /// Store message `id`'s deliveries just handed to sessions (routing gave
-    /// every target a distinct session).
+    /// Store message `id`'s deliveries (routing gave every target a
+    /// distinct session). True when its record is written (or there is no
+    /// store); false when it waits for room, and then a delivery not yet
+    /// handed to its session must wait with it ([`Self::hold_deliveries`]).
     pub(in crate::shard) fn store_message(
         st: &mut State,
         id: u64,
         message: &Arc<Message>,
         origin: Option<Origin>,
         scope: Scope,
-        targets: Vec<StoreTarget>,
-    ) {
+        targets: &[StoreTarget],
+    ) -> bool {
         let Some(store) = st.store.as_mut() else {
-            return;
+            return true;
         };
         let m = StoredMessage {
             body: Body::Pinned(message.clone()),
@@ -343,9 +396,18 @@ impl ShardCore {
             sessions: targets.iter().map(|t| t.key).collect(),
             seg: 0,
             bytes: 0,
+            held: Vec::new(),
         };
         let records: Vec<Target> = targets.iter().map(StoreTarget::queued).collect();
-        store.insert_message(id, m, &records);
+        store.insert_message(id, m, &records)
+    }
+
+    /// Keep deliveries of message `id` (waiting for room) out of their
+    /// sessions until its record is written; the retry hands them over.
+    pub(in crate::shard) fn hold_deliveries(st: &mut State, id: u64, held: Vec<Held>) {
+        if let Some(m) = st.store.as_mut().and_then(|s| s.messages.get_mut(&id)) {
+            m.held.extend(held);
+        }
     }
 
     /// Record that this shard applied `origin` for `scope` without storing

@@ -22,7 +22,10 @@
 //! - Retained messages (Retain), delayed publishes (Delayed, DelayedDone).
 //!
 //! What cannot be written because the log is full waits in memory and is
-//! written when room returns; answers to its origin wait for it (`retry`).
+//! written when room returns, in order (a new message waits behind older
+//! work); answers to its origin wait for it (`retry`), and so do the
+//! message's deliveries, kept out of their sessions (`messages::Held`): a
+//! client must not acknowledge what a crash would route to it again.
 //!
 //! Compaction (`compaction`): every live object remembers the segment of
 //! its first whole record. When the log holds more than twice the live
@@ -63,7 +66,7 @@ use answers::{Accepted, Owed};
 use messages::StoredMessage;
 use retry::Retry;
 
-pub(super) use messages::StoreTarget;
+pub(super) use messages::{Held, StoreTarget};
 
 /// A persistent session's place in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -391,10 +394,11 @@ impl Store {
         self.clock.to_ms(t)
     }
 
-    /// True while this shard's log has no spare segment: records bringing
-    /// message data may be refused.
+    /// True while this shard's log has no spare segment, or work still
+    /// waits for room: a new message's record may be refused or wait
+    /// behind that work.
     pub(super) fn is_full(&self) -> bool {
-        self.room.is_full()
+        self.room.is_full() || !self.retry.is_empty()
     }
 
     /// What the log holds.

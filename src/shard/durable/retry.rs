@@ -106,9 +106,20 @@ impl ShardCore {
                 let m = store.messages.get_mut(&id).expect("checked");
                 m.set_logged(at, bytes);
                 let origin = m.origin;
+                let held = std::mem::take(&mut m.held);
                 store.live_bytes += u64::from(bytes);
                 store.track(at.segment, Obj::Message(id));
                 store.release_answer(origin);
+                // The deliveries that waited for the record go to their
+                // sessions now, in the order they were routed.
+                for h in held {
+                    let Some(slot) = st.sessions.get_mut(h.key).filter(|s| s.uid == h.uid) else {
+                        continue;
+                    };
+                    slot.session.deliver(now, &head.message, h.delivery);
+                    st.stats.delivered += 1;
+                    Self::after_step(st, h.key, now);
+                }
                 Ok(())
             }
             Retry::Marker { origin, scope } => {

@@ -143,6 +143,7 @@ impl ShardCore {
         for id in ids {
             store.message_done(id, key);
         }
+        store.drop_held(key);
     }
 
     /// Write what the session's journal reports.
