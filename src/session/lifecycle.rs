@@ -186,10 +186,15 @@ impl Session {
         let Presence::Connected(conn) = std::mem::replace(&mut self.presence, offline) else {
             unreachable!("checked connected above")
         };
-        self.actions.push_back(Action::Close);
+        // A will that goes now is published before the Close: its Accepted
+        // record (which says the session's will is gone) then precedes
+        // the Offline record (which says no will waits), so a power cut
+        // between the two leaves a session that recovery takes as still
+        // connected, and whose will it publishes.
         if let Some(will) = conn.will.filter(|_| publish_will) {
             self.schedule_will(now, *will);
         }
+        self.actions.push_back(Action::Close);
         if self.expiry_s == 0 {
             self.end(now);
         }

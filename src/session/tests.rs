@@ -243,6 +243,28 @@ fn normal_disconnect_drops_the_will_and_other_reasons_send_it() {
 }
 
 #[test]
+fn a_will_that_goes_at_once_is_published_before_the_close() {
+    // The shard logs the will's Accepted record (the will is gone) as it
+    // routes the Publish, and the Offline record (no will waits) at the
+    // Close: in this order, a power cut between the two still leaves the
+    // will in the log.
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    let mut c = connect(Version::V5, false, 0, Some(60));
+    c.will = Some(will(None));
+    s.connect(t0, c, false, None);
+    drain(&mut s);
+    s.connection_lost(t0 + S, s.generation());
+    let actions = drain(&mut s).1;
+    let publish = actions
+        .iter()
+        .position(|a| matches!(a, Action::Publish { will: true, .. }));
+    let close = actions.iter().position(|a| *a == Action::Close);
+    assert!(publish.is_some() && close.is_some(), "{actions:?}");
+    assert!(publish < close, "{actions:?}");
+}
+
+#[test]
 fn session_expiry_ends_an_offline_session() {
     let t0 = Instant::now();
     let mut s = session(t0);
