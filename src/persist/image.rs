@@ -159,6 +159,11 @@ impl ShardImage {
                 causes,
             } => {
                 self.remember_qos2(causes.qos2_from);
+                if let Some(o) = causes.passes_on {
+                    // Passing a pick on is applying it here.
+                    let seen = self.applied.entry(o).or_default();
+                    seen.shared.extend(scope.shared.iter().cloned());
+                }
                 if let Some(d) = causes.delayed {
                     self.delayed.remove(&d);
                 }
@@ -309,6 +314,7 @@ mod tests {
 
     use super::*;
     use crate::codec::{Properties, QoS};
+    use crate::persist::Causes;
 
     fn msg(topic: &str) -> Arc<Message> {
         Arc::new(Message {
@@ -387,6 +393,38 @@ mod tests {
         }
         assert!(img.messages.is_empty(), "no target left");
         assert!(img.applied.contains_key(&Origin { shard: 1, id: 110 }));
+    }
+
+    #[test]
+    fn a_forward_that_passes_a_pick_on_is_proof_the_pick_was_applied() {
+        let mut img = ShardImage::new(1);
+        let pick = crate::router::SharedPick {
+            group: "g".into(),
+            filter: "t/+".into(),
+        };
+        let parent = Origin { shard: 0, id: 9 };
+        img.apply(Rec::Accepted {
+            id: 2,
+            scope: Scope {
+                ordinary: false,
+                shared: SmallVec::from_buf([pick.clone()]),
+            },
+            message: msg("t/1"),
+            stamp_ms: 1,
+            causes: Causes {
+                passes_on: Some(parent),
+                ..Causes::default()
+            },
+        });
+        // With no marker after it (a power cut took it), the forward
+        // alone says this shard answers for the parent's pick.
+        let seen = &img.applied[&parent];
+        assert!(!seen.ordinary);
+        assert_eq!(seen.shared.as_slice(), &[pick]);
+        assert!(
+            img.accepted.contains_key(&2),
+            "the forward itself is unsettled"
+        );
     }
 
     #[test]

@@ -110,6 +110,13 @@ pub struct Causes {
     pub delayed: Option<u64>,
     /// The session whose pending will it is (now published).
     pub will_of: Option<Sid>,
+    /// The accept (of another shard) whose shared-subscription pick this
+    /// record passes on: in the same record, proof that this shard applied
+    /// that origin for the record's scope, so no cut of the log shows the
+    /// forward without the proof (recovery would serve the pick twice).
+    /// Written after the message; a record of an older version, without
+    /// it, reads as `None`.
+    pub passes_on: Option<Origin>,
 }
 
 /// How far one session got with one stored message.
@@ -494,6 +501,7 @@ impl Rec {
                 w.opt_u64(causes.delayed);
                 w.opt_u64(causes.will_of);
                 w.message(message, clock);
+                w.opt_origin(causes.passes_on);
             }
             Rec::Settled { upto } => w.u64(*upto),
             Rec::Retain {
@@ -595,17 +603,22 @@ impl Rec {
                 let id = r.u64()?;
                 let scope = r.scope()?;
                 let stamp_ms = r.u64()?;
-                let causes = Causes {
+                let mut causes = Causes {
                     qos2_from: r.opt_from()?,
                     delayed: r.opt_u64()?,
                     will_of: r.opt_u64()?,
+                    passes_on: None,
                 };
+                let message = Arc::new(r.message(clock)?);
+                if r.pos < body.len() {
+                    causes.passes_on = r.opt_origin()?;
+                }
                 Rec::Accepted {
                     id,
                     scope,
                     stamp_ms,
                     causes,
-                    message: Arc::new(r.message(clock)?),
+                    message,
                 }
             }
             kind::SETTLED => Rec::Settled { upto: r.u64()? },
@@ -990,8 +1003,22 @@ mod tests {
         assert_eq!(kind, rec.kind());
         let back = Rec::decode(kind, &buf, &c).expect("decodes");
         assert_eq!(back, rec);
+        // An Accepted record of an older version ends before `passes_on`.
+        let older = match &rec {
+            Rec::Accepted { causes, .. } => {
+                let trailing = if causes.passes_on.is_some() { 11 } else { 1 };
+                Some(buf.len() - trailing)
+            }
+            _ => None,
+        };
         for cut in 0..buf.len() {
-            assert!(Rec::decode(kind, &buf[..cut], &c).is_err(), "cut at {cut}");
+            match Rec::decode(kind, &buf[..cut], &c) {
+                Err(_) => {}
+                Ok(Rec::Accepted { causes, .. }) if Some(cut) == older => {
+                    assert_eq!(causes.passes_on, None, "an older Accepted record");
+                }
+                Ok(other) => panic!("cut at {cut} decoded as {other:?}"),
+            }
         }
     }
 
@@ -1118,6 +1145,7 @@ mod tests {
                     qos2_from: Some((3, 17)),
                     delayed: Some(2),
                     will_of: Some(4),
+                    passes_on: Some(Origin { shard: 2, id: 9 }),
                 },
             },
             Rec::Settled { upto: 44 },

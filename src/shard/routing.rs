@@ -150,9 +150,9 @@ impl ShardCore {
     /// could otherwise lose or repeat it: it goes to other shards, it is a
     /// persistent session's QoS 2 publish, a delayed publish leaving, or a
     /// will (of any QoS: the record also says the session's will is gone).
-    /// While the log is full every QoS 1/2 message is accepted first: a
-    /// delivery here may then have to wait for room, and its accept stays
-    /// unsettled until it is logged.
+    /// While the log is full, or its fan-out could fill it, every QoS 1/2
+    /// message is accepted first: a delivery here may then have to wait
+    /// for room, and its accept stays unsettled until it is logged.
     #[allow(clippy::too_many_arguments)]
     fn log_accept(
         &self,
@@ -172,7 +172,10 @@ impl ShardCore {
         if message.qos == QoS::AtMostOnce && will_of.is_none() {
             return Ok(None);
         }
-        let full = store.is_full();
+        // The records of a fan-out: the message, in each of a few
+        // groups, and its targets.
+        let fan_out_bytes = 2 * message.cost_bytes() + 64 * 1024;
+        let full = store.is_full() || store.may_fill(fan_out_bytes);
         let me = self.id as u16;
         let mut dests: SmallVec<[u16; 4]> = SmallVec::new();
         let all = ordinary
@@ -191,6 +194,7 @@ impl ShardCore {
                 .and_then(|pid| Some((durable_sid(source.from)?, pid))),
             delayed: source.delayed,
             will_of,
+            passes_on: None,
         };
         if dests.is_empty() && causes == Causes::default() && !full {
             return Ok(None);
@@ -404,28 +408,25 @@ impl ShardCore {
             return self.mesh.send(usize::from(to), forward);
         }
         if self
-            .forward_logged(st, now, message, pick, hops + 1, to)
+            .forward_logged(st, now, message, pick, hops + 1, to, origin)
             .is_err()
         {
             Self::retry_forward(st, message, pick, hops + 1, to, origin);
-            return;
-        }
-        // The forward answers for this pick from now on: say so at once,
-        // apart from any Message record of this shard's own deliveries
-        // (which a full log may hold back), or recovery would serve the
-        // pick again from the origin, and the group would get it twice
-        // (found by the simulator).
-        if let Some(parent) = origin {
-            let scope = Scope {
-                ordinary: false,
-                shared: SmallVec::from_buf([pick.clone()]),
-            };
-            Self::store_marker(st, parent, scope);
         }
     }
 
     /// Accept a shared-subscription message passed on to shard `to` (this
     /// shard answers for it from now on) and send it.
+    ///
+    /// The forward answers for the pick of `parent` from now on. Its
+    /// Accepted record says so itself (`Causes::passes_on`): a proof
+    /// written apart from it could be cut off by a power cut, and recovery
+    /// would serve the pick again from the parent while routing the
+    /// forward, so the group would get it twice (found by the simulator,
+    /// once for a marker behind a full log, once for a torn log). A marker
+    /// follows, as the proof that outlives the Accepted record once it
+    /// settles.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn forward_logged(
         &self,
         st: &mut State,
@@ -434,6 +435,7 @@ impl ShardCore {
         pick: &SharedPick,
         hops: u8,
         to: u16,
+        parent: Option<Origin>,
     ) -> Result<(), crate::log::AppendError> {
         let scope = Scope {
             ordinary: false,
@@ -441,9 +443,16 @@ impl ShardCore {
         };
         let stamp_ms = st.store.as_ref().map_or(0, |s| s.wall_ms(now));
         let dests = SmallVec::from_slice(&[to]);
-        let origin = self.accept(st, message, scope, Causes::default(), stamp_ms, dests)?;
+        let causes = Causes {
+            passes_on: parent,
+            ..Causes::default()
+        };
+        let origin = self.accept(st, message, scope.clone(), causes, stamp_ms, dests)?;
         let forward = shared_forward(message, pick, hops, Some(origin));
         self.send_routed(st, usize::from(to), forward, Some(origin));
+        if let Some(parent) = parent {
+            Self::store_marker(st, parent, scope);
+        }
         Ok(())
     }
 

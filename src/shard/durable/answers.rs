@@ -56,6 +56,7 @@ pub(super) struct Accepted {
     pub(super) stamp_ms: u64,
     pub(super) delayed: Option<u64>,
     pub(super) will_of: Option<Sid>,
+    pub(super) passes_on: Option<Origin>,
     /// Shards that must answer `Applied`.
     dests: SmallVec<[u16; 4]>,
 }
@@ -191,6 +192,7 @@ impl ShardCore {
             stamp_ms,
             delayed: causes.delayed,
             will_of: causes.will_of,
+            passes_on: causes.passes_on,
             dests,
         });
         Ok(Origin {
@@ -331,6 +333,7 @@ mod tests {
             stamp_ms: 0,
             delayed: None,
             will_of: None,
+            passes_on: None,
             dests: dests.into(),
         });
     }

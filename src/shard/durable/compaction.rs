@@ -403,6 +403,7 @@ fn rewrite_accepted(store: &mut Store, id: u64, victim: u64) -> bool {
             qos2_from: None,
             delayed: a.delayed,
             will_of: a.will_of,
+            passes_on: a.passes_on,
         },
     };
     let old = a.bytes;

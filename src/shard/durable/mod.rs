@@ -401,6 +401,18 @@ impl Store {
         self.room.is_full() || !self.retry.is_empty()
     }
 
+    /// True when about `bytes` more could roll the log into its last
+    /// segment, after which it is full and refuses message data: a
+    /// message whose fan-out would be logged then is accepted first, so a
+    /// delivery record refused half-way through (a fan-out of several
+    /// records that rolls the log into its last segment) still has the
+    /// Accepted record that recovery routes again; without it, the
+    /// acknowledged message would live only in memory. A disk that fills
+    /// below `storage.log_bytes_max` is not foreseen this way.
+    pub(super) fn may_fill(&self, bytes: usize) -> bool {
+        self.log.at_segments_max() && self.log.current_room() < bytes
+    }
+
     /// What the log holds.
     pub(super) fn status(&self) -> LogStatus {
         LogStatus {

@@ -170,7 +170,7 @@ impl ShardCore {
                 parent,
             } => {
                 if self
-                    .forward_logged(st, now, &message, &pick, hops, to)
+                    .forward_logged(st, now, &message, &pick, hops, to, parent)
                     .is_err()
                 {
                     return Err(Retry::Forward {

@@ -132,9 +132,10 @@ impl ShardCore {
         true
     }
 
-    /// True when a closing connection's last packets must wait for a sync
-    /// (it is woken once it is done).
-    pub(in crate::shard) fn closing_waits_for_sync(&self, conn: &Rc<ConnHandle>) -> bool {
+    /// True when a closing connection's last packets
+    /// ([`ConnHandle::take_last_packets`]) must wait for a sync (it is
+    /// woken once it is done): they may acknowledge what is not synced yet.
+    pub fn closing_waits_for_sync(&self, conn: &Rc<ConnHandle>) -> bool {
         let mut st = self.state.borrow_mut();
         let Some(store) = st.store.as_mut() else {
             return false;
