@@ -12,6 +12,12 @@ use crate::session::{Journal, Session, Subscription};
 
 use super::{DurableSlot, Obj, SessionKey, ShardCore, State, Store};
 
+/// Messages read back for one session per input at most (a few batches,
+/// when what is read back keeps expiring). Past it, the next input to the
+/// session (an acknowledgement, a PINGREQ within the keep-alive, a
+/// routed message) reads on.
+const PAGE_IN_READS_MAX: usize = 1024;
+
 impl Store {
     /// Write a session's whole state as sid `sid` (a Session record, then
     /// Subscribe records for what does not fit one). All or none: when the
@@ -146,19 +152,27 @@ impl ShardCore {
         store.drop_held(key);
     }
 
-    /// Write what the session's journal reports.
     /// Read back deliveries session `key` paged out to the log, when it
     /// is ready for them (see [`crate::session::Session::wants_page_in`]).
+    /// Again while it still is: what was read back may have expired and
+    /// been dropped at once, leaving a paged-out message at the front that
+    /// no later input would read back (an idle client then waited for
+    /// acknowledged messages for good; found by the simulator).
     pub(in crate::shard) fn page_in(st: &mut State, key: SessionKey, now: Instant) {
         let (Some(slot), Some(store)) = (st.sessions.get_mut(key), st.store.as_mut()) else {
             return;
         };
-        if slot.session.wants_page_in() {
-            slot.session
-                .page_in(now, |id| store.load(id).map_err(|e| e.to_string()));
+        let mut read = 0;
+        while slot.session.wants_page_in() && read < PAGE_IN_READS_MAX {
+            let mut load = |id| {
+                read += 1;
+                store.load(id).map_err(|e| e.to_string())
+            };
+            slot.session.page_in(now, &mut load);
         }
     }
 
+    /// Write what the session's journal reports.
     pub(in crate::shard) fn drain_journal(st: &mut State, key: SessionKey) {
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
