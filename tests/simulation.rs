@@ -193,10 +193,10 @@ struct Sent {
 enum Forbid {
     /// Not forbidden.
     No,
-    /// Its connection ended with DISCONNECT 0 on this shard, whose power-safe
+    /// Its connection ended with DISCONNECT 0 on a shard whose power-safe
     /// log has not synced the record of it: a power cut may undo it (as it
     /// may undo a DISCONNECT still in the socket).
-    Unsynced(usize),
+    Unsynced,
     /// Forbidden.
     Yes,
 }
@@ -246,6 +246,13 @@ struct Sim {
     closed_by_broker: u64,
     steps: u64,
     trace: u64,
+    /// `SHARDMQ_SIM_TRACE`: the client whose packets are printed.
+    trace_client: Option<String>,
+    /// `SHARDMQ_SIM_DUMP`: print each log after a power cut.
+    dump: bool,
+    /// Wills made `Forbid::Unsynced` by a DISCONNECT 0 on a shard (shard,
+    /// will): forbidden once that shard syncs, allowed after a power cut.
+    unsynced_forbids: Vec<(usize, (usize, u64))>,
 }
 
 const TOPICS: [&str; 4] = ["t/0", "t/1", "t/2", "t/3"];
@@ -372,6 +379,9 @@ impl Sim {
             closed_by_broker: 0,
             steps: 0,
             trace: 0,
+            trace_client: std::env::var("SHARDMQ_SIM_TRACE").ok(),
+            dump: std::env::var_os("SHARDMQ_SIM_DUMP").is_some(),
+            unsynced_forbids: Vec::new(),
         };
         sim.start(shards);
         sim
@@ -396,22 +406,16 @@ impl Sim {
             };
             let recovery =
                 recover(&settings).unwrap_or_else(|e| self.fail(&format!("recovery: {e}")));
+            // Recovery synced what it wrote: all of it survives a power cut.
+            self.synced.clear();
             for (core, start) in cores.iter_mut().zip(recovery.shards) {
+                self.synced.push(start.log.next_seq());
                 core.restore(start, &recovery.routes, recovery.clock, self.now);
             }
             self.dir = Some(recovery.dir);
         }
         self.cores = cores;
         self.last_tick = vec![self.now; shards];
-        // Recovery synced what it wrote: all of it survives a power cut.
-        self.synced = self
-            .log_dirs()
-            .iter()
-            .map(|dir| {
-                let report = scan::scan(dir, |_| {}).expect("the log reads back");
-                report.last_seq.map_or(0, |s| s + 1)
-            })
-            .collect();
         for id in 0..shards {
             self.flush(id);
         }
@@ -420,7 +424,7 @@ impl Sim {
     /// `kill -9`: the cores and the lanes are gone, the mapped logs stay.
     fn crash(&mut self) {
         self.crashes += 1;
-        if std::env::var("SHARDMQ_SIM_TRACE").is_ok() {
+        if self.trace_client.is_some() {
             eprintln!("step {} CRASH {}", self.steps, self.crashes);
         }
         let dirs = self.log_dirs();
@@ -435,13 +439,13 @@ impl Sim {
             self.power_cuts += 1;
             for (shard, dir) in dirs.iter().enumerate() {
                 self.tear(dir, self.synced[shard]);
-                if std::env::var_os("SHARDMQ_SIM_DUMP").is_some() {
+                if self.dump {
                     self.dump(shard, dir);
                 }
             }
         }
-        for s in self.sent.values_mut() {
-            if let Forbid::Unsynced(_) = s.forbidden {
+        for (_, will) in std::mem::take(&mut self.unsynced_forbids) {
+            if let Some(s) = self.sent.get_mut(&will) {
                 s.forbidden = if power_cut { Forbid::No } else { Forbid::Yes };
             }
         }
@@ -456,6 +460,11 @@ impl Sim {
             2 + self.rng.below(7) as usize
         };
         self.start(shards);
+    }
+
+    /// True when `SHARDMQ_SIM_TRACE` names client `id`.
+    fn traces(&self, id: &str) -> bool {
+        self.trace_client.as_deref() == Some(id)
     }
 
     /// The log directory of each running shard, by shard.
@@ -607,11 +616,16 @@ impl Sim {
                 self.cores[id].synced(target);
                 if power_safe {
                     self.synced[id] = self.synced[id].max(target);
-                    for s in self.sent.values_mut() {
-                        if s.forbidden == Forbid::Unsynced(id) {
+                    let sent = &mut self.sent;
+                    self.unsynced_forbids.retain(|(shard, will)| {
+                        if *shard != id {
+                            return true;
+                        }
+                        if let Some(s) = sent.get_mut(will) {
                             s.forbidden = Forbid::Yes;
                         }
-                    }
+                        false
+                    });
                 }
             }
             self.flush(id);
@@ -623,7 +637,7 @@ impl Sim {
         let Some(conn) = &self.clients[c].conn else {
             return;
         };
-        if std::env::var("SHARDMQ_SIM_TRACE").is_ok_and(|t| t == self.clients[c].id) {
+        if self.traces(&self.clients[c].id) {
             eprintln!(
                 "step {} {} -> shard {} (conn {:p}): {packet:?}",
                 self.steps,
@@ -708,7 +722,7 @@ impl Sim {
             password: None,
             properties,
         };
-        if std::env::var("SHARDMQ_SIM_TRACE").is_ok_and(|t| t == connect.client_id.as_ref()) {
+        if self.traces(&connect.client_id) {
             eprintln!(
                 "step {} {} (client {c}) CONNECT, will {:?}",
                 self.steps,
@@ -793,7 +807,7 @@ impl Sim {
     }
 
     fn on_packet(&mut self, c: usize, packet: Packet) {
-        if std::env::var("SHARDMQ_SIM_TRACE").is_ok_and(|t| t == self.clients[c].id) {
+        if self.traces(&self.clients[c].id) {
             eprintln!("step {} {} <- {packet:?}", self.steps, self.clients[c].id);
         }
         self.trace = self.trace.wrapping_mul(31).wrapping_add(c as u64 + 1);
@@ -1174,16 +1188,17 @@ impl Sim {
             // may or may not have gone out.
         } else if self.rng.chance(500) {
             self.send(c, Packet::Disconnect(Default::default()));
-            let forbid = if self.config.durability() == Durability::PowerSafe {
-                Forbid::Unsynced(shard)
-            } else {
-                Forbid::Yes
-            };
-            if let Some(s) = will.and_then(|k| self.sent.get_mut(&k)) {
-                s.forbidden = forbid;
+            if let Some(k) = will {
+                let s = self.sent.get_mut(&k).expect("a will is recorded as sent");
+                s.forbidden = if self.config.durability() == Durability::PowerSafe {
+                    self.unsynced_forbids.push((shard, k));
+                    Forbid::Unsynced
+                } else {
+                    Forbid::Yes
+                };
             }
         } else {
-            if std::env::var("SHARDMQ_SIM_TRACE").is_ok_and(|t| t == self.clients[c].id) {
+            if self.traces(&self.clients[c].id) {
                 eprintln!(
                     "step {} {} connection lost (will {will:?})",
                     self.steps, self.clients[c].id

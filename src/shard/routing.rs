@@ -20,7 +20,7 @@ use super::durable::{Held, StoreTarget};
 use super::gather::Gather;
 use super::mesh::{AckTo, MeshMsg, RouteKey, SharedPick};
 use super::{SessionKey, ShardCore, State, SubEntry, SubKey};
-use crate::persist::{Causes, Origin, Scope};
+use crate::persist::{Causes, Origin, Scope, Sid};
 
 /// Where a routed message comes from: for acknowledgements and the log.
 #[derive(Debug, Clone, Copy, Default)]
@@ -172,10 +172,7 @@ impl ShardCore {
         if message.qos == QoS::AtMostOnce && will_of.is_none() {
             return Ok(None);
         }
-        // The records of a fan-out: the message, in each of a few
-        // groups, and its targets.
-        let fan_out_bytes = 2 * message.cost_bytes() + 64 * 1024;
-        let full = store.is_full() || store.may_fill(fan_out_bytes);
+        let full = store.must_accept_first(message);
         let me = self.id as u16;
         let mut dests: SmallVec<[u16; 4]> = SmallVec::new();
         let all = ordinary
@@ -275,10 +272,14 @@ impl ShardCore {
     ) {
         // (message id, its deliveries); each session at most once per id.
         let mut groups: SmallVec<[(u64, Vec<StoreTarget>); 1]> = SmallVec::new();
-        let mut deliveries: SmallVec<[(SessionKey, Delivery); 8]> = SmallVec::new();
+        // Stored deliveries wait for their records (below); the others go
+        // to their sessions at once.
+        let mut stored: SmallVec<[(SessionKey, Sid, Delivery); 4]> = SmallVec::new();
+        let mut keys: SmallVec<[SessionKey; 8]> = SmallVec::new();
         for (i, t) in targets.into_iter().enumerate() {
             let qos = t.qos; // the fan-out lowered it to the message's
-            let store_id = Self::storable(st, t.session, qos).map(|sid| {
+            let sid = Self::storable(st, t.session, qos);
+            let store_id = sid.map(|sid| {
                 let target = StoreTarget {
                     key: t.session,
                     sid,
@@ -311,7 +312,13 @@ impl ShardCore {
                 subscription_ids: t.subscription_ids,
                 stored: store_id,
             };
-            deliveries.push((t.session, delivery));
+            match sid {
+                Some(sid) => stored.push((t.session, sid, delivery)),
+                None if Self::hand_over(st, t.session, now, message, delivery) => {
+                    keys.push(t.session)
+                }
+                None => {}
+            }
         }
         if let Some(o) = origin.filter(|_| groups.is_empty() && !scope.shared.is_empty()) {
             Self::store_marker(st, o, scope.clone());
@@ -324,31 +331,47 @@ impl ShardCore {
                 waiting.push(*id);
             }
         }
-        let mut keys: SmallVec<[SessionKey; 8]> = SmallVec::new();
-        for (key, delivery) in deliveries {
-            let Some(slot) = st.sessions.get_mut(key) else {
+        for (key, sid, delivery) in stored {
+            let Some(uid) = st.sessions.get(key).map(|s| s.uid) else {
                 continue;
             };
-            if let Some(id) = delivery.stored.filter(|id| waiting.contains(id)) {
-                let held = Held {
-                    key,
-                    uid: slot.uid,
-                    sid: slot
-                        .durable
-                        .expect("a stored delivery's session is durable")
-                        .sid,
-                    delivery,
-                };
-                Self::hold_deliveries(st, id, vec![held]);
-                continue;
+            match delivery.stored.filter(|id| waiting.contains(id)) {
+                Some(id) => Self::hold_delivery(
+                    st,
+                    id,
+                    Held {
+                        key,
+                        uid,
+                        sid,
+                        delivery,
+                    },
+                ),
+                None => {
+                    Self::hand_over(st, key, now, message, delivery);
+                    keys.push(key);
+                }
             }
-            slot.session.deliver(now, message, delivery);
-            st.stats.delivered += 1;
-            keys.push(key);
         }
         for key in keys {
             Self::after_step(st, key, now);
         }
+    }
+
+    /// Give session `key` (if it is still there) `delivery` of `message`;
+    /// false when it is gone. The caller runs `after_step` for it.
+    pub(super) fn hand_over(
+        st: &mut State,
+        key: SessionKey,
+        now: Instant,
+        message: &Arc<Message>,
+        delivery: Delivery,
+    ) -> bool {
+        let Some(slot) = st.sessions.get_mut(key) else {
+            return false;
+        };
+        slot.session.deliver(now, message, delivery);
+        st.stats.delivered += 1;
+        true
     }
 
     /// Other shards with members of a shared subscription for this topic,

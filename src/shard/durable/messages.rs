@@ -377,7 +377,7 @@ impl ShardCore {
     /// Store message `id`'s deliveries (routing gave every target a
     /// distinct session). True when its record is written (or there is no
     /// store); false when it waits for room, and then a delivery not yet
-    /// handed to its session must wait with it ([`Self::hold_deliveries`]).
+    /// handed to its session must wait with it ([`Self::hold_delivery`]).
     pub(in crate::shard) fn store_message(
         st: &mut State,
         id: u64,
@@ -402,11 +402,11 @@ impl ShardCore {
         store.insert_message(id, m, &records)
     }
 
-    /// Keep deliveries of message `id` (waiting for room) out of their
-    /// sessions until its record is written; the retry hands them over.
-    pub(in crate::shard) fn hold_deliveries(st: &mut State, id: u64, held: Vec<Held>) {
+    /// Keep a delivery of message `id` (waiting for room) out of its
+    /// session until the record is written; the retry hands it over.
+    pub(in crate::shard) fn hold_delivery(st: &mut State, id: u64, held: Held) {
         if let Some(m) = st.store.as_mut().and_then(|s| s.messages.get_mut(&id)) {
-            m.held.extend(held);
+            m.held.push(held);
         }
     }
 

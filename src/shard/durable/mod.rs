@@ -55,6 +55,7 @@ use crate::hash::HashMap;
 use crate::codec::QoS;
 use crate::config::Durability;
 use crate::log::{AppendError, Log, RecordAt};
+use crate::message::Message;
 use crate::persist::{Origin, Rec, Sid, WallClock, Writer};
 use crate::session::ShardStatus;
 
@@ -394,23 +395,21 @@ impl Store {
         self.clock.to_ms(t)
     }
 
-    /// True while this shard's log has no spare segment, or work still
-    /// waits for room: a new message's record may be refused or wait
-    /// behind that work.
-    pub(super) fn is_full(&self) -> bool {
-        self.room.is_full() || !self.retry.is_empty()
-    }
-
-    /// True when about `bytes` more could roll the log into its last
-    /// segment, after which it is full and refuses message data: a
-    /// message whose fan-out would be logged then is accepted first, so a
-    /// delivery record refused half-way through (a fan-out of several
-    /// records that rolls the log into its last segment) still has the
-    /// Accepted record that recovery routes again; without it, the
-    /// acknowledged message would live only in memory. A disk that fills
-    /// below `storage.log_bytes_max` is not foreseen this way.
-    pub(super) fn may_fill(&self, bytes: usize) -> bool {
-        self.log.at_segments_max() && self.log.current_room() < bytes
+    /// True when a QoS 1/2 `message` must be accepted (logged as
+    /// Accepted) before it is routed, though nothing else asks for it:
+    /// while the log has no spare segment or work waits for room (a new
+    /// message's record may be refused, or wait behind that work), and
+    /// when its fan-out could roll the log into its last segment, after
+    /// which a record refused half-way through would leave the
+    /// acknowledged message only in memory. A disk that fills below
+    /// `storage.log_bytes_max` is not foreseen this way.
+    pub(super) fn must_accept_first(&self, message: &Message) -> bool {
+        if self.room.is_full() || !self.retry.is_empty() {
+            return true;
+        }
+        // The records of a fan-out: the message, in each of a few groups,
+        // and its targets.
+        self.log.at_segments_max() && self.log.current_room() < 2 * message.cost_bytes() + 64 * 1024
     }
 
     /// What the log holds.

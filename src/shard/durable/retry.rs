@@ -113,12 +113,11 @@ impl ShardCore {
                 // The deliveries that waited for the record go to their
                 // sessions now, in the order they were routed.
                 for h in held {
-                    let Some(slot) = st.sessions.get_mut(h.key).filter(|s| s.uid == h.uid) else {
-                        continue;
-                    };
-                    slot.session.deliver(now, &head.message, h.delivery);
-                    st.stats.delivered += 1;
-                    Self::after_step(st, h.key, now);
+                    if st.sessions.get(h.key).is_some_and(|s| s.uid == h.uid)
+                        && Self::hand_over(st, h.key, now, &head.message, h.delivery)
+                    {
+                        Self::after_step(st, h.key, now);
+                    }
                 }
                 Ok(())
             }
