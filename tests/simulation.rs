@@ -1157,7 +1157,8 @@ impl Sim {
     /// Client `c` connects again while its delayed will waits: the will
     /// is owed if its shard ticked after it was due, and must not go out
     /// if it is not due yet (the session resumes in time,
-    /// [MQTT-3.1.3-9]); in between, or after a crash, either is right.
+    /// [MQTT-3.1.3-9]) once the resume is synced; in between, or after a
+    /// crash, either is right.
     fn resolve_pending_will(&mut self, c: usize) {
         let Some(p) = self.clients[c].pending_will.take() else {
             return;
@@ -1171,7 +1172,15 @@ impl Sim {
         if self.last_tick.get(p.shard).is_some_and(|&t| t >= p.due) {
             s.acked = p.owed;
         } else if self.now < p.due {
-            s.forbidden = Forbid::Yes;
+            // Power-safe: until the shard syncs the resuming CONNECT's
+            // record, a power cut may undo the resume, and the will then
+            // goes out when due.
+            s.forbidden = if self.config.durability() == Durability::PowerSafe {
+                self.unsynced_forbids.push((p.shard, (c, p.seq)));
+                Forbid::Unsynced
+            } else {
+                Forbid::Yes
+            };
         }
     }
 
