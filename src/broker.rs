@@ -246,6 +246,7 @@ fn recover_logs(
         shards,
         segment_bytes: config.storage.segment_bytes,
         clock: None,
+        disk: None,
     };
     let recovery = recover(&settings)?;
     for line in recovery.summary.lines() {

@@ -1,23 +1,29 @@
 //! The deterministic simulator: several `ShardCore`s on one thread, a
 //! virtual clock, FIFO mesh lanes delivered in a seeded order, simulated
-//! clients, and crashes followed by recovery from the shards' real logs.
+//! clients, and crashes followed by recovery from the shards' logs, kept
+//! on a disk in memory with injected faults (`shardmq::log::disk::MemDisk`).
 //!
-//! Each seed builds a broker of 2 to 8 shards (kill-safe or power-safe log
-//! in a fresh directory, or memory mode), connects persistent subscribers
+//! Each seed builds a broker of 2 to 8 shards (kill-safe or power-safe log,
+//! or memory mode), connects persistent subscribers
 //! (plain, overlapping QoS levels, a shared group), then runs random steps:
 //! QoS 0/1/2 publishes (some retained), clean and unclean disconnects,
 //! takeovers, reconnects, lane deliveries, ticks, retained-replay chunks,
-//! syncs, and, with a log, crashes at any step boundary followed by
-//! recovery with the same or another shard count. A crash is `kill -9`:
-//! the cores and every batch on a lane are dropped; what was written to the
-//! mapped log stays. With a power-safe log, half the crashes are power cuts
-//! (or a failed `fdatasync`, after which the broker stops just as hard):
-//! each shard's log is torn at a byte drawn from the seed anywhere past
-//! what it had synced, sometimes with garbage where the write stopped; and
-//! one sync in a hundred cannot start (`ShardCore::sync_failed`). A will
-//! of a connection never confirmed (no CONNACK yet), and a DISCONNECT 0 not
-//! yet synced, may be undone by a power cut. A last phase reconnects everyone and runs until the
-//! broker is quiet, then checks:
+//! syncs, a disk that fills (no room for another segment, below
+//! `storage.log_bytes_max`) and gets room again, and, with a log, crashes
+//! at any step boundary followed by recovery with the same or another
+//! shard count. A crash is `kill -9`: the cores and every batch on a lane
+//! are dropped; what was written to the logs stays. With a power-safe log,
+//! half the crashes are power cuts: of what was written since a file's
+//! last sync, the disk keeps any subset of 4 KiB pages (written back out
+//! of order), one of them torn at a 512-byte sector, sometimes garbage
+//! past the synced end; a file created or removed since its directory was
+//! last synced may be gone or back. The syncs the core asks for are done
+//! on that disk, as the runtime does them: one in a hundred cannot open
+//! its file (`ShardCore::sync_failed`), one in a thousand fails, after
+//! which the broker stops and the simulator cuts the power. A will of a
+//! connection never confirmed (no CONNACK yet), and a DISCONNECT 0 or a
+//! resume not yet synced, may be undone by a power cut. A last phase
+//! reconnects everyone and runs until the broker is quiet, then checks:
 //!
 //! - every QoS 1/2 message the broker acknowledged reached every matching
 //!   persistent subscriber (QoS 1 at least once, QoS 2 exactly once), and
@@ -50,6 +56,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -57,7 +64,7 @@ use shardmq::codec::{
     self, Connect, Packet, Properties, PubResp, Publish, QoS, SubOptions, Subscribe, Version, Will,
 };
 use shardmq::config::Durability;
-use shardmq::log::record::{self, Read};
+use shardmq::log::disk::{Disk, MemDisk, SyncFault};
 use shardmq::log::scan;
 use shardmq::persist::recover::{recover, RecoverySettings};
 use shardmq::persist::WallClock;
@@ -214,8 +221,16 @@ struct Sim {
     cores: Vec<ShardCore>,
     /// Bytes of padding in each payload.
     pad: usize,
-    /// The data directory's lock, held while the cores run.
+    /// The data directory, while the cores run.
     dir: Option<shardmq::log::dir::DataDir>,
+    /// The disk it is on, in memory: its faults are the simulator's.
+    disk: Arc<MemDisk>,
+    /// The disk was made full (below `storage.log_bytes_max`).
+    disk_full: bool,
+    /// Times it was.
+    disk_full_spells: u64,
+    /// Syncs given a fault.
+    sync_faults: u64,
     /// FIFO lanes: (from, to) → batches in order.
     lanes: HashMap<(usize, usize), VecDeque<Batch>>,
     clients: Vec<Client>,
@@ -235,9 +250,6 @@ struct Sim {
     last_tick: Vec<Instant>,
     /// Crashes that were power cuts (power-safe logs torn past their sync).
     power_cuts: u32,
-    /// Per shard of the running cores: records below this sequence number
-    /// are synced (power-safe).
-    synced: Vec<u64>,
     /// When every acknowledged delayed publish is due, at the latest.
     due_by: Instant,
     /// Publishes the broker refused (0x97 with a full log, in 5.0).
@@ -296,19 +308,8 @@ impl Sim {
             Durability::KillSafe => "kill_safe",
         }
         .into();
-        let data = (durability != Durability::Memory).then(|| {
-            let base = if std::path::Path::new("/dev/shm").is_dir() {
-                PathBuf::from("/dev/shm")
-            } else {
-                std::env::temp_dir()
-            };
-            // Unique per run: two tests may run one seed at the same time.
-            static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let dir = base.join(format!("shardmq-sim-{}-{seed}-{run}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            dir
-        });
+        // On the simulator's own disk, in memory.
+        let data = (durability != Durability::Memory).then(|| PathBuf::from("/sim/data"));
         if let Some(d) = &data {
             config.storage.data_dir = d.clone();
         }
@@ -363,6 +364,10 @@ impl Sim {
             pad,
             cores: Vec::new(),
             dir: None,
+            disk: Arc::new(MemDisk::new()),
+            disk_full: false,
+            disk_full_spells: 0,
+            sync_faults: 0,
             lanes: HashMap::new(),
             clients,
             sent: HashMap::new(),
@@ -373,7 +378,6 @@ impl Sim {
             quiet_phase: false,
             last_tick: Vec::new(),
             power_cuts: 0,
-            synced: Vec::new(),
             due_by: now,
             refused: 0,
             closed_by_broker: 0,
@@ -403,13 +407,14 @@ impl Sim {
                 shards,
                 segment_bytes: self.config.storage.segment_bytes,
                 clock: Some(self.wall_clock()),
+                disk: Some(self.disk.clone() as Arc<dyn Disk>),
             };
+            // Recovery writes a copy of the live state: an operator freed
+            // the disk first.
+            self.set_disk_full(false);
             let recovery =
                 recover(&settings).unwrap_or_else(|e| self.fail(&format!("recovery: {e}")));
-            // Recovery synced what it wrote: all of it survives a power cut.
-            self.synced.clear();
             for (core, start) in cores.iter_mut().zip(recovery.shards) {
-                self.synced.push(start.log.next_seq());
                 core.restore(start, &recovery.routes, recovery.clock, self.now);
             }
             self.dir = Some(recovery.dir);
@@ -421,25 +426,35 @@ impl Sim {
         }
     }
 
-    /// `kill -9`: the cores and the lanes are gone, the mapped logs stay.
+    /// `kill -9`: the cores and the lanes are gone, what was written to
+    /// the logs stays. Power-safe: half the crashes are power cuts.
     fn crash(&mut self) {
+        let power_cut = self.config.durability() == Durability::PowerSafe && self.rng.chance(500);
+        self.crash_with(power_cut);
+    }
+
+    /// A crash; with `power_cut` the machine lost power (or an fdatasync
+    /// failed, which stops the broker just as hard): of what was written
+    /// after the last sync, the disk keeps what the seed picks, page by
+    /// page, torn at a sector (`MemDisk::power_cut`).
+    fn crash_with(&mut self, power_cut: bool) {
         self.crashes += 1;
         if self.trace_client.is_some() {
-            eprintln!("step {} CRASH {}", self.steps, self.crashes);
+            eprintln!(
+                "step {} CRASH {} (power cut {power_cut})",
+                self.steps, self.crashes
+            );
         }
         let dirs = self.log_dirs();
         self.cores.clear();
         self.lanes.clear();
         self.dir = None;
-        // Power-safe: sometimes the machine lost power (or an fdatasync
-        // failed, which stops the broker just as hard): what was written
-        // after the last sync is torn at any byte.
-        let power_cut = self.config.durability() == Durability::PowerSafe && self.rng.chance(500);
         if power_cut {
             self.power_cuts += 1;
-            for (shard, dir) in dirs.iter().enumerate() {
-                self.tear(dir, self.synced[shard]);
-                if self.dump {
+            let rng = &mut self.rng;
+            self.disk.power_cut(&mut |n| rng.below(n));
+            if self.dump {
+                for (shard, dir) in dirs.iter().enumerate() {
                     self.dump(shard, dir);
                 }
             }
@@ -483,11 +498,8 @@ impl Sim {
     /// Print the records left in the log at `dir` (`SHARDMQ_SIM_DUMP`).
     fn dump(&self, shard: usize, dir: &std::path::Path) {
         let clock = self.wall_clock();
-        eprintln!(
-            "shard {shard} log after the cut (synced below {}):",
-            self.synced[shard]
-        );
-        scan::scan(dir, |r| {
+        eprintln!("shard {shard} log after the cut:");
+        scan::scan_on(self.disk.as_ref(), dir, |r| {
             let rec = shardmq::persist::Rec::decode(r.kind, r.body, &clock);
             let text = format!("{rec:?}");
             eprintln!("  {} {}", r.seq, &text[..text.len().min(300)]);
@@ -495,41 +507,16 @@ impl Sim {
         .expect("the log reads back");
     }
 
-    /// A power cut in the log at `dir`: the records from sequence number
-    /// `from_seq` on (never synced) are cut at a byte drawn from the seed,
-    /// zeros after it, sometimes garbage where the write stopped.
-    fn tear(&mut self, dir: &std::path::Path, from_seq: u64) {
-        let mut cut_at = None;
-        for (_, path) in scan::segment_files(dir).expect("segments list") {
-            let mut bytes = std::fs::read(&path).expect("a segment reads");
-            let (mut off, mut first) = (0, None);
-            let end = loop {
-                match record::read(&bytes, off) {
-                    Read::Record(r, next) => {
-                        if first.is_none() && r.seq >= from_seq {
-                            first = Some(off);
-                        }
-                        off = next;
-                    }
-                    Read::End | Read::Bad(_) => break off,
-                }
-            };
-            let cut = match (cut_at, first) {
-                // A later segment: nothing of it reached the disk.
-                (Some(_), _) => 0,
-                (None, Some(first)) => first + self.rng.below((end - first) as u64 + 1) as usize,
-                (None, None) => continue,
-            };
-            bytes[cut..end].fill(0);
-            if cut_at.is_none() && self.rng.chance(300) {
-                let garbage = (end - cut).min(1 + self.rng.below(24) as usize);
-                for b in &mut bytes[cut..cut + garbage] {
-                    *b = self.rng.below(256) as u8;
-                }
-            }
-            cut_at = Some(cut);
-            std::fs::write(&path, &bytes).expect("a segment writes");
-        }
+    /// Make the disk full (no room for another segment) or give it room
+    /// again.
+    fn set_disk_full(&mut self, full: bool) {
+        self.disk_full_spells += u64::from(full);
+        self.disk_full = full;
+        let capacity = full.then(|| {
+            let segment = self.config.storage.segment_bytes as u64;
+            self.disk.used_bytes() + self.rng.below(2) * segment
+        });
+        self.disk.set_capacity(capacity);
     }
 
     fn fail(&self, why: &str) -> ! {
@@ -609,13 +596,30 @@ impl Sim {
         self.flush(id);
         if let Some((target, paths)) = self.cores[id].poll_sync() {
             let power_safe = self.config.durability() == Durability::PowerSafe;
-            if power_safe && !self.quiet_phase && self.rng.chance(100) {
-                // A segment would not open: synced with the next one.
-                self.cores[id].sync_failed(paths);
-            } else {
+            if power_safe && !self.quiet_phase {
+                // One sync in a hundred cannot open a segment (synced with
+                // the next one); one in a thousand fails, and the broker
+                // stops as a power cut would.
+                let fault = match self.rng.below(1000) {
+                    0..=9 => Some(SyncFault::Open),
+                    10 => Some(SyncFault::Io),
+                    _ => None,
+                };
+                if let Some(f) = fault {
+                    self.sync_faults += 1;
+                    self.disk.inject(f);
+                }
+            }
+            // What the runtime's group-commit task does (`runtime/sync.rs`).
+            let failed = paths.iter().find_map(|p| self.disk.sync(p).err());
+            match failed {
+                Some(SyncFault::Open) => self.cores[id].sync_failed(paths),
+                Some(SyncFault::Io) => return self.crash_with(true),
+                None => {}
+            }
+            if failed.is_none() {
                 self.cores[id].synced(target);
                 if power_safe {
-                    self.synced[id] = self.synced[id].max(target);
                     let sent = &mut self.sent;
                     self.unsynced_forbids.retain(|(shard, will)| {
                         if *shard != id {
@@ -1134,6 +1138,10 @@ impl Sim {
                 }
             }
             75 if crashes && self.data.is_some() && self.rng.chance(150) => self.crash(),
+            76 if crashes && self.data.is_some() && self.rng.chance(100) => {
+                let full = !self.disk_full;
+                self.set_disk_full(full);
+            }
             _ => {
                 if self.clients[c].conn.is_none() {
                     self.reconnect(c);
@@ -1249,6 +1257,7 @@ impl Sim {
         // broker takes only now, once its log has room again).
         self.due_by = self.due_by.max(self.now + Duration::from_secs(4));
         self.quiet_phase = true;
+        self.set_disk_full(false);
         for round in 0..5000 {
             for c in 0..self.clients.len() {
                 if self.clients[c].conn.is_none() {
@@ -1462,16 +1471,6 @@ impl Client {
     }
 }
 
-impl Drop for Sim {
-    fn drop(&mut self) {
-        self.cores.clear();
-        self.dir = None;
-        if let Some(d) = &self.data {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
-
 fn resp(packet_id: u16) -> PubResp {
     PubResp {
         packet_id,
@@ -1518,10 +1517,37 @@ fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// What one seed did (summed over a run of seeds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Outcome {
+    crashes: u64,
+    power_cuts: u64,
+    /// Times the disk was made full.
+    disk_full: u64,
+    /// Syncs that could not open a segment, and that failed.
+    sync_faults: u64,
+    /// Publishes the broker refused (full log).
+    refused: u64,
+    /// Connections the broker closed.
+    closed: u64,
+    /// A hash of everything the clients saw (one seed only).
+    trace: u64,
+}
+
+impl std::ops::AddAssign for Outcome {
+    fn add_assign(&mut self, o: Outcome) {
+        self.crashes += o.crashes;
+        self.power_cuts += o.power_cuts;
+        self.disk_full += o.disk_full;
+        self.sync_faults += o.sync_faults;
+        self.refused += o.refused;
+        self.closed += o.closed;
+        self.trace ^= o.trace;
+    }
+}
+
 /// One seed: traffic with crashes, a quiet end, the checks.
-/// What one seed did: (crashes, publishes refused, connections closed by
-/// the broker, the trace hash).
-fn run(seed: u64) -> (u32, u64, u64, u64) {
+fn run(seed: u64) -> Outcome {
     // Every hash map of the broker iterates in an order fixed by the seed.
     shardmq::hash::fix_seeds_on_this_thread(Some(seed));
     let mut sim = Sim::new(seed);
@@ -1533,7 +1559,15 @@ fn run(seed: u64) -> (u32, u64, u64, u64) {
     }
     sim.settle();
     sim.check();
-    (sim.crashes, sim.refused, sim.closed_by_broker, sim.trace)
+    Outcome {
+        crashes: u64::from(sim.crashes),
+        power_cuts: u64::from(sim.power_cuts),
+        disk_full: sim.disk_full_spells,
+        sync_faults: sim.sync_faults,
+        refused: sim.refused,
+        closed: sim.closed_by_broker,
+        trace: sim.trace,
+    }
 }
 
 /// Seeds that found a bug, run first every time. A seed reproduces its bug
@@ -1619,22 +1653,31 @@ fn seeded_runs_lose_nothing_acknowledged() {
     // SHARDMQ_SIM_KEEP_GOING=1: run every seed, name the failing ones at
     // the end (for long runs); otherwise stop at the first.
     let keep_going = std::env::var("SHARDMQ_SIM_KEEP_GOING").is_ok_and(|v| v == "1");
-    let (mut crashes, mut refused, mut closed) = (0, 0, 0);
+    let mut total = Outcome::default();
     let mut failed = Vec::new();
     for &seed in &seeds {
         if !keep_going {
-            let (c, r, k, _) = run(seed);
-            (crashes, refused, closed) = (crashes + c, refused + r, closed + k);
+            total += run(seed);
             continue;
         }
         match std::panic::catch_unwind(|| run(seed)) {
-            Ok((c, r, k, _)) => (crashes, refused, closed) = (crashes + c, refused + r, closed + k),
+            Ok(o) => total += o,
             Err(_) => failed.push(seed),
         }
     }
+    let Outcome {
+        crashes,
+        power_cuts,
+        disk_full,
+        sync_faults,
+        refused,
+        closed,
+        ..
+    } = total;
     eprintln!(
-        "simulation: {} seeds, {crashes} crashes, {refused} publishes refused, \
-         {closed} connections closed by the broker, {:.1} s",
+        "simulation: {} seeds, {crashes} crashes ({power_cuts} power cuts), \
+         {disk_full} times a full disk, {sync_faults} failed syncs, {refused} publishes \
+         refused, {closed} connections closed by the broker, {:.1} s",
         seeds.len(),
         started.elapsed().as_secs_f64()
     );

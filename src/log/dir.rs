@@ -17,16 +17,14 @@
 //! file, sync, rename, sync the directory). A crash part way through leaves
 //! `CURRENT` on the old generation, which the next start reads again.
 
-#![allow(unsafe_code)]
-
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use thiserror::Error;
 
-use super::sync_dir;
+use super::disk::{self, Disk};
 
 /// Why the data directory cannot be used.
 #[derive(Debug, Error)]
@@ -56,44 +54,33 @@ pub enum DirError {
 #[derive(Debug)]
 pub struct DataDir {
     root: PathBuf,
-    _lock: File,
+    disk: Arc<dyn Disk>,
+    _lock: Option<File>,
 }
 
 impl DataDir {
-    /// Create (if needed) and lock `root`.
+    /// Create (if needed) and lock `root` on the file system.
     pub fn open(root: &Path) -> Result<DataDir, DirError> {
-        let io_err = |source| DirError::Io {
+        Self::open_on(disk::fs(), root)
+    }
+
+    /// Create (if needed) and lock `root` on `disk`.
+    pub fn open_on(disk: Arc<dyn Disk>, root: &Path) -> Result<DataDir, DirError> {
+        disk.create_dir_all(root).map_err(|source| DirError::Io {
             dir: root.display().to_string(),
             source,
-        };
-        std::fs::create_dir_all(root).map_err(io_err)?;
-        let mut lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(root.join("LOCK"))
-            .map_err(io_err)?;
-        // SAFETY: flock on a descriptor owned by `lock`, alive for the call.
-        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                let mut pid = String::new();
-                let _ = lock.read_to_string(&mut pid);
-                return Err(DirError::Locked {
-                    dir: root.display().to_string(),
-                    pid: pid.trim().to_string(),
-                });
-            }
-            return Err(io_err(err));
-        }
-        lock.set_len(0).map_err(io_err)?;
-        writeln!(lock, "{}", std::process::id()).map_err(io_err)?;
+        })?;
+        let lock = disk.lock(root)?;
         Ok(DataDir {
             root: root.to_path_buf(),
+            disk,
             _lock: lock,
         })
+    }
+
+    /// The disk it is on.
+    pub fn disk(&self) -> &Arc<dyn Disk> {
+        &self.disk
     }
 
     /// The directory.
@@ -103,7 +90,7 @@ impl DataDir {
 
     /// The generation `CURRENT` names; None in a new directory.
     pub fn current(&self) -> io::Result<Option<u64>> {
-        match std::fs::read_to_string(self.root.join("CURRENT")) {
+        match self.disk.read_to_string(&self.root.join("CURRENT")) {
             Ok(s) => parse_generation(s.trim()).map(Some).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -128,15 +115,14 @@ impl DataDir {
     /// The shard log directories of generation `gen`, by shard index.
     pub fn shard_dirs(&self, gen: u64) -> io::Result<Vec<(usize, PathBuf)>> {
         let mut out = Vec::new();
-        for entry in std::fs::read_dir(self.generation_dir(gen))? {
-            let entry = entry?;
-            let name = entry.file_name();
-            if let Some(i) = name
-                .to_str()
+        for path in self.disk.list(&self.generation_dir(gen))? {
+            if let Some(i) = path
+                .file_name()
+                .and_then(|n| n.to_str())
                 .and_then(|n| n.strip_prefix("shard-"))
                 .and_then(|n| n.parse().ok())
             {
-                out.push((i, entry.path()));
+                out.push((i, path));
             }
         }
         out.sort();
@@ -146,27 +132,25 @@ impl DataDir {
     /// Make `gen` the generation in force, atomically.
     pub fn set_current(&self, gen: u64) -> io::Result<()> {
         let tmp = self.root.join("CURRENT.tmp");
-        let mut f = File::create(&tmp)?;
-        writeln!(f, "{}", generation_name(gen))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, self.root.join("CURRENT"))?;
-        sync_dir(&self.root)
+        let text = format!("{}\n", generation_name(gen));
+        self.disk.write_synced(&tmp, text.as_bytes())?;
+        self.disk.rename(&tmp, &self.root.join("CURRENT"))?;
+        self.disk.sync_dir(&self.root)
     }
 
     /// Delete every generation but `keep` (old ones, and any a crashed
     /// start left half written).
     pub fn remove_other_generations(&self, keep: u64) -> io::Result<()> {
-        for entry in std::fs::read_dir(&self.root)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(gen) = name.to_str().and_then(parse_generation) else {
+        for path in self.disk.list(&self.root)? {
+            let name = path.file_name().and_then(|n| n.to_str());
+            let Some(gen) = name.and_then(parse_generation) else {
                 continue;
             };
             if gen != keep {
-                std::fs::remove_dir_all(entry.path())?;
+                self.disk.remove_dir_all(&path)?;
             }
         }
-        sync_dir(&self.root)
+        self.disk.sync_dir(&self.root)
     }
 
     /// Where damaged segments are kept for inspection.

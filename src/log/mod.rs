@@ -1,5 +1,6 @@
-//! The per-shard append-only log: preallocated, memory-mapped segment files
-//! of checksummed, sequenced records.
+//! The per-shard append-only log: preallocated segment files of
+//! checksummed, sequenced records, memory-mapped on the file system or
+//! held by the simulator's disk in memory ([`disk`]).
 //!
 //! Shard-local: each shard writes only its own directory; no other shard
 //! reads it while the broker runs (recovery, before the shards start, reads
@@ -14,9 +15,11 @@
 //! false long before an append fails.
 //!
 //! The only `unsafe` code of the broker besides the socket move is here, in
-//! `segment.rs` (the mapping) and `dir.rs` (`flock`).
+//! `disk.rs` (the mappings and `flock`).
 
 pub mod dir;
+pub mod disk;
+mod memdisk;
 pub mod record;
 pub mod scan;
 mod segment;
@@ -24,6 +27,9 @@ mod segment;
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use disk::{Contents, Disk};
 
 use thiserror::Error;
 
@@ -91,9 +97,22 @@ struct Sealed {
     bytes: u64,
 }
 
+/// Read-only views of sealed segments (most recent last), by index.
+#[derive(Default)]
+struct ReadMaps(VecDeque<(u64, Contents)>);
+
+impl std::fmt::Debug for ReadMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(i, _)| i))
+            .finish()
+    }
+}
+
 /// The log of one shard; see the module docs.
 #[derive(Debug)]
 pub struct Log {
+    disk: Arc<dyn Disk>,
     dir: PathBuf,
     segment_bytes: usize,
     current: Segment,
@@ -114,7 +133,7 @@ pub struct Log {
     /// Where the last appended record starts.
     last_at: RecordAt,
     /// Read-only mappings of sealed segments, for [`Log::read`].
-    read_maps: VecDeque<(u64, memmap2::Mmap)>,
+    read_maps: ReadMaps,
 }
 
 impl Log {
@@ -127,23 +146,27 @@ impl Log {
         first_index: u64,
         first_seq: u64,
     ) -> io::Result<Log> {
-        let mut log = Self::create_without_spare(dir, segment_bytes, first_index, first_seq)?;
+        let mut log =
+            Self::create_without_spare(disk::fs(), dir, segment_bytes, first_index, first_seq)?;
         log.ensure_spare();
         Ok(log)
     }
 
-    /// As [`Log::create`], without making the spare segment yet (recovery:
-    /// the old generation still takes its room; the shard's store makes the
-    /// spare when it is built).
+    /// As [`Log::create`] on `disk`, without making the spare segment yet
+    /// (recovery: the old generation still takes its room; the shard's
+    /// store makes the spare when it is built).
     pub fn create_without_spare(
+        disk: Arc<dyn Disk>,
         dir: &Path,
         segment_bytes: usize,
         first_index: u64,
         first_seq: u64,
     ) -> io::Result<Log> {
-        std::fs::create_dir_all(dir)?;
-        let current = Segment::create(dir, first_index, segment_bytes)?;
+        disk.create_dir_all(dir)?;
+        let current = Segment::create(disk.as_ref(), dir, first_index, segment_bytes)?;
+        disk.sync_dir(dir)?;
         let log = Log {
+            disk,
             dir: dir.to_path_buf(),
             segment_bytes,
             dirty: vec![current.path().to_path_buf()],
@@ -155,9 +178,8 @@ impl Log {
             sync_dirs: true,
             segments_max: usize::MAX,
             last_at: RecordAt::default(),
-            read_maps: VecDeque::new(),
+            read_maps: ReadMaps::default(),
         };
-        sync_dir(dir)?;
         Ok(log)
     }
 
@@ -213,23 +235,29 @@ impl Log {
             let Some(sealed) = self.sealed.iter().find(|s| s.index == at.segment) else {
                 return Err(ReadError::NoSegment(at.segment));
             };
-            match self.read_maps.iter().position(|(i, _)| *i == at.segment) {
+            match self.read_maps.0.iter().position(|(i, _)| *i == at.segment) {
                 Some(i) => {
-                    let m = self.read_maps.remove(i).expect("found");
-                    self.read_maps.push_back(m);
+                    let m = self.read_maps.0.remove(i).expect("found");
+                    self.read_maps.0.push_back(m);
                 }
                 None => {
-                    let map = segment::map_read(&sealed.path).map_err(|e| ReadError::Map {
+                    let map = self.disk.read(&sealed.path).map_err(|e| ReadError::Map {
                         segment: at.segment,
                         error: e.to_string(),
                     })?;
-                    if self.read_maps.len() == READ_MAPS_MAX {
-                        self.read_maps.pop_front();
+                    if self.read_maps.0.len() == READ_MAPS_MAX {
+                        self.read_maps.0.pop_front();
                     }
-                    self.read_maps.push_back((at.segment, map));
+                    self.read_maps.0.push_back((at.segment, map));
                 }
             }
-            &self.read_maps.back().expect("just pushed").1
+            self.read_maps
+                .0
+                .back()
+                .expect("just pushed")
+                .1
+                .as_ref()
+                .as_ref()
         };
         match record::read(bytes, offset) {
             record::Read::Record(r, _) => Ok(f(r)),
@@ -279,12 +307,17 @@ impl Log {
         if self.at_segments_max() {
             return false;
         }
-        match Segment::create(&self.dir, self.next_index, self.segment_bytes) {
+        match Segment::create(
+            self.disk.as_ref(),
+            &self.dir,
+            self.next_index,
+            self.segment_bytes,
+        ) {
             Ok(s) => {
                 self.next_index += 1;
                 self.spare = Some(s);
                 if self.sync_dirs {
-                    if let Err(e) = sync_dir(&self.dir) {
+                    if let Err(e) = self.disk.sync_dir(&self.dir) {
                         log::warn!("cannot sync {}: {e}", self.dir.display());
                     }
                 }
@@ -349,15 +382,15 @@ impl Log {
     /// has rewritten what they held that is still live.
     pub fn remove_through(&mut self, index: u64) -> io::Result<()> {
         let mut removed = false;
-        self.read_maps.retain(|(i, _)| *i > index);
+        self.read_maps.0.retain(|(i, _)| *i > index);
         while let Some(s) = self.sealed.front().filter(|s| s.index <= index) {
             // Forgotten only once gone, so a failed delete is tried again.
-            std::fs::remove_file(&s.path)?;
+            self.disk.remove_file(&s.path)?;
             self.sealed.pop_front();
             removed = true;
         }
         if removed && self.sync_dirs {
-            sync_dir(&self.dir)?;
+            self.disk.sync_dir(&self.dir)?;
         }
         Ok(())
     }
@@ -381,13 +414,13 @@ impl Log {
     /// recovery wrote a generation, before it is switched to).
     pub fn sync_all(&self) -> io::Result<()> {
         for s in &self.sealed {
-            std::fs::File::open(&s.path)?.sync_data()?;
+            self.disk.sync_file(&s.path)?;
         }
         self.current.sync()?;
         if let Some(spare) = &self.spare {
             spare.sync()?;
         }
-        sync_dir(&self.dir)
+        self.disk.sync_dir(&self.dir)
     }
 
     /// The directory of this log.
@@ -404,11 +437,6 @@ fn parse_counter(digits: &str) -> Option<u64> {
         return None;
     }
     digits.parse().ok().filter(|&n| n < u64::MAX)
-}
-
-/// Make a directory's entries (new or removed files) durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

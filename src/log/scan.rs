@@ -13,8 +13,9 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use super::disk::{self, Disk};
 use super::record::{self, Read, RecordRef};
-use super::segment::{map_read, parse_file_name};
+use super::segment::parse_file_name;
 
 /// Where reading stopped early.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,23 +111,38 @@ pub struct ScanReport {
     pub damage: Option<Damage>,
 }
 
-/// The segment files of a log directory, by index.
+/// The segment files of a log directory on the file system, by index.
 pub fn segment_files(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    segment_files_on(&disk::Fs, dir)
+}
+
+/// The segment files of a log directory on `disk`, by index.
+pub fn segment_files_on(disk: &dyn Disk, dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if let Some(index) = name.to_str().and_then(parse_file_name) {
-            out.push((index, entry.path()));
+    for path in disk.list(dir)? {
+        let name = path.file_name().and_then(|n| n.to_str());
+        if let Some(index) = name.and_then(parse_file_name) {
+            out.push((index, path));
         }
     }
     out.sort();
     Ok(out)
 }
 
-/// Read every good record of the log in `dir`, in order, into `f`.
-pub fn scan(dir: &Path, mut f: impl FnMut(RecordRef<'_>)) -> io::Result<ScanReport> {
-    let files = segment_files(dir)?;
+/// Read every good record of the log in `dir` on the file system, in
+/// order, into `f`.
+pub fn scan(dir: &Path, f: impl FnMut(RecordRef<'_>)) -> io::Result<ScanReport> {
+    scan_on(&disk::Fs, dir, f)
+}
+
+/// Read every good record of the log in `dir` on `disk`, in order, into
+/// `f`.
+pub fn scan_on(
+    disk: &dyn Disk,
+    dir: &Path,
+    mut f: impl FnMut(RecordRef<'_>),
+) -> io::Result<ScanReport> {
+    let files = segment_files_on(disk, dir)?;
     let mut report = ScanReport {
         segments: files.iter().map(|(_, p)| p.clone()).collect(),
         ..ScanReport::default()
@@ -135,18 +151,19 @@ pub fn scan(dir: &Path, mut f: impl FnMut(RecordRef<'_>)) -> io::Result<ScanRepo
     for (i, (index, path)) in files.iter().enumerate() {
         let follows = files[i.saturating_sub(1)].0.checked_add(1);
         if i > 0 && Some(*index) != follows {
-            let later = count_later(&files[i..]);
+            let later = count_later(disk, &files[i..]);
             report.damage = Some(Damage::MissingSegment {
                 index: follows.unwrap_or(u64::MAX),
                 later_records: later,
             });
             return Ok(report);
         }
-        let bytes = map_read(path)?;
+        let contents = disk.read(path)?;
+        let bytes: &[u8] = contents.as_ref().as_ref();
         let mut off = 0;
         let mut any = false;
         loop {
-            let why = match record::read(&bytes, off) {
+            let why = match record::read(bytes, off) {
                 Read::End => break,
                 Read::Record(r, _) if expected.is_some_and(|e| r.seq != e) => "sequence break",
                 Read::Record(r, _) if r.seq == u64::MAX => "sequence number at its maximum",
@@ -166,8 +183,8 @@ pub fn scan(dir: &Path, mut f: impl FnMut(RecordRef<'_>)) -> io::Result<ScanRepo
                 Read::Bad(why) => why,
             };
             let min_seq = expected.unwrap_or(0);
-            let later = find_valid(&bytes, off + 1, min_seq).map_or(0, |at| count_from(&bytes, at))
-                + count_later(&files[i + 1..]);
+            let later = find_valid(bytes, off + 1, min_seq).map_or(0, |at| count_from(bytes, at))
+                + count_later(disk, &files[i + 1..]);
             report.damage = Some(if later == 0 {
                 Damage::TornTail {
                     segment: path.clone(),
@@ -213,11 +230,11 @@ fn count_from(bytes: &[u8], mut at: usize) -> u64 {
 
 /// Valid records at the start of each of `files` (damage is being reported
 /// anyway; a file that cannot be read counts none).
-fn count_later(files: &[(u64, PathBuf)]) -> u64 {
+fn count_later(disk: &dyn Disk, files: &[(u64, PathBuf)]) -> u64 {
     files
         .iter()
-        .filter_map(|(_, p)| map_read(p).ok())
-        .map(|b| count_from(&b, 0))
+        .filter_map(|(_, p)| disk.read(p).ok())
+        .map(|b| count_from(b.as_ref().as_ref(), 0))
         .sum()
 }
 

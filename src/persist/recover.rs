@@ -36,7 +36,8 @@ use super::record::{
 use super::writer::Writer;
 use crate::codec::QoS;
 use crate::log::dir::{DataDir, DirError};
-use crate::log::scan::{scan, ScanReport};
+use crate::log::disk::Disk;
+use crate::log::scan::{scan_on, ScanReport};
 use crate::log::{AppendError, Log, RecordAt};
 use crate::message::Message;
 use crate::router::fanout::{self, Fan, FanOut, Match};
@@ -168,6 +169,9 @@ pub struct RecoverySettings {
     /// The clock to read time from: `None` reads the system's (the
     /// broker); the simulator gives its virtual one.
     pub clock: Option<WallClock>,
+    /// Where the data directory is: `None` is the file system (the
+    /// broker); the simulator gives a disk in memory.
+    pub disk: Option<Arc<dyn Disk>>,
 }
 
 /// A session gathered from an old shard.
@@ -187,7 +191,8 @@ type OrderKey = (u8, u64, u64);
 /// Run recovery; see the module docs.
 pub fn recover(settings: &RecoverySettings) -> Result<Recovery, RecoveryError> {
     let started = Instant::now();
-    let dir = DataDir::open(&settings.data_dir)?;
+    let disk = settings.disk.clone().unwrap_or_else(crate::log::disk::fs);
+    let dir = DataDir::open_on(disk, &settings.data_dir)?;
     let io = |what: &str| {
         let dir = settings.data_dir.display().to_string();
         let what = what.to_string();
@@ -199,12 +204,12 @@ pub fn recover(settings: &RecoverySettings) -> Result<Recovery, RecoveryError> {
     let mut images = Vec::new();
     if let Some(gen) = current {
         for (shard, path) in dir.shard_dirs(gen).map_err(io("list shard logs"))? {
-            let (image, report, bad) = read_shard(&path, shard, &clock)
+            let (image, report, bad) = read_shard(dir.disk().as_ref(), &path, shard, &clock)
                 .map_err(io(&format!("read {}", path.display())))?;
             lines.push(describe(shard, &report, bad));
             match &report.damage {
                 Some(d) if d.is_corruption() => keep_damaged(&dir, gen, shard, &report),
-                _ => drop_empty_segments(&report),
+                _ => drop_empty_segments(dir.disk().as_ref(), &report),
             }
             images.push(image);
         }
@@ -226,7 +231,7 @@ pub fn recover(settings: &RecoverySettings) -> Result<Recovery, RecoveryError> {
         counts,
     } = write_generation(&dir, generation, settings, &clock, state).map_err(|e| {
         // Give the room back; the current generation is untouched.
-        let _ = std::fs::remove_dir_all(dir.generation_dir(generation));
+        let _ = dir.disk().remove_dir_all(&dir.generation_dir(generation));
         let what = if e.kind() == std::io::ErrorKind::StorageFull {
             "write the next generation (recovery needs free room for a copy of the live \
              state; nothing was lost: free some space and start again)"
@@ -264,13 +269,14 @@ pub fn recover(settings: &RecoverySettings) -> Result<Recovery, RecoveryError> {
 /// Replay one shard log. Returns the image, the scan report and how many
 /// records were valid but could not be understood.
 fn read_shard(
+    disk: &dyn Disk,
     path: &Path,
     shard: usize,
     clock: &WallClock,
 ) -> std::io::Result<(ShardImage, ScanReport, u64)> {
     let mut image = ShardImage::new(shard);
     let mut bad = 0;
-    let report = scan(path, |r| match Rec::decode(r.kind, r.body, clock) {
+    let report = scan_on(disk, path, |r| match Rec::decode(r.kind, r.body, clock) {
         Ok(rec) => image.apply(rec),
         Err(e) => {
             bad += 1;
@@ -310,7 +316,7 @@ fn describe(shard: usize, r: &ScanReport, bad: u64) -> String {
 
 /// Delete the segments after the last one holding a record (the spare,
 /// all zeros): the next generation needs their room more, on a full disk.
-fn drop_empty_segments(report: &ScanReport) {
+fn drop_empty_segments(disk: &dyn Disk, report: &ScanReport) {
     let Some(last) = report.last_segment.as_ref() else {
         return;
     };
@@ -318,7 +324,7 @@ fn drop_empty_segments(report: &ScanReport) {
         return;
     };
     for empty in &report.segments[pos + 1..] {
-        if let Err(e) = std::fs::remove_file(empty) {
+        if let Err(e) = disk.remove_file(empty) {
             log::warn!("cannot delete the empty segment {}: {e}", empty.display());
         }
     }
@@ -329,13 +335,13 @@ fn keep_damaged(dir: &DataDir, gen: u64, shard: usize, report: &ScanReport) {
     let to = dir
         .damaged_dir()
         .join(format!("gen-{gen:06}-shard-{shard}"));
-    if let Err(e) = std::fs::create_dir_all(&to) {
+    if let Err(e) = dir.disk().create_dir_all(&to) {
         log::error!("cannot keep damaged segments in {}: {e}", to.display());
         return;
     }
     for seg in &report.segments {
         let name = seg.file_name().expect("segment files have names");
-        if let Err(e) = std::fs::copy(seg, to.join(name)) {
+        if let Err(e) = dir.disk().copy(seg, &to.join(name)) {
             log::error!("cannot keep {}: {e}", seg.display());
         }
     }
@@ -676,7 +682,7 @@ fn write_generation(
         wills: state.wills_published,
         ..Counts::default()
     };
-    let _ = std::fs::remove_dir_all(dir.generation_dir(generation));
+    let _ = dir.disk().remove_dir_all(&dir.generation_dir(generation));
     let mut w = Put {
         clock,
         writer: Writer::default(),
@@ -684,6 +690,7 @@ fn write_generation(
     let mut starts = Vec::with_capacity(n);
     for shard in 0..n {
         let mut log = Log::create_without_spare(
+            dir.disk().clone(),
             &dir.shard_dir(generation, shard),
             settings.segment_bytes,
             0,
@@ -806,7 +813,7 @@ fn write_generation(
     for start in &starts {
         start.log.sync_all()?;
     }
-    crate::log::sync_dir(&dir.generation_dir(generation))?;
+    dir.disk().sync_dir(&dir.generation_dir(generation))?;
     Ok(Written {
         starts,
         routes,

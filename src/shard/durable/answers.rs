@@ -291,7 +291,8 @@ mod tests {
     use super::Accepted;
 
     fn store(name: &str) -> Store {
-        let log = Log::create_without_spare(&temp_dir(name), 1 << 20, 0, 1).unwrap();
+        let log = Log::create_without_spare(crate::log::disk::fs(), &temp_dir(name), 1 << 20, 0, 1)
+            .unwrap();
         let env = StoreEnv {
             mode: Durability::KillSafe,
             clock: WallClock::now(),

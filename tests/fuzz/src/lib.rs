@@ -344,6 +344,7 @@ pub fn recover_input(data: &[u8]) -> Option<Result<String, String>> {
         shards: shards_now,
         segment_bytes: 1 << 20,
         clock: None,
+        disk: None,
     };
     let result = recover(&settings)
         .map(|r| r.summary)
