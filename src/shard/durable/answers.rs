@@ -43,7 +43,7 @@ use crate::message::Message;
 use crate::persist::{Causes, Origin, Rec, Scope, Sid};
 
 use super::super::mesh::MeshMsg;
-use super::{Obj, ShardCore, State, Store};
+use super::{Obj, Settle, ShardCore, State, Store};
 
 /// An accepted message not yet applied everywhere.
 #[derive(Debug)]
@@ -100,7 +100,7 @@ impl Owed {
     }
 }
 
-impl Store {
+impl Settle {
     /// Hold the answers to `origin` until a piece of it is logged.
     pub(super) fn hold_answer(&mut self, origin: Option<Origin>) {
         if let Some(o) = origin {
@@ -127,34 +127,36 @@ impl Store {
         self.accepted.binary_search_by_key(&id, |a| a.id).ok()
     }
 
+    /// `from`'s settled frontier moved to `upto` (for this shard itself:
+    /// its Settled record is durable). Proofs of application up to it are
+    /// no longer needed (compaction drops them).
+    fn forget_settled(&mut self, from: usize, upto: u64) {
+        self.known_settled[from] = self.known_settled[from].max(upto);
+    }
+}
+
+impl Store {
     /// Advance the settled frontier past every accept all its destinations
     /// answered and whose pieces on this shard are logged (a delivery here
     /// that waits for room keeps its accept unsettled, so recovery routes
     /// it again after a crash).
     fn settle(&mut self) {
-        let own_unlogged = &self.owed[usize::from(self.me)].unlogged;
-        while let Some(a) = self.accepted.front() {
+        let own_unlogged = &self.settle.owed[usize::from(self.rec.me)].unlogged;
+        while let Some(a) = self.settle.accepted.front() {
             let done = a
                 .dests
                 .iter()
-                .all(|d| self.acked_upto[usize::from(*d)] >= a.id)
+                .all(|d| self.settle.acked_upto[usize::from(*d)] >= a.id)
                 && own_unlogged
                     .first_key_value()
                     .is_none_or(|(&f, _)| f > a.id);
             if !done {
                 break;
             }
-            self.settled_upto = a.id;
-            self.live_bytes -= u64::from(a.bytes);
-            self.accepted.pop_front();
+            self.settle.settled_upto = a.id;
+            self.live.live_bytes -= u64::from(a.bytes);
+            self.settle.accepted.pop_front();
         }
-    }
-
-    /// `from`'s settled frontier moved to `upto` (for this shard itself:
-    /// its Settled record is durable). Proofs of application up to it are
-    /// no longer needed (compaction drops them).
-    fn forget_settled(&mut self, from: usize, upto: u64) {
-        self.known_settled[from] = self.known_settled[from].max(upto);
     }
 }
 
@@ -171,7 +173,7 @@ impl ShardCore {
         dests: SmallVec<[u16; 4]>,
     ) -> Result<Origin, AppendError> {
         let store = st.store.as_mut().expect("accepting needs a store");
-        let id = store.next_accept_id;
+        let id = store.settle.next_accept_id;
         let rec = Rec::Accepted {
             id,
             scope: scope.clone(),
@@ -179,11 +181,11 @@ impl ShardCore {
             stamp_ms,
             causes,
         };
-        let (seg, bytes) = store.put(&rec)?;
-        store.next_accept_id += 1;
-        store.live_bytes += u64::from(bytes);
-        store.track(seg, Obj::Accepted(id));
-        store.accepted.push_back(Accepted {
+        let (seg, bytes) = store.rec.put(&rec)?;
+        store.settle.next_accept_id += 1;
+        store.live.live_bytes += u64::from(bytes);
+        store.live.track(seg, Obj::Accepted(id));
+        store.settle.accepted.push_back(Accepted {
             id,
             seg,
             bytes,
@@ -207,7 +209,7 @@ impl ShardCore {
         let (Some(store), Some(o)) = (st.store.as_mut(), origin) else {
             return;
         };
-        let owed = &mut store.owed[usize::from(o.shard)];
+        let owed = &mut store.settle.owed[usize::from(o.shard)];
         owed.applied = owed.applied.max(o.id);
     }
 
@@ -216,12 +218,12 @@ impl ShardCore {
         let Some(store) = st.store.as_mut() else {
             return;
         };
-        for origin in 0..store.owed.len() {
+        for origin in 0..store.settle.owed.len() {
             if origin == self.id {
                 continue;
             }
-            if let Some(upto) = store.owed[origin].due() {
-                store.owed[origin].answered = upto;
+            if let Some(upto) = store.settle.owed[origin].due() {
+                store.settle.owed[origin].answered = upto;
                 store.send_after_sync(&self.mesh, origin, MeshMsg::Applied { upto });
             }
         }
@@ -232,7 +234,7 @@ impl ShardCore {
         let Some(store) = st.store.as_mut() else {
             return;
         };
-        store.acked_upto[from] = store.acked_upto[from].max(upto);
+        store.settle.acked_upto[from] = store.settle.acked_upto[from].max(upto);
         store.settle();
     }
 
@@ -240,7 +242,7 @@ impl ShardCore {
     /// can go.
     pub(in crate::shard) fn on_settled(st: &mut State, from: usize, upto: u64) {
         if let Some(store) = st.store.as_mut() {
-            store.forget_settled(from, upto);
+            store.settle.forget_settled(from, upto);
         }
     }
 
@@ -251,27 +253,27 @@ impl ShardCore {
             return;
         };
         store.settle();
-        if store.settled_upto > store.settled_written {
-            let upto = store.settled_upto;
-            if store.put(&Rec::Settled { upto }).is_ok() {
-                store.settled_written = upto;
-                store.settled_written_seq = store.log.next_seq();
+        if store.settle.settled_upto > store.settle.settled_written {
+            let upto = store.settle.settled_upto;
+            if store.rec.put(&Rec::Settled { upto }).is_ok() {
+                store.settle.settled_written = upto;
+                store.settle.settled_written_seq = store.rec.log.next_seq();
             }
         }
-        let durable = store.mode != crate::config::Durability::PowerSafe
-            || store.synced_next >= store.settled_written_seq;
-        if store.settled_written > store.known_settled[self.id] && durable {
-            let upto = store.settled_written;
+        let durable = store.rec.mode != crate::config::Durability::PowerSafe
+            || store.gate.synced_next >= store.settle.settled_written_seq;
+        if store.settle.settled_written > store.settle.known_settled[self.id] && durable {
+            let upto = store.settle.settled_written;
             self.mesh.broadcast(|| MeshMsg::Settled { upto });
-            store.forget_settled(self.id, upto);
+            store.settle.forget_settled(self.id, upto);
         }
     }
 
     /// Another shard's log became full or has room again.
     pub(in crate::shard) fn on_store_full(&self, st: &mut State, from: usize, full: bool) {
         if let Some(store) = st.store.as_mut() {
-            store.others_full[from] = full;
-            self.limits.status.store_full.set(store.refusing());
+            store.rec.others_full[from] = full;
+            self.limits.status.store_full.set(store.rec.refusing());
         }
     }
 }
@@ -323,9 +325,9 @@ mod tests {
             stamp_ms: 0,
             causes: Causes::default(),
         };
-        let (seg, bytes) = s.put(&rec).unwrap();
-        s.live_bytes += u64::from(bytes);
-        s.accepted.push_back(Accepted {
+        let (seg, bytes) = s.rec.put(&rec).unwrap();
+        s.live.live_bytes += u64::from(bytes);
+        s.settle.accepted.push_back(Accepted {
             id,
             seg,
             bytes,
@@ -344,11 +346,11 @@ mod tests {
         let mut s = store("settle-answers");
         accept(&mut s, 1, &[1]);
         s.settle();
-        assert_eq!(s.settled_upto, 0, "shard 1 has not answered");
-        s.acked_upto[1] = 1;
+        assert_eq!(s.settle.settled_upto, 0, "shard 1 has not answered");
+        s.settle.acked_upto[1] = 1;
         s.settle();
-        assert_eq!(s.settled_upto, 1);
-        assert!(s.accepted.is_empty());
+        assert_eq!(s.settle.settled_upto, 1);
+        assert!(s.settle.accepted.is_empty());
     }
 
     #[test]
@@ -356,14 +358,17 @@ mod tests {
         let mut s = store("settle-own");
         accept(&mut s, 1, &[]);
         accept(&mut s, 2, &[1]);
-        s.acked_upto[1] = 2;
+        s.settle.acked_upto[1] = 2;
         // Accept 1's delivery here could not be logged (the log was full).
         let own = Some(Origin { shard: 0, id: 1 });
-        s.hold_answer(own);
+        s.settle.hold_answer(own);
         s.settle();
-        assert_eq!(s.settled_upto, 0, "a crash now must route accept 1 again");
-        s.release_answer(own);
+        assert_eq!(
+            s.settle.settled_upto, 0,
+            "a crash now must route accept 1 again"
+        );
+        s.settle.release_answer(own);
         s.settle();
-        assert_eq!(s.settled_upto, 2);
+        assert_eq!(s.settle.settled_upto, 2);
     }
 }

@@ -48,27 +48,27 @@ impl ShardCore {
             let Some(store) = st.store.as_mut() else {
                 return;
             };
-            let limit = store.live_bytes * 2 + store.log.body_max_bytes() as u64;
+            let limit = store.live.live_bytes * 2 + store.rec.log.body_max_bytes() as u64;
             if matches!(
-                store.room,
+                store.rec.room,
                 Room::Full {
                     compaction_stuck: true
                 }
-            ) || store.pending_removal.is_some()
-                || store.log.sealed_count() == 0
-                || store.log.used_bytes() <= limit
+            ) || store.gate.pending_removal.is_some()
+                || store.rec.log.sealed_count() == 0
+                || store.rec.log.used_bytes() <= limit
             {
                 return;
             }
-            store.compacting = true;
+            store.rec.compacting = true;
             let done = self.compact_oldest(st);
             let store = st.store.as_mut().expect("checked above");
-            store.compacting = false;
+            store.rec.compacting = false;
             match done {
                 Compacted::Done => {}
                 Compacted::NoRoom => return,
                 Compacted::Failed => {
-                    if let Room::Full { compaction_stuck } = &mut store.room {
+                    if let Room::Full { compaction_stuck } = &mut store.rec.room {
                         *compaction_stuck = true;
                     }
                     return;
@@ -80,26 +80,29 @@ impl ShardCore {
     /// Compact the oldest sealed segment.
     fn compact_oldest(&self, st: &mut State) -> Compacted {
         let store = st.store.as_ref().expect("checked by the caller");
-        let victim = store.log.oldest_index();
+        let victim = store.rec.log.oldest_index();
         let objs: Vec<Obj> = store
+            .live
             .by_seg
             .range(..=victim)
             .flat_map(|(_, v)| v.iter().cloned())
             .collect();
         let proofs: Vec<(crate::persist::Origin, crate::persist::Scope)> = store
+            .live
             .proofs
             .range(..=victim)
             .flat_map(|(_, v)| v.iter().cloned())
-            .filter(|(o, _)| store.unsettled(*o))
+            .filter(|(o, _)| store.settle.unsettled(*o))
             .collect();
-        if store.room.is_full() {
+        if store.rec.room.is_full() {
             // Only what fits beside the room kept for bookkeeping.
             let markers = proofs.len() as u64 * 64;
             let need: u64 = objs.iter().map(|o| live_size(st, o, victim)).sum::<u64>() + markers;
             let room = store
+                .rec
                 .log
                 .current_room()
-                .saturating_sub(store.log.segment_bytes() / FULL_RESERVE_DIVISOR);
+                .saturating_sub(store.rec.log.segment_bytes() / FULL_RESERVE_DIVISOR);
             if need > room as u64 {
                 return Compacted::NoRoom;
             }
@@ -133,7 +136,7 @@ impl ShardCore {
                     None => true,
                 },
                 Obj::Delayed(id) => {
-                    let due = store.delayed.get(&id).map(|d| d.0);
+                    let due = store.live.delayed.get(&id).map(|d| d.0);
                     match due.and_then(|due| Some((due, delayed.get(&(due, id))?.clone()))) {
                         Some((due, m)) => rewrite_delayed(store, id, due, m, victim),
                         None => true,
@@ -150,12 +153,12 @@ impl ShardCore {
                 return Compacted::Failed;
             }
         }
-        store.by_seg = store.by_seg.split_off(&(victim + 1));
-        store.proofs = store.proofs.split_off(&(victim + 1));
-        if store.mode == Durability::PowerSafe {
+        store.live.by_seg = store.live.by_seg.split_off(&(victim + 1));
+        store.live.proofs = store.live.proofs.split_off(&(victim + 1));
+        if store.rec.mode == Durability::PowerSafe {
             // The rewritten copies must be durable before the originals go.
-            store.pending_removal = Some((store.log.next_seq(), victim));
-            store.sync_wake.notify();
+            store.gate.pending_removal = Some((store.rec.log.next_seq(), victim));
+            store.gate.sync_wake.notify();
             return Compacted::Done;
         }
         if remove_segments(store, victim) {
@@ -168,10 +171,13 @@ impl ShardCore {
 
 /// Delete the segments up to `victim`.
 pub(super) fn remove_segments(store: &mut Store, victim: u64) -> bool {
-    match store.log.remove_through(victim) {
+    match store.rec.log.remove_through(victim) {
         Ok(()) => true,
         Err(e) => {
-            log::error!("shard {}: cannot delete compacted segments: {e}", store.me);
+            log::error!(
+                "shard {}: cannot delete compacted segments: {e}",
+                store.rec.me
+            );
             false
         }
     }
@@ -194,18 +200,21 @@ fn live_size(st: &State, obj: &Obj, victim: u64) -> u64 {
             .filter(|m| m.seg <= victim)
             .map(|m| m.bytes),
         Obj::Retained(t) => store
+            .live
             .retained
             .get(t)
             .filter(|m| m.seg <= victim)
             .map(|m| m.bytes),
         Obj::Delayed(id) => store
+            .live
             .delayed
             .get(id)
             .filter(|d| d.1.seg <= victim)
             .map(|d| d.1.bytes),
         Obj::Accepted(id) => store
+            .settle
             .accepted_index(*id)
-            .map(|i| &store.accepted[i])
+            .map(|i| &store.settle.accepted[i])
             .filter(|a| a.seg <= victim)
             .map(|a| a.bytes),
     };
@@ -277,8 +286,8 @@ fn rewrite_session(
     };
     match store.put_session(d.sid, &slot.session) {
         Ok((seg, bytes)) => {
-            store.live_bytes = store.live_bytes - u64::from(d.bytes) + u64::from(bytes);
-            store.track(seg, Obj::Session(key, uid));
+            store.live.live_bytes = store.live.live_bytes - u64::from(d.bytes) + u64::from(bytes);
+            store.live.track(seg, Obj::Session(key, uid));
             slot.durable = Some(DurableSlot {
                 sid: d.sid,
                 seg,
@@ -306,7 +315,7 @@ fn rewrite_message(store: &mut Store, id: u64, targets: Vec<Target>, victim: u64
             // each counts and logs the loss then.
             log::error!(
                 "shard {}: compaction cannot copy a stored message: {e}",
-                store.me
+                store.rec.me
             );
             return true;
         }
@@ -314,8 +323,8 @@ fn rewrite_message(store: &mut Store, id: u64, targets: Vec<Target>, victim: u64
     let Ok((at, bytes)) = store.put_message(id, &head, &targets) else {
         return false;
     };
-    store.live_bytes = store.live_bytes - u64::from(old) + u64::from(bytes);
-    store.track(at.segment, Obj::Message(id));
+    store.live.live_bytes = store.live.live_bytes - u64::from(old) + u64::from(bytes);
+    store.live.track(at.segment, Obj::Message(id));
     let m = store.messages.get_mut(&id).expect("present");
     m.set_logged(at, bytes);
     true
@@ -327,6 +336,7 @@ fn rewrite_retained(
     victim: u64,
 ) -> bool {
     let Some(meta) = store
+        .live
         .retained
         .get(&message.topic)
         .copied()
@@ -339,12 +349,16 @@ fn rewrite_retained(
         stamp_ms: meta.stamp_ms,
         origin: meta.origin,
     };
-    let Ok((seg, bytes)) = store.put(&rec) else {
+    let Ok((seg, bytes)) = store.rec.put(&rec) else {
         return false;
     };
-    store.live_bytes = store.live_bytes - u64::from(meta.bytes) + u64::from(bytes);
-    store.track(seg, Obj::Retained(message.topic.clone()));
-    let m = store.retained.get_mut(&message.topic).expect("present");
+    store.live.live_bytes = store.live.live_bytes - u64::from(meta.bytes) + u64::from(bytes);
+    store.live.track(seg, Obj::Retained(message.topic.clone()));
+    let m = store
+        .live
+        .retained
+        .get_mut(&message.topic)
+        .expect("present");
     m.seg = seg;
     m.bytes = bytes;
     true
@@ -358,6 +372,7 @@ fn rewrite_delayed(
     victim: u64,
 ) -> bool {
     let Some(old) = store
+        .live
         .delayed
         .get(&id)
         .map(|d| d.1)
@@ -368,26 +383,26 @@ fn rewrite_delayed(
     // The publisher's QoS 2 packet id is in its session's own record now.
     let rec = Rec::Delayed {
         id,
-        due_ms: store.clock.to_ms(due),
+        due_ms: store.rec.clock.to_ms(due),
         message,
         from: None,
     };
-    let Ok((seg, bytes)) = store.put(&rec) else {
+    let Ok((seg, bytes)) = store.rec.put(&rec) else {
         return false;
     };
-    store.live_bytes = store.live_bytes - u64::from(old.bytes) + u64::from(bytes);
-    store.track(seg, Obj::Delayed(id));
-    let p = &mut store.delayed.get_mut(&id).expect("present").1;
+    store.live.live_bytes = store.live.live_bytes - u64::from(old.bytes) + u64::from(bytes);
+    store.live.track(seg, Obj::Delayed(id));
+    let p = &mut store.live.delayed.get_mut(&id).expect("present").1;
     p.seg = seg;
     p.bytes = bytes;
     true
 }
 
 fn rewrite_accepted(store: &mut Store, id: u64, victim: u64) -> bool {
-    let Some(i) = store.accepted_index(id) else {
+    let Some(i) = store.settle.accepted_index(id) else {
         return true;
     };
-    let a = &store.accepted[i];
+    let a = &store.settle.accepted[i];
     if a.seg > victim {
         return true;
     }
@@ -407,12 +422,12 @@ fn rewrite_accepted(store: &mut Store, id: u64, victim: u64) -> bool {
         },
     };
     let old = a.bytes;
-    let Ok((seg, bytes)) = store.put(&rec) else {
+    let Ok((seg, bytes)) = store.rec.put(&rec) else {
         return false;
     };
-    store.live_bytes = store.live_bytes - u64::from(old) + u64::from(bytes);
-    store.track(seg, Obj::Accepted(id));
-    let a = &mut store.accepted[i];
+    store.live.live_bytes = store.live.live_bytes - u64::from(old) + u64::from(bytes);
+    store.live.track(seg, Obj::Accepted(id));
+    let a = &mut store.settle.accepted[i];
     a.seg = seg;
     a.bytes = bytes;
     true

@@ -22,6 +22,7 @@ pub(in crate::shard) fn check(st: &State) {
         return;
     };
     let tracked: HashSet<(u64, &Obj)> = store
+        .live
         .by_seg
         .iter()
         .flat_map(|(seg, objs)| objs.iter().map(move |o| (*seg, o)))
@@ -30,7 +31,7 @@ pub(in crate::shard) fn check(st: &State) {
     for (id, m) in &store.messages {
         if m.is_logged() {
             live += u64::from(m.bytes);
-            if m.seg >= store.log.oldest_index() {
+            if m.seg >= store.rec.log.oldest_index() {
                 assert!(
                     tracked.contains(&(m.seg, &Obj::Message(*id))),
                     "stored message {id} is tracked at its segment {}",
@@ -51,14 +52,14 @@ pub(in crate::shard) fn check(st: &State) {
             "stored message {id} holds deliveries back only until it is logged"
         );
     }
-    for meta in store.retained.values() {
+    for meta in store.live.retained.values() {
         live += u64::from(meta.bytes);
     }
-    for (_, placed) in store.delayed.values() {
+    for (_, placed) in store.live.delayed.values() {
         live += u64::from(placed.bytes);
     }
     let mut last_accept = 0;
-    for a in &store.accepted {
+    for a in &store.settle.accepted {
         live += u64::from(a.bytes);
         assert!(a.id > last_accept, "accept ids rise");
         last_accept = a.id;
@@ -90,7 +91,7 @@ pub(in crate::shard) fn check(st: &State) {
         }
     }
     assert_eq!(
-        live, store.live_bytes,
+        live, store.live.live_bytes,
         "live bytes are the live objects' sum"
     );
     for (id, keys) in &held {

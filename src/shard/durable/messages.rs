@@ -147,8 +147,8 @@ impl Store {
             Body::Pinned(message) => return Ok(message.clone()),
             Body::Logged { at } => *at,
         };
-        let clock = &self.clock;
-        let decoded = self.log.read(at, |r| {
+        let clock = &self.rec.clock;
+        let decoded = self.rec.log.read(at, |r| {
             if r.kind != kind::MESSAGE {
                 return Err(format!("a record of kind {}", r.kind));
             }
@@ -177,7 +177,7 @@ impl Store {
         m: &MessageHead,
         targets: &[Target],
     ) -> Result<(RecordAt, u32), AppendError> {
-        self.put_all(&message_records(
+        self.rec.put_all(&message_records(
             id, m.origin, &m.scope, &m.message, targets,
         ))
     }
@@ -203,11 +203,11 @@ impl Store {
         match written {
             Some((at, bytes)) => {
                 m.set_logged(at, bytes);
-                self.live_bytes += u64::from(bytes);
-                self.track(at.segment, Obj::Message(id));
+                self.live.live_bytes += u64::from(bytes);
+                self.live.track(at.segment, Obj::Message(id));
             }
             None => {
-                self.hold_answer(m.origin);
+                self.settle.hold_answer(m.origin);
                 self.retry.push_back(Retry::Message(id));
             }
         }
@@ -251,20 +251,20 @@ impl Store {
             stamp_ms,
             origin,
         };
-        let (seg, bytes) = self.put(&rec)?;
-        if let Some(old) = self.retained.remove(&message.topic) {
-            self.live_bytes -= u64::from(old.bytes);
+        let (seg, bytes) = self.rec.put(&rec)?;
+        if let Some(old) = self.live.retained.remove(&message.topic) {
+            self.live.live_bytes -= u64::from(old.bytes);
         }
         if !message.payload.is_empty() {
-            self.live_bytes += u64::from(bytes);
-            self.track(seg, Obj::Retained(message.topic.clone()));
+            self.live.live_bytes += u64::from(bytes);
+            self.live.track(seg, Obj::Retained(message.topic.clone()));
             let meta = RetainedMeta {
                 seg,
                 bytes,
                 stamp_ms,
                 origin,
             };
-            self.retained.insert(message.topic.clone(), meta);
+            self.live.retained.insert(message.topic.clone(), meta);
         }
         Ok(())
     }
@@ -279,9 +279,13 @@ impl Store {
             message: None,
             targets: Vec::new(),
         };
-        let (seg, _) = self.put(&rec)?;
+        let (seg, _) = self.rec.put(&rec)?;
         self.next_message_id += 1;
-        self.proofs.entry(seg).or_default().push((origin, scope));
+        self.live
+            .proofs
+            .entry(seg)
+            .or_default()
+            .push((origin, scope));
         Ok(())
     }
 
@@ -289,7 +293,7 @@ impl Store {
     /// its origin) waiting for room.
     pub(super) fn marker_or_retry(&mut self, origin: Origin, scope: Scope) {
         if self.put_marker(origin, scope.clone()).is_err() {
-            self.hold_answer(Some(origin));
+            self.settle.hold_answer(Some(origin));
             self.retry.push_back(Retry::Marker { origin, scope });
         }
     }
@@ -299,7 +303,7 @@ impl Store {
     /// newer message takes the older one's place, whose proof is no longer
     /// needed (recovery orders retained messages by their stamps).
     fn retry_retain(&mut self, topic: &Arc<str>, stamp_ms: u64, origin: Option<Origin>) {
-        self.hold_answer(origin);
+        self.settle.hold_answer(origin);
         let queued = self.retry.iter_mut().find_map(|r| match r {
             Retry::Retain {
                 topic: t,
@@ -312,7 +316,7 @@ impl Store {
             Some((s, o)) => {
                 let older = std::mem::replace(o, origin);
                 *s = stamp_ms;
-                self.release_answer(older);
+                self.settle.release_answer(older);
             }
             None => self.retry.push_back(Retry::Retain {
                 topic: topic.clone(),
@@ -330,8 +334,8 @@ impl Store {
         bytes: u32,
         sessions: SmallVec<[SessionKey; 2]>,
     ) {
-        self.live_bytes += u64::from(bytes);
-        self.track(at.segment, Obj::Message(id));
+        self.live.live_bytes += u64::from(bytes);
+        self.live.track(at.segment, Obj::Message(id));
         let m = StoredMessage {
             body: Body::Logged { at },
             origin: None,
@@ -357,17 +361,21 @@ impl Store {
         }
         let m = self.messages.remove(&id).expect("present");
         if m.is_logged() {
-            self.live_bytes -= u64::from(m.bytes);
+            self.live.live_bytes -= u64::from(m.bytes);
             if let Some(o) = m.origin {
                 // The dead record stays as proof of application.
-                self.proofs.entry(m.seg).or_default().push((o, m.scope));
+                self.live
+                    .proofs
+                    .entry(m.seg)
+                    .or_default()
+                    .push((o, m.scope));
             }
             return;
         }
         // Never written: the proof still has to be, while the origin is
         // unsettled.
-        self.release_answer(m.origin);
-        if let Some(o) = m.origin.filter(|&o| self.unsettled(o)) {
+        self.settle.release_answer(m.origin);
+        if let Some(o) = m.origin.filter(|&o| self.settle.unsettled(o)) {
             self.marker_or_retry(o, m.scope);
         }
     }
@@ -432,8 +440,8 @@ impl ShardCore {
         };
         if store.write_retain(message, stamp_ms, origin).is_err() {
             // The topic's older record no longer says its value.
-            if let Some(old) = store.retained.remove(&message.topic) {
-                store.live_bytes -= u64::from(old.bytes);
+            if let Some(old) = store.live.retained.remove(&message.topic) {
+                store.live.live_bytes -= u64::from(old.bytes);
             }
             store.retry_retain(&message.topic, stamp_ms, origin);
         }
@@ -454,15 +462,15 @@ impl ShardCore {
         };
         let rec = Rec::Delayed {
             id,
-            due_ms: store.wall_ms(due),
+            due_ms: store.rec.wall_ms(due),
             message: message.clone(),
             from,
         };
-        match store.put(&rec) {
+        match store.rec.put(&rec) {
             Ok((seg, bytes)) => {
-                store.live_bytes += u64::from(bytes);
-                store.track(seg, Obj::Delayed(id));
-                store.delayed.insert(id, (due, Placed { seg, bytes }));
+                store.live.live_bytes += u64::from(bytes);
+                store.live.track(seg, Obj::Delayed(id));
+                store.live.delayed.insert(id, (due, Placed { seg, bytes }));
                 true
             }
             Err(_) => message.qos == QoS::AtMostOnce,
@@ -471,7 +479,7 @@ impl ShardCore {
 
     /// A delayed publish waits longer (it could not be sent yet).
     pub(in crate::shard) fn durable_delay_moved(st: &mut State, id: u64, due: Instant) {
-        if let Some(d) = st.store.as_mut().and_then(|s| s.delayed.get_mut(&id)) {
+        if let Some(d) = st.store.as_mut().and_then(|s| s.live.delayed.get_mut(&id)) {
             d.0 = due;
         }
     }
@@ -482,11 +490,11 @@ impl ShardCore {
         let Some(store) = st.store.as_mut() else {
             return;
         };
-        if let Some((_, p)) = store.delayed.remove(&id) {
-            store.live_bytes -= u64::from(p.bytes);
+        if let Some((_, p)) = store.live.delayed.remove(&id) {
+            store.live.live_bytes -= u64::from(p.bytes);
         }
         if !accepted {
-            store.note(&Rec::DelayedDone { id });
+            store.rec.note(&Rec::DelayedDone { id });
         }
     }
 }

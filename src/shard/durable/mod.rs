@@ -108,55 +108,35 @@ struct RetainedMeta {
     origin: Option<Origin>,
 }
 
-/// The durable side of a shard; see the module docs.
+/// The durable side of a shard (see the module docs), by concern: the
+/// record writer, the liveness and compaction accounting, the settle
+/// protocol, the power-safe sync gate and the full-disk retry, plus the
+/// numbers and stored messages they share.
 pub(super) struct Store {
+    /// Writes records; knows whether the log has room.
+    rec: Records,
+    /// What in the log is still live, for compaction.
+    live: Liveness,
+    /// The Accepted / Applied / Settled protocol (`answers`).
+    settle: Settle,
+    /// Power-safe: what waits for a sync (`sync`).
+    gate: SyncGate,
+    /// Work that could not be logged, to write when room returns
+    /// (`retry`).
+    retry: VecDeque<Retry>,
+    next_sid: Sid,
+    next_message_id: u64,
+    /// Stored messages by id (`messages`).
+    messages: HashMap<u64, StoredMessage>,
+}
+
+/// The record writer: the log, its room, and the failures it counts.
+struct Records {
     log: Log,
     mode: Durability,
     clock: WallClock,
     writer: Writer,
     me: u16,
-    next_sid: Sid,
-    next_message_id: u64,
-    next_accept_id: u64,
-    messages: HashMap<u64, StoredMessage>,
-    accepted: VecDeque<Accepted>,
-    /// Per shard: the largest accept id it answered `Applied` for.
-    acked_upto: Vec<u64>,
-    settled_upto: u64,
-    settled_written: u64,
-    /// Log sequence number after the last Settled record.
-    settled_written_seq: u64,
-    /// Per origin shard: its settled frontier as last heard (for this
-    /// shard: as last told to the others).
-    known_settled: Vec<u64>,
-    /// Per origin shard: the `Applied` answers owed to it.
-    owed: Vec<Owed>,
-    retained: HashMap<Arc<str>, RetainedMeta>,
-    /// Delayed publishes by id: when due, and their record.
-    delayed: HashMap<u64, (Instant, Placed)>,
-    /// Objects by the segment of their first whole record.
-    by_seg: BTreeMap<u64, Vec<Obj>>,
-    /// Dead Message records kept as proof that this shard applied their
-    /// origin, by segment: compaction writes a marker for each whose origin
-    /// is still unsettled.
-    proofs: BTreeMap<u64, Vec<(Origin, crate::persist::Scope)>>,
-    /// Sum of the live objects' whole-record sizes (headers included, as
-    /// the segments count them).
-    live_bytes: u64,
-    /// Work that could not be logged, to write when room returns.
-    retry: VecDeque<Retry>,
-    /// Records with a lower sequence number are synced (power-safe).
-    synced_next: u64,
-    /// Sessions whose output waits for a sync: (key, connection id).
-    sync_waiters: Vec<(SessionKey, u64)>,
-    /// Closing connections whose last packets wait for a sync.
-    closing_waiters: Vec<Rc<ConnHandle>>,
-    /// Mesh messages that wait for a sync: (sequence needed, to, message).
-    after_sync: Vec<(u64, usize, MeshMsg)>,
-    sync_wake: Rc<Notify>,
-    /// Power-safe compaction: segments up to the second number are deleted
-    /// once records below the first are synced.
-    pending_removal: Option<(u64, u64)>,
     /// When the clock was last written.
     clock_at: Instant,
     /// Whether the log has room for new messages.
@@ -176,6 +156,59 @@ pub(super) struct Store {
     /// The shard's status its sessions read: `store_full` is raised the
     /// moment the log has no spare segment.
     status: Rc<ShardStatus>,
+    /// Power-safe: woken by every append (the group-commit task).
+    sync_wake: Rc<Notify>,
+}
+
+/// Liveness and compaction accounting: where each live object's whole
+/// record is, and how many bytes are live.
+#[derive(Default)]
+struct Liveness {
+    retained: HashMap<Arc<str>, RetainedMeta>,
+    /// Delayed publishes by id: when due, and their record.
+    delayed: HashMap<u64, (Instant, Placed)>,
+    /// Objects by the segment of their first whole record.
+    by_seg: BTreeMap<u64, Vec<Obj>>,
+    /// Dead Message records kept as proof that this shard applied their
+    /// origin, by segment: compaction writes a marker for each whose origin
+    /// is still unsettled.
+    proofs: BTreeMap<u64, Vec<(Origin, crate::persist::Scope)>>,
+    /// Sum of the live objects' whole-record sizes (headers included, as
+    /// the segments count them).
+    live_bytes: u64,
+}
+
+/// The settle protocol's state (`answers`).
+struct Settle {
+    next_accept_id: u64,
+    accepted: VecDeque<Accepted>,
+    /// Per shard: the largest accept id it answered `Applied` for.
+    acked_upto: Vec<u64>,
+    settled_upto: u64,
+    settled_written: u64,
+    /// Log sequence number after the last Settled record.
+    settled_written_seq: u64,
+    /// Per origin shard: its settled frontier as last heard (for this
+    /// shard: as last told to the others).
+    known_settled: Vec<u64>,
+    /// Per origin shard: the `Applied` answers owed to it.
+    owed: Vec<Owed>,
+}
+
+/// The power-safe sync gate: what waits for records to be synced.
+struct SyncGate {
+    /// Records with a lower sequence number are synced (power-safe).
+    synced_next: u64,
+    /// Sessions whose output waits for a sync: (key, connection id).
+    sync_waiters: Vec<(SessionKey, u64)>,
+    /// Closing connections whose last packets wait for a sync.
+    closing_waiters: Vec<Rc<ConnHandle>>,
+    /// Mesh messages that wait for a sync: (sequence needed, to, message).
+    after_sync: Vec<(u64, usize, MeshMsg)>,
+    sync_wake: Rc<Notify>,
+    /// Power-safe compaction: segments up to the second number are deleted
+    /// once records below the first are synced.
+    pending_removal: Option<(u64, u64)>,
 }
 
 /// How much room a shard's log has for new data.
@@ -268,51 +301,132 @@ impl Store {
             );
         }
         Store {
-            log,
-            mode,
-            clock,
-            writer: Writer::default(),
-            me: me as u16,
+            rec: Records {
+                log,
+                mode,
+                clock,
+                writer: Writer::default(),
+                me: me as u16,
+                clock_at: now,
+                room: if full {
+                    Room::Full {
+                        compaction_stuck: false,
+                    }
+                } else {
+                    Room::Spare
+                },
+                reported_full: false,
+                compacting: false,
+                others_full: vec![false; shards],
+                failure_gate: crate::text::LogGate::new(1, Duration::from_secs(10)),
+                appends_failed: 0,
+                status,
+                sync_wake: sync_wake.clone(),
+            },
+            live: Liveness::default(),
+            settle: Settle {
+                next_accept_id: 1,
+                accepted: VecDeque::new(),
+                acked_upto: vec![0; shards],
+                settled_upto: 0,
+                settled_written: 0,
+                settled_written_seq: 0,
+                known_settled: vec![0; shards],
+                owed: (0..shards).map(|_| Owed::default()).collect(),
+            },
+            gate: SyncGate {
+                synced_next: next,
+                sync_waiters: Vec::new(),
+                closing_waiters: Vec::new(),
+                after_sync: Vec::new(),
+                sync_wake,
+                pending_removal: None,
+            },
+            retry: VecDeque::new(),
             next_sid,
             next_message_id,
-            next_accept_id: 1,
             messages: HashMap::default(),
-            accepted: VecDeque::new(),
-            acked_upto: vec![0; shards],
-            settled_upto: 0,
-            settled_written: 0,
-            settled_written_seq: 0,
-            known_settled: vec![0; shards],
-            owed: (0..shards).map(|_| Owed::default()).collect(),
-            retained: HashMap::default(),
-            delayed: HashMap::default(),
-            by_seg: BTreeMap::new(),
-            proofs: BTreeMap::new(),
-            live_bytes: 0,
-            retry: VecDeque::new(),
-            synced_next: next,
-            sync_waiters: Vec::new(),
-            closing_waiters: Vec::new(),
-            after_sync: Vec::new(),
-            sync_wake,
-            pending_removal: None,
-            clock_at: now,
-            room: if full {
-                Room::Full {
-                    compaction_stuck: false,
-                }
-            } else {
-                Room::Spare
-            },
-            reported_full: false,
-            compacting: false,
-            others_full: vec![false; shards],
-            failure_gate: crate::text::LogGate::new(1, Duration::from_secs(10)),
-            appends_failed: 0,
-            status,
         }
     }
 
+    /// True when a QoS 1/2 `message` must be accepted (logged as
+    /// Accepted) before it is routed, though nothing else asks for it:
+    /// while the log has no spare segment or work waits for room (a new
+    /// message's record may be refused, or wait behind that work), and
+    /// when its fan-out could roll the log into its last segment, after
+    /// which a record refused half-way through would leave the
+    /// acknowledged message only in memory. A disk that fills below
+    /// `storage.log_bytes_max` is not foreseen this way.
+    pub(super) fn must_accept_first(&self, message: &Message) -> bool {
+        if self.rec.room.is_full() || !self.retry.is_empty() {
+            return true;
+        }
+        // The records of a fan-out: the message, in each of a few groups,
+        // and its targets.
+        self.rec.log.at_segments_max()
+            && self.rec.log.current_room() < 2 * message.cost_bytes() + 64 * 1024
+    }
+
+    /// What the log holds.
+    pub(super) fn status(&self) -> LogStatus {
+        LogStatus {
+            used_bytes: self.rec.log.used_bytes(),
+            live_bytes: self.live.live_bytes,
+            sealed_segments: self.rec.log.sealed_count(),
+            full: self.rec.room.is_full(),
+            compaction_stuck: matches!(
+                self.rec.room,
+                Room::Full {
+                    compaction_stuck: true
+                }
+            ),
+            others_full: self.rec.others_full.iter().filter(|f| **f).count(),
+        }
+    }
+
+    /// Unix milliseconds of `t` (deadlines, stamps of accepted messages).
+    pub(super) fn wall_ms(&self, t: Instant) -> u64 {
+        self.rec.wall_ms(t)
+    }
+
+    /// A restored session whose whole record is in segment `seg`.
+    pub(super) fn restore_session(&mut self, key: SessionKey, uid: u64, seg: u64, bytes: u32) {
+        self.live.restore_session(key, uid, seg, bytes);
+    }
+
+    /// A restored retained message.
+    pub(super) fn restore_retained(
+        &mut self,
+        topic: Arc<str>,
+        seg: u64,
+        bytes: u32,
+        stamp_ms: u64,
+    ) {
+        self.live.restore_retained(topic, seg, bytes, stamp_ms);
+    }
+
+    /// A restored delayed publish.
+    pub(super) fn restore_delayed(&mut self, id: u64, due: Instant, seg: u64, bytes: u32) {
+        self.live.restore_delayed(id, due, seg, bytes);
+    }
+
+    /// Power-safe: the sequence number output must wait for, when records
+    /// are not yet synced.
+    fn unsynced_upto(&self) -> Option<u64> {
+        let next = self.rec.log.next_seq();
+        (self.rec.mode == Durability::PowerSafe && next > self.gate.synced_next).then_some(next)
+    }
+
+    /// Send now (kill-safe) or after the records written so far are synced.
+    fn send_after_sync(&mut self, mesh: &super::mesh::Mesh, to: usize, msg: MeshMsg) {
+        match self.unsynced_upto() {
+            Some(seq) => self.gate.after_sync.push((seq, to, msg)),
+            None => mesh.send(to, msg),
+        }
+    }
+}
+
+impl Records {
     /// Append `rec`; returns the segment it went into and its size. While
     /// the log has no spare segment, the second half of the current one is
     /// kept for bookkeeping (acks, session changes) and compaction: a record
@@ -386,47 +500,9 @@ impl Store {
         let _ = self.put(rec);
     }
 
-    fn track(&mut self, seg: u64, obj: Obj) {
-        self.by_seg.entry(seg).or_default().push(obj);
-    }
-
     /// Unix milliseconds of `t` (deadlines, stamps of accepted messages).
     pub(super) fn wall_ms(&self, t: Instant) -> u64 {
         self.clock.to_ms(t)
-    }
-
-    /// True when a QoS 1/2 `message` must be accepted (logged as
-    /// Accepted) before it is routed, though nothing else asks for it:
-    /// while the log has no spare segment or work waits for room (a new
-    /// message's record may be refused, or wait behind that work), and
-    /// when its fan-out could roll the log into its last segment, after
-    /// which a record refused half-way through would leave the
-    /// acknowledged message only in memory. A disk that fills below
-    /// `storage.log_bytes_max` is not foreseen this way.
-    pub(super) fn must_accept_first(&self, message: &Message) -> bool {
-        if self.room.is_full() || !self.retry.is_empty() {
-            return true;
-        }
-        // The records of a fan-out: the message, in each of a few groups,
-        // and its targets.
-        self.log.at_segments_max() && self.log.current_room() < 2 * message.cost_bytes() + 64 * 1024
-    }
-
-    /// What the log holds.
-    pub(super) fn status(&self) -> LogStatus {
-        LogStatus {
-            used_bytes: self.log.used_bytes(),
-            live_bytes: self.live_bytes,
-            sealed_segments: self.log.sealed_count(),
-            full: self.room.is_full(),
-            compaction_stuck: matches!(
-                self.room,
-                Room::Full {
-                    compaction_stuck: true
-                }
-            ),
-            others_full: self.others_full.iter().filter(|f| **f).count(),
-        }
     }
 
     /// True when new QoS 1/2 messages cannot be taken (this shard's log or
@@ -434,20 +510,12 @@ impl Store {
     fn refusing(&self) -> bool {
         self.room.is_full() || self.others_full.iter().any(|f| *f)
     }
+}
 
-    /// Power-safe: the sequence number output must wait for, when records
-    /// are not yet synced.
-    fn unsynced_upto(&self) -> Option<u64> {
-        let next = self.log.next_seq();
-        (self.mode == Durability::PowerSafe && next > self.synced_next).then_some(next)
-    }
-
-    /// Send now (kill-safe) or after the records written so far are synced.
-    fn send_after_sync(&mut self, mesh: &super::mesh::Mesh, to: usize, msg: MeshMsg) {
-        match self.unsynced_upto() {
-            Some(seq) => self.after_sync.push((seq, to, msg)),
-            None => mesh.send(to, msg),
-        }
+impl Liveness {
+    /// Count the object `obj` as live in segment `seg`.
+    fn track(&mut self, seg: u64, obj: Obj) {
+        self.by_seg.entry(seg).or_default().push(obj);
     }
 
     /// A restored session whose whole record is in segment `seg`.
@@ -542,28 +610,28 @@ impl ShardCore {
         self.send_applied(st);
         self.write_settled(st);
         let store = st.store.as_mut().expect("checked");
-        store.failure_gate.tick(now);
-        st.stats.log_appends_failed = store.appends_failed;
+        store.rec.failure_gate.tick(now);
+        st.stats.log_appends_failed = store.rec.appends_failed;
         // The clock, each second: recovery takes the last one as the moment
         // the broker stopped, when connected sessions became disconnected.
-        if now - store.clock_at >= Duration::from_secs(1) {
-            let ms = store.clock.to_ms(now);
-            store.note(&Rec::Clock { ms });
-            store.clock_at = now;
+        if now - store.rec.clock_at >= Duration::from_secs(1) {
+            let ms = store.rec.clock.to_ms(now);
+            store.rec.note(&Rec::Clock { ms });
+            store.rec.clock_at = now;
         }
         // `put` makes the log full the moment the spare is gone; the tick
         // gives it room again once a spare could be made.
-        let full = !store.log.ensure_spare();
-        store.room = match (full, store.room) {
+        let full = !store.rec.log.ensure_spare();
+        store.rec.room = match (full, store.rec.room) {
             (false, _) => Room::Spare,
             (true, Room::Spare) => Room::Full {
                 compaction_stuck: false,
             },
             (true, stuck) => stuck,
         };
-        self.limits.status.store_full.set(store.refusing());
-        if full != store.reported_full {
-            store.reported_full = full;
+        self.limits.status.store_full.set(store.rec.refusing());
+        if full != store.rec.reported_full {
+            store.rec.reported_full = full;
             if !full {
                 log::warn!("shard {}: the log has room again", self.id);
             }

@@ -57,7 +57,7 @@ impl ShardCore {
         let Some(store) = st.store.as_mut() else {
             return;
         };
-        store.hold_answer(parent);
+        store.settle.hold_answer(parent);
         store.retry.push_back(Retry::Forward {
             message: message.clone(),
             pick: pick.clone(),
@@ -107,9 +107,9 @@ impl ShardCore {
                 m.set_logged(at, bytes);
                 let origin = m.origin;
                 let held = std::mem::take(&mut m.held);
-                store.live_bytes += u64::from(bytes);
-                store.track(at.segment, Obj::Message(id));
-                store.release_answer(origin);
+                store.live.live_bytes += u64::from(bytes);
+                store.live.track(at.segment, Obj::Message(id));
+                store.settle.release_answer(origin);
                 // The deliveries that waited for the record go to their
                 // sessions now, in the order they were routed.
                 for h in held {
@@ -123,7 +123,7 @@ impl ShardCore {
             }
             Retry::Marker { origin, scope } => {
                 let store = st.store.as_mut().expect("a store");
-                if store.unsettled(origin) {
+                if store.settle.unsettled(origin) {
                     store
                         .put_marker(origin, scope.clone())
                         .map_err(|_| Retry::Marker {
@@ -131,7 +131,7 @@ impl ShardCore {
                             scope: scope.clone(),
                         })?;
                 }
-                store.release_answer(Some(origin));
+                store.settle.release_answer(Some(origin));
                 Ok(())
             }
             Retry::Retain {
@@ -158,7 +158,7 @@ impl ShardCore {
                         origin,
                     });
                 }
-                store.release_answer(origin);
+                store.settle.release_answer(origin);
                 Ok(())
             }
             Retry::Forward {
@@ -180,7 +180,11 @@ impl ShardCore {
                         parent,
                     });
                 }
-                st.store.as_mut().expect("a store").release_answer(parent);
+                st.store
+                    .as_mut()
+                    .expect("a store")
+                    .settle
+                    .release_answer(parent);
                 Ok(())
             }
         }

@@ -35,23 +35,25 @@ impl Store {
             sid,
             client_id: session.client_id().to_string(),
             expiry_s: s.expiry_s,
-            offline_since_ms: s.offline_since.map(|t| self.clock.to_ms(t)),
+            offline_since_ms: s.offline_since.map(|t| self.rec.clock.to_ms(t)),
             subscriptions: s.subscriptions,
             qos2_in: s.qos2_in,
             will: s.will,
-            will_due_ms: s.will_due.map(|t| self.clock.to_ms(t)),
+            will_due_ms: s.will_due.map(|t| self.rec.clock.to_ms(t)),
         };
-        let recs = session_records(rec, self.log.segment_bytes() / 8);
-        if !self.log.has_spare() {
+        let recs = session_records(rec, self.rec.log.segment_bytes() / 8);
+        if !self.rec.log.has_spare() {
             let need: usize = recs
                 .iter()
-                .map(|r| self.writer.size(&self.clock, r) as usize)
+                .map(|r| self.rec.writer.size(&self.rec.clock, r) as usize)
                 .sum();
-            if need > self.log.current_room() {
+            if need > self.rec.log.current_room() {
                 return Err(AppendError::Full);
             }
         }
-        self.put_all(&recs).map(|(at, bytes)| (at.segment, bytes))
+        self.rec
+            .put_all(&recs)
+            .map(|(at, bytes)| (at.segment, bytes))
     }
 }
 
@@ -65,7 +67,7 @@ impl ShardCore {
         match slot.durable {
             Some(d) => {
                 let state = slot.session.lifetime();
-                store.note(&Rec::Online {
+                store.rec.note(&Rec::Online {
                     sid: d.sid,
                     expiry_s: state.expiry_s,
                     will: state.will.map(Box::new),
@@ -76,8 +78,8 @@ impl ShardCore {
                 match store.put_session(sid, &slot.session) {
                     Ok((seg, bytes)) => {
                         store.next_sid += 1;
-                        store.live_bytes += u64::from(bytes);
-                        store.track(seg, Obj::Session(key, slot.uid));
+                        store.live.live_bytes += u64::from(bytes);
+                        store.live.track(seg, Obj::Session(key, slot.uid));
                         slot.durable = Some(DurableSlot { sid, seg, bytes });
                     }
                     Err(_) => log::warn!(
@@ -112,7 +114,7 @@ impl ShardCore {
             },
             None => Rec::Unsubscribe { sid: d.sid, filter },
         };
-        store.note(&rec);
+        store.rec.note(&rec);
     }
 
     /// The connection of a persistent session ended.
@@ -127,11 +129,11 @@ impl ShardCore {
         let at = state.offline_since.unwrap_or_else(Instant::now);
         let rec = Rec::Offline {
             sid: d.sid,
-            at_ms: store.wall_ms(at),
+            at_ms: store.rec.wall_ms(at),
             expiry_s: state.expiry_s,
-            will_due_ms: state.will_due.map(|t| store.wall_ms(t)),
+            will_due_ms: state.will_due.map(|t| store.rec.wall_ms(t)),
         };
-        store.note(&rec);
+        store.rec.note(&rec);
     }
 
     /// A persistent session ended: everything it held goes.
@@ -142,8 +144,8 @@ impl ShardCore {
         let Some(d) = slot.durable else {
             return;
         };
-        store.note(&Rec::SessionEnd { sid: d.sid });
-        store.live_bytes -= u64::from(d.bytes);
+        store.rec.note(&Rec::SessionEnd { sid: d.sid });
+        store.live.live_bytes -= u64::from(d.bytes);
         let mut ids = Vec::new();
         slot.session.stored_deliveries(|s| ids.push(s.id));
         for id in ids {
@@ -184,13 +186,17 @@ impl ShardCore {
         let sid = d.sid;
         while let Some(j) = slot.session.poll_journal() {
             match j {
-                Journal::Sent { id, packet_id } => store.note(&Rec::Sent { sid, id, packet_id }),
-                Journal::Released { id } => store.note(&Rec::Released { sid, id }),
+                Journal::Sent { id, packet_id } => {
+                    store.rec.note(&Rec::Sent { sid, id, packet_id })
+                }
+                Journal::Released { id } => store.rec.note(&Rec::Released { sid, id }),
                 Journal::Done { id } => {
-                    store.note(&Rec::Done { sid, id });
+                    store.rec.note(&Rec::Done { sid, id });
                     store.message_done(id, key);
                 }
-                Journal::Qos2Done { packet_id } => store.note(&Rec::Qos2Done { sid, packet_id }),
+                Journal::Qos2Done { packet_id } => {
+                    store.rec.note(&Rec::Qos2Done { sid, packet_id })
+                }
             }
         }
     }
@@ -200,7 +206,7 @@ impl ShardCore {
     pub(in crate::shard) fn durable_will_done(st: &mut State, key: Option<SessionKey>) {
         let sid = key.and_then(|k| Self::durable_sid(st, k));
         if let (Some(store), Some(sid)) = (st.store.as_mut(), sid) {
-            store.note(&Rec::WillDone { sid });
+            store.rec.note(&Rec::WillDone { sid });
         }
     }
 }

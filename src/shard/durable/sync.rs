@@ -40,7 +40,7 @@ impl ShardCore {
     /// synced with the next one; what waits stays held.
     pub fn sync_failed(&self, paths: Vec<PathBuf>) {
         if let Some(store) = self.state.borrow_mut().store.as_mut() {
-            store.log.mark_dirty(paths);
+            store.rec.log.mark_dirty(paths);
         }
     }
 
@@ -48,11 +48,11 @@ impl ShardCore {
     /// below will be durable after it. None when nothing waits.
     fn begin_sync(st: &mut State) -> Option<(u64, Vec<PathBuf>)> {
         let store = st.store.as_mut()?;
-        let next = store.log.next_seq();
-        if next <= store.synced_next && store.pending_removal.is_none() {
+        let next = store.rec.log.next_seq();
+        if next <= store.gate.synced_next && store.gate.pending_removal.is_none() {
             return None;
         }
-        Some((next, store.log.take_dirty()))
+        Some((next, store.rec.log.take_dirty()))
     }
 
     /// Records below `synced_next` are durable: release held output and
@@ -61,27 +61,27 @@ impl ShardCore {
         let Some(store) = st.store.as_mut() else {
             return;
         };
-        store.synced_next = store.synced_next.max(synced_next);
-        let synced = store.synced_next;
-        if let Some((seq, victim)) = store.pending_removal {
+        store.gate.synced_next = store.gate.synced_next.max(synced_next);
+        let synced = store.gate.synced_next;
+        if let Some((seq, victim)) = store.gate.pending_removal {
             if seq <= synced {
-                store.pending_removal = None;
+                store.gate.pending_removal = None;
                 remove_segments(store, victim);
             }
         }
         let mut later = Vec::new();
-        for (seq, to, msg) in std::mem::take(&mut store.after_sync) {
+        for (seq, to, msg) in std::mem::take(&mut store.gate.after_sync) {
             if seq <= synced {
                 self.mesh.send(to, msg);
             } else {
                 later.push((seq, to, msg));
             }
         }
-        store.after_sync = later;
-        for c in std::mem::take(&mut store.closing_waiters) {
+        store.gate.after_sync = later;
+        for c in std::mem::take(&mut store.gate.closing_waiters) {
             c.wake.notify();
         }
-        for (key, conn_id) in std::mem::take(&mut store.sync_waiters) {
+        for (key, conn_id) in std::mem::take(&mut store.gate.sync_waiters) {
             if let Some(c) = st
                 .sessions
                 .get(key)
@@ -125,10 +125,10 @@ impl ShardCore {
         let Some(slot) = st.sessions.get(key) else {
             return false;
         };
-        if slot.wait_seq <= store.synced_next {
+        if slot.wait_seq <= store.gate.synced_next {
             return false;
         }
-        store.sync_waiters.push((key, conn_id));
+        store.gate.sync_waiters.push((key, conn_id));
         true
     }
 
@@ -142,11 +142,11 @@ impl ShardCore {
         };
         if conn
             .close_wait_seq()
-            .is_none_or(|seq| seq <= store.synced_next)
+            .is_none_or(|seq| seq <= store.gate.synced_next)
         {
             return false;
         }
-        store.closing_waiters.push(conn.clone());
+        store.gate.closing_waiters.push(conn.clone());
         true
     }
 }
