@@ -235,16 +235,25 @@ impl ShardCore {
             shared: mut groups,
         } = fan.finish();
         let distinct = merged.len();
+        // The picks served here. One passed on is not: its forward's own
+        // Accepted record answers for it, and that may wait for room; a
+        // proof of it here (a marker, or this shard's Message records)
+        // would let recovery skip a pick that a crash left unserved
+        // (found by the simulator: a full disk, then a death).
+        let mut served: SmallVec<[SharedPick; 1]> = SmallVec::new();
         for pick in shared {
             let members = groups.iter_mut().find(|(p, _)| p == pick).map(|(_, m)| m);
             match members.and_then(|m| self.choose_member(st, message, pick, hops, m)) {
-                Some(t) => merged.push(t),
+                Some(t) => {
+                    merged.push(t);
+                    served.push(pick.clone());
+                }
                 None => self.forward_shared(st, now, message, pick, hops, origin),
             }
         }
         let scope = Scope {
             ordinary,
-            shared: shared.iter().cloned().collect(),
+            shared: served,
         };
         self.deliver_targets(st, now, message, merged, distinct, origin, scope);
         if origin.is_some_and(|o| usize::from(o.shard) != self.id) {
