@@ -17,6 +17,9 @@
 //! - A capacity: creating a file past it fails with `StorageFull`.
 //! - An injected sync fault: the next sync cannot open its file, or fails
 //!   with an I/O error (after which the broker stops: see `SyncFault`).
+//! - A process that dies between two writes, or in the middle of one
+//!   ([`MemDisk::die_after_writes`]): from then on nothing it does reaches
+//!   the disk, until [`MemDisk::restart`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -163,6 +166,38 @@ impl State {
     }
 }
 
+/// A death armed by [`MemDisk::die_after_writes`].
+#[derive(Debug, Default)]
+struct Death {
+    /// Whole writes left before the last one.
+    writes_left: Option<u64>,
+    /// The last write keeps only this many of its bytes (modulo its size).
+    torn: Option<u64>,
+    /// The process is dead: writes, new files, removals are lost.
+    dead: bool,
+}
+
+impl Death {
+    /// How many bytes of a `len`-byte write reach the page cache.
+    fn admit(&mut self, len: usize) -> usize {
+        if self.dead {
+            return 0;
+        }
+        match self.writes_left {
+            Some(0) => {
+                self.dead = true;
+                self.writes_left = None;
+                self.torn.map_or(len, |t| (t % len.max(1) as u64) as usize)
+            }
+            Some(n) => {
+                self.writes_left = Some(n - 1);
+                len
+            }
+            None => len,
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -182,6 +217,7 @@ fn not_found(path: &Path) -> io::Error {
 #[derive(Debug, Default)]
 pub struct MemDisk {
     state: Mutex<State>,
+    death: Arc<Mutex<Death>>,
 }
 
 impl MemDisk {
@@ -201,6 +237,25 @@ impl MemDisk {
         lock(&self.state).used()
     }
 
+    /// The process dies at its `n`-th next write into a segment (0: the
+    /// next one): that write reaches the page cache whole, or with `torn`
+    /// only its first `torn % size` bytes; nothing after it does.
+    pub fn die_after_writes(&self, n: u64, torn: Option<u64>) {
+        let mut d = lock(&self.death);
+        d.writes_left = Some(n);
+        d.torn = torn;
+    }
+
+    /// True once the armed death came.
+    pub fn died(&self) -> bool {
+        lock(&self.death).dead
+    }
+
+    /// A new process: no death armed, writes reach the disk again.
+    pub fn restart(&self) {
+        *lock(&self.death) = Death::default();
+    }
+
     /// Make the next [`MemDisk::sync`] fail with `fault`.
     pub fn inject(&self, fault: SyncFault) {
         lock(&self.state).fault = Some(fault);
@@ -208,6 +263,9 @@ impl MemDisk {
 
     /// `fdatasync` of `path`, or the fault injected for it.
     pub fn sync(&self, path: &Path) -> Result<(), SyncFault> {
+        if self.died() {
+            return Ok(());
+        }
         let mut st = lock(&self.state);
         if let Some(fault) = st.fault.take() {
             return Err(fault);
@@ -312,6 +370,9 @@ impl Disk for MemDisk {
     }
 
     fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
+        if self.died() {
+            return Ok(());
+        }
         let mut st = lock(&self.state);
         if !st.dirs.contains(dir) {
             return Err(not_found(dir));
@@ -341,6 +402,19 @@ impl Disk for MemDisk {
     }
 
     fn create_segment(&self, path: &Path, bytes: usize) -> io::Result<Box<dyn SegmentFile>> {
+        let detached = || MemSegment {
+            local: vec![0; bytes],
+            shared: Arc::new(Mutex::new(MemFile {
+                cache: vec![0; bytes],
+                durable: vec![0; bytes],
+                ..MemFile::default()
+            })),
+            death: self.death.clone(),
+        };
+        if self.died() {
+            // A dead process's new file never reaches the disk.
+            return Ok(Box::new(detached()));
+        }
         let mut st = lock(&self.state);
         if st.files.contains_key(path) {
             return Err(io::Error::new(
@@ -362,6 +436,7 @@ impl Disk for MemDisk {
         Ok(Box::new(MemSegment {
             local: vec![0; bytes],
             shared,
+            death: self.death.clone(),
         }))
     }
 
@@ -378,6 +453,9 @@ impl Disk for MemDisk {
     }
 
     fn write_synced(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+        if self.died() {
+            return Ok(());
+        }
         let mut st = lock(&self.state);
         st.room_for(data.len())?;
         st.unlink(path, parent(path));
@@ -393,6 +471,9 @@ impl Disk for MemDisk {
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        if self.died() {
+            return Ok(());
+        }
         let mut st = lock(&self.state);
         let entry = st.files.remove(from).ok_or_else(|| not_found(from))?;
         st.unlink(to, parent(to));
@@ -407,6 +488,9 @@ impl Disk for MemDisk {
     }
 
     fn copy(&self, from: &Path, to: &Path) -> io::Result<()> {
+        if self.died() {
+            return Ok(());
+        }
         let bytes = self.read(from)?;
         let mut st = lock(&self.state);
         st.room_for(bytes.as_ref().as_ref().len())?;
@@ -424,6 +508,9 @@ impl Disk for MemDisk {
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
+        if self.died() {
+            return Ok(());
+        }
         let mut st = lock(&self.state);
         st.unlink(path, parent(path))
             .map(|_| ())
@@ -436,6 +523,9 @@ impl Disk for MemDisk {
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        if self.died() {
+            return Ok(());
+        }
         let mut st = lock(&self.state);
         for (p, e) in st.files.iter_mut() {
             if p.parent() == Some(dir) {
@@ -452,6 +542,7 @@ impl Disk for MemDisk {
 struct MemSegment {
     local: Vec<u8>,
     shared: Arc<Mutex<MemFile>>,
+    death: Arc<Mutex<Death>>,
 }
 
 impl fmt::Debug for MemSegment {
@@ -472,13 +563,17 @@ impl SegmentFile for MemSegment {
     }
 
     fn wrote(&mut self, range: Range<usize>) {
+        let n = lock(&self.death).admit(range.len());
+        let range = range.start..range.start + n;
         let mut f = lock(&self.shared);
         f.cache[range.clone()].copy_from_slice(&self.local[range.clone()]);
         f.wrote(range);
     }
 
     fn sync(&self) -> io::Result<()> {
-        lock(&self.shared).sync();
+        if !lock(&self.death).dead {
+            lock(&self.shared).sync();
+        }
         Ok(())
     }
 }
@@ -550,6 +645,30 @@ mod tests {
             assert!(disk.read(&dir.join("tmp")).is_err());
         }
         assert!(gone > 0 && gone < 199 && old > 0 && old < 199);
+    }
+
+    #[test]
+    fn a_process_that_dies_mid_write_leaves_what_came_before_and_a_torn_tail() {
+        let dir = Path::new("/d");
+        let disk = MemDisk::new();
+        disk.create_dir_all(dir).unwrap();
+        let path = dir.join("a");
+        let mut seg = disk.create_segment(&path, 100).unwrap();
+        disk.die_after_writes(1, Some(3));
+        write(seg.as_mut(), 0, &[1; 10]);
+        assert!(!disk.died());
+        write(seg.as_mut(), 10, &[2; 10]);
+        assert!(disk.died());
+        write(seg.as_mut(), 20, &[3; 10]);
+        disk.remove_file(&path).unwrap();
+        let bytes = disk.read(&path).unwrap();
+        let bytes = bytes.as_ref().as_ref();
+        assert_eq!(&bytes[..10], &[1; 10]);
+        assert_eq!(&bytes[10..13], &[2; 3]);
+        assert!(bytes[13..].iter().all(|&b| b == 0));
+        disk.restart();
+        write(seg.as_mut(), 30, &[4; 10]);
+        assert_eq!(disk.read(&path).unwrap().as_ref().as_ref()[30], 4);
     }
 
     #[test]
