@@ -76,7 +76,7 @@ impl ShardCore {
                 .sessions
                 .insert(SessionSlot::new(session, uid, Some(durable)));
             st.by_client.insert(s.client_id, key);
-            store.restore_session(key, uid, s.seg, s.bytes);
+            store.live.restore_session(key, uid, s.seg, s.bytes);
             keys.insert(s.sid, key);
             // The route replica came whole from recovery: only this
             // shard's counts of its own routes are rebuilt here.
@@ -96,13 +96,15 @@ impl ShardCore {
             store.restore_message(m.id, m.at, m.bytes, holders);
         }
         for r in retained {
-            store.restore_retained(r.message.topic.clone(), r.seg, r.bytes, r.stamp_ms);
+            store
+                .live
+                .restore_retained(r.message.topic.clone(), r.seg, r.bytes, r.stamp_ms);
             let topic = r.message.topic.clone();
             Self::insert_retained(&mut st, &topic, r.message);
         }
         for d in delayed {
             let due = clock.to_instant(d.due_ms);
-            store.restore_delayed(d.id, due, d.seg, d.bytes);
+            store.live.restore_delayed(d.id, due, d.seg, d.bytes);
             Self::hold_delayed(&mut st, due, d.id, d.message);
         }
         st.next_delayed_id = next_delayed_id;

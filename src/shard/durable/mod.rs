@@ -116,7 +116,7 @@ pub(super) struct Store {
     /// Writes records; knows whether the log has room.
     rec: Records,
     /// What in the log is still live, for compaction.
-    live: Liveness,
+    pub(super) live: Liveness,
     /// The Accepted / Applied / Settled protocol (`answers`).
     settle: Settle,
     /// Power-safe: what waits for a sync (`sync`).
@@ -163,7 +163,7 @@ struct Records {
 /// Liveness and compaction accounting: where each live object's whole
 /// record is, and how many bytes are live.
 #[derive(Default)]
-struct Liveness {
+pub(super) struct Liveness {
     retained: HashMap<Arc<str>, RetainedMeta>,
     /// Delayed publishes by id: when due, and their record.
     delayed: HashMap<u64, (Instant, Placed)>,
@@ -387,27 +387,6 @@ impl Store {
     /// Unix milliseconds of `t` (deadlines, stamps of accepted messages).
     pub(super) fn wall_ms(&self, t: Instant) -> u64 {
         self.rec.wall_ms(t)
-    }
-
-    /// A restored session whose whole record is in segment `seg`.
-    pub(super) fn restore_session(&mut self, key: SessionKey, uid: u64, seg: u64, bytes: u32) {
-        self.live.restore_session(key, uid, seg, bytes);
-    }
-
-    /// A restored retained message.
-    pub(super) fn restore_retained(
-        &mut self,
-        topic: Arc<str>,
-        seg: u64,
-        bytes: u32,
-        stamp_ms: u64,
-    ) {
-        self.live.restore_retained(topic, seg, bytes, stamp_ms);
-    }
-
-    /// A restored delayed publish.
-    pub(super) fn restore_delayed(&mut self, id: u64, due: Instant, seg: u64, bytes: u32) {
-        self.live.restore_delayed(id, due, seg, bytes);
     }
 
     /// Power-safe: the sequence number output must wait for, when records
