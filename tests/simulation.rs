@@ -595,14 +595,14 @@ impl Sim {
             .unwrap()
             .pop_front()
             .unwrap();
-        let handoffs = self.cores[to].on_mesh_batch(batch, from, self.now);
+        let handoffs = self.cores[to].handle_mesh(batch, from, self.now);
         assert!(handoffs.is_empty(), "the simulator moves no sockets");
         self.flush(to);
         true
     }
 
     fn tick(&mut self, id: usize) {
-        self.cores[id].on_tick(self.now);
+        self.cores[id].handle_tick(self.now);
         self.last_tick[id] = self.now;
         self.flush(id);
         while self.cores[id].run_gathers(self.now, 8) {
@@ -683,7 +683,7 @@ impl Sim {
                     .push((c, seq));
             }
         }
-        self.cores[shard].on_packet(&handle, self.now, packet);
+        self.cores[shard].handle_packet(&handle, self.now, packet);
         self.flush(shard);
     }
 
@@ -1273,7 +1273,7 @@ impl Sim {
                 core.log_status()
                     .is_none_or(|s| !s.full && s.others_full == 0)
             });
-            self.cores[shard].on_connection_lost(&handle, self.now);
+            self.cores[shard].handle_connection_lost(&handle, self.now);
             self.flush(shard);
             // Power-safe: a connection the broker never confirmed (its
             // CONNACK waits for the sync of the session's records) may be

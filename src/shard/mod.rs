@@ -12,11 +12,12 @@
 //!   ─────────────────────────────────────        ───────────────────────────
 //!   accept, read CONNECT ─────────────────────▶  handshake → serve / move / refuse
 //!   home shard's connection task ─────────────▶  attach → ConnHandle (CONNACK queued)
-//!   reader: bytes → codec::decode ────────────▶  on_packet / on_bad_bytes / on_connection_lost
+//!   reader: bytes → codec::decode ────────────▶  handle_packet / handle_bad_bytes /
+//!                                                 handle_connection_lost
 //!   writer ◀──────────────────────────────────   drain_transmit (held for acks and syncs)
-//!   mesh lane receivers ──────────────────────▶  on_mesh_batch → handoffs to serve
+//!   mesh lane receivers ──────────────────────▶  handle_mesh → handoffs to serve
 //!   mesh flusher ◀────────────────────────────   mesh().take_batches / sent
-//!   tick (every 50 ms) ───────────────────────▶  on_tick: timers, delayed, log upkeep
+//!   tick (every 50 ms) ───────────────────────▶  handle_tick: timers, delayed, log upkeep
 //!   gather task ──────────────────────────────▶  run_gathers (retained replay chunks)
 //!   group commit (power-safe) ◀───────────────   poll_sync → fdatasync → synced
 //! ```
@@ -27,6 +28,17 @@
 //! wake-ups ([`notify::Notify`]) only say that something can be pulled. The
 //! simulator (`tests/simulation.rs`) drives several cores the same way with
 //! a virtual clock and carries their batches itself.
+//!
+//! Order of the outputs: any. An output is offered only once nothing it
+//! depends on is missing: a session's packets that acknowledge what other
+//! shards must apply first, or (power-safe) what a sync must make durable,
+//! are held inside the core, and so are mesh messages that name an origin
+//! not yet synced; `synced` and the other shards' answers release them.
+//! So a runtime may pull connections, mesh batches and sync requests in
+//! whatever order its tasks run, and the simulator reads connections and
+//! delivers batches in an order drawn from the seed. Within one
+//! connection, packets come in the order the session queued them; within
+//! one lane, batches in the order sent.
 //!
 //! Borrow rule: the core's state sits in one `RefCell`, borrowed only by
 //! synchronous code; it never calls the runtime, so no task is spawned
@@ -441,17 +453,17 @@ impl ShardCore {
     }
 
     /// A packet read from connection `conn`.
-    pub fn on_packet(&self, conn: &ConnHandle, now: Instant, packet: Packet) {
+    pub fn handle_packet(&self, conn: &ConnHandle, now: Instant, packet: Packet) {
         self.with_session(conn, now, |s| s.handle_packet(now, packet));
     }
 
     /// A decode error on the connection: DISCONNECT with its reason code.
-    pub fn on_bad_bytes(&self, conn: &ConnHandle, now: Instant, reason: u8, why: &str) {
+    pub fn handle_bad_bytes(&self, conn: &ConnHandle, now: Instant, reason: u8, why: &str) {
         self.with_session(conn, now, |s| s.violation(now, reason, why));
     }
 
     /// The connection's socket ended (EOF or error) without DISCONNECT.
-    pub fn on_connection_lost(&self, conn: &ConnHandle, now: Instant) {
+    pub fn handle_connection_lost(&self, conn: &ConnHandle, now: Instant) {
         let generation = conn.generation;
         self.with_session(conn, now, |s| s.connection_lost(now, generation));
     }
@@ -595,7 +607,7 @@ impl ShardCore {
 
     /// Run every timer that is due, send the delayed publishes that are
     /// due, and keep the log (clock, settled frontier, compaction).
-    pub fn on_tick(&self, now: Instant) {
+    pub fn handle_tick(&self, now: Instant) {
         self.log_gate.borrow_mut().tick(now);
         let mut st = self.state.borrow_mut();
         self.send_due_delayed(&mut st, now);

@@ -755,7 +755,7 @@ impl ShardCore {
 
     /// Handle one batch from shard `from`; returns the connections moved
     /// here, for the runtime to serve.
-    pub fn on_mesh_batch(
+    pub fn handle_mesh(
         &self,
         batch: super::mesh::Batch,
         from: usize,

@@ -64,7 +64,7 @@ fn pump(cores: &[&ShardCore], now: Instant) {
         for (from, c) in cores.iter().enumerate() {
             for (to, batch) in c.mesh().take_batches() {
                 c.mesh().sent(batch.len());
-                assert!(cores[to].on_mesh_batch(batch, from, now).is_empty());
+                assert!(cores[to].handle_mesh(batch, from, now).is_empty());
                 moved = true;
             }
         }
@@ -177,7 +177,7 @@ fn a_publish_for_another_shard_leaves_in_this_turns_batch_and_nothing_reads_a_cl
         filters: vec![("t/#".into(), codec::SubOptions::default())],
         properties: Properties::default(),
     };
-    c1.on_packet(&sub, t0, Packet::Subscribe(subscribe));
+    c1.handle_packet(&sub, t0, Packet::Subscribe(subscribe));
     // The SUBACK waits until shard 0 applied the route.
     assert!(written(&c1, &sub, Version::V3_1_1).is_empty());
     pump(&[&c0, &c1], t0);
@@ -200,14 +200,14 @@ fn a_publish_for_another_shard_leaves_in_this_turns_batch_and_nothing_reads_a_cl
     };
     // A time far from any real clock: the core takes what it is given.
     let later = t0 + Duration::from_secs(3600);
-    c0.on_packet(&publisher, later, Packet::Publish(publish));
+    c0.handle_packet(&publisher, later, Packet::Publish(publish));
     let batches = c0.mesh().take_batches();
     assert_eq!(batches.len(), 1);
     let (to, batch) = batches.into_iter().next().unwrap();
     assert_eq!(to, 1);
     assert!(matches!(&batch[..], [MeshMsg::Publish { .. }]));
     c0.mesh().sent(batch.len());
-    c1.on_mesh_batch(batch, 0, later);
+    c1.handle_mesh(batch, 0, later);
     assert_eq!(c1.stats().delivered, 1);
     let got = written(&c1, &sub, Version::V3_1_1);
     assert!(

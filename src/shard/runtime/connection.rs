@@ -4,7 +4,7 @@
 //! Shard-local runtime code. These tasks are the only code that touches a
 //! socket, and they make no protocol decisions: bytes go to the codec,
 //! packets to the core ([`ShardCore::handshake`], [`ShardCore::attach`],
-//! [`ShardCore::on_packet`]); packets to send come back from the session
+//! [`ShardCore::handle_packet`]); packets to send come back from the session
 //! ([`ShardCore::drain_transmit`]).
 //!
 //! The broker's `unsafe` code outside the log is here: borrowing a socket's
@@ -325,7 +325,7 @@ async fn serve(
     let writer = glommio::spawn_local(write_loop(shard.clone(), handle.clone(), stream.clone()));
     let peer_ended = read_loop(&shard, &handle, stream.clone(), buffered).await;
     if !handle.is_closing() {
-        shard.on_connection_lost(&handle, Instant::now());
+        shard.handle_connection_lost(&handle, Instant::now());
     }
     let wrote_all = writer.await;
     // Both tasks have ended, so the socket is this task's alone again.
@@ -357,12 +357,12 @@ fn handle_packets(shard: &ShardCore, conn: &Rc<ConnHandle>, buf: &mut BytesMut) 
             Ok(Some(packet)) => {
                 #[cfg(debug_assertions)]
                 test_panic_trigger(shard, conn);
-                shard.on_packet(conn, now, packet)
+                shard.handle_packet(conn, now, packet)
             }
             Ok(None) => break Ok(()),
             Err(e) => {
                 let why = e.to_string();
-                shard.on_bad_bytes(conn, now, e.reason_code(), &why);
+                shard.handle_bad_bytes(conn, now, e.reason_code(), &why);
                 break Err(());
             }
         }

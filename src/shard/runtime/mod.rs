@@ -95,7 +95,7 @@ pub(crate) async fn run_shard(
         glommio::spawn_local(async move {
             while let Some(batch) = rx.recv().await {
                 // Connections moved here are served by tasks of their own.
-                for handoff in shard.on_mesh_batch(batch, from, Instant::now()) {
+                for handoff in shard.handle_mesh(batch, from, Instant::now()) {
                     spawn_handoff(shard.clone(), handoff);
                 }
             }
@@ -133,7 +133,7 @@ pub(crate) async fn run_shard(
     let _ = ready.send(Ok(()));
     loop {
         glommio::timer::sleep(ShardCore::TICK).await;
-        shard.on_tick(Instant::now());
+        shard.handle_tick(Instant::now());
         match control.try_recv() {
             Ok(Control::Stop) | Err(crossbeam_channel::TryRecvError::Disconnected) => break,
             Err(crossbeam_channel::TryRecvError::Empty) => {}
@@ -166,7 +166,7 @@ async fn stop_shard(shard: &ShardCore) -> StopReport {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
     report.sockets_left = shard.open_sockets();
-    shard.on_tick(Instant::now());
+    shard.handle_tick(Instant::now());
     sync::sync_now(shard).await;
     report.logs_synced = usize::from(shard.config().durability() != Durability::Memory);
     report
