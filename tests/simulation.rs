@@ -459,7 +459,11 @@ impl Sim {
                 self.steps, self.crashes
             );
         }
-        let dirs = self.log_dirs();
+        let dirs = if self.dump {
+            self.log_dirs()
+        } else {
+            Vec::new()
+        };
         self.cores.clear();
         self.lanes.clear();
         self.dir = None;

@@ -341,24 +341,21 @@ impl ShardCore {
             }
         }
         for (key, sid, delivery) in stored {
-            let Some(uid) = st.sessions.get(key).map(|s| s.uid) else {
-                continue;
-            };
             match delivery.stored.filter(|id| waiting.contains(id)) {
-                Some(id) => Self::hold_delivery(
-                    st,
-                    id,
-                    Held {
+                Some(id) => {
+                    let Some(uid) = st.sessions.get(key).map(|s| s.uid) else {
+                        continue;
+                    };
+                    let held = Held {
                         key,
                         uid,
                         sid,
                         delivery,
-                    },
-                ),
-                None => {
-                    Self::hand_over(st, key, now, message, delivery);
-                    keys.push(key);
+                    };
+                    Self::hold_delivery(st, id, held);
                 }
+                None if Self::hand_over(st, key, now, message, delivery) => keys.push(key),
+                None => {}
             }
         }
         for key in keys {

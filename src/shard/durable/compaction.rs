@@ -158,7 +158,7 @@ impl ShardCore {
         if store.rec.mode == Durability::PowerSafe {
             // The rewritten copies must be durable before the originals go.
             store.gate.pending_removal = Some((store.rec.log.next_seq(), victim));
-            store.gate.sync_wake.notify();
+            store.rec.sync_wake.notify();
             return Compacted::Done;
         }
         if remove_segments(store, victim) {

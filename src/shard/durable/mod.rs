@@ -156,7 +156,8 @@ struct Records {
     /// The shard's status its sessions read: `store_full` is raised the
     /// moment the log has no spare segment.
     status: Rc<ShardStatus>,
-    /// Power-safe: woken by every append (the group-commit task).
+    /// Power-safe: wakes the group-commit task (every append, and
+    /// compaction waiting to delete segments).
     sync_wake: Rc<Notify>,
 }
 
@@ -205,7 +206,6 @@ struct SyncGate {
     closing_waiters: Vec<Rc<ConnHandle>>,
     /// Mesh messages that wait for a sync: (sequence needed, to, message).
     after_sync: Vec<(u64, usize, MeshMsg)>,
-    sync_wake: Rc<Notify>,
     /// Power-safe compaction: segments up to the second number are deleted
     /// once records below the first are synced.
     pending_removal: Option<(u64, u64)>,
@@ -321,7 +321,7 @@ impl Store {
                 failure_gate: crate::text::LogGate::new(1, Duration::from_secs(10)),
                 appends_failed: 0,
                 status,
-                sync_wake: sync_wake.clone(),
+                sync_wake,
             },
             live: Liveness::default(),
             settle: Settle {
@@ -339,7 +339,6 @@ impl Store {
                 sync_waiters: Vec::new(),
                 closing_waiters: Vec::new(),
                 after_sync: Vec::new(),
-                sync_wake,
                 pending_removal: None,
             },
             retry: VecDeque::new(),
