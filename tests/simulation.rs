@@ -70,7 +70,7 @@ use shardmq::log::disk::{Disk, MemDisk, SyncFault};
 use shardmq::log::scan;
 use shardmq::persist::recover::{recover, RecoverySettings};
 use shardmq::persist::WallClock;
-use shardmq::shard::mesh::{Batch, Mesh};
+use shardmq::shard::mesh::{Batch, Mesh, MeshMsg};
 use shardmq::shard::{ConnHandle, Handshake, ShardCore};
 use shardmq::Config;
 
@@ -563,10 +563,42 @@ impl Sim {
     fn flush(&mut self, id: usize) {
         let core = &self.cores[id];
         core.check_invariants();
-        for (to, batch) in core.mesh().take_batches() {
+        for (to, batch) in core.mesh().poll_batches() {
             core.mesh().sent(batch.len());
             self.trace = self.trace.wrapping_mul(31).wrapping_add(batch.len() as u64);
             self.lanes.entry((id, to)).or_default().push_back(batch);
+        }
+        self.check_awaited_acks();
+    }
+
+    /// Every acknowledgement an attached connection waits for is on its
+    /// way exactly once: queued in a core, or on a lane (as the message
+    /// that asks for it, or as the acknowledgement itself). One lost would
+    /// hold the session's output for good; one too many would release it
+    /// early (a SUBACK before every shard can route the subscription).
+    fn check_awaited_acks(&mut self) {
+        let mut on_way: HashMap<(usize, u32, u64), u32> = HashMap::new();
+        let mut count = |m: &MeshMsg| {
+            if let Some(a) = m.awaited_ack() {
+                *on_way.entry((a.shard, a.session, a.conn_id)).or_default() += 1;
+            }
+        };
+        for core in &self.cores {
+            core.for_each_queued_message(&mut count);
+        }
+        for batch in self.lanes.values().flatten() {
+            batch.iter().for_each(&mut count);
+        }
+        for (shard, core) in self.cores.iter().enumerate() {
+            for (session, conn, held) in core.awaited_acks() {
+                let coming = on_way.get(&(shard, session, conn)).copied().unwrap_or(0);
+                if coming != held {
+                    self.fail(&format!(
+                        "shard {shard} session {session} waits for {held} acknowledgements, \
+                         {coming} are on their way"
+                    ));
+                }
+            }
         }
     }
 
@@ -799,10 +831,10 @@ impl Sim {
                 return;
             }
             if closing {
-                packets.extend(handle.take_last_packets());
+                packets.extend(handle.poll_last_packets());
             } else {
                 let mut out = BytesMut::new();
-                self.cores[shard].drain_transmit(&handle, &mut out, 1 << 20);
+                self.cores[shard].poll_transmit(&handle, &mut out, 1 << 20);
                 self.flush(shard);
                 let conn = self.clients[c].conn.as_mut().unwrap();
                 if !out.is_empty() {

@@ -160,6 +160,7 @@ impl ShardCore {
         st.stats.connections += 1;
         Self::durable_connect(&mut st, key);
         self.drive(&mut st, key, now);
+        Self::debug_invariants(&st);
         Ok(handle)
     }
 
@@ -186,7 +187,7 @@ impl ShardCore {
 
     /// Encode the session's waiting packets into `out`, up to about
     /// `limit` bytes. Nothing while route acknowledgements are awaited.
-    pub fn drain_transmit(&self, conn: &ConnHandle, out: &mut BytesMut, limit: usize) {
+    pub fn poll_transmit(&self, conn: &ConnHandle, out: &mut BytesMut, limit: usize) {
         let mut st = self.state.borrow_mut();
         let Some(slot) = st.sessions.get_mut(conn.key) else {
             return;

@@ -2,7 +2,7 @@
 //!
 //! Shard-local: each shard owns an outbox per destination. Anything queued
 //! during one loop turn leaves as one batch per destination: the runtime's
-//! flusher ([`Mesh::take_batches`]) runs after the turn's other ready tasks
+//! flusher ([`Mesh::poll_batches`]) runs after the turn's other ready tasks
 //! and puts each batch on the bounded SPSC lane to its shard. A full lane
 //! makes the flusher wait; the outbox then grows, and past
 //! `outbox_messages_max` the shard stops reading from its clients until it
@@ -168,6 +168,19 @@ pub enum MeshMsg {
     },
 }
 
+impl MeshMsg {
+    /// The acknowledgement this message is, or asks its receiver to send:
+    /// one of the acknowledgements a session's output waits for
+    /// ([`AckTo`]), on its way.
+    pub fn awaited_ack(&self) -> Option<&AckTo> {
+        match self {
+            MeshMsg::Route { ack_to, .. } | MeshMsg::Retain { ack_to, .. } => ack_to.as_ref(),
+            MeshMsg::Ack(ack) => Some(ack),
+            _ => None,
+        }
+    }
+}
+
 /// One batch on a lane.
 pub type Batch = Vec<MeshMsg>;
 
@@ -219,7 +232,7 @@ impl Mesh {
     /// Take this turn's batches, one per destination with anything queued,
     /// in destination order. Their messages still count as pending until
     /// [`Mesh::sent`] says they are on their lane.
-    pub fn take_batches(&self) -> Vec<(usize, Batch)> {
+    pub fn poll_batches(&self) -> Vec<(usize, Batch)> {
         let mut outbox = self.outbox.borrow_mut();
         outbox
             .iter_mut()
@@ -229,7 +242,12 @@ impl Mesh {
             .collect()
     }
 
-    /// `n` messages taken by [`Mesh::take_batches`] are on their lane (or
+    /// Every message queued and not yet taken by [`Mesh::poll_batches`].
+    pub fn for_each_queued(&self, mut f: impl FnMut(&MeshMsg)) {
+        self.outbox.borrow().iter().flatten().for_each(&mut f);
+    }
+
+    /// `n` messages taken by [`Mesh::poll_batches`] are on their lane (or
     /// were dropped with a closed lane).
     pub fn sent(&self, n: usize) {
         self.pending.set(self.pending.get() - n);

@@ -16,11 +16,11 @@ use crate::router::fanout::{self, Fan, FanOut, Match};
 use crate::router::split_shared;
 use crate::session::{Delivery, Subscription};
 
-use super::durable::{Held, StoreTarget};
+use super::durable::Logged;
 use super::gather::Gather;
 use super::mesh::{AckTo, MeshMsg, RouteKey, SharedPick};
 use super::{SessionKey, ShardCore, State, SubEntry, SubKey};
-use crate::persist::{Causes, Origin, Scope, Sid};
+use crate::persist::{Origin, Scope};
 
 /// Where a routed message comes from: for acknowledgements and the log.
 #[derive(Debug, Clone, Copy, Default)]
@@ -38,15 +38,56 @@ pub(super) struct Source {
 /// One session's delivery of a routed message (the fan-out's target).
 type Target = fanout::Target<SessionKey>;
 
+/// Routing's decision for a message published on this shard: which shards
+/// get it, and for what. Durability reads it (`durable_accept`) to tell
+/// whether an Accepted record is needed; `route` then sends it.
+pub(super) struct Plan {
+    /// The shard that keeps its retained copy (retained messages only).
+    pub(super) owner: Option<usize>,
+    /// Shards with ordinary subscribers of the topic.
+    pub(super) ordinary: SmallVec<[u16; 8]>,
+    /// Each matching shared subscription, with the shard chosen to serve it.
+    pub(super) picks: SmallVec<[(u16, SharedPick); 1]>,
+}
+
+impl Plan {
+    /// The shards other than `me` the message goes to, each once.
+    pub(super) fn others(&self, me: u16) -> SmallVec<[u16; 4]> {
+        let mut others: SmallVec<[u16; 4]> = SmallVec::new();
+        let all = self.ordinary.iter().copied();
+        let all = all.chain(self.picks.iter().map(|(s, _)| *s));
+        for d in all.chain(self.owner.map(|o| o as u16)) {
+            if d != me && !others.contains(&d) {
+                others.push(d);
+            }
+        }
+        others
+    }
+}
+
+/// Routing's decision on a shard that delivers a message: one delivery per
+/// target session, and what of the message this shard applies. Durability
+/// reads it (`durable_deliver`) to store what must survive a crash.
+pub(super) struct Local {
+    /// The sessions that get it; the first `distinct` are different
+    /// sessions, a later one may repeat one (an ordinary and a shared
+    /// subscription of the same session).
+    pub(super) targets: SmallVec<[Target; 8]>,
+    pub(super) distinct: usize,
+    /// The ordinary subscribers and the shared picks served here.
+    pub(super) scope: Scope,
+}
+
 impl ShardCore {
     /// Route a message accepted on this shard to every shard with
     /// subscribers, and its retained copy to the topic's owner. When the
     /// owner is another shard and the publisher (`from`) waits for an ack,
     /// its output is held until the owner has stored the message, so that
-    /// after PUBACK any new subscription on the node sees it. With a log, a
-    /// QoS 1/2 message bound for other shards is logged first (Accepted).
-    /// False when that record could not be written (the log is full): the
-    /// message is not routed, and the publisher is refused.
+    /// after PUBACK any new subscription on the node sees it. Durability
+    /// sees the plan first (it may log the message as Accepted); a plain
+    /// QoS 0 publish does not reach it at all. False when the log could
+    /// not take the message (it is full): it is not routed, and the
+    /// publisher is refused.
     pub(super) fn route(
         &self,
         st: &mut State,
@@ -54,22 +95,28 @@ impl ShardCore {
         message: Arc<Message>,
         source: Source,
     ) -> bool {
-        let owner = message.retain.then(|| self.topic_owner(&message.topic));
-        let (ordinary, picks) = self.destinations(st, &message.topic);
-        let stamp_ms = st.store.as_ref().map_or(0, |s| s.wall_ms(now));
-        let origin = match self.log_accept(st, &message, source, owner, &ordinary, &picks, stamp_ms)
-        {
-            Ok(origin) => origin,
-            // A will goes out even when the log cannot take it (nobody
-            // waits for its acknowledgement); its session forgets it.
-            Err(_) if source.will_of.is_some() => {
-                Self::durable_will_done(st, source.will_of);
-                None
+        let plan = self.plan(st, &message);
+        let durable = message.qos != QoS::AtMostOnce
+            || message.retain
+            || source.will_of.is_some()
+            || source.delayed.is_some();
+        let logged = if durable {
+            match self.durable_accept(st, now, &message, source, &plan) {
+                Ok(logged) => logged,
+                // A will goes out even when the log cannot take it (nobody
+                // waits for its acknowledgement); its session forgets it.
+                Err(_) if source.will_of.is_some() => {
+                    Self::durable_will_done(st, source.will_of);
+                    Logged::default()
+                }
+                Err(_) => return false,
             }
-            Err(_) => return false,
+        } else {
+            Logged::default()
         };
+        let Logged { origin, stamp_ms } = logged;
         st.stats.routed += 1;
-        if let Some(owner) = owner {
+        if let Some(owner) = plan.owner {
             if owner == self.id {
                 self.store_retained(st, message.clone(), origin, stamp_ms);
             } else {
@@ -87,8 +134,9 @@ impl ShardCore {
             }
         }
         for dest in 0..self.shards as u16 {
-            let to_ordinary = ordinary.contains(&dest);
-            let to_shared: SmallVec<[SharedPick; 1]> = picks
+            let to_ordinary = plan.ordinary.contains(&dest);
+            let to_shared: SmallVec<[SharedPick; 1]> = plan
+                .picks
                 .iter()
                 .filter(|(s, _)| *s == dest)
                 .map(|(_, p)| p.clone())
@@ -115,14 +163,12 @@ impl ShardCore {
         true
     }
 
-    /// Shards with ordinary subscribers of `topic`, and for each shared
-    /// subscription matching it the shard chosen (round-robin) to serve it.
-    #[allow(clippy::type_complexity)]
-    fn destinations(
-        &self,
-        st: &mut State,
-        topic: &str,
-    ) -> (SmallVec<[u16; 8]>, SmallVec<[(u16, SharedPick); 1]>) {
+    /// Where `message` goes: its retained copy's owner, the shards with
+    /// ordinary subscribers of its topic, and for each shared subscription
+    /// matching it the shard chosen (round-robin) to serve it.
+    fn plan(&self, st: &mut State, message: &Message) -> Plan {
+        let topic = &*message.topic;
+        let owner = message.retain.then(|| self.topic_owner(topic));
         let mut ordinary: SmallVec<[u16; 8]> = SmallVec::new();
         let mut shared: SmallVec<[(SharedPick, SmallVec<[u16; 4]>); 1]> = SmallVec::new();
         st.routes.for_each_match(topic, |key, _| match key {
@@ -143,61 +189,11 @@ impl ShardCore {
             *next = next.wrapping_add(1);
             picks.push((shards[*next % shards.len()], pick));
         }
-        (ordinary, picks)
-    }
-
-    /// Log a QoS 1/2 message as Accepted when the log is on and a crash
-    /// could otherwise lose or repeat it: it goes to other shards, it is a
-    /// persistent session's QoS 2 publish, a delayed publish leaving, or a
-    /// will (of any QoS: the record also says the session's will is gone).
-    /// While the log is full, or its fan-out could fill it, every QoS 1/2
-    /// message is accepted first: a delivery here may then have to wait
-    /// for room, and its accept stays unsettled until it is logged.
-    #[allow(clippy::too_many_arguments)]
-    fn log_accept(
-        &self,
-        st: &mut State,
-        message: &Arc<Message>,
-        source: Source,
-        owner: Option<usize>,
-        ordinary: &[u16],
-        picks: &[(u16, SharedPick)],
-        stamp_ms: u64,
-    ) -> Result<Option<Origin>, crate::log::AppendError> {
-        let durable_sid = |key: Option<SessionKey>| Self::durable_sid(st, key?);
-        let will_of = durable_sid(source.will_of);
-        let Some(store) = st.store.as_ref() else {
-            return Ok(None);
-        };
-        if message.qos == QoS::AtMostOnce && will_of.is_none() {
-            return Ok(None);
+        Plan {
+            owner,
+            ordinary,
+            picks,
         }
-        let full = store.must_accept_first(message);
-        let me = self.id as u16;
-        let mut dests: SmallVec<[u16; 4]> = SmallVec::new();
-        let all = ordinary
-            .iter()
-            .copied()
-            .chain(picks.iter().map(|(s, _)| *s))
-            .chain(owner.map(|o| o as u16));
-        for d in all {
-            if d != me && !dests.contains(&d) {
-                dests.push(d);
-            }
-        }
-        let causes = Causes {
-            qos2_from: source
-                .qos2_packet_id
-                .and_then(|pid| Some((durable_sid(source.from)?, pid))),
-            delayed: source.delayed,
-            will_of,
-            passes_on: None,
-        };
-        if dests.is_empty() && causes == Causes::default() && !full {
-            return Ok(None);
-        }
-        self.accept(st, message, Scope::everyone(), causes, stamp_ms, dests)
-            .map(Some)
     }
 
     /// Deliver to this shard's sessions: every ordinary subscriber (one copy
@@ -251,111 +247,38 @@ impl ShardCore {
                 None => self.forward_shared(st, now, message, pick, hops, origin),
             }
         }
-        let scope = Scope {
-            ordinary,
-            shared: served,
+        let local = Local {
+            targets: merged,
+            distinct,
+            scope: Scope {
+                ordinary,
+                shared: served,
+            },
         };
-        self.deliver_targets(st, now, message, merged, distinct, origin, scope);
-        if origin.is_some_and(|o| usize::from(o.shard) != self.id) {
-            Self::applied(st, origin);
-        }
+        self.deliver_targets(st, now, message, local, origin);
     }
 
-    /// Hand `message` to each target session, storing the deliveries to
-    /// persistent sessions in Message records (written before their
-    /// journals, so Sent records follow them). A session that is a target
-    /// twice (an ordinary and a shared subscription) gets a second stored
-    /// message. With an origin and shared subscriptions served but nothing
-    /// stored, a marker records that this shard applied it. The first
-    /// `distinct` targets are known to be different sessions.
-    #[allow(clippy::too_many_arguments)]
+    /// Hand `message` to each target session. Durability sees the targets
+    /// first, unless there is nothing it could keep (QoS 0, no origin): it
+    /// stores deliveries to persistent sessions, holds back those whose
+    /// records wait for room, and answers the origin.
     fn deliver_targets(
         &self,
         st: &mut State,
         now: Instant,
         message: &Arc<Message>,
-        targets: SmallVec<[Target; 8]>,
-        distinct: usize,
+        local: Local,
         origin: Option<Origin>,
-        scope: Scope,
     ) {
-        // (message id, its deliveries); each session at most once per id.
-        let mut groups: SmallVec<[(u64, Vec<StoreTarget>); 1]> = SmallVec::new();
-        // Stored deliveries wait for their records (below); the others go
-        // to their sessions at once.
-        let mut stored: SmallVec<[(SessionKey, Sid, Delivery); 4]> = SmallVec::new();
+        let deliveries = if origin.is_none() && message.qos == QoS::AtMostOnce {
+            local.targets.into_iter().map(unstored).collect()
+        } else {
+            self.durable_deliver(st, message, origin, local)
+        };
         let mut keys: SmallVec<[SessionKey; 8]> = SmallVec::new();
-        for (i, t) in targets.into_iter().enumerate() {
-            let qos = t.qos; // the fan-out lowered it to the message's
-            let sid = Self::storable(st, t.session, qos);
-            let store_id = sid.map(|sid| {
-                let target = StoreTarget {
-                    key: t.session,
-                    sid,
-                    qos,
-                    retain: t.retain,
-                    subscription_ids: t.subscription_ids.clone(),
-                };
-                let free = if i < distinct {
-                    groups.first_mut()
-                } else {
-                    groups
-                        .iter_mut()
-                        .find(|(_, g)| g.iter().all(|x| x.key != t.session))
-                };
-                match free {
-                    Some((id, g)) => {
-                        g.push(target);
-                        *id
-                    }
-                    None => {
-                        let id = Self::next_message_id(st).expect("a store");
-                        groups.push((id, vec![target]));
-                        id
-                    }
-                }
-            });
-            let delivery = Delivery {
-                qos: t.qos,
-                retain: t.retain,
-                subscription_ids: t.subscription_ids,
-                stored: store_id,
-            };
-            match sid {
-                Some(sid) => stored.push((t.session, sid, delivery)),
-                None if Self::hand_over(st, t.session, now, message, delivery) => {
-                    keys.push(t.session)
-                }
-                None => {}
-            }
-        }
-        if let Some(o) = origin.filter(|_| groups.is_empty() && !scope.shared.is_empty()) {
-            Self::store_marker(st, o, scope.clone());
-        }
-        // Records first: a delivery whose record must wait for room waits
-        // with it, out of its session (see `durable::Held`).
-        let mut waiting: SmallVec<[u64; 1]> = SmallVec::new();
-        for (id, group) in &groups {
-            if !Self::store_message(st, *id, message, origin, scope.clone(), group) {
-                waiting.push(*id);
-            }
-        }
-        for (key, sid, delivery) in stored {
-            match delivery.stored.filter(|id| waiting.contains(id)) {
-                Some(id) => {
-                    let Some(uid) = st.sessions.get(key).map(|s| s.uid) else {
-                        continue;
-                    };
-                    let held = Held {
-                        key,
-                        uid,
-                        sid,
-                        delivery,
-                    };
-                    Self::hold_delivery(st, id, held);
-                }
-                None if Self::hand_over(st, key, now, message, delivery) => keys.push(key),
-                None => {}
+        for (key, delivery) in deliveries {
+            if Self::hand_over(st, key, now, message, delivery) {
+                keys.push(key);
             }
         }
         for key in keys {
@@ -427,62 +350,11 @@ impl ShardCore {
             );
             return;
         };
-        // A QoS 1/2 message is logged before it leaves, also when it was
-        // not logged here yet (served here, it needed no Accepted record):
-        // once acknowledged, a forward on a lane when the process dies
-        // must be routed again by recovery. (Found by the simulator.)
-        let durable = st.store.is_some() && message.qos != QoS::AtMostOnce;
-        if origin.is_none() && !durable {
+        if origin.is_none() && message.qos == QoS::AtMostOnce {
             let forward = shared_forward(message, pick, hops + 1, None);
             return self.mesh.send(usize::from(to), forward);
         }
-        if self
-            .forward_logged(st, now, message, pick, hops + 1, to, origin)
-            .is_err()
-        {
-            Self::retry_forward(st, message, pick, hops + 1, to, origin);
-        }
-    }
-
-    /// Accept a shared-subscription message passed on to shard `to` (this
-    /// shard answers for it from now on) and send it.
-    ///
-    /// The forward answers for the pick of `parent` from now on. Its
-    /// Accepted record says so itself (`Causes::passes_on`): a proof
-    /// written apart from it could be cut off by a power cut, and recovery
-    /// would serve the pick again from the parent while routing the
-    /// forward, so the group would get it twice (found by the simulator,
-    /// once for a marker behind a full log, once for a torn log). A marker
-    /// follows, as the proof that outlives the Accepted record once it
-    /// settles.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn forward_logged(
-        &self,
-        st: &mut State,
-        now: Instant,
-        message: &Arc<Message>,
-        pick: &SharedPick,
-        hops: u8,
-        to: u16,
-        parent: Option<Origin>,
-    ) -> Result<(), crate::log::AppendError> {
-        let scope = Scope {
-            ordinary: false,
-            shared: SmallVec::from_buf([pick.clone()]),
-        };
-        let stamp_ms = st.store.as_ref().map_or(0, |s| s.wall_ms(now));
-        let dests = SmallVec::from_slice(&[to]);
-        let causes = Causes {
-            passes_on: parent,
-            ..Causes::default()
-        };
-        let origin = self.accept(st, message, scope.clone(), causes, stamp_ms, dests)?;
-        let forward = shared_forward(message, pick, hops, Some(origin));
-        self.send_routed(st, usize::from(to), forward, Some(origin));
-        if let Some(parent) = parent {
-            Self::store_marker(st, parent, scope);
-        }
-        Ok(())
+        self.durable_forward(st, now, message, pick, hops + 1, to, origin);
     }
 
     /// Round-robin over the local members of one shared subscription,
@@ -818,12 +690,24 @@ impl ShardCore {
             }
         }
         self.send_applied(&mut st);
+        Self::debug_invariants(&st);
         handoffs
     }
 }
 
+/// A delivery of nothing the log keeps (QoS 0, or no log).
+pub(super) fn unstored(t: Target) -> (SessionKey, Delivery) {
+    let delivery = Delivery {
+        qos: t.qos,
+        retain: t.retain,
+        subscription_ids: t.subscription_ids,
+        stored: None,
+    };
+    (t.session, delivery)
+}
+
 /// A message passed on for one shared subscription only.
-fn shared_forward(
+pub(super) fn shared_forward(
     message: &Arc<Message>,
     pick: &SharedPick,
     hops: u8,

@@ -45,7 +45,7 @@ fn id_on(shard: usize, shards: usize) -> String {
 /// Everything the writer would send on `conn` now, decoded.
 fn written(core: &ShardCore, conn: &ConnHandle, version: Version) -> Vec<Packet> {
     let mut out = BytesMut::new();
-    core.drain_transmit(conn, &mut out, 1 << 20);
+    core.poll_transmit(conn, &mut out, 1 << 20);
     let mut packets = Vec::new();
     while let Some(p) = codec::decode(&mut out, version, 1 << 20).unwrap() {
         packets.push(p);
@@ -62,7 +62,7 @@ fn pump(cores: &[&ShardCore], now: Instant) {
             while c.run_gathers(now, 8) {}
         }
         for (from, c) in cores.iter().enumerate() {
-            for (to, batch) in c.mesh().take_batches() {
+            for (to, batch) in c.mesh().poll_batches() {
                 c.mesh().sent(batch.len());
                 assert!(cores[to].handle_mesh(batch, from, now).is_empty());
                 moved = true;
@@ -147,7 +147,7 @@ fn a_takeover_closes_the_old_connection_with_0x8e_and_keeps_one_session() {
     ));
     let new = c.attach(t0, Box::new(first), None).unwrap();
     assert!(old.is_closing());
-    let last = old.take_last_packets();
+    let last = old.poll_last_packets();
     assert!(
         matches!(&last[..], [Packet::Disconnect(d)] if d.reason == reason::SESSION_TAKEN_OVER),
         "{last:?}"
@@ -201,7 +201,7 @@ fn a_publish_for_another_shard_leaves_in_this_turns_batch_and_nothing_reads_a_cl
     // A time far from any real clock: the core takes what it is given.
     let later = t0 + Duration::from_secs(3600);
     c0.handle_packet(&publisher, later, Packet::Publish(publish));
-    let batches = c0.mesh().take_batches();
+    let batches = c0.mesh().poll_batches();
     assert_eq!(batches.len(), 1);
     let (to, batch) = batches.into_iter().next().unwrap();
     assert_eq!(to, 1);

@@ -1,5 +1,6 @@
-//! Debug-build checks of the store's bookkeeping against the shard's
-//! sessions, run after each tick (`ShardCore::check_invariants`).
+//! Checks of the store's bookkeeping against the shard's sessions, part of
+//! `ShardCore::check_invariants` (debug builds and the simulator run it
+//! after every input).
 //!
 //! Shard-local. What compaction and recovery rely on: `live_bytes` is the
 //! sum of the live objects' record sizes; every live object is tracked at
@@ -8,32 +9,31 @@
 //! which stored message each session still holds (a paged-out delivery
 //! included, and one held back until its record is written).
 
-use crate::hash::{HashMap, HashSet};
-
 use crate::session::StoredDelivery;
 
 use super::super::State;
 use super::retry::Retry;
 use super::{Obj, SessionKey};
 
+/// How much the checks walk: sessions and stored messages.
+pub(in crate::shard) fn size(st: &State) -> usize {
+    st.sessions.len() + st.store.as_ref().map_or(0, |s| s.messages.len())
+}
+
 /// Check the store of `st`, if it has one; panics on a broken invariant.
 pub(in crate::shard) fn check(st: &State) {
     let Some(store) = st.store.as_ref() else {
         return;
     };
-    let tracked: HashSet<(u64, &Obj)> = store
-        .live
-        .by_seg
-        .iter()
-        .flat_map(|(seg, objs)| objs.iter().map(move |o| (*seg, o)))
-        .collect();
+    let tracked =
+        |seg: u64, obj: &Obj| store.live.by_seg.get(&seg).is_some_and(|o| o.contains(obj));
     let mut live = 0u64;
     for (id, m) in &store.messages {
         if m.is_logged() {
             live += u64::from(m.bytes);
             if m.seg >= store.rec.log.oldest_index() {
                 assert!(
-                    tracked.contains(&(m.seg, &Obj::Message(*id))),
+                    tracked(m.seg, &Obj::Message(*id)),
                     "stored message {id} is tracked at its segment {}",
                     m.seg
                 );
@@ -65,14 +65,14 @@ pub(in crate::shard) fn check(st: &State) {
         last_accept = a.id;
     }
     // Which session holds which stored message, as the sessions say.
-    let mut held: HashMap<u64, Vec<SessionKey>> = HashMap::default();
+    let mut held: Vec<(u64, SessionKey)> = Vec::new();
     for (key, slot) in st.sessions.iter() {
         let Some(d) = slot.durable else {
             continue;
         };
         live += u64::from(d.bytes);
         slot.session.stored_deliveries(|s: StoredDelivery| {
-            held.entry(s.id).or_default().push(key);
+            held.push((s.id, key));
         });
     }
     for (id, m) in &store.messages {
@@ -87,29 +87,28 @@ pub(in crate::shard) fn check(st: &State) {
                 Some(h.sid),
                 "message {id} holds a delivery back under its session's sid"
             );
-            held.entry(*id).or_default().push(h.key);
+            held.push((*id, h.key));
         }
     }
     assert_eq!(
         live, store.live.live_bytes,
         "live bytes are the live objects' sum"
     );
-    for (id, keys) in &held {
+    held.sort_unstable();
+    for (id, key) in &held {
         let m = store
             .messages
             .get(id)
             .unwrap_or_else(|| panic!("a session holds stored message {id}, which the store has"));
-        for key in keys {
-            assert!(
-                m.sessions.contains(key),
-                "stored message {id} lists every session holding it"
-            );
-        }
+        assert!(
+            m.sessions.contains(key),
+            "stored message {id} lists every session holding it"
+        );
     }
     for (id, m) in &store.messages {
         for key in &m.sessions {
             assert!(
-                held.get(id).is_some_and(|k| k.contains(key)),
+                held.binary_search(&(*id, *key)).is_ok(),
                 "stored message {id} names only sessions that hold it"
             );
         }

@@ -2,7 +2,14 @@
 //! the log is still live, so acknowledged messages survive a crash and the
 //! log's size stays bounded.
 //!
-//! Shard-local. What gets written, and when:
+//! Shard-local. Routing decides who gets a message and hands its decision
+//! here as a value (`routing::Plan` on the publisher's shard,
+//! `routing::Local` on each shard that delivers it); `routed` reads it and
+//! writes what must survive a crash. Without a log (memory mode) `store` is
+//! None and every entry point is a no-op; routing does not call them at
+//! all for a plain QoS 0 publish.
+//!
+//! What gets written, and when:
 //!
 //! - A persistent session (expiry > 0) writes its whole state when it is
 //!   created, then deltas: Subscribe, Unsubscribe, Online, Offline,
@@ -42,6 +49,7 @@ mod compaction;
 pub(super) mod invariants;
 mod messages;
 mod retry;
+mod routed;
 mod sessions;
 mod sync;
 
@@ -68,6 +76,7 @@ use messages::StoredMessage;
 use retry::Retry;
 
 pub(super) use messages::{Held, StoreTarget};
+pub(super) use routed::Logged;
 
 /// A persistent session's place in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -396,6 +405,11 @@ impl Store {
     }
 
     /// Send now (kill-safe) or after the records written so far are synced.
+    /// Every mesh message waiting for a sync.
+    pub(super) fn for_each_after_sync(&self, f: &mut impl FnMut(&MeshMsg)) {
+        self.gate.after_sync.iter().for_each(|(_, _, m)| f(m));
+    }
+
     fn send_after_sync(&mut self, mesh: &super::mesh::Mesh, to: usize, msg: MeshMsg) {
         match self.unsynced_upto() {
             Some(seq) => self.gate.after_sync.push((seq, to, msg)),
@@ -561,22 +575,6 @@ impl ShardCore {
         let id = store.next_message_id;
         store.next_message_id += 1;
         Some(id)
-    }
-
-    /// Send a routed message to another shard. In power-safe mode one that
-    /// names an origin waits until the origin's Accepted record is synced:
-    /// it must not be applied anywhere before it is durable here.
-    pub(super) fn send_routed(
-        &self,
-        st: &mut State,
-        to: usize,
-        msg: MeshMsg,
-        origin: Option<Origin>,
-    ) {
-        match (st.store.as_mut(), origin) {
-            (Some(store), Some(_)) => store.send_after_sync(&self.mesh, to, msg),
-            _ => self.mesh.send(to, msg),
-        }
     }
 
     /// Housekeeping on each tick: the clock record, answers and the settled

@@ -33,7 +33,9 @@ impl ShardCore {
     /// The sync [`ShardCore::poll_sync`] asked for is done: release what
     /// waited for records below `synced_next`.
     pub fn synced(&self, synced_next: u64) {
-        self.sync_done(&mut self.state.borrow_mut(), synced_next);
+        let mut st = self.state.borrow_mut();
+        self.sync_done(&mut st, synced_next);
+        Self::debug_invariants(&st);
     }
 
     /// The sync could not start (a file would not open): its files are
@@ -133,7 +135,7 @@ impl ShardCore {
     }
 
     /// True when a closing connection's last packets
-    /// ([`ConnHandle::take_last_packets`]) must wait for a sync (it is
+    /// ([`ConnHandle::poll_last_packets`]) must wait for a sync (it is
     /// woken once it is done): they may acknowledge what is not synced yet.
     pub fn closing_waits_for_sync(&self, conn: &Rc<ConnHandle>) -> bool {
         let mut st = self.state.borrow_mut();

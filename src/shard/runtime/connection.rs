@@ -5,7 +5,7 @@
 //! socket, and they make no protocol decisions: bytes go to the codec,
 //! packets to the core ([`ShardCore::handshake`], [`ShardCore::attach`],
 //! [`ShardCore::handle_packet`]); packets to send come back from the session
-//! ([`ShardCore::drain_transmit`]).
+//! ([`ShardCore::poll_transmit`]).
 //!
 //! The broker's `unsafe` code outside the log is here: borrowing a socket's
 //! descriptor to duplicate it for the move to the home shard, and handing a
@@ -434,11 +434,11 @@ async fn write_loop(shard: Rc<ShardCore>, conn: Rc<ConnHandle>, mut stream: Shar
             continue;
         }
         if closing {
-            for p in conn.take_last_packets() {
+            for p in conn.poll_last_packets() {
                 codec::encode(&p, conn.version, &mut out);
             }
         } else {
-            shard.drain_transmit(&conn, &mut out, limit);
+            shard.poll_transmit(&conn, &mut out, limit);
         }
         if !out.is_empty() {
             if stream.write_all(&out).await.is_err() {

@@ -178,7 +178,7 @@ pub async fn flush_loop(mesh: &Mesh, senders: Senders<Batch>) {
     loop {
         mesh.queued().await;
         futures_lite::future::yield_now().await;
-        for (to, batch) in mesh.take_batches() {
+        for (to, batch) in mesh.poll_batches() {
             let n = batch.len();
             if senders.send_to(to, batch).await.is_err() {
                 log::debug!("mesh lane to shard {to} is closed; dropped {n} messages");
