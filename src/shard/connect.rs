@@ -155,8 +155,6 @@ impl ShardCore {
             phase: Default::default(),
         });
         slot.conn = Some(handle.clone());
-        // Acks awaited for an earlier connection's subscribes are moot.
-        slot.held_acks = 0;
         st.stats.connections += 1;
         Self::durable_connect(&mut st, key);
         self.drive(&mut st, key, now);

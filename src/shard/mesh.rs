@@ -61,8 +61,12 @@ pub struct AckTo {
     pub shard: usize,
     /// The session.
     pub session: SessionKey,
-    /// Its connection when it started waiting.
-    pub conn_id: u64,
+    /// The session's uid: a later session under the same key is not it.
+    /// Not its connection: a connection that resumes the session waits
+    /// for what the last one did (its SUBACK may have been lost with the
+    /// old connection, yet a SUBSCRIBE repeating it is answered at once,
+    /// the subscription being there already).
+    pub uid: u64,
 }
 
 /// A route replica change: `key` gained or lost subscribers of `filter`.

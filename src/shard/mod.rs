@@ -782,8 +782,8 @@ impl ShardCore {
             .sum()
     }
 
-    /// Per attached connection: its session, the connection's id and how
-    /// many acknowledgements from other shards its output waits for.
+    /// Per session whose output waits for acknowledgements from other
+    /// shards: its key, its uid and how many.
     /// Each must be on its way exactly once, as a message in some shard's
     /// queues ([`ShardCore::for_each_queued_message`]) or on a lane that
     /// asks for it or is it ([`mesh::MeshMsg::awaited_ack`]); the
@@ -792,8 +792,17 @@ impl ShardCore {
         let st = self.state.borrow();
         st.sessions
             .iter()
-            .filter_map(|(key, slot)| Some((key, slot.conn.as_ref()?.id, slot.held_acks)))
+            .filter(|(_, slot)| slot.held_acks > 0)
+            .map(|(key, slot)| (key, slot.uid, slot.held_acks))
             .collect()
+    }
+
+    /// How many acknowledgements session `key` waits for, if it is the
+    /// session `uid`.
+    pub fn awaited_acks_of(&self, key: SessionKey, uid: u64) -> Option<u32> {
+        let st = self.state.borrow();
+        let slot = st.sessions.get(key).filter(|s| s.uid == uid)?;
+        Some(slot.held_acks)
     }
 
     /// Every mesh message this core has queued and not yet handed to the

@@ -494,33 +494,35 @@ impl ShardCore {
     }
 
     /// Hold a connected session's output until `count` acknowledgements
-    /// arrive; the `AckTo` to send along. None when there is nothing to hold.
+    /// arrive; the `AckTo` to send along. None when there is nothing to
+    /// hold. The hold stays with the session, not the connection: one that
+    /// resumes the session waits for it too.
     fn hold_output(&self, st: &mut State, key: SessionKey, count: u32) -> Option<AckTo> {
         let slot = st.sessions.get_mut(key)?;
-        let conn = slot.conn.as_ref()?;
-        if count == 0 {
+        if slot.conn.is_none() || count == 0 {
             return None;
         }
         slot.held_acks += count;
         Some(AckTo {
             shard: self.id,
             session: key,
-            conn_id: conn.id,
+            uid: slot.uid,
         })
     }
 
     /// Another shard applied a route delta or stored a retained message
     /// this session waits for.
     fn acked(st: &mut State, ack: AckTo) {
-        let Some(slot) = st.sessions.get_mut(ack.session) else {
-            return;
-        };
-        let Some(conn) = slot.conn.as_ref().filter(|c| c.id == ack.conn_id) else {
+        let Some(slot) = st
+            .sessions
+            .get_mut(ack.session)
+            .filter(|s| s.uid == ack.uid)
+        else {
             return;
         };
         if slot.held_acks > 0 {
             slot.held_acks -= 1;
-            if slot.held_acks == 0 {
+            if let Some(conn) = slot.conn.as_ref().filter(|_| slot.held_acks == 0) {
                 conn.wake.notify();
             }
         }

@@ -217,3 +217,52 @@ fn a_publish_for_another_shard_leaves_in_this_turns_batch_and_nothing_reads_a_cl
     c0.check_invariants();
     c1.check_invariants();
 }
+
+/// Found by the simulator (seed 479, with expiring sessions): a session's
+/// SUBSCRIBE left its route on the way to the other shard, the connection
+/// ended before the SUBACK, and the client, resuming the session, sent the
+/// SUBSCRIBE again. The subscription being there already, the new
+/// connection got its SUBACK at once, while the route had not reached the
+/// other shard: a publish there, acknowledged after the SUBACK, missed the
+/// subscriber. The wait now belongs to the session, not the connection.
+#[test]
+fn a_resumed_session_s_suback_waits_for_the_route_its_last_connection_sent() {
+    let (c0, c1) = (core(0, 2), core(1, 2));
+    let t0 = Instant::now();
+    let sub_id = id_on(1, 2);
+    let mut resume = connect(&sub_id, Version::V5);
+    resume.clean_start = false;
+    resume.properties.session_expiry_interval = Some(60);
+    let subscribe = |packet_id| {
+        Packet::Subscribe(codec::Subscribe {
+            packet_id,
+            filters: vec![("t/#".into(), codec::SubOptions::default())],
+            properties: Properties::default(),
+        })
+    };
+    let first = c1.attach(t0, Box::new(resume.clone()), None).unwrap();
+    written(&c1, &first, Version::V5);
+    c1.handle_packet(&first, t0, subscribe(1));
+    // The route is on its way to shard 0; the connection ends.
+    let route = c1.mesh().poll_batches();
+    c1.mesh().sent(route.iter().map(|(_, b)| b.len()).sum());
+    c1.handle_connection_lost(&first, t0);
+    let second = c1.attach(t0, Box::new(resume), None).unwrap();
+    c1.handle_packet(&second, t0, subscribe(2));
+    assert!(
+        written(&c1, &second, Version::V5).is_empty(),
+        "CONNACK and SUBACK wait for shard 0 to apply the route"
+    );
+    for (to, batch) in route {
+        assert_eq!(to, 0);
+        c0.handle_mesh(batch, 1, t0);
+    }
+    pump(&[&c0, &c1], t0);
+    let got = written(&c1, &second, Version::V5);
+    assert!(
+        matches!(&got[..], [Packet::ConnAck(a), Packet::SubAck(_)] if a.session_present),
+        "{got:?}"
+    );
+    c0.check_invariants();
+    c1.check_invariants();
+}
