@@ -14,7 +14,10 @@
 //! `storage.log_bytes_max`) and gets room again, and, with a log, crashes
 //! at any step boundary followed by recovery with the same or another
 //! shard count. A crash is `kill -9`: the cores and every batch on a lane
-//! are dropped; what was written to the logs stays. With a power-safe log,
+//! are dropped; what was written to the logs stays. Recovery itself dies
+//! now and then after a few writes of the generation it builds (power-safe:
+//! half of those with a power cut), and the next start recovers from what
+//! it left. With a power-safe log,
 //! half the crashes are power cuts: of what was written since a file's
 //! last sync, the disk keeps any subset of 4 KiB pages (written back out
 //! of order), one of them torn at a 512-byte sector, sometimes garbage
@@ -317,6 +320,11 @@ struct Sim {
     /// when they had to be.
     expired: u64,
     resumed_in_time: u64,
+    /// Recoveries that died half-way (`Sim::start`).
+    recovery_deaths: u64,
+    /// The power was cut since the last crash (at it, or in a recovery
+    /// that died).
+    cut_since_crash: bool,
     steps: u64,
     trace: u64,
     /// `SHARDMQ_SIM_TRACE`: the client whose packets are printed.
@@ -455,6 +463,8 @@ impl Sim {
             closed_by_broker: 0,
             expired: 0,
             resumed_in_time: 0,
+            recovery_deaths: 0,
+            cut_since_crash: false,
             steps: 0,
             trace: 0,
             trace_client: std::env::var("SHARDMQ_SIM_TRACE").ok(),
@@ -486,8 +496,43 @@ impl Sim {
             // Recovery writes a copy of the live state: an operator freed
             // the disk first.
             self.set_disk_full(false);
-            let recovery =
-                recover(&settings).unwrap_or_else(|e| self.fail(&format!("recovery: {e}")));
+            let recovery = loop {
+                // After a crash, recovery itself dies now and then, after a
+                // few writes of the generation it builds (the last perhaps
+                // torn); the next start recovers again from what is left,
+                // after a power cut in half the power-safe cases.
+                let armed = self.crashes > 0 && self.rng.chance(50);
+                if armed {
+                    let n = self.rng.below(64);
+                    let torn = self.rng.chance(300).then(|| self.rng.next());
+                    self.disk.die_after_writes(n, torn);
+                }
+                let result = recover(&settings);
+                if armed && self.disk.died() {
+                    self.recovery_deaths += 1;
+                    if self.trace_client.is_some() || self.dump {
+                        eprintln!("recovery dies (crash {})", self.crashes);
+                    }
+                    self.disk.restart();
+                    if self.config.durability() == Durability::PowerSafe && self.rng.chance(500) {
+                        self.power_cuts += 1;
+                        self.cut_since_crash = true;
+                        let rng = &mut self.rng;
+                        self.disk.power_cut(&mut |n| rng.below(n));
+                    }
+                    continue;
+                }
+                self.disk.restart();
+                break result.unwrap_or_else(|e| self.fail(&format!("recovery: {e}")));
+            };
+            // What a power cut (at the crash, or in a recovery that died)
+            // could undo is settled now: recovery's generation is synced.
+            let cut = std::mem::take(&mut self.cut_since_crash);
+            for (_, will) in std::mem::take(&mut self.unsynced_forbids) {
+                if let Some(s) = self.sent.get_mut(&will) {
+                    s.forbidden = if cut { Forbid::No } else { Forbid::Yes };
+                }
+            }
             if self.dump {
                 eprintln!("{}", recovery.summary);
             }
@@ -547,11 +592,7 @@ impl Sim {
                 self.dump(shard, dir);
             }
         }
-        for (_, will) in std::mem::take(&mut self.unsynced_forbids) {
-            if let Some(s) = self.sent.get_mut(&will) {
-                s.forbidden = if power_cut { Forbid::No } else { Forbid::Yes };
-            }
-        }
+        self.cut_since_crash = power_cut;
         // The clients live on: each keeps what it keeps across any
         // reconnect (unacknowledged publishes, QoS 2 ids not released).
         // An expiring session counts its expiry from the last clock
@@ -1884,6 +1925,8 @@ struct Outcome {
     /// Expiring sessions found ended, and resumed in time.
     expired: u64,
     resumed_in_time: u64,
+    /// Recoveries that died half-way.
+    recovery_deaths: u64,
     /// A hash of everything the clients saw (one seed only).
     trace: u64,
 }
@@ -1899,6 +1942,7 @@ impl std::ops::AddAssign for Outcome {
         self.closed += o.closed;
         self.expired += o.expired;
         self.resumed_in_time += o.resumed_in_time;
+        self.recovery_deaths += o.recovery_deaths;
         self.trace ^= o.trace;
     }
 }
@@ -1926,6 +1970,7 @@ fn run(seed: u64) -> Outcome {
         closed: sim.closed_by_broker,
         expired: sim.expired,
         resumed_in_time: sim.resumed_in_time,
+        recovery_deaths: sim.recovery_deaths,
         trace: sim.trace,
     }
 }
@@ -2053,12 +2098,14 @@ fn seeded_runs_lose_nothing_acknowledged() {
         closed,
         expired,
         resumed_in_time,
+        recovery_deaths,
         trace,
     } = total;
     // The trace sum changes with any change of what the clients saw: a
     // refactoring that keeps it over many seeds changed no behaviour.
     eprintln!(
         "simulation: {} seeds, {crashes} crashes ({mid_input} in the middle of an input, \
+         {recovery_deaths} in recovery, \
          {power_cuts} power cuts), \
          {disk_full} times a full disk, {sync_faults} failed syncs, {refused} publishes \
          refused, {closed} connections closed by the broker, {expired} sessions expired \
