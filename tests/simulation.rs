@@ -194,7 +194,8 @@ struct Client {
     owed_after_step: u64,
     /// Expiring: a CONNECT whose CONNACK it never read may have begun a
     /// new session (the old one having expired): a later "session
-    /// present" may be about that one, so it subscribes again.
+    /// present" might be about that one or the old, so it starts clean
+    /// (until it reads a CONNACK).
     unconfirmed: bool,
     /// Expiring: a CONNECT was sent and its CONNACK not read yet.
     awaiting_connack: bool,
@@ -930,10 +931,15 @@ impl Sim {
                 (true, Some(o)) if o.exact && self.now < o.since + expiry => Some(true),
                 (true, Some(_)) => None,
             };
+            if client.unconfirmed {
+                // Unsure which session it has, it starts a new one.
+                client.expect_present = Some(false);
+            }
         }
+        let clean_start = clean || client.unconfirmed;
         let connect = Connect {
             version: client.version,
-            clean_start: clean,
+            clean_start,
             keep_alive: 0,
             client_id: client.id.clone(),
             will,
@@ -1589,7 +1595,7 @@ impl Sim {
                 "{id}: its session (expiry {expiry_s} s) was lost before it expired"
             )),
             Some(false) if present => self.fail(&format!(
-                "{id}: its session (expiry {expiry_s} s) outlived its expiry"
+                "{id}: a session (expiry {expiry_s} s) was there after it expired or a clean start"
             )),
             _ => {}
         }
@@ -1601,9 +1607,8 @@ impl Sim {
         if !present {
             client.subscribed = false;
             client.awaiting_rel.clear();
-        } else if std::mem::take(&mut client.unconfirmed) {
-            client.subscribed = false;
         }
+        client.unconfirmed = false;
     }
 
     /// Until the broker is quiet: every client connected, every lane
