@@ -16,7 +16,7 @@ use crate::router::fanout::{self, Fan, FanOut, Match};
 use crate::router::split_shared;
 use crate::session::{Delivery, Subscription};
 
-use super::durable::Logged;
+use super::durable::{Forward, Logged};
 use super::gather::Gather;
 use super::mesh::{AckTo, MeshMsg, RouteKey, SharedPick};
 use super::{SessionKey, ShardCore, State, SubEntry, SubKey};
@@ -354,7 +354,14 @@ impl ShardCore {
             let forward = shared_forward(message, pick, hops + 1, None);
             return self.mesh.send(usize::from(to), forward);
         }
-        self.durable_forward(st, now, message, pick, hops + 1, to, origin);
+        let forward = Forward {
+            message: message.clone(),
+            pick: pick.clone(),
+            hops: hops + 1,
+            to,
+            parent: origin,
+        };
+        self.durable_forward(st, now, forward);
     }
 
     /// Round-robin over the local members of one shared subscription,

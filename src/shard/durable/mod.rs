@@ -76,7 +76,7 @@ use messages::StoredMessage;
 use retry::Retry;
 
 pub(super) use messages::{Held, StoreTarget};
-pub(super) use routed::Logged;
+pub(super) use routed::{Forward, Logged};
 
 /// A persistent session's place in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,10 +10,10 @@ use std::time::Instant;
 
 use crate::hash::HashMap;
 
+use super::routed::Forward;
 use crate::codec::{Properties, QoS};
 use crate::message::Message;
 use crate::persist::{Origin, Scope};
-use crate::router::SharedPick;
 
 use super::compaction::gather_targets;
 use super::{Obj, ShardCore, State};
@@ -33,38 +33,19 @@ pub(in crate::shard) enum Retry {
         stamp_ms: u64,
         origin: Option<Origin>,
     },
-    /// A shared-subscription message to pass on to shard `to`, whose
-    /// Accepted record could not be written.
-    Forward {
-        message: Arc<Message>,
-        pick: SharedPick,
-        hops: u8,
-        to: u16,
-        parent: Option<Origin>,
-    },
+    /// A shared-subscription message to pass on, whose Accepted record
+    /// could not be written.
+    Forward(Forward),
 }
 
 impl ShardCore {
     /// Queue a shared-subscription forward that could not be logged.
-    pub(in crate::shard) fn retry_forward(
-        st: &mut State,
-        message: &Arc<Message>,
-        pick: &SharedPick,
-        hops: u8,
-        to: u16,
-        parent: Option<Origin>,
-    ) {
+    pub(in crate::shard) fn retry_forward(st: &mut State, forward: Forward) {
         let Some(store) = st.store.as_mut() else {
             return;
         };
-        store.settle.hold_answer(parent);
-        store.retry.push_back(Retry::Forward {
-            message: message.clone(),
-            pick: pick.clone(),
-            hops,
-            to,
-            parent,
-        });
+        store.settle.hold_answer(forward.parent);
+        store.retry.push_back(Retry::Forward(forward));
     }
 
     /// Write what waited for room, in order, until the log refuses again.
@@ -161,30 +142,15 @@ impl ShardCore {
                 store.settle.release_answer(origin);
                 Ok(())
             }
-            Retry::Forward {
-                message,
-                pick,
-                hops,
-                to,
-                parent,
-            } => {
-                if self
-                    .forward_logged(st, now, &message, &pick, hops, to, parent)
-                    .is_err()
-                {
-                    return Err(Retry::Forward {
-                        message,
-                        pick,
-                        hops,
-                        to,
-                        parent,
-                    });
+            Retry::Forward(forward) => {
+                if self.forward_logged(st, now, &forward).is_err() {
+                    return Err(Retry::Forward(forward));
                 }
                 st.store
                     .as_mut()
                     .expect("a store")
                     .settle
-                    .release_answer(parent);
+                    .release_answer(forward.parent);
                 Ok(())
             }
         }

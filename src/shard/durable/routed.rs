@@ -25,6 +25,19 @@ use super::super::routing::{shared_forward, unstored, Local, Plan, Source};
 use super::super::SessionKey;
 use super::{Held, ShardCore, State, StoreTarget};
 
+/// A shared-subscription message passed on to another shard for one
+/// shared subscription.
+#[derive(Debug)]
+pub(in crate::shard) struct Forward {
+    pub(in crate::shard) message: Arc<Message>,
+    pub(in crate::shard) pick: SharedPick,
+    /// Shards visited, the one it goes to included.
+    pub(in crate::shard) hops: u8,
+    pub(in crate::shard) to: u16,
+    /// The accept whose pick it serves, if it has one.
+    pub(in crate::shard) parent: Option<Origin>,
+}
+
 /// What durability did with a message leaving its publisher's shard.
 #[derive(Debug, Clone, Copy, Default)]
 pub(in crate::shard) struct Logged {
@@ -184,26 +197,13 @@ impl ShardCore {
     /// accepted here first (this shard answers for it from now on), or,
     /// when the log cannot take that record, queued for room with the
     /// origin's answer held back.
-    #[allow(clippy::too_many_arguments)]
-    pub(in crate::shard) fn durable_forward(
-        &self,
-        st: &mut State,
-        now: Instant,
-        message: &Arc<Message>,
-        pick: &SharedPick,
-        hops: u8,
-        to: u16,
-        origin: Option<Origin>,
-    ) {
+    pub(in crate::shard) fn durable_forward(&self, st: &mut State, now: Instant, f: Forward) {
         if st.store.is_none() {
-            let forward = shared_forward(message, pick, hops, origin);
-            return self.mesh.send(usize::from(to), forward);
+            let msg = shared_forward(&f.message, &f.pick, f.hops, f.parent);
+            return self.mesh.send(usize::from(f.to), msg);
         }
-        if self
-            .forward_logged(st, now, message, pick, hops, to, origin)
-            .is_err()
-        {
-            Self::retry_forward(st, message, pick, hops, to, origin);
+        if self.forward_logged(st, now, &f).is_err() {
+            Self::retry_forward(st, f);
         }
     }
 
@@ -218,17 +218,13 @@ impl ShardCore {
     /// once for a marker behind a full log, once for a torn log). A marker
     /// follows, as the proof that outlives the Accepted record once it
     /// settles.
-    #[allow(clippy::too_many_arguments)]
     pub(in crate::shard) fn forward_logged(
         &self,
         st: &mut State,
         now: Instant,
-        message: &Arc<Message>,
-        pick: &SharedPick,
-        hops: u8,
-        to: u16,
-        parent: Option<Origin>,
+        f: &Forward,
     ) -> Result<(), AppendError> {
+        let (message, pick, to, parent) = (&f.message, &f.pick, f.to, f.parent);
         let scope = Scope {
             ordinary: false,
             shared: SmallVec::from_buf([pick.clone()]),
@@ -240,7 +236,7 @@ impl ShardCore {
             ..Causes::default()
         };
         let origin = self.accept(st, message, scope.clone(), causes, stamp_ms, dests)?;
-        let forward = shared_forward(message, pick, hops, Some(origin));
+        let forward = shared_forward(message, pick, f.hops, Some(origin));
         self.send_routed(st, usize::from(to), forward, Some(origin));
         if let Some(parent) = parent {
             Self::store_marker(st, parent, scope);
