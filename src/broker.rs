@@ -14,12 +14,14 @@ use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use thiserror::Error;
 
+use crate::cluster::membership::Membership;
+use crate::cluster::node::{bump_incarnation, clock_incarnation, Node, NodeName};
 use crate::config::{Config, ConfigError, Durability};
 use crate::listen::{self, ListenError, PortLock};
 use crate::log::dir::DataDir;
 use crate::persist::recover::{recover, RecoveryError, RecoverySettings};
 use crate::shard::mesh::Batch;
-use crate::shard::runtime::{run_shard, Control, Durable, Lanes};
+use crate::shard::runtime::{run_shard, ClusterStart, Control, Durable, Lanes};
 use crate::shard::StopReport;
 
 /// Why the broker could not start.
@@ -37,6 +39,9 @@ pub enum StartError {
     /// The logs could not be recovered.
     #[error(transparent)]
     Recovery(#[from] RecoveryError),
+    /// Cluster membership could not start.
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// A shard failed to start.
     #[error("shard {shard} failed to start: {why}")]
     Shard {
@@ -50,6 +55,7 @@ pub enum StartError {
 /// A running broker; see the module docs.
 pub struct Broker {
     addrs: Vec<SocketAddr>,
+    cluster_addr: Option<SocketAddr>,
     controls: Vec<Sender<Control>>,
     executors: Vec<ExecutorJoinHandle<()>>,
     /// Each shard's report once it has stopped.
@@ -108,12 +114,15 @@ impl Broker {
         check_os_limits(&config, shards)?;
         let listeners = listen::open(&config.server.listen, shards)?;
         let (data_dir, mut durables) = recover_logs(&config, shards)?;
+        let mut cluster = start_cluster(&config, data_dir.as_ref())?;
+        let cluster_addr = cluster.as_ref().map(|(_, a)| *a);
         let mesh = MeshBuilder::<Batch, Full>::full(shards, config.mesh.lane_capacity);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(shards);
         let (stopped_tx, stopped_rx) = crossbeam_channel::bounded(shards);
         let cpus = allowed_cpus();
         let mut broker = Broker {
             addrs: listeners.addrs,
+            cluster_addr,
             controls: Vec::new(),
             executors: Vec::new(),
             stopped: stopped_rx,
@@ -125,6 +134,8 @@ impl Broker {
         for id in 0..shards {
             let sockets = sockets.next().unwrap_or_default();
             let durable = durables.as_mut().map(|d| d.remove(0));
+            // Membership is served by shard 0.
+            let cluster = cluster.take().map(|(c, _)| c);
             let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
             let placement = match &cpus {
                 Some(cpus) if config.server.pin_cpus && shards <= cpus.len() => {
@@ -142,7 +153,7 @@ impl Broker {
             let executor = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{id}"))
                 .io_memory(config.server.io_memory_bytes)
-                .spawn(move || run_shard(id, shards, config, lanes, sockets, durable))
+                .spawn(move || run_shard(id, shards, config, lanes, sockets, durable, cluster))
                 .map_err(|e| StartError::Shard {
                     shard: id,
                     why: e.to_string(),
@@ -173,6 +184,12 @@ impl Broker {
     /// The addresses the broker listens on (port 0 resolved).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// The address cluster membership listens on (port 0 resolved), when
+    /// this node is part of a cluster.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.cluster_addr
     }
 
     /// Stop in order: close the listeners, DISCONNECT 0x8B every 5.0
@@ -264,6 +281,55 @@ fn recover_logs(
         })
         .collect();
     Ok((Some(recovery.dir), Some(durables)))
+}
+
+/// Bind the membership socket, bump the incarnation, and build the
+/// membership shard 0 runs; with the address bound. None without
+/// `cluster.node_id`.
+fn start_cluster(
+    config: &Config,
+    data_dir: Option<&DataDir>,
+) -> Result<Option<(ClusterStart, SocketAddr)>, StartError> {
+    let c = &config.cluster;
+    if !c.enabled() {
+        return Ok(None);
+    }
+    let name = NodeName::new(&c.node_id).map_err(|e| StartError::Cluster(e.to_string()))?;
+    let socket = bind_udp(c.listen)
+        .map_err(|e| StartError::Cluster(format!("cannot listen on {} (udp): {e}", c.listen)))?;
+    let bound = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or(c.listen);
+    let incarnation = match data_dir {
+        Some(dir) => {
+            bump_incarnation(dir, &name).map_err(|e| StartError::Cluster(e.to_string()))?
+        }
+        None => clock_incarnation(),
+    };
+    let me = Node::new(name, c.advertise_addr(bound), incarnation);
+    let seed = incarnation
+        ^ u64::from(std::process::id()).rotate_left(32)
+        ^ clock_incarnation().wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let join: Vec<String> = c.join.iter().map(|a| a.to_string()).collect();
+    log::info!(
+        "cluster: node {} incarnation {incarnation}, membership on {bound} (udp), reached at {}; \
+         joining through [{}]",
+        crate::text::quote(me.name.as_str()),
+        me.addr,
+        join.join(", ")
+    );
+    let membership = Membership::new(me, &c.join, &c.membership_settings(), seed);
+    Ok(Some((ClusterStart { socket, membership }, bound)))
+}
+
+fn bind_udp(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
 }
 
 /// The CPUs this process may run on (its affinity mask, which a cgroup or

@@ -54,6 +54,32 @@ pub struct Config {
     pub mesh: MeshConfig,
     /// The per-shard logs.
     pub storage: StorageConfig,
+    /// Several nodes as one broker.
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's name; empty: no cluster.
+    pub node_id: String,
+    /// The cluster's name.
+    pub name: String,
+    /// Where membership datagrams arrive.
+    pub listen: SocketAddr,
+    /// The address peers reach this node at; empty: `listen`.
+    pub advertise: String,
+    /// Addresses of existing members.
+    pub join: Vec<SocketAddr>,
+    /// How often a node probes one peer.
+    pub probe_interval_ms: u64,
+    /// How long a probe waits for the direct answer.
+    pub probe_timeout_ms: u64,
+    /// How long a suspected node has to refute before it is down.
+    pub suspect_timeout_ms: u64,
+    /// How often a node alone announces itself to `join`.
+    pub join_interval_ms: u64,
 }
 
 /// How acknowledged messages and sessions are kept.
@@ -280,6 +306,7 @@ impl Config {
 
     /// Check every value's range and the relationships between limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.cluster.validate()?;
         let s = &self.server;
         let m = &self.mqtt;
         if s.listen.is_empty() {
@@ -469,6 +496,106 @@ impl Config {
     }
 }
 
+impl ClusterConfig {
+    /// Whether this node is part of a cluster (`node_id` is set).
+    pub fn enabled(&self) -> bool {
+        !self.node_id.is_empty()
+    }
+
+    /// The address peers reach this node at, once `listen` is bound to
+    /// `bound` (which resolves a port 0).
+    pub fn advertise_addr(&self, bound: SocketAddr) -> SocketAddr {
+        match self.advertise.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => bound,
+        }
+    }
+
+    /// The failure detector's timings.
+    pub fn membership_settings(&self) -> crate::cluster::membership::MembershipSettings {
+        use std::time::Duration;
+        crate::cluster::membership::MembershipSettings {
+            probe_interval: Duration::from_millis(self.probe_interval_ms),
+            probe_timeout: Duration::from_millis(self.probe_timeout_ms),
+            suspect_timeout: Duration::from_millis(self.suspect_timeout_ms),
+            join_interval: Duration::from_millis(self.join_interval_ms),
+            cluster_name: self.name.clone(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.enabled() {
+            if let Err(e) = crate::cluster::node::NodeName::new(&self.node_id) {
+                let v = format!("{:?}", crate::text::cut(&self.node_id, 80));
+                return Err(invalid("cluster.node_id", &v, &e.to_string()));
+            }
+        }
+        if self.name.is_empty() || self.name.len() > 255 {
+            let v = format!("{:?}", crate::text::cut(&self.name, 80));
+            return Err(invalid("cluster.name", &v, "must be 1 to 255 bytes"));
+        }
+        if !self.advertise.is_empty() {
+            match self.advertise.parse::<SocketAddr>() {
+                Ok(a) if a.port() != 0 && !a.ip().is_unspecified() => {}
+                _ => {
+                    let v = format!("{:?}", crate::text::cut(&self.advertise, 80));
+                    return Err(invalid(
+                        "cluster.advertise",
+                        &v,
+                        "must be an address peers can reach, ip:port, with a port other than 0",
+                    ));
+                }
+            }
+        } else if self.enabled() && self.listen.ip().is_unspecified() {
+            return Err(invalid(
+                "cluster.listen",
+                &self.listen.to_string(),
+                "listens on every address: set cluster.advertise to the one peers reach this \
+                 node at (or listen on that address)",
+            ));
+        }
+        range(
+            "cluster.probe_interval_ms",
+            self.probe_interval_ms,
+            50,
+            60_000,
+        )?;
+        range(
+            "cluster.probe_timeout_ms",
+            self.probe_timeout_ms,
+            10,
+            59_999,
+        )?;
+        if self.probe_timeout_ms >= self.probe_interval_ms {
+            return Err(invalid(
+                "cluster.probe_timeout_ms",
+                &self.probe_timeout_ms.to_string(),
+                "must be less than cluster.probe_interval_ms",
+            ));
+        }
+        range(
+            "cluster.suspect_timeout_ms",
+            self.suspect_timeout_ms,
+            100,
+            600_000,
+        )?;
+        range(
+            "cluster.join_interval_ms",
+            self.join_interval_ms,
+            100,
+            600_000,
+        )?;
+        if self.join.len() > 256 {
+            return Err(invalid(
+                "cluster.join",
+                &self.join.len().to_string(),
+                "at most 256 addresses",
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn invalid(key: &'static str, value: &str, why: &str) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -533,6 +660,38 @@ mod tests {
         assert!(e.to_string().contains("listen"), "{e}");
         let e = Config::from_toml("[mqtt]\nreceive_maximum = 70000\n").unwrap_err();
         assert!(e.to_string().contains("receive_maximum"), "{e}");
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_at_their_bounds() {
+        let ok = |t: &str| Config::from_toml(t).map(|c| c.cluster);
+        let c = ok("[cluster]\nnode_id = \"a\"\nlisten = \"127.0.0.1:7946\"\n").unwrap();
+        assert!(c.enabled());
+        assert!(!Config::default().cluster.enabled());
+        let e = ok("[cluster]\nnode_id = \"a b\"\nlisten = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(e.to_string().contains("cluster.node_id"), "{e}");
+        // 0.0.0.0 needs an address peers can reach.
+        let e = ok("[cluster]\nnode_id = \"a\"\n").unwrap_err();
+        assert!(e.to_string().contains("cluster.advertise"), "{e}");
+        ok("[cluster]\nnode_id = \"a\"\nadvertise = \"10.0.0.1:7946\"\n").unwrap();
+        let e = ok("[cluster]\nadvertise = \"10.0.0.1:0\"\n").unwrap_err();
+        assert!(e.to_string().contains("cluster.advertise"), "{e}");
+        let e = ok("[cluster]\nprobe_interval_ms = 200\nprobe_timeout_ms = 200\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("less than cluster.probe_interval_ms"),
+            "{e}"
+        );
+        ok("[cluster]\nprobe_interval_ms = 200\nprobe_timeout_ms = 199\n").unwrap();
+        let e = ok("[cluster]\nprobe_interval_ms = 49\n").unwrap_err();
+        assert!(
+            e.to_string().contains("cluster.probe_interval_ms = 49"),
+            "{e}"
+        );
+        let e = ok("[cluster]\nsuspect_timeout_ms = 99\n").unwrap_err();
+        assert!(e.to_string().contains("cluster.suspect_timeout_ms"), "{e}");
+        let e = ok("[cluster]\nname = \"\"\n").unwrap_err();
+        assert!(e.to_string().contains("cluster.name"), "{e}");
     }
 
     #[test]

@@ -30,6 +30,7 @@
 #![warn(missing_docs)]
 
 pub mod broker;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod hash;

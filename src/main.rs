@@ -49,6 +49,28 @@ struct RunArgs {
     /// kill_safe, power_safe or memory. Replaces storage.durability.
     #[arg(long, value_name = "MODE", env = "SHARDMQ_DURABILITY")]
     durability: Option<String>,
+    /// This node's name in a cluster. Replaces cluster.node_id; without
+    /// it (and without cluster.node_id) the broker runs alone.
+    #[arg(long, value_name = "ID", env = "SHARDMQ_NODE_ID")]
+    node_id: Option<String>,
+    /// Where cluster membership listens (UDP, ip:port). Replaces
+    /// cluster.listen.
+    #[arg(long, value_name = "ADDR", env = "SHARDMQ_CLUSTER_LISTEN")]
+    cluster_listen: Option<String>,
+    /// The address peers reach this node at, when cluster.listen is
+    /// 0.0.0.0. Replaces cluster.advertise.
+    #[arg(long, value_name = "ADDR", env = "SHARDMQ_CLUSTER_ADVERTISE")]
+    cluster_advertise: Option<String>,
+    /// Addresses (ip:port) of existing cluster members, comma-separated;
+    /// any of them will do, and they need not be up yet. Replaces
+    /// cluster.join.
+    #[arg(
+        long,
+        value_name = "ADDR[,ADDR...]",
+        env = "SHARDMQ_JOIN",
+        value_delimiter = ','
+    )]
+    join: Vec<String>,
     /// Print the embedded default config (every key commented) and exit.
     #[arg(long)]
     print_default_config: bool,
@@ -92,6 +114,23 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
     if let Some(d) = &args.durability {
         config.storage.durability = d.clone();
     }
+    if let Some(id) = &args.node_id {
+        config.cluster.node_id = id.clone();
+    }
+    if let Some(a) = &args.cluster_listen {
+        config.cluster.listen = parse_addr("--cluster-listen", a)?;
+    }
+    if let Some(a) = &args.cluster_advertise {
+        config.cluster.advertise = a.trim().to_string();
+    }
+    if !args.join.is_empty() {
+        config.cluster.join = args
+            .join
+            .iter()
+            .filter(|a| !a.trim().is_empty())
+            .map(|a| parse_addr("--join", a))
+            .collect::<anyhow::Result<_>>()?;
+    }
     config.validate()?;
     Ok(config)
 }
@@ -100,6 +139,12 @@ fn parse_listen(a: &str) -> anyhow::Result<SocketAddr> {
     a.trim()
         .parse()
         .with_context(|| format!("--listen {a}: not an address like 0.0.0.0:1883"))
+}
+
+fn parse_addr(flag: &str, a: &str) -> anyhow::Result<SocketAddr> {
+    a.trim()
+        .parse()
+        .with_context(|| format!("{flag} {a}: not an address like 127.0.0.1:7946"))
 }
 
 /// `shardmq check-config FILE`.

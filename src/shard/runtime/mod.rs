@@ -5,13 +5,15 @@
 //! from recovery, and runs its tasks: the accept loops and connection tasks
 //! (`connection`), a receiver per mesh lane, the mesh flusher that moves
 //! the core's outbox onto the lanes, the retained-gather task, the
-//! group-commit task (`sync`, power-safe), and the tick. Each task hands
+//! group-commit task (`sync`, power-safe), the tick, and on shard 0 of a
+//! cluster node, membership (`membership`). Each task hands
 //! what it read to the core and writes what the core gives it; protocol
 //! decisions (CONNECT rules, takeover, quotas, routing, durability) are
 //! the core's. This module and `broker` (start-up) are the only ones that
 //! import glommio.
 
 mod connection;
+mod membership;
 mod sync;
 
 use std::rc::Rc;
@@ -30,6 +32,7 @@ use super::{ShardCore, StopReport};
 
 pub use connection::last_client;
 use connection::{accept_loop, listener_from, spawn_handoff};
+pub(crate) use membership::ClusterStart;
 
 /// A message from the broker handle to a shard.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +64,7 @@ pub(crate) async fn run_shard(
     lanes: Lanes,
     sockets: Vec<socket2::Socket>,
     durable: Option<Durable>,
+    cluster: Option<ClusterStart>,
 ) {
     let Lanes {
         mesh,
@@ -130,6 +134,7 @@ pub(crate) async fn run_shard(
             }
         }
     }
+    let membership = cluster.map(membership::start);
     let _ = ready.send(Ok(()));
     loop {
         glommio::timer::sleep(ShardCore::TICK).await;
@@ -138,6 +143,9 @@ pub(crate) async fn run_shard(
             Ok(Control::Stop) | Err(crossbeam_channel::TryRecvError::Disconnected) => break,
             Err(crossbeam_channel::TryRecvError::Empty) => {}
         }
+    }
+    if let Some(m) = membership {
+        m.leave().await;
     }
     // Listeners first: shutting a listening socket down takes it out of the
     // port at once (even while io_uring still holds an accept on it), so a

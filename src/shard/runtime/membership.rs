@@ -1,0 +1,179 @@
+//! Cluster membership's I/O, on shard 0: the UDP socket, the clock and
+//! the log lines; every decision is [`Membership`]'s.
+//!
+//! Two tasks share the membership: the receiver hands it each datagram
+//! and wakes the driver; the driver runs its timers, sends what it gives,
+//! logs its events and sleeps until its next timer or the next wake.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use glommio::net::UdpSocket;
+
+use crate::cluster::membership::{MemberEvent, Membership, DATAGRAM_MAX};
+use crate::shard::notify::Notify;
+use crate::text::{quote, suppressed_note, LogGate};
+
+/// What shard 0 runs membership with: the bound socket and the value.
+pub(crate) struct ClusterStart {
+    pub(crate) socket: socket2::Socket,
+    pub(crate) membership: Membership,
+}
+
+/// The running membership, for the shard's stop.
+pub(crate) struct MembershipTask {
+    state: Rc<State>,
+    tasks: Vec<glommio::task::JoinHandle<()>>,
+}
+
+struct State {
+    membership: RefCell<Membership>,
+    socket: UdpSocket,
+    wake: Notify,
+    epoch: Instant,
+}
+
+impl State {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Send what the membership has queued and log its events.
+    async fn flush(&self) {
+        let (out, events) = {
+            let mut m = self.membership.borrow_mut();
+            let out: Vec<_> = std::iter::from_fn(|| m.poll_transmit()).collect();
+            let events: Vec<_> = std::iter::from_fn(|| m.poll_event()).collect();
+            (out, events)
+        };
+        for e in events {
+            log_event(&self.membership.borrow(), &e);
+        }
+        for t in out {
+            // A lost datagram is what SWIM is built for; an unreachable
+            // peer shows as a failed probe, not here.
+            if let Err(e) = self.socket.send_to(&t.data, t.to).await {
+                log::debug!("cluster: cannot send to {}: {e}", t.to);
+            }
+        }
+    }
+}
+
+/// Start membership on this shard: announce to the join addresses and
+/// spawn the receiver and the driver.
+pub(crate) fn start(cluster: ClusterStart) -> MembershipTask {
+    let ClusterStart { socket, membership } = cluster;
+    let socket = UdpSocket::from(socket);
+    let state = Rc::new(State {
+        membership: RefCell::new(membership),
+        socket,
+        wake: Notify::default(),
+        epoch: Instant::now(),
+    });
+    state.membership.borrow_mut().start(state.now_ms());
+    let receiver = glommio::spawn_local(receive_loop(state.clone())).detach();
+    let driver = glommio::spawn_local(drive_loop(state.clone())).detach();
+    MembershipTask {
+        state,
+        tasks: vec![receiver, driver],
+    }
+}
+
+impl MembershipTask {
+    /// An orderly stop: tell the peers this node leaves, then stop.
+    pub(crate) async fn leave(self) {
+        for t in &self.tasks {
+            t.cancel();
+        }
+        let now = self.state.now_ms();
+        self.state.membership.borrow_mut().leave(now);
+        self.state.flush().await;
+        log::info!("cluster: left the cluster");
+    }
+}
+
+async fn receive_loop(state: Rc<State>) {
+    let mut buf = vec![0u8; DATAGRAM_MAX + 1];
+    let mut refused_log = LogGate::new(5, Duration::from_secs(10));
+    loop {
+        let (n, from): (usize, SocketAddr) = match state.socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("cluster: reading the membership socket failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let now = state.now_ms();
+        let handled = state
+            .membership
+            .borrow_mut()
+            .handle_datagram(now, &buf[..n]);
+        if let Err(why) = handled {
+            if let Some(suppressed) = refused_log.allow(Instant::now()) {
+                log::warn!(
+                    "cluster: ignored a {n}-byte datagram from {from}: {why}{}",
+                    suppressed_note(suppressed)
+                );
+            }
+        }
+        state.wake.notify();
+    }
+}
+
+async fn drive_loop(state: Rc<State>) {
+    loop {
+        state.membership.borrow_mut().handle_timeout(state.now_ms());
+        state.flush().await;
+        let due = state.membership.borrow().poll_timeout();
+        let wait = due.saturating_sub(state.now_ms()).min(1_000);
+        futures_lite::future::or(
+            state.wake.wait(),
+            glommio::timer::sleep(Duration::from_millis(wait)),
+        )
+        .await;
+    }
+}
+
+fn log_event(m: &Membership, e: &MemberEvent) {
+    let peers = m.live_peers();
+    match e {
+        MemberEvent::Up(n) => log::info!(
+            "cluster: node {} at {} (incarnation {}) is up; {peers} peers up",
+            quote(n.name.as_str()),
+            n.addr,
+            n.incarnation
+        ),
+        MemberEvent::Down(n) => log::warn!(
+            "cluster: node {} at {} (incarnation {}) is down; {peers} peers up",
+            quote(n.name.as_str()),
+            n.addr,
+            n.incarnation
+        ),
+        MemberEvent::Replaced { old, new } if old.name != new.name => log::warn!(
+            "cluster: node {} now answers at {}, where node {} was",
+            quote(new.name.as_str()),
+            new.addr,
+            quote(old.name.as_str())
+        ),
+        MemberEvent::Replaced { old, new } if old.incarnation != new.incarnation => log::info!(
+            "cluster: node {} at {} restarted (incarnation {} -> {})",
+            quote(new.name.as_str()),
+            new.addr,
+            old.incarnation,
+            new.incarnation
+        ),
+        MemberEvent::Replaced { new, .. } => log::info!(
+            "cluster: node {} at {} rejoined after being declared down",
+            quote(new.name.as_str()),
+            new.addr
+        ),
+        MemberEvent::Joined => log::info!("cluster: joined; {peers} peers up"),
+        MemberEvent::Alone => log::warn!("cluster: no peer is up"),
+        MemberEvent::Rejoined(me) => {
+            log::warn!("cluster: the other nodes had declared this node down; rejoined as {me}")
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Cluster membership on real sockets: broker processes on loopback, each
+//! with its own client port, data directory and membership port. The
+//! protocol itself runs first in the simulator (`tests/membership.rs`).
+
+mod common;
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use common::child::{temp_dir, ChildBroker};
+use shardmq::cluster::membership::envelope;
+
+/// A loopback UDP port free now (the tests that need ports known before
+/// a node starts).
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Wait (at most `secs`) until the broker's log holds `needle`; how long
+/// it took.
+fn wait_log(b: &ChildBroker, needle: &str, secs: u64) -> Duration {
+    let start = Instant::now();
+    while !b.log_text().contains(needle) {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "no {needle:?} in the log within {secs} s:\n{}",
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+fn node(name: &str, dir: &std::path::Path, port: u16, join: &[u16]) -> ChildBroker {
+    let data = dir.join(name);
+    let listen = format!("127.0.0.1:{port}");
+    let join: Vec<String> = join.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let join = join.join(",");
+    ChildBroker::start(&[
+        "--shards",
+        "2",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--node-id",
+        name,
+        "--cluster-listen",
+        &listen,
+        "--join",
+        &join,
+    ])
+}
+
+/// Three nodes started in the reverse of their join order find each
+/// other; a node killed with SIGKILL is declared down on both others; it
+/// restarts with its next incarnation and is known as such; garbage sent to
+/// a membership port is logged and changes nothing; an orderly stop is
+/// known at once.
+#[test]
+fn three_nodes_join_in_any_order_and_a_killed_node_is_declared_down_and_comes_back() {
+    let dir = temp_dir("cluster-three");
+    let [pa, pb, pc] = [free_udp_port(), free_udp_port(), free_udp_port()];
+    // c joins through a, which is not up yet; b through c; a through b.
+    let mut c = node("c", &dir, pc, &[pa]);
+    let b = node("b", &dir, pb, &[pc]);
+    let a = node("a", &dir, pa, &[pb]);
+    for n in [&a, &b, &c] {
+        wait_log(n, "2 peers up", 30);
+    }
+    assert!(c.log_text().contains("node \"c\" incarnation 1,"));
+
+    let killed = Instant::now();
+    c.kill9();
+    let down = "node \"c\" at 127.0.0.1";
+    for n in [&a, &b] {
+        let line = format!("{down}:{pc} (incarnation 1) is down");
+        wait_log(n, &line, 30);
+    }
+    // Printed, not asserted: the 3 s bound is the simulator's
+    // (tests/membership.rs); this machine's timing is not.
+    eprintln!(
+        "cluster: killed node declared down on both peers after {} ms",
+        killed.elapsed().as_millis()
+    );
+
+    let c = node("c", &dir, pc, &[pa]);
+    assert!(c.log_text().contains("node \"c\" incarnation 2,"));
+    for n in [&a, &b] {
+        wait_log(
+            n,
+            &format!("{down}:{pc} restarted (incarnation 1 -> 2)"),
+            30,
+        );
+    }
+    wait_log(&c, "2 peers up", 30);
+
+    // Garbage at a membership port: logged with its sender, ignored.
+    let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut ours = envelope("shardmq").to_vec();
+    ours.extend_from_slice(&[0xff; 40]);
+    for d in [
+        &b"GET / HTTP/1.0\r\n\r\n"[..],
+        b"SM\x01\x01\0\0\0\0\xff\xff",
+        &ours,
+    ] {
+        junk.send_to(d, ("127.0.0.1", pa)).unwrap();
+    }
+    wait_log(&a, "ignored a 18-byte datagram from 127.0.0.1", 10);
+    wait_log(&a, "from a node of another cluster", 10);
+    wait_log(&a, "malformed membership datagram", 10);
+
+    // An orderly stop tells the others at once (well before failure
+    // detection would).
+    let mut b = b;
+    b.stop();
+    let line = format!("node \"b\" at 127.0.0.1:{pb} (incarnation 1) is down");
+    wait_log(&a, &line, 30);
+    wait_log(&c, &line, 30);
+    assert!(
+        !a.log_text().contains("is down; 0 peers up"),
+        "a lost c too:\n{}",
+        a.log_text()
+    );
+    drop((a, c));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Cluster settings that cannot work are refused at start, naming the
+/// setting; a data directory keeps the name of the node that made it.
+#[test]
+fn bad_cluster_settings_are_refused_with_the_setting_named() {
+    let dir = temp_dir("cluster-refusals");
+    let data = dir.join("data");
+    let data = data.to_str().unwrap();
+    let refused = |args: &[&str]| {
+        ChildBroker::try_start(args)
+            .err()
+            .unwrap_or_else(|| panic!("started with {args:?}"))
+    };
+    let log = refused(&["--node-id", "a b", "--cluster-listen", "127.0.0.1:0"]);
+    assert!(log.contains("cluster.node_id"), "{log}");
+    let log = refused(&["--node-id", "a", "--cluster-listen", "0.0.0.0:0"]);
+    assert!(log.contains("cluster.advertise"), "{log}");
+    let log = refused(&[
+        "--node-id",
+        "a",
+        "--cluster-listen",
+        "127.0.0.1:0",
+        "--join",
+        "x",
+    ]);
+    assert!(log.contains("--join x"), "{log}");
+
+    // The directory remembers its node.
+    let mut a = ChildBroker::start(&[
+        "--data-dir",
+        data,
+        "--node-id",
+        "a",
+        "--cluster-listen",
+        "127.0.0.1:0",
+    ]);
+    a.stop();
+    let log = refused(&[
+        "--data-dir",
+        data,
+        "--node-id",
+        "b",
+        "--cluster-listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(log.contains("belongs to node \"a\", not \"b\""), "{log}");
+
+    // A membership port in use is named.
+    let taken = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let log = refused(&[
+        "--node-id",
+        "c",
+        "--durability",
+        "memory",
+        "--cluster-listen",
+        &port,
+    ]);
+    assert!(
+        log.contains(&format!("cannot listen on {port} (udp)")),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
