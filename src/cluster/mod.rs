@@ -8,5 +8,6 @@
 //! *i* of every node, route replication and session ownership build on
 //! these (see the cluster issue for what remains).
 
+pub mod frame;
 pub mod membership;
 pub mod node;

@@ -1,0 +1,647 @@
+//! The bridge's frames: what one node's shard says to a peer's shard over
+//! their TCP link, and their binary form.
+//!
+//! Sans-IO and runtime-free, like `codec`: [`encode`] appends one frame to
+//! a buffer, [`decode`] takes one complete frame off the front of a buffer
+//! (or says it needs more bytes). Everything read is hostile until checked:
+//! lengths are bounded before anything is allocated, strings are UTF-8 and
+//! bounded, node names are checked, and a frame must be used up exactly.
+//!
+//! A frame is a 4-byte big-endian length (of what follows), a kind byte and
+//! the body. Integers are big-endian; a string is a 2-byte length and
+//! UTF-8. A message travels as its remaining expiry (ms; nodes share no
+//! clock), its publisher, and an MQTT 5.0 PUBLISH of the rest, through the
+//! codec's own encoder and decoder. [`Hello`] opens every link and carries
+//! the protocol version; within one version every kind is known, so an
+//! unknown kind is an error.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, BytesMut};
+use thiserror::Error;
+
+use super::node::NodeName;
+use crate::codec::{self, Packet, PublishView, Version};
+use crate::message::Message;
+
+/// The bridge protocol version this node speaks.
+pub const BRIDGE_VERSION: u16 = 1;
+/// Bytes before a frame's body: its length and kind.
+pub const FRAME_HEADER_BYTES: usize = 5;
+/// Longest topic filter or other string in a frame, in bytes (the MQTT
+/// limit).
+pub const STRING_MAX: usize = 65_535;
+
+/// Most levels in a topic or filter a frame may carry: the most
+/// `mqtt.topic_levels_max` allows.
+pub const LEVELS_MAX: usize = 65_535;
+
+mod kind {
+    pub const HELLO: u8 = 1;
+    pub const REFUSE: u8 = 2;
+    pub const ROUTE_SNAPSHOT: u8 = 3;
+    pub const ROUTE_DELTA: u8 = 4;
+    pub const ROUTE_ACK: u8 = 5;
+    pub const PUBLISH: u8 = 6;
+    pub const PING: u8 = 7;
+    pub const PONG: u8 = 8;
+}
+
+/// The first frame each side of a link sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// [`BRIDGE_VERSION`] of the sender.
+    pub version: u16,
+    /// The sender's cluster-name tag (`membership::envelope`'s).
+    pub cluster_tag: u32,
+    /// The sending node.
+    pub node: NodeName,
+    /// Its incarnation.
+    pub incarnation: u64,
+    /// The sending shard.
+    pub shard: u16,
+    /// Shards on the sending node.
+    pub shards: u16,
+}
+
+/// Why a side refuses a link (it closes after the frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseReason {
+    /// Another protocol version.
+    Version,
+    /// Another cluster.
+    Cluster,
+    /// The sender is not a live member (or an older run of one).
+    NotMember,
+    /// Something else; the text says what.
+    Other,
+}
+
+/// One route change of a node: it gained (`add`) or lost its last
+/// ordinary subscriber of `filter`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteChange {
+    /// Gained (true) or lost (false).
+    pub add: bool,
+    /// The filter.
+    pub filter: Arc<str>,
+}
+
+/// A frame; see the module docs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// Opens a link.
+    Hello(Hello),
+    /// Refuses a link, with a reason and a line of text.
+    Refuse {
+        /// Why.
+        reason: RefuseReason,
+        /// For the peer's log.
+        text: String,
+    },
+    /// Part of the sender's whole route table, as of `seq`. A snapshot is
+    /// one or more of these; `last` ends it, and `digest` (of the whole
+    /// table) is set there.
+    RouteSnapshot {
+        /// The sequence number the table is at.
+        seq: u64,
+        /// Filters in this part.
+        filters: Vec<Arc<str>>,
+        /// The last part.
+        last: bool,
+        /// [`route_digest`] of the whole table, on the last part.
+        digest: u64,
+    },
+    /// One change after the table at `seq - 1`.
+    RouteDelta {
+        /// Its sequence number.
+        seq: u64,
+        /// The change.
+        change: RouteChange,
+    },
+    /// The receiver applied everything up to `seq`.
+    RouteAck {
+        /// The highest sequence number applied.
+        seq: u64,
+    },
+    /// A message for the receiving node's own subscribers.
+    Publish(Arc<Message>),
+    /// Keep-alive, with the sender's route sequence and digest so the
+    /// receiver can check its copy.
+    Ping {
+        /// The sender's route sequence number.
+        seq: u64,
+        /// [`route_digest`] of its table at `seq`.
+        digest: u64,
+    },
+    /// Answer to a Ping.
+    Pong,
+}
+
+/// A frame that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FrameError {
+    /// Longer than the receiver takes.
+    #[error("a {len}-byte frame, more than the {max} bytes allowed")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// Not a frame of this version.
+    #[error("malformed bridge frame: {0}")]
+    Malformed(&'static str),
+}
+
+/// An order-independent digest of a route table: the XOR of each filter's
+/// CRC-32C, spread to 64 bits. Equal tables give equal digests; a mismatch
+/// makes the receiver ask for a new snapshot.
+pub fn route_digest<'a>(filters: impl IntoIterator<Item = &'a str>) -> u64 {
+    filters.into_iter().fold(0, |d, f| d ^ filter_digest(f))
+}
+
+/// One filter's share of [`route_digest`] (XOR it in or out).
+pub fn filter_digest(filter: &str) -> u64 {
+    let c = u64::from(crc32c::crc32c(filter.as_bytes()));
+    (c << 32 | c.rotate_left(13) & 0xffff_ffff) ^ filter.len() as u64
+}
+
+/// Append `frame` to `out`. `now` turns a message's expiry into the time
+/// left.
+pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
+    let start = out.len();
+    out.put_u32(0);
+    match frame {
+        Frame::Hello(h) => {
+            out.put_u8(kind::HELLO);
+            out.put_u16(h.version);
+            out.put_u32(h.cluster_tag);
+            put_str(out, h.node.as_str());
+            out.put_u64(h.incarnation);
+            out.put_u16(h.shard);
+            out.put_u16(h.shards);
+        }
+        Frame::Refuse { reason, text } => {
+            out.put_u8(kind::REFUSE);
+            out.put_u8(match reason {
+                RefuseReason::Version => 1,
+                RefuseReason::Cluster => 2,
+                RefuseReason::NotMember => 3,
+                RefuseReason::Other => 0,
+            });
+            put_str(out, crate::text::cut(text, 512));
+        }
+        Frame::RouteSnapshot {
+            seq,
+            filters,
+            last,
+            digest,
+        } => {
+            out.put_u8(kind::ROUTE_SNAPSHOT);
+            out.put_u64(*seq);
+            out.put_u8(u8::from(*last));
+            out.put_u64(*digest);
+            out.put_u32(filters.len() as u32);
+            for f in filters {
+                put_str(out, f);
+            }
+        }
+        Frame::RouteDelta { seq, change } => {
+            out.put_u8(kind::ROUTE_DELTA);
+            out.put_u64(*seq);
+            out.put_u8(u8::from(change.add));
+            put_str(out, &change.filter);
+        }
+        Frame::RouteAck { seq } => {
+            out.put_u8(kind::ROUTE_ACK);
+            out.put_u64(*seq);
+        }
+        Frame::Publish(m) => {
+            out.put_u8(kind::PUBLISH);
+            match m.expires_at {
+                Some(t) => {
+                    let left = t.saturating_duration_since(now).as_millis();
+                    out.put_u8(1);
+                    out.put_u64(u64::try_from(left).unwrap_or(u64::MAX));
+                }
+                None => out.put_u8(0),
+            }
+            match &m.publisher {
+                Some(p) => {
+                    out.put_u8(1);
+                    put_str(out, p);
+                }
+                None => out.put_u8(0),
+            }
+            let view = PublishView {
+                dup: false,
+                qos: m.qos,
+                retain: m.retain,
+                topic: &m.topic,
+                packet_id: 1,
+                payload: &m.payload,
+                properties: Some(&m.properties),
+                message_expiry_interval: None,
+                topic_alias: None,
+                subscription_identifiers: &[],
+            };
+            codec::encode_publish(&view, Version::V5, out);
+        }
+        Frame::Ping { seq, digest } => {
+            out.put_u8(kind::PING);
+            out.put_u64(*seq);
+            out.put_u64(*digest);
+        }
+        Frame::Pong => out.put_u8(kind::PONG),
+    }
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Bytes `frame` takes encoded (for queue bounds), without encoding it.
+pub fn publish_frame_bytes(m: &Message) -> usize {
+    let view = PublishView {
+        dup: false,
+        qos: m.qos,
+        retain: m.retain,
+        topic: &m.topic,
+        packet_id: 1,
+        payload: &m.payload,
+        properties: Some(&m.properties),
+        message_expiry_interval: None,
+        topic_alias: None,
+        subscription_identifiers: &[],
+    };
+    let publisher = m.publisher.as_deref().map_or(0, |p| 2 + p.len());
+    FRAME_HEADER_BYTES + 9 + 1 + publisher + codec::publish_len(&view, Version::V5)
+}
+
+/// Take one frame off the front of `buf`: `Ok(None)` while it is not all
+/// there. A frame longer than `max_bytes` (body and kind) is refused as
+/// soon as its length is read.
+pub fn decode(
+    buf: &mut BytesMut,
+    now: Instant,
+    max_bytes: usize,
+) -> Result<Option<Frame>, FrameError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > max_bytes {
+        return Err(FrameError::TooLarge {
+            len,
+            max: max_bytes,
+        });
+    }
+    if len == 0 {
+        return Err(FrameError::Malformed("empty frame"));
+    }
+    if buf.len() < 4 + len {
+        buf.reserve(4 + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(4);
+    let mut body = buf.split_to(len);
+    let frame = read_frame(&mut body, now)?;
+    if !body.is_empty() {
+        return Err(FrameError::Malformed("bytes left over after the frame"));
+    }
+    Ok(Some(frame))
+}
+
+fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
+    let k = u8_(b)?;
+    Ok(match k {
+        kind::HELLO => Frame::Hello(Hello {
+            version: u16_(b)?,
+            cluster_tag: u32_(b)?,
+            node: NodeName::new(&string(b)?).map_err(|_| FrameError::Malformed("node name"))?,
+            incarnation: u64_(b)?,
+            shard: u16_(b)?,
+            shards: u16_(b)?,
+        }),
+        kind::REFUSE => Frame::Refuse {
+            reason: match u8_(b)? {
+                1 => RefuseReason::Version,
+                2 => RefuseReason::Cluster,
+                3 => RefuseReason::NotMember,
+                _ => RefuseReason::Other,
+            },
+            text: string(b)?,
+        },
+        kind::ROUTE_SNAPSHOT => {
+            let seq = u64_(b)?;
+            let last = bool_(b)?;
+            let digest = u64_(b)?;
+            let n = u32_(b)? as usize;
+            // Each filter takes at least 2 bytes: a count beyond the frame
+            // is a lie, and nothing is allocated for it.
+            if n > b.len() / 2 {
+                return Err(FrameError::Malformed("snapshot count beyond the frame"));
+            }
+            let mut filters = Vec::with_capacity(n);
+            for _ in 0..n {
+                filters.push(filter(b)?);
+            }
+            Frame::RouteSnapshot {
+                seq,
+                filters,
+                last,
+                digest,
+            }
+        }
+        kind::ROUTE_DELTA => Frame::RouteDelta {
+            seq: u64_(b)?,
+            change: RouteChange {
+                add: bool_(b)?,
+                filter: filter(b)?,
+            },
+        },
+        kind::ROUTE_ACK => Frame::RouteAck { seq: u64_(b)? },
+        kind::PUBLISH => Frame::Publish(Arc::new(message(b, now)?)),
+        kind::PING => Frame::Ping {
+            seq: u64_(b)?,
+            digest: u64_(b)?,
+        },
+        kind::PONG => Frame::Pong,
+        _ => return Err(FrameError::Malformed("unknown frame kind")),
+    })
+}
+
+fn message(b: &mut BytesMut, now: Instant) -> Result<Message, FrameError> {
+    let expires_at = match u8_(b)? {
+        0 => None,
+        1 => {
+            let left = u64_(b)?.min(u64::from(u32::MAX) * 1000);
+            Some(now + Duration::from_millis(left))
+        }
+        _ => return Err(FrameError::Malformed("expiry flag")),
+    };
+    let publisher = match u8_(b)? {
+        0 => None,
+        1 => Some(Arc::<str>::from(string(b)?)),
+        _ => return Err(FrameError::Malformed("publisher flag")),
+    };
+    let mut rest = b.split();
+    let mut p = match codec::decode(&mut rest, Version::V5, codec::MAX_PACKET_SIZE) {
+        Ok(Some(Packet::Publish(p))) if rest.is_empty() => p,
+        _ => return Err(FrameError::Malformed("the PUBLISH inside does not decode")),
+    };
+    if crate::router::topic::validate_topic_name(&p.topic, LEVELS_MAX).is_err() {
+        return Err(FrameError::Malformed("topic name"));
+    }
+    crate::message::strip_per_delivery(&mut p.properties);
+    let mut payload = p.payload;
+    let mut properties = p.properties;
+    crate::message::own_buffers(&mut payload, &mut properties);
+    Ok(Message {
+        topic: p.topic,
+        payload,
+        qos: p.qos,
+        retain: p.retain,
+        properties,
+        expires_at,
+        publisher,
+    })
+}
+
+fn put_str(out: &mut BytesMut, s: &str) {
+    let s = crate::text::cut(s, STRING_MAX);
+    out.put_u16(s.len() as u16);
+    out.put_slice(s.as_bytes());
+}
+
+fn need(b: &BytesMut, n: usize) -> Result<(), FrameError> {
+    if b.len() < n {
+        return Err(FrameError::Malformed("frame ends inside a field"));
+    }
+    Ok(())
+}
+
+fn u8_(b: &mut BytesMut) -> Result<u8, FrameError> {
+    need(b, 1)?;
+    Ok(b.get_u8())
+}
+
+fn bool_(b: &mut BytesMut) -> Result<bool, FrameError> {
+    match u8_(b)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(FrameError::Malformed("a flag other than 0 or 1")),
+    }
+}
+
+fn u16_(b: &mut BytesMut) -> Result<u16, FrameError> {
+    need(b, 2)?;
+    Ok(b.get_u16())
+}
+
+fn u32_(b: &mut BytesMut) -> Result<u32, FrameError> {
+    need(b, 4)?;
+    Ok(b.get_u32())
+}
+
+fn u64_(b: &mut BytesMut) -> Result<u64, FrameError> {
+    need(b, 8)?;
+    Ok(b.get_u64())
+}
+
+fn string(b: &mut BytesMut) -> Result<String, FrameError> {
+    let n = usize::from(u16_(b)?);
+    need(b, n)?;
+    let bytes = b.split_to(n);
+    String::from_utf8(bytes.to_vec()).map_err(|_| FrameError::Malformed("a string not UTF-8"))
+}
+
+/// A topic filter: non-empty, checked as a SUBSCRIBE's would be.
+fn filter(b: &mut BytesMut) -> Result<Arc<str>, FrameError> {
+    let f = string(b)?;
+    if crate::router::topic::validate_topic_filter(&f, LEVELS_MAX).is_err() {
+        return Err(FrameError::Malformed("topic filter"));
+    }
+    Ok(Arc::from(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Properties, QoS};
+    use bytes::Bytes;
+
+    fn roundtrip(f: &Frame) -> Frame {
+        let now = Instant::now();
+        let mut buf = BytesMut::new();
+        encode(f, now, &mut buf);
+        // Byte by byte: nothing before the last byte.
+        let whole = buf.clone();
+        let mut partial = BytesMut::new();
+        for &byte in &whole[..whole.len() - 1] {
+            partial.put_u8(byte);
+            assert_eq!(decode(&mut partial, now, 1 << 20), Ok(None));
+        }
+        let got = decode(&mut buf, now, 1 << 20).unwrap().unwrap();
+        assert!(buf.is_empty());
+        got
+    }
+
+    fn message() -> Message {
+        Message {
+            topic: "a/b".into(),
+            payload: Bytes::from_static(b"hello"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: Properties {
+                content_type: Some("text/plain".into()),
+                correlation_data: Some(Bytes::from_static(b"c")),
+                user_properties: vec![("k".into(), "v".into())],
+                ..Properties::default()
+            },
+            expires_at: None,
+            publisher: Some(Arc::from("pub1")),
+        }
+    }
+
+    #[test]
+    fn every_frame_survives_the_round_trip() {
+        let frames = [
+            Frame::Hello(Hello {
+                version: BRIDGE_VERSION,
+                cluster_tag: 7,
+                node: NodeName::new("n-1").unwrap(),
+                incarnation: 42,
+                shard: 1,
+                shards: 4,
+            }),
+            Frame::Refuse {
+                reason: RefuseReason::Cluster,
+                text: "other cluster".into(),
+            },
+            Frame::RouteSnapshot {
+                seq: 9,
+                filters: vec![Arc::from("a/+"), Arc::from("#")],
+                last: true,
+                digest: route_digest(["a/+", "#"]),
+            },
+            Frame::RouteDelta {
+                seq: 10,
+                change: RouteChange {
+                    add: false,
+                    filter: Arc::from("x/#"),
+                },
+            },
+            Frame::RouteAck { seq: 10 },
+            Frame::Publish(Arc::new(message())),
+            Frame::Ping { seq: 3, digest: 5 },
+            Frame::Pong,
+        ];
+        for f in &frames {
+            assert_eq!(&roundtrip(f), f);
+        }
+    }
+
+    #[test]
+    fn a_message_keeps_the_time_it_has_left() {
+        let now = Instant::now();
+        let mut m = message();
+        m.expires_at = Some(now + Duration::from_millis(1500));
+        let mut buf = BytesMut::new();
+        encode(&Frame::Publish(Arc::new(m)), now, &mut buf);
+        let later = now + Duration::from_secs(10);
+        let Some(Frame::Publish(got)) = decode(&mut buf, later, 1 << 20).unwrap() else {
+            panic!("a publish");
+        };
+        assert_eq!(got.expires_at, Some(later + Duration::from_millis(1500)));
+        assert_eq!(buf.len(), 0);
+    }
+
+    #[test]
+    fn a_frame_too_long_is_refused_from_its_length_alone() {
+        let mut buf = BytesMut::from(&[0u8, 0, 4, 1][..]);
+        assert_eq!(
+            decode(&mut buf, Instant::now(), 1024),
+            Err(FrameError::TooLarge {
+                len: 1025,
+                max: 1024
+            })
+        );
+        let mut at_bound = BytesMut::new();
+        // kind, seq, flag, length: 12 bytes before the filter.
+        let change = RouteChange {
+            add: true,
+            filter: Arc::from("x".repeat(1024 - 12)),
+        };
+        encode(
+            &Frame::RouteDelta { seq: 1, change },
+            Instant::now(),
+            &mut at_bound,
+        );
+        assert_eq!(at_bound.len(), 4 + 1024);
+        assert!(decode(&mut at_bound, Instant::now(), 1024)
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn lies_inside_frames_are_refused() {
+        let now = Instant::now();
+        let bad = |body: &[u8]| {
+            let mut buf = BytesMut::new();
+            buf.put_u32(body.len() as u32);
+            buf.put_slice(body);
+            decode(&mut buf, now, 1 << 20)
+        };
+        assert!(bad(&[99]).is_err(), "unknown kind");
+        assert!(bad(&[kind::ROUTE_ACK, 0, 0]).is_err(), "short field");
+        assert!(bad(&[kind::PONG, 0]).is_err(), "bytes left over");
+        // A snapshot claiming four billion filters in a few bytes.
+        let mut snap = vec![kind::ROUTE_SNAPSHOT];
+        snap.extend_from_slice(&[0; 8]);
+        snap.push(1);
+        snap.extend_from_slice(&[0; 8]);
+        snap.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(bad(&snap).is_err());
+        // A filter that is no filter.
+        let mut delta = vec![kind::ROUTE_DELTA, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 3];
+        delta.extend_from_slice(b"a#b");
+        assert!(bad(&delta).is_err());
+        // A node name with a space.
+        let mut hello = vec![kind::HELLO, 0, 1, 0, 0, 0, 0, 0, 3];
+        hello.extend_from_slice(b"a b");
+        hello.extend_from_slice(&[0; 12]);
+        assert!(bad(&hello).is_err());
+        assert!(bad(&[]).is_err(), "empty");
+    }
+
+    #[test]
+    fn digests_ignore_order_and_see_a_difference() {
+        assert_eq!(
+            route_digest(["a", "b/#", "c"]),
+            route_digest(["c", "a", "b/#"])
+        );
+        assert_ne!(route_digest(["a", "b"]), route_digest(["a"]));
+        assert_ne!(route_digest(["a", "b"]), route_digest(["a", "c"]));
+        assert_eq!(
+            route_digest(["a", "b"]) ^ filter_digest("b"),
+            route_digest(["a"])
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever follows a length and a known kind, decoding returns
+        /// (a frame or an error) and never panics.
+        #[test]
+        fn arbitrary_bodies_never_panic(
+            k in 1u8..=9,
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+        ) {
+            let mut buf = BytesMut::new();
+            buf.put_u32(body.len() as u32 + 1);
+            buf.put_u8(k);
+            buf.put_slice(&body);
+            let _ = decode(&mut buf, Instant::now(), 1 << 20);
+        }
+    }
+}
