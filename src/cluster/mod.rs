@@ -9,5 +9,7 @@
 //! these (see the cluster issue for what remains).
 
 pub mod frame;
+pub mod link;
 pub mod membership;
 pub mod node;
+pub mod routes;

@@ -1,0 +1,394 @@
+//! One bridge link's protocol, without I/O: the handshake, framing,
+//! keep-alive and the bound on what waits to be written.
+//!
+//! Shard-local: each shard owns the sessions of its links. The runtime
+//! (or the simulator) hands [`LinkSession`] the bytes it reads and the
+//! time, writes what [`LinkSession::poll_transmit`] gives, and closes the
+//! socket when a method returns an error. Both sides send [`Hello`] first;
+//! a side that dialed checks it reached the node it meant (name and
+//! incarnation), both check the version and the cluster. Nothing but a
+//! Hello is taken before the handshake, and nothing is sent but a Hello.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use thiserror::Error;
+
+use super::frame::{self, Frame, FrameError, Hello, RefuseReason, BRIDGE_VERSION};
+use super::node::NodeName;
+
+/// A link's limits; see `[cluster]` in the default config.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    /// Largest frame taken from the peer, in bytes.
+    pub frame_bytes_max: usize,
+    /// Bytes that may wait to be written before [`LinkSession::send`]
+    /// refuses more (the caller then holds its own input).
+    pub out_bytes_max: usize,
+    /// Silence after which a Ping is due, in ms.
+    pub ping_after_ms: u64,
+    /// Silence from the peer after which the link is dead, in ms.
+    pub dead_after_ms: u64,
+}
+
+/// What a link reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinkEvent {
+    /// The handshake is done: the peer's Hello.
+    Up(Hello),
+    /// A frame from the peer, after the handshake.
+    Frame(Frame),
+}
+
+/// Why a link must close.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum LinkError {
+    /// The peer sent what cannot be read.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The peer refused the link.
+    #[error("refused by the peer ({reason:?}): {text}")]
+    Refused {
+        /// Its reason.
+        reason: RefuseReason,
+        /// Its words.
+        text: String,
+    },
+    /// The handshake failed here (a Refuse was queued for the peer).
+    #[error("handshake: {0}")]
+    Handshake(String),
+    /// A frame other than Hello before the handshake, or a second Hello.
+    #[error("{0} out of turn")]
+    OutOfTurn(&'static str),
+    /// Nothing heard from the peer for too long.
+    #[error("nothing from the peer for {0} ms")]
+    Silent(u64),
+}
+
+/// Output waiting past the bound: the frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("the link's output is full")]
+pub struct Full;
+
+/// One link; see the module docs.
+#[derive(Debug)]
+pub struct LinkSession {
+    me: Hello,
+    /// Whom a dialing side meant to reach: name and incarnation.
+    expect: Option<(NodeName, u64)>,
+    peer: Option<Hello>,
+    rx: BytesMut,
+    tx: BytesMut,
+    events: VecDeque<LinkEvent>,
+    settings: LinkSettings,
+    last_rx_ms: u64,
+    last_tx_ms: u64,
+    epoch: Instant,
+}
+
+impl LinkSession {
+    /// The side that dialed `expect` (name, incarnation), at `now_ms` on
+    /// the caller's clock whose zero is `epoch` (for message expiry).
+    pub fn dialed(
+        me: Hello,
+        expect: (NodeName, u64),
+        settings: LinkSettings,
+        epoch: Instant,
+        now_ms: u64,
+    ) -> LinkSession {
+        Self::new(me, Some(expect), settings, epoch, now_ms)
+    }
+
+    /// The side that accepted.
+    pub fn accepted(me: Hello, settings: LinkSettings, epoch: Instant, now_ms: u64) -> LinkSession {
+        Self::new(me, None, settings, epoch, now_ms)
+    }
+
+    fn new(
+        me: Hello,
+        expect: Option<(NodeName, u64)>,
+        settings: LinkSettings,
+        epoch: Instant,
+        now_ms: u64,
+    ) -> LinkSession {
+        let mut s = LinkSession {
+            me,
+            expect,
+            peer: None,
+            rx: BytesMut::new(),
+            tx: BytesMut::new(),
+            events: VecDeque::new(),
+            settings,
+            last_rx_ms: now_ms,
+            last_tx_ms: now_ms,
+            epoch,
+        };
+        let hello = Frame::Hello(s.me.clone());
+        s.push(&hello, now_ms);
+        s
+    }
+
+    /// The peer's Hello, once the handshake is done.
+    pub fn peer(&self) -> Option<&Hello> {
+        self.peer.as_ref()
+    }
+
+    /// Whether the handshake is done.
+    pub fn is_up(&self) -> bool {
+        self.peer.is_some()
+    }
+
+    /// Bytes waiting to be written.
+    pub fn out_bytes(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Bytes read from the peer.
+    pub fn handle_bytes(&mut self, now_ms: u64, data: &[u8]) -> Result<(), LinkError> {
+        self.last_rx_ms = now_ms;
+        self.rx.extend_from_slice(data);
+        let now = self.epoch + std::time::Duration::from_millis(now_ms);
+        while let Some(f) = frame::decode(&mut self.rx, now, self.settings.frame_bytes_max)? {
+            self.handle_frame(now_ms, f)?;
+        }
+        Ok(())
+    }
+
+    fn handle_frame(&mut self, now_ms: u64, f: Frame) -> Result<(), LinkError> {
+        match (f, self.peer.is_some()) {
+            (Frame::Refuse { reason, text }, _) => Err(LinkError::Refused { reason, text }),
+            (Frame::Hello(h), false) => {
+                self.check_hello(now_ms, &h)?;
+                self.peer = Some(h.clone());
+                self.events.push_back(LinkEvent::Up(h));
+                Ok(())
+            }
+            (Frame::Hello(_), true) => Err(LinkError::OutOfTurn("a second Hello")),
+            (_, false) => Err(LinkError::OutOfTurn("a frame before Hello")),
+            (Frame::Ping { .. }, true) => {
+                // The owner checks the digest; the answer is ours.
+                self.push(&Frame::Pong, now_ms);
+                Ok(())
+            }
+            (Frame::Pong, true) => Ok(()),
+            (f, true) => {
+                self.events.push_back(LinkEvent::Frame(f));
+                // Route pings go to the owner too (they carry the digest).
+                Ok(())
+            }
+        }
+    }
+
+    fn check_hello(&mut self, now_ms: u64, h: &Hello) -> Result<(), LinkError> {
+        let refuse = |s: &mut Self, reason, text: String| {
+            s.push(
+                &Frame::Refuse {
+                    reason,
+                    text: text.clone(),
+                },
+                now_ms,
+            );
+            Err(LinkError::Handshake(text))
+        };
+        if h.version != BRIDGE_VERSION {
+            let text = format!(
+                "bridge protocol version {} here, {} there",
+                BRIDGE_VERSION, h.version
+            );
+            return refuse(self, RefuseReason::Version, text);
+        }
+        if h.cluster_tag != self.me.cluster_tag {
+            return refuse(self, RefuseReason::Cluster, "another cluster name".into());
+        }
+        if h.shards == 0 || h.shard >= h.shards {
+            return refuse(
+                self,
+                RefuseReason::Other,
+                format!("shard {} of {}", h.shard, h.shards),
+            );
+        }
+        if h.node == self.me.node {
+            return refuse(self, RefuseReason::Other, "a link to itself".into());
+        }
+        if let Some((name, incarnation)) = &self.expect {
+            if &h.node != name || h.incarnation != *incarnation {
+                let text = format!(
+                    "dialed {name} incarnation {incarnation}, reached {} incarnation {}",
+                    h.node, h.incarnation
+                );
+                return refuse(self, RefuseReason::NotMember, text);
+            }
+        }
+        Ok(())
+    }
+
+    /// Queue `f` for the peer (after the handshake): [`Full`] when the
+    /// output is past its bound (the caller keeps the frame or drops it).
+    pub fn send(&mut self, now_ms: u64, f: &Frame) -> Result<(), Full> {
+        if self.tx.len() >= self.settings.out_bytes_max {
+            return Err(Full);
+        }
+        self.push(f, now_ms);
+        Ok(())
+    }
+
+    /// Refuse the peer (its Hello was fine, but the owner will not have
+    /// it): the frame is queued; close after writing it.
+    pub fn refuse(&mut self, now_ms: u64, reason: RefuseReason, text: &str) {
+        self.push(
+            &Frame::Refuse {
+                reason,
+                text: text.to_string(),
+            },
+            now_ms,
+        );
+    }
+
+    fn push(&mut self, f: &Frame, now_ms: u64) {
+        let now = self.epoch + std::time::Duration::from_millis(now_ms);
+        frame::encode(f, now, &mut self.tx);
+        self.last_tx_ms = now_ms;
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<LinkEvent> {
+        self.events.pop_front()
+    }
+
+    /// Everything waiting to be written, taken.
+    pub fn poll_transmit(&mut self) -> Option<BytesMut> {
+        (!self.tx.is_empty()).then(|| self.tx.split())
+    }
+
+    /// Time passes: an error when the peer has been silent too long; true
+    /// when this side has been silent long enough that the owner should
+    /// send a Ping.
+    pub fn handle_tick(&mut self, now_ms: u64) -> Result<bool, LinkError> {
+        let silent = now_ms.saturating_sub(self.last_rx_ms);
+        if silent >= self.settings.dead_after_ms {
+            return Err(LinkError::Silent(silent));
+        }
+        Ok(self.is_up() && now_ms.saturating_sub(self.last_tx_ms) >= self.settings.ping_after_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(name: &str, incarnation: u64) -> Hello {
+        Hello {
+            version: BRIDGE_VERSION,
+            cluster_tag: 1,
+            node: NodeName::new(name).unwrap(),
+            incarnation,
+            shard: 0,
+            shards: 2,
+        }
+    }
+
+    fn settings() -> LinkSettings {
+        LinkSettings {
+            frame_bytes_max: 1 << 20,
+            out_bytes_max: 1 << 16,
+            ping_after_ms: 1000,
+            dead_after_ms: 5000,
+        }
+    }
+
+    fn pair(expect_incarnation: u64) -> (LinkSession, LinkSession) {
+        let epoch = Instant::now();
+        let a = LinkSession::dialed(
+            hello("a", 1),
+            (NodeName::new("b").unwrap(), expect_incarnation),
+            settings(),
+            epoch,
+            0,
+        );
+        let b = LinkSession::accepted(hello("b", 7), settings(), epoch, 0);
+        (a, b)
+    }
+
+    fn pump(from: &mut LinkSession, to: &mut LinkSession) -> Result<(), LinkError> {
+        while let Some(bytes) = from.poll_transmit() {
+            to.handle_bytes(0, &bytes)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn both_sides_come_up_and_frames_pass() {
+        let (mut a, mut b) = pair(7);
+        pump(&mut a, &mut b).unwrap();
+        pump(&mut b, &mut a).unwrap();
+        assert!(matches!(a.poll_event(), Some(LinkEvent::Up(h)) if h.incarnation == 7));
+        assert!(matches!(b.poll_event(), Some(LinkEvent::Up(h)) if h.node.as_str() == "a"));
+        a.send(0, &Frame::RouteAck { seq: 3 }).unwrap();
+        pump(&mut a, &mut b).unwrap();
+        assert_eq!(
+            b.poll_event(),
+            Some(LinkEvent::Frame(Frame::RouteAck { seq: 3 }))
+        );
+    }
+
+    #[test]
+    fn a_dialer_that_reached_another_run_refuses_it() {
+        let (mut a, mut b) = pair(6);
+        pump(&mut a, &mut b).unwrap();
+        let err = pump(&mut b, &mut a).unwrap_err();
+        assert!(
+            matches!(err, LinkError::Handshake(ref t) if t.contains("reached b incarnation 7"))
+        );
+        // b reads a's Refuse and closes too.
+        let err = pump(&mut a, &mut b).unwrap_err();
+        assert!(matches!(
+            err,
+            LinkError::Refused {
+                reason: RefuseReason::NotMember,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn nothing_but_hello_before_the_handshake() {
+        let epoch = Instant::now();
+        let mut b = LinkSession::accepted(hello("b", 1), settings(), epoch, 0);
+        let mut bytes = BytesMut::new();
+        frame::encode(&Frame::RouteAck { seq: 1 }, epoch, &mut bytes);
+        assert_eq!(
+            b.handle_bytes(0, &bytes),
+            Err(LinkError::OutOfTurn("a frame before Hello"))
+        );
+        let mut other = hello("c", 1);
+        other.version = BRIDGE_VERSION + 1;
+        let mut b = LinkSession::accepted(hello("b", 1), settings(), epoch, 0);
+        let mut bytes = BytesMut::new();
+        frame::encode(&Frame::Hello(other), epoch, &mut bytes);
+        assert!(matches!(
+            b.handle_bytes(0, &bytes),
+            Err(LinkError::Handshake(_))
+        ));
+    }
+
+    #[test]
+    fn silence_brings_a_ping_then_death_and_full_output_is_refused() {
+        let (mut a, mut b) = pair(7);
+        pump(&mut a, &mut b).unwrap();
+        pump(&mut b, &mut a).unwrap();
+        assert_eq!(a.handle_tick(999), Ok(false));
+        assert_eq!(a.handle_tick(1000), Ok(true));
+        assert_eq!(a.handle_tick(5000), Err(LinkError::Silent(5000)));
+        let big = Frame::Refuse {
+            reason: RefuseReason::Other,
+            text: "x".repeat(400),
+        };
+        let mut sent = 0;
+        while a.send(0, &big).is_ok() {
+            sent += 1;
+        }
+        assert!(a.out_bytes() >= settings().out_bytes_max);
+        assert!(sent > 100);
+    }
+}
