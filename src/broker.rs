@@ -114,7 +114,7 @@ impl Broker {
         check_os_limits(&config, shards)?;
         let listeners = listen::open(&config.server.listen, shards)?;
         let (data_dir, mut durables) = recover_logs(&config, shards)?;
-        let mut cluster = start_cluster(&config, data_dir.as_ref())?;
+        let mut cluster = start_cluster(&config, shards, data_dir.as_ref())?;
         let cluster_addr = cluster.as_ref().map(|(_, a)| *a);
         let mesh = MeshBuilder::<Batch, Full>::full(shards, config.mesh.lane_capacity);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(shards);
@@ -288,6 +288,7 @@ fn recover_logs(
 /// `cluster.node_id`.
 fn start_cluster(
     config: &Config,
+    shards: usize,
     data_dir: Option<&DataDir>,
 ) -> Result<Option<(ClusterStart, SocketAddr)>, StartError> {
     let c = &config.cluster;
@@ -308,7 +309,8 @@ fn start_cluster(
         }
         None => clock_incarnation(),
     };
-    let me = Node::new(name, c.advertise_addr(bound), incarnation);
+    let shards = u16::try_from(shards).unwrap_or(u16::MAX);
+    let me = Node::new(name, c.advertise_addr(bound), incarnation, shards);
     let seed = incarnation
         ^ u64::from(std::process::id()).rotate_left(32)
         ^ clock_incarnation().wrapping_mul(0x9e37_79b9_7f4a_7c15);

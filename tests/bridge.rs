@@ -14,10 +14,11 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::time::Instant;
 
+use shardmq::cluster::frame::RouteChange;
 use shardmq::cluster::frame::{Frame, Hello, BRIDGE_VERSION};
 use shardmq::cluster::link::{LinkEvent, LinkSession, LinkSettings};
 use shardmq::cluster::node::NodeName;
-use shardmq::cluster::routes::{RouteExport, RouteImport};
+use shardmq::cluster::routes::{RouteExport, RouteFeed, RouteImport};
 
 struct Rng(u64);
 
@@ -62,6 +63,8 @@ fn hello(node: usize, shards: u16) -> Hello {
 /// acceptor's (at `to`), and bytes in flight each way with their arrival
 /// step.
 struct Conn {
+    /// What the dialer's node still owes this link of its routes.
+    feed: RouteFeed,
     dialer: LinkSession,
     acceptor: LinkSession,
     to_acceptor: VecDeque<(u64, Vec<u8>)>,
@@ -70,6 +73,9 @@ struct Conn {
 
 struct Node {
     export: RouteExport,
+    /// Changes not yet handed to the links (the runtime drains its
+    /// shard's bridge outbox a loop turn later).
+    outbox: VecDeque<(u64, RouteChange)>,
     /// Per shard, the filters it has subscribers of.
     shards: Vec<BTreeSet<&'static str>>,
     /// What this node holds of each other node's routes.
@@ -97,6 +103,7 @@ impl Sim {
         let bs = self.nodes[b].shards.len() as u16;
         let acceptor = LinkSession::accepted(hello(b, bs), settings(), self.epoch, self.step);
         self.conns[a][b] = Some(Conn {
+            feed: RouteFeed::new(),
             dialer,
             acceptor,
             to_acceptor: VecDeque::new(),
@@ -119,16 +126,18 @@ impl Sim {
         }
     }
 
-    /// A node's route change goes out on its up links.
-    fn publish_change(&mut self, a: usize, frame: &Frame) {
-        self.deltas += 1;
-        for b in 0..self.nodes.len() {
-            if let Some(c) = self.conns[a][b].as_mut() {
-                if c.dialer.is_up() {
-                    c.dialer.send(self.step, frame).unwrap();
+    /// A node's queued route changes go out on its links.
+    fn drain(&mut self, a: usize) {
+        while let Some((seq, change)) = self.nodes[a].outbox.pop_front() {
+            self.deltas += 1;
+            for b in 0..self.nodes.len() {
+                if let Some(c) = self.conns[a][b].as_mut() {
+                    if let Some(f) = c.feed.change(seq, &change) {
+                        c.dialer.send(self.step, &f).unwrap();
+                    }
                 }
+                self.transmit(a, b);
             }
-            self.transmit(a, b);
         }
     }
 
@@ -180,8 +189,8 @@ impl Sim {
                     if up {
                         // A link that comes up starts from a snapshot.
                         self.snapshots += 1;
-                        let frames = self.nodes[a].export.snapshot(64);
                         let c = self.conns[a][b].as_mut().unwrap();
+                        let frames = c.feed.start(&self.nodes[a].export, 64);
                         for f in &frames {
                             c.dialer.send(step, f).unwrap();
                         }
@@ -220,6 +229,7 @@ fn run_seed(seed: u64) -> (u64, u64, u64) {
             let shards = 1 + rng.below(4) as usize;
             Node {
                 export: RouteExport::new(),
+                outbox: VecDeque::new(),
                 shards: vec![BTreeSet::new(); shards],
                 imports: (0..n).map(|_| RouteImport::new(1000)).collect(),
             }
@@ -257,8 +267,8 @@ fn run_seed(seed: u64) -> (u64, u64, u64) {
             if !add {
                 sim.nodes[a].shards[s].remove(f);
             }
-            if let Some((seq, change)) = sim.nodes[a].export.shard_changed(f, add) {
-                sim.publish_change(a, &Frame::RouteDelta { seq, change });
+            if let Some(c) = sim.nodes[a].export.shard_changed(f, add) {
+                sim.nodes[a].outbox.push_back(c);
             }
             if sim.rng.below(150) == 0 {
                 let a = sim.rng.below(n as u64) as usize;
@@ -267,6 +277,14 @@ fn run_seed(seed: u64) -> (u64, u64, u64) {
                     sim.breaks += 1;
                 }
             }
+        }
+        for a in 0..n {
+            if sim.rng.below(2) == 0 {
+                sim.drain(a);
+            }
+        }
+        if !faults {
+            (0..n).for_each(|a| sim.drain(a));
         }
         for a in 0..n {
             for b in 0..n {

@@ -104,7 +104,7 @@ impl Sim {
 
     fn start(&mut self, i: usize, join: &[SocketAddr]) {
         let s = &self.slots[i];
-        let me = Node::new(s.name.clone(), s.addr, s.incarnation);
+        let me = Node::new(s.name.clone(), s.addr, s.incarnation, 2);
         let seed = self.rng.next();
         let mut m = Membership::new(me, join, &settings(), seed);
         m.start(self.now);

@@ -166,15 +166,15 @@ impl LinkSession {
             }
             (Frame::Hello(_), true) => Err(LinkError::OutOfTurn("a second Hello")),
             (_, false) => Err(LinkError::OutOfTurn("a frame before Hello")),
-            (Frame::Ping { .. }, true) => {
-                // The owner checks the digest; the answer is ours.
+            (f @ Frame::Ping { .. }, true) => {
+                // The answer is ours; the owner checks the route digest.
                 self.push(&Frame::Pong, now_ms);
+                self.events.push_back(LinkEvent::Frame(f));
                 Ok(())
             }
             (Frame::Pong, true) => Ok(()),
             (f, true) => {
                 self.events.push_back(LinkEvent::Frame(f));
-                // Route pings go to the owner too (they carry the digest).
                 Ok(())
             }
         }

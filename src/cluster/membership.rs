@@ -487,6 +487,7 @@ mod tests {
             NodeName::new(name).unwrap(),
             SocketAddr::from(([127, 0, 0, 1], port)),
             1,
+            2,
         )
     }
 

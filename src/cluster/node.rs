@@ -113,22 +113,36 @@ pub struct Node {
     pub incarnation: u64,
     /// Bumped when this run rejoins after being declared down.
     pub rejoin: u32,
+    /// Its shards: shard `j` takes bridge links on TCP port
+    /// `addr.port() + j` (0 for a join address not known yet).
+    pub shards: u16,
 }
 
 impl Node {
-    /// This node, freshly started.
-    pub fn new(name: NodeName, addr: SocketAddr, incarnation: u64) -> Node {
+    /// This node, freshly started, with `shards` shards.
+    pub fn new(name: NodeName, addr: SocketAddr, incarnation: u64, shards: u16) -> Node {
         Node {
             name,
             addr,
             incarnation,
             rejoin: 0,
+            shards,
         }
     }
 
     /// Whatever node listens at a join address.
     pub fn at(addr: SocketAddr) -> Node {
-        Node::new(NodeName::unknown(), addr, 0)
+        Node::new(NodeName::unknown(), addr, 0, 0)
+    }
+
+    /// Where shard `j` of this node takes bridge links (TCP): the
+    /// membership port plus `j`; None past its shards or the port range.
+    pub fn bridge_addr(&self, j: u16) -> Option<SocketAddr> {
+        if j >= self.shards {
+            return None;
+        }
+        let port = self.addr.port().checked_add(j)?;
+        Some(SocketAddr::new(self.addr.ip(), port))
     }
 }
 
@@ -302,8 +316,10 @@ mod tests {
     fn a_later_run_wins_its_address() {
         let addr = "127.0.0.1:7946".parse().unwrap();
         let name = NodeName::new("a").unwrap();
-        let old = Node::new(name.clone(), addr, 3);
-        let new = Node::new(name, addr, 4);
+        let old = Node::new(name.clone(), addr, 3, 2);
+        let new = Node::new(name, addr, 4, 2);
+        assert_eq!(new.bridge_addr(1), Some("127.0.0.1:7947".parse().unwrap()));
+        assert_eq!(new.bridge_addr(2), None);
         assert!(new.win_addr_conflict(&old));
         assert!(!old.win_addr_conflict(&new));
         let rejoined = old.renew().unwrap();

@@ -118,6 +118,45 @@ impl RouteExport {
     }
 }
 
+/// The route frames one outbound link still needs: a snapshot when it
+/// comes up, then each change numbered after it. A change queued before
+/// the snapshot was taken (and so already in it) is skipped, never sent
+/// twice.
+#[derive(Debug, Default)]
+pub struct RouteFeed {
+    /// The sequence number the peer has (or will have, once the frames
+    /// given are written); None before the snapshot.
+    sent: Option<u64>,
+}
+
+impl RouteFeed {
+    /// A link not up yet.
+    pub fn new() -> RouteFeed {
+        RouteFeed::default()
+    }
+
+    /// The link came up: the snapshot of `export`, in parts of at most
+    /// `chunk_bytes`.
+    pub fn start(&mut self, export: &RouteExport, chunk_bytes: usize) -> Vec<Frame> {
+        self.sent = Some(export.seq());
+        export.snapshot(chunk_bytes)
+    }
+
+    /// A change of the export: the frame to send, unless the link is not
+    /// up yet or the snapshot already had it.
+    pub fn change(&mut self, seq: u64, change: &RouteChange) -> Option<Frame> {
+        let sent = self.sent?;
+        if seq <= sent {
+            return None;
+        }
+        self.sent = Some(seq);
+        Some(Frame::RouteDelta {
+            seq,
+            change: change.clone(),
+        })
+    }
+}
+
 /// A peer's route frame that does not fit what came before: the link must
 /// close and start over from a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

@@ -81,6 +81,9 @@ pub enum RouteKey {
         /// The shard with members.
         shard: u16,
     },
+    /// Remote node `0` (its index on this node) has ordinary subscribers
+    /// of the filter.
+    Node(u16),
 }
 
 /// One message on the mesh.

@@ -72,7 +72,8 @@ mod delayed;
 mod durable;
 mod gather;
 pub mod mesh;
-mod notify;
+pub mod notify;
+mod remote;
 mod restore;
 mod routing;
 pub mod runtime;
@@ -103,6 +104,7 @@ use routing::Source;
 pub use connect::Handshake;
 use mesh::{Mesh, RouteKey};
 use notify::Notify;
+pub use remote::BridgeOut;
 pub use runtime::last_client;
 use slab::Slab;
 
@@ -344,6 +346,8 @@ struct State {
         std::collections::VecDeque<(mesh::RetainedWaiter, Box<crate::router::MatchWalk>, usize)>,
     /// Wakes the gather task when `gathers` or `serving` is not empty.
     gather_wake: Rc<Notify>,
+    /// The cluster's side of the shard; None on a broker that runs alone.
+    remote: Option<remote::Remote>,
     stats: ShardStats,
 }
 
@@ -436,6 +440,7 @@ impl ShardCore {
                 gathers: Default::default(),
                 serving: Default::default(),
                 gather_wake: Rc::default(),
+                remote: None,
                 stats: ShardStats::default(),
             }),
         }
@@ -527,6 +532,7 @@ impl ShardCore {
                         qos2_packet_id: packet_id.filter(|_| qos == QoS::ExactlyOnce),
                         delayed: None,
                         will_of: will.then_some(key),
+                        remote: false,
                     };
                     let accepted = match delay_s {
                         Some(d) => self.delay(st, now, message, d, source),
@@ -684,6 +690,7 @@ impl ShardCore {
             let group = match route {
                 RouteKey::Shard(_) => None,
                 RouteKey::Shared { pick, .. } => Some(&pick.group),
+                RouteKey::Node(_) => unreachable!("a remote node's route counted locally"),
             };
             let entries = st
                 .subscribers

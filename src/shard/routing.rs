@@ -33,6 +33,9 @@ pub(super) struct Source {
     pub(super) delayed: Option<u64>,
     /// The session whose will this is.
     pub(super) will_of: Option<SessionKey>,
+    /// Another node sent it: deliver it on this node only, keep no
+    /// retained copy (the publisher's node does).
+    pub(super) remote: bool,
 }
 
 /// One session's delivery of a routed message (the fan-out's target).
@@ -48,6 +51,9 @@ pub(super) struct Plan {
     pub(super) ordinary: SmallVec<[u16; 8]>,
     /// Each matching shared subscription, with the shard chosen to serve it.
     pub(super) picks: SmallVec<[(u16, SharedPick); 1]>,
+    /// Remote nodes with ordinary subscribers of the topic (none for a
+    /// message from another node).
+    pub(super) nodes: SmallVec<[u16; 4]>,
 }
 
 impl Plan {
@@ -95,7 +101,7 @@ impl ShardCore {
         message: Arc<Message>,
         source: Source,
     ) -> bool {
-        let plan = self.plan(st, &message);
+        let plan = self.plan(st, &message, source.remote);
         let durable = message.qos != QoS::AtMostOnce
             || message.retain
             || source.will_of.is_some()
@@ -157,6 +163,9 @@ impl ShardCore {
                 self.send_routed(st, usize::from(dest), publish, origin);
             }
         }
+        if !plan.nodes.is_empty() {
+            Self::to_nodes(st, &message, &plan.nodes);
+        }
         if let Some(id) = source.delayed {
             Self::durable_delay_done(st, id, origin.is_some());
         }
@@ -165,11 +174,13 @@ impl ShardCore {
 
     /// Where `message` goes: its retained copy's owner, the shards with
     /// ordinary subscribers of its topic, and for each shared subscription
-    /// matching it the shard chosen (round-robin) to serve it.
-    fn plan(&self, st: &mut State, message: &Message) -> Plan {
+    /// matching it the shard chosen (round-robin) to serve it; and the
+    /// remote nodes with subscribers, unless it came from one (`remote`).
+    fn plan(&self, st: &mut State, message: &Message, remote: bool) -> Plan {
         let topic = &*message.topic;
-        let owner = message.retain.then(|| self.topic_owner(topic));
+        let owner = (message.retain && !remote).then(|| self.topic_owner(topic));
         let mut ordinary: SmallVec<[u16; 8]> = SmallVec::new();
+        let mut nodes: SmallVec<[u16; 4]> = SmallVec::new();
         let mut shared: SmallVec<[(SharedPick, SmallVec<[u16; 4]>); 1]> = SmallVec::new();
         st.routes.for_each_match(topic, |key, _| match key {
             RouteKey::Shard(s) => {
@@ -181,6 +192,11 @@ impl ShardCore {
                 Some((_, shards)) => shards.push(*shard),
                 None => shared.push((pick.clone(), SmallVec::from_slice(&[*shard]))),
             },
+            RouteKey::Node(n) => {
+                if !remote && !nodes.contains(n) {
+                    nodes.push(*n);
+                }
+            }
         });
         let mut picks: SmallVec<[(u16, SharedPick); 1]> = SmallVec::new();
         for (pick, mut shards) in shared {
@@ -193,6 +209,7 @@ impl ShardCore {
             owner,
             ordinary,
             picks,
+            nodes,
         }
     }
 
@@ -538,7 +555,8 @@ impl ShardCore {
     /// Apply a route delta to the replica. When the last shard with
     /// members of a shared subscription leaves, its round-robin position
     /// goes too: nothing is kept for a group that no longer exists.
-    fn apply_route(st: &mut State, filter: &str, key: RouteKey, add: bool) {
+    pub(super) fn apply_route(st: &mut State, filter: &str, key: RouteKey, add: bool) {
+        Self::export_route(st, filter, &key, add);
         if add {
             st.routes.insert(filter, key, ());
             return;

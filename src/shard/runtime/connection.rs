@@ -475,7 +475,7 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
 /// poll borrows the stream only for its own duration, and a shard runs one
 /// poll at a time, so the borrows never overlap.
 #[derive(Clone)]
-struct SharedStream(Rc<RefCell<TcpStream>>);
+pub(super) struct SharedStream(pub(super) Rc<RefCell<TcpStream>>);
 
 impl AsyncRead for SharedStream {
     fn poll_read(

@@ -1,0 +1,190 @@
+//! The shard's side of the cluster: messages for other nodes, messages
+//! from them, and the routes they have.
+//!
+//! Shard-local, no I/O. Remote nodes are route replica entries
+//! ([`RouteKey::Node`]) like local shards: routing a message published on
+//! this node puts one copy per remote node with matching subscribers in
+//! this shard's bridge outbox ([`ShardCore::poll_bridge`]), which the
+//! runtime writes to this shard's link to that node; the receiving node
+//! fans it out to its own subscribers only ([`ShardCore::handle_remote_publish`]),
+//! never on to a third node. Shard 0 also keeps the node's route export:
+//! each change of the node as a whole goes out as [`BridgeOut::Route`], and
+//! the routes a peer reports arrive through [`ShardCore::remote_routes`]
+//! and are broadcast to every shard's replica.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::cluster::frame::{Frame, RouteChange};
+use crate::cluster::routes::RouteExport;
+use crate::message::Message;
+
+use super::mesh::{MeshMsg, RouteKey};
+use super::notify::Notify;
+use super::routing::Source;
+use super::{ShardCore, State};
+
+/// What a shard has for the bridge.
+#[derive(Debug, Clone)]
+pub enum BridgeOut {
+    /// A message for the subscribers of remote node `node` (its index).
+    Publish {
+        /// The node's index (see `ShardCore::remote_routes`).
+        node: u16,
+        /// The message.
+        message: Arc<Message>,
+    },
+    /// Shard 0: the node's routes changed as a whole; tell every peer.
+    Route {
+        /// The change's sequence number.
+        seq: u64,
+        /// The change.
+        change: RouteChange,
+    },
+}
+
+/// A shard's cluster state (None on a broker that runs alone).
+pub(super) struct Remote {
+    /// Shard 0: this node's routes as its peers know them.
+    pub(super) export: Option<RouteExport>,
+    pub(super) out: VecDeque<BridgeOut>,
+    pub(super) wake: Rc<Notify>,
+    /// Messages from other nodes that expired on the way or that the
+    /// log could not take.
+    pub(super) remote_dropped: u64,
+}
+
+impl ShardCore {
+    /// Join a cluster: remote routes and the bridge outbox start working.
+    /// Shard 0 builds its route export from the replica (restored from
+    /// the log, or empty).
+    pub fn enable_cluster(&self) {
+        let mut st = self.state.borrow_mut();
+        let export = (self.id == 0).then(|| {
+            let mut e = RouteExport::new();
+            st.routes.for_each(|filter, key, _| {
+                if matches!(key, RouteKey::Shard(_)) {
+                    e.shard_changed(filter, true);
+                }
+            });
+            e
+        });
+        st.remote = Some(Remote {
+            export,
+            out: VecDeque::new(),
+            wake: Rc::default(),
+            remote_dropped: 0,
+        });
+    }
+
+    /// Wakes the runtime's bridge task when the outbox has something.
+    pub fn bridge_wake(&self) -> Option<Rc<Notify>> {
+        self.state.borrow().remote.as_ref().map(|r| r.wake.clone())
+    }
+
+    /// The next thing for the bridge.
+    pub fn poll_bridge(&self) -> Option<BridgeOut> {
+        self.state.borrow_mut().remote.as_mut()?.out.pop_front()
+    }
+
+    /// Shard 0: this node's whole route table as snapshot frames (for a
+    /// link that comes up), parts of at most `chunk_bytes`.
+    pub fn route_snapshot(&self, chunk_bytes: usize) -> Vec<Frame> {
+        let st = self.state.borrow();
+        match st.remote.as_ref().and_then(|r| r.export.as_ref()) {
+            Some(e) => e.snapshot(chunk_bytes),
+            None => Vec::new(),
+        }
+    }
+
+    /// Shard 0: a Ping carrying the route sequence and digest.
+    pub fn route_ping(&self) -> Frame {
+        let st = self.state.borrow();
+        match st.remote.as_ref().and_then(|r| r.export.as_ref()) {
+            Some(e) => Frame::Ping {
+                seq: e.seq(),
+                digest: e.digest(),
+            },
+            None => Frame::Ping { seq: 0, digest: 0 },
+        }
+    }
+
+    /// A message from another node: deliver it to this node's
+    /// subscribers (through the other shards as needed), never to a
+    /// third node.
+    pub fn handle_remote_publish(&self, now: Instant, message: Arc<Message>) {
+        let mut st = self.state.borrow_mut();
+        let routed = !message.is_expired(now)
+            && self.route(
+                &mut st,
+                now,
+                message,
+                Source {
+                    remote: true,
+                    ..Source::default()
+                },
+            );
+        if !routed {
+            if let Some(r) = st.remote.as_mut() {
+                r.remote_dropped += 1;
+            }
+        }
+        self.send_applied(&mut st);
+        Self::debug_invariants(&st);
+    }
+
+    /// Shard 0: route changes of remote node `node` (an index this node
+    /// gives its peers), for every shard's replica.
+    pub fn remote_routes(&self, node: u16, changes: &[RouteChange]) {
+        let mut st = self.state.borrow_mut();
+        for c in changes {
+            Self::apply_route(&mut st, &c.filter, RouteKey::Node(node), c.add);
+            self.mesh.broadcast(|| MeshMsg::Route {
+                filter: c.filter.clone(),
+                key: RouteKey::Node(node),
+                add: c.add,
+                ack_to: None,
+            });
+        }
+    }
+
+    /// Messages from other nodes dropped (expired, or the log was full).
+    pub fn remote_dropped(&self) -> u64 {
+        self.state
+            .borrow()
+            .remote
+            .as_ref()
+            .map_or(0, |r| r.remote_dropped)
+    }
+
+    /// Queue `message` for each remote node in `nodes`.
+    pub(super) fn to_nodes(st: &mut State, message: &Arc<Message>, nodes: &[u16]) {
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        for &node in nodes {
+            r.out.push_back(BridgeOut::Publish {
+                node,
+                message: message.clone(),
+            });
+        }
+        r.wake.notify();
+    }
+
+    /// Shard 0: a replica change of a local shard may change the node's
+    /// routes as a whole.
+    pub(super) fn export_route(st: &mut State, filter: &str, key: &RouteKey, add: bool) {
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        let (Some(e), RouteKey::Shard(_)) = (r.export.as_mut(), key) else {
+            return;
+        };
+        if let Some((seq, change)) = e.shard_changed(filter, add) {
+            r.out.push_back(BridgeOut::Route { seq, change });
+            r.wake.notify();
+        }
+    }
+}
