@@ -14,6 +14,8 @@ use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use thiserror::Error;
 
+use crate::cluster::frame::{Hello, BRIDGE_VERSION};
+use crate::cluster::link::LinkSettings;
 use crate::cluster::membership::Membership;
 use crate::cluster::node::{bump_incarnation, clock_incarnation, Node, NodeName};
 use crate::config::{Config, ConfigError, Durability};
@@ -21,7 +23,9 @@ use crate::listen::{self, ListenError, PortLock};
 use crate::log::dir::DataDir;
 use crate::persist::recover::{recover, RecoveryError, RecoverySettings};
 use crate::shard::mesh::Batch;
-use crate::shard::runtime::{run_shard, ClusterStart, Control, Durable, Lanes};
+use crate::shard::runtime::{
+    run_shard, BridgeStart, ClusterStart, Control, Durable, Lanes, ShardCluster,
+};
 use crate::shard::StopReport;
 
 /// Why the broker could not start.
@@ -114,8 +118,12 @@ impl Broker {
         check_os_limits(&config, shards)?;
         let listeners = listen::open(&config.server.listen, shards)?;
         let (data_dir, mut durables) = recover_logs(&config, shards)?;
-        let mut cluster = start_cluster(&config, shards, data_dir.as_ref())?;
-        let cluster_addr = cluster.as_ref().map(|(_, a)| *a);
+        let cluster = start_cluster(&config, shards, data_dir.as_ref())?;
+        let cluster_addr = cluster.as_ref().map(|c| c.bound);
+        let (mut membership, mut bridges) = match cluster {
+            Some(c) => (Some(c.membership), Some(c.bridges.into_iter())),
+            None => (None, None),
+        };
         let mesh = MeshBuilder::<Batch, Full>::full(shards, config.mesh.lane_capacity);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(shards);
         let (stopped_tx, stopped_rx) = crossbeam_channel::bounded(shards);
@@ -135,7 +143,13 @@ impl Broker {
             let sockets = sockets.next().unwrap_or_default();
             let durable = durables.as_mut().map(|d| d.remove(0));
             // Membership is served by shard 0.
-            let cluster = cluster.take().map(|(c, _)| c);
+            let cluster = bridges
+                .as_mut()
+                .and_then(Iterator::next)
+                .map(|bridge| ShardCluster {
+                    bridge,
+                    membership: membership.take(),
+                });
             let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
             let placement = match &cpus {
                 Some(cpus) if config.server.pin_cpus && shards <= cpus.len() => {
@@ -283,47 +297,130 @@ fn recover_logs(
     Ok((Some(recovery.dir), Some(durables)))
 }
 
-/// Bind the membership socket, bump the incarnation, and build the
-/// membership shard 0 runs; with the address bound. None without
+/// A cluster node's start: membership for shard 0, a bridge for each
+/// shard, and the membership address bound.
+struct ClusterParts {
+    membership: ClusterStart,
+    bridges: Vec<BridgeStart>,
+    bound: SocketAddr,
+}
+
+/// Bind the membership socket and each shard's bridge port, bump the
+/// incarnation, and build what the shards run. None without
 /// `cluster.node_id`.
 fn start_cluster(
     config: &Config,
     shards: usize,
     data_dir: Option<&DataDir>,
-) -> Result<Option<(ClusterStart, SocketAddr)>, StartError> {
+) -> Result<Option<ClusterParts>, StartError> {
     let c = &config.cluster;
     if !c.enabled() {
         return Ok(None);
     }
     let name = NodeName::new(&c.node_id).map_err(|e| StartError::Cluster(e.to_string()))?;
-    let socket = bind_udp(c.listen)
-        .map_err(|e| StartError::Cluster(format!("cannot listen on {} (udp): {e}", c.listen)))?;
-    let bound = socket
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .unwrap_or(c.listen);
+    let (socket, listeners, bound) = bind_cluster(c.listen, shards)?;
     let incarnation = match data_dir {
         Some(dir) => {
             bump_incarnation(dir, &name).map_err(|e| StartError::Cluster(e.to_string()))?
         }
         None => clock_incarnation(),
     };
-    let shards = u16::try_from(shards).unwrap_or(u16::MAX);
-    let me = Node::new(name, c.advertise_addr(bound), incarnation, shards);
+    let shard_count = u16::try_from(shards).unwrap_or(u16::MAX);
+    let me = Node::new(name, c.advertise_addr(bound), incarnation, shard_count);
     let seed = incarnation
         ^ u64::from(std::process::id()).rotate_left(32)
         ^ clock_incarnation().wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let join: Vec<String> = c.join.iter().map(|a| a.to_string()).collect();
     log::info!(
-        "cluster: node {} incarnation {incarnation}, membership on {bound} (udp), reached at {}; \
-         joining through [{}]",
+        "cluster: node {} incarnation {incarnation}, membership on {bound} (udp), bridge on ports \
+         {}-{} (tcp), reached at {}; joining through [{}]",
         crate::text::quote(me.name.as_str()),
+        bound.port(),
+        u32::from(bound.port()) + shards as u32 - 1,
         me.addr,
         join.join(", ")
     );
+    let tag = u32::from_be_bytes(
+        crate::cluster::membership::envelope(&c.name)[4..8]
+            .try_into()
+            .unwrap_or_default(),
+    );
+    let settings = LinkSettings {
+        frame_bytes_max: config.mqtt.packet_size_max_bytes as usize + (64 << 10),
+        out_bytes_max: c.link_queue_bytes_max,
+        ping_after_ms: 1_000,
+        dead_after_ms: 5_000,
+    };
+    let mut senders = Vec::new();
+    let mut bridges = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        senders.push(tx);
+        bridges.push(BridgeStart {
+            listener,
+            me: Hello {
+                version: BRIDGE_VERSION,
+                cluster_tag: tag,
+                node: me.name.clone(),
+                incarnation,
+                shard: i as u16,
+                shards: shard_count,
+            },
+            events: rx,
+            settings: settings.clone(),
+            routes_max: c.routes_max,
+        });
+    }
     let membership = Membership::new(me, &c.join, &c.membership_settings(), seed);
-    Ok(Some((ClusterStart { socket, membership }, bound)))
+    Ok(Some(ClusterParts {
+        membership: ClusterStart {
+            socket,
+            membership,
+            bridges: senders,
+        },
+        bridges,
+        bound,
+    }))
+}
+
+/// Bind membership (UDP) on `listen` and shard j's bridge (TCP) on its
+/// port + j. With port 0, ports are picked until a run of free ones is
+/// found.
+fn bind_cluster(
+    listen: SocketAddr,
+    shards: usize,
+) -> Result<(socket2::Socket, Vec<socket2::Socket>, SocketAddr), StartError> {
+    let tries = if listen.port() == 0 { 50 } else { 1 };
+    let mut last = String::new();
+    for _ in 0..tries {
+        let udp = bind_udp(listen)
+            .map_err(|e| StartError::Cluster(format!("cannot listen on {listen} (udp): {e}")))?;
+        let bound = udp
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or(listen);
+        let mut tcp = Vec::new();
+        for j in 0..shards {
+            let port = u16::try_from(usize::from(bound.port()) + j).ok();
+            let Some(port) = port else {
+                last = format!("bridge port of shard {j} past 65535");
+                break;
+            };
+            let addr = SocketAddr::new(bound.ip(), port);
+            match bind_tcp(addr) {
+                Ok(s) => tcp.push(s),
+                Err(e) => {
+                    last = format!("cannot listen on {addr} (tcp, bridge of shard {j}): {e}");
+                    break;
+                }
+            }
+        }
+        if tcp.len() == shards {
+            return Ok((udp, tcp, bound));
+        }
+    }
+    Err(StartError::Cluster(last))
 }
 
 fn bind_udp(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
@@ -331,6 +428,16 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
     Ok(socket)
 }
 

@@ -80,6 +80,11 @@ pub struct ClusterConfig {
     pub suspect_timeout_ms: u64,
     /// How often a node alone announces itself to `join`.
     pub join_interval_ms: u64,
+    /// Bytes one bridge link holds waiting to be written; past it,
+    /// messages for that node are dropped (counted).
+    pub link_queue_bytes_max: usize,
+    /// Routes (filters) taken from one peer node at most.
+    pub routes_max: usize,
 }
 
 /// How acknowledged messages and sessions are kept.

@@ -233,6 +233,12 @@ impl LinkSession {
         Ok(())
     }
 
+    /// Queue `f` past the output bound: for what must never be dropped
+    /// (route changes); the caller watches [`LinkSession::out_bytes`].
+    pub fn force_send(&mut self, now_ms: u64, f: &Frame) {
+        self.push(f, now_ms);
+    }
+
     /// Refuse the peer (its Hello was fine, but the owner will not have
     /// it): the frame is queued; close after writing it.
     pub fn refuse(&mut self, now_ms: u64, reason: RefuseReason, text: &str) {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cluster::frame::{Frame, RouteChange};
-use crate::cluster::routes::RouteExport;
+use crate::cluster::routes::{RouteExport, RouteFeed};
 use crate::message::Message;
 
 use super::mesh::{MeshMsg, RouteKey};
@@ -89,12 +89,12 @@ impl ShardCore {
         self.state.borrow_mut().remote.as_mut()?.out.pop_front()
     }
 
-    /// Shard 0: this node's whole route table as snapshot frames (for a
-    /// link that comes up), parts of at most `chunk_bytes`.
-    pub fn route_snapshot(&self, chunk_bytes: usize) -> Vec<Frame> {
+    /// Shard 0: a link came up: start its route feed from this node's
+    /// table; the snapshot frames to send, parts of at most `chunk_bytes`.
+    pub fn start_route_feed(&self, feed: &mut RouteFeed, chunk_bytes: usize) -> Vec<Frame> {
         let st = self.state.borrow();
         match st.remote.as_ref().and_then(|r| r.export.as_ref()) {
-            Some(e) => e.snapshot(chunk_bytes),
+            Some(e) => feed.start(e, chunk_bytes),
             None => Vec::new(),
         }
     }

@@ -284,7 +284,7 @@ pub(crate) fn listener_from(socket: socket2::Socket) -> io::Result<(TcpListener,
 /// Duplicate the socket's descriptor so the connection can move to another
 /// shard; the caller drops its own stream afterwards.
 #[allow(unsafe_code)]
-fn duplicate(stream: &TcpStream) -> io::Result<socket2::Socket> {
+pub(super) fn duplicate(stream: &TcpStream) -> io::Result<socket2::Socket> {
     // SAFETY: the descriptor is owned by `stream`, which is alive for the
     // whole (immediate) use of the borrow: it is duplicated at once.
     let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };

@@ -12,14 +12,61 @@ use std::time::{Duration, Instant};
 
 use glommio::net::UdpSocket;
 
+use std::collections::HashMap;
+
 use crate::cluster::membership::{MemberEvent, Membership, DATAGRAM_MAX};
+use crate::cluster::node::{Node, NodeName};
+
+use super::bridge::PeerEvent;
 use crate::shard::notify::Notify;
 use crate::text::{quote, suppressed_note, LogGate};
 
-/// What shard 0 runs membership with: the bound socket and the value.
+/// What shard 0 runs membership with: the bound socket, the value, and
+/// a lane to every shard's bridge (its own included).
 pub(crate) struct ClusterStart {
     pub(crate) socket: socket2::Socket,
     pub(crate) membership: Membership,
+    pub(crate) bridges: Vec<crossbeam_channel::Sender<PeerEvent>>,
+}
+
+/// Live peers by index, as told to the bridges: each node name keeps its
+/// index for the life of the process; each change is told once.
+#[derive(Default)]
+struct Peers {
+    indices: HashMap<NodeName, u16>,
+    live: HashMap<u16, Node>,
+}
+
+impl Peers {
+    fn index(&mut self, name: &NodeName) -> u16 {
+        let next = self.indices.len() as u16;
+        *self.indices.entry(name.clone()).or_insert(next)
+    }
+
+    fn up(&mut self, node: &Node, out: &mut Vec<PeerEvent>) {
+        let index = self.index(&node.name);
+        if self.live.get(&index) == Some(node) {
+            return;
+        }
+        if let Some(old) = self.live.insert(index, node.clone()) {
+            out.push(PeerEvent::Down { index, node: old });
+        }
+        out.push(PeerEvent::Up {
+            index,
+            node: node.clone(),
+        });
+    }
+
+    fn down(&mut self, node: &Node, out: &mut Vec<PeerEvent>) {
+        let index = self.index(&node.name);
+        if self.live.get(&index) == Some(node) {
+            self.live.remove(&index);
+            out.push(PeerEvent::Down {
+                index,
+                node: node.clone(),
+            });
+        }
+    }
 }
 
 /// The running membership, for the shard's stop.
@@ -30,6 +77,8 @@ pub(crate) struct MembershipTask {
 
 struct State {
     membership: RefCell<Membership>,
+    peers: RefCell<Peers>,
+    bridges: Vec<crossbeam_channel::Sender<PeerEvent>>,
     socket: UdpSocket,
     wake: Notify,
     epoch: Instant,
@@ -48,8 +97,27 @@ impl State {
             let events: Vec<_> = std::iter::from_fn(|| m.poll_event()).collect();
             (out, events)
         };
+        let mut told = Vec::new();
         for e in events {
-            log_event(&self.membership.borrow(), &e);
+            let m = self.membership.borrow();
+            log_event(&m, &e);
+            let mut peers = self.peers.borrow_mut();
+            match &e {
+                MemberEvent::Up(n) => peers.up(n, &mut told),
+                MemberEvent::Down(n) => peers.down(n, &mut told),
+                MemberEvent::Replaced { old, new } => {
+                    peers.down(old, &mut told);
+                    if m.members().any(|x| x == new) {
+                        peers.up(new, &mut told);
+                    }
+                }
+                MemberEvent::Joined | MemberEvent::Alone | MemberEvent::Rejoined(_) => {}
+            }
+        }
+        for ev in told {
+            for b in &self.bridges {
+                let _ = b.send(ev.clone());
+            }
         }
         for t in out {
             // A lost datagram is what SWIM is built for; an unreachable
@@ -64,10 +132,16 @@ impl State {
 /// Start membership on this shard: announce to the join addresses and
 /// spawn the receiver and the driver.
 pub(crate) fn start(cluster: ClusterStart) -> MembershipTask {
-    let ClusterStart { socket, membership } = cluster;
+    let ClusterStart {
+        socket,
+        membership,
+        bridges,
+    } = cluster;
     let socket = UdpSocket::from(socket);
     let state = Rc::new(State {
         membership: RefCell::new(membership),
+        peers: RefCell::new(Peers::default()),
+        bridges,
         socket,
         wake: Notify::default(),
         epoch: Instant::now(),

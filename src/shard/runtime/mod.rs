@@ -12,6 +12,7 @@
 //! the core's. This module and `broker` (start-up) are the only ones that
 //! import glommio.
 
+mod bridge;
 mod connection;
 mod membership;
 mod sync;
@@ -30,6 +31,7 @@ use crate::persist::WallClock;
 use super::mesh::{Batch, Mesh};
 use super::{ShardCore, StopReport};
 
+pub(crate) use bridge::BridgeStart;
 pub use connection::last_client;
 use connection::{accept_loop, listener_from, spawn_handoff};
 pub(crate) use membership::ClusterStart;
@@ -48,6 +50,13 @@ pub(crate) struct Durable {
     pub(crate) clock: WallClock,
 }
 
+/// What a shard of a cluster node starts with: its bridge, and on shard
+/// 0 membership.
+pub(crate) struct ShardCluster {
+    pub(crate) bridge: BridgeStart,
+    pub(crate) membership: Option<ClusterStart>,
+}
+
 /// The channels one shard's executor is started with.
 pub(crate) struct Lanes {
     pub(crate) mesh: MeshBuilder<Batch, Full>,
@@ -64,7 +73,7 @@ pub(crate) async fn run_shard(
     lanes: Lanes,
     sockets: Vec<socket2::Socket>,
     durable: Option<Durable>,
-    cluster: Option<ClusterStart>,
+    cluster: Option<ShardCluster>,
 ) {
     let Lanes {
         mesh,
@@ -134,7 +143,14 @@ pub(crate) async fn run_shard(
             }
         }
     }
-    let membership = cluster.map(membership::start);
+    let mut membership = None;
+    if let Some(c) = cluster {
+        if let Err(e) = bridge::start(shard.clone(), c.bridge) {
+            let _ = ready.send(Err((id, format!("cannot start the bridge: {e}"))));
+            return;
+        }
+        membership = c.membership.map(membership::start);
+    }
     let _ = ready.send(Ok(()));
     loop {
         glommio::timer::sleep(ShardCore::TICK).await;

@@ -1,0 +1,655 @@
+//! The bridge's I/O on one shard: its links to the other nodes, and
+//! nothing that decides.
+//!
+//! Shard-local. Shard `i` dials shard `i mod n` of every live peer (at the
+//! peer's membership port + that shard) and sends it what its core routes
+//! there; it accepts the links other nodes' shards dial to it and hands
+//! the messages they bring to its core. Shard 0's link to each peer also
+//! carries this node's routes (a snapshot when it comes up, then every
+//! change: [`RouteFeed`]); shard 0 takes each peer's routes from the link
+//! of the peer's shard 0 ([`RouteImport`]) and gives the changes to its
+//! core, which broadcasts them to every shard's replica. Protocol and
+//! framing are [`LinkSession`]'s. Peers come from shard 0's membership as
+//! [`PeerEvent`]s.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+
+use crate::cluster::frame::{Frame, Hello, RefuseReason};
+use crate::cluster::link::{LinkError, LinkEvent, LinkSession, LinkSettings};
+use crate::cluster::node::Node;
+use crate::cluster::routes::{RouteFeed, RouteImport};
+use crate::shard::notify::Notify;
+use crate::shard::{BridgeOut, ShardCore};
+use crate::text::{quote, suppressed_note, LogGate};
+
+use super::connection::{duplicate, listener_from, SharedStream};
+
+/// A membership change, from shard 0 to every shard's bridge. Indices
+/// are shard 0's, the same on every shard for the life of the process.
+#[derive(Debug, Clone)]
+pub(crate) enum PeerEvent {
+    /// A node is up (or a newer run of it).
+    Up {
+        /// Its index.
+        index: u16,
+        /// The run.
+        node: Node,
+    },
+    /// A node is down.
+    Down {
+        /// Its index.
+        index: u16,
+        /// The run that went down.
+        node: Node,
+    },
+}
+
+/// What one shard's bridge starts with.
+pub(crate) struct BridgeStart {
+    /// This shard's bridge port, bound and listening.
+    pub(crate) listener: socket2::Socket,
+    /// This shard's Hello.
+    pub(crate) me: Hello,
+    /// Membership changes from shard 0.
+    pub(crate) events: crossbeam_channel::Receiver<PeerEvent>,
+    /// Link limits.
+    pub(crate) settings: LinkSettings,
+    /// Routes taken from one peer at most.
+    pub(crate) routes_max: usize,
+}
+
+/// Links a shard accepts at once (beyond: closed at once).
+const INBOUND_LINKS_MAX: usize = 1024;
+/// Snapshot parts, in bytes of filters.
+const SNAPSHOT_CHUNK_BYTES: usize = 64 << 10;
+/// First and longest wait before dialing a peer again.
+const BACKOFF_MIN_MS: u64 = 100;
+const BACKOFF_MAX_MS: u64 = 5_000;
+/// How often links are ticked and due dials made.
+const TICK: Duration = Duration::from_millis(50);
+
+struct Link {
+    id: u64,
+    /// Outbound: the peer dialed. Inbound: the peer, once its Hello named a
+    /// live member.
+    peer: Cell<Option<u16>>,
+    outbound: bool,
+    session: RefCell<LinkSession>,
+    stream: SharedStream,
+    /// A second handle on the socket, to shut it down from any task.
+    handle: socket2::Socket,
+    wake: Notify,
+    closed: Cell<bool>,
+    /// Outbound on shard 0: the routes this link still needs.
+    feed: RefCell<RouteFeed>,
+}
+
+struct Peer {
+    node: Node,
+    out: Option<Rc<Link>>,
+    dialing: bool,
+    backoff_ms: u64,
+    dial_at: Instant,
+}
+
+struct Bridge {
+    core: Rc<ShardCore>,
+    me: Hello,
+    epoch: Instant,
+    settings: LinkSettings,
+    routes_max: usize,
+    peers: RefCell<HashMap<u16, Peer>>,
+    inbound: RefCell<Vec<Rc<Link>>>,
+    /// Shard 0: each peer's routes, and the link that carries them.
+    imports: RefCell<HashMap<u16, (RouteImport, u64)>>,
+    next_id: Cell<u64>,
+    log_gate: RefCell<LogGate>,
+    /// Messages for a peer with no link up, or whose link was full.
+    dropped: Cell<u64>,
+}
+
+/// Start this shard's bridge: its accept loop, its control loop (peers,
+/// dials, ticks) and the task that moves its core's outbox onto links.
+pub(crate) fn start(core: Rc<ShardCore>, start: BridgeStart) -> std::io::Result<()> {
+    core.enable_cluster();
+    let (listener, _handle) = listener_from(start.listener)?;
+    let bridge = Rc::new(Bridge {
+        core,
+        me: start.me,
+        epoch: Instant::now(),
+        settings: start.settings,
+        routes_max: start.routes_max,
+        peers: RefCell::new(HashMap::new()),
+        inbound: RefCell::new(Vec::new()),
+        imports: RefCell::new(HashMap::new()),
+        next_id: Cell::new(0),
+        log_gate: RefCell::new(LogGate::new(10, Duration::from_secs(10))),
+        dropped: Cell::new(0),
+    });
+    glommio::spawn_local(accept_loop(bridge.clone(), listener)).detach();
+    glommio::spawn_local(outbox_loop(bridge.clone())).detach();
+    let events = start.events;
+    glommio::spawn_local(async move {
+        loop {
+            while let Ok(ev) = events.try_recv() {
+                bridge.on_peer_event(ev);
+            }
+            bridge.dial_due();
+            bridge.tick_links();
+            glommio::timer::sleep(TICK).await;
+        }
+    })
+    .detach();
+    Ok(())
+}
+
+impl Bridge {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn warn(&self, line: std::fmt::Arguments<'_>) {
+        if let Some(n) = self.log_gate.borrow_mut().allow(Instant::now()) {
+            log::warn!(
+                "cluster: shard {}: {line}{}",
+                self.me.shard,
+                suppressed_note(n)
+            );
+        }
+    }
+
+    fn on_peer_event(&self, ev: PeerEvent) {
+        log::debug!("cluster: shard {}: {ev:?}", self.me.shard);
+        match ev {
+            PeerEvent::Up { index, node } => {
+                let old = self.peers.borrow_mut().insert(
+                    index,
+                    Peer {
+                        node,
+                        out: None,
+                        dialing: false,
+                        backoff_ms: BACKOFF_MIN_MS,
+                        dial_at: Instant::now(),
+                    },
+                );
+                if let Some(link) = old.and_then(|p| p.out) {
+                    self.close(&link, "a newer run of the node is up");
+                }
+            }
+            PeerEvent::Down { index, node } => {
+                let same = self
+                    .peers
+                    .borrow()
+                    .get(&index)
+                    .is_some_and(|p| p.node == node);
+                if !same {
+                    return;
+                }
+                let peer = self.peers.borrow_mut().remove(&index);
+                if let Some(link) = peer.and_then(|p| p.out) {
+                    self.close(&link, "the node is down");
+                }
+                let gone = self.imports.borrow_mut().remove(&index);
+                if let Some((mut import, link_id)) = gone {
+                    let removals = import.clear();
+                    self.core.remote_routes(index, &removals);
+                    let route_link = self
+                        .inbound
+                        .borrow()
+                        .iter()
+                        .find(|l| l.id == link_id)
+                        .cloned();
+                    if let Some(l) = route_link {
+                        self.close(&l, "the node is down");
+                    }
+                }
+            }
+        }
+    }
+
+    fn dial_due(self: &Rc<Self>) {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for (&index, p) in self.peers.borrow_mut().iter_mut() {
+            if p.out.is_none() && !p.dialing && now >= p.dial_at {
+                let shard = self.me.shard % p.node.shards.max(1);
+                if let Some(addr) = p.node.bridge_addr(shard) {
+                    p.dialing = true;
+                    due.push((index, addr, p.node.clone()));
+                }
+            }
+        }
+        for (index, addr, node) in due {
+            glommio::spawn_local(dial(self.clone(), index, addr, node)).detach();
+        }
+    }
+
+    fn dial_failed(&self, index: u16) {
+        if let Some(p) = self.peers.borrow_mut().get_mut(&index) {
+            p.dialing = false;
+            p.out = None;
+            p.dial_at = Instant::now() + Duration::from_millis(p.backoff_ms);
+            p.backoff_ms = (p.backoff_ms * 2).min(BACKOFF_MAX_MS);
+        }
+    }
+
+    fn tick_links(&self) {
+        let now = self.now_ms();
+        let mut links: Vec<Rc<Link>> = self.inbound.borrow().clone();
+        links.extend(self.peers.borrow().values().filter_map(|p| p.out.clone()));
+        for link in links {
+            let tick = link.session.borrow_mut().handle_tick(now);
+            match tick {
+                Err(e) => self.close(&link, &e.to_string()),
+                Ok(true) => {
+                    let ping = if link.outbound && self.me.shard == 0 {
+                        self.core.route_ping()
+                    } else {
+                        Frame::Ping { seq: 0, digest: 0 }
+                    };
+                    let _ = link.session.borrow_mut().send(now, &ping);
+                    link.wake.notify();
+                }
+                Ok(false) => {}
+            }
+        }
+    }
+
+    fn new_link(
+        &self,
+        stream: TcpStream,
+        outbound: Option<(u16, &Node)>,
+    ) -> std::io::Result<Rc<Link>> {
+        stream.set_nodelay(true)?;
+        let handle = duplicate(&stream)?;
+        let id = self.next_id.get() + 1;
+        self.next_id.set(id);
+        let now = self.now_ms();
+        let session = match outbound {
+            Some((_, node)) => LinkSession::dialed(
+                self.me.clone(),
+                (node.name.clone(), node.incarnation),
+                self.settings.clone(),
+                self.epoch,
+                now,
+            ),
+            None => LinkSession::accepted(self.me.clone(), self.settings.clone(), self.epoch, now),
+        };
+        Ok(Rc::new(Link {
+            id,
+            peer: Cell::new(outbound.map(|(i, _)| i)),
+            outbound: outbound.is_some(),
+            session: RefCell::new(session),
+            stream: SharedStream(Rc::new(RefCell::new(stream))),
+            handle,
+            wake: Notify::default(),
+            closed: Cell::new(false),
+            feed: RefCell::new(RouteFeed::new()),
+        }))
+    }
+
+    fn close(&self, link: &Rc<Link>, why: &str) {
+        if link.closed.replace(true) {
+            return;
+        }
+        let _ = link.handle.shutdown(std::net::Shutdown::Both);
+        link.wake.notify();
+        self.inbound.borrow_mut().retain(|l| l.id != link.id);
+        let peer = link.peer.get();
+        if link.outbound {
+            if let Some(index) = peer {
+                let mine = self
+                    .peers
+                    .borrow()
+                    .get(&index)
+                    .and_then(|p| p.out.as_ref())
+                    .is_some_and(|l| l.id == link.id);
+                if mine {
+                    self.dial_failed(index);
+                }
+            }
+        }
+        let name = peer
+            .and_then(|i| self.peers.borrow().get(&i).map(|p| p.node.name.to_string()))
+            .unwrap_or_else(|| "?".into());
+        let dir = if link.outbound { "to" } else { "from" };
+        log::debug!(
+            "cluster: shard {}: link {dir} node {} closed: {why}",
+            self.me.shard,
+            quote(&name)
+        );
+    }
+
+    /// Act on what a link's session reported.
+    fn process(&self, link: &Rc<Link>) {
+        loop {
+            let ev = link.session.borrow_mut().poll_event();
+            let Some(ev) = ev else {
+                break;
+            };
+            match ev {
+                LinkEvent::Up(h) => self.link_up(link, h),
+                LinkEvent::Frame(f) => self.frame(link, f),
+            }
+            if link.closed.get() {
+                return;
+            }
+        }
+        link.wake.notify();
+    }
+
+    fn link_up(&self, link: &Rc<Link>, h: Hello) {
+        let now = self.now_ms();
+        if link.outbound {
+            let Some(index) = link.peer.get() else {
+                return;
+            };
+            if let Some(p) = self.peers.borrow_mut().get_mut(&index) {
+                p.backoff_ms = BACKOFF_MIN_MS;
+            }
+            if self.me.shard == 0 {
+                let frames = self
+                    .core
+                    .start_route_feed(&mut link.feed.borrow_mut(), SNAPSHOT_CHUNK_BYTES);
+                let mut s = link.session.borrow_mut();
+                for f in &frames {
+                    // Past the output bound too: routes are never dropped.
+                    s.force_send(now, f);
+                }
+            }
+            log::info!(
+                "cluster: shard {}: link to node {} (its shard {}) is up",
+                self.me.shard,
+                quote(h.node.as_str()),
+                h.shard
+            );
+            return;
+        }
+        let index = self
+            .peers
+            .borrow()
+            .iter()
+            .find(|(_, p)| p.node.name == h.node && p.node.incarnation == h.incarnation)
+            .map(|(&i, _)| i);
+        let Some(index) = index else {
+            link.session.borrow_mut().refuse(
+                now,
+                RefuseReason::NotMember,
+                "not a live member here (yet)",
+            );
+            link.wake.notify();
+            // The Refuse goes out with the writer's next turn; the link is
+            // closed after a moment by its silence, or by the peer.
+            return;
+        };
+        link.peer.set(Some(index));
+        if self.me.shard == 0 && h.shard == 0 {
+            let mut imports = self.imports.borrow_mut();
+            let entry = imports
+                .entry(index)
+                .or_insert_with(|| (RouteImport::new(self.routes_max), link.id));
+            let older = std::mem::replace(&mut entry.1, link.id);
+            drop(imports);
+            if older != link.id {
+                let old = self
+                    .inbound
+                    .borrow()
+                    .iter()
+                    .find(|l| l.id == older)
+                    .cloned();
+                if let Some(old) = old {
+                    self.close(&old, "replaced by a newer link");
+                }
+            }
+        }
+    }
+
+    fn frame(&self, link: &Rc<Link>, f: Frame) {
+        match (&f, link.outbound) {
+            (Frame::Publish(m), false) if link.peer.get().is_some() => {
+                self.core.handle_remote_publish(Instant::now(), m.clone());
+            }
+            (
+                Frame::RouteSnapshot { .. } | Frame::RouteDelta { .. } | Frame::Ping { .. },
+                false,
+            ) => {
+                let Some(index) = link.peer.get() else {
+                    return;
+                };
+                let mut imports = self.imports.borrow_mut();
+                let Some((import, route_link)) = imports.get_mut(&index) else {
+                    return;
+                };
+                if *route_link != link.id {
+                    return;
+                }
+                match import.apply(&f) {
+                    Ok(applied) => {
+                        drop(imports);
+                        self.core.remote_routes(index, &applied.changes);
+                        if let Some(seq) = applied.ack {
+                            let now = self.now_ms();
+                            let _ = link
+                                .session
+                                .borrow_mut()
+                                .send(now, &Frame::RouteAck { seq });
+                        }
+                    }
+                    Err(e) => {
+                        drop(imports);
+                        self.warn(format_args!("routes from a peer refused: {e}; resyncing"));
+                        self.close(link, "route error");
+                    }
+                }
+            }
+            (Frame::RouteAck { .. } | Frame::Ping { .. }, true) => {}
+            _ => {
+                self.warn(format_args!("unexpected bridge frame; closing the link"));
+                self.close(link, "unexpected frame");
+            }
+        }
+    }
+}
+
+async fn accept_loop(bridge: Rc<Bridge>, listener: TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                bridge.warn(format_args!("bridge accept failed: {e}"));
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if bridge.inbound.borrow().len() >= INBOUND_LINKS_MAX {
+            drop(stream);
+            bridge.warn(format_args!(
+                "more than {INBOUND_LINKS_MAX} bridge links; a new one was closed"
+            ));
+            continue;
+        }
+        match bridge.new_link(stream, None) {
+            Ok(link) => {
+                bridge.inbound.borrow_mut().push(link.clone());
+                spawn_io(bridge.clone(), link);
+            }
+            Err(e) => bridge.warn(format_args!("cannot set up a bridge link: {e}")),
+        }
+    }
+}
+
+async fn dial(bridge: Rc<Bridge>, index: u16, addr: SocketAddr, node: Node) {
+    log::debug!(
+        "cluster: shard {}: dialing node {} at {addr}",
+        bridge.me.shard,
+        quote(node.name.as_str())
+    );
+    let stream = TcpStream::connect_timeout(addr, Duration::from_secs(2))
+        .await
+        .map_err(|e| e.to_string());
+    let link = stream.and_then(|s| {
+        bridge
+            .new_link(s, Some((index, &node)))
+            .map_err(|e| e.to_string())
+    });
+    let link = match link {
+        Ok(l) => l,
+        Err(e) => {
+            log::debug!(
+                "cluster: shard {}: cannot reach node {} at {addr}: {e}",
+                bridge.me.shard,
+                quote(node.name.as_str())
+            );
+            bridge.dial_failed(index);
+            return;
+        }
+    };
+    let still = {
+        let mut peers = bridge.peers.borrow_mut();
+        match peers.get_mut(&index).filter(|p| p.node == node) {
+            Some(p) => {
+                p.dialing = false;
+                p.out = Some(link.clone());
+                true
+            }
+            None => false,
+        }
+    };
+    if !still {
+        bridge.close(&link, "the node went away while dialing");
+        return;
+    }
+    spawn_io(bridge, link);
+}
+
+fn spawn_io(bridge: Rc<Bridge>, link: Rc<Link>) {
+    // The Hello is queued already.
+    link.wake.notify();
+    let (b, l) = (bridge.clone(), link.clone());
+    glommio::spawn_local(async move {
+        let mut stream = l.stream.clone();
+        while !l.closed.get() {
+            l.wake.wait().await;
+            loop {
+                let out = l.session.borrow_mut().poll_transmit();
+                let Some(bytes) = out else {
+                    break;
+                };
+                if let Err(e) = stream.write_all(&bytes).await {
+                    b.close(&l, &format!("write: {e}"));
+                    return;
+                }
+            }
+        }
+    })
+    .detach();
+    glommio::spawn_local(async move {
+        let mut stream = link.stream.clone();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match stream.read(&mut buf).await {
+                Ok(0) => {
+                    bridge.close(&link, "closed by the peer");
+                    return;
+                }
+                Ok(n) => n,
+                Err(e) => {
+                    bridge.close(&link, &format!("read: {e}"));
+                    return;
+                }
+            };
+            if link.closed.get() {
+                return;
+            }
+            let now = bridge.now_ms();
+            let read = link.session.borrow_mut().handle_bytes(now, &buf[..n]);
+            // Events before the error (a Hello, then garbage) still count.
+            bridge.process(&link);
+            if let Err(e) = read {
+                // A peer that does not know this node yet refuses it: the
+                // usual race at a join, retried after a backoff.
+                let expected = matches!(
+                    e,
+                    LinkError::Refused {
+                        reason: RefuseReason::NotMember,
+                        ..
+                    }
+                );
+                if !expected {
+                    bridge.warn(format_args!("bridge link error: {e}"));
+                }
+                bridge.close(&link, &e.to_string());
+                return;
+            }
+        }
+    })
+    .detach();
+}
+
+async fn outbox_loop(bridge: Rc<Bridge>) {
+    let Some(wake) = bridge.core.bridge_wake() else {
+        return;
+    };
+    loop {
+        wake.wait().await;
+        while let Some(out) = bridge.core.poll_bridge() {
+            let now = bridge.now_ms();
+            match out {
+                BridgeOut::Publish { node, message } => {
+                    let link = bridge
+                        .peers
+                        .borrow()
+                        .get(&node)
+                        .and_then(|p| p.out.clone())
+                        .filter(|l| l.session.borrow().is_up());
+                    let sent = link.is_some_and(|l| {
+                        let ok = l
+                            .session
+                            .borrow_mut()
+                            .send(now, &Frame::Publish(message))
+                            .is_ok();
+                        l.wake.notify();
+                        ok
+                    });
+                    if !sent {
+                        bridge.dropped.set(bridge.dropped.get() + 1);
+                        bridge.warn(format_args!(
+                            "a message for node {node} was dropped: no link up, or its output full \
+                             ({} so far)",
+                            bridge.dropped.get()
+                        ));
+                    }
+                }
+                BridgeOut::Route { seq, change } => {
+                    let links: Vec<Rc<Link>> = bridge
+                        .peers
+                        .borrow()
+                        .values()
+                        .filter_map(|p| p.out.clone())
+                        .collect();
+                    for l in links {
+                        let frame = l.feed.borrow_mut().change(seq, &change);
+                        if let Some(f) = frame {
+                            l.session.borrow_mut().force_send(now, &f);
+                            l.wake.notify();
+                            // Routes are never dropped; a peer that reads
+                            // none of them loses the link and resyncs.
+                            let backlog = l.session.borrow().out_bytes();
+                            if backlog > bridge.settings.out_bytes_max.saturating_mul(4) {
+                                bridge.close(&l, "route changes not read");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        glommio::yield_if_needed().await;
+    }
+}
