@@ -168,6 +168,18 @@ pub enum MeshMsg {
         /// Accept id.
         upto: u64,
     },
+    /// Answer [`MeshMsg::FenceDone`] with this id: the sender (shard 0)
+    /// then knows this shard applied everything it sent before, such as a
+    /// remote node's routes.
+    Fence {
+        /// Chosen by the sender.
+        id: u64,
+    },
+    /// The answer to a [`MeshMsg::Fence`].
+    FenceDone {
+        /// The fence's id.
+        id: u64,
+    },
     /// The sender's log became full (or has room again).
     StoreFull {
         /// Full now.

@@ -21,7 +21,7 @@ use crate::cluster::frame::{Frame, RouteChange};
 use crate::cluster::routes::{RouteExport, RouteFeed};
 use crate::message::Message;
 
-use super::mesh::{MeshMsg, RouteKey};
+use super::mesh::{AckTo, MeshMsg, RouteKey};
 use super::notify::Notify;
 use super::routing::Source;
 use super::{ShardCore, State};
@@ -43,6 +43,14 @@ pub enum BridgeOut {
         /// The change.
         change: RouteChange,
     },
+    /// Shard 0: every shard of this node applied remote node `node`'s
+    /// routes up to `seq`: acknowledge them to it.
+    RouteAck {
+        /// The node's index.
+        node: u16,
+        /// Its route sequence number.
+        seq: u64,
+    },
 }
 
 /// A shard's cluster state (None on a broker that runs alone).
@@ -54,6 +62,17 @@ pub(super) struct Remote {
     /// Messages from other nodes that expired on the way or that the
     /// log could not take.
     pub(super) remote_dropped: u64,
+    /// Shard 0: the route sequence number every peer with a link up has
+    /// acknowledged.
+    pub(super) acked_everywhere: u64,
+    /// Shard 0: acknowledgements of new routes (a subscriber's SUBACK
+    /// waits) held until the peers have the node's table up to the
+    /// number.
+    pub(super) waiting: VecDeque<(u64, AckTo)>,
+    /// Shard 0: fences out for remote routes: id → (shards yet to answer,
+    /// node, its sequence number).
+    pub(super) fences: hashbrown::HashMap<u64, (usize, u16, u64)>,
+    pub(super) next_fence: u64,
 }
 
 impl ShardCore {
@@ -76,6 +95,10 @@ impl ShardCore {
             out: VecDeque::new(),
             wake: Rc::default(),
             remote_dropped: 0,
+            acked_everywhere: 0,
+            waiting: VecDeque::new(),
+            fences: hashbrown::HashMap::new(),
+            next_fence: 0,
         });
     }
 
@@ -136,8 +159,12 @@ impl ShardCore {
     }
 
     /// Shard 0: route changes of remote node `node` (an index this node
-    /// gives its peers), for every shard's replica.
-    pub fn remote_routes(&self, node: u16, changes: &[RouteChange]) {
+    /// gives its peers), for every shard's replica. With `ack`, the node's
+    /// route sequence number they bring it to: [`BridgeOut::RouteAck`]
+    /// follows once every shard has applied them (a fence over the mesh,
+    /// whose lanes keep order), so the node's SUBACK waits until a publish
+    /// on any shard here reaches its subscriber.
+    pub fn remote_routes(&self, node: u16, changes: &[RouteChange], ack: Option<u64>) {
         let mut st = self.state.borrow_mut();
         for c in changes {
             Self::apply_route(&mut st, &c.filter, RouteKey::Node(node), c.add);
@@ -148,6 +175,75 @@ impl ShardCore {
                 ack_to: None,
             });
         }
+        let (Some(seq), Some(r)) = (ack, st.remote.as_mut()) else {
+            return;
+        };
+        if self.shards == 1 {
+            r.out.push_back(BridgeOut::RouteAck { node, seq });
+            r.wake.notify();
+            return;
+        }
+        r.next_fence += 1;
+        let id = r.next_fence;
+        r.fences.insert(id, (self.shards - 1, node, seq));
+        self.mesh.broadcast(|| MeshMsg::Fence { id });
+    }
+
+    /// A shard answered fence `id`.
+    pub(super) fn fence_done(st: &mut State, id: u64) {
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        let Some(f) = r.fences.get_mut(&id) else {
+            return;
+        };
+        f.0 -= 1;
+        if f.0 == 0 {
+            let (_, node, seq) = r.fences.remove(&id).unwrap_or_default();
+            r.out.push_back(BridgeOut::RouteAck { node, seq });
+            r.wake.notify();
+        }
+    }
+
+    /// Shard 0: every peer whose link is up has acknowledged this node's
+    /// routes up to `upto` (`u64::MAX`: no link is up). Releases the
+    /// subscribers waiting for that.
+    pub fn routes_acked(&self, upto: u64) {
+        let mut st = self.state.borrow_mut();
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        r.acked_everywhere = upto;
+        let mut released = Vec::new();
+        while let Some(&(seq, ack)) = r.waiting.front() {
+            if seq > upto {
+                break;
+            }
+            r.waiting.pop_front();
+            released.push(ack);
+        }
+        for ack in released {
+            self.ack(&mut st, ack);
+        }
+    }
+
+    /// Shard 0: acknowledge a new route once the peers can route it too:
+    /// at once when they have the table as it is now, else when they do.
+    /// Returns false (the caller acknowledges at once) off shard 0 or
+    /// outside a cluster.
+    pub(super) fn ack_when_peers_have(st: &mut State, ack: AckTo) -> bool {
+        let Some(r) = st.remote.as_mut() else {
+            return false;
+        };
+        let Some(e) = r.export.as_ref() else {
+            return false;
+        };
+        let seq = e.seq();
+        if r.acked_everywhere >= seq {
+            return false;
+        }
+        r.waiting.push_back((seq, ack));
+        true
     }
 
     /// Messages from other nodes dropped (expired, or the log was full).

@@ -504,11 +504,19 @@ impl ShardCore {
             }
         }
         Self::apply_route(st, &filter, key.clone(), add);
+        // On shard 0 of a cluster node, the other nodes must have the
+        // route too: one more acknowledgement, from the bridge.
+        let remote = add && st.remote.as_ref().is_some_and(|r| r.export.is_some());
         let ack_to = if add {
-            self.hold_output(st, subscriber, self.shards as u32 - 1)
+            self.hold_output(st, subscriber, self.shards as u32 - 1 + u32::from(remote))
         } else {
             None
         };
+        if let Some(ack) = ack_to.filter(|_| remote) {
+            if !Self::ack_when_peers_have(st, ack) {
+                Self::acked(st, ack);
+            }
+        }
         self.mesh.broadcast(|| MeshMsg::Route {
             filter: filter.clone(),
             key: key.clone(),
@@ -532,6 +540,15 @@ impl ShardCore {
             session: key,
             uid: slot.uid,
         })
+    }
+
+    /// Send `ack` to its shard, or take it here when it is this shard's.
+    pub(super) fn ack(&self, st: &mut State, ack: AckTo) {
+        if ack.shard == self.id {
+            Self::acked(st, ack);
+        } else {
+            self.mesh.send(ack.shard, MeshMsg::Ack(ack));
+        }
     }
 
     /// Another shard applied a route delta or stored a retained message
@@ -709,10 +726,16 @@ impl ShardCore {
                 } => {
                     Self::apply_route(&mut st, &filter, key, add);
                     if let Some(ack) = ack_to {
-                        self.mesh.send(ack.shard, MeshMsg::Ack(ack));
+                        // Shard 0 of a cluster node answers once the
+                        // other nodes have the route too.
+                        if !(add && Self::ack_when_peers_have(&mut st, ack)) {
+                            self.mesh.send(ack.shard, MeshMsg::Ack(ack));
+                        }
                     }
                 }
                 MeshMsg::Ack(ack) => Self::acked(&mut st, ack),
+                MeshMsg::Fence { id } => self.mesh.send(from, MeshMsg::FenceDone { id }),
+                MeshMsg::FenceDone { id } => Self::fence_done(&mut st, id),
                 MeshMsg::Handoff(h) => handoffs.push(*h),
             }
         }

@@ -3,6 +3,7 @@
 //! simulator, `tests/simulation.rs`, drives several with logs and crashes).
 
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -262,6 +263,151 @@ fn a_resumed_session_s_suback_waits_for_the_route_its_last_connection_sent() {
     assert!(
         matches!(&got[..], [Packet::ConnAck(a), Packet::SubAck(_)] if a.session_present),
         "{got:?}"
+    );
+    c0.check_invariants();
+    c1.check_invariants();
+}
+
+fn subscribe_packet(packet_id: u16, filter: &str) -> Packet {
+    Packet::Subscribe(codec::Subscribe {
+        packet_id,
+        filters: vec![(filter.into(), codec::SubOptions::default())],
+        properties: Properties::default(),
+    })
+}
+
+fn bridge_out(core: &ShardCore) -> Vec<super::BridgeOut> {
+    std::iter::from_fn(|| core.poll_bridge()).collect()
+}
+
+/// On a cluster node, a SUBACK waits until every peer with a link up has
+/// acknowledged the node's routes up to the change the subscription made:
+/// shard 0 holds the other shard's acknowledgement, and its own
+/// subscriber's, until the bridge reports the peers' acknowledgement.
+#[test]
+fn on_a_cluster_node_a_suback_waits_until_the_other_nodes_can_route_it() {
+    let (c0, c1) = (core(0, 2), core(1, 2));
+    for c in [&c0, &c1] {
+        c.enable_cluster();
+    }
+    let t0 = Instant::now();
+    // One peer with its link up, which has acknowledged nothing yet.
+    c0.routes_acked(0);
+    let sub = c1
+        .attach(t0, Box::new(connect(&id_on(1, 2), Version::V3_1_1)), None)
+        .unwrap();
+    written(&c1, &sub, Version::V3_1_1);
+    c1.handle_packet(&sub, t0, subscribe_packet(1, "t/#"));
+    pump(&[&c0, &c1], t0);
+    assert!(
+        written(&c1, &sub, Version::V3_1_1).is_empty(),
+        "SUBACK waits for the peers"
+    );
+    let out = bridge_out(&c0);
+    let seq = match &out[..] {
+        [super::BridgeOut::Route { seq, change }] if change.add && &*change.filter == "t/#" => *seq,
+        other => panic!("one route change for the peers: {other:?}"),
+    };
+    c0.routes_acked(seq);
+    pump(&[&c0, &c1], t0);
+    assert!(matches!(
+        &written(&c1, &sub, Version::V3_1_1)[..],
+        [Packet::SubAck(_)]
+    ));
+
+    // A subscriber on shard 0 itself waits the same way.
+    let sub0 = c0
+        .attach(t0, Box::new(connect(&id_on(0, 2), Version::V3_1_1)), None)
+        .unwrap();
+    written(&c0, &sub0, Version::V3_1_1);
+    c0.handle_packet(&sub0, t0, subscribe_packet(1, "u/#"));
+    pump(&[&c0, &c1], t0);
+    assert!(written(&c0, &sub0, Version::V3_1_1).is_empty());
+    c0.routes_acked(u64::MAX);
+    pump(&[&c0, &c1], t0);
+    assert!(matches!(
+        &written(&c0, &sub0, Version::V3_1_1)[..],
+        [Packet::SubAck(_)]
+    ));
+    c0.check_invariants();
+    c1.check_invariants();
+}
+
+/// A remote node's routes reach every shard's replica, and shard 0
+/// acknowledges them to the node only after the other shards answered its
+/// fence; then a message published on shard 1 goes to that node once, and
+/// a message from that node is delivered here and sent nowhere else.
+#[test]
+fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
+    let (c0, c1) = (core(0, 2), core(1, 2));
+    for c in [&c0, &c1] {
+        c.enable_cluster();
+    }
+    let t0 = Instant::now();
+    let change = crate::cluster::frame::RouteChange {
+        add: true,
+        filter: "t/+".into(),
+    };
+    c0.remote_routes(7, &[change], Some(1));
+    assert!(
+        bridge_out(&c0).is_empty(),
+        "no ack before shard 1 applied it"
+    );
+    pump(&[&c0, &c1], t0);
+    assert!(matches!(
+        &bridge_out(&c0)[..],
+        [super::BridgeOut::RouteAck { node: 7, seq: 1 }]
+    ));
+
+    let publisher = c1
+        .attach(t0, Box::new(connect(&id_on(1, 2), Version::V3_1_1)), None)
+        .unwrap();
+    written(&c1, &publisher, Version::V3_1_1);
+    let publish = codec::Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: "t/1".into(),
+        packet_id: 0,
+        payload: Bytes::from_static(b"x"),
+        properties: Properties::default(),
+    };
+    c1.handle_packet(&publisher, t0, Packet::Publish(publish));
+    let out = bridge_out(&c1);
+    assert!(
+        matches!(&out[..], [super::BridgeOut::Publish { node: 7, message }] if &*message.topic == "t/1"),
+        "{out:?}"
+    );
+
+    // A message from node 7, for a subscriber here: delivered, and not
+    // sent back to any node.
+    let sub = c1
+        .attach(t0, Box::new(connect(&id_on(1, 2), Version::V3_1_1)), None)
+        .unwrap();
+    written(&c1, &sub, Version::V3_1_1);
+    c1.handle_packet(&sub, t0, subscribe_packet(1, "t/#"));
+    pump(&[&c0, &c1], t0);
+    c0.routes_acked(u64::MAX);
+    pump(&[&c0, &c1], t0);
+    written(&c1, &sub, Version::V3_1_1);
+    bridge_out(&c0);
+    let m = Arc::new(crate::message::Message {
+        topic: "t/2".into(),
+        payload: Bytes::from_static(b"y"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::default(),
+        expires_at: None,
+        publisher: None,
+    });
+    c0.handle_remote_publish(t0, m);
+    pump(&[&c0, &c1], t0);
+    assert!(
+        matches!(&written(&c1, &sub, Version::V3_1_1)[..], [Packet::Publish(p)] if &*p.topic == "t/2")
+    );
+    assert!(
+        bridge_out(&c0).is_empty() && bridge_out(&c1).is_empty(),
+        "never on to a node"
     );
     c0.check_invariants();
     c1.check_invariants();

@@ -89,6 +89,9 @@ struct Link {
     closed: Cell<bool>,
     /// Outbound on shard 0: the routes this link still needs.
     feed: RefCell<RouteFeed>,
+    /// Outbound on shard 0: the route sequence number the peer has
+    /// acknowledged.
+    acked: Cell<u64>,
 }
 
 struct Peer {
@@ -133,6 +136,7 @@ pub(crate) fn start(core: Rc<ShardCore>, start: BridgeStart) -> std::io::Result<
         log_gate: RefCell::new(LogGate::new(10, Duration::from_secs(10))),
         dropped: Cell::new(0),
     });
+    bridge.recompute_acks();
     glommio::spawn_local(accept_loop(bridge.clone(), listener)).detach();
     glommio::spawn_local(outbox_loop(bridge.clone())).detach();
     let events = start.events;
@@ -182,6 +186,7 @@ impl Bridge {
                 if let Some(link) = old.and_then(|p| p.out) {
                     self.close(&link, "a newer run of the node is up");
                 }
+                self.recompute_acks();
             }
             PeerEvent::Down { index, node } => {
                 let same = self
@@ -199,7 +204,7 @@ impl Bridge {
                 let gone = self.imports.borrow_mut().remove(&index);
                 if let Some((mut import, link_id)) = gone {
                     let removals = import.clear();
-                    self.core.remote_routes(index, &removals);
+                    self.core.remote_routes(index, &removals, None);
                     let route_link = self
                         .inbound
                         .borrow()
@@ -210,8 +215,29 @@ impl Bridge {
                         self.close(&l, "the node is down");
                     }
                 }
+                self.recompute_acks();
             }
         }
+    }
+
+    /// Shard 0: tell the core how far every peer with a link up has
+    /// acknowledged this node's routes (subscribers' SUBACKs wait for it).
+    /// A peer without a link up is not waited for: its link starts from a
+    /// snapshot that has the route.
+    fn recompute_acks(&self) {
+        if self.me.shard != 0 {
+            return;
+        }
+        let upto = self
+            .peers
+            .borrow()
+            .values()
+            .filter_map(|p| p.out.as_ref())
+            .filter(|l| !l.closed.get() && l.session.borrow().is_up())
+            .map(|l| l.acked.get())
+            .min()
+            .unwrap_or(u64::MAX);
+        self.core.routes_acked(upto);
     }
 
     fn dial_due(self: &Rc<Self>) {
@@ -292,6 +318,7 @@ impl Bridge {
             wake: Notify::default(),
             closed: Cell::new(false),
             feed: RefCell::new(RouteFeed::new()),
+            acked: Cell::new(0),
         }))
     }
 
@@ -315,6 +342,7 @@ impl Bridge {
                     self.dial_failed(index);
                 }
             }
+            self.recompute_acks();
         }
         let name = peer
             .and_then(|i| self.peers.borrow().get(&i).map(|p| p.node.name.to_string()))
@@ -363,6 +391,8 @@ impl Bridge {
                     // Past the output bound too: routes are never dropped.
                     s.force_send(now, f);
                 }
+                drop(s);
+                self.recompute_acks();
             }
             log::info!(
                 "cluster: shard {}: link to node {} (its shard {}) is up",
@@ -433,14 +463,10 @@ impl Bridge {
                 match import.apply(&f) {
                     Ok(applied) => {
                         drop(imports);
-                        self.core.remote_routes(index, &applied.changes);
-                        if let Some(seq) = applied.ack {
-                            let now = self.now_ms();
-                            let _ = link
-                                .session
-                                .borrow_mut()
-                                .send(now, &Frame::RouteAck { seq });
-                        }
+                        // Acknowledged once every shard here has them
+                        // (BridgeOut::RouteAck).
+                        self.core
+                            .remote_routes(index, &applied.changes, applied.ack);
                     }
                     Err(e) => {
                         drop(imports);
@@ -449,7 +475,13 @@ impl Bridge {
                     }
                 }
             }
-            (Frame::RouteAck { .. } | Frame::Ping { .. }, true) => {}
+            (Frame::RouteAck { seq }, true) => {
+                if self.me.shard == 0 && *seq > link.acked.get() {
+                    link.acked.set(*seq);
+                    self.recompute_acks();
+                }
+            }
+            (Frame::Ping { .. }, true) => {}
             _ => {
                 self.warn(format_args!("unexpected bridge frame; closing the link"));
                 self.close(link, "unexpected frame");
@@ -625,6 +657,18 @@ async fn outbox_loop(bridge: Rc<Bridge>) {
                              ({} so far)",
                             bridge.dropped.get()
                         ));
+                    }
+                }
+                BridgeOut::RouteAck { node, seq } => {
+                    let route_link = bridge.imports.borrow().get(&node).map(|(_, id)| *id);
+                    let link = route_link.and_then(|id| {
+                        bridge.inbound.borrow().iter().find(|l| l.id == id).cloned()
+                    });
+                    if let Some(l) = link {
+                        l.session
+                            .borrow_mut()
+                            .force_send(now, &Frame::RouteAck { seq });
+                        l.wake.notify();
                     }
                 }
                 BridgeOut::Route { seq, change } => {
