@@ -35,8 +35,21 @@ impl Rng {
     }
 }
 
-const FILTERS: [&str; 12] = [
-    "a", "a/b", "a/+", "a/#", "#", "+/x", "s/1", "s/2", "s/+/t", "$SYS/#", "x/y/z", "+",
+const FILTERS: [&str; 14] = [
+    "a",
+    "a/b",
+    "a/+",
+    "a/#",
+    "#",
+    "+/x",
+    "s/1",
+    "s/2",
+    "s/+/t",
+    "$SYS/#",
+    "x/y/z",
+    "+",
+    "$share/g/a/#",
+    "$share/h/+",
 ];
 
 fn settings() -> LinkSettings {

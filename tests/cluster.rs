@@ -290,6 +290,31 @@ async fn a_message_published_on_one_node_reaches_subscribers_on_another() {
         let left = got.message_expiry_interval.expect("the expiry left");
         assert!((590..=600).contains(&left), "{left}");
     }
+
+    // A shared subscription with members on a and c: each message from b
+    // to exactly one of them, and both take turns.
+    let mut m_a = connect(options(a.addr, "member-a")).await;
+    m_a.subscribe("$share/g/s/#", QoS::AtLeastOnce).await;
+    let mut m_c = connect(options(c.addr, "member-c")).await;
+    m_c.subscribe("$share/g/s/#", QoS::AtLeastOnce).await;
+    for i in 0..100u32 {
+        publisher
+            .publish_acked(&format!("s/{i}"), false, b"s")
+            .await;
+    }
+    let mut got = Vec::new();
+    for m in [&mut m_a, &mut m_c] {
+        let mut n = 0;
+        while let Some(p) = m.try_next_publish(Duration::from_millis(500)).await {
+            got.push(p.topic.to_string());
+            n += 1;
+        }
+        assert!(n > 0, "both members take turns");
+    }
+    got.sort();
+    let mut want: Vec<String> = (0..100).map(|i| format!("s/{i}")).collect();
+    want.sort();
+    assert_eq!(got, want, "each message to exactly one member");
     drop((a, b, c));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -24,6 +24,7 @@ use thiserror::Error;
 use super::node::NodeName;
 use crate::codec::{self, Packet, PublishView, Version};
 use crate::message::Message;
+use crate::router::SharedPick;
 
 /// The bridge protocol version this node speaks.
 pub const BRIDGE_VERSION: u16 = 1;
@@ -126,7 +127,7 @@ pub enum Frame {
         seq: u64,
     },
     /// A message for the receiving node's own subscribers.
-    Publish(Arc<Message>),
+    Publish(RemotePublish),
     /// Keep-alive, with the sender's route sequence and digest so the
     /// receiver can check its copy.
     Ping {
@@ -137,6 +138,19 @@ pub enum Frame {
     },
     /// Answer to a Ping.
     Pong,
+}
+
+/// A message for a remote node, and for whom there: its ordinary
+/// subscribers, and one member of each shared subscription listed (the
+/// publishing node chose that node to serve them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemotePublish {
+    /// The message.
+    pub message: Arc<Message>,
+    /// For the node's ordinary subscribers.
+    pub ordinary: bool,
+    /// Shared subscriptions the node serves for this message.
+    pub shared: Vec<SharedPick>,
 }
 
 /// A frame that cannot be read.
@@ -218,8 +232,15 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u8(kind::ROUTE_ACK);
             out.put_u64(*seq);
         }
-        Frame::Publish(m) => {
+        Frame::Publish(p) => {
+            let m = &p.message;
             out.put_u8(kind::PUBLISH);
+            out.put_u8(u8::from(p.ordinary));
+            out.put_u16(p.shared.len().min(usize::from(u16::MAX)) as u16);
+            for pick in p.shared.iter().take(usize::from(u16::MAX)) {
+                put_str(out, &pick.group);
+                put_str(out, &pick.filter);
+            }
             match m.expires_at {
                 Some(t) => {
                     let left = t.saturating_duration_since(now).as_millis();
@@ -258,24 +279,6 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
     }
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
-}
-
-/// Bytes `frame` takes encoded (for queue bounds), without encoding it.
-pub fn publish_frame_bytes(m: &Message) -> usize {
-    let view = PublishView {
-        dup: false,
-        qos: m.qos,
-        retain: m.retain,
-        topic: &m.topic,
-        packet_id: 1,
-        payload: &m.payload,
-        properties: Some(&m.properties),
-        message_expiry_interval: None,
-        topic_alias: None,
-        subscription_identifiers: &[],
-    };
-    let publisher = m.publisher.as_deref().map_or(0, |p| 2 + p.len());
-    FRAME_HEADER_BYTES + 9 + 1 + publisher + codec::publish_len(&view, Version::V5)
 }
 
 /// Take one frame off the front of `buf`: `Ok(None)` while it is not all
@@ -361,7 +364,35 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             },
         },
         kind::ROUTE_ACK => Frame::RouteAck { seq: u64_(b)? },
-        kind::PUBLISH => Frame::Publish(Arc::new(message(b, now)?)),
+        kind::PUBLISH => {
+            let ordinary = bool_(b)?;
+            let n = usize::from(u16_(b)?);
+            if n > b.len() / 4 {
+                return Err(FrameError::Malformed("shared count beyond the frame"));
+            }
+            let mut shared = Vec::with_capacity(n);
+            for _ in 0..n {
+                let group = string(b)?;
+                let filter = string(b)?;
+                let full = format!("$share/{group}/{filter}");
+                if crate::router::topic::parse_shared(&full)
+                    .ok()
+                    .flatten()
+                    .is_none()
+                {
+                    return Err(FrameError::Malformed("shared subscription"));
+                }
+                shared.push(SharedPick {
+                    group: Arc::from(group),
+                    filter: Arc::from(filter),
+                });
+            }
+            Frame::Publish(RemotePublish {
+                message: Arc::new(message(b, now)?),
+                ordinary,
+                shared,
+            })
+        }
         kind::PING => Frame::Ping {
             seq: u64_(b)?,
             digest: u64_(b)?,
@@ -456,10 +487,16 @@ fn string(b: &mut BytesMut) -> Result<String, FrameError> {
     String::from_utf8(bytes.to_vec()).map_err(|_| FrameError::Malformed("a string not UTF-8"))
 }
 
-/// A topic filter: non-empty, checked as a SUBSCRIBE's would be.
+/// A topic filter, or a shared subscription (`$share/{group}/{filter}`):
+/// checked as a SUBSCRIBE's would be.
 fn filter(b: &mut BytesMut) -> Result<Arc<str>, FrameError> {
     let f = string(b)?;
-    if crate::router::topic::validate_topic_filter(&f, LEVELS_MAX).is_err() {
+    let inner = match crate::router::topic::parse_shared(&f) {
+        Ok(Some((_, inner))) => inner,
+        Ok(None) => &f,
+        Err(_) => return Err(FrameError::Malformed("shared subscription")),
+    };
+    if crate::router::topic::validate_topic_filter(inner, LEVELS_MAX).is_err() {
         return Err(FrameError::Malformed("topic filter"));
     }
     Ok(Arc::from(f))
@@ -533,7 +570,21 @@ mod tests {
                 },
             },
             Frame::RouteAck { seq: 10 },
-            Frame::Publish(Arc::new(message())),
+            Frame::Publish(RemotePublish {
+                message: Arc::new(message()),
+                ordinary: false,
+                shared: vec![SharedPick {
+                    group: Arc::from("g"),
+                    filter: Arc::from("a/+"),
+                }],
+            }),
+            Frame::RouteDelta {
+                seq: 11,
+                change: RouteChange {
+                    add: true,
+                    filter: Arc::from("$share/g/a/+"),
+                },
+            },
             Frame::Ping { seq: 3, digest: 5 },
             Frame::Pong,
         ];
@@ -548,12 +599,20 @@ mod tests {
         let mut m = message();
         m.expires_at = Some(now + Duration::from_millis(1500));
         let mut buf = BytesMut::new();
-        encode(&Frame::Publish(Arc::new(m)), now, &mut buf);
+        let p = RemotePublish {
+            message: Arc::new(m),
+            ordinary: true,
+            shared: Vec::new(),
+        };
+        encode(&Frame::Publish(p), now, &mut buf);
         let later = now + Duration::from_secs(10);
         let Some(Frame::Publish(got)) = decode(&mut buf, later, 1 << 20).unwrap() else {
             panic!("a publish");
         };
-        assert_eq!(got.expires_at, Some(later + Duration::from_millis(1500)));
+        assert_eq!(
+            got.message.expires_at,
+            Some(later + Duration::from_millis(1500))
+        );
         assert_eq!(buf.len(), 0);
     }
 

@@ -84,6 +84,13 @@ pub enum RouteKey {
     /// Remote node `0` (its index on this node) has ordinary subscribers
     /// of the filter.
     Node(u16),
+    /// A remote node has members of a shared subscription.
+    NodeShared {
+        /// The shared subscription.
+        pick: SharedPick,
+        /// The node's index.
+        node: u16,
+    },
 }
 
 /// One message on the mesh.

@@ -690,7 +690,9 @@ impl ShardCore {
             let group = match route {
                 RouteKey::Shard(_) => None,
                 RouteKey::Shared { pick, .. } => Some(&pick.group),
-                RouteKey::Node(_) => unreachable!("a remote node's route counted locally"),
+                RouteKey::Node(_) | RouteKey::NodeShared { .. } => {
+                    unreachable!("a remote node's route counted locally")
+                }
             };
             let entries = st
                 .subscribers
@@ -729,10 +731,10 @@ impl ShardCore {
         }
         assert_eq!(connected, st.stats.connections, "connections are counted");
         for pick in st.shared_shard_next.keys() {
-            let live = st
-                .routes
-                .entries(&pick.filter)
-                .any(|(k, _)| matches!(k, RouteKey::Shared { pick: p, .. } if p == pick));
+            let live = st.routes.entries(&pick.filter).any(|(k, _)| {
+                matches!(k, RouteKey::Shared { pick: p, .. } | RouteKey::NodeShared { pick: p, .. }
+                    if p == pick)
+            });
             assert!(
                 live,
                 "a round-robin position outlived its shared subscription"

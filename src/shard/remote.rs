@@ -17,24 +17,27 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cluster::frame::{Frame, RouteChange};
+use smallvec::SmallVec;
+
+use crate::cluster::frame::{Frame, RemotePublish, RouteChange};
 use crate::cluster::routes::{RouteExport, RouteFeed};
 use crate::message::Message;
 
+use super::mesh::SharedPick;
 use super::mesh::{AckTo, MeshMsg, RouteKey};
 use super::notify::Notify;
-use super::routing::Source;
+use super::routing::{Plan, Source};
 use super::{ShardCore, State};
 
 /// What a shard has for the bridge.
 #[derive(Debug, Clone)]
 pub enum BridgeOut {
-    /// A message for the subscribers of remote node `node` (its index).
+    /// A message for remote node `node` (its index).
     Publish {
         /// The node's index (see `ShardCore::remote_routes`).
         node: u16,
-        /// The message.
-        message: Arc<Message>,
+        /// The message, and for whom on that node.
+        publish: RemotePublish,
     },
     /// Shard 0: the node's routes changed as a whole; tell every peer.
     Route {
@@ -84,8 +87,8 @@ impl ShardCore {
         let export = (self.id == 0).then(|| {
             let mut e = RouteExport::new();
             st.routes.for_each(|filter, key, _| {
-                if matches!(key, RouteKey::Shard(_)) {
-                    e.shard_changed(filter, true);
+                if let Some(name) = exported_name(filter, key) {
+                    e.shard_changed(&name, true);
                 }
             });
             e
@@ -134,21 +137,29 @@ impl ShardCore {
         }
     }
 
-    /// A message from another node: deliver it to this node's
-    /// subscribers (through the other shards as needed), never to a
-    /// third node.
-    pub fn handle_remote_publish(&self, now: Instant, message: Arc<Message>) {
+    /// A message from another node: deliver it to this node's ordinary
+    /// subscribers (if it is for them) and to one member of each shared
+    /// subscription the other node chose this node for; never to a third
+    /// node, and no retained copy (its node keeps that).
+    pub fn handle_remote_publish(&self, now: Instant, publish: RemotePublish) {
         let mut st = self.state.borrow_mut();
-        let routed = !message.is_expired(now)
-            && self.route(
-                &mut st,
-                now,
-                message,
-                Source {
-                    remote: true,
-                    ..Source::default()
-                },
-            );
+        let RemotePublish {
+            message,
+            ordinary,
+            shared,
+        } = publish;
+        let routed = !message.is_expired(now) && {
+            let mut plan = self.plan(&mut st, &message, true);
+            if !ordinary {
+                plan.ordinary.clear();
+            }
+            plan.picks.retain(|(_, p)| shared.contains(p));
+            let source = Source {
+                remote: true,
+                ..Source::default()
+            };
+            self.route_planned(&mut st, now, message, source, plan)
+        };
         if !routed {
             if let Some(r) = st.remote.as_mut() {
                 r.remote_dropped += 1;
@@ -167,10 +178,22 @@ impl ShardCore {
     pub fn remote_routes(&self, node: u16, changes: &[RouteChange], ack: Option<u64>) {
         let mut st = self.state.borrow_mut();
         for c in changes {
-            Self::apply_route(&mut st, &c.filter, RouteKey::Node(node), c.add);
+            let (group, inner) = crate::router::split_shared(&c.filter);
+            let filter: Arc<str> = Arc::from(inner);
+            let key = match group {
+                None => RouteKey::Node(node),
+                Some(group) => RouteKey::NodeShared {
+                    pick: SharedPick {
+                        group,
+                        filter: filter.clone(),
+                    },
+                    node,
+                },
+            };
+            Self::apply_route(&mut st, &filter, key.clone(), c.add);
             self.mesh.broadcast(|| MeshMsg::Route {
-                filter: c.filter.clone(),
-                key: RouteKey::Node(node),
+                filter: filter.clone(),
+                key: key.clone(),
                 add: c.add,
                 ack_to: None,
             });
@@ -255,15 +278,33 @@ impl ShardCore {
             .map_or(0, |r| r.remote_dropped)
     }
 
-    /// Queue `message` for each remote node in `nodes`.
-    pub(super) fn to_nodes(st: &mut State, message: &Arc<Message>, nodes: &[u16]) {
+    /// Queue `message` for each remote node the plan names: once per
+    /// node, for its ordinary subscribers and the shared subscriptions
+    /// whose turn is its.
+    pub(super) fn to_nodes(st: &mut State, message: &Arc<Message>, plan: &Plan) {
         let Some(r) = st.remote.as_mut() else {
             return;
         };
-        for &node in nodes {
+        let mut nodes: SmallVec<[u16; 4]> = plan.nodes.clone();
+        for (n, _) in &plan.node_picks {
+            if !nodes.contains(n) {
+                nodes.push(*n);
+            }
+        }
+        for node in nodes {
+            let shared = plan
+                .node_picks
+                .iter()
+                .filter(|(n, _)| *n == node)
+                .map(|(_, p)| p.clone())
+                .collect();
             r.out.push_back(BridgeOut::Publish {
                 node,
-                message: message.clone(),
+                publish: RemotePublish {
+                    message: message.clone(),
+                    ordinary: plan.nodes.contains(&node),
+                    shared,
+                },
             });
         }
         r.wake.notify();
@@ -275,12 +316,26 @@ impl ShardCore {
         let Some(r) = st.remote.as_mut() else {
             return;
         };
-        let (Some(e), RouteKey::Shard(_)) = (r.export.as_mut(), key) else {
+        let (Some(e), Some(name)) = (r.export.as_mut(), exported_name(filter, key)) else {
             return;
         };
-        if let Some((seq, change)) = e.shard_changed(filter, add) {
+        if let Some((seq, change)) = e.shard_changed(&name, add) {
             r.out.push_back(BridgeOut::Route { seq, change });
             r.wake.notify();
         }
+    }
+}
+
+/// The name a local route has in the node's export: its filter, or
+/// `$share/{group}/{filter}` for a shared subscription; None for a remote
+/// node's route (never exported again).
+fn exported_name<'a>(filter: &'a str, key: &RouteKey) -> Option<std::borrow::Cow<'a, str>> {
+    match key {
+        RouteKey::Shard(_) => Some(std::borrow::Cow::Borrowed(filter)),
+        RouteKey::Shared { pick, .. } => Some(std::borrow::Cow::Owned(format!(
+            "$share/{}/{}",
+            pick.group, pick.filter
+        ))),
+        RouteKey::Node(_) | RouteKey::NodeShared { .. } => None,
     }
 }

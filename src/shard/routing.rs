@@ -54,6 +54,15 @@ pub(super) struct Plan {
     /// Remote nodes with ordinary subscribers of the topic (none for a
     /// message from another node).
     pub(super) nodes: SmallVec<[u16; 4]>,
+    /// Shared subscriptions whose turn went to a remote node, with it.
+    pub(super) node_picks: SmallVec<[(u16, SharedPick); 1]>,
+}
+
+/// Who may serve a shared subscription: a shard here, or another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Server {
+    Shard(u16),
+    Node(u16),
 }
 
 impl Plan {
@@ -102,6 +111,19 @@ impl ShardCore {
         source: Source,
     ) -> bool {
         let plan = self.plan(st, &message, source.remote);
+        self.route_planned(st, now, message, source, plan)
+    }
+
+    /// `route` with the plan made (or narrowed, for a message from
+    /// another node).
+    pub(super) fn route_planned(
+        &self,
+        st: &mut State,
+        now: Instant,
+        message: Arc<Message>,
+        source: Source,
+        plan: Plan,
+    ) -> bool {
         let durable = message.qos != QoS::AtMostOnce
             || message.retain
             || source.will_of.is_some()
@@ -163,8 +185,8 @@ impl ShardCore {
                 self.send_routed(st, usize::from(dest), publish, origin);
             }
         }
-        if !plan.nodes.is_empty() {
-            Self::to_nodes(st, &message, &plan.nodes);
+        if !plan.nodes.is_empty() || !plan.node_picks.is_empty() {
+            Self::to_nodes(st, &message, &plan);
         }
         if let Some(id) = source.delayed {
             Self::durable_delay_done(st, id, origin.is_some());
@@ -176,40 +198,54 @@ impl ShardCore {
     /// ordinary subscribers of its topic, and for each shared subscription
     /// matching it the shard chosen (round-robin) to serve it; and the
     /// remote nodes with subscribers, unless it came from one (`remote`).
-    fn plan(&self, st: &mut State, message: &Message, remote: bool) -> Plan {
+    pub(super) fn plan(&self, st: &mut State, message: &Message, remote: bool) -> Plan {
         let topic = &*message.topic;
         let owner = (message.retain && !remote).then(|| self.topic_owner(topic));
         let mut ordinary: SmallVec<[u16; 8]> = SmallVec::new();
         let mut nodes: SmallVec<[u16; 4]> = SmallVec::new();
-        let mut shared: SmallVec<[(SharedPick, SmallVec<[u16; 4]>); 1]> = SmallVec::new();
+        let mut shared: SmallVec<[(SharedPick, SmallVec<[Server; 4]>); 1]> = SmallVec::new();
+        let mut serve =
+            |pick: &SharedPick, by: Server| match shared.iter_mut().find(|(p, _)| p == pick) {
+                Some((_, servers)) => servers.push(by),
+                None => shared.push((pick.clone(), SmallVec::from_slice(&[by]))),
+            };
         st.routes.for_each_match(topic, |key, _| match key {
             RouteKey::Shard(s) => {
                 if !ordinary.contains(s) {
                     ordinary.push(*s);
                 }
             }
-            RouteKey::Shared { pick, shard } => match shared.iter_mut().find(|(p, _)| p == pick) {
-                Some((_, shards)) => shards.push(*shard),
-                None => shared.push((pick.clone(), SmallVec::from_slice(&[*shard]))),
-            },
+            RouteKey::Shared { pick, shard } => serve(pick, Server::Shard(*shard)),
             RouteKey::Node(n) => {
                 if !remote && !nodes.contains(n) {
                     nodes.push(*n);
                 }
             }
+            RouteKey::NodeShared { pick, node } => {
+                if !remote {
+                    serve(pick, Server::Node(*node));
+                }
+            }
         });
+        // One turn per message over every shard and node with members:
+        // each message to exactly one member in the cluster.
         let mut picks: SmallVec<[(u16, SharedPick); 1]> = SmallVec::new();
-        for (pick, mut shards) in shared {
-            shards.sort_unstable();
+        let mut node_picks: SmallVec<[(u16, SharedPick); 1]> = SmallVec::new();
+        for (pick, mut servers) in shared {
+            servers.sort_unstable();
             let next = st.shared_shard_next.entry(pick.clone()).or_insert(0);
             *next = next.wrapping_add(1);
-            picks.push((shards[*next % shards.len()], pick));
+            match servers[*next % servers.len()] {
+                Server::Shard(s) => picks.push((s, pick)),
+                Server::Node(n) => node_picks.push((n, pick)),
+            }
         }
         Plan {
             owner,
             ordinary,
             picks,
             nodes,
+            node_picks,
         }
     }
 
@@ -579,9 +615,11 @@ impl ShardCore {
             return;
         }
         st.routes.remove(filter, &key);
-        if let RouteKey::Shared { pick, .. } = &key {
-            let same_pick =
-                |k: &RouteKey| matches!(k, RouteKey::Shared { pick: p, .. } if p == pick);
+        if let RouteKey::Shared { pick, .. } | RouteKey::NodeShared { pick, .. } = &key {
+            let same_pick = |k: &RouteKey| {
+                matches!(k, RouteKey::Shared { pick: p, .. } | RouteKey::NodeShared { pick: p, .. }
+                    if p == pick)
+            };
             if !st.routes.entries(filter).any(|(k, _)| same_pick(k)) {
                 st.shared_shard_next.remove(pick);
             }

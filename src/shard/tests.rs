@@ -375,7 +375,8 @@ fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
     c1.handle_packet(&publisher, t0, Packet::Publish(publish));
     let out = bridge_out(&c1);
     assert!(
-        matches!(&out[..], [super::BridgeOut::Publish { node: 7, message }] if &*message.topic == "t/1"),
+        matches!(&out[..], [super::BridgeOut::Publish { node: 7, publish }]
+            if &*publish.message.topic == "t/1" && publish.ordinary && publish.shared.is_empty()),
         "{out:?}"
     );
 
@@ -400,7 +401,12 @@ fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
         expires_at: None,
         publisher: None,
     });
-    c0.handle_remote_publish(t0, m);
+    let publish = crate::cluster::frame::RemotePublish {
+        message: m,
+        ordinary: true,
+        shared: Vec::new(),
+    };
+    c0.handle_remote_publish(t0, publish);
     pump(&[&c0, &c1], t0);
     assert!(
         matches!(&written(&c1, &sub, Version::V3_1_1)[..], [Packet::Publish(p)] if &*p.topic == "t/2")
@@ -411,4 +417,87 @@ fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
     );
     c0.check_invariants();
     c1.check_invariants();
+}
+
+/// A shared subscription with members here and on another node: its
+/// messages take turns between this node's shards and the other node, each
+/// to exactly one of them; a message the other node sends for the group is
+/// served by a member here, and not by the ordinary subscribers unless it
+/// says so.
+#[test]
+fn a_shared_subscription_takes_turns_across_nodes() {
+    let c0 = core(0, 1);
+    c0.enable_cluster();
+    c0.routes_acked(u64::MAX);
+    let t0 = Instant::now();
+    let member = c0
+        .attach(t0, Box::new(connect("m", Version::V3_1_1)), None)
+        .unwrap();
+    written(&c0, &member, Version::V3_1_1);
+    c0.handle_packet(&member, t0, subscribe_packet(1, "$share/g/t/#"));
+    let out = bridge_out(&c0);
+    assert!(
+        matches!(&out[..], [super::BridgeOut::Route { change, .. }] if &*change.filter == "$share/g/t/#"),
+        "{out:?}"
+    );
+    written(&c0, &member, Version::V3_1_1);
+    let change = crate::cluster::frame::RouteChange {
+        add: true,
+        filter: "$share/g/t/#".into(),
+    };
+    c0.remote_routes(3, &[change], None);
+    let publisher = c0
+        .attach(t0, Box::new(connect("p", Version::V3_1_1)), None)
+        .unwrap();
+    written(&c0, &publisher, Version::V3_1_1);
+    let (mut here, mut there) = (0, 0);
+    for i in 0..10 {
+        let publish = codec::Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: format!("t/{i}").into(),
+            packet_id: 0,
+            payload: Bytes::from_static(b"x"),
+            properties: Properties::default(),
+        };
+        c0.handle_packet(&publisher, t0, Packet::Publish(publish));
+        let local = written(&c0, &member, Version::V3_1_1).len();
+        let remote = bridge_out(&c0);
+        match (&remote[..], local) {
+            ([], 1) => here += 1,
+            ([super::BridgeOut::Publish { node: 3, publish }], 0)
+                if !publish.ordinary && publish.shared.len() == 1 =>
+            {
+                there += 1
+            }
+            other => panic!("exactly one member per message: {other:?}"),
+        }
+    }
+    assert_eq!((here, there), (5, 5));
+    // The other node's turn, served here.
+    let m = Arc::new(crate::message::Message {
+        topic: "t/x".into(),
+        payload: Bytes::from_static(b"y"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::default(),
+        expires_at: None,
+        publisher: None,
+    });
+    let pick = crate::router::SharedPick {
+        group: "g".into(),
+        filter: "t/#".into(),
+    };
+    c0.handle_remote_publish(
+        t0,
+        crate::cluster::frame::RemotePublish {
+            message: m,
+            ordinary: false,
+            shared: vec![pick],
+        },
+    );
+    assert_eq!(written(&c0, &member, Version::V3_1_1).len(), 1);
+    assert!(bridge_out(&c0).is_empty());
+    c0.check_invariants();
 }

@@ -634,7 +634,7 @@ async fn outbox_loop(bridge: Rc<Bridge>) {
         while let Some(out) = bridge.core.poll_bridge() {
             let now = bridge.now_ms();
             match out {
-                BridgeOut::Publish { node, message } => {
+                BridgeOut::Publish { node, publish } => {
                     let link = bridge
                         .peers
                         .borrow()
@@ -645,7 +645,7 @@ async fn outbox_loop(bridge: Rc<Bridge>) {
                         let ok = l
                             .session
                             .borrow_mut()
-                            .send(now, &Frame::Publish(message))
+                            .send(now, &Frame::Publish(publish))
                             .is_ok();
                         l.wake.notify();
                         ok
