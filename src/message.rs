@@ -93,6 +93,23 @@ impl Message {
         }
     }
 
+    /// The message as a 5.0 PUBLISH (packet id 1, no per-delivery
+    /// properties): how the log stores it and the bridge carries it.
+    pub fn publish_view(&self) -> crate::codec::PublishView<'_> {
+        crate::codec::PublishView {
+            dup: false,
+            qos: self.qos,
+            retain: self.retain,
+            topic: &self.topic,
+            packet_id: 1,
+            payload: &self.payload,
+            properties: Some(&self.properties),
+            message_expiry_interval: None,
+            topic_alias: None,
+            subscription_identifiers: &[],
+        }
+    }
+
     /// True once the message's expiry interval has passed.
     pub fn is_expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|t| t <= now)

@@ -11,6 +11,10 @@
 //! every other node's filters. `SHARDMQ_BRIDGE_SEEDS=N` runs N seeds
 //! (default 300), `SHARDMQ_BRIDGE_SEED=S` just seed S.
 
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 use std::collections::{BTreeSet, VecDeque};
 use std::time::Instant;
 
@@ -19,21 +23,6 @@ use shardmq::cluster::frame::{Frame, Hello, BRIDGE_VERSION};
 use shardmq::cluster::link::{LinkEvent, LinkSession, LinkSettings};
 use shardmq::cluster::node::NodeName;
 use shardmq::cluster::routes::{RouteExport, RouteFeed, RouteImport};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 const FILTERS: [&str; 14] = [
     "a",

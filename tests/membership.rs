@@ -21,6 +21,10 @@
 //! or left. `SHARDMQ_MEMBERSHIP_SEEDS=N` runs N seeds (default 200),
 //! `SHARDMQ_MEMBERSHIP_SEED=S` just seed S.
 
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
@@ -29,30 +33,13 @@ use std::time::Duration;
 use shardmq::cluster::membership::{MemberEvent, Membership, MembershipSettings};
 use shardmq::cluster::node::{Node, NodeName};
 
-const LOSS: f64 = 0.01;
+/// Datagrams lost, per mille.
+const LOSS_PER_MILLE: u64 = 10;
 const DETECT_MAX_MS: u64 = 3_000;
 
 /// The timings of the embedded default config.
 fn settings() -> MembershipSettings {
     shardmq::Config::default().cluster.membership_settings()
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
-    }
 }
 
 struct Slot {
@@ -135,7 +122,7 @@ impl Sim {
             let Some(to) = self.index_of(t.to) else {
                 continue;
             };
-            if self.rng.chance(LOSS) {
+            if self.rng.chance(LOSS_PER_MILLE) {
                 continue;
             }
             if let Some(sides) = &self.sides {
@@ -266,7 +253,7 @@ fn run_seed(seed: u64) -> Outcome {
         } else {
             addr(sim.rng.below(i as u64) as usize)
         }];
-        if i > 1 && sim.rng.chance(0.5) {
+        if i > 1 && sim.rng.chance(500) {
             join.push(addr(sim.rng.below(i as u64) as usize));
         }
         let at = sim.now + sim.rng.below(1_500);

@@ -67,6 +67,10 @@
 //! seeded from it (`shardmq::hash`), and the simulator iterates nothing
 //! unordered.
 
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
+
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -85,32 +89,6 @@ use shardmq::persist::WallClock;
 use shardmq::shard::mesh::{Batch, Mesh, MeshMsg};
 use shardmq::shard::{ConnHandle, Handshake, ShardCore};
 use shardmq::Config;
-
-/// splitmix64: a small seeded generator, so a seed means one run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    /// True with probability `p` per mille.
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
 
 /// What a client does.
 #[derive(Debug, Clone)]

@@ -22,7 +22,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use thiserror::Error;
 
 use super::node::NodeName;
-use crate::codec::{self, Packet, PublishView, Version};
+use crate::codec::{self, Packet, Version};
 use crate::message::Message;
 use crate::router::SharedPick;
 
@@ -256,19 +256,7 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
                 }
                 None => out.put_u8(0),
             }
-            let view = PublishView {
-                dup: false,
-                qos: m.qos,
-                retain: m.retain,
-                topic: &m.topic,
-                packet_id: 1,
-                payload: &m.payload,
-                properties: Some(&m.properties),
-                message_expiry_interval: None,
-                topic_alias: None,
-                subscription_identifiers: &[],
-            };
-            codec::encode_publish(&view, Version::V5, out);
+            codec::encode_publish(&m.publish_view(), Version::V5, out);
         }
         Frame::Ping { seq, digest } => {
             out.put_u8(kind::PING);

@@ -19,7 +19,7 @@ use smallvec::SmallVec;
 use thiserror::Error;
 
 use super::clock::WallClock;
-use crate::codec::{self, Packet, Properties, PublishView, QoS, Version, Will};
+use crate::codec::{self, Packet, Properties, QoS, Version, Will};
 use crate::message::Message;
 use crate::router::SharedPick;
 use crate::session::{SubIds, Subscription};
@@ -731,18 +731,7 @@ impl Writer<'_> {
         self.opt_u64(m.expires_at.map(|t| clock.to_ms(t)));
         self.str(m.publisher.as_deref().unwrap_or(""));
         self.u8(u8::from(m.publisher.is_some()));
-        let view = PublishView {
-            dup: false,
-            qos: m.qos,
-            retain: m.retain,
-            topic: &m.topic,
-            packet_id: 1,
-            payload: &m.payload,
-            properties: Some(&m.properties),
-            message_expiry_interval: None,
-            topic_alias: None,
-            subscription_identifiers: &[],
-        };
+        let view = m.publish_view();
         self.u32(codec::publish_len(&view, Version::V5) as u32);
         codec::encode_publish(&view, Version::V5, self.0);
     }

@@ -169,10 +169,7 @@ fn a_publish_for_another_shard_leaves_in_this_turns_batch_and_nothing_reads_a_cl
     let (c0, c1) = (core(0, 2), core(1, 2));
     let t0 = Instant::now();
     let sub_id = id_on(1, 2);
-    let sub = c1
-        .attach(t0, Box::new(connect(&sub_id, Version::V3_1_1)), None)
-        .unwrap();
-    written(&c1, &sub, Version::V3_1_1);
+    let sub = attached(&c1, t0, &sub_id);
     let subscribe = codec::Subscribe {
         packet_id: 1,
         filters: vec![("t/#".into(), codec::SubOptions::default())],
@@ -276,6 +273,48 @@ fn subscribe_packet(packet_id: u16, filter: &str) -> Packet {
     })
 }
 
+/// A QoS 0 PUBLISH of `topic`.
+fn qos0_publish(topic: &str) -> Packet {
+    Packet::Publish(codec::Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: topic.into(),
+        packet_id: 0,
+        payload: Bytes::from_static(b"x"),
+        properties: Properties::default(),
+    })
+}
+
+/// A QoS 0 message on `topic`, as another node would send it.
+fn qos0_message(topic: &str) -> Arc<crate::message::Message> {
+    Arc::new(crate::message::Message {
+        topic: topic.into(),
+        payload: Bytes::from_static(b"y"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::default(),
+        expires_at: None,
+        publisher: None,
+    })
+}
+
+/// Shard `id` of `shards` on a cluster node.
+fn cluster_core(id: usize, shards: usize) -> ShardCore {
+    let c = core(id, shards);
+    c.enable_cluster();
+    c
+}
+
+/// A 3.1.1 client `id` attached to `core` (its CONNACK read).
+fn attached(core: &ShardCore, now: Instant, id: &str) -> Rc<ConnHandle> {
+    let conn = core
+        .attach(now, Box::new(connect(id, Version::V3_1_1)), None)
+        .unwrap();
+    written(core, &conn, Version::V3_1_1);
+    conn
+}
+
 fn bridge_out(core: &ShardCore) -> Vec<super::BridgeOut> {
     std::iter::from_fn(|| core.poll_bridge()).collect()
 }
@@ -286,17 +325,11 @@ fn bridge_out(core: &ShardCore) -> Vec<super::BridgeOut> {
 /// subscriber's, until the bridge reports the peers' acknowledgement.
 #[test]
 fn on_a_cluster_node_a_suback_waits_until_the_other_nodes_can_route_it() {
-    let (c0, c1) = (core(0, 2), core(1, 2));
-    for c in [&c0, &c1] {
-        c.enable_cluster();
-    }
+    let (c0, c1) = (cluster_core(0, 2), cluster_core(1, 2));
     let t0 = Instant::now();
     // One peer with its link up, which has acknowledged nothing yet.
     c0.routes_acked(0);
-    let sub = c1
-        .attach(t0, Box::new(connect(&id_on(1, 2), Version::V3_1_1)), None)
-        .unwrap();
-    written(&c1, &sub, Version::V3_1_1);
+    let sub = attached(&c1, t0, &id_on(1, 2));
     c1.handle_packet(&sub, t0, subscribe_packet(1, "t/#"));
     pump(&[&c0, &c1], t0);
     assert!(
@@ -316,10 +349,7 @@ fn on_a_cluster_node_a_suback_waits_until_the_other_nodes_can_route_it() {
     ));
 
     // A subscriber on shard 0 itself waits the same way.
-    let sub0 = c0
-        .attach(t0, Box::new(connect(&id_on(0, 2), Version::V3_1_1)), None)
-        .unwrap();
-    written(&c0, &sub0, Version::V3_1_1);
+    let sub0 = attached(&c0, t0, &id_on(0, 2));
     c0.handle_packet(&sub0, t0, subscribe_packet(1, "u/#"));
     pump(&[&c0, &c1], t0);
     assert!(written(&c0, &sub0, Version::V3_1_1).is_empty());
@@ -339,10 +369,7 @@ fn on_a_cluster_node_a_suback_waits_until_the_other_nodes_can_route_it() {
 /// a message from that node is delivered here and sent nowhere else.
 #[test]
 fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
-    let (c0, c1) = (core(0, 2), core(1, 2));
-    for c in [&c0, &c1] {
-        c.enable_cluster();
-    }
+    let (c0, c1) = (cluster_core(0, 2), cluster_core(1, 2));
     let t0 = Instant::now();
     let change = crate::cluster::frame::RouteChange {
         add: true,
@@ -359,20 +386,8 @@ fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
         [super::BridgeOut::RouteAck { node: 7, seq: 1 }]
     ));
 
-    let publisher = c1
-        .attach(t0, Box::new(connect(&id_on(1, 2), Version::V3_1_1)), None)
-        .unwrap();
-    written(&c1, &publisher, Version::V3_1_1);
-    let publish = codec::Publish {
-        dup: false,
-        qos: QoS::AtMostOnce,
-        retain: false,
-        topic: "t/1".into(),
-        packet_id: 0,
-        payload: Bytes::from_static(b"x"),
-        properties: Properties::default(),
-    };
-    c1.handle_packet(&publisher, t0, Packet::Publish(publish));
+    let publisher = attached(&c1, t0, &id_on(1, 2));
+    c1.handle_packet(&publisher, t0, qos0_publish("t/1"));
     let out = bridge_out(&c1);
     assert!(
         matches!(&out[..], [super::BridgeOut::Publish { node: 7, publish }]
@@ -382,25 +397,14 @@ fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
 
     // A message from node 7, for a subscriber here: delivered, and not
     // sent back to any node.
-    let sub = c1
-        .attach(t0, Box::new(connect(&id_on(1, 2), Version::V3_1_1)), None)
-        .unwrap();
-    written(&c1, &sub, Version::V3_1_1);
+    let sub = attached(&c1, t0, &id_on(1, 2));
     c1.handle_packet(&sub, t0, subscribe_packet(1, "t/#"));
     pump(&[&c0, &c1], t0);
     c0.routes_acked(u64::MAX);
     pump(&[&c0, &c1], t0);
     written(&c1, &sub, Version::V3_1_1);
     bridge_out(&c0);
-    let m = Arc::new(crate::message::Message {
-        topic: "t/2".into(),
-        payload: Bytes::from_static(b"y"),
-        qos: QoS::AtMostOnce,
-        retain: false,
-        properties: Properties::default(),
-        expires_at: None,
-        publisher: None,
-    });
+    let m = qos0_message("t/2");
     let publish = crate::cluster::frame::RemotePublish {
         message: m,
         ordinary: true,
@@ -426,14 +430,10 @@ fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
 /// says so.
 #[test]
 fn a_shared_subscription_takes_turns_across_nodes() {
-    let c0 = core(0, 1);
-    c0.enable_cluster();
+    let c0 = cluster_core(0, 1);
     c0.routes_acked(u64::MAX);
     let t0 = Instant::now();
-    let member = c0
-        .attach(t0, Box::new(connect("m", Version::V3_1_1)), None)
-        .unwrap();
-    written(&c0, &member, Version::V3_1_1);
+    let member = attached(&c0, t0, "m");
     c0.handle_packet(&member, t0, subscribe_packet(1, "$share/g/t/#"));
     let out = bridge_out(&c0);
     assert!(
@@ -446,22 +446,10 @@ fn a_shared_subscription_takes_turns_across_nodes() {
         filter: "$share/g/t/#".into(),
     };
     c0.remote_routes(3, &[change], None);
-    let publisher = c0
-        .attach(t0, Box::new(connect("p", Version::V3_1_1)), None)
-        .unwrap();
-    written(&c0, &publisher, Version::V3_1_1);
+    let publisher = attached(&c0, t0, "p");
     let (mut here, mut there) = (0, 0);
     for i in 0..10 {
-        let publish = codec::Publish {
-            dup: false,
-            qos: QoS::AtMostOnce,
-            retain: false,
-            topic: format!("t/{i}").into(),
-            packet_id: 0,
-            payload: Bytes::from_static(b"x"),
-            properties: Properties::default(),
-        };
-        c0.handle_packet(&publisher, t0, Packet::Publish(publish));
+        c0.handle_packet(&publisher, t0, qos0_publish(&format!("t/{i}")));
         let local = written(&c0, &member, Version::V3_1_1).len();
         let remote = bridge_out(&c0);
         match (&remote[..], local) {
@@ -476,15 +464,7 @@ fn a_shared_subscription_takes_turns_across_nodes() {
     }
     assert_eq!((here, there), (5, 5));
     // The other node's turn, served here.
-    let m = Arc::new(crate::message::Message {
-        topic: "t/x".into(),
-        payload: Bytes::from_static(b"y"),
-        qos: QoS::AtMostOnce,
-        retain: false,
-        properties: Properties::default(),
-        expires_at: None,
-        publisher: None,
-    });
+    let m = qos0_message("t/x");
     let pick = crate::router::SharedPick {
         group: "g".into(),
         filter: "t/#".into(),
