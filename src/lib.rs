@@ -20,8 +20,15 @@
 //! batched messages over bounded SPSC lanes. See `DESIGN.md` in the shared
 //! folder for the whole picture.
 //!
-//! `codec`, `router`, `session`, `persist::record` and the shard's core
-//! (`shard::ShardCore`) do no I/O and read no clock; `shard::runtime` and
+//! Nodes of a cluster find each other through `cluster::membership` (SWIM,
+//! on shard 0) and link shard *i* to shard *i* mod *n* of every peer
+//! (`cluster::link`, `cluster::frame`); route tables cross through shard 0
+//! (`cluster::routes`), messages through each shard's links
+//! (`shard::BridgeOut`).
+//!
+//! `codec`, `router`, `session`, `persist::record`, `cluster` (but for
+//! the data directory's `NODE` file, through the log's disk) and the
+//! shard's core (`shard::ShardCore`) do no I/O and read no clock; `shard::runtime` and
 //! `broker` are the only modules that know the runtime (glommio);
 //! `log` does plain blocking file I/O (mapped writes, `fallocate`) and
 //! `persist::recover` reads and writes the logs before the shards start.

@@ -124,6 +124,51 @@ fn three_nodes_join_in_any_order_and_a_killed_node_is_declared_down_and_comes_ba
     wait_log(&a, "from a node of another cluster", 10);
     wait_log(&a, "malformed membership datagram", 10);
 
+    // Garbage at a bridge port: a frame longer than allowed, a frame
+    // before Hello, a Hello from a node that is no member. Each link is
+    // closed; the cluster goes on.
+    {
+        use std::io::{Read, Write};
+        let bridge = ("127.0.0.1", pa);
+        let mut huge = std::net::TcpStream::connect(bridge).unwrap();
+        huge.write_all(&[0xff, 0xff, 0xff, 0xff, 1]).unwrap();
+        let mut early = std::net::TcpStream::connect(bridge).unwrap();
+        early
+            .write_all(&[0, 0, 0, 9, 5, 0, 0, 0, 0, 0, 0, 0, 1])
+            .unwrap();
+        let mut stranger = std::net::TcpStream::connect(bridge).unwrap();
+        let mut hello = vec![1u8, 0, 1];
+        hello.extend_from_slice(&envelope("shardmq")[4..8]);
+        hello.extend_from_slice(&[0, 1, b'x']);
+        hello.extend_from_slice(&1u64.to_be_bytes());
+        hello.extend_from_slice(&[0, 0, 0, 1]);
+        let mut frame = (hello.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&hello);
+        stranger.write_all(&frame).unwrap();
+        wait_log(&a, "more than the", 10);
+        wait_log(&a, "a frame before Hello out of turn", 10);
+        for s in [&mut huge, &mut early] {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut buf = [0u8; 256];
+            // Hello from a, then the close.
+            while s.read(&mut buf).is_ok_and(|n| n > 0) {}
+        }
+        // The stranger is refused in a frame of its own (kind 2).
+        stranger
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = Vec::new();
+        let _ = stranger.read_to_end(&mut got);
+        let mut kinds = Vec::new();
+        let mut rest = &got[..];
+        while rest.len() >= 5 {
+            let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            kinds.push(rest[4]);
+            rest = &rest[(4 + len).min(rest.len())..];
+        }
+        assert_eq!(kinds, vec![1, 2], "a's Hello, then its Refuse");
+    }
+
     // An orderly stop tells the others at once (well before failure
     // detection would).
     let mut b = b;

@@ -1,12 +1,20 @@
 //! Several nodes acting as one broker.
 //!
-//! Node-wide. What is here so far: who a node is ([`node`]: its name,
-//! address and incarnation, kept in the data directory and bumped at every
-//! start) and which nodes are up ([`membership`]: SWIM failure detection
-//! through the `foca` crate, driven without I/O by shard 0's runtime and by
-//! the simulator in `tests/membership.rs`). The bridge links between shard
-//! *i* of every node, route replication and session ownership build on
-//! these (see the cluster issue for what remains).
+//! Node-wide values and sans-IO protocols; the runtime (`shard::runtime`)
+//! does their I/O and the shard core (`shard::ShardCore`, `shard::BridgeOut`)
+//! their routing. Here:
+//!
+//! - [`node`]: who a node is (name, address, shards) and its incarnation,
+//!   kept in the data directory and bumped at every start;
+//! - [`membership`]: which nodes are up, SWIM through the `foca` crate,
+//!   served by shard 0 (simulated in `tests/membership.rs`);
+//! - [`frame`] and [`link`]: the bridge's wire format and one link's
+//!   protocol between shard *i* of a node and shard *i* mod *n* of a peer;
+//! - [`routes`]: a node's route table as its peers hold it, replicated by
+//!   snapshot and numbered changes (simulated in `tests/bridge.rs`).
+//!
+//! Not yet: sessions, retained messages and replication across nodes (the
+//! cluster issue lists them).
 
 pub mod frame;
 pub mod link;

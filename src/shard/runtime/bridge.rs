@@ -87,6 +87,8 @@ struct Link {
     handle: socket2::Socket,
     wake: Notify,
     closed: Cell<bool>,
+    /// Close once what is queued is written (after a Refuse).
+    closing: Cell<bool>,
     /// Outbound on shard 0: the routes this link still needs.
     feed: RefCell<RouteFeed>,
     /// Outbound on shard 0: the route sequence number the peer has
@@ -317,6 +319,7 @@ impl Bridge {
             handle,
             wake: Notify::default(),
             closed: Cell::new(false),
+            closing: Cell::new(false),
             feed: RefCell::new(RouteFeed::new()),
             acked: Cell::new(0),
         }))
@@ -414,9 +417,9 @@ impl Bridge {
                 RefuseReason::NotMember,
                 "not a live member here (yet)",
             );
+            // The writer closes the link once the Refuse is out.
+            link.closing.set(true);
             link.wake.notify();
-            // The Refuse goes out with the writer's next turn; the link is
-            // closed after a moment by its silence, or by the peer.
             return;
         };
         link.peer.set(Some(index));
@@ -442,6 +445,9 @@ impl Bridge {
     }
 
     fn frame(&self, link: &Rc<Link>, f: Frame) {
+        if link.closing.get() {
+            return;
+        }
         match (&f, link.outbound) {
             (Frame::Publish(m), false) if link.peer.get().is_some() => {
                 self.core.handle_remote_publish(Instant::now(), m.clone());
@@ -578,6 +584,10 @@ fn spawn_io(bridge: Rc<Bridge>, link: Rc<Link>) {
                     b.close(&l, &format!("write: {e}"));
                     return;
                 }
+            }
+            if l.closing.get() {
+                b.close(&l, "refused");
+                return;
             }
         }
     })
