@@ -162,6 +162,9 @@ impl Sim {
                         .handle_bytes(step, &bytes)
                         .unwrap_or_else(|e| panic!("seed {seed}: link {a}->{b}: {e}"));
                     while let Some(ev) = c.acceptor.poll_event() {
+                        if let LinkEvent::Up(_) = ev {
+                            c.acceptor.welcome(step);
+                        }
                         if let LinkEvent::Frame(f) = ev {
                             let applied = self.nodes[b].imports[a]
                                 .apply(&f)

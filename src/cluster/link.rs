@@ -4,10 +4,13 @@
 //! Shard-local: each shard owns the sessions of its links. The runtime
 //! (or the simulator) hands [`LinkSession`] the bytes it reads and the
 //! time, writes what [`LinkSession::poll_transmit`] gives, and closes the
-//! socket when a method returns an error. Both sides send [`Hello`] first;
-//! a side that dialed checks it reached the node it meant (name and
-//! incarnation), both check the version and the cluster. Nothing but a
-//! Hello is taken before the handshake, and nothing is sent but a Hello.
+//! socket when a method returns an error. The side that dialed sends its
+//! [`Hello`] first; the side that accepted checks it (version, cluster),
+//! reports it, and answers with its own Hello only when its owner
+//! welcomes the peer ([`LinkSession::welcome`]; else a Refuse), so a
+//! dialer that sees the answer knows it was taken. The dialer checks it
+//! reached the node it meant (name and incarnation). Nothing but a Hello
+//! is taken before the handshake.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -124,9 +127,18 @@ impl LinkSession {
             last_tx_ms: now_ms,
             epoch,
         };
-        let hello = Frame::Hello(s.me.clone());
-        s.push(&hello, now_ms);
+        if s.expect.is_some() {
+            let hello = Frame::Hello(s.me.clone());
+            s.push(&hello, now_ms);
+        }
         s
+    }
+
+    /// The accepting side takes the peer whose Hello it reported: its own
+    /// Hello goes out.
+    pub fn welcome(&mut self, now_ms: u64) {
+        let hello = Frame::Hello(self.me.clone());
+        self.push(&hello, now_ms);
     }
 
     /// The peer's Hello, once the handshake is done.
@@ -323,11 +335,23 @@ mod tests {
         Ok(())
     }
 
+    /// The dialer's Hello to the acceptor, which welcomes it.
+    fn greet(a: &mut LinkSession, b: &mut LinkSession) -> Result<(), LinkError> {
+        pump(a, b)?;
+        if matches!(b.events.back(), Some(LinkEvent::Up(_))) {
+            b.welcome(0);
+        }
+        pump(b, a)
+    }
+
     #[test]
     fn both_sides_come_up_and_frames_pass() {
         let (mut a, mut b) = pair(7);
-        pump(&mut a, &mut b).unwrap();
-        pump(&mut b, &mut a).unwrap();
+        assert!(
+            b.poll_transmit().is_none(),
+            "the acceptor waits for the dialer's Hello"
+        );
+        greet(&mut a, &mut b).unwrap();
         assert!(matches!(a.poll_event(), Some(LinkEvent::Up(h)) if h.incarnation == 7));
         assert!(matches!(b.poll_event(), Some(LinkEvent::Up(h)) if h.node.as_str() == "a"));
         a.send(0, &Frame::RouteAck { seq: 3 }).unwrap();
@@ -341,8 +365,7 @@ mod tests {
     #[test]
     fn a_dialer_that_reached_another_run_refuses_it() {
         let (mut a, mut b) = pair(6);
-        pump(&mut a, &mut b).unwrap();
-        let err = pump(&mut b, &mut a).unwrap_err();
+        let err = greet(&mut a, &mut b).unwrap_err();
         assert!(
             matches!(err, LinkError::Handshake(ref t) if t.contains("reached b incarnation 7"))
         );
@@ -381,8 +404,7 @@ mod tests {
     #[test]
     fn silence_brings_a_ping_then_death_and_full_output_is_refused() {
         let (mut a, mut b) = pair(7);
-        pump(&mut a, &mut b).unwrap();
-        pump(&mut b, &mut a).unwrap();
+        greet(&mut a, &mut b).unwrap();
         assert_eq!(a.handle_tick(999), Ok(false));
         assert_eq!(a.handle_tick(1000), Ok(true));
         assert_eq!(a.handle_tick(5000), Err(LinkError::Silent(5000)));

@@ -102,6 +102,11 @@ struct Peer {
     dialing: bool,
     backoff_ms: u64,
     dial_at: Instant,
+    /// Messages for the peer while its link is not up (dialing, or
+    /// waiting to dial again): written first once it is, within the
+    /// link's output bound; dropped (counted) if the peer goes down.
+    pending: std::collections::VecDeque<Frame>,
+    pending_bytes: usize,
 }
 
 struct Bridge {
@@ -183,6 +188,8 @@ impl Bridge {
                         dialing: false,
                         backoff_ms: BACKOFF_MIN_MS,
                         dial_at: Instant::now(),
+                        pending: Default::default(),
+                        pending_bytes: 0,
                     },
                 );
                 if let Some(link) = old.and_then(|p| p.out) {
@@ -257,6 +264,25 @@ impl Bridge {
         for (index, addr, node) in due {
             glommio::spawn_local(dial(self.clone(), index, addr, node)).detach();
         }
+    }
+
+    /// Keep a message for a peer whose link is not up yet, within the
+    /// link's output bound; false (dropped) past it or for a peer not up.
+    fn hold_for_link(&self, index: u16, frame: Frame) -> bool {
+        let mut peers = self.peers.borrow_mut();
+        let Some(p) = peers.get_mut(&index) else {
+            return false;
+        };
+        let bytes = match &frame {
+            Frame::Publish(m) => m.message.cost_bytes() + 64,
+            _ => 64,
+        };
+        if p.pending_bytes + bytes > self.settings.out_bytes_max {
+            return false;
+        }
+        p.pending_bytes += bytes;
+        p.pending.push_back(frame);
+        true
     }
 
     fn dial_failed(&self, index: u16) {
@@ -397,6 +423,22 @@ impl Bridge {
                 drop(s);
                 self.recompute_acks();
             }
+            // Messages that waited for the link, in order, before any new
+            // one (they were taken within the output bound).
+            let pending = self
+                .peers
+                .borrow_mut()
+                .get_mut(&index)
+                .map(|p| {
+                    p.pending_bytes = 0;
+                    std::mem::take(&mut p.pending)
+                })
+                .unwrap_or_default();
+            let mut s = link.session.borrow_mut();
+            for f in &pending {
+                s.force_send(now, f);
+            }
+            drop(s);
             log::info!(
                 "cluster: shard {}: link to node {} (its shard {}) is up",
                 self.me.shard,
@@ -423,6 +465,7 @@ impl Bridge {
             return;
         };
         link.peer.set(Some(index));
+        link.session.borrow_mut().welcome(now);
         if self.me.shard == 0 && h.shard == 0 {
             let mut imports = self.imports.borrow_mut();
             let entry = imports
@@ -651,15 +694,15 @@ async fn outbox_loop(bridge: Rc<Bridge>) {
                         .get(&node)
                         .and_then(|p| p.out.clone())
                         .filter(|l| l.session.borrow().is_up());
-                    let sent = link.is_some_and(|l| {
-                        let ok = l
-                            .session
-                            .borrow_mut()
-                            .send(now, &Frame::Publish(publish))
-                            .is_ok();
-                        l.wake.notify();
-                        ok
-                    });
+                    let frame = Frame::Publish(publish);
+                    let sent = match link {
+                        Some(l) => {
+                            let ok = l.session.borrow_mut().send(now, &frame).is_ok();
+                            l.wake.notify();
+                            ok
+                        }
+                        None => bridge.hold_for_link(node, frame),
+                    };
                     if !sent {
                         bridge.dropped.set(bridge.dropped.get() + 1);
                         bridge.warn(format_args!(
