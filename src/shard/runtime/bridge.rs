@@ -72,6 +72,9 @@ const SNAPSHOT_CHUNK_BYTES: usize = 64 << 10;
 /// First and longest wait before dialing a peer again.
 const BACKOFF_MIN_MS: u64 = 100;
 const BACKOFF_MAX_MS: u64 = 5_000;
+/// How long a link must stay up before its next failure dials again at
+/// once (the backoff starts over).
+const LINK_SETTLED: Duration = Duration::from_secs(10);
 /// How often links are ticked and due dials made.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -89,6 +92,8 @@ struct Link {
     closed: Cell<bool>,
     /// Close once what is queued is written (after a Refuse).
     closing: Cell<bool>,
+    /// When the handshake completed.
+    up_at: Cell<Option<Instant>>,
     /// Outbound on shard 0: the routes this link still needs.
     feed: RefCell<RouteFeed>,
     /// Outbound on shard 0: the route sequence number the peer has
@@ -346,6 +351,7 @@ impl Bridge {
             wake: Notify::default(),
             closed: Cell::new(false),
             closing: Cell::new(false),
+            up_at: Cell::new(None),
             feed: RefCell::new(RouteFeed::new()),
             acked: Cell::new(0),
         }))
@@ -368,6 +374,16 @@ impl Bridge {
                     .and_then(|p| p.out.as_ref())
                     .is_some_and(|l| l.id == link.id);
                 if mine {
+                    // A link that stayed up a while starts the backoff
+                    // over; one closed soon after its handshake (the peer
+                    // refusing its routes, say) keeps backing off rather
+                    // than redialing ten times a second.
+                    let lasted = link.up_at.get().map(|t| t.elapsed());
+                    if lasted.is_some_and(|d| d >= LINK_SETTLED) {
+                        if let Some(p) = self.peers.borrow_mut().get_mut(&index) {
+                            p.backoff_ms = BACKOFF_MIN_MS;
+                        }
+                    }
                     self.dial_failed(index);
                 }
             }
@@ -408,9 +424,7 @@ impl Bridge {
             let Some(index) = link.peer.get() else {
                 return;
             };
-            if let Some(p) = self.peers.borrow_mut().get_mut(&index) {
-                p.backoff_ms = BACKOFF_MIN_MS;
-            }
+            link.up_at.set(Some(Instant::now()));
             if self.me.shard == 0 {
                 let frames = self
                     .core
