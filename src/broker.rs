@@ -353,6 +353,7 @@ fn start_cluster(
     };
     let mut senders = Vec::new();
     let mut bridges = Vec::new();
+    let handed_over = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for (i, listener) in listeners.into_iter().enumerate() {
         let (tx, rx) = crossbeam_channel::unbounded();
         senders.push(tx);
@@ -369,6 +370,7 @@ fn start_cluster(
             events: rx,
             settings: settings.clone(),
             routes_max: c.routes_max,
+            handed_over: handed_over.clone(),
         });
     }
     let membership = Membership::new(me, &c.join, &c.membership_settings(), seed);

@@ -85,6 +85,8 @@ pub struct ClusterConfig {
     pub link_queue_bytes_max: usize,
     /// Routes (filters) taken from one peer node at most.
     pub routes_max: usize,
+    /// Wills taken from one shard of a peer node at most.
+    pub peer_wills_max: usize,
 }
 
 /// How acknowledged messages and sessions are kept.

@@ -4,25 +4,33 @@
 //! delivered in random pieces) that break at random and are dialed again.
 //!
 //! Each seed: 2 to 5 nodes of 1 to 4 shards; shards subscribe and
-//! unsubscribe at random from a pool of filters; every node dials every
-//! other; 1 in 150 steps breaks a random connection. Checked: no route
-//! frame is ever refused (out of sequence, contradicting, drifting) while
-//! links only break; and after the faults stop, every node holds exactly
-//! every other node's filters. `SHARDMQ_BRIDGE_SEEDS=N` runs N seeds
+//! unsubscribe at random from a pool of filters, and clients of each node
+//! get and lose wills ([`WillExport`], [`WillImport`] on the same links);
+//! every node dials every other; 1 in 150 steps breaks a random
+//! connection. Checked: no route or will frame is ever refused (out of
+//! sequence, contradicting, drifting) while links only break; and after
+//! the faults stop, every node holds exactly every other node's filters,
+//! and exactly its wills (what it would publish if that node died). `SHARDMQ_BRIDGE_SEEDS=N` runs N seeds
 //! (default 300), `SHARDMQ_BRIDGE_SEED=S` just seed S.
 
 #[path = "common/rng.rs"]
 mod rng;
 use rng::Rng;
 
-use std::collections::{BTreeSet, VecDeque};
-use std::time::Instant;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use shardmq::cluster::frame::RouteChange;
+use shardmq::cluster::frame::WillEntry;
 use shardmq::cluster::frame::{Frame, Hello, BRIDGE_VERSION};
 use shardmq::cluster::link::{LinkEvent, LinkSession, LinkSettings};
 use shardmq::cluster::node::NodeName;
 use shardmq::cluster::routes::{RouteExport, RouteFeed, RouteImport};
+use shardmq::cluster::wills::{WillExport, WillImport};
+use shardmq::codec::{Properties, QoS, Will};
 
 const FILTERS: [&str; 14] = [
     "a",
@@ -82,6 +90,13 @@ struct Node {
     shards: Vec<BTreeSet<&'static str>>,
     /// What this node holds of each other node's routes.
     imports: Vec<RouteImport>,
+    /// Its clients' wills as its peers hold them, the changes not yet
+    /// handed to the links, and the truth: client → payload.
+    wills: WillExport,
+    will_outbox: VecDeque<Frame>,
+    will_truth: BTreeMap<String, u64>,
+    /// What this node holds of each other node's wills.
+    will_imports: Vec<WillImport>,
 }
 
 struct Sim {
@@ -94,6 +109,21 @@ struct Sim {
     breaks: u64,
     snapshots: u64,
     deltas: u64,
+    will_changes: u64,
+}
+
+fn will_entry(client: &str, version: u64) -> WillEntry {
+    WillEntry {
+        client_id: Arc::from(client),
+        will: Will {
+            topic: Arc::from(format!("status/{client}")),
+            payload: Bytes::from(version.to_string()),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Properties::default(),
+        },
+        delay_ms: version % 3 * 1000,
+    }
 }
 
 impl Sim {
@@ -128,8 +158,23 @@ impl Sim {
         }
     }
 
-    /// A node's queued route changes go out on its links.
+    fn at(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.step)
+    }
+
+    /// A node's queued route and will changes go out on its links.
     fn drain(&mut self, a: usize) {
+        while let Some(f) = self.nodes[a].will_outbox.pop_front() {
+            self.will_changes += 1;
+            for b in 0..self.nodes.len() {
+                if let Some(c) = self.conns[a][b].as_mut() {
+                    if c.dialer.is_up() {
+                        c.dialer.send(self.step, &f).unwrap();
+                    }
+                }
+                self.transmit(a, b);
+            }
+        }
         while let Some((seq, change)) = self.nodes[a].outbox.pop_front() {
             self.deltas += 1;
             for b in 0..self.nodes.len() {
@@ -165,6 +210,17 @@ impl Sim {
                         if let LinkEvent::Up(_) = ev {
                             c.acceptor.welcome(step);
                         }
+                        if let LinkEvent::Frame(
+                            f @ (Frame::WillSnapshot { .. }
+                            | Frame::WillSet(_)
+                            | Frame::WillClear { .. }),
+                        ) = &ev
+                        {
+                            self.nodes[b].will_imports[a].apply(f).unwrap_or_else(|e| {
+                                panic!("seed {seed}: n{b}'s wills from n{a}: {e}")
+                            });
+                            continue;
+                        }
                         if let LinkEvent::Frame(f) = ev {
                             let applied = self.nodes[b].imports[a]
                                 .apply(&f)
@@ -197,6 +253,10 @@ impl Sim {
                         let c = self.conns[a][b].as_mut().unwrap();
                         let frames = c.feed.start(&self.nodes[a].export, 64);
                         for f in &frames {
+                            c.dialer.send(step, f).unwrap();
+                        }
+                        let at = self.epoch + Duration::from_millis(step);
+                        for f in &self.nodes[a].wills.snapshot(128, at) {
                             c.dialer.send(step, f).unwrap();
                         }
                     }
@@ -237,6 +297,10 @@ fn run_seed(seed: u64) -> (u64, u64, u64) {
                 outbox: VecDeque::new(),
                 shards: vec![BTreeSet::new(); shards],
                 imports: (0..n).map(|_| RouteImport::new(1000)).collect(),
+                wills: WillExport::new(),
+                will_outbox: VecDeque::new(),
+                will_truth: BTreeMap::new(),
+                will_imports: (0..n).map(|_| WillImport::new(1000)).collect(),
             }
         })
         .collect();
@@ -249,6 +313,7 @@ fn run_seed(seed: u64) -> (u64, u64, u64) {
         breaks: 0,
         snapshots: 0,
         deltas: 0,
+        will_changes: 0,
     };
     let steps = 3_000;
     for step in 0..steps + 500 {
@@ -274,6 +339,23 @@ fn run_seed(seed: u64) -> (u64, u64, u64) {
             }
             if let Some(c) = sim.nodes[a].export.shard_changed(f, add) {
                 sim.nodes[a].outbox.push_back(c);
+            }
+            // A client of a node connects with a will, or loses it.
+            let a = sim.rng.below(n as u64) as usize;
+            let client = format!("c{}", sim.rng.below(12));
+            let at = sim.at();
+            let node = &mut sim.nodes[a];
+            if sim.rng.below(3) == 0 {
+                if let Some(f) = node.wills.clear(&client) {
+                    node.will_truth.remove(&client);
+                    node.will_outbox.push_back(f);
+                }
+            } else {
+                let version = step;
+                node.will_truth.insert(client.clone(), version);
+                let due = (version % 2 == 0).then(|| at + Duration::from_secs(5));
+                let f = node.wills.set(will_entry(&client, version), due);
+                node.will_outbox.push_back(f);
             }
             if sim.rng.below(150) == 0 {
                 let a = sim.rng.below(n as u64) as usize;
@@ -306,9 +388,20 @@ fn run_seed(seed: u64) -> (u64, u64, u64) {
         for b in (0..n).filter(|&b| b != a) {
             let held: BTreeSet<&str> = sim.nodes[b].imports[a].filters().map(|f| &**f).collect();
             assert_eq!(held, truth, "seed {seed}: n{b}'s copy of n{a}'s routes");
+            let wills: BTreeMap<String, u64> = sim.nodes[b].will_imports[a]
+                .entries()
+                .map(|e| {
+                    let version = std::str::from_utf8(&e.will.payload).unwrap();
+                    (e.client_id.to_string(), version.parse().unwrap())
+                })
+                .collect();
+            assert_eq!(
+                wills, sim.nodes[a].will_truth,
+                "seed {seed}: n{b}'s copy of n{a}'s wills"
+            );
         }
     }
-    (sim.breaks, sim.snapshots, sim.deltas)
+    (sim.breaks, sim.snapshots, sim.deltas + sim.will_changes)
 }
 
 #[test]
@@ -331,8 +424,8 @@ fn seeded() {
         deltas += d;
     }
     eprintln!(
-        "bridge routes: {} seeds, {breaks} connections broken, {snapshots} snapshots, {deltas} \
-         node-level route changes; every copy matched its node",
+        "bridge routes and wills: {} seeds, {breaks} connections broken, {snapshots} snapshots, \
+         {deltas} route and will changes; every copy matched its node",
         seeds.len()
     );
 }

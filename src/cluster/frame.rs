@@ -47,6 +47,9 @@ mod kind {
     pub const PUBLISH: u8 = 6;
     pub const PING: u8 = 7;
     pub const PONG: u8 = 8;
+    pub const WILL_SNAPSHOT: u8 = 9;
+    pub const WILL_SET: u8 = 10;
+    pub const WILL_CLEAR: u8 = 11;
 }
 
 /// The first frame each side of a link sends.
@@ -138,6 +141,38 @@ pub enum Frame {
     },
     /// Answer to a Ping.
     Pong,
+    /// Part of the sending shard's wills: a snapshot is one or more of
+    /// these, from `first` (the receiver starts a new table) to `last`
+    /// (the new table replaces the old one).
+    WillSnapshot {
+        /// The wills in this part.
+        wills: Vec<WillEntry>,
+        /// The first part.
+        first: bool,
+        /// The last part.
+        last: bool,
+    },
+    /// A client of the sending shard has this will now (replacing any).
+    WillSet(Box<WillEntry>),
+    /// A client of the sending shard has no will any more.
+    WillClear {
+        /// The client id.
+        client_id: Arc<str>,
+    },
+}
+
+/// A will a node holds for one of its clients, as its peers keep it: what
+/// they publish if the node's run ends without it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WillEntry {
+    /// The client id.
+    pub client_id: Arc<str>,
+    /// The will (its Will Delay Interval left out: `delay_ms` says when).
+    pub will: crate::codec::Will,
+    /// How long after the end of the node's run the will is due, in ms:
+    /// the will delay (or the session expiry, if earlier) of a connected
+    /// client, what is left of it for a client already gone.
+    pub delay_ms: u64,
 }
 
 /// A message for a remote node, and for whom there: its ordinary
@@ -264,6 +299,23 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u64(*digest);
         }
         Frame::Pong => out.put_u8(kind::PONG),
+        Frame::WillSnapshot { wills, first, last } => {
+            out.put_u8(kind::WILL_SNAPSHOT);
+            out.put_u8(u8::from(*first));
+            out.put_u8(u8::from(*last));
+            out.put_u32(wills.len() as u32);
+            for w in wills {
+                put_will(out, w);
+            }
+        }
+        Frame::WillSet(w) => {
+            out.put_u8(kind::WILL_SET);
+            put_will(out, w);
+        }
+        Frame::WillClear { client_id } => {
+            out.put_u8(kind::WILL_CLEAR);
+            put_str(out, client_id);
+        }
     }
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -386,6 +438,25 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             digest: u64_(b)?,
         },
         kind::PONG => Frame::Pong,
+        kind::WILL_SNAPSHOT => {
+            let first = bool_(b)?;
+            let last = bool_(b)?;
+            let n = u32_(b)? as usize;
+            // Each will takes more than 16 bytes: a count beyond the frame
+            // is a lie, and nothing is allocated for it.
+            if n > b.len() / 16 {
+                return Err(FrameError::Malformed("will count beyond the frame"));
+            }
+            let mut wills = Vec::with_capacity(n);
+            for _ in 0..n {
+                wills.push(will(b)?);
+            }
+            Frame::WillSnapshot { wills, first, last }
+        }
+        kind::WILL_SET => Frame::WillSet(Box::new(will(b)?)),
+        kind::WILL_CLEAR => Frame::WillClear {
+            client_id: client_id(b)?,
+        },
         _ => return Err(FrameError::Malformed("unknown frame kind")),
     })
 }
@@ -425,6 +496,73 @@ fn message(b: &mut BytesMut, now: Instant) -> Result<Message, FrameError> {
         expires_at,
         publisher,
     })
+}
+
+/// A will: its client id, its delay, and the rest as a 5.0 PUBLISH
+/// (with the will's Message Expiry Interval, which counts from its
+/// publication) in a 4-byte length.
+fn put_will(out: &mut BytesMut, w: &WillEntry) {
+    put_str(out, &w.client_id);
+    out.put_u64(w.delay_ms);
+    let mut properties = w.will.properties.clone();
+    properties.will_delay_interval = None;
+    let view = codec::PublishView {
+        dup: false,
+        qos: w.will.qos,
+        retain: w.will.retain,
+        topic: &w.will.topic,
+        packet_id: 1,
+        payload: &w.will.payload,
+        properties: Some(&properties),
+        message_expiry_interval: None,
+        topic_alias: None,
+        subscription_identifiers: &[],
+    };
+    let at = out.len();
+    out.put_u32(0);
+    codec::encode_publish(&view, Version::V5, out);
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn will(b: &mut BytesMut) -> Result<WillEntry, FrameError> {
+    let client_id = client_id(b)?;
+    let delay_ms = u64_(b)?;
+    let len = u32_(b)? as usize;
+    need(b, len)?;
+    let mut packet = b.split_to(len);
+    let p = match codec::decode(&mut packet, Version::V5, codec::MAX_PACKET_SIZE) {
+        Ok(Some(Packet::Publish(p))) if packet.is_empty() => p,
+        _ => return Err(FrameError::Malformed("the will's PUBLISH does not decode")),
+    };
+    if crate::router::topic::validate_topic_name(&p.topic, LEVELS_MAX).is_err() {
+        return Err(FrameError::Malformed("will topic"));
+    }
+    let mut properties = p.properties;
+    properties.topic_alias = None;
+    properties.subscription_identifiers.clear();
+    let mut payload = p.payload;
+    crate::message::own_buffers(&mut payload, &mut properties);
+    Ok(WillEntry {
+        client_id,
+        will: crate::codec::Will {
+            topic: p.topic,
+            payload,
+            qos: p.qos,
+            retain: p.retain,
+            properties,
+        },
+        delay_ms,
+    })
+}
+
+/// A client id: a non-empty string.
+fn client_id(b: &mut BytesMut) -> Result<Arc<str>, FrameError> {
+    let id = string(b)?;
+    if id.is_empty() {
+        return Err(FrameError::Malformed("an empty client id"));
+    }
+    Ok(Arc::from(id))
 }
 
 fn put_str(out: &mut BytesMut, s: &str) {
@@ -529,6 +667,23 @@ mod tests {
         }
     }
 
+    fn will_entry(client: &str, delay_ms: u64) -> WillEntry {
+        let m = message();
+        let mut properties = m.properties.clone();
+        properties.message_expiry_interval = Some(60);
+        WillEntry {
+            client_id: Arc::from(client),
+            will: crate::codec::Will {
+                topic: m.topic.clone(),
+                payload: m.payload.clone(),
+                qos: QoS::ExactlyOnce,
+                retain: true,
+                properties,
+            },
+            delay_ms,
+        }
+    }
+
     #[test]
     fn every_frame_survives_the_round_trip() {
         let frames = [
@@ -575,6 +730,20 @@ mod tests {
             },
             Frame::Ping { seq: 3, digest: 5 },
             Frame::Pong,
+            Frame::WillSnapshot {
+                wills: vec![will_entry("c1", 0), will_entry("c2", 5_000)],
+                first: true,
+                last: false,
+            },
+            Frame::WillSnapshot {
+                wills: Vec::new(),
+                first: false,
+                last: true,
+            },
+            Frame::WillSet(Box::new(will_entry("c3", 1))),
+            Frame::WillClear {
+                client_id: Arc::from("c3"),
+            },
         ];
         for f in &frames {
             assert_eq!(&roundtrip(f), f);

@@ -11,7 +11,9 @@
 //! - [`frame`] and [`link`]: the bridge's wire format and one link's
 //!   protocol between shard *i* of a node and shard *i* mod *n* of a peer;
 //! - [`routes`]: a node's route table as its peers hold it, replicated by
-//!   snapshot and numbered changes (simulated in `tests/bridge.rs`).
+//!   snapshot and numbered changes (simulated in `tests/bridge.rs`);
+//! - [`wills`]: the wills of a shard's clients as its peers hold them, to
+//!   publish if the node's run ends without it (simulated there too).
 //!
 //! Not yet: sessions, retained messages and replication across nodes (the
 //! cluster issue lists them).
@@ -21,3 +23,4 @@ pub mod link;
 pub mod membership;
 pub mod node;
 pub mod routes;
+pub mod wills;

@@ -272,6 +272,33 @@ impl Session {
     }
 }
 
+/// When a session's will goes out if nothing cancels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WillDue {
+    /// Connected: this many seconds after the connection ends.
+    AfterEnd(u32),
+    /// Offline: at this time.
+    At(Instant),
+}
+
+impl Session {
+    /// The will this session would leave behind now, and when it is due:
+    /// the connection's (connected), or the pending one (offline).
+    pub fn will_now(&self) -> Option<(&Will, WillDue)> {
+        match &self.presence {
+            Presence::Connected(c) => c
+                .will
+                .as_deref()
+                .map(|w| (w, WillDue::AfterEnd(will_delay_s(w, self.expiry_s)))),
+            Presence::Offline {
+                pending_will: Some(p),
+                ..
+            } => Some((&p.0, WillDue::At(p.1))),
+            Presence::Offline { .. } => None,
+        }
+    }
+}
+
 /// Seconds after the connection ends that a will goes out: its Will Delay
 /// Interval, capped by the session's expiry (the earlier of the two).
 pub fn will_delay_s(will: &Will, expiry_s: u32) -> u32 {

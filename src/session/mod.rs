@@ -59,7 +59,7 @@ use crate::codec::{Packet, QoS, SubOptions, Topic, Version, Will};
 use crate::message::{ClientId, Message};
 
 pub use durable::{DurableState, Lifetime, Restored, RestoredInflight, StoredDelivery};
-pub use lifecycle::{expires_after_s, will_delay_s};
+pub use lifecycle::{expires_after_s, will_delay_s, WillDue};
 use outbound::Outbound;
 use transmit::{Outgoing, TransmitQueue};
 

@@ -140,6 +140,8 @@ impl ShardCore {
         st.last_conn_id += 1;
         let conn_id = st.last_conn_id;
         let slot = st.sessions.get_mut(key).expect("just inserted or resumed");
+        // The new connection's will is this run's.
+        slot.will_of_last_run = false;
         let attached = slot
             .session
             .connect(now, *connect, resumed.is_some(), assigned.as_deref());

@@ -80,6 +80,7 @@ pub mod runtime;
 mod slab;
 #[cfg(test)]
 mod tests;
+mod wills;
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
@@ -233,6 +234,12 @@ struct SessionSlot {
     parked_gathers: Vec<gather::Gather>,
     /// Credit granted to other shards for retained chunks not yet here.
     gather_credit_out: usize,
+    /// In a cluster: what the peers hold of the session's will.
+    will_mark: wills::WillMark,
+    /// Restored from the log and not connected since: its will is the
+    /// previous run's, which the peers published already (this node
+    /// publishes it to its own subscribers only, and exports it not).
+    will_of_last_run: bool,
 }
 
 impl SessionSlot {
@@ -248,6 +255,8 @@ impl SessionSlot {
             wait_seq: 0,
             parked_gathers: Vec::new(),
             gather_credit_out: 0,
+            will_mark: None,
+            will_of_last_run: false,
         }
     }
 }
@@ -534,8 +543,10 @@ impl ShardCore {
                         will_of: will.then_some(key),
                         remote: false,
                     };
+                    let last_run = will && slot.will_of_last_run && st.remote.is_some();
                     let accepted = match delay_s {
                         Some(d) => self.delay(st, now, message, d, source),
+                        None if last_run => self.route_here(st, now, message, source),
                         None => self.route(st, now, message, source),
                     };
                     if let (Some(pid), Some(slot)) = (packet_id, st.sessions.get_mut(key)) {
@@ -579,6 +590,9 @@ impl ShardCore {
         if st.store.is_some() {
             Self::drain_journal(st, key);
             Self::hold_for_sync(st, key);
+        }
+        if st.remote.is_some() {
+            Self::export_will(st, key, now);
         }
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
@@ -628,10 +642,16 @@ impl ShardCore {
         }
         // Route any will the session published on its way out.
         let slot = st.sessions.remove(key).expect("checked above");
+        Self::unexport_will(st, &slot);
+        let last_run = slot.will_of_last_run && st.remote.is_some();
         let mut session = slot.session;
         while let Some(action) = session.poll_action() {
             if let Action::Publish { message, .. } = action {
-                self.route(st, now, message, Source::default());
+                if last_run {
+                    self.route_here(st, now, message, Source::default());
+                } else {
+                    self.route(st, now, message, Source::default());
+                }
             }
         }
         st.stats.ended_sessions.add(&session.stats());
@@ -644,6 +664,7 @@ impl ShardCore {
     /// due, and keep the log (clock, settled frontier, compaction).
     pub fn handle_tick(&self, now: Instant) {
         self.log_gate.borrow_mut().tick(now);
+        self.publish_due_peer_wills(now);
         let mut st = self.state.borrow_mut();
         self.send_due_delayed(&mut st, now);
         self.durable_tick(&mut st, now);

@@ -54,6 +54,9 @@ pub enum BridgeOut {
         /// Its route sequence number.
         seq: u64,
     },
+    /// A client of this shard has a new will or none
+    /// ([`Frame::WillSet`], [`Frame::WillClear`]): for every link up.
+    Will(Frame),
 }
 
 /// A shard's cluster state (None on a broker that runs alone).
@@ -76,13 +79,16 @@ pub(super) struct Remote {
     /// node, its sequence number).
     pub(super) fences: hashbrown::HashMap<u64, (usize, u16, u64)>,
     pub(super) next_fence: u64,
+    /// Wills across nodes.
+    pub(super) wills: super::wills::Wills,
 }
 
 impl ShardCore {
-    /// Join a cluster: remote routes and the bridge outbox start working.
-    /// Shard 0 builds its route export from the replica (restored from
-    /// the log, or empty).
-    pub fn enable_cluster(&self) {
+    /// Join a cluster at `now`: remote routes and the bridge outbox start
+    /// working. Shard 0 builds its route export from the replica (restored
+    /// from the log, or empty); every shard its will export from its
+    /// sessions.
+    pub fn enable_cluster(&self, now: Instant) {
         let mut st = self.state.borrow_mut();
         let export = (self.id == 0).then(|| {
             let mut e = RouteExport::new();
@@ -102,12 +108,26 @@ impl ShardCore {
             waiting: VecDeque::new(),
             fences: hashbrown::HashMap::new(),
             next_fence: 0,
+            wills: super::wills::Wills::new(self.config.cluster.peer_wills_max),
         });
+        let keys: Vec<_> = st.sessions.keys().collect();
+        for key in keys {
+            Self::export_will(&mut st, key, now);
+        }
     }
 
     /// Wakes the runtime's bridge task when the outbox has something.
     pub fn bridge_wake(&self) -> Option<Rc<Notify>> {
         self.state.borrow().remote.as_ref().map(|r| r.wake.clone())
+    }
+
+    /// True when the bridge outbox is empty.
+    pub fn bridge_idle(&self) -> bool {
+        self.state
+            .borrow()
+            .remote
+            .as_ref()
+            .is_none_or(|r| r.out.is_empty())
     }
 
     /// The next thing for the bridge.

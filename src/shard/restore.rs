@@ -72,9 +72,9 @@ impl ShardCore {
                 seg: s.seg,
                 bytes: s.bytes,
             };
-            let key = st
-                .sessions
-                .insert(SessionSlot::new(session, uid, Some(durable)));
+            let mut slot = SessionSlot::new(session, uid, Some(durable));
+            slot.will_of_last_run = slot.session.will_now().is_some();
+            let key = st.sessions.insert(slot);
             st.by_client.insert(s.client_id, key);
             store.live.restore_session(key, uid, s.seg, s.bytes);
             keys.insert(s.sid, key);

@@ -302,7 +302,7 @@ fn qos0_message(topic: &str) -> Arc<crate::message::Message> {
 /// Shard `id` of `shards` on a cluster node.
 fn cluster_core(id: usize, shards: usize) -> ShardCore {
     let c = core(id, shards);
-    c.enable_cluster();
+    c.enable_cluster(Instant::now());
     c
 }
 
@@ -480,4 +480,161 @@ fn a_shared_subscription_takes_turns_across_nodes() {
     assert_eq!(written(&c0, &member, Version::V3_1_1).len(), 1);
     assert!(bridge_out(&c0).is_empty());
     c0.check_invariants();
+}
+
+fn will_on(topic: &str, payload: &'static [u8], delay_s: Option<u32>) -> Will {
+    Will {
+        topic: topic.into(),
+        payload: Bytes::from_static(payload),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties {
+            will_delay_interval: delay_s,
+            ..Properties::default()
+        },
+    }
+}
+
+/// The will changes of a shard's clients go to the bridge: set when a
+/// client connects with one, cleared when it leaves with a DISCONNECT,
+/// cleared when the will is published; a link that comes up gets the wills
+/// held now.
+#[test]
+fn a_shard_tells_its_peers_the_wills_of_its_clients() {
+    use crate::cluster::frame::Frame;
+    let c = cluster_core(0, 1);
+    let t0 = Instant::now();
+    let mut with_will = connect("w1", Version::V3_1_1);
+    with_will.will = Some(will_on("status/w1", b"gone", None));
+    let conn = c.attach(t0, Box::new(with_will.clone()), None).unwrap();
+    match &bridge_out(&c)[..] {
+        [super::BridgeOut::Will(Frame::WillSet(e))]
+            if &*e.client_id == "w1" && e.delay_ms == 0 && &*e.will.topic == "status/w1" => {}
+        other => panic!("the will is set: {other:?}"),
+    }
+    let snapshot = c.will_snapshot(1 << 16, t0);
+    assert!(
+        matches!(&snapshot[..], [Frame::WillSnapshot { wills, first: true, last: true }] if wills.len() == 1)
+    );
+    // A DISCONNECT: no will, and the peers forget it.
+    c.handle_packet(&conn, t0, Packet::Disconnect(codec::Disconnect::default()));
+    assert!(matches!(
+        &bridge_out(&c)[..],
+        [super::BridgeOut::Will(Frame::WillClear { client_id })] if &**client_id == "w1"
+    ));
+    // A connection lost: the will is published here (to every node with
+    // subscribers) and the peers forget it.
+    let conn = c.attach(t0, Box::new(with_will), None).unwrap();
+    bridge_out(&c);
+    c.handle_connection_lost(&conn, t0);
+    assert!(matches!(
+        &bridge_out(&c)[..],
+        [super::BridgeOut::Will(Frame::WillClear { .. })]
+    ));
+    // Nothing for a client without a will.
+    attached(&c, t0, "plain");
+    assert!(bridge_out(&c).is_empty());
+    c.check_invariants();
+}
+
+/// The wills a peer's shard sent are published here when that peer's run
+/// ends, each after the delay it had, to this node's subscribers only
+/// (every node publishes them for its own); a frame of an older run is
+/// ignored, and a newer run's snapshot ends the older run.
+#[test]
+fn the_wills_of_a_peer_whose_run_ended_are_published_here_only() {
+    use crate::cluster::frame::{Frame, RouteChange, WillEntry};
+    let c = cluster_core(0, 1);
+    let t0 = Instant::now();
+    let sub = attached(&c, t0, "sub");
+    c.handle_packet(&sub, t0, subscribe_packet(1, "status/#"));
+    c.routes_acked(u64::MAX);
+    pump(&[&c], t0);
+    assert!(matches!(
+        &written(&c, &sub, Version::V3_1_1)[..],
+        [Packet::SubAck(_)]
+    ));
+    // Node 5 has subscribers too: a will published here must not go there.
+    let change = RouteChange {
+        add: true,
+        filter: "status/#".into(),
+    };
+    c.remote_routes(5, &[change], None);
+    bridge_out(&c);
+    let entry = |client: &str, payload: &'static [u8], delay_ms| WillEntry {
+        client_id: client.into(),
+        will: will_on(&format!("status/{client}"), payload, None),
+        delay_ms,
+    };
+    // Node 3, run 7, shard 1: two wills, one due 2 s after the end.
+    let snapshot = Frame::WillSnapshot {
+        wills: vec![entry("a", b"a gone", 0), entry("b", b"b gone", 2_000)],
+        first: true,
+        last: true,
+    };
+    c.peer_wills(t0, 3, 7, 1, &snapshot).unwrap();
+    c.peer_wills(t0, 3, 7, 1, &Frame::WillSet(Box::new(entry("x", b"x", 0))))
+        .unwrap();
+    c.peer_wills(
+        t0,
+        3,
+        7,
+        1,
+        &Frame::WillClear {
+            client_id: "x".into(),
+        },
+    )
+    .unwrap();
+    // A late frame of run 6 changes nothing.
+    c.peer_wills(
+        t0,
+        3,
+        6,
+        1,
+        &Frame::WillSet(Box::new(entry("old", b"old", 0))),
+    )
+    .unwrap();
+    assert_eq!(c.peer_wills_held(), 2);
+    assert!(written(&c, &sub, Version::V3_1_1).is_empty());
+
+    let t1 = t0 + Duration::from_secs(10);
+    c.peer_run_ended(t1, 3, 7);
+    let payloads = |packets: Vec<Packet>| -> Vec<Bytes> {
+        packets
+            .into_iter()
+            .map(|p| match p {
+                Packet::Publish(p) => p.payload,
+                other => panic!("a will: {other:?}"),
+            })
+            .collect()
+    };
+    assert_eq!(payloads(written(&c, &sub, Version::V3_1_1)), ["a gone"]);
+    c.handle_tick(t1 + Duration::from_millis(1_999));
+    assert!(written(&c, &sub, Version::V3_1_1).is_empty());
+    c.handle_tick(t1 + Duration::from_secs(2));
+    assert_eq!(payloads(written(&c, &sub, Version::V3_1_1)), ["b gone"]);
+    assert!(
+        bridge_out(&c).is_empty(),
+        "a peer's will goes to no other node"
+    );
+    assert_eq!(c.peer_wills_published(), 2);
+    assert_eq!(c.peer_wills_held(), 0);
+
+    // Run 8 of node 3 sends a will; run 9's first snapshot ends run 8.
+    c.peer_wills(
+        t1,
+        3,
+        8,
+        0,
+        &Frame::WillSet(Box::new(entry("c", b"c gone", 0))),
+    )
+    .unwrap();
+    let empty = Frame::WillSnapshot {
+        wills: Vec::new(),
+        first: true,
+        last: true,
+    };
+    c.peer_wills(t1, 3, 9, 0, &empty).unwrap();
+    assert_eq!(payloads(written(&c, &sub, Version::V3_1_1)), ["c gone"]);
+    c.check_invariants();
 }

@@ -16,6 +16,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -63,11 +65,48 @@ pub(crate) struct BridgeStart {
     pub(crate) settings: LinkSettings,
     /// Routes taken from one peer at most.
     pub(crate) routes_max: usize,
+    /// At an orderly stop: how many of the node's shards have handed
+    /// their last will changes to their links (shard 0 leaves the
+    /// membership after them).
+    pub(crate) handed_over: Arc<AtomicUsize>,
+}
+
+/// A running bridge, for the shard's orderly stop.
+pub(crate) struct BridgeHandle {
+    bridge: Rc<Bridge>,
+    handed_over: Arc<AtomicUsize>,
+}
+
+/// How long an orderly stop waits for the wills to reach the peers.
+const HAND_OVER_WAIT: Duration = Duration::from_secs(1);
+
+impl BridgeHandle {
+    /// The stopping shard has closed its connections: wait (at most
+    /// [`HAND_OVER_WAIT`]) until what that changed of its clients' wills
+    /// (published, or waiting for their delay) is written to every link,
+    /// so the peers publish only what is still due once this node leaves.
+    pub(crate) async fn hand_over(&self) {
+        let deadline = Instant::now() + HAND_OVER_WAIT;
+        while !self.bridge.drained() && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        self.handed_over.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Shard 0: wait (at most [`HAND_OVER_WAIT`] more) until every shard
+    /// of the node has handed over, before leaving the membership.
+    pub(crate) async fn all_handed_over(&self) {
+        let shards = usize::from(self.bridge.me.shards);
+        let deadline = Instant::now() + HAND_OVER_WAIT;
+        while self.handed_over.load(Ordering::Acquire) < shards && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
 /// Links a shard accepts at once (beyond: closed at once).
 const INBOUND_LINKS_MAX: usize = 1024;
-/// Snapshot parts, in bytes of filters.
+/// Snapshot parts, in bytes of filters (routes) or wills.
 const SNAPSHOT_CHUNK_BYTES: usize = 64 << 10;
 /// First and longest wait before dialing a peer again.
 const BACKOFF_MIN_MS: u64 = 100;
@@ -94,6 +133,8 @@ struct Link {
     closing: Cell<bool>,
     /// When the handshake completed.
     up_at: Cell<Option<Instant>>,
+    /// The peer's Hello, once the link is up.
+    hello: RefCell<Option<Hello>>,
     /// Outbound on shard 0: the routes this link still needs.
     feed: RefCell<RouteFeed>,
     /// Outbound on shard 0: the route sequence number the peer has
@@ -132,8 +173,8 @@ struct Bridge {
 
 /// Start this shard's bridge: its accept loop, its control loop (peers,
 /// dials, ticks) and the task that moves its core's outbox onto links.
-pub(crate) fn start(core: Rc<ShardCore>, start: BridgeStart) -> std::io::Result<()> {
-    core.enable_cluster();
+pub(crate) fn start(core: Rc<ShardCore>, start: BridgeStart) -> std::io::Result<BridgeHandle> {
+    core.enable_cluster(Instant::now());
     let (listener, _handle) = listener_from(start.listener)?;
     let bridge = Rc::new(Bridge {
         core,
@@ -149,6 +190,10 @@ pub(crate) fn start(core: Rc<ShardCore>, start: BridgeStart) -> std::io::Result<
         dropped: Cell::new(0),
     });
     bridge.recompute_acks();
+    let handle = BridgeHandle {
+        bridge: bridge.clone(),
+        handed_over: start.handed_over,
+    };
     glommio::spawn_local(accept_loop(bridge.clone(), listener)).detach();
     glommio::spawn_local(outbox_loop(bridge.clone())).detach();
     let events = start.events;
@@ -163,10 +208,22 @@ pub(crate) fn start(core: Rc<ShardCore>, start: BridgeStart) -> std::io::Result<
         }
     })
     .detach();
-    Ok(())
+    Ok(handle)
 }
 
 impl Bridge {
+    /// Nothing left for the links: the core's outbox is empty and every
+    /// link up has written what it was given.
+    fn drained(&self) -> bool {
+        self.core.bridge_idle()
+            && self
+                .peers
+                .borrow()
+                .values()
+                .filter_map(|p| p.out.as_ref())
+                .all(|l| l.closed.get() || l.session.borrow().out_bytes() == 0)
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -185,6 +242,17 @@ impl Bridge {
         log::debug!("cluster: shard {}: {ev:?}", self.me.shard);
         match ev {
             PeerEvent::Up { index, node } => {
+                let older = self
+                    .peers
+                    .borrow()
+                    .get(&index)
+                    .map(|p| p.node.incarnation)
+                    .filter(|&i| i != node.incarnation);
+                if let Some(incarnation) = older {
+                    // Restarted before it was declared down: the old run
+                    // ended all the same, and its wills go out.
+                    self.core.peer_run_ended(Instant::now(), index, incarnation);
+                }
                 let old = self.peers.borrow_mut().insert(
                     index,
                     Peer {
@@ -211,6 +279,8 @@ impl Bridge {
                 if !same {
                     return;
                 }
+                self.core
+                    .peer_run_ended(Instant::now(), index, node.incarnation);
                 let peer = self.peers.borrow_mut().remove(&index);
                 if let Some(link) = peer.and_then(|p| p.out) {
                     self.close(&link, "the node is down");
@@ -352,6 +422,7 @@ impl Bridge {
             closed: Cell::new(false),
             closing: Cell::new(false),
             up_at: Cell::new(None),
+            hello: RefCell::new(None),
             feed: RefCell::new(RouteFeed::new()),
             acked: Cell::new(0),
         }))
@@ -425,6 +496,16 @@ impl Bridge {
                 return;
             };
             link.up_at.set(Some(Instant::now()));
+            *link.hello.borrow_mut() = Some(h.clone());
+            // The wills of this shard's clients, whole, before any change.
+            let wills = self
+                .core
+                .will_snapshot(SNAPSHOT_CHUNK_BYTES, Instant::now());
+            let mut s = link.session.borrow_mut();
+            for f in &wills {
+                s.force_send(now, f);
+            }
+            drop(s);
             if self.me.shard == 0 {
                 let frames = self
                     .core
@@ -479,6 +560,7 @@ impl Bridge {
             return;
         };
         link.peer.set(Some(index));
+        *link.hello.borrow_mut() = Some(h.clone());
         link.session.borrow_mut().welcome(now);
         if self.me.shard == 0 && h.shard == 0 {
             let mut imports = self.imports.borrow_mut();
@@ -536,6 +618,21 @@ impl Bridge {
                         self.warn(format_args!("routes from a peer refused: {e}; resyncing"));
                         self.close(link, "route error");
                     }
+                }
+            }
+            (Frame::WillSnapshot { .. } | Frame::WillSet(_) | Frame::WillClear { .. }, false) => {
+                let (Some(index), Some(h)) = (link.peer.get(), link.hello.borrow().clone()) else {
+                    return;
+                };
+                let taken = self
+                    .core
+                    .peer_wills(Instant::now(), index, h.incarnation, h.shard, &f);
+                if let Err(e) = taken {
+                    self.warn(format_args!(
+                        "wills from node {} refused: {e}; resyncing",
+                        quote(h.node.as_str())
+                    ));
+                    self.close(link, "will error");
                 }
             }
             (Frame::RouteAck { seq }, true) => {
@@ -736,6 +833,26 @@ async fn outbox_loop(bridge: Rc<Bridge>) {
                             .borrow_mut()
                             .force_send(now, &Frame::RouteAck { seq });
                         l.wake.notify();
+                    }
+                }
+                BridgeOut::Will(frame) => {
+                    let links: Vec<Rc<Link>> = bridge
+                        .peers
+                        .borrow()
+                        .values()
+                        .filter_map(|p| p.out.clone())
+                        .filter(|l| l.session.borrow().is_up())
+                        .collect();
+                    for l in links {
+                        // Like routes, never dropped: a link that falls
+                        // this far behind is closed and starts over from a
+                        // snapshot.
+                        l.session.borrow_mut().force_send(now, &frame);
+                        l.wake.notify();
+                        let backlog = l.session.borrow().out_bytes();
+                        if backlog > bridge.settings.out_bytes_max.saturating_mul(4) {
+                            bridge.close(&l, "will changes not read");
+                        }
                     }
                 }
                 BridgeOut::Route { seq, change } => {

@@ -144,10 +144,14 @@ pub(crate) async fn run_shard(
         }
     }
     let mut membership = None;
+    let mut bridge = None;
     if let Some(c) = cluster {
-        if let Err(e) = bridge::start(shard.clone(), c.bridge) {
-            let _ = ready.send(Err((id, format!("cannot start the bridge: {e}"))));
-            return;
+        match bridge::start(shard.clone(), c.bridge) {
+            Ok(b) => bridge = Some(b),
+            Err(e) => {
+                let _ = ready.send(Err((id, format!("cannot start the bridge: {e}"))));
+                return;
+            }
         }
         membership = c.membership.map(membership::start);
     }
@@ -160,9 +164,6 @@ pub(crate) async fn run_shard(
             Err(crossbeam_channel::TryRecvError::Empty) => {}
         }
     }
-    if let Some(m) = membership {
-        m.leave().await;
-    }
     // Listeners first: shutting a listening socket down takes it out of the
     // port at once (even while io_uring still holds an accept on it), so a
     // restart never races this run's sockets.
@@ -173,16 +174,29 @@ pub(crate) async fn run_shard(
         let _ = l.shutdown(std::net::Shutdown::Both);
     }
     drop(listening);
-    let report = stop_shard(&shard).await;
+    let started = Instant::now();
+    let report = shard.begin_stop(started);
+    // In a cluster the peers learn what the stop did to the clients' wills
+    // before they learn that this node left (and publish what is still
+    // due).
+    if let Some(b) = &bridge {
+        b.hand_over().await;
+        if membership.is_some() {
+            b.all_handed_over().await;
+        }
+    }
+    if let Some(m) = membership {
+        m.leave().await;
+    }
+    let report = stop_shard(&shard, started, report).await;
     log::debug!("shard {id} stopped");
     let _ = stopped.send(report);
 }
 
-/// Close every connection of a stopping shard, wait for their output to
-/// be flushed (until shortly before the shutdown timeout), and sync the log.
-async fn stop_shard(shard: &ShardCore) -> StopReport {
-    let started = Instant::now();
-    let mut report = shard.begin_stop(started);
+/// A stopping shard whose connections were told to close at `started`:
+/// wait for their output to be flushed (until shortly before the shutdown
+/// timeout), and sync the log.
+async fn stop_shard(shard: &ShardCore, started: Instant, mut report: StopReport) -> StopReport {
     let timeout = Duration::from_secs(shard.config().server.shutdown_timeout_s);
     // Leave a tenth of the timeout for the sync and the exit.
     let deadline = started + timeout.mul_f32(0.9);

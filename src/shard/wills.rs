@@ -1,0 +1,273 @@
+//! The shard's side of wills across nodes (`cluster::wills`): what it
+//! tells its peers of its own clients' wills, and the wills it holds for
+//! the peers' clients until their node's run ends.
+//!
+//! Shard-local, no I/O. After every step of a session the shard compares
+//! the will the session would leave now with what its export holds and
+//! puts the change in the bridge outbox ([`BridgeOut::Will`]), which the
+//! runtime writes to every link up; a link that comes up starts with
+//! [`ShardCore::will_snapshot`]. The wills peers send arrive through
+//! [`ShardCore::peer_wills`], one table per peer shard whose links come
+//! here. When a peer's run ends (declared down, or replaced by a newer run
+//! before that), [`ShardCore::peer_run_ended`] schedules its wills, each
+//! after the delay it had left, and [`ShardCore::handle_tick`] publishes
+//! them to this node's subscribers only: every node does the same, so each
+//! subscriber in the cluster gets a will once.
+//!
+//! A session restored from the log holds a will of the node's previous
+//! run. The peers had that will and published it when that run ended, so
+//! this node publishes it to its own subscribers only and does not export
+//! it again.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::cluster::frame::{Frame, WillEntry};
+use crate::cluster::wills::{millis, WillError, WillExport, WillImport};
+use crate::codec::Will;
+use crate::hash::HashMap;
+use crate::message::Message;
+use crate::session::WillDue;
+
+use super::remote::BridgeOut;
+use super::routing::Source;
+use super::{SessionKey, SessionSlot, ShardCore, State};
+
+/// A shard's wills across nodes (part of its cluster state).
+pub(super) struct Wills {
+    /// Its own clients' wills, as the peers hold them.
+    export: WillExport,
+    /// What the peers' shards linked here sent: by (peer index, its
+    /// shard), the run they belong to and the table.
+    imports: HashMap<(u16, u16), (u64, WillImport)>,
+    /// Wills of ended runs waiting for their delay: by due time and a
+    /// count (to keep equal times apart).
+    due: BTreeMap<(Instant, u64), (Arc<str>, Will)>,
+    next: u64,
+    /// Wills taken from one peer shard at most.
+    max: usize,
+    /// Wills of ended runs published here.
+    published: u64,
+}
+
+impl Wills {
+    pub(super) fn new(max: usize) -> Wills {
+        Wills {
+            export: WillExport::new(),
+            imports: HashMap::default(),
+            due: BTreeMap::new(),
+            next: 0,
+            max,
+            published: 0,
+        }
+    }
+
+    fn schedule(&mut self, now: Instant, entries: Vec<WillEntry>) {
+        for e in entries {
+            self.next += 1;
+            let at = now + std::time::Duration::from_millis(e.delay_ms);
+            self.due.insert((at, self.next), (e.client_id, e.will));
+        }
+    }
+}
+
+/// What a slot's export holds for its session's will: the connection
+/// generation and, for a will waiting for its delay, when it is due.
+pub(super) type WillMark = Option<(u64, Option<Instant>)>;
+
+impl ShardCore {
+    /// After a step of session `key`: tell the peers if the will it would
+    /// leave changed.
+    pub(super) fn export_will(st: &mut State, key: SessionKey, now: Instant) {
+        let (Some(r), Some(slot)) = (st.remote.as_mut(), st.sessions.get_mut(key)) else {
+            return;
+        };
+        let will = slot.session.will_now().filter(|_| !slot.will_of_last_run);
+        let mark = will.map(|(_, due)| {
+            let at = match due {
+                WillDue::At(t) => Some(t),
+                WillDue::AfterEnd(_) => None,
+            };
+            (slot.session.generation(), at)
+        });
+        if mark == slot.will_mark {
+            return;
+        }
+        slot.will_mark = mark;
+        let frame = match will {
+            Some((will, due)) => {
+                let (delay_ms, at) = match due {
+                    WillDue::AfterEnd(s) => (u64::from(s) * 1000, None),
+                    WillDue::At(t) => (millis(t.saturating_duration_since(now)), Some(t)),
+                };
+                let entry = WillEntry {
+                    client_id: slot.session.client_id().clone(),
+                    will: will.clone(),
+                    delay_ms,
+                };
+                Some(r.wills.export.set(entry, at))
+            }
+            None => r.wills.export.clear(slot.session.client_id()),
+        };
+        if let Some(f) = frame {
+            r.out.push_back(BridgeOut::Will(f));
+            r.wake.notify();
+        }
+    }
+
+    /// A session's slot is gone: its will, if the peers held one, too.
+    pub(super) fn unexport_will(st: &mut State, slot: &SessionSlot) {
+        let Some(r) = st.remote.as_mut().filter(|_| slot.will_mark.is_some()) else {
+            return;
+        };
+        if let Some(f) = r.wills.export.clear(slot.session.client_id()) {
+            r.out.push_back(BridgeOut::Will(f));
+            r.wake.notify();
+        }
+    }
+
+    /// A link to a peer came up at `now`: the wills it starts with, in
+    /// parts of about `chunk_bytes`.
+    pub fn will_snapshot(&self, chunk_bytes: usize, now: Instant) -> Vec<Frame> {
+        let st = self.state.borrow();
+        match st.remote.as_ref() {
+            Some(r) => r.wills.export.snapshot(chunk_bytes, now),
+            None => Vec::new(),
+        }
+    }
+
+    /// A will frame from shard `shard` of peer `peer` (its index), run
+    /// `incarnation`. A table of an older run of that peer is that run's
+    /// end (its wills are scheduled); a frame of an older run than the
+    /// table's is ignored. An error (too many wills) should close the
+    /// link: the next one starts from a snapshot.
+    pub fn peer_wills(
+        &self,
+        now: Instant,
+        peer: u16,
+        incarnation: u64,
+        shard: u16,
+        frame: &Frame,
+    ) -> Result<(), WillError> {
+        let mut st = self.state.borrow_mut();
+        let Some(r) = st.remote.as_mut() else {
+            return Ok(());
+        };
+        let w = &mut r.wills;
+        let (run, import) = w
+            .imports
+            .entry((peer, shard))
+            .or_insert_with(|| (incarnation, WillImport::new(w.max)));
+        if *run > incarnation {
+            return Ok(());
+        }
+        let mut ended = Vec::new();
+        if *run < incarnation {
+            ended = import.take();
+            *run = incarnation;
+        }
+        let applied = import.apply(frame);
+        w.schedule(now, ended);
+        drop(st);
+        self.publish_due_peer_wills(now);
+        applied
+    }
+
+    /// Run `incarnation` of peer `peer` ended without it (declared down,
+    /// or replaced by a newer run): its wills held here go out after the
+    /// delay each had left, to this node's subscribers.
+    pub fn peer_run_ended(&self, now: Instant, peer: u16, incarnation: u64) {
+        let mut st = self.state.borrow_mut();
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        let keys: Vec<(u16, u16)> = r
+            .wills
+            .imports
+            .iter()
+            .filter(|((p, _), (run, _))| *p == peer && *run <= incarnation)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut ended = Vec::new();
+        for k in keys {
+            if let Some((_, mut import)) = r.wills.imports.remove(&k) {
+                ended.extend(import.take());
+            }
+        }
+        if ended.is_empty() {
+            return;
+        }
+        shard_log!(
+            self,
+            log::Level::Info,
+            "cluster: shard {}: {} wills of node index {peer} (incarnation {incarnation}) to \
+             publish: its run ended",
+            self.id,
+            ended.len()
+        );
+        r.wills.schedule(now, ended);
+        drop(st);
+        self.publish_due_peer_wills(now);
+    }
+
+    /// Publish the wills of ended runs that are due, here only.
+    pub(super) fn publish_due_peer_wills(&self, now: Instant) {
+        let mut st = self.state.borrow_mut();
+        loop {
+            let Some(r) = st.remote.as_mut() else {
+                return;
+            };
+            let Some(entry) = r.wills.due.first_entry() else {
+                break;
+            };
+            if entry.key().0 > now {
+                break;
+            }
+            let (_, will) = entry.remove();
+            r.wills.published += 1;
+            let message = Arc::new(Message::from_will(will, now));
+            self.route_here(&mut st, now, message, Source::default());
+        }
+        self.send_applied(&mut st);
+    }
+
+    /// Route `message` to this node's subscribers only, keeping its
+    /// retained copy here: a will that every node publishes for itself.
+    pub(super) fn route_here(
+        &self,
+        st: &mut State,
+        now: Instant,
+        message: Arc<Message>,
+        source: Source,
+    ) -> bool {
+        let mut plan = self.plan(st, &message, true);
+        if message.retain {
+            plan.owner = Some(self.topic_owner(&message.topic));
+        }
+        let source = Source {
+            remote: true,
+            ..source
+        };
+        self.route_planned(st, now, message, source, plan)
+    }
+
+    /// Wills held for peers' clients (all peers, all their shards).
+    pub fn peer_wills_held(&self) -> usize {
+        let st = self.state.borrow();
+        st.remote.as_ref().map_or(0, |r| {
+            r.wills
+                .imports
+                .values()
+                .map(|(_, i)| i.len())
+                .sum::<usize>()
+                + r.wills.due.len()
+        })
+    }
+
+    /// Wills of ended runs of peers published here.
+    pub fn peer_wills_published(&self) -> u64 {
+        let st = self.state.borrow();
+        st.remote.as_ref().map_or(0, |r| r.wills.published)
+    }
+}
