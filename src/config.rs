@@ -87,6 +87,8 @@ pub struct ClusterConfig {
     pub routes_max: usize,
     /// Wills taken from one shard of a peer node at most.
     pub peer_wills_max: usize,
+    /// How long a node remembers a deleted retained message, in seconds.
+    pub retained_tombstone_s: u64,
 }
 
 /// How acknowledged messages and sessions are kept.

@@ -10,7 +10,11 @@
 //! connection. Checked: no route or will frame is ever refused (out of
 //! sequence, contradicting, drifting) while links only break; and after
 //! the faults stop, every node holds exactly every other node's filters,
-//! and exactly its wills (what it would publish if that node died). `SHARDMQ_BRIDGE_SEEDS=N` runs N seeds
+//! and exactly its wills (what it would publish if that node died). The
+//! links carry retained messages too ([`Hlc`], [`wins`]): nodes with
+//! clocks up to half a second apart store and delete retained topics, and
+//! at the end every node holds the same version of every topic, the one
+//! the last-writer-wins rule picks among all writes. `SHARDMQ_BRIDGE_SEEDS=N` runs N seeds
 //! (default 300), `SHARDMQ_BRIDGE_SEED=S` just seed S.
 
 #[path = "common/rng.rs"]
@@ -24,13 +28,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use shardmq::cluster::frame::RouteChange;
-use shardmq::cluster::frame::WillEntry;
 use shardmq::cluster::frame::{Frame, Hello, BRIDGE_VERSION};
+use shardmq::cluster::frame::{RetainedEntry, WillEntry};
 use shardmq::cluster::link::{LinkEvent, LinkSession, LinkSettings};
 use shardmq::cluster::node::NodeName;
+use shardmq::cluster::retained::{wins, Hlc};
 use shardmq::cluster::routes::{RouteExport, RouteFeed, RouteImport};
 use shardmq::cluster::wills::{WillExport, WillImport};
 use shardmq::codec::{Properties, QoS, Will};
+use shardmq::message::Message;
 
 const FILTERS: [&str; 14] = [
     "a",
@@ -97,6 +103,36 @@ struct Node {
     will_truth: BTreeMap<String, u64>,
     /// What this node holds of each other node's wills.
     will_imports: Vec<WillImport>,
+    /// Its retained store, deletes included: topic → stamp and version;
+    /// its clock and how far it is off; its changes not yet on the links.
+    retained: BTreeMap<String, (u64, Arc<Message>)>,
+    hlc: Hlc,
+    skew_ms: u64,
+    retained_outbox: VecDeque<RetainedEntry>,
+}
+
+/// Keep `e` in `store` if it is newer than what is there.
+fn keep(store: &mut BTreeMap<String, (u64, Arc<Message>)>, hlc: &mut Hlc, e: &RetainedEntry) {
+    hlc.observe(e.stamp);
+    let newer = match store.get(&*e.message.topic) {
+        Some((stamp, m)) => wins((e.stamp, &e.message), (*stamp, m)),
+        None => true,
+    };
+    if newer {
+        store.insert(e.message.topic.to_string(), (e.stamp, e.message.clone()));
+    }
+}
+
+fn retained_message(topic: &str, payload: String) -> Arc<Message> {
+    Arc::new(Message {
+        topic: Arc::from(topic),
+        payload: Bytes::from(payload),
+        qos: QoS::AtMostOnce,
+        retain: true,
+        properties: Properties::default(),
+        expires_at: None,
+        publisher: None,
+    })
 }
 
 struct Sim {
@@ -162,8 +198,20 @@ impl Sim {
         self.epoch + Duration::from_millis(self.step)
     }
 
-    /// A node's queued route and will changes go out on its links.
+    /// A node's queued route, will and retained changes go out on its
+    /// links.
     fn drain(&mut self, a: usize) {
+        while let Some(e) = self.nodes[a].retained_outbox.pop_front() {
+            let f = Frame::Retained(vec![e]);
+            for b in 0..self.nodes.len() {
+                if let Some(c) = self.conns[a][b].as_mut() {
+                    if c.dialer.is_up() {
+                        c.dialer.send(self.step, &f).unwrap();
+                    }
+                }
+                self.transmit(a, b);
+            }
+        }
         while let Some(f) = self.nodes[a].will_outbox.pop_front() {
             self.will_changes += 1;
             for b in 0..self.nodes.len() {
@@ -209,6 +257,13 @@ impl Sim {
                     while let Some(ev) = c.acceptor.poll_event() {
                         if let LinkEvent::Up(_) = ev {
                             c.acceptor.welcome(step);
+                        }
+                        if let LinkEvent::Frame(Frame::Retained(entries)) = &ev {
+                            let n = &mut self.nodes[b];
+                            for e in entries {
+                                keep(&mut n.retained, &mut n.hlc, e);
+                            }
+                            continue;
                         }
                         if let LinkEvent::Frame(
                             f @ (Frame::WillSnapshot { .. }
@@ -259,6 +314,20 @@ impl Sim {
                         for f in &self.nodes[a].wills.snapshot(128, at) {
                             c.dialer.send(step, f).unwrap();
                         }
+                        // Its retained store, deletes included, in parts.
+                        let entries: Vec<RetainedEntry> = self.nodes[a]
+                            .retained
+                            .values()
+                            .map(|(stamp, m)| RetainedEntry {
+                                stamp: *stamp,
+                                message: m.clone(),
+                            })
+                            .collect();
+                        for part in entries.chunks(3) {
+                            c.dialer
+                                .send(step, &Frame::Retained(part.to_vec()))
+                                .unwrap();
+                        }
                     }
                     self.transmit(a, b);
                     continue;
@@ -301,6 +370,10 @@ fn run_seed(seed: u64) -> (u64, u64, u64) {
                 will_outbox: VecDeque::new(),
                 will_truth: BTreeMap::new(),
                 will_imports: (0..n).map(|_| WillImport::new(1000)).collect(),
+                retained: BTreeMap::new(),
+                hlc: Hlc::new(),
+                skew_ms: rng.below(500),
+                retained_outbox: VecDeque::new(),
             }
         })
         .collect();
@@ -316,6 +389,7 @@ fn run_seed(seed: u64) -> (u64, u64, u64) {
         will_changes: 0,
     };
     let steps = 3_000;
+    let mut all_writes: Vec<RetainedEntry> = Vec::new();
     for step in 0..steps + 500 {
         sim.step = step;
         let faults = step < steps;
@@ -353,10 +427,28 @@ fn run_seed(seed: u64) -> (u64, u64, u64) {
             } else {
                 let version = step;
                 node.will_truth.insert(client.clone(), version);
+
                 let due = (version % 2 == 0).then(|| at + Duration::from_secs(5));
                 let f = node.wills.set(will_entry(&client, version), due);
                 node.will_outbox.push_back(f);
             }
+            // A client of a node stores or deletes a retained message; the
+            // node's clock runs 10 ms a step, off by its skew.
+            let a = sim.rng.below(n as u64) as usize;
+            let topic = format!("r/{}", sim.rng.below(8));
+            let payload = match sim.rng.below(4) {
+                0 => String::new(),
+                _ => format!("n{a}-{step}"),
+            };
+            let node = &mut sim.nodes[a];
+            let stamp = node.hlc.next(step * 10 + node.skew_ms);
+            let e = RetainedEntry {
+                stamp,
+                message: retained_message(&topic, payload),
+            };
+            keep(&mut node.retained, &mut node.hlc, &e);
+            all_writes.push(e.clone());
+            node.retained_outbox.push_back(e);
             if sim.rng.below(150) == 0 {
                 let a = sim.rng.below(n as u64) as usize;
                 let b = sim.rng.below(n as u64) as usize;
@@ -401,6 +493,25 @@ fn run_seed(seed: u64) -> (u64, u64, u64) {
             );
         }
     }
+    // Every node holds, for every topic, the version the rule picks among
+    // every write made anywhere.
+    let mut winners: BTreeMap<String, (u64, Arc<Message>)> = BTreeMap::new();
+    let mut clock = Hlc::new();
+    for e in &all_writes {
+        keep(&mut winners, &mut clock, e);
+    }
+    for (b, node) in sim.nodes.iter().enumerate() {
+        let held: Vec<(&String, u64, &[u8])> = node
+            .retained
+            .iter()
+            .map(|(t, (s, m))| (t, *s, &m.payload[..]))
+            .collect();
+        let want: Vec<(&String, u64, &[u8])> = winners
+            .iter()
+            .map(|(t, (s, m))| (t, *s, &m.payload[..]))
+            .collect();
+        assert_eq!(held, want, "seed {seed}: n{b}'s retained messages");
+    }
     (sim.breaks, sim.snapshots, sim.deltas + sim.will_changes)
 }
 
@@ -424,8 +535,9 @@ fn seeded() {
         deltas += d;
     }
     eprintln!(
-        "bridge routes and wills: {} seeds, {breaks} connections broken, {snapshots} snapshots, \
-         {deltas} route and will changes; every copy matched its node",
+        "bridge routes, wills and retained: {} seeds, {breaks} connections broken, {snapshots} \
+         snapshots, {deltas} route and will changes; every copy matched its node, every node \
+         kept the winning version of every retained topic",
         seeds.len()
     );
 }

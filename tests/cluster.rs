@@ -524,3 +524,74 @@ async fn the_wills_of_a_killed_nodes_clients_are_published_by_the_others() {
     drop((devs, a, b));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The retained message of `topic` a new subscriber at `addr` gets now
+/// (None: none within half a second).
+async fn retained_at(addr: std::net::SocketAddr, topic: &str) -> Option<Vec<u8>> {
+    use client::v3::{connect, options, QoS};
+    let mut c = connect(options(addr, "retained-reader")).await;
+    c.subscribe(topic, QoS::AtLeastOnce).await;
+    let got = c.try_next_publish(Duration::from_millis(500)).await;
+    c.disconnect().await;
+    got.map(|p| {
+        assert!(p.retain, "a retained message");
+        p.payload.to_vec()
+    })
+}
+
+/// Poll (at most 30 s) until a new subscriber at `addr` gets `want` as
+/// the retained message of `topic`.
+async fn wait_retained(addr: std::net::SocketAddr, topic: &str, want: Option<&[u8]>) {
+    let start = Instant::now();
+    loop {
+        let got = retained_at(addr, topic).await;
+        if got.as_deref() == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{topic} at {addr}: {got:?}, not {want:?}"
+        );
+    }
+}
+
+/// Every node keeps every retained message: one stored on a is given to a
+/// new subscriber on b, a delete on c removes it everywhere, and a node
+/// that joins later gets the cluster's retained messages when its links
+/// come up (and not the deleted one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_kept_on_every_node() {
+    use client::v3::{connect, options};
+    let dir = temp_dir("cluster-retained");
+    let a = node("a", &dir, 0, &[]);
+    let pa = membership_port(&a);
+    let b = node("b", &dir, 0, &[pa]);
+    let c = node("c", &dir, 0, &[pa]);
+    wait_links(&a, &b, &c);
+    let pub_a = connect(options(a.addr, "pub-a")).await;
+    let mut pub_a = pub_a;
+    pub_a.publish_acked("ret/1", true, b"from a").await;
+    pub_a.publish_acked("ret/2", true, b"kept").await;
+    wait_retained(b.addr, "ret/1", Some(b"from a")).await;
+    wait_retained(c.addr, "ret/2", Some(b"kept")).await;
+    // A newer version written on b replaces it everywhere.
+    let mut pub_b = connect(options(b.addr, "pub-b")).await;
+    pub_b.publish_acked("ret/1", true, b"from b").await;
+    for n in [&a, &c] {
+        wait_retained(n.addr, "ret/1", Some(b"from b")).await;
+    }
+    // A delete on c.
+    let mut pub_c = connect(options(c.addr, "pub-c")).await;
+    pub_c.publish_acked("ret/1", true, b"").await;
+    for n in [&a, &b] {
+        wait_retained(n.addr, "ret/1", None).await;
+    }
+    // d joins later: it gets what the cluster keeps, not what it deleted.
+    let d = node("d", &dir, 0, &[pa]);
+    wait_log(&d, "3 peers up", 30);
+    wait_retained(d.addr, "ret/2", Some(b"kept")).await;
+    assert_eq!(retained_at(d.addr, "ret/1").await, None);
+    drop((pub_a, pub_b, pub_c));
+    drop((a, b, c, d));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -50,6 +50,7 @@ mod kind {
     pub const WILL_SNAPSHOT: u8 = 9;
     pub const WILL_SET: u8 = 10;
     pub const WILL_CLEAR: u8 = 11;
+    pub const RETAINED: u8 = 12;
 }
 
 /// The first frame each side of a link sends.
@@ -159,6 +160,20 @@ pub enum Frame {
         /// The client id.
         client_id: Arc<str>,
     },
+    /// Retained messages (an empty payload: a delete) with their stamps,
+    /// for the receiver to keep where they are newer than its own: a
+    /// change as it happens, or part of the sender's store when a link
+    /// comes up.
+    Retained(Vec<RetainedEntry>),
+}
+
+/// One version of a retained topic (`cluster::retained`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetainedEntry {
+    /// Its hybrid-logical-clock stamp (Unix ms).
+    pub stamp: u64,
+    /// The message; an empty payload deletes the topic's.
+    pub message: Arc<Message>,
 }
 
 /// A will a node holds for one of its clients, as its peers keep it: what
@@ -268,7 +283,6 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u64(*seq);
         }
         Frame::Publish(p) => {
-            let m = &p.message;
             out.put_u8(kind::PUBLISH);
             out.put_u8(u8::from(p.ordinary));
             out.put_u16(p.shared.len().min(usize::from(u16::MAX)) as u16);
@@ -276,22 +290,7 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
                 put_str(out, &pick.group);
                 put_str(out, &pick.filter);
             }
-            match m.expires_at {
-                Some(t) => {
-                    let left = t.saturating_duration_since(now).as_millis();
-                    out.put_u8(1);
-                    out.put_u64(u64::try_from(left).unwrap_or(u64::MAX));
-                }
-                None => out.put_u8(0),
-            }
-            match &m.publisher {
-                Some(p) => {
-                    out.put_u8(1);
-                    put_str(out, p);
-                }
-                None => out.put_u8(0),
-            }
-            codec::encode_publish(&m.publish_view(), Version::V5, out);
+            put_message(out, &p.message, now);
         }
         Frame::Ping { seq, digest } => {
             out.put_u8(kind::PING);
@@ -315,6 +314,18 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
         Frame::WillClear { client_id } => {
             out.put_u8(kind::WILL_CLEAR);
             put_str(out, client_id);
+        }
+        Frame::Retained(entries) => {
+            out.put_u8(kind::RETAINED);
+            out.put_u32(entries.len() as u32);
+            for e in entries {
+                out.put_u64(e.stamp);
+                let at = out.len();
+                out.put_u32(0);
+                put_message(out, &e.message, now);
+                let len = (out.len() - at - 4) as u32;
+                out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+            }
         }
     }
     let len = (out.len() - start - 4) as u32;
@@ -457,8 +468,53 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
         kind::WILL_CLEAR => Frame::WillClear {
             client_id: client_id(b)?,
         },
+        kind::RETAINED => {
+            let n = u32_(b)? as usize;
+            // Each entry takes more than 16 bytes: a count beyond the
+            // frame is a lie, and nothing is allocated for it.
+            if n > b.len() / 16 {
+                return Err(FrameError::Malformed("retained count beyond the frame"));
+            }
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                let stamp = u64_(b)?;
+                let len = u32_(b)? as usize;
+                need(b, len)?;
+                let mut body = b.split_to(len);
+                let message = message(&mut body, now)?;
+                if !message.retain {
+                    return Err(FrameError::Malformed("a retained entry without RETAIN"));
+                }
+                entries.push(RetainedEntry {
+                    stamp,
+                    message: Arc::new(message),
+                });
+            }
+            Frame::Retained(entries)
+        }
         _ => return Err(FrameError::Malformed("unknown frame kind")),
     })
+}
+
+/// A message: its remaining expiry (ms), its publisher, and the rest as
+/// a 5.0 PUBLISH.
+fn put_message(out: &mut BytesMut, m: &Message, now: Instant) {
+    match m.expires_at {
+        Some(t) => {
+            let left = t.saturating_duration_since(now).as_millis();
+            out.put_u8(1);
+            out.put_u64(u64::try_from(left).unwrap_or(u64::MAX));
+        }
+        None => out.put_u8(0),
+    }
+    match &m.publisher {
+        Some(p) => {
+            out.put_u8(1);
+            put_str(out, p);
+        }
+        None => out.put_u8(0),
+    }
+    codec::encode_publish(&m.publish_view(), Version::V5, out);
 }
 
 fn message(b: &mut BytesMut, now: Instant) -> Result<Message, FrameError> {
@@ -744,6 +800,20 @@ mod tests {
             Frame::WillClear {
                 client_id: Arc::from("c3"),
             },
+            Frame::Retained(vec![
+                RetainedEntry {
+                    stamp: 1_700_000_000_123,
+                    message: Arc::new(message()),
+                },
+                RetainedEntry {
+                    stamp: 7,
+                    message: Arc::new(Message {
+                        payload: Bytes::new(),
+                        publisher: None,
+                        ..message()
+                    }),
+                },
+            ]),
         ];
         for f in &frames {
             assert_eq!(&roundtrip(f), f);

@@ -13,14 +13,17 @@
 //! - [`routes`]: a node's route table as its peers hold it, replicated by
 //!   snapshot and numbered changes (simulated in `tests/bridge.rs`);
 //! - [`wills`]: the wills of a shard's clients as its peers hold them, to
-//!   publish if the node's run ends without it (simulated there too).
+//!   publish if the node's run ends without it (simulated there too);
+//! - [`retained`]: the rules that keep every node's copy of the retained
+//!   messages the same (a hybrid logical clock, the last writer wins).
 //!
-//! Not yet: sessions, retained messages and replication across nodes (the
-//! cluster issue lists them).
+//! Not yet: sessions and replication across nodes (the cluster issue
+//! lists them).
 
 pub mod frame;
 pub mod link;
 pub mod membership;
 pub mod node;
+pub mod retained;
 pub mod routes;
 pub mod wills;

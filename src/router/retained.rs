@@ -158,6 +158,8 @@ enum Below {
 #[derive(Debug, Clone)]
 pub struct MatchWalk {
     filter: Box<str>,
+    /// Every topic, `$` topics included (the filter is `#`).
+    all: bool,
     /// Branches still to walk: a node's path (`None`: the root) and what
     /// is to be matched below it. Depth first.
     pending: Vec<(Option<Box<str>>, Below)>,
@@ -168,7 +170,17 @@ impl MatchWalk {
     pub fn new(filter: &str) -> MatchWalk {
         MatchWalk {
             filter: filter.into(),
+            all: false,
             pending: vec![(None, Below::Filter(0))],
+        }
+    }
+
+    /// A walk over every stored topic, `$` topics included (what a filter
+    /// cannot ask for): a shard's whole store, a part at a time.
+    pub fn all() -> MatchWalk {
+        MatchWalk {
+            all: true,
+            ..MatchWalk::new("#")
         }
     }
 
@@ -275,6 +287,7 @@ impl<V> RetainedStore<V> {
         mut f: impl FnMut(&str, &V),
     ) -> usize {
         let levels: SmallVec<[&str; 8]> = walk.filter.split('/').collect();
+        let all = walk.all;
         let mut found = 0;
         let mut visits = 0;
         while visits < visits_max && found < found_max {
@@ -294,7 +307,7 @@ impl<V> RetainedStore<V> {
             };
             let mut push_children = |below: Below| {
                 node.children.for_each(|l, _| {
-                    if !(at_root && l.starts_with('$')) {
+                    if all || !(at_root && l.starts_with('$')) {
                         walk.pending
                             .push((Some(child_path(path.as_deref(), l)), below));
                     }

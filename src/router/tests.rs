@@ -494,6 +494,16 @@ proptest! {
             }
             prop_assert_eq!(&got, &want, "filter {:?}", f);
         }
+        // The walk over everything finds every topic, `$` ones too, once.
+        let mut walk = MatchWalk::all();
+        let mut got = BTreeSet::new();
+        while !walk.is_done() {
+            store.walk(&mut walk, visits, found_max, |t, _| {
+                assert!(got.insert(t.to_owned()), "topic found twice");
+            });
+        }
+        let every: BTreeSet<String> = stored.iter().cloned().collect();
+        prop_assert_eq!(got, every);
         // Topics removed between steps are never found; the others are.
         for f in &filters {
             let mut copy = RetainedStore::new();

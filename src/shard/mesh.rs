@@ -122,8 +122,11 @@ pub enum MeshMsg {
         /// Where it was accepted, when that was logged.
         origin: Option<Origin>,
         /// When it was accepted (Unix ms): orders retained messages after a
-        /// recovery.
+        /// recovery. From a peer: its stamp.
         stamp_ms: u64,
+        /// Another node's version: kept only if newer than this shard's,
+        /// and not sent on to the peers.
+        from_peer: bool,
     },
     /// Send the next chunk of retained messages matching a subscription
     /// to `waiter`.

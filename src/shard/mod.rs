@@ -67,6 +67,7 @@ macro_rules! shard_log {
     };
 }
 
+mod cluster_retained;
 mod connect;
 mod delayed;
 mod durable;
@@ -102,6 +103,7 @@ pub use durable::LogStatus;
 use durable::{DurableSlot, Store};
 use routing::Source;
 
+pub use cluster_retained::RetainedSnapshot;
 pub use connect::Handshake;
 use mesh::{Mesh, RouteKey};
 use notify::Notify;
@@ -668,6 +670,7 @@ impl ShardCore {
         let mut st = self.state.borrow_mut();
         self.send_due_delayed(&mut st, now);
         self.durable_tick(&mut st, now);
+        Self::expire_tombstones(&mut st, now);
         while let Some(Reverse((at, key))) = st.timers.peek().copied() {
             if at > now {
                 break;

@@ -19,9 +19,10 @@ use std::time::Instant;
 
 use smallvec::SmallVec;
 
-use crate::cluster::frame::{Frame, RemotePublish, RouteChange};
+use crate::cluster::frame::{Frame, RemotePublish, RetainedEntry, RouteChange};
 use crate::cluster::routes::{RouteExport, RouteFeed};
 use crate::message::Message;
+use crate::persist::WallClock;
 
 use super::mesh::SharedPick;
 use super::mesh::{AckTo, MeshMsg, RouteKey};
@@ -57,6 +58,9 @@ pub enum BridgeOut {
     /// A client of this shard has a new will or none
     /// ([`Frame::WillSet`], [`Frame::WillClear`]): for every link up.
     Will(Frame),
+    /// A retained store or delete made on this node, stamped by its owner
+    /// shard: for every link up.
+    Retained(RetainedEntry),
 }
 
 /// A shard's cluster state (None on a broker that runs alone).
@@ -81,14 +85,17 @@ pub(super) struct Remote {
     pub(super) next_fence: u64,
     /// Wills across nodes.
     pub(super) wills: super::wills::Wills,
+    /// Retained messages across nodes.
+    pub(super) retained: super::cluster_retained::ClusterRetained,
 }
 
 impl ShardCore {
-    /// Join a cluster at `now`: remote routes and the bridge outbox start
-    /// working. Shard 0 builds its route export from the replica (restored
-    /// from the log, or empty); every shard its will export from its
-    /// sessions.
-    pub fn enable_cluster(&self, now: Instant) {
+    /// Join a cluster at `now` (`wall` maps it to Unix time, for retained
+    /// stamps): remote routes and the bridge outbox start working. Shard 0
+    /// builds its route export from the replica (restored from the log, or
+    /// empty); every shard its will export from its sessions and the
+    /// stamps of its retained messages.
+    pub fn enable_cluster(&self, now: Instant, wall: WallClock) {
         let mut st = self.state.borrow_mut();
         let export = (self.id == 0).then(|| {
             let mut e = RouteExport::new();
@@ -109,7 +116,15 @@ impl ShardCore {
             fences: hashbrown::HashMap::new(),
             next_fence: 0,
             wills: super::wills::Wills::new(self.config.cluster.peer_wills_max),
+            retained: super::cluster_retained::ClusterRetained::new(
+                wall,
+                self.config
+                    .cluster
+                    .retained_tombstone_s
+                    .saturating_mul(1000),
+            ),
         });
+        Self::stamp_restored_retained(&mut st);
         let keys: Vec<_> = st.sessions.keys().collect();
         for key in keys {
             Self::export_will(&mut st, key, now);

@@ -16,6 +16,7 @@ use crate::router::fanout::{self, Fan, FanOut, Match};
 use crate::router::split_shared;
 use crate::session::{Delivery, Subscription};
 
+use super::cluster_retained::Version;
 use super::durable::{Forward, Logged};
 use super::gather::Gather;
 use super::mesh::{AckTo, MeshMsg, RouteKey, SharedPick};
@@ -146,7 +147,7 @@ impl ShardCore {
         st.stats.routed += 1;
         if let Some(owner) = plan.owner {
             if owner == self.id {
-                self.store_retained(st, message.clone(), origin, stamp_ms);
+                self.store_retained(st, now, message.clone(), origin, stamp_ms, Version::Local);
             } else {
                 let ack_to = source
                     .from
@@ -157,6 +158,7 @@ impl ShardCore {
                     ack_to,
                     origin,
                     stamp_ms,
+                    from_peer: false,
                 };
                 self.send_routed(st, owner, retain, origin);
             }
@@ -631,17 +633,25 @@ impl ShardCore {
         super::home_shard(topic, self.shards)
     }
 
-    /// Store, replace or (empty payload) delete a retained message.
-    fn store_retained(
+    /// Store, replace or (empty payload) delete a retained message. In a
+    /// cluster the version is stamped (made here) or weighed against this
+    /// shard's (from a peer) first; see `cluster_retained`.
+    pub(super) fn store_retained(
         &self,
         st: &mut State,
+        now: Instant,
         message: Arc<Message>,
         origin: Option<Origin>,
         stamp_ms: u64,
+        version: Version,
     ) {
+        let Some(stamp_ms) = Self::retained_version(st, now, &message, stamp_ms, &version) else {
+            return;
+        };
         if message.payload.is_empty() {
             Self::remove_retained(st, &message.topic);
             Self::durable_retain(st, &message, origin, stamp_ms);
+            Self::retained_kept(st, &message, stamp_ms, &version);
             return;
         }
         if let Some(why) = self.retained_refusal(st, &message) {
@@ -658,6 +668,7 @@ impl ShardCore {
         }
         let topic = message.topic.clone();
         Self::durable_retain(st, &message, origin, stamp_ms);
+        Self::retained_kept(st, &message, stamp_ms, &version);
         Self::insert_retained(st, &topic, message);
     }
 
@@ -728,8 +739,13 @@ impl ShardCore {
                     ack_to,
                     origin,
                     stamp_ms,
+                    from_peer,
                 } => {
-                    self.store_retained(&mut st, message, origin, stamp_ms);
+                    let version = match from_peer {
+                        true => Version::Peer(stamp_ms),
+                        false => Version::Local,
+                    };
+                    self.store_retained(&mut st, now, message, origin, stamp_ms, version);
                     Self::applied(&mut st, origin);
                     if let Some(ack) = ack_to {
                         self.mesh.send(ack.shard, MeshMsg::Ack(ack));

@@ -302,7 +302,7 @@ fn qos0_message(topic: &str) -> Arc<crate::message::Message> {
 /// Shard `id` of `shards` on a cluster node.
 fn cluster_core(id: usize, shards: usize) -> ShardCore {
     let c = core(id, shards);
-    c.enable_cluster(Instant::now());
+    c.enable_cluster(Instant::now(), crate::persist::WallClock::now());
     c
 }
 
@@ -637,4 +637,108 @@ fn the_wills_of_a_peer_whose_run_ended_are_published_here_only() {
     c.peer_wills(t1, 3, 9, 0, &empty).unwrap();
     assert_eq!(payloads(written(&c, &sub, Version::V3_1_1)), ["c gone"]);
     c.check_invariants();
+}
+
+/// A retained message stored on a cluster node is stamped and told to the
+/// peers; a peer's version replaces it only when newer (last writer wins),
+/// a delete is remembered against older copies, and a link that comes up
+/// gets the deletes first, then every topic. A version for a topic another
+/// shard owns goes to that shard.
+#[test]
+fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
+    use crate::cluster::frame::{Frame, RetainedEntry};
+    let (c0, c1) = (cluster_core(0, 2), cluster_core(1, 2));
+    let t0 = Instant::now();
+    let topic = (0..)
+        .map(|i| format!("r/{i}"))
+        .find(|t| home_shard(t, 2) == 0)
+        .unwrap();
+    let other = (0..)
+        .map(|i| format!("r/{i}"))
+        .find(|t| home_shard(t, 2) == 1)
+        .unwrap();
+    let publisher = attached(&c0, t0, &id_on(0, 2));
+    let retained = |payload: &'static [u8]| {
+        Packet::Publish(codec::Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: true,
+            topic: topic.as_str().into(),
+            packet_id: 0,
+            payload: Bytes::from_static(payload),
+            properties: Properties::default(),
+        })
+    };
+    c0.handle_packet(&publisher, t0, retained(b"mine"));
+    let stamp = match &bridge_out(&c0)[..] {
+        [super::BridgeOut::Retained(e)] if &e.message.payload[..] == b"mine" => e.stamp,
+        other => panic!("the store goes to the peers: {other:?}"),
+    };
+    assert!(stamp > 0);
+    let version = |stamp: u64, payload: &'static [u8], t: &str| RetainedEntry {
+        stamp,
+        message: Arc::new(crate::message::Message {
+            topic: t.into(),
+            payload: Bytes::from_static(payload),
+            qos: QoS::AtMostOnce,
+            retain: true,
+            properties: Properties::default(),
+            expires_at: None,
+            publisher: None,
+        }),
+    };
+    let held = |c: &ShardCore, t: &str| -> Option<Bytes> {
+        let sub = attached(c, t0, "reader");
+        c.handle_packet(&sub, t0, subscribe_packet(1, t));
+        c.routes_acked(u64::MAX);
+        pump(&[&c0, &c1], t0);
+        let got = written(c, &sub, Version::V3_1_1)
+            .into_iter()
+            .find_map(|p| match p {
+                Packet::Publish(p) => Some(p.payload),
+                _ => None,
+            });
+        c.handle_packet(&sub, t0, Packet::Disconnect(codec::Disconnect::default()));
+        got
+    };
+    // An older version from a peer: not kept.
+    c0.handle_remote_retained(t0, vec![version(stamp - 1, b"older", &topic)]);
+    assert_eq!(c0.retained_stale(), 1);
+    assert_eq!(held(&c0, &topic).as_deref(), Some(&b"mine"[..]));
+    // A newer one replaces it, and is not sent on to the peers.
+    c0.handle_remote_retained(t0, vec![version(stamp + 10, b"newer", &topic)]);
+    assert_eq!(held(&c0, &topic).as_deref(), Some(&b"newer"[..]));
+    // A newer delete; then an older copy cannot bring the message back.
+    c0.handle_remote_retained(t0, vec![version(stamp + 20, b"", &topic)]);
+    c0.handle_remote_retained(t0, vec![version(stamp + 15, b"zombie", &topic)]);
+    assert_eq!(held(&c0, &topic), None);
+    assert_eq!(c0.retained_stale(), 2);
+    assert!(
+        !bridge_out(&c0)
+            .iter()
+            .any(|o| matches!(o, super::BridgeOut::Retained(_))),
+        "a peer's version is not sent on"
+    );
+    // A version of a topic shard 1 owns, arriving on shard 0's link.
+    c0.handle_remote_retained(t0, vec![version(5, b"theirs", &other)]);
+    pump(&[&c0, &c1], t0);
+    assert_eq!(held(&c1, &other).as_deref(), Some(&b"theirs"[..]));
+    // A link that comes up to shard 1: its topic; to shard 0: the delete.
+    let parts = |c: &ShardCore| {
+        let mut snapshot = super::RetainedSnapshot::default();
+        let mut entries = Vec::new();
+        while !snapshot.is_done() {
+            if let Some(Frame::Retained(e)) = c.retained_snapshot(&mut snapshot, 1 << 16, t0) {
+                entries.extend(e);
+            }
+        }
+        entries
+            .into_iter()
+            .map(|e| (e.stamp, e.message.payload.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(parts(&c1), [(5, Bytes::from_static(b"theirs"))]);
+    assert_eq!(parts(&c0), [(stamp + 20, Bytes::new())]);
+    c0.check_invariants();
+    c1.check_invariants();
 }

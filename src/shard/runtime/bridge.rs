@@ -28,7 +28,7 @@ use crate::cluster::link::{LinkError, LinkEvent, LinkSession, LinkSettings};
 use crate::cluster::node::Node;
 use crate::cluster::routes::{RouteFeed, RouteImport};
 use crate::shard::notify::Notify;
-use crate::shard::{BridgeOut, ShardCore};
+use crate::shard::{BridgeOut, RetainedSnapshot, ShardCore};
 use crate::text::{quote, suppressed_note, LogGate};
 
 use super::connection::{duplicate, listener_from, SharedStream};
@@ -104,6 +104,9 @@ impl BridgeHandle {
     }
 }
 
+/// Bytes a link may hold unwritten before the next part of a retained
+/// snapshot is put on it.
+const RETAINED_BACKLOG_BYTES: usize = 1 << 20;
 /// Links a shard accepts at once (beyond: closed at once).
 const INBOUND_LINKS_MAX: usize = 1024;
 /// Snapshot parts, in bytes of filters (routes) or wills.
@@ -135,6 +138,8 @@ struct Link {
     up_at: Cell<Option<Instant>>,
     /// The peer's Hello, once the link is up.
     hello: RefCell<Option<Hello>>,
+    /// Outbound: how far this shard's retained messages have been sent.
+    retained: RefCell<Option<RetainedSnapshot>>,
     /// Outbound on shard 0: the routes this link still needs.
     feed: RefCell<RouteFeed>,
     /// Outbound on shard 0: the route sequence number the peer has
@@ -174,7 +179,7 @@ struct Bridge {
 /// Start this shard's bridge: its accept loop, its control loop (peers,
 /// dials, ticks) and the task that moves its core's outbox onto links.
 pub(crate) fn start(core: Rc<ShardCore>, start: BridgeStart) -> std::io::Result<BridgeHandle> {
-    core.enable_cluster(Instant::now());
+    core.enable_cluster(Instant::now(), crate::persist::WallClock::now());
     let (listener, _handle) = listener_from(start.listener)?;
     let bridge = Rc::new(Bridge {
         core,
@@ -369,11 +374,65 @@ impl Bridge {
         }
     }
 
+    /// Put a change of this shard's (a will, a retained message) on every
+    /// outbound link up. Like routes, never dropped: a link that falls
+    /// this far behind is closed and starts over from a snapshot.
+    fn to_every_link(&self, now: u64, frame: &Frame, what: &str) {
+        let links: Vec<Rc<Link>> = self
+            .peers
+            .borrow()
+            .values()
+            .filter_map(|p| p.out.clone())
+            .filter(|l| l.session.borrow().is_up())
+            .collect();
+        for l in links {
+            l.session.borrow_mut().force_send(now, frame);
+            l.wake.notify();
+            let backlog = l.session.borrow().out_bytes();
+            if backlog > self.settings.out_bytes_max.saturating_mul(4) {
+                self.close(&l, &format!("{what} changes not read"));
+            }
+        }
+    }
+
+    /// Put the next parts of this shard's retained messages on an
+    /// outbound link that came up, while it holds little unwritten.
+    fn feed_retained(&self, link: &Rc<Link>) {
+        let now = self.now_ms();
+        loop {
+            if link.closed.get() || link.session.borrow().out_bytes() >= RETAINED_BACKLOG_BYTES {
+                return;
+            }
+            let mut snapshot = link.retained.borrow_mut();
+            let Some(progress) = snapshot.as_mut() else {
+                return;
+            };
+            let part = self
+                .core
+                .retained_snapshot(progress, SNAPSHOT_CHUNK_BYTES, Instant::now());
+            if progress.is_done() {
+                *snapshot = None;
+            }
+            drop(snapshot);
+            match part {
+                Some(f) => {
+                    link.session.borrow_mut().force_send(now, &f);
+                    link.wake.notify();
+                }
+                None if link.retained.borrow().is_none() => return,
+                None => {}
+            }
+        }
+    }
+
     fn tick_links(&self) {
         let now = self.now_ms();
         let mut links: Vec<Rc<Link>> = self.inbound.borrow().clone();
         links.extend(self.peers.borrow().values().filter_map(|p| p.out.clone()));
         for link in links {
+            if link.retained.borrow().is_some() {
+                self.feed_retained(&link);
+            }
             let tick = link.session.borrow_mut().handle_tick(now);
             match tick {
                 Err(e) => self.close(&link, &e.to_string()),
@@ -423,6 +482,7 @@ impl Bridge {
             closing: Cell::new(false),
             up_at: Cell::new(None),
             hello: RefCell::new(None),
+            retained: RefCell::new(None),
             feed: RefCell::new(RouteFeed::new()),
             acked: Cell::new(0),
         }))
@@ -506,6 +566,10 @@ impl Bridge {
                 s.force_send(now, f);
             }
             drop(s);
+            // And its retained messages, a part at a time as the link
+            // drains (`feed_retained`).
+            *link.retained.borrow_mut() = Some(RetainedSnapshot::default());
+            self.feed_retained(link);
             if self.me.shard == 0 {
                 let frames = self
                     .core
@@ -585,6 +649,12 @@ impl Bridge {
 
     fn frame(&self, link: &Rc<Link>, f: Frame) {
         if link.closing.get() {
+            return;
+        }
+        if let (Frame::Retained(_), false) = (&f, link.outbound) {
+            if let (Frame::Retained(entries), Some(_)) = (f, link.peer.get()) {
+                self.core.handle_remote_retained(Instant::now(), entries);
+            }
             return;
         }
         match (&f, link.outbound) {
@@ -743,6 +813,9 @@ fn spawn_io(bridge: Rc<Bridge>, link: Rc<Link>) {
                 b.close(&l, "refused");
                 return;
             }
+            if l.retained.borrow().is_some() {
+                b.feed_retained(&l);
+            }
         }
     })
     .detach();
@@ -835,26 +908,10 @@ async fn outbox_loop(bridge: Rc<Bridge>) {
                         l.wake.notify();
                     }
                 }
-                BridgeOut::Will(frame) => {
-                    let links: Vec<Rc<Link>> = bridge
-                        .peers
-                        .borrow()
-                        .values()
-                        .filter_map(|p| p.out.clone())
-                        .filter(|l| l.session.borrow().is_up())
-                        .collect();
-                    for l in links {
-                        // Like routes, never dropped: a link that falls
-                        // this far behind is closed and starts over from a
-                        // snapshot.
-                        l.session.borrow_mut().force_send(now, &frame);
-                        l.wake.notify();
-                        let backlog = l.session.borrow().out_bytes();
-                        if backlog > bridge.settings.out_bytes_max.saturating_mul(4) {
-                            bridge.close(&l, "will changes not read");
-                        }
-                    }
+                BridgeOut::Retained(entry) => {
+                    bridge.to_every_link(now, &Frame::Retained(vec![entry]), "retained");
                 }
+                BridgeOut::Will(frame) => bridge.to_every_link(now, &frame, "will"),
                 BridgeOut::Route { seq, change } => {
                     let links: Vec<Rc<Link>> = bridge
                         .peers

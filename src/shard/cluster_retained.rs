@@ -1,0 +1,279 @@
+//! The shard's side of retained messages across nodes
+//! (`cluster::retained`): every node keeps every retained message, and
+//! the last writer wins by hybrid logical clock.
+//!
+//! Shard-local, no I/O. The owner shard of a topic stamps each retained
+//! store or delete made on this node and puts it in the bridge outbox
+//! ([`BridgeOut::Retained`]) for every link up; a link that comes up sends
+//! the shard's whole part, topic by topic and a part at a time
+//! ([`ShardCore::retained_snapshot`]), deletes still remembered included.
+//! A version from a peer ([`ShardCore::handle_remote_retained`]) goes to
+//! this node's owner shard of its topic, which keeps it only if it is newer
+//! than its own (and does not send it on: each node sends what it holds
+//! when its links come up). A delete is remembered as a tombstone for
+//! `cluster.retained_tombstone_s`, so an older copy on a node that was away
+//! cannot bring the message back within that time.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::cluster::frame::{Frame, RetainedEntry};
+use crate::cluster::retained::{wins, Hlc};
+use crate::hash::HashMap;
+use crate::message::Message;
+use crate::persist::WallClock;
+use crate::router::MatchWalk;
+
+use super::mesh::MeshMsg;
+use super::remote::BridgeOut;
+use super::{ShardCore, State};
+
+/// Bytes a retained entry takes in a snapshot part, besides its topic and
+/// payload.
+const ENTRY_OVERHEAD_BYTES: usize = 48;
+
+/// A shard's retained messages across nodes (part of its cluster state).
+pub(super) struct ClusterRetained {
+    hlc: Hlc,
+    wall: WallClock,
+    /// The stamp of every retained message this shard keeps.
+    stamps: HashMap<Arc<str>, u64>,
+    /// Deletes remembered: topic → stamp and the delete itself.
+    tombstones: HashMap<Arc<str>, (u64, Arc<Message>)>,
+    /// The same, oldest first, to forget them.
+    tombstone_order: BTreeSet<(u64, Arc<str>)>,
+    tombstone_ms: u64,
+    /// Versions from peers not kept: older than this shard's.
+    pub(super) stale: u64,
+}
+
+impl ClusterRetained {
+    pub(super) fn new(wall: WallClock, tombstone_ms: u64) -> ClusterRetained {
+        ClusterRetained {
+            hlc: Hlc::new(),
+            wall,
+            stamps: HashMap::default(),
+            tombstones: HashMap::default(),
+            tombstone_order: BTreeSet::new(),
+            tombstone_ms,
+            stale: 0,
+        }
+    }
+
+    fn forget_tombstone(&mut self, topic: &str) {
+        if let Some((stamp, _)) = self.tombstones.remove(topic) {
+            self.tombstone_order.remove(&(stamp, Arc::from(topic)));
+        }
+    }
+}
+
+/// A link's progress through this shard's retained messages.
+#[derive(Debug)]
+pub struct RetainedSnapshot {
+    /// The tombstones went first.
+    tombstones_sent: bool,
+    walk: MatchWalk,
+}
+
+impl Default for RetainedSnapshot {
+    fn default() -> Self {
+        RetainedSnapshot {
+            tombstones_sent: false,
+            walk: MatchWalk::all(),
+        }
+    }
+}
+
+impl RetainedSnapshot {
+    /// True when every part was given.
+    pub fn is_done(&self) -> bool {
+        self.tombstones_sent && self.walk.is_done()
+    }
+}
+
+/// What the owner shard does with a retained store or delete.
+pub(super) enum Version {
+    /// Made on this node: stamp it and tell the peers.
+    Local,
+    /// From a peer, with its stamp: keep it if it is newer.
+    Peer(u64),
+}
+
+impl ShardCore {
+    /// The stamp a retained store or delete gets on its owner shard, or
+    /// None when a peer's version is older than what is here (it is
+    /// dropped). Outside a cluster: `stamp_ms` as given.
+    pub(super) fn retained_version(
+        st: &mut State,
+        now: Instant,
+        message: &Message,
+        stamp_ms: u64,
+        version: &Version,
+    ) -> Option<u64> {
+        let Some(r) = st.remote.as_mut() else {
+            return Some(stamp_ms);
+        };
+        let c = &mut r.retained;
+        match *version {
+            Version::Local => Some(c.hlc.next(c.wall.to_ms(now))),
+            Version::Peer(stamp) => {
+                c.hlc.observe(stamp);
+                let topic = &*message.topic;
+                let newer = match (c.stamps.get(topic), c.tombstones.get(topic)) {
+                    (Some(&old), _) => match st.retained.get(topic) {
+                        Some(m) => wins((stamp, message), (old, m)),
+                        None => stamp > old,
+                    },
+                    (None, Some((old, m))) => wins((stamp, message), (*old, m)),
+                    (None, None) => true,
+                };
+                if !newer {
+                    c.stale += 1;
+                }
+                newer.then_some(stamp)
+            }
+        }
+    }
+
+    /// The owner shard kept (`stored`) or deleted a retained topic with
+    /// `stamp`: remember it, and tell the peers when it was made here.
+    pub(super) fn retained_kept(
+        st: &mut State,
+        message: &Arc<Message>,
+        stamp: u64,
+        version: &Version,
+    ) {
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        let c = &mut r.retained;
+        let topic = message.topic.clone();
+        c.forget_tombstone(&topic);
+        if message.payload.is_empty() {
+            c.stamps.remove(&topic);
+            c.tombstone_order.insert((stamp, topic.clone()));
+            c.tombstones.insert(topic, (stamp, message.clone()));
+        } else {
+            c.stamps.insert(topic, stamp);
+        }
+        if let Version::Local = version {
+            let entry = RetainedEntry {
+                stamp,
+                message: message.clone(),
+            };
+            r.out.push_back(BridgeOut::Retained(entry));
+            r.wake.notify();
+        }
+    }
+
+    /// Retained versions from a peer: each to this node's owner shard of
+    /// its topic, which keeps it if it is newer than its own.
+    pub fn handle_remote_retained(&self, now: Instant, entries: Vec<RetainedEntry>) {
+        let mut st = self.state.borrow_mut();
+        for e in entries {
+            if e.message.is_expired(now) {
+                continue;
+            }
+            let owner = self.topic_owner(&e.message.topic);
+            if owner == self.id {
+                let version = Version::Peer(e.stamp);
+                self.store_retained(&mut st, now, e.message, None, e.stamp, version);
+            } else {
+                self.mesh.send(
+                    owner,
+                    MeshMsg::Retain {
+                        message: e.message,
+                        ack_to: None,
+                        origin: None,
+                        stamp_ms: e.stamp,
+                        from_peer: true,
+                    },
+                );
+            }
+        }
+        Self::debug_invariants(&st);
+    }
+
+    /// The next part (about `chunk_bytes`) of this shard's retained
+    /// messages for a link that came up: the tombstones first, then every
+    /// topic; None once `snapshot` is done. Topics stored or deleted while
+    /// it goes on reach the link as changes.
+    pub fn retained_snapshot(
+        &self,
+        snapshot: &mut RetainedSnapshot,
+        chunk_bytes: usize,
+        now: Instant,
+    ) -> Option<Frame> {
+        let st = self.state.borrow();
+        let r = st.remote.as_ref()?;
+        let c = &r.retained;
+        let mut entries = Vec::new();
+        if !snapshot.tombstones_sent {
+            snapshot.tombstones_sent = true;
+            entries.extend(c.tombstones.values().map(|(stamp, m)| RetainedEntry {
+                stamp: *stamp,
+                message: m.clone(),
+            }));
+            if !entries.is_empty() {
+                return Some(Frame::Retained(entries));
+            }
+        }
+        let mut bytes = 0;
+        while !snapshot.walk.is_done() && bytes < chunk_bytes {
+            st.retained.walk(&mut snapshot.walk, 256, 64, |topic, m| {
+                if m.is_expired(now) {
+                    return;
+                }
+                bytes += topic.len() + m.payload.len() + ENTRY_OVERHEAD_BYTES;
+                entries.push(RetainedEntry {
+                    stamp: c.stamps.get(topic).copied().unwrap_or(0),
+                    message: m.clone(),
+                });
+            });
+        }
+        (!entries.is_empty()).then_some(Frame::Retained(entries))
+    }
+
+    /// Forget the tombstones older than `cluster.retained_tombstone_s`.
+    pub(super) fn expire_tombstones(st: &mut State, now: Instant) {
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        let c = &mut r.retained;
+        let horizon = c.wall.to_ms(now).saturating_sub(c.tombstone_ms);
+        while let Some((stamp, topic)) = c.tombstone_order.first().cloned() {
+            if stamp >= horizon {
+                break;
+            }
+            c.tombstone_order.pop_first();
+            c.tombstones.remove(&topic);
+        }
+    }
+
+    /// Joining a cluster: the stamps of the retained messages restored
+    /// from the log (0 without one), and a clock past all of them.
+    pub(super) fn stamp_restored_retained(st: &mut State) {
+        let mut stamps = Vec::new();
+        let store = st.store.as_ref();
+        st.retained.for_each(|topic, m| {
+            let stamp = store
+                .and_then(|s| s.live.retained_stamp(topic))
+                .unwrap_or(0);
+            stamps.push((m.topic.clone(), stamp));
+        });
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        for (topic, stamp) in stamps {
+            r.retained.hlc.observe(stamp);
+            r.retained.stamps.insert(topic, stamp);
+        }
+    }
+
+    /// Retained versions from peers not kept (older than this node's).
+    pub fn retained_stale(&self) -> u64 {
+        let st = self.state.borrow();
+        st.remote.as_ref().map_or(0, |r| r.retained.stale)
+    }
+}
