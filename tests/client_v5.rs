@@ -27,25 +27,6 @@ fn persistent(b: &TestBroker, id: &str, clean_start: bool, expiry: u32) -> MqttO
     o
 }
 
-fn will(topic: &str, payload: &[u8], retain: bool, delay: Option<u32>) -> LastWill {
-    let props = LastWillProperties {
-        delay_interval: delay,
-        payload_format_indicator: None,
-        message_expiry_interval: None,
-        content_type: None,
-        response_topic: None,
-        correlation_data: None,
-        user_properties: Vec::new(),
-    };
-    LastWill::new(
-        topic,
-        payload.to_vec(),
-        QoS::AtLeastOnce,
-        retain,
-        Some(props),
-    )
-}
-
 fn sub_ids(p: &Publish) -> Vec<usize> {
     let mut ids = props(p).subscription_identifiers;
     ids.sort_unstable();

@@ -413,25 +413,10 @@ async fn the_wills_of_a_killed_nodes_clients_are_published_by_the_others() {
     dev2.publish("will/sync", QoS::AtLeastOnce, false, b"dev-2")
         .await;
     let dev3 = {
-        use client::v5::{connect, options, set_session_expiry, LastWill, LastWillProperties};
+        use client::v5::{connect, options, set_session_expiry, will};
         let mut o = options(c.addr, "dev-3");
         set_session_expiry(&mut o, 60);
-        let props = LastWillProperties {
-            delay_interval: Some(3),
-            payload_format_indicator: None,
-            message_expiry_interval: None,
-            content_type: None,
-            response_topic: None,
-            correlation_data: None,
-            user_properties: Vec::new(),
-        };
-        o.set_last_will(LastWill::new(
-            "will/dev-3",
-            b"dev-3 gone".to_vec(),
-            client::v5::QoS::AtLeastOnce,
-            false,
-            Some(props),
-        ));
+        o.set_last_will(will("will/dev-3", b"dev-3 gone", false, Some(3)));
         let dev3 = connect(o).await;
         dev3.client
             .publish("will/sync", client::v5::QoS::AtLeastOnce, false, "dev-3")

@@ -402,6 +402,26 @@ pub mod v5 {
         o
     }
 
+    /// A QoS 1 will on `topic`, with a Will Delay Interval if `delay`.
+    pub fn will(topic: &str, payload: &[u8], retain: bool, delay: Option<u32>) -> LastWill {
+        let props = LastWillProperties {
+            delay_interval: delay,
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        };
+        LastWill::new(
+            topic,
+            payload.to_vec(),
+            QoS::AtLeastOnce,
+            retain,
+            Some(props),
+        )
+    }
+
     /// Set the Session Expiry Interval in CONNECT (keeps other properties).
     pub fn set_session_expiry(o: &mut MqttOptions, seconds: u32) {
         let mut props = o.connect_properties().unwrap_or_default();
