@@ -14,7 +14,12 @@
 //! links carry retained messages too ([`Hlc`], [`wins`]): nodes with
 //! clocks up to half a second apart store and delete retained topics, and
 //! at the end every node holds the same version of every topic, the one
-//! the last-writer-wins rule picks among all writes. `SHARDMQ_BRIDGE_SEEDS=N` runs N seeds
+//! the last-writer-wins rule picks among all writes. And they carry
+//! claims of client ids ([`claims::wins`]): clients connect to random
+//! nodes (as a load balancer would send them, partitions included) and
+//! leave; a node closes its connection of a client id when a later claim
+//! arrives; at the end each client id is live on one node at most, and
+//! the latest connection of each is still live unless its client left. `SHARDMQ_BRIDGE_SEEDS=N` runs N seeds
 //! (default 300), `SHARDMQ_BRIDGE_SEED=S` just seed S.
 
 #[path = "common/rng.rs"]
@@ -27,9 +32,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use shardmq::cluster::claims;
 use shardmq::cluster::frame::RouteChange;
+use shardmq::cluster::frame::{ClaimEntry, RetainedEntry, WillEntry};
 use shardmq::cluster::frame::{Frame, Hello, BRIDGE_VERSION};
-use shardmq::cluster::frame::{RetainedEntry, WillEntry};
 use shardmq::cluster::link::{LinkEvent, LinkSession, LinkSettings};
 use shardmq::cluster::node::NodeName;
 use shardmq::cluster::retained::{wins, Hlc};
@@ -109,6 +115,10 @@ struct Node {
     hlc: Hlc,
     skew_ms: u64,
     retained_outbox: VecDeque<RetainedEntry>,
+    /// Live connections: client id → claim stamp; claims not yet on the
+    /// links.
+    live: BTreeMap<String, u64>,
+    claim_outbox: VecDeque<ClaimEntry>,
 }
 
 /// Keep `e` in `store` if it is newer than what is there.
@@ -146,6 +156,7 @@ struct Sim {
     snapshots: u64,
     deltas: u64,
     will_changes: u64,
+    takeovers: u64,
 }
 
 fn will_entry(client: &str, version: u64) -> WillEntry {
@@ -198,9 +209,20 @@ impl Sim {
         self.epoch + Duration::from_millis(self.step)
     }
 
-    /// A node's queued route, will and retained changes go out on its
-    /// links.
+    /// A node's queued route, will, retained and claim changes go out on
+    /// its links.
     fn drain(&mut self, a: usize) {
+        while let Some(c) = self.nodes[a].claim_outbox.pop_front() {
+            let f = Frame::Claims(vec![c]);
+            for b in 0..self.nodes.len() {
+                if let Some(c) = self.conns[a][b].as_mut() {
+                    if c.dialer.is_up() {
+                        c.dialer.send(self.step, &f).unwrap();
+                    }
+                }
+                self.transmit(a, b);
+            }
+        }
         while let Some(e) = self.nodes[a].retained_outbox.pop_front() {
             let f = Frame::Retained(vec![e]);
             for b in 0..self.nodes.len() {
@@ -258,6 +280,20 @@ impl Sim {
                         if let LinkEvent::Up(_) = ev {
                             c.acceptor.welcome(step);
                         }
+                        if let LinkEvent::Frame(Frame::Claims(claims)) = &ev {
+                            let me = format!("n{b}");
+                            let from = format!("n{a}");
+                            let n = &mut self.nodes[b];
+                            for c in claims {
+                                n.hlc.observe(c.stamp);
+                                let local = n.live.get(&*c.client_id).copied();
+                                if local.is_some_and(|l| claims::wins((c.stamp, &from), (l, &me))) {
+                                    n.live.remove(&*c.client_id);
+                                    self.takeovers += 1;
+                                }
+                            }
+                            continue;
+                        }
                         if let LinkEvent::Frame(Frame::Retained(entries)) = &ev {
                             let n = &mut self.nodes[b];
                             for e in entries {
@@ -314,6 +350,18 @@ impl Sim {
                         for f in &self.nodes[a].wills.snapshot(128, at) {
                             c.dialer.send(step, f).unwrap();
                         }
+                        // Its live connections' claims.
+                        let claims: Vec<ClaimEntry> = self.nodes[a]
+                            .live
+                            .iter()
+                            .map(|(id, stamp)| ClaimEntry {
+                                client_id: Arc::from(id.as_str()),
+                                stamp: *stamp,
+                            })
+                            .collect();
+                        for part in claims.chunks(4) {
+                            c.dialer.send(step, &Frame::Claims(part.to_vec())).unwrap();
+                        }
                         // Its retained store, deletes included, in parts.
                         let entries: Vec<RetainedEntry> = self.nodes[a]
                             .retained
@@ -355,7 +403,7 @@ impl Sim {
     }
 }
 
-fn run_seed(seed: u64) -> (u64, u64, u64) {
+fn run_seed(seed: u64) -> (u64, u64, u64, u64) {
     let mut rng = Rng(seed);
     let n = 2 + rng.below(4) as usize;
     let nodes = (0..n)
@@ -374,6 +422,8 @@ fn run_seed(seed: u64) -> (u64, u64, u64) {
                 hlc: Hlc::new(),
                 skew_ms: rng.below(500),
                 retained_outbox: VecDeque::new(),
+                live: BTreeMap::new(),
+                claim_outbox: VecDeque::new(),
             }
         })
         .collect();
@@ -387,9 +437,12 @@ fn run_seed(seed: u64) -> (u64, u64, u64) {
         snapshots: 0,
         deltas: 0,
         will_changes: 0,
+        takeovers: 0,
     };
     let steps = 3_000;
     let mut all_writes: Vec<RetainedEntry> = Vec::new();
+    let mut latest_claims: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    let mut left: BTreeSet<(String, u64)> = BTreeSet::new();
     for step in 0..steps + 500 {
         sim.step = step;
         let faults = step < steps;
@@ -449,6 +502,30 @@ fn run_seed(seed: u64) -> (u64, u64, u64) {
             keep(&mut node.retained, &mut node.hlc, &e);
             all_writes.push(e.clone());
             node.retained_outbox.push_back(e);
+            // A client connects to a node, or one leaves.
+            let a = sim.rng.below(n as u64) as usize;
+            let client = format!("d{}", sim.rng.below(6));
+            let node = &mut sim.nodes[a];
+            if sim.rng.below(4) == 0 {
+                if let Some(stamp) = node.live.remove(&client) {
+                    left.insert((client, stamp));
+                }
+            } else {
+                let stamp = node.hlc.next(step * 10 + node.skew_ms);
+                // A connection of the same client id here is taken over.
+                node.live.insert(client.clone(), stamp);
+                let name = format!("n{a}");
+                let latest = latest_claims
+                    .entry(client.clone())
+                    .or_insert((0, String::new()));
+                if claims::wins((stamp, &name), (latest.0, &latest.1)) {
+                    *latest = (stamp, name);
+                }
+                node.claim_outbox.push_back(ClaimEntry {
+                    client_id: Arc::from(client.as_str()),
+                    stamp,
+                });
+            }
             if sim.rng.below(150) == 0 {
                 let a = sim.rng.below(n as u64) as usize;
                 let b = sim.rng.below(n as u64) as usize;
@@ -512,7 +589,30 @@ fn run_seed(seed: u64) -> (u64, u64, u64) {
             .collect();
         assert_eq!(held, want, "seed {seed}: n{b}'s retained messages");
     }
-    (sim.breaks, sim.snapshots, sim.deltas + sim.will_changes)
+    // One live connection per client id at most, and the latest one of
+    // each is live unless its client left.
+    for (client, (stamp, node)) in &latest_claims {
+        let live: Vec<String> = (0..n)
+            .filter(|&b| sim.nodes[b].live.contains_key(client))
+            .map(|b| format!("n{b}"))
+            .collect();
+        assert!(live.len() <= 1, "seed {seed}: {client} live on {live:?}");
+        if !left.contains(&(client.clone(), *stamp)) {
+            assert_eq!(
+                live,
+                std::slice::from_ref(node),
+                "seed {seed}: {client}'s latest connection"
+            );
+            let b: usize = node[1..].parse().unwrap();
+            assert_eq!(sim.nodes[b].live[client], *stamp);
+        }
+    }
+    (
+        sim.breaks,
+        sim.snapshots,
+        sim.deltas + sim.will_changes,
+        sim.takeovers,
+    )
 }
 
 #[test]
@@ -527,17 +627,19 @@ fn seeded() {
             (1..=n).collect()
         }
     };
-    let (mut breaks, mut snapshots, mut deltas) = (0, 0, 0);
+    let (mut breaks, mut snapshots, mut deltas, mut takeovers) = (0, 0, 0, 0);
     for &seed in &seeds {
-        let (b, s, d) = run_seed(seed);
+        let (b, s, d, t) = run_seed(seed);
         breaks += b;
         snapshots += s;
         deltas += d;
+        takeovers += t;
     }
     eprintln!(
-        "bridge routes, wills and retained: {} seeds, {breaks} connections broken, {snapshots} \
-         snapshots, {deltas} route and will changes; every copy matched its node, every node \
-         kept the winning version of every retained topic",
+        "bridge routes, wills, retained and claims: {} seeds, {breaks} connections broken, {snapshots} \
+         snapshots, {deltas} route and will changes, {takeovers} connections taken over from \
+         another node; every copy matched its node, every node kept the winning version of \
+         every retained topic, one live connection per client id",
         seeds.len()
     );
 }

@@ -580,3 +580,34 @@ async fn retained_messages_are_kept_on_every_node() {
     drop((a, b, c, d));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One live connection per client id in the cluster: a client id that
+/// connects on another node takes the first connection over (5.0:
+/// DISCONNECT 0x8E), and the later one works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_connecting_on_another_node_takes_the_first_connection_over() {
+    use client::v5::{connect, options, QoS};
+    use shardmq::codec::{reason, Version};
+    let dir = temp_dir("cluster-claims");
+    let a = node("a", &dir, 0, &[]);
+    let pa = membership_port(&a);
+    let b = node("b", &dir, 0, &[pa]);
+    let c = node("c", &dir, 0, &[pa]);
+    wait_links(&a, &b, &c);
+    let (mut first, ack) = common::Raw::connect(a.addr, Version::V5, "twin", true);
+    assert_eq!(ack.reason, 0);
+    let mut second = connect(options(b.addr, "twin")).await;
+    let closed = tokio::task::spawn_blocking(move || first.expect_close())
+        .await
+        .unwrap();
+    assert_eq!(closed, Some(reason::SESSION_TAKEN_OVER));
+    wait_log(&a, "cluster: client \"twin\" connected on node \"b\"", 30);
+    second.subscribe("tw/t", QoS::AtLeastOnce).await;
+    let mut publisher = connect(options(c.addr, "pub")).await;
+    publisher
+        .publish_props_acked("tw/t", b"second works", Default::default())
+        .await;
+    assert_eq!(&second.next_publish().await.payload[..], b"second works");
+    drop((second, publisher, a, b, c));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -51,6 +51,7 @@ mod kind {
     pub const WILL_SET: u8 = 10;
     pub const WILL_CLEAR: u8 = 11;
     pub const RETAINED: u8 = 12;
+    pub const CLAIMS: u8 = 13;
 }
 
 /// The first frame each side of a link sends.
@@ -165,6 +166,19 @@ pub enum Frame {
     /// change as it happens, or part of the sender's store when a link
     /// comes up.
     Retained(Vec<RetainedEntry>),
+    /// Client ids with a live connection on the sending node, each with
+    /// the stamp of its claim (`cluster::claims`): one as it connects, or
+    /// every one when a link comes up.
+    Claims(Vec<ClaimEntry>),
+}
+
+/// A live connection's claim of its client id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimEntry {
+    /// The client id.
+    pub client_id: Arc<str>,
+    /// Its hybrid-logical-clock stamp (Unix ms).
+    pub stamp: u64,
 }
 
 /// One version of a retained topic (`cluster::retained`).
@@ -314,6 +328,14 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
         Frame::WillClear { client_id } => {
             out.put_u8(kind::WILL_CLEAR);
             put_str(out, client_id);
+        }
+        Frame::Claims(claims) => {
+            out.put_u8(kind::CLAIMS);
+            out.put_u32(claims.len() as u32);
+            for c in claims {
+                put_str(out, &c.client_id);
+                out.put_u64(c.stamp);
+            }
         }
         Frame::Retained(entries) => {
             out.put_u8(kind::RETAINED);
@@ -468,6 +490,21 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
         kind::WILL_CLEAR => Frame::WillClear {
             client_id: client_id(b)?,
         },
+        kind::CLAIMS => {
+            let n = u32_(b)? as usize;
+            // Each claim takes at least 11 bytes.
+            if n > b.len() / 11 {
+                return Err(FrameError::Malformed("claim count beyond the frame"));
+            }
+            let mut claims = Vec::with_capacity(n);
+            for _ in 0..n {
+                claims.push(ClaimEntry {
+                    client_id: client_id(b)?,
+                    stamp: u64_(b)?,
+                });
+            }
+            Frame::Claims(claims)
+        }
         kind::RETAINED => {
             let n = u32_(b)? as usize;
             // Each entry takes more than 16 bytes: a count beyond the
@@ -800,6 +837,16 @@ mod tests {
             Frame::WillClear {
                 client_id: Arc::from("c3"),
             },
+            Frame::Claims(vec![
+                ClaimEntry {
+                    client_id: Arc::from("dev-1"),
+                    stamp: 1_700_000_000_000,
+                },
+                ClaimEntry {
+                    client_id: Arc::from("d"),
+                    stamp: 2,
+                },
+            ]),
             Frame::Retained(vec![
                 RetainedEntry {
                     stamp: 1_700_000_000_123,

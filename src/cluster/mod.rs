@@ -14,13 +14,18 @@
 //!   snapshot and numbered changes (simulated in `tests/bridge.rs`);
 //! - [`wills`]: the wills of a shard's clients as its peers hold them, to
 //!   publish if the node's run ends without it (simulated there too);
+//! - [`hlc`]: the hybrid logical clock that orders writes across nodes;
 //! - [`retained`]: the rules that keep every node's copy of the retained
-//!   messages the same (a hybrid logical clock, the last writer wins).
+//!   messages the same (the last writer wins);
+//! - [`claims`]: which of two connections with one client id on two nodes
+//!   stays (the later claim).
 //!
 //! Not yet: sessions and replication across nodes (the cluster issue
 //! lists them).
 
+pub mod claims;
 pub mod frame;
+pub mod hlc;
 pub mod link;
 pub mod membership;
 pub mod node;

@@ -155,6 +155,12 @@ impl Session {
         }
     }
 
+    /// Drop the will waiting for its delay, if any (its client came back
+    /// where this session cannot see it); true if there was one.
+    pub fn cancel_pending_will(&mut self) -> bool {
+        self.take_pending_will().is_some()
+    }
+
     /// The broker is stopping: DISCONNECT 0x8B (5.0) and close. The server
     /// ends the connection without the client's DISCONNECT, so the will is
     /// handled as for any abnormal end ([MQTT-3.1.2-8]): published now, or

@@ -128,6 +128,16 @@ pub enum MeshMsg {
         /// and not sent on to the peers.
         from_peer: bool,
     },
+    /// Another node claimed a client id whose home is the receiver
+    /// (`cluster::claims`).
+    PeerClaim {
+        /// The client id.
+        client_id: Arc<str>,
+        /// The claim's stamp.
+        stamp: u64,
+        /// The claiming node.
+        node: Arc<str>,
+    },
     /// Send the next chunk of retained messages matching a subscription
     /// to `waiter`.
     RetainedQuery {

@@ -67,6 +67,7 @@ macro_rules! shard_log {
     };
 }
 
+mod claims;
 mod cluster_retained;
 mod connect;
 mod delayed;
@@ -238,6 +239,8 @@ struct SessionSlot {
     gather_credit_out: usize,
     /// In a cluster: what the peers hold of the session's will.
     will_mark: wills::WillMark,
+    /// In a cluster: the stamp of its connection's claim of the client id.
+    claim: u64,
     /// Restored from the log and not connected since: its will is the
     /// previous run's, which the peers published already (this node
     /// publishes it to its own subscribers only, and exports it not).
@@ -259,6 +262,7 @@ impl SessionSlot {
             gather_credit_out: 0,
             will_mark: None,
             will_of_last_run: false,
+            claim: 0,
         }
     }
 }

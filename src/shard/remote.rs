@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use smallvec::SmallVec;
 
-use crate::cluster::frame::{Frame, RemotePublish, RetainedEntry, RouteChange};
+use crate::cluster::frame::{ClaimEntry, Frame, RemotePublish, RetainedEntry, RouteChange};
 use crate::cluster::routes::{RouteExport, RouteFeed};
 use crate::message::Message;
 use crate::persist::WallClock;
@@ -61,6 +61,9 @@ pub enum BridgeOut {
     /// A retained store or delete made on this node, stamped by its owner
     /// shard: for every link up.
     Retained(RetainedEntry),
+    /// A connection attached here: its claim of its client id, for every
+    /// link up.
+    Claim(ClaimEntry),
 }
 
 /// A shard's cluster state (None on a broker that runs alone).
@@ -87,6 +90,8 @@ pub(super) struct Remote {
     pub(super) wills: super::wills::Wills,
     /// Retained messages across nodes.
     pub(super) retained: super::cluster_retained::ClusterRetained,
+    /// Claims of client ids.
+    pub(super) claims: super::claims::Claims,
 }
 
 impl ShardCore {
@@ -123,11 +128,21 @@ impl ShardCore {
                     .retained_tombstone_s
                     .saturating_mul(1000),
             ),
+            claims: super::claims::Claims::new(
+                wall,
+                Arc::from(self.config.cluster.node_id.as_str()),
+            ),
         });
         Self::stamp_restored_retained(&mut st);
+        // Sessions restored from the log: their wills. (A connection
+        // attached before the cluster started would be claimed too; the
+        // runtime starts it before it listens.)
         let keys: Vec<_> = st.sessions.keys().collect();
         for key in keys {
             Self::export_will(&mut st, key, now);
+            if st.sessions.get(key).is_some_and(|s| s.conn.is_some()) {
+                Self::claim_connection(&mut st, key, now);
+            }
         }
     }
 

@@ -751,6 +751,11 @@ impl ShardCore {
                         self.mesh.send(ack.shard, MeshMsg::Ack(ack));
                     }
                 }
+                MeshMsg::PeerClaim {
+                    client_id,
+                    stamp,
+                    node,
+                } => self.claimed_elsewhere(&mut st, now, &client_id, stamp, &node),
                 MeshMsg::Applied { upto } => Self::on_applied(&mut st, from, upto),
                 MeshMsg::Settled { upto } => Self::on_settled(&mut st, from, upto),
                 MeshMsg::StoreFull { full } => self.on_store_full(&mut st, from, full),

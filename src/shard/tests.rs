@@ -315,7 +315,16 @@ fn attached(core: &ShardCore, now: Instant, id: &str) -> Rc<ConnHandle> {
     conn
 }
 
+/// The bridge outbox, without the claims every connection makes (the
+/// claims test reads them with `bridge_all`).
 fn bridge_out(core: &ShardCore) -> Vec<super::BridgeOut> {
+    bridge_all(core)
+        .into_iter()
+        .filter(|o| !matches!(o, super::BridgeOut::Claim(_)))
+        .collect()
+}
+
+fn bridge_all(core: &ShardCore) -> Vec<super::BridgeOut> {
     std::iter::from_fn(|| core.poll_bridge()).collect()
 }
 
@@ -741,4 +750,45 @@ fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
     assert_eq!(parts(&c0), [(stamp + 20, Bytes::new())]);
     c0.check_invariants();
     c1.check_invariants();
+}
+
+/// A connection claims its client id in the cluster; a later claim of the
+/// same client id from another node (a greater stamp, or an equal one
+/// from a node with a greater name) closes it as a takeover would
+/// (DISCONNECT 0x8E), an earlier one does not.
+#[test]
+fn a_later_connection_on_another_node_takes_the_client_id_over() {
+    let mut config = Config::default();
+    config.storage.durability = "memory".into();
+    config.server.shards = 1;
+    config.cluster.node_id = "b".into();
+    let mesh = Mesh::new(0, 1, config.mesh.outbox_messages_max);
+    let c = ShardCore::new(0, 1, config, mesh, 0xabc);
+    c.enable_cluster(Instant::now(), crate::persist::WallClock::now());
+    let t0 = Instant::now();
+    let conn = c
+        .attach(t0, Box::new(connect("dev", Version::V5)), None)
+        .unwrap();
+    written(&c, &conn, Version::V5);
+    let stamp = match &bridge_all(&c)[..] {
+        [super::BridgeOut::Claim(claim)] if &*claim.client_id == "dev" => claim.stamp,
+        other => panic!("the connection's claim: {other:?}"),
+    };
+    let claim = |stamp| crate::cluster::frame::ClaimEntry {
+        client_id: "dev".into(),
+        stamp,
+    };
+    c.handle_remote_claims(t0, "a", vec![claim(stamp - 1)]);
+    c.handle_remote_claims(t0, "a", vec![claim(stamp)]);
+    assert!(!conn.is_closing(), "earlier claims change nothing");
+    assert_eq!(c.claims_snapshot().len(), 1);
+    c.handle_remote_claims(t0, "c", vec![claim(stamp)]);
+    assert!(conn.is_closing());
+    assert!(matches!(
+        &conn.poll_last_packets()[..],
+        [Packet::Disconnect(d)] if d.reason == reason::SESSION_TAKEN_OVER
+    ));
+    assert_eq!(c.connections_taken_over_elsewhere(), 1);
+    assert!(c.claims_snapshot().is_empty());
+    c.check_invariants();
 }

@@ -104,6 +104,8 @@ impl BridgeHandle {
     }
 }
 
+/// Claims per frame of a link's first claims.
+const CLAIMS_PER_FRAME: usize = 1024;
 /// Bytes a link may hold unwritten before the next part of a retained
 /// snapshot is put on it.
 const RETAINED_BACKLOG_BYTES: usize = 1 << 20;
@@ -566,6 +568,14 @@ impl Bridge {
                 s.force_send(now, f);
             }
             drop(s);
+            // Its live connections' claims, so connections a partition
+            // let live on both sides meet.
+            let claims = self.core.claims_snapshot();
+            let mut s = link.session.borrow_mut();
+            for part in claims.chunks(CLAIMS_PER_FRAME) {
+                s.force_send(now, &Frame::Claims(part.to_vec()));
+            }
+            drop(s);
             // And its retained messages, a part at a time as the link
             // drains (`feed_retained`).
             *link.retained.borrow_mut() = Some(RetainedSnapshot::default());
@@ -649,6 +659,14 @@ impl Bridge {
 
     fn frame(&self, link: &Rc<Link>, f: Frame) {
         if link.closing.get() {
+            return;
+        }
+        if let (Frame::Claims(_), false) = (&f, link.outbound) {
+            let node = link.hello.borrow().as_ref().map(|h| h.node.clone());
+            if let (Frame::Claims(claims), Some(node)) = (f, node) {
+                self.core
+                    .handle_remote_claims(Instant::now(), node.as_str(), claims);
+            }
             return;
         }
         if let (Frame::Retained(_), false) = (&f, link.outbound) {
@@ -912,6 +930,9 @@ async fn outbox_loop(bridge: Rc<Bridge>) {
                     bridge.to_every_link(now, &Frame::Retained(vec![entry]), "retained");
                 }
                 BridgeOut::Will(frame) => bridge.to_every_link(now, &frame, "will"),
+                BridgeOut::Claim(claim) => {
+                    bridge.to_every_link(now, &Frame::Claims(vec![claim]), "claim");
+                }
                 BridgeOut::Route { seq, change } => {
                     let links: Vec<Rc<Link>> = bridge
                         .peers
