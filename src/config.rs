@@ -594,6 +594,21 @@ impl ClusterConfig {
             100,
             600_000,
         )?;
+        range("cluster.routes_max", self.routes_max, 1, 100_000_000)?;
+        range(
+            "cluster.peer_wills_max",
+            self.peer_wills_max,
+            1,
+            100_000_000,
+        )?;
+        // At least a minute: a link that flaps must not forget a delete
+        // it is still sending; at most ten years.
+        range(
+            "cluster.retained_tombstone_s",
+            self.retained_tombstone_s,
+            60,
+            315_360_000,
+        )?;
         if self.join.len() > 256 {
             return Err(invalid(
                 "cluster.join",
@@ -701,6 +716,17 @@ mod tests {
         assert!(e.to_string().contains("cluster.suspect_timeout_ms"), "{e}");
         let e = ok("[cluster]\nname = \"\"\n").unwrap_err();
         assert!(e.to_string().contains("cluster.name"), "{e}");
+        let e = ok("[cluster]\npeer_wills_max = 0\n").unwrap_err();
+        assert!(e.to_string().contains("cluster.peer_wills_max = 0"), "{e}");
+        ok("[cluster]\npeer_wills_max = 1\n").unwrap();
+        let e = ok("[cluster]\nretained_tombstone_s = 59\n").unwrap_err();
+        assert!(
+            e.to_string().contains("cluster.retained_tombstone_s"),
+            "{e}"
+        );
+        ok("[cluster]\nretained_tombstone_s = 60\n").unwrap();
+        let e = ok("[cluster]\nroutes_max = 0\n").unwrap_err();
+        assert!(e.to_string().contains("cluster.routes_max"), "{e}");
     }
 
     #[test]

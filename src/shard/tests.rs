@@ -792,3 +792,48 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
     assert!(c.claims_snapshot().is_empty());
     c.check_invariants();
 }
+
+/// A delete is remembered for `cluster.retained_tombstone_s`: until then
+/// an older copy from a peer is refused, after it the copy is taken (a
+/// node away that long can bring a deleted message back, as documented).
+#[test]
+fn a_retained_delete_is_remembered_for_its_tombstone_time() {
+    use crate::cluster::frame::RetainedEntry;
+    let mut config = Config::default();
+    config.storage.durability = "memory".into();
+    config.server.shards = 1;
+    config.cluster.retained_tombstone_s = 60;
+    let mesh = Mesh::new(0, 1, config.mesh.outbox_messages_max);
+    let c = ShardCore::new(0, 1, config, mesh, 0xabc);
+    let t0 = Instant::now();
+    c.enable_cluster(t0, crate::persist::WallClock::at(t0, 1_000_000));
+    let version = |stamp: u64, payload: &'static [u8]| RetainedEntry {
+        stamp,
+        message: Arc::new(crate::message::Message {
+            topic: "gone".into(),
+            payload: Bytes::from_static(payload),
+            qos: QoS::AtMostOnce,
+            retain: true,
+            properties: Properties::default(),
+            expires_at: None,
+            publisher: None,
+        }),
+    };
+    c.handle_remote_retained(t0, vec![version(999_000, b"")]);
+    c.handle_remote_retained(t0, vec![version(998_000, b"old")]);
+    assert_eq!(c.retained_stale(), 1, "refused while the delete is known");
+    c.handle_tick(t0 + Duration::from_secs(59));
+    c.handle_remote_retained(t0, vec![version(998_000, b"old")]);
+    assert_eq!(c.retained_stale(), 2, "still known 59 s on");
+    c.handle_tick(t0 + Duration::from_secs(61));
+    c.handle_remote_retained(t0, vec![version(998_000, b"old")]);
+    assert_eq!(c.retained_stale(), 2, "forgotten: the old copy is taken");
+    let sub = attached(&c, t0, "reader");
+    c.handle_packet(&sub, t0, subscribe_packet(1, "gone"));
+    c.routes_acked(u64::MAX);
+    pump(&[&c], t0);
+    assert!(written(&c, &sub, Version::V3_1_1)
+        .iter()
+        .any(|p| matches!(p, Packet::Publish(p) if &p.payload[..] == b"old")));
+    c.check_invariants();
+}
