@@ -611,3 +611,60 @@ async fn a_client_id_connecting_on_another_node_takes_the_first_connection_over(
     drop((second, publisher, a, b, c));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Measured, not asserted (run with `--ignored`): how long a node that
+/// joins takes to hold the cluster's retained messages. 100,000 retained
+/// messages of 64 bytes are stored on a; b starts and joins; a subscriber
+/// on b to `#` is asked again until it gets all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_how_fast_a_joining_node_gets_the_retained_messages() {
+    use client::v3::{connect, options, QoS};
+    const N: usize = 100_000;
+    let dir = temp_dir("cluster-retained-sync");
+    let a = node("a", &dir, 0, &[]);
+    let pa = membership_port(&a);
+    let mut publisher = connect(options(a.addr, "pub")).await;
+    for i in 0..N {
+        let topic = format!("m/{}/{}", i % 100, i);
+        publisher
+            .publish(&topic, QoS::AtMostOnce, true, &[b'x'; 64])
+            .await;
+    }
+    publisher
+        .publish_acked("m/last", true, b"after the others")
+        .await;
+    wait_retained(a.addr, "m/last", Some(b"after the others")).await;
+    let started = Instant::now();
+    let b = node("b", &dir, 0, &[pa]);
+    wait_log(&b, "1 peers up", 30);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let mut c = connect(options(b.addr, "counter")).await;
+        c.subscribe("m/#", QoS::AtMostOnce).await;
+        let mut n = 0;
+        while c
+            .try_next_publish(Duration::from_millis(300))
+            .await
+            .is_some()
+        {
+            n += 1;
+        }
+        c.disconnect().await;
+        if n > N {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{n} after 2 min"
+        );
+    }
+    eprintln!(
+        "cluster: a joining node held {} retained messages {} ms after it started ({tries} reads)",
+        N + 1,
+        started.elapsed().as_millis()
+    );
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
