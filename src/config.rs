@@ -87,6 +87,9 @@ pub struct ClusterConfig {
     pub routes_max: usize,
     /// Wills taken from one shard of a peer node at most.
     pub peer_wills_max: usize,
+    /// Bytes of wills (topics, payloads, client ids) taken from one shard
+    /// of a peer node at most.
+    pub peer_wills_bytes_max: usize,
     /// How long a node remembers a deleted retained message, in seconds.
     pub retained_tombstone_s: u64,
 }
@@ -719,6 +722,12 @@ mod tests {
         let e = ok("[cluster]\npeer_wills_max = 0\n").unwrap_err();
         assert!(e.to_string().contains("cluster.peer_wills_max = 0"), "{e}");
         ok("[cluster]\npeer_wills_max = 1\n").unwrap();
+        let e = ok("[cluster]\npeer_wills_bytes_max = 1048575\n").unwrap_err();
+        assert!(
+            e.to_string().contains("cluster.peer_wills_bytes_max"),
+            "{e}"
+        );
+        ok("[cluster]\npeer_wills_bytes_max = 1048576\n").unwrap();
         let e = ok("[cluster]\nretained_tombstone_s = 59\n").unwrap_err();
         assert!(
             e.to_string().contains("cluster.retained_tombstone_s"),

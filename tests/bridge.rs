@@ -417,7 +417,7 @@ fn run_seed(seed: u64) -> (u64, u64, u64, u64) {
                 wills: WillExport::new(),
                 will_outbox: VecDeque::new(),
                 will_truth: BTreeMap::new(),
-                will_imports: (0..n).map(|_| WillImport::new(1000)).collect(),
+                will_imports: (0..n).map(|_| WillImport::new(1000, 1 << 20)).collect(),
                 retained: BTreeMap::new(),
                 hlc: Hlc::new(),
                 skew_ms: rng.below(500),

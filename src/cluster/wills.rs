@@ -117,6 +117,14 @@ pub enum WillError {
         /// The bound.
         max: usize,
     },
+    /// More bytes of wills than one peer shard may leave here.
+    #[error(
+        "more than {max} bytes of wills from one shard of a peer (cluster.peer_wills_bytes_max)"
+    )]
+    TooLarge {
+        /// The bound.
+        max: usize,
+    },
     /// A snapshot part without its first part.
     #[error("a will snapshot part without its start")]
     OutOfOrder,
@@ -128,36 +136,76 @@ pub enum WillError {
 /// What this shard holds of one peer shard's wills.
 #[derive(Debug)]
 pub struct WillImport {
-    entries: HashMap<Arc<str>, WillEntry>,
+    entries: Table,
     /// A snapshot being received.
-    loading: Option<HashMap<Arc<str>, WillEntry>>,
+    loading: Option<Table>,
     max: usize,
+    bytes_max: usize,
+}
+
+/// Wills by client id, and their bytes.
+#[derive(Debug, Default)]
+struct Table {
+    wills: HashMap<Arc<str>, WillEntry>,
+    bytes: usize,
+}
+
+impl Table {
+    /// Keep `w`; the will it replaces.
+    fn insert(&mut self, w: &WillEntry) -> Option<WillEntry> {
+        self.bytes += entry_bytes(w);
+        let old = self.wills.insert(w.client_id.clone(), w.clone());
+        if let Some(old) = &old {
+            self.bytes -= entry_bytes(old);
+        }
+        old
+    }
+
+    fn remove(&mut self, client_id: &str) {
+        if let Some(old) = self.wills.remove(client_id) {
+            self.bytes -= entry_bytes(&old);
+        }
+    }
+
+    /// Whether the table is within `max` wills and `bytes_max` bytes.
+    fn check(&self, max: usize, bytes_max: usize) -> Result<(), WillError> {
+        if self.wills.len() > max {
+            return Err(WillError::TooMany { max });
+        }
+        if self.bytes > bytes_max {
+            return Err(WillError::TooLarge { max: bytes_max });
+        }
+        Ok(())
+    }
 }
 
 impl WillImport {
-    /// An empty table that takes at most `max` wills.
-    pub fn new(max: usize) -> WillImport {
+    /// An empty table that takes at most `max` wills of at most
+    /// `bytes_max` bytes in all (topics, payloads, client ids).
+    pub fn new(max: usize, bytes_max: usize) -> WillImport {
         WillImport {
-            entries: HashMap::default(),
+            entries: Table::default(),
             loading: None,
             max,
+            bytes_max,
         }
     }
 
     /// Apply a will frame from the peer shard's link.
     pub fn apply(&mut self, frame: &Frame) -> Result<(), WillError> {
+        let (max, bytes_max) = (self.max, self.bytes_max);
         match frame {
             Frame::WillSnapshot { wills, first, last } => {
                 if *first {
-                    self.loading = Some(HashMap::default());
+                    self.loading = Some(Table::default());
                 }
                 let table = self.loading.as_mut().ok_or(WillError::OutOfOrder)?;
                 for w in wills {
-                    table.insert(w.client_id.clone(), w.clone());
+                    table.insert(w);
                 }
-                if table.len() > self.max {
+                if let Err(e) = table.check(max, bytes_max) {
                     self.loading = None;
-                    return Err(WillError::TooMany { max: self.max });
+                    return Err(e);
                 }
                 if *last {
                     self.entries = self.loading.take().unwrap_or_default();
@@ -165,10 +213,14 @@ impl WillImport {
             }
             Frame::WillSet(w) => {
                 let table = self.loading.as_mut().unwrap_or(&mut self.entries);
-                table.insert(w.client_id.clone(), (**w).clone());
-                if table.len() > self.max {
+                let old = table.insert(w);
+                if let Err(e) = table.check(max, bytes_max) {
+                    // Refused: the will it would replace stays.
                     table.remove(&w.client_id);
-                    return Err(WillError::TooMany { max: self.max });
+                    if let Some(old) = old {
+                        table.insert(&old);
+                    }
+                    return Err(e);
                 }
             }
             Frame::WillClear { client_id } => {
@@ -183,24 +235,30 @@ impl WillImport {
     /// The wills held (of the last complete snapshot and the changes
     /// since).
     pub fn entries(&self) -> impl Iterator<Item = &WillEntry> {
-        self.entries.values()
+        self.entries.wills.values()
     }
 
     /// How many wills are held.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.wills.len()
+    }
+
+    /// Their bytes (topics, payloads, client ids and a fixed overhead).
+    pub fn bytes(&self) -> usize {
+        self.entries.bytes
     }
 
     /// True when none are held.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries.wills.is_empty()
     }
 
     /// The peer's run ended: every will held, to publish; the table is
     /// empty after.
     pub fn take(&mut self) -> Vec<WillEntry> {
         self.loading = None;
-        self.entries.drain().map(|(_, w)| w).collect()
+        let table = std::mem::take(&mut self.entries);
+        table.wills.into_values().collect()
     }
 }
 
@@ -242,7 +300,7 @@ mod tests {
     #[test]
     fn a_snapshot_then_changes_rebuild_the_table_and_a_repeat_changes_nothing() {
         let mut export = WillExport::new();
-        let mut import = WillImport::new(100);
+        let mut import = WillImport::new(100, 1 << 20);
         for i in 0..10 {
             export.set(entry(&format!("c{i}"), "gone"), None);
         }
@@ -265,7 +323,7 @@ mod tests {
 
     #[test]
     fn the_old_table_stays_until_a_new_snapshot_is_whole() {
-        let mut import = WillImport::new(100);
+        let mut import = WillImport::new(100, 1 << 20);
         let mut export = WillExport::new();
         export.set(entry("a", "1"), None);
         for f in export.snapshot(1 << 20, Instant::now()) {
@@ -294,7 +352,7 @@ mod tests {
 
     #[test]
     fn a_peer_shard_leaves_at_most_its_bound_of_wills() {
-        let mut import = WillImport::new(3);
+        let mut import = WillImport::new(3, 1 << 20);
         for c in ["a", "b", "c"] {
             import
                 .apply(&Frame::WillSet(Box::new(entry(c, "x"))))
@@ -313,14 +371,14 @@ mod tests {
         for c in ["a", "b", "c", "d"] {
             export.set(entry(c, "x"), None);
         }
-        let mut fresh = WillImport::new(3);
+        let mut fresh = WillImport::new(3, 1 << 20);
         let err = export
             .snapshot(1 << 20, Instant::now())
             .iter()
             .try_for_each(|f| fresh.apply(f));
         assert_eq!(err, Err(WillError::TooMany { max: 3 }));
         assert_eq!(
-            WillImport::new(3).apply(&Frame::WillSnapshot {
+            WillImport::new(3, 1 << 20).apply(&Frame::WillSnapshot {
                 wills: Vec::new(),
                 first: false,
                 last: true
@@ -344,8 +402,40 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_shard_leaves_at_most_its_bound_of_bytes() {
+        // Each test will takes 1 + 6 + 1 + 32 = 40 bytes.
+        let mut import = WillImport::new(100, 80);
+        import
+            .apply(&Frame::WillSet(Box::new(entry("a", "x"))))
+            .unwrap();
+        import
+            .apply(&Frame::WillSet(Box::new(entry("b", "x"))))
+            .unwrap();
+        assert_eq!(import.bytes(), 80);
+        assert_eq!(
+            import.apply(&Frame::WillSet(Box::new(entry("c", "x")))),
+            Err(WillError::TooLarge { max: 80 })
+        );
+        // A larger will replacing one counts what it adds.
+        assert_eq!(
+            import.apply(&Frame::WillSet(Box::new(entry("a", "xx")))),
+            Err(WillError::TooLarge { max: 80 })
+        );
+        assert_eq!(import.bytes(), 80);
+        import
+            .apply(&Frame::WillClear {
+                client_id: "a".into(),
+            })
+            .unwrap();
+        assert_eq!(import.bytes(), 40);
+        import
+            .apply(&Frame::WillSet(Box::new(entry("c", "x"))))
+            .unwrap();
+    }
+
+    #[test]
     fn a_run_that_ends_hands_over_every_will_once() {
-        let mut import = WillImport::new(10);
+        let mut import = WillImport::new(10, 1 << 20);
         import
             .apply(&Frame::WillSet(Box::new(entry("a", "x"))))
             .unwrap();

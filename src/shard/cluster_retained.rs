@@ -44,13 +44,24 @@ pub(super) struct ClusterRetained {
     /// The same, oldest first, to forget them.
     tombstone_order: BTreeSet<(u64, Arc<str>)>,
     tombstone_ms: u64,
+    /// Tombstones kept at most (the shard's share of
+    /// `mqtt.retained_messages_max`): past it the oldest is forgotten
+    /// early, and counted.
+    tombstones_max: usize,
+    pub(super) tombstones_forgotten_early: u64,
     /// Versions from peers not kept: older than this shard's.
     pub(super) stale: u64,
 }
 
 impl ClusterRetained {
-    pub(super) fn new(wall: WallClock, tombstone_ms: u64) -> ClusterRetained {
+    pub(super) fn new(
+        wall: WallClock,
+        tombstone_ms: u64,
+        tombstones_max: usize,
+    ) -> ClusterRetained {
         ClusterRetained {
+            tombstones_max: tombstones_max.max(1),
+            tombstones_forgotten_early: 0,
             hlc: Hlc::new(),
             wall,
             stamps: HashMap::default(),
@@ -152,6 +163,12 @@ impl ShardCore {
         c.forget_tombstone(&topic);
         if message.payload.is_empty() {
             c.stamps.remove(&topic);
+            if c.tombstones.len() >= c.tombstones_max {
+                if let Some((_, oldest)) = c.tombstone_order.pop_first() {
+                    c.tombstones.remove(&oldest);
+                    c.tombstones_forgotten_early += 1;
+                }
+            }
             c.tombstone_order.insert((stamp, topic.clone()));
             c.tombstones.insert(topic, (stamp, message.clone()));
         } else {
@@ -269,6 +286,15 @@ impl ShardCore {
             r.retained.hlc.observe(stamp);
             r.retained.stamps.insert(topic, stamp);
         }
+    }
+
+    /// Deletes forgotten before their time: more of them than the shard
+    /// keeps retained messages.
+    pub fn tombstones_forgotten_early(&self) -> u64 {
+        let st = self.state.borrow();
+        st.remote
+            .as_ref()
+            .map_or(0, |r| r.retained.tombstones_forgotten_early)
     }
 
     /// Retained versions from peers not kept (older than this node's).

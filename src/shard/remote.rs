@@ -120,13 +120,17 @@ impl ShardCore {
             waiting: VecDeque::new(),
             fences: hashbrown::HashMap::new(),
             next_fence: 0,
-            wills: super::wills::Wills::new(self.config.cluster.peer_wills_max),
+            wills: super::wills::Wills::new(
+                self.config.cluster.peer_wills_max,
+                self.config.cluster.peer_wills_bytes_max,
+            ),
             retained: super::cluster_retained::ClusterRetained::new(
                 wall,
                 self.config
                     .cluster
                     .retained_tombstone_s
                     .saturating_mul(1000),
+                self.retained_max,
             ),
             claims: super::claims::Claims::new(
                 wall,

@@ -796,6 +796,8 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
 /// A delete is remembered for `cluster.retained_tombstone_s`: until then
 /// an older copy from a peer is refused, after it the copy is taken (a
 /// node away that long can bring a deleted message back, as documented).
+/// A shard keeps as many deletes as retained messages at most: past it
+/// the oldest goes early, counted.
 #[test]
 fn a_retained_delete_is_remembered_for_its_tombstone_time() {
     use crate::cluster::frame::RetainedEntry;
@@ -803,6 +805,7 @@ fn a_retained_delete_is_remembered_for_its_tombstone_time() {
     config.storage.durability = "memory".into();
     config.server.shards = 1;
     config.cluster.retained_tombstone_s = 60;
+    config.mqtt.retained_messages_max = 100;
     let mesh = Mesh::new(0, 1, config.mesh.outbox_messages_max);
     let c = ShardCore::new(0, 1, config, mesh, 0xabc);
     let t0 = Instant::now();
@@ -828,6 +831,18 @@ fn a_retained_delete_is_remembered_for_its_tombstone_time() {
     c.handle_tick(t0 + Duration::from_secs(61));
     c.handle_remote_retained(t0, vec![version(998_000, b"old")]);
     assert_eq!(c.retained_stale(), 2, "forgotten: the old copy is taken");
+    // The shard keeps mqtt.retained_messages_max deletes at most.
+    let max = c.config().mqtt.retained_messages_max as u64;
+    for i in 0..max {
+        let mut v = version(2_000_000 + i, b"");
+        Arc::get_mut(&mut v.message).unwrap().topic = format!("d/{i}").into();
+        c.handle_remote_retained(t0, vec![v]);
+    }
+    assert_eq!(c.tombstones_forgotten_early(), 0);
+    let mut v = version(3_000_000, b"");
+    Arc::get_mut(&mut v.message).unwrap().topic = "d/last".into();
+    c.handle_remote_retained(t0, vec![v]);
+    assert_eq!(c.tombstones_forgotten_early(), 1);
     let sub = attached(&c, t0, "reader");
     c.handle_packet(&sub, t0, subscribe_packet(1, "gone"));
     c.routes_acked(u64::MAX);

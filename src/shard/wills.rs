@@ -45,15 +45,17 @@ pub(super) struct Wills {
     /// count (to keep equal times apart).
     due: BTreeMap<(Instant, u64), (Arc<str>, Will)>,
     next: u64,
-    /// Wills taken from one peer shard at most.
+    /// Wills, and bytes of wills, taken from one peer shard at most.
     max: usize,
+    bytes_max: usize,
     /// Wills of ended runs published here.
     published: u64,
 }
 
 impl Wills {
-    pub(super) fn new(max: usize) -> Wills {
+    pub(super) fn new(max: usize, bytes_max: usize) -> Wills {
         Wills {
+            bytes_max,
             export: WillExport::new(),
             imports: HashMap::default(),
             due: BTreeMap::new(),
@@ -158,7 +160,7 @@ impl ShardCore {
         let (run, import) = w
             .imports
             .entry((peer, shard))
-            .or_insert_with(|| (incarnation, WillImport::new(w.max)));
+            .or_insert_with(|| (incarnation, WillImport::new(w.max, w.bytes_max)));
         if *run > incarnation {
             return Ok(());
         }
