@@ -604,6 +604,12 @@ impl ClusterConfig {
             1,
             100_000_000,
         )?;
+        range(
+            "cluster.peer_wills_bytes_max",
+            self.peer_wills_bytes_max,
+            1 << 20,
+            1 << 40,
+        )?;
         // At least a minute: a link that flaps must not forget a delete
         // it is still sending; at most ten years.
         range(

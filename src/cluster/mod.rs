@@ -10,6 +10,8 @@
 //!   served by shard 0 (simulated in `tests/membership.rs`);
 //! - [`frame`] and [`link`]: the bridge's wire format and one link's
 //!   protocol between shard *i* of a node and shard *i* mod *n* of a peer;
+//! - [`peers`]: a shard's outbound links to its peers (dials, backoff,
+//!   frames waiting for a link, which run a link belongs to);
 //! - [`routes`]: a node's route table as its peers hold it, replicated by
 //!   snapshot and numbered changes (simulated in `tests/bridge.rs`);
 //! - [`wills`]: the wills of a shard's clients as its peers hold them, to
@@ -29,6 +31,7 @@ pub mod hlc;
 pub mod link;
 pub mod membership;
 pub mod node;
+pub mod peers;
 pub mod retained;
 pub mod routes;
 pub mod wills;

@@ -9,8 +9,10 @@
 //! change: [`RouteFeed`]); shard 0 takes each peer's routes from the link
 //! of the peer's shard 0 ([`RouteImport`]) and gives the changes to its
 //! core, which broadcasts them to every shard's replica. Protocol and
-//! framing are [`LinkSession`]'s. Peers come from shard 0's membership as
-//! [`PeerEvent`]s.
+//! framing are [`LinkSession`]'s; when to dial, the backoff and what waits
+//! for a link are [`PeerLinks`]'; what goes on the links (messages, routes,
+//! wills, retained messages, claims) is the core's. Peers come from shard
+//! 0's membership as [`PeerEvent`]s.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -26,6 +28,7 @@ use glommio::net::{TcpListener, TcpStream};
 use crate::cluster::frame::{Frame, Hello, RefuseReason};
 use crate::cluster::link::{LinkError, LinkEvent, LinkSession, LinkSettings};
 use crate::cluster::node::Node;
+use crate::cluster::peers::PeerLinks;
 use crate::cluster::routes::{RouteFeed, RouteImport};
 use crate::shard::notify::Notify;
 use crate::shard::{BridgeOut, RetainedSnapshot, ShardCore};
@@ -113,12 +116,6 @@ const RETAINED_BACKLOG_BYTES: usize = 1 << 20;
 const INBOUND_LINKS_MAX: usize = 1024;
 /// Snapshot parts, in bytes of filters (routes) or wills.
 const SNAPSHOT_CHUNK_BYTES: usize = 64 << 10;
-/// First and longest wait before dialing a peer again.
-const BACKOFF_MIN_MS: u64 = 100;
-const BACKOFF_MAX_MS: u64 = 5_000;
-/// How long a link must stay up before its next failure dials again at
-/// once (the backoff starts over).
-const LINK_SETTLED: Duration = Duration::from_secs(10);
 /// How often links are ticked and due dials made.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -136,8 +133,6 @@ struct Link {
     closed: Cell<bool>,
     /// Close once what is queued is written (after a Refuse).
     closing: Cell<bool>,
-    /// When the handshake completed.
-    up_at: Cell<Option<Instant>>,
     /// The peer's Hello, once the link is up.
     hello: RefCell<Option<Hello>>,
     /// Outbound: how far this shard's retained messages have been sent.
@@ -149,26 +144,16 @@ struct Link {
     acked: Cell<u64>,
 }
 
-struct Peer {
-    node: Node,
-    out: Option<Rc<Link>>,
-    dialing: bool,
-    backoff_ms: u64,
-    dial_at: Instant,
-    /// Messages for the peer while its link is not up (dialing, or
-    /// waiting to dial again): written first once it is, within the
-    /// link's output bound; dropped (counted) if the peer goes down.
-    pending: std::collections::VecDeque<Frame>,
-    pending_bytes: usize,
-}
-
 struct Bridge {
     core: Rc<ShardCore>,
     me: Hello,
     epoch: Instant,
     settings: LinkSettings,
     routes_max: usize,
-    peers: RefCell<HashMap<u16, Peer>>,
+    /// Dials, backoff, frames waiting: which outbound link is whose.
+    peers: RefCell<PeerLinks>,
+    /// Outbound links by id.
+    outbound: RefCell<HashMap<u64, Rc<Link>>>,
     inbound: RefCell<Vec<Rc<Link>>>,
     /// Shard 0: each peer's routes, and the link that carries them.
     imports: RefCell<HashMap<u16, (RouteImport, u64)>>,
@@ -183,13 +168,15 @@ struct Bridge {
 pub(crate) fn start(core: Rc<ShardCore>, start: BridgeStart) -> std::io::Result<BridgeHandle> {
     core.enable_cluster(Instant::now(), crate::persist::WallClock::now());
     let (listener, _handle) = listener_from(start.listener)?;
+    let peers = PeerLinks::new(start.me.shard, start.settings.out_bytes_max);
     let bridge = Rc::new(Bridge {
         core,
-        me: start.me,
         epoch: Instant::now(),
-        settings: start.settings,
         routes_max: start.routes_max,
-        peers: RefCell::new(HashMap::new()),
+        me: start.me,
+        settings: start.settings,
+        peers: RefCell::new(peers),
+        outbound: RefCell::new(HashMap::new()),
         inbound: RefCell::new(Vec::new()),
         imports: RefCell::new(HashMap::new()),
         next_id: Cell::new(0),
@@ -224,10 +211,9 @@ impl Bridge {
     fn drained(&self) -> bool {
         self.core.bridge_idle()
             && self
-                .peers
+                .outbound
                 .borrow()
                 .values()
-                .filter_map(|p| p.out.as_ref())
                 .all(|l| l.closed.get() || l.session.borrow().out_bytes() == 0)
     }
 
@@ -249,48 +235,27 @@ impl Bridge {
         log::debug!("cluster: shard {}: {ev:?}", self.me.shard);
         match ev {
             PeerEvent::Up { index, node } => {
-                let older = self
-                    .peers
-                    .borrow()
-                    .get(&index)
-                    .map(|p| p.node.incarnation)
-                    .filter(|&i| i != node.incarnation);
-                if let Some(incarnation) = older {
+                let replaced = self.peers.borrow_mut().up(index, node, self.now_ms());
+                if let Some(incarnation) = replaced.ended_run {
                     // Restarted before it was declared down: the old run
                     // ended all the same, and its wills go out.
                     self.core.peer_run_ended(Instant::now(), index, incarnation);
                 }
-                let old = self.peers.borrow_mut().insert(
-                    index,
-                    Peer {
-                        node,
-                        out: None,
-                        dialing: false,
-                        backoff_ms: BACKOFF_MIN_MS,
-                        dial_at: Instant::now(),
-                        pending: Default::default(),
-                        pending_bytes: 0,
-                    },
-                );
-                if let Some(link) = old.and_then(|p| p.out) {
-                    self.close(&link, "a newer run of the node is up");
+                self.count_dropped(replaced.dropped);
+                if let Some(id) = replaced.close {
+                    self.close_outbound(id, "a newer run of the node is up");
                 }
                 self.recompute_acks();
             }
             PeerEvent::Down { index, node } => {
-                let same = self
-                    .peers
-                    .borrow()
-                    .get(&index)
-                    .is_some_and(|p| p.node == node);
-                if !same {
+                let Some((link, dropped)) = self.peers.borrow_mut().down(index, &node) else {
                     return;
-                }
+                };
                 self.core
                     .peer_run_ended(Instant::now(), index, node.incarnation);
-                let peer = self.peers.borrow_mut().remove(&index);
-                if let Some(link) = peer.and_then(|p| p.out) {
-                    self.close(&link, "the node is down");
+                self.count_dropped(dropped);
+                if let Some(id) = link {
+                    self.close_outbound(id, "the node is down");
                 }
                 let gone = self.imports.borrow_mut().remove(&index);
                 if let Some((mut import, link_id)) = gone {
@@ -311,6 +276,25 @@ impl Bridge {
         }
     }
 
+    fn close_outbound(&self, id: u64, why: &str) {
+        let link = self.outbound.borrow().get(&id).cloned();
+        if let Some(l) = link {
+            self.close(&l, why);
+        }
+    }
+
+    /// Messages that waited for a peer's link and will not be sent.
+    fn count_dropped(&self, n: usize) {
+        if n > 0 {
+            self.dropped.set(self.dropped.get() + n as u64);
+            self.warn(format_args!(
+                "{n} messages that waited for a node's link were dropped: that run of the node \
+                 ended ({} so far)",
+                self.dropped.get()
+            ));
+        }
+    }
+
     /// Shard 0: tell the core how far every peer with a link up has
     /// acknowledged this node's routes (subscribers' SUBACKs wait for it).
     /// A peer without a link up is not waited for: its link starts from a
@@ -320,10 +304,9 @@ impl Bridge {
             return;
         }
         let upto = self
-            .peers
+            .outbound
             .borrow()
             .values()
-            .filter_map(|p| p.out.as_ref())
             .filter(|l| !l.closed.get() && l.session.borrow().is_up())
             .map(|l| l.acked.get())
             .min()
@@ -332,17 +315,7 @@ impl Bridge {
     }
 
     fn dial_due(self: &Rc<Self>) {
-        let now = Instant::now();
-        let mut due = Vec::new();
-        for (&index, p) in self.peers.borrow_mut().iter_mut() {
-            if p.out.is_none() && !p.dialing && now >= p.dial_at {
-                let shard = self.me.shard % p.node.shards.max(1);
-                if let Some(addr) = p.node.bridge_addr(shard) {
-                    p.dialing = true;
-                    due.push((index, addr, p.node.clone()));
-                }
-            }
-        }
+        let due = self.peers.borrow_mut().due(self.now_ms());
         for (index, addr, node) in due {
             glommio::spawn_local(dial(self.clone(), index, addr, node)).detach();
         }
@@ -351,43 +324,28 @@ impl Bridge {
     /// Keep a message for a peer whose link is not up yet, within the
     /// link's output bound; false (dropped) past it or for a peer not up.
     fn hold_for_link(&self, index: u16, frame: Frame) -> bool {
-        let mut peers = self.peers.borrow_mut();
-        let Some(p) = peers.get_mut(&index) else {
-            return false;
-        };
         let bytes = match &frame {
             Frame::Publish(m) => m.message.cost_bytes() + 64,
             _ => 64,
         };
-        if p.pending_bytes + bytes > self.settings.out_bytes_max {
-            return false;
-        }
-        p.pending_bytes += bytes;
-        p.pending.push_back(frame);
-        true
+        self.peers.borrow_mut().hold(index, frame, bytes)
     }
 
-    fn dial_failed(&self, index: u16) {
-        if let Some(p) = self.peers.borrow_mut().get_mut(&index) {
-            p.dialing = false;
-            p.out = None;
-            p.dial_at = Instant::now() + Duration::from_millis(p.backoff_ms);
-            p.backoff_ms = (p.backoff_ms * 2).min(BACKOFF_MAX_MS);
-        }
+    /// The outbound links whose handshake is done.
+    fn up_links(&self) -> Vec<Rc<Link>> {
+        self.outbound
+            .borrow()
+            .values()
+            .filter(|l| !l.closed.get() && l.session.borrow().is_up())
+            .cloned()
+            .collect()
     }
 
     /// Put a change of this shard's (a will, a retained message) on every
     /// outbound link up. Like routes, never dropped: a link that falls
     /// this far behind is closed and starts over from a snapshot.
     fn to_every_link(&self, now: u64, frame: &Frame, what: &str) {
-        let links: Vec<Rc<Link>> = self
-            .peers
-            .borrow()
-            .values()
-            .filter_map(|p| p.out.clone())
-            .filter(|l| l.session.borrow().is_up())
-            .collect();
-        for l in links {
+        for l in self.up_links() {
             l.session.borrow_mut().force_send(now, frame);
             l.wake.notify();
             let backlog = l.session.borrow().out_bytes();
@@ -430,7 +388,7 @@ impl Bridge {
     fn tick_links(&self) {
         let now = self.now_ms();
         let mut links: Vec<Rc<Link>> = self.inbound.borrow().clone();
-        links.extend(self.peers.borrow().values().filter_map(|p| p.out.clone()));
+        links.extend(self.outbound.borrow().values().cloned());
         for link in links {
             if link.retained.borrow().is_some() {
                 self.feed_retained(&link);
@@ -482,7 +440,6 @@ impl Bridge {
             wake: Notify::default(),
             closed: Cell::new(false),
             closing: Cell::new(false),
-            up_at: Cell::new(None),
             hello: RefCell::new(None),
             retained: RefCell::new(None),
             feed: RefCell::new(RouteFeed::new()),
@@ -499,31 +456,18 @@ impl Bridge {
         self.inbound.borrow_mut().retain(|l| l.id != link.id);
         let peer = link.peer.get();
         if link.outbound {
+            self.outbound.borrow_mut().remove(&link.id);
             if let Some(index) = peer {
-                let mine = self
-                    .peers
-                    .borrow()
-                    .get(&index)
-                    .and_then(|p| p.out.as_ref())
-                    .is_some_and(|l| l.id == link.id);
-                if mine {
-                    // A link that stayed up a while starts the backoff
-                    // over; one closed soon after its handshake (the peer
-                    // refusing its routes, say) keeps backing off rather
-                    // than redialing ten times a second.
-                    let lasted = link.up_at.get().map(|t| t.elapsed());
-                    if lasted.is_some_and(|d| d >= LINK_SETTLED) {
-                        if let Some(p) = self.peers.borrow_mut().get_mut(&index) {
-                            p.backoff_ms = BACKOFF_MIN_MS;
-                        }
-                    }
-                    self.dial_failed(index);
-                }
+                // Dial again after the backoff (started over if the link
+                // had been up a while).
+                self.peers
+                    .borrow_mut()
+                    .link_closed(index, link.id, self.now_ms());
             }
             self.recompute_acks();
         }
         let name = peer
-            .and_then(|i| self.peers.borrow().get(&i).map(|p| p.node.name.to_string()))
+            .and_then(|i| self.peers.borrow().node(i).map(|n| n.name.to_string()))
             .unwrap_or_else(|| "?".into());
         let dir = if link.outbound { "to" } else { "from" };
         log::debug!(
@@ -557,7 +501,6 @@ impl Bridge {
             let Some(index) = link.peer.get() else {
                 return;
             };
-            link.up_at.set(Some(Instant::now()));
             *link.hello.borrow_mut() = Some(h.clone());
             // The wills of this shard's clients, whole, before any change.
             let wills = self
@@ -597,12 +540,7 @@ impl Bridge {
             let pending = self
                 .peers
                 .borrow_mut()
-                .get_mut(&index)
-                .map(|p| {
-                    p.pending_bytes = 0;
-                    std::mem::take(&mut p.pending)
-                })
-                .unwrap_or_default();
+                .link_up(index, link.id, self.now_ms());
             let mut s = link.session.borrow_mut();
             for f in &pending {
                 s.force_send(now, f);
@@ -616,12 +554,7 @@ impl Bridge {
             );
             return;
         }
-        let index = self
-            .peers
-            .borrow()
-            .iter()
-            .find(|(_, p)| p.node.name == h.node && p.node.incarnation == h.incarnation)
-            .map(|(&i, _)| i);
+        let index = self.peers.borrow().index_of(h.node.as_str(), h.incarnation);
         let Some(index) = index else {
             link.session.borrow_mut().refuse(
                 now,
@@ -787,22 +720,17 @@ async fn dial(bridge: Rc<Bridge>, index: u16, addr: SocketAddr, node: Node) {
                 bridge.me.shard,
                 quote(node.name.as_str())
             );
-            bridge.dial_failed(index);
+            bridge
+                .peers
+                .borrow_mut()
+                .dial_failed(index, bridge.now_ms());
             return;
         }
     };
-    let still = {
-        let mut peers = bridge.peers.borrow_mut();
-        match peers.get_mut(&index).filter(|p| p.node == node) {
-            Some(p) => {
-                p.dialing = false;
-                p.out = Some(link.clone());
-                true
-            }
-            None => false,
-        }
-    };
-    if !still {
+    let still = bridge.peers.borrow_mut().dialed(index, &node, link.id);
+    if still {
+        bridge.outbound.borrow_mut().insert(link.id, link.clone());
+    } else {
         bridge.close(&link, "the node went away while dialing");
         return;
     }
@@ -890,11 +818,9 @@ async fn outbox_loop(bridge: Rc<Bridge>) {
             let now = bridge.now_ms();
             match out {
                 BridgeOut::Publish { node, publish } => {
-                    let link = bridge
-                        .peers
-                        .borrow()
-                        .get(&node)
-                        .and_then(|p| p.out.clone())
+                    let id = bridge.peers.borrow().up_link(node);
+                    let link = id
+                        .and_then(|id| bridge.outbound.borrow().get(&id).cloned())
                         .filter(|l| l.session.borrow().is_up());
                     let frame = Frame::Publish(publish);
                     let sent = match link {
@@ -934,12 +860,7 @@ async fn outbox_loop(bridge: Rc<Bridge>) {
                     bridge.to_every_link(now, &Frame::Claims(vec![claim]), "claim");
                 }
                 BridgeOut::Route { seq, change } => {
-                    let links: Vec<Rc<Link>> = bridge
-                        .peers
-                        .borrow()
-                        .values()
-                        .filter_map(|p| p.out.clone())
-                        .collect();
+                    let links: Vec<Rc<Link>> = bridge.outbound.borrow().values().cloned().collect();
                     for l in links {
                         let frame = l.feed.borrow_mut().change(seq, &change);
                         if let Some(f) = frame {

@@ -1,0 +1,385 @@
+//! One shard's outbound links to its peers: when to dial each, how long
+//! to back off, what waits for a link that is not up yet, and which run of
+//! a node a link belongs to.
+//!
+//! Sans-IO and clock-free (times are milliseconds the caller gives). The
+//! runtime (`shard::runtime::bridge`) owns the sockets and tasks; it
+//! tells this table what happened (a node up or down, a dial made or
+//! failed, a link up or closed) and does what it answers (close this link,
+//! dial that address, write these frames first). Links are named by the
+//! runtime's ids.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use crate::hash::HashMap;
+
+use super::frame::Frame;
+use super::node::Node;
+
+/// First and longest wait before dialing a peer again, in ms.
+pub const BACKOFF_MIN_MS: u64 = 100;
+/// See [`BACKOFF_MIN_MS`].
+pub const BACKOFF_MAX_MS: u64 = 5_000;
+/// How long a link must have been up for its failure to start the backoff
+/// over (dial again at once), in ms; one that fails sooner keeps backing
+/// off rather than redialing ten times a second.
+pub const LINK_SETTLED_MS: u64 = 10_000;
+
+/// Where a peer's outbound link is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Out {
+    /// None; dial at `dial_at_ms`.
+    Idle,
+    /// A dial is under way.
+    Dialing,
+    /// Link `link` exists; up (handshake done) since the time given.
+    Open { link: u64, up_since_ms: Option<u64> },
+}
+
+#[derive(Debug)]
+struct Peer {
+    node: Node,
+    out: Out,
+    backoff_ms: u64,
+    dial_at_ms: u64,
+    /// Frames for the peer while its link is not up: written first once
+    /// it is, within the link's output bound; dropped if the run ends.
+    pending: VecDeque<Frame>,
+    pending_bytes: usize,
+}
+
+/// What the runtime does when a node comes up.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Replaced {
+    /// The run it replaces ended (its incarnation): its wills go out.
+    pub ended_run: Option<u64>,
+    /// The link to the replaced run, to close.
+    pub close: Option<u64>,
+    /// Frames that waited for the replaced run, dropped.
+    pub dropped: usize,
+}
+
+/// A shard's outbound links, by peer index; see the module docs.
+#[derive(Debug)]
+pub struct PeerLinks {
+    shard: u16,
+    /// Bytes of frames kept for one peer whose link is not up.
+    pending_bytes_max: usize,
+    peers: HashMap<u16, Peer>,
+}
+
+impl PeerLinks {
+    /// The table of shard `shard`, keeping at most `pending_bytes_max`
+    /// bytes of frames for a peer whose link is not up.
+    pub fn new(shard: u16, pending_bytes_max: usize) -> PeerLinks {
+        PeerLinks {
+            shard,
+            pending_bytes_max,
+            peers: HashMap::default(),
+        }
+    }
+
+    /// Node `index` is up as run `node` at `now_ms`: dial it at once. A
+    /// different run held before ended (its link closes, what waited for
+    /// it is dropped); the same run again changes nothing.
+    pub fn up(&mut self, index: u16, node: Node, now_ms: u64) -> Replaced {
+        if let Some(p) = self.peers.get(&index) {
+            if p.node == node {
+                return Replaced::default();
+            }
+        }
+        let old = self.peers.insert(
+            index,
+            Peer {
+                node,
+                out: Out::Idle,
+                backoff_ms: BACKOFF_MIN_MS,
+                dial_at_ms: now_ms,
+                pending: VecDeque::new(),
+                pending_bytes: 0,
+            },
+        );
+        match old {
+            None => Replaced::default(),
+            Some(old) => Replaced {
+                ended_run: Some(old.node.incarnation),
+                close: link_of(&old.out),
+                dropped: old.pending.len(),
+            },
+        }
+    }
+
+    /// Run `node` of node `index` is down. None when that is not the run
+    /// held (an older one); else the link to close and the frames dropped.
+    pub fn down(&mut self, index: u16, node: &Node) -> Option<(Option<u64>, usize)> {
+        if self.peers.get(&index).is_none_or(|p| &p.node != node) {
+            return None;
+        }
+        let p = self.peers.remove(&index)?;
+        Some((link_of(&p.out), p.pending.len()))
+    }
+
+    /// The peers whose dial is due at `now_ms`, marked as dialing: their
+    /// index, the address of this shard's counterpart there (shard
+    /// `shard mod n`) and the run dialed.
+    pub fn due(&mut self, now_ms: u64) -> Vec<(u16, SocketAddr, Node)> {
+        let mut due = Vec::new();
+        for (&index, p) in self.peers.iter_mut() {
+            if p.out != Out::Idle || now_ms < p.dial_at_ms {
+                continue;
+            }
+            let shard = self.shard % p.node.shards.max(1);
+            if let Some(addr) = p.node.bridge_addr(shard) {
+                p.out = Out::Dialing;
+                due.push((index, addr, p.node.clone()));
+            }
+        }
+        due
+    }
+
+    /// A dial to run `node` of `index` made link `link`: false when that
+    /// run is no longer the one held (the caller closes the link).
+    pub fn dialed(&mut self, index: u16, node: &Node, link: u64) -> bool {
+        match self.peers.get_mut(&index) {
+            Some(p) if &p.node == node && p.out == Out::Dialing => {
+                p.out = Out::Open {
+                    link,
+                    up_since_ms: None,
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A dial to `index` failed at `now_ms`: try again after the backoff,
+    /// which doubles (to [`BACKOFF_MAX_MS`]).
+    pub fn dial_failed(&mut self, index: u16, now_ms: u64) {
+        if let Some(p) = self.peers.get_mut(&index) {
+            if p.out == Out::Dialing {
+                p.out = Out::Idle;
+                Self::back_off(p, now_ms);
+            }
+        }
+    }
+
+    fn back_off(p: &mut Peer, now_ms: u64) {
+        p.dial_at_ms = now_ms + p.backoff_ms;
+        p.backoff_ms = (p.backoff_ms * 2).min(BACKOFF_MAX_MS);
+    }
+
+    /// Link `link` of `index` finished its handshake at `now_ms`: the
+    /// frames that waited for it, to write first and in order. Empty for a
+    /// link that is not the peer's.
+    pub fn link_up(&mut self, index: u16, link: u64, now_ms: u64) -> VecDeque<Frame> {
+        match self.peers.get_mut(&index) {
+            Some(p) if link_of(&p.out) == Some(link) => {
+                p.out = Out::Open {
+                    link,
+                    up_since_ms: Some(now_ms),
+                };
+                p.pending_bytes = 0;
+                std::mem::take(&mut p.pending)
+            }
+            _ => VecDeque::new(),
+        }
+    }
+
+    /// Link `link` of `index` closed at `now_ms`: dial again after the
+    /// backoff, started over if the link had been up [`LINK_SETTLED_MS`].
+    /// Nothing for a link that is not the peer's.
+    pub fn link_closed(&mut self, index: u16, link: u64, now_ms: u64) {
+        let Some(p) = self.peers.get_mut(&index) else {
+            return;
+        };
+        let Out::Open {
+            link: l,
+            up_since_ms,
+        } = p.out
+        else {
+            return;
+        };
+        if l != link {
+            return;
+        }
+        if up_since_ms.is_some_and(|t| now_ms.saturating_sub(t) >= LINK_SETTLED_MS) {
+            p.backoff_ms = BACKOFF_MIN_MS;
+        }
+        p.out = Out::Idle;
+        Self::back_off(p, now_ms);
+    }
+
+    /// Keep `frame` (`bytes` long) for `index` until its link is up: false
+    /// (the caller drops and counts it) past the bound or for a node not
+    /// up.
+    pub fn hold(&mut self, index: u16, frame: Frame, bytes: usize) -> bool {
+        let Some(p) = self.peers.get_mut(&index) else {
+            return false;
+        };
+        if p.pending_bytes + bytes > self.pending_bytes_max {
+            return false;
+        }
+        p.pending_bytes += bytes;
+        p.pending.push_back(frame);
+        true
+    }
+
+    /// The link of `index`, once its handshake is done.
+    pub fn up_link(&self, index: u16) -> Option<u64> {
+        match self.peers.get(&index)?.out {
+            Out::Open {
+                link,
+                up_since_ms: Some(_),
+            } => Some(link),
+            _ => None,
+        }
+    }
+
+    /// Every peer's link, up or still in its handshake: (peer, link).
+    pub fn links(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        self.peers
+            .iter()
+            .filter_map(|(&i, p)| link_of(&p.out).map(|l| (i, l)))
+    }
+
+    /// The run held for `index`.
+    pub fn node(&self, index: u16) -> Option<&Node> {
+        self.peers.get(&index).map(|p| &p.node)
+    }
+
+    /// The peer whose run is `name` at `incarnation`.
+    pub fn index_of(&self, name: &str, incarnation: u64) -> Option<u16> {
+        self.peers
+            .iter()
+            .find(|(_, p)| p.node.name.as_str() == name && p.node.incarnation == incarnation)
+            .map(|(&i, _)| i)
+    }
+}
+
+fn link_of(out: &Out) -> Option<u64> {
+    match out {
+        Out::Open { link, .. } => Some(*link),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::node::NodeName;
+
+    fn node(name: &str, incarnation: u64) -> Node {
+        Node {
+            name: NodeName::new(name).unwrap(),
+            addr: "127.0.0.1:7000".parse().unwrap(),
+            incarnation,
+            rejoin: 0,
+            shards: 2,
+        }
+    }
+
+    fn frame(seq: u64) -> Frame {
+        Frame::RouteAck { seq }
+    }
+
+    #[test]
+    fn a_node_is_dialed_at_once_then_after_a_backoff_that_doubles_to_its_cap() {
+        let mut t = PeerLinks::new(3, 1 << 20);
+        t.up(1, node("b", 1), 1_000);
+        let due = t.due(1_000);
+        assert_eq!(due.len(), 1);
+        // Shard 3 dials shard 3 mod 2 = 1: the membership port + 1.
+        assert_eq!(due[0].1, "127.0.0.1:7001".parse().unwrap());
+        assert!(t.due(1_000).is_empty(), "one dial at a time");
+        let mut now = 1_000;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            t.dial_failed(1, now);
+            let mut at = now;
+            while t.due(at).is_empty() {
+                at += 1;
+            }
+            waits.push(at - now);
+            now = at;
+        }
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+    }
+
+    #[test]
+    fn the_backoff_starts_over_only_after_a_link_stayed_up_a_while() {
+        let mut t = PeerLinks::new(0, 1 << 20);
+        t.up(1, node("b", 1), 0);
+        let n = node("b", 1);
+        for round in 0..3u64 {
+            let at = (round + 1) * 100_000;
+            let mut now = at;
+            while t.due(now).is_empty() {
+                now += 1;
+            }
+            assert!(t.dialed(1, &n, round));
+            t.link_up(1, round, now);
+            assert_eq!(t.up_link(1), Some(round));
+            // Up only briefly: the next wait is longer.
+            t.link_closed(1, round, now + 10);
+        }
+        let mut now = 1_000_000;
+        while t.due(now).is_empty() {
+            now += 1;
+        }
+        assert!(t.dialed(1, &n, 9));
+        t.link_up(1, 9, now);
+        t.link_closed(1, 9, now + LINK_SETTLED_MS);
+        assert!(t.due(now + LINK_SETTLED_MS + BACKOFF_MIN_MS - 1).is_empty());
+        assert_eq!(t.due(now + LINK_SETTLED_MS + BACKOFF_MIN_MS).len(), 1);
+    }
+
+    #[test]
+    fn frames_wait_for_the_link_within_the_bound_and_go_first_in_order() {
+        let mut t = PeerLinks::new(0, 100);
+        let n = node("b", 1);
+        assert!(!t.hold(1, frame(0), 10), "no such node");
+        t.up(1, n.clone(), 0);
+        assert!(t.hold(1, frame(1), 60));
+        assert!(t.hold(1, frame(2), 40));
+        assert!(!t.hold(1, frame(3), 1), "past the bound");
+        t.due(0);
+        assert!(t.dialed(1, &n, 7));
+        assert_eq!(t.up_link(1), None, "not up before its handshake");
+        assert!(t.link_up(1, 8, 5).is_empty(), "another link's");
+        let first: Vec<Frame> = t.link_up(1, 7, 5).into_iter().collect();
+        assert_eq!(first, [frame(1), frame(2)]);
+        assert_eq!(t.up_link(1), Some(7));
+        // Room again once they went.
+        t.link_closed(1, 7, 10);
+        assert!(t.hold(1, frame(4), 100));
+    }
+
+    #[test]
+    fn a_newer_run_ends_the_older_and_a_late_down_or_dial_of_it_changes_nothing() {
+        let mut t = PeerLinks::new(0, 1 << 20);
+        let (old, new) = (node("b", 1), node("b", 2));
+        t.up(1, old.clone(), 0);
+        t.due(0);
+        assert!(t.dialed(1, &old, 5));
+        assert!(t.hold(1, frame(1), 1));
+        assert_eq!(t.up(1, old.clone(), 1), Replaced::default(), "the same run");
+        assert_eq!(
+            t.up(1, new.clone(), 2),
+            Replaced {
+                ended_run: Some(1),
+                close: Some(5),
+                dropped: 1
+            }
+        );
+        assert_eq!(t.down(1, &old), None, "the old run's down is stale");
+        t.due(2);
+        assert!(!t.dialed(1, &old, 6), "a dial to the old run is closed");
+        assert!(t.dialed(1, &new, 7));
+        assert_eq!(t.index_of("b", 2), Some(1));
+        assert_eq!(t.index_of("b", 1), None);
+        assert_eq!(t.links().collect::<Vec<_>>(), [(1, 7)]);
+        assert_eq!(t.down(1, &new), Some((Some(7), 0)));
+        assert!(t.node(1).is_none());
+    }
+}
