@@ -668,3 +668,71 @@ async fn measure_how_fast_a_joining_node_gets_the_retained_messages() {
     drop((a, b));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A node killed and restarted at once: the peers publish its client's
+/// will (after its delay) to their subscribers, and the restarted node,
+/// whose log kept the client's session and its will, publishes it to its
+/// own subscribers only; every subscriber gets it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_nodes_recovered_will_goes_to_its_own_subscribers_only() {
+    use client::v5::{connect, options, set_session_expiry, will, QoS};
+    let dir = temp_dir("cluster-will-restart");
+    let a = node("a", &dir, 0, &[]);
+    let pa = membership_port(&a);
+    let mut c = node("c", &dir, 0, &[pa]);
+    let pc = membership_port(&c);
+    for n in [&a, &c] {
+        wait_log(n, "1 peers up", 30);
+        for shard in 0..2 {
+            let peer = if std::ptr::eq(n, &a) { "c" } else { "a" };
+            let line = format!("shard {shard}: link to node \"{peer}\" (its shard {shard}) is up");
+            wait_log(n, &line, 30);
+        }
+    }
+    let mut sub_a = connect(options(a.addr, "sub-a")).await;
+    sub_a.subscribe("will/#", QoS::AtLeastOnce).await;
+    // A persistent subscriber on c, offline while c restarts.
+    let persistent = |addr, id: &str| {
+        let mut o = options(addr, id);
+        o.set_clean_start(false);
+        set_session_expiry(&mut o, 300);
+        o
+    };
+    let mut sub_c = connect(persistent(c.addr, "sub-c")).await;
+    sub_c.subscribe("will/#", QoS::AtLeastOnce).await;
+    sub_c.disconnect().await;
+    // A persistent client on c whose will waits 4 s.
+    let mut o = persistent(c.addr, "dev");
+    o.set_last_will(will("will/dev", b"dev gone", false, Some(4)));
+    let dev = connect(o).await;
+    dev.client
+        .publish("will/sync", QoS::AtLeastOnce, false, "dev")
+        .await
+        .unwrap();
+    assert_eq!(&sub_a.next_publish().await.payload[..], b"dev");
+
+    c.kill9();
+    drop(dev);
+    let c = node("c", &dir, pc, &[pa]);
+    wait_log(&c, "node \"c\" incarnation 2,", 30);
+    let p = sub_a.next_publish_within(Duration::from_secs(30)).await;
+    assert_eq!(
+        (&p.topic[..], &p.payload[..]),
+        (&b"will/dev"[..], &b"dev gone"[..])
+    );
+    // c's own publication of the recovered will reaches no other node.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    sub_a.expect_no_publish().await;
+    let mut sub_c = connect(persistent(c.addr, "sub-c")).await;
+    // What it missed while offline: the sync message, then the will.
+    let p = sub_c.next_publish_within(Duration::from_secs(30)).await;
+    assert_eq!(&p.topic[..], b"will/sync");
+    let p = sub_c.next_publish_within(Duration::from_secs(30)).await;
+    assert_eq!(
+        (&p.topic[..], &p.payload[..]),
+        (&b"will/dev"[..], &b"dev gone"[..])
+    );
+    sub_c.expect_no_publish().await;
+    drop((sub_a, sub_c, a, c));
+    let _ = std::fs::remove_dir_all(&dir);
+}
