@@ -31,11 +31,17 @@ pub fn wins(new: (u64, &Message), old: (u64, &Message)) -> bool {
     }
 }
 
+/// Equal stamps: the payloads, then the whole messages as the log and
+/// the bridge encode them (a 5.0 PUBLISH), byte by byte.
 fn tie_break(a: &Message, b: &Message) -> Ordering {
-    a.payload
-        .cmp(&b.payload)
-        .then((a.qos as u8).cmp(&(b.qos as u8)))
-        .then_with(|| format!("{:?}", a.properties).cmp(&format!("{:?}", b.properties)))
+    a.payload.cmp(&b.payload).then_with(|| {
+        let encoded = |m: &Message| {
+            let mut out = bytes::BytesMut::new();
+            crate::codec::encode_publish(&m.publish_view(), crate::codec::Version::V5, &mut out);
+            out
+        };
+        encoded(a).cmp(&encoded(b))
+    })
 }
 
 #[cfg(test)]
@@ -66,6 +72,10 @@ mod tests {
         assert!(!wins((5, &a), (5, &b)));
         // The same version does not replace itself.
         assert!(!wins((5, &a), (5, &a.clone())));
+        // Same payload, other properties: still one answer.
+        let mut typed = m("a");
+        typed.properties.content_type = Some("text/plain".into());
+        assert_ne!(wins((5, &typed), (5, &a)), wins((5, &a), (5, &typed)));
         // A delete is a version like any other.
         let gone = m("");
         assert!(wins((6, &gone), (5, &a)));

@@ -4,7 +4,7 @@
 //! Shard-local, no I/O. When a connection attaches on its home shard in a
 //! cluster, the shard stamps the claim and puts it in the bridge outbox
 //! ([`BridgeOut::Claim`]); a link that comes up sends every live
-//! connection's claim ([`ShardCore::claims_snapshot`]). A claim from a
+//! connection's claim, a part at a time ([`ShardCore::claims_snapshot`]). A claim from a
 //! peer ([`ShardCore::handle_remote_claims`]) goes to this node's home
 //! shard of its client id, which closes its own connection of that client
 //! id if the peer's claim is later, as a takeover on one node would
@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cluster::claims::wins;
-use crate::cluster::frame::ClaimEntry;
+use crate::cluster::frame::{ClaimEntry, Frame};
 use crate::cluster::hlc::Hlc;
 use crate::persist::WallClock;
 use crate::text::quote;
@@ -24,6 +24,20 @@ use crate::text::quote;
 use super::mesh::MeshMsg;
 use super::remote::BridgeOut;
 use super::{home_shard, SessionKey, ShardCore, State};
+
+/// A link's progress through this shard's live connections' claims.
+#[derive(Debug, Default)]
+pub struct ClaimsSnapshot {
+    next: u32,
+    done: bool,
+}
+
+impl ClaimsSnapshot {
+    /// True when every part was given.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+}
 
 /// A shard's claims (part of its cluster state).
 pub(super) struct Claims {
@@ -134,20 +148,34 @@ impl ShardCore {
         );
     }
 
-    /// Every live connection's claim: what a link that comes up sends.
-    pub fn claims_snapshot(&self) -> Vec<ClaimEntry> {
+    /// The next part (at most `max` claims) of the live connections'
+    /// claims for a link that came up; None once `snapshot` is done. A
+    /// connection that attaches meanwhile reaches the link as a change.
+    pub fn claims_snapshot(&self, snapshot: &mut ClaimsSnapshot, max: usize) -> Option<Frame> {
         let st = self.state.borrow();
-        if st.remote.is_none() {
-            return Vec::new();
+        if st.remote.is_none() || snapshot.done {
+            snapshot.done = true;
+            return None;
         }
-        st.sessions
-            .iter()
-            .filter(|(_, slot)| slot.conn.is_some())
-            .map(|(_, slot)| ClaimEntry {
-                client_id: slot.session.client_id().clone(),
-                stamp: slot.claim,
-            })
-            .collect()
+        let mut claims = Vec::new();
+        let mut next = None;
+        for (key, slot) in st.sessions.iter_from(snapshot.next) {
+            if claims.len() == max {
+                next = Some(key);
+                break;
+            }
+            if slot.conn.is_some() {
+                claims.push(ClaimEntry {
+                    client_id: slot.session.client_id().clone(),
+                    stamp: slot.claim,
+                });
+            }
+        }
+        match next {
+            Some(k) => snapshot.next = k,
+            None => snapshot.done = true,
+        }
+        (!claims.is_empty()).then_some(Frame::Claims(claims))
     }
 
     /// Connections closed here because their client connected later on

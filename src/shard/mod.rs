@@ -104,6 +104,7 @@ pub use durable::LogStatus;
 use durable::{DurableSlot, Store};
 use routing::Source;
 
+pub use claims::ClaimsSnapshot;
 pub use cluster_retained::RetainedSnapshot;
 pub use connect::Handshake;
 use mesh::{Mesh, RouteKey};

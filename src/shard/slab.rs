@@ -64,6 +64,15 @@ impl<T> Slab<T> {
             .filter_map(|(k, s)| Some((k as u32, s.as_ref()?)))
     }
 
+    /// Every stored value with its key, from key `from` on.
+    pub fn iter_from(&self, from: u32) -> impl Iterator<Item = (u32, &T)> + '_ {
+        let start = (from as usize).min(self.slots.len());
+        self.slots[start..]
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, s)| Some(((start + i) as u32, s.as_ref()?)))
+    }
+
     /// Keys of every stored value.
     pub fn keys(&self) -> impl Iterator<Item = u32> + '_ {
         self.slots
@@ -77,6 +86,19 @@ impl<T> Slab<T> {
 #[cfg(test)]
 mod tests {
     use super::Slab;
+
+    #[test]
+    fn iteration_can_start_at_any_key() {
+        let mut s = Slab::default();
+        for v in 0..5 {
+            s.insert(v);
+        }
+        s.remove(2);
+        let from = |k| s.iter_from(k).map(|(k, v)| (k, *v)).collect::<Vec<_>>();
+        assert_eq!(from(1), [(1, 1), (3, 3), (4, 4)]);
+        assert_eq!(from(2), [(3, 3), (4, 4)]);
+        assert!(from(5).is_empty() && from(99).is_empty());
+    }
 
     #[test]
     fn keys_are_reused_and_len_tracks() {

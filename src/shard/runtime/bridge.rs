@@ -31,7 +31,7 @@ use crate::cluster::node::Node;
 use crate::cluster::peers::PeerLinks;
 use crate::cluster::routes::{RouteFeed, RouteImport};
 use crate::shard::notify::Notify;
-use crate::shard::{BridgeOut, RetainedSnapshot, ShardCore};
+use crate::shard::{BridgeOut, ClaimsSnapshot, RetainedSnapshot, ShardCore};
 use crate::text::{quote, suppressed_note, LogGate};
 
 use super::connection::{duplicate, listener_from, SharedStream};
@@ -107,11 +107,11 @@ impl BridgeHandle {
     }
 }
 
-/// Claims per frame of a link's first claims.
+/// Claims per part of a link's first claims.
 const CLAIMS_PER_FRAME: usize = 1024;
-/// Bytes a link may hold unwritten before the next part of a retained
-/// snapshot is put on it.
-const RETAINED_BACKLOG_BYTES: usize = 1 << 20;
+/// Bytes a link may hold unwritten before the next part of a claims or
+/// retained snapshot is put on it.
+const SNAPSHOT_BACKLOG_BYTES: usize = 1 << 20;
 /// Links a shard accepts at once (beyond: closed at once).
 const INBOUND_LINKS_MAX: usize = 1024;
 /// Snapshot parts, in bytes of filters (routes) or wills.
@@ -135,6 +135,8 @@ struct Link {
     closing: Cell<bool>,
     /// The peer's Hello, once the link is up.
     hello: RefCell<Option<Hello>>,
+    /// Outbound: how far this shard's claims have been sent.
+    claims: RefCell<Option<ClaimsSnapshot>>,
     /// Outbound: how far this shard's retained messages have been sent.
     retained: RefCell<Option<RetainedSnapshot>>,
     /// Outbound on shard 0: the routes this link still needs.
@@ -355,12 +357,31 @@ impl Bridge {
         }
     }
 
-    /// Put the next parts of this shard's retained messages on an
-    /// outbound link that came up, while it holds little unwritten.
-    fn feed_retained(&self, link: &Rc<Link>) {
+    /// Put the next parts of this shard's claims, then of its retained
+    /// messages, on an outbound link that came up, while it holds little
+    /// unwritten.
+    fn feed_snapshots(&self, link: &Rc<Link>) {
         let now = self.now_ms();
         loop {
-            if link.closed.get() || link.session.borrow().out_bytes() >= RETAINED_BACKLOG_BYTES {
+            if link.closed.get() || link.session.borrow().out_bytes() >= SNAPSHOT_BACKLOG_BYTES {
+                return;
+            }
+            let mut snapshot = link.claims.borrow_mut();
+            let Some(progress) = snapshot.as_mut() else {
+                break;
+            };
+            let part = self.core.claims_snapshot(progress, CLAIMS_PER_FRAME);
+            if progress.is_done() {
+                *snapshot = None;
+            }
+            drop(snapshot);
+            if let Some(f) = part {
+                link.session.borrow_mut().force_send(now, &f);
+                link.wake.notify();
+            }
+        }
+        loop {
+            if link.closed.get() || link.session.borrow().out_bytes() >= SNAPSHOT_BACKLOG_BYTES {
                 return;
             }
             let mut snapshot = link.retained.borrow_mut();
@@ -390,8 +411,8 @@ impl Bridge {
         let mut links: Vec<Rc<Link>> = self.inbound.borrow().clone();
         links.extend(self.outbound.borrow().values().cloned());
         for link in links {
-            if link.retained.borrow().is_some() {
-                self.feed_retained(&link);
+            if link.claims.borrow().is_some() || link.retained.borrow().is_some() {
+                self.feed_snapshots(&link);
             }
             let tick = link.session.borrow_mut().handle_tick(now);
             match tick {
@@ -441,6 +462,7 @@ impl Bridge {
             closed: Cell::new(false),
             closing: Cell::new(false),
             hello: RefCell::new(None),
+            claims: RefCell::new(None),
             retained: RefCell::new(None),
             feed: RefCell::new(RouteFeed::new()),
             acked: Cell::new(0),
@@ -511,18 +533,12 @@ impl Bridge {
                 s.force_send(now, f);
             }
             drop(s);
-            // Its live connections' claims, so connections a partition
-            // let live on both sides meet.
-            let claims = self.core.claims_snapshot();
-            let mut s = link.session.borrow_mut();
-            for part in claims.chunks(CLAIMS_PER_FRAME) {
-                s.force_send(now, &Frame::Claims(part.to_vec()));
-            }
-            drop(s);
-            // And its retained messages, a part at a time as the link
-            // drains (`feed_retained`).
+            // Its live connections' claims (so connections a partition
+            // let live on both sides meet) and its retained messages, a
+            // part at a time as the link drains (`feed_snapshots`).
+            *link.claims.borrow_mut() = Some(ClaimsSnapshot::default());
             *link.retained.borrow_mut() = Some(RetainedSnapshot::default());
-            self.feed_retained(link);
+            self.feed_snapshots(link);
             if self.me.shard == 0 {
                 let frames = self
                     .core
@@ -759,8 +775,8 @@ fn spawn_io(bridge: Rc<Bridge>, link: Rc<Link>) {
                 b.close(&l, "refused");
                 return;
             }
-            if l.retained.borrow().is_some() {
-                b.feed_retained(&l);
+            if l.claims.borrow().is_some() || l.retained.borrow().is_some() {
+                b.feed_snapshots(&l);
             }
         }
     })
