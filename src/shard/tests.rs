@@ -15,9 +15,16 @@ use super::mesh::{Mesh, MeshMsg};
 use super::{home_shard, ConnHandle, Handshake, ShardCore};
 
 fn core(id: usize, shards: usize) -> ShardCore {
+    core_with(id, shards, |_| {})
+}
+
+/// Shard `id` of `shards` (memory mode) with `tweak` applied to its
+/// configuration.
+fn core_with(id: usize, shards: usize, tweak: impl FnOnce(&mut Config)) -> ShardCore {
     let mut config = Config::default();
     config.storage.durability = "memory".into();
     config.server.shards = shards;
+    tweak(&mut config);
     let mesh = Mesh::new(id, shards, config.mesh.outbox_messages_max);
     ShardCore::new(id, shards, config, mesh, 0xabc)
 }
@@ -758,12 +765,7 @@ fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
 /// (DISCONNECT 0x8E), an earlier one does not.
 #[test]
 fn a_later_connection_on_another_node_takes_the_client_id_over() {
-    let mut config = Config::default();
-    config.storage.durability = "memory".into();
-    config.server.shards = 1;
-    config.cluster.node_id = "b".into();
-    let mesh = Mesh::new(0, 1, config.mesh.outbox_messages_max);
-    let c = ShardCore::new(0, 1, config, mesh, 0xabc);
+    let c = core_with(0, 1, |c| c.cluster.node_id = "b".into());
     c.enable_cluster(Instant::now(), crate::persist::WallClock::now());
     let t0 = Instant::now();
     let conn = c
@@ -813,13 +815,10 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
 #[test]
 fn a_retained_delete_is_remembered_for_its_tombstone_time() {
     use crate::cluster::frame::RetainedEntry;
-    let mut config = Config::default();
-    config.storage.durability = "memory".into();
-    config.server.shards = 1;
-    config.cluster.retained_tombstone_s = 60;
-    config.mqtt.retained_messages_max = 100;
-    let mesh = Mesh::new(0, 1, config.mesh.outbox_messages_max);
-    let c = ShardCore::new(0, 1, config, mesh, 0xabc);
+    let c = core_with(0, 1, |c| {
+        c.cluster.retained_tombstone_s = 60;
+        c.mqtt.retained_messages_max = 100;
+    });
     let t0 = Instant::now();
     c.enable_cluster(t0, crate::persist::WallClock::at(t0, 1_000_000));
     let version = |stamp: u64, payload: &'static [u8]| RetainedEntry {

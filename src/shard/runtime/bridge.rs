@@ -362,48 +362,37 @@ impl Bridge {
     /// unwritten.
     fn feed_snapshots(&self, link: &Rc<Link>) {
         let now = self.now_ms();
-        loop {
-            if link.closed.get() || link.session.borrow().out_bytes() >= SNAPSHOT_BACKLOG_BYTES {
+        while !link.closed.get() && link.session.borrow().out_bytes() < SNAPSHOT_BACKLOG_BYTES {
+            let Some(part) = self.next_snapshot_part(link) else {
                 return;
-            }
-            let mut snapshot = link.claims.borrow_mut();
-            let Some(progress) = snapshot.as_mut() else {
-                break;
             };
-            let part = self.core.claims_snapshot(progress, CLAIMS_PER_FRAME);
-            if progress.is_done() {
-                *snapshot = None;
-            }
-            drop(snapshot);
             if let Some(f) = part {
                 link.session.borrow_mut().force_send(now, &f);
                 link.wake.notify();
             }
         }
-        loop {
-            if link.closed.get() || link.session.borrow().out_bytes() >= SNAPSHOT_BACKLOG_BYTES {
-                return;
-            }
-            let mut snapshot = link.retained.borrow_mut();
-            let Some(progress) = snapshot.as_mut() else {
-                return;
-            };
-            let part = self
-                .core
-                .retained_snapshot(progress, SNAPSHOT_CHUNK_BYTES, Instant::now());
+    }
+
+    /// The next part of what a link that came up still needs (it may be
+    /// empty); None when nothing is left.
+    fn next_snapshot_part(&self, link: &Link) -> Option<Option<Frame>> {
+        let mut claims = link.claims.borrow_mut();
+        if let Some(progress) = claims.as_mut() {
+            let part = self.core.claims_snapshot(progress, CLAIMS_PER_FRAME);
             if progress.is_done() {
-                *snapshot = None;
+                *claims = None;
             }
-            drop(snapshot);
-            match part {
-                Some(f) => {
-                    link.session.borrow_mut().force_send(now, &f);
-                    link.wake.notify();
-                }
-                None if link.retained.borrow().is_none() => return,
-                None => {}
-            }
+            return Some(part);
         }
+        let mut retained = link.retained.borrow_mut();
+        let progress = retained.as_mut()?;
+        let part = self
+            .core
+            .retained_snapshot(progress, SNAPSHOT_CHUNK_BYTES, Instant::now());
+        if progress.is_done() {
+            *retained = None;
+        }
+        Some(part)
     }
 
     fn tick_links(&self) {
