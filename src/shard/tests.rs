@@ -655,6 +655,26 @@ fn the_wills_of_a_peer_whose_run_ended_are_published_here_only() {
     c.check_invariants();
 }
 
+/// A version of retained topic `topic` as a peer would send it.
+fn retained_version(
+    stamp: u64,
+    payload: &'static [u8],
+    topic: &str,
+) -> crate::cluster::frame::RetainedEntry {
+    crate::cluster::frame::RetainedEntry {
+        stamp,
+        message: Arc::new(crate::message::Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(payload),
+            qos: QoS::AtMostOnce,
+            retain: true,
+            properties: Properties::default(),
+            expires_at: None,
+            publisher: None,
+        }),
+    }
+}
+
 /// A retained message stored on a cluster node is stamped and told to the
 /// peers; a peer's version replaces it only when newer (last writer wins),
 /// a delete is remembered against older copies, and a link that comes up
@@ -662,7 +682,7 @@ fn the_wills_of_a_peer_whose_run_ended_are_published_here_only() {
 /// shard owns goes to that shard.
 #[test]
 fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
-    use crate::cluster::frame::{Frame, RetainedEntry};
+    use crate::cluster::frame::Frame;
     let (c0, c1) = (cluster_core(0, 2), cluster_core(1, 2));
     let t0 = Instant::now();
     let topic = (0..)
@@ -691,18 +711,7 @@ fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
         other => panic!("the store goes to the peers: {other:?}"),
     };
     assert!(stamp > 0);
-    let version = |stamp: u64, payload: &'static [u8], t: &str| RetainedEntry {
-        stamp,
-        message: Arc::new(crate::message::Message {
-            topic: t.into(),
-            payload: Bytes::from_static(payload),
-            qos: QoS::AtMostOnce,
-            retain: true,
-            properties: Properties::default(),
-            expires_at: None,
-            publisher: None,
-        }),
-    };
+    let version = retained_version;
     let held = |c: &ShardCore, t: &str| -> Option<Bytes> {
         let sub = attached(c, t0, "reader");
         c.handle_packet(&sub, t0, subscribe_packet(1, t));
@@ -814,25 +823,13 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
 /// the oldest goes early, counted.
 #[test]
 fn a_retained_delete_is_remembered_for_its_tombstone_time() {
-    use crate::cluster::frame::RetainedEntry;
     let c = core_with(0, 1, |c| {
         c.cluster.retained_tombstone_s = 60;
         c.mqtt.retained_messages_max = 100;
     });
     let t0 = Instant::now();
     c.enable_cluster(t0, crate::persist::WallClock::at(t0, 1_000_000));
-    let version = |stamp: u64, payload: &'static [u8]| RetainedEntry {
-        stamp,
-        message: Arc::new(crate::message::Message {
-            topic: "gone".into(),
-            payload: Bytes::from_static(payload),
-            qos: QoS::AtMostOnce,
-            retain: true,
-            properties: Properties::default(),
-            expires_at: None,
-            publisher: None,
-        }),
-    };
+    let version = |stamp, payload| retained_version(stamp, payload, "gone");
     c.handle_remote_retained(t0, vec![version(999_000, b"")]);
     c.handle_remote_retained(t0, vec![version(998_000, b"old")]);
     assert_eq!(c.retained_stale(), 1, "refused while the delete is known");
