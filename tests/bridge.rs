@@ -213,7 +213,10 @@ impl Sim {
     /// its links.
     fn drain(&mut self, a: usize) {
         while let Some(c) = self.nodes[a].claim_outbox.pop_front() {
-            let f = Frame::Claims(vec![c]);
+            let f = Frame::Claims {
+                claims: vec![c],
+                answer: false,
+            };
             for b in 0..self.nodes.len() {
                 if let Some(c) = self.conns[a][b].as_mut() {
                     if c.dialer.is_up() {
@@ -280,7 +283,7 @@ impl Sim {
                         if let LinkEvent::Up(_) = ev {
                             c.acceptor.welcome(step);
                         }
-                        if let LinkEvent::Frame(Frame::Claims(claims)) = &ev {
+                        if let LinkEvent::Frame(Frame::Claims { claims, .. }) = &ev {
                             let me = format!("n{b}");
                             let from = format!("n{a}");
                             let n = &mut self.nodes[b];
@@ -360,7 +363,11 @@ impl Sim {
                             })
                             .collect();
                         for part in claims.chunks(4) {
-                            c.dialer.send(step, &Frame::Claims(part.to_vec())).unwrap();
+                            let f = Frame::Claims {
+                                claims: part.to_vec(),
+                                answer: false,
+                            };
+                            c.dialer.send(step, &f).unwrap();
                         }
                         // Its retained store, deletes included, in parts.
                         let entries: Vec<RetainedEntry> = self.nodes[a]

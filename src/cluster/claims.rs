@@ -6,7 +6,9 @@
 //! Sans-IO, the rule only. A claim is stamped by the home shard's
 //! hybrid logical clock ([`Hlc`](super::hlc::Hlc)) when the connection
 //! attaches, and sent to every peer as it happens
-//! ([`Frame::Claims`](super::frame::Frame::Claims)) and again, with every
+//! ([`Frame::Claims`](super::frame::Frame::Claims), acknowledged once
+//! applied, so CONNACK can wait for every peer whose link is up) and
+//! again, with every
 //! live connection's, when a link comes up, so two connections that a
 //! partition let live side by side meet when it heals. Peers keep no table
 //! of claims: each compares a claim with its own live connection of that

@@ -52,6 +52,7 @@ mod kind {
     pub const WILL_CLEAR: u8 = 11;
     pub const RETAINED: u8 = 12;
     pub const CLAIMS: u8 = 13;
+    pub const CLAIM_ACKS: u8 = 14;
 }
 
 /// The first frame each side of a link sends.
@@ -167,9 +168,18 @@ pub enum Frame {
     /// comes up.
     Retained(Vec<RetainedEntry>),
     /// Client ids with a live connection on the sending node, each with
-    /// the stamp of its claim (`cluster::claims`): one as it connects, or
-    /// every one when a link comes up.
-    Claims(Vec<ClaimEntry>),
+    /// the stamp of its claim (`cluster::claims`): one as it connects
+    /// (`answer`: the receiver acknowledges it once it closed any older
+    /// connection of that client id), or every one when a link comes up.
+    Claims {
+        /// The claims.
+        claims: Vec<ClaimEntry>,
+        /// Acknowledge each ([`Frame::ClaimAcks`]).
+        answer: bool,
+    },
+    /// Claims of the receiving node that the sender has applied (its own
+    /// older connections of those client ids are closed).
+    ClaimAcks(Vec<ClaimEntry>),
 }
 
 /// A live connection's claim of its client id.
@@ -329,13 +339,14 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u8(kind::WILL_CLEAR);
             put_str(out, client_id);
         }
-        Frame::Claims(claims) => {
+        Frame::Claims { claims, answer } => {
             out.put_u8(kind::CLAIMS);
-            out.put_u32(claims.len() as u32);
-            for c in claims {
-                put_str(out, &c.client_id);
-                out.put_u64(c.stamp);
-            }
+            out.put_u8(u8::from(*answer));
+            put_claims(out, claims);
+        }
+        Frame::ClaimAcks(claims) => {
+            out.put_u8(kind::CLAIM_ACKS);
+            put_claims(out, claims);
         }
         Frame::Retained(entries) => {
             out.put_u8(kind::RETAINED);
@@ -490,21 +501,11 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
         kind::WILL_CLEAR => Frame::WillClear {
             client_id: client_id(b)?,
         },
-        kind::CLAIMS => {
-            let n = u32_(b)? as usize;
-            // Each claim takes at least 11 bytes.
-            if n > b.len() / 11 {
-                return Err(FrameError::Malformed("claim count beyond the frame"));
-            }
-            let mut claims = Vec::with_capacity(n);
-            for _ in 0..n {
-                claims.push(ClaimEntry {
-                    client_id: client_id(b)?,
-                    stamp: u64_(b)?,
-                });
-            }
-            Frame::Claims(claims)
-        }
+        kind::CLAIMS => Frame::Claims {
+            answer: bool_(b)?,
+            claims: claims(b)?,
+        },
+        kind::CLAIM_ACKS => Frame::ClaimAcks(claims(b)?),
         kind::RETAINED => {
             let n = u32_(b)? as usize;
             // Each entry takes more than 16 bytes: a count beyond the
@@ -647,6 +648,30 @@ fn will(b: &mut BytesMut) -> Result<WillEntry, FrameError> {
         },
         delay_ms,
     })
+}
+
+fn put_claims(out: &mut BytesMut, claims: &[ClaimEntry]) {
+    out.put_u32(claims.len() as u32);
+    for c in claims {
+        put_str(out, &c.client_id);
+        out.put_u64(c.stamp);
+    }
+}
+
+fn claims(b: &mut BytesMut) -> Result<Vec<ClaimEntry>, FrameError> {
+    let n = u32_(b)? as usize;
+    // Each claim takes at least 11 bytes.
+    if n > b.len() / 11 {
+        return Err(FrameError::Malformed("claim count beyond the frame"));
+    }
+    let mut claims = Vec::with_capacity(n);
+    for _ in 0..n {
+        claims.push(ClaimEntry {
+            client_id: client_id(b)?,
+            stamp: u64_(b)?,
+        });
+    }
+    Ok(claims)
 }
 
 /// A client id: a non-empty string.
@@ -837,16 +862,23 @@ mod tests {
             Frame::WillClear {
                 client_id: Arc::from("c3"),
             },
-            Frame::Claims(vec![
-                ClaimEntry {
-                    client_id: Arc::from("dev-1"),
-                    stamp: 1_700_000_000_000,
-                },
-                ClaimEntry {
-                    client_id: Arc::from("d"),
-                    stamp: 2,
-                },
-            ]),
+            Frame::Claims {
+                claims: vec![
+                    ClaimEntry {
+                        client_id: Arc::from("dev-1"),
+                        stamp: 1_700_000_000_000,
+                    },
+                    ClaimEntry {
+                        client_id: Arc::from("d"),
+                        stamp: 2,
+                    },
+                ],
+                answer: true,
+            },
+            Frame::ClaimAcks(vec![ClaimEntry {
+                client_id: Arc::from("dev-1"),
+                stamp: 1_700_000_000_000,
+            }]),
             Frame::Retained(vec![
                 RetainedEntry {
                     stamp: 1_700_000_000_123,

@@ -3,8 +3,13 @@
 //!
 //! Shard-local, no I/O. When a connection attaches on its home shard in a
 //! cluster, the shard stamps the claim and puts it in the bridge outbox
-//! ([`BridgeOut::Claim`]); a link that comes up sends every live
-//! connection's claim, a part at a time ([`ShardCore::claims_snapshot`]). A claim from a
+//! ([`BridgeOut::Claim`]), and holds the connection's output (its CONNACK)
+//! until every peer the runtime sent it to has acknowledged it
+//! ([`ShardCore::claim_sent`], [`ShardCore::handle_claim_acks`]) or
+//! [`CLAIM_WAIT`] has passed: when the client hears CONNACK, no peer
+//! whose link is up still serves an older connection of its client id. A
+//! link that comes up sends every live connection's claim, a part at a
+//! time ([`ShardCore::claims_snapshot`]), without acknowledgements. A claim from a
 //! peer ([`ShardCore::handle_remote_claims`]) goes to this node's home
 //! shard of its client id, which closes its own connection of that client
 //! id if the peer's claim is later, as a takeover on one node would
@@ -13,7 +18,7 @@
 //! its delay is cancelled, since its client is back.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::cluster::claims::wins;
 use crate::cluster::frame::{ClaimEntry, Frame};
@@ -21,7 +26,9 @@ use crate::cluster::hlc::Hlc;
 use crate::persist::WallClock;
 use crate::text::quote;
 
-use super::mesh::MeshMsg;
+use crate::hash::HashMap;
+
+use super::mesh::{AckTo, MeshMsg};
 use super::remote::BridgeOut;
 use super::{home_shard, SessionKey, ShardCore, State};
 
@@ -39,14 +46,49 @@ impl ClaimsSnapshot {
     }
 }
 
+/// How long a CONNACK waits for the peers' acknowledgements of its claim
+/// at most (a link that breaks loses them).
+pub const CLAIM_WAIT: Duration = Duration::from_secs(2);
+
+/// A claim of this shard's whose acknowledgements are awaited.
+struct Pending {
+    /// The held output to release.
+    ack: AckTo,
+    /// Peers it was sent to (once the runtime said).
+    sent: Option<usize>,
+    acked: usize,
+    since: Instant,
+}
+
+/// A claim from a peer, as its node's home shard of the client id takes
+/// it.
+#[derive(Debug, Clone)]
+pub struct PeerClaim {
+    /// The claim.
+    pub claim: ClaimEntry,
+    /// The claiming node's name (ties between equal stamps).
+    pub node: Arc<str>,
+    /// Its index here (where the acknowledgement goes).
+    pub index: u16,
+    /// Acknowledge it.
+    pub answer: bool,
+}
+
 /// A shard's claims (part of its cluster state).
 pub(super) struct Claims {
     hlc: Hlc,
     wall: WallClock,
     /// This node's name (ties between equal stamps).
     me: Arc<str>,
+    /// Claims of this shard's connections waiting for acknowledgements.
+    pending: HashMap<(Arc<str>, u64), Pending>,
+    /// Peers with a link up from this shard (the runtime says).
+    links_up: usize,
     /// Connections closed here for a later one on another node.
     pub(super) taken_over: u64,
+    /// CONNACKs released after [`CLAIM_WAIT`] without every
+    /// acknowledgement.
+    pub(super) unanswered: u64,
 }
 
 impl Claims {
@@ -55,53 +97,189 @@ impl Claims {
             hlc: Hlc::new(),
             wall,
             me,
+            pending: HashMap::default(),
+            links_up: 0,
             taken_over: 0,
+            unanswered: 0,
         }
     }
 }
 
 impl ShardCore {
-    /// A connection attached to session `key` at `now`: stamp its claim
-    /// and tell the peers.
-    pub(super) fn claim_connection(st: &mut State, key: SessionKey, now: Instant) {
+    /// A connection attached to session `key` at `now`: stamp its claim,
+    /// tell the peers, and hold its output until they acknowledge it.
+    pub(super) fn claim_connection(&self, st: &mut State, key: SessionKey, now: Instant) {
+        let links_up = match st.remote.as_ref() {
+            Some(r) => r.claims.links_up,
+            None => return,
+        };
+        // Nobody to wait for when no peer has a link up from here.
+        let held = match links_up {
+            0 => None,
+            _ => self.hold_output(st, key, 1),
+        };
         let (Some(r), Some(slot)) = (st.remote.as_mut(), st.sessions.get_mut(key)) else {
             return;
         };
         let c = &mut r.claims;
         slot.claim = c.hlc.next(c.wall.to_ms(now));
-        r.out.push_back(BridgeOut::Claim(ClaimEntry {
+        let claim = ClaimEntry {
             client_id: slot.session.client_id().clone(),
             stamp: slot.claim,
-        }));
+        };
+        if let Some(ack) = held {
+            let pending = Pending {
+                ack,
+                sent: None,
+                acked: 0,
+                since: now,
+            };
+            c.pending
+                .insert((claim.client_id.clone(), claim.stamp), pending);
+        }
+        r.out.push_back(BridgeOut::Claim(claim));
         r.wake.notify();
     }
 
-    /// Claims from peer node `node`: each to this node's home shard of its
-    /// client id.
-    pub fn handle_remote_claims(&self, now: Instant, node: &str, claims: Vec<ClaimEntry>) {
+    /// How many peers have a link up from this shard now: a new
+    /// connection's CONNACK waits for their acknowledgements.
+    pub fn set_peer_links_up(&self, links: usize) {
+        if let Some(r) = self.state.borrow_mut().remote.as_mut() {
+            r.claims.links_up = links;
+        }
+    }
+
+    /// The runtime sent claim `stamp` of `client_id` to `links` peers:
+    /// the connection's output waits for that many acknowledgements (none:
+    /// it goes at once).
+    pub fn claim_sent(&self, client_id: &str, stamp: u64, links: usize) {
         let mut st = self.state.borrow_mut();
-        let node: Arc<str> = Arc::from(node);
-        for c in claims {
-            let home = home_shard(&c.client_id, self.shards);
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        let Some(p) = r.claims.pending.get_mut(&(Arc::from(client_id), stamp)) else {
+            return;
+        };
+        p.sent = Some(links);
+        self.release_answered_claim(&mut st, client_id, stamp);
+    }
+
+    /// Release the output held for a claim once every peer it was sent to
+    /// acknowledged it.
+    fn release_answered_claim(&self, st: &mut State, client_id: &str, stamp: u64) {
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        let key: (Arc<str>, u64) = (Arc::from(client_id), stamp);
+        let done = r
+            .claims
+            .pending
+            .get(&key)
+            .is_some_and(|p| p.sent.is_some_and(|n| p.acked >= n));
+        if !done {
+            return;
+        }
+        if let Some(p) = r.claims.pending.remove(&key) {
+            self.ack(st, p.ack);
+        }
+    }
+
+    /// Acknowledgements of this node's claims: each to its home shard.
+    pub fn handle_claim_acks(&self, acks: Vec<ClaimEntry>) {
+        let mut st = self.state.borrow_mut();
+        for a in acks {
+            let home = home_shard(&a.client_id, self.shards);
             if home == self.id {
-                self.claimed_elsewhere(&mut st, now, &c.client_id, c.stamp, &node);
+                self.claim_acked(&mut st, &a);
             } else {
-                self.mesh.send(
-                    home,
-                    MeshMsg::PeerClaim {
-                        client_id: c.client_id,
-                        stamp: c.stamp,
-                        node: node.clone(),
-                    },
-                );
+                self.mesh.send(home, MeshMsg::ClaimAck(a));
+            }
+        }
+    }
+
+    /// On the home shard: a peer acknowledged claim `a`.
+    pub(super) fn claim_acked(&self, st: &mut State, a: &ClaimEntry) {
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        let Some(p) = r.claims.pending.get_mut(&(a.client_id.clone(), a.stamp)) else {
+            return;
+        };
+        p.acked += 1;
+        self.release_answered_claim(st, &a.client_id, a.stamp);
+    }
+
+    /// Release the CONNACKs that waited [`CLAIM_WAIT`] for their claims'
+    /// acknowledgements (counted).
+    pub(super) fn release_overdue_claims(&self, st: &mut State, now: Instant) {
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        if r.claims.pending.is_empty() {
+            return;
+        }
+        let overdue: Vec<(Arc<str>, u64)> = r
+            .claims
+            .pending
+            .iter()
+            .filter(|(_, p)| now.saturating_duration_since(p.since) >= CLAIM_WAIT)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in overdue {
+            let held = st.remote.as_mut().and_then(|r| {
+                let p = r.claims.pending.remove(&k)?;
+                r.claims.unanswered += 1;
+                Some(p.ack)
+            });
+            if let Some(ack) = held {
+                self.ack(st, ack);
+            }
+        }
+    }
+
+    /// Claims from peer node `node` (its name and index): each to this
+    /// node's home shard of its client id; `answer`: acknowledge each.
+    pub fn handle_remote_claims(
+        &self,
+        now: Instant,
+        node: (&str, u16),
+        claims: Vec<ClaimEntry>,
+        answer: bool,
+    ) {
+        let mut st = self.state.borrow_mut();
+        let name: Arc<str> = Arc::from(node.0);
+        for claim in claims {
+            let c = PeerClaim {
+                claim,
+                node: name.clone(),
+                index: node.1,
+                answer,
+            };
+            let home = home_shard(&c.claim.client_id, self.shards);
+            if home == self.id {
+                self.claimed_elsewhere(&mut st, now, &c);
+            } else {
+                self.mesh.send(home, MeshMsg::PeerClaim(Box::new(c)));
             }
         }
         Self::debug_invariants(&st);
     }
 
-    /// On the home shard: node `node` claimed `client_id` with `stamp`.
-    /// A live connection here with an earlier claim closes.
-    pub(super) fn claimed_elsewhere(
+    /// On the home shard: a peer claimed a client id. A live connection
+    /// here with an earlier claim closes; then the claim is acknowledged
+    /// if asked.
+    pub(super) fn claimed_elsewhere(&self, st: &mut State, now: Instant, c: &PeerClaim) {
+        self.apply_peer_claim(st, now, &c.claim.client_id, c.claim.stamp, &c.node);
+        if let (true, Some(r)) = (c.answer, st.remote.as_mut()) {
+            r.out.push_back(BridgeOut::ClaimAck {
+                node: c.index,
+                claim: c.claim.clone(),
+            });
+            r.wake.notify();
+        }
+    }
+
+    fn apply_peer_claim(
         &self,
         st: &mut State,
         now: Instant,
@@ -175,7 +353,17 @@ impl ShardCore {
             Some(k) => snapshot.next = k,
             None => snapshot.done = true,
         }
-        (!claims.is_empty()).then_some(Frame::Claims(claims))
+        (!claims.is_empty()).then_some(Frame::Claims {
+            claims,
+            answer: false,
+        })
+    }
+
+    /// CONNACKs released after [`CLAIM_WAIT`] without every peer's
+    /// acknowledgement.
+    pub fn claims_unanswered(&self) -> u64 {
+        let st = self.state.borrow();
+        st.remote.as_ref().map_or(0, |r| r.claims.unanswered)
     }
 
     /// Connections closed here because their client connected later on

@@ -158,7 +158,7 @@ impl ShardCore {
         });
         slot.conn = Some(handle.clone());
         st.stats.connections += 1;
-        Self::claim_connection(&mut st, key, now);
+        self.claim_connection(&mut st, key, now);
         Self::durable_connect(&mut st, key);
         self.drive(&mut st, key, now);
         Self::debug_invariants(&st);

@@ -130,14 +130,10 @@ pub enum MeshMsg {
     },
     /// Another node claimed a client id whose home is the receiver
     /// (`cluster::claims`).
-    PeerClaim {
-        /// The client id.
-        client_id: Arc<str>,
-        /// The claim's stamp.
-        stamp: u64,
-        /// The claiming node.
-        node: Arc<str>,
-    },
+    PeerClaim(Box<super::claims::PeerClaim>),
+    /// A peer acknowledged a claim of a client id whose home is the
+    /// receiver.
+    ClaimAck(crate::cluster::frame::ClaimEntry),
     /// Send the next chunk of retained messages matching a subscription
     /// to `waiter`.
     RetainedQuery {

@@ -676,6 +676,7 @@ impl ShardCore {
         self.send_due_delayed(&mut st, now);
         self.durable_tick(&mut st, now);
         Self::expire_tombstones(&mut st, now);
+        self.release_overdue_claims(&mut st, now);
         while let Some(Reverse((at, key))) = st.timers.peek().copied() {
             if at > now {
                 break;

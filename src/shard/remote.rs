@@ -62,8 +62,16 @@ pub enum BridgeOut {
     /// shard: for every link up.
     Retained(RetainedEntry),
     /// A connection attached here: its claim of its client id, for every
-    /// link up.
+    /// link up; the runtime says to how many ([`ShardCore::claim_sent`]).
     Claim(ClaimEntry),
+    /// Peer `node` (its index) claimed a client id here and this node has
+    /// applied it: acknowledge it to that node.
+    ClaimAck {
+        /// The node's index.
+        node: u16,
+        /// The claim.
+        claim: ClaimEntry,
+    },
 }
 
 /// A shard's cluster state (None on a broker that runs alone).
@@ -145,7 +153,7 @@ impl ShardCore {
         for key in keys {
             Self::export_will(&mut st, key, now);
             if st.sessions.get(key).is_some_and(|s| s.conn.is_some()) {
-                Self::claim_connection(&mut st, key, now);
+                self.claim_connection(&mut st, key, now);
             }
         }
     }

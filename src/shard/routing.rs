@@ -567,7 +567,7 @@ impl ShardCore {
     /// arrive; the `AckTo` to send along. None when there is nothing to
     /// hold. The hold stays with the session, not the connection: one that
     /// resumes the session waits for it too.
-    fn hold_output(&self, st: &mut State, key: SessionKey, count: u32) -> Option<AckTo> {
+    pub(super) fn hold_output(&self, st: &mut State, key: SessionKey, count: u32) -> Option<AckTo> {
         let slot = st.sessions.get_mut(key)?;
         if slot.conn.is_none() || count == 0 {
             return None;
@@ -751,11 +751,8 @@ impl ShardCore {
                         self.mesh.send(ack.shard, MeshMsg::Ack(ack));
                     }
                 }
-                MeshMsg::PeerClaim {
-                    client_id,
-                    stamp,
-                    node,
-                } => self.claimed_elsewhere(&mut st, now, &client_id, stamp, &node),
+                MeshMsg::PeerClaim(c) => self.claimed_elsewhere(&mut st, now, &c),
+                MeshMsg::ClaimAck(a) => self.claim_acked(&mut st, &a),
                 MeshMsg::Applied { upto } => Self::on_applied(&mut st, from, upto),
                 MeshMsg::Settled { upto } => Self::on_settled(&mut st, from, upto),
                 MeshMsg::StoreFull { full } => self.on_store_full(&mut st, from, full),

@@ -768,51 +768,96 @@ fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
     c1.check_invariants();
 }
 
-/// A connection claims its client id in the cluster; a later claim of the
-/// same client id from another node (a greater stamp, or an equal one
-/// from a node with a greater name) closes it as a takeover would
-/// (DISCONNECT 0x8E), an earlier one does not.
+/// A connection claims its client id in the cluster and its CONNACK
+/// waits until every peer it was sent to acknowledged the claim (or
+/// CLAIM_WAIT passed); a later claim of the same client id from another
+/// node (a greater stamp, or an equal one from a node with a greater name)
+/// closes it as a takeover would (DISCONNECT 0x8E) and is acknowledged, an
+/// earlier one does not close it.
 #[test]
 fn a_later_connection_on_another_node_takes_the_client_id_over() {
+    use crate::cluster::frame::{ClaimEntry, Frame};
     let c = core_with(0, 1, |c| c.cluster.node_id = "b".into());
     c.enable_cluster(Instant::now(), crate::persist::WallClock::now());
+    c.set_peer_links_up(2);
     let t0 = Instant::now();
     let conn = c
         .attach(t0, Box::new(connect("dev", Version::V5)), None)
         .unwrap();
-    written(&c, &conn, Version::V5);
     let stamp = match &bridge_all(&c)[..] {
         [super::BridgeOut::Claim(claim)] if &*claim.client_id == "dev" => claim.stamp,
         other => panic!("the connection's claim: {other:?}"),
     };
-    let claim = |stamp| crate::cluster::frame::ClaimEntry {
+    // Sent to two peers: CONNACK after both acknowledged.
+    c.claim_sent("dev", stamp, 2);
+    let mine = ClaimEntry {
         client_id: "dev".into(),
         stamp,
     };
-    c.handle_remote_claims(t0, "a", vec![claim(stamp - 1)]);
-    c.handle_remote_claims(t0, "a", vec![claim(stamp)]);
+    c.handle_claim_acks(vec![mine.clone()]);
+    assert!(written(&c, &conn, Version::V5).is_empty(), "one of two");
+    c.handle_claim_acks(vec![mine]);
+    assert!(matches!(
+        &written(&c, &conn, Version::V5)[..],
+        [Packet::ConnAck(_)]
+    ));
+    // No answer at all: CONNACK after CLAIM_WAIT, counted.
+    let late = c
+        .attach(t0, Box::new(connect("late", Version::V5)), None)
+        .unwrap();
+    let late_stamp = match &bridge_all(&c)[..] {
+        [super::BridgeOut::Claim(claim)] => claim.stamp,
+        other => panic!("{other:?}"),
+    };
+    c.claim_sent("late", late_stamp, 1);
+    c.handle_tick(t0 + super::claims::CLAIM_WAIT - Duration::from_millis(1));
+    assert!(written(&c, &late, Version::V5).is_empty());
+    c.handle_tick(t0 + super::claims::CLAIM_WAIT);
+    assert!(matches!(
+        &written(&c, &late, Version::V5)[..],
+        [Packet::ConnAck(_)]
+    ));
+    assert_eq!(c.claims_unanswered(), 1);
+    // With no peer link up, nothing waits.
+    c.set_peer_links_up(0);
+    attached(&c, t0, "alone");
+    bridge_all(&c);
+
+    let claim = |stamp| ClaimEntry {
+        client_id: "dev".into(),
+        stamp,
+    };
+    c.handle_remote_claims(t0, ("a", 4), vec![claim(stamp - 1)], true);
+    c.handle_remote_claims(t0, ("a", 4), vec![claim(stamp)], false);
     assert!(!conn.is_closing(), "earlier claims change nothing");
+    assert!(
+        matches!(&bridge_all(&c)[..], [super::BridgeOut::ClaimAck { node: 4, claim }] if claim.stamp == stamp - 1),
+        "acknowledged when asked, closing or not"
+    );
     let snapshot = |c: &ShardCore| {
         let mut s = super::ClaimsSnapshot::default();
         let mut claims = Vec::new();
         while !s.is_done() {
-            if let Some(crate::cluster::frame::Frame::Claims(part)) = c.claims_snapshot(&mut s, 1) {
+            if let Some(Frame::Claims {
+                claims: part,
+                answer: false,
+            }) = c.claims_snapshot(&mut s, 1)
+            {
                 claims.extend(part);
             }
         }
         claims
     };
-    // Another client, connected: the snapshot has both, a claim a part.
-    attached(&c, t0, "other");
-    assert_eq!(snapshot(&c).len(), 2);
-    c.handle_remote_claims(t0, "c", vec![claim(stamp)]);
+    // The snapshot has the three live connections, a claim a part.
+    assert_eq!(snapshot(&c).len(), 3);
+    c.handle_remote_claims(t0, ("c", 5), vec![claim(stamp)], true);
     assert!(conn.is_closing());
     assert!(matches!(
         &conn.poll_last_packets()[..],
         [Packet::Disconnect(d)] if d.reason == reason::SESSION_TAKEN_OVER
     ));
     assert_eq!(c.connections_taken_over_elsewhere(), 1);
-    assert_eq!(snapshot(&c).len(), 1, "only the other one is live here");
+    assert_eq!(snapshot(&c).len(), 2, "the other two are live here");
     c.check_invariants();
 }
 

@@ -297,11 +297,14 @@ impl Bridge {
         }
     }
 
-    /// Shard 0: tell the core how far every peer with a link up has
-    /// acknowledged this node's routes (subscribers' SUBACKs wait for it).
-    /// A peer without a link up is not waited for: its link starts from a
-    /// snapshot that has the route.
+    /// Tell the core how many peers have a link up from this shard (a
+    /// CONNACK waits for their acknowledgements of its claim), and on
+    /// shard 0 how far every such peer has acknowledged this node's routes
+    /// (subscribers' SUBACKs wait for it). A peer without a link up is not
+    /// waited for: its link starts from a snapshot that has the route and
+    /// the claim.
     fn recompute_acks(&self) {
+        self.core.set_peer_links_up(self.up_links().len());
         if self.me.shard != 0 {
             return;
         }
@@ -346,15 +349,18 @@ impl Bridge {
     /// Put a change of this shard's (a will, a retained message) on every
     /// outbound link up. Like routes, never dropped: a link that falls
     /// this far behind is closed and starts over from a snapshot.
-    fn to_every_link(&self, now: u64, frame: &Frame, what: &str) {
-        for l in self.up_links() {
+    /// Returns how many links it went on.
+    fn to_every_link(&self, now: u64, frame: &Frame, what: &str) -> usize {
+        let links = self.up_links();
+        for l in &links {
             l.session.borrow_mut().force_send(now, frame);
             l.wake.notify();
             let backlog = l.session.borrow().out_bytes();
             if backlog > self.settings.out_bytes_max.saturating_mul(4) {
-                self.close(&l, &format!("{what} changes not read"));
+                self.close(l, &format!("{what} changes not read"));
             }
         }
+        links.len()
     }
 
     /// Put the next parts of this shard's claims, then of its retained
@@ -538,8 +544,8 @@ impl Bridge {
                     s.force_send(now, f);
                 }
                 drop(s);
-                self.recompute_acks();
             }
+            self.recompute_acks();
             // Messages that waited for the link, in order, before any new
             // one (they were taken within the output bound).
             let pending = self
@@ -599,11 +605,19 @@ impl Bridge {
         if link.closing.get() {
             return;
         }
-        if let (Frame::Claims(_), false) = (&f, link.outbound) {
+        if let (Frame::Claims { .. } | Frame::ClaimAcks(_), false) = (&f, link.outbound) {
             let node = link.hello.borrow().as_ref().map(|h| h.node.clone());
-            if let (Frame::Claims(claims), Some(node)) = (f, node) {
-                self.core
-                    .handle_remote_claims(Instant::now(), node.as_str(), claims);
+            let (Some(node), Some(index)) = (node, link.peer.get()) else {
+                return;
+            };
+            match f {
+                Frame::Claims { claims, answer } => {
+                    let from = (node.as_str(), index);
+                    self.core
+                        .handle_remote_claims(Instant::now(), from, claims, answer);
+                }
+                Frame::ClaimAcks(acks) => self.core.handle_claim_acks(acks),
+                _ => {}
             }
             return;
         }
@@ -860,9 +874,34 @@ async fn outbox_loop(bridge: Rc<Bridge>) {
                 BridgeOut::Retained(entry) => {
                     bridge.to_every_link(now, &Frame::Retained(vec![entry]), "retained");
                 }
-                BridgeOut::Will(frame) => bridge.to_every_link(now, &frame, "will"),
+                BridgeOut::Will(frame) => {
+                    bridge.to_every_link(now, &frame, "will");
+                }
                 BridgeOut::Claim(claim) => {
-                    bridge.to_every_link(now, &Frame::Claims(vec![claim]), "claim");
+                    let (client_id, stamp) = (claim.client_id.clone(), claim.stamp);
+                    let frame = Frame::Claims {
+                        claims: vec![claim],
+                        answer: true,
+                    };
+                    let links = bridge.to_every_link(now, &frame, "claim");
+                    // Its CONNACK waits for that many acknowledgements.
+                    bridge.core.claim_sent(&client_id, stamp, links);
+                }
+                BridgeOut::ClaimAck { node, claim } => {
+                    let frame = Frame::ClaimAcks(vec![claim]);
+                    let id = bridge.peers.borrow().up_link(node);
+                    let link = id.and_then(|id| bridge.outbound.borrow().get(&id).cloned());
+                    match link {
+                        Some(l) => {
+                            l.session.borrow_mut().force_send(now, &frame);
+                            l.wake.notify();
+                        }
+                        None => {
+                            // Dropped past the bound: the claimant's CONNACK
+                            // then waits its CLAIM_WAIT.
+                            bridge.hold_for_link(node, frame);
+                        }
+                    }
                 }
                 BridgeOut::Route { seq, change } => {
                     let links: Vec<Rc<Link>> = bridge.outbound.borrow().values().cloned().collect();
