@@ -170,6 +170,7 @@ fn will_entry(client: &str, version: u64) -> WillEntry {
             properties: Properties::default(),
         },
         delay_ms: version % 3 * 1000,
+        waiting: false,
     }
 }
 
@@ -310,9 +311,12 @@ impl Sim {
                             | Frame::WillClear { .. }),
                         ) = &ev
                         {
-                            self.nodes[b].will_imports[a].apply(f).unwrap_or_else(|e| {
-                                panic!("seed {seed}: n{b}'s wills from n{a}: {e}")
-                            });
+                            let at = self.epoch + Duration::from_millis(step);
+                            self.nodes[b].will_imports[a]
+                                .apply(f, at)
+                                .unwrap_or_else(|e| {
+                                    panic!("seed {seed}: n{b}'s wills from n{a}: {e}")
+                                });
                             continue;
                         }
                         if let LinkEvent::Frame(f) = ev {

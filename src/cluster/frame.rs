@@ -208,10 +208,14 @@ pub struct WillEntry {
     pub client_id: Arc<str>,
     /// The will (its Will Delay Interval left out: `delay_ms` says when).
     pub will: crate::codec::Will,
-    /// How long after the end of the node's run the will is due, in ms:
-    /// the will delay (or the session expiry, if earlier) of a connected
-    /// client, what is left of it for a client already gone.
+    /// When the will is due, in ms: for a connected client, its will
+    /// delay (or session expiry, if earlier) after the end of the node's
+    /// run; for a client already gone (`waiting`), what is left of its
+    /// delay from when this was sent.
     pub delay_ms: u64,
+    /// The will is waiting for its delay already: `delay_ms` counts from
+    /// now, not from the end of the run.
+    pub waiting: bool,
 }
 
 /// A message for a remote node, and for whom there: its ordinary
@@ -598,6 +602,7 @@ fn message(b: &mut BytesMut, now: Instant) -> Result<Message, FrameError> {
 fn put_will(out: &mut BytesMut, w: &WillEntry) {
     put_str(out, &w.client_id);
     out.put_u64(w.delay_ms);
+    out.put_u8(u8::from(w.waiting));
     let mut properties = w.will.properties.clone();
     properties.will_delay_interval = None;
     let view = codec::PublishView {
@@ -622,6 +627,7 @@ fn put_will(out: &mut BytesMut, w: &WillEntry) {
 fn will(b: &mut BytesMut) -> Result<WillEntry, FrameError> {
     let client_id = client_id(b)?;
     let delay_ms = u64_(b)?;
+    let waiting = bool_(b)?;
     let len = u32_(b)? as usize;
     need(b, len)?;
     let mut packet = b.split_to(len);
@@ -647,6 +653,7 @@ fn will(b: &mut BytesMut) -> Result<WillEntry, FrameError> {
             properties,
         },
         delay_ms,
+        waiting,
     })
 }
 
@@ -786,6 +793,7 @@ mod tests {
     }
 
     fn will_entry(client: &str, delay_ms: u64) -> WillEntry {
+        let waiting = delay_ms % 2 == 0;
         let m = message();
         let mut properties = m.properties.clone();
         properties.message_expiry_interval = Some(60);
@@ -799,6 +807,7 @@ mod tests {
                 properties,
             },
             delay_ms,
+            waiting,
         }
     }
 

@@ -44,7 +44,8 @@ impl WillExport {
 
     /// `entry.client_id` has this will now (due at `due_at`, if it waits
     /// for its delay already): the change for every link up.
-    pub fn set(&mut self, entry: WillEntry, due_at: Option<Instant>) -> Frame {
+    pub fn set(&mut self, mut entry: WillEntry, due_at: Option<Instant>) -> Frame {
+        entry.waiting = due_at.is_some();
         self.entries
             .insert(entry.client_id.clone(), (entry.clone(), due_at));
         Frame::WillSet(Box::new(entry))
@@ -105,7 +106,16 @@ pub fn millis(d: std::time::Duration) -> u64 {
 }
 
 fn entry_bytes(e: &WillEntry) -> usize {
-    e.client_id.len() + e.will.topic.len() + e.will.payload.len() + ENTRY_OVERHEAD_BYTES
+    let p = &e.will.properties;
+    let properties = crate::message::user_properties_bytes(p)
+        + p.correlation_data.as_ref().map_or(0, |c| c.len())
+        + p.response_topic.as_ref().map_or(0, |t| t.len())
+        + p.content_type.as_ref().map_or(0, |t| t.len());
+    e.client_id.len()
+        + e.will.topic.len()
+        + e.will.payload.len()
+        + properties
+        + ENTRY_OVERHEAD_BYTES
 }
 
 /// A will frame that cannot be taken.
@@ -143,26 +153,38 @@ pub struct WillImport {
     bytes_max: usize,
 }
 
-/// Wills by client id, and their bytes.
+/// Wills by client id (with, for one already waiting for its delay, when
+/// it is due), and their bytes.
 #[derive(Debug, Default)]
 struct Table {
-    wills: HashMap<Arc<str>, WillEntry>,
+    wills: HashMap<Arc<str>, (WillEntry, Option<Instant>)>,
     bytes: usize,
 }
 
 impl Table {
-    /// Keep `w`; the will it replaces.
-    fn insert(&mut self, w: &WillEntry) -> Option<WillEntry> {
-        self.bytes += entry_bytes(w);
-        let old = self.wills.insert(w.client_id.clone(), w.clone());
-        if let Some(old) = &old {
+    /// Keep `w`, received at `now`; the will it replaces.
+    fn insert(&mut self, w: &WillEntry, now: Instant) -> Option<(WillEntry, Option<Instant>)> {
+        let due = w
+            .waiting
+            .then(|| now + std::time::Duration::from_millis(w.delay_ms));
+        self.insert_due(w.clone(), due)
+    }
+
+    fn insert_due(
+        &mut self,
+        w: WillEntry,
+        due: Option<Instant>,
+    ) -> Option<(WillEntry, Option<Instant>)> {
+        self.bytes += entry_bytes(&w);
+        let old = self.wills.insert(w.client_id.clone(), (w, due));
+        if let Some((old, _)) = &old {
             self.bytes -= entry_bytes(old);
         }
         old
     }
 
     fn remove(&mut self, client_id: &str) {
-        if let Some(old) = self.wills.remove(client_id) {
+        if let Some((old, _)) = self.wills.remove(client_id) {
             self.bytes -= entry_bytes(&old);
         }
     }
@@ -191,8 +213,8 @@ impl WillImport {
         }
     }
 
-    /// Apply a will frame from the peer shard's link.
-    pub fn apply(&mut self, frame: &Frame) -> Result<(), WillError> {
+    /// Apply a will frame from the peer shard's link, read at `now`.
+    pub fn apply(&mut self, frame: &Frame, now: Instant) -> Result<(), WillError> {
         let (max, bytes_max) = (self.max, self.bytes_max);
         match frame {
             Frame::WillSnapshot { wills, first, last } => {
@@ -201,7 +223,7 @@ impl WillImport {
                 }
                 let table = self.loading.as_mut().ok_or(WillError::OutOfOrder)?;
                 for w in wills {
-                    table.insert(w);
+                    table.insert(w, now);
                 }
                 if let Err(e) = table.check(max, bytes_max) {
                     self.loading = None;
@@ -213,12 +235,12 @@ impl WillImport {
             }
             Frame::WillSet(w) => {
                 let table = self.loading.as_mut().unwrap_or(&mut self.entries);
-                let old = table.insert(w);
+                let old = table.insert(w, now);
                 if let Err(e) = table.check(max, bytes_max) {
                     // Refused: the will it would replace stays.
                     table.remove(&w.client_id);
-                    if let Some(old) = old {
-                        table.insert(&old);
+                    if let Some((old, due)) = old {
+                        table.insert_due(old, due);
                     }
                     return Err(e);
                 }
@@ -235,7 +257,7 @@ impl WillImport {
     /// The wills held (of the last complete snapshot and the changes
     /// since).
     pub fn entries(&self) -> impl Iterator<Item = &WillEntry> {
-        self.entries.wills.values()
+        self.entries.wills.values().map(|(w, _)| w)
     }
 
     /// How many wills are held.
@@ -253,9 +275,10 @@ impl WillImport {
         self.entries.wills.is_empty()
     }
 
-    /// The peer's run ended: every will held, to publish; the table is
-    /// empty after.
-    pub fn take(&mut self) -> Vec<WillEntry> {
+    /// The peer's run ended: every will held, to publish, with when it is
+    /// due if it was waiting for its delay already (else its delay counts
+    /// from now); the table is empty after.
+    pub fn take(&mut self) -> Vec<(WillEntry, Option<Instant>)> {
         self.loading = None;
         let table = std::mem::take(&mut self.entries);
         table.wills.into_values().collect()
@@ -268,6 +291,12 @@ mod tests {
     use crate::codec::{Properties, QoS, Will};
     use bytes::Bytes;
 
+    impl WillImport {
+        fn apply_now(&mut self, frame: &Frame) -> Result<(), WillError> {
+            self.apply(frame, Instant::now())
+        }
+    }
+
     fn entry(client: &str, payload: &'static str) -> WillEntry {
         WillEntry {
             client_id: Arc::from(client),
@@ -279,6 +308,7 @@ mod tests {
                 properties: Properties::default(),
             },
             delay_ms: 0,
+            waiting: false,
         }
     }
 
@@ -311,11 +341,11 @@ mod tests {
         let parts = export.snapshot(40, Instant::now());
         assert!(parts.len() > 2);
         for f in &parts {
-            import.apply(f).unwrap();
+            import.apply_now(f).unwrap();
         }
         // ... and the changes queued before it arrive after it.
-        import.apply(&set).unwrap();
-        import.apply(&clear).unwrap();
+        import.apply_now(&set).unwrap();
+        import.apply_now(&clear).unwrap();
         assert_eq!(import.len(), 9);
         assert!(payloads(&import).contains(&"c1=again".to_string()));
         assert!(!payloads(&import).iter().any(|p| p.starts_with("c2=")));
@@ -327,25 +357,25 @@ mod tests {
         let mut export = WillExport::new();
         export.set(entry("a", "1"), None);
         for f in export.snapshot(1 << 20, Instant::now()) {
-            import.apply(&f).unwrap();
+            import.apply_now(&f).unwrap();
         }
         export.clear("a");
         export.set(entry("b", "2"), None);
         export.set(entry("c", "3"), None);
         let parts = export.snapshot(1, Instant::now());
-        import.apply(&parts[0]).unwrap();
+        import.apply_now(&parts[0]).unwrap();
         assert_eq!(
             payloads(&import),
             ["a=1"],
             "a half snapshot changes nothing yet"
         );
         for f in &parts[1..] {
-            import.apply(f).unwrap();
+            import.apply_now(f).unwrap();
         }
         assert_eq!(payloads(&import), ["b=2", "c=3"]);
         // An empty snapshot empties it.
         import
-            .apply(&WillExport::new().snapshot(10, Instant::now())[0])
+            .apply_now(&WillExport::new().snapshot(10, Instant::now())[0])
             .unwrap();
         assert!(import.is_empty());
     }
@@ -355,15 +385,15 @@ mod tests {
         let mut import = WillImport::new(3, 1 << 20);
         for c in ["a", "b", "c"] {
             import
-                .apply(&Frame::WillSet(Box::new(entry(c, "x"))))
+                .apply_now(&Frame::WillSet(Box::new(entry(c, "x"))))
                 .unwrap();
         }
         // Replacing one is not one more.
         import
-            .apply(&Frame::WillSet(Box::new(entry("a", "y"))))
+            .apply_now(&Frame::WillSet(Box::new(entry("a", "y"))))
             .unwrap();
         assert_eq!(
-            import.apply(&Frame::WillSet(Box::new(entry("d", "x")))),
+            import.apply_now(&Frame::WillSet(Box::new(entry("d", "x")))),
             Err(WillError::TooMany { max: 3 })
         );
         assert_eq!(import.len(), 3);
@@ -375,10 +405,10 @@ mod tests {
         let err = export
             .snapshot(1 << 20, Instant::now())
             .iter()
-            .try_for_each(|f| fresh.apply(f));
+            .try_for_each(|f| fresh.apply_now(f));
         assert_eq!(err, Err(WillError::TooMany { max: 3 }));
         assert_eq!(
-            WillImport::new(3, 1 << 20).apply(&Frame::WillSnapshot {
+            WillImport::new(3, 1 << 20).apply_now(&Frame::WillSnapshot {
                 wills: Vec::new(),
                 first: false,
                 last: true
@@ -406,41 +436,69 @@ mod tests {
         // Each test will takes 1 + 6 + 1 + 32 = 40 bytes.
         let mut import = WillImport::new(100, 80);
         import
-            .apply(&Frame::WillSet(Box::new(entry("a", "x"))))
+            .apply_now(&Frame::WillSet(Box::new(entry("a", "x"))))
             .unwrap();
         import
-            .apply(&Frame::WillSet(Box::new(entry("b", "x"))))
+            .apply_now(&Frame::WillSet(Box::new(entry("b", "x"))))
             .unwrap();
         assert_eq!(import.bytes(), 80);
         assert_eq!(
-            import.apply(&Frame::WillSet(Box::new(entry("c", "x")))),
+            import.apply_now(&Frame::WillSet(Box::new(entry("c", "x")))),
             Err(WillError::TooLarge { max: 80 })
         );
         // A larger will replacing one counts what it adds.
         assert_eq!(
-            import.apply(&Frame::WillSet(Box::new(entry("a", "xx")))),
+            import.apply_now(&Frame::WillSet(Box::new(entry("a", "xx")))),
             Err(WillError::TooLarge { max: 80 })
         );
         assert_eq!(import.bytes(), 80);
         import
-            .apply(&Frame::WillClear {
+            .apply_now(&Frame::WillClear {
                 client_id: "a".into(),
             })
             .unwrap();
         assert_eq!(import.bytes(), 40);
         import
-            .apply(&Frame::WillSet(Box::new(entry("c", "x"))))
+            .apply_now(&Frame::WillSet(Box::new(entry("c", "x"))))
             .unwrap();
+    }
+
+    #[test]
+    fn a_will_already_waiting_is_due_its_delay_after_it_was_received() {
+        let t0 = Instant::now();
+        let mut import = WillImport::new(10, 1 << 20);
+        let mut waiting = entry("gone", "x");
+        waiting.delay_ms = 10_000;
+        waiting.waiting = true;
+        let mut connected = entry("here", "x");
+        connected.delay_ms = 10_000;
+        import
+            .apply(&Frame::WillSet(Box::new(waiting)), t0)
+            .unwrap();
+        import
+            .apply(&Frame::WillSet(Box::new(connected)), t0)
+            .unwrap();
+        let mut taken = import.take();
+        taken.sort_by_key(|(w, _)| w.client_id.clone());
+        let due: Vec<_> = taken.iter().map(|(w, d)| (&*w.client_id, *d)).collect();
+        // The connected client's will counts from the end of the run.
+        assert_eq!(
+            due,
+            [
+                ("gone", Some(t0 + std::time::Duration::from_secs(10))),
+                ("here", None)
+            ]
+        );
     }
 
     #[test]
     fn a_run_that_ends_hands_over_every_will_once() {
         let mut import = WillImport::new(10, 1 << 20);
         import
-            .apply(&Frame::WillSet(Box::new(entry("a", "x"))))
+            .apply_now(&Frame::WillSet(Box::new(entry("a", "x"))))
             .unwrap();
         import
-            .apply(&Frame::WillSet(Box::new(entry("b", "x"))))
+            .apply_now(&Frame::WillSet(Box::new(entry("b", "x"))))
             .unwrap();
         assert_eq!(import.take().len(), 2);
         assert!(import.take().is_empty());

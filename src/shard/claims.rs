@@ -92,6 +92,11 @@ pub(super) struct Claims {
 }
 
 impl Claims {
+    /// This node's name.
+    pub(super) fn me(&self) -> Arc<str> {
+        self.me.clone()
+    }
+
     pub(super) fn new(wall: WallClock, me: Arc<str>) -> Claims {
         Claims {
             hlc: Hlc::new(),

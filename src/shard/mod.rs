@@ -550,7 +550,7 @@ impl ShardCore {
                         will_of: will.then_some(key),
                         remote: false,
                     };
-                    let last_run = will && slot.will_of_last_run && st.remote.is_some();
+                    let last_run = will && Self::will_stays_here(st.remote.as_ref(), slot);
                     let accepted = match delay_s {
                         Some(d) => self.delay(st, now, message, d, source),
                         None if last_run => self.route_here(st, now, message, source),
@@ -650,7 +650,7 @@ impl ShardCore {
         // Route any will the session published on its way out.
         let slot = st.sessions.remove(key).expect("checked above");
         Self::unexport_will(st, &slot);
-        let last_run = slot.will_of_last_run && st.remote.is_some();
+        let last_run = Self::will_stays_here(st.remote.as_ref(), &slot);
         let mut session = slot.session;
         while let Some(action) = session.poll_action() {
             if let Action::Publish { message, .. } = action {

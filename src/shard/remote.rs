@@ -100,6 +100,12 @@ pub(super) struct Remote {
     pub(super) retained: super::cluster_retained::ClusterRetained,
     /// Claims of client ids.
     pub(super) claims: super::claims::Claims,
+    /// This node handed its wills over and is leaving: the peers publish
+    /// what it still holds, so a will it publishes now goes to its own
+    /// subscribers only.
+    pub(super) leaving: bool,
+    /// Peers' names by index.
+    pub(super) peer_names: hashbrown::HashMap<u16, Arc<str>>,
 }
 
 impl ShardCore {
@@ -140,6 +146,8 @@ impl ShardCore {
                     .saturating_mul(1000),
                 self.retained_max,
             ),
+            leaving: false,
+            peer_names: hashbrown::HashMap::new(),
             claims: super::claims::Claims::new(
                 wall,
                 Arc::from(self.config.cluster.node_id.as_str()),

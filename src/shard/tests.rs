@@ -581,6 +581,7 @@ fn the_wills_of_a_peer_whose_run_ended_are_published_here_only() {
         client_id: client.into(),
         will: will_on(&format!("status/{client}"), payload, None),
         delay_ms,
+        waiting: false,
     };
     // Node 3, run 7, shard 1: two wills, one due 2 s after the end.
     let snapshot = Frame::WillSnapshot {
@@ -634,6 +635,16 @@ fn the_wills_of_a_peer_whose_run_ended_are_published_here_only() {
         "a peer's will goes to no other node"
     );
     assert_eq!(c.peer_wills_published(), 2);
+    assert_eq!(c.peer_wills_held(), 0);
+    // A frame of run 7 still in flight when its end was known is ignored.
+    c.peer_wills(
+        t1,
+        3,
+        7,
+        1,
+        &Frame::WillSet(Box::new(entry("late", b"late", 0))),
+    )
+    .unwrap();
     assert_eq!(c.peer_wills_held(), 0);
 
     // Run 8 of node 3 sends a will; run 9's first snapshot ends run 8.
@@ -903,5 +914,59 @@ fn a_retained_delete_is_remembered_for_its_tombstone_time() {
     assert!(written(&c, &sub, Version::V3_1_1)
         .iter()
         .any(|p| matches!(p, Packet::Publish(p) if &p.payload[..] == b"old")));
+    c.check_invariants();
+}
+
+/// A dead peer's will reaches a shared subscription once in the cluster:
+/// the surviving node with the lowest name among those with members serves
+/// it; this node's ordinary subscribers get it either way.
+#[test]
+fn a_dead_peers_will_reaches_a_shared_group_from_one_survivor() {
+    use crate::cluster::frame::{Frame, RouteChange, WillEntry};
+    let c = core_with(0, 1, |c| c.cluster.node_id = "m".into());
+    let t0 = Instant::now();
+    c.enable_cluster(t0, crate::persist::WallClock::now());
+    c.routes_acked(u64::MAX);
+    let member = attached(&c, t0, "member");
+    c.handle_packet(&member, t0, subscribe_packet(1, "$share/g/status/#"));
+    pump(&[&c], t0);
+    written(&c, &member, Version::V3_1_1);
+    let will = |client: &str| {
+        Frame::WillSet(Box::new(WillEntry {
+            client_id: client.into(),
+            will: will_on(&format!("status/{client}"), b"gone", None),
+            delay_ms: 0,
+            waiting: false,
+        }))
+    };
+    let group = RouteChange {
+        add: true,
+        filter: "$share/g/status/#".into(),
+    };
+    // Node "a" (index 5) has members too, and its name is lower: it serves.
+    c.peer_named(5, "a");
+    c.remote_routes(5, std::slice::from_ref(&group), None);
+    c.peer_wills(t0, 3, 1, 0, &will("x")).unwrap();
+    c.peer_run_ended(t0, 3, 1);
+    pump(&[&c], t0);
+    assert!(written(&c, &member, Version::V3_1_1).is_empty());
+    // Only node "z" (index 6) besides: this node serves.
+    c.remote_routes(
+        5,
+        &[RouteChange {
+            add: false,
+            ..group.clone()
+        }],
+        None,
+    );
+    c.peer_named(6, "z");
+    c.remote_routes(6, &[group], None);
+    c.peer_wills(t0, 3, 2, 0, &will("y")).unwrap();
+    c.peer_run_ended(t0, 3, 2);
+    pump(&[&c], t0);
+    assert!(matches!(
+        &written(&c, &member, Version::V3_1_1)[..],
+        [Packet::Publish(p)] if &*p.topic == "status/y"
+    ));
     c.check_invariants();
 }

@@ -30,6 +30,7 @@ use crate::hash::HashMap;
 use crate::message::Message;
 use crate::session::WillDue;
 
+use super::mesh::RouteKey;
 use super::remote::BridgeOut;
 use super::routing::Source;
 use super::{SessionKey, SessionSlot, ShardCore, State};
@@ -43,13 +44,16 @@ pub(super) struct Wills {
     imports: HashMap<(u16, u16), (u64, WillImport)>,
     /// Wills of ended runs waiting for their delay: by due time and a
     /// count (to keep equal times apart).
-    due: BTreeMap<(Instant, u64), (Arc<str>, Will)>,
+    due: BTreeMap<(Instant, u64), (u16, Will)>,
     next: u64,
     /// Wills, and bytes of wills, taken from one peer shard at most.
     max: usize,
     bytes_max: usize,
     /// Wills of ended runs published here.
     published: u64,
+    /// The latest run of each peer known to have ended: a late frame of
+    /// it (or an older one) is ignored, so its wills cannot come back.
+    ended: HashMap<u16, u64>,
 }
 
 impl Wills {
@@ -62,14 +66,20 @@ impl Wills {
             next: 0,
             max,
             published: 0,
+            ended: HashMap::default(),
         }
     }
 
-    fn schedule(&mut self, now: Instant, entries: Vec<WillEntry>) {
-        for e in entries {
+    /// The wills of a run that ended at `now`: each due its delay from
+    /// now, or, when it was waiting already, when it was due.
+    fn schedule(&mut self, now: Instant, peer: u16, entries: Vec<(WillEntry, Option<Instant>)>) {
+        for (e, due) in entries {
             self.next += 1;
-            let at = now + std::time::Duration::from_millis(e.delay_ms);
-            self.due.insert((at, self.next), (e.client_id, e.will));
+            let at = match due {
+                Some(t) => t.max(now),
+                None => now + std::time::Duration::from_millis(e.delay_ms),
+            };
+            self.due.insert((at, self.next), (peer, e.will));
         }
     }
 }
@@ -107,6 +117,7 @@ impl ShardCore {
                     client_id: slot.session.client_id().clone(),
                     will: will.clone(),
                     delay_ms,
+                    waiting: at.is_some(),
                 };
                 Some(r.wills.export.set(entry, at))
             }
@@ -157,6 +168,9 @@ impl ShardCore {
             return Ok(());
         };
         let w = &mut r.wills;
+        if w.ended.get(&peer).is_some_and(|&e| incarnation <= e) {
+            return Ok(());
+        }
         let (run, import) = w
             .imports
             .entry((peer, shard))
@@ -169,8 +183,8 @@ impl ShardCore {
             ended = import.take();
             *run = incarnation;
         }
-        let applied = import.apply(frame);
-        w.schedule(now, ended);
+        let applied = import.apply(frame, now);
+        w.schedule(now, peer, ended);
         drop(st);
         self.publish_due_peer_wills(now);
         applied
@@ -184,6 +198,8 @@ impl ShardCore {
         let Some(r) = st.remote.as_mut() else {
             return;
         };
+        let ended = r.wills.ended.entry(peer).or_insert(incarnation);
+        *ended = (*ended).max(incarnation);
         let keys: Vec<(u16, u16)> = r
             .wills
             .imports
@@ -208,7 +224,7 @@ impl ShardCore {
             self.id,
             ended.len()
         );
-        r.wills.schedule(now, ended);
+        r.wills.schedule(now, peer, ended);
         drop(st);
         self.publish_due_peer_wills(now);
     }
@@ -226,16 +242,17 @@ impl ShardCore {
             if entry.key().0 > now {
                 break;
             }
-            let (_, will) = entry.remove();
+            let (peer, will) = entry.remove();
             r.wills.published += 1;
             let message = Arc::new(Message::from_will(will, now));
-            self.route_here(&mut st, now, message, Source::default());
+            self.route_peer_will(&mut st, now, message, peer);
         }
         self.send_applied(&mut st);
     }
 
     /// Route `message` to this node's subscribers only, keeping its
     /// retained copy here: a will that every node publishes for itself.
+    /// Shared subscriptions are left to the peers, which publish it too.
     pub(super) fn route_here(
         &self,
         st: &mut State,
@@ -244,6 +261,45 @@ impl ShardCore {
         source: Source,
     ) -> bool {
         let mut plan = self.plan(st, &message, true);
+        plan.picks.clear();
+        self.route_planned_here(st, now, message, source, plan)
+    }
+
+    /// Publish the will of a client of dead peer `dead` here: to this
+    /// node's ordinary subscribers, and to a shared subscription only if
+    /// this node has the lowest name among the surviving nodes with
+    /// members (each survivor decides the same from its route replica), so
+    /// the group gets it once.
+    fn route_peer_will(&self, st: &mut State, now: Instant, message: Arc<Message>, dead: u16) {
+        let mut plan = self.plan(st, &message, true);
+        let Some(r) = st.remote.as_ref() else {
+            return;
+        };
+        let me = r.claims.me();
+        let names = &r.peer_names;
+        plan.picks.retain(|(_, pick)| {
+            let mut lowest = true;
+            st.routes.for_each_match(&message.topic, |key, _| {
+                if let RouteKey::NodeShared { pick: p, node } = key {
+                    let other = names.get(node).filter(|_| *node != dead && p == pick);
+                    if other.is_some_and(|n| **n < *me) {
+                        lowest = false;
+                    }
+                }
+            });
+            lowest
+        });
+        self.route_planned_here(st, now, message, Source::default(), plan);
+    }
+
+    fn route_planned_here(
+        &self,
+        st: &mut State,
+        now: Instant,
+        message: Arc<Message>,
+        source: Source,
+        mut plan: super::routing::Plan,
+    ) -> bool {
         if message.retain {
             plan.owner = Some(self.topic_owner(&message.topic));
         }
@@ -252,6 +308,33 @@ impl ShardCore {
             ..source
         };
         self.route_planned(st, now, message, source, plan)
+    }
+
+    /// Peer `index` is the node named `name` (shared subscriptions'
+    /// wills are served by the lowest name).
+    pub fn peer_named(&self, index: u16, name: &str) {
+        if let Some(r) = self.state.borrow_mut().remote.as_mut() {
+            r.peer_names.insert(index, Arc::from(name));
+        }
+    }
+
+    /// An orderly stop handed this shard's will changes to the peers,
+    /// which publish the wills still waiting once this node has left: a
+    /// will that comes due here from now on goes to this node's
+    /// subscribers only.
+    pub fn leaving_cluster(&self) {
+        if let Some(r) = self.state.borrow_mut().remote.as_mut() {
+            r.leaving = true;
+        }
+    }
+
+    /// True when a will of session `slot` goes to this node's subscribers
+    /// only: the peers published it, or will (see `leaving_cluster`).
+    pub(super) fn will_stays_here(
+        remote: Option<&super::remote::Remote>,
+        slot: &SessionSlot,
+    ) -> bool {
+        remote.is_some_and(|r| r.leaving || slot.will_of_last_run)
     }
 
     /// Wills held for peers' clients (all peers, all their shards).

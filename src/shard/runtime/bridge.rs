@@ -88,8 +88,8 @@ impl BridgeHandle {
     /// [`HAND_OVER_WAIT`]) until what that changed of its clients' wills
     /// (published, or waiting for their delay) is written to every link,
     /// so the peers publish only what is still due once this node leaves.
-    pub(crate) async fn hand_over(&self) {
-        let deadline = Instant::now() + HAND_OVER_WAIT;
+    pub(crate) async fn hand_over(&self, wait: Duration) {
+        let deadline = Instant::now() + wait.min(HAND_OVER_WAIT);
         while !self.bridge.drained() && Instant::now() < deadline {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
@@ -98,9 +98,9 @@ impl BridgeHandle {
 
     /// Shard 0: wait (at most [`HAND_OVER_WAIT`] more) until every shard
     /// of the node has handed over, before leaving the membership.
-    pub(crate) async fn all_handed_over(&self) {
+    pub(crate) async fn all_handed_over(&self, wait: Duration) {
         let shards = usize::from(self.bridge.me.shards);
-        let deadline = Instant::now() + HAND_OVER_WAIT;
+        let deadline = Instant::now() + wait.min(HAND_OVER_WAIT);
         while self.handed_over.load(Ordering::Acquire) < shards && Instant::now() < deadline {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
@@ -237,6 +237,7 @@ impl Bridge {
         log::debug!("cluster: shard {}: {ev:?}", self.me.shard);
         match ev {
             PeerEvent::Up { index, node } => {
+                self.core.peer_named(index, node.name.as_str());
                 let replaced = self.peers.borrow_mut().up(index, node, self.now_ms());
                 if let Some(incarnation) = replaced.ended_run {
                     // Restarted before it was declared down: the old run
@@ -259,19 +260,20 @@ impl Bridge {
                 if let Some(id) = link {
                     self.close_outbound(id, "the node is down");
                 }
-                let gone = self.imports.borrow_mut().remove(&index);
-                if let Some((mut import, link_id)) = gone {
+                if let Some((mut import, _)) = self.imports.borrow_mut().remove(&index) {
                     let removals = import.clear();
                     self.core.remote_routes(index, &removals, None);
-                    let route_link = self
-                        .inbound
-                        .borrow()
-                        .iter()
-                        .find(|l| l.id == link_id)
-                        .cloned();
-                    if let Some(l) = route_link {
-                        self.close(&l, "the node is down");
-                    }
+                }
+                // Every link from that run: nothing it still sends counts.
+                let from_it: Vec<Rc<Link>> = self
+                    .inbound
+                    .borrow()
+                    .iter()
+                    .filter(|l| l.peer.get() == Some(index))
+                    .cloned()
+                    .collect();
+                for l in from_it {
+                    self.close(&l, "the node is down");
                 }
                 self.recompute_acks();
             }
@@ -565,7 +567,13 @@ impl Bridge {
             );
             return;
         }
-        let index = self.peers.borrow().index_of(h.node.as_str(), h.incarnation);
+        let peers = self.peers.borrow();
+        let index = peers
+            .index_of(h.node.as_str(), h.incarnation)
+            // Its shard count as its membership says: a peer cannot make
+            // room for more tables (of wills) than it has shards.
+            .filter(|&i| peers.node(i).is_some_and(|n| n.shards == h.shards));
+        drop(peers);
         let Some(index) = index else {
             link.session.borrow_mut().refuse(
                 now,

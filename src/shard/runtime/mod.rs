@@ -180,9 +180,13 @@ pub(crate) async fn run_shard(
     // before they learn that this node left (and publish what is still
     // due).
     if let Some(b) = &bridge {
-        b.hand_over().await;
+        // A quarter of the shutdown timeout at most (1 s each at most):
+        // the connections still need the rest to flush.
+        let wait = Duration::from_secs(shard.config().server.shutdown_timeout_s) / 4;
+        b.hand_over(wait).await;
+        shard.leaving_cluster();
         if membership.is_some() {
-            b.all_handed_over().await;
+            b.all_handed_over(wait).await;
         }
     }
     if let Some(m) = membership {
