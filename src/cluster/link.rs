@@ -88,6 +88,10 @@ pub struct LinkSession {
     last_rx_ms: u64,
     last_tx_ms: u64,
     epoch: Instant,
+    /// Pings sent and Pongs received: the peer answers Pings in order,
+    /// each after it read everything sent before it.
+    pings: u64,
+    pongs: u64,
 }
 
 impl LinkSession {
@@ -126,6 +130,8 @@ impl LinkSession {
             last_rx_ms: now_ms,
             last_tx_ms: now_ms,
             epoch,
+            pings: 0,
+            pongs: 0,
         };
         if s.expect.is_some() {
             let hello = Frame::Hello(s.me.clone());
@@ -184,7 +190,10 @@ impl LinkSession {
                 self.events.push_back(LinkEvent::Frame(f));
                 Ok(())
             }
-            (Frame::Pong, true) => Ok(()),
+            (Frame::Pong, true) => {
+                self.pongs += 1;
+                Ok(())
+            }
             (f, true) => {
                 self.events.push_back(LinkEvent::Frame(f));
                 Ok(())
@@ -235,6 +244,13 @@ impl LinkSession {
         Ok(())
     }
 
+    /// Pings sent and Pongs received so far: when the Pongs reach the
+    /// Pings sent by some moment, the peer has read everything sent
+    /// before it.
+    pub fn pings_answered(&self) -> (u64, u64) {
+        (self.pings, self.pongs)
+    }
+
     /// Queue `f` for the peer (after the handshake): [`Full`] when the
     /// output is past its bound (the caller keeps the frame or drops it).
     pub fn send(&mut self, now_ms: u64, f: &Frame) -> Result<(), Full> {
@@ -264,6 +280,9 @@ impl LinkSession {
     }
 
     fn push(&mut self, f: &Frame, now_ms: u64) {
+        if let Frame::Ping { .. } = f {
+            self.pings += 1;
+        }
         let now = self.epoch + std::time::Duration::from_millis(now_ms);
         frame::encode(f, now, &mut self.tx);
         self.last_tx_ms = now_ms;
@@ -360,6 +379,19 @@ mod tests {
             b.poll_event(),
             Some(LinkEvent::Frame(Frame::RouteAck { seq: 3 }))
         );
+    }
+
+    #[test]
+    fn every_ping_is_answered_in_order_after_what_came_before_it() {
+        let (mut a, mut b) = pair(7);
+        greet(&mut a, &mut b).unwrap();
+        a.send(0, &Frame::RouteAck { seq: 1 }).unwrap();
+        a.send(0, &Frame::Ping { seq: 0, digest: 0 }).unwrap();
+        a.send(0, &Frame::Ping { seq: 0, digest: 0 }).unwrap();
+        assert_eq!(a.pings_answered(), (2, 0));
+        pump(&mut a, &mut b).unwrap();
+        pump(&mut b, &mut a).unwrap();
+        assert_eq!(a.pings_answered(), (2, 2));
     }
 
     #[test]

@@ -85,12 +85,37 @@ const HAND_OVER_WAIT: Duration = Duration::from_secs(1);
 
 impl BridgeHandle {
     /// The stopping shard has closed its connections: wait (at most
-    /// [`HAND_OVER_WAIT`]) until what that changed of its clients' wills
-    /// (published, or waiting for their delay) is written to every link,
-    /// so the peers publish only what is still due once this node leaves.
+    /// `wait`, and [`HAND_OVER_WAIT`]) until every peer has read what that
+    /// changed of its clients' wills (published, or waiting for their
+    /// delay), so the peers publish only what is still due once this node
+    /// leaves. A Ping after the changes is answered once the peer has read
+    /// them.
     pub(crate) async fn hand_over(&self, wait: Duration) {
+        let b = &self.bridge;
         let deadline = Instant::now() + wait.min(HAND_OVER_WAIT);
-        while !self.bridge.drained() && Instant::now() < deadline {
+        while !b.core.bridge_idle() && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        let now = b.now_ms();
+        let asked: Vec<(Rc<Link>, u64)> = b
+            .up_links()
+            .into_iter()
+            .map(|l| {
+                // Shard 0's Ping carries the route digest the peer checks.
+                let ping = match b.me.shard {
+                    0 => b.core.route_ping(),
+                    _ => Frame::Ping { seq: 0, digest: 0 },
+                };
+                l.session.borrow_mut().force_send(now, &ping);
+                l.wake.notify();
+                let (pings, _) = l.session.borrow().pings_answered();
+                (l, pings)
+            })
+            .collect();
+        let answered = |(l, pings): &(Rc<Link>, u64)| {
+            l.closed.get() || l.session.borrow().pings_answered().1 >= *pings
+        };
+        while !asked.iter().all(answered) && Instant::now() < deadline {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
         self.handed_over.fetch_add(1, Ordering::AcqRel);
@@ -208,17 +233,6 @@ pub(crate) fn start(core: Rc<ShardCore>, start: BridgeStart) -> std::io::Result<
 }
 
 impl Bridge {
-    /// Nothing left for the links: the core's outbox is empty and every
-    /// link up has written what it was given.
-    fn drained(&self) -> bool {
-        self.core.bridge_idle()
-            && self
-                .outbound
-                .borrow()
-                .values()
-                .all(|l| l.closed.get() || l.session.borrow().out_bytes() == 0)
-    }
-
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
