@@ -970,3 +970,26 @@ fn a_dead_peers_will_reaches_a_shared_group_from_one_survivor() {
     ));
     c.check_invariants();
 }
+
+/// Wills of ended runs waiting for their delays are kept up to
+/// `cluster.peer_wills_max` on a shard; past it they are dropped, counted.
+#[test]
+fn wills_waiting_for_their_delay_are_bounded() {
+    use crate::cluster::frame::{Frame, WillEntry};
+    let c = core_with(0, 1, |c| c.cluster.peer_wills_max = 2);
+    let t0 = Instant::now();
+    c.enable_cluster(t0, crate::persist::WallClock::now());
+    for (run, client) in [(1, "a"), (1, "b"), (2, "c")] {
+        let w = WillEntry {
+            client_id: client.into(),
+            will: will_on("status", b"gone", None),
+            delay_ms: 60_000,
+            waiting: false,
+        };
+        c.peer_wills(t0, 3, run, 0, &Frame::WillSet(Box::new(w)))
+            .unwrap();
+    }
+    c.peer_run_ended(t0, 3, 2);
+    assert_eq!(c.peer_wills_held(), 2);
+    assert_eq!(c.peer_wills_dropped(), 1);
+}

@@ -51,6 +51,9 @@ pub(super) struct Wills {
     bytes_max: usize,
     /// Wills of ended runs published here.
     published: u64,
+    /// Wills of ended runs not kept: more waiting for their delays than
+    /// `max` (peers restarting again and again with long will delays).
+    dropped: u64,
     /// The latest run of each peer known to have ended: a late frame of
     /// it (or an older one) is ignored, so its wills cannot come back.
     ended: HashMap<u16, u64>,
@@ -66,6 +69,7 @@ impl Wills {
             next: 0,
             max,
             published: 0,
+            dropped: 0,
             ended: HashMap::default(),
         }
     }
@@ -74,6 +78,10 @@ impl Wills {
     /// now, or, when it was waiting already, when it was due.
     fn schedule(&mut self, now: Instant, peer: u16, entries: Vec<(WillEntry, Option<Instant>)>) {
         for (e, due) in entries {
+            if self.due.len() >= self.max {
+                self.dropped += 1;
+                continue;
+            }
             self.next += 1;
             let at = match due {
                 Some(t) => t.max(now),
@@ -354,5 +362,12 @@ impl ShardCore {
     pub fn peer_wills_published(&self) -> u64 {
         let st = self.state.borrow();
         st.remote.as_ref().map_or(0, |r| r.wills.published)
+    }
+
+    /// Wills of ended runs of peers not kept: more were waiting for their
+    /// delays than `cluster.peer_wills_max`.
+    pub fn peer_wills_dropped(&self) -> u64 {
+        let st = self.state.borrow();
+        st.remote.as_ref().map_or(0, |r| r.wills.dropped)
     }
 }
