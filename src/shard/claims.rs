@@ -128,6 +128,7 @@ impl ShardCore {
         };
         let c = &mut r.claims;
         slot.claim = c.hlc.next(c.wall.to_ms(now));
+        let client_id = slot.session.client_id().clone();
         let claim = ClaimEntry {
             client_id: slot.session.client_id().clone(),
             stamp: slot.claim,
@@ -144,6 +145,8 @@ impl ShardCore {
         }
         r.out.push_back(BridgeOut::Claim(claim));
         r.wake.notify();
+        // Its client is back: a dead run's will of it waiting here goes.
+        Self::cancel_peer_will(st, &client_id);
     }
 
     /// How many peers have a link up from this shard now: a new
@@ -297,6 +300,8 @@ impl ShardCore {
         };
         r.claims.hlc.observe(stamp);
         let me = r.claims.me.clone();
+        // Its client is back: a dead run's will of it waiting here goes.
+        Self::cancel_peer_will(st, client_id);
         let Some(&key) = st.by_client.get(client_id) else {
             return;
         };

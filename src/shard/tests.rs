@@ -993,3 +993,45 @@ fn wills_waiting_for_their_delay_are_bounded() {
     assert_eq!(c.peer_wills_held(), 2);
     assert_eq!(c.peer_wills_dropped(), 1);
 }
+
+/// A dead peer's client that connects again before its will's delay
+/// passed, here or on a node whose claim arrives, cancels the will
+/// ([MQTT-3.1.3-9]).
+#[test]
+fn a_client_back_in_time_cancels_its_dead_nodes_will() {
+    use crate::cluster::frame::{ClaimEntry, Frame, WillEntry};
+    let c = cluster_core(0, 1);
+    let t0 = Instant::now();
+    c.routes_acked(u64::MAX);
+    let sub = attached(&c, t0, "sub");
+    c.handle_packet(&sub, t0, subscribe_packet(1, "status/#"));
+    pump(&[&c], t0);
+    written(&c, &sub, Version::V3_1_1);
+    for client in ["here", "there", "gone"] {
+        let w = WillEntry {
+            client_id: client.into(),
+            will: will_on(&format!("status/{client}"), b"gone", None),
+            delay_ms: 5_000,
+            waiting: false,
+        };
+        c.peer_wills(t0, 3, 1, 0, &Frame::WillSet(Box::new(w)))
+            .unwrap();
+    }
+    c.peer_run_ended(t0, 3, 1);
+    // "here" connects to this node, "there" to another one.
+    attached(&c, t0, "here");
+    let claim = ClaimEntry {
+        client_id: "there".into(),
+        stamp: 1,
+    };
+    c.handle_remote_claims(t0, ("b", 4), vec![claim], false);
+    c.handle_tick(t0 + Duration::from_secs(5));
+    let topics: Vec<String> = written(&c, &sub, Version::V3_1_1)
+        .into_iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some(p.topic.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(topics, ["status/gone"]);
+}

@@ -44,13 +44,18 @@ pub(super) struct Wills {
     imports: HashMap<(u16, u16), (u64, WillImport)>,
     /// Wills of ended runs waiting for their delay: by due time and a
     /// count (to keep equal times apart).
-    due: BTreeMap<(Instant, u64), (u16, Will)>,
+    due: BTreeMap<(Instant, u64), (u16, Arc<str>, Will)>,
+    /// The same by client id: a client that connects again (here, or on
+    /// a node whose claim arrives) cancels its will.
+    due_by_client: HashMap<Arc<str>, (Instant, u64)>,
     next: u64,
     /// Wills, and bytes of wills, taken from one peer shard at most.
     max: usize,
     bytes_max: usize,
     /// Wills of ended runs published here.
     published: u64,
+    /// Wills of ended runs cancelled: their clients came back in time.
+    cancelled: u64,
     /// Wills of ended runs not kept: more waiting for their delays than
     /// `max` (peers restarting again and again with long will delays).
     dropped: u64,
@@ -66,9 +71,11 @@ impl Wills {
             export: WillExport::new(),
             imports: HashMap::default(),
             due: BTreeMap::new(),
+            due_by_client: HashMap::default(),
             next: 0,
             max,
             published: 0,
+            cancelled: 0,
             dropped: 0,
             ended: HashMap::default(),
         }
@@ -87,7 +94,11 @@ impl Wills {
                 Some(t) => t.max(now),
                 None => now + std::time::Duration::from_millis(e.delay_ms),
             };
-            self.due.insert((at, self.next), (peer, e.will));
+            let key = (at, self.next);
+            if let Some(old) = self.due_by_client.insert(e.client_id.clone(), key) {
+                self.due.remove(&old);
+            }
+            self.due.insert(key, (peer, e.client_id, e.will));
         }
     }
 }
@@ -237,6 +248,19 @@ impl ShardCore {
         self.publish_due_peer_wills(now);
     }
 
+    /// `client_id` connected again (on this node, or on the node whose
+    /// claim arrived): a will of its from an ended run that still waits
+    /// for its delay does not go ([MQTT-3.1.3-9]).
+    pub(super) fn cancel_peer_will(st: &mut State, client_id: &str) {
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        if let Some(key) = r.wills.due_by_client.remove(client_id) {
+            r.wills.due.remove(&key);
+            r.wills.cancelled += 1;
+        }
+    }
+
     /// Publish the wills of ended runs that are due, here only.
     pub(super) fn publish_due_peer_wills(&self, now: Instant) {
         let mut st = self.state.borrow_mut();
@@ -250,7 +274,8 @@ impl ShardCore {
             if entry.key().0 > now {
                 break;
             }
-            let (peer, will) = entry.remove();
+            let (peer, client_id, will) = entry.remove();
+            r.wills.due_by_client.remove(&client_id);
             r.wills.published += 1;
             let message = Arc::new(Message::from_will(will, now));
             self.route_peer_will(&mut st, now, message, peer);
