@@ -56,6 +56,20 @@ pub fn own_buffers(payload: &mut Bytes, properties: &mut Properties) {
 }
 
 impl Message {
+    /// A QoS 0 retained message of `topic` with no properties (tests).
+    #[cfg(test)]
+    pub(crate) fn retained_for_test(topic: &str, payload: &'static [u8]) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(payload),
+            qos: QoS::AtMostOnce,
+            retain: true,
+            properties: Properties::default(),
+            expires_at: None,
+            publisher: None,
+        }
+    }
+
     /// Turn an inbound PUBLISH (topic already resolved) into a routed message.
     pub fn from_publish(publish: Publish, now: Instant, publisher: Option<ClientId>) -> Message {
         let mut payload = publish.payload;

@@ -47,19 +47,9 @@ fn tie_break(a: &Message, b: &Message) -> Ordering {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{Properties, QoS};
-    use bytes::Bytes;
 
     fn m(payload: &'static str) -> Message {
-        Message {
-            topic: "t".into(),
-            payload: Bytes::from_static(payload.as_bytes()),
-            qos: QoS::AtMostOnce,
-            retain: true,
-            properties: Properties::default(),
-            expires_at: None,
-            publisher: None,
-        }
+        Message::retained_for_test("t", payload.as_bytes())
     }
 
     #[test]

@@ -674,15 +674,7 @@ fn retained_version(
 ) -> crate::cluster::frame::RetainedEntry {
     crate::cluster::frame::RetainedEntry {
         stamp,
-        message: Arc::new(crate::message::Message {
-            topic: topic.into(),
-            payload: Bytes::from_static(payload),
-            qos: QoS::AtMostOnce,
-            retain: true,
-            properties: Properties::default(),
-            expires_at: None,
-            publisher: None,
-        }),
+        message: Arc::new(crate::message::Message::retained_for_test(topic, payload)),
     }
 }
 
