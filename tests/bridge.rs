@@ -218,36 +218,14 @@ impl Sim {
                 claims: vec![c],
                 answer: false,
             };
-            for b in 0..self.nodes.len() {
-                if let Some(c) = self.conns[a][b].as_mut() {
-                    if c.dialer.is_up() {
-                        c.dialer.send(self.step, &f).unwrap();
-                    }
-                }
-                self.transmit(a, b);
-            }
+            self.send_on_links_up(a, &f);
         }
         while let Some(e) = self.nodes[a].retained_outbox.pop_front() {
-            let f = Frame::Retained(vec![e]);
-            for b in 0..self.nodes.len() {
-                if let Some(c) = self.conns[a][b].as_mut() {
-                    if c.dialer.is_up() {
-                        c.dialer.send(self.step, &f).unwrap();
-                    }
-                }
-                self.transmit(a, b);
-            }
+            self.send_on_links_up(a, &Frame::Retained(vec![e]));
         }
         while let Some(f) = self.nodes[a].will_outbox.pop_front() {
             self.will_changes += 1;
-            for b in 0..self.nodes.len() {
-                if let Some(c) = self.conns[a][b].as_mut() {
-                    if c.dialer.is_up() {
-                        c.dialer.send(self.step, &f).unwrap();
-                    }
-                }
-                self.transmit(a, b);
-            }
+            self.send_on_links_up(a, &f);
         }
         while let Some((seq, change)) = self.nodes[a].outbox.pop_front() {
             self.deltas += 1;
@@ -259,6 +237,19 @@ impl Sim {
                 }
                 self.transmit(a, b);
             }
+        }
+    }
+
+    /// A change of node `a` on each of its links that is up (one that is
+    /// not gets it in the snapshot it starts with).
+    fn send_on_links_up(&mut self, a: usize, f: &Frame) {
+        for b in 0..self.nodes.len() {
+            if let Some(c) = self.conns[a][b].as_mut() {
+                if c.dialer.is_up() {
+                    c.dialer.send(self.step, f).unwrap();
+                }
+            }
+            self.transmit(a, b);
         }
     }
 

@@ -22,8 +22,6 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::claims::wins;
 use crate::cluster::frame::{ClaimEntry, Frame};
-use crate::cluster::hlc::Hlc;
-use crate::persist::WallClock;
 use crate::text::quote;
 
 use crate::hash::HashMap;
@@ -76,12 +74,11 @@ pub struct PeerClaim {
 
 /// A shard's claims (part of its cluster state).
 pub(super) struct Claims {
-    hlc: Hlc,
-    wall: WallClock,
     /// This node's name (ties between equal stamps).
     me: Arc<str>,
-    /// Claims of this shard's connections waiting for acknowledgements.
-    pending: HashMap<(Arc<str>, u64), Pending>,
+    /// Claims of this shard's connections waiting for acknowledgements,
+    /// by stamp (this shard's clock gives each stamp once).
+    pending: HashMap<u64, Pending>,
     /// Peers with a link up from this shard (the runtime says).
     links_up: usize,
     /// Connections closed here for a later one on another node.
@@ -97,10 +94,8 @@ impl Claims {
         self.me.clone()
     }
 
-    pub(super) fn new(wall: WallClock, me: Arc<str>) -> Claims {
+    pub(super) fn new(me: Arc<str>) -> Claims {
         Claims {
-            hlc: Hlc::new(),
-            wall,
             me,
             pending: HashMap::default(),
             links_up: 0,
@@ -126,13 +121,8 @@ impl ShardCore {
         let (Some(r), Some(slot)) = (st.remote.as_mut(), st.sessions.get_mut(key)) else {
             return;
         };
-        let c = &mut r.claims;
-        slot.claim = c.hlc.next(c.wall.to_ms(now));
+        slot.claim = r.hlc.next(r.wall.to_ms(now));
         let client_id = slot.session.client_id().clone();
-        let claim = ClaimEntry {
-            client_id: slot.session.client_id().clone(),
-            stamp: slot.claim,
-        };
         if let Some(ack) = held {
             let pending = Pending {
                 ack,
@@ -140,10 +130,12 @@ impl ShardCore {
                 acked: 0,
                 since: now,
             };
-            c.pending
-                .insert((claim.client_id.clone(), claim.stamp), pending);
+            r.claims.pending.insert(slot.claim, pending);
         }
-        r.out.push_back(BridgeOut::Claim(claim));
+        r.out.push_back(BridgeOut::Claim(ClaimEntry {
+            client_id: client_id.clone(),
+            stamp: slot.claim,
+        }));
         r.wake.notify();
         // Its client is back: a dead run's will of it waiting here goes.
         Self::cancel_peer_will(st, &client_id);
@@ -157,38 +149,28 @@ impl ShardCore {
         }
     }
 
-    /// The runtime sent claim `stamp` of `client_id` to `links` peers:
-    /// the connection's output waits for that many acknowledgements (none:
-    /// it goes at once).
-    pub fn claim_sent(&self, client_id: &str, stamp: u64, links: usize) {
+    /// The runtime sent this shard's claim `stamp` to `links` peers: the
+    /// connection's output waits for that many acknowledgements (none: it
+    /// goes at once).
+    pub fn claim_sent(&self, stamp: u64, links: usize) {
         let mut st = self.state.borrow_mut();
-        let Some(r) = st.remote.as_mut() else {
-            return;
-        };
-        let Some(p) = r.claims.pending.get_mut(&(Arc::from(client_id), stamp)) else {
-            return;
-        };
-        p.sent = Some(links);
-        self.release_answered_claim(&mut st, client_id, stamp);
+        self.claim_answered(&mut st, stamp, |p| p.sent = Some(links));
     }
 
-    /// Release the output held for a claim once every peer it was sent to
-    /// acknowledged it.
-    fn release_answered_claim(&self, st: &mut State, client_id: &str, stamp: u64) {
+    /// Update the claim `stamp` waits for with `f`; release its output
+    /// once every peer it was sent to acknowledged it.
+    fn claim_answered(&self, st: &mut State, stamp: u64, f: impl FnOnce(&mut Pending)) {
         let Some(r) = st.remote.as_mut() else {
             return;
         };
-        let key: (Arc<str>, u64) = (Arc::from(client_id), stamp);
-        let done = r
-            .claims
-            .pending
-            .get(&key)
-            .is_some_and(|p| p.sent.is_some_and(|n| p.acked >= n));
-        if !done {
+        let Some(p) = r.claims.pending.get_mut(&stamp) else {
             return;
-        }
-        if let Some(p) = r.claims.pending.remove(&key) {
-            self.ack(st, p.ack);
+        };
+        f(p);
+        if p.sent.is_some_and(|n| p.acked >= n) {
+            let ack = p.ack;
+            r.claims.pending.remove(&stamp);
+            self.ack(st, ack);
         }
     }
 
@@ -207,14 +189,7 @@ impl ShardCore {
 
     /// On the home shard: a peer acknowledged claim `a`.
     pub(super) fn claim_acked(&self, st: &mut State, a: &ClaimEntry) {
-        let Some(r) = st.remote.as_mut() else {
-            return;
-        };
-        let Some(p) = r.claims.pending.get_mut(&(a.client_id.clone(), a.stamp)) else {
-            return;
-        };
-        p.acked += 1;
-        self.release_answered_claim(st, &a.client_id, a.stamp);
+        self.claim_answered(st, a.stamp, |p| p.acked += 1);
     }
 
     /// Release the CONNACKs that waited [`CLAIM_WAIT`] for their claims'
@@ -226,12 +201,12 @@ impl ShardCore {
         if r.claims.pending.is_empty() {
             return;
         }
-        let overdue: Vec<(Arc<str>, u64)> = r
+        let overdue: Vec<u64> = r
             .claims
             .pending
             .iter()
             .filter(|(_, p)| now.saturating_duration_since(p.since) >= CLAIM_WAIT)
-            .map(|(k, _)| k.clone())
+            .map(|(&stamp, _)| stamp)
             .collect();
         for k in overdue {
             let held = st.remote.as_mut().and_then(|r| {
@@ -298,7 +273,7 @@ impl ShardCore {
         let Some(r) = st.remote.as_mut() else {
             return;
         };
-        r.claims.hlc.observe(stamp);
+        r.hlc.observe(stamp);
         let me = r.claims.me.clone();
         // Its client is back: a dead run's will of it waiting here goes.
         Self::cancel_peer_will(st, client_id);
@@ -321,6 +296,7 @@ impl ShardCore {
             .is_some_and(|slot| slot.session.cancel_pending_will());
         if cancelled {
             Self::durable_will_done(st, Some(key));
+            Self::export_will(st, key, now);
             Self::after_step(st, key, now);
         }
         if let Some(r) = st.remote.as_mut() {
@@ -367,19 +343,5 @@ impl ShardCore {
             claims,
             answer: false,
         })
-    }
-
-    /// CONNACKs released after [`CLAIM_WAIT`] without every peer's
-    /// acknowledgement.
-    pub fn claims_unanswered(&self) -> u64 {
-        let st = self.state.borrow();
-        st.remote.as_ref().map_or(0, |r| r.claims.unanswered)
-    }
-
-    /// Connections closed here because their client connected later on
-    /// another node.
-    pub fn connections_taken_over_elsewhere(&self) -> u64 {
-        let st = self.state.borrow();
-        st.remote.as_ref().map_or(0, |r| r.claims.taken_over)
     }
 }

@@ -19,10 +19,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cluster::frame::{Frame, RetainedEntry};
-use crate::cluster::retained::{wins, Hlc};
+use crate::cluster::retained::wins;
 use crate::hash::HashMap;
 use crate::message::Message;
-use crate::persist::WallClock;
 use crate::router::MatchWalk;
 
 use super::mesh::MeshMsg;
@@ -35,10 +34,6 @@ const ENTRY_OVERHEAD_BYTES: usize = 48;
 
 /// A shard's retained messages across nodes (part of its cluster state).
 pub(super) struct ClusterRetained {
-    hlc: Hlc,
-    wall: WallClock,
-    /// The stamp of every retained message this shard keeps.
-    stamps: HashMap<Arc<str>, u64>,
     /// Deletes remembered: topic → stamp and the delete itself.
     tombstones: HashMap<Arc<str>, (u64, Arc<Message>)>,
     /// The same, oldest first, to forget them.
@@ -54,17 +49,10 @@ pub(super) struct ClusterRetained {
 }
 
 impl ClusterRetained {
-    pub(super) fn new(
-        wall: WallClock,
-        tombstone_ms: u64,
-        tombstones_max: usize,
-    ) -> ClusterRetained {
+    pub(super) fn new(tombstone_ms: u64, tombstones_max: usize) -> ClusterRetained {
         ClusterRetained {
             tombstones_max: tombstones_max.max(1),
             tombstones_forgotten_early: 0,
-            hlc: Hlc::new(),
-            wall,
-            stamps: HashMap::default(),
             tombstones: HashMap::default(),
             tombstone_order: BTreeSet::new(),
             tombstone_ms,
@@ -125,22 +113,23 @@ impl ShardCore {
         let Some(r) = st.remote.as_mut() else {
             return Some(stamp_ms);
         };
-        let c = &mut r.retained;
+        let topic = &*message.topic;
+        let kept = st.retained.get(topic).map(|k| (k.stamp, &*k.message));
+        let held = kept.or_else(|| r.retained.tombstones.get(topic).map(|(s, m)| (*s, &**m)));
         match *version {
-            Version::Local => Some(c.hlc.next(c.wall.to_ms(now))),
+            Version::Local => {
+                // After the version it replaces, even one stamped by a
+                // clock that was ahead before a restart.
+                if let Some((old, _)) = held {
+                    r.hlc.observe(old);
+                }
+                Some(r.hlc.next(r.wall.to_ms(now)))
+            }
             Version::Peer(stamp) => {
-                c.hlc.observe(stamp);
-                let topic = &*message.topic;
-                let newer = match (c.stamps.get(topic), c.tombstones.get(topic)) {
-                    (Some(&old), _) => match st.retained.get(topic) {
-                        Some(m) => wins((stamp, message), (old, m)),
-                        None => stamp > old,
-                    },
-                    (None, Some((old, m))) => wins((stamp, message), (*old, m)),
-                    (None, None) => true,
-                };
+                r.hlc.observe(stamp);
+                let newer = held.is_none_or(|old| wins((stamp, message), old));
                 if !newer {
-                    c.stale += 1;
+                    r.retained.stale += 1;
                 }
                 newer.then_some(stamp)
             }
@@ -162,7 +151,6 @@ impl ShardCore {
         let topic = message.topic.clone();
         c.forget_tombstone(&topic);
         if message.payload.is_empty() {
-            c.stamps.remove(&topic);
             if c.tombstones.len() >= c.tombstones_max {
                 if let Some((_, oldest)) = c.tombstone_order.pop_first() {
                     c.tombstones.remove(&oldest);
@@ -171,8 +159,6 @@ impl ShardCore {
             }
             c.tombstone_order.insert((stamp, topic.clone()));
             c.tombstones.insert(topic, (stamp, message.clone()));
-        } else {
-            c.stamps.insert(topic, stamp);
         }
         if let Version::Local = version {
             let entry = RetainedEntry {
@@ -238,14 +224,14 @@ impl ShardCore {
         }
         let mut bytes = 0;
         while !snapshot.walk.is_done() && bytes < chunk_bytes {
-            st.retained.walk(&mut snapshot.walk, 256, 64, |topic, m| {
-                if m.is_expired(now) {
+            st.retained.walk(&mut snapshot.walk, 256, 64, |topic, k| {
+                if k.message.is_expired(now) {
                     return;
                 }
-                bytes += topic.len() + m.payload.len() + ENTRY_OVERHEAD_BYTES;
+                bytes += topic.len() + k.message.payload.len() + ENTRY_OVERHEAD_BYTES;
                 entries.push(RetainedEntry {
-                    stamp: c.stamps.get(topic).copied().unwrap_or(0),
-                    message: m.clone(),
+                    stamp: k.stamp,
+                    message: k.message.clone(),
                 });
             });
         }
@@ -257,8 +243,8 @@ impl ShardCore {
         let Some(r) = st.remote.as_mut() else {
             return;
         };
+        let horizon = r.wall.to_ms(now).saturating_sub(r.retained.tombstone_ms);
         let c = &mut r.retained;
-        let horizon = c.wall.to_ms(now).saturating_sub(c.tombstone_ms);
         while let Some((stamp, topic)) = c.tombstone_order.first().cloned() {
             if stamp >= horizon {
                 break;
@@ -266,40 +252,5 @@ impl ShardCore {
             c.tombstone_order.pop_first();
             c.tombstones.remove(&topic);
         }
-    }
-
-    /// Joining a cluster: the stamps of the retained messages restored
-    /// from the log (0 without one), and a clock past all of them.
-    pub(super) fn stamp_restored_retained(st: &mut State) {
-        let mut stamps = Vec::new();
-        let store = st.store.as_ref();
-        st.retained.for_each(|topic, m| {
-            let stamp = store
-                .and_then(|s| s.live.retained_stamp(topic))
-                .unwrap_or(0);
-            stamps.push((m.topic.clone(), stamp));
-        });
-        let Some(r) = st.remote.as_mut() else {
-            return;
-        };
-        for (topic, stamp) in stamps {
-            r.retained.hlc.observe(stamp);
-            r.retained.stamps.insert(topic, stamp);
-        }
-    }
-
-    /// Deletes forgotten before their time: more of them than the shard
-    /// keeps retained messages.
-    pub fn tombstones_forgotten_early(&self) -> u64 {
-        let st = self.state.borrow();
-        st.remote
-            .as_ref()
-            .map_or(0, |r| r.retained.tombstones_forgotten_early)
-    }
-
-    /// Retained versions from peers not kept (older than this node's).
-    pub fn retained_stale(&self) -> u64 {
-        let st = self.state.borrow();
-        st.remote.as_ref().map_or(0, |r| r.retained.stale)
     }
 }

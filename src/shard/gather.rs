@@ -197,11 +197,11 @@ impl ShardCore {
         let mut expired: Vec<Box<str>> = Vec::new();
         let found_max = credit.clamp(1, RETAINED_CHUNK_MAX);
         st.retained
-            .walk(walk, RETAINED_VISITS_MAX, found_max, |topic, m| {
-                if m.is_expired(now) {
+            .walk(walk, RETAINED_VISITS_MAX, found_max, |topic, k| {
+                if k.message.is_expired(now) {
                     expired.push(topic.into());
                 } else {
-                    out.push(m.clone());
+                    out.push(k.message.clone());
                 }
             });
         for topic in expired {

@@ -109,7 +109,7 @@ pub use cluster_retained::RetainedSnapshot;
 pub use connect::Handshake;
 use mesh::{Mesh, RouteKey};
 use notify::Notify;
-pub use remote::BridgeOut;
+pub use remote::{BridgeOut, ClusterStats};
 pub use runtime::last_client;
 use slab::Slab;
 
@@ -213,6 +213,16 @@ impl ConnHandle {
             Phase::Open => Vec::new(),
         }
     }
+}
+
+/// A retained message as its owner shard keeps it.
+#[derive(Debug)]
+struct Kept {
+    message: Arc<Message>,
+    /// When it was stored (Unix ms; in a cluster, its hybrid-logical-clock
+    /// stamp): what orders it against messages routed again after a
+    /// restart, and against other nodes' versions.
+    stamp: u64,
 }
 
 /// A session and the connection attached to it.
@@ -331,7 +341,7 @@ struct State {
     /// Replica of every shard's routes: filter → who has subscribers.
     routes: FilterTrie<RouteKey, ()>,
     /// Retained messages of the topics this shard owns.
-    retained: RetainedStore<Arc<Message>>,
+    retained: RetainedStore<Kept>,
     /// Their bytes (`Message::cost_bytes`).
     retained_bytes: u64,
     /// Round-robin position per shared subscription over the shards with
@@ -548,7 +558,6 @@ impl ShardCore {
                         qos2_packet_id: packet_id.filter(|_| qos == QoS::ExactlyOnce),
                         delayed: None,
                         will_of: will.then_some(key),
-                        remote: false,
                     };
                     let last_run = will && Self::will_stays_here(st.remote.as_ref(), slot);
                     let accepted = match delay_s {
@@ -584,6 +593,10 @@ impl ShardCore {
                 }
             }
         }
+        // Only a session's own steps change its will (not a delivery).
+        if st.remote.is_some() {
+            Self::export_will(st, key, now);
+        }
         Self::after_step(st, key, now);
     }
 
@@ -597,9 +610,6 @@ impl ShardCore {
         if st.store.is_some() {
             Self::drain_journal(st, key);
             Self::hold_for_sync(st, key);
-        }
-        if st.remote.is_some() {
-            Self::export_will(st, key, now);
         }
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
@@ -742,7 +752,7 @@ impl ShardCore {
         );
         let mut retained = 0u64;
         st.retained
-            .for_each(|_, m| retained += m.cost_bytes() as u64);
+            .for_each(|_, k| retained += k.message.cost_bytes() as u64);
         assert_eq!(retained, st.retained_bytes, "retained bytes match");
         let delayed: u64 = st.delayed.values().map(|m| m.cost_bytes() as u64).sum();
         assert_eq!(delayed, st.delayed_bytes, "delayed bytes match");

@@ -27,7 +27,7 @@ use crate::persist::WallClock;
 use super::mesh::SharedPick;
 use super::mesh::{AckTo, MeshMsg, RouteKey};
 use super::notify::Notify;
-use super::routing::{Plan, Source};
+use super::routing::{Plan, Reach, Source};
 use super::{ShardCore, State};
 
 /// What a shard has for the bridge.
@@ -74,6 +74,35 @@ pub enum BridgeOut {
     },
 }
 
+/// A shard's cluster counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterStats {
+    /// Messages from other nodes dropped (expired on the way, or the log
+    /// could not take them).
+    pub remote_dropped: u64,
+    /// Wills held for peers' clients (all peers, all their shards, those
+    /// waiting for their delays included).
+    pub peer_wills_held: usize,
+    /// Wills of ended runs of peers published here.
+    pub peer_wills_published: u64,
+    /// Wills of ended runs cancelled: their clients came back in time.
+    pub peer_wills_cancelled: u64,
+    /// Wills of ended runs not kept: more were waiting for their delays
+    /// than `cluster.peer_wills_max`.
+    pub peer_wills_dropped: u64,
+    /// Retained versions from peers not kept (older than this node's).
+    pub retained_stale: u64,
+    /// Deletes forgotten before `cluster.retained_tombstone_s`: more of
+    /// them than the shard keeps retained messages.
+    pub tombstones_forgotten_early: u64,
+    /// CONNACKs released after `CLAIM_WAIT` without every peer's
+    /// acknowledgement.
+    pub claims_unanswered: u64,
+    /// Connections closed here because their client connected later on
+    /// another node.
+    pub connections_taken_over: u64,
+}
+
 /// A shard's cluster state (None on a broker that runs alone).
 pub(super) struct Remote {
     /// Shard 0: this node's routes as its peers know them.
@@ -96,6 +125,10 @@ pub(super) struct Remote {
     pub(super) next_fence: u64,
     /// Wills across nodes.
     pub(super) wills: super::wills::Wills,
+    /// The shard's hybrid logical clock (retained versions, claims), and
+    /// the wall clock under it.
+    pub(super) hlc: crate::cluster::hlc::Hlc,
+    pub(super) wall: WallClock,
     /// Retained messages across nodes.
     pub(super) retained: super::cluster_retained::ClusterRetained,
     /// Claims of client ids.
@@ -138,8 +171,9 @@ impl ShardCore {
                 self.config.cluster.peer_wills_max,
                 self.config.cluster.peer_wills_bytes_max,
             ),
+            hlc: crate::cluster::hlc::Hlc::new(),
+            wall,
             retained: super::cluster_retained::ClusterRetained::new(
-                wall,
                 self.config
                     .cluster
                     .retained_tombstone_s
@@ -148,12 +182,8 @@ impl ShardCore {
             ),
             leaving: false,
             peer_names: hashbrown::HashMap::new(),
-            claims: super::claims::Claims::new(
-                wall,
-                Arc::from(self.config.cluster.node_id.as_str()),
-            ),
+            claims: super::claims::Claims::new(Arc::from(self.config.cluster.node_id.as_str())),
         });
-        Self::stamp_restored_retained(&mut st);
         // Sessions restored from the log: their wills. (A connection
         // attached before the cluster started would be claimed too; the
         // runtime starts it before it listens.)
@@ -219,16 +249,12 @@ impl ShardCore {
             shared,
         } = publish;
         let routed = !message.is_expired(now) && {
-            let mut plan = self.plan(&mut st, &message, true);
+            let mut plan = self.plan(&mut st, &message, Reach::FromPeer);
             if !ordinary {
                 plan.ordinary.clear();
             }
             plan.picks.retain(|(_, p)| shared.contains(p));
-            let source = Source {
-                remote: true,
-                ..Source::default()
-            };
-            self.route_planned(&mut st, now, message, source, plan)
+            self.route_planned(&mut st, now, message, Source::default(), plan)
         };
         if !routed {
             if let Some(r) = st.remote.as_mut() {
@@ -339,13 +365,24 @@ impl ShardCore {
         true
     }
 
-    /// Messages from other nodes dropped (expired, or the log was full).
-    pub fn remote_dropped(&self) -> u64 {
-        self.state
-            .borrow()
-            .remote
-            .as_ref()
-            .map_or(0, |r| r.remote_dropped)
+    /// The shard's cluster counters (all zero outside a cluster).
+    pub fn cluster_stats(&self) -> ClusterStats {
+        let st = self.state.borrow();
+        let Some(r) = st.remote.as_ref() else {
+            return ClusterStats::default();
+        };
+        let (w, c) = (&r.wills, &r.claims);
+        ClusterStats {
+            remote_dropped: r.remote_dropped,
+            peer_wills_held: w.held(),
+            peer_wills_published: w.published,
+            peer_wills_cancelled: w.cancelled,
+            peer_wills_dropped: w.dropped,
+            retained_stale: r.retained.stale,
+            tombstones_forgotten_early: r.retained.tombstones_forgotten_early,
+            claims_unanswered: c.unanswered,
+            connections_taken_over: c.taken_over,
+        }
     }
 
     /// Queue `message` for each remote node the plan names: once per

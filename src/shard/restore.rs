@@ -100,7 +100,7 @@ impl ShardCore {
                 .live
                 .restore_retained(r.message.topic.clone(), r.seg, r.bytes, r.stamp_ms);
             let topic = r.message.topic.clone();
-            Self::insert_retained(&mut st, &topic, r.message);
+            Self::insert_retained(&mut st, &topic, r.message, r.stamp_ms);
         }
         for d in delayed {
             let due = clock.to_instant(d.due_ms);

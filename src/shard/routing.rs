@@ -34,9 +34,20 @@ pub(super) struct Source {
     pub(super) delayed: Option<u64>,
     /// The session whose will this is.
     pub(super) will_of: Option<SessionKey>,
-    /// Another node sent it: deliver it on this node only, keep no
-    /// retained copy (the publisher's node does).
-    pub(super) remote: bool,
+}
+
+/// How far a message routed on this shard goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reach {
+    /// Every subscriber in the cluster, its retained copy kept here (it was
+    /// published on this node).
+    Cluster,
+    /// This node's subscribers only, no retained copy (another node sent
+    /// it; the publisher's node keeps that, and sends it on).
+    FromPeer,
+    /// This node's subscribers only, its retained copy kept here (a will
+    /// every node publishes for itself).
+    Here,
 }
 
 /// One session's delivery of a routed message (the fan-out's target).
@@ -111,7 +122,7 @@ impl ShardCore {
         message: Arc<Message>,
         source: Source,
     ) -> bool {
-        let plan = self.plan(st, &message, source.remote);
+        let plan = self.plan(st, &message, Reach::Cluster);
         self.route_planned(st, now, message, source, plan)
     }
 
@@ -199,10 +210,11 @@ impl ShardCore {
     /// Where `message` goes: its retained copy's owner, the shards with
     /// ordinary subscribers of its topic, and for each shared subscription
     /// matching it the shard chosen (round-robin) to serve it; and the
-    /// remote nodes with subscribers, unless it came from one (`remote`).
-    pub(super) fn plan(&self, st: &mut State, message: &Message, remote: bool) -> Plan {
+    /// remote nodes with subscribers, as far as `reach` goes.
+    pub(super) fn plan(&self, st: &mut State, message: &Message, reach: Reach) -> Plan {
         let topic = &*message.topic;
-        let owner = (message.retain && !remote).then(|| self.topic_owner(topic));
+        let owner = (message.retain && reach != Reach::FromPeer).then(|| self.topic_owner(topic));
+        let remote = reach != Reach::Cluster;
         let mut ordinary: SmallVec<[u16; 8]> = SmallVec::new();
         let mut nodes: SmallVec<[u16; 4]> = SmallVec::new();
         let mut shared: SmallVec<[(SharedPick, SmallVec<[Server; 4]>); 1]> = SmallVec::new();
@@ -669,7 +681,7 @@ impl ShardCore {
         let topic = message.topic.clone();
         Self::durable_retain(st, &message, origin, stamp_ms);
         Self::retained_kept(st, &message, stamp_ms, &version);
-        Self::insert_retained(st, &topic, message);
+        Self::insert_retained(st, &topic, message, stamp_ms);
     }
 
     /// Why `message` cannot be retained here, if it cannot: too large for
@@ -683,7 +695,10 @@ impl ShardCore {
                 "larger than mqtt.retained_message_bytes_max ({per_message})"
             ));
         }
-        let old = st.retained.get(&message.topic).map(|m| m.cost_bytes());
+        let old = st
+            .retained
+            .get(&message.topic)
+            .map(|k| k.message.cost_bytes());
         if old.is_none() && st.retained.len() >= self.retained_max {
             return Some(format!(
                 "the shard's share of mqtt.retained_messages_max ({}) is in use",
@@ -701,17 +716,17 @@ impl ShardCore {
     }
 
     /// Keep `message` as the retained message of `topic`, counting bytes.
-    pub(super) fn insert_retained(st: &mut State, topic: &str, message: Arc<Message>) {
+    pub(super) fn insert_retained(st: &mut State, topic: &str, message: Arc<Message>, stamp: u64) {
         st.retained_bytes += message.cost_bytes() as u64;
-        if let Some(old) = st.retained.insert(topic, message) {
-            st.retained_bytes -= old.cost_bytes() as u64;
+        if let Some(old) = st.retained.insert(topic, super::Kept { message, stamp }) {
+            st.retained_bytes -= old.message.cost_bytes() as u64;
         }
     }
 
     /// Drop the retained message of `topic`, counting bytes.
     pub(super) fn remove_retained(st: &mut State, topic: &str) {
         if let Some(old) = st.retained.remove(topic) {
-            st.retained_bytes -= old.cost_bytes() as u64;
+            st.retained_bytes -= old.message.cost_bytes() as u64;
         }
     }
 

@@ -611,7 +611,7 @@ fn the_wills_of_a_peer_whose_run_ended_are_published_here_only() {
         &Frame::WillSet(Box::new(entry("old", b"old", 0))),
     )
     .unwrap();
-    assert_eq!(c.peer_wills_held(), 2);
+    assert_eq!(c.cluster_stats().peer_wills_held, 2);
     assert!(written(&c, &sub, Version::V3_1_1).is_empty());
 
     let t1 = t0 + Duration::from_secs(10);
@@ -634,8 +634,8 @@ fn the_wills_of_a_peer_whose_run_ended_are_published_here_only() {
         bridge_out(&c).is_empty(),
         "a peer's will goes to no other node"
     );
-    assert_eq!(c.peer_wills_published(), 2);
-    assert_eq!(c.peer_wills_held(), 0);
+    assert_eq!(c.cluster_stats().peer_wills_published, 2);
+    assert_eq!(c.cluster_stats().peer_wills_held, 0);
     // A frame of run 7 still in flight when its end was known is ignored.
     c.peer_wills(
         t1,
@@ -645,7 +645,7 @@ fn the_wills_of_a_peer_whose_run_ended_are_published_here_only() {
         &Frame::WillSet(Box::new(entry("late", b"late", 0))),
     )
     .unwrap();
-    assert_eq!(c.peer_wills_held(), 0);
+    assert_eq!(c.cluster_stats().peer_wills_held, 0);
 
     // Run 8 of node 3 sends a will; run 9's first snapshot ends run 8.
     c.peer_wills(
@@ -731,7 +731,7 @@ fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
     };
     // An older version from a peer: not kept.
     c0.handle_remote_retained(t0, vec![version(stamp - 1, b"older", &topic)]);
-    assert_eq!(c0.retained_stale(), 1);
+    assert_eq!(c0.cluster_stats().retained_stale, 1);
     assert_eq!(held(&c0, &topic).as_deref(), Some(&b"mine"[..]));
     // A newer one replaces it, and is not sent on to the peers.
     c0.handle_remote_retained(t0, vec![version(stamp + 10, b"newer", &topic)]);
@@ -740,7 +740,7 @@ fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
     c0.handle_remote_retained(t0, vec![version(stamp + 20, b"", &topic)]);
     c0.handle_remote_retained(t0, vec![version(stamp + 15, b"zombie", &topic)]);
     assert_eq!(held(&c0, &topic), None);
-    assert_eq!(c0.retained_stale(), 2);
+    assert_eq!(c0.cluster_stats().retained_stale, 2);
     assert!(
         !bridge_out(&c0)
             .iter()
@@ -792,7 +792,7 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
         other => panic!("the connection's claim: {other:?}"),
     };
     // Sent to two peers: CONNACK after both acknowledged.
-    c.claim_sent("dev", stamp, 2);
+    c.claim_sent(stamp, 2);
     let mine = ClaimEntry {
         client_id: "dev".into(),
         stamp,
@@ -812,7 +812,7 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
         [super::BridgeOut::Claim(claim)] => claim.stamp,
         other => panic!("{other:?}"),
     };
-    c.claim_sent("late", late_stamp, 1);
+    c.claim_sent(late_stamp, 1);
     c.handle_tick(t0 + super::claims::CLAIM_WAIT - Duration::from_millis(1));
     assert!(written(&c, &late, Version::V5).is_empty());
     c.handle_tick(t0 + super::claims::CLAIM_WAIT);
@@ -820,7 +820,7 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
         &written(&c, &late, Version::V5)[..],
         [Packet::ConnAck(_)]
     ));
-    assert_eq!(c.claims_unanswered(), 1);
+    assert_eq!(c.cluster_stats().claims_unanswered, 1);
     // With no peer link up, nothing waits.
     c.set_peer_links_up(0);
     attached(&c, t0, "alone");
@@ -859,7 +859,7 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
         &conn.poll_last_packets()[..],
         [Packet::Disconnect(d)] if d.reason == reason::SESSION_TAKEN_OVER
     ));
-    assert_eq!(c.connections_taken_over_elsewhere(), 1);
+    assert_eq!(c.cluster_stats().connections_taken_over, 1);
     assert_eq!(snapshot(&c).len(), 2, "the other two are live here");
     c.check_invariants();
 }
@@ -880,13 +880,21 @@ fn a_retained_delete_is_remembered_for_its_tombstone_time() {
     let version = |stamp, payload| retained_version(stamp, payload, "gone");
     c.handle_remote_retained(t0, vec![version(999_000, b"")]);
     c.handle_remote_retained(t0, vec![version(998_000, b"old")]);
-    assert_eq!(c.retained_stale(), 1, "refused while the delete is known");
+    assert_eq!(
+        c.cluster_stats().retained_stale,
+        1,
+        "refused while the delete is known"
+    );
     c.handle_tick(t0 + Duration::from_secs(59));
     c.handle_remote_retained(t0, vec![version(998_000, b"old")]);
-    assert_eq!(c.retained_stale(), 2, "still known 59 s on");
+    assert_eq!(c.cluster_stats().retained_stale, 2, "still known 59 s on");
     c.handle_tick(t0 + Duration::from_secs(61));
     c.handle_remote_retained(t0, vec![version(998_000, b"old")]);
-    assert_eq!(c.retained_stale(), 2, "forgotten: the old copy is taken");
+    assert_eq!(
+        c.cluster_stats().retained_stale,
+        2,
+        "forgotten: the old copy is taken"
+    );
     // The shard keeps mqtt.retained_messages_max deletes at most.
     let max = c.config().mqtt.retained_messages_max as u64;
     for i in 0..max {
@@ -894,11 +902,11 @@ fn a_retained_delete_is_remembered_for_its_tombstone_time() {
         Arc::get_mut(&mut v.message).unwrap().topic = format!("d/{i}").into();
         c.handle_remote_retained(t0, vec![v]);
     }
-    assert_eq!(c.tombstones_forgotten_early(), 0);
+    assert_eq!(c.cluster_stats().tombstones_forgotten_early, 0);
     let mut v = version(3_000_000, b"");
     Arc::get_mut(&mut v.message).unwrap().topic = "d/last".into();
     c.handle_remote_retained(t0, vec![v]);
-    assert_eq!(c.tombstones_forgotten_early(), 1);
+    assert_eq!(c.cluster_stats().tombstones_forgotten_early, 1);
     let sub = attached(&c, t0, "reader");
     c.handle_packet(&sub, t0, subscribe_packet(1, "gone"));
     c.routes_acked(u64::MAX);
@@ -982,8 +990,8 @@ fn wills_waiting_for_their_delay_are_bounded() {
             .unwrap();
     }
     c.peer_run_ended(t0, 3, 2);
-    assert_eq!(c.peer_wills_held(), 2);
-    assert_eq!(c.peer_wills_dropped(), 1);
+    assert_eq!(c.cluster_stats().peer_wills_held, 2);
+    assert_eq!(c.cluster_stats().peer_wills_dropped, 1);
 }
 
 /// A dead peer's client that connects again before its will's delay

@@ -2,7 +2,7 @@
 //! tells its peers of its own clients' wills, and the wills it holds for
 //! the peers' clients until their node's run ends.
 //!
-//! Shard-local, no I/O. After every step of a session the shard compares
+//! Shard-local, no I/O. After each of a session's own steps the shard compares
 //! the will the session would leave now with what its export holds and
 //! puts the change in the bridge outbox ([`BridgeOut::Will`]), which the
 //! runtime writes to every link up; a link that comes up starts with
@@ -32,7 +32,7 @@ use crate::session::WillDue;
 
 use super::mesh::RouteKey;
 use super::remote::BridgeOut;
-use super::routing::Source;
+use super::routing::{Reach, Source};
 use super::{SessionKey, SessionSlot, ShardCore, State};
 
 /// A shard's wills across nodes (part of its cluster state).
@@ -53,12 +53,12 @@ pub(super) struct Wills {
     max: usize,
     bytes_max: usize,
     /// Wills of ended runs published here.
-    published: u64,
+    pub(super) published: u64,
     /// Wills of ended runs cancelled: their clients came back in time.
-    cancelled: u64,
+    pub(super) cancelled: u64,
     /// Wills of ended runs not kept: more waiting for their delays than
     /// `max` (peers restarting again and again with long will delays).
-    dropped: u64,
+    pub(super) dropped: u64,
     /// The latest run of each peer known to have ended: a late frame of
     /// it (or an older one) is ignored, so its wills cannot come back.
     ended: HashMap<u16, u64>,
@@ -79,6 +79,11 @@ impl Wills {
             dropped: 0,
             ended: HashMap::default(),
         }
+    }
+
+    /// Wills held: in the peers' tables and waiting for their delays.
+    pub(super) fn held(&self) -> usize {
+        self.imports.values().map(|(_, i)| i.len()).sum::<usize>() + self.due.len()
     }
 
     /// The wills of a run that ended at `now`: each due its delay from
@@ -203,9 +208,11 @@ impl ShardCore {
             *run = incarnation;
         }
         let applied = import.apply(frame, now);
-        w.schedule(now, peer, ended);
-        drop(st);
-        self.publish_due_peer_wills(now);
+        if !ended.is_empty() {
+            w.schedule(now, peer, ended);
+            drop(st);
+            self.publish_due_peer_wills(now);
+        }
         applied
     }
 
@@ -264,6 +271,7 @@ impl ShardCore {
     /// Publish the wills of ended runs that are due, here only.
     pub(super) fn publish_due_peer_wills(&self, now: Instant) {
         let mut st = self.state.borrow_mut();
+        let mut published = false;
         loop {
             let Some(r) = st.remote.as_mut() else {
                 return;
@@ -274,13 +282,16 @@ impl ShardCore {
             if entry.key().0 > now {
                 break;
             }
+            published = true;
             let (peer, client_id, will) = entry.remove();
             r.wills.due_by_client.remove(&client_id);
             r.wills.published += 1;
             let message = Arc::new(Message::from_will(will, now));
             self.route_peer_will(&mut st, now, message, peer);
         }
-        self.send_applied(&mut st);
+        if published {
+            self.send_applied(&mut st);
+        }
     }
 
     /// Route `message` to this node's subscribers only, keeping its
@@ -293,9 +304,9 @@ impl ShardCore {
         message: Arc<Message>,
         source: Source,
     ) -> bool {
-        let mut plan = self.plan(st, &message, true);
+        let mut plan = self.plan(st, &message, Reach::Here);
         plan.picks.clear();
-        self.route_planned_here(st, now, message, source, plan)
+        self.route_planned(st, now, message, source, plan)
     }
 
     /// Publish the will of a client of dead peer `dead` here: to this
@@ -304,7 +315,7 @@ impl ShardCore {
     /// members (each survivor decides the same from its route replica), so
     /// the group gets it once.
     fn route_peer_will(&self, st: &mut State, now: Instant, message: Arc<Message>, dead: u16) {
-        let mut plan = self.plan(st, &message, true);
+        let mut plan = self.plan(st, &message, Reach::Here);
         let Some(r) = st.remote.as_ref() else {
             return;
         };
@@ -322,25 +333,7 @@ impl ShardCore {
             });
             lowest
         });
-        self.route_planned_here(st, now, message, Source::default(), plan);
-    }
-
-    fn route_planned_here(
-        &self,
-        st: &mut State,
-        now: Instant,
-        message: Arc<Message>,
-        source: Source,
-        mut plan: super::routing::Plan,
-    ) -> bool {
-        if message.retain {
-            plan.owner = Some(self.topic_owner(&message.topic));
-        }
-        let source = Source {
-            remote: true,
-            ..source
-        };
-        self.route_planned(st, now, message, source, plan)
+        self.route_planned(st, now, message, Source::default(), plan);
     }
 
     /// Peer `index` is the node named `name` (shared subscriptions'
@@ -368,31 +361,5 @@ impl ShardCore {
         slot: &SessionSlot,
     ) -> bool {
         remote.is_some_and(|r| r.leaving || slot.will_of_last_run)
-    }
-
-    /// Wills held for peers' clients (all peers, all their shards).
-    pub fn peer_wills_held(&self) -> usize {
-        let st = self.state.borrow();
-        st.remote.as_ref().map_or(0, |r| {
-            r.wills
-                .imports
-                .values()
-                .map(|(_, i)| i.len())
-                .sum::<usize>()
-                + r.wills.due.len()
-        })
-    }
-
-    /// Wills of ended runs of peers published here.
-    pub fn peer_wills_published(&self) -> u64 {
-        let st = self.state.borrow();
-        st.remote.as_ref().map_or(0, |r| r.wills.published)
-    }
-
-    /// Wills of ended runs of peers not kept: more were waiting for their
-    /// delays than `cluster.peer_wills_max`.
-    pub fn peer_wills_dropped(&self) -> u64 {
-        let st = self.state.borrow();
-        st.remote.as_ref().map_or(0, |r| r.wills.dropped)
     }
 }

@@ -132,7 +132,7 @@ impl ShardCore {
                     rewrite_message(store, id, targets.remove(&id).unwrap_or_default(), victim)
                 }
                 Obj::Retained(topic) => match retained.get(&topic) {
-                    Some(m) => rewrite_retained(store, m, victim),
+                    Some(k) => rewrite_retained(store, &k.message, victim),
                     None => true,
                 },
                 Obj::Delayed(id) => {

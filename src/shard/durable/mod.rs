@@ -535,11 +535,6 @@ impl Liveness {
         self.retained.insert(topic, meta);
     }
 
-    /// The stamp a retained topic's record holds.
-    pub(in crate::shard) fn retained_stamp(&self, topic: &str) -> Option<u64> {
-        self.retained.get(topic).map(|m| m.stamp_ms)
-    }
-
     /// A restored delayed publish.
     pub(super) fn restore_delayed(&mut self, id: u64, due: Instant, seg: u64, bytes: u32) {
         self.live_bytes += u64::from(bytes);

@@ -120,7 +120,8 @@ impl ShardCore {
                 stamp_ms,
                 origin,
             } => {
-                let message = st.retained.get(&topic).cloned().unwrap_or_else(|| {
+                let kept = st.retained.get(&topic).map(|k| k.message.clone());
+                let message = kept.unwrap_or_else(|| {
                     Arc::new(Message {
                         topic: topic.clone(),
                         payload: bytes::Bytes::new(),

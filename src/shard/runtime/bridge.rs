@@ -369,14 +369,26 @@ impl Bridge {
     fn to_every_link(&self, now: u64, frame: &Frame, what: &str) -> usize {
         let links = self.up_links();
         for l in &links {
-            l.session.borrow_mut().force_send(now, frame);
-            l.wake.notify();
-            let backlog = l.session.borrow().out_bytes();
-            if backlog > self.settings.out_bytes_max.saturating_mul(4) {
-                self.close(l, &format!("{what} changes not read"));
-            }
+            self.force_on(l, now, frame, what);
         }
         links.len()
+    }
+
+    /// Put `frame` (a change of `what`) on link `l` past its output bound;
+    /// a link four times past it is closed (its peer resyncs).
+    fn force_on(&self, l: &Rc<Link>, now: u64, frame: &Frame, what: &str) {
+        l.session.borrow_mut().force_send(now, frame);
+        l.wake.notify();
+        if l.session.borrow().out_bytes() > self.settings.out_bytes_max.saturating_mul(4) {
+            self.close(l, &format!("{what} changes not read"));
+        }
+    }
+
+    /// The outbound link to peer `node`, once its handshake is done.
+    fn up_link_to(&self, node: u16) -> Option<Rc<Link>> {
+        let id = self.peers.borrow().up_link(node)?;
+        let link = self.outbound.borrow().get(&id).cloned();
+        link.filter(|l| l.session.borrow().is_up())
     }
 
     /// Put the next parts of this shard's claims, then of its retained
@@ -859,12 +871,8 @@ async fn outbox_loop(bridge: Rc<Bridge>) {
             let now = bridge.now_ms();
             match out {
                 BridgeOut::Publish { node, publish } => {
-                    let id = bridge.peers.borrow().up_link(node);
-                    let link = id
-                        .and_then(|id| bridge.outbound.borrow().get(&id).cloned())
-                        .filter(|l| l.session.borrow().is_up());
                     let frame = Frame::Publish(publish);
-                    let sent = match link {
+                    let sent = match bridge.up_link_to(node) {
                         Some(l) => {
                             let ok = l.session.borrow_mut().send(now, &frame).is_ok();
                             l.wake.notify();
@@ -900,24 +908,19 @@ async fn outbox_loop(bridge: Rc<Bridge>) {
                     bridge.to_every_link(now, &frame, "will");
                 }
                 BridgeOut::Claim(claim) => {
-                    let (client_id, stamp) = (claim.client_id.clone(), claim.stamp);
+                    let stamp = claim.stamp;
                     let frame = Frame::Claims {
                         claims: vec![claim],
                         answer: true,
                     };
                     let links = bridge.to_every_link(now, &frame, "claim");
                     // Its CONNACK waits for that many acknowledgements.
-                    bridge.core.claim_sent(&client_id, stamp, links);
+                    bridge.core.claim_sent(stamp, links);
                 }
                 BridgeOut::ClaimAck { node, claim } => {
                     let frame = Frame::ClaimAcks(vec![claim]);
-                    let id = bridge.peers.borrow().up_link(node);
-                    let link = id.and_then(|id| bridge.outbound.borrow().get(&id).cloned());
-                    match link {
-                        Some(l) => {
-                            l.session.borrow_mut().force_send(now, &frame);
-                            l.wake.notify();
-                        }
+                    match bridge.up_link_to(node) {
+                        Some(l) => bridge.force_on(&l, now, &frame, "claim"),
                         None => {
                             // Dropped past the bound: the claimant's CONNACK
                             // then waits its CLAIM_WAIT.
@@ -928,16 +931,11 @@ async fn outbox_loop(bridge: Rc<Bridge>) {
                 BridgeOut::Route { seq, change } => {
                     let links: Vec<Rc<Link>> = bridge.outbound.borrow().values().cloned().collect();
                     for l in links {
+                        // Routes are never dropped; a peer that reads none
+                        // of them loses the link and resyncs.
                         let frame = l.feed.borrow_mut().change(seq, &change);
                         if let Some(f) = frame {
-                            l.session.borrow_mut().force_send(now, &f);
-                            l.wake.notify();
-                            // Routes are never dropped; a peer that reads
-                            // none of them loses the link and resyncs.
-                            let backlog = l.session.borrow().out_bytes();
-                            if backlog > bridge.settings.out_bytes_max.saturating_mul(4) {
-                                bridge.close(&l, "route changes not read");
-                            }
+                            bridge.force_on(&l, now, &f, "route");
                         }
                     }
                 }
