@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::message::Message;
 
-use super::routing::Source;
+use super::routing::{Reach, Source};
 use super::{ShardCore, State};
 
 impl ShardCore {
@@ -60,7 +60,7 @@ impl ShardCore {
                 delayed: Some(id),
                 ..Source::default()
             };
-            if !self.route(st, now, message.clone(), source) {
+            if !self.route(st, now, message.clone(), source, Reach::Cluster) {
                 // The log is full: try again in a second.
                 let due = now + Duration::from_secs(1);
                 Self::durable_delay_moved(st, id, due);

@@ -102,7 +102,7 @@ use crate::session::{Action, Session, SessionLimits, SessionStats, Subscription}
 
 pub use durable::LogStatus;
 use durable::{DurableSlot, Store};
-use routing::Source;
+use routing::{Reach, Source};
 
 pub use claims::ClaimsSnapshot;
 pub use cluster_retained::RetainedSnapshot;
@@ -559,11 +559,13 @@ impl ShardCore {
                         delayed: None,
                         will_of: will.then_some(key),
                     };
-                    let last_run = will && Self::will_stays_here(st.remote.as_ref(), slot);
+                    let reach = match will {
+                        true => Self::will_reach(st.remote.as_ref(), slot),
+                        false => Reach::Cluster,
+                    };
                     let accepted = match delay_s {
                         Some(d) => self.delay(st, now, message, d, source),
-                        None if last_run => self.route_here(st, now, message, source),
-                        None => self.route(st, now, message, source),
+                        None => self.route(st, now, message, source, reach),
                     };
                     if let (Some(pid), Some(slot)) = (packet_id, st.sessions.get_mut(key)) {
                         slot.session.publish_done(now, qos, pid, accepted);
@@ -660,15 +662,11 @@ impl ShardCore {
         // Route any will the session published on its way out.
         let slot = st.sessions.remove(key).expect("checked above");
         Self::unexport_will(st, &slot);
-        let last_run = Self::will_stays_here(st.remote.as_ref(), &slot);
+        let reach = Self::will_reach(st.remote.as_ref(), &slot);
         let mut session = slot.session;
         while let Some(action) = session.poll_action() {
             if let Action::Publish { message, .. } = action {
-                if last_run {
-                    self.route_here(st, now, message, Source::default());
-                } else {
-                    self.route(st, now, message, Source::default());
-                }
+                self.route(st, now, message, Source::default(), reach);
             }
         }
         st.stats.ended_sessions.add(&session.stats());

@@ -115,14 +115,22 @@ impl ShardCore {
     /// QoS 0 publish does not reach it at all. False when the log could
     /// not take the message (it is full): it is not routed, and the
     /// publisher is refused.
+    ///
+    /// With `Reach::Here` (a will every node publishes for itself) it goes
+    /// to this node's subscribers only, its retained copy kept here, and
+    /// shared subscriptions are left to the peers, which publish it too.
     pub(super) fn route(
         &self,
         st: &mut State,
         now: Instant,
         message: Arc<Message>,
         source: Source,
+        reach: Reach,
     ) -> bool {
-        let plan = self.plan(st, &message, Reach::Cluster);
+        let mut plan = self.plan(st, &message, reach);
+        if reach == Reach::Here {
+            plan.picks.clear();
+        }
         self.route_planned(st, now, message, source, plan)
     }
 

@@ -294,21 +294,6 @@ impl ShardCore {
         }
     }
 
-    /// Route `message` to this node's subscribers only, keeping its
-    /// retained copy here: a will that every node publishes for itself.
-    /// Shared subscriptions are left to the peers, which publish it too.
-    pub(super) fn route_here(
-        &self,
-        st: &mut State,
-        now: Instant,
-        message: Arc<Message>,
-        source: Source,
-    ) -> bool {
-        let mut plan = self.plan(st, &message, Reach::Here);
-        plan.picks.clear();
-        self.route_planned(st, now, message, source, plan)
-    }
-
     /// Publish the will of a client of dead peer `dead` here: to this
     /// node's ordinary subscribers, and to a shared subscription only if
     /// this node has the lowest name among the surviving nodes with
@@ -354,12 +339,12 @@ impl ShardCore {
         }
     }
 
-    /// True when a will of session `slot` goes to this node's subscribers
-    /// only: the peers published it, or will (see `leaving_cluster`).
-    pub(super) fn will_stays_here(
-        remote: Option<&super::remote::Remote>,
-        slot: &SessionSlot,
-    ) -> bool {
-        remote.is_some_and(|r| r.leaving || slot.will_of_last_run)
+    /// How far a will of session `slot` goes: to this node's subscribers
+    /// only when the peers published it, or will (see `leaving_cluster`).
+    pub(super) fn will_reach(remote: Option<&super::remote::Remote>, slot: &SessionSlot) -> Reach {
+        match remote.is_some_and(|r| r.leaving || slot.will_of_last_run) {
+            true => Reach::Here,
+            false => Reach::Cluster,
+        }
     }
 }
