@@ -66,6 +66,18 @@ fn node(name: &str, dir: &std::path::Path, port: u16, join: &[u16]) -> ChildBrok
     ])
 }
 
+/// Start nodes a, b and c (2 shards each, b and c joining a) under `dir`
+/// and wait until they see each other and every bridge link between them
+/// is up.
+fn three_nodes(dir: &std::path::Path) -> [ChildBroker; 3] {
+    let a = node("a", dir, 0, &[]);
+    let pa = membership_port(&a);
+    let b = node("b", dir, 0, &[pa]);
+    let c = node("c", dir, 0, &[pa]);
+    wait_links(&a, &b, &c);
+    [a, b, c]
+}
+
 /// Wait until nodes a, b and c (2 shards each) see each other and every
 /// bridge link between them is up.
 fn wait_links(a: &ChildBroker, b: &ChildBroker, c: &ChildBroker) {
@@ -278,11 +290,7 @@ fn bad_cluster_settings_are_refused_with_the_setting_named() {
 async fn a_message_published_on_one_node_reaches_subscribers_on_another() {
     use client::v3::{connect, options, QoS};
     let dir = temp_dir("cluster-route");
-    let a = node("a", &dir, 0, &[]);
-    let pa = membership_port(&a);
-    let b = node("b", &dir, 0, &[pa]);
-    let c = node("c", &dir, 0, &[pa]);
-    wait_links(&a, &b, &c);
+    let [a, b, c] = three_nodes(&dir);
     let mut sub_a = connect(options(a.addr, "sub-a")).await;
     let mut publisher = connect(options(b.addr, "pub-b")).await;
     for i in 0..20 {
@@ -379,11 +387,7 @@ async fn a_message_published_on_one_node_reaches_subscribers_on_another() {
 async fn the_wills_of_a_killed_nodes_clients_are_published_by_the_others() {
     use client::v3::{connect, options, LastWill, QoS};
     let dir = temp_dir("cluster-wills");
-    let a = node("a", &dir, 0, &[]);
-    let pa = membership_port(&a);
-    let b = node("b", &dir, 0, &[pa]);
-    let mut c = node("c", &dir, 0, &[pa]);
-    wait_links(&a, &b, &c);
+    let [a, b, mut c] = three_nodes(&dir);
     let mut sub_a = connect(options(a.addr, "sub-a")).await;
     sub_a.subscribe("will/#", QoS::AtLeastOnce).await;
     let mut sub_b = connect(options(b.addr, "sub-b")).await;
@@ -548,11 +552,7 @@ async fn wait_retained(addr: std::net::SocketAddr, topic: &str, want: Option<&[u
 async fn retained_messages_are_kept_on_every_node() {
     use client::v3::{connect, options};
     let dir = temp_dir("cluster-retained");
-    let a = node("a", &dir, 0, &[]);
-    let pa = membership_port(&a);
-    let b = node("b", &dir, 0, &[pa]);
-    let c = node("c", &dir, 0, &[pa]);
-    wait_links(&a, &b, &c);
+    let [a, b, c] = three_nodes(&dir);
     let pub_a = connect(options(a.addr, "pub-a")).await;
     let mut pub_a = pub_a;
     pub_a.publish_acked("ret/1", true, b"from a").await;
@@ -572,7 +572,7 @@ async fn retained_messages_are_kept_on_every_node() {
         wait_retained(n.addr, "ret/1", None).await;
     }
     // d joins later: it gets what the cluster keeps, not what it deleted.
-    let d = node("d", &dir, 0, &[pa]);
+    let d = node("d", &dir, 0, &[membership_port(&a)]);
     wait_log(&d, "3 peers up", 30);
     wait_retained(d.addr, "ret/2", Some(b"kept")).await;
     assert_eq!(retained_at(d.addr, "ret/1").await, None);
@@ -589,11 +589,7 @@ async fn a_client_id_connecting_on_another_node_takes_the_first_connection_over(
     use client::v5::{connect, options, QoS};
     use shardmq::codec::{reason, Version};
     let dir = temp_dir("cluster-claims");
-    let a = node("a", &dir, 0, &[]);
-    let pa = membership_port(&a);
-    let b = node("b", &dir, 0, &[pa]);
-    let c = node("c", &dir, 0, &[pa]);
-    wait_links(&a, &b, &c);
+    let [a, b, c] = three_nodes(&dir);
     let (mut first, ack) = common::Raw::connect(a.addr, Version::V5, "twin", true);
     assert_eq!(ack.reason, 0);
     let mut second = connect(options(b.addr, "twin")).await;
