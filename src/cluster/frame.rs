@@ -427,16 +427,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             let seq = u64_(b)?;
             let last = bool_(b)?;
             let digest = u64_(b)?;
-            let n = u32_(b)? as usize;
-            // Each filter takes at least 2 bytes: a count beyond the frame
-            // is a lie, and nothing is allocated for it.
-            if n > b.len() / 2 {
-                return Err(FrameError::Malformed("snapshot count beyond the frame"));
-            }
-            let mut filters = Vec::with_capacity(n);
-            for _ in 0..n {
-                filters.push(filter(b)?);
-            }
+            let filters = list(b, 2, "snapshot count beyond the frame", filter)?;
             Frame::RouteSnapshot {
                 seq,
                 filters,
@@ -489,16 +480,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
         kind::WILL_SNAPSHOT => {
             let first = bool_(b)?;
             let last = bool_(b)?;
-            let n = u32_(b)? as usize;
-            // Each will takes more than 16 bytes: a count beyond the frame
-            // is a lie, and nothing is allocated for it.
-            if n > b.len() / 16 {
-                return Err(FrameError::Malformed("will count beyond the frame"));
-            }
-            let mut wills = Vec::with_capacity(n);
-            for _ in 0..n {
-                wills.push(will(b)?);
-            }
+            let wills = list(b, 16, "will count beyond the frame", will)?;
             Frame::WillSnapshot { wills, first, last }
         }
         kind::WILL_SET => Frame::WillSet(Box::new(will(b)?)),
@@ -511,14 +493,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
         },
         kind::CLAIM_ACKS => Frame::ClaimAcks(claims(b)?),
         kind::RETAINED => {
-            let n = u32_(b)? as usize;
-            // Each entry takes more than 16 bytes: a count beyond the
-            // frame is a lie, and nothing is allocated for it.
-            if n > b.len() / 16 {
-                return Err(FrameError::Malformed("retained count beyond the frame"));
-            }
-            let mut entries = Vec::with_capacity(n);
-            for _ in 0..n {
+            let entries = list(b, 16, "retained count beyond the frame", |b| {
                 let stamp = u64_(b)?;
                 let len = u32_(b)? as usize;
                 need(b, len)?;
@@ -527,11 +502,11 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                 if !message.retain {
                     return Err(FrameError::Malformed("a retained entry without RETAIN"));
                 }
-                entries.push(RetainedEntry {
+                Ok(RetainedEntry {
                     stamp,
                     message: Arc::new(message),
-                });
-            }
+                })
+            })?;
             Frame::Retained(entries)
         }
         _ => return Err(FrameError::Malformed("unknown frame kind")),
@@ -666,19 +641,32 @@ fn put_claims(out: &mut BytesMut, claims: &[ClaimEntry]) {
 }
 
 fn claims(b: &mut BytesMut) -> Result<Vec<ClaimEntry>, FrameError> {
-    let n = u32_(b)? as usize;
-    // Each claim takes at least 11 bytes.
-    if n > b.len() / 11 {
-        return Err(FrameError::Malformed("claim count beyond the frame"));
-    }
-    let mut claims = Vec::with_capacity(n);
-    for _ in 0..n {
-        claims.push(ClaimEntry {
+    list(b, 11, "claim count beyond the frame", |b| {
+        Ok(ClaimEntry {
             client_id: client_id(b)?,
             stamp: u64_(b)?,
-        });
+        })
+    })
+}
+
+/// A u32 count, then that many items read by `item`, each at least
+/// `min_each` bytes long: a count beyond what is left of the frame is a
+/// lie (`beyond`), and nothing is allocated for it.
+fn list<T>(
+    b: &mut BytesMut,
+    min_each: usize,
+    beyond: &'static str,
+    mut item: impl FnMut(&mut BytesMut) -> Result<T, FrameError>,
+) -> Result<Vec<T>, FrameError> {
+    let n = u32_(b)? as usize;
+    if n > b.len() / min_each {
+        return Err(FrameError::Malformed(beyond));
     }
-    Ok(claims)
+    let mut items = Vec::with_capacity(n);
+    for _ in 0..n {
+        items.push(item(b)?);
+    }
+    Ok(items)
 }
 
 /// A client id: a non-empty string.
@@ -977,6 +965,17 @@ mod tests {
         snap.extend_from_slice(&[0; 8]);
         snap.extend_from_slice(&u32::MAX.to_be_bytes());
         assert!(bad(&snap).is_err());
+        // The same lie in every other counted list.
+        let lie = u32::MAX.to_be_bytes();
+        let wills = [&[kind::WILL_SNAPSHOT, 1, 1][..], &lie].concat();
+        let retained = [&[kind::RETAINED][..], &lie].concat();
+        let claims = [&[kind::CLAIM_ACKS][..], &lie].concat();
+        for (body, what) in [(wills, "will"), (retained, "retained"), (claims, "claim")] {
+            match bad(&body) {
+                Err(FrameError::Malformed(m)) => assert!(m.starts_with(what), "{m}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
         // A filter that is no filter.
         let mut delta = vec![kind::ROUTE_DELTA, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 3];
         delta.extend_from_slice(b"a#b");
