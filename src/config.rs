@@ -667,6 +667,13 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
 mod tests {
     use super::*;
 
+    /// `toml` is refused with an error that says `says`.
+    #[track_caller]
+    fn refused(toml: &str, says: &str) {
+        let e = Config::from_toml(toml).unwrap_err();
+        assert!(e.to_string().contains(says), "{e}");
+    }
+
     #[test]
     fn embedded_default_is_valid() {
         let c = Config::default();
@@ -683,16 +690,14 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let e = Config::from_toml("[mqtt]\nreceive_maximum = 0\n").unwrap_err();
-        assert!(e.to_string().contains("mqtt.receive_maximum = 0"), "{e}");
-        let e = Config::from_toml("[mqtt]\nqueue_overflow = \"lose_all\"\n").unwrap_err();
-        assert!(e.to_string().contains("mqtt.queue_overflow"), "{e}");
-        let e = Config::from_toml("[mqtt]\nno_such_key = 1\n").unwrap_err();
-        assert!(e.to_string().contains("no_such_key"), "{e}");
-        let e = Config::from_toml("[server]\nlisten = [\"nonsense\"]\n").unwrap_err();
-        assert!(e.to_string().contains("listen"), "{e}");
-        let e = Config::from_toml("[mqtt]\nreceive_maximum = 70000\n").unwrap_err();
-        assert!(e.to_string().contains("receive_maximum"), "{e}");
+        refused("[mqtt]\nreceive_maximum = 0\n", "mqtt.receive_maximum = 0");
+        refused(
+            "[mqtt]\nqueue_overflow = \"lose_all\"\n",
+            "mqtt.queue_overflow",
+        );
+        refused("[mqtt]\nno_such_key = 1\n", "no_such_key");
+        refused("[server]\nlisten = [\"nonsense\"]\n", "listen");
+        refused("[mqtt]\nreceive_maximum = 70000\n", "receive_maximum");
     }
 
     #[test]
@@ -701,53 +706,52 @@ mod tests {
         let c = ok("[cluster]\nnode_id = \"a\"\nlisten = \"127.0.0.1:7946\"\n").unwrap();
         assert!(c.enabled());
         assert!(!Config::default().cluster.enabled());
-        let e = ok("[cluster]\nnode_id = \"a b\"\nlisten = \"127.0.0.1:1\"\n").unwrap_err();
-        assert!(e.to_string().contains("cluster.node_id"), "{e}");
+        refused(
+            "[cluster]\nnode_id = \"a b\"\nlisten = \"127.0.0.1:1\"\n",
+            "cluster.node_id",
+        );
         // 0.0.0.0 needs an address peers can reach.
-        let e = ok("[cluster]\nnode_id = \"a\"\n").unwrap_err();
-        assert!(e.to_string().contains("cluster.advertise"), "{e}");
+        refused("[cluster]\nnode_id = \"a\"\n", "cluster.advertise");
         ok("[cluster]\nnode_id = \"a\"\nadvertise = \"10.0.0.1:7946\"\n").unwrap();
-        let e = ok("[cluster]\nadvertise = \"10.0.0.1:0\"\n").unwrap_err();
-        assert!(e.to_string().contains("cluster.advertise"), "{e}");
-        let e = ok("[cluster]\nprobe_interval_ms = 200\nprobe_timeout_ms = 200\n").unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("less than cluster.probe_interval_ms"),
-            "{e}"
+        refused(
+            "[cluster]\nadvertise = \"10.0.0.1:0\"\n",
+            "cluster.advertise",
+        );
+        refused(
+            "[cluster]\nprobe_interval_ms = 200\nprobe_timeout_ms = 200\n",
+            "less than cluster.probe_interval_ms",
         );
         ok("[cluster]\nprobe_interval_ms = 200\nprobe_timeout_ms = 199\n").unwrap();
-        let e = ok("[cluster]\nprobe_interval_ms = 49\n").unwrap_err();
-        assert!(
-            e.to_string().contains("cluster.probe_interval_ms = 49"),
-            "{e}"
+        refused(
+            "[cluster]\nprobe_interval_ms = 49\n",
+            "cluster.probe_interval_ms = 49",
         );
-        let e = ok("[cluster]\nsuspect_timeout_ms = 99\n").unwrap_err();
-        assert!(e.to_string().contains("cluster.suspect_timeout_ms"), "{e}");
-        let e = ok("[cluster]\nname = \"\"\n").unwrap_err();
-        assert!(e.to_string().contains("cluster.name"), "{e}");
-        let e = ok("[cluster]\npeer_wills_max = 0\n").unwrap_err();
-        assert!(e.to_string().contains("cluster.peer_wills_max = 0"), "{e}");
+        refused(
+            "[cluster]\nsuspect_timeout_ms = 99\n",
+            "cluster.suspect_timeout_ms",
+        );
+        refused("[cluster]\nname = \"\"\n", "cluster.name");
+        refused(
+            "[cluster]\npeer_wills_max = 0\n",
+            "cluster.peer_wills_max = 0",
+        );
         ok("[cluster]\npeer_wills_max = 1\n").unwrap();
-        let e = ok("[cluster]\npeer_wills_bytes_max = 1048575\n").unwrap_err();
-        assert!(
-            e.to_string().contains("cluster.peer_wills_bytes_max"),
-            "{e}"
+        refused(
+            "[cluster]\npeer_wills_bytes_max = 1048575\n",
+            "cluster.peer_wills_bytes_max",
         );
         ok("[cluster]\npeer_wills_bytes_max = 1048576\n").unwrap();
-        let e = ok("[cluster]\nretained_tombstone_s = 59\n").unwrap_err();
-        assert!(
-            e.to_string().contains("cluster.retained_tombstone_s"),
-            "{e}"
+        refused(
+            "[cluster]\nretained_tombstone_s = 59\n",
+            "cluster.retained_tombstone_s",
         );
         ok("[cluster]\nretained_tombstone_s = 60\n").unwrap();
-        let e = ok("[cluster]\nroutes_max = 0\n").unwrap_err();
-        assert!(e.to_string().contains("cluster.routes_max"), "{e}");
+        refused("[cluster]\nroutes_max = 0\n", "cluster.routes_max");
     }
 
     #[test]
     fn contradicting_limits_are_refused() {
         let text = "[mqtt]\npacket_size_max_bytes = 2000000\nqueue_bytes_max = 100000\n";
-        let e = Config::from_toml(text).unwrap_err();
-        assert!(e.to_string().contains("mqtt.queue_bytes_max"), "{e}");
+        refused(text, "mqtt.queue_bytes_max");
     }
 }
