@@ -14,6 +14,7 @@ use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use thiserror::Error;
 
+use crate::auth::{Auth, AuthError};
 use crate::cluster::frame::{Hello, BRIDGE_VERSION};
 use crate::cluster::link::LinkSettings;
 use crate::cluster::membership::Membership;
@@ -43,6 +44,9 @@ pub enum StartError {
     /// The logs could not be recovered.
     #[error(transparent)]
     Recovery(#[from] RecoveryError),
+    /// The password or ACL file is unreadable or invalid.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     /// Cluster membership could not start.
     #[error("cluster: {0}")]
     Cluster(String),
@@ -116,6 +120,8 @@ impl Broker {
         config.validate()?;
         let shards = config.shard_count();
         check_os_limits(&config, shards)?;
+        let auth = Arc::new(Auth::load(&config.auth)?);
+        log::info!("{}", auth.describe());
         let listeners = listen::open(&config.server.listen, shards)?;
         let (data_dir, mut durables) = recover_logs(&config, shards)?;
         let cluster = start_cluster(&config, shards, data_dir.as_ref())?;
@@ -158,6 +164,7 @@ impl Broker {
                 _ => Placement::Unbound,
             };
             let lanes = Lanes {
+                auth: auth.clone(),
                 mesh: mesh.clone(),
                 control: ctl_rx,
                 ready: ready_tx.clone(),

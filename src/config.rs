@@ -56,6 +56,23 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Several nodes as one broker.
     pub cluster: ClusterConfig,
+    /// Who may connect, and what they may read and write.
+    pub auth: AuthConfig,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Clients without a user name: true allowed, false refused; absent,
+    /// allowed only on a loopback address and only without a password
+    /// file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_anonymous: Option<bool>,
+    /// Mosquitto password file; empty: none (any user name accepted).
+    pub password_file: std::path::PathBuf,
+    /// Mosquitto ACL file; empty: none (every topic allowed).
+    pub acl_file: std::path::PathBuf,
 }
 
 /// `[cluster]`.

@@ -84,12 +84,44 @@ enum Command {
         /// The TOML file.
         file: PathBuf,
     },
+    /// Manage a password file (Mosquitto's format, `mosquitto_passwd`'s
+    /// options): add or change USER (the password is asked twice on the
+    /// terminal, or given with -b), delete USER (-D), or hash every plain
+    /// password of a `user:password` file (-U). Writes $7$ (PBKDF2-SHA512,
+    /// 101 iterations) lines, which Mosquitto reads too.
+    Passwd(PasswdArgs),
     /// Print a shell completion script, e.g. `shardmq completions bash >
     /// /etc/bash_completion.d/shardmq`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+/// `shardmq passwd`.
+#[derive(Debug, Args)]
+struct PasswdArgs {
+    /// Create FILE (replacing an existing one) with USER only.
+    #[arg(short = 'c', conflicts_with_all = ["delete", "upgrade"])]
+    create: bool,
+    /// Take PASSWORD from the command line (it shows in `ps` and shell
+    /// history: for scripts and tests).
+    #[arg(short = 'b', conflicts_with_all = ["delete", "upgrade"])]
+    batch: bool,
+    /// Delete USER from FILE.
+    #[arg(short = 'D', conflicts_with = "upgrade")]
+    delete: bool,
+    /// Hash the plain passwords of FILE (`user:password` lines) in place.
+    #[arg(short = 'U')]
+    upgrade: bool,
+    /// The password file.
+    file: PathBuf,
+    /// The user name (not with -U).
+    #[arg(required_unless_present = "upgrade")]
+    user: Option<String>,
+    /// The password (-b only).
+    #[arg(requires = "batch")]
+    password: Option<String>,
 }
 
 /// The config the flags describe: the file (or the default), then the flags.
@@ -151,8 +183,86 @@ fn parse_addr(flag: &str, a: &str) -> anyhow::Result<SocketAddr> {
 fn check_config(file: &Path) -> anyhow::Result<()> {
     // Parsing validates, as at start.
     let config = Config::from_file(file)?;
+    let auth = shardmq::auth::Auth::load(&config.auth)?;
     print!("{}", config.to_toml());
+    eprintln!("shardmq: {}", auth.describe());
     eprintln!("shardmq: {}: valid", file.display());
+    Ok(())
+}
+
+fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
+    use shardmq::auth::passwd::{edit_file, hash_pbkdf2, hash_plain_file, new_salt, Edit};
+    let file = &args.file;
+    let read =
+        || std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()));
+    let text = if args.upgrade {
+        hash_plain_file(&read()?, new_salt).with_context(|| format!("{}", file.display()))?
+    } else {
+        let user = args.user.as_deref().expect("clap requires it without -U");
+        if user.is_empty() || user.contains(':') {
+            anyhow::bail!("a user name must be non-empty and without ':'");
+        }
+        let old = match args.create {
+            true => String::new(),
+            false => read()?,
+        };
+        let edit = match args.delete {
+            true => {
+                let listed = old
+                    .lines()
+                    .any(|l| l.split_once(':').is_some_and(|(u, _)| u == user));
+                if !listed {
+                    anyhow::bail!("user {user:?} is not in {}", file.display());
+                }
+                Edit::Delete
+            }
+            false => {
+                let password = match args.password {
+                    Some(p) => p,
+                    None => ask_password()?,
+                };
+                Edit::Set(hash_pbkdf2(password.as_bytes(), &new_salt()?))
+            }
+        };
+        edit_file(&old, user, edit)
+    };
+    write_private(file, &text)
+}
+
+/// Ask for a password twice on the terminal, without echo.
+fn ask_password() -> anyhow::Result<String> {
+    let first = rpassword::prompt_password("Password: ").context("cannot read the password")?;
+    let again =
+        rpassword::prompt_password("Reenter password: ").context("cannot read the password")?;
+    if first != again {
+        anyhow::bail!("the passwords do not match");
+    }
+    Ok(first)
+}
+
+/// Replace `path` with `text` atomically (a temporary file renamed over
+/// it), readable by its owner only: it holds password hashes.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .context("the password file needs a file name")?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
     Ok(())
 }
 
@@ -224,6 +334,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::Passwd(args)) => passwd(args),
         Some(Command::Completions { shell }) => {
             clap_complete::generate(
                 shell,

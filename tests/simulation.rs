@@ -87,7 +87,7 @@ use shardmq::log::scan;
 use shardmq::persist::recover::{recover, RecoverySettings};
 use shardmq::persist::WallClock;
 use shardmq::shard::mesh::{Batch, Mesh, MeshMsg};
-use shardmq::shard::{ConnHandle, Handshake, ShardCore};
+use shardmq::shard::{Arrival, ConnHandle, Handshake, ShardCore};
 use shardmq::Config;
 
 /// What a client does.
@@ -934,7 +934,7 @@ impl Sim {
             );
         }
         let accepting = self.rng.below(self.cores.len() as u64) as usize;
-        let (home, assigned) = match self.cores[accepting].handshake(&connect, None) {
+        let (home, assigned) = match self.cores[accepting].handshake(&connect, Arrival::LOOPBACK) {
             Handshake::Serve { assigned } => (accepting, assigned),
             Handshake::MoveTo { home, assigned } => (home, assigned),
             Handshake::Refuse { code, .. } => self.fail(&format!("CONNECT refused 0x{code:02X}")),

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::auth::Want;
 use crate::codec::{
     reason, Auth, Disconnect, Packet, Properties, PubResp, Publish, QoS, SubAck, SubOptions,
     Subscribe, UnsubAck, Unsubscribe,
@@ -103,6 +104,13 @@ impl Session {
             Ok(d) => d,
             Err(why) => return self.refuse_publish(now, &p, reason::TOPIC_NAME_INVALID, &why),
         };
+        if self
+            .acl
+            .as_ref()
+            .is_some_and(|a| !a.allows(&p.topic, Want::Write))
+        {
+            return self.deny_publish(now, &p);
+        }
         let duplicate = p.qos == QoS::ExactlyOnce && self.inbound_qos2.contains(&p.packet_id);
         if let Some((code, why)) = self.cannot_take(&p, delay_s).filter(|_| !duplicate) {
             return self.refuse_publish(now, &p, code, why);
@@ -152,6 +160,27 @@ impl Session {
             "PUBLISH to {} refused (0x{code:02X}): {why}",
             quote(&p.topic)
         );
+        self.acknowledge(p.qos, p.packet_id, code);
+    }
+
+    /// A PUBLISH the ACL does not let the client write: 5.0 QoS 1/2 get
+    /// 0x87 in their acknowledgement; anything else is acknowledged as
+    /// usual and dropped (the spec's choice for a client that cannot be
+    /// told), so the client does not send it again and again.
+    fn deny_publish(&mut self, now: Instant, p: &Publish) {
+        self.stats.denied_publish += 1;
+        client_log!(
+            self,
+            now,
+            log::Level::Info,
+            "PUBLISH to {} not authorized by the ACL: dropped",
+            quote(&p.topic)
+        );
+        let v5 = self.version().is_some_and(|v| v.is_v5());
+        let code = match v5 {
+            true => reason::NOT_AUTHORIZED,
+            false => reason::SUCCESS,
+        };
         self.acknowledge(p.qos, p.packet_id, code);
     }
 
@@ -324,6 +353,25 @@ impl Session {
                 quote(&filter)
             );
             return Ok(failure(reason::TOPIC_FILTER_INVALID));
+        }
+        let inner = match parse_shared(&filter) {
+            Ok(Some((_, inner))) => inner,
+            _ => &filter,
+        };
+        if self
+            .acl
+            .as_ref()
+            .is_some_and(|a| !a.allows_subscribe(inner))
+        {
+            self.stats.denied_subscribe += 1;
+            client_log!(
+                self,
+                now,
+                log::Level::Info,
+                "SUBSCRIBE to {} not authorized by the ACL",
+                quote(&filter)
+            );
+            return Ok(failure(reason::NOT_AUTHORIZED));
         }
         let is_new = !self.subscriptions.contains_key(&filter);
         if is_new && self.subscriptions.len() >= self.limits.subscriptions_max {

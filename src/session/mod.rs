@@ -277,6 +277,13 @@ pub struct SessionStats {
     /// Packets refused for carrying more than
     /// `mqtt.user_properties_bytes_max` of user properties.
     pub refused_user_properties: u64,
+    /// PUBLISHes the ACL did not let the client write (dropped, or
+    /// refused with 0x87).
+    pub denied_publish: u64,
+    /// SUBSCRIBE filters the ACL did not let the client read.
+    pub denied_subscribe: u64,
+    /// Deliveries the ACL did not let the client read (dropped).
+    pub denied_delivery: u64,
 }
 
 impl SessionStats {
@@ -292,6 +299,9 @@ impl SessionStats {
             dropped_too_large,
             alias_bytes_full,
             refused_user_properties,
+            denied_publish,
+            denied_subscribe,
+            denied_delivery,
         } = *other;
         self.received += received;
         self.sent += sent;
@@ -302,6 +312,9 @@ impl SessionStats {
         self.dropped_too_large += dropped_too_large;
         self.alias_bytes_full += alias_bytes_full;
         self.refused_user_properties += refused_user_properties;
+        self.denied_publish += denied_publish;
+        self.denied_subscribe += denied_subscribe;
+        self.denied_delivery += denied_delivery;
     }
 }
 
@@ -375,6 +388,10 @@ pub struct Session {
     held_released: bool,
     ended: bool,
     stats: SessionStats,
+    /// What the current (or last) connection's user may read and write;
+    /// None: everything (no ACL file, or a session restored from the log
+    /// whose client has not connected since).
+    acl: Option<Box<crate::auth::ClientAcl>>,
 }
 
 impl Session {
@@ -403,6 +420,7 @@ impl Session {
             held_released: false,
             ended: false,
             stats: SessionStats::default(),
+            acl: None,
         }
     }
 
@@ -557,5 +575,20 @@ impl Session {
     pub fn check_invariants(&self) {
         self.out.check_invariants();
         assert!(self.inbound_qos2.len() <= self.inbound_qos2_max);
+    }
+}
+
+impl Session {
+    /// The ACL of the connection attaching now (None: everything allowed);
+    /// it stays with the session while it is offline.
+    pub fn set_acl(&mut self, acl: Option<crate::auth::ClientAcl>) {
+        self.acl = acl.map(Box::new);
+    }
+
+    /// True when the session's ACL lets its client read `topic`.
+    pub fn may_read(&self, topic: &str) -> bool {
+        self.acl
+            .as_ref()
+            .is_none_or(|a| a.allows(topic, crate::auth::Want::Read))
     }
 }

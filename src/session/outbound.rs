@@ -290,6 +290,11 @@ impl Session {
             self.done(delivery.stored);
             return;
         }
+        if !self.may_read(&message.topic) {
+            self.stats.denied_delivery += 1;
+            self.done(delivery.stored);
+            return;
+        }
         let qos = delivery.qos.min(message.qos);
         let delivery = Delivery { qos, ..delivery };
         if !self.is_connected() {
@@ -509,6 +514,13 @@ impl Session {
             };
             if message.is_expired(now) {
                 self.stats.dropped_expired += 1;
+                self.done(q.delivery.stored);
+                continue;
+            }
+            // Queued before this connection's ACL was known (a session
+            // restored from the log) or under an earlier user's.
+            if !self.may_read(&message.topic) {
+                self.stats.denied_delivery += 1;
                 self.done(q.delivery.stored);
                 continue;
             }

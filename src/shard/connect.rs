@@ -13,6 +13,9 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 
+use std::sync::Arc;
+
+use crate::auth::{user_for_log, Auth, Refused};
 use crate::codec::{self, reason, Connect, Version};
 use crate::message::user_properties_bytes;
 use crate::router::topic::validate_topic_name;
@@ -46,11 +49,52 @@ pub enum Handshake {
     },
 }
 
+/// Where a connection arrived: its peer (for the log) and the local
+/// address it reached (anonymous clients are allowed on loopback addresses
+/// only, by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    /// The client's address.
+    pub peer: Option<SocketAddr>,
+    /// The broker's address it connected to; None: unknown (not
+    /// loopback).
+    pub local: Option<SocketAddr>,
+}
+
+impl Arrival {
+    /// A connection to 127.0.0.1 from an unknown peer (tests and the
+    /// simulator).
+    pub const LOOPBACK: Arrival = Arrival {
+        peer: None,
+        local: Some(SocketAddr::new(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            1883,
+        )),
+    };
+
+    /// True when it reached a loopback address (IPv4-mapped included).
+    pub fn loopback(&self) -> bool {
+        self.local
+            .is_some_and(|a| a.ip().to_canonical().is_loopback())
+    }
+}
+
 impl ShardCore {
-    /// CONNECT was read from a connection accepted here (`peer`, for the
-    /// log): refuse it, serve it here, or move it to its home shard.
-    pub fn handshake(&self, connect: &Connect, peer: Option<SocketAddr>) -> Handshake {
-        let assigned = match check_connect(self, connect) {
+    /// The authentication and authorization rules this shard applies from
+    /// now on (the broker loads them at start).
+    pub fn set_auth(&self, auth: Arc<Auth>) {
+        *self.auth.borrow_mut() = auth;
+    }
+
+    /// CONNECT was read from a connection that `arrival` describes:
+    /// refuse it, serve it here, or move it to its home shard.
+    pub fn handshake(&self, connect: &Connect, arrival: Arrival) -> Handshake {
+        let peer = arrival.peer;
+        let checked = check_connect(self, connect).and_then(|a| {
+            self.login(connect, arrival)?;
+            Ok(a)
+        });
+        let assigned = match checked {
             Ok(a) => a,
             Err(Refusal { code, why }) => {
                 self.state.borrow_mut().stats.connects_refused += 1;
@@ -70,6 +114,26 @@ impl ShardCore {
             Handshake::Serve { assigned }
         } else {
             Handshake::MoveTo { home, assigned }
+        }
+    }
+
+    /// Check the CONNECT's user name and password.
+    fn login(&self, connect: &Connect, arrival: Arrival) -> Result<(), Refusal> {
+        let auth = self.auth.borrow();
+        let user = connect.username.as_deref();
+        match auth.login(arrival.loopback(), user, connect.password.as_deref()) {
+            Ok(()) => Ok(()),
+            Err(Refused::BadCredentials) => Err(Refusal::new(
+                reason::BAD_USER_NAME_OR_PASSWORD,
+                format!(
+                    "user {}: unknown user or wrong password",
+                    user_for_log(user)
+                ),
+            )),
+            Err(Refused::NotAuthorized) => Err(Refusal::new(
+                reason::NOT_AUTHORIZED,
+                "no user name, and anonymous clients are not allowed here (auth.allow_anonymous)",
+            )),
         }
     }
 
@@ -137,11 +201,16 @@ impl ShardCore {
             }
         };
         let version = connect.version;
+        let acl = self
+            .auth
+            .borrow()
+            .client_acl(client_id, connect.username.as_deref());
         st.last_conn_id += 1;
         let conn_id = st.last_conn_id;
         let slot = st.sessions.get_mut(key).expect("just inserted or resumed");
         // The new connection's will is this run's.
         slot.will_of_last_run = false;
+        slot.session.set_acl(acl);
         let attached = slot
             .session
             .connect(now, *connect, resumed.is_some(), assigned.as_deref());

@@ -231,6 +231,10 @@ impl ShardCore {
         slot.gather_credit_out = slot.gather_credit_out.saturating_sub(granted);
         let subscription_ids: SubIds = waiter.subscription_id.into_iter().collect();
         for m in messages {
+            let readable = st.sessions.get(waiter.session);
+            if !readable.is_some_and(|s| s.session.may_read(&m.topic)) {
+                continue;
+            }
             let qos = waiter.qos.min(m.qos);
             let sid = Self::storable(st, waiter.session, qos);
             let id = sid.and_then(|_| Self::next_message_id(st));

@@ -106,7 +106,7 @@ use routing::{Reach, Source};
 
 pub use claims::ClaimsSnapshot;
 pub use cluster_retained::RetainedSnapshot;
-pub use connect::Handshake;
+pub use connect::{Arrival, Handshake};
 use mesh::{Mesh, RouteKey};
 use notify::Notify;
 pub use remote::{BridgeOut, ClusterStats};
@@ -411,6 +411,9 @@ pub struct ShardCore {
     /// `runtime::connection::test_panic_trigger`.
     #[cfg(debug_assertions)]
     test_panic_client: Option<String>,
+    /// Who may connect and what they may read and write (shared by every
+    /// shard, read-only; replaced whole by [`ShardCore::set_auth`]).
+    auth: RefCell<Arc<crate::auth::Auth>>,
 }
 
 impl ShardCore {
@@ -425,7 +428,9 @@ impl ShardCore {
         let delayed_max = config.storage.delayed_messages_max.div_ceil(shards);
         let delayed_bytes_max = config.storage.delayed_bytes_max.div_ceil(shards as u64);
         let retained_bytes_max = config.mqtt.retained_bytes_max.div_ceil(shards as u64);
+        let auth = crate::auth::Auth::without_files(&config.auth);
         ShardCore {
+            auth: RefCell::new(Arc::new(auth)),
             boot_stamp,
             delayed_max,
             delayed_bytes_max,

@@ -292,7 +292,18 @@ impl ShardCore {
             publisher.is_some() && sessions.get(key).map(|s| &**s.session.client_id()) == publisher
         };
         let mut fan = Fan::new(message, ordinary, |p| shared.contains(p), is_publisher);
+        // With an ACL file, a subscriber that may not read the topic is no
+        // target (nor a shared group's member).
+        let acl = self.auth.borrow().has_acl();
+        let may_read = |key: SessionKey| {
+            !acl || sessions
+                .get(key)
+                .is_none_or(|s| s.session.may_read(&message.topic))
+        };
         st.subscribers.for_each_match(&message.topic, |key, entry| {
+            if !may_read(key.session) {
+                return;
+            }
             fan.add(Match {
                 session: key.session,
                 group: key.group.as_ref(),

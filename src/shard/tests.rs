@@ -12,7 +12,7 @@ use crate::codec::{self, reason, Connect, Packet, Properties, QoS, Version, Will
 use crate::config::Config;
 
 use super::mesh::{Mesh, MeshMsg};
-use super::{home_shard, ConnHandle, Handshake, ShardCore};
+use super::{home_shard, Arrival, ConnHandle, Handshake, ShardCore};
 
 fn core(id: usize, shards: usize) -> ShardCore {
     core_with(id, shards, |_| {})
@@ -89,11 +89,11 @@ fn a_connect_is_served_at_home_moved_elsewhere_or_refused_with_its_reason() {
     let there = id_on(1, 2);
     let v5 = Version::V5;
     assert_eq!(
-        c.handshake(&connect(&here, v5), None),
+        c.handshake(&connect(&here, v5), Arrival::LOOPBACK),
         Handshake::Serve { assigned: None }
     );
     assert_eq!(
-        c.handshake(&connect(&there, v5), None),
+        c.handshake(&connect(&there, v5), Arrival::LOOPBACK),
         Handshake::MoveTo {
             home: 1,
             assigned: None
@@ -103,14 +103,14 @@ fn a_connect_is_served_at_home_moved_elsewhere_or_refused_with_its_reason() {
     let (Handshake::Serve { assigned: Some(a) }
     | Handshake::MoveTo {
         assigned: Some(a), ..
-    }) = c.handshake(&connect("", v5), None)
+    }) = c.handshake(&connect("", v5), Arrival::LOOPBACK)
     else {
         panic!("an id is assigned");
     };
     assert!(a.starts_with("shardmq-0-abc-"), "{a}");
     // 3.1 requires an id: refused with a CONNACK.
     assert_eq!(
-        c.handshake(&connect("", Version::V3_1), None),
+        c.handshake(&connect("", Version::V3_1), Arrival::LOOPBACK),
         Handshake::Refuse {
             code: reason::CLIENT_IDENTIFIER_NOT_VALID,
             answer: true
@@ -126,7 +126,7 @@ fn a_connect_is_served_at_home_moved_elsewhere_or_refused_with_its_reason() {
         properties: Properties::default(),
     });
     assert_eq!(
-        c.handshake(&bad, None),
+        c.handshake(&bad, Arrival::LOOPBACK),
         Handshake::Refuse {
             code: reason::TOPIC_NAME_INVALID,
             answer: false
@@ -134,7 +134,7 @@ fn a_connect_is_served_at_home_moved_elsewhere_or_refused_with_its_reason() {
     );
     bad.version = v5;
     assert!(matches!(
-        c.handshake(&bad, None),
+        c.handshake(&bad, Arrival::LOOPBACK),
         Handshake::Refuse { answer: true, .. }
     ));
     assert_eq!(c.stats().connects_refused, 3);

@@ -25,7 +25,7 @@ use glommio::net::{TcpListener, TcpStream};
 
 use crate::codec::{self, reason, ConnAck, Connect, DecodeError, Packet, Version};
 
-use super::super::connect::Handshake;
+use super::super::connect::{Arrival, Handshake};
 use super::super::mesh::{Handoff, MeshMsg};
 use super::super::{ConnHandle, ShardCore};
 
@@ -78,6 +78,10 @@ async fn handshake(shard: Rc<ShardCore>, mut stream: TcpStream) {
     let _counted = scopeguard(move || counted.handshakes.set(counted.handshakes.get() - 1));
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
+    let arrival = Arrival {
+        peer,
+        local: stream.local_addr().ok(),
+    };
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
     let timeout = Duration::from_millis(shard.config.server.connect_timeout_ms);
     let mut buf = BytesMut::new();
@@ -90,7 +94,7 @@ async fn handshake(shard: Rc<ShardCore>, mut stream: TcpStream) {
         Ok(c) => c,
         Err(e) => return refuse_handshake(&shard, &mut stream, peer, e).await,
     };
-    let (home, assigned) = match shard.handshake(&connect, peer) {
+    let (home, assigned) = match shard.handshake(&connect, arrival) {
         Handshake::Serve { assigned } => {
             // A task of its own: this handshake's future is freed now.
             glommio::spawn_local(serve(shard, stream, connect, buf, assigned)).detach();

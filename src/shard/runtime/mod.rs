@@ -57,8 +57,10 @@ pub(crate) struct ShardCluster {
     pub(crate) membership: Option<ClusterStart>,
 }
 
-/// The channels one shard's executor is started with.
+/// The channels one shard's executor is started with, and the broker's
+/// authentication rules (shared, read-only).
 pub(crate) struct Lanes {
+    pub(crate) auth: std::sync::Arc<crate::auth::Auth>,
     pub(crate) mesh: MeshBuilder<Batch, Full>,
     pub(crate) control: Receiver<Control>,
     pub(crate) ready: Sender<Result<(), (usize, String)>>,
@@ -76,6 +78,7 @@ pub(crate) async fn run_shard(
     cluster: Option<ShardCluster>,
 ) {
     let Lanes {
+        auth,
         mesh,
         control,
         ready,
@@ -96,6 +99,7 @@ pub(crate) async fn run_shard(
         Mesh::new(id, shards, outbox_max),
         boot_stamp(),
     ));
+    shard.set_auth(auth);
     let power_safe = shard.config().durability() == Durability::PowerSafe;
     if let Some(d) = durable {
         shard.restore(d.start, &d.routes, d.clock, Instant::now());

@@ -1,0 +1,236 @@
+//! Who may connect, and what each client may read and write: Mosquitto's
+//! password file ([`passwd`]) and ACL file ([`acl`]), and the default
+//! policy for anonymous clients.
+//!
+//! Loaded once at start by the broker (files read here, the only I/O of
+//! the module) and shared read-only by every shard as one `Arc<Auth>`:
+//! a CONNECT is checked on the shard that accepted it, and the
+//! connection's [`acl::ClientAcl`] lives with its session on its home
+//! shard.
+
+pub mod acl;
+pub mod passwd;
+
+use std::path::Path;
+
+use crate::config::AuthConfig;
+use crate::text::quote;
+
+pub use acl::{Acl, ClientAcl, Want};
+pub use passwd::Passwords;
+
+/// Why a CONNECT is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// An unknown user name or a wrong password (5.0 0x86, 3.1.1 code 4).
+    BadCredentials,
+    /// No user name where one is needed (5.0 0x87, 3.1.1 code 5).
+    NotAuthorized,
+}
+
+/// The loaded authentication and authorization rules.
+#[derive(Debug, Default)]
+pub struct Auth {
+    passwords: Option<Passwords>,
+    acl: Option<Acl>,
+    /// `auth.allow_anonymous`; None: only on loopback, and only without a
+    /// password file.
+    allow_anonymous: Option<bool>,
+}
+
+/// A file `Auth::load` could not use.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Unreadable.
+    #[error("{key} {path}: {source}")]
+    Read {
+        /// The config key naming it.
+        key: &'static str,
+        /// Its path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A bad line.
+    #[error("{key} {path}: {why}")]
+    Parse {
+        /// The config key naming it.
+        key: &'static str,
+        /// Its path.
+        path: String,
+        /// The line and what is wrong with it.
+        why: String,
+    },
+}
+
+impl Auth {
+    /// Read the files `config` names (paths as given, relative to the
+    /// working directory, as Mosquitto takes them).
+    pub fn load(config: &AuthConfig) -> Result<Auth, AuthError> {
+        let read = |key: &'static str, path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+                key,
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        let bad = |key: &'static str, path: &Path, why: String| AuthError::Parse {
+            key,
+            path: path.display().to_string(),
+            why,
+        };
+        let passwords = match &config.password_file {
+            p if p.as_os_str().is_empty() => None,
+            p => {
+                let key = "auth.password_file";
+                let text = read(key, p)?;
+                Some(Passwords::parse(&text).map_err(|e| bad(key, p, e.to_string()))?)
+            }
+        };
+        let acl = match &config.acl_file {
+            p if p.as_os_str().is_empty() => None,
+            p => {
+                let key = "auth.acl_file";
+                let text = read(key, p)?;
+                Some(Acl::parse(&text).map_err(|e| bad(key, p, e.to_string()))?)
+            }
+        };
+        Ok(Auth {
+            passwords,
+            acl,
+            allow_anonymous: config.allow_anonymous,
+        })
+    }
+
+    /// The rules of `config` without its files: the anonymous policy only
+    /// (no password file, no ACL file). What a shard starts with until
+    /// the broker hands it the loaded rules.
+    pub fn without_files(config: &AuthConfig) -> Auth {
+        Auth {
+            allow_anonymous: config.allow_anonymous,
+            ..Auth::default()
+        }
+    }
+
+    /// True when an ACL file is configured.
+    pub fn has_acl(&self) -> bool {
+        self.acl.is_some()
+    }
+
+    /// Check a CONNECT's user name and password; `loopback`: it arrived
+    /// on a loopback address.
+    pub fn login(
+        &self,
+        loopback: bool,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Result<(), Refused> {
+        match (username, &self.passwords) {
+            (Some(u), Some(p)) => match p.verify(u, password.unwrap_or_default()) {
+                true => Ok(()),
+                false => Err(Refused::BadCredentials),
+            },
+            // Without a password file a user name is taken as given.
+            (Some(_), None) => Ok(()),
+            (None, _) if self.anonymous_allowed(loopback) => Ok(()),
+            (None, _) => Err(Refused::NotAuthorized),
+        }
+    }
+
+    /// True when a client without a user name may connect (`loopback`:
+    /// on a loopback address).
+    pub fn anonymous_allowed(&self, loopback: bool) -> bool {
+        match self.allow_anonymous {
+            Some(allowed) => allowed,
+            None => loopback && self.passwords.is_none(),
+        }
+    }
+
+    /// The rules of a client, or None when no ACL file is configured
+    /// (everything allowed).
+    pub fn client_acl(&self, client_id: &str, username: Option<&str>) -> Option<ClientAcl> {
+        self.acl.as_ref().map(|a| a.for_client(client_id, username))
+    }
+
+    /// The start-up log line: what is checked, and who may connect.
+    pub fn describe(&self) -> String {
+        let users = match &self.passwords {
+            Some(p) => format!("{} users in the password file", p.len()),
+            None => "no password file (any user name accepted)".to_string(),
+        };
+        let acl = match &self.acl {
+            Some(a) => format!("{} ACL rules", a.rules()),
+            None => "no ACL file (every topic allowed)".to_string(),
+        };
+        let anonymous = match self.allow_anonymous {
+            Some(true) => "anonymous clients allowed",
+            Some(false) => "anonymous clients refused",
+            None if self.passwords.is_some() => {
+                "anonymous clients refused (a password file is configured)"
+            }
+            None => {
+                "anonymous clients allowed on loopback addresses only (set \
+                 auth.allow_anonymous = true to allow them from anywhere)"
+            }
+        };
+        format!("auth: {users}; {acl}; {anonymous}")
+    }
+}
+
+/// A user name for a log line.
+pub fn user_for_log(username: Option<&str>) -> String {
+    match username {
+        Some(u) => quote(u).to_string(),
+        None => "(anonymous)".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(passwords: Option<&str>, allow_anonymous: Option<bool>) -> Auth {
+        Auth {
+            passwords: passwords.map(|t| Passwords::parse(t).unwrap()),
+            acl: None,
+            allow_anonymous,
+        }
+    }
+
+    #[test]
+    fn the_default_lets_anonymous_clients_in_on_loopback_only() {
+        let a = auth(None, None);
+        assert_eq!(a.login(true, None, None), Ok(()));
+        assert_eq!(a.login(false, None, None), Err(Refused::NotAuthorized));
+        assert_eq!(a.login(false, Some("any"), Some(b"x")), Ok(()));
+        assert_eq!(auth(None, Some(true)).login(false, None, None), Ok(()));
+        assert_eq!(
+            auth(None, Some(false)).login(true, None, None),
+            Err(Refused::NotAuthorized)
+        );
+    }
+
+    #[test]
+    fn a_password_file_refuses_wrong_passwords_and_anonymous_clients() {
+        let salt = [7u8; passwd::SALT_BYTES];
+        let line = format!("u:{}\n", passwd::hash_pbkdf2(b"pw", &salt));
+        let a = auth(Some(&line), None);
+        assert_eq!(a.login(true, Some("u"), Some(b"pw")), Ok(()));
+        assert_eq!(
+            a.login(true, Some("u"), Some(b"px")),
+            Err(Refused::BadCredentials)
+        );
+        assert_eq!(a.login(true, Some("u"), None), Err(Refused::BadCredentials));
+        assert_eq!(
+            a.login(true, Some("v"), Some(b"pw")),
+            Err(Refused::BadCredentials)
+        );
+        assert_eq!(a.login(true, None, None), Err(Refused::NotAuthorized));
+        let open = auth(Some(&line), Some(true));
+        assert_eq!(open.login(false, None, None), Ok(()));
+        assert_eq!(
+            open.login(false, Some("u"), Some(b"px")),
+            Err(Refused::BadCredentials)
+        );
+    }
+}

@@ -1,0 +1,359 @@
+//! Passwords and ACLs as Mosquitto users have them: password files written
+//! by `mosquitto_passwd` and by `shardmq passwd` (each read by the other
+//! broker), every CONNACK refusal code, and an ACL file deciding what each
+//! client may subscribe to, publish and receive (5.0 and 3.1.1, raw
+//! packets for the exact codes; rumqttc as the real client).
+//!
+//! The Mosquitto parts need Debian's `mosquitto` package (`.ci/run`
+//! installs it); without it they say so and check the rest.
+
+#[path = "common/client.rs"]
+mod client;
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::child::temp_dir;
+use common::{connect_packet, Raw, TestBroker};
+use shardmq::codec::{Packet, PubResp, QoS, Version};
+
+/// Run `shardmq passwd ARGS`; panics with its output if it fails.
+fn shardmq_passwd(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+        .arg("passwd")
+        .args(args)
+        .output()
+        .expect("run shardmq passwd");
+    assert!(out.status.success(), "shardmq passwd {args:?}: {out:?}");
+}
+
+/// `mosquitto_passwd` or `mosquitto`, when installed.
+fn mosquitto_tool(name: &str) -> Option<PathBuf> {
+    ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+}
+
+/// CONNECT as `user` (None: anonymous) with `password`; the CONNACK code.
+fn login(addr: std::net::SocketAddr, version: Version, user: Option<&str>, password: &str) -> u8 {
+    let mut c = connect_packet(version, "login", true);
+    c.username = user.map(str::to_string);
+    c.password = user.map(|_| bytes::Bytes::copy_from_slice(password.as_bytes()));
+    Raw::connect_with(addr, c).1.reason
+}
+
+/// As `login` for 3.1.1, the return code as it is on the wire (the codec
+/// reads it back as the 5.0 code it stands for).
+fn login_v3_wire(addr: std::net::SocketAddr, user: Option<&str>, password: &str) -> u8 {
+    use std::io::{Read, Write};
+    let mut c = connect_packet(Version::V3_1_1, "login", true);
+    c.username = user.map(str::to_string);
+    c.password = user.map(|_| bytes::Bytes::copy_from_slice(password.as_bytes()));
+    let mut out = bytes::BytesMut::new();
+    shardmq::codec::encode(&Packet::Connect(Box::new(c)), Version::V3_1_1, &mut out);
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&out).unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(&ack[..2], &[0x20, 2], "CONNACK");
+    ack[3]
+}
+
+/// A raw client logged in as `user`.
+fn raw_as(addr: std::net::SocketAddr, version: Version, id: &str, user: Option<&str>) -> Raw {
+    let mut c = connect_packet(version, id, true);
+    c.username = user.map(str::to_string);
+    let (raw, ack) = Raw::connect_with(addr, c);
+    assert_eq!(ack.reason, 0, "{id} logs in");
+    raw
+}
+
+#[test]
+fn passwords_from_mosquitto_passwd_and_shardmq_passwd_let_their_users_in_and_no_one_else() {
+    let dir = temp_dir("auth-passwd");
+    let file = dir.join("passwd");
+    let f = file.to_str().unwrap();
+    shardmq_passwd(&["-c", "-b", f, "alice", "secret"]);
+    shardmq_passwd(&["-b", f, "bob", "two words"]);
+    shardmq_passwd(&["-b", f, "gone", "x"]);
+    shardmq_passwd(&["-D", f, "gone"]);
+    // Mosquitto's tool adds a user to the file shardmq wrote (so it read
+    // it), and shardmq reads the line it wrote.
+    let mosquitto = mosquitto_tool("mosquitto_passwd");
+    match &mosquitto {
+        Some(tool) => {
+            let st = Command::new(tool)
+                .args(["-b", f, "carol", "c4rol"])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        None => eprintln!("mosquitto_passwd not installed: its half of this test skipped"),
+    }
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains("gone:"), "{text}");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "the file is its owner's only");
+
+    let b = TestBroker::start_with(2, |c| c.auth.password_file = file.clone());
+    use Version::V5;
+    assert_eq!(login(b.addr, V5, Some("alice"), "secret"), 0);
+    assert_eq!(login(b.addr, V5, Some("bob"), "two words"), 0);
+    if mosquitto.is_some() {
+        assert_eq!(login(b.addr, V5, Some("carol"), "c4rol"), 0);
+    }
+    assert_eq!(login(b.addr, V5, Some("alice"), "Secret"), 0x86);
+    assert_eq!(login(b.addr, V5, Some("gone"), "x"), 0x86);
+    assert_eq!(login(b.addr, V5, Some("nobody"), "secret"), 0x86);
+    assert_eq!(
+        login(b.addr, V5, None, ""),
+        0x87,
+        "a password file: no anonymous"
+    );
+    assert_eq!(login_v3_wire(b.addr, Some("alice"), "secret"), 0);
+    assert_eq!(login_v3_wire(b.addr, Some("alice"), "nope"), 4);
+    assert_eq!(login_v3_wire(b.addr, None, ""), 5);
+    // A real client with the right password.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let mut o = client::v5::options(b.addr, "real");
+            o.set_credentials("bob", "two words");
+            let mut c = client::v5::connect(o).await;
+            c.subscribe("x/#", client::v5::QoS::AtLeastOnce).await;
+            c.publish("x/1", client::v5::QoS::AtLeastOnce, false, b"hi")
+                .await;
+            assert_eq!(&c.next_publish().await.payload[..], b"hi");
+        });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn mosquitto_lets_in_the_users_shardmq_passwd_wrote() {
+    let Some(mosquitto) = mosquitto_tool("mosquitto") else {
+        eprintln!("mosquitto not installed: test skipped");
+        return;
+    };
+    let dir = temp_dir("auth-mosquitto");
+    let file = dir.join("passwd");
+    shardmq_passwd(&["-c", "-b", file.to_str().unwrap(), "alice", "secret"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            // `user root`: as root, Mosquitto would otherwise drop to
+            // its own user, who cannot read a file made 0600 by root.
+            "user root\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n",
+            file.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(mosquitto)
+        .args(["-c", conf.to_str().unwrap()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mosquitto did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let right = login_v3_wire(addr, Some("alice"), "secret");
+    let wrong = login_v3_wire(addr, Some("alice"), "secreT");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(right, 0, "mosquitto accepts shardmq's $7$ line");
+    assert_ne!(wrong, 0);
+}
+
+#[test]
+fn anonymous_clients_are_refused_when_the_config_says_so() {
+    let b = TestBroker::start_with(1, |c| c.auth.allow_anonymous = Some(false));
+    assert_eq!(login(b.addr, Version::V5, None, ""), 0x87);
+    assert_eq!(login_v3_wire(b.addr, None, ""), 5);
+    // Without a password file a user name is taken as given.
+    assert_eq!(login(b.addr, Version::V5, Some("anyone"), "x"), 0);
+}
+
+const ACL: &str = "\
+# anonymous clients
+topic read public/#
+
+user alice
+topic readwrite alice/#
+topic read public/#
+topic deny alice/private/#
+
+user admin
+topic read #
+
+user writer
+topic write #
+
+pattern readwrite devices/%c/#
+";
+
+/// Every PUBLISH `raw` gets within a short quiet time, as (topic,
+/// payload).
+fn drain(raw: &mut Raw) -> Vec<(String, String)> {
+    let mut got = Vec::new();
+    while let Ok(Some(p)) = raw.recv_within(Duration::from_millis(700)) {
+        match p {
+            Packet::Publish(p) => {
+                if p.qos != QoS::AtMostOnce {
+                    raw.send(&Packet::PubAck(PubResp {
+                        packet_id: p.packet_id,
+                        reason: 0,
+                        properties: Default::default(),
+                    }));
+                }
+                got.push((
+                    p.topic.to_string(),
+                    String::from_utf8_lossy(&p.payload).into(),
+                ));
+            }
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+    got.sort();
+    got
+}
+
+/// The acknowledgement code of a QoS 1 publish.
+fn puback(raw: &mut Raw, topic: &str, id: u16) -> u8 {
+    raw.publish(topic, topic.as_bytes(), QoS::AtLeastOnce, false, id);
+    match raw.recv() {
+        Some(Packet::PubAck(a)) => {
+            assert_eq!(a.packet_id, id);
+            a.reason
+        }
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_acl_file_decides_what_each_client_subscribes_to_publishes_and_receives() {
+    let dir = temp_dir("auth-acl");
+    let acl = dir.join("acl");
+    std::fs::write(&acl, ACL).unwrap();
+    let b = TestBroker::start_with(2, |c| {
+        c.auth.acl_file = acl.clone();
+        c.auth.allow_anonymous = Some(true);
+    });
+    use Version::{V3_1_1, V5};
+    let mut admin = raw_as(b.addr, V5, "admin", Some("admin"));
+    assert_eq!(admin.subscribe(1, "#", QoS::AtLeastOnce), vec![1]);
+    let mut reader = raw_as(b.addr, V5, "alice-reader", Some("alice"));
+    assert_eq!(reader.subscribe(1, "alice/#", QoS::AtLeastOnce), vec![1]);
+    assert_eq!(
+        reader.subscribe(2, "secret/#", QoS::AtLeastOnce),
+        vec![0x87]
+    );
+    assert_eq!(
+        reader.subscribe(3, "alice/private/#", QoS::AtLeastOnce),
+        vec![0x87]
+    );
+    assert_eq!(
+        reader.subscribe(4, "$share/g/public/+", QoS::AtLeastOnce),
+        vec![1]
+    );
+    let mut reader3 = raw_as(b.addr, V3_1_1, "alice-3", Some("alice"));
+    assert_eq!(
+        reader3.subscribe(1, "secret/#", QoS::AtLeastOnce),
+        vec![0x80]
+    );
+
+    // Writing: 5.0 QoS 1 is told 0x87; QoS 0 and 3.1.1 are acknowledged
+    // and dropped.
+    let mut alice = raw_as(b.addr, V5, "alice", Some("alice"));
+    assert_eq!(puback(&mut alice, "alice/a", 1), 0);
+    assert_eq!(puback(&mut alice, "public/x", 2), 0x87);
+    assert_eq!(puback(&mut alice, "alice/private/k", 3), 0x87);
+    alice.publish("public/y", b"public/y", QoS::AtMostOnce, false, 0);
+    let mut alice3 = raw_as(b.addr, V3_1_1, "alice-3w", Some("alice"));
+    assert_eq!(puback(&mut alice3, "public/z", 1), 0);
+    // Patterns: a device writes under its own client id only.
+    let mut dev = raw_as(b.addr, V5, "dev1", None);
+    assert_eq!(puback(&mut dev, "devices/dev1/up", 1), 0);
+    assert_eq!(puback(&mut dev, "devices/dev2/up", 2), 0x87);
+    // Reading: the writer may write anywhere; a subscriber gets only what
+    // it may read.
+    let mut writer = raw_as(b.addr, V5, "writer", Some("writer"));
+    assert_eq!(puback(&mut writer, "alice/private/x", 1), 0);
+    assert_eq!(puback(&mut writer, "alice/b", 2), 0);
+    assert_eq!(puback(&mut writer, "public/w", 3), 0);
+
+    let s = |v: &[&str]| -> Vec<(String, String)> {
+        let mut v: Vec<_> = v.iter().map(|t| (t.to_string(), t.to_string())).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        drain(&mut admin),
+        s(&[
+            "alice/a",
+            "alice/b",
+            "alice/private/x",
+            "devices/dev1/up",
+            "public/w"
+        ])
+    );
+    assert_eq!(drain(&mut reader), s(&["alice/a", "alice/b", "public/w"]));
+
+    // Retained messages are read-checked too.
+    writer.publish(
+        "alice/private/r",
+        b"alice/private/r",
+        QoS::AtMostOnce,
+        true,
+        0,
+    );
+    writer.publish("alice/r", b"alice/r", QoS::AtMostOnce, true, 0);
+    // Both stored before the new subscription looks (admin sees them).
+    assert_eq!(drain(&mut admin), s(&["alice/private/r", "alice/r"]));
+    let mut late = raw_as(b.addr, V5, "alice-late", Some("alice"));
+    assert_eq!(late.subscribe(1, "alice/#", QoS::AtMostOnce), vec![0]);
+    assert_eq!(drain(&mut late), s(&["alice/r"]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_bad_acl_or_password_file_stops_the_start_naming_the_line() {
+    let dir = temp_dir("auth-bad");
+    let acl = dir.join("acl");
+    std::fs::write(&acl, "user a\ntopic read a/#/b\n").unwrap();
+    let mut config = shardmq::Config::default();
+    config.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    config.storage.durability = "memory".into();
+    config.auth.acl_file = acl.clone();
+    let e = shardmq::Broker::start(config.clone())
+        .err()
+        .expect("refused");
+    let e = e.to_string();
+    assert!(e.contains("auth.acl_file") && e.contains("line 2"), "{e}");
+    config.auth.acl_file = PathBuf::new();
+    config.auth.password_file = dir.join("missing");
+    let e = shardmq::Broker::start(config)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("auth.password_file"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
