@@ -19,7 +19,7 @@ use crate::cluster::frame::{Hello, BRIDGE_VERSION};
 use crate::cluster::link::LinkSettings;
 use crate::cluster::membership::Membership;
 use crate::cluster::node::{bump_incarnation, clock_incarnation, Node, NodeName};
-use crate::config::{Config, ConfigError, Durability};
+use crate::config::{AuthConfig, Config, ConfigError, Durability};
 use crate::listen::{self, ListenError, PortLock};
 use crate::log::dir::DataDir;
 use crate::persist::recover::{recover, RecoveryError, RecoverySettings};
@@ -70,6 +70,8 @@ pub struct Broker {
     stopped: Receiver<StopReport>,
     /// `server.shutdown_timeout_s`.
     shutdown_timeout: Duration,
+    /// `[auth]`: where the password and ACL files are, for a reload.
+    auth: AuthConfig,
     /// The locked data directory, held while the broker runs.
     _data_dir: Option<DataDir>,
     /// The listen-port locks, held while the broker runs.
@@ -141,6 +143,7 @@ impl Broker {
             executors: Vec::new(),
             stopped: stopped_rx,
             shutdown_timeout: Duration::from_secs(config.server.shutdown_timeout_s),
+            auth: config.auth.clone(),
             _data_dir: data_dir,
             _ports: listeners.locks,
         };
@@ -200,6 +203,30 @@ impl Broker {
             }
         }
         Ok(broker)
+    }
+
+    /// Read the password and ACL files again and hand the new rules to
+    /// every shard (SIGHUP). Connections stay; each session's ACL is
+    /// rebuilt for its user. A file that cannot be used leaves every shard
+    /// with the rules it has: the error says why. Returns what the new
+    /// rules are (the start-up line), once every shard applies them (or
+    /// after 5 s, saying how many do not yet).
+    pub fn reload_auth(&self) -> Result<String, AuthError> {
+        let auth = Arc::new(Auth::load(&self.auth)?);
+        let (done_tx, done_rx) = crossbeam_channel::bounded(self.controls.len());
+        for c in &self.controls {
+            let _ = c.send(Control::Auth(auth.clone(), done_tx.clone()));
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let applied = (0..self.controls.len())
+            .take_while(|_| done_rx.recv_deadline(deadline).is_ok())
+            .count();
+        let mut line = auth.describe();
+        if applied < self.controls.len() {
+            let late = self.controls.len() - applied;
+            line.push_str(&format!(" ({late} shards had not applied them after 5 s)"));
+        }
+        Ok(line)
     }
 
     /// The addresses the broker listens on (port 0 resolved).

@@ -279,6 +279,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
     ])
     .context("cannot install signal handlers")?;
     let broker = Broker::start(config)?;
@@ -287,7 +288,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "shardmq listening on {} with {shards} shards",
         addrs.join(", ")
     );
-    if let Some(sig) = signals.forever().next() {
+    // SIGHUP: read the password and ACL files again.
+    let stop = signals.forever().find(|&sig| {
+        if sig != signal_hook::consts::SIGHUP {
+            return true;
+        }
+        match broker.reload_auth() {
+            Ok(now) => log::info!("SIGHUP: reloaded {now}"),
+            Err(e) => log::error!("SIGHUP: {e}; the rules in force stay"),
+        }
+        false
+    });
+    if let Some(sig) = stop {
         log::info!(
             "signal {sig}: stopping (at most {config_timeout} s; a second signal exits at once)"
         );
@@ -296,7 +308,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // lost: kill_safe acknowledges after the copy into the mapping, which
     // outlives the process; power_safe after the sync.
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        let hup = signal_hook::consts::SIGHUP;
+        if let Some(sig) = signals.forever().find(|&s| s != hup) {
             log::warn!("signal {sig} during shutdown: exiting now");
             std::process::exit(128 + sig);
         }

@@ -357,3 +357,81 @@ fn a_bad_acl_or_password_file_stops_the_start_naming_the_line() {
     assert!(e.contains("auth.password_file"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The reader's next PUBLISH's topic within a short wait (None: none).
+fn next_topic(raw: &mut Raw) -> Option<String> {
+    match raw.recv_within(Duration::from_millis(700)) {
+        Ok(Some(Packet::Publish(p))) => Some(p.topic.to_string()),
+        Ok(None) | Err(()) => None,
+        Ok(Some(other)) => panic!("expected PUBLISH, got {other:?}"),
+    }
+}
+
+#[test]
+fn sighup_reloads_the_files_without_dropping_a_connection_and_keeps_the_rules_when_a_file_is_bad() {
+    let dir = temp_dir("auth-reload");
+    let passwd = dir.join("passwd");
+    let acl = dir.join("acl");
+    let p = passwd.to_str().unwrap();
+    shardmq_passwd(&["-c", "-b", p, "alice", "old"]);
+    shardmq_passwd(&["-b", p, "writer", "w"]);
+    std::fs::write(
+        &acl,
+        "user alice\ntopic read a/#\nuser writer\ntopic write #\n",
+    )
+    .unwrap();
+    let config = common::child::config_file(
+        &dir,
+        &format!(
+            "[storage]\ndurability = \"memory\"\n[auth]\npassword_file = \"{}\"\nacl_file = \"{}\"\n",
+            passwd.display(),
+            acl.display()
+        ),
+    );
+    let b = common::child::ChildBroker::start(&["--config", config.to_str().unwrap()]);
+    let pid = b.pid().unwrap();
+    let as_user = |id: &str, user: &str, password: &str| {
+        let mut c = connect_packet(Version::V5, id, true);
+        c.username = Some(user.into());
+        c.password = Some(bytes::Bytes::copy_from_slice(password.as_bytes()));
+        let (raw, ack) = Raw::connect_with(b.addr, c);
+        assert_eq!(ack.reason, 0, "{user} logs in");
+        raw
+    };
+    let mut reader = as_user("reader", "alice", "old");
+    assert_eq!(reader.subscribe(1, "a/#", QoS::AtMostOnce), vec![0]);
+    let mut writer = as_user("writer", "writer", "w");
+    writer.publish("a/1", b"1", QoS::AtMostOnce, false, 0);
+    assert_eq!(next_topic(&mut reader).as_deref(), Some("a/1"));
+
+    // New password, and alice may read a/open/# only.
+    shardmq_passwd(&["-b", p, "alice", "new"]);
+    std::fs::write(
+        &acl,
+        "user alice\ntopic read a/open/#\nuser writer\ntopic write #\n",
+    )
+    .unwrap();
+    common::child::signal(pid, libc::SIGHUP);
+    b.wait_for_log("SIGHUP: reloaded").unwrap();
+    writer.publish("a/2", b"2", QoS::AtMostOnce, false, 0);
+    writer.publish("a/open/3", b"3", QoS::AtMostOnce, false, 0);
+    assert_eq!(
+        next_topic(&mut reader).as_deref(),
+        Some("a/open/3"),
+        "the same connection, the new ACL"
+    );
+    assert_eq!(login(b.addr, Version::V5, Some("alice"), "old"), 0x86);
+    assert_eq!(login(b.addr, Version::V5, Some("alice"), "new"), 0);
+
+    // A bad ACL file: the rules in force stay.
+    std::fs::write(&acl, "user alice\ntopic read a/#/x\n").unwrap();
+    common::child::signal(pid, libc::SIGHUP);
+    let log = b.wait_for_log("the rules in force stay").unwrap();
+    assert!(log.contains("line 2"), "{log}");
+    writer.publish("a/4", b"4", QoS::AtMostOnce, false, 0);
+    writer.publish("a/open/5", b"5", QoS::AtMostOnce, false, 0);
+    assert_eq!(next_topic(&mut reader).as_deref(), Some("a/open/5"));
+    assert_eq!(login(b.addr, Version::V5, Some("alice"), "new"), 0);
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
+}

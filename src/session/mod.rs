@@ -585,6 +585,11 @@ impl Session {
         self.acl = acl.map(Box::new);
     }
 
+    /// True when an ACL applies to the session.
+    pub fn has_acl(&self) -> bool {
+        self.acl.is_some()
+    }
+
     /// True when the session's ACL lets its client read `topic`.
     pub fn may_read(&self, topic: &str) -> bool {
         self.acl

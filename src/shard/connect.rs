@@ -22,7 +22,7 @@ use crate::router::topic::validate_topic_name;
 use crate::session::Session;
 use crate::text::quote;
 
-use super::{home_shard, ConnHandle, SessionSlot, ShardCore};
+use super::{home_shard, ConnHandle, SessionKey, SessionSlot, ShardCore};
 
 /// What to do with a connection whose CONNECT was read.
 #[derive(Debug, PartialEq, Eq)]
@@ -82,7 +82,25 @@ impl Arrival {
 impl ShardCore {
     /// The authentication and authorization rules this shard applies from
     /// now on (the broker loads them at start).
+    /// Sessions take the new ACL at once, each for the user its last
+    /// connection logged in as; connections stay (a user removed from the
+    /// password file is refused at its next CONNECT).
     pub fn set_auth(&self, auth: Arc<Auth>) {
+        let mut st = self.state.borrow_mut();
+        let keys: Vec<SessionKey> = st.sessions.iter_from(0).map(|(k, _)| k).collect();
+        for key in keys {
+            let Some(slot) = st.sessions.get_mut(key) else {
+                continue;
+            };
+            if slot.conn.is_none() && slot.username.is_none() && !slot.session.has_acl() {
+                // Restored from the log, not connected since: its ACL
+                // comes with its next connection.
+                continue;
+            }
+            let id = slot.session.client_id().clone();
+            slot.session
+                .set_acl(auth.client_acl(&id, slot.username.as_deref()));
+        }
         *self.auth.borrow_mut() = auth;
     }
 
@@ -211,6 +229,7 @@ impl ShardCore {
         // The new connection's will is this run's.
         slot.will_of_last_run = false;
         slot.session.set_acl(acl);
+        slot.username = connect.username.as_deref().map(Box::from);
         let attached = slot
             .session
             .connect(now, *connect, resumed.is_some(), assigned.as_deref());

@@ -256,6 +256,10 @@ struct SessionSlot {
     /// previous run's, which the peers published already (this node
     /// publishes it to its own subscribers only, and exports it not).
     will_of_last_run: bool,
+    /// The user name its last connection logged in with (its ACL is
+    /// rebuilt from it when the rules are reloaded); None: anonymous, or
+    /// restored from the log and not connected since.
+    username: Option<Box<str>>,
 }
 
 impl SessionSlot {
@@ -274,6 +278,7 @@ impl SessionSlot {
             will_mark: None,
             will_of_last_run: false,
             claim: 0,
+            username: None,
         }
     }
 }

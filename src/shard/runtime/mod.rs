@@ -37,10 +37,13 @@ use connection::{accept_loop, listener_from, spawn_handoff};
 pub(crate) use membership::ClusterStart;
 
 /// A message from the broker handle to a shard.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) enum Control {
     /// Close the listeners and connections, sync the log, exit.
     Stop,
+    /// Apply these authentication rules from now on (a reload), then say
+    /// so.
+    Auth(Arc<crate::auth::Auth>, crossbeam_channel::Sender<()>),
 }
 
 /// What a shard starts from when the log is on.
@@ -165,6 +168,10 @@ pub(crate) async fn run_shard(
         shard.handle_tick(Instant::now());
         match control.try_recv() {
             Ok(Control::Stop) | Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+            Ok(Control::Auth(auth, done)) => {
+                shard.set_auth(auth);
+                let _ = done.send(());
+            }
             Err(crossbeam_channel::TryRecvError::Empty) => {}
         }
     }
