@@ -435,3 +435,30 @@ fn sighup_reloads_the_files_without_dropping_a_connection_and_keeps_the_rules_wh
     drop(b);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn wrong_passwords_from_one_address_are_answered_ever_more_slowly() {
+    let dir = temp_dir("auth-slow");
+    let file = dir.join("passwd");
+    shardmq_passwd(&["-c", "-b", file.to_str().unwrap(), "alice", "secret"]);
+    // One shard: every attempt meets the same count.
+    let b = TestBroker::start_with(1, |c| c.auth.password_file = file.clone());
+    let timed = |password: &str| {
+        let started = std::time::Instant::now();
+        let code = login(b.addr, Version::V5, Some("alice"), password);
+        (code, started.elapsed())
+    };
+    for _ in 0..shardmq::auth::FREE_FAILURES {
+        assert_eq!(timed("guess").0, 0x86);
+    }
+    // Lower bounds only: a busy machine makes them longer, never shorter.
+    let (code, took) = timed("guess");
+    assert_eq!(code, 0x86);
+    assert!(took >= Duration::from_millis(240), "{took:?}");
+    let (code, took) = timed("guess");
+    assert_eq!(code, 0x86);
+    assert!(took >= Duration::from_millis(490), "{took:?}");
+    // The right password is let in, and starts the count afresh.
+    assert_eq!(timed("secret").0, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

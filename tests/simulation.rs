@@ -934,11 +934,14 @@ impl Sim {
             );
         }
         let accepting = self.rng.below(self.cores.len() as u64) as usize;
-        let (home, assigned) = match self.cores[accepting].handshake(&connect, Arrival::LOOPBACK) {
-            Handshake::Serve { assigned } => (accepting, assigned),
-            Handshake::MoveTo { home, assigned } => (home, assigned),
-            Handshake::Refuse { code, .. } => self.fail(&format!("CONNECT refused 0x{code:02X}")),
-        };
+        let (home, assigned) =
+            match self.cores[accepting].handshake(&connect, Arrival::LOOPBACK, self.now) {
+                Handshake::Serve { assigned } => (accepting, assigned),
+                Handshake::MoveTo { home, assigned } => (home, assigned),
+                Handshake::Refuse { code, .. } => {
+                    self.fail(&format!("CONNECT refused 0x{code:02X}"))
+                }
+            };
         match self.cores[home].attach(self.now, Box::new(connect), assigned) {
             Ok(handle) => {
                 // A takeover: the old connection is gone for the client.

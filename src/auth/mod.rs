@@ -11,9 +11,12 @@
 pub mod acl;
 pub mod passwd;
 
+use std::net::IpAddr;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::config::AuthConfig;
+use crate::hash::HashMap;
 use crate::text::quote;
 
 pub use acl::{Acl, ClientAcl, Want};
@@ -112,6 +115,11 @@ impl Auth {
         }
     }
 
+    /// True when a password file is configured.
+    pub fn has_passwords(&self) -> bool {
+        self.passwords.is_some()
+    }
+
     /// True when an ACL file is configured.
     pub fn has_acl(&self) -> bool {
         self.acl.is_some()
@@ -177,6 +185,74 @@ impl Auth {
     }
 }
 
+/// Failed logins a client address has before its refusals slow down.
+pub const FREE_FAILURES: u32 = 3;
+/// The first slowed-down refusal waits this long; each next one twice as
+/// long, up to [`FAILURE_DELAY_MAX`].
+pub const FAILURE_DELAY: Duration = Duration::from_millis(250);
+/// The longest a refusal waits.
+pub const FAILURE_DELAY_MAX: Duration = Duration::from_secs(8);
+/// An address without a failed login for this long starts afresh.
+pub const FAILURE_MEMORY: Duration = Duration::from_secs(600);
+/// Addresses one shard remembers failures of.
+pub const FAILURE_ADDRESSES_MAX: usize = 10_000;
+
+/// Failed logins by client address (one per shard): after
+/// [`FREE_FAILURES`], each refusal from the address waits longer before
+/// it is sent, so guessing passwords from one address gets slow.
+#[derive(Debug, Default)]
+pub struct LoginThrottle {
+    failures: HashMap<IpAddr, (u32, Instant)>,
+    /// Failures not tracked because the table was full.
+    pub untracked: u64,
+}
+
+impl LoginThrottle {
+    /// A login from `ip` failed at `now`: how long its refusal waits.
+    pub fn failed(&mut self, ip: IpAddr, now: Instant) -> Duration {
+        if self.failures.len() >= FAILURE_ADDRESSES_MAX && !self.failures.contains_key(&ip) {
+            self.forget_before(now, Duration::from_secs(60));
+            if self.failures.len() >= FAILURE_ADDRESSES_MAX {
+                self.untracked += 1;
+                return Duration::ZERO;
+            }
+        }
+        let entry = self.failures.entry(ip).or_insert((0, now));
+        if now.saturating_duration_since(entry.1) >= FAILURE_MEMORY {
+            entry.0 = 0;
+        }
+        entry.0 = entry.0.saturating_add(1);
+        entry.1 = now;
+        match entry.0.checked_sub(FREE_FAILURES + 1) {
+            None => Duration::ZERO,
+            Some(doublings) => FAILURE_DELAY
+                .saturating_mul(1u32 << doublings.min(16))
+                .min(FAILURE_DELAY_MAX),
+        }
+    }
+
+    /// A login from `ip` succeeded: its count starts afresh.
+    pub fn succeeded(&mut self, ip: IpAddr) {
+        self.failures.remove(&ip);
+    }
+
+    /// Forget addresses whose last failure is older than `age`.
+    pub fn forget_before(&mut self, now: Instant, age: Duration) {
+        self.failures
+            .retain(|_, (_, last)| now.saturating_duration_since(*last) < age);
+    }
+
+    /// Addresses remembered now.
+    pub fn len(&self) -> usize {
+        self.failures.len()
+    }
+
+    /// True when no address is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
 /// A user name for a log line.
 pub fn user_for_log(username: Option<&str>) -> String {
     match username {
@@ -195,6 +271,44 @@ mod tests {
             acl: None,
             allow_anonymous,
         }
+    }
+
+    #[test]
+    fn refusals_from_one_address_slow_down_and_start_afresh() {
+        let mut t = LoginThrottle::default();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        let t0 = Instant::now();
+        let delays: Vec<u128> = (0..10).map(|_| t.failed(ip, t0).as_millis()).collect();
+        assert_eq!(delays, [0, 0, 0, 250, 500, 1000, 2000, 4000, 8000, 8000]);
+        assert_eq!(t.failed(other, t0), Duration::ZERO, "per address");
+        assert_eq!(
+            t.failed(ip, t0 + FAILURE_MEMORY),
+            Duration::ZERO,
+            "forgotten"
+        );
+        for _ in 0..5 {
+            t.failed(ip, t0);
+        }
+        t.succeeded(ip);
+        assert_eq!(t.failed(ip, t0), Duration::ZERO, "a success starts afresh");
+        t.forget_before(t0 + FAILURE_MEMORY, FAILURE_MEMORY);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn the_throttle_table_is_bounded() {
+        let mut t = LoginThrottle::default();
+        let t0 = Instant::now();
+        for i in 0..FAILURE_ADDRESSES_MAX as u32 {
+            t.failed(IpAddr::from(i.to_be_bytes()), t0);
+        }
+        assert_eq!(t.len(), FAILURE_ADDRESSES_MAX);
+        t.failed("255.0.0.1".parse().unwrap(), t0);
+        assert_eq!((t.len(), t.untracked), (FAILURE_ADDRESSES_MAX, 1));
+        // A minute later the old ones make room.
+        t.failed("255.0.0.1".parse().unwrap(), t0 + Duration::from_secs(61));
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

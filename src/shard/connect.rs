@@ -9,14 +9,15 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
 use std::sync::Arc;
 
-use crate::auth::{user_for_log, Auth, Refused};
+use crate::auth::{user_for_log, Auth, LoginThrottle, Refused};
 use crate::codec::{self, reason, Connect, Version};
+use crate::hash::HashMap;
 use crate::message::user_properties_bytes;
 use crate::router::topic::validate_topic_name;
 use crate::session::Session;
@@ -46,6 +47,9 @@ pub enum Handshake {
         /// False: the protocol has no CONNACK code for it (a bad will in
         /// 3.x, [MQTT-4.8.0-1]); close without answering.
         answer: bool,
+        /// How long the refusal waits before it is sent (failed logins
+        /// from one address slow down, see `auth::LoginThrottle`).
+        delay: Duration,
     },
 }
 
@@ -102,19 +106,20 @@ impl ShardCore {
                 .set_acl(auth.client_acl(&id, slot.username.as_deref()));
         }
         *self.auth.borrow_mut() = auth;
+        self.logins.borrow_mut().verified.clear();
     }
 
-    /// CONNECT was read from a connection that `arrival` describes:
-    /// refuse it, serve it here, or move it to its home shard.
-    pub fn handshake(&self, connect: &Connect, arrival: Arrival) -> Handshake {
+    /// CONNECT was read at `now` from a connection that `arrival`
+    /// describes: refuse it, serve it here, or move it to its home shard.
+    pub fn handshake(&self, connect: &Connect, arrival: Arrival, now: Instant) -> Handshake {
         let peer = arrival.peer;
         let checked = check_connect(self, connect).and_then(|a| {
-            self.login(connect, arrival)?;
+            self.login(connect, arrival, now)?;
             Ok(a)
         });
         let assigned = match checked {
             Ok(a) => a,
-            Err(Refusal { code, why }) => {
+            Err(Refusal { code, why, delay }) => {
                 self.state.borrow_mut().stats.connects_refused += 1;
                 shard_log!(
                     self,
@@ -123,7 +128,11 @@ impl ShardCore {
                     quote(&connect.client_id)
                 );
                 let answer = connect.version.is_v5() || code < 0x90;
-                return Handshake::Refuse { code, answer };
+                return Handshake::Refuse {
+                    code,
+                    answer,
+                    delay,
+                };
             }
         };
         let client_id = assigned.as_deref().unwrap_or(&connect.client_id);
@@ -135,24 +144,51 @@ impl ShardCore {
         }
     }
 
-    /// Check the CONNECT's user name and password.
-    fn login(&self, connect: &Connect, arrival: Arrival) -> Result<(), Refusal> {
+    /// Check the CONNECT's user name and password. A password verified
+    /// once is remembered (keyed digest) until the rules are reloaded, so
+    /// a reconnect does not pay for PBKDF2 or argon2 again; failures slow
+    /// down per client address.
+    fn login(&self, connect: &Connect, arrival: Arrival, now: Instant) -> Result<(), Refusal> {
         let auth = self.auth.borrow();
         let user = connect.username.as_deref();
-        match auth.login(arrival.loopback(), user, connect.password.as_deref()) {
-            Ok(()) => Ok(()),
-            Err(Refused::BadCredentials) => Err(Refusal::new(
+        let password = connect.password.as_deref();
+        let mut logins = self.logins.borrow_mut();
+        let seen = match (user, password) {
+            (Some(u), Some(p)) if auth.has_passwords() => Some((u, logins.digest(u, p))),
+            _ => None,
+        };
+        let known = seen.is_some_and(|(u, d)| logins.verified.get(u) == Some(&d));
+        let result = match known {
+            true => Ok(()),
+            false => auth.login(arrival.loopback(), user, password),
+        };
+        let ip = arrival.peer.map(|p| p.ip().to_canonical());
+        let (code, why) = match result {
+            Ok(()) => {
+                if let Some((u, d)) = seen.filter(|_| !known) {
+                    logins.remember(u, d);
+                }
+                if let (Some(ip), Some(_)) = (ip, user) {
+                    logins.throttle.succeeded(ip);
+                }
+                return Ok(());
+            }
+            Err(Refused::BadCredentials) => (
                 reason::BAD_USER_NAME_OR_PASSWORD,
                 format!(
                     "user {}: unknown user or wrong password",
                     user_for_log(user)
                 ),
-            )),
-            Err(Refused::NotAuthorized) => Err(Refusal::new(
+            ),
+            Err(Refused::NotAuthorized) => (
                 reason::NOT_AUTHORIZED,
-                "no user name, and anonymous clients are not allowed here (auth.allow_anonymous)",
-            )),
-        }
+                "no user name, and anonymous clients are not allowed here \
+                 (auth.allow_anonymous)"
+                    .to_string(),
+            ),
+        };
+        let delay = ip.map_or(Duration::ZERO, |ip| logins.throttle.failed(ip, now));
+        Err(Refusal { code, why, delay })
     }
 
     /// A client id unique in this broker's lifetime: the shard, the
@@ -309,10 +345,12 @@ fn asks_persistence(connect: &Connect) -> bool {
     }
 }
 
-/// Why a CONNECT is refused: the CONNACK reason code and a log line.
+/// Why a CONNECT is refused: the CONNACK reason code, a log line, and
+/// how long the answer waits.
 struct Refusal {
     code: u8,
     why: String,
+    delay: Duration,
 }
 
 impl Refusal {
@@ -320,7 +358,51 @@ impl Refusal {
         Refusal {
             code,
             why: why.into(),
+            delay: Duration::ZERO,
         }
+    }
+}
+
+/// Passwords verified on this shard (until the rules are reloaded) and
+/// failed logins by address.
+pub(super) struct Logins {
+    /// User name → keyed digest of the password that verified.
+    verified: HashMap<Box<str>, [u8; 64]>,
+    /// Random per shard: the digests mean nothing outside this process.
+    key: [u8; 32],
+    throttle: LoginThrottle,
+}
+
+/// Verified passwords a shard remembers; past it, it starts over.
+const VERIFIED_MAX: usize = 65_536;
+
+impl Logins {
+    pub(super) fn new() -> Logins {
+        let mut key = [0u8; 32];
+        // Without OS randomness the digests still work, only keyed less well.
+        let _ = getrandom::fill(&mut key);
+        Logins {
+            verified: HashMap::default(),
+            key,
+            throttle: LoginThrottle::default(),
+        }
+    }
+
+    fn digest(&self, user: &str, password: &[u8]) -> [u8; 64] {
+        use sha2::{Digest, Sha512};
+        let mut d = Sha512::new();
+        d.update(self.key);
+        d.update((user.len() as u64).to_be_bytes());
+        d.update(user.as_bytes());
+        d.update(password);
+        d.finalize().into()
+    }
+
+    fn remember(&mut self, user: &str, digest: [u8; 64]) {
+        if self.verified.len() >= VERIFIED_MAX {
+            self.verified.clear();
+        }
+        self.verified.insert(Box::from(user), digest);
     }
 }
 

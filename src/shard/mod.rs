@@ -419,6 +419,8 @@ pub struct ShardCore {
     /// Who may connect and what they may read and write (shared by every
     /// shard, read-only; replaced whole by [`ShardCore::set_auth`]).
     auth: RefCell<Arc<crate::auth::Auth>>,
+    /// Verified passwords and failed logins (see `connect::Logins`).
+    logins: RefCell<connect::Logins>,
 }
 
 impl ShardCore {
@@ -436,6 +438,7 @@ impl ShardCore {
         let auth = crate::auth::Auth::without_files(&config.auth);
         ShardCore {
             auth: RefCell::new(Arc::new(auth)),
+            logins: RefCell::new(connect::Logins::new()),
             boot_stamp,
             delayed_max,
             delayed_bytes_max,

@@ -89,11 +89,11 @@ fn a_connect_is_served_at_home_moved_elsewhere_or_refused_with_its_reason() {
     let there = id_on(1, 2);
     let v5 = Version::V5;
     assert_eq!(
-        c.handshake(&connect(&here, v5), Arrival::LOOPBACK),
+        c.handshake(&connect(&here, v5), Arrival::LOOPBACK, Instant::now()),
         Handshake::Serve { assigned: None }
     );
     assert_eq!(
-        c.handshake(&connect(&there, v5), Arrival::LOOPBACK),
+        c.handshake(&connect(&there, v5), Arrival::LOOPBACK, Instant::now()),
         Handshake::MoveTo {
             home: 1,
             assigned: None
@@ -103,17 +103,22 @@ fn a_connect_is_served_at_home_moved_elsewhere_or_refused_with_its_reason() {
     let (Handshake::Serve { assigned: Some(a) }
     | Handshake::MoveTo {
         assigned: Some(a), ..
-    }) = c.handshake(&connect("", v5), Arrival::LOOPBACK)
+    }) = c.handshake(&connect("", v5), Arrival::LOOPBACK, Instant::now())
     else {
         panic!("an id is assigned");
     };
     assert!(a.starts_with("shardmq-0-abc-"), "{a}");
     // 3.1 requires an id: refused with a CONNACK.
     assert_eq!(
-        c.handshake(&connect("", Version::V3_1), Arrival::LOOPBACK),
+        c.handshake(
+            &connect("", Version::V3_1),
+            Arrival::LOOPBACK,
+            Instant::now()
+        ),
         Handshake::Refuse {
             code: reason::CLIENT_IDENTIFIER_NOT_VALID,
-            answer: true
+            answer: true,
+            delay: Duration::ZERO
         }
     );
     // A bad will topic: 5.0 answers 0x90; 3.1.1 has no code for it.
@@ -126,15 +131,16 @@ fn a_connect_is_served_at_home_moved_elsewhere_or_refused_with_its_reason() {
         properties: Properties::default(),
     });
     assert_eq!(
-        c.handshake(&bad, Arrival::LOOPBACK),
+        c.handshake(&bad, Arrival::LOOPBACK, Instant::now()),
         Handshake::Refuse {
             code: reason::TOPIC_NAME_INVALID,
-            answer: false
+            answer: false,
+            delay: Duration::ZERO
         }
     );
     bad.version = v5;
     assert!(matches!(
-        c.handshake(&bad, Arrival::LOOPBACK),
+        c.handshake(&bad, Arrival::LOOPBACK, Instant::now()),
         Handshake::Refuse { answer: true, .. }
     ));
     assert_eq!(c.stats().connects_refused, 3);

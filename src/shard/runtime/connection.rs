@@ -94,17 +94,26 @@ async fn handshake(shard: Rc<ShardCore>, mut stream: TcpStream) {
         Ok(c) => c,
         Err(e) => return refuse_handshake(&shard, &mut stream, peer, e).await,
     };
-    let (home, assigned) = match shard.handshake(&connect, arrival) {
+    let (home, assigned) = match shard.handshake(&connect, arrival, Instant::now()) {
         Handshake::Serve { assigned } => {
             // A task of its own: this handshake's future is freed now.
             glommio::spawn_local(serve(shard, stream, connect, buf, assigned)).detach();
             return;
         }
         Handshake::MoveTo { home, assigned } => (home, assigned),
-        Handshake::Refuse { code, answer: true } => {
+        Handshake::Refuse {
+            code,
+            answer: true,
+            delay,
+        } => {
+            if !delay.is_zero() {
+                glommio::timer::sleep(delay).await;
+            }
             return send_connack_error(&shard, &mut stream, connect.version, code).await;
         }
         Handshake::Refuse { answer: false, .. } => {
+            // Only CONNECT checks without a login come here: nothing to
+            // slow down.
             let _ = stream.shutdown(std::net::Shutdown::Both).await;
             return;
         }
