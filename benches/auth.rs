@@ -26,14 +26,19 @@ fn acl(c: &mut Criterion) {
     c.bench_function("acl: publish check, topic seen before", |b| {
         b.iter(|| black_box(client.allows(black_box("site/9999/dev/1/temp"), Want::Write)))
     });
-    let topics: Vec<String> = (0..1024).map(|i| format!("site/{}/dev/{i}/t", i * 7)).collect();
+    let topics: Vec<String> = (0..1024)
+        .map(|i| format!("site/{}/dev/{i}/t", i * 7))
+        .collect();
     let mut n = 0;
-    c.bench_function("acl: publish check, a new topic each time (cache over 256)", |b| {
-        b.iter(|| {
-            n = (n + 1) % topics.len();
-            black_box(client.allows(&topics[n], Want::Write))
-        })
-    });
+    c.bench_function(
+        "acl: publish check, a new topic each time (cache over 256)",
+        |b| {
+            b.iter(|| {
+                n = (n + 1) % topics.len();
+                black_box(client.allows(&topics[n], Want::Write))
+            })
+        },
+    );
     c.bench_function("acl: a client's rules at CONNECT (10,000-rule file)", |b| {
         b.iter(|| black_box(acl.for_client(black_box("dev2"), Some("gw"))))
     });

@@ -95,24 +95,41 @@ impl Rules {
 
     /// Some(verdict) when a rule decides SUBSCRIBE `filter`: a `deny` rule
     /// that covers every topic of the filter refuses it; a rule that
-    /// covers them all and grants reading allows it (a deny rule that
-    /// covers only some of them leaves those to the delivery check).
+    /// grants reading some topic of the filter allows it (Mosquitto
+    /// grants every SUBSCRIBE and checks deliveries only: a subscription
+    /// to `sensors/#` under `topic read sensors/+/temp` keeps working, its
+    /// other topics left to the delivery check). Wildcard filters scan
+    /// the list; a plain topic uses the index.
     fn check_filter(&self, filter: &str) -> Option<bool> {
         if !crate::router::topic::has_wildcard(filter) {
             return self.check_topic(filter, Want::Read);
         }
         let mut verdict = None;
         for (rule, access) in &self.list {
-            if !covers(rule, filter) {
-                continue;
-            }
             match access {
-                Access::Deny => return Some(false),
-                a if a.grants(Want::Read) => verdict = Some(true),
+                Access::Deny if covers(rule, filter) => return Some(false),
+                a if a.grants(Want::Read) && intersects(rule, filter) => verdict = Some(true),
                 _ => {}
             }
         }
         verdict
+    }
+}
+
+/// True when some topic name matches both filters (both valid).
+fn intersects(a: &str, b: &str) -> bool {
+    let wild_first = |f: &str| f.starts_with('+') || f.starts_with('#');
+    if (a.starts_with('$') && wild_first(b)) || (b.starts_with('$') && wild_first(a)) {
+        return false;
+    }
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) | (_, Some("#")) | (None, None) => return true,
+            (Some(p), Some(q)) if p == "+" || q == "+" || p == q => {}
+            _ => return false,
+        }
     }
 }
 
@@ -435,7 +452,7 @@ pattern deny devices/%c/locked
     }
 
     #[test]
-    fn subscriptions_need_a_rule_covering_the_whole_filter() {
+    fn subscriptions_need_a_readable_topic_and_no_deny_covering_them_all() {
         let acl = Acl::parse(FILE).unwrap();
         let alice = acl.for_client("x", Some("alice"));
         assert!(
@@ -444,15 +461,32 @@ pattern deny devices/%c/locked
         );
         assert!(alice.allows_subscribe("alice/+/b"));
         assert!(!alice.allows_subscribe("alice/private/#"));
-        assert!(!alice.allows_subscribe("#"));
+        assert!(!alice.allows_subscribe("alice/private/+/x"));
+        assert!(alice.allows_subscribe("#"), "alice/# is readable in it");
         assert!(!alice.allows_subscribe("logs/alice"), "write only");
+        assert!(!alice.allows_subscribe("logs/+"), "write only");
         assert!(alice.allows_subscribe("sensors/+/temp"));
-        assert!(!alice.allows_subscribe("sensors/#"));
+        assert!(alice.allows_subscribe("sensors/#"));
+        assert!(!alice.allows_subscribe("other/#"));
+        assert!(!alice.allows_subscribe("$SYS/#"));
         let anon = acl.for_client("d", None);
         assert!(anon.allows_subscribe("public/+"));
         assert!(!anon.allows_subscribe("public/secret"));
         assert!(anon.allows_subscribe("devices/d/#"));
-        assert!(!anon.allows_subscribe("devices/+/#"));
+        assert!(anon.allows_subscribe("devices/+/#"));
+        assert!(!anon.allows_subscribe("other/x/+"));
+        assert!(anon.allows_subscribe("+/x/y"), "public/x/y is readable");
+    }
+
+    #[test]
+    fn intersecting() {
+        assert!(intersects("a/#", "a"));
+        assert!(intersects("a", "a/#"));
+        assert!(intersects("+/b", "a/+"));
+        assert!(!intersects("a/b", "a/c"));
+        assert!(!intersects("a/+", "a/b/c"));
+        assert!(!intersects("#", "$SYS/x"));
+        assert!(intersects("$SYS/#", "$SYS/+"));
     }
 
     #[test]
