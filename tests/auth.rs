@@ -300,6 +300,24 @@ fn the_acl_file_decides_what_each_client_subscribes_to_publishes_and_receives() 
     assert_eq!(puback(&mut writer, "alice/b", 2), 0);
     assert_eq!(puback(&mut writer, "public/w", 3), 0);
 
+    // A will is published as its client: written only where it may write.
+    for (id, will_topic) in [
+        ("dev2", "devices/dev2/gone"),
+        ("dev3", "devices/other/gone"),
+    ] {
+        let mut c = connect_packet(V5, id, true);
+        c.will = Some(shardmq::codec::Will {
+            topic: will_topic.into(),
+            payload: bytes::Bytes::from(will_topic.as_bytes().to_vec()),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Default::default(),
+        });
+        let (raw, ack) = Raw::connect_with(b.addr, c);
+        assert_eq!(ack.reason, 0);
+        drop(raw); // no DISCONNECT: the will goes (or not)
+    }
+
     let s = |v: &[&str]| -> Vec<(String, String)> {
         let mut v: Vec<_> = v.iter().map(|t| (t.to_string(), t.to_string())).collect();
         v.sort();
@@ -312,6 +330,7 @@ fn the_acl_file_decides_what_each_client_subscribes_to_publishes_and_receives() 
             "alice/b",
             "alice/private/x",
             "devices/dev1/up",
+            "devices/dev2/gone",
             "public/w"
         ])
     );

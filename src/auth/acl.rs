@@ -292,8 +292,16 @@ fn access_and_filter(rest: &str) -> Result<(Access, &str), String> {
         _ => None,
     };
     let filter = match access {
-        Some(_) => after.trim_start(),
-        None => rest,
+        Some(_) => after.trim(),
+        // `topic a b`: Mosquitto refuses a second word that is no access
+        // word (a topic with spaces needs one before it).
+        None if !after.trim().is_empty() => {
+            return Err(format!(
+                "{}: not read, write, readwrite or deny",
+                crate::text::quote(word)
+            ))
+        }
+        None => rest.trim(),
     };
     if filter.is_empty() {
         return Err("a rule without a topic".into());
@@ -517,9 +525,12 @@ pattern deny devices/%c/locked
 
     #[test]
     fn no_access_word_means_readwrite_and_topics_keep_spaces() {
-        let acl = Acl::parse("topic a b/c\n  topic   read   x y\n").unwrap();
-        assert!(allows(&acl, "i", None, "a b/c", Want::Write));
+        let acl = Acl::parse("topic a/b\n  topic   read   x y \n").unwrap();
+        assert!(allows(&acl, "i", None, "a/b", Want::Write));
         assert!(allows(&acl, "i", None, "x y", Want::Read));
+        // As Mosquitto: a topic with spaces needs its access word.
+        let e = Acl::parse("topic a b\n").unwrap_err();
+        assert!(e.why.contains("not read, write"), "{e}");
     }
 
     #[test]
