@@ -19,7 +19,7 @@ use crate::cluster::frame::{Hello, BRIDGE_VERSION};
 use crate::cluster::link::LinkSettings;
 use crate::cluster::membership::Membership;
 use crate::cluster::node::{bump_incarnation, clock_incarnation, Node, NodeName};
-use crate::config::{AuthConfig, Config, ConfigError, Durability};
+use crate::config::{AuthConfig, Config, ConfigError, Durability, Transport};
 use crate::listen::{self, ListenError, PortLock};
 use crate::log::dir::DataDir;
 use crate::persist::recover::{recover, RecoveryError, RecoverySettings};
@@ -47,6 +47,9 @@ pub enum StartError {
     /// The password or ACL file is unreadable or invalid.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// A TLS listener's certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// Cluster membership could not start.
     #[error("cluster: {0}")]
     Cluster(String),
@@ -124,7 +127,17 @@ impl Broker {
         check_os_limits(&config, shards)?;
         let auth = Arc::new(Auth::load(&config.auth)?);
         log::info!("{}", auth.describe());
-        let listeners = listen::open(&config.server.listen, shards)?;
+        let wanted = config.effective_listeners();
+        let binds: Vec<SocketAddr> = wanted.iter().map(|l| l.bind).collect();
+        let tls: Vec<_> = wanted
+            .iter()
+            .map(|l| match l.transport() {
+                Transport::Tls => crate::tls::server_config(l).map(Some),
+                Transport::Tcp => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
+        let tls = Arc::new(tls);
+        let listeners = listen::open(&binds, shards)?;
         let (data_dir, mut durables) = recover_logs(&config, shards)?;
         let cluster = start_cluster(&config, shards, data_dir.as_ref())?;
         let cluster_addr = cluster.as_ref().map(|c| c.bound);
@@ -168,6 +181,7 @@ impl Broker {
             };
             let lanes = Lanes {
                 auth: auth.clone(),
+                tls: tls.clone(),
                 mesh: mesh.clone(),
                 control: ctl_rx,
                 ready: ready_tx.clone(),

@@ -34,7 +34,7 @@ pub enum ConfigError {
     #[error("config: {key} = {value}: {why}")]
     Invalid {
         /// Dotted key, e.g. `mqtt.receive_maximum`.
-        key: &'static str,
+        key: String,
         /// The value given.
         value: String,
         /// The allowed range or relationship.
@@ -58,6 +58,116 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Who may connect, and what they may read and write.
     pub auth: AuthConfig,
+    /// Listeners with their transports; when any is given they replace
+    /// `server.listen`.
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+}
+
+/// One `[[listeners]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address to listen on.
+    pub bind: SocketAddr,
+    /// `tcp` or `tls`.
+    #[serde(default = "tcp")]
+    pub transport: String,
+    /// TLS: the certificate chain, PEM, leaf first.
+    #[serde(default)]
+    pub tls_cert_file: std::path::PathBuf,
+    /// TLS: the private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub tls_key_file: std::path::PathBuf,
+    /// TLS: CA certificates (PEM) client certificates are checked
+    /// against; empty: no client certificates asked for.
+    #[serde(default)]
+    pub tls_client_ca_file: std::path::PathBuf,
+    /// TLS: a client without a certificate is refused (needs
+    /// `tls_client_ca_file`).
+    #[serde(default)]
+    pub tls_client_cert_required: bool,
+}
+
+fn tcp() -> String {
+    "tcp".into()
+}
+
+/// How a listener's connections are carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain TCP.
+    Tcp,
+    /// TLS 1.2 / 1.3 over TCP.
+    Tls,
+}
+
+impl ListenerConfig {
+    /// A plain TCP listener on `bind`.
+    pub fn tcp(bind: SocketAddr) -> ListenerConfig {
+        ListenerConfig {
+            bind,
+            transport: tcp(),
+            tls_cert_file: Default::default(),
+            tls_key_file: Default::default(),
+            tls_client_ca_file: Default::default(),
+            tls_client_cert_required: false,
+        }
+    }
+
+    /// Its transport (validated).
+    pub fn transport(&self) -> Transport {
+        match self.transport.as_str() {
+            "tls" => Transport::Tls,
+            _ => Transport::Tcp,
+        }
+    }
+
+    fn validate(&self, i: usize) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("listeners[{i}].{k}");
+        match self.transport.as_str() {
+            "tcp" | "tls" => {}
+            "ws" | "wss" => {
+                return Err(invalid(
+                    &key("transport"),
+                    &self.transport,
+                    "WebSocket listeners are not built yet: tcp or tls",
+                ))
+            }
+            other => return Err(invalid(&key("transport"), other, "tcp or tls")),
+        }
+        let tls = self.transport() == Transport::Tls;
+        let empty = |p: &std::path::Path| p.as_os_str().is_empty();
+        if tls && (empty(&self.tls_cert_file) || empty(&self.tls_key_file)) {
+            return Err(invalid(
+                &key("tls_cert_file"),
+                "\"\"",
+                "a tls listener needs tls_cert_file and tls_key_file",
+            ));
+        }
+        let tls_files = [
+            &self.tls_cert_file,
+            &self.tls_key_file,
+            &self.tls_client_ca_file,
+        ]
+        .iter()
+        .any(|p| !empty(p));
+        if !tls && tls_files {
+            return Err(invalid(
+                &key("transport"),
+                &self.transport,
+                "TLS files given for a listener that is not tls",
+            ));
+        }
+        if self.tls_client_cert_required && empty(&self.tls_client_ca_file) {
+            return Err(invalid(
+                &key("tls_client_cert_required"),
+                "true",
+                "needs tls_client_ca_file to check the certificates against",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[auth]`.
@@ -333,13 +443,30 @@ impl Config {
         }
     }
 
+    /// The listeners to open: `[[listeners]]`, or plain TCP on each
+    /// `server.listen` address when there are none.
+    pub fn effective_listeners(&self) -> Vec<ListenerConfig> {
+        match self.listeners.is_empty() {
+            true => self
+                .server
+                .listen
+                .iter()
+                .map(|&a| ListenerConfig::tcp(a))
+                .collect(),
+            false => self.listeners.clone(),
+        }
+    }
+
     /// Check every value's range and the relationships between limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.cluster.validate()?;
         let s = &self.server;
         let m = &self.mqtt;
-        if s.listen.is_empty() {
+        if s.listen.is_empty() && self.listeners.is_empty() {
             return Err(invalid("server.listen", "[]", "give at least one address"));
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            l.validate(i)?;
         }
         range("server.shards", s.shards, 0, 256)?;
         range("server.connections_max", s.connections_max, 1, 10_000_000)?;
@@ -646,9 +773,9 @@ impl ClusterConfig {
     }
 }
 
-fn invalid(key: &'static str, value: &str, why: &str) -> ConfigError {
+fn invalid(key: &str, value: &str, why: &str) -> ConfigError {
     ConfigError::Invalid {
-        key,
+        key: key.to_string(),
         value: value.to_string(),
         why: why.to_string(),
     }
@@ -764,6 +891,28 @@ mod tests {
         );
         ok("[cluster]\nretained_tombstone_s = 60\n").unwrap();
         refused("[cluster]\nroutes_max = 0\n", "cluster.routes_max");
+    }
+
+    #[test]
+    fn listeners_are_checked() {
+        let c = Config::from_toml("[[listeners]]\nbind = \"127.0.0.1:8883\"\n").unwrap();
+        assert_eq!(c.effective_listeners()[0].transport(), Transport::Tcp);
+        assert_eq!(c.effective_listeners().len(), 1, "replaces server.listen");
+        let c = Config::default();
+        assert_eq!(c.effective_listeners()[0].bind, c.server.listen[0]);
+        let l = |extra: &str| format!("[[listeners]]\nbind = \"127.0.0.1:8883\"\n{extra}");
+        refused(&l("transport = \"ws\"\n"), "not built yet");
+        refused(&l("transport = \"quic\"\n"), "listeners[0].transport");
+        refused(&l("transport = \"tls\"\n"), "needs tls_cert_file");
+        refused(&l("tls_cert_file = \"a.pem\"\n"), "not tls");
+        refused(
+            &l("transport = \"tls\"\ntls_cert_file = \"a\"\ntls_key_file = \"b\"\ntls_client_cert_required = true\n"),
+            "needs tls_client_ca_file",
+        );
+        Config::from_toml(&l(
+            "transport = \"tls\"\ntls_cert_file = \"a\"\ntls_key_file = \"b\"\n",
+        ))
+        .unwrap();
     }
 
     #[test]

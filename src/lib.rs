@@ -50,6 +50,7 @@ pub mod router;
 pub mod session;
 pub mod shard;
 pub mod text;
+pub mod tls;
 
 pub use broker::{Broker, StartError, StopSummary};
 pub use config::Config;

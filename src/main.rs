@@ -31,8 +31,9 @@ struct RunArgs {
     /// TOML config, merged over the embedded default.
     #[arg(long, value_name = "FILE", env = "SHARDMQ_CONFIG")]
     config: Option<PathBuf>,
-    /// Listen on ADDR (host:port); repeat for several (the variable takes a
-    /// comma-separated list). Replaces server.listen.
+    /// Listen on ADDR (host:port) over plain TCP; repeat for several (the
+    /// variable takes a comma-separated list). Replaces server.listen, or,
+    /// when the config has [[listeners]], adds to them.
     #[arg(
         long,
         value_name = "ADDR",
@@ -131,11 +132,19 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
         None => Config::default(),
     };
     if !args.listen.is_empty() {
-        config.server.listen = args
+        let addrs: Vec<SocketAddr> = args
             .listen
             .iter()
             .map(|a| parse_listen(a))
             .collect::<anyhow::Result<_>>()?;
+        // Beside [[listeners]] they add plain TCP listeners; otherwise
+        // they replace server.listen.
+        match config.listeners.is_empty() {
+            true => config.server.listen = addrs,
+            false => config
+                .listeners
+                .extend(addrs.into_iter().map(shardmq::config::ListenerConfig::tcp)),
+        }
     }
     if let Some(n) = args.shards {
         config.server.shards = n;

@@ -51,6 +51,9 @@ pub struct Handoff {
     pub buffered: BytesMut,
     /// Client id the broker assigned (empty id in CONNECT).
     pub assigned_client_id: Option<String>,
+    /// A TLS connection's state (handshake done, CONNECT read through
+    /// it): the home shard goes on with it.
+    pub tls: Option<Box<rustls::ServerConnection>>,
 }
 
 /// Whom to acknowledge once a mesh message has taken effect: a session

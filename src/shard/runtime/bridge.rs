@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
+use super::transport::Stream;
 use crate::cluster::frame::{Frame, Hello, RefuseReason};
 use crate::cluster::link::{LinkError, LinkEvent, LinkSession, LinkSettings};
 use crate::cluster::node::Node;
@@ -479,7 +480,7 @@ impl Bridge {
             peer: Cell::new(outbound.map(|(i, _)| i)),
             outbound: outbound.is_some(),
             session: RefCell::new(session),
-            stream: SharedStream(Rc::new(RefCell::new(stream))),
+            stream: SharedStream(Rc::new(RefCell::new(Stream::Plain(stream)))),
             handle,
             wake: Notify::default(),
             closed: Cell::new(false),

@@ -28,6 +28,7 @@ use crate::codec::{self, reason, ConnAck, Connect, DecodeError, Packet, Version}
 use super::super::connect::{Arrival, Handshake};
 use super::super::mesh::{Handoff, MeshMsg};
 use super::super::{ConnHandle, ShardCore};
+use super::transport::Stream;
 
 /// Why a connection ended before it became a session.
 #[derive(Debug)]
@@ -40,7 +41,12 @@ enum HandshakeError {
 }
 
 /// Accept connections on `listener` until the task is cancelled.
-pub(crate) async fn accept_loop(shard: Rc<ShardCore>, listener: TcpListener) {
+/// With `tls`, each connection starts its TLS handshake.
+pub(crate) async fn accept_loop(
+    shard: Rc<ShardCore>,
+    listener: TcpListener,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) {
     loop {
         match listener.accept().await {
             Ok(stream) if shard.handshakes.get() >= shard.connections_max => {
@@ -53,7 +59,17 @@ pub(crate) async fn accept_loop(shard: Rc<ShardCore>, listener: TcpListener) {
                 );
                 drop(stream);
             }
-            Ok(stream) => {
+            Ok(tcp) => {
+                let stream = match &tls {
+                    None => Stream::Plain(tcp),
+                    Some(config) => match Stream::tls(tcp, config.clone()) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            shard_log!(shard, log::Level::Warn, "cannot start TLS: {e}");
+                            continue;
+                        }
+                    },
+                };
                 glommio::spawn_local(handshake(shard.clone(), stream)).detach();
             }
             Err(e) => {
@@ -72,15 +88,15 @@ pub(crate) async fn accept_loop(shard: Rc<ShardCore>, listener: TcpListener) {
 
 /// Read CONNECT within the connect timeout, check the client id, and serve
 /// the connection here or hand it to its home shard.
-async fn handshake(shard: Rc<ShardCore>, mut stream: TcpStream) {
+async fn handshake(shard: Rc<ShardCore>, mut stream: Stream) {
     shard.handshakes.set(shard.handshakes.get() + 1);
     let counted = shard.clone();
     let _counted = scopeguard(move || counted.handshakes.set(counted.handshakes.get() - 1));
-    let _ = stream.set_nodelay(true);
-    let peer = stream.peer_addr().ok();
+    let _ = stream.tcp().set_nodelay(true);
+    let peer = stream.tcp().peer_addr().ok();
     let arrival = Arrival {
         peer,
-        local: stream.local_addr().ok(),
+        local: stream.tcp().local_addr().ok(),
     };
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
     let timeout = Duration::from_millis(shard.config.server.connect_timeout_ms);
@@ -114,17 +130,19 @@ async fn handshake(shard: Rc<ShardCore>, mut stream: TcpStream) {
         Handshake::Refuse { answer: false, .. } => {
             // Only CONNECT checks without a login come here: nothing to
             // slow down.
-            let _ = stream.shutdown(std::net::Shutdown::Both).await;
+            let _ = stream.shutdown().await;
             return;
         }
     };
-    match duplicate(&stream) {
+    let (tcp, tls) = stream.into_parts();
+    match duplicate(&tcp) {
         Ok(socket) => {
             let handoff = Handoff {
                 socket,
                 connect,
                 buffered: buf,
                 assigned_client_id: assigned,
+                tls,
             };
             shard.mesh.send(home, MeshMsg::Handoff(Box::new(handoff)));
         }
@@ -137,7 +155,7 @@ async fn handshake(shard: Rc<ShardCore>, mut stream: TcpStream) {
 }
 
 async fn read_connect(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<Box<Connect>, HandshakeError> {
@@ -193,7 +211,7 @@ async fn read_into(
 /// Answer a failed handshake where the protocol allows an answer, and close.
 async fn refuse_handshake(
     shard: &ShardCore,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     peer: Option<std::net::SocketAddr>,
     e: HandshakeError,
 ) {
@@ -232,11 +250,11 @@ async fn refuse_handshake(
         ),
         HandshakeError::Closed => {}
     }
-    let _ = stream.shutdown(std::net::Shutdown::Both).await;
+    let _ = stream.shutdown().await;
 }
 
 /// Send a refusing CONNACK, then close in order (see [`close_drained`]).
-async fn send_connack_error(shard: &ShardCore, stream: &mut TcpStream, version: Version, code: u8) {
+async fn send_connack_error(shard: &ShardCore, stream: &mut Stream, version: Version, code: u8) {
     let mut out = BytesMut::new();
     let ack = ConnAck {
         session_present: false,
@@ -254,8 +272,8 @@ async fn send_connack_error(shard: &ShardCore, stream: &mut TcpStream, version: 
 /// most `server.close_drain_ms` and `server.close_drain_bytes`. Closing a
 /// socket with unread input makes the kernel send a reset, which can
 /// destroy the reason code before the client reads it.
-async fn close_drained(shard: &ShardCore, stream: &mut TcpStream) {
-    if stream.shutdown(std::net::Shutdown::Write).await.is_err() {
+async fn close_drained(shard: &ShardCore, stream: &mut Stream) {
+    if stream.shutdown_write().await.is_err() {
         return;
     }
     let server = &shard.config.server;
@@ -307,7 +325,7 @@ pub(super) fn duplicate(stream: &TcpStream) -> io::Result<socket2::Socket> {
 
 /// A connection handed over by another shard.
 pub(crate) fn spawn_handoff(shard: Rc<ShardCore>, h: Handoff) {
-    let stream = TcpStream::from(h.socket);
+    let stream = Stream::from_parts(TcpStream::from(h.socket), h.tls);
     glommio::spawn_local(serve(
         shard,
         stream,
@@ -321,7 +339,7 @@ pub(crate) fn spawn_handoff(shard: Rc<ShardCore>, h: Handoff) {
 /// Serve an accepted (or handed over) connection on its home shard.
 async fn serve(
     shard: Rc<ShardCore>,
-    stream: TcpStream,
+    stream: Stream,
     connect: Box<Connect>,
     buffered: BytesMut,
     assigned: Option<String>,
@@ -488,7 +506,7 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
 /// poll borrows the stream only for its own duration, and a shard runs one
 /// poll at a time, so the borrows never overlap.
 #[derive(Clone)]
-pub(super) struct SharedStream(pub(super) Rc<RefCell<TcpStream>>);
+pub(super) struct SharedStream(pub(super) Rc<RefCell<Stream>>);
 
 impl AsyncRead for SharedStream {
     fn poll_read(

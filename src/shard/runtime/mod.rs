@@ -16,6 +16,7 @@ mod bridge;
 mod connection;
 mod membership;
 mod sync;
+mod transport;
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -64,6 +65,9 @@ pub(crate) struct ShardCluster {
 /// authentication rules (shared, read-only).
 pub(crate) struct Lanes {
     pub(crate) auth: std::sync::Arc<crate::auth::Auth>,
+    /// Per listening socket, in order: its TLS configuration (None: plain
+    /// TCP).
+    pub(crate) tls: Arc<Vec<Option<Arc<rustls::ServerConfig>>>>,
     pub(crate) mesh: MeshBuilder<Batch, Full>,
     pub(crate) control: Receiver<Control>,
     pub(crate) ready: Sender<Result<(), (usize, String)>>,
@@ -82,6 +86,7 @@ pub(crate) async fn run_shard(
 ) {
     let Lanes {
         auth,
+        tls,
         mesh,
         control,
         ready,
@@ -138,11 +143,13 @@ pub(crate) async fn run_shard(
     glommio::spawn_local(async move { flush_loop(flusher.mesh(), senders).await }).detach();
     let mut accepts = Vec::new();
     let mut listening = Vec::new();
-    for socket in sockets {
+    for (i, socket) in sockets.into_iter().enumerate() {
         match listener_from(socket) {
             Ok((listener, handle)) => {
                 listening.push(handle);
-                accepts.push(glommio::spawn_local(accept_loop(shard.clone(), listener)).detach());
+                let tls = tls.get(i).cloned().flatten();
+                let accept = accept_loop(shard.clone(), listener, tls);
+                accepts.push(glommio::spawn_local(accept).detach());
             }
             Err(e) => {
                 let _ = ready.send(Err((id, format!("cannot take a listening socket: {e}"))));
