@@ -75,6 +75,8 @@ pub struct Broker {
     shutdown_timeout: Duration,
     /// `[auth]`: where the password and ACL files are, for a reload.
     auth: AuthConfig,
+    /// The listeners, for a reload of their certificates.
+    listeners: Vec<crate::config::ListenerConfig>,
     /// The locked data directory, held while the broker runs.
     _data_dir: Option<DataDir>,
     /// The listen-port locks, held while the broker runs.
@@ -132,7 +134,7 @@ impl Broker {
         let tls: Vec<_> = wanted
             .iter()
             .map(|l| match l.transport() {
-                Transport::Tls => crate::tls::server_config(l).map(Some),
+                Transport::Tls => crate::tls::listener(l).map(Some),
                 Transport::Tcp => Ok(None),
             })
             .collect::<Result<_, _>>()?;
@@ -157,6 +159,7 @@ impl Broker {
             stopped: stopped_rx,
             shutdown_timeout: Duration::from_secs(config.server.shutdown_timeout_s),
             auth: config.auth.clone(),
+            listeners: wanted.clone(),
             _data_dir: data_dir,
             _ports: listeners.locks,
         };
@@ -227,20 +230,44 @@ impl Broker {
     /// after 5 s, saying how many do not yet).
     pub fn reload_auth(&self) -> Result<String, AuthError> {
         let auth = Arc::new(Auth::load(&self.auth)?);
+        let late = self.tell_shards(|done| Control::Auth(auth.clone(), done));
+        Ok(format!("{}{late}", auth.describe()))
+    }
+
+    /// Read the TLS listeners' certificates and keys again (SIGHUP): new
+    /// connections use them, connections already up keep theirs. Files
+    /// that cannot be used leave every listener as it was. Returns how
+    /// many listeners were reloaded (0 without TLS listeners).
+    pub fn reload_tls(&self) -> Result<String, crate::tls::TlsError> {
+        let tls: Vec<_> = self
+            .listeners
+            .iter()
+            .map(|l| match l.transport() {
+                Transport::Tls => crate::tls::listener(l).map(Some),
+                Transport::Tcp => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
+        let n = tls.iter().flatten().count();
+        let tls = Arc::new(tls);
+        let late = self.tell_shards(|done| Control::Tls(tls.clone(), done));
+        Ok(format!("{n} TLS listeners' certificates{late}"))
+    }
+
+    /// Send every shard the control `make` builds and wait (5 s at most)
+    /// until each says it applied it; "" or how many had not.
+    fn tell_shards(&self, make: impl Fn(crossbeam_channel::Sender<()>) -> Control) -> String {
         let (done_tx, done_rx) = crossbeam_channel::bounded(self.controls.len());
         for c in &self.controls {
-            let _ = c.send(Control::Auth(auth.clone(), done_tx.clone()));
+            let _ = c.send(make(done_tx.clone()));
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         let applied = (0..self.controls.len())
             .take_while(|_| done_rx.recv_deadline(deadline).is_ok())
             .count();
-        let mut line = auth.describe();
-        if applied < self.controls.len() {
-            let late = self.controls.len() - applied;
-            line.push_str(&format!(" ({late} shards had not applied them after 5 s)"));
+        match self.controls.len() - applied {
+            0 => String::new(),
+            late => format!(" ({late} shards had not applied them after 5 s)"),
         }
-        Ok(line)
     }
 
     /// The addresses the broker listens on (port 0 resolved).

@@ -87,6 +87,17 @@ pub struct ListenerConfig {
     /// `tls_client_ca_file`).
     #[serde(default)]
     pub tls_client_cert_required: bool,
+    /// TLS: `none`, or the client certificate's identity becomes the
+    /// user name (no password checked): `cn` its subject's common name,
+    /// `dn` its whole subject (RFC 2253, as Mosquitto's
+    /// `use_subject_as_username`). A client without a certificate is then
+    /// refused.
+    #[serde(default = "none")]
+    pub username_from_cert: String,
+}
+
+fn none() -> String {
+    "none".into()
 }
 
 fn tcp() -> String {
@@ -112,6 +123,7 @@ impl ListenerConfig {
             tls_key_file: Default::default(),
             tls_client_ca_file: Default::default(),
             tls_client_cert_required: false,
+            username_from_cert: none(),
         }
     }
 
@@ -158,6 +170,18 @@ impl ListenerConfig {
                 &self.transport,
                 "TLS files given for a listener that is not tls",
             ));
+        }
+        match self.username_from_cert.as_str() {
+            "none" => {}
+            "cn" | "dn" if tls && !empty(&self.tls_client_ca_file) => {}
+            "cn" | "dn" => {
+                return Err(invalid(
+                    &key("username_from_cert"),
+                    &self.username_from_cert,
+                    "needs a tls listener with tls_client_ca_file (only a checked certificate names a user)",
+                ))
+            }
+            other => return Err(invalid(&key("username_from_cert"), other, "none, cn or dn")),
         }
         if self.tls_client_cert_required && empty(&self.tls_client_ca_file) {
             return Err(invalid(

@@ -306,6 +306,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             Ok(now) => log::info!("SIGHUP: reloaded {now}"),
             Err(e) => log::error!("SIGHUP: {e}; the rules in force stay"),
         }
+        match broker.reload_tls() {
+            Ok(now) => log::info!("SIGHUP: reloaded {now}"),
+            Err(e) => log::error!("SIGHUP: {e}; the certificates in use stay"),
+        }
         false
     });
     if let Some(sig) = stop {

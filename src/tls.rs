@@ -36,6 +36,87 @@ pub struct TlsError {
     pub why: String,
 }
 
+/// Which identity of a client certificate becomes the user name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertIdentity {
+    /// None: the CONNECT's user name and password count.
+    None,
+    /// The subject's common name.
+    CommonName,
+    /// The whole subject, RFC 2253.
+    Subject,
+}
+
+/// What a `tls` listener's connections start with.
+#[derive(Debug)]
+pub struct TlsListener {
+    /// The rustls configuration.
+    pub config: Arc<ServerConfig>,
+    /// What names a certificate's holder.
+    pub identity: CertIdentity,
+}
+
+/// A `tls` listener's configuration, from its files.
+pub fn listener(l: &ListenerConfig) -> Result<Arc<TlsListener>, TlsError> {
+    let identity = match l.username_from_cert.as_str() {
+        "cn" => CertIdentity::CommonName,
+        "dn" => CertIdentity::Subject,
+        _ => CertIdentity::None,
+    };
+    Ok(Arc::new(TlsListener {
+        config: server_config(l)?,
+        identity,
+    }))
+}
+
+/// The user name a client certificate (DER, checked by the handshake)
+/// gives under `identity`; None when it has none (no common name).
+pub fn cert_user(der: &[u8], identity: CertIdentity) -> Option<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let subject = cert.subject();
+    match identity {
+        CertIdentity::None => None,
+        CertIdentity::CommonName => subject
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string),
+        CertIdentity::Subject => {
+            let registry = x509_parser::objects::oid_registry();
+            // RFC 2253: the last RDN first, attributes `type=value`.
+            let rdns: Vec<_> = subject.iter().collect();
+            let parts: Vec<String> = rdns
+                .into_iter()
+                .rev()
+                .flat_map(|rdn| rdn.iter())
+                .map(|attr| {
+                    let oid = attr.attr_type();
+                    let name = x509_parser::objects::oid2abbrev(oid, registry)
+                        .map(str::to_string)
+                        .unwrap_or_else(|_| oid.to_id_string());
+                    let value = attr.as_str().map(escape_2253).unwrap_or_default();
+                    format!("{name}={value}")
+                })
+                .collect();
+            (!parts.is_empty()).then(|| parts.join(","))
+        }
+    }
+}
+
+/// An attribute value escaped as RFC 2253 says.
+fn escape_2253(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for (i, c) in v.chars().enumerate() {
+        let edge = (i == 0 && (c == '#' || c == ' ')) || (i + 1 == v.chars().count() && c == ' ');
+        if edge || matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The server configuration of a `tls` listener.
 pub fn server_config(l: &ListenerConfig) -> Result<Arc<ServerConfig>, TlsError> {
     let err = |what: &'static str, path: &Path, why: String| TlsError {
@@ -86,4 +167,46 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         return Err("no certificate in it".into());
     }
     Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_names_its_user_by_common_name_or_whole_subject() {
+        use rcgen::{CertificateParams, DnType, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CountryName, "DE");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Acme, Inc");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "device-7");
+        let cert = params.self_signed(&key).unwrap();
+        let der = cert.der();
+        assert_eq!(
+            cert_user(der, CertIdentity::CommonName).as_deref(),
+            Some("device-7")
+        );
+        // RFC 2253 lists the RDNs last first; rcgen picks their order, so
+        // only the parts and the escaping are checked.
+        let dn = cert_user(der, CertIdentity::Subject).unwrap();
+        for part in ["CN=device-7", "O=Acme\\, Inc", "C=DE"] {
+            assert!(dn.contains(part), "{dn}");
+        }
+        assert_eq!(dn.len(), "CN=device-7,O=Acme\\, Inc,C=DE".len(), "{dn}");
+        assert_eq!(cert_user(der, CertIdentity::None), None);
+        assert_eq!(cert_user(b"junk", CertIdentity::CommonName), None);
+    }
+
+    #[test]
+    fn rfc_2253_escapes() {
+        assert_eq!(escape_2253("a,b"), "a\\,b");
+        assert_eq!(escape_2253(" x "), "\\ x\\ ");
+        assert_eq!(escape_2253("#1"), "\\#1");
+        assert_eq!(escape_2253("plain"), "plain");
+    }
 }

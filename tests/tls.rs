@@ -231,3 +231,53 @@ fn a_bad_certificate_or_key_stops_the_start_naming_the_file() {
     assert!(e.contains("tls_key_file"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificates_common_name_is_the_user_the_acl_knows() {
+    let dir = temp_dir("tls-identity");
+    let pki = make_pki(&dir);
+    std::fs::write(dir.join("acl"), "user device-7\ntopic readwrite d7/#\n").unwrap();
+    let mut l = tls_listener(&dir, true);
+    l.username_from_cert = "cn".into();
+    let acl = dir.join("acl");
+    let b = TestBroker::start_with(2, |c| {
+        c.listeners = vec![l];
+        c.auth.acl_file = acl;
+    });
+    let mut c = connect(tls_options(&b, "cert-user", &pki, true)).await;
+    c.subscribe("d7/#", QoS::AtMostOnce).await;
+    c.publish("d7/x", QoS::AtMostOnce, false, b"mine").await;
+    assert_eq!(&c.next_publish().await.payload[..], b"mine");
+    // Outside its ACL: SUBACK 0x87 (rumqttc then ends the connection).
+    c.client
+        .subscribe("other/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let closed = format!("{:?}", c.closed().await);
+    assert!(closed.contains("NotAuthorized"), "{closed}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_certificates_are_taken_on_reload_without_dropping_a_connection() {
+    let dir = temp_dir("tls-reload");
+    let old = make_pki(&dir);
+    let b = TestBroker::start_with(1, |c| c.listeners = vec![tls_listener(&dir, false)]);
+    let mut before = connect(tls_options(&b, "before", &old, false)).await;
+    before.subscribe("r", QoS::AtMostOnce).await;
+    let new = make_pki(&dir);
+    let line = b.broker.as_ref().unwrap().reload_tls().unwrap();
+    assert!(line.starts_with("1 TLS listener"), "{line}");
+    // New connections get the new certificate: a client trusting only
+    // the old CA fails, one trusting the new one connects.
+    let (client, mut events) =
+        rumqttc::v5::AsyncClient::new(tls_options(&b, "old-ca", &old, false), 10);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), events.poll()).await;
+    assert!(matches!(outcome, Ok(Err(_))), "{outcome:?}");
+    drop(client);
+    let after = connect(tls_options(&b, "after", &new, false)).await;
+    after.publish("r", QoS::AtMostOnce, false, b"both").await;
+    // The connection from before the reload is still there.
+    assert_eq!(&before.next_publish().await.payload[..], b"both");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -29,6 +29,9 @@ pub enum Refused {
     BadCredentials,
     /// No user name where one is needed (5.0 0x87, 3.1.1 code 5).
     NotAuthorized,
+    /// A listener that takes the user name from the client certificate
+    /// got none (5.0 0x87, 3.1.1 code 5).
+    NoCertificate,
 }
 
 /// The loaded authentication and authorization rules.

@@ -63,6 +63,22 @@ pub struct Arrival {
     /// The broker's address it connected to; None: unknown (not
     /// loopback).
     pub local: Option<SocketAddr>,
+    /// Whether a client certificate names the user (the listener's
+    /// `username_from_cert`).
+    pub certificate: CertLogin,
+}
+
+/// A client certificate as the login: on a listener whose
+/// `username_from_cert` is `cn` or `dn`, the certificate's identity is
+/// the user name (already in the CONNECT), and no password is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertLogin {
+    /// The listener does not use certificates as logins.
+    NotUsed,
+    /// The certificate named the user.
+    Identified,
+    /// It should have, but the client sent none (or it names nobody).
+    Missing,
 }
 
 impl Arrival {
@@ -74,6 +90,7 @@ impl Arrival {
             std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             1883,
         )),
+        certificate: CertLogin::NotUsed,
     };
 
     /// True when it reached a loopback address (IPv4-mapped included).
@@ -158,9 +175,11 @@ impl ShardCore {
             _ => None,
         };
         let known = seen.is_some_and(|(u, d)| logins.verified.get(u) == Some(&d));
-        let result = match known {
-            true => Ok(()),
-            false => auth.login(arrival.loopback(), user, password),
+        let result = match (arrival.certificate, known) {
+            (CertLogin::Identified, _) => Ok(()),
+            (CertLogin::Missing, _) => Err(Refused::NoCertificate),
+            (CertLogin::NotUsed, true) => Ok(()),
+            (CertLogin::NotUsed, false) => auth.login(arrival.loopback(), user, password),
         };
         let ip = arrival.peer.map(|p| p.ip().to_canonical());
         let (code, why) = match result {
@@ -179,6 +198,11 @@ impl ShardCore {
                     "user {}: unknown user or wrong password",
                     user_for_log(user)
                 ),
+            ),
+            Err(Refused::NoCertificate) => (
+                reason::NOT_AUTHORIZED,
+                "no client certificate naming a user (the listener's username_from_cert)"
+                    .to_string(),
             ),
             Err(Refused::NotAuthorized) => (
                 reason::NOT_AUTHORIZED,

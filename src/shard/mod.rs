@@ -106,7 +106,7 @@ use routing::{Reach, Source};
 
 pub use claims::ClaimsSnapshot;
 pub use cluster_retained::RetainedSnapshot;
-pub use connect::{Arrival, Handshake};
+pub use connect::{Arrival, CertLogin, Handshake};
 use mesh::{Mesh, RouteKey};
 use notify::Notify;
 pub use remote::{BridgeOut, ClusterStats};

@@ -29,6 +29,9 @@ use super::super::connect::{Arrival, Handshake};
 use super::super::mesh::{Handoff, MeshMsg};
 use super::super::{ConnHandle, ShardCore};
 use super::transport::Stream;
+use super::TlsListeners;
+use crate::shard::CertLogin;
+use crate::tls::{cert_user, CertIdentity};
 
 /// Why a connection ended before it became a session.
 #[derive(Debug)]
@@ -41,11 +44,14 @@ enum HandshakeError {
 }
 
 /// Accept connections on `listener` until the task is cancelled.
-/// With `tls`, each connection starts its TLS handshake.
+/// When listener `index` is a TLS one in `tls` (the shard's current
+/// configurations, replaced on reload), each connection starts its TLS
+/// handshake.
 pub(crate) async fn accept_loop(
     shard: Rc<ShardCore>,
     listener: TcpListener,
-    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    index: usize,
+    tls: Rc<RefCell<TlsListeners>>,
 ) {
     loop {
         match listener.accept().await {
@@ -60,9 +66,11 @@ pub(crate) async fn accept_loop(
                 drop(stream);
             }
             Ok(tcp) => {
-                let stream = match &tls {
+                let tls = tls.borrow().get(index).cloned().flatten();
+                let identity = tls.as_ref().map_or(CertIdentity::None, |t| t.identity);
+                let stream = match tls {
                     None => Stream::Plain(tcp),
-                    Some(config) => match Stream::tls(tcp, config.clone()) {
+                    Some(t) => match Stream::tls(tcp, t.config.clone()) {
                         Ok(s) => s,
                         Err(e) => {
                             shard_log!(shard, log::Level::Warn, "cannot start TLS: {e}");
@@ -70,7 +78,7 @@ pub(crate) async fn accept_loop(
                         }
                     },
                 };
-                glommio::spawn_local(handshake(shard.clone(), stream)).detach();
+                glommio::spawn_local(handshake(shard.clone(), stream, identity)).detach();
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -88,15 +96,16 @@ pub(crate) async fn accept_loop(
 
 /// Read CONNECT within the connect timeout, check the client id, and serve
 /// the connection here or hand it to its home shard.
-async fn handshake(shard: Rc<ShardCore>, mut stream: Stream) {
+async fn handshake(shard: Rc<ShardCore>, mut stream: Stream, identity: CertIdentity) {
     shard.handshakes.set(shard.handshakes.get() + 1);
     let counted = shard.clone();
     let _counted = scopeguard(move || counted.handshakes.set(counted.handshakes.get() - 1));
     let _ = stream.tcp().set_nodelay(true);
     let peer = stream.tcp().peer_addr().ok();
-    let arrival = Arrival {
+    let mut arrival = Arrival {
         peer,
         local: stream.tcp().local_addr().ok(),
+        certificate: CertLogin::NotUsed,
     };
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
     let timeout = Duration::from_millis(shard.config.server.connect_timeout_ms);
@@ -106,10 +115,21 @@ async fn handshake(shard: Rc<ShardCore>, mut stream: Stream) {
         glommio::timer::sleep(timeout).await;
         Err(HandshakeError::TimedOut)
     };
-    let connect = match read.or(expired).await {
+    let mut connect = match read.or(expired).await {
         Ok(c) => c,
         Err(e) => return refuse_handshake(&shard, &mut stream, peer, e).await,
     };
+    if identity != CertIdentity::None {
+        // The certificate names the user (its password is not checked).
+        let user = stream
+            .peer_certificate()
+            .and_then(|c| cert_user(c, identity));
+        arrival.certificate = match user {
+            Some(_) => CertLogin::Identified,
+            None => CertLogin::Missing,
+        };
+        connect.username = user;
+    }
     let (home, assigned) = match shard.handshake(&connect, arrival, Instant::now()) {
         Handshake::Serve { assigned } => {
             // A task of its own: this handshake's future is freed now.

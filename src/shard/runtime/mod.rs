@@ -45,7 +45,14 @@ pub(crate) enum Control {
     /// Apply these authentication rules from now on (a reload), then say
     /// so.
     Auth(Arc<crate::auth::Auth>, crossbeam_channel::Sender<()>),
+    /// New connections on the TLS listeners use these (a reload), then
+    /// say so.
+    Tls(TlsListeners, crossbeam_channel::Sender<()>),
 }
+
+/// Per listening socket, in order: its TLS configuration (None: plain
+/// TCP).
+pub(crate) type TlsListeners = Arc<Vec<Option<Arc<crate::tls::TlsListener>>>>;
 
 /// What a shard starts from when the log is on.
 pub(crate) struct Durable {
@@ -67,7 +74,7 @@ pub(crate) struct Lanes {
     pub(crate) auth: std::sync::Arc<crate::auth::Auth>,
     /// Per listening socket, in order: its TLS configuration (None: plain
     /// TCP).
-    pub(crate) tls: Arc<Vec<Option<Arc<rustls::ServerConfig>>>>,
+    pub(crate) tls: TlsListeners,
     pub(crate) mesh: MeshBuilder<Batch, Full>,
     pub(crate) control: Receiver<Control>,
     pub(crate) ready: Sender<Result<(), (usize, String)>>,
@@ -143,12 +150,12 @@ pub(crate) async fn run_shard(
     glommio::spawn_local(async move { flush_loop(flusher.mesh(), senders).await }).detach();
     let mut accepts = Vec::new();
     let mut listening = Vec::new();
+    let tls = Rc::new(std::cell::RefCell::new(tls));
     for (i, socket) in sockets.into_iter().enumerate() {
         match listener_from(socket) {
             Ok((listener, handle)) => {
                 listening.push(handle);
-                let tls = tls.get(i).cloned().flatten();
-                let accept = accept_loop(shard.clone(), listener, tls);
+                let accept = accept_loop(shard.clone(), listener, i, tls.clone());
                 accepts.push(glommio::spawn_local(accept).detach());
             }
             Err(e) => {
@@ -177,6 +184,10 @@ pub(crate) async fn run_shard(
             Ok(Control::Stop) | Err(crossbeam_channel::TryRecvError::Disconnected) => break,
             Ok(Control::Auth(auth, done)) => {
                 shard.set_auth(auth);
+                let _ = done.send(());
+            }
+            Ok(Control::Tls(listeners, done)) => {
+                *tls.borrow_mut() = listeners;
                 let _ = done.send(());
             }
             Err(crossbeam_channel::TryRecvError::Empty) => {}

@@ -65,6 +65,14 @@ impl Stream {
         }
     }
 
+    /// The client's certificate (DER), when TLS checked one.
+    pub(crate) fn peer_certificate(&self) -> Option<&[u8]> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(t) => t.conn.peer_certificates()?.first().map(|c| c.as_ref()),
+        }
+    }
+
     /// The TCP stream underneath.
     pub(crate) fn tcp(&self) -> &TcpStream {
         match self {
