@@ -134,11 +134,20 @@ impl Broker {
         let tls: Vec<_> = wanted
             .iter()
             .map(|l| match l.transport() {
-                Transport::Tls => crate::tls::listener(l).map(Some),
-                Transport::Tcp => Ok(None),
+                Transport::Tls | Transport::Wss => crate::tls::listener(l).map(Some),
+                Transport::Tcp | Transport::Ws => Ok(None),
             })
             .collect::<Result<_, _>>()?;
         let tls = Arc::new(tls);
+        let ws: Arc<Vec<Option<String>>> = Arc::new(
+            wanted
+                .iter()
+                .map(|l| {
+                    matches!(l.transport(), Transport::Ws | Transport::Wss)
+                        .then(|| l.ws_path.clone())
+                })
+                .collect(),
+        );
         let listeners = listen::open(&binds, shards)?;
         let (data_dir, mut durables) = recover_logs(&config, shards)?;
         let cluster = start_cluster(&config, shards, data_dir.as_ref())?;
@@ -185,6 +194,7 @@ impl Broker {
             let lanes = Lanes {
                 auth: auth.clone(),
                 tls: tls.clone(),
+                ws: ws.clone(),
                 mesh: mesh.clone(),
                 control: ctl_rx,
                 ready: ready_tx.clone(),
@@ -243,8 +253,8 @@ impl Broker {
             .listeners
             .iter()
             .map(|l| match l.transport() {
-                Transport::Tls => crate::tls::listener(l).map(Some),
-                Transport::Tcp => Ok(None),
+                Transport::Tls | Transport::Wss => crate::tls::listener(l).map(Some),
+                Transport::Tcp | Transport::Ws => Ok(None),
             })
             .collect::<Result<_, _>>()?;
         let n = tls.iter().flatten().count();

@@ -70,9 +70,12 @@ pub struct Config {
 pub struct ListenerConfig {
     /// Address to listen on.
     pub bind: SocketAddr,
-    /// `tcp` or `tls`.
+    /// `tcp`, `tls`, `ws` or `wss`.
     #[serde(default = "tcp")]
     pub transport: String,
+    /// `ws` / `wss`: the HTTP path of the upgrade.
+    #[serde(default = "mqtt_path")]
+    pub ws_path: String,
     /// TLS: the certificate chain, PEM, leaf first.
     #[serde(default)]
     pub tls_cert_file: std::path::PathBuf,
@@ -100,6 +103,10 @@ fn none() -> String {
     "none".into()
 }
 
+fn mqtt_path() -> String {
+    "/mqtt".into()
+}
+
 fn tcp() -> String {
     "tcp".into()
 }
@@ -111,6 +118,10 @@ pub enum Transport {
     Tcp,
     /// TLS 1.2 / 1.3 over TCP.
     Tls,
+    /// WebSocket over TCP.
+    Ws,
+    /// WebSocket over TLS.
+    Wss,
 }
 
 impl ListenerConfig {
@@ -119,6 +130,7 @@ impl ListenerConfig {
         ListenerConfig {
             bind,
             transport: tcp(),
+            ws_path: mqtt_path(),
             tls_cert_file: Default::default(),
             tls_key_file: Default::default(),
             tls_client_ca_file: Default::default(),
@@ -131,6 +143,8 @@ impl ListenerConfig {
     pub fn transport(&self) -> Transport {
         match self.transport.as_str() {
             "tls" => Transport::Tls,
+            "ws" => Transport::Ws,
+            "wss" => Transport::Wss,
             _ => Transport::Tcp,
         }
     }
@@ -138,17 +152,17 @@ impl ListenerConfig {
     fn validate(&self, i: usize) -> Result<(), ConfigError> {
         let key = |k: &str| format!("listeners[{i}].{k}");
         match self.transport.as_str() {
-            "tcp" | "tls" => {}
-            "ws" | "wss" => {
-                return Err(invalid(
-                    &key("transport"),
-                    &self.transport,
-                    "WebSocket listeners are not built yet: tcp or tls",
-                ))
-            }
-            other => return Err(invalid(&key("transport"), other, "tcp or tls")),
+            "tcp" | "tls" | "ws" | "wss" => {}
+            other => return Err(invalid(&key("transport"), other, "tcp, tls, ws or wss")),
         }
-        let tls = self.transport() == Transport::Tls;
+        if !self.ws_path.starts_with('/') || self.ws_path.contains([' ', '?', '#']) {
+            return Err(invalid(
+                &key("ws_path"),
+                &self.ws_path,
+                "a path: /, then no space, ? or #",
+            ));
+        }
+        let tls = matches!(self.transport(), Transport::Tls | Transport::Wss);
         let empty = |p: &std::path::Path| p.as_os_str().is_empty();
         if tls && (empty(&self.tls_cert_file) || empty(&self.tls_key_file)) {
             return Err(invalid(
@@ -925,7 +939,9 @@ mod tests {
         let c = Config::default();
         assert_eq!(c.effective_listeners()[0].bind, c.server.listen[0]);
         let l = |extra: &str| format!("[[listeners]]\nbind = \"127.0.0.1:8883\"\n{extra}");
-        refused(&l("transport = \"ws\"\n"), "not built yet");
+        refused(&l("ws_path = \"mqtt\"\n"), "listeners[0].ws_path");
+        Config::from_toml(&l("transport = \"ws\"\n")).unwrap();
+        refused(&l("transport = \"wss\"\n"), "needs tls_cert_file");
         refused(&l("transport = \"quic\"\n"), "listeners[0].transport");
         refused(&l("transport = \"tls\"\n"), "needs tls_cert_file");
         refused(&l("tls_cert_file = \"a.pem\"\n"), "not tls");

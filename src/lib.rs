@@ -51,6 +51,7 @@ pub mod session;
 pub mod shard;
 pub mod text;
 pub mod tls;
+pub mod ws;
 
 pub use broker::{Broker, StartError, StopSummary};
 pub use config::Config;

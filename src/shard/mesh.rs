@@ -54,6 +54,8 @@ pub struct Handoff {
     /// A TLS connection's state (handshake done, CONNECT read through
     /// it): the home shard goes on with it.
     pub tls: Option<Box<rustls::ServerConnection>>,
+    /// A WebSocket connection's framing state (upgrade done).
+    pub ws: Option<Box<crate::ws::Framer>>,
 }
 
 /// Whom to acknowledge once a mesh message has taken effect: a session

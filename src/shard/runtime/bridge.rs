@@ -480,7 +480,7 @@ impl Bridge {
             peer: Cell::new(outbound.map(|(i, _)| i)),
             outbound: outbound.is_some(),
             session: RefCell::new(session),
-            stream: SharedStream(Rc::new(RefCell::new(Stream::Plain(stream)))),
+            stream: SharedStream(Rc::new(RefCell::new(Stream::plain(stream)))),
             handle,
             wake: Notify::default(),
             closed: Cell::new(false),

@@ -32,6 +32,7 @@ use super::transport::Stream;
 use super::TlsListeners;
 use crate::shard::CertLogin;
 use crate::tls::{cert_user, CertIdentity};
+use crate::ws;
 
 /// Why a connection ended before it became a session.
 #[derive(Debug)]
@@ -41,17 +42,19 @@ enum HandshakeError {
     TimedOut,
     NotConnect,
     Decode(DecodeError),
+    WebSocket(String),
 }
 
 /// Accept connections on `listener` until the task is cancelled.
 /// When listener `index` is a TLS one in `tls` (the shard's current
 /// configurations, replaced on reload), each connection starts its TLS
-/// handshake.
+/// handshake; with `ws_path`, its WebSocket upgrade.
 pub(crate) async fn accept_loop(
     shard: Rc<ShardCore>,
     listener: TcpListener,
     index: usize,
     tls: Rc<RefCell<TlsListeners>>,
+    ws_path: Option<Rc<str>>,
 ) {
     loop {
         match listener.accept().await {
@@ -69,7 +72,7 @@ pub(crate) async fn accept_loop(
                 let tls = tls.borrow().get(index).cloned().flatten();
                 let identity = tls.as_ref().map_or(CertIdentity::None, |t| t.identity);
                 let stream = match tls {
-                    None => Stream::Plain(tcp),
+                    None => Stream::plain(tcp),
                     Some(t) => match Stream::tls(tcp, t.config.clone()) {
                         Ok(s) => s,
                         Err(e) => {
@@ -78,7 +81,8 @@ pub(crate) async fn accept_loop(
                         }
                     },
                 };
-                glommio::spawn_local(handshake(shard.clone(), stream, identity)).detach();
+                let ws = ws_path.clone();
+                glommio::spawn_local(handshake(shard.clone(), stream, identity, ws)).detach();
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -96,7 +100,12 @@ pub(crate) async fn accept_loop(
 
 /// Read CONNECT within the connect timeout, check the client id, and serve
 /// the connection here or hand it to its home shard.
-async fn handshake(shard: Rc<ShardCore>, mut stream: Stream, identity: CertIdentity) {
+async fn handshake(
+    shard: Rc<ShardCore>,
+    mut stream: Stream,
+    identity: CertIdentity,
+    ws_path: Option<Rc<str>>,
+) {
     shard.handshakes.set(shard.handshakes.get() + 1);
     let counted = shard.clone();
     let _counted = scopeguard(move || counted.handshakes.set(counted.handshakes.get() - 1));
@@ -110,7 +119,12 @@ async fn handshake(shard: Rc<ShardCore>, mut stream: Stream, identity: CertIdent
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
     let timeout = Duration::from_millis(shard.config.server.connect_timeout_ms);
     let mut buf = BytesMut::new();
-    let read = read_connect(&mut stream, &mut buf, max);
+    let read = async {
+        if let Some(path) = &ws_path {
+            websocket_upgrade(&mut stream, path, max).await?;
+        }
+        read_connect(&mut stream, &mut buf, max).await
+    };
     let expired = async {
         glommio::timer::sleep(timeout).await;
         Err(HandshakeError::TimedOut)
@@ -154,7 +168,7 @@ async fn handshake(shard: Rc<ShardCore>, mut stream: Stream, identity: CertIdent
             return;
         }
     };
-    let (tcp, tls) = stream.into_parts();
+    let (tcp, tls, ws) = stream.into_parts();
     match duplicate(&tcp) {
         Ok(socket) => {
             let handoff = Handoff {
@@ -163,6 +177,7 @@ async fn handshake(shard: Rc<ShardCore>, mut stream: Stream, identity: CertIdent
                 buffered: buf,
                 assigned_client_id: assigned,
                 tls,
+                ws,
             };
             shard.mesh.send(home, MeshMsg::Handoff(Box::new(handoff)));
         }
@@ -171,6 +186,42 @@ async fn handshake(shard: Rc<ShardCore>, mut stream: Stream, identity: CertIdent
             log::Level::Warn,
             "{peer:?}: cannot move connection to shard {home}: {e}"
         ),
+    }
+}
+
+/// Read the WebSocket upgrade request and answer it; from then on the
+/// stream's bytes are frames. Refused: the HTTP error is sent.
+async fn websocket_upgrade(
+    stream: &mut Stream,
+    path: &str,
+    packet_max: usize,
+) -> Result<(), HandshakeError> {
+    let mut request = Vec::new();
+    let mut chunk = [0u8; 2048];
+    loop {
+        match ws::upgrade(&request, path) {
+            ws::Upgrade::Incomplete => {}
+            ws::Upgrade::Accept { response, consumed } => {
+                stream
+                    .write_raw(&response)
+                    .await
+                    .map_err(HandshakeError::Io)?;
+                // Room for a whole packet in one frame, and its header.
+                let mut framer = ws::Framer::new(packet_max + 16);
+                framer.feed(&request[consumed..]);
+                stream.start_websocket(framer);
+                return Ok(());
+            }
+            ws::Upgrade::Refuse { response, why } => {
+                let _ = stream.write_raw(&response).await;
+                return Err(HandshakeError::WebSocket(why));
+            }
+        }
+        match stream.read_raw(&mut chunk).await {
+            Ok(0) => return Err(HandshakeError::Closed),
+            Ok(n) => request.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(HandshakeError::Io(e)),
+        }
     }
 }
 
@@ -268,6 +319,11 @@ async fn refuse_handshake(
             log::Level::Debug,
             "{peer:?}: read error before CONNECT: {e}"
         ),
+        HandshakeError::WebSocket(why) => shard_log!(
+            shard,
+            log::Level::Info,
+            "{peer:?}: WebSocket upgrade refused: {why}"
+        ),
         HandshakeError::Closed => {}
     }
     let _ = stream.shutdown().await;
@@ -345,7 +401,7 @@ pub(super) fn duplicate(stream: &TcpStream) -> io::Result<socket2::Socket> {
 
 /// A connection handed over by another shard.
 pub(crate) fn spawn_handoff(shard: Rc<ShardCore>, h: Handoff) {
-    let stream = Stream::from_parts(TcpStream::from(h.socket), h.tls);
+    let stream = Stream::from_parts(TcpStream::from(h.socket), h.tls, h.ws);
     glommio::spawn_local(serve(
         shard,
         stream,

@@ -75,6 +75,9 @@ pub(crate) struct Lanes {
     /// Per listening socket, in order: its TLS configuration (None: plain
     /// TCP).
     pub(crate) tls: TlsListeners,
+    /// Per listening socket, in order: its WebSocket path (None: MQTT
+    /// bytes directly).
+    pub(crate) ws: Arc<Vec<Option<String>>>,
     pub(crate) mesh: MeshBuilder<Batch, Full>,
     pub(crate) control: Receiver<Control>,
     pub(crate) ready: Sender<Result<(), (usize, String)>>,
@@ -94,6 +97,7 @@ pub(crate) async fn run_shard(
     let Lanes {
         auth,
         tls,
+        ws,
         mesh,
         control,
         ready,
@@ -155,7 +159,8 @@ pub(crate) async fn run_shard(
         match listener_from(socket) {
             Ok((listener, handle)) => {
                 listening.push(handle);
-                let accept = accept_loop(shard.clone(), listener, i, tls.clone());
+                let ws_path = ws.get(i).cloned().flatten().map(Rc::from);
+                let accept = accept_loop(shard.clone(), listener, i, tls.clone(), ws_path);
                 accepts.push(glommio::spawn_local(accept).detach());
             }
             Err(e) => {

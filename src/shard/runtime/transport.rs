@@ -1,6 +1,7 @@
 //! A connection's byte stream on its shard: plain TCP, or TLS over TCP
 //! with the rustls state machine driven by the reads and writes of the
-//! connection's tasks.
+//! connection's tasks; either with WebSocket framing on top
+//! ([`crate::ws::Framer`]).
 //!
 //! Runtime code of one shard. The TLS state is plain data
 //! (`rustls::ServerConnection`): the handshake and the first reads happen
@@ -16,13 +17,24 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use rustls::ServerConnection;
 
-/// A connection's stream.
-pub(crate) enum Stream {
+use crate::ws::Framer;
+
+/// A connection's stream: its bytes, and WebSocket framing over them.
+pub(crate) struct Stream {
+    io: Io,
+    ws: Option<Box<Framer>>,
+}
+
+/// A connection's bytes.
+enum Io {
     /// Plain TCP.
     Plain(TcpStream),
     /// TLS over TCP.
     Tls(Box<TlsStream>),
 }
+
+/// Frames the WebSocket layer buffers for the socket before a write waits.
+const WS_OUT_MAX: usize = 64 * 1024;
 
 /// TLS over a TCP stream.
 pub(crate) struct TlsStream {
@@ -39,52 +51,94 @@ impl Stream {
         config: std::sync::Arc<rustls::ServerConfig>,
     ) -> io::Result<Stream> {
         let conn = ServerConnection::new(config).map_err(io::Error::other)?;
-        Ok(Stream::from_parts(tcp, Some(Box::new(conn))))
+        Ok(Stream::from_parts(tcp, Some(Box::new(conn)), None))
     }
 
-    /// The TCP stream, and the TLS state if any.
-    pub(crate) fn into_parts(self) -> (TcpStream, Option<Box<ServerConnection>>) {
-        match self {
-            Stream::Plain(tcp) => (tcp, None),
-            Stream::Tls(t) => {
+    /// Plain TCP.
+    pub(crate) fn plain(tcp: TcpStream) -> Stream {
+        Stream::from_parts(tcp, None, None)
+    }
+
+    /// The TCP stream, the TLS state and the WebSocket state, if any.
+    pub(crate) fn into_parts(self) -> Parts {
+        let ws = self.ws;
+        match self.io {
+            Io::Plain(tcp) => (tcp, None, ws),
+            Io::Tls(t) => {
                 let TlsStream { tcp, conn, .. } = *t;
-                (tcp, Some(Box::new(conn)))
+                (tcp, Some(Box::new(conn)), ws)
             }
         }
     }
 
-    /// A stream from a TCP stream and the TLS state it carries, if any.
-    pub(crate) fn from_parts(tcp: TcpStream, tls: Option<Box<ServerConnection>>) -> Stream {
-        match tls {
-            None => Stream::Plain(tcp),
-            Some(conn) => Stream::Tls(Box::new(TlsStream {
+    /// A stream from a TCP stream and the TLS and WebSocket states it
+    /// carries, if any.
+    pub(crate) fn from_parts(
+        tcp: TcpStream,
+        tls: Option<Box<ServerConnection>>,
+        ws: Option<Box<Framer>>,
+    ) -> Stream {
+        let io = match tls {
+            None => Io::Plain(tcp),
+            Some(conn) => Io::Tls(Box::new(TlsStream {
                 tcp,
                 conn: *conn,
                 eof: false,
             })),
-        }
+        };
+        Stream { io, ws }
+    }
+
+    /// From now on the bytes are WebSocket frames, handled by `framer`.
+    pub(crate) fn start_websocket(&mut self, framer: Framer) {
+        self.ws = Some(Box::new(framer));
     }
 
     /// The client's certificate (DER), when TLS checked one.
     pub(crate) fn peer_certificate(&self) -> Option<&[u8]> {
-        match self {
-            Stream::Plain(_) => None,
-            Stream::Tls(t) => t.conn.peer_certificates()?.first().map(|c| c.as_ref()),
+        match &self.io {
+            Io::Plain(_) => None,
+            Io::Tls(t) => t.conn.peer_certificates()?.first().map(|c| c.as_ref()),
         }
     }
 
     /// The TCP stream underneath.
     pub(crate) fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(tcp) => tcp,
-            Stream::Tls(t) => &t.tcp,
+        match &self.io {
+            Io::Plain(tcp) => tcp,
+            Io::Tls(t) => &t.tcp,
         }
     }
 
-    /// End the sending side: TLS says close_notify first.
+    /// Read bytes as they come, under any WebSocket framing (the upgrade
+    /// request).
+    pub(crate) async fn read_raw(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.io.poll_read(cx, buf)).await
+    }
+
+    /// Write bytes as they are, under any WebSocket framing (the upgrade
+    /// response).
+    pub(crate) async fn write_raw(&mut self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            let n = std::future::poll_fn(|cx| self.io.poll_write(cx, buf)).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            buf = &buf[n..];
+        }
+        std::future::poll_fn(|cx| self.io.poll_flush(cx)).await
+    }
+
+    /// End the sending side: WebSocket sends its close frame and TLS its
+    /// close_notify first.
     pub(crate) async fn shutdown_write(&mut self) -> io::Result<()> {
-        if let Stream::Tls(t) = self {
+        if let Some(ws) = &mut self.ws {
+            ws.close();
+        }
+        if let Io::Tls(t) = &mut self.io {
             t.conn.send_close_notify();
+        }
+        if self.ws.is_some() || matches!(self.io, Io::Tls(_)) {
             futures_lite::AsyncWriteExt::flush(self).await?;
         }
         let tcp = self.tcp();
@@ -206,15 +260,94 @@ impl TlsStream {
     }
 }
 
+/// What a connection's stream is made of when it moves to another shard.
+pub(crate) type Parts = (
+    TcpStream,
+    Option<Box<ServerConnection>>,
+    Option<Box<Framer>>,
+);
+
+impl Io {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        match self {
+            Io::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Io::Tls(t) => t.poll_read_plain(cx, buf),
+        }
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self {
+            Io::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Io::Tls(t) => t.poll_write_plain(cx, buf),
+        }
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Io::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Io::Tls(t) => match t.poll_send_tls(cx) {
+                Poll::Ready(Ok(())) => Pin::new(&mut t.tcp).poll_flush(cx),
+                other => other,
+            },
+        }
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Io::Plain(tcp) => Pin::new(tcp).poll_close(cx),
+            Io::Tls(t) => {
+                t.conn.send_close_notify();
+                match t.poll_send_tls(cx) {
+                    Poll::Ready(Ok(())) => Pin::new(&mut t.tcp).poll_close(cx),
+                    other => other,
+                }
+            }
+        }
+    }
+}
+
+/// Write the WebSocket frames waiting in `ws` to `io`; Ready(Ok) once
+/// none wait.
+fn poll_send_frames(io: &mut Io, ws: &mut Framer, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    let out = ws.outbound();
+    while !out.is_empty() {
+        match io.poll_write(cx, out) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => bytes::Buf::advance(out, n),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    Poll::Ready(Ok(()))
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            Stream::Tls(t) => t.poll_read_plain(cx, buf),
+        let Stream { io, ws } = self.get_mut();
+        let Some(ws) = ws else {
+            return io.poll_read(cx, buf);
+        };
+        let mut raw = [0u8; 8192];
+        loop {
+            // Pongs and a close answer go out as they are made.
+            if let Poll::Ready(Err(e)) = poll_send_frames(io, ws, cx) {
+                return Poll::Ready(Err(e));
+            }
+            if ws.has_data() {
+                return Poll::Ready(Ok(ws.take_data(buf)));
+            }
+            if ws.ended().is_some() {
+                return Poll::Ready(Ok(0));
+            }
+            match io.poll_read(cx, &mut raw) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
+                Poll::Ready(Ok(n)) => ws.feed(&raw[..n]),
+                other => return other,
+            }
         }
     }
 }
@@ -225,32 +358,45 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            Stream::Tls(t) => t.poll_write_plain(cx, buf),
+        let Stream { io, ws } = self.get_mut();
+        let Some(ws) = ws else {
+            return io.poll_write(cx, buf);
+        };
+        if ws.outbound().len() >= WS_OUT_MAX {
+            match poll_send_frames(io, ws, cx) {
+                Poll::Ready(Ok(())) => {}
+                other => return other.map(|r| r.map(|()| 0)),
+            }
         }
+        ws.send(buf);
+        // Sent as far as the socket takes it now; the rest at the next
+        // write or flush.
+        if let Poll::Ready(Err(e)) = poll_send_frames(io, ws, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            Stream::Tls(t) => match t.poll_send_tls(cx) {
-                Poll::Ready(Ok(())) => Pin::new(&mut t.tcp).poll_flush(cx),
-                other => other,
-            },
+        let Stream { io, ws } = self.get_mut();
+        if let Some(ws) = ws {
+            match poll_send_frames(io, ws, cx) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
         }
+        io.poll_flush(cx)
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(tcp) => Pin::new(tcp).poll_close(cx),
-            Stream::Tls(t) => {
-                t.conn.send_close_notify();
-                match t.poll_send_tls(cx) {
-                    Poll::Ready(Ok(())) => Pin::new(&mut t.tcp).poll_close(cx),
-                    other => other,
-                }
+        let Stream { io, ws } = self.get_mut();
+        if let Some(ws) = ws {
+            ws.close();
+            match poll_send_frames(io, ws, cx) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
             }
         }
+        io.poll_close(cx)
     }
 }
