@@ -362,17 +362,11 @@ fn a_bad_acl_or_password_file_stops_the_start_naming_the_line() {
     config.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
     config.storage.durability = "memory".into();
     config.auth.acl_file = acl.clone();
-    let e = shardmq::Broker::start(config.clone())
-        .err()
-        .expect("refused");
-    let e = e.to_string();
+    let e = common::start_refused(config.clone());
     assert!(e.contains("auth.acl_file") && e.contains("line 2"), "{e}");
     config.auth.acl_file = PathBuf::new();
     config.auth.password_file = dir.join("missing");
-    let e = shardmq::Broker::start(config)
-        .err()
-        .expect("refused")
-        .to_string();
+    let e = common::start_refused(config);
     assert!(e.contains("auth.password_file"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }

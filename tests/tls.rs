@@ -87,6 +87,14 @@ fn tls_options(b: &TestBroker, id: &str, pki: &Pki, with_cert: bool) -> MqttOpti
     o
 }
 
+/// A client with `o` fails its TLS handshake: no CONNACK, an error.
+async fn handshake_fails(o: MqttOptions) {
+    let (client, mut events) = rumqttc::v5::AsyncClient::new(o, 10);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), events.poll()).await;
+    assert!(matches!(outcome, Ok(Err(_))), "{outcome:?}");
+    drop(client);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_on_every_shard_publish_and_subscribe_over_tls() {
     let dir = temp_dir("tls-pubsub");
@@ -152,11 +160,7 @@ async fn a_required_client_certificate_lets_its_holders_in_and_no_one_else() {
     c.publish("m/1", QoS::AtMostOnce, false, b"x").await;
     assert_eq!(&c.next_publish().await.payload[..], b"x");
     // Without a certificate the handshake fails: no CONNACK.
-    let (client, mut events) =
-        rumqttc::v5::AsyncClient::new(tls_options(&b, "no-cert", &pki, false), 10);
-    let outcome = tokio::time::timeout(Duration::from_secs(10), events.poll()).await;
-    assert!(matches!(outcome, Ok(Err(_))), "{outcome:?}");
-    drop(client);
+    handshake_fails(tls_options(&b, "no-cert", &pki, false)).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -210,10 +214,7 @@ fn a_bad_certificate_or_key_stops_the_start_naming_the_file() {
     config.storage.durability = "memory".into();
     config.listeners = vec![tls_listener(&dir, false)];
     std::fs::write(dir.join("server.pem"), "not a certificate\n").unwrap();
-    let e = shardmq::Broker::start(config.clone())
-        .err()
-        .expect("refused")
-        .to_string();
+    let e = common::start_refused(config.clone());
     assert!(
         e.contains("tls_cert_file") && e.contains("no certificate"),
         "{e}"
@@ -224,10 +225,7 @@ fn a_bad_certificate_or_key_stops_the_start_naming_the_file() {
         "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
     )
     .unwrap();
-    let e = shardmq::Broker::start(config)
-        .err()
-        .expect("refused")
-        .to_string();
+    let e = common::start_refused(config);
     assert!(e.contains("tls_key_file"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -270,11 +268,7 @@ async fn new_certificates_are_taken_on_reload_without_dropping_a_connection() {
     assert!(line.starts_with("1 TLS listener"), "{line}");
     // New connections get the new certificate: a client trusting only
     // the old CA fails, one trusting the new one connects.
-    let (client, mut events) =
-        rumqttc::v5::AsyncClient::new(tls_options(&b, "old-ca", &old, false), 10);
-    let outcome = tokio::time::timeout(Duration::from_secs(10), events.poll()).await;
-    assert!(matches!(outcome, Ok(Err(_))), "{outcome:?}");
-    drop(client);
+    handshake_fails(tls_options(&b, "old-ca", &old, false)).await;
     let after = connect(tls_options(&b, "after", &new, false)).await;
     after.publish("r", QoS::AtMostOnce, false, b"both").await;
     // The connection from before the reload is still there.

@@ -73,34 +73,12 @@ impl Auth {
     /// Read the files `config` names (paths as given, relative to the
     /// working directory, as Mosquitto takes them).
     pub fn load(config: &AuthConfig) -> Result<Auth, AuthError> {
-        let read = |key: &'static str, path: &Path| {
-            std::fs::read_to_string(path).map_err(|source| AuthError::Read {
-                key,
-                path: path.display().to_string(),
-                source,
-            })
-        };
-        let bad = |key: &'static str, path: &Path, why: String| AuthError::Parse {
-            key,
-            path: path.display().to_string(),
-            why,
-        };
-        let passwords = match &config.password_file {
-            p if p.as_os_str().is_empty() => None,
-            p => {
-                let key = "auth.password_file";
-                let text = read(key, p)?;
-                Some(Passwords::parse(&text).map_err(|e| bad(key, p, e.to_string()))?)
-            }
-        };
-        let acl = match &config.acl_file {
-            p if p.as_os_str().is_empty() => None,
-            p => {
-                let key = "auth.acl_file";
-                let text = read(key, p)?;
-                Some(Acl::parse(&text).map_err(|e| bad(key, p, e.to_string()))?)
-            }
-        };
+        let passwords = load_file(
+            "auth.password_file",
+            &config.password_file,
+            Passwords::parse,
+        )?;
+        let acl = load_file("auth.acl_file", &config.acl_file, Acl::parse)?;
         Ok(Auth {
             passwords,
             acl,
@@ -254,6 +232,30 @@ impl LoginThrottle {
     pub fn is_empty(&self) -> bool {
         self.failures.is_empty()
     }
+}
+
+/// The file at `path` (named by config `key`) parsed with `parse`; None
+/// when no file is named.
+fn load_file<T, E: std::fmt::Display>(
+    key: &'static str,
+    path: &Path,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+) -> Result<Option<T>, AuthError> {
+    if path.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let shown = || path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+        key,
+        path: shown(),
+        source,
+    })?;
+    let parsed = parse(&text).map_err(|e| AuthError::Parse {
+        key,
+        path: shown(),
+        why: e.to_string(),
+    })?;
+    Ok(Some(parsed))
 }
 
 /// A user name for a log line.

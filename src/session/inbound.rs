@@ -104,12 +104,8 @@ impl Session {
             Ok(d) => d,
             Err(why) => return self.refuse_publish(now, &p, reason::TOPIC_NAME_INVALID, &why),
         };
-        if self
-            .acl
-            .as_ref()
-            .is_some_and(|a| !a.allows(&p.topic, Want::Write))
-        {
-            return self.deny_publish(now, &p);
+        if !self.may_write(now, &p.topic, "PUBLISH") {
+            return self.deny_publish(&p);
         }
         let duplicate = p.qos == QoS::ExactlyOnce && self.inbound_qos2.contains(&p.packet_id);
         if let Some((code, why)) = self.cannot_take(&p, delay_s).filter(|_| !duplicate) {
@@ -163,19 +159,31 @@ impl Session {
         self.acknowledge(p.qos, p.packet_id, code);
     }
 
+    /// True when the ACL lets the client publish to `topic` (a PUBLISH
+    /// or its will: `what`); otherwise counted and logged.
+    pub(super) fn may_write(&mut self, now: Instant, topic: &str, what: &str) -> bool {
+        let allowed = self
+            .acl
+            .as_ref()
+            .is_none_or(|a| a.allows(topic, Want::Write));
+        if !allowed {
+            self.stats.denied_publish += 1;
+            client_log!(
+                self,
+                now,
+                log::Level::Info,
+                "{what} to {} not authorized by the ACL: dropped",
+                quote(topic)
+            );
+        }
+        allowed
+    }
+
     /// A PUBLISH the ACL does not let the client write: 5.0 QoS 1/2 get
     /// 0x87 in their acknowledgement; anything else is acknowledged as
     /// usual and dropped (the spec's choice for a client that cannot be
     /// told), so the client does not send it again and again.
-    fn deny_publish(&mut self, now: Instant, p: &Publish) {
-        self.stats.denied_publish += 1;
-        client_log!(
-            self,
-            now,
-            log::Level::Info,
-            "PUBLISH to {} not authorized by the ACL: dropped",
-            quote(&p.topic)
-        );
+    fn deny_publish(&mut self, p: &Publish) {
         let v5 = self.version().is_some_and(|v| v.is_v5());
         let code = match v5 {
             true => reason::NOT_AUTHORIZED,

@@ -223,19 +223,7 @@ impl Session {
     fn publish_will(&mut self, now: Instant, will: Will) {
         // A will is published as its client: the ACL must let it write
         // the topic (as Mosquitto checks it when the will goes out).
-        let denied = self
-            .acl
-            .as_ref()
-            .is_some_and(|a| !a.allows(&will.topic, crate::auth::Want::Write));
-        if denied {
-            self.stats.denied_publish += 1;
-            client_log!(
-                self,
-                now,
-                log::Level::Info,
-                "will on {} not authorized by the ACL: dropped",
-                quote(&will.topic)
-            );
+        if !self.may_write(now, &will.topic, "will") {
             return;
         }
         client_log!(

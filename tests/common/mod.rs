@@ -56,6 +56,18 @@ impl TestBroker {
     }
 }
 
+/// Why `Broker::start` refuses `config` (panics if it starts).
+#[allow(dead_code)]
+pub fn start_refused(config: Config) -> String {
+    match Broker::start(config) {
+        Ok(b) => {
+            b.stop();
+            panic!("the broker started")
+        }
+        Err(e) => e.to_string(),
+    }
+}
+
 /// A client id (`{prefix}-{n}`) whose session lives on `shard` of `shards`.
 pub fn id_on(prefix: &str, shard: usize, shards: usize) -> String {
     (0..)
