@@ -221,6 +221,22 @@ pub struct AuthConfig {
     pub password_file: std::path::PathBuf,
     /// Mosquitto ACL file; empty: none (every topic allowed).
     pub acl_file: std::path::PathBuf,
+    /// Client id patterns (`*`: any run of characters) a client may use;
+    /// empty: any.
+    #[serde(default)]
+    pub client_id_allow: Vec<String>,
+    /// Client id patterns no client may use.
+    #[serde(default)]
+    pub client_id_deny: Vec<String>,
+    /// Networks (CIDR) clients may connect from; empty: any.
+    #[serde(default)]
+    pub address_allow: Vec<ipnet::IpNet>,
+    /// Networks clients may not connect from.
+    #[serde(default)]
+    pub address_deny: Vec<ipnet::IpNet>,
+    /// Client id pattern → the only user who may connect with such an id.
+    #[serde(default)]
+    pub client_id_users: std::collections::BTreeMap<String, String>,
 }
 
 /// `[cluster]`.
@@ -505,6 +521,30 @@ impl Config {
         }
         for (i, l) in self.listeners.iter().enumerate() {
             l.validate(i)?;
+        }
+        let a = &self.auth;
+        let patterns = [
+            ("auth.client_id_allow", &a.client_id_allow),
+            ("auth.client_id_deny", &a.client_id_deny),
+        ];
+        for (key, list) in patterns {
+            if list.iter().any(String::is_empty) {
+                return Err(invalid(
+                    key,
+                    "\"\"",
+                    "an empty pattern matches only the empty id: use \"*\" or leave it out",
+                ));
+            }
+        }
+        for (pattern, user) in &a.client_id_users {
+            if pattern.is_empty() || user.is_empty() {
+                let value = format!("{pattern:?} = {user:?}");
+                return Err(invalid(
+                    "auth.client_id_users",
+                    &value,
+                    "a pattern and a user name",
+                ));
+            }
         }
         range("server.shards", s.shards, 0, 256)?;
         range("server.connections_max", s.connections_max, 1, 10_000_000)?;
@@ -953,6 +993,22 @@ mod tests {
             "transport = \"tls\"\ntls_cert_file = \"a\"\ntls_key_file = \"b\"\n",
         ))
         .unwrap();
+    }
+
+    #[test]
+    fn client_rules_are_checked() {
+        refused("[auth]\nclient_id_allow = [\"\"]\n", "auth.client_id_allow");
+        refused(
+            "[auth]\nclient_id_users = { \"gw-*\" = \"\" }\n",
+            "auth.client_id_users",
+        );
+        refused(
+            "[auth]\naddress_allow = [\"10.0.0.0/33\"]\n",
+            "address_allow",
+        );
+        let c =
+            Config::from_toml("[auth]\naddress_deny = [\"::1/128\", \"10.0.0.0/8\"]\n").unwrap();
+        assert_eq!(c.auth.address_deny.len(), 2);
     }
 
     #[test]

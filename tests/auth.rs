@@ -475,3 +475,53 @@ fn wrong_passwords_from_one_address_are_answered_ever_more_slowly() {
     assert_eq!(timed("secret").0, 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The CONNACK code a 5.0 CONNECT for `id` as `user` gets from `from`.
+fn connect_from(addr: std::net::SocketAddr, from: &str, id: &str, user: Option<&str>) -> u8 {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    socket.bind(&local.into()).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut s: std::net::TcpStream = socket.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut c = connect_packet(Version::V5, id, true);
+    c.username = user.map(str::to_string);
+    let mut out = bytes::BytesMut::new();
+    shardmq::codec::encode(&Packet::Connect(Box::new(c)), Version::V5, &mut out);
+    s.write_all(&out).unwrap();
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], 0x20, "CONNACK");
+    head[3]
+}
+
+#[test]
+fn client_id_and_address_rules_come_before_any_password() {
+    let b = TestBroker::start_with(2, |c| {
+        c.auth.allow_anonymous = Some(true);
+        c.auth.client_id_allow = vec!["dev-*".into(), "gw-*".into()];
+        c.auth.client_id_deny = vec!["dev-bad*".into()];
+        c.auth
+            .client_id_users
+            .insert("gw-*".into(), "gateway".into());
+        c.auth.address_deny = vec!["127.0.0.2/32".parse().unwrap()];
+    });
+    assert_eq!(connect_from(b.addr, "127.0.0.1", "dev-1", None), 0);
+    assert_eq!(
+        connect_from(b.addr, "127.0.0.2", "dev-1", None),
+        0x8A,
+        "banned address"
+    );
+    assert_eq!(connect_from(b.addr, "127.0.0.1", "other", None), 0x85);
+    assert_eq!(connect_from(b.addr, "127.0.0.1", "dev-bad7", None), 0x85);
+    assert_eq!(
+        connect_from(b.addr, "127.0.0.1", "gw-1", Some("gateway")),
+        0
+    );
+    assert_eq!(
+        connect_from(b.addr, "127.0.0.1", "gw-1", Some("mallory")),
+        0x87
+    );
+    assert_eq!(connect_from(b.addr, "127.0.0.1", "gw-2", None), 0x87);
+}

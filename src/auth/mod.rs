@@ -9,6 +9,7 @@
 //! shard.
 
 pub mod acl;
+pub mod clients;
 pub mod passwd;
 
 use std::net::IpAddr;
@@ -42,6 +43,8 @@ pub struct Auth {
     /// `auth.allow_anonymous`; None: only on loopback, and only without a
     /// password file.
     allow_anonymous: Option<bool>,
+    /// Client id and address rules.
+    clients: clients::ClientRules,
 }
 
 /// A file `Auth::load` could not use.
@@ -83,6 +86,7 @@ impl Auth {
             passwords,
             acl,
             allow_anonymous: config.allow_anonymous,
+            clients: clients::ClientRules::new(config),
         })
     }
 
@@ -92,8 +96,14 @@ impl Auth {
     pub fn without_files(config: &AuthConfig) -> Auth {
         Auth {
             allow_anonymous: config.allow_anonymous,
+            clients: clients::ClientRules::new(config),
             ..Auth::default()
         }
+    }
+
+    /// The client id and address rules.
+    pub fn clients(&self) -> &clients::ClientRules {
+        &self.clients
     }
 
     /// True when a password file is configured.
@@ -151,6 +161,10 @@ impl Auth {
             Some(a) => format!("{} ACL rules", a.rules()),
             None => "no ACL file (every topic allowed)".to_string(),
         };
+        let clients = match self.clients.is_empty() {
+            true => "",
+            false => "; client id and address rules",
+        };
         let anonymous = match self.allow_anonymous {
             Some(true) => "anonymous clients allowed",
             Some(false) => "anonymous clients refused",
@@ -162,7 +176,7 @@ impl Auth {
                  auth.allow_anonymous = true to allow them from anywhere)"
             }
         };
-        format!("auth: {users}; {acl}; {anonymous}")
+        format!("auth: {users}; {acl}{clients}; {anonymous}")
     }
 }
 
@@ -275,6 +289,7 @@ mod tests {
             passwords: passwords.map(|t| Passwords::parse(t).unwrap()),
             acl: None,
             allow_anonymous,
+            clients: Default::default(),
         }
     }
 

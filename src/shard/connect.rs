@@ -15,6 +15,7 @@ use bytes::BytesMut;
 
 use std::sync::Arc;
 
+use crate::auth::clients::ClientRefusal;
 use crate::auth::{user_for_log, Auth, LoginThrottle, Refused};
 use crate::codec::{self, reason, Connect, Version};
 use crate::hash::HashMap;
@@ -169,7 +170,33 @@ impl ShardCore {
         let auth = self.auth.borrow();
         let user = connect.username.as_deref();
         let password = connect.password.as_deref();
+        let ip = arrival.peer.map(|p| p.ip().to_canonical());
         let mut logins = self.logins.borrow_mut();
+        // Client id and address rules first: a refused client costs no
+        // password check.
+        let client_id = Some(connect.client_id.as_str()).filter(|c| !c.is_empty());
+        if let Err(r) = auth.clients().check(ip, client_id, user) {
+            let (code, why) = match r {
+                ClientRefusal::Address => (
+                    reason::BANNED,
+                    "its address is not allowed (auth.address_allow, address_deny)".to_string(),
+                ),
+                ClientRefusal::ClientId => (
+                    reason::CLIENT_IDENTIFIER_NOT_VALID,
+                    "client id not allowed (auth.client_id_allow, client_id_deny)".to_string(),
+                ),
+                ClientRefusal::BoundToOther(u) => (
+                    reason::NOT_AUTHORIZED,
+                    format!(
+                        "client id bound to user {}, not {} (auth.client_id_users)",
+                        quote(&u),
+                        user_for_log(user)
+                    ),
+                ),
+            };
+            let delay = ip.map_or(Duration::ZERO, |ip| logins.throttle.failed(ip, now));
+            return Err(Refusal { code, why, delay });
+        }
         let seen = match (user, password) {
             (Some(u), Some(p)) if auth.has_passwords() => Some((u, logins.digest(u, p))),
             _ => None,
@@ -181,7 +208,6 @@ impl ShardCore {
             (CertLogin::NotUsed, true) => Ok(()),
             (CertLogin::NotUsed, false) => auth.login(arrival.loopback(), user, password),
         };
-        let ip = arrival.peer.map(|p| p.ip().to_canonical());
         let (code, why) = match result {
             Ok(()) => {
                 if let Some((u, d)) = seen.filter(|_| !known) {
