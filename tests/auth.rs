@@ -525,3 +525,18 @@ fn client_id_and_address_rules_come_before_any_password() {
     );
     assert_eq!(connect_from(b.addr, "127.0.0.1", "gw-2", None), 0x87);
 }
+
+#[test]
+fn no_client_writes_sys_topics() {
+    let b = TestBroker::start_with(1, |_| {});
+    let mut watcher = raw_as(b.addr, Version::V5, "watcher", None);
+    assert_eq!(watcher.subscribe(1, "$SYS/#", QoS::AtMostOnce), vec![0]);
+    let mut spoof = raw_as(b.addr, Version::V5, "spoof", None);
+    assert_eq!(puback(&mut spoof, "$SYS/broker/uptime", 1), 0x87);
+    spoof.publish("$SYS/broker/version", b"fake", QoS::AtMostOnce, true, 0);
+    assert_eq!(drain(&mut watcher), vec![]);
+    // Nor is a fake one retained for later subscribers.
+    let mut late = raw_as(b.addr, Version::V5, "late", None);
+    assert_eq!(late.subscribe(1, "$SYS/#", QoS::AtMostOnce), vec![0]);
+    assert_eq!(drain(&mut late), vec![]);
+}

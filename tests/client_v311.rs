@@ -156,15 +156,15 @@ async fn dollar_topics_not_matched_by_leading_wildcards() {
     hash.subscribe("#", QoS::AtLeastOnce).await;
     let mut plus = connect_on(&b, "plus", 0).await;
     plus.subscribe("+/info", QoS::AtLeastOnce).await;
-    let mut sys = connect_on(&b, "sys", 1).await;
-    sys.subscribe("$SYS/#", QoS::AtLeastOnce).await;
+    let mut dollar = connect_on(&b, "dollar", 1).await;
+    dollar.subscribe("$app/#", QoS::AtLeastOnce).await;
     let p = connect_on(&b, "pub", 1).await;
     for t in [
-        "$SYS/info",
+        "$app/info",
         "a/info",
-        "$SYS/broker/load",
+        "$app/broker/load",
         "b/info",
-        "$SYS/end",
+        "$app/end",
     ] {
         p.publish(t, QoS::AtLeastOnce, false, b"x").await;
     }
@@ -177,8 +177,8 @@ async fn dollar_topics_not_matched_by_leading_wildcards() {
         ["a/info", "b/info"]
     );
     assert_eq!(
-        topics_until(&mut sys, "$SYS/end").await,
-        ["$SYS/info", "$SYS/broker/load", "$SYS/end"]
+        topics_until(&mut dollar, "$app/end").await,
+        ["$app/info", "$app/broker/load", "$app/end"]
     );
     hash.expect_no_publish().await;
     plus.expect_no_publish().await;

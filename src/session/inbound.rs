@@ -159,13 +159,16 @@ impl Session {
         self.acknowledge(p.qos, p.packet_id, code);
     }
 
-    /// True when the ACL lets the client publish to `topic` (a PUBLISH
-    /// or its will: `what`); otherwise counted and logged.
+    /// True when the client may publish to `topic` (a PUBLISH or its
+    /// will: `what`); otherwise counted and logged. `$SYS` topics are the
+    /// broker's: no client writes them, whatever the ACL says (as
+    /// Mosquitto's `acl__check_dollar`).
     pub(super) fn may_write(&mut self, now: Instant, topic: &str, what: &str) -> bool {
-        let allowed = self
-            .acl
-            .as_ref()
-            .is_none_or(|a| a.allows(topic, Want::Write));
+        let allowed = !topic.starts_with("$SYS")
+            && self
+                .acl
+                .as_ref()
+                .is_none_or(|a| a.allows(topic, Want::Write));
         if !allowed {
             self.stats.denied_publish += 1;
             client_log!(
