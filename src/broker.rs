@@ -131,14 +131,7 @@ impl Broker {
         log::info!("{}", auth.describe());
         let wanted = config.effective_listeners();
         let binds: Vec<SocketAddr> = wanted.iter().map(|l| l.bind).collect();
-        let tls: Vec<_> = wanted
-            .iter()
-            .map(|l| match l.transport() {
-                Transport::Tls | Transport::Wss => crate::tls::listener(l).map(Some),
-                Transport::Tcp | Transport::Ws => Ok(None),
-            })
-            .collect::<Result<_, _>>()?;
-        let tls = Arc::new(tls);
+        let tls = Arc::new(crate::tls::listeners(&wanted)?);
         let ws: Arc<Vec<Option<String>>> = Arc::new(
             wanted
                 .iter()
@@ -246,17 +239,10 @@ impl Broker {
 
     /// Read the TLS listeners' certificates and keys again (SIGHUP): new
     /// connections use them, connections already up keep theirs. Files
-    /// that cannot be used leave every listener as it was. Returns how
-    /// many listeners were reloaded (0 without TLS listeners).
+    /// that cannot be used leave every listener as it was. Returns the
+    /// log line: how many TLS listeners were reloaded.
     pub fn reload_tls(&self) -> Result<String, crate::tls::TlsError> {
-        let tls: Vec<_> = self
-            .listeners
-            .iter()
-            .map(|l| match l.transport() {
-                Transport::Tls | Transport::Wss => crate::tls::listener(l).map(Some),
-                Transport::Tcp | Transport::Ws => Ok(None),
-            })
-            .collect::<Result<_, _>>()?;
+        let tls = crate::tls::listeners(&self.listeners)?;
         let n = tls.iter().flatten().count();
         let tls = Arc::new(tls);
         let late = self.tell_shards(|done| Control::Tls(tls.clone(), done));

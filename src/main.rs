@@ -200,7 +200,7 @@ fn check_config(file: &Path) -> anyhow::Result<()> {
 }
 
 fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
-    use shardmq::auth::passwd::{edit_file, hash_pbkdf2, hash_plain_file, new_salt, Edit};
+    use shardmq::auth::passwd::{edit_file, hash_pbkdf2, hash_plain_file, lists, new_salt, Edit};
     let file = &args.file;
     let read =
         || std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()));
@@ -217,10 +217,7 @@ fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
         };
         let edit = match args.delete {
             true => {
-                let listed = old
-                    .lines()
-                    .any(|l| l.split_once(':').is_some_and(|(u, _)| u == user));
-                if !listed {
+                if !lists(&old, user) {
                     anyhow::bail!("user {user:?} is not in {}", file.display());
                 }
                 Edit::Delete

@@ -20,7 +20,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, Transport};
 
 /// A listener's TLS files could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +56,19 @@ pub struct TlsListener {
     pub identity: CertIdentity,
 }
 
+/// Per listener, in order: its TLS configuration from its files (`tls`
+/// and `wss`), or None (`tcp` and `ws`).
+pub fn listeners(list: &[ListenerConfig]) -> Result<Vec<Option<Arc<TlsListener>>>, TlsError> {
+    list.iter()
+        .map(|l| match l.transport() {
+            Transport::Tls | Transport::Wss => listener(l).map(Some),
+            Transport::Tcp | Transport::Ws => Ok(None),
+        })
+        .collect()
+}
+
 /// A `tls` listener's configuration, from its files.
-pub fn listener(l: &ListenerConfig) -> Result<Arc<TlsListener>, TlsError> {
+fn listener(l: &ListenerConfig) -> Result<Arc<TlsListener>, TlsError> {
     let identity = match l.username_from_cert.as_str() {
         "cn" => CertIdentity::CommonName,
         "dn" => CertIdentity::Subject,
@@ -118,7 +129,7 @@ fn escape_2253(v: &str) -> String {
 }
 
 /// The server configuration of a `tls` listener.
-pub fn server_config(l: &ListenerConfig) -> Result<Arc<ServerConfig>, TlsError> {
+fn server_config(l: &ListenerConfig) -> Result<Arc<ServerConfig>, TlsError> {
     let err = |what: &'static str, path: &Path, why: String| TlsError {
         bind: l.bind.to_string(),
         what,

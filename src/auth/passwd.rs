@@ -220,7 +220,7 @@ pub fn edit_file(text: &str, user: &str, edit: Edit) -> String {
     let mut out = String::with_capacity(text.len() + 128);
     let mut done = false;
     for line in text.lines() {
-        let ours = line.split_once(':').is_some_and(|(u, _)| u == user);
+        let ours = is_line_of(line, user);
         if !ours {
             out.push_str(line);
             out.push('\n');
@@ -235,6 +235,16 @@ pub fn edit_file(text: &str, user: &str, edit: Edit) -> String {
         out.push_str(&format!("{user}:{hash}\n"));
     }
     out
+}
+
+/// True when `line` of a password file is `user`'s.
+fn is_line_of(line: &str, user: &str) -> bool {
+    line.split_once(':').is_some_and(|(u, _)| u == user)
+}
+
+/// True when the password file `text` has a line for `user`.
+pub fn lists(text: &str, user: &str) -> bool {
+    text.lines().any(|l| is_line_of(l, user))
 }
 
 /// A change to one user's line.

@@ -590,7 +590,10 @@ impl Session {
         self.acl.is_some()
     }
 
-    /// True when the session's ACL lets its client read `topic`.
+    /// True when the session's ACL lets its client read `topic`. The shard
+    /// asks before it makes a session a target (fan-out, retained
+    /// gathers); the session asks again only for what it queued before
+    /// its connection's ACL was known (`pump`).
     pub fn may_read(&self, topic: &str) -> bool {
         self.acl
             .as_ref()

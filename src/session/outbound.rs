@@ -290,11 +290,6 @@ impl Session {
             self.done(delivery.stored);
             return;
         }
-        if !self.may_read(&message.topic) {
-            self.stats.denied_delivery += 1;
-            self.done(delivery.stored);
-            return;
-        }
         let qos = delivery.qos.min(message.qos);
         let delivery = Delivery { qos, ..delivery };
         if !self.is_connected() {

@@ -24,7 +24,7 @@ use crate::router::topic::validate_topic_name;
 use crate::session::Session;
 use crate::text::quote;
 
-use super::{home_shard, ConnHandle, SessionKey, SessionSlot, ShardCore};
+use super::{home_shard, ConnHandle, SessionSlot, ShardCore};
 
 /// What to do with a connection whose CONNECT was read.
 #[derive(Debug, PartialEq, Eq)]
@@ -109,11 +109,7 @@ impl ShardCore {
     /// password file is refused at its next CONNECT).
     pub fn set_auth(&self, auth: Arc<Auth>) {
         let mut st = self.state.borrow_mut();
-        let keys: Vec<SessionKey> = st.sessions.iter_from(0).map(|(k, _)| k).collect();
-        for key in keys {
-            let Some(slot) = st.sessions.get_mut(key) else {
-                continue;
-            };
+        for slot in st.sessions.values_mut() {
             if slot.conn.is_none() && slot.username.is_none() && !slot.session.has_acl() {
                 // Restored from the log, not connected since: its ACL
                 // comes with its next connection.
@@ -162,21 +158,45 @@ impl ShardCore {
         }
     }
 
-    /// Check the CONNECT's user name and password. A password verified
-    /// once is remembered (keyed digest) until the rules are reloaded, so
-    /// a reconnect does not pay for PBKDF2 or argon2 again; failures slow
-    /// down per client address.
+    /// Check the CONNECT's client id, address, user name and password.
+    /// Failures slow down per client address; a success starts the
+    /// address afresh.
     fn login(&self, connect: &Connect, arrival: Arrival, now: Instant) -> Result<(), Refusal> {
+        let ip = arrival.peer.map(|p| p.ip().to_canonical());
+        let mut logins = self.logins.borrow_mut();
+        match self.credentials(connect, arrival, ip, &mut logins) {
+            Ok(()) => {
+                if let (Some(ip), Some(_)) = (ip, &connect.username) {
+                    logins.throttle.succeeded(ip);
+                }
+                Ok(())
+            }
+            Err((code, why)) => {
+                let delay = ip.map_or(Duration::ZERO, |ip| logins.throttle.failed(ip, now));
+                Err(Refusal { code, why, delay })
+            }
+        }
+    }
+
+    /// The client id and address rules first (a refused client costs no
+    /// password check), then the certificate or the password. A password
+    /// verified once is remembered (keyed digest) until the rules are
+    /// reloaded, so a reconnect does not pay for PBKDF2 or argon2 again.
+    /// Err: the CONNACK code and why.
+    fn credentials(
+        &self,
+        connect: &Connect,
+        arrival: Arrival,
+        ip: Option<std::net::IpAddr>,
+        logins: &mut Logins,
+    ) -> Result<(), (u8, String)> {
         let auth = self.auth.borrow();
         let user = connect.username.as_deref();
         let password = connect.password.as_deref();
-        let ip = arrival.peer.map(|p| p.ip().to_canonical());
-        let mut logins = self.logins.borrow_mut();
-        // Client id and address rules first: a refused client costs no
-        // password check.
         let client_id = Some(connect.client_id.as_str()).filter(|c| !c.is_empty());
-        if let Err(r) = auth.clients().check(ip, client_id, user) {
-            let (code, why) = match r {
+        auth.clients()
+            .check(ip, client_id, user)
+            .map_err(|r| match r {
                 ClientRefusal::Address => (
                     reason::BANNED,
                     "its address is not allowed (auth.address_allow, address_deny)".to_string(),
@@ -193,52 +213,41 @@ impl ShardCore {
                         user_for_log(user)
                     ),
                 ),
-            };
-            let delay = ip.map_or(Duration::ZERO, |ip| logins.throttle.failed(ip, now));
-            return Err(Refusal { code, why, delay });
-        }
+            })?;
         let seen = match (user, password) {
             (Some(u), Some(p)) if auth.has_passwords() => Some((u, logins.digest(u, p))),
             _ => None,
         };
         let known = seen.is_some_and(|(u, d)| logins.verified.get(u) == Some(&d));
         let result = match (arrival.certificate, known) {
-            (CertLogin::Identified, _) => Ok(()),
+            (CertLogin::Identified, _) | (CertLogin::NotUsed, true) => Ok(()),
             (CertLogin::Missing, _) => Err(Refused::NoCertificate),
-            (CertLogin::NotUsed, true) => Ok(()),
             (CertLogin::NotUsed, false) => auth.login(arrival.loopback(), user, password),
         };
-        let (code, why) = match result {
-            Ok(()) => {
-                if let Some((u, d)) = seen.filter(|_| !known) {
-                    logins.remember(u, d);
-                }
-                if let (Some(ip), Some(_)) = (ip, user) {
-                    logins.throttle.succeeded(ip);
-                }
-                return Ok(());
-            }
-            Err(Refused::BadCredentials) => (
+        result.map_err(|r| match r {
+            Refused::BadCredentials => (
                 reason::BAD_USER_NAME_OR_PASSWORD,
                 format!(
                     "user {}: unknown user or wrong password",
                     user_for_log(user)
                 ),
             ),
-            Err(Refused::NoCertificate) => (
+            Refused::NoCertificate => (
                 reason::NOT_AUTHORIZED,
                 "no client certificate naming a user (the listener's username_from_cert)"
                     .to_string(),
             ),
-            Err(Refused::NotAuthorized) => (
+            Refused::NotAuthorized => (
                 reason::NOT_AUTHORIZED,
                 "no user name, and anonymous clients are not allowed here \
                  (auth.allow_anonymous)"
                     .to_string(),
             ),
-        };
-        let delay = ip.map_or(Duration::ZERO, |ip| logins.throttle.failed(ip, now));
-        Err(Refusal { code, why, delay })
+        })?;
+        if let Some((u, d)) = seen.filter(|_| !known) {
+            logins.remember(u, d);
+        }
+        Ok(())
     }
 
     /// A client id unique in this broker's lifetime: the shard, the

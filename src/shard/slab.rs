@@ -73,6 +73,11 @@ impl<T> Slab<T> {
             .filter_map(move |(i, s)| Some(((start + i) as u32, s.as_ref()?)))
     }
 
+    /// Every stored value, mutably.
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut T> + '_ {
+        self.slots.iter_mut().flatten()
+    }
+
     /// Keys of every stored value.
     pub fn keys(&self) -> impl Iterator<Item = u32> + '_ {
         self.slots
