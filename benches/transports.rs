@@ -109,7 +109,7 @@ fn ws(c: &mut Criterion) {
             .enumerate()
             .map(|(i, b)| b ^ [1u8, 2, 3, 4][i % 4]),
     );
-    let mut f = Framer::new(1 << 20);
+    let mut f = Framer::new();
     let mut out = [0u8; 256];
     c.bench_function("ws: unmask and take one 80-byte packet", |b| {
         b.iter(|| {

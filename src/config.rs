@@ -338,6 +338,9 @@ pub struct ServerConfig {
     pub close_drain_ms: u64,
     /// ... and how many bytes at most.
     pub close_drain_bytes: usize,
+    /// Longest a socket write may wait for the client to read before the
+    /// connection is closed.
+    pub send_timeout_ms: u64,
     /// io_uring registered buffer memory per shard.
     pub io_memory_bytes: usize,
     /// Socket read size.
@@ -557,6 +560,7 @@ impl Config {
         range("server.shutdown_timeout_s", s.shutdown_timeout_s, 1, 3600)?;
         range("server.close_drain_ms", s.close_drain_ms, 0, 60_000)?;
         range("server.close_drain_bytes", s.close_drain_bytes, 0, 64 << 20)?;
+        range("server.send_timeout_ms", s.send_timeout_ms, 100, 3_600_000)?;
         range(
             "server.io_memory_bytes",
             s.io_memory_bytes,
@@ -920,6 +924,9 @@ mod tests {
         refused("[mqtt]\nno_such_key = 1\n", "no_such_key");
         refused("[server]\nlisten = [\"nonsense\"]\n", "listen");
         refused("[mqtt]\nreceive_maximum = 70000\n", "receive_maximum");
+        refused("[server]\nsend_timeout_ms = 99\n", "server.send_timeout_ms");
+        let c = Config::from_toml("[server]\nsend_timeout_ms = 100\n").unwrap();
+        assert_eq!(c.server.send_timeout_ms, 100);
     }
 
     #[test]

@@ -14,8 +14,9 @@
 //!   may split packets anywhere or hold several; a text frame closes the
 //!   connection (1003), as the MQTT spec requires ([MQTT-6.0.0-1]); pings
 //!   are answered; a close is answered and ends the stream. Client frames
-//!   must be masked (1002 otherwise); a frame longer than the limit closes
-//!   the connection (1009) before its payload is read.
+//!   must be masked (1002 otherwise). A data frame may be of any length:
+//!   its payload is passed on as it arrives, and the MQTT packet limit
+//!   applies to the packets it carries.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -154,37 +155,105 @@ pub enum Ended {
 }
 
 /// One connection's framing state.
+///
+/// Bounded whatever the client sends: a data frame's payload is unmasked
+/// and passed on as it arrives (a frame may be of any length: the MQTT
+/// codec's packet limit applies to what it carries), only the start of a
+/// frame that has not all arrived is kept (at most 14 header bytes and a
+/// control frame's 125), and of the pings not yet answered only the last
+/// is, as RFC 6455 5.5.3 allows.
 #[derive(Debug, Default)]
 pub struct Framer {
-    /// Bytes read and not yet parsed as frames.
-    inbound: BytesMut,
+    /// The start of a frame whose header (or control payload) has not all
+    /// arrived.
+    partial: BytesMut,
+    /// The data frame whose payload is arriving.
+    payload: Option<Payload>,
     /// MQTT bytes from binary frames, not yet taken.
     data: BytesMut,
-    /// Frames to send (pongs, close, and the broker's binary frames).
+    /// Frames to send (the broker's binary frames, pongs, close).
     outbound: BytesMut,
-    /// Inside a fragmented text message (its continuations are refused
-    /// too).
-    in_text: bool,
+    /// The last ping's payload, not answered yet.
+    pong: Option<Vec<u8>>,
     ended: Option<Ended>,
-    /// Largest frame payload accepted, bytes.
-    frame_max: usize,
+}
+
+/// The rest of a data frame's payload.
+#[derive(Debug)]
+struct Payload {
+    left: u64,
+    mask: [u8; 4],
+    /// Where in the mask the next byte is.
+    at: usize,
+}
+
+/// What a frame's start needs to be read whole: its header with the mask
+/// key, and a control frame's payload.
+fn frame_start_len(b: &[u8]) -> usize {
+    // Reserved bits or no mask: refused from the first two bytes.
+    if b.len() < 2 || b[0] & 0x70 != 0 || b[1] & 0x80 == 0 {
+        return 2;
+    }
+    match b[1] & 0x7F {
+        126 => 8,
+        127 => 14,
+        n if b[0] & 0x08 != 0 => 6 + usize::from(n), // control
+        _ => 6,
+    }
+}
+
+/// Unmask `buf` with `mask`, starting at mask byte `at`.
+fn unmask(buf: &mut [u8], mask: [u8; 4], at: usize) {
+    for (i, byte) in buf.iter_mut().enumerate() {
+        *byte ^= mask[(at + i) & 3];
+    }
 }
 
 impl Framer {
-    /// A framer that accepts frames of at most `frame_max` payload bytes
-    /// (the MQTT packet limit, plus room for the rest of a frame).
-    pub fn new(frame_max: usize) -> Framer {
-        Framer {
-            frame_max,
-            ..Framer::default()
-        }
+    /// A framer for a connection just upgraded.
+    pub fn new() -> Framer {
+        Framer::default()
     }
 
     /// Bytes read from the connection (after the upgrade).
-    pub fn feed(&mut self, bytes: &[u8]) {
-        if self.ended.is_none() {
-            self.inbound.extend_from_slice(bytes);
-            self.parse();
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && self.ended.is_none() {
+            if let Some(p) = &mut self.payload {
+                let n = bytes
+                    .len()
+                    .min(usize::try_from(p.left).unwrap_or(usize::MAX));
+                let start = self.data.len();
+                self.data.extend_from_slice(&bytes[..n]);
+                unmask(&mut self.data[start..], p.mask, p.at);
+                p.at = (p.at + n) & 3;
+                p.left -= n as u64;
+                if p.left == 0 {
+                    self.payload = None;
+                }
+                bytes = &bytes[n..];
+                continue;
+            }
+            if self.partial.is_empty() && bytes.len() >= frame_start_len(bytes) {
+                let n = frame_start_len(bytes);
+                self.frame_start(&bytes[..n]);
+                bytes = &bytes[n..];
+                continue;
+            }
+            // Collect the frame's start, a few bytes at a time.
+            loop {
+                let need = frame_start_len(&self.partial);
+                if self.partial.len() >= need {
+                    break;
+                }
+                if bytes.is_empty() {
+                    return;
+                }
+                let n = (need - self.partial.len()).min(bytes.len());
+                self.partial.extend_from_slice(&bytes[..n]);
+                bytes = &bytes[n..];
+            }
+            let start = std::mem::take(&mut self.partial);
+            self.frame_start(&start);
         }
     }
 
@@ -193,6 +262,9 @@ impl Framer {
         let n = out.len().min(self.data.len());
         out[..n].copy_from_slice(&self.data[..n]);
         self.data.advance(n);
+        if self.data.is_empty() {
+            self.data = BytesMut::new(); // an idle connection keeps no buffer
+        }
         n
     }
 
@@ -213,8 +285,23 @@ impl Framer {
         }
     }
 
-    /// Frames waiting to be written.
+    /// True when frames wait to be written (see [`Framer::outbound`]).
+    pub fn wants_write(&self) -> bool {
+        !self.outbound.is_empty() || self.pong.is_some()
+    }
+
+    /// Frames waiting to be written: the caller advances past what it
+    /// wrote. The pong for the last ping joins them once they are all
+    /// written, so pings from a client that does not read grow nothing.
     pub fn outbound(&mut self) -> &mut BytesMut {
+        if self.outbound.is_empty() {
+            if self.outbound.capacity() > 0 {
+                self.outbound = BytesMut::new(); // keep no buffer when idle
+            }
+            if let Some(p) = self.pong.take() {
+                put_frame(&mut self.outbound, 0xA, &p);
+            }
+        }
         &mut self.outbound
     }
 
@@ -228,60 +315,59 @@ impl Framer {
     fn end(&mut self, how: Ended, code: u16) {
         put_frame(&mut self.outbound, 0x8, &code.to_be_bytes());
         self.ended = Some(how);
-        self.inbound.clear();
+        self.pong = None;
+        self.partial = BytesMut::new();
+        self.payload = None;
     }
 
-    fn parse(&mut self) {
-        while self.ended.is_none() {
-            let b = &self.inbound[..];
-            if b.len() < 2 {
-                return;
+    /// A frame's header with its mask key (and a control frame's payload),
+    /// `frame_start_len(b)` bytes.
+    fn frame_start(&mut self, b: &[u8]) {
+        let (fin, opcode) = (b[0] & 0x80 != 0, b[0] & 0x0F);
+        if b[0] & 0x70 != 0 {
+            return self.end(Ended::Error(1002), 1002); // no extensions
+        }
+        if b[1] & 0x80 == 0 {
+            return self.end(Ended::Error(1002), 1002); // clients mask
+        }
+        let (len, header) = match b[1] & 0x7F {
+            126 => (u64::from(u16::from_be_bytes([b[2], b[3]])), 4),
+            127 => {
+                let mut l = [0u8; 8];
+                l.copy_from_slice(&b[2..10]);
+                (u64::from_be_bytes(l), 10)
             }
-            let (fin, opcode) = (b[0] & 0x80 != 0, b[0] & 0x0F);
-            if b[0] & 0x70 != 0 {
-                return self.end(Ended::Error(1002), 1002); // no extensions
+            n => (u64::from(n), 2),
+        };
+        let mask = [b[header], b[header + 1], b[header + 2], b[header + 3]];
+        if opcode & 0x8 != 0 {
+            if len > 125 || !fin {
+                return self.end(Ended::Error(1002), 1002);
             }
-            if b[1] & 0x80 == 0 {
-                return self.end(Ended::Error(1002), 1002); // clients mask
-            }
-            let (len, header) = match b[1] & 0x7F {
-                126 if b.len() >= 4 => (u64::from(u16::from_be_bytes([b[2], b[3]])), 4),
-                127 if b.len() >= 10 => {
-                    let mut l = [0u8; 8];
-                    l.copy_from_slice(&b[2..10]);
-                    (u64::from_be_bytes(l), 10)
-                }
-                126 | 127 => return,
-                n => (u64::from(n), 2),
-            };
-            let control = opcode & 0x8 != 0;
-            if (control && (len > 125 || !fin)) || len > self.frame_max as u64 {
-                let code = if control { 1002 } else { 1009 };
-                return self.end(Ended::Error(code), code);
-            }
-            let total = header + 4 + len as usize;
-            if b.len() < total {
-                return;
-            }
-            let mask = [b[header], b[header + 1], b[header + 2], b[header + 3]];
-            let mut frame = self.inbound.split_to(total);
-            frame.advance(header + 4);
-            for (i, byte) in frame.iter_mut().enumerate() {
-                *byte ^= mask[i % 4];
-            }
+            let mut payload = b[header + 4..].to_vec();
+            unmask(&mut payload, mask, 0);
             match opcode {
-                0x2 => self.data.extend_from_slice(&frame),
-                0x0 if !self.in_text => self.data.extend_from_slice(&frame),
-                // [MQTT-6.0.0-1] text frames close the connection.
-                0x1 | 0x0 => return self.end(Ended::Error(1003), 1003),
-                0x8 => return self.end(Ended::Closed, 1000),
-                0x9 => put_frame(&mut self.outbound, 0xA, &frame),
+                0x8 => self.end(Ended::Closed, 1000),
+                0x9 => self.pong = Some(payload),
                 0xA => {}
-                _ => return self.end(Ended::Error(1002), 1002),
+                _ => self.end(Ended::Error(1002), 1002),
             }
-            if opcode == 0x1 {
-                self.in_text = !fin;
+            return;
+        }
+        match opcode {
+            // Binary, or its continuation: text frames never start a
+            // message that continues (they close the connection).
+            0x2 | 0x0 if len > 0 => {
+                self.payload = Some(Payload {
+                    left: len,
+                    mask,
+                    at: 0,
+                });
             }
+            0x2 | 0x0 => {}
+            // [MQTT-6.0.0-1] text frames close the connection.
+            0x1 => self.end(Ended::Error(1003), 1003),
+            _ => self.end(Ended::Error(1002), 1002),
         }
     }
 }
@@ -383,7 +469,7 @@ mod tests {
 
     #[test]
     fn binary_frames_split_anywhere_and_continuations_join() {
-        let mut f = Framer::new(1 << 20);
+        let mut f = Framer::new();
         let mut bytes = client_frame(false, 0x2, b"hel");
         bytes.extend(client_frame(true, 0x0, b"lo"));
         bytes.extend(client_frame(true, 0x2, &[7u8; 300]));
@@ -401,37 +487,66 @@ mod tests {
     }
 
     #[test]
-    fn pings_are_answered_and_text_unmasked_and_huge_frames_close() {
-        let mut f = Framer::new(1 << 20);
+    fn pings_are_answered_and_text_and_unmasked_frames_close() {
+        let mut f = Framer::new();
         f.feed(&client_frame(true, 0x9, b"p"));
+        assert!(f.wants_write());
         assert_eq!(&f.outbound()[..], &[0x8A, 1, b'p']);
         f.outbound().clear();
+        assert!(!f.wants_write());
         f.feed(&client_frame(true, 0x1, b"text"));
         assert_eq!(f.ended(), Some(Ended::Error(1003)));
         assert_eq!(&f.outbound()[..], &[0x88, 2, 0x03, 0xEB]);
 
-        let mut f = Framer::new(1 << 20);
+        let mut f = Framer::new();
         let mut unmasked = BytesMut::new();
         put_frame(&mut unmasked, 0x2, b"x");
         f.feed(&unmasked);
         assert_eq!(f.ended(), Some(Ended::Error(1002)));
 
-        let mut f = Framer::new(100);
-        f.feed(&[0x82, 0xFF, 0, 0, 0, 0, 0xFF, 0, 0, 0]);
-        assert_eq!(
-            f.ended(),
-            Some(Ended::Error(1009)),
-            "refused from the header alone"
-        );
-
-        let mut f = Framer::new(100);
+        let mut f = Framer::new();
         f.feed(&client_frame(true, 0x8, &1000u16.to_be_bytes()));
         assert_eq!(f.ended(), Some(Ended::Closed));
     }
 
     #[test]
+    fn only_the_last_ping_waiting_is_answered_and_after_the_data() {
+        let mut f = Framer::new();
+        f.send(&[1, 2, 3]);
+        for i in 0..10_000u32 {
+            f.feed(&client_frame(true, 0x9, &i.to_be_bytes()));
+        }
+        // The data goes first; the pong joins once it is written.
+        assert_eq!(&f.outbound()[..], &[0x82, 3, 1, 2, 3]);
+        f.outbound().clear();
+        assert_eq!(&f.outbound()[..], &[0x8A, 4, 0, 0, 0x27, 0x0F]);
+        f.outbound().clear();
+        assert!(!f.wants_write());
+    }
+
+    #[test]
+    fn a_frame_of_any_length_streams_its_payload() {
+        // One 1 MiB binary frame carrying several packets' worth of bytes,
+        // fed in 8 KiB reads: what is held never exceeds one read.
+        let payload: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        let bytes = client_frame(true, 0x2, &payload);
+        let mut f = Framer::new();
+        let mut got = Vec::new();
+        for chunk in bytes.chunks(8192) {
+            f.feed(chunk);
+            assert!(f.data.len() <= 8192 && f.partial.len() <= 14);
+            while f.has_data() {
+                got.extend(take_all(&mut f));
+            }
+        }
+        assert_eq!(got, payload);
+        assert_eq!(f.ended(), None);
+        assert_eq!(f.data.capacity(), 0, "an idle framer keeps no buffer");
+    }
+
+    #[test]
     fn the_broker_sends_unmasked_binary_frames() {
-        let mut f = Framer::new(100);
+        let mut f = Framer::new();
         f.send(&[1, 2, 3]);
         f.send(&[9u8; 200]);
         let out = f.outbound().to_vec();
@@ -445,12 +560,16 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(chunks in proptest::collection::vec(
             proptest::collection::vec(proptest::num::u8::ANY, 0..64), 0..16)) {
-            let mut f = Framer::new(256);
+            let mut f = Framer::new();
             for c in &chunks {
                 f.feed(c);
-                let _ = take_all(&mut f);
+                proptest::prop_assert!(f.partial.len() <= 14 + 125);
+                proptest::prop_assert!(f.data.len() <= c.len());
+                proptest::prop_assert!(f.pong.as_ref().map_or(0, Vec::len) <= 125);
+                while f.has_data() {
+                    let _ = take_all(&mut f);
+                }
             }
-            proptest::prop_assert!(f.inbound.len() <= 256 + 14 + chunks.iter().map(Vec::len).max().unwrap_or(0));
         }
     }
 }

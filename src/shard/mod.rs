@@ -304,6 +304,9 @@ pub struct ShardStats {
     /// Log records that could not be written (the log was full, or a
     /// record too large): each refused, held for a retry or counted here.
     pub log_appends_failed: u64,
+    /// Connections closed because a write waited `server.send_timeout_ms`
+    /// for the client to read.
+    pub send_timeouts: u64,
     /// Counters summed over sessions that ended.
     pub ended_sessions: SessionStats,
 }

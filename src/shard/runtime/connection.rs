@@ -121,7 +121,7 @@ async fn handshake(
     let mut buf = BytesMut::new();
     let read = async {
         if let Some(path) = &ws_path {
-            websocket_upgrade(&mut stream, path, max).await?;
+            websocket_upgrade(&mut stream, path).await?;
         }
         read_connect(&mut stream, &mut buf, max).await
     };
@@ -191,11 +191,7 @@ async fn handshake(
 
 /// Read the WebSocket upgrade request and answer it; from then on the
 /// stream's bytes are frames. Refused: the HTTP error is sent.
-async fn websocket_upgrade(
-    stream: &mut Stream,
-    path: &str,
-    packet_max: usize,
-) -> Result<(), HandshakeError> {
+async fn websocket_upgrade(stream: &mut Stream, path: &str) -> Result<(), HandshakeError> {
     let mut request = Vec::new();
     let mut chunk = [0u8; 2048];
     loop {
@@ -206,8 +202,7 @@ async fn websocket_upgrade(
                     .write_raw(&response)
                     .await
                     .map_err(HandshakeError::Io)?;
-                // Room for a whole packet in one frame, and its header.
-                let mut framer = ws::Framer::new(packet_max + 16);
+                let mut framer = ws::Framer::new();
                 framer.feed(&request[consumed..]);
                 stream.start_websocket(framer);
                 return Ok(());
@@ -329,7 +324,8 @@ async fn refuse_handshake(
     let _ = stream.shutdown().await;
 }
 
-/// Send a refusing CONNACK, then close in order (see [`close_drained`]).
+/// Send a refusing CONNACK, then close in order (see [`close_drained`]),
+/// all within `server.close_drain_ms`.
 async fn send_connack_error(shard: &ShardCore, stream: &mut Stream, version: Version, code: u8) {
     let mut out = BytesMut::new();
     let ack = ConnAck {
@@ -338,41 +334,48 @@ async fn send_connack_error(shard: &ShardCore, stream: &mut Stream, version: Ver
         properties: Default::default(),
     };
     codec::encode(&Packet::ConnAck(ack), version, &mut out);
-    if stream.write_all(&out).await.is_ok() {
-        close_drained(shard, stream).await;
-    }
+    let answer = async {
+        if stream.write_all(&out).await.is_ok() {
+            drain_after_close(shard, stream).await;
+        }
+    };
+    within_close_drain(shard, answer).await;
 }
 
 /// End a connection the broker closes: shut the write side (the client
-/// reads what was sent, then EOF), then read and discard its input for at
-/// most `server.close_drain_ms` and `server.close_drain_bytes`. Closing a
-/// socket with unread input makes the kernel send a reset, which can
-/// destroy the reason code before the client reads it.
+/// reads what was sent, then EOF), then read and discard its input; all
+/// within `server.close_drain_ms`, and at most `server.close_drain_bytes`
+/// read. Closing a socket with unread input makes the kernel send a reset,
+/// which can destroy the reason code before the client reads it.
 async fn close_drained(shard: &ShardCore, stream: &mut Stream) {
+    within_close_drain(shard, drain_after_close(shard, stream)).await;
+}
+
+/// Run `f` for at most `server.close_drain_ms`.
+async fn within_close_drain(shard: &ShardCore, f: impl std::future::Future<Output = ()>) {
+    let time = Duration::from_millis(shard.config.server.close_drain_ms);
+    f.or(async {
+        glommio::timer::sleep(time).await;
+    })
+    .await;
+}
+
+/// Shut the write side (TLS and WebSocket say goodbye first), then read
+/// and discard up to `server.close_drain_bytes`; unbounded in time.
+async fn drain_after_close(shard: &ShardCore, stream: &mut Stream) {
     if stream.shutdown_write().await.is_err() {
         return;
     }
-    let server = &shard.config.server;
-    let (time, bytes_max) = (
-        Duration::from_millis(server.close_drain_ms),
-        server.close_drain_bytes,
-    );
-    let drain = async {
-        let mut buf = BytesMut::new();
-        let mut total = 0usize;
-        while total < bytes_max {
-            buf.clear();
-            match read_into(stream, &mut buf, 4096).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => total = total.saturating_add(n),
-            }
+    let bytes_max = shard.config.server.close_drain_bytes;
+    let mut buf = BytesMut::new();
+    let mut total = 0usize;
+    while total < bytes_max {
+        buf.clear();
+        match read_into(stream, &mut buf, 4096).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total = total.saturating_add(n),
         }
-    };
-    drain
-        .or(async {
-            glommio::timer::sleep(time).await;
-        })
-        .await;
+    }
 }
 
 /// This shard's glommio listener on a socket bound and set listening by
@@ -428,6 +431,7 @@ async fn serve(
     };
     shard.sockets.set(shard.sockets.get() + 1);
     let _open = scopeguard(|| shard.sockets.set(shard.sockets.get() - 1));
+    stream.split(handle.clone());
     let stream = SharedStream(Rc::new(RefCell::new(stream)));
     let writer = glommio::spawn_local(write_loop(shard.clone(), handle.clone(), stream.clone()));
     let peer_ended = read_loop(&shard, &handle, stream.clone(), buffered).await;
@@ -530,9 +534,11 @@ async fn read_loop(
 }
 
 /// Write the session's packets until the connection closes; true when
-/// everything, the last packets included, was written.
+/// everything, the last packets included, was written. A write that waits
+/// `server.send_timeout_ms` for the client to read ends the connection.
 async fn write_loop(shard: Rc<ShardCore>, conn: Rc<ConnHandle>, mut stream: SharedStream) -> bool {
     let limit = shard.config.server.write_buffer_bytes;
+    let timeout = Duration::from_millis(shard.config.server.send_timeout_ms);
     let mut out = BytesMut::new();
     loop {
         let closing = conn.is_closing();
@@ -547,21 +553,57 @@ async fn write_loop(shard: Rc<ShardCore>, conn: Rc<ConnHandle>, mut stream: Shar
         } else {
             shard.poll_transmit(&conn, &mut out, limit);
         }
-        if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
-                return false;
+        // TLS and WebSocket bytes the reader's input made (handshake
+        // messages, pongs) go out with the packets, or alone.
+        let flush = !out.is_empty() || stream.0.borrow().wants_flush();
+        if flush {
+            // The timer starts only if the socket does not take it all at
+            // once (a future is not polled before it is awaited).
+            let write = async {
+                stream.write_all(&out).await?;
+                stream.flush().await
+            };
+            let stalled = async {
+                glommio::timer::sleep(timeout).await;
+                Err(io::ErrorKind::TimedOut.into())
+            };
+            match write.or(stalled).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    send_timed_out(&shard, &conn, timeout);
+                    return false;
+                }
+                Err(_) => return false,
             }
-            out.clear();
-            conn.drained.notify();
-            if out.capacity() > 8192 {
-                out = BytesMut::new(); // give back what a burst grew
+            if !out.is_empty() {
+                out.clear();
+                conn.drained.notify();
+                if out.capacity() > 8192 {
+                    out = BytesMut::new(); // give back what a burst grew
+                }
+                continue;
             }
-            continue;
         }
         if closing {
             return true;
         }
         conn.wake.wait().await;
+    }
+}
+
+/// A write waited `server.send_timeout_ms` for the client to read: count
+/// it, say so, and end the connection.
+fn send_timed_out(shard: &ShardCore, conn: &ConnHandle, timeout: Duration) {
+    shard.state.borrow_mut().stats.send_timeouts += 1;
+    shard_log!(
+        shard,
+        log::Level::Info,
+        "client {}: read nothing for {} ms; closing the connection",
+        crate::text::quote(&conn.client_id),
+        timeout.as_millis()
+    );
+    if !conn.is_closing() {
+        shard.handle_connection_lost(conn, Instant::now());
     }
 }
 

@@ -8,21 +8,34 @@
 //! on the accepting shard, and [`Stream::into_parts`] lets the connection
 //! move to its home shard with the socket, where [`Stream::from_parts`]
 //! goes on with the same state.
+//!
+//! Who writes: until CONNECT one task reads and writes. Once a connection
+//! has a reader and a writer task ([`Stream::split`]), only the writer
+//! writes to the socket (glommio keeps one write waker per socket, which a
+//! second writing task would take from the first). What a read makes for
+//! the peer (TLS handshake messages, alerts, WebSocket pongs and close
+//! answers) waits in the TLS or WebSocket state, bounded there, and the
+//! read wakes the writer, which sends it at its next flush.
 
 use std::io::{self, Read, Write};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::rc::Rc;
+
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use rustls::ServerConnection;
 
+use super::super::ConnHandle;
 use crate::ws::Framer;
 
 /// A connection's stream: its bytes, and WebSocket framing over them.
 pub(crate) struct Stream {
     io: Io,
     ws: Option<Box<Framer>>,
+    /// Set by [`Stream::split`]: reads never write, and wake this writer.
+    writer: Option<Rc<ConnHandle>>,
 }
 
 /// A connection's bytes.
@@ -86,7 +99,23 @@ impl Stream {
                 eof: false,
             })),
         };
-        Stream { io, ws }
+        Stream {
+            io,
+            ws,
+            writer: None,
+        }
+    }
+
+    /// From now on `conn`'s writer task alone writes; reads wake it when
+    /// they leave something for the peer.
+    pub(crate) fn split(&mut self, conn: Rc<ConnHandle>) {
+        self.writer = Some(conn);
+    }
+
+    /// True when TLS or WebSocket bytes wait for a flush.
+    pub(crate) fn wants_flush(&self) -> bool {
+        let tls = matches!(&self.io, Io::Tls(t) if t.conn.wants_write());
+        tls || self.ws.as_ref().is_some_and(|ws| ws.wants_write())
     }
 
     /// From now on the bytes are WebSocket frames, handled by `framer`.
@@ -113,7 +142,7 @@ impl Stream {
     /// Read bytes as they come, under any WebSocket framing (the upgrade
     /// request).
     pub(crate) async fn read_raw(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        std::future::poll_fn(|cx| self.io.poll_read(cx, buf)).await
+        std::future::poll_fn(|cx| self.io.poll_read(cx, buf, true)).await
     }
 
     /// Write bytes as they are, under any WebSocket framing (the upgrade
@@ -129,16 +158,15 @@ impl Stream {
         std::future::poll_fn(|cx| self.io.poll_flush(cx)).await
     }
 
-    /// End the sending side: WebSocket sends its close frame and TLS its
-    /// close_notify first.
+    /// End the sending side: WebSocket sends its close frame, then TLS its
+    /// close_notify (after the frames, which it encrypts).
     pub(crate) async fn shutdown_write(&mut self) -> io::Result<()> {
         if let Some(ws) = &mut self.ws {
             ws.close();
+            futures_lite::AsyncWriteExt::flush(self).await?;
         }
         if let Io::Tls(t) = &mut self.io {
             t.conn.send_close_notify();
-        }
-        if self.ws.is_some() || matches!(self.io, Io::Tls(_)) {
             futures_lite::AsyncWriteExt::flush(self).await?;
         }
         let tcp = self.tcp();
@@ -205,12 +233,20 @@ impl TlsStream {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_read_plain(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+    /// Read plaintext; with `writes`, send what the reads make for the peer
+    /// (handshake messages, alerts) as it is made.
+    fn poll_read_plain(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+        writes: bool,
+    ) -> Poll<io::Result<usize>> {
         loop {
-            // Handshake messages and alerts go out as they are made; a
-            // full socket does not stop the reading.
-            if let Poll::Ready(Err(e)) = self.poll_send_tls(cx) {
-                return Poll::Ready(Err(e));
+            // A full socket does not stop the reading.
+            if writes {
+                if let Poll::Ready(Err(e)) = self.poll_send_tls(cx) {
+                    return Poll::Ready(Err(e));
+                }
             }
             match self.conn.reader().read(buf) {
                 Ok(n) => return Poll::Ready(Ok(n)),
@@ -234,7 +270,9 @@ impl TlsStream {
             }
             if let Err(e) = self.conn.process_new_packets() {
                 // Tell the peer why (the alert rustls queued), then end.
-                let _ = self.poll_send_tls(cx);
+                if writes {
+                    let _ = self.poll_send_tls(cx);
+                }
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
             }
         }
@@ -268,10 +306,16 @@ pub(crate) type Parts = (
 );
 
 impl Io {
-    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+    /// Read; with `writes`, TLS sends what the reads make as it is made.
+    fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+        writes: bool,
+    ) -> Poll<io::Result<usize>> {
         match self {
             Io::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            Io::Tls(t) => t.poll_read_plain(cx, buf),
+            Io::Tls(t) => t.poll_read_plain(cx, buf, writes),
         }
     }
 
@@ -306,11 +350,45 @@ impl Io {
     }
 }
 
+/// Read MQTT bytes from WebSocket frames; with `writes`, pongs and a
+/// close answer go out as they are made.
+fn poll_read_frames(
+    io: &mut Io,
+    ws: &mut Framer,
+    cx: &mut Context<'_>,
+    buf: &mut [u8],
+    writes: bool,
+) -> Poll<io::Result<usize>> {
+    let mut raw = [0u8; 8192];
+    loop {
+        if writes {
+            if let Poll::Ready(Err(e)) = poll_send_frames(io, ws, cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        if ws.has_data() {
+            return Poll::Ready(Ok(ws.take_data(buf)));
+        }
+        if ws.ended().is_some() {
+            return Poll::Ready(Ok(0));
+        }
+        match io.poll_read(cx, &mut raw, writes) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
+            Poll::Ready(Ok(n)) => ws.feed(&raw[..n]),
+            other => return other,
+        }
+    }
+}
+
 /// Write the WebSocket frames waiting in `ws` to `io`; Ready(Ok) once
 /// none wait.
 fn poll_send_frames(io: &mut Io, ws: &mut Framer, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-    let out = ws.outbound();
-    while !out.is_empty() {
+    loop {
+        // Asked each turn: the last pong joins once the rest is written.
+        let out = ws.outbound();
+        if out.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
         match io.poll_write(cx, out) {
             Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
             Poll::Ready(Ok(n)) => bytes::Buf::advance(out, n),
@@ -318,7 +396,6 @@ fn poll_send_frames(io: &mut Io, ws: &mut Framer, cx: &mut Context<'_>) -> Poll<
             Poll::Pending => return Poll::Pending,
         }
     }
-    Poll::Ready(Ok(()))
 }
 
 impl AsyncRead for Stream {
@@ -327,28 +404,19 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        let Stream { io, ws } = self.get_mut();
-        let Some(ws) = ws else {
-            return io.poll_read(cx, buf);
+        let Stream { io, ws, writer } = self.get_mut();
+        let writes = writer.is_none();
+        let poll = match ws {
+            None => io.poll_read(cx, buf, writes),
+            Some(ws) => poll_read_frames(io, ws, cx, buf, writes),
         };
-        let mut raw = [0u8; 8192];
-        loop {
-            // Pongs and a close answer go out as they are made.
-            if let Poll::Ready(Err(e)) = poll_send_frames(io, ws, cx) {
-                return Poll::Ready(Err(e));
-            }
-            if ws.has_data() {
-                return Poll::Ready(Ok(ws.take_data(buf)));
-            }
-            if ws.ended().is_some() {
-                return Poll::Ready(Ok(0));
-            }
-            match io.poll_read(cx, &mut raw) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
-                Poll::Ready(Ok(n)) => ws.feed(&raw[..n]),
-                other => return other,
+        if let Some(conn) = writer {
+            let tls = matches!(io, Io::Tls(t) if t.conn.wants_write());
+            if tls || ws.as_ref().is_some_and(|ws| ws.wants_write()) {
+                conn.wake.notify();
             }
         }
+        poll
     }
 }
 
@@ -358,7 +426,7 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let Stream { io, ws } = self.get_mut();
+        let Stream { io, ws, .. } = self.get_mut();
         let Some(ws) = ws else {
             return io.poll_write(cx, buf);
         };
@@ -378,7 +446,7 @@ impl AsyncWrite for Stream {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Stream { io, ws } = self.get_mut();
+        let Stream { io, ws, .. } = self.get_mut();
         if let Some(ws) = ws {
             match poll_send_frames(io, ws, cx) {
                 Poll::Ready(Ok(())) => {}
@@ -389,7 +457,7 @@ impl AsyncWrite for Stream {
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Stream { io, ws } = self.get_mut();
+        let Stream { io, ws, .. } = self.get_mut();
         if let Some(ws) = ws {
             ws.close();
             match poll_send_frames(io, ws, cx) {
