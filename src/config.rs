@@ -341,6 +341,8 @@ pub struct ServerConfig {
     /// Longest a socket write may wait for the client to read before the
     /// connection is closed.
     pub send_timeout_ms: u64,
+    /// TLS connections per shard waiting for their handshake and CONNECT.
+    pub tls_handshakes_max: usize,
     /// io_uring registered buffer memory per shard.
     pub io_memory_bytes: usize,
     /// Socket read size.
@@ -561,6 +563,12 @@ impl Config {
         range("server.close_drain_ms", s.close_drain_ms, 0, 60_000)?;
         range("server.close_drain_bytes", s.close_drain_bytes, 0, 64 << 20)?;
         range("server.send_timeout_ms", s.send_timeout_ms, 100, 3_600_000)?;
+        range(
+            "server.tls_handshakes_max",
+            s.tls_handshakes_max,
+            1,
+            1_000_000,
+        )?;
         range(
             "server.io_memory_bytes",
             s.io_memory_bytes,
@@ -925,6 +933,10 @@ mod tests {
         refused("[server]\nlisten = [\"nonsense\"]\n", "listen");
         refused("[mqtt]\nreceive_maximum = 70000\n", "receive_maximum");
         refused("[server]\nsend_timeout_ms = 99\n", "server.send_timeout_ms");
+        refused(
+            "[server]\ntls_handshakes_max = 0\n",
+            "server.tls_handshakes_max",
+        );
         let c = Config::from_toml("[server]\nsend_timeout_ms = 100\n").unwrap();
         assert_eq!(c.server.send_timeout_ms, 100);
     }

@@ -275,3 +275,44 @@ async fn new_certificates_are_taken_on_reload_without_dropping_a_connection() {
     assert_eq!(&before.next_publish().await.payload[..], b"both");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `server.tls_handshakes_max` TLS connections may wait for their
+/// handshake and CONNECT on a shard; one more is closed at accept, and
+/// once one of them goes, a client gets in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_waiting_for_connect_are_bounded_per_shard() {
+    let dir = temp_dir("tls-bound");
+    let pki = make_pki(&dir);
+    let b = TestBroker::start_with(1, |c| {
+        c.listeners = vec![tls_listener(&dir, false)];
+        c.server.tls_handshakes_max = 2;
+    });
+    let addr = b.addr;
+    let first = tokio::task::spawn_blocking(move || {
+        // Two silent connections take the two places.
+        let silent: Vec<_> = (0..2)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut third = std::net::TcpStream::connect(addr).unwrap();
+        third
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        match third.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("the third is closed at once: {other:?}"),
+        }
+        silent
+    })
+    .await
+    .unwrap();
+    // Still full: a real client fails too.
+    handshake_fails(tls_options(&b, "full", &pki, false)).await;
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = connect(tls_options(&b, "room-again", &pki, false)).await;
+    c.subscribe("r", QoS::AtMostOnce).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

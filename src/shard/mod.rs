@@ -307,6 +307,9 @@ pub struct ShardStats {
     /// Connections closed because a write waited `server.send_timeout_ms`
     /// for the client to read.
     pub send_timeouts: u64,
+    /// TLS connections closed at accept because `server.tls_handshakes_max`
+    /// were already waiting to send CONNECT.
+    pub tls_handshakes_refused: u64,
     /// Counters summed over sessions that ended.
     pub ended_sessions: SessionStats,
 }
@@ -405,6 +408,9 @@ pub struct ShardCore {
     /// Accepted connections that have not finished CONNECT yet; bounded by
     /// `connections_max` too.
     handshakes: Cell<usize>,
+    /// Of those, the TLS ones (handshake or CONNECT awaited); bounded by
+    /// `server.tls_handshakes_max`.
+    tls_handshakes: Cell<usize>,
     /// This shard's share of `storage.delayed_messages_max`.
     delayed_max: usize,
     /// This shard's share of `storage.delayed_bytes_max`.
@@ -461,6 +467,7 @@ impl ShardCore {
             stopping: Cell::new(false),
             sockets: Cell::new(0),
             handshakes: Cell::new(0),
+            tls_handshakes: Cell::new(0),
             state: RefCell::new(State {
                 sessions: Slab::default(),
                 by_client: HashMap::default(),

@@ -71,18 +71,35 @@ pub(crate) async fn accept_loop(
             Ok(tcp) => {
                 let tls = tls.borrow().get(index).cloned().flatten();
                 let identity = tls.as_ref().map_or(CertIdentity::None, |t| t.identity);
-                let stream = match tls {
-                    None => Stream::plain(tcp),
+                let (stream, counted) = match tls {
+                    None => (Stream::plain(tcp), None),
+                    Some(_)
+                        if shard.tls_handshakes.get() >= shard.config.server.tls_handshakes_max =>
+                    {
+                        shard.state.borrow_mut().stats.tls_handshakes_refused += 1;
+                        shard_log!(
+                            shard,
+                            log::Level::Warn,
+                            "shard {}: {} TLS connections are waiting for their handshake and CONNECT (server.tls_handshakes_max); closing a new one",
+                            shard.id,
+                            shard.tls_handshakes.get()
+                        );
+                        continue;
+                    }
                     Some(t) => match Stream::tls(tcp, t.config.clone()) {
-                        Ok(s) => s,
+                        Ok(s) => (s, Some(TlsCounted::new(&shard))),
                         Err(e) => {
                             shard_log!(shard, log::Level::Warn, "cannot start TLS: {e}");
                             continue;
                         }
                     },
                 };
-                let ws = ws_path.clone();
-                glommio::spawn_local(handshake(shard.clone(), stream, identity, ws)).detach();
+                let (ws, on) = (ws_path.clone(), shard.clone());
+                let task = async move {
+                    let _counted = counted;
+                    handshake(on, stream, identity, ws).await
+                };
+                glommio::spawn_local(task).detach();
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -95,6 +112,24 @@ pub(crate) async fn accept_loop(
                 glommio::timer::sleep(Duration::from_millis(20)).await;
             }
         }
+    }
+}
+
+/// A TLS connection counted in its shard's `tls_handshakes` until this is
+/// dropped (counted at accept, so a burst of accepts cannot pass the bound).
+struct TlsCounted(Rc<ShardCore>);
+
+impl TlsCounted {
+    fn new(shard: &Rc<ShardCore>) -> TlsCounted {
+        shard.tls_handshakes.set(shard.tls_handshakes.get() + 1);
+        TlsCounted(shard.clone())
+    }
+}
+
+impl Drop for TlsCounted {
+    fn drop(&mut self) {
+        let n = &self.0.tls_handshakes;
+        n.set(n.get() - 1);
     }
 }
 
