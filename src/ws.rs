@@ -175,6 +175,8 @@ pub struct Framer {
     outbound: BytesMut,
     /// The last ping's payload, not answered yet.
     pong: Option<Vec<u8>>,
+    /// Inside a fragmented binary message (its continuations are due).
+    fragmented: bool,
     ended: Option<Ended>,
 }
 
@@ -347,7 +349,11 @@ impl Framer {
             let mut payload = b[header + 4..].to_vec();
             unmask(&mut payload, mask, 0);
             match opcode {
-                0x8 => self.end(Ended::Closed, 1000),
+                // The client's close: its code echoed (RFC 6455 5.5.1).
+                0x8 => match close_code(&payload) {
+                    Some(code) => self.end(Ended::Closed, code),
+                    None => self.end(Ended::Error(1002), 1002),
+                },
                 0x9 => self.pong = Some(payload),
                 0xA => {}
                 _ => self.end(Ended::Error(1002), 1002),
@@ -355,19 +361,38 @@ impl Framer {
             return;
         }
         match opcode {
-            // Binary, or its continuation: text frames never start a
-            // message that continues (they close the connection).
-            0x2 | 0x0 if len > 0 => {
-                self.payload = Some(Payload {
-                    left: len,
-                    mask,
-                    at: 0,
-                });
+            // Binary, or its continuation (text frames never start a
+            // message that continues: they close the connection).
+            0x2 | 0x0 if (opcode == 0x0) == self.fragmented => {
+                self.fragmented = !fin;
+                if len > 0 {
+                    self.payload = Some(Payload {
+                        left: len,
+                        mask,
+                        at: 0,
+                    });
+                }
             }
-            0x2 | 0x0 => {}
             // [MQTT-6.0.0-1] text frames close the connection.
             0x1 => self.end(Ended::Error(1003), 1003),
+            // A continuation with nothing to continue, a new message
+            // before the last one ended, or an unknown opcode.
             _ => self.end(Ended::Error(1002), 1002),
+        }
+    }
+}
+
+/// The code to answer a close frame's `payload` with: the client's own
+/// (1000 when it gave none); None for a payload RFC 6455 7.4 refuses (one
+/// byte, or a code no endpoint may send).
+fn close_code(payload: &[u8]) -> Option<u16> {
+    match payload {
+        [] => Some(1000),
+        [_] => None,
+        [a, b, ..] => {
+            let code = u16::from_be_bytes([*a, *b]);
+            let defined = matches!(code, 1000..=1003 | 1007..=1011);
+            (defined || (3000..=4999).contains(&code)).then_some(code)
         }
     }
 }
@@ -505,8 +530,33 @@ mod tests {
         assert_eq!(f.ended(), Some(Ended::Error(1002)));
 
         let mut f = Framer::new();
-        f.feed(&client_frame(true, 0x8, &1000u16.to_be_bytes()));
+        f.feed(&client_frame(true, 0x8, &1001u16.to_be_bytes()));
         assert_eq!(f.ended(), Some(Ended::Closed));
+        assert_eq!(&f.outbound()[..], &[0x88, 2, 0x03, 0xE9], "its code echoed");
+        for bad in [&[3u8][..], &1005u16.to_be_bytes(), &999u16.to_be_bytes()] {
+            let mut f = Framer::new();
+            f.feed(&client_frame(true, 0x8, bad));
+            assert_eq!(f.ended(), Some(Ended::Error(1002)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn fragments_must_continue_a_message_and_only_one() {
+        let mut f = Framer::new();
+        f.feed(&client_frame(true, 0x0, b"orphan"));
+        assert_eq!(f.ended(), Some(Ended::Error(1002)));
+        let mut f = Framer::new();
+        f.feed(&client_frame(false, 0x2, b"a"));
+        f.feed(&client_frame(true, 0x2, b"b"));
+        assert_eq!(f.ended(), Some(Ended::Error(1002)));
+        let mut f = Framer::new();
+        f.feed(&client_frame(false, 0x2, b"a"));
+        f.feed(&client_frame(true, 0x9, b"p")); // control frames may interleave
+        f.feed(&client_frame(false, 0x0, b"b"));
+        f.feed(&client_frame(true, 0x0, b"c"));
+        f.feed(&client_frame(true, 0x2, b"d"));
+        assert_eq!(f.ended(), None);
+        assert_eq!(take_all(&mut f), b"abcd");
     }
 
     #[test]

@@ -103,6 +103,8 @@ fn self_signed(dir: &Path) -> Arc<rustls::ClientConfig> {
 
 /// An MQTT 5 client over one of the transports.
 struct Client {
+    /// The TCP socket underneath (a second handle on it).
+    tcp: TcpStream,
     link: Link,
     buf: BytesMut,
     /// WebSocket pongs received.
@@ -117,9 +119,22 @@ enum Link {
 impl Client {
     /// Connect as `id` (clean start) and read the CONNACK.
     fn connect(s: &Setup, id: &str) -> Client {
+        Client::connect_with(s, common::connect_packet(Version::V5, id, true), None)
+    }
+
+    /// Send `connect` (from a socket with `rcvbuf` bytes of receive
+    /// buffer, if given) and read the CONNACK.
+    fn connect_with(s: &Setup, connect: codec::Connect, rcvbuf: Option<usize>) -> Client {
         let addr: SocketAddr = s.broker.addr;
-        let tcp = TcpStream::connect(addr).unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        if let Some(n) = rcvbuf {
+            socket.set_recv_buffer_size(n).unwrap();
+        }
+        socket.connect(&addr.into()).unwrap();
+        let tcp = TcpStream::from(socket);
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let handle = tcp.try_clone().unwrap();
         let bytes: Box<dyn Duplex> = match &s.tls {
             None => Box::new(tcp),
             Some(config) => {
@@ -139,11 +154,11 @@ impl Client {
             }
         };
         let mut c = Client {
+            tcp: handle,
             link,
             buf: BytesMut::new(),
             pongs: 0,
         };
-        let connect = common::connect_packet(Version::V5, id, true);
         c.send(&[Packet::Connect(Box::new(connect))]);
         match c.recv() {
             Some(Packet::ConnAck(a)) => assert_eq!(a.reason, 0),
@@ -214,12 +229,16 @@ impl Client {
 }
 
 fn subscribe(c: &mut Client, filter: &str) {
+    subscribe_qos(c, filter, QoS::AtMostOnce)
+}
+
+fn subscribe_qos(c: &mut Client, filter: &str, qos: QoS) {
     c.send(&[Packet::Subscribe(Subscribe {
         packet_id: 1,
         filters: vec![(
             filter.into(),
             SubOptions {
-                qos: QoS::AtMostOnce,
+                qos,
                 ..Default::default()
             },
         )],
@@ -228,10 +247,16 @@ fn subscribe(c: &mut Client, filter: &str) {
     assert!(matches!(c.recv(), Some(Packet::SubAck(_))));
 }
 
-/// Publish [`MESSAGES`] on `bp/<n>` from another thread, four per write.
-fn flood(mut publisher: Client) -> std::thread::JoinHandle<Client> {
+/// Publish `count` messages on `bp/<n>` from another thread, four per
+/// write, at QoS 0.
+fn flood(publisher: Client, count: usize) -> std::thread::JoinHandle<Client> {
+    flood_qos(publisher, count, QoS::AtMostOnce)
+}
+
+/// [`flood`] at `qos` (the acknowledgements are left unread).
+fn flood_qos(mut publisher: Client, count: usize, qos: QoS) -> std::thread::JoinHandle<Client> {
     std::thread::spawn(move || {
-        for batch in 0..MESSAGES / 4 {
+        for batch in 0..count / 4 {
             let packets: Vec<Packet> = (0..4)
                 .map(|i| {
                     let n = batch * 4 + i;
@@ -240,9 +265,13 @@ fn flood(mut publisher: Client) -> std::thread::JoinHandle<Client> {
                     Packet::Publish(common::publish(
                         &format!("bp/{n}"),
                         &payload,
-                        QoS::AtMostOnce,
+                        qos,
                         false,
-                        0,
+                        if qos == QoS::AtMostOnce {
+                            0
+                        } else {
+                            n as u16 + 1
+                        },
                     ))
                 })
                 .collect();
@@ -259,7 +288,7 @@ fn stall_then_resume(kind: Kind) {
     let mut sub = Client::connect(&s, &sub_id);
     subscribe(&mut sub, "bp/#");
     let publisher = Client::connect(&s, &s.broker.id_on_shard("stall-pub", 1));
-    let publishing = flood(publisher);
+    let publishing = flood(publisher, MESSAGES);
     // The sub's socket fills while the broker reads from it now and then
     // (its writer waiting for room meanwhile).
     const PINGS: usize = 50;
@@ -334,7 +363,7 @@ fn never_reads_again(kind: Kind) {
     let mut sub = Client::connect(&s, &s.broker.id_on_shard("never-sub", 0));
     subscribe(&mut sub, "bp/#");
     let publisher = Client::connect(&s, &s.broker.id_on_shard("never-pub", 1));
-    let mut publisher = flood(publisher).join().unwrap();
+    let mut publisher = flood(publisher, MESSAGES).join().unwrap();
     std::thread::sleep(Duration::from_millis(2500));
     // What the socket still holds, then the end (an orderly one may not
     // be possible: the broker could not write it).
@@ -364,4 +393,75 @@ fn never_reads_again(kind: Kind) {
 fn a_subscriber_that_never_reads_again_is_closed_after_the_send_timeout() {
     never_reads_again(Kind::Tcp);
     never_reads_again(Kind::Wss);
+}
+
+/// A subscriber that reads slowly but steadily (8 KB every 10 ms from a
+/// 16 KB receive buffer) for about 4 s is not cut off by a send timeout
+/// of 100 ms: its TCP acknowledges bytes all along, whether or not the
+/// broker's writes wait (on loopback the kernel's send buffer takes them
+/// in small steps here; on a slow link one write can take seconds).
+#[test]
+fn a_slow_reader_that_keeps_reading_outlives_the_send_timeout() {
+    const COUNT: usize = 100; // 3.2 MB
+    let s = start(Kind::Tcp, |c| c.server.send_timeout_ms = 100);
+    let connect = common::connect_packet(Version::V5, &s.broker.id_on_shard("slow-sub", 0), true);
+    let mut sub = Client::connect_with(&s, connect, Some(16 * 1024));
+    subscribe(&mut sub, "bp/#");
+    let publisher = Client::connect(&s, &s.broker.id_on_shard("slow-pub", 1));
+    let publishing = flood(publisher, COUNT);
+    let Link::Bytes(raw) = &mut sub.link else {
+        unreachable!()
+    };
+    let want = COUNT * (PAYLOAD + 10);
+    let mut total = 0;
+    let mut chunk = vec![0u8; 8 * 1024];
+    while total < want {
+        std::thread::sleep(Duration::from_millis(10));
+        match raw.read(&mut chunk) {
+            Ok(0) => panic!("closed after {total} bytes"),
+            Ok(n) => total += n,
+            Err(e) => panic!("after {total} bytes: {e}"),
+        }
+    }
+    publishing.join().unwrap();
+}
+
+/// A subscriber killed (TCP reset) while the broker waits to write to it,
+/// with its reader paused on the backlog (100 messages here) and no
+/// keepalive: the failed write ends the connection, and its will goes
+/// out.
+#[test]
+fn a_stalled_subscriber_that_dies_leaves_its_will() {
+    let s = start(Kind::Tcp, |c| c.mqtt.queue_messages_max = 100);
+    let mut watcher = Client::connect(&s, &s.broker.id_on_shard("will-watch", 1));
+    subscribe(&mut watcher, "will/#");
+    let mut connect =
+        common::connect_packet(Version::V5, &s.broker.id_on_shard("dying-sub", 0), true);
+    connect.keep_alive = 0;
+    connect.will = Some(codec::Will {
+        topic: "will/dying".into(),
+        payload: bytes::Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let mut sub = Client::connect_with(&s, connect, None);
+    subscribe_qos(&mut sub, "bp/#", QoS::AtLeastOnce);
+    let publisher = Client::connect(&s, &s.broker.id_on_shard("dying-pub", 1));
+    let publishing = flood_qos(publisher, MESSAGES, QoS::AtLeastOnce);
+    // A packet once the backlog is full: the reader reads it, then pauses.
+    std::thread::sleep(Duration::from_millis(500));
+    sub.send(&[Packet::PingReq]);
+    std::thread::sleep(Duration::from_millis(300));
+    socket2::SockRef::from(&sub.tcp)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(sub);
+    match watcher.recv() {
+        Some(Packet::Publish(p)) => {
+            assert_eq!((&*p.topic, &p.payload[..]), ("will/dying", &b"gone"[..]))
+        }
+        other => panic!("expected the will, got {other:?}"),
+    }
+    publishing.join().unwrap();
 }

@@ -402,11 +402,11 @@ async fn drain_after_close(shard: &ShardCore, stream: &mut Stream) {
         return;
     }
     let bytes_max = shard.config.server.close_drain_bytes;
-    let mut buf = BytesMut::new();
+    let mut buf = [0u8; 4096];
     let mut total = 0usize;
     while total < bytes_max {
-        buf.clear();
-        match read_into(stream, &mut buf, 4096).await {
+        // Under any WebSocket framing: it has ended, and reads nothing.
+        match stream.read_raw(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => total = total.saturating_add(n),
         }
@@ -474,8 +474,10 @@ async fn serve(
         shard.handle_connection_lost(&handle, Instant::now());
     }
     let wrote_all = writer.await;
-    // Both tasks have ended, so the socket is this task's alone again.
-    if wrote_all && !peer_ended {
+    // Both tasks have ended, so the socket is this task's alone again. A
+    // client that closed its WebSocket still has TCP (and TLS) open.
+    let closed_ws = stream.0.borrow().closed_by_peer();
+    if wrote_all && (!peer_ended || closed_ws) {
         if let Ok(cell) = Rc::try_unwrap(stream.0) {
             close_drained(&shard, &mut cell.into_inner()).await;
         }
@@ -575,6 +577,7 @@ async fn write_loop(shard: Rc<ShardCore>, conn: Rc<ConnHandle>, mut stream: Shar
     let limit = shard.config.server.write_buffer_bytes;
     let timeout = Duration::from_millis(shard.config.server.send_timeout_ms);
     let mut out = BytesMut::new();
+    let watched = stream.clone();
     loop {
         let closing = conn.is_closing();
         if closing && shard.closing_waits_for_sync(&conn) {
@@ -592,23 +595,25 @@ async fn write_loop(shard: Rc<ShardCore>, conn: Rc<ConnHandle>, mut stream: Shar
         // messages, pongs) go out with the packets, or alone.
         let flush = !out.is_empty() || stream.0.borrow().wants_flush();
         if flush {
-            // The timer starts only if the socket does not take it all at
-            // once (a future is not polled before it is awaited).
+            // The watch starts only if the socket does not take it all
+            // at once (a future is not polled before it is awaited).
             let write = async {
                 stream.write_all(&out).await?;
                 stream.flush().await
             };
-            let stalled = async {
-                glommio::timer::sleep(timeout).await;
-                Err(io::ErrorKind::TimedOut.into())
-            };
-            match write.or(stalled).await {
+            match write.or(stalled(&watched, timeout)).await {
                 Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    send_timed_out(&shard, &conn, timeout);
+                Err(e) => {
+                    if e.kind() == io::ErrorKind::TimedOut {
+                        send_timed_out(&shard, &conn, timeout);
+                    }
+                    // The reader may be paused on the backlog: end the
+                    // connection for it too.
+                    if !conn.is_closing() {
+                        shard.handle_connection_lost(&conn, Instant::now());
+                    }
                     return false;
                 }
-                Err(_) => return false,
             }
             if !out.is_empty() {
                 out.clear();
@@ -626,20 +631,60 @@ async fn write_loop(shard: Rc<ShardCore>, conn: Rc<ConnHandle>, mut stream: Shar
     }
 }
 
-/// A write waited `server.send_timeout_ms` for the client to read: count
-/// it, say so, and end the connection.
+/// Err(TimedOut) once the client's TCP has acknowledged no byte for
+/// `timeout`: checked every fifth of it, so it fires between 1 and 1.2
+/// times `timeout` after the last acknowledgement, and never while the
+/// client keeps reading, however slowly (the kernel's acknowledgements
+/// count, not the writes, which a full send buffer makes rare).
+async fn stalled(stream: &SharedStream, timeout: Duration) -> io::Result<()> {
+    let acked = || bytes_acked(stream.0.borrow().tcp());
+    let period = timeout / 5;
+    let mut seen = acked();
+    let mut idle = 0;
+    while idle < 5 {
+        glommio::timer::sleep(period).await;
+        let now = acked();
+        idle = if now == seen { idle + 1 } else { 0 };
+        seen = now;
+    }
+    Err(io::ErrorKind::TimedOut.into())
+}
+
+/// The bytes the peer's TCP has acknowledged on `tcp` (`TCP_INFO`'s
+/// `tcpi_bytes_acked`); 0 if the kernel does not say.
+#[allow(unsafe_code)]
+fn bytes_acked(tcp: &TcpStream) -> u64 {
+    // SAFETY: `info` is a plain C struct the kernel fills up to `len`
+    // bytes; the descriptor belongs to `tcp`, alive for the call.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        if rc == 0 {
+            info.tcpi_bytes_acked
+        } else {
+            0
+        }
+    }
+}
+
+/// A write waited `server.send_timeout_ms` for the client to take a byte:
+/// count it and say so (the caller ends the connection).
 fn send_timed_out(shard: &ShardCore, conn: &ConnHandle, timeout: Duration) {
     shard.state.borrow_mut().stats.send_timeouts += 1;
     shard_log!(
         shard,
         log::Level::Info,
-        "client {}: read nothing for {} ms; closing the connection",
+        "client {}: took no byte for {} ms; closing the connection",
         crate::text::quote(&conn.client_id),
         timeout.as_millis()
     );
-    if !conn.is_closing() {
-        shard.handle_connection_lost(conn, Instant::now());
-    }
 }
 
 /// Runs `f` when dropped (counts open sockets even if a task is cancelled).

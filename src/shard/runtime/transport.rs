@@ -106,6 +106,14 @@ impl Stream {
         }
     }
 
+    /// True when the client closed the WebSocket (its close frame came, and
+    /// was answered): TCP, and TLS, are still to be closed in order.
+    pub(crate) fn closed_by_peer(&self) -> bool {
+        self.ws
+            .as_ref()
+            .is_some_and(|ws| ws.ended() == Some(crate::ws::Ended::Closed))
+    }
+
     /// From now on `conn`'s writer task alone writes; reads wake it when
     /// they leave something for the peer.
     pub(crate) fn split(&mut self, conn: Rc<ConnHandle>) {
@@ -404,7 +412,7 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        let Stream { io, ws, writer } = self.get_mut();
+        let Stream { io, ws, writer, .. } = self.get_mut();
         let writes = writer.is_none();
         let poll = match ws {
             None => io.poll_read(cx, buf, writes),
