@@ -1,6 +1,7 @@
 //! What authentication and authorization cost: a PUBLISH's ACL check
 //! (cached, and the first time a topic is seen) against a 10,000-rule
-//! file, and a password verification per hash format.
+//! file, a password verification per hash format, and a login token
+//! (JWT) verification per algorithm.
 //!
 //! Run briefly: `cargo bench --bench auth -- --warm-up-time 1 --measurement-time 2`.
 
@@ -58,7 +59,51 @@ fn passwords(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, acl, passwords);
+fn tokens(c: &mut Criterion) {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    use shardmq::auth::TokenKeys;
+    let claims = serde_json::json!({"clientid": "dev-1", "exp": 4_000_000_000u64,
+        "acl": {"sub": ["down/%c/#"], "pub": ["up/%c"]}});
+    let secret = b"0123456789abcdef0123456789abcdef";
+    let hs = encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap();
+    let keys = TokenKeys::from_parts(Some(secret), None, Default::default(), "acl").unwrap();
+    c.bench_function("token: HS256 with an ACL claim", |b| {
+        b.iter(|| black_box(keys.verify(black_box(hs.as_bytes()), "dev-1", None, 1)))
+    });
+    let ec = rcgen::KeyPair::generate().unwrap();
+    let es = encode(
+        &Header::new(Algorithm::ES256),
+        &claims,
+        &EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let pem = ec.public_key_pem();
+    let keys =
+        TokenKeys::from_parts(None, Some(pem.as_bytes()), Default::default(), "acl").unwrap();
+    c.bench_function("token: ES256 with an ACL claim", |b| {
+        b.iter(|| black_box(keys.verify(black_box(es.as_bytes()), "dev-1", None, 1)))
+    });
+    let private = include_str!("../src/auth/testdata/rsa-private.pem");
+    let public = include_str!("../src/auth/testdata/rsa-public.pem");
+    let rs = encode(
+        &Header::new(Algorithm::RS256),
+        &claims,
+        &EncodingKey::from_rsa_pem(private.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let keys =
+        TokenKeys::from_parts(None, Some(public.as_bytes()), Default::default(), "acl").unwrap();
+    c.bench_function("token: RS256 (2048-bit) with an ACL claim", |b| {
+        b.iter(|| black_box(keys.verify(black_box(rs.as_bytes()), "dev-1", None, 1)))
+    });
+}
+
+criterion_group!(benches, acl, passwords, tokens);
 
 fn main() {
     benches();

@@ -237,6 +237,15 @@ pub struct AuthConfig {
     /// Client id pattern → the only user who may connect with such an id.
     #[serde(default)]
     pub client_id_users: std::collections::BTreeMap<String, String>,
+    /// HMAC secret for JSON Web Tokens as passwords; empty: none.
+    pub jwt_secret_file: std::path::PathBuf,
+    /// PEM public keys for JSON Web Tokens; empty: none.
+    pub jwt_public_key_file: std::path::PathBuf,
+    /// Claims a token must carry, with `%c` and `%u` filled in.
+    #[serde(default)]
+    pub jwt_verify_claims: std::collections::BTreeMap<String, String>,
+    /// The claim holding a token's topics.
+    pub jwt_acl_claim: String,
 }
 
 /// `[cluster]`.

@@ -540,3 +540,77 @@ fn no_client_writes_sys_topics() {
     assert_eq!(late.subscribe(1, "$SYS/#", QoS::AtMostOnce), vec![0]);
     assert_eq!(drain(&mut late), vec![]);
 }
+
+/// JSON Web Tokens as passwords: a token signed with the configured secret
+/// logs in (the client id claim must match), its ACL claim names the
+/// client's topics (SUBACK and PUBACK 0x87 outside them), a bad, foreign
+/// or expired token gets 0x86 (3.1.1: 4), a user name without a token
+/// gets 0x86, and the token's exp ends the connection with DISCONNECT
+/// 0xA0.
+#[test]
+fn jwt_passwords_log_in_name_their_topics_and_end_at_exp() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+    let dir = temp_dir("jwt");
+    let secret = b"an HMAC secret of at least 32 bytes, for tests";
+    std::fs::write(dir.join("jwt.secret"), [&secret[..], b"\n"].concat()).unwrap();
+    let b = TestBroker::start_with(2, |c| {
+        c.auth.jwt_secret_file = dir.join("jwt.secret");
+        c.auth.jwt_verify_claims = [("clientid".to_string(), "%c".to_string())].into();
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let signed = |claims: serde_json::Value, key: &[u8]| {
+        encode(&Header::default(), &claims, &EncodingKey::from_secret(key)).unwrap()
+    };
+    let connect = |version, id: &str, token: &str| {
+        let mut c = connect_packet(version, id, true);
+        c.username = Some("device".into());
+        c.password = Some(bytes::Bytes::copy_from_slice(token.as_bytes()));
+        Raw::connect_with(b.addr, c)
+    };
+
+    let good = signed(
+        json!({"clientid": "dev-1", "exp": now + 600,
+               "acl": {"sub": ["down/%c/#"], "pub": ["up/%c"]}}),
+        secret,
+    );
+    let (mut dev, ack) = connect(Version::V5, "dev-1", &good);
+    assert_eq!(ack.reason, 0);
+    assert_eq!(dev.subscribe(1, "down/dev-1/#", QoS::AtLeastOnce), [1]);
+    assert_eq!(dev.subscribe(2, "down/dev-2/#", QoS::AtLeastOnce), [0x87]);
+    assert_eq!(puback(&mut dev, "up/dev-1", 3), 0);
+    assert_eq!(puback(&mut dev, "up/dev-2", 4), 0x87);
+
+    for (id, token, why) in [
+        ("dev-2", good.clone(), "another client's token"),
+        (
+            "dev-1",
+            signed(json!({"clientid": "dev-1", "exp": now - 1}), secret),
+            "expired",
+        ),
+        (
+            "dev-1",
+            signed(
+                json!({"clientid": "dev-1"}),
+                b"not the secret, but as long as it",
+            ),
+            "another key",
+        ),
+        ("dev-1", "a plain password".to_string(), "no token"),
+    ] {
+        assert_eq!(connect(Version::V5, id, &token).1.reason, 0x86, "{why}");
+    }
+    assert_eq!(login_v3_wire(b.addr, Some("device"), &good), 4, "3.1.1");
+
+    // A token that ends in two seconds ends its connection then.
+    let short = signed(json!({"clientid": "dev-3", "exp": now + 2}), secret);
+    let (mut brief, ack) = connect(Version::V5, "dev-3", &short);
+    assert_eq!(ack.reason, 0);
+    let started = std::time::Instant::now();
+    assert_eq!(brief.expect_close(), Some(0xA0));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -936,8 +936,8 @@ impl Sim {
         let accepting = self.rng.below(self.cores.len() as u64) as usize;
         let (home, assigned) =
             match self.cores[accepting].handshake(&connect, Arrival::LOOPBACK, self.now) {
-                Handshake::Serve { assigned } => (accepting, assigned),
-                Handshake::MoveTo { home, assigned } => (home, assigned),
+                Handshake::Serve { assigned, .. } => (accepting, assigned),
+                Handshake::MoveTo { home, assigned, .. } => (home, assigned),
                 Handshake::Refuse { code, .. } => {
                     self.fail(&format!("CONNECT refused 0x{code:02X}"))
                 }

@@ -1,6 +1,6 @@
 //! Who may connect, and what each client may read and write: Mosquitto's
-//! password file ([`passwd`]) and ACL file ([`acl`]), and the default
-//! policy for anonymous clients.
+//! password file ([`passwd`]) and ACL file ([`acl`]), JSON Web Tokens as
+//! passwords ([`token`]), and the default policy for anonymous clients.
 //!
 //! Loaded once at start by the broker (files read here, the only I/O of
 //! the module) and shared read-only by every shard as one `Arc<Auth>`:
@@ -11,6 +11,7 @@
 pub mod acl;
 pub mod clients;
 pub mod passwd;
+pub mod token;
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -22,12 +23,16 @@ use crate::text::quote;
 
 pub use acl::{Acl, ClientAcl, Want};
 pub use passwd::Passwords;
+pub use token::{Grant, TokenKeys};
 
 /// Why a CONNECT is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refused {
     /// An unknown user name or a wrong password (5.0 0x86, 3.1.1 code 4).
     BadCredentials,
+    /// A login token that does not verify, and why (5.0 0x86, 3.1.1
+    /// code 4).
+    BadToken(String),
     /// No user name where one is needed (5.0 0x87, 3.1.1 code 5).
     NotAuthorized,
     /// A listener that takes the user name from the client certificate
@@ -40,6 +45,7 @@ pub enum Refused {
 pub struct Auth {
     passwords: Option<Passwords>,
     acl: Option<Acl>,
+    tokens: Option<TokenKeys>,
     /// `auth.allow_anonymous`; None: only on loopback, and only without a
     /// password file.
     allow_anonymous: Option<bool>,
@@ -85,6 +91,7 @@ impl Auth {
         Ok(Auth {
             passwords,
             acl,
+            tokens: TokenKeys::load(config)?,
             allow_anonymous: config.allow_anonymous,
             clients: clients::ClientRules::new(config),
         })
@@ -116,22 +123,39 @@ impl Auth {
         self.acl.is_some()
     }
 
+    /// True when `password` is a login token this broker checks (JWT keys
+    /// are configured and it has a token's shape).
+    pub fn is_token(&self, password: Option<&[u8]>) -> bool {
+        self.tokens.is_some() && password.is_some_and(token::is_token)
+    }
+
     /// Check a CONNECT's user name and password; `loopback`: it arrived
-    /// on a loopback address.
+    /// on a loopback address; `unix_now`: the wall clock, for tokens.
+    /// A token (with JWT keys configured) is checked first, then the
+    /// password file; with JWT keys but no password file, a user name
+    /// needs a token.
     pub fn login(
         &self,
         loopback: bool,
+        client_id: &str,
         username: Option<&str>,
         password: Option<&[u8]>,
-    ) -> Result<(), Refused> {
+        unix_now: u64,
+    ) -> Result<Grant, Refused> {
+        if let (true, Some(keys), Some(token)) = (self.is_token(password), &self.tokens, password) {
+            return keys
+                .verify(token, client_id, username, unix_now)
+                .map_err(Refused::BadToken);
+        }
         match (username, &self.passwords) {
             (Some(u), Some(p)) => match p.verify(u, password.unwrap_or_default()) {
-                true => Ok(()),
+                true => Ok(Grant::default()),
                 false => Err(Refused::BadCredentials),
             },
-            // Without a password file a user name is taken as given.
-            (Some(_), None) => Ok(()),
-            (None, _) if self.anonymous_allowed(loopback) => Ok(()),
+            (Some(_), None) if self.tokens.is_some() => Err(Refused::BadCredentials),
+            // Without a password file or keys a user name is taken as given.
+            (Some(_), None) => Ok(Grant::default()),
+            (None, _) if self.anonymous_allowed(loopback) => Ok(Grant::default()),
             (None, _) => Err(Refused::NotAuthorized),
         }
     }
@@ -141,7 +165,7 @@ impl Auth {
     pub fn anonymous_allowed(&self, loopback: bool) -> bool {
         match self.allow_anonymous {
             Some(allowed) => allowed,
-            None => loopback && self.passwords.is_none(),
+            None => loopback && self.passwords.is_none() && self.tokens.is_none(),
         }
     }
 
@@ -153,9 +177,15 @@ impl Auth {
 
     /// The start-up log line: what is checked, and who may connect.
     pub fn describe(&self) -> String {
-        let users = match &self.passwords {
-            Some(p) => format!("{} users in the password file", p.len()),
-            None => "no password file (any user name accepted)".to_string(),
+        let users = match (&self.passwords, &self.tokens) {
+            (Some(p), None) => format!("{} users in the password file", p.len()),
+            (Some(p), Some(t)) => format!(
+                "{} users in the password file, tokens signed with {} keys",
+                p.len(),
+                t.len()
+            ),
+            (None, Some(t)) => format!("tokens signed with {} keys", t.len()),
+            (None, None) => "no password file (any user name accepted)".to_string(),
         };
         let acl = match &self.acl {
             Some(a) => format!("{} ACL rules", a.rules()),
@@ -168,8 +198,8 @@ impl Auth {
         let anonymous = match self.allow_anonymous {
             Some(true) => "anonymous clients allowed",
             Some(false) => "anonymous clients refused",
-            None if self.passwords.is_some() => {
-                "anonymous clients refused (a password file is configured)"
+            None if self.passwords.is_some() || self.tokens.is_some() => {
+                "anonymous clients refused (a password file or JWT keys are configured)"
             }
             None => {
                 "anonymous clients allowed on loopback addresses only (set \
@@ -288,6 +318,7 @@ mod tests {
         Auth {
             passwords: passwords.map(|t| Passwords::parse(t).unwrap()),
             acl: None,
+            tokens: None,
             allow_anonymous,
             clients: Default::default(),
         }
@@ -334,12 +365,21 @@ mod tests {
     #[test]
     fn the_default_lets_anonymous_clients_in_on_loopback_only() {
         let a = auth(None, None);
-        assert_eq!(a.login(true, None, None), Ok(()));
-        assert_eq!(a.login(false, None, None), Err(Refused::NotAuthorized));
-        assert_eq!(a.login(false, Some("any"), Some(b"x")), Ok(()));
-        assert_eq!(auth(None, Some(true)).login(false, None, None), Ok(()));
+        assert_eq!(a.login(true, "c", None, None, 0), Ok(Grant::default()));
         assert_eq!(
-            auth(None, Some(false)).login(true, None, None),
+            a.login(false, "c", None, None, 0),
+            Err(Refused::NotAuthorized)
+        );
+        assert_eq!(
+            a.login(false, "c", Some("any"), Some(b"x"), 0),
+            Ok(Grant::default())
+        );
+        assert_eq!(
+            auth(None, Some(true)).login(false, "c", None, None, 0),
+            Ok(Grant::default())
+        );
+        assert_eq!(
+            auth(None, Some(false)).login(true, "c", None, None, 0),
             Err(Refused::NotAuthorized)
         );
     }
@@ -349,22 +389,62 @@ mod tests {
         let salt = [7u8; passwd::SALT_BYTES];
         let line = format!("u:{}\n", passwd::hash_pbkdf2(b"pw", &salt));
         let a = auth(Some(&line), None);
-        assert_eq!(a.login(true, Some("u"), Some(b"pw")), Ok(()));
         assert_eq!(
-            a.login(true, Some("u"), Some(b"px")),
+            a.login(true, "c", Some("u"), Some(b"pw"), 0),
+            Ok(Grant::default())
+        );
+        assert_eq!(
+            a.login(true, "c", Some("u"), Some(b"px"), 0),
             Err(Refused::BadCredentials)
         );
-        assert_eq!(a.login(true, Some("u"), None), Err(Refused::BadCredentials));
         assert_eq!(
-            a.login(true, Some("v"), Some(b"pw")),
+            a.login(true, "c", Some("u"), None, 0),
             Err(Refused::BadCredentials)
         );
-        assert_eq!(a.login(true, None, None), Err(Refused::NotAuthorized));
+        assert_eq!(
+            a.login(true, "c", Some("v"), Some(b"pw"), 0),
+            Err(Refused::BadCredentials)
+        );
+        assert_eq!(
+            a.login(true, "c", None, None, 0),
+            Err(Refused::NotAuthorized)
+        );
         let open = auth(Some(&line), Some(true));
-        assert_eq!(open.login(false, None, None), Ok(()));
+        assert_eq!(open.login(false, "c", None, None, 0), Ok(Grant::default()));
         assert_eq!(
-            open.login(false, Some("u"), Some(b"px")),
+            open.login(false, "c", Some("u"), Some(b"px"), 0),
             Err(Refused::BadCredentials)
+        );
+    }
+
+    #[test]
+    fn with_jwt_keys_a_user_name_needs_a_token_and_a_good_one_lets_in() {
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let keys = TokenKeys::from_parts(Some(secret), None, Default::default(), "acl").unwrap();
+        let a = Auth {
+            tokens: Some(keys),
+            ..auth(None, None)
+        };
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &serde_json::json!({"exp": 100}),
+            &jsonwebtoken::EncodingKey::from_secret(secret),
+        )
+        .unwrap();
+        let grant = a.login(false, "c", Some("u"), Some(token.as_bytes()), 40);
+        assert_eq!(grant.unwrap().valid_for, Some(Duration::from_secs(60)));
+        assert!(matches!(
+            a.login(false, "c", Some("u"), Some(token.as_bytes()), 100),
+            Err(Refused::BadToken(_))
+        ));
+        assert_eq!(
+            a.login(false, "c", Some("u"), Some(b"guess"), 40),
+            Err(Refused::BadCredentials)
+        );
+        assert_eq!(
+            a.login(true, "c", None, None, 40),
+            Err(Refused::NotAuthorized),
+            "no anonymous clients by default, loopback or not"
         );
     }
 }

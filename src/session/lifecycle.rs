@@ -60,6 +60,7 @@ impl Session {
                 Box::new(w)
             }),
             expiry_was_zero: requested_expiry == 0,
+            deadline: None,
         };
         let response_info = props.request_response_information == Some(1);
         // [MQTT-3.1.3-9]: a reconnect before the will delay cancels the
@@ -260,9 +261,17 @@ impl Session {
         expires_after_s(self.expiry_s).map(|s| since + Duration::from_secs(u64::from(s)))
     }
 
-    /// Run whatever is due at `now`: keepalive expiry (DISCONNECT 0x8D), a
-    /// delayed will, session expiry.
+    /// Run whatever is due at `now`: the login's end (DISCONNECT 0xA0),
+    /// keepalive expiry (0x8D), a delayed will, session expiry.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self
+            .conn()
+            .and_then(|c| c.deadline)
+            .is_some_and(|at| at <= now)
+        {
+            let why = "its login token expired (exp)";
+            self.violation(now, reason::MAXIMUM_CONNECT_TIME, why);
+        }
         if let Some(c) = self.conn() {
             if !c.keep_alive.is_zero() && now >= c.last_activity + c.keep_alive * 3 / 2 {
                 let why = format!(

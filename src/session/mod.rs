@@ -339,6 +339,9 @@ struct Conn {
     will: Option<Box<Will>>,
     /// The session expiry sent in CONNECT was 0: a DISCONNECT may not raise it.
     expiry_was_zero: bool,
+    /// When the login's grant ends (a token's `exp`): the connection is
+    /// closed then (5.0: DISCONNECT 0xA0).
+    deadline: Option<Instant>,
 }
 
 /// Whether a connection is attached; each state holds its own data.
@@ -566,7 +569,8 @@ impl Session {
         });
         let will = self.pending_will().map(|w| w.1);
         let expiry = self.expiry_deadline();
-        [keepalive, will, expiry].into_iter().flatten().min()
+        let login = self.conn().and_then(|c| c.deadline);
+        [keepalive, will, expiry, login].into_iter().flatten().min()
     }
 
     /// Check the invariants in the module docs (panics naming the first
@@ -579,6 +583,14 @@ impl Session {
 }
 
 impl Session {
+    /// When the connection attached now must end (its login token's
+    /// expiry); None: never for that reason.
+    pub fn set_connection_deadline(&mut self, at: Option<Instant>) {
+        if let Some(c) = self.conn_mut() {
+            c.deadline = at;
+        }
+    }
+
     /// The ACL of the connection attaching now (None: everything allowed);
     /// it stays with the session while it is offline.
     pub fn set_acl(&mut self, acl: Option<crate::auth::ClientAcl>) {

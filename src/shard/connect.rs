@@ -16,7 +16,7 @@ use bytes::BytesMut;
 use std::sync::Arc;
 
 use crate::auth::clients::ClientRefusal;
-use crate::auth::{user_for_log, Auth, LoginThrottle, Refused};
+use crate::auth::{user_for_log, Auth, ClientAcl, Grant, LoginThrottle, Refused};
 use crate::codec::{self, reason, Connect, Version};
 use crate::hash::HashMap;
 use crate::message::user_properties_bytes;
@@ -33,6 +33,8 @@ pub enum Handshake {
     Serve {
         /// The client id the broker assigned (empty id in CONNECT).
         assigned: Option<String>,
+        /// What its login token grants.
+        grant: Grant,
     },
     /// Move it to its client's home shard.
     MoveTo {
@@ -40,6 +42,8 @@ pub enum Handshake {
         home: usize,
         /// The client id the broker assigned.
         assigned: Option<String>,
+        /// What its login token grants.
+        grant: Grant,
     },
     /// Refuse it with this CONNACK reason code.
     Refuse {
@@ -67,6 +71,9 @@ pub struct Arrival {
     /// Whether a client certificate names the user (the listener's
     /// `username_from_cert`).
     pub certificate: CertLogin,
+    /// The wall clock when it arrived, Unix seconds (login tokens' `exp`
+    /// and `nbf` are judged by it).
+    pub unix_s: u64,
 }
 
 /// A client certificate as the login: on a listener whose
@@ -92,6 +99,7 @@ impl Arrival {
             1883,
         )),
         certificate: CertLogin::NotUsed,
+        unix_s: 0,
     };
 
     /// True when it reached a loopback address (IPv4-mapped included).
@@ -115,6 +123,9 @@ impl ShardCore {
                 // comes with its next connection.
                 continue;
             }
+            if slot.token_rules.is_some() {
+                continue; // its login token's topics, not the files'
+            }
             let id = slot.session.client_id().clone();
             slot.session
                 .set_acl(auth.client_acl(&id, slot.username.as_deref()));
@@ -127,11 +138,9 @@ impl ShardCore {
     /// describes: refuse it, serve it here, or move it to its home shard.
     pub fn handshake(&self, connect: &Connect, arrival: Arrival, now: Instant) -> Handshake {
         let peer = arrival.peer;
-        let checked = check_connect(self, connect).and_then(|a| {
-            self.login(connect, arrival, now)?;
-            Ok(a)
-        });
-        let assigned = match checked {
+        let checked =
+            check_connect(self, connect).and_then(|a| Ok((a, self.login(connect, arrival, now)?)));
+        let (assigned, grant) = match checked {
             Ok(a) => a,
             Err(Refusal { code, why, delay }) => {
                 self.state.borrow_mut().stats.connects_refused += 1;
@@ -152,24 +161,28 @@ impl ShardCore {
         let client_id = assigned.as_deref().unwrap_or(&connect.client_id);
         let home = home_shard(client_id, self.shards);
         if home == self.id {
-            Handshake::Serve { assigned }
+            Handshake::Serve { assigned, grant }
         } else {
-            Handshake::MoveTo { home, assigned }
+            Handshake::MoveTo {
+                home,
+                assigned,
+                grant,
+            }
         }
     }
 
     /// Check the CONNECT's client id, address, user name and password.
     /// Failures slow down per client address; a success starts the
     /// address afresh.
-    fn login(&self, connect: &Connect, arrival: Arrival, now: Instant) -> Result<(), Refusal> {
+    fn login(&self, connect: &Connect, arrival: Arrival, now: Instant) -> Result<Grant, Refusal> {
         let ip = arrival.peer.map(|p| p.ip().to_canonical());
         let mut logins = self.logins.borrow_mut();
         match self.credentials(connect, arrival, ip, &mut logins) {
-            Ok(()) => {
+            Ok(grant) => {
                 if let (Some(ip), Some(_)) = (ip, &connect.username) {
                     logins.throttle.succeeded(ip);
                 }
-                Ok(())
+                Ok(grant)
             }
             Err((code, why)) => {
                 let delay = ip.map_or(Duration::ZERO, |ip| logins.throttle.failed(ip, now));
@@ -179,17 +192,18 @@ impl ShardCore {
     }
 
     /// The client id and address rules first (a refused client costs no
-    /// password check), then the certificate or the password. A password
-    /// verified once is remembered (keyed digest) until the rules are
-    /// reloaded, so a reconnect does not pay for PBKDF2 or argon2 again.
-    /// Err: the CONNACK code and why.
+    /// password check), then the certificate, the token or the password. A
+    /// password verified once is remembered (keyed digest) until the rules
+    /// are reloaded, so a reconnect does not pay for PBKDF2 or argon2
+    /// again (tokens are checked each time: they expire). Err: the
+    /// CONNACK code and why.
     fn credentials(
         &self,
         connect: &Connect,
         arrival: Arrival,
         ip: Option<std::net::IpAddr>,
         logins: &mut Logins,
-    ) -> Result<(), (u8, String)> {
+    ) -> Result<Grant, (u8, String)> {
         let auth = self.auth.borrow();
         let user = connect.username.as_deref();
         let password = connect.password.as_deref();
@@ -215,22 +229,34 @@ impl ShardCore {
                 ),
             })?;
         let seen = match (user, password) {
-            (Some(u), Some(p)) if auth.has_passwords() => Some((u, logins.digest(u, p))),
+            (Some(u), Some(p)) if auth.has_passwords() && !auth.is_token(password) => {
+                Some((u, logins.digest(u, p)))
+            }
             _ => None,
         };
         let known = seen.is_some_and(|(u, d)| logins.verified.get(u) == Some(&d));
         let result = match (arrival.certificate, known) {
-            (CertLogin::Identified, _) | (CertLogin::NotUsed, true) => Ok(()),
+            (CertLogin::Identified, _) | (CertLogin::NotUsed, true) => Ok(Grant::default()),
             (CertLogin::Missing, _) => Err(Refused::NoCertificate),
-            (CertLogin::NotUsed, false) => auth.login(arrival.loopback(), user, password),
+            (CertLogin::NotUsed, false) => auth.login(
+                arrival.loopback(),
+                &connect.client_id,
+                user,
+                password,
+                arrival.unix_s,
+            ),
         };
-        result.map_err(|r| match r {
+        let grant = result.map_err(|r| match r {
             Refused::BadCredentials => (
                 reason::BAD_USER_NAME_OR_PASSWORD,
                 format!(
                     "user {}: unknown user or wrong password",
                     user_for_log(user)
                 ),
+            ),
+            Refused::BadToken(why) => (
+                reason::BAD_USER_NAME_OR_PASSWORD,
+                format!("user {}: login token refused: {why}", user_for_log(user)),
             ),
             Refused::NoCertificate => (
                 reason::NOT_AUTHORIZED,
@@ -247,7 +273,7 @@ impl ShardCore {
         if let Some((u, d)) = seen.filter(|_| !known) {
             logins.remember(u, d);
         }
-        Ok(())
+        Ok(grant)
     }
 
     /// A client id unique in this broker's lifetime: the shard, the
@@ -268,6 +294,19 @@ impl ShardCore {
         now: Instant,
         connect: Box<Connect>,
         assigned: Option<String>,
+    ) -> Result<Rc<ConnHandle>, u8> {
+        self.attach_granted(now, connect, assigned, Grant::default())
+    }
+
+    /// [`ShardCore::attach`] for a login that `grant`s more: a token's
+    /// topics replace the ACL file for the connection, and its expiry
+    /// ends the connection (5.0: DISCONNECT 0xA0).
+    pub fn attach_granted(
+        &self,
+        now: Instant,
+        connect: Box<Connect>,
+        assigned: Option<String>,
+        grant: Grant,
     ) -> Result<Rc<ConnHandle>, u8> {
         let mut st = self.state.borrow_mut();
         let client_id: &str = assigned.as_deref().unwrap_or(&connect.client_id);
@@ -314,20 +353,26 @@ impl ShardCore {
             }
         };
         let version = connect.version;
-        let acl = self
-            .auth
-            .borrow()
-            .client_acl(client_id, connect.username.as_deref());
+        let acl = match &grant.rules {
+            Some(rules) => Some(ClientAcl::from_rules(rules)),
+            None => self
+                .auth
+                .borrow()
+                .client_acl(client_id, connect.username.as_deref()),
+        };
         st.last_conn_id += 1;
         let conn_id = st.last_conn_id;
         let slot = st.sessions.get_mut(key).expect("just inserted or resumed");
         // The new connection's will is this run's.
         slot.will_of_last_run = false;
         slot.session.set_acl(acl);
+        slot.token_rules = grant.rules;
         slot.username = connect.username.as_deref().map(Box::from);
         let attached = slot
             .session
             .connect(now, *connect, resumed.is_some(), assigned.as_deref());
+        slot.session
+            .set_connection_deadline(grant.valid_for.map(|d| now + d));
         let handle = Rc::new(ConnHandle {
             key,
             client_id: slot.session.client_id().clone(),

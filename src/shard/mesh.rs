@@ -56,6 +56,8 @@ pub struct Handoff {
     pub tls: Option<Box<rustls::ServerConnection>>,
     /// A WebSocket connection's framing state (upgrade done).
     pub ws: Option<Box<crate::ws::Framer>>,
+    /// What its login token grants.
+    pub grant: crate::auth::Grant,
 }
 
 /// Whom to acknowledge once a mesh message has taken effect: a session

@@ -260,6 +260,9 @@ struct SessionSlot {
     /// rebuilt from it when the rules are reloaded); None: anonymous, or
     /// restored from the log and not connected since.
     username: Option<Box<str>>,
+    /// The topics its last connection's login token granted (its ACL,
+    /// kept when the files are reloaded); None: the ACL file applies.
+    token_rules: Option<std::sync::Arc<crate::auth::token::TokenRules>>,
 }
 
 impl SessionSlot {
@@ -279,6 +282,7 @@ impl SessionSlot {
             will_of_last_run: false,
             claim: 0,
             username: None,
+            token_rules: None,
         }
     }
 }

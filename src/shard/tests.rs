@@ -90,17 +90,23 @@ fn a_connect_is_served_at_home_moved_elsewhere_or_refused_with_its_reason() {
     let v5 = Version::V5;
     assert_eq!(
         c.handshake(&connect(&here, v5), Arrival::LOOPBACK, Instant::now()),
-        Handshake::Serve { assigned: None }
+        Handshake::Serve {
+            assigned: None,
+            grant: Default::default()
+        }
     );
     assert_eq!(
         c.handshake(&connect(&there, v5), Arrival::LOOPBACK, Instant::now()),
         Handshake::MoveTo {
             home: 1,
-            assigned: None
+            assigned: None,
+            grant: Default::default()
         }
     );
     // An empty id gets one (5.0), unique and stamped with the boot stamp.
-    let (Handshake::Serve { assigned: Some(a) }
+    let (Handshake::Serve {
+        assigned: Some(a), ..
+    }
     | Handshake::MoveTo {
         assigned: Some(a), ..
     }) = c.handshake(&connect("", v5), Arrival::LOOPBACK, Instant::now())

@@ -150,6 +150,9 @@ async fn handshake(
         peer,
         local: stream.tcp().local_addr().ok(),
         certificate: CertLogin::NotUsed,
+        unix_s: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     };
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
     let timeout = Duration::from_millis(shard.config.server.connect_timeout_ms);
@@ -179,13 +182,18 @@ async fn handshake(
         };
         connect.username = user;
     }
-    let (home, assigned) = match shard.handshake(&connect, arrival, Instant::now()) {
-        Handshake::Serve { assigned } => {
+    let (home, assigned, grant) = match shard.handshake(&connect, arrival, Instant::now()) {
+        Handshake::Serve { assigned, grant } => {
             // A task of its own: this handshake's future is freed now.
-            glommio::spawn_local(serve(shard, stream, connect, buf, assigned)).detach();
+            let served = serve(shard, stream, connect, buf, assigned, grant);
+            glommio::spawn_local(served).detach();
             return;
         }
-        Handshake::MoveTo { home, assigned } => (home, assigned),
+        Handshake::MoveTo {
+            home,
+            assigned,
+            grant,
+        } => (home, assigned, grant),
         Handshake::Refuse {
             code,
             answer: true,
@@ -213,6 +221,7 @@ async fn handshake(
                 assigned_client_id: assigned,
                 tls,
                 ws,
+                grant,
             };
             shard.mesh.send(home, MeshMsg::Handoff(Box::new(handoff)));
         }
@@ -446,6 +455,7 @@ pub(crate) fn spawn_handoff(shard: Rc<ShardCore>, h: Handoff) {
         h.connect,
         h.buffered,
         h.assigned_client_id,
+        h.grant,
     ))
     .detach();
 }
@@ -457,10 +467,11 @@ async fn serve(
     connect: Box<Connect>,
     buffered: BytesMut,
     assigned: Option<String>,
+    grant: crate::auth::Grant,
 ) {
     let version = connect.version;
     let mut stream = stream;
-    let handle = match shard.attach(Instant::now(), connect, assigned) {
+    let handle = match shard.attach_granted(Instant::now(), connect, assigned, grant) {
         Ok(h) => h,
         Err(code) => return send_connack_error(&shard, &mut stream, version, code).await,
     };
