@@ -237,7 +237,7 @@ async fn handshake(
 /// stream's bytes are frames. Refused: the HTTP error is sent.
 async fn websocket_upgrade(stream: &mut Stream, path: &str) -> Result<(), HandshakeError> {
     let mut request = Vec::new();
-    let mut chunk = [0u8; 2048];
+    let mut chunk = vec![0u8; 2048]; // heap: only WebSocket handshakes pay for it
     loop {
         match ws::upgrade(&request, path) {
             ws::Upgrade::Incomplete => {}
@@ -395,6 +395,11 @@ async fn close_drained(shard: &ShardCore, stream: &mut Stream) {
     within_close_drain(shard, drain_after_close(shard, stream)).await;
 }
 
+/// [`close_drained`] of a stream it owns.
+async fn close_owned(shard: Rc<ShardCore>, mut stream: Stream) {
+    close_drained(&shard, &mut stream).await
+}
+
 /// Run `f` for at most `server.close_drain_ms`.
 async fn within_close_drain(shard: &ShardCore, f: impl std::future::Future<Output = ()>) {
     let time = Duration::from_millis(shard.config.server.close_drain_ms);
@@ -411,7 +416,9 @@ async fn drain_after_close(shard: &ShardCore, stream: &mut Stream) {
         return;
     }
     let bytes_max = shard.config.server.close_drain_bytes;
-    let mut buf = [0u8; 4096];
+    // On the heap, and only now: an array here would sit in every
+    // connection's task for its whole life (this future is part of it).
+    let mut buf = vec![0u8; 4096];
     let mut total = 0usize;
     while total < bytes_max {
         // Under any WebSocket framing: it has ended, and reads nothing.
@@ -461,19 +468,25 @@ pub(crate) fn spawn_handoff(shard: Rc<ShardCore>, h: Handoff) {
 }
 
 /// Serve an accepted (or handed over) connection on its home shard.
+///
+/// This task lives as long as the connection, so its future is kept small
+/// (bytes per idle connection): the closing paths are boxed, allocated
+/// only when taken.
 async fn serve(
     shard: Rc<ShardCore>,
-    stream: Stream,
+    mut stream: Stream,
     connect: Box<Connect>,
     buffered: BytesMut,
     assigned: Option<String>,
     grant: crate::auth::Grant,
 ) {
     let version = connect.version;
-    let mut stream = stream;
     let handle = match shard.attach_granted(Instant::now(), connect, assigned, grant) {
         Ok(h) => h,
-        Err(code) => return send_connack_error(&shard, &mut stream, version, code).await,
+        Err(code) => {
+            let refuse = send_connack_error(&shard, &mut stream, version, code);
+            return Box::pin(refuse).await;
+        }
     };
     shard.sockets.set(shard.sockets.get() + 1);
     let _open = scopeguard(|| shard.sockets.set(shard.sockets.get() - 1));
@@ -490,7 +503,7 @@ async fn serve(
     let closed_ws = stream.0.borrow().closed_by_peer();
     if wrote_all && (!peer_ended || closed_ws) {
         if let Ok(cell) = Rc::try_unwrap(stream.0) {
-            close_drained(&shard, &mut cell.into_inner()).await;
+            Box::pin(close_owned(shard.clone(), cell.into_inner())).await;
         }
     }
 }
