@@ -83,6 +83,9 @@ pub struct Args {
     pub max_connecting: usize,
     pub connect_timeout: Duration,
     pub quiet: bool,
+    /// TLS, and the CA file to check the broker's certificate with.
+    pub ssl: bool,
+    pub cacertfile: Option<PathBuf>,
     // bench only
     pub mode: Mode,
     pub pubs: usize,
@@ -228,6 +231,13 @@ struct Common {
     /// No per-second progress lines.
     #[arg(long)]
     quiet: bool,
+    /// TLS (emqtt-bench's --ssl); without --cacertfile the broker's
+    /// certificate is not checked (loopback benchmarks).
+    #[arg(short = 'S', long = "ssl")]
+    ssl: bool,
+    /// CA certificates (PEM) the broker's certificate must chain to.
+    #[arg(long = "cacertfile", value_name = "FILE")]
+    cacertfile: Option<PathBuf>,
     /// Print help (-h is the host, as in emqtt-bench).
     #[arg(long, action = clap::ArgAction::Help)]
     help: Option<bool>,
@@ -368,6 +378,8 @@ pub fn parse(argv: Vec<String>) -> Result<Option<Args>, String> {
         max_connecting: common.max_connecting,
         connect_timeout: common.connect_timeout,
         quiet: common.quiet,
+        ssl: common.ssl || common.cacertfile.is_some(),
+        cacertfile: common.cacertfile,
         mode: bench.as_ref().map_or(Mode::Pairs, |b| b.mode),
         pubs: bench.as_ref().and_then(|b| b.pubs).unwrap_or(10),
         subs: bench.as_ref().and_then(|b| b.subs).unwrap_or(10),

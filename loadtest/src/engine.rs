@@ -297,7 +297,7 @@ async fn publisher_loop(
             _ = flagged(finish) => return Ok(()),
             _ = flagged(stop), if sending => {}
             r = conn.stream.readable() => r.map_err(|e| format!("read: {e}"))?,
-            r = conn.stream.writable(), if !conn.wbuf.is_empty() => r.map_err(|e| format!("write: {e}"))?,
+            r = conn.stream.writable(), if conn.wants_write() => r.map_err(|e| format!("write: {e}"))?,
             _ = async { notify.unwrap().notified().await }, if window_blocked => {}
             _ = &mut timer => {}
         }
@@ -372,7 +372,7 @@ async fn subscriber_loop<S: Sink>(
             biased;
             _ = flagged(stop) => return Ok(()),
             r = conn.stream.readable() => r.map_err(|e| format!("read: {e}"))?,
-            r = conn.stream.writable(), if !conn.wbuf.is_empty() => {
+            r = conn.stream.writable(), if conn.wants_write() => {
                 r.map_err(|e| format!("write: {e}"))?;
                 conn.try_flush()?;
             }

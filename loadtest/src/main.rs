@@ -56,6 +56,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let tls = match args.ssl {
+        false => None,
+        true => {
+            let config = match shardmq_bench_tls(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("shardmq-bench: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            Some(config)
+        }
+    };
     let opts = ConnectOpts {
         addr,
         version: args.version,
@@ -65,6 +78,7 @@ fn main() -> ExitCode {
         username: args.username.clone(),
         password: args.password.clone(),
         timeout: args.connect_timeout,
+        tls,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads)
@@ -92,4 +106,25 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The TLS client configuration and the server name for `--ssl`.
+fn shardmq_bench_tls(
+    args: &args::Args,
+) -> Result<
+    (
+        std::sync::Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    ),
+    String,
+> {
+    let config = mqtt::tls_config(args.cacertfile.as_deref())?;
+    let name = rustls::pki_types::ServerName::try_from(args.host.clone())
+        .map_err(|e| format!("{}: not a TLS server name: {e}", args.host))?;
+    if args.cacertfile.is_none() && !args.quiet {
+        eprintln!(
+            "shardmq-bench: --ssl without --cacertfile: the broker's certificate is not checked"
+        );
+    }
+    Ok((config, name))
 }

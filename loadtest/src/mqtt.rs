@@ -1,6 +1,8 @@
 //! A minimal MQTT client connection on top of shardmq's codec: connect,
 //! subscribe, non-blocking reads and writes, and a publish template that is
-//! copied and patched per message instead of re-encoded.
+//! copied and patched per message instead of re-encoded. Over plain TCP,
+//! or TLS with a rustls client driven by the same non-blocking reads and
+//! writes (`--ssl`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -32,11 +34,20 @@ pub struct ConnectOpts {
     pub username: Option<String>,
     pub password: Option<String>,
     pub timeout: Duration,
+    /// TLS with this client configuration (the host name for SNI and the
+    /// certificate check beside it).
+    pub tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
 }
 
 /// One MQTT connection: the socket and its read and write buffers.
 pub struct Conn {
     pub stream: TcpStream,
+    /// The TLS state, when the connection is TLS: plaintext goes in and
+    /// out of it, the socket carries its records.
+    tls: Option<Box<rustls::ClientConnection>>,
     pub rbuf: BytesMut,
     pub wbuf: BytesMut,
     pub version: Version,
@@ -65,14 +76,23 @@ impl Conn {
             .await
             .map_err(|e| err("tcp connect", io_kind(&e)))?;
         let _ = stream.set_nodelay(true);
+        let tls = match &opts.tls {
+            None => None,
+            Some((config, name)) => Some(Box::new(
+                rustls::ClientConnection::new(config.clone(), name.clone())
+                    .map_err(|e| err("tls", e))?,
+            )),
+        };
         let mut conn = Conn {
             stream,
+            tls,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::with_capacity(16 * 1024),
             version: opts.version,
             keepalive: Duration::from_secs(opts.keepalive.into()),
             server_receive_max: u16::MAX,
         };
+        conn.tls_handshake().await?;
         let connect = Connect {
             version: opts.version,
             clean_start: opts.clean,
@@ -149,6 +169,16 @@ impl Conn {
 
     /// Write all of `wbuf` (blocking on the socket).
     pub async fn flush(&mut self) -> Result<(), String> {
+        if self.tls.is_some() {
+            while self.wants_write() {
+                self.stream
+                    .writable()
+                    .await
+                    .map_err(|e| err("write", io_kind(&e)))?;
+                self.try_flush()?;
+            }
+            return Ok(());
+        }
         self.stream
             .write_all(&self.wbuf)
             .await
@@ -157,11 +187,62 @@ impl Conn {
         Ok(())
     }
 
+    /// Complete the TLS handshake, if the connection is TLS.
+    async fn tls_handshake(&mut self) -> Result<(), String> {
+        let Some(tls) = &mut self.tls else {
+            return Ok(());
+        };
+        while tls.is_handshaking() {
+            if tls.wants_write() {
+                self.stream
+                    .writable()
+                    .await
+                    .map_err(|e| err("tls handshake", io_kind(&e)))?;
+                match tls.write_tls(&mut SyncSocket(&self.stream)) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(err("tls handshake", io_kind(&e))),
+                }
+            } else {
+                self.stream
+                    .readable()
+                    .await
+                    .map_err(|e| err("tls handshake", io_kind(&e)))?;
+                match tls.read_tls(&mut SyncSocket(&self.stream)) {
+                    Ok(0) => return Err("tls handshake: closed by the broker".into()),
+                    Ok(_) => {
+                        tls.process_new_packets()
+                            .map_err(|e| err("tls handshake", e))?;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(err("tls handshake", io_kind(&e))),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// True when bytes wait for the socket: packets, or TLS records.
+    #[inline]
+    pub fn wants_write(&self) -> bool {
+        !self.wbuf.is_empty() || self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
     /// Read until one whole packet is decoded.
     pub async fn read_packet(&mut self) -> Result<Packet, String> {
         loop {
             if let Some(p) = self.decode()? {
                 return Ok(p);
+            }
+            if self.tls.is_some() {
+                // The handshake's records (and alerts) go out meanwhile.
+                self.flush().await?;
+                self.stream
+                    .readable()
+                    .await
+                    .map_err(|e| err("read", io_kind(&e)))?;
+                self.try_fill()?;
+                continue;
             }
             self.rbuf.reserve(READ_CHUNK);
             let n = self
@@ -187,6 +268,9 @@ impl Conn {
         if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
             self.rbuf.reserve(READ_CHUNK);
         }
+        if let Some(tls) = &mut self.tls {
+            return tls_fill(&self.stream, tls, &mut self.rbuf);
+        }
         match self.stream.try_read_buf(&mut self.rbuf) {
             Ok(0) => Err("read: closed by the broker".into()),
             Ok(_) => Ok(true),
@@ -197,6 +281,9 @@ impl Conn {
 
     /// Non-blocking write of as much of `wbuf` as the socket takes.
     pub fn try_flush(&mut self) -> Result<(), String> {
+        if let Some(tls) = &mut self.tls {
+            return tls_flush(&self.stream, tls, &mut self.wbuf);
+        }
         while !self.wbuf.is_empty() {
             match self.stream.try_write(&self.wbuf) {
                 Ok(n) => self.wbuf.advance(n),
@@ -222,6 +309,162 @@ impl Conn {
     pub fn disconnect(&mut self) {
         self.queue(&Packet::Disconnect(Default::default()));
         let _ = self.try_flush();
+    }
+}
+
+/// `std::io` over a tokio socket's non-blocking calls, for rustls.
+struct SyncSocket<'a>(&'a TcpStream);
+
+impl io::Read for SyncSocket<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl io::Write for SyncSocket<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Read what the socket has through `tls`, plaintext onto `rbuf`;
+/// `Ok(false)`: nothing new. End of stream is an error.
+fn tls_fill(
+    stream: &TcpStream,
+    tls: &mut rustls::ClientConnection,
+    rbuf: &mut BytesMut,
+) -> Result<bool, String> {
+    let mut got = false;
+    loop {
+        match tls.read_tls(&mut SyncSocket(stream)) {
+            Ok(0) => return Err("read: closed by the broker".into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(got),
+            Err(e) => return Err(err("read", io_kind(&e))),
+        }
+        tls.process_new_packets().map_err(|e| err("tls", e))?;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match io::Read::read(&mut tls.reader(), &mut chunk) {
+                Ok(0) => return Err("read: TLS closed by the broker".into()),
+                Ok(n) => {
+                    rbuf.extend_from_slice(&chunk[..n]);
+                    got = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(err("tls read", e)),
+            }
+        }
+    }
+}
+
+/// Encrypt `wbuf` once `tls` has sent what it had, and send as much as
+/// the socket takes (what is left of `wbuf` waits: it is the backlog the
+/// publishers pace themselves by).
+fn tls_flush(
+    stream: &TcpStream,
+    tls: &mut rustls::ClientConnection,
+    wbuf: &mut BytesMut,
+) -> Result<(), String> {
+    loop {
+        while tls.wants_write() {
+            match tls.write_tls(&mut SyncSocket(stream)) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(err("write", io_kind(&e))),
+            }
+        }
+        if wbuf.is_empty() {
+            return Ok(());
+        }
+        let n = io::Write::write(&mut tls.writer(), wbuf).map_err(|e| err("tls write", e))?;
+        wbuf.advance(n);
+        if wbuf.is_empty() {
+            wbuf.clear();
+        }
+    }
+}
+
+/// A TLS client configuration: checking the broker's certificate against
+/// the CA certificates in `cafile`, or (None) not at all, as emqtt-bench
+/// does without --cacertfile.
+pub fn tls_config(cafile: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err("tls", e))?;
+    let config = match cafile {
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls::pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| err(&path.display().to_string(), e))?
+            {
+                roots
+                    .add(cert.map_err(|e| err(&path.display().to_string(), e))?)
+                    .map_err(|e| err(&path.display().to_string(), e))?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoCheck(provider)))
+            .with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// Accepts any server certificate (signatures are still checked, so the
+/// handshake costs what it costs).
+#[derive(Debug)]
+struct NoCheck(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoCheck {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
