@@ -2,8 +2,11 @@
 //! WebSocket client (tungstenite) carrying our codec's packets: packets
 //! split across frames and several in one frame, connections that move to
 //! their home shard with their framing state, the subprotocol echoed, a
-//! text frame closing the connection, a wrong path refused.
+//! text frame closing the connection, a wrong path refused; and rumqttc's
+//! own WebSocket transport (async-tungstenite) over ws and wss.
 
+#[path = "common/client.rs"]
+mod client;
 mod common;
 
 use std::io::{Read, Write};
@@ -231,5 +234,70 @@ fn mqtt_over_secure_websocket() {
     let (mut publisher, _) = WsClient::handshake(tls(b.addr), b.addr, "/mqtt");
     publisher.connect_as(&b.id_on_shard("wss-pub", 1));
     pub_sub(&mut sub, &mut publisher);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// rumqttc (async-tungstenite underneath) over ws and wss: clients on
+/// both shards subscribe, publish QoS 1 and receive each other's messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rumqttc_over_websocket_and_secure_websocket() {
+    use client::v5::{connect, QoS};
+    use rumqttc::{TlsConfiguration, Transport};
+    let dir = temp_dir("rumqttc-ws");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    let b = TestBroker::start_with(2, |c| {
+        let mut wss = ws_listener("wss", Some(&dir));
+        wss.bind = "127.0.0.1:0".parse().unwrap();
+        c.listeners = vec![ws_listener("ws", None), wss];
+    });
+    let addrs = b.broker.as_ref().unwrap().local_addrs().to_vec();
+    let opts = |scheme: &str, id: &str| {
+        let (addr, transport) = match scheme {
+            "ws" => (addrs[0], Transport::Ws),
+            _ => (
+                addrs[1],
+                Transport::wss_with_config(TlsConfiguration::Simple {
+                    ca: cert.pem().into_bytes(),
+                    alpn: None,
+                    client_auth: None,
+                }),
+            ),
+        };
+        let url = format!("{scheme}://127.0.0.1:{}/mqtt", addr.port());
+        let mut o = client::v5::MqttOptions::new(id, url, addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_clean_start(true);
+        o.set_transport(transport);
+        o
+    };
+    for (round, (sub_scheme, pub_scheme)) in [("ws", "wss"), ("wss", "ws")].into_iter().enumerate()
+    {
+        let topic = format!("rq/{round}");
+        let mut sub = connect(opts(
+            sub_scheme,
+            &b.id_on_shard(&format!("rq-sub{round}"), round),
+        ))
+        .await;
+        sub.subscribe(&topic, QoS::AtLeastOnce).await;
+        let mut publisher = connect(opts(
+            pub_scheme,
+            &b.id_on_shard(&format!("rq-pub{round}"), 1 - round),
+        ))
+        .await;
+        publisher
+            .publish_acked(&topic, false, b"over websocket")
+            .await;
+        let p = sub.next_publish().await;
+        assert_eq!(
+            (&p.topic[..], &p.payload[..]),
+            (topic.as_bytes(), &b"over websocket"[..])
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
