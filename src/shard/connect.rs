@@ -372,7 +372,7 @@ impl ShardCore {
             .session
             .connect(now, *connect, resumed.is_some(), assigned.as_deref());
         slot.session
-            .set_connection_deadline(grant.valid_for.map(|d| now + d));
+            .set_connection_deadline(grant.valid_for.and_then(|d| now.checked_add(d)));
         let handle = Rc::new(ConnHandle {
             key,
             client_id: slot.session.client_id().clone(),
