@@ -12,7 +12,6 @@ mod common;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,7 +50,7 @@ struct Setup {
 
 fn start(kind: Kind, tweak: impl FnOnce(&mut shardmq::Config)) -> Setup {
     let dir = temp_dir(&format!("transport-{kind:?}"));
-    let tls = matches!(kind, Kind::Tls | Kind::Wss).then(|| self_signed(&dir));
+    let tls = matches!(kind, Kind::Tls | Kind::Wss).then(|| common::self_signed(&dir).1);
     let broker = TestBroker::start_with(2, |c| {
         let mut l = ListenerConfig::tcp("127.0.0.1:0".parse().unwrap());
         l.transport = format!("{kind:?}").to_lowercase();
@@ -77,28 +76,6 @@ impl Drop for Setup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// A certificate for 127.0.0.1 in `dir`, and a client that trusts it.
-fn self_signed(dir: &Path) -> Arc<rustls::ClientConfig> {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der().clone()).unwrap();
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    )
 }
 
 /// An MQTT 5 client over one of the transports.

@@ -11,7 +11,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -205,25 +204,8 @@ fn a_text_frame_or_a_wrong_path_ends_the_connection() {
 #[test]
 fn mqtt_over_secure_websocket() {
     let dir = temp_dir("wss");
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    let (_, config) = common::self_signed(&dir);
     let b = TestBroker::start_with(2, |c| c.listeners = vec![ws_listener("wss", Some(&dir))]);
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der().clone()).unwrap();
-    let config = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    );
     let tls = |addr| {
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
         let conn = rustls::ClientConnection::new(config.clone(), name).unwrap();
@@ -244,13 +226,7 @@ async fn rumqttc_over_websocket_and_secure_websocket() {
     use client::v5::{connect, QoS};
     use rumqttc::{TlsConfiguration, Transport};
     let dir = temp_dir("rumqttc-ws");
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    let (ca, _) = common::self_signed(&dir);
     let b = TestBroker::start_with(2, |c| {
         let mut wss = ws_listener("wss", Some(&dir));
         wss.bind = "127.0.0.1:0".parse().unwrap();
@@ -263,7 +239,7 @@ async fn rumqttc_over_websocket_and_secure_websocket() {
             _ => (
                 addrs[1],
                 Transport::wss_with_config(TlsConfiguration::Simple {
-                    ca: cert.pem().into_bytes(),
+                    ca: ca.clone().into_bytes(),
                     alpn: None,
                     client_auth: None,
                 }),

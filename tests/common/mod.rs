@@ -340,3 +340,26 @@ pub fn seed_from_env(var: &str) -> u64 {
                 | 1
         })
 }
+
+/// A self-signed certificate for 127.0.0.1, written to `dir` as
+/// `server.pem` and `server.key`: its PEM, and a rustls client
+/// configuration that trusts it.
+pub fn self_signed(dir: &std::path::Path) -> (String, std::sync::Arc<rustls::ClientConfig>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    (cert.pem(), std::sync::Arc::new(config))
+}
