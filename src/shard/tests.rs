@@ -153,6 +153,37 @@ fn a_connect_is_served_at_home_moved_elsewhere_or_refused_with_its_reason() {
 }
 
 #[test]
+fn a_login_grant_s_expiry_ends_the_connection_with_0xa0_and_a_far_one_never() {
+    let c = core(0, 1);
+    let t0 = Instant::now();
+    let grant = |secs| crate::auth::Grant {
+        valid_for: Some(Duration::from_secs(secs)),
+        rules: None,
+    };
+    let far = c
+        .attach_granted(
+            t0,
+            Box::new(connect("far", Version::V5)),
+            None,
+            grant(u64::MAX),
+        )
+        .unwrap();
+    let soon = c
+        .attach_granted(t0, Box::new(connect("soon", Version::V5)), None, grant(5))
+        .unwrap();
+    c.handle_tick(t0 + Duration::from_secs(4));
+    assert!(!soon.is_closing());
+    c.handle_tick(t0 + Duration::from_secs(5));
+    assert!(soon.is_closing());
+    let last = soon.poll_last_packets();
+    assert!(
+        matches!(last.last(), Some(Packet::Disconnect(d)) if d.reason == reason::MAXIMUM_CONNECT_TIME),
+        "{last:?}"
+    );
+    assert!(!far.is_closing());
+}
+
+#[test]
 fn a_takeover_closes_the_old_connection_with_0x8e_and_keeps_one_session() {
     let c = core(0, 1);
     let t0 = Instant::now();
