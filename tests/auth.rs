@@ -545,8 +545,8 @@ fn no_client_writes_sys_topics() {
 /// logs in (the client id claim must match), its ACL claim names the
 /// client's topics (SUBACK and PUBACK 0x87 outside them), a bad, foreign
 /// or expired token gets 0x86 (3.1.1: 4), a user name without a token
-/// gets 0x86, and the token's exp ends the connection with DISCONNECT
-/// 0xA0.
+/// gets 0x86, a user name the token does not bind is no one in the ACL
+/// file, and the token's exp ends the connection with DISCONNECT 0xA0.
 #[test]
 fn jwt_passwords_log_in_name_their_topics_and_end_at_exp() {
     use jsonwebtoken::{encode, EncodingKey, Header};
@@ -554,8 +554,10 @@ fn jwt_passwords_log_in_name_their_topics_and_end_at_exp() {
     let dir = temp_dir("jwt");
     let secret = b"an HMAC secret of at least 32 bytes, for tests";
     std::fs::write(dir.join("jwt.secret"), [&secret[..], b"\n"].concat()).unwrap();
+    std::fs::write(dir.join("acl"), "user admin\ntopic readwrite secret/#\n").unwrap();
     let b = TestBroker::start_with(2, |c| {
         c.auth.jwt_secret_file = dir.join("jwt.secret");
+        c.auth.acl_file = dir.join("acl");
         c.auth.jwt_verify_claims = [("clientid".to_string(), "%c".to_string())].into();
     });
     let now = std::time::SystemTime::now()
@@ -604,6 +606,16 @@ fn jwt_passwords_log_in_name_their_topics_and_end_at_exp() {
         assert_eq!(connect(Version::V5, id, &token).1.reason, 0x86, "{why}");
     }
     assert_eq!(login_v3_wire(b.addr, Some("device"), &good), 4, "3.1.1");
+
+    // A token that does not bind the user name does not make its client
+    // the ACL file's "admin": it is anonymous there (no rules here).
+    let unbound = signed(json!({"clientid": "dev-4"}), secret);
+    let mut c = connect_packet(Version::V5, "dev-4", true);
+    c.username = Some("admin".into());
+    c.password = Some(bytes::Bytes::copy_from_slice(unbound.as_bytes()));
+    let (mut pretender, ack) = Raw::connect_with(b.addr, c);
+    assert_eq!(ack.reason, 0);
+    assert_eq!(pretender.subscribe(1, "secret/#", QoS::AtLeastOnce), [0x87]);
 
     // A token that ends in two seconds ends its connection then.
     let short = signed(json!({"clientid": "dev-3", "exp": now + 2}), secret);

@@ -123,6 +123,12 @@ impl Auth {
         self.acl.is_some()
     }
 
+    /// True when a login with `password` would not prove its user name: a
+    /// token whose claims do not bind `%u` (see [`Grant::user_unverified`]).
+    pub fn token_leaves_user_unverified(&self, password: Option<&[u8]>) -> bool {
+        self.is_token(password) && !self.tokens.as_ref().is_some_and(TokenKeys::binds_user)
+    }
+
     /// True when `password` is a login token this broker checks (JWT keys
     /// are configured and it has a token's shape).
     pub fn is_token(&self, password: Option<&[u8]>) -> bool {

@@ -41,6 +41,10 @@ pub const TOKEN_BYTES_MAX: usize = 16 * 1024;
 pub const ACL_RULES_MAX: usize = 256;
 /// Shortest HMAC secret, bytes (RFC 7518 3.2: a key as long as the hash).
 pub const SECRET_BYTES_MIN: usize = 32;
+/// Longest text a placeholder template may fill in to, bytes (a topic
+/// filter's limit): a template with many `%u` and a long user name cannot
+/// make more.
+pub const FILLED_BYTES_MAX: usize = 65_535;
 
 /// The rules of a token's ACL claim: topic filter and access, with the
 /// placeholders filled in.
@@ -53,6 +57,10 @@ pub struct Grant {
     pub valid_for: Option<Duration>,
     /// The ACL claim's rules; None: no claim (the ACL file applies).
     pub rules: Option<Arc<TokenRules>>,
+    /// The login did not prove the user name (a token whose claims do
+    /// not bind `%u`): the ACL file and `client_id_users` see the client
+    /// as anonymous, whatever user name it sent.
+    pub user_unverified: bool,
 }
 
 /// Which algorithms a public key verifies.
@@ -156,6 +164,23 @@ impl TokenKeys {
         self.len() == 0
     }
 
+    /// True when `jwt_verify_claims` ties a claim to the user name, so a
+    /// token proves it.
+    pub fn binds_user(&self) -> bool {
+        self.binds(&["%u", "${username}"])
+    }
+
+    /// True when `jwt_verify_claims` ties a claim to the client id.
+    pub fn binds_client_id(&self) -> bool {
+        self.binds(&["%c", "${clientid}"])
+    }
+
+    fn binds(&self, placeholders: &[&str]) -> bool {
+        self.verify_claims
+            .values()
+            .any(|t| placeholders.iter().any(|p| t.contains(p)))
+    }
+
     /// Verify `token` for client `client_id` logging in as `username`, at
     /// `unix_now` (seconds). Err: why not, for the log.
     pub fn verify(
@@ -215,21 +240,34 @@ impl TokenKeys {
             None => None,
         };
         for (claim, template) in &self.verify_claims {
-            let want = fill(template, client_id, username)
-                .ok_or_else(|| format!("claim {claim} needs a user name (%u)"))?;
+            let want = fill(template, Some(client_id), username).ok_or_else(|| {
+                format!("claim {claim}: no user name for %u, or more than {FILLED_BYTES_MAX} bytes")
+            })?;
             match claims.get(claim) {
                 Some(Value::String(got)) if *got == want => {}
-                _ => return Err(format!("claim {claim} is not {want:?}")),
+                _ => {
+                    return Err(format!(
+                        "claim {claim} is not {}",
+                        crate::text::quote(&want)
+                    ))
+                }
             }
         }
+        // The ACL claim's placeholders take only what the token proves.
+        let user_bound = self.binds_user();
+        let id = self.binds_client_id().then_some(client_id);
+        let user = username.filter(|_| user_bound);
         let rules = match claims.get(&self.acl_claim) {
             None => None,
             Some(v) => Some(Arc::new(
-                acl_rules(v, client_id, username)
-                    .map_err(|why| format!("claim {}: {why}", self.acl_claim))?,
+                acl_rules(v, id, user).map_err(|why| format!("claim {}: {why}", self.acl_claim))?,
             )),
         };
-        Ok(Grant { valid_for, rules })
+        Ok(Grant {
+            valid_for,
+            rules,
+            user_unverified: !user_bound,
+        })
     }
 }
 
@@ -245,34 +283,63 @@ fn seconds(claims: &Map<String, Value>, name: &str) -> Result<Option<u64>, Strin
     }
 }
 
+/// The placeholders, and which value each stands for (true: the user
+/// name).
+const PLACEHOLDERS: [(&str, bool); 4] = [
+    ("%c", false),
+    ("${clientid}", false),
+    ("%u", true),
+    ("${username}", true),
+];
+
+/// True when `template` holds a placeholder.
+fn has_placeholder(template: &str) -> bool {
+    PLACEHOLDERS.iter().any(|(p, _)| template.contains(p))
+}
+
 /// `template` with `%c` / `${clientid}` the client id and `%u` /
-/// `${username}` the user name; None when it needs a user name and there
-/// is none.
-fn fill(template: &str, client_id: &str, username: Option<&str>) -> Option<String> {
-    let needs_user = template.contains("%u") || template.contains("${username}");
-    if needs_user && username.is_none() {
-        return None;
+/// `${username}` the user name, in one pass (a value filled in is never
+/// read again as a template); None when it needs a value that is None, or
+/// would pass [`FILLED_BYTES_MAX`].
+fn fill(template: &str, client_id: Option<&str>, username: Option<&str>) -> Option<String> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(i) = rest.find(['%', '$']) {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        match PLACEHOLDERS.iter().find(|(p, _)| tail.starts_with(p)) {
+            Some((p, user)) => {
+                let value = if *user { username? } else { client_id? };
+                if out.len() + value.len() > FILLED_BYTES_MAX {
+                    return None;
+                }
+                out.push_str(value);
+                rest = &tail[p.len()..];
+            }
+            None => {
+                out.push_str(&tail[..1]); // '%' or '$': one byte
+                rest = &tail[1..];
+            }
+        }
     }
-    let user = username.unwrap_or("");
-    Some(
-        template
-            .replace("%c", client_id)
-            .replace("${clientid}", client_id)
-            .replace("%u", user)
-            .replace("${username}", user),
-    )
+    out.push_str(rest);
+    (out.len() <= FILLED_BYTES_MAX).then_some(out)
 }
 
 /// The rules of an ACL claim `{"pub": [...], "sub": [...], "all": [...]}`.
-/// A filter that needs a user name the client has not is left out, as
-/// are filters with placeholders when the client id or user name holds a
-/// wildcard (as the ACL file's patterns do).
-fn acl_rules(v: &Value, client_id: &str, username: Option<&str>) -> Result<TokenRules, String> {
+/// A filter that needs a value not given (None: the token does not prove
+/// it) is left out, as are filters with placeholders when the client id
+/// or user name holds a wildcard (as the ACL file's patterns do).
+fn acl_rules(
+    v: &Value,
+    client_id: Option<&str>,
+    username: Option<&str>,
+) -> Result<TokenRules, String> {
     let Value::Object(map) = v else {
         return Err("not an object of pub, sub and all lists".into());
     };
     let dangerous = |s: &str| s.contains(['+', '#']);
-    let refuse_placeholders = dangerous(client_id) || username.is_some_and(dangerous);
+    let refuse_placeholders = client_id.is_some_and(dangerous) || username.is_some_and(dangerous);
     let mut rules = TokenRules::new();
     for (key, list) in map {
         let access = match key.as_str() {
@@ -288,8 +355,7 @@ fn acl_rules(v: &Value, client_id: &str, username: Option<&str>) -> Result<Token
             let Value::String(f) = f else {
                 return Err(format!("{key}: {f} is not a topic filter"));
             };
-            let placeholder = f != &fill(f, "", Some("")).unwrap_or_default();
-            if placeholder && refuse_placeholders {
+            if has_placeholder(f) && refuse_placeholders {
                 continue;
             }
             let Some(filter) = fill(f, client_id, username) else {
@@ -401,7 +467,14 @@ mod tests {
         let ok = k.verify(hs(json!({"exp": NOW + 60})).as_bytes(), "c", Some("u"), NOW);
         assert_eq!(ok.unwrap().valid_for, Some(Duration::from_secs(60)));
         let never = k.verify(hs(json!({"sub": "x"})).as_bytes(), "c", None, NOW);
-        assert_eq!(never.unwrap(), Grant::default());
+        assert_eq!(
+            never.unwrap(),
+            Grant {
+                user_unverified: true,
+                ..Grant::default()
+            },
+            "nothing binds the user name"
+        );
         for (claims, why) in [
             (json!({"exp": NOW}), "expired"),
             (json!({"nbf": NOW + 5}), "not valid"),
@@ -499,11 +572,12 @@ mod tests {
 
     #[test]
     fn the_acl_claim_names_the_topics() {
-        let k = keys(&[]);
-        let t = hs(json!({"acl": {
+        let k = keys(&[("clientid", "%c")]);
+        let t = hs(json!({"clientid": "dev-1", "acl": {
             "pub": ["up/%c"], "sub": ["down/${clientid}/#", "u/%u"], "all": ["shared/+"]
         }}));
-        let g = k.verify(t.as_bytes(), "dev-1", None, NOW).unwrap();
+        let g = k.verify(t.as_bytes(), "dev-1", Some("alice"), NOW).unwrap();
+        assert!(g.user_unverified, "nothing binds the user name");
         let rules = g.rules.unwrap();
         assert_eq!(
             *rules,
@@ -512,8 +586,11 @@ mod tests {
                 ("up/dev-1".to_string(), Access::Write),
                 ("down/dev-1/#".to_string(), Access::Read),
             ],
-            "u/%u left out without a user name"
+            "u/%u left out: the token does not prove the user name"
         );
+        let t = hs(json!({"clientid": "dev+1", "acl": {
+            "pub": ["up/%c"], "all": ["shared/+"]
+        }}));
         let g = k.verify(t.as_bytes(), "dev+1", None, NOW).unwrap();
         assert_eq!(
             g.rules.unwrap().len(),
@@ -534,6 +611,39 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn placeholders_take_only_what_the_token_proves() {
+        // No claim binds the client id or the user name: a client may send
+        // any, so filters that use them are left out.
+        let k = keys(&[]);
+        let t = hs(json!({"acl": {"sub": ["d/%c/#", "u/${username}/#", "open"]}}));
+        let g = k.verify(t.as_bytes(), "dev-1", Some("$SYS"), NOW).unwrap();
+        assert_eq!(*g.rules.unwrap(), vec![("open".to_string(), Access::Read)]);
+        assert!(g.user_unverified);
+        let k = keys(&[("username", "%u")]);
+        let t = hs(json!({"username": "alice", "acl": {"sub": ["u/%u/#"]}}));
+        let g = k.verify(t.as_bytes(), "dev-1", Some("alice"), NOW).unwrap();
+        assert_eq!(
+            *g.rules.unwrap(),
+            vec![("u/alice/#".to_string(), Access::Read)]
+        );
+        assert!(!g.user_unverified);
+    }
+
+    #[test]
+    fn filling_in_is_one_pass_and_bounded() {
+        // A value that looks like a placeholder stays as it is.
+        assert_eq!(
+            fill("%c/%u", Some("%u"), Some("${clientid}")).unwrap(),
+            "%u/${clientid}"
+        );
+        assert_eq!(fill("100%/$x", Some("c"), None).unwrap(), "100%/$x");
+        assert_eq!(fill("%u", Some("c"), None), None);
+        // Many placeholders and a long value: refused, not built.
+        let user = "${username}".repeat(5957);
+        assert_eq!(fill(&"%u".repeat(128), Some("c"), Some(&user)), None);
     }
 
     /// A 2048-bit RSA key made for these tests (`openssl genrsa 2048`).

@@ -138,8 +138,11 @@ impl ShardCore {
     /// describes: refuse it, serve it here, or move it to its home shard.
     pub fn handshake(&self, connect: &Connect, arrival: Arrival, now: Instant) -> Handshake {
         let peer = arrival.peer;
-        let checked =
-            check_connect(self, connect).and_then(|a| Ok((a, self.login(connect, arrival, now)?)));
+        let checked = check_connect(self, connect).and_then(|a| {
+            let id = a.as_deref().unwrap_or(&connect.client_id);
+            let grant = self.login(connect, id, arrival, now)?;
+            Ok((a, grant))
+        });
         let (assigned, grant) = match checked {
             Ok(a) => a,
             Err(Refusal { code, why, delay }) => {
@@ -174,10 +177,16 @@ impl ShardCore {
     /// Check the CONNECT's client id, address, user name and password.
     /// Failures slow down per client address; a success starts the
     /// address afresh.
-    fn login(&self, connect: &Connect, arrival: Arrival, now: Instant) -> Result<Grant, Refusal> {
+    fn login(
+        &self,
+        connect: &Connect,
+        client_id: &str,
+        arrival: Arrival,
+        now: Instant,
+    ) -> Result<Grant, Refusal> {
         let ip = arrival.peer.map(|p| p.ip().to_canonical());
         let mut logins = self.logins.borrow_mut();
-        match self.credentials(connect, arrival, ip, &mut logins) {
+        match self.credentials(connect, client_id, arrival, ip, &mut logins) {
             Ok(grant) => {
                 if let (Some(ip), Some(_)) = (ip, &connect.username) {
                     logins.throttle.succeeded(ip);
@@ -200,6 +209,7 @@ impl ShardCore {
     fn credentials(
         &self,
         connect: &Connect,
+        client_id_now: &str,
         arrival: Arrival,
         ip: Option<std::net::IpAddr>,
         logins: &mut Logins,
@@ -208,8 +218,14 @@ impl ShardCore {
         let user = connect.username.as_deref();
         let password = connect.password.as_deref();
         let client_id = Some(connect.client_id.as_str()).filter(|c| !c.is_empty());
+        // A user name the login does not prove binds no client id.
+        let proven = if auth.token_leaves_user_unverified(password) {
+            None
+        } else {
+            user
+        };
         auth.clients()
-            .check(ip, client_id, user)
+            .check(ip, client_id, proven)
             .map_err(|r| match r {
                 ClientRefusal::Address => (
                     reason::BANNED,
@@ -240,7 +256,7 @@ impl ShardCore {
             (CertLogin::Missing, _) => Err(Refused::NoCertificate),
             (CertLogin::NotUsed, false) => auth.login(
                 arrival.loopback(),
-                &connect.client_id,
+                client_id_now,
                 user,
                 password,
                 arrival.unix_s,
@@ -353,12 +369,14 @@ impl ShardCore {
             }
         };
         let version = connect.version;
+        // A user name the login did not prove is no one's in the files.
+        let user = connect
+            .username
+            .as_deref()
+            .filter(|_| !grant.user_unverified);
         let acl = match &grant.rules {
             Some(rules) => Some(ClientAcl::from_rules(rules)),
-            None => self
-                .auth
-                .borrow()
-                .client_acl(client_id, connect.username.as_deref()),
+            None => self.auth.borrow().client_acl(client_id, user),
         };
         st.last_conn_id += 1;
         let conn_id = st.last_conn_id;
@@ -367,7 +385,7 @@ impl ShardCore {
         slot.will_of_last_run = false;
         slot.session.set_acl(acl);
         slot.token_rules = grant.rules;
-        slot.username = connect.username.as_deref().map(Box::from);
+        slot.username = user.map(Box::from);
         let attached = slot
             .session
             .connect(now, *connect, resumed.is_some(), assigned.as_deref());

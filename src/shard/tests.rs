@@ -158,7 +158,7 @@ fn a_login_grant_s_expiry_ends_the_connection_with_0xa0_and_a_far_one_never() {
     let t0 = Instant::now();
     let grant = |secs| crate::auth::Grant {
         valid_for: Some(Duration::from_secs(secs)),
-        rules: None,
+        ..Default::default()
     };
     let far = c
         .attach_granted(

@@ -150,9 +150,7 @@ async fn handshake(
         peer,
         local: stream.tcp().local_addr().ok(),
         certificate: CertLogin::NotUsed,
-        unix_s: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        unix_s: 0,
     };
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
     let timeout = Duration::from_millis(shard.config.server.connect_timeout_ms);
@@ -171,6 +169,11 @@ async fn handshake(
         Ok(c) => c,
         Err(e) => return refuse_handshake(&shard, &mut stream, peer, e).await,
     };
+    // The wall clock once CONNECT is here: a login token's exp and nbf are
+    // judged by it.
+    arrival.unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     if identity != CertIdentity::None {
         // The certificate names the user (its password is not checked).
         let user = stream
