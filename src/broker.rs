@@ -53,6 +53,14 @@ pub enum StartError {
     /// Cluster membership could not start.
     #[error("cluster: {0}")]
     Cluster(String),
+    /// The HTTP listener cannot listen.
+    #[error("http.bind {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A shard failed to start.
     #[error("shard {shard} failed to start: {why}")]
     Shard {
@@ -81,6 +89,8 @@ pub struct Broker {
     _data_dir: Option<DataDir>,
     /// The listen-port locks, held while the broker runs.
     _ports: Vec<PortLock>,
+    /// The HTTP listener (metrics), when `[http] bind` names one.
+    http: Option<crate::http::HttpServer>,
 }
 
 /// What an orderly stop closed, summed over the shards.
@@ -164,6 +174,7 @@ impl Broker {
             listeners: wanted.clone(),
             _data_dir: data_dir,
             _ports: listeners.locks,
+            http: None,
         };
         let mut sockets = listeners.sockets.into_iter();
         for id in 0..shards {
@@ -222,7 +233,31 @@ impl Broker {
                 }
             }
         }
+        // Serve metrics once every shard answers.
+        if let Some(addr) = config.http.addr().map_err(|why| {
+            StartError::Config(ConfigError::Invalid {
+                key: "http.bind".into(),
+                value: config.http.bind.clone(),
+                why,
+            })
+        })? {
+            match crate::http::HttpServer::start(addr, broker.controls.clone()) {
+                Ok(h) => {
+                    log::info!("http: GET /metrics on {}", h.addr());
+                    broker.http = Some(h);
+                }
+                Err(source) => {
+                    broker.stop();
+                    return Err(StartError::Http { addr, source });
+                }
+            }
+        }
         Ok(broker)
+    }
+
+    /// Where the HTTP listener (metrics) listens, if there is one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|h| h.addr())
     }
 
     /// Read the password and ACL files again and hand the new rules to
@@ -285,6 +320,9 @@ impl Broker {
     }
 
     fn stop_inner(&mut self) -> StopSummary {
+        if let Some(h) = self.http.take() {
+            h.stop();
+        }
         let started = Instant::now();
         let deadline = started + self.shutdown_timeout;
         for c in &self.controls {

@@ -58,6 +58,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Who may connect, and what they may read and write.
     pub auth: AuthConfig,
+    /// The operator's HTTP listener (metrics).
+    pub http: HttpConfig,
     /// Listeners with their transports; when any is given they replace
     /// `server.listen`.
     #[serde(default)]
@@ -246,6 +248,28 @@ pub struct AuthConfig {
     pub jwt_verify_claims: std::collections::BTreeMap<String, String>,
     /// The claim holding a token's topics.
     pub jwt_acl_claim: String,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Where `GET /metrics` is served (host:port); empty: nowhere.
+    pub bind: String,
+}
+
+impl HttpConfig {
+    /// The address to serve on, None when disabled; Err if `bind` is no
+    /// address.
+    pub fn addr(&self) -> Result<Option<SocketAddr>, String> {
+        match self.bind.trim() {
+            "" => Ok(None),
+            b => b
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("{b:?} is not an address like 127.0.0.1:8080")),
+        }
+    }
 }
 
 /// `[cluster]`.
@@ -535,6 +559,9 @@ impl Config {
         }
         for (i, l) in self.listeners.iter().enumerate() {
             l.validate(i)?;
+        }
+        if let Err(why) = self.http.addr() {
+            return Err(invalid("http.bind", &self.http.bind, &why));
         }
         let a = &self.auth;
         let patterns = [

@@ -72,6 +72,10 @@ struct RunArgs {
         value_delimiter = ','
     )]
     join: Vec<String>,
+    /// Serve GET /metrics on ADDR (host:port; port 0: any free one, named
+    /// in the log); an empty value: no HTTP listener. Replaces http.bind.
+    #[arg(long, value_name = "ADDR", env = "SHARDMQ_HTTP")]
+    http: Option<String>,
     /// Print the embedded default config (every key commented) and exit.
     #[arg(long)]
     print_default_config: bool,
@@ -160,6 +164,9 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
     }
     if let Some(a) = &args.cluster_listen {
         config.cluster.listen = parse_addr("--cluster-listen", a)?;
+    }
+    if let Some(a) = &args.http {
+        config.http.bind = a.trim().to_string();
     }
     if let Some(a) = &args.cluster_advertise {
         config.cluster.advertise = a.trim().to_string();

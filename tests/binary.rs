@@ -74,7 +74,8 @@ fn a_port_in_use_is_refused_instead_of_shared() {
 fn sigterm_disconnects_v5_clients_with_0x8b_and_exits_cleanly() {
     let data = std::env::temp_dir().join(format!("shardmq-sigterm-{}", std::process::id()));
     let mut child = shardmq()
-        .args(["--listen", "127.0.0.1:0", "--shards", "2", "--data-dir"])
+        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(["--shards", "2", "--data-dir"])
         .arg(&data)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())

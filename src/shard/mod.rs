@@ -318,6 +318,21 @@ pub struct ShardStats {
     pub ended_sessions: SessionStats,
 }
 
+/// One shard's part of a metrics scrape ([`ShardCore::report`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShardReport {
+    /// The shard.
+    pub shard: usize,
+    /// Its counters.
+    pub stats: ShardStats,
+    /// Sessions it holds, connected or not.
+    pub sessions: usize,
+    /// Subscriptions of its sessions.
+    pub subscriptions: usize,
+    /// Retained messages it stores.
+    pub retained: usize,
+}
+
 /// What a shard's orderly stop closed.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StopReport {
@@ -517,6 +532,19 @@ impl ShardCore {
     /// A snapshot of the counters.
     pub fn stats(&self) -> ShardStats {
         self.state.borrow().stats
+    }
+
+    /// The counters and sizes a metrics scrape shows: constant time (no
+    /// walk over sessions), so a scrape never stalls the shard.
+    pub fn report(&self) -> ShardReport {
+        let st = self.state.borrow();
+        ShardReport {
+            shard: self.id,
+            stats: st.stats,
+            sessions: st.sessions.len(),
+            subscriptions: st.subscribers.len(),
+            retained: st.retained.len(),
+        }
     }
 
     /// A packet read from connection `conn`.

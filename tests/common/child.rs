@@ -50,7 +50,7 @@ impl ChildBroker {
         env: &[(&str, &str)],
     ) -> Result<ChildBroker, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
-            .args(["--listen", listen])
+            .args(["--listen", listen, "--http", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())

@@ -29,6 +29,7 @@ impl TestBroker {
         let _ = env_logger_init();
         let mut config = Config::default();
         config.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        config.http.bind = "127.0.0.1:0".into();
         config.server.shards = shards;
         config.server.pin_cpus = false;
         config.server.io_memory_bytes = 128 << 10;

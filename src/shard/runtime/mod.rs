@@ -48,6 +48,8 @@ pub(crate) enum Control {
     /// New connections on the TLS listeners use these (a reload), then
     /// say so.
     Tls(TlsListeners, crossbeam_channel::Sender<()>),
+    /// Send the shard's counters (a metrics scrape).
+    Report(crossbeam_channel::Sender<crate::shard::ShardReport>),
 }
 
 /// Per listening socket, in order: its TLS configuration (None: plain
@@ -194,6 +196,9 @@ pub(crate) async fn run_shard(
             Ok(Control::Tls(listeners, done)) => {
                 *tls.borrow_mut() = listeners;
                 let _ = done.send(());
+            }
+            Ok(Control::Report(to)) => {
+                let _ = to.send(shard.report());
             }
             Err(crossbeam_channel::TryRecvError::Empty) => {}
         }

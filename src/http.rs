@@ -1,0 +1,195 @@
+//! The operator's HTTP listener (`[http] bind`): `GET /metrics` in
+//! Prometheus text.
+//!
+//! One thread of its own, not a shard's: scrapes are rare, and HTTP
+//! parsing stays off the shards' io_uring loops. A request asks every
+//! shard for its counters through its control channel; each shard answers
+//! at its next tick (50 ms), copying a handful of integers, so a scrape
+//! never stalls one. Every input is bounded: at most
+//! [`CONNECTIONS_MAX`] clients at once (each on a short-lived thread), a
+//! request head of [`REQUEST_BYTES_MAX`], [`IO_TIMEOUT`] per read and
+//! write, one request per connection.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::shard::runtime::Control;
+use crate::shard::ShardReport;
+
+/// Clients served at once; more are closed at accept.
+pub const CONNECTIONS_MAX: usize = 16;
+/// Largest request head read, bytes.
+pub const REQUEST_BYTES_MAX: usize = 8192;
+/// Longest a read or a write of a client may take.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a scrape waits for the shards' answers.
+pub const SCRAPE_WAIT: Duration = Duration::from_secs(2);
+
+/// The running listener: its address, and a handle that stops it.
+pub struct HttpServer {
+    addr: SocketAddr,
+    /// A second handle on the listening socket: shutting it down ends the
+    /// accept loop.
+    socket: socket2::Socket,
+    stopping: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// Listen on `bind` and serve until [`HttpServer::stop`]; `controls`
+    /// reach the shards.
+    pub(crate) fn start(
+        bind: SocketAddr,
+        controls: Vec<crossbeam_channel::Sender<Control>>,
+    ) -> std::io::Result<HttpServer> {
+        let listener = TcpListener::bind(bind)?;
+        let addr = listener.local_addr()?;
+        let socket = socket2::Socket::from(listener.try_clone()?);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let flag = stopping.clone();
+        let thread = std::thread::Builder::new()
+            .name("http".into())
+            .spawn(move || accept_loop(listener, Arc::new(controls), &flag))?;
+        Ok(HttpServer {
+            addr,
+            socket,
+            stopping,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address it listens on (port 0 resolved).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stop accepting (requests in progress finish on their own threads).
+    pub fn stop(mut self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    controls: Arc<Vec<crossbeam_channel::Sender<Control>>>,
+    stopping: &AtomicBool,
+) {
+    let active = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        if stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                log::warn!("http: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        if active.load(Ordering::Relaxed) >= CONNECTIONS_MAX {
+            continue; // dropped: closed at once
+        }
+        active.fetch_add(1, Ordering::Relaxed);
+        let (done, controls) = (active.clone(), controls.clone());
+        let spawned = std::thread::Builder::new()
+            .name("http-client".into())
+            .spawn(move || {
+                serve(stream, &controls);
+                done.fetch_sub(1, Ordering::Relaxed);
+            });
+        if spawned.is_err() {
+            active.fetch_sub(1, Ordering::Relaxed);
+            log::warn!("http: cannot start a thread for a client");
+        }
+    }
+}
+
+/// Read one request, answer it, close.
+fn serve(mut stream: TcpStream, controls: &[crossbeam_channel::Sender<Control>]) {
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    let (status, content_type, body) = match read_request(&mut stream) {
+        Err(why) => (400, "text/plain", format!("{why}\n")),
+        Ok((method, path)) => route(&method, &path, controls),
+    };
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Error",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(body.as_bytes());
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+/// The method and path of the request on `stream` (its body, if any, is
+/// not read).
+fn read_request(stream: &mut TcpStream) -> Result<(String, String), String> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                let method = req.method.unwrap_or("").to_string();
+                let path = req.path.unwrap_or("").to_string();
+                return Ok((method, path));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < REQUEST_BYTES_MAX => {}
+            Ok(httparse::Status::Partial) => return Err("request head too large".into()),
+            Err(e) => return Err(format!("not an HTTP request: {e}")),
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return Err("closed before the request ended".into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+}
+
+/// Status, content type and body for `method` `path`.
+fn route(
+    method: &str,
+    path: &str,
+    controls: &[crossbeam_channel::Sender<Control>],
+) -> (u16, &'static str, String) {
+    let path = path.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") => (
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            crate::metrics::render(&gather(controls), controls.len()),
+        ),
+        (_, "/metrics") => (405, "text/plain", "GET only\n".into()),
+        _ => (404, "text/plain", "not found: GET /metrics\n".into()),
+    }
+}
+
+/// Every shard's report that comes within [`SCRAPE_WAIT`].
+fn gather(controls: &[crossbeam_channel::Sender<Control>]) -> Vec<ShardReport> {
+    let (tx, rx) = crossbeam_channel::bounded(controls.len());
+    let asked = controls
+        .iter()
+        .filter(|c| c.send(Control::Report(tx.clone())).is_ok())
+        .count();
+    let deadline = Instant::now() + SCRAPE_WAIT;
+    (0..asked)
+        .map_while(|_| rx.recv_deadline(deadline).ok())
+        .collect()
+}

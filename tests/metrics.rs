@@ -1,0 +1,130 @@
+//! `GET /metrics` on the HTTP listener: known traffic from raw clients
+//! (a subscriber and a publisher on different shards, a retained message,
+//! a refused CONNECT), then the exact counts, per shard and summed; what
+//! is not `GET /metrics` gets 404 or 405; and `promtool check metrics`
+//! accepts the text where Prometheus's `promtool` is installed.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{connect_packet, Raw, TestBroker};
+use shardmq::codec::{QoS, Version};
+
+/// Status and body of `method path` on `addr`.
+fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+/// The sum of `name` over its lines in `text`.
+fn sum(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn metrics_count_known_traffic_exactly() {
+    let b = TestBroker::start(2);
+    let http_addr = b
+        .broker
+        .as_ref()
+        .unwrap()
+        .http_addr()
+        .expect("http listens");
+
+    let (mut sub, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("m-sub", 0), true);
+    sub.subscribe(1, "m/#", QoS::AtMostOnce);
+    let (mut publisher, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("m-pub", 1), true);
+    for i in 0..5u8 {
+        publisher.publish("m/x", &[i], QoS::AtMostOnce, false, 0);
+    }
+    publisher.publish("m/kept", b"r", QoS::AtMostOnce, true, 0);
+    for _ in 0..6 {
+        sub.recv_publish();
+    }
+    // A CONNECT refused before any session: an authentication method.
+    let mut refused = connect_packet(Version::V5, "m-refused", true);
+    refused.properties.authentication_method = Some("SCRAM".into());
+    assert_eq!(Raw::connect_with(b.addr, refused).1.reason, 0x8C);
+
+    let (status, text) = http(http_addr, "GET", "/metrics");
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(sum(&text, "shardmq_shards"), 2);
+    assert_eq!(sum(&text, "shardmq_scrape_shards_missing"), 0);
+    assert_eq!(sum(&text, "shardmq_connections"), 2, "{text}");
+    assert_eq!(sum(&text, "shardmq_sessions"), 2);
+    assert_eq!(sum(&text, "shardmq_subscriptions"), 1);
+    assert_eq!(sum(&text, "shardmq_retained_messages"), 1);
+    assert_eq!(sum(&text, "shardmq_messages_routed_total"), 6, "{text}");
+    assert_eq!(sum(&text, "shardmq_deliveries_total"), 6, "{text}");
+    assert_eq!(sum(&text, "shardmq_connects_refused_total"), 1, "{text}");
+    // Per shard: the publisher's shard routed them, the subscriber's took
+    // them in.
+    assert!(
+        text.contains("shardmq_messages_routed_total{shard=\"1\"} 6\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("shardmq_deliveries_total{shard=\"0\"} 6\n"),
+        "{text}"
+    );
+
+    assert_eq!(http(http_addr, "POST", "/metrics").0, 405);
+    assert_eq!(http(http_addr, "GET", "/other").0, 404);
+    // Not HTTP at all: 400, and the listener goes on.
+    let mut junk = std::net::TcpStream::connect(http_addr).unwrap();
+    junk.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    junk.write_all(b"\x16\x03\x01junk\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = junk.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+    let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    match promtool {
+        Some(tool) => {
+            let mut child = std::process::Command::new(tool)
+                .args(["check", "metrics"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "promtool check metrics: {out:?}");
+        }
+        None => eprintln!("promtool is not installed: the format check is skipped"),
+    }
+}
+
+#[test]
+fn an_empty_http_bind_serves_nothing() {
+    let b = TestBroker::start_with(1, |c| c.http.bind = String::new());
+    assert_eq!(b.broker.as_ref().unwrap().http_addr(), None);
+    let e = common::start_refused({
+        let mut c = shardmq::Config::default();
+        c.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        c.http.bind = "nowhere".into();
+        c
+    });
+    assert!(e.contains("http.bind"), "{e}");
+}
