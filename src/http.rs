@@ -23,7 +23,8 @@ use crate::shard::ShardReport;
 pub const CONNECTIONS_MAX: usize = 16;
 /// Largest request head read, bytes.
 pub const REQUEST_BYTES_MAX: usize = 8192;
-/// Longest a read or a write of a client may take.
+/// Longest a client may take to send its request head, and a write of
+/// the answer.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a scrape waits for the shards' answers.
 pub const SCRAPE_WAIT: Duration = Duration::from_secs(2);
@@ -98,24 +99,38 @@ fn accept_loop(
         if active.load(Ordering::Relaxed) >= CONNECTIONS_MAX {
             continue; // dropped: closed at once
         }
-        active.fetch_add(1, Ordering::Relaxed);
-        let (done, controls) = (active.clone(), controls.clone());
+        let slot = Slot::take(&active);
+        let controls = controls.clone();
         let spawned = std::thread::Builder::new()
             .name("http-client".into())
             .spawn(move || {
+                let _slot = slot; // given back however serve() ends
                 serve(stream, &controls);
-                done.fetch_sub(1, Ordering::Relaxed);
             });
         if spawned.is_err() {
-            active.fetch_sub(1, Ordering::Relaxed);
             log::warn!("http: cannot start a thread for a client");
         }
     }
 }
 
+/// One of the [`CONNECTIONS_MAX`] places, given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(active: &Arc<AtomicUsize>) -> Slot {
+        active.fetch_add(1, Ordering::Relaxed);
+        Slot(active.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Read one request, answer it, close.
 fn serve(mut stream: TcpStream, controls: &[crossbeam_channel::Sender<Control>]) {
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let (status, content_type, body) = match read_request(&mut stream) {
         Err(why) => (400, "text/plain", format!("{why}\n")),
@@ -135,11 +150,23 @@ fn serve(mut stream: TcpStream, controls: &[crossbeam_channel::Sender<Control>])
     let _ = stream.write_all(head.as_bytes());
     let _ = stream.write_all(body.as_bytes());
     let _ = stream.shutdown(std::net::Shutdown::Write);
+    // Read what the client still sends for a moment: closing with unread
+    // input makes the kernel send a reset, which can destroy the answer.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < 64 * 1024 {
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
 }
 
 /// The method and path of the request on `stream` (its body, if any, is
-/// not read).
+/// not read); the whole head within [`IO_TIMEOUT`], however it trickles.
 fn read_request(stream: &mut TcpStream) -> Result<(String, String), String> {
+    let deadline = Instant::now() + IO_TIMEOUT;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -155,6 +182,11 @@ fn read_request(stream: &mut TcpStream) -> Result<(String, String), String> {
             Ok(httparse::Status::Partial) => return Err("request head too large".into()),
             Err(e) => return Err(format!("not an HTTP request: {e}")),
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no whole request head within {IO_TIMEOUT:?}"));
+        }
+        let _ = stream.set_read_timeout(Some(left));
         match stream.read(&mut chunk) {
             Ok(0) => return Err("closed before the request ended".into()),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
@@ -188,6 +220,7 @@ fn gather(controls: &[crossbeam_channel::Sender<Control>]) -> Vec<ShardReport> {
         .iter()
         .filter(|c| c.send(Control::Report(tx.clone())).is_ok())
         .count();
+    drop(tx); // all shards gone: the wait ends at once
     let deadline = Instant::now() + SCRAPE_WAIT;
     (0..asked)
         .map_while(|_| rx.recv_deadline(deadline).ok())

@@ -128,3 +128,41 @@ fn an_empty_http_bind_serves_nothing() {
     });
     assert!(e.contains("http.bind"), "{e}");
 }
+
+/// A client that trickles its request head a byte at a time gets 400 once
+/// the head's time is up, instead of holding one of the 16 places for
+/// hours; a scrape still works meanwhile.
+#[test]
+fn a_trickling_client_is_cut_off_when_its_head_time_is_up() {
+    let b = TestBroker::start(1);
+    let http_addr = b.broker.as_ref().unwrap().http_addr().unwrap();
+    let mut slow = std::net::TcpStream::connect(http_addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(400)))
+        .unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nX: ").unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "still open after 30 s"
+        );
+        // Look for the answer first, then send one more byte.
+        let mut buf = [0u8; 256];
+        match slow.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                answer.extend_from_slice(&buf[..n]);
+                continue;
+            }
+            Err(_) => {} // nothing yet
+        }
+        if !answer.is_empty() {
+            continue;
+        }
+        slow.write_all(b"a").unwrap();
+        assert_eq!(http(http_addr, "GET", "/metrics").0, 200);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}

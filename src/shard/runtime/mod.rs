@@ -184,23 +184,29 @@ pub(crate) async fn run_shard(
         membership = c.membership.map(membership::start);
     }
     let _ = ready.send(Ok(()));
-    loop {
+    'ticks: loop {
         glommio::timer::sleep(ShardCore::TICK).await;
         shard.handle_tick(Instant::now());
-        match control.try_recv() {
-            Ok(Control::Stop) | Err(crossbeam_channel::TryRecvError::Disconnected) => break,
-            Ok(Control::Auth(auth, done)) => {
-                shard.set_auth(auth);
-                let _ = done.send(());
+        // Every control waiting, so scrapes queued ahead of a Stop or a
+        // reload do not delay it by a tick each.
+        loop {
+            match control.try_recv() {
+                Ok(Control::Stop) | Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    break 'ticks
+                }
+                Ok(Control::Auth(auth, done)) => {
+                    shard.set_auth(auth);
+                    let _ = done.send(());
+                }
+                Ok(Control::Tls(listeners, done)) => {
+                    *tls.borrow_mut() = listeners;
+                    let _ = done.send(());
+                }
+                Ok(Control::Report(to)) => {
+                    let _ = to.send(shard.report());
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
             }
-            Ok(Control::Tls(listeners, done)) => {
-                *tls.borrow_mut() = listeners;
-                let _ = done.send(());
-            }
-            Ok(Control::Report(to)) => {
-                let _ = to.send(shard.report());
-            }
-            Err(crossbeam_channel::TryRecvError::Empty) => {}
         }
     }
     // Listeners first: shutting a listening socket down takes it out of the
