@@ -152,6 +152,20 @@ impl Broker {
                 .collect(),
         );
         let listeners = listen::open(&binds, shards)?;
+        let http = match config.http.addr() {
+            Ok(None) => None,
+            Ok(Some(addr)) => Some(
+                std::net::TcpListener::bind(addr)
+                    .map_err(|source| StartError::Http { addr, source })?,
+            ),
+            Err(why) => {
+                return Err(StartError::Config(ConfigError::Invalid {
+                    key: "http.bind".into(),
+                    value: config.http.bind.clone(),
+                    why,
+                }))
+            }
+        };
         let (data_dir, mut durables) = recover_logs(&config, shards)?;
         let cluster = start_cluster(&config, shards, data_dir.as_ref())?;
         let cluster_addr = cluster.as_ref().map(|c| c.bound);
@@ -234,21 +248,22 @@ impl Broker {
             }
         }
         // Serve metrics once every shard answers.
-        if let Some(addr) = config.http.addr().map_err(|why| {
-            StartError::Config(ConfigError::Invalid {
-                key: "http.bind".into(),
-                value: config.http.bind.clone(),
-                why,
-            })
-        })? {
-            match crate::http::HttpServer::start(addr, broker.controls.clone()) {
+        if let Some(listener) = http {
+            let addr = listener.local_addr().map_err(|source| StartError::Http {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source,
+            });
+            match addr.and_then(|addr| {
+                crate::http::HttpServer::start(listener, broker.controls.clone())
+                    .map_err(|source| StartError::Http { addr, source })
+            }) {
                 Ok(h) => {
                     log::info!("http: GET /metrics on {}", h.addr());
                     broker.http = Some(h);
                 }
-                Err(source) => {
+                Err(e) => {
                     broker.stop();
-                    return Err(StartError::Http { addr, source });
+                    return Err(e);
                 }
             }
         }

@@ -40,13 +40,13 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    /// Listen on `bind` and serve until [`HttpServer::stop`]; `controls`
-    /// reach the shards.
+    /// Serve on `listener` (bound before the shards start, so a busy port
+    /// stops the start before any MQTT client is taken) until
+    /// [`HttpServer::stop`]; `controls` reach the shards.
     pub(crate) fn start(
-        bind: SocketAddr,
+        listener: TcpListener,
         controls: Vec<crossbeam_channel::Sender<Control>>,
     ) -> std::io::Result<HttpServer> {
-        let listener = TcpListener::bind(bind)?;
         let addr = listener.local_addr()?;
         let socket = socket2::Socket::from(listener.try_clone()?);
         let stopping = Arc::new(AtomicBool::new(false));

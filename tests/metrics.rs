@@ -117,13 +117,22 @@ fn metrics_count_known_traffic_exactly() {
 }
 
 #[test]
-fn an_empty_http_bind_serves_nothing() {
+fn an_empty_http_bind_serves_nothing_and_a_bad_or_busy_one_stops_the_start() {
     let b = TestBroker::start_with(1, |c| c.http.bind = String::new());
     assert_eq!(b.broker.as_ref().unwrap().http_addr(), None);
     let e = common::start_refused({
         let mut c = shardmq::Config::default();
         c.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
         c.http.bind = "nowhere".into();
+        c
+    });
+    assert!(e.contains("http.bind"), "{e}");
+    // A port in use stops the start (before any shard takes a client).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let e = common::start_refused({
+        let mut c = shardmq::Config::default();
+        c.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        c.http.bind = taken.local_addr().unwrap().to_string();
         c
     });
     assert!(e.contains("http.bind"), "{e}");
