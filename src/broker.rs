@@ -254,7 +254,8 @@ impl Broker {
                 source,
             });
             match addr.and_then(|addr| {
-                crate::http::HttpServer::start(listener, broker.controls.clone())
+                let token = Some(config.http.api_token.clone()).filter(|t| !t.is_empty());
+                crate::http::HttpServer::start(listener, broker.controls.clone(), token)
                     .map_err(|source| StartError::Http { addr, source })
             }) {
                 Ok(h) => {

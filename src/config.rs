@@ -256,6 +256,9 @@ pub struct AuthConfig {
 pub struct HttpConfig {
     /// Where `GET /metrics` is served (host:port); empty: nowhere.
     pub bind: String,
+    /// The bearer token the admin API asks for; empty: the API answers
+    /// loopback clients only.
+    pub api_token: String,
 }
 
 impl HttpConfig {

@@ -1,5 +1,7 @@
 //! The operator's HTTP listener (`[http] bind`): `GET /metrics` in
-//! Prometheus text.
+//! Prometheus text, and `GET /api/v1/status` (JSON; with `http.api_token`
+//! set it needs `Authorization: Bearer TOKEN`, without one it answers
+//! loopback clients only).
 //!
 //! One thread of its own, not a shard's: scrapes are rare, and HTTP
 //! parsing stays off the shards' io_uring loops. A request asks every
@@ -46,14 +48,20 @@ impl HttpServer {
     pub(crate) fn start(
         listener: TcpListener,
         controls: Vec<crossbeam_channel::Sender<Control>>,
+        api_token: Option<String>,
     ) -> std::io::Result<HttpServer> {
+        let site = Arc::new(Site {
+            controls,
+            api_token,
+            started: Instant::now(),
+        });
         let addr = listener.local_addr()?;
         let socket = socket2::Socket::from(listener.try_clone()?);
         let stopping = Arc::new(AtomicBool::new(false));
         let flag = stopping.clone();
         let thread = std::thread::Builder::new()
             .name("http".into())
-            .spawn(move || accept_loop(listener, Arc::new(controls), &flag))?;
+            .spawn(move || accept_loop(listener, site, &flag))?;
         Ok(HttpServer {
             addr,
             socket,
@@ -77,11 +85,22 @@ impl HttpServer {
     }
 }
 
-fn accept_loop(
-    listener: TcpListener,
-    controls: Arc<Vec<crossbeam_channel::Sender<Control>>>,
-    stopping: &AtomicBool,
-) {
+/// What every request may need.
+struct Site {
+    controls: Vec<crossbeam_channel::Sender<Control>>,
+    /// `http.api_token`; None: the API answers loopback clients only.
+    api_token: Option<String>,
+    started: Instant,
+}
+
+/// What the server reads of a request.
+struct Request {
+    method: String,
+    path: String,
+    authorization: Option<String>,
+}
+
+fn accept_loop(listener: TcpListener, site: Arc<Site>, stopping: &AtomicBool) {
     let active = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         if stopping.load(Ordering::Relaxed) {
@@ -100,12 +119,12 @@ fn accept_loop(
             continue; // dropped: closed at once
         }
         let slot = Slot::take(&active);
-        let controls = controls.clone();
+        let site = site.clone();
         let spawned = std::thread::Builder::new()
             .name("http-client".into())
             .spawn(move || {
                 let _slot = slot; // given back however serve() ends
-                serve(stream, &controls);
+                serve(stream, &site);
             });
         if spawned.is_err() {
             log::warn!("http: cannot start a thread for a client");
@@ -130,21 +149,31 @@ impl Drop for Slot {
 }
 
 /// Read one request, answer it, close.
-fn serve(mut stream: TcpStream, controls: &[crossbeam_channel::Sender<Control>]) {
+fn serve(mut stream: TcpStream, site: &Site) {
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    let loopback = stream
+        .peer_addr()
+        .is_ok_and(|a| a.ip().to_canonical().is_loopback());
     let (status, content_type, body) = match read_request(&mut stream) {
         Err(why) => (400, "text/plain", format!("{why}\n")),
-        Ok((method, path)) => route(&method, &path, controls),
+        Ok(req) => route(site, &req, loopback),
     };
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        503 => "Service Unavailable",
         _ => "Error",
     };
+    let challenge = match status {
+        401 => "WWW-Authenticate: Bearer\r\n",
+        _ => "",
+    };
     let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{challenge}Connection: close\r\n\r\n",
         body.len()
     );
     let _ = stream.write_all(head.as_bytes());
@@ -165,7 +194,7 @@ fn serve(mut stream: TcpStream, controls: &[crossbeam_channel::Sender<Control>])
 
 /// The method and path of the request on `stream` (its body, if any, is
 /// not read); the whole head within [`IO_TIMEOUT`], however it trickles.
-fn read_request(stream: &mut TcpStream) -> Result<(String, String), String> {
+fn read_request(stream: &mut TcpStream) -> Result<Request, String> {
     let deadline = Instant::now() + IO_TIMEOUT;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -174,9 +203,17 @@ fn read_request(stream: &mut TcpStream) -> Result<(String, String), String> {
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
             Ok(httparse::Status::Complete(_)) => {
-                let method = req.method.unwrap_or("").to_string();
-                let path = req.path.unwrap_or("").to_string();
-                return Ok((method, path));
+                let authorization = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .map(str::to_string);
+                return Ok(Request {
+                    method: req.method.unwrap_or("").to_string(),
+                    path: req.path.unwrap_or("").to_string(),
+                    authorization,
+                });
             }
             Ok(httparse::Status::Partial) if buf.len() < REQUEST_BYTES_MAX => {}
             Ok(httparse::Status::Partial) => return Err("request head too large".into()),
@@ -195,21 +232,75 @@ fn read_request(stream: &mut TcpStream) -> Result<(String, String), String> {
     }
 }
 
-/// Status, content type and body for `method` `path`.
-fn route(
-    method: &str,
-    path: &str,
-    controls: &[crossbeam_channel::Sender<Control>],
-) -> (u16, &'static str, String) {
-    let path = path.split('?').next().unwrap_or("");
-    match (method, path) {
+/// Status, content type and body for `req` from a client (`loopback`:
+/// from a loopback address).
+fn route(site: &Site, req: &Request, loopback: bool) -> (u16, &'static str, String) {
+    let path = req.path.split('?').next().unwrap_or("");
+    let controls = &site.controls;
+    if path.starts_with("/api/") {
+        if let Err(refusal) = api_allowed(site, req, loopback) {
+            return refusal;
+        }
+    }
+    match (req.method.as_str(), path) {
         ("GET", "/metrics") => (
             200,
             "text/plain; version=0.0.4; charset=utf-8",
             crate::metrics::render(&gather(controls), controls.len()),
         ),
-        (_, "/metrics") => (405, "text/plain", "GET only\n".into()),
-        _ => (404, "text/plain", "not found: GET /metrics\n".into()),
+        ("GET", "/api/v1/status") => {
+            let reports = gather(controls);
+            let all = reports.len() == controls.len();
+            let sum = |f: fn(&ShardReport) -> usize| reports.iter().map(f).sum::<usize>();
+            let body = serde_json::json!({
+                "status": if all { "ready" } else { "not_ready" },
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_s": site.started.elapsed().as_secs(),
+                "shards": controls.len(),
+                "shards_answered": reports.len(),
+                "connections": sum(|r| r.stats.connections),
+                "sessions": sum(|r| r.sessions),
+            });
+            let status = if all { 200 } else { 503 };
+            (status, "application/json", format!("{body}\n"))
+        }
+        (_, "/metrics" | "/api/v1/status") => (405, "text/plain", "GET only\n".into()),
+        _ => (
+            404,
+            "text/plain",
+            "not found: GET /metrics, GET /api/v1/status\n".into(),
+        ),
+    }
+}
+
+/// Err(the answer) unless `req` may use the API: the bearer token when
+/// `http.api_token` is set (compared in constant time), else a loopback
+/// client.
+fn api_allowed(
+    site: &Site,
+    req: &Request,
+    loopback: bool,
+) -> Result<(), (u16, &'static str, String)> {
+    match &site.api_token {
+        Some(token) => {
+            let given = req
+                .authorization
+                .as_deref()
+                .and_then(|a| a.strip_prefix("Bearer "))
+                .unwrap_or("");
+            let same: bool =
+                subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.as_bytes()).into();
+            match same {
+                true => Ok(()),
+                false => Err((401, "text/plain", "a bearer token is needed\n".into())),
+            }
+        }
+        None if loopback => Ok(()),
+        None => Err((
+            403,
+            "text/plain",
+            "set http.api_token to use the API from other addresses\n".into(),
+        )),
     }
 }
 

@@ -95,12 +95,93 @@ enum Command {
     /// password of a `user:password` file (-U). Writes $7$ (PBKDF2-SHA512,
     /// 101 iterations) lines, which Mosquitto reads too.
     Passwd(PasswdArgs),
+    /// Ask a running broker through its HTTP listener. `status`: print its
+    /// status (JSON) and exit 0 when it is ready, 1 when it is not or
+    /// cannot be reached (for health checks).
+    Ctl(CtlArgs),
     /// Print a shell completion script, e.g. `shardmq completions bash >
     /// /etc/bash_completion.d/shardmq`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+/// `shardmq ctl`.
+#[derive(Debug, Args)]
+struct CtlArgs {
+    /// The broker's HTTP listener (its http.bind).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "SHARDMQ_HTTP",
+        default_value = "127.0.0.1:8080"
+    )]
+    http: String,
+    /// The bearer token (the broker's http.api_token).
+    #[arg(long, value_name = "TOKEN", env = "SHARDMQ_API_TOKEN")]
+    token: Option<String>,
+    /// What to ask.
+    #[command(subcommand)]
+    action: CtlAction,
+}
+
+/// `shardmq ctl` actions.
+#[derive(Debug, Subcommand)]
+enum CtlAction {
+    /// The broker's status: ready, shards, connections, sessions, uptime.
+    Status,
+}
+
+/// `shardmq ctl`: exit 0 when the answer is 200, 1 otherwise.
+fn ctl(args: CtlArgs) -> ExitCode {
+    use std::io::{Read, Write};
+    let CtlAction::Status = args.action;
+    let ask = || -> anyhow::Result<(u16, String)> {
+        let addr: SocketAddr = args
+            .http
+            .parse()
+            .with_context(|| format!("--http {}: not an address like 127.0.0.1:8080", args.http))?;
+        let timeout = std::time::Duration::from_secs(5);
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("{addr}"))?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        let auth = args
+            .token
+            .as_deref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            s,
+            "GET /api/v1/status HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+        )?;
+        let mut answer = String::new();
+        s.take(1 << 20).read_to_string(&mut answer)?;
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .context("not an HTTP answer")?;
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("not an HTTP answer")?;
+        Ok((status, body.trim_end().to_string()))
+    };
+    match ask() {
+        Ok((200, body)) => {
+            println!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!("shardmq ctl: HTTP {status}: {body}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("shardmq ctl: cannot reach the broker: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// `shardmq passwd`.
@@ -365,6 +446,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::Passwd(args)) => passwd(args),
+        Some(Command::Ctl(args)) => return ctl(args),
         Some(Command::Completions { shell }) => {
             clap_complete::generate(
                 shell,

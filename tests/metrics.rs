@@ -2,7 +2,9 @@
 //! (a subscriber and a publisher on different shards, a retained message,
 //! a refused CONNECT), then the exact counts, per shard and summed; what
 //! is not `GET /metrics` gets 404 or 405; and `promtool check metrics`
-//! accepts the text where Prometheus's `promtool` is installed.
+//! accepts the text where Prometheus's `promtool` is installed. The
+//! admin API's status, with and without a bearer token, and `shardmq ctl
+//! status` as a health check.
 
 mod common;
 
@@ -15,9 +17,14 @@ use shardmq::codec::{QoS, Version};
 
 /// Status and body of `method path` on `addr`.
 fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    http_with(addr, method, path, "")
+}
+
+/// [`http`] with extra header lines (each ending in CRLF).
+fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: test\r\n{headers}\r\n").unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
     let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
@@ -174,4 +181,54 @@ fn a_trickling_client_is_cut_off_when_its_head_time_is_up() {
     }
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
+
+/// `GET /api/v1/status` and `shardmq ctl status`: ready with the broker's
+/// counts; with `http.api_token` set, 401 without the token (and ctl exits
+/// 1), while `/metrics` stays open; an unreachable broker: ctl exits 1.
+#[test]
+fn the_status_api_and_ctl_status() {
+    let ctl = |addr: SocketAddr, token: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_shardmq"));
+        cmd.args(["ctl", "--http", &addr.to_string()]);
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        let out = cmd.arg("status").output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let b = TestBroker::start(2);
+    let addr = b.broker.as_ref().unwrap().http_addr().unwrap();
+    let (_c, _) = Raw::connect(b.addr, Version::V5, "status-client", true);
+    let (status, body) = http(addr, "GET", "/api/v1/status");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["status"], "ready");
+    assert_eq!(v["shards"], 2);
+    assert_eq!(v["shards_answered"], 2);
+    assert_eq!(v["connections"], 1);
+    assert_eq!(v["sessions"], 1);
+    let (code, out) = ctl(addr, None);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("\"ready\""), "{out}");
+    drop(b);
+    assert_eq!(ctl(addr, None).0, Some(1), "nobody listens any more");
+
+    let b = TestBroker::start_with(1, |c| c.http.api_token = "s3cret".into());
+    let addr = b.broker.as_ref().unwrap().http_addr().unwrap();
+    assert_eq!(http(addr, "GET", "/api/v1/status").0, 401);
+    let wrong = "Authorization: Bearer nope\r\n";
+    assert_eq!(http_with(addr, "GET", "/api/v1/status", wrong).0, 401);
+    let right = "Authorization: Bearer s3cret\r\n";
+    assert_eq!(http_with(addr, "GET", "/api/v1/status", right).0, 200);
+    assert_eq!(
+        http(addr, "GET", "/metrics").0,
+        200,
+        "metrics need no token"
+    );
+    assert_eq!(ctl(addr, None).0, Some(1));
+    assert_eq!(ctl(addr, Some("s3cret")).0, Some(0));
 }
