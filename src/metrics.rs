@@ -16,7 +16,8 @@ struct Metric {
     name: &'static str,
     kind: &'static str,
     help: &'static str,
-    value: fn(&ShardReport) -> u64,
+    /// None: not measured on this shard (no log, say).
+    value: fn(&ShardReport) -> Option<u64>,
 }
 
 const METRICS: &[Metric] = &[
@@ -24,73 +25,97 @@ const METRICS: &[Metric] = &[
         name: "shardmq_connections",
         kind: "gauge",
         help: "MQTT connections attached to a session now.",
-        value: |r| r.stats.connections as u64,
+        value: |r| Some(r.stats.connections as u64),
     },
     Metric {
         name: "shardmq_sessions",
         kind: "gauge",
         help: "Sessions held, connected or offline.",
-        value: |r| r.sessions as u64,
+        value: |r| Some(r.sessions as u64),
     },
     Metric {
         name: "shardmq_subscriptions",
         kind: "gauge",
         help: "Subscriptions of the sessions held.",
-        value: |r| r.subscriptions as u64,
+        value: |r| Some(r.subscriptions as u64),
     },
     Metric {
         name: "shardmq_retained_messages",
         kind: "gauge",
         help: "Retained messages stored.",
-        value: |r| r.retained as u64,
+        value: |r| Some(r.retained as u64),
     },
     Metric {
         name: "shardmq_messages_routed_total",
         kind: "counter",
         help: "Messages routed from this shard's publishers.",
-        value: |r| r.stats.routed,
+        value: |r| Some(r.stats.routed),
     },
     Metric {
         name: "shardmq_deliveries_total",
         kind: "counter",
         help: "Deliveries into this shard's sessions (queued or sent).",
-        value: |r| r.stats.delivered,
+        value: |r| Some(r.stats.delivered),
     },
     Metric {
         name: "shardmq_connects_refused_total",
         kind: "counter",
         help: "CONNECTs refused at the handshake (client id, login, address, will).",
-        value: |r| r.stats.connects_refused,
+        value: |r| Some(r.stats.connects_refused),
     },
     Metric {
         name: "shardmq_retained_dropped_total",
         kind: "counter",
         help: "Retained messages not kept: the store was full or the message too large.",
-        value: |r| r.stats.retained_dropped,
+        value: |r| Some(r.stats.retained_dropped),
     },
     Metric {
         name: "shardmq_delayed_bytes_full_total",
         kind: "counter",
         help: "Times the shard's share of storage.delayed_bytes_max was reached.",
-        value: |r| r.stats.delayed_bytes_full,
+        value: |r| Some(r.stats.delayed_bytes_full),
     },
     Metric {
         name: "shardmq_log_appends_failed_total",
         kind: "counter",
         help: "Log records that could not be written (log full, record too large).",
-        value: |r| r.stats.log_appends_failed,
+        value: |r| Some(r.stats.log_appends_failed),
     },
     Metric {
         name: "shardmq_send_timeouts_total",
         kind: "counter",
         help: "Connections closed because the client took no byte for server.send_timeout_ms.",
-        value: |r| r.stats.send_timeouts,
+        value: |r| Some(r.stats.send_timeouts),
     },
     Metric {
         name: "shardmq_tls_handshakes_refused_total",
         kind: "counter",
         help: "TLS connections closed at accept: server.tls_handshakes_max were waiting.",
-        value: |r| r.stats.tls_handshakes_refused,
+        value: |r| Some(r.stats.tls_handshakes_refused),
+    },
+    Metric {
+        name: "shardmq_log_used_bytes",
+        kind: "gauge",
+        help: "Bytes written in the log's segments on disk (durable modes only).",
+        value: |r| r.log.map(|l| l.used_bytes),
+    },
+    Metric {
+        name: "shardmq_log_live_bytes",
+        kind: "gauge",
+        help: "Of those, bytes of records still live.",
+        value: |r| r.log.map(|l| l.live_bytes),
+    },
+    Metric {
+        name: "shardmq_log_sealed_segments",
+        kind: "gauge",
+        help: "Sealed log segments (besides the one written and the spare).",
+        value: |r| r.log.map(|l| l.sealed_segments as u64),
+    },
+    Metric {
+        name: "shardmq_log_full",
+        kind: "gauge",
+        help: "1 while the log has no spare segment: QoS 1/2 publishes and new persistent sessions are refused.",
+        value: |r| r.log.map(|l| u64::from(l.full || l.others_full > 0)),
     },
 ];
 
@@ -102,10 +127,17 @@ pub fn render(reports: &[ShardReport], shards: usize) -> String {
     let mut reports = reports.to_vec();
     reports.sort_by_key(|r| r.shard);
     for m in METRICS {
+        let values: Vec<(usize, u64)> = reports
+            .iter()
+            .filter_map(|r| (m.value)(r).map(|v| (r.shard, v)))
+            .collect();
+        if values.is_empty() {
+            continue; // not measured here (the log metrics in memory mode)
+        }
         let _ = writeln!(out, "# HELP {} {}", m.name, m.help);
         let _ = writeln!(out, "# TYPE {} {}", m.name, m.kind);
-        for r in &reports {
-            let _ = writeln!(out, "{}{{shard=\"{}\"}} {}", m.name, r.shard, (m.value)(r));
+        for (shard, v) in values {
+            let _ = writeln!(out, "{}{{shard=\"{shard}\"}} {v}", m.name);
         }
     }
     let _ = writeln!(
@@ -144,7 +176,7 @@ mod tests {
         assert!(text.contains("shardmq_messages_routed_total{shard=\"1\"} 7\n"));
         assert!(text.contains("shardmq_sessions{shard=\"0\"} 0\n"));
         assert!(text.contains("shardmq_scrape_shards_missing 1\n"));
-        for m in METRICS {
+        for m in METRICS.iter().filter(|m| (m.value)(&b).is_some()) {
             assert!(text.contains(&format!("# TYPE {} {}\n", m.name, m.kind)));
             assert_eq!(
                 m.kind == "counter",
@@ -157,6 +189,7 @@ mod tests {
                 .filter(|l| l.starts_with(&format!("{}{{", m.name)));
             assert_eq!(lines.count(), 2, "{}", m.name);
         }
+        assert!(!text.contains("shardmq_log_used_bytes"), "no log: left out");
         // Shard 0 comes first.
         assert!(text.find("{shard=\"0\"}").unwrap() < text.find("{shard=\"1\"}").unwrap());
     }

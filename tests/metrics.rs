@@ -232,3 +232,36 @@ fn the_status_api_and_ctl_status() {
     assert_eq!(ctl(addr, None).0, Some(1));
     assert_eq!(ctl(addr, Some("s3cret")).0, Some(0));
 }
+
+/// With a log, its metrics appear: bytes written grow with retained
+/// QoS 1 publishes (which the log keeps), and the log is not full; without one (memory mode) they
+/// are left out rather than shown as zeros.
+#[test]
+fn the_log_metrics_follow_the_log() {
+    let dir = common::child::temp_dir("metrics-log");
+    let b = TestBroker::start_with(1, |c| {
+        c.storage.durability = "kill_safe".into();
+        c.storage.data_dir = dir.clone();
+    });
+    let addr = b.broker.as_ref().unwrap().http_addr().unwrap();
+    let before = sum(&http(addr, "GET", "/metrics").1, "shardmq_log_used_bytes");
+    let (mut c, _) = Raw::connect(b.addr, Version::V5, "log-metrics", true);
+    for id in 1..=20u16 {
+        c.publish(&format!("l/{id}"), &[7u8; 1000], QoS::AtLeastOnce, true, id);
+        assert!(matches!(c.recv(), Some(shardmq::codec::Packet::PubAck(_))));
+    }
+    let text = http(addr, "GET", "/metrics").1;
+    assert!(
+        sum(&text, "shardmq_log_used_bytes") >= before + 20_000,
+        "{text}"
+    );
+    assert_eq!(sum(&text, "shardmq_log_full"), 0);
+    drop(c);
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
+    let memory = TestBroker::start(1);
+    let addr = memory.broker.as_ref().unwrap().http_addr().unwrap();
+    assert!(!http(addr, "GET", "/metrics")
+        .1
+        .contains("shardmq_log_used_bytes"));
+}

@@ -331,6 +331,8 @@ pub struct ShardReport {
     pub subscriptions: usize,
     /// Retained messages it stores.
     pub retained: usize,
+    /// What its log holds; None without durability.
+    pub log: Option<LogStatus>,
 }
 
 /// What a shard's orderly stop closed.
@@ -544,6 +546,7 @@ impl ShardCore {
             sessions: st.sessions.len(),
             subscriptions: st.subscribers.len(),
             retained: st.retained.len(),
+            log: st.store.as_ref().map(durable::Store::status),
         }
     }
 
