@@ -154,10 +154,10 @@ impl Broker {
         let listeners = listen::open(&binds, shards)?;
         let http = match config.http.addr() {
             Ok(None) => None,
-            Ok(Some(addr)) => Some(
-                std::net::TcpListener::bind(addr)
-                    .map_err(|source| StartError::Http { addr, source })?,
-            ),
+            Ok(Some(addr)) => match std::net::TcpListener::bind(addr) {
+                Ok(listener) => Some((addr, listener)),
+                Err(source) => return Err(StartError::Http { addr, source }),
+            },
             Err(why) => {
                 return Err(StartError::Config(ConfigError::Invalid {
                     key: "http.bind".into(),
@@ -248,23 +248,16 @@ impl Broker {
             }
         }
         // Serve metrics once every shard answers.
-        if let Some(listener) = http {
-            let addr = listener.local_addr().map_err(|source| StartError::Http {
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                source,
-            });
-            match addr.and_then(|addr| {
-                let token = Some(config.http.api_token.clone()).filter(|t| !t.is_empty());
-                crate::http::HttpServer::start(listener, broker.controls.clone(), token)
-                    .map_err(|source| StartError::Http { addr, source })
-            }) {
+        if let Some((addr, listener)) = http {
+            let token = Some(config.http.api_token.clone()).filter(|t| !t.is_empty());
+            match crate::http::HttpServer::start(listener, broker.controls.clone(), token) {
                 Ok(h) => {
                     log::info!("http: GET /metrics on {}", h.addr());
                     broker.http = Some(h);
                 }
-                Err(e) => {
+                Err(source) => {
                     broker.stop();
-                    return Err(e);
+                    return Err(StartError::Http { addr, source });
                 }
             }
         }

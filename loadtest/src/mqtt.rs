@@ -192,31 +192,21 @@ impl Conn {
         let Some(tls) = &mut self.tls else {
             return Ok(());
         };
+        // The same non-blocking steps as afterwards, with no plaintext yet.
+        let step = |e: String| err("tls handshake", e);
         while tls.is_handshaking() {
             if tls.wants_write() {
                 self.stream
                     .writable()
                     .await
-                    .map_err(|e| err("tls handshake", io_kind(&e)))?;
-                match tls.write_tls(&mut SyncSocket(&self.stream)) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(err("tls handshake", io_kind(&e))),
-                }
+                    .map_err(|e| step(io_kind(&e)))?;
+                tls_flush(&self.stream, tls, &mut BytesMut::new()).map_err(step)?;
             } else {
                 self.stream
                     .readable()
                     .await
-                    .map_err(|e| err("tls handshake", io_kind(&e)))?;
-                match tls.read_tls(&mut SyncSocket(&self.stream)) {
-                    Ok(0) => return Err("tls handshake: closed by the broker".into()),
-                    Ok(_) => {
-                        tls.process_new_packets()
-                            .map_err(|e| err("tls handshake", e))?;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(err("tls handshake", io_kind(&e))),
-                }
+                    .map_err(|e| step(io_kind(&e)))?;
+                tls_fill(&self.stream, tls, &mut self.rbuf).map_err(step)?;
             }
         }
         Ok(())

@@ -123,10 +123,10 @@ impl Auth {
         self.acl.is_some()
     }
 
-    /// True when a login with `password` would not prove its user name: a
-    /// token whose claims do not bind `%u` (see [`Grant::user_unverified`]).
-    pub fn token_leaves_user_unverified(&self, password: Option<&[u8]>) -> bool {
-        self.is_token(password) && !self.tokens.as_ref().is_some_and(TokenKeys::binds_user)
+    /// True when a token login proves its user name: a claim is bound to
+    /// `%u` (see [`Grant::user_unverified`]).
+    pub fn tokens_bind_user(&self) -> bool {
+        self.tokens.as_ref().is_some_and(TokenKeys::binds_user)
     }
 
     /// True when `password` is a login token this broker checks (JWT keys
@@ -291,16 +291,41 @@ fn load_file<T, E: std::fmt::Display>(
     path: &Path,
     parse: impl FnOnce(&str) -> Result<T, E>,
 ) -> Result<Option<T>, AuthError> {
+    load(
+        key,
+        path,
+        |p| std::fs::read_to_string(p),
+        |t: String| parse(&t),
+    )
+}
+
+/// [`load_file`] for a file of bytes (a key, a secret).
+fn load_bytes<T, E: std::fmt::Display>(
+    key: &'static str,
+    path: &Path,
+    parse: impl FnOnce(&[u8]) -> Result<T, E>,
+) -> Result<Option<T>, AuthError> {
+    load(key, path, |p| std::fs::read(p), |b: Vec<u8>| parse(&b))
+}
+
+/// The file at `path` read with `read` and parsed with `parse`, errors
+/// named by the config `key`; None when no file is named.
+fn load<C, T, E: std::fmt::Display>(
+    key: &'static str,
+    path: &Path,
+    read: fn(&Path) -> std::io::Result<C>,
+    parse: impl FnOnce(C) -> Result<T, E>,
+) -> Result<Option<T>, AuthError> {
     if path.as_os_str().is_empty() {
         return Ok(None);
     }
     let shown = || path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+    let text = read(path).map_err(|source| AuthError::Read {
         key,
         path: shown(),
         source,
     })?;
-    let parsed = parse(&text).map_err(|e| AuthError::Parse {
+    let parsed = parse(text).map_err(|e| AuthError::Parse {
         key,
         path: shown(),
         why: e.to_string(),

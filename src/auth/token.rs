@@ -102,28 +102,21 @@ pub fn is_token(password: &[u8]) -> bool {
 impl TokenKeys {
     /// The keys the config names, or None when it names none.
     pub fn load(config: &crate::config::AuthConfig) -> Result<Option<TokenKeys>, AuthError> {
-        let secret = read("auth.jwt_secret_file", &config.jwt_secret_file)?
-            .map(|bytes| {
-                let trimmed = trim_newline(&bytes);
-                if trimmed.len() < SECRET_BYTES_MIN {
-                    return Err(parse_error(
-                        "auth.jwt_secret_file",
-                        &config.jwt_secret_file,
-                        format!(
-                            "{} bytes; an HMAC secret needs at least {SECRET_BYTES_MIN}",
-                            trimmed.len()
-                        ),
-                    ));
-                }
-                Ok(DecodingKey::from_secret(trimmed))
-            })
-            .transpose()?;
-        let public = match read("auth.jwt_public_key_file", &config.jwt_public_key_file)? {
-            None => Vec::new(),
-            Some(bytes) => public_keys(&bytes).map_err(|why| {
-                parse_error("auth.jwt_public_key_file", &config.jwt_public_key_file, why)
-            })?,
-        };
+        let secret = super::load_bytes("auth.jwt_secret_file", &config.jwt_secret_file, |b| {
+            let trimmed = trim_newline(b);
+            match trimmed.len() {
+                n if n < SECRET_BYTES_MIN => Err(format!(
+                    "{n} bytes; an HMAC secret needs at least {SECRET_BYTES_MIN}"
+                )),
+                _ => Ok(DecodingKey::from_secret(trimmed)),
+            }
+        })?;
+        let public = super::load_bytes(
+            "auth.jwt_public_key_file",
+            &config.jwt_public_key_file,
+            public_keys,
+        )?
+        .unwrap_or_default();
         if secret.is_none() && public.is_empty() {
             return Ok(None);
         }
@@ -405,28 +398,6 @@ fn public_keys(text: &[u8]) -> Result<Vec<(KeyKind, DecodingKey)>, String> {
         }
     }
     Ok(keys)
-}
-
-/// The file at `path`, or None when the path is empty.
-fn read(key: &'static str, path: &std::path::Path) -> Result<Option<Vec<u8>>, AuthError> {
-    if path.as_os_str().is_empty() {
-        return Ok(None);
-    }
-    std::fs::read(path)
-        .map(Some)
-        .map_err(|source| AuthError::Read {
-            key,
-            path: path.display().to_string(),
-            source,
-        })
-}
-
-fn parse_error(key: &'static str, path: &std::path::Path, why: String) -> AuthError {
-    AuthError::Parse {
-        key,
-        path: path.display().to_string(),
-        why,
-    }
 }
 
 /// `bytes` without one final `\n` or `\r\n`.

@@ -218,12 +218,9 @@ impl ShardCore {
         let user = connect.username.as_deref();
         let password = connect.password.as_deref();
         let client_id = Some(connect.client_id.as_str()).filter(|c| !c.is_empty());
+        let token = auth.is_token(password);
         // A user name the login does not prove binds no client id.
-        let proven = if auth.token_leaves_user_unverified(password) {
-            None
-        } else {
-            user
-        };
+        let proven = user.filter(|_| !token || auth.tokens_bind_user());
         auth.clients()
             .check(ip, client_id, proven)
             .map_err(|r| match r {
@@ -245,9 +242,7 @@ impl ShardCore {
                 ),
             })?;
         let seen = match (user, password) {
-            (Some(u), Some(p)) if auth.has_passwords() && !auth.is_token(password) => {
-                Some((u, logins.digest(u, p)))
-            }
+            (Some(u), Some(p)) if auth.has_passwords() && !token => Some((u, logins.digest(u, p))),
             _ => None,
         };
         let known = seen.is_some_and(|(u, d)| logins.verified.get(u) == Some(&d));

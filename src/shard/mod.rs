@@ -546,7 +546,7 @@ impl ShardCore {
             sessions: st.sessions.len(),
             subscriptions: st.subscribers.len(),
             retained: st.retained.len(),
-            log: st.store.as_ref().map(durable::Store::status),
+            log: self.log_status(),
         }
     }
 

@@ -87,7 +87,18 @@ pub(crate) async fn accept_loop(
                         continue;
                     }
                     Some(t) => match Stream::tls(tcp, t.config.clone()) {
-                        Ok(s) => (s, Some(TlsCounted::new(&shard))),
+                        Ok(s) => {
+                            // Counted at accept, so a burst of accepts
+                            // cannot pass the bound.
+                            let n = &shard.tls_handshakes;
+                            n.set(n.get() + 1);
+                            let counted = shard.clone();
+                            let uncount = move || {
+                                let n = &counted.tls_handshakes;
+                                n.set(n.get() - 1);
+                            };
+                            (s, Some(scopeguard(uncount)))
+                        }
                         Err(e) => {
                             shard_log!(shard, log::Level::Warn, "cannot start TLS: {e}");
                             continue;
@@ -112,24 +123,6 @@ pub(crate) async fn accept_loop(
                 glommio::timer::sleep(Duration::from_millis(20)).await;
             }
         }
-    }
-}
-
-/// A TLS connection counted in its shard's `tls_handshakes` until this is
-/// dropped (counted at accept, so a burst of accepts cannot pass the bound).
-struct TlsCounted(Rc<ShardCore>);
-
-impl TlsCounted {
-    fn new(shard: &Rc<ShardCore>) -> TlsCounted {
-        shard.tls_handshakes.set(shard.tls_handshakes.get() + 1);
-        TlsCounted(shard.clone())
-    }
-}
-
-impl Drop for TlsCounted {
-    fn drop(&mut self) {
-        let n = &self.0.tls_handshakes;
-        n.set(n.get() - 1);
     }
 }
 

@@ -412,17 +412,14 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        let Stream { io, ws, writer, .. } = self.get_mut();
-        let writes = writer.is_none();
-        let poll = match ws {
-            None => io.poll_read(cx, buf, writes),
-            Some(ws) => poll_read_frames(io, ws, cx, buf, writes),
+        let this = self.get_mut();
+        let writes = this.writer.is_none();
+        let poll = match &mut this.ws {
+            None => this.io.poll_read(cx, buf, writes),
+            Some(ws) => poll_read_frames(&mut this.io, ws, cx, buf, writes),
         };
-        if let Some(conn) = writer {
-            let tls = matches!(io, Io::Tls(t) if t.conn.wants_write());
-            if tls || ws.as_ref().is_some_and(|ws| ws.wants_write()) {
-                conn.wake.notify();
-            }
+        if let Some(conn) = this.writer.as_ref().filter(|_| this.wants_flush()) {
+            conn.wake.notify();
         }
         poll
     }
