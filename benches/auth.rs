@@ -64,6 +64,10 @@ fn tokens(c: &mut Criterion) {
     use shardmq::auth::TokenKeys;
     let claims = serde_json::json!({"clientid": "dev-1", "exp": 4_000_000_000u64,
         "acl": {"sub": ["down/%c/#"], "pub": ["up/%c"]}});
+    // The client id claim bound, as a deployment does, so the ACL claim's
+    // %c is filled in.
+    let bound: std::collections::BTreeMap<String, String> =
+        [("clientid".to_string(), "%c".to_string())].into();
     let secret = b"0123456789abcdef0123456789abcdef";
     let hs = encode(
         &Header::default(),
@@ -71,7 +75,7 @@ fn tokens(c: &mut Criterion) {
         &EncodingKey::from_secret(secret),
     )
     .unwrap();
-    let keys = TokenKeys::from_parts(Some(secret), None, Default::default(), "acl").unwrap();
+    let keys = TokenKeys::from_parts(Some(secret), None, bound.clone(), "acl").unwrap();
     c.bench_function("token: HS256 with an ACL claim", |b| {
         b.iter(|| black_box(keys.verify(black_box(hs.as_bytes()), "dev-1", None, 1)))
     });
@@ -83,8 +87,7 @@ fn tokens(c: &mut Criterion) {
     )
     .unwrap();
     let pem = ec.public_key_pem();
-    let keys =
-        TokenKeys::from_parts(None, Some(pem.as_bytes()), Default::default(), "acl").unwrap();
+    let keys = TokenKeys::from_parts(None, Some(pem.as_bytes()), bound.clone(), "acl").unwrap();
     c.bench_function("token: ES256 with an ACL claim", |b| {
         b.iter(|| black_box(keys.verify(black_box(es.as_bytes()), "dev-1", None, 1)))
     });
@@ -96,8 +99,7 @@ fn tokens(c: &mut Criterion) {
         &EncodingKey::from_rsa_pem(private.as_bytes()).unwrap(),
     )
     .unwrap();
-    let keys =
-        TokenKeys::from_parts(None, Some(public.as_bytes()), Default::default(), "acl").unwrap();
+    let keys = TokenKeys::from_parts(None, Some(public.as_bytes()), bound.clone(), "acl").unwrap();
     c.bench_function("token: RS256 (2048-bit) with an ACL claim", |b| {
         b.iter(|| black_box(keys.verify(black_box(rs.as_bytes()), "dev-1", None, 1)))
     });
