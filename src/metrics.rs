@@ -9,15 +9,56 @@
 
 use std::fmt::Write;
 
-use crate::shard::ShardReport;
+use crate::shard::{ConnectRefusal, ShardReport};
 
 /// One metric: name, type, help, and its value in a report.
 struct Metric {
     name: &'static str,
     kind: &'static str,
     help: &'static str,
+    /// A label besides `shard` and its values; None: `shard` only.
+    label: Option<(&'static str, &'static [&'static str])>,
+    /// The value for the label's value at that index (0 without a label);
     /// None: not measured on this shard (no log, say).
-    value: fn(&ShardReport) -> Option<u64>,
+    value: fn(&ShardReport, usize) -> Option<u64>,
+}
+
+const QOS: Option<(&str, &[&str])> = Some(("qos", &["0", "1", "2"]));
+
+/// The `reason` label of `shardmq_connects_refused_total`, in the order of
+/// [`ConnectRefusal::ALL`].
+const REFUSED: [&str; ConnectRefusal::ALL.len()] = {
+    let mut labels = [""; ConnectRefusal::ALL.len()];
+    let mut i = 0;
+    while i < labels.len() {
+        labels[i] = ConnectRefusal::ALL[i].label();
+        i += 1;
+    }
+    labels
+};
+
+/// The `reason` label of `shardmq_messages_dropped_total`.
+const DROPPED: &[&str] = &[
+    "queue_full",
+    "expired",
+    "offline_qos0",
+    "too_large",
+    "not_authorized",
+    "no_subscribers",
+    "unreadable",
+];
+
+fn dropped(r: &ShardReport, reason: usize) -> Option<u64> {
+    let s = &r.stats.sessions;
+    Some(match reason {
+        0 => s.dropped_queue_full,
+        1 => s.dropped_expired,
+        2 => s.dropped_offline_qos0,
+        3 => s.dropped_too_large,
+        4 => s.denied_publish + s.denied_delivery,
+        5 => r.stats.no_subscribers,
+        _ => s.lost_unreadable,
+    })
 }
 
 const METRICS: &[Metric] = &[
@@ -25,97 +66,183 @@ const METRICS: &[Metric] = &[
         name: "shardmq_connections",
         kind: "gauge",
         help: "MQTT connections attached to a session now.",
-        value: |r| Some(r.stats.connections as u64),
+        label: None,
+        value: |r, _| Some(r.stats.connections as u64),
     },
     Metric {
         name: "shardmq_sessions",
         kind: "gauge",
         help: "Sessions held, connected or offline.",
-        value: |r| Some(r.sessions as u64),
+        label: None,
+        value: |r, _| Some(r.sessions as u64),
     },
     Metric {
         name: "shardmq_subscriptions",
         kind: "gauge",
         help: "Subscriptions of the sessions held.",
-        value: |r| Some(r.subscriptions as u64),
+        label: None,
+        value: |r, _| Some(r.subscriptions as u64),
     },
     Metric {
         name: "shardmq_retained_messages",
         kind: "gauge",
         help: "Retained messages stored.",
-        value: |r| Some(r.retained as u64),
+        label: None,
+        value: |r, _| Some(r.retained as u64),
     },
     Metric {
         name: "shardmq_messages_routed_total",
         kind: "counter",
         help: "Messages routed from this shard's publishers.",
-        value: |r| Some(r.stats.routed),
+        label: None,
+        value: |r, _| Some(r.stats.routed),
     },
     Metric {
         name: "shardmq_deliveries_total",
         kind: "counter",
         help: "Deliveries into this shard's sessions (queued or sent).",
-        value: |r| Some(r.stats.delivered),
+        label: None,
+        value: |r, _| Some(r.stats.delivered),
+    },
+    Metric {
+        name: "shardmq_connects_accepted_total",
+        kind: "counter",
+        help: "CONNECTs accepted (a session attached).",
+        label: None,
+        value: |r, _| Some(r.stats.connects_accepted),
     },
     Metric {
         name: "shardmq_connects_refused_total",
         kind: "counter",
-        help: "CONNECTs refused at the handshake (client id, login, address, will).",
-        value: |r| Some(r.stats.connects_refused),
+        help: "Connections refused before their session attached, by reason.",
+        label: Some(("reason", &REFUSED)),
+        value: |r, i| Some(r.stats.connects_refused[i]),
+    },
+    Metric {
+        name: "shardmq_messages_received_total",
+        kind: "counter",
+        help: "PUBLISHes accepted from clients, by QoS.",
+        label: QOS,
+        value: |r, q| Some(r.stats.sessions.received[q]),
+    },
+    Metric {
+        name: "shardmq_message_bytes_received_total",
+        kind: "counter",
+        help: "Payload bytes of the PUBLISHes accepted from clients, by QoS.",
+        label: QOS,
+        value: |r, q| Some(r.stats.sessions.received_bytes[q]),
+    },
+    Metric {
+        name: "shardmq_messages_sent_total",
+        kind: "counter",
+        help: "PUBLISHes sent to clients (first transmissions), by the QoS sent with.",
+        label: QOS,
+        value: |r, q| Some(r.stats.sessions.sent[q]),
+    },
+    Metric {
+        name: "shardmq_message_bytes_sent_total",
+        kind: "counter",
+        help: "Payload bytes of the PUBLISHes sent to clients, by QoS.",
+        label: QOS,
+        value: |r, q| Some(r.stats.sessions.sent_bytes[q]),
+    },
+    Metric {
+        name: "shardmq_messages_dropped_total",
+        kind: "counter",
+        help: "Messages dropped, by reason: a full queue, expiry, QoS 0 to an offline session, larger than the client takes, the ACL, no subscriber, unreadable from the log.",
+        label: Some(("reason", DROPPED)),
+        value: dropped,
+    },
+    Metric {
+        name: "shardmq_bytes_received_total",
+        kind: "counter",
+        help: "MQTT bytes read from clients (inside TLS and WebSocket).",
+        label: None,
+        value: |r, _| Some(r.stats.bytes_received),
+    },
+    Metric {
+        name: "shardmq_bytes_sent_total",
+        kind: "counter",
+        help: "MQTT bytes written to clients (inside TLS and WebSocket).",
+        label: None,
+        value: |r, _| Some(r.stats.bytes_sent),
+    },
+    Metric {
+        name: "shardmq_queued_messages",
+        kind: "gauge",
+        help: "Messages waiting in the sessions' queues (not in flight).",
+        label: None,
+        value: |r, _| Some(r.stats.queued),
+    },
+    Metric {
+        name: "shardmq_inflight_messages",
+        kind: "gauge",
+        help: "Messages sent at QoS 1 or 2 and not yet acknowledged.",
+        label: None,
+        value: |r, _| Some(r.stats.inflight),
     },
     Metric {
         name: "shardmq_retained_dropped_total",
         kind: "counter",
         help: "Retained messages not kept: the store was full or the message too large.",
-        value: |r| Some(r.stats.retained_dropped),
+        label: None,
+        value: |r, _| Some(r.stats.retained_dropped),
     },
     Metric {
         name: "shardmq_delayed_bytes_full_total",
         kind: "counter",
         help: "Times the shard's share of storage.delayed_bytes_max was reached.",
-        value: |r| Some(r.stats.delayed_bytes_full),
+        label: None,
+        value: |r, _| Some(r.stats.delayed_bytes_full),
     },
     Metric {
         name: "shardmq_log_appends_failed_total",
         kind: "counter",
         help: "Log records that could not be written (log full, record too large).",
-        value: |r| Some(r.stats.log_appends_failed),
+        label: None,
+        value: |r, _| Some(r.stats.log_appends_failed),
     },
     Metric {
         name: "shardmq_send_timeouts_total",
         kind: "counter",
         help: "Connections closed because the client took no byte for server.send_timeout_ms.",
-        value: |r| Some(r.stats.send_timeouts),
+        label: None,
+        value: |r, _| Some(r.stats.send_timeouts),
     },
     Metric {
         name: "shardmq_tls_handshakes_refused_total",
         kind: "counter",
         help: "TLS connections closed at accept: server.tls_handshakes_max were waiting.",
-        value: |r| Some(r.stats.tls_handshakes_refused),
+        label: None,
+        value: |r, _| Some(r.stats.tls_handshakes_refused),
     },
     Metric {
         name: "shardmq_log_used_bytes",
         kind: "gauge",
         help: "Bytes written in the log's segments on disk (durable modes only).",
-        value: |r| r.log.map(|l| l.used_bytes),
+        label: None,
+        value: |r, _| r.log.map(|l| l.used_bytes),
     },
     Metric {
         name: "shardmq_log_live_bytes",
         kind: "gauge",
         help: "Of those, bytes of records still live.",
-        value: |r| r.log.map(|l| l.live_bytes),
+        label: None,
+        value: |r, _| r.log.map(|l| l.live_bytes),
     },
     Metric {
         name: "shardmq_log_sealed_segments",
         kind: "gauge",
         help: "Sealed log segments (besides the one written and the spare).",
-        value: |r| r.log.map(|l| l.sealed_segments as u64),
+        label: None,
+        value: |r, _| r.log.map(|l| l.sealed_segments as u64),
     },
     Metric {
         name: "shardmq_log_full",
         kind: "gauge",
         help: "1 while the log has no spare segment: QoS 1/2 publishes and new persistent sessions are refused.",
-        value: |r| r.log.map(|l| u64::from(l.full || l.others_full > 0)),
+        label: None,
+        value: |r, _| r.log.map(|l| u64::from(l.full || l.others_full > 0)),
     },
 ];
 
@@ -127,18 +254,30 @@ pub fn render(reports: &[ShardReport], shards: usize) -> String {
     let mut reports = reports.to_vec();
     reports.sort_by_key(|r| r.shard);
     for m in METRICS {
-        let values: Vec<(usize, u64)> = reports
-            .iter()
-            .filter_map(|r| (m.value)(r).map(|v| (r.shard, v)))
-            .collect();
-        if values.is_empty() {
-            continue; // not measured here (the log metrics in memory mode)
+        let (label, label_values) = m.label.unwrap_or(("", &[""]));
+        let mut lines = String::new();
+        for r in &reports {
+            for (i, lv) in label_values.iter().enumerate() {
+                let Some(v) = (m.value)(r, i) else {
+                    continue; // not measured here (the log metrics in memory mode)
+                };
+                let shard = r.shard;
+                let _ = match m.label {
+                    None => writeln!(lines, "{}{{shard=\"{shard}\"}} {v}", m.name),
+                    Some(_) => writeln!(
+                        lines,
+                        "{}{{shard=\"{shard}\",{label}=\"{lv}\"}} {v}",
+                        m.name
+                    ),
+                };
+            }
+        }
+        if lines.is_empty() {
+            continue;
         }
         let _ = writeln!(out, "# HELP {} {}", m.name, m.help);
         let _ = writeln!(out, "# TYPE {} {}", m.name, m.kind);
-        for (shard, v) in values {
-            let _ = writeln!(out, "{}{{shard=\"{shard}\"}} {v}", m.name);
-        }
+        out.push_str(&lines);
     }
     let _ = writeln!(
         out,
@@ -176,7 +315,7 @@ mod tests {
         assert!(text.contains("shardmq_messages_routed_total{shard=\"1\"} 7\n"));
         assert!(text.contains("shardmq_sessions{shard=\"0\"} 0\n"));
         assert!(text.contains("shardmq_scrape_shards_missing 1\n"));
-        for m in METRICS.iter().filter(|m| (m.value)(&b).is_some()) {
+        for m in METRICS.iter().filter(|m| (m.value)(&b, 0).is_some()) {
             assert!(text.contains(&format!("# TYPE {} {}\n", m.name, m.kind)));
             assert_eq!(
                 m.kind == "counter",
@@ -187,7 +326,8 @@ mod tests {
             let lines = text
                 .lines()
                 .filter(|l| l.starts_with(&format!("{}{{", m.name)));
-            assert_eq!(lines.count(), 2, "{}", m.name);
+            let per_shard = m.label.map_or(1, |(_, values)| values.len());
+            assert_eq!(lines.count(), 2 * per_shard, "{}", m.name);
         }
         assert!(!text.contains("shardmq_log_used_bytes"), "no log: left out");
         // Shard 0 comes first.

@@ -40,6 +40,14 @@ fn sum(text: &str, name: &str) -> u64 {
         .sum()
 }
 
+/// The sum of `name` over its lines whose labels contain `label`.
+fn sum_where(text: &str, name: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
 #[test]
 fn metrics_count_known_traffic_exactly() {
     let b = TestBroker::start(2);
@@ -50,14 +58,27 @@ fn metrics_count_known_traffic_exactly() {
         .http_addr()
         .expect("http listens");
 
+    // An offline persistent session on the subscriber's shard: what it
+    // subscribed to waits in its queue.
+    let off = b.id_on_shard("m-off", 0);
+    let (mut offline, _) = Raw::connect(b.addr, Version::V3_1_1, &off, false);
+    offline.subscribe(1, "q/#", QoS::AtLeastOnce);
+    offline.send(&shardmq::codec::Packet::Disconnect(Default::default()));
+    assert_eq!(offline.expect_close(), None);
     let (mut sub, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("m-sub", 0), true);
     sub.subscribe(1, "m/#", QoS::AtMostOnce);
+    sub.subscribe(2, "q/#", QoS::AtLeastOnce);
     let (mut publisher, _) = Raw::connect(b.addr, Version::V5, &b.id_on_shard("m-pub", 1), true);
     for i in 0..5u8 {
         publisher.publish("m/x", &[i], QoS::AtMostOnce, false, 0);
     }
     publisher.publish("m/kept", b"r", QoS::AtMostOnce, true, 0);
-    for _ in 0..6 {
+    publisher.publish("nobody/x", b"n", QoS::AtMostOnce, false, 0);
+    // Two QoS 1 messages of 10 bytes that the subscriber never
+    // acknowledges, and the offline session queues.
+    publisher.publish("q/1", &[1; 10], QoS::AtLeastOnce, false, 1);
+    publisher.publish("q/1", &[2; 10], QoS::AtLeastOnce, false, 2);
+    for _ in 0..8 {
         sub.recv_publish();
     }
     // A CONNECT refused before any session: an authentication method.
@@ -70,22 +91,61 @@ fn metrics_count_known_traffic_exactly() {
     assert_eq!(sum(&text, "shardmq_shards"), 2);
     assert_eq!(sum(&text, "shardmq_scrape_shards_missing"), 0);
     assert_eq!(sum(&text, "shardmq_connections"), 2, "{text}");
-    assert_eq!(sum(&text, "shardmq_sessions"), 2);
-    assert_eq!(sum(&text, "shardmq_subscriptions"), 1);
+    assert_eq!(sum(&text, "shardmq_sessions"), 3);
+    assert_eq!(sum(&text, "shardmq_subscriptions"), 3);
     assert_eq!(sum(&text, "shardmq_retained_messages"), 1);
-    assert_eq!(sum(&text, "shardmq_messages_routed_total"), 6, "{text}");
-    assert_eq!(sum(&text, "shardmq_deliveries_total"), 6, "{text}");
+    assert_eq!(sum(&text, "shardmq_messages_routed_total"), 9, "{text}");
+    assert_eq!(sum(&text, "shardmq_deliveries_total"), 10, "{text}");
+    assert_eq!(sum(&text, "shardmq_connects_accepted_total"), 3, "{text}");
     assert_eq!(sum(&text, "shardmq_connects_refused_total"), 1, "{text}");
+    let refused = "shardmq_connects_refused_total{shard=\"1\",reason=\"bad_auth_method\"} 1\n";
+    let refused_0 = refused.replace("shard=\"1\"", "shard=\"0\"");
+    assert!(
+        text.contains(refused) || text.contains(&refused_0),
+        "{text}"
+    );
     // Per shard: the publisher's shard routed them, the subscriber's took
     // them in.
     assert!(
-        text.contains("shardmq_messages_routed_total{shard=\"1\"} 6\n"),
+        text.contains("shardmq_messages_routed_total{shard=\"1\"} 9\n"),
         "{text}"
     );
     assert!(
-        text.contains("shardmq_deliveries_total{shard=\"0\"} 6\n"),
+        text.contains("shardmq_deliveries_total{shard=\"0\"} 10\n"),
         "{text}"
     );
+    // By QoS, in and out, messages and payload bytes.
+    let qos = |name: &str, q: u8| sum_where(&text, name, &format!("qos=\"{q}\""));
+    assert_eq!(qos("shardmq_messages_received_total", 0), 7, "{text}");
+    assert_eq!(qos("shardmq_message_bytes_received_total", 0), 7);
+    assert_eq!(qos("shardmq_messages_received_total", 1), 2);
+    assert_eq!(qos("shardmq_message_bytes_received_total", 1), 20);
+    assert_eq!(qos("shardmq_messages_received_total", 2), 0);
+    assert_eq!(qos("shardmq_messages_sent_total", 0), 6, "{text}");
+    assert_eq!(qos("shardmq_message_bytes_sent_total", 0), 6);
+    assert_eq!(qos("shardmq_messages_sent_total", 1), 2);
+    assert_eq!(qos("shardmq_message_bytes_sent_total", 1), 20);
+    assert!(
+        text.contains("shardmq_messages_sent_total{shard=\"0\",qos=\"1\"} 2\n"),
+        "{text}"
+    );
+    // Drops by reason: the one nobody subscribed to.
+    let dropped = |reason: &str| {
+        sum_where(
+            &text,
+            "shardmq_messages_dropped_total",
+            &format!("reason=\"{reason}\""),
+        )
+    };
+    assert_eq!(dropped("no_subscribers"), 1, "{text}");
+    assert_eq!(sum(&text, "shardmq_messages_dropped_total"), 1, "{text}");
+    // Queue and in flight: the offline session's two, the subscriber's
+    // two unacknowledged.
+    assert_eq!(sum(&text, "shardmq_queued_messages"), 2, "{text}");
+    assert_eq!(sum(&text, "shardmq_inflight_messages"), 2, "{text}");
+    // MQTT bytes on the wire: at least the payloads and topics.
+    assert!(sum(&text, "shardmq_bytes_received_total") > 27 + 40);
+    assert!(sum(&text, "shardmq_bytes_sent_total") > 26 + 24);
 
     assert_eq!(http(http_addr, "POST", "/metrics").0, 405);
     assert_eq!(http(http_addr, "GET", "/other").0, 404);

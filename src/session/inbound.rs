@@ -251,7 +251,9 @@ impl Session {
         packet_id: Option<u16>,
         delay_s: Option<u32>,
     ) {
-        self.stats.received += 1;
+        let q = p.qos as usize;
+        self.stats.received[q] += 1;
+        self.stats.received_bytes[q] += p.payload.len() as u64;
         let message = Message::from_publish(p, now, Some(self.client_id.clone()));
         self.actions.push_back(Action::Publish {
             message: Arc::new(message),

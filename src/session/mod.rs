@@ -257,10 +257,15 @@ pub enum Action {
 /// Counters kept per session and summed by the shard for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SessionStats {
-    /// Messages accepted from the client.
-    pub received: u64,
-    /// Messages sent to the client (first transmissions).
-    pub sent: u64,
+    /// Messages accepted from the client, by QoS.
+    pub received: [u64; 3],
+    /// Their payload bytes, by QoS.
+    pub received_bytes: [u64; 3],
+    /// Messages sent to the client (first transmissions), by the QoS they
+    /// were sent with.
+    pub sent: [u64; 3],
+    /// Their payload bytes, by QoS.
+    pub sent_bytes: [u64; 3],
     /// Messages dropped because a queue was full.
     pub dropped_queue_full: u64,
     /// Queued messages lost because the log could not give them back.
@@ -291,7 +296,9 @@ impl SessionStats {
     pub fn add(&mut self, other: &SessionStats) {
         let SessionStats {
             received,
+            received_bytes,
             sent,
+            sent_bytes,
             dropped_queue_full,
             lost_unreadable,
             dropped_offline_qos0,
@@ -303,8 +310,12 @@ impl SessionStats {
             denied_subscribe,
             denied_delivery,
         } = *other;
-        self.received += received;
-        self.sent += sent;
+        for q in 0..3 {
+            self.received[q] += received[q];
+            self.received_bytes[q] += received_bytes[q];
+            self.sent[q] += sent[q];
+            self.sent_bytes[q] += sent_bytes[q];
+        }
         self.dropped_queue_full += dropped_queue_full;
         self.lost_unreadable += lost_unreadable;
         self.dropped_offline_qos0 += dropped_offline_qos0;
@@ -498,9 +509,19 @@ impl Session {
         &self.subscriptions
     }
 
-    /// Counters.
+    /// Counters since the last [`Session::take_stats`].
     pub fn stats(&self) -> SessionStats {
         self.stats
+    }
+
+    /// The counters since the last call, zeroed: the shard adds them to
+    /// its running totals after every step, so a scrape never walks the
+    /// sessions.
+    pub fn take_stats(&mut self) -> Option<SessionStats> {
+        if self.stats == SessionStats::default() {
+            return None;
+        }
+        Some(std::mem::take(&mut self.stats))
     }
 
     /// Messages waiting in the queue (not in flight).

@@ -604,7 +604,9 @@ impl Session {
             self.stats.alias_bytes_full += 1;
         }
         if !dup {
-            self.stats.sent += 1;
+            let q = delivery.qos as usize;
+            self.stats.sent[q] += 1;
+            self.stats.sent_bytes[q] += message.payload.len() as u64;
         }
         self.transmit.push(Outgoing::Publish(d));
         true

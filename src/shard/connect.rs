@@ -24,7 +24,7 @@ use crate::router::topic::validate_topic_name;
 use crate::session::Session;
 use crate::text::quote;
 
-use super::{home_shard, ConnHandle, SessionSlot, ShardCore};
+use super::{home_shard, ConnHandle, ConnectRefusal, SessionSlot, ShardCore};
 
 /// What to do with a connection whose CONNECT was read.
 #[derive(Debug, PartialEq, Eq)]
@@ -146,7 +146,7 @@ impl ShardCore {
         let (assigned, grant) = match checked {
             Ok(a) => a,
             Err(Refusal { code, why, delay }) => {
-                self.state.borrow_mut().stats.connects_refused += 1;
+                self.count_refused(ConnectRefusal::of_code(code));
                 shard_log!(
                     self,
                     log::Level::Info,
@@ -319,6 +319,21 @@ impl ShardCore {
         assigned: Option<String>,
         grant: Grant,
     ) -> Result<Rc<ConnHandle>, u8> {
+        let attached = self.attach_checked(now, connect, assigned, grant);
+        if let Err(code) = attached {
+            self.count_refused(ConnectRefusal::of_code(code));
+        }
+        attached
+    }
+
+    /// [`ShardCore::attach_granted`] before its refusals are counted.
+    fn attach_checked(
+        &self,
+        now: Instant,
+        connect: Box<Connect>,
+        assigned: Option<String>,
+        grant: Grant,
+    ) -> Result<Rc<ConnHandle>, u8> {
         let mut st = self.state.borrow_mut();
         let client_id: &str = assigned.as_deref().unwrap_or(&connect.client_id);
         let existing = st.by_client.get(client_id).copied();
@@ -399,11 +414,17 @@ impl ShardCore {
         });
         slot.conn = Some(handle.clone());
         st.stats.connections += 1;
+        st.stats.connects_accepted += 1;
         self.claim_connection(&mut st, key, now);
         Self::durable_connect(&mut st, key);
         self.drive(&mut st, key, now);
         Self::debug_invariants(&st);
         Ok(handle)
+    }
+
+    /// Count a connection refused for `why`.
+    pub(crate) fn count_refused(&self, why: ConnectRefusal) {
+        self.state.borrow_mut().stats.connects_refused[why as usize] += 1;
     }
 
     /// Log why `client_id` is refused a session here (rate limited with
@@ -441,15 +462,17 @@ impl ShardCore {
         if Self::output_waits_for_sync(&mut st, conn.key, conn.id) {
             return;
         }
+        let st = &mut *st;
         let Some(slot) = st.sessions.get_mut(conn.key) else {
             return;
         };
         slot.session.encode_transmit(conn.version, out, limit);
+        slot.account(&mut st.stats);
         if slot.session.has_transmit() {
             conn.wake.notify();
         }
         // Room for the socket may be room for a parked retained gather.
-        Self::resume_gathers(&mut st, conn.key);
+        Self::resume_gathers(st, conn.key);
     }
 }
 

@@ -93,7 +93,7 @@ use std::time::{Duration, Instant};
 
 use crate::hash::HashMap;
 
-use crate::codec::{Packet, QoS, Version};
+use crate::codec::{reason, Packet, QoS, Version};
 use crate::config::Config;
 use crate::message::{ClientId, Message};
 pub use crate::router::{home_shard, stable_hash};
@@ -263,6 +263,10 @@ struct SessionSlot {
     /// The topics its last connection's login token granted (its ACL,
     /// kept when the files are reloaded); None: the ACL file applies.
     token_rules: Option<std::sync::Arc<crate::auth::token::TokenRules>>,
+    /// The queue length last added to `ShardStats::queued`.
+    counted_queued: u32,
+    /// The in-flight count last added to `ShardStats::inflight`.
+    counted_inflight: u32,
 }
 
 impl SessionSlot {
@@ -283,7 +287,24 @@ impl SessionSlot {
             claim: 0,
             username: None,
             token_rules: None,
+            counted_queued: 0,
+            counted_inflight: 0,
         }
+    }
+
+    /// Add what the session counted since its last step to `stats`, and
+    /// the change of its queue and in-flight lengths (constant time; a
+    /// scrape then reads the totals without walking the sessions).
+    fn account(&mut self, stats: &mut ShardStats) {
+        if let Some(s) = self.session.take_stats() {
+            stats.sessions.add(&s);
+        }
+        let queued = self.session.queued_len() as u32;
+        let inflight = self.session.inflight_len() as u32;
+        stats.queued = stats.queued + u64::from(queued) - u64::from(self.counted_queued);
+        stats.inflight = stats.inflight + u64::from(inflight) - u64::from(self.counted_inflight);
+        self.counted_queued = queued;
+        self.counted_inflight = inflight;
     }
 }
 
@@ -302,9 +323,21 @@ pub struct ShardStats {
     /// Times this shard's share of `storage.delayed_bytes_max` was reached
     /// (new delayed publishes are refused while it is).
     pub delayed_bytes_full: u64,
-    /// CONNECTs refused before a session was involved (client id, will,
-    /// authentication method, user property bytes).
-    pub connects_refused: u64,
+    /// CONNECTs accepted (a session attached).
+    pub connects_accepted: u64,
+    /// Connections refused before or at CONNECT, by [`ConnectRefusal`] reason.
+    pub connects_refused: [u64; ConnectRefusal::ALL.len()],
+    /// MQTT bytes read from clients (after TLS and WebSocket framing).
+    pub bytes_received: u64,
+    /// MQTT bytes written to clients.
+    pub bytes_sent: u64,
+    /// Messages routed that matched no subscription anywhere and were
+    /// not retained.
+    pub no_subscribers: u64,
+    /// Messages in the sessions' queues (waiting, not in flight).
+    pub queued: u64,
+    /// Messages sent and not yet acknowledged.
+    pub inflight: u64,
     /// Log records that could not be written (the log was full, or a
     /// record too large): each refused, held for a retry or counted here.
     pub log_appends_failed: u64,
@@ -314,8 +347,83 @@ pub struct ShardStats {
     /// TLS connections closed at accept because `server.tls_handshakes_max`
     /// were already waiting to send CONNECT.
     pub tls_handshakes_refused: u64,
-    /// Counters summed over sessions that ended.
-    pub ended_sessions: SessionStats,
+    /// The sessions' counters, live and ended: each session's are added
+    /// after every step it takes.
+    pub sessions: SessionStats,
+}
+
+/// Why a connection was refused before its session attached: the
+/// `reason` label of `shardmq_connects_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectRefusal {
+    /// Bad user name or password, or a bad login token (0x86).
+    BadCredentials,
+    /// Not authorized (0x87) or banned (0x8A).
+    NotAuthorized,
+    /// The client id is not allowed (0x85).
+    ClientIdInvalid,
+    /// `connections_max`, `sessions_max`, or a full log (0x97).
+    QuotaExceeded,
+    /// The broker is stopping or on a minority side (0x88), or too many
+    /// connections are waiting to send CONNECT (closed at accept).
+    Unavailable,
+    /// An authentication method the broker does not know (0x8C).
+    BadAuthMethod,
+    /// A will with a bad topic or payload (0x90, 0x99).
+    BadWill,
+    /// No valid CONNECT within `server.connect_timeout_ms`: bad bytes, an
+    /// unsupported protocol level, another packet first, a refused
+    /// WebSocket upgrade, or silence.
+    Protocol,
+    /// Any other CONNACK reason.
+    Other,
+}
+
+impl ConnectRefusal {
+    /// Every reason, in the order of `ShardStats::connects_refused`.
+    pub const ALL: [ConnectRefusal; 9] = [
+        ConnectRefusal::BadCredentials,
+        ConnectRefusal::NotAuthorized,
+        ConnectRefusal::ClientIdInvalid,
+        ConnectRefusal::QuotaExceeded,
+        ConnectRefusal::Unavailable,
+        ConnectRefusal::BadAuthMethod,
+        ConnectRefusal::BadWill,
+        ConnectRefusal::Protocol,
+        ConnectRefusal::Other,
+    ];
+
+    /// The metric label.
+    pub const fn label(self) -> &'static str {
+        match self {
+            ConnectRefusal::BadCredentials => "bad_credentials",
+            ConnectRefusal::NotAuthorized => "not_authorized",
+            ConnectRefusal::ClientIdInvalid => "client_id_invalid",
+            ConnectRefusal::QuotaExceeded => "quota_exceeded",
+            ConnectRefusal::Unavailable => "unavailable",
+            ConnectRefusal::BadAuthMethod => "bad_auth_method",
+            ConnectRefusal::BadWill => "bad_will",
+            ConnectRefusal::Protocol => "protocol",
+            ConnectRefusal::Other => "other",
+        }
+    }
+
+    /// The reason a 5.0 CONNACK code gives.
+    pub fn of_code(code: u8) -> ConnectRefusal {
+        match code {
+            reason::BAD_USER_NAME_OR_PASSWORD => ConnectRefusal::BadCredentials,
+            reason::NOT_AUTHORIZED | reason::BANNED => ConnectRefusal::NotAuthorized,
+            reason::CLIENT_IDENTIFIER_NOT_VALID => ConnectRefusal::ClientIdInvalid,
+            reason::QUOTA_EXCEEDED => ConnectRefusal::QuotaExceeded,
+            reason::SERVER_UNAVAILABLE | reason::SERVER_BUSY => ConnectRefusal::Unavailable,
+            reason::BAD_AUTHENTICATION_METHOD => ConnectRefusal::BadAuthMethod,
+            reason::TOPIC_NAME_INVALID | reason::PAYLOAD_FORMAT_INVALID => ConnectRefusal::BadWill,
+            reason::UNSUPPORTED_PROTOCOL_VERSION
+            | reason::MALFORMED_PACKET
+            | reason::PROTOCOL_ERROR => ConnectRefusal::Protocol,
+            _ => ConnectRefusal::Other,
+        }
+    }
 }
 
 /// One shard's part of a metrics scrape ([`ShardCore::report`]).
@@ -674,6 +782,7 @@ impl ShardCore {
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
         };
+        slot.account(&mut st.stats);
         // Without a log nothing reads the journal.
         while slot.session.poll_journal().is_some() {}
         if slot.session.has_transmit() {
@@ -721,13 +830,17 @@ impl ShardCore {
         let slot = st.sessions.remove(key).expect("checked above");
         Self::unexport_will(st, &slot);
         let reach = Self::will_reach(st.remote.as_ref(), &slot);
+        st.stats.queued -= u64::from(slot.counted_queued);
+        st.stats.inflight -= u64::from(slot.counted_inflight);
         let mut session = slot.session;
         while let Some(action) = session.poll_action() {
             if let Action::Publish { message, .. } = action {
                 self.route(st, now, message, Source::default(), reach);
             }
         }
-        st.stats.ended_sessions.add(&session.stats());
+        if let Some(s) = session.take_stats() {
+            st.stats.sessions.add(&s);
+        }
         if st.by_client.get(session.client_id()) == Some(&key) {
             st.by_client.remove(session.client_id());
         }
@@ -817,8 +930,11 @@ impl ShardCore {
             assert_eq!(slot.session.client_id(), id, "the index names its session");
         }
         let mut connected = 0;
+        let (mut queued, mut inflight) = (0u64, 0u64);
         for (key, slot) in st.sessions.iter() {
             slot.session.check_invariants();
+            queued += u64::from(slot.counted_queued);
+            inflight += u64::from(slot.counted_inflight);
             if let Some(conn) = &slot.conn {
                 connected += 1;
                 assert_eq!(conn.key, key, "a connection names its session");
@@ -826,6 +942,8 @@ impl ShardCore {
             }
         }
         assert_eq!(connected, st.stats.connections, "connections are counted");
+        assert_eq!(queued, st.stats.queued, "queue lengths are counted");
+        assert_eq!(inflight, st.stats.inflight, "in-flight counts are counted");
         for pick in st.shared_shard_next.keys() {
             let live = st.routes.entries(&pick.filter).any(|(k, _)| {
                 matches!(k, RouteKey::Shared { pick: p, .. } | RouteKey::NodeShared { pick: p, .. }

@@ -164,6 +164,13 @@ impl ShardCore {
         };
         let Logged { origin, stamp_ms } = logged;
         st.stats.routed += 1;
+        let matched = !plan.ordinary.is_empty()
+            || !plan.picks.is_empty()
+            || !plan.nodes.is_empty()
+            || !plan.node_picks.is_empty();
+        if !matched && !message.retain {
+            st.stats.no_subscribers += 1;
+        }
         if let Some(owner) = plan.owner {
             if owner == self.id {
                 self.store_retained(st, now, message.clone(), origin, stamp_ms, Version::Local);

@@ -27,7 +27,7 @@ use crate::codec::{self, reason, ConnAck, Connect, DecodeError, Packet, Version}
 
 use super::super::connect::{Arrival, Handshake};
 use super::super::mesh::{Handoff, MeshMsg};
-use super::super::{ConnHandle, ShardCore};
+use super::super::{ConnHandle, ConnectRefusal, ShardCore};
 use super::transport::Stream;
 use super::TlsListeners;
 use crate::shard::CertLogin;
@@ -59,6 +59,7 @@ pub(crate) async fn accept_loop(
     loop {
         match listener.accept().await {
             Ok(stream) if shard.handshakes.get() >= shard.connections_max => {
+                shard.count_refused(ConnectRefusal::Unavailable);
                 shard_log!(
                     shard,
                     log::Level::Warn,
@@ -230,7 +231,7 @@ async fn handshake(
 }
 
 /// Read the WebSocket upgrade request and answer it; from then on the
-/// stream's bytes are frames. Refused: the HTTP error is sent.
+/// stream's bytes are frames. ConnectRefusal: the HTTP error is sent.
 async fn websocket_upgrade(stream: &mut Stream, path: &str) -> Result<(), HandshakeError> {
     let mut request = Vec::new();
     let mut chunk = vec![0u8; 2048]; // heap: only WebSocket handshakes pay for it
@@ -321,6 +322,9 @@ async fn refuse_handshake(
     peer: Option<std::net::SocketAddr>,
     e: HandshakeError,
 ) {
+    if !matches!(e, HandshakeError::Io(_) | HandshakeError::Closed) {
+        shard.count_refused(ConnectRefusal::Protocol);
+    }
     match e {
         HandshakeError::Decode(DecodeError::UnsupportedProtocolVersion(level)) => {
             shard_log!(
@@ -581,7 +585,7 @@ async fn read_loop(
         };
         match read.or(closed).await {
             Some(Ok(0) | Err(_)) => return true,
-            Some(Ok(_)) => {}
+            Some(Ok(n)) => shard.state.borrow_mut().stats.bytes_received += n as u64,
             None => return false,
         }
         if conn.is_closing() {
@@ -636,6 +640,7 @@ async fn write_loop(shard: Rc<ShardCore>, conn: Rc<ConnHandle>, mut stream: Shar
                 }
             }
             if !out.is_empty() {
+                shard.state.borrow_mut().stats.bytes_sent += out.len() as u64;
                 out.clear();
                 conn.drained.notify();
                 if out.capacity() > 8192 {
