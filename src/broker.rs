@@ -91,6 +91,8 @@ pub struct Broker {
     _ports: Vec<PortLock>,
     /// The HTTP listener (metrics), when `[http] bind` names one.
     http: Option<crate::http::HttpServer>,
+    /// The `$SYS` publisher, unless `mqtt.sys_interval_s` is 0.
+    sys: Option<crate::sys::SysThread>,
 }
 
 /// What an orderly stop closed, summed over the shards.
@@ -134,6 +136,7 @@ impl std::fmt::Display for StopSummary {
 impl Broker {
     /// Start every shard and return once all of them listen.
     pub fn start(config: Config) -> Result<Broker, StartError> {
+        let started = Instant::now();
         config.validate()?;
         let shards = config.shard_count();
         check_os_limits(&config, shards)?;
@@ -189,6 +192,7 @@ impl Broker {
             _data_dir: data_dir,
             _ports: listeners.locks,
             http: None,
+            sys: None,
         };
         let mut sockets = listeners.sockets.into_iter();
         for id in 0..shards {
@@ -245,6 +249,14 @@ impl Broker {
                         why: why.into(),
                     });
                 }
+            }
+        }
+        if config.mqtt.sys_interval_s > 0 {
+            let interval = Duration::from_secs(config.mqtt.sys_interval_s);
+            let controls = broker.controls.clone();
+            match crate::sys::SysThread::start(controls, interval, started) {
+                Ok(t) => broker.sys = Some(t),
+                Err(e) => log::error!("cannot start the $SYS thread: {e}; no $SYS topics"),
             }
         }
         // Serve metrics once every shard answers.
@@ -331,6 +343,9 @@ impl Broker {
     fn stop_inner(&mut self) -> StopSummary {
         if let Some(h) = self.http.take() {
             h.stop();
+        }
+        if let Some(s) = self.sys.take() {
+            s.stop();
         }
         let started = Instant::now();
         let deadline = started + self.shutdown_timeout;

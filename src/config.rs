@@ -433,6 +433,8 @@ pub struct MqttConfig {
     pub user_properties_bytes_max: usize,
     /// Bytes of topics one session's outbound topic-alias map keeps.
     pub topic_alias_out_bytes_max: usize,
+    /// Seconds between `$SYS` updates; 0: no `$SYS` topics.
+    pub sys_interval_s: u64,
 }
 
 /// `[mesh]`.
@@ -669,6 +671,12 @@ impl Config {
             ));
         }
         range("mqtt.retained_bytes_max", m.retained_bytes_max, 0, 1 << 50)?;
+        range(
+            "mqtt.sys_interval_s",
+            m.sys_interval_s,
+            0,
+            crate::sys::INTERVAL_S_MAX,
+        )?;
         range(
             "mqtt.retained_message_bytes_max",
             m.retained_message_bytes_max,

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::shard::runtime::Control;
+use crate::shard::runtime::{gather_reports, Control};
 use crate::shard::ShardReport;
 
 /// Clients served at once; more are closed at accept.
@@ -28,8 +28,6 @@ pub const REQUEST_BYTES_MAX: usize = 8192;
 /// Longest a client may take to send its request head, and a write of
 /// the answer.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest a scrape waits for the shards' answers.
-pub const SCRAPE_WAIT: Duration = Duration::from_secs(2);
 
 /// The running listener: its address, and a handle that stops it.
 pub struct HttpServer {
@@ -246,10 +244,10 @@ fn route(site: &Site, req: &Request, loopback: bool) -> (u16, &'static str, Stri
         ("GET", "/metrics") => (
             200,
             "text/plain; version=0.0.4; charset=utf-8",
-            crate::metrics::render(&gather(controls), controls.len()),
+            crate::metrics::render(&gather_reports(controls), controls.len()),
         ),
         ("GET", "/api/v1/status") => {
-            let reports = gather(controls);
+            let reports = gather_reports(controls);
             let all = reports.len() == controls.len();
             let sum = |f: fn(&ShardReport) -> usize| reports.iter().map(f).sum::<usize>();
             let body = serde_json::json!({
@@ -302,18 +300,4 @@ fn api_allowed(
             "set http.api_token to use the API from other addresses\n".into(),
         )),
     }
-}
-
-/// Every shard's report that comes within [`SCRAPE_WAIT`].
-fn gather(controls: &[crossbeam_channel::Sender<Control>]) -> Vec<ShardReport> {
-    let (tx, rx) = crossbeam_channel::bounded(controls.len());
-    let asked = controls
-        .iter()
-        .filter(|c| c.send(Control::Report(tx.clone())).is_ok())
-        .count();
-    drop(tx); // all shards gone: the wait ends at once
-    let deadline = Instant::now() + SCRAPE_WAIT;
-    (0..asked)
-        .map_while(|_| rx.recv_deadline(deadline).ok())
-        .collect()
 }

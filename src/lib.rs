@@ -51,6 +51,7 @@ pub mod persist;
 pub mod router;
 pub mod session;
 pub mod shard;
+pub mod sys;
 pub mod text;
 pub mod tls;
 pub mod ws;

@@ -147,6 +147,9 @@ impl ShardCore {
         let Some(r) = st.remote.as_mut() else {
             return;
         };
+        if crate::sys::is_sys_topic(&message.topic) {
+            return; // each node's own
+        }
         let c = &mut r.retained;
         let topic = message.topic.clone();
         c.forget_tombstone(&topic);

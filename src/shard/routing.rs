@@ -119,6 +119,33 @@ impl ShardCore {
     /// With `Reach::Here` (a will every node publishes for itself) it goes
     /// to this node's subscribers only, its retained copy kept here, and
     /// shared subscriptions are left to the peers, which publish it too.
+    /// Publish the broker's `$SYS` `topics` (retained, QoS 0) to this
+    /// node's subscribers; their retained copies are kept in memory only
+    /// (see [`crate::sys`]).
+    pub fn publish_sys(&self, now: Instant, topics: Vec<(String, String)>) {
+        let mut st = self.state.borrow_mut();
+        for (topic, payload) in topics {
+            debug_assert!(crate::sys::is_sys_topic(&topic));
+            let message = Message {
+                topic: topic.into(),
+                payload: payload.into(),
+                qos: QoS::AtMostOnce,
+                retain: true,
+                properties: Default::default(),
+                expires_at: None,
+                publisher: None,
+            };
+            self.route(
+                &mut st,
+                now,
+                Arc::new(message),
+                Source::default(),
+                Reach::Here,
+            );
+        }
+        Self::debug_invariants(&st);
+    }
+
     pub(super) fn route(
         &self,
         st: &mut State,

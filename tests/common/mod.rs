@@ -35,6 +35,8 @@ impl TestBroker {
         config.server.io_memory_bytes = 128 << 10;
         // Tests that are not about durability run without a log.
         config.storage.durability = "memory".into();
+        // Nor with $SYS topics (retained messages a test would count).
+        config.mqtt.sys_interval_s = 0;
         tweak(&mut config);
         let broker = Broker::start(config).expect("broker starts");
         let addr = broker.local_addrs()[0];

@@ -438,6 +438,9 @@ impl ShardCore {
         let Some(store) = st.store.as_mut() else {
             return;
         };
+        if crate::sys::is_sys_topic(&message.topic) {
+            return; // this run's figures only
+        }
         if store.write_retain(message, stamp_ms, origin).is_err() {
             // The topic's older record no longer says its value.
             if let Some(old) = store.live.retained.remove(&message.topic) {

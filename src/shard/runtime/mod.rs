@@ -50,6 +50,29 @@ pub(crate) enum Control {
     Tls(TlsListeners, crossbeam_channel::Sender<()>),
     /// Send the shard's counters (a metrics scrape).
     Report(crossbeam_channel::Sender<crate::shard::ShardReport>),
+    /// Publish these `$SYS` topics and payloads (retained, QoS 0, this
+    /// node only, not logged).
+    Sys(Vec<(String, String)>),
+}
+
+/// Longest [`gather_reports`] waits for the shards' answers.
+pub const SCRAPE_WAIT: Duration = Duration::from_secs(2);
+
+/// Every shard's report that comes within [`SCRAPE_WAIT`] (each shard
+/// answers at its next tick).
+pub(crate) fn gather_reports(
+    controls: &[crossbeam_channel::Sender<Control>],
+) -> Vec<crate::shard::ShardReport> {
+    let (tx, rx) = crossbeam_channel::bounded(controls.len());
+    let asked = controls
+        .iter()
+        .filter(|c| c.send(Control::Report(tx.clone())).is_ok())
+        .count();
+    drop(tx); // all shards gone: the wait ends at once
+    let deadline = Instant::now() + SCRAPE_WAIT;
+    (0..asked)
+        .map_while(|_| rx.recv_deadline(deadline).ok())
+        .collect()
 }
 
 /// Per listening socket, in order: its TLS configuration (None: plain
@@ -205,6 +228,7 @@ pub(crate) async fn run_shard(
                 Ok(Control::Report(to)) => {
                     let _ = to.send(shard.report());
                 }
+                Ok(Control::Sys(topics)) => shard.publish_sys(Instant::now(), topics),
                 Err(crossbeam_channel::TryRecvError::Empty) => break,
             }
         }
