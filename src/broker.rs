@@ -262,7 +262,13 @@ impl Broker {
         // Serve metrics once every shard answers.
         if let Some((addr, listener)) = http {
             let token = Some(config.http.api_token.clone()).filter(|t| !t.is_empty());
-            match crate::http::HttpServer::start(listener, broker.controls.clone(), token) {
+            let api = crate::api::Api {
+                controls: broker.controls.clone(),
+                started,
+                topic_levels_max: config.mqtt.topic_levels_max,
+                payload_bytes_max: config.mqtt.packet_size_max_bytes as usize,
+            };
+            match crate::http::HttpServer::start(listener, broker.controls.clone(), token, api) {
                 Ok(h) => {
                     log::info!("http: GET /metrics on {}", h.addr());
                     broker.http = Some(h);

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::api::Api;
 use crate::shard::runtime::{gather_reports, Control};
-use crate::shard::ShardReport;
 
 /// Clients served at once; more are closed at accept.
 pub const CONNECTIONS_MAX: usize = 16;
@@ -47,11 +47,15 @@ impl HttpServer {
         listener: TcpListener,
         controls: Vec<crossbeam_channel::Sender<Control>>,
         api_token: Option<String>,
+        api: Api,
     ) -> std::io::Result<HttpServer> {
+        // A payload in base64 inside JSON, with room for the rest.
+        let body_bytes_max = api.payload_bytes_max / 3 * 4 + 64 * 1024;
         let site = Arc::new(Site {
             controls,
             api_token,
-            started: Instant::now(),
+            api,
+            body_bytes_max,
         });
         let addr = listener.local_addr()?;
         let socket = socket2::Socket::from(listener.try_clone()?);
@@ -88,14 +92,18 @@ struct Site {
     controls: Vec<crossbeam_channel::Sender<Control>>,
     /// `http.api_token`; None: the API answers loopback clients only.
     api_token: Option<String>,
-    started: Instant,
+    api: Api,
+    /// The largest request body read.
+    body_bytes_max: usize,
 }
 
 /// What the server reads of a request.
 struct Request {
     method: String,
+    /// Path and query.
     path: String,
     authorization: Option<String>,
+    body: Vec<u8>,
 }
 
 fn accept_loop(listener: TcpListener, site: Arc<Site>, stopping: &AtomicBool) {
@@ -152,8 +160,8 @@ fn serve(mut stream: TcpStream, site: &Site) {
     let loopback = stream
         .peer_addr()
         .is_ok_and(|a| a.ip().to_canonical().is_loopback());
-    let (status, content_type, body) = match read_request(&mut stream) {
-        Err(why) => (400, "text/plain", format!("{why}\n")),
+    let (status, content_type, body) = match read_request(&mut stream, site.body_bytes_max) {
+        Err((status, why)) => (status, "text/plain", format!("{why}\n")),
         Ok(req) => route(site, &req, loopback),
     };
     let reason = match status {
@@ -163,6 +171,8 @@ fn serve(mut stream: TcpStream, site: &Site) {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Content Too Large",
         503 => "Service Unavailable",
         _ => "Error",
     };
@@ -190,43 +200,67 @@ fn serve(mut stream: TcpStream, site: &Site) {
     }
 }
 
-/// The method and path of the request on `stream` (its body, if any, is
-/// not read); the whole head within [`IO_TIMEOUT`], however it trickles.
-fn read_request(stream: &mut TcpStream) -> Result<Request, String> {
+/// The request on `stream`: its head, then a body of `Content-Length`
+/// bytes (at most `body_bytes_max`), all within [`IO_TIMEOUT`] however it
+/// trickles; Err(status, why) otherwise.
+fn read_request(stream: &mut TcpStream, body_bytes_max: usize) -> Result<Request, (u16, String)> {
     let deadline = Instant::now() + IO_TIMEOUT;
     let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
+    let mut chunk = [0u8; 4096];
+    let mut read_more = |buf: &mut Vec<u8>| -> Result<(), (u16, String)> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err((400, format!("no whole request within {IO_TIMEOUT:?}")));
+        }
+        let _ = stream.set_read_timeout(Some(left));
+        match stream.read(&mut chunk) {
+            Ok(0) => Err((400, "closed before the request ended".into())),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                Ok(())
+            }
+            Err(e) => Err((400, format!("read: {e}"))),
+        }
+    };
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => {
-                let authorization = req
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("authorization"))
-                    .and_then(|h| std::str::from_utf8(h.value).ok())
-                    .map(str::to_string);
-                return Ok(Request {
+            Ok(httparse::Status::Complete(head)) => {
+                let header = |name: &str| {
+                    req.headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .and_then(|h| std::str::from_utf8(h.value).ok())
+                };
+                if header("transfer-encoding").is_some() {
+                    return Err((411, "send the body with a Content-Length".into()));
+                }
+                let length = match header("content-length").map(|l| l.trim().parse::<usize>()) {
+                    None => 0,
+                    Some(Ok(l)) if l <= body_bytes_max => l,
+                    Some(Ok(_)) => {
+                        return Err((413, format!("a body of at most {body_bytes_max} bytes")))
+                    }
+                    Some(Err(_)) => return Err((400, "a bad Content-Length".into())),
+                };
+                let mut request = Request {
                     method: req.method.unwrap_or("").to_string(),
                     path: req.path.unwrap_or("").to_string(),
-                    authorization,
-                });
+                    authorization: header("authorization").map(str::to_string),
+                    body: Vec::new(),
+                };
+                while buf.len() < head + length {
+                    read_more(&mut buf)?;
+                }
+                request.body = buf[head..head + length].to_vec();
+                return Ok(request);
             }
             Ok(httparse::Status::Partial) if buf.len() < REQUEST_BYTES_MAX => {}
-            Ok(httparse::Status::Partial) => return Err("request head too large".into()),
-            Err(e) => return Err(format!("not an HTTP request: {e}")),
+            Ok(httparse::Status::Partial) => return Err((400, "request head too large".into())),
+            Err(e) => return Err((400, format!("not an HTTP request: {e}"))),
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!("no whole request head within {IO_TIMEOUT:?}"));
-        }
-        let _ = stream.set_read_timeout(Some(left));
-        match stream.read(&mut chunk) {
-            Ok(0) => return Err("closed before the request ended".into()),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(format!("read: {e}")),
-        }
+        read_more(&mut buf)?;
     }
 }
 
@@ -239,6 +273,8 @@ fn route(site: &Site, req: &Request, loopback: bool) -> (u16, &'static str, Stri
         if let Err(refusal) = api_allowed(site, req, loopback) {
             return refusal;
         }
+        let (status, body) = site.api.route(&req.method, &req.path, &req.body);
+        return (status, "application/json", format!("{body}\n"));
     }
     match (req.method.as_str(), path) {
         ("GET", "/metrics") => (
@@ -246,27 +282,11 @@ fn route(site: &Site, req: &Request, loopback: bool) -> (u16, &'static str, Stri
             "text/plain; version=0.0.4; charset=utf-8",
             crate::metrics::render(&gather_reports(controls), controls.len()),
         ),
-        ("GET", "/api/v1/status") => {
-            let reports = gather_reports(controls);
-            let all = reports.len() == controls.len();
-            let sum = |f: fn(&ShardReport) -> usize| reports.iter().map(f).sum::<usize>();
-            let body = serde_json::json!({
-                "status": if all { "ready" } else { "not_ready" },
-                "version": env!("CARGO_PKG_VERSION"),
-                "uptime_s": site.started.elapsed().as_secs(),
-                "shards": controls.len(),
-                "shards_answered": reports.len(),
-                "connections": sum(|r| r.stats.connections),
-                "sessions": sum(|r| r.sessions),
-            });
-            let status = if all { 200 } else { 503 };
-            (status, "application/json", format!("{body}\n"))
-        }
-        (_, "/metrics" | "/api/v1/status") => (405, "text/plain", "GET only\n".into()),
+        (_, "/metrics") => (405, "text/plain", "GET only\n".into()),
         _ => (
             404,
             "text/plain",
-            "not found: GET /metrics, GET /api/v1/status\n".into(),
+            "not found: GET /metrics, /api/v1/...\n".into(),
         ),
     }
 }

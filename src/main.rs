@@ -95,9 +95,10 @@ enum Command {
     /// password of a `user:password` file (-U). Writes $7$ (PBKDF2-SHA512,
     /// 101 iterations) lines, which Mosquitto reads too.
     Passwd(PasswdArgs),
-    /// Ask a running broker through its HTTP listener. `status`: print its
-    /// status (JSON) and exit 0 when it is ready, 1 when it is not or
-    /// cannot be reached (for health checks).
+    /// Ask a running broker through its HTTP listener's admin API (JSON
+    /// out): status, clients, client, kick, subscriptions, publish,
+    /// retained. Exit 0 on success; 1 when the broker says no, is not
+    /// ready (status: for health checks) or cannot be reached.
     Ctl(CtlArgs),
     /// Print a shell completion script, e.g. `shardmq completions bash >
     /// /etc/bash_completion.d/shardmq`.
@@ -131,45 +132,206 @@ struct CtlArgs {
 enum CtlAction {
     /// The broker's status: ready, shards, connections, sessions, uptime.
     Status,
+    /// A page of clients (sessions), as JSON; --all follows every page.
+    Clients {
+        /// Only client ids that start with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Only sessions whose last login was this user.
+        #[arg(long)]
+        user: Option<String>,
+        /// Entries per page (1-1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Where to go on from (the `next` of an earlier page).
+        #[arg(long, conflicts_with = "all")]
+        cursor: Option<String>,
+        /// Every page, as one JSON array.
+        #[arg(long)]
+        all: bool,
+    },
+    /// One client: its connection, session and subscriptions.
+    Client {
+        /// Client id.
+        id: String,
+    },
+    /// Disconnect a client (5.0: DISCONNECT 0x98, administrative action);
+    /// its will is published as for any abnormal end.
+    Kick {
+        /// Client id.
+        id: String,
+        /// End its session too (subscriptions and queued messages go).
+        #[arg(long)]
+        discard: bool,
+    },
+    /// A page of subscriptions, as JSON; --all follows every page.
+    Subscriptions {
+        /// Only clients whose id starts with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Entries per page (1-1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Where to go on from (the `next` of an earlier page).
+        #[arg(long, conflicts_with = "all")]
+        cursor: Option<String>,
+        /// Every page, as one JSON array.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Publish a message as the broker (no ACL applies).
+    Publish {
+        /// Topic name.
+        topic: String,
+        /// Payload (text; --base64: base64 of the bytes).
+        message: String,
+        /// QoS 0, 1 or 2.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+        qos: u8,
+        /// Retain it.
+        #[arg(long)]
+        retain: bool,
+        /// MESSAGE is base64.
+        #[arg(long)]
+        base64: bool,
+    },
+    /// Show the retained message of a topic; --delete removes it.
+    Retained {
+        /// Topic name.
+        topic: String,
+        /// Delete it instead.
+        #[arg(long)]
+        delete: bool,
+    },
 }
 
-/// `shardmq ctl`: exit 0 when the answer is 200, 1 otherwise.
+/// Characters left as they are in a path segment (RFC 3986 unreserved).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `s` as one path segment.
+fn segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
+}
+
+/// A topic as path segments, its `/` kept.
+fn topic_path(topic: &str) -> String {
+    topic.split('/').map(segment).collect::<Vec<_>>().join("/")
+}
+
+/// `name=value` for each given query parameter, joined.
+fn query(params: &[(&str, Option<String>)]) -> String {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    for (name, value) in params {
+        if let Some(v) = value {
+            q.append_pair(name, v);
+        }
+    }
+    q.finish()
+}
+
+/// `shardmq ctl`: exit 0 when the answer is 2xx, 1 otherwise (or when
+/// the broker cannot be reached).
 fn ctl(args: CtlArgs) -> ExitCode {
-    use std::io::{Read, Write};
-    let CtlAction::Status = args.action;
-    let ask = || -> anyhow::Result<(u16, String)> {
-        let addr: SocketAddr = args
-            .http
-            .parse()
-            .with_context(|| format!("--http {}: not an address like 127.0.0.1:8080", args.http))?;
-        let timeout = std::time::Duration::from_secs(5);
-        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
-            .with_context(|| format!("{addr}"))?;
-        s.set_read_timeout(Some(timeout))?;
-        s.set_write_timeout(Some(timeout))?;
-        let auth = args
-            .token
-            .as_deref()
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        write!(
-            s,
-            "GET /api/v1/status HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-        )?;
-        let mut answer = String::new();
-        s.take(1 << 20).read_to_string(&mut answer)?;
-        let (head, body) = answer
-            .split_once("\r\n\r\n")
-            .context("not an HTTP answer")?;
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .context("not an HTTP answer")?;
-        Ok((status, body.trim_end().to_string()))
+    let ask = |method: &str, path: &str, body: Option<String>| {
+        ctl_request(&args.http, args.token.as_deref(), method, path, body)
     };
-    match ask() {
-        Ok((200, body)) => {
+    let page = |resource: &str, params: Vec<(&str, Option<String>)>, all: bool| {
+        let mut cursor = params
+            .iter()
+            .find(|(n, _)| *n == "cursor")
+            .and_then(|(_, v)| v.clone());
+        let mut items: Vec<serde_json::Value> = Vec::new();
+        loop {
+            let mut p: Vec<(&str, Option<String>)> = params
+                .iter()
+                .filter(|(n, _)| *n != "cursor")
+                .cloned()
+                .collect();
+            p.push(("cursor", cursor.clone()));
+            let (status, body) = ask("GET", &format!("/api/v1/{resource}?{}", query(&p)), None)?;
+            if !all || status != 200 {
+                return Ok((status, body));
+            }
+            let v: serde_json::Value = serde_json::from_str(&body).context("not JSON")?;
+            items.extend(v["data"].as_array().cloned().unwrap_or_default());
+            match v["next"].as_str() {
+                Some(n) => cursor = Some(n.to_string()),
+                None => return Ok((200, serde_json::Value::from(items).to_string())),
+            }
+        }
+    };
+    let answer: anyhow::Result<(u16, String)> = match args.action {
+        CtlAction::Status => ask("GET", "/api/v1/status", None),
+        CtlAction::Clients {
+            ref prefix,
+            ref user,
+            limit,
+            ref cursor,
+            all,
+        } => {
+            let params = vec![
+                ("prefix", prefix.clone()),
+                ("user", user.clone()),
+                ("limit", Some(limit.to_string())),
+                ("cursor", cursor.clone()),
+            ];
+            page("clients", params, all)
+        }
+        CtlAction::Client { ref id } => {
+            ask("GET", &format!("/api/v1/clients/{}", segment(id)), None)
+        }
+        CtlAction::Kick { ref id, discard } => {
+            let q = if discard { "?discard=true" } else { "" };
+            ask(
+                "DELETE",
+                &format!("/api/v1/clients/{}{q}", segment(id)),
+                None,
+            )
+        }
+        CtlAction::Subscriptions {
+            ref prefix,
+            limit,
+            ref cursor,
+            all,
+        } => {
+            let params = vec![
+                ("prefix", prefix.clone()),
+                ("limit", Some(limit.to_string())),
+                ("cursor", cursor.clone()),
+            ];
+            page("subscriptions", params, all)
+        }
+        CtlAction::Publish {
+            ref topic,
+            ref message,
+            qos,
+            retain,
+            base64,
+        } => {
+            let body = serde_json::json!({
+                "topic": topic,
+                "payload": message,
+                "payload_encoding": if base64 { "base64" } else { "plain" },
+                "qos": qos,
+                "retain": retain,
+            });
+            ask("POST", "/api/v1/publish", Some(body.to_string()))
+        }
+        CtlAction::Retained { ref topic, delete } => {
+            let method = if delete { "DELETE" } else { "GET" };
+            ask(
+                method,
+                &format!("/api/v1/retained/{}", topic_path(topic)),
+                None,
+            )
+        }
+    };
+    match answer {
+        Ok((200..=299, body)) => {
             println!("{body}");
             ExitCode::SUCCESS
         }
@@ -182,6 +344,49 @@ fn ctl(args: CtlArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// One request to the broker's HTTP listener at `http`: status and body.
+fn ctl_request(
+    http: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let addr: SocketAddr = http
+        .parse()
+        .with_context(|| format!("--http {http}: not an address like 127.0.0.1:8080"))?;
+    let timeout = std::time::Duration::from_secs(5);
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("{addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let body = body.unwrap_or_default();
+    let kind = match body.is_empty() {
+        true => "",
+        false => "Content-Type: application/json\r\n",
+    };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{kind}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut answer = String::new();
+    s.take(64 << 20).read_to_string(&mut answer)?;
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .context("not an HTTP answer")?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("not an HTTP answer")?;
+    Ok((status, body.trim_end().to_string()))
 }
 
 /// `shardmq passwd`.

@@ -17,19 +17,12 @@ use shardmq::codec::{QoS, Version};
 
 /// Status and body of `method path` on `addr`.
 fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    http_with(addr, method, path, "")
+    common::http(addr, method, path, "", "")
 }
 
 /// [`http`] with extra header lines (each ending in CRLF).
 fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: test\r\n{headers}\r\n").unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).unwrap();
-    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
+    common::http(addr, method, path, headers, "")
 }
 
 /// The sum of `name` over its lines in `text`.

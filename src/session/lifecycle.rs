@@ -156,6 +156,25 @@ impl Session {
         }
     }
 
+    /// An operator asked (the admin API): DISCONNECT 0x98 (5.0) and close
+    /// the connection, its will handled as for any abnormal end; with
+    /// `discard`, the session ends too (its queue and subscriptions go).
+    /// False when there was neither a connection to close nor a session
+    /// to discard.
+    pub fn kick(&mut self, now: Instant, discard: bool) -> bool {
+        let connected = self.conn().is_some();
+        if connected {
+            client_log!(self, now, log::Level::Info, "disconnected by an operator");
+            self.send_disconnect(reason::ADMINISTRATIVE_ACTION, None);
+            self.detach(now, true);
+        }
+        if discard && !self.ended {
+            self.end(now);
+            return true;
+        }
+        connected
+    }
+
     /// Drop the will waiting for its delay, if any (its client came back
     /// where this session cannot see it); true if there was one.
     pub fn cancel_pending_will(&mut self) -> bool {

@@ -524,6 +524,12 @@ impl Session {
         Some(std::mem::take(&mut self.stats))
     }
 
+    /// The Session Expiry Interval in force, seconds (0: ends with its
+    /// connection; `u32::MAX`: never).
+    pub fn expiry_s(&self) -> u32 {
+        self.expiry_s
+    }
+
     /// Messages waiting in the queue (not in flight).
     pub fn queued_len(&self) -> usize {
         self.out.queue.len()

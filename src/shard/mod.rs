@@ -67,6 +67,7 @@ macro_rules! shard_log {
     };
 }
 
+pub mod admin;
 mod claims;
 mod cluster_retained;
 mod connect;

@@ -366,3 +366,27 @@ pub fn self_signed(dir: &std::path::Path) -> (String, std::sync::Arc<rustls::Cli
     .with_no_client_auth();
     (cert.pem(), std::sync::Arc::new(config))
 }
+
+/// Status and body of one HTTP/1.1 request to `addr`: `method path`, extra
+/// header lines (each ending in CRLF), and `body` (sent with its length).
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let length = body.len();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{headers}Content-Length: {length}\r\n\r\n{body}"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}

@@ -50,6 +50,11 @@ pub(crate) enum Control {
     Tls(TlsListeners, crossbeam_channel::Sender<()>),
     /// Send the shard's counters (a metrics scrape).
     Report(crossbeam_channel::Sender<crate::shard::ShardReport>),
+    /// Answer an admin API request.
+    Admin(
+        crate::shard::admin::AdminRequest,
+        crossbeam_channel::Sender<crate::shard::admin::AdminAnswer>,
+    ),
     /// Publish these `$SYS` topics and payloads (retained, QoS 0, this
     /// node only, not logged).
     Sys(Vec<(String, String)>),
@@ -229,6 +234,9 @@ pub(crate) async fn run_shard(
                     let _ = to.send(shard.report());
                 }
                 Ok(Control::Sys(topics)) => shard.publish_sys(Instant::now(), topics),
+                Ok(Control::Admin(request, to)) => {
+                    let _ = to.send(shard.admin(Instant::now(), request));
+                }
                 Err(crossbeam_channel::TryRecvError::Empty) => break,
             }
         }
