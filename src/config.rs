@@ -64,6 +64,110 @@ pub struct Config {
     /// `server.listen`.
     #[serde(default)]
     pub listeners: Vec<ListenerConfig>,
+    /// Subscriptions clients get at CONNECT (`[[auto_subscribe]]`).
+    #[serde(default)]
+    pub auto_subscribe: Vec<AutoSubscribe>,
+}
+
+/// Rules in `[[auto_subscribe]]`, at most.
+pub const AUTO_SUBSCRIBE_MAX: usize = 100;
+
+/// One `[[auto_subscribe]]` rule: a subscription a client gets at every
+/// CONNECT, as if it had sent SUBSCRIBE (no SUBACK; retained messages as
+/// `retain_handling` says; the ACL still decides what it may read).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AutoSubscribe {
+    /// The client ids it is for: `*` matches any run of characters; empty:
+    /// every client id.
+    #[serde(default)]
+    pub client_id: String,
+    /// The user name it is for; empty: any login, anonymous included.
+    #[serde(default)]
+    pub username: String,
+    /// The topic filter, `$share/{group}/...` allowed; `%c` is replaced by
+    /// the client id and `%u` by the user name. A client whose id or user
+    /// name holds `+`, `#` or `/` does not get a rule that uses it, nor
+    /// does a client without a user name a rule with `%u`.
+    pub filter: String,
+    /// Maximum QoS, 0 to 2.
+    #[serde(default)]
+    pub qos: u8,
+    /// 5.0 No Local.
+    #[serde(default)]
+    pub no_local: bool,
+    /// 5.0 Retain As Published.
+    #[serde(default)]
+    pub retain_as_published: bool,
+    /// Retain Handling: 0 retained messages at every CONNECT, 1 only
+    /// when the subscription is new, 2 none.
+    #[serde(default)]
+    pub retain_handling: u8,
+}
+
+impl AutoSubscribe {
+    /// True when the rule is for this client.
+    pub fn applies(&self, client_id: &str, username: Option<&str>) -> bool {
+        (self.client_id.is_empty() || crate::auth::clients::glob(&self.client_id, client_id))
+            && (self.username.is_empty() || username == Some(self.username.as_str()))
+    }
+
+    /// The filter with `%c` and `%u` filled in; None when a value is
+    /// missing or could widen the filter (`+`, `#`, `/`).
+    pub fn filter_for(&self, client_id: &str, username: Option<&str>) -> Option<String> {
+        let unsafe_value = |v: &str| v.is_empty() || v.contains(['+', '#', '/']);
+        let mut filter = self.filter.clone();
+        if filter.contains("%c") {
+            if unsafe_value(client_id) {
+                return None;
+            }
+            filter = filter.replace("%c", client_id);
+        }
+        if self.filter.contains("%u") {
+            let user = username.filter(|u| !unsafe_value(u))?;
+            filter = filter.replace("%u", user);
+        }
+        Some(filter)
+    }
+
+    /// Its options.
+    pub fn options(&self) -> crate::codec::SubOptions {
+        crate::codec::SubOptions {
+            qos: match self.qos {
+                0 => crate::codec::QoS::AtMostOnce,
+                1 => crate::codec::QoS::AtLeastOnce,
+                _ => crate::codec::QoS::ExactlyOnce,
+            },
+            no_local: self.no_local,
+            retain_as_published: self.retain_as_published,
+            retain_handling: self.retain_handling,
+        }
+    }
+
+    fn validate(&self, i: usize, levels: usize) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("auto_subscribe[{i}].{k}");
+        if self.qos > 2 {
+            return Err(invalid(&key("qos"), &self.qos.to_string(), "0, 1 or 2"));
+        }
+        if self.retain_handling > 2 {
+            let v = self.retain_handling.to_string();
+            return Err(invalid(&key("retain_handling"), &v, "0, 1 or 2"));
+        }
+        let sample = self.filter.replace("%c", "c").replace("%u", "u");
+        let inner = match crate::router::topic::parse_shared(&sample) {
+            Ok(Some(_)) if self.no_local => {
+                let why = "no_local is not allowed on a shared subscription";
+                return Err(invalid(&key("no_local"), "true", why));
+            }
+            Ok(Some((_, inner))) => inner,
+            Ok(None) => sample.as_str(),
+            Err(e) => return Err(invalid(&key("filter"), &self.filter, &e.to_string())),
+        };
+        if let Err(e) = crate::router::topic::validate_topic_filter(inner, levels) {
+            return Err(invalid(&key("filter"), &self.filter, &e.to_string()));
+        }
+        Ok(())
+    }
 }
 
 /// One `[[listeners]]` entry.
@@ -562,6 +666,13 @@ impl Config {
         if s.listen.is_empty() && self.listeners.is_empty() {
             return Err(invalid("server.listen", "[]", "give at least one address"));
         }
+        if self.auto_subscribe.len() > AUTO_SUBSCRIBE_MAX {
+            let n = self.auto_subscribe.len().to_string();
+            return Err(invalid("auto_subscribe", &n, "at most 100 rules"));
+        }
+        for (i, a) in self.auto_subscribe.iter().enumerate() {
+            a.validate(i, m.topic_levels_max)?;
+        }
         for (i, l) in self.listeners.iter().enumerate() {
             l.validate(i)?;
         }
@@ -960,6 +1071,35 @@ mod tests {
         let c = Config::default();
         assert_eq!(c.server.listen, vec!["0.0.0.0:1883".parse().unwrap()]);
         assert_eq!(c.mqtt.receive_maximum, 128);
+    }
+
+    #[test]
+    fn auto_subscribe_rules_parse_check_and_fill_in() {
+        let c = Config::from_toml(
+            "[[auto_subscribe]]\nclient_id = \"dev-*\"\nfilter = \"d/%c/%u\"\nqos = 2\n",
+        )
+        .unwrap();
+        let a = &c.auto_subscribe[0];
+        assert!(a.applies("dev-1", None) && !a.applies("other", None));
+        assert_eq!(
+            a.filter_for("dev-1", Some("bob")).as_deref(),
+            Some("d/dev-1/bob")
+        );
+        assert_eq!(a.filter_for("dev-1", None), None, "%u without a user");
+        for widening in ["dev-#", "dev-+", "dev/x", ""] {
+            assert_eq!(a.filter_for(widening, Some("bob")), None, "{widening}");
+        }
+        assert_eq!(a.filter_for("dev-1", Some("a/b")), None);
+        assert_eq!(a.options().qos, crate::codec::QoS::ExactlyOnce);
+        refused(
+            "[[auto_subscribe]]\nfilter = \"a\"\nqos = 3\n",
+            "auto_subscribe[0].qos",
+        );
+        refused(
+            "[[auto_subscribe]]\nfilter = \"$share/g/a\"\nno_local = true\n",
+            "auto_subscribe[0].no_local",
+        );
+        refused("[[auto_subscribe]]\nfilter = \"a\"\ncolor = 1\n", "color");
     }
 
     #[test]

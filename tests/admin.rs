@@ -257,3 +257,80 @@ fn without_a_token_the_api_refuses_other_addresses() {
         200
     );
 }
+
+/// `[[auto_subscribe]]`: subscriptions at CONNECT by client id pattern or
+/// user name, `%c` / `%u` filled in, retained messages after the CONNACK;
+/// an id that would widen the filter gets nothing; a bad rule stops the
+/// start.
+#[test]
+fn auto_subscribe_rules_subscribe_clients_at_connect() {
+    use shardmq::config::AutoSubscribe;
+    let rule = |client_id: &str, username: &str, filter: &str, qos: u8| AutoSubscribe {
+        client_id: client_id.into(),
+        username: username.into(),
+        filter: filter.into(),
+        qos,
+        no_local: false,
+        retain_as_published: false,
+        retain_handling: 0,
+    };
+    let b = TestBroker::start_with(2, |c| {
+        c.auto_subscribe = vec![
+            rule("dev-*", "", "devices/%c/cmd", 1),
+            rule("", "ops", "$share/ops/alerts/#", 0),
+            rule("", "", "users/%u", 0),
+        ]
+    });
+    let http = b.broker.as_ref().unwrap().http_addr().unwrap();
+    let (mut publisher, _) = Raw::connect(b.addr, Version::V5, "auto-pub", true);
+    publisher.publish("devices/dev-2/cmd", b"kept", QoS::AtLeastOnce, true, 1);
+    assert!(matches!(publisher.recv(), Some(Packet::PubAck(_))));
+
+    let (mut dev, ack) = Raw::connect(b.addr, Version::V5, "dev-2", true);
+    assert_eq!(ack.reason, 0);
+    let p = dev.recv_publish();
+    assert_eq!(
+        (&*p.topic, &p.payload[..], p.retain),
+        ("devices/dev-2/cmd", &b"kept"[..], true)
+    );
+    publisher.publish("devices/dev-2/cmd", b"go", QoS::AtLeastOnce, false, 2);
+    let p = dev.recv_publish();
+    assert_eq!((&p.payload[..], p.qos), (&b"go"[..], QoS::AtLeastOnce));
+    let (_, v) = get(http, "/api/v1/clients/dev-2");
+    let filters: Vec<&str> = v["subscription_list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["filter"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        filters,
+        vec!["devices/dev-2/cmd"],
+        "no user name: no %u rule"
+    );
+
+    let mut ops = common::connect_packet(Version::V5, "console", true);
+    ops.username = Some("ops".into());
+    let (_ops, _) = Raw::connect_with(b.addr, ops);
+    let (_, v) = get(http, "/api/v1/clients/console");
+    let filters: Vec<&str> = v["subscription_list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["filter"].as_str().unwrap())
+        .collect();
+    assert_eq!(filters, vec!["$share/ops/alerts/#", "users/ops"]);
+
+    // A client id with a wildcard would subscribe to every device.
+    let (_sly, ack) = Raw::connect(b.addr, Version::V5, "dev-+", true);
+    assert_eq!(ack.reason, 0);
+    let (_, v) = get(http, "/api/v1/clients/dev-%2B");
+    assert_eq!(v["subscriptions"], 0, "{v}");
+
+    let mut bad = shardmq::Config::default();
+    bad.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    bad.http.bind = String::new();
+    bad.auto_subscribe = vec![rule("", "", "a/#/b", 0)];
+    let e = common::start_refused(bad);
+    assert!(e.contains("auto_subscribe[0].filter"), "{e}");
+}

@@ -336,6 +336,24 @@ impl Session {
         }));
     }
 
+    /// Subscriptions the broker's configuration gives the client at
+    /// CONNECT (`[[auto_subscribe]]`): each as one filter of a SUBSCRIBE,
+    /// without SUBACK; refusals are logged.
+    pub fn auto_subscribe(&mut self, now: Instant, filters: Vec<(String, SubOptions)>) {
+        for (filter, options) in filters {
+            let code = self.subscribe_one(now, filter.clone(), options, None);
+            if !matches!(code, Ok(c) if c < 0x80) {
+                client_log!(
+                    self,
+                    now,
+                    log::Level::Warn,
+                    "auto_subscribe to {} refused ({code:?})",
+                    quote(&filter)
+                );
+            }
+        }
+    }
+
     /// One filter of a SUBSCRIBE: the SUBACK code, or a violation.
     fn subscribe_one(
         &mut self,

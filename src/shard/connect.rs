@@ -384,6 +384,14 @@ impl ShardCore {
             .username
             .as_deref()
             .filter(|_| !grant.user_unverified);
+        // Filled in now: the CONNECT moves into the session below.
+        let auto: Vec<_> = self
+            .config
+            .auto_subscribe
+            .iter()
+            .filter(|a| a.applies(client_id, user))
+            .filter_map(|a| Some((a.filter_for(client_id, user)?, a.options())))
+            .collect();
         let acl = match &grant.rules {
             Some(rules) => Some(ClientAcl::from_rules(rules)),
             None => self.auth.borrow().client_acl(client_id, user),
@@ -401,6 +409,9 @@ impl ShardCore {
             .connect(now, *connect, resumed.is_some(), assigned.as_deref());
         slot.session
             .set_connection_deadline(grant.valid_for.and_then(|d| now.checked_add(d)));
+        if !auto.is_empty() {
+            slot.session.auto_subscribe(now, auto);
+        }
         let handle = Rc::new(ConnHandle {
             key,
             client_id: slot.session.client_id().clone(),
