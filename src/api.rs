@@ -9,7 +9,8 @@
 //! Pages use a cursor (`next` in the answer, `cursor=` in the next
 //! request) of the form `{shard}.{slot}`: like Redis's SCAN, a page may
 //! hold fewer entries than asked for and still have a `next`, and a
-//! client that comes and goes during the walk may be listed or not.
+//! client that comes and goes during the walk may be left out or listed
+//! twice (a new session takes a freed slot, which may lie ahead).
 
 use std::time::Instant;
 
@@ -174,6 +175,9 @@ impl Api {
                 if let Err(why) = validate_topic_name(&topic, self.topic_levels_max) {
                     return error(400, format!("topic {topic:?}: {why}"));
                 }
+                if topic.starts_with('$') {
+                    return error(400, "topics that start with $ are the broker's");
+                }
                 let shard = home_shard(&topic, self.controls.len());
                 let delete = AdminRequest::DeleteRetained {
                     topic: topic.clone(),
@@ -303,13 +307,19 @@ impl Api {
         (200, json!({ "data": data, "next": next }))
     }
 
-    /// Ask `shard` and wait at most [`SCRAPE_WAIT`] for its answer.
+    /// Ask `shard` and wait at most [`SCRAPE_WAIT`] for its answer; a
+    /// shard that takes the request later drops it, so a request answered
+    /// 503 has not been applied (and a retry does not apply it twice).
     fn ask(&self, shard: usize, request: AdminRequest) -> Option<AdminAnswer> {
         let (tx, rx) = crossbeam_channel::bounded(1);
+        let deadline = Instant::now() + SCRAPE_WAIT;
         self.controls[shard]
-            .send(Control::Admin(request, tx))
+            .send(Control::Admin(request, deadline, tx))
             .ok()?;
-        rx.recv_timeout(SCRAPE_WAIT).ok()
+        // A request the shard took just before the deadline is answered
+        // within microseconds: the margin keeps its answer from being lost.
+        rx.recv_deadline(deadline + std::time::Duration::from_millis(200))
+            .ok()
     }
 }
 

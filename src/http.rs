@@ -154,15 +154,18 @@ impl Drop for Slot {
     }
 }
 
-/// Read one request, answer it, close.
+/// Read one request, answer it, close. The request has [`IO_TIMEOUT`]
+/// to arrive whole, the answer as long to be taken, and a client still
+/// sending gets one second more (see below), each a deadline for the whole
+/// step however the bytes trickle.
 fn serve(mut stream: TcpStream, site: &Site) {
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let loopback = stream
         .peer_addr()
         .is_ok_and(|a| a.ip().to_canonical().is_loopback());
-    let (status, content_type, body) = match read_request(&mut stream, site.body_bytes_max) {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let (status, content_type, body) = match read_request(&mut stream, site, loopback, deadline) {
         Err((status, why)) => (status, "text/plain", format!("{why}\n")),
-        Ok(req) => route(site, &req, loopback),
+        Ok(req) => route(site, &req),
     };
     let reason = match status {
         200 => "OK",
@@ -184,15 +187,20 @@ fn serve(mut stream: TcpStream, site: &Site) {
         "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{challenge}Connection: close\r\n\r\n",
         body.len()
     );
-    let _ = stream.write_all(head.as_bytes());
-    let _ = stream.write_all(body.as_bytes());
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let _ = write_by(&mut stream, head.as_bytes(), deadline)
+        .and_then(|()| write_by(&mut stream, body.as_bytes(), deadline));
     let _ = stream.shutdown(std::net::Shutdown::Write);
     // Read what the client still sends for a moment: closing with unread
     // input makes the kernel send a reset, which can destroy the answer.
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let until = Instant::now() + Duration::from_secs(1);
     let mut sink = [0u8; 4096];
     let mut drained = 0;
     while drained < 64 * 1024 {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
         match stream.read(&mut sink) {
             Ok(0) | Err(_) => break,
             Ok(n) => drained += n,
@@ -200,11 +208,35 @@ fn serve(mut stream: TcpStream, site: &Site) {
     }
 }
 
-/// The request on `stream`: its head, then a body of `Content-Length`
-/// bytes (at most `body_bytes_max`), all within [`IO_TIMEOUT`] however it
-/// trickles; Err(status, why) otherwise.
-fn read_request(stream: &mut TcpStream, body_bytes_max: usize) -> Result<Request, (u16, String)> {
-    let deadline = Instant::now() + IO_TIMEOUT;
+/// Write all of `bytes` by `deadline`.
+fn write_by(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        stream.set_write_timeout(Some(left))?;
+        match stream.write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The request on `stream` by `deadline`: its head, then, once the
+/// client may use what it asks for (the admin API's token or loopback
+/// check), a body of `Content-Length` bytes, which only `POST
+/// /api/v1/publish` may have (at most `site.body_bytes_max`); Err(status,
+/// why) otherwise.
+fn read_request(
+    stream: &mut TcpStream,
+    site: &Site,
+    loopback: bool,
+    deadline: Instant,
+) -> Result<Request, (u16, String)> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let mut read_more = |buf: &mut Vec<u8>| -> Result<(), (u16, String)> {
@@ -233,27 +265,39 @@ fn read_request(stream: &mut TcpStream, body_bytes_max: usize) -> Result<Request
                         .find(|h| h.name.eq_ignore_ascii_case(name))
                         .and_then(|h| std::str::from_utf8(h.value).ok())
                 };
-                if header("transfer-encoding").is_some() {
-                    return Err((411, "send the body with a Content-Length".into()));
-                }
-                let length = match header("content-length").map(|l| l.trim().parse::<usize>()) {
-                    None => 0,
-                    Some(Ok(l)) if l <= body_bytes_max => l,
-                    Some(Ok(_)) => {
-                        return Err((413, format!("a body of at most {body_bytes_max} bytes")))
-                    }
-                    Some(Err(_)) => return Err((400, "a bad Content-Length".into())),
-                };
+                let chunked = header("transfer-encoding").is_some();
+                let length = header("content-length").map(|l| l.trim().parse::<usize>());
                 let mut request = Request {
                     method: req.method.unwrap_or("").to_string(),
                     path: req.path.unwrap_or("").to_string(),
                     authorization: header("authorization").map(str::to_string),
                     body: Vec::new(),
                 };
+                let path = request.path.split('?').next().unwrap_or("");
+                if path.starts_with("/api/") {
+                    api_allowed(site, &request, loopback)?;
+                }
+                let body_max = match (request.method.as_str(), path) {
+                    ("POST", "/api/v1/publish") => site.body_bytes_max,
+                    _ => 0,
+                };
+                let length = match length {
+                    _ if chunked => {
+                        return Err((411, "send the body with a Content-Length".into()))
+                    }
+                    None => 0,
+                    Some(Ok(l)) if l <= body_max => l,
+                    Some(Ok(_)) => {
+                        return Err((413, format!("a body of at most {body_max} bytes here")))
+                    }
+                    Some(Err(_)) => return Err((400, "a bad Content-Length".into())),
+                };
                 while buf.len() < head + length {
                     read_more(&mut buf)?;
                 }
-                request.body = buf[head..head + length].to_vec();
+                buf.truncate(head + length);
+                buf.drain(..head);
+                request.body = buf;
                 return Ok(request);
             }
             Ok(httparse::Status::Partial) if buf.len() < REQUEST_BYTES_MAX => {}
@@ -264,15 +308,12 @@ fn read_request(stream: &mut TcpStream, body_bytes_max: usize) -> Result<Request
     }
 }
 
-/// Status, content type and body for `req` from a client (`loopback`:
-/// from a loopback address).
-fn route(site: &Site, req: &Request, loopback: bool) -> (u16, &'static str, String) {
+/// Status, content type and body for `req` (an admin API request comes
+/// here allowed).
+fn route(site: &Site, req: &Request) -> (u16, &'static str, String) {
     let path = req.path.split('?').next().unwrap_or("");
     let controls = &site.controls;
     if path.starts_with("/api/") {
-        if let Err(refusal) = api_allowed(site, req, loopback) {
-            return refusal;
-        }
         let (status, body) = site.api.route(&req.method, &req.path, &req.body);
         return (status, "application/json", format!("{body}\n"));
     }
@@ -291,14 +332,10 @@ fn route(site: &Site, req: &Request, loopback: bool) -> (u16, &'static str, Stri
     }
 }
 
-/// Err(the answer) unless `req` may use the API: the bearer token when
+/// Err(status, why) unless `req` may use the API: the bearer token when
 /// `http.api_token` is set (compared in constant time), else a loopback
 /// client.
-fn api_allowed(
-    site: &Site,
-    req: &Request,
-    loopback: bool,
-) -> Result<(), (u16, &'static str, String)> {
+fn api_allowed(site: &Site, req: &Request, loopback: bool) -> Result<(), (u16, String)> {
     match &site.api_token {
         Some(token) => {
             let given = req
@@ -310,14 +347,13 @@ fn api_allowed(
                 subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.as_bytes()).into();
             match same {
                 true => Ok(()),
-                false => Err((401, "text/plain", "a bearer token is needed\n".into())),
+                false => Err((401, "a bearer token is needed".into())),
             }
         }
         None if loopback => Ok(()),
         None => Err((
             403,
-            "text/plain",
-            "set http.api_token to use the API from other addresses\n".into(),
+            "set http.api_token to use the API from other addresses".into(),
         )),
     }
 }

@@ -318,3 +318,35 @@ fn the_log_metrics_follow_the_log() {
         .1
         .contains("shardmq_log_used_bytes"));
 }
+
+/// After its answer a client that keeps sending a byte now and then is
+/// cut off within the drain's second (before, each byte bought another
+/// second, for up to 64 KiB of them: 16 such clients held every place).
+/// Bodies are refused where no endpoint takes one, and an admin API
+/// request that is not allowed is refused before its body is read.
+#[test]
+fn a_client_cannot_hold_the_listener_after_its_answer_or_send_unasked_bodies() {
+    let b = TestBroker::start_with(1, |c| c.http.api_token = "s3cret".into());
+    let addr = b.broker.as_ref().unwrap().http_addr().unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let started = std::time::Instant::now();
+    let mut closed = false;
+    while started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+        if s.write_all(b"x").is_err() {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "still open after 20 s of trickling");
+
+    // A body on /metrics: 413 (before, any request could carry a
+    // publish-sized one).
+    let big = "Content-Length: 100000\r\n";
+    assert_eq!(common::http(addr, "GET", "/metrics", big, "").0, 413);
+    // Without the token, a publish with a huge body is refused at once.
+    let huge = format!("Content-Length: {}\r\n", 1 << 20);
+    let (status, _) = common::http(addr, "POST", "/api/v1/publish", &huge, "");
+    assert_eq!(status, 401);
+}

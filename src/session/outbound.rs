@@ -357,7 +357,7 @@ impl Session {
                 "queue full ({} messages, {} bytes, {} of them in the log; \
                  mqtt.queue_messages_max {}, queue_bytes_max {}, \
                  storage.session_queue_bytes_max {}): dropping a QoS {} message{stored} \
-                 ({} dropped before)",
+                 (counted in shardmq_messages_dropped_total)",
                 self.out.queue.len(),
                 self.out.queue_bytes,
                 self.out.paged,
@@ -365,7 +365,6 @@ impl Session {
                 limits.queue_bytes_max,
                 limits.queue_log_bytes_max,
                 delivery.qos as u8,
-                self.stats.dropped_queue_full
             );
             // A message that cannot be paged out never waits behind ones
             // that are: dropping older ones would not make room for it.
@@ -463,9 +462,8 @@ impl Session {
                         now,
                         log::Level::Error,
                         "a queued message (log id {}) could not be read back from the \
-                         log and is lost: {why} ({} lost before)",
+                         log and is lost: {why}",
                         stored.unwrap_or(0),
-                        self.stats.lost_unreadable - 1
                     );
                 }
             }

@@ -178,7 +178,8 @@ impl ShardCore {
     pub fn handle_remote_retained(&self, now: Instant, entries: Vec<RetainedEntry>) {
         let mut st = self.state.borrow_mut();
         for e in entries {
-            if e.message.is_expired(now) {
+            // Each node's $SYS is its own (an older peer may send its).
+            if e.message.is_expired(now) || crate::sys::is_sys_topic(&e.message.topic) {
                 continue;
             }
             let owner = self.topic_owner(&e.message.topic);
@@ -228,8 +229,8 @@ impl ShardCore {
         let mut bytes = 0;
         while !snapshot.walk.is_done() && bytes < chunk_bytes {
             st.retained.walk(&mut snapshot.walk, 256, 64, |topic, k| {
-                if k.message.is_expired(now) {
-                    return;
+                if k.message.is_expired(now) || crate::sys::is_sys_topic(topic) {
+                    return; // $SYS: this node's own
                 }
                 bytes += topic.len() + k.message.payload.len() + ENTRY_OVERHEAD_BYTES;
                 entries.push(RetainedEntry {

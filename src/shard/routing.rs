@@ -106,22 +106,11 @@ pub(super) struct Local {
 }
 
 impl ShardCore {
-    /// Route a message accepted on this shard to every shard with
-    /// subscribers, and its retained copy to the topic's owner. When the
-    /// owner is another shard and the publisher (`from`) waits for an ack,
-    /// its output is held until the owner has stored the message, so that
-    /// after PUBACK any new subscription on the node sees it. Durability
-    /// sees the plan first (it may log the message as Accepted); a plain
-    /// QoS 0 publish does not reach it at all. False when the log could
-    /// not take the message (it is full): it is not routed, and the
-    /// publisher is refused.
-    ///
-    /// With `Reach::Here` (a will every node publishes for itself) it goes
-    /// to this node's subscribers only, its retained copy kept here, and
-    /// shared subscriptions are left to the peers, which publish it too.
     /// Publish the broker's `$SYS` `topics` (retained, QoS 0) to this
     /// node's subscribers; their retained copies are kept in memory only
-    /// (see [`crate::sys`]).
+    /// (see [`crate::sys`]). Shared subscriptions (`$share/g/$SYS/...`)
+    /// get none: a message that stays on its node leaves them to the
+    /// peers.
     pub fn publish_sys(&self, now: Instant, topics: Vec<(String, String)>) {
         let mut st = self.state.borrow_mut();
         for (topic, payload) in topics {
@@ -146,6 +135,19 @@ impl ShardCore {
         Self::debug_invariants(&st);
     }
 
+    /// Route a message accepted on this shard to every shard with
+    /// subscribers, and its retained copy to the topic's owner. When the
+    /// owner is another shard and the publisher (`from`) waits for an ack,
+    /// its output is held until the owner has stored the message, so that
+    /// after PUBACK any new subscription on the node sees it. Durability
+    /// sees the plan first (it may log the message as Accepted); a plain
+    /// QoS 0 publish does not reach it at all. False when the log could
+    /// not take the message (it is full): it is not routed, and the
+    /// publisher is refused.
+    ///
+    /// With `Reach::Here` (a will every node publishes for itself) it goes
+    /// to this node's subscribers only, its retained copy kept here, and
+    /// shared subscriptions are left to the peers, which publish it too.
     pub(super) fn route(
         &self,
         st: &mut State,
@@ -741,6 +743,12 @@ impl ShardCore {
     /// one retained message, or the shard's share of the store is full
     /// (a replacement counts the bytes it frees).
     fn retained_refusal(&self, st: &State, message: &Message) -> Option<String> {
+        if crate::sys::is_sys_topic(&message.topic) {
+            // The broker's few dozen topics: never refused, since they are
+            // not published again until they change (they do take a few
+            // dozen of the store's places).
+            return None;
+        }
         let cost = message.cost_bytes();
         let per_message = self.config.mqtt.retained_message_bytes_max;
         if cost > per_message {

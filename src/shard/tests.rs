@@ -808,6 +808,24 @@ fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
             .map(|e| (e.stamp, e.message.payload.clone()))
             .collect::<Vec<_>>()
     };
+    // $SYS is each node's own: a peer's is not taken, this node's is kept
+    // here and neither sent on nor put in a link's snapshot.
+    let sys = "$SYS/broker/version".to_string();
+    c0.handle_remote_retained(t0, vec![version(stamp + 30, b"peer's", &sys)]);
+    c1.handle_remote_retained(t0, vec![version(stamp + 30, b"peer's", &sys)]);
+    pump(&[&c0, &c1], t0);
+    assert_eq!(held(&c0, &sys).or(held(&c1, &sys)), None);
+    c0.publish_sys(t0, vec![(sys.clone(), "ours".into())]);
+    pump(&[&c0, &c1], t0);
+    assert_eq!(
+        held(&c0, &sys).or(held(&c1, &sys)).as_deref(),
+        Some(&b"ours"[..])
+    );
+    for c in [&c0, &c1] {
+        assert!(!bridge_out(c)
+            .iter()
+            .any(|o| matches!(o, super::BridgeOut::Retained(_))));
+    }
     assert_eq!(parts(&c1), [(5, Bytes::from_static(b"theirs"))]);
     assert_eq!(parts(&c0), [(stamp + 20, Bytes::new())]);
     c0.check_invariants();

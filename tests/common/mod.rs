@@ -183,6 +183,7 @@ impl Raw {
                 {
                     return Err(())
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => return Ok(None),
             }
         }

@@ -50,9 +50,12 @@ pub(crate) enum Control {
     Tls(TlsListeners, crossbeam_channel::Sender<()>),
     /// Send the shard's counters (a metrics scrape).
     Report(crossbeam_channel::Sender<crate::shard::ShardReport>),
-    /// Answer an admin API request.
+    /// Answer an admin API request. The shard drops a request it takes
+    /// after the deadline (the asker waits a little longer, so that a 503
+    /// means "not done").
     Admin(
         crate::shard::admin::AdminRequest,
+        Instant,
         crossbeam_channel::Sender<crate::shard::admin::AdminAnswer>,
     ),
     /// Publish these `$SYS` topics and payloads (retained, QoS 0, this
@@ -234,8 +237,11 @@ pub(crate) async fn run_shard(
                     let _ = to.send(shard.report());
                 }
                 Ok(Control::Sys(topics)) => shard.publish_sys(Instant::now(), topics),
-                Ok(Control::Admin(request, to)) => {
-                    let _ = to.send(shard.admin(Instant::now(), request));
+                Ok(Control::Admin(request, deadline, to)) => {
+                    let now = Instant::now();
+                    if now < deadline {
+                        let _ = to.send(shard.admin(now, request));
+                    }
                 }
                 Err(crossbeam_channel::TryRecvError::Empty) => break,
             }
