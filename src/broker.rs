@@ -41,6 +41,9 @@ pub enum StartError {
     /// An operating system limit is too low and could not be raised.
     #[error("{0}")]
     Limit(String),
+    /// The kernel refuses io_uring to this process.
+    #[error("{0}")]
+    IoUring(String),
     /// The logs could not be recovered.
     #[error(transparent)]
     Recovery(#[from] RecoveryError),
@@ -139,6 +142,7 @@ impl Broker {
         let started = Instant::now();
         config.validate()?;
         let shards = config.shard_count();
+        check_io_uring()?;
         check_os_limits(&config, shards)?;
         let auth = Arc::new(Auth::load(&config.auth)?);
         log::info!("{}", auth.describe());
@@ -606,6 +610,59 @@ fn parse_cpu_list(list: &str) -> Option<Vec<usize>> {
 
 /// Raise the locked-memory and open-file limits where allowed, and refuse
 /// to start (saying what to change) when locked memory stays too low.
+/// Err naming the fix when the kernel refuses io_uring (which every shard
+/// runs on): a container's seccomp profile, the `kernel.io_uring_disabled`
+/// sysctl, or a kernel without it. A one-entry ring is set up and closed
+/// on a thread of its own: the ring's teardown runs as task work on the
+/// thread that made it, and interrupts that thread's next blocking socket
+/// call with EINTR (the caller's, here, would be an embedding program's).
+fn check_io_uring() -> Result<(), StartError> {
+    std::thread::Builder::new()
+        .name("io_uring-probe".into())
+        .spawn(probe_io_uring)
+        .map_err(|e| StartError::IoUring(format!("cannot start a thread: {e}")))?
+        .join()
+        .unwrap_or_else(|_| Err(StartError::IoUring("the io_uring probe panicked".into())))
+}
+
+#[allow(unsafe_code)]
+fn probe_io_uring() -> Result<(), StartError> {
+    // struct io_uring_params: 120 bytes, zeroed (no flags).
+    let mut params = [0u8; 120];
+    // SAFETY: io_uring_setup(2) with a valid, writable params buffer of
+    // the kernel's struct size; the returned descriptor is closed below.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+    if fd >= 0 {
+        // SAFETY: the descriptor was just returned to us and is not shared.
+        unsafe { libc::close(fd as i32) };
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default();
+    let fix = match e.raw_os_error() {
+        Some(libc::ENOSYS) => "this kernel has no io_uring (Linux 5.8 or newer with \
+             CONFIG_IO_URING is needed), or a seccomp filter reports it missing: \
+             in Docker, run with --security-opt seccomp=tuning/seccomp-io_uring.json"
+            .to_string(),
+        Some(libc::EPERM) if sysctl == "2" => "the sysctl kernel.io_uring_disabled is 2: \
+             set it to 0 (sysctl -w kernel.io_uring_disabled=0)"
+            .to_string(),
+        Some(libc::EPERM) if sysctl == "1" => "the sysctl kernel.io_uring_disabled is 1: \
+             set it to 0, or put the broker's user in the group kernel.io_uring_group names"
+            .to_string(),
+        _ => "a seccomp filter blocks it: Docker's default profile does since 25.0; run \
+             with --security-opt seccomp=tuning/seccomp-io_uring.json (Docker's default \
+             profile plus io_uring_setup, io_uring_enter and io_uring_register), or \
+             allow those three calls in your runtime's profile"
+            .to_string(),
+    };
+    Err(StartError::IoUring(format!(
+        "io_uring is not available to this process (io_uring_setup: {e}); {fix}"
+    )))
+}
+
 fn check_os_limits(config: &Config, shards: usize) -> Result<(), StartError> {
     use rlimit::Resource;
     // io_memory per shard plus room for three rings per shard.

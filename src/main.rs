@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
+use sd_notify::NotifyState;
 use shardmq::config::DEFAULT_CONFIG;
 use shardmq::{Broker, Config};
 
@@ -361,7 +362,8 @@ fn ctl_request(
     let timeout = std::time::Duration::from_secs(5);
     let mut s =
         std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("{addr}"))?;
-    s.set_read_timeout(Some(timeout))?;
+    // A page may ask several shards, each given 2 s.
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
     s.set_write_timeout(Some(timeout))?;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
@@ -587,11 +589,20 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "shardmq listening on {} with {shards} shards",
         addrs.join(", ")
     );
+    // Recovery is done and every shard listens: ready (systemd's
+    // Type=notify; nothing happens outside systemd).
+    let status = format!("listening on {}", addrs.join(", "));
+    systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);
     // SIGHUP: read the password and ACL files again.
     let stop = signals.forever().find(|&sig| {
         if sig != signal_hook::consts::SIGHUP {
             return true;
         }
+        let now = NotifyState::monotonic_usec_now();
+        systemd(&[
+            NotifyState::Reloading,
+            now.unwrap_or(NotifyState::Status("reloading")),
+        ]);
         match broker.reload_auth() {
             Ok(now) => log::info!("SIGHUP: reloaded {now}"),
             Err(e) => log::error!("SIGHUP: {e}; the rules in force stay"),
@@ -600,8 +611,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             Ok(now) => log::info!("SIGHUP: reloaded {now}"),
             Err(e) => log::error!("SIGHUP: {e}; the certificates in use stay"),
         }
+        systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);
         false
     });
+    systemd(&[NotifyState::Stopping]);
     if let Some(sig) = stop {
         log::info!(
             "signal {sig}: stopping (at most {config_timeout} s; a second signal exits at once)"
@@ -620,6 +633,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let summary = broker.stop();
     log::info!("stopped: {summary}");
     Ok(())
+}
+
+/// Tell systemd (`$NOTIFY_SOCKET`, set for `Type=notify` units) how the
+/// broker is; without systemd there is no socket and nothing is sent.
+fn systemd(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        log::warn!("cannot notify systemd: {e}");
+    }
 }
 
 /// A panic anywhere (a shard thread above all) ends the process at once,

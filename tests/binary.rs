@@ -199,3 +199,115 @@ fn completions_are_printed_for_bash() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("check-config") && text.contains("--data-dir"));
 }
+
+/// Under systemd (`Type=notify`): READY=1 once every shard listens,
+/// RELOADING=1 (with MONOTONIC_USEC) and READY=1 around a SIGHUP reload,
+/// STOPPING=1 on SIGTERM; read from a datagram socket standing in for
+/// systemd's `$NOTIFY_SOCKET`.
+#[test]
+fn systemd_hears_ready_reloading_and_stopping() {
+    let dir = common::child::temp_dir("sd-notify");
+    let path = dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let next = || {
+        let mut buf = [0u8; 1024];
+        let n = socket.recv(&mut buf).expect("a notification within 30 s");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let mut child = shardmq()
+        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(["--durability", "memory"])
+        .env("NOTIFY_SOCKET", &path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = next();
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=listening on 127.0.0.1:"),
+        "{ready:?}"
+    );
+    common::child::signal(child.id(), libc::SIGHUP);
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading:?}"
+    );
+    assert!(next().starts_with("READY=1\n"));
+    common::child::signal(child.id(), libc::SIGTERM);
+    assert_eq!(next(), "STOPPING=1\n");
+    assert!(child.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Where the kernel refuses io_uring (here a seccomp filter answers
+/// io_uring_setup with EPERM, as Docker's default profile does), the
+/// broker does not start, and says what to change.
+#[test]
+fn without_io_uring_the_broker_refuses_to_start_and_names_the_fix() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = shardmq();
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "",
+        "--durability",
+        "memory",
+    ]);
+    // SAFETY: between fork and exec only async-signal-safe calls (prctl)
+    // on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(|| {
+            const IO_URING_SETUP: u32 = 425; // x86_64 and aarch64 alike
+            let filter = [
+                // A = the system call's number.
+                libc::sock_filter {
+                    code: 0x20,
+                    jt: 0,
+                    jf: 0,
+                    k: 0,
+                },
+                // io_uring_setup: EPERM; anything else: allowed.
+                libc::sock_filter {
+                    code: 0x15,
+                    jt: 0,
+                    jf: 1,
+                    k: IO_URING_SETUP,
+                },
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: 0x0005_0000 | libc::EPERM as u32,
+                },
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: 0x7fff_0000,
+                },
+            ];
+            let program = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, 2, &program as *const libc::sock_fprog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("io_uring is not available"), "{err}");
+    assert!(
+        err.contains("--security-opt seccomp=tuning/seccomp-io_uring.json"),
+        "{err}"
+    );
+}
