@@ -3,8 +3,8 @@
 #   docker build -t shardmq .
 #
 # Running it needs a seccomp profile that allows io_uring (Docker's default
-# blocks it since 25.0) and higher ulimits; see tuning/README.md
-# (Containers), tuning/seccomp-io_uring.json and tuning/docker-compose.yml:
+# blocks it since 25.0) and higher ulimits; see README.md (Operating it,
+# Docker), tuning/seccomp-io_uring.json and tuning/docker-compose.yml:
 #
 #   docker run -d --name shardmq \
 #     --security-opt seccomp=tuning/seccomp-io_uring.json \

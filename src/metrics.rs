@@ -279,6 +279,35 @@ pub fn render(reports: &[ShardReport], shards: usize) -> String {
         let _ = writeln!(out, "# TYPE {} {}", m.name, m.kind);
         out.push_str(&lines);
     }
+    let mut merged = crate::shard::latency::Latencies::default();
+    for r in &reports {
+        merged.add(&r.latency);
+    }
+    let histograms = [
+        (
+            "shardmq_delivery_latency_seconds",
+            "From routing a PUBLISH on its publisher's shard to handing it to a subscriber shard's sessions (0 on the same shard).",
+            &merged.delivery,
+            true,
+        ),
+        (
+            "shardmq_log_sync_seconds",
+            "One fdatasync of the log (power_safe).",
+            &merged.log_sync,
+            reports.iter().any(|r| r.log.is_some()),
+        ),
+        (
+            "shardmq_log_commit_seconds",
+            "From the first record waiting for a sync to the sync done: the longest a PUBACK or PUBREC of that group was held (power_safe).",
+            &merged.log_commit,
+            reports.iter().any(|r| r.log.is_some()),
+        ),
+    ];
+    for (name, help, h, shown) in histograms {
+        if shown {
+            histogram(&mut out, name, help, h);
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP shardmq_shards Shards (threads) of this broker."
@@ -298,6 +327,29 @@ pub fn render(reports: &[ShardReport], shards: usize) -> String {
     out
 }
 
+/// Bucket bounds of the latency histograms, seconds.
+const BOUNDS_S: [f64; 18] = [
+    0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// `h` (nanoseconds) as a Prometheus histogram in seconds: cumulative
+/// buckets at [`BOUNDS_S`] (at the histogram's two significant figures),
+/// sum and count.
+fn histogram(out: &mut String, name: &str, help: &str, h: &hdrhistogram::Histogram<u64>) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for le in BOUNDS_S {
+        let below = h.count_between(0, (le * 1e9) as u64);
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {below}");
+    }
+    let count = h.len();
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+    let sum = h.mean() * count as f64 / 1e9;
+    let _ = writeln!(out, "{name}_sum {sum}");
+    let _ = writeln!(out, "{name}_count {count}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,7 +363,17 @@ mod tests {
         };
         a.stats.routed = 7;
         let b = ShardReport::default();
-        let text = render(&[a, b], 3);
+        crate::shard::latency::record(
+            &mut a.latency.delivery,
+            std::time::Duration::from_micros(300),
+        );
+        let mut c = b.clone();
+        crate::shard::latency::record(
+            &mut c.latency.delivery,
+            std::time::Duration::from_millis(20),
+        );
+        c.shard = 2;
+        let text = render(&[a, b.clone(), c], 4);
         assert!(text.contains("shardmq_messages_routed_total{shard=\"1\"} 7\n"));
         assert!(text.contains("shardmq_sessions{shard=\"0\"} 0\n"));
         assert!(text.contains("shardmq_scrape_shards_missing 1\n"));
@@ -327,9 +389,32 @@ mod tests {
                 .lines()
                 .filter(|l| l.starts_with(&format!("{}{{", m.name)));
             let per_shard = m.label.map_or(1, |(_, values)| values.len());
-            assert_eq!(lines.count(), 2 * per_shard, "{}", m.name);
+            assert_eq!(lines.count(), 3 * per_shard, "{}", m.name);
         }
         assert!(!text.contains("shardmq_log_used_bytes"), "no log: left out");
+        assert!(
+            !text.contains("shardmq_log_sync_seconds"),
+            "no log: left out"
+        );
+        // The shards' histograms merged: 300 µs and 20 ms.
+        let d = "shardmq_delivery_latency_seconds";
+        assert!(
+            text.contains(&format!("{d}_bucket{{le=\"0.00025\"}} 0\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{d}_bucket{{le=\"0.0005\"}} 1\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{d}_bucket{{le=\"0.025\"}} 2\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{d}_bucket{{le=\"+Inf\"}} 2\n")),
+            "{text}"
+        );
+        assert!(text.contains(&format!("{d}_count 2\n")), "{text}");
         // Shard 0 comes first.
         assert!(text.find("{shard=\"0\"}").unwrap() < text.find("{shard=\"1\"}").unwrap());
     }

@@ -136,6 +136,12 @@ fn metrics_count_known_traffic_exactly() {
     // two unacknowledged.
     assert_eq!(sum(&text, "shardmq_queued_messages"), 2, "{text}");
     assert_eq!(sum(&text, "shardmq_inflight_messages"), 2, "{text}");
+    // Each of the 8 messages delivered crossed from shard 1 to shard 0.
+    assert_eq!(
+        sum(&text, "shardmq_delivery_latency_seconds_count"),
+        8,
+        "{text}"
+    );
     // MQTT bytes on the wire: at least the payloads and topics.
     assert!(sum(&text, "shardmq_bytes_received_total") > 27 + 40);
     assert!(sum(&text, "shardmq_bytes_sent_total") > 26 + 24);
@@ -309,6 +315,30 @@ fn the_log_metrics_follow_the_log() {
         "{text}"
     );
     assert_eq!(sum(&text, "shardmq_log_full"), 0);
+    // kill_safe syncs nothing: the histograms are there, empty.
+    assert!(
+        text.contains("shardmq_log_sync_seconds_count 0\n"),
+        "{text}"
+    );
+    drop(c);
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
+    // power_safe: every PUBACK of a logged message (retained, here) waited
+    // for a group commit, each counted.
+    let b = TestBroker::start_with(1, |c| {
+        c.storage.durability = "power_safe".into();
+        c.storage.data_dir = dir.clone();
+    });
+    let addr = b.broker.as_ref().unwrap().http_addr().unwrap();
+    let (mut c, _) = Raw::connect(b.addr, Version::V5, "log-commits", true);
+    for id in 1..=3u16 {
+        c.publish("p/1", b"x", QoS::AtLeastOnce, true, id);
+        assert!(matches!(c.recv(), Some(shardmq::codec::Packet::PubAck(_))));
+    }
+    let text = http(addr, "GET", "/metrics").1;
+    let commits = sum(&text, "shardmq_log_commit_seconds_count");
+    assert!((1..=4).contains(&commits), "{text}");
+    assert_eq!(sum(&text, "shardmq_log_sync_seconds_count"), commits);
     drop(c);
     drop(b);
     let _ = std::fs::remove_dir_all(&dir);

@@ -118,6 +118,9 @@ pub enum MeshMsg {
         /// Where it was accepted, when that was logged (durable QoS 1/2):
         /// the receiver records it and answers [`MeshMsg::Applied`].
         origin: Option<Origin>,
+        /// When it was routed (or passed on): the delivery latency
+        /// histogram's start.
+        routed_at: std::time::Instant,
     },
     /// Store (or, with an empty payload, delete) a retained message: the
     /// receiver owns its topic.

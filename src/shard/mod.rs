@@ -74,6 +74,7 @@ mod connect;
 mod delayed;
 mod durable;
 mod gather;
+pub mod latency;
 pub mod mesh;
 pub mod notify;
 mod remote;
@@ -428,7 +429,7 @@ impl ConnectRefusal {
 }
 
 /// One shard's part of a metrics scrape ([`ShardCore::report`]).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ShardReport {
     /// The shard.
     pub shard: usize,
@@ -442,6 +443,8 @@ pub struct ShardReport {
     pub retained: usize,
     /// What its log holds; None without durability.
     pub log: Option<LogStatus>,
+    /// Its latency histograms.
+    pub latency: Box<latency::Latencies>,
 }
 
 /// What a shard's orderly stop closed.
@@ -560,6 +563,8 @@ pub struct ShardCore {
     auth: RefCell<Arc<crate::auth::Auth>>,
     /// Verified passwords and failed logins (see `connect::Logins`).
     logins: RefCell<connect::Logins>,
+    /// Latency histograms (see `latency`).
+    latency: RefCell<latency::Latencies>,
 }
 
 impl ShardCore {
@@ -578,6 +583,7 @@ impl ShardCore {
         ShardCore {
             auth: RefCell::new(Arc::new(auth)),
             logins: RefCell::new(connect::Logins::new()),
+            latency: RefCell::default(),
             boot_stamp,
             delayed_max,
             delayed_bytes_max,
@@ -656,6 +662,7 @@ impl ShardCore {
             subscriptions: st.subscribers.len(),
             retained: st.retained.len(),
             log: self.log_status(),
+            latency: Box::new(self.latency.borrow().clone()),
         }
     }
 

@@ -230,7 +230,12 @@ impl ShardCore {
                 continue;
             }
             if usize::from(dest) == self.id {
-                self.deliver_local(st, now, &message, to_ordinary, &to_shared, 0, origin);
+                let hop = Hop {
+                    hops: 0,
+                    origin,
+                    routed_at: now,
+                };
+                self.deliver_local(st, now, &message, to_ordinary, &to_shared, hop);
             } else {
                 let publish = MeshMsg::Publish {
                     message: message.clone(),
@@ -238,6 +243,7 @@ impl ShardCore {
                     shared: to_shared,
                     hops: 0,
                     origin,
+                    routed_at: now,
                 };
                 self.send_routed(st, usize::from(dest), publish, origin);
             }
@@ -319,9 +325,15 @@ impl ShardCore {
         message: &Arc<Message>,
         ordinary: bool,
         shared: &[SharedPick],
-        hops: u8,
-        origin: Option<Origin>,
+        hop: Hop,
     ) {
+        let Hop {
+            hops,
+            origin,
+            routed_at,
+        } = hop;
+        let waited = now.saturating_duration_since(routed_at);
+        super::latency::record(&mut self.latency.borrow_mut().delivery, waited);
         let sessions = &st.sessions;
         let publisher = message.publisher.as_deref();
         let is_publisher = |key: SessionKey| {
@@ -473,7 +485,7 @@ impl ShardCore {
             return;
         };
         if origin.is_none() && message.qos == QoS::AtMostOnce {
-            let forward = shared_forward(message, pick, hops + 1, None);
+            let forward = shared_forward(message, pick, hops + 1, None, now);
             return self.mesh.send(usize::from(to), forward);
         }
         let forward = Forward {
@@ -809,7 +821,15 @@ impl ShardCore {
                     shared,
                     hops,
                     origin,
-                } => self.deliver_local(&mut st, now, &message, ordinary, &shared, hops, origin),
+                    routed_at,
+                } => {
+                    let hop = Hop {
+                        hops,
+                        origin,
+                        routed_at,
+                    };
+                    self.deliver_local(&mut st, now, &message, ordinary, &shared, hop)
+                }
                 MeshMsg::Retain {
                     message,
                     ack_to,
@@ -894,6 +914,7 @@ pub(super) fn shared_forward(
     pick: &SharedPick,
     hops: u8,
     origin: Option<Origin>,
+    now: Instant,
 ) -> MeshMsg {
     MeshMsg::Publish {
         message: message.clone(),
@@ -901,7 +922,17 @@ pub(super) fn shared_forward(
         shared: SmallVec::from_buf([pick.clone()]),
         hops,
         origin,
+        routed_at: now,
     }
+}
+
+/// How a message came to a shard's `deliver_local`: shared-pick hops so
+/// far, where it was logged, and when it was routed.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Hop {
+    pub(super) hops: u8,
+    pub(super) origin: Option<Origin>,
+    pub(super) routed_at: Instant,
 }
 
 /// The route replica key of a subscription on shard `shard`.

@@ -199,7 +199,7 @@ impl ShardCore {
     /// origin's answer held back.
     pub(in crate::shard) fn durable_forward(&self, st: &mut State, now: Instant, f: Forward) {
         if st.store.is_none() {
-            let msg = shared_forward(&f.message, &f.pick, f.hops, f.parent);
+            let msg = shared_forward(&f.message, &f.pick, f.hops, f.parent, now);
             return self.mesh.send(usize::from(f.to), msg);
         }
         if self.forward_logged(st, now, &f).is_err() {
@@ -236,7 +236,7 @@ impl ShardCore {
             ..Causes::default()
         };
         let origin = self.accept(st, message, scope.clone(), causes, stamp_ms, dests)?;
-        let forward = shared_forward(message, pick, f.hops, Some(origin));
+        let forward = shared_forward(message, pick, f.hops, Some(origin), now);
         self.send_routed(st, usize::from(to), forward, Some(origin));
         if let Some(parent) = parent {
             Self::store_marker(st, parent, scope);

@@ -38,6 +38,14 @@ impl ShardCore {
         Self::debug_invariants(&st);
     }
 
+    /// Count a group commit: `sync` spent in `fdatasync`, `commit` from
+    /// the first record waiting to the sync done.
+    pub fn record_sync(&self, sync: std::time::Duration, commit: std::time::Duration) {
+        let mut latency = self.latency.borrow_mut();
+        super::super::latency::record(&mut latency.log_sync, sync);
+        super::super::latency::record(&mut latency.log_commit, commit);
+    }
+
     /// The sync could not start (a file would not open): its files are
     /// synced with the next one; what waits stays held.
     pub fn sync_failed(&self, paths: Vec<PathBuf>) {

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use glommio::io::BufferedFile;
 
@@ -23,10 +23,11 @@ pub(super) async fn sync_loop(shard: Rc<ShardCore>) {
     let mut files = HashMap::new();
     loop {
         shard.sync_wanted().await;
+        let wanted = Instant::now();
         if !gather.is_zero() {
             glommio::timer::sleep(gather).await;
         }
-        if !sync_once(&shard, &mut files).await {
+        if !sync_once(&shard, &mut files, wanted).await {
             // Try again shortly; the records stay unacknowledged.
             glommio::timer::sleep(Duration::from_millis(100)).await;
             shard.want_sync();
@@ -37,16 +38,22 @@ pub(super) async fn sync_loop(shard: Rc<ShardCore>) {
 /// Sync what is written now (at a clean stop; a no-op in kill-safe mode).
 pub(super) async fn sync_now(shard: &ShardCore) {
     if shard.config().durability() == Durability::PowerSafe {
-        sync_once(shard, &mut HashMap::new()).await;
+        sync_once(shard, &mut HashMap::new(), Instant::now()).await;
     }
 }
 
-/// One sync. A file that cannot be opened is tried again later (its
-/// records stay unacknowledged); a failed `fdatasync` stops the process.
-async fn sync_once(shard: &ShardCore, files: &mut HashMap<PathBuf, BufferedFile>) -> bool {
+/// One sync of the records that waited since `wanted`. A file that
+/// cannot be opened is tried again later (its records stay
+/// unacknowledged); a failed `fdatasync` stops the process.
+async fn sync_once(
+    shard: &ShardCore,
+    files: &mut HashMap<PathBuf, BufferedFile>,
+    wanted: Instant,
+) -> bool {
     let Some((target, paths)) = shard.poll_sync() else {
         return true;
     };
+    let mut synced = Duration::ZERO;
     files.retain(|p, _| paths.contains(p));
     for path in &paths {
         if !files.contains_key(path) {
@@ -62,7 +69,10 @@ async fn sync_once(shard: &ShardCore, files: &mut HashMap<PathBuf, BufferedFile>
                 }
             }
         }
-        if let Err(e) = files[path].fdatasync().await {
+        let started = Instant::now();
+        let result = files[path].fdatasync().await;
+        synced += started.elapsed();
+        if let Err(e) = result {
             // After a failed fdatasync the kernel may have dropped the
             // dirty pages, and a second one can succeed without them:
             // nothing acknowledged since the last sync can be trusted.
@@ -77,5 +87,6 @@ async fn sync_once(shard: &ShardCore, files: &mut HashMap<PathBuf, BufferedFile>
         }
     }
     shard.synced(target);
+    shard.record_sync(synced, wanted.elapsed());
     true
 }
