@@ -42,6 +42,7 @@ fn publish(m: &Arc<Message>) -> MeshMsg {
         shared: SmallVec::new(),
         hops: 0,
         origin: None,
+        routed_at: std::time::Instant::now(),
     }
 }
 
