@@ -141,15 +141,8 @@ enum CtlAction {
         /// Only sessions whose last login was this user.
         #[arg(long)]
         user: Option<String>,
-        /// Entries per page (1-1000).
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-        /// Where to go on from (the `next` of an earlier page).
-        #[arg(long, conflicts_with = "all")]
-        cursor: Option<String>,
-        /// Every page, as one JSON array.
-        #[arg(long)]
-        all: bool,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// One client: its connection, session and subscriptions.
     Client {
@@ -170,15 +163,8 @@ enum CtlAction {
         /// Only clients whose id starts with this.
         #[arg(long)]
         prefix: Option<String>,
-        /// Entries per page (1-1000).
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-        /// Where to go on from (the `next` of an earlier page).
-        #[arg(long, conflicts_with = "all")]
-        cursor: Option<String>,
-        /// Every page, as one JSON array.
-        #[arg(long)]
-        all: bool,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// Publish a message as the broker (no ACL applies).
     Publish {
@@ -204,6 +190,20 @@ enum CtlAction {
         #[arg(long)]
         delete: bool,
     },
+}
+
+/// The paging flags of `ctl clients` and `ctl subscriptions`.
+#[derive(Debug, Args)]
+struct PageArgs {
+    /// Entries per page (1-1000).
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// Where to go on from (the `next` of an earlier page).
+    #[arg(long, conflicts_with = "all")]
+    cursor: Option<String>,
+    /// Every page, as one JSON array.
+    #[arg(long)]
+    all: bool,
 }
 
 /// Characters left as they are in a path segment (RFC 3986 unreserved).
@@ -240,21 +240,16 @@ fn ctl(args: CtlArgs) -> ExitCode {
     let ask = |method: &str, path: &str, body: Option<String>| {
         ctl_request(&args.http, args.token.as_deref(), method, path, body)
     };
-    let page = |resource: &str, params: Vec<(&str, Option<String>)>, all: bool| {
-        let mut cursor = params
-            .iter()
-            .find(|(n, _)| *n == "cursor")
-            .and_then(|(_, v)| v.clone());
+    // One page, or with --all every page from the first as one array.
+    let page = |resource: &str, filters: Vec<(&str, Option<String>)>, page: &PageArgs| {
+        let mut cursor = page.cursor.clone();
         let mut items: Vec<serde_json::Value> = Vec::new();
         loop {
-            let mut p: Vec<(&str, Option<String>)> = params
-                .iter()
-                .filter(|(n, _)| *n != "cursor")
-                .cloned()
-                .collect();
+            let mut p = filters.clone();
+            p.push(("limit", Some(page.limit.to_string())));
             p.push(("cursor", cursor.clone()));
             let (status, body) = ask("GET", &format!("/api/v1/{resource}?{}", query(&p)), None)?;
-            if !all || status != 200 {
+            if !page.all || status != 200 {
                 return Ok((status, body));
             }
             let v: serde_json::Value = serde_json::from_str(&body).context("not JSON")?;
@@ -270,17 +265,10 @@ fn ctl(args: CtlArgs) -> ExitCode {
         CtlAction::Clients {
             ref prefix,
             ref user,
-            limit,
-            ref cursor,
-            all,
+            page: ref p,
         } => {
-            let params = vec![
-                ("prefix", prefix.clone()),
-                ("user", user.clone()),
-                ("limit", Some(limit.to_string())),
-                ("cursor", cursor.clone()),
-            ];
-            page("clients", params, all)
+            let filters = vec![("prefix", prefix.clone()), ("user", user.clone())];
+            page("clients", filters, p)
         }
         CtlAction::Client { ref id } => {
             ask("GET", &format!("/api/v1/clients/{}", segment(id)), None)
@@ -295,17 +283,8 @@ fn ctl(args: CtlArgs) -> ExitCode {
         }
         CtlAction::Subscriptions {
             ref prefix,
-            limit,
-            ref cursor,
-            all,
-        } => {
-            let params = vec![
-                ("prefix", prefix.clone()),
-                ("limit", Some(limit.to_string())),
-                ("cursor", cursor.clone()),
-            ];
-            page("subscriptions", params, all)
-        }
+            page: ref p,
+        } => page("subscriptions", vec![("prefix", prefix.clone())], p),
         CtlAction::Publish {
             ref topic,
             ref message,

@@ -46,6 +46,17 @@ fn all_pages(addr: SocketAddr, path: &str, field: &str) -> Vec<String> {
     panic!("more than 100 pages");
 }
 
+/// The filters of client `id`'s subscriptions, as the API lists them.
+fn filters_of(http: SocketAddr, id: &str) -> Vec<String> {
+    let (_, v) = get(http, &format!("/api/v1/clients/{id}"));
+    v["subscription_list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["filter"].as_str().unwrap().to_string())
+        .collect()
+}
+
 fn ctl(http: SocketAddr, args: &[&str]) -> (Option<i32>, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardmq"))
         .args(["ctl", "--http", &http.to_string()])
@@ -296,13 +307,7 @@ fn auto_subscribe_rules_subscribe_clients_at_connect() {
     publisher.publish("devices/dev-2/cmd", b"go", QoS::AtLeastOnce, false, 2);
     let p = dev.recv_publish();
     assert_eq!((&p.payload[..], p.qos), (&b"go"[..], QoS::AtLeastOnce));
-    let (_, v) = get(http, "/api/v1/clients/dev-2");
-    let filters: Vec<&str> = v["subscription_list"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["filter"].as_str().unwrap())
-        .collect();
+    let filters = filters_of(http, "dev-2");
     assert_eq!(
         filters,
         vec!["devices/dev-2/cmd"],
@@ -312,13 +317,7 @@ fn auto_subscribe_rules_subscribe_clients_at_connect() {
     let mut ops = common::connect_packet(Version::V5, "console", true);
     ops.username = Some("ops".into());
     let (_ops, _) = Raw::connect_with(b.addr, ops);
-    let (_, v) = get(http, "/api/v1/clients/console");
-    let filters: Vec<&str> = v["subscription_list"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["filter"].as_str().unwrap())
-        .collect();
+    let filters = filters_of(http, "console");
     assert_eq!(filters, vec!["$share/ops/alerts/#", "users/ops"]);
 
     // A client id with a wildcard would subscribe to every device.
