@@ -86,7 +86,7 @@ impl Session {
         }
         let user_bytes = user_properties_bytes(&p.properties);
         if user_bytes > self.limits.user_properties_bytes_max {
-            self.stats.refused_user_properties += 1;
+            self.counters().refused_user_properties += 1;
             let why = format!(
                 "{user_bytes} bytes of user properties, more than \
                  mqtt.user_properties_bytes_max ({})",
@@ -170,7 +170,7 @@ impl Session {
                 .as_ref()
                 .is_none_or(|a| a.allows(topic, Want::Write));
         if !allowed {
-            self.stats.denied_publish += 1;
+            self.counters().denied_publish += 1;
             client_log!(
                 self,
                 now,
@@ -252,8 +252,10 @@ impl Session {
         delay_s: Option<u32>,
     ) {
         let q = p.qos as usize;
-        self.stats.received[q] += 1;
-        self.stats.received_bytes[q] += p.payload.len() as u64;
+        let mut counters = self.counters();
+        counters.received[q] += 1;
+        counters.received_bytes[q] += p.payload.len() as u64;
+        drop(counters);
         let message = Message::from_publish(p, now, Some(self.client_id.clone()));
         self.actions.push_back(Action::Publish {
             message: Arc::new(message),
@@ -394,7 +396,7 @@ impl Session {
             .as_ref()
             .is_some_and(|a| !a.allows_subscribe(inner))
         {
-            self.stats.denied_subscribe += 1;
+            self.counters().denied_subscribe += 1;
             client_log!(
                 self,
                 now,

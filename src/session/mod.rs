@@ -134,6 +134,10 @@ pub struct ShardStatus {
     pub store_full: std::cell::Cell<bool>,
     /// The shard holds its share of `storage.delayed_messages_max`.
     pub delayed_full: std::cell::Cell<bool>,
+    /// The counters of every session of the shard, live and ended: each
+    /// session adds to them as it goes (plain integers, one shard's), so a
+    /// scrape reads them without walking the sessions.
+    pub stats: std::cell::RefCell<SessionStats>,
 }
 
 impl Default for SessionLimits {
@@ -291,44 +295,6 @@ pub struct SessionStats {
     pub denied_delivery: u64,
 }
 
-impl SessionStats {
-    /// Add `other`'s counts to these.
-    pub fn add(&mut self, other: &SessionStats) {
-        let SessionStats {
-            received,
-            received_bytes,
-            sent,
-            sent_bytes,
-            dropped_queue_full,
-            lost_unreadable,
-            dropped_offline_qos0,
-            dropped_expired,
-            dropped_too_large,
-            alias_bytes_full,
-            refused_user_properties,
-            denied_publish,
-            denied_subscribe,
-            denied_delivery,
-        } = *other;
-        for q in 0..3 {
-            self.received[q] += received[q];
-            self.received_bytes[q] += received_bytes[q];
-            self.sent[q] += sent[q];
-            self.sent_bytes[q] += sent_bytes[q];
-        }
-        self.dropped_queue_full += dropped_queue_full;
-        self.lost_unreadable += lost_unreadable;
-        self.dropped_offline_qos0 += dropped_offline_qos0;
-        self.dropped_expired += dropped_expired;
-        self.dropped_too_large += dropped_too_large;
-        self.alias_bytes_full += alias_bytes_full;
-        self.refused_user_properties += refused_user_properties;
-        self.denied_publish += denied_publish;
-        self.denied_subscribe += denied_subscribe;
-        self.denied_delivery += denied_delivery;
-    }
-}
-
 /// The part of a session that exists only while a connection is attached.
 #[derive(Debug)]
 struct Conn {
@@ -401,7 +367,6 @@ pub struct Session {
     /// deliveries go to the queue at once until they have all ended.
     held_released: bool,
     ended: bool,
-    stats: SessionStats,
     /// What the current (or last) connection's user may read and write;
     /// None: everything (no ACL file, or a session restored from the log
     /// whose client has not connected since).
@@ -433,7 +398,6 @@ impl Session {
             held: VecDeque::new(),
             held_released: false,
             ended: false,
-            stats: SessionStats::default(),
             acl: None,
         }
     }
@@ -509,19 +473,16 @@ impl Session {
         &self.subscriptions
     }
 
-    /// Counters since the last [`Session::take_stats`].
+    /// The counters this session adds to: its shard's, shared by all of
+    /// its sessions (a session alone in its `SessionLimits`, as in the
+    /// tests, has them to itself).
     pub fn stats(&self) -> SessionStats {
-        self.stats
+        *self.limits.status.stats.borrow()
     }
 
-    /// The counters since the last call, zeroed: the shard adds them to
-    /// its running totals after every step, so a scrape never walks the
-    /// sessions.
-    pub fn take_stats(&mut self) -> Option<SessionStats> {
-        if self.stats == SessionStats::default() {
-            return None;
-        }
-        Some(std::mem::take(&mut self.stats))
+    /// The shard's counters, to add to (held for one statement).
+    fn counters(&self) -> std::cell::RefMut<'_, SessionStats> {
+        self.limits.status.stats.borrow_mut()
     }
 
     /// The Session Expiry Interval in force, seconds (0: ends with its

@@ -286,7 +286,7 @@ impl Session {
             return;
         }
         if message.is_expired(now) {
-            self.stats.dropped_expired += 1;
+            self.counters().dropped_expired += 1;
             self.done(delivery.stored);
             return;
         }
@@ -294,7 +294,7 @@ impl Session {
         let delivery = Delivery { qos, ..delivery };
         if !self.is_connected() {
             if qos == QoS::AtMostOnce && !self.limits.queue_qos0_offline {
-                self.stats.dropped_offline_qos0 += 1;
+                self.counters().dropped_offline_qos0 += 1;
                 self.done(delivery.stored);
                 return;
             }
@@ -305,7 +305,7 @@ impl Session {
             // QoS 0 bypasses the queue: a client that does not read must
             // not make the transmit queue grow without bound.
             if self.transmit_backlog_full() {
-                self.stats.dropped_queue_full += 1;
+                self.counters().dropped_queue_full += 1;
                 self.done(delivery.stored);
                 return;
             }
@@ -375,7 +375,7 @@ impl Session {
             };
             match policy {
                 OverflowPolicy::DropNew => {
-                    self.stats.dropped_queue_full += 1;
+                    self.counters().dropped_queue_full += 1;
                     self.done(delivery.stored);
                     return;
                 }
@@ -384,11 +384,11 @@ impl Session {
                         let Some(old) = self.out.pop_queue() else {
                             break;
                         };
-                        self.stats.dropped_queue_full += 1;
+                        self.counters().dropped_queue_full += 1;
                         self.done(old.delivery.stored);
                     }
                     if !fits(&self.out) {
-                        self.stats.dropped_queue_full += 1;
+                        self.counters().dropped_queue_full += 1;
                         self.done(delivery.stored);
                         return;
                     }
@@ -455,7 +455,7 @@ impl Session {
                 Err(why) => {
                     self.out.queue.remove(i);
                     self.out.queue_bytes -= cost;
-                    self.stats.lost_unreadable += 1;
+                    self.counters().lost_unreadable += 1;
                     self.done(stored);
                     client_log!(
                         self,
@@ -506,14 +506,14 @@ impl Session {
                 unreachable!("checked resident above")
             };
             if message.is_expired(now) {
-                self.stats.dropped_expired += 1;
+                self.counters().dropped_expired += 1;
                 self.done(q.delivery.stored);
                 continue;
             }
             // Queued before this connection's ACL was known (a session
             // restored from the log) or under an earlier user's.
             if !self.may_read(&message.topic) {
-                self.stats.denied_delivery += 1;
+                self.counters().denied_delivery += 1;
                 self.done(q.delivery.stored);
                 continue;
             }
@@ -589,7 +589,7 @@ impl Session {
         };
         let len = codec::publish_len(&d.view(), conn.version);
         if len > conn.max_packet_out as usize {
-            self.stats.dropped_too_large += 1;
+            self.counters().dropped_too_large += 1;
             return false;
         }
         // A new alias adds a 3-byte property: assign one only if it fits.
@@ -599,12 +599,13 @@ impl Session {
             len + 3 <= conn.max_packet_out as usize,
             alias_bytes_max,
         ) {
-            self.stats.alias_bytes_full += 1;
+            self.counters().alias_bytes_full += 1;
         }
         if !dup {
             let q = delivery.qos as usize;
-            self.stats.sent[q] += 1;
-            self.stats.sent_bytes[q] += message.payload.len() as u64;
+            let mut counters = self.counters();
+            counters.sent[q] += 1;
+            counters.sent_bytes[q] += message.payload.len() as u64;
         }
         self.transmit.push(Outgoing::Publish(d));
         true

@@ -294,13 +294,10 @@ impl SessionSlot {
         }
     }
 
-    /// Add what the session counted since its last step to `stats`, and
-    /// the change of its queue and in-flight lengths (constant time; a
-    /// scrape then reads the totals without walking the sessions).
+    /// Add the change of the session's queue and in-flight lengths to
+    /// `stats` (constant time; a scrape then reads the totals without
+    /// walking the sessions).
     fn account(&mut self, stats: &mut ShardStats) {
-        if let Some(s) = self.session.take_stats() {
-            stats.sessions.add(&s);
-        }
         let queued = self.session.queued_len() as u32;
         let inflight = self.session.inflight_len() as u32;
         stats.queued = stats.queued + u64::from(queued) - u64::from(self.counted_queued);
@@ -349,8 +346,8 @@ pub struct ShardStats {
     /// TLS connections closed at accept because `server.tls_handshakes_max`
     /// were already waiting to send CONNECT.
     pub tls_handshakes_refused: u64,
-    /// The sessions' counters, live and ended: each session's are added
-    /// after every step it takes.
+    /// The sessions' counters, live and ended (each session adds to the
+    /// shard's as it goes; copied in by [`ShardCore::stats`]).
     pub sessions: SessionStats,
 }
 
@@ -648,7 +645,9 @@ impl ShardCore {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> ShardStats {
-        self.state.borrow().stats
+        let mut stats = self.state.borrow().stats;
+        stats.sessions = *self.limits.status.stats.borrow();
+        stats
     }
 
     /// The counters and sizes a metrics scrape shows: constant time (no
@@ -657,7 +656,7 @@ impl ShardCore {
         let st = self.state.borrow();
         ShardReport {
             shard: self.id,
-            stats: st.stats,
+            stats: self.stats(),
             sessions: st.sessions.len(),
             subscriptions: st.subscribers.len(),
             retained: st.retained.len(),
@@ -845,9 +844,6 @@ impl ShardCore {
             if let Action::Publish { message, .. } = action {
                 self.route(st, now, message, Source::default(), reach);
             }
-        }
-        if let Some(s) = session.take_stats() {
-            st.stats.sessions.add(&s);
         }
         if st.by_client.get(session.client_id()) == Some(&key) {
             st.by_client.remove(session.client_id());
