@@ -5,7 +5,7 @@
 # 64-byte payloads, 2 shards, the default (kill_safe) log on a fresh data
 # directory each run. Prints each round and the median ratio B / A.
 #
-#   loadtest/before-after.sh OLD_SHARDMQ NEW_SHARDMQ [ROUNDS]
+#   [ALL_ROWS=1] loadtest/before-after.sh OLD_SHARDMQ NEW_SHARDMQ [ROUNDS]
 #
 # Build an older commit with, e.g.:
 #   git worktree add /tmp/old COMMIT && (cd /tmp/old && \
@@ -25,6 +25,15 @@ ROWS=(
   "qos0|bench --mode pairs --pubs 100 --subs 100 -q 0 --closed-loop 200 $COMMON"
   "qos1|bench --mode pairs --pubs 100 --subs 100 -q 1 --closed-loop 200 --inflight 64 $COMMON"
 )
+# ALL_ROWS=1: the rest of compare.sh's rows too.
+if [ "${ALL_ROWS:-0}" = 1 ]; then
+  ROWS+=(
+    "qos2|bench --mode pairs --pubs 100 --subs 100 -q 2 --closed-loop 200 --inflight 64 $COMMON"
+    "fanout|bench --mode fanout --subs 100 -q 0 --closed-loop 200 $COMMON"
+    "fanin|bench --mode fanin --pubs 100 -q 0 --closed-loop 8 $COMMON"
+    "rate20k|bench --mode pairs --pubs 100 --subs 100 -q 0 --rate 20000 $COMMON"
+  )
+fi
 [ -x "$BENCH" ] || cargo build --release -p shardmq-bench
 
 cpu_per_msg() { sed -n 's/^  "broker_cpu_us_per_msg": \(.*\),$/\1/p' "$1"; }

@@ -608,8 +608,6 @@ fn parse_cpu_list(list: &str) -> Option<Vec<usize>> {
     (!cpus.is_empty()).then_some(cpus)
 }
 
-/// Raise the locked-memory and open-file limits where allowed, and refuse
-/// to start (saying what to change) when locked memory stays too low.
 /// Err naming the fix when the kernel refuses io_uring (which every shard
 /// runs on): a container's seccomp profile, the `kernel.io_uring_disabled`
 /// sysctl, or a kernel without it. A one-entry ring is set up and closed
@@ -652,10 +650,16 @@ fn probe_io_uring() -> Result<(), StartError> {
         Some(libc::EPERM) if sysctl == "1" => "the sysctl kernel.io_uring_disabled is 1: \
              set it to 0, or put the broker's user in the group kernel.io_uring_group names"
             .to_string(),
-        _ => "a seccomp filter blocks it: Docker's default profile does since 25.0; run \
-             with --security-opt seccomp=tuning/seccomp-io_uring.json (Docker's default \
-             profile plus io_uring_setup, io_uring_enter and io_uring_register), or \
-             allow those three calls in your runtime's profile"
+        Some(libc::EPERM) => "a seccomp filter blocks it: Docker's default profile does \
+             since 25.0; run with --security-opt seccomp=tuning/seccomp-io_uring.json \
+             (Docker's default profile plus io_uring_setup, io_uring_enter and \
+             io_uring_register), or allow those three calls in your runtime's profile"
+            .to_string(),
+        Some(libc::ENOMEM) => "the locked-memory limit is too low for a ring: raise it \
+             (ulimit -l, LimitMEMLOCK= in the unit, --ulimit memlock=-1 in Docker)"
+            .to_string(),
+        _ => "see io_uring_setup(2) for this error; an LSM (SELinux, AppArmor) may \
+             deny it, or the process may be out of file descriptors"
             .to_string(),
     };
     Err(StartError::IoUring(format!(
@@ -663,6 +667,8 @@ fn probe_io_uring() -> Result<(), StartError> {
     )))
 }
 
+/// Raise the locked-memory and open-file limits where allowed, and refuse
+/// to start (saying what to change) when locked memory stays too low.
 fn check_os_limits(config: &Config, shards: usize) -> Result<(), StartError> {
     use rlimit::Resource;
     // io_memory per shard plus room for three rings per shard.

@@ -87,7 +87,8 @@ pub struct AutoSubscribe {
     pub username: String,
     /// The topic filter, `$share/{group}/...` allowed; `%c` is replaced by
     /// the client id and `%u` by the user name. A client whose id or user
-    /// name holds `+`, `#` or `/` does not get a rule that uses it, nor
+    /// name holds `+`, `#` or `/`, or would make the filter start with `$`
+    /// where the rule's does not, does not get a rule that uses it, nor
     /// does a client without a user name a rule with `%u`.
     pub filter: String,
     /// Maximum QoS, 0 to 2.
@@ -116,18 +117,35 @@ impl AutoSubscribe {
     /// missing or could widen the filter (`+`, `#`, `/`).
     pub fn filter_for(&self, client_id: &str, username: Option<&str>) -> Option<String> {
         let unsafe_value = |v: &str| v.is_empty() || v.contains(['+', '#', '/']);
-        let mut filter = self.filter.clone();
-        if filter.contains("%c") {
-            if unsafe_value(client_id) {
-                return None;
+        // One pass: a `%u` inside the client id stays as it is.
+        let mut filter = String::with_capacity(self.filter.len() + client_id.len());
+        let mut rest = self.filter.as_str();
+        while let Some(i) = rest.find('%') {
+            filter.push_str(&rest[..i]);
+            let value = match rest[i..].get(..2) {
+                Some("%c") => Some(client_id),
+                Some("%u") => Some(username?),
+                _ => None,
+            };
+            match value {
+                Some(v) if unsafe_value(v) => return None,
+                Some(v) => {
+                    filter.push_str(v);
+                    rest = &rest[i + 2..];
+                }
+                None => {
+                    filter.push('%');
+                    rest = &rest[i + 1..];
+                }
             }
-            filter = filter.replace("%c", client_id);
         }
-        if self.filter.contains("%u") {
-            let user = username.filter(|u| !unsafe_value(u))?;
-            filter = filter.replace("%u", user);
-        }
-        Some(filter)
+        filter.push_str(rest);
+        // A value must not change what kind of filter it is: a client id
+        // "$share" in "%c/inbox/#" would make a shared subscription to
+        // every topic, "$SYS" one to the broker's topics.
+        let sample = self.filter.replace("%c", "c").replace("%u", "u");
+        let kind = |f: &str| (f.starts_with('$'), f.starts_with("$share/"));
+        (kind(&filter) == kind(&sample)).then_some(filter)
     }
 
     /// Its options.
@@ -1090,6 +1108,26 @@ mod tests {
             assert_eq!(a.filter_for(widening, Some("bob")), None, "{widening}");
         }
         assert_eq!(a.filter_for("dev-1", Some("a/b")), None);
+        assert_eq!(
+            a.filter_for("dev-%u", Some("bob")).as_deref(),
+            Some("d/dev-%u/bob")
+        );
+        let front = AutoSubscribe {
+            filter: "%c/inbox/#".into(),
+            ..a.clone()
+        };
+        assert_eq!(
+            front.filter_for("$share", None),
+            None,
+            "a shared subscription to all"
+        );
+        assert_eq!(front.filter_for("$SYS", None), None);
+        assert_eq!(front.filter_for("x$", None).as_deref(), Some("x$/inbox/#"));
+        let percent = AutoSubscribe {
+            filter: "a/100%/%c".into(),
+            ..a.clone()
+        };
+        assert_eq!(percent.filter_for("d", None).as_deref(), Some("a/100%/d"));
         assert_eq!(a.options().qos, crate::codec::QoS::ExactlyOnce);
         refused(
             "[[auto_subscribe]]\nfilter = \"a\"\nqos = 3\n",

@@ -24,6 +24,11 @@ impl Notify {
         }
     }
 
+    /// True when notified and not yet waited for.
+    pub fn is_set(&self) -> bool {
+        self.set.get()
+    }
+
     /// Wait until notified, then clear the flag.
     pub async fn wait(&self) {
         poll_fn(|cx| {

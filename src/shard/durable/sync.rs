@@ -25,6 +25,12 @@ impl ShardCore {
         self.sync_wake.wait().await
     }
 
+    /// True when records wait for a sync already (the group-commit task
+    /// has not taken them yet).
+    pub fn sync_pending(&self) -> bool {
+        self.sync_wake.is_set()
+    }
+
     /// Ask for a sync again (one that could not be done is retried).
     pub fn want_sync(&self) {
         self.sync_wake.notify();
