@@ -67,6 +67,7 @@ fn metrics_count_known_traffic_exactly() {
     }
     publisher.publish("m/kept", b"r", QoS::AtMostOnce, true, 0);
     publisher.publish("nobody/x", b"n", QoS::AtMostOnce, false, 0);
+    publisher.publish("$delayed/600/later/x", b"12345", QoS::AtMostOnce, false, 0);
     // Two QoS 1 messages of 10 bytes that the subscriber never
     // acknowledges, and the offline session queues.
     publisher.publish("q/1", &[1; 10], QoS::AtLeastOnce, false, 1);
@@ -109,8 +110,8 @@ fn metrics_count_known_traffic_exactly() {
     );
     // By QoS, in and out, messages and payload bytes.
     let qos = |name: &str, q: u8| sum_where(&text, name, &format!("qos=\"{q}\""));
-    assert_eq!(qos("shardmq_messages_received_total", 0), 7, "{text}");
-    assert_eq!(qos("shardmq_message_bytes_received_total", 0), 7);
+    assert_eq!(qos("shardmq_messages_received_total", 0), 8, "{text}");
+    assert_eq!(qos("shardmq_message_bytes_received_total", 0), 12);
     assert_eq!(qos("shardmq_messages_received_total", 1), 2);
     assert_eq!(qos("shardmq_message_bytes_received_total", 1), 20);
     assert_eq!(qos("shardmq_messages_received_total", 2), 0);
@@ -136,6 +137,15 @@ fn metrics_count_known_traffic_exactly() {
     // two unacknowledged.
     assert_eq!(sum(&text, "shardmq_queued_messages"), 2, "{text}");
     assert_eq!(sum(&text, "shardmq_inflight_messages"), 2, "{text}");
+    // A delayed publish held; the retained message's bytes; the mesh.
+    assert_eq!(sum(&text, "shardmq_delayed_messages"), 1, "{text}");
+    assert!(sum(&text, "shardmq_delayed_bytes") >= "later/x".len() as u64 + 5);
+    // The retained message's topic and its one-byte payload, at least.
+    assert!(sum(&text, "shardmq_retained_bytes") > "m/kept".len() as u64);
+    let mesh = |s: &str| sum_where(&text, "shardmq_mesh_messages_total", s);
+    assert!(mesh("shard=\"1\"") >= 8, "{text}");
+    assert!(sum(&text, "shardmq_mesh_batches_total") >= 1);
+    assert_eq!(sum(&text, "shardmq_mesh_pauses_total"), 0);
     // Each of the 8 messages delivered crossed from shard 1 to shard 0.
     assert_eq!(
         sum(&text, "shardmq_delivery_latency_seconds_count"),
@@ -315,6 +325,7 @@ fn the_log_metrics_follow_the_log() {
         "{text}"
     );
     assert_eq!(sum(&text, "shardmq_log_full"), 0);
+    assert_eq!(sum(&text, "shardmq_log_compactions_total"), 0, "{text}");
     // kill_safe syncs nothing: the histograms are there, empty.
     assert!(
         text.contains("shardmq_log_sync_seconds_count 0\n"),

@@ -238,6 +238,9 @@ pub struct Mesh {
     pending_max: usize,
     /// Wakes the flusher: a batch waits.
     wake: Notify,
+    /// Batches and messages handed to the lanes since the start.
+    batches: Cell<u64>,
+    messages: Cell<u64>,
 }
 
 impl Mesh {
@@ -250,6 +253,8 @@ impl Mesh {
             pending: Cell::new(0),
             pending_max,
             wake: Notify::default(),
+            batches: Cell::new(0),
+            messages: Cell::new(0),
         }
     }
 
@@ -279,12 +284,21 @@ impl Mesh {
     /// [`Mesh::sent`] says they are on their lane.
     pub fn poll_batches(&self) -> Vec<(usize, Batch)> {
         let mut outbox = self.outbox.borrow_mut();
-        outbox
+        let batches: Vec<(usize, Batch)> = outbox
             .iter_mut()
             .enumerate()
             .filter(|(_, b)| !b.is_empty())
             .map(|(to, b)| (to, std::mem::take(b)))
-            .collect()
+            .collect();
+        self.batches.set(self.batches.get() + batches.len() as u64);
+        let messages: usize = batches.iter().map(|(_, b)| b.len()).sum();
+        self.messages.set(self.messages.get() + messages as u64);
+        batches
+    }
+
+    /// Batches and messages taken for the lanes since the start.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.batches.get(), self.messages.get())
     }
 
     /// Every message queued and not yet taken by [`Mesh::poll_batches`].

@@ -337,6 +337,9 @@ pub struct ShardStats {
     pub queued: u64,
     /// Messages sent and not yet acknowledged.
     pub inflight: u64,
+    /// Times a connection's reading paused because the shard's outbox to
+    /// the other shards held more than `mesh.outbox_messages_max`.
+    pub mesh_pauses: u64,
     /// Log records that could not be written (the log was full, or a
     /// record too large): each refused, held for a retry or counted here.
     pub log_appends_failed: u64,
@@ -438,6 +441,14 @@ pub struct ShardReport {
     pub subscriptions: usize,
     /// Retained messages it stores.
     pub retained: usize,
+    /// Their bytes (topic, payload, properties).
+    pub retained_bytes: u64,
+    /// Delayed publishes it holds, and their bytes.
+    pub delayed: usize,
+    /// Their bytes.
+    pub delayed_bytes: u64,
+    /// Batches and messages it handed to the lanes to other shards.
+    pub mesh: (u64, u64),
     /// What its log holds; None without durability.
     pub log: Option<LogStatus>,
     /// Its latency histograms.
@@ -660,6 +671,10 @@ impl ShardCore {
             sessions: st.sessions.len(),
             subscriptions: st.subscribers.len(),
             retained: st.retained.len(),
+            retained_bytes: st.retained_bytes,
+            delayed: st.delayed.len(),
+            delayed_bytes: st.delayed_bytes,
+            mesh: self.mesh.counts(),
             log: self.log_status(),
             latency: Box::new(self.latency.borrow().clone()),
         }

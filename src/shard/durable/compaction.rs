@@ -65,7 +65,7 @@ impl ShardCore {
             let store = st.store.as_mut().expect("checked above");
             store.rec.compacting = false;
             match done {
-                Compacted::Done => {}
+                Compacted::Done => store.rec.compactions += 1,
                 Compacted::NoRoom => return,
                 Compacted::Failed => {
                     if let Room::Full { compaction_stuck } = &mut store.rec.room {

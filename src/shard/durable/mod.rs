@@ -154,6 +154,8 @@ struct Records {
     reported_full: bool,
     /// Compaction is rewriting: it may use the room kept for bookkeeping.
     compacting: bool,
+    /// Segments compacted since the start.
+    compactions: u64,
     /// Which other shards reported a full log.
     others_full: Vec<bool>,
     /// Rate limit of the append-failure log line: one per 10 s, on the
@@ -259,6 +261,8 @@ pub struct LogStatus {
     /// Other shards whose log is full, as they reported it: this shard
     /// refuses QoS 1/2 messages too while any is.
     pub others_full: usize,
+    /// Segments compacted since the start.
+    pub compactions: u64,
 }
 
 /// Where a store sits: its shard and what it shares with it.
@@ -326,6 +330,7 @@ impl Store {
                 },
                 reported_full: false,
                 compacting: false,
+                compactions: 0,
                 others_full: vec![false; shards],
                 failure_gate: crate::text::LogGate::new(1, Duration::from_secs(10)),
                 appends_failed: 0,
@@ -389,6 +394,7 @@ impl Store {
                 }
             ),
             others_full: self.rec.others_full.iter().filter(|f| **f).count(),
+            compactions: self.rec.compactions,
         }
     }
 

@@ -568,6 +568,9 @@ async fn read_loop(
         if handle_packets(shard, conn, &mut buf).is_err() || conn.is_closing() {
             return false;
         }
+        if shard.mesh.congested() {
+            shard.state.borrow_mut().stats.mesh_pauses += 1;
+        }
         while shard.mesh.congested() && !conn.is_closing() {
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
