@@ -159,12 +159,30 @@ impl Broker {
                 .collect(),
         );
         let listeners = listen::open(&binds, shards)?;
+        // The shards' control channels, made now so that the HTTP listener
+        // can serve while the logs are recovered (503 until every shard
+        // listens: a readiness probe's answer).
+        let (controls, control_rxs): (Vec<_>, Vec<_>) =
+            (0..shards).map(|_| crossbeam_channel::unbounded()).unzip();
+        let mut control_rxs = control_rxs.into_iter();
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let http = match config.http.addr() {
             Ok(None) => None,
-            Ok(Some(addr)) => match std::net::TcpListener::bind(addr) {
-                Ok(listener) => Some((addr, listener)),
-                Err(source) => return Err(StartError::Http { addr, source }),
-            },
+            Ok(Some(addr)) => {
+                let listener = std::net::TcpListener::bind(addr)
+                    .map_err(|source| StartError::Http { addr, source })?;
+                let token = Some(config.http.api_token.clone()).filter(|t| !t.is_empty());
+                let api = crate::api::Api {
+                    controls: controls.clone(),
+                    started,
+                    topic_levels_max: config.mqtt.topic_levels_max,
+                    payload_bytes_max: config.mqtt.packet_size_max_bytes as usize,
+                };
+                let server = crate::http::HttpServer::start(listener, token, api, ready.clone())
+                    .map_err(|source| StartError::Http { addr, source })?;
+                log::info!("http: GET /metrics on {}", server.addr());
+                Some(server)
+            }
             Err(why) => {
                 return Err(StartError::Config(ConfigError::Invalid {
                     key: "http.bind".into(),
@@ -173,6 +191,14 @@ impl Broker {
                 }))
             }
         };
+        #[cfg(debug_assertions)]
+        if let Some(ms) = std::env::var("SHARDMQ_TEST_RECOVERY_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            // Debug builds: a slow recovery, for the readiness test.
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         let (data_dir, mut durables) = recover_logs(&config, shards)?;
         let cluster = start_cluster(&config, shards, data_dir.as_ref())?;
         let cluster_addr = cluster.as_ref().map(|c| c.bound);
@@ -187,7 +213,7 @@ impl Broker {
         let mut broker = Broker {
             addrs: listeners.addrs,
             cluster_addr,
-            controls: Vec::new(),
+            controls,
             executors: Vec::new(),
             stopped: stopped_rx,
             shutdown_timeout: Duration::from_secs(config.server.shutdown_timeout_s),
@@ -195,7 +221,7 @@ impl Broker {
             listeners: wanted.clone(),
             _data_dir: data_dir,
             _ports: listeners.locks,
-            http: None,
+            http,
             sys: None,
         };
         let mut sockets = listeners.sockets.into_iter();
@@ -210,7 +236,7 @@ impl Broker {
                     bridge,
                     membership: membership.take(),
                 });
-            let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
+            let ctl_rx = control_rxs.next().expect("one per shard");
             let placement = match &cpus {
                 Some(cpus) if config.server.pin_cpus && shards <= cpus.len() => {
                     Placement::Fixed(cpus[id])
@@ -235,7 +261,6 @@ impl Broker {
                     shard: id,
                     why: e.to_string(),
                 })?;
-            broker.controls.push(ctl_tx);
             broker.executors.push(executor);
         }
         for _ in 0..shards {
@@ -263,26 +288,8 @@ impl Broker {
                 Err(e) => log::error!("cannot start the $SYS thread: {e}; no $SYS topics"),
             }
         }
-        // Serve metrics once every shard answers.
-        if let Some((addr, listener)) = http {
-            let token = Some(config.http.api_token.clone()).filter(|t| !t.is_empty());
-            let api = crate::api::Api {
-                controls: broker.controls.clone(),
-                started,
-                topic_levels_max: config.mqtt.topic_levels_max,
-                payload_bytes_max: config.mqtt.packet_size_max_bytes as usize,
-            };
-            match crate::http::HttpServer::start(listener, broker.controls.clone(), token, api) {
-                Ok(h) => {
-                    log::info!("http: GET /metrics on {}", h.addr());
-                    broker.http = Some(h);
-                }
-                Err(source) => {
-                    broker.stop();
-                    return Err(StartError::Http { addr, source });
-                }
-            }
-        }
+        // Every shard listens: metrics and the API answer from now on.
+        ready.store(true, std::sync::atomic::Ordering::Release);
         Ok(broker)
     }
 

@@ -3,6 +3,10 @@
 //! set it needs `Authorization: Bearer TOKEN`, without one it answers
 //! loopback clients only).
 //!
+//! It serves from before the logs are recovered: until every shard
+//! listens it answers 503 (`/api/v1/status`: `{"status": "starting"}`),
+//! which is what a readiness probe wants to hear.
+//!
 //! One thread of its own, not a shard's: scrapes are rare, and HTTP
 //! parsing stays off the shards' io_uring loops. A request asks every
 //! shard for its counters through its control channel; each shard answers
@@ -45,17 +49,18 @@ impl HttpServer {
     /// [`HttpServer::stop`]; `controls` reach the shards.
     pub(crate) fn start(
         listener: TcpListener,
-        controls: Vec<crossbeam_channel::Sender<Control>>,
         api_token: Option<String>,
         api: Api,
+        ready: Arc<AtomicBool>,
     ) -> std::io::Result<HttpServer> {
         // A payload in base64 inside JSON, with room for the rest.
         let body_bytes_max = api.payload_bytes_max / 3 * 4 + 64 * 1024;
         let site = Arc::new(Site {
-            controls,
+            controls: api.controls.clone(),
             api_token,
             api,
             body_bytes_max,
+            ready,
         });
         let addr = listener.local_addr()?;
         let socket = socket2::Socket::from(listener.try_clone()?);
@@ -78,7 +83,13 @@ impl HttpServer {
     }
 
     /// Stop accepting (requests in progress finish on their own threads).
-    pub fn stop(mut self) {
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
         self.stopping.store(true, Ordering::Relaxed);
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
         if let Some(t) = self.thread.take() {
@@ -95,6 +106,9 @@ struct Site {
     api: Api,
     /// The largest request body read.
     body_bytes_max: usize,
+    /// Every shard listens (until then the logs are being recovered, and
+    /// everything is answered 503).
+    ready: Arc<AtomicBool>,
 }
 
 /// What the server reads of a request.
@@ -313,6 +327,16 @@ fn read_request(
 fn route(site: &Site, req: &Request) -> (u16, &'static str, String) {
     let path = req.path.split('?').next().unwrap_or("");
     let controls = &site.controls;
+    if !site.ready.load(Ordering::Acquire) {
+        let why = "starting: the logs are being recovered";
+        return match path {
+            "/api/v1/status" => {
+                let body = serde_json::json!({ "status": "starting", "why": why });
+                (503, "application/json", format!("{body}\n"))
+            }
+            _ => (503, "text/plain", format!("{why}\n")),
+        };
+    }
     if path.starts_with("/api/") {
         let (status, body) = site.api.route(&req.method, &req.path, &req.body);
         return (status, "application/json", format!("{body}\n"));

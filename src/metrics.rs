@@ -84,6 +84,13 @@ const METRICS: &[Metric] = &[
         value: |r, _| Some(r.subscriptions as u64),
     },
     Metric {
+        name: "shardmq_routes",
+        kind: "gauge",
+        help: "Entries of the shard's route replica: (filter, shard or node) pairs.",
+        label: None,
+        value: |r, _| Some(r.routes as u64),
+    },
+    Metric {
         name: "shardmq_retained_messages",
         kind: "gauge",
         help: "Retained messages stored.",
@@ -194,6 +201,16 @@ const METRICS: &[Metric] = &[
         help: "Messages dropped, by reason: a full queue, expiry, QoS 0 to an offline session, larger than the client takes, the ACL, no subscriber, unreadable from the log.",
         label: Some(("reason", DROPPED)),
         value: dropped,
+    },
+    Metric {
+        name: "shardmq_publishes_refused_total",
+        kind: "counter",
+        help: "PUBLISHes refused for room: a full log (QoS 1/2; 5.0: 0x97), or the delayed-publish budget.",
+        label: Some(("reason", &["store_full", "delayed_full"])),
+        value: |r, i| {
+            let s = &r.stats.sessions;
+            Some([s.refused_store_full, s.refused_delayed_full][i])
+        },
     },
     Metric {
         name: "shardmq_bytes_received_total",

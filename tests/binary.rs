@@ -311,3 +311,54 @@ fn without_io_uring_the_broker_refuses_to_start_and_names_the_fix() {
         "{err}"
     );
 }
+
+/// The HTTP listener answers while the logs are recovered: 503 and
+/// "starting" (and `ctl status` exits 1) until every shard listens, then
+/// 200. Debug builds stretch the recovery with
+/// SHARDMQ_TEST_RECOVERY_DELAY_MS.
+#[test]
+fn status_is_503_while_the_logs_are_recovered_then_ready() {
+    let data = common::child::temp_dir("recovering");
+    let mut child = shardmq()
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .env("RUST_LOG", "info")
+        .env("SHARDMQ_TEST_RECOVERY_DELAY_MS", "3000")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let http: std::net::SocketAddr = lines
+        .by_ref()
+        .map(|l| l.expect("a log line"))
+        .find_map(|l| l.split("http: GET /metrics on ").nth(1).map(str::to_string))
+        .expect("the HTTP address is logged before recovery")
+        .trim()
+        .parse()
+        .unwrap();
+    let (status, body) = common::http(http, "GET", "/api/v1/status", "", "");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"starting\""), "{body}");
+    assert_eq!(common::http(http, "GET", "/metrics", "", "").0, 503);
+    let ctl = shardmq()
+        .args(["ctl", "--http", &http.to_string(), "status"])
+        .output()
+        .unwrap();
+    assert_eq!(ctl.status.code(), Some(1));
+    lines
+        .by_ref()
+        .map(|l| l.expect("a log line"))
+        .find(|l| l.contains("listening on"))
+        .expect("it starts");
+    let (status, body) = common::http(http, "GET", "/api/v1/status", "", "");
+    assert_eq!(status, 200, "{body}");
+    common::child::signal(child.id(), libc::SIGTERM);
+    assert!(child.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&data);
+}

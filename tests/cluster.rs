@@ -14,12 +14,26 @@ use shardmq::cluster::membership::envelope;
 
 /// A loopback UDP port free now (the tests that need ports known before
 /// a node starts).
+/// A cluster port P for a node of 2 shards: UDP P and TCP P and P + 1
+/// free now, below the kernel's ephemeral range (which starts at 32768
+/// by default). An ephemeral port is no good: the bridge's P + 1 may be
+/// any other test's socket by the time the node binds it.
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Spread over processes (each test binary starts at its own place).
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = 20_000 + (std::process::id() % 300) as u16 * 20;
+    for _ in 0..3000 {
+        // 20000 + 5980 + 5998 < 32768.
+        let port = start + NEXT.fetch_add(2, Ordering::Relaxed) % 6000;
+        let free = UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok();
+        if free {
+            return port;
+        }
+    }
+    panic!("no free cluster port below 32000");
 }
 
 /// Wait (at most `secs`) until the broker's log holds `needle`; how long

@@ -326,6 +326,14 @@ fn a_full_disk_refuses_new_messages_with_0x97_and_loses_nothing() {
         Some(Packet::PubAck(a)) => assert_eq!((a.packet_id, a.reason), (2, 0x97)),
         other => panic!("expected PUBACK 0x97, got {other:?}"),
     }
+    // Both refusals are counted.
+    let (_, metrics) = common::http(b.http_addr(), "GET", "/metrics", "", "");
+    let refused: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("shardmq_publishes_refused_total{") && l.contains("store_full"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(refused, 2, "{metrics}");
 
     // Every acknowledged message reaches the offline session.
     assert_drains(&b, &sub, &acked);

@@ -132,6 +132,7 @@ impl Session {
         if qos == QoS::ExactlyOnce {
             self.inbound_qos2.remove(&packet_id);
         }
+        self.counters().refused_store_full += 1;
         let why = "the message log is full (no disk space): QoS 1/2 messages are refused";
         if self.version().is_some_and(|v| v.is_v5()) {
             client_log!(self, now, log::Level::Warn, "PUBLISH refused (0x97): {why}");
@@ -200,12 +201,14 @@ impl Session {
     fn cannot_take(&self, p: &Publish, delay_s: Option<u32>) -> Option<(u8, &'static str)> {
         let status = &self.limits.status;
         if p.qos != QoS::AtMostOnce && status.store_full.get() {
+            self.counters().refused_store_full += 1;
             return Some((
                 reason::QUOTA_EXCEEDED,
                 "the message log is full (no disk space): QoS 1/2 messages are refused",
             ));
         }
         if delay_s.is_some() && status.delayed_full.get() {
+            self.counters().refused_delayed_full += 1;
             return Some((
                 reason::QUOTA_EXCEEDED,
                 "storage.delayed_messages_max or delayed_bytes_max is reached",

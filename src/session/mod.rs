@@ -293,6 +293,12 @@ pub struct SessionStats {
     pub denied_subscribe: u64,
     /// Deliveries the ACL did not let the client read (dropped).
     pub denied_delivery: u64,
+    /// PUBLISHes refused because a log was full (disk or
+    /// `storage.log_bytes_max`; 5.0 QoS 1/2: 0x97).
+    pub refused_store_full: u64,
+    /// Delayed publishes refused because `storage.delayed_messages_max` or
+    /// `delayed_bytes_max` was reached.
+    pub refused_delayed_full: u64,
 }
 
 /// The part of a session that exists only while a connection is attached.

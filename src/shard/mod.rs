@@ -439,6 +439,8 @@ pub struct ShardReport {
     pub sessions: usize,
     /// Subscriptions of its sessions.
     pub subscriptions: usize,
+    /// Entries of its route replica: (filter, shard or node) pairs.
+    pub routes: usize,
     /// Retained messages it stores.
     pub retained: usize,
     /// Their bytes (topic, payload, properties).
@@ -670,6 +672,7 @@ impl ShardCore {
             stats: self.stats(),
             sessions: st.sessions.len(),
             subscriptions: st.subscribers.len(),
+            routes: st.routes.len(),
             retained: st.retained.len(),
             retained_bytes: st.retained_bytes,
             delayed: st.delayed.len(),

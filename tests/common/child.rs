@@ -190,6 +190,16 @@ impl ChildBroker {
         assert!(rss < mib << 20, "RSS {} MiB {when}", rss >> 20);
     }
 
+    /// Where its HTTP listener took a port (from its log).
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        let log = self.log_text();
+        let line = log
+            .lines()
+            .find_map(|l| l.split("http: GET /metrics on ").nth(1))
+            .expect("the broker logs its HTTP address");
+        line.trim().parse().expect("a socket address")
+    }
+
     /// The log so far, joined.
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
