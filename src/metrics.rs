@@ -133,6 +133,13 @@ const METRICS: &[Metric] = &[
         value: |r, _| Some(r.mesh.1),
     },
     Metric {
+        name: "shardmq_mesh_lane_stalls_total",
+        kind: "counter",
+        help: "Batches that waited for room on a full lane to another shard (mesh.lane_capacity).",
+        label: None,
+        value: |r, _| Some(r.mesh.2),
+    },
+    Metric {
         name: "shardmq_mesh_pauses_total",
         kind: "counter",
         help: "Times a connection's reading paused: the outbox to other shards held more than mesh.outbox_messages_max.",

@@ -146,6 +146,7 @@ fn metrics_count_known_traffic_exactly() {
     assert!(mesh("shard=\"1\"") >= 8, "{text}");
     assert!(sum(&text, "shardmq_mesh_batches_total") >= 1);
     assert_eq!(sum(&text, "shardmq_mesh_pauses_total"), 0);
+    assert_eq!(sum(&text, "shardmq_mesh_lane_stalls_total"), 0);
     // Each of the 8 messages delivered crossed from shard 1 to shard 0.
     assert_eq!(
         sum(&text, "shardmq_delivery_latency_seconds_count"),

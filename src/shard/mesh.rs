@@ -241,6 +241,8 @@ pub struct Mesh {
     /// Batches and messages handed to the lanes since the start.
     batches: Cell<u64>,
     messages: Cell<u64>,
+    /// Batches that waited for room on a full lane.
+    stalls: Cell<u64>,
 }
 
 impl Mesh {
@@ -255,6 +257,7 @@ impl Mesh {
             wake: Notify::default(),
             batches: Cell::new(0),
             messages: Cell::new(0),
+            stalls: Cell::new(0),
         }
     }
 
@@ -296,9 +299,15 @@ impl Mesh {
         batches
     }
 
-    /// Batches and messages taken for the lanes since the start.
-    pub fn counts(&self) -> (u64, u64) {
-        (self.batches.get(), self.messages.get())
+    /// Batches and messages taken for the lanes since the start, and the
+    /// batches that had to wait for room on their lane.
+    pub fn counts(&self) -> (u64, u64, u64) {
+        (self.batches.get(), self.messages.get(), self.stalls.get())
+    }
+
+    /// A batch found its lane full and waits for room.
+    pub fn stalled(&self) {
+        self.stalls.set(self.stalls.get() + 1);
     }
 
     /// Every message queued and not yet taken by [`Mesh::poll_batches`].

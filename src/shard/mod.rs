@@ -449,8 +449,9 @@ pub struct ShardReport {
     pub delayed: usize,
     /// Their bytes.
     pub delayed_bytes: u64,
-    /// Batches and messages it handed to the lanes to other shards.
-    pub mesh: (u64, u64),
+    /// Batches and messages it handed to the lanes to other shards, and
+    /// the batches that waited for room on a full lane.
+    pub mesh: (u64, u64, u64),
     /// What its log holds; None without durability.
     pub log: Option<LogStatus>,
     /// Its latency histograms.

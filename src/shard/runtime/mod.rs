@@ -305,7 +305,15 @@ pub async fn flush_loop(mesh: &Mesh, senders: Senders<Batch>) {
         futures_lite::future::yield_now().await;
         for (to, batch) in mesh.poll_batches() {
             let n = batch.len();
-            if senders.send_to(to, batch).await.is_err() {
+            let mut send = std::pin::pin!(senders.send_to(to, batch));
+            let sent = match futures_lite::future::poll_once(&mut send).await {
+                Some(sent) => sent,
+                None => {
+                    mesh.stalled(); // the lane is full: wait for room
+                    send.await
+                }
+            };
+            if sent.is_err() {
                 log::debug!("mesh lane to shard {to} is closed; dropped {n} messages");
             }
             mesh.sent(n);
