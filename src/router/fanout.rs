@@ -143,7 +143,7 @@ where
 
     /// The fan-out of everything added.
     pub fn finish(mut self) -> FanOut<K> {
-        self.out.ordinary = merge(std::mem::take(&mut self.out.ordinary));
+        merge(&mut self.out.ordinary);
         for (_, members) in &mut self.out.shared {
             members.sort_by_key(|t| t.session);
         }
@@ -152,24 +152,29 @@ where
 }
 
 /// One target per session: the highest QoS, Retain As Published if any
-/// says so, every subscription identifier. Ordered by session.
-fn merge<K: Copy + Ord>(mut targets: SmallVec<[Target<K>; 8]>) -> SmallVec<[Target<K>; 8]> {
+/// says so, every subscription identifier. Ordered by session. In place:
+/// the list is a few hundred bytes inline, and moving it costs more than
+/// the merge.
+fn merge<K: Copy + Ord>(targets: &mut SmallVec<[Target<K>; 8]>) {
     if targets.len() < 2 {
-        return targets;
+        return;
     }
     targets.sort_by_key(|t| t.session);
-    let mut merged: SmallVec<[Target<K>; 8]> = SmallVec::new();
-    for t in targets {
-        match merged.last_mut() {
-            Some(last) if last.session == t.session => {
-                last.qos = last.qos.max(t.qos);
-                last.retain |= t.retain;
-                last.subscription_ids.extend(t.subscription_ids);
-            }
-            _ => merged.push(t),
+    let mut last = 0;
+    for i in 1..targets.len() {
+        if targets[i].session == targets[last].session {
+            let ids = std::mem::take(&mut targets[i].subscription_ids);
+            let (qos, retain) = (targets[i].qos, targets[i].retain);
+            let kept = &mut targets[last];
+            kept.qos = kept.qos.max(qos);
+            kept.retain |= retain;
+            kept.subscription_ids.extend(ids);
+        } else {
+            last += 1;
+            targets.swap(last, i);
         }
     }
-    merged
+    targets.truncate(last + 1);
 }
 
 /// Which member of a shared subscription gets the message: round-robin
