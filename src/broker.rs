@@ -325,14 +325,8 @@ impl Broker {
     /// Send every shard the control `make` builds and wait (5 s at most)
     /// until each says it applied it; "" or how many had not.
     fn tell_shards(&self, make: impl Fn(crossbeam_channel::Sender<()>) -> Control) -> String {
-        let (done_tx, done_rx) = crossbeam_channel::bounded(self.controls.len());
-        for c in &self.controls {
-            let _ = c.send(make(done_tx.clone()));
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let applied = (0..self.controls.len())
-            .take_while(|_| done_rx.recv_deadline(deadline).is_ok())
-            .count();
+        let wait = Duration::from_secs(5);
+        let applied = crate::shard::runtime::ask_shards(&self.controls, make, wait).len();
         match self.controls.len() - applied {
             0 => String::new(),
             late => format!(" ({late} shards had not applied them after 5 s)"),
@@ -358,9 +352,7 @@ impl Broker {
     }
 
     fn stop_inner(&mut self) -> StopSummary {
-        if let Some(h) = self.http.take() {
-            h.stop();
-        }
+        drop(self.http.take()); // stops accepting
         if let Some(s) = self.sys.take() {
             s.stop();
         }
@@ -647,27 +639,33 @@ fn probe_io_uring() -> Result<(), StartError> {
         .map(|v| v.trim().to_string())
         .unwrap_or_default();
     let fix = match e.raw_os_error() {
-        Some(libc::ENOSYS) => "this kernel has no io_uring (Linux 5.8 or newer with \
+        Some(libc::ENOSYS) => {
+            "this kernel has no io_uring (Linux 5.8 or newer with \
              CONFIG_IO_URING is needed), or a seccomp filter reports it missing: \
              in Docker, run with --security-opt seccomp=tuning/seccomp-io_uring.json"
-            .to_string(),
-        Some(libc::EPERM) if sysctl == "2" => "the sysctl kernel.io_uring_disabled is 2: \
+        }
+        Some(libc::EPERM) if sysctl == "2" => {
+            "the sysctl kernel.io_uring_disabled is 2: \
              set it to 0 (sysctl -w kernel.io_uring_disabled=0)"
-            .to_string(),
-        Some(libc::EPERM) if sysctl == "1" => "the sysctl kernel.io_uring_disabled is 1: \
+        }
+        Some(libc::EPERM) if sysctl == "1" => {
+            "the sysctl kernel.io_uring_disabled is 1: \
              set it to 0, or put the broker's user in the group kernel.io_uring_group names"
-            .to_string(),
-        Some(libc::EPERM) => "a seccomp filter blocks it: Docker's default profile does \
+        }
+        Some(libc::EPERM) => {
+            "a seccomp filter blocks it: Docker's default profile does \
              since 25.0; run with --security-opt seccomp=tuning/seccomp-io_uring.json \
              (Docker's default profile plus io_uring_setup, io_uring_enter and \
              io_uring_register), or allow those three calls in your runtime's profile"
-            .to_string(),
-        Some(libc::ENOMEM) => "the locked-memory limit is too low for a ring: raise it \
+        }
+        Some(libc::ENOMEM) => {
+            "the locked-memory limit is too low for a ring: raise it \
              (ulimit -l, LimitMEMLOCK= in the unit, --ulimit memlock=-1 in Docker)"
-            .to_string(),
-        _ => "see io_uring_setup(2) for this error; an LSM (SELinux, AppArmor) may \
+        }
+        _ => {
+            "see io_uring_setup(2) for this error; an LSM (SELinux, AppArmor) may \
              deny it, or the process may be out of file descriptors"
-            .to_string(),
+        }
     };
     Err(StartError::IoUring(format!(
         "io_uring is not available to this process (io_uring_setup: {e}); {fix}"

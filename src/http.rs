@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::api::Api;
-use crate::shard::runtime::{gather_reports, Control};
+use crate::shard::runtime::gather_reports;
 
 /// Clients served at once; more are closed at accept.
 pub const CONNECTIONS_MAX: usize = 16;
@@ -45,8 +45,9 @@ pub struct HttpServer {
 
 impl HttpServer {
     /// Serve on `listener` (bound before the shards start, so a busy port
-    /// stops the start before any MQTT client is taken) until
-    /// [`HttpServer::stop`]; `controls` reach the shards.
+    /// stops the start before any MQTT client is taken) until it is
+    /// dropped; `api` reaches the shards, and until `ready` every request
+    /// is answered 503.
     pub(crate) fn start(
         listener: TcpListener,
         api_token: Option<String>,
@@ -56,7 +57,6 @@ impl HttpServer {
         // A payload in base64 inside JSON, with room for the rest.
         let body_bytes_max = api.payload_bytes_max / 3 * 4 + 64 * 1024;
         let site = Arc::new(Site {
-            controls: api.controls.clone(),
             api_token,
             api,
             body_bytes_max,
@@ -81,13 +81,10 @@ impl HttpServer {
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
-
-    /// Stop accepting (requests in progress finish on their own threads).
-    pub fn stop(self) {
-        drop(self);
-    }
 }
 
+/// Dropped: it stops accepting (requests in progress finish on their own
+/// threads).
 impl Drop for HttpServer {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::Relaxed);
@@ -100,7 +97,6 @@ impl Drop for HttpServer {
 
 /// What every request may need.
 struct Site {
-    controls: Vec<crossbeam_channel::Sender<Control>>,
     /// `http.api_token`; None: the API answers loopback clients only.
     api_token: Option<String>,
     api: Api,
@@ -326,7 +322,7 @@ fn read_request(
 /// here allowed).
 fn route(site: &Site, req: &Request) -> (u16, &'static str, String) {
     let path = req.path.split('?').next().unwrap_or("");
-    let controls = &site.controls;
+    let controls = &site.api.controls;
     if !site.ready.load(Ordering::Acquire) {
         let why = "starting: the logs are being recovered";
         return match path {

@@ -56,18 +56,24 @@ pub fn own_buffers(payload: &mut Bytes, properties: &mut Properties) {
 }
 
 impl Message {
-    /// A QoS 0 retained message of `topic` with no properties (tests).
-    #[cfg(test)]
-    pub(crate) fn retained_for_test(topic: &str, payload: &'static [u8]) -> Message {
+    /// A message the broker publishes itself (`$SYS`, the admin API): no
+    /// properties, no expiry, no publishing client.
+    pub fn from_broker(topic: &str, payload: Bytes, qos: QoS, retain: bool) -> Message {
         Message {
             topic: topic.into(),
-            payload: Bytes::from_static(payload),
-            qos: QoS::AtMostOnce,
-            retain: true,
+            payload,
+            qos,
+            retain,
             properties: Properties::default(),
             expires_at: None,
             publisher: None,
         }
+    }
+
+    /// A QoS 0 retained message of `topic` with no properties (tests).
+    #[cfg(test)]
+    pub(crate) fn retained_for_test(topic: &str, payload: &'static [u8]) -> Message {
+        Message::from_broker(topic, Bytes::from_static(payload), QoS::AtMostOnce, true)
     }
 
     /// Turn an inbound PUBLISH (topic already resolved) into a routed message.

@@ -37,8 +37,9 @@ const REFUSED: [&str; ConnectRefusal::ALL.len()] = {
     labels
 };
 
-/// The `reason` label of `shardmq_messages_dropped_total`.
-const DROPPED: &[&str] = &[
+/// The `reason` label of `shardmq_messages_dropped_total`, in the order
+/// of [`dropped_by_reason`].
+const DROPPED: &[&str; 7] = &[
     "queue_full",
     "expired",
     "offline_qos0",
@@ -48,17 +49,19 @@ const DROPPED: &[&str] = &[
     "unreadable",
 ];
 
-fn dropped(r: &ShardReport, reason: usize) -> Option<u64> {
-    let s = &r.stats.sessions;
-    Some(match reason {
-        0 => s.dropped_queue_full,
-        1 => s.dropped_expired,
-        2 => s.dropped_offline_qos0,
-        3 => s.dropped_too_large,
-        4 => s.denied_publish + s.denied_delivery,
-        5 => r.stats.no_subscribers,
-        _ => s.lost_unreadable,
-    })
+/// A shard's dropped messages by reason, in the order of [`DROPPED`]
+/// (`$SYS` sums them).
+pub(crate) fn dropped_by_reason(r: &ShardReport) -> [u64; 7] {
+    let s = &r.messages;
+    [
+        s.dropped_queue_full,
+        s.dropped_expired,
+        s.dropped_offline_qos0,
+        s.dropped_too_large,
+        s.denied_publish + s.denied_delivery,
+        r.stats.no_subscribers,
+        s.lost_unreadable,
+    ]
 }
 
 const METRICS: &[Metric] = &[
@@ -179,35 +182,35 @@ const METRICS: &[Metric] = &[
         kind: "counter",
         help: "PUBLISHes accepted from clients, by QoS.",
         label: QOS,
-        value: |r, q| Some(r.stats.sessions.received[q]),
+        value: |r, q| Some(r.messages.received[q]),
     },
     Metric {
         name: "shardmq_message_bytes_received_total",
         kind: "counter",
         help: "Payload bytes of the PUBLISHes accepted from clients, by QoS.",
         label: QOS,
-        value: |r, q| Some(r.stats.sessions.received_bytes[q]),
+        value: |r, q| Some(r.messages.received_bytes[q]),
     },
     Metric {
         name: "shardmq_messages_sent_total",
         kind: "counter",
         help: "PUBLISHes sent to clients (first transmissions), by the QoS sent with.",
         label: QOS,
-        value: |r, q| Some(r.stats.sessions.sent[q]),
+        value: |r, q| Some(r.messages.sent[q]),
     },
     Metric {
         name: "shardmq_message_bytes_sent_total",
         kind: "counter",
         help: "Payload bytes of the PUBLISHes sent to clients, by QoS.",
         label: QOS,
-        value: |r, q| Some(r.stats.sessions.sent_bytes[q]),
+        value: |r, q| Some(r.messages.sent_bytes[q]),
     },
     Metric {
         name: "shardmq_messages_dropped_total",
         kind: "counter",
         help: "Messages dropped, by reason: a full queue, expiry, QoS 0 to an offline session, larger than the client takes, the ACL, no subscriber, unreadable from the log.",
         label: Some(("reason", DROPPED)),
-        value: dropped,
+        value: |r, reason| Some(dropped_by_reason(r)[reason]),
     },
     Metric {
         name: "shardmq_publishes_refused_total",
@@ -215,7 +218,7 @@ const METRICS: &[Metric] = &[
         help: "PUBLISHes refused for room: a full log (QoS 1/2; 5.0: 0x97), or the delayed-publish budget.",
         label: Some(("reason", &["store_full", "delayed_full"])),
         value: |r, i| {
-            let s = &r.stats.sessions;
+            let s = &r.messages;
             Some([s.refused_store_full, s.refused_delayed_full][i])
         },
     },

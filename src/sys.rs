@@ -52,7 +52,7 @@ impl Totals {
         let mut t = Totals::default();
         for r in reports {
             let s = &r.stats;
-            let m = &s.sessions;
+            let m = &r.messages;
             t.connected += s.connections as u64;
             t.sessions += r.sessions as u64;
             t.subscriptions += r.subscriptions as u64;
@@ -60,14 +60,7 @@ impl Totals {
             t.stored += s.queued + s.inflight;
             t.received += m.received.iter().sum::<u64>();
             t.sent += m.sent.iter().sum::<u64>();
-            t.dropped += m.dropped_queue_full
-                + m.dropped_expired
-                + m.dropped_offline_qos0
-                + m.dropped_too_large
-                + m.denied_publish
-                + m.denied_delivery
-                + m.lost_unreadable
-                + s.no_subscribers;
+            t.dropped += crate::metrics::dropped_by_reason(r).iter().sum::<u64>();
             t.bytes_received += s.bytes_received;
             t.bytes_sent += s.bytes_sent;
             t.connects += s.connects_accepted;
@@ -259,7 +252,7 @@ mod tests {
             ..Default::default()
         };
         r.stats.connections = connections;
-        r.stats.sessions.received[1] = received;
+        r.messages.received[1] = received;
         r
     }
 

@@ -248,15 +248,7 @@ impl ShardCore {
                 qos,
                 retain,
             } => {
-                let message = Message {
-                    topic: topic.into(),
-                    payload,
-                    qos,
-                    retain,
-                    properties: Default::default(),
-                    expires_at: None,
-                    publisher: None,
-                };
+                let message = Message::from_broker(&topic, payload, qos, retain);
                 let mut st = self.state.borrow_mut();
                 let source = Source::default();
                 let accepted = self.route(&mut st, now, Arc::new(message), source, Reach::Cluster);
@@ -277,15 +269,7 @@ impl ShardCore {
                 if st.retained.get(&topic).is_none() {
                     return AdminAnswer::RetainedDeleted(false);
                 }
-                let empty = Message {
-                    topic: topic.into(),
-                    payload: Bytes::new(),
-                    qos: QoS::AtMostOnce,
-                    retain: true,
-                    properties: Default::default(),
-                    expires_at: None,
-                    publisher: None,
-                };
+                let empty = Message::from_broker(&topic, Bytes::new(), QoS::AtMostOnce, true);
                 // Stamped as a client's delete is (the log's clock).
                 let stamp_ms = st.store.as_ref().map_or(0, |s| s.wall_ms(now));
                 let version = super::cluster_retained::Version::Local;

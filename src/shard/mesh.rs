@@ -287,19 +287,15 @@ impl Mesh {
     /// [`Mesh::sent`] says they are on their lane.
     pub fn poll_batches(&self) -> Vec<(usize, Batch)> {
         let mut outbox = self.outbox.borrow_mut();
-        let batches: Vec<(usize, Batch)> = outbox
+        outbox
             .iter_mut()
             .enumerate()
             .filter(|(_, b)| !b.is_empty())
             .map(|(to, b)| (to, std::mem::take(b)))
-            .collect();
-        self.batches.set(self.batches.get() + batches.len() as u64);
-        let messages: usize = batches.iter().map(|(_, b)| b.len()).sum();
-        self.messages.set(self.messages.get() + messages as u64);
-        batches
+            .collect()
     }
 
-    /// Batches and messages taken for the lanes since the start, and the
+    /// Batches and messages put on the lanes since the start, and the
     /// batches that had to wait for room on their lane.
     pub fn counts(&self) -> (u64, u64, u64) {
         (self.batches.get(), self.messages.get(), self.stalls.get())
@@ -315,10 +311,12 @@ impl Mesh {
         self.outbox.borrow().iter().flatten().for_each(&mut f);
     }
 
-    /// `n` messages taken by [`Mesh::poll_batches`] are on their lane (or
-    /// were dropped with a closed lane).
+    /// A batch of `n` messages taken by [`Mesh::poll_batches`] is on its
+    /// lane (or was dropped with a closed lane).
     pub fn sent(&self, n: usize) {
         self.pending.set(self.pending.get() - n);
+        self.batches.set(self.batches.get() + 1);
+        self.messages.set(self.messages.get() + n as u64);
     }
 
     /// Wait until something is queued (the runtime's flusher).

@@ -349,9 +349,6 @@ pub struct ShardStats {
     /// TLS connections closed at accept because `server.tls_handshakes_max`
     /// were already waiting to send CONNECT.
     pub tls_handshakes_refused: u64,
-    /// The sessions' counters, live and ended (each session adds to the
-    /// shard's as it goes; copied in by [`ShardCore::stats`]).
-    pub sessions: SessionStats,
 }
 
 /// Why a connection was refused before its session attached: the
@@ -435,6 +432,8 @@ pub struct ShardReport {
     pub shard: usize,
     /// Its counters.
     pub stats: ShardStats,
+    /// What its sessions, live and ended, counted of their messages.
+    pub messages: SessionStats,
     /// Sessions it holds, connected or not.
     pub sessions: usize,
     /// Subscriptions of its sessions.
@@ -659,9 +658,7 @@ impl ShardCore {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> ShardStats {
-        let mut stats = self.state.borrow().stats;
-        stats.sessions = *self.limits.status.stats.borrow();
-        stats
+        self.state.borrow().stats
     }
 
     /// The counters and sizes a metrics scrape shows: constant time (no
@@ -670,7 +667,8 @@ impl ShardCore {
         let st = self.state.borrow();
         ShardReport {
             shard: self.id,
-            stats: self.stats(),
+            stats: st.stats,
+            messages: *self.limits.status.stats.borrow(),
             sessions: st.sessions.len(),
             subscriptions: st.subscribers.len(),
             routes: st.routes.len(),

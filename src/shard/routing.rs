@@ -115,15 +115,7 @@ impl ShardCore {
         let mut st = self.state.borrow_mut();
         for (topic, payload) in topics {
             debug_assert!(crate::sys::is_sys_topic(&topic));
-            let message = Message {
-                topic: topic.into(),
-                payload: payload.into(),
-                qos: QoS::AtMostOnce,
-                retain: true,
-                properties: Default::default(),
-                expires_at: None,
-                publisher: None,
-            };
+            let message = Message::from_broker(&topic, payload.into(), QoS::AtMostOnce, true);
             self.route(
                 &mut st,
                 now,

@@ -231,7 +231,7 @@ async fn handshake(
 }
 
 /// Read the WebSocket upgrade request and answer it; from then on the
-/// stream's bytes are frames. ConnectRefusal: the HTTP error is sent.
+/// stream's bytes are frames. Refused: the HTTP error is sent.
 async fn websocket_upgrade(stream: &mut Stream, path: &str) -> Result<(), HandshakeError> {
     let mut request = Vec::new();
     let mut chunk = vec![0u8; 2048]; // heap: only WebSocket handshakes pay for it

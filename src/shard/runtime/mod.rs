@@ -71,13 +71,24 @@ pub const SCRAPE_WAIT: Duration = Duration::from_secs(2);
 pub(crate) fn gather_reports(
     controls: &[crossbeam_channel::Sender<Control>],
 ) -> Vec<crate::shard::ShardReport> {
+    ask_shards(controls, Control::Report, SCRAPE_WAIT)
+}
+
+/// Send every shard the control `make` builds around an answer channel,
+/// and the answers that come within `wait` (each shard answers at its
+/// next tick).
+pub(crate) fn ask_shards<T>(
+    controls: &[crossbeam_channel::Sender<Control>],
+    make: impl Fn(crossbeam_channel::Sender<T>) -> Control,
+    wait: Duration,
+) -> Vec<T> {
     let (tx, rx) = crossbeam_channel::bounded(controls.len());
     let asked = controls
         .iter()
-        .filter(|c| c.send(Control::Report(tx.clone())).is_ok())
+        .filter(|c| c.send(make(tx.clone())).is_ok())
         .count();
     drop(tx); // all shards gone: the wait ends at once
-    let deadline = Instant::now() + SCRAPE_WAIT;
+    let deadline = Instant::now() + wait;
     (0..asked)
         .map_while(|_| rx.recv_deadline(deadline).ok())
         .collect()
