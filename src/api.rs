@@ -12,6 +12,7 @@
 //! client that comes and goes during the walk may be left out or listed
 //! twice (a new session takes a freed slot, which may lie ahead).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use base64::Engine;
@@ -19,9 +20,11 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::cluster::quorum::ForgetError;
 use crate::codec::QoS;
 use crate::router::topic::validate_topic_name;
 use crate::shard::admin::{AdminAnswer, AdminRequest, PAGE_MAX};
+use crate::shard::runtime::quorum::Quorum;
 use crate::shard::runtime::{gather_reports, Control, SCRAPE_WAIT};
 use crate::shard::{home_shard, ShardReport};
 
@@ -41,6 +44,8 @@ pub(crate) struct Api {
     pub(crate) topic_levels_max: usize,
     /// `mqtt.packet_size_max_bytes`: the largest payload one may publish.
     pub(crate) payload_bytes_max: usize,
+    /// A cluster node's members and majority (None: not a cluster node).
+    pub(crate) cluster: Option<Arc<Quorum>>,
 }
 
 /// An answer: status and JSON body.
@@ -190,7 +195,28 @@ impl Api {
                     _ => error(503, "the shard did not answer"),
                 }
             }
-            (_, "status" | "clients" | "subscriptions" | "publish" | "retained", _) => {
+            ("GET", "cluster", None) => match &self.cluster {
+                None => error(404, "not a cluster node (cluster.node_id is not set)"),
+                Some(q) => match q.view() {
+                    Some(v) => (200, v),
+                    None => error(503, "the cluster has not started"),
+                },
+            },
+            ("DELETE", "cluster", Some(t)) => {
+                let Some(name) = t.strip_prefix("members/") else {
+                    return error(404, "not found: DELETE /api/v1/cluster/members/{name}");
+                };
+                let Some(q) = &self.cluster else {
+                    return error(404, "not a cluster node (cluster.node_id is not set)");
+                };
+                match q.forget(name) {
+                    None => error(503, "the cluster has not started"),
+                    Some(Ok(())) => (200, json!({ "forgotten": name })),
+                    Some(Err(e @ ForgetError::Unknown(_))) => error(404, e.to_string()),
+                    Some(Err(e)) => error(409, e.to_string()),
+                }
+            }
+            (_, "status" | "clients" | "subscriptions" | "publish" | "retained" | "cluster", _) => {
                 error(405, format!("{method} is not served here"))
             }
             _ => error(404, "not found"),

@@ -24,6 +24,7 @@ use crate::listen::{self, ListenError, PortLock};
 use crate::log::dir::DataDir;
 use crate::persist::recover::{recover, RecoveryError, RecoverySettings};
 use crate::shard::mesh::Batch;
+use crate::shard::runtime::quorum::{starting_members, MembersFile, Quorum};
 use crate::shard::runtime::{
     run_shard, BridgeStart, ClusterStart, Control, Durable, Lanes, ShardCluster,
 };
@@ -166,6 +167,7 @@ impl Broker {
             (0..shards).map(|_| crossbeam_channel::unbounded()).unzip();
         let mut control_rxs = control_rxs.into_iter();
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let quorum = Arc::new(crate::shard::runtime::quorum::Quorum::default());
         let http = match config.http.addr() {
             Ok(None) => None,
             Ok(Some(addr)) => {
@@ -177,6 +179,7 @@ impl Broker {
                     started,
                     topic_levels_max: config.mqtt.topic_levels_max,
                     payload_bytes_max: config.mqtt.packet_size_max_bytes as usize,
+                    cluster: config.cluster.enabled().then(|| quorum.clone()),
                 };
                 let server = crate::http::HttpServer::start(listener, token, api, ready.clone())
                     .map_err(|source| StartError::Http { addr, source })?;
@@ -200,7 +203,7 @@ impl Broker {
             std::thread::sleep(Duration::from_millis(ms));
         }
         let (data_dir, mut durables) = recover_logs(&config, shards)?;
-        let cluster = start_cluster(&config, shards, data_dir.as_ref())?;
+        let cluster = start_cluster(&config, shards, data_dir.as_ref(), quorum)?;
         let cluster_addr = cluster.as_ref().map(|c| c.bound);
         let (mut membership, mut bridges) = match cluster {
             Some(c) => (Some(c.membership), Some(c.bridges.into_iter())),
@@ -454,6 +457,7 @@ fn start_cluster(
     config: &Config,
     shards: usize,
     data_dir: Option<&DataDir>,
+    quorum: Arc<Quorum>,
 ) -> Result<Option<ClusterParts>, StartError> {
     let c = &config.cluster;
     if !c.enabled() {
@@ -468,6 +472,10 @@ fn start_cluster(
         None => clock_incarnation(),
     };
     let shard_count = u16::try_from(shards).unwrap_or(u16::MAX);
+    let members_file = data_dir.map(MembersFile::of);
+    let members = starting_members(name.clone(), members_file.as_ref(), c.on_minority())
+        .map_err(StartError::Cluster)?;
+    let refuse_connects = members.refuses_connects();
     let me = Node::new(name, c.advertise_addr(bound), incarnation, shard_count);
     let seed = incarnation
         ^ u64::from(std::process::id()).rotate_left(32)
@@ -510,17 +518,21 @@ fn start_cluster(
                 shards: shard_count,
             },
             events: rx,
+            refuse_connects,
+            dial_from: Some(c.listen.ip()).filter(|ip| !ip.is_unspecified()),
             settings: settings.clone(),
             routes_max: c.routes_max,
             handed_over: handed_over.clone(),
         });
     }
     let membership = Membership::new(me, &c.join, &c.membership_settings(), seed);
+    quorum.start(members, senders.clone(), members_file);
     Ok(Some(ClusterParts {
         membership: ClusterStart {
             socket,
             membership,
             bridges: senders,
+            quorum,
         },
         bridges,
         bound,

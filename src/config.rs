@@ -431,6 +431,9 @@ pub struct ClusterConfig {
     pub peer_wills_bytes_max: usize,
     /// How long a node remembers a deleted retained message, in seconds.
     pub retained_tombstone_s: u64,
+    /// What a node that sees fewer than half the members up does:
+    /// `refuse_connects` or `serve` (`cluster::quorum`).
+    pub on_minority: String,
 }
 
 /// How acknowledged messages and sessions are kept.
@@ -933,6 +936,12 @@ impl ClusterConfig {
         }
     }
 
+    /// What this node does on the minority side of a partition.
+    pub fn on_minority(&self) -> crate::cluster::quorum::OnMinority {
+        crate::cluster::quorum::OnMinority::parse(&self.on_minority)
+            .unwrap_or(crate::cluster::quorum::OnMinority::RefuseConnects)
+    }
+
     /// The failure detector's timings.
     pub fn membership_settings(&self) -> crate::cluster::membership::MembershipSettings {
         use std::time::Duration;
@@ -1028,6 +1037,14 @@ impl ClusterConfig {
             60,
             315_360_000,
         )?;
+        if crate::cluster::quorum::OnMinority::parse(&self.on_minority).is_none() {
+            let v = format!("{:?}", crate::text::cut(&self.on_minority, 80));
+            return Err(invalid(
+                "cluster.on_minority",
+                &v,
+                "must be \"refuse_connects\" or \"serve\"",
+            ));
+        }
         if self.join.len() > 256 {
             return Err(invalid(
                 "cluster.join",
@@ -1168,6 +1185,7 @@ mod tests {
 
     #[test]
     fn cluster_settings_are_checked_at_their_bounds() {
+        use crate::cluster::quorum::OnMinority;
         let ok = |t: &str| Config::from_toml(t).map(|c| c.cluster);
         let c = ok("[cluster]\nnode_id = \"a\"\nlisten = \"127.0.0.1:7946\"\n").unwrap();
         assert!(c.enabled());
@@ -1188,6 +1206,16 @@ mod tests {
             "less than cluster.probe_interval_ms",
         );
         ok("[cluster]\nprobe_interval_ms = 200\nprobe_timeout_ms = 199\n").unwrap();
+        refused(
+            "[cluster]\non_minority = \"pause\"\n",
+            "cluster.on_minority",
+        );
+        let serve = ok("[cluster]\non_minority = \"serve\"\n").unwrap();
+        assert_eq!(serve.on_minority(), OnMinority::Serve);
+        assert_eq!(
+            Config::default().cluster.on_minority(),
+            OnMinority::RefuseConnects
+        );
         refused(
             "[cluster]\nprobe_interval_ms = 49\n",
             "cluster.probe_interval_ms = 49",

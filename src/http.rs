@@ -338,11 +338,13 @@ fn route(site: &Site, req: &Request) -> (u16, &'static str, String) {
         return (status, "application/json", format!("{body}\n"));
     }
     match (req.method.as_str(), path) {
-        ("GET", "/metrics") => (
-            200,
-            "text/plain; version=0.0.4; charset=utf-8",
-            crate::metrics::render(&gather_reports(controls), controls.len()),
-        ),
+        ("GET", "/metrics") => {
+            let mut text = crate::metrics::render(&gather_reports(controls), controls.len());
+            if let Some(q) = &site.api.cluster {
+                text.push_str(&q.metrics());
+            }
+            (200, "text/plain; version=0.0.4; charset=utf-8", text)
+        }
         (_, "/metrics") => (405, "text/plain", "GET only\n".into()),
         _ => (
             404,

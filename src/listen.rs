@@ -7,10 +7,13 @@
 //! broker of the same user could bind the same port and silently take part
 //! of the clients. Exclusivity therefore comes from a lock the kernel drops
 //! when the process ends, however it ends: an abstract-namespace Unix socket
-//! named after the port (`@shardmq/tcp-port/1883`, per network namespace,
-//! as ports are). A second broker on the port is refused and told which
-//! process holds it; a broker whose previous run has just exited, even by
-//! `kill -9`, always gets the lock.
+//! named after the address (`@shardmq/tcp-port/1883/10.0.0.5`, or
+//! `@shardmq/tcp-port/1883` for every address of the host; per network
+//! namespace, as ports are). A second broker on the address is refused and
+//! told which process holds it, and so is one on every address of a port
+//! where another listens on one address, or the other way round; two
+//! brokers on two addresses of one port are not. A broker whose previous
+//! run has just exited, even by `kill -9`, always gets the lock.
 //!
 //! After a `kill -9` the previous run's listening sockets may outlive the
 //! process for a moment (io_uring releases its files after the process has
@@ -39,10 +42,12 @@ const BACKLOG: i32 = 4096;
 /// Why the broker cannot listen on an address.
 #[derive(Debug, Error)]
 pub enum ListenError {
-    /// Another shardmq (or anything holding the port lock) runs on the port.
+    /// Another shardmq (or anything holding the port lock) runs on the
+    /// address, or on every address of its port, or (for an address that is
+    /// every address) on one of the port's.
     #[error(
         "cannot listen on {addr}: port {} is held by another shardmq ({holder}); \
-         two brokers on one port would split its clients",
+         two brokers on one address would split its clients",
         addr.port()
     )]
     Locked {
@@ -98,7 +103,7 @@ pub fn open(listen: &[SocketAddr], shards: usize) -> Result<Listeners, ListenErr
     let mut locked = HashSet::new();
     for &asked in listen {
         let deadline = Instant::now() + STALE_WAIT;
-        if asked.port() != 0 && locked.insert(asked.port()) {
+        if asked.port() != 0 && locked.insert(asked) {
             out.locks.push(lock_port(asked, asked.port())?);
         }
         let first = bind_retrying(asked, deadline)?;
@@ -110,7 +115,7 @@ pub fn open(listen: &[SocketAddr], shards: usize) -> Result<Listeners, ListenErr
                 addr: asked,
                 source: io::Error::other("no local address after bind"),
             })?;
-        if asked.port() == 0 && locked.insert(addr.port()) {
+        if asked.port() == 0 && locked.insert(addr) {
             out.locks.push(lock_port(asked, addr.port())?);
         }
         out.sockets[0].push(first);
@@ -123,21 +128,41 @@ pub fn open(listen: &[SocketAddr], shards: usize) -> Result<Listeners, ListenErr
     Ok(out)
 }
 
-/// Take the abstract-socket lock of `port`, or say who holds it.
+/// Take the abstract-socket lock of `addr`'s address on `port`, or say
+/// who holds it or one it overlaps (see the module docs).
 fn lock_port(addr: SocketAddr, port: u16) -> Result<PortLock, ListenError> {
-    let name = format!("shardmq/tcp-port/{port}");
+    let whole = format!("shardmq/tcp-port/{port}");
+    let name = match addr.ip().is_unspecified() {
+        true => whole.clone(),
+        false => format!("{whole}/{}", addr.ip().to_canonical()),
+    };
+    let locked = |held: Vec<u64>| {
+        let holder =
+            process_holding(&held).unwrap_or_else(|| "a process this user cannot see".into());
+        ListenError::Locked { addr, holder }
+    };
     let bound =
         UnixAddr::from_abstract_name(name.as_bytes()).and_then(|a| UnixListener::bind_addr(&a));
-    match bound {
-        Ok(socket) => Ok(PortLock { _socket: socket }),
+    let socket = match bound {
+        Ok(socket) => socket,
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            let holder = unix_socket_inodes(&format!("@{name}"))
-                .and_then(|inodes| process_holding(&inodes))
-                .unwrap_or_else(|| "a process this user cannot see".into());
-            Err(ListenError::Locked { addr, holder })
+            let held = unix_socket_inodes(|n| n == format!("@{name}")).unwrap_or_default();
+            return Err(locked(held));
         }
-        Err(source) => Err(ListenError::Io { addr, source }),
+        Err(source) => return Err(ListenError::Io { addr, source }),
+    };
+    // The locks this one overlaps: every address of the port, or (for
+    // every address) each one of the port's.
+    let mine = format!("@{name}");
+    let overlapping = unix_socket_inodes(|n| match addr.ip().is_unspecified() {
+        true => n != mine && n.starts_with(&format!("@{whole}/")),
+        false => n == format!("@{whole}"),
+    })
+    .unwrap_or_default();
+    if !overlapping.is_empty() {
+        return Err(locked(overlapping));
     }
+    Ok(PortLock { _socket: socket })
 }
 
 /// Bind one listening socket, retrying "address in use" until `deadline`
@@ -270,14 +295,17 @@ fn parse_tcp_listener(line: &str, v6: bool) -> Option<(IpAddr, u16, u64)> {
 }
 
 /// Inodes of the Unix sockets bound to `path` (`@name` for an abstract one).
-fn unix_socket_inodes(path: &str) -> Option<Vec<u64>> {
+fn unix_socket_inodes(path: impl Fn(&str) -> bool) -> Option<Vec<u64>> {
     let text = std::fs::read_to_string("/proc/net/unix").ok()?;
     let inodes: Vec<u64> = text
         .lines()
         .skip(1)
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.get(7) == Some(&path)).then(|| fields.get(6)?.parse().ok())?
+            fields
+                .get(7)
+                .is_some_and(|p| path(p))
+                .then(|| fields.get(6)?.parse().ok())?
         })
         .collect();
     Some(inodes)
@@ -350,12 +378,24 @@ mod tests {
         // Port 0 is never locked by a running broker (it locks the port it
         // resolved), so this test cannot collide with one.
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let _held = lock_port(addr, 0).unwrap();
+        let held = lock_port(addr, 0).unwrap();
         let err = lock_port(addr, 0).unwrap_err().to_string();
         assert!(
             err.contains(&format!("pid {}", std::process::id())),
             "{err}"
         );
+        // Another address of the port is free; every address is not, and
+        // while it is held no single one is.
+        let other = lock_port("127.0.0.2:1".parse().unwrap(), 0).unwrap();
+        let every: SocketAddr = "0.0.0.0:1".parse().unwrap();
+        assert!(matches!(
+            lock_port(every, 0),
+            Err(ListenError::Locked { .. })
+        ));
+        drop((held, other));
+        let _every = lock_port(every, 0).unwrap();
+        let one = lock_port("127.0.0.3:1".parse().unwrap(), 0);
+        assert!(matches!(one, Err(ListenError::Locked { .. })));
     }
 
     #[test]

@@ -98,7 +98,7 @@ enum Command {
     Passwd(PasswdArgs),
     /// Ask a running broker through its HTTP listener's admin API (JSON
     /// out): status, clients, client, kick, subscriptions, publish,
-    /// retained. Exit 0 on success; 1 when the broker says no, is not
+    /// retained, cluster. Exit 0 on success; 1 when the broker says no, is not
     /// ready (status: for health checks) or cannot be reached.
     Ctl(CtlArgs),
     /// Print a shell completion script, e.g. `shardmq completions bash >
@@ -189,6 +189,14 @@ enum CtlAction {
         /// Delete it instead.
         #[arg(long)]
         delete: bool,
+    },
+    /// A cluster node's members, which are up, and whether they are a
+    /// majority; --forget NAME removes a member that is down for good
+    /// (on this node: ask each node).
+    Cluster {
+        /// Forget this member (it must be down).
+        #[arg(long, value_name = "NAME")]
+        forget: Option<String>,
     },
 }
 
@@ -301,6 +309,14 @@ fn ctl(args: CtlArgs) -> ExitCode {
             });
             ask("POST", "/api/v1/publish", Some(body.to_string()))
         }
+        CtlAction::Cluster { ref forget } => match forget {
+            None => ask("GET", "/api/v1/cluster", None),
+            Some(name) => ask(
+                "DELETE",
+                &format!("/api/v1/cluster/members/{}", segment(name)),
+                None,
+            ),
+        },
         CtlAction::Retained { ref topic, delete } => {
             let method = if delete { "DELETE" } else { "GET" };
             ask(

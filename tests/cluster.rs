@@ -746,3 +746,245 @@ async fn a_restarted_nodes_recovered_will_goes_to_its_own_subscribers_only() {
     drop((sub_a, sub_c, a, c));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A network namespace of the calling thread's own (processes it starts
+/// inherit it), with its loopback up: nodes on 127.0.0.11, .12 and .13
+/// use fixed ports there, and iptables rules there cut them apart.
+fn enter_own_network_namespace() {
+    // SAFETY: unshare(2) only changes the calling thread's namespace.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "the partition test makes a network namespace of its own and needs root \
+         (CAP_SYS_ADMIN): {}",
+        std::io::Error::last_os_error()
+    );
+    run(&["ip", "link", "set", "lo", "up"]);
+}
+
+fn run(args: &[&str]) {
+    let status = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .unwrap_or_else(|e| {
+            panic!("{args:?}: {e} (the partition test needs iproute2 and iptables)")
+        });
+    assert!(status.success(), "{args:?}: {status}");
+}
+
+/// Cut (iptables DROP, both ways) every packet between `x` and each of
+/// `others`.
+fn cut(x: &str, others: &[&str]) {
+    for o in others {
+        for (s, d) in [(x, *o), (*o, x)] {
+            run(&["iptables", "-A", "INPUT", "-s", s, "-d", d, "-j", "DROP"]);
+        }
+    }
+}
+
+/// Node `name` of 2 shards on loopback address `ip`: clients on port
+/// 1883, membership on 7946, bridge links on 7946-7947; joining `join`.
+fn node_on(name: &str, dir: &std::path::Path, ip: &str, join: &str) -> ChildBroker {
+    let data = dir.join(name);
+    let cluster = format!("{ip}:7946");
+    ChildBroker::try_start_on(
+        &format!("{ip}:1883"),
+        &[
+            "--shards",
+            "2",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--node-id",
+            name,
+            "--cluster-listen",
+            &cluster,
+            "--join",
+            join,
+        ],
+    )
+    .unwrap_or_else(|log| panic!("node {name} did not start:\n{log}"))
+}
+
+/// Wait (at most `secs`) until `needle` is in the broker's log `n`
+/// times.
+fn wait_log_count(b: &ChildBroker, needle: &str, n: usize, secs: u64) -> Duration {
+    let start = Instant::now();
+    while b.log_text().matches(needle).count() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "not {n} × {needle:?} in the log within {secs} s:\n{}",
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+/// A partition, made with iptables in a network namespace the test
+/// creates, cuts node c off from a and b. The majority side (a, b) keeps
+/// full service; c, alone, refuses new CONNECTs (5.0: 0x88; 3.1.1: return
+/// code 3; counted) and keeps serving the clients it had. A client id
+/// that connected again on the majority side meanwhile has two
+/// connections until the heal, when the older one (on c) is closed with
+/// 0x8E. The cluster heals by itself once the rules are gone. The admin
+/// API shows the members and forgets a down one.
+#[test]
+fn a_partitioned_minority_refuses_new_clients_and_the_cluster_heals() {
+    use common::raw::read_until_close;
+    use shardmq::codec::{reason, Packet, QoS, Version};
+    enter_own_network_namespace();
+    let dir = temp_dir("cluster-partition");
+    let a = node_on("a", &dir, "127.0.0.11", "");
+    let b = node_on("b", &dir, "127.0.0.12", "127.0.0.11:7946");
+    let c = node_on("c", &dir, "127.0.0.13", "127.0.0.11:7946");
+    wait_links(&a, &b, &c);
+    let members = std::fs::read_to_string(dir.join("c/MEMBERS")).unwrap();
+    assert_eq!(members.lines().count(), 4, "{members}");
+
+    // Clients on c before the partition: a subscriber, a publisher and
+    // the first connection of "twin". A subscriber on a.
+    let (mut sub_c, _) = common::Raw::connect(c.addr, Version::V5, "sub-c", true);
+    sub_c.subscribe(1, "p/#", QoS::AtLeastOnce);
+    let (mut pub_c, _) = common::Raw::connect(c.addr, Version::V5, "pub-c", true);
+    let (mut twin_c, _) = common::Raw::connect(c.addr, Version::V5, "twin", true);
+    let (mut sub_a, _) = common::Raw::connect(a.addr, Version::V5, "sub-a", true);
+    sub_a.subscribe(1, "p/#", QoS::AtLeastOnce);
+    common::raw::publish_qos1(&mut pub_c, "p/before", b"before", 1);
+    for s in [&mut sub_c, &mut sub_a] {
+        assert_eq!(&s.recv_publish().payload[..], b"before");
+    }
+
+    cut("127.0.0.13", &["127.0.0.11", "127.0.0.12"]);
+    let cut_at = Instant::now();
+    wait_log(&c, "not a majority: new connections are refused", 30);
+    println!("c refuses new clients {:?} after the cut", cut_at.elapsed());
+    wait_log(
+        &a,
+        "node \"c\" at 127.0.0.13:7946 (incarnation 1) is down",
+        30,
+    );
+    wait_log(
+        &b,
+        "node \"c\" at 127.0.0.13:7946 (incarnation 1) is down",
+        30,
+    );
+    assert!(!a.log_text().contains("new connections are refused"));
+
+    // The minority refuses new clients, 5.0 and 3.1.1 (each shard hears
+    // of it within its bridge's next tick, 50 ms) ...
+    let mut accepted = 0;
+    loop {
+        let (_, ack) = common::Raw::connect(c.addr, Version::V5, "new-on-c", true);
+        if ack.reason == reason::SERVER_UNAVAILABLE {
+            break;
+        }
+        accepted += 1;
+        assert!(accepted < 50, "c still takes new clients");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut old = common::Raw::open(c.addr, Version::V3_1_1);
+    old.send(&Packet::Connect(Box::new(common::connect_packet(
+        Version::V3_1_1,
+        "old-on-c",
+        true,
+    ))));
+    assert_eq!(read_until_close(&mut old.stream), [0x20, 2, 0, 3]);
+    // ... and serves the ones it has.
+    common::raw::publish_qos1(&mut pub_c, "p/during", b"on c", 2);
+    assert_eq!(&sub_c.recv_publish().payload[..], b"on c");
+    let (status, view) = get_json(c.http_addr(), "/api/v1/cluster");
+    assert_eq!(status, 200);
+    assert_eq!(
+        (&view["members"], &view["members_up"], &view["majority"]),
+        (&3.into(), &1.into(), &false.into()),
+        "{view}"
+    );
+    let metrics = common::http(c.http_addr(), "GET", "/metrics", "", "").1;
+    let refused: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("shardmq_connects_refused_total{") && l.contains("minority"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(refused, 2, "{metrics}");
+    assert!(
+        metrics.contains("shardmq_cluster_refusing_connects 1"),
+        "{metrics}"
+    );
+
+    // The majority serves new clients; "twin" connects again there.
+    let (mut twin_a, ack) = common::Raw::connect(a.addr, Version::V5, "twin", true);
+    assert_eq!(ack.reason, 0);
+    let (mut pub_b, ack) = common::Raw::connect(b.addr, Version::V5, "pub-b", true);
+    assert_eq!(ack.reason, 0);
+    common::raw::publish_qos1(&mut pub_b, "p/majority", b"on b", 1);
+    assert_eq!(&sub_a.recv_publish().payload[..], b"on b");
+    // The API: c is down on a; a member that is up, or unknown, stays.
+    let (status, view) = get_json(a.http_addr(), "/api/v1/cluster");
+    assert_eq!((status, &view["majority"]), (200, &true.into()), "{view}");
+    let forget = |name: &str| {
+        let path = format!("/api/v1/cluster/members/{name}");
+        common::http(a.http_addr(), "DELETE", &path, "", "").0
+    };
+    assert_eq!(forget("b"), 409);
+    assert_eq!(forget("zz"), 404);
+
+    // Heal.
+    run(&["iptables", "-F", "INPUT"]);
+    let healed_at = Instant::now();
+    wait_log(&c, "members up: new connections are served again", 30);
+    for (n, peer) in [(&a, "c"), (&b, "c"), (&c, "a"), (&c, "b")] {
+        for shard in 0..2 {
+            let line = format!("shard {shard}: link to node \"{peer}\" (its shard {shard}) is up");
+            wait_log_count(n, &line, 2, 30);
+        }
+    }
+    println!(
+        "healed (c serves new clients, every link up again) {:?} after the rules went",
+        healed_at.elapsed()
+    );
+    // The older "twin" (on c) is closed; the one on a stays.
+    assert_eq!(twin_c.expect_close(), Some(reason::SESSION_TAKEN_OVER));
+    twin_a.expect_silence(Duration::from_millis(200));
+    let (_, ack) = common::Raw::connect(c.addr, Version::V5, "new-on-c", true);
+    assert_eq!(ack.reason, 0);
+    common::raw::publish_qos1(&mut pub_c, "p/after", b"after", 3);
+    for s in [&mut sub_c, &mut sub_a] {
+        assert_eq!(&s.recv_publish().payload[..], b"after");
+    }
+
+    // Forgetting: c stopped for good is forgotten on a.
+    drop(c);
+    wait_log_count(
+        &a,
+        "node \"c\" at 127.0.0.13:7946 (incarnation 1) is down",
+        2,
+        30,
+    );
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardmq"))
+            .args(["ctl", "--http", &a.http_addr().to_string(), "cluster"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    assert_eq!(ctl(&["--forget", "c"])["forgotten"], "c");
+    let view = ctl(&[]);
+    assert_eq!(
+        (&view["members"], &view["members_up"]),
+        (&2.into(), &2.into()),
+        "{view}"
+    );
+    let members = std::fs::read_to_string(dir.join("a/MEMBERS")).unwrap();
+    assert_eq!(members, "shardmq-members 1\na\nb\n");
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn get_json(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let (status, text) = common::http(addr, "GET", path, "", "");
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+    (status, v)
+}

@@ -18,7 +18,16 @@
 //!    datagrams are lost).
 //!
 //! Outside the partition, a node is declared down only when it was killed
-//! or left. `SHARDMQ_MEMBERSHIP_SEEDS=N` runs N seeds (default 200),
+//! or left.
+//!
+//! Each node also keeps its members and majority ([`Members`], fed its
+//! events as the broker feeds them, its member list kept across the
+//! restart as the `MEMBERS` file keeps it): no node refuses new clients
+//! while nothing is cut (a restarted node only until it sees a majority
+//! again), every node of a minority side refuses them by the end of the
+//! partition and no node of the majority side does (unless a node of its
+//! own side was declared down, see step 5), and after the heal none
+//! does. `SHARDMQ_MEMBERSHIP_SEEDS=N` runs N seeds (default 200),
 //! `SHARDMQ_MEMBERSHIP_SEED=S` just seed S.
 
 #[path = "common/rng.rs"]
@@ -32,6 +41,7 @@ use std::time::Duration;
 
 use shardmq::cluster::membership::{MemberEvent, Membership, MembershipSettings};
 use shardmq::cluster::node::{Node, NodeName};
+use shardmq::cluster::quorum::{parse_members, Members, OnMinority};
 
 /// Datagrams lost, per mille.
 const LOSS_PER_MILLE: u64 = 10;
@@ -47,6 +57,10 @@ struct Slot {
     addr: SocketAddr,
     incarnation: u64,
     m: Option<Membership>,
+    /// Its members and majority while it runs.
+    q: Option<Members>,
+    /// Its `MEMBERS` file.
+    file: String,
 }
 
 /// A datagram in flight: (deliver at, sequence, to, bytes).
@@ -62,6 +76,8 @@ struct Sim {
     sides: Option<Vec<u8>>,
     /// Every event, with the node and the time.
     events: Vec<(u64, usize, MemberEvent)>,
+    /// Every change of a node's refusing new clients: time, node, refuses.
+    refusals: Vec<(u64, usize, bool)>,
 }
 
 fn addr(i: usize) -> SocketAddr {
@@ -76,6 +92,8 @@ impl Sim {
                 addr: addr(i),
                 incarnation: 1,
                 m: None,
+                q: None,
+                file: String::new(),
             })
             .collect();
         Sim {
@@ -86,6 +104,7 @@ impl Sim {
             seq: 0,
             sides: None,
             events: Vec::new(),
+            refusals: Vec::new(),
         }
     }
 
@@ -96,11 +115,71 @@ impl Sim {
         let mut m = Membership::new(me, join, &settings(), seed);
         m.start(self.now);
         self.slots[i].m = Some(m);
+        let known = match self.slots[i].file.as_str() {
+            "" => Vec::new(),
+            text => parse_members(text).expect("the file it wrote"),
+        };
+        let q = Members::new(
+            self.slots[i].name.clone(),
+            known,
+            OnMinority::RefuseConnects,
+        );
+        if q.refuses_connects() {
+            self.refusals.push((self.now, i, true));
+        }
+        self.slots[i].file = q.file_text();
+        self.slots[i].q = Some(q);
         self.flush(i);
     }
 
     fn kill(&mut self, i: usize) {
         self.slots[i].m = None;
+        self.slots[i].q = None;
+    }
+
+    /// Node `i`'s members hear of membership event `e`, as the broker's
+    /// shard 0 tells them.
+    fn tell_members(&mut self, i: usize, e: &MemberEvent) {
+        let live = |n: &Node| {
+            self.slots[i]
+                .m
+                .as_ref()
+                .is_some_and(|m| m.members().any(|x| x == n))
+        };
+        let replaced_live = matches!(e, MemberEvent::Replaced { new, .. } if live(new));
+        let slot = &mut self.slots[i];
+        let Some(q) = slot.q.as_mut() else {
+            return;
+        };
+        let changes = match e {
+            MemberEvent::Up(n) => vec![q.node_up(n)],
+            MemberEvent::Down(n) => vec![q.node_down(n)],
+            MemberEvent::Replaced { old, new } => {
+                let live = replaced_live;
+                let mut c = vec![q.node_down(old)];
+                if live {
+                    c.push(q.node_up(new));
+                }
+                c
+            }
+            MemberEvent::Joined | MemberEvent::Alone | MemberEvent::Rejoined(_) => vec![],
+        };
+        for c in changes {
+            if c.members {
+                slot.file = q.file_text();
+            }
+            if let Some(refuse) = c.refuse {
+                self.refusals.push((self.now, i, refuse));
+            }
+        }
+    }
+
+    /// Whether node `i` refuses new clients now.
+    fn refuses(&self, i: usize) -> bool {
+        self.slots[i]
+            .q
+            .as_ref()
+            .is_some_and(Members::refuses_connects)
     }
 
     fn index_of(&self, to: SocketAddr) -> Option<usize> {
@@ -115,7 +194,12 @@ impl Sim {
         while let Some(t) = m.poll_transmit() {
             out.push(t);
         }
+        let mut events = Vec::new();
         while let Some(e) = m.poll_event() {
+            events.push(e);
+        }
+        for e in events {
+            self.tell_members(i, &e);
             self.events.push((self.now, i, e));
         }
         for t in out {
@@ -234,6 +318,8 @@ struct Outcome {
     leave_ms: u64,
     datagrams: u64,
     same_side_downs: u64,
+    /// Times a node started refusing new clients.
+    refusals: u64,
 }
 
 fn run_seed(seed: u64) -> Outcome {
@@ -261,6 +347,14 @@ fn run_seed(seed: u64) -> Outcome {
         sim.start(i, &join);
     }
     let join_ms = sim.converge(15_000, "start", seed);
+    for i in 0..nodes {
+        let q = sim.slots[i].q.as_ref().unwrap();
+        assert_eq!(
+            (q.size(), q.up()),
+            (nodes, nodes),
+            "seed {seed}: node {i} after the start"
+        );
+    }
 
     // 2. Ten minutes of steady running: no node declared down.
     let steady = sim.now;
@@ -281,6 +375,11 @@ fn run_seed(seed: u64) -> Outcome {
         sim.all_see_all(),
         "seed {seed}: views drifted\n{}",
         sim.views()
+    );
+    assert!(
+        sim.refusals.is_empty(),
+        "seed {seed}: a node refused new clients while nothing failed: {:?}",
+        sim.refusals
     );
 
     // 3. Kill one: every other node declares it down within 3 s.
@@ -317,6 +416,18 @@ fn run_seed(seed: u64) -> Outcome {
     let through = addr((victim + 1 + sim.rng.below(nodes as u64 - 1) as usize) % nodes);
     sim.start(victim, &[through]);
     let restart_ms = sim.converge(5_000, "restart", seed);
+    // Of the killed node's peers, none refused (n - 1 of n, n >= 3); the
+    // restarted node refused until it saw a majority again.
+    let refused: Vec<_> = sim.refusals.iter().filter(|r| r.1 != victim).collect();
+    assert!(
+        refused.is_empty(),
+        "seed {seed}: a survivor of one killed node refused new clients: {refused:?}"
+    );
+    assert!(
+        (0..nodes).all(|i| !sim.refuses(i)),
+        "seed {seed}: a node refuses new clients after the restart: {:?}",
+        sim.refusals
+    );
 
     // 5. Partition two nodes from three for 30 s, then heal.
     let mut sides = vec![0u8; nodes];
@@ -340,8 +451,39 @@ fn run_seed(seed: u64) -> Outcome {
             sides[*o] == sides[j]
         })
         .count() as u64;
+    for i in 0..nodes {
+        let side = (0..nodes).filter(|&j| sides[j] == sides[i]).count();
+        let majority = 2 * side > nodes;
+        let sees_own_side = sim.slots.iter().enumerate().all(|(j, s)| {
+            sides[j] != sides[i]
+                || j == i
+                || sim.slots[i]
+                    .m
+                    .as_ref()
+                    .unwrap()
+                    .members()
+                    .any(|n| n.name == s.name)
+        });
+        if !majority {
+            assert!(
+                sim.refuses(i),
+                "seed {seed}: node {i}, on a side of {side} of {nodes}, serves new clients"
+            );
+        } else if sees_own_side {
+            assert!(
+                !sim.refuses(i),
+                "seed {seed}: node {i}, on a side of {side} of {nodes}, refuses new clients"
+            );
+        }
+    }
     sim.sides = None;
     let heal_ms = sim.converge(30_000, "heal", seed);
+    sim.run_until(sim.now + 10);
+    assert!(
+        (0..nodes).all(|i| !sim.refuses(i)),
+        "seed {seed}: a node refuses new clients after the heal: {:?}",
+        sim.refusals
+    );
 
     // 6. An orderly leave.
     let leaver = sim.rng.below(nodes as u64) as usize;
@@ -378,6 +520,7 @@ fn run_seed(seed: u64) -> Outcome {
         leave_ms,
         datagrams,
         same_side_downs,
+        refusals: sim.refusals.iter().filter(|r| r.2).count() as u64,
     }
 }
 
@@ -396,6 +539,7 @@ fn seeded() {
     let mut worst = [0u64; 5];
     let mut datagrams = 0;
     let mut same_side_downs = 0;
+    let mut refusals = 0;
     for &seed in &seeds {
         let o = run_seed(seed);
         for (w, v) in worst.iter_mut().zip([
@@ -409,12 +553,14 @@ fn seeded() {
         }
         datagrams += o.datagrams;
         same_side_downs += o.same_side_downs;
+        refusals += o.refusals;
     }
     eprintln!(
         "membership: {} seeds of 3 to 7 nodes, 1 % loss, {} min of virtual time each; worst: \
          all joined in {} ms, killed node down everywhere in {} ms, restart known in {} ms, \
          partition healed in {} ms, leave known in {} ms; {datagrams} datagrams sent; \
-         {same_side_downs} downs of a node on the observer's own side of a partition",
+         {same_side_downs} downs of a node on the observer's own side of a partition; \
+         {refusals} times a node started refusing new clients (restarted, or a minority)",
         seeds.len(),
         Duration::from_millis(600_000 + 60_000).as_secs() / 60,
         worst[0],

@@ -20,7 +20,9 @@
 //! - [`retained`]: the rules that keep every node's copy of the retained
 //!   messages the same (the last writer wins);
 //! - [`claims`]: which of two connections with one client id on two nodes
-//!   stays (the later claim).
+//!   stays (the later claim);
+//! - [`quorum`]: the cluster's members, and whether the nodes up are a
+//!   majority (the minority side of a partition refuses new CONNECTs).
 //!
 //! Not yet: sessions and replication across nodes (the cluster issue
 //! lists them).
@@ -32,6 +34,7 @@ pub mod link;
 pub mod membership;
 pub mod node;
 pub mod peers;
+pub mod quorum;
 pub mod retained;
 pub mod routes;
 pub mod wills;

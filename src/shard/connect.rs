@@ -138,6 +138,21 @@ impl ShardCore {
     /// describes: refuse it, serve it here, or move it to its home shard.
     pub fn handshake(&self, connect: &Connect, arrival: Arrival, now: Instant) -> Handshake {
         let peer = arrival.peer;
+        if self.refusing_connects.get() {
+            self.count_refused(ConnectRefusal::Minority);
+            shard_log!(
+                self,
+                log::Level::Info,
+                "{peer:?}: CONNECT refused (reason 0x88), client id {}: this node sees no \
+                 majority of the cluster's members (cluster.on_minority = refuse_connects)",
+                quote(&connect.client_id)
+            );
+            return Handshake::Refuse {
+                code: reason::SERVER_UNAVAILABLE,
+                answer: true,
+                delay: Duration::ZERO,
+            };
+        }
         let checked = check_connect(self, connect).and_then(|a| {
             let id = a.as_deref().unwrap_or(&connect.client_id);
             let grant = self.login(connect, id, arrival, now)?;
@@ -431,6 +446,12 @@ impl ShardCore {
         self.drive(&mut st, key, now);
         Self::debug_invariants(&st);
         Ok(handle)
+    }
+
+    /// Whether new CONNECTs are refused for want of a majority of the
+    /// cluster's members (`cluster::quorum`); connected clients stay.
+    pub fn set_refusing_connects(&self, refuse: bool) {
+        self.refusing_connects.set(refuse);
     }
 
     /// Count a connection refused for `why`.

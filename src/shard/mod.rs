@@ -363,9 +363,12 @@ pub enum ConnectRefusal {
     ClientIdInvalid,
     /// `connections_max`, `sessions_max`, or a full log (0x97).
     QuotaExceeded,
-    /// The broker is stopping or on a minority side (0x88), or too many
-    /// connections are waiting to send CONNECT (closed at accept).
+    /// The broker is stopping (0x88), or too many connections are
+    /// waiting to send CONNECT (closed at accept).
     Unavailable,
+    /// The node is on the minority side of a partition (0x88,
+    /// `cluster.on_minority`).
+    Minority,
     /// An authentication method the broker does not know (0x8C).
     BadAuthMethod,
     /// A will with a bad topic or payload (0x90, 0x99).
@@ -380,12 +383,13 @@ pub enum ConnectRefusal {
 
 impl ConnectRefusal {
     /// Every reason, in the order of `ShardStats::connects_refused`.
-    pub const ALL: [ConnectRefusal; 9] = [
+    pub const ALL: [ConnectRefusal; 10] = [
         ConnectRefusal::BadCredentials,
         ConnectRefusal::NotAuthorized,
         ConnectRefusal::ClientIdInvalid,
         ConnectRefusal::QuotaExceeded,
         ConnectRefusal::Unavailable,
+        ConnectRefusal::Minority,
         ConnectRefusal::BadAuthMethod,
         ConnectRefusal::BadWill,
         ConnectRefusal::Protocol,
@@ -400,6 +404,7 @@ impl ConnectRefusal {
             ConnectRefusal::ClientIdInvalid => "client_id_invalid",
             ConnectRefusal::QuotaExceeded => "quota_exceeded",
             ConnectRefusal::Unavailable => "unavailable",
+            ConnectRefusal::Minority => "minority",
             ConnectRefusal::BadAuthMethod => "bad_auth_method",
             ConnectRefusal::BadWill => "bad_will",
             ConnectRefusal::Protocol => "protocol",
@@ -546,6 +551,9 @@ pub struct ShardCore {
     state: RefCell<State>,
     mesh: Mesh,
     stopping: Cell<bool>,
+    /// On the minority side of a partition with `cluster.on_minority =
+    /// refuse_connects`: new CONNECTs are refused (0x88).
+    refusing_connects: Cell<bool>,
     /// Sockets of attached connections still open (reader or writer alive).
     sockets: Cell<usize>,
     /// Accepted connections that have not finished CONNECT yet; bounded by
@@ -611,6 +619,7 @@ impl ShardCore {
             config,
             mesh,
             stopping: Cell::new(false),
+            refusing_connects: Cell::new(false),
             sockets: Cell::new(0),
             handshakes: Cell::new(0),
             tls_handshakes: Cell::new(0),

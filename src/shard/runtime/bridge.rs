@@ -55,6 +55,12 @@ pub(crate) enum PeerEvent {
         /// The run that went down.
         node: Node,
     },
+    /// New CONNECTs start (true) or stop being refused for want of a
+    /// majority of the members (`cluster::quorum`).
+    Quorum {
+        /// Refuse them.
+        refuse: bool,
+    },
 }
 
 /// What one shard's bridge starts with.
@@ -65,6 +71,12 @@ pub(crate) struct BridgeStart {
     pub(crate) me: Hello,
     /// Membership changes from shard 0.
     pub(crate) events: crossbeam_channel::Receiver<PeerEvent>,
+    /// New CONNECTs are refused at start (no majority of the members
+    /// the data directory knows is up yet).
+    pub(crate) refuse_connects: bool,
+    /// Dial peers from this address (`cluster.listen`'s, when it is a
+    /// concrete one), so they see the address they know this node by.
+    pub(crate) dial_from: Option<std::net::IpAddr>,
     /// Link limits.
     pub(crate) settings: LinkSettings,
     /// Routes taken from one peer at most.
@@ -178,6 +190,8 @@ struct Bridge {
     epoch: Instant,
     settings: LinkSettings,
     routes_max: usize,
+    /// See [`BridgeStart::dial_from`].
+    dial_from: Option<std::net::IpAddr>,
     /// Dials, backoff, frames waiting: which outbound link is whose.
     peers: RefCell<PeerLinks>,
     /// Outbound links by id.
@@ -195,12 +209,14 @@ struct Bridge {
 /// dials, ticks) and the task that moves its core's outbox onto links.
 pub(crate) fn start(core: Rc<ShardCore>, start: BridgeStart) -> std::io::Result<BridgeHandle> {
     core.enable_cluster(Instant::now(), crate::persist::WallClock::now());
+    core.set_refusing_connects(start.refuse_connects);
     let (listener, _handle) = listener_from(start.listener)?;
     let peers = PeerLinks::new(start.me.shard, start.settings.out_bytes_max);
     let bridge = Rc::new(Bridge {
         core,
         epoch: Instant::now(),
         routes_max: start.routes_max,
+        dial_from: start.dial_from,
         me: start.me,
         settings: start.settings,
         peers: RefCell::new(peers),
@@ -292,6 +308,7 @@ impl Bridge {
                 }
                 self.recompute_acks();
             }
+            PeerEvent::Quorum { refuse } => self.core.set_refusing_connects(refuse),
         }
     }
 
@@ -758,9 +775,16 @@ async fn dial(bridge: Rc<Bridge>, index: u16, addr: SocketAddr, node: Node) {
         bridge.me.shard,
         quote(node.name.as_str())
     );
-    let stream = TcpStream::connect_timeout(addr, Duration::from_secs(2))
-        .await
-        .map_err(|e| e.to_string());
+    let stream = match bridge.dial_from {
+        None => TcpStream::connect_timeout(addr, DIAL_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string()),
+        Some(ip) => glommio::executor()
+            .spawn_blocking(move || connect_from(ip, addr))
+            .await
+            .map(TcpStream::from)
+            .map_err(|e| format!("from {ip}: {e}")),
+    };
     let link = stream.and_then(|s| {
         bridge
             .new_link(s, Some((index, &node)))
@@ -789,6 +813,19 @@ async fn dial(bridge: Rc<Bridge>, index: u16, addr: SocketAddr, node: Node) {
         return;
     }
     spawn_io(bridge, link);
+}
+
+/// How long a dial waits for the peer to answer.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A TCP connection to `addr` from address `ip` (blocking: run off the
+/// shard's thread).
+fn connect_from(ip: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.bind(&SocketAddr::new(ip, 0).into())?;
+    socket.connect_timeout(&addr.into(), DIAL_TIMEOUT)?;
+    Ok(socket)
 }
 
 fn spawn_io(bridge: Rc<Bridge>, link: Rc<Link>) {

@@ -8,6 +8,7 @@
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use glommio::net::UdpSocket;
@@ -18,6 +19,7 @@ use crate::cluster::membership::{MemberEvent, Membership, DATAGRAM_MAX};
 use crate::cluster::node::{Node, NodeName};
 
 use super::bridge::PeerEvent;
+use super::quorum::Quorum;
 use crate::shard::notify::Notify;
 use crate::text::{quote, suppressed_note, LogGate};
 
@@ -27,6 +29,8 @@ pub(crate) struct ClusterStart {
     pub(crate) socket: socket2::Socket,
     pub(crate) membership: Membership,
     pub(crate) bridges: Vec<crossbeam_channel::Sender<PeerEvent>>,
+    /// The node's members and majority (shared with the admin API).
+    pub(crate) quorum: Arc<Quorum>,
 }
 
 /// Live peers by index, as told to the bridges: each node name keeps its
@@ -79,6 +83,7 @@ struct State {
     membership: RefCell<Membership>,
     peers: RefCell<Peers>,
     bridges: Vec<crossbeam_channel::Sender<PeerEvent>>,
+    quorum: Arc<Quorum>,
     socket: UdpSocket,
     wake: Notify,
     epoch: Instant,
@@ -115,6 +120,11 @@ impl State {
             }
         }
         for ev in told {
+            match &ev {
+                PeerEvent::Up { node, .. } => self.quorum.node_up(node),
+                PeerEvent::Down { node, .. } => self.quorum.node_down(node),
+                PeerEvent::Quorum { .. } => {}
+            }
             for b in &self.bridges {
                 let _ = b.send(ev.clone());
             }
@@ -136,12 +146,14 @@ pub(crate) fn start(cluster: ClusterStart) -> MembershipTask {
         socket,
         membership,
         bridges,
+        quorum,
     } = cluster;
     let socket = UdpSocket::from(socket);
     let state = Rc::new(State {
         membership: RefCell::new(membership),
         peers: RefCell::new(Peers::default()),
         bridges,
+        quorum,
         socket,
         wake: Notify::default(),
         epoch: Instant::now(),

@@ -15,6 +15,7 @@
 mod bridge;
 mod connection;
 mod membership;
+pub(crate) mod quorum;
 mod sync;
 mod transport;
 

@@ -1,0 +1,247 @@
+//! The node's members and majority ([`Members`]) as the running broker
+//! keeps them: one value for the whole node, changed by shard 0's
+//! membership (nodes up and down) and by the admin API's threads (an
+//! operator forgetting a member), read by the API and `/metrics`.
+//!
+//! Each change writes the data directory's `MEMBERS` file when the member
+//! list changed (synced, renamed into place), logs a line and tells every
+//! shard's bridge when new CONNECTs start or stop being refused
+//! ([`PeerEvent::Quorum`]). Not on any data path: a lock is fine here.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use super::bridge::PeerEvent;
+use crate::cluster::node::{Node, NodeName};
+use crate::cluster::quorum::{parse_members, Change, ForgetError, Members, OnMinority};
+use crate::log::dir::DataDir;
+use crate::log::disk::Disk;
+
+const MEMBERS_FILE: &str = "MEMBERS";
+
+/// Where the member list is kept (none in `memory` durability).
+pub(crate) struct MembersFile {
+    disk: Arc<dyn Disk>,
+    root: PathBuf,
+}
+
+impl MembersFile {
+    /// The data directory's `MEMBERS` file.
+    pub(crate) fn of(dir: &DataDir) -> MembersFile {
+        MembersFile {
+            disk: dir.disk().clone(),
+            root: dir.root().to_path_buf(),
+        }
+    }
+
+    /// The members it names (none when it does not exist). Err: a line
+    /// for the start error.
+    pub(crate) fn read(&self) -> Result<Vec<NodeName>, String> {
+        let path = self.root.join(MEMBERS_FILE);
+        match self.disk.read_to_string(&path) {
+            Ok(text) => parse_members(&text).map_err(|why| {
+                format!(
+                    "{}: not a shardmq MEMBERS file ({why}); move it away to start with no \
+                     members known",
+                    path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    fn write(&self, text: &str) -> std::io::Result<()> {
+        let tmp = self.root.join("MEMBERS.tmp");
+        self.disk.write_synced(&tmp, text.as_bytes())?;
+        self.disk.rename(&tmp, &self.root.join(MEMBERS_FILE))?;
+        self.disk.sync_dir(&self.root)
+    }
+}
+
+struct Inner {
+    members: Members,
+    bridges: Vec<crossbeam_channel::Sender<PeerEvent>>,
+    file: Option<MembersFile>,
+}
+
+/// See the module docs. Empty until the cluster starts.
+#[derive(Default)]
+pub(crate) struct Quorum {
+    inner: Mutex<Option<Inner>>,
+}
+
+impl Quorum {
+    /// The cluster started with `members`: changes go to `bridges` and
+    /// `file`.
+    pub(crate) fn start(
+        &self,
+        members: Members,
+        bridges: Vec<crossbeam_channel::Sender<PeerEvent>>,
+        file: Option<MembersFile>,
+    ) {
+        if members.refuses_connects() {
+            log::warn!(
+                "cluster: {} of {} members up (the MEMBERS file): new connections are refused \
+                 until a majority is up (cluster.on_minority = refuse_connects)",
+                members.up(),
+                members.size()
+            );
+        }
+        let inner = Inner {
+            members,
+            bridges,
+            file,
+        };
+        if let Some(f) = &inner.file {
+            // A node's first start writes itself in.
+            if let Err(e) = f.write(&inner.members.file_text()) {
+                log::error!("cluster: cannot write the MEMBERS file: {e}");
+            }
+        }
+        *self.lock() = Some(inner);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Inner>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Apply `f` to the members: write, log and tell what it changed.
+    fn change<T>(&self, f: impl FnOnce(&mut Members) -> (Change, T)) -> Option<T> {
+        let mut guard = self.lock();
+        let inner = guard.as_mut()?;
+        let (change, out) = f(&mut inner.members);
+        let m = &inner.members;
+        if change.members {
+            if let Some(file) = &inner.file {
+                if let Err(e) = file.write(&m.file_text()) {
+                    log::error!(
+                        "cluster: cannot write the MEMBERS file: {e}; a restart will not know \
+                         the latest members"
+                    );
+                }
+            }
+        }
+        if let Some(refuse) = change.refuse {
+            let (up, size) = (m.up(), m.size());
+            if refuse {
+                log::warn!(
+                    "cluster: {up} of {size} members up, not a majority: new connections are \
+                     refused until a majority is back (cluster.on_minority = refuse_connects); \
+                     connected clients are served"
+                );
+            } else {
+                log::info!("cluster: {up} of {size} members up: new connections are served again");
+            }
+            for b in &inner.bridges {
+                let _ = b.send(PeerEvent::Quorum { refuse });
+            }
+        }
+        Some(out)
+    }
+
+    /// Shard 0's membership: `node` is up.
+    pub(crate) fn node_up(&self, node: &Node) {
+        self.change(|m| (m.node_up(node), ()));
+    }
+
+    /// Shard 0's membership: `node` is down.
+    pub(crate) fn node_down(&self, node: &Node) {
+        self.change(|m| (m.node_down(node), ()));
+    }
+
+    /// An operator forgets member `name`. None: the cluster has not
+    /// started.
+    pub(crate) fn forget(&self, name: &str) -> Option<Result<(), ForgetError>> {
+        self.change(|m| match m.forget(name) {
+            Ok(c) => (c, Ok(())),
+            Err(e) => (Change::default(), Err(e)),
+        })
+        .inspect(|r| {
+            if r.is_ok() {
+                log::info!(
+                    "cluster: node {} forgotten (an operator's request)",
+                    crate::text::quote(name)
+                );
+            }
+        })
+    }
+
+    /// `GET /api/v1/cluster`'s body; None before the cluster starts.
+    pub(crate) fn view(&self) -> Option<Value> {
+        let guard = self.lock();
+        let m = &guard.as_ref()?.members;
+        let mut nodes = vec![json!({ "name": m.me().as_str(), "up": true, "self": true })];
+        for (name, member) in m.others() {
+            nodes.push(json!({
+                "name": name.as_str(),
+                "up": member.up.is_some(),
+                "addr": member.addr.map(|a| a.to_string()),
+                "incarnation": member.up.as_ref().map(|n| n.incarnation),
+            }));
+        }
+        Some(json!({
+            "node": m.me().as_str(),
+            "members": m.size(),
+            "members_up": m.up(),
+            "majority": m.majority(),
+            "on_minority": m.policy().as_str(),
+            "refusing_connects": m.refuses_connects(),
+            "nodes": nodes,
+        }))
+    }
+
+    /// The node-wide cluster gauges for `/metrics` (empty before the
+    /// cluster starts).
+    pub(crate) fn metrics(&self) -> String {
+        let guard = self.lock();
+        let Some(inner) = guard.as_ref() else {
+            return String::new();
+        };
+        let m = &inner.members;
+        let gauges = [
+            (
+                "shardmq_cluster_members",
+                "Cluster members this node knows (every node seen, itself included, until forgotten).",
+                m.size(),
+            ),
+            (
+                "shardmq_cluster_members_up",
+                "Cluster members up as this node sees them, itself included.",
+                m.up(),
+            ),
+            (
+                "shardmq_cluster_majority",
+                "1 while more than half of the members are up (0: the minority side of a partition).",
+                usize::from(m.majority()),
+            ),
+            (
+                "shardmq_cluster_refusing_connects",
+                "1 while new CONNECTs are refused for being on the minority side (cluster.on_minority).",
+                usize::from(m.refuses_connects()),
+            ),
+        ];
+        let mut out = String::new();
+        for (name, help, v) in gauges {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+            ));
+        }
+        out
+    }
+}
+
+/// The members a node starts with: those of `file`, none up yet.
+pub(crate) fn starting_members(
+    me: NodeName,
+    file: Option<&MembersFile>,
+    policy: OnMinority,
+) -> Result<Members, String> {
+    let known = match file {
+        Some(f) => f.read()?,
+        None => Vec::new(),
+    };
+    Ok(Members::new(me, known, policy))
+}
