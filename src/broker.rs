@@ -256,9 +256,16 @@ impl Broker {
                 stopped: stopped_tx.clone(),
             };
             let config = config.clone();
-            let executor = LocalExecutorBuilder::new(placement)
+            let mut builder = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{id}"))
-                .io_memory(config.server.io_memory_bytes)
+                .io_memory(config.server.io_memory_bytes);
+            if config.cluster.enabled() {
+                // The bridge dials peers on the blocking pool: a dial that
+                // waits for an unanswered SYN must not hold up the others.
+                builder =
+                    builder.blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(4));
+            }
+            let executor = builder
                 .spawn(move || run_shard(id, shards, config, lanes, sockets, durable, cluster))
                 .map_err(|e| StartError::Shard {
                     shard: id,

@@ -103,7 +103,7 @@ pub fn open(listen: &[SocketAddr], shards: usize) -> Result<Listeners, ListenErr
     let mut locked = HashSet::new();
     for &asked in listen {
         let deadline = Instant::now() + STALE_WAIT;
-        if asked.port() != 0 && locked.insert(asked) {
+        if asked.port() != 0 && locked.insert(lock_name(asked.ip(), asked.port())) {
             out.locks.push(lock_port(asked, asked.port())?);
         }
         let first = bind_retrying(asked, deadline)?;
@@ -115,7 +115,7 @@ pub fn open(listen: &[SocketAddr], shards: usize) -> Result<Listeners, ListenErr
                 addr: asked,
                 source: io::Error::other("no local address after bind"),
             })?;
-        if asked.port() == 0 && locked.insert(addr) {
+        if asked.port() == 0 && locked.insert(lock_name(addr.ip(), addr.port())) {
             out.locks.push(lock_port(asked, addr.port())?);
         }
         out.sockets[0].push(first);
@@ -132,10 +132,8 @@ pub fn open(listen: &[SocketAddr], shards: usize) -> Result<Listeners, ListenErr
 /// who holds it or one it overlaps (see the module docs).
 fn lock_port(addr: SocketAddr, port: u16) -> Result<PortLock, ListenError> {
     let whole = format!("shardmq/tcp-port/{port}");
-    let name = match addr.ip().is_unspecified() {
-        true => whole.clone(),
-        false => format!("{whole}/{}", addr.ip().to_canonical()),
-    };
+    let every = addr.ip().to_canonical().is_unspecified();
+    let name = lock_name(addr.ip(), port);
     let locked = |held: Vec<u64>| {
         let holder =
             process_holding(&held).unwrap_or_else(|| "a process this user cannot see".into());
@@ -152,17 +150,31 @@ fn lock_port(addr: SocketAddr, port: u16) -> Result<PortLock, ListenError> {
         Err(source) => return Err(ListenError::Io { addr, source }),
     };
     // The locks this one overlaps: every address of the port, or (for
-    // every address) each one of the port's.
+    // every address) each one of the port's; this process's own (a
+    // configuration listing both) do not count.
     let mine = format!("@{name}");
-    let overlapping = unix_socket_inodes(|n| match addr.ip().is_unspecified() {
+    let own = own_socket_inodes();
+    let overlapping: Vec<u64> = unix_socket_inodes(|n| match every {
         true => n != mine && n.starts_with(&format!("@{whole}/")),
         false => n == format!("@{whole}"),
     })
-    .unwrap_or_default();
+    .unwrap_or_default()
+    .into_iter()
+    .filter(|i| !own.contains(i))
+    .collect();
     if !overlapping.is_empty() {
         return Err(locked(overlapping));
     }
     Ok(PortLock { _socket: socket })
+}
+
+/// The lock's name for `ip` on `port`: the port's for every address
+/// (IPv4-mapped ones as what the kernel binds them to).
+fn lock_name(ip: IpAddr, port: u16) -> String {
+    match ip.to_canonical() {
+        ip if ip.is_unspecified() => format!("shardmq/tcp-port/{port}"),
+        ip => format!("shardmq/tcp-port/{port}/{ip}"),
+    }
 }
 
 /// Bind one listening socket, retrying "address in use" until `deadline`
@@ -254,7 +266,8 @@ fn tcp_listeners(addr: SocketAddr) -> Vec<u64> {
         };
         for line in text.lines().skip(1) {
             if let Some((ip, port, inode)) = parse_tcp_listener(line, v6) {
-                let overlaps = ip == addr.ip() || ip.is_unspecified() || addr.ip().is_unspecified();
+                let (ip, mine) = (ip.to_canonical(), addr.ip().to_canonical());
+                let overlaps = ip == mine || ip.is_unspecified() || mine.is_unspecified();
                 if port == addr.port() && overlaps && inode != 0 {
                     inodes.push(inode);
                 }
@@ -384,18 +397,14 @@ mod tests {
             err.contains(&format!("pid {}", std::process::id())),
             "{err}"
         );
-        // Another address of the port is free; every address is not, and
-        // while it is held no single one is.
-        let other = lock_port("127.0.0.2:1".parse().unwrap(), 0).unwrap();
-        let every: SocketAddr = "0.0.0.0:1".parse().unwrap();
-        assert!(matches!(
-            lock_port(every, 0),
-            Err(ListenError::Locked { .. })
-        ));
-        drop((held, other));
-        let _every = lock_port(every, 0).unwrap();
-        let one = lock_port("127.0.0.3:1".parse().unwrap(), 0);
-        assert!(matches!(one, Err(ListenError::Locked { .. })));
+        // Another address of the port, and (in the same process: one
+        // configuration listing both) every address of it, are fine;
+        // tests/restart.rs refuses overlaps between two brokers.
+        let _other = lock_port("127.0.0.2:1".parse().unwrap(), 0).unwrap();
+        let _every = lock_port("0.0.0.0:1".parse().unwrap(), 0).unwrap();
+        let mapped: SocketAddr = "[::ffff:0.0.0.0]:1".parse().unwrap();
+        assert_eq!(lock_name(mapped.ip(), 1), "shardmq/tcp-port/1");
+        drop(held);
     }
 
     #[test]

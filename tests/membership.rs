@@ -154,14 +154,14 @@ impl Sim {
         let changes = match e {
             MemberEvent::Up(n) => vec![q.node_up(n)],
             MemberEvent::Down(n) => vec![q.node_down(n)],
-            MemberEvent::Replaced { old, new } => {
-                let live = replaced_live;
+            // One change, as the broker makes it of one turn's events.
+            MemberEvent::Replaced { old, new } => vec![q.batch(|q| {
                 let mut c = vec![q.node_down(old)];
-                if live {
+                if replaced_live {
                     c.push(q.node_up(new));
                 }
                 c
-            }
+            })],
             MemberEvent::Joined | MemberEvent::Alone | MemberEvent::Rejoined(_) => vec![],
         };
         for c in changes {

@@ -124,6 +124,27 @@ fn a_second_broker_on_a_port_or_data_dir_in_use_is_refused_naming_the_holder() {
     let same_port = ChildBroker::try_start_on(&addr, &["--durability", "memory"]);
     let holder = format!("held by another shardmq (pid {pid} (shardmq))");
     refused_naming(same_port, &holder);
+    // Every address of the port overlaps the first's, IPv4-mapped too;
+    // another address of the port does not.
+    let port = addr.rsplit(':').next().unwrap();
+    for every in [
+        format!("0.0.0.0:{port}"),
+        format!("[::ffff:0.0.0.0]:{port}"),
+    ] {
+        let all = ChildBroker::try_start_on(&every, &["--durability", "memory"]);
+        refused_naming(all, &holder);
+    }
+    let other =
+        ChildBroker::try_start_on(&format!("127.0.0.2:{port}"), &["--durability", "memory"])
+            .expect("another address of the port is fine");
+    let other_pid = other.pid().unwrap();
+    drop(first);
+    let all = ChildBroker::try_start_on(&format!("0.0.0.0:{port}"), &["--durability", "memory"]);
+    refused_naming(all, &format!("(pid {other_pid} (shardmq))"));
+    drop(other);
+    let first = ChildBroker::try_start_on(&addr, &["--data-dir", dir_a.to_str().unwrap()])
+        .expect("the first broker starts again");
+    let pid = first.pid().unwrap();
 
     let same_dir = ChildBroker::try_start(&["--data-dir", dir_b.to_str().unwrap()])
         .expect("another port and directory are fine");

@@ -79,6 +79,8 @@ pub struct Args {
     pub json: Option<PathBuf>,
     pub inflight: usize,
     pub broker_pid: Option<u32>,
+    /// More broker processes whose CPU time is added (cluster nodes).
+    pub also_broker_pids: Vec<u32>,
     pub threads: usize,
     pub max_connecting: usize,
     pub connect_timeout: Duration,
@@ -97,6 +99,8 @@ pub struct Args {
     pub warmup: Duration,
     pub drain: Duration,
     pub topic_prefix: String,
+    /// bench: the port subscribers connect to (None: `port`).
+    pub sub_port: Option<u16>,
 }
 
 /// What `--help` shows after the options.
@@ -219,6 +223,10 @@ struct Common {
     /// (/proc/PID/status) over the measured window.
     #[arg(long = "broker-pid", value_name = "PID")]
     broker_pid: Option<u32>,
+    /// Another broker process whose CPU time counts as the broker's (the
+    /// other nodes of a cluster); may be given more than once.
+    #[arg(long = "also-broker-pid", value_name = "PID")]
+    also_broker_pid: Vec<u32>,
     /// Runtime worker threads (default: CPUs).
     #[arg(long)]
     threads: Option<usize>,
@@ -293,6 +301,10 @@ struct BenchOnly {
     /// Topic prefix.
     #[arg(long = "topic-prefix", default_value = "bench")]
     topic_prefix: String,
+    /// Subscribers connect to this port of the host (another node of a
+    /// cluster) instead of --port.
+    #[arg(long = "sub-port", value_name = "PORT")]
+    sub_port: Option<u16>,
 }
 
 fn parse_secs(v: &str) -> Result<Duration, String> {
@@ -374,6 +386,7 @@ pub fn parse(argv: Vec<String>) -> Result<Option<Args>, String> {
         json: common.json,
         inflight: common.inflight,
         broker_pid: common.broker_pid,
+        also_broker_pids: common.also_broker_pid,
         threads,
         max_connecting: common.max_connecting,
         connect_timeout: common.connect_timeout,
@@ -391,6 +404,7 @@ pub fn parse(argv: Vec<String>) -> Result<Option<Args>, String> {
         topic_prefix: bench
             .as_ref()
             .map_or_else(|| "bench".into(), |b| b.topic_prefix.clone()),
+        sub_port: bench.as_ref().and_then(|b| b.sub_port),
     };
     let pubs_set = bench.as_ref().is_some_and(|b| b.pubs.is_some());
     let subs_set = bench.as_ref().is_some_and(|b| b.subs.is_some());

@@ -275,16 +275,26 @@ pub async fn run(args: Args, opts: ConnectOpts) -> Result<i32, String> {
         pacing(&args),
         args.version,
         args.host,
-        args.port
+        match args.sub_port {
+            Some(s) => format!("{} (subscribers on {s})", args.port),
+            None => args.port.to_string(),
+        }
     );
 
     // Subscribers first: every SUBACK before the first publish.
+    let sub_opts = match args.sub_port {
+        Some(port) => ConnectOpts {
+            addr: std::net::SocketAddr::new(opts.addr.ip(), port),
+            ..opts.clone()
+        },
+        None => opts.clone(),
+    };
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<Result<(), String>>();
     let mut sub_tasks: Vec<JoinHandle<SubResult>> = Vec::with_capacity(nsub);
     for s in 0..nsub {
         let (shared, opts, sem, ready, stop) = (
             shared.clone(),
-            opts.clone(),
+            sub_opts.clone(),
             sem.clone(),
             ready_tx.clone(),
             sub_stop.clone(),
@@ -467,7 +477,7 @@ pub async fn run(args: Args, opts: ConnectOpts) -> Result<i32, String> {
         loop {
             let now = now_ns();
             if !sampled && now >= warm {
-                cpu0 = CpuSample::take(args.broker_pid);
+                cpu0 = CpuSample::take_all(args.broker_pid, &args.also_broker_pids);
                 sampled = true;
             }
             if now >= deadline || shared.pubs_done.load(Relaxed) == npub {
@@ -477,7 +487,7 @@ pub async fn run(args: Args, opts: ConnectOpts) -> Result<i32, String> {
             tokio::time::sleep(Duration::from_nanos((next - now).min(10_000_000))).await;
         }
         if !sampled {
-            cpu0 = CpuSample::take(args.broker_pid);
+            cpu0 = CpuSample::take_all(args.broker_pid, &args.also_broker_pids);
         }
         let end = now_ns();
         let _ = pub_stop_tx.send(true);
@@ -500,7 +510,7 @@ pub async fn run(args: Args, opts: ConnectOpts) -> Result<i32, String> {
             }
         }
         drain_s = (now_ns() - end) as f64 / 1e9;
-        cpu1 = CpuSample::take(args.broker_pid);
+        cpu1 = CpuSample::take_all(args.broker_pid, &args.also_broker_pids);
     }
     let _ = pub_stop_tx.send(true);
     let _ = sub_stop_tx.send(true);

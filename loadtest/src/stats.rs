@@ -175,8 +175,17 @@ pub struct CpuSample {
 
 impl CpuSample {
     pub fn take(broker: Option<u32>) -> CpuSample {
+        Self::take_all(broker, &[])
+    }
+
+    /// As `take`, the CPU time of the `more` broker processes added.
+    pub fn take_all(broker: Option<u32>, more: &[u32]) -> CpuSample {
+        let broker_ticks = broker.and_then(proc_cpu_ticks).and_then(|t| {
+            more.iter()
+                .try_fold(t, |sum, &pid| Some(sum + proc_cpu_ticks(pid)?))
+        });
         CpuSample {
-            broker_ticks: broker.and_then(proc_cpu_ticks),
+            broker_ticks,
             self_ticks: proc_cpu_ticks(std::process::id()),
         }
     }

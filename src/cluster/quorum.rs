@@ -24,7 +24,8 @@ use thiserror::Error;
 
 use super::node::{Node, NodeName};
 
-/// Members a node keeps at most (the file is refused beyond it).
+/// Members a node keeps at most, itself included (a file with more is
+/// refused; a node seen beyond it is not made a member, and counted).
 pub const MEMBERS_MAX: usize = 1024;
 
 /// The `MEMBERS` file's first line.
@@ -97,6 +98,8 @@ pub struct Members {
     me: NodeName,
     others: BTreeMap<NodeName, Member>,
     policy: OnMinority,
+    /// Nodes seen up that were not made members ([`MEMBERS_MAX`]).
+    pub beyond_max: u64,
 }
 
 impl Members {
@@ -106,6 +109,7 @@ impl Members {
         let others = known
             .into_iter()
             .filter(|n| *n != me)
+            .take(MEMBERS_MAX - 1)
             .map(|n| {
                 (
                     n,
@@ -116,7 +120,12 @@ impl Members {
                 )
             })
             .collect();
-        Members { me, others, policy }
+        Members {
+            me,
+            others,
+            policy,
+            beyond_max: 0,
+        }
     }
 
     /// This node's name.
@@ -154,6 +163,13 @@ impl Members {
         self.policy == OnMinority::RefuseConnects && !self.majority()
     }
 
+    /// Run `f` (changes of its own, each a [`Change`]) and say what it
+    /// changed as a whole: a node replaced by its next run is one change,
+    /// not a refusal and its end.
+    pub fn batch(&mut self, f: impl FnOnce(&mut Self) -> Vec<Change>) -> Change {
+        self.changing(|m| f(m).iter().any(|c| c.members))
+    }
+
     /// Run `f` and say what it changed.
     fn changing(&mut self, f: impl FnOnce(&mut Self) -> bool) -> Change {
         let before = self.refuses_connects();
@@ -168,6 +184,10 @@ impl Members {
     /// `node` is up (a new member, or one back).
     pub fn node_up(&mut self, node: &Node) -> Change {
         if node.name == self.me || node.name.is_unknown() {
+            return Change::default();
+        }
+        if !self.others.contains_key(&node.name) && self.others.len() >= MEMBERS_MAX - 1 {
+            self.beyond_max += 1;
             return Change::default();
         }
         self.changing(|m| {
@@ -289,6 +309,21 @@ mod tests {
                 refuse: Some(false)
             })
         );
+    }
+
+    #[test]
+    fn a_restart_seen_as_down_then_up_is_one_change_and_members_are_bounded() {
+        let mut m = Members::new(name("a"), vec![], OnMinority::RefuseConnects);
+        m.node_up(&node("b", 1));
+        let c = m.batch(|m| vec![m.node_down(&node("b", 1)), m.node_up(&node("b", 2))]);
+        assert_eq!(c, Change::default());
+        for i in 0..MEMBERS_MAX + 5 {
+            m.node_up(&node(&format!("n{i}"), 1));
+        }
+        assert_eq!(m.size(), MEMBERS_MAX);
+        assert_eq!(m.beyond_max, 7);
+        let back = parse_members(&m.file_text()).unwrap();
+        assert_eq!(back.len(), MEMBERS_MAX);
     }
 
     #[test]

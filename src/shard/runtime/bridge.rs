@@ -775,7 +775,9 @@ async fn dial(bridge: Rc<Bridge>, index: u16, addr: SocketAddr, node: Node) {
         bridge.me.shard,
         quote(node.name.as_str())
     );
-    let stream = match bridge.dial_from {
+    // A peer of the other address family is dialed from any address.
+    let from = bridge.dial_from.filter(|ip| ip.is_ipv4() == addr.is_ipv4());
+    let stream = match from {
         None => TcpStream::connect_timeout(addr, DIAL_TIMEOUT)
             .await
             .map_err(|e| e.to_string()),

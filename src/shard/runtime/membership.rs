@@ -119,12 +119,10 @@ impl State {
                 MemberEvent::Joined | MemberEvent::Alone | MemberEvent::Rejoined(_) => {}
             }
         }
+        if !told.is_empty() {
+            self.quorum.peer_events(&told);
+        }
         for ev in told {
-            match &ev {
-                PeerEvent::Up { node, .. } => self.quorum.node_up(node),
-                PeerEvent::Down { node, .. } => self.quorum.node_down(node),
-                PeerEvent::Quorum { .. } => {}
-            }
             for b in &self.bridges {
                 let _ = b.send(ev.clone());
             }

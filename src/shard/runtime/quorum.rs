@@ -3,10 +3,12 @@
 //! membership (nodes up and down) and by the admin API's threads (an
 //! operator forgetting a member), read by the API and `/metrics`.
 //!
-//! Each change writes the data directory's `MEMBERS` file when the member
-//! list changed (synced, renamed into place), logs a line and tells every
-//! shard's bridge when new CONNECTs start or stop being refused
-//! ([`PeerEvent::Quorum`]). Not on any data path: a lock is fine here.
+//! Each change logs a line and tells every shard's bridge when new
+//! CONNECTs start or stop being refused ([`PeerEvent::Quorum`]), under the
+//! lock so the bridges hear the changes in order; when the member list
+//! changed, a thread of its own writes the data directory's `MEMBERS` file
+//! (synced, renamed into place; the latest list wins), so no shard waits
+//! for a disk. Not on any data path: a lock is fine here.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -14,8 +16,10 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 
 use super::bridge::PeerEvent;
-use crate::cluster::node::{Node, NodeName};
-use crate::cluster::quorum::{parse_members, Change, ForgetError, Members, OnMinority};
+use crate::cluster::node::NodeName;
+use crate::cluster::quorum::{
+    parse_members, Change, ForgetError, Members, OnMinority, MEMBERS_MAX,
+};
 use crate::log::dir::DataDir;
 use crate::log::disk::Disk;
 
@@ -64,7 +68,8 @@ impl MembersFile {
 struct Inner {
     members: Members,
     bridges: Vec<crossbeam_channel::Sender<PeerEvent>>,
-    file: Option<MembersFile>,
+    /// The file's writer thread (none in `memory` durability).
+    writer: Option<std::sync::mpsc::Sender<String>>,
 }
 
 /// See the module docs. Empty until the cluster starts.
@@ -90,17 +95,38 @@ impl Quorum {
                 members.size()
             );
         }
+        let writer = file.map(|f| {
+            // A node's first start writes itself in, before it serves.
+            if let Err(e) = f.write(&members.file_text()) {
+                log::error!("cluster: cannot write the MEMBERS file: {e}");
+            }
+            let (tx, rx) = std::sync::mpsc::channel::<String>();
+            let spawned = std::thread::Builder::new()
+                .name("shardmq-members".into())
+                .spawn(move || {
+                    while let Ok(mut text) = rx.recv() {
+                        // Only the latest list matters.
+                        while let Ok(newer) = rx.try_recv() {
+                            text = newer;
+                        }
+                        if let Err(e) = f.write(&text) {
+                            log::error!(
+                                "cluster: cannot write the MEMBERS file: {e}; a restart will \
+                                 not know the latest members"
+                            );
+                        }
+                    }
+                });
+            if let Err(e) = &spawned {
+                log::error!("cluster: cannot start the MEMBERS file's writer: {e}");
+            }
+            tx
+        });
         let inner = Inner {
             members,
             bridges,
-            file,
+            writer,
         };
-        if let Some(f) = &inner.file {
-            // A node's first start writes itself in.
-            if let Err(e) = f.write(&inner.members.file_text()) {
-                log::error!("cluster: cannot write the MEMBERS file: {e}");
-            }
-        }
         *self.lock() = Some(inner);
     }
 
@@ -112,16 +138,19 @@ impl Quorum {
     fn change<T>(&self, f: impl FnOnce(&mut Members) -> (Change, T)) -> Option<T> {
         let mut guard = self.lock();
         let inner = guard.as_mut()?;
+        let beyond = inner.members.beyond_max;
         let (change, out) = f(&mut inner.members);
         let m = &inner.members;
+        if m.beyond_max > beyond {
+            log::warn!(
+                "cluster: {} nodes seen up beyond the {MEMBERS_MAX} members a node keeps; not \
+                 made members",
+                m.beyond_max
+            );
+        }
         if change.members {
-            if let Some(file) = &inner.file {
-                if let Err(e) = file.write(&m.file_text()) {
-                    log::error!(
-                        "cluster: cannot write the MEMBERS file: {e}; a restart will not know \
-                         the latest members"
-                    );
-                }
+            if let Some(w) = &inner.writer {
+                let _ = w.send(m.file_text());
             }
         }
         if let Some(refuse) = change.refuse {
@@ -142,14 +171,20 @@ impl Quorum {
         Some(out)
     }
 
-    /// Shard 0's membership: `node` is up.
-    pub(crate) fn node_up(&self, node: &Node) {
-        self.change(|m| (m.node_up(node), ()));
-    }
-
-    /// Shard 0's membership: `node` is down.
-    pub(crate) fn node_down(&self, node: &Node) {
-        self.change(|m| (m.node_down(node), ()));
+    /// Shard 0's membership: what one turn of it told the bridges (a
+    /// node replaced by its next run is one change).
+    pub(crate) fn peer_events(&self, events: &[PeerEvent]) {
+        self.change(|m| {
+            let change = m.batch(|m| {
+                let apply = |e: &PeerEvent, m: &mut Members| match e {
+                    PeerEvent::Up { node, .. } => m.node_up(node),
+                    PeerEvent::Down { node, .. } => m.node_down(node),
+                    PeerEvent::Quorum { .. } => Change::default(),
+                };
+                events.iter().map(|e| apply(e, m)).collect()
+            });
+            (change, ())
+        });
     }
 
     /// An operator forgets member `name`. None: the cluster has not

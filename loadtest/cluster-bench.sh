@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Broker CPU per delivered message across two cluster nodes against one
+# node, interleaved (single, cluster, single, cluster, ...) so that a drift
+# of the machine's speed hits both alike. Single: one broker of 2 shards,
+# publishers and subscribers on it. Cluster: nodes a and b of 2 shards
+# each, publishers on a, subscribers on b, the CPU time of both nodes
+# counted. 100 pairs, closed loop, MQTT 3.1.1, 64-byte payloads, the default
+# (kill_safe) log on a fresh data directory each run. Prints each round and
+# the median ratio cluster / single (the cluster issue's bound: 1.5).
+#
+#   loadtest/cluster-bench.sh [SHARDMQ] [ROUNDS]
+#
+# Each bench run is bounded (--duration, --drain, timeout 60); the script
+# takes about 25 s per row and round.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/release/shardmq}
+ROUNDS=${2:-4}
+BENCH=${BENCH:-target/release/shardmq-bench}
+PORT=${PORT:-28990}
+CPORT=${CPORT:-28950}
+WORK=$(mktemp -d /tmp/shardmq-cluster-bench.XXXXXX)
+COMMON="-V 4 -s 64 --warmup 1 --duration 6 --drain 2 --quiet"
+ROWS=(
+  "qos0|bench --mode pairs --pubs 100 --subs 100 -q 0 --closed-loop 200 $COMMON"
+  "qos1|bench --mode pairs --pubs 100 --subs 100 -q 1 --closed-loop 200 --inflight 64 $COMMON"
+  "fanout|bench --mode fanout --subs 100 -q 0 --closed-loop 200 $COMMON"
+)
+[ -x "$BENCH" ] || cargo build --release -p shardmq-bench
+[ -x "$BIN" ] || cargo build --release --bin shardmq
+
+cpu_per_msg() { sed -n 's/^  "broker_cpu_us_per_msg": \(.*\),$/\1/p' "$1"; }
+delivered() { sed -n 's/^  "delivered": \(.*\),$/\1/p' "$1"; }
+
+# start NAME CLIENT_PORT [NODE_ARGS...]: a broker in the background; its pid
+# in $pid.
+start() {
+  local name=$1 port=$2
+  shift 2
+  rm -rf "$WORK/$name"
+  "$BIN" --listen "127.0.0.1:$port" --http 127.0.0.1:0 --shards 2 \
+    --data-dir "$WORK/$name" "$@" >"$WORK/$name.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 100); do grep -q "listening on" "$WORK/$name.log" && break; sleep 0.1; done
+}
+
+wait_for() {
+  for _ in $(seq 300); do grep -q "$2" "$WORK/$1.log" && return 0; sleep 0.1; done
+  echo "no '$2' in $WORK/$1.log" >&2
+  return 1
+}
+
+for round in $(seq "$ROUNDS"); do
+  for row in "${ROWS[@]}"; do
+    name=${row%%|*}
+    args=${row#*|}
+    # Single node.
+    start single "$PORT"
+    single=$pid
+    # shellcheck disable=SC2086
+    timeout 60 "$BENCH" $args -h 127.0.0.1 -p "$PORT" --broker-pid "$single" \
+      --json "$WORK/$name-single-$round.json" >"$WORK/$name-single-$round.out" 2>&1 || true
+    kill -TERM "$single"
+    wait "$single" || true
+    sleep 1
+    # Two nodes: publishers on a, subscribers on b.
+    start a "$PORT" --node-id a --cluster-listen "127.0.0.1:$CPORT"
+    a=$pid
+    start b "$((PORT + 1))" --node-id b --cluster-listen "127.0.0.1:$((CPORT + 10))" \
+      --join "127.0.0.1:$CPORT"
+    b=$pid
+    for shard in 0 1; do
+      wait_for a "shard $shard: link to node \"b\" (its shard $shard) is up"
+      wait_for b "shard $shard: link to node \"a\" (its shard $shard) is up"
+    done
+    # shellcheck disable=SC2086
+    timeout 60 "$BENCH" $args -h 127.0.0.1 -p "$PORT" --sub-port "$((PORT + 1))" \
+      --broker-pid "$a" --also-broker-pid "$b" \
+      --json "$WORK/$name-cluster-$round.json" >"$WORK/$name-cluster-$round.out" 2>&1 || true
+    kill -TERM "$a" "$b"
+    wait "$a" "$b" || true
+    sleep 1
+    s=$(cpu_per_msg "$WORK/$name-single-$round.json")
+    c=$(cpu_per_msg "$WORK/$name-cluster-$round.json")
+    ratio=$(awk -v s="$s" -v c="$c" 'BEGIN { printf "%.3f", c / s }')
+    echo "round $round $name: single $s µs/msg ($(delivered "$WORK/$name-single-$round.json") delivered)," \
+      "cluster $c µs/msg ($(delivered "$WORK/$name-cluster-$round.json") delivered), cluster/single $ratio"
+    echo "$name $ratio" >>"$WORK/ratios"
+  done
+done
+for row in "${ROWS[@]}"; do
+  name=${row%%|*}
+  median=$(awk -v n="$name" '$1 == n { print $2 }' "$WORK/ratios" | sort -n |
+    awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
+  echo "$name: median cluster/single over $ROUNDS rounds = $median"
+done
+echo "(runs in $WORK)"
