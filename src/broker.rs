@@ -521,6 +521,7 @@ fn start_cluster(
                 cluster_tag: tag,
                 node: me.name.clone(),
                 incarnation,
+                addr: me.addr,
                 shard: i as u16,
                 shards: shard_count,
             },

@@ -70,12 +70,18 @@ fn settings() -> LinkSettings {
     }
 }
 
+/// Node `node`'s membership address.
+fn addr_of(node: usize) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 7000 + node as u16))
+}
+
 fn hello(node: usize, shards: u16) -> Hello {
     Hello {
         version: BRIDGE_VERSION,
         cluster_tag: 7,
         node: NodeName::new(&format!("n{node}")).unwrap(),
         incarnation: 1,
+        addr: addr_of(node),
         shard: 0,
         shards,
     }
@@ -177,7 +183,7 @@ fn will_entry(client: &str, version: u64) -> WillEntry {
 impl Sim {
     fn dial(&mut self, a: usize, b: usize) {
         let shards = self.nodes[a].shards.len() as u16;
-        let expect = (NodeName::new(&format!("n{b}")).unwrap(), 1);
+        let expect = (NodeName::new(&format!("n{b}")).unwrap(), 1, addr_of(b));
         let dialer =
             LinkSession::dialed(hello(a, shards), expect, settings(), self.epoch, self.step);
         let bs = self.nodes[b].shards.len() as u16;

@@ -180,10 +180,13 @@ fn three_nodes_join_in_any_order_and_a_killed_node_is_declared_down_and_comes_ba
             .write_all(&[0, 0, 0, 9, 5, 0, 0, 0, 0, 0, 0, 0, 1])
             .unwrap();
         let mut stranger = std::net::TcpStream::connect(bridge).unwrap();
-        let mut hello = vec![1u8, 0, 1];
+        let mut hello = vec![1u8, 0, 2];
         hello.extend_from_slice(&envelope("shardmq")[4..8]);
         hello.extend_from_slice(&[0, 1, b'x']);
         hello.extend_from_slice(&1u64.to_be_bytes());
+        let addr = b"127.0.0.1:1";
+        hello.extend_from_slice(&(addr.len() as u16).to_be_bytes());
+        hello.extend_from_slice(addr);
         hello.extend_from_slice(&[0, 0, 0, 1]);
         let mut frame = (hello.len() as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(&hello);
@@ -290,6 +293,49 @@ fn bad_cluster_settings_are_refused_with_the_setting_named() {
         log.contains(&format!("cannot listen on {port} (udp)")),
         "{log}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A second node started with a node id in use (another data directory
+/// and address) is ignored by the nodes that know the first, each saying
+/// so; it sees them as duplicates of itself. The first keeps its links
+/// and its messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_with_a_node_id_in_use_is_ignored_with_a_clear_line() {
+    use client::v3::{connect, options, QoS};
+    let dir = temp_dir("cluster-duplicate");
+    let a = node("a", &dir, 0, &[]);
+    let pa = membership_port(&a);
+    let b = node("b", &dir, 0, &[pa]);
+    for n in [&a, &b] {
+        wait_log(n, "1 peers up", 30);
+    }
+    let pb = membership_port(&b);
+    let twin = node("b", &dir.join("twin"), 0, &[pa]);
+    let pt = membership_port(&twin);
+    let line = format!(
+        "cluster: node \"b\" at 127.0.0.1:{pt} (incarnation 1) has a node id in use, that \
+         of the node at 127.0.0.1:{pb} (incarnation 1): it is ignored"
+    );
+    wait_log(&a, &line, 30);
+    wait_log(&twin, "has a node id in use, this node's own", 30);
+    let (status, view) = get_json(a.http_addr(), "/api/v1/cluster");
+    assert_eq!(status, 200);
+    let nodes = view["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{view}");
+    assert_eq!(nodes[1]["addr"], format!("127.0.0.1:{pb}"), "{view}");
+    // a still reaches the first b.
+    let mut sub = connect(options(b.addr, "sub-b")).await;
+    sub.subscribe("dup/t", QoS::AtLeastOnce).await;
+    let mut publisher = connect(options(a.addr, "pub-a")).await;
+    publisher
+        .publish_acked("dup/t", false, b"to the first b")
+        .await;
+    assert_eq!(&sub.next_publish().await.payload[..], b"to the first b");
+    assert!(!a
+        .log_text()
+        .contains(&format!("127.0.0.1:{pt} (incarnation 1) is up")));
+    drop((sub, publisher, a, b, twin));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -162,7 +162,10 @@ impl Sim {
                 }
                 c
             })],
-            MemberEvent::Joined | MemberEvent::Alone | MemberEvent::Rejoined(_) => vec![],
+            MemberEvent::Joined
+            | MemberEvent::Alone
+            | MemberEvent::Rejoined(_)
+            | MemberEvent::Duplicate { .. } => vec![],
         };
         for c in changes {
             if c.members {

@@ -15,6 +15,7 @@
 //! the protocol version; within one version every kind is known, so an
 //! unknown kind is an error.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,7 @@ use crate::message::Message;
 use crate::router::SharedPick;
 
 /// The bridge protocol version this node speaks.
-pub const BRIDGE_VERSION: u16 = 1;
+pub const BRIDGE_VERSION: u16 = 2;
 /// Bytes before a frame's body: its length and kind.
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Longest topic filter or other string in a frame, in bytes (the MQTT
@@ -66,6 +67,9 @@ pub struct Hello {
     pub node: NodeName,
     /// Its incarnation.
     pub incarnation: u64,
+    /// The address its membership is reached at (two nodes given one
+    /// id differ here).
+    pub addr: SocketAddr,
     /// The sending shard.
     pub shard: u16,
     /// Shards on the sending node.
@@ -272,6 +276,7 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u32(h.cluster_tag);
             put_str(out, h.node.as_str());
             out.put_u64(h.incarnation);
+            put_str(out, &h.addr.to_string());
             out.put_u16(h.shard);
             out.put_u16(h.shards);
         }
@@ -411,6 +416,9 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             cluster_tag: u32_(b)?,
             node: NodeName::new(&string(b)?).map_err(|_| FrameError::Malformed("node name"))?,
             incarnation: u64_(b)?,
+            addr: string(b)?
+                .parse()
+                .map_err(|_| FrameError::Malformed("node address"))?,
             shard: u16_(b)?,
             shards: u16_(b)?,
         }),
@@ -807,6 +815,7 @@ mod tests {
                 cluster_tag: 7,
                 node: NodeName::new("n-1").unwrap(),
                 incarnation: 42,
+                addr: "[::1]:7946".parse().unwrap(),
                 shard: 1,
                 shards: 4,
             }),

@@ -13,6 +13,7 @@
 //! is taken before the handshake.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -78,8 +79,9 @@ pub struct Full;
 #[derive(Debug)]
 pub struct LinkSession {
     me: Hello,
-    /// Whom a dialing side meant to reach: name and incarnation.
-    expect: Option<(NodeName, u64)>,
+    /// Whom a dialing side meant to reach: name, incarnation and
+    /// membership address.
+    expect: Option<(NodeName, u64, SocketAddr)>,
     peer: Option<Hello>,
     rx: BytesMut,
     tx: BytesMut,
@@ -95,11 +97,11 @@ pub struct LinkSession {
 }
 
 impl LinkSession {
-    /// The side that dialed `expect` (name, incarnation), at `now_ms` on
+    /// The side that dialed `expect` (name, incarnation, address), at `now_ms` on
     /// the caller's clock whose zero is `epoch` (for message expiry).
     pub fn dialed(
         me: Hello,
-        expect: (NodeName, u64),
+        expect: (NodeName, u64, SocketAddr),
         settings: LinkSettings,
         epoch: Instant,
         now_ms: u64,
@@ -114,7 +116,7 @@ impl LinkSession {
 
     fn new(
         me: Hello,
-        expect: Option<(NodeName, u64)>,
+        expect: Option<(NodeName, u64, SocketAddr)>,
         settings: LinkSettings,
         epoch: Instant,
         now_ms: u64,
@@ -232,11 +234,12 @@ impl LinkSession {
         if h.node == self.me.node {
             return refuse(self, RefuseReason::Other, "a link to itself".into());
         }
-        if let Some((name, incarnation)) = &self.expect {
-            if &h.node != name || h.incarnation != *incarnation {
+        if let Some((name, incarnation, addr)) = &self.expect {
+            if &h.node != name || h.incarnation != *incarnation || h.addr != *addr {
                 let text = format!(
-                    "dialed {name} incarnation {incarnation}, reached {} incarnation {}",
-                    h.node, h.incarnation
+                    "dialed {name} incarnation {incarnation} at {addr}, reached {} incarnation {} \
+                     at {}",
+                    h.node, h.incarnation, h.addr
                 );
                 return refuse(self, RefuseReason::NotMember, text);
             }
@@ -320,6 +323,7 @@ mod tests {
             cluster_tag: 1,
             node: NodeName::new(name).unwrap(),
             incarnation,
+            addr: "127.0.0.1:7946".parse().unwrap(),
             shard: 0,
             shards: 2,
         }
@@ -338,7 +342,11 @@ mod tests {
         let epoch = Instant::now();
         let a = LinkSession::dialed(
             hello("a", 1),
-            (NodeName::new("b").unwrap(), expect_incarnation),
+            (
+                NodeName::new("b").unwrap(),
+                expect_incarnation,
+                "127.0.0.1:7946".parse().unwrap(),
+            ),
             settings(),
             epoch,
             0,

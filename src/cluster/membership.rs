@@ -13,7 +13,7 @@
 //! counted and ignored rather than joined. The rest is foca's message, in
 //! its postcard encoding, with every node name checked.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU8, NonZeroUsize};
 use std::time::Duration;
@@ -24,7 +24,7 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use thiserror::Error;
 
-use super::node::Node;
+use super::node::{Node, NodeName};
 
 /// Largest membership datagram, envelope included, in bytes: below an
 /// Ethernet MTU, so no datagram is fragmented.
@@ -75,6 +75,16 @@ pub enum MemberEvent {
     /// The others had declared this node down; it rejoined as the given
     /// (renewed) identity.
     Rejoined(Node),
+    /// A node came up with the node id of another at another address
+    /// (`known`: the one kept; None: this node) and no newer incarnation:
+    /// two nodes were given one id. It is ignored (no `Up`) for as long
+    /// as it stays up.
+    Duplicate {
+        /// The node ignored.
+        node: Node,
+        /// The node whose id it has; None: this one.
+        known: Option<Node>,
+    },
 }
 
 /// What became of datagrams that were not used, by reason.
@@ -92,6 +102,9 @@ pub struct MembershipCounters {
     pub refused_cluster: u64,
     /// Ours, but malformed: too long, undecodable, a bad node name.
     pub refused_malformed: u64,
+    /// Nodes ignored for having the node id of another
+    /// ([`MemberEvent::Duplicate`]).
+    pub duplicates: u64,
 }
 
 /// Why a datagram was not used (the counters say how many).
@@ -135,6 +148,16 @@ pub struct Membership {
     transmits: VecDeque<Transmit>,
     events: VecDeque<MemberEvent>,
     counters: MembershipCounters,
+    /// The run reported up for each node id, and the runs ignored for
+    /// having the id of another.
+    names: Names,
+}
+
+/// Which run of each node id is the one reported up.
+#[derive(Default)]
+struct Names {
+    up: HashMap<NodeName, Node>,
+    ignored: HashSet<Node>,
 }
 
 impl Membership {
@@ -181,6 +204,7 @@ impl Membership {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             counters: MembershipCounters::default(),
+            names: Names::default(),
         }
     }
 
@@ -344,8 +368,10 @@ impl Membership {
             transmits,
             events,
             counters,
+            names,
             ..
         } = self;
+        let me = swim.identity().name.clone();
         Io {
             swim,
             rt: Rt {
@@ -356,6 +382,8 @@ impl Membership {
                 transmits,
                 events,
                 counters,
+                names,
+                me,
             },
         }
     }
@@ -376,17 +404,80 @@ struct Rt<'a> {
     transmits: &'a mut VecDeque<Transmit>,
     events: &'a mut VecDeque<MemberEvent>,
     counters: &'a mut MembershipCounters,
+    names: &'a mut Names,
+    /// This node's id.
+    me: NodeName,
+}
+
+impl Rt<'_> {
+    /// What node `n` coming up means: up, a newer run (at another
+    /// address) of a node known up, or a second node with one id.
+    fn member_up(&mut self, n: &Node) -> MemberEvent {
+        if n.name == self.me {
+            self.counters.duplicates += 1;
+            self.names.ignored.insert(n.clone());
+            return MemberEvent::Duplicate {
+                node: n.clone(),
+                known: None,
+            };
+        }
+        match self.names.up.get(&n.name) {
+            Some(k) if k.addr != n.addr && n.incarnation <= k.incarnation => {
+                self.counters.duplicates += 1;
+                self.names.ignored.insert(n.clone());
+                MemberEvent::Duplicate {
+                    node: n.clone(),
+                    known: Some(k.clone()),
+                }
+            }
+            Some(k) if k.addr != n.addr => {
+                // Restarted at another address before its old run was
+                // declared down.
+                let old = k.clone();
+                self.names.up.insert(n.name.clone(), n.clone());
+                MemberEvent::Replaced {
+                    old,
+                    new: n.clone(),
+                }
+            }
+            _ => {
+                self.names.up.insert(n.name.clone(), n.clone());
+                MemberEvent::Up(n.clone())
+            }
+        }
+    }
 }
 
 impl foca::Runtime<Node> for Rt<'_> {
     fn notify(&mut self, n: Notification<'_, Node>) {
         let event = match n {
-            Notification::MemberUp(n) => MemberEvent::Up(n.clone()),
-            Notification::MemberDown(n) => MemberEvent::Down(n.clone()),
-            Notification::Rename(old, new) => MemberEvent::Replaced {
-                old: old.clone(),
-                new: new.clone(),
-            },
+            Notification::MemberUp(n) => self.member_up(n),
+            Notification::MemberDown(n) => {
+                if self.names.ignored.remove(n) {
+                    return;
+                }
+                if self.names.up.get(&n.name) == Some(n) {
+                    self.names.up.remove(&n.name);
+                }
+                MemberEvent::Down(n.clone())
+            }
+            Notification::Rename(old, new) => {
+                if self.names.up.get(&old.name) == Some(old) {
+                    self.names.up.remove(&old.name);
+                }
+                self.names.ignored.remove(old);
+                match self.member_up(new) {
+                    MemberEvent::Up(_) => MemberEvent::Replaced {
+                        old: old.clone(),
+                        new: new.clone(),
+                    },
+                    // Its old run goes; the new one is someone else's id.
+                    duplicate => {
+                        self.events.push_back(MemberEvent::Down(old.clone()));
+                        duplicate
+                    }
+                }
+            }
             Notification::Active => MemberEvent::Joined,
             Notification::Idle => MemberEvent::Alone,
             Notification::Rejoin(me) => MemberEvent::Rejoined(me.clone()),
@@ -470,7 +561,6 @@ impl Codec<Node> for Wire {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::node::NodeName;
 
     fn settings(name: &str) -> MembershipSettings {
         MembershipSettings {
@@ -532,6 +622,65 @@ mod tests {
         assert!(
             up.contains(&MemberEvent::Up(nodes[1].me().clone())),
             "{up:?}"
+        );
+    }
+
+    /// Node b and a second node given the id "b" (another address, the
+    /// same incarnation), then one given a's own id: a keeps the first b,
+    /// ignores the others with an event each, and a later run of b at a
+    /// new address replaces the first.
+    #[test]
+    fn a_second_node_with_an_id_in_use_is_ignored() {
+        let a = node("a", 1);
+        let mut nodes = vec![
+            Membership::new(a.clone(), &[], &settings("c"), 1),
+            Membership::new(node("b", 2), &[a.addr], &settings("c"), 2),
+        ];
+        nodes[1].start(0);
+        exchange(&mut nodes, 0);
+        let b = nodes[1].me().clone();
+        nodes.push(Membership::new(node("b", 3), &[a.addr], &settings("c"), 3));
+        nodes[2].start(0);
+        exchange(&mut nodes, 0);
+        nodes.push(Membership::new(node("a", 4), &[a.addr], &settings("c"), 4));
+        nodes[3].start(0);
+        exchange(&mut nodes, 0);
+        let events: Vec<_> = std::iter::from_fn(|| nodes[0].poll_event()).collect();
+        let ups: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                MemberEvent::Up(n) => Some(n.addr.port()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ups, [2], "{events:?}");
+        assert!(events.contains(&MemberEvent::Duplicate {
+            node: nodes[2].me().clone(),
+            known: Some(b.clone()),
+        }));
+        assert!(events.contains(&MemberEvent::Duplicate {
+            node: nodes[3].me().clone(),
+            known: None,
+        }));
+        assert_eq!(nodes[0].counters().duplicates, 2);
+        // b restarted at port 5 (incarnation 2): it replaces port 2.
+        let mut restarted = node("b", 5);
+        restarted.incarnation = 2;
+        nodes.push(Membership::new(
+            restarted.clone(),
+            &[a.addr],
+            &settings("c"),
+            5,
+        ));
+        nodes[4].start(0);
+        exchange(&mut nodes, 0);
+        let events: Vec<_> = std::iter::from_fn(|| nodes[0].poll_event()).collect();
+        assert!(
+            events.contains(&MemberEvent::Replaced {
+                old: b,
+                new: nodes[4].me().clone()
+            }),
+            "{events:?}"
         );
     }
 

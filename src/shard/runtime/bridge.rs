@@ -485,7 +485,7 @@ impl Bridge {
         let session = match outbound {
             Some((_, node)) => LinkSession::dialed(
                 self.me.clone(),
-                (node.name.clone(), node.incarnation),
+                (node.name.clone(), node.incarnation, node.addr),
                 self.settings.clone(),
                 self.epoch,
                 now,
@@ -614,6 +614,8 @@ impl Bridge {
         let peers = self.peers.borrow();
         let index = peers
             .index_of(h.node.as_str(), h.incarnation)
+            // The node membership knows by that id, not another given it.
+            .filter(|&i| peers.node(i).is_some_and(|n| n.addr == h.addr))
             // Its shard count as its membership says: a peer cannot make
             // room for more tables (of wills) than it has shards.
             .filter(|&i| peers.node(i).is_some_and(|n| n.shards == h.shards));

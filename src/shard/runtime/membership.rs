@@ -116,7 +116,10 @@ impl State {
                         peers.up(new, &mut told);
                     }
                 }
-                MemberEvent::Joined | MemberEvent::Alone | MemberEvent::Rejoined(_) => {}
+                MemberEvent::Joined
+                | MemberEvent::Alone
+                | MemberEvent::Rejoined(_)
+                | MemberEvent::Duplicate { .. } => {}
             }
         }
         if !told.is_empty() {
@@ -258,6 +261,22 @@ fn log_event(m: &Membership, e: &MemberEvent) {
         MemberEvent::Alone => log::warn!("cluster: no peer is up"),
         MemberEvent::Rejoined(me) => {
             log::warn!("cluster: the other nodes had declared this node down; rejoined as {me}")
+        }
+        MemberEvent::Duplicate { node, known } => {
+            let whose = match known {
+                None => "this node's own".to_string(),
+                Some(k) => format!(
+                    "that of the node at {} (incarnation {})",
+                    k.addr, k.incarnation
+                ),
+            };
+            log::error!(
+                "cluster: node {} at {} (incarnation {}) has a node id in use, {whose}: it is \
+                 ignored; give every node its own --node-id (cluster.node_id)",
+                quote(node.name.as_str()),
+                node.addr,
+                node.incarnation
+            )
         }
     }
 }
