@@ -2,13 +2,17 @@
 # Broker CPU per delivered message across two cluster nodes against one
 # node, interleaved (single, cluster, single, cluster, ...) so that a drift
 # of the machine's speed hits both alike. Single: one broker of 2 shards,
-# publishers and subscribers on it. Cluster: nodes a and b of 2 shards
-# each, publishers on a, subscribers on b, the CPU time of both nodes
+# publishers and subscribers on it. Cluster: nodes a and b (NODE_SHARDS
+# each), publishers on a, subscribers on b, the CPU time of both nodes
 # counted. 100 pairs, closed loop, MQTT 3.1.1, 64-byte payloads, the default
 # (kill_safe) log on a fresh data directory each run. Prints each round and
 # the median ratio cluster / single (the cluster issue's bound: 1.5).
 #
-#   loadtest/cluster-bench.sh [SHARDMQ] [ROUNDS]
+#   [NODE_SHARDS=1] loadtest/cluster-bench.sh [SHARDMQ] [ROUNDS]
+#
+# NODE_SHARDS (default 2) sets the shards of each cluster node: with 1,
+# the two nodes run as many shard threads as the single broker (on a
+# 2-core machine, 4 busy threads compete for 2 cores).
 #
 # Each bench run is bounded (--duration, --drain, timeout 60); the script
 # takes about 25 s per row and round.
@@ -19,6 +23,7 @@ ROUNDS=${2:-4}
 BENCH=${BENCH:-target/release/shardmq-bench}
 PORT=${PORT:-28990}
 CPORT=${CPORT:-28950}
+NODE_SHARDS=${NODE_SHARDS:-2}
 WORK=$(mktemp -d /tmp/shardmq-cluster-bench.XXXXXX)
 COMMON="-V 4 -s 64 --warmup 1 --duration 6 --drain 2 --quiet"
 ROWS=(
@@ -32,13 +37,13 @@ ROWS=(
 cpu_per_msg() { sed -n 's/^  "broker_cpu_us_per_msg": \(.*\),$/\1/p' "$1"; }
 delivered() { sed -n 's/^  "delivered": \(.*\),$/\1/p' "$1"; }
 
-# start NAME CLIENT_PORT [NODE_ARGS...]: a broker in the background; its pid
-# in $pid.
+# start NAME CLIENT_PORT SHARDS [NODE_ARGS...]: a broker in the background;
+# its pid in $pid.
 start() {
-  local name=$1 port=$2
-  shift 2
+  local name=$1 port=$2 shards=$3
+  shift 3
   rm -rf "$WORK/$name"
-  "$BIN" --listen "127.0.0.1:$port" --http 127.0.0.1:0 --shards 2 \
+  "$BIN" --listen "127.0.0.1:$port" --http 127.0.0.1:0 --shards "$shards" \
     --data-dir "$WORK/$name" "$@" >"$WORK/$name.log" 2>&1 &
   pid=$!
   for _ in $(seq 100); do grep -q "listening on" "$WORK/$name.log" && break; sleep 0.1; done
@@ -55,7 +60,7 @@ for round in $(seq "$ROUNDS"); do
     name=${row%%|*}
     args=${row#*|}
     # Single node.
-    start single "$PORT"
+    start single "$PORT" 2
     single=$pid
     # shellcheck disable=SC2086
     timeout 60 "$BENCH" $args -h 127.0.0.1 -p "$PORT" --broker-pid "$single" \
@@ -64,12 +69,12 @@ for round in $(seq "$ROUNDS"); do
     wait "$single" || true
     sleep 1
     # Two nodes: publishers on a, subscribers on b.
-    start a "$PORT" --node-id a --cluster-listen "127.0.0.1:$CPORT"
+    start a "$PORT" "$NODE_SHARDS" --node-id a --cluster-listen "127.0.0.1:$CPORT"
     a=$pid
-    start b "$((PORT + 1))" --node-id b --cluster-listen "127.0.0.1:$((CPORT + 10))" \
+    start b "$((PORT + 1))" "$NODE_SHARDS" --node-id b --cluster-listen "127.0.0.1:$((CPORT + 10))" \
       --join "127.0.0.1:$CPORT"
     b=$pid
-    for shard in 0 1; do
+    for shard in $(seq 0 $((NODE_SHARDS - 1))); do
       wait_for a "shard $shard: link to node \"b\" (its shard $shard) is up"
       wait_for b "shard $shard: link to node \"a\" (its shard $shard) is up"
     done

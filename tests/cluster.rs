@@ -184,10 +184,10 @@ fn three_nodes_join_in_any_order_and_a_killed_node_is_declared_down_and_comes_ba
         hello.extend_from_slice(&envelope("shardmq")[4..8]);
         hello.extend_from_slice(&[0, 1, b'x']);
         hello.extend_from_slice(&1u64.to_be_bytes());
+        hello.extend_from_slice(&[0, 0, 0, 1]);
         let addr = b"127.0.0.1:1";
         hello.extend_from_slice(&(addr.len() as u16).to_be_bytes());
         hello.extend_from_slice(addr);
-        hello.extend_from_slice(&[0, 0, 0, 1]);
         let mut frame = (hello.len() as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(&hello);
         stranger.write_all(&frame).unwrap();
@@ -306,19 +306,24 @@ async fn a_second_node_with_a_node_id_in_use_is_ignored_with_a_clear_line() {
     let dir = temp_dir("cluster-duplicate");
     let a = node("a", &dir, 0, &[]);
     let pa = membership_port(&a);
-    let b = node("b", &dir, 0, &[pa]);
+    // b below the kernel's ephemeral ports, the twin in them: equal
+    // incarnations, so every node keeps the lower address, b's.
+    let b = node("b", &dir, free_udp_port(), &[pa]);
     for n in [&a, &b] {
         wait_log(n, "1 peers up", 30);
     }
     let pb = membership_port(&b);
     let twin = node("b", &dir.join("twin"), 0, &[pa]);
     let pt = membership_port(&twin);
+    assert!(pb < pt);
     let line = format!(
-        "cluster: node \"b\" at 127.0.0.1:{pt} (incarnation 1) has a node id in use, that \
-         of the node at 127.0.0.1:{pb} (incarnation 1): it is ignored"
+        "cluster: two nodes have node id \"b\": the one at 127.0.0.1:{pb} (incarnation 1) \
+         is kept, the one at 127.0.0.1:{pt} (incarnation 1) is ignored"
     );
     wait_log(&a, &line, 30);
-    wait_log(&twin, "has a node id in use, this node's own", 30);
+    for n in [&b, &twin] {
+        wait_log(n, "has this node's own id: it is ignored", 30);
+    }
     let (status, view) = get_json(a.http_addr(), "/api/v1/cluster");
     assert_eq!(status, 200);
     let nodes = view["nodes"].as_array().unwrap();

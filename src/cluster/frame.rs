@@ -276,9 +276,11 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u32(h.cluster_tag);
             put_str(out, h.node.as_str());
             out.put_u64(h.incarnation);
-            put_str(out, &h.addr.to_string());
             out.put_u16(h.shard);
             out.put_u16(h.shards);
+            // Last, so that a node of version 1 reads the version first and
+            // refuses it as such.
+            put_str(out, &h.addr.to_string());
         }
         Frame::Refuse { reason, text } => {
             out.put_u8(kind::REFUSE);
@@ -411,17 +413,33 @@ pub fn decode(
 fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
     let k = u8_(b)?;
     Ok(match k {
-        kind::HELLO => Frame::Hello(Hello {
-            version: u16_(b)?,
-            cluster_tag: u32_(b)?,
-            node: NodeName::new(&string(b)?).map_err(|_| FrameError::Malformed("node name"))?,
-            incarnation: u64_(b)?,
-            addr: string(b)?
-                .parse()
-                .map_err(|_| FrameError::Malformed("node address"))?,
-            shard: u16_(b)?,
-            shards: u16_(b)?,
-        }),
+        kind::HELLO => {
+            let version = u16_(b)?;
+            let cluster_tag = u32_(b)?;
+            let node =
+                NodeName::new(&string(b)?).map_err(|_| FrameError::Malformed("node name"))?;
+            let (incarnation, shard, shards) = (u64_(b)?, u16_(b)?, u16_(b)?);
+            // Another version's Hello is read this far, so the link can
+            // refuse it by its version.
+            let addr = match version {
+                BRIDGE_VERSION => string(b)?
+                    .parse()
+                    .map_err(|_| FrameError::Malformed("node address"))?,
+                _ => {
+                    b.clear();
+                    SocketAddr::from(([0, 0, 0, 0], 0))
+                }
+            };
+            Frame::Hello(Hello {
+                version,
+                cluster_tag,
+                node,
+                incarnation,
+                addr,
+                shard,
+                shards,
+            })
+        }
         kind::REFUSE => Frame::Refuse {
             reason: match u8_(b)? {
                 1 => RefuseReason::Version,

@@ -235,7 +235,8 @@ impl LinkSession {
             return refuse(self, RefuseReason::Other, "a link to itself".into());
         }
         if let Some((name, incarnation, addr)) = &self.expect {
-            if &h.node != name || h.incarnation != *incarnation || h.addr != *addr {
+            let same_addr = (h.addr.ip(), h.addr.port()) == (addr.ip(), addr.port());
+            if &h.node != name || h.incarnation != *incarnation || !same_addr {
                 let text = format!(
                     "dialed {name} incarnation {incarnation} at {addr}, reached {} incarnation {} \
                      at {}",

@@ -13,7 +13,7 @@
 //! counted and ignored rather than joined. The rest is foca's message, in
 //! its postcard encoding, with every node name checked.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU8, NonZeroUsize};
 use std::time::Duration;
@@ -75,10 +75,12 @@ pub enum MemberEvent {
     /// The others had declared this node down; it rejoined as the given
     /// (renewed) identity.
     Rejoined(Node),
-    /// A node came up with the node id of another at another address
-    /// (`known`: the one kept; None: this node) and no newer incarnation:
-    /// two nodes were given one id. It is ignored (no `Up`) for as long
-    /// as it stays up.
+    /// Two live runs have one node id at two addresses: two nodes were
+    /// given one id, or a node moved to another address and its earlier
+    /// run is not declared down yet. Every node keeps the same one (the
+    /// newer incarnation and rejoin; for equal ones the lower address) and
+    /// ignores the other (no `Up`) while it stays up; a run with this
+    /// node's own id is always ignored.
     Duplicate {
         /// The node ignored.
         node: Node,
@@ -148,16 +150,24 @@ pub struct Membership {
     transmits: VecDeque<Transmit>,
     events: VecDeque<MemberEvent>,
     counters: MembershipCounters,
-    /// The run reported up for each node id, and the runs ignored for
-    /// having the id of another.
-    names: Names,
+    /// The run reported up for each node id (foca's live members, one run
+    /// kept per id), and the live runs ignored for having the id of
+    /// another; events are what changes here after each call into foca.
+    up: BTreeMap<NodeName, Node>,
+    ignored: Vec<Node>,
+    /// The last run kept of each node id, up or not: a new run of it is
+    /// a `Replaced` (a restart), not a first `Up`.
+    last: BTreeMap<NodeName, Node>,
+    /// foca said its members changed since the last reconcile.
+    members_changed: bool,
 }
 
-/// Which run of each node id is the one reported up.
-#[derive(Default)]
-struct Names {
-    up: HashMap<NodeName, Node>,
-    ignored: HashSet<Node>,
+/// Of two live runs with one node id, whether `a` is kept over `b`: the
+/// newer (incarnation, rejoin), then the lower address, the same choice
+/// on every node.
+fn kept_over(a: &Node, b: &Node) -> bool {
+    (a.incarnation, a.rejoin, std::cmp::Reverse(a.addr))
+        > (b.incarnation, b.rejoin, std::cmp::Reverse(b.addr))
 }
 
 impl Membership {
@@ -204,7 +214,10 @@ impl Membership {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             counters: MembershipCounters::default(),
-            names: Names::default(),
+            up: BTreeMap::new(),
+            ignored: Vec::new(),
+            last: BTreeMap::new(),
+            members_changed: false,
         }
     }
 
@@ -213,14 +226,78 @@ impl Membership {
         self.swim.identity()
     }
 
-    /// The live peers.
+    /// The live peers (one run per node id: see
+    /// [`MemberEvent::Duplicate`]).
     pub fn members(&self) -> impl Iterator<Item = &Node> {
-        self.swim.iter_members().map(Member::id)
+        self.up.values()
     }
 
     /// How many peers are live.
     pub fn live_peers(&self) -> usize {
-        self.swim.num_members()
+        self.up.len()
+    }
+
+    /// After a call into foca: the events of what changed among its live
+    /// members, one run kept per node id.
+    fn reconcile(&mut self) {
+        if !std::mem::take(&mut self.members_changed) {
+            return;
+        }
+        let me = self.swim.identity().name.clone();
+        let mut best: BTreeMap<NodeName, Node> = BTreeMap::new();
+        let live: Vec<Node> = self.swim.iter_members().map(|m| m.id().clone()).collect();
+        for n in &live {
+            if n.name == me || n.name.is_unknown() {
+                continue;
+            }
+            match best.get(&n.name) {
+                Some(b) if !kept_over(n, b) => {}
+                _ => {
+                    best.insert(n.name.clone(), n.clone());
+                }
+            }
+        }
+        for (name, old) in &self.up {
+            match best.get(name) {
+                None => self.events.push_back(MemberEvent::Down(old.clone())),
+                Some(new) if new != old => self.events.push_back(MemberEvent::Replaced {
+                    old: old.clone(),
+                    new: new.clone(),
+                }),
+                Some(_) => {}
+            }
+        }
+        for (name, new) in &best {
+            if self.up.contains_key(name) {
+                continue;
+            }
+            let event = match self.last.insert(name.clone(), new.clone()) {
+                Some(old) if old != *new => MemberEvent::Replaced {
+                    old,
+                    new: new.clone(),
+                },
+                _ => MemberEvent::Up(new.clone()),
+            };
+            self.events.push_back(event);
+        }
+        for (name, new) in &best {
+            self.last.insert(name.clone(), new.clone());
+        }
+        let ignored: Vec<Node> = live
+            .into_iter()
+            .filter(|n| !n.name.is_unknown() && best.get(&n.name) != Some(n))
+            .collect();
+        for n in &ignored {
+            if !self.ignored.contains(n) {
+                self.counters.duplicates += 1;
+                self.events.push_back(MemberEvent::Duplicate {
+                    node: n.clone(),
+                    known: best.get(&n.name).cloned(),
+                });
+            }
+        }
+        self.ignored = ignored;
+        self.up = best;
     }
 
     /// The counters.
@@ -232,6 +309,7 @@ impl Membership {
     /// `join_interval` to those where no live peer is known.
     pub fn start(&mut self, now_ms: u64) {
         self.announce_to_join(now_ms);
+        self.reconcile();
     }
 
     /// Tell the peers this node leaves (an orderly stop), so they do not
@@ -256,7 +334,9 @@ impl Membership {
             return Err(r);
         }
         let mut io = self.io(now_ms);
-        match io.swim.handle_data(&data[ENVELOPE_BYTES..], &mut io.rt) {
+        let handled = io.swim.handle_data(&data[ENVELOPE_BYTES..], &mut io.rt);
+        self.reconcile();
+        match handled {
             Ok(()) => Ok(()),
             // A datagram of ours that came back (a join address that is
             // this node under another name): not an attack, not counted.
@@ -285,6 +365,7 @@ impl Membership {
         if now_ms >= self.next_join_ms {
             self.announce_to_join(now_ms);
         }
+        self.reconcile();
     }
 
     /// When [`Membership::handle_timeout`] is next due.
@@ -368,10 +449,9 @@ impl Membership {
             transmits,
             events,
             counters,
-            names,
+            members_changed,
             ..
         } = self;
-        let me = swim.identity().name.clone();
         Io {
             swim,
             rt: Rt {
@@ -382,8 +462,7 @@ impl Membership {
                 transmits,
                 events,
                 counters,
-                names,
-                me,
+                members_changed,
             },
         }
     }
@@ -404,79 +483,17 @@ struct Rt<'a> {
     transmits: &'a mut VecDeque<Transmit>,
     events: &'a mut VecDeque<MemberEvent>,
     counters: &'a mut MembershipCounters,
-    names: &'a mut Names,
-    /// This node's id.
-    me: NodeName,
-}
-
-impl Rt<'_> {
-    /// What node `n` coming up means: up, a newer run (at another
-    /// address) of a node known up, or a second node with one id.
-    fn member_up(&mut self, n: &Node) -> MemberEvent {
-        if n.name == self.me {
-            self.counters.duplicates += 1;
-            self.names.ignored.insert(n.clone());
-            return MemberEvent::Duplicate {
-                node: n.clone(),
-                known: None,
-            };
-        }
-        match self.names.up.get(&n.name) {
-            Some(k) if k.addr != n.addr && n.incarnation <= k.incarnation => {
-                self.counters.duplicates += 1;
-                self.names.ignored.insert(n.clone());
-                MemberEvent::Duplicate {
-                    node: n.clone(),
-                    known: Some(k.clone()),
-                }
-            }
-            Some(k) if k.addr != n.addr => {
-                // Restarted at another address before its old run was
-                // declared down.
-                let old = k.clone();
-                self.names.up.insert(n.name.clone(), n.clone());
-                MemberEvent::Replaced {
-                    old,
-                    new: n.clone(),
-                }
-            }
-            _ => {
-                self.names.up.insert(n.name.clone(), n.clone());
-                MemberEvent::Up(n.clone())
-            }
-        }
-    }
+    members_changed: &'a mut bool,
 }
 
 impl foca::Runtime<Node> for Rt<'_> {
     fn notify(&mut self, n: Notification<'_, Node>) {
         let event = match n {
-            Notification::MemberUp(n) => self.member_up(n),
-            Notification::MemberDown(n) => {
-                if self.names.ignored.remove(n) {
-                    return;
-                }
-                if self.names.up.get(&n.name) == Some(n) {
-                    self.names.up.remove(&n.name);
-                }
-                MemberEvent::Down(n.clone())
-            }
-            Notification::Rename(old, new) => {
-                if self.names.up.get(&old.name) == Some(old) {
-                    self.names.up.remove(&old.name);
-                }
-                self.names.ignored.remove(old);
-                match self.member_up(new) {
-                    MemberEvent::Up(_) => MemberEvent::Replaced {
-                        old: old.clone(),
-                        new: new.clone(),
-                    },
-                    // Its old run goes; the new one is someone else's id.
-                    duplicate => {
-                        self.events.push_back(MemberEvent::Down(old.clone()));
-                        duplicate
-                    }
-                }
+            // Members: what changed is worked out once foca is done
+            // (`Membership::reconcile`).
+            Notification::MemberUp(_) | Notification::MemberDown(_) | Notification::Rename(..) => {
+                *self.members_changed = true;
+                return;
             }
             Notification::Active => MemberEvent::Joined,
             Notification::Idle => MemberEvent::Alone,

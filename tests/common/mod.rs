@@ -106,6 +106,16 @@ impl Raw {
         Self::try_open(addr, version).expect("connect")
     }
 
+    /// A client on a stream already connected.
+    pub fn from_stream(stream: TcpStream, version: Version) -> Raw {
+        stream.set_nodelay(true).unwrap();
+        Raw {
+            stream,
+            version,
+            buf: BytesMut::new(),
+        }
+    }
+
     /// As `open`, but a broker that is not there is an error.
     pub fn try_open(addr: SocketAddr, version: Version) -> std::io::Result<Raw> {
         let stream = TcpStream::connect(addr)?;

@@ -615,7 +615,11 @@ impl Bridge {
         let index = peers
             .index_of(h.node.as_str(), h.incarnation)
             // The node membership knows by that id, not another given it.
-            .filter(|&i| peers.node(i).is_some_and(|n| n.addr == h.addr))
+            .filter(|&i| {
+                peers
+                    .node(i)
+                    .is_some_and(|n| (n.addr.ip(), n.addr.port()) == (h.addr.ip(), h.addr.port()))
+            })
             // Its shard count as its membership says: a peer cannot make
             // room for more tables (of wills) than it has shards.
             .filter(|&i| peers.node(i).is_some_and(|n| n.shards == h.shards));

@@ -262,21 +262,26 @@ fn log_event(m: &Membership, e: &MemberEvent) {
         MemberEvent::Rejoined(me) => {
             log::warn!("cluster: the other nodes had declared this node down; rejoined as {me}")
         }
-        MemberEvent::Duplicate { node, known } => {
-            let whose = match known {
-                None => "this node's own".to_string(),
-                Some(k) => format!(
-                    "that of the node at {} (incarnation {})",
-                    k.addr, k.incarnation
-                ),
-            };
-            log::error!(
-                "cluster: node {} at {} (incarnation {}) has a node id in use, {whose}: it is \
-                 ignored; give every node its own --node-id (cluster.node_id)",
-                quote(node.name.as_str()),
-                node.addr,
-                node.incarnation
-            )
-        }
+        MemberEvent::Duplicate { node, known: None } => log::error!(
+            "cluster: node {} at {} (incarnation {}) has this node's own id: it is ignored; \
+             give every node its own --node-id (cluster.node_id)",
+            quote(node.name.as_str()),
+            node.addr,
+            node.incarnation
+        ),
+        MemberEvent::Duplicate {
+            node,
+            known: Some(k),
+        } => log::error!(
+            "cluster: two nodes have node id {}: the one at {} (incarnation {}) is kept, the \
+             one at {} (incarnation {}) is ignored; if that is an earlier run of a node that \
+             moved, it is declared down shortly, else give every node its own --node-id \
+             (cluster.node_id)",
+            quote(node.name.as_str()),
+            k.addr,
+            k.incarnation,
+            node.addr,
+            node.incarnation
+        ),
     }
 }
