@@ -278,8 +278,8 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u64(h.incarnation);
             out.put_u16(h.shard);
             out.put_u16(h.shards);
-            // Last, so that a node of version 1 reads the version first and
-            // refuses it as such.
+            // (A node of version 1 reads its six fields and finds bytes
+            // left over: it logs a malformed frame, not the version.)
             put_str(out, &h.addr.to_string());
         }
         Frame::Refuse { reason, text } => {
@@ -415,21 +415,27 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
     Ok(match k {
         kind::HELLO => {
             let version = u16_(b)?;
+            if version != BRIDGE_VERSION {
+                // Another version's Hello: its layout is not ours, and
+                // the link refuses it by its version alone.
+                b.clear();
+                return Ok(Frame::Hello(Hello {
+                    version,
+                    cluster_tag: 0,
+                    node: NodeName::unknown(),
+                    incarnation: 0,
+                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                    shard: 0,
+                    shards: 0,
+                }));
+            }
             let cluster_tag = u32_(b)?;
             let node =
                 NodeName::new(&string(b)?).map_err(|_| FrameError::Malformed("node name"))?;
             let (incarnation, shard, shards) = (u64_(b)?, u16_(b)?, u16_(b)?);
-            // Another version's Hello is read this far, so the link can
-            // refuse it by its version.
-            let addr = match version {
-                BRIDGE_VERSION => string(b)?
-                    .parse()
-                    .map_err(|_| FrameError::Malformed("node address"))?,
-                _ => {
-                    b.clear();
-                    SocketAddr::from(([0, 0, 0, 0], 0))
-                }
-            };
+            let addr = string(b)?
+                .parse()
+                .map_err(|_| FrameError::Malformed("node address"))?;
             Frame::Hello(Hello {
                 version,
                 cluster_tag,

@@ -155,12 +155,22 @@ pub struct Membership {
     /// another; events are what changes here after each call into foca.
     up: BTreeMap<NodeName, Node>,
     ignored: Vec<Node>,
-    /// The last run kept of each node id, up or not: a new run of it is
-    /// a `Replaced` (a restart), not a first `Up`.
-    last: BTreeMap<NodeName, Node>,
+    /// The last run kept of each node id, up or not, and since when it is
+    /// down: a new run of it is a `Replaced` (a restart), not a first
+    /// `Up`, and an older run is ignored until [`STALE_RUN_MS`] after it
+    /// went down.
+    last: BTreeMap<NodeName, (Node, Option<u64>)>,
     /// foca said its members changed since the last reconcile.
     members_changed: bool,
+    /// Joined, Alone and Rejoined, held until the member events of the
+    /// same step are out (so they come in the order they happened).
+    notes: VecDeque<MemberEvent>,
 }
+
+/// How long after a node id's latest run went down an older run of it
+/// (one that moved away and is not declared down yet, or a node whose
+/// data directory was wiped) stays ignored, in ms.
+pub const STALE_RUN_MS: u64 = 60_000;
 
 /// Of two live runs with one node id, whether `a` is kept over `b`: the
 /// newer (incarnation, rejoin), then the lower address, the same choice
@@ -218,6 +228,7 @@ impl Membership {
             ignored: Vec::new(),
             last: BTreeMap::new(),
             members_changed: false,
+            notes: VecDeque::new(),
         }
     }
 
@@ -237,17 +248,30 @@ impl Membership {
         self.up.len()
     }
 
-    /// After a call into foca: the events of what changed among its live
-    /// members, one run kept per node id.
-    fn reconcile(&mut self) {
-        if !std::mem::take(&mut self.members_changed) {
-            return;
+    /// After a call into foca at `now_ms`: the events of what changed
+    /// among its live members (one run kept per node id), then its other
+    /// notes.
+    fn after_foca(&mut self, now_ms: u64) {
+        // An ignored run may be due to be taken (see `STALE_RUN_MS`).
+        if std::mem::take(&mut self.members_changed) || !self.ignored.is_empty() {
+            self.reconcile(now_ms);
         }
+        self.events.append(&mut self.notes);
+    }
+
+    fn reconcile(&mut self, now_ms: u64) {
         let me = self.swim.identity().name.clone();
+        let stale = |n: &Node| match self.last.get(&n.name) {
+            Some((l, down)) => {
+                (n.incarnation, n.rejoin) < (l.incarnation, l.rejoin)
+                    && down.is_none_or(|t| now_ms.saturating_sub(t) < STALE_RUN_MS)
+            }
+            None => false,
+        };
         let mut best: BTreeMap<NodeName, Node> = BTreeMap::new();
         let live: Vec<Node> = self.swim.iter_members().map(|m| m.id().clone()).collect();
         for n in &live {
-            if n.name == me || n.name.is_unknown() {
+            if n.name == me || n.name.is_unknown() || stale(n) {
                 continue;
             }
             match best.get(&n.name) {
@@ -259,7 +283,10 @@ impl Membership {
         }
         for (name, old) in &self.up {
             match best.get(name) {
-                None => self.events.push_back(MemberEvent::Down(old.clone())),
+                None => {
+                    self.events.push_back(MemberEvent::Down(old.clone()));
+                    self.last.insert(name.clone(), (old.clone(), Some(now_ms)));
+                }
                 Some(new) if new != old => self.events.push_back(MemberEvent::Replaced {
                     old: old.clone(),
                     new: new.clone(),
@@ -271,9 +298,9 @@ impl Membership {
             if self.up.contains_key(name) {
                 continue;
             }
-            let event = match self.last.insert(name.clone(), new.clone()) {
-                Some(old) if old != *new => MemberEvent::Replaced {
-                    old,
+            let event = match self.last.get(name) {
+                Some((old, _)) if old != new => MemberEvent::Replaced {
+                    old: old.clone(),
                     new: new.clone(),
                 },
                 _ => MemberEvent::Up(new.clone()),
@@ -281,7 +308,7 @@ impl Membership {
             self.events.push_back(event);
         }
         for (name, new) in &best {
-            self.last.insert(name.clone(), new.clone());
+            self.last.insert(name.clone(), (new.clone(), None));
         }
         let ignored: Vec<Node> = live
             .into_iter()
@@ -290,9 +317,16 @@ impl Membership {
         for n in &ignored {
             if !self.ignored.contains(n) {
                 self.counters.duplicates += 1;
+                let known = match n.name == me {
+                    true => None,
+                    false => best
+                        .get(&n.name)
+                        .or(self.last.get(&n.name).map(|l| &l.0))
+                        .cloned(),
+                };
                 self.events.push_back(MemberEvent::Duplicate {
                     node: n.clone(),
-                    known: best.get(&n.name).cloned(),
+                    known,
                 });
             }
         }
@@ -309,7 +343,7 @@ impl Membership {
     /// `join_interval` to those where no live peer is known.
     pub fn start(&mut self, now_ms: u64) {
         self.announce_to_join(now_ms);
-        self.reconcile();
+        self.after_foca(now_ms);
     }
 
     /// Tell the peers this node leaves (an orderly stop), so they do not
@@ -317,6 +351,7 @@ impl Membership {
     pub fn leave(&mut self, now_ms: u64) {
         let mut io = self.io(now_ms);
         let _ = io.swim.leave_cluster(&mut io.rt);
+        self.events.append(&mut self.notes);
     }
 
     /// A datagram read from `from`.
@@ -335,7 +370,7 @@ impl Membership {
         }
         let mut io = self.io(now_ms);
         let handled = io.swim.handle_data(&data[ENVELOPE_BYTES..], &mut io.rt);
-        self.reconcile();
+        self.after_foca(now_ms);
         match handled {
             Ok(()) => Ok(()),
             // A datagram of ours that came back (a join address that is
@@ -365,7 +400,7 @@ impl Membership {
         if now_ms >= self.next_join_ms {
             self.announce_to_join(now_ms);
         }
-        self.reconcile();
+        self.after_foca(now_ms);
     }
 
     /// When [`Membership::handle_timeout`] is next due.
@@ -447,7 +482,7 @@ impl Membership {
             timers,
             timer_seq,
             transmits,
-            events,
+            notes,
             counters,
             members_changed,
             ..
@@ -460,7 +495,7 @@ impl Membership {
                 timers,
                 timer_seq,
                 transmits,
-                events,
+                notes,
                 counters,
                 members_changed,
             },
@@ -481,7 +516,7 @@ struct Rt<'a> {
     timers: &'a mut BTreeMap<(u64, u64), Timer<Node>>,
     timer_seq: &'a mut u64,
     transmits: &'a mut VecDeque<Transmit>,
-    events: &'a mut VecDeque<MemberEvent>,
+    notes: &'a mut VecDeque<MemberEvent>,
     counters: &'a mut MembershipCounters,
     members_changed: &'a mut bool,
 }
@@ -502,7 +537,7 @@ impl foca::Runtime<Node> for Rt<'_> {
             // rejoins of one run.
             Notification::Defunct => return,
         };
-        self.events.push_back(event);
+        self.notes.push_back(event);
     }
 
     fn send_to(&mut self, to: Node, data: &[u8]) {
@@ -692,13 +727,21 @@ mod tests {
         nodes[4].start(0);
         exchange(&mut nodes, 0);
         let events: Vec<_> = std::iter::from_fn(|| nodes[0].poll_event()).collect();
+        let moved = nodes[4].me().clone();
         assert!(
             events.contains(&MemberEvent::Replaced {
-                old: b,
-                new: nodes[4].me().clone()
+                old: b.clone(),
+                new: moved.clone()
             }),
             "{events:?}"
         );
+        // The new run leaves: the old one, still live here, does not come
+        // back in its place (not within STALE_RUN_MS).
+        nodes[4].leave(0);
+        exchange(&mut nodes, 0);
+        let events: Vec<_> = std::iter::from_fn(|| nodes[0].poll_event()).collect();
+        assert_eq!(events, [MemberEvent::Down(moved)]);
+        assert!(nodes[0].members().all(|n| n.name.as_str() != "b"));
     }
 
     #[test]

@@ -239,18 +239,28 @@ fn log_event(m: &Membership, e: &MemberEvent) {
             n.addr,
             n.incarnation
         ),
-        MemberEvent::Replaced { old, new } if old.name != new.name => log::warn!(
-            "cluster: node {} now answers at {}, where node {} was",
-            quote(new.name.as_str()),
-            new.addr,
-            quote(old.name.as_str())
-        ),
+        MemberEvent::Replaced { old, new }
+            if old.rejoin == new.rejoin && old.incarnation == new.incarnation =>
+        {
+            log::warn!(
+                "cluster: node {} is now the one at {} (incarnation {}), not the one at {}: two \
+             nodes have that id",
+                quote(new.name.as_str()),
+                new.addr,
+                new.incarnation,
+                old.addr
+            )
+        }
         MemberEvent::Replaced { old, new } if old.incarnation != new.incarnation => log::info!(
-            "cluster: node {} at {} restarted (incarnation {} -> {})",
+            "cluster: node {} at {} restarted (incarnation {} -> {}){}",
             quote(new.name.as_str()),
             new.addr,
             old.incarnation,
-            new.incarnation
+            new.incarnation,
+            match old.addr == new.addr {
+                true => String::new(),
+                false => format!(", moved from {}", old.addr),
+            }
         ),
         MemberEvent::Replaced { new, .. } => log::info!(
             "cluster: node {} at {} rejoined after being declared down",
