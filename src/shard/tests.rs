@@ -691,6 +691,21 @@ fn the_wills_of_a_peer_whose_run_ended_are_published_here_only() {
     )
     .unwrap();
     assert_eq!(c.cluster_stats().peer_wills_held, 0);
+    // Unless run 7 was declared down by mistake and is up again (a
+    // rejoin): then its wills are held anew.
+    c.peer_run_up(3, 7);
+    c.peer_wills(
+        t1,
+        3,
+        7,
+        1,
+        &Frame::WillSet(Box::new(entry("back", b"back", 0))),
+    )
+    .unwrap();
+    assert_eq!(c.cluster_stats().peer_wills_held, 1);
+    c.peer_run_ended(t1, 3, 7);
+    let back = written(&c, &sub, Version::V3_1_1);
+    assert_eq!(back.len(), 1, "{back:?}");
 
     // Run 8 of node 3 sends a will; run 9's first snapshot ends run 8.
     c.peer_wills(

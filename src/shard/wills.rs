@@ -216,6 +216,20 @@ impl ShardCore {
         applied
     }
 
+    /// Run `incarnation` of peer `peer` is up: when it is a run already
+    /// held ended (declared down by mistake, it rejoined), its frames
+    /// count again (its wills went out when it was declared down; the ones
+    /// it has now are held anew).
+    pub fn peer_run_up(&self, peer: u16, incarnation: u64) {
+        let mut st = self.state.borrow_mut();
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        if r.wills.ended.get(&peer) == Some(&incarnation) {
+            r.wills.ended.remove(&peer);
+        }
+    }
+
     /// Run `incarnation` of peer `peer` ended without it (declared down,
     /// or replaced by a newer run): its wills held here go out after the
     /// delay each had left, to this node's subscribers.

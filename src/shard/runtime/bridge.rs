@@ -269,12 +269,16 @@ impl Bridge {
         match ev {
             PeerEvent::Up { index, node } => {
                 self.core.peer_named(index, node.name.as_str());
+                let incarnation_up = node.incarnation;
                 let replaced = self.peers.borrow_mut().up(index, node, self.now_ms());
                 if let Some(incarnation) = replaced.ended_run {
                     // Restarted before it was declared down: the old run
                     // ended all the same, and its wills go out.
                     self.core.peer_run_ended(Instant::now(), index, incarnation);
                 }
+                // A run that rejoined after being declared down: its will
+                // frames count again.
+                self.core.peer_run_up(index, incarnation_up);
                 self.count_dropped(replaced.dropped);
                 if let Some(id) = replaced.close {
                     self.close_outbound(id, "a newer run of the node is up");
