@@ -18,6 +18,8 @@
 # takes about 25 s per row and round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=loadtest/ratios.sh
+source loadtest/ratios.sh
 BIN=${1:-target/release/shardmq}
 ROUNDS=${2:-4}
 BENCH=${BENCH:-target/release/shardmq-bench}
@@ -93,10 +95,4 @@ for round in $(seq "$ROUNDS"); do
     echo "$name $ratio" >>"$WORK/ratios"
   done
 done
-for row in "${ROWS[@]}"; do
-  name=${row%%|*}
-  median=$(awk -v n="$name" '$1 == n { print $2 }' "$WORK/ratios" | sort -n |
-    awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
-  echo "$name: median cluster/single over $ROUNDS rounds = $median"
-done
-echo "(runs in $WORK)"
+medians cluster/single

@@ -39,16 +39,7 @@ fn free_udp_port() -> u16 {
 /// Wait (at most `secs`) until the broker's log holds `needle`; how long
 /// it took.
 fn wait_log(b: &ChildBroker, needle: &str, secs: u64) -> Duration {
-    let start = Instant::now();
-    while !b.log_text().contains(needle) {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "no {needle:?} in the log within {secs} s:\n{}",
-            b.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    start.elapsed()
+    wait_log_count(b, needle, 1, secs)
 }
 
 /// The membership port a node bound (from its start line).
@@ -62,22 +53,37 @@ fn membership_port(b: &ChildBroker) -> u16 {
 }
 
 fn node(name: &str, dir: &std::path::Path, port: u16, join: &[u16]) -> ChildBroker {
-    let data = dir.join(name);
-    let listen = format!("127.0.0.1:{port}");
     let join: Vec<String> = join.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let join = join.join(",");
-    ChildBroker::start(&[
-        "--shards",
-        "2",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--node-id",
-        name,
-        "--cluster-listen",
-        &listen,
-        "--join",
-        &join,
-    ])
+    let cluster = format!("127.0.0.1:{port}");
+    start_node(name, dir, "127.0.0.1:0", &cluster, &join.join(","))
+}
+
+/// Node `name` of 2 shards, its data under `dir`, clients on `listen`,
+/// membership on `cluster`, joining `join` (comma-separated).
+fn start_node(
+    name: &str,
+    dir: &std::path::Path,
+    listen: &str,
+    cluster: &str,
+    join: &str,
+) -> ChildBroker {
+    let data = dir.join(name);
+    ChildBroker::try_start_on(
+        listen,
+        &[
+            "--shards",
+            "2",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--node-id",
+            name,
+            "--cluster-listen",
+            cluster,
+            "--join",
+            join,
+        ],
+    )
+    .unwrap_or_else(|log| panic!("node {name} did not start:\n{log}"))
 }
 
 /// Start nodes a, b and c (2 shards each, b and c joining a) under `dir`
@@ -837,24 +843,13 @@ fn cut(x: &str, others: &[&str]) {
 /// Node `name` of 2 shards on loopback address `ip`: clients on port
 /// 1883, membership on 7946, bridge links on 7946-7947; joining `join`.
 fn node_on(name: &str, dir: &std::path::Path, ip: &str, join: &str) -> ChildBroker {
-    let data = dir.join(name);
-    let cluster = format!("{ip}:7946");
-    ChildBroker::try_start_on(
+    start_node(
+        name,
+        dir,
         &format!("{ip}:1883"),
-        &[
-            "--shards",
-            "2",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--node-id",
-            name,
-            "--cluster-listen",
-            &cluster,
-            "--join",
-            join,
-        ],
+        &format!("{ip}:7946"),
+        join,
     )
-    .unwrap_or_else(|log| panic!("node {name} did not start:\n{log}"))
 }
 
 /// Wait (at most `secs`) until `needle` is in the broker's log `n`

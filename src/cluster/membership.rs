@@ -653,8 +653,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn two_nodes_find_each_other_through_one_join_address() {
+    /// Nodes a (port 1) and b (port 2, joining through a), exchanged until
+    /// quiet.
+    fn a_and_b() -> Vec<Membership> {
         let a = node("a", 1);
         let mut nodes = vec![
             Membership::new(a.clone(), &[], &settings("c"), 1),
@@ -662,6 +663,12 @@ mod tests {
         ];
         nodes[1].start(0);
         exchange(&mut nodes, 0);
+        nodes
+    }
+
+    #[test]
+    fn two_nodes_find_each_other_through_one_join_address() {
+        let mut nodes = a_and_b();
         assert_eq!(
             nodes[0].members().next().map(|n| n.name.as_str()),
             Some("b")
@@ -683,13 +690,8 @@ mod tests {
     /// new address replaces the first.
     #[test]
     fn a_second_node_with_an_id_in_use_is_ignored() {
-        let a = node("a", 1);
-        let mut nodes = vec![
-            Membership::new(a.clone(), &[], &settings("c"), 1),
-            Membership::new(node("b", 2), &[a.addr], &settings("c"), 2),
-        ];
-        nodes[1].start(0);
-        exchange(&mut nodes, 0);
+        let mut nodes = a_and_b();
+        let a = nodes[0].me().clone();
         let b = nodes[1].me().clone();
         nodes.push(Membership::new(node("b", 3), &[a.addr], &settings("c"), 3));
         nodes[2].start(0);
