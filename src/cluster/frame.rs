@@ -1014,10 +1014,14 @@ mod tests {
         delta.extend_from_slice(b"a#b");
         assert!(bad(&delta).is_err());
         // A node name with a space.
-        let mut hello = vec![kind::HELLO, 0, 1, 0, 0, 0, 0, 0, 3];
+        let mut hello = vec![kind::HELLO, 0, 2, 0, 0, 0, 0, 0, 3];
         hello.extend_from_slice(b"a b");
         hello.extend_from_slice(&[0; 12]);
         assert!(bad(&hello).is_err());
+        // The same from another version is read as far as its version, for
+        // the link to refuse it by that.
+        hello[2] = 1;
+        assert!(matches!(bad(&hello), Ok(Some(Frame::Hello(h))) if h.version == 1));
         assert!(bad(&[]).is_err(), "empty");
     }
 
