@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# shardmq against FlashMQ, interleaved (shardmq, FlashMQ, shardmq, ...),
+# so that a drift of the machine's speed hits both alike: broker CPU µs per
+# delivered message on the closed-loop rows of the performance issue, MQTT
+# 3.1.1, 64-byte payloads, shardmq with 2 shards (its default kill_safe log
+# on a fresh data directory each run), FlashMQ with 2 threads. Prints each
+# round and the median ratio shardmq / FlashMQ per row (the issue's target:
+# at most 0.7).
+#
+#   FLASHMQ=/path/to/flashmq loadtest/head-to-head.sh [SHARDMQ] [ROUNDS]
+#
+# FlashMQ has no Debian package: build it from its source
+# (github.com/halfgaar/FlashMQ, tag v1.26.2) with g++, cmake and libssl-dev:
+#   cmake -S FlashMQ -B build -DCMAKE_BUILD_TYPE=Release && make -C build -j2
+# Without FLASHMQ (or if it is not executable) the script says so and stops.
+# Each bench run is bounded (--duration, --drain, timeout 60); about 20 s
+# per row and round.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=loadtest/ratios.sh
+source loadtest/ratios.sh
+SHARDMQ=${1:-target/release/shardmq}
+ROUNDS=${2:-3}
+BENCH=${BENCH:-target/release/shardmq-bench}
+PORT=${PORT:-28990}
+if [ -z "${FLASHMQ:-}" ] || [ ! -x "$FLASHMQ" ]; then
+  echo "FlashMQ not run: set FLASHMQ to its binary (see the header of $0 for how to build it)" >&2
+  exit 1
+fi
+WORK=$(mktemp -d /tmp/shardmq-head-to-head.XXXXXX)
+COMMON="-V 4 -s 64 --warmup 1 --duration 6 --drain 2 --quiet"
+ROWS=(
+  "qos0-20|bench --mode pairs --pubs 100 --subs 100 -q 0 --closed-loop 20 $COMMON"
+  "qos0-100|bench --mode pairs --pubs 100 --subs 100 -q 0 --closed-loop 100 $COMMON"
+  "qos0-200|bench --mode pairs --pubs 100 --subs 100 -q 0 --closed-loop 200 $COMMON"
+  "qos1|bench --mode pairs --pubs 100 --subs 100 -q 1 --closed-loop 200 --inflight 32 $COMMON"
+  "qos2|bench --mode pairs --pubs 50 --subs 50 -q 2 --closed-loop 200 --inflight 32 $COMMON"
+  "fanout|bench --mode fanout --subs 100 -q 0 --closed-loop 200 $COMMON"
+  "fanin|bench --mode fanin --pubs 100 -q 0 --closed-loop 8 $COMMON"
+)
+[ -x "$BENCH" ] || cargo build --release -p shardmq-bench
+[ -x "$SHARDMQ" ] || cargo build --release --bin shardmq
+
+# FlashMQ's configuration: the port, 2 threads (its default here: one per
+# CPU), anonymous clients, no persistence, no log beyond warnings.
+cat >"$WORK/flashmq.conf" <<EOF
+thread_count 2
+allow_anonymous true
+log_level warning
+log_file $WORK/flashmq-file.log
+storage_dir $WORK/flashmq-storage
+listen {
+  protocol mqtt
+  inet_protocol ip4
+  inet4_bind_address 127.0.0.1
+  port $PORT
+}
+EOF
+mkdir -p "$WORK/flashmq-storage"
+
+cpu_per_msg() { sed -n 's/^  "broker_cpu_us_per_msg": \(.*\),$/\1/p' "$1"; }
+lost() { sed -n 's/^  "lost": \(.*\),$/\1/p' "$1"; }
+
+for round in $(seq "$ROUNDS"); do
+  for row in "${ROWS[@]}"; do
+    name=${row%%|*}
+    args=${row#*|}
+    for who in shardmq flashmq; do
+      rm -rf "$WORK/data"
+      if [ "$who" = shardmq ]; then
+        "$SHARDMQ" --listen "127.0.0.1:$PORT" --http 127.0.0.1:0 --shards 2 --data-dir "$WORK/data" \
+          >"$WORK/broker.log" 2>&1 &
+      else
+        "$FLASHMQ" --config-file "$WORK/flashmq.conf" >"$WORK/broker.log" 2>&1 &
+      fi
+      pid=$!
+      for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+        sleep 0.1
+      done
+      sleep 0.5
+      # shellcheck disable=SC2086
+      timeout 60 "$BENCH" $args -h 127.0.0.1 -p "$PORT" --broker-pid "$pid" \
+        --json "$WORK/$name-$who-$round.json" >"$WORK/$name-$who-$round.out" 2>&1 || true
+      kill -TERM "$pid"
+      wait "$pid" || true
+      sleep 1
+    done
+    s=$(cpu_per_msg "$WORK/$name-shardmq-$round.json")
+    f=$(cpu_per_msg "$WORK/$name-flashmq-$round.json")
+    ratio=$(awk -v s="$s" -v f="$f" 'BEGIN { printf "%.3f", s / f }')
+    echo "round $round $name: shardmq $s µs/msg (lost $(lost "$WORK/$name-shardmq-$round.json")), FlashMQ $f µs/msg (lost $(lost "$WORK/$name-flashmq-$round.json")), shardmq/FlashMQ $ratio"
+    echo "$name $ratio" >>"$WORK/ratios"
+  done
+done
+medians shardmq/FlashMQ
