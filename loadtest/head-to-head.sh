@@ -66,7 +66,8 @@ for round in $(seq "$ROUNDS"); do
     name=${row%%|*}
     args=${row#*|}
     for who in shardmq flashmq; do
-      rm -rf "$WORK/data"
+      rm -rf "$WORK/data" "$WORK/flashmq-storage"
+      mkdir -p "$WORK/flashmq-storage"
       if [ "$who" = shardmq ]; then
         "$SHARDMQ" --listen "127.0.0.1:$PORT" --http 127.0.0.1:0 --shards 2 --data-dir "$WORK/data" \
           >"$WORK/broker.log" 2>&1 &
