@@ -14,8 +14,8 @@
 # takes about 20 s per row and round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# shellcheck source=loadtest/ratios.sh
-source loadtest/ratios.sh
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
 A=${1:?old shardmq binary}
 B=${2:?new shardmq binary}
 ROUNDS=${3:-4}
@@ -38,8 +38,6 @@ if [ "${ALL_ROWS:-0}" = 1 ]; then
 fi
 [ -x "$BENCH" ] || cargo build --release -p shardmq-bench
 
-cpu_per_msg() { sed -n 's/^  "broker_cpu_us_per_msg": \(.*\),$/\1/p' "$1"; }
-
 for round in $(seq "$ROUNDS"); do
   for row in "${ROWS[@]}"; do
     name=${row%%|*}
@@ -50,16 +48,11 @@ for round in $(seq "$ROUNDS"); do
       rm -rf "$WORK/data"
       "$bin" --listen "127.0.0.1:$PORT" --shards 2 --data-dir "$WORK/data" >"$WORK/broker.log" 2>&1 &
       pid=$!
-      for _ in $(seq 100); do grep -q "listening on" "$WORK/broker.log" && break; sleep 0.1; done
-      # shellcheck disable=SC2086
-      timeout 60 "$BENCH" $args -h 127.0.0.1 -p "$PORT" --broker-pid "$pid" \
-        --json "$WORK/$name-$who-$round.json" >"$WORK/$name-$who-$round.out" 2>&1 || true
-      kill -TERM "$pid"
-      wait "$pid" || true
-      sleep 1
+      wait_port "$PORT"
+      bench_then_stop "$WORK/$name-$who-$round.json" "$args -h 127.0.0.1 -p $PORT" "$pid"
     done
-    a=$(cpu_per_msg "$WORK/$name-A-$round.json")
-    b=$(cpu_per_msg "$WORK/$name-B-$round.json")
+    a=$(json_value "$WORK/$name-A-$round.json" broker_cpu_us_per_msg)
+    b=$(json_value "$WORK/$name-B-$round.json" broker_cpu_us_per_msg)
     ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.3f", b / a }')
     echo "round $round $name: A $a µs/msg, B $b µs/msg, B/A $ratio"
     echo "$name $ratio" >>"$WORK/ratios"

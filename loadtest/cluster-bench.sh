@@ -18,8 +18,8 @@
 # takes about 25 s per row and round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# shellcheck source=loadtest/ratios.sh
-source loadtest/ratios.sh
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
 BIN=${1:-target/release/shardmq}
 ROUNDS=${2:-4}
 BENCH=${BENCH:-target/release/shardmq-bench}
@@ -36,9 +36,6 @@ ROWS=(
 [ -x "$BENCH" ] || cargo build --release -p shardmq-bench
 [ -x "$BIN" ] || cargo build --release --bin shardmq
 
-cpu_per_msg() { sed -n 's/^  "broker_cpu_us_per_msg": \(.*\),$/\1/p' "$1"; }
-delivered() { sed -n 's/^  "delivered": \(.*\),$/\1/p' "$1"; }
-
 # start NAME CLIENT_PORT SHARDS [NODE_ARGS...]: a broker in the background;
 # its pid in $pid.
 start() {
@@ -48,7 +45,7 @@ start() {
   "$BIN" --listen "127.0.0.1:$port" --http 127.0.0.1:0 --shards "$shards" \
     --data-dir "$WORK/$name" "$@" >"$WORK/$name.log" 2>&1 &
   pid=$!
-  for _ in $(seq 100); do grep -q "listening on" "$WORK/$name.log" && break; sleep 0.1; done
+  wait_port "$port"
 }
 
 wait_for() {
@@ -64,12 +61,7 @@ for round in $(seq "$ROUNDS"); do
     # Single node.
     start single "$PORT" 2
     single=$pid
-    # shellcheck disable=SC2086
-    timeout 60 "$BENCH" $args -h 127.0.0.1 -p "$PORT" --broker-pid "$single" \
-      --json "$WORK/$name-single-$round.json" >"$WORK/$name-single-$round.out" 2>&1 || true
-    kill -TERM "$single"
-    wait "$single" || true
-    sleep 1
+    bench_then_stop "$WORK/$name-single-$round.json" "$args -h 127.0.0.1 -p $PORT" "$single"
     # Two nodes: publishers on a, subscribers on b.
     start a "$PORT" "$NODE_SHARDS" --node-id a --cluster-listen "127.0.0.1:$CPORT"
     a=$pid
@@ -80,18 +72,15 @@ for round in $(seq "$ROUNDS"); do
       wait_for a "shard $shard: link to node \"b\" (its shard $shard) is up"
       wait_for b "shard $shard: link to node \"a\" (its shard $shard) is up"
     done
-    # shellcheck disable=SC2086
-    timeout 60 "$BENCH" $args -h 127.0.0.1 -p "$PORT" --sub-port "$((PORT + 1))" \
-      --broker-pid "$a" --also-broker-pid "$b" \
-      --json "$WORK/$name-cluster-$round.json" >"$WORK/$name-cluster-$round.out" 2>&1 || true
-    kill -TERM "$a" "$b"
-    wait "$a" "$b" || true
-    sleep 1
-    s=$(cpu_per_msg "$WORK/$name-single-$round.json")
-    c=$(cpu_per_msg "$WORK/$name-cluster-$round.json")
+    bench_then_stop "$WORK/$name-cluster-$round.json" \
+      "$args -h 127.0.0.1 -p $PORT --sub-port $((PORT + 1))" "$a" "$b"
+    s_json=$WORK/$name-single-$round.json
+    c_json=$WORK/$name-cluster-$round.json
+    s=$(json_value "$s_json" broker_cpu_us_per_msg)
+    c=$(json_value "$c_json" broker_cpu_us_per_msg)
     ratio=$(awk -v s="$s" -v c="$c" 'BEGIN { printf "%.3f", c / s }')
-    echo "round $round $name: single $s µs/msg ($(delivered "$WORK/$name-single-$round.json") delivered)," \
-      "cluster $c µs/msg ($(delivered "$WORK/$name-cluster-$round.json") delivered), cluster/single $ratio"
+    echo "round $round $name: single $s µs/msg ($(json_value "$s_json" delivered) delivered)," \
+      "cluster $c µs/msg ($(json_value "$c_json" delivered) delivered), cluster/single $ratio"
     echo "$name $ratio" >>"$WORK/ratios"
   done
 done

@@ -17,8 +17,8 @@
 # per row and round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# shellcheck source=loadtest/ratios.sh
-source loadtest/ratios.sh
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
 SHARDMQ=${1:-target/release/shardmq}
 ROUNDS=${2:-3}
 BENCH=${BENCH:-target/release/shardmq-bench}
@@ -58,9 +58,6 @@ listen {
 EOF
 mkdir -p "$WORK/flashmq-storage"
 
-cpu_per_msg() { sed -n 's/^  "broker_cpu_us_per_msg": \(.*\),$/\1/p' "$1"; }
-lost() { sed -n 's/^  "lost": \(.*\),$/\1/p' "$1"; }
-
 for round in $(seq "$ROUNDS"); do
   for row in "${ROWS[@]}"; do
     name=${row%%|*}
@@ -75,22 +72,16 @@ for round in $(seq "$ROUNDS"); do
         "$FLASHMQ" --config-file "$WORK/flashmq.conf" >"$WORK/broker.log" 2>&1 &
       fi
       pid=$!
-      for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-        sleep 0.1
-      done
+      wait_port "$PORT"
       sleep 0.5
-      # shellcheck disable=SC2086
-      timeout 60 "$BENCH" $args -h 127.0.0.1 -p "$PORT" --broker-pid "$pid" \
-        --json "$WORK/$name-$who-$round.json" >"$WORK/$name-$who-$round.out" 2>&1 || true
-      kill -TERM "$pid"
-      wait "$pid" || true
-      sleep 1
+      bench_then_stop "$WORK/$name-$who-$round.json" "$args -h 127.0.0.1 -p $PORT" "$pid"
     done
-    s=$(cpu_per_msg "$WORK/$name-shardmq-$round.json")
-    f=$(cpu_per_msg "$WORK/$name-flashmq-$round.json")
+    s_json=$WORK/$name-shardmq-$round.json
+    f_json=$WORK/$name-flashmq-$round.json
+    s=$(json_value "$s_json" broker_cpu_us_per_msg)
+    f=$(json_value "$f_json" broker_cpu_us_per_msg)
     ratio=$(awk -v s="$s" -v f="$f" 'BEGIN { printf "%.3f", s / f }')
-    echo "round $round $name: shardmq $s µs/msg (lost $(lost "$WORK/$name-shardmq-$round.json")), FlashMQ $f µs/msg (lost $(lost "$WORK/$name-flashmq-$round.json")), shardmq/FlashMQ $ratio"
+    echo "round $round $name: shardmq $s µs/msg (lost $(json_value "$s_json" lost)), FlashMQ $f µs/msg (lost $(json_value "$f_json" lost)), shardmq/FlashMQ $ratio"
     echo "$name $ratio" >>"$WORK/ratios"
   done
 done

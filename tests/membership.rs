@@ -137,43 +137,19 @@ impl Sim {
         self.slots[i].q = None;
     }
 
-    /// Node `i`'s members hear of membership event `e`, as the broker's
-    /// shard 0 tells them.
-    fn tell_members(&mut self, i: usize, e: &MemberEvent) {
-        let live = |n: &Node| {
-            self.slots[i]
-                .m
-                .as_ref()
-                .is_some_and(|m| m.members().any(|x| x == n))
-        };
-        let replaced_live = matches!(e, MemberEvent::Replaced { new, .. } if live(new));
+    /// Node `i`'s members take the membership events of one step, as the
+    /// broker's shard 0 gives them.
+    fn tell_members(&mut self, i: usize, events: &[MemberEvent]) {
         let slot = &mut self.slots[i];
         let Some(q) = slot.q.as_mut() else {
             return;
         };
-        let changes = match e {
-            MemberEvent::Up(n) => vec![q.node_up(n)],
-            MemberEvent::Down(n) => vec![q.node_down(n)],
-            // One change, as the broker makes it of one turn's events.
-            MemberEvent::Replaced { old, new } => vec![q.batch(|q| {
-                let mut c = vec![q.node_down(old)];
-                if replaced_live {
-                    c.push(q.node_up(new));
-                }
-                c
-            })],
-            MemberEvent::Joined
-            | MemberEvent::Alone
-            | MemberEvent::Rejoined(_)
-            | MemberEvent::Duplicate { .. } => vec![],
-        };
-        for c in changes {
-            if c.members {
-                slot.file = q.file_text();
-            }
-            if let Some(refuse) = c.refuse {
-                self.refusals.push((self.now, i, refuse));
-            }
+        let c = q.apply(events);
+        if c.members {
+            slot.file = q.file_text();
+        }
+        if let Some(refuse) = c.refuse {
+            self.refusals.push((self.now, i, refuse));
         }
     }
 
@@ -201,8 +177,8 @@ impl Sim {
         while let Some(e) = m.poll_event() {
             events.push(e);
         }
+        self.tell_members(i, &events);
         for e in events {
-            self.tell_members(i, &e);
             self.events.push((self.now, i, e));
         }
         for t in out {

@@ -20,7 +20,7 @@ use bytes::BytesMut;
 use thiserror::Error;
 
 use super::frame::{self, Frame, FrameError, Hello, RefuseReason, BRIDGE_VERSION};
-use super::node::NodeName;
+use super::node::{same_addr, NodeName};
 
 /// A link's limits; see `[cluster]` in the default config.
 #[derive(Debug, Clone)]
@@ -235,8 +235,7 @@ impl LinkSession {
             return refuse(self, RefuseReason::Other, "a link to itself".into());
         }
         if let Some((name, incarnation, addr)) = &self.expect {
-            let same_addr = (h.addr.ip(), h.addr.port()) == (addr.ip(), addr.port());
-            if &h.node != name || h.incarnation != *incarnation || !same_addr {
+            if &h.node != name || h.incarnation != *incarnation || !same_addr(h.addr, *addr) {
                 let text = format!(
                     "dialed {name} incarnation {incarnation} at {addr}, reached {} incarnation {} \
                      at {}",

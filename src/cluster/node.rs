@@ -183,6 +183,12 @@ impl foca::Identity for Node {
     }
 }
 
+/// Whether two membership addresses are the same (IP and port: an IPv6
+/// scope or flow label a peer's copy may have lost does not count).
+pub fn same_addr(a: SocketAddr, b: SocketAddr) -> bool {
+    (a.ip(), a.port()) == (b.ip(), b.port())
+}
+
 /// The data directory's `NODE` file could not be used.
 #[derive(Debug, Error)]
 pub enum IncarnationError {
@@ -243,10 +249,9 @@ pub fn bump_incarnation(dir: &DataDir, name: &NodeName) -> Result<u64, Incarnati
             why: "incarnation at its maximum".into(),
         })?;
     let text = format!("{NODE_FILE_HEADER}\nnode_id {name}\nincarnation {next}\n");
-    let tmp = dir.root().join("NODE.tmp");
-    dir.disk().write_synced(&tmp, text.as_bytes()).map_err(io)?;
-    dir.disk().rename(&tmp, &path).map_err(io)?;
-    dir.disk().sync_dir(dir.root()).map_err(io)?;
+    dir.disk()
+        .replace_synced(dir.root(), NODE_FILE, text.as_bytes())
+        .map_err(io)?;
     Ok(next)
 }
 

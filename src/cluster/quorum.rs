@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 
 use thiserror::Error;
 
+use super::membership::MemberEvent;
 use super::node::{Node, NodeName};
 
 /// Members a node keeps at most, itself included (a file with more is
@@ -163,11 +164,23 @@ impl Members {
         self.policy == OnMinority::RefuseConnects && !self.majority()
     }
 
-    /// Run `f` (changes of its own, each a [`Change`]) and say what it
+    /// Take the membership's events of one step, and say what they
     /// changed as a whole: a node replaced by its next run is one change,
     /// not a refusal and its end.
-    pub fn batch(&mut self, f: impl FnOnce(&mut Self) -> Vec<Change>) -> Change {
-        self.changing(|m| f(m).iter().any(|c| c.members))
+    pub fn apply(&mut self, events: &[MemberEvent]) -> Change {
+        self.changing(|m| {
+            let mut members = false;
+            for e in events {
+                let changes = match e {
+                    MemberEvent::Up(n) => [m.node_up(n), Change::default()],
+                    MemberEvent::Down(n) => [m.node_down(n), Change::default()],
+                    MemberEvent::Replaced { old, new } => [m.node_down(old), m.node_up(new)],
+                    _ => [Change::default(); 2],
+                };
+                members |= changes.iter().any(|c| c.members);
+            }
+            members
+        })
     }
 
     /// Run `f` and say what it changed.
@@ -315,7 +328,10 @@ mod tests {
     fn a_restart_seen_as_down_then_up_is_one_change_and_members_are_bounded() {
         let mut m = Members::new(name("a"), vec![], OnMinority::RefuseConnects);
         m.node_up(&node("b", 1));
-        let c = m.batch(|m| vec![m.node_down(&node("b", 1)), m.node_up(&node("b", 2))]);
+        let c = m.apply(&[MemberEvent::Replaced {
+            old: node("b", 1),
+            new: node("b", 2),
+        }]);
         assert_eq!(c, Change::default());
         for i in 0..MEMBERS_MAX + 5 {
             m.node_up(&node(&format!("n{i}"), 1));

@@ -131,11 +131,9 @@ impl DataDir {
 
     /// Make `gen` the generation in force, atomically.
     pub fn set_current(&self, gen: u64) -> io::Result<()> {
-        let tmp = self.root.join("CURRENT.tmp");
         let text = format!("{}\n", generation_name(gen));
-        self.disk.write_synced(&tmp, text.as_bytes())?;
-        self.disk.rename(&tmp, &self.root.join("CURRENT"))?;
-        self.disk.sync_dir(&self.root)
+        self.disk
+            .replace_synced(&self.root, "CURRENT", text.as_bytes())
     }
 
     /// Delete every generation but `keep` (old ones, and any a crashed

@@ -60,6 +60,16 @@ pub trait Disk: Send + Sync + fmt::Debug {
     /// Make `dir`'s entries (files created, renamed or removed in it)
     /// durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+
+    /// Replace file `name` in `dir` with `data`, atomically and durably: a
+    /// synced `name.tmp` renamed over it, then the directory synced. A
+    /// crash leaves the old content or the new one, never a mix.
+    fn replace_synced(&self, dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
+        let tmp = dir.join(format!("{name}.tmp"));
+        self.write_synced(&tmp, data)?;
+        self.rename(&tmp, &dir.join(name))?;
+        self.sync_dir(dir)
+    }
 }
 
 /// A preallocated file the log appends to, seen as one byte slice.

@@ -138,21 +138,6 @@ impl ShardCore {
     /// describes: refuse it, serve it here, or move it to its home shard.
     pub fn handshake(&self, connect: &Connect, arrival: Arrival, now: Instant) -> Handshake {
         let peer = arrival.peer;
-        if self.refusing_connects.get() {
-            self.count_refused(ConnectRefusal::Minority);
-            shard_log!(
-                self,
-                log::Level::Info,
-                "{peer:?}: CONNECT refused (reason 0x88), client id {}: this node sees no \
-                 majority of the cluster's members (cluster.on_minority = refuse_connects)",
-                quote(&connect.client_id)
-            );
-            return Handshake::Refuse {
-                code: reason::SERVER_UNAVAILABLE,
-                answer: true,
-                delay: Duration::ZERO,
-            };
-        }
         let checked = check_connect(self, connect).and_then(|a| {
             let id = a.as_deref().unwrap_or(&connect.client_id);
             let grant = self.login(connect, id, arrival, now)?;
@@ -160,8 +145,13 @@ impl ShardCore {
         });
         let (assigned, grant) = match checked {
             Ok(a) => a,
-            Err(Refusal { code, why, delay }) => {
-                self.count_refused(ConnectRefusal::of_code(code));
+            Err(Refusal {
+                code,
+                why,
+                delay,
+                counted,
+            }) => {
+                self.count_refused(counted);
                 shard_log!(
                     self,
                     log::Level::Info,
@@ -210,7 +200,12 @@ impl ShardCore {
             }
             Err((code, why)) => {
                 let delay = ip.map_or(Duration::ZERO, |ip| logins.throttle.failed(ip, now));
-                Err(Refusal { code, why, delay })
+                Err(Refusal {
+                    counted: ConnectRefusal::of_code(code),
+                    code,
+                    why,
+                    delay,
+                })
             }
         }
     }
@@ -517,12 +512,13 @@ fn asks_persistence(connect: &Connect) -> bool {
     }
 }
 
-/// Why a CONNECT is refused: the CONNACK reason code, a log line, and
-/// how long the answer waits.
+/// Why a CONNECT is refused: the CONNACK reason code, a log line, how
+/// long the answer waits, and the reason it is counted under.
 struct Refusal {
     code: u8,
     why: String,
     delay: Duration,
+    counted: ConnectRefusal,
 }
 
 impl Refusal {
@@ -531,6 +527,7 @@ impl Refusal {
             code,
             why: why.into(),
             delay: Duration::ZERO,
+            counted: ConnectRefusal::of_code(code),
         }
     }
 }
@@ -584,6 +581,14 @@ impl Logins {
 /// (none is supported), and a will whose topic, response topic and payload
 /// format are valid. Returns the assigned client id, if any.
 fn check_connect(shard: &ShardCore, connect: &Connect) -> Result<Option<String>, Refusal> {
+    if shard.refusing_connects.get() {
+        let why = "this node sees no majority of the cluster's members \
+                   (cluster.on_minority = refuse_connects)";
+        return Err(Refusal {
+            counted: ConnectRefusal::Minority,
+            ..Refusal::new(reason::SERVER_UNAVAILABLE, why)
+        });
+    }
     if connect.properties.authentication_method.is_some() {
         let why = "no authentication method is supported";
         return Err(Refusal::new(reason::BAD_AUTHENTICATION_METHOD, why));

@@ -28,7 +28,7 @@ use glommio::net::{TcpListener, TcpStream};
 use super::transport::Stream;
 use crate::cluster::frame::{Frame, Hello, RefuseReason};
 use crate::cluster::link::{LinkError, LinkEvent, LinkSession, LinkSettings};
-use crate::cluster::node::Node;
+use crate::cluster::node::{same_addr, Node};
 use crate::cluster::peers::PeerLinks;
 use crate::cluster::routes::{RouteFeed, RouteImport};
 use crate::shard::notify::Notify;
@@ -619,11 +619,7 @@ impl Bridge {
         let index = peers
             .index_of(h.node.as_str(), h.incarnation)
             // The node membership knows by that id, not another given it.
-            .filter(|&i| {
-                peers
-                    .node(i)
-                    .is_some_and(|n| (n.addr.ip(), n.addr.port()) == (h.addr.ip(), h.addr.port()))
-            })
+            .filter(|&i| peers.node(i).is_some_and(|n| same_addr(n.addr, h.addr)))
             // Its shard count as its membership says: a peer cannot make
             // room for more tables (of wills) than it has shards.
             .filter(|&i| peers.node(i).is_some_and(|n| n.shards == h.shards));

@@ -102,6 +102,7 @@ impl State {
             let events: Vec<_> = std::iter::from_fn(|| m.poll_event()).collect();
             (out, events)
         };
+        self.quorum.member_events(&events);
         let mut told = Vec::new();
         for e in events {
             let m = self.membership.borrow();
@@ -121,9 +122,6 @@ impl State {
                 | MemberEvent::Rejoined(_)
                 | MemberEvent::Duplicate { .. } => {}
             }
-        }
-        if !told.is_empty() {
-            self.quorum.peer_events(&told);
         }
         for ev in told {
             for b in &self.bridges {

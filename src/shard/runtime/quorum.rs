@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 
 use super::bridge::PeerEvent;
+use crate::cluster::membership::MemberEvent;
 use crate::cluster::node::NodeName;
 use crate::cluster::quorum::{
     parse_members, Change, ForgetError, Members, OnMinority, MEMBERS_MAX,
@@ -40,28 +41,27 @@ impl MembersFile {
         }
     }
 
-    /// The members it names (none when it does not exist). Err: a line
-    /// for the start error.
-    pub(crate) fn read(&self) -> Result<Vec<NodeName>, String> {
+    /// The members it names and its text (none when it does not exist).
+    /// Err: a line for the start error.
+    fn read(&self) -> Result<(Vec<NodeName>, Option<String>), String> {
         let path = self.root.join(MEMBERS_FILE);
         match self.disk.read_to_string(&path) {
-            Ok(text) => parse_members(&text).map_err(|why| {
-                format!(
+            Ok(text) => match parse_members(&text) {
+                Ok(names) => Ok((names, Some(text))),
+                Err(why) => Err(format!(
                     "{}: not a shardmq MEMBERS file ({why}); move it away to start with no \
                      members known",
                     path.display()
-                )
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+                )),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((Vec::new(), None)),
             Err(e) => Err(format!("{}: {e}", path.display())),
         }
     }
 
     fn write(&self, text: &str) -> std::io::Result<()> {
-        let tmp = self.root.join("MEMBERS.tmp");
-        self.disk.write_synced(&tmp, text.as_bytes())?;
-        self.disk.rename(&tmp, &self.root.join(MEMBERS_FILE))?;
-        self.disk.sync_dir(&self.root)
+        self.disk
+            .replace_synced(&self.root, MEMBERS_FILE, text.as_bytes())
     }
 }
 
@@ -96,10 +96,6 @@ impl Quorum {
             );
         }
         let writer = file.map(|f| {
-            // A node's first start writes itself in, before it serves.
-            if let Err(e) = f.write(&members.file_text()) {
-                log::error!("cluster: cannot write the MEMBERS file: {e}");
-            }
             let (tx, rx) = std::sync::mpsc::channel::<String>();
             let spawned = std::thread::Builder::new()
                 .name("shardmq-members".into())
@@ -171,20 +167,9 @@ impl Quorum {
         Some(out)
     }
 
-    /// Shard 0's membership: what one turn of it told the bridges (a
-    /// node replaced by its next run is one change).
-    pub(crate) fn peer_events(&self, events: &[PeerEvent]) {
-        self.change(|m| {
-            let change = m.batch(|m| {
-                let apply = |e: &PeerEvent, m: &mut Members| match e {
-                    PeerEvent::Up { node, .. } => m.node_up(node),
-                    PeerEvent::Down { node, .. } => m.node_down(node),
-                    PeerEvent::Quorum { .. } => Change::default(),
-                };
-                events.iter().map(|e| apply(e, m)).collect()
-            });
-            (change, ())
-        });
+    /// Shard 0's membership: the events of one of its turns.
+    pub(crate) fn member_events(&self, events: &[MemberEvent]) {
+        self.change(|m| (m.apply(events), ()));
     }
 
     /// An operator forgets member `name`. None: the cluster has not
@@ -274,9 +259,17 @@ pub(crate) fn starting_members(
     file: Option<&MembersFile>,
     policy: OnMinority,
 ) -> Result<Members, String> {
-    let known = match file {
-        Some(f) => f.read()?,
-        None => Vec::new(),
+    let Some(file) = file else {
+        return Ok(Members::new(me, Vec::new(), policy));
     };
-    Ok(Members::new(me, known, policy))
+    let (known, text) = file.read()?;
+    let members = Members::new(me, known, policy);
+    // A node's first start writes itself in, before it serves.
+    let now = members.file_text();
+    if text.as_deref() != Some(now.as_str()) {
+        if let Err(e) = file.write(&now) {
+            log::error!("cluster: cannot write the MEMBERS file: {e}");
+        }
+    }
+    Ok(members)
 }
