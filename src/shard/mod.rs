@@ -68,6 +68,7 @@ macro_rules! shard_log {
 }
 
 pub mod admin;
+pub mod bridge;
 mod claims;
 mod cluster_retained;
 mod connect;

@@ -1,0 +1,943 @@
+//! The shard's bridge without I/O: its links to the other nodes, what
+//! goes on them and what their frames do to the core.
+//!
+//! Shard-local, no I/O and no clock. Shard `i` dials shard `i mod n` of
+//! every live peer and sends it what its core routes there; it takes the
+//! links other nodes' shards dial to it and hands the messages they bring
+//! to its core. Shard 0's link to each peer also carries this node's
+//! routes (a snapshot when it comes up, then every change: [`RouteFeed`]);
+//! shard 0 takes each peer's routes from the link of the peer's shard 0
+//! ([`RouteImport`]) and gives the changes to its core, which broadcasts
+//! them to every shard's replica. Protocol and framing are
+//! [`LinkSession`]'s; when to dial, the backoff and what waits for a link
+//! are [`PeerLinks`]'; what goes on the links (messages, routes, wills,
+//! retained messages, claims) is the core's. Peers come from shard 0's
+//! membership as [`PeerEvent`]s.
+//!
+//! The runtime (`runtime::bridge`) and the cluster simulator
+//! (`tests/cluster_sim.rs`) drive it alike: they make the dials it asks
+//! for ([`Bridge::poll_dials`]) and report them ([`Bridge::dialed`],
+//! [`Bridge::dial_failed`]), report links they accept
+//! ([`Bridge::accepted`]), hand it the bytes they read
+//! ([`Bridge::handle_bytes`]), write what [`Bridge::poll_transmit`] gives
+//! (then [`Bridge::written`]), tick it, move the core's outbox onto the
+//! links ([`Bridge::drain_outbox`]) and close the sockets it names
+//! ([`Bridge::poll_closed`]). Every input carries the time.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use crate::cluster::frame::{Frame, Hello, RefuseReason};
+use crate::cluster::link::{LinkError, LinkEvent, LinkSession, LinkSettings};
+use crate::cluster::node::{same_addr, Node};
+use crate::cluster::peers::PeerLinks;
+use crate::cluster::routes::{RouteFeed, RouteImport};
+use crate::shard::notify::Notify;
+use crate::shard::{BridgeOut, ClaimsSnapshot, RetainedSnapshot, ShardCore};
+use crate::text::{quote, suppressed_note, LogGate};
+
+/// A membership change, from shard 0 to every shard's bridge. Indices
+/// are shard 0's, the same on every shard for the life of the process.
+#[derive(Debug, Clone)]
+pub enum PeerEvent {
+    /// A node is up (or a newer run of it).
+    Up {
+        /// Its index.
+        index: u16,
+        /// The run.
+        node: Node,
+    },
+    /// A node is down.
+    Down {
+        /// Its index.
+        index: u16,
+        /// The run that went down.
+        node: Node,
+    },
+    /// New CONNECTs start (true) or stop being refused for want of a
+    /// majority of the members (`cluster::quorum`).
+    Quorum {
+        /// Refuse them.
+        refuse: bool,
+    },
+}
+
+/// A link's id, the bridge's name for one socket.
+pub type LinkId = u64;
+
+/// A dial the bridge wants made: peer `index`, run `node`, at `addr` (its
+/// shard's bridge port).
+#[derive(Debug, Clone)]
+pub struct Dial {
+    /// The peer's index.
+    pub index: u16,
+    /// Its bridge port for this shard.
+    pub addr: SocketAddr,
+    /// The run meant.
+    pub node: Node,
+}
+
+/// Claims per part of a link's first claims.
+const CLAIMS_PER_FRAME: usize = 1024;
+/// Bytes a link may hold unwritten before the next part of a claims or
+/// retained snapshot is put on it.
+const SNAPSHOT_BACKLOG_BYTES: usize = 1 << 20;
+/// Links a shard accepts at once (beyond: closed at once).
+pub const INBOUND_LINKS_MAX: usize = 1024;
+/// Snapshot parts, in bytes of filters (routes) or wills.
+const SNAPSHOT_CHUNK_BYTES: usize = 64 << 10;
+
+struct Link {
+    id: LinkId,
+    /// Outbound: the peer dialed. Inbound: the peer, once its Hello named a
+    /// live member.
+    peer: Cell<Option<u16>>,
+    outbound: bool,
+    session: RefCell<LinkSession>,
+    /// Set when the link has bytes to write (or closed).
+    wake: Rc<Notify>,
+    closed: Cell<bool>,
+    /// Close once what is queued is written (after a Refuse).
+    closing: Cell<bool>,
+    /// The peer's Hello, once the link is up.
+    hello: RefCell<Option<Hello>>,
+    /// Outbound: how far this shard's claims have been sent.
+    claims: RefCell<Option<ClaimsSnapshot>>,
+    /// Outbound: how far this shard's retained messages have been sent.
+    retained: RefCell<Option<RetainedSnapshot>>,
+    /// Outbound on shard 0: the routes this link still needs.
+    feed: RefCell<RouteFeed>,
+    /// Outbound on shard 0: the route sequence number the peer has
+    /// acknowledged.
+    acked: Cell<u64>,
+}
+
+/// One shard's bridge; see the module docs.
+pub struct Bridge {
+    core: Rc<ShardCore>,
+    me: Hello,
+    epoch: Instant,
+    settings: LinkSettings,
+    routes_max: usize,
+    /// Dials, backoff, frames waiting: which outbound link is whose.
+    peers: RefCell<PeerLinks>,
+    /// Outbound links by id.
+    outbound: RefCell<HashMap<LinkId, Rc<Link>>>,
+    inbound: RefCell<Vec<Rc<Link>>>,
+    /// Shard 0: each peer's routes, and the link that carries them.
+    imports: RefCell<HashMap<u16, (RouteImport, LinkId)>>,
+    next_id: Cell<LinkId>,
+    log_gate: RefCell<LogGate>,
+    /// Messages for a peer with no link up, or whose link was full.
+    dropped: Cell<u64>,
+    /// Dials due, not yet taken by the runtime.
+    dials: RefCell<Vec<Dial>>,
+    /// Links closed here whose sockets the runtime still has to shut.
+    closed: RefCell<Vec<LinkId>>,
+}
+
+impl Bridge {
+    /// The bridge of shard `core` (enabled for the cluster here), which
+    /// says `me` to its peers; `refuse_connects` at start (no majority of
+    /// the members seen yet), `routes_max` routes taken from one peer.
+    pub fn new(
+        core: Rc<ShardCore>,
+        me: Hello,
+        settings: LinkSettings,
+        routes_max: usize,
+        refuse_connects: bool,
+        now: Instant,
+        wall: crate::persist::WallClock,
+    ) -> Bridge {
+        core.enable_cluster(now, wall);
+        core.set_refusing_connects(refuse_connects);
+        let peers = PeerLinks::new(me.shard, settings.out_bytes_max);
+        let bridge = Bridge {
+            core,
+            epoch: now,
+            routes_max,
+            me,
+            settings,
+            peers: RefCell::new(peers),
+            outbound: RefCell::new(HashMap::new()),
+            inbound: RefCell::new(Vec::new()),
+            imports: RefCell::new(HashMap::new()),
+            next_id: Cell::new(0),
+            log_gate: RefCell::new(LogGate::new(10, Duration::from_secs(10))),
+            dropped: Cell::new(0),
+            dials: RefCell::new(Vec::new()),
+            closed: RefCell::new(Vec::new()),
+        };
+        bridge.recompute_acks();
+        bridge
+    }
+
+    /// This shard's Hello.
+    pub fn me(&self) -> &Hello {
+        &self.me
+    }
+
+    /// The core's outbox wake-up (see [`Bridge::drain_outbox`]).
+    pub fn core(&self) -> &Rc<ShardCore> {
+        &self.core
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn warn(&self, now: Instant, line: std::fmt::Arguments<'_>) {
+        if let Some(n) = self.log_gate.borrow_mut().allow(now) {
+            log::warn!(
+                "cluster: shard {}: {line}{}",
+                self.me.shard,
+                suppressed_note(n)
+            );
+        }
+    }
+
+    /// A membership change from shard 0.
+    pub fn on_peer_event(&self, now: Instant, ev: PeerEvent) {
+        log::debug!("cluster: shard {}: {ev:?}", self.me.shard);
+        match ev {
+            PeerEvent::Up { index, node } => {
+                self.core.peer_named(index, node.name.as_str());
+                let incarnation_up = node.incarnation;
+                let replaced = self.peers.borrow_mut().up(index, node, self.ms(now));
+                if let Some(incarnation) = replaced.ended_run {
+                    // Restarted before it was declared down: the old run
+                    // ended all the same, and its wills go out.
+                    self.core.peer_run_ended(now, index, incarnation);
+                }
+                // A run that rejoined after being declared down: its will
+                // frames count again.
+                self.core.peer_run_up(index, incarnation_up);
+                self.count_dropped(now, replaced.dropped);
+                if let Some(id) = replaced.close {
+                    self.close_outbound(now, id, "a newer run of the node is up");
+                }
+                self.recompute_acks();
+            }
+            PeerEvent::Down { index, node } => {
+                let Some((link, dropped)) = self.peers.borrow_mut().down(index, &node) else {
+                    return;
+                };
+                self.core.peer_run_ended(now, index, node.incarnation);
+                self.count_dropped(now, dropped);
+                if let Some(id) = link {
+                    self.close_outbound(now, id, "the node is down");
+                }
+                if let Some((mut import, _)) = self.imports.borrow_mut().remove(&index) {
+                    let removals = import.clear();
+                    self.core.remote_routes(index, &removals, None);
+                }
+                // Every link from that run: nothing it still sends counts.
+                let from_it: Vec<Rc<Link>> = self
+                    .inbound
+                    .borrow()
+                    .iter()
+                    .filter(|l| l.peer.get() == Some(index))
+                    .cloned()
+                    .collect();
+                for l in from_it {
+                    self.close(now, &l, "the node is down");
+                }
+                self.recompute_acks();
+            }
+            PeerEvent::Quorum { refuse } => self.core.set_refusing_connects(refuse),
+        }
+    }
+
+    fn close_outbound(&self, now: Instant, id: LinkId, why: &str) {
+        let link = self.outbound.borrow().get(&id).cloned();
+        if let Some(l) = link {
+            self.close(now, &l, why);
+        }
+    }
+
+    /// Messages that waited for a peer's link and will not be sent.
+    fn count_dropped(&self, now: Instant, n: usize) {
+        if n > 0 {
+            self.dropped.set(self.dropped.get() + n as u64);
+            self.warn(
+                now,
+                format_args!(
+                    "{n} messages that waited for a node's link were dropped: that run of the \
+                     node ended ({} so far)",
+                    self.dropped.get()
+                ),
+            );
+        }
+    }
+
+    /// Tell the core how many peers have a link up from this shard (a
+    /// CONNACK waits for their acknowledgements of its claim), and on
+    /// shard 0 how far every such peer has acknowledged this node's routes
+    /// (subscribers' SUBACKs wait for it). A peer without a link up is not
+    /// waited for: its link starts from a snapshot that has the route and
+    /// the claim.
+    fn recompute_acks(&self) {
+        self.core.set_peer_links_up(self.up_links().len());
+        if self.me.shard != 0 {
+            return;
+        }
+        let upto = self
+            .outbound
+            .borrow()
+            .values()
+            .filter(|l| !l.closed.get() && l.session.borrow().is_up())
+            .map(|l| l.acked.get())
+            .min()
+            .unwrap_or(u64::MAX);
+        self.core.routes_acked(upto);
+    }
+
+    /// The dials due now (peers without a link, past their backoff).
+    pub fn poll_dials(&self, now: Instant) -> Vec<Dial> {
+        let due = self.peers.borrow_mut().due(self.ms(now));
+        let mut dials = std::mem::take(&mut *self.dials.borrow_mut());
+        dials.extend(
+            due.into_iter()
+                .map(|(index, addr, node)| Dial { index, addr, node }),
+        );
+        dials
+    }
+
+    /// A dial of [`Bridge::poll_dials`] connected: its link, or None when
+    /// the peer went away meanwhile (close the socket).
+    pub fn dialed(&self, now: Instant, dial: &Dial) -> Option<(LinkId, Rc<Notify>)> {
+        let id = self.next_id.get() + 1;
+        if !self.peers.borrow_mut().dialed(dial.index, &dial.node, id) {
+            log::debug!(
+                "cluster: shard {}: node {} went away while dialing",
+                self.me.shard,
+                quote(dial.node.name.as_str())
+            );
+            return None;
+        }
+        self.next_id.set(id);
+        let session = LinkSession::dialed(
+            self.me.clone(),
+            (
+                dial.node.name.clone(),
+                dial.node.incarnation,
+                dial.node.addr,
+            ),
+            self.settings.clone(),
+            self.epoch,
+            self.ms(now),
+        );
+        let link = self.new_link(id, Some(dial.index), session);
+        self.outbound.borrow_mut().insert(id, link.clone());
+        // The Hello is queued already.
+        link.wake.notify();
+        Some((id, link.wake.clone()))
+    }
+
+    /// A dial of [`Bridge::poll_dials`] failed (`why`, for the log).
+    pub fn dial_failed(&self, now: Instant, dial: &Dial, why: &str) {
+        log::debug!(
+            "cluster: shard {}: cannot reach node {} at {}: {why}",
+            self.me.shard,
+            quote(dial.node.name.as_str()),
+            dial.addr
+        );
+        self.peers
+            .borrow_mut()
+            .dial_failed(dial.index, self.ms(now));
+    }
+
+    /// A peer's shard dialed this one: its link, or None past
+    /// [`INBOUND_LINKS_MAX`] (close the socket).
+    pub fn accepted(&self, now: Instant) -> Option<(LinkId, Rc<Notify>)> {
+        if self.inbound.borrow().len() >= INBOUND_LINKS_MAX {
+            self.warn(
+                now,
+                format_args!("more than {INBOUND_LINKS_MAX} bridge links; a new one was closed"),
+            );
+            return None;
+        }
+        let id = self.next_id.get() + 1;
+        self.next_id.set(id);
+        let session = LinkSession::accepted(
+            self.me.clone(),
+            self.settings.clone(),
+            self.epoch,
+            self.ms(now),
+        );
+        let link = self.new_link(id, None, session);
+        self.inbound.borrow_mut().push(link.clone());
+        Some((id, link.wake.clone()))
+    }
+
+    fn new_link(&self, id: LinkId, peer: Option<u16>, session: LinkSession) -> Rc<Link> {
+        Rc::new(Link {
+            id,
+            peer: Cell::new(peer),
+            outbound: peer.is_some(),
+            session: RefCell::new(session),
+            wake: Rc::default(),
+            closed: Cell::new(false),
+            closing: Cell::new(false),
+            hello: RefCell::new(None),
+            claims: RefCell::new(None),
+            retained: RefCell::new(None),
+            feed: RefCell::new(RouteFeed::new()),
+            acked: Cell::new(0),
+        })
+    }
+
+    fn link(&self, id: LinkId) -> Option<Rc<Link>> {
+        if let Some(l) = self.outbound.borrow().get(&id) {
+            return Some(l.clone());
+        }
+        self.inbound.borrow().iter().find(|l| l.id == id).cloned()
+    }
+
+    /// Whether link `id` is closed (or unknown): its socket is done.
+    pub fn is_closed(&self, id: LinkId) -> bool {
+        self.link(id).is_none_or(|l| l.closed.get())
+    }
+
+    /// Bytes read from link `id`'s socket.
+    pub fn handle_bytes(&self, now: Instant, id: LinkId, data: &[u8]) {
+        let Some(link) = self.link(id) else {
+            return;
+        };
+        if link.closed.get() {
+            return;
+        }
+        let read = link.session.borrow_mut().handle_bytes(self.ms(now), data);
+        // Events before the error (a Hello, then garbage) still count.
+        self.process(now, &link);
+        if let Err(e) = read {
+            // A peer that does not know this node yet refuses it: the
+            // usual race at a join, retried after a backoff.
+            let expected = matches!(
+                e,
+                LinkError::Refused {
+                    reason: RefuseReason::NotMember,
+                    ..
+                }
+            );
+            if !expected {
+                self.warn(now, format_args!("bridge link error: {e}"));
+            }
+            self.close(now, &link, &e.to_string());
+        }
+    }
+
+    /// Link `id`'s socket ended or failed (`why`, for the log).
+    pub fn io_closed(&self, now: Instant, id: LinkId, why: &str) {
+        if let Some(link) = self.link(id) {
+            self.close(now, &link, why);
+        }
+    }
+
+    /// The next bytes to write on link `id`.
+    pub fn poll_transmit(&self, id: LinkId) -> Option<BytesMut> {
+        let link = self.link(id)?;
+        if link.closed.get() {
+            return None;
+        }
+        let out = link.session.borrow_mut().poll_transmit();
+        out
+    }
+
+    /// Everything [`Bridge::poll_transmit`] gave for link `id` is
+    /// written: a refused link closes, and one that came up gets the next
+    /// parts of its snapshots.
+    pub fn written(&self, now: Instant, id: LinkId) {
+        let Some(link) = self.link(id) else {
+            return;
+        };
+        if link.closing.get() {
+            self.close(now, &link, "refused");
+            return;
+        }
+        if link.claims.borrow().is_some() || link.retained.borrow().is_some() {
+            self.feed_snapshots(now, &link);
+        }
+    }
+
+    /// The next link closed here whose socket is to be shut.
+    pub fn poll_closed(&self) -> Option<LinkId> {
+        self.closed.borrow_mut().pop()
+    }
+
+    /// Keep a message for a peer whose link is not up yet, within the
+    /// link's output bound; false (dropped) past it or for a peer not up.
+    fn hold_for_link(&self, index: u16, frame: Frame) -> bool {
+        let bytes = match &frame {
+            Frame::Publish(m) => m.message.cost_bytes() + 64,
+            _ => 64,
+        };
+        self.peers.borrow_mut().hold(index, frame, bytes)
+    }
+
+    /// The outbound links whose handshake is done.
+    fn up_links(&self) -> Vec<Rc<Link>> {
+        let mut links: Vec<Rc<Link>> = self
+            .outbound
+            .borrow()
+            .values()
+            .filter(|l| !l.closed.get() && l.session.borrow().is_up())
+            .cloned()
+            .collect();
+        // In id order, so a simulated run replays.
+        links.sort_unstable_by_key(|l| l.id);
+        links
+    }
+
+    /// Put a change of this shard's (a will, a retained message) on every
+    /// outbound link up. Like routes, never dropped: a link that falls
+    /// this far behind is closed and starts over from a snapshot.
+    /// Returns how many links it went on.
+    fn to_every_link(&self, now: Instant, frame: &Frame, what: &str) -> usize {
+        let links = self.up_links();
+        for l in &links {
+            self.force_on(now, l, frame, what);
+        }
+        links.len()
+    }
+
+    /// Put `frame` (a change of `what`) on link `l` past its output bound;
+    /// a link four times past it is closed (its peer resyncs).
+    fn force_on(&self, now: Instant, l: &Rc<Link>, frame: &Frame, what: &str) {
+        l.session.borrow_mut().force_send(self.ms(now), frame);
+        l.wake.notify();
+        if l.session.borrow().out_bytes() > self.settings.out_bytes_max.saturating_mul(4) {
+            self.close(now, l, &format!("{what} changes not read"));
+        }
+    }
+
+    /// The outbound link to peer `node`, once its handshake is done.
+    fn up_link_to(&self, node: u16) -> Option<Rc<Link>> {
+        let id = self.peers.borrow().up_link(node)?;
+        let link = self.outbound.borrow().get(&id).cloned();
+        link.filter(|l| l.session.borrow().is_up())
+    }
+
+    /// Put the next parts of this shard's claims, then of its retained
+    /// messages, on an outbound link that came up, while it holds little
+    /// unwritten.
+    fn feed_snapshots(&self, now: Instant, link: &Rc<Link>) {
+        while !link.closed.get() && link.session.borrow().out_bytes() < SNAPSHOT_BACKLOG_BYTES {
+            let Some(part) = self.next_snapshot_part(now, link) else {
+                return;
+            };
+            if let Some(f) = part {
+                link.session.borrow_mut().force_send(self.ms(now), &f);
+                link.wake.notify();
+            }
+        }
+    }
+
+    /// The next part of what a link that came up still needs (it may be
+    /// empty); None when nothing is left.
+    fn next_snapshot_part(&self, now: Instant, link: &Link) -> Option<Option<Frame>> {
+        let mut claims = link.claims.borrow_mut();
+        if let Some(progress) = claims.as_mut() {
+            let part = self.core.claims_snapshot(progress, CLAIMS_PER_FRAME);
+            if progress.is_done() {
+                *claims = None;
+            }
+            return Some(part);
+        }
+        let mut retained = link.retained.borrow_mut();
+        let progress = retained.as_mut()?;
+        let part = self
+            .core
+            .retained_snapshot(progress, SNAPSHOT_CHUNK_BYTES, now);
+        if progress.is_done() {
+            *retained = None;
+        }
+        Some(part)
+    }
+
+    /// Keep-alives, dead links and the snapshots under way (every 50 ms
+    /// or so).
+    pub fn tick(&self, now: Instant) {
+        let ms = self.ms(now);
+        let mut links: Vec<Rc<Link>> = self.inbound.borrow().clone();
+        links.extend(self.up_or_dialed());
+        for link in links {
+            if link.claims.borrow().is_some() || link.retained.borrow().is_some() {
+                self.feed_snapshots(now, &link);
+            }
+            let tick = link.session.borrow_mut().handle_tick(ms);
+            match tick {
+                Err(e) => self.close(now, &link, &e.to_string()),
+                Ok(true) => {
+                    let ping = if link.outbound && self.me.shard == 0 {
+                        self.core.route_ping()
+                    } else {
+                        Frame::Ping { seq: 0, digest: 0 }
+                    };
+                    let _ = link.session.borrow_mut().send(ms, &ping);
+                    link.wake.notify();
+                }
+                Ok(false) => {}
+            }
+        }
+    }
+
+    /// Every outbound link, in id order.
+    fn up_or_dialed(&self) -> Vec<Rc<Link>> {
+        let mut links: Vec<Rc<Link>> = self.outbound.borrow().values().cloned().collect();
+        links.sort_unstable_by_key(|l| l.id);
+        links
+    }
+
+    fn close(&self, now: Instant, link: &Rc<Link>, why: &str) {
+        if link.closed.replace(true) {
+            return;
+        }
+        self.closed.borrow_mut().push(link.id);
+        link.wake.notify();
+        self.inbound.borrow_mut().retain(|l| l.id != link.id);
+        let peer = link.peer.get();
+        if link.outbound {
+            self.outbound.borrow_mut().remove(&link.id);
+            if let Some(index) = peer {
+                // Dial again after the backoff (started over if the link
+                // had been up a while).
+                self.peers
+                    .borrow_mut()
+                    .link_closed(index, link.id, self.ms(now));
+            }
+            self.recompute_acks();
+        }
+        let name = peer
+            .and_then(|i| self.peers.borrow().node(i).map(|n| n.name.to_string()))
+            .unwrap_or_else(|| "?".into());
+        let dir = if link.outbound { "to" } else { "from" };
+        log::debug!(
+            "cluster: shard {}: link {dir} node {} closed: {why}",
+            self.me.shard,
+            quote(&name)
+        );
+    }
+
+    /// Act on what a link's session reported.
+    fn process(&self, now: Instant, link: &Rc<Link>) {
+        loop {
+            let ev = link.session.borrow_mut().poll_event();
+            let Some(ev) = ev else {
+                break;
+            };
+            match ev {
+                LinkEvent::Up(h) => self.link_up(now, link, h),
+                LinkEvent::Frame(f) => self.frame(now, link, f),
+            }
+            if link.closed.get() {
+                return;
+            }
+        }
+        link.wake.notify();
+    }
+
+    fn link_up(&self, now: Instant, link: &Rc<Link>, h: Hello) {
+        let ms = self.ms(now);
+        if link.outbound {
+            let Some(index) = link.peer.get() else {
+                return;
+            };
+            *link.hello.borrow_mut() = Some(h.clone());
+            // The wills of this shard's clients, whole, before any change.
+            let wills = self.core.will_snapshot(SNAPSHOT_CHUNK_BYTES, now);
+            let mut s = link.session.borrow_mut();
+            for f in &wills {
+                s.force_send(ms, f);
+            }
+            drop(s);
+            // Its live connections' claims (so connections a partition
+            // let live on both sides meet) and its retained messages, a
+            // part at a time as the link drains (`feed_snapshots`).
+            *link.claims.borrow_mut() = Some(ClaimsSnapshot::default());
+            *link.retained.borrow_mut() = Some(RetainedSnapshot::default());
+            self.feed_snapshots(now, link);
+            if self.me.shard == 0 {
+                let frames = self
+                    .core
+                    .start_route_feed(&mut link.feed.borrow_mut(), SNAPSHOT_CHUNK_BYTES);
+                let mut s = link.session.borrow_mut();
+                for f in &frames {
+                    // Past the output bound too: routes are never dropped.
+                    s.force_send(ms, f);
+                }
+                drop(s);
+            }
+            self.recompute_acks();
+            // Messages that waited for the link, in order, before any new
+            // one (they were taken within the output bound).
+            let pending = self.peers.borrow_mut().link_up(index, link.id, ms);
+            let mut s = link.session.borrow_mut();
+            for f in &pending {
+                s.force_send(ms, f);
+            }
+            drop(s);
+            log::info!(
+                "cluster: shard {}: link to node {} (its shard {}) is up",
+                self.me.shard,
+                quote(h.node.as_str()),
+                h.shard
+            );
+            return;
+        }
+        let peers = self.peers.borrow();
+        let index = peers
+            .index_of(h.node.as_str(), h.incarnation)
+            // The node membership knows by that id, not another given it.
+            .filter(|&i| peers.node(i).is_some_and(|n| same_addr(n.addr, h.addr)))
+            // Its shard count as its membership says: a peer cannot make
+            // room for more tables (of wills) than it has shards.
+            .filter(|&i| peers.node(i).is_some_and(|n| n.shards == h.shards));
+        drop(peers);
+        let Some(index) = index else {
+            link.session.borrow_mut().refuse(
+                ms,
+                RefuseReason::NotMember,
+                "not a live member here (yet)",
+            );
+            // Closed once the Refuse is written (`written`).
+            link.closing.set(true);
+            link.wake.notify();
+            return;
+        };
+        link.peer.set(Some(index));
+        *link.hello.borrow_mut() = Some(h.clone());
+        link.session.borrow_mut().welcome(ms);
+        if self.me.shard == 0 && h.shard == 0 {
+            let mut imports = self.imports.borrow_mut();
+            let entry = imports
+                .entry(index)
+                .or_insert_with(|| (RouteImport::new(self.routes_max), link.id));
+            let older = std::mem::replace(&mut entry.1, link.id);
+            drop(imports);
+            if older != link.id {
+                let old = self
+                    .inbound
+                    .borrow()
+                    .iter()
+                    .find(|l| l.id == older)
+                    .cloned();
+                if let Some(old) = old {
+                    self.close(now, &old, "replaced by a newer link");
+                }
+            }
+        }
+    }
+
+    fn frame(&self, now: Instant, link: &Rc<Link>, f: Frame) {
+        if link.closing.get() {
+            return;
+        }
+        if let (Frame::Claims { .. } | Frame::ClaimAcks(_), false) = (&f, link.outbound) {
+            let node = link.hello.borrow().as_ref().map(|h| h.node.clone());
+            let (Some(node), Some(index)) = (node, link.peer.get()) else {
+                return;
+            };
+            match f {
+                Frame::Claims { claims, answer } => {
+                    let from = (node.as_str(), index);
+                    self.core.handle_remote_claims(now, from, claims, answer);
+                }
+                Frame::ClaimAcks(acks) => self.core.handle_claim_acks(acks),
+                _ => {}
+            }
+            return;
+        }
+        if let (Frame::Retained(_), false) = (&f, link.outbound) {
+            if let (Frame::Retained(entries), Some(_)) = (f, link.peer.get()) {
+                self.core.handle_remote_retained(now, entries);
+            }
+            return;
+        }
+        match (&f, link.outbound) {
+            (Frame::Publish(m), false) if link.peer.get().is_some() => {
+                self.core.handle_remote_publish(now, m.clone());
+            }
+            (
+                Frame::RouteSnapshot { .. } | Frame::RouteDelta { .. } | Frame::Ping { .. },
+                false,
+            ) => {
+                let Some(index) = link.peer.get() else {
+                    return;
+                };
+                let mut imports = self.imports.borrow_mut();
+                let Some((import, route_link)) = imports.get_mut(&index) else {
+                    return;
+                };
+                if *route_link != link.id {
+                    return;
+                }
+                match import.apply(&f) {
+                    Ok(applied) => {
+                        drop(imports);
+                        // Acknowledged once every shard here has them
+                        // (BridgeOut::RouteAck).
+                        self.core
+                            .remote_routes(index, &applied.changes, applied.ack);
+                    }
+                    Err(e) => {
+                        drop(imports);
+                        self.warn(
+                            now,
+                            format_args!("routes from a peer refused: {e}; resyncing"),
+                        );
+                        self.close(now, link, "route error");
+                    }
+                }
+            }
+            (Frame::WillSnapshot { .. } | Frame::WillSet(_) | Frame::WillClear { .. }, false) => {
+                let (Some(index), Some(h)) = (link.peer.get(), link.hello.borrow().clone()) else {
+                    return;
+                };
+                let taken = self.core.peer_wills(now, index, h.incarnation, h.shard, &f);
+                if let Err(e) = taken {
+                    self.warn(
+                        now,
+                        format_args!(
+                            "wills from node {} refused: {e}; resyncing",
+                            quote(h.node.as_str())
+                        ),
+                    );
+                    self.close(now, link, "will error");
+                }
+            }
+            (Frame::RouteAck { seq }, true) => {
+                if self.me.shard == 0 && *seq > link.acked.get() {
+                    link.acked.set(*seq);
+                    self.recompute_acks();
+                }
+            }
+            (Frame::Ping { .. }, true) => {}
+            _ => {
+                self.warn(
+                    now,
+                    format_args!("unexpected bridge frame; closing the link"),
+                );
+                self.close(now, link, "unexpected frame");
+            }
+        }
+    }
+
+    /// Move the core's outbox ([`ShardCore::poll_bridge`]) onto the
+    /// links: run whenever the core's bridge wake-up is set.
+    pub fn drain_outbox(&self, now: Instant) {
+        while let Some(out) = self.core.poll_bridge() {
+            self.bridge_out(now, out);
+        }
+    }
+
+    fn bridge_out(&self, now: Instant, out: BridgeOut) {
+        let ms = self.ms(now);
+        match out {
+            BridgeOut::Publish { node, publish } => {
+                let frame = Frame::Publish(publish);
+                let sent = match self.up_link_to(node) {
+                    Some(l) => {
+                        let ok = l.session.borrow_mut().send(ms, &frame).is_ok();
+                        l.wake.notify();
+                        ok
+                    }
+                    None => self.hold_for_link(node, frame),
+                };
+                if !sent {
+                    self.dropped.set(self.dropped.get() + 1);
+                    self.warn(
+                        now,
+                        format_args!(
+                            "a message for node {node} was dropped: no link up, or its output \
+                             full ({} so far)",
+                            self.dropped.get()
+                        ),
+                    );
+                }
+            }
+            BridgeOut::RouteAck { node, seq } => {
+                let route_link = self.imports.borrow().get(&node).map(|(_, id)| *id);
+                let link = route_link
+                    .and_then(|id| self.inbound.borrow().iter().find(|l| l.id == id).cloned());
+                if let Some(l) = link {
+                    l.session
+                        .borrow_mut()
+                        .force_send(ms, &Frame::RouteAck { seq });
+                    l.wake.notify();
+                }
+            }
+            BridgeOut::Retained(entry) => {
+                self.to_every_link(now, &Frame::Retained(vec![entry]), "retained");
+            }
+            BridgeOut::Will(frame) => {
+                self.to_every_link(now, &frame, "will");
+            }
+            BridgeOut::Claim(claim) => {
+                let stamp = claim.stamp;
+                let frame = Frame::Claims {
+                    claims: vec![claim],
+                    answer: true,
+                };
+                let links = self.to_every_link(now, &frame, "claim");
+                // Its CONNACK waits for that many acknowledgements.
+                self.core.claim_sent(stamp, links);
+            }
+            BridgeOut::ClaimAck { node, claim } => {
+                let frame = Frame::ClaimAcks(vec![claim]);
+                match self.up_link_to(node) {
+                    Some(l) => self.force_on(now, &l, &frame, "claim"),
+                    None => {
+                        // Dropped past the bound: the claimant's CONNACK
+                        // then waits its CLAIM_WAIT.
+                        self.hold_for_link(node, frame);
+                    }
+                }
+            }
+            BridgeOut::Route { seq, change } => {
+                for l in self.up_or_dialed() {
+                    // Routes are never dropped; a peer that reads none of
+                    // them loses the link and resyncs.
+                    let frame = l.feed.borrow_mut().change(seq, &change);
+                    if let Some(f) = frame {
+                        self.force_on(now, &l, &f, "route");
+                    }
+                }
+            }
+        }
+    }
+
+    /// An orderly stop: put a Ping on every link up (shard 0's carries
+    /// the route digest), after everything queued. Give the answer to
+    /// [`Bridge::pings_answered`].
+    pub fn ping_links(&self, now: Instant) -> Vec<(LinkId, u64)> {
+        let ms = self.ms(now);
+        self.up_links()
+            .into_iter()
+            .map(|l| {
+                let ping = match self.me.shard {
+                    0 => self.core.route_ping(),
+                    _ => Frame::Ping { seq: 0, digest: 0 },
+                };
+                l.session.borrow_mut().force_send(ms, &ping);
+                l.wake.notify();
+                let (pings, _) = l.session.borrow().pings_answered();
+                (l.id, pings)
+            })
+            .collect()
+    }
+
+    /// Whether the peer of every link of [`Bridge::ping_links`] answered
+    /// (or the link closed): it read everything sent before.
+    pub fn pings_answered(&self, asked: &[(LinkId, u64)]) -> bool {
+        asked.iter().all(|&(id, pings)| {
+            self.link(id)
+                .is_none_or(|l| l.closed.get() || l.session.borrow().pings_answered().1 >= pings)
+        })
+    }
+}

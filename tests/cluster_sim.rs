@@ -1,0 +1,1540 @@
+//! The cluster simulator: several nodes of `ShardCore`s and their
+//! bridges (`shardmq::shard::bridge::Bridge`, the code the runtime runs)
+//! on one thread, a virtual clock, mesh lanes and TCP links delivered in
+//! a seeded order, and simulated clients.
+//!
+//! Each seed builds 2 or 3 nodes of 1 or 2 shards (memory durability),
+//! brings their links up from membership events, connects persistent
+//! subscribers on every node (QoS 1 and 2, `t/#` and single topics) and
+//! waits for their SUBACKs, then runs random steps: QoS 0/1/2 publishes
+//! (some retained, some deleting a retained message) from publishers that
+//! connect on any node and move between nodes (a new connection on another
+//! node while the old one still stands: the cluster's claims must close
+//! it), subscribers that lose their connection and come back, lane and
+//! link deliveries (a link's bytes in pieces of any size), ticks and
+//! outbox drains in any order. Half the seeds add faults: a link that
+//! breaks, a partition between two sides (the links stall until their
+//! keep-alive gives up; membership declares the other side down 1.5 to
+//! 3 s later and up again after the heal), and a node killed and started
+//! again as a new run. A last phase heals everything, reconnects every
+//! client and runs until the cluster is quiet, then checks:
+//!
+//! - without faults, every QoS 1/2 message the broker acknowledged reached
+//!   every matching subscriber (QoS 1 at least once, QoS 2 exactly once);
+//!   with faults, how many did not is counted and reported (nothing is
+//!   replicated yet: a link that breaks or a node that dies loses what
+//!   was on its way, as the README says);
+//! - no QoS 2 delivery was ever duplicated;
+//! - first deliveries from one connection of a publisher on one topic
+//!   came in order;
+//! - a client id has one live connection in the cluster: every older
+//!   connection of a client that connected again on another node was
+//!   closed by the broker;
+//! - every node holds the same retained messages;
+//! - after every input, `ShardCore::check_invariants`.
+//!
+//! `cargo test --release --test cluster_sim`; `SHARDMQ_CLUSTER_SEEDS=N`
+//! runs N seeds (default 30), `SHARDMQ_CLUSTER_SEED=S` replays one,
+//! `SHARDMQ_CLUSTER_FIRST=F` starts at F; `RUST_LOG=debug` prints the
+//! broker's log lines. A seed replays exactly: the broker's hash maps are
+//! seeded from it, and the simulator iterates nothing unordered.
+
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use shardmq::cluster::frame::{Hello, BRIDGE_VERSION};
+use shardmq::cluster::link::LinkSettings;
+use shardmq::cluster::node::{Node, NodeName};
+use shardmq::codec::{
+    self, Connect, Packet, Properties, PubResp, Publish, QoS, SubOptions, Subscribe, Version,
+};
+use shardmq::persist::WallClock;
+use shardmq::shard::bridge::{Bridge, Dial, LinkId, PeerEvent};
+use shardmq::shard::mesh::{Batch, Mesh};
+use shardmq::shard::{Arrival, ConnHandle, Handshake, ShardCore};
+use shardmq::Config;
+
+/// Topics published on, and retained topics.
+const TOPICS: u64 = 4;
+
+#[derive(Debug, Clone)]
+enum Role {
+    Publisher,
+    Subscriber {
+        filter: String,
+        qos: QoS,
+    },
+    /// Reads the retained messages of one node at the end.
+    Probe,
+}
+
+struct Conn {
+    node: usize,
+    run: u64,
+    shard: usize,
+    handle: Rc<ConnHandle>,
+    inbuf: BytesMut,
+}
+
+struct Client {
+    id: String,
+    version: Version,
+    role: Role,
+    /// Subscribers: the node they always connect to.
+    home_node: usize,
+    conn: Option<Conn>,
+    /// Older connections the client left standing (it connected again
+    /// elsewhere): the broker must close every one.
+    stale: Vec<Conn>,
+    next_pid: u16,
+    /// Publishes not finished: packet id → (message seq, released).
+    outgoing: BTreeMap<u16, (u64, bool)>,
+    awaiting_rel: HashSet<u16>,
+    /// Which connection of the client (order is kept per connection).
+    epoch: u64,
+    /// Subscribers: the step their subscription took effect in the
+    /// session they have (None: not subscribed in it).
+    subscribed_at: Option<u64>,
+    connacked: bool,
+    next_seq: u64,
+    /// Probes: topic → payload of the retained messages read.
+    retained: BTreeMap<String, Bytes>,
+}
+
+#[derive(Debug, Clone)]
+struct Sent {
+    topic: String,
+    qos: QoS,
+    acked: bool,
+    step: u64,
+    epoch: u64,
+}
+
+struct Pipe {
+    /// (node, its run, shard, link id) of the dialing and the accepting end.
+    ends: [(usize, u64, usize, LinkId); 2],
+    /// Bytes written by end `i`, not yet read by the other.
+    bytes: [VecDeque<Bytes>; 2],
+    /// End `i` closed its socket: the other reads what is left, then EOF.
+    closed: [bool; 2],
+}
+
+struct NodeSim {
+    name: NodeName,
+    addr: SocketAddr,
+    run: u64,
+    up: bool,
+    cores: Vec<Rc<ShardCore>>,
+    bridges: Vec<Bridge>,
+    lanes: BTreeMap<(usize, usize), VecDeque<Batch>>,
+    /// Peers this node's membership has up, by index.
+    view: BTreeMap<usize, Node>,
+}
+
+struct Sim {
+    rng: Rng,
+    seed: u64,
+    now: Instant,
+    steps: u64,
+    config: Config,
+    shards: usize,
+    nodes: Vec<NodeSim>,
+    pipes: BTreeMap<u64, Pipe>,
+    next_pipe: u64,
+    /// Node pairs cut from each other.
+    cut: BTreeSet<(usize, usize)>,
+    /// Membership changes due: (when, at node, its run then, event). An
+    /// Up names the run that is current when it is told (membership never
+    /// brings back a run it knows was replaced).
+    due: Vec<(Instant, usize, u64, PeerEvent)>,
+    clients: Vec<Client>,
+    sent: BTreeMap<(usize, u64), Sent>,
+    delivered: HashMap<(usize, usize, u64), u32>,
+    last_first: HashMap<(usize, usize, u64, String), u64>,
+    faults: bool,
+    /// Subscribers whose session a crash took: what was owed before is
+    /// not any more.
+    lost_sessions: u64,
+    crashes: u64,
+    partitions: u64,
+    breaks: u64,
+}
+
+fn hello(node: &NodeSim, shard: usize, shards: usize) -> Hello {
+    Hello {
+        version: BRIDGE_VERSION,
+        cluster_tag: 7,
+        node: node.name.clone(),
+        incarnation: node.run,
+        addr: node.addr,
+        shard: shard as u16,
+        shards: shards as u16,
+    }
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let mut rng = Rng(seed);
+        let n = 2 + rng.below(2) as usize;
+        let shards = 1 + rng.below(2) as usize;
+        let faults = rng.chance(500);
+        let mut config = Config::default();
+        config.server.shards = shards;
+        config.storage.durability = "memory".into();
+        config.mqtt.queue_messages_max = 100_000;
+        config.mqtt.inflight_max = 1 + rng.below(8) as u16;
+        let nodes = (0..n)
+            .map(|k| NodeSim {
+                name: NodeName::new(&format!("n{k}")).unwrap(),
+                addr: SocketAddr::from(([10, 0, 0, 1 + k as u8], 7000)),
+                run: 0,
+                up: false,
+                cores: Vec::new(),
+                bridges: Vec::new(),
+                lanes: BTreeMap::new(),
+                view: BTreeMap::new(),
+            })
+            .collect();
+        let mut sim = Sim {
+            rng,
+            seed,
+            now: Instant::now(),
+            steps: 0,
+            config,
+            shards,
+            nodes,
+            pipes: BTreeMap::new(),
+            next_pipe: 0,
+            cut: BTreeSet::new(),
+            due: Vec::new(),
+            clients: Vec::new(),
+            sent: BTreeMap::new(),
+            delivered: HashMap::new(),
+            last_first: HashMap::new(),
+            faults,
+            lost_sessions: 0,
+            crashes: 0,
+            partitions: 0,
+            breaks: 0,
+        };
+        for k in 0..n {
+            sim.start_node(k);
+        }
+        // Every node sees every other up at once.
+        for k in 0..n {
+            for p in 0..n {
+                if p != k {
+                    let node = sim.run_of(p);
+                    sim.peer_event(
+                        k,
+                        PeerEvent::Up {
+                            index: p as u16,
+                            node,
+                        },
+                    );
+                }
+            }
+        }
+        for k in 0..n {
+            for s in 0..2 {
+                let qos = if s == 0 {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::ExactlyOnce
+                };
+                let filter = if sim.rng.chance(500) {
+                    "t/#".to_string()
+                } else {
+                    format!("t/{}", sim.rng.below(TOPICS))
+                };
+                sim.add_client(Role::Subscriber { filter, qos }, k);
+            }
+        }
+        for _ in 0..2 + sim.rng.below(3) {
+            let k = sim.rng.below(n as u64) as usize;
+            sim.add_client(Role::Publisher, k);
+        }
+        sim
+    }
+
+    fn fail(&self, why: &str) -> ! {
+        panic!("seed {}: step {}: {why}", self.seed, self.steps)
+    }
+
+    fn run_of(&self, k: usize) -> Node {
+        let n = &self.nodes[k];
+        Node::new(n.name.clone(), n.addr, n.run, self.shards as u16)
+    }
+
+    fn start_node(&mut self, k: usize) {
+        let shards = self.shards;
+        let mut config = self.config.clone();
+        config.cluster.node_id = self.nodes[k].name.to_string();
+        let node = &mut self.nodes[k];
+        node.run += 1;
+        node.up = true;
+        node.view.clear();
+        node.lanes.clear();
+        let boot = node.run * 1000 + k as u64;
+        node.cores = (0..shards)
+            .map(|id| {
+                let mesh = Mesh::new(id, shards, config.mesh.outbox_messages_max);
+                Rc::new(ShardCore::new(id, shards, config.clone(), mesh, boot))
+            })
+            .collect();
+        let settings = LinkSettings {
+            frame_bytes_max: config.mqtt.packet_size_max_bytes as usize + (64 << 10),
+            out_bytes_max: config.cluster.link_queue_bytes_max,
+            ping_after_ms: 1_000,
+            dead_after_ms: 5_000,
+        };
+        let wall = WallClock::at(self.now, 1_800_000_000_000 + self.steps);
+        node.bridges = (0..shards)
+            .map(|j| {
+                Bridge::new(
+                    node.cores[j].clone(),
+                    hello(node, j, shards),
+                    settings.clone(),
+                    config.cluster.routes_max,
+                    false,
+                    self.now,
+                    wall,
+                )
+            })
+            .collect();
+    }
+
+    fn peer_event(&mut self, k: usize, ev: PeerEvent) {
+        if !self.nodes[k].up {
+            return;
+        }
+        match &ev {
+            PeerEvent::Up { index, node } => {
+                self.nodes[k].view.insert(*index as usize, node.clone());
+            }
+            PeerEvent::Down { index, node } => {
+                if self.nodes[k].view.get(&(*index as usize)) == Some(node) {
+                    self.nodes[k].view.remove(&(*index as usize));
+                }
+            }
+            PeerEvent::Quorum { .. } => {}
+        }
+        for j in 0..self.shards {
+            self.nodes[k].bridges[j].on_peer_event(self.now, ev.clone());
+            self.after(k, j);
+        }
+    }
+
+    /// After any input to shard `j` of node `k`: its mesh batches onto
+    /// the lanes, the links its bridge closed, its invariants.
+    fn after(&mut self, k: usize, j: usize) {
+        let node = &mut self.nodes[k];
+        if !node.up {
+            return;
+        }
+        let core = &node.cores[j];
+        core.check_invariants();
+        for (to, batch) in core.mesh().poll_batches() {
+            core.mesh().sent(batch.len());
+            node.lanes.entry((j, to)).or_default().push_back(batch);
+        }
+        let run = node.run;
+        while let Some(id) = node.bridges[j].poll_closed() {
+            for p in self.pipes.values_mut() {
+                for e in 0..2 {
+                    let (pk, prun, pj, pid) = p.ends[e];
+                    if (pk, prun, pj, pid) == (k, run, j, id) {
+                        p.closed[e] = true;
+                        p.bytes[1 - e].clear();
+                    }
+                }
+            }
+        }
+    }
+
+    fn add_client(&mut self, role: Role, home_node: usize) -> usize {
+        let c = self.clients.len();
+        let version = if self.rng.chance(500) {
+            Version::V5
+        } else {
+            Version::V3_1_1
+        };
+        self.clients.push(Client {
+            id: format!("c{c}"),
+            version,
+            role,
+            home_node,
+            conn: None,
+            stale: Vec::new(),
+            next_pid: 0,
+            outgoing: BTreeMap::new(),
+            awaiting_rel: HashSet::new(),
+            epoch: 0,
+            subscribed_at: None,
+            connacked: false,
+            next_seq: 0,
+            retained: BTreeMap::new(),
+        });
+        self.connect(c, home_node);
+        c
+    }
+
+    fn live_nodes(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&k| self.nodes[k].up)
+            .collect()
+    }
+
+    /// Client `c` connects on node `k` (a publisher: a clean session; a
+    /// subscriber: its persistent one). An older connection stays open.
+    fn connect(&mut self, c: usize, k: usize) {
+        if !self.nodes[k].up {
+            return;
+        }
+        if self.traces(c) {
+            eprintln!(
+                "step {} {} CONNECT on node {k}",
+                self.steps, self.clients[c].id
+            );
+        }
+        let client = &mut self.clients[c];
+        let clean = !matches!(client.role, Role::Subscriber { .. });
+        if clean {
+            client.outgoing.clear();
+        }
+        let mut properties = Properties::default();
+        if client.version == Version::V5 && !clean {
+            properties.session_expiry_interval = Some(u32::MAX);
+        }
+        let connect = Connect {
+            version: client.version,
+            clean_start: clean,
+            keep_alive: 0,
+            client_id: client.id.clone(),
+            will: None,
+            username: None,
+            password: None,
+            properties,
+        };
+        let accepting = self.rng.below(self.shards as u64) as usize;
+        let cores = &self.nodes[k].cores;
+        let (home, assigned) =
+            match cores[accepting].handshake(&connect, Arrival::LOOPBACK, self.now) {
+                Handshake::Serve { assigned, .. } => (accepting, assigned),
+                Handshake::MoveTo { home, assigned, .. } => (home, assigned),
+                Handshake::Refuse { code, .. } => {
+                    self.fail(&format!("CONNECT refused 0x{code:02X}"))
+                }
+            };
+        let handle = match cores[home].attach(self.now, Box::new(connect), assigned) {
+            Ok(h) => h,
+            Err(code) => self.fail(&format!("attach refused 0x{code:02X}")),
+        };
+        let run = self.nodes[k].run;
+        let client = &mut self.clients[c];
+        if let Some(old) = client.conn.take() {
+            if old.node == k && old.run == run {
+                // On one node, a takeover closes it at once.
+            } else {
+                client.stale.push(old);
+            }
+        }
+        client.epoch += 1;
+        client.connacked = false;
+        client.conn = Some(Conn {
+            node: k,
+            run,
+            shard: home,
+            handle,
+            inbuf: BytesMut::new(),
+        });
+        self.after(k, home);
+    }
+
+    fn send(&mut self, c: usize, packet: Packet) {
+        let Some(conn) = &self.clients[c].conn else {
+            return;
+        };
+        let (k, j, handle) = (conn.node, conn.shard, conn.handle.clone());
+        if handle.is_closing() {
+            return;
+        }
+        if self.traces(c) {
+            eprintln!(
+                "step {} {} ({k}, {j}) -> {packet:?}",
+                self.steps, self.clients[c].id
+            );
+        }
+        self.nodes[k].cores[j].handle_packet(&handle, self.now, packet);
+        self.after(k, j);
+    }
+
+    /// Read what the broker wrote to client `c` and answer.
+    fn read(&mut self, c: usize) {
+        loop {
+            let Some(conn) = &mut self.clients[c].conn else {
+                return;
+            };
+            let (k, j, handle) = (conn.node, conn.shard, conn.handle.clone());
+            let version = self.clients[c].version;
+            let mut packets = Vec::new();
+            let closing = handle.is_closing();
+            if closing {
+                packets.extend(handle.poll_last_packets());
+            } else {
+                let mut out = BytesMut::new();
+                self.nodes[k].cores[j].poll_transmit(&handle, &mut out, 1 << 20);
+                self.after(k, j);
+                let conn = self.clients[c].conn.as_mut().unwrap();
+                conn.inbuf.extend_from_slice(&out);
+                while let Some(p) = codec::decode(&mut conn.inbuf, version, 1 << 24)
+                    .unwrap_or_else(|e| panic!("undecodable output: {e}"))
+                {
+                    packets.push(p);
+                }
+            }
+            let got = !packets.is_empty();
+            for p in packets {
+                self.on_packet(c, p);
+            }
+            if closing {
+                self.clients[c].conn = None;
+                return;
+            }
+            if !got {
+                return;
+            }
+        }
+    }
+
+    fn event(&self, what: std::fmt::Arguments<'_>) {
+        if std::env::var("SHARDMQ_CLUSTER_TRACE").is_ok() {
+            eprintln!("step {} {what}", self.steps);
+        }
+    }
+
+    fn traces(&self, c: usize) -> bool {
+        std::env::var("SHARDMQ_CLUSTER_TRACE").is_ok_and(|t| t == self.clients[c].id || t == "all")
+    }
+
+    fn on_packet(&mut self, c: usize, packet: Packet) {
+        if self.traces(c) {
+            let conn = self.clients[c].conn.as_ref().map(|c| (c.node, c.shard));
+            eprintln!(
+                "step {} {} {conn:?} <- {packet:?}",
+                self.steps, self.clients[c].id
+            );
+        }
+        match packet {
+            Packet::ConnAck(ack) => {
+                if ack.reason != 0 {
+                    self.fail(&format!(
+                        "{} refused: 0x{:02X}",
+                        self.clients[c].id, ack.reason
+                    ));
+                }
+                let client = &mut self.clients[c];
+                client.connacked = true;
+                match client.role.clone() {
+                    Role::Subscriber { filter, qos } => {
+                        if client.subscribed_at.is_some() && !ack.session_present {
+                            // Only a crash of its node may take it.
+                            let id = client.id.clone();
+                            self.fail(&format!("{id}: its session was lost"));
+                        }
+                        if client.subscribed_at.is_none() {
+                            let pid = client.pid();
+                            let sub = Subscribe {
+                                packet_id: pid,
+                                filters: vec![(filter, sub_options(qos))],
+                                properties: Properties::default(),
+                            };
+                            self.send(c, Packet::Subscribe(sub));
+                        }
+                    }
+                    Role::Probe => {
+                        let pid = client.pid();
+                        let sub = Subscribe {
+                            packet_id: pid,
+                            filters: vec![("r/#".into(), sub_options(QoS::AtLeastOnce))],
+                            properties: Properties::default(),
+                        };
+                        self.send(c, Packet::Subscribe(sub));
+                    }
+                    Role::Publisher => {}
+                }
+            }
+            Packet::Publish(p) => self.on_publish(c, p),
+            Packet::PubAck(r) => {
+                if let Some((seq, _)) = self.clients[c].outgoing.remove(&r.packet_id) {
+                    self.acked(seq, r.reason);
+                }
+            }
+            Packet::PubRec(r) => {
+                let pid = r.packet_id;
+                let Some(&(seq, released)) = self.clients[c].outgoing.get(&pid) else {
+                    return;
+                };
+                if r.reason >= 0x80 {
+                    self.clients[c].outgoing.remove(&pid);
+                    self.acked(seq, r.reason);
+                    return;
+                }
+                if !released {
+                    self.clients[c].outgoing.insert(pid, (seq, true));
+                    self.acked(seq, r.reason);
+                }
+                self.send(c, Packet::PubRel(resp(pid)));
+            }
+            Packet::PubComp(r) => {
+                self.clients[c].outgoing.remove(&r.packet_id);
+            }
+            Packet::PubRel(r) => {
+                self.clients[c].awaiting_rel.remove(&r.packet_id);
+                self.send(c, Packet::PubComp(resp(r.packet_id)));
+            }
+            Packet::SubAck(ack) => {
+                if ack.reasons.iter().any(|&r| r >= 0x80) {
+                    self.fail(&format!("SUBACK refused: {:?}", ack.reasons));
+                }
+                let steps = self.steps;
+                let client = &mut self.clients[c];
+                if client.subscribed_at.is_none() {
+                    client.subscribed_at = Some(steps);
+                }
+            }
+            Packet::Disconnect(_) | Packet::PingResp | Packet::UnsubAck(_) => {}
+            other => self.fail(&format!("a client got {other:?}")),
+        }
+    }
+
+    fn acked(&mut self, seq_key: u64, reason: u8) {
+        if reason < 0x80 {
+            if let Some(s) = self.sent.get_mut(&unpack(seq_key)) {
+                s.acked = true;
+            }
+        }
+    }
+
+    fn on_publish(&mut self, c: usize, p: Publish) {
+        let text = std::str::from_utf8(&p.payload).expect("payloads are text");
+        if let Role::Probe = self.clients[c].role {
+            if p.qos == QoS::AtLeastOnce {
+                self.send(c, Packet::PubAck(resp(p.packet_id)));
+            }
+            if p.retain {
+                self.clients[c]
+                    .retained
+                    .insert(p.topic.to_string(), p.payload.clone());
+            }
+            return;
+        }
+        let mut fields = text.split(':');
+        let (from, seq) = (fields.next().unwrap(), fields.next().expect("pub:seq"));
+        let (from, seq): (usize, u64) = (from.parse().unwrap(), seq.parse().unwrap());
+        let Some(sent) = self.sent.get(&(from, seq)).cloned() else {
+            self.fail(&format!("delivered {text}, never published"));
+        };
+        if *p.topic != *sent.topic {
+            self.fail(&format!(
+                "{text} delivered on {}, sent on {}",
+                p.topic, sent.topic
+            ));
+        }
+        let fresh = match p.qos {
+            QoS::AtMostOnce => true,
+            QoS::AtLeastOnce => {
+                self.send(c, Packet::PubAck(resp(p.packet_id)));
+                true
+            }
+            QoS::ExactlyOnce => {
+                let fresh = self.clients[c].awaiting_rel.insert(p.packet_id);
+                self.send(c, Packet::PubRec(resp(p.packet_id)));
+                fresh
+            }
+        };
+        if !fresh {
+            return;
+        }
+        let n = self.delivered.entry((c, from, seq)).or_insert(0);
+        *n += 1;
+        if *n > 1 && p.qos == QoS::ExactlyOnce {
+            self.fail(&format!(
+                "{text} delivered twice at QoS 2 to {}",
+                self.clients[c].id
+            ));
+        }
+        if *n == 1 && p.qos != QoS::AtMostOnce && sent.qos != QoS::AtMostOnce && !p.retain {
+            let key = (c, from, sent.epoch, sent.topic.clone());
+            if let Some(&last) = self.last_first.get(&key) {
+                if seq < last {
+                    self.fail(&format!(
+                        "{} got {text} after {from}:{last} on {}: out of order",
+                        self.clients[c].id, sent.topic
+                    ));
+                }
+            }
+            self.last_first.insert(key, seq);
+        }
+    }
+
+    fn publish_next(&mut self, c: usize) {
+        let Some(conn) = &self.clients[c].conn else {
+            return;
+        };
+        if !self.clients[c].connacked || conn.handle.is_closing() {
+            return;
+        }
+        if self.clients[c].outgoing.len() >= 8 {
+            return;
+        }
+        let qos = match self.rng.below(4) {
+            0 => QoS::AtMostOnce,
+            1 | 2 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        let retained = self.rng.chance(100);
+        let topic = if retained {
+            format!("r/{}", self.rng.below(TOPICS))
+        } else {
+            format!("t/{}", self.rng.below(TOPICS))
+        };
+        let client = &mut self.clients[c];
+        client.next_seq += 1;
+        let seq = client.next_seq;
+        let pid = if qos == QoS::AtMostOnce {
+            0
+        } else {
+            client.pid()
+        };
+        if qos != QoS::AtMostOnce {
+            client.outgoing.insert(pid, (pack(c, seq), false));
+        }
+        let payload = if retained && self.rng.chance(200) {
+            Bytes::new() // deletes the retained message
+        } else {
+            Bytes::from(format!("{c}:{seq}"))
+        };
+        self.sent.insert(
+            (c, seq),
+            Sent {
+                topic: topic.clone(),
+                qos,
+                acked: false,
+                step: self.steps,
+                epoch: client.epoch,
+            },
+        );
+        let p = Publish {
+            dup: false,
+            qos,
+            retain: retained,
+            topic: topic.into(),
+            packet_id: pid,
+            properties: Properties::default(),
+            payload,
+        };
+        self.send(c, Packet::Publish(p));
+    }
+
+    // ---- the network ----
+
+    /// Make the dials node `k`'s shard `j` asks for.
+    fn dial(&mut self, k: usize, j: usize) {
+        let dials = self.nodes[k].bridges[j].poll_dials(self.now);
+        for d in dials {
+            self.dial_one(k, j, d);
+        }
+        self.after(k, j);
+    }
+
+    fn dial_one(&mut self, k: usize, j: usize, d: Dial) {
+        let target = (0..self.nodes.len())
+            .find(|&t| self.nodes[t].up && self.nodes[t].addr.ip() == d.addr.ip() && t != k);
+        let reachable = target.filter(|&t| !self.is_cut(k, t));
+        let Some(t) = reachable else {
+            self.nodes[k].bridges[j].dial_failed(self.now, &d, "unreachable");
+            return;
+        };
+        let tj = usize::from(d.addr.port() - self.nodes[t].addr.port());
+        let Some((accepted, _)) = self.nodes[t].bridges[tj].accepted(self.now) else {
+            self.nodes[k].bridges[j].dial_failed(self.now, &d, "refused");
+            return;
+        };
+        let dialed = self.nodes[k].bridges[j].dialed(self.now, &d);
+        let id = self.next_pipe;
+        self.next_pipe += 1;
+        let mut pipe = Pipe {
+            ends: [
+                (k, self.nodes[k].run, j, 0),
+                (t, self.nodes[t].run, tj, accepted),
+            ],
+            bytes: [VecDeque::new(), VecDeque::new()],
+            closed: [false, false],
+        };
+        match dialed {
+            Some((link, _)) => pipe.ends[0].3 = link,
+            None => pipe.closed[0] = true,
+        }
+        self.pipes.insert(id, pipe);
+        self.after(t, tj);
+    }
+
+    fn is_cut(&self, a: usize, b: usize) -> bool {
+        self.cut.contains(&(a.min(b), a.max(b)))
+    }
+
+    /// Move what every live end of every pipe has to write into the pipe.
+    fn collect_writes(&mut self) {
+        self.pipes.retain(|_, p| !(p.closed[0] && p.closed[1]));
+        let ids: Vec<u64> = self.pipes.keys().copied().collect();
+        for id in ids {
+            for e in 0..2 {
+                let p = &self.pipes[&id];
+                if p.closed[e] {
+                    continue;
+                }
+                let (k, run, j, link) = p.ends[e];
+                if !self.nodes[k].up || self.nodes[k].run != run {
+                    continue;
+                }
+                let mut out = Vec::new();
+                while let Some(b) = self.nodes[k].bridges[j].poll_transmit(link) {
+                    out.push(b.freeze());
+                }
+                let wrote = !out.is_empty();
+                self.pipes.get_mut(&id).unwrap().bytes[e].extend(out);
+                if wrote {
+                    self.nodes[k].bridges[j].written(self.now, link);
+                    self.after(k, j);
+                }
+            }
+        }
+    }
+
+    /// Deliver some of what one pipe carries (or its end).
+    fn deliver_pipe(&mut self) -> bool {
+        self.collect_writes();
+        let mut ready: Vec<(u64, usize)> = Vec::new();
+        for (&id, p) in &self.pipes {
+            let (a, b) = (p.ends[0].0, p.ends[1].0);
+            if self.is_cut(a, b) {
+                continue;
+            }
+            for e in 0..2 {
+                if !p.bytes[e].is_empty() || (p.closed[e] && !p.closed[1 - e]) {
+                    ready.push((id, e));
+                }
+            }
+        }
+        if ready.is_empty() {
+            return false;
+        }
+        let (id, e) = *self.rng.pick(&ready);
+        let whole = self.rng.chance(700);
+        let p = self.pipes.get_mut(&id).unwrap();
+        let (k, run, j, link) = p.ends[1 - e];
+        let Some(mut chunk) = p.bytes[e].pop_front() else {
+            // The writer closed: EOF.
+            p.closed[1 - e] = true;
+            self.pipes.remove(&id);
+            if self.nodes[k].up && self.nodes[k].run == run {
+                self.nodes[k].bridges[j].io_closed(self.now, link, "closed by the peer");
+                self.after(k, j);
+            }
+            return true;
+        };
+        if !whole && chunk.len() > 1 {
+            let cut = 1 + self.rng.below(chunk.len() as u64 - 1) as usize;
+            let rest = chunk.split_off(cut);
+            p.bytes[e].push_front(rest);
+        }
+        if p.closed[1 - e] || !self.nodes[k].up || self.nodes[k].run != run {
+            return true;
+        }
+        self.nodes[k].bridges[j].handle_bytes(self.now, link, &chunk);
+        self.after(k, j);
+        true
+    }
+
+    fn deliver_lane(&mut self) -> bool {
+        let mut keys = Vec::new();
+        for (k, n) in self.nodes.iter().enumerate() {
+            for (&(from, to), q) in &n.lanes {
+                if !q.is_empty() && n.up {
+                    keys.push((k, from, to));
+                }
+            }
+        }
+        if keys.is_empty() {
+            return false;
+        }
+        let (k, from, to) = *self.rng.pick(&keys);
+        let batch = self.nodes[k]
+            .lanes
+            .get_mut(&(from, to))
+            .unwrap()
+            .pop_front()
+            .unwrap();
+        let handoffs = self.nodes[k].cores[to].handle_mesh(batch, from, self.now);
+        assert!(handoffs.is_empty(), "the simulator moves no sockets");
+        self.after(k, to);
+        true
+    }
+
+    fn tick(&mut self, k: usize, j: usize) {
+        if !self.nodes[k].up {
+            return;
+        }
+        self.nodes[k].cores[j].handle_tick(self.now);
+        self.after(k, j);
+        while self.nodes[k].cores[j].run_gathers(self.now, 8) {
+            self.after(k, j);
+        }
+        self.nodes[k].bridges[j].tick(self.now);
+        self.after(k, j);
+        self.dial(k, j);
+    }
+
+    fn drain(&mut self, k: usize, j: usize) {
+        if !self.nodes[k].up {
+            return;
+        }
+        self.nodes[k].bridges[j].drain_outbox(self.now);
+        self.after(k, j);
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.now += Duration::from_millis(ms);
+        let now = self.now;
+        let mut due: Vec<(Instant, usize, u64, PeerEvent)> = Vec::new();
+        self.due.retain(|d| {
+            if d.0 <= now {
+                due.push(d.clone());
+                false
+            } else {
+                true
+            }
+        });
+        for (_, k, run, ev) in due {
+            if !self.nodes[k].up || self.nodes[k].run != run {
+                continue;
+            }
+            let ev = match ev {
+                PeerEvent::Up { index, .. } => {
+                    let p = usize::from(index);
+                    if !self.nodes[p].up || self.is_cut(k, p) {
+                        continue;
+                    }
+                    PeerEvent::Up {
+                        index,
+                        node: self.run_of(p),
+                    }
+                }
+                ev => ev,
+            };
+            self.event(format_args!("node {k} membership: {ev:?}"));
+            self.peer_event(k, ev);
+        }
+    }
+
+    /// Membership in the end: every node sees every other live node's
+    /// current run up.
+    fn converge(&mut self) {
+        for k in self.live_nodes() {
+            for p in self.live_nodes() {
+                let run = self.run_of(p);
+                if p != k && self.nodes[k].view.get(&p) != Some(&run) {
+                    let ev = PeerEvent::Up {
+                        index: p as u16,
+                        node: run,
+                    };
+                    self.event(format_args!("node {k} membership: {ev:?}"));
+                    self.peer_event(k, ev);
+                }
+            }
+        }
+    }
+
+    // ---- faults ----
+
+    fn break_link(&mut self) {
+        let ids: Vec<u64> = self.pipes.keys().copied().collect();
+        if ids.is_empty() {
+            return;
+        }
+        let id = *self.rng.pick(&ids);
+        let p = self.pipes.remove(&id).unwrap();
+        self.breaks += 1;
+        self.event(format_args!("link broken: {:?}", p.ends));
+        for e in 0..2 {
+            let (k, run, j, link) = p.ends[e];
+            if !p.closed[e] && self.nodes[k].up && self.nodes[k].run == run {
+                self.nodes[k].bridges[j].io_closed(self.now, link, "reset");
+                self.after(k, j);
+            }
+        }
+    }
+
+    /// Membership on node `k` declares `peer`'s run `node` down after
+    /// `ms`, and (when `back`) up again later.
+    fn schedule(&mut self, at: usize, ev: PeerEvent, ms: u64) {
+        let when = self.now + Duration::from_millis(ms);
+        let run = self.nodes[at].run;
+        self.due.push((when, at, run, ev));
+    }
+
+    fn partition(&mut self) {
+        let n = self.nodes.len();
+        let alone = self.rng.below(n as u64) as usize;
+        self.partitions += 1;
+        self.event(format_args!("partition: node {alone} alone"));
+        for k in 0..n {
+            if k != alone {
+                self.cut.insert((k.min(alone), k.max(alone)));
+                let detect = 1500 + self.rng.below(1500);
+                let (a, b) = (self.run_of(alone), self.run_of(k));
+                self.schedule(
+                    k,
+                    PeerEvent::Down {
+                        index: alone as u16,
+                        node: a,
+                    },
+                    detect,
+                );
+                self.schedule(
+                    alone,
+                    PeerEvent::Down {
+                        index: k as u16,
+                        node: b,
+                    },
+                    detect,
+                );
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        let cut = std::mem::take(&mut self.cut);
+        self.event(format_args!("heal {cut:?}"));
+        // A Down not declared yet never will be: the links are back first.
+        self.due.retain(|(_, at, _, ev)| match ev {
+            PeerEvent::Down { index, .. } => {
+                let (a, b) = (*at, usize::from(*index));
+                !cut.contains(&(a.min(b), a.max(b)))
+            }
+            _ => true,
+        });
+        for (a, b) in cut {
+            if !self.nodes[a].up || !self.nodes[b].up {
+                continue;
+            }
+            let ms = 300 + self.rng.below(700);
+            let (ra, rb) = (self.run_of(a), self.run_of(b));
+            // Declared down first if it was not yet.
+            self.schedule(
+                a,
+                PeerEvent::Up {
+                    index: b as u16,
+                    node: rb,
+                },
+                ms,
+            );
+            self.schedule(
+                b,
+                PeerEvent::Up {
+                    index: a as u16,
+                    node: ra,
+                },
+                ms,
+            );
+        }
+    }
+
+    fn crash(&mut self) {
+        let live = self.live_nodes();
+        if live.len() < 2 {
+            return;
+        }
+        let k = *self.rng.pick(&live);
+        self.crashes += 1;
+        self.event(format_args!("node {k} killed"));
+        let old = self.run_of(k);
+        let node = &mut self.nodes[k];
+        node.up = false;
+        node.cores.clear();
+        node.bridges.clear();
+        node.lanes.clear();
+        // The kernel closes its sockets: the peers read EOF.
+        for p in self.pipes.values_mut() {
+            for e in 0..2 {
+                if p.ends[e].0 == k && p.ends[e].1 == old.incarnation {
+                    p.closed[e] = true;
+                    p.bytes[e].clear();
+                }
+            }
+        }
+        for c in 0..self.clients.len() {
+            let client = &mut self.clients[c];
+            client.stale.retain(|s| s.node != k);
+            if client.conn.as_ref().is_some_and(|s| s.node == k) {
+                client.conn = None;
+            }
+            if let Role::Subscriber { .. } = client.role {
+                if client.home_node == k && client.subscribed_at.is_some() {
+                    // Memory durability: its session died with the node.
+                    client.subscribed_at = None;
+                    client.awaiting_rel.clear();
+                    self.lost_sessions += 1;
+                }
+            }
+        }
+        for p in 0..self.nodes.len() {
+            if p != k && self.nodes[p].up {
+                let ms = 1000 + self.rng.below(2000);
+                self.schedule(
+                    p,
+                    PeerEvent::Down {
+                        index: k as u16,
+                        node: old.clone(),
+                    },
+                    ms,
+                );
+            }
+        }
+    }
+
+    fn restart(&mut self) {
+        let down: Vec<usize> = (0..self.nodes.len())
+            .filter(|&k| !self.nodes[k].up)
+            .collect();
+        if down.is_empty() {
+            return;
+        }
+        let k = *self.rng.pick(&down);
+        self.start_node(k);
+        let new = self.run_of(k);
+        self.event(format_args!("node {k} started: run {}", new.incarnation));
+        for p in 0..self.nodes.len() {
+            if p == k || !self.nodes[p].up {
+                continue;
+            }
+            let ms = 200 + self.rng.below(1000);
+            self.schedule(
+                p,
+                PeerEvent::Up {
+                    index: k as u16,
+                    node: new.clone(),
+                },
+                ms,
+            );
+            if !self.is_cut(k, p) {
+                let other = self.run_of(p);
+                self.peer_event(
+                    k,
+                    PeerEvent::Up {
+                        index: p as u16,
+                        node: other,
+                    },
+                );
+            }
+        }
+    }
+
+    // ---- the run ----
+
+    fn step(&mut self) {
+        self.steps += 1;
+        let n = self.nodes.len();
+        match self.rng.below(100) {
+            0..=19 => {
+                let pubs: Vec<usize> = (0..self.clients.len())
+                    .filter(|&c| matches!(self.clients[c].role, Role::Publisher))
+                    .collect();
+                let c = *self.rng.pick(&pubs);
+                self.publish_next(c);
+            }
+            20..=34 => {
+                let c = self.rng.below(self.clients.len() as u64) as usize;
+                self.read(c);
+            }
+            35..=49 => {
+                self.deliver_lane();
+            }
+            50..=69 => {
+                self.deliver_pipe();
+            }
+            70..=79 => {
+                let k = self.rng.below(n as u64) as usize;
+                let j = self.rng.below(self.shards as u64) as usize;
+                self.drain(k, j);
+            }
+            80..=89 => {
+                let ms = self.rng.below(30);
+                self.advance(ms);
+                let k = self.rng.below(n as u64) as usize;
+                let j = self.rng.below(self.shards as u64) as usize;
+                self.tick(k, j);
+            }
+            90..=95 => self.client_churn(),
+            _ => {
+                if self.faults {
+                    self.fault();
+                }
+            }
+        }
+    }
+
+    fn client_churn(&mut self) {
+        let c = self.rng.below(self.clients.len() as u64) as usize;
+        let live = self.live_nodes();
+        match self.clients[c].role.clone() {
+            Role::Publisher => {
+                // Connects again on any node, the old connection left
+                // standing half the time.
+                let k = *self.rng.pick(&live);
+                if self.rng.chance(500) {
+                    self.lose_connection(c);
+                }
+                self.connect(c, k);
+            }
+            Role::Subscriber { .. } => {
+                if self.clients[c].conn.is_some() {
+                    self.lose_connection(c);
+                } else {
+                    let k = self.clients[c].home_node;
+                    self.connect(c, k);
+                }
+            }
+            Role::Probe => {}
+        }
+    }
+
+    /// Client `c`'s connection ends without a DISCONNECT.
+    fn lose_connection(&mut self, c: usize) {
+        let Some(conn) = self.clients[c].conn.take() else {
+            return;
+        };
+        let (k, run, j) = (conn.node, conn.run, conn.shard);
+        if self.traces(c) {
+            eprintln!("step {} {} connection lost", self.steps, self.clients[c].id);
+        }
+        if self.nodes[k].up && self.nodes[k].run == run {
+            self.nodes[k].cores[j].handle_connection_lost(&conn.handle, self.now);
+            self.after(k, j);
+        }
+    }
+
+    fn fault(&mut self) {
+        match self.rng.below(10) {
+            0..=3 => self.break_link(),
+            4..=5 if self.cut.is_empty() => self.partition(),
+            4..=6 => self.heal(),
+            7 => self.crash(),
+            _ => self.restart(),
+        }
+    }
+
+    /// Everything delivered, ticked and answered until nothing moves.
+    fn settle(&mut self, rounds: usize) {
+        for _ in 0..rounds {
+            let mut moved = false;
+            for k in 0..self.nodes.len() {
+                for j in 0..self.shards {
+                    self.drain(k, j);
+                }
+            }
+            while self.deliver_lane() {
+                moved = true;
+            }
+            let mut budget = 10_000;
+            while budget > 0 && self.deliver_pipe() {
+                moved = true;
+                budget -= 1;
+            }
+            for c in 0..self.clients.len() {
+                self.read(c);
+            }
+            self.advance(20);
+            for k in 0..self.nodes.len() {
+                for j in 0..self.shards {
+                    self.tick(k, j);
+                }
+            }
+            for k in 0..self.nodes.len() {
+                for j in 0..self.shards {
+                    self.drain(k, j);
+                }
+            }
+            self.collect_writes();
+            if !moved && self.due.is_empty() && self.quiet() {
+                return;
+            }
+        }
+    }
+
+    fn quiet(&self) -> bool {
+        self.pipes
+            .values()
+            .all(|p| p.bytes.iter().all(|b| b.is_empty()))
+            && self
+                .nodes
+                .iter()
+                .all(|n| n.lanes.values().all(|q| q.is_empty()))
+            && self
+                .clients
+                .iter()
+                .all(|c| c.outgoing.is_empty() || c.conn.is_none())
+    }
+
+    fn run(&mut self, steps: u64) {
+        // Links up and subscriptions taken before the first publish.
+        self.settle(200);
+        for c in 0..self.clients.len() {
+            if matches!(self.clients[c].role, Role::Subscriber { .. })
+                && self.clients[c].subscribed_at.is_none()
+            {
+                self.fail(&format!(
+                    "{} has no SUBACK after the start",
+                    self.clients[c].id
+                ));
+            }
+        }
+        for _ in 0..steps {
+            self.step();
+        }
+        // The end: every fault healed, every node up, every client back.
+        self.heal();
+        while self.nodes.iter().any(|n| !n.up) {
+            self.restart();
+        }
+        self.advance(3500);
+        self.converge();
+        self.settle(300);
+        for c in 0..self.clients.len() {
+            if self.clients[c].conn.is_none() {
+                let k = match self.clients[c].role {
+                    Role::Subscriber { .. } => self.clients[c].home_node,
+                    _ => self.rng.below(self.nodes.len() as u64) as usize,
+                };
+                self.connect(c, k);
+            }
+        }
+        // A keep-alive round (5 s) for links that a partition left half dead.
+        for _ in 0..300 {
+            self.advance(20);
+            self.settle(1);
+        }
+        self.settle(500);
+    }
+
+    fn check(&mut self) -> Outcome {
+        // One live connection per client id (not always the newest: two
+        // connections a partition let live meet when it heals, and the
+        // later claim by the clocks wins).
+        for c in 0..self.clients.len() {
+            let client = &self.clients[c];
+            let live: Vec<usize> = client
+                .stale
+                .iter()
+                .chain(client.conn.as_ref())
+                .filter(|s| self.nodes[s.node].up && self.nodes[s.node].run == s.run)
+                .filter(|s| !s.handle.is_closing())
+                .map(|s| s.node)
+                .collect();
+            if live.len() > 1 {
+                self.fail(&format!(
+                    "{}: {} live connections, on nodes {live:?}",
+                    client.id,
+                    live.len()
+                ));
+            }
+        }
+        // What was owed.
+        let mut lost = 0u64;
+        let mut owed = 0u64;
+        for (&(p, seq), s) in &self.sent {
+            if !s.acked || s.qos == QoS::AtMostOnce || !s.topic.starts_with("t/") {
+                continue;
+            }
+            for (c, client) in self.clients.iter().enumerate() {
+                let Role::Subscriber { filter, .. } = &client.role else {
+                    continue;
+                };
+                if !matches(filter, &s.topic) || client.subscribed_at.is_none_or(|at| at >= s.step)
+                {
+                    continue;
+                }
+                owed += 1;
+                if !self.delivered.contains_key(&(c, p, seq)) {
+                    lost += 1;
+                    if !self.faults {
+                        self.fail(&format!(
+                            "{p}:{seq} on {} (acknowledged) never reached {}",
+                            s.topic, client.id
+                        ));
+                    }
+                }
+            }
+        }
+        // The same retained messages on every node.
+        let probes: Vec<usize> = (0..self.nodes.len())
+            .map(|k| self.add_client(Role::Probe, k))
+            .collect();
+        self.settle(300);
+        let first = self.clients[probes[0]].retained.clone();
+        for &c in &probes[1..] {
+            if self.clients[c].retained != first {
+                self.fail(&format!(
+                    "retained messages differ: node 0 has {:?}, node {} has {:?}",
+                    first, self.clients[c].home_node, self.clients[c].retained
+                ));
+            }
+        }
+        Outcome {
+            published: self.sent.len() as u64,
+            owed,
+            lost,
+            crashes: self.crashes,
+            partitions: self.partitions,
+            breaks: self.breaks,
+            lost_sessions: self.lost_sessions,
+            faulty: u64::from(self.faults),
+        }
+    }
+}
+
+impl Client {
+    fn pid(&mut self) -> u16 {
+        loop {
+            self.next_pid = self.next_pid.wrapping_add(1).max(1);
+            if !self.outgoing.contains_key(&self.next_pid) {
+                return self.next_pid;
+            }
+        }
+    }
+}
+
+fn pack(c: usize, seq: u64) -> u64 {
+    ((c as u64) << 40) | seq
+}
+
+fn unpack(v: u64) -> (usize, u64) {
+    ((v >> 40) as usize, v & ((1 << 40) - 1))
+}
+
+fn sub_options(qos: QoS) -> SubOptions {
+    SubOptions {
+        qos,
+        no_local: false,
+        retain_as_published: false,
+        retain_handling: 0,
+    }
+}
+
+fn resp(packet_id: u16) -> PubResp {
+    PubResp {
+        packet_id,
+        reason: 0,
+        properties: Properties::default(),
+    }
+}
+
+fn matches(filter: &str, topic: &str) -> bool {
+    let (mut f, mut t) = (filter.split('/'), topic.split('/'));
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Outcome {
+    published: u64,
+    owed: u64,
+    lost: u64,
+    crashes: u64,
+    partitions: u64,
+    breaks: u64,
+    lost_sessions: u64,
+    faulty: u64,
+}
+
+impl std::ops::AddAssign for Outcome {
+    fn add_assign(&mut self, o: Outcome) {
+        self.published += o.published;
+        self.owed += o.owed;
+        self.lost += o.lost;
+        self.crashes += o.crashes;
+        self.partitions += o.partitions;
+        self.breaks += o.breaks;
+        self.lost_sessions += o.lost_sessions;
+        self.faulty += o.faulty;
+    }
+}
+
+fn run(seed: u64) -> Outcome {
+    shardmq::hash::fix_seeds_on_this_thread(Some(seed));
+    let mut sim = Sim::new(seed);
+    sim.run(1500);
+    sim.check()
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name} must be a number, got {v:?}"))
+    })
+}
+
+#[test]
+fn seeded_cluster_runs() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let seeds: Vec<u64> = match env_u64("SHARDMQ_CLUSTER_SEED") {
+        Some(s) => vec![s],
+        None => {
+            let first = env_u64("SHARDMQ_CLUSTER_FIRST").unwrap_or(1);
+            let n = env_u64("SHARDMQ_CLUSTER_SEEDS").unwrap_or(30);
+            (first..first + n).collect()
+        }
+    };
+    let mut total = Outcome::default();
+    for &seed in &seeds {
+        total += run(seed);
+    }
+    eprintln!(
+        "cluster simulator: {} seeds ({} with faults), {} messages published, {} deliveries \
+         owed, {} of them lost ({} link breaks, {} partitions, {} node crashes, {} sessions \
+         lost with their node)",
+        seeds.len(),
+        total.faulty,
+        total.published,
+        total.owed,
+        total.lost,
+        total.breaks,
+        total.partitions,
+        total.crashes,
+        total.lost_sessions
+    );
+}
+
+#[test]
+fn a_cluster_seed_replays_the_same_run() {
+    let (a, b) = (run(3), run(3));
+    assert_eq!(
+        (a.published, a.owed, a.lost, a.breaks),
+        (b.published, b.owed, b.lost, b.breaks)
+    );
+}
