@@ -53,7 +53,7 @@ use shardmq::cluster::frame::{Hello, BRIDGE_VERSION};
 use shardmq::cluster::link::LinkSettings;
 use shardmq::cluster::node::{Node, NodeName};
 use shardmq::codec::{
-    self, Connect, Packet, Properties, PubResp, Publish, QoS, SubOptions, Subscribe, Version,
+    self, Connect, Packet, Properties, PubResp, Publish, QoS, SubOptions, Subscribe, Version, Will,
 };
 use shardmq::persist::WallClock;
 use shardmq::shard::bridge::{Bridge, Dial, LinkId, PeerEvent};
@@ -106,6 +106,30 @@ struct Client {
     next_seq: u64,
     /// Probes: topic → payload of the retained messages read.
     retained: BTreeMap<String, Bytes>,
+    /// Publishers: the will of the last connection (its message seq).
+    will_seq: Option<u64>,
+    /// Each node's run when that connection's CONNACK came.
+    will_runs: Vec<u64>,
+}
+
+/// What goes wrong in a seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Faults {
+    None,
+    /// Nodes killed and started again; links and the network hold.
+    Crashes,
+    /// Broken links and partitions too.
+    All,
+}
+
+/// A will whose node was killed while its connection was live, every
+/// peer having it: owed by each node that then still ran the run it had
+/// at CONNACK, once it hears that run of the node ended.
+struct PendingWill {
+    key: (usize, u64),
+    node: usize,
+    run: u64,
+    runs: Vec<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +139,10 @@ struct Sent {
     acked: bool,
     step: u64,
     epoch: u64,
+    /// A will: owed once its node is killed while its connection is live
+    /// and every peer had it (see `Sim::crash`), by the nodes other than
+    /// this one.
+    will_of: Option<usize>,
 }
 
 struct Pipe {
@@ -158,7 +186,15 @@ struct Sim {
     sent: BTreeMap<(usize, u64), Sent>,
     delivered: HashMap<(usize, usize, u64), u32>,
     last_first: HashMap<(usize, usize, u64, String), u64>,
-    faults: bool,
+    faults: Faults,
+    /// Publishers' live connections: whether every peer had the will
+    /// when CONNACK came (set then).
+    will_known: HashMap<usize, bool>,
+    pending_wills: Vec<PendingWill>,
+    /// Wills: the nodes that owe each.
+    owed_by: HashMap<(usize, u64), Vec<usize>>,
+    /// Shared group deliveries: the member that got each message.
+    group_got: HashMap<(usize, u64), usize>,
     /// Subscribers whose session a crash took: what was owed before is
     /// not any more.
     lost_sessions: u64,
@@ -184,7 +220,11 @@ impl Sim {
         let mut rng = Rng(seed);
         let n = 2 + rng.below(2) as usize;
         let shards = 1 + rng.below(2) as usize;
-        let faults = rng.chance(500);
+        let faults = match rng.below(4) {
+            0 | 1 => Faults::None,
+            2 => Faults::Crashes,
+            _ => Faults::All,
+        };
         let mut config = Config::default();
         config.server.shards = shards;
         config.storage.durability = "memory".into();
@@ -219,6 +259,10 @@ impl Sim {
             delivered: HashMap::new(),
             last_first: HashMap::new(),
             faults,
+            will_known: HashMap::new(),
+            pending_wills: Vec::new(),
+            owed_by: HashMap::new(),
+            group_got: HashMap::new(),
             lost_sessions: 0,
             crashes: 0,
             partitions: 0,
@@ -256,6 +300,12 @@ impl Sim {
                 };
                 sim.add_client(Role::Subscriber { filter, qos }, k);
             }
+            // A member of one shared group, and a subscriber to the wills.
+            let filter = "$share/g/t/#".to_string();
+            let qos = QoS::AtLeastOnce;
+            sim.add_client(Role::Subscriber { filter, qos }, k);
+            let filter = "w/#".to_string();
+            sim.add_client(Role::Subscriber { filter, qos }, k);
         }
         for _ in 0..2 + sim.rng.below(3) {
             let k = sim.rng.below(n as u64) as usize;
@@ -314,6 +364,26 @@ impl Sim {
     fn peer_event(&mut self, k: usize, ev: PeerEvent) {
         if !self.nodes[k].up {
             return;
+        }
+        // A run that ended, as node k learns it: the wills it had go out.
+        let ended = match &ev {
+            PeerEvent::Down { index, node } => Some((usize::from(*index), node.incarnation + 1)),
+            PeerEvent::Up { index, node } => Some((usize::from(*index), node.incarnation)),
+            PeerEvent::Quorum { .. } => None,
+        };
+        if let Some((p, newer)) = ended {
+            let run = self.nodes[k].run;
+            let owed_by = &mut self.owed_by;
+            self.pending_wills.retain(|w| {
+                if w.node != p || w.run >= newer || w.runs[k] != run {
+                    return true;
+                }
+                let by = owed_by.entry(w.key).or_default();
+                if !by.contains(&k) {
+                    by.push(k);
+                }
+                true
+            });
         }
         match &ev {
             PeerEvent::Up { index, node } => {
@@ -381,6 +451,8 @@ impl Sim {
             connacked: false,
             next_seq: 0,
             retained: BTreeMap::new(),
+            will_seq: None,
+            will_runs: Vec::new(),
         });
         self.connect(c, home_node);
         c
@@ -413,12 +485,37 @@ impl Sim {
         if client.version == Version::V5 && !clean {
             properties.session_expiry_interval = Some(u32::MAX);
         }
+        let will = matches!(client.role, Role::Publisher).then(|| {
+            client.next_seq += 1;
+            let seq = client.next_seq;
+            client.will_seq = Some(seq);
+            Will {
+                topic: format!("w/{c}").into(),
+                payload: Bytes::from(format!("{c}:{seq}")),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: Properties::default(),
+            }
+        });
+        if let Some(w) = &will {
+            let seq = self.clients[c].next_seq;
+            let sent = Sent {
+                topic: w.topic.to_string(),
+                qos: QoS::AtLeastOnce,
+                acked: false,
+                step: self.steps,
+                epoch: self.clients[c].epoch + 1,
+                will_of: None,
+            };
+            self.sent.insert((c, seq), sent);
+        }
+        let client = &mut self.clients[c];
         let connect = Connect {
             version: client.version,
             clean_start: clean,
             keep_alive: 0,
             client_id: client.id.clone(),
-            will: None,
+            will,
             username: None,
             password: None,
             properties,
@@ -539,6 +636,23 @@ impl Sim {
                         "{} refused: 0x{:02X}",
                         self.clients[c].id, ack.reason
                     ));
+                }
+                if let (Role::Publisher, Some(conn)) =
+                    (&self.clients[c].role, &self.clients[c].conn)
+                {
+                    // Every peer has its will when its home shard's links
+                    // to them all were up (CONNACK waited for their
+                    // acknowledgements of its claim, sent after the will).
+                    let (k, j) = (conn.node, conn.shard);
+                    let peers = self.live_nodes().len() - 1;
+                    let known = self.nodes[k].bridges[j].links_up() == peers;
+                    self.will_known.insert(c, known);
+                    let runs = self
+                        .nodes
+                        .iter()
+                        .map(|n| if n.up { n.run } else { 0 })
+                        .collect();
+                    self.clients[c].will_runs = runs;
                 }
                 let client = &mut self.clients[c];
                 client.connacked = true;
@@ -663,6 +777,17 @@ impl Sim {
         if !fresh {
             return;
         }
+        let shared = matches!(&self.clients[c].role,
+            Role::Subscriber { filter, .. } if filter.starts_with("$share/"));
+        if shared {
+            let first = *self.group_got.entry((from, seq)).or_insert(c);
+            if first != c {
+                self.fail(&format!(
+                    "{text} reached two members of the shared group: {} and {}",
+                    self.clients[first].id, self.clients[c].id
+                ));
+            }
+        }
         let n = self.delivered.entry((c, from, seq)).or_insert(0);
         *n += 1;
         if *n > 1 && p.qos == QoS::ExactlyOnce {
@@ -730,6 +855,7 @@ impl Sim {
                 acked: false,
                 step: self.steps,
                 epoch: client.epoch,
+                will_of: None,
             },
         );
         let p = Publish {
@@ -1082,6 +1208,26 @@ impl Sim {
             }
         }
         for c in 0..self.clients.len() {
+            let client = &self.clients[c];
+            let live = client
+                .conn
+                .as_ref()
+                .is_some_and(|s| s.node == k && !s.handle.is_closing());
+            if live && client.connacked && self.will_known.get(&c) == Some(&true) {
+                if let Some(seq) = client.will_seq {
+                    let key = (c, seq);
+                    if let Some(s) = self.sent.get_mut(&key) {
+                        s.acked = true;
+                        s.will_of = Some(k);
+                    }
+                    self.pending_wills.push(PendingWill {
+                        key,
+                        node: k,
+                        run: old.incarnation,
+                        runs: client.will_runs.clone(),
+                    });
+                }
+            }
             let client = &mut self.clients[c];
             client.stale.retain(|s| s.node != k);
             if client.conn.as_ref().is_some_and(|s| s.node == k) {
@@ -1177,7 +1323,7 @@ impl Sim {
                 self.drain(k, j);
             }
             80..=89 => {
-                let ms = self.rng.below(30);
+                let ms = self.rng.below(100);
                 self.advance(ms);
                 let k = self.rng.below(n as u64) as usize;
                 let j = self.rng.below(self.shards as u64) as usize;
@@ -1185,7 +1331,7 @@ impl Sim {
             }
             90..=95 => self.client_churn(),
             _ => {
-                if self.faults {
+                if self.faults != Faults::None && self.rng.chance(250) {
                     self.fault();
                 }
             }
@@ -1357,32 +1503,73 @@ impl Sim {
                 ));
             }
         }
-        // What was owed.
+        // What was owed: each acknowledged QoS 1/2 message to each
+        // matching subscriber that had its subscription in the session it
+        // has (to one member of the shared group), and each will of a
+        // killed node's live connection to the wills' subscribers of the
+        // nodes that owe it.
         let mut lost = 0u64;
         let mut owed = 0u64;
+        let mut wills_owed = 0u64;
+        let (mut failure, mut will_failure) = (None, None);
         for (&(p, seq), s) in &self.sent {
-            if !s.acked || s.qos == QoS::AtMostOnce || !s.topic.starts_with("t/") {
+            if !s.acked || s.qos == QoS::AtMostOnce {
                 continue;
             }
+            let owed_by = match s.will_of {
+                Some(_) => self.owed_by.get(&(p, seq)).cloned().unwrap_or_default(),
+                None if s.topic.starts_with("t/") => (0..self.nodes.len()).collect(),
+                None => continue,
+            };
+            let mut group = (false, false);
             for (c, client) in self.clients.iter().enumerate() {
                 let Role::Subscriber { filter, .. } = &client.role else {
                     continue;
                 };
-                if !matches(filter, &s.topic) || client.subscribed_at.is_none_or(|at| at >= s.step)
+                if !matches(filter, &s.topic)
+                    || client.subscribed_at.is_none_or(|at| at >= s.step)
+                    || !owed_by.contains(&client.home_node)
                 {
                     continue;
                 }
+                let got = self.delivered.contains_key(&(c, p, seq));
+                if filter.starts_with("$share/") {
+                    group = (true, group.1 || got);
+                    continue;
+                }
                 owed += 1;
-                if !self.delivered.contains_key(&(c, p, seq)) {
+                wills_owed += u64::from(s.will_of.is_some());
+                if !got {
                     lost += 1;
-                    if !self.faults {
-                        self.fail(&format!(
-                            "{p}:{seq} on {} (acknowledged) never reached {}",
-                            s.topic, client.id
-                        ));
-                    }
+                    let slot = match s.will_of {
+                        Some(_) => &mut will_failure,
+                        None => &mut failure,
+                    };
+                    slot.get_or_insert(format!(
+                        "{p}:{seq} on {} (acknowledged) never reached {}",
+                        s.topic, client.id
+                    ));
                 }
             }
+            if group.0 {
+                owed += 1;
+                if !group.1 {
+                    lost += 1;
+                    failure.get_or_insert(format!(
+                        "{p}:{seq} on {} (acknowledged) reached no member of the shared group",
+                        s.topic
+                    ));
+                }
+            }
+        }
+        // Nothing is replicated yet: a killed node's messages on their way
+        // (or sessions) are lost with it, and so are those on a link that
+        // breaks. Wills are checked where the links hold.
+        if let (Faults::None, Some(why)) = (self.faults, failure) {
+            self.fail(&why);
+        }
+        if let (Faults::None | Faults::Crashes, Some(why)) = (self.faults, will_failure) {
+            self.fail(&why);
         }
         // The same retained messages on every node.
         let probes: Vec<usize> = (0..self.nodes.len())
@@ -1402,11 +1589,12 @@ impl Sim {
             published: self.sent.len() as u64,
             owed,
             lost,
+            wills_owed,
             crashes: self.crashes,
             partitions: self.partitions,
             breaks: self.breaks,
             lost_sessions: self.lost_sessions,
-            faulty: u64::from(self.faults),
+            faulty: u64::from(self.faults != Faults::None),
         }
     }
 }
@@ -1448,6 +1636,10 @@ fn resp(packet_id: u16) -> PubResp {
 }
 
 fn matches(filter: &str, topic: &str) -> bool {
+    let filter = match filter.strip_prefix("$share/") {
+        Some(rest) => rest.split_once('/').map_or(rest, |(_, f)| f),
+        None => filter,
+    };
     let (mut f, mut t) = (filter.split('/'), topic.split('/'));
     loop {
         match (f.next(), t.next()) {
@@ -1465,6 +1657,7 @@ struct Outcome {
     published: u64,
     owed: u64,
     lost: u64,
+    wills_owed: u64,
     crashes: u64,
     partitions: u64,
     breaks: u64,
@@ -1477,6 +1670,7 @@ impl std::ops::AddAssign for Outcome {
         self.published += o.published;
         self.owed += o.owed;
         self.lost += o.lost;
+        self.wills_owed += o.wills_owed;
         self.crashes += o.crashes;
         self.partitions += o.partitions;
         self.breaks += o.breaks;
@@ -1516,12 +1710,13 @@ fn seeded_cluster_runs() {
     }
     eprintln!(
         "cluster simulator: {} seeds ({} with faults), {} messages published, {} deliveries \
-         owed, {} of them lost ({} link breaks, {} partitions, {} node crashes, {} sessions \
+         owed ({} of them wills of killed nodes' clients), {} of them lost ({} link breaks, {} partitions, {} node crashes, {} sessions \
          lost with their node)",
         seeds.len(),
         total.faulty,
         total.published,
         total.owed,
+        total.wills_owed,
         total.lost,
         total.breaks,
         total.partitions,

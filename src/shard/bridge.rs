@@ -480,6 +480,12 @@ impl Bridge {
         self.peers.borrow_mut().hold(index, frame, bytes)
     }
 
+    /// How many peers this shard has a link up to (a new connection's
+    /// claim, and its will, reach those before its CONNACK).
+    pub fn links_up(&self) -> usize {
+        self.up_links().len()
+    }
+
     /// The outbound links whose handshake is done.
     fn up_links(&self) -> Vec<Rc<Link>> {
         let mut links: Vec<Rc<Link>> = self

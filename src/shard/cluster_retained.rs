@@ -9,8 +9,8 @@
 //! ([`ShardCore::retained_snapshot`]), deletes still remembered included.
 //! A version from a peer ([`ShardCore::handle_remote_retained`]) goes to
 //! this node's owner shard of its topic, which keeps it only if it is newer
-//! than its own (and does not send it on: each node sends what it holds
-//! when its links come up). A delete is remembered as a tombstone for
+//! than its own, and then passes it on to its own peers (so a version
+//! reaches every node even when the node that made it dies first). A delete is remembered as a tombstone for
 //! `cluster.retained_tombstone_s`, so an older copy on a node that was away
 //! cannot bring the message back within that time.
 
@@ -128,7 +128,10 @@ impl ShardCore {
             Version::Peer(stamp) => {
                 r.hlc.observe(stamp);
                 let newer = held.is_none_or(|old| wins((stamp, message), old));
-                if !newer {
+                // The same version again (a peer passing on what it got
+                // from this node or a third one) is not a stale one.
+                let same = held.is_some_and(|(s, m)| s == stamp && *m == *message);
+                if !newer && !same {
                     r.retained.stale += 1;
                 }
                 newer.then_some(stamp)
@@ -137,13 +140,14 @@ impl ShardCore {
     }
 
     /// The owner shard kept (`stored`) or deleted a retained topic with
-    /// `stamp`: remember it, and tell the peers when it was made here.
-    pub(super) fn retained_kept(
-        st: &mut State,
-        message: &Arc<Message>,
-        stamp: u64,
-        version: &Version,
-    ) {
+    /// `stamp`: remember it, and tell the peers. A peer's version that won
+    /// here is passed on too: the node that made it may die (or its link
+    /// to a third node break) before every node has it, and a node sends
+    /// its whole store only when its own links come up, so without this a
+    /// node that missed it would keep an older version for as long as its
+    /// links to the others stay up. Each node passes a version on once
+    /// (only when it wins), so a change crosses each link at most once.
+    pub(super) fn retained_kept(st: &mut State, message: &Arc<Message>, stamp: u64) {
         let Some(r) = st.remote.as_mut() else {
             return;
         };
@@ -163,14 +167,12 @@ impl ShardCore {
             c.tombstone_order.insert((stamp, topic.clone()));
             c.tombstones.insert(topic, (stamp, message.clone()));
         }
-        if let Version::Local = version {
-            let entry = RetainedEntry {
-                stamp,
-                message: message.clone(),
-            };
-            r.out.push_back(BridgeOut::Retained(entry));
-            r.wake.notify();
-        }
+        let entry = RetainedEntry {
+            stamp,
+            message: message.clone(),
+        };
+        r.out.push_back(BridgeOut::Retained(entry));
+        r.wake.notify();
     }
 
     /// Retained versions from a peer: each to this node's owner shard of

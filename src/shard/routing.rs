@@ -728,7 +728,7 @@ impl ShardCore {
         if message.payload.is_empty() {
             Self::remove_retained(st, &message.topic);
             Self::durable_retain(st, &message, origin, stamp_ms);
-            Self::retained_kept(st, &message, stamp_ms, &version);
+            Self::retained_kept(st, &message, stamp_ms);
             return;
         }
         if let Some(why) = self.retained_refusal(st, &message) {
@@ -745,7 +745,7 @@ impl ShardCore {
         }
         let topic = message.topic.clone();
         Self::durable_retain(st, &message, origin, stamp_ms);
-        Self::retained_kept(st, &message, stamp_ms, &version);
+        Self::retained_kept(st, &message, stamp_ms);
         Self::insert_retained(st, &topic, message, stamp_ms);
     }
 

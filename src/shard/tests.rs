@@ -793,24 +793,42 @@ fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
     c0.handle_remote_retained(t0, vec![version(stamp - 1, b"older", &topic)]);
     assert_eq!(c0.cluster_stats().retained_stale, 1);
     assert_eq!(held(&c0, &topic).as_deref(), Some(&b"mine"[..]));
-    // A newer one replaces it, and is not sent on to the peers.
+    // A newer one replaces it, and is passed on to the peers (its maker
+    // may die before every node has it); the same version again is
+    // neither stale nor passed on a second time.
     c0.handle_remote_retained(t0, vec![version(stamp + 10, b"newer", &topic)]);
     assert_eq!(held(&c0, &topic).as_deref(), Some(&b"newer"[..]));
+    c0.handle_remote_retained(t0, vec![version(stamp + 10, b"newer", &topic)]);
+    assert_eq!(c0.cluster_stats().retained_stale, 1);
     // A newer delete; then an older copy cannot bring the message back.
     c0.handle_remote_retained(t0, vec![version(stamp + 20, b"", &topic)]);
     c0.handle_remote_retained(t0, vec![version(stamp + 15, b"zombie", &topic)]);
     assert_eq!(held(&c0, &topic), None);
     assert_eq!(c0.cluster_stats().retained_stale, 2);
-    assert!(
-        !bridge_out(&c0)
-            .iter()
-            .any(|o| matches!(o, super::BridgeOut::Retained(_))),
-        "a peer's version is not sent on"
+    let passed_on: Vec<(u64, Bytes)> = bridge_out(&c0)
+        .into_iter()
+        .filter_map(|o| match o {
+            super::BridgeOut::Retained(e) => Some((e.stamp, e.message.payload.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        passed_on,
+        [
+            (stamp + 10, Bytes::from_static(b"newer")),
+            (stamp + 20, Bytes::new())
+        ],
+        "the versions that won are passed on, once each; the stale ones not"
     );
     // A version of a topic shard 1 owns, arriving on shard 0's link.
     c0.handle_remote_retained(t0, vec![version(5, b"theirs", &other)]);
     pump(&[&c0, &c1], t0);
     assert_eq!(held(&c1, &other).as_deref(), Some(&b"theirs"[..]));
+    assert!(
+        bridge_out(&c1).iter().any(|o| matches!(o,
+            super::BridgeOut::Retained(e) if &e.message.payload[..] == b"theirs")),
+        "passed on by its owner shard"
+    );
     // A link that comes up to shard 1: its topic; to shard 0: the delete.
     let parts = |c: &ShardCore| {
         let mut snapshot = super::RetainedSnapshot::default();
