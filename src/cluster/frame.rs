@@ -577,7 +577,7 @@ fn message(b: &mut BytesMut, now: Instant) -> Result<Message, FrameError> {
     };
     let publisher = match u8_(b)? {
         0 => None,
-        1 => Some(Arc::<str>::from(string(b)?)),
+        1 => Some(shared_str(b)?),
         _ => return Err(FrameError::Malformed("publisher flag")),
     };
     let mut rest = b.split();
@@ -703,11 +703,11 @@ fn list<T>(
 
 /// A client id: a non-empty string.
 fn client_id(b: &mut BytesMut) -> Result<Arc<str>, FrameError> {
-    let id = string(b)?;
+    let id = shared_str(b)?;
     if id.is_empty() {
         return Err(FrameError::Malformed("an empty client id"));
     }
-    Ok(Arc::from(id))
+    Ok(id)
 }
 
 fn put_str(out: &mut BytesMut, s: &str) {
@@ -749,6 +749,18 @@ fn u32_(b: &mut BytesMut) -> Result<u32, FrameError> {
 fn u64_(b: &mut BytesMut) -> Result<u64, FrameError> {
     need(b, 8)?;
     Ok(b.get_u64())
+}
+
+/// A string as [`string`] reads it, straight into an `Arc<str>` (one
+/// allocation: every message from a peer carries its publisher's id).
+fn shared_str(b: &mut BytesMut) -> Result<Arc<str>, FrameError> {
+    let n = usize::from(u16_(b)?);
+    need(b, n)?;
+    let s = std::str::from_utf8(&b[..n])
+        .map(Arc::<str>::from)
+        .map_err(|_| FrameError::Malformed("a string not UTF-8"))?;
+    b.advance(n);
+    Ok(s)
 }
 
 fn string(b: &mut BytesMut) -> Result<String, FrameError> {

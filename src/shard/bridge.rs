@@ -25,7 +25,6 @@
 //! ([`Bridge::poll_closed`]). Every input carries the time.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -37,6 +36,7 @@ use crate::cluster::link::{LinkError, LinkEvent, LinkSession, LinkSettings};
 use crate::cluster::node::{same_addr, Node};
 use crate::cluster::peers::PeerLinks;
 use crate::cluster::routes::{RouteFeed, RouteImport};
+use crate::hash::HashMap;
 use crate::shard::notify::Notify;
 use crate::shard::{BridgeOut, ClaimsSnapshot, RetainedSnapshot, ShardCore};
 use crate::text::{quote, suppressed_note, LogGate};
@@ -164,9 +164,9 @@ impl Bridge {
             me,
             settings,
             peers: RefCell::new(peers),
-            outbound: RefCell::new(HashMap::new()),
+            outbound: RefCell::new(HashMap::default()),
             inbound: RefCell::new(Vec::new()),
-            imports: RefCell::new(HashMap::new()),
+            imports: RefCell::new(HashMap::default()),
             next_id: Cell::new(0),
             log_gate: RefCell::new(LogGate::new(10, Duration::from_secs(10))),
             dropped: Cell::new(0),
@@ -765,10 +765,13 @@ impl Bridge {
             }
             return;
         }
-        match (&f, link.outbound) {
-            (Frame::Publish(m), false) if link.peer.get().is_some() => {
-                self.core.handle_remote_publish(now, m.clone());
+        if let (Frame::Publish(_), false) = (&f, link.outbound) {
+            if let (Frame::Publish(m), Some(_)) = (f, link.peer.get()) {
+                self.core.handle_remote_publish(now, m);
             }
+            return;
+        }
+        match (&f, link.outbound) {
             (
                 Frame::RouteSnapshot { .. } | Frame::RouteDelta { .. } | Frame::Ping { .. },
                 false,
