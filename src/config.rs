@@ -419,7 +419,8 @@ pub struct ClusterConfig {
     pub suspect_timeout_ms: u64,
     /// How often a node alone announces itself to `join`.
     pub join_interval_ms: u64,
-    /// Bytes one bridge link holds waiting to be written; past it,
+    /// Bytes of messages one shard keeps for one peer node until it
+    /// confirms them (a broken link is replayed from them); past it,
     /// messages for that node are dropped (counted).
     pub link_queue_bytes_max: usize,
     /// Routes (filters) taken from one peer node at most.

@@ -186,7 +186,8 @@ fn three_nodes_join_in_any_order_and_a_killed_node_is_declared_down_and_comes_ba
             .write_all(&[0, 0, 0, 9, 5, 0, 0, 0, 0, 0, 0, 0, 1])
             .unwrap();
         let mut stranger = std::net::TcpStream::connect(bridge).unwrap();
-        let mut hello = vec![1u8, 0, 2];
+        let mut hello = vec![1u8];
+        hello.extend_from_slice(&shardmq::cluster::frame::BRIDGE_VERSION.to_be_bytes());
         hello.extend_from_slice(&envelope("shardmq")[4..8]);
         hello.extend_from_slice(&[0, 1, b'x']);
         hello.extend_from_slice(&1u64.to_be_bytes());

@@ -79,6 +79,9 @@ struct Conn {
     node: usize,
     run: u64,
     shard: usize,
+    /// When it attached, and the peer runs its home shard was linked to.
+    since: Instant,
+    linked: Vec<(u16, u64)>,
     handle: Rc<ConnHandle>,
     inbuf: BytesMut,
 }
@@ -116,6 +119,8 @@ struct Client {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Faults {
     None,
+    /// Links broken (each side redials; membership sees nothing).
+    Links,
     /// Nodes killed and started again; links and the network hold.
     Crashes,
     /// Broken links and partitions too.
@@ -220,9 +225,10 @@ impl Sim {
         let mut rng = Rng(seed);
         let n = 2 + rng.below(2) as usize;
         let shards = 1 + rng.below(2) as usize;
-        let faults = match rng.below(4) {
-            0 | 1 => Faults::None,
-            2 => Faults::Crashes,
+        let faults = match rng.below(8) {
+            0..=2 => Faults::None,
+            3 => Faults::Links,
+            4 | 5 => Faults::Crashes,
             _ => Faults::All,
         };
         let mut config = Config::default();
@@ -472,8 +478,10 @@ impl Sim {
         }
         if self.traces(c) {
             eprintln!(
-                "step {} {} CONNECT on node {k}",
-                self.steps, self.clients[c].id
+                "step {} {} CONNECT on node {k} (a publisher's will: {c}:{})",
+                self.steps,
+                self.clients[c].id,
+                self.clients[c].next_seq + 1
             );
         }
         let client = &mut self.clients[c];
@@ -545,10 +553,15 @@ impl Sim {
         }
         client.epoch += 1;
         client.connacked = false;
+        let mut linked = self.nodes[k].bridges[home].linked_runs();
+        linked.sort_unstable();
+        let client = &mut self.clients[c];
         client.conn = Some(Conn {
             node: k,
             run,
             shard: home,
+            since: self.now,
+            linked,
             handle,
             inbuf: BytesMut::new(),
         });
@@ -641,11 +654,22 @@ impl Sim {
                     (&self.clients[c].role, &self.clients[c].conn)
                 {
                     // Every peer has its will when its home shard's links
-                    // to them all were up (CONNACK waited for their
-                    // acknowledgements of its claim, sent after the will).
+                    // to every live run were up when it attached and still
+                    // are, and CONNACK came before CLAIM_WAIT (2 s): it
+                    // waited for their acknowledgements of its claim, sent
+                    // after the will on the same links (after CLAIM_WAIT it
+                    // goes without them).
                     let (k, j) = (conn.node, conn.shard);
-                    let peers = self.live_nodes().len() - 1;
-                    let known = self.nodes[k].bridges[j].links_up() == peers;
+                    let live: Vec<(u16, u64)> = self
+                        .live_nodes()
+                        .into_iter()
+                        .filter(|&p| p != k)
+                        .map(|p| (p as u16, self.nodes[p].run))
+                        .collect();
+                    let mut linked = self.nodes[k].bridges[j].linked_runs();
+                    linked.sort_unstable();
+                    let in_time = self.now < conn.since + Duration::from_millis(1900);
+                    let known = in_time && linked == live && conn.linked == live;
                     self.will_known.insert(c, known);
                     let runs = self
                         .nodes
@@ -1379,7 +1403,13 @@ impl Sim {
     }
 
     fn fault(&mut self) {
-        match self.rng.below(10) {
+        let roll = match self.faults {
+            Faults::None => return,
+            Faults::Links => 0,
+            Faults::Crashes => 7 + self.rng.below(3),
+            Faults::All => self.rng.below(10),
+        };
+        match roll {
             0..=3 => self.break_link(),
             4..=5 if self.cut.is_empty() => self.partition(),
             4..=6 => self.heal(),
@@ -1565,10 +1595,12 @@ impl Sim {
         // Nothing is replicated yet: a killed node's messages on their way
         // (or sessions) are lost with it, and so are those on a link that
         // breaks. Wills are checked where the links hold.
-        if let (Faults::None, Some(why)) = (self.faults, failure) {
+        if let (Faults::None | Faults::Links, Some(why)) = (self.faults, failure) {
             self.fail(&why);
         }
-        if let (Faults::None | Faults::Crashes, Some(why)) = (self.faults, will_failure) {
+        if let (Faults::None | Faults::Links | Faults::Crashes, Some(why)) =
+            (self.faults, will_failure)
+        {
             self.fail(&why);
         }
         // The same retained messages on every node.

@@ -28,7 +28,7 @@ use crate::message::Message;
 use crate::router::SharedPick;
 
 /// The bridge protocol version this node speaks.
-pub const BRIDGE_VERSION: u16 = 2;
+pub const BRIDGE_VERSION: u16 = 3;
 /// Bytes before a frame's body: its length and kind.
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Longest topic filter or other string in a frame, in bytes (the MQTT
@@ -54,6 +54,7 @@ mod kind {
     pub const RETAINED: u8 = 12;
     pub const CLAIMS: u8 = 13;
     pub const CLAIM_ACKS: u8 = 14;
+    pub const DELIVERED: u8 = 15;
 }
 
 /// The first frame each side of a link sends.
@@ -148,6 +149,13 @@ pub enum Frame {
     },
     /// Answer to a Ping.
     Pong,
+    /// The receiver of a link's messages has handed every one up to
+    /// [`RemotePublish::seq`] `seq` to its shards: the sender forgets
+    /// them.
+    Delivered {
+        /// The highest message number handed on.
+        seq: u64,
+    },
     /// Part of the sending shard's wills: a snapshot is one or more of
     /// these, from `first` (the receiver starts a new table) to `last`
     /// (the new table replaces the old one).
@@ -227,6 +235,12 @@ pub struct WillEntry {
 /// publishing node chose that node to serve them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RemotePublish {
+    /// Its number in the stream of messages from the sending shard's run
+    /// to the receiving node (1, 2, ...; given by the sender's bridge, 0
+    /// before): a link that breaks is replayed on the next from the first
+    /// message not [`Frame::Delivered`], and the receiver skips those it
+    /// had.
+    pub seq: u64,
     /// The message.
     pub message: Arc<Message>,
     /// For the node's ordinary subscribers.
@@ -319,6 +333,7 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
         }
         Frame::Publish(p) => {
             out.put_u8(kind::PUBLISH);
+            out.put_u64(p.seq);
             out.put_u8(u8::from(p.ordinary));
             out.put_u16(p.shared.len().min(usize::from(u16::MAX)) as u16);
             for pick in p.shared.iter().take(usize::from(u16::MAX)) {
@@ -333,6 +348,10 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u64(*digest);
         }
         Frame::Pong => out.put_u8(kind::PONG),
+        Frame::Delivered { seq } => {
+            out.put_u8(kind::DELIVERED);
+            out.put_u64(*seq);
+        }
         Frame::WillSnapshot { wills, first, last } => {
             out.put_u8(kind::WILL_SNAPSHOT);
             out.put_u8(u8::from(*first));
@@ -476,6 +495,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
         },
         kind::ROUTE_ACK => Frame::RouteAck { seq: u64_(b)? },
         kind::PUBLISH => {
+            let seq = u64_(b)?;
             let ordinary = bool_(b)?;
             let n = usize::from(u16_(b)?);
             if n > b.len() / 4 {
@@ -499,6 +519,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                 });
             }
             Frame::Publish(RemotePublish {
+                seq,
                 message: Arc::new(message(b, now)?),
                 ordinary,
                 shared,
@@ -509,6 +530,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             digest: u64_(b)?,
         },
         kind::PONG => Frame::Pong,
+        kind::DELIVERED => Frame::Delivered { seq: u64_(b)? },
         kind::WILL_SNAPSHOT => {
             let first = bool_(b)?;
             let last = bool_(b)?;
@@ -874,6 +896,7 @@ mod tests {
             },
             Frame::RouteAck { seq: 10 },
             Frame::Publish(RemotePublish {
+                seq: 7,
                 message: Arc::new(message()),
                 ordinary: false,
                 shared: vec![SharedPick {
@@ -890,6 +913,7 @@ mod tests {
             },
             Frame::Ping { seq: 3, digest: 5 },
             Frame::Pong,
+            Frame::Delivered { seq: 9 },
             Frame::WillSnapshot {
                 wills: vec![will_entry("c1", 0), will_entry("c2", 5_000)],
                 first: true,
@@ -948,6 +972,7 @@ mod tests {
         m.expires_at = Some(now + Duration::from_millis(1500));
         let mut buf = BytesMut::new();
         let p = RemotePublish {
+            seq: 1,
             message: Arc::new(m),
             ordinary: true,
             shared: Vec::new(),
@@ -1026,7 +1051,8 @@ mod tests {
         delta.extend_from_slice(b"a#b");
         assert!(bad(&delta).is_err());
         // A node name with a space.
-        let mut hello = vec![kind::HELLO, 0, 2, 0, 0, 0, 0, 0, 3];
+        let [v0, v1] = BRIDGE_VERSION.to_be_bytes();
+        let mut hello = vec![kind::HELLO, v0, v1, 0, 0, 0, 0, 0, 3];
         hello.extend_from_slice(b"a b");
         hello.extend_from_slice(&[0; 12]);
         assert!(bad(&hello).is_err());

@@ -1,6 +1,7 @@
 //! One shard's outbound links to its peers: when to dial each, how long
-//! to back off, what waits for a link that is not up yet, and which run of
-//! a node a link belongs to.
+//! to back off, what waits for a link that is not up yet, which run of a
+//! node a link belongs to, and the messages sent to each run that it has
+//! not confirmed (replayed when a link to it comes up again).
 //!
 //! Sans-IO and clock-free (times are milliseconds the caller gives). The
 //! runtime (`shard::runtime::bridge`) owns the sockets and tasks; it
@@ -47,6 +48,13 @@ struct Peer {
     /// it is, within the link's output bound; dropped if the run ends.
     pending: VecDeque<Frame>,
     pending_bytes: usize,
+    /// Messages numbered for this run and not yet [`Frame::Delivered`],
+    /// with their sizes: written again, in order, on every link that
+    /// comes up to it.
+    unacked: VecDeque<(u64, Frame, usize)>,
+    unacked_bytes: usize,
+    /// The last message number given.
+    seq: u64,
 }
 
 /// What the runtime does when a node comes up.
@@ -84,28 +92,30 @@ impl PeerLinks {
     /// different run held before ended (its link closes, what waited for
     /// it is dropped); the same run again changes nothing.
     pub fn up(&mut self, index: u16, node: Node, now_ms: u64) -> Replaced {
+        let fresh = Peer {
+            node,
+            out: Out::Idle,
+            backoff_ms: BACKOFF_MIN_MS,
+            dial_at_ms: now_ms,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
+            seq: 0,
+        };
+        let node = &fresh.node;
         if let Some(p) = self.peers.get(&index) {
-            if p.node == node {
+            if &p.node == node {
                 return Replaced::default();
             }
         }
-        let old = self.peers.insert(
-            index,
-            Peer {
-                node,
-                out: Out::Idle,
-                backoff_ms: BACKOFF_MIN_MS,
-                dial_at_ms: now_ms,
-                pending: VecDeque::new(),
-                pending_bytes: 0,
-            },
-        );
+        let old = self.peers.insert(index, fresh);
         match old {
             None => Replaced::default(),
             Some(old) => Replaced {
                 ended_run: Some(old.node.incarnation),
                 close: link_of(&old.out),
-                dropped: old.pending.len(),
+                dropped: old.pending.len() + old.unacked.len(),
             },
         }
     }
@@ -117,7 +127,7 @@ impl PeerLinks {
             return None;
         }
         let p = self.peers.remove(&index)?;
-        Some((link_of(&p.out), p.pending.len()))
+        Some((link_of(&p.out), p.pending.len() + p.unacked.len()))
     }
 
     /// The peers whose dial is due at `now_ms`, marked as dialing: their
@@ -223,6 +233,46 @@ impl PeerLinks {
         p.pending_bytes += bytes;
         p.pending.push_back(frame);
         true
+    }
+
+    /// Number message `frame` (a [`Frame::Publish`], `bytes` long) for
+    /// `index`'s run and keep it until that run confirms it: the frame to
+    /// write now if a link is up (else it goes when one comes up). None
+    /// (the caller drops and counts it) past the bound of what a run may
+    /// leave unconfirmed, or for a node not up.
+    pub fn number(&mut self, index: u16, mut frame: Frame, bytes: usize) -> Option<Frame> {
+        let p = self.peers.get_mut(&index)?;
+        if p.unacked_bytes + bytes > self.pending_bytes_max {
+            return None;
+        }
+        p.seq += 1;
+        if let Frame::Publish(m) = &mut frame {
+            m.seq = p.seq;
+        }
+        p.unacked_bytes += bytes;
+        p.unacked.push_back((p.seq, frame.clone(), bytes));
+        Some(frame)
+    }
+
+    /// `index`'s run confirmed every message up to `seq`.
+    pub fn delivered(&mut self, index: u16, seq: u64) {
+        let Some(p) = self.peers.get_mut(&index) else {
+            return;
+        };
+        while p.unacked.front().is_some_and(|(s, _, _)| *s <= seq) {
+            if let Some((_, _, bytes)) = p.unacked.pop_front() {
+                p.unacked_bytes -= bytes;
+            }
+        }
+    }
+
+    /// The messages `index`'s run has not confirmed, in order: for a link
+    /// that came up (the run skips those it had).
+    pub fn unconfirmed(&self, index: u16) -> Vec<Frame> {
+        self.peers
+            .get(&index)
+            .map(|p| p.unacked.iter().map(|(_, f, _)| f.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// The link of `index`, once its handshake is done.
@@ -353,6 +403,59 @@ mod tests {
         // Room again once they went.
         t.link_closed(1, 7, 10);
         assert!(t.hold(1, frame(4), 100));
+    }
+
+    fn message() -> Frame {
+        use crate::cluster::frame::RemotePublish;
+        use crate::message::Message;
+        Frame::Publish(RemotePublish {
+            seq: 0,
+            message: std::sync::Arc::new(Message::from_broker(
+                "t",
+                bytes::Bytes::from_static(b"x"),
+                crate::codec::QoS::AtLeastOnce,
+                false,
+            )),
+            ordinary: true,
+            shared: Vec::new(),
+        })
+    }
+
+    fn seqs(frames: &[Frame]) -> Vec<u64> {
+        frames
+            .iter()
+            .map(|f| match f {
+                Frame::Publish(m) => m.seq,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn messages_are_numbered_kept_until_confirmed_within_the_bound_and_dropped_with_their_run() {
+        let mut t = PeerLinks::new(0, 100);
+        assert!(t.number(1, message(), 10).is_none(), "no such node");
+        t.up(1, node("b", 1), 0);
+        let sent: Vec<Frame> = (0..3).filter_map(|_| t.number(1, message(), 30)).collect();
+        assert_eq!(seqs(&sent), [1, 2, 3]);
+        assert!(t.number(1, message(), 11).is_none(), "past the bound");
+        assert_eq!(seqs(&t.unconfirmed(1)), [1, 2, 3]);
+        // Confirmed up to 2: only 3 is written again on the next link, and
+        // there is room for more.
+        t.delivered(1, 2);
+        assert_eq!(seqs(&t.unconfirmed(1)), [3]);
+        let more: Vec<Frame> = t.number(1, message(), 60).into_iter().collect();
+        assert_eq!(seqs(&more), [4]);
+        t.delivered(1, 9);
+        assert!(t.unconfirmed(1).is_empty());
+        // What a run did not confirm is dropped (and counted) when it ends.
+        t.number(1, message(), 10).unwrap();
+        assert_eq!(t.up(1, node("b", 2), 5).dropped, 1);
+        assert_eq!(
+            seqs(&t.number(1, message(), 10).into_iter().collect::<Vec<_>>()),
+            [1]
+        );
+        assert_eq!(t.down(1, &node("b", 2)), Some((None, 1)));
     }
 
     #[test]

@@ -115,6 +115,9 @@ struct Link {
     /// Outbound on shard 0: the route sequence number the peer has
     /// acknowledged.
     acked: Cell<u64>,
+    /// Inbound: the message number last confirmed to the peer
+    /// ([`Frame::Delivered`]).
+    confirmed: Cell<u64>,
 }
 
 /// One shard's bridge; see the module docs.
@@ -139,6 +142,11 @@ pub struct Bridge {
     dials: RefCell<Vec<Dial>>,
     /// Links closed here whose sockets the runtime still has to shut.
     closed: RefCell<Vec<LinkId>>,
+    /// The messages taken from each peer shard's run: (peer, its shard) →
+    /// (its incarnation, the last message number handed to the core). A
+    /// message a broken link had brought already comes again when the
+    /// link is replayed, and is skipped.
+    received: RefCell<HashMap<(u16, u16), (u64, u64)>>,
 }
 
 impl Bridge {
@@ -172,6 +180,7 @@ impl Bridge {
             dropped: Cell::new(0),
             dials: RefCell::new(Vec::new()),
             closed: RefCell::new(Vec::new()),
+            received: RefCell::new(HashMap::default()),
         };
         bridge.recompute_acks();
         bridge
@@ -236,6 +245,9 @@ impl Bridge {
                     let removals = import.clear();
                     self.core.remote_routes(index, &removals, None);
                 }
+                self.received
+                    .borrow_mut()
+                    .retain(|(peer, _), _| *peer != index);
                 // Every link from that run: nothing it still sends counts.
                 let from_it: Vec<Rc<Link>> = self
                     .inbound
@@ -389,6 +401,7 @@ impl Bridge {
             retained: RefCell::new(None),
             feed: RefCell::new(RouteFeed::new()),
             acked: Cell::new(0),
+            confirmed: Cell::new(0),
         })
     }
 
@@ -470,20 +483,19 @@ impl Bridge {
         self.closed.borrow_mut().pop()
     }
 
-    /// Keep a message for a peer whose link is not up yet, within the
+    /// Keep a frame for a peer whose link is not up yet, within the
     /// link's output bound; false (dropped) past it or for a peer not up.
     fn hold_for_link(&self, index: u16, frame: Frame) -> bool {
-        let bytes = match &frame {
-            Frame::Publish(m) => m.message.cost_bytes() + 64,
-            _ => 64,
-        };
-        self.peers.borrow_mut().hold(index, frame, bytes)
+        self.peers.borrow_mut().hold(index, frame, 64)
     }
 
-    /// How many peers this shard has a link up to (a new connection's
-    /// claim, and its will, reach those before its CONNACK).
-    pub fn links_up(&self) -> usize {
-        self.up_links().len()
+    /// The peers this shard has a link up to, as (index, incarnation): a
+    /// new connection's claim, and its will before it, go to those.
+    pub fn linked_runs(&self) -> Vec<(u16, u64)> {
+        self.up_links()
+            .iter()
+            .filter_map(|l| Some((l.peer.get()?, l.hello.borrow().as_ref()?.incarnation)))
+            .collect()
     }
 
     /// The outbound links whose handshake is done.
@@ -645,7 +657,33 @@ impl Bridge {
                 return;
             }
         }
+        self.confirm(now, link);
         link.wake.notify();
+    }
+
+    /// An inbound link's messages were handed on: tell the peer how far
+    /// (once per read, so a busy link confirms in few frames).
+    fn confirm(&self, now: Instant, link: &Link) {
+        if link.outbound {
+            return;
+        }
+        let from = link
+            .hello
+            .borrow()
+            .as_ref()
+            .map(|h| (h.shard, h.incarnation));
+        let (Some(index), Some((shard, run))) = (link.peer.get(), from) else {
+            return;
+        };
+        let last = self.received.borrow().get(&(index, shard)).copied();
+        if let Some((r, seq)) = last {
+            if r == run && seq > link.confirmed.get() {
+                link.confirmed.set(seq);
+                link.session
+                    .borrow_mut()
+                    .force_send(self.ms(now), &Frame::Delivered { seq });
+            }
+        }
     }
 
     fn link_up(&self, now: Instant, link: &Rc<Link>, h: Hello) {
@@ -683,8 +721,9 @@ impl Bridge {
             // Messages that waited for the link, in order, before any new
             // one (they were taken within the output bound).
             let pending = self.peers.borrow_mut().link_up(index, link.id, ms);
+            let unconfirmed = self.peers.borrow().unconfirmed(index);
             let mut s = link.session.borrow_mut();
-            for f in &pending {
+            for f in pending.iter().chain(&unconfirmed) {
                 s.force_send(ms, f);
             }
             drop(s);
@@ -766,8 +805,23 @@ impl Bridge {
             return;
         }
         if let (Frame::Publish(_), false) = (&f, link.outbound) {
-            if let (Frame::Publish(m), Some(_)) = (f, link.peer.get()) {
-                self.core.handle_remote_publish(now, m);
+            let from = link
+                .hello
+                .borrow()
+                .as_ref()
+                .map(|h| (h.shard, h.incarnation));
+            if let (Frame::Publish(m), Some(index), Some((shard, run))) = (f, link.peer.get(), from)
+            {
+                let mut received = self.received.borrow_mut();
+                let last = received.entry((index, shard)).or_insert((run, 0));
+                if last.0 != run {
+                    *last = (run, 0);
+                }
+                if m.seq > last.1 {
+                    last.1 = m.seq;
+                    drop(received);
+                    self.core.handle_remote_publish(now, m);
+                }
             }
             return;
         }
@@ -827,6 +881,11 @@ impl Bridge {
                 }
             }
             (Frame::Ping { .. }, true) => {}
+            (Frame::Delivered { seq }, true) => {
+                if let Some(index) = link.peer.get() {
+                    self.peers.borrow_mut().delivered(index, *seq);
+                }
+            }
             _ => {
                 self.warn(
                     now,
@@ -849,25 +908,31 @@ impl Bridge {
         let ms = self.ms(now);
         match out {
             BridgeOut::Publish { node, publish } => {
-                let frame = Frame::Publish(publish);
-                let sent = match self.up_link_to(node) {
-                    Some(l) => {
-                        let ok = l.session.borrow_mut().send(ms, &frame).is_ok();
-                        l.wake.notify();
-                        ok
+                let bytes = publish.message.cost_bytes() + 64;
+                let numbered = self
+                    .peers
+                    .borrow_mut()
+                    .number(node, Frame::Publish(publish), bytes);
+                match numbered {
+                    // Kept until the peer confirms it: within the bound of
+                    // what it may leave unconfirmed, so past the link's.
+                    Some(frame) => {
+                        if let Some(l) = self.up_link_to(node) {
+                            l.session.borrow_mut().force_send(ms, &frame);
+                            l.wake.notify();
+                        }
                     }
-                    None => self.hold_for_link(node, frame),
-                };
-                if !sent {
-                    self.dropped.set(self.dropped.get() + 1);
-                    self.warn(
-                        now,
-                        format_args!(
-                            "a message for node {node} was dropped: no link up, or its output \
-                             full ({} so far)",
-                            self.dropped.get()
-                        ),
-                    );
+                    None => {
+                        self.dropped.set(self.dropped.get() + 1);
+                        self.warn(
+                            now,
+                            format_args!(
+                                "a message for node {node} was dropped: the node is not up, or \
+                                 it left cluster.link_queue_bytes_max unconfirmed ({} so far)",
+                                self.dropped.get()
+                            ),
+                        );
+                    }
                 }
             }
             BridgeOut::RouteAck { node, seq } => {

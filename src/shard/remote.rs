@@ -247,6 +247,7 @@ impl ShardCore {
             message,
             ordinary,
             shared,
+            ..
         } = publish;
         let routed = !message.is_expired(now) && {
             let mut plan = self.plan(&mut st, &message, Reach::FromPeer);
@@ -408,6 +409,7 @@ impl ShardCore {
             r.out.push_back(BridgeOut::Publish {
                 node,
                 publish: RemotePublish {
+                    seq: 0,
                     message: message.clone(),
                     ordinary: plan.nodes.contains(&node),
                     shared,

@@ -467,6 +467,7 @@ fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
     bridge_out(&c0);
     let m = qos0_message("t/2");
     let publish = crate::cluster::frame::RemotePublish {
+        seq: 0,
         message: m,
         ordinary: true,
         shared: Vec::new(),
@@ -533,6 +534,7 @@ fn a_shared_subscription_takes_turns_across_nodes() {
     c0.handle_remote_publish(
         t0,
         crate::cluster::frame::RemotePublish {
+            seq: 0,
             message: m,
             ordinary: false,
             shared: vec![pick],
