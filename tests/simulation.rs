@@ -70,6 +70,9 @@
 #[path = "common/rng.rs"]
 mod rng;
 use rng::Rng;
+#[path = "common/model.rs"]
+mod model;
+use model::{matches, resp};
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -79,7 +82,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use shardmq::codec::{
-    self, Connect, Packet, Properties, PubResp, Publish, QoS, SubOptions, Subscribe, Version, Will,
+    self, Connect, Packet, Properties, Publish, QoS, SubOptions, Subscribe, Version, Will,
 };
 use shardmq::config::Durability;
 use shardmq::log::disk::{Disk, MemDisk, SyncFault};
@@ -1827,14 +1830,6 @@ impl Client {
     }
 }
 
-fn resp(packet_id: u16) -> PubResp {
-    PubResp {
-        packet_id,
-        reason: 0,
-        properties: Properties::default(),
-    }
-}
-
 /// PUBLISH of `o` by client `c`: the payload is `c:seq`, then `pad` bytes
 /// after a `:` (seeds that fill the log use large payloads).
 fn publish(c: usize, o: &Outgoing, packet_id: u16, dup: bool, pad: usize) -> Publish {
@@ -1854,22 +1849,6 @@ fn publish(c: usize, o: &Outgoing, packet_id: u16, dup: bool, pad: usize) -> Pub
             message_expiry_interval: o.expiry_s,
             ..Properties::default()
         },
-    }
-}
-
-/// MQTT topic matching, written here so the check does not trust the
-/// broker's matcher.
-fn matches(filter: &str, topic: &str) -> bool {
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return !topic.starts_with('$'),
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
     }
 }
 

@@ -53,8 +53,6 @@ struct Peer {
     /// comes up to it.
     unacked: VecDeque<(u64, Frame, usize)>,
     unacked_bytes: usize,
-    /// The last message number given.
-    seq: u64,
 }
 
 /// What the runtime does when a node comes up.
@@ -75,6 +73,11 @@ pub struct PeerLinks {
     /// Bytes of frames kept for one peer whose link is not up.
     pending_bytes_max: usize,
     peers: HashMap<u16, Peer>,
+    /// The last message number given to each peer index, for the life of
+    /// this process: a peer that declared this node down and back keeps
+    /// its count of what it had from this shard, so numbering must not
+    /// start over when this side sees that peer leave and come back.
+    seqs: HashMap<u16, u64>,
 }
 
 impl PeerLinks {
@@ -85,6 +88,7 @@ impl PeerLinks {
             shard,
             pending_bytes_max,
             peers: HashMap::default(),
+            seqs: HashMap::default(),
         }
     }
 
@@ -101,7 +105,6 @@ impl PeerLinks {
             pending_bytes: 0,
             unacked: VecDeque::new(),
             unacked_bytes: 0,
-            seq: 0,
         };
         let node = &fresh.node;
         if let Some(p) = self.peers.get(&index) {
@@ -245,25 +248,31 @@ impl PeerLinks {
         if p.unacked_bytes + bytes > self.pending_bytes_max {
             return None;
         }
-        p.seq += 1;
+        let seq = self.seqs.entry(index).or_insert(0);
+        *seq += 1;
         if let Frame::Publish(m) = &mut frame {
-            m.seq = p.seq;
+            m.seq = *seq;
         }
         p.unacked_bytes += bytes;
-        p.unacked.push_back((p.seq, frame.clone(), bytes));
+        p.unacked.push_back((*seq, frame.clone(), bytes));
         Some(frame)
     }
 
-    /// `index`'s run confirmed every message up to `seq`.
-    pub fn delivered(&mut self, index: u16, seq: u64) {
+    /// `index`'s run confirmed every message up to `seq`: false when
+    /// `seq` is beyond the last one given (nothing is forgotten then).
+    pub fn delivered(&mut self, index: u16, seq: u64) -> bool {
+        if seq > self.seqs.get(&index).copied().unwrap_or(0) {
+            return false;
+        }
         let Some(p) = self.peers.get_mut(&index) else {
-            return;
+            return true;
         };
         while p.unacked.front().is_some_and(|(s, _, _)| *s <= seq) {
             if let Some((_, _, bytes)) = p.unacked.pop_front() {
                 p.unacked_bytes -= bytes;
             }
         }
+        true
     }
 
     /// The messages `index`'s run has not confirmed, in order: for a link
@@ -442,19 +451,22 @@ mod tests {
         assert_eq!(seqs(&t.unconfirmed(1)), [1, 2, 3]);
         // Confirmed up to 2: only 3 is written again on the next link, and
         // there is room for more.
-        t.delivered(1, 2);
+        assert!(t.delivered(1, 2));
         assert_eq!(seqs(&t.unconfirmed(1)), [3]);
         let more: Vec<Frame> = t.number(1, message(), 60).into_iter().collect();
         assert_eq!(seqs(&more), [4]);
-        t.delivered(1, 9);
+        assert!(t.delivered(1, 4));
         assert!(t.unconfirmed(1).is_empty());
         // What a run did not confirm is dropped (and counted) when it ends.
+        // The numbers go on across runs (a peer that saw this node leave and
+        // come back kept its count), and a confirmation beyond them is
+        // refused.
         t.number(1, message(), 10).unwrap();
         assert_eq!(t.up(1, node("b", 2), 5).dropped, 1);
-        assert_eq!(
-            seqs(&t.number(1, message(), 10).into_iter().collect::<Vec<_>>()),
-            [1]
-        );
+        let next: Vec<Frame> = t.number(1, message(), 10).into_iter().collect();
+        assert_eq!(seqs(&next), [6]);
+        assert!(!t.delivered(1, 7));
+        assert_eq!(seqs(&t.unconfirmed(1)), [6]);
         assert_eq!(t.down(1, &node("b", 2)), Some((None, 1)));
     }
 

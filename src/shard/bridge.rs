@@ -138,8 +138,6 @@ pub struct Bridge {
     log_gate: RefCell<LogGate>,
     /// Messages for a peer with no link up, or whose link was full.
     dropped: Cell<u64>,
-    /// Dials due, not yet taken by the runtime.
-    dials: RefCell<Vec<Dial>>,
     /// Links closed here whose sockets the runtime still has to shut.
     closed: RefCell<Vec<LinkId>>,
     /// The messages taken from each peer shard's run: (peer, its shard) →
@@ -178,7 +176,6 @@ impl Bridge {
             next_id: Cell::new(0),
             log_gate: RefCell::new(LogGate::new(10, Duration::from_secs(10))),
             dropped: Cell::new(0),
-            dials: RefCell::new(Vec::new()),
             closed: RefCell::new(Vec::new()),
             received: RefCell::new(HashMap::default()),
         };
@@ -245,9 +242,6 @@ impl Bridge {
                     let removals = import.clear();
                     self.core.remote_routes(index, &removals, None);
                 }
-                self.received
-                    .borrow_mut()
-                    .retain(|(peer, _), _| *peer != index);
                 // Every link from that run: nothing it still sends counts.
                 let from_it: Vec<Rc<Link>> = self
                     .inbound
@@ -312,12 +306,9 @@ impl Bridge {
     /// The dials due now (peers without a link, past their backoff).
     pub fn poll_dials(&self, now: Instant) -> Vec<Dial> {
         let due = self.peers.borrow_mut().due(self.ms(now));
-        let mut dials = std::mem::take(&mut *self.dials.borrow_mut());
-        dials.extend(
-            due.into_iter()
-                .map(|(index, addr, node)| Dial { index, addr, node }),
-        );
-        dials
+        due.into_iter()
+            .map(|(index, addr, node)| Dial { index, addr, node })
+            .collect()
     }
 
     /// A dial of [`Bridge::poll_dials`] connected: its link, or None when
@@ -882,8 +873,17 @@ impl Bridge {
             }
             (Frame::Ping { .. }, true) => {}
             (Frame::Delivered { seq }, true) => {
-                if let Some(index) = link.peer.get() {
-                    self.peers.borrow_mut().delivered(index, *seq);
+                let Some(index) = link.peer.get() else {
+                    return;
+                };
+                if !self.peers.borrow_mut().delivered(index, *seq) {
+                    self.warn(
+                        now,
+                        format_args!(
+                            "a peer confirmed message {seq}, never sent; closing the link"
+                        ),
+                    );
+                    self.close(now, link, "confirmed what was never sent");
                 }
             }
             _ => {

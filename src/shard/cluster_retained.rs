@@ -130,7 +130,9 @@ impl ShardCore {
                 let newer = held.is_none_or(|old| wins((stamp, message), old));
                 // The same version again (a peer passing on what it got
                 // from this node or a third one) is not a stale one.
-                let same = held.is_some_and(|(s, m)| s == stamp && *m == *message);
+                // (Neither wins: the message's expiry is rebuilt from
+                // what was left of it, so it may differ.)
+                let same = held.is_some_and(|old| !wins(old, (stamp, message)));
                 if !newer && !same {
                     r.retained.stale += 1;
                 }
