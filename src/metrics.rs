@@ -320,6 +320,105 @@ const METRICS: &[Metric] = &[
         label: None,
         value: |r, _| r.log.map(|l| u64::from(l.full || l.others_full > 0)),
     },
+    Metric {
+        name: "shardmq_cluster_links",
+        kind: "gauge",
+        help: "Bridge links of the shard: to peers (out, up or in their handshake) and from them (in).",
+        label: Some(("direction", &["out", "in"])),
+        value: |r, i| {
+            r.cluster
+                .map(|c| [c.bridge.links_out, c.bridge.links_in][i] as u64)
+        },
+    },
+    Metric {
+        name: "shardmq_cluster_link_closes_total",
+        kind: "counter",
+        help: "Bridge links closed: broken, refused, or their peer's run ended.",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.bridge.link_closes),
+    },
+    Metric {
+        name: "shardmq_cluster_messages_dropped_total",
+        kind: "counter",
+        help: "Messages between nodes lost: for a peer (out: no link up within cluster.link_queue_bytes_max, or unconfirmed when its run ended) or from one (in: expired on the way, or the log could not take them).",
+        label: Some(("direction", &["out", "in"])),
+        value: |r, i| {
+            r.cluster
+                .map(|c| [c.bridge.messages_dropped, c.core.remote_dropped][i])
+        },
+    },
+    Metric {
+        name: "shardmq_cluster_messages_replayed_total",
+        kind: "counter",
+        help: "Messages written again on a new link because the peer had not confirmed them on one that broke.",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.bridge.messages_replayed),
+    },
+    Metric {
+        name: "shardmq_cluster_duplicates_skipped_total",
+        kind: "counter",
+        help: "Messages from peers skipped because they had come already (a replay after a broken link).",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.bridge.duplicates_skipped),
+    },
+    Metric {
+        name: "shardmq_cluster_unconfirmed_bytes",
+        kind: "gauge",
+        help: "Bytes of messages sent to peers and not yet confirmed by them (kept to be written again if a link breaks).",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.bridge.unconfirmed_bytes as u64),
+    },
+    Metric {
+        name: "shardmq_cluster_peer_wills",
+        kind: "gauge",
+        help: "Wills held for peers' clients, published here if their node's run ends.",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.core.peer_wills_held as u64),
+    },
+    Metric {
+        name: "shardmq_cluster_peer_wills_total",
+        kind: "counter",
+        help: "Wills of peers' ended runs: published here, cancelled (the client came back in time), or dropped (more than cluster.peer_wills_max waiting).",
+        label: Some(("outcome", &["published", "cancelled", "dropped"])),
+        value: |r, i| {
+            r.cluster.map(|c| {
+                let w = &c.core;
+                [
+                    w.peer_wills_published,
+                    w.peer_wills_cancelled,
+                    w.peer_wills_dropped,
+                ][i]
+            })
+        },
+    },
+    Metric {
+        name: "shardmq_cluster_retained_stale_total",
+        kind: "counter",
+        help: "Retained versions from peers not kept: older than this node's.",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.core.retained_stale),
+    },
+    Metric {
+        name: "shardmq_cluster_tombstones_forgotten_early_total",
+        kind: "counter",
+        help: "Retained deletes forgotten before cluster.retained_tombstone_s: more of them than the shard keeps retained messages.",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.core.tombstones_forgotten_early),
+    },
+    Metric {
+        name: "shardmq_cluster_claims_unanswered_total",
+        kind: "counter",
+        help: "CONNACKs sent after waiting 2 s for a peer's acknowledgement of the client id's claim.",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.core.claims_unanswered),
+    },
+    Metric {
+        name: "shardmq_cluster_takeovers_total",
+        kind: "counter",
+        help: "Connections closed here (DISCONNECT 0x8E) because their client connected later on another node.",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.core.connections_taken_over),
+    },
 ];
 
 /// The text for `GET /metrics`: every metric per shard, `shards` the
@@ -502,5 +601,30 @@ mod tests {
         assert!(text.contains(&format!("{d}_count 2\n")), "{text}");
         // Shard 0 comes first.
         assert!(text.find("{shard=\"0\"}").unwrap() < text.find("{shard=\"1\"}").unwrap());
+    }
+
+    #[test]
+    fn the_cluster_metrics_show_on_a_cluster_node_only() {
+        let alone = render(&[ShardReport::default()], 1);
+        assert!(!alone.contains("shardmq_cluster_"), "{alone}");
+        let mut r = ShardReport::default();
+        let mut c = crate::shard::ClusterReport::default();
+        c.bridge.links_out = 2;
+        c.bridge.messages_dropped = 3;
+        c.core.remote_dropped = 4;
+        c.core.peer_wills_cancelled = 5;
+        c.core.connections_taken_over = 6;
+        r.cluster = Some(c);
+        let text = render(&[r], 1);
+        for line in [
+            "shardmq_cluster_links{shard=\"0\",direction=\"out\"} 2\n",
+            "shardmq_cluster_links{shard=\"0\",direction=\"in\"} 0\n",
+            "shardmq_cluster_messages_dropped_total{shard=\"0\",direction=\"out\"} 3\n",
+            "shardmq_cluster_messages_dropped_total{shard=\"0\",direction=\"in\"} 4\n",
+            "shardmq_cluster_peer_wills_total{shard=\"0\",outcome=\"cancelled\"} 5\n",
+            "shardmq_cluster_takeovers_total{shard=\"0\"} 6\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

@@ -653,9 +653,20 @@ async fn retained_messages_are_kept_on_every_node() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The sum over shards of the metric lines starting with `name` (its
+/// labels included, as far as given) in `/metrics` of `b`.
+fn metric_sum(b: &ChildBroker, name: &str) -> u64 {
+    let text = common::http(b.http_addr(), "GET", "/metrics", "", "").1;
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
 /// One live connection per client id in the cluster: a client id that
 /// connects on another node takes the first connection over (5.0:
-/// DISCONNECT 0x8E), and the later one works.
+/// DISCONNECT 0x8E), and the later one works. The node that closed it
+/// counts it, and shows its links, in its metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_id_connecting_on_another_node_takes_the_first_connection_over() {
     use client::v5::{connect, options, QoS};
@@ -676,6 +687,19 @@ async fn a_client_id_connecting_on_another_node_takes_the_first_connection_over(
         .publish_props_acked("tw/t", b"second works", Default::default())
         .await;
     assert_eq!(&second.next_publish().await.payload[..], b"second works");
+    assert_eq!(metric_sum(&a, "shardmq_cluster_takeovers_total{"), 1);
+    assert_eq!(metric_sum(&b, "shardmq_cluster_takeovers_total{"), 0);
+    // 2 shards, each linked to both peers.
+    let out = "shardmq_cluster_links{shard=";
+    let links: Vec<String> = common::http(a.http_addr(), "GET", "/metrics", "", "")
+        .1
+        .lines()
+        .filter(|l| l.starts_with(out) && l.contains("direction=\"out\""))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(links.len(), 2, "{links:?}");
+    assert!(links.iter().all(|l| l.ends_with(" 2")), "{links:?}");
+    assert_eq!(metric_sum(&a, "shardmq_cluster_messages_dropped_total{"), 0);
     drop((second, publisher, a, b, c));
     let _ = std::fs::remove_dir_all(&dir);
 }

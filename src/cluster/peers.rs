@@ -295,6 +295,11 @@ impl PeerLinks {
         }
     }
 
+    /// Bytes of messages kept until their peers confirm them, all peers.
+    pub fn unconfirmed_bytes(&self) -> usize {
+        self.peers.values().map(|p| p.unacked_bytes).sum()
+    }
+
     /// Every peer's link, up or still in its handshake: (peer, link).
     pub fn links(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
         self.peers

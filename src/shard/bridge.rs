@@ -120,6 +120,29 @@ struct Link {
     confirmed: Cell<u64>,
 }
 
+/// A bridge's links and messages, for a metrics scrape.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BridgeStats {
+    /// Links from this shard to peers, up or in their handshake.
+    pub links_out: usize,
+    /// Links from peers to this shard.
+    pub links_in: usize,
+    /// Links closed (broken, refused, or their peer's run ended).
+    pub link_closes: u64,
+    /// Messages for a peer dropped: no link up and none due within the
+    /// bound, past `cluster.link_queue_bytes_max`, or unconfirmed when
+    /// the peer's run ended.
+    pub messages_dropped: u64,
+    /// Messages written again on a new link because the peer had not
+    /// confirmed them on the one that broke.
+    pub messages_replayed: u64,
+    /// Messages from peers skipped because they had come already (a
+    /// replay of what a broken link had brought).
+    pub duplicates_skipped: u64,
+    /// Bytes of messages peers have not confirmed yet.
+    pub unconfirmed_bytes: usize,
+}
+
 /// One shard's bridge; see the module docs.
 pub struct Bridge {
     core: Rc<ShardCore>,
@@ -145,6 +168,9 @@ pub struct Bridge {
     /// message a broken link had brought already comes again when the
     /// link is replayed, and is skipped.
     received: RefCell<HashMap<(u16, u16), (u64, u64)>>,
+    link_closes: Cell<u64>,
+    replayed: Cell<u64>,
+    duplicates: Cell<u64>,
 }
 
 impl Bridge {
@@ -178,9 +204,26 @@ impl Bridge {
             dropped: Cell::new(0),
             closed: RefCell::new(Vec::new()),
             received: RefCell::new(HashMap::default()),
+            link_closes: Cell::new(0),
+            replayed: Cell::new(0),
+            duplicates: Cell::new(0),
         };
         bridge.recompute_acks();
         bridge
+    }
+
+    /// Its links and message counters now.
+    pub fn stats(&self) -> BridgeStats {
+        let peers = self.peers.borrow();
+        BridgeStats {
+            links_out: peers.links().count(),
+            links_in: self.inbound.borrow().len(),
+            link_closes: self.link_closes.get(),
+            messages_dropped: self.dropped.get(),
+            messages_replayed: self.replayed.get(),
+            duplicates_skipped: self.duplicates.get(),
+            unconfirmed_bytes: peers.unconfirmed_bytes(),
+        }
     }
 
     /// This shard's Hello.
@@ -607,6 +650,7 @@ impl Bridge {
         if link.closed.replace(true) {
             return;
         }
+        self.link_closes.set(self.link_closes.get() + 1);
         self.closed.borrow_mut().push(link.id);
         link.wake.notify();
         self.inbound.borrow_mut().retain(|l| l.id != link.id);
@@ -713,6 +757,8 @@ impl Bridge {
             // one (they were taken within the output bound).
             let pending = self.peers.borrow_mut().link_up(index, link.id, ms);
             let unconfirmed = self.peers.borrow().unconfirmed(index);
+            self.replayed
+                .set(self.replayed.get() + unconfirmed.len() as u64);
             let mut s = link.session.borrow_mut();
             for f in pending.iter().chain(&unconfirmed) {
                 s.force_send(ms, f);
@@ -812,6 +858,8 @@ impl Bridge {
                     last.1 = m.seq;
                     drop(received);
                     self.core.handle_remote_publish(now, m);
+                } else {
+                    self.duplicates.set(self.duplicates.get() + 1);
                 }
             }
             return;

@@ -112,7 +112,7 @@ pub use cluster_retained::RetainedSnapshot;
 pub use connect::{Arrival, CertLogin, Handshake};
 use mesh::{Mesh, RouteKey};
 use notify::Notify;
-pub use remote::{BridgeOut, ClusterStats};
+pub use remote::{BridgeOut, ClusterReport, ClusterStats};
 pub use runtime::last_client;
 use slab::Slab;
 
@@ -461,6 +461,8 @@ pub struct ShardReport {
     pub log: Option<LogStatus>,
     /// Its latency histograms.
     pub latency: Box<latency::Latencies>,
+    /// Its cluster counters; None on a broker that runs alone.
+    pub cluster: Option<ClusterReport>,
 }
 
 /// What a shard's orderly stop closed.
@@ -689,6 +691,10 @@ impl ShardCore {
             mesh: self.mesh.counts(),
             log: self.log_status(),
             latency: Box::new(self.latency.borrow().clone()),
+            cluster: Self::cluster_stats_of(&st).map(|core| ClusterReport {
+                core,
+                bridge: Default::default(),
+            }),
         }
     }
 

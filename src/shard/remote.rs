@@ -74,6 +74,16 @@ pub enum BridgeOut {
     },
 }
 
+/// A cluster node's shard in a metrics scrape: its core's counters and
+/// its bridge's (the runtime fills those in).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterReport {
+    /// The core's cluster counters.
+    pub core: ClusterStats,
+    /// The bridge's links and messages.
+    pub bridge: super::bridge::BridgeStats,
+}
+
 /// A shard's cluster counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ClusterStats {
@@ -368,12 +378,14 @@ impl ShardCore {
 
     /// The shard's cluster counters (all zero outside a cluster).
     pub fn cluster_stats(&self) -> ClusterStats {
-        let st = self.state.borrow();
-        let Some(r) = st.remote.as_ref() else {
-            return ClusterStats::default();
-        };
+        Self::cluster_stats_of(&self.state.borrow()).unwrap_or_default()
+    }
+
+    /// The cluster counters of `st`; None outside a cluster.
+    pub(super) fn cluster_stats_of(st: &State) -> Option<ClusterStats> {
+        let r = st.remote.as_ref()?;
         let (w, c) = (&r.wills, &r.claims);
-        ClusterStats {
+        Some(ClusterStats {
             remote_dropped: r.remote_dropped,
             peer_wills_held: w.held(),
             peer_wills_published: w.published,
@@ -383,7 +395,7 @@ impl ShardCore {
             tombstones_forgotten_early: r.retained.tombstones_forgotten_early,
             claims_unanswered: c.unanswered,
             connections_taken_over: c.taken_over,
-        }
+        })
     }
 
     /// Queue `message` for each remote node the plan names: once per

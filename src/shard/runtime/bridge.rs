@@ -62,6 +62,11 @@ pub(crate) struct BridgeHandle {
 const HAND_OVER_WAIT: Duration = Duration::from_secs(1);
 
 impl BridgeHandle {
+    /// The bridge's links and message counters now.
+    pub(crate) fn stats(&self) -> crate::shard::bridge::BridgeStats {
+        self.io.bridge.stats()
+    }
+
     /// The stopping shard has closed its connections: wait (at most
     /// `wait`, and [`HAND_OVER_WAIT`]) until every peer has read what that
     /// changed of its clients' wills (published, or waiting for their

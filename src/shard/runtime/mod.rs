@@ -246,7 +246,11 @@ pub(crate) async fn run_shard(
                     let _ = done.send(());
                 }
                 Ok(Control::Report(to)) => {
-                    let _ = to.send(shard.report());
+                    let mut report = shard.report();
+                    if let (Some(c), Some(b)) = (report.cluster.as_mut(), bridge.as_ref()) {
+                        c.bridge = b.stats();
+                    }
+                    let _ = to.send(report);
                 }
                 Ok(Control::Sys(topics)) => shard.publish_sys(Instant::now(), topics),
                 Ok(Control::Admin(request, deadline, to)) => {
