@@ -419,6 +419,13 @@ const METRICS: &[Metric] = &[
         label: None,
         value: |r, _| r.cluster.map(|c| c.core.connections_taken_over),
     },
+    Metric {
+        name: "shardmq_cluster_sessions_discarded_total",
+        kind: "counter",
+        help: "Sessions ended here because their client connected with Clean Start on another node.",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.core.sessions_discarded),
+    },
 ];
 
 /// The text for `GET /metrics`: every metric per shard, `shards` the

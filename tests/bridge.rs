@@ -361,6 +361,7 @@ impl Sim {
                             .map(|(id, stamp)| ClaimEntry {
                                 client_id: Arc::from(id.as_str()),
                                 stamp: *stamp,
+                                clean_start: false,
                             })
                             .collect();
                         for part in claims.chunks(4) {
@@ -532,6 +533,7 @@ fn run_seed(seed: u64) -> (u64, u64, u64, u64) {
                 node.claim_outbox.push_back(ClaimEntry {
                     client_id: Arc::from(client.as_str()),
                     stamp,
+                    clean_start: false,
                 });
             }
             if sim.rng.below(150) == 0 {

@@ -185,19 +185,24 @@ fn three_nodes_join_in_any_order_and_a_killed_node_is_declared_down_and_comes_ba
         early
             .write_all(&[0, 0, 0, 9, 5, 0, 0, 0, 0, 0, 0, 0, 1])
             .unwrap();
-        let mut stranger = std::net::TcpStream::connect(bridge).unwrap();
-        let mut hello = vec![1u8];
-        hello.extend_from_slice(&shardmq::cluster::frame::BRIDGE_VERSION.to_be_bytes());
-        hello.extend_from_slice(&envelope("shardmq")[4..8]);
-        hello.extend_from_slice(&[0, 1, b'x']);
-        hello.extend_from_slice(&1u64.to_be_bytes());
-        hello.extend_from_slice(&[0, 0, 0, 1]);
-        let addr = b"127.0.0.1:1";
-        hello.extend_from_slice(&(addr.len() as u16).to_be_bytes());
-        hello.extend_from_slice(addr);
-        let mut frame = (hello.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(&hello);
-        stranger.write_all(&frame).unwrap();
+        // A node it does not know, and one of another protocol version.
+        let version = shardmq::cluster::frame::BRIDGE_VERSION;
+        let strangers = [version, version + 1].map(|version| {
+            let mut stranger = std::net::TcpStream::connect(bridge).unwrap();
+            let mut hello = vec![1u8];
+            hello.extend_from_slice(&version.to_be_bytes());
+            hello.extend_from_slice(&envelope("shardmq")[4..8]);
+            hello.extend_from_slice(&[0, 1, b'x']);
+            hello.extend_from_slice(&1u64.to_be_bytes());
+            hello.extend_from_slice(&[0, 0, 0, 1]);
+            let addr = b"127.0.0.1:1";
+            hello.extend_from_slice(&(addr.len() as u16).to_be_bytes());
+            hello.extend_from_slice(addr);
+            let mut frame = (hello.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(&hello);
+            stranger.write_all(&frame).unwrap();
+            stranger
+        });
         wait_log(&a, "more than the", 10);
         wait_log(&a, "a frame before Hello out of turn", 10);
         for s in [&mut huge, &mut early] {
@@ -206,20 +211,34 @@ fn three_nodes_join_in_any_order_and_a_killed_node_is_declared_down_and_comes_ba
             // Closed, without a Hello.
             assert_eq!(s.read(&mut buf).unwrap_or(0), 0);
         }
-        // The stranger gets a Refuse (kind 2), and no Hello.
-        stranger
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut got = Vec::new();
-        let _ = stranger.read_to_end(&mut got);
-        let mut kinds = Vec::new();
-        let mut rest = &got[..];
-        while rest.len() >= 5 {
-            let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
-            kinds.push(rest[4]);
-            rest = &rest[(4 + len).min(rest.len())..];
+        wait_log(
+            &a,
+            &format!(
+                "bridge protocol version {version} here, {} there",
+                version + 1
+            ),
+            10,
+        );
+        // Each stranger gets a Refuse (kind 2) saying why, and no Hello.
+        for (mut stranger, why) in strangers.into_iter().zip(["not a live member", "version"]) {
+            stranger
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut got = Vec::new();
+            let _ = stranger.read_to_end(&mut got);
+            let mut kinds = Vec::new();
+            let mut rest = &got[..];
+            while rest.len() >= 5 {
+                let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+                kinds.push(rest[4]);
+                rest = &rest[(4 + len).min(rest.len())..];
+            }
+            assert_eq!(kinds, vec![2], "a Refuse only");
+            assert!(
+                String::from_utf8_lossy(&got).contains(why),
+                "{why}: {got:?}"
+            );
         }
-        assert_eq!(kinds, vec![2], "a Refuse only");
     }
 
     // An orderly stop tells the others at once (well before failure
@@ -701,6 +720,36 @@ async fn a_client_id_connecting_on_another_node_takes_the_first_connection_over(
     assert!(links.iter().all(|l| l.ends_with(" 2")), "{links:?}");
     assert_eq!(metric_sum(&a, "shardmq_cluster_messages_dropped_total{"), 0);
     drop((second, publisher, a, b, c));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A client that connects with Clean Start on another node ends the
+/// session it had on the first, as a Clean Start there would: coming back
+/// to the first node finds no session.
+#[test]
+fn a_clean_start_on_another_node_ends_the_session_on_the_first() {
+    use shardmq::codec::{QoS, Version};
+    let dir = temp_dir("cluster-clean");
+    let [a, b, c] = three_nodes(&dir);
+    let (mut first, ack) = common::Raw::connect(a.addr, Version::V3_1_1, "roamer", false);
+    assert!(!ack.session_present);
+    first.subscribe(1, "cs/t", QoS::AtLeastOnce);
+    drop(first);
+    let (on_b, ack) = common::Raw::connect(b.addr, Version::V3_1_1, "roamer", true);
+    assert!(!ack.session_present);
+    wait_log(
+        &a,
+        "cluster: client \"roamer\" started clean on node \"b\": its session here is discarded",
+        10,
+    );
+    assert_eq!(
+        metric_sum(&a, "shardmq_cluster_sessions_discarded_total{"),
+        1
+    );
+    drop(on_b);
+    let (_back, ack) = common::Raw::connect(a.addr, Version::V3_1_1, "roamer", false);
+    assert!(!ack.session_present, "the session on a ended");
+    drop((a, b, c));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

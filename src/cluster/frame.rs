@@ -28,7 +28,7 @@ use crate::message::Message;
 use crate::router::SharedPick;
 
 /// The bridge protocol version this node speaks.
-pub const BRIDGE_VERSION: u16 = 3;
+pub const BRIDGE_VERSION: u16 = 4;
 /// Bytes before a frame's body: its length and kind.
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Longest topic filter or other string in a frame, in bytes (the MQTT
@@ -201,6 +201,10 @@ pub struct ClaimEntry {
     pub client_id: Arc<str>,
     /// Its hybrid-logical-clock stamp (Unix ms).
     pub stamp: u64,
+    /// The client connected with Clean Start: a node where the client id
+    /// has an older session ends it (an answered claim only; a link's
+    /// snapshot of claims never ends a session).
+    pub clean_start: bool,
 }
 
 /// One version of a retained topic (`cluster::retained`).
@@ -691,14 +695,16 @@ fn put_claims(out: &mut BytesMut, claims: &[ClaimEntry]) {
     for c in claims {
         put_str(out, &c.client_id);
         out.put_u64(c.stamp);
+        out.put_u8(u8::from(c.clean_start));
     }
 }
 
 fn claims(b: &mut BytesMut) -> Result<Vec<ClaimEntry>, FrameError> {
-    list(b, 11, "claim count beyond the frame", |b| {
+    list(b, 12, "claim count beyond the frame", |b| {
         Ok(ClaimEntry {
             client_id: client_id(b)?,
             stamp: u64_(b)?,
+            clean_start: bool_(b)?,
         })
     })
 }
@@ -933,10 +939,12 @@ mod tests {
                     ClaimEntry {
                         client_id: Arc::from("dev-1"),
                         stamp: 1_700_000_000_000,
+                        clean_start: true,
                     },
                     ClaimEntry {
                         client_id: Arc::from("d"),
                         stamp: 2,
+                        clean_start: false,
                     },
                 ],
                 answer: true,
@@ -944,6 +952,7 @@ mod tests {
             Frame::ClaimAcks(vec![ClaimEntry {
                 client_id: Arc::from("dev-1"),
                 stamp: 1_700_000_000_000,
+                clean_start: true,
             }]),
             Frame::Retained(vec![
                 RetainedEntry {

@@ -456,7 +456,9 @@ impl Bridge {
         let Some(link) = self.link(id) else {
             return;
         };
-        if link.closed.get() {
+        // A link refused here reads nothing more while its Refuse goes out
+        // (and its keep-alive ends it if the peer never reads that).
+        if link.closed.get() || link.closing.get() {
             return;
         }
         let read = link.session.borrow_mut().handle_bytes(self.ms(now), data);
@@ -475,7 +477,14 @@ impl Bridge {
             if !expected {
                 self.warn(now, format_args!("bridge link error: {e}"));
             }
-            self.close(now, &link, &e.to_string());
+            if let LinkError::Handshake(_) = e {
+                // Its Refuse is queued: closed once written (`written`),
+                // so the peer's log says why.
+                link.closing.set(true);
+                link.wake.notify();
+            } else {
+                self.close(now, &link, &e.to_string());
+            }
         }
     }
 

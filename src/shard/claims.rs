@@ -13,9 +13,12 @@
 //! peer ([`ShardCore::handle_remote_claims`]) goes to this node's home
 //! shard of its client id, which closes its own connection of that client
 //! id if the peer's claim is later, as a takeover on one node would
-//! (DISCONNECT 0x8E to a 5.0 client, the will as for any takeover). The
-//! session stays here, offline, with what it holds; a will waiting for
-//! its delay is cancelled, since its client is back.
+//! (DISCONNECT 0x8E to a 5.0 client, the will as for any takeover). A
+//! will waiting for its delay is cancelled, since its client is back.
+//! When the claim says the client started clean there, the session here
+//! ends (offline or just closed), as a Clean Start here would end it;
+//! otherwise it stays here, offline, with what it holds (sessions do not
+//! move between nodes yet).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,6 +86,9 @@ pub(super) struct Claims {
     links_up: usize,
     /// Connections closed here for a later one on another node.
     pub(super) taken_over: u64,
+    /// Sessions ended here because their client started clean on
+    /// another node.
+    pub(super) discarded: u64,
     /// CONNACKs released after [`CLAIM_WAIT`] without every
     /// acknowledgement.
     pub(super) unanswered: u64,
@@ -100,15 +106,23 @@ impl Claims {
             pending: HashMap::default(),
             links_up: 0,
             taken_over: 0,
+            discarded: 0,
             unanswered: 0,
         }
     }
 }
 
 impl ShardCore {
-    /// A connection attached to session `key` at `now`: stamp its claim,
-    /// tell the peers, and hold its output until they acknowledge it.
-    pub(super) fn claim_connection(&self, st: &mut State, key: SessionKey, now: Instant) {
+    /// A connection attached to session `key` at `now` (with Clean Start:
+    /// `clean_start`): stamp its claim, tell the peers, and hold its
+    /// output until they acknowledge it.
+    pub(super) fn claim_connection(
+        &self,
+        st: &mut State,
+        key: SessionKey,
+        now: Instant,
+        clean_start: bool,
+    ) {
         let links_up = match st.remote.as_ref() {
             Some(r) => r.claims.links_up,
             None => return,
@@ -135,6 +149,7 @@ impl ShardCore {
         r.out.push_back(BridgeOut::Claim(ClaimEntry {
             client_id: client_id.clone(),
             stamp: slot.claim,
+            clean_start,
         }));
         r.wake.notify();
         // Its client is back: a dead run's will of it waiting here goes.
@@ -249,10 +264,12 @@ impl ShardCore {
     }
 
     /// On the home shard: a peer claimed a client id. A live connection
-    /// here with an earlier claim closes; then the claim is acknowledged
-    /// if asked.
+    /// here with an earlier claim closes, and the session too when the
+    /// client started clean there; then the claim is acknowledged if
+    /// asked.
     pub(super) fn claimed_elsewhere(&self, st: &mut State, now: Instant, c: &PeerClaim) {
-        self.apply_peer_claim(st, now, &c.claim.client_id, c.claim.stamp, &c.node);
+        let discard = c.answer && c.claim.clean_start;
+        self.apply_peer_claim(st, now, &c.claim, &c.node, discard);
         if let (true, Some(r)) = (c.answer, st.remote.as_mut()) {
             r.out.push_back(BridgeOut::ClaimAck {
                 node: c.index,
@@ -266,10 +283,11 @@ impl ShardCore {
         &self,
         st: &mut State,
         now: Instant,
-        client_id: &str,
-        stamp: u64,
+        claim: &ClaimEntry,
         node: &str,
+        discard: bool,
     ) {
+        let (client_id, stamp) = (&*claim.client_id, claim.stamp);
         let Some(r) = st.remote.as_mut() else {
             return;
         };
@@ -283,9 +301,44 @@ impl ShardCore {
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
         };
-        if slot.conn.is_none() || !wins((stamp, node), (slot.claim, &me)) {
+        if !wins((stamp, node), (slot.claim, &me)) {
             return;
         }
+        if slot.conn.is_some() {
+            self.close_taken_over(st, now, key, client_id, node);
+        }
+        // The client started clean on that node: the session it had here
+        // ends, as a Clean Start on this node would end it.
+        let still = st.by_client.get(client_id) == Some(&key);
+        if let (true, true, Some(slot)) = (discard, still, st.sessions.get_mut(key)) {
+            slot.session.discard(now);
+            self.drive(st, key, now);
+            if let Some(r) = st.remote.as_mut() {
+                r.claims.discarded += 1;
+            }
+            shard_log!(
+                self,
+                log::Level::Info,
+                "cluster: client {} started clean on node {}: its session here is discarded",
+                quote(client_id),
+                quote(node)
+            );
+        }
+    }
+
+    /// Close session `key`'s connection: its client connected later on
+    /// `node`.
+    fn close_taken_over(
+        &self,
+        st: &mut State,
+        now: Instant,
+        key: SessionKey,
+        client_id: &str,
+        node: &str,
+    ) {
+        let Some(slot) = st.sessions.get_mut(key) else {
+            return;
+        };
         slot.session.takeover(now);
         self.drive(st, key, now);
         // Its client is back (on the other node): a will waiting for its
@@ -332,6 +385,7 @@ impl ShardCore {
                 claims.push(ClaimEntry {
                     client_id: slot.session.client_id().clone(),
                     stamp: slot.claim,
+                    clean_start: false,
                 });
             }
         }

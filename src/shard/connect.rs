@@ -388,7 +388,7 @@ impl ShardCore {
                 key
             }
         };
-        let version = connect.version;
+        let (version, clean_start) = (connect.version, connect.clean_start);
         // A user name the login did not prove is no one's in the files.
         let user = connect
             .username
@@ -436,7 +436,7 @@ impl ShardCore {
         slot.conn = Some(handle.clone());
         st.stats.connections += 1;
         st.stats.connects_accepted += 1;
-        self.claim_connection(&mut st, key, now);
+        self.claim_connection(&mut st, key, now, clean_start);
         Self::durable_connect(&mut st, key);
         self.drive(&mut st, key, now);
         Self::debug_invariants(&st);

@@ -111,6 +111,9 @@ pub struct ClusterStats {
     /// Connections closed here because their client connected later on
     /// another node.
     pub connections_taken_over: u64,
+    /// Sessions ended here because their client started clean on another
+    /// node.
+    pub sessions_discarded: u64,
 }
 
 /// A shard's cluster state (None on a broker that runs alone).
@@ -201,7 +204,7 @@ impl ShardCore {
         for key in keys {
             Self::export_will(&mut st, key, now);
             if st.sessions.get(key).is_some_and(|s| s.conn.is_some()) {
-                self.claim_connection(&mut st, key, now);
+                self.claim_connection(&mut st, key, now, false);
             }
         }
     }
@@ -395,6 +398,7 @@ impl ShardCore {
             tombstones_forgotten_early: r.retained.tombstones_forgotten_early,
             claims_unanswered: c.unanswered,
             connections_taken_over: c.taken_over,
+            sessions_discarded: c.discarded,
         })
     }
 

@@ -894,6 +894,7 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
     let mine = ClaimEntry {
         client_id: "dev".into(),
         stamp,
+        clean_start: true,
     };
     c.handle_claim_acks(vec![mine.clone()]);
     assert!(written(&c, &conn, Version::V5).is_empty(), "one of two");
@@ -927,6 +928,7 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
     let claim = |stamp| ClaimEntry {
         client_id: "dev".into(),
         stamp,
+        clean_start: false,
     };
     c.handle_remote_claims(t0, ("a", 4), vec![claim(stamp - 1)], true);
     c.handle_remote_claims(t0, ("a", 4), vec![claim(stamp)], false);
@@ -959,6 +961,66 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
     ));
     assert_eq!(c.cluster_stats().connections_taken_over, 1);
     assert_eq!(snapshot(&c).len(), 2, "the other two are live here");
+    c.check_invariants();
+}
+
+/// A client that connects with Clean Start on another node ends the
+/// session it had here, offline or connected (closed with 0x8E), when
+/// that node's claim is later and answered; a resume there, an earlier
+/// claim or a link's snapshot of claims leaves the session alone.
+#[test]
+fn a_clean_start_on_another_node_ends_the_session_here() {
+    use crate::cluster::frame::ClaimEntry;
+    let c = core_with(0, 1, |c| c.cluster.node_id = "b".into());
+    c.enable_cluster(Instant::now(), crate::persist::WallClock::now());
+    let t0 = Instant::now();
+    let persistent = |id: &str| {
+        let mut connect = connect(id, Version::V5);
+        connect.clean_start = false;
+        connect.properties.session_expiry_interval = Some(3600);
+        let conn = c.attach(t0, Box::new(connect), None).unwrap();
+        written(&c, &conn, Version::V5);
+        conn
+    };
+    let away = persistent("away");
+    c.handle_connection_lost(&away, t0);
+    let live = persistent("live");
+    let stamp = match &bridge_all(&c)[..] {
+        [.., super::BridgeOut::Claim(claim)] if &*claim.client_id == "live" => claim.stamp,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(c.session_count(), 2);
+    let claim = |id: &str, stamp, clean_start| ClaimEntry {
+        client_id: id.into(),
+        stamp,
+        clean_start,
+    };
+    c.handle_remote_claims(t0, ("c", 5), vec![claim("away", stamp + 9, false)], true);
+    c.handle_remote_claims(t0, ("c", 5), vec![claim("away", stamp + 9, true)], false);
+    c.handle_remote_claims(t0, ("a", 5), vec![claim("live", stamp, true)], true);
+    assert_eq!(c.session_count(), 2, "kept");
+    assert!(!live.is_closing());
+    assert_eq!(c.cluster_stats().sessions_discarded, 0);
+    c.handle_remote_claims(t0, ("c", 5), vec![claim("away", stamp + 9, true)], true);
+    assert_eq!(c.session_count(), 1);
+    c.handle_remote_claims(t0, ("c", 5), vec![claim("live", stamp + 10, true)], true);
+    assert!(live.is_closing());
+    assert!(matches!(
+        &live.poll_last_packets()[..],
+        [Packet::Disconnect(d)] if d.reason == reason::SESSION_TAKEN_OVER
+    ));
+    assert_eq!(c.session_count(), 0);
+    let stats = c.cluster_stats();
+    assert_eq!(
+        (stats.sessions_discarded, stats.connections_taken_over),
+        (2, 1)
+    );
+    // Every answered claim was acknowledged.
+    let acks = bridge_all(&c)
+        .iter()
+        .filter(|o| matches!(o, super::BridgeOut::ClaimAck { .. }))
+        .count();
+    assert_eq!(acks, 4);
     c.check_invariants();
 }
 
@@ -1121,6 +1183,7 @@ fn a_client_back_in_time_cancels_its_dead_nodes_will() {
     let claim = ClaimEntry {
         client_id: "there".into(),
         stamp: 1,
+        clean_start: false,
     };
     c.handle_remote_claims(t0, ("b", 4), vec![claim], false);
     c.handle_tick(t0 + Duration::from_secs(5));
