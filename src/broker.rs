@@ -471,6 +471,17 @@ fn start_cluster(
         return Ok(None);
     }
     let name = NodeName::new(&c.node_id).map_err(|e| StartError::Cluster(e.to_string()))?;
+    let secret = match c.secret_file.as_str() {
+        "" => None,
+        path => {
+            let (secret, warning) = crate::cluster::secret::ClusterSecret::load(path.as_ref())
+                .map_err(|e| StartError::Cluster(format!("cluster.secret_file: {e}")))?;
+            if let Some(w) = warning {
+                log::warn!("cluster.secret_file: {w}");
+            }
+            Some(Arc::new(secret))
+        }
+    };
     let (socket, listeners, bound) = bind_cluster(c.listen, shards)?;
     let incarnation = match data_dir {
         Some(dir) => {
@@ -507,6 +518,7 @@ fn start_cluster(
         out_bytes_max: c.link_queue_bytes_max,
         ping_after_ms: 1_000,
         dead_after_ms: 5_000,
+        secret: secret.clone(),
     };
     let mut senders = Vec::new();
     let mut bridges = Vec::new();
@@ -524,6 +536,8 @@ fn start_cluster(
                 addr: me.addr,
                 shard: i as u16,
                 shards: shard_count,
+                auth: false,
+                nonce: 0,
             },
             events: rx,
             refuse_connects,
@@ -533,7 +547,9 @@ fn start_cluster(
             handed_over: handed_over.clone(),
         });
     }
-    let membership = Membership::new(me, &c.join, &c.membership_settings(), seed);
+    let mut membership_settings = c.membership_settings();
+    membership_settings.secret = secret;
+    let membership = Membership::new(me, &c.join, &membership_settings, seed);
     quorum.start(members, senders.clone(), members_file);
     Ok(Some(ClusterParts {
         membership: ClusterStart {

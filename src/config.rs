@@ -435,6 +435,9 @@ pub struct ClusterConfig {
     /// What a node that sees fewer than half the members up does:
     /// `refuse_connects` or `serve` (`cluster::quorum`).
     pub on_minority: String,
+    /// A file holding the cluster's shared secret (`cluster::secret`);
+    /// empty: none (membership and links unauthenticated).
+    pub secret_file: String,
 }
 
 /// How acknowledged messages and sessions are kept.
@@ -952,6 +955,7 @@ impl ClusterConfig {
             suspect_timeout: Duration::from_millis(self.suspect_timeout_ms),
             join_interval: Duration::from_millis(self.join_interval_ms),
             cluster_name: self.name.clone(),
+            secret: None,
         }
     }
 

@@ -73,6 +73,11 @@ struct RunArgs {
         value_delimiter = ','
     )]
     join: Vec<String>,
+    /// A file holding the cluster's shared secret (at least 16 bytes):
+    /// only nodes that hold it join and link. Replaces
+    /// cluster.secret_file.
+    #[arg(long, value_name = "PATH", env = "SHARDMQ_CLUSTER_SECRET_FILE")]
+    cluster_secret_file: Option<String>,
     /// Serve GET /metrics on ADDR (host:port; port 0: any free one, named
     /// in the log); an empty value: no HTTP listener. Replaces http.bind.
     #[arg(long, value_name = "ADDR", env = "SHARDMQ_HTTP")]
@@ -454,6 +459,9 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
     if let Some(a) = &args.cluster_advertise {
         config.cluster.advertise = a.trim().to_string();
     }
+    if let Some(f) = &args.cluster_secret_file {
+        config.cluster.secret_file = f.clone();
+    }
     if !args.join.is_empty() {
         config.cluster.join = args
             .join
@@ -483,6 +491,14 @@ fn check_config(file: &Path) -> anyhow::Result<()> {
     // Parsing validates, as at start.
     let config = Config::from_file(file)?;
     let auth = shardmq::auth::Auth::load(&config.auth)?;
+    if !config.cluster.secret_file.is_empty() {
+        let path = Path::new(&config.cluster.secret_file);
+        let (_, warning) = shardmq::cluster::secret::ClusterSecret::load(path)
+            .map_err(|e| anyhow::anyhow!("cluster.secret_file: {e}"))?;
+        if let Some(w) = warning {
+            eprintln!("shardmq: cluster.secret_file: {w}");
+        }
+    }
     print!("{}", config.to_toml());
     eprintln!("shardmq: {}", auth.describe());
     eprintln!("shardmq: {}: valid", file.display());

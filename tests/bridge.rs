@@ -67,6 +67,7 @@ fn settings() -> LinkSettings {
         out_bytes_max: 1 << 20,
         ping_after_ms: 50,
         dead_after_ms: 100_000,
+        secret: None,
     }
 }
 
@@ -84,6 +85,8 @@ fn hello(node: usize, shards: u16) -> Hello {
         addr: addr_of(node),
         shard: 0,
         shards,
+        auth: false,
+        nonce: 0,
     }
 }
 
@@ -184,10 +187,15 @@ impl Sim {
     fn dial(&mut self, a: usize, b: usize) {
         let shards = self.nodes[a].shards.len() as u16;
         let expect = (NodeName::new(&format!("n{b}")).unwrap(), 1, addr_of(b));
-        let dialer =
-            LinkSession::dialed(hello(a, shards), expect, settings(), self.epoch, self.step);
+        let dialer = LinkSession::dialed(
+            hello(a, shards),
+            expect,
+            settings(),
+            (self.epoch, self.step),
+            1,
+        );
         let bs = self.nodes[b].shards.len() as u16;
-        let acceptor = LinkSession::accepted(hello(b, bs), settings(), self.epoch, self.step);
+        let acceptor = LinkSession::accepted(hello(b, bs), settings(), (self.epoch, self.step), 1);
         self.conns[a][b] = Some(Conn {
             feed: RouteFeed::new(),
             dialer,

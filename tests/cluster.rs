@@ -67,8 +67,20 @@ fn start_node(
     cluster: &str,
     join: &str,
 ) -> ChildBroker {
+    start_node_env(name, dir, listen, cluster, join, &[])
+}
+
+/// [`start_node`] with environment variables `env` for the broker.
+fn start_node_env(
+    name: &str,
+    dir: &std::path::Path,
+    listen: &str,
+    cluster: &str,
+    join: &str,
+    env: &[(&str, &str)],
+) -> ChildBroker {
     let data = dir.join(name);
-    ChildBroker::try_start_on(
+    ChildBroker::try_start_env(
         listen,
         &[
             "--shards",
@@ -82,6 +94,7 @@ fn start_node(
             "--join",
             join,
         ],
+        env,
     )
     .unwrap_or_else(|log| panic!("node {name} did not start:\n{log}"))
 }
@@ -198,6 +211,9 @@ fn three_nodes_join_in_any_order_and_a_killed_node_is_declared_down_and_comes_ba
             let addr = b"127.0.0.1:1";
             hello.extend_from_slice(&(addr.len() as u16).to_be_bytes());
             hello.extend_from_slice(addr);
+            // No secret; the link's number.
+            hello.push(0);
+            hello.extend_from_slice(&1u64.to_be_bytes());
             let mut frame = (hello.len() as u32).to_be_bytes().to_vec();
             frame.extend_from_slice(&hello);
             stranger.write_all(&frame).unwrap();
@@ -255,6 +271,67 @@ fn three_nodes_join_in_any_order_and_a_killed_node_is_declared_down_and_comes_ba
         a.log_text()
     );
     drop((a, c));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With a cluster secret (`SHARDMQ_CLUSTER_SECRET_FILE`), the nodes that
+/// hold it form the cluster and route between them; a node with another
+/// secret never joins (its datagrams are ignored, logged); a secret file
+/// too short stops the start, naming the setting.
+#[test]
+fn only_nodes_that_hold_the_cluster_secret_form_the_cluster() {
+    use shardmq::codec::{QoS, Version};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("cluster-secret");
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let key = write("secret", "k3y-of-the-cluster-32-bytes-long\n");
+    let other = write("other", "an0ther-key-of-32-bytes-long-too\n");
+    let short = write("short", "too short\n");
+    let env = |path: &str| [("SHARDMQ_CLUSTER_SECRET_FILE", path.to_string())];
+    let cluster = |port: u16| format!("127.0.0.1:{port}");
+    let log = ChildBroker::try_start_env(
+        "127.0.0.1:0",
+        &[
+            "--node-id",
+            "s",
+            "--cluster-listen",
+            &cluster(free_udp_port()),
+        ],
+        &[("SHARDMQ_CLUSTER_SECRET_FILE", short.as_str())],
+    )
+    .err()
+    .expect("a short secret is refused");
+    assert!(log.contains("cluster.secret_file"), "{log}");
+    let node = |name: &str, port: u16, join: &str, secret: &str| {
+        let e = env(secret);
+        let e: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        start_node_env(name, &dir, "127.0.0.1:0", &cluster(port), join, &e)
+    };
+    let pa = free_udp_port();
+    let a = node("a", pa, "", &key);
+    let b = node("b", free_udp_port(), &cluster(pa), &key);
+    for (n, peer) in [(&a, "b"), (&b, "a")] {
+        for shard in 0..2 {
+            let line = format!("shard {shard}: link to node \"{peer}\" (its shard {shard}) is up");
+            wait_log(n, &line, 30);
+        }
+    }
+    let (mut sub, _) = common::Raw::connect(b.addr, Version::V3_1_1, "sec-sub", true);
+    sub.subscribe(1, "sec/t", QoS::AtLeastOnce);
+    let (mut publisher, _) = common::Raw::connect(a.addr, Version::V3_1_1, "sec-pub", true);
+    common::raw::publish_qos1(&mut publisher, "sec/t", b"proved", 1);
+    assert_eq!(&sub.recv_publish().payload[..], b"proved");
+    let x = node("x", free_udp_port(), &cluster(pa), &other);
+    wait_log(&a, "without the cluster secret's tag", 10);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!a.log_text().contains("node \"x\""), "{}", a.log_text());
+    assert!(!x.log_text().contains("is up"), "{}", x.log_text());
+    drop((a, b, x));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -3,8 +3,9 @@
 //! on one thread, a virtual clock, mesh lanes and TCP links delivered in
 //! a seeded order, and simulated clients.
 //!
-//! Each seed builds 2 or 3 nodes of 1 or 2 shards (memory durability),
-//! brings their links up from membership events, connects persistent
+//! Each seed builds 2 or 3 nodes of 1 or 2 shards (memory durability; a
+//! quarter of the seeds with a cluster secret that every link's handshake
+//! proves), brings their links up from membership events, connects persistent
 //! subscribers on every node (QoS 1 and 2, `t/#` and single topics) and
 //! waits for their SUBACKs, then runs random steps: QoS 0/1/2 publishes
 //! (some retained, some deleting a retained message) from publishers that
@@ -49,12 +50,14 @@ use model::{matches, resp, sub_options};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use shardmq::cluster::frame::{Hello, BRIDGE_VERSION};
 use shardmq::cluster::link::LinkSettings;
 use shardmq::cluster::node::{Node, NodeName};
+use shardmq::cluster::secret::ClusterSecret;
 use shardmq::codec::{self, Connect, Packet, Properties, Publish, QoS, Subscribe, Version, Will};
 use shardmq::persist::WallClock;
 use shardmq::shard::bridge::{Bridge, Dial, LinkId, PeerEvent};
@@ -218,6 +221,8 @@ fn hello(node: &NodeSim, shard: usize, shards: usize) -> Hello {
         addr: node.addr,
         shard: shard as u16,
         shards: shards as u16,
+        auth: false,
+        nonce: 0,
     }
 }
 
@@ -351,6 +356,12 @@ impl Sim {
             out_bytes_max: config.cluster.link_queue_bytes_max,
             ping_after_ms: 1_000,
             dead_after_ms: 5_000,
+            // A quarter of the seeds run with a cluster secret: every link
+            // proves it in its handshake.
+            secret: (self.seed % 4 == 1).then(|| {
+                let key = ClusterSecret::new(b"the simulated cluster's secret").unwrap();
+                Arc::new(key)
+            }),
         };
         let wall = WallClock::at(self.now, 1_800_000_000_000 + self.steps);
         node.bridges = (0..shards)

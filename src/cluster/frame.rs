@@ -55,6 +55,7 @@ mod kind {
     pub const CLAIMS: u8 = 13;
     pub const CLAIM_ACKS: u8 = 14;
     pub const DELIVERED: u8 = 15;
+    pub const AUTH: u8 = 16;
 }
 
 /// The first frame each side of a link sends.
@@ -75,6 +76,12 @@ pub struct Hello {
     pub shard: u16,
     /// Shards on the sending node.
     pub shards: u16,
+    /// The sender holds a cluster secret (`cluster.secret_file`) and
+    /// wants the link's handshake to prove it ([`Frame::Auth`]).
+    pub auth: bool,
+    /// The sending side's number for this link, unique within its run:
+    /// with its incarnation it makes each proof of the secret fresh.
+    pub nonce: u64,
 }
 
 /// Why a side refuses a link (it closes after the frame).
@@ -192,6 +199,14 @@ pub enum Frame {
     /// Claims of the receiving node that the sender has applied (its own
     /// older connections of those client ids are closed).
     ClaimAcks(Vec<ClaimEntry>),
+    /// Proof of the cluster secret in a link's handshake (`link`): the
+    /// accepting side's first answer, then the dialing side's.
+    Auth {
+        /// The accepting side's number for this link (0 from the dialer).
+        nonce: u64,
+        /// The HMAC-SHA256 tag (`cluster::secret`).
+        tag: [u8; 32],
+    },
 }
 
 /// A live connection's claim of its client id.
@@ -299,6 +314,13 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             // (A node of version 1 reads its six fields and finds bytes
             // left over: it logs a malformed frame, not the version.)
             put_str(out, &h.addr.to_string());
+            out.put_u8(u8::from(h.auth));
+            out.put_u64(h.nonce);
+        }
+        Frame::Auth { nonce, tag } => {
+            out.put_u8(kind::AUTH);
+            out.put_u64(*nonce);
+            out.put_slice(tag);
         }
         Frame::Refuse { reason, text } => {
             out.put_u8(kind::REFUSE);
@@ -450,6 +472,8 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                     addr: SocketAddr::from(([0, 0, 0, 0], 0)),
                     shard: 0,
                     shards: 0,
+                    auth: false,
+                    nonce: 0,
                 }));
             }
             let cluster_tag = u32_(b)?;
@@ -459,6 +483,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             let addr = string(b)?
                 .parse()
                 .map_err(|_| FrameError::Malformed("node address"))?;
+            let (auth, nonce) = (bool_(b)?, u64_(b)?);
             Frame::Hello(Hello {
                 version,
                 cluster_tag,
@@ -467,7 +492,16 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                 addr,
                 shard,
                 shards,
+                auth,
+                nonce,
             })
+        }
+        kind::AUTH => {
+            let nonce = u64_(b)?;
+            need(b, 32)?;
+            let mut tag = [0u8; 32];
+            b.copy_to_slice(&mut tag);
+            Frame::Auth { nonce, tag }
         }
         kind::REFUSE => Frame::Refuse {
             reason: match u8_(b)? {
@@ -882,7 +916,13 @@ mod tests {
                 addr: "[::1]:7946".parse().unwrap(),
                 shard: 1,
                 shards: 4,
+                auth: true,
+                nonce: 77,
             }),
+            Frame::Auth {
+                nonce: 5,
+                tag: [9; 32],
+            },
             Frame::Refuse {
                 reason: RefuseReason::Cluster,
                 text: "other cluster".into(),

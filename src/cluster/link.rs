@@ -11,9 +11,20 @@
 //! dialer that sees the answer knows it was taken. The dialer checks it
 //! reached the node it meant (name and incarnation). Nothing but a Hello
 //! is taken before the handshake.
+//!
+//! With a cluster secret (`cluster::secret`), each side proves it before
+//! the other reports the link: the accepting side answers the dialer's
+//! Hello with an [`Frame::Auth`] tag over that Hello, its own name and
+//! incarnation and a number of its own (fresh: its run never gives it
+//! twice, and its incarnation changes every start); the dialer checks it
+//! and answers with its own tag over the same, and only then does the
+//! accepting side report the Hello to its owner (who may welcome it). A
+//! tag that does not check, or a Hello that says the other side has no
+//! secret where this one has, refuses the link.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -21,6 +32,12 @@ use thiserror::Error;
 
 use super::frame::{self, Frame, FrameError, Hello, RefuseReason, BRIDGE_VERSION};
 use super::node::{same_addr, NodeName};
+use super::secret::ClusterSecret;
+
+/// What the accepting side's tag is for.
+const ACCEPT_LABEL: &[u8] = b"shardmq bridge: accepting";
+/// What the dialing side's tag is for.
+const DIAL_LABEL: &[u8] = b"shardmq bridge: dialing";
 
 /// A link's limits; see `[cluster]` in the default config.
 #[derive(Debug, Clone)]
@@ -34,6 +51,9 @@ pub struct LinkSettings {
     pub ping_after_ms: u64,
     /// Silence from the peer after which the link is dead, in ms.
     pub dead_after_ms: u64,
+    /// The cluster secret each side of a link proves, if the cluster has
+    /// one.
+    pub secret: Option<Arc<ClusterSecret>>,
 }
 
 /// What a link reports.
@@ -94,34 +114,89 @@ pub struct LinkSession {
     /// each after it read everything sent before it.
     pings: u64,
     pongs: u64,
+    /// With a cluster secret: the handshake's proof of it.
+    auth: Option<Auth>,
+}
+
+/// A link's proof of the cluster secret under way.
+#[derive(Debug)]
+struct Auth {
+    secret: Arc<ClusterSecret>,
+    /// The dialer's Hello, encoded: what both tags cover.
+    dialer_hello: Option<BytesMut>,
+    /// Accepting side: the dialer's Hello, reported once its tag checks.
+    pending: Option<Hello>,
+    /// The peer's tag checked.
+    proved: bool,
+}
+
+impl Auth {
+    /// The tag under `label` over the dialer's Hello, the accepting
+    /// node's name and incarnation, and the accepting side's `nonce`.
+    fn tag(&self, label: &[u8], acceptor: (&NodeName, u64), nonce: u64) -> [u8; 32] {
+        let hello = self.dialer_hello.as_deref().unwrap_or_default();
+        let parts: [&[u8]; 4] = [
+            hello,
+            acceptor.0.as_str().as_bytes(),
+            &acceptor.1.to_be_bytes(),
+            &nonce.to_be_bytes(),
+        ];
+        self.secret.tag(label, &parts)
+    }
+
+    fn verify(&self, label: &[u8], acceptor: (&NodeName, u64), nonce: u64, tag: &[u8]) -> bool {
+        let hello = self.dialer_hello.as_deref().unwrap_or_default();
+        let parts: [&[u8]; 4] = [
+            hello,
+            acceptor.0.as_str().as_bytes(),
+            &acceptor.1.to_be_bytes(),
+            &nonce.to_be_bytes(),
+        ];
+        self.secret.verify(label, &parts, tag)
+    }
 }
 
 impl LinkSession {
     /// The side that dialed `expect` (name, incarnation, address), at `now_ms` on
-    /// the caller's clock whose zero is `epoch` (for message expiry).
+    /// the caller's clock whose zero is `epoch` (for message expiry);
+    /// `nonce`: a number this run gives no other link.
     pub fn dialed(
         me: Hello,
         expect: (NodeName, u64, SocketAddr),
         settings: LinkSettings,
-        epoch: Instant,
-        now_ms: u64,
+        (epoch, now_ms): (Instant, u64),
+        nonce: u64,
     ) -> LinkSession {
-        Self::new(me, Some(expect), settings, epoch, now_ms)
+        Self::new(me, Some(expect), settings, (epoch, now_ms), nonce)
     }
 
     /// The side that accepted.
-    pub fn accepted(me: Hello, settings: LinkSettings, epoch: Instant, now_ms: u64) -> LinkSession {
-        Self::new(me, None, settings, epoch, now_ms)
+    pub fn accepted(
+        me: Hello,
+        settings: LinkSettings,
+        (epoch, now_ms): (Instant, u64),
+        nonce: u64,
+    ) -> LinkSession {
+        Self::new(me, None, settings, (epoch, now_ms), nonce)
     }
 
     fn new(
-        me: Hello,
+        mut me: Hello,
         expect: Option<(NodeName, u64, SocketAddr)>,
         settings: LinkSettings,
-        epoch: Instant,
-        now_ms: u64,
+        (epoch, now_ms): (Instant, u64),
+        nonce: u64,
     ) -> LinkSession {
+        me.auth = settings.secret.is_some();
+        me.nonce = nonce;
+        let auth = settings.secret.clone().map(|secret| Auth {
+            secret,
+            dialer_hello: None,
+            pending: None,
+            proved: false,
+        });
         let mut s = LinkSession {
+            auth,
             me,
             expect,
             peer: None,
@@ -138,6 +213,9 @@ impl LinkSession {
         if s.expect.is_some() {
             let hello = Frame::Hello(s.me.clone());
             s.push(&hello, now_ms);
+            if let Some(a) = s.auth.as_mut() {
+                a.dialer_hello = Some(encoded(&hello, epoch));
+            }
         }
         s
     }
@@ -176,6 +254,9 @@ impl LinkSession {
     }
 
     fn handle_frame(&mut self, now_ms: u64, f: Frame) -> Result<(), LinkError> {
+        if self.auth.as_ref().is_some_and(|a| !a.proved) {
+            return self.handle_auth(now_ms, f);
+        }
         match (f, self.peer.is_some()) {
             (Frame::Refuse { reason, text }, _) => Err(LinkError::Refused { reason, text }),
             (Frame::Hello(h), false) => {
@@ -203,6 +284,85 @@ impl LinkSession {
         }
     }
 
+    /// A frame before the peer proved the secret: the dialer's Hello (the
+    /// accepting side answers with its tag), the accepting side's tag
+    /// (the dialer answers with its own), the dialer's tag (the accepting
+    /// side reports the Hello), or a Refuse.
+    fn handle_auth(&mut self, now_ms: u64, f: Frame) -> Result<(), LinkError> {
+        let Some(a) = self.auth.as_mut() else {
+            return Ok(());
+        };
+        let dialing = self.expect.is_some();
+        match f {
+            Frame::Refuse { reason, text } => Err(LinkError::Refused { reason, text }),
+            Frame::Hello(h) if !dialing && a.pending.is_none() => {
+                self.check_hello(now_ms, &h)?;
+                let Some(a) = self.auth.as_mut() else {
+                    return Ok(());
+                };
+                a.dialer_hello = Some(encoded(&Frame::Hello(h.clone()), self.epoch));
+                let me = (&self.me.node, self.me.incarnation);
+                let tag = a.tag(ACCEPT_LABEL, me, self.me.nonce);
+                a.pending = Some(h);
+                let answer = Frame::Auth {
+                    nonce: self.me.nonce,
+                    tag,
+                };
+                self.push(&answer, now_ms);
+                Ok(())
+            }
+            Frame::Auth { nonce, tag } if dialing => {
+                let Some((name, incarnation, _)) = self.expect.clone() else {
+                    return Ok(());
+                };
+                if !a.verify(ACCEPT_LABEL, (&name, incarnation), nonce, &tag) {
+                    return self.auth_failed(now_ms, "its tag");
+                }
+                let answer = Frame::Auth {
+                    nonce: 0,
+                    tag: a.tag(DIAL_LABEL, (&name, incarnation), nonce),
+                };
+                a.proved = true;
+                self.push(&answer, now_ms);
+                Ok(())
+            }
+            Frame::Auth { tag, .. } if a.pending.is_some() => {
+                let me = (&self.me.node, self.me.incarnation);
+                if !a.verify(DIAL_LABEL, me, self.me.nonce, &tag) {
+                    return self.auth_failed(now_ms, "its tag");
+                }
+                a.proved = true;
+                if let Some(h) = a.pending.take() {
+                    self.peer = Some(h.clone());
+                    self.events.push_back(LinkEvent::Up(h));
+                }
+                Ok(())
+            }
+            Frame::Hello(h) if dialing && !h.auth && h.version == BRIDGE_VERSION => {
+                // Taken by a node without the secret (it would have
+                // refused a Hello that asks for one; an older version
+                // answers as it does).
+                self.auth_failed(now_ms, "a Hello without the cluster secret")
+            }
+            _ => Err(LinkError::OutOfTurn(
+                "a frame before the cluster secret was proved",
+            )),
+        }
+    }
+
+    /// The peer did not prove the secret (`what` failed): refuse it.
+    fn auth_failed(&mut self, now_ms: u64, what: &str) -> Result<(), LinkError> {
+        let text = format!("the peer did not prove the cluster secret ({what})");
+        self.push(
+            &Frame::Refuse {
+                reason: RefuseReason::Other,
+                text: "the cluster secret was not proved".into(),
+            },
+            now_ms,
+        );
+        Err(LinkError::Handshake(text))
+    }
+
     fn check_hello(&mut self, now_ms: u64, h: &Hello) -> Result<(), LinkError> {
         let refuse = |s: &mut Self, reason, text: String| {
             s.push(
@@ -223,6 +383,15 @@ impl LinkSession {
         }
         if h.cluster_tag != self.me.cluster_tag {
             return refuse(self, RefuseReason::Cluster, "another cluster name".into());
+        }
+        if h.auth != self.me.auth {
+            let (here, there) = if self.me.auth {
+                ("here", "not there")
+            } else {
+                ("not here", "there")
+            };
+            let text = format!("a cluster secret (cluster.secret_file) {here}, {there}");
+            return refuse(self, RefuseReason::Other, text);
         }
         if h.shards == 0 || h.shard >= h.shards {
             return refuse(
@@ -313,6 +482,13 @@ impl LinkSession {
     }
 }
 
+/// `f` as written on a link (what a tag covers).
+fn encoded(f: &Frame, epoch: Instant) -> BytesMut {
+    let mut out = BytesMut::new();
+    frame::encode(f, epoch, &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,6 +502,8 @@ mod tests {
             addr: "127.0.0.1:7946".parse().unwrap(),
             shard: 0,
             shards: 2,
+            auth: false,
+            nonce: 0,
         }
     }
 
@@ -335,6 +513,7 @@ mod tests {
             out_bytes_max: 1 << 16,
             ping_after_ms: 1000,
             dead_after_ms: 5000,
+            secret: None,
         }
     }
 
@@ -348,10 +527,10 @@ mod tests {
                 "127.0.0.1:7946".parse().unwrap(),
             ),
             settings(),
-            epoch,
-            0,
+            (epoch, 0),
+            1,
         );
-        let b = LinkSession::accepted(hello("b", 7), settings(), epoch, 0);
+        let b = LinkSession::accepted(hello("b", 7), settings(), (epoch, 0), 1);
         (a, b)
     }
 
@@ -389,6 +568,86 @@ mod tests {
         );
     }
 
+    /// A pair whose sides hold `a_secret` and `b_secret`.
+    fn pair_with(a_secret: Option<&[u8]>, b_secret: Option<&[u8]>) -> (LinkSession, LinkSession) {
+        let with = |s: Option<&[u8]>| LinkSettings {
+            secret: s.map(|s| Arc::new(ClusterSecret::new(s).unwrap())),
+            ..settings()
+        };
+        let epoch = Instant::now();
+        let expect = (
+            NodeName::new("b").unwrap(),
+            7,
+            "127.0.0.1:7946".parse().unwrap(),
+        );
+        let a = LinkSession::dialed(hello("a", 1), expect, with(a_secret), (epoch, 0), 3);
+        let b = LinkSession::accepted(hello("b", 7), with(b_secret), (epoch, 0), 9);
+        (a, b)
+    }
+
+    /// Both sides prove the secret before either reports the link: the
+    /// accepting side reports the dialer's Hello only after the dialer's
+    /// tag checked, and the dialer takes the Hello only after the
+    /// accepting side's.
+    #[test]
+    fn with_the_same_secret_both_sides_prove_it_and_come_up() {
+        let key: &[u8] = b"sixteen bytes ok";
+        let (mut a, mut b) = pair_with(Some(key), Some(key));
+        pump(&mut a, &mut b).unwrap();
+        assert!(b.poll_event().is_none(), "not before the dialer's tag");
+        pump(&mut b, &mut a).unwrap();
+        pump(&mut a, &mut b).unwrap();
+        assert!(matches!(b.poll_event(), Some(LinkEvent::Up(h)) if h.node.as_str() == "a"));
+        b.welcome(0);
+        pump(&mut b, &mut a).unwrap();
+        assert!(matches!(a.poll_event(), Some(LinkEvent::Up(h)) if h.incarnation == 7));
+        a.send(0, &Frame::RouteAck { seq: 3 }).unwrap();
+        pump(&mut a, &mut b).unwrap();
+        assert_eq!(
+            b.poll_event(),
+            Some(LinkEvent::Frame(Frame::RouteAck { seq: 3 }))
+        );
+    }
+
+    /// Another secret: the dialer finds the accepting side's tag wrong
+    /// and refuses it; a secret on one side only: the accepting side
+    /// refuses the Hello, naming the setting. No side reports the link.
+    #[test]
+    fn another_secret_or_none_is_refused_and_nothing_comes_up() {
+        let (mut a, mut b) = pair_with(Some(b"sixteen bytes ok"), Some(b"sixteen bytes no"));
+        pump(&mut a, &mut b).unwrap();
+        let err = pump(&mut b, &mut a).unwrap_err();
+        assert!(matches!(err, LinkError::Handshake(ref t) if t.contains("cluster secret")));
+        assert!(matches!(
+            pump(&mut a, &mut b),
+            Err(LinkError::Refused { .. })
+        ));
+        assert!(a.poll_event().is_none() && b.poll_event().is_none());
+        for (x, y) in [
+            (Some(&b"sixteen bytes ok"[..]), None),
+            (None, Some(&b"sixteen bytes ok"[..])),
+        ] {
+            let (mut a, mut b) = pair_with(x, y);
+            let err = pump(&mut a, &mut b).unwrap_err();
+            assert!(
+                matches!(err, LinkError::Handshake(ref t) if t.contains("cluster.secret_file")),
+                "{err:?}"
+            );
+            assert!(matches!(
+                pump(&mut b, &mut a),
+                Err(LinkError::Refused { .. })
+            ));
+            assert!(a.poll_event().is_none() && b.poll_event().is_none());
+        }
+        // A dialer that sends anything but its Hello and tag is refused.
+        let key: &[u8] = b"sixteen bytes ok";
+        let (mut a, mut b) = pair_with(Some(key), Some(key));
+        pump(&mut a, &mut b).unwrap();
+        a.force_send(0, &Frame::RouteAck { seq: 1 });
+        assert!(matches!(pump(&mut a, &mut b), Err(LinkError::OutOfTurn(_))));
+        assert!(b.poll_event().is_none());
+    }
+
     #[test]
     fn every_ping_is_answered_in_order_after_what_came_before_it() {
         let (mut a, mut b) = pair(7);
@@ -423,7 +682,7 @@ mod tests {
     #[test]
     fn nothing_but_hello_before_the_handshake() {
         let epoch = Instant::now();
-        let mut b = LinkSession::accepted(hello("b", 1), settings(), epoch, 0);
+        let mut b = LinkSession::accepted(hello("b", 1), settings(), (epoch, 0), 1);
         let mut bytes = BytesMut::new();
         frame::encode(&Frame::RouteAck { seq: 1 }, epoch, &mut bytes);
         assert_eq!(
@@ -432,7 +691,7 @@ mod tests {
         );
         let mut other = hello("c", 1);
         other.version = BRIDGE_VERSION + 1;
-        let mut b = LinkSession::accepted(hello("b", 1), settings(), epoch, 0);
+        let mut b = LinkSession::accepted(hello("b", 1), settings(), (epoch, 0), 1);
         let mut bytes = BytesMut::new();
         frame::encode(&Frame::Hello(other), epoch, &mut bytes);
         assert!(matches!(

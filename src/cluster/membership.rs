@@ -11,7 +11,11 @@
 //! version, the kind (1: membership), and a 32-bit tag of the cluster name,
 //! so a node of another cluster or another version on the same network is
 //! counted and ignored rather than joined. The rest is foca's message, in
-//! its postcard encoding, with every node name checked.
+//! its postcard encoding, with every node name checked. With a cluster
+//! secret (`cluster::secret`) the kind is 2 and the datagram ends with
+//! the first 16 bytes of an HMAC-SHA256 tag of all before it: a datagram
+//! without a tag that checks is counted and ignored (and a node without
+//! the secret ignores tagged ones).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -34,6 +38,12 @@ pub const ENVELOPE_BYTES: usize = 8;
 /// The membership protocol's version in the envelope.
 pub const VERSION: u8 = 1;
 const KIND_MEMBERSHIP: u8 = 1;
+/// The kind of a datagram that ends with a tag of the cluster secret.
+const KIND_TAGGED: u8 = 2;
+/// Bytes of the tag at the end of a tagged datagram.
+pub const TAG_BYTES: usize = 16;
+/// What a membership datagram's tag is for.
+const TAG_LABEL: &[u8] = b"shardmq membership";
 
 /// The timings of failure detection; see `[cluster]` in the default config.
 #[derive(Debug, Clone)]
@@ -51,6 +61,8 @@ pub struct MembershipSettings {
     pub join_interval: Duration,
     /// `cluster.name`: nodes of different names ignore each other.
     pub cluster_name: String,
+    /// The cluster secret every datagram proves, if the cluster has one.
+    pub secret: Option<std::sync::Arc<super::secret::ClusterSecret>>,
 }
 
 /// A change of membership, in the order it happened.
@@ -104,6 +116,9 @@ pub struct MembershipCounters {
     pub refused_cluster: u64,
     /// Ours, but malformed: too long, undecodable, a bad node name.
     pub refused_malformed: u64,
+    /// Without a tag of the cluster secret that checks (or tagged, where
+    /// this node has no secret).
+    pub refused_unauthenticated: u64,
     /// Nodes ignored for having the node id of another
     /// ([`MemberEvent::Duplicate`]).
     pub duplicates: u64,
@@ -124,6 +139,9 @@ pub enum Refused {
     /// Malformed.
     #[error("malformed membership datagram")]
     Malformed,
+    /// Its tag of the cluster secret is missing or does not check.
+    #[error("membership datagram without the cluster secret's tag (cluster.secret_file)")]
+    Unauthenticated,
 }
 
 /// A datagram to send.
@@ -145,6 +163,8 @@ pub struct Membership {
     join_interval_ms: u64,
     next_join_ms: u64,
     envelope: [u8; ENVELOPE_BYTES],
+    /// The cluster secret datagrams are tagged with, if any.
+    secret: Option<std::sync::Arc<super::secret::ClusterSecret>>,
     timers: BTreeMap<(u64, u64), Timer<Node>>,
     timer_seq: u64,
     transmits: VecDeque<Transmit>,
@@ -195,7 +215,7 @@ impl Membership {
         config.probe_rtt = settings.probe_timeout;
         config.suspect_to_down_after = settings.suspect_timeout;
         config.max_packet_size =
-            NonZeroUsize::new(DATAGRAM_MAX - ENVELOPE_BYTES).expect("non-zero");
+            NonZeroUsize::new(DATAGRAM_MAX - ENVELOPE_BYTES - TAG_BYTES).expect("non-zero");
         // Each change rides on this many messages. foca's default for 16
         // nodes (4) let a join go unseen for 15 s when the piggybacks went
         // to the joining node itself (simulator, seed 15).
@@ -211,7 +231,10 @@ impl Membership {
             frequency: settings.join_interval,
             num_members: NonZeroUsize::new(2).expect("non-zero"),
         });
-        let envelope = envelope(&settings.cluster_name);
+        let mut envelope = envelope(&settings.cluster_name);
+        if settings.secret.is_some() {
+            envelope[3] = KIND_TAGGED;
+        }
         let own = me.addr;
         Membership {
             swim: Foca::new(me, config, SmallRng::seed_from_u64(seed), Wire),
@@ -219,6 +242,7 @@ impl Membership {
             join_interval_ms: millis(settings.join_interval),
             next_join_ms: 0,
             envelope,
+            secret: settings.secret.clone(),
             timers: BTreeMap::new(),
             timer_seq: 0,
             transmits: VecDeque::new(),
@@ -365,11 +389,13 @@ impl Membership {
                 Refused::Version(_) => c.refused_version += 1,
                 Refused::Cluster => c.refused_cluster += 1,
                 Refused::Malformed => c.refused_malformed += 1,
+                Refused::Unauthenticated => c.refused_unauthenticated += 1,
             }
             return Err(r);
         }
+        let end = data.len() - if self.secret.is_some() { TAG_BYTES } else { 0 };
         let mut io = self.io(now_ms);
-        let handled = io.swim.handle_data(&data[ENVELOPE_BYTES..], &mut io.rt);
+        let handled = io.swim.handle_data(&data[ENVELOPE_BYTES..end], &mut io.rt);
         self.after_foca(now_ms);
         match handled {
             Ok(()) => Ok(()),
@@ -459,7 +485,7 @@ impl Membership {
     fn check_envelope(&self, data: &[u8]) -> Result<(), Refused> {
         if data.len() < ENVELOPE_BYTES
             || data[..2] != self.envelope[..2]
-            || data[3] != KIND_MEMBERSHIP
+            || !matches!(data[3], KIND_MEMBERSHIP | KIND_TAGGED)
         {
             return Err(Refused::Foreign);
         }
@@ -472,13 +498,25 @@ impl Membership {
         if data.len() > DATAGRAM_MAX {
             return Err(Refused::Malformed);
         }
-        Ok(())
+        match (&self.secret, data[3]) {
+            (None, KIND_MEMBERSHIP) => Ok(()),
+            (Some(s), KIND_TAGGED) if data.len() >= ENVELOPE_BYTES + TAG_BYTES => {
+                let (signed, tag) = data.split_at(data.len() - TAG_BYTES);
+                if s.verify(TAG_LABEL, &[signed], tag) {
+                    Ok(())
+                } else {
+                    Err(Refused::Unauthenticated)
+                }
+            }
+            _ => Err(Refused::Unauthenticated),
+        }
     }
 
     fn io(&mut self, now_ms: u64) -> Io<'_> {
         let Membership {
             swim,
             envelope,
+            secret,
             timers,
             timer_seq,
             transmits,
@@ -492,6 +530,7 @@ impl Membership {
             rt: Rt {
                 now_ms,
                 envelope,
+                secret: secret.as_deref(),
                 timers,
                 timer_seq,
                 transmits,
@@ -513,6 +552,7 @@ struct Io<'a> {
 struct Rt<'a> {
     now_ms: u64,
     envelope: &'a [u8; ENVELOPE_BYTES],
+    secret: Option<&'a super::secret::ClusterSecret>,
     timers: &'a mut BTreeMap<(u64, u64), Timer<Node>>,
     timer_seq: &'a mut u64,
     transmits: &'a mut VecDeque<Transmit>,
@@ -541,9 +581,13 @@ impl foca::Runtime<Node> for Rt<'_> {
     }
 
     fn send_to(&mut self, to: Node, data: &[u8]) {
-        let mut out = BytesMut::with_capacity(ENVELOPE_BYTES + data.len());
+        let mut out = BytesMut::with_capacity(ENVELOPE_BYTES + data.len() + TAG_BYTES);
         out.put_slice(self.envelope);
         out.put_slice(data);
+        if let Some(s) = self.secret {
+            let tag = s.tag(TAG_LABEL, &[&out]);
+            out.put_slice(&tag[..TAG_BYTES]);
+        }
         self.counters.datagrams_out += 1;
         self.transmits.push_back(Transmit {
             to: to.addr,
@@ -621,7 +665,57 @@ mod tests {
             suspect_timeout: Duration::from_millis(1000),
             join_interval: Duration::from_millis(1000),
             cluster_name: name.into(),
+            secret: None,
         }
+    }
+
+    fn with_secret(name: &str, secret: &[u8]) -> MembershipSettings {
+        let secret = crate::cluster::secret::ClusterSecret::new(secret).unwrap();
+        MembershipSettings {
+            secret: Some(std::sync::Arc::new(secret)),
+            ..settings(name)
+        }
+    }
+
+    /// Nodes that hold the same secret find each other; a node with
+    /// another secret, or none, is refused by the others (counted), and
+    /// refuses their tagged datagrams; a tag changed in one byte does not
+    /// check.
+    #[test]
+    fn only_nodes_with_the_cluster_secret_join() {
+        let key = b"a secret of 24 bytes ...";
+        let a = node("a", 1);
+        let mut nodes = vec![
+            Membership::new(a.clone(), &[], &with_secret("c", key), 1),
+            Membership::new(node("b", 2), &[a.addr], &with_secret("c", key), 2),
+        ];
+        nodes[1].start(0);
+        exchange(&mut nodes, 0);
+        assert_eq!(nodes[0].members().count(), 1, "b joined");
+        nodes.push(Membership::new(
+            node("x", 3),
+            &[a.addr],
+            &with_secret("c", b"another secret, 24 bytes"),
+            3,
+        ));
+        nodes.push(Membership::new(node("y", 4), &[a.addr], &settings("c"), 4));
+        nodes[2].start(0);
+        nodes[3].start(0);
+        exchange(&mut nodes, 0);
+        let names: Vec<_> = nodes[0].members().map(|n| n.name.to_string()).collect();
+        assert_eq!(names, ["b"]);
+        assert_eq!(nodes[0].counters().refused_unauthenticated, 2);
+        assert_eq!(nodes[2].members().count(), 0);
+        assert_eq!(nodes[3].members().count(), 0);
+        // A tag changed in its last byte.
+        let mut x = Membership::new(node("z", 5), &[a.addr], &with_secret("c", key), 5);
+        x.start(0);
+        let mut data = x.poll_transmit().unwrap().data.to_vec();
+        *data.last_mut().unwrap() ^= 1;
+        assert_eq!(
+            nodes[0].handle_datagram(0, &data),
+            Err(Refused::Unauthenticated)
+        );
     }
 
     fn node(name: &str, port: u16) -> Node {

@@ -22,7 +22,9 @@
 //! - [`claims`]: which of two connections with one client id on two nodes
 //!   stays (the later claim);
 //! - [`quorum`]: the cluster's members, and whether the nodes up are a
-//!   majority (the minority side of a partition refuses new CONNECTs).
+//!   majority (the minority side of a partition refuses new CONNECTs);
+//! - [`secret`]: the shared secret that membership datagrams and link
+//!   handshakes prove (`cluster.secret_file`).
 //!
 //! Not yet: sessions and replication across nodes (the cluster issue
 //! lists them).
@@ -37,4 +39,5 @@ pub mod peers;
 pub mod quorum;
 pub mod retained;
 pub mod routes;
+pub mod secret;
 pub mod wills;

@@ -375,8 +375,8 @@ impl Bridge {
                 dial.node.addr,
             ),
             self.settings.clone(),
-            self.epoch,
-            self.ms(now),
+            (self.epoch, self.ms(now)),
+            id,
         );
         let link = self.new_link(id, Some(dial.index), session);
         self.outbound.borrow_mut().insert(id, link.clone());
@@ -413,8 +413,8 @@ impl Bridge {
         let session = LinkSession::accepted(
             self.me.clone(),
             self.settings.clone(),
-            self.epoch,
-            self.ms(now),
+            (self.epoch, self.ms(now)),
+            id,
         );
         let link = self.new_link(id, None, session);
         self.inbound.borrow_mut().push(link.clone());

@@ -1,0 +1,110 @@
+//! The cluster's shared secret (`cluster.secret_file`): only nodes that
+//! hold it join the membership and open bridge links.
+//!
+//! Node-wide, read once at start and shared by every shard. Sans-IO apart
+//! from [`ClusterSecret::load`]: it makes and checks HMAC-SHA256 tags,
+//! over each membership datagram (`membership`) and over the two sides of
+//! a link's handshake (`link`). It authenticates; it does not encrypt, and
+//! a bridge link's frames after the handshake carry no tag.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The fewest bytes a secret may have.
+pub const SECRET_BYTES_MIN: usize = 16;
+
+/// A cluster's shared secret; its bytes never reach a log line.
+#[derive(Clone)]
+pub struct ClusterSecret {
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterSecret(..)")
+    }
+}
+
+impl ClusterSecret {
+    /// The secret `bytes` (trailing whitespace, a file's last newline,
+    /// left out); Err when fewer than [`SECRET_BYTES_MIN`] remain.
+    pub fn new(bytes: &[u8]) -> Result<ClusterSecret, String> {
+        let end = bytes
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .map_or(0, |i| i + 1);
+        if end < SECRET_BYTES_MIN {
+            return Err(format!(
+                "{end} bytes; a cluster secret has at least {SECRET_BYTES_MIN}"
+            ));
+        }
+        Ok(ClusterSecret {
+            key: bytes[..end].to_vec(),
+        })
+    }
+
+    /// Read the secret from the file at `path`. A file that others than
+    /// its owner may read is taken, with a warning for the log (the
+    /// second value).
+    pub fn load(path: &std::path::Path) -> Result<(ClusterSecret, Option<String>), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let secret = Self::new(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mode = std::fs::metadata(path)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0);
+        let warning = (mode & 0o077 != 0).then(|| {
+            format!(
+                "{} may be read by others than its owner (mode {:o}): chmod 600 it",
+                path.display(),
+                mode & 0o777
+            )
+        });
+        Ok((secret, warning))
+    }
+
+    fn mac(&self, label: &[u8], parts: &[&[u8]]) -> HmacSha256 {
+        let mut m = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
+        m.update(label);
+        for p in parts {
+            // Each part with its length, so two splits of the same bytes
+            // differ.
+            m.update(&(p.len() as u64).to_be_bytes());
+            m.update(p);
+        }
+        m
+    }
+
+    /// The tag of `parts` under `label` (what the tag is for).
+    pub fn tag(&self, label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+        self.mac(label, parts).finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` (the whole tag, or its first bytes, at least 16) is
+    /// the tag of `parts` under `label`; constant-time.
+    pub fn verify(&self, label: &[u8], parts: &[&[u8]], tag: &[u8]) -> bool {
+        tag.len() >= 16 && self.mac(label, parts).verify_truncated_left(tag).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tag_checks_only_with_the_same_secret_label_and_parts() {
+        let s = ClusterSecret::new(b"0123456789abcdef\n").unwrap();
+        let t = s.tag(b"l", &[b"ab", b"c"]);
+        assert!(s.verify(b"l", &[b"ab", b"c"], &t));
+        assert!(s.verify(b"l", &[b"ab", b"c"], &t[..16]), "truncated");
+        assert!(!s.verify(b"l", &[b"ab", b"c"], &t[..15]), "too short");
+        assert!(!s.verify(b"m", &[b"ab", b"c"], &t));
+        assert!(!s.verify(b"l", &[b"a", b"bc"], &t), "parts are framed");
+        let other = ClusterSecret::new(b"0123456789abcdeg").unwrap();
+        assert!(!other.verify(b"l", &[b"ab", b"c"], &t));
+        assert!(ClusterSecret::new(b"0123456789abcde\n\n").is_err());
+        assert_eq!(format!("{s:?}"), "ClusterSecret(..)");
+    }
+}
