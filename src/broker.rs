@@ -519,6 +519,12 @@ fn start_cluster(
         ping_after_ms: 1_000,
         dead_after_ms: 5_000,
         secret: secret.clone(),
+        nonce_seed: {
+            let mut seed = [0u8; 16];
+            getrandom::fill(&mut seed)
+                .map_err(|e| StartError::Cluster(format!("no random seed for the links: {e}")))?;
+            seed
+        },
     };
     let mut senders = Vec::new();
     let mut bridges = Vec::new();

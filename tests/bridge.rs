@@ -68,6 +68,7 @@ fn settings() -> LinkSettings {
         ping_after_ms: 50,
         dead_after_ms: 100_000,
         secret: None,
+        nonce_seed: [0; 16],
     }
 }
 

@@ -331,6 +331,9 @@ fn only_nodes_that_hold_the_cluster_secret_form_the_cluster() {
     std::thread::sleep(Duration::from_secs(2));
     assert!(!a.log_text().contains("node \"x\""), "{}", a.log_text());
     assert!(!x.log_text().contains("is up"), "{}", x.log_text());
+    let refused = "shardmq_cluster_datagrams_refused_total{reason=\"unauthenticated\"}";
+    assert!(metric_sum(&a, refused) > 0);
+    assert_eq!(metric_sum(&b, refused), 0, "b heard only a");
     drop((a, b, x));
     let _ = std::fs::remove_dir_all(&dir);
 }

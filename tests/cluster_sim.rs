@@ -362,6 +362,11 @@ impl Sim {
                 let key = ClusterSecret::new(b"the simulated cluster's secret").unwrap();
                 Arc::new(key)
             }),
+            nonce_seed: (self.seed ^ node.run)
+                .to_be_bytes()
+                .repeat(2)
+                .try_into()
+                .unwrap(),
         };
         let wall = WallClock::at(self.now, 1_800_000_000_000 + self.steps);
         node.bridges = (0..shards)

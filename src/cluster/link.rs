@@ -15,8 +15,9 @@
 //! With a cluster secret (`cluster::secret`), each side proves it before
 //! the other reports the link: the accepting side answers the dialer's
 //! Hello with an [`Frame::Auth`] tag over that Hello, its own name and
-//! incarnation and a number of its own (fresh: its run never gives it
-//! twice, and its incarnation changes every start); the dialer checks it
+//! incarnation and a number of its own (a keyed hash of a random seed of
+//! the process, its shard and the link: fresh, and unpredictable without
+//! the secret); the dialer checks it
 //! and answers with its own tag over the same, and only then does the
 //! accepting side report the Hello to its owner (who may welcome it). A
 //! tag that does not check, or a Hello that says the other side has no
@@ -54,7 +55,18 @@ pub struct LinkSettings {
     /// The cluster secret each side of a link proves, if the cluster has
     /// one.
     pub secret: Option<Arc<ClusterSecret>>,
+    /// Random bytes drawn once per process: with the secret, they make
+    /// each link's number unpredictable to anyone without it (and unique
+    /// across runs and shards).
+    pub nonce_seed: [u8; 16],
 }
+
+/// How long a link may take to finish its handshake (and, with a secret,
+/// prove it), whatever it sends meanwhile, in ms.
+pub const HANDSHAKE_MS: u64 = 5_000;
+/// The largest frame taken before the handshake is done, in bytes: a
+/// Hello, an Auth or a Refuse fits.
+pub const HANDSHAKE_FRAME_BYTES_MAX: usize = 4096;
 
 /// What a link reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,6 +121,9 @@ pub struct LinkSession {
     settings: LinkSettings,
     last_rx_ms: u64,
     last_tx_ms: u64,
+    /// When the link was made: its handshake must be done within
+    /// [`HANDSHAKE_MS`].
+    started_ms: u64,
     epoch: Instant,
     /// Pings sent and Pongs received: the peer answers Pings in order,
     /// each after it read everything sent before it.
@@ -132,7 +147,8 @@ struct Auth {
 
 impl Auth {
     /// The tag under `label` over the dialer's Hello, the accepting
-    /// node's name and incarnation, and the accepting side's `nonce`.
+    /// node's name and incarnation, and the accepting side's `nonce`
+    /// (which only that shard of that run gives).
     fn tag(&self, label: &[u8], acceptor: (&NodeName, u64), nonce: u64) -> [u8; 32] {
         let hello = self.dialer_hello.as_deref().unwrap_or_default();
         let parts: [&[u8]; 4] = [
@@ -159,15 +175,15 @@ impl Auth {
 impl LinkSession {
     /// The side that dialed `expect` (name, incarnation, address), at `now_ms` on
     /// the caller's clock whose zero is `epoch` (for message expiry);
-    /// `nonce`: a number this run gives no other link.
+    /// `link`: a number this shard's run gives no other link.
     pub fn dialed(
         me: Hello,
         expect: (NodeName, u64, SocketAddr),
         settings: LinkSettings,
         (epoch, now_ms): (Instant, u64),
-        nonce: u64,
+        link: u64,
     ) -> LinkSession {
-        Self::new(me, Some(expect), settings, (epoch, now_ms), nonce)
+        Self::new(me, Some(expect), settings, (epoch, now_ms), link)
     }
 
     /// The side that accepted.
@@ -175,9 +191,9 @@ impl LinkSession {
         me: Hello,
         settings: LinkSettings,
         (epoch, now_ms): (Instant, u64),
-        nonce: u64,
+        link: u64,
     ) -> LinkSession {
-        Self::new(me, None, settings, (epoch, now_ms), nonce)
+        Self::new(me, None, settings, (epoch, now_ms), link)
     }
 
     fn new(
@@ -185,10 +201,24 @@ impl LinkSession {
         expect: Option<(NodeName, u64, SocketAddr)>,
         settings: LinkSettings,
         (epoch, now_ms): (Instant, u64),
-        nonce: u64,
+        link: u64,
     ) -> LinkSession {
         me.auth = settings.secret.is_some();
-        me.nonce = nonce;
+        // With a secret, the link's number is a keyed hash of the
+        // process's random seed, the shard and the link: fresh, and
+        // unpredictable to anyone without the secret.
+        me.nonce = match &settings.secret {
+            Some(s) => {
+                let parts: [&[u8]; 3] = [
+                    &settings.nonce_seed,
+                    &me.shard.to_be_bytes(),
+                    &link.to_be_bytes(),
+                ];
+                let tag = s.tag(b"shardmq bridge: nonce", &parts);
+                u64::from_be_bytes(tag[..8].try_into().expect("8 bytes"))
+            }
+            None => link,
+        };
         let auth = settings.secret.clone().map(|secret| Auth {
             secret,
             dialer_hello: None,
@@ -206,6 +236,7 @@ impl LinkSession {
             settings,
             last_rx_ms: now_ms,
             last_tx_ms: now_ms,
+            started_ms: now_ms,
             epoch,
             pings: 0,
             pongs: 0,
@@ -247,10 +278,21 @@ impl LinkSession {
         self.last_rx_ms = now_ms;
         self.rx.extend_from_slice(data);
         let now = self.epoch + std::time::Duration::from_millis(now_ms);
-        while let Some(f) = frame::decode(&mut self.rx, now, self.settings.frame_bytes_max)? {
+        loop {
+            let max = match self.handshake_done() {
+                true => self.settings.frame_bytes_max,
+                false => HANDSHAKE_FRAME_BYTES_MAX,
+            };
+            let Some(f) = frame::decode(&mut self.rx, now, max)? else {
+                return Ok(());
+            };
             self.handle_frame(now_ms, f)?;
         }
-        Ok(())
+    }
+
+    /// The peer's Hello taken (and, with a secret, the secret proved).
+    fn handshake_done(&self) -> bool {
+        self.peer.is_some() && self.auth.as_ref().is_none_or(|a| a.proved)
     }
 
     fn handle_frame(&mut self, now_ms: u64, f: Frame) -> Result<(), LinkError> {
@@ -478,6 +520,11 @@ impl LinkSession {
         if silent >= self.settings.dead_after_ms {
             return Err(LinkError::Silent(silent));
         }
+        if !self.handshake_done() && now_ms.saturating_sub(self.started_ms) >= HANDSHAKE_MS {
+            return Err(LinkError::Handshake(format!(
+                "not done within {HANDSHAKE_MS} ms"
+            )));
+        }
         Ok(self.is_up() && now_ms.saturating_sub(self.last_tx_ms) >= self.settings.ping_after_ms)
     }
 }
@@ -514,6 +561,7 @@ mod tests {
             ping_after_ms: 1000,
             dead_after_ms: 5000,
             secret: None,
+            nonce_seed: [7; 16],
         }
     }
 
@@ -607,6 +655,63 @@ mod tests {
             b.poll_event(),
             Some(LinkEvent::Frame(Frame::RouteAck { seq: 3 }))
         );
+    }
+
+    /// A recorded handshake does not replay: the dialer's Hello and tag,
+    /// written again to an accepting side of another run (another seed)
+    /// or another shard of the same run, with the same link number, do
+    /// not check. A link that has not finished its handshake within
+    /// HANDSHAKE_MS is closed whatever it sends, and takes no large frame
+    /// before it.
+    #[test]
+    fn a_recorded_handshake_does_not_replay_and_a_slow_one_is_closed() {
+        let key: &[u8] = b"sixteen bytes ok";
+        let (mut a, mut b) = pair_with(Some(key), Some(key));
+        let greeting = a.poll_transmit().unwrap();
+        b.handle_bytes(0, &greeting).unwrap();
+        pump(&mut b, &mut a).unwrap();
+        let auth = a.poll_transmit().unwrap();
+        b.handle_bytes(0, &auth).unwrap();
+        assert!(matches!(b.poll_event(), Some(LinkEvent::Up(_))));
+        let acceptor = |seed: u8, shard: u16| {
+            let settings = LinkSettings {
+                secret: Some(Arc::new(ClusterSecret::new(key).unwrap())),
+                nonce_seed: [seed; 16],
+                ..settings()
+            };
+            let mut me = hello("b", 7);
+            me.shard = shard;
+            LinkSession::accepted(me, settings, (Instant::now(), 0), 9)
+        };
+        for (seed, shard) in [(8, 0), (7, 1)] {
+            let mut replayed = acceptor(seed, shard);
+            replayed.handle_bytes(0, &greeting).unwrap();
+            let err = replayed.handle_bytes(0, &auth).unwrap_err();
+            assert!(matches!(err, LinkError::Handshake(_)), "{err:?}");
+            assert!(replayed.poll_event().is_none());
+        }
+        // The same seed and shard (this run's own link 9) would check:
+        // the replay fails only for what the seed and shard change.
+        let mut same = acceptor(7, 0);
+        same.handle_bytes(0, &greeting).unwrap();
+        same.handle_bytes(0, &auth).unwrap();
+        // Slow: a byte at a time keeps it from being silent, not alive.
+        let mut slow = acceptor(1, 0);
+        slow.handle_bytes(0, &[0, 0, 0x0f, 0]).unwrap();
+        for ms in (0..HANDSHAKE_MS).step_by(1000) {
+            slow.handle_bytes(ms, &[0]).unwrap();
+            assert_eq!(slow.handle_tick(ms), Ok(false));
+        }
+        assert!(matches!(
+            slow.handle_tick(HANDSHAKE_MS),
+            Err(LinkError::Handshake(_))
+        ));
+        let mut big = acceptor(1, 0);
+        let len = (HANDSHAKE_FRAME_BYTES_MAX as u32 + 1).to_be_bytes();
+        assert!(matches!(
+            big.handle_bytes(0, &len),
+            Err(LinkError::Frame(FrameError::TooLarge { .. }))
+        ));
     }
 
     /// Another secret: the dialer finds the accepting side's tag wrong

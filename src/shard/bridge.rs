@@ -788,7 +788,9 @@ impl Bridge {
             .filter(|&i| peers.node(i).is_some_and(|n| same_addr(n.addr, h.addr)))
             // Its shard count as its membership says: a peer cannot make
             // room for more tables (of wills) than it has shards.
-            .filter(|&i| peers.node(i).is_some_and(|n| n.shards == h.shards));
+            .filter(|&i| peers.node(i).is_some_and(|n| n.shards == h.shards))
+            // Shard i of a peer dials this node's shard i mod its shards.
+            .filter(|_| h.shard % self.me.shards.max(1) == self.me.shard);
         drop(peers);
         let Some(index) = index else {
             link.session.borrow_mut().refuse(

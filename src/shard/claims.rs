@@ -305,7 +305,9 @@ impl ShardCore {
             return;
         }
         if slot.conn.is_some() {
-            self.close_taken_over(st, now, key, client_id, node);
+            // A session that ends (a clean start there) publishes a will
+            // waiting for its delay, as a Clean Start here would.
+            self.close_taken_over(st, now, (key, client_id), node, !discard);
         }
         // The client started clean on that node: the session it had here
         // ends, as a Clean Start on this node would end it.
@@ -327,14 +329,15 @@ impl ShardCore {
     }
 
     /// Close session `key`'s connection: its client connected later on
-    /// `node`.
+    /// `node`; `cancel_will`: a will left waiting for its delay does not
+    /// go (the session lives on).
     fn close_taken_over(
         &self,
         st: &mut State,
         now: Instant,
-        key: SessionKey,
-        client_id: &str,
+        (key, client_id): (SessionKey, &str),
         node: &str,
+        cancel_will: bool,
     ) {
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
@@ -343,10 +346,11 @@ impl ShardCore {
         self.drive(st, key, now);
         // Its client is back (on the other node): a will waiting for its
         // delay does not go.
-        let cancelled = st
-            .sessions
-            .get_mut(key)
-            .is_some_and(|slot| slot.session.cancel_pending_will());
+        let cancelled = cancel_will
+            && st
+                .sessions
+                .get_mut(key)
+                .is_some_and(|slot| slot.session.cancel_pending_will());
         if cancelled {
             Self::durable_will_done(st, Some(key));
             Self::export_will(st, key, now);

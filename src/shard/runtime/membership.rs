@@ -103,6 +103,8 @@ impl State {
             (out, events)
         };
         self.quorum.member_events(&events);
+        let counters = self.membership.borrow().counters();
+        self.quorum.datagram_counters(counters);
         let mut told = Vec::new();
         for e in events {
             let m = self.membership.borrow();

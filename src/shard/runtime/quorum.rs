@@ -70,6 +70,8 @@ struct Inner {
     bridges: Vec<crossbeam_channel::Sender<PeerEvent>>,
     /// The file's writer thread (none in `memory` durability).
     writer: Option<std::sync::mpsc::Sender<String>>,
+    /// The membership's datagram counters, as of its last turn.
+    datagrams: crate::cluster::membership::MembershipCounters,
 }
 
 /// See the module docs. Empty until the cluster starts.
@@ -122,6 +124,7 @@ impl Quorum {
             members,
             bridges,
             writer,
+            datagrams: Default::default(),
         };
         *self.lock() = Some(inner);
     }
@@ -165,6 +168,13 @@ impl Quorum {
             }
         }
         Some(out)
+    }
+
+    /// Shard 0's membership: its datagram counters now (for `/metrics`).
+    pub(crate) fn datagram_counters(&self, c: crate::cluster::membership::MembershipCounters) {
+        if let Some(inner) = self.lock().as_mut() {
+            inner.datagrams = c;
+        }
     }
 
     /// Shard 0's membership: the events of one of its turns.
@@ -249,6 +259,31 @@ impl Quorum {
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
             ));
         }
+        let d = &inner.datagrams;
+        let name = "shardmq_cluster_datagrams_total";
+        out.push_str(&format!(
+            "# HELP {name} Membership datagrams read and sent.\n# TYPE {name} counter\n\
+             {name}{{direction=\"in\"}} {}\n{name}{{direction=\"out\"}} {}\n",
+            d.datagrams_in, d.datagrams_out
+        ));
+        let name = "shardmq_cluster_datagrams_refused_total";
+        out.push_str(&format!(
+            "# HELP {name} Membership datagrams ignored: not shardmq's, another protocol version, another cluster name, malformed, or without the cluster secret's tag.\n# TYPE {name} counter\n"
+        ));
+        for (reason, v) in [
+            ("foreign", d.refused_foreign),
+            ("version", d.refused_version),
+            ("cluster", d.refused_cluster),
+            ("malformed", d.refused_malformed),
+            ("unauthenticated", d.refused_unauthenticated),
+        ] {
+            out.push_str(&format!("{name}{{reason=\"{reason}\"}} {v}\n"));
+        }
+        let name = "shardmq_cluster_duplicate_nodes_total";
+        out.push_str(&format!(
+            "# HELP {name} Nodes ignored for having the node id of another.\n# TYPE {name} counter\n{name} {}\n",
+            d.duplicates
+        ));
         out
     }
 }
