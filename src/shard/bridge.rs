@@ -143,6 +143,10 @@ pub struct BridgeStats {
     pub unconfirmed_bytes: usize,
 }
 
+/// Messages from a peer an inbound link takes before it confirms them
+/// within a read; fewer wait for the next tick (see [`Bridge::tick`]).
+const CONFIRM_AFTER: u64 = 64;
+
 /// One shard's bridge; see the module docs.
 pub struct Bridge {
     core: Rc<ShardCore>,
@@ -621,8 +625,8 @@ impl Bridge {
         Some(part)
     }
 
-    /// Keep-alives, dead links and the snapshots under way (every 50 ms
-    /// or so).
+    /// Keep-alives, confirmations of what the peers' messages reached,
+    /// dead links and the snapshots under way (every 50 ms or so).
     pub fn tick(&self, now: Instant) {
         let ms = self.ms(now);
         let mut links: Vec<Rc<Link>> = self.inbound.borrow().clone();
@@ -630,6 +634,10 @@ impl Bridge {
         for link in links {
             if link.claims.borrow().is_some() || link.retained.borrow().is_some() {
                 self.feed_snapshots(now, &link);
+            }
+            self.confirm(now, &link, 1);
+            if link.session.borrow().out_bytes() > 0 {
+                link.wake.notify();
             }
             let tick = link.session.borrow_mut().handle_tick(ms);
             match tick {
@@ -701,13 +709,15 @@ impl Bridge {
                 return;
             }
         }
-        self.confirm(now, link);
+        self.confirm(now, link, CONFIRM_AFTER);
         link.wake.notify();
     }
 
-    /// An inbound link's messages were handed on: tell the peer how far
-    /// (once per read, so a busy link confirms in few frames).
-    fn confirm(&self, now: Instant, link: &Link) {
+    /// An inbound link's messages were handed on: tell the peer how far,
+    /// once `after` messages wait for it (a busy link confirms in few
+    /// frames; the tick confirms the rest, so a quiet link does not
+    /// answer every message with a frame of its own).
+    fn confirm(&self, now: Instant, link: &Link, after: u64) {
         if link.outbound {
             return;
         }
@@ -721,7 +731,7 @@ impl Bridge {
         };
         let last = self.received.borrow().get(&(index, shard)).copied();
         if let Some((r, seq)) = last {
-            if r == run && seq > link.confirmed.get() {
+            if r == run && seq >= link.confirmed.get() + after.max(1) {
                 link.confirmed.set(seq);
                 link.session
                     .borrow_mut()
