@@ -28,7 +28,7 @@ use crate::message::Message;
 use crate::router::SharedPick;
 
 /// The bridge protocol version this node speaks.
-pub const BRIDGE_VERSION: u16 = 4;
+pub const BRIDGE_VERSION: u16 = 5;
 /// Bytes before a frame's body: its length and kind.
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Longest topic filter or other string in a frame, in bytes (the MQTT
@@ -56,6 +56,7 @@ mod kind {
     pub const CLAIM_ACKS: u8 = 14;
     pub const DELIVERED: u8 = 15;
     pub const AUTH: u8 = 16;
+    pub const SEAL: u8 = 17;
 }
 
 /// The first frame each side of a link sends.
@@ -207,6 +208,13 @@ pub enum Frame {
         /// The HMAC-SHA256 tag (`cluster::secret`).
         tag: [u8; 32],
     },
+    /// With a cluster secret, after the handshake: the tag of every frame
+    /// since the previous Seal (`cluster::secret::RecordMac`); the
+    /// receiver acts on them only once it checks.
+    Seal {
+        /// The record's tag.
+        tag: [u8; 16],
+    },
 }
 
 /// A live connection's claim of its client id.
@@ -284,6 +292,12 @@ pub enum FrameError {
     Malformed(&'static str),
 }
 
+/// Whether the encoded frame `bytes` (length prefix included) is a
+/// [`Frame::Seal`] (a record's tag covers every frame but its seal).
+pub fn is_seal(bytes: &[u8]) -> bool {
+    bytes.get(4) == Some(&kind::SEAL)
+}
+
 /// An order-independent digest of a route table: the XOR of each filter's
 /// CRC-32C, spread to 64 bits. Equal tables give equal digests; a mismatch
 /// makes the receiver ask for a new snapshot.
@@ -320,6 +334,10 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
         Frame::Auth { nonce, tag } => {
             out.put_u8(kind::AUTH);
             out.put_u64(*nonce);
+            out.put_slice(tag);
+        }
+        Frame::Seal { tag } => {
+            out.put_u8(kind::SEAL);
             out.put_slice(tag);
         }
         Frame::Refuse { reason, text } => {
@@ -502,6 +520,12 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             let mut tag = [0u8; 32];
             b.copy_to_slice(&mut tag);
             Frame::Auth { nonce, tag }
+        }
+        kind::SEAL => {
+            need(b, 16)?;
+            let mut tag = [0u8; 16];
+            b.copy_to_slice(&mut tag);
+            Frame::Seal { tag }
         }
         kind::REFUSE => Frame::Refuse {
             reason: match u8_(b)? {
@@ -923,6 +947,7 @@ mod tests {
                 nonce: 5,
                 tag: [9; 32],
             },
+            Frame::Seal { tag: [3; 16] },
             Frame::Refuse {
                 reason: RefuseReason::Cluster,
                 text: "other cluster".into(),

@@ -21,7 +21,12 @@
 //! and answers with its own tag over the same, and only then does the
 //! accepting side report the Hello to its owner (who may welcome it). A
 //! tag that does not check, or a Hello that says the other side has no
-//! secret where this one has, refuses the link.
+//! secret where this one has, refuses the link. After the proofs, each
+//! side seals what it writes: the frames of a record (what is written
+//! before each [`LinkSession::poll_transmit`], sealed early once past
+//! [`RECORD_BYTES_MAX`]) are followed by a [`Frame::Seal`] with their tag
+//! under a key of the secret and the handshake for that direction, and
+//! the receiver holds a record's frames until its seal checks.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -33,12 +38,19 @@ use thiserror::Error;
 
 use super::frame::{self, Frame, FrameError, Hello, RefuseReason, BRIDGE_VERSION};
 use super::node::{same_addr, NodeName};
-use super::secret::ClusterSecret;
+use super::secret::{ClusterSecret, RecordMac};
 
 /// What the accepting side's tag is for.
 const ACCEPT_LABEL: &[u8] = b"shardmq bridge: accepting";
 /// What the dialing side's tag is for.
 const DIAL_LABEL: &[u8] = b"shardmq bridge: dialing";
+/// What the key of the dialer's records is for.
+const DIALER_RECORDS: &[u8] = b"shardmq bridge: the dialer's records";
+/// What the key of the accepting side's records is for.
+const ACCEPTOR_RECORDS: &[u8] = b"shardmq bridge: the accepting side's records";
+/// Bytes of frames after which a side seals its record (a record is at
+/// most this plus one frame; one write may carry several records).
+pub const RECORD_BYTES_MAX: usize = 64 << 10;
 
 /// A link's limits; see `[cluster]` in the default config.
 #[derive(Debug, Clone)]
@@ -100,6 +112,11 @@ pub enum LinkError {
     /// Nothing heard from the peer for too long.
     #[error("nothing from the peer for {0} ms")]
     Silent(u64),
+    /// With a cluster secret: a record's tag did not check (frames changed,
+    /// dropped, reordered or replayed on the way), or a record ran past
+    /// its bound.
+    #[error("frames from the peer fail the cluster secret's record tag: {0}")]
+    Unsealed(&'static str),
 }
 
 /// Output waiting past the bound: the frame was not queued.
@@ -131,6 +148,14 @@ pub struct LinkSession {
     pongs: u64,
     /// With a cluster secret: the handshake's proof of it.
     auth: Option<Auth>,
+    /// With a cluster secret, after the handshake: the tag of what this
+    /// side writes, and bytes since its last seal.
+    tx_seal: Option<(RecordMac, usize)>,
+    /// ... and of what the peer writes, with the frames of its current
+    /// record (acted on once its seal checks) and their bytes.
+    rx_seal: Option<RecordMac>,
+    held: Vec<Frame>,
+    held_bytes: usize,
 }
 
 /// A link's proof of the cluster secret under way.
@@ -227,6 +252,10 @@ impl LinkSession {
         });
         let mut s = LinkSession {
             auth,
+            tx_seal: None,
+            rx_seal: None,
+            held: Vec::new(),
+            held_bytes: 0,
             me,
             expect,
             peer: None,
@@ -275,19 +304,61 @@ impl LinkSession {
 
     /// Bytes read from the peer.
     pub fn handle_bytes(&mut self, now_ms: u64, data: &[u8]) -> Result<(), LinkError> {
-        self.last_rx_ms = now_ms;
+        // Once sealed, only a record whose tag checks shows the peer alive
+        // (bytes trickled by someone else do not keep a link open).
+        if self.rx_seal.is_none() {
+            self.last_rx_ms = now_ms;
+        }
         self.rx.extend_from_slice(data);
         let now = self.epoch + std::time::Duration::from_millis(now_ms);
         loop {
-            let max = match self.handshake_done() {
+            let max = match self.handshake_done() || self.rx_seal.is_some() {
                 true => self.settings.frame_bytes_max,
                 false => HANDSHAKE_FRAME_BYTES_MAX,
             };
+            // A sealed record's tag covers each frame's bytes as read.
+            let whole = self.next_frame_len(max);
+            if let (Some(mac), Some(n)) = (self.rx_seal.as_mut(), whole) {
+                if !frame::is_seal(&self.rx[..n]) {
+                    mac.update(&self.rx[..n]);
+                }
+            }
             let Some(f) = frame::decode(&mut self.rx, now, max)? else {
                 return Ok(());
             };
-            self.handle_frame(now_ms, f)?;
+            if self.rx_seal.is_none() {
+                self.handle_frame(now_ms, f)?;
+                continue;
+            }
+            match f {
+                Frame::Seal { tag } => {
+                    if !self.rx_seal.as_mut().is_some_and(|m| m.check(&tag)) {
+                        return Err(LinkError::Unsealed("a record's tag does not check"));
+                    }
+                    self.last_rx_ms = now_ms;
+                    self.held_bytes = 0;
+                    for f in std::mem::take(&mut self.held) {
+                        self.handle_frame(now_ms, f)?;
+                    }
+                }
+                f => {
+                    // The sender seals once a record reaches the bound, so
+                    // a record holds at most one frame past it.
+                    if self.held_bytes >= RECORD_BYTES_MAX {
+                        return Err(LinkError::Unsealed("a record longer than its bound"));
+                    }
+                    self.held_bytes += whole.unwrap_or(0);
+                    self.held.push(f);
+                }
+            }
         }
+    }
+
+    /// The length (prefix included) of the whole frame at the front of
+    /// what was read, if it is all there and within `max`.
+    fn next_frame_len(&self, max: usize) -> Option<usize> {
+        let len = u32::from_be_bytes(self.rx.get(..4)?.try_into().ok()?) as usize;
+        (len > 0 && len <= max && self.rx.len() >= 4 + len).then_some(4 + len)
     }
 
     /// The peer's Hello taken (and, with a secret, the secret proved).
@@ -360,12 +431,20 @@ impl LinkSession {
                 if !a.verify(ACCEPT_LABEL, (&name, incarnation), nonce, &tag) {
                     return self.auth_failed(now_ms, "its tag");
                 }
+                let peer = (&name, incarnation);
                 let answer = Frame::Auth {
                     nonce: 0,
-                    tag: a.tag(DIAL_LABEL, (&name, incarnation), nonce),
+                    tag: a.tag(DIAL_LABEL, peer, nonce),
                 };
+                let keys = (
+                    a.tag(DIALER_RECORDS, peer, nonce),
+                    a.tag(ACCEPTOR_RECORDS, peer, nonce),
+                );
                 a.proved = true;
                 self.push(&answer, now_ms);
+                // Everything after the proofs is sealed.
+                self.tx_seal = Some((RecordMac::new(keys.0), 0));
+                self.rx_seal = Some(RecordMac::new(keys.1));
                 Ok(())
             }
             Frame::Auth { tag, .. } if a.pending.is_some() => {
@@ -374,6 +453,9 @@ impl LinkSession {
                     return self.auth_failed(now_ms, "its tag");
                 }
                 a.proved = true;
+                let nonce = self.me.nonce;
+                self.rx_seal = Some(RecordMac::new(a.tag(DIALER_RECORDS, me, nonce)));
+                self.tx_seal = Some((RecordMac::new(a.tag(ACCEPTOR_RECORDS, me, nonce)), 0));
                 if let Some(h) = a.pending.take() {
                     self.peer = Some(h.clone());
                     self.events.push_back(LinkEvent::Up(h));
@@ -392,7 +474,10 @@ impl LinkSession {
         }
     }
 
-    /// The peer did not prove the secret (`what` failed): refuse it.
+    /// The peer did not prove the secret (`what` failed): refuse it. (The
+    /// Refuse goes unsealed: a dialer that already seals its reads holds
+    /// it and sees the link end without the reason; only a changed
+    /// handshake gets there.)
     fn auth_failed(&mut self, now_ms: u64, what: &str) -> Result<(), LinkError> {
         let text = format!("the peer did not prove the cluster secret ({what})");
         self.push(
@@ -498,8 +583,25 @@ impl LinkSession {
             self.pings += 1;
         }
         let now = self.epoch + std::time::Duration::from_millis(now_ms);
+        let start = self.tx.len();
         frame::encode(f, now, &mut self.tx);
         self.last_tx_ms = now_ms;
+        if let Some((mac, bytes)) = self.tx_seal.as_mut() {
+            mac.update(&self.tx[start..]);
+            *bytes += self.tx.len() - start;
+            if *bytes >= RECORD_BYTES_MAX {
+                self.seal();
+            }
+        }
+    }
+
+    /// End the record of what was written since the last seal.
+    fn seal(&mut self) {
+        if let Some((mac, bytes)) = self.tx_seal.as_mut().filter(|(_, b)| *b > 0) {
+            *bytes = 0;
+            let seal = Frame::Seal { tag: mac.seal() };
+            frame::encode(&seal, self.epoch, &mut self.tx);
+        }
     }
 
     /// The next event.
@@ -509,6 +611,7 @@ impl LinkSession {
 
     /// Everything waiting to be written, taken.
     pub fn poll_transmit(&mut self) -> Option<BytesMut> {
+        self.seal();
         (!self.tx.is_empty()).then(|| self.tx.split())
     }
 
@@ -655,6 +758,65 @@ mod tests {
             b.poll_event(),
             Some(LinkEvent::Frame(Frame::RouteAck { seq: 3 }))
         );
+    }
+
+    /// With a secret, every frame after the handshake is sealed: the
+    /// receiver acts on a record only once its tag checks (read a byte at
+    /// a time or whole), and a byte changed, or a record written again,
+    /// closes the link.
+    #[test]
+    fn after_the_handshake_records_are_sealed_and_checked() {
+        let key: &[u8] = b"sixteen bytes ok";
+        let up = || {
+            let (mut a, mut b) = pair_with(Some(key), Some(key));
+            pump(&mut a, &mut b).unwrap();
+            pump(&mut b, &mut a).unwrap();
+            pump(&mut a, &mut b).unwrap();
+            b.poll_event().unwrap();
+            b.welcome(0);
+            pump(&mut b, &mut a).unwrap();
+            a.poll_event().unwrap();
+            (a, b)
+        };
+        let (mut a, mut b) = up();
+        a.send(0, &Frame::RouteAck { seq: 1 }).unwrap();
+        a.send(0, &Frame::RouteAck { seq: 2 }).unwrap();
+        let record = a.poll_transmit().unwrap();
+        for (i, byte) in record.iter().enumerate() {
+            b.handle_bytes(0, &[*byte]).unwrap();
+            if i + 1 < record.len() {
+                assert!(b.poll_event().is_none(), "nothing before the seal");
+            }
+        }
+        assert_eq!(
+            b.poll_event(),
+            Some(LinkEvent::Frame(Frame::RouteAck { seq: 1 }))
+        );
+        assert_eq!(
+            b.poll_event(),
+            Some(LinkEvent::Frame(Frame::RouteAck { seq: 2 }))
+        );
+        assert!(
+            matches!(b.handle_bytes(0, &record), Err(LinkError::Unsealed(_))),
+            "a record written again"
+        );
+        let (mut a, mut b) = up();
+        a.send(0, &Frame::RouteAck { seq: 7 }).unwrap();
+        let mut record = a.poll_transmit().unwrap();
+        record[9] ^= 1; // inside the RouteAck's number
+        assert!(matches!(
+            b.handle_bytes(0, &record),
+            Err(LinkError::Unsealed(_))
+        ));
+        assert!(b.poll_event().is_none());
+        // Bytes that never make a record that checks do not keep it alive.
+        let (_, mut b) = up();
+        b.handle_bytes(0, &[0, 0, 0x10, 0]).unwrap();
+        for ms in (1000..5000).step_by(1000) {
+            b.handle_bytes(ms, &[0]).unwrap();
+            assert!(b.handle_tick(ms).is_ok());
+        }
+        assert!(matches!(b.handle_tick(5000), Err(LinkError::Silent(_))));
     }
 
     /// A recorded handshake does not replay: the dialer's Hello and tag,
