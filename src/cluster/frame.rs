@@ -56,7 +56,7 @@ mod kind {
     pub const CLAIM_ACKS: u8 = 14;
     pub const DELIVERED: u8 = 15;
     pub const AUTH: u8 = 16;
-    pub const SEAL: u8 = 17;
+    pub const RECORD: u8 = 17;
 }
 
 /// The first frame each side of a link sends.
@@ -208,13 +208,10 @@ pub enum Frame {
         /// The HMAC-SHA256 tag (`cluster::secret`).
         tag: [u8; 32],
     },
-    /// With a cluster secret, after the handshake: the tag of every frame
-    /// since the previous Seal (`cluster::secret::RecordMac`); the
-    /// receiver acts on them only once it checks.
-    Seal {
-        /// The record's tag.
-        tag: [u8; 16],
-    },
+    /// With a cluster secret, after the handshake: frames written at
+    /// once, encrypted with their tag at the end
+    /// (`cluster::secret::RecordCipher`); nothing else crosses the link.
+    Record(BytesMut),
 }
 
 /// A live connection's claim of its client id.
@@ -292,10 +289,26 @@ pub enum FrameError {
     Malformed(&'static str),
 }
 
-/// Whether the encoded frame `bytes` (length prefix included) is a
-/// [`Frame::Seal`] (a record's tag covers every frame but its seal).
-pub fn is_seal(bytes: &[u8]) -> bool {
-    bytes.get(4) == Some(&kind::SEAL)
+/// Bytes of a [`Frame::Record`]'s header: the length and the kind; the
+/// record's frames follow.
+pub const RECORD_HEADER_BYTES: usize = 5;
+
+/// Start a [`Frame::Record`] at the end of `out`: its header, the length
+/// filled in by [`end_record`]. Frames encoded after it are its plaintext.
+pub fn begin_record(out: &mut BytesMut) -> usize {
+    let at = out.len();
+    out.put_u32(0);
+    out.put_u8(kind::RECORD);
+    at
+}
+
+/// End the record begun at `at`: `seal` encrypts the plaintext in place
+/// and gives the tag, appended; the length is filled in.
+pub fn end_record(out: &mut BytesMut, at: usize, seal: impl FnOnce(&mut [u8]) -> [u8; 16]) {
+    let tag = seal(&mut out[at + RECORD_HEADER_BYTES..]);
+    out.put_slice(&tag);
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
 /// An order-independent digest of a route table: the XOR of each filter's
@@ -336,9 +349,9 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u64(*nonce);
             out.put_slice(tag);
         }
-        Frame::Seal { tag } => {
-            out.put_u8(kind::SEAL);
-            out.put_slice(tag);
+        Frame::Record(body) => {
+            out.put_u8(kind::RECORD);
+            out.put_slice(body);
         }
         Frame::Refuse { reason, text } => {
             out.put_u8(kind::REFUSE);
@@ -521,12 +534,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             b.copy_to_slice(&mut tag);
             Frame::Auth { nonce, tag }
         }
-        kind::SEAL => {
-            need(b, 16)?;
-            let mut tag = [0u8; 16];
-            b.copy_to_slice(&mut tag);
-            Frame::Seal { tag }
-        }
+        kind::RECORD => Frame::Record(b.split()),
         kind::REFUSE => Frame::Refuse {
             reason: match u8_(b)? {
                 1 => RefuseReason::Version,
@@ -947,7 +955,7 @@ mod tests {
                 nonce: 5,
                 tag: [9; 32],
             },
-            Frame::Seal { tag: [3; 16] },
+            Frame::Record(BytesMut::from(&[1u8, 2, 3][..])),
             Frame::Refuse {
                 reason: RefuseReason::Cluster,
                 text: "other cluster".into(),

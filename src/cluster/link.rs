@@ -22,11 +22,11 @@
 //! accepting side report the Hello to its owner (who may welcome it). A
 //! tag that does not check, or a Hello that says the other side has no
 //! secret where this one has, refuses the link. After the proofs, each
-//! side seals what it writes: the frames of a record (what is written
-//! before each [`LinkSession::poll_transmit`], sealed early once past
-//! [`RECORD_BYTES_MAX`]) are followed by a [`Frame::Seal`] with their tag
-//! under a key of the secret and the handshake for that direction, and
-//! the receiver holds a record's frames until its seal checks.
+//! side encrypts what it writes: the frames written before each
+//! [`LinkSession::poll_transmit`] (sealed early once past
+//! [`RECORD_BYTES_MAX`]) go as one [`Frame::Record`], AES-256-GCM under a
+//! key of the secret and the handshake for that direction, numbered; the
+//! receiver acts on a record's frames once it opens.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -38,7 +38,7 @@ use thiserror::Error;
 
 use super::frame::{self, Frame, FrameError, Hello, RefuseReason, BRIDGE_VERSION};
 use super::node::{same_addr, NodeName};
-use super::secret::{ClusterSecret, RecordMac};
+use super::secret::{ClusterSecret, RecordCipher};
 
 /// What the accepting side's tag is for.
 const ACCEPT_LABEL: &[u8] = b"shardmq bridge: accepting";
@@ -49,7 +49,8 @@ const DIALER_RECORDS: &[u8] = b"shardmq bridge: the dialer's records";
 /// What the key of the accepting side's records is for.
 const ACCEPTOR_RECORDS: &[u8] = b"shardmq bridge: the accepting side's records";
 /// Bytes of frames after which a side seals its record (a record is at
-/// most this plus one frame; one write may carry several records).
+/// most this plus one frame, its header and tag; one write may carry
+/// several records).
 pub const RECORD_BYTES_MAX: usize = 64 << 10;
 
 /// A link's limits; see `[cluster]` in the default config.
@@ -112,10 +113,10 @@ pub enum LinkError {
     /// Nothing heard from the peer for too long.
     #[error("nothing from the peer for {0} ms")]
     Silent(u64),
-    /// With a cluster secret: a record's tag did not check (frames changed,
-    /// dropped, reordered or replayed on the way), or a record ran past
-    /// its bound.
-    #[error("frames from the peer fail the cluster secret's record tag: {0}")]
+    /// With a cluster secret: a record did not open (changed, reordered or
+    /// replayed on the way, or not under this link's key), or was not a
+    /// record.
+    #[error("the peer's link fails the cluster secret's encryption: {0}")]
     Unsealed(&'static str),
 }
 
@@ -148,14 +149,12 @@ pub struct LinkSession {
     pongs: u64,
     /// With a cluster secret: the handshake's proof of it.
     auth: Option<Auth>,
-    /// With a cluster secret, after the handshake: the tag of what this
-    /// side writes, and bytes since its last seal.
-    tx_seal: Option<(RecordMac, usize)>,
-    /// ... and of what the peer writes, with the frames of its current
-    /// record (acted on once its seal checks) and their bytes.
-    rx_seal: Option<RecordMac>,
-    held: Vec<Frame>,
-    held_bytes: usize,
+    /// With a cluster secret, after the handshake: the cipher of what
+    /// this side writes, and where in `tx` its open record starts.
+    tx_cipher: Option<RecordCipher>,
+    open_record: Option<usize>,
+    /// ... and of what the peer writes.
+    rx_cipher: Option<RecordCipher>,
 }
 
 /// A link's proof of the cluster secret under way.
@@ -252,10 +251,9 @@ impl LinkSession {
         });
         let mut s = LinkSession {
             auth,
-            tx_seal: None,
-            rx_seal: None,
-            held: Vec::new(),
-            held_bytes: 0,
+            tx_cipher: None,
+            open_record: None,
+            rx_cipher: None,
             me,
             expect,
             peer: None,
@@ -304,61 +302,48 @@ impl LinkSession {
 
     /// Bytes read from the peer.
     pub fn handle_bytes(&mut self, now_ms: u64, data: &[u8]) -> Result<(), LinkError> {
-        // Once sealed, only a record whose tag checks shows the peer alive
+        // Once encrypted, only a record that opens shows the peer alive
         // (bytes trickled by someone else do not keep a link open).
-        if self.rx_seal.is_none() {
+        if self.rx_cipher.is_none() {
             self.last_rx_ms = now_ms;
         }
         self.rx.extend_from_slice(data);
         let now = self.epoch + std::time::Duration::from_millis(now_ms);
         loop {
-            let max = match self.handshake_done() || self.rx_seal.is_some() {
-                true => self.settings.frame_bytes_max,
-                false => HANDSHAKE_FRAME_BYTES_MAX,
+            let max = if self.rx_cipher.is_some() {
+                // A record is sealed once past RECORD_BYTES_MAX: at most
+                // one whole frame more, and its header and tag.
+                RECORD_BYTES_MAX + self.settings.frame_bytes_max + 64
+            } else if self.handshake_done() {
+                self.settings.frame_bytes_max
+            } else {
+                HANDSHAKE_FRAME_BYTES_MAX
             };
-            // A sealed record's tag covers each frame's bytes as read.
-            let whole = self.next_frame_len(max);
-            if let (Some(mac), Some(n)) = (self.rx_seal.as_mut(), whole) {
-                if !frame::is_seal(&self.rx[..n]) {
-                    mac.update(&self.rx[..n]);
-                }
-            }
             let Some(f) = frame::decode(&mut self.rx, now, max)? else {
                 return Ok(());
             };
-            if self.rx_seal.is_none() {
+            let Some(cipher) = self.rx_cipher.as_mut() else {
                 self.handle_frame(now_ms, f)?;
                 continue;
+            };
+            let Frame::Record(mut body) = f else {
+                return Err(LinkError::Unsealed("a frame outside a record"));
+            };
+            let Some(n) = cipher.open(&mut body) else {
+                return Err(LinkError::Unsealed("a record does not open"));
+            };
+            body.truncate(n);
+            self.last_rx_ms = now_ms;
+            while let Some(f) = frame::decode(&mut body, now, self.settings.frame_bytes_max)? {
+                if let Frame::Record(_) = f {
+                    return Err(LinkError::Unsealed("a record inside a record"));
+                }
+                self.handle_frame(now_ms, f)?;
             }
-            match f {
-                Frame::Seal { tag } => {
-                    if !self.rx_seal.as_mut().is_some_and(|m| m.check(&tag)) {
-                        return Err(LinkError::Unsealed("a record's tag does not check"));
-                    }
-                    self.last_rx_ms = now_ms;
-                    self.held_bytes = 0;
-                    for f in std::mem::take(&mut self.held) {
-                        self.handle_frame(now_ms, f)?;
-                    }
-                }
-                f => {
-                    // The sender seals once a record reaches the bound, so
-                    // a record holds at most one frame past it.
-                    if self.held_bytes >= RECORD_BYTES_MAX {
-                        return Err(LinkError::Unsealed("a record longer than its bound"));
-                    }
-                    self.held_bytes += whole.unwrap_or(0);
-                    self.held.push(f);
-                }
+            if !body.is_empty() {
+                return Err(LinkError::Unsealed("a record that ends inside a frame"));
             }
         }
-    }
-
-    /// The length (prefix included) of the whole frame at the front of
-    /// what was read, if it is all there and within `max`.
-    fn next_frame_len(&self, max: usize) -> Option<usize> {
-        let len = u32::from_be_bytes(self.rx.get(..4)?.try_into().ok()?) as usize;
-        (len > 0 && len <= max && self.rx.len() >= 4 + len).then_some(4 + len)
     }
 
     /// The peer's Hello taken (and, with a secret, the secret proved).
@@ -442,9 +427,9 @@ impl LinkSession {
                 );
                 a.proved = true;
                 self.push(&answer, now_ms);
-                // Everything after the proofs is sealed.
-                self.tx_seal = Some((RecordMac::new(keys.0), 0));
-                self.rx_seal = Some(RecordMac::new(keys.1));
+                // Everything after the proofs is encrypted.
+                self.tx_cipher = Some(RecordCipher::new(keys.0));
+                self.rx_cipher = Some(RecordCipher::new(keys.1));
                 Ok(())
             }
             Frame::Auth { tag, .. } if a.pending.is_some() => {
@@ -454,8 +439,8 @@ impl LinkSession {
                 }
                 a.proved = true;
                 let nonce = self.me.nonce;
-                self.rx_seal = Some(RecordMac::new(a.tag(DIALER_RECORDS, me, nonce)));
-                self.tx_seal = Some((RecordMac::new(a.tag(ACCEPTOR_RECORDS, me, nonce)), 0));
+                self.rx_cipher = Some(RecordCipher::new(a.tag(DIALER_RECORDS, me, nonce)));
+                self.tx_cipher = Some(RecordCipher::new(a.tag(ACCEPTOR_RECORDS, me, nonce)));
                 if let Some(h) = a.pending.take() {
                     self.peer = Some(h.clone());
                     self.events.push_back(LinkEvent::Up(h));
@@ -583,24 +568,23 @@ impl LinkSession {
             self.pings += 1;
         }
         let now = self.epoch + std::time::Duration::from_millis(now_ms);
-        let start = self.tx.len();
+        if self.tx_cipher.is_some() && self.open_record.is_none() {
+            self.open_record = Some(frame::begin_record(&mut self.tx));
+        }
         frame::encode(f, now, &mut self.tx);
         self.last_tx_ms = now_ms;
-        if let Some((mac, bytes)) = self.tx_seal.as_mut() {
-            mac.update(&self.tx[start..]);
-            *bytes += self.tx.len() - start;
-            if *bytes >= RECORD_BYTES_MAX {
-                self.seal();
-            }
+        if self
+            .open_record
+            .is_some_and(|at| self.tx.len() - at >= RECORD_BYTES_MAX)
+        {
+            self.seal();
         }
     }
 
-    /// End the record of what was written since the last seal.
+    /// Encrypt the open record (what was written since the last one).
     fn seal(&mut self) {
-        if let Some((mac, bytes)) = self.tx_seal.as_mut().filter(|(_, b)| *b > 0) {
-            *bytes = 0;
-            let seal = Frame::Seal { tag: mac.seal() };
-            frame::encode(&seal, self.epoch, &mut self.tx);
+        if let (Some(at), Some(cipher)) = (self.open_record.take(), self.tx_cipher.as_mut()) {
+            frame::end_record(&mut self.tx, at, |plain| cipher.seal(plain));
         }
     }
 
@@ -760,12 +744,12 @@ mod tests {
         );
     }
 
-    /// With a secret, every frame after the handshake is sealed: the
-    /// receiver acts on a record only once its tag checks (read a byte at
-    /// a time or whole), and a byte changed, or a record written again,
-    /// closes the link.
+    /// With a secret, every frame after the handshake goes encrypted in a
+    /// record: the receiver acts on a record only once it opens (read a
+    /// byte at a time or whole), and a byte changed, or a record written
+    /// again, closes the link.
     #[test]
-    fn after_the_handshake_records_are_sealed_and_checked() {
+    fn after_the_handshake_records_are_encrypted_and_checked() {
         let key: &[u8] = b"sixteen bytes ok";
         let up = || {
             let (mut a, mut b) = pair_with(Some(key), Some(key));
@@ -782,6 +766,11 @@ mod tests {
         a.send(0, &Frame::RouteAck { seq: 1 }).unwrap();
         a.send(0, &Frame::RouteAck { seq: 2 }).unwrap();
         let record = a.poll_transmit().unwrap();
+        let plain = encoded(&Frame::RouteAck { seq: 1 }, Instant::now());
+        assert!(
+            !record.windows(plain.len()).any(|w| w == &plain[..]),
+            "the frames do not cross in the clear"
+        );
         for (i, byte) in record.iter().enumerate() {
             b.handle_bytes(0, &[*byte]).unwrap();
             if i + 1 < record.len() {

@@ -4,8 +4,9 @@
 //! Node-wide, read once at start and shared by every shard. Sans-IO apart
 //! from [`ClusterSecret::load`]: it makes and checks HMAC-SHA256 tags,
 //! over each membership datagram (`membership`) and over the two sides of
-//! a link's handshake, and over each record of frames a link carries after
-//! it (`link`, [`RecordMac`]). It authenticates; it does not encrypt.
+//! a link's handshake (`link`); and it keys the encryption of each record
+//! of frames a link carries after it ([`RecordCipher`]). Membership
+//! datagrams are authenticated, not encrypted.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -89,59 +90,60 @@ impl ClusterSecret {
     }
 }
 
-/// The running tag of one direction of a link after its handshake: each
-/// record (the frames between two seals) is tagged under the direction's
-/// key with its number, so a frame changed, dropped, reordered or
-/// replayed from another record or link does not check.
-pub struct RecordMac {
-    key: [u8; 32],
+/// One direction of a link after its handshake: each record (the frames
+/// written at once) is encrypted and authenticated with AES-256-GCM under
+/// the direction's key (derived from the secret and the handshake), its
+/// number the nonce, so a record changed, dropped, reordered or replayed
+/// from another record or link does not open.
+pub struct RecordCipher {
+    key: ring::aead::LessSafeKey,
     seq: u64,
-    mac: HmacSha256,
 }
 
-impl std::fmt::Debug for RecordMac {
+impl std::fmt::Debug for RecordCipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RecordMac {{ seq: {} }}", self.seq)
+        write!(f, "RecordCipher {{ seq: {} }}", self.seq)
     }
 }
 
-impl RecordMac {
-    /// Records tagged under `key` (derived from the secret and the
-    /// handshake), numbered from 0.
-    pub fn new(key: [u8; 32]) -> RecordMac {
-        RecordMac {
-            mac: Self::start(&key, 0),
-            key,
+impl RecordCipher {
+    /// Records under `key`, numbered from 0.
+    pub fn new(key: [u8; 32]) -> RecordCipher {
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &key)
+            .expect("a 32-byte AES-256 key");
+        RecordCipher {
+            key: ring::aead::LessSafeKey::new(unbound),
             seq: 0,
         }
     }
 
-    fn start(key: &[u8; 32], seq: u64) -> HmacSha256 {
-        let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
-        m.update(&seq.to_be_bytes());
-        m
-    }
-
-    /// Bytes of the current record.
-    pub fn update(&mut self, bytes: &[u8]) {
-        self.mac.update(bytes);
-    }
-
-    /// End the current record: its tag (16 bytes); the next one starts.
-    pub fn seal(&mut self) -> [u8; TAG_BYTES] {
+    fn nonce(&mut self) -> ring::aead::Nonce {
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&self.seq.to_be_bytes());
         self.seq += 1;
-        let m = std::mem::replace(&mut self.mac, Self::start(&self.key, self.seq));
-        let tag = m.finalize().into_bytes();
+        ring::aead::Nonce::assume_unique_for_key(n)
+    }
+
+    /// Encrypt the next record in place; its tag (16 bytes) to append.
+    pub fn seal(&mut self, record: &mut [u8]) -> [u8; TAG_BYTES] {
+        let nonce = self.nonce();
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(nonce, ring::aead::Aad::empty(), record)
+            .expect("AES-GCM seals any record under 64 GiB");
         let mut out = [0u8; TAG_BYTES];
-        out.copy_from_slice(&tag[..TAG_BYTES]);
+        out.copy_from_slice(tag.as_ref());
         out
     }
 
-    /// End the current record: whether `tag` is its tag (constant-time).
-    pub fn check(&mut self, tag: &[u8]) -> bool {
-        self.seq += 1;
-        let m = std::mem::replace(&mut self.mac, Self::start(&self.key, self.seq));
-        tag.len() == TAG_BYTES && m.verify_truncated_left(tag).is_ok()
+    /// Decrypt the next record (its tag at the end) in place: the length
+    /// of the plaintext at its front, or None when it does not open.
+    pub fn open(&mut self, record: &mut [u8]) -> Option<usize> {
+        let nonce = self.nonce();
+        self.key
+            .open_in_place(nonce, ring::aead::Aad::empty(), record)
+            .ok()
+            .map(|plain| plain.len())
     }
 }
 
@@ -168,22 +170,26 @@ mod tests {
     }
 
     #[test]
-    fn records_check_in_order_only() {
-        let (mut tx, mut rx) = (RecordMac::new([1; 32]), RecordMac::new([1; 32]));
-        tx.update(b"one");
-        let first = tx.seal();
-        tx.update(b"two");
-        let second = tx.seal();
-        rx.update(b"one");
-        assert!(rx.check(&first));
-        rx.update(b"two");
-        assert!(
-            !rx.check(&first),
-            "a record's tag does not check as the next one's"
+    fn records_open_in_order_only() {
+        let (mut tx, mut rx) = (RecordCipher::new([1; 32]), RecordCipher::new([1; 32]));
+        let mut first = b"one".to_vec();
+        let tag = tx.seal(&mut first);
+        assert_ne!(&first, b"one", "encrypted");
+        first.extend_from_slice(&tag);
+        let mut second = b"two".to_vec();
+        let tag = tx.seal(&mut second);
+        second.extend_from_slice(&tag);
+        let mut changed = first.clone();
+        changed[1] ^= 1;
+        assert_eq!(RecordCipher::new([1; 32]).open(&mut changed), None);
+        let mut replayed = first.clone();
+        assert_eq!(rx.open(&mut first), Some(3));
+        assert_eq!(&first[..3], b"one");
+        assert_eq!(
+            rx.open(&mut replayed),
+            None,
+            "a record does not open as the next"
         );
-        let mut again = RecordMac::new([1; 32]);
-        again.update(b"onf");
-        assert!(!again.check(&first));
-        let _ = second;
+        assert_eq!(RecordCipher::new([2; 32]).open(&mut second), None);
     }
 }
