@@ -460,9 +460,9 @@ impl LinkSession {
     }
 
     /// The peer did not prove the secret (`what` failed): refuse it. (The
-    /// Refuse goes unsealed: a dialer that already seals its reads holds
-    /// it and sees the link end without the reason; only a changed
-    /// handshake gets there.)
+    /// Refuse goes in the clear: a dialer that already encrypts its reads
+    /// fails on it as "a frame outside a record" and logs that instead of
+    /// the reason; only a changed handshake gets there.)
     fn auth_failed(&mut self, now_ms: u64, what: &str) -> Result<(), LinkError> {
         let text = format!("the peer did not prove the cluster secret ({what})");
         self.push(

@@ -97,8 +97,14 @@ impl ClusterSecret {
 /// from another record or link does not open.
 pub struct RecordCipher {
     key: ring::aead::LessSafeKey,
+    /// The key's bytes, from which the next key is derived.
+    raw: [u8; 32],
     seq: u64,
 }
+
+/// Records under one key before both sides move to the next (derived
+/// from it), well below AES-GCM's limits per key.
+pub const RECORDS_PER_KEY: u64 = 1 << 24;
 
 impl std::fmt::Debug for RecordCipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,15 +115,26 @@ impl std::fmt::Debug for RecordCipher {
 impl RecordCipher {
     /// Records under `key`, numbered from 0.
     pub fn new(key: [u8; 32]) -> RecordCipher {
-        let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &key)
-            .expect("a 32-byte AES-256 key");
         RecordCipher {
-            key: ring::aead::LessSafeKey::new(unbound),
+            key: Self::aes(&key),
+            raw: key,
             seq: 0,
         }
     }
 
+    fn aes(key: &[u8; 32]) -> ring::aead::LessSafeKey {
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, key)
+            .expect("a 32-byte AES-256 key");
+        ring::aead::LessSafeKey::new(unbound)
+    }
+
     fn nonce(&mut self) -> ring::aead::Nonce {
+        if self.seq > 0 && self.seq % RECORDS_PER_KEY == 0 {
+            let mut m = HmacSha256::new_from_slice(&self.raw).expect("HMAC takes any key length");
+            m.update(b"shardmq bridge: the next key");
+            self.raw = m.finalize().into_bytes().into();
+            self.key = Self::aes(&self.raw);
+        }
         let mut n = [0u8; 12];
         n[4..].copy_from_slice(&self.seq.to_be_bytes());
         self.seq += 1;
@@ -191,5 +208,18 @@ mod tests {
             "a record does not open as the next"
         );
         assert_eq!(RecordCipher::new([2; 32]).open(&mut second), None);
+        // Both sides move to the next key at the same record.
+        let (mut tx, mut rx) = (RecordCipher::new([3; 32]), RecordCipher::new([3; 32]));
+        tx.seq = RECORDS_PER_KEY;
+        rx.seq = RECORDS_PER_KEY;
+        let mut next = b"next".to_vec();
+        let tag = tx.seal(&mut next);
+        next.extend_from_slice(&tag);
+        let mut stale = RecordCipher::new([3; 32]);
+        stale.seq = RECORDS_PER_KEY;
+        stale.raw = [0; 32]; // derives another key
+        assert_eq!(stale.open(&mut next.clone()), None);
+        assert_eq!(rx.open(&mut next), Some(4));
+        assert_ne!(rx.raw, [3; 32]);
     }
 }
