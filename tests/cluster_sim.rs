@@ -47,7 +47,7 @@ use rng::Rng;
 mod model;
 use model::{matches, resp, sub_options};
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -103,7 +103,7 @@ struct Client {
     next_pid: u16,
     /// Publishes not finished: packet id → (message seq, released).
     outgoing: BTreeMap<u16, (u64, bool)>,
-    awaiting_rel: HashSet<u16>,
+    inbound: model::Inbound,
     /// Which connection of the client (order is kept per connection).
     epoch: u64,
     /// Subscribers: the step their subscription took effect in the
@@ -468,7 +468,7 @@ impl Sim {
             stale: Vec::new(),
             next_pid: 0,
             outgoing: BTreeMap::new(),
-            awaiting_rel: HashSet::new(),
+            inbound: model::Inbound::default(),
             epoch: 0,
             subscribed_at: None,
             connacked: false,
@@ -752,8 +752,8 @@ impl Sim {
                 self.clients[c].outgoing.remove(&r.packet_id);
             }
             Packet::PubRel(r) => {
-                self.clients[c].awaiting_rel.remove(&r.packet_id);
-                self.send(c, Packet::PubComp(resp(r.packet_id)));
+                let comp = self.clients[c].inbound.release(r.packet_id);
+                self.send(c, comp);
             }
             Packet::SubAck(ack) => {
                 if ack.reasons.iter().any(|&r| r >= 0x80) {
@@ -803,18 +803,10 @@ impl Sim {
                 p.topic, sent.topic
             ));
         }
-        let fresh = match p.qos {
-            QoS::AtMostOnce => true,
-            QoS::AtLeastOnce => {
-                self.send(c, Packet::PubAck(resp(p.packet_id)));
-                true
-            }
-            QoS::ExactlyOnce => {
-                let fresh = self.clients[c].awaiting_rel.insert(p.packet_id);
-                self.send(c, Packet::PubRec(resp(p.packet_id)));
-                fresh
-            }
-        };
+        let (answer, fresh) = self.clients[c].inbound.publish(&p);
+        if let Some(answer) = answer {
+            self.send(c, answer);
+        }
         if !fresh {
             return;
         }
@@ -1277,7 +1269,7 @@ impl Sim {
                 if client.home_node == k && client.subscribed_at.is_some() {
                     // Memory durability: its session died with the node.
                     client.subscribed_at = None;
-                    client.awaiting_rel.clear();
+                    client.inbound.clear();
                     self.lost_sessions += 1;
                 }
             }

@@ -152,7 +152,7 @@ struct Client {
     next_pid: u16,
     outgoing: BTreeMap<u16, Outgoing>,
     /// QoS 2 packet ids received and not yet released.
-    awaiting_rel: HashSet<u16>,
+    inbound: model::Inbound,
     subscribed: bool,
     /// Publishers: connect with a will (QoS 1 on `w/{index}`).
     with_will: bool,
@@ -891,7 +891,7 @@ impl Sim {
         if clean {
             // A new session: nothing of the last one is owed.
             client.subscribed = false;
-            client.awaiting_rel.clear();
+            client.inbound.clear();
         }
         let mut properties = Properties::default();
         if client.version == Version::V5 && !clean {
@@ -1086,8 +1086,8 @@ impl Sim {
                 self.clients[c].outgoing.remove(&r.packet_id);
             }
             Packet::PubRel(r) => {
-                self.clients[c].awaiting_rel.remove(&r.packet_id);
-                self.send(c, Packet::PubComp(resp(r.packet_id)));
+                let comp = self.clients[c].inbound.release(r.packet_id);
+                self.send(c, comp);
             }
             Packet::SubAck(ack) => {
                 if ack.reasons.iter().any(|&r| r >= 0x80) {
@@ -1141,18 +1141,10 @@ impl Sim {
         if let Some((expiry_s, sent_at)) = sent.expiry {
             self.check_expiry(c, &p, &text, expiry_s, sent_at);
         }
-        let fresh = match p.qos {
-            QoS::AtMostOnce => true,
-            QoS::AtLeastOnce => {
-                self.send(c, Packet::PubAck(resp(p.packet_id)));
-                true
-            }
-            QoS::ExactlyOnce => {
-                let fresh = self.clients[c].awaiting_rel.insert(p.packet_id);
-                self.send(c, Packet::PubRec(resp(p.packet_id)));
-                fresh
-            }
-        };
+        let (answer, fresh) = self.clients[c].inbound.publish(&p);
+        if let Some(answer) = answer {
+            self.send(c, answer);
+        }
         if !fresh {
             return;
         }
@@ -1590,7 +1582,7 @@ impl Sim {
         client.awaiting_connack = false;
         if !present {
             client.subscribed = false;
-            client.awaiting_rel.clear();
+            client.inbound.clear();
         }
         client.unconfirmed = false;
     }
@@ -1804,7 +1796,7 @@ impl Client {
             next_seq: 0,
             next_pid: 0,
             outgoing: BTreeMap::new(),
-            awaiting_rel: HashSet::new(),
+            inbound: model::Inbound::default(),
             subscribed: false,
             with_will: false,
             will_seq: None,

@@ -184,15 +184,11 @@ impl Auth {
         self.secret.tag(label, &parts)
     }
 
+    /// Whether `tag` is [`Auth::tag`]'s (constant-time).
     fn verify(&self, label: &[u8], acceptor: (&NodeName, u64), nonce: u64, tag: &[u8]) -> bool {
-        let hello = self.dialer_hello.as_deref().unwrap_or_default();
-        let parts: [&[u8]; 4] = [
-            hello,
-            acceptor.0.as_str().as_bytes(),
-            &acceptor.1.to_be_bytes(),
-            &nonce.to_be_bytes(),
-        ];
-        self.secret.verify(label, &parts, tag)
+        use subtle::ConstantTimeEq;
+        let want = self.tag(label, acceptor, nonce);
+        tag.len() == want.len() && bool::from(want.ct_eq(tag))
     }
 }
 

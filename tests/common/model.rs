@@ -2,7 +2,43 @@
 //! topic matching they check deliveries against (independent of the
 //! broker's own matcher).
 
-use shardmq::codec::{Properties, PubResp, QoS, SubOptions};
+use std::collections::HashSet;
+
+use shardmq::codec::{Packet, Properties, PubResp, Publish, QoS, SubOptions};
+
+/// A client's side of the messages it receives: QoS 2 packet ids it has
+/// answered with PUBREC and not yet seen released.
+#[derive(Debug, Default)]
+pub struct Inbound {
+    awaiting_rel: HashSet<u16>,
+}
+
+impl Inbound {
+    /// The answer to PUBLISH `p` (PUBACK, PUBREC, none at QoS 0), and
+    /// whether the message is new here (a QoS 2 packet id not yet
+    /// released is the same message again).
+    pub fn publish(&mut self, p: &Publish) -> (Option<Packet>, bool) {
+        match p.qos {
+            QoS::AtMostOnce => (None, true),
+            QoS::AtLeastOnce => (Some(Packet::PubAck(resp(p.packet_id))), true),
+            QoS::ExactlyOnce => {
+                let fresh = self.awaiting_rel.insert(p.packet_id);
+                (Some(Packet::PubRec(resp(p.packet_id))), fresh)
+            }
+        }
+    }
+
+    /// PUBREL of `packet_id`: released; the PUBCOMP to send.
+    pub fn release(&mut self, packet_id: u16) -> Packet {
+        self.awaiting_rel.remove(&packet_id);
+        Packet::PubComp(resp(packet_id))
+    }
+
+    /// A new session: nothing awaits release.
+    pub fn clear(&mut self) {
+        self.awaiting_rel.clear();
+    }
+}
 
 /// A PUBACK, PUBREC, PUBREL or PUBCOMP of `packet_id`, reason 0.
 pub fn resp(packet_id: u16) -> PubResp {
