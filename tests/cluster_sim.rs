@@ -58,7 +58,7 @@ use shardmq::cluster::frame::{Hello, BRIDGE_VERSION};
 use shardmq::cluster::link::LinkSettings;
 use shardmq::cluster::node::{Node, NodeName};
 use shardmq::cluster::secret::ClusterSecret;
-use shardmq::codec::{self, Connect, Packet, Properties, Publish, QoS, Subscribe, Version, Will};
+use shardmq::codec::{Connect, Packet, Properties, Publish, QoS, Subscribe, Version, Will};
 use shardmq::persist::WallClock;
 use shardmq::shard::bridge::{Bridge, Dial, LinkId, PeerEvent};
 use shardmq::shard::mesh::{Batch, Mesh};
@@ -620,12 +620,7 @@ impl Sim {
                 self.nodes[k].cores[j].poll_transmit(&handle, &mut out, 1 << 20);
                 self.after(k, j);
                 let conn = self.clients[c].conn.as_mut().unwrap();
-                conn.inbuf.extend_from_slice(&out);
-                while let Some(p) = codec::decode(&mut conn.inbuf, version, 1 << 24)
-                    .unwrap_or_else(|e| panic!("undecodable output: {e}"))
-                {
-                    packets.push(p);
-                }
+                packets.extend(model::packets(&mut conn.inbuf, &out, version));
             }
             let got = !packets.is_empty();
             for p in packets {

@@ -82,7 +82,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use shardmq::codec::{
-    self, Connect, Packet, Properties, Publish, QoS, SubOptions, Subscribe, Version, Will,
+    Connect, Packet, Properties, Publish, QoS, SubOptions, Subscribe, Version, Will,
 };
 use shardmq::config::Durability;
 use shardmq::log::disk::{Disk, MemDisk, SyncFault};
@@ -1005,12 +1005,7 @@ impl Sim {
                     conn.drained_before = conn.drained_at;
                     conn.drained_at = self.now;
                 }
-                conn.inbuf.extend_from_slice(&out);
-                while let Some(p) = codec::decode(&mut conn.inbuf, version, 1 << 24)
-                    .unwrap_or_else(|e| panic!("undecodable output: {e}"))
-                {
-                    packets.push(p);
-                }
+                packets.extend(model::packets(&mut conn.inbuf, &out, version));
             }
             let got = !packets.is_empty();
             for p in packets {

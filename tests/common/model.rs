@@ -4,7 +4,22 @@
 
 use std::collections::HashSet;
 
-use shardmq::codec::{Packet, Properties, PubResp, Publish, QoS, SubOptions};
+use bytes::BytesMut;
+use shardmq::codec::{self, Packet, Properties, PubResp, Publish, QoS, SubOptions, Version};
+
+/// The broker's output `out` after what `inbuf` kept of the last: every
+/// whole packet in it (the rest stays in `inbuf`); output the client
+/// cannot decode fails the run.
+pub fn packets(inbuf: &mut BytesMut, out: &[u8], version: Version) -> Vec<Packet> {
+    inbuf.extend_from_slice(out);
+    let mut packets = Vec::new();
+    while let Some(p) =
+        codec::decode(inbuf, version, 1 << 24).unwrap_or_else(|e| panic!("undecodable output: {e}"))
+    {
+        packets.push(p);
+    }
+    packets
+}
 
 /// A client's side of the messages it receives: QoS 2 packet ids it has
 /// answered with PUBREC and not yet seen released.
