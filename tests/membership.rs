@@ -27,7 +27,9 @@
 //! again), every node of a minority side refuses them by the end of the
 //! partition and no node of the majority side does (unless a node of its
 //! own side was declared down, see step 5), and after the heal none
-//! does. `SHARDMQ_MEMBERSHIP_SEEDS=N` runs N seeds (default 200),
+//! does. Odd seeds run with a cluster secret (every datagram tagged,
+//! foca's packets 16 bytes smaller). `SHARDMQ_MEMBERSHIP_SEEDS=N` runs N
+//! seeds (default 200),
 //! `SHARDMQ_MEMBERSHIP_SEED=S` just seed S.
 
 #[path = "common/rng.rs"]
@@ -42,6 +44,7 @@ use std::time::Duration;
 use shardmq::cluster::membership::{MemberEvent, Membership, MembershipSettings};
 use shardmq::cluster::node::{Node, NodeName};
 use shardmq::cluster::quorum::{parse_members, Members, OnMinority};
+use shardmq::cluster::secret::ClusterSecret;
 
 /// Datagrams lost, per mille.
 const LOSS_PER_MILLE: u64 = 10;
@@ -78,6 +81,8 @@ struct Sim {
     events: Vec<(u64, usize, MemberEvent)>,
     /// Every change of a node's refusing new clients: time, node, refuses.
     refusals: Vec<(u64, usize, bool)>,
+    /// The membership settings of every node (odd seeds: with a secret).
+    settings: MembershipSettings,
 }
 
 fn addr(i: usize) -> SocketAddr {
@@ -105,6 +110,13 @@ impl Sim {
             sides: None,
             events: Vec::new(),
             refusals: Vec::new(),
+            settings: MembershipSettings {
+                secret: (seed % 2 == 1).then(|| {
+                    let key = ClusterSecret::new(b"the simulated membership's secret").unwrap();
+                    std::sync::Arc::new(key)
+                }),
+                ..settings()
+            },
         }
     }
 
@@ -112,7 +124,7 @@ impl Sim {
         let s = &self.slots[i];
         let me = Node::new(s.name.clone(), s.addr, s.incarnation, 2);
         let seed = self.rng.next();
-        let mut m = Membership::new(me, join, &settings(), seed);
+        let mut m = Membership::new(me, join, &self.settings, seed);
         m.start(self.now);
         self.slots[i].m = Some(m);
         let known = match self.slots[i].file.as_str() {
