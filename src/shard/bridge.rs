@@ -857,8 +857,8 @@ impl Bridge {
             return;
         }
         if let (Frame::Retained(_), false) = (&f, link.outbound) {
-            if let (Frame::Retained(entries), Some(_)) = (f, link.peer.get()) {
-                self.core.handle_remote_retained(now, entries);
+            if let (Frame::Retained(entries), Some(index)) = (f, link.peer.get()) {
+                self.core.handle_remote_retained(now, index, entries);
             }
             return;
         }
@@ -1015,8 +1015,13 @@ impl Bridge {
                     l.wake.notify();
                 }
             }
-            BridgeOut::Retained(entry) => {
-                self.to_every_link(now, &Frame::Retained(vec![entry]), "retained");
+            BridgeOut::Retained { entry, except } => {
+                let frame = Frame::Retained(vec![entry]);
+                for l in self.up_links() {
+                    if l.peer.get().is_none_or(|p| Some(p) != except) {
+                        self.force_on(now, &l, &frame, "retained");
+                    }
+                }
             }
             BridgeOut::Will(frame) => {
                 self.to_every_link(now, &frame, "will");

@@ -95,8 +95,24 @@ impl RetainedSnapshot {
 pub(super) enum Version {
     /// Made on this node: stamp it and tell the peers.
     Local,
-    /// From a peer, with its stamp: keep it if it is newer.
-    Peer(u64),
+    /// From peer `from` (its index), with its stamp: keep it if it is
+    /// newer (and pass it on to the other peers).
+    Peer {
+        /// The version's stamp.
+        stamp: u64,
+        /// The peer it came from.
+        from: u16,
+    },
+}
+
+impl Version {
+    /// The peer a version came from, which has it already.
+    pub(super) fn source(&self) -> Option<u16> {
+        match self {
+            Version::Local => None,
+            Version::Peer { from, .. } => Some(*from),
+        }
+    }
 }
 
 impl ShardCore {
@@ -125,7 +141,7 @@ impl ShardCore {
                 }
                 Some(r.hlc.next(r.wall.to_ms(now)))
             }
-            Version::Peer(stamp) => {
+            Version::Peer { stamp, .. } => {
                 r.hlc.observe(stamp);
                 let newer = held.is_none_or(|old| wins((stamp, message), old));
                 // The same version again (a peer passing on what it got
@@ -149,7 +165,13 @@ impl ShardCore {
     /// node that missed it would keep an older version for as long as its
     /// links to the others stay up. Each node passes a version on once
     /// (only when it wins), so a change crosses each link at most once.
-    pub(super) fn retained_kept(st: &mut State, message: &Arc<Message>, stamp: u64) {
+    /// `from`: the peer it came from, which is not told again.
+    pub(super) fn retained_kept(
+        st: &mut State,
+        message: &Arc<Message>,
+        stamp: u64,
+        from: Option<u16>,
+    ) {
         let Some(r) = st.remote.as_mut() else {
             return;
         };
@@ -173,13 +195,17 @@ impl ShardCore {
             stamp,
             message: message.clone(),
         };
-        r.out.push_back(BridgeOut::Retained(entry));
+        r.out.push_back(BridgeOut::Retained {
+            entry,
+            except: from,
+        });
         r.wake.notify();
     }
 
-    /// Retained versions from a peer: each to this node's owner shard of
-    /// its topic, which keeps it if it is newer than its own.
-    pub fn handle_remote_retained(&self, now: Instant, entries: Vec<RetainedEntry>) {
+    /// Retained versions from peer `from` (its index): each to this
+    /// node's owner shard of its topic, which keeps it if it is newer than
+    /// its own.
+    pub fn handle_remote_retained(&self, now: Instant, from: u16, entries: Vec<RetainedEntry>) {
         let mut st = self.state.borrow_mut();
         for e in entries {
             // Each node's $SYS is its own (an older peer may send its).
@@ -188,7 +214,10 @@ impl ShardCore {
             }
             let owner = self.topic_owner(&e.message.topic);
             if owner == self.id {
-                let version = Version::Peer(e.stamp);
+                let version = Version::Peer {
+                    stamp: e.stamp,
+                    from,
+                };
                 self.store_retained(&mut st, now, e.message, None, e.stamp, version);
             } else {
                 self.mesh.send(
@@ -198,7 +227,7 @@ impl ShardCore {
                         ack_to: None,
                         origin: None,
                         stamp_ms: e.stamp,
-                        from_peer: true,
+                        from_peer: Some(from),
                     },
                 );
             }

@@ -134,9 +134,9 @@ pub enum MeshMsg {
         /// When it was accepted (Unix ms): orders retained messages after a
         /// recovery. From a peer: its stamp.
         stamp_ms: u64,
-        /// Another node's version: kept only if newer than this shard's,
-        /// and not sent on to the peers.
-        from_peer: bool,
+        /// Another node's version (the peer's index): kept only if newer
+        /// than this shard's, and not sent back to that peer.
+        from_peer: Option<u16>,
     },
     /// Another node claimed a client id whose home is the receiver
     /// (`cluster::claims`).

@@ -60,7 +60,12 @@ pub enum BridgeOut {
     Will(Frame),
     /// A retained store or delete made on this node, stamped by its owner
     /// shard: for every link up.
-    Retained(RetainedEntry),
+    Retained {
+        /// The version.
+        entry: RetainedEntry,
+        /// The peer it came from (not told again).
+        except: Option<u16>,
+    },
     /// A connection attached here: its claim of its client id, for every
     /// link up; the runtime says to how many ([`ShardCore::claim_sent`]).
     Claim(ClaimEntry),

@@ -205,7 +205,7 @@ impl ShardCore {
                     ack_to,
                     origin,
                     stamp_ms,
-                    from_peer: false,
+                    from_peer: None,
                 };
                 self.send_routed(st, owner, retain, origin);
             }
@@ -728,7 +728,7 @@ impl ShardCore {
         if message.payload.is_empty() {
             Self::remove_retained(st, &message.topic);
             Self::durable_retain(st, &message, origin, stamp_ms);
-            Self::retained_kept(st, &message, stamp_ms);
+            Self::retained_kept(st, &message, stamp_ms, version.source());
             return;
         }
         if let Some(why) = self.retained_refusal(st, &message) {
@@ -745,7 +745,7 @@ impl ShardCore {
         }
         let topic = message.topic.clone();
         Self::durable_retain(st, &message, origin, stamp_ms);
-        Self::retained_kept(st, &message, stamp_ms);
+        Self::retained_kept(st, &message, stamp_ms, version.source());
         Self::insert_retained(st, &topic, message, stamp_ms);
     }
 
@@ -836,8 +836,11 @@ impl ShardCore {
                     from_peer,
                 } => {
                     let version = match from_peer {
-                        true => Version::Peer(stamp_ms),
-                        false => Version::Local,
+                        Some(from) => Version::Peer {
+                            stamp: stamp_ms,
+                            from,
+                        },
+                        None => Version::Local,
                     };
                     self.store_retained(&mut st, now, message, origin, stamp_ms, version);
                     Self::applied(&mut st, origin);

@@ -772,7 +772,9 @@ fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
     };
     c0.handle_packet(&publisher, t0, retained(b"mine"));
     let stamp = match &bridge_out(&c0)[..] {
-        [super::BridgeOut::Retained(e)] if &e.message.payload[..] == b"mine" => e.stamp,
+        [super::BridgeOut::Retained { entry: e, .. }] if &e.message.payload[..] == b"mine" => {
+            e.stamp
+        }
         other => panic!("the store goes to the peers: {other:?}"),
     };
     assert!(stamp > 0);
@@ -792,25 +794,27 @@ fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
         got
     };
     // An older version from a peer: not kept.
-    c0.handle_remote_retained(t0, vec![version(stamp - 1, b"older", &topic)]);
+    c0.handle_remote_retained(t0, 4, vec![version(stamp - 1, b"older", &topic)]);
     assert_eq!(c0.cluster_stats().retained_stale, 1);
     assert_eq!(held(&c0, &topic).as_deref(), Some(&b"mine"[..]));
     // A newer one replaces it, and is passed on to the peers (its maker
     // may die before every node has it); the same version again is
     // neither stale nor passed on a second time.
-    c0.handle_remote_retained(t0, vec![version(stamp + 10, b"newer", &topic)]);
+    c0.handle_remote_retained(t0, 4, vec![version(stamp + 10, b"newer", &topic)]);
     assert_eq!(held(&c0, &topic).as_deref(), Some(&b"newer"[..]));
-    c0.handle_remote_retained(t0, vec![version(stamp + 10, b"newer", &topic)]);
+    c0.handle_remote_retained(t0, 4, vec![version(stamp + 10, b"newer", &topic)]);
     assert_eq!(c0.cluster_stats().retained_stale, 1);
     // A newer delete; then an older copy cannot bring the message back.
-    c0.handle_remote_retained(t0, vec![version(stamp + 20, b"", &topic)]);
-    c0.handle_remote_retained(t0, vec![version(stamp + 15, b"zombie", &topic)]);
+    c0.handle_remote_retained(t0, 4, vec![version(stamp + 20, b"", &topic)]);
+    c0.handle_remote_retained(t0, 4, vec![version(stamp + 15, b"zombie", &topic)]);
     assert_eq!(held(&c0, &topic), None);
     assert_eq!(c0.cluster_stats().retained_stale, 2);
     let passed_on: Vec<(u64, Bytes)> = bridge_out(&c0)
         .into_iter()
         .filter_map(|o| match o {
-            super::BridgeOut::Retained(e) => Some((e.stamp, e.message.payload.clone())),
+            super::BridgeOut::Retained { entry: e, .. } => {
+                Some((e.stamp, e.message.payload.clone()))
+            }
             _ => None,
         })
         .collect();
@@ -823,13 +827,14 @@ fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
         "the versions that won are passed on, once each; the stale ones not"
     );
     // A version of a topic shard 1 owns, arriving on shard 0's link.
-    c0.handle_remote_retained(t0, vec![version(5, b"theirs", &other)]);
+    c0.handle_remote_retained(t0, 4, vec![version(5, b"theirs", &other)]);
     pump(&[&c0, &c1], t0);
     assert_eq!(held(&c1, &other).as_deref(), Some(&b"theirs"[..]));
     assert!(
         bridge_out(&c1).iter().any(|o| matches!(o,
-            super::BridgeOut::Retained(e) if &e.message.payload[..] == b"theirs")),
-        "passed on by its owner shard"
+            super::BridgeOut::Retained { entry: e, except: Some(4) }
+                if &e.message.payload[..] == b"theirs")),
+        "passed on by its owner shard, to every peer but the one it came from"
     );
     // A link that comes up to shard 1: its topic; to shard 0: the delete.
     let parts = |c: &ShardCore| {
@@ -848,8 +853,8 @@ fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
     // $SYS is each node's own: a peer's is not taken, this node's is kept
     // here and neither sent on nor put in a link's snapshot.
     let sys = "$SYS/broker/version".to_string();
-    c0.handle_remote_retained(t0, vec![version(stamp + 30, b"peer's", &sys)]);
-    c1.handle_remote_retained(t0, vec![version(stamp + 30, b"peer's", &sys)]);
+    c0.handle_remote_retained(t0, 4, vec![version(stamp + 30, b"peer's", &sys)]);
+    c1.handle_remote_retained(t0, 4, vec![version(stamp + 30, b"peer's", &sys)]);
     pump(&[&c0, &c1], t0);
     assert_eq!(held(&c0, &sys).or(held(&c1, &sys)), None);
     c0.publish_sys(t0, vec![(sys.clone(), "ours".into())]);
@@ -861,7 +866,7 @@ fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
     for c in [&c0, &c1] {
         assert!(!bridge_out(c)
             .iter()
-            .any(|o| matches!(o, super::BridgeOut::Retained(_))));
+            .any(|o| matches!(o, super::BridgeOut::Retained { .. })));
     }
     assert_eq!(parts(&c1), [(5, Bytes::from_static(b"theirs"))]);
     assert_eq!(parts(&c0), [(stamp + 20, Bytes::new())]);
@@ -1038,18 +1043,18 @@ fn a_retained_delete_is_remembered_for_its_tombstone_time() {
     let t0 = Instant::now();
     c.enable_cluster(t0, crate::persist::WallClock::at(t0, 1_000_000));
     let version = |stamp, payload| retained_version(stamp, payload, "gone");
-    c.handle_remote_retained(t0, vec![version(999_000, b"")]);
-    c.handle_remote_retained(t0, vec![version(998_000, b"old")]);
+    c.handle_remote_retained(t0, 4, vec![version(999_000, b"")]);
+    c.handle_remote_retained(t0, 4, vec![version(998_000, b"old")]);
     assert_eq!(
         c.cluster_stats().retained_stale,
         1,
         "refused while the delete is known"
     );
     c.handle_tick(t0 + Duration::from_secs(59));
-    c.handle_remote_retained(t0, vec![version(998_000, b"old")]);
+    c.handle_remote_retained(t0, 4, vec![version(998_000, b"old")]);
     assert_eq!(c.cluster_stats().retained_stale, 2, "still known 59 s on");
     c.handle_tick(t0 + Duration::from_secs(61));
-    c.handle_remote_retained(t0, vec![version(998_000, b"old")]);
+    c.handle_remote_retained(t0, 4, vec![version(998_000, b"old")]);
     assert_eq!(
         c.cluster_stats().retained_stale,
         2,
@@ -1060,12 +1065,12 @@ fn a_retained_delete_is_remembered_for_its_tombstone_time() {
     for i in 0..max {
         let mut v = version(2_000_000 + i, b"");
         Arc::get_mut(&mut v.message).unwrap().topic = format!("d/{i}").into();
-        c.handle_remote_retained(t0, vec![v]);
+        c.handle_remote_retained(t0, 4, vec![v]);
     }
     assert_eq!(c.cluster_stats().tombstones_forgotten_early, 0);
     let mut v = version(3_000_000, b"");
     Arc::get_mut(&mut v.message).unwrap().topic = "d/last".into();
-    c.handle_remote_retained(t0, vec![v]);
+    c.handle_remote_retained(t0, 4, vec![v]);
     assert_eq!(c.cluster_stats().tombstones_forgotten_early, 1);
     let sub = attached(&c, t0, "reader");
     c.handle_packet(&sub, t0, subscribe_packet(1, "gone"));
