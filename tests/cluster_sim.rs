@@ -141,6 +141,13 @@ struct PendingWill {
     runs: Vec<u64>,
 }
 
+/// A publisher's message in flight: (its number, released).
+impl model::Sent for (u64, bool) {
+    fn released(&mut self) -> &mut bool {
+        &mut self.1
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Sent {
     topic: String,
@@ -729,19 +736,13 @@ impl Sim {
             }
             Packet::PubRec(r) => {
                 let pid = r.packet_id;
-                let Some(&(seq, released)) = self.clients[c].outgoing.get(&pid) else {
-                    return;
-                };
-                if r.reason >= 0x80 {
-                    self.clients[c].outgoing.remove(&pid);
-                    self.acked(seq, r.reason);
-                    return;
-                }
-                if !released {
-                    self.clients[c].outgoing.insert(pid, (seq, true));
+                let (acked, release) = model::pubrec(&mut self.clients[c].outgoing, pid, r.reason);
+                if let Some((seq, _)) = acked {
                     self.acked(seq, r.reason);
                 }
-                self.send(c, Packet::PubRel(resp(pid)));
+                if release {
+                    self.send(c, Packet::PubRel(resp(pid)));
+                }
             }
             Packet::PubComp(r) => {
                 self.clients[c].outgoing.remove(&r.packet_id);

@@ -114,6 +114,12 @@ enum Role {
     },
 }
 
+impl model::Sent for Outgoing {
+    fn released(&mut self) -> &mut bool {
+        &mut self.released
+    }
+}
+
 /// A publish a client sent and the broker has not finished with.
 #[derive(Debug, Clone)]
 struct Outgoing {
@@ -1062,20 +1068,13 @@ impl Sim {
             }
             Packet::PubRec(r) => {
                 let pid = r.packet_id;
-                let Some(o) = self.clients[c].outgoing.get_mut(&pid) else {
-                    return;
-                };
-                if r.reason >= 0x80 {
-                    let o = self.clients[c].outgoing.remove(&pid).unwrap();
-                    self.acked(c, &o, r.reason);
-                    return;
-                }
-                if !o.released {
-                    o.released = true;
-                    let o = o.clone();
+                let (acked, release) = model::pubrec(&mut self.clients[c].outgoing, pid, r.reason);
+                if let Some(o) = acked {
                     self.acked(c, &o, r.reason);
                 }
-                self.send(c, Packet::PubRel(resp(pid)));
+                if release {
+                    self.send(c, Packet::PubRel(resp(pid)));
+                }
             }
             Packet::PubComp(r) => {
                 self.clients[c].outgoing.remove(&r.packet_id);

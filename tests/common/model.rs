@@ -2,7 +2,7 @@
 //! topic matching they check deliveries against (independent of the
 //! broker's own matcher).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use bytes::BytesMut;
 use shardmq::codec::{self, Packet, Properties, PubResp, Publish, QoS, SubOptions, Version};
@@ -19,6 +19,30 @@ pub fn packets(inbuf: &mut BytesMut, out: &[u8], version: Version) -> Vec<Packet
         packets.push(p);
     }
     packets
+}
+
+/// A message a publisher sent at QoS 1/2 and holds until acknowledged.
+pub trait Sent: Clone {
+    /// QoS 2: PUBREC came; PUBREL goes next.
+    fn released(&mut self) -> &mut bool;
+}
+
+/// PUBREC of `pid` from the broker with `reason`, for `outgoing`: the
+/// message it acknowledges now (refused: taken out of `outgoing`; taken:
+/// marked released, the first time only), and whether PUBREL goes next
+/// (not after a refusal, nor for a packet id not held).
+pub fn pubrec<T: Sent>(outgoing: &mut BTreeMap<u16, T>, pid: u16, reason: u8) -> (Option<T>, bool) {
+    let Some(o) = outgoing.get_mut(&pid) else {
+        return (None, false);
+    };
+    if reason >= 0x80 {
+        return (outgoing.remove(&pid), false);
+    }
+    if *o.released() {
+        return (None, true);
+    }
+    *o.released() = true;
+    (Some(o.clone()), true)
 }
 
 /// A client's side of the messages it receives: QoS 2 packet ids it has
