@@ -323,7 +323,7 @@ const METRICS: &[Metric] = &[
     Metric {
         name: "shardmq_cluster_links",
         kind: "gauge",
-        help: "Bridge links of the shard: to peers (out, up or in their handshake) and from them (in).",
+        help: "Bridge links of the shard: to peers (out, up or in their handshake) and from them (in, handshake done).",
         label: Some(("direction", &["out", "in"])),
         value: |r, i| {
             r.cluster

@@ -322,8 +322,18 @@ impl LinkSession {
                 self.handle_frame(now_ms, f)?;
                 continue;
             };
-            let Frame::Record(mut body) = f else {
-                return Err(LinkError::Unsealed("a frame outside a record"));
+            let mut body = match f {
+                Frame::Record(body) => body,
+                // The accepting side refusing this side's proof (sent
+                // before it encrypts): unauthenticated, but all it can do
+                // is end the link, which anyone on the path can.
+                Frame::Refuse { reason, text } => {
+                    return Err(LinkError::Refused {
+                        reason,
+                        text: format!("{text} (unauthenticated)"),
+                    })
+                }
+                _ => return Err(LinkError::Unsealed("a frame outside a record")),
             };
             let Some(n) = cipher.open(&mut body) else {
                 return Err(LinkError::Unsealed("a record does not open"));
@@ -456,9 +466,8 @@ impl LinkSession {
     }
 
     /// The peer did not prove the secret (`what` failed): refuse it. (The
-    /// Refuse goes in the clear: a dialer that already encrypts its reads
-    /// fails on it as "a frame outside a record" and logs that instead of
-    /// the reason; only a changed handshake gets there.)
+    /// Refuse goes in the clear; a dialer that already decrypts its reads
+    /// still takes it, as the unauthenticated reason the link ends.)
     fn auth_failed(&mut self, now_ms: u64, what: &str) -> Result<(), LinkError> {
         let text = format!("the peer did not prove the cluster secret ({what})");
         self.push(
@@ -874,6 +883,23 @@ mod tests {
             pump(&mut a, &mut b),
             Err(LinkError::Refused { .. })
         ));
+        // The dialer's tag refused: the dialer, already decrypting, still
+        // reads why.
+        let (mut a, mut b) = pair_with(Some(b"sixteen bytes ok"), Some(b"sixteen bytes ok"));
+        pump(&mut a, &mut b).unwrap();
+        pump(&mut b, &mut a).unwrap();
+        let mut auth = a.poll_transmit().unwrap();
+        let last = auth.len() - 1;
+        auth[last] ^= 1; // the dialer's tag
+        assert!(matches!(
+            b.handle_bytes(0, &auth),
+            Err(LinkError::Handshake(_))
+        ));
+        let refused = pump(&mut b, &mut a).unwrap_err();
+        assert!(
+            matches!(refused, LinkError::Refused { ref text, .. } if text.contains("not proved")),
+            "{refused:?}"
+        );
         assert!(a.poll_event().is_none() && b.poll_event().is_none());
         for (x, y) in [
             (Some(&b"sixteen bytes ok"[..]), None),

@@ -125,7 +125,7 @@ struct Link {
 pub struct BridgeStats {
     /// Links from this shard to peers, up or in their handshake.
     pub links_out: usize,
-    /// Links from peers to this shard.
+    /// Links from peers to this shard (their handshake done).
     pub links_in: usize,
     /// Links closed (broken, refused, or their peer's run ended).
     pub link_closes: u64,
@@ -221,7 +221,12 @@ impl Bridge {
         let peers = self.peers.borrow();
         BridgeStats {
             links_out: peers.links().count(),
-            links_in: self.inbound.borrow().len(),
+            links_in: self
+                .inbound
+                .borrow()
+                .iter()
+                .filter(|l| l.peer.get().is_some())
+                .count(),
             link_closes: self.link_closes.get(),
             messages_dropped: self.dropped.get(),
             messages_replayed: self.replayed.get(),
