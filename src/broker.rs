@@ -471,17 +471,14 @@ fn start_cluster(
         return Ok(None);
     }
     let name = NodeName::new(&c.node_id).map_err(|e| StartError::Cluster(e.to_string()))?;
-    let secret = match c.secret_file.as_str() {
-        "" => None,
-        path => {
-            let (secret, warning) = crate::cluster::secret::ClusterSecret::load(path.as_ref())
-                .map_err(|e| StartError::Cluster(format!("cluster.secret_file: {e}")))?;
-            if let Some(w) = warning {
-                log::warn!("cluster.secret_file: {w}");
-            }
-            Some(Arc::new(secret))
+    let loaded = crate::cluster::secret::ClusterSecret::from_setting(&c.secret_file)
+        .map_err(StartError::Cluster)?;
+    let secret = loaded.map(|(secret, warning)| {
+        if let Some(w) = warning {
+            log::warn!("{w}");
         }
-    };
+        Arc::new(secret)
+    });
     let (socket, listeners, bound) = bind_cluster(c.listen, shards)?;
     let incarnation = match data_dir {
         Some(dir) => {

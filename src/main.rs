@@ -491,13 +491,10 @@ fn check_config(file: &Path) -> anyhow::Result<()> {
     // Parsing validates, as at start.
     let config = Config::from_file(file)?;
     let auth = shardmq::auth::Auth::load(&config.auth)?;
-    if !config.cluster.secret_file.is_empty() {
-        let path = Path::new(&config.cluster.secret_file);
-        let (_, warning) = shardmq::cluster::secret::ClusterSecret::load(path)
-            .map_err(|e| anyhow::anyhow!("cluster.secret_file: {e}"))?;
-        if let Some(w) = warning {
-            eprintln!("shardmq: cluster.secret_file: {w}");
-        }
+    let secret = shardmq::cluster::secret::ClusterSecret::from_setting(&config.cluster.secret_file)
+        .map_err(anyhow::Error::msg)?;
+    if let Some((_, Some(w))) = secret {
+        eprintln!("shardmq: {w}");
     }
     print!("{}", config.to_toml());
     eprintln!("shardmq: {}", auth.describe());

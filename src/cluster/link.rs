@@ -147,7 +147,8 @@ pub struct LinkSession {
     /// each after it read everything sent before it.
     pings: u64,
     pongs: u64,
-    /// With a cluster secret: the handshake's proof of it.
+    /// With a cluster secret, until the peer proved it: the handshake's
+    /// proof under way.
     auth: Option<Auth>,
     /// With a cluster secret, after the handshake: the cipher of what
     /// this side writes, and where in `tx` its open record starts.
@@ -165,8 +166,6 @@ struct Auth {
     dialer_hello: Option<BytesMut>,
     /// Accepting side: the dialer's Hello, reported once its tag checks.
     pending: Option<Hello>,
-    /// The peer's tag checked.
-    proved: bool,
 }
 
 impl Auth {
@@ -243,7 +242,6 @@ impl LinkSession {
             secret,
             dialer_hello: None,
             pending: None,
-            proved: false,
         });
         let mut s = LinkSession {
             auth,
@@ -322,18 +320,8 @@ impl LinkSession {
                 self.handle_frame(now_ms, f)?;
                 continue;
             };
-            let mut body = match f {
-                Frame::Record(body) => body,
-                // The accepting side refusing this side's proof (sent
-                // before it encrypts): unauthenticated, but all it can do
-                // is end the link, which anyone on the path can.
-                Frame::Refuse { reason, text } => {
-                    return Err(LinkError::Refused {
-                        reason,
-                        text: format!("{text} (unauthenticated)"),
-                    })
-                }
-                _ => return Err(LinkError::Unsealed("a frame outside a record")),
+            let Frame::Record(mut body) = f else {
+                return Err(LinkError::Unsealed("a frame outside a record"));
             };
             let Some(n) = cipher.open(&mut body) else {
                 return Err(LinkError::Unsealed("a record does not open"));
@@ -354,11 +342,11 @@ impl LinkSession {
 
     /// The peer's Hello taken (and, with a secret, the secret proved).
     fn handshake_done(&self) -> bool {
-        self.peer.is_some() && self.auth.as_ref().is_none_or(|a| a.proved)
+        self.peer.is_some() && self.auth.is_none()
     }
 
     fn handle_frame(&mut self, now_ms: u64, f: Frame) -> Result<(), LinkError> {
-        if self.auth.as_ref().is_some_and(|a| !a.proved) {
+        if self.auth.is_some() {
             return self.handle_auth(now_ms, f);
         }
         match (f, self.peer.is_some()) {
@@ -431,7 +419,7 @@ impl LinkSession {
                     a.tag(DIALER_RECORDS, peer, nonce),
                     a.tag(ACCEPTOR_RECORDS, peer, nonce),
                 );
-                a.proved = true;
+                self.auth = None;
                 self.push(&answer, now_ms);
                 // Everything after the proofs is encrypted.
                 self.tx_cipher = Some(RecordCipher::new(keys.0));
@@ -439,18 +427,18 @@ impl LinkSession {
                 Ok(())
             }
             Frame::Auth { tag, .. } if a.pending.is_some() => {
-                let me = (&self.me.node, self.me.incarnation);
-                if !a.verify(DIAL_LABEL, me, self.me.nonce, &tag) {
+                let (me, nonce) = ((&self.me.node, self.me.incarnation), self.me.nonce);
+                // The dialer reads records from here on, its refusal too.
+                self.tx_cipher = Some(RecordCipher::new(a.tag(ACCEPTOR_RECORDS, me, nonce)));
+                if !a.verify(DIAL_LABEL, me, nonce, &tag) {
                     return self.auth_failed(now_ms, "its tag");
                 }
-                a.proved = true;
-                let nonce = self.me.nonce;
                 self.rx_cipher = Some(RecordCipher::new(a.tag(DIALER_RECORDS, me, nonce)));
-                self.tx_cipher = Some(RecordCipher::new(a.tag(ACCEPTOR_RECORDS, me, nonce)));
                 if let Some(h) = a.pending.take() {
                     self.peer = Some(h.clone());
                     self.events.push_back(LinkEvent::Up(h));
                 }
+                self.auth = None;
                 Ok(())
             }
             Frame::Hello(h) if dialing && !h.auth && h.version == BRIDGE_VERSION => {
@@ -465,9 +453,8 @@ impl LinkSession {
         }
     }
 
-    /// The peer did not prove the secret (`what` failed): refuse it. (The
-    /// Refuse goes in the clear; a dialer that already decrypts its reads
-    /// still takes it, as the unauthenticated reason the link ends.)
+    /// The peer did not prove the secret (`what` failed): refuse it (in a
+    /// record when the dialer already reads records).
     fn auth_failed(&mut self, now_ms: u64, what: &str) -> Result<(), LinkError> {
         let text = format!("the peer did not prove the cluster secret ({what})");
         self.push(

@@ -381,21 +381,22 @@ impl Membership {
     /// A datagram read from `from`.
     pub fn handle_datagram(&mut self, now_ms: u64, data: &[u8]) -> Result<(), Refused> {
         self.counters.datagrams_in += 1;
-        let refused = self.check_envelope(data);
-        if let Err(r) = refused {
-            let c = &mut self.counters;
-            match r {
-                Refused::Foreign => c.refused_foreign += 1,
-                Refused::Version(_) => c.refused_version += 1,
-                Refused::Cluster => c.refused_cluster += 1,
-                Refused::Malformed => c.refused_malformed += 1,
-                Refused::Unauthenticated => c.refused_unauthenticated += 1,
+        let body = match self.check_envelope(data) {
+            Ok(body) => body,
+            Err(r) => {
+                let c = &mut self.counters;
+                match r {
+                    Refused::Foreign => c.refused_foreign += 1,
+                    Refused::Version(_) => c.refused_version += 1,
+                    Refused::Cluster => c.refused_cluster += 1,
+                    Refused::Malformed => c.refused_malformed += 1,
+                    Refused::Unauthenticated => c.refused_unauthenticated += 1,
+                }
+                return Err(r);
             }
-            return Err(r);
-        }
-        let end = data.len() - if self.secret.is_some() { TAG_BYTES } else { 0 };
+        };
         let mut io = self.io(now_ms);
-        let handled = io.swim.handle_data(&data[ENVELOPE_BYTES..end], &mut io.rt);
+        let handled = io.swim.handle_data(body, &mut io.rt);
         self.after_foca(now_ms);
         match handled {
             Ok(()) => Ok(()),
@@ -482,7 +483,8 @@ impl Membership {
         }
     }
 
-    fn check_envelope(&self, data: &[u8]) -> Result<(), Refused> {
+    /// The foca message inside datagram `data`, or why it is refused.
+    fn check_envelope<'d>(&self, data: &'d [u8]) -> Result<&'d [u8], Refused> {
         if data.len() < ENVELOPE_BYTES
             || data[..2] != self.envelope[..2]
             || !matches!(data[3], KIND_MEMBERSHIP | KIND_TAGGED)
@@ -499,13 +501,12 @@ impl Membership {
             return Err(Refused::Malformed);
         }
         match (&self.secret, data[3]) {
-            (None, KIND_MEMBERSHIP) => Ok(()),
+            (None, KIND_MEMBERSHIP) => Ok(&data[ENVELOPE_BYTES..]),
             (Some(s), KIND_TAGGED) if data.len() >= ENVELOPE_BYTES + TAG_BYTES => {
                 let (signed, tag) = data.split_at(data.len() - TAG_BYTES);
-                if s.verify(TAG_LABEL, &[signed], tag) {
-                    Ok(())
-                } else {
-                    Err(Refused::Unauthenticated)
+                match s.verify(TAG_LABEL, &[signed], tag) {
+                    true => Ok(&signed[ENVELOPE_BYTES..]),
+                    false => Err(Refused::Unauthenticated),
                 }
             }
             _ => Err(Refused::Unauthenticated),

@@ -239,11 +239,11 @@ impl PeerLinks {
     }
 
     /// Number message `frame` (a [`Frame::Publish`], `bytes` long) for
-    /// `index`'s run and keep it until that run confirms it: the frame to
-    /// write now if a link is up (else it goes when one comes up). None
-    /// (the caller drops and counts it) past the bound of what a run may
-    /// leave unconfirmed, or for a node not up.
-    pub fn number(&mut self, index: u16, mut frame: Frame, bytes: usize) -> Option<Frame> {
+    /// `index`'s run and keep it until that run confirms it: the kept
+    /// frame, to write now if a link is up (else it goes when one comes
+    /// up). None (the caller drops and counts it) past the bound of what a
+    /// run may leave unconfirmed, or for a node not up.
+    pub fn number(&mut self, index: u16, mut frame: Frame, bytes: usize) -> Option<&Frame> {
         let p = self.peers.get_mut(&index)?;
         if p.unacked_bytes + bytes > self.pending_bytes_max {
             return None;
@@ -254,8 +254,8 @@ impl PeerLinks {
             m.seq = *seq;
         }
         p.unacked_bytes += bytes;
-        p.unacked.push_back((*seq, frame.clone(), bytes));
-        Some(frame)
+        p.unacked.push_back((*seq, frame, bytes));
+        p.unacked.back().map(|(_, f, _)| f)
     }
 
     /// `index`'s run confirmed every message up to `seq`: false when
@@ -450,7 +450,9 @@ mod tests {
         let mut t = PeerLinks::new(0, 100);
         assert!(t.number(1, message(), 10).is_none(), "no such node");
         t.up(1, node("b", 1), 0);
-        let sent: Vec<Frame> = (0..3).filter_map(|_| t.number(1, message(), 30)).collect();
+        let sent: Vec<Frame> = (0..3)
+            .filter_map(|_| t.number(1, message(), 30).cloned())
+            .collect();
         assert_eq!(seqs(&sent), [1, 2, 3]);
         assert!(t.number(1, message(), 11).is_none(), "past the bound");
         assert_eq!(seqs(&t.unconfirmed(1)), [1, 2, 3]);
@@ -458,7 +460,7 @@ mod tests {
         // there is room for more.
         assert!(t.delivered(1, 2));
         assert_eq!(seqs(&t.unconfirmed(1)), [3]);
-        let more: Vec<Frame> = t.number(1, message(), 60).into_iter().collect();
+        let more: Vec<Frame> = t.number(1, message(), 60).into_iter().cloned().collect();
         assert_eq!(seqs(&more), [4]);
         assert!(t.delivered(1, 4));
         assert!(t.unconfirmed(1).is_empty());
@@ -468,7 +470,7 @@ mod tests {
         // refused.
         t.number(1, message(), 10).unwrap();
         assert_eq!(t.up(1, node("b", 2), 5).dropped, 1);
-        let next: Vec<Frame> = t.number(1, message(), 10).into_iter().collect();
+        let next: Vec<Frame> = t.number(1, message(), 10).into_iter().cloned().collect();
         assert_eq!(seqs(&next), [6]);
         assert!(!t.delivered(1, 7));
         assert_eq!(seqs(&t.unconfirmed(1)), [6]);

@@ -17,7 +17,6 @@ type HmacSha256 = Hmac<Sha256>;
 pub const SECRET_BYTES_MIN: usize = 16;
 
 /// A cluster's shared secret; its bytes never reach a log line.
-#[derive(Clone)]
 pub struct ClusterSecret {
     key: Vec<u8>,
 }
@@ -46,10 +45,26 @@ impl ClusterSecret {
         })
     }
 
+    /// The secret of `cluster.secret_file` (`path`; empty: none), with a
+    /// warning for the log when others than its owner may read the file;
+    /// Err (naming the setting) when it cannot be read or is too short.
+    /// The broker's start and `check-config` both read it so.
+    pub fn from_setting(path: &str) -> Result<Option<(ClusterSecret, Option<String>)>, String> {
+        if path.is_empty() {
+            return Ok(None);
+        }
+        let (secret, warning) =
+            Self::load(path.as_ref()).map_err(|e| format!("cluster.secret_file: {e}"))?;
+        Ok(Some((
+            secret,
+            warning.map(|w| format!("cluster.secret_file: {w}")),
+        )))
+    }
+
     /// Read the secret from the file at `path`. A file that others than
     /// its owner may read is taken, with a warning for the log (the
     /// second value).
-    pub fn load(path: &std::path::Path) -> Result<(ClusterSecret, Option<String>), String> {
+    fn load(path: &std::path::Path) -> Result<(ClusterSecret, Option<String>), String> {
         use std::os::unix::fs::PermissionsExt;
         let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let secret = Self::new(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;

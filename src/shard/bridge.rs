@@ -118,6 +118,10 @@ struct Link {
     /// Inbound: the message number last confirmed to the peer
     /// ([`Frame::Delivered`]).
     confirmed: Cell<u64>,
+    /// Inbound, once welcomed: the last message number taken from the
+    /// peer shard's run, shared with every link of that run
+    /// ([`Bridge::received`]).
+    received: std::cell::OnceCell<LastTaken>,
 }
 
 /// A bridge's links and messages, for a metrics scrape.
@@ -147,6 +151,9 @@ pub struct BridgeStats {
 /// within a read; fewer wait for the next tick (see [`Bridge::tick`]).
 const CONFIRM_AFTER: u64 = 64;
 
+/// The last message number taken from one peer shard's run.
+type LastTaken = Rc<Cell<u64>>;
+
 /// One shard's bridge; see the module docs.
 pub struct Bridge {
     core: Rc<ShardCore>,
@@ -171,7 +178,7 @@ pub struct Bridge {
     /// (its incarnation, the last message number handed to the core). A
     /// message a broken link had brought already comes again when the
     /// link is replayed, and is skipped.
-    received: RefCell<HashMap<(u16, u16), (u64, u64)>>,
+    received: RefCell<HashMap<(u16, u16), (u64, LastTaken)>>,
     link_closes: Cell<u64>,
     replayed: Cell<u64>,
     duplicates: Cell<u64>,
@@ -445,6 +452,7 @@ impl Bridge {
             feed: RefCell::new(RouteFeed::new()),
             acked: Cell::new(0),
             confirmed: Cell::new(0),
+            received: std::cell::OnceCell::new(),
         })
     }
 
@@ -726,22 +734,14 @@ impl Bridge {
         if link.outbound {
             return;
         }
-        let from = link
-            .hello
-            .borrow()
-            .as_ref()
-            .map(|h| (h.shard, h.incarnation));
-        let (Some(index), Some((shard, run))) = (link.peer.get(), from) else {
+        let Some(seq) = link.received.get().map(|last| last.get()) else {
             return;
         };
-        let last = self.received.borrow().get(&(index, shard)).copied();
-        if let Some((r, seq)) = last {
-            if r == run && seq >= link.confirmed.get() + after.max(1) {
-                link.confirmed.set(seq);
-                link.session
-                    .borrow_mut()
-                    .force_send(self.ms(now), &Frame::Delivered { seq });
-            }
+        if seq >= link.confirmed.get() + after.max(1) {
+            link.confirmed.set(seq);
+            link.session
+                .borrow_mut()
+                .force_send(self.ms(now), &Frame::Delivered { seq });
         }
     }
 
@@ -819,6 +819,16 @@ impl Bridge {
             return;
         };
         link.peer.set(Some(index));
+        // What this run of that shard sent on earlier links counts here.
+        let mut received = self.received.borrow_mut();
+        let last = received
+            .entry((index, h.shard))
+            .or_insert_with(|| (h.incarnation, Rc::default()));
+        if last.0 != h.incarnation {
+            *last = (h.incarnation, Rc::default());
+        }
+        let _ = link.received.set(last.1.clone());
+        drop(received);
         *link.hello.borrow_mut() = Some(h.clone());
         link.session.borrow_mut().welcome(ms);
         if self.me.shard == 0 && h.shard == 0 {
@@ -868,21 +878,9 @@ impl Bridge {
             return;
         }
         if let (Frame::Publish(_), false) = (&f, link.outbound) {
-            let from = link
-                .hello
-                .borrow()
-                .as_ref()
-                .map(|h| (h.shard, h.incarnation));
-            if let (Frame::Publish(m), Some(index), Some((shard, run))) = (f, link.peer.get(), from)
-            {
-                let mut received = self.received.borrow_mut();
-                let last = received.entry((index, shard)).or_insert((run, 0));
-                if last.0 != run {
-                    *last = (run, 0);
-                }
-                if m.seq > last.1 {
-                    last.1 = m.seq;
-                    drop(received);
+            if let (Frame::Publish(m), Some(last)) = (f, link.received.get()) {
+                if m.seq > last.get() {
+                    last.set(m.seq);
                     self.core.handle_remote_publish(now, m);
                 } else {
                     self.duplicates.set(self.duplicates.get() + 1);
@@ -983,20 +981,19 @@ impl Bridge {
         match out {
             BridgeOut::Publish { node, publish } => {
                 let bytes = publish.message.cost_bytes() + 64;
-                let numbered = self
-                    .peers
-                    .borrow_mut()
-                    .number(node, Frame::Publish(publish), bytes);
-                match numbered {
+                let link = self.up_link_to(node);
+                let mut peers = self.peers.borrow_mut();
+                match peers.number(node, Frame::Publish(publish), bytes) {
                     // Kept until the peer confirms it: within the bound of
                     // what it may leave unconfirmed, so past the link's.
                     Some(frame) => {
-                        if let Some(l) = self.up_link_to(node) {
-                            l.session.borrow_mut().force_send(ms, &frame);
+                        if let Some(l) = link {
+                            l.session.borrow_mut().force_send(ms, frame);
                             l.wake.notify();
                         }
                     }
                     None => {
+                        drop(peers);
                         self.dropped.set(self.dropped.get() + 1);
                         self.warn(
                             now,

@@ -268,8 +268,7 @@ impl ShardCore {
     /// client started clean there; then the claim is acknowledged if
     /// asked.
     pub(super) fn claimed_elsewhere(&self, st: &mut State, now: Instant, c: &PeerClaim) {
-        let discard = c.answer && c.claim.clean_start;
-        self.apply_peer_claim(st, now, &c.claim, &c.node, discard);
+        self.apply_peer_claim(st, now, c);
         if let (true, Some(r)) = (c.answer, st.remote.as_mut()) {
             r.out.push_back(BridgeOut::ClaimAck {
                 node: c.index,
@@ -279,15 +278,10 @@ impl ShardCore {
         }
     }
 
-    fn apply_peer_claim(
-        &self,
-        st: &mut State,
-        now: Instant,
-        claim: &ClaimEntry,
-        node: &str,
-        discard: bool,
-    ) {
-        let (client_id, stamp) = (&*claim.client_id, claim.stamp);
+    fn apply_peer_claim(&self, st: &mut State, now: Instant, c: &PeerClaim) {
+        let (client_id, stamp, node) = (&*c.claim.client_id, c.claim.stamp, &*c.node);
+        // Only an answered claim ends a session (a link's snapshot never).
+        let discard = c.answer && c.claim.clean_start;
         let Some(r) = st.remote.as_mut() else {
             return;
         };

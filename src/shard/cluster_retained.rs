@@ -9,10 +9,11 @@
 //! ([`ShardCore::retained_snapshot`]), deletes still remembered included.
 //! A version from a peer ([`ShardCore::handle_remote_retained`]) goes to
 //! this node's owner shard of its topic, which keeps it only if it is newer
-//! than its own, and then passes it on to its own peers (so a version
-//! reaches every node even when the node that made it dies first). A delete is remembered as a tombstone for
-//! `cluster.retained_tombstone_s`, so an older copy on a node that was away
-//! cannot bring the message back within that time.
+//! than its own, and then passes it on to its other peers (so a version
+//! reaches every node even when the node that made it dies first). A
+//! delete is remembered as a tombstone for `cluster.retained_tombstone_s`,
+//! so an older copy on a node that was away cannot bring the message back
+//! within that time.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -144,12 +145,10 @@ impl ShardCore {
             Version::Peer { stamp, .. } => {
                 r.hlc.observe(stamp);
                 let newer = held.is_none_or(|old| wins((stamp, message), old));
-                // The same version again (a peer passing on what it got
-                // from this node or a third one) is not a stale one.
-                // (Neither wins: the message's expiry is rebuilt from
-                // what was left of it, so it may differ.)
-                let same = held.is_some_and(|old| !wins(old, (stamp, message)));
-                if !newer && !same {
+                // Stale only when what is here wins: the same version
+                // again (a peer passing on what it got from this node or a
+                // third one; its expiry, rebuilt, may differ) is not.
+                if !newer && held.is_some_and(|old| wins(old, (stamp, message))) {
                     r.retained.stale += 1;
                 }
                 newer.then_some(stamp)
