@@ -572,12 +572,16 @@ impl Bridge {
         links
     }
 
-    /// Put a change of this shard's (a will, a retained message) on every
-    /// outbound link up. Like routes, never dropped: a link that falls
-    /// this far behind is closed and starts over from a snapshot.
-    /// Returns how many links it went on.
-    fn to_every_link(&self, now: Instant, frame: &Frame, what: &str) -> usize {
-        let links = self.up_links();
+    /// Put a change of this shard's (a will, a retained message, a claim)
+    /// on every outbound link up but the one to peer `except`. Like
+    /// routes, never dropped: a link that falls this far behind is closed
+    /// and starts over from a snapshot. Returns how many links it went on.
+    fn to_every_link(&self, now: Instant, frame: &Frame, what: &str, except: Option<u16>) -> usize {
+        let links: Vec<Rc<Link>> = self
+            .up_links()
+            .into_iter()
+            .filter(|l| except.is_none() || l.peer.get() != except)
+            .collect();
         for l in &links {
             self.force_on(now, l, frame, what);
         }
@@ -1019,14 +1023,10 @@ impl Bridge {
             }
             BridgeOut::Retained { entry, except } => {
                 let frame = Frame::Retained(vec![entry]);
-                for l in self.up_links() {
-                    if l.peer.get().is_none_or(|p| Some(p) != except) {
-                        self.force_on(now, &l, &frame, "retained");
-                    }
-                }
+                self.to_every_link(now, &frame, "retained", except);
             }
             BridgeOut::Will(frame) => {
-                self.to_every_link(now, &frame, "will");
+                self.to_every_link(now, &frame, "will", None);
             }
             BridgeOut::Claim(claim) => {
                 let stamp = claim.stamp;
@@ -1034,7 +1034,7 @@ impl Bridge {
                     claims: vec![claim],
                     answer: true,
                 };
-                let links = self.to_every_link(now, &frame, "claim");
+                let links = self.to_every_link(now, &frame, "claim", None);
                 // Its CONNACK waits for that many acknowledgements.
                 self.core.claim_sent(stamp, links);
             }
