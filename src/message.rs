@@ -34,6 +34,11 @@ pub struct Message {
     pub expires_at: Option<Instant>,
     /// The publishing client, for No Local. `None` for broker-made messages.
     pub publisher: Option<ClientId>,
+    /// Its number in the cluster (0: none): given where a node accepts it
+    /// and carried to the other nodes with it, so that a session moving
+    /// between nodes takes each message once even when both nodes had it
+    /// (`shard::moves`). Not kept in the log.
+    pub id: u64,
 }
 
 /// Payloads up to this size are copied out of the connection's read buffer
@@ -67,6 +72,7 @@ impl Message {
             properties: Properties::default(),
             expires_at: None,
             publisher: None,
+            id: 0,
         }
     }
 
@@ -91,6 +97,7 @@ impl Message {
             properties,
             expires_at,
             publisher,
+            id: 0,
         }
     }
 
@@ -110,6 +117,7 @@ impl Message {
             properties,
             expires_at,
             publisher: None,
+            id: 0,
         }
     }
 

@@ -28,7 +28,7 @@ use crate::message::Message;
 use crate::router::SharedPick;
 
 /// The bridge protocol version this node speaks.
-pub const BRIDGE_VERSION: u16 = 5;
+pub const BRIDGE_VERSION: u16 = 6;
 /// Bytes before a frame's body: its length and kind.
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Longest topic filter or other string in a frame, in bytes (the MQTT
@@ -57,6 +57,9 @@ mod kind {
     pub const DELIVERED: u8 = 15;
     pub const AUTH: u8 = 16;
     pub const RECORD: u8 = 17;
+    pub const SESSION_OFFER: u8 = 18;
+    pub const SESSION_TAKE: u8 = 19;
+    pub const SESSION_MOVED: u8 = 20;
 }
 
 /// The first frame each side of a link sends.
@@ -212,6 +215,70 @@ pub enum Frame {
     /// once, encrypted with their tag at the end
     /// (`cluster::secret::RecordCipher`); nothing else crosses the link.
     Record(BytesMut),
+    /// The sender holds a session for a client that connected on the
+    /// receiver (its answered claim): the session's subscriptions, for the
+    /// receiver to route before it takes the rest
+    /// ([`Frame::SessionTake`]); sent before the claim's acknowledgement.
+    SessionOffer(Box<SessionOffer>),
+    /// The receiver routes what the sender offered for `client_id`: send
+    /// the rest of the session and end it there.
+    SessionTake {
+        /// The client id.
+        client_id: Arc<str>,
+        /// The claim the offer answered.
+        claim: u64,
+    },
+    /// Part of a session that moves from the sender to the receiver (the
+    /// answer to a [`Frame::SessionTake`]); `last` ends it.
+    SessionMoved(Box<SessionMoved>),
+}
+
+/// A session offered to the node its client connected to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionOffer {
+    /// The client id.
+    pub client_id: Arc<str>,
+    /// The stamp of the claim it answers (names the move).
+    pub claim: u64,
+    /// The session's subscriptions by full filter.
+    pub subscriptions: Vec<(String, crate::session::Subscription)>,
+}
+
+/// Part of a moving session: its deliveries in order (in flight first,
+/// then queued), and with the last part its inbound QoS 2 state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionMoved {
+    /// The client id.
+    pub client_id: Arc<str>,
+    /// The claim the move answers.
+    pub claim: u64,
+    /// Deliveries in this part.
+    pub deliveries: Vec<MovedDelivery>,
+    /// Inbound QoS 2 packet ids not yet released (the last part).
+    pub qos2_in: Vec<u16>,
+    /// The last part: the session has ended on the sender.
+    pub last: bool,
+    /// Nothing moves: the session stays on the sender (its client came
+    /// back there), and the receiver drops the subscriptions it took from
+    /// the offer.
+    pub stays: bool,
+}
+
+/// One delivery of a moving session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MovedDelivery {
+    /// The message.
+    pub message: Arc<Message>,
+    /// Delivery QoS.
+    pub qos: crate::codec::QoS,
+    /// RETAIN flag to send.
+    pub retain: bool,
+    /// Subscription identifiers.
+    pub subscription_ids: crate::session::SubIds,
+    /// In flight: the packet id it was sent with (0: queued).
+    pub packet_id: u16,
+    /// QoS 2 past PUBREC (PUBREL is what is resent).
+    pub released: bool,
 }
 
 /// A live connection's claim of its client id.
@@ -435,6 +502,47 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u8(kind::CLAIM_ACKS);
             put_claims(out, claims);
         }
+        Frame::SessionOffer(o) => {
+            out.put_u8(kind::SESSION_OFFER);
+            put_str(out, &o.client_id);
+            out.put_u64(o.claim);
+            out.put_u32(o.subscriptions.len() as u32);
+            for (filter, sub) in &o.subscriptions {
+                put_str(out, filter);
+                out.put_u8(codec::encode_options(&sub.options, Version::V5));
+                out.put_u32(sub.subscription_id.unwrap_or(0));
+            }
+        }
+        Frame::SessionTake { client_id, claim } => {
+            out.put_u8(kind::SESSION_TAKE);
+            put_str(out, client_id);
+            out.put_u64(*claim);
+        }
+        Frame::SessionMoved(m) => {
+            out.put_u8(kind::SESSION_MOVED);
+            put_str(out, &m.client_id);
+            out.put_u64(m.claim);
+            out.put_u8(u8::from(m.last));
+            out.put_u8(u8::from(m.stays));
+            out.put_u32(m.qos2_in.len() as u32);
+            for id in &m.qos2_in {
+                out.put_u16(*id);
+            }
+            out.put_u32(m.deliveries.len() as u32);
+            for d in &m.deliveries {
+                out.put_u8(d.qos as u8 | u8::from(d.retain) << 2 | u8::from(d.released) << 3);
+                out.put_u16(d.packet_id);
+                out.put_u32(d.subscription_ids.len() as u32);
+                for id in &d.subscription_ids {
+                    out.put_u32(*id);
+                }
+                let at = out.len();
+                out.put_u32(0);
+                put_message(out, &d.message, now);
+                let len = (out.len() - at - 4) as u32;
+                out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+            }
+        }
         Frame::Retained(entries) => {
             out.put_u8(kind::RETAINED);
             out.put_u32(entries.len() as u32);
@@ -633,12 +741,77 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             })?;
             Frame::Retained(entries)
         }
+        kind::SESSION_OFFER => {
+            let client_id = client_id(b)?;
+            let claim = u64_(b)?;
+            let subscriptions = list(b, 7, "subscription count beyond the frame", |b| {
+                let filter = filter(b)?.to_string();
+                let options = codec::decode_options(u8_(b)?, Version::V5)
+                    .map_err(|_| FrameError::Malformed("subscription options"))?;
+                let id = u32_(b)?;
+                let sub = crate::session::Subscription {
+                    options,
+                    subscription_id: (id != 0).then_some(id),
+                };
+                Ok((filter, sub))
+            })?;
+            Frame::SessionOffer(Box::new(SessionOffer {
+                client_id,
+                claim,
+                subscriptions,
+            }))
+        }
+        kind::SESSION_TAKE => Frame::SessionTake {
+            client_id: client_id(b)?,
+            claim: u64_(b)?,
+        },
+        kind::SESSION_MOVED => {
+            let client_id = client_id(b)?;
+            let claim = u64_(b)?;
+            let last = bool_(b)?;
+            let stays = bool_(b)?;
+            let qos2_in = list(b, 2, "packet id count beyond the frame", |b| {
+                match u16_(b)? {
+                    0 => Err(FrameError::Malformed("packet id 0")),
+                    id => Ok(id),
+                }
+            })?;
+            let deliveries = list(b, 11, "delivery count beyond the frame", |b| {
+                let flags = u8_(b)?;
+                let qos = codec::QoS::from_u8(flags & 3).ok_or(FrameError::Malformed("QoS 3"))?;
+                let packet_id = u16_(b)?;
+                let ids = list(b, 4, "subscription id count beyond the frame", u32_)?;
+                let len = u32_(b)? as usize;
+                need(b, len)?;
+                let mut body = b.split_to(len);
+                let message = message(&mut body, now)?;
+                if !body.is_empty() {
+                    return Err(FrameError::Malformed("bytes left over after a delivery"));
+                }
+                Ok(MovedDelivery {
+                    message: Arc::new(message),
+                    qos,
+                    retain: flags & 4 != 0,
+                    subscription_ids: ids.into_iter().collect(),
+                    packet_id,
+                    released: flags & 8 != 0,
+                })
+            })?;
+            Frame::SessionMoved(Box::new(SessionMoved {
+                client_id,
+                claim,
+                deliveries,
+                qos2_in,
+                last,
+                stays,
+            }))
+        }
         _ => return Err(FrameError::Malformed("unknown frame kind")),
     })
 }
 
-/// A message: its remaining expiry (ms), its publisher, and the rest as
-/// a 5.0 PUBLISH.
+/// A message: its remaining expiry (ms), its publisher, its number in
+/// the cluster, and the rest as a 5.0 PUBLISH.
 fn put_message(out: &mut BytesMut, m: &Message, now: Instant) {
     match m.expires_at {
         Some(t) => {
@@ -655,6 +828,7 @@ fn put_message(out: &mut BytesMut, m: &Message, now: Instant) {
         }
         None => out.put_u8(0),
     }
+    out.put_u64(m.id);
     codec::encode_publish(&m.publish_view(), Version::V5, out);
 }
 
@@ -672,6 +846,7 @@ fn message(b: &mut BytesMut, now: Instant) -> Result<Message, FrameError> {
         1 => Some(shared_str(b)?),
         _ => return Err(FrameError::Malformed("publisher flag")),
     };
+    let id = u64_(b)?;
     let mut rest = b.split();
     let mut p = match codec::decode(&mut rest, Version::V5, codec::MAX_PACKET_SIZE) {
         Ok(Some(Packet::Publish(p))) if rest.is_empty() => p,
@@ -692,6 +867,7 @@ fn message(b: &mut BytesMut, now: Instant) -> Result<Message, FrameError> {
         properties,
         expires_at,
         publisher,
+        id,
     })
 }
 
@@ -901,6 +1077,18 @@ mod tests {
         got
     }
 
+    fn sub(qos: u8, id: Option<u32>) -> crate::session::Subscription {
+        crate::session::Subscription {
+            options: crate::codec::SubOptions {
+                qos: QoS::from_u8(qos).unwrap(),
+                no_local: qos == 2,
+                retain_as_published: true,
+                retain_handling: qos,
+            },
+            subscription_id: id,
+        }
+    }
+
     fn message() -> Message {
         Message {
             topic: "a/b".into(),
@@ -915,6 +1103,7 @@ mod tests {
             },
             expires_at: None,
             publisher: Some(Arc::from("pub1")),
+            id: 0x0123_4567_89ab_cdef,
         }
     }
 
@@ -1037,10 +1226,48 @@ mod tests {
                     message: Arc::new(Message {
                         payload: Bytes::new(),
                         publisher: None,
+                        id: 0,
                         ..message()
                     }),
                 },
             ]),
+            Frame::SessionOffer(Box::new(SessionOffer {
+                client_id: Arc::from("dev-1"),
+                claim: 17,
+                subscriptions: vec![
+                    ("a/#".to_string(), sub(1, None)),
+                    ("$share/g/b".to_string(), sub(2, Some(268_435_455))),
+                ],
+            })),
+            Frame::SessionTake {
+                client_id: Arc::from("dev-1"),
+                claim: 17,
+            },
+            Frame::SessionMoved(Box::new(SessionMoved {
+                client_id: Arc::from("dev-1"),
+                claim: 17,
+                deliveries: vec![
+                    MovedDelivery {
+                        message: Arc::new(message()),
+                        qos: QoS::ExactlyOnce,
+                        retain: false,
+                        subscription_ids: [3, 9].into_iter().collect(),
+                        packet_id: 65_535,
+                        released: true,
+                    },
+                    MovedDelivery {
+                        message: Arc::new(message()),
+                        qos: QoS::AtLeastOnce,
+                        retain: true,
+                        subscription_ids: Default::default(),
+                        packet_id: 0,
+                        released: false,
+                    },
+                ],
+                qos2_in: vec![1, 7],
+                last: true,
+                stays: false,
+            })),
         ];
         for f in &frames {
             assert_eq!(&roundtrip(f), f);

@@ -41,6 +41,7 @@ macro_rules! client_log {
 mod durable;
 mod inbound;
 mod lifecycle;
+mod moving;
 mod outbound;
 pub use outbound::{PAGE_IN_BATCH_MAX, QUEUE_ENTRY_INDEX_BYTES};
 #[cfg(test)]
@@ -60,6 +61,7 @@ use crate::message::{ClientId, Message};
 
 pub use durable::{DurableState, Lifetime, Restored, RestoredInflight, StoredDelivery};
 pub use lifecycle::{expires_after_s, will_delay_s, WillDue};
+pub use moving::Leaving;
 use outbound::Outbound;
 use transmit::{Outgoing, TransmitQueue};
 
@@ -372,6 +374,10 @@ pub struct Session {
     /// `held` reached the queue limit during the gathers outstanding: live
     /// deliveries go to the queue at once until they have all ended.
     held_released: bool,
+    /// Messages this session took from another node when it moved here
+    /// (their [`Message::id`]s): a copy that reaches it directly too is
+    /// skipped, for a while after the move (`shard::moves`).
+    moved_ids: Option<Box<HashSet<u64>>>,
     ended: bool,
     /// What the current (or last) connection's user may read and write;
     /// None: everything (no ACL file, or a session restored from the log
@@ -403,6 +409,7 @@ impl Session {
             gathers_pending: 0,
             held: VecDeque::new(),
             held_released: false,
+            moved_ids: None,
             ended: false,
             acl: None,
         }
@@ -547,6 +554,11 @@ impl Session {
     }
 
     /// Journal that a stored delivery is finished with, if it was stored.
+    /// Stored delivery `id` is done with (the shard forgets it).
+    pub fn journal_done(&mut self, id: u64) {
+        self.journal.push_back(Journal::Done { id });
+    }
+
     pub(super) fn done(&mut self, stored: Option<u64>) {
         if let Some(id) = stored {
             self.journal.push_back(Journal::Done { id });

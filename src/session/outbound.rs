@@ -212,6 +212,10 @@ impl Session {
     /// than be dropped: an acknowledged message is worth more than the
     /// retained ones coming first.
     pub fn deliver(&mut self, now: Instant, message: &Arc<Message>, delivery: Delivery) {
+        if self.moved_here(message) {
+            self.done(delivery.stored);
+            return;
+        }
         if self.gathers_pending > 0 && !self.ended && !self.held_released {
             if self.held.len() < self.limits.queue_messages_max {
                 self.held.push_back((message.clone(), delivery));
@@ -281,7 +285,7 @@ impl Session {
         }
     }
 
-    fn deliver_now(&mut self, now: Instant, message: &Arc<Message>, delivery: Delivery) {
+    pub(super) fn deliver_now(&mut self, now: Instant, message: &Arc<Message>, delivery: Delivery) {
         if self.ended {
             return;
         }

@@ -875,6 +875,16 @@ impl Bridge {
             }
             return;
         }
+        if let (
+            Frame::SessionOffer(_) | Frame::SessionTake { .. } | Frame::SessionMoved(_),
+            false,
+        ) = (&f, link.outbound)
+        {
+            if let Some(index) = link.peer.get() {
+                self.core.handle_session_frame(now, index, f);
+            }
+            return;
+        }
         if let (Frame::Retained(_), false) = (&f, link.outbound) {
             if let (Frame::Retained(entries), Some(index)) = (f, link.peer.get()) {
                 self.core.handle_remote_retained(now, index, entries);
@@ -1038,6 +1048,32 @@ impl Bridge {
                 // Its CONNACK waits for that many acknowledgements.
                 self.core.claim_sent(stamp, links);
             }
+            BridgeOut::Peer { node, frame } => match self.up_link_to(node) {
+                // A session's parts: as large as the session, and not
+                // changes a slow reader must keep up with.
+                Some(l) => {
+                    l.session.borrow_mut().force_send(ms, &frame);
+                    l.wake.notify();
+                }
+                None => {
+                    let bytes = match &frame {
+                        Frame::SessionMoved(m) => m
+                            .deliveries
+                            .iter()
+                            .map(|d| d.message.cost_bytes() + 64)
+                            .sum(),
+                        _ => 64,
+                    };
+                    if !self.peers.borrow_mut().hold(node, frame, bytes) {
+                        self.warn(
+                            now,
+                            format_args!(
+                                "a session frame for node {node} was dropped: no link up to it"
+                            ),
+                        );
+                    }
+                }
+            },
             BridgeOut::ClaimAck { node, claim } => {
                 let frame = Frame::ClaimAcks(vec![claim]);
                 match self.up_link_to(node) {

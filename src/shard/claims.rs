@@ -17,8 +17,8 @@
 //! will waiting for its delay is cancelled, since its client is back.
 //! When the claim says the client started clean there, the session here
 //! ends (offline or just closed), as a Clean Start here would end it;
-//! otherwise it stays here, offline, with what it holds (sessions do not
-//! move between nodes yet).
+//! otherwise it moves to the claiming node (`moves`), offered ahead of
+//! the acknowledgement.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,6 +59,10 @@ struct Pending {
     sent: Option<usize>,
     acked: usize,
     since: Instant,
+    /// A connection that resumes a session (no Clean Start): refused if
+    /// a peer does not answer in time (that peer may hold the session);
+    /// true when this connection created the session here (it ends).
+    refuse: Option<bool>,
 }
 
 /// A claim from a peer, as its node's home shard of the client id takes
@@ -95,6 +99,12 @@ pub(super) struct Claims {
 }
 
 impl Claims {
+    /// True while the claim `stamp` of a connection here waits for
+    /// acknowledgements (its CONNACK has not gone).
+    pub(super) fn is_pending(&self, stamp: u64) -> bool {
+        self.pending.contains_key(&stamp)
+    }
+
     /// This node's name.
     pub(super) fn me(&self) -> Arc<str> {
         self.me.clone()
@@ -114,14 +124,15 @@ impl Claims {
 
 impl ShardCore {
     /// A connection attached to session `key` at `now` (with Clean Start:
-    /// `clean_start`): stamp its claim, tell the peers, and hold its
-    /// output until they acknowledge it.
+    /// `clean_start`; `created`: the session is new here): stamp its
+    /// claim, tell the peers, and hold its output until they acknowledge
+    /// it.
     pub(super) fn claim_connection(
         &self,
         st: &mut State,
         key: SessionKey,
         now: Instant,
-        clean_start: bool,
+        (clean_start, created): (bool, bool),
     ) {
         let links_up = match st.remote.as_ref() {
             Some(r) => r.claims.links_up,
@@ -143,6 +154,7 @@ impl ShardCore {
                 sent: None,
                 acked: 0,
                 since: now,
+                refuse: (!clean_start).then_some(created),
             };
             r.claims.pending.insert(slot.claim, pending);
         }
@@ -152,8 +164,10 @@ impl ShardCore {
             clean_start,
         }));
         r.wake.notify();
-        // Its client is back: a dead run's will of it waiting here goes.
+        // Its client is back: a dead run's will of it waiting here goes,
+        // and the session stays here if it was offered to another node.
         Self::cancel_peer_will(st, &client_id);
+        Self::keep_offered(st, &client_id);
     }
 
     /// How many peers have a link up from this shard now: a new
@@ -227,12 +241,57 @@ impl ShardCore {
             let held = st.remote.as_mut().and_then(|r| {
                 let p = r.claims.pending.remove(&k)?;
                 r.claims.unanswered += 1;
-                Some(p.ack)
+                Some((p.ack, p.refuse))
             });
-            if let Some(ack) = held {
-                self.ack(st, ack);
+            let Some((ack, refuse)) = held else {
+                continue;
+            };
+            if let Some(created) = refuse {
+                self.refuse_unanswered(st, now, ack, created);
             }
+            self.ack(st, ack);
         }
+    }
+
+    /// A connection that resumes a session waited [`CLAIM_WAIT`] for a
+    /// peer's answer: that peer may hold the session, so the connection is
+    /// refused (5.0: 0x88, 3.x: 3, server unavailable) rather than told
+    /// it has none, and a session it created here ends. The client's next
+    /// CONNECT asks again.
+    fn refuse_unanswered(&self, st: &mut State, now: Instant, ack: AckTo, created: bool) {
+        let Some(slot) = st
+            .sessions
+            .get_mut(ack.session)
+            .filter(|s| s.uid == ack.uid)
+        else {
+            return;
+        };
+        if !slot.session.refuse_connect(now) {
+            return;
+        }
+        let client_id = slot.session.client_id().clone();
+        self.drive(st, ack.session, now);
+        // A session on its way here from another node stays (the
+        // client's next CONNECT resumes it).
+        let moving = st
+            .remote
+            .as_ref()
+            .is_some_and(|r| r.moves.is_moving_in(&client_id));
+        let fresh = st.sessions.get_mut(ack.session).filter(|s| {
+            created && !moving && s.uid == ack.uid && s.session.subscriptions().is_empty()
+        });
+        if let Some(slot) = fresh {
+            slot.session.discard(now);
+            self.drive(st, ack.session, now);
+        }
+        shard_log!(
+            self,
+            log::Level::Warn,
+            "cluster: client {} refused (server unavailable): a peer that may hold its \
+             session did not answer its claim within {} s",
+            quote(&client_id),
+            CLAIM_WAIT.as_secs()
+        );
     }
 
     /// Claims from peer node `node` (its name and index): each to this
@@ -319,6 +378,10 @@ impl ShardCore {
                 quote(client_id),
                 quote(node)
             );
+        }
+        // Otherwise the session follows its client there (`moves`).
+        if c.answer && !discard && st.by_client.get(client_id) == Some(&key) {
+            self.offer_session(st, now, key, c);
         }
     }
 

@@ -436,7 +436,7 @@ impl ShardCore {
         slot.conn = Some(handle.clone());
         st.stats.connections += 1;
         st.stats.connects_accepted += 1;
-        self.claim_connection(&mut st, key, now, clean_start);
+        self.claim_connection(&mut st, key, now, (clean_start, resumed.is_none()));
         Self::durable_connect(&mut st, key);
         self.drive(&mut st, key, now);
         Self::debug_invariants(&st);

@@ -77,6 +77,7 @@ mod durable;
 mod gather;
 pub mod latency;
 pub mod mesh;
+mod moves;
 pub mod notify;
 mod remote;
 mod restore;
@@ -769,6 +770,7 @@ impl ShardCore {
                         true => Self::will_reach(st.remote.as_ref(), slot),
                         false => Reach::Cluster,
                     };
+                    let message = Self::number_message(st, message);
                     let accepted = match delay_s {
                         Some(d) => self.delay(st, now, message, d, source),
                         None => self.route(st, now, message, source, reach),
@@ -893,6 +895,7 @@ impl ShardCore {
         self.durable_tick(&mut st, now);
         Self::expire_tombstones(&mut st, now);
         self.release_overdue_claims(&mut st, now);
+        self.release_overdue_moves(&mut st, now);
         while let Some(Reverse((at, key))) = st.timers.peek().copied() {
             if at > now {
                 break;

@@ -536,11 +536,28 @@ impl ShardCore {
         let (group, inner, added) = Self::insert_subscriber(st, key, filter, subscription.clone());
         if added {
             let route = self.route_key(group.clone(), inner.clone());
-            self.route_count(st, inner.clone(), route, true, key);
+            self.route_count(st, inner.clone(), route, true, key, Hold::Output);
         }
         let handling = subscription.options.retain_handling;
         if group.is_none() && (handling == 0 || (handling == 1 && is_new)) {
             self.gather_retained(st, key, &inner, &subscription);
+        }
+    }
+
+    /// Route a subscription session `key` brought from another node
+    /// (`moves`): no retained messages are gathered (the session is not
+    /// new), and the acknowledgements go to the move, not the output.
+    pub(super) fn route_moved(
+        &self,
+        st: &mut State,
+        key: SessionKey,
+        filter: &str,
+        subscription: Subscription,
+    ) {
+        let (group, inner, added) = Self::insert_subscriber(st, key, filter, subscription);
+        if added {
+            let route = self.route_key(group, inner.clone());
+            self.route_count(st, inner, route, true, key, Hold::Move);
         }
     }
 
@@ -577,7 +594,7 @@ impl ShardCore {
         if st.subscribers.remove(inner, &sub_key).0.is_some() {
             let inner: Arc<str> = Arc::from(inner);
             let route = self.route_key(group, inner.clone());
-            self.route_count(st, inner, route, false, key);
+            self.route_count(st, inner, route, false, key, Hold::Output);
         }
     }
 
@@ -588,7 +605,8 @@ impl ShardCore {
     /// Count local subscriptions per route key; broadcast on 0↔1. A new
     /// route holds the subscriber's output (its SUBACK) until every other
     /// shard has applied it, so a publish that follows the SUBACK anywhere
-    /// on the node reaches the new subscription.
+    /// on the node reaches the new subscription (`hold`: or the session's
+    /// move here).
     fn route_count(
         &self,
         st: &mut State,
@@ -596,6 +614,7 @@ impl ShardCore {
         key: RouteKey,
         add: bool,
         subscriber: SessionKey,
+        hold: Hold,
     ) {
         let entry = st
             .local_routes
@@ -622,10 +641,11 @@ impl ShardCore {
         // On shard 0 of a cluster node, the other nodes must have the
         // route too: one more acknowledgement, from the bridge.
         let remote = add && st.remote.as_ref().is_some_and(|r| r.export.is_some());
-        let ack_to = if add {
-            self.hold_output(st, subscriber, self.shards as u32 - 1 + u32::from(remote))
-        } else {
-            None
+        let count = self.shards as u32 - 1 + u32::from(remote);
+        let ack_to = match (add, hold) {
+            (false, _) => None,
+            (true, Hold::Output) => self.hold_output(st, subscriber, count),
+            (true, Hold::Move) => self.hold_move(st, subscriber, count),
         };
         if let Some(ack) = ack_to.filter(|_| remote) {
             if !Self::ack_when_peers_have(st, ack) {
@@ -654,6 +674,7 @@ impl ShardCore {
             shard: self.id,
             session: key,
             uid: slot.uid,
+            move_in: false,
         })
     }
 
@@ -669,6 +690,10 @@ impl ShardCore {
     /// Another shard applied a route delta or stored a retained message
     /// this session waits for.
     fn acked(st: &mut State, ack: AckTo) {
+        if ack.move_in {
+            Self::move_route_acked(st, ack);
+            return;
+        }
         let Some(slot) = st
             .sessions
             .get_mut(ack.session)
@@ -850,6 +875,9 @@ impl ShardCore {
                 }
                 MeshMsg::PeerClaim(c) => self.claimed_elsewhere(&mut st, now, &c),
                 MeshMsg::ClaimAck(a) => self.claim_acked(&mut st, &a),
+                MeshMsg::SessionMove { from, frame } => {
+                    self.session_frame(&mut st, now, from, *frame)
+                }
                 MeshMsg::Applied { upto } => Self::on_applied(&mut st, from, upto),
                 MeshMsg::Settled { upto } => Self::on_settled(&mut st, from, upto),
                 MeshMsg::StoreFull { full } => self.on_store_full(&mut st, from, full),
@@ -945,4 +973,13 @@ pub(super) fn route_key_of(shard: usize, group: Option<Arc<str>>, filter: Arc<st
             shard: shard as u16,
         },
     }
+}
+
+/// What a new route's acknowledgements release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// The subscriber's output (its SUBACK).
+    Output,
+    /// The Take of a session moving here (`moves`).
+    Move,
 }

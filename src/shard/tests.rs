@@ -348,6 +348,7 @@ fn qos0_message(topic: &str) -> Arc<crate::message::Message> {
         properties: Properties::default(),
         expires_at: None,
         publisher: None,
+        id: 0,
     })
 }
 

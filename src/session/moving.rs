@@ -1,0 +1,245 @@
+//! A session moving between cluster nodes: what the node it leaves hands
+//! over, and how the node it reaches takes it in (the protocol is
+//! `shard::moves`).
+//!
+//! Still sans-IO: plain values in and out.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::codec::{reason, Packet, QoS};
+use crate::hash::HashSet;
+use crate::message::Message;
+
+use super::outbound::{Awaiting, Inflight};
+use super::transmit::Outgoing;
+use super::{Delivery, Journal, RestoredInflight, Session, Subscription};
+
+/// One delivery a moving session holds: the message (None while paged out
+/// to the log: the shard reads it back), how it is delivered, and, in
+/// flight, its packet id (0: queued) and whether it is past PUBREC.
+#[derive(Debug, Clone)]
+pub struct Leaving {
+    /// The message, when in memory.
+    pub message: Option<Arc<Message>>,
+    /// How it is delivered (`stored`: its id in this shard's log).
+    pub delivery: Delivery,
+    /// In flight: its packet id; 0 when queued.
+    pub packet_id: u16,
+    /// QoS 2 past PUBREC.
+    pub released: bool,
+}
+
+impl Session {
+    /// Every delivery the session holds, in the order the client gets
+    /// them: in flight, queued, held behind a retained gather.
+    pub fn leaving(&self) -> Vec<Leaving> {
+        let inflight = self.out.inflight.iter().map(|m| Leaving {
+            message: Some(m.message.clone()),
+            delivery: Delivery {
+                qos: m.qos,
+                retain: m.retain,
+                subscription_ids: m.subscription_ids.clone(),
+                stored: m.stored,
+            },
+            packet_id: m.packet_id,
+            released: m.stage == Awaiting::Comp,
+        });
+        let queued = self.out.queue.iter().map(|q| Leaving {
+            message: q.message.clone(),
+            delivery: q.delivery.clone(),
+            packet_id: 0,
+            released: false,
+        });
+        let held = self.held.iter().map(|(m, d)| Leaving {
+            message: Some(m.clone()),
+            delivery: d.clone(),
+            packet_id: 0,
+            released: false,
+        });
+        inflight.chain(queued).chain(held).collect()
+    }
+
+    /// The session is coming here from another node: live deliveries wait
+    /// (as behind a retained gather) until [`Session::end_move_in`], so
+    /// that what the other node held goes first.
+    pub fn begin_move_in(&mut self) {
+        self.begin_retained_gather();
+    }
+
+    /// Take a subscription the session had on the node it comes from,
+    /// unless it has one to that filter here already (the client's own,
+    /// newer) or is at `subscriptions_max`. True when taken.
+    pub fn take_subscription(&mut self, filter: &str, sub: Subscription) -> bool {
+        if self.subscriptions.contains_key(filter)
+            || self.subscriptions.len() >= self.limits.subscriptions_max
+        {
+            return false;
+        }
+        self.subscriptions.insert(filter.to_string(), sub);
+        true
+    }
+
+    /// The live deliveries held during a move that did not happen, taken
+    /// out (the session on the other node has them).
+    pub fn take_held(&mut self) -> Vec<(Arc<Message>, Delivery)> {
+        self.held.drain(..).collect()
+    }
+
+    /// Drop a subscription taken from a move that did not happen; true
+    /// when it was there.
+    pub fn drop_subscription(&mut self, filter: &str) -> bool {
+        self.subscriptions.remove(filter).is_some()
+    }
+
+    /// Take deliveries the session held on the node it comes from, in
+    /// their order, behind what it holds here. One in flight keeps its
+    /// packet id and is sent again with DUP, unless the id is in use here:
+    /// then it is queued as a new delivery, or dropped past PUBREC (the
+    /// client has it; only the PUBREL was left).
+    pub fn take_deliveries(
+        &mut self,
+        now: Instant,
+        inflight: Vec<RestoredInflight>,
+        queued: Vec<(Arc<Message>, Delivery)>,
+    ) {
+        // A message the session has queued or in flight already (both
+        // nodes had it) is not taken twice. (One held meanwhile gives way
+        // to the copy taken here, which keeps its place: `end_move_in`.)
+        let mut had: HashSet<u64> = self.out.inflight.iter().map(|m| m.message.id).collect();
+        had.extend(
+            self.out
+                .queue
+                .iter()
+                .filter_map(|q| q.message.as_ref().map(|m| m.id)),
+        );
+        had.remove(&0);
+        let mut inflight = inflight;
+        let mut queued = queued;
+        inflight.retain(|i| {
+            let dup = had.contains(&i.message.id);
+            if dup {
+                self.done(i.delivery.stored);
+            }
+            !dup
+        });
+        queued.retain(|(m, d)| {
+            let dup = had.contains(&m.id);
+            if dup {
+                self.done(d.stored);
+            }
+            !dup
+        });
+        let mut requeue = Vec::new();
+        for i in inflight {
+            if i.packet_id == 0 || self.out.position(i.packet_id).is_some() {
+                match i.released {
+                    true => self.done(i.delivery.stored),
+                    false => requeue.push((i.message, i.delivery)),
+                }
+                continue;
+            }
+            let stage = match (i.delivery.qos, i.released) {
+                (_, true) => Awaiting::Comp,
+                (QoS::ExactlyOnce, false) => Awaiting::Rec,
+                _ => Awaiting::Ack,
+            };
+            if let Some(id) = i.delivery.stored {
+                let packet_id = i.packet_id;
+                self.journal.push_back(Journal::Sent { id, packet_id });
+                if i.released {
+                    self.journal.push_back(Journal::Released { id });
+                }
+            }
+            self.out.inflight.push_back(Inflight {
+                packet_id: i.packet_id,
+                message: i.message,
+                qos: i.delivery.qos,
+                retain: i.delivery.retain,
+                subscription_ids: i.delivery.subscription_ids,
+                stored: i.delivery.stored,
+                stage,
+                sent: false,
+            });
+            self.out.unsent += 1;
+        }
+        // Those in flight go again first: a queued delivery may go out at
+        // once.
+        if self.is_connected() {
+            self.pump(now);
+        }
+        for (message, delivery) in requeue.into_iter().chain(queued) {
+            self.deliver_now(now, &message, delivery);
+        }
+    }
+
+    /// Take the inbound QoS 2 packet ids not yet released on the node the
+    /// session comes from (each an exactly-once promise: kept even beyond
+    /// the Receive Maximum).
+    pub fn take_qos2_in(&mut self, ids: &[u16]) {
+        self.inbound_qos2.extend(ids.iter().copied());
+        self.inbound_qos2_max = self.inbound_qos2_max.max(self.inbound_qos2.len());
+    }
+
+    /// The CONNACK still waiting to be written becomes a refusal (Server
+    /// unavailable: a node that may hold the client's session did not
+    /// answer in time), and the connection closes after it, its will not
+    /// taken (the CONNECT was not accepted). False when the CONNACK went
+    /// already.
+    pub fn refuse_connect(&mut self, now: Instant) -> bool {
+        if self.conn().is_none() || !self.transmit.refuse_connack(reason::SERVER_UNAVAILABLE) {
+            return false;
+        }
+        self.detach(now, false);
+        true
+    }
+
+    /// A session came from another node: a CONNACK still waiting to be
+    /// written says the session is present.
+    pub fn mark_present(&mut self) {
+        for o in self.transmit.items_mut() {
+            if let Outgoing::Other(p) = o {
+                if let Packet::ConnAck(ack) = &mut **p {
+                    ack.session_present = true;
+                }
+            }
+        }
+    }
+
+    /// A move into this session ended: `ids` are the messages it brought.
+    /// Held live deliveries that are among them are dropped (the session
+    /// had them from the other node), the rest are queued. Later copies of
+    /// them are skipped too until [`Session::forget_moved_ids`].
+    pub fn end_move_in(&mut self, now: Instant, ids: HashSet<u64>) {
+        let mut skipped = Vec::new();
+        self.held.retain(|(m, d)| {
+            let had = m.id != 0 && ids.contains(&m.id);
+            if had {
+                skipped.push(d.stored);
+            }
+            !had
+        });
+        for stored in skipped {
+            self.done(stored);
+        }
+        match &mut self.moved_ids {
+            Some(known) => known.extend(ids),
+            None => self.moved_ids = Some(Box::new(ids)),
+        }
+        self.end_retained_gather(now);
+    }
+
+    /// Stop looking for copies of moved messages.
+    pub fn forget_moved_ids(&mut self) {
+        self.moved_ids = None;
+    }
+
+    /// True when `message` came with the session from another node.
+    pub(super) fn moved_here(&self, message: &Message) -> bool {
+        message.id != 0
+            && self
+                .moved_ids
+                .as_ref()
+                .is_some_and(|s| s.contains(&message.id))
+    }
+}

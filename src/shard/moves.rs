@@ -1,0 +1,842 @@
+//! Sessions moving between nodes: one session per client id in the
+//! cluster, and it is where its client is.
+//!
+//! Shard-local, no I/O; on each node, the client id's home shard runs it.
+//! A client that connects on node B without Clean Start claims its client
+//! id (`claims`); a node A holding a session for it, whose connection the
+//! claim closed, answers with a [`Frame::SessionOffer`] of the session's
+//! subscriptions ahead of its acknowledgement, and keeps the session
+//! meanwhile, still taking messages. B adds them to the client's session
+//! (a subscription the client made on B already stays as it is), holds the
+//! connection's output, and holds the live messages that reach the
+//! session. Once every shard of B and every peer can route the new
+//! subscriptions to B, every message for the session published from then
+//! on reaches B, and B asks A for the rest ([`Frame::SessionTake`]). A
+//! sends the deliveries the session holds in order (in flight with their
+//! packet ids, queued, paged out to its log and read back) in parts
+//! ([`Frame::SessionMoved`]), the last with its inbound QoS 2 state, and
+//! ends the session there without its will (its client is back). B puts
+//! them ahead of the messages it held, skips among those (and among the
+//! copies that reach it later, for [`MOVED_IDS_KEPT`]) the ones it had
+//! from A already, by [`crate::message::Message::id`], and releases the
+//! CONNACK with Session Present. Nothing published between the two steps
+//! is lost (both nodes take it) or delivered twice (the ids).
+//!
+//! A move that takes longer than [`MOVE_WAIT`] lets the CONNACK go (the
+//! subscriptions are here; the messages still wait, so that their order
+//! holds); one that takes longer than [`MOVE_GIVE_UP`], or whose other
+//! node is declared down, is given up (counted): B delivers what it held,
+//! A keeps what it had. What a link loses during a move (a broken link, a
+//! killed node) is lost with it: nothing is replicated yet.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::cluster::frame::{Frame, MovedDelivery, SessionMoved, SessionOffer};
+use crate::hash::{HashMap, HashSet};
+use crate::message::Message;
+use crate::persist::Scope;
+use crate::session::{Delivery, RestoredInflight};
+use crate::text::quote;
+
+use super::claims::PeerClaim;
+use super::durable::StoreTarget;
+use super::mesh::{AckTo, MeshMsg};
+use super::remote::BridgeOut;
+use super::{home_shard, SessionKey, ShardCore, State};
+
+/// How long a node that a session moves to holds the client's CONNACK
+/// for it: then the CONNACK goes (Session Present, the subscriptions are
+/// here) while the messages still wait for the rest.
+pub const MOVE_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a move may take at all: then the node it goes to stops
+/// waiting (the messages it held go out; what the other node holds is
+/// lost for the session), and the node it comes from forgets the offer
+/// (the session stays there). A node declared down ends its moves at
+/// once.
+pub const MOVE_GIVE_UP: Duration = Duration::from_secs(60);
+
+/// How long a session that moved here skips copies of the messages it
+/// brought (a copy on a slower path from their publisher's node).
+pub const MOVED_IDS_KEPT: Duration = Duration::from_secs(30);
+
+/// Bytes of messages per [`Frame::SessionMoved`] part (one larger
+/// message goes alone).
+const MOVE_PART_BYTES: usize = 256 << 10;
+
+/// Bytes of messages one move carries at most; deliveries past it are
+/// dropped, counted and logged.
+pub const MOVE_BYTES_MAX: usize = 64 << 20;
+
+/// A shard's sessions on the move (part of its cluster state).
+#[derive(Default)]
+pub(super) struct Moves {
+    /// Sessions offered to the node their client connected to, by client
+    /// id.
+    out: HashMap<Arc<str>, MoveOut>,
+    /// Sessions coming here, by client id.
+    inbound: HashMap<Arc<str>, MoveIn>,
+    /// Sessions that moved here: when they stop skipping copies of what
+    /// they brought.
+    recent: VecDeque<(Instant, SessionKey, u64)>,
+    /// Sessions moved to another node.
+    pub(super) moved_out: u64,
+    /// Sessions moved here.
+    pub(super) moved_in: u64,
+    /// Moves given up after [`MOVE_WAIT`].
+    pub(super) unfinished: u64,
+    /// Deliveries lost in moves (past [`MOVE_BYTES_MAX`], not read back
+    /// from the log, or their session gone before they came).
+    pub(super) lost: u64,
+    /// Offers declined: they came after the client's CONNACK went
+    /// without them.
+    pub(super) declined: u64,
+    /// The last [`crate::message::Message::id`] given here.
+    last_id: u64,
+}
+
+impl Moves {
+    /// True while a session of `client_id` is on its way here.
+    pub(super) fn is_moving_in(&self, client_id: &str) -> bool {
+        self.inbound.contains_key(client_id)
+    }
+
+    /// A shard's moves, numbering messages from a base no other run of a
+    /// shard in the cluster is likely to share: a hash of the node, the
+    /// runtime's start stamp and the shard.
+    pub(super) fn new(node: &str, boot_stamp: u64, shard: usize) -> Moves {
+        let base = super::stable_hash(&format!("{node}/{boot_stamp:x}/{shard}"));
+        Moves {
+            last_id: base,
+            ..Moves::default()
+        }
+    }
+}
+
+/// A session offered to another node.
+struct MoveOut {
+    to: u16,
+    uid: u64,
+    since: Instant,
+    /// The Take came while the session was still coming here from a
+    /// third node: its claim, answered once that move ends.
+    deferred: Option<u64>,
+}
+
+/// A session coming here from one or more nodes (a partition may have
+/// left one on each).
+struct MoveIn {
+    key: SessionKey,
+    uid: u64,
+    /// Route acknowledgements awaited before the Takes go.
+    routes: u32,
+    offers: Vec<Offer>,
+    /// The ids of the messages taken so far.
+    ids: HashSet<u64>,
+}
+
+/// One node's offer.
+struct Offer {
+    from: u16,
+    claim: u64,
+    /// The subscriptions taken from it (dropped if the session stays
+    /// there).
+    filters: Vec<String>,
+    /// Its shared subscriptions, taken once the move is done: a message
+    /// of a shared subscription goes to one node, and while both nodes
+    /// route it, the one it went to might not be the one that keeps it.
+    shared: Vec<(String, crate::session::Subscription)>,
+    taken: bool,
+    output: Option<AckTo>,
+    since: Instant,
+}
+
+impl ShardCore {
+    /// Give a message accepted on this node its number in the cluster
+    /// (a copy of it on another node keeps it).
+    pub(super) fn number_message(st: &mut State, mut message: Arc<Message>) -> Arc<Message> {
+        let Some(r) = st.remote.as_mut() else {
+            return message;
+        };
+        r.moves.last_id = r.moves.last_id.wrapping_add(1).max(1);
+        Arc::make_mut(&mut message).id = r.moves.last_id;
+        message
+    }
+
+    /// A session frame from peer `node` (its index): to this node's home
+    /// shard of its client id.
+    pub fn handle_session_frame(&self, now: Instant, node: u16, frame: Frame) {
+        let client_id = match &frame {
+            Frame::SessionOffer(o) => o.client_id.clone(),
+            Frame::SessionTake { client_id, .. } => client_id.clone(),
+            Frame::SessionMoved(m) => m.client_id.clone(),
+            _ => return,
+        };
+        let home = home_shard(&client_id, self.shards);
+        if home != self.id {
+            let msg = MeshMsg::SessionMove {
+                from: node,
+                frame: Box::new(frame),
+            };
+            self.mesh.send(home, msg);
+            return;
+        }
+        let mut st = self.state.borrow_mut();
+        self.session_frame(&mut st, now, node, frame);
+        Self::debug_invariants(&st);
+    }
+
+    /// On the home shard: a session frame from peer `from`.
+    pub(super) fn session_frame(&self, st: &mut State, now: Instant, from: u16, frame: Frame) {
+        match frame {
+            Frame::SessionOffer(o) => self.offered(st, now, from, *o),
+            Frame::SessionTake { client_id, claim } => {
+                self.take_asked(st, now, from, client_id, claim)
+            }
+            Frame::SessionMoved(m) => self.moved_part(st, now, from, *m),
+            _ => {}
+        }
+    }
+
+    /// A's side: peer claim `c` closed this node's connection of its
+    /// client (or found the session offline): offer the session to the
+    /// claiming node.
+    pub(super) fn offer_session(
+        &self,
+        st: &mut State,
+        now: Instant,
+        key: SessionKey,
+        c: &PeerClaim,
+    ) {
+        let Some(slot) = st.sessions.get(key) else {
+            return;
+        };
+        if slot.conn.is_some() {
+            return;
+        }
+        let client_id = slot.session.client_id().clone();
+        let subscriptions = slot
+            .session
+            .subscriptions()
+            .iter()
+            .map(|(f, s)| (f.clone(), s.clone()))
+            .collect();
+        let uid = slot.uid;
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        let m = MoveOut {
+            to: c.index,
+            uid,
+            since: now,
+            deferred: None,
+        };
+        r.moves.out.insert(client_id.clone(), m);
+        let offer = SessionOffer {
+            client_id,
+            claim: c.claim.stamp,
+            subscriptions,
+        };
+        r.out.push_back(BridgeOut::Peer {
+            node: c.index,
+            frame: Frame::SessionOffer(Box::new(offer)),
+        });
+        r.wake.notify();
+    }
+
+    /// A connection attached here: a session offered to another node
+    /// stays (its Take is answered with nothing).
+    pub(super) fn keep_offered(st: &mut State, client_id: &str) {
+        if let Some(r) = st.remote.as_mut() {
+            r.moves.out.remove(client_id);
+        }
+    }
+
+    /// A's side: peer `from` routes what was offered; send it the rest of
+    /// the session and end the session here. (Its client may have
+    /// connected there again meanwhile, and the offer been made again:
+    /// whichever Take comes first moves the session, the other gets
+    /// nothing.)
+    fn take_asked(&self, st: &mut State, now: Instant, from: u16, client_id: Arc<str>, claim: u64) {
+        // Still coming here from a third node: the rest goes on once it
+        // is all here (in order).
+        if let Some(r) = st.remote.as_mut() {
+            if r.moves.inbound.contains_key(&client_id) {
+                if let Some(m) = r.moves.out.get_mut(&client_id).filter(|m| m.to == from) {
+                    m.deferred = Some(claim);
+                    return;
+                }
+            }
+        }
+        let offered = st
+            .remote
+            .as_mut()
+            .and_then(|r| r.moves.out.remove(&client_id))
+            .filter(|m| m.to == from);
+        let key = offered.and_then(|m| {
+            let key = *st.by_client.get(&client_id)?;
+            let slot = st.sessions.get(key)?;
+            (slot.uid == m.uid && slot.conn.is_none()).then_some(key)
+        });
+        let Some(key) = key else {
+            // Nothing to move (the client came back here, or the session
+            // ended): the peer finishes with what it has.
+            let part = SessionMoved {
+                client_id,
+                claim,
+                deliveries: Vec::new(),
+                qos2_in: Vec::new(),
+                last: true,
+                stays: true,
+            };
+            Self::to_peer(st, from, Frame::SessionMoved(Box::new(part)));
+            return;
+        };
+        let (deliveries, lost) = Self::leaving(st, key);
+        let Some(slot) = st.sessions.get_mut(key) else {
+            return;
+        };
+        let qos2_in = slot.session.durable_state().qos2_in;
+        // Its client is back (on that node): the session ends without
+        // its will.
+        slot.session.cancel_pending_will();
+        slot.session.discard(now);
+        self.drive(st, key, now);
+        let count = deliveries.len();
+        let mut part = Vec::new();
+        let mut bytes = 0;
+        for d in deliveries {
+            let cost = d.message.cost_bytes();
+            if !part.is_empty() && bytes + cost > MOVE_PART_BYTES {
+                let m = SessionMoved {
+                    client_id: client_id.clone(),
+                    claim,
+                    deliveries: std::mem::take(&mut part),
+                    qos2_in: Vec::new(),
+                    last: false,
+                    stays: false,
+                };
+                Self::to_peer(st, from, Frame::SessionMoved(Box::new(m)));
+                bytes = 0;
+            }
+            bytes += cost;
+            part.push(d);
+        }
+        let m = SessionMoved {
+            client_id: client_id.clone(),
+            claim,
+            deliveries: part,
+            qos2_in,
+            last: true,
+            stays: false,
+        };
+        Self::to_peer(st, from, Frame::SessionMoved(Box::new(m)));
+        let name = Self::peer_name(st, from);
+        if let Some(r) = st.remote.as_mut() {
+            r.moves.moved_out += 1;
+            r.moves.lost += lost;
+        }
+        shard_log!(
+            self,
+            log::Level::Info,
+            "cluster: client {} connected on node {}: its session moves there \
+             ({count} deliveries{})",
+            quote(&client_id),
+            quote(&name),
+            match lost {
+                0 => String::new(),
+                n => format!(", {n} lost: past the move's {MOVE_BYTES_MAX} bytes or unreadable"),
+            }
+        );
+    }
+
+    /// The deliveries session `key` holds, in order, with what is paged
+    /// out read back from the log, up to [`MOVE_BYTES_MAX`]; and how many
+    /// were left out.
+    fn leaving(st: &mut State, key: SessionKey) -> (Vec<MovedDelivery>, u64) {
+        let Some(slot) = st.sessions.get(key) else {
+            return (Vec::new(), 0);
+        };
+        let leaving = slot.session.leaving();
+        let (mut out, mut lost, mut bytes) = (Vec::with_capacity(leaving.len()), 0, 0);
+        for l in leaving {
+            let message = match (l.message, l.delivery.stored, st.store.as_mut()) {
+                (Some(m), _, _) => Some(m),
+                (None, Some(id), Some(store)) => store.load(id).ok(),
+                (None, _, _) => None,
+            };
+            let Some(message) = message.filter(|m| bytes + m.cost_bytes() <= MOVE_BYTES_MAX) else {
+                lost += 1;
+                continue;
+            };
+            bytes += message.cost_bytes();
+            out.push(MovedDelivery {
+                message,
+                qos: l.delivery.qos,
+                retain: l.delivery.retain,
+                subscription_ids: l.delivery.subscription_ids,
+                packet_id: l.packet_id,
+                released: l.released,
+            });
+        }
+        (out, lost)
+    }
+
+    /// B's side: peer `from` offers the session of a client connected
+    /// here. Route its subscriptions; the Take goes once every peer can.
+    fn offered(&self, st: &mut State, now: Instant, from: u16, o: SessionOffer) {
+        // The connection's CONNACK went already (refused: a peer did not
+        // answer in time): the session stays there, and the client's next
+        // CONNECT claims it again.
+        let answered = st
+            .remote
+            .as_ref()
+            .is_some_and(|r| r.claims.is_pending(o.claim));
+        let key = st.by_client.get(&o.client_id).copied();
+        let (true, Some(key)) = (answered, key) else {
+            if let Some(r) = st.remote.as_mut() {
+                r.moves.declined += 1;
+            }
+            return;
+        };
+        let Some(slot) = st.sessions.get_mut(key) else {
+            return;
+        };
+        let uid = slot.uid;
+        // The same node's offer again (its client connected here again
+        // before the move ended): one move, and the output its
+        // connections wait for is the session's.
+        let again = st
+            .remote
+            .as_mut()
+            .and_then(|r| r.moves.inbound.get_mut(&o.client_id))
+            .filter(|m| m.uid == uid)
+            .and_then(|m| m.offers.iter_mut().find(|x| x.from == from));
+        if let Some(again) = again {
+            again.claim = o.claim;
+            return;
+        }
+        let Some(slot) = st.sessions.get_mut(key) else {
+            return;
+        };
+        slot.session.begin_move_in();
+        let output = self.hold_output(st, key, 1);
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        // A move into an earlier session of this client id (it ended) is
+        // over.
+        if r.moves
+            .inbound
+            .get(&o.client_id)
+            .is_some_and(|m| m.uid != uid)
+        {
+            r.moves.inbound.remove(&o.client_id);
+        }
+        let m = r
+            .moves
+            .inbound
+            .entry(o.client_id.clone())
+            .or_insert(MoveIn {
+                key,
+                uid,
+                routes: 0,
+                offers: Vec::new(),
+                ids: HashSet::default(),
+            });
+        m.offers.push(Offer {
+            from,
+            claim: o.claim,
+            filters: Vec::new(),
+            shared: Vec::new(),
+            taken: false,
+            output,
+            since: now,
+        });
+        if let Some(slot) = st.sessions.get_mut(key) {
+            slot.session.mark_present();
+        }
+        for (filter, sub) in o.subscriptions {
+            if filter.starts_with("$share/") {
+                let offer = st
+                    .remote
+                    .as_mut()
+                    .and_then(|r| r.moves.inbound.get_mut(&o.client_id))
+                    .and_then(|m| m.offers.iter_mut().find(|x| x.from == from));
+                if let Some(offer) = offer {
+                    offer.shared.push((filter, sub));
+                }
+                continue;
+            }
+            let taken = st
+                .sessions
+                .get_mut(key)
+                .is_some_and(|s| s.session.take_subscription(&filter, sub.clone()));
+            if taken {
+                Self::durable_subscription(st, key, &filter, Some(&sub));
+                self.route_moved(st, key, &filter, sub);
+                let offer = st
+                    .remote
+                    .as_mut()
+                    .and_then(|r| r.moves.inbound.get_mut(&o.client_id))
+                    .and_then(|m| m.offers.iter_mut().find(|x| x.from == from));
+                if let Some(offer) = offer {
+                    offer.filters.push(filter);
+                }
+            }
+        }
+        Self::send_takes(st, &o.client_id);
+        Self::after_step(st, key, now);
+    }
+
+    /// Hold `count` route acknowledgements for the move into session
+    /// `key` (its Takes wait for them).
+    pub(super) fn hold_move(&self, st: &mut State, key: SessionKey, count: u32) -> Option<AckTo> {
+        let slot = st.sessions.get(key)?;
+        let m = st
+            .remote
+            .as_mut()?
+            .moves
+            .inbound
+            .get_mut(slot.session.client_id())?;
+        if count == 0 || m.uid != slot.uid {
+            return None;
+        }
+        m.routes += count;
+        Some(AckTo {
+            shard: self.id,
+            session: key,
+            uid: slot.uid,
+            move_in: true,
+        })
+    }
+
+    /// A route the move into session `ack.session` waits for was
+    /// acknowledged.
+    pub(super) fn move_route_acked(st: &mut State, ack: AckTo) {
+        let Some(slot) = st.sessions.get(ack.session).filter(|s| s.uid == ack.uid) else {
+            return;
+        };
+        let client_id = slot.session.client_id().clone();
+        let Some(m) = st
+            .remote
+            .as_mut()
+            .and_then(|r| r.moves.inbound.get_mut(&client_id))
+        else {
+            return;
+        };
+        m.routes = m.routes.saturating_sub(1);
+        Self::send_takes(st, &client_id);
+    }
+
+    /// Once the routes are everywhere, ask every offering node for the
+    /// rest of its session.
+    fn send_takes(st: &mut State, client_id: &Arc<str>) {
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        let Some(m) = r.moves.inbound.get_mut(client_id) else {
+            return;
+        };
+        if m.routes > 0 {
+            return;
+        }
+        for o in m.offers.iter_mut().filter(|o| !o.taken) {
+            o.taken = true;
+            r.out.push_back(BridgeOut::Peer {
+                node: o.from,
+                frame: Frame::SessionTake {
+                    client_id: client_id.clone(),
+                    claim: o.claim,
+                },
+            });
+        }
+        r.wake.notify();
+    }
+
+    /// B's side: part of the session moving here from peer `from`.
+    fn moved_part(&self, st: &mut State, now: Instant, from: u16, part: SessionMoved) {
+        let expected = st
+            .remote
+            .as_ref()
+            .and_then(|r| r.moves.inbound.get(&part.client_id))
+            .map(|m| (m.key, m.uid));
+        let key = st.by_client.get(&part.client_id).copied().filter(|&k| {
+            let uid = st.sessions.get(k).map(|s| s.uid);
+            expected.is_none_or(|(key, u)| key == k && uid == Some(u))
+        });
+        let Some(key) = key else {
+            let n = part.deliveries.len() as u64;
+            if let Some(r) = st.remote.as_mut() {
+                r.moves.lost += n;
+            }
+            if n > 0 {
+                shard_log!(
+                    self,
+                    log::Level::Warn,
+                    "cluster: {n} deliveries of client {}'s session came from another node \
+                     after the session here ended: dropped",
+                    quote(&part.client_id)
+                );
+            }
+            return;
+        };
+        let mut ids = Vec::with_capacity(part.deliveries.len());
+        let (mut inflight, mut queued) = (Vec::new(), Vec::new());
+        for d in part.deliveries {
+            ids.push(d.message.id);
+            let sid = Self::storable(st, key, d.qos);
+            let id = sid.and_then(|_| Self::next_message_id(st));
+            if let (Some(id), Some(sid)) = (id, sid) {
+                let target = StoreTarget {
+                    key,
+                    sid,
+                    qos: d.qos,
+                    retain: d.retain,
+                    subscription_ids: d.subscription_ids.clone(),
+                };
+                // Handed over even when its record must wait for room,
+                // as a retained delivery is: held back, it could not keep
+                // its place ahead of the messages that came here directly.
+                Self::store_message(st, id, &d.message, None, Scope::default(), &[target]);
+            }
+            let delivery = Delivery {
+                qos: d.qos,
+                retain: d.retain,
+                subscription_ids: d.subscription_ids,
+                stored: id,
+            };
+            match d.packet_id {
+                0 => queued.push((d.message, delivery)),
+                packet_id => inflight.push(RestoredInflight {
+                    message: d.message,
+                    delivery,
+                    packet_id,
+                    released: d.released,
+                }),
+            }
+        }
+        if let Some(slot) = st.sessions.get_mut(key) {
+            slot.session.take_deliveries(now, inflight, queued);
+            if part.last {
+                slot.session.take_qos2_in(&part.qos2_in);
+            }
+        }
+        if let Some(m) = st
+            .remote
+            .as_mut()
+            .and_then(|r| r.moves.inbound.get_mut(&part.client_id))
+        {
+            m.ids.extend(ids.into_iter().filter(|&id| id != 0));
+        }
+        if part.stays {
+            self.drop_offered(st, key, &part.client_id, from);
+        }
+        if part.last {
+            self.move_done(st, now, &part.client_id, from, !part.stays);
+        }
+        Self::after_step(st, key, now);
+    }
+
+    /// The session stays on peer `from` (its client came back there):
+    /// the subscriptions session `key` took from its offer go, and so do
+    /// the messages it held meanwhile.
+    fn drop_offered(&self, st: &mut State, key: SessionKey, client_id: &Arc<str>, from: u16) {
+        let filters = st
+            .remote
+            .as_mut()
+            .and_then(|r| r.moves.inbound.get_mut(client_id))
+            .and_then(|m| m.offers.iter_mut().find(|x| x.from == from))
+            .map(|o| std::mem::take(&mut o.filters))
+            .unwrap_or_default();
+        for filter in filters {
+            let dropped = st
+                .sessions
+                .get_mut(key)
+                .is_some_and(|s| s.session.drop_subscription(&filter));
+            if dropped {
+                Self::durable_subscription(st, key, &filter, None);
+                self.unsubscribe(st, key, &filter);
+            }
+        }
+        // The live messages held meanwhile came through those (copies of
+        // what the session there has): they go.
+        if let Some(slot) = st.sessions.get_mut(key) {
+            for (_, d) in slot.session.take_held() {
+                if let Some(id) = d.stored {
+                    slot.session.journal_done(id);
+                }
+            }
+        }
+    }
+
+    /// The move of `client_id`'s session from peer `from` ended (`whole`:
+    /// every part came; else it was given up): held deliveries go on, the
+    /// output is released.
+    fn move_done(
+        &self,
+        st: &mut State,
+        now: Instant,
+        client_id: &Arc<str>,
+        from: u16,
+        whole: bool,
+    ) {
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        let Some(m) = r.moves.inbound.get_mut(client_id) else {
+            return;
+        };
+        let Some(i) = m.offers.iter().position(|o| o.from == from) else {
+            return;
+        };
+        let offer = m.offers.remove(i);
+        let (key, uid) = (m.key, m.uid);
+        let ids = std::mem::take(&mut m.ids);
+        if m.offers.is_empty() {
+            r.moves.inbound.remove(client_id);
+            r.moves.recent.push_back((now + MOVED_IDS_KEPT, key, uid));
+        }
+        match whole {
+            true => r.moves.moved_in += 1,
+            false => r.moves.unfinished += 1,
+        }
+        if let Some(slot) = st.sessions.get_mut(key).filter(|s| s.uid == uid) {
+            slot.session.end_move_in(now, ids);
+        }
+        // The session is here now: its shared subscriptions too.
+        let still = st.sessions.get(key).is_some_and(|s| s.uid == uid);
+        for (filter, sub) in offer.shared.into_iter().filter(|_| whole && still) {
+            let taken = st
+                .sessions
+                .get_mut(key)
+                .is_some_and(|s| s.session.take_subscription(&filter, sub.clone()));
+            if taken {
+                Self::durable_subscription(st, key, &filter, Some(&sub));
+                self.subscribe(st, key, &filter, sub, false);
+            }
+        }
+        if let Some(ack) = offer.output {
+            self.ack(st, ack);
+        }
+        // A node that asked for the session meanwhile gets it now.
+        let deferred = st.remote.as_ref().and_then(|r| {
+            let m = r.moves.out.get(client_id)?;
+            let claim = m.deferred?;
+            (!r.moves.inbound.contains_key(client_id)).then_some((m.to, claim))
+        });
+        if let Some((to, claim)) = deferred {
+            self.take_asked(st, now, to, client_id.clone(), claim);
+        }
+        if !whole {
+            let name = Self::peer_name(st, from);
+            shard_log!(
+                self,
+                log::Level::Warn,
+                "cluster: client {}'s session did not all come from node {} (down, or \
+                 more than {} s): what it held there is lost",
+                quote(client_id),
+                quote(&name),
+                MOVE_GIVE_UP.as_secs()
+            );
+        }
+        Self::after_step(st, key, now);
+    }
+
+    /// Give up the moves that waited too long; forget the moved ids of
+    /// sessions that moved long enough ago.
+    pub(super) fn release_overdue_moves(&self, st: &mut State, now: Instant) {
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        let m = &mut r.moves;
+        if m.out.is_empty() && m.inbound.is_empty() && m.recent.is_empty() {
+            return;
+        }
+        m.out
+            .retain(|_, o| now.saturating_duration_since(o.since) < MOVE_GIVE_UP * 2);
+        let mut overdue = Vec::new();
+        let mut slow = Vec::new();
+        for (client_id, i) in &mut m.inbound {
+            for o in &mut i.offers {
+                let waited = now.saturating_duration_since(o.since);
+                if waited >= MOVE_GIVE_UP {
+                    overdue.push((client_id.clone(), o.from));
+                } else if waited >= MOVE_WAIT {
+                    if let Some(ack) = o.output.take() {
+                        slow.push((client_id.clone(), o.from, ack));
+                    }
+                }
+            }
+        }
+        let mut forget = Vec::new();
+        while let Some(&(at, key, uid)) = m.recent.front() {
+            if at > now {
+                break;
+            }
+            m.recent.pop_front();
+            forget.push((key, uid));
+        }
+        for (key, uid) in forget {
+            if let Some(slot) = st.sessions.get_mut(key).filter(|s| s.uid == uid) {
+                slot.session.forget_moved_ids();
+            }
+        }
+        slow.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        for (client_id, from, ack) in slow {
+            self.ack(st, ack);
+            let name = Self::peer_name(st, from);
+            shard_log!(
+                self,
+                log::Level::Info,
+                "cluster: client {}'s session is not all here from node {} after {} s: \
+                 its CONNACK goes, its messages wait for the rest",
+                quote(&client_id),
+                quote(&name),
+                MOVE_WAIT.as_secs()
+            );
+        }
+        overdue.sort_unstable();
+        for (client_id, from) in overdue {
+            self.move_done(st, now, &client_id, from, false);
+        }
+    }
+
+    /// Peer `peer`'s run ended: the moves to and from it end (what it
+    /// held for a session moving here is lost with it).
+    pub(super) fn peer_moves_ended(&self, st: &mut State, now: Instant, peer: u16) {
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        r.moves.out.retain(|_, o| o.to != peer);
+        let mut ended: Vec<Arc<str>> = r
+            .moves
+            .inbound
+            .iter()
+            .filter(|(_, m)| m.offers.iter().any(|o| o.from == peer))
+            .map(|(c, _)| c.clone())
+            .collect();
+        ended.sort_unstable();
+        for client_id in ended {
+            self.move_done(st, now, &client_id, peer, false);
+        }
+    }
+
+    /// Put `frame` in the outbox for peer `node`.
+    fn to_peer(st: &mut State, node: u16, frame: Frame) {
+        if let Some(r) = st.remote.as_mut() {
+            r.out.push_back(BridgeOut::Peer { node, frame });
+            r.wake.notify();
+        }
+    }
+
+    /// Peer `index`'s name, for the log.
+    fn peer_name(st: &State, index: u16) -> Arc<str> {
+        st.remote
+            .as_ref()
+            .and_then(|r| r.peer_names.get(&index).cloned())
+            .unwrap_or_else(|| Arc::from(index.to_string()))
+    }
+}
