@@ -1620,7 +1620,7 @@ impl Sim {
                 }
                 owed += 1;
                 wills_owed += u64::from(s.will_of.is_some());
-                if !got && client.moved_at.iter().any(|&at| at >= s.step) {
+                if !got && client.moved_at.iter().any(|&at| at >= s.step) && false {
                     // On its way to the node the session left when it
                     // moved (no fence for that yet): counted apart.
                     lost_in_moves += 1;

@@ -60,6 +60,8 @@ mod kind {
     pub const SESSION_OFFER: u8 = 18;
     pub const SESSION_TAKE: u8 = 19;
     pub const SESSION_MOVED: u8 = 20;
+    pub const MOVE_FENCE: u8 = 21;
+    pub const MOVE_FENCE_DONE: u8 = 22;
 }
 
 /// The first frame each side of a link sends.
@@ -231,6 +233,18 @@ pub enum Frame {
     /// Part of a session that moves from the sender to the receiver (the
     /// answer to a [`Frame::SessionTake`]); `last` ends it.
     SessionMoved(Box<SessionMoved>),
+    /// Answer with [`Frame::MoveFenceDone`] behind every message sent to
+    /// the sender so far (a session there is about to move away).
+    MoveFence {
+        /// Chosen by the sender.
+        id: u64,
+    },
+    /// The answer to a [`Frame::MoveFence`], on the link that carries
+    /// the receiver's messages.
+    MoveFenceDone {
+        /// The fence's id.
+        id: u64,
+    },
 }
 
 /// A session offered to the node its client connected to.
@@ -513,6 +527,14 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
                 out.put_u32(sub.subscription_id.unwrap_or(0));
             }
         }
+        Frame::MoveFence { id } => {
+            out.put_u8(kind::MOVE_FENCE);
+            out.put_u64(*id);
+        }
+        Frame::MoveFenceDone { id } => {
+            out.put_u8(kind::MOVE_FENCE_DONE);
+            out.put_u64(*id);
+        }
         Frame::SessionTake { client_id, claim } => {
             out.put_u8(kind::SESSION_TAKE);
             put_str(out, client_id);
@@ -761,6 +783,8 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                 subscriptions,
             }))
         }
+        kind::MOVE_FENCE => Frame::MoveFence { id: u64_(b)? },
+        kind::MOVE_FENCE_DONE => Frame::MoveFenceDone { id: u64_(b)? },
         kind::SESSION_TAKE => Frame::SessionTake {
             client_id: client_id(b)?,
             claim: u64_(b)?,
@@ -1243,6 +1267,8 @@ mod tests {
                 client_id: Arc::from("dev-1"),
                 claim: 17,
             },
+            Frame::MoveFence { id: 3 },
+            Frame::MoveFenceDone { id: 3 },
             Frame::SessionMoved(Box::new(SessionMoved {
                 client_id: Arc::from("dev-1"),
                 claim: 17,

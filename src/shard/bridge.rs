@@ -180,6 +180,9 @@ pub struct Bridge {
     /// link is replayed, and is skipped.
     received: RefCell<HashMap<(u16, u16), (u64, LastTaken)>>,
     link_closes: Cell<u64>,
+    /// Move fences asked of the peers: id → (the shard waiting, peers yet
+    /// to answer).
+    move_fences: RefCell<HashMap<u64, (usize, Vec<u16>)>>,
     replayed: Cell<u64>,
     duplicates: Cell<u64>,
 }
@@ -216,6 +219,7 @@ impl Bridge {
             closed: RefCell::new(Vec::new()),
             received: RefCell::new(HashMap::default()),
             link_closes: Cell::new(0),
+            move_fences: RefCell::new(HashMap::default()),
             replayed: Cell::new(0),
             duplicates: Cell::new(0),
         };
@@ -680,9 +684,34 @@ impl Bridge {
         links
     }
 
+    /// Peer `index` answered move fence `id` (None: every fence, its
+    /// link closed): tell the core of each fence all peers answered.
+    fn fence_answered(&self, now: Instant, id: Option<u64>, index: u16) {
+        let mut passed = Vec::new();
+        self.move_fences.borrow_mut().retain(|&f, (home, peers)| {
+            if id.is_none_or(|id| id == f) {
+                peers.retain(|&p| p != index);
+            }
+            if peers.is_empty() {
+                passed.push((f, *home));
+                return false;
+            }
+            true
+        });
+        passed.sort_unstable();
+        for (f, home) in passed {
+            self.core.move_fence_passed(now, f, home);
+        }
+    }
+
     fn close(&self, now: Instant, link: &Rc<Link>, why: &str) {
         if link.closed.replace(true) {
             return;
+        }
+        // A fence's answer cannot come on a link that closed (what it
+        // carried is lost with it, or replayed).
+        if let Some(index) = link.peer.get() {
+            self.fence_answered(now, None, index);
         }
         self.link_closes.set(self.link_closes.get() + 1);
         self.closed.borrow_mut().push(link.id);
@@ -951,6 +980,24 @@ impl Bridge {
                     self.close(now, link, "will error");
                 }
             }
+            (Frame::MoveFence { id }, false) => {
+                // Behind every message this shard sent that peer so far.
+                let Some(index) = link.peer.get() else {
+                    return;
+                };
+                let done = Frame::MoveFenceDone { id: *id };
+                match self.up_link_to(index) {
+                    Some(l) => self.force_on(now, &l, &done, "fence"),
+                    None => {
+                        self.hold_for_link(index, done);
+                    }
+                }
+            }
+            (Frame::MoveFenceDone { id }, false) => {
+                if let Some(index) = link.peer.get() {
+                    self.fence_answered(now, Some(*id), index);
+                }
+            }
             (Frame::RouteAck { seq }, true) => {
                 if self.me.shard == 0 && *seq > link.acked.get() {
                     link.acked.set(*seq);
@@ -1047,6 +1094,20 @@ impl Bridge {
                 let links = self.to_every_link(now, &frame, "claim", None);
                 // Its CONNACK waits for that many acknowledgements.
                 self.core.claim_sent(stamp, links);
+            }
+            BridgeOut::MoveFence { id, home } => {
+                let mut peers = Vec::new();
+                for l in self.up_links() {
+                    if let Some(p) = l.peer.get() {
+                        self.force_on(now, &l, &Frame::MoveFence { id }, "fence");
+                        peers.push(p);
+                    }
+                }
+                if peers.is_empty() {
+                    self.core.move_fence_passed(now, id, home);
+                } else {
+                    self.move_fences.borrow_mut().insert(id, (home, peers));
+                }
             }
             BridgeOut::Peer { node, frame } => match self.up_link_to(node) {
                 // A session's parts: as large as the session, and not

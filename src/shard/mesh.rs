@@ -147,6 +147,19 @@ pub enum MeshMsg {
     /// A peer acknowledged a claim of a client id whose home is the
     /// receiver.
     ClaimAck(crate::cluster::frame::ClaimEntry),
+    /// Ask this shard's peers to answer behind what they sent (a session
+    /// of shard `home` is about to move: `moves`).
+    MoveFence {
+        /// The fence.
+        id: u64,
+        /// The shard that waits for it.
+        home: usize,
+    },
+    /// Every peer of the sender answered fence `id`.
+    MoveFencePassed {
+        /// The fence.
+        id: u64,
+    },
     /// A session frame from peer `from` for a client id whose home is
     /// the receiver (`moves`).
     SessionMove {

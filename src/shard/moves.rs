@@ -95,6 +95,9 @@ pub(super) struct Moves {
     pub(super) declined: u64,
     /// The last [`crate::message::Message::id`] given here.
     last_id: u64,
+    /// Sessions about to go, by fence id.
+    fences: HashMap<u64, Fence>,
+    last_fence: u64,
 }
 
 impl Moves {
@@ -135,6 +138,16 @@ struct MoveIn {
     offers: Vec<Offer>,
     /// The ids of the messages taken so far.
     ids: HashSet<u64>,
+}
+
+/// A session about to go, waiting for its fence.
+struct Fence {
+    since: Instant,
+    to: u16,
+    client_id: Arc<str>,
+    claim: u64,
+    uid: u64,
+    shards_left: usize,
 }
 
 /// One node's offer.
@@ -275,12 +288,107 @@ impl ShardCore {
             .as_mut()
             .and_then(|r| r.moves.out.remove(&client_id))
             .filter(|m| m.to == from);
-        let key = offered.and_then(|m| {
-            let key = *st.by_client.get(&client_id)?;
-            let slot = st.sessions.get(key)?;
-            (slot.uid == m.uid && slot.conn.is_none()).then_some(key)
-        });
-        let Some(key) = key else {
+        let uid = offered.map(|m| m.uid);
+        let key = Self::leaving_session(st, &client_id, uid);
+        if let (Some(uid), Some(_)) = (uid, key) {
+            self.fence_then_send(st, now, (from, client_id, claim), uid);
+            return;
+        }
+        self.send_session(st, now, from, client_id, claim, uid);
+    }
+
+    /// The session of `client_id` that is to leave, if it is still the
+    /// one offered (`uid`) and its client is not back.
+    fn leaving_session(st: &State, client_id: &str, uid: Option<u64>) -> Option<SessionKey> {
+        let key = *st.by_client.get(client_id)?;
+        let slot = st.sessions.get(key)?;
+        (Some(slot.uid) == uid && slot.conn.is_none()).then_some(key)
+    }
+
+    /// Before the session goes, every message on its way to it must be
+    /// here: every shard of this node asks every peer to answer behind
+    /// what it sent ([`Frame::MoveFence`]). A peer routes to the other
+    /// node since before the Take (it acknowledged those routes first), so
+    /// what it published before reached this node by its answer.
+    fn fence_then_send(
+        &self,
+        st: &mut State,
+        now: Instant,
+        (from, client_id, claim): (u16, Arc<str>, u64),
+        uid: u64,
+    ) {
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        // Unique on this node: the bridges keep every shard's fences by id.
+        r.moves.last_fence += 1;
+        let id = r.moves.last_fence * self.shards as u64 + self.id as u64;
+        let fence = Fence {
+            since: now,
+            to: from,
+            client_id,
+            claim,
+            uid,
+            shards_left: self.shards,
+        };
+        r.moves.fences.insert(id, fence);
+        r.out.push_back(BridgeOut::MoveFence { id, home: self.id });
+        r.wake.notify();
+        for s in (0..self.shards).filter(|&s| s != self.id) {
+            self.mesh.send(s, MeshMsg::MoveFence { id, home: self.id });
+        }
+    }
+
+    /// Another shard's part of a move's fence: ask this shard's peers.
+    pub(super) fn move_fence_asked(st: &mut State, id: u64, home: usize) {
+        if let Some(r) = st.remote.as_mut() {
+            r.out.push_back(BridgeOut::MoveFence { id, home });
+            r.wake.notify();
+        }
+    }
+
+    /// Every peer of this shard answered fence `id` of shard `home`.
+    pub fn move_fence_passed(&self, now: Instant, id: u64, home: usize) {
+        if home != self.id {
+            self.mesh.send(home, MeshMsg::MoveFencePassed { id });
+            return;
+        }
+        let mut st = self.state.borrow_mut();
+        self.move_fence_part(&mut st, now, id);
+    }
+
+    /// On the fence's home shard: one more shard passed fence `id`; once
+    /// all have, the session goes.
+    pub(super) fn move_fence_part(&self, st: &mut State, now: Instant, id: u64) {
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        let Some(f) = r.moves.fences.get_mut(&id) else {
+            return;
+        };
+        f.shards_left = f.shards_left.saturating_sub(1);
+        if f.shards_left > 0 {
+            return;
+        }
+        let Some(f) = r.moves.fences.remove(&id) else {
+            return;
+        };
+        self.send_session(st, now, f.to, f.client_id, f.claim, Some(f.uid));
+    }
+
+    /// Send the session of `client_id` (still the one offered, `uid`) to
+    /// peer `from`, and end it here; or, if it is not, tell the peer it
+    /// stays.
+    fn send_session(
+        &self,
+        st: &mut State,
+        now: Instant,
+        from: u16,
+        client_id: Arc<str>,
+        claim: u64,
+        uid: Option<u64>,
+    ) {
+        let Some(key) = Self::leaving_session(st, &client_id, uid) else {
             // Nothing to move (the client came back here, or the session
             // ended): the peer finishes with what it has.
             let part = SessionMoved {
@@ -752,11 +860,14 @@ impl ShardCore {
             return;
         };
         let m = &mut r.moves;
-        if m.out.is_empty() && m.inbound.is_empty() && m.recent.is_empty() {
+        if m.out.is_empty() && m.inbound.is_empty() && m.recent.is_empty() && m.fences.is_empty() {
             return;
         }
         m.out
             .retain(|_, o| now.saturating_duration_since(o.since) < MOVE_GIVE_UP * 2);
+        // A fence not answered in that time: the session stays here.
+        m.fences
+            .retain(|_, f| now.saturating_duration_since(f.since) < MOVE_GIVE_UP * 2);
         let mut overdue = Vec::new();
         let mut slow = Vec::new();
         for (client_id, i) in &mut m.inbound {

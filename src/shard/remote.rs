@@ -69,6 +69,15 @@ pub enum BridgeOut {
     /// A connection attached here: its claim of its client id, for every
     /// link up; the runtime says to how many ([`ShardCore::claim_sent`]).
     Claim(ClaimEntry),
+    /// Ask every peer with a link up to answer behind what it sent
+    /// ([`Frame::MoveFence`]); tell [`ShardCore::move_fence_passed`]
+    /// once all have (or their links closed).
+    MoveFence {
+        /// The fence.
+        id: u64,
+        /// The shard that waits for it.
+        home: usize,
+    },
     /// A frame for peer `node` (its index) alone: a session moving
     /// between the two nodes (`moves`).
     Peer {
