@@ -1515,7 +1515,21 @@ impl Sim {
     }
 
     fn run(&mut self, steps: u64) {
-        // Links up and subscriptions taken before the first publish.
+        // Links up and subscriptions taken before the first publish (a
+        // subscriber that connected before its node's links were up was
+        // refused: its session might have been on a peer; it comes back).
+        self.settle(200);
+        // CLAIM_WAIT (2 s) for the CONNACKs refused.
+        for _ in 0..120 {
+            self.advance(20);
+            self.settle(1);
+        }
+        for c in 0..self.clients.len() {
+            if self.clients[c].conn.is_none() {
+                let k = self.clients[c].home_node;
+                self.connect(c, k);
+            }
+        }
         self.settle(200);
         for c in 0..self.clients.len() {
             if matches!(self.clients[c].role, Role::Subscriber { .. })

@@ -307,6 +307,11 @@ impl PeerLinks {
             .filter_map(|(&i, p)| link_of(&p.out).map(|l| (i, l)))
     }
 
+    /// Peers up (by membership), linked or not.
+    pub fn count(&self) -> usize {
+        self.peers.len()
+    }
+
     /// The run held for `index`.
     pub fn node(&self, index: u16) -> Option<&Node> {
         self.peers.get(&index).map(|p| &p.node)

@@ -351,7 +351,8 @@ impl Bridge {
     /// waited for: its link starts from a snapshot that has the route and
     /// the claim.
     fn recompute_acks(&self) {
-        self.core.set_peer_links_up(self.up_links().len());
+        let members = self.peers.borrow().count();
+        self.core.set_peer_links_up(self.up_links().len(), members);
         if self.me.shard != 0 {
             return;
         }

@@ -88,6 +88,8 @@ pub(super) struct Claims {
     pending: HashMap<u64, Pending>,
     /// Peers with a link up from this shard (the runtime says).
     links_up: usize,
+    /// Peers up by membership, linked from this shard or not.
+    members_up: usize,
     /// Connections closed here for a later one on another node.
     pub(super) taken_over: u64,
     /// Sessions ended here because their client started clean on
@@ -115,6 +117,7 @@ impl Claims {
             me,
             pending: HashMap::default(),
             links_up: 0,
+            members_up: 0,
             taken_over: 0,
             discarded: 0,
             unanswered: 0,
@@ -134,13 +137,14 @@ impl ShardCore {
         now: Instant,
         (clean_start, created): (bool, bool),
     ) {
-        let links_up = match st.remote.as_ref() {
-            Some(r) => r.claims.links_up,
+        let (links_up, members_up) = match st.remote.as_ref() {
+            Some(r) => (r.claims.links_up, r.claims.members_up),
             None => return,
         };
-        // Nobody to wait for when no peer has a link up from here.
-        let held = match links_up {
-            0 => None,
+        // Nobody to wait for when no peer has a link up from here (and,
+        // resuming a session, no member is up that might hold it).
+        let held = match (links_up, members_up, clean_start) {
+            (0, _, true) | (0, 0, false) => None,
             _ => self.hold_output(st, key, 1),
         };
         let (Some(r), Some(slot)) = (st.remote.as_mut(), st.sessions.get_mut(key)) else {
@@ -170,20 +174,30 @@ impl ShardCore {
         Self::keep_offered(st, &client_id);
     }
 
-    /// How many peers have a link up from this shard now: a new
-    /// connection's CONNACK waits for their acknowledgements.
-    pub fn set_peer_links_up(&self, links: usize) {
+    /// How many peers have a link up from this shard now (a new
+    /// connection's CONNACK waits for their acknowledgements), of
+    /// `members` up by membership (a connection that resumes a session
+    /// is refused when one of them was not asked: it may hold it).
+    pub fn set_peer_links_up(&self, links: usize, members: usize) {
         if let Some(r) = self.state.borrow_mut().remote.as_mut() {
             r.claims.links_up = links;
+            r.claims.members_up = members;
         }
     }
 
     /// The runtime sent this shard's claim `stamp` to `links` peers: the
     /// connection's output waits for that many acknowledgements (none: it
-    /// goes at once).
+    /// goes at once). A connection that resumes a session waits for
+    /// [`CLAIM_WAIT`] and is refused when a member up was not asked.
     pub fn claim_sent(&self, stamp: u64, links: usize) {
         let mut st = self.state.borrow_mut();
-        self.claim_answered(&mut st, stamp, |p| p.sent = Some(links));
+        let members = st.remote.as_ref().map_or(0, |r| r.claims.members_up);
+        self.claim_answered(&mut st, stamp, |p| {
+            p.sent = match (p.refuse, links < members) {
+                (Some(_), true) => Some(usize::MAX),
+                _ => Some(links),
+            };
+        });
     }
 
     /// Update the claim `stamp` waits for with `f`; release its output

@@ -886,7 +886,7 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
     use crate::cluster::frame::{ClaimEntry, Frame};
     let c = core_with(0, 1, |c| c.cluster.node_id = "b".into());
     c.enable_cluster(Instant::now(), crate::persist::WallClock::now());
-    c.set_peer_links_up(2);
+    c.set_peer_links_up(2, 2);
     let t0 = Instant::now();
     let conn = c
         .attach(t0, Box::new(connect("dev", Version::V5)), None)
@@ -927,7 +927,7 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
     ));
     assert_eq!(c.cluster_stats().claims_unanswered, 1);
     // With no peer link up, nothing waits.
-    c.set_peer_links_up(0);
+    c.set_peer_links_up(0, 0);
     attached(&c, t0, "alone");
     bridge_all(&c);
 
