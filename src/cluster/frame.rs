@@ -262,8 +262,13 @@ pub struct SessionOffer {
 /// then queued), and with the last part its inbound QoS 2 state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionMoved {
+    /// Its number in the sender's stream of messages to the receiver
+    /// (as [`RemotePublish::seq`]): kept until confirmed, replayed on the
+    /// next link.
+    pub seq: u64,
     /// The client id.
     pub client_id: Arc<str>,
+    /// The client id.
     /// The claim the move answers.
     pub claim: u64,
     /// Deliveries in this part.
@@ -542,6 +547,7 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
         }
         Frame::SessionMoved(m) => {
             out.put_u8(kind::SESSION_MOVED);
+            out.put_u64(m.seq);
             put_str(out, &m.client_id);
             out.put_u64(m.claim);
             out.put_u8(u8::from(m.last));
@@ -790,6 +796,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             claim: u64_(b)?,
         },
         kind::SESSION_MOVED => {
+            let seq = u64_(b)?;
             let client_id = client_id(b)?;
             let claim = u64_(b)?;
             let last = bool_(b)?;
@@ -822,6 +829,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                 })
             })?;
             Frame::SessionMoved(Box::new(SessionMoved {
+                seq,
                 client_id,
                 claim,
                 deliveries,
@@ -1270,6 +1278,7 @@ mod tests {
             Frame::MoveFence { id: 3 },
             Frame::MoveFenceDone { id: 3 },
             Frame::SessionMoved(Box::new(SessionMoved {
+                seq: 12,
                 client_id: Arc::from("dev-1"),
                 claim: 17,
                 deliveries: vec![

@@ -250,8 +250,10 @@ impl PeerLinks {
         }
         let seq = self.seqs.entry(index).or_insert(0);
         *seq += 1;
-        if let Frame::Publish(m) = &mut frame {
-            m.seq = *seq;
+        match &mut frame {
+            Frame::Publish(m) => m.seq = *seq,
+            Frame::SessionMoved(m) => m.seq = *seq,
+            _ => {}
         }
         p.unacked_bytes += bytes;
         p.unacked.push_back((*seq, frame, bytes));

@@ -910,6 +910,15 @@ impl Bridge {
             false,
         ) = (&f, link.outbound)
         {
+            // A session's part is numbered like a message: one had
+            // already (a link replayed it) is skipped.
+            if let (Frame::SessionMoved(m), Some(last)) = (&f, link.received.get()) {
+                if m.seq <= last.get() {
+                    self.duplicates.set(self.duplicates.get() + 1);
+                    return;
+                }
+                last.set(m.seq);
+            }
             if let Some(index) = link.peer.get() {
                 self.core.handle_session_frame(now, index, f);
             }
@@ -1108,6 +1117,41 @@ impl Bridge {
                     self.core.move_fence_passed(now, id, home);
                 } else {
                     self.move_fences.borrow_mut().insert(id, (home, peers));
+                }
+            }
+            BridgeOut::Peer {
+                node,
+                frame: Frame::SessionMoved(m),
+            } => {
+                // Kept until the peer confirms it, and replayed on the
+                // next link, as a message is.
+                let bytes: usize = m
+                    .deliveries
+                    .iter()
+                    .map(|d| d.message.cost_bytes() + 64)
+                    .sum::<usize>()
+                    + 64;
+                let link = self.up_link_to(node);
+                let mut peers = self.peers.borrow_mut();
+                match peers.number(node, Frame::SessionMoved(m), bytes) {
+                    Some(frame) => {
+                        if let Some(l) = link {
+                            l.session.borrow_mut().force_send(ms, frame);
+                            l.wake.notify();
+                        }
+                    }
+                    None => {
+                        drop(peers);
+                        self.dropped.set(self.dropped.get() + 1);
+                        self.warn(
+                            now,
+                            format_args!(
+                                "part of a moving session for node {node} was dropped: the \
+                                 node is not up, or it left cluster.link_queue_bytes_max \
+                                 unconfirmed"
+                            ),
+                        );
+                    }
                 }
             }
             BridgeOut::Peer { node, frame } => match self.up_link_to(node) {

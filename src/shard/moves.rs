@@ -392,6 +392,7 @@ impl ShardCore {
             // Nothing to move (the client came back here, or the session
             // ended): the peer finishes with what it has.
             let part = SessionMoved {
+                seq: 0,
                 client_id,
                 claim,
                 deliveries: Vec::new(),
@@ -419,6 +420,7 @@ impl ShardCore {
             let cost = d.message.cost_bytes();
             if !part.is_empty() && bytes + cost > MOVE_PART_BYTES {
                 let m = SessionMoved {
+                    seq: 0,
                     client_id: client_id.clone(),
                     claim,
                     deliveries: std::mem::take(&mut part),
@@ -433,6 +435,7 @@ impl ShardCore {
             part.push(d);
         }
         let m = SessionMoved {
+            seq: 0,
             client_id: client_id.clone(),
             claim,
             deliveries: part,
