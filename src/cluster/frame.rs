@@ -239,9 +239,12 @@ pub enum Frame {
         /// Chosen by the sender.
         id: u64,
     },
-    /// The answer to a [`Frame::MoveFence`], on the link that carries
-    /// the receiver's messages.
+    /// The answer to a [`Frame::MoveFence`], numbered in the stream of
+    /// the answering shard's messages to the receiver (so it follows
+    /// them, replayed ones included).
     MoveFenceDone {
+        /// Its number in that stream.
+        seq: u64,
         /// The fence's id.
         id: u64,
     },
@@ -536,8 +539,9 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u8(kind::MOVE_FENCE);
             out.put_u64(*id);
         }
-        Frame::MoveFenceDone { id } => {
+        Frame::MoveFenceDone { seq, id } => {
             out.put_u8(kind::MOVE_FENCE_DONE);
+            out.put_u64(*seq);
             out.put_u64(*id);
         }
         Frame::SessionTake { client_id, claim } => {
@@ -790,7 +794,10 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             }))
         }
         kind::MOVE_FENCE => Frame::MoveFence { id: u64_(b)? },
-        kind::MOVE_FENCE_DONE => Frame::MoveFenceDone { id: u64_(b)? },
+        kind::MOVE_FENCE_DONE => Frame::MoveFenceDone {
+            seq: u64_(b)?,
+            id: u64_(b)?,
+        },
         kind::SESSION_TAKE => Frame::SessionTake {
             client_id: client_id(b)?,
             claim: u64_(b)?,
@@ -1276,7 +1283,7 @@ mod tests {
                 claim: 17,
             },
             Frame::MoveFence { id: 3 },
-            Frame::MoveFenceDone { id: 3 },
+            Frame::MoveFenceDone { seq: 4, id: 3 },
             Frame::SessionMoved(Box::new(SessionMoved {
                 seq: 12,
                 client_id: Arc::from("dev-1"),

@@ -253,6 +253,7 @@ impl PeerLinks {
         match &mut frame {
             Frame::Publish(m) => m.seq = *seq,
             Frame::SessionMoved(m) => m.seq = *seq,
+            Frame::MoveFenceDone { seq: s, .. } => *s = *seq,
             _ => {}
         }
         p.unacked_bytes += bytes;
@@ -312,6 +313,13 @@ impl PeerLinks {
     /// Peers up (by membership), linked or not.
     pub fn count(&self) -> usize {
         self.peers.len()
+    }
+
+    /// Their indices, in order.
+    pub fn indices(&self) -> Vec<u16> {
+        let mut i: Vec<u16> = self.peers.keys().copied().collect();
+        i.sort_unstable();
+        i
     }
 
     /// The run held for `index`.

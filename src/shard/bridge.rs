@@ -282,6 +282,7 @@ impl Bridge {
                     // Restarted before it was declared down: the old run
                     // ended all the same, and its wills go out.
                     self.core.peer_run_ended(now, index, incarnation);
+                    self.fence_answered(now, None, index);
                 }
                 // A run that rejoined after being declared down: its will
                 // frames count again.
@@ -297,6 +298,8 @@ impl Bridge {
                     return;
                 };
                 self.core.peer_run_ended(now, index, node.incarnation);
+                // Its answers to move fences will not come.
+                self.fence_answered(now, None, index);
                 self.count_dropped(now, dropped);
                 if let Some(id) = link {
                     self.close_outbound(now, id, "the node is down");
@@ -709,11 +712,7 @@ impl Bridge {
         if link.closed.replace(true) {
             return;
         }
-        // A fence's answer cannot come on a link that closed (what it
-        // carried is lost with it, or replayed).
-        if let Some(index) = link.peer.get() {
-            self.fence_answered(now, None, index);
-        }
+
         self.link_closes.set(self.link_closes.get() + 1);
         self.closed.borrow_mut().push(link.id);
         link.wake.notify();
@@ -991,19 +990,39 @@ impl Bridge {
                 }
             }
             (Frame::MoveFence { id }, false) => {
-                // Behind every message this shard sent that peer so far.
+                // Behind every message this shard sent that peer so far,
+                // numbered with them (a link that breaks replays both).
                 let Some(index) = link.peer.get() else {
                     return;
                 };
-                let done = Frame::MoveFenceDone { id: *id };
-                match self.up_link_to(index) {
-                    Some(l) => self.force_on(now, &l, &done, "fence"),
+                let up = self.up_link_to(index);
+                let done = Frame::MoveFenceDone { seq: 0, id: *id };
+                let mut peers = self.peers.borrow_mut();
+                match peers.number(index, done, 64) {
+                    Some(frame) => {
+                        if let Some(l) = up {
+                            l.session.borrow_mut().force_send(self.ms(now), frame);
+                            l.wake.notify();
+                        }
+                    }
                     None => {
-                        self.hold_for_link(index, done);
+                        drop(peers);
+                        self.warn(
+                            now,
+                            format_args!("a fence's answer to node {index} was dropped"),
+                        );
                     }
                 }
             }
-            (Frame::MoveFenceDone { id }, false) => {
+            (Frame::MoveFenceDone { seq, id }, false) => {
+                let Some(last) = link.received.get() else {
+                    return;
+                };
+                if *seq <= last.get() {
+                    self.duplicates.set(self.duplicates.get() + 1);
+                    return;
+                }
+                last.set(*seq);
                 if let Some(index) = link.peer.get() {
                     self.fence_answered(now, Some(*id), index);
                 }
@@ -1106,11 +1125,15 @@ impl Bridge {
                 self.core.claim_sent(stamp, links);
             }
             BridgeOut::MoveFence { id, home } => {
-                let mut peers = Vec::new();
-                for l in self.up_links() {
-                    if let Some(p) = l.peer.get() {
-                        self.force_on(now, &l, &Frame::MoveFence { id }, "fence");
-                        peers.push(p);
+                // Every peer up, linked now or not (its messages may be
+                // waiting to be replayed).
+                let peers = self.peers.borrow().indices();
+                for &p in &peers {
+                    match self.up_link_to(p) {
+                        Some(l) => self.force_on(now, &l, &Frame::MoveFence { id }, "fence"),
+                        None => {
+                            self.hold_for_link(p, Frame::MoveFence { id });
+                        }
                     }
                 }
                 if peers.is_empty() {
