@@ -225,6 +225,8 @@ pub enum Frame {
     /// The receiver routes what the sender offered for `client_id`: send
     /// the rest of the session and end it there.
     SessionTake {
+        /// Its number in the sender's stream ([`Frame::stream_seq`]).
+        seq: u64,
         /// The client id.
         client_id: Arc<str>,
         /// The claim the offer answered.
@@ -236,6 +238,8 @@ pub enum Frame {
     /// Answer with [`Frame::MoveFenceDone`] behind every message sent to
     /// the sender so far (a session there is about to move away).
     MoveFence {
+        /// Its number in the sender's stream ([`Frame::stream_seq`]).
+        seq: u64,
         /// Chosen by the sender.
         id: u64,
     },
@@ -250,9 +254,43 @@ pub enum Frame {
     },
 }
 
+impl Frame {
+    /// Its number in the sending shard's stream of frames to the
+    /// receiving node, for the frames kept until the receiver confirms
+    /// them ([`Frame::Delivered`]) and replayed on the next link: messages
+    /// and what moves a session. None for the others.
+    pub fn stream_seq(&self) -> Option<u64> {
+        match self {
+            Frame::Publish(p) => Some(p.seq),
+            Frame::SessionOffer(o) => Some(o.seq),
+            Frame::SessionMoved(m) => Some(m.seq),
+            Frame::SessionTake { seq, .. }
+            | Frame::MoveFence { seq, .. }
+            | Frame::MoveFenceDone { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+
+    /// Give it its number in that stream (frames without one: nothing).
+    pub fn set_stream_seq(&mut self, to: u64) {
+        match self {
+            Frame::Publish(p) => p.seq = to,
+            Frame::SessionOffer(o) => o.seq = to,
+            Frame::SessionMoved(m) => m.seq = to,
+            Frame::SessionTake { seq, .. }
+            | Frame::MoveFence { seq, .. }
+            | Frame::MoveFenceDone { seq, .. } => *seq = to,
+            _ => {}
+        }
+    }
+}
+
 /// A session offered to the node its client connected to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionOffer {
+    /// Its number in the sender's stream to the receiver
+    /// ([`Frame::stream_seq`]).
+    pub seq: u64,
     /// The client id.
     pub client_id: Arc<str>,
     /// The stamp of the claim it answers (names the move).
@@ -526,6 +564,7 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
         }
         Frame::SessionOffer(o) => {
             out.put_u8(kind::SESSION_OFFER);
+            out.put_u64(o.seq);
             put_str(out, &o.client_id);
             out.put_u64(o.claim);
             out.put_u32(o.subscriptions.len() as u32);
@@ -535,8 +574,9 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
                 out.put_u32(sub.subscription_id.unwrap_or(0));
             }
         }
-        Frame::MoveFence { id } => {
+        Frame::MoveFence { seq, id } => {
             out.put_u8(kind::MOVE_FENCE);
+            out.put_u64(*seq);
             out.put_u64(*id);
         }
         Frame::MoveFenceDone { seq, id } => {
@@ -544,8 +584,13 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u64(*seq);
             out.put_u64(*id);
         }
-        Frame::SessionTake { client_id, claim } => {
+        Frame::SessionTake {
+            seq,
+            client_id,
+            claim,
+        } => {
             out.put_u8(kind::SESSION_TAKE);
+            out.put_u64(*seq);
             put_str(out, client_id);
             out.put_u64(*claim);
         }
@@ -774,6 +819,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             Frame::Retained(entries)
         }
         kind::SESSION_OFFER => {
+            let seq = u64_(b)?;
             let client_id = client_id(b)?;
             let claim = u64_(b)?;
             let subscriptions = list(b, 7, "subscription count beyond the frame", |b| {
@@ -788,17 +834,22 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                 Ok((filter, sub))
             })?;
             Frame::SessionOffer(Box::new(SessionOffer {
+                seq,
                 client_id,
                 claim,
                 subscriptions,
             }))
         }
-        kind::MOVE_FENCE => Frame::MoveFence { id: u64_(b)? },
+        kind::MOVE_FENCE => Frame::MoveFence {
+            seq: u64_(b)?,
+            id: u64_(b)?,
+        },
         kind::MOVE_FENCE_DONE => Frame::MoveFenceDone {
             seq: u64_(b)?,
             id: u64_(b)?,
         },
         kind::SESSION_TAKE => Frame::SessionTake {
+            seq: u64_(b)?,
             client_id: client_id(b)?,
             claim: u64_(b)?,
         },
@@ -1271,6 +1322,7 @@ mod tests {
                 },
             ]),
             Frame::SessionOffer(Box::new(SessionOffer {
+                seq: 9,
                 client_id: Arc::from("dev-1"),
                 claim: 17,
                 subscriptions: vec![
@@ -1279,10 +1331,11 @@ mod tests {
                 ],
             })),
             Frame::SessionTake {
+                seq: 10,
                 client_id: Arc::from("dev-1"),
                 claim: 17,
             },
-            Frame::MoveFence { id: 3 },
+            Frame::MoveFence { seq: 11, id: 3 },
             Frame::MoveFenceDone { seq: 4, id: 3 },
             Frame::SessionMoved(Box::new(SessionMoved {
                 seq: 12,

@@ -250,12 +250,7 @@ impl PeerLinks {
         }
         let seq = self.seqs.entry(index).or_insert(0);
         *seq += 1;
-        match &mut frame {
-            Frame::Publish(m) => m.seq = *seq,
-            Frame::SessionMoved(m) => m.seq = *seq,
-            Frame::MoveFenceDone { seq: s, .. } => *s = *seq,
-            _ => {}
-        }
+        frame.set_stream_seq(*seq);
         p.unacked_bytes += bytes;
         p.unacked.push_back((*seq, frame, bytes));
         p.unacked.back().map(|(_, f, _)| f)

@@ -688,8 +688,36 @@ impl Bridge {
         links
     }
 
+    /// Number `frame` (`bytes` long) in this shard's stream to peer
+    /// `node`, keep it until confirmed, and write it now if a link is up
+    /// (else it goes first on the next); past the bound of what a peer may
+    /// leave unconfirmed it is dropped, counted and logged (`what`).
+    fn send_numbered(&self, now: Instant, node: u16, frame: Frame, bytes: usize, what: &str) {
+        let link = self.up_link_to(node);
+        let mut peers = self.peers.borrow_mut();
+        match peers.number(node, frame, bytes) {
+            Some(frame) => {
+                if let Some(l) = link {
+                    l.session.borrow_mut().force_send(self.ms(now), frame);
+                    l.wake.notify();
+                }
+            }
+            None => {
+                drop(peers);
+                self.dropped.set(self.dropped.get() + 1);
+                self.warn(
+                    now,
+                    format_args!(
+                        "{what} for node {node} was dropped: the node is not up, or it left \
+                         cluster.link_queue_bytes_max unconfirmed"
+                    ),
+                );
+            }
+        }
+    }
+
     /// Peer `index` answered move fence `id` (None: every fence, its
-    /// link closed): tell the core of each fence all peers answered.
+    /// run ended): tell the core of each fence all peers answered.
     fn fence_answered(&self, now: Instant, id: Option<u64>, index: u16) {
         let mut passed = Vec::new();
         self.move_fences.borrow_mut().retain(|&f, (home, peers)| {
@@ -904,20 +932,21 @@ impl Bridge {
             }
             return;
         }
+        // What moves a session is numbered like a message: one had
+        // already (a link replayed it) is skipped.
+        let numbered = !matches!(f, Frame::Publish(_)) && !link.outbound;
+        if let (Some(seq), Some(last), true) = (f.stream_seq(), link.received.get(), numbered) {
+            if seq <= last.get() {
+                self.duplicates.set(self.duplicates.get() + 1);
+                return;
+            }
+            last.set(seq);
+        }
         if let (
             Frame::SessionOffer(_) | Frame::SessionTake { .. } | Frame::SessionMoved(_),
             false,
         ) = (&f, link.outbound)
         {
-            // A session's part is numbered like a message: one had
-            // already (a link replayed it) is skipped.
-            if let (Frame::SessionMoved(m), Some(last)) = (&f, link.received.get()) {
-                if m.seq <= last.get() {
-                    self.duplicates.set(self.duplicates.get() + 1);
-                    return;
-                }
-                last.set(m.seq);
-            }
             if let Some(index) = link.peer.get() {
                 self.core.handle_session_frame(now, index, f);
             }
@@ -989,40 +1018,15 @@ impl Bridge {
                     self.close(now, link, "will error");
                 }
             }
-            (Frame::MoveFence { id }, false) => {
+            (Frame::MoveFence { id, .. }, false) => {
                 // Behind every message this shard sent that peer so far,
                 // numbered with them (a link that breaks replays both).
-                let Some(index) = link.peer.get() else {
-                    return;
-                };
-                let up = self.up_link_to(index);
-                let done = Frame::MoveFenceDone { seq: 0, id: *id };
-                let mut peers = self.peers.borrow_mut();
-                match peers.number(index, done, 64) {
-                    Some(frame) => {
-                        if let Some(l) = up {
-                            l.session.borrow_mut().force_send(self.ms(now), frame);
-                            l.wake.notify();
-                        }
-                    }
-                    None => {
-                        drop(peers);
-                        self.warn(
-                            now,
-                            format_args!("a fence's answer to node {index} was dropped"),
-                        );
-                    }
+                if let Some(index) = link.peer.get() {
+                    let done = Frame::MoveFenceDone { seq: 0, id: *id };
+                    self.send_numbered(now, index, done, 64, "a move fence's answer");
                 }
             }
-            (Frame::MoveFenceDone { seq, id }, false) => {
-                let Some(last) = link.received.get() else {
-                    return;
-                };
-                if *seq <= last.get() {
-                    self.duplicates.set(self.duplicates.get() + 1);
-                    return;
-                }
-                last.set(*seq);
+            (Frame::MoveFenceDone { id, .. }, false) => {
                 if let Some(index) = link.peer.get() {
                     self.fence_answered(now, Some(*id), index);
                 }
@@ -1129,12 +1133,8 @@ impl Bridge {
                 // waiting to be replayed).
                 let peers = self.peers.borrow().indices();
                 for &p in &peers {
-                    match self.up_link_to(p) {
-                        Some(l) => self.force_on(now, &l, &Frame::MoveFence { id }, "fence"),
-                        None => {
-                            self.hold_for_link(p, Frame::MoveFence { id });
-                        }
-                    }
+                    let fence = Frame::MoveFence { seq: 0, id };
+                    self.send_numbered(now, p, fence, 64, "a move's fence");
                 }
                 if peers.is_empty() {
                     self.core.move_fence_passed(now, id, home);
@@ -1142,67 +1142,17 @@ impl Bridge {
                     self.move_fences.borrow_mut().insert(id, (home, peers));
                 }
             }
-            BridgeOut::Peer {
-                node,
-                frame: Frame::SessionMoved(m),
-            } => {
-                // Kept until the peer confirms it, and replayed on the
-                // next link, as a message is.
-                let bytes: usize = m
-                    .deliveries
-                    .iter()
-                    .map(|d| d.message.cost_bytes() + 64)
-                    .sum::<usize>()
-                    + 64;
-                let link = self.up_link_to(node);
-                let mut peers = self.peers.borrow_mut();
-                match peers.number(node, Frame::SessionMoved(m), bytes) {
-                    Some(frame) => {
-                        if let Some(l) = link {
-                            l.session.borrow_mut().force_send(ms, frame);
-                            l.wake.notify();
-                        }
-                    }
-                    None => {
-                        drop(peers);
-                        self.dropped.set(self.dropped.get() + 1);
-                        self.warn(
-                            now,
-                            format_args!(
-                                "part of a moving session for node {node} was dropped: the \
-                                 node is not up, or it left cluster.link_queue_bytes_max \
-                                 unconfirmed"
-                            ),
-                        );
-                    }
-                }
+            BridgeOut::Peer { node, frame } => {
+                let bytes = match &frame {
+                    Frame::SessionMoved(m) => m
+                        .deliveries
+                        .iter()
+                        .map(|d| d.message.cost_bytes() + 64)
+                        .sum::<usize>(),
+                    _ => 0,
+                } + 64;
+                self.send_numbered(now, node, frame, bytes, "a session move's frame");
             }
-            BridgeOut::Peer { node, frame } => match self.up_link_to(node) {
-                // A session's parts: as large as the session, and not
-                // changes a slow reader must keep up with.
-                Some(l) => {
-                    l.session.borrow_mut().force_send(ms, &frame);
-                    l.wake.notify();
-                }
-                None => {
-                    let bytes = match &frame {
-                        Frame::SessionMoved(m) => m
-                            .deliveries
-                            .iter()
-                            .map(|d| d.message.cost_bytes() + 64)
-                            .sum(),
-                        _ => 64,
-                    };
-                    if !self.peers.borrow_mut().hold(node, frame, bytes) {
-                        self.warn(
-                            now,
-                            format_args!(
-                                "a session frame for node {node} was dropped: no link up to it"
-                            ),
-                        );
-                    }
-                }
-            },
             BridgeOut::ClaimAck { node, claim } => {
                 let frame = Frame::ClaimAcks(vec![claim]);
                 match self.up_link_to(node) {

@@ -205,9 +205,9 @@ impl ShardCore {
     pub(super) fn session_frame(&self, st: &mut State, now: Instant, from: u16, frame: Frame) {
         match frame {
             Frame::SessionOffer(o) => self.offered(st, now, from, *o),
-            Frame::SessionTake { client_id, claim } => {
-                self.take_asked(st, now, from, client_id, claim)
-            }
+            Frame::SessionTake {
+                client_id, claim, ..
+            } => self.take_asked(st, now, from, client_id, claim),
             Frame::SessionMoved(m) => self.moved_part(st, now, from, *m),
             _ => {}
         }
@@ -248,6 +248,7 @@ impl ShardCore {
         };
         r.moves.out.insert(client_id.clone(), m);
         let offer = SessionOffer {
+            seq: 0,
             client_id,
             claim: c.claim.stamp,
             subscriptions,
@@ -659,6 +660,7 @@ impl ShardCore {
             r.out.push_back(BridgeOut::Peer {
                 node: o.from,
                 frame: Frame::SessionTake {
+                    seq: 0,
                     client_id: client_id.clone(),
                     claim: o.claim,
                 },
