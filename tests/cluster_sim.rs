@@ -1546,10 +1546,21 @@ impl Sim {
                 self.connect(c, k);
             }
         }
-        // A keep-alive round (5 s) for links that a partition left half dead.
-        for _ in 0..300 {
+        // A keep-alive round (5 s) for links that a partition left half
+        // dead, and on until every session on the move got where it goes
+        // (a link broken meanwhile comes back after its backoff).
+        for i in 0..3000 {
             self.advance(20);
             self.settle(1);
+            let moving = self
+                .nodes
+                .iter()
+                .filter(|n| n.up)
+                .flat_map(|n| &n.cores)
+                .any(|c| c.moves_pending());
+            if i >= 300 && !moving {
+                break;
+            }
         }
         self.settle(500);
     }

@@ -167,6 +167,16 @@ struct Offer {
 }
 
 impl ShardCore {
+    /// True while a session moves to or from this shard (offered, coming,
+    /// or waiting for its fence).
+    pub fn moves_pending(&self) -> bool {
+        let st = self.state.borrow();
+        st.remote.as_ref().is_some_and(|r| {
+            let m = &r.moves;
+            !(m.out.is_empty() && m.inbound.is_empty() && m.fences.is_empty())
+        })
+    }
+
     /// Give a message accepted on this node its number in the cluster
     /// (a copy of it on another node keeps it).
     pub(super) fn number_message(st: &mut State, mut message: Arc<Message>) -> Arc<Message> {
