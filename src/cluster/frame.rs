@@ -203,8 +203,15 @@ pub enum Frame {
         answer: bool,
     },
     /// Claims of the receiving node that the sender has applied (its own
-    /// older connections of those client ids are closed).
-    ClaimAcks(Vec<ClaimEntry>),
+    /// older connections of those client ids are closed), numbered in the
+    /// sender's stream ([`Frame::stream_seq`]): an acknowledgement follows
+    /// the offer of a session sent before it, even across a new link.
+    ClaimAcks {
+        /// Its number in the sender's stream.
+        seq: u64,
+        /// The claims.
+        acks: Vec<ClaimEntry>,
+    },
     /// Proof of the cluster secret in a link's handshake (`link`): the
     /// accepting side's first answer, then the dialing side's.
     Auth {
@@ -266,7 +273,8 @@ impl Frame {
             Frame::SessionMoved(m) => Some(m.seq),
             Frame::SessionTake { seq, .. }
             | Frame::MoveFence { seq, .. }
-            | Frame::MoveFenceDone { seq, .. } => Some(*seq),
+            | Frame::MoveFenceDone { seq, .. }
+            | Frame::ClaimAcks { seq, .. } => Some(*seq),
             _ => None,
         }
     }
@@ -279,7 +287,8 @@ impl Frame {
             Frame::SessionMoved(m) => m.seq = to,
             Frame::SessionTake { seq, .. }
             | Frame::MoveFence { seq, .. }
-            | Frame::MoveFenceDone { seq, .. } => *seq = to,
+            | Frame::MoveFenceDone { seq, .. }
+            | Frame::ClaimAcks { seq, .. } => *seq = to,
             _ => {}
         }
     }
@@ -558,8 +567,9 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u8(u8::from(*answer));
             put_claims(out, claims);
         }
-        Frame::ClaimAcks(claims) => {
+        Frame::ClaimAcks { seq, acks: claims } => {
             out.put_u8(kind::CLAIM_ACKS);
+            out.put_u64(*seq);
             put_claims(out, claims);
         }
         Frame::SessionOffer(o) => {
@@ -800,7 +810,10 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             answer: bool_(b)?,
             claims: claims(b)?,
         },
-        kind::CLAIM_ACKS => Frame::ClaimAcks(claims(b)?),
+        kind::CLAIM_ACKS => Frame::ClaimAcks {
+            seq: u64_(b)?,
+            acks: claims(b)?,
+        },
         kind::RETAINED => {
             let entries = list(b, 16, "retained count beyond the frame", |b| {
                 let stamp = u64_(b)?;
@@ -1301,11 +1314,14 @@ mod tests {
                 ],
                 answer: true,
             },
-            Frame::ClaimAcks(vec![ClaimEntry {
-                client_id: Arc::from("dev-1"),
-                stamp: 1_700_000_000_000,
-                clean_start: true,
-            }]),
+            Frame::ClaimAcks {
+                seq: 8,
+                acks: vec![ClaimEntry {
+                    client_id: Arc::from("dev-1"),
+                    stamp: 1_700_000_000_000,
+                    clean_start: true,
+                }],
+            },
             Frame::Retained(vec![
                 RetainedEntry {
                     stamp: 1_700_000_000_123,

@@ -551,12 +551,6 @@ impl Bridge {
         self.closed.borrow_mut().pop()
     }
 
-    /// Keep a frame for a peer whose link is not up yet, within the
-    /// link's output bound; false (dropped) past it or for a peer not up.
-    fn hold_for_link(&self, index: u16, frame: Frame) -> bool {
-        self.peers.borrow_mut().hold(index, frame, 64)
-    }
-
     /// The peers this shard has a link up to, as (index, incarnation): a
     /// new connection's claim, and its will before it, go to those.
     pub fn linked_runs(&self) -> Vec<(u16, u64)> {
@@ -917,7 +911,7 @@ impl Bridge {
         if link.closing.get() {
             return;
         }
-        if let (Frame::Claims { .. } | Frame::ClaimAcks(_), false) = (&f, link.outbound) {
+        if let (Frame::Claims { .. } | Frame::ClaimAcks { .. }, false) = (&f, link.outbound) {
             let node = link.hello.borrow().as_ref().map(|h| h.node.clone());
             let (Some(node), Some(index)) = (node, link.peer.get()) else {
                 return;
@@ -927,7 +921,7 @@ impl Bridge {
                     let from = (node.as_str(), index);
                     self.core.handle_remote_claims(now, from, claims, answer);
                 }
-                Frame::ClaimAcks(acks) => self.core.handle_claim_acks(acks),
+                Frame::ClaimAcks { acks, .. } => self.core.handle_claim_acks(acks),
                 _ => {}
             }
             return;
@@ -1154,15 +1148,13 @@ impl Bridge {
                 self.send_numbered(now, node, frame, bytes, "a session move's frame");
             }
             BridgeOut::ClaimAck { node, claim } => {
-                let frame = Frame::ClaimAcks(vec![claim]);
-                match self.up_link_to(node) {
-                    Some(l) => self.force_on(now, &l, &frame, "claim"),
-                    None => {
-                        // Dropped past the bound: the claimant's CONNACK
-                        // then waits its CLAIM_WAIT.
-                        self.hold_for_link(node, frame);
-                    }
-                }
+                // Behind the offer of the claimed session, if any (past the
+                // bound dropped: the claimant's CONNACK waits CLAIM_WAIT).
+                let frame = Frame::ClaimAcks {
+                    seq: 0,
+                    acks: vec![claim],
+                };
+                self.send_numbered(now, node, frame, 64, "a claim's acknowledgement");
             }
             BridgeOut::Route { seq, change } => {
                 for l in self.up_or_dialed() {
