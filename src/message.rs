@@ -37,7 +37,10 @@ pub struct Message {
     /// Its number in the cluster (0: none): given where a node accepts it
     /// and carried to the other nodes with it, so that a session moving
     /// between nodes takes each message once even when both nodes had it
-    /// (`shard::moves`). Not kept in the log.
+    /// (`shard::moves`). The high 32 bits name its origin (one run of one
+    /// shard, hashed), the low 32 count up there: two messages of one
+    /// origin compare in the order they were accepted. Not kept in the
+    /// log.
     pub id: u64,
 }
 

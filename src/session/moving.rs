@@ -80,10 +80,26 @@ impl Session {
         true
     }
 
-    /// The live deliveries held during a move that did not happen, taken
-    /// out (the session on the other node has them).
-    pub fn take_held(&mut self) -> Vec<(Arc<Message>, Delivery)> {
-        self.held.drain(..).collect()
+    /// The live deliveries held during a move that did not happen and
+    /// that no subscription the session still has matches, taken out:
+    /// they came through the subscriptions taken from the move, and the
+    /// session on the other node has them. One that a subscription of
+    /// its own matches stays (that node may not have it).
+    pub fn take_held_unmatched(&mut self) -> Vec<(Arc<Message>, Delivery)> {
+        let subscriptions = &self.subscriptions;
+        let matched = |m: &Message| {
+            subscriptions
+                .keys()
+                .any(|f| crate::router::topic::matches(crate::router::split_shared(f).1, &m.topic))
+        };
+        let mut gone = Vec::new();
+        for (m, d) in std::mem::take(&mut self.held) {
+            match matched(&m) {
+                true => self.held.push_back((m, d)),
+                false => gone.push((m, d)),
+            }
+        }
+        gone
     }
 
     /// Drop a subscription taken from a move that did not happen; true
@@ -93,10 +109,12 @@ impl Session {
     }
 
     /// Take deliveries the session held on the node it comes from, in
-    /// their order, behind what it holds here. One in flight keeps its
+    /// their order, behind what it has in flight here and ahead of what it
+    /// has queued. One in flight keeps its
     /// packet id and is sent again with DUP, unless the id is in use here:
-    /// then it is queued as a new delivery, or dropped past PUBREC (the
-    /// client has it; only the PUBREL was left).
+    /// then it is queued as a new delivery (and so are those in flight
+    /// behind it, to keep their order), or dropped past PUBREC (the client
+    /// has it; only the PUBREL was left).
     pub fn take_deliveries(
         &mut self,
         now: Instant,
@@ -130,14 +148,21 @@ impl Session {
             }
             !dup
         });
+        // Once one is requeued, the ones behind it are too (their order
+        // holds); one past PUBREC has reached the client already.
         let mut requeue = Vec::new();
         for i in inflight {
-            if i.packet_id == 0 || self.out.position(i.packet_id).is_some() {
-                match i.released {
-                    true => self.done(i.delivery.stored),
-                    false => requeue.push((i.message, i.delivery)),
+            let in_use = i.packet_id == 0 || self.out.position(i.packet_id).is_some();
+            match (i.released, in_use || !requeue.is_empty()) {
+                (true, _) if in_use => {
+                    self.done(i.delivery.stored);
+                    continue;
                 }
-                continue;
+                (false, true) => {
+                    requeue.push((i.message, i.delivery));
+                    continue;
+                }
+                _ => {}
             }
             let stage = match (i.delivery.qos, i.released) {
                 (_, true) => Awaiting::Comp,
@@ -168,8 +193,28 @@ impl Session {
         if self.is_connected() {
             self.pump(now);
         }
-        for (message, delivery) in requeue.into_iter().chain(queued) {
+        // A session that had a queue here already (an earlier move, given
+        // up, left it in two places) merges it with what came, in each
+        // origin's order; what it paged out to the log stays last.
+        let local = std::mem::take(&mut self.out.queue);
+        self.out.queue_bytes = 0;
+        self.out.paged = 0;
+        self.out.paged_bytes = 0;
+        let mut merged: Vec<(Arc<Message>, Delivery)> = requeue;
+        merged.extend(queued);
+        let mut paged = Vec::new();
+        for q in local {
+            match q.message {
+                Some(m) => merged.push((m, q.delivery)),
+                None => paged.push(q),
+            }
+        }
+        order_by_origin(&mut merged);
+        for (message, delivery) in merged {
             self.deliver_now(now, &message, delivery);
+        }
+        for q in paged {
+            self.out.push_queue(None, q.cost, q.delivery);
         }
     }
 
@@ -241,5 +286,27 @@ impl Session {
                 .moved_ids
                 .as_ref()
                 .is_some_and(|s| s.contains(&message.id))
+    }
+}
+
+/// Put the messages of each origin (the high half of
+/// [`Message::id`]) in the order they were accepted there, each origin's
+/// keeping the places its messages had: two queues of one session, each
+/// in order, merged so that no publisher's messages overtake each other.
+fn order_by_origin(items: &mut [(Arc<Message>, Delivery)]) {
+    let mut places: crate::hash::HashMap<u32, Vec<usize>> = Default::default();
+    for (i, (m, _)) in items.iter().enumerate() {
+        if m.id != 0 {
+            places.entry((m.id >> 32) as u32).or_default().push(i);
+        }
+    }
+    for places in places.values() {
+        let mut ids: Vec<(u64, usize)> = places.iter().map(|&i| (items[i].0.id, i)).collect();
+        ids.sort_unstable();
+        let moved: Vec<(Arc<Message>, Delivery)> =
+            ids.iter().map(|&(_, i)| items[i].clone()).collect();
+        for (&place, item) in places.iter().zip(moved) {
+            items[place] = item;
+        }
     }
 }

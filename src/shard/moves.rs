@@ -62,6 +62,10 @@ pub const MOVE_GIVE_UP: Duration = Duration::from_secs(60);
 /// brought (a copy on a slower path from their publisher's node).
 pub const MOVED_IDS_KEPT: Duration = Duration::from_secs(30);
 
+/// How many client ids of moves given up a shard keeps until they are
+/// taken ([`ShardCore::take_moves_given_up`]).
+pub const GIVEN_UP_KEPT: usize = 256;
+
 /// Bytes of messages per [`Frame::SessionMoved`] part (one larger
 /// message goes alone).
 const MOVE_PART_BYTES: usize = 256 << 10;
@@ -85,16 +89,26 @@ pub(super) struct Moves {
     pub(super) moved_out: u64,
     /// Sessions moved here.
     pub(super) moved_in: u64,
-    /// Moves given up after [`MOVE_WAIT`].
+    /// Moves given up ([`MOVE_GIVE_UP`], or the other node down).
     pub(super) unfinished: u64,
+    /// Moves that found the session staying where it was (its client
+    /// went back there).
+    pub(super) stayed: u64,
     /// Deliveries lost in moves (past [`MOVE_BYTES_MAX`], not read back
     /// from the log, or their session gone before they came).
     pub(super) lost: u64,
     /// Offers declined: they came after the client's CONNACK went
     /// without them.
     pub(super) declined: u64,
+    /// The client ids of the moves given up lately (at most
+    /// [`GIVEN_UP_KEPT`]), for [`ShardCore::take_moves_given_up`].
+    given_up: VecDeque<Arc<str>>,
     /// The last [`crate::message::Message::id`] given here.
     last_id: u64,
+    /// What this shard's run hashes to name its origins (a new one each
+    /// time the count runs out).
+    origin_seed: String,
+    origins: u64,
     /// Sessions about to go, by fence id.
     fences: HashMap<u64, Fence>,
     last_fence: u64,
@@ -110,12 +124,35 @@ impl Moves {
     /// shard in the cluster is likely to share: a hash of the node, the
     /// runtime's start stamp and the shard.
     pub(super) fn new(node: &str, boot_stamp: u64, shard: usize) -> Moves {
-        let base = super::stable_hash(&format!("{node}/{boot_stamp:x}/{shard}"));
         Moves {
-            last_id: base,
+            origin_seed: format!("{node}/{boot_stamp:x}/{shard}"),
             ..Moves::default()
         }
     }
+
+    /// The next message id: this origin's count up by one, or the first of
+    /// a new origin when it ran out (and at the start).
+    fn next_id(&mut self) -> u64 {
+        if self.last_id as u32 == u32::MAX || self.last_id == 0 {
+            self.origins += 1;
+            let hash = super::stable_hash(&format!("{}/{}", self.origin_seed, self.origins));
+            // Origin 0 is never used: id 0 means none.
+            self.last_id = (hash | 1) << 32;
+        }
+        self.last_id += 1;
+        self.last_id
+    }
+}
+
+/// How a move into a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MoveEnd {
+    /// Every part came.
+    Whole,
+    /// The session stayed on the other node (its client went back there).
+    Stays,
+    /// Given up: the other node down, or [`MOVE_GIVE_UP`] passed.
+    GivenUp,
 }
 
 /// A session offered to another node.
@@ -177,14 +214,25 @@ impl ShardCore {
         })
     }
 
+    /// The client ids whose session's move here was given up since the
+    /// last call (the latest [`GIVEN_UP_KEPT`]): each such client's
+    /// session was in two places, and messages the two held may reach it
+    /// out of their publisher's order when they meet again.
+    pub fn take_moves_given_up(&self) -> Vec<Arc<str>> {
+        let mut st = self.state.borrow_mut();
+        st.remote
+            .as_mut()
+            .map(|r| r.moves.given_up.drain(..).collect())
+            .unwrap_or_default()
+    }
+
     /// Give a message accepted on this node its number in the cluster
     /// (a copy of it on another node keeps it).
     pub(super) fn number_message(st: &mut State, mut message: Arc<Message>) -> Arc<Message> {
         let Some(r) = st.remote.as_mut() else {
             return message;
         };
-        r.moves.last_id = r.moves.last_id.wrapping_add(1).max(1);
-        Arc::make_mut(&mut message).id = r.moves.last_id;
+        Arc::make_mut(&mut message).id = r.moves.next_id();
         message
     }
 
@@ -250,11 +298,19 @@ impl ShardCore {
         let Some(r) = st.remote.as_mut() else {
             return;
         };
+        // The same node's claim again: a Take it sent meanwhile, waiting
+        // for a move here to end, still stands.
+        let deferred = r
+            .moves
+            .out
+            .get(&client_id)
+            .filter(|m| m.to == c.index && m.uid == uid)
+            .and_then(|m| m.deferred);
         let m = MoveOut {
             to: c.index,
             uid,
             since: now,
-            deferred: None,
+            deferred,
         };
         r.moves.out.insert(client_id.clone(), m);
         let offer = SessionOffer {
@@ -273,8 +329,23 @@ impl ShardCore {
     /// A connection attached here: a session offered to another node
     /// stays (its Take is answered with nothing).
     pub(super) fn keep_offered(st: &mut State, client_id: &str) {
-        if let Some(r) = st.remote.as_mut() {
-            r.moves.out.remove(client_id);
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        r.moves.out.remove(client_id);
+        // A session waiting for its fence to go stays too: the node that
+        // asked for it hears so now.
+        let mut fenced: Vec<u64> = (r.moves.fences.iter())
+            .filter(|(_, f)| &*f.client_id == client_id)
+            .map(|(&id, _)| id)
+            .collect();
+        fenced.sort_unstable();
+        let fenced: Vec<Fence> = fenced
+            .iter()
+            .filter_map(|id| r.moves.fences.remove(id))
+            .collect();
+        for f in fenced {
+            Self::stays(st, f.to, f.client_id, f.claim);
         }
     }
 
@@ -400,18 +471,7 @@ impl ShardCore {
         uid: Option<u64>,
     ) {
         let Some(key) = Self::leaving_session(st, &client_id, uid) else {
-            // Nothing to move (the client came back here, or the session
-            // ended): the peer finishes with what it has.
-            let part = SessionMoved {
-                seq: 0,
-                client_id,
-                claim,
-                deliveries: Vec::new(),
-                qos2_in: Vec::new(),
-                last: true,
-                stays: true,
-            };
-            Self::to_peer(st, from, Frame::SessionMoved(Box::new(part)));
+            Self::stays(st, from, client_id, claim);
             return;
         };
         let (deliveries, lost) = Self::leaving(st, key);
@@ -472,6 +532,22 @@ impl ShardCore {
                 n => format!(", {n} lost: past the move's {MOVE_BYTES_MAX} bytes or unreadable"),
             }
         );
+    }
+
+    /// Nothing moves to peer `to` for its claim `claim` of `client_id`
+    /// (the client came back here, or the session ended): it finishes
+    /// with what it has.
+    fn stays(st: &mut State, to: u16, client_id: Arc<str>, claim: u64) {
+        let part = SessionMoved {
+            seq: 0,
+            client_id,
+            claim,
+            deliveries: Vec::new(),
+            qos2_in: Vec::new(),
+            last: true,
+            stays: true,
+        };
+        Self::to_peer(st, to, Frame::SessionMoved(Box::new(part)));
     }
 
     /// The deliveries session `key` holds, in order, with what is paged
@@ -758,7 +834,11 @@ impl ShardCore {
             self.drop_offered(st, key, &part.client_id, from);
         }
         if part.last {
-            self.move_done(st, now, &part.client_id, from, !part.stays);
+            let end = match part.stays {
+                true => MoveEnd::Stays,
+                false => MoveEnd::Whole,
+            };
+            self.move_done(st, now, &part.client_id, from, end);
         }
         Self::after_step(st, key, now);
     }
@@ -784,10 +864,10 @@ impl ShardCore {
                 self.unsubscribe(st, key, &filter);
             }
         }
-        // The live messages held meanwhile came through those (copies of
-        // what the session there has): they go.
+        // The live messages held meanwhile that came through those only
+        // (copies of what the session there has) go.
         if let Some(slot) = st.sessions.get_mut(key) {
-            for (_, d) in slot.session.take_held() {
+            for (_, d) in slot.session.take_held_unmatched() {
                 if let Some(id) = d.stored {
                     slot.session.journal_done(id);
                 }
@@ -795,16 +875,15 @@ impl ShardCore {
         }
     }
 
-    /// The move of `client_id`'s session from peer `from` ended (`whole`:
-    /// every part came; else it was given up): held deliveries go on, the
-    /// output is released.
+    /// The move of `client_id`'s session from peer `from` ended (`end`):
+    /// held deliveries go on, the output is released.
     fn move_done(
         &self,
         st: &mut State,
         now: Instant,
         client_id: &Arc<str>,
         from: u16,
-        whole: bool,
+        end: MoveEnd,
     ) {
         let Some(r) = st.remote.as_mut() else {
             return;
@@ -822,16 +901,27 @@ impl ShardCore {
             r.moves.inbound.remove(client_id);
             r.moves.recent.push_back((now + MOVED_IDS_KEPT, key, uid));
         }
-        match whole {
-            true => r.moves.moved_in += 1,
-            false => r.moves.unfinished += 1,
+        match end {
+            MoveEnd::Whole => r.moves.moved_in += 1,
+            MoveEnd::Stays => r.moves.stayed += 1,
+            MoveEnd::GivenUp => {
+                r.moves.unfinished += 1;
+                if r.moves.given_up.len() == GIVEN_UP_KEPT {
+                    r.moves.given_up.pop_front();
+                }
+                r.moves.given_up.push_back(client_id.clone());
+            }
         }
         if let Some(slot) = st.sessions.get_mut(key).filter(|s| s.uid == uid) {
             slot.session.end_move_in(now, ids);
         }
         // The session is here now: its shared subscriptions too.
         let still = st.sessions.get(key).is_some_and(|s| s.uid == uid);
-        for (filter, sub) in offer.shared.into_iter().filter(|_| whole && still) {
+        for (filter, sub) in offer
+            .shared
+            .into_iter()
+            .filter(|_| end == MoveEnd::Whole && still)
+        {
             let taken = st
                 .sessions
                 .get_mut(key)
@@ -853,7 +943,7 @@ impl ShardCore {
         if let Some((to, claim)) = deferred {
             self.take_asked(st, now, to, client_id.clone(), claim);
         }
-        if !whole {
+        if end == MoveEnd::GivenUp {
             let name = Self::peer_name(st, from);
             shard_log!(
                 self,
@@ -926,7 +1016,7 @@ impl ShardCore {
         }
         overdue.sort_unstable();
         for (client_id, from) in overdue {
-            self.move_done(st, now, &client_id, from, false);
+            self.move_done(st, now, &client_id, from, MoveEnd::GivenUp);
         }
     }
 
@@ -946,7 +1036,7 @@ impl ShardCore {
             .collect();
         ended.sort_unstable();
         for client_id in ended {
-            self.move_done(st, now, &client_id, peer, false);
+            self.move_done(st, now, &client_id, peer, MoveEnd::GivenUp);
         }
     }
 

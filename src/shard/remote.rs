@@ -144,6 +144,9 @@ pub struct ClusterStats {
     pub moves_given_up: u64,
     /// Offers of sessions that came after the connection's CONNACK went.
     pub moves_declined: u64,
+    /// Moves here that found the session staying on the other node (its
+    /// client went back there first).
+    pub moves_stayed: u64,
     /// Deliveries lost in moves (past `MOVE_BYTES_MAX`, unreadable from
     /// the log, or their session gone before they came).
     pub move_deliveries_lost: u64,
@@ -439,6 +442,7 @@ impl ShardCore {
             sessions_moved_out: r.moves.moved_out,
             moves_given_up: r.moves.unfinished,
             moves_declined: r.moves.declined,
+            moves_stayed: r.moves.stayed,
             move_deliveries_lost: r.moves.lost,
         })
     }
