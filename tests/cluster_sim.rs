@@ -60,6 +60,7 @@ use shardmq::cluster::node::{Node, NodeName};
 use shardmq::cluster::secret::ClusterSecret;
 use shardmq::codec::{Connect, Packet, Properties, Publish, QoS, Subscribe, Version, Will};
 use shardmq::persist::WallClock;
+use shardmq::shard::admin::{AdminAnswer, AdminRequest};
 use shardmq::shard::bridge::{Bridge, Dial, LinkId, PeerEvent};
 use shardmq::shard::mesh::{Batch, Mesh};
 use shardmq::shard::{Arrival, ConnHandle, Handshake, ShardCore};
@@ -218,7 +219,8 @@ struct Sim {
     /// Subscribers whose session a crash took: what was owed before is
     /// not any more.
     lost_sessions: u64,
-    /// Subscribers refused (0x88) because a peer did not answer in time.
+    /// CONNECTs refused (0x88): a peer did not answer in time, or a
+    /// peer's claim came first.
     refused: u64,
     /// Subscribers whose session's move a node gave up.
     splits: u64,
@@ -674,9 +676,10 @@ impl Sim {
         }
         match packet {
             Packet::ConnAck(ack) => {
-                if ack.reason == 0x88 && matches!(self.clients[c].role, Role::Subscriber { .. }) {
+                if ack.reason == 0x88 {
                     // A peer did not answer its claim in time (it may
-                    // hold the session): refused, it comes back later.
+                    // hold the session), or a peer's claim as late by the
+                    // clocks came first: refused, it comes back later.
                     self.refused += 1;
                     self.clients[c].conn = None;
                     return;
@@ -1262,6 +1265,21 @@ impl Sim {
         self.crashes += 1;
         self.event(format_args!("node {k} killed"));
         let old = self.run_of(k);
+        // The sessions it holds die with it (memory durability), also one
+        // whose client connected elsewhere while it was to move there
+        // (not an empty one left behind).
+        let now = self.now;
+        let held: Vec<bool> = (self.clients.iter())
+            .map(|client| {
+                self.nodes[k].cores.iter().any(|core| {
+                    let ask = AdminRequest::Client {
+                        client_id: client.id.clone(),
+                    };
+                    matches!(core.admin(now, ask),
+                        AdminAnswer::Client(Some(d)) if d.info.subscriptions + d.info.queued + d.info.inflight > 0)
+                })
+            })
+            .collect();
         let node = &mut self.nodes[k];
         node.up = false;
         node.cores.clear();
@@ -1303,7 +1321,7 @@ impl Sim {
                 client.conn = None;
             }
             if let Role::Subscriber { .. } = client.role {
-                if client.home_node == k && client.subscribed_at.is_some() {
+                if (client.home_node == k || held[c]) && client.subscribed_at.is_some() {
                     // Memory durability: its session died with the node.
                     client.subscribed_at = None;
                     client.inbound.clear();

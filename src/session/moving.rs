@@ -193,24 +193,30 @@ impl Session {
         if self.is_connected() {
             self.pump(now);
         }
-        // A session that had a queue here already (an earlier move, given
-        // up, left it in two places) merges it with what came, in each
-        // origin's order; what it paged out to the log stays last.
+        let mut taken = requeue;
+        taken.extend(queued);
+        self.merge_queued(now, taken);
+    }
+
+    /// Queue `items` (each in order) with what the session has queued, in
+    /// each origin's order ([`order_by_origin`]): the two came by
+    /// different paths (the other node's session and this one, or the
+    /// messages held here meanwhile), and either may hold a publisher's
+    /// earlier messages. What the queue paged out to the log stays last.
+    fn merge_queued(&mut self, now: Instant, mut items: Vec<(Arc<Message>, Delivery)>) {
         let local = std::mem::take(&mut self.out.queue);
         self.out.queue_bytes = 0;
         self.out.paged = 0;
         self.out.paged_bytes = 0;
-        let mut merged: Vec<(Arc<Message>, Delivery)> = requeue;
-        merged.extend(queued);
         let mut paged = Vec::new();
         for q in local {
             match q.message {
-                Some(m) => merged.push((m, q.delivery)),
+                Some(m) => items.push((m, q.delivery)),
                 None => paged.push(q),
             }
         }
-        order_by_origin(&mut merged);
-        for (message, delivery) in merged {
+        order_by_origin(&mut items);
+        for (message, delivery) in items {
             self.deliver_now(now, &message, delivery);
         }
         for q in paged {
@@ -271,7 +277,17 @@ impl Session {
             Some(known) => known.extend(ids),
             None => self.moved_ids = Some(Box::new(ids)),
         }
-        self.end_retained_gather(now);
+        // The last hold: what it held joins the queue in each origin's
+        // order (a publisher's earlier messages may have reached this
+        // node only, its later ones both).
+        if self.gathers_pending > 1 {
+            self.end_retained_gather(now);
+            return;
+        }
+        self.gathers_pending = 0;
+        self.held_released = false;
+        let held = std::mem::take(&mut self.held).into_iter().collect();
+        self.merge_queued(now, held);
     }
 
     /// Stop looking for copies of moved messages.

@@ -368,7 +368,19 @@ impl ShardCore {
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
         };
-        if !wins((stamp, node), (slot.claim, &me)) {
+        // A claim no later by the clocks than this node's last one still
+        // takes the session when no connection holds it here and it is
+        // not on its way elsewhere: the clocks of two nodes may not tell
+        // which CONNECT came first (a claim from a connection that is gone
+        // there too is declined).
+        let moot = slot.conn.is_none()
+            && c.answer
+            && !discard
+            && st
+                .remote
+                .as_ref()
+                .is_some_and(|r| !r.moves.is_moving_out(client_id));
+        if !wins((stamp, node), (slot.claim, &me)) && !moot {
             return;
         }
         if slot.conn.is_some() {
@@ -413,7 +425,13 @@ impl ShardCore {
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
         };
-        slot.session.takeover(now);
+        // A CONNECT not yet answered is refused (server unavailable: its
+        // client tries again) rather than told about a session that is
+        // about to leave.
+        let refused = slot.session.refuse_connect(now);
+        if !refused {
+            slot.session.takeover(now);
+        }
         self.drive(st, key, now);
         // Its client is back (on the other node): a will waiting for its
         // delay does not go.
@@ -433,10 +451,13 @@ impl ShardCore {
         shard_log!(
             self,
             log::Level::Info,
-            "cluster: client {} connected on node {}: its connection here is closed \
-             (session taken over)",
+            "cluster: client {} connected on node {}: its connection here is {}",
             quote(client_id),
-            quote(node)
+            quote(node),
+            match refused {
+                true => "refused (server unavailable)",
+                false => "closed (session taken over)",
+            }
         );
     }
 

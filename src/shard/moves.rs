@@ -120,6 +120,12 @@ impl Moves {
         self.inbound.contains_key(client_id)
     }
 
+    /// True while a session of `client_id` is offered to another node or
+    /// waits for its fence to go there.
+    pub(super) fn is_moving_out(&self, client_id: &str) -> bool {
+        self.out.contains_key(client_id) || self.fences.values().any(|f| &*f.client_id == client_id)
+    }
+
     /// A shard's moves, numbering messages from a base no other run of a
     /// shard in the cluster is likely to share: a hash of the node, the
     /// runtime's start stamp and the shard.
