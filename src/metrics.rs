@@ -426,6 +426,55 @@ const METRICS: &[Metric] = &[
         label: None,
         value: |r, _| r.cluster.map(|c| c.core.sessions_discarded),
     },
+    Metric {
+        name: "shardmq_cluster_sessions_moved_in_total",
+        kind: "counter",
+        help: "Sessions that moved here from another node with their client.",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.core.sessions_moved_in),
+    },
+    Metric {
+        name: "shardmq_cluster_sessions_moved_out_total",
+        kind: "counter",
+        help: "Sessions that moved from here to the node their client connected to.",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.core.sessions_moved_out),
+    },
+    Metric {
+        name: "shardmq_cluster_moves_given_up_total",
+        kind: "counter",
+        help: "Session moves here given up: the other node down, or 60 s passed (what it held stays there).",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.core.moves_given_up),
+    },
+    Metric {
+        name: "shardmq_cluster_moves_stayed_total",
+        kind: "counter",
+        help: "Session moves here that found the session staying on the other node (its client went back there first).",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.core.moves_stayed),
+    },
+    Metric {
+        name: "shardmq_cluster_moves_declined_total",
+        kind: "counter",
+        help: "Sessions offered here after their client's CONNACK went without them (they stay on the other node).",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.core.moves_declined),
+    },
+    Metric {
+        name: "shardmq_cluster_stale_deliveries_dropped_total",
+        kind: "counter",
+        help: "Deliveries of a session's older copy from another node, dropped here: a partition let two copies live, and the client was told about this one.",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.core.stale_deliveries_dropped),
+    },
+    Metric {
+        name: "shardmq_cluster_move_deliveries_lost_total",
+        kind: "counter",
+        help: "Deliveries lost in session moves: past 64 MiB per move, unreadable from the log, or their session gone first.",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.core.move_deliveries_lost),
+    },
 ];
 
 /// The text for `GET /metrics`: every metric per shard, `shards` the

@@ -1269,8 +1269,9 @@ impl Sim {
         // whose client connected elsewhere while it was to move there
         // (not an empty one left behind).
         let now = self.now;
-        let held: Vec<bool> = (self.clients.iter())
-            .map(|client| {
+        let held: BTreeSet<usize> = (0..self.clients.len())
+            .filter(|&c| {
+                let client = &self.clients[c];
                 self.nodes[k].cores.iter().any(|core| {
                     let ask = AdminRequest::Client {
                         client_id: client.id.clone(),
@@ -1321,7 +1322,7 @@ impl Sim {
                 client.conn = None;
             }
             if let Role::Subscriber { .. } = client.role {
-                if (client.home_node == k || held[c]) && client.subscribed_at.is_some() {
+                if (client.home_node == k || held.contains(&c)) && client.subscribed_at.is_some() {
                     // Memory durability: its session died with the node.
                     client.subscribed_at = None;
                     client.inbound.clear();

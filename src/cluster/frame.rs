@@ -304,6 +304,10 @@ pub struct SessionOffer {
     pub client_id: Arc<str>,
     /// The stamp of the claim it answers (names the move).
     pub claim: u64,
+    /// The stamp of the claim that created the session (0: unknown): of
+    /// two copies of a session that a partition let live, the one born
+    /// later is the one its client was last told about.
+    pub born: u64,
     /// The session's subscriptions by full filter.
     pub subscriptions: Vec<(String, crate::session::Subscription)>,
 }
@@ -318,13 +322,16 @@ pub struct SessionMoved {
     pub seq: u64,
     /// The client id.
     pub client_id: Arc<str>,
-    /// The client id.
     /// The claim the move answers.
     pub claim: u64,
     /// Deliveries in this part.
     pub deliveries: Vec<MovedDelivery>,
     /// Inbound QoS 2 packet ids not yet released (the last part).
     pub qos2_in: Vec<u16>,
+    /// The last part: per message origin (the high half of
+    /// [`crate::message::Message::id`]), the highest id that reached the
+    /// session on the sender. A copy at or below it was had there.
+    pub seen: Vec<(u32, u64)>,
     /// The last part: the session has ended on the sender.
     pub last: bool,
     /// Nothing moves: the session stays on the sender (its client came
@@ -577,6 +584,7 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u64(o.seq);
             put_str(out, &o.client_id);
             out.put_u64(o.claim);
+            out.put_u64(o.born);
             out.put_u32(o.subscriptions.len() as u32);
             for (filter, sub) in &o.subscriptions {
                 put_str(out, filter);
@@ -614,6 +622,11 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u32(m.qos2_in.len() as u32);
             for id in &m.qos2_in {
                 out.put_u16(*id);
+            }
+            out.put_u32(m.seen.len() as u32);
+            for &(origin, id) in &m.seen {
+                out.put_u32(origin);
+                out.put_u64(id);
             }
             out.put_u32(m.deliveries.len() as u32);
             for d in &m.deliveries {
@@ -835,6 +848,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             let seq = u64_(b)?;
             let client_id = client_id(b)?;
             let claim = u64_(b)?;
+            let born = u64_(b)?;
             let subscriptions = list(b, 7, "subscription count beyond the frame", |b| {
                 let filter = filter(b)?.to_string();
                 let options = codec::decode_options(u8_(b)?, Version::V5)
@@ -850,6 +864,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                 seq,
                 client_id,
                 claim,
+                born,
                 subscriptions,
             }))
         }
@@ -878,6 +893,9 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                     id => Ok(id),
                 }
             })?;
+            let seen = list(b, 12, "origin count beyond the frame", |b| {
+                Ok((u32_(b)?, u64_(b)?))
+            })?;
             let deliveries = list(b, 11, "delivery count beyond the frame", |b| {
                 let flags = u8_(b)?;
                 let qos = codec::QoS::from_u8(flags & 3).ok_or(FrameError::Malformed("QoS 3"))?;
@@ -905,6 +923,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                 claim,
                 deliveries,
                 qos2_in,
+                seen,
                 last,
                 stays,
             }))
@@ -1341,6 +1360,7 @@ mod tests {
                 seq: 9,
                 client_id: Arc::from("dev-1"),
                 claim: 17,
+                born: 11,
                 subscriptions: vec![
                     ("a/#".to_string(), sub(1, None)),
                     ("$share/g/b".to_string(), sub(2, Some(268_435_455))),
@@ -1376,6 +1396,7 @@ mod tests {
                     },
                 ],
                 qos2_in: vec![1, 7],
+                seen: vec![(1, 1 << 32 | 5), (u32::MAX, u64::MAX)],
                 last: true,
                 stays: false,
             })),

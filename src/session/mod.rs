@@ -378,6 +378,15 @@ pub struct Session {
     /// (their [`Message::id`]s): a copy that reaches it directly too is
     /// skipped, for a while after the move (`shard::moves`).
     moved_ids: Option<Box<HashSet<u64>>>,
+    /// Cluster mode: per message origin (the high half of
+    /// [`Message::id`]), the highest id that reached the session live or
+    /// with a move; a move to another node carries it.
+    seen: Option<Box<HashMap<u32, u64>>>,
+    /// What the last move here brought of the other node's `seen`, and
+    /// the subscriptions the session had there: a live copy of a message
+    /// of those at or below its origin's mark was had there, and is
+    /// skipped (one that a long partition held back on its way here).
+    moved_marks: Option<Box<moving::MovedMarks>>,
     ended: bool,
     /// What the current (or last) connection's user may read and write;
     /// None: everything (no ACL file, or a session restored from the log
@@ -410,6 +419,8 @@ impl Session {
             held: VecDeque::new(),
             held_released: false,
             moved_ids: None,
+            seen: None,
+            moved_marks: None,
             ended: false,
             acl: None,
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::codec::{reason, Packet, QoS};
-use crate::hash::HashSet;
+use crate::hash::{HashMap, HashSet};
 use crate::message::Message;
 
 use super::outbound::{Awaiting, Inflight};
@@ -109,12 +109,12 @@ impl Session {
     }
 
     /// Take deliveries the session held on the node it comes from, in
-    /// their order, behind what it has in flight here and ahead of what it
-    /// has queued. One in flight keeps its
-    /// packet id and is sent again with DUP, unless the id is in use here:
-    /// then it is queued as a new delivery (and so are those in flight
-    /// behind it, to keep their order), or dropped past PUBREC (the client
-    /// has it; only the PUBREL was left).
+    /// their order: those in flight behind the ones in flight here, the
+    /// queued ones merged with what is queued here ([`Self::merge_queued`]).
+    /// One in flight keeps its packet id and is sent again with DUP, unless
+    /// the id is in use here: then it takes a free one in its place (queued
+    /// when none is free), or is dropped past PUBREC (the client has it;
+    /// only the PUBREL was left).
     pub fn take_deliveries(
         &mut self,
         now: Instant,
@@ -132,6 +132,9 @@ impl Session {
                 .filter_map(|q| q.message.as_ref().map(|m| m.id)),
         );
         had.remove(&0);
+        for m in (inflight.iter().map(|i| &i.message)).chain(queued.iter().map(|(m, _)| m)) {
+            self.note_seen(m);
+        }
         let mut inflight = inflight;
         let mut queued = queued;
         inflight.retain(|i| {
@@ -148,21 +151,25 @@ impl Session {
             }
             !dup
         });
-        // Once one is requeued, the ones behind it are too (their order
-        // holds); one past PUBREC has reached the client already.
+        // One whose packet id is in use here takes a free one in its place
+        // (its order holds), or is queued when none is free; one past
+        // PUBREC has reached the client already.
+        let brought: HashSet<u16> = inflight.iter().map(|i| i.packet_id).collect();
         let mut requeue = Vec::new();
-        for i in inflight {
+        for mut i in inflight {
             let in_use = i.packet_id == 0 || self.out.position(i.packet_id).is_some();
-            match (i.released, in_use || !requeue.is_empty()) {
-                (true, _) if in_use => {
-                    self.done(i.delivery.stored);
-                    continue;
+            if in_use && i.released {
+                self.done(i.delivery.stored);
+                continue;
+            }
+            if in_use {
+                match self.out.free_packet_id(&brought) {
+                    Some(id) => i.packet_id = id,
+                    None => {
+                        requeue.push((i.message, i.delivery));
+                        continue;
+                    }
                 }
-                (false, true) => {
-                    requeue.push((i.message, i.delivery));
-                    continue;
-                }
-                _ => {}
             }
             let stage = match (i.delivery.qos, i.released) {
                 (_, true) => Awaiting::Comp,
@@ -202,25 +209,29 @@ impl Session {
     /// each origin's order ([`order_by_origin`]): the two came by
     /// different paths (the other node's session and this one, or the
     /// messages held here meanwhile), and either may hold a publisher's
-    /// earlier messages. What the queue paged out to the log stays last.
+    /// earlier messages. A queue with a part paged out to the log takes
+    /// them behind it instead.
     fn merge_queued(&mut self, now: Instant, mut items: Vec<(Arc<Message>, Delivery)>) {
+        // Part of the queue waits in the log: what comes goes behind it
+        // (merging would put it ahead of the paged part).
+        if self.out.paged > 0 {
+            for (message, delivery) in items {
+                self.deliver_now(now, &message, delivery);
+            }
+            return;
+        }
         let local = std::mem::take(&mut self.out.queue);
         self.out.queue_bytes = 0;
         self.out.paged = 0;
         self.out.paged_bytes = 0;
-        let mut paged = Vec::new();
-        for q in local {
-            match q.message {
-                Some(m) => items.push((m, q.delivery)),
-                None => paged.push(q),
-            }
-        }
+        items.extend(
+            local
+                .into_iter()
+                .filter_map(|q| Some((q.message?, q.delivery))),
+        );
         order_by_origin(&mut items);
         for (message, delivery) in items {
             self.deliver_now(now, &message, delivery);
-        }
-        for q in paged {
-            self.out.push_queue(None, q.cost, q.delivery);
         }
     }
 
@@ -262,16 +273,13 @@ impl Session {
     /// had them from the other node), the rest are queued. Later copies of
     /// them are skipped too until [`Session::forget_moved_ids`].
     pub fn end_move_in(&mut self, now: Instant, ids: HashSet<u64>) {
-        let mut skipped = Vec::new();
-        self.held.retain(|(m, d)| {
+        // (And those the other node had before, by its marks.)
+        for (m, d) in std::mem::take(&mut self.held) {
             let had = m.id != 0 && ids.contains(&m.id);
-            if had {
-                skipped.push(d.stored);
+            match had || self.had_before_move(&m) {
+                true => self.done(d.stored),
+                false => self.held.push_back((m, d)),
             }
-            !had
-        });
-        for stored in skipped {
-            self.done(stored);
         }
         match &mut self.moved_ids {
             Some(known) => known.extend(ids),
@@ -288,6 +296,62 @@ impl Session {
         self.held_released = false;
         let held = std::mem::take(&mut self.held).into_iter().collect();
         self.merge_queued(now, held);
+    }
+
+    /// Note that `message` reached the session (cluster mode: it has an
+    /// id).
+    pub(super) fn note_seen(&mut self, message: &Message) {
+        if message.id == 0 {
+            return;
+        }
+        let seen = self.seen.get_or_insert_with(Box::default);
+        raise_mark(seen, origin(message.id), message.id);
+    }
+
+    /// Per message origin, the highest id that reached the session (for
+    /// the node it moves to).
+    pub fn seen_marks(&self) -> Vec<(u32, u64)> {
+        let mut marks: Vec<(u32, u64)> = (self.seen.iter())
+            .flat_map(|s| s.iter().map(|(&o, &id)| (o, id)))
+            .collect();
+        marks.sort_unstable();
+        marks
+    }
+
+    /// Take the marks of the node the session moved from (`marks`, sent
+    /// with its last part) and the subscriptions it had there
+    /// (`filters`): later live copies at or below them are skipped.
+    pub fn take_marks(&mut self, marks: &[(u32, u64)], filters: Vec<String>) {
+        let moved = self.moved_marks.get_or_insert_with(Box::default);
+        for &(o, id) in marks {
+            if origin(id) != o {
+                continue;
+            }
+            raise_mark(&mut moved.marks, o, id);
+            raise_mark(self.seen.get_or_insert_with(Box::default), o, id);
+        }
+        for f in filters {
+            if moved.filters.len() < MARKED_FILTERS_MAX {
+                moved.filters.insert(f);
+            }
+        }
+    }
+
+    /// True when the node the session moved from had `message` (a copy
+    /// that reached this node by another path, late).
+    pub(super) fn had_before_move(&self, message: &Message) -> bool {
+        let Some(moved) = self.moved_marks.as_deref() else {
+            return false;
+        };
+        message.id != 0
+            && moved
+                .marks
+                .get(&origin(message.id))
+                .is_some_and(|&mark| message.id <= mark)
+            && moved
+                .filters
+                .iter()
+                .any(|f| crate::router::topic::matches(f, &message.topic))
     }
 
     /// Stop looking for copies of moved messages.
@@ -313,7 +377,7 @@ fn order_by_origin(items: &mut [(Arc<Message>, Delivery)]) {
     let mut places: crate::hash::HashMap<u32, Vec<usize>> = Default::default();
     for (i, (m, _)) in items.iter().enumerate() {
         if m.id != 0 {
-            places.entry((m.id >> 32) as u32).or_default().push(i);
+            places.entry(origin(m.id)).or_default().push(i);
         }
     }
     for places in places.values() {
@@ -325,4 +389,36 @@ fn order_by_origin(items: &mut [(Arc<Message>, Delivery)]) {
             items[place] = item;
         }
     }
+}
+
+/// What a move brought to skip late copies by (see
+/// [`Session::take_marks`]).
+#[derive(Debug, Default)]
+pub(super) struct MovedMarks {
+    /// Per origin, the highest id the other node's session had.
+    marks: HashMap<u32, u64>,
+    /// The subscriptions it had there (shared ones aside).
+    filters: HashSet<String>,
+}
+
+/// Origins a session keeps marks of: past it, a new origin is not marked
+/// (its late copies are not skipped: a duplicate rather than a loss).
+pub const MARKED_ORIGINS_MAX: usize = 256;
+
+/// Filters of the sessions it moved from that a session keeps marks for.
+pub const MARKED_FILTERS_MAX: usize = 4096;
+
+/// Raise `marks`' mark of origin `o` to `id`, within
+/// [`MARKED_ORIGINS_MAX`].
+fn raise_mark(marks: &mut HashMap<u32, u64>, o: u32, id: u64) {
+    if marks.len() >= MARKED_ORIGINS_MAX && !marks.contains_key(&o) {
+        return;
+    }
+    let mark = marks.entry(o).or_insert(0);
+    *mark = (*mark).max(id);
+}
+
+/// The origin of message id `id` (its high half).
+fn origin(id: u64) -> u32 {
+    (id >> 32) as u32
 }

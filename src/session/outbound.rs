@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::codec::{self, PubResp, QoS};
+use crate::hash::HashSet;
 use crate::message::Message;
 
 use super::transmit::{AckKind, Delivered, Outgoing};
@@ -90,6 +91,18 @@ impl Outbound {
                 return id;
             }
         }
+    }
+
+    /// A packet id free here and not among `taken`; None when every id is
+    /// in use.
+    pub(super) fn free_packet_id(&mut self, taken: &HashSet<u16>) -> Option<u16> {
+        for _ in 0..u16::MAX {
+            let id = self.allocate_packet_id();
+            if !taken.contains(&id) {
+                return Some(id);
+            }
+        }
+        None
     }
 
     /// Forget in-flight message `i` (acknowledged, refused or dropped);
@@ -212,7 +225,7 @@ impl Session {
     /// than be dropped: an acknowledged message is worth more than the
     /// retained ones coming first.
     pub fn deliver(&mut self, now: Instant, message: &Arc<Message>, delivery: Delivery) {
-        if self.moved_here(message) {
+        if self.moved_here(message) || self.had_before_move(message) {
             self.done(delivery.stored);
             return;
         }
@@ -289,6 +302,9 @@ impl Session {
         if self.ended {
             return;
         }
+        // Noted here, not while held: a held copy may be dropped as one the
+        // other node has (a move that did not happen).
+        self.note_seen(message);
         if message.is_expired(now) {
             self.counters().dropped_expired += 1;
             self.done(delivery.stored);

@@ -151,6 +151,9 @@ impl ShardCore {
             return;
         };
         slot.claim = r.hlc.next(r.wall.to_ms(now));
+        if created {
+            slot.born = slot.claim;
+        }
         let client_id = slot.session.client_id().clone();
         if let Some(ack) = held {
             let pending = Pending {
@@ -431,6 +434,19 @@ impl ShardCore {
         let refused = slot.session.refuse_connect(now);
         if !refused {
             slot.session.takeover(now);
+        }
+        // A refused CONNECT's claim waits no more (an offer for it is
+        // declined): its output goes.
+        let stamp = slot.claim;
+        let pending = match refused {
+            true => st
+                .remote
+                .as_mut()
+                .and_then(|r| r.claims.pending.remove(&stamp)),
+            false => None,
+        };
+        if let Some(p) = pending {
+            self.ack(st, p.ack);
         }
         self.drive(st, key, now);
         // Its client is back (on the other node): a will waiting for its

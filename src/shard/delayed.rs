@@ -60,7 +60,8 @@ impl ShardCore {
                 delayed: Some(id),
                 ..Source::default()
             };
-            if !self.route(st, now, message.clone(), source, Reach::Cluster) {
+            let numbered = Self::number_message(st, message.clone());
+            if !self.route(st, now, numbered, source, Reach::Cluster) {
                 // The log is full: try again in a second.
                 let due = now + Duration::from_secs(1);
                 Self::durable_delay_moved(st, id, due);

@@ -94,6 +94,9 @@ pub(super) struct Moves {
     /// Moves that found the session staying where it was (its client
     /// went back there).
     pub(super) stayed: u64,
+    /// Deliveries of copies of sessions older than the one here, dropped
+    /// on arrival (a partition let both live).
+    pub(super) stale_dropped: u64,
     /// Deliveries lost in moves (past [`MOVE_BYTES_MAX`], not read back
     /// from the log, or their session gone before they came).
     pub(super) lost: u64,
@@ -142,8 +145,10 @@ impl Moves {
         if self.last_id as u32 == u32::MAX || self.last_id == 0 {
             self.origins += 1;
             let hash = super::stable_hash(&format!("{}/{}", self.origin_seed, self.origins));
-            // Origin 0 is never used: id 0 means none.
-            self.last_id = (hash | 1) << 32;
+            // Origin 0 is never used (id 0 means none); the count starts
+            // at a point of the hash too, so that two origins whose halves
+            // collide still number apart.
+            self.last_id = (hash | 1) << 32 | (hash >> 33);
         }
         self.last_id += 1;
         self.last_id
@@ -185,6 +190,7 @@ struct MoveIn {
 
 /// A session about to go, waiting for its fence.
 struct Fence {
+    /// When the session was offered (the move's age).
     since: Instant,
     to: u16,
     client_id: Arc<str>,
@@ -200,6 +206,12 @@ struct Offer {
     /// The subscriptions taken from it (dropped if the session stays
     /// there).
     filters: Vec<String>,
+    /// Every subscription it offered (shared ones aside): a late copy of
+    /// a message of one of them that it had is skipped here.
+    offered: Vec<String>,
+    /// Older than the session here, which its client was told about:
+    /// what comes is dropped (the copy there ends).
+    stale: bool,
     /// Its shared subscriptions, taken once the move is done: a message
     /// of a shared subscription goes to one node, and while both nodes
     /// route it, the one it went to might not be the one that keeps it.
@@ -300,7 +312,9 @@ impl ShardCore {
             .iter()
             .map(|(f, s)| (f.clone(), s.clone()))
             .collect();
-        let uid = slot.uid;
+        let (uid, born) = (slot.uid, slot.born);
+        // Offered before to another node: it goes here instead.
+        Self::withdraw_offers(st, &client_id, Some(c.index));
         let Some(r) = st.remote.as_mut() else {
             return;
         };
@@ -323,6 +337,7 @@ impl ShardCore {
             seq: 0,
             client_id,
             claim: c.claim.stamp,
+            born,
             subscriptions,
         };
         r.out.push_back(BridgeOut::Peer {
@@ -335,23 +350,39 @@ impl ShardCore {
     /// A connection attached here: a session offered to another node
     /// stays (its Take is answered with nothing).
     pub(super) fn keep_offered(st: &mut State, client_id: &str) {
+        Self::withdraw_offers(st, client_id, None);
+    }
+
+    /// The session of `client_id` no longer goes to the nodes it was
+    /// offered to (all, or all but `keep`): a Take one of them sent that
+    /// waits, and a fence about to send it there, are answered that it
+    /// stays.
+    fn withdraw_offers(st: &mut State, client_id: &str, keep: Option<u16>) {
         let Some(r) = st.remote.as_mut() else {
             return;
         };
-        r.moves.out.remove(client_id);
-        // A session waiting for its fence to go stays too: the node that
-        // asked for it hears so now.
+        let mut stays = Vec::new();
+        if r.moves
+            .out
+            .get(client_id)
+            .is_some_and(|m| Some(m.to) != keep)
+        {
+            if let Some((c, m)) = r.moves.out.remove_entry(client_id) {
+                stays.extend(m.deferred.map(|claim| (m.to, c, claim)));
+            }
+        }
         let mut fenced: Vec<u64> = (r.moves.fences.iter())
-            .filter(|(_, f)| &*f.client_id == client_id)
+            .filter(|(_, f)| &*f.client_id == client_id && Some(f.to) != keep)
             .map(|(&id, _)| id)
             .collect();
         fenced.sort_unstable();
-        let fenced: Vec<Fence> = fenced
-            .iter()
-            .filter_map(|id| r.moves.fences.remove(id))
-            .collect();
-        for f in fenced {
-            Self::stays(st, f.to, f.client_id, f.claim);
+        for id in fenced {
+            if let Some(f) = r.moves.fences.remove(&id) {
+                stays.push((f.to, f.client_id, f.claim));
+            }
+        }
+        for (to, client_id, claim) in stays {
+            Self::stays(st, to, client_id, claim);
         }
     }
 
@@ -371,15 +402,16 @@ impl ShardCore {
                 }
             }
         }
-        let offered = st
-            .remote
-            .as_mut()
-            .and_then(|r| r.moves.out.remove(&client_id))
-            .filter(|m| m.to == from);
-        let uid = offered.map(|m| m.uid);
+        // (An offer made since to another node stays: that node's Take
+        // moves the session, this one gets nothing.)
+        let offered = st.remote.as_mut().and_then(|r| {
+            let to_from = r.moves.out.get(&client_id).is_some_and(|m| m.to == from);
+            to_from.then(|| r.moves.out.remove(&client_id)).flatten()
+        });
+        let uid = offered.as_ref().map(|m| m.uid);
         let key = Self::leaving_session(st, &client_id, uid);
-        if let (Some(uid), Some(_)) = (uid, key) {
-            self.fence_then_send(st, now, (from, client_id, claim), uid);
+        if let (Some(m), Some(_)) = (offered, key) {
+            self.fence_then_send(st, (from, client_id, claim), m.uid, m.since);
             return;
         }
         self.send_session(st, now, from, client_id, claim, uid);
@@ -401,9 +433,9 @@ impl ShardCore {
     fn fence_then_send(
         &self,
         st: &mut State,
-        now: Instant,
         (from, client_id, claim): (u16, Arc<str>, u64),
         uid: u64,
+        offered_at: Instant,
     ) {
         let Some(r) = st.remote.as_mut() else {
             return;
@@ -412,7 +444,7 @@ impl ShardCore {
         r.moves.last_fence += 1;
         let id = r.moves.last_fence * self.shards as u64 + self.id as u64;
         let fence = Fence {
-            since: now,
+            since: offered_at,
             to: from,
             client_id,
             claim,
@@ -485,6 +517,7 @@ impl ShardCore {
             return;
         };
         let qos2_in = slot.session.durable_state().qos2_in;
+        let seen = slot.session.seen_marks();
         // Its client is back (on that node): the session ends without
         // its will.
         slot.session.cancel_pending_will();
@@ -502,6 +535,7 @@ impl ShardCore {
                     claim,
                     deliveries: std::mem::take(&mut part),
                     qos2_in: Vec::new(),
+                    seen: Vec::new(),
                     last: false,
                     stays: false,
                 };
@@ -517,6 +551,7 @@ impl ShardCore {
             claim,
             deliveries: part,
             qos2_in,
+            seen,
             last: true,
             stays: false,
         };
@@ -550,6 +585,7 @@ impl ShardCore {
             claim,
             deliveries: Vec::new(),
             qos2_in: Vec::new(),
+            seen: Vec::new(),
             last: true,
             stays: true,
         };
@@ -625,6 +661,18 @@ impl ShardCore {
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
         };
+        // Without subscriptions (created by the CONNECT waiting now, or
+        // never used), it becomes the offered copy. Otherwise its client
+        // was told about it: an offered copy born before it is older than
+        // what the client knows (a partition let both live), and only ends
+        // there.
+        let fresh = slot.session.subscriptions().is_empty();
+        let stale = !fresh && o.born != 0 && slot.born > o.born;
+        if fresh {
+            slot.born = o.born;
+        } else if !stale {
+            slot.born = slot.born.max(o.born);
+        }
         slot.session.begin_move_in();
         let output = self.hold_output(st, key, 1);
         let Some(r) = st.remote.as_mut() else {
@@ -654,7 +702,9 @@ impl ShardCore {
             from,
             claim: o.claim,
             filters: Vec::new(),
+            offered: Vec::new(),
             shared: Vec::new(),
+            stale,
             taken: false,
             output,
             since: now,
@@ -662,7 +712,11 @@ impl ShardCore {
         if let Some(slot) = st.sessions.get_mut(key) {
             slot.session.mark_present();
         }
-        for (filter, sub) in o.subscriptions {
+        let subscriptions = match stale {
+            true => Vec::new(),
+            false => o.subscriptions,
+        };
+        for (filter, sub) in subscriptions {
             if filter.starts_with("$share/") {
                 let offer = st
                     .remote
@@ -673,6 +727,14 @@ impl ShardCore {
                     offer.shared.push((filter, sub));
                 }
                 continue;
+            }
+            let offer = st
+                .remote
+                .as_mut()
+                .and_then(|r| r.moves.inbound.get_mut(&o.client_id))
+                .and_then(|m| m.offers.iter_mut().find(|x| x.from == from));
+            if let Some(offer) = offer {
+                offer.offered.push(filter.clone());
             }
             let taken = st
                 .sessions
@@ -762,32 +824,63 @@ impl ShardCore {
     }
 
     /// B's side: part of the session moving here from peer `from`.
-    fn moved_part(&self, st: &mut State, now: Instant, from: u16, part: SessionMoved) {
+    fn moved_part(&self, st: &mut State, now: Instant, from: u16, mut part: SessionMoved) {
+        // Only into the session the move is for, while it is on.
         let expected = st
             .remote
             .as_ref()
             .and_then(|r| r.moves.inbound.get(&part.client_id))
+            .filter(|m| m.offers.iter().any(|o| o.from == from))
             .map(|m| (m.key, m.uid));
-        let key = st.by_client.get(&part.client_id).copied().filter(|&k| {
-            let uid = st.sessions.get(k).map(|s| s.uid);
-            expected.is_none_or(|(key, u)| key == k && uid == Some(u))
+        let key = expected.and_then(|(k, uid)| {
+            let live = st.sessions.get(k).is_some_and(|s| s.uid == uid);
+            live.then_some(k)
         });
         let Some(key) = key else {
             let n = part.deliveries.len() as u64;
             if let Some(r) = st.remote.as_mut() {
                 r.moves.lost += n;
+                // The session it was for ended: so did its move.
+                if expected.is_some() {
+                    r.moves.inbound.remove(&part.client_id);
+                }
             }
             if n > 0 {
                 shard_log!(
                     self,
                     log::Level::Warn,
                     "cluster: {n} deliveries of client {}'s session came from another node \
-                     after the session here ended: dropped",
+                     after the move here ended (given up, or the session ended): dropped",
                     quote(&part.client_id)
                 );
             }
             return;
         };
+        let stale = st
+            .remote
+            .as_ref()
+            .and_then(|r| r.moves.inbound.get(&part.client_id))
+            .and_then(|m| m.offers.iter().find(|x| x.from == from))
+            .is_some_and(|o| o.stale);
+        if stale {
+            let n = std::mem::take(&mut part.deliveries).len() as u64;
+            part.qos2_in.clear();
+            if let Some(r) = st.remote.as_mut() {
+                r.moves.stale_dropped += n;
+            }
+            if part.last {
+                let name = Self::peer_name(st, from);
+                shard_log!(
+                    self,
+                    log::Level::Warn,
+                    "cluster: client {}'s session on node {} is older than the one here, \
+                     which its client was told was new (a partition let both live): it ends \
+                     there, its deliveries dropped",
+                    quote(&part.client_id),
+                    quote(&name)
+                );
+            }
+        }
         let mut ids = Vec::with_capacity(part.deliveries.len());
         let (mut inflight, mut queued) = (Vec::new(), Vec::new());
         for d in part.deliveries {
@@ -823,10 +916,22 @@ impl ShardCore {
                 }),
             }
         }
+        let offered = match part.last && !part.stays && !stale {
+            true => st
+                .remote
+                .as_mut()
+                .and_then(|r| r.moves.inbound.get_mut(&part.client_id))
+                .and_then(|m| m.offers.iter_mut().find(|x| x.from == from))
+                .map(|o| std::mem::take(&mut o.offered)),
+            false => None,
+        };
         if let Some(slot) = st.sessions.get_mut(key) {
             slot.session.take_deliveries(now, inflight, queued);
             if part.last {
                 slot.session.take_qos2_in(&part.qos2_in);
+            }
+            if let Some(filters) = offered {
+                slot.session.take_marks(&part.seen, filters);
             }
         }
         if let Some(m) = st
@@ -974,11 +1079,12 @@ impl ShardCore {
         if m.out.is_empty() && m.inbound.is_empty() && m.recent.is_empty() && m.fences.is_empty() {
             return;
         }
+        // An offer, or a fence, as old as the node it went to gives up
+        // after: the session stays here (a later Take gets that answer).
         m.out
-            .retain(|_, o| now.saturating_duration_since(o.since) < MOVE_GIVE_UP * 2);
-        // A fence not answered in that time: the session stays here.
+            .retain(|_, o| now.saturating_duration_since(o.since) < MOVE_GIVE_UP);
         m.fences
-            .retain(|_, f| now.saturating_duration_since(f.since) < MOVE_GIVE_UP * 2);
+            .retain(|_, f| now.saturating_duration_since(f.since) < MOVE_GIVE_UP);
         let mut overdue = Vec::new();
         let mut slow = Vec::new();
         for (client_id, i) in &mut m.inbound {
@@ -1033,6 +1139,9 @@ impl ShardCore {
             return;
         };
         r.moves.out.retain(|_, o| o.to != peer);
+        // A session about to go there stays (its fence passes as the
+        // peer's run ends: it must not be sent into that link).
+        r.moves.fences.retain(|_, f| f.to != peer);
         let mut ended: Vec<Arc<str>> = r
             .moves
             .inbound

@@ -147,6 +147,10 @@ pub struct ClusterStats {
     /// Moves here that found the session staying on the other node (its
     /// client went back there first).
     pub moves_stayed: u64,
+    /// Deliveries of older copies of sessions dropped on arrival (a
+    /// partition let two copies live; the client was told about the
+    /// newer one).
+    pub stale_deliveries_dropped: u64,
     /// Deliveries lost in moves (past `MOVE_BYTES_MAX`, unreadable from
     /// the log, or their session gone before they came).
     pub move_deliveries_lost: u64,
@@ -443,6 +447,7 @@ impl ShardCore {
             moves_given_up: r.moves.unfinished,
             moves_declined: r.moves.declined,
             moves_stayed: r.moves.stayed,
+            stale_deliveries_dropped: r.moves.stale_dropped,
             move_deliveries_lost: r.moves.lost,
         })
     }
