@@ -415,7 +415,7 @@ const METRICS: &[Metric] = &[
     Metric {
         name: "shardmq_cluster_takeovers_total",
         kind: "counter",
-        help: "Connections closed here (DISCONNECT 0x8E) because their client connected later on another node.",
+        help: "Connections closed here (DISCONNECT 0x8E; refused 0x88 before their CONNACK) because their client connected later on another node.",
         label: None,
         value: |r, _| r.cluster.map(|c| c.core.connections_taken_over),
     },
@@ -443,14 +443,14 @@ const METRICS: &[Metric] = &[
     Metric {
         name: "shardmq_cluster_moves_given_up_total",
         kind: "counter",
-        help: "Session moves here given up: the other node down, or 60 s passed (what it held stays there).",
+        help: "Session moves here given up: the other node down, or 60 s passed (what it held stays there; parts that come later are dropped).",
         label: None,
         value: |r, _| r.cluster.map(|c| c.core.moves_given_up),
     },
     Metric {
         name: "shardmq_cluster_moves_stayed_total",
         kind: "counter",
-        help: "Session moves here that found the session staying on the other node (its client went back there first).",
+        help: "Session moves here that found the session staying on the other node (its client went back there first, or it ended or gave the move up there).",
         label: None,
         value: |r, _| r.cluster.map(|c| c.core.moves_stayed),
     },

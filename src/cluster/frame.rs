@@ -1480,7 +1480,7 @@ mod tests {
         let lie = u32::MAX.to_be_bytes();
         let wills = [&[kind::WILL_SNAPSHOT, 1, 1][..], &lie].concat();
         let retained = [&[kind::RETAINED][..], &lie].concat();
-        let claims = [&[kind::CLAIM_ACKS][..], &lie].concat();
+        let claims = [&[kind::CLAIM_ACKS][..], &[0; 8], &lie].concat();
         for (body, what) in [(wills, "will"), (retained, "retained"), (claims, "claim")] {
             match bad(&body) {
                 Err(FrameError::Malformed(m)) => assert!(m.starts_with(what), "{m}"),

@@ -76,6 +76,16 @@ impl Session {
         {
             return false;
         }
+        // Under this node's ACL for its user, as the client's own SUBSCRIBE.
+        let inner = crate::router::split_shared(filter).1;
+        if self
+            .acl
+            .as_ref()
+            .is_some_and(|a| !a.allows_subscribe(inner))
+        {
+            self.counters().denied_subscribe += 1;
+            return false;
+        }
         self.subscriptions.insert(filter.to_string(), sub);
         true
     }
@@ -137,20 +147,25 @@ impl Session {
         }
         let mut inflight = inflight;
         let mut queued = queued;
+        // Nor one that this node's ACL does not let its user read.
+        let mut denied = 0;
         inflight.retain(|i| {
-            let dup = had.contains(&i.message.id);
-            if dup {
+            let drop = had.contains(&i.message.id) || !self.may_read(&i.message.topic);
+            denied += u64::from(drop && !had.contains(&i.message.id));
+            if drop {
                 self.done(i.delivery.stored);
             }
-            !dup
+            !drop
         });
         queued.retain(|(m, d)| {
-            let dup = had.contains(&m.id);
-            if dup {
+            let drop = had.contains(&m.id) || !self.may_read(&m.topic);
+            denied += u64::from(drop && !had.contains(&m.id));
+            if drop {
                 self.done(d.stored);
             }
-            !dup
+            !drop
         });
+        self.counters().denied_delivery += denied;
         // One whose packet id is in use here takes a free one in its place
         // (its order holds), or is queued when none is free; one past
         // PUBREC has reached the client already.
@@ -269,8 +284,10 @@ impl Session {
     }
 
     /// A move into this session ended: `ids` are the messages it brought.
-    /// Held live deliveries that are among them are dropped (the session
-    /// had them from the other node), the rest are queued. Later copies of
+    /// Held live deliveries that are among them, or at or below the other
+    /// node's marks, are dropped (the session had them there); the rest
+    /// are merged with the queue ([`Self::merge_queued`]), or held on
+    /// while a retained gather is still out. Later copies of
     /// them are skipped too until [`Session::forget_moved_ids`].
     pub fn end_move_in(&mut self, now: Instant, ids: HashSet<u64>) {
         // (And those the other node had before, by its marks.)

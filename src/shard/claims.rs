@@ -13,8 +13,13 @@
 //! peer ([`ShardCore::handle_remote_claims`]) goes to this node's home
 //! shard of its client id, which closes its own connection of that client
 //! id if the peer's claim is later, as a takeover on one node would
-//! (DISCONNECT 0x8E to a 5.0 client, the will as for any takeover). A
-//! will waiting for its delay is cancelled, since its client is back.
+//! (DISCONNECT 0x8E to a 5.0 client, the will as for any takeover; a
+//! connection whose CONNACK has not gone yet is refused instead, 0x88).
+//! A will waiting for its delay is cancelled, since its client is back.
+//! A claim the clocks put no later still takes a session that no
+//! connection holds here (two nodes' clocks may not order two CONNECTs).
+//! A CONNECT without Clean Start waits for every member up (any may hold
+//! its session) and is refused (0x88) when one did not answer in time.
 //! When the claim says the client started clean there, the session here
 //! ends (offline or just closed), as a Clean Start here would end it;
 //! otherwise it moves to the claiming node (`moves`), offered ahead of

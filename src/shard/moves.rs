@@ -15,18 +15,23 @@
 //! sends the deliveries the session holds in order (in flight with their
 //! packet ids, queued, paged out to its log and read back) in parts
 //! ([`Frame::SessionMoved`]), the last with its inbound QoS 2 state, and
-//! ends the session there without its will (its client is back). B puts
-//! them ahead of the messages it held, skips among those (and among the
-//! copies that reach it later, for [`MOVED_IDS_KEPT`]) the ones it had
-//! from A already, by [`crate::message::Message::id`], and releases the
-//! CONNACK with Session Present. Nothing published between the two steps
-//! is lost (both nodes take it) or delivered twice (the ids).
+//! ends the session there without its will (its client is back). B merges
+//! them with the messages it held, each origin's in the order it numbered
+//! them, skips among those (and among the copies that reach it later, for
+//! [`MOVED_IDS_KEPT`]) the ones it had from A already, by
+//! [`crate::message::Message::id`], and from then on skips any later copy
+//! at or below what reached the session on A (its marks per origin, sent
+//! with the last part). Nothing published between the two steps is lost
+//! (both nodes take it) or delivered twice (the ids). A copy of a session
+//! born before the one the client was last told about (a partition let
+//! both live) is dropped on arrival.
 //!
 //! A move that takes longer than [`MOVE_WAIT`] lets the CONNACK go (the
 //! subscriptions are here; the messages still wait, so that their order
 //! holds); one that takes longer than [`MOVE_GIVE_UP`], or whose other
-//! node is declared down, is given up (counted): B delivers what it held,
-//! A keeps what it had. What a link loses during a move (a broken link, a
+//! node is declared down, is given up on both sides (counted): B delivers
+//! what it held, A keeps its session, and parts that come after are
+//! dropped (counted). What a link loses during a move (a broken link, a
 //! killed node) is lost with it: nothing is replicated yet.
 
 use std::collections::VecDeque;
@@ -51,11 +56,11 @@ use super::{home_shard, SessionKey, ShardCore, State};
 /// here) while the messages still wait for the rest.
 pub const MOVE_WAIT: Duration = Duration::from_secs(5);
 
-/// How long a move may take at all: then the node it goes to stops
-/// waiting (the messages it held go out; what the other node holds is
-/// lost for the session), and the node it comes from forgets the offer
-/// (the session stays there). A node declared down ends its moves at
-/// once.
+/// How long a move may take at all, counted on each side from the offer:
+/// then the node it goes to stops waiting (the messages it held go out;
+/// what the other node holds stays there), and the node it comes from
+/// forgets the offer and its fence (the session stays there). A node
+/// declared down ends its moves at once.
 pub const MOVE_GIVE_UP: Duration = Duration::from_secs(60);
 
 /// How long a session that moved here skips copies of the messages it
@@ -348,7 +353,7 @@ impl ShardCore {
     }
 
     /// A connection attached here: a session offered to another node
-    /// stays (its Take is answered with nothing).
+    /// stays (a Take for it, now or waiting, is answered that it stays).
     pub(super) fn keep_offered(st: &mut State, client_id: &str) {
         Self::withdraw_offers(st, client_id, None);
     }
