@@ -142,24 +142,46 @@ impl Session {
                 .filter_map(|q| q.message.as_ref().map(|m| m.id)),
         );
         had.remove(&0);
+        // Nor, at QoS 2, one at or below what reached the session here
+        // from its origin: two copies of the session met (a move given up,
+        // or a partition), and this one went through it already (at QoS 1
+        // a duplicate is allowed, a loss is not).
+        let seen = self.seen.as_deref();
+        let went = |m: &Message, qos: QoS| {
+            qos.min(m.qos) == QoS::ExactlyOnce
+                && m.id != 0
+                && seen
+                    .and_then(|s| s.get(&origin(m.id)))
+                    .is_some_and(|&mark| m.id <= mark)
+        };
+        let mut inflight = inflight;
+        let mut queued = queued;
+        let skip_in: Vec<bool> = (inflight.iter())
+            .map(|i| had.contains(&i.message.id) || went(&i.message, i.delivery.qos))
+            .collect();
+        let skip_q: Vec<bool> = (queued.iter())
+            .map(|(m, d)| had.contains(&m.id) || went(m, d.qos))
+            .collect();
         for m in (inflight.iter().map(|i| &i.message)).chain(queued.iter().map(|(m, _)| m)) {
             self.note_seen(m);
         }
-        let mut inflight = inflight;
-        let mut queued = queued;
         // Nor one that this node's ACL does not let its user read.
         let mut denied = 0;
+        let mut skip = skip_in.into_iter();
         inflight.retain(|i| {
-            let drop = had.contains(&i.message.id) || !self.may_read(&i.message.topic);
-            denied += u64::from(drop && !had.contains(&i.message.id));
+            let had = skip.next().unwrap_or(false);
+            let drop = had || !self.may_read(&i.message.topic);
+            denied += u64::from(drop && !had);
             if drop {
                 self.done(i.delivery.stored);
             }
             !drop
         });
+        let mut skip = skip_q.into_iter();
         queued.retain(|(m, d)| {
-            let drop = had.contains(&m.id) || !self.may_read(&m.topic);
-            denied += u64::from(drop && !had.contains(&m.id));
+            let had = skip.next().unwrap_or(false);
+            let drop = had || !self.may_read(&m.topic);
+            denied += u64::from(drop && !had);
             if drop {
                 self.done(d.stored);
             }

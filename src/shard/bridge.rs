@@ -1013,11 +1013,10 @@ impl Bridge {
                 }
             }
             (Frame::MoveFence { id, .. }, false) => {
-                // Behind every message this shard sent that peer so far,
-                // numbered with them (a link that breaks replays both).
+                // Behind every message this shard routed to that peer so
+                // far: through the core's outbox, which may still hold some.
                 if let Some(index) = link.peer.get() {
-                    let done = Frame::MoveFenceDone { seq: 0, id: *id };
-                    self.send_numbered(now, index, done, 64, "a move fence's answer");
+                    self.core.answer_move_fence(index, *id);
                 }
             }
             (Frame::MoveFenceDone { id, .. }, false) => {
@@ -1121,6 +1120,12 @@ impl Bridge {
                 let links = self.to_every_link(now, &frame, "claim", None);
                 // Its CONNACK waits for that many acknowledgements.
                 self.core.claim_sent(stamp, links);
+            }
+            BridgeOut::MoveFenceDone { node, id } => {
+                // Numbered with the messages ahead of it (a link that
+                // breaks replays both).
+                let done = Frame::MoveFenceDone { seq: 0, id };
+                self.send_numbered(now, node, done, 64, "a move fence's answer");
             }
             BridgeOut::MoveFence { id, home } => {
                 // Every peer up, linked now or not (its messages may be

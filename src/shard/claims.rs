@@ -413,8 +413,13 @@ impl ShardCore {
                 quote(node)
             );
         }
-        // Otherwise the session follows its client there (`moves`).
-        if c.answer && !discard && st.by_client.get(client_id) == Some(&key) {
+        // Otherwise the session follows its client there (`moves`), unless
+        // it is offered already for a later claim (this one came late).
+        let later = st
+            .remote
+            .as_ref()
+            .is_some_and(|r| r.moves.offered_for_later(client_id, stamp, node));
+        if c.answer && !discard && !later && st.by_client.get(client_id) == Some(&key) {
             self.offer_session(st, now, key, c);
         }
     }

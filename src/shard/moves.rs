@@ -128,6 +128,15 @@ impl Moves {
         self.inbound.contains_key(client_id)
     }
 
+    /// True when the session of `client_id` is offered to another node
+    /// for a claim later than `claim` of node `node` (a late, older claim
+    /// does not take it back).
+    pub(super) fn offered_for_later(&self, client_id: &str, claim: u64, node: &str) -> bool {
+        self.out
+            .get(client_id)
+            .is_some_and(|m| !crate::cluster::claims::wins((claim, node), (m.claim.0, &m.claim.1)))
+    }
+
     /// True while a session of `client_id` is offered to another node or
     /// waits for its fence to go there.
     pub(super) fn is_moving_out(&self, client_id: &str) -> bool {
@@ -176,6 +185,8 @@ struct MoveOut {
     to: u16,
     uid: u64,
     since: Instant,
+    /// The claim it answers, and the node that made it.
+    claim: (u64, Arc<str>),
     /// The Take came while the session was still coming here from a
     /// third node: its claim, answered once that move ends.
     deferred: Option<u64>,
@@ -335,6 +346,7 @@ impl ShardCore {
             to: c.index,
             uid,
             since: now,
+            claim: (c.claim.stamp, c.node.clone()),
             deferred,
         };
         r.moves.out.insert(client_id.clone(), m);
@@ -468,6 +480,17 @@ impl ShardCore {
     pub(super) fn move_fence_asked(st: &mut State, id: u64, home: usize) {
         if let Some(r) = st.remote.as_mut() {
             r.out.push_back(BridgeOut::MoveFence { id, home });
+            r.wake.notify();
+        }
+    }
+
+    /// Peer `node` asks for an answer to its fence `id` behind every
+    /// message this shard routed to it so far (those still in the outbox
+    /// included).
+    pub fn answer_move_fence(&self, node: u16, id: u64) {
+        let mut st = self.state.borrow_mut();
+        if let Some(r) = st.remote.as_mut() {
+            r.out.push_back(BridgeOut::MoveFenceDone { node, id });
             r.wake.notify();
         }
     }

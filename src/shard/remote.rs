@@ -78,6 +78,15 @@ pub enum BridgeOut {
         /// The shard that waits for it.
         home: usize,
     },
+    /// Peer `node` asked to be answered behind what this shard sent it
+    /// ([`Frame::MoveFenceDone`]): the answer goes through the outbox, so
+    /// every message this shard routed before the question is ahead of it.
+    MoveFenceDone {
+        /// The peer (its index).
+        node: u16,
+        /// Its fence.
+        id: u64,
+    },
     /// A frame for peer `node` (its index) alone: a session moving
     /// between the two nodes (`moves`).
     Peer {
