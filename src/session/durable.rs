@@ -180,11 +180,7 @@ impl Session {
                 requeue.push((i.message, i.delivery));
                 continue;
             }
-            let stage = match (i.delivery.qos, i.released) {
-                (_, true) => Awaiting::Comp,
-                (QoS::ExactlyOnce, false) => Awaiting::Rec,
-                _ => Awaiting::Ack,
-            };
+            let stage = Awaiting::of(i.delivery.qos, i.released);
             out.inflight.push_back(Inflight {
                 packet_id: i.packet_id,
                 message: i.message,

@@ -208,11 +208,7 @@ impl Session {
                     }
                 }
             }
-            let stage = match (i.delivery.qos, i.released) {
-                (_, true) => Awaiting::Comp,
-                (QoS::ExactlyOnce, false) => Awaiting::Rec,
-                _ => Awaiting::Ack,
-            };
+            let stage = Awaiting::of(i.delivery.qos, i.released);
             if let Some(id) = i.delivery.stored {
                 let packet_id = i.packet_id;
                 self.journal.push_back(Journal::Sent { id, packet_id });

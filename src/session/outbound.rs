@@ -23,6 +23,18 @@ pub(super) enum Awaiting {
     Comp,
 }
 
+impl Awaiting {
+    /// What an in-flight delivery of `qos` waits for (`released`: past
+    /// PUBREC).
+    pub(super) fn of(qos: QoS, released: bool) -> Awaiting {
+        match (qos, released) {
+            (_, true) => Awaiting::Comp,
+            (QoS::ExactlyOnce, false) => Awaiting::Rec,
+            _ => Awaiting::Ack,
+        }
+    }
+}
+
 /// A message sent with a packet id and not yet acknowledged.
 #[derive(Debug, Clone)]
 pub(super) struct Inflight {

@@ -703,7 +703,8 @@ impl Bridge {
                     now,
                     format_args!(
                         "{what} for node {node} was dropped: the node is not up, or it left \
-                         cluster.link_queue_bytes_max unconfirmed"
+                         cluster.link_queue_bytes_max unconfirmed ({} so far)",
+                        self.dropped.get()
                     ),
                 );
             }
@@ -1067,31 +1068,10 @@ impl Bridge {
         let ms = self.ms(now);
         match out {
             BridgeOut::Publish { node, publish } => {
+                // Kept until the peer confirms it: within the bound of what
+                // it may leave unconfirmed, so past the link's.
                 let bytes = publish.message.cost_bytes() + 64;
-                let link = self.up_link_to(node);
-                let mut peers = self.peers.borrow_mut();
-                match peers.number(node, Frame::Publish(publish), bytes) {
-                    // Kept until the peer confirms it: within the bound of
-                    // what it may leave unconfirmed, so past the link's.
-                    Some(frame) => {
-                        if let Some(l) = link {
-                            l.session.borrow_mut().force_send(ms, frame);
-                            l.wake.notify();
-                        }
-                    }
-                    None => {
-                        drop(peers);
-                        self.dropped.set(self.dropped.get() + 1);
-                        self.warn(
-                            now,
-                            format_args!(
-                                "a message for node {node} was dropped: the node is not up, or \
-                                 it left cluster.link_queue_bytes_max unconfirmed ({} so far)",
-                                self.dropped.get()
-                            ),
-                        );
-                    }
-                }
+                self.send_numbered(now, node, Frame::Publish(publish), bytes, "a message");
             }
             BridgeOut::RouteAck { node, seq } => {
                 let route_link = self.imports.borrow().get(&node).map(|(_, id)| *id);

@@ -746,21 +746,13 @@ impl ShardCore {
         };
         for (filter, sub) in subscriptions {
             if filter.starts_with("$share/") {
-                let offer = st
-                    .remote
-                    .as_mut()
-                    .and_then(|r| r.moves.inbound.get_mut(&o.client_id))
-                    .and_then(|m| m.offers.iter_mut().find(|x| x.from == from));
+                let offer = Self::offer_mut(st, &o.client_id, from);
                 if let Some(offer) = offer {
                     offer.shared.push((filter, sub));
                 }
                 continue;
             }
-            let offer = st
-                .remote
-                .as_mut()
-                .and_then(|r| r.moves.inbound.get_mut(&o.client_id))
-                .and_then(|m| m.offers.iter_mut().find(|x| x.from == from));
+            let offer = Self::offer_mut(st, &o.client_id, from);
             if let Some(offer) = offer {
                 offer.offered.push(filter.clone());
             }
@@ -771,11 +763,7 @@ impl ShardCore {
             if taken {
                 Self::durable_subscription(st, key, &filter, Some(&sub));
                 self.route_moved(st, key, &filter, sub);
-                let offer = st
-                    .remote
-                    .as_mut()
-                    .and_then(|r| r.moves.inbound.get_mut(&o.client_id))
-                    .and_then(|m| m.offers.iter_mut().find(|x| x.from == from));
+                let offer = Self::offer_mut(st, &o.client_id, from);
                 if let Some(offer) = offer {
                     offer.filters.push(filter);
                 }
@@ -783,6 +771,13 @@ impl ShardCore {
         }
         Self::send_takes(st, &o.client_id);
         Self::after_step(st, key, now);
+    }
+
+    /// The offer from peer `from` of the move of `client_id`'s session
+    /// here, if that move is on.
+    fn offer_mut<'a>(st: &'a mut State, client_id: &str, from: u16) -> Option<&'a mut Offer> {
+        let m = st.remote.as_mut()?.moves.inbound.get_mut(client_id)?;
+        m.offers.iter_mut().find(|x| x.from == from)
     }
 
     /// Hold `count` route acknowledgements for the move into session
@@ -884,12 +879,7 @@ impl ShardCore {
             }
             return;
         };
-        let stale = st
-            .remote
-            .as_ref()
-            .and_then(|r| r.moves.inbound.get(&part.client_id))
-            .and_then(|m| m.offers.iter().find(|x| x.from == from))
-            .is_some_and(|o| o.stale);
+        let stale = Self::offer_mut(st, &part.client_id, from).is_some_and(|o| o.stale);
         if stale {
             let n = std::mem::take(&mut part.deliveries).len() as u64;
             part.qos2_in.clear();
@@ -945,12 +935,9 @@ impl ShardCore {
             }
         }
         let offered = match part.last && !part.stays && !stale {
-            true => st
-                .remote
-                .as_mut()
-                .and_then(|r| r.moves.inbound.get_mut(&part.client_id))
-                .and_then(|m| m.offers.iter_mut().find(|x| x.from == from))
-                .map(|o| std::mem::take(&mut o.offered)),
+            true => {
+                Self::offer_mut(st, &part.client_id, from).map(|o| std::mem::take(&mut o.offered))
+            }
             false => None,
         };
         if let Some(slot) = st.sessions.get_mut(key) {
@@ -986,11 +973,7 @@ impl ShardCore {
     /// the subscriptions session `key` took from its offer go, and so do
     /// the messages it held meanwhile.
     fn drop_offered(&self, st: &mut State, key: SessionKey, client_id: &Arc<str>, from: u16) {
-        let filters = st
-            .remote
-            .as_mut()
-            .and_then(|r| r.moves.inbound.get_mut(client_id))
-            .and_then(|m| m.offers.iter_mut().find(|x| x.from == from))
+        let filters = Self::offer_mut(st, client_id, from)
             .map(|o| std::mem::take(&mut o.filters))
             .unwrap_or_default();
         for filter in filters {
