@@ -330,7 +330,8 @@ pub struct SessionMoved {
     pub qos2_in: Vec<u16>,
     /// The last part: per message origin (the high half of
     /// [`crate::message::Message::id`]), the highest id that reached the
-    /// session on the sender. A copy at or below it was had there.
+    /// session on the sender. A copy at or below it, of a topic the
+    /// session's subscriptions there match, was had there.
     pub seen: Vec<(u32, u64)>,
     /// The last part: the session has ended on the sender.
     pub last: bool,

@@ -387,6 +387,8 @@ pub struct Session {
     /// of those at or below its origin's mark was had there, and is
     /// skipped (one that a long partition held back on its way here).
     moved_marks: Option<Box<moving::MovedMarks>>,
+    /// Its own marks and subscriptions when a move into it began.
+    pre_move: Option<Box<moving::MovedMarks>>,
     ended: bool,
     /// What the current (or last) connection's user may read and write;
     /// None: everything (no ACL file, or a session restored from the log
@@ -421,6 +423,7 @@ impl Session {
             moved_ids: None,
             seen: None,
             moved_marks: None,
+            pre_move: None,
             ended: false,
             acl: None,
         }

@@ -65,6 +65,17 @@ impl Session {
     /// that what the other node held goes first.
     pub fn begin_move_in(&mut self) {
         self.begin_retained_gather();
+        // What it had before: a QoS 2 delivery that comes with the move
+        // and that this copy went through already is not taken again.
+        if self.pre_move.is_none() {
+            let filters = (self.subscriptions.keys())
+                .filter(|f| !f.starts_with("$share/"))
+                .take(MARKED_FILTERS_MAX)
+                .cloned()
+                .collect();
+            let marks = self.seen.as_deref().cloned().unwrap_or_default();
+            self.pre_move = Some(Box::new(MovedMarks { marks, filters }));
+        }
     }
 
     /// Take a subscription the session had on the node it comes from,
@@ -142,17 +153,14 @@ impl Session {
                 .filter_map(|q| q.message.as_ref().map(|m| m.id)),
         );
         had.remove(&0);
-        // Nor, at QoS 2, one at or below what reached the session here
-        // from its origin: two copies of the session met (a move given up,
-        // or a partition), and this one went through it already (at QoS 1
-        // a duplicate is allowed, a loss is not).
-        let seen = self.seen.as_deref();
+        // Nor, at QoS 2, one at or below what had reached this copy from
+        // its origin, through a subscription it had, when the move began:
+        // two copies of the session met (a move given up, or a partition),
+        // and this one went through it already (at QoS 1 a duplicate is
+        // allowed, a loss is not).
+        let pre = self.pre_move.as_deref();
         let went = |m: &Message, qos: QoS| {
-            qos.min(m.qos) == QoS::ExactlyOnce
-                && m.id != 0
-                && seen
-                    .and_then(|s| s.get(&origin(m.id)))
-                    .is_some_and(|&mark| m.id <= mark)
+            qos.min(m.qos) == QoS::ExactlyOnce && pre.is_some_and(|p| p.had(m))
         };
         let mut inflight = inflight;
         let mut queued = queued;
@@ -320,6 +328,7 @@ impl Session {
             Some(known) => known.extend(ids),
             None => self.moved_ids = Some(Box::new(ids)),
         }
+        self.pre_move = None;
         // The last hold: what it held joins the queue in each origin's
         // order (a publisher's earlier messages may have reached this
         // node only, its later ones both).
@@ -375,18 +384,7 @@ impl Session {
     /// True when the node the session moved from had `message` (a copy
     /// that reached this node by another path, late).
     pub(super) fn had_before_move(&self, message: &Message) -> bool {
-        let Some(moved) = self.moved_marks.as_deref() else {
-            return false;
-        };
-        message.id != 0
-            && moved
-                .marks
-                .get(&origin(message.id))
-                .is_some_and(|&mark| message.id <= mark)
-            && moved
-                .filters
-                .iter()
-                .any(|f| crate::router::topic::matches(f, &message.topic))
+        self.moved_marks.as_deref().is_some_and(|m| m.had(message))
     }
 
     /// Stop looking for copies of moved messages.
@@ -451,6 +449,16 @@ fn raise_mark(marks: &mut HashMap<u32, u64>, o: u32, id: u64) {
     }
     let mark = marks.entry(o).or_insert(0);
     *mark = (*mark).max(id);
+}
+
+impl MovedMarks {
+    /// True when `message` is at or below its origin's mark and one of the
+    /// filters matches it.
+    fn had(&self, message: &Message) -> bool {
+        message.id != 0
+            && (self.marks.get(&origin(message.id))).is_some_and(|&mark| message.id <= mark)
+            && (self.filters.iter()).any(|f| crate::router::topic::matches(f, &message.topic))
+    }
 }
 
 /// The origin of message id `id` (its high half).

@@ -108,6 +108,9 @@ impl Outbound {
     /// A packet id free here and not among `taken`; None when every id is
     /// in use.
     pub(super) fn free_packet_id(&mut self, taken: &HashSet<u16>) -> Option<u16> {
+        if self.inflight.len() + taken.len() >= usize::from(u16::MAX) {
+            return None;
+        }
         for _ in 0..u16::MAX {
             let id = self.allocate_packet_id();
             if !taken.contains(&id) {
@@ -315,8 +318,11 @@ impl Session {
             return;
         }
         // Noted here, not while held: a held copy may be dropped as one the
-        // other node has (a move that did not happen).
-        self.note_seen(message);
+        // other node has (a move that did not happen). A retained one for a
+        // new subscription says nothing of its origin's live messages.
+        if !delivery.retain {
+            self.note_seen(message);
+        }
         if message.is_expired(now) {
             self.counters().dropped_expired += 1;
             self.done(delivery.stored);

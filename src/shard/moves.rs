@@ -58,9 +58,9 @@ pub const MOVE_WAIT: Duration = Duration::from_secs(5);
 
 /// How long a move may take at all, counted on each side from the offer:
 /// then the node it goes to stops waiting (the messages it held go out;
-/// what the other node holds stays there), and the node it comes from
-/// forgets the offer and its fence (the session stays there). A node
-/// declared down ends its moves at once.
+/// what the other node holds stays there); the node it comes from forgets
+/// the offer and its fence [`MOVE_WAIT`] before (the session stays
+/// there). A node declared down ends its moves at once.
 pub const MOVE_GIVE_UP: Duration = Duration::from_secs(60);
 
 /// How long a session that moved here skips copies of the messages it
@@ -129,12 +129,14 @@ impl Moves {
     }
 
     /// True when the session of `client_id` is offered to another node
-    /// for a claim later than `claim` of node `node` (a late, older claim
-    /// does not take it back).
+    /// (or about to go there, behind its fence) for a claim later than
+    /// `claim` of node `node`: a late, older claim does not take it back.
     pub(super) fn offered_for_later(&self, client_id: &str, claim: u64, node: &str) -> bool {
-        self.out
-            .get(client_id)
-            .is_some_and(|m| !crate::cluster::claims::wins((claim, node), (m.claim.0, &m.claim.1)))
+        let later = |(stamp, by): &(u64, Arc<str>)| {
+            !crate::cluster::claims::wins((claim, node), (*stamp, by))
+        };
+        self.out.get(client_id).is_some_and(|m| later(&m.claim))
+            || (self.fences.values()).any(|f| &*f.client_id == client_id && later(&f.promised))
     }
 
     /// True while a session of `client_id` is offered to another node or
@@ -161,7 +163,8 @@ impl Moves {
             let hash = super::stable_hash(&format!("{}/{}", self.origin_seed, self.origins));
             // Origin 0 is never used (id 0 means none); the count starts
             // at a point of the hash too, so that two origins whose halves
-            // collide still number apart.
+            // collide (2^-32 a pair) rarely share ids (their marks still
+            // mix).
             self.last_id = (hash | 1) << 32 | (hash >> 33);
         }
         self.last_id += 1;
@@ -211,6 +214,8 @@ struct Fence {
     to: u16,
     client_id: Arc<str>,
     claim: u64,
+    /// The claim the session was offered for, and the node that made it.
+    promised: (u64, Arc<str>),
     uid: u64,
     shards_left: usize,
 }
@@ -428,7 +433,7 @@ impl ShardCore {
         let uid = offered.as_ref().map(|m| m.uid);
         let key = Self::leaving_session(st, &client_id, uid);
         if let (Some(m), Some(_)) = (offered, key) {
-            self.fence_then_send(st, (from, client_id, claim), m.uid, m.since);
+            self.fence_then_send(st, (from, client_id, claim), m);
             return;
         }
         self.send_session(st, now, from, client_id, claim, uid);
@@ -451,8 +456,7 @@ impl ShardCore {
         &self,
         st: &mut State,
         (from, client_id, claim): (u16, Arc<str>, u64),
-        uid: u64,
-        offered_at: Instant,
+        offer: MoveOut,
     ) {
         let Some(r) = st.remote.as_mut() else {
             return;
@@ -461,11 +465,12 @@ impl ShardCore {
         r.moves.last_fence += 1;
         let id = r.moves.last_fence * self.shards as u64 + self.id as u64;
         let fence = Fence {
-            since: offered_at,
+            since: offer.since,
             to: from,
             client_id,
             claim,
-            uid,
+            promised: offer.claim,
+            uid: offer.uid,
             shards_left: self.shards,
         };
         r.moves.fences.insert(id, fence);
@@ -689,12 +694,12 @@ impl ShardCore {
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
         };
-        // Without subscriptions (created by the CONNECT waiting now, or
-        // never used), it becomes the offered copy. Otherwise its client
-        // was told about it: an offered copy born before it is older than
-        // what the client knows (a partition let both live), and only ends
-        // there.
-        let fresh = slot.session.subscriptions().is_empty();
+        // Created by the CONNECT waiting now (its CONNACK has not gone),
+        // or without subscriptions: it becomes the offered copy. Otherwise
+        // its client was told about it: an offered copy born before it is
+        // older than what the client knows (a partition let both live),
+        // and only ends there.
+        let fresh = slot.session.subscriptions().is_empty() || slot.born == slot.claim;
         let stale = !fresh && o.born != 0 && slot.born > o.born;
         if fresh {
             slot.born = o.born;
@@ -1090,12 +1095,15 @@ impl ShardCore {
         if m.out.is_empty() && m.inbound.is_empty() && m.recent.is_empty() && m.fences.is_empty() {
             return;
         }
-        // An offer, or a fence, as old as the node it went to gives up
-        // after: the session stays here (a later Take gets that answer).
+        // An offer, or a fence, is given up a little before the node it
+        // went to gives up (its clock starts later): the session stays
+        // here (a later Take gets that answer), not sent into a move that
+        // ended there.
+        let limit = MOVE_GIVE_UP - MOVE_WAIT;
         m.out
-            .retain(|_, o| now.saturating_duration_since(o.since) < MOVE_GIVE_UP);
+            .retain(|_, o| now.saturating_duration_since(o.since) < limit);
         m.fences
-            .retain(|_, f| now.saturating_duration_since(f.since) < MOVE_GIVE_UP);
+            .retain(|_, f| now.saturating_duration_since(f.since) < limit);
         let mut overdue = Vec::new();
         let mut slow = Vec::new();
         for (client_id, i) in &mut m.inbound {
