@@ -882,6 +882,9 @@ impl ShardCore {
                     quote(&part.client_id)
                 );
             }
+            if expected.is_some() {
+                self.answer_deferred_take(st, now, &part.client_id);
+            }
             return;
         };
         let stale = Self::offer_mut(st, &part.client_id, from).is_some_and(|o| o.stale);
@@ -1061,15 +1064,7 @@ impl ShardCore {
         if let Some(ack) = offer.output {
             self.ack(st, ack);
         }
-        // A node that asked for the session meanwhile gets it now.
-        let deferred = st.remote.as_ref().and_then(|r| {
-            let m = r.moves.out.get(client_id)?;
-            let claim = m.deferred?;
-            (!r.moves.inbound.contains_key(client_id)).then_some((m.to, claim))
-        });
-        if let Some((to, claim)) = deferred {
-            self.take_asked(st, now, to, client_id.clone(), claim);
-        }
+        self.answer_deferred_take(st, now, client_id);
         if end == MoveEnd::GivenUp {
             let name = Self::peer_name(st, from);
             shard_log!(
@@ -1083,6 +1078,19 @@ impl ShardCore {
             );
         }
         Self::after_step(st, key, now);
+    }
+
+    /// A node that asked for the session of `client_id` while it was
+    /// coming here gets its answer now that no move into it is on.
+    fn answer_deferred_take(&self, st: &mut State, now: Instant, client_id: &Arc<str>) {
+        let deferred = st.remote.as_ref().and_then(|r| {
+            let m = r.moves.out.get(client_id)?;
+            let claim = m.deferred?;
+            (!r.moves.inbound.contains_key(client_id)).then_some((m.to, claim))
+        });
+        if let Some((to, claim)) = deferred {
+            self.take_asked(st, now, to, client_id.clone(), claim);
+        }
     }
 
     /// Give up the moves that waited too long; forget the moved ids of
