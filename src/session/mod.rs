@@ -567,12 +567,12 @@ impl Session {
         self.journal.pop_front()
     }
 
-    /// Journal that a stored delivery is finished with, if it was stored.
     /// Stored delivery `id` is done with (the shard forgets it).
     pub fn journal_done(&mut self, id: u64) {
-        self.journal.push_back(Journal::Done { id });
+        self.done(Some(id));
     }
 
+    /// Journal that a stored delivery is finished with, if it was stored.
     pub(super) fn done(&mut self, stored: Option<u64>) {
         if let Some(id) = stored {
             self.journal.push_back(Journal::Done { id });

@@ -157,45 +157,17 @@ impl Session {
         // its origin, through a subscription it had, when the move began:
         // two copies of the session met (a move given up, or a partition),
         // and this one went through it already (at QoS 1 a duplicate is
-        // allowed, a loss is not).
-        let pre = self.pre_move.as_deref();
-        let went = |m: &Message, qos: QoS| {
-            qos.min(m.qos) == QoS::ExactlyOnce && pre.is_some_and(|p| p.had(m))
-        };
-        let mut inflight = inflight;
-        let mut queued = queued;
-        let skip_in: Vec<bool> = (inflight.iter())
-            .map(|i| had.contains(&i.message.id) || went(&i.message, i.delivery.qos))
-            .collect();
-        let skip_q: Vec<bool> = (queued.iter())
-            .map(|(m, d)| had.contains(&m.id) || went(m, d.qos))
-            .collect();
+        // allowed, a loss is not). Nor one this node's ACL does not let its
+        // user read.
+        let pre = self.pre_move.take();
         for m in (inflight.iter().map(|i| &i.message)).chain(queued.iter().map(|(m, _)| m)) {
             self.note_seen(m);
         }
-        // Nor one that this node's ACL does not let its user read.
-        let mut denied = 0;
-        let mut skip = skip_in.into_iter();
-        inflight.retain(|i| {
-            let had = skip.next().unwrap_or(false);
-            let drop = had || !self.may_read(&i.message.topic);
-            denied += u64::from(drop && !had);
-            if drop {
-                self.done(i.delivery.stored);
-            }
-            !drop
-        });
-        let mut skip = skip_q.into_iter();
-        queued.retain(|(m, d)| {
-            let had = skip.next().unwrap_or(false);
-            let drop = had || !self.may_read(&m.topic);
-            denied += u64::from(drop && !had);
-            if drop {
-                self.done(d.stored);
-            }
-            !drop
-        });
-        self.counters().denied_delivery += denied;
+        let mut inflight = inflight;
+        let mut queued = queued;
+        inflight.retain(|i| self.keep_moved(&had, pre.as_deref(), &i.message, &i.delivery));
+        queued.retain(|(m, d)| self.keep_moved(&had, pre.as_deref(), m, d));
+        self.pre_move = pre;
         // One whose packet id is in use here takes a free one in its place
         // (its order holds), or is queued when none is free; one past
         // PUBREC has reached the client already.
@@ -244,6 +216,28 @@ impl Session {
         let mut taken = requeue;
         taken.extend(queued);
         self.merge_queued(now, taken);
+    }
+
+    /// Whether a delivery that came with a move is taken (see
+    /// `take_deliveries`); one that is not is journaled done.
+    fn keep_moved(
+        &mut self,
+        had: &HashSet<u64>,
+        pre: Option<&MovedMarks>,
+        m: &Message,
+        d: &Delivery,
+    ) -> bool {
+        let went = d.qos.min(m.qos) == QoS::ExactlyOnce && pre.is_some_and(|p| p.had(m));
+        if had.contains(&m.id) || went {
+            self.done(d.stored);
+            return false;
+        }
+        if !self.may_read(&m.topic) {
+            self.counters().denied_delivery += 1;
+            self.done(d.stored);
+            return false;
+        }
+        true
     }
 
     /// Queue `items` (each in order) with what the session has queued, in

@@ -579,11 +579,8 @@ impl Bridge {
     /// routes, never dropped: a link that falls this far behind is closed
     /// and starts over from a snapshot. Returns how many links it went on.
     fn to_every_link(&self, now: Instant, frame: &Frame, what: &str, except: Option<u16>) -> usize {
-        let links: Vec<Rc<Link>> = self
-            .up_links()
-            .into_iter()
-            .filter(|l| except.is_none() || l.peer.get() != except)
-            .collect();
+        let mut links = self.up_links();
+        links.retain(|l| except.is_none() || l.peer.get() != except);
         for l in &links {
             self.force_on(now, l, frame, what);
         }

@@ -448,15 +448,8 @@ impl ShardCore {
         // A refused CONNECT's claim waits no more (an offer for it is
         // declined): its output goes.
         let stamp = slot.claim;
-        let pending = match refused {
-            true => st
-                .remote
-                .as_mut()
-                .and_then(|r| r.claims.pending.remove(&stamp)),
-            false => None,
-        };
-        if let Some(p) = pending {
-            self.ack(st, p.ack);
+        if refused {
+            self.claim_answered(st, stamp, |p| p.sent = Some(0));
         }
         self.drive(st, key, now);
         // Its client is back (on the other node): a will waiting for its

@@ -60,8 +60,9 @@ impl ShardCore {
                 delayed: Some(id),
                 ..Source::default()
             };
-            let numbered = Self::number_message(st, message.clone());
-            if !self.route(st, now, numbered, source, Reach::Cluster) {
+            // (Numbered again if it has to wait again.)
+            let message = Self::number_message(st, message);
+            if !self.route(st, now, message.clone(), source, Reach::Cluster) {
                 // The log is full: try again in a second.
                 let due = now + Duration::from_secs(1);
                 Self::durable_delay_moved(st, id, due);

@@ -362,11 +362,7 @@ impl ShardCore {
             born,
             subscriptions,
         };
-        r.out.push_back(BridgeOut::Peer {
-            node: c.index,
-            frame: Frame::SessionOffer(Box::new(offer)),
-        });
-        r.wake.notify();
+        Self::to_peer(st, c.index, Frame::SessionOffer(Box::new(offer)));
     }
 
     /// A connection attached here: a session offered to another node
@@ -474,8 +470,7 @@ impl ShardCore {
             shards_left: self.shards,
         };
         r.moves.fences.insert(id, fence);
-        r.out.push_back(BridgeOut::MoveFence { id, home: self.id });
-        r.wake.notify();
+        Self::move_fence_asked(st, id, self.id);
         for s in (0..self.shards).filter(|&s| s != self.id) {
             self.mesh.send(s, MeshMsg::MoveFence { id, home: self.id });
         }
@@ -483,21 +478,17 @@ impl ShardCore {
 
     /// Another shard's part of a move's fence: ask this shard's peers.
     pub(super) fn move_fence_asked(st: &mut State, id: u64, home: usize) {
-        if let Some(r) = st.remote.as_mut() {
-            r.out.push_back(BridgeOut::MoveFence { id, home });
-            r.wake.notify();
-        }
+        Self::to_bridge(st, BridgeOut::MoveFence { id, home });
     }
 
     /// Peer `node` asks for an answer to its fence `id` behind every
     /// message this shard routed to it so far (those still in the outbox
     /// included).
     pub fn answer_move_fence(&self, node: u16, id: u64) {
-        let mut st = self.state.borrow_mut();
-        if let Some(r) = st.remote.as_mut() {
-            r.out.push_back(BridgeOut::MoveFenceDone { node, id });
-            r.wake.notify();
-        }
+        Self::to_bridge(
+            &mut self.state.borrow_mut(),
+            BridgeOut::MoveFenceDone { node, id },
+        );
     }
 
     /// Every peer of this shard answered fence `id` of shard `home`.
@@ -1184,8 +1175,13 @@ impl ShardCore {
 
     /// Put `frame` in the outbox for peer `node`.
     fn to_peer(st: &mut State, node: u16, frame: Frame) {
+        Self::to_bridge(st, BridgeOut::Peer { node, frame });
+    }
+
+    /// Put `out` in the bridge's outbox.
+    fn to_bridge(st: &mut State, out: BridgeOut) {
         if let Some(r) = st.remote.as_mut() {
-            r.out.push_back(BridgeOut::Peer { node, frame });
+            r.out.push_back(out);
             r.wake.notify();
         }
     }

@@ -533,11 +533,8 @@ impl ShardCore {
         subscription: Subscription,
         is_new: bool,
     ) {
-        let (group, inner, added) = Self::insert_subscriber(st, key, filter, subscription.clone());
-        if added {
-            let route = self.route_key(group.clone(), inner.clone());
-            self.route_count(st, inner.clone(), route, true, key, Hold::Output);
-        }
+        let (group, inner) =
+            self.add_subscriber(st, key, filter, subscription.clone(), Hold::Output);
         let handling = subscription.options.retain_handling;
         if group.is_none() && (handling == 0 || (handling == 1 && is_new)) {
             self.gather_retained(st, key, &inner, &subscription);
@@ -554,11 +551,27 @@ impl ShardCore {
         filter: &str,
         subscription: Subscription,
     ) {
+        self.add_subscriber(st, key, filter, subscription, Hold::Move);
+    }
+
+    /// Put session `key`'s subscription into the subscriber trie and, if
+    /// the session had none to that filter, count its route (`hold`: what
+    /// waits for the acknowledgements). Returns its share name and the
+    /// filter inside.
+    fn add_subscriber(
+        &self,
+        st: &mut State,
+        key: SessionKey,
+        filter: &str,
+        subscription: Subscription,
+        hold: Hold,
+    ) -> (Option<Arc<str>>, Arc<str>) {
         let (group, inner, added) = Self::insert_subscriber(st, key, filter, subscription);
         if added {
-            let route = self.route_key(group, inner.clone());
-            self.route_count(st, inner, route, true, key, Hold::Move);
+            let route = self.route_key(group.clone(), inner.clone());
+            self.route_count(st, inner.clone(), route, true, key, hold);
         }
+        (group, inner)
     }
 
     /// Put session `key`'s subscription to `filter` into the subscriber
