@@ -310,6 +310,10 @@ pub struct SessionOffer {
     pub born: u64,
     /// The session's subscriptions by full filter.
     pub subscriptions: Vec<(String, crate::session::Subscription)>,
+    /// Per message origin, the highest id that had reached the session
+    /// when it was offered (as [`SessionMoved::seen`]): what the receiver
+    /// skips even if the rest never comes.
+    pub seen: Vec<(u32, u64)>,
 }
 
 /// Part of a moving session: its deliveries in order (in flight first,
@@ -592,6 +596,7 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
                 out.put_u8(codec::encode_options(&sub.options, Version::V5));
                 out.put_u32(sub.subscription_id.unwrap_or(0));
             }
+            put_marks(out, &o.seen);
         }
         Frame::MoveFence { seq, id } => {
             out.put_u8(kind::MOVE_FENCE);
@@ -624,11 +629,7 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             for id in &m.qos2_in {
                 out.put_u16(*id);
             }
-            out.put_u32(m.seen.len() as u32);
-            for &(origin, id) in &m.seen {
-                out.put_u32(origin);
-                out.put_u64(id);
-            }
+            put_marks(out, &m.seen);
             out.put_u32(m.deliveries.len() as u32);
             for d in &m.deliveries {
                 out.put_u8(d.qos as u8 | u8::from(d.retain) << 2 | u8::from(d.released) << 3);
@@ -637,11 +638,7 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
                 for id in &d.subscription_ids {
                     out.put_u32(*id);
                 }
-                let at = out.len();
-                out.put_u32(0);
-                put_message(out, &d.message, now);
-                let len = (out.len() - at - 4) as u32;
-                out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+                put_sized(out, |out| put_message(out, &d.message, now));
             }
         }
         Frame::Retained(entries) => {
@@ -649,11 +646,7 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u32(entries.len() as u32);
             for e in entries {
                 out.put_u64(e.stamp);
-                let at = out.len();
-                out.put_u32(0);
-                put_message(out, &e.message, now);
-                let len = (out.len() - at - 4) as u32;
-                out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+                put_sized(out, |out| put_message(out, &e.message, now));
             }
         }
     }
@@ -831,10 +824,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
         kind::RETAINED => {
             let entries = list(b, 16, "retained count beyond the frame", |b| {
                 let stamp = u64_(b)?;
-                let len = u32_(b)? as usize;
-                need(b, len)?;
-                let mut body = b.split_to(len);
-                let message = message(&mut body, now)?;
+                let message = message(&mut sized(b)?, now)?;
                 if !message.retain {
                     return Err(FrameError::Malformed("a retained entry without RETAIN"));
                 }
@@ -867,6 +857,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                 claim,
                 born,
                 subscriptions,
+                seen: marks(b)?,
             }))
         }
         kind::MOVE_FENCE => Frame::MoveFence {
@@ -894,21 +885,13 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                     id => Ok(id),
                 }
             })?;
-            let seen = list(b, 12, "origin count beyond the frame", |b| {
-                Ok((u32_(b)?, u64_(b)?))
-            })?;
+            let seen = marks(b)?;
             let deliveries = list(b, 11, "delivery count beyond the frame", |b| {
                 let flags = u8_(b)?;
                 let qos = codec::QoS::from_u8(flags & 3).ok_or(FrameError::Malformed("QoS 3"))?;
                 let packet_id = u16_(b)?;
                 let ids = list(b, 4, "subscription id count beyond the frame", u32_)?;
-                let len = u32_(b)? as usize;
-                need(b, len)?;
-                let mut body = b.split_to(len);
-                let message = message(&mut body, now)?;
-                if !body.is_empty() {
-                    return Err(FrameError::Malformed("bytes left over after a delivery"));
-                }
+                let message = message(&mut sized(b)?, now)?;
                 Ok(MovedDelivery {
                     message: Arc::new(message),
                     qos,
@@ -933,8 +916,41 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
     })
 }
 
+/// Per message origin, the highest id had ([`SessionMoved::seen`]).
+fn put_marks(out: &mut BytesMut, marks: &[(u32, u64)]) {
+    out.put_u32(marks.len() as u32);
+    for &(origin, id) in marks {
+        out.put_u32(origin);
+        out.put_u64(id);
+    }
+}
+
+/// What [`put_marks`] wrote.
+fn marks(b: &mut BytesMut) -> Result<Vec<(u32, u64)>, FrameError> {
+    list(b, 12, "origin count beyond the frame", |b| {
+        Ok((u32_(b)?, u64_(b)?))
+    })
+}
+
+/// What `put` writes, behind its length in 4 bytes.
+fn put_sized(out: &mut BytesMut, put: impl FnOnce(&mut BytesMut)) {
+    let at = out.len();
+    out.put_u32(0);
+    put(out);
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// What [`put_sized`] wrote: the bytes its length names.
+fn sized(b: &mut BytesMut) -> Result<BytesMut, FrameError> {
+    let len = u32_(b)? as usize;
+    need(b, len)?;
+    Ok(b.split_to(len))
+}
+
 /// A message: its remaining expiry (ms), its publisher, its number in
-/// the cluster, and the rest as a 5.0 PUBLISH.
+/// the cluster, and the rest (to the end of `b` when read) as a 5.0
+/// PUBLISH.
 fn put_message(out: &mut BytesMut, m: &Message, now: Instant) {
     match m.expires_at {
         Some(t) => {
@@ -1015,20 +1031,14 @@ fn put_will(out: &mut BytesMut, w: &WillEntry) {
         topic_alias: None,
         subscription_identifiers: &[],
     };
-    let at = out.len();
-    out.put_u32(0);
-    codec::encode_publish(&view, Version::V5, out);
-    let len = (out.len() - at - 4) as u32;
-    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    put_sized(out, |out| codec::encode_publish(&view, Version::V5, out));
 }
 
 fn will(b: &mut BytesMut) -> Result<WillEntry, FrameError> {
     let client_id = client_id(b)?;
     let delay_ms = u64_(b)?;
     let waiting = bool_(b)?;
-    let len = u32_(b)? as usize;
-    need(b, len)?;
-    let mut packet = b.split_to(len);
+    let mut packet = sized(b)?;
     let p = match codec::decode(&mut packet, Version::V5, codec::MAX_PACKET_SIZE) {
         Ok(Some(Packet::Publish(p))) if packet.is_empty() => p,
         _ => return Err(FrameError::Malformed("the will's PUBLISH does not decode")),
@@ -1366,6 +1376,7 @@ mod tests {
                     ("a/#".to_string(), sub(1, None)),
                     ("$share/g/b".to_string(), sub(2, Some(268_435_455))),
                 ],
+                seen: vec![(7, 7 << 32 | 9)],
             })),
             Frame::SessionTake {
                 seq: 10,

@@ -830,14 +830,14 @@ impl Bridge {
                 drop(s);
             }
             self.recompute_acks();
-            // Messages that waited for the link, in order, before any new
-            // one (they were taken within the output bound).
-            let pending = self.peers.borrow_mut().link_up(index, link.id, ms);
+            // What the run has not confirmed, in order, before any new
+            // message (it skips those it had).
+            self.peers.borrow_mut().link_up(index, link.id, ms);
             let unconfirmed = self.peers.borrow().unconfirmed(index);
             self.replayed
                 .set(self.replayed.get() + unconfirmed.len() as u64);
             let mut s = link.session.borrow_mut();
-            for f in pending.iter().chain(&unconfirmed) {
+            for f in &unconfirmed {
                 s.force_send(ms, f);
             }
             drop(s);
@@ -909,6 +909,19 @@ impl Bridge {
         if link.closing.get() {
             return;
         }
+        // Messages, claim answers and what moves a session are numbered
+        // in the peer's stream: one had already (a link replayed it) is
+        // skipped, whatever its kind.
+        if let (Some(seq), false) = (f.stream_seq(), link.outbound) {
+            let Some(last) = link.received.get() else {
+                return;
+            };
+            if seq <= last.get() {
+                self.duplicates.set(self.duplicates.get() + 1);
+                return;
+            }
+            last.set(seq);
+        }
         if let (Frame::Claims { .. } | Frame::ClaimAcks { .. }, false) = (&f, link.outbound) {
             let node = link.hello.borrow().as_ref().map(|h| h.node.clone());
             let (Some(node), Some(index)) = (node, link.peer.get()) else {
@@ -923,16 +936,6 @@ impl Bridge {
                 _ => {}
             }
             return;
-        }
-        // What moves a session is numbered like a message: one had
-        // already (a link replayed it) is skipped.
-        let numbered = !matches!(f, Frame::Publish(_)) && !link.outbound;
-        if let (Some(seq), Some(last), true) = (f.stream_seq(), link.received.get(), numbered) {
-            if seq <= last.get() {
-                self.duplicates.set(self.duplicates.get() + 1);
-                return;
-            }
-            last.set(seq);
         }
         if let (
             Frame::SessionOffer(_) | Frame::SessionTake { .. } | Frame::SessionMoved(_),
@@ -951,13 +954,8 @@ impl Bridge {
             return;
         }
         if let (Frame::Publish(_), false) = (&f, link.outbound) {
-            if let (Frame::Publish(m), Some(last)) = (f, link.received.get()) {
-                if m.seq > last.get() {
-                    last.set(m.seq);
-                    self.core.handle_remote_publish(now, m);
-                } else {
-                    self.duplicates.set(self.duplicates.get() + 1);
-                }
+            if let Frame::Publish(m) = f {
+                self.core.handle_remote_publish(now, m);
             }
             return;
         }

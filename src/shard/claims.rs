@@ -87,7 +87,7 @@ pub struct PeerClaim {
 /// A shard's claims (part of its cluster state).
 pub(super) struct Claims {
     /// This node's name (ties between equal stamps).
-    me: Arc<str>,
+    pub(super) me: Arc<str>,
     /// Claims of this shard's connections waiting for acknowledgements,
     /// by stamp (this shard's clock gives each stamp once).
     pending: HashMap<u64, Pending>,

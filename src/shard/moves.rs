@@ -38,6 +38,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::cluster::claims::wins;
 use crate::cluster::frame::{Frame, MovedDelivery, SessionMoved, SessionOffer};
 use crate::hash::{HashMap, HashSet};
 use crate::message::Message;
@@ -132,9 +133,7 @@ impl Moves {
     /// (or about to go there, behind its fence) for a claim later than
     /// `claim` of node `node`: a late, older claim does not take it back.
     pub(super) fn offered_for_later(&self, client_id: &str, claim: u64, node: &str) -> bool {
-        let later = |(stamp, by): &(u64, Arc<str>)| {
-            !crate::cluster::claims::wins((claim, node), (*stamp, by))
-        };
+        let later = |(stamp, by): &(u64, Arc<str>)| !wins((claim, node), (*stamp, by));
         self.out.get(client_id).is_some_and(|m| later(&m.claim))
             || (self.fences.values()).any(|f| &*f.client_id == client_id && later(&f.promised))
     }
@@ -230,6 +229,10 @@ struct Offer {
     /// Every subscription it offered (shared ones aside): a late copy of
     /// a message of one of them that it had is skipped here.
     offered: Vec<String>,
+    /// What had reached the session there when it was offered
+    /// ([`SessionOffer::seen`]): a move given up still skips late copies
+    /// of those.
+    seen: Vec<(u32, u64)>,
     /// Older than the session here, which its client was told about:
     /// what comes is dropped (the copy there ends).
     stale: bool,
@@ -333,7 +336,7 @@ impl ShardCore {
             .iter()
             .map(|(f, s)| (f.clone(), s.clone()))
             .collect();
-        let (uid, born) = (slot.uid, slot.born);
+        let (uid, born, seen) = (slot.uid, slot.born, slot.session.seen_marks());
         // Offered before to another node: it goes here instead.
         Self::withdraw_offers(st, &client_id, Some(c.index));
         let Some(r) = st.remote.as_mut() else {
@@ -361,6 +364,7 @@ impl ShardCore {
             claim: c.claim.stamp,
             born,
             subscriptions,
+            seen,
         };
         Self::to_peer(st, c.index, Frame::SessionOffer(Box::new(offer)));
     }
@@ -410,6 +414,18 @@ impl ShardCore {
     /// whichever Take comes first moves the session, the other gets
     /// nothing.)
     fn take_asked(&self, st: &mut State, now: Instant, from: u16, client_id: Arc<str>, claim: u64) {
+        // Coming here from that node for a later claim (two clients'
+        // CONNECTs crossed): it stays here, and the peer sends its copy
+        // once it has the answer.
+        if Self::comes_here_later(st, &client_id, from, claim) {
+            if let Some(r) = st.remote.as_mut() {
+                if r.moves.out.get(&client_id).is_some_and(|m| m.to == from) {
+                    r.moves.out.remove(&client_id);
+                }
+            }
+            Self::stays(st, from, client_id, claim);
+            return;
+        }
         // Still coming here from a third node: the rest goes on once it
         // is all here (in order).
         if let Some(r) = st.remote.as_mut() {
@@ -517,7 +533,23 @@ impl ShardCore {
         let Some(f) = r.moves.fences.remove(&id) else {
             return;
         };
-        self.send_session(st, now, f.to, f.client_id, f.claim, Some(f.uid));
+        // Taken meanwhile from that very node, for a later claim: it stays.
+        let uid = (!Self::comes_here_later(st, &f.client_id, f.to, f.claim)).then_some(f.uid);
+        self.send_session(st, now, f.to, f.client_id, f.claim, uid);
+    }
+
+    /// True when the session of `client_id` is coming here from peer
+    /// `from` for a claim of this node later than `claim` (a claim of that
+    /// peer's): of two nodes each asking the other for the session, the
+    /// later claim's gets it.
+    fn comes_here_later(st: &State, client_id: &str, from: u16, claim: u64) -> bool {
+        let Some(r) = st.remote.as_ref() else {
+            return false;
+        };
+        let peer = Self::peer_name(st, from);
+        (r.moves.inbound.get(client_id).into_iter())
+            .flat_map(|m| &m.offers)
+            .any(|o| o.from == from && wins((o.claim, &r.claims.me), (claim, &peer)))
     }
 
     /// Send the session of `client_id` (still the one offered, `uid`) to
@@ -680,6 +712,9 @@ impl ShardCore {
             .and_then(|m| m.offers.iter_mut().find(|x| x.from == from));
         if let Some(again) = again {
             again.claim = o.claim;
+            if !again.stale {
+                again.seen = o.seen;
+            }
             return;
         }
         let Some(slot) = st.sessions.get_mut(key) else {
@@ -727,6 +762,10 @@ impl ShardCore {
             claim: o.claim,
             filters: Vec::new(),
             offered: Vec::new(),
+            seen: match stale {
+                true => Vec::new(),
+                false => o.seen,
+            },
             shared: Vec::new(),
             stale,
             taken: false,
@@ -1034,6 +1073,12 @@ impl ShardCore {
             }
         }
         if let Some(slot) = st.sessions.get_mut(key).filter(|s| s.uid == uid) {
+            // What it had there when offered still counts: a late copy of
+            // one of those is no more this copy's than if the rest had
+            // come (the last part brought marks at least as high).
+            if end == MoveEnd::GivenUp {
+                slot.session.take_marks(&offer.seen, offer.offered.clone());
+            }
             slot.session.end_move_in(now, ids);
         }
         // The session is here now: its shared subscriptions too.
