@@ -310,10 +310,24 @@ pub struct SessionOffer {
     pub born: u64,
     /// The session's subscriptions by full filter.
     pub subscriptions: Vec<(String, crate::session::Subscription)>,
-    /// Per message origin, the highest id that had reached the session
-    /// when it was offered (as [`SessionMoved::seen`]): what the receiver
-    /// skips even if the rest never comes.
-    pub seen: Vec<(u32, u64)>,
+    /// What had reached the session when it was offered (as
+    /// [`SessionMoved::seen`]): what the receiver skips even if the rest
+    /// never comes.
+    pub seen: Vec<OriginMark>,
+}
+
+/// The messages of one origin (the high half of
+/// [`crate::message::Message::id`]) that reached a session: the lowest
+/// and the highest id. Those between went through a subscription the
+/// session had meanwhile; those below came before it had any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OriginMark {
+    /// The origin.
+    pub origin: u32,
+    /// The first id that reached the session.
+    pub low: u64,
+    /// The last.
+    pub high: u64,
 }
 
 /// Part of a moving session: its deliveries in order (in flight first,
@@ -332,11 +346,10 @@ pub struct SessionMoved {
     pub deliveries: Vec<MovedDelivery>,
     /// Inbound QoS 2 packet ids not yet released (the last part).
     pub qos2_in: Vec<u16>,
-    /// The last part: per message origin (the high half of
-    /// [`crate::message::Message::id`]), the highest id that reached the
-    /// session on the sender. A copy at or below it, of a topic the
-    /// session's subscriptions there match, was had there.
-    pub seen: Vec<(u32, u64)>,
+    /// The last part: what reached the session on the sender, per
+    /// message origin. A copy within it, of a topic the session's
+    /// subscriptions there match, was had there.
+    pub seen: Vec<OriginMark>,
     /// The last part: the session has ended on the sender.
     pub last: bool,
     /// Nothing moves: the session stays on the sender (its client came
@@ -916,19 +929,24 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
     })
 }
 
-/// Per message origin, the highest id had ([`SessionMoved::seen`]).
-fn put_marks(out: &mut BytesMut, marks: &[(u32, u64)]) {
+/// What reached a session, per origin ([`OriginMark`]).
+fn put_marks(out: &mut BytesMut, marks: &[OriginMark]) {
     out.put_u32(marks.len() as u32);
-    for &(origin, id) in marks {
-        out.put_u32(origin);
-        out.put_u64(id);
+    for m in marks {
+        out.put_u32(m.origin);
+        out.put_u64(m.low);
+        out.put_u64(m.high);
     }
 }
 
 /// What [`put_marks`] wrote.
-fn marks(b: &mut BytesMut) -> Result<Vec<(u32, u64)>, FrameError> {
-    list(b, 12, "origin count beyond the frame", |b| {
-        Ok((u32_(b)?, u64_(b)?))
+fn marks(b: &mut BytesMut) -> Result<Vec<OriginMark>, FrameError> {
+    list(b, 20, "origin count beyond the frame", |b| {
+        Ok(OriginMark {
+            origin: u32_(b)?,
+            low: u64_(b)?,
+            high: u64_(b)?,
+        })
     })
 }
 
@@ -1376,7 +1394,11 @@ mod tests {
                     ("a/#".to_string(), sub(1, None)),
                     ("$share/g/b".to_string(), sub(2, Some(268_435_455))),
                 ],
-                seen: vec![(7, 7 << 32 | 9)],
+                seen: vec![OriginMark {
+                    origin: 7,
+                    low: 7 << 32 | 2,
+                    high: 7 << 32 | 9,
+                }],
             })),
             Frame::SessionTake {
                 seq: 10,
@@ -1408,7 +1430,18 @@ mod tests {
                     },
                 ],
                 qos2_in: vec![1, 7],
-                seen: vec![(1, 1 << 32 | 5), (u32::MAX, u64::MAX)],
+                seen: vec![
+                    OriginMark {
+                        origin: 1,
+                        low: 1 << 32,
+                        high: 1 << 32 | 5,
+                    },
+                    OriginMark {
+                        origin: u32::MAX,
+                        low: u64::MAX,
+                        high: u64::MAX,
+                    },
+                ],
                 last: true,
                 stays: false,
             })),

@@ -379,12 +379,12 @@ pub struct Session {
     /// skipped, for a while after the move (`shard::moves`).
     moved_ids: Option<Box<HashSet<u64>>>,
     /// Cluster mode: per message origin (the high half of
-    /// [`Message::id`]), the highest id that reached the session live or
-    /// with a move; a move to another node carries it.
-    seen: Option<Box<HashMap<u32, u64>>>,
+    /// [`Message::id`]), the lowest and highest id that reached the
+    /// session live or with a move; a move to another node carries them.
+    seen: Option<Box<HashMap<u32, (u64, u64)>>>,
     /// What the last move here brought of the other node's `seen`, and
     /// the subscriptions the session had there: a live copy of a message
-    /// of those at or below its origin's mark was had there, and is
+    /// of those within its origin's marks was had there, and is
     /// skipped (one that a long partition held back on its way here).
     moved_marks: Option<Box<moving::MovedMarks>>,
     /// Its own marks and subscriptions when a move into it began.

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::cluster::frame::OriginMark;
 use crate::codec::{reason, Packet, QoS};
 use crate::hash::{HashMap, HashSet};
 use crate::message::Message;
@@ -153,8 +154,8 @@ impl Session {
                 .filter_map(|q| q.message.as_ref().map(|m| m.id)),
         );
         had.remove(&0);
-        // Nor, at QoS 2, one at or below what had reached this copy from
-        // its origin, through a subscription it had, when the move began:
+        // Nor, at QoS 2, one within what had reached this copy from its
+        // origin, through a subscription it had, when the move began:
         // two copies of the session met (a move given up, or a partition),
         // and this one went through it already (at QoS 1 a duplicate is
         // allowed, a loss is not). Nor one this node's ACL does not let its
@@ -304,7 +305,7 @@ impl Session {
     }
 
     /// A move into this session ended: `ids` are the messages it brought.
-    /// Held live deliveries that are among them, or at or below the other
+    /// Held live deliveries that are among them, or within the other
     /// node's marks, are dropped (the session had them there); the rest
     /// are merged with the queue ([`Self::merge_queued`]), or held on
     /// while a retained gather is still out. Later copies of
@@ -346,27 +347,30 @@ impl Session {
         raise_mark(seen, origin(message.id), message.id);
     }
 
-    /// Per message origin, the highest id that reached the session (for
-    /// the node it moves to).
-    pub fn seen_marks(&self) -> Vec<(u32, u64)> {
-        let mut marks: Vec<(u32, u64)> = (self.seen.iter())
-            .flat_map(|s| s.iter().map(|(&o, &id)| (o, id)))
+    /// Per message origin, the lowest and highest id that reached the
+    /// session (for the node it moves to).
+    pub fn seen_marks(&self) -> Vec<OriginMark> {
+        let mut marks: Vec<OriginMark> = (self.seen.iter())
+            .flat_map(|s| s.iter())
+            .map(|(&origin, &(low, high))| OriginMark { origin, low, high })
             .collect();
-        marks.sort_unstable();
+        marks.sort_unstable_by_key(|m| m.origin);
         marks
     }
 
     /// Take the marks of the node the session moved from (`marks`, sent
     /// with its last part) and the subscriptions it had there
-    /// (`filters`): later live copies at or below them are skipped.
-    pub fn take_marks(&mut self, marks: &[(u32, u64)], filters: Vec<String>) {
+    /// (`filters`): later live copies within them are skipped.
+    pub fn take_marks(&mut self, marks: &[OriginMark], filters: Vec<String>) {
         let moved = self.moved_marks.get_or_insert_with(Box::default);
-        for &(o, id) in marks {
-            if origin(id) != o {
+        for m in marks {
+            if origin(m.low) != m.origin || origin(m.high) != m.origin || m.low > m.high {
                 continue;
             }
-            raise_mark(&mut moved.marks, o, id);
-            raise_mark(self.seen.get_or_insert_with(Box::default), o, id);
+            for id in [m.low, m.high] {
+                raise_mark(&mut moved.marks, m.origin, id);
+                raise_mark(self.seen.get_or_insert_with(Box::default), m.origin, id);
+            }
         }
         for f in filters {
             if moved.filters.len() < MARKED_FILTERS_MAX {
@@ -422,8 +426,9 @@ fn order_by_origin(items: &mut [(Arc<Message>, Delivery)]) {
 /// [`Session::take_marks`]).
 #[derive(Debug, Default)]
 pub(super) struct MovedMarks {
-    /// Per origin, the highest id the other node's session had.
-    marks: HashMap<u32, u64>,
+    /// Per origin, the lowest and highest id the other node's session
+    /// had.
+    marks: HashMap<u32, (u64, u64)>,
     /// The subscriptions it had there (shared ones aside).
     filters: HashSet<String>,
 }
@@ -435,22 +440,24 @@ pub const MARKED_ORIGINS_MAX: usize = 256;
 /// Filters of the sessions it moved from that a session keeps marks for.
 pub const MARKED_FILTERS_MAX: usize = 4096;
 
-/// Raise `marks`' mark of origin `o` to `id`, within
+/// Widen `marks`' range of origin `o` to take in `id`, within
 /// [`MARKED_ORIGINS_MAX`].
-fn raise_mark(marks: &mut HashMap<u32, u64>, o: u32, id: u64) {
+fn raise_mark(marks: &mut HashMap<u32, (u64, u64)>, o: u32, id: u64) {
     if marks.len() >= MARKED_ORIGINS_MAX && !marks.contains_key(&o) {
         return;
     }
-    let mark = marks.entry(o).or_insert(0);
-    *mark = (*mark).max(id);
+    let (low, high) = marks.entry(o).or_insert((id, id));
+    *low = (*low).min(id);
+    *high = (*high).max(id);
 }
 
 impl MovedMarks {
-    /// True when `message` is at or below its origin's mark and one of the
+    /// True when `message` is within its origin's marks and one of the
     /// filters matches it.
     fn had(&self, message: &Message) -> bool {
         message.id != 0
-            && (self.marks.get(&origin(message.id))).is_some_and(|&mark| message.id <= mark)
+            && (self.marks.get(&origin(message.id)))
+                .is_some_and(|&(low, high)| (low..=high).contains(&message.id))
             && (self.filters.iter()).any(|f| crate::router::topic::matches(f, &message.topic))
     }
 }

@@ -20,8 +20,8 @@
 //! them, skips among those (and among the copies that reach it later, for
 //! [`MOVED_IDS_KEPT`]) the ones it had from A already, by
 //! [`crate::message::Message::id`], and from then on skips any later copy
-//! at or below what reached the session on A (its marks per origin, sent
-//! with the last part). Nothing published between the two steps is lost
+//! within what reached the session on A (its marks per origin, the lowest
+//! and highest id, sent with the offer and again with the last part). Nothing published between the two steps is lost
 //! (both nodes take it) or delivered twice (the ids). A copy of a session
 //! born before the one the client was last told about (a partition let
 //! both live) is dropped on arrival.
@@ -232,7 +232,7 @@ struct Offer {
     /// What had reached the session there when it was offered
     /// ([`SessionOffer::seen`]): a move given up still skips late copies
     /// of those.
-    seen: Vec<(u32, u64)>,
+    seen: Vec<crate::cluster::frame::OriginMark>,
     /// Older than the session here, which its client was told about:
     /// what comes is dropped (the copy there ends).
     stale: bool,
