@@ -185,6 +185,9 @@ struct NodeSim {
     lanes: BTreeMap<(usize, usize), VecDeque<Batch>>,
     /// Peers this node's membership has up, by index.
     view: BTreeMap<usize, Node>,
+    /// New CONNECTs refused: the node sees no majority of the members
+    /// (`cluster.on_minority = refuse_connects`, the default).
+    refusing: bool,
 }
 
 struct Sim {
@@ -222,6 +225,8 @@ struct Sim {
     /// CONNECTs refused (0x88): a peer did not answer in time, or a
     /// peer's claim came first.
     refused: u64,
+    /// CONNECTs refused (0x88) by a node that saw no majority.
+    minority_refused: u64,
     /// Subscribers whose session's move a node gave up.
     splits: u64,
     crashes: u64,
@@ -269,6 +274,7 @@ impl Sim {
                 bridges: Vec::new(),
                 lanes: BTreeMap::new(),
                 view: BTreeMap::new(),
+                refusing: false,
             })
             .collect();
         let mut sim = Sim {
@@ -294,6 +300,7 @@ impl Sim {
             group_got: HashMap::new(),
             lost_sessions: 0,
             refused: 0,
+            minority_refused: 0,
             splits: 0,
             crashes: 0,
             partitions: 0,
@@ -358,9 +365,13 @@ impl Sim {
         let shards = self.shards;
         let mut config = self.config.clone();
         config.cluster.node_id = self.nodes[k].name.to_string();
+        // Every node is a member from the start (as its MEMBERS file
+        // says): alone, a node of two or three sees no majority.
+        let refuse = self.nodes.len() > 1;
         let node = &mut self.nodes[k];
         node.run += 1;
         node.up = true;
+        node.refusing = refuse;
         node.view.clear();
         node.lanes.clear();
         let boot = node.run * 1000 + k as u64;
@@ -395,7 +406,7 @@ impl Sim {
                     hello(node, j, shards),
                     settings.clone(),
                     config.cluster.routes_max,
-                    false,
+                    refuse,
                     self.now,
                     wall,
                 )
@@ -441,6 +452,18 @@ impl Sim {
         for j in 0..self.shards {
             self.nodes[k].bridges[j].on_peer_event(self.now, ev.clone());
             self.after(k, j);
+        }
+        // A majority is more than half the members up, this node included
+        // (`cluster::quorum`).
+        let refuse = 2 * (1 + self.nodes[k].view.len()) <= self.nodes.len();
+        if refuse != self.nodes[k].refusing {
+            self.nodes[k].refusing = refuse;
+            self.event(format_args!("node {k} refuses new CONNECTs: {refuse}"));
+            for j in 0..self.shards {
+                let ev = PeerEvent::Quorum { refuse };
+                self.nodes[k].bridges[j].on_peer_event(self.now, ev);
+                self.after(k, j);
+            }
         }
     }
 
@@ -571,6 +594,12 @@ impl Sim {
             match cores[accepting].handshake(&connect, Arrival::LOOPBACK, self.now) {
                 Handshake::Serve { assigned, .. } => (accepting, assigned),
                 Handshake::MoveTo { home, assigned, .. } => (home, assigned),
+                // The minority side of a partition refuses new CONNECTs:
+                // the client comes back later (its will was not taken).
+                Handshake::Refuse { code: 0x88, .. } if self.nodes[k].refusing => {
+                    self.minority_refused += 1;
+                    return;
+                }
                 Handshake::Refuse { code, .. } => {
                     self.fail(&format!("CONNECT refused 0x{code:02X}"))
                 }
@@ -1748,6 +1777,7 @@ impl Sim {
             breaks: self.breaks,
             lost_sessions: self.lost_sessions,
             refused: self.refused,
+            minority_refused: self.minority_refused,
             splits: self.splits,
             moved: self
                 .nodes
@@ -1790,6 +1820,7 @@ struct Outcome {
     breaks: u64,
     lost_sessions: u64,
     refused: u64,
+    minority_refused: u64,
     /// Subscribers whose session's move a node gave up.
     splits: u64,
     moved: u64,
@@ -1807,6 +1838,7 @@ impl std::ops::AddAssign for Outcome {
         self.breaks += o.breaks;
         self.lost_sessions += o.lost_sessions;
         self.refused += o.refused;
+        self.minority_refused += o.minority_refused;
         self.splits += o.splits;
         self.moved += o.moved;
         self.faulty += o.faulty;
@@ -1846,8 +1878,8 @@ fn seeded_cluster_runs() {
         "cluster simulator: {} seeds ({} with faults), {} messages published, {} deliveries \
          owed ({} of them wills of killed nodes' clients), {} of them lost ({} link breaks, {} partitions, {} node crashes, {} sessions \
          lost with their node or a move cut short); {} sessions moved between nodes, {} \
-         CONNECTs refused for a peer's late answer, {} sessions split by a move given up \
-         (their order across the split not checked)",
+         CONNECTs refused for a peer's late answer and {} by a node without a majority, {} \
+         sessions split by a move given up (their order across the split not checked)",
         seeds.len(),
         total.faulty,
         total.published,
@@ -1860,6 +1892,7 @@ fn seeded_cluster_runs() {
         total.lost_sessions,
         total.moved,
         total.refused,
+        total.minority_refused,
         total.splits
     );
 }

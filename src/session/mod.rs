@@ -374,6 +374,11 @@ pub struct Session {
     /// `held` reached the queue limit during the gathers outstanding: live
     /// deliveries go to the queue at once until they have all ended.
     held_released: bool,
+    /// Cluster mode: its connection's claim is not answered yet, or a
+    /// move into it is on (how many): what it has queued stays queued,
+    /// so that what another node's copy of it brings can be merged with
+    /// it in each publisher's order (`moving`).
+    queue_waits: (bool, u32),
     /// Messages this session took from another node when it moved here
     /// (their [`Message::id`]s): a copy that reaches it directly too is
     /// skipped, for a while after the move (`shard::moves`).
@@ -420,6 +425,7 @@ impl Session {
             gathers_pending: 0,
             held: VecDeque::new(),
             held_released: false,
+            queue_waits: (false, 0),
             moved_ids: None,
             seen: None,
             moved_marks: None,

@@ -66,6 +66,7 @@ impl Session {
     /// that what the other node held goes first.
     pub fn begin_move_in(&mut self) {
         self.begin_retained_gather();
+        self.queue_waits.1 += 1;
         // What it had before: a QoS 2 delivery that comes with the move
         // and that this copy went through already is not taken again.
         if self.pre_move.is_none() {
@@ -311,6 +312,7 @@ impl Session {
     /// while a retained gather is still out. Later copies of
     /// them are skipped too until [`Session::forget_moved_ids`].
     pub fn end_move_in(&mut self, now: Instant, ids: HashSet<u64>) {
+        self.queue_waits.1 = self.queue_waits.1.saturating_sub(1);
         // (And those the other node had before, by its marks.)
         for (m, d) in std::mem::take(&mut self.held) {
             let had = m.id != 0 && ids.contains(&m.id);
@@ -329,12 +331,30 @@ impl Session {
         // node only, its later ones both).
         if self.gathers_pending > 1 {
             self.end_retained_gather(now);
-            return;
+        } else {
+            self.gathers_pending = 0;
+            self.held_released = false;
+            let held = std::mem::take(&mut self.held).into_iter().collect();
+            self.merge_queued(now, held);
         }
-        self.gathers_pending = 0;
-        self.held_released = false;
-        let held = std::mem::take(&mut self.held).into_iter().collect();
-        self.merge_queued(now, held);
+        if self.is_connected() {
+            self.pump(now);
+        }
+    }
+
+    /// Its connection's claim went to the peers: what it has queued waits
+    /// for their answers (a move of the session here may come with them).
+    pub fn hold_queue(&mut self) {
+        self.queue_waits.0 = true;
+    }
+
+    /// The claim was answered (or waited long enough): the queue goes on,
+    /// unless a move into the session is still on.
+    pub fn release_queue(&mut self, now: Instant) {
+        self.queue_waits.0 = false;
+        if self.is_connected() {
+            self.pump(now);
+        }
     }
 
     /// Note that `message` reached the session (cluster mode: it has an

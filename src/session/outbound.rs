@@ -528,7 +528,7 @@ impl Session {
                 self.done(gone.stored);
             }
         }
-        while self.is_connected() {
+        while self.is_connected() && self.queue_waits == (false, 0) {
             let Some(front) = self.out.queue.front() else {
                 return;
             };

@@ -932,7 +932,7 @@ impl Bridge {
                     let from = (node.as_str(), index);
                     self.core.handle_remote_claims(now, from, claims, answer);
                 }
-                Frame::ClaimAcks { acks, .. } => self.core.handle_claim_acks(acks),
+                Frame::ClaimAcks { acks, .. } => self.core.handle_claim_acks(now, acks),
                 _ => {}
             }
             return;
@@ -1094,7 +1094,7 @@ impl Bridge {
                 };
                 let links = self.to_every_link(now, &frame, "claim", None);
                 // Its CONNACK waits for that many acknowledgements.
-                self.core.claim_sent(stamp, links);
+                self.core.claim_sent(now, stamp, links);
             }
             BridgeOut::MoveFenceDone { node, id } => {
                 // Numbered with the messages ahead of it (a link that

@@ -155,6 +155,10 @@ impl ShardCore {
         let (Some(r), Some(slot)) = (st.remote.as_mut(), st.sessions.get_mut(key)) else {
             return;
         };
+        // Nobody to wait for: the queue goes on.
+        if held.is_none() {
+            slot.session.release_queue(now);
+        }
         slot.claim = r.hlc.next(r.wall.to_ms(now));
         if created {
             slot.born = slot.claim;
@@ -197,10 +201,10 @@ impl ShardCore {
     /// connection's output waits for that many acknowledgements (none: it
     /// goes at once). A connection that resumes a session waits for
     /// [`CLAIM_WAIT`] and is refused when a member up was not asked.
-    pub fn claim_sent(&self, stamp: u64, links: usize) {
+    pub fn claim_sent(&self, now: Instant, stamp: u64, links: usize) {
         let mut st = self.state.borrow_mut();
         let members = st.remote.as_ref().map_or(0, |r| r.claims.members_up);
-        self.claim_answered(&mut st, stamp, |p| {
+        self.claim_answered(&mut st, now, stamp, |p| {
             p.sent = match (p.refuse, links < members) {
                 (Some(_), true) => Some(usize::MAX),
                 _ => Some(links),
@@ -210,7 +214,13 @@ impl ShardCore {
 
     /// Update the claim `stamp` waits for with `f`; release its output
     /// once every peer it was sent to acknowledged it.
-    fn claim_answered(&self, st: &mut State, stamp: u64, f: impl FnOnce(&mut Pending)) {
+    fn claim_answered(
+        &self,
+        st: &mut State,
+        now: Instant,
+        stamp: u64,
+        f: impl FnOnce(&mut Pending),
+    ) {
         let Some(r) = st.remote.as_mut() else {
             return;
         };
@@ -221,17 +231,29 @@ impl ShardCore {
         if p.sent.is_some_and(|n| p.acked >= n) {
             let ack = p.ack;
             r.claims.pending.remove(&stamp);
-            self.ack(st, ack);
+            self.claim_done(st, now, ack);
         }
     }
 
+    /// A claim waits no more: its session's queue goes on, and its output
+    /// once nothing else holds it.
+    fn claim_done(&self, st: &mut State, now: Instant, ack: AckTo) {
+        if let Some(slot) = st.sessions.get_mut(ack.session) {
+            if slot.uid == ack.uid {
+                slot.session.release_queue(now);
+            }
+        }
+        self.ack(st, ack);
+        self.drive(st, ack.session, now);
+    }
+
     /// Acknowledgements of this node's claims: each to its home shard.
-    pub fn handle_claim_acks(&self, acks: Vec<ClaimEntry>) {
+    pub fn handle_claim_acks(&self, now: Instant, acks: Vec<ClaimEntry>) {
         let mut st = self.state.borrow_mut();
         for a in acks {
             let home = home_shard(&a.client_id, self.shards);
             if home == self.id {
-                self.claim_acked(&mut st, &a);
+                self.claim_acked(&mut st, now, &a);
             } else {
                 self.mesh.send(home, MeshMsg::ClaimAck(a));
             }
@@ -239,8 +261,8 @@ impl ShardCore {
     }
 
     /// On the home shard: a peer acknowledged claim `a`.
-    pub(super) fn claim_acked(&self, st: &mut State, a: &ClaimEntry) {
-        self.claim_answered(st, a.stamp, |p| p.acked += 1);
+    pub(super) fn claim_acked(&self, st: &mut State, now: Instant, a: &ClaimEntry) {
+        self.claim_answered(st, now, a.stamp, |p| p.acked += 1);
     }
 
     /// Release the CONNACKs that waited [`CLAIM_WAIT`] for their claims'
@@ -271,7 +293,7 @@ impl ShardCore {
             if let Some(created) = refuse {
                 self.refuse_unanswered(st, now, ack, created);
             }
-            self.ack(st, ack);
+            self.claim_done(st, now, ack);
         }
     }
 
@@ -449,7 +471,7 @@ impl ShardCore {
         // declined): its output goes.
         let stamp = slot.claim;
         if refused {
-            self.claim_answered(st, stamp, |p| p.sent = Some(0));
+            self.claim_answered(st, now, stamp, |p| p.sent = Some(0));
         }
         self.drive(st, key, now);
         // Its client is back (on the other node): a will waiting for its

@@ -408,7 +408,14 @@ impl ShardCore {
         };
         st.last_conn_id += 1;
         let conn_id = st.last_conn_id;
+        let cluster = st.remote.is_some();
         let slot = st.sessions.get_mut(key).expect("just inserted or resumed");
+        // In a cluster, what it has queued waits for the claim's answers
+        // (`claim_connection`): a move of its copy on another node may
+        // come with them.
+        if cluster {
+            slot.session.hold_queue();
+        }
         // The new connection's will is this run's.
         slot.will_of_last_run = false;
         slot.session.set_acl(acl);

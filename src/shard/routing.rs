@@ -887,7 +887,7 @@ impl ShardCore {
                     }
                 }
                 MeshMsg::PeerClaim(c) => self.claimed_elsewhere(&mut st, now, &c),
-                MeshMsg::ClaimAck(a) => self.claim_acked(&mut st, &a),
+                MeshMsg::ClaimAck(a) => self.claim_acked(&mut st, now, &a),
                 MeshMsg::MoveFence { id, home } => Self::move_fence_asked(&mut st, id, home),
                 MeshMsg::MoveFencePassed { id } => self.move_fence_part(&mut st, now, id),
                 MeshMsg::SessionMove { from, frame } => {

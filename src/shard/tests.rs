@@ -896,15 +896,15 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
         other => panic!("the connection's claim: {other:?}"),
     };
     // Sent to two peers: CONNACK after both acknowledged.
-    c.claim_sent(stamp, 2);
+    c.claim_sent(t0, stamp, 2);
     let mine = ClaimEntry {
         client_id: "dev".into(),
         stamp,
         clean_start: true,
     };
-    c.handle_claim_acks(vec![mine.clone()]);
+    c.handle_claim_acks(t0, vec![mine.clone()]);
     assert!(written(&c, &conn, Version::V5).is_empty(), "one of two");
-    c.handle_claim_acks(vec![mine]);
+    c.handle_claim_acks(t0, vec![mine]);
     assert!(matches!(
         &written(&c, &conn, Version::V5)[..],
         [Packet::ConnAck(_)]
@@ -917,7 +917,7 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
         [super::BridgeOut::Claim(claim)] => claim.stamp,
         other => panic!("{other:?}"),
     };
-    c.claim_sent(late_stamp, 1);
+    c.claim_sent(t0, late_stamp, 1);
     c.handle_tick(t0 + super::claims::CLAIM_WAIT - Duration::from_millis(1));
     assert!(written(&c, &late, Version::V5).is_empty());
     c.handle_tick(t0 + super::claims::CLAIM_WAIT);
