@@ -1713,6 +1713,12 @@ impl Sim {
                 wills_owed += u64::from(s.will_of.is_some());
                 if !got {
                     lost += 1;
+                    // A session whose move a node gave up, killed with the
+                    // session on its way (nothing is replicated yet), lost
+                    // what it held there, wills too.
+                    if client.split && self.faults == Faults::Crashes {
+                        continue;
+                    }
                     let slot = match s.will_of {
                         Some(_) => &mut will_failure,
                         None => &mut failure,

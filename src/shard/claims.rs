@@ -162,6 +162,7 @@ impl ShardCore {
         slot.claim = r.hlc.next(r.wall.to_ms(now));
         if created {
             slot.born = slot.claim;
+            slot.born_told = held.is_none();
         }
         let client_id = slot.session.client_id().clone();
         if let Some(ack) = held {
@@ -231,16 +232,21 @@ impl ShardCore {
         if p.sent.is_some_and(|n| p.acked >= n) {
             let ack = p.ack;
             r.claims.pending.remove(&stamp);
-            self.claim_done(st, now, ack);
+            self.claim_done(st, now, ack, stamp);
         }
     }
 
     /// A claim waits no more: its session's queue goes on, and its output
     /// once nothing else holds it.
-    fn claim_done(&self, st: &mut State, now: Instant, ack: AckTo) {
+    fn claim_done(&self, st: &mut State, now: Instant, ack: AckTo, stamp: u64) {
         if let Some(slot) = st.sessions.get_mut(ack.session) {
             if slot.uid == ack.uid {
                 slot.session.release_queue(now);
+                // Its CONNACK goes: a copy it created is the one the client
+                // knows.
+                if slot.born == stamp && slot.session.is_connected() {
+                    slot.born_told = true;
+                }
             }
         }
         self.ack(st, ack);
@@ -281,9 +287,9 @@ impl ShardCore {
             .filter(|(_, p)| now.saturating_duration_since(p.since) >= CLAIM_WAIT)
             .map(|(&stamp, _)| stamp)
             .collect();
-        for k in overdue {
+        for stamp in overdue {
             let held = st.remote.as_mut().and_then(|r| {
-                let p = r.claims.pending.remove(&k)?;
+                let p = r.claims.pending.remove(&stamp)?;
                 r.claims.unanswered += 1;
                 Some((p.ack, p.refuse))
             });
@@ -293,7 +299,7 @@ impl ShardCore {
             if let Some(created) = refuse {
                 self.refuse_unanswered(st, now, ack, created);
             }
-            self.claim_done(st, now, ack);
+            self.claim_done(st, now, ack, stamp);
         }
     }
 

@@ -261,6 +261,10 @@ struct SessionSlot {
     /// restored from the log). Of two copies that a partition let live,
     /// the one born later is the one its client was last told about.
     born: u64,
+    /// Its client was told about the copy `born` names (the CONNACK that
+    /// said it was new went): only then does `born` make an older copy
+    /// stale.
+    born_told: bool,
     /// Restored from the log and not connected since: its will is the
     /// previous run's, which the peers published already (this node
     /// publishes it to its own subscribers only, and exports it not).
@@ -295,6 +299,7 @@ impl SessionSlot {
             will_of_last_run: false,
             claim: 0,
             born: 0,
+            born_told: false,
             username: None,
             token_rules: None,
             counted_queued: 0,

@@ -336,7 +336,9 @@ impl ShardCore {
             .iter()
             .map(|(f, s)| (f.clone(), s.clone()))
             .collect();
-        let (uid, born, seen) = (slot.uid, slot.born, slot.session.seen_marks());
+        // (A copy its client was never told about is no newer than any.)
+        let born = if slot.born_told { slot.born } else { 0 };
+        let (uid, seen) = (slot.uid, slot.session.seen_marks());
         // Offered before to another node: it goes here instead.
         Self::withdraw_offers(st, &client_id, Some(c.index));
         let Some(r) = st.remote.as_mut() else {
@@ -534,8 +536,28 @@ impl ShardCore {
             return;
         };
         // Taken meanwhile from that very node, for a later claim: it stays.
-        let uid = (!Self::comes_here_later(st, &f.client_id, f.to, f.claim)).then_some(f.uid);
-        self.send_session(st, now, f.to, f.client_id, f.claim, uid);
+        if Self::comes_here_later(st, &f.client_id, f.to, f.claim) {
+            self.send_session(st, now, f.to, f.client_id, f.claim, None);
+            return;
+        }
+        // Coming here meanwhile from a third node: it goes once all of it
+        // is here (what that node brings would find the session gone).
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
+        let elsewhere = r.moves.out.get(&f.client_id).is_some_and(|m| m.to != f.to);
+        if r.moves.inbound.contains_key(&f.client_id) && !elsewhere {
+            let m = r.moves.out.entry(f.client_id).or_insert(MoveOut {
+                to: f.to,
+                uid: f.uid,
+                since: f.since,
+                claim: f.promised,
+                deferred: None,
+            });
+            m.deferred = Some(f.claim);
+            return;
+        }
+        self.send_session(st, now, f.to, f.client_id, f.claim, Some(f.uid));
     }
 
     /// True when the session of `client_id` is coming here from peer
@@ -721,16 +743,15 @@ impl ShardCore {
             return;
         };
         // Created by the CONNECT waiting now (its CONNACK has not gone),
-        // or without subscriptions: it becomes the offered copy. Otherwise
-        // its client was told about it: an offered copy born before it is
-        // older than what the client knows (a partition let both live),
+        // or without subscriptions: it becomes the offered copy. Otherwise,
+        // if its client was told about it, an offered copy born before it
+        // is older than what the client knows (a partition let both live),
         // and only ends there.
         let fresh = slot.session.subscriptions().is_empty() || slot.born == slot.claim;
-        let stale = !fresh && o.born != 0 && slot.born > o.born;
-        if fresh {
+        let stale = !fresh && slot.born_told && o.born != 0 && slot.born > o.born;
+        if fresh || (!stale && o.born > slot.born) {
             slot.born = o.born;
-        } else if !stale {
-            slot.born = slot.born.max(o.born);
+            slot.born_told = o.born != 0;
         }
         slot.session.begin_move_in();
         let output = self.hold_output(st, key, 1);
