@@ -17,7 +17,10 @@
 //! breaks, a partition between two sides (the links stall until their
 //! keep-alive gives up; membership declares the other side down 1.5 to
 //! 3 s later and up again after the heal), and a node killed and started
-//! again as a new run. A last phase heals everything, reconnects every
+//! again as a new run. Every node runs the default minority policy
+//! (`cluster.on_minority = refuse_connects`): while its membership shows
+//! no more than half of the nodes up, a new CONNECT is refused (0x88) and
+//! its client comes back later. A last phase heals everything, reconnects every
 //! client and runs until the cluster is quiet, then checks:
 //!
 //! - without faults, every QoS 1/2 message the broker acknowledged reached
@@ -544,6 +547,30 @@ impl Sim {
                 self.clients[c].next_seq + 1
             );
         }
+        // The minority side of a partition refuses new CONNECTs: the
+        // client comes back later, its state as it was (an older
+        // connection stays, its will and what it has in flight with it).
+        if self.nodes[k].refusing {
+            let probe = Connect {
+                version: self.clients[c].version,
+                clean_start: true,
+                keep_alive: 0,
+                client_id: self.clients[c].id.clone(),
+                will: None,
+                username: None,
+                password: None,
+                properties: Properties::default(),
+            };
+            let accepting = self.rng.below(self.shards as u64) as usize;
+            let core = &self.nodes[k].cores[accepting];
+            match core.handshake(&probe, Arrival::LOOPBACK, self.now) {
+                Handshake::Refuse { code: 0x88, .. } => {
+                    self.minority_refused += 1;
+                    return;
+                }
+                _ => self.fail("a node without a majority took a CONNECT"),
+            }
+        }
         let client = &mut self.clients[c];
         let clean = !matches!(client.role, Role::Subscriber { .. });
         if clean {
@@ -594,12 +621,6 @@ impl Sim {
             match cores[accepting].handshake(&connect, Arrival::LOOPBACK, self.now) {
                 Handshake::Serve { assigned, .. } => (accepting, assigned),
                 Handshake::MoveTo { home, assigned, .. } => (home, assigned),
-                // The minority side of a partition refuses new CONNECTs:
-                // the client comes back later (its will was not taken).
-                Handshake::Refuse { code: 0x88, .. } if self.nodes[k].refusing => {
-                    self.minority_refused += 1;
-                    return;
-                }
                 Handshake::Refuse { code, .. } => {
                     self.fail(&format!("CONNECT refused 0x{code:02X}"))
                 }

@@ -318,8 +318,9 @@ pub struct SessionOffer {
 
 /// The messages of one origin (the high half of
 /// [`crate::message::Message::id`]) that reached a session: the lowest
-/// and the highest id. Those between went through a subscription the
-/// session had meanwhile; those below came before it had any.
+/// and the highest id. Those between that its subscriptions matched
+/// reached it (taken as had: a copy merged from elsewhere keeps its own
+/// range unless the two overlap); those below came before it had any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OriginMark {
     /// The origin.

@@ -374,11 +374,12 @@ pub struct Session {
     /// `held` reached the queue limit during the gathers outstanding: live
     /// deliveries go to the queue at once until they have all ended.
     held_released: bool,
-    /// Cluster mode: its connection's claim is not answered yet, or a
-    /// move into it is on (how many): what it has queued stays queued,
-    /// so that what another node's copy of it brings can be merged with
-    /// it in each publisher's order (`moving`).
-    queue_waits: (bool, u32),
+    /// Cluster mode: its connections' claims not answered yet, and the
+    /// moves into it that are on (how many of each): while either is not
+    /// 0, what it has queued stays queued and a new delivery queues behind
+    /// it, so that what another node's copy of it brings can be merged
+    /// with it in each publisher's order (`moving`).
+    queue_waits: (u32, u32),
     /// Messages this session took from another node when it moved here
     /// (their [`Message::id`]s): a copy that reaches it directly too is
     /// skipped, for a while after the move (`shard::moves`).
@@ -392,6 +393,9 @@ pub struct Session {
     /// of those within its origin's marks was had there, and is
     /// skipped (one that a long partition held back on its way here).
     moved_marks: Option<Box<moving::MovedMarks>>,
+    /// The marks of offers whose move was given up: QoS 2 copies within
+    /// them are skipped ([`Session::take_marks`]).
+    given_up_marks: Option<Box<moving::MovedMarks>>,
     /// Its own marks and subscriptions when a move into it began.
     pre_move: Option<Box<moving::MovedMarks>>,
     ended: bool,
@@ -425,10 +429,11 @@ impl Session {
             gathers_pending: 0,
             held: VecDeque::new(),
             held_released: false,
-            queue_waits: (false, 0),
+            queue_waits: (0, 0),
             moved_ids: None,
             seen: None,
             moved_marks: None,
+            given_up_marks: None,
             pre_move: None,
             ended: false,
             acl: None,

@@ -316,7 +316,7 @@ impl Session {
         // (And those the other node had before, by its marks.)
         for (m, d) in std::mem::take(&mut self.held) {
             let had = m.id != 0 && ids.contains(&m.id);
-            match had || self.had_before_move(&m) {
+            match had || self.had_before_move(&m, d.qos.min(m.qos)) {
                 true => self.done(d.stored),
                 false => self.held.push_back((m, d)),
             }
@@ -345,13 +345,13 @@ impl Session {
     /// Its connection's claim went to the peers: what it has queued waits
     /// for their answers (a move of the session here may come with them).
     pub fn hold_queue(&mut self) {
-        self.queue_waits.0 = true;
+        self.queue_waits.0 += 1;
     }
 
-    /// The claim was answered (or waited long enough): the queue goes on,
-    /// unless a move into the session is still on.
+    /// A claim was answered (or waited long enough): the queue goes on,
+    /// unless another claim or a move into the session is still on.
     pub fn release_queue(&mut self, now: Instant) {
-        self.queue_waits.0 = false;
+        self.queue_waits.0 = self.queue_waits.0.saturating_sub(1);
         if self.is_connected() {
             self.pump(now);
         }
@@ -379,17 +379,26 @@ impl Session {
     }
 
     /// Take the marks of the node the session moved from (`marks`, sent
-    /// with its last part) and the subscriptions it had there
-    /// (`filters`): later live copies within them are skipped.
-    pub fn take_marks(&mut self, marks: &[OriginMark], filters: Vec<String>) {
-        let moved = self.moved_marks.get_or_insert_with(Box::default);
+    /// with its offer and again with its last part) and the subscriptions
+    /// it had there (`filters`): later live copies within them are
+    /// skipped. `whole`: all of it came, and the session here has what it
+    /// had there. Else (the move was given up) the copy there lives on,
+    /// or was lost with its node: only QoS 2 copies are skipped (a
+    /// duplicate is allowed at QoS 1, a loss is not), and the session's
+    /// own marks stay its own.
+    pub fn take_marks(&mut self, marks: &[OriginMark], filters: Vec<String>, whole: bool) {
+        let slot = match whole {
+            true => &mut self.moved_marks,
+            false => &mut self.given_up_marks,
+        };
+        let moved = slot.get_or_insert_with(Box::default);
         for m in marks {
             if origin(m.low) != m.origin || origin(m.high) != m.origin || m.low > m.high {
                 continue;
             }
-            for id in [m.low, m.high] {
-                raise_mark(&mut moved.marks, m.origin, id);
-                raise_mark(self.seen.get_or_insert_with(Box::default), m.origin, id);
+            merge_range(&mut moved.marks, m);
+            if whole {
+                merge_range(self.seen.get_or_insert_with(Box::default), m);
             }
         }
         for f in filters {
@@ -400,9 +409,11 @@ impl Session {
     }
 
     /// True when the node the session moved from had `message` (a copy
-    /// that reached this node by another path, late).
-    pub(super) fn had_before_move(&self, message: &Message) -> bool {
+    /// that reached this node by another path, late), delivered at `qos`.
+    pub(super) fn had_before_move(&self, message: &Message, qos: QoS) -> bool {
         self.moved_marks.as_deref().is_some_and(|m| m.had(message))
+            || (qos == QoS::ExactlyOnce
+                && (self.given_up_marks.as_deref()).is_some_and(|m| m.had(message)))
     }
 
     /// Stop looking for copies of moved messages.
@@ -460,8 +471,25 @@ pub const MARKED_ORIGINS_MAX: usize = 256;
 /// Filters of the sessions it moved from that a session keeps marks for.
 pub const MARKED_FILTERS_MAX: usize = 4096;
 
-/// Widen `marks`' range of origin `o` to take in `id`, within
-/// [`MARKED_ORIGINS_MAX`].
+/// Take in `m`, another copy's range of its origin, within
+/// [`MARKED_ORIGINS_MAX`]: two that overlap become one; of two apart,
+/// the later is kept (the ids between reached neither copy, and must not
+/// be taken as had).
+fn merge_range(marks: &mut HashMap<u32, (u64, u64)>, m: &OriginMark) {
+    if marks.len() >= MARKED_ORIGINS_MAX && !marks.contains_key(&m.origin) {
+        return;
+    }
+    let (low, high) = marks.entry(m.origin).or_insert((m.low, m.high));
+    if m.low <= *high && m.high >= *low {
+        *low = (*low).min(m.low);
+        *high = (*high).max(m.high);
+    } else if m.low > *high {
+        (*low, *high) = (m.low, m.high);
+    }
+}
+
+/// Widen `marks`' range of origin `o` to take in `id` (one that reached
+/// the session itself), within [`MARKED_ORIGINS_MAX`].
 fn raise_mark(marks: &mut HashMap<u32, (u64, u64)>, o: u32, id: u64) {
     if marks.len() >= MARKED_ORIGINS_MAX && !marks.contains_key(&o) {
         return;

@@ -240,7 +240,8 @@ impl Session {
     /// than be dropped: an acknowledged message is worth more than the
     /// retained ones coming first.
     pub fn deliver(&mut self, now: Instant, message: &Arc<Message>, delivery: Delivery) {
-        if self.moved_here(message) || self.had_before_move(message) {
+        if self.moved_here(message) || self.had_before_move(message, delivery.qos.min(message.qos))
+        {
             self.done(delivery.stored);
             return;
         }
@@ -349,7 +350,7 @@ impl Session {
             }
             self.send_publish(now, message, &delivery, 0, false);
             self.done(delivery.stored);
-        } else if self.out.queue.is_empty() && self.window_open() {
+        } else if self.out.queue.is_empty() && self.window_open() && self.queue_waits == (0, 0) {
             self.start_inflight(now, message.clone(), delivery);
         } else {
             self.enqueue(now, message, delivery);
@@ -513,7 +514,8 @@ impl Session {
     }
 
     /// Move queued messages into the window while it has room: first the
-    /// in-flight ones a reconnect left unsent, then the queue.
+    /// in-flight ones a reconnect left unsent, then the queue (unless it
+    /// waits: `queue_waits`).
     pub(super) fn pump(&mut self, now: Instant) {
         while self.out.unsent > 0 && self.window_open() {
             let i = self
@@ -528,7 +530,7 @@ impl Session {
                 self.done(gone.stored);
             }
         }
-        while self.is_connected() && self.queue_waits == (false, 0) {
+        while self.is_connected() && self.queue_waits == (0, 0) {
             let Some(front) = self.out.queue.front() else {
                 return;
             };

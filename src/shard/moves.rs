@@ -21,17 +21,18 @@
 //! [`MOVED_IDS_KEPT`]) the ones it had from A already, by
 //! [`crate::message::Message::id`], and from then on skips any later copy
 //! within what reached the session on A (its marks per origin, the lowest
-//! and highest id, sent with the offer and again with the last part). Nothing published between the two steps is lost
-//! (both nodes take it) or delivered twice (the ids). A copy of a session
-//! born before the one the client was last told about (a partition let
-//! both live) is dropped on arrival.
+//! and highest id, sent with the offer and again with the last part).
+//! Nothing published between the two steps is lost (both nodes take it)
+//! or delivered twice (the ids). A copy of a session born before the one
+//! the client was last told about (a partition let both live) is dropped
+//! on arrival.
 //!
 //! A move that takes longer than [`MOVE_WAIT`] lets the CONNACK go (the
 //! subscriptions are here; the messages still wait, so that their order
 //! holds); one that takes longer than [`MOVE_GIVE_UP`], or whose other
 //! node is declared down, is given up on both sides (counted): B delivers
-//! what it held, A keeps its session, and parts that come after are
-//! dropped (counted). What a link loses during a move (a broken link, a
+//! what it held but QoS 2 messages within the marks of A's offer, A keeps
+//! its session, and parts that come after are dropped (counted). What a link loses during a move (a broken link, a
 //! killed node) is lost with it: nothing is replicated yet.
 
 use std::collections::VecDeque;
@@ -1005,7 +1006,7 @@ impl ShardCore {
                 slot.session.take_qos2_in(&part.qos2_in);
             }
             if let Some(filters) = offered {
-                slot.session.take_marks(&part.seen, filters);
+                slot.session.take_marks(&part.seen, filters, true);
             }
         }
         if let Some(m) = st
@@ -1098,7 +1099,8 @@ impl ShardCore {
             // one of those is no more this copy's than if the rest had
             // come (the last part brought marks at least as high).
             if end == MoveEnd::GivenUp {
-                slot.session.take_marks(&offer.seen, offer.offered.clone());
+                slot.session
+                    .take_marks(&offer.seen, offer.offered.clone(), false);
             }
             slot.session.end_move_in(now, ids);
         }
