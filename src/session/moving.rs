@@ -190,7 +190,6 @@ impl Session {
                     }
                 }
             }
-            let stage = Awaiting::of(i.delivery.qos, i.released);
             if let Some(id) = i.delivery.stored {
                 let packet_id = i.packet_id;
                 self.journal.push_back(Journal::Sent { id, packet_id });
@@ -198,16 +197,7 @@ impl Session {
                     self.journal.push_back(Journal::Released { id });
                 }
             }
-            self.out.inflight.push_back(Inflight {
-                packet_id: i.packet_id,
-                message: i.message,
-                qos: i.delivery.qos,
-                retain: i.delivery.retain,
-                subscription_ids: i.delivery.subscription_ids,
-                stored: i.delivery.stored,
-                stage,
-                sent: false,
-            });
+            self.out.inflight.push_back(Inflight::restored(i, false));
             self.out.unsent += 1;
         }
         // Those in flight go again first: a queued delivery may go out at

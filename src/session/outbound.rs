@@ -52,6 +52,23 @@ pub(super) struct Inflight {
     pub(super) sent: bool,
 }
 
+impl Inflight {
+    /// One in flight that a log or another node handed back (`sent`: on
+    /// the connection to come, as a restored session's are counted).
+    pub(super) fn restored(i: super::RestoredInflight, sent: bool) -> Inflight {
+        Inflight {
+            packet_id: i.packet_id,
+            stage: Awaiting::of(i.delivery.qos, i.released),
+            message: i.message,
+            qos: i.delivery.qos,
+            retain: i.delivery.retain,
+            subscription_ids: i.delivery.subscription_ids,
+            stored: i.delivery.stored,
+            sent,
+        }
+    }
+}
+
 /// A message waiting for the window or for the client to come back.
 #[derive(Debug, Clone)]
 pub(super) struct Queued {

@@ -239,14 +239,12 @@ impl ShardCore {
     /// A claim waits no more: its session's queue goes on, and its output
     /// once nothing else holds it.
     fn claim_done(&self, st: &mut State, now: Instant, ack: AckTo, stamp: u64) {
-        if let Some(slot) = st.sessions.get_mut(ack.session) {
-            if slot.uid == ack.uid {
-                slot.session.release_queue(now);
-                // Its CONNACK goes: a copy it created is the one the client
-                // knows.
-                if slot.born == stamp && slot.session.is_connected() {
-                    slot.born_told = true;
-                }
+        if let Some(slot) = Self::acked_slot(st, &ack) {
+            slot.session.release_queue(now);
+            // Its CONNACK goes: a copy it created is the one the client
+            // knows.
+            if slot.born == stamp && slot.session.is_connected() {
+                slot.born_told = true;
             }
         }
         self.ack(st, ack);
@@ -309,11 +307,7 @@ impl ShardCore {
     /// it has none, and a session it created here ends. The client's next
     /// CONNECT asks again.
     fn refuse_unanswered(&self, st: &mut State, now: Instant, ack: AckTo, created: bool) {
-        let Some(slot) = st
-            .sessions
-            .get_mut(ack.session)
-            .filter(|s| s.uid == ack.uid)
-        else {
+        let Some(slot) = Self::acked_slot(st, &ack) else {
             return;
         };
         if !slot.session.refuse_connect(now) {

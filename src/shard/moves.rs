@@ -44,7 +44,7 @@ use crate::cluster::frame::{Frame, MovedDelivery, SessionMoved, SessionOffer};
 use crate::hash::{HashMap, HashSet};
 use crate::message::Message;
 use crate::persist::Scope;
-use crate::session::{Delivery, RestoredInflight};
+use crate::session::{Delivery, RestoredInflight, Subscription};
 use crate::text::quote;
 
 use super::claims::PeerClaim;
@@ -813,12 +813,7 @@ impl ShardCore {
             if let Some(offer) = offer {
                 offer.offered.push(filter.clone());
             }
-            let taken = st
-                .sessions
-                .get_mut(key)
-                .is_some_and(|s| s.session.take_subscription(&filter, sub.clone()));
-            if taken {
-                Self::durable_subscription(st, key, &filter, Some(&sub));
+            if Self::take_subscription(st, key, &filter, &sub) {
                 self.route_moved(st, key, &filter, sub);
                 let offer = Self::offer_mut(st, &o.client_id, from);
                 if let Some(offer) = offer {
@@ -828,6 +823,23 @@ impl ShardCore {
         }
         Self::send_takes(st, &o.client_id);
         Self::after_step(st, key, now);
+    }
+
+    /// Session `key` takes subscription `filter` from the node it moves
+    /// from (logged), unless it has its own (`Session::take_subscription`):
+    /// true when taken, for the caller to route.
+    fn take_subscription(
+        st: &mut State,
+        key: SessionKey,
+        filter: &str,
+        sub: &Subscription,
+    ) -> bool {
+        let taken = (st.sessions.get_mut(key))
+            .is_some_and(|s| s.session.take_subscription(filter, sub.clone()));
+        if taken {
+            Self::durable_subscription(st, key, filter, Some(sub));
+        }
+        taken
     }
 
     /// The offer from peer `from` of the move of `client_id`'s session
@@ -1111,12 +1123,7 @@ impl ShardCore {
             .into_iter()
             .filter(|_| end == MoveEnd::Whole && still)
         {
-            let taken = st
-                .sessions
-                .get_mut(key)
-                .is_some_and(|s| s.session.take_subscription(&filter, sub.clone()));
-            if taken {
-                Self::durable_subscription(st, key, &filter, Some(&sub));
+            if Self::take_subscription(st, key, &filter, &sub) {
                 self.subscribe(st, key, &filter, sub, false);
             }
         }

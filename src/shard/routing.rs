@@ -691,6 +691,16 @@ impl ShardCore {
         })
     }
 
+    /// The session `ack` waits for, if it is still that one.
+    pub(super) fn acked_slot<'a>(
+        st: &'a mut State,
+        ack: &AckTo,
+    ) -> Option<&'a mut super::SessionSlot> {
+        st.sessions
+            .get_mut(ack.session)
+            .filter(|s| s.uid == ack.uid)
+    }
+
     /// Send `ack` to its shard, or take it here when it is this shard's.
     pub(super) fn ack(&self, st: &mut State, ack: AckTo) {
         if ack.shard == self.id {
@@ -707,11 +717,7 @@ impl ShardCore {
             Self::move_route_acked(st, ack);
             return;
         }
-        let Some(slot) = st
-            .sessions
-            .get_mut(ack.session)
-            .filter(|s| s.uid == ack.uid)
-        else {
+        let Some(slot) = Self::acked_slot(st, &ack) else {
             return;
         };
         if slot.held_acks > 0 {
