@@ -47,6 +47,7 @@ fn message_record() -> Rec {
         properties: Properties::default(),
         expires_at: None,
         publisher: Some("device-17".into()),
+        id: 0,
     });
     Rec::Message {
         id: 123_456,

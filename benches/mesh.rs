@@ -32,6 +32,7 @@ fn message() -> Arc<Message> {
         properties: Properties::default(),
         expires_at: None,
         publisher: None,
+        id: 0,
     })
 }
 

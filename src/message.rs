@@ -34,6 +34,14 @@ pub struct Message {
     pub expires_at: Option<Instant>,
     /// The publishing client, for No Local. `None` for broker-made messages.
     pub publisher: Option<ClientId>,
+    /// Its number in the cluster (0: none): given where a node accepts it
+    /// and carried to the other nodes with it, so that a session moving
+    /// between nodes takes each message once even when both nodes had it
+    /// (`shard::moves`). The high 32 bits name its origin (one run of one
+    /// shard, hashed), the low 32 count up there: two messages of one
+    /// origin compare in the order they were accepted. Not kept in the
+    /// log.
+    pub id: u64,
 }
 
 /// Payloads up to this size are copied out of the connection's read buffer
@@ -67,6 +75,7 @@ impl Message {
             properties: Properties::default(),
             expires_at: None,
             publisher: None,
+            id: 0,
         }
     }
 
@@ -91,6 +100,7 @@ impl Message {
             properties,
             expires_at,
             publisher,
+            id: 0,
         }
     }
 
@@ -110,6 +120,7 @@ impl Message {
             properties,
             expires_at,
             publisher: None,
+            id: 0,
         }
     }
 

@@ -152,6 +152,7 @@ fn retained_message(topic: &str, payload: String) -> Arc<Message> {
         properties: Properties::default(),
         expires_at: None,
         publisher: None,
+        id: 0,
     })
 }
 

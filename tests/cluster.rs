@@ -803,6 +803,90 @@ async fn a_client_id_connecting_on_another_node_takes_the_first_connection_over(
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// One session per client id in the cluster: a persistent session
+/// follows its client to another node. A QoS 1 subscriber on a goes
+/// away; 100 messages published on c wait in its session there; it
+/// connects on b: Session Present, all 100 in order, and the
+/// subscription works from b. Back on a, the session moves back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_follows_its_client_to_another_node() {
+    use shardmq::codec::{PubResp, QoS, Version};
+    let dir = temp_dir("cluster-move");
+    let [a, b, c] = three_nodes(&dir);
+    let v = Version::V3_1_1;
+    let (mut sub, ack) = common::Raw::connect(a.addr, v, "mover", false);
+    assert!(!ack.session_present);
+    sub.subscribe(1, "mv/#", QoS::AtLeastOnce);
+    drop(sub);
+    let mut publisher = client::v3::connect(client::v3::options(c.addr, "pub-c")).await;
+    for i in 0..100 {
+        publisher
+            .publish_acked(&format!("mv/{i}"), false, format!("m{i}").as_bytes())
+            .await;
+    }
+    fn take(sub: &mut common::Raw, want: &str) {
+        let p = sub.recv_publish();
+        assert_eq!(&p.payload[..], want.as_bytes());
+        sub.send(&shardmq::codec::Packet::PubAck(PubResp {
+            packet_id: p.packet_id,
+            reason: 0,
+            properties: Default::default(),
+        }));
+    }
+    let addr = b.addr;
+    let mut sub = tokio::task::spawn_blocking(move || {
+        let (mut sub, ack) = common::Raw::connect(addr, v, "mover", false);
+        assert!(ack.session_present, "the session came from a");
+        for i in 0..100 {
+            take(&mut sub, &format!("m{i}"));
+        }
+        sub
+    })
+    .await
+    .unwrap();
+    wait_log(
+        &a,
+        "cluster: client \"mover\" connected on node \"b\": its session moves there (100 deliveries)",
+        10,
+    );
+    assert_eq!(
+        metric_sum(&a, "shardmq_cluster_sessions_moved_out_total{"),
+        1
+    );
+    assert_eq!(
+        metric_sum(&b, "shardmq_cluster_sessions_moved_in_total{"),
+        1
+    );
+    assert_eq!(
+        metric_sum(&b, "shardmq_cluster_move_deliveries_lost_total{"),
+        0
+    );
+    publisher.publish_acked("mv/after", false, b"after").await;
+    let sub = tokio::task::spawn_blocking(move || {
+        take(&mut sub, "after");
+        sub
+    })
+    .await
+    .unwrap();
+    drop(sub);
+    publisher.publish_acked("mv/back", false, b"back").await;
+    let addr = a.addr;
+    tokio::task::spawn_blocking(move || {
+        let (mut sub, ack) = common::Raw::connect(addr, v, "mover", false);
+        assert!(ack.session_present, "the session came back from b");
+        take(&mut sub, "back");
+        sub.expect_silence(Duration::from_millis(500));
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        metric_sum(&a, "shardmq_cluster_sessions_moved_in_total{"),
+        1
+    );
+    drop((publisher, a, b, c));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A client that connects with Clean Start on another node ends the
 /// session it had on the first, as a Clean Start there would: coming back
 /// to the first node finds no session.

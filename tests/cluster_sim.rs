@@ -17,7 +17,10 @@
 //! breaks, a partition between two sides (the links stall until their
 //! keep-alive gives up; membership declares the other side down 1.5 to
 //! 3 s later and up again after the heal), and a node killed and started
-//! again as a new run. A last phase heals everything, reconnects every
+//! again as a new run. Every node runs the default minority policy
+//! (`cluster.on_minority = refuse_connects`): while its membership shows
+//! no more than half of the nodes up, a new CONNECT is refused (0x88) and
+//! its client comes back later. A last phase heals everything, reconnects every
 //! client and runs until the cluster is quiet, then checks:
 //!
 //! - without faults, every QoS 1/2 message the broker acknowledged reached
@@ -60,6 +63,7 @@ use shardmq::cluster::node::{Node, NodeName};
 use shardmq::cluster::secret::ClusterSecret;
 use shardmq::codec::{Connect, Packet, Properties, Publish, QoS, Subscribe, Version, Will};
 use shardmq::persist::WallClock;
+use shardmq::shard::admin::{AdminAnswer, AdminRequest};
 use shardmq::shard::bridge::{Bridge, Dial, LinkId, PeerEvent};
 use shardmq::shard::mesh::{Batch, Mesh};
 use shardmq::shard::{Arrival, ConnHandle, Handshake, ShardCore};
@@ -110,6 +114,10 @@ struct Client {
     /// session they have (None: not subscribed in it).
     subscribed_at: Option<u64>,
     connacked: bool,
+    /// A move of its session was given up: two nodes held it for a while,
+    /// and the messages each held may reach it out of their publisher's
+    /// order when they meet (counted, not checked).
+    split: bool,
     next_seq: u64,
     /// Probes: topic → payload of the retained messages read.
     retained: BTreeMap<String, Bytes>,
@@ -180,6 +188,9 @@ struct NodeSim {
     lanes: BTreeMap<(usize, usize), VecDeque<Batch>>,
     /// Peers this node's membership has up, by index.
     view: BTreeMap<usize, Node>,
+    /// New CONNECTs refused: the node sees no majority of the members
+    /// (`cluster.on_minority = refuse_connects`, the default).
+    refusing: bool,
 }
 
 struct Sim {
@@ -214,6 +225,13 @@ struct Sim {
     /// Subscribers whose session a crash took: what was owed before is
     /// not any more.
     lost_sessions: u64,
+    /// CONNECTs refused (0x88): a peer did not answer in time, or a
+    /// peer's claim came first.
+    refused: u64,
+    /// CONNECTs refused (0x88) by a node that saw no majority.
+    minority_refused: u64,
+    /// Subscribers whose session's move a node gave up.
+    splits: u64,
     crashes: u64,
     partitions: u64,
     breaks: u64,
@@ -259,6 +277,7 @@ impl Sim {
                 bridges: Vec::new(),
                 lanes: BTreeMap::new(),
                 view: BTreeMap::new(),
+                refusing: false,
             })
             .collect();
         let mut sim = Sim {
@@ -283,6 +302,9 @@ impl Sim {
             owed_by: HashMap::new(),
             group_got: HashMap::new(),
             lost_sessions: 0,
+            refused: 0,
+            minority_refused: 0,
+            splits: 0,
             crashes: 0,
             partitions: 0,
             breaks: 0,
@@ -346,9 +368,13 @@ impl Sim {
         let shards = self.shards;
         let mut config = self.config.clone();
         config.cluster.node_id = self.nodes[k].name.to_string();
+        // Every node is a member from the start (as its MEMBERS file
+        // says): alone, a node of two or three sees no majority.
+        let refuse = self.nodes.len() > 1;
         let node = &mut self.nodes[k];
         node.run += 1;
         node.up = true;
+        node.refusing = refuse;
         node.view.clear();
         node.lanes.clear();
         let boot = node.run * 1000 + k as u64;
@@ -383,7 +409,7 @@ impl Sim {
                     hello(node, j, shards),
                     settings.clone(),
                     config.cluster.routes_max,
-                    false,
+                    refuse,
                     self.now,
                     wall,
                 )
@@ -429,6 +455,18 @@ impl Sim {
         for j in 0..self.shards {
             self.nodes[k].bridges[j].on_peer_event(self.now, ev.clone());
             self.after(k, j);
+        }
+        // A majority is more than half the members up, this node included
+        // (`cluster::quorum`).
+        let refuse = 2 * (1 + self.nodes[k].view.len()) <= self.nodes.len();
+        if refuse != self.nodes[k].refusing {
+            self.nodes[k].refusing = refuse;
+            self.event(format_args!("node {k} refuses new CONNECTs: {refuse}"));
+            for j in 0..self.shards {
+                let ev = PeerEvent::Quorum { refuse };
+                self.nodes[k].bridges[j].on_peer_event(self.now, ev);
+                self.after(k, j);
+            }
         }
     }
 
@@ -479,6 +517,7 @@ impl Sim {
             epoch: 0,
             subscribed_at: None,
             connacked: false,
+            split: false,
             next_seq: 0,
             retained: BTreeMap::new(),
             will_seq: None,
@@ -507,6 +546,30 @@ impl Sim {
                 self.clients[c].id,
                 self.clients[c].next_seq + 1
             );
+        }
+        // The minority side of a partition refuses new CONNECTs: the
+        // client comes back later, its state as it was (an older
+        // connection stays, its will and what it has in flight with it).
+        if self.nodes[k].refusing {
+            let probe = Connect {
+                version: self.clients[c].version,
+                clean_start: true,
+                keep_alive: 0,
+                client_id: self.clients[c].id.clone(),
+                will: None,
+                username: None,
+                password: None,
+                properties: Properties::default(),
+            };
+            let accepting = self.rng.below(self.shards as u64) as usize;
+            let core = &self.nodes[k].cores[accepting];
+            match core.handshake(&probe, Arrival::LOOPBACK, self.now) {
+                Handshake::Refuse { code: 0x88, .. } => {
+                    self.minority_refused += 1;
+                    return;
+                }
+                _ => self.fail("a node without a majority took a CONNECT"),
+            }
         }
         let client = &mut self.clients[c];
         let clean = !matches!(client.role, Role::Subscriber { .. });
@@ -663,6 +726,14 @@ impl Sim {
         }
         match packet {
             Packet::ConnAck(ack) => {
+                if ack.reason == 0x88 {
+                    // A peer did not answer its claim in time (it may
+                    // hold the session), or a peer's claim as late by the
+                    // clocks came first: refused, it comes back later.
+                    self.refused += 1;
+                    self.clients[c].conn = None;
+                    return;
+                }
                 if ack.reason != 0 {
                     self.fail(&format!(
                         "{} refused: 0x{:02X}",
@@ -702,10 +773,17 @@ impl Sim {
                 match client.role.clone() {
                     Role::Subscriber { filter, qos } => {
                         if client.subscribed_at.is_some() && !ack.session_present {
-                            // Only a crash of its node may take it.
-                            let id = client.id.clone();
-                            self.fail(&format!("{id}: its session was lost"));
+                            // Only faults may take it: a crash of its
+                            // node, a move cut short.
+                            if self.faults == Faults::None {
+                                let id = client.id.clone();
+                                self.fail(&format!("{id}: its session was lost"));
+                            }
+                            client.subscribed_at = None;
+                            client.inbound.clear();
+                            self.lost_sessions += 1;
                         }
+                        let client = &mut self.clients[c];
                         if client.subscribed_at.is_none() {
                             let pid = client.pid();
                             let sub = Subscribe {
@@ -825,7 +903,11 @@ impl Sim {
                 self.clients[c].id
             ));
         }
-        if *n == 1 && p.qos != QoS::AtMostOnce && sent.qos != QoS::AtMostOnce && !p.retain {
+        let first = *n == 1;
+        self.note_splits();
+        let checked = !self.clients[c].split;
+        if first && checked && p.qos != QoS::AtMostOnce && sent.qos != QoS::AtMostOnce && !p.retain
+        {
             let key = (c, from, sent.epoch, sent.topic.clone());
             if let Some(&last) = self.last_first.get(&key) {
                 if seq < last {
@@ -836,6 +918,18 @@ impl Sim {
                 }
             }
             self.last_first.insert(key, seq);
+        }
+    }
+
+    /// Mark the clients whose session's move a node gave up.
+    fn note_splits(&mut self) {
+        for core in self.nodes.iter().flat_map(|n| &n.cores) {
+            for id in core.take_moves_given_up() {
+                if let Some(client) = self.clients.iter_mut().find(|c| *c.id == *id) {
+                    self.splits += u64::from(!client.split);
+                    client.split = true;
+                }
+            }
         }
     }
 
@@ -1221,6 +1315,22 @@ impl Sim {
         self.crashes += 1;
         self.event(format_args!("node {k} killed"));
         let old = self.run_of(k);
+        // The sessions it holds die with it (memory durability), also one
+        // whose client connected elsewhere while it was to move there
+        // (not an empty one left behind).
+        let now = self.now;
+        let held: BTreeSet<usize> = (0..self.clients.len())
+            .filter(|&c| {
+                let client = &self.clients[c];
+                self.nodes[k].cores.iter().any(|core| {
+                    let ask = AdminRequest::Client {
+                        client_id: client.id.clone(),
+                    };
+                    matches!(core.admin(now, ask),
+                        AdminAnswer::Client(Some(d)) if d.info.subscriptions + d.info.queued + d.info.inflight > 0)
+                })
+            })
+            .collect();
         let node = &mut self.nodes[k];
         node.up = false;
         node.cores.clear();
@@ -1262,7 +1372,7 @@ impl Sim {
                 client.conn = None;
             }
             if let Role::Subscriber { .. } = client.role {
-                if client.home_node == k && client.subscribed_at.is_some() {
+                if (client.home_node == k || held.contains(&c)) && client.subscribed_at.is_some() {
                     // Memory durability: its session died with the node.
                     client.subscribed_at = None;
                     client.inbound.clear();
@@ -1383,7 +1493,15 @@ impl Sim {
                 if self.clients[c].conn.is_some() {
                     self.lose_connection(c);
                 } else {
-                    let k = self.clients[c].home_node;
+                    // Back where its session is, or on another node: the
+                    // session must follow it there.
+                    let mut k = self.clients[c].home_node;
+                    let shared = matches!(&self.clients[c].role,
+                        Role::Subscriber { filter, .. } if filter.starts_with("$share/"));
+                    if self.rng.chance(300) && !shared {
+                        k = *self.rng.pick(&live);
+                    }
+                    self.clients[c].home_node = k;
                     self.connect(c, k);
                 }
             }
@@ -1475,7 +1593,21 @@ impl Sim {
     }
 
     fn run(&mut self, steps: u64) {
-        // Links up and subscriptions taken before the first publish.
+        // Links up and subscriptions taken before the first publish (a
+        // subscriber that connected before its node's links were up was
+        // refused: its session might have been on a peer; it comes back).
+        self.settle(200);
+        // CLAIM_WAIT (2 s) for the CONNACKs refused.
+        for _ in 0..120 {
+            self.advance(20);
+            self.settle(1);
+        }
+        for c in 0..self.clients.len() {
+            if self.clients[c].conn.is_none() {
+                let k = self.clients[c].home_node;
+                self.connect(c, k);
+            }
+        }
         self.settle(200);
         for c in 0..self.clients.len() {
             if matches!(self.clients[c].role, Role::Subscriber { .. })
@@ -1507,10 +1639,31 @@ impl Sim {
                 self.connect(c, k);
             }
         }
-        // A keep-alive round (5 s) for links that a partition left half dead.
-        for _ in 0..300 {
+        // A keep-alive round (5 s) for links that a partition left half
+        // dead, and on until every session on the move got where it goes
+        // (a link broken meanwhile comes back after its backoff) and
+        // every client refused meanwhile (a peer not yet answering) is
+        // back.
+        for i in 0..3000 {
             self.advance(20);
             self.settle(1);
+            let moving = self
+                .nodes
+                .iter()
+                .filter(|n| n.up)
+                .flat_map(|n| &n.cores)
+                .any(|c| c.moves_pending());
+            let mut out = false;
+            for c in 0..self.clients.len() {
+                if self.clients[c].conn.is_none() {
+                    out = true;
+                    let k = self.clients[c].home_node;
+                    self.connect(c, k);
+                }
+            }
+            if i >= 300 && !moving && !out {
+                break;
+            }
         }
         self.settle(500);
     }
@@ -1560,21 +1713,33 @@ impl Sim {
                 let Role::Subscriber { filter, .. } = &client.role else {
                     continue;
                 };
+                let got = self.delivered.contains_key(&(c, p, seq));
+                if filter.starts_with("$share/") && matches(filter, &s.topic) {
+                    // A member that had it counts, though its session
+                    // was taken since (a CONNACK without a peer's answer
+                    // starts a new one).
+                    group.1 |= got;
+                }
                 if !matches(filter, &s.topic)
                     || client.subscribed_at.is_none_or(|at| at >= s.step)
                     || !owed_by.contains(&client.home_node)
                 {
                     continue;
                 }
-                let got = self.delivered.contains_key(&(c, p, seq));
                 if filter.starts_with("$share/") {
-                    group = (true, group.1 || got);
+                    group.0 = true;
                     continue;
                 }
                 owed += 1;
                 wills_owed += u64::from(s.will_of.is_some());
                 if !got {
                     lost += 1;
+                    // A session whose move a node gave up, killed with the
+                    // session on its way (nothing is replicated yet), lost
+                    // what it held there, wills too.
+                    if client.split && self.faults == Faults::Crashes {
+                        continue;
+                    }
                     let slot = match s.will_of {
                         Some(_) => &mut will_failure,
                         None => &mut failure,
@@ -1638,6 +1803,15 @@ impl Sim {
             partitions: self.partitions,
             breaks: self.breaks,
             lost_sessions: self.lost_sessions,
+            refused: self.refused,
+            minority_refused: self.minority_refused,
+            splits: self.splits,
+            moved: self
+                .nodes
+                .iter()
+                .flat_map(|n| &n.cores)
+                .map(|c| c.cluster_stats().sessions_moved_in)
+                .sum(),
             faulty: u64::from(self.faults != Faults::None),
         }
     }
@@ -1672,6 +1846,11 @@ struct Outcome {
     partitions: u64,
     breaks: u64,
     lost_sessions: u64,
+    refused: u64,
+    minority_refused: u64,
+    /// Subscribers whose session's move a node gave up.
+    splits: u64,
+    moved: u64,
     faulty: u64,
 }
 
@@ -1685,6 +1864,10 @@ impl std::ops::AddAssign for Outcome {
         self.partitions += o.partitions;
         self.breaks += o.breaks;
         self.lost_sessions += o.lost_sessions;
+        self.refused += o.refused;
+        self.minority_refused += o.minority_refused;
+        self.splits += o.splits;
+        self.moved += o.moved;
         self.faulty += o.faulty;
     }
 }
@@ -1721,7 +1904,9 @@ fn seeded_cluster_runs() {
     eprintln!(
         "cluster simulator: {} seeds ({} with faults), {} messages published, {} deliveries \
          owed ({} of them wills of killed nodes' clients), {} of them lost ({} link breaks, {} partitions, {} node crashes, {} sessions \
-         lost with their node)",
+         lost with their node or a move cut short); {} sessions moved between nodes, {} \
+         CONNECTs refused for a peer's late answer and {} by a node without a majority, {} \
+         sessions split by a move given up (their order across the split not checked)",
         seeds.len(),
         total.faulty,
         total.published,
@@ -1731,7 +1916,11 @@ fn seeded_cluster_runs() {
         total.breaks,
         total.partitions,
         total.crashes,
-        total.lost_sessions
+        total.lost_sessions,
+        total.moved,
+        total.refused,
+        total.minority_refused,
+        total.splits
     );
 }
 

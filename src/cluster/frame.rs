@@ -28,7 +28,7 @@ use crate::message::Message;
 use crate::router::SharedPick;
 
 /// The bridge protocol version this node speaks.
-pub const BRIDGE_VERSION: u16 = 5;
+pub const BRIDGE_VERSION: u16 = 6;
 /// Bytes before a frame's body: its length and kind.
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Longest topic filter or other string in a frame, in bytes (the MQTT
@@ -57,6 +57,11 @@ mod kind {
     pub const DELIVERED: u8 = 15;
     pub const AUTH: u8 = 16;
     pub const RECORD: u8 = 17;
+    pub const SESSION_OFFER: u8 = 18;
+    pub const SESSION_TAKE: u8 = 19;
+    pub const SESSION_MOVED: u8 = 20;
+    pub const MOVE_FENCE: u8 = 21;
+    pub const MOVE_FENCE_DONE: u8 = 22;
 }
 
 /// The first frame each side of a link sends.
@@ -198,8 +203,15 @@ pub enum Frame {
         answer: bool,
     },
     /// Claims of the receiving node that the sender has applied (its own
-    /// older connections of those client ids are closed).
-    ClaimAcks(Vec<ClaimEntry>),
+    /// older connections of those client ids are closed), numbered in the
+    /// sender's stream ([`Frame::stream_seq`]): an acknowledgement follows
+    /// the offer of a session sent before it, even across a new link.
+    ClaimAcks {
+        /// Its number in the sender's stream.
+        seq: u64,
+        /// The claims.
+        acks: Vec<ClaimEntry>,
+    },
     /// Proof of the cluster secret in a link's handshake (`link`): the
     /// accepting side's first answer, then the dialing side's.
     Auth {
@@ -212,6 +224,156 @@ pub enum Frame {
     /// once, encrypted with their tag at the end
     /// (`cluster::secret::RecordCipher`); nothing else crosses the link.
     Record(BytesMut),
+    /// The sender holds a session for a client that connected on the
+    /// receiver (its answered claim): the session's subscriptions, for the
+    /// receiver to route before it takes the rest
+    /// ([`Frame::SessionTake`]); sent before the claim's acknowledgement.
+    SessionOffer(Box<SessionOffer>),
+    /// The receiver routes what the sender offered for `client_id`: send
+    /// the rest of the session and end it there.
+    SessionTake {
+        /// Its number in the sender's stream ([`Frame::stream_seq`]).
+        seq: u64,
+        /// The client id.
+        client_id: Arc<str>,
+        /// The claim the offer answered.
+        claim: u64,
+    },
+    /// Part of a session that moves from the sender to the receiver (the
+    /// answer to a [`Frame::SessionTake`]); `last` ends it.
+    SessionMoved(Box<SessionMoved>),
+    /// Answer with [`Frame::MoveFenceDone`] behind every message sent to
+    /// the sender so far (a session there is about to move away).
+    MoveFence {
+        /// Its number in the sender's stream ([`Frame::stream_seq`]).
+        seq: u64,
+        /// Chosen by the sender.
+        id: u64,
+    },
+    /// The answer to a [`Frame::MoveFence`], numbered in the stream of
+    /// the answering shard's messages to the receiver (so it follows
+    /// them, replayed ones included).
+    MoveFenceDone {
+        /// Its number in that stream.
+        seq: u64,
+        /// The fence's id.
+        id: u64,
+    },
+}
+
+impl Frame {
+    /// Its number in the sending shard's stream of frames to the
+    /// receiving node, for the frames kept until the receiver confirms
+    /// them ([`Frame::Delivered`]) and replayed on the next link: messages
+    /// and what moves a session. None for the others.
+    pub fn stream_seq(&self) -> Option<u64> {
+        match self {
+            Frame::Publish(p) => Some(p.seq),
+            Frame::SessionOffer(o) => Some(o.seq),
+            Frame::SessionMoved(m) => Some(m.seq),
+            Frame::SessionTake { seq, .. }
+            | Frame::MoveFence { seq, .. }
+            | Frame::MoveFenceDone { seq, .. }
+            | Frame::ClaimAcks { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+
+    /// Give it its number in that stream (frames without one: nothing).
+    pub fn set_stream_seq(&mut self, to: u64) {
+        match self {
+            Frame::Publish(p) => p.seq = to,
+            Frame::SessionOffer(o) => o.seq = to,
+            Frame::SessionMoved(m) => m.seq = to,
+            Frame::SessionTake { seq, .. }
+            | Frame::MoveFence { seq, .. }
+            | Frame::MoveFenceDone { seq, .. }
+            | Frame::ClaimAcks { seq, .. } => *seq = to,
+            _ => {}
+        }
+    }
+}
+
+/// A session offered to the node its client connected to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionOffer {
+    /// Its number in the sender's stream to the receiver
+    /// ([`Frame::stream_seq`]).
+    pub seq: u64,
+    /// The client id.
+    pub client_id: Arc<str>,
+    /// The stamp of the claim it answers (names the move).
+    pub claim: u64,
+    /// The stamp of the claim that created the session (0: unknown): of
+    /// two copies of a session that a partition let live, the one born
+    /// later is the one its client was last told about.
+    pub born: u64,
+    /// The session's subscriptions by full filter.
+    pub subscriptions: Vec<(String, crate::session::Subscription)>,
+    /// What had reached the session when it was offered (as
+    /// [`SessionMoved::seen`]): what the receiver skips even if the rest
+    /// never comes.
+    pub seen: Vec<OriginMark>,
+}
+
+/// The messages of one origin (the high half of
+/// [`crate::message::Message::id`]) that reached a session: the lowest
+/// and the highest id. Those between that its subscriptions matched
+/// reached it (taken as had: a copy merged from elsewhere keeps its own
+/// range unless the two overlap); those below came before it had any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OriginMark {
+    /// The origin.
+    pub origin: u32,
+    /// The first id that reached the session.
+    pub low: u64,
+    /// The last.
+    pub high: u64,
+}
+
+/// Part of a moving session: its deliveries in order (in flight first,
+/// then queued), and with the last part its inbound QoS 2 state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionMoved {
+    /// Its number in the sender's stream of messages to the receiver
+    /// (as [`RemotePublish::seq`]): kept until confirmed, replayed on the
+    /// next link.
+    pub seq: u64,
+    /// The client id.
+    pub client_id: Arc<str>,
+    /// The claim the move answers.
+    pub claim: u64,
+    /// Deliveries in this part.
+    pub deliveries: Vec<MovedDelivery>,
+    /// Inbound QoS 2 packet ids not yet released (the last part).
+    pub qos2_in: Vec<u16>,
+    /// The last part: what reached the session on the sender, per
+    /// message origin. A copy within it, of a topic the session's
+    /// subscriptions there match, was had there.
+    pub seen: Vec<OriginMark>,
+    /// The last part: the session has ended on the sender.
+    pub last: bool,
+    /// Nothing moves: the session stays on the sender (its client came
+    /// back there), and the receiver drops the subscriptions it took from
+    /// the offer.
+    pub stays: bool,
+}
+
+/// One delivery of a moving session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MovedDelivery {
+    /// The message.
+    pub message: Arc<Message>,
+    /// Delivery QoS.
+    pub qos: crate::codec::QoS,
+    /// RETAIN flag to send.
+    pub retain: bool,
+    /// Subscription identifiers.
+    pub subscription_ids: crate::session::SubIds,
+    /// In flight: the packet id it was sent with (0: queued).
+    pub packet_id: u16,
+    /// QoS 2 past PUBREC (PUBREL is what is resent).
+    pub released: bool,
 }
 
 /// A live connection's claim of its client id.
@@ -431,20 +593,74 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u8(u8::from(*answer));
             put_claims(out, claims);
         }
-        Frame::ClaimAcks(claims) => {
+        Frame::ClaimAcks { seq, acks: claims } => {
             out.put_u8(kind::CLAIM_ACKS);
+            out.put_u64(*seq);
             put_claims(out, claims);
+        }
+        Frame::SessionOffer(o) => {
+            out.put_u8(kind::SESSION_OFFER);
+            out.put_u64(o.seq);
+            put_str(out, &o.client_id);
+            out.put_u64(o.claim);
+            out.put_u64(o.born);
+            out.put_u32(o.subscriptions.len() as u32);
+            for (filter, sub) in &o.subscriptions {
+                put_str(out, filter);
+                out.put_u8(codec::encode_options(&sub.options, Version::V5));
+                out.put_u32(sub.subscription_id.unwrap_or(0));
+            }
+            put_marks(out, &o.seen);
+        }
+        Frame::MoveFence { seq, id } => {
+            out.put_u8(kind::MOVE_FENCE);
+            out.put_u64(*seq);
+            out.put_u64(*id);
+        }
+        Frame::MoveFenceDone { seq, id } => {
+            out.put_u8(kind::MOVE_FENCE_DONE);
+            out.put_u64(*seq);
+            out.put_u64(*id);
+        }
+        Frame::SessionTake {
+            seq,
+            client_id,
+            claim,
+        } => {
+            out.put_u8(kind::SESSION_TAKE);
+            out.put_u64(*seq);
+            put_str(out, client_id);
+            out.put_u64(*claim);
+        }
+        Frame::SessionMoved(m) => {
+            out.put_u8(kind::SESSION_MOVED);
+            out.put_u64(m.seq);
+            put_str(out, &m.client_id);
+            out.put_u64(m.claim);
+            out.put_u8(u8::from(m.last));
+            out.put_u8(u8::from(m.stays));
+            out.put_u32(m.qos2_in.len() as u32);
+            for id in &m.qos2_in {
+                out.put_u16(*id);
+            }
+            put_marks(out, &m.seen);
+            out.put_u32(m.deliveries.len() as u32);
+            for d in &m.deliveries {
+                out.put_u8(d.qos as u8 | u8::from(d.retain) << 2 | u8::from(d.released) << 3);
+                out.put_u16(d.packet_id);
+                out.put_u32(d.subscription_ids.len() as u32);
+                for id in &d.subscription_ids {
+                    out.put_u32(*id);
+                }
+                put_sized(out, |out| put_message(out, &d.message, now));
+            }
         }
         Frame::Retained(entries) => {
             out.put_u8(kind::RETAINED);
             out.put_u32(entries.len() as u32);
             for e in entries {
                 out.put_u64(e.stamp);
-                let at = out.len();
-                out.put_u32(0);
-                put_message(out, &e.message, now);
-                let len = (out.len() - at - 4) as u32;
-                out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+                put_sized(out, |out| put_message(out, &e.message, now));
             }
         }
     }
@@ -615,14 +831,14 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             answer: bool_(b)?,
             claims: claims(b)?,
         },
-        kind::CLAIM_ACKS => Frame::ClaimAcks(claims(b)?),
+        kind::CLAIM_ACKS => Frame::ClaimAcks {
+            seq: u64_(b)?,
+            acks: claims(b)?,
+        },
         kind::RETAINED => {
             let entries = list(b, 16, "retained count beyond the frame", |b| {
                 let stamp = u64_(b)?;
-                let len = u32_(b)? as usize;
-                need(b, len)?;
-                let mut body = b.split_to(len);
-                let message = message(&mut body, now)?;
+                let message = message(&mut sized(b)?, now)?;
                 if !message.retain {
                     return Err(FrameError::Malformed("a retained entry without RETAIN"));
                 }
@@ -633,12 +849,127 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             })?;
             Frame::Retained(entries)
         }
+        kind::SESSION_OFFER => {
+            let seq = u64_(b)?;
+            let client_id = client_id(b)?;
+            let claim = u64_(b)?;
+            let born = u64_(b)?;
+            let subscriptions = list(b, 7, "subscription count beyond the frame", |b| {
+                let filter = filter(b)?.to_string();
+                let options = codec::decode_options(u8_(b)?, Version::V5)
+                    .map_err(|_| FrameError::Malformed("subscription options"))?;
+                let id = u32_(b)?;
+                let sub = crate::session::Subscription {
+                    options,
+                    subscription_id: (id != 0).then_some(id),
+                };
+                Ok((filter, sub))
+            })?;
+            Frame::SessionOffer(Box::new(SessionOffer {
+                seq,
+                client_id,
+                claim,
+                born,
+                subscriptions,
+                seen: marks(b)?,
+            }))
+        }
+        kind::MOVE_FENCE => Frame::MoveFence {
+            seq: u64_(b)?,
+            id: u64_(b)?,
+        },
+        kind::MOVE_FENCE_DONE => Frame::MoveFenceDone {
+            seq: u64_(b)?,
+            id: u64_(b)?,
+        },
+        kind::SESSION_TAKE => Frame::SessionTake {
+            seq: u64_(b)?,
+            client_id: client_id(b)?,
+            claim: u64_(b)?,
+        },
+        kind::SESSION_MOVED => {
+            let seq = u64_(b)?;
+            let client_id = client_id(b)?;
+            let claim = u64_(b)?;
+            let last = bool_(b)?;
+            let stays = bool_(b)?;
+            let qos2_in = list(b, 2, "packet id count beyond the frame", |b| {
+                match u16_(b)? {
+                    0 => Err(FrameError::Malformed("packet id 0")),
+                    id => Ok(id),
+                }
+            })?;
+            let seen = marks(b)?;
+            let deliveries = list(b, 11, "delivery count beyond the frame", |b| {
+                let flags = u8_(b)?;
+                let qos = codec::QoS::from_u8(flags & 3).ok_or(FrameError::Malformed("QoS 3"))?;
+                let packet_id = u16_(b)?;
+                let ids = list(b, 4, "subscription id count beyond the frame", u32_)?;
+                let message = message(&mut sized(b)?, now)?;
+                Ok(MovedDelivery {
+                    message: Arc::new(message),
+                    qos,
+                    retain: flags & 4 != 0,
+                    subscription_ids: ids.into_iter().collect(),
+                    packet_id,
+                    released: flags & 8 != 0,
+                })
+            })?;
+            Frame::SessionMoved(Box::new(SessionMoved {
+                seq,
+                client_id,
+                claim,
+                deliveries,
+                qos2_in,
+                seen,
+                last,
+                stays,
+            }))
+        }
         _ => return Err(FrameError::Malformed("unknown frame kind")),
     })
 }
 
-/// A message: its remaining expiry (ms), its publisher, and the rest as
-/// a 5.0 PUBLISH.
+/// What reached a session, per origin ([`OriginMark`]).
+fn put_marks(out: &mut BytesMut, marks: &[OriginMark]) {
+    out.put_u32(marks.len() as u32);
+    for m in marks {
+        out.put_u32(m.origin);
+        out.put_u64(m.low);
+        out.put_u64(m.high);
+    }
+}
+
+/// What [`put_marks`] wrote.
+fn marks(b: &mut BytesMut) -> Result<Vec<OriginMark>, FrameError> {
+    list(b, 20, "origin count beyond the frame", |b| {
+        Ok(OriginMark {
+            origin: u32_(b)?,
+            low: u64_(b)?,
+            high: u64_(b)?,
+        })
+    })
+}
+
+/// What `put` writes, behind its length in 4 bytes.
+fn put_sized(out: &mut BytesMut, put: impl FnOnce(&mut BytesMut)) {
+    let at = out.len();
+    out.put_u32(0);
+    put(out);
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// What [`put_sized`] wrote: the bytes its length names.
+fn sized(b: &mut BytesMut) -> Result<BytesMut, FrameError> {
+    let len = u32_(b)? as usize;
+    need(b, len)?;
+    Ok(b.split_to(len))
+}
+
+/// A message: its remaining expiry (ms), its publisher, its number in
+/// the cluster, and the rest (to the end of `b` when read) as a 5.0
+/// PUBLISH.
 fn put_message(out: &mut BytesMut, m: &Message, now: Instant) {
     match m.expires_at {
         Some(t) => {
@@ -655,6 +986,7 @@ fn put_message(out: &mut BytesMut, m: &Message, now: Instant) {
         }
         None => out.put_u8(0),
     }
+    out.put_u64(m.id);
     codec::encode_publish(&m.publish_view(), Version::V5, out);
 }
 
@@ -672,6 +1004,7 @@ fn message(b: &mut BytesMut, now: Instant) -> Result<Message, FrameError> {
         1 => Some(shared_str(b)?),
         _ => return Err(FrameError::Malformed("publisher flag")),
     };
+    let id = u64_(b)?;
     let mut rest = b.split();
     let mut p = match codec::decode(&mut rest, Version::V5, codec::MAX_PACKET_SIZE) {
         Ok(Some(Packet::Publish(p))) if rest.is_empty() => p,
@@ -692,6 +1025,7 @@ fn message(b: &mut BytesMut, now: Instant) -> Result<Message, FrameError> {
         properties,
         expires_at,
         publisher,
+        id,
     })
 }
 
@@ -716,20 +1050,14 @@ fn put_will(out: &mut BytesMut, w: &WillEntry) {
         topic_alias: None,
         subscription_identifiers: &[],
     };
-    let at = out.len();
-    out.put_u32(0);
-    codec::encode_publish(&view, Version::V5, out);
-    let len = (out.len() - at - 4) as u32;
-    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    put_sized(out, |out| codec::encode_publish(&view, Version::V5, out));
 }
 
 fn will(b: &mut BytesMut) -> Result<WillEntry, FrameError> {
     let client_id = client_id(b)?;
     let delay_ms = u64_(b)?;
     let waiting = bool_(b)?;
-    let len = u32_(b)? as usize;
-    need(b, len)?;
-    let mut packet = b.split_to(len);
+    let mut packet = sized(b)?;
     let p = match codec::decode(&mut packet, Version::V5, codec::MAX_PACKET_SIZE) {
         Ok(Some(Packet::Publish(p))) if packet.is_empty() => p,
         _ => return Err(FrameError::Malformed("the will's PUBLISH does not decode")),
@@ -901,6 +1229,18 @@ mod tests {
         got
     }
 
+    fn sub(qos: u8, id: Option<u32>) -> crate::session::Subscription {
+        crate::session::Subscription {
+            options: crate::codec::SubOptions {
+                qos: QoS::from_u8(qos).unwrap(),
+                no_local: qos == 2,
+                retain_as_published: true,
+                retain_handling: qos,
+            },
+            subscription_id: id,
+        }
+    }
+
     fn message() -> Message {
         Message {
             topic: "a/b".into(),
@@ -915,6 +1255,7 @@ mod tests {
             },
             expires_at: None,
             publisher: Some(Arc::from("pub1")),
+            id: 0x0123_4567_89ab_cdef,
         }
     }
 
@@ -1022,11 +1363,14 @@ mod tests {
                 ],
                 answer: true,
             },
-            Frame::ClaimAcks(vec![ClaimEntry {
-                client_id: Arc::from("dev-1"),
-                stamp: 1_700_000_000_000,
-                clean_start: true,
-            }]),
+            Frame::ClaimAcks {
+                seq: 8,
+                acks: vec![ClaimEntry {
+                    client_id: Arc::from("dev-1"),
+                    stamp: 1_700_000_000_000,
+                    clean_start: true,
+                }],
+            },
             Frame::Retained(vec![
                 RetainedEntry {
                     stamp: 1_700_000_000_123,
@@ -1037,10 +1381,71 @@ mod tests {
                     message: Arc::new(Message {
                         payload: Bytes::new(),
                         publisher: None,
+                        id: 0,
                         ..message()
                     }),
                 },
             ]),
+            Frame::SessionOffer(Box::new(SessionOffer {
+                seq: 9,
+                client_id: Arc::from("dev-1"),
+                claim: 17,
+                born: 11,
+                subscriptions: vec![
+                    ("a/#".to_string(), sub(1, None)),
+                    ("$share/g/b".to_string(), sub(2, Some(268_435_455))),
+                ],
+                seen: vec![OriginMark {
+                    origin: 7,
+                    low: 7 << 32 | 2,
+                    high: 7 << 32 | 9,
+                }],
+            })),
+            Frame::SessionTake {
+                seq: 10,
+                client_id: Arc::from("dev-1"),
+                claim: 17,
+            },
+            Frame::MoveFence { seq: 11, id: 3 },
+            Frame::MoveFenceDone { seq: 4, id: 3 },
+            Frame::SessionMoved(Box::new(SessionMoved {
+                seq: 12,
+                client_id: Arc::from("dev-1"),
+                claim: 17,
+                deliveries: vec![
+                    MovedDelivery {
+                        message: Arc::new(message()),
+                        qos: QoS::ExactlyOnce,
+                        retain: false,
+                        subscription_ids: [3, 9].into_iter().collect(),
+                        packet_id: 65_535,
+                        released: true,
+                    },
+                    MovedDelivery {
+                        message: Arc::new(message()),
+                        qos: QoS::AtLeastOnce,
+                        retain: true,
+                        subscription_ids: Default::default(),
+                        packet_id: 0,
+                        released: false,
+                    },
+                ],
+                qos2_in: vec![1, 7],
+                seen: vec![
+                    OriginMark {
+                        origin: 1,
+                        low: 1 << 32,
+                        high: 1 << 32 | 5,
+                    },
+                    OriginMark {
+                        origin: u32::MAX,
+                        low: u64::MAX,
+                        high: u64::MAX,
+                    },
+                ],
+                last: true,
+                stays: false,
+            })),
         ];
         for f in &frames {
             assert_eq!(&roundtrip(f), f);
@@ -1121,7 +1526,7 @@ mod tests {
         let lie = u32::MAX.to_be_bytes();
         let wills = [&[kind::WILL_SNAPSHOT, 1, 1][..], &lie].concat();
         let retained = [&[kind::RETAINED][..], &lie].concat();
-        let claims = [&[kind::CLAIM_ACKS][..], &lie].concat();
+        let claims = [&[kind::CLAIM_ACKS][..], &[0; 8], &lie].concat();
         for (body, what) in [(wills, "will"), (retained, "retained"), (claims, "claim")] {
             match bad(&body) {
                 Err(FrameError::Malformed(m)) => assert!(m.starts_with(what), "{m}"),

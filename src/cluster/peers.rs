@@ -1,13 +1,13 @@
 //! One shard's outbound links to its peers: when to dial each, how long
-//! to back off, what waits for a link that is not up yet, which run of a
-//! node a link belongs to, and the messages sent to each run that it has
-//! not confirmed (replayed when a link to it comes up again).
+//! to back off, which run of a node a link belongs to, and the messages
+//! sent to each run that it has not confirmed (replayed when a link to it
+//! comes up again).
 //!
 //! Sans-IO and clock-free (times are milliseconds the caller gives). The
 //! runtime (`shard::runtime::bridge`) owns the sockets and tasks; it
 //! tells this table what happened (a node up or down, a dial made or
 //! failed, a link up or closed) and does what it answers (close this link,
-//! dial that address, write these frames first). Links are named by the
+//! dial that address, replay these messages). Links are named by the
 //! runtime's ids.
 
 use std::collections::VecDeque;
@@ -44,10 +44,6 @@ struct Peer {
     out: Out,
     backoff_ms: u64,
     dial_at_ms: u64,
-    /// Frames for the peer while its link is not up: written first once
-    /// it is, within the link's output bound; dropped if the run ends.
-    pending: VecDeque<Frame>,
-    pending_bytes: usize,
     /// Messages numbered for this run and not yet [`Frame::Delivered`],
     /// with their sizes: written again, in order, on every link that
     /// comes up to it.
@@ -70,8 +66,8 @@ pub struct Replaced {
 #[derive(Debug)]
 pub struct PeerLinks {
     shard: u16,
-    /// Bytes of frames kept for one peer whose link is not up.
-    pending_bytes_max: usize,
+    /// Bytes of messages one peer's run may leave unconfirmed.
+    unconfirmed_bytes_max: usize,
     peers: HashMap<u16, Peer>,
     /// The last message number given to each peer index, for the life of
     /// this process: a peer that declared this node down and back keeps
@@ -81,12 +77,12 @@ pub struct PeerLinks {
 }
 
 impl PeerLinks {
-    /// The table of shard `shard`, keeping at most `pending_bytes_max`
-    /// bytes of frames for a peer whose link is not up.
-    pub fn new(shard: u16, pending_bytes_max: usize) -> PeerLinks {
+    /// The table of shard `shard`, keeping at most `unconfirmed_bytes_max`
+    /// bytes of messages a peer's run has not confirmed.
+    pub fn new(shard: u16, unconfirmed_bytes_max: usize) -> PeerLinks {
         PeerLinks {
             shard,
-            pending_bytes_max,
+            unconfirmed_bytes_max,
             peers: HashMap::default(),
             seqs: HashMap::default(),
         }
@@ -101,8 +97,6 @@ impl PeerLinks {
             out: Out::Idle,
             backoff_ms: BACKOFF_MIN_MS,
             dial_at_ms: now_ms,
-            pending: VecDeque::new(),
-            pending_bytes: 0,
             unacked: VecDeque::new(),
             unacked_bytes: 0,
         };
@@ -118,7 +112,7 @@ impl PeerLinks {
             Some(old) => Replaced {
                 ended_run: Some(old.node.incarnation),
                 close: link_of(&old.out),
-                dropped: old.pending.len() + old.unacked.len(),
+                dropped: old.unacked.len(),
             },
         }
     }
@@ -130,7 +124,7 @@ impl PeerLinks {
             return None;
         }
         let p = self.peers.remove(&index)?;
-        Some((link_of(&p.out), p.pending.len() + p.unacked.len()))
+        Some((link_of(&p.out), p.unacked.len()))
     }
 
     /// The peers whose dial is due at `now_ms`, marked as dialing: their
@@ -182,20 +176,17 @@ impl PeerLinks {
         p.backoff_ms = (p.backoff_ms * 2).min(BACKOFF_MAX_MS);
     }
 
-    /// Link `link` of `index` finished its handshake at `now_ms`: the
-    /// frames that waited for it, to write first and in order. Empty for a
-    /// link that is not the peer's.
-    pub fn link_up(&mut self, index: u16, link: u64, now_ms: u64) -> VecDeque<Frame> {
-        match self.peers.get_mut(&index) {
-            Some(p) if link_of(&p.out) == Some(link) => {
+    /// Link `link` of `index` finished its handshake at `now_ms` (nothing
+    /// for a link that is not the peer's): what the run has not confirmed
+    /// goes on it next ([`PeerLinks::unconfirmed`]).
+    pub fn link_up(&mut self, index: u16, link: u64, now_ms: u64) {
+        if let Some(p) = self.peers.get_mut(&index) {
+            if link_of(&p.out) == Some(link) {
                 p.out = Out::Open {
                     link,
                     up_since_ms: Some(now_ms),
                 };
-                p.pending_bytes = 0;
-                std::mem::take(&mut p.pending)
             }
-            _ => VecDeque::new(),
         }
     }
 
@@ -223,21 +214,6 @@ impl PeerLinks {
         Self::back_off(p, now_ms);
     }
 
-    /// Keep `frame` (`bytes` long) for `index` until its link is up: false
-    /// (the caller drops and counts it) past the bound or for a node not
-    /// up.
-    pub fn hold(&mut self, index: u16, frame: Frame, bytes: usize) -> bool {
-        let Some(p) = self.peers.get_mut(&index) else {
-            return false;
-        };
-        if p.pending_bytes + bytes > self.pending_bytes_max {
-            return false;
-        }
-        p.pending_bytes += bytes;
-        p.pending.push_back(frame);
-        true
-    }
-
     /// Number message `frame` (a [`Frame::Publish`], `bytes` long) for
     /// `index`'s run and keep it until that run confirms it: the kept
     /// frame, to write now if a link is up (else it goes when one comes
@@ -245,14 +221,12 @@ impl PeerLinks {
     /// run may leave unconfirmed, or for a node not up.
     pub fn number(&mut self, index: u16, mut frame: Frame, bytes: usize) -> Option<&Frame> {
         let p = self.peers.get_mut(&index)?;
-        if p.unacked_bytes + bytes > self.pending_bytes_max {
+        if p.unacked_bytes + bytes > self.unconfirmed_bytes_max {
             return None;
         }
         let seq = self.seqs.entry(index).or_insert(0);
         *seq += 1;
-        if let Frame::Publish(m) = &mut frame {
-            m.seq = *seq;
-        }
+        frame.set_stream_seq(*seq);
         p.unacked_bytes += bytes;
         p.unacked.push_back((*seq, frame, bytes));
         p.unacked.back().map(|(_, f, _)| f)
@@ -307,6 +281,18 @@ impl PeerLinks {
             .filter_map(|(&i, p)| link_of(&p.out).map(|l| (i, l)))
     }
 
+    /// Peers up (by membership), linked or not.
+    pub fn count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Their indices, in order.
+    pub fn indices(&self) -> Vec<u16> {
+        let mut i: Vec<u16> = self.peers.keys().copied().collect();
+        i.sort_unstable();
+        i
+    }
+
     /// The run held for `index`.
     pub fn node(&self, index: u16) -> Option<&Node> {
         self.peers.get(&index).map(|p| &p.node)
@@ -341,10 +327,6 @@ mod tests {
             rejoin: 0,
             shards: 2,
         }
-    }
-
-    fn frame(seq: u64) -> Frame {
-        Frame::RouteAck { seq }
     }
 
     #[test]
@@ -396,27 +378,6 @@ mod tests {
         t.link_closed(1, 9, now + LINK_SETTLED_MS);
         assert!(t.due(now + LINK_SETTLED_MS + BACKOFF_MIN_MS - 1).is_empty());
         assert_eq!(t.due(now + LINK_SETTLED_MS + BACKOFF_MIN_MS).len(), 1);
-    }
-
-    #[test]
-    fn frames_wait_for_the_link_within_the_bound_and_go_first_in_order() {
-        let mut t = PeerLinks::new(0, 100);
-        let n = node("b", 1);
-        assert!(!t.hold(1, frame(0), 10), "no such node");
-        t.up(1, n.clone(), 0);
-        assert!(t.hold(1, frame(1), 60));
-        assert!(t.hold(1, frame(2), 40));
-        assert!(!t.hold(1, frame(3), 1), "past the bound");
-        t.due(0);
-        assert!(t.dialed(1, &n, 7));
-        assert_eq!(t.up_link(1), None, "not up before its handshake");
-        assert!(t.link_up(1, 8, 5).is_empty(), "another link's");
-        let first: Vec<Frame> = t.link_up(1, 7, 5).into_iter().collect();
-        assert_eq!(first, [frame(1), frame(2)]);
-        assert_eq!(t.up_link(1), Some(7));
-        // Room again once they went.
-        t.link_closed(1, 7, 10);
-        assert!(t.hold(1, frame(4), 100));
     }
 
     fn message() -> Frame {
@@ -484,7 +445,7 @@ mod tests {
         t.up(1, old.clone(), 0);
         t.due(0);
         assert!(t.dialed(1, &old, 5));
-        assert!(t.hold(1, frame(1), 1));
+        assert!(t.number(1, message(), 1).is_some());
         assert_eq!(t.up(1, old.clone(), 1), Replaced::default(), "the same run");
         assert_eq!(
             t.up(1, new.clone(), 2),

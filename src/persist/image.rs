@@ -325,6 +325,7 @@ mod tests {
             properties: Properties::default(),
             expires_at: None,
             publisher: None,
+            id: 0,
         })
     }
 

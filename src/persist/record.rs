@@ -752,6 +752,7 @@ impl Writer<'_> {
             properties,
             expires_at: None,
             publisher: None,
+            id: 0,
         };
         self.message(&m, clock);
     }
@@ -904,6 +905,7 @@ impl<'a> Reader<'a> {
             properties: p.properties,
             expires_at: expires_ms.map(|ms| clock.to_instant(ms)),
             publisher: has_publisher.then(|| Arc::from(publisher)),
+            id: 0,
         })
     }
     fn opt_will(&mut self, clock: &WallClock) -> Result<Option<Will>, RecordError> {
@@ -982,6 +984,7 @@ mod tests {
             },
             expires_at: Some(c.to_instant(1_700_000_060_000)),
             publisher: Some("pub-1".into()),
+            id: 0,
         })
     }
 

@@ -576,6 +576,7 @@ proptest! {
             properties: Default::default(),
             expires_at: None,
             publisher: None,
+            id: 0,
         };
         let wants = |p: &SharedPick| {
             let g = GROUPS.iter().position(|g| **g == *p.group).unwrap();

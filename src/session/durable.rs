@@ -180,21 +180,7 @@ impl Session {
                 requeue.push((i.message, i.delivery));
                 continue;
             }
-            let stage = match (i.delivery.qos, i.released) {
-                (_, true) => Awaiting::Comp,
-                (QoS::ExactlyOnce, false) => Awaiting::Rec,
-                _ => Awaiting::Ack,
-            };
-            out.inflight.push_back(Inflight {
-                packet_id: i.packet_id,
-                message: i.message,
-                qos: i.delivery.qos,
-                retain: i.delivery.retain,
-                subscription_ids: i.delivery.subscription_ids,
-                stored: i.delivery.stored,
-                stage,
-                sent: true,
-            });
+            out.inflight.push_back(Inflight::restored(i, true));
         }
         out.last_packet_id = out.inflight.iter().map(|m| m.packet_id).max().unwrap_or(0);
         for (message, delivery) in requeue.into_iter().chain(r.queue) {

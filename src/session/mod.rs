@@ -41,6 +41,7 @@ macro_rules! client_log {
 mod durable;
 mod inbound;
 mod lifecycle;
+mod moving;
 mod outbound;
 pub use outbound::{PAGE_IN_BATCH_MAX, QUEUE_ENTRY_INDEX_BYTES};
 #[cfg(test)]
@@ -60,6 +61,7 @@ use crate::message::{ClientId, Message};
 
 pub use durable::{DurableState, Lifetime, Restored, RestoredInflight, StoredDelivery};
 pub use lifecycle::{expires_after_s, will_delay_s, WillDue};
+pub use moving::Leaving;
 use outbound::Outbound;
 use transmit::{Outgoing, TransmitQueue};
 
@@ -372,6 +374,30 @@ pub struct Session {
     /// `held` reached the queue limit during the gathers outstanding: live
     /// deliveries go to the queue at once until they have all ended.
     held_released: bool,
+    /// Cluster mode: its connections' claims not answered yet, and the
+    /// moves into it that are on (how many of each): while either is not
+    /// 0, what it has queued stays queued and a new delivery queues behind
+    /// it, so that what another node's copy of it brings can be merged
+    /// with it in each publisher's order (`moving`).
+    queue_waits: (u32, u32),
+    /// Messages this session took from another node when it moved here
+    /// (their [`Message::id`]s): a copy that reaches it directly too is
+    /// skipped, for a while after the move (`shard::moves`).
+    moved_ids: Option<Box<HashSet<u64>>>,
+    /// Cluster mode: per message origin (the high half of
+    /// [`Message::id`]), the lowest and highest id that reached the
+    /// session live or with a move; a move to another node carries them.
+    seen: Option<Box<HashMap<u32, (u64, u64)>>>,
+    /// What the last move here brought of the other node's `seen`, and
+    /// the subscriptions the session had there: a live copy of a message
+    /// of those within its origin's marks was had there, and is
+    /// skipped (one that a long partition held back on its way here).
+    moved_marks: Option<Box<moving::MovedMarks>>,
+    /// The marks of offers whose move was given up: QoS 2 copies within
+    /// them are skipped ([`Session::take_marks`]).
+    given_up_marks: Option<Box<moving::MovedMarks>>,
+    /// Its own marks and subscriptions when a move into it began.
+    pre_move: Option<Box<moving::MovedMarks>>,
     ended: bool,
     /// What the current (or last) connection's user may read and write;
     /// None: everything (no ACL file, or a session restored from the log
@@ -403,6 +429,12 @@ impl Session {
             gathers_pending: 0,
             held: VecDeque::new(),
             held_released: false,
+            queue_waits: (0, 0),
+            moved_ids: None,
+            seen: None,
+            moved_marks: None,
+            given_up_marks: None,
+            pre_move: None,
             ended: false,
             acl: None,
         }
@@ -544,6 +576,11 @@ impl Session {
     /// Next change the shard must log, in order.
     pub fn poll_journal(&mut self) -> Option<Journal> {
         self.journal.pop_front()
+    }
+
+    /// Stored delivery `id` is done with (the shard forgets it).
+    pub fn journal_done(&mut self, id: u64) {
+        self.done(Some(id));
     }
 
     /// Journal that a stored delivery is finished with, if it was stored.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::codec::{self, PubResp, QoS};
+use crate::hash::HashSet;
 use crate::message::Message;
 
 use super::transmit::{AckKind, Delivered, Outgoing};
@@ -20,6 +21,18 @@ pub(super) enum Awaiting {
     Rec,
     /// PUBREL sent, waiting for PUBCOMP.
     Comp,
+}
+
+impl Awaiting {
+    /// What an in-flight delivery of `qos` waits for (`released`: past
+    /// PUBREC).
+    pub(super) fn of(qos: QoS, released: bool) -> Awaiting {
+        match (qos, released) {
+            (_, true) => Awaiting::Comp,
+            (QoS::ExactlyOnce, false) => Awaiting::Rec,
+            _ => Awaiting::Ack,
+        }
+    }
 }
 
 /// A message sent with a packet id and not yet acknowledged.
@@ -37,6 +50,23 @@ pub(super) struct Inflight {
     /// reconnect beyond the client's new Receive Maximum: they keep their
     /// packet id and go out (with DUP) as the window opens.
     pub(super) sent: bool,
+}
+
+impl Inflight {
+    /// One in flight that a log or another node handed back (`sent`: on
+    /// the connection to come, as a restored session's are counted).
+    pub(super) fn restored(i: super::RestoredInflight, sent: bool) -> Inflight {
+        Inflight {
+            packet_id: i.packet_id,
+            stage: Awaiting::of(i.delivery.qos, i.released),
+            message: i.message,
+            qos: i.delivery.qos,
+            retain: i.delivery.retain,
+            subscription_ids: i.delivery.subscription_ids,
+            stored: i.delivery.stored,
+            sent,
+        }
+    }
 }
 
 /// A message waiting for the window or for the client to come back.
@@ -90,6 +120,21 @@ impl Outbound {
                 return id;
             }
         }
+    }
+
+    /// A packet id free here and not among `taken`; None when every id is
+    /// in use.
+    pub(super) fn free_packet_id(&mut self, taken: &HashSet<u16>) -> Option<u16> {
+        if self.inflight.len() + taken.len() >= usize::from(u16::MAX) {
+            return None;
+        }
+        for _ in 0..u16::MAX {
+            let id = self.allocate_packet_id();
+            if !taken.contains(&id) {
+                return Some(id);
+            }
+        }
+        None
     }
 
     /// Forget in-flight message `i` (acknowledged, refused or dropped);
@@ -212,6 +257,11 @@ impl Session {
     /// than be dropped: an acknowledged message is worth more than the
     /// retained ones coming first.
     pub fn deliver(&mut self, now: Instant, message: &Arc<Message>, delivery: Delivery) {
+        if self.moved_here(message) || self.had_before_move(message, delivery.qos.min(message.qos))
+        {
+            self.done(delivery.stored);
+            return;
+        }
         if self.gathers_pending > 0 && !self.ended && !self.held_released {
             if self.held.len() < self.limits.queue_messages_max {
                 self.held.push_back((message.clone(), delivery));
@@ -281,9 +331,15 @@ impl Session {
         }
     }
 
-    fn deliver_now(&mut self, now: Instant, message: &Arc<Message>, delivery: Delivery) {
+    pub(super) fn deliver_now(&mut self, now: Instant, message: &Arc<Message>, delivery: Delivery) {
         if self.ended {
             return;
+        }
+        // Noted here, not while held: a held copy may be dropped as one the
+        // other node has (a move that did not happen). A retained one for a
+        // new subscription says nothing of its origin's live messages.
+        if !delivery.retain {
+            self.note_seen(message);
         }
         if message.is_expired(now) {
             self.counters().dropped_expired += 1;
@@ -311,7 +367,7 @@ impl Session {
             }
             self.send_publish(now, message, &delivery, 0, false);
             self.done(delivery.stored);
-        } else if self.out.queue.is_empty() && self.window_open() {
+        } else if self.out.queue.is_empty() && self.window_open() && self.queue_waits == (0, 0) {
             self.start_inflight(now, message.clone(), delivery);
         } else {
             self.enqueue(now, message, delivery);
@@ -475,7 +531,8 @@ impl Session {
     }
 
     /// Move queued messages into the window while it has room: first the
-    /// in-flight ones a reconnect left unsent, then the queue.
+    /// in-flight ones a reconnect left unsent, then the queue (unless it
+    /// waits: `queue_waits`).
     pub(super) fn pump(&mut self, now: Instant) {
         while self.out.unsent > 0 && self.window_open() {
             let i = self
@@ -490,7 +547,7 @@ impl Session {
                 self.done(gone.stored);
             }
         }
-        while self.is_connected() {
+        while self.is_connected() && self.queue_waits == (0, 0) {
             let Some(front) = self.out.queue.front() else {
                 return;
             };

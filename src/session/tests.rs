@@ -54,6 +54,7 @@ fn message(qos: QoS, expires_at: Option<Instant>) -> Arc<Message> {
         properties: Properties::default(),
         expires_at,
         publisher: None,
+        id: 0,
     })
 }
 

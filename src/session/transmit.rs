@@ -95,6 +95,34 @@ pub(super) struct TransmitQueue {
 }
 
 impl TransmitQueue {
+    /// The packets waiting, to change in place (a CONNACK's flag).
+    pub(super) fn items_mut(&mut self) -> impl Iterator<Item = &mut Outgoing> {
+        self.items.iter_mut()
+    }
+
+    /// A CONNACK still waiting becomes a refusal with `reason`, and
+    /// nothing after it goes; false when none waits.
+    pub(super) fn refuse_connack(&mut self, reason: u8) -> bool {
+        let at = self
+            .items
+            .iter()
+            .position(|o| matches!(o, Outgoing::Other(p) if matches!(**p, Packet::ConnAck(_))));
+        let Some(at) = at else {
+            return false;
+        };
+        self.items.truncate(at + 1);
+        self.items.drain(..at);
+        self.publish_bytes = 0;
+        if let Some(Outgoing::Other(p)) = self.items.front_mut() {
+            **p = Packet::ConnAck(codec::ConnAck {
+                session_present: false,
+                reason,
+                properties: Properties::default(),
+            });
+        }
+        true
+    }
+
     pub(super) fn push(&mut self, o: Outgoing) {
         if let Outgoing::Publish(d) = &o {
             self.publish_bytes += d.message.cost_bytes();

@@ -180,6 +180,9 @@ pub struct Bridge {
     /// link is replayed, and is skipped.
     received: RefCell<HashMap<(u16, u16), (u64, LastTaken)>>,
     link_closes: Cell<u64>,
+    /// Move fences asked of the peers: id → (the shard waiting, peers yet
+    /// to answer).
+    move_fences: RefCell<HashMap<u64, (usize, Vec<u16>)>>,
     replayed: Cell<u64>,
     duplicates: Cell<u64>,
 }
@@ -216,6 +219,7 @@ impl Bridge {
             closed: RefCell::new(Vec::new()),
             received: RefCell::new(HashMap::default()),
             link_closes: Cell::new(0),
+            move_fences: RefCell::new(HashMap::default()),
             replayed: Cell::new(0),
             duplicates: Cell::new(0),
         };
@@ -278,6 +282,7 @@ impl Bridge {
                     // Restarted before it was declared down: the old run
                     // ended all the same, and its wills go out.
                     self.core.peer_run_ended(now, index, incarnation);
+                    self.fence_answered(now, None, index);
                 }
                 // A run that rejoined after being declared down: its will
                 // frames count again.
@@ -293,6 +298,8 @@ impl Bridge {
                     return;
                 };
                 self.core.peer_run_ended(now, index, node.incarnation);
+                // Its answers to move fences will not come.
+                self.fence_answered(now, None, index);
                 self.count_dropped(now, dropped);
                 if let Some(id) = link {
                     self.close_outbound(now, id, "the node is down");
@@ -347,7 +354,8 @@ impl Bridge {
     /// waited for: its link starts from a snapshot that has the route and
     /// the claim.
     fn recompute_acks(&self) {
-        self.core.set_peer_links_up(self.up_links().len());
+        let members = self.peers.borrow().count();
+        self.core.set_peer_links_up(self.up_links().len(), members);
         if self.me.shard != 0 {
             return;
         }
@@ -543,12 +551,6 @@ impl Bridge {
         self.closed.borrow_mut().pop()
     }
 
-    /// Keep a frame for a peer whose link is not up yet, within the
-    /// link's output bound; false (dropped) past it or for a peer not up.
-    fn hold_for_link(&self, index: u16, frame: Frame) -> bool {
-        self.peers.borrow_mut().hold(index, frame, 64)
-    }
-
     /// The peers this shard has a link up to, as (index, incarnation): a
     /// new connection's claim, and its will before it, go to those.
     pub fn linked_runs(&self) -> Vec<(u16, u64)> {
@@ -577,11 +579,8 @@ impl Bridge {
     /// routes, never dropped: a link that falls this far behind is closed
     /// and starts over from a snapshot. Returns how many links it went on.
     fn to_every_link(&self, now: Instant, frame: &Frame, what: &str, except: Option<u16>) -> usize {
-        let links: Vec<Rc<Link>> = self
-            .up_links()
-            .into_iter()
-            .filter(|l| except.is_none() || l.peer.get() != except)
-            .collect();
+        let mut links = self.up_links();
+        links.retain(|l| except.is_none() || l.peer.get() != except);
         for l in &links {
             self.force_on(now, l, frame, what);
         }
@@ -680,10 +679,60 @@ impl Bridge {
         links
     }
 
+    /// Number `frame` (`bytes` long) in this shard's stream to peer
+    /// `node`, keep it until confirmed, and write it now if a link is up
+    /// (else it goes first on the next); past the bound of what a peer may
+    /// leave unconfirmed it is dropped, counted and logged (`what`).
+    fn send_numbered(&self, now: Instant, node: u16, frame: Frame, bytes: usize, what: &str) {
+        let link = self.up_link_to(node);
+        let mut peers = self.peers.borrow_mut();
+        match peers.number(node, frame, bytes) {
+            Some(frame) => {
+                if let Some(l) = link {
+                    l.session.borrow_mut().force_send(self.ms(now), frame);
+                    l.wake.notify();
+                }
+            }
+            None => {
+                drop(peers);
+                self.dropped.set(self.dropped.get() + 1);
+                self.warn(
+                    now,
+                    format_args!(
+                        "{what} for node {node} was dropped: the node is not up, or it left \
+                         cluster.link_queue_bytes_max unconfirmed ({} so far)",
+                        self.dropped.get()
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Peer `index` answered move fence `id` (None: every fence, its
+    /// run ended): tell the core of each fence all peers answered.
+    fn fence_answered(&self, now: Instant, id: Option<u64>, index: u16) {
+        let mut passed = Vec::new();
+        self.move_fences.borrow_mut().retain(|&f, (home, peers)| {
+            if id.is_none_or(|id| id == f) {
+                peers.retain(|&p| p != index);
+            }
+            if peers.is_empty() {
+                passed.push((f, *home));
+                return false;
+            }
+            true
+        });
+        passed.sort_unstable();
+        for (f, home) in passed {
+            self.core.move_fence_passed(now, f, home);
+        }
+    }
+
     fn close(&self, now: Instant, link: &Rc<Link>, why: &str) {
         if link.closed.replace(true) {
             return;
         }
+
         self.link_closes.set(self.link_closes.get() + 1);
         self.closed.borrow_mut().push(link.id);
         link.wake.notify();
@@ -781,14 +830,14 @@ impl Bridge {
                 drop(s);
             }
             self.recompute_acks();
-            // Messages that waited for the link, in order, before any new
-            // one (they were taken within the output bound).
-            let pending = self.peers.borrow_mut().link_up(index, link.id, ms);
+            // What the run has not confirmed, in order, before any new
+            // message (it skips those it had).
+            self.peers.borrow_mut().link_up(index, link.id, ms);
             let unconfirmed = self.peers.borrow().unconfirmed(index);
             self.replayed
                 .set(self.replayed.get() + unconfirmed.len() as u64);
             let mut s = link.session.borrow_mut();
-            for f in pending.iter().chain(&unconfirmed) {
+            for f in &unconfirmed {
                 s.force_send(ms, f);
             }
             drop(s);
@@ -860,7 +909,20 @@ impl Bridge {
         if link.closing.get() {
             return;
         }
-        if let (Frame::Claims { .. } | Frame::ClaimAcks(_), false) = (&f, link.outbound) {
+        // Messages, claim answers and what moves a session are numbered
+        // in the peer's stream: one had already (a link replayed it) is
+        // skipped, whatever its kind.
+        if let (Some(seq), false) = (f.stream_seq(), link.outbound) {
+            let Some(last) = link.received.get() else {
+                return;
+            };
+            if seq <= last.get() {
+                self.duplicates.set(self.duplicates.get() + 1);
+                return;
+            }
+            last.set(seq);
+        }
+        if let (Frame::Claims { .. } | Frame::ClaimAcks { .. }, false) = (&f, link.outbound) {
             let node = link.hello.borrow().as_ref().map(|h| h.node.clone());
             let (Some(node), Some(index)) = (node, link.peer.get()) else {
                 return;
@@ -870,8 +932,18 @@ impl Bridge {
                     let from = (node.as_str(), index);
                     self.core.handle_remote_claims(now, from, claims, answer);
                 }
-                Frame::ClaimAcks(acks) => self.core.handle_claim_acks(acks),
+                Frame::ClaimAcks { acks, .. } => self.core.handle_claim_acks(now, acks),
                 _ => {}
+            }
+            return;
+        }
+        if let (
+            Frame::SessionOffer(_) | Frame::SessionTake { .. } | Frame::SessionMoved(_),
+            false,
+        ) = (&f, link.outbound)
+        {
+            if let Some(index) = link.peer.get() {
+                self.core.handle_session_frame(now, index, f);
             }
             return;
         }
@@ -882,13 +954,8 @@ impl Bridge {
             return;
         }
         if let (Frame::Publish(_), false) = (&f, link.outbound) {
-            if let (Frame::Publish(m), Some(last)) = (f, link.received.get()) {
-                if m.seq > last.get() {
-                    last.set(m.seq);
-                    self.core.handle_remote_publish(now, m);
-                } else {
-                    self.duplicates.set(self.duplicates.get() + 1);
-                }
+            if let Frame::Publish(m) = f {
+                self.core.handle_remote_publish(now, m);
             }
             return;
         }
@@ -941,6 +1008,18 @@ impl Bridge {
                     self.close(now, link, "will error");
                 }
             }
+            (Frame::MoveFence { id, .. }, false) => {
+                // Behind every message this shard routed to that peer so
+                // far: through the core's outbox, which may still hold some.
+                if let Some(index) = link.peer.get() {
+                    self.core.answer_move_fence(index, *id);
+                }
+            }
+            (Frame::MoveFenceDone { id, .. }, false) => {
+                if let Some(index) = link.peer.get() {
+                    self.fence_answered(now, Some(*id), index);
+                }
+            }
             (Frame::RouteAck { seq }, true) => {
                 if self.me.shard == 0 && *seq > link.acked.get() {
                     link.acked.set(*seq);
@@ -984,31 +1063,10 @@ impl Bridge {
         let ms = self.ms(now);
         match out {
             BridgeOut::Publish { node, publish } => {
+                // Kept until the peer confirms it: within the bound of what
+                // it may leave unconfirmed, so past the link's.
                 let bytes = publish.message.cost_bytes() + 64;
-                let link = self.up_link_to(node);
-                let mut peers = self.peers.borrow_mut();
-                match peers.number(node, Frame::Publish(publish), bytes) {
-                    // Kept until the peer confirms it: within the bound of
-                    // what it may leave unconfirmed, so past the link's.
-                    Some(frame) => {
-                        if let Some(l) = link {
-                            l.session.borrow_mut().force_send(ms, frame);
-                            l.wake.notify();
-                        }
-                    }
-                    None => {
-                        drop(peers);
-                        self.dropped.set(self.dropped.get() + 1);
-                        self.warn(
-                            now,
-                            format_args!(
-                                "a message for node {node} was dropped: the node is not up, or \
-                                 it left cluster.link_queue_bytes_max unconfirmed ({} so far)",
-                                self.dropped.get()
-                            ),
-                        );
-                    }
-                }
+                self.send_numbered(now, node, Frame::Publish(publish), bytes, "a message");
             }
             BridgeOut::RouteAck { node, seq } => {
                 let route_link = self.imports.borrow().get(&node).map(|(_, id)| *id);
@@ -1036,18 +1094,47 @@ impl Bridge {
                 };
                 let links = self.to_every_link(now, &frame, "claim", None);
                 // Its CONNACK waits for that many acknowledgements.
-                self.core.claim_sent(stamp, links);
+                self.core.claim_sent(now, stamp, links);
+            }
+            BridgeOut::MoveFenceDone { node, id } => {
+                // Numbered with the messages ahead of it (a link that
+                // breaks replays both).
+                let done = Frame::MoveFenceDone { seq: 0, id };
+                self.send_numbered(now, node, done, 64, "a move fence's answer");
+            }
+            BridgeOut::MoveFence { id, home } => {
+                // Every peer up, linked now or not (its messages may be
+                // waiting to be replayed).
+                let peers = self.peers.borrow().indices();
+                for &p in &peers {
+                    let fence = Frame::MoveFence { seq: 0, id };
+                    self.send_numbered(now, p, fence, 64, "a move's fence");
+                }
+                if peers.is_empty() {
+                    self.core.move_fence_passed(now, id, home);
+                } else {
+                    self.move_fences.borrow_mut().insert(id, (home, peers));
+                }
+            }
+            BridgeOut::Peer { node, frame } => {
+                let bytes = match &frame {
+                    Frame::SessionMoved(m) => m
+                        .deliveries
+                        .iter()
+                        .map(|d| d.message.cost_bytes() + 64)
+                        .sum::<usize>(),
+                    _ => 0,
+                } + 64;
+                self.send_numbered(now, node, frame, bytes, "a session move's frame");
             }
             BridgeOut::ClaimAck { node, claim } => {
-                let frame = Frame::ClaimAcks(vec![claim]);
-                match self.up_link_to(node) {
-                    Some(l) => self.force_on(now, &l, &frame, "claim"),
-                    None => {
-                        // Dropped past the bound: the claimant's CONNACK
-                        // then waits its CLAIM_WAIT.
-                        self.hold_for_link(node, frame);
-                    }
-                }
+                // Behind the offer of the claimed session, if any (past the
+                // bound dropped: the claimant's CONNACK waits CLAIM_WAIT).
+                let frame = Frame::ClaimAcks {
+                    seq: 0,
+                    acks: vec![claim],
+                };
+                self.send_numbered(now, node, frame, 64, "a claim's acknowledgement");
             }
             BridgeOut::Route { seq, change } => {
                 for l in self.up_or_dialed() {

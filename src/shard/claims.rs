@@ -13,12 +13,17 @@
 //! peer ([`ShardCore::handle_remote_claims`]) goes to this node's home
 //! shard of its client id, which closes its own connection of that client
 //! id if the peer's claim is later, as a takeover on one node would
-//! (DISCONNECT 0x8E to a 5.0 client, the will as for any takeover). A
-//! will waiting for its delay is cancelled, since its client is back.
+//! (DISCONNECT 0x8E to a 5.0 client, the will as for any takeover; a
+//! connection whose CONNACK has not gone yet is refused instead, 0x88).
+//! A will waiting for its delay is cancelled, since its client is back.
+//! A claim the clocks put no later still takes a session that no
+//! connection holds here (two nodes' clocks may not order two CONNECTs).
+//! A CONNECT without Clean Start waits for every member up (any may hold
+//! its session) and is refused (0x88) when one did not answer in time.
 //! When the claim says the client started clean there, the session here
 //! ends (offline or just closed), as a Clean Start here would end it;
-//! otherwise it stays here, offline, with what it holds (sessions do not
-//! move between nodes yet).
+//! otherwise it moves to the claiming node (`moves`), offered ahead of
+//! the acknowledgement.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,6 +64,10 @@ struct Pending {
     sent: Option<usize>,
     acked: usize,
     since: Instant,
+    /// A connection that resumes a session (no Clean Start): refused if
+    /// a peer does not answer in time (that peer may hold the session);
+    /// true when this connection created the session here (it ends).
+    refuse: Option<bool>,
 }
 
 /// A claim from a peer, as its node's home shard of the client id takes
@@ -78,12 +87,14 @@ pub struct PeerClaim {
 /// A shard's claims (part of its cluster state).
 pub(super) struct Claims {
     /// This node's name (ties between equal stamps).
-    me: Arc<str>,
+    pub(super) me: Arc<str>,
     /// Claims of this shard's connections waiting for acknowledgements,
     /// by stamp (this shard's clock gives each stamp once).
     pending: HashMap<u64, Pending>,
     /// Peers with a link up from this shard (the runtime says).
     links_up: usize,
+    /// Peers up by membership, linked from this shard or not.
+    members_up: usize,
     /// Connections closed here for a later one on another node.
     pub(super) taken_over: u64,
     /// Sessions ended here because their client started clean on
@@ -95,6 +106,12 @@ pub(super) struct Claims {
 }
 
 impl Claims {
+    /// True while the claim `stamp` of a connection here waits for
+    /// acknowledgements (its CONNACK has not gone).
+    pub(super) fn is_pending(&self, stamp: u64) -> bool {
+        self.pending.contains_key(&stamp)
+    }
+
     /// This node's name.
     pub(super) fn me(&self) -> Arc<str> {
         self.me.clone()
@@ -105,6 +122,7 @@ impl Claims {
             me,
             pending: HashMap::default(),
             links_up: 0,
+            members_up: 0,
             taken_over: 0,
             discarded: 0,
             unanswered: 0,
@@ -114,28 +132,38 @@ impl Claims {
 
 impl ShardCore {
     /// A connection attached to session `key` at `now` (with Clean Start:
-    /// `clean_start`): stamp its claim, tell the peers, and hold its
-    /// output until they acknowledge it.
+    /// `clean_start`; `created`: the session is new here): stamp its
+    /// claim, tell the peers, and hold its output until they acknowledge
+    /// it.
     pub(super) fn claim_connection(
         &self,
         st: &mut State,
         key: SessionKey,
         now: Instant,
-        clean_start: bool,
+        (clean_start, created): (bool, bool),
     ) {
-        let links_up = match st.remote.as_ref() {
-            Some(r) => r.claims.links_up,
+        let (links_up, members_up) = match st.remote.as_ref() {
+            Some(r) => (r.claims.links_up, r.claims.members_up),
             None => return,
         };
-        // Nobody to wait for when no peer has a link up from here.
-        let held = match links_up {
-            0 => None,
+        // Nobody to wait for when no peer has a link up from here (and,
+        // resuming a session, no member is up that might hold it).
+        let held = match (links_up, members_up, clean_start) {
+            (0, _, true) | (0, 0, false) => None,
             _ => self.hold_output(st, key, 1),
         };
         let (Some(r), Some(slot)) = (st.remote.as_mut(), st.sessions.get_mut(key)) else {
             return;
         };
+        // Nobody to wait for: the queue goes on.
+        if held.is_none() {
+            slot.session.release_queue(now);
+        }
         slot.claim = r.hlc.next(r.wall.to_ms(now));
+        if created {
+            slot.born = slot.claim;
+            slot.born_told = held.is_none();
+        }
         let client_id = slot.session.client_id().clone();
         if let Some(ack) = held {
             let pending = Pending {
@@ -143,6 +171,7 @@ impl ShardCore {
                 sent: None,
                 acked: 0,
                 since: now,
+                refuse: (!clean_start).then_some(created),
             };
             r.claims.pending.insert(slot.claim, pending);
         }
@@ -152,29 +181,47 @@ impl ShardCore {
             clean_start,
         }));
         r.wake.notify();
-        // Its client is back: a dead run's will of it waiting here goes.
+        // Its client is back: a dead run's will of it waiting here goes,
+        // and the session stays here if it was offered to another node.
         Self::cancel_peer_will(st, &client_id);
+        Self::keep_offered(st, &client_id);
     }
 
-    /// How many peers have a link up from this shard now: a new
-    /// connection's CONNACK waits for their acknowledgements.
-    pub fn set_peer_links_up(&self, links: usize) {
+    /// How many peers have a link up from this shard now (a new
+    /// connection's CONNACK waits for their acknowledgements), of
+    /// `members` up by membership (a connection that resumes a session
+    /// is refused when one of them was not asked: it may hold it).
+    pub fn set_peer_links_up(&self, links: usize, members: usize) {
         if let Some(r) = self.state.borrow_mut().remote.as_mut() {
             r.claims.links_up = links;
+            r.claims.members_up = members;
         }
     }
 
     /// The runtime sent this shard's claim `stamp` to `links` peers: the
     /// connection's output waits for that many acknowledgements (none: it
-    /// goes at once).
-    pub fn claim_sent(&self, stamp: u64, links: usize) {
+    /// goes at once). A connection that resumes a session waits for
+    /// [`CLAIM_WAIT`] and is refused when a member up was not asked.
+    pub fn claim_sent(&self, now: Instant, stamp: u64, links: usize) {
         let mut st = self.state.borrow_mut();
-        self.claim_answered(&mut st, stamp, |p| p.sent = Some(links));
+        let members = st.remote.as_ref().map_or(0, |r| r.claims.members_up);
+        self.claim_answered(&mut st, now, stamp, |p| {
+            p.sent = match (p.refuse, links < members) {
+                (Some(_), true) => Some(usize::MAX),
+                _ => Some(links),
+            };
+        });
     }
 
     /// Update the claim `stamp` waits for with `f`; release its output
     /// once every peer it was sent to acknowledged it.
-    fn claim_answered(&self, st: &mut State, stamp: u64, f: impl FnOnce(&mut Pending)) {
+    fn claim_answered(
+        &self,
+        st: &mut State,
+        now: Instant,
+        stamp: u64,
+        f: impl FnOnce(&mut Pending),
+    ) {
         let Some(r) = st.remote.as_mut() else {
             return;
         };
@@ -185,17 +232,32 @@ impl ShardCore {
         if p.sent.is_some_and(|n| p.acked >= n) {
             let ack = p.ack;
             r.claims.pending.remove(&stamp);
-            self.ack(st, ack);
+            self.claim_done(st, now, ack, stamp);
         }
     }
 
+    /// A claim waits no more: its session's queue goes on, and its output
+    /// once nothing else holds it.
+    fn claim_done(&self, st: &mut State, now: Instant, ack: AckTo, stamp: u64) {
+        if let Some(slot) = Self::acked_slot(st, &ack) {
+            slot.session.release_queue(now);
+            // Its CONNACK goes: a copy it created is the one the client
+            // knows.
+            if slot.born == stamp && slot.session.is_connected() {
+                slot.born_told = true;
+            }
+        }
+        self.ack(st, ack);
+        self.drive(st, ack.session, now);
+    }
+
     /// Acknowledgements of this node's claims: each to its home shard.
-    pub fn handle_claim_acks(&self, acks: Vec<ClaimEntry>) {
+    pub fn handle_claim_acks(&self, now: Instant, acks: Vec<ClaimEntry>) {
         let mut st = self.state.borrow_mut();
         for a in acks {
             let home = home_shard(&a.client_id, self.shards);
             if home == self.id {
-                self.claim_acked(&mut st, &a);
+                self.claim_acked(&mut st, now, &a);
             } else {
                 self.mesh.send(home, MeshMsg::ClaimAck(a));
             }
@@ -203,8 +265,8 @@ impl ShardCore {
     }
 
     /// On the home shard: a peer acknowledged claim `a`.
-    pub(super) fn claim_acked(&self, st: &mut State, a: &ClaimEntry) {
-        self.claim_answered(st, a.stamp, |p| p.acked += 1);
+    pub(super) fn claim_acked(&self, st: &mut State, now: Instant, a: &ClaimEntry) {
+        self.claim_answered(st, now, a.stamp, |p| p.acked += 1);
     }
 
     /// Release the CONNACKs that waited [`CLAIM_WAIT`] for their claims'
@@ -223,16 +285,57 @@ impl ShardCore {
             .filter(|(_, p)| now.saturating_duration_since(p.since) >= CLAIM_WAIT)
             .map(|(&stamp, _)| stamp)
             .collect();
-        for k in overdue {
+        for stamp in overdue {
             let held = st.remote.as_mut().and_then(|r| {
-                let p = r.claims.pending.remove(&k)?;
+                let p = r.claims.pending.remove(&stamp)?;
                 r.claims.unanswered += 1;
-                Some(p.ack)
+                Some((p.ack, p.refuse))
             });
-            if let Some(ack) = held {
-                self.ack(st, ack);
+            let Some((ack, refuse)) = held else {
+                continue;
+            };
+            if let Some(created) = refuse {
+                self.refuse_unanswered(st, now, ack, created);
             }
+            self.claim_done(st, now, ack, stamp);
         }
+    }
+
+    /// A connection that resumes a session waited [`CLAIM_WAIT`] for a
+    /// peer's answer: that peer may hold the session, so the connection is
+    /// refused (5.0: 0x88, 3.x: 3, server unavailable) rather than told
+    /// it has none, and a session it created here ends. The client's next
+    /// CONNECT asks again.
+    fn refuse_unanswered(&self, st: &mut State, now: Instant, ack: AckTo, created: bool) {
+        let Some(slot) = Self::acked_slot(st, &ack) else {
+            return;
+        };
+        if !slot.session.refuse_connect(now) {
+            return;
+        }
+        let client_id = slot.session.client_id().clone();
+        self.drive(st, ack.session, now);
+        // A session on its way here from another node stays (the
+        // client's next CONNECT resumes it).
+        let moving = st
+            .remote
+            .as_ref()
+            .is_some_and(|r| r.moves.is_moving_in(&client_id));
+        let fresh = st.sessions.get_mut(ack.session).filter(|s| {
+            created && !moving && s.uid == ack.uid && s.session.subscriptions().is_empty()
+        });
+        if let Some(slot) = fresh {
+            slot.session.discard(now);
+            self.drive(st, ack.session, now);
+        }
+        shard_log!(
+            self,
+            log::Level::Warn,
+            "cluster: client {} refused (server unavailable): a peer that may hold its \
+             session did not answer its claim within {} s",
+            quote(&client_id),
+            CLAIM_WAIT.as_secs()
+        );
     }
 
     /// Claims from peer node `node` (its name and index): each to this
@@ -295,7 +398,19 @@ impl ShardCore {
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
         };
-        if !wins((stamp, node), (slot.claim, &me)) {
+        // A claim no later by the clocks than this node's last one still
+        // takes the session when no connection holds it here and it is
+        // not on its way elsewhere: the clocks of two nodes may not tell
+        // which CONNECT came first (a claim from a connection that is gone
+        // there too is declined).
+        let moot = slot.conn.is_none()
+            && c.answer
+            && !discard
+            && st
+                .remote
+                .as_ref()
+                .is_some_and(|r| !r.moves.is_moving_out(client_id));
+        if !wins((stamp, node), (slot.claim, &me)) && !moot {
             return;
         }
         if slot.conn.is_some() {
@@ -320,6 +435,15 @@ impl ShardCore {
                 quote(node)
             );
         }
+        // Otherwise the session follows its client there (`moves`), unless
+        // it is offered already for a later claim (this one came late).
+        let later = st
+            .remote
+            .as_ref()
+            .is_some_and(|r| r.moves.offered_for_later(client_id, stamp, node));
+        if c.answer && !discard && !later && st.by_client.get(client_id) == Some(&key) {
+            self.offer_session(st, now, key, c);
+        }
     }
 
     /// Close session `key`'s connection: its client connected later on
@@ -336,7 +460,19 @@ impl ShardCore {
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
         };
-        slot.session.takeover(now);
+        // A CONNECT not yet answered is refused (server unavailable: its
+        // client tries again) rather than told about a session that is
+        // about to leave.
+        let refused = slot.session.refuse_connect(now);
+        if !refused {
+            slot.session.takeover(now);
+        }
+        // A refused CONNECT's claim waits no more (an offer for it is
+        // declined): its output goes.
+        let stamp = slot.claim;
+        if refused {
+            self.claim_answered(st, now, stamp, |p| p.sent = Some(0));
+        }
         self.drive(st, key, now);
         // Its client is back (on the other node): a will waiting for its
         // delay does not go.
@@ -356,10 +492,13 @@ impl ShardCore {
         shard_log!(
             self,
             log::Level::Info,
-            "cluster: client {} connected on node {}: its connection here is closed \
-             (session taken over)",
+            "cluster: client {} connected on node {}: its connection here is {}",
             quote(client_id),
-            quote(node)
+            quote(node),
+            match refused {
+                true => "refused (server unavailable)",
+                false => "closed (session taken over)",
+            }
         );
     }
 

@@ -408,7 +408,14 @@ impl ShardCore {
         };
         st.last_conn_id += 1;
         let conn_id = st.last_conn_id;
+        let cluster = st.remote.is_some();
         let slot = st.sessions.get_mut(key).expect("just inserted or resumed");
+        // In a cluster, what it has queued waits for the claim's answers
+        // (`claim_connection`): a move of its copy on another node may
+        // come with them.
+        if cluster {
+            slot.session.hold_queue();
+        }
         // The new connection's will is this run's.
         slot.will_of_last_run = false;
         slot.session.set_acl(acl);
@@ -436,7 +443,7 @@ impl ShardCore {
         slot.conn = Some(handle.clone());
         st.stats.connections += 1;
         st.stats.connects_accepted += 1;
-        self.claim_connection(&mut st, key, now, clean_start);
+        self.claim_connection(&mut st, key, now, (clean_start, resumed.is_none()));
         Self::durable_connect(&mut st, key);
         self.drive(&mut st, key, now);
         Self::debug_invariants(&st);

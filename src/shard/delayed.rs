@@ -60,6 +60,8 @@ impl ShardCore {
                 delayed: Some(id),
                 ..Source::default()
             };
+            // (Numbered again if it has to wait again.)
+            let message = Self::number_message(st, message);
             if !self.route(st, now, message.clone(), source, Reach::Cluster) {
                 // The log is full: try again in a second.
                 let due = now + Duration::from_secs(1);

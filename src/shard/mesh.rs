@@ -74,6 +74,9 @@ pub struct AckTo {
     /// old connection, yet a SUBSCRIBE repeating it is answered at once,
     /// the subscription being there already).
     pub uid: u64,
+    /// For the move of the session to this node (`moves`): the route it
+    /// waits for is applied; its output does not wait for this one.
+    pub move_in: bool,
 }
 
 /// A route replica change: `key` gained or lost subscribers of `filter`.
@@ -144,6 +147,27 @@ pub enum MeshMsg {
     /// A peer acknowledged a claim of a client id whose home is the
     /// receiver.
     ClaimAck(crate::cluster::frame::ClaimEntry),
+    /// Ask this shard's peers to answer behind what they sent (a session
+    /// of shard `home` is about to move: `moves`).
+    MoveFence {
+        /// The fence.
+        id: u64,
+        /// The shard that waits for it.
+        home: usize,
+    },
+    /// Every peer of the sender answered fence `id`.
+    MoveFencePassed {
+        /// The fence.
+        id: u64,
+    },
+    /// A session frame from peer `from` for a client id whose home is
+    /// the receiver (`moves`).
+    SessionMove {
+        /// The peer's index.
+        from: u16,
+        /// A SessionOffer, SessionTake or SessionMoved.
+        frame: Box<crate::cluster::frame::Frame>,
+    },
     /// Send the next chunk of retained messages matching a subscription
     /// to `waiter`.
     RetainedQuery {

@@ -77,6 +77,7 @@ mod durable;
 mod gather;
 pub mod latency;
 pub mod mesh;
+mod moves;
 pub mod notify;
 mod remote;
 mod restore;
@@ -255,6 +256,15 @@ struct SessionSlot {
     will_mark: wills::WillMark,
     /// In a cluster: the stamp of its connection's claim of the client id.
     claim: u64,
+    /// In a cluster: the stamp of the claim of the connection that created
+    /// it, or of the copy it took in when it moved here (0: unknown,
+    /// restored from the log). Of two copies that a partition let live,
+    /// the one born later is the one its client was last told about.
+    born: u64,
+    /// Its client was told about the copy `born` names (the CONNACK that
+    /// said it was new went): only then does `born` make an older copy
+    /// stale.
+    born_told: bool,
     /// Restored from the log and not connected since: its will is the
     /// previous run's, which the peers published already (this node
     /// publishes it to its own subscribers only, and exports it not).
@@ -288,6 +298,8 @@ impl SessionSlot {
             will_mark: None,
             will_of_last_run: false,
             claim: 0,
+            born: 0,
+            born_told: false,
             username: None,
             token_rules: None,
             counted_queued: 0,
@@ -769,9 +781,14 @@ impl ShardCore {
                         true => Self::will_reach(st.remote.as_ref(), slot),
                         false => Reach::Cluster,
                     };
+                    // Numbered when routed (a delayed one when it is due):
+                    // an origin's ids go out in order.
                     let accepted = match delay_s {
                         Some(d) => self.delay(st, now, message, d, source),
-                        None => self.route(st, now, message, source, reach),
+                        None => {
+                            let message = Self::number_message(st, message);
+                            self.route(st, now, message, source, reach)
+                        }
                     };
                     if let (Some(pid), Some(slot)) = (packet_id, st.sessions.get_mut(key)) {
                         slot.session.publish_done(now, qos, pid, accepted);
@@ -893,6 +910,7 @@ impl ShardCore {
         self.durable_tick(&mut st, now);
         Self::expire_tombstones(&mut st, now);
         self.release_overdue_claims(&mut st, now);
+        self.release_overdue_moves(&mut st, now);
         while let Some(Reverse((at, key))) = st.timers.peek().copied() {
             if at > now {
                 break;

@@ -69,6 +69,32 @@ pub enum BridgeOut {
     /// A connection attached here: its claim of its client id, for every
     /// link up; the runtime says to how many ([`ShardCore::claim_sent`]).
     Claim(ClaimEntry),
+    /// Ask every peer with a link up to answer behind what it sent
+    /// ([`Frame::MoveFence`]); tell [`ShardCore::move_fence_passed`]
+    /// once all have (or their links closed).
+    MoveFence {
+        /// The fence.
+        id: u64,
+        /// The shard that waits for it.
+        home: usize,
+    },
+    /// Peer `node` asked to be answered behind what this shard sent it
+    /// ([`Frame::MoveFenceDone`]): the answer goes through the outbox, so
+    /// every message this shard routed before the question is ahead of it.
+    MoveFenceDone {
+        /// The peer (its index).
+        node: u16,
+        /// Its fence.
+        id: u64,
+    },
+    /// A frame for peer `node` (its index) alone: a session moving
+    /// between the two nodes (`moves`).
+    Peer {
+        /// The node's index.
+        node: u16,
+        /// The frame.
+        frame: Frame,
+    },
     /// Peer `node` (its index) claimed a client id here and this node has
     /// applied it: acknowledge it to that node.
     ClaimAck {
@@ -119,6 +145,24 @@ pub struct ClusterStats {
     /// Sessions ended here because their client started clean on another
     /// node.
     pub sessions_discarded: u64,
+    /// Sessions that moved here from another node, whole.
+    pub sessions_moved_in: u64,
+    /// Sessions that moved from here to another node.
+    pub sessions_moved_out: u64,
+    /// Moves here given up (the other node down, or `MOVE_GIVE_UP`).
+    pub moves_given_up: u64,
+    /// Offers of sessions that came after the connection's CONNACK went.
+    pub moves_declined: u64,
+    /// Moves here that found the session staying on the other node (its
+    /// client went back there first).
+    pub moves_stayed: u64,
+    /// Deliveries of older copies of sessions dropped on arrival (a
+    /// partition let two copies live; the client was told about the
+    /// newer one).
+    pub stale_deliveries_dropped: u64,
+    /// Deliveries lost in moves (past `MOVE_BYTES_MAX`, unreadable from
+    /// the log, or their session gone before they came).
+    pub move_deliveries_lost: u64,
 }
 
 /// A shard's cluster state (None on a broker that runs alone).
@@ -151,6 +195,8 @@ pub(super) struct Remote {
     pub(super) retained: super::cluster_retained::ClusterRetained,
     /// Claims of client ids.
     pub(super) claims: super::claims::Claims,
+    /// Sessions moving between this node and others.
+    pub(super) moves: super::moves::Moves,
     /// This node handed its wills over and is leaving: the peers publish
     /// what it still holds, so a will it publishes now goes to its own
     /// subscribers only.
@@ -201,6 +247,7 @@ impl ShardCore {
             leaving: false,
             peer_names: hashbrown::HashMap::new(),
             claims: super::claims::Claims::new(Arc::from(self.config.cluster.node_id.as_str())),
+            moves: super::moves::Moves::new(&self.config.cluster.node_id, self.boot_stamp, self.id),
         });
         // Sessions restored from the log: their wills. (A connection
         // attached before the cluster started would be claimed too; the
@@ -209,7 +256,7 @@ impl ShardCore {
         for key in keys {
             Self::export_will(&mut st, key, now);
             if st.sessions.get(key).is_some_and(|s| s.conn.is_some()) {
-                self.claim_connection(&mut st, key, now, false);
+                self.claim_connection(&mut st, key, now, (false, false));
             }
         }
     }
@@ -404,6 +451,13 @@ impl ShardCore {
             claims_unanswered: c.unanswered,
             connections_taken_over: c.taken_over,
             sessions_discarded: c.discarded,
+            sessions_moved_in: r.moves.moved_in,
+            sessions_moved_out: r.moves.moved_out,
+            moves_given_up: r.moves.unfinished,
+            moves_declined: r.moves.declined,
+            moves_stayed: r.moves.stayed,
+            stale_deliveries_dropped: r.moves.stale_dropped,
+            move_deliveries_lost: r.moves.lost,
         })
     }
 

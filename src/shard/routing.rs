@@ -533,15 +533,45 @@ impl ShardCore {
         subscription: Subscription,
         is_new: bool,
     ) {
-        let (group, inner, added) = Self::insert_subscriber(st, key, filter, subscription.clone());
-        if added {
-            let route = self.route_key(group.clone(), inner.clone());
-            self.route_count(st, inner.clone(), route, true, key);
-        }
+        let (group, inner) =
+            self.add_subscriber(st, key, filter, subscription.clone(), Hold::Output);
         let handling = subscription.options.retain_handling;
         if group.is_none() && (handling == 0 || (handling == 1 && is_new)) {
             self.gather_retained(st, key, &inner, &subscription);
         }
+    }
+
+    /// Route a subscription session `key` brought from another node
+    /// (`moves`): no retained messages are gathered (the session is not
+    /// new), and the acknowledgements go to the move, not the output.
+    pub(super) fn route_moved(
+        &self,
+        st: &mut State,
+        key: SessionKey,
+        filter: &str,
+        subscription: Subscription,
+    ) {
+        self.add_subscriber(st, key, filter, subscription, Hold::Move);
+    }
+
+    /// Put session `key`'s subscription into the subscriber trie and, if
+    /// the session had none to that filter, count its route (`hold`: what
+    /// waits for the acknowledgements). Returns its share name and the
+    /// filter inside.
+    fn add_subscriber(
+        &self,
+        st: &mut State,
+        key: SessionKey,
+        filter: &str,
+        subscription: Subscription,
+        hold: Hold,
+    ) -> (Option<Arc<str>>, Arc<str>) {
+        let (group, inner, added) = Self::insert_subscriber(st, key, filter, subscription);
+        if added {
+            let route = self.route_key(group.clone(), inner.clone());
+            self.route_count(st, inner.clone(), route, true, key, hold);
+        }
+        (group, inner)
     }
 
     /// Put session `key`'s subscription to `filter` into the subscriber
@@ -577,7 +607,7 @@ impl ShardCore {
         if st.subscribers.remove(inner, &sub_key).0.is_some() {
             let inner: Arc<str> = Arc::from(inner);
             let route = self.route_key(group, inner.clone());
-            self.route_count(st, inner, route, false, key);
+            self.route_count(st, inner, route, false, key, Hold::Output);
         }
     }
 
@@ -588,7 +618,8 @@ impl ShardCore {
     /// Count local subscriptions per route key; broadcast on 0↔1. A new
     /// route holds the subscriber's output (its SUBACK) until every other
     /// shard has applied it, so a publish that follows the SUBACK anywhere
-    /// on the node reaches the new subscription.
+    /// on the node reaches the new subscription (`hold`: or the session's
+    /// move here).
     fn route_count(
         &self,
         st: &mut State,
@@ -596,6 +627,7 @@ impl ShardCore {
         key: RouteKey,
         add: bool,
         subscriber: SessionKey,
+        hold: Hold,
     ) {
         let entry = st
             .local_routes
@@ -622,10 +654,11 @@ impl ShardCore {
         // On shard 0 of a cluster node, the other nodes must have the
         // route too: one more acknowledgement, from the bridge.
         let remote = add && st.remote.as_ref().is_some_and(|r| r.export.is_some());
-        let ack_to = if add {
-            self.hold_output(st, subscriber, self.shards as u32 - 1 + u32::from(remote))
-        } else {
-            None
+        let count = self.shards as u32 - 1 + u32::from(remote);
+        let ack_to = match (add, hold) {
+            (false, _) => None,
+            (true, Hold::Output) => self.hold_output(st, subscriber, count),
+            (true, Hold::Move) => self.hold_move(st, subscriber, count),
         };
         if let Some(ack) = ack_to.filter(|_| remote) {
             if !Self::ack_when_peers_have(st, ack) {
@@ -654,7 +687,18 @@ impl ShardCore {
             shard: self.id,
             session: key,
             uid: slot.uid,
+            move_in: false,
         })
+    }
+
+    /// The session `ack` waits for, if it is still that one.
+    pub(super) fn acked_slot<'a>(
+        st: &'a mut State,
+        ack: &AckTo,
+    ) -> Option<&'a mut super::SessionSlot> {
+        st.sessions
+            .get_mut(ack.session)
+            .filter(|s| s.uid == ack.uid)
     }
 
     /// Send `ack` to its shard, or take it here when it is this shard's.
@@ -669,11 +713,11 @@ impl ShardCore {
     /// Another shard applied a route delta or stored a retained message
     /// this session waits for.
     fn acked(st: &mut State, ack: AckTo) {
-        let Some(slot) = st
-            .sessions
-            .get_mut(ack.session)
-            .filter(|s| s.uid == ack.uid)
-        else {
+        if ack.move_in {
+            Self::move_route_acked(st, ack);
+            return;
+        }
+        let Some(slot) = Self::acked_slot(st, &ack) else {
             return;
         };
         if slot.held_acks > 0 {
@@ -849,7 +893,12 @@ impl ShardCore {
                     }
                 }
                 MeshMsg::PeerClaim(c) => self.claimed_elsewhere(&mut st, now, &c),
-                MeshMsg::ClaimAck(a) => self.claim_acked(&mut st, &a),
+                MeshMsg::ClaimAck(a) => self.claim_acked(&mut st, now, &a),
+                MeshMsg::MoveFence { id, home } => Self::move_fence_asked(&mut st, id, home),
+                MeshMsg::MoveFencePassed { id } => self.move_fence_part(&mut st, now, id),
+                MeshMsg::SessionMove { from, frame } => {
+                    self.session_frame(&mut st, now, from, *frame)
+                }
                 MeshMsg::Applied { upto } => Self::on_applied(&mut st, from, upto),
                 MeshMsg::Settled { upto } => Self::on_settled(&mut st, from, upto),
                 MeshMsg::StoreFull { full } => self.on_store_full(&mut st, from, full),
@@ -945,4 +994,13 @@ pub(super) fn route_key_of(shard: usize, group: Option<Arc<str>>, filter: Arc<st
             shard: shard as u16,
         },
     }
+}
+
+/// What a new route's acknowledgements release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// The subscriber's output (its SUBACK).
+    Output,
+    /// The Take of a session moving here (`moves`).
+    Move,
 }

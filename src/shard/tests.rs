@@ -348,6 +348,7 @@ fn qos0_message(topic: &str) -> Arc<crate::message::Message> {
         properties: Properties::default(),
         expires_at: None,
         publisher: None,
+        id: 0,
     })
 }
 
@@ -885,7 +886,7 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
     use crate::cluster::frame::{ClaimEntry, Frame};
     let c = core_with(0, 1, |c| c.cluster.node_id = "b".into());
     c.enable_cluster(Instant::now(), crate::persist::WallClock::now());
-    c.set_peer_links_up(2);
+    c.set_peer_links_up(2, 2);
     let t0 = Instant::now();
     let conn = c
         .attach(t0, Box::new(connect("dev", Version::V5)), None)
@@ -895,15 +896,15 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
         other => panic!("the connection's claim: {other:?}"),
     };
     // Sent to two peers: CONNACK after both acknowledged.
-    c.claim_sent(stamp, 2);
+    c.claim_sent(t0, stamp, 2);
     let mine = ClaimEntry {
         client_id: "dev".into(),
         stamp,
         clean_start: true,
     };
-    c.handle_claim_acks(vec![mine.clone()]);
+    c.handle_claim_acks(t0, vec![mine.clone()]);
     assert!(written(&c, &conn, Version::V5).is_empty(), "one of two");
-    c.handle_claim_acks(vec![mine]);
+    c.handle_claim_acks(t0, vec![mine]);
     assert!(matches!(
         &written(&c, &conn, Version::V5)[..],
         [Packet::ConnAck(_)]
@@ -916,7 +917,7 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
         [super::BridgeOut::Claim(claim)] => claim.stamp,
         other => panic!("{other:?}"),
     };
-    c.claim_sent(late_stamp, 1);
+    c.claim_sent(t0, late_stamp, 1);
     c.handle_tick(t0 + super::claims::CLAIM_WAIT - Duration::from_millis(1));
     assert!(written(&c, &late, Version::V5).is_empty());
     c.handle_tick(t0 + super::claims::CLAIM_WAIT);
@@ -926,7 +927,7 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
     ));
     assert_eq!(c.cluster_stats().claims_unanswered, 1);
     // With no peer link up, nothing waits.
-    c.set_peer_links_up(0);
+    c.set_peer_links_up(0, 0);
     attached(&c, t0, "alone");
     bridge_all(&c);
 

@@ -235,6 +235,7 @@ impl ShardCore {
     /// delay each had left, to this node's subscribers.
     pub fn peer_run_ended(&self, now: Instant, peer: u16, incarnation: u64) {
         let mut st = self.state.borrow_mut();
+        self.peer_moves_ended(&mut st, now, peer);
         let Some(r) = st.remote.as_mut() else {
             return;
         };

@@ -317,6 +317,7 @@ mod tests {
             properties: Default::default(),
             expires_at: None,
             publisher: None,
+            id: 0,
         });
         let rec = Rec::Accepted {
             id,

@@ -130,6 +130,7 @@ impl ShardCore {
                         properties: Properties::default(),
                         expires_at: None,
                         publisher: None,
+                        id: 0,
                     })
                 });
                 let store = st.store.as_mut().expect("a store");
