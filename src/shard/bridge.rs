@@ -180,11 +180,22 @@ pub struct Bridge {
     /// link is replayed, and is skipped.
     received: RefCell<HashMap<(u16, u16), (u64, LastTaken)>>,
     link_closes: Cell<u64>,
-    /// Move fences asked of the peers: id → (the shard waiting, peers yet
-    /// to answer).
-    move_fences: RefCell<HashMap<u64, (usize, Vec<u16>)>>,
+    /// Move fences asked of the peers, by id. One older than the move's
+    /// limit ([`super::moves::MOVE_GIVE_UP`]) is forgotten: its move was
+    /// given up (an answer or the question was dropped past the link's
+    /// bound).
+    move_fences: RefCell<HashMap<u64, FenceAsked>>,
     replayed: Cell<u64>,
     duplicates: Cell<u64>,
+}
+
+/// A move fence this shard asked its peers to answer.
+struct FenceAsked {
+    /// The shard whose move waits for it.
+    home: usize,
+    /// The peers yet to answer.
+    peers: Vec<u16>,
+    at: Instant,
 }
 
 impl Bridge {
@@ -645,6 +656,9 @@ impl Bridge {
     /// dead links and the snapshots under way (every 50 ms or so).
     pub fn tick(&self, now: Instant) {
         let ms = self.ms(now);
+        self.move_fences.borrow_mut().retain(|_, asked| {
+            now.saturating_duration_since(asked.at) < super::moves::MOVE_GIVE_UP
+        });
         let mut links: Vec<Rc<Link>> = self.inbound.borrow().clone();
         links.extend(self.up_or_dialed());
         for link in links {
@@ -712,12 +726,12 @@ impl Bridge {
     /// run ended): tell the core of each fence all peers answered.
     fn fence_answered(&self, now: Instant, id: Option<u64>, index: u16) {
         let mut passed = Vec::new();
-        self.move_fences.borrow_mut().retain(|&f, (home, peers)| {
+        self.move_fences.borrow_mut().retain(|&f, asked| {
             if id.is_none_or(|id| id == f) {
-                peers.retain(|&p| p != index);
+                asked.peers.retain(|&p| p != index);
             }
-            if peers.is_empty() {
-                passed.push((f, *home));
+            if asked.peers.is_empty() {
+                passed.push((f, asked.home));
                 return false;
             }
             true
@@ -1113,7 +1127,12 @@ impl Bridge {
                 if peers.is_empty() {
                     self.core.move_fence_passed(now, id, home);
                 } else {
-                    self.move_fences.borrow_mut().insert(id, (home, peers));
+                    let asked = FenceAsked {
+                        home,
+                        peers,
+                        at: now,
+                    };
+                    self.move_fences.borrow_mut().insert(id, asked);
                 }
             }
             BridgeOut::Peer { node, frame } => {
