@@ -1010,3 +1010,66 @@ fn retained_credit_counts_the_log_only_for_sessions_whose_deliveries_page_out() 
     assert_eq!(s.retained_credit(256, false), 4);
     assert_eq!(s.retained_credit(256, true), 256);
 }
+
+fn with_id(qos: QoS, id: u64) -> Arc<Message> {
+    Arc::new(Message {
+        id,
+        ..(*message(qos, None)).clone()
+    })
+}
+
+/// How many of `ids` (of origin 1) reach a connected session that took
+/// `marks` of origin 1 (ranges, in order) for `a/#`, `whole` or not,
+/// each delivered at `qos`.
+fn reaching(marks: &[(u64, u64)], whole: bool, qos: QoS, ids: &[u64]) -> usize {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.connect(t0, connect(Version::V5, false, 0, Some(60)), false, None);
+    for &(low, high) in marks {
+        let m = crate::cluster::frame::OriginMark {
+            origin: 1,
+            low: 1 << 32 | low,
+            high: 1 << 32 | high,
+        };
+        s.take_marks(&[m], vec!["a/#".to_string()], whole);
+    }
+    drain(&mut s);
+    for &id in ids {
+        s.deliver(t0, &with_id(qos, 1 << 32 | id), delivery(qos));
+    }
+    let (packets, _) = drain(&mut s);
+    publishes(&packets).len()
+}
+
+#[test]
+fn a_move_given_up_skips_only_qos_2_copies_within_the_offers_marks() {
+    // The copy there lives on (or died with its node): at QoS 1 a copy
+    // here may be the only one left.
+    assert_eq!(reaching(&[(1, 9)], false, QoS::AtLeastOnce, &[5, 6]), 2);
+    assert_eq!(reaching(&[(1, 9)], false, QoS::ExactlyOnce, &[5, 6]), 0);
+    assert_eq!(reaching(&[(1, 9)], false, QoS::ExactlyOnce, &[10]), 1);
+    // A whole move: the session had them there, at every QoS.
+    assert_eq!(reaching(&[(1, 9)], true, QoS::AtLeastOnce, &[5, 6]), 0);
+}
+
+#[test]
+fn two_copies_ranges_merge_only_when_they_overlap() {
+    // Apart: the ids between reached neither copy; the later range stays.
+    assert_eq!(
+        reaching(&[(10, 20), (30, 40)], true, QoS::AtLeastOnce, &[15]),
+        1
+    );
+    assert_eq!(
+        reaching(&[(10, 20), (30, 40)], true, QoS::AtLeastOnce, &[35]),
+        0
+    );
+    assert_eq!(
+        reaching(&[(10, 20), (30, 40)], true, QoS::AtLeastOnce, &[25]),
+        1
+    );
+    // Overlapping: one range.
+    assert_eq!(
+        reaching(&[(30, 40), (35, 50)], true, QoS::AtLeastOnce, &[45, 32]),
+        0
+    );
+}
