@@ -332,6 +332,11 @@ impl Session {
         }
     }
 
+    /// True while what the session has queued waits (`queue_waits`).
+    pub(super) fn queue_waits(&self) -> bool {
+        self.queue_waits != (0, 0)
+    }
+
     /// Its connection's claim went to the peers: what it has queued waits
     /// for their answers (a move of the session here may come with them).
     pub fn hold_queue(&mut self) {

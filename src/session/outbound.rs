@@ -367,7 +367,7 @@ impl Session {
             }
             self.send_publish(now, message, &delivery, 0, false);
             self.done(delivery.stored);
-        } else if self.out.queue.is_empty() && self.window_open() && self.queue_waits == (0, 0) {
+        } else if self.out.queue.is_empty() && self.window_open() && !self.queue_waits() {
             self.start_inflight(now, message.clone(), delivery);
         } else {
             self.enqueue(now, message, delivery);
@@ -547,7 +547,7 @@ impl Session {
                 self.done(gone.stored);
             }
         }
-        while self.is_connected() && self.queue_waits == (0, 0) {
+        while self.is_connected() && !self.queue_waits() {
             let Some(front) = self.out.queue.front() else {
                 return;
             };

@@ -418,20 +418,12 @@ impl ShardCore {
     /// nothing.)
     fn take_asked(&self, st: &mut State, now: Instant, from: u16, client_id: Arc<str>, claim: u64) {
         // Coming here from that node for a later claim (two clients'
-        // CONNECTs crossed): it stays here, and the peer sends its copy
-        // once it has the answer.
-        if Self::comes_here_later(st, &client_id, from, claim) {
-            if let Some(r) = st.remote.as_mut() {
-                if r.moves.out.get(&client_id).is_some_and(|m| m.to == from) {
-                    r.moves.out.remove(&client_id);
-                }
-            }
-            Self::stays(st, from, client_id, claim);
-            return;
-        }
+        // CONNECTs crossed): it stays here (the offer to it ends), and the
+        // peer sends its copy once it has the answer.
+        let later = Self::comes_here_later(st, &client_id, from, claim);
         // Still coming here from a third node: the rest goes on once it
         // is all here (in order).
-        if let Some(r) = st.remote.as_mut() {
+        if let (Some(r), false) = (st.remote.as_mut(), later) {
             if r.moves.inbound.contains_key(&client_id) {
                 if let Some(m) = r.moves.out.get_mut(&client_id).filter(|m| m.to == from) {
                     m.deferred = Some(claim);
@@ -445,7 +437,7 @@ impl ShardCore {
             let to_from = r.moves.out.get(&client_id).is_some_and(|m| m.to == from);
             to_from.then(|| r.moves.out.remove(&client_id)).flatten()
         });
-        let uid = offered.as_ref().map(|m| m.uid);
+        let uid = offered.as_ref().map(|m| m.uid).filter(|_| !later);
         let key = Self::leaving_session(st, &client_id, uid);
         if let (Some(m), Some(_)) = (offered, key) {
             self.fence_then_send(st, (from, client_id, claim), m);
