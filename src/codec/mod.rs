@@ -25,6 +25,8 @@
 //! * on `Err`, `buf` may have been advanced past the offending packet; the
 //!   connection must be closed anyway.
 
+use std::sync::Arc;
+
 use bytes::{Buf, Bytes, BytesMut};
 
 mod auth;
@@ -73,6 +75,19 @@ pub fn decode(
     version: Version,
     max_packet_size: usize,
 ) -> Result<Option<Packet>, DecodeError> {
+    decode_sharing(buf, version, max_packet_size, &mut None)
+}
+
+/// [`decode`] for a connection's stream of packets: a PUBLISH whose topic
+/// is the same as the last new one (`last_topic`, which the caller keeps
+/// between calls) shares its allocation.
+#[inline]
+pub fn decode_sharing(
+    buf: &mut BytesMut,
+    version: Version,
+    max_packet_size: usize,
+    last_topic: &mut Option<Arc<str>>,
+) -> Result<Option<Packet>, DecodeError> {
     let Some(h) = header::parse(buf, version)? else {
         return Ok(None);
     };
@@ -90,7 +105,7 @@ pub fn decode(
     body.advance(h.len);
     if h.byte0 >> 4 == kind::PUBLISH {
         // Built in place in the return value: a `Packet` is large.
-        return publish::decode(h.byte0 & 0x0F, body, version);
+        return publish::decode(h.byte0 & 0x0F, body, version, last_topic);
     }
     decode_body(h.byte0, body, version).map(Some)
 }

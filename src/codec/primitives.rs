@@ -131,6 +131,23 @@ impl<'a> Reader<'a> {
         self.str().map(Arc::from)
     }
 
+    /// [`Reader::topic`], sharing `last` when the bytes are the same (a
+    /// client publishes to the same topic over and over: no allocation, no
+    /// second check of bytes `last` passed), else allocating and
+    /// remembering it in `last`.
+    pub(crate) fn topic_as(
+        &mut self,
+        last: &mut Option<Arc<str>>,
+    ) -> Result<Arc<str>, DecodeError> {
+        let raw = self.prefixed()?;
+        if let Some(t) = last.as_ref().filter(|t| t.as_bytes() == raw) {
+            return Ok(t.clone());
+        }
+        let t: Arc<str> = Arc::from(validate_str(raw)?);
+        *last = Some(t.clone());
+        Ok(t)
+    }
+
     /// Binary data: a slice of the body, not a copy.
     pub(crate) fn binary(&mut self) -> Result<Bytes, DecodeError> {
         let len = usize::from(self.u16()?);

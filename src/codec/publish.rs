@@ -1,9 +1,12 @@
 //! PUBLISH (packet type 3): the hot path.
 //!
-//! Decoding a QoS 0 PUBLISH without properties allocates once (the topic's
-//! `Arc<str>`); the payload is the tail of the frozen packet, not a copy.
+//! Decoding a QoS 0 PUBLISH without properties allocates at most once (the
+//! topic's `Arc<str>`, none when it is the connection's last topic); the
+//! payload is the tail of the frozen packet, not a copy.
 //! Encoding reserves once and writes with `put_slice`. Topic wildcards and an
 //! empty topic (5.0 topic alias) are left to the session.
+
+use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -22,6 +25,7 @@ pub(crate) fn decode(
     flags: u8,
     mut body: Bytes,
     version: Version,
+    last_topic: &mut Option<Arc<str>>,
 ) -> Result<Option<Packet>, DecodeError> {
     let qos = QoS::from_u8((flags >> 1) & 0x03)
         .ok_or(DecodeError::Malformed("[MQTT-3.3.1-4] PUBLISH QoS is 3"))?;
@@ -32,7 +36,7 @@ pub(crate) fn decode(
         ));
     }
     let mut r = Reader::new(&body);
-    let topic = r.topic()?;
+    let topic = r.topic_as(last_topic)?;
     let mut packet_id = 0;
     if qos != QoS::AtMostOnce {
         packet_id = r.u16()?;

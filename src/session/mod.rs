@@ -405,6 +405,11 @@ pub struct Session {
     acl: Option<Box<crate::auth::ClientAcl>>,
 }
 
+/// Bytes of a waiting packet beyond its topic, payload and properties,
+/// about: a fixed header (2 to 5), the topic's length (2), a packet id (2)
+/// and 5.0's property length (1 to 4); an acknowledgement is 2 to 6 in all.
+const PACKET_OVERHEAD_BYTES: usize = 12;
+
 impl Session {
     /// A new, empty, offline session for `client_id`.
     pub fn new(client_id: ClientId, limits: Rc<SessionLimits>, now: Instant) -> Session {
@@ -547,6 +552,11 @@ impl Session {
     /// Encode waiting packets for `version` into `out` until it holds about
     /// `limit` bytes: the writer's fast path (no `Packet` per delivery).
     pub fn encode_transmit(&mut self, version: Version, out: &mut bytes::BytesMut, limit: usize) {
+        // One allocation for what is waiting (up to `limit`), not a
+        // doubling after every few packets: its topics, payloads and
+        // properties, and about the headers of each packet.
+        let waiting = self.transmit.publish_bytes() + PACKET_OVERHEAD_BYTES * self.transmit.len();
+        out.reserve(waiting.min(limit.saturating_sub(out.len())));
         while out.len() < limit {
             match self.transmit.pop() {
                 Some(o) => o.encode(version, out),

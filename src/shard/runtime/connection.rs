@@ -16,6 +16,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -520,12 +521,19 @@ pub fn last_client() -> Option<crate::message::ClientId> {
 
 /// Handle the packets decoded from `buf` with [`CURRENT_CLIENT`] naming
 /// the client; Err on undecodable bytes (the session was told).
-fn handle_packets(shard: &ShardCore, conn: &Rc<ConnHandle>, buf: &mut BytesMut) -> Result<(), ()> {
+/// `last_topic` is the connection's last new PUBLISH topic, which the next
+/// PUBLISH to the same topic shares.
+fn handle_packets(
+    shard: &ShardCore,
+    conn: &Rc<ConnHandle>,
+    buf: &mut BytesMut,
+    last_topic: &mut Option<Arc<str>>,
+) -> Result<(), ()> {
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
     let now = Instant::now();
     CURRENT_CLIENT.with(|c| *c.borrow_mut() = Some(conn.clone()));
     let result = loop {
-        match codec::decode(buf, conn.version, max) {
+        match codec::decode_sharing(buf, conn.version, max, last_topic) {
             Ok(Some(packet)) => {
                 #[cfg(debug_assertions)]
                 test_panic_trigger(shard, conn);
@@ -564,8 +572,9 @@ async fn read_loop(
     mut buf: BytesMut,
 ) -> bool {
     let read_max = shard.config.server.read_buffer_bytes;
+    let mut last_topic = None;
     loop {
-        if handle_packets(shard, conn, &mut buf).is_err() || conn.is_closing() {
+        if handle_packets(shard, conn, &mut buf, &mut last_topic).is_err() || conn.is_closing() {
             return false;
         }
         if shard.mesh.congested() {

@@ -1,0 +1,287 @@
+//! Heap allocations per message on the hot path, counted by a counting
+//! global allocator: two shards' cores driven as the runtime drives them
+//! (a read's bytes decoded packet by packet, the mesh batches of the turn
+//! handed to the other shard, the subscriber's packets encoded into its
+//! write buffer), without sockets, so the count is exact and the same on
+//! every machine. It bounds what a message costs in allocations, not in
+//! time: a new allocation per message on the path fails it.
+//!
+//! What one QoS 0 message from a client on one shard to a subscriber on
+//! the other allocates today: its payload's copy (`message::own_buffers`:
+//! a message must not keep its publisher's read buffer alive) and the
+//! shared `Arc<Message>`. Per read (100 packets here), the read buffer and
+//! its shared handle; per turn, the mesh batch. The topic is the
+//! connection's last one, shared, not allocated again.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use shardmq::codec::{
+    self, Connect, Packet, Properties, Publish, QoS, SubOptions, Subscribe, Version,
+};
+use shardmq::shard::mesh::Mesh;
+use shardmq::shard::{Arrival, ConnHandle, Handshake, ShardCore};
+use shardmq::Config;
+
+/// The system allocator, counting the allocations (and reallocations) of
+/// a thread while its [`COUNTING`] is on.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+}
+
+fn count() {
+    if COUNTING.with(Cell::get) {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call is passed to `System` unchanged; counting touches
+// only an atomic and a const-initialized thread local (no allocation).
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count();
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count();
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count();
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// The allocations `f` makes on this thread.
+fn allocations<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    COUNTING.with(|c| c.set(true));
+    let out = f();
+    COUNTING.with(|c| c.set(false));
+    (out, ALLOCATIONS.load(Ordering::Relaxed) - before)
+}
+
+/// Two shards in memory mode, a client on each, as the runtime runs them.
+struct Broker {
+    cores: Vec<ShardCore>,
+    now: Instant,
+}
+
+/// A connected client: its shard, its connection, the broker's output
+/// not yet decoded.
+struct Client {
+    shard: usize,
+    conn: Rc<ConnHandle>,
+    version: Version,
+    inbuf: BytesMut,
+}
+
+impl Broker {
+    fn new() -> Broker {
+        let mut config = Config::default();
+        config.server.shards = 2;
+        config.storage.durability = "memory".into();
+        config.validate().expect("a valid config");
+        let cores = (0..2)
+            .map(|id| {
+                let mesh = Mesh::new(id, 2, config.mesh.outbox_messages_max);
+                ShardCore::new(id, 2, config.clone(), mesh, 1)
+            })
+            .collect();
+        Broker {
+            cores,
+            now: Instant::now(),
+        }
+    }
+
+    /// Hand every batch the cores queued to its shard, and run the
+    /// retained-message gathers a subscription starts, until nothing is
+    /// left (the runtime's lanes and gather task, turn after turn).
+    fn pump(&self) {
+        loop {
+            let mut moved = false;
+            for (from, core) in self.cores.iter().enumerate() {
+                moved |= core.run_gathers(self.now, 8);
+                for (to, batch) in core.mesh().poll_batches() {
+                    core.mesh().sent(batch.len());
+                    let handoffs = self.cores[to].handle_mesh(batch, from, self.now);
+                    assert!(handoffs.is_empty(), "no socket moves here");
+                    moved = true;
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// A 3.1.1 client with a clean session, connected on its home shard.
+    fn connect(&self, client_id: &str) -> Client {
+        let connect = Connect {
+            version: Version::V3_1_1,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: client_id.into(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        };
+        let (home, assigned) = match self.cores[0].handshake(&connect, Arrival::LOOPBACK, self.now)
+        {
+            Handshake::Serve { assigned, .. } => (0, assigned),
+            Handshake::MoveTo { home, assigned, .. } => (home, assigned),
+            Handshake::Refuse { code, .. } => panic!("CONNECT refused 0x{code:02X}"),
+        };
+        let conn = self.cores[home]
+            .attach(self.now, Box::new(connect), assigned)
+            .expect("attached");
+        self.pump();
+        let mut client = Client {
+            shard: home,
+            conn,
+            version: Version::V3_1_1,
+            inbuf: BytesMut::new(),
+        };
+        let got = self.read(&mut client, &mut BytesMut::new());
+        assert!(matches!(got.first(), Some(Packet::ConnAck(_))), "{got:?}");
+        client
+    }
+
+    /// The runtime's reader: decode `bytes` (one read) packet by packet
+    /// and handle each, then pass the turn's batches on.
+    fn input(&self, client: &Client, bytes: &[u8], last_topic: &mut Option<std::sync::Arc<str>>) {
+        let mut buf = BytesMut::with_capacity(16384);
+        buf.extend_from_slice(bytes);
+        while let Some(p) = codec::decode_sharing(&mut buf, client.version, 1 << 20, last_topic)
+            .expect("decodable input")
+        {
+            self.cores[client.shard].handle_packet(&client.conn, self.now, p);
+        }
+        assert!(buf.is_empty(), "whole packets only");
+        self.pump();
+    }
+
+    /// The runtime's writer: encode what waits for `client` into `out`
+    /// (cleared first, given back past 8 KiB as the runtime does), and
+    /// return it decoded (not counted).
+    fn read(&self, client: &mut Client, out: &mut BytesMut) -> Vec<Packet> {
+        out.clear();
+        if out.capacity() > 8192 {
+            *out = BytesMut::new();
+        }
+        self.cores[client.shard].poll_transmit(&client.conn, out, 65536);
+        self.pump();
+        let was = COUNTING.with(|c| c.replace(false));
+        client.inbuf.extend_from_slice(out);
+        let mut packets = Vec::new();
+        while let Some(p) = codec::decode(&mut client.inbuf, client.version, 1 << 24).unwrap() {
+            packets.push(p);
+        }
+        COUNTING.with(|c| c.set(was));
+        packets
+    }
+}
+
+/// The encoding of `n` QoS 0 PUBLISHes of 64-byte payloads to `topic`.
+fn publishes(topic: &str, n: usize) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    for i in 0..n {
+        let mut payload = vec![b'x'; 64];
+        payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        let p = Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: topic.into(),
+            packet_id: 0,
+            payload: Bytes::from(payload),
+            properties: Properties::default(),
+        };
+        codec::encode(&Packet::Publish(p), Version::V3_1_1, &mut out);
+    }
+    out.to_vec()
+}
+
+#[test]
+fn a_qos0_message_to_another_shard_allocates_at_most_twice() {
+    let broker = Broker::new();
+    // A publisher and a subscriber whose home shards differ.
+    let mut sub = broker.connect("alloc-sub");
+    let pub_id = (0..)
+        .map(|i| format!("alloc-pub-{i}"))
+        .find(|id| {
+            let c = broker.connect(id);
+            c.shard != sub.shard
+        })
+        .unwrap();
+    let publisher = broker.connect(&pub_id);
+    assert_ne!(publisher.shard, sub.shard);
+    let subscribe = Subscribe {
+        packet_id: 1,
+        filters: vec![(
+            "bench/pairs/+".into(),
+            SubOptions {
+                qos: QoS::AtMostOnce,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: 0,
+            },
+        )],
+        properties: Properties::default(),
+    };
+    broker.cores[sub.shard].handle_packet(&sub.conn, broker.now, Packet::Subscribe(subscribe));
+    broker.pump();
+    let mut out = BytesMut::new();
+    let got = broker.read(&mut sub, &mut out);
+    assert!(matches!(got.first(), Some(Packet::SubAck(_))), "{got:?}");
+
+    // Reads of 100 packets each; the subscriber's writer runs after each.
+    const PER_READ: usize = 100;
+    let read = publishes("bench/pairs/7", PER_READ);
+    let mut last_topic = None;
+    let mut run = |reads: usize| {
+        let mut delivered = 0;
+        for _ in 0..reads {
+            broker.input(&publisher, &read, &mut last_topic);
+            delivered += broker.read(&mut sub, &mut out).len();
+        }
+        delivered
+    };
+    // Warm up: queues, maps and buffers reach their working size.
+    assert_eq!(run(20), 20 * PER_READ);
+    let reads = 100;
+    let (delivered, n) = allocations(|| run(reads));
+    assert_eq!(delivered, reads * PER_READ, "every message delivered");
+    let per_message = n as f64 / delivered as f64;
+    println!("{n} allocations for {delivered} messages: {per_message:.3} per message");
+    // Two per message (the payload's copy, the Arc<Message>), and a few
+    // per read and turn: more means something on the path allocates per
+    // message again.
+    assert!(
+        per_message <= 2.1,
+        "{per_message:.3} allocations per message (at most 2.1)"
+    );
+}
