@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
-use shardmq::codec::{Properties, QoS};
+use shardmq::codec::QoS;
 use shardmq::log::Log;
 use shardmq::message::Message;
 use shardmq::persist::{Rec, Scope, Target, TargetState, WallClock, Writer};
@@ -44,7 +44,7 @@ fn message_record() -> Rec {
         payload: Bytes::from(vec![0x5A; 64]),
         qos: QoS::AtLeastOnce,
         retain: false,
-        properties: Properties::default(),
+        properties: Default::default(),
         expires_at: None,
         publisher: Some("device-17".into()),
         id: 0,

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::{LocalExecutorBuilder, Placement};
-use shardmq::codec::{Properties, QoS};
+use shardmq::codec::QoS;
 use shardmq::message::Message;
 use shardmq::shard::mesh::{Batch, Mesh, MeshMsg};
 use shardmq::shard::runtime::flush_loop;
@@ -29,7 +29,7 @@ fn message() -> Arc<Message> {
         payload: Bytes::from(vec![7u8; 64]),
         qos: QoS::AtMostOnce,
         retain: false,
-        properties: Properties::default(),
+        properties: Default::default(),
         expires_at: None,
         publisher: None,
         id: 0,

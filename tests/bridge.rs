@@ -149,7 +149,7 @@ fn retained_message(topic: &str, payload: String) -> Arc<Message> {
         payload: Bytes::from(payload),
         qos: QoS::AtMostOnce,
         retain: true,
-        properties: Properties::default(),
+        properties: Default::default(),
         expires_at: None,
         publisher: None,
         id: 0,

@@ -1022,7 +1022,7 @@ fn message(b: &mut BytesMut, now: Instant) -> Result<Message, FrameError> {
         payload,
         qos: p.qos,
         retain: p.retain,
-        properties,
+        properties: properties.into(),
         expires_at,
         publisher,
         id,
@@ -1252,7 +1252,8 @@ mod tests {
                 correlation_data: Some(Bytes::from_static(b"c")),
                 user_properties: vec![("k".into(), "v".into())],
                 ..Properties::default()
-            },
+            }
+            .into(),
             expires_at: None,
             publisher: Some(Arc::from("pub1")),
             id: 0x0123_4567_89ab_cdef,
@@ -1262,7 +1263,7 @@ mod tests {
     fn will_entry(client: &str, delay_ms: u64) -> WillEntry {
         let waiting = delay_ms % 2 == 0;
         let m = message();
-        let mut properties = m.properties.clone();
+        let mut properties = m.properties.to_properties();
         properties.message_expiry_interval = Some(60);
         WillEntry {
             client_id: Arc::from(client),

@@ -313,7 +313,7 @@ mod tests {
     use smallvec::SmallVec;
 
     use super::*;
-    use crate::codec::{Properties, QoS};
+    use crate::codec::QoS;
     use crate::persist::Causes;
 
     fn msg(topic: &str) -> Arc<Message> {
@@ -322,7 +322,7 @@ mod tests {
             payload: Bytes::from_static(b"x"),
             qos: QoS::AtLeastOnce,
             retain: false,
-            properties: Properties::default(),
+            properties: Default::default(),
             expires_at: None,
             publisher: None,
             id: 0,

@@ -19,7 +19,7 @@ use smallvec::SmallVec;
 use thiserror::Error;
 
 use super::clock::WallClock;
-use crate::codec::{self, Packet, Properties, QoS, Version, Will};
+use crate::codec::{self, Packet, QoS, Version, Will};
 use crate::message::Message;
 use crate::router::SharedPick;
 use crate::session::{SubIds, Subscription};
@@ -749,7 +749,7 @@ impl Writer<'_> {
             payload: w.payload.clone(),
             qos: w.qos,
             retain: w.retain,
-            properties,
+            properties: properties.into(),
             expires_at: None,
             publisher: None,
             id: 0,
@@ -902,7 +902,7 @@ impl<'a> Reader<'a> {
             payload: p.payload,
             qos: p.qos,
             retain: p.retain,
-            properties: p.properties,
+            properties: p.properties.into(),
             expires_at: expires_ms.map(|ms| clock.to_instant(ms)),
             publisher: has_publisher.then(|| Arc::from(publisher)),
             id: 0,
@@ -915,7 +915,7 @@ impl<'a> Reader<'a> {
         let delay = self.opt_u64()?;
         let expiry = self.opt_u64()?;
         let m = self.message(clock)?;
-        let mut properties: Properties = m.properties;
+        let mut properties = m.properties.into_properties();
         properties.will_delay_interval = delay.map(|d| d as u32);
         properties.message_expiry_interval = expiry.map(|e| e as u32);
         Ok(Some(Will {
@@ -960,6 +960,8 @@ mod tests {
 
     use bytes::Bytes;
 
+    use crate::codec::Properties;
+
     use crate::codec::SubOptions;
 
     use super::*;
@@ -981,7 +983,8 @@ mod tests {
                 user_properties: vec![("k".into(), "v".into())],
                 correlation_data: Some(Bytes::from_static(b"corr")),
                 ..Properties::default()
-            },
+            }
+            .into(),
             expires_at: Some(c.to_instant(1_700_000_060_000)),
             publisher: Some("pub-1".into()),
             id: 0,

@@ -51,7 +51,7 @@ fn message(qos: QoS, expires_at: Option<Instant>) -> Arc<Message> {
         payload: Bytes::from_static(b"x"),
         qos,
         retain: false,
-        properties: Properties::default(),
+        properties: Default::default(),
         expires_at,
         publisher: None,
         id: 0,

@@ -345,7 +345,7 @@ fn qos0_message(topic: &str) -> Arc<crate::message::Message> {
         payload: Bytes::from_static(b"y"),
         qos: QoS::AtMostOnce,
         retain: false,
-        properties: Properties::default(),
+        properties: Default::default(),
         expires_at: None,
         publisher: None,
         id: 0,

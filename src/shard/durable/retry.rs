@@ -11,7 +11,7 @@ use std::time::Instant;
 use crate::hash::HashMap;
 
 use super::routed::Forward;
-use crate::codec::{Properties, QoS};
+use crate::codec::QoS;
 use crate::message::Message;
 use crate::persist::{Origin, Scope};
 
@@ -127,7 +127,7 @@ impl ShardCore {
                         payload: bytes::Bytes::new(),
                         qos: QoS::AtMostOnce,
                         retain: true,
-                        properties: Properties::default(),
+                        properties: Default::default(),
                         expires_at: None,
                         publisher: None,
                         id: 0,

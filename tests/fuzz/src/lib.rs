@@ -253,7 +253,7 @@ fn deliver(s: &mut Session, now: Instant, op: u8, input: &mut BytesMut, log: &mu
         payload: Bytes::from(vec![b'p'; usize::from(size) * 4]),
         qos,
         retain: op & 4 != 0,
-        properties: Properties::default(),
+        properties: Default::default(),
         expires_at: (op & 8 != 0).then(|| now + Duration::from_secs(u64::from(size % 3))),
         publisher: None,
         id: 0,
