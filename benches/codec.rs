@@ -1,4 +1,6 @@
-//! Codec hot path: PUBLISH decode and encode.
+//! Codec hot path: PUBLISH decode and encode. `decode` allocates each
+//! topic; `decode_sharing` is what a connection's reader does, sharing
+//! the topic of its last PUBLISH when the next has the same one.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -66,6 +68,25 @@ fn bench(c: &mut Criterion) {
                 || filled(p, *v),
                 |mut buf| {
                     while let Some(p) = codec::decode(&mut buf, *v, 1 << 20).unwrap() {
+                        black_box(p);
+                    }
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("decode_sharing");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    for (name, p, v) in &cases {
+        g.bench_function(*name, |b| {
+            b.iter_batched(
+                || filled(p, *v),
+                |mut buf| {
+                    let mut last = None;
+                    while let Some(p) =
+                        codec::decode_sharing(&mut buf, *v, 1 << 20, &mut last).unwrap()
+                    {
                         black_box(p);
                     }
                 },
