@@ -60,41 +60,29 @@ fn bench(c: &mut Criterion) {
         ("qos0_64B/v5", qos0(), Version::V5),
         ("qos1_64B_props/v5", qos1_props(), Version::V5),
     ];
-    let mut g = c.benchmark_group("decode");
-    g.throughput(Throughput::Elements(BATCH as u64));
-    for (name, p, v) in &cases {
-        g.bench_function(*name, |b| {
-            b.iter_batched(
-                || filled(p, *v),
-                |mut buf| {
-                    while let Some(p) = codec::decode(&mut buf, *v, 1 << 20).unwrap() {
-                        black_box(p);
-                    }
-                },
-                BatchSize::LargeInput,
-            )
-        });
+    for (group, sharing) in [("decode", false), ("decode_sharing", true)] {
+        let mut g = c.benchmark_group(group);
+        g.throughput(Throughput::Elements(BATCH as u64));
+        for (name, p, v) in &cases {
+            g.bench_function(*name, |b| {
+                b.iter_batched(
+                    || filled(p, *v),
+                    |mut buf| {
+                        let mut last = None;
+                        let mut next = |buf: &mut BytesMut| match sharing {
+                            true => codec::decode_sharing(buf, *v, 1 << 20, &mut last),
+                            false => codec::decode(buf, *v, 1 << 20),
+                        };
+                        while let Some(p) = next(&mut buf).unwrap() {
+                            black_box(p);
+                        }
+                    },
+                    BatchSize::LargeInput,
+                )
+            });
+        }
+        g.finish();
     }
-    g.finish();
-    let mut g = c.benchmark_group("decode_sharing");
-    g.throughput(Throughput::Elements(BATCH as u64));
-    for (name, p, v) in &cases {
-        g.bench_function(*name, |b| {
-            b.iter_batched(
-                || filled(p, *v),
-                |mut buf| {
-                    let mut last = None;
-                    while let Some(p) =
-                        codec::decode_sharing(&mut buf, *v, 1 << 20, &mut last).unwrap()
-                    {
-                        black_box(p);
-                    }
-                },
-                BatchSize::LargeInput,
-            )
-        });
-    }
-    g.finish();
     let mut g = c.benchmark_group("encode");
     g.throughput(Throughput::Elements(1));
     for (name, p, v) in &cases {
