@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compare shardmq with Mosquitto on this machine, with shardmq-bench.
+# Compare shardmq with Mosquitto and FlashMQ on this machine, with
+# shardmq-bench.
 #
 # Builds shardmq and shardmq-bench (release), installs Mosquitto from the
 # distribution's packages if it is missing, then runs the same scenario
@@ -7,6 +8,12 @@
 # then QoS 1 with persistent sessions in each of shardmq's durability modes
 # beside Mosquitto with persistence, and writes
 # loadtest/results/compare-DATE.md (also printed).
+#
+# FlashMQ has no Debian package: FLASHMQ names its binary (built from
+# github.com/halfgaar/FlashMQ, tag v1.26.2; see loadtest/head-to-head.sh,
+# which also measures the closed-loop rows interleaved, shardmq and FlashMQ
+# alternating). Without it FlashMQ is skipped, and the run and the table
+# say so.
 #
 # Everything is bounded: each bench run stops by itself (--duration, --drain,
 # connect timeouts) and is wrapped in `timeout`; the whole script takes about
@@ -17,8 +24,9 @@
 #   WARMUP   [2]   unmeasured seconds before each
 #   IDLE     [10000] idle connections for the last row
 #   SKIP_BUILD=1   use the binaries already in target/release
-#   BROKERS ["shardmq mosquitto"]
-#   PORT_SHARDMQ [28883]  PORT_MOSQUITTO [28884]
+#   BROKERS ["shardmq mosquitto flashmq"]
+#   FLASHMQ        FlashMQ's binary (unset: FlashMQ is skipped)
+#   PORT_SHARDMQ [28883]  PORT_MOSQUITTO [28884]  PORT_FLASHMQ [28885]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -26,9 +34,10 @@ ROOT=$(pwd)
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 IDLE=${IDLE:-10000}
-BROKERS=${BROKERS:-"shardmq mosquitto"}
+BROKERS=${BROKERS:-"shardmq mosquitto flashmq"}
 PORT_SHARDMQ=${PORT_SHARDMQ:-28883}
 PORT_MOSQUITTO=${PORT_MOSQUITTO:-28884}
+PORT_FLASHMQ=${PORT_FLASHMQ:-28885}
 BENCH="$ROOT/target/release/shardmq-bench"
 SHARDMQ="$ROOT/target/release/shardmq"
 STAMP=$(date -u +%Y%m%d-%H%M%S)
@@ -58,6 +67,22 @@ if [[ " $BROKERS " == *" mosquitto "* ]]; then
   fi
 fi
 MOSQUITTO_BIN=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+
+# ---- flashmq -----------------------------------------------------------------
+FLASHMQ_NOTE=""
+if [[ " $BROKERS " == *" flashmq "* ]] && { [ -z "${FLASHMQ:-}" ] || [ ! -x "$FLASHMQ" ]; }; then
+  FLASHMQ_NOTE="FlashMQ not run: set FLASHMQ to its binary (see loadtest/head-to-head.sh for how to build it)."
+  log "$FLASHMQ_NOTE"
+  BROKERS=$(echo " $BROKERS " | sed 's/ flashmq / /; s/^ *//; s/ *$//')
+fi
+
+label() { # broker: its name in the tables
+  case "$1" in
+    mosquitto) echo Mosquitto ;;
+    flashmq) echo FlashMQ ;;
+    *) echo "$1" ;;
+  esac
+}
 
 # Each broker (and the bench) may open up to the hard limit of files.
 ulimit -n "$(ulimit -Hn)"
@@ -110,6 +135,26 @@ log_type error
 log_type warning
 EOF
       BROKER_CMD="$MOSQUITTO_BIN -c $WORK/mosquitto.conf"
+      ;;
+    flashmq)
+      PORT=$PORT_FLASHMQ
+      rm -rf "$WORK/flashmq-data" && mkdir -p "$WORK/flashmq-data"
+      # Two threads (its default here: one per CPU), anonymous clients, no
+      # persistence, no log beyond warnings.
+      cat >"$WORK/flashmq.conf" <<EOF
+thread_count 2
+allow_anonymous true
+log_level warning
+log_file $WORK/flashmq-file.log
+storage_dir $WORK/flashmq-data
+listen {
+  protocol mqtt
+  inet_protocol ip4
+  inet4_bind_address 127.0.0.1
+  port $PORT
+}
+EOF
+      BROKER_CMD="$FLASHMQ --config-file $WORK/flashmq.conf"
       ;;
   esac
   log "starting $1: $BROKER_CMD"
@@ -260,34 +305,43 @@ if [ -n "$(git -C "$ROOT" status --porcelain -- src Cargo.toml 2>/dev/null)" ]; 
   SHARDMQ_REV="$SHARDMQ_REV + uncommitted changes in src/"
 fi
 MOSQ_VER=$("$MOSQUITTO_BIN" -h 2>/dev/null | head -1 || true)
+FLASHMQ_VER=""
+[ -n "${FLASHMQ:-}" ] && [ -x "$FLASHMQ" ] && FLASHMQ_VER=$("$FLASHMQ" --version 2>/dev/null | head -1 || true)
+NAMES=""
+for b in $BROKERS; do NAMES="${NAMES:+$NAMES vs }$(label "$b")"; done
+# A header cell per broker (heads HEADING), that broker's cell of scenario
+# $i (cells FUNCTION), or a separator per broker (seps).
+heads() { for b in $BROKERS; do printf ' %s %s |' "$(label "$b")" "$1"; done; }
+cells() { for b in $BROKERS; do printf ' %s |' "$("$1" "$WORK/$b-$i.json")"; done; }
+seps() { for _ in $BROKERS; do printf -- '---|'; done; }
 {
-  echo "# shardmq vs Mosquitto, $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "# $NAMES, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
   echo "- machine: $(nproc) CPUs, ${MODEL:-unknown CPU}, kernel $(uname -r), open files $NOFILE"
   echo "- shardmq: commit $SHARDMQ_REV, \`shardmq --listen 127.0.0.1:$PORT_SHARDMQ --shards 2 --data-dir DIR\` (default config: kill-safe log, inflight 128, queue 100,000 messages / 16 MiB)"
   echo "- Mosquitto: ${MOSQ_VER:-not run}, single-threaded; config: listener 127.0.0.1:$PORT_MOSQUITTO, allow_anonymous, no persistence, max_inflight_messages 128, max_queued_messages 100000, set_tcp_nodelay true"
+  echo "- FlashMQ: ${FLASHMQ_VER:-not run}; config: thread_count 2, listen 127.0.0.1:$PORT_FLASHMQ, allow_anonymous, no persistence"
   echo "- **The load generator and the broker share the same $(nproc) cores** (and the machine is shared with other work):"
   echo "  absolute rates are bounded by shardmq-bench's own CPU use; compare the columns, not the numbers with other machines."
   echo "- MQTT 3.1.1, 64-byte payloads, ${WARMUP} s warmup then ${DURATION} s measured per row; latency is end to end (publisher send → subscriber read), µs."
   echo "- broker CPU = (utime + stime) of the broker over the measured window (+ drain) ÷ delivered messages; idle row: until all connected ÷ connections."
   [ -n "$MOSQUITTO_NOTE" ] && echo "- $MOSQUITTO_NOTE"
+  [ -n "$FLASHMQ_NOTE" ] && echo "- $FLASHMQ_NOTE"
   echo
-  echo "| scenario | shardmq msg/s | Mosquitto msg/s | shardmq CPU µs/msg | Mosquitto CPU µs/msg | shardmq latency p50 / p99 / p99.9 / max µs | Mosquitto latency p50 / p99 / p99.9 / max µs | shardmq lost / dup / reorder | Mosquitto lost / dup / reorder | shardmq RSS | Mosquitto RSS |"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|"
+  echo "| scenario |$(heads msg/s)$(heads 'CPU µs/msg')$(heads 'latency p50 / p99 / p99.9 / max µs')$(heads 'lost / dup / reorder')$(heads RSS)"
+  echo "|---|$(seps)$(seps)$(seps)$(seps)$(seps)"
   for i in "${!SCENARIOS[@]}"; do
     name=${SCENARIOS[$i]%%|*}
-    s="$WORK/shardmq-$i.json"
-    m="$WORK/mosquitto-$i.json"
-    echo "| $name | $(cell_rate "$s") | $(cell_rate "$m") | $(cell_cpu "$s") | $(cell_cpu "$m") | $(cell_lat "$s") | $(cell_lat "$m") | $(cell_loss "$s") | $(cell_loss "$m") | $(cell_rss "$s") | $(cell_rss "$m") |"
+    echo "| $name |$(cells cell_rate)$(cells cell_cpu)$(cells cell_lat)$(cells cell_loss)$(cells cell_rss)"
   done
   echo
   echo "CPU seconds used during each measured window (+ drain), broker / shardmq-bench, out of $(nproc) × window:"
   echo
-  echo "| scenario | shardmq run: broker / bench | Mosquitto run: broker / bench |"
-  echo "|---|---|---|"
+  echo "| scenario |$(heads 'run: broker / bench')"
+  echo "|---|$(seps)"
   for i in "${!SCENARIOS[@]}"; do
     name=${SCENARIOS[$i]%%|*}
-    echo "| $name | $(cell_split "$WORK/shardmq-$i.json") | $(cell_split "$WORK/mosquitto-$i.json") |"
+    echo "| $name |$(cells cell_split)"
   done
   echo
   echo "QoS 1 pairs 100 with persistent sessions (MQTT 5.0, Clean Start 0, Session Expiry 600 s), each durability mode"
@@ -306,7 +360,7 @@ MOSQ_VER=$("$MOSQUITTO_BIN" -h 2>/dev/null | head -1 || true)
   echo "Closed-loop rows keep 200 (fan-in: 8) messages in flight per publisher → subscriber link, so their latency is"
   echo "about in-flight ÷ rate (Little's law) and mostly shows the throughput; the fixed-rate row is the latency comparison."
   echo
-  echo "Commands (\`\$BROKER_PID\` is the broker's pid, FILE a JSON summary; the same for Mosquitto with its port):"
+  echo "Commands (\`\$BROKER_PID\` is the broker's pid, FILE a JSON summary; the same for the other brokers with their ports):"
   echo
   echo '```'
   for c in "${COMMANDS[@]}"; do echo "$c"; done
