@@ -25,6 +25,10 @@ const NUL_IN_STRING: DecodeError =
 const LONG_VBI: DecodeError =
     DecodeError::Malformed("[MQTT-1.5.5] variable byte integer longer than 4 bytes");
 
+/// Longest topic a connection's reader remembers to share with its next
+/// PUBLISH ([`Reader::topic_as`]), in bytes.
+pub(crate) const SHARED_TOPIC_MAX_BYTES: usize = 256;
+
 /// A cursor over (part of) a frozen packet body.
 ///
 /// Binary fields are returned as `Bytes` slices of the body, so nothing is
@@ -134,7 +138,8 @@ impl<'a> Reader<'a> {
     /// [`Reader::topic`], sharing `last` when the bytes are the same (a
     /// client publishes to the same topic over and over: no allocation, no
     /// second check of bytes `last` passed), else allocating and
-    /// remembering it in `last`.
+    /// remembering it in `last` if it is at most [`SHARED_TOPIC_MAX_BYTES`]
+    /// long (what an idle connection may keep).
     pub(crate) fn topic_as(
         &mut self,
         last: &mut Option<Arc<str>>,
@@ -144,7 +149,7 @@ impl<'a> Reader<'a> {
             return Ok(t.clone());
         }
         let t: Arc<str> = Arc::from(validate_str(raw)?);
-        *last = Some(t.clone());
+        *last = (t.len() <= SHARED_TOPIC_MAX_BYTES).then(|| t.clone());
         Ok(t)
     }
 

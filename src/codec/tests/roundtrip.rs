@@ -17,6 +17,36 @@ fn encoded(p: &Packet, v: Version) -> BytesMut {
 
 proptest! {
     #[test]
+    fn decoding_a_stream_sharing_topics_gives_the_same_packets(
+        v in version(),
+        ps in version().prop_flat_map(|v| vec(publish(v, 64), 1..12)),
+        repeat in vec(any::<bool>(), 12),
+    ) {
+        // Runs of one topic, as a client publishes: each packet takes the
+        // topic of the one before it when `repeat` says so.
+        let mut packets = ps;
+        for i in 1..packets.len() {
+            if repeat[i] {
+                packets[i].topic = packets[i - 1].topic.clone();
+            }
+        }
+        let mut stream = BytesMut::new();
+        for p in &packets {
+            encode(&Packet::Publish(p.clone()), v, &mut stream);
+        }
+        let mut plain = stream.clone();
+        let mut last = None;
+        loop {
+            let shared = decode_sharing(&mut stream, v, MAX_PACKET_SIZE, &mut last);
+            let alone = decode(&mut plain, v, MAX_PACKET_SIZE);
+            prop_assert_eq!(&shared, &alone);
+            if !matches!(alone, Ok(Some(_))) {
+                break;
+            }
+        }
+    }
+
+    #[test]
     fn a_publish_view_decodes_to_the_equivalent_publish(
         v in version(),
         p in version().prop_flat_map(|v| publish(v, 256)),
