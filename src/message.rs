@@ -45,19 +45,44 @@ pub struct Message {
     pub id: u64,
 }
 
-/// A message's properties, boxed when it has any. Most messages have none
-/// (every 3.x one), and a message is written once and read on every shard
-/// it reaches: inline, the properties were three quarters of its bytes.
-/// Reads of a message without properties see empty ones.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MessageProperties(Option<Box<Properties>>);
+/// A message's properties, boxed when it has any but a Payload Format
+/// Indicator. Most messages have none (every 3.x one) or only that (a 5.0
+/// client saying its payload is UTF-8), and a message is written once and
+/// read on every shard it reaches: inline, the properties were three
+/// quarters of its bytes. Reads see the properties whatever the form;
+/// a write boxes them. Equal when the properties are.
+#[derive(Debug, Clone, Default)]
+pub struct MessageProperties(Held);
 
-/// What a message without properties reads.
-static NO_PROPERTIES: LazyLock<Properties> = LazyLock::new(Properties::default);
+/// How [`MessageProperties`] hold them.
+#[derive(Debug, Clone, Default)]
+enum Held {
+    /// None.
+    #[default]
+    None,
+    /// A Payload Format Indicator alone: true for 1 (UTF-8), false for 0.
+    Format(bool),
+    /// Any others.
+    Boxed(Box<Properties>),
+}
+
+/// What messages without properties, and those with a Payload Format
+/// Indicator of 0 or 1 alone, read.
+static NO_PROPERTIES: LazyLock<[Properties; 3]> = LazyLock::new(|| {
+    let format = |f| Properties {
+        payload_format_indicator: Some(f),
+        ..Properties::default()
+    };
+    [Properties::default(), format(0), format(1)]
+});
 
 impl From<Properties> for MessageProperties {
     fn from(p: Properties) -> MessageProperties {
-        MessageProperties((!p.is_empty()).then(|| Box::new(p)))
+        MessageProperties(match p.payload_format_indicator {
+            None if p.is_empty() => Held::None,
+            Some(f @ (0 | 1)) if p == NO_PROPERTIES[1 + usize::from(f)] => Held::Format(f == 1),
+            _ => Held::Boxed(Box::new(p)),
+        })
     }
 }
 
@@ -65,15 +90,33 @@ impl Deref for MessageProperties {
     type Target = Properties;
 
     fn deref(&self) -> &Properties {
-        self.0.as_deref().unwrap_or(&NO_PROPERTIES)
+        match &self.0 {
+            Held::None => &NO_PROPERTIES[0],
+            Held::Format(utf8) => &NO_PROPERTIES[1 + usize::from(*utf8)],
+            Held::Boxed(p) => p,
+        }
     }
 }
 
 impl DerefMut for MessageProperties {
     fn deref_mut(&mut self) -> &mut Properties {
-        self.0.get_or_insert_with(Box::default)
+        if !matches!(self.0, Held::Boxed(_)) {
+            self.0 = Held::Boxed(Box::new(Properties::clone(self)));
+        }
+        match &mut self.0 {
+            Held::Boxed(p) => p,
+            _ => unreachable!("boxed just above"),
+        }
     }
 }
+
+impl PartialEq for MessageProperties {
+    fn eq(&self, other: &MessageProperties) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for MessageProperties {}
 
 impl MessageProperties {
     /// The properties, copied.
@@ -83,7 +126,10 @@ impl MessageProperties {
 
     /// The properties, taken.
     pub fn into_properties(self) -> Properties {
-        self.0.map_or_else(Properties::default, |p| *p)
+        match self.0 {
+            Held::Boxed(p) => *p,
+            _ => self.to_properties(),
+        }
     }
 }
 
@@ -265,6 +311,18 @@ mod tests {
         let mut props = m.properties.clone();
         props.content_type = None;
         assert!(props.is_empty());
+        // Equal by what they hold, boxed or not.
+        assert_eq!(props, MessageProperties::default());
         assert_eq!(props.into_properties(), Properties::default());
+
+        // A Payload Format Indicator alone is not boxed either.
+        let utf8 = Properties {
+            payload_format_indicator: Some(1),
+            ..Properties::default()
+        };
+        let held = MessageProperties::from(utf8.clone());
+        assert!(matches!(held.0, Held::Format(true)));
+        assert_eq!(*held, utf8);
+        assert_eq!(held.into_properties(), utf8);
     }
 }
