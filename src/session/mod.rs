@@ -552,11 +552,20 @@ impl Session {
     /// Encode waiting packets for `version` into `out` until it holds about
     /// `limit` bytes: the writer's fast path (no `Packet` per delivery).
     pub fn encode_transmit(&mut self, version: Version, out: &mut bytes::BytesMut, limit: usize) {
-        // One allocation for what is waiting (up to `limit`), not a
-        // doubling after every few packets: its topics, payloads and
-        // properties, and about the headers of each packet.
-        let waiting = self.transmit.publish_bytes() + PACKET_OVERHEAD_BYTES * self.transmit.len();
-        out.reserve(waiting.min(limit.saturating_sub(out.len())));
+        // One allocation for what is waiting (up to `limit`, and the
+        // packet that crosses it), not a doubling after every few packets:
+        // its topics, payloads and properties, and about the headers of
+        // each packet.
+        let n = self.transmit.len();
+        if n > 0 {
+            let waiting = self.transmit.publish_bytes() + PACKET_OVERHEAD_BYTES * n;
+            let room = limit.saturating_sub(out.len());
+            out.reserve(if waiting > room {
+                room + waiting / n
+            } else {
+                waiting
+            });
+        }
         while out.len() < limit {
             match self.transmit.pop() {
                 Some(o) => o.encode(version, out),
