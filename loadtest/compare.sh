@@ -30,6 +30,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
 
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
@@ -101,14 +103,6 @@ stop_broker() {
 }
 trap stop_broker EXIT
 
-wait_port() { # port: wait until it accepts connections (10 s at most)
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  return 1
-}
-
 start_broker() { # name [shardmq durability | mosquitto persistence true/false]
   case "$1" in
     shardmq)
@@ -138,22 +132,7 @@ EOF
       ;;
     flashmq)
       PORT=$PORT_FLASHMQ
-      rm -rf "$WORK/flashmq-data" && mkdir -p "$WORK/flashmq-data"
-      # Two threads (its default here: one per CPU), anonymous clients, no
-      # persistence, no log beyond warnings.
-      cat >"$WORK/flashmq.conf" <<EOF
-thread_count 2
-allow_anonymous true
-log_level warning
-log_file $WORK/flashmq-file.log
-storage_dir $WORK/flashmq-data
-listen {
-  protocol mqtt
-  inet_protocol ip4
-  inet4_bind_address 127.0.0.1
-  port $PORT
-}
-EOF
+      flashmq_conf "$WORK" "$PORT"
       BROKER_CMD="$FLASHMQ --config-file $WORK/flashmq.conf"
       ;;
   esac

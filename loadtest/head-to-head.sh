@@ -41,22 +41,7 @@ ROWS=(
 [ -x "$BENCH" ] || cargo build --release -p shardmq-bench
 [ -x "$SHARDMQ" ] || cargo build --release --bin shardmq
 
-# FlashMQ's configuration: the port, 2 threads (its default here: one per
-# CPU), anonymous clients, no persistence, no log beyond warnings.
-cat >"$WORK/flashmq.conf" <<EOF
-thread_count 2
-allow_anonymous true
-log_level warning
-log_file $WORK/flashmq-file.log
-storage_dir $WORK/flashmq-storage
-listen {
-  protocol mqtt
-  inet_protocol ip4
-  inet4_bind_address 127.0.0.1
-  port $PORT
-}
-EOF
-mkdir -p "$WORK/flashmq-storage"
+flashmq_conf "$WORK" "$PORT"
 
 for round in $(seq "$ROUNDS"); do
   for row in "${ROWS[@]}"; do

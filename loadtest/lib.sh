@@ -1,6 +1,27 @@
 # Sourced by the interleaved comparison scripts (before-after.sh,
 # cluster-bench.sh, head-to-head.sh), which set BENCH, WORK, ROWS and
-# ROUNDS.
+# ROUNDS, and by compare.sh.
+
+# flashmq_conf DIR PORT: FlashMQ's configuration in DIR/flashmq.conf, its
+# storage in DIR/flashmq-storage (made empty): 127.0.0.1:PORT, 2 threads
+# (its default here: one per CPU), anonymous clients, no persistence, no
+# log beyond warnings.
+flashmq_conf() {
+  rm -rf "$1/flashmq-storage" && mkdir -p "$1/flashmq-storage"
+  cat >"$1/flashmq.conf" <<EOF
+thread_count 2
+allow_anonymous true
+log_level warning
+log_file $1/flashmq-file.log
+storage_dir $1/flashmq-storage
+listen {
+  protocol mqtt
+  inet_protocol ip4
+  inet4_bind_address 127.0.0.1
+  port $2
+}
+EOF
+}
 
 # json_value FILE KEY: a top-level value of a shardmq-bench JSON summary.
 json_value() { sed -n "s/^  \"$2\": \(.*\),$/\1/p" "$1"; }
