@@ -285,7 +285,7 @@ if [ -n "$(git -C "$ROOT" status --porcelain -- src Cargo.toml 2>/dev/null)" ]; 
 fi
 MOSQ_VER=$("$MOSQUITTO_BIN" -h 2>/dev/null | head -1 || true)
 FLASHMQ_VER=""
-[ -n "${FLASHMQ:-}" ] && [ -x "$FLASHMQ" ] && FLASHMQ_VER=$("$FLASHMQ" --version 2>/dev/null | head -1 || true)
+[[ " $BROKERS " == *" flashmq "* ]] && FLASHMQ_VER=$("$FLASHMQ" --version 2>/dev/null | head -1 || true)
 NAMES=""
 for b in $BROKERS; do NAMES="${NAMES:+$NAMES vs }$(label "$b")"; done
 # A header cell per broker (heads HEADING), that broker's cell of scenario

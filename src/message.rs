@@ -5,7 +5,7 @@
 //! It is the one type that crosses shards on the publish path.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -59,7 +59,7 @@ pub struct Message {
 pub struct MessageProperties(Option<Box<Properties>>);
 
 /// What a message without properties reads.
-static NO_PROPERTIES: LazyLock<Properties> = LazyLock::new(Properties::default);
+static NO_PROPERTIES: Properties = Properties::EMPTY;
 
 impl From<Properties> for MessageProperties {
     fn from(p: Properties) -> MessageProperties {

@@ -13,15 +13,17 @@
 //! its shared handle; per turn, the mesh batch. The topic is the
 //! connection's last one, shared, not allocated again.
 
+#[path = "common/model.rs"]
+#[allow(dead_code)] // the simulators' client model; this test decodes with it
+mod model;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use shardmq::codec::{
-    self, Connect, Packet, Properties, Publish, QoS, SubOptions, Subscribe, Version,
-};
+use shardmq::codec::{self, Connect, Packet, Properties, Publish, QoS, Subscribe, Version};
 use shardmq::shard::mesh::Mesh;
 use shardmq::shard::{Arrival, ConnHandle, Handshake, ShardCore};
 use shardmq::Config;
@@ -194,11 +196,7 @@ impl Broker {
         self.cores[client.shard].poll_transmit(&client.conn, out, 65536);
         self.pump();
         let was = COUNTING.with(|c| c.replace(false));
-        client.inbuf.extend_from_slice(out);
-        let mut packets = Vec::new();
-        while let Some(p) = codec::decode(&mut client.inbuf, client.version, 1 << 24).unwrap() {
-            packets.push(p);
-        }
+        let packets = model::packets(&mut client.inbuf, out, client.version);
         COUNTING.with(|c| c.set(was));
         packets
     }
@@ -243,15 +241,7 @@ fn cross_shard_allocations(version: Version, properties: Properties, per_message
     assert_ne!(publisher.shard, sub.shard);
     let subscribe = Subscribe {
         packet_id: 1,
-        filters: vec![(
-            "bench/pairs/+".into(),
-            SubOptions {
-                qos: QoS::AtMostOnce,
-                no_local: false,
-                retain_as_published: false,
-                retain_handling: 0,
-            },
-        )],
+        filters: vec![("bench/pairs/+".into(), model::sub_options(QoS::AtMostOnce))],
         properties: Properties::default(),
     };
     broker.cores[sub.shard].handle_packet(&sub.conn, broker.now, Packet::Subscribe(subscribe));

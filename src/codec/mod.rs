@@ -75,7 +75,7 @@ pub fn decode(
     version: Version,
     max_packet_size: usize,
 ) -> Result<Option<Packet>, DecodeError> {
-    decode_sharing(buf, version, max_packet_size, &mut None)
+    decode_with(buf, version, max_packet_size, None)
 }
 
 /// [`decode`] for a connection's stream of packets: a PUBLISH whose topic
@@ -87,6 +87,17 @@ pub fn decode_sharing(
     version: Version,
     max_packet_size: usize,
     last_topic: &mut Option<Arc<str>>,
+) -> Result<Option<Packet>, DecodeError> {
+    decode_with(buf, version, max_packet_size, Some(last_topic))
+}
+
+/// [`decode`], or [`decode_sharing`] when given the last topic.
+#[inline]
+fn decode_with(
+    buf: &mut BytesMut,
+    version: Version,
+    max_packet_size: usize,
+    last_topic: Option<&mut Option<Arc<str>>>,
 ) -> Result<Option<Packet>, DecodeError> {
     let Some(h) = header::parse(buf, version)? else {
         return Ok(None);

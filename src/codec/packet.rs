@@ -58,7 +58,7 @@ pub type Topic = Arc<str>;
 /// refuses a property that the packet kind does not allow
 /// (`[MQTT-2.2.2-2]`), and the encoder writes only the fields that are set.
 /// For MQTT 3.x packets it stays empty.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Properties {
     /// 0x01, PUBLISH / will: 0 = bytes, 1 = UTF-8.
     pub payload_format_indicator: Option<u8>,
@@ -117,9 +117,46 @@ pub struct Properties {
 }
 
 impl Properties {
+    /// No property set: the default.
+    pub const EMPTY: Properties = Properties {
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        subscription_identifiers: SmallVec::new_const(),
+        session_expiry_interval: None,
+        assigned_client_identifier: None,
+        server_keep_alive: None,
+        authentication_method: None,
+        authentication_data: None,
+        request_problem_information: None,
+        will_delay_interval: None,
+        request_response_information: None,
+        response_information: None,
+        server_reference: None,
+        reason_string: None,
+        receive_maximum: None,
+        topic_alias_maximum: None,
+        topic_alias: None,
+        maximum_qos: None,
+        retain_available: None,
+        user_properties: Vec::new(),
+        maximum_packet_size: None,
+        wildcard_subscription_available: None,
+        subscription_identifier_available: None,
+        shared_subscription_available: None,
+    };
+
     /// True when no property is set, so a 3.x encoder or a reader can skip it.
     pub fn is_empty(&self) -> bool {
-        *self == Properties::default()
+        *self == Properties::EMPTY
+    }
+}
+
+impl Default for Properties {
+    fn default() -> Properties {
+        Properties::EMPTY
     }
 }
 

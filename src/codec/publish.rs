@@ -25,7 +25,7 @@ pub(crate) fn decode(
     flags: u8,
     mut body: Bytes,
     version: Version,
-    last_topic: &mut Option<Arc<str>>,
+    last_topic: Option<&mut Option<Arc<str>>>,
 ) -> Result<Option<Packet>, DecodeError> {
     let qos = QoS::from_u8((flags >> 1) & 0x03)
         .ok_or(DecodeError::Malformed("[MQTT-3.3.1-4] PUBLISH QoS is 3"))?;
@@ -36,7 +36,10 @@ pub(crate) fn decode(
         ));
     }
     let mut r = Reader::new(&body);
-    let topic = r.topic_as(last_topic)?;
+    let topic = match last_topic {
+        Some(last) => r.topic_as(last)?,
+        None => r.topic()?,
+    };
     let mut packet_id = 0;
     if qos != QoS::AtMostOnce {
         packet_id = r.u16()?;
