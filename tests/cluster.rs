@@ -1307,3 +1307,193 @@ fn get_json(addr: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) 
     let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
     (status, v)
 }
+
+/// Publish QoS 1 messages `first..` on `addr` as client `id` (a clean
+/// session, 100 in flight, about 10,000 a second at most) until the connection ends: the ids the broker
+/// acknowledged (the broker acknowledges in the order it got them, so the
+/// k-th PUBACK is the k-th message), counted in `acks` as they come; None
+/// when the CONNECT was refused or failed.
+async fn publish_until_closed(
+    addr: std::net::SocketAddr,
+    id: &str,
+    first: u64,
+    acks: &std::sync::atomic::AtomicU64,
+) -> Option<Vec<u64>> {
+    use rumqttc::{AsyncClient, ConnectReturnCode, Event, Packet, QoS};
+    use std::sync::atomic::Ordering;
+    let mut o = client::v3::options(addr, id);
+    o.set_inflight(100);
+    let (client, mut eventloop) = AsyncClient::new(o, 100);
+    let producer = tokio::spawn(async move {
+        for i in first.. {
+            // At most about 10,000 a second, so that the load (debug
+            // builds, 2 cores) does not stall membership.
+            if i % 20 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let payload = i.to_string().into_bytes();
+            if client
+                .publish("k/x", QoS::AtLeastOnce, false, payload)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut acked = Vec::new();
+    let mut connected = false;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(a))) => {
+                if a.code != ConnectReturnCode::Success {
+                    break;
+                }
+                connected = true;
+            }
+            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                acked.push(first + acked.len() as u64);
+                acks.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    producer.abort();
+    connected.then_some(acked)
+}
+
+/// Node a, where the publisher is, is killed with SIGKILL under QoS 1
+/// load, 20 times, and comes back each time (a node without the routes
+/// of every peer it sees up refuses CONNECTs: the publisher tries again).
+/// The subscribers are on b and c (persistent sessions, one ordinary
+/// subscriber on each and a shared group with a member on each): every
+/// message a acknowledged reached both ordinary subscribers and one
+/// member of the group. A PUBACK for a message with subscribers on other
+/// nodes waits until those nodes confirm they have it, so the publisher's
+/// node can die at any moment without taking an acknowledged message with
+/// it. (The subscribers' nodes dying is replication, not done yet.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_publishers_node_20_times_under_qos1_loses_nothing_it_acknowledged() {
+    use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let dir = temp_dir("cluster-kill-publishers");
+    let [pa, pb, pc] = [free_udp_port(), free_udp_port(), free_udp_port()];
+    let mut a = node("a", &dir, pa, &[pb, pc]);
+    let b = node("b", &dir, pb, &[pa]);
+    let c = node("c", &dir, pc, &[pa]);
+    wait_links(&a, &b, &c);
+    let mut subs = Vec::new();
+    for (id, at, filter) in [
+        ("ord-b", b.addr, "k/#"),
+        ("ord-c", c.addr, "k/#"),
+        ("grp-b", b.addr, "$share/g/k/#"),
+        ("grp-c", c.addr, "$share/g/k/#"),
+    ] {
+        use client::v3::{connect, options, QoS};
+        let mut o = options(at, id);
+        o.set_clean_session(false);
+        let mut client = connect(o).await;
+        client.subscribe(filter, QoS::AtLeastOnce).await;
+        let got: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
+        let seen = got.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let p = client.next_publish_within(Duration::from_secs(3600)).await;
+                let n: u64 = std::str::from_utf8(&p.payload).unwrap().parse().unwrap();
+                seen.lock().unwrap().insert(n);
+            }
+        });
+        subs.push((id, got, task));
+    }
+    let mut acked = Vec::new();
+    for cycle in 1..=20u64 {
+        let first = cycle * 1_000_000;
+        let acks = Arc::new(AtomicU64::new(0));
+        let killed = Arc::new(AtomicBool::new(false));
+        let (addr, count, stop) = (a.addr, acks.clone(), killed.clone());
+        let publisher = tokio::spawn(async move {
+            let start = Instant::now();
+            loop {
+                if let Some(got) = publish_until_closed(addr, "pub-a", first, &count).await {
+                    return got;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "a took no CONNECT"
+                );
+                if stop.load(Ordering::Relaxed) {
+                    return Vec::new();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        // Kill a at some moment under load: a while after its first
+        // acknowledgement.
+        let start = Instant::now();
+        while acks.load(Ordering::Relaxed) == 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no PUBACK from a"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50 + cycle * 53 % 300)).await;
+        killed.store(true, Ordering::Relaxed);
+        a.kill9();
+        let got = tokio::time::timeout(Duration::from_secs(30), publisher)
+            .await
+            .expect("the publisher sees its node die")
+            .unwrap();
+        acked.extend(got);
+        a = node("a", &dir, pa, &[pb, pc]);
+        for n in [&b, &c] {
+            wait_log_count(n, "restarted (incarnation", cycle as usize, 30);
+        }
+        wait_links(&a, &b, &c);
+    }
+    assert!(
+        acked.len() > 1000,
+        "only {} messages acknowledged",
+        acked.len()
+    );
+    // Everything acknowledged arrives: at each ordinary subscriber, and at
+    // one member of the group.
+    let want: BTreeSet<u64> = acked.iter().copied().collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let missing = |ids: &[&str]| -> Vec<u64> {
+            let mut have = BTreeSet::new();
+            for (id, got, _) in &subs {
+                if ids.contains(id) {
+                    have.extend(got.lock().unwrap().iter().copied());
+                }
+            }
+            want.difference(&have).copied().take(5).collect()
+        };
+        let lost = [
+            ("ord-b", missing(&["ord-b"])),
+            ("ord-c", missing(&["ord-c"])),
+            ("the group", missing(&["grp-b", "grp-c"])),
+        ];
+        if lost.iter().all(|(_, m)| m.is_empty()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} messages acknowledged; lost (the first few): {lost:?}",
+            want.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "cluster: the publishers' node killed 20 times, {} messages acknowledged, none lost",
+        want.len()
+    );
+    for (_, _, task) in subs {
+        task.abort();
+    }
+    drop((a, b, c));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -28,7 +28,7 @@ use crate::message::Message;
 use crate::router::SharedPick;
 
 /// The bridge protocol version this node speaks.
-pub const BRIDGE_VERSION: u16 = 6;
+pub const BRIDGE_VERSION: u16 = 7;
 /// Bytes before a frame's body: its length and kind.
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Longest topic filter or other string in a frame, in bytes (the MQTT
@@ -433,6 +433,11 @@ pub struct RemotePublish {
     pub ordinary: bool,
     /// Shared subscriptions the node serves for this message.
     pub shared: Vec<SharedPick>,
+    /// The sender was given these shared subscriptions by another node
+    /// and had no member of them (its member left, or the route it was
+    /// picked by was stale): the receiver serves them with a member of
+    /// its own or drops them (counted), never passing them on again.
+    pub passed_on: bool,
 }
 
 /// A frame that cannot be read.
@@ -553,7 +558,7 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
         Frame::Publish(p) => {
             out.put_u8(kind::PUBLISH);
             out.put_u64(p.seq);
-            out.put_u8(u8::from(p.ordinary));
+            out.put_u8(u8::from(p.ordinary) | u8::from(p.passed_on) << 1);
             out.put_u16(p.shared.len().min(usize::from(u16::MAX)) as u16);
             for pick in p.shared.iter().take(usize::from(u16::MAX)) {
                 put_str(out, &pick.group);
@@ -782,7 +787,11 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
         kind::ROUTE_ACK => Frame::RouteAck { seq: u64_(b)? },
         kind::PUBLISH => {
             let seq = u64_(b)?;
-            let ordinary = bool_(b)?;
+            let flags = u8_(b)?;
+            if flags > 3 {
+                return Err(FrameError::Malformed("unknown message flags"));
+            }
+            let (ordinary, passed_on) = (flags & 1 != 0, flags & 2 != 0);
             let n = usize::from(u16_(b)?);
             if n > b.len() / 4 {
                 return Err(FrameError::Malformed("shared count beyond the frame"));
@@ -809,6 +818,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                 message: Arc::new(message(b, now)?),
                 ordinary,
                 shared,
+                passed_on,
             })
         }
         kind::PING => Frame::Ping {
@@ -1324,6 +1334,7 @@ mod tests {
                     group: Arc::from("g"),
                     filter: Arc::from("a/+"),
                 }],
+                passed_on: true,
             }),
             Frame::RouteDelta {
                 seq: 11,
@@ -1464,6 +1475,7 @@ mod tests {
             message: Arc::new(m),
             ordinary: true,
             shared: Vec::new(),
+            passed_on: false,
         };
         encode(&Frame::Publish(p), now, &mut buf);
         let later = now + Duration::from_secs(10);

@@ -52,14 +52,15 @@ struct Peer {
 }
 
 /// What the runtime does when a node comes up.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Replaced {
     /// The run it replaces ended (its incarnation): its wills go out.
     pub ended_run: Option<u64>,
     /// The link to the replaced run, to close.
     pub close: Option<u64>,
-    /// Frames that waited for the replaced run, dropped.
-    pub dropped: usize,
+    /// Frames that waited for the replaced run, dropped: in order, for
+    /// the caller to count (and to serve elsewhere what can be).
+    pub dropped: Vec<Frame>,
 }
 
 /// A shard's outbound links, by peer index; see the module docs.
@@ -112,19 +113,21 @@ impl PeerLinks {
             Some(old) => Replaced {
                 ended_run: Some(old.node.incarnation),
                 close: link_of(&old.out),
-                dropped: old.unacked.len(),
+                dropped: old.unacked.into_iter().map(|(_, f, _)| f).collect(),
             },
         }
     }
 
     /// Run `node` of node `index` is down. None when that is not the run
-    /// held (an older one); else the link to close and the frames dropped.
-    pub fn down(&mut self, index: u16, node: &Node) -> Option<(Option<u64>, usize)> {
+    /// held (an older one); else the link to close and the frames dropped,
+    /// in order.
+    pub fn down(&mut self, index: u16, node: &Node) -> Option<(Option<u64>, Vec<Frame>)> {
         if self.peers.get(&index).is_none_or(|p| &p.node != node) {
             return None;
         }
         let p = self.peers.remove(&index)?;
-        Some((link_of(&p.out), p.unacked.len()))
+        let dropped = p.unacked.into_iter().map(|(_, f, _)| f).collect();
+        Some((link_of(&p.out), dropped))
     }
 
     /// The peers whose dial is due at `now_ms`, marked as dialing: their
@@ -217,19 +220,21 @@ impl PeerLinks {
     /// Number message `frame` (a [`Frame::Publish`], `bytes` long) for
     /// `index`'s run and keep it until that run confirms it: the kept
     /// frame, to write now if a link is up (else it goes when one comes
-    /// up). None (the caller drops and counts it) past the bound of what a
-    /// run may leave unconfirmed, or for a node not up.
-    pub fn number(&mut self, index: u16, mut frame: Frame, bytes: usize) -> Option<&Frame> {
-        let p = self.peers.get_mut(&index)?;
+    /// up). The frame back (the caller drops and counts it) past the bound
+    /// of what a run may leave unconfirmed, or for a node not up.
+    pub fn number(&mut self, index: u16, mut frame: Frame, bytes: usize) -> Result<&Frame, Frame> {
+        let Some(p) = self.peers.get_mut(&index) else {
+            return Err(frame);
+        };
         if p.unacked_bytes + bytes > self.unconfirmed_bytes_max {
-            return None;
+            return Err(frame);
         }
         let seq = self.seqs.entry(index).or_insert(0);
         *seq += 1;
         frame.set_stream_seq(*seq);
         p.unacked_bytes += bytes;
         p.unacked.push_back((*seq, frame, bytes));
-        p.unacked.back().map(|(_, f, _)| f)
+        Ok(&p.unacked.back().expect("just pushed").1)
     }
 
     /// `index`'s run confirmed every message up to `seq`: false when
@@ -393,6 +398,7 @@ mod tests {
             )),
             ordinary: true,
             shared: Vec::new(),
+            passed_on: false,
         })
     }
 
@@ -409,19 +415,24 @@ mod tests {
     #[test]
     fn messages_are_numbered_kept_until_confirmed_within_the_bound_and_dropped_with_their_run() {
         let mut t = PeerLinks::new(0, 100);
-        assert!(t.number(1, message(), 10).is_none(), "no such node");
+        assert!(t.number(1, message(), 10).is_err(), "no such node");
         t.up(1, node("b", 1), 0);
         let sent: Vec<Frame> = (0..3)
-            .filter_map(|_| t.number(1, message(), 30).cloned())
+            .filter_map(|_| t.number(1, message(), 30).ok().cloned())
             .collect();
         assert_eq!(seqs(&sent), [1, 2, 3]);
-        assert!(t.number(1, message(), 11).is_none(), "past the bound");
+        assert!(t.number(1, message(), 11).is_err(), "past the bound");
         assert_eq!(seqs(&t.unconfirmed(1)), [1, 2, 3]);
         // Confirmed up to 2: only 3 is written again on the next link, and
         // there is room for more.
         assert!(t.delivered(1, 2));
         assert_eq!(seqs(&t.unconfirmed(1)), [3]);
-        let more: Vec<Frame> = t.number(1, message(), 60).into_iter().cloned().collect();
+        let more: Vec<Frame> = t
+            .number(1, message(), 60)
+            .ok()
+            .into_iter()
+            .cloned()
+            .collect();
         assert_eq!(seqs(&more), [4]);
         assert!(t.delivered(1, 4));
         assert!(t.unconfirmed(1).is_empty());
@@ -430,12 +441,18 @@ mod tests {
         // come back kept its count), and a confirmation beyond them is
         // refused.
         t.number(1, message(), 10).unwrap();
-        assert_eq!(t.up(1, node("b", 2), 5).dropped, 1);
-        let next: Vec<Frame> = t.number(1, message(), 10).into_iter().cloned().collect();
+        assert_eq!(seqs(&t.up(1, node("b", 2), 5).dropped), [5]);
+        let next: Vec<Frame> = t
+            .number(1, message(), 10)
+            .ok()
+            .into_iter()
+            .cloned()
+            .collect();
         assert_eq!(seqs(&next), [6]);
         assert!(!t.delivered(1, 7));
         assert_eq!(seqs(&t.unconfirmed(1)), [6]);
-        assert_eq!(t.down(1, &node("b", 2)), Some((None, 1)));
+        let (link, dropped) = t.down(1, &node("b", 2)).unwrap();
+        assert_eq!((link, seqs(&dropped)), (None, vec![6]));
     }
 
     #[test]
@@ -445,16 +462,11 @@ mod tests {
         t.up(1, old.clone(), 0);
         t.due(0);
         assert!(t.dialed(1, &old, 5));
-        assert!(t.number(1, message(), 1).is_some());
+        assert!(t.number(1, message(), 1).is_ok());
         assert_eq!(t.up(1, old.clone(), 1), Replaced::default(), "the same run");
-        assert_eq!(
-            t.up(1, new.clone(), 2),
-            Replaced {
-                ended_run: Some(1),
-                close: Some(5),
-                dropped: 1
-            }
-        );
+        let replaced = t.up(1, new.clone(), 2);
+        assert_eq!((replaced.ended_run, replaced.close), (Some(1), Some(5)));
+        assert_eq!(seqs(&replaced.dropped), [1]);
         assert_eq!(t.down(1, &old), None, "the old run's down is stale");
         t.due(2);
         assert!(!t.dialed(1, &old, 6), "a dial to the old run is closed");
@@ -462,7 +474,7 @@ mod tests {
         assert_eq!(t.index_of("b", 2), Some(1));
         assert_eq!(t.index_of("b", 1), None);
         assert_eq!(t.links().collect::<Vec<_>>(), [(1, 7)]);
-        assert_eq!(t.down(1, &new), Some((Some(7), 0)));
+        assert_eq!(t.down(1, &new), Some((Some(7), Vec::new())));
         assert!(t.node(1).is_none());
     }
 }

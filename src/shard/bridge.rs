@@ -25,6 +25,7 @@
 //! ([`Bridge::poll_closed`]). Every input carries the time.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -37,6 +38,7 @@ use crate::cluster::node::{same_addr, Node};
 use crate::cluster::peers::PeerLinks;
 use crate::cluster::routes::{RouteFeed, RouteImport};
 use crate::hash::HashMap;
+use crate::shard::mesh::AckTo;
 use crate::shard::notify::Notify;
 use crate::shard::{BridgeOut, ClaimsSnapshot, RetainedSnapshot, ShardCore};
 use crate::text::{quote, suppressed_note, LogGate};
@@ -118,6 +120,10 @@ struct Link {
     /// Inbound: the message number last confirmed to the peer
     /// ([`Frame::Delivered`]).
     confirmed: Cell<u64>,
+    /// Inbound: a QoS 1/2 message came since the last confirmation (its
+    /// publisher's acknowledgement may wait for it): confirm at the end
+    /// of this read rather than after `CONFIRM_AFTER` or at the tick.
+    urgent: Cell<bool>,
     /// Inbound, once welcomed: the last message number taken from the
     /// peer shard's run, shared with every link of that run
     /// ([`Bridge::received`]).
@@ -147,12 +153,34 @@ pub struct BridgeStats {
     pub unconfirmed_bytes: usize,
 }
 
+/// How long a node refuses new CONNECTs for want of the routes of a
+/// node it sees up (its links may not come up: a peer that has not seen
+/// this run yet refuses them); past it, it serves without them (logged).
+pub const ROUTES_WAIT: Duration = Duration::from_secs(5);
+
 /// Messages from a peer an inbound link takes before it confirms them
 /// within a read; fewer wait for the next tick (see [`Bridge::tick`]).
 const CONFIRM_AFTER: u64 = 64;
 
 /// The last message number taken from one peer shard's run.
 type LastTaken = Rc<Cell<u64>>;
+
+/// A message sent to a peer that its publisher's acknowledgement waits
+/// for, or that serves a shared subscription again.
+#[derive(Debug, Clone, Copy)]
+struct Waiting {
+    seq: u64,
+    ack: Option<AckTo>,
+    again: u8,
+}
+
+/// Shard 0: whether this node has a peer's routes.
+#[derive(Debug, Clone, Copy)]
+struct RoutesOf {
+    incarnation: u64,
+    up_at: Instant,
+    known: bool,
+}
 
 /// One shard's bridge; see the module docs.
 pub struct Bridge {
@@ -185,6 +213,15 @@ pub struct Bridge {
     /// given up (an answer or the question was dropped past the link's
     /// bound).
     move_fences: RefCell<HashMap<u64, FenceAsked>>,
+    /// Per peer, by message number, in order: the messages whose
+    /// publisher's acknowledgement waits for it to confirm them, and those
+    /// sent to it for a shared subscription served again
+    /// ([`BridgeOut::Publish`]'s `ack` and `again`).
+    waiting: RefCell<HashMap<u16, VecDeque<Waiting>>>,
+    /// Shard 0: per peer seen up, its run, since when, and whether every
+    /// shard here has its routes (new CONNECTs wait for them, up to
+    /// [`ROUTES_WAIT`]).
+    routes_of: RefCell<HashMap<u16, RoutesOf>>,
     replayed: Cell<u64>,
     duplicates: Cell<u64>,
 }
@@ -231,6 +268,8 @@ impl Bridge {
             received: RefCell::new(HashMap::default()),
             link_closes: Cell::new(0),
             move_fences: RefCell::new(HashMap::default()),
+            waiting: RefCell::new(HashMap::default()),
+            routes_of: RefCell::new(HashMap::default()),
             replayed: Cell::new(0),
             duplicates: Cell::new(0),
         };
@@ -284,21 +323,39 @@ impl Bridge {
     /// A membership change from shard 0.
     pub fn on_peer_event(&self, now: Instant, ev: PeerEvent) {
         log::debug!("cluster: shard {}: {ev:?}", self.me.shard);
+        // What the core routed before the change goes to the runs it was
+        // routed for (and, for a run that ended, back to the core).
+        self.drain_outbox(now);
         match ev {
             PeerEvent::Up { index, node } => {
                 self.core.peer_named(index, node.name.as_str());
                 let incarnation_up = node.incarnation;
+                self.core.peer_routes_expected(index, incarnation_up);
+                if self.me.shard == 0 {
+                    let mut routes_of = self.routes_of.borrow_mut();
+                    let fresh = RoutesOf {
+                        incarnation: incarnation_up,
+                        up_at: now,
+                        known: false,
+                    };
+                    let e = routes_of.entry(index).or_insert(fresh);
+                    if e.incarnation != incarnation_up {
+                        *e = fresh;
+                    }
+                }
                 let replaced = self.peers.borrow_mut().up(index, node, self.ms(now));
                 if let Some(incarnation) = replaced.ended_run {
                     // Restarted before it was declared down: the old run
-                    // ended all the same, and its wills go out.
+                    // ended all the same, its wills go out, and its routes
+                    // go (the new run's snapshot brings its own).
                     self.core.peer_run_ended(now, index, incarnation);
+                    self.forget_routes(index);
                     self.fence_answered(now, None, index);
                 }
                 // A run that rejoined after being declared down: its will
                 // frames count again.
                 self.core.peer_run_up(index, incarnation_up);
-                self.count_dropped(now, replaced.dropped);
+                self.undeliverable(now, index, replaced.dropped);
                 if let Some(id) = replaced.close {
                     self.close_outbound(now, id, "a newer run of the node is up");
                 }
@@ -311,14 +368,13 @@ impl Bridge {
                 self.core.peer_run_ended(now, index, node.incarnation);
                 // Its answers to move fences will not come.
                 self.fence_answered(now, None, index);
-                self.count_dropped(now, dropped);
+                self.undeliverable(now, index, dropped);
                 if let Some(id) = link {
                     self.close_outbound(now, id, "the node is down");
                 }
-                if let Some((mut import, _)) = self.imports.borrow_mut().remove(&index) {
-                    let removals = import.clear();
-                    self.core.remote_routes(index, &removals, None);
-                }
+                self.forget_routes(index);
+                self.core.peer_routes_gone(index, node.incarnation);
+                self.routes_of.borrow_mut().remove(&index);
                 // Every link from that run: nothing it still sends counts.
                 let from_it: Vec<Rc<Link>> = self
                     .inbound
@@ -334,6 +390,51 @@ impl Bridge {
             }
             PeerEvent::Quorum { refuse } => self.core.set_refusing_connects(refuse),
         }
+    }
+
+    /// Shard 0: stop waiting for the routes of a node seen up for
+    /// [`ROUTES_WAIT`] without them (every shard takes new CONNECTs again).
+    fn routes_wait_expired(&self, now: Instant) {
+        let late: Vec<(u16, u64)> = self
+            .routes_of
+            .borrow_mut()
+            .iter_mut()
+            .filter(|(_, r)| !r.known && now.saturating_duration_since(r.up_at) >= ROUTES_WAIT)
+            .map(|(&index, r)| {
+                r.known = true;
+                (index, r.incarnation)
+            })
+            .collect();
+        for (index, run) in late {
+            self.core.routes_known(index, run);
+            let name = self.peer_name(Some(index));
+            self.warn(
+                now,
+                format_args!(
+                    "no routes from node {} within {} s of seeing it up; taking new CONNECTs \
+                     without them (a publish here misses its subscribers until they come)",
+                    quote(&name),
+                    ROUTES_WAIT.as_secs()
+                ),
+            );
+        }
+    }
+
+    /// Shard 0: the routes of peer `index`'s run that ended go from every
+    /// shard's replica.
+    fn forget_routes(&self, index: u16) {
+        let import = self.imports.borrow_mut().remove(&index);
+        if let Some((mut import, _)) = import {
+            let removals = import.clear();
+            self.core.remote_routes(index, &removals, None);
+        }
+    }
+
+    /// Peer `index`'s name for a log line ("?" when unknown).
+    fn peer_name(&self, index: Option<u16>) -> String {
+        index
+            .and_then(|i| self.peers.borrow().node(i).map(|n| n.name.to_string()))
+            .unwrap_or_else(|| "?".into())
     }
 
     fn close_outbound(&self, now: Instant, id: LinkId, why: &str) {
@@ -471,6 +572,7 @@ impl Bridge {
             feed: RefCell::new(RouteFeed::new()),
             acked: Cell::new(0),
             confirmed: Cell::new(0),
+            urgent: Cell::new(false),
             received: std::cell::OnceCell::new(),
         })
     }
@@ -656,6 +758,9 @@ impl Bridge {
     /// dead links and the snapshots under way (every 50 ms or so).
     pub fn tick(&self, now: Instant) {
         let ms = self.ms(now);
+        if self.routes_of.borrow().values().any(|r| !r.known) {
+            self.routes_wait_expired(now);
+        }
         self.move_fences.borrow_mut().retain(|_, asked| {
             now.saturating_duration_since(asked.at) < super::moves::MOVE_GIVE_UP
         });
@@ -697,17 +802,27 @@ impl Bridge {
     /// `node`, keep it until confirmed, and write it now if a link is up
     /// (else it goes first on the next); past the bound of what a peer may
     /// leave unconfirmed it is dropped, counted and logged (`what`).
-    fn send_numbered(&self, now: Instant, node: u16, frame: Frame, bytes: usize, what: &str) {
+    /// Number `frame` for peer `node` and write it if a link is up: its
+    /// number, or the frame back when it was dropped (logged, counted).
+    fn send_numbered(
+        &self,
+        now: Instant,
+        node: u16,
+        frame: Frame,
+        bytes: usize,
+        what: &str,
+    ) -> Result<u64, Frame> {
         let link = self.up_link_to(node);
         let mut peers = self.peers.borrow_mut();
         match peers.number(node, frame, bytes) {
-            Some(frame) => {
+            Ok(frame) => {
                 if let Some(l) = link {
                     l.session.borrow_mut().force_send(self.ms(now), frame);
                     l.wake.notify();
                 }
+                Ok(frame.stream_seq().unwrap_or_default())
             }
-            None => {
+            Err(frame) => {
                 drop(peers);
                 self.dropped.set(self.dropped.get() + 1);
                 self.warn(
@@ -718,7 +833,51 @@ impl Bridge {
                         self.dropped.get()
                     ),
                 );
+                Err(frame)
             }
+        }
+    }
+
+    /// Peer `index` confirmed its messages up to `upto`: the publishers'
+    /// acknowledgements that waited for them go.
+    fn release_waiting(&self, index: u16, upto: u64) {
+        let mut released = Vec::new();
+        if let Some(w) = self.waiting.borrow_mut().get_mut(&index) {
+            while w.front().is_some_and(|m| m.seq <= upto) {
+                released.extend(w.pop_front().and_then(|m| m.ack));
+            }
+        }
+        if !released.is_empty() {
+            self.core.remote_confirmed(released);
+        }
+    }
+
+    /// Frames for peer `index` that will never be sent to it (its run
+    /// ended, or it is down), in order: counted, and each message goes
+    /// back to the core with the publisher's acknowledgement that waited
+    /// for it ([`ShardCore::remote_undeliverable`]).
+    fn undeliverable(&self, now: Instant, index: u16, frames: Vec<Frame>) {
+        self.count_dropped(now, frames.len());
+        let mut waiting = self.waiting.borrow_mut().remove(&index).unwrap_or_default();
+        for f in frames {
+            let Frame::Publish(publish) = f else {
+                continue;
+            };
+            let (ack, again) = match waiting.front() {
+                Some(m) if m.seq == publish.seq => {
+                    let m = *m;
+                    waiting.pop_front();
+                    (m.ack, m.again)
+                }
+                _ => (None, 0),
+            };
+            self.core
+                .remote_undeliverable(now, index, publish, ack, again);
+        }
+        // Each waits with its frame; none should be left.
+        let rest: Vec<AckTo> = waiting.into_iter().filter_map(|m| m.ack).collect();
+        if !rest.is_empty() {
+            self.core.remote_confirmed(rest);
         }
     }
 
@@ -763,9 +922,7 @@ impl Bridge {
             }
             self.recompute_acks();
         }
-        let name = peer
-            .and_then(|i| self.peers.borrow().node(i).map(|n| n.name.to_string()))
-            .unwrap_or_else(|| "?".into());
+        let name = self.peer_name(peer);
         let dir = if link.outbound { "to" } else { "from" };
         log::debug!(
             "cluster: shard {}: link {dir} node {} closed: {why}",
@@ -789,7 +946,8 @@ impl Bridge {
                 return;
             }
         }
-        self.confirm(now, link, CONFIRM_AFTER);
+        let after = if link.urgent.get() { 1 } else { CONFIRM_AFTER };
+        self.confirm(now, link, after);
         link.wake.notify();
     }
 
@@ -806,6 +964,7 @@ impl Bridge {
         };
         if seq >= link.confirmed.get() + after.max(1) {
             link.confirmed.set(seq);
+            link.urgent.set(false);
             link.session
                 .borrow_mut()
                 .force_send(self.ms(now), &Frame::Delivered { seq });
@@ -926,6 +1085,11 @@ impl Bridge {
         // Messages, claim answers and what moves a session are numbered
         // in the peer's stream: one had already (a link replayed it) is
         // skipped, whatever its kind.
+        if let (Frame::Publish(p), false) = (&f, link.outbound) {
+            if p.message.qos != crate::codec::QoS::AtMostOnce {
+                link.urgent.set(true);
+            }
+        }
         if let (Some(seq), false) = (f.stream_seq(), link.outbound) {
             let Some(last) = link.received.get() else {
                 return;
@@ -969,7 +1133,9 @@ impl Bridge {
         }
         if let (Frame::Publish(_), false) = (&f, link.outbound) {
             if let Frame::Publish(m) = f {
-                self.core.handle_remote_publish(now, m);
+                if let Some(index) = link.peer.get() {
+                    self.core.handle_remote_publish(now, index, m);
+                }
             }
             return;
         }
@@ -1045,7 +1211,10 @@ impl Bridge {
                 let Some(index) = link.peer.get() else {
                     return;
                 };
-                if !self.peers.borrow_mut().delivered(index, *seq) {
+                let known = self.peers.borrow_mut().delivered(index, *seq);
+                if known {
+                    self.release_waiting(index, *seq);
+                } else {
                     self.warn(
                         now,
                         format_args!(
@@ -1076,16 +1245,50 @@ impl Bridge {
     fn bridge_out(&self, now: Instant, out: BridgeOut) {
         let ms = self.ms(now);
         match out {
-            BridgeOut::Publish { node, publish } => {
+            BridgeOut::Publish {
+                node,
+                publish,
+                ack,
+                again,
+            } => {
                 // Kept until the peer confirms it: within the bound of what
                 // it may leave unconfirmed, so past the link's.
                 let bytes = publish.message.cost_bytes() + 64;
-                self.send_numbered(now, node, Frame::Publish(publish), bytes, "a message");
+                match self.send_numbered(now, node, Frame::Publish(publish), bytes, "a message") {
+                    Ok(seq) => {
+                        if ack.is_some() || again > 0 {
+                            let mut waiting = self.waiting.borrow_mut();
+                            let m = Waiting { seq, ack, again };
+                            waiting.entry(node).or_default().push_back(m);
+                        }
+                    }
+                    Err(Frame::Publish(publish)) => {
+                        self.core
+                            .remote_undeliverable(now, node, publish, ack, again);
+                    }
+                    Err(_) => {}
+                }
             }
             BridgeOut::RouteAck { node, seq } => {
                 let route_link = self.imports.borrow().get(&node).map(|(_, id)| *id);
                 let link = route_link
                     .and_then(|id| self.inbound.borrow().iter().find(|l| l.id == id).cloned());
+                // Every shard here has the routes of the run that link is
+                // from, up to `seq` (a late answer for an ended run has no
+                // import left, or one of the newer run's link).
+                let run = link
+                    .as_ref()
+                    .and_then(|l| l.hello.borrow().as_ref().map(|h| h.incarnation));
+                let known = match (self.routes_of.borrow_mut().get_mut(&node), run) {
+                    (Some(r), Some(run)) if !r.known && r.incarnation == run => {
+                        r.known = true;
+                        true
+                    }
+                    _ => false,
+                };
+                if let (true, Some(run)) = (known, run) {
+                    self.core.routes_known(node, run);
+                }
                 if let Some(l) = link {
                     l.session
                         .borrow_mut()
@@ -1114,7 +1317,7 @@ impl Bridge {
                 // Numbered with the messages ahead of it (a link that
                 // breaks replays both).
                 let done = Frame::MoveFenceDone { seq: 0, id };
-                self.send_numbered(now, node, done, 64, "a move fence's answer");
+                let _ = self.send_numbered(now, node, done, 64, "a move fence's answer");
             }
             BridgeOut::MoveFence { id, home } => {
                 // Every peer up, linked now or not (its messages may be
@@ -1122,7 +1325,7 @@ impl Bridge {
                 let peers = self.peers.borrow().indices();
                 for &p in &peers {
                     let fence = Frame::MoveFence { seq: 0, id };
-                    self.send_numbered(now, p, fence, 64, "a move's fence");
+                    let _ = self.send_numbered(now, p, fence, 64, "a move's fence");
                 }
                 if peers.is_empty() {
                     self.core.move_fence_passed(now, id, home);
@@ -1144,7 +1347,7 @@ impl Bridge {
                         .sum::<usize>(),
                     _ => 0,
                 } + 64;
-                self.send_numbered(now, node, frame, bytes, "a session move's frame");
+                let _ = self.send_numbered(now, node, frame, bytes, "a session move's frame");
             }
             BridgeOut::ClaimAck { node, claim } => {
                 // Behind the offer of the claimed session, if any (past the
@@ -1153,7 +1356,7 @@ impl Bridge {
                     seq: 0,
                     acks: vec![claim],
                 };
-                self.send_numbered(now, node, frame, 64, "a claim's acknowledgement");
+                let _ = self.send_numbered(now, node, frame, 64, "a claim's acknowledgement");
             }
             BridgeOut::Route { seq, change } => {
                 for l in self.up_or_dialed() {

@@ -15,6 +15,7 @@ use bytes::BytesMut;
 
 use std::sync::Arc;
 
+use super::PeerRoutes;
 use crate::auth::clients::ClientRefusal;
 use crate::auth::{user_for_log, Auth, ClientAcl, Grant, LoginThrottle, Refused};
 use crate::codec::{self, reason, Connect, Version};
@@ -456,6 +457,80 @@ impl ShardCore {
         self.refusing_connects.set(refuse);
     }
 
+    /// Whether new CONNECTs are refused here for want of the routes of a
+    /// node seen up.
+    pub fn routes_pending(&self) -> bool {
+        self.routes_pending.get()
+    }
+
+    /// This shard's bridge saw run `run` of node `node` (its index) up:
+    /// new CONNECTs wait until shard 0 says every shard has its routes.
+    pub fn peer_routes_expected(&self, node: u16, run: u64) {
+        let mut peers = self.peer_routes.borrow_mut();
+        let e = peers.entry(node).or_insert(PeerRoutes {
+            run,
+            up: true,
+            known: false,
+        });
+        if e.run < run {
+            *e = PeerRoutes {
+                run,
+                up: true,
+                known: false,
+            };
+        } else if e.run == run {
+            e.up = true;
+        }
+        drop(peers);
+        self.update_routes_pending();
+    }
+
+    /// This shard's bridge saw run `run` of node `node` go down: its
+    /// routes are no longer waited for.
+    pub fn peer_routes_gone(&self, node: u16, run: u64) {
+        let mut peers = self.peer_routes.borrow_mut();
+        if peers.get(&node).is_some_and(|e| e.run == run) {
+            peers.remove(&node);
+        }
+        drop(peers);
+        self.update_routes_pending();
+    }
+
+    /// Shard 0: every shard has the routes of run `run` of node `node`,
+    /// or it stopped waiting for them: tell every shard.
+    pub fn routes_known(&self, node: u16, run: u64) {
+        self.note_routes_known(node, run);
+        self.mesh
+            .broadcast(|| super::mesh::MeshMsg::RoutesKnown { node, run });
+    }
+
+    /// See [`ShardCore::routes_known`]; the order in which this and the
+    /// bridge's [`ShardCore::peer_routes_expected`] come does not matter.
+    pub(super) fn note_routes_known(&self, node: u16, run: u64) {
+        let mut peers = self.peer_routes.borrow_mut();
+        let e = peers.entry(node).or_insert(PeerRoutes {
+            run,
+            up: false,
+            known: true,
+        });
+        if e.run < run {
+            *e = PeerRoutes {
+                run,
+                up: false,
+                known: true,
+            };
+        } else if e.run == run {
+            e.known = true;
+        }
+        drop(peers);
+        self.update_routes_pending();
+    }
+
+    fn update_routes_pending(&self) {
+        let pending = self.peer_routes.borrow().values().any(|e| e.up && !e.known);
+        self.routes_pending.set(pending);
+    }
+
     /// Count a connection refused for `why`.
     pub(crate) fn count_refused(&self, why: ConnectRefusal) {
         self.state.borrow_mut().stats.connects_refused[why as usize] += 1;
@@ -593,6 +668,13 @@ fn check_connect(shard: &ShardCore, connect: &Connect) -> Result<Option<String>,
                    (cluster.on_minority = refuse_connects)";
         return Err(Refusal {
             counted: ConnectRefusal::Minority,
+            ..Refusal::new(reason::SERVER_UNAVAILABLE, why)
+        });
+    }
+    if shard.routes_pending.get() {
+        let why = "this node does not have the routes of every node it sees up yet";
+        return Err(Refusal {
+            counted: ConnectRefusal::Unavailable,
             ..Refusal::new(reason::SERVER_UNAVAILABLE, why)
         });
     }

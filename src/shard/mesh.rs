@@ -230,6 +230,15 @@ pub enum MeshMsg {
         /// The fence's id.
         id: u64,
     },
+    /// From shard 0: every shard here has the routes of run `run` of
+    /// node `node` (its index), or shard 0 stopped waiting for them
+    /// ([`ShardCore::routes_known`]).
+    RoutesKnown {
+        /// The node's index.
+        node: u16,
+        /// Its run (incarnation).
+        run: u64,
+    },
     /// The sender's log became full (or has room again).
     StoreFull {
         /// Full now.

@@ -376,8 +376,10 @@ pub enum ConnectRefusal {
     ClientIdInvalid,
     /// `connections_max`, `sessions_max`, or a full log (0x97).
     QuotaExceeded,
-    /// The broker is stopping (0x88), or too many connections are
-    /// waiting to send CONNECT (closed at accept).
+    /// The broker is stopping (0x88), too many connections are waiting
+    /// to send CONNECT (closed at accept), a cluster node does not have
+    /// the routes of every node it sees up yet (0x88), or a peer did not
+    /// answer a claim in time (0x88).
     Unavailable,
     /// The node is on the minority side of a partition (0x88,
     /// `cluster.on_minority`).
@@ -551,6 +553,15 @@ struct State {
     stats: ShardStats,
 }
 
+/// A peer's routes as one shard waits for them (see
+/// [`ShardCore::peer_routes_expected`]).
+#[derive(Debug, Clone, Copy)]
+struct PeerRoutes {
+    run: u64,
+    up: bool,
+    known: bool,
+}
+
 /// One shard; see the module docs.
 pub struct ShardCore {
     id: usize,
@@ -569,6 +580,13 @@ pub struct ShardCore {
     /// On the minority side of a partition with `cluster.on_minority =
     /// refuse_connects`: new CONNECTs are refused (0x88).
     refusing_connects: Cell<bool>,
+    /// A cluster node without the routes of every node it sees up: new
+    /// CONNECTs are refused (0x88), since a publish here could miss those
+    /// nodes' subscribers. Per peer index: the run this shard saw last,
+    /// whether it is up, and whether its routes are known here
+    /// ([`ShardCore::peer_routes_expected`], [`ShardCore::routes_known`]).
+    routes_pending: Cell<bool>,
+    peer_routes: RefCell<hashbrown::HashMap<u16, PeerRoutes>>,
     /// Sockets of attached connections still open (reader or writer alive).
     sockets: Cell<usize>,
     /// Accepted connections that have not finished CONNECT yet; bounded by
@@ -635,6 +653,8 @@ impl ShardCore {
             mesh,
             stopping: Cell::new(false),
             refusing_connects: Cell::new(false),
+            routes_pending: Cell::new(false),
+            peer_routes: RefCell::new(hashbrown::HashMap::new()),
             sockets: Cell::new(0),
             handshakes: Cell::new(0),
             tls_handshakes: Cell::new(0),

@@ -21,6 +21,7 @@ use smallvec::SmallVec;
 
 use crate::cluster::frame::{ClaimEntry, Frame, RemotePublish, RetainedEntry, RouteChange};
 use crate::cluster::routes::{RouteExport, RouteFeed};
+use crate::codec::QoS;
 use crate::message::Message;
 use crate::persist::WallClock;
 
@@ -28,7 +29,12 @@ use super::mesh::SharedPick;
 use super::mesh::{AckTo, MeshMsg, RouteKey};
 use super::notify::Notify;
 use super::routing::{Plan, Reach, Source};
-use super::{ShardCore, State};
+use super::{SessionKey, ShardCore, State};
+
+/// How many times a message's shared subscriptions are served again when
+/// the nodes picked will never get it (down, their run ended, or the link's
+/// bound reached): then it is dropped (counted).
+pub const SERVED_AGAIN_MAX: u8 = 4;
 
 /// What a shard has for the bridge.
 #[derive(Debug, Clone)]
@@ -39,6 +45,15 @@ pub enum BridgeOut {
         node: u16,
         /// The message, and for whom on that node.
         publish: RemotePublish,
+        /// The publisher whose acknowledgement (PUBACK, PUBREC) waits
+        /// until that node has the message: give it to
+        /// [`ShardCore::remote_confirmed`] once the node confirms it, or
+        /// once it will never be sent there (dropped, counted).
+        ack: Option<AckTo>,
+        /// How many times the shared subscriptions it serves were served
+        /// again (the nodes picked before will never get it): at most
+        /// [`SERVED_AGAIN_MAX`], then it is dropped.
+        again: u8,
     },
     /// Shard 0: the node's routes changed as a whole; tell every peer.
     Route {
@@ -261,6 +276,66 @@ impl ShardCore {
         }
     }
 
+    /// Node-wide messages this shard sent for its publishers were
+    /// confirmed by the nodes they went to, or will never be sent there
+    /// ([`BridgeOut::Publish`]'s `ack`): the publishers' acknowledgements
+    /// wait for them no more.
+    pub fn remote_confirmed(&self, acks: impl IntoIterator<Item = AckTo>) {
+        let mut st = self.state.borrow_mut();
+        for ack in acks {
+            self.ack(&mut st, ack);
+        }
+        Self::debug_invariants(&st);
+    }
+
+    /// A message this shard sent to node `node` (its index) will never
+    /// reach it: that run of the node ended or was declared down before it
+    /// confirmed the message, or the bridge dropped it (the node not up,
+    /// or past `cluster.link_queue_bytes_max`). Each shared subscription
+    /// it was to serve there is served by another member in the cluster
+    /// (the node takes no turn); the node's ordinary subscribers lose it
+    /// (counted by the bridge). The publisher's acknowledgement (`ack`)
+    /// then waits for wherever those picks went instead.
+    pub fn remote_undeliverable(
+        &self,
+        now: Instant,
+        node: u16,
+        publish: RemotePublish,
+        ack: Option<AckTo>,
+        again: u8,
+    ) {
+        let mut st = self.state.borrow_mut();
+        let RemotePublish {
+            message, shared, ..
+        } = publish;
+        if !shared.is_empty() && again < SERVED_AGAIN_MAX && !message.is_expired(now) {
+            // Neither that node nor one this shard does not see up.
+            let up = |n: u16| self.peer_routes.borrow().get(&n).is_some_and(|p| p.up);
+            let without = |n: u16| n == node || !up(n);
+            let mut plan = self.plan_without(&mut st, &message, Reach::Cluster, without);
+            plan.again = again + 1;
+            plan.owner = None;
+            plan.ordinary.clear();
+            plan.nodes.clear();
+            plan.picks.retain(|(_, p)| shared.contains(p));
+            plan.node_picks.retain(|(_, p)| shared.contains(p));
+            if !plan.picks.is_empty() || !plan.node_picks.is_empty() {
+                let from = ack
+                    .filter(|a| a.shard == self.id && Self::acked_slot(&mut st, a).is_some())
+                    .map(|a| a.session);
+                let source = Source {
+                    from,
+                    ..Source::default()
+                };
+                self.route_planned(&mut st, now, message, source, plan);
+            }
+        }
+        if let Some(ack) = ack {
+            self.ack(&mut st, ack);
+        }
+        Self::debug_invariants(&st);
+    }
+
     /// Wakes the runtime's bridge task when the outbox has something.
     pub fn bridge_wake(&self) -> Option<Rc<Notify>> {
         self.state.borrow().remote.as_ref().map(|r| r.wake.clone())
@@ -302,16 +377,18 @@ impl ShardCore {
         }
     }
 
-    /// A message from another node: deliver it to this node's ordinary
-    /// subscribers (if it is for them) and to one member of each shared
-    /// subscription the other node chose this node for; never to a third
-    /// node, and no retained copy (its node keeps that).
-    pub fn handle_remote_publish(&self, now: Instant, publish: RemotePublish) {
+    /// A message from node `from` (its index): deliver it to this node's
+    /// ordinary subscribers (if it is for them) and to one member of each
+    /// shared subscription the other node chose this node for, which goes
+    /// on once to a node with members if this one has none (back to
+    /// `from` when it knows none); no retained copy (its node keeps that).
+    pub fn handle_remote_publish(&self, now: Instant, from: u16, publish: RemotePublish) {
         let mut st = self.state.borrow_mut();
         let RemotePublish {
             message,
             ordinary,
             shared,
+            passed_on,
             ..
         } = publish;
         let routed = !message.is_expired(now) && {
@@ -320,6 +397,35 @@ impl ShardCore {
                 plan.ordinary.clear();
             }
             plan.picks.retain(|(_, p)| shared.contains(p));
+            // A pick this node has no member of (its member left, or the
+            // sender's route was stale: this node's run ended since) goes
+            // on once to another node with members: dropped, it would be
+            // lost though the publisher was told it arrived.
+            let unserved: SmallVec<[SharedPick; 1]> = shared
+                .iter()
+                .filter(|p| !plan.picks.iter().any(|(_, q)| q == *p))
+                .cloned()
+                .collect();
+            if !unserved.is_empty() && passed_on {
+                if let Some(r) = st.remote.as_mut() {
+                    r.remote_dropped += 1;
+                }
+            } else if !unserved.is_empty() {
+                let again = self.plan(&mut st, &message, Reach::Cluster);
+                let unserved_pick = |(_, p): &(u16, SharedPick)| unserved.contains(p);
+                plan.picks
+                    .extend(again.picks.into_iter().filter(unserved_pick));
+                plan.node_picks = again.node_picks.into_iter().filter(unserved_pick).collect();
+                // No server known here (this node's run may not have the
+                // other nodes' routes yet): the sender had one.
+                for p in unserved {
+                    let known = |(_, q): &(u16, SharedPick)| *q == p;
+                    if !plan.picks.iter().any(known) && !plan.node_picks.iter().any(known) {
+                        plan.node_picks.push((from, p));
+                    }
+                }
+                plan.passed_on = true;
+            }
             self.route_planned(&mut st, now, message, Source::default(), plan)
         };
         if !routed {
@@ -464,16 +570,29 @@ impl ShardCore {
     /// Queue `message` for each remote node the plan names: once per
     /// node, for its ordinary subscribers and the shared subscriptions
     /// whose turn is its.
-    pub(super) fn to_nodes(st: &mut State, message: &Arc<Message>, plan: &Plan) {
-        let Some(r) = st.remote.as_mut() else {
+    pub(super) fn to_nodes(
+        &self,
+        st: &mut State,
+        message: &Arc<Message>,
+        plan: &Plan,
+        from: Option<SessionKey>,
+    ) {
+        if st.remote.is_none() {
             return;
-        };
+        }
         let mut nodes: SmallVec<[u16; 4]> = plan.nodes.clone();
         for (n, _) in &plan.node_picks {
             if !nodes.contains(n) {
                 nodes.push(*n);
             }
         }
+        // The publisher's acknowledgement waits for every node it goes to.
+        let ack = from
+            .filter(|_| message.qos != QoS::AtMostOnce)
+            .and_then(|key| self.hold_output(st, key, nodes.len() as u32));
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
         for node in nodes {
             let shared = plan
                 .node_picks
@@ -488,7 +607,10 @@ impl ShardCore {
                     message: message.clone(),
                     ordinary: plan.nodes.contains(&node),
                     shared,
+                    passed_on: plan.passed_on,
                 },
+                ack,
+                again: plan.again,
             });
         }
         r.wake.notify();

@@ -68,6 +68,12 @@ pub(super) struct Plan {
     pub(super) nodes: SmallVec<[u16; 4]>,
     /// Shared subscriptions whose turn went to a remote node, with it.
     pub(super) node_picks: SmallVec<[(u16, SharedPick); 1]>,
+    /// The node picks were given to this node by another, which had no
+    /// member of them ([`RemotePublish::passed_on`]).
+    pub(super) passed_on: bool,
+    /// How many times the node picks were served again: the nodes picked
+    /// before will never get the message ([`ShardCore::remote_undeliverable`]).
+    pub(super) again: u8,
 }
 
 /// Who may serve a shared subscription: a shard here, or another node.
@@ -241,7 +247,7 @@ impl ShardCore {
             }
         }
         if !plan.nodes.is_empty() || !plan.node_picks.is_empty() {
-            Self::to_nodes(st, &message, &plan);
+            self.to_nodes(st, &message, &plan, source.from);
         }
         if let Some(id) = source.delayed {
             Self::durable_delay_done(st, id, origin.is_some());
@@ -254,6 +260,19 @@ impl ShardCore {
     /// matching it the shard chosen (round-robin) to serve it; and the
     /// remote nodes with subscribers, as far as `reach` goes.
     pub(super) fn plan(&self, st: &mut State, message: &Message, reach: Reach) -> Plan {
+        self.plan_without(st, message, reach, |_| false)
+    }
+
+    /// [`ShardCore::plan`], with the remote nodes `without` names (by
+    /// index) taking no turn at serving a shared subscription (they will
+    /// never get the message).
+    pub(super) fn plan_without(
+        &self,
+        st: &mut State,
+        message: &Message,
+        reach: Reach,
+        without: impl Fn(u16) -> bool,
+    ) -> Plan {
         let topic = &*message.topic;
         let owner = (message.retain && reach != Reach::FromPeer).then(|| self.topic_owner(topic));
         let remote = reach != Reach::Cluster;
@@ -278,7 +297,7 @@ impl ShardCore {
                 }
             }
             RouteKey::NodeShared { pick, node } => {
-                if !remote {
+                if !remote && !without(*node) {
                     serve(pick, Server::Node(*node));
                 }
             }
@@ -302,6 +321,8 @@ impl ShardCore {
             picks,
             nodes,
             node_picks,
+            passed_on: false,
+            again: 0,
         }
     }
 
@@ -938,6 +959,7 @@ impl ShardCore {
                 MeshMsg::Ack(ack) => Self::acked(&mut st, ack),
                 MeshMsg::Fence { id } => self.mesh.send(from, MeshMsg::FenceDone { id }),
                 MeshMsg::FenceDone { id } => Self::fence_done(&mut st, id),
+                MeshMsg::RoutesKnown { node, run } => self.note_routes_known(node, run),
                 MeshMsg::Handoff(h) => handoffs.push(*h),
             }
         }

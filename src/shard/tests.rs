@@ -452,7 +452,7 @@ fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
     c1.handle_packet(&publisher, t0, qos0_publish("t/1"));
     let out = bridge_out(&c1);
     assert!(
-        matches!(&out[..], [super::BridgeOut::Publish { node: 7, publish }]
+        matches!(&out[..], [super::BridgeOut::Publish { node: 7, publish, .. }]
             if &*publish.message.topic == "t/1" && publish.ordinary && publish.shared.is_empty()),
         "{out:?}"
     );
@@ -472,8 +472,9 @@ fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
         message: m,
         ordinary: true,
         shared: Vec::new(),
+        passed_on: false,
     };
-    c0.handle_remote_publish(t0, publish);
+    c0.handle_remote_publish(t0, 7, publish);
     pump(&[&c0, &c1], t0);
     assert!(
         matches!(&written(&c1, &sub, Version::V3_1_1)[..], [Packet::Publish(p)] if &*p.topic == "t/2")
@@ -517,11 +518,12 @@ fn a_shared_subscription_takes_turns_across_nodes() {
         let remote = bridge_out(&c0);
         match (&remote[..], local) {
             ([], 1) => here += 1,
-            ([super::BridgeOut::Publish { node: 3, publish }], 0)
-                if !publish.ordinary && publish.shared.len() == 1 =>
-            {
-                there += 1
-            }
+            (
+                [super::BridgeOut::Publish {
+                    node: 3, publish, ..
+                }],
+                0,
+            ) if !publish.ordinary && publish.shared.len() == 1 => there += 1,
             other => panic!("exactly one member per message: {other:?}"),
         }
     }
@@ -534,11 +536,13 @@ fn a_shared_subscription_takes_turns_across_nodes() {
     };
     c0.handle_remote_publish(
         t0,
+        7,
         crate::cluster::frame::RemotePublish {
             seq: 0,
             message: m,
             ordinary: false,
             shared: vec![pick],
+            passed_on: false,
         },
     );
     assert_eq!(written(&c0, &member, Version::V3_1_1).len(), 1);
