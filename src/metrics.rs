@@ -340,7 +340,7 @@ const METRICS: &[Metric] = &[
     Metric {
         name: "shardmq_cluster_messages_dropped_total",
         kind: "counter",
-        help: "Messages between nodes lost: for a peer (out: no link up within cluster.link_queue_bytes_max, or unconfirmed when its run ended) or from one (in: expired on the way, or the log could not take them).",
+        help: "Messages between nodes lost: for a peer (out: not up, past cluster.link_queue_bytes_max, or unconfirmed when its run ended or it was declared down; shared picks are served again) or from one (in: expired on the way, the log could not take them, or a passed-on shared pick without a member).",
         label: Some(("direction", &["out", "in"])),
         value: |r, i| {
             r.cluster
@@ -353,6 +353,13 @@ const METRICS: &[Metric] = &[
         help: "Messages written again on a new link because the peer had not confirmed them on one that broke.",
         label: None,
         value: |r, _| r.cluster.map(|c| c.bridge.messages_replayed),
+    },
+    Metric {
+        name: "shardmq_cluster_acks_unconfirmed_total",
+        kind: "counter",
+        help: "Publishers' acknowledgements sent after waiting 10 s for a peer to confirm the message (its link not up); the message is still sent when it comes up.",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.bridge.acks_unconfirmed),
     },
     Metric {
         name: "shardmq_cluster_duplicates_skipped_total",

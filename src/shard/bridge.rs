@@ -139,9 +139,10 @@ pub struct BridgeStats {
     pub links_in: usize,
     /// Links closed (broken, refused, or their peer's run ended).
     pub link_closes: u64,
-    /// Messages for a peer dropped: no link up and none due within the
-    /// bound, past `cluster.link_queue_bytes_max`, or unconfirmed when
-    /// the peer's run ended.
+    /// Messages for a peer dropped: the peer not up, past
+    /// `cluster.link_queue_bytes_max`, or unconfirmed when the peer's run
+    /// ended or it was declared down (their shared subscriptions' picks
+    /// are served again).
     pub messages_dropped: u64,
     /// Messages written again on a new link because the peer had not
     /// confirmed them on the one that broke.
@@ -151,6 +152,9 @@ pub struct BridgeStats {
     pub duplicates_skipped: u64,
     /// Bytes of messages peers have not confirmed yet.
     pub unconfirmed_bytes: usize,
+    /// Publishers' acknowledgements released after [`ACK_WAIT`] without
+    /// the peer's confirmation (the message stays, to be sent).
+    pub acks_unconfirmed: u64,
 }
 
 /// How long a node refuses new CONNECTs for want of the routes of a
@@ -158,8 +162,17 @@ pub struct BridgeStats {
 /// this run yet refuses them); past it, it serves without them (logged).
 pub const ROUTES_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a publisher's acknowledgement waits for a peer to confirm a
+/// message before it goes without (counted, logged): a peer seen up whose
+/// link does not come up must not stall the publisher's connection. Past
+/// the failure detection's few seconds, so that a node that died is
+/// declared down (and its shared picks served again) first.
+pub const ACK_WAIT: Duration = Duration::from_secs(10);
+
 /// Messages from a peer an inbound link takes before it confirms them
-/// within a read; fewer wait for the next tick (see [`Bridge::tick`]).
+/// within a read; fewer wait for the next tick (see [`Bridge::tick`]),
+/// unless one is QoS 1/2 (its publisher's acknowledgement may wait): then
+/// the read ends with a confirmation.
 const CONFIRM_AFTER: u64 = 64;
 
 /// The last message number taken from one peer shard's run.
@@ -172,6 +185,7 @@ struct Waiting {
     seq: u64,
     ack: Option<AckTo>,
     again: u8,
+    sent: Instant,
 }
 
 /// Shard 0: whether this node has a peer's routes.
@@ -218,6 +232,7 @@ pub struct Bridge {
     /// sent to it for a shared subscription served again
     /// ([`BridgeOut::Publish`]'s `ack` and `again`).
     waiting: RefCell<HashMap<u16, VecDeque<Waiting>>>,
+    acks_unconfirmed: Cell<u64>,
     /// Shard 0: per peer seen up, its run, since when, and whether every
     /// shard here has its routes (new CONNECTs wait for them, up to
     /// [`ROUTES_WAIT`]).
@@ -269,6 +284,7 @@ impl Bridge {
             link_closes: Cell::new(0),
             move_fences: RefCell::new(HashMap::default()),
             waiting: RefCell::new(HashMap::default()),
+            acks_unconfirmed: Cell::new(0),
             routes_of: RefCell::new(HashMap::default()),
             replayed: Cell::new(0),
             duplicates: Cell::new(0),
@@ -293,6 +309,7 @@ impl Bridge {
             messages_replayed: self.replayed.get(),
             duplicates_skipped: self.duplicates.get(),
             unconfirmed_bytes: peers.unconfirmed_bytes(),
+            acks_unconfirmed: self.acks_unconfirmed.get(),
         }
     }
 
@@ -330,7 +347,7 @@ impl Bridge {
             PeerEvent::Up { index, node } => {
                 self.core.peer_named(index, node.name.as_str());
                 let incarnation_up = node.incarnation;
-                self.core.peer_routes_expected(index, incarnation_up);
+                self.core.peer_routes_expected(index, incarnation_up, now);
                 if self.me.shard == 0 {
                     let mut routes_of = self.routes_of.borrow_mut();
                     let fresh = RoutesOf {
@@ -452,7 +469,8 @@ impl Bridge {
                 now,
                 format_args!(
                     "{n} messages that waited for a node's link were dropped: that run of the \
-                     node ended ({} so far)",
+                     node ended or is down (shared subscriptions' picks are served again; {} \
+                     so far)",
                     self.dropped.get()
                 ),
             );
@@ -761,6 +779,8 @@ impl Bridge {
         if self.routes_of.borrow().values().any(|r| !r.known) {
             self.routes_wait_expired(now);
         }
+        self.core.routes_wait_tick(now, ROUTES_WAIT);
+        self.ack_wait_expired(now);
         self.move_fences.borrow_mut().retain(|_, asked| {
             now.saturating_duration_since(asked.at) < super::moves::MOVE_GIVE_UP
         });
@@ -800,10 +820,9 @@ impl Bridge {
 
     /// Number `frame` (`bytes` long) in this shard's stream to peer
     /// `node`, keep it until confirmed, and write it now if a link is up
-    /// (else it goes first on the next); past the bound of what a peer may
-    /// leave unconfirmed it is dropped, counted and logged (`what`).
-    /// Number `frame` for peer `node` and write it if a link is up: its
-    /// number, or the frame back when it was dropped (logged, counted).
+    /// (else it goes first on the next): its number. Past the bound of
+    /// what a peer may leave unconfirmed, or for a peer not up, it is
+    /// dropped, counted and logged (`what`): the frame back.
     fn send_numbered(
         &self,
         now: Instant,
@@ -850,6 +869,35 @@ impl Bridge {
         if !released.is_empty() {
             self.core.remote_confirmed(released);
         }
+    }
+
+    /// Release the publishers' acknowledgements that waited [`ACK_WAIT`]
+    /// for a peer's confirmation; the messages stay, to be sent.
+    fn ack_wait_expired(&self, now: Instant) {
+        let mut released = Vec::new();
+        for w in self.waiting.borrow_mut().values_mut() {
+            for m in w.iter_mut() {
+                if now.saturating_duration_since(m.sent) < ACK_WAIT {
+                    break;
+                }
+                released.extend(m.ack.take());
+            }
+        }
+        if released.is_empty() {
+            return;
+        }
+        let n = released.len() as u64;
+        self.acks_unconfirmed.set(self.acks_unconfirmed.get() + n);
+        self.warn(
+            now,
+            format_args!(
+                "{n} publishers' acknowledgements went without a peer's confirmation after {} s \
+                 (its link is not up; {} so far)",
+                ACK_WAIT.as_secs(),
+                self.acks_unconfirmed.get()
+            ),
+        );
+        self.core.remote_confirmed(released);
     }
 
     /// Frames for peer `index` that will never be sent to it (its run
@@ -1258,7 +1306,12 @@ impl Bridge {
                     Ok(seq) => {
                         if ack.is_some() || again > 0 {
                             let mut waiting = self.waiting.borrow_mut();
-                            let m = Waiting { seq, ack, again };
+                            let m = Waiting {
+                                seq,
+                                ack,
+                                again,
+                                sent: now,
+                            };
                             waiting.entry(node).or_default().push_back(m);
                         }
                     }

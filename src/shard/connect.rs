@@ -463,23 +463,23 @@ impl ShardCore {
         self.routes_pending.get()
     }
 
-    /// This shard's bridge saw run `run` of node `node` (its index) up:
-    /// new CONNECTs wait until shard 0 says every shard has its routes.
-    pub fn peer_routes_expected(&self, node: u16, run: u64) {
+    /// This shard's bridge saw run `run` of node `node` (its index) up at
+    /// `now`: new CONNECTs wait until shard 0 says every shard has its
+    /// routes, or [`ShardCore::routes_wait_tick`] gives up.
+    pub fn peer_routes_expected(&self, node: u16, run: u64, now: Instant) {
         let mut peers = self.peer_routes.borrow_mut();
-        let e = peers.entry(node).or_insert(PeerRoutes {
+        let fresh = PeerRoutes {
             run,
             up: true,
             known: false,
-        });
+            up_at: Some(now),
+        };
+        let e = peers.entry(node).or_insert(fresh);
         if e.run < run {
-            *e = PeerRoutes {
-                run,
-                up: true,
-                known: false,
-            };
+            *e = fresh;
         } else if e.run == run {
             e.up = true;
+            e.up_at = Some(now);
         }
         drop(peers);
         self.update_routes_pending();
@@ -508,22 +508,40 @@ impl ShardCore {
     /// bridge's [`ShardCore::peer_routes_expected`] come does not matter.
     pub(super) fn note_routes_known(&self, node: u16, run: u64) {
         let mut peers = self.peer_routes.borrow_mut();
-        let e = peers.entry(node).or_insert(PeerRoutes {
+        let seen = PeerRoutes {
             run,
             up: false,
             known: true,
-        });
+            up_at: None,
+        };
+        let e = peers.entry(node).or_insert(seen);
         if e.run < run {
-            *e = PeerRoutes {
-                run,
-                up: false,
-                known: true,
-            };
+            *e = seen;
         } else if e.run == run {
             e.known = true;
         }
         drop(peers);
         self.update_routes_pending();
+    }
+
+    /// Stop waiting for the routes of a run this shard saw up `wait` ago
+    /// (shard 0 gives up at the same bound and says so; a shard that saw
+    /// the run leave and come back after shard 0 had its routes would
+    /// otherwise wait for a word that does not come again).
+    pub fn routes_wait_tick(&self, now: Instant, wait: Duration) {
+        let mut changed = false;
+        for e in self.peer_routes.borrow_mut().values_mut() {
+            let late = e
+                .up_at
+                .is_some_and(|at| now.saturating_duration_since(at) >= wait);
+            if e.up && !e.known && late {
+                e.known = true;
+                changed = true;
+            }
+        }
+        if changed {
+            self.update_routes_pending();
+        }
     }
 
     fn update_routes_pending(&self) {

@@ -560,6 +560,8 @@ struct PeerRoutes {
     run: u64,
     up: bool,
     known: bool,
+    /// When this shard's bridge saw the run up (None: not yet).
+    up_at: Option<Instant>,
 }
 
 /// One shard; see the module docs.

@@ -7,7 +7,11 @@
 //! this shard's bridge outbox ([`ShardCore::poll_bridge`]), which the
 //! runtime writes to this shard's link to that node; the receiving node
 //! fans it out to its own subscribers only ([`ShardCore::handle_remote_publish`]),
-//! never on to a third node. Shard 0 also keeps the node's route export:
+//! never on to a third node but for a shared subscription's pick it has no
+//! member of (passed on once). A publisher's acknowledgement waits until
+//! every node the message went to confirmed it (or will never get it: then
+//! its shared picks are served again, [`ShardCore::remote_undeliverable`]).
+//! Shard 0 also keeps the node's route export:
 //! each change of the node as a whole goes out as [`BridgeOut::Route`], and
 //! the routes a peer reports arrive through [`ShardCore::remote_routes`]
 //! and are broadcast to every shard's replica.
@@ -308,7 +312,13 @@ impl ShardCore {
         let RemotePublish {
             message, shared, ..
         } = publish;
-        if !shared.is_empty() && again < SERVED_AGAIN_MAX && !message.is_expired(now) {
+        // QoS 2 too, though the member picked may have had it before its
+        // node went (MQTT 5.0 4.8.2 would leave it with that member): a
+        // second member getting it is the lesser harm than an
+        // acknowledged message lost when the node did not deliver it.
+        let serve_again =
+            !shared.is_empty() && again < SERVED_AGAIN_MAX && !message.is_expired(now);
+        if serve_again {
             // Neither that node nor one this shard does not see up.
             let up = |n: u16| self.peer_routes.borrow().get(&n).is_some_and(|p| p.up);
             let without = |n: u16| n == node || !up(n);
