@@ -1206,3 +1206,43 @@ fn a_client_back_in_time_cancels_its_dead_nodes_will() {
         .collect();
     assert_eq!(topics, ["status/gone"]);
 }
+
+/// A shard waits for the routes of every run of a peer it saw up, whatever
+/// the order in which its bridge's event and shard 0's word come; a run
+/// that ended is not waited for; and a wait that no word ends stops by
+/// itself after the bound.
+#[test]
+fn new_connects_wait_for_the_routes_of_every_run_seen_up_in_any_order_and_not_forever() {
+    let c = core(1, 2);
+    let t0 = Instant::now();
+    let wait = Duration::from_secs(5);
+    assert!(!c.routes_pending());
+    // Up, then the word: waits in between.
+    c.peer_routes_expected(3, 1, t0);
+    assert!(c.routes_pending());
+    c.note_routes_known(3, 1);
+    assert!(!c.routes_pending());
+    // The word for the next run before this shard sees it up: no wait.
+    c.note_routes_known(3, 2);
+    c.peer_routes_expected(3, 2, t0);
+    assert!(!c.routes_pending());
+    // A stale Up of an older run changes nothing.
+    c.peer_routes_expected(3, 1, t0);
+    assert!(!c.routes_pending());
+    // A run that went down is not waited for.
+    c.peer_routes_expected(4, 7, t0);
+    assert!(c.routes_pending());
+    c.peer_routes_gone(4, 6);
+    assert!(c.routes_pending(), "another run's Down");
+    c.peer_routes_gone(4, 7);
+    assert!(!c.routes_pending());
+    // The same run down and up again after its word: no word comes
+    // again, so the wait ends at the bound, not before.
+    c.peer_routes_gone(3, 2);
+    c.peer_routes_expected(3, 2, t0);
+    assert!(c.routes_pending());
+    c.routes_wait_tick(t0 + wait - Duration::from_millis(1), wait);
+    assert!(c.routes_pending());
+    c.routes_wait_tick(t0 + wait, wait);
+    assert!(!c.routes_pending());
+}
