@@ -1709,8 +1709,21 @@ impl Sim {
 
     fn check(&mut self) -> Outcome {
         // Every publisher's acknowledgement that waited for other nodes
-        // went once the cluster settled: none stuck.
+        // went once the cluster settled: none stuck; and, without faults,
+        // each because the peer confirmed it, not because `ACK_WAIT` ran
+        // out (the last phase runs longer than that; a link that breaks
+        // may stay down that long, backing off).
         for (k, node) in self.nodes.iter().enumerate().filter(|(_, n)| n.up) {
+            for (j, bridge) in node.bridges.iter().enumerate() {
+                let gave_up = bridge.stats().acks_unconfirmed;
+                if gave_up > 0 && self.faults == Faults::None {
+                    self.fail(&format!(
+                        "node {k} shard {j} ({:?}): {gave_up} acknowledgements went without the peer's \
+                         confirmation",
+                        self.faults
+                    ));
+                }
+            }
             for (j, core) in node.cores.iter().enumerate() {
                 if core.held_acks() > 0 {
                     self.fail(&format!(

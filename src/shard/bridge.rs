@@ -892,7 +892,7 @@ impl Bridge {
             now,
             format_args!(
                 "{n} publishers' acknowledgements went without a peer's confirmation after {} s \
-                 (its link is not up; {} so far)",
+                 (its link is not up, or that far behind; {} so far)",
                 ACK_WAIT.as_secs(),
                 self.acks_unconfirmed.get()
             ),

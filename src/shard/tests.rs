@@ -1236,6 +1236,14 @@ fn new_connects_wait_for_the_routes_of_every_run_seen_up_in_any_order_and_not_fo
     assert!(c.routes_pending(), "another run's Down");
     c.peer_routes_gone(4, 7);
     assert!(!c.routes_pending());
+    // The same run up again later while its word is awaited: its wait
+    // counts from then.
+    c.peer_routes_expected(5, 1, t0);
+    c.peer_routes_expected(5, 1, t0 + Duration::from_secs(3));
+    c.routes_wait_tick(t0 + wait, wait);
+    assert!(c.routes_pending());
+    c.routes_wait_tick(t0 + Duration::from_secs(3) + wait, wait);
+    assert!(!c.routes_pending());
     // The same run down and up again after its word: no word comes
     // again, so the wait ends at the bound, not before.
     c.peer_routes_gone(3, 2);
