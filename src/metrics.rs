@@ -357,7 +357,7 @@ const METRICS: &[Metric] = &[
     Metric {
         name: "shardmq_cluster_acks_unconfirmed_total",
         kind: "counter",
-        help: "Publishers' acknowledgements sent after waiting 10 s for a peer to confirm the message (its link not up); the message is still sent when it comes up.",
+        help: "Publishers' acknowledgements sent after waiting 10 s for a peer to confirm the message (its link not up, or that far behind); the message is still sent.",
         label: None,
         value: |r, _| r.cluster.map(|c| c.bridge.acks_unconfirmed),
     },
