@@ -111,9 +111,44 @@ fn three_nodes(dir: &std::path::Path) -> [ChildBroker; 3] {
     [a, b, c]
 }
 
+/// Wait until nodes a, b and c (2 shards each) see each other, every
+/// bridge link between them is up and each takes CONNECTs (a node refuses
+/// them with 0x88 until every shard has its peers' routes).
+fn wait_links(a: &ChildBroker, b: &ChildBroker, c: &ChildBroker) {
+    wait_links_up(a, b, c);
+    for n in [a, b, c] {
+        wait_serving(n);
+    }
+}
+
+/// Wait (at most 30 s) until `b` accepts CONNECTs, on every shard (the
+/// client ids of the probes are spread over them).
+fn wait_serving(b: &ChildBroker) {
+    let start = Instant::now();
+    loop {
+        let refused = (0..8).map(|i| {
+            let id = format!("ready-probe-{i}");
+            let v = shardmq::codec::Version::V3_1_1;
+            common::Raw::connect(b.addr, v, &id, true).1.reason
+        });
+        let refused = refused.filter(|&r| r != 0).max();
+        let Some(reason) = refused else {
+            return;
+        };
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} refused CONNECTs for 30 s (CONNACK {}):\n{}",
+            b.addr,
+            reason,
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Wait until nodes a, b and c (2 shards each) see each other and every
 /// bridge link between them is up.
-fn wait_links(a: &ChildBroker, b: &ChildBroker, c: &ChildBroker) {
+fn wait_links_up(a: &ChildBroker, b: &ChildBroker, c: &ChildBroker) {
     for n in [a, b, c] {
         wait_log(n, "2 peers up", 30);
     }

@@ -876,11 +876,17 @@ impl Bridge {
     fn ack_wait_expired(&self, now: Instant) {
         let mut released = Vec::new();
         for w in self.waiting.borrow_mut().values_mut() {
+            let before = released.len();
             for m in w.iter_mut() {
                 if now.saturating_duration_since(m.sent) < ACK_WAIT {
                     break;
                 }
                 released.extend(m.ack.take());
+            }
+            // What is left of an entry without its acknowledgement is
+            // only worth keeping for a pick served again.
+            if released.len() > before {
+                w.retain(|m| m.ack.is_some() || m.again > 0);
             }
         }
         if released.is_empty() {
