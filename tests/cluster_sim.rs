@@ -1405,14 +1405,13 @@ impl Sim {
             if client.conn.as_ref().is_some_and(|s| s.node == k) {
                 client.conn = None;
             }
-            if let Role::Subscriber { .. } = client.role {
-                if client.home_node == k || held.contains(&c) {
-                    // Memory durability: its session died with the node,
-                    // and what it held (a subscription whose SUBACK had not
-                    // come yet may have taken effect).
-                    client.sessions_lost.push(self.steps);
-                }
-                if (client.home_node == k || held.contains(&c)) && client.subscribed_at.is_some() {
+            let died = client.home_node == k || held.contains(&c);
+            if let (Role::Subscriber { .. }, true) = (&client.role, died) {
+                // Memory durability: its session died with the node, and
+                // what it held (a subscription whose SUBACK had not come
+                // yet may have taken effect).
+                client.sessions_lost.push(self.steps);
+                if client.subscribed_at.is_some() {
                     client.subscribed_at = None;
                     client.inbound.clear();
                     self.lost_sessions += 1;

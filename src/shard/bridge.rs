@@ -188,14 +188,6 @@ struct Waiting {
     sent: Instant,
 }
 
-/// Shard 0: whether this node has a peer's routes.
-#[derive(Debug, Clone, Copy)]
-struct RoutesOf {
-    incarnation: u64,
-    up_at: Instant,
-    known: bool,
-}
-
 /// One shard's bridge; see the module docs.
 pub struct Bridge {
     core: Rc<ShardCore>,
@@ -233,10 +225,6 @@ pub struct Bridge {
     /// ([`BridgeOut::Publish`]'s `ack` and `again`).
     waiting: RefCell<HashMap<u16, VecDeque<Waiting>>>,
     acks_unconfirmed: Cell<u64>,
-    /// Shard 0: per peer seen up, its run, since when, and whether every
-    /// shard here has its routes (new CONNECTs wait for them, up to
-    /// [`ROUTES_WAIT`]).
-    routes_of: RefCell<HashMap<u16, RoutesOf>>,
     replayed: Cell<u64>,
     duplicates: Cell<u64>,
 }
@@ -285,7 +273,6 @@ impl Bridge {
             move_fences: RefCell::new(HashMap::default()),
             waiting: RefCell::new(HashMap::default()),
             acks_unconfirmed: Cell::new(0),
-            routes_of: RefCell::new(HashMap::default()),
             replayed: Cell::new(0),
             duplicates: Cell::new(0),
         };
@@ -348,18 +335,6 @@ impl Bridge {
                 self.core.peer_named(index, node.name.as_str());
                 let incarnation_up = node.incarnation;
                 self.core.peer_routes_expected(index, incarnation_up, now);
-                if self.me.shard == 0 {
-                    let mut routes_of = self.routes_of.borrow_mut();
-                    let fresh = RoutesOf {
-                        incarnation: incarnation_up,
-                        up_at: now,
-                        known: false,
-                    };
-                    let e = routes_of.entry(index).or_insert(fresh);
-                    if e.incarnation != incarnation_up {
-                        *e = fresh;
-                    }
-                }
                 let replaced = self.peers.borrow_mut().up(index, node, self.ms(now));
                 if let Some(incarnation) = replaced.ended_run {
                     // Restarted before it was declared down: the old run
@@ -391,7 +366,6 @@ impl Bridge {
                 }
                 self.forget_routes(index);
                 self.core.peer_routes_gone(index, node.incarnation);
-                self.routes_of.borrow_mut().remove(&index);
                 // Every link from that run: nothing it still sends counts.
                 let from_it: Vec<Rc<Link>> = self
                     .inbound
@@ -409,21 +383,14 @@ impl Bridge {
         }
     }
 
-    /// Shard 0: stop waiting for the routes of a node seen up for
-    /// [`ROUTES_WAIT`] without them (every shard takes new CONNECTs again).
+    /// Stop waiting for the routes of a node seen up for [`ROUTES_WAIT`]
+    /// without them (new CONNECTs are taken again); shard 0 says so.
     fn routes_wait_expired(&self, now: Instant) {
-        let late: Vec<(u16, u64)> = self
-            .routes_of
-            .borrow_mut()
-            .iter_mut()
-            .filter(|(_, r)| !r.known && now.saturating_duration_since(r.up_at) >= ROUTES_WAIT)
-            .map(|(&index, r)| {
-                r.known = true;
-                (index, r.incarnation)
-            })
-            .collect();
-        for (index, run) in late {
-            self.core.routes_known(index, run);
+        let late = self.core.routes_wait_tick(now, ROUTES_WAIT);
+        if self.me.shard != 0 {
+            return;
+        }
+        for (index, _) in late {
             let name = self.peer_name(Some(index));
             self.warn(
                 now,
@@ -776,10 +743,7 @@ impl Bridge {
     /// dead links and the snapshots under way (every 50 ms or so).
     pub fn tick(&self, now: Instant) {
         let ms = self.ms(now);
-        if self.routes_of.borrow().values().any(|r| !r.known) {
-            self.routes_wait_expired(now);
-        }
-        self.core.routes_wait_tick(now, ROUTES_WAIT);
+        self.routes_wait_expired(now);
         self.ack_wait_expired(now);
         self.move_fences.borrow_mut().retain(|_, asked| {
             now.saturating_duration_since(asked.at) < super::moves::MOVE_GIVE_UP
@@ -1338,14 +1302,7 @@ impl Bridge {
                 let run = link
                     .as_ref()
                     .and_then(|l| l.hello.borrow().as_ref().map(|h| h.incarnation));
-                let known = match (self.routes_of.borrow_mut().get_mut(&node), run) {
-                    (Some(r), Some(run)) if !r.known && r.incarnation == run => {
-                        r.known = true;
-                        true
-                    }
-                    _ => false,
-                };
-                if let (true, Some(run)) = (known, run) {
+                if let Some(run) = run {
                     self.core.routes_known(node, run);
                 }
                 if let Some(l) = link {

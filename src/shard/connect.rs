@@ -460,29 +460,45 @@ impl ShardCore {
     /// Whether new CONNECTs are refused here for want of the routes of a
     /// node seen up.
     pub fn routes_pending(&self) -> bool {
-        self.routes_pending.get()
+        self.peer_routes.borrow().values().any(|e| e.up && !e.known)
+    }
+
+    /// The entry of node `node` for run `run`: a newer run replaces the
+    /// entry (`fresh`), the same run is changed by `same`, an older one is
+    /// stale and changes nothing. True when something changed.
+    fn peer_run(
+        &self,
+        node: u16,
+        run: u64,
+        fresh: PeerRoutes,
+        same: impl FnOnce(&mut PeerRoutes) -> bool,
+    ) -> bool {
+        let mut peers = self.peer_routes.borrow_mut();
+        match peers.get_mut(&node) {
+            Some(e) if e.run == run => same(e),
+            Some(e) if e.run > run => false,
+            _ => {
+                peers.insert(node, fresh);
+                true
+            }
+        }
     }
 
     /// This shard's bridge saw run `run` of node `node` (its index) up at
     /// `now`: new CONNECTs wait until shard 0 says every shard has its
     /// routes, or [`ShardCore::routes_wait_tick`] gives up.
     pub fn peer_routes_expected(&self, node: u16, run: u64, now: Instant) {
-        let mut peers = self.peer_routes.borrow_mut();
         let fresh = PeerRoutes {
             run,
             up: true,
             known: false,
             up_at: Some(now),
         };
-        let e = peers.entry(node).or_insert(fresh);
-        if e.run < run {
-            *e = fresh;
-        } else if e.run == run {
+        self.peer_run(node, run, fresh, |e| {
             e.up = true;
             e.up_at = Some(now);
-        }
-        drop(peers);
-        self.update_routes_pending();
+            true
+        });
     }
 
     /// This shard's bridge saw run `run` of node `node` go down: its
@@ -492,61 +508,52 @@ impl ShardCore {
         if peers.get(&node).is_some_and(|e| e.run == run) {
             peers.remove(&node);
         }
-        drop(peers);
-        self.update_routes_pending();
     }
 
-    /// Shard 0: every shard has the routes of run `run` of node `node`,
-    /// or it stopped waiting for them: tell every shard.
+    /// Shard 0: every shard has the routes of run `run` of node `node`:
+    /// tell every shard (once).
     pub fn routes_known(&self, node: u16, run: u64) {
-        self.note_routes_known(node, run);
-        self.mesh
-            .broadcast(|| super::mesh::MeshMsg::RoutesKnown { node, run });
+        if self.note_routes_known(node, run) {
+            self.mesh
+                .broadcast(|| super::mesh::MeshMsg::RoutesKnown { node, run });
+        }
     }
 
     /// See [`ShardCore::routes_known`]; the order in which this and the
     /// bridge's [`ShardCore::peer_routes_expected`] come does not matter.
-    pub(super) fn note_routes_known(&self, node: u16, run: u64) {
-        let mut peers = self.peer_routes.borrow_mut();
+    /// True when the run was not known here yet.
+    pub(super) fn note_routes_known(&self, node: u16, run: u64) -> bool {
         let seen = PeerRoutes {
             run,
             up: false,
             known: true,
             up_at: None,
         };
-        let e = peers.entry(node).or_insert(seen);
-        if e.run < run {
-            *e = seen;
-        } else if e.run == run {
-            e.known = true;
-        }
-        drop(peers);
-        self.update_routes_pending();
+        self.peer_run(node, run, seen, |e| !std::mem::replace(&mut e.known, true))
     }
 
     /// Stop waiting for the routes of a run this shard saw up `wait` ago
-    /// (shard 0 gives up at the same bound and says so; a shard that saw
-    /// the run leave and come back after shard 0 had its routes would
-    /// otherwise wait for a word that does not come again).
-    pub fn routes_wait_tick(&self, now: Instant, wait: Duration) {
-        let mut changed = false;
-        for e in self.peer_routes.borrow_mut().values_mut() {
-            let late = e
+    /// (a shard that saw the run leave and come back after shard 0 had its
+    /// routes would otherwise wait for a word that does not come again):
+    /// the nodes and runs given up, which shard 0 tells every shard.
+    pub fn routes_wait_tick(&self, now: Instant, wait: Duration) -> Vec<(u16, u64)> {
+        let mut late = Vec::new();
+        for (&node, e) in self.peer_routes.borrow_mut().iter_mut() {
+            let due = e
                 .up_at
                 .is_some_and(|at| now.saturating_duration_since(at) >= wait);
-            if e.up && !e.known && late {
+            if e.up && !e.known && due {
                 e.known = true;
-                changed = true;
+                late.push((node, e.run));
             }
         }
-        if changed {
-            self.update_routes_pending();
+        if self.id == 0 {
+            for &(node, run) in &late {
+                self.mesh
+                    .broadcast(|| super::mesh::MeshMsg::RoutesKnown { node, run });
+            }
         }
-    }
-
-    fn update_routes_pending(&self) {
-        let pending = self.peer_routes.borrow().values().any(|e| e.up && !e.known);
-        self.routes_pending.set(pending);
+        late
     }
 
     /// Count a connection refused for `why`.
@@ -689,7 +696,7 @@ fn check_connect(shard: &ShardCore, connect: &Connect) -> Result<Option<String>,
             ..Refusal::new(reason::SERVER_UNAVAILABLE, why)
         });
     }
-    if shard.routes_pending.get() {
+    if shard.routes_pending() {
         let why = "this node does not have the routes of every node it sees up yet";
         return Err(Refusal {
             counted: ConnectRefusal::Unavailable,

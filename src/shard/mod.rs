@@ -587,7 +587,6 @@ pub struct ShardCore {
     /// nodes' subscribers. Per peer index: the run this shard saw last,
     /// whether it is up, and whether its routes are known here
     /// ([`ShardCore::peer_routes_expected`], [`ShardCore::routes_known`]).
-    routes_pending: Cell<bool>,
     peer_routes: RefCell<hashbrown::HashMap<u16, PeerRoutes>>,
     /// Sockets of attached connections still open (reader or writer alive).
     sockets: Cell<usize>,
@@ -655,7 +654,6 @@ impl ShardCore {
             mesh,
             stopping: Cell::new(false),
             refusing_connects: Cell::new(false),
-            routes_pending: Cell::new(false),
             peer_routes: RefCell::new(hashbrown::HashMap::new()),
             sockets: Cell::new(0),
             handshakes: Cell::new(0),

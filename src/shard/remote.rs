@@ -322,13 +322,8 @@ impl ShardCore {
             // Neither that node nor one this shard does not see up.
             let up = |n: u16| self.peer_routes.borrow().get(&n).is_some_and(|p| p.up);
             let without = |n: u16| n == node || !up(n);
-            let mut plan = self.plan_without(&mut st, &message, Reach::Cluster, without);
+            let mut plan = self.plan_picks(&mut st, &message, &shared, without);
             plan.again = again + 1;
-            plan.owner = None;
-            plan.ordinary.clear();
-            plan.nodes.clear();
-            plan.picks.retain(|(_, p)| shared.contains(p));
-            plan.node_picks.retain(|(_, p)| shared.contains(p));
             if !plan.picks.is_empty() || !plan.node_picks.is_empty() {
                 let from = ack
                     .filter(|a| a.shard == self.id && Self::acked_slot(&mut st, a).is_some())
@@ -344,6 +339,25 @@ impl ShardCore {
             self.ack(&mut st, ack);
         }
         Self::debug_invariants(&st);
+    }
+
+    /// Where shared subscriptions `picks` of `message` go in the whole
+    /// cluster, the nodes `without` names taking no turn; nothing else
+    /// (no ordinary subscriber, no retained copy).
+    fn plan_picks(
+        &self,
+        st: &mut State,
+        message: &Message,
+        picks: &[SharedPick],
+        without: impl Fn(u16) -> bool,
+    ) -> Plan {
+        let mut plan = self.plan_without(st, message, Reach::Cluster, without);
+        plan.owner = None;
+        plan.ordinary.clear();
+        plan.nodes.clear();
+        plan.picks.retain(|(_, p)| picks.contains(p));
+        plan.node_picks.retain(|(_, p)| picks.contains(p));
+        plan
     }
 
     /// Wakes the runtime's bridge task when the outbox has something.
@@ -421,11 +435,9 @@ impl ShardCore {
                     r.remote_dropped += 1;
                 }
             } else if !unserved.is_empty() {
-                let again = self.plan(&mut st, &message, Reach::Cluster);
-                let unserved_pick = |(_, p): &(u16, SharedPick)| unserved.contains(p);
-                plan.picks
-                    .extend(again.picks.into_iter().filter(unserved_pick));
-                plan.node_picks = again.node_picks.into_iter().filter(unserved_pick).collect();
+                let again = self.plan_picks(&mut st, &message, &unserved, |_| false);
+                plan.picks.extend(again.picks);
+                plan.node_picks = again.node_picks;
                 // No server known here (this node's run may not have the
                 // other nodes' routes yet): the sender had one.
                 for p in unserved {

@@ -959,7 +959,9 @@ impl ShardCore {
                 MeshMsg::Ack(ack) => Self::acked(&mut st, ack),
                 MeshMsg::Fence { id } => self.mesh.send(from, MeshMsg::FenceDone { id }),
                 MeshMsg::FenceDone { id } => Self::fence_done(&mut st, id),
-                MeshMsg::RoutesKnown { node, run } => self.note_routes_known(node, run),
+                MeshMsg::RoutesKnown { node, run } => {
+                    self.note_routes_known(node, run);
+                }
                 MeshMsg::Handoff(h) => handoffs.push(*h),
             }
         }
