@@ -21,7 +21,7 @@ B=${2:?new shardmq binary}
 ROUNDS=${3:-4}
 BENCH=${BENCH:-target/release/shardmq-bench}
 PORT=${PORT:-28990}
-WORK=$(mktemp -d /tmp/shardmq-before-after.XXXXXX)
+results_dir shardmq-before-after
 COMMON="-V 4 -s 64 --warmup 1 --duration 6 --drain 2 --quiet"
 ROWS=(
   "qos0|bench --mode pairs --pubs 100 --subs 100 -q 0 --closed-loop 200 $COMMON"

@@ -26,7 +26,7 @@ BENCH=${BENCH:-target/release/shardmq-bench}
 PORT=${PORT:-28990}
 CPORT=${CPORT:-28950}
 NODE_SHARDS=${NODE_SHARDS:-2}
-WORK=$(mktemp -d /tmp/shardmq-cluster-bench.XXXXXX)
+results_dir shardmq-cluster-bench
 COMMON="-V 4 -s 64 --warmup 1 --duration 6 --drain 2 --quiet"
 ROWS=(
   "qos0|bench --mode pairs --pubs 100 --subs 100 -q 0 --closed-loop 200 $COMMON"

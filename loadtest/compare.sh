@@ -43,7 +43,7 @@ PORT_FLASHMQ=${PORT_FLASHMQ:-28885}
 BENCH="$ROOT/target/release/shardmq-bench"
 SHARDMQ="$ROOT/target/release/shardmq"
 STAMP=$(date -u +%Y%m%d-%H%M%S)
-WORK=$(mktemp -d /tmp/shardmq-compare.XXXXXX)
+results_dir shardmq-compare
 OUT_DIR="$ROOT/loadtest/results"
 OUT="$OUT_DIR/compare-$STAMP.md"
 mkdir -p "$OUT_DIR"
@@ -101,7 +101,7 @@ stop_broker() {
   fi
   BROKER_PID=""
 }
-trap stop_broker EXIT
+on_exit() { stop_broker; }
 
 start_broker() { # name [shardmq durability | mosquitto persistence true/false]
   case "$1" in

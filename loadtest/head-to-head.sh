@@ -27,7 +27,7 @@ if [ -z "${FLASHMQ:-}" ] || [ ! -x "$FLASHMQ" ]; then
   echo "FlashMQ not run: set FLASHMQ to its binary (see the header of $0 for how to build it)" >&2
   exit 1
 fi
-WORK=$(mktemp -d /tmp/shardmq-head-to-head.XXXXXX)
+results_dir shardmq-head-to-head
 COMMON="-V 4 -s 64 --warmup 1 --duration 6 --drain 2 --quiet"
 ROWS=(
   "qos0-20|bench --mode pairs --pubs 100 --subs 100 -q 0 --closed-loop 20 $COMMON"

@@ -23,6 +23,16 @@ listen {
 EOF
 }
 
+# results_dir NAME: a new directory /tmp/NAME.XXXXXX in $WORK, whose
+# subdirectories (the brokers' data: a shardmq shard preallocates 128 MiB
+# of log) are removed when the script exits, however it exits; the logs
+# and JSON summaries in it stay for reading. Runs on_exit first when the
+# script defines it.
+results_dir() {
+  WORK=$(mktemp -d "/tmp/$1.XXXXXX")
+  trap 'declare -F on_exit >/dev/null && on_exit; find "$WORK" -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +' EXIT
+}
+
 # json_value FILE KEY: a top-level value of a shardmq-bench JSON summary.
 json_value() { sed -n "s/^  \"$2\": \(.*\),$/\1/p" "$1"; }
 

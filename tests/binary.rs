@@ -175,7 +175,7 @@ fn every_flag_reads_its_shardmq_variable() {
         .env("SHARDMQ_SHARDS", "1")
         .env("SHARDMQ_LISTEN", "127.0.0.1:0")
         .env("SHARDMQ_DURABILITY", "kill_safe")
-        .env("SHARDMQ_DATA_DIR", &dir)
+        .env("SHARDMQ_DATA_DIR", &*dir)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -327,7 +327,7 @@ fn status_is_503_while_the_logs_are_recovered_then_ready() {
             "127.0.0.1:0",
             "--data-dir",
         ])
-        .arg(&data)
+        .arg(&*data)
         .env("RUST_LOG", "info")
         .env("SHARDMQ_TEST_RECOVERY_DELAY_MS", "3000")
         .stderr(Stdio::piped())

@@ -311,7 +311,7 @@ fn the_log_metrics_follow_the_log() {
     let dir = common::child::temp_dir("metrics-log");
     let b = TestBroker::start_with(1, |c| {
         c.storage.durability = "kill_safe".into();
-        c.storage.data_dir = dir.clone();
+        c.storage.data_dir = dir.to_path_buf();
     });
     let addr = b.broker.as_ref().unwrap().http_addr().unwrap();
     let before = sum(&http(addr, "GET", "/metrics").1, "shardmq_log_used_bytes");
@@ -339,7 +339,7 @@ fn the_log_metrics_follow_the_log() {
     // for a group commit, each counted.
     let b = TestBroker::start_with(1, |c| {
         c.storage.durability = "power_safe".into();
-        c.storage.data_dir = dir.clone();
+        c.storage.data_dir = dir.to_path_buf();
     });
     let addr = b.broker.as_ref().unwrap().http_addr().unwrap();
     let (mut c, _) = Raw::connect(b.addr, Version::V5, "log-commits", true);

@@ -12,7 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::child::{config_file, temp_dir, ChildBroker};
+use common::child::{config_file, temp_dir, ChildBroker, TestDir};
 use common::raw::*;
 use common::*;
 use shardmq::codec::{reason, Disconnect, Packet, Properties, QoS, Version, Will};
@@ -21,7 +21,8 @@ use shardmq::log::scan::segment_files;
 
 /// A test's directory, config and broker arguments.
 struct Setup {
-    dir: PathBuf,
+    /// Removed with everything in it when the setup ends.
+    _dir: TestDir,
     data: PathBuf,
     config: PathBuf,
 }
@@ -32,13 +33,13 @@ impl Setup {
         Self::in_dir(dir, extra_config)
     }
 
-    fn in_dir(dir: PathBuf, extra_config: &str) -> Setup {
+    fn in_dir(dir: TestDir, extra_config: &str) -> Setup {
         Self::with_mqtt(dir, "", extra_config)
     }
 
     /// With `mqtt` added to `[mqtt]` and `storage` to `[storage]` (and any
     /// later sections).
-    fn with_mqtt(dir: PathBuf, mqtt: &str, storage: &str) -> Setup {
+    fn with_mqtt(dir: TestDir, mqtt: &str, storage: &str) -> Setup {
         let text = format!(
             "[mqtt]\npacket_size_max_bytes = 65536\n{mqtt}\n[storage]\nsegment_bytes = 1048576\n{storage}"
         );
@@ -46,7 +47,7 @@ impl Setup {
         Setup {
             data: dir.join("data"),
             config,
-            dir,
+            _dir: dir,
         }
     }
 
@@ -73,12 +74,6 @@ impl Setup {
         self.data
             .join(current.trim())
             .join(format!("shard-{shard}"))
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -305,7 +300,7 @@ fn fill_until_refused(p: &mut Raw, topic: &str) -> Vec<String> {
 fn a_full_disk_refuses_new_messages_with_0x97_and_loses_nothing() {
     let root = temp_dir("full-disk");
     let disk = SmallDisk::mount(&root.join("disk"), "10m");
-    let s = Setup::in_dir(disk.0.clone(), "");
+    let s = Setup::in_dir(TestDir::adopt(disk.0.clone()), "");
     let mut b = s.start(2);
     let sub = id_on("full-sub", 1, 2);
     offline_subscriber(&b, &sub, "full/#");
@@ -361,7 +356,7 @@ fn a_full_disk_refuses_new_messages_with_0x97_and_loses_nothing() {
 fn a_restart_on_a_disk_too_full_for_recovery_refuses_and_loses_nothing() {
     let root = temp_dir("full-restart");
     let disk = SmallDisk::mount(&root.join("disk"), "10m");
-    let s = Setup::in_dir(disk.0.clone(), "");
+    let s = Setup::in_dir(TestDir::adopt(disk.0.clone()), "");
     let mut b = s.start(2);
     let sub = id_on("fr-sub", 1, 2);
     offline_subscriber(&b, &sub, "fr/#");

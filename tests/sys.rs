@@ -128,7 +128,7 @@ async fn sys_topics_are_not_kept_in_the_log() {
     let dir = temp_dir("sys-log");
     let durable = |c: &mut shardmq::Config, interval: u64| {
         c.storage.durability = "kill_safe".into();
-        c.storage.data_dir = dir.clone();
+        c.storage.data_dir = dir.to_path_buf();
         c.mqtt.sys_interval_s = interval;
     };
     let mut b = TestBroker::start_with(1, |c| durable(c, 1));

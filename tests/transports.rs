@@ -45,7 +45,8 @@ struct Setup {
     broker: TestBroker,
     kind: Kind,
     tls: Option<Arc<rustls::ClientConfig>>,
-    dir: std::path::PathBuf,
+    /// Holds the certificates; removed when the setup ends.
+    _dir: common::child::TestDir,
 }
 
 fn start(kind: Kind, tweak: impl FnOnce(&mut shardmq::Config)) -> Setup {
@@ -68,13 +69,7 @@ fn start(kind: Kind, tweak: impl FnOnce(&mut shardmq::Config)) -> Setup {
         broker,
         kind,
         tls,
-        dir,
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        _dir: dir,
     }
 }
 

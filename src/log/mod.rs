@@ -443,8 +443,31 @@ fn parse_counter(digits: &str) -> Option<u64> {
 pub(crate) mod tests {
     use super::*;
 
-    /// A fresh, empty directory under the system temp dir.
-    pub(crate) fn temp_dir(name: &str) -> PathBuf {
+    /// A directory for one test, removed with everything in it when the
+    /// test ends (segments take their blocks when they are created).
+    pub(crate) struct TempDir(PathBuf);
+
+    impl std::ops::Deref for TempDir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl AsRef<Path> for TempDir {
+        fn as_ref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A fresh, empty [`TempDir`] under the system temp dir.
+    pub(crate) fn temp_dir(name: &str) -> TempDir {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -454,7 +477,7 @@ pub(crate) mod tests {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        dir
+        TempDir(dir)
     }
 
     #[test]

@@ -9,12 +9,67 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A fresh, empty directory for one test.
-pub fn temp_dir(name: &str) -> PathBuf {
+/// A fresh, empty directory for one test, removed with everything in it
+/// when the test ends, passed or failed: a broker's logs take their blocks
+/// when they are created (two 4 MiB segments per shard here, 64 MiB each
+/// by default), and a suite that leaves them behind fills the disk of the
+/// machine that runs it again. `SHARDMQ_KEEP_TEST_DIRS=1` keeps them, for
+/// looking into a failure.
+pub struct TestDir(PathBuf);
+
+/// [`TestDir`] `shardmq-test-NAME-PID` under the system's temporary
+/// directory.
+pub fn temp_dir(name: &str) -> TestDir {
     let dir = std::env::temp_dir().join(format!("shardmq-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TestDir(dir)
+}
+
+impl TestDir {
+    /// Remove `path` with everything in it when the test ends.
+    pub fn adopt(path: PathBuf) -> TestDir {
+        TestDir(path)
+    }
+}
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::env::var_os("SHARDMQ_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// The config every child broker starts from (as `SHARDMQ_CONFIG`; a
+/// test's own `--config` replaces it): 4 MiB log segments instead of the
+/// default 64 MiB, so that a three-node test takes 48 MiB of disk rather
+/// than 768 MiB. Tests about segment sizes give their own config.
+fn harness_config() -> &'static Path {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let path = dir.join("shardmq-test-harness.toml");
+        // Written whole under another name and renamed: test binaries
+        // running at once may write it together.
+        let part = dir.join(format!("shardmq-test-harness.{}", std::process::id()));
+        std::fs::write(&part, "[storage]\nsegment_bytes = 4194304\n").unwrap();
+        std::fs::rename(&part, &path).unwrap();
+        path
+    })
 }
 
 /// A running `shardmq` child process.
@@ -53,6 +108,7 @@ impl ChildBroker {
             .args(["--listen", listen, "--http", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
+            .env("SHARDMQ_CONFIG", harness_config())
             .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .stdout(Stdio::null())

@@ -284,7 +284,7 @@ mod tests {
     use std::sync::Arc;
 
     use crate::config::Durability;
-    use crate::log::tests::temp_dir;
+    use crate::log::tests::{temp_dir, TempDir};
     use crate::log::Log;
     use crate::message::Message;
     use crate::persist::{Causes, Origin, Rec, Scope, WallClock};
@@ -292,9 +292,11 @@ mod tests {
     use super::super::{Store, StoreEnv};
     use super::Accepted;
 
-    fn store(name: &str) -> Store {
-        let log = Log::create_without_spare(crate::log::disk::fs(), &temp_dir(name), 1 << 20, 0, 1)
-            .unwrap();
+    /// A store on a log of its own, and the log's directory (removed when
+    /// the test drops it).
+    fn store(name: &str) -> (Store, TempDir) {
+        let dir = temp_dir(name);
+        let log = Log::create_without_spare(crate::log::disk::fs(), &dir, 1 << 20, 0, 1).unwrap();
         let env = StoreEnv {
             mode: Durability::KillSafe,
             clock: WallClock::now(),
@@ -304,7 +306,7 @@ mod tests {
             status: Rc::default(),
             now: std::time::Instant::now(),
         };
-        Store::new(0, 1, log, env)
+        (Store::new(0, 1, log, env), dir)
     }
 
     /// Accept `id` as the publisher's shard does, bound for `dests`.
@@ -344,7 +346,7 @@ mod tests {
 
     #[test]
     fn an_accept_settles_when_every_destination_answered() {
-        let mut s = store("settle-answers");
+        let (mut s, _dir) = store("settle-answers");
         accept(&mut s, 1, &[1]);
         s.settle();
         assert_eq!(s.settle.settled_upto, 0, "shard 1 has not answered");
@@ -356,7 +358,7 @@ mod tests {
 
     #[test]
     fn a_delivery_on_the_origin_shard_waiting_for_room_keeps_its_accept_unsettled() {
-        let mut s = store("settle-own");
+        let (mut s, _dir) = store("settle-own");
         accept(&mut s, 1, &[]);
         accept(&mut s, 2, &[1]);
         s.settle.acked_upto[1] = 2;
