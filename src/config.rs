@@ -891,6 +891,21 @@ impl Config {
                 &why,
             ));
         }
+        let link_min = 2 * m.packet_size_max_bytes as usize;
+        if self.cluster.link_queue_bytes_max < link_min
+            || self.cluster.link_queue_bytes_max > 1 << 40
+        {
+            let why = format!(
+                "must be in {link_min}..={}: at least twice mqtt.packet_size_max_bytes, so that \
+                 the largest message fits below the half where publishers are paused",
+                1u64 << 40
+            );
+            return Err(invalid(
+                "cluster.link_queue_bytes_max",
+                &self.cluster.link_queue_bytes_max.to_string(),
+                &why,
+            ));
+        }
         if st.data_dir.as_os_str().is_empty() {
             return Err(invalid("storage.data_dir", "\"\"", "give a directory"));
         }
@@ -1246,6 +1261,13 @@ mod tests {
         );
         ok("[cluster]\nretained_tombstone_s = 60\n").unwrap();
         refused("[cluster]\nroutes_max = 0\n", "cluster.routes_max");
+        refused(
+            "[cluster]\nlink_queue_bytes_max = 2097151\n",
+            "cluster.link_queue_bytes_max = 2097151",
+        );
+        let at_least = "[mqtt]\npacket_size_max_bytes = 65536\n\
+                        [cluster]\nlink_queue_bytes_max = 131072\n";
+        assert!(Config::from_toml(at_least).is_ok());
     }
 
     #[test]

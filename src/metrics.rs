@@ -362,6 +362,13 @@ const METRICS: &[Metric] = &[
         value: |r, _| r.cluster.map(|c| c.bridge.acks_unconfirmed),
     },
     Metric {
+        name: "shardmq_cluster_link_pauses_total",
+        kind: "counter",
+        help: "Times a connection's reading paused because a peer node had more than half of cluster.link_queue_bytes_max of this shard's messages unconfirmed (publishers wait rather than have messages dropped).",
+        label: None,
+        value: |r, _| r.cluster.map(|_| r.stats.link_pauses),
+    },
+    Metric {
         name: "shardmq_cluster_duplicates_skipped_total",
         kind: "counter",
         help: "Messages from peers skipped because they had come already (a replay after a broken link).",

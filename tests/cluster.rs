@@ -53,9 +53,20 @@ fn membership_port(b: &ChildBroker) -> u16 {
 }
 
 fn node(name: &str, dir: &std::path::Path, port: u16, join: &[u16]) -> ChildBroker {
+    node_env(name, dir, port, join, &[])
+}
+
+/// [`node`] with environment variables `env` for the broker.
+fn node_env(
+    name: &str,
+    dir: &std::path::Path,
+    port: u16,
+    join: &[u16],
+    env: &[(&str, &str)],
+) -> ChildBroker {
     let join: Vec<String> = join.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let cluster = format!("127.0.0.1:{port}");
-    start_node(name, dir, "127.0.0.1:0", &cluster, &join.join(","))
+    start_node_env(name, dir, "127.0.0.1:0", &cluster, &join.join(","), env)
 }
 
 /// Node `name` of 2 shards, its data under `dir`, clients on `listen`,
@@ -103,10 +114,15 @@ fn start_node_env(
 /// and wait until they see each other and every bridge link between them
 /// is up.
 fn three_nodes(dir: &std::path::Path) -> [ChildBroker; 3] {
-    let a = node("a", dir, 0, &[]);
+    three_nodes_env(dir, &[])
+}
+
+/// [`three_nodes`] with environment variables `env` for every broker.
+fn three_nodes_env(dir: &std::path::Path, env: &[(&str, &str)]) -> [ChildBroker; 3] {
+    let a = node_env("a", dir, 0, &[], env);
     let pa = membership_port(&a);
-    let b = node("b", dir, 0, &[pa]);
-    let c = node("c", dir, 0, &[pa]);
+    let b = node_env("b", dir, 0, &[pa], env);
+    let c = node_env("c", dir, 0, &[pa], env);
     wait_links(&a, &b, &c);
     [a, b, c]
 }
@@ -795,6 +811,68 @@ fn metric_sum(b: &ChildBroker, name: &str) -> u64 {
         .filter(|l| l.starts_with(name))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum()
+}
+
+/// Publishers faster than a link: their node stops reading them while a
+/// peer leaves more than half of `cluster.link_queue_bytes_max` (here
+/// 128 KiB) unconfirmed, instead of dropping what goes past the bound
+/// and acknowledging it. 3,000 QoS 1 messages of 8 KiB, 100 in flight
+/// (800 KiB), from a to a subscriber on b, with b stopped (SIGSTOP) for
+/// 1.5 s in the middle (its failure detection set to 10 s, so that it
+/// stays up): every one arrives in order, none is dropped, and the pauses
+/// are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_faster_than_a_link_are_paused_not_dropped() {
+    use client::v3::{connect, options, QoS};
+    let dir = temp_dir("cluster-link-full");
+    let config = common::child::config_file(
+        &dir,
+        "[mqtt]\npacket_size_max_bytes = 65536\n[storage]\nsegment_bytes = 4194304\n\
+         [cluster]\nlink_queue_bytes_max = 131072\nsuspect_timeout_ms = 10000\n",
+    );
+    let env = [("SHARDMQ_CONFIG", config.to_str().unwrap())];
+    let [a, b, c] = three_nodes_env(&dir, &env);
+    // A SUBACK waits until every node can route the subscription.
+    let mut sub = connect(options(b.addr, "sub-b")).await;
+    sub.subscribe("big/#", QoS::AtLeastOnce).await;
+    let mut publisher = connect(options(a.addr, "pub-a")).await;
+    const N: usize = 3000;
+    let publishing = tokio::spawn(async move {
+        let payload = vec![7u8; 8192];
+        for i in 0..N {
+            publisher
+                .publish(&format!("big/{i}"), QoS::AtLeastOnce, false, &payload)
+                .await;
+        }
+        for _ in 0..N {
+            publisher.puback().await;
+        }
+    });
+    let first = sub.next_publish().await;
+    assert_eq!(&*first.topic, "big/0");
+    let pid = b.pid().unwrap();
+    common::child::signal(pid, libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    common::child::signal(pid, libc::SIGCONT);
+    for i in 1..N {
+        let p = sub.next_publish().await;
+        let topic = format!("big/{i}");
+        assert_eq!(
+            &*p.topic,
+            topic.as_str(),
+            "in order, none lost:\n{}",
+            a.log_text()
+        );
+    }
+    publishing.await.unwrap();
+    assert_eq!(
+        metric_sum(&a, "shardmq_cluster_messages_dropped_total"),
+        0,
+        "nothing dropped:\n{}",
+        a.log_text()
+    );
+    assert!(metric_sum(&a, "shardmq_cluster_link_pauses_total") > 0);
+    drop((a, b, c));
 }
 
 /// One live connection per client id in the cluster: a client id that

@@ -239,6 +239,9 @@ struct Sim {
     /// CONNECTs refused (0x88) by a node that saw no majority.
     minority_refused: u64,
     routes_refused: u64,
+    /// Publishes a client held back because its shard did not read it (a
+    /// peer held too many of the shard's messages unconfirmed).
+    link_pauses: u64,
     /// Subscribers whose session's move a node gave up.
     splits: u64,
     crashes: u64,
@@ -276,6 +279,13 @@ impl Sim {
         config.storage.durability = "memory".into();
         config.mqtt.queue_messages_max = 100_000;
         config.mqtt.inflight_max = 1 + rng.below(8) as u16;
+        // A third of the seeds keep links short: at most 2 KiB of messages
+        // (about 15) unconfirmed per peer, so that publishers are paused
+        // (`ShardCore::links_full`) rather than have messages dropped.
+        if seed % 3 == 2 {
+            config.mqtt.packet_size_max_bytes = 1024;
+            config.cluster.link_queue_bytes_max = 2048;
+        }
         let nodes = (0..n)
             .map(|k| NodeSim {
                 name: NodeName::new(&format!("n{k}")).unwrap(),
@@ -314,6 +324,7 @@ impl Sim {
             refused: 0,
             minority_refused: 0,
             routes_refused: 0,
+            link_pauses: 0,
             splits: 0,
             crashes: 0,
             partitions: 0,
@@ -975,6 +986,12 @@ impl Sim {
             return;
         }
         if self.clients[c].outgoing.len() >= 8 {
+            return;
+        }
+        // Its shard does not read it while a peer holds too many of the
+        // shard's messages unconfirmed: the client waits.
+        if self.nodes[conn.node].cores[conn.shard].links_full() {
+            self.link_pauses += 1;
             return;
         }
         let qos = match self.rng.below(4) {
@@ -1714,12 +1731,21 @@ impl Sim {
         // may stay down that long, backing off).
         for (k, node) in self.nodes.iter().enumerate().filter(|(_, n)| n.up) {
             for (j, bridge) in node.bridges.iter().enumerate() {
-                let gave_up = bridge.stats().acks_unconfirmed;
+                let stats = bridge.stats();
+                let gave_up = stats.acks_unconfirmed;
                 if gave_up > 0 && self.faults == Faults::None {
                     self.fail(&format!(
                         "node {k} shard {j} ({:?}): {gave_up} acknowledgements went without the peer's \
                          confirmation",
                         self.faults
+                    ));
+                }
+                // Without faults every peer stays up and linked: nothing
+                // goes past a link's bound (its publishers wait).
+                if stats.messages_dropped > 0 && self.faults == Faults::None {
+                    self.fail(&format!(
+                        "node {k} shard {j}: {} messages for peers dropped without faults",
+                        stats.messages_dropped
                     ));
                 }
             }
@@ -1880,6 +1906,13 @@ impl Sim {
             refused: self.refused,
             minority_refused: self.minority_refused,
             routes_refused: self.routes_refused,
+            link_pauses: self.link_pauses,
+            dropped: self
+                .nodes
+                .iter()
+                .flat_map(|n| &n.bridges)
+                .map(|b| b.stats().messages_dropped)
+                .sum(),
             splits: self.splits,
             moved: self
                 .nodes
@@ -1924,6 +1957,9 @@ struct Outcome {
     refused: u64,
     minority_refused: u64,
     routes_refused: u64,
+    link_pauses: u64,
+    /// Messages for peers dropped by the bridges.
+    dropped: u64,
     /// Subscribers whose session's move a node gave up.
     splits: u64,
     moved: u64,
@@ -1943,6 +1979,8 @@ impl std::ops::AddAssign for Outcome {
         self.refused += o.refused;
         self.minority_refused += o.minority_refused;
         self.routes_refused += o.routes_refused;
+        self.link_pauses += o.link_pauses;
+        self.dropped += o.dropped;
         self.splits += o.splits;
         self.moved += o.moved;
         self.faulty += o.faulty;
@@ -1984,7 +2022,9 @@ fn seeded_cluster_runs() {
          lost with their node or a move cut short); {} sessions moved between nodes, {} \
          CONNECTs refused for a peer's late answer, {} by a node without a majority and {} by \
          one without the routes of a node it sees up, {} \
-         sessions split by a move given up (their order across the split not checked)",
+         sessions split by a move given up (their order across the split not checked); {} \
+         publishes held back while a peer had too many messages unconfirmed, {} messages for \
+         peers dropped by the bridges",
         seeds.len(),
         total.faulty,
         total.published,
@@ -1999,7 +2039,9 @@ fn seeded_cluster_runs() {
         total.refused,
         total.minority_refused,
         total.routes_refused,
-        total.splits
+        total.splits,
+        total.link_pauses,
+        total.dropped
     );
 }
 

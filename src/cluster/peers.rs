@@ -217,16 +217,37 @@ impl PeerLinks {
         Self::back_off(p, now_ms);
     }
 
-    /// Number message `frame` (a [`Frame::Publish`], `bytes` long) for
-    /// `index`'s run and keep it until that run confirms it: the kept
-    /// frame, to write now if a link is up (else it goes when one comes
-    /// up). The frame back (the caller drops and counts it) past the bound
-    /// of what a run may leave unconfirmed, or for a node not up.
+    /// Number `frame` (`bytes` long) for `index`'s run and keep it until
+    /// that run confirms it: the kept frame, to write now if a link is up
+    /// (else it goes when one comes up). The frame back (the caller drops
+    /// and counts it) for a node not up, or, for a message
+    /// ([`Frame::Publish`]), past the bound of what a run may leave
+    /// unconfirmed: the bound with no link up, twice the bound with one
+    /// (the shard's clients are not read from half of it, see
+    /// `ShardCore::links_full`, but messages from elsewhere, a will or a
+    /// delayed publish, still come; a live link confirms them). A
+    /// session's move and the protocol's small answers are neither cut
+    /// short by the bound nor counted in it (a move has its own,
+    /// `shard::moves::MOVE_BYTES_MAX`, and shares its messages with the
+    /// session it empties).
     pub fn number(&mut self, index: u16, mut frame: Frame, bytes: usize) -> Result<&Frame, Frame> {
         let Some(p) = self.peers.get_mut(&index) else {
             return Err(frame);
         };
-        if p.unacked_bytes + bytes > self.unconfirmed_bytes_max {
+        let linked = matches!(
+            p.out,
+            Out::Open {
+                up_since_ms: Some(_),
+                ..
+            }
+        );
+        let bound = self.unconfirmed_bytes_max * if linked { 2 } else { 1 };
+        let bytes = if matches!(frame, Frame::Publish(_)) {
+            bytes
+        } else {
+            0
+        };
+        if bytes > 0 && p.unacked_bytes + bytes > bound {
             return Err(frame);
         }
         let seq = self.seqs.entry(index).or_insert(0);
@@ -272,6 +293,21 @@ impl PeerLinks {
             } => Some(link),
             _ => None,
         }
+    }
+
+    /// Per peer: its index, the bytes of messages it has not confirmed,
+    /// and whether its link is up.
+    pub fn fills(&self) -> impl Iterator<Item = (u16, usize, bool)> + '_ {
+        self.peers.iter().map(|(&i, p)| {
+            let linked = matches!(
+                p.out,
+                Out::Open {
+                    up_since_ms: Some(_),
+                    ..
+                }
+            );
+            (i, p.unacked_bytes, linked)
+        })
     }
 
     /// Bytes of messages kept until their peers confirm them, all peers.
@@ -410,6 +446,24 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn only_messages_are_cut_short_by_the_bound_or_counted_in_it() {
+        let mut t = PeerLinks::new(0, 100);
+        t.up(1, node("b", 1), 0);
+        assert!(t.number(1, message(), 90).is_ok());
+        let acks = || Frame::ClaimAcks {
+            seq: 0,
+            acks: Vec::new(),
+        };
+        assert!(t.number(1, acks(), 20).is_ok(), "not cut short");
+        assert_eq!(t.unconfirmed_bytes(), 90, "nor counted");
+        assert_eq!(t.fills().collect::<Vec<_>>(), [(1, 90, false)]);
+        assert!(t.number(1, message(), 11).is_err(), "past the bound");
+        assert!(t.number(1, message(), 10).is_ok());
+        assert!(t.delivered(1, 3));
+        assert_eq!(t.unconfirmed_bytes(), 0);
     }
 
     #[test]

@@ -169,6 +169,14 @@ pub const ROUTES_WAIT: Duration = Duration::from_secs(5);
 /// declared down (and its shared picks served again) first.
 pub const ACK_WAIT: Duration = Duration::from_secs(10);
 
+/// How long the connections of a shard stop reading for a peer that
+/// holds more than half of `cluster.link_queue_bytes_max` of its messages
+/// unconfirmed while no link to it is up ([`Bridge::note_fill`]): past
+/// it, they read again, and what goes past the bound is dropped (counted,
+/// logged). A peer whose link is up is waited for as long as it takes:
+/// it is slow, and its confirmations come as it reads.
+pub const LINK_FULL_WAIT: Duration = ACK_WAIT;
+
 /// Messages from a peer an inbound link takes before it confirms them
 /// within a read; fewer wait for the next tick (see [`Bridge::tick`]),
 /// unless one is QoS 1/2 (its publisher's acknowledgement may wait): then
@@ -227,6 +235,9 @@ pub struct Bridge {
     acks_unconfirmed: Cell<u64>,
     replayed: Cell<u64>,
     duplicates: Cell<u64>,
+    /// Peers over the mark of [`Bridge::note_fill`] with no link up: since
+    /// when, and whether the end of the wait was logged.
+    full_unlinked: RefCell<HashMap<u16, (Instant, bool)>>,
 }
 
 /// A move fence this shard asked its peers to answer.
@@ -275,6 +286,7 @@ impl Bridge {
             acks_unconfirmed: Cell::new(0),
             replayed: Cell::new(0),
             duplicates: Cell::new(0),
+            full_unlinked: RefCell::new(HashMap::default()),
         };
         bridge.recompute_acks();
         bridge
@@ -745,6 +757,7 @@ impl Bridge {
         let ms = self.ms(now);
         self.routes_wait_expired(now);
         self.ack_wait_expired(now);
+        self.note_fill(now);
         self.move_fences.borrow_mut().retain(|_, asked| {
             now.saturating_duration_since(asked.at) < super::moves::MOVE_GIVE_UP
         });
@@ -1232,6 +1245,7 @@ impl Bridge {
                 let known = self.peers.borrow_mut().delivered(index, *seq);
                 if known {
                     self.release_waiting(index, *seq);
+                    self.note_fill(now);
                 } else {
                     self.warn(
                         now,
@@ -1258,6 +1272,52 @@ impl Bridge {
         while let Some(out) = self.core.poll_bridge() {
             self.bridge_out(now, out);
         }
+        self.note_fill(now);
+    }
+
+    /// Tell the core how far behind the peers are (the most bytes of
+    /// this shard's messages one has not confirmed), for its connections
+    /// to stop reading while that is too much
+    /// ([`ShardCore::links_full`]). A peer with no link up counts for
+    /// [`LINK_FULL_WAIT`] at most (its link may never come while
+    /// membership still sees it up); past it, messages for it beyond
+    /// `cluster.link_queue_bytes_max` are dropped (logged once).
+    fn note_fill(&self, now: Instant) {
+        let mut fill = 0;
+        let mut unlinked = self.full_unlinked.borrow_mut();
+        let mut gave_up = Vec::new();
+        let half = self.settings.out_bytes_max / 2;
+        let peers = self.peers.borrow();
+        for (index, bytes, linked) in peers.fills() {
+            if linked || bytes < half {
+                unlinked.remove(&index);
+                fill = fill.max(bytes);
+                continue;
+            }
+            let (since, logged) = unlinked.entry(index).or_insert((now, false));
+            if now.saturating_duration_since(*since) < LINK_FULL_WAIT {
+                fill = fill.max(bytes);
+            } else if !*logged {
+                *logged = true;
+                gave_up.push((index, bytes));
+            }
+        }
+        unlinked.retain(|i, _| peers.fills().any(|(p, _, _)| p == *i));
+        drop((unlinked, peers));
+        self.core.set_links_fill(fill);
+        for (index, bytes) in gave_up {
+            let name = self.peer_name(Some(index));
+            self.warn(
+                now,
+                format_args!(
+                    "node {} has {bytes} bytes of this shard's messages unconfirmed and no \
+                     link up for {} s: clients are read again, and messages for it past \
+                     cluster.link_queue_bytes_max are dropped",
+                    quote(&name),
+                    LINK_FULL_WAIT.as_secs()
+                ),
+            );
+        }
     }
 
     fn bridge_out(&self, now: Instant, out: BridgeOut) {
@@ -1271,7 +1331,7 @@ impl Bridge {
             } => {
                 // Kept until the peer confirms it: within the bound of what
                 // it may leave unconfirmed, so past the link's.
-                let bytes = publish.message.cost_bytes() + 64;
+                let bytes = super::remote::link_bytes(&publish.message);
                 match self.send_numbered(now, node, Frame::Publish(publish), bytes, "a message") {
                     Ok(seq) => {
                         if ack.is_some() || again > 0 {

@@ -451,6 +451,36 @@ impl ShardCore {
         Ok(handle)
     }
 
+    /// The bytes of this shard's messages the peer node furthest behind
+    /// has not confirmed (of the peers still waited for: linked, or not
+    /// for long); set by the bridge. See [`ShardCore::links_full`].
+    pub fn set_links_fill(&self, bytes: usize) {
+        self.links_fill.set(bytes);
+    }
+
+    /// Whether the shard's connections stop reading (their publishers
+    /// wait rather than have messages for a peer dropped): from when the
+    /// bridge's fill ([`ShardCore::set_links_fill`]) and the messages
+    /// routed to peers that the bridge has not taken yet (a connection's
+    /// reads can route many before the bridge runs) reach half of
+    /// `cluster.link_queue_bytes_max`, until they are down to a quarter.
+    /// The runtime counts each pause in `link_pauses`.
+    pub fn links_full(&self) -> bool {
+        let routed = {
+            let st = self.state.borrow();
+            st.remote.as_ref().map_or(0, |r| r.out_bytes)
+        };
+        let bytes = self.links_fill.get() + routed;
+        let max = self.config.cluster.link_queue_bytes_max;
+        let full = if self.links_paused.get() {
+            bytes >= max / 4
+        } else {
+            bytes >= max / 2
+        };
+        self.links_paused.set(full);
+        full
+    }
+
     /// Whether new CONNECTs are refused for want of a majority of the
     /// cluster's members (`cluster::quorum`); connected clients stay.
     pub fn set_refusing_connects(&self, refuse: bool) {

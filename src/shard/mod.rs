@@ -353,6 +353,10 @@ pub struct ShardStats {
     /// Times a connection's reading paused because the shard's outbox to
     /// the other shards held more than `mesh.outbox_messages_max`.
     pub mesh_pauses: u64,
+    /// Times a connection's reading paused because a peer node had more
+    /// than half of `cluster.link_queue_bytes_max` of this shard's
+    /// messages unconfirmed ([`ShardCore::links_full`]).
+    pub link_pauses: u64,
     /// Log records that could not be written (the log was full, or a
     /// record too large): each refused, held for a retry or counted here.
     pub log_appends_failed: u64,
@@ -582,6 +586,11 @@ pub struct ShardCore {
     /// On the minority side of a partition with `cluster.on_minority =
     /// refuse_connects`: new CONNECTs are refused (0x88).
     refusing_connects: Cell<bool>,
+    /// Bytes of this shard's messages the peer furthest behind has not
+    /// confirmed (set by the bridge), and whether the connections stopped
+    /// reading for it ([`ShardCore::links_full`]).
+    links_fill: Cell<usize>,
+    links_paused: Cell<bool>,
     /// A cluster node without the routes of every node it sees up: new
     /// CONNECTs are refused (0x88), since a publish here could miss those
     /// nodes' subscribers. Per peer index: the run this shard saw last,
@@ -654,6 +663,8 @@ impl ShardCore {
             mesh,
             stopping: Cell::new(false),
             refusing_connects: Cell::new(false),
+            links_fill: Cell::new(0),
+            links_paused: Cell::new(false),
             peer_routes: RefCell::new(hashbrown::HashMap::new()),
             sockets: Cell::new(0),
             handshakes: Cell::new(0),

@@ -189,6 +189,10 @@ pub(super) struct Remote {
     /// Shard 0: this node's routes as its peers know them.
     pub(super) export: Option<RouteExport>,
     pub(super) out: VecDeque<BridgeOut>,
+    /// Bytes of the messages in `out` (as the bridge counts them against
+    /// `cluster.link_queue_bytes_max`): the connections stop reading while
+    /// they reach half of it, before the bridge has taken them.
+    pub(super) out_bytes: usize,
     pub(super) wake: Rc<Notify>,
     /// Messages from other nodes that expired on the way or that the
     /// log could not take.
@@ -224,6 +228,12 @@ pub(super) struct Remote {
     pub(super) peer_names: hashbrown::HashMap<u16, Arc<str>>,
 }
 
+/// What a message for a peer counts against `cluster.link_queue_bytes_max`
+/// (its cost and the frame around it).
+pub fn link_bytes(message: &Message) -> usize {
+    message.cost_bytes() + 64
+}
+
 impl ShardCore {
     /// Join a cluster at `now` (`wall` maps it to Unix time, for retained
     /// stamps): remote routes and the bridge outbox start working. Shard 0
@@ -244,6 +254,7 @@ impl ShardCore {
         st.remote = Some(Remote {
             export,
             out: VecDeque::new(),
+            out_bytes: 0,
             wake: Rc::default(),
             remote_dropped: 0,
             acked_everywhere: 0,
@@ -376,7 +387,13 @@ impl ShardCore {
 
     /// The next thing for the bridge.
     pub fn poll_bridge(&self) -> Option<BridgeOut> {
-        self.state.borrow_mut().remote.as_mut()?.out.pop_front()
+        let mut st = self.state.borrow_mut();
+        let r = st.remote.as_mut()?;
+        let out = r.out.pop_front()?;
+        if let BridgeOut::Publish { publish, .. } = &out {
+            r.out_bytes = r.out_bytes.saturating_sub(link_bytes(&publish.message));
+        }
+        Some(out)
     }
 
     /// Shard 0: a link came up: start its route feed from this node's
@@ -616,6 +633,7 @@ impl ShardCore {
             return;
         };
         for node in nodes {
+            r.out_bytes += link_bytes(message);
             let shared = plan
                 .node_picks
                 .iter()

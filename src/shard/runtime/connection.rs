@@ -583,6 +583,12 @@ async fn read_loop(
         while shard.mesh.congested() && !conn.is_closing() {
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
+        if shard.links_full() {
+            shard.state.borrow_mut().stats.link_pauses += 1;
+        }
+        while shard.links_full() && !conn.is_closing() {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
         // A client that does not read what we send it is not read either.
         while shard.transmit_backlogged(conn) && !conn.is_closing() {
             conn.drained.wait().await;
