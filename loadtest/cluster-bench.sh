@@ -68,9 +68,13 @@ for round in $(seq "$ROUNDS"); do
     start b "$((PORT + 1))" "$NODE_SHARDS" --node-id b --cluster-listen "127.0.0.1:$((CPORT + 10))" \
       --join "127.0.0.1:$CPORT"
     b=$pid
+    # Links up, and every shard of both taking CONNECTs (a node refuses
+    # them until it has its peer's routes).
     for shard in $(seq 0 $((NODE_SHARDS - 1))); do
       wait_for a "shard $shard: link to node \"b\" (its shard $shard) is up"
       wait_for b "shard $shard: link to node \"a\" (its shard $shard) is up"
+      wait_for a "shard $shard: the routes of every node up are here"
+      wait_for b "shard $shard: the routes of every node up are here"
     done
     bench_then_stop "$WORK/$name-cluster-$round.json" \
       "$args -h 127.0.0.1 -p $PORT --sub-port $((PORT + 1))" "$a" "$b"

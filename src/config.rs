@@ -891,13 +891,13 @@ impl Config {
                 &why,
             ));
         }
-        let link_min = 2 * m.packet_size_max_bytes as usize;
-        if self.cluster.link_queue_bytes_max < link_min
-            || self.cluster.link_queue_bytes_max > 1 << 40
-        {
+        let link_min = 2 * (m.packet_size_max_bytes as usize + 64);
+        let link = self.cluster.link_queue_bytes_max;
+        if self.cluster.enabled() && !(link_min..=1 << 40).contains(&link) {
             let why = format!(
-                "must be in {link_min}..={}: at least twice mqtt.packet_size_max_bytes, so that \
-                 the largest message fits below the half where publishers are paused",
+                "must be in {link_min}..={}: at least twice mqtt.packet_size_max_bytes (and \
+                 64 bytes each), so that the largest message fits below the half where \
+                 publishers are paused",
                 1u64 << 40
             );
             return Err(invalid(
@@ -1261,13 +1261,18 @@ mod tests {
         );
         ok("[cluster]\nretained_tombstone_s = 60\n").unwrap();
         refused("[cluster]\nroutes_max = 0\n", "cluster.routes_max");
+        let node = "[cluster]\nnode_id = \"a\"\nadvertise = \"127.0.0.1:7000\"\n";
         refused(
-            "[cluster]\nlink_queue_bytes_max = 2097151\n",
-            "cluster.link_queue_bytes_max = 2097151",
+            &format!("{node}link_queue_bytes_max = 2097279\n"),
+            "cluster.link_queue_bytes_max = 2097279",
         );
-        let at_least = "[mqtt]\npacket_size_max_bytes = 65536\n\
-                        [cluster]\nlink_queue_bytes_max = 131072\n";
-        assert!(Config::from_toml(at_least).is_ok());
+        let at_least =
+            format!("[mqtt]\npacket_size_max_bytes = 65536\n{node}link_queue_bytes_max = 131200\n");
+        assert!(Config::from_toml(&at_least).is_ok());
+        // Alone, the setting is not used.
+        let alone = "[mqtt]\npacket_size_max_bytes = 16777216\n\
+                     [cluster]\nlink_queue_bytes_max = 1048576\n";
+        assert!(Config::from_toml(alone).is_ok());
     }
 
     #[test]

@@ -364,7 +364,7 @@ const METRICS: &[Metric] = &[
     Metric {
         name: "shardmq_cluster_link_pauses_total",
         kind: "counter",
-        help: "Times a connection's reading paused because a peer node had more than half of cluster.link_queue_bytes_max of this shard's messages unconfirmed (publishers wait rather than have messages dropped).",
+        help: "Times a connection's reading paused because a peer node had half of cluster.link_queue_bytes_max or more of this shard's messages unconfirmed (publishers wait rather than have messages dropped).",
         label: None,
         value: |r, _| r.cluster.map(|_| r.stats.link_pauses),
     },
@@ -378,7 +378,7 @@ const METRICS: &[Metric] = &[
     Metric {
         name: "shardmq_cluster_unconfirmed_bytes",
         kind: "gauge",
-        help: "Bytes of messages sent to peers and not yet confirmed by them (kept to be written again if a link breaks).",
+        help: "Bytes of messages (and of sessions' moves and answers) sent to peers and not yet confirmed by them (kept to be written again if a link breaks).",
         label: None,
         value: |r, _| r.cluster.map(|c| c.bridge.unconfirmed_bytes as u64),
     },

@@ -134,6 +134,11 @@ fn wait_links(a: &ChildBroker, b: &ChildBroker, c: &ChildBroker) {
     wait_links_up(a, b, c);
     for n in [a, b, c] {
         wait_serving(n);
+        // The line operators (and loadtest/cluster-bench.sh) wait for.
+        for shard in 0..2 {
+            let line = format!("shard {shard}: the routes of every node up are here");
+            wait_log(n, &line, 30);
+        }
     }
 }
 
@@ -814,10 +819,10 @@ fn metric_sum(b: &ChildBroker, name: &str) -> u64 {
 }
 
 /// Publishers faster than a link: their node stops reading them while a
-/// peer leaves more than half of `cluster.link_queue_bytes_max` (here
-/// 128 KiB) unconfirmed, instead of dropping what goes past the bound
-/// and acknowledging it. 3,000 QoS 1 messages of 8 KiB, 100 in flight
-/// (800 KiB), from a to a subscriber on b, with b stopped (SIGSTOP) for
+/// peer leaves half of `cluster.link_queue_bytes_max` (here 256 KiB)
+/// unconfirmed, instead of dropping what goes past the bound
+/// and acknowledging it. 2,000 QoS 1 messages of 16 KiB, 100 in flight
+/// (1.6 MiB, past twice the bound), from a to a subscriber on b, with b stopped (SIGSTOP) for
 /// 1.5 s in the middle (its failure detection set to 10 s, so that it
 /// stays up): every one arrives in order, none is dropped, and the pauses
 /// are counted.
@@ -828,17 +833,22 @@ async fn publishers_faster_than_a_link_are_paused_not_dropped() {
     let config = common::child::config_file(
         &dir,
         "[mqtt]\npacket_size_max_bytes = 65536\n[storage]\nsegment_bytes = 4194304\n\
-         [cluster]\nlink_queue_bytes_max = 131072\nsuspect_timeout_ms = 10000\n",
+         [cluster]\nlink_queue_bytes_max = 262144\nsuspect_timeout_ms = 10000\n",
     );
     let env = [("SHARDMQ_CONFIG", config.to_str().unwrap())];
     let [a, b, c] = three_nodes_env(&dir, &env);
     // A SUBACK waits until every node can route the subscription.
-    let mut sub = connect(options(b.addr, "sub-b")).await;
+    let big = |addr, id| {
+        let mut o = options(addr, id);
+        o.set_max_packet_size(64 << 10, 64 << 10);
+        o
+    };
+    let mut sub = connect(big(b.addr, "sub-b")).await;
     sub.subscribe("big/#", QoS::AtLeastOnce).await;
-    let mut publisher = connect(options(a.addr, "pub-a")).await;
-    const N: usize = 3000;
+    let mut publisher = connect(big(a.addr, "pub-a")).await;
+    const N: usize = 2000;
     let publishing = tokio::spawn(async move {
-        let payload = vec![7u8; 8192];
+        let payload = vec![7u8; 16 << 10];
         for i in 0..N {
             publisher
                 .publish(&format!("big/{i}"), QoS::AtLeastOnce, false, &payload)

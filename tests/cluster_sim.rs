@@ -283,7 +283,7 @@ impl Sim {
         // (about 15) unconfirmed per peer, so that publishers are paused
         // (`ShardCore::links_full`) rather than have messages dropped.
         if seed % 3 == 2 {
-            config.mqtt.packet_size_max_bytes = 1024;
+            config.mqtt.packet_size_max_bytes = 960;
             config.cluster.link_queue_bytes_max = 2048;
         }
         let nodes = (0..n)

@@ -38,17 +38,46 @@ enum Out {
     Open { link: u64, up_since_ms: Option<u64> },
 }
 
+impl Out {
+    /// The link, once its handshake is done.
+    fn up(self) -> Option<u64> {
+        match self {
+            Out::Open {
+                link,
+                up_since_ms: Some(_),
+            } => Some(link),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Peer {
     node: Node,
     out: Out,
     backoff_ms: u64,
     dial_at_ms: u64,
-    /// Messages numbered for this run and not yet [`Frame::Delivered`],
+    /// Frames numbered for this run and not yet [`Frame::Delivered`],
     /// with their sizes: written again, in order, on every link that
     /// comes up to it.
     unacked: VecDeque<(u64, Frame, usize)>,
+    /// Bytes of the messages ([`Frame::Publish`]) among them.
     unacked_bytes: usize,
+    /// Bytes of the other frames among them (moves, answers).
+    other_bytes: usize,
+}
+
+impl Peer {
+    /// Forget a frame of `bytes` (confirmed, or dropped with its run).
+    fn forget(&mut self, frame: &Frame, bytes: usize) {
+        let count = if matches!(frame, Frame::Publish(_)) {
+            &mut self.unacked_bytes
+        } else {
+            &mut self.other_bytes
+        };
+        debug_assert!(*count >= bytes, "forgetting more than was kept");
+        *count -= bytes;
+    }
 }
 
 /// What the runtime does when a node comes up.
@@ -67,8 +96,12 @@ pub struct Replaced {
 #[derive(Debug)]
 pub struct PeerLinks {
     shard: u16,
-    /// Bytes of messages one peer's run may leave unconfirmed.
+    /// Bytes of messages one peer's run may leave unconfirmed (twice it
+    /// with a link up).
     unconfirmed_bytes_max: usize,
+    /// Bytes of other frames (a session's move, the protocol's answers)
+    /// one peer's run may leave unconfirmed.
+    others_bytes_max: usize,
     peers: HashMap<u16, Peer>,
     /// The last message number given to each peer index, for the life of
     /// this process: a peer that declared this node down and back keeps
@@ -79,11 +112,13 @@ pub struct PeerLinks {
 
 impl PeerLinks {
     /// The table of shard `shard`, keeping at most `unconfirmed_bytes_max`
-    /// bytes of messages a peer's run has not confirmed.
-    pub fn new(shard: u16, unconfirmed_bytes_max: usize) -> PeerLinks {
+    /// bytes of messages a peer's run has not confirmed (see
+    /// [`PeerLinks::number`]), and `others_bytes_max` of other frames.
+    pub fn new(shard: u16, unconfirmed_bytes_max: usize, others_bytes_max: usize) -> PeerLinks {
         PeerLinks {
             shard,
             unconfirmed_bytes_max,
+            others_bytes_max,
             peers: HashMap::default(),
             seqs: HashMap::default(),
         }
@@ -100,6 +135,7 @@ impl PeerLinks {
             dial_at_ms: now_ms,
             unacked: VecDeque::new(),
             unacked_bytes: 0,
+            other_bytes: 0,
         };
         let node = &fresh.node;
         if let Some(p) = self.peers.get(&index) {
@@ -225,35 +261,28 @@ impl PeerLinks {
     /// unconfirmed: the bound with no link up, twice the bound with one
     /// (the shard's clients are not read from half of it, see
     /// `ShardCore::links_full`, but messages from elsewhere, a will or a
-    /// delayed publish, still come; a live link confirms them). A
-    /// session's move and the protocol's small answers are neither cut
-    /// short by the bound nor counted in it (a move has its own,
-    /// `shard::moves::MOVE_BYTES_MAX`, and shares its messages with the
-    /// session it empties).
+    /// delayed publish, still come; a live link confirms them). Other
+    /// frames (a session's move, the protocol's answers) have a bound of
+    /// their own, so that a large move does not crowd messages out.
     pub fn number(&mut self, index: u16, mut frame: Frame, bytes: usize) -> Result<&Frame, Frame> {
         let Some(p) = self.peers.get_mut(&index) else {
             return Err(frame);
         };
-        let linked = matches!(
-            p.out,
-            Out::Open {
-                up_since_ms: Some(_),
-                ..
-            }
-        );
-        let bound = self.unconfirmed_bytes_max * if linked { 2 } else { 1 };
-        let bytes = if matches!(frame, Frame::Publish(_)) {
-            bytes
+        let (kept, bound) = if matches!(frame, Frame::Publish(_)) {
+            let linked = p.out.up().is_some();
+            let factor = if linked { 2 } else { 1 };
+            let bound = self.unconfirmed_bytes_max.saturating_mul(factor);
+            (&mut p.unacked_bytes, bound)
         } else {
-            0
+            (&mut p.other_bytes, self.others_bytes_max)
         };
-        if bytes > 0 && p.unacked_bytes + bytes > bound {
+        if *kept + bytes > bound {
             return Err(frame);
         }
+        *kept += bytes;
         let seq = self.seqs.entry(index).or_insert(0);
         *seq += 1;
         frame.set_stream_seq(*seq);
-        p.unacked_bytes += bytes;
         p.unacked.push_back((*seq, frame, bytes));
         Ok(&p.unacked.back().expect("just pushed").1)
     }
@@ -268,8 +297,8 @@ impl PeerLinks {
             return true;
         };
         while p.unacked.front().is_some_and(|(s, _, _)| *s <= seq) {
-            if let Some((_, _, bytes)) = p.unacked.pop_front() {
-                p.unacked_bytes -= bytes;
+            if let Some((_, frame, bytes)) = p.unacked.pop_front() {
+                p.forget(&frame, bytes);
             }
         }
         true
@@ -286,33 +315,22 @@ impl PeerLinks {
 
     /// The link of `index`, once its handshake is done.
     pub fn up_link(&self, index: u16) -> Option<u64> {
-        match self.peers.get(&index)?.out {
-            Out::Open {
-                link,
-                up_since_ms: Some(_),
-            } => Some(link),
-            _ => None,
-        }
+        self.peers.get(&index)?.out.up()
     }
 
     /// Per peer: its index, the bytes of messages it has not confirmed,
     /// and whether its link is up.
     pub fn fills(&self) -> impl Iterator<Item = (u16, usize, bool)> + '_ {
-        self.peers.iter().map(|(&i, p)| {
-            let linked = matches!(
-                p.out,
-                Out::Open {
-                    up_since_ms: Some(_),
-                    ..
-                }
-            );
-            (i, p.unacked_bytes, linked)
-        })
+        (self.peers.iter()).map(|(&i, p)| (i, p.unacked_bytes, p.out.up().is_some()))
     }
 
-    /// Bytes of messages kept until their peers confirm them, all peers.
+    /// Bytes of frames kept until their peers confirm them (messages and
+    /// the rest), all peers.
     pub fn unconfirmed_bytes(&self) -> usize {
-        self.peers.values().map(|p| p.unacked_bytes).sum()
+        self.peers
+            .values()
+            .map(|p| p.unacked_bytes + p.other_bytes)
+            .sum()
     }
 
     /// Every peer's link, up or still in its handshake: (peer, link).
@@ -372,7 +390,7 @@ mod tests {
 
     #[test]
     fn a_node_is_dialed_at_once_then_after_a_backoff_that_doubles_to_its_cap() {
-        let mut t = PeerLinks::new(3, 1 << 20);
+        let mut t = PeerLinks::new(3, 1 << 20, 1 << 20);
         t.up(1, node("b", 1), 1_000);
         let due = t.due(1_000);
         assert_eq!(due.len(), 1);
@@ -395,7 +413,7 @@ mod tests {
 
     #[test]
     fn the_backoff_starts_over_only_after_a_link_stayed_up_a_while() {
-        let mut t = PeerLinks::new(0, 1 << 20);
+        let mut t = PeerLinks::new(0, 1 << 20, 1 << 20);
         t.up(1, node("b", 1), 0);
         let n = node("b", 1);
         for round in 0..3u64 {
@@ -449,26 +467,34 @@ mod tests {
     }
 
     #[test]
-    fn only_messages_are_cut_short_by_the_bound_or_counted_in_it() {
-        let mut t = PeerLinks::new(0, 100);
+    fn messages_and_other_frames_have_bounds_of_their_own_and_a_link_doubles_the_first() {
+        let mut t = PeerLinks::new(0, 100, 50);
         t.up(1, node("b", 1), 0);
         assert!(t.number(1, message(), 90).is_ok());
         let acks = || Frame::ClaimAcks {
             seq: 0,
             acks: Vec::new(),
         };
-        assert!(t.number(1, acks(), 20).is_ok(), "not cut short");
-        assert_eq!(t.unconfirmed_bytes(), 90, "nor counted");
+        assert!(t.number(1, acks(), 50).is_ok(), "a bound of its own");
+        assert!(t.number(1, acks(), 1).is_err(), "past it");
+        assert_eq!(t.unconfirmed_bytes(), 140, "both kept");
         assert_eq!(t.fills().collect::<Vec<_>>(), [(1, 90, false)]);
         assert!(t.number(1, message(), 11).is_err(), "past the bound");
         assert!(t.number(1, message(), 10).is_ok());
-        assert!(t.delivered(1, 3));
+        // With a link up, twice the bound.
+        t.due(0);
+        assert!(t.dialed(1, &node("b", 1), 9));
+        t.link_up(1, 9, 0);
+        assert_eq!(t.fills().collect::<Vec<_>>(), [(1, 100, true)]);
+        assert!(t.number(1, message(), 100).is_ok());
+        assert!(t.number(1, message(), 1).is_err());
+        assert!(t.delivered(1, 4));
         assert_eq!(t.unconfirmed_bytes(), 0);
     }
 
     #[test]
     fn messages_are_numbered_kept_until_confirmed_within_the_bound_and_dropped_with_their_run() {
-        let mut t = PeerLinks::new(0, 100);
+        let mut t = PeerLinks::new(0, 100, 100);
         assert!(t.number(1, message(), 10).is_err(), "no such node");
         t.up(1, node("b", 1), 0);
         let sent: Vec<Frame> = (0..3)
@@ -499,7 +525,7 @@ mod tests {
 
     #[test]
     fn a_newer_run_ends_the_older_and_a_late_down_or_dial_of_it_changes_nothing() {
-        let mut t = PeerLinks::new(0, 1 << 20);
+        let mut t = PeerLinks::new(0, 1 << 20, 1 << 20);
         let (old, new) = (node("b", 1), node("b", 2));
         t.up(1, old.clone(), 0);
         t.due(0);

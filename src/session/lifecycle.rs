@@ -280,6 +280,15 @@ impl Session {
         expires_after_s(self.expiry_s).map(|s| since + Duration::from_secs(u64::from(s)))
     }
 
+    /// The broker has not read the connection until `now` (its shard
+    /// paused reading while a peer node fell behind): the silence so far
+    /// does not count against the keep-alive.
+    pub fn excuse_silence(&mut self, now: Instant) {
+        if let Some(c) = self.conn_mut() {
+            c.last_activity = c.last_activity.max(now);
+        }
+    }
+
     /// Run whatever is due at `now`: the login's end (DISCONNECT 0xA0),
     /// keepalive expiry (0x8D), a delayed will, session expiry.
     pub fn handle_timeout(&mut self, now: Instant) {

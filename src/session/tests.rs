@@ -153,6 +153,21 @@ fn keepalive_expires_at_one_and_a_half_times_and_publishes_will() {
 }
 
 #[test]
+fn silence_the_broker_did_not_read_does_not_count_against_the_keepalive() {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.connect(t0, connect(Version::V5, true, 10, None), false, None);
+    drain(&mut s);
+    // Due at 15 s; the shard had stopped reading until then.
+    s.excuse_silence(t0 + 15 * S);
+    s.handle_timeout(t0 + 15 * S);
+    assert!(s.is_connected());
+    assert_eq!(s.next_timeout(), Some(t0 + 30 * S));
+    s.handle_timeout(t0 + 30 * S);
+    assert!(!s.is_connected(), "then the client's own silence counts");
+}
+
+#[test]
 fn server_keep_alive_caps_v5_clients() {
     let t0 = Instant::now();
     let mut s = session(t0);

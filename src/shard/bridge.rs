@@ -170,9 +170,10 @@ pub const ROUTES_WAIT: Duration = Duration::from_secs(5);
 pub const ACK_WAIT: Duration = Duration::from_secs(10);
 
 /// How long the connections of a shard stop reading for a peer that
-/// holds more than half of `cluster.link_queue_bytes_max` of its messages
-/// unconfirmed while no link to it is up ([`Bridge::note_fill`]): past
-/// it, they read again, and what goes past the bound is dropped (counted,
+/// holds a quarter of `cluster.link_queue_bytes_max` of its messages or
+/// more unconfirmed while no link to it is up ([`Bridge::note_fill`]; a
+/// link that stops answering is closed 5 s after its last word): past it,
+/// they read again, and what goes past the bound is dropped (counted,
 /// logged). A peer whose link is up is waited for as long as it takes:
 /// it is slow, and its confirmations come as it reads.
 pub const LINK_FULL_WAIT: Duration = ACK_WAIT;
@@ -235,8 +236,9 @@ pub struct Bridge {
     acks_unconfirmed: Cell<u64>,
     replayed: Cell<u64>,
     duplicates: Cell<u64>,
-    /// Peers over the mark of [`Bridge::note_fill`] with no link up: since
-    /// when, and whether the end of the wait was logged.
+    /// Peers with no link up holding enough to keep the connections
+    /// paused ([`Bridge::note_fill`]): since when, and whether the end of
+    /// the wait was logged.
     full_unlinked: RefCell<HashMap<u16, (Instant, bool)>>,
 }
 
@@ -264,7 +266,12 @@ impl Bridge {
     ) -> Bridge {
         core.enable_cluster(now, wall);
         core.set_refusing_connects(refuse_connects);
-        let peers = PeerLinks::new(me.shard, settings.out_bytes_max);
+        // Besides messages: sessions' moves (the largest other frames, each
+        // at most a move's bound and the frames around its messages) and
+        // the protocol's answers; past it, a move's parts are dropped (it
+        // is given up) and answers are waited for in vain.
+        let others_max = super::moves::MOVE_BYTES_MAX.saturating_mul(2);
+        let peers = PeerLinks::new(me.shard, settings.out_bytes_max, others_max);
         let bridge = Bridge {
             core,
             epoch: now,
@@ -698,11 +705,17 @@ impl Bridge {
     }
 
     /// Put `frame` (a change of `what`) on link `l` past its output bound;
-    /// a link four times past it is closed (its peer resyncs).
+    /// a link that holds more unwritten than the messages and other frames
+    /// kept for its peer can account for (twice the bound, twice a move's
+    /// bound) and twice the bound again is closed (its peer resyncs).
     fn force_on(&self, now: Instant, l: &Rc<Link>, frame: &Frame, what: &str) {
         l.session.borrow_mut().force_send(self.ms(now), frame);
         l.wake.notify();
-        if l.session.borrow().out_bytes() > self.settings.out_bytes_max.saturating_mul(4) {
+        let max = self.settings.out_bytes_max;
+        let limit = max
+            .saturating_mul(4)
+            .saturating_add(super::moves::MOVE_BYTES_MAX.saturating_mul(2));
+        if l.session.borrow().out_bytes() > limit {
             self.close(now, l, &format!("{what} changes not read"));
         }
     }
@@ -825,7 +838,8 @@ impl Bridge {
                     now,
                     format_args!(
                         "{what} for node {node} was dropped: the node is not up, or it left \
-                         cluster.link_queue_bytes_max unconfirmed ({} so far)",
+                         too much unconfirmed (messages: cluster.link_queue_bytes_max, twice \
+                         it with a link up; moves and answers: 128 MiB) ({} so far)",
                         self.dropped.get()
                     ),
                 );
@@ -1279,17 +1293,19 @@ impl Bridge {
     /// this shard's messages one has not confirmed), for its connections
     /// to stop reading while that is too much
     /// ([`ShardCore::links_full`]). A peer with no link up counts for
-    /// [`LINK_FULL_WAIT`] at most (its link may never come while
-    /// membership still sees it up); past it, messages for it beyond
+    /// [`LINK_FULL_WAIT`] at most from when it holds enough to keep the
+    /// connections paused (its link may never come while membership still
+    /// sees it up); past it, messages for it beyond
     /// `cluster.link_queue_bytes_max` are dropped (logged once).
     fn note_fill(&self, now: Instant) {
         let mut fill = 0;
         let mut unlinked = self.full_unlinked.borrow_mut();
         let mut gave_up = Vec::new();
-        let half = self.settings.out_bytes_max / 2;
+        // What keeps a pause going (`ShardCore::links_full`).
+        let quarter = self.settings.out_bytes_max / 4;
         let peers = self.peers.borrow();
         for (index, bytes, linked) in peers.fills() {
-            if linked || bytes < half {
+            if linked || bytes < quarter {
                 unlinked.remove(&index);
                 fill = fill.max(bytes);
                 continue;

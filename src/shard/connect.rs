@@ -468,7 +468,7 @@ impl ShardCore {
     pub fn links_full(&self) -> bool {
         let routed = {
             let st = self.state.borrow();
-            st.remote.as_ref().map_or(0, |r| r.out_bytes)
+            st.remote.as_ref().map_or(0, |r| r.routed_bytes)
         };
         let bytes = self.links_fill.get() + routed;
         let max = self.config.cluster.link_queue_bytes_max;
@@ -491,6 +491,28 @@ impl ShardCore {
     /// node seen up.
     pub fn routes_pending(&self) -> bool {
         self.peer_routes.borrow().values().any(|e| e.up && !e.known)
+    }
+
+    /// Log when this shard starts taking new CONNECTs again because the
+    /// routes of every node it sees up are here (an operator, or a script
+    /// that starts a cluster, waits for that line); a debug line when it
+    /// stops for a node that came up.
+    fn routes_gate_moved(&self) {
+        let open = !self.routes_pending();
+        if self.routes_gate_open.replace(open) == open {
+            return;
+        }
+        if open {
+            log::info!(
+                "cluster: shard {}: the routes of every node up are here: new CONNECTs are taken",
+                self.id
+            );
+        } else {
+            log::debug!(
+                "cluster: shard {}: new CONNECTs wait for the routes of a node that came up",
+                self.id
+            );
+        }
     }
 
     /// The entry of node `node` for run `run`: a newer run replaces the
@@ -529,6 +551,7 @@ impl ShardCore {
             e.up_at = Some(now);
             true
         });
+        self.routes_gate_moved();
     }
 
     /// This shard's bridge saw run `run` of node `node` go down: its
@@ -538,6 +561,8 @@ impl ShardCore {
         if peers.get(&node).is_some_and(|e| e.run == run) {
             peers.remove(&node);
         }
+        drop(peers);
+        self.routes_gate_moved();
     }
 
     /// Shard 0: every shard has the routes of run `run` of node `node`:
@@ -559,7 +584,9 @@ impl ShardCore {
             known: true,
             up_at: None,
         };
-        self.peer_run(node, run, seen, |e| !std::mem::replace(&mut e.known, true))
+        let changed = self.peer_run(node, run, seen, |e| !std::mem::replace(&mut e.known, true));
+        self.routes_gate_moved();
+        changed
     }
 
     /// Stop waiting for the routes of a run this shard saw up `wait` ago
@@ -577,6 +604,7 @@ impl ShardCore {
                 late.push((node, e.run));
             }
         }
+        self.routes_gate_moved();
         if self.id == 0 {
             for &(node, run) in &late {
                 self.mesh

@@ -591,6 +591,9 @@ pub struct ShardCore {
     /// reading for it ([`ShardCore::links_full`]).
     links_fill: Cell<usize>,
     links_paused: Cell<bool>,
+    /// Whether new CONNECTs were taken (not waiting for a peer's routes)
+    /// when last looked at, for the log line when that changes.
+    routes_gate_open: Cell<bool>,
     /// A cluster node without the routes of every node it sees up: new
     /// CONNECTs are refused (0x88), since a publish here could miss those
     /// nodes' subscribers. Per peer index: the run this shard saw last,
@@ -665,6 +668,7 @@ impl ShardCore {
             refusing_connects: Cell::new(false),
             links_fill: Cell::new(0),
             links_paused: Cell::new(false),
+            routes_gate_open: Cell::new(true),
             peer_routes: RefCell::new(hashbrown::HashMap::new()),
             sockets: Cell::new(0),
             handshakes: Cell::new(0),
@@ -954,6 +958,10 @@ impl ShardCore {
                 continue; // superseded by an earlier deadline
             }
             slot.timer_at = None;
+            if self.links_paused.get() {
+                // Not read while paused: not the client's silence.
+                slot.session.excuse_silence(now);
+            }
             slot.session.handle_timeout(now);
             self.drive(&mut st, key, now);
         }

@@ -192,7 +192,7 @@ pub(super) struct Remote {
     /// Bytes of the messages in `out` (as the bridge counts them against
     /// `cluster.link_queue_bytes_max`): the connections stop reading while
     /// they reach half of it, before the bridge has taken them.
-    pub(super) out_bytes: usize,
+    pub(super) routed_bytes: usize,
     pub(super) wake: Rc<Notify>,
     /// Messages from other nodes that expired on the way or that the
     /// log could not take.
@@ -254,7 +254,7 @@ impl ShardCore {
         st.remote = Some(Remote {
             export,
             out: VecDeque::new(),
-            out_bytes: 0,
+            routed_bytes: 0,
             wake: Rc::default(),
             remote_dropped: 0,
             acked_everywhere: 0,
@@ -391,7 +391,9 @@ impl ShardCore {
         let r = st.remote.as_mut()?;
         let out = r.out.pop_front()?;
         if let BridgeOut::Publish { publish, .. } = &out {
-            r.out_bytes = r.out_bytes.saturating_sub(link_bytes(&publish.message));
+            let bytes = link_bytes(&publish.message);
+            debug_assert!(r.routed_bytes >= bytes, "taking more than was routed");
+            r.routed_bytes -= bytes;
         }
         Some(out)
     }
@@ -633,7 +635,7 @@ impl ShardCore {
             return;
         };
         for node in nodes {
-            r.out_bytes += link_bytes(message);
+            r.routed_bytes += link_bytes(message);
             let shared = plan
                 .node_picks
                 .iter()

@@ -522,24 +522,29 @@ pub fn last_client() -> Option<crate::message::ClientId> {
 /// Handle the packets decoded from `buf` with [`CURRENT_CLIENT`] naming
 /// the client; Err on undecodable bytes (the session was told).
 /// `last_topic` is the connection's last new PUBLISH topic, which the next
-/// PUBLISH to the same topic shares.
+/// PUBLISH to the same topic shares. Stops when a peer node falls
+/// behind ([`ShardCore::links_full`]: one read holds many small
+/// publishes), leaving the rest in `buf`: Ok(true) then.
 fn handle_packets(
     shard: &ShardCore,
     conn: &Rc<ConnHandle>,
     buf: &mut BytesMut,
     last_topic: &mut Option<Arc<str>>,
-) -> Result<(), ()> {
+) -> Result<bool, ()> {
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
     let now = Instant::now();
     CURRENT_CLIENT.with(|c| *c.borrow_mut() = Some(conn.clone()));
     let result = loop {
+        if !buf.is_empty() && shard.links_full() {
+            break Ok(true);
+        }
         match codec::decode_sharing(buf, conn.version, max, last_topic) {
             Ok(Some(packet)) => {
                 #[cfg(debug_assertions)]
                 test_panic_trigger(shard, conn);
                 shard.handle_packet(conn, now, packet)
             }
-            Ok(None) => break Ok(()),
+            Ok(None) => break Ok(false),
             Err(e) => {
                 let why = e.to_string();
                 shard.handle_bad_bytes(conn, now, e.reason_code(), &why);
@@ -547,7 +552,7 @@ fn handle_packets(
             }
         }
         if conn.is_closing() {
-            break Ok(());
+            break Ok(false);
         }
     };
     CURRENT_CLIENT.with(|c| *c.borrow_mut() = None);
@@ -574,24 +579,34 @@ async fn read_loop(
     let read_max = shard.config.server.read_buffer_bytes;
     let mut last_topic = None;
     loop {
-        if handle_packets(shard, conn, &mut buf, &mut last_topic).is_err() || conn.is_closing() {
+        let Ok(stopped) = handle_packets(shard, conn, &mut buf, &mut last_topic) else {
+            return false;
+        };
+        if conn.is_closing() {
             return false;
         }
         if shard.mesh.congested() {
             shard.state.borrow_mut().stats.mesh_pauses += 1;
         }
-        while shard.mesh.congested() && !conn.is_closing() {
-            glommio::timer::sleep(Duration::from_millis(1)).await;
-        }
         if shard.links_full() {
             shard.state.borrow_mut().stats.link_pauses += 1;
         }
-        while shard.links_full() && !conn.is_closing() {
-            glommio::timer::sleep(Duration::from_millis(1)).await;
+        loop {
+            if conn.is_closing() {
+                return false;
+            }
+            if shard.mesh.congested() || shard.links_full() {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            } else if shard.transmit_backlogged(conn) {
+                // A client that does not read what we send it is not
+                // read either.
+                conn.drained.wait().await;
+            } else {
+                break;
+            }
         }
-        // A client that does not read what we send it is not read either.
-        while shard.transmit_backlogged(conn) && !conn.is_closing() {
-            conn.drained.wait().await;
+        if stopped {
+            continue; // what is left in the buffer goes before more is read
         }
         if buf.is_empty() && buf.capacity() > 0 {
             buf = BytesMut::new(); // an idle connection keeps no buffer
