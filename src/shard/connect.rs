@@ -466,17 +466,16 @@ impl ShardCore {
     /// `cluster.link_queue_bytes_max`, until they are down to a quarter.
     /// The runtime counts each pause in `link_pauses`.
     pub fn links_full(&self) -> bool {
-        let routed = {
-            let st = self.state.borrow();
-            st.remote.as_ref().map_or(0, |r| r.routed_bytes)
-        };
-        let bytes = self.links_fill.get() + routed;
+        let bytes = self.links_fill.get() + self.routed_bytes.get();
         let max = self.config.cluster.link_queue_bytes_max;
-        let full = if self.links_paused.get() {
-            bytes >= max / 4
+        let mark = if self.links_paused.get() {
+            max / 4
         } else {
-            bytes >= max / 2
+            max / 2
         };
+        // Nothing kept: nothing to wait for (alone, the bound is not
+        // checked and may be anything).
+        let full = bytes > 0 && bytes >= mark;
         self.links_paused.set(full);
         full
     }

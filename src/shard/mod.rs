@@ -591,6 +591,12 @@ pub struct ShardCore {
     /// reading for it ([`ShardCore::links_full`]).
     links_fill: Cell<usize>,
     links_paused: Cell<bool>,
+    /// Bytes of the messages in the bridge's outbox (as the bridge counts
+    /// them against `cluster.link_queue_bytes_max`): the connections stop
+    /// reading while they reach half of it, before the bridge takes them
+    /// (outside `State`, so that the check between packets borrows
+    /// nothing).
+    routed_bytes: Cell<usize>,
     /// Whether new CONNECTs were taken (not waiting for a peer's routes)
     /// when last looked at, for the log line when that changes.
     routes_gate_open: Cell<bool>,
@@ -668,6 +674,7 @@ impl ShardCore {
             refusing_connects: Cell::new(false),
             links_fill: Cell::new(0),
             links_paused: Cell::new(false),
+            routed_bytes: Cell::new(0),
             routes_gate_open: Cell::new(true),
             peer_routes: RefCell::new(hashbrown::HashMap::new()),
             sockets: Cell::new(0),

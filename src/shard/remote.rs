@@ -189,10 +189,6 @@ pub(super) struct Remote {
     /// Shard 0: this node's routes as its peers know them.
     pub(super) export: Option<RouteExport>,
     pub(super) out: VecDeque<BridgeOut>,
-    /// Bytes of the messages in `out` (as the bridge counts them against
-    /// `cluster.link_queue_bytes_max`): the connections stop reading while
-    /// they reach half of it, before the bridge has taken them.
-    pub(super) routed_bytes: usize,
     pub(super) wake: Rc<Notify>,
     /// Messages from other nodes that expired on the way or that the
     /// log could not take.
@@ -254,7 +250,6 @@ impl ShardCore {
         st.remote = Some(Remote {
             export,
             out: VecDeque::new(),
-            routed_bytes: 0,
             wake: Rc::default(),
             remote_dropped: 0,
             acked_everywhere: 0,
@@ -392,8 +387,9 @@ impl ShardCore {
         let out = r.out.pop_front()?;
         if let BridgeOut::Publish { publish, .. } = &out {
             let bytes = link_bytes(&publish.message);
-            debug_assert!(r.routed_bytes >= bytes, "taking more than was routed");
-            r.routed_bytes -= bytes;
+            let routed = self.routed_bytes.get();
+            debug_assert!(routed >= bytes, "taking more than was routed");
+            self.routed_bytes.set(routed - bytes);
         }
         Some(out)
     }
@@ -635,7 +631,8 @@ impl ShardCore {
             return;
         };
         for node in nodes {
-            r.routed_bytes += link_bytes(message);
+            self.routed_bytes
+                .set(self.routed_bytes.get() + link_bytes(message));
             let shared = plan
                 .node_picks
                 .iter()
