@@ -362,6 +362,13 @@ const METRICS: &[Metric] = &[
         value: |r, _| r.cluster.map(|c| c.bridge.acks_unconfirmed),
     },
     Metric {
+        name: "shardmq_cluster_confirms_after_sync_total",
+        kind: "counter",
+        help: "Confirmations of messages to peers that waited for this shard's log to be synced first (power_safe: a power cut here loses nothing a peer was told is safe).",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.bridge.confirms_after_sync),
+    },
+    Metric {
         name: "shardmq_cluster_link_pauses_total",
         kind: "counter",
         help: "Times a connection's reading paused because a peer node had half of cluster.link_queue_bytes_max or more of this shard's messages unconfirmed (publishers wait rather than have messages dropped).",

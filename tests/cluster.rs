@@ -885,6 +885,47 @@ async fn publishers_faster_than_a_link_are_paused_not_dropped() {
     drop((a, b, c));
 }
 
+/// With `power_safe` logs, a node confirms a message to its peer once
+/// its log is synced (a power cut there must not lose what the publisher
+/// was told is safe): 300 QoS 1 messages from a to a persistent
+/// subscriber on b all
+/// arrive and are acknowledged, every acknowledgement because b confirmed
+/// the message (none after the 10 s wait), and b counts confirmations
+/// that waited for its sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_safe_nodes_confirm_messages_once_their_log_is_synced() {
+    use client::v3::{connect, options, QoS};
+    let dir = temp_dir("cluster-power-safe");
+    let env = [("SHARDMQ_DURABILITY", "power_safe")];
+    let [a, b, c] = three_nodes_env(&dir, &env);
+    // A persistent session: its deliveries are logged.
+    let mut o = options(b.addr, "sub-b");
+    o.set_clean_session(false);
+    let mut sub = connect(o).await;
+    sub.subscribe("ps/#", QoS::AtLeastOnce).await;
+    let mut publisher = connect(options(a.addr, "pub-a")).await;
+    for i in 0..300 {
+        publisher
+            .publish(&format!("ps/{i}"), QoS::AtLeastOnce, false, b"x")
+            .await;
+    }
+    for i in 0..300 {
+        let p = sub.next_publish().await;
+        assert_eq!(&*p.topic, format!("ps/{i}").as_str());
+    }
+    for _ in 0..300 {
+        publisher.puback().await;
+    }
+    assert_eq!(
+        metric_sum(&a, "shardmq_cluster_acks_unconfirmed_total"),
+        0,
+        "every acknowledgement waited for b's confirmation:\n{}",
+        a.log_text()
+    );
+    assert!(metric_sum(&b, "shardmq_cluster_confirms_after_sync_total") > 0);
+    drop((a, b, c));
+}
+
 /// One live connection per client id in the cluster: a client id that
 /// connects on another node takes the first connection over (5.0:
 /// DISCONNECT 0x8E), and the later one works. The node that closed it

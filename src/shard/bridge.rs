@@ -128,6 +128,10 @@ struct Link {
     /// peer shard's run, shared with every link of that run
     /// ([`Bridge::received`]).
     received: std::cell::OnceCell<LastTaken>,
+    /// Inbound, power-safe: confirmations waiting for this shard's log to
+    /// be synced, in order: (the message number, the log sequence number
+    /// that makes it durable).
+    sync_waits: RefCell<VecDeque<(u64, u64)>>,
 }
 
 /// A bridge's links and messages, for a metrics scrape.
@@ -155,6 +159,9 @@ pub struct BridgeStats {
     /// Publishers' acknowledgements released after [`ACK_WAIT`] without
     /// the peer's confirmation (the message stays, to be sent).
     pub acks_unconfirmed: u64,
+    /// Confirmations to peers that waited for this shard's log to be
+    /// synced first (power-safe).
+    pub confirms_after_sync: u64,
 }
 
 /// How long a node refuses new CONNECTs for want of the routes of a
@@ -177,6 +184,10 @@ pub const ACK_WAIT: Duration = Duration::from_secs(10);
 /// logged). A peer whose link is up is waited for as long as it takes:
 /// it is slow, and its confirmations come as it reads.
 pub const LINK_FULL_WAIT: Duration = ACK_WAIT;
+
+/// Confirmations an inbound link holds for a sync of the log at most
+/// (power-safe); a later one replaces the last past it.
+const SYNC_WAITS_MAX: usize = 64;
 
 /// Messages from a peer an inbound link takes before it confirms them
 /// within a read; fewer wait for the next tick (see [`Bridge::tick`]),
@@ -234,6 +245,7 @@ pub struct Bridge {
     /// ([`BridgeOut::Publish`]'s `ack` and `again`).
     waiting: RefCell<HashMap<u16, VecDeque<Waiting>>>,
     acks_unconfirmed: Cell<u64>,
+    confirms_after_sync: Cell<u64>,
     replayed: Cell<u64>,
     duplicates: Cell<u64>,
     /// Peers with no link up holding enough to keep the connections
@@ -291,6 +303,7 @@ impl Bridge {
             move_fences: RefCell::new(HashMap::default()),
             waiting: RefCell::new(HashMap::default()),
             acks_unconfirmed: Cell::new(0),
+            confirms_after_sync: Cell::new(0),
             replayed: Cell::new(0),
             duplicates: Cell::new(0),
             full_unlinked: RefCell::new(HashMap::default()),
@@ -316,6 +329,7 @@ impl Bridge {
             duplicates_skipped: self.duplicates.get(),
             unconfirmed_bytes: peers.unconfirmed_bytes(),
             acks_unconfirmed: self.acks_unconfirmed.get(),
+            confirms_after_sync: self.confirms_after_sync.get(),
         }
     }
 
@@ -578,6 +592,7 @@ impl Bridge {
             confirmed: Cell::new(0),
             urgent: Cell::new(false),
             received: std::cell::OnceCell::new(),
+            sync_waits: RefCell::new(VecDeque::new()),
         })
     }
 
@@ -771,6 +786,7 @@ impl Bridge {
         self.routes_wait_expired(now);
         self.ack_wait_expired(now);
         self.note_fill(now);
+        self.confirm_synced(now);
         self.move_fences.borrow_mut().retain(|_, asked| {
             now.saturating_duration_since(asked.at) < super::moves::MOVE_GIVE_UP
         });
@@ -1007,12 +1023,55 @@ impl Bridge {
         let Some(seq) = link.received.get().map(|last| last.get()) else {
             return;
         };
-        if seq >= link.confirmed.get() + after.max(1) {
+        if seq < link.confirmed.get() + after.max(1) {
+            return;
+        }
+        link.urgent.set(false);
+        if let Some(need) = self.core.log_unsynced_upto() {
+            // Power-safe: confirmed once this shard's log holds them for
+            // good (the log's sync wakes the bridge, `confirm_synced`).
+            let mut waits = link.sync_waits.borrow_mut();
+            if waits.back().is_some_and(|&(s, _)| s >= seq) {
+                return;
+            }
+            if waits.len() >= SYNC_WAITS_MAX {
+                waits.pop_back();
+            }
+            waits.push_back((seq, need));
+            return;
+        }
+        self.send_confirmation(now, link, seq);
+    }
+
+    fn send_confirmation(&self, now: Instant, link: &Link, seq: u64) {
+        if seq > link.confirmed.get() {
             link.confirmed.set(seq);
-            link.urgent.set(false);
             link.session
                 .borrow_mut()
                 .force_send(self.ms(now), &Frame::Delivered { seq });
+            link.wake.notify();
+        }
+    }
+
+    /// Power-safe: confirm what this shard's log now holds for good.
+    fn confirm_synced(&self, now: Instant) {
+        let synced = self.core.log_synced_next();
+        let links: Vec<Rc<Link>> = self.inbound.borrow().clone();
+        for link in links {
+            let mut upto = None;
+            {
+                let mut waits = link.sync_waits.borrow_mut();
+                while waits.front().is_some_and(|&(_, need)| need <= synced) {
+                    upto = waits.pop_front().map(|(seq, _)| seq);
+                }
+            }
+            if let Some(seq) = upto {
+                if seq > link.confirmed.get() {
+                    let n = self.confirms_after_sync.get();
+                    self.confirms_after_sync.set(n + 1);
+                }
+                self.send_confirmation(now, &link, seq);
+            }
         }
     }
 
@@ -1287,6 +1346,7 @@ impl Bridge {
             self.bridge_out(now, out);
         }
         self.note_fill(now);
+        self.confirm_synced(now);
     }
 
     /// Tell the core how far behind the peers are (the most bytes of

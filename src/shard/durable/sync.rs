@@ -31,6 +31,19 @@ impl ShardCore {
         self.sync_wake.is_set()
     }
 
+    /// Power-safe: the sequence number this shard's log must be synced to
+    /// for what it holds now to be durable; None when it is already (or
+    /// in any other mode).
+    pub fn log_unsynced_upto(&self) -> Option<u64> {
+        self.state.borrow().store.as_ref()?.unsynced_upto()
+    }
+
+    /// Every record below this sequence number is durable (power-safe).
+    pub fn log_synced_next(&self) -> u64 {
+        let st = self.state.borrow();
+        st.store.as_ref().map_or(0, |s| s.gate.synced_next)
+    }
+
     /// Ask for a sync again (one that could not be done is retried).
     pub fn want_sync(&self) {
         self.sync_wake.notify();
@@ -96,6 +109,10 @@ impl ShardCore {
         store.gate.after_sync = later;
         for c in std::mem::take(&mut store.gate.closing_waiters) {
             c.wake.notify();
+        }
+        // The bridge confirms to peers what a sync made durable.
+        if let Some(r) = st.remote.as_ref() {
+            r.wake.notify();
         }
         for (key, conn_id) in std::mem::take(&mut store.gate.sync_waiters) {
             if let Some(c) = st
