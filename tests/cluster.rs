@@ -818,6 +818,22 @@ fn metric_sum(b: &ChildBroker, name: &str) -> u64 {
         .sum()
 }
 
+/// Messages `prefix/i` for each `i` of `range` reach `sub`, in that order
+/// (none lost); on a mismatch, the log of `publishers` (their node).
+async fn expect_topics(
+    sub: &mut client::v3::Client,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    publishers: &ChildBroker,
+) {
+    for i in range {
+        let p = sub.next_publish().await;
+        let want = format!("{prefix}/{i}");
+        let log = || publishers.log_text();
+        assert_eq!(&*p.topic, want.as_str(), "in order, none lost:\n{}", log());
+    }
+}
+
 /// Publishers faster than a link: their node stops reading them while a
 /// peer leaves half of `cluster.link_queue_bytes_max` (here 256 KiB)
 /// unconfirmed, instead of dropping what goes past the bound
@@ -864,16 +880,7 @@ async fn publishers_faster_than_a_link_are_paused_not_dropped() {
     common::child::signal(pid, libc::SIGSTOP);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     common::child::signal(pid, libc::SIGCONT);
-    for i in 1..N {
-        let p = sub.next_publish().await;
-        let topic = format!("big/{i}");
-        assert_eq!(
-            &*p.topic,
-            topic.as_str(),
-            "in order, none lost:\n{}",
-            a.log_text()
-        );
-    }
+    expect_topics(&mut sub, "big", 1..N, &a).await;
     publishing.await.unwrap();
     assert_eq!(
         metric_sum(&a, "shardmq_cluster_messages_dropped_total"),
@@ -888,10 +895,9 @@ async fn publishers_faster_than_a_link_are_paused_not_dropped() {
 /// With `power_safe` logs, a node confirms a message to its peer once
 /// its log is synced (a power cut there must not lose what the publisher
 /// was told is safe): 300 QoS 1 messages from a to a persistent
-/// subscriber on b all
-/// arrive and are acknowledged, every acknowledgement because b confirmed
-/// the message (none after the 10 s wait), and b counts confirmations
-/// that waited for its sync.
+/// subscriber on b all arrive and are acknowledged, every acknowledgement
+/// because b confirmed the message (none after the 10 s wait), and b
+/// counts confirmations that waited for its sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_safe_nodes_confirm_messages_once_their_log_is_synced() {
     use client::v3::{connect, options, QoS};
@@ -909,10 +915,7 @@ async fn power_safe_nodes_confirm_messages_once_their_log_is_synced() {
             .publish(&format!("ps/{i}"), QoS::AtLeastOnce, false, b"x")
             .await;
     }
-    for i in 0..300 {
-        let p = sub.next_publish().await;
-        assert_eq!(&*p.topic, format!("ps/{i}").as_str());
-    }
+    expect_topics(&mut sub, "ps", 0..300, &a).await;
     for _ in 0..300 {
         publisher.puback().await;
     }
