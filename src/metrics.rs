@@ -364,7 +364,7 @@ const METRICS: &[Metric] = &[
     Metric {
         name: "shardmq_cluster_confirms_after_sync_total",
         kind: "counter",
-        help: "Confirmations of messages to peers that waited for this shard's log to be synced first (power_safe: a power cut here loses nothing a peer was told is safe).",
+        help: "Confirmations of messages to peers that waited for this shard's log to be synced first (power_safe: what this node confirmed survives a power cut here).",
         label: None,
         value: |r, _| r.cluster.map(|c| c.bridge.confirms_after_sync),
     },

@@ -1055,8 +1055,18 @@ impl Bridge {
 
     /// Power-safe: confirm what this shard's log now holds for good.
     fn confirm_synced(&self, now: Instant) {
+        let waiting = |l: &Rc<Link>| !l.sync_waits.borrow().is_empty();
+        if !self.inbound.borrow().iter().any(waiting) {
+            return;
+        }
         let synced = self.core.log_synced_next();
-        let links: Vec<Rc<Link>> = self.inbound.borrow().clone();
+        let links: Vec<Rc<Link>> = self
+            .inbound
+            .borrow()
+            .iter()
+            .filter(|l| waiting(l))
+            .cloned()
+            .collect();
         for link in links {
             let mut upto = None;
             {
