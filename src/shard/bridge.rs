@@ -40,7 +40,7 @@ use crate::cluster::routes::{RouteFeed, RouteImport};
 use crate::hash::HashMap;
 use crate::shard::mesh::AckTo;
 use crate::shard::notify::Notify;
-use crate::shard::{BridgeOut, ClaimsSnapshot, RetainedSnapshot, ShardCore};
+use crate::shard::{BridgeOut, ClaimsSnapshot, RetainedSnapshot, RouteAckTo, ShardCore};
 use crate::text::{quote, suppressed_note, LogGate};
 
 /// A membership change, from shard 0 to every shard's bridge. Indices
@@ -1273,8 +1273,8 @@ impl Bridge {
                         drop(imports);
                         // Acknowledged once every shard here has them
                         // (BridgeOut::RouteAck).
-                        self.core
-                            .remote_routes(index, &applied.changes, applied.ack);
+                        let ack = (applied.ack).map(|seq| RouteAckTo { link: link.id, seq });
+                        self.core.remote_routes(index, &applied.changes, ack);
                     }
                     Err(e) => {
                         drop(imports);
@@ -1438,13 +1438,18 @@ impl Bridge {
                     Err(_) => {}
                 }
             }
-            BridgeOut::RouteAck { node, seq } => {
+            BridgeOut::RouteAck { node, to } => {
+                // Only for the node's route link now: an answer for a link
+                // replaced since (a new run's, or the same run's again,
+                // which brings a new snapshot) would say routes are here
+                // that are not yet.
                 let route_link = self.imports.borrow().get(&node).map(|(_, id)| *id);
                 let link = route_link
+                    .filter(|&id| id == to.link)
                     .and_then(|id| self.inbound.borrow().iter().find(|l| l.id == id).cloned());
+                let seq = to.seq;
                 // Every shard here has the routes of the run that link is
-                // from, up to `seq` (a late answer for an ended run has no
-                // import left, or one of the newer run's link).
+                // from, up to `seq`.
                 let run = link
                     .as_ref()
                     .and_then(|l| l.hello.borrow().as_ref().map(|h| h.incarnation));

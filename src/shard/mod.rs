@@ -113,7 +113,7 @@ pub use cluster_retained::RetainedSnapshot;
 pub use connect::{Arrival, CertLogin, Handshake};
 use mesh::{Mesh, RouteKey};
 use notify::Notify;
-pub use remote::{BridgeOut, ClusterReport, ClusterStats};
+pub use remote::{BridgeOut, ClusterReport, ClusterStats, RouteAckTo};
 pub use runtime::last_client;
 use slab::Slab;
 

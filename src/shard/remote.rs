@@ -67,12 +67,14 @@ pub enum BridgeOut {
         change: RouteChange,
     },
     /// Shard 0: every shard of this node applied remote node `node`'s
-    /// routes up to `seq`: acknowledge them to it.
+    /// routes up to `to.seq`, as they came on link `to.link`: acknowledge
+    /// them to it on that link (an answer for a link that is no longer the
+    /// node's route link is dropped: the routes it brought were replaced).
     RouteAck {
         /// The node's index.
         node: u16,
-        /// Its route sequence number.
-        seq: u64,
+        /// The link and the route sequence number.
+        to: RouteAckTo,
     },
     /// A client of this shard has a new will or none
     /// ([`Frame::WillSet`], [`Frame::WillClear`]): for every link up.
@@ -201,8 +203,8 @@ pub(super) struct Remote {
     /// number.
     pub(super) waiting: VecDeque<(u64, AckTo)>,
     /// Shard 0: fences out for remote routes: id → (shards yet to answer,
-    /// node, its sequence number).
-    pub(super) fences: hashbrown::HashMap<u64, (usize, u16, u64)>,
+    /// node, where the acknowledgement goes).
+    pub(super) fences: hashbrown::HashMap<u64, (usize, u16, RouteAckTo)>,
     pub(super) next_fence: u64,
     /// Wills across nodes.
     pub(super) wills: super::wills::Wills,
@@ -222,6 +224,16 @@ pub(super) struct Remote {
     pub(super) leaving: bool,
     /// Peers' names by index.
     pub(super) peer_names: hashbrown::HashMap<u16, Arc<str>>,
+}
+
+/// Where the acknowledgement of a peer's routes goes: the bridge's id of
+/// the link they came on, and the route sequence number they reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteAckTo {
+    /// The link (the bridge's [`crate::shard::bridge::LinkId`]).
+    pub link: u64,
+    /// The peer's route sequence number.
+    pub seq: u64,
 }
 
 /// What a message for a peer counts against `cluster.link_queue_bytes_max`
@@ -475,12 +487,13 @@ impl ShardCore {
     }
 
     /// Shard 0: route changes of remote node `node` (an index this node
-    /// gives its peers), for every shard's replica. With `ack`, the node's
-    /// route sequence number they bring it to: [`BridgeOut::RouteAck`]
+    /// gives its peers), for every shard's replica. With `ack`, the link
+    /// they came on and the node's route sequence number they bring it to:
+    /// [`BridgeOut::RouteAck`]
     /// follows once every shard has applied them (a fence over the mesh,
     /// whose lanes keep order), so the node's SUBACK waits until a publish
     /// on any shard here reaches its subscriber.
-    pub fn remote_routes(&self, node: u16, changes: &[RouteChange], ack: Option<u64>) {
+    pub fn remote_routes(&self, node: u16, changes: &[RouteChange], ack: Option<RouteAckTo>) {
         let mut st = self.state.borrow_mut();
         for c in changes {
             let (group, inner) = crate::router::split_shared(&c.filter);
@@ -503,17 +516,17 @@ impl ShardCore {
                 ack_to: None,
             });
         }
-        let (Some(seq), Some(r)) = (ack, st.remote.as_mut()) else {
+        let (Some(to), Some(r)) = (ack, st.remote.as_mut()) else {
             return;
         };
         if self.shards == 1 {
-            r.out.push_back(BridgeOut::RouteAck { node, seq });
+            r.out.push_back(BridgeOut::RouteAck { node, to });
             r.wake.notify();
             return;
         }
         r.next_fence += 1;
         let id = r.next_fence;
-        r.fences.insert(id, (self.shards - 1, node, seq));
+        r.fences.insert(id, (self.shards - 1, node, to));
         self.mesh.broadcast(|| MeshMsg::Fence { id });
     }
 
@@ -527,8 +540,9 @@ impl ShardCore {
         };
         f.0 -= 1;
         if f.0 == 0 {
-            let (_, node, seq) = r.fences.remove(&id).unwrap_or_default();
-            r.out.push_back(BridgeOut::RouteAck { node, seq });
+            if let Some((_, node, to)) = r.fences.remove(&id) {
+                r.out.push_back(BridgeOut::RouteAck { node, to });
+            }
             r.wake.notify();
         }
     }

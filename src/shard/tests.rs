@@ -437,7 +437,8 @@ fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
         add: true,
         filter: "t/+".into(),
     };
-    c0.remote_routes(7, &[change], Some(1));
+    let to = super::RouteAckTo { link: 4, seq: 1 };
+    c0.remote_routes(7, &[change], Some(to));
     assert!(
         bridge_out(&c0).is_empty(),
         "no ack before shard 1 applied it"
@@ -445,7 +446,10 @@ fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
     pump(&[&c0, &c1], t0);
     assert!(matches!(
         &bridge_out(&c0)[..],
-        [super::BridgeOut::RouteAck { node: 7, seq: 1 }]
+        [super::BridgeOut::RouteAck {
+            node: 7,
+            to: super::RouteAckTo { link: 4, seq: 1 }
+        }]
     ));
 
     let publisher = attached(&c1, t0, &id_on(1, 2));
