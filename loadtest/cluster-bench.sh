@@ -36,6 +36,11 @@ ROWS=(
 [ -x "$BENCH" ] || cargo build --release -p shardmq-bench
 [ -x "$BIN" ] || cargo build --release --bin shardmq
 
+# Brokers started, stopped when the script exits however it exits (a
+# failed wait would otherwise leave them holding the ports).
+STARTED=()
+on_exit() { kill -KILL "${STARTED[@]}" 2>/dev/null || true; }
+
 # start NAME CLIENT_PORT SHARDS [NODE_ARGS...]: a broker in the background;
 # its pid in $pid.
 start() {
@@ -45,13 +50,22 @@ start() {
   "$BIN" --listen "127.0.0.1:$port" --http 127.0.0.1:0 --shards "$shards" \
     --data-dir "$WORK/$name" "$@" >"$WORK/$name.log" 2>&1 &
   pid=$!
+  STARTED+=("$pid")
   wait_port "$port"
 }
 
+# wait_for NODE TEXT [TENTHS]: until NODE's log holds TEXT (30 s at most).
 wait_for() {
-  for _ in $(seq 300); do grep -q "$2" "$WORK/$1.log" && return 0; sleep 0.1; done
+  for _ in $(seq "${3:-300}"); do grep -q "$2" "$WORK/$1.log" && return 0; sleep 0.1; done
   echo "no '$2' in $WORK/$1.log" >&2
   return 1
+}
+
+# serving NODE SHARD: until NODE's SHARD takes CONNECTs (it refuses them
+# until it has its peers' routes); a binary older than that log line
+# (compared by this script) gets the 5 s after which it serves anyway.
+serving() {
+  wait_for "$1" "shard $2: the routes of every node up are here" 100 || sleep 5
 }
 
 for round in $(seq "$ROUNDS"); do
@@ -73,8 +87,8 @@ for round in $(seq "$ROUNDS"); do
     for shard in $(seq 0 $((NODE_SHARDS - 1))); do
       wait_for a "shard $shard: link to node \"b\" (its shard $shard) is up"
       wait_for b "shard $shard: link to node \"a\" (its shard $shard) is up"
-      wait_for a "shard $shard: the routes of every node up are here"
-      wait_for b "shard $shard: the routes of every node up are here"
+      serving a "$shard"
+      serving b "$shard"
     done
     bench_then_stop "$WORK/$name-cluster-$round.json" \
       "$args -h 127.0.0.1 -p $PORT --sub-port $((PORT + 1))" "$a" "$b"
