@@ -456,6 +456,7 @@ impl ShardCore {
     /// for long); set by the bridge. See [`ShardCore::links_full`].
     pub fn set_links_fill(&self, bytes: usize) {
         self.links_fill.set(bytes);
+        self.links_full();
     }
 
     /// Whether the shard's connections stop reading (their publishers
@@ -476,7 +477,16 @@ impl ShardCore {
         // Nothing kept: nothing to wait for (alone, the bound is not
         // checked and may be anything).
         let full = bytes > 0 && bytes >= mark;
-        self.links_paused.set(full);
+        if self.links_paused.replace(full) && !full {
+            // The pause ended: every reader looks again now rather than
+            // at its next look (`runtime::connection::LINK_PAUSE_LOOK`).
+            let st = self.state.borrow();
+            for (_, slot) in st.sessions.iter() {
+                if let Some(c) = slot.conn.as_ref() {
+                    c.drained.notify();
+                }
+            }
+        }
         full
     }
 

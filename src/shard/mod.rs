@@ -155,8 +155,9 @@ pub struct ConnHandle {
     version: Version,
     /// Wakes the writer: packets are waiting, or the connection is closing.
     wake: Notify,
-    /// Wakes the reader when the writer has written: a reader paused on a
-    /// full transmit backlog looks again.
+    /// Wakes the reader when the writer has written, or when a pause for
+    /// a peer that fell behind ends ([`ShardCore::links_full`]): a reader
+    /// paused looks again.
     drained: Notify,
     /// Wakes the reader when the connection closes: the reader stops, and
     /// the writer's last packets go out before the input is drained.

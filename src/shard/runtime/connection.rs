@@ -568,6 +568,11 @@ fn test_panic_trigger(shard: &ShardCore, conn: &ConnHandle) {
     }
 }
 
+/// How often a reader paused for a peer that fell behind looks again by
+/// itself (the end of the pause wakes it at once): rarely, since a shard
+/// may hold thousands of paused readers.
+const LINK_PAUSE_LOOK: Duration = Duration::from_millis(20);
+
 /// Read and decode until the connection closes; true when the peer ended
 /// it (EOF or a socket error), false when the broker did.
 async fn read_loop(
@@ -595,8 +600,14 @@ async fn read_loop(
             if conn.is_closing() {
                 return false;
             }
-            if shard.mesh.congested() || shard.links_full() {
+            if shard.mesh.congested() {
                 glommio::timer::sleep(Duration::from_millis(1)).await;
+            } else if shard.links_full() {
+                // Woken when the pause ends; looks again now and then
+                // all the same.
+                let ended = conn.drained.wait();
+                let look = glommio::timer::sleep(LINK_PAUSE_LOOK);
+                ended.or(look).await;
             } else if shard.transmit_backlogged(conn) {
                 // A client that does not read what we send it is not
                 // read either.
