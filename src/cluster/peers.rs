@@ -68,13 +68,18 @@ struct Peer {
 }
 
 impl Peer {
-    /// Forget a frame of `bytes` (confirmed, or dropped with its run).
-    fn forget(&mut self, frame: &Frame, bytes: usize) {
-        let count = if matches!(frame, Frame::Publish(_)) {
+    /// The count `frame`'s bytes are kept in: messages or the rest.
+    fn kept_bytes(&mut self, frame: &Frame) -> &mut usize {
+        if matches!(frame, Frame::Publish(_)) {
             &mut self.unacked_bytes
         } else {
             &mut self.other_bytes
-        };
+        }
+    }
+
+    /// Forget a frame of `bytes` (confirmed, or dropped with its run).
+    fn forget(&mut self, frame: &Frame, bytes: usize) {
+        let count = self.kept_bytes(frame);
         debug_assert!(*count >= bytes, "forgetting more than was kept");
         *count -= bytes;
     }
@@ -268,14 +273,12 @@ impl PeerLinks {
         let Some(p) = self.peers.get_mut(&index) else {
             return Err(frame);
         };
-        let (kept, bound) = if matches!(frame, Frame::Publish(_)) {
-            let linked = p.out.up().is_some();
-            let factor = if linked { 2 } else { 1 };
-            let bound = self.unconfirmed_bytes_max.saturating_mul(factor);
-            (&mut p.unacked_bytes, bound)
-        } else {
-            (&mut p.other_bytes, self.others_bytes_max)
+        let bound = match (&frame, p.out.up()) {
+            (Frame::Publish(_), Some(_)) => self.unconfirmed_bytes_max.saturating_mul(2),
+            (Frame::Publish(_), None) => self.unconfirmed_bytes_max,
+            _ => self.others_bytes_max,
         };
+        let kept = p.kept_bytes(&frame);
         if *kept + bytes > bound {
             return Err(frame);
         }

@@ -1055,18 +1055,14 @@ impl Bridge {
 
     /// Power-safe: confirm what this shard's log now holds for good.
     fn confirm_synced(&self, now: Instant) {
-        let waiting = |l: &Rc<Link>| !l.sync_waits.borrow().is_empty();
-        if !self.inbound.borrow().iter().any(waiting) {
+        let links: Vec<Rc<Link>> = (self.inbound.borrow().iter())
+            .filter(|l| !l.sync_waits.borrow().is_empty())
+            .cloned()
+            .collect();
+        if links.is_empty() {
             return;
         }
         let synced = self.core.log_synced_next();
-        let links: Vec<Rc<Link>> = self
-            .inbound
-            .borrow()
-            .iter()
-            .filter(|l| waiting(l))
-            .cloned()
-            .collect();
         for link in links {
             let mut upto = None;
             {
@@ -1388,7 +1384,7 @@ impl Bridge {
                 gave_up.push((index, bytes));
             }
         }
-        unlinked.retain(|i, _| peers.fills().any(|(p, _, _)| p == *i));
+        unlinked.retain(|i, _| peers.node(*i).is_some());
         drop((unlinked, peers));
         self.core.set_links_fill(fill);
         for (index, bytes) in gave_up {
@@ -1447,19 +1443,16 @@ impl Bridge {
                 let link = route_link
                     .filter(|&id| id == to.link)
                     .and_then(|id| self.inbound.borrow().iter().find(|l| l.id == id).cloned());
-                let seq = to.seq;
-                // Every shard here has the routes of the run that link is
-                // from, up to `seq`.
-                let run = link
-                    .as_ref()
-                    .and_then(|l| l.hello.borrow().as_ref().map(|h| h.incarnation));
-                if let Some(run) = run {
-                    self.core.routes_known(node, run);
-                }
                 if let Some(l) = link {
+                    // Every shard here has the routes of the run that link
+                    // is from, up to `to.seq`.
+                    let run = l.hello.borrow().as_ref().map(|h| h.incarnation);
+                    if let Some(run) = run {
+                        self.core.routes_known(node, run);
+                    }
                     l.session
                         .borrow_mut()
-                        .force_send(ms, &Frame::RouteAck { seq });
+                        .force_send(ms, &Frame::RouteAck { seq: to.seq });
                     l.wake.notify();
                 }
             }

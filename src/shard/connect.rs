@@ -578,9 +578,15 @@ impl ShardCore {
     /// tell every shard (once).
     pub fn routes_known(&self, node: u16, run: u64) {
         if self.note_routes_known(node, run) {
-            self.mesh
-                .broadcast(|| super::mesh::MeshMsg::RoutesKnown { node, run });
+            self.tell_routes_known(node, run);
         }
+    }
+
+    /// Shard 0: tell every other shard that the routes of run `run` of
+    /// node `node` are here (or no longer waited for).
+    fn tell_routes_known(&self, node: u16, run: u64) {
+        self.mesh
+            .broadcast(|| super::mesh::MeshMsg::RoutesKnown { node, run });
     }
 
     /// See [`ShardCore::routes_known`]; the order in which this and the
@@ -616,8 +622,7 @@ impl ShardCore {
         self.routes_gate_moved();
         if self.id == 0 {
             for &(node, run) in &late {
-                self.mesh
-                    .broadcast(|| super::mesh::MeshMsg::RoutesKnown { node, run });
+                self.tell_routes_known(node, run);
             }
         }
         late

@@ -354,9 +354,9 @@ pub struct ShardStats {
     /// Times a connection's reading paused because the shard's outbox to
     /// the other shards held more than `mesh.outbox_messages_max`.
     pub mesh_pauses: u64,
-    /// Times a connection's reading paused because a peer node had more
-    /// than half of `cluster.link_queue_bytes_max` of this shard's
-    /// messages unconfirmed ([`ShardCore::links_full`]).
+    /// Times a connection's reading paused because a peer node had half
+    /// of `cluster.link_queue_bytes_max` or more of this shard's messages
+    /// unconfirmed ([`ShardCore::links_full`]).
     pub link_pauses: u64,
     /// Log records that could not be written (the log was full, or a
     /// record too large): each refused, held for a retry or counted here.

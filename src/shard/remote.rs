@@ -644,9 +644,9 @@ impl ShardCore {
         let Some(r) = st.remote.as_mut() else {
             return;
         };
+        let bytes = link_bytes(message) * nodes.len();
+        self.routed_bytes.set(self.routed_bytes.get() + bytes);
         for node in nodes {
-            self.routed_bytes
-                .set(self.routed_bytes.get() + link_bytes(message));
             let shared = plan
                 .node_picks
                 .iter()
