@@ -44,6 +44,7 @@ fn publish(m: &Arc<Message>) -> MeshMsg {
         hops: 0,
         origin: None,
         routed_at: std::time::Instant::now(),
+        from: None,
     }
 }
 

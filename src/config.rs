@@ -530,6 +530,9 @@ pub struct MqttConfig {
     pub queue_messages_max: usize,
     /// Bytes queued per session.
     pub queue_bytes_max: usize,
+    /// How long a subscriber behind holds a connection publishing to it
+    /// at most (`shard::pressure`); 0: never.
+    pub publisher_hold_ms: u64,
     /// Overflow policy: `drop_new` or `drop_oldest`.
     pub queue_overflow: String,
     /// Queue QoS 0 for offline sessions.
@@ -781,6 +784,7 @@ impl Config {
             100_000_000,
         )?;
         range("mqtt.queue_bytes_max", m.queue_bytes_max, 1024, 1 << 40)?;
+        range("mqtt.publisher_hold_ms", m.publisher_hold_ms, 0, 60_000)?;
         range("mqtt.topic_levels_max", m.topic_levels_max, 1, 65_535)?;
         range("mqtt.subscriptions_max", m.subscriptions_max, 1, 10_000_000)?;
         range("mqtt.sessions_max", m.sessions_max, 1, 100_000_000)?;

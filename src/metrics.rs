@@ -150,6 +150,20 @@ const METRICS: &[Metric] = &[
         value: |r, _| Some(r.stats.mesh_pauses),
     },
     Metric {
+        name: "shardmq_publisher_holds_total",
+        kind: "counter",
+        help: "Times a connection's reading paused: a connected subscriber it publishes to had half of mqtt.queue_messages_max or queue_bytes_max waiting.",
+        label: None,
+        value: |r, _| Some(r.stats.publisher_holds),
+    },
+    Metric {
+        name: "shardmq_publisher_holds_expired_total",
+        kind: "counter",
+        help: "Times a held connection was read again after mqtt.publisher_hold_ms, its subscriber still behind.",
+        label: None,
+        value: |r, _| Some(r.stats.publisher_holds_expired),
+    },
+    Metric {
         name: "shardmq_messages_routed_total",
         kind: "counter",
         help: "Messages routed from this shard's publishers.",

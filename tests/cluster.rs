@@ -811,11 +811,7 @@ async fn retained_messages_are_kept_on_every_node() {
 /// The sum over shards of the metric lines starting with `name` (its
 /// labels included, as far as given) in `/metrics` of `b`.
 fn metric_sum(b: &ChildBroker, name: &str) -> u64 {
-    let text = common::http(b.http_addr(), "GET", "/metrics", "", "").1;
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
+    common::metric_sum(b.http_addr(), name)
 }
 
 /// Messages `prefix/i` for each `i` of `range` reach `sub`, in that order

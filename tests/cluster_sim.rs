@@ -240,7 +240,8 @@ struct Sim {
     minority_refused: u64,
     routes_refused: u64,
     /// Publishes a client held back because its shard did not read it (a
-    /// peer held too many of the shard's messages unconfirmed).
+    /// peer held too many of the shard's messages unconfirmed, or a
+    /// subscriber behind held it).
     link_pauses: u64,
     /// Subscribers whose session's move a node gave up.
     splits: u64,
@@ -994,6 +995,12 @@ impl Sim {
             self.link_pauses += 1;
             return;
         }
+        // Nor while a subscriber behind holds it (`shard::pressure`).
+        let limit = self.nodes[conn.node].cores[conn.shard].publisher_hold();
+        if conn.handle.held(self.now, limit).is_some() {
+            self.link_pauses += 1;
+            return;
+        }
         let qos = match self.rng.below(4) {
             0 => QoS::AtMostOnce,
             1 | 2 => QoS::AtLeastOnce,
@@ -1370,16 +1377,28 @@ impl Sim {
         // whose client connected elsewhere while it was to move there
         // (not an empty one left behind).
         let now = self.now;
+        // And the sessions it was moving to another node that have not all
+        // come there (node k ended its copy once it sent them).
+        let moving: BTreeSet<Arc<str>> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(p, n)| *p != k && n.up)
+            .flat_map(|(_, n)| n.cores.iter().flat_map(|core| core.moving_in()))
+            .filter(|(_, from)| from.contains(&(k as u16)))
+            .map(|(id, _)| id)
+            .collect();
         let held: BTreeSet<usize> = (0..self.clients.len())
             .filter(|&c| {
                 let client = &self.clients[c];
-                self.nodes[k].cores.iter().any(|core| {
-                    let ask = AdminRequest::Client {
-                        client_id: client.id.clone(),
-                    };
-                    matches!(core.admin(now, ask),
+                moving.contains(&*client.id)
+                    || self.nodes[k].cores.iter().any(|core| {
+                        let ask = AdminRequest::Client {
+                            client_id: client.id.clone(),
+                        };
+                        matches!(core.admin(now, ask),
                         AdminAnswer::Client(Some(d)) if d.info.subscriptions + d.info.queued + d.info.inflight > 0)
-                })
+                    })
             })
             .collect();
         let node = &mut self.nodes[k];
@@ -2023,7 +2042,7 @@ fn seeded_cluster_runs() {
          CONNECTs refused for a peer's late answer, {} by a node without a majority and {} by \
          one without the routes of a node it sees up, {} \
          sessions split by a move given up (their order across the split not checked); {} \
-         publishes held back while a peer had too many messages unconfirmed, {} messages for \
+         publishes held back while a peer had too many messages unconfirmed or a subscriber was behind, {} messages for \
          peers dropped by the bridges",
         seeds.len(),
         total.faulty,

@@ -420,9 +420,12 @@ fn slow_subscriber_drops_messages_without_stalling_its_shard() {
         got.len() >= 2,
         "acking must release queued messages: {got:?}"
     );
+    // Behind, it holds the flooder (`mqtt.publisher_hold_ms`), and takes
+    // up to twice its queue's bound meanwhile: what the flooder had sent
+    // before the hold reached it.
     assert!(
-        got.len() <= 1 + 10,
-        "at most 1 in flight + 10 queued may survive, got {} : {got:?}",
+        got.len() <= 1 + 2 * 10,
+        "at most 1 in flight + 2 x 10 queued may survive, got {} : {got:?}",
         got.len()
     );
     // drop_new: the first messages are kept, in order.

@@ -308,6 +308,9 @@ struct Sim {
     /// when they had to be.
     expired: u64,
     resumed_in_time: u64,
+    /// Times a publisher did not publish: a subscriber behind held its
+    /// connection (`shard::pressure`; the shard would not read it).
+    held: u64,
     /// Recoveries that died half-way (`Sim::start`).
     recovery_deaths: u64,
     /// The power was cut since the last crash (at it, or in a recovery
@@ -451,6 +454,7 @@ impl Sim {
             closed_by_broker: 0,
             expired: 0,
             resumed_in_time: 0,
+            held: 0,
             recovery_deaths: 0,
             cut_since_crash: false,
             steps: 0,
@@ -1329,7 +1333,16 @@ impl Sim {
                     .conn
                     .as_ref()
                     .is_some_and(|k| k.connacked && !k.handle.is_closing());
+                let limit = self.cores[0].publisher_hold();
+                let held = self.clients[c]
+                    .conn
+                    .as_ref()
+                    .is_some_and(|k| k.handle.held(self.now, limit).is_some());
                 match (&self.clients[c].role, ready) {
+                    (Role::Publisher, true) if held => {
+                        self.held += 1;
+                        self.read(c)
+                    }
                     (Role::Publisher, true) if self.clients[c].outgoing.len() < 6 => {
                         self.mortal(crashes, |sim| sim.publish_next(c))
                     }
@@ -1645,6 +1658,16 @@ impl Sim {
 
     /// The checks of the module docs, once the broker is quiet.
     fn check(&mut self) {
+        // Every subscriber caught up: nothing holds a publisher any more
+        // (a release lost would leave one held).
+        for c in &self.clients {
+            if c.conn.as_ref().is_some_and(|k| k.handle.is_held()) {
+                self.fail(&format!(
+                    "{} is still held after every subscriber caught up",
+                    c.id
+                ));
+            }
+        }
         // (client, filter, QoS, owed what was first sent after this step)
         let subs: Vec<(usize, String, QoS, u64)> = self
             .clients
@@ -1876,6 +1899,8 @@ struct Outcome {
     /// Expiring sessions found ended, and resumed in time.
     expired: u64,
     resumed_in_time: u64,
+    /// Publishes held back for subscribers behind.
+    held: u64,
     /// Recoveries that died half-way.
     recovery_deaths: u64,
     /// A hash of everything the clients saw (one seed only).
@@ -1893,6 +1918,7 @@ impl std::ops::AddAssign for Outcome {
         self.closed += o.closed;
         self.expired += o.expired;
         self.resumed_in_time += o.resumed_in_time;
+        self.held += o.held;
         self.recovery_deaths += o.recovery_deaths;
         self.trace ^= o.trace;
     }
@@ -1921,6 +1947,7 @@ fn run(seed: u64) -> Outcome {
         closed: sim.closed_by_broker,
         expired: sim.expired,
         resumed_in_time: sim.resumed_in_time,
+        held: sim.held,
         recovery_deaths: sim.recovery_deaths,
         trace: sim.trace,
     }
@@ -2053,6 +2080,7 @@ fn seeded_runs_lose_nothing_acknowledged() {
         closed,
         expired,
         resumed_in_time,
+        held,
         recovery_deaths,
         trace,
     } = total;
@@ -2064,7 +2092,8 @@ fn seeded_runs_lose_nothing_acknowledged() {
          {power_cuts} power cuts), \
          {disk_full} times a full disk, {sync_faults} failed syncs, {refused} publishes \
          refused, {closed} connections closed by the broker, {expired} sessions expired \
-         ({resumed_in_time} resumed in time), trace sum {trace:016x}, {:.1} s",
+         ({resumed_in_time} resumed in time), {held} publishes held back for subscribers \
+         behind, trace sum {trace:016x}, {:.1} s",
         seeds.len(),
         started.elapsed().as_secs_f64()
     );

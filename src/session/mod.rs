@@ -399,6 +399,9 @@ pub struct Session {
     /// Its own marks and subscriptions when a move into it began.
     pre_move: Option<Box<moving::MovedMarks>>,
     ended: bool,
+    /// It holds its publishers (`shard::pressure`): what they sent before
+    /// the hold reached them may take its queue's bounds twice over.
+    holding: bool,
     /// What the current (or last) connection's user may read and write;
     /// None: everything (no ACL file, or a session restored from the log
     /// whose client has not connected since).
@@ -441,6 +444,7 @@ impl Session {
             given_up_marks: None,
             pre_move: None,
             ended: false,
+            holding: false,
             acl: None,
         }
     }
@@ -580,11 +584,30 @@ impl Session {
     }
 
     /// True when the packets waiting for the socket reach the session's
-    /// queue limits: the shard stops reading from a client that does not
-    /// read its acknowledgements, and QoS 0 deliveries are dropped.
+    /// queue limits (twice them while it holds its publishers): the shard
+    /// stops reading from a client that does not read its
+    /// acknowledgements, and QoS 0 deliveries are dropped.
     pub fn transmit_backlog_full(&self) -> bool {
-        self.transmit.len() >= self.limits.queue_messages_max
-            || self.transmit.publish_bytes() >= self.limits.queue_bytes_max
+        let (len, bytes) = self.queue_bounds();
+        self.transmit.len() >= len || self.transmit.publish_bytes() >= bytes
+    }
+
+    /// `mqtt.queue_messages_max` and `queue_bytes_max`, twice them while
+    /// the session holds its publishers: the messages they sent before
+    /// the hold reached them (from other shards, through the lanes) are
+    /// taken rather than dropped.
+    fn queue_bounds(&self) -> (usize, usize) {
+        let factor = if self.holding { 2 } else { 1 };
+        (
+            self.limits.queue_messages_max * factor,
+            self.limits.queue_bytes_max * factor,
+        )
+    }
+
+    /// The shard says whether this session holds its publishers
+    /// (`shard::pressure`).
+    pub fn set_holding(&mut self, holding: bool) {
+        self.holding = holding;
     }
 
     /// Next action for the shard.

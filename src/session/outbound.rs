@@ -361,6 +361,19 @@ impl Session {
             // QoS 0 bypasses the queue: a client that does not read must
             // not make the transmit queue grow without bound.
             if self.transmit_backlog_full() {
+                client_log!(
+                    self,
+                    now,
+                    log::Level::Warn,
+                    "not reading fast enough ({} packets, {} bytes waiting to be written; \
+                     bounds {} and {}: mqtt.queue_messages_max and queue_bytes_max, twice them \
+                     while it holds its publishers): dropping a QoS 0 message \
+                     (counted in shardmq_messages_dropped_total)",
+                    self.transmit.len(),
+                    self.transmit.publish_bytes(),
+                    self.queue_bounds().0,
+                    self.queue_bounds().1,
+                );
                 self.counters().dropped_queue_full += 1;
                 self.done(delivery.stored);
                 return;
@@ -390,10 +403,9 @@ impl Session {
         let cost = message.cost_bytes();
         let limits = self.limits.clone();
         let pageable = delivery.stored.is_some() && limits.queue_log_bytes_max > 0;
+        let (len_max, bytes_max) = self.queue_bounds();
         let resident_fits = |o: &Outbound| {
-            o.paged == 0
-                && o.resident_len() < limits.queue_messages_max
-                && o.resident_bytes() + cost <= limits.queue_bytes_max
+            o.paged == 0 && o.resident_len() < len_max && o.resident_bytes() + cost <= bytes_max
         };
         let log_fits = |o: &Outbound| {
             let entries = (o.queue.len() + 1) * QUEUE_ENTRY_INDEX_BYTES;
@@ -411,14 +423,13 @@ impl Session {
                 now,
                 log::Level::Warn,
                 "queue full ({} messages, {} bytes, {} of them in the log; \
-                 mqtt.queue_messages_max {}, queue_bytes_max {}, \
+                 {len_max} messages and {bytes_max} bytes in memory: mqtt.queue_messages_max \
+                 and queue_bytes_max, twice them while it holds its publishers; \
                  storage.session_queue_bytes_max {}): dropping a QoS {} message{stored} \
                  (counted in shardmq_messages_dropped_total)",
                 self.out.queue.len(),
                 self.out.queue_bytes,
                 self.out.paged,
-                limits.queue_messages_max,
-                limits.queue_bytes_max,
                 limits.queue_log_bytes_max,
                 delivery.qos as u8,
             );
@@ -456,6 +467,29 @@ impl Session {
         } else {
             self.out.push_queue(None, cost, delivery);
         }
+    }
+
+    /// Whether this session's client falls behind its publishers, which
+    /// then wait (`shard::pressure`): connected, with half of
+    /// `queue_messages_max` or `queue_bytes_max` or more waiting to be
+    /// written or in the queue's memory part; once `pressing`, until both
+    /// are below a quarter. An offline session never presses (its
+    /// messages wait in the log, or are dropped as the queue's limits
+    /// say), nor does the queue of a persistent session with a log (past
+    /// its memory part, it pages out to the log instead of dropping).
+    pub fn presses(&self, pressing: bool) -> bool {
+        if !self.is_connected() {
+            return false;
+        }
+        let pages = self.limits.queue_log_bytes_max > 0 && self.expiry_s > 0;
+        let (queued, queued_bytes) = match pages {
+            true => (0, 0),
+            false => (self.out.resident_len(), self.out.resident_bytes()),
+        };
+        let len = self.transmit.len() + queued;
+        let bytes = self.transmit.publish_bytes() + queued_bytes;
+        let part = if pressing { 4 } else { 2 };
+        len * part >= self.limits.queue_messages_max || bytes * part >= self.limits.queue_bytes_max
     }
 
     /// True when paged-out deliveries should be read back now: a

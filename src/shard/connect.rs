@@ -439,6 +439,8 @@ impl ShardCore {
             wake: Default::default(),
             drained: Default::default(),
             closed: Default::default(),
+            holds: Default::default(),
+            held_since: Default::default(),
             phase: Default::default(),
         });
         slot.conn = Some(handle.clone());
@@ -679,6 +681,10 @@ impl ShardCore {
         }
         // Room for the socket may be room for a parked retained gather.
         Self::resume_gathers(st, conn.key);
+        if !st.pressure.is_empty() {
+            // And may end a hold on its publishers (`pressure`).
+            self.ease(st, conn.key);
+        }
     }
 }
 

@@ -79,6 +79,16 @@ pub struct AckTo {
     pub move_in: bool,
 }
 
+/// A connection a message was read from, on the shard that routed it:
+/// its subscribers' queues may hold its reading (`shard::pressure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Publisher {
+    /// Its session.
+    pub key: SessionKey,
+    /// The connection (a later one under the same key is not it).
+    pub conn: std::num::NonZeroU64,
+}
+
 /// A route replica change: `key` gained or lost subscribers of `filter`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum RouteKey {
@@ -124,6 +134,9 @@ pub enum MeshMsg {
         /// When it was routed (or passed on): the delivery latency
         /// histogram's start.
         routed_at: std::time::Instant,
+        /// The sender's connection it was read from, if it was read from
+        /// one.
+        from: Option<Publisher>,
     },
     /// Store (or, with an empty payload, delete) a retained message: the
     /// receiver owns its topic.
@@ -238,6 +251,15 @@ pub enum MeshMsg {
         node: u16,
         /// Its run (incarnation).
         run: u64,
+    },
+    /// Hold (or release) the reading of a connection of the receiver's:
+    /// a session of the sender's that it publishes to fell behind (or
+    /// caught up, or went).
+    Hold {
+        /// The connection.
+        to: Publisher,
+        /// Hold (true) or release.
+        hold: bool,
     },
     /// The sender's log became full (or has room again).
     StoreFull {

@@ -79,6 +79,7 @@ pub mod latency;
 pub mod mesh;
 mod moves;
 pub mod notify;
+mod pressure;
 mod remote;
 mod restore;
 mod routing;
@@ -156,12 +157,17 @@ pub struct ConnHandle {
     /// Wakes the writer: packets are waiting, or the connection is closing.
     wake: Notify,
     /// Wakes the reader when the writer has written, or when a pause for
-    /// a peer that fell behind ends ([`ShardCore::links_full`]): a reader
+    /// a peer that fell behind ends ([`ShardCore::links_full`]), or when
+    /// the last session that held it releases it (`pressure`): a reader
     /// paused looks again.
     drained: Notify,
     /// Wakes the reader when the connection closes: the reader stops, and
     /// the writer's last packets go out before the input is drained.
     closed: Notify,
+    /// Sessions of subscribers behind that hold this connection's reading
+    /// (`pressure`), and since when one does.
+    holds: Cell<u32>,
+    held_since: Cell<Option<Instant>>,
     /// Open, or closing with its last packets.
     phase: RefCell<Phase>,
 }
@@ -358,6 +364,12 @@ pub struct ShardStats {
     /// of `cluster.link_queue_bytes_max` or more of this shard's messages
     /// unconfirmed ([`ShardCore::links_full`]).
     pub link_pauses: u64,
+    /// Times a connection's reading paused because a session it publishes
+    /// to was behind (`pressure`).
+    pub publisher_holds: u64,
+    /// Times a held connection was read again because
+    /// `mqtt.publisher_hold_ms` passed while a session still held it.
+    pub publisher_holds_expired: u64,
     /// Log records that could not be written (the log was full, or a
     /// record too large): each refused, held for a retry or counted here.
     pub log_appends_failed: u64,
@@ -555,6 +567,8 @@ struct State {
     gather_wake: Rc<Notify>,
     /// The cluster's side of the shard; None on a broker that runs alone.
     remote: Option<remote::Remote>,
+    /// Online sessions behind, and the connections they hold (`pressure`).
+    pressure: HashMap<SessionKey, pressure::Pressing>,
     stats: ShardStats,
 }
 
@@ -703,6 +717,7 @@ impl ShardCore {
                 serving: Default::default(),
                 gather_wake: Rc::default(),
                 remote: None,
+                pressure: HashMap::default(),
                 stats: ShardStats::default(),
             }),
         }
@@ -814,11 +829,17 @@ impl ShardCore {
                     will,
                 } => {
                     let qos = message.qos;
+                    let read_from = slot
+                        .conn
+                        .as_ref()
+                        .filter(|_| !will)
+                        .and_then(|c| c.publisher());
                     let source = Source {
                         from: Some(key),
                         qos2_packet_id: packet_id.filter(|_| qos == QoS::ExactlyOnce),
                         delayed: None,
                         will_of: will.then_some(key),
+                        read_from,
                     };
                     let reach = match will {
                         true => Self::will_reach(st.remote.as_ref(), slot),
@@ -857,6 +878,7 @@ impl ShardCore {
                     Self::drain_journal(st, key);
                     Self::durable_end(st, key);
                     self.end_session(st, key, now);
+                    self.ease(st, key);
                     return;
                 }
             }
@@ -864,6 +886,11 @@ impl ShardCore {
         // Only a session's own steps change its will (not a delivery).
         if st.remote.is_some() {
             Self::export_will(st, key, now);
+        }
+        if !st.pressure.is_empty() {
+            // Its client's acknowledgements, or its connection's end, may
+            // make room.
+            self.ease(st, key);
         }
         Self::after_step(st, key, now);
     }
@@ -966,13 +993,20 @@ impl ShardCore {
                 continue; // superseded by an earlier deadline
             }
             slot.timer_at = None;
-            if self.links_paused.get() {
+            let held = slot
+                .conn
+                .as_ref()
+                .and_then(|c| c.held(now, self.publisher_hold()));
+            if self.links_paused.get() || held.is_some() {
                 // Not read while paused: not the client's silence.
                 slot.session.excuse_silence(now);
             }
             slot.session.handle_timeout(now);
             self.drive(&mut st, key, now);
         }
+        // After the timers: a connection released now was excused above
+        // (its reader has not read what waited yet).
+        self.ease_all(&mut st);
         if cfg!(debug_assertions) {
             Self::invariants(&st);
         }

@@ -257,6 +257,22 @@ impl ShardCore {
         })
     }
 
+    /// The client ids whose sessions move here and have not all come, each
+    /// with the nodes (their index) it comes from: a node that dies
+    /// before its part came takes what it held with it (nothing is
+    /// replicated yet).
+    pub fn moving_in(&self) -> Vec<(Arc<str>, Vec<u16>)> {
+        let st = self.state.borrow();
+        let Some(r) = st.remote.as_ref() else {
+            return Vec::new();
+        };
+        r.moves
+            .inbound
+            .iter()
+            .map(|(id, m)| (id.clone(), m.offers.iter().map(|o| o.from).collect()))
+            .collect()
+    }
+
     /// The client ids whose session's move here was given up since the
     /// last call (the latest [`GIVEN_UP_KEPT`]): each such client's
     /// session was in two places, and messages the two held may reach it

@@ -19,7 +19,8 @@ use crate::session::{Delivery, Subscription};
 use super::cluster_retained::Version;
 use super::durable::{Forward, Logged};
 use super::gather::Gather;
-use super::mesh::{AckTo, MeshMsg, RouteKey, SharedPick};
+use super::mesh::{AckTo, MeshMsg, Publisher, RouteKey, SharedPick};
+use super::pressure::HoldChange;
 use super::{SessionKey, ShardCore, State, SubEntry, SubKey};
 use crate::persist::{Origin, Scope};
 
@@ -34,6 +35,9 @@ pub(super) struct Source {
     pub(super) delayed: Option<u64>,
     /// The session whose will this is.
     pub(super) will_of: Option<SessionKey>,
+    /// This shard's connection it was read from: subscribers that fall
+    /// behind hold its reading (`shard::pressure`).
+    pub(super) read_from: Option<Publisher>,
 }
 
 /// How far a message routed on this shard goes.
@@ -232,6 +236,7 @@ impl ShardCore {
                     hops: 0,
                     origin,
                     routed_at: now,
+                    from: source.read_from.map(|p| (self.id, p)),
                 };
                 self.deliver_local(st, now, &message, to_ordinary, &to_shared, hop);
             } else {
@@ -242,6 +247,7 @@ impl ShardCore {
                     hops: 0,
                     origin,
                     routed_at: now,
+                    from: source.read_from,
                 };
                 self.send_routed(st, usize::from(dest), publish, origin);
             }
@@ -344,6 +350,7 @@ impl ShardCore {
             hops,
             origin,
             routed_at,
+            from,
         } = hop;
         let waited = now.saturating_duration_since(routed_at);
         super::latency::record(&mut self.latency.borrow_mut().delivery, waited);
@@ -402,13 +409,14 @@ impl ShardCore {
                 shared: served,
             },
         };
-        self.deliver_targets(st, now, message, local, origin);
+        self.deliver_targets(st, now, message, local, origin, from);
     }
 
     /// Hand `message` to each target session. Durability sees the targets
     /// first, unless there is nothing it could keep (QoS 0, no origin): it
     /// stores deliveries to persistent sessions, holds back those whose
-    /// records wait for room, and answers the origin.
+    /// records wait for room, and answers the origin. A target that falls
+    /// behind holds the connection `from` (`shard::pressure`).
     fn deliver_targets(
         &self,
         st: &mut State,
@@ -416,6 +424,7 @@ impl ShardCore {
         message: &Arc<Message>,
         local: Local,
         origin: Option<Origin>,
+        from: Option<(usize, Publisher)>,
     ) {
         let mut keys: SmallVec<[SessionKey; 8]> = SmallVec::new();
         if origin.is_none() && message.qos == QoS::AtMostOnce {
@@ -435,6 +444,9 @@ impl ShardCore {
             }
         }
         for key in keys {
+            if let Some(from) = from {
+                self.press(st, key, from, now);
+            }
             Self::after_step(st, key, now);
         }
     }
@@ -885,11 +897,13 @@ impl ShardCore {
                     hops,
                     origin,
                     routed_at,
+                    from: read_from,
                 } => {
                     let hop = Hop {
                         hops,
                         origin,
                         routed_at,
+                        from: read_from.map(|p| (from, p)),
                     };
                     self.deliver_local(&mut st, now, &message, ordinary, &shared, hop)
                 }
@@ -962,6 +976,16 @@ impl ShardCore {
                 MeshMsg::RoutesKnown { node, run } => {
                     self.note_routes_known(node, run);
                 }
+                MeshMsg::Hold { to, hold } => {
+                    let hold = match hold {
+                        true => HoldChange::Hold {
+                            now,
+                            limit: self.publisher_hold(),
+                        },
+                        false => HoldChange::Release,
+                    };
+                    Self::hold_connection(&st, to, hold)
+                }
                 MeshMsg::Handoff(h) => handoffs.push(*h),
             }
         }
@@ -997,6 +1021,7 @@ pub(super) fn shared_forward(
         hops,
         origin,
         routed_at: now,
+        from: None,
     }
 }
 
@@ -1007,6 +1032,9 @@ pub(super) struct Hop {
     pub(super) hops: u8,
     pub(super) origin: Option<Origin>,
     pub(super) routed_at: Instant,
+    /// The connection it was read from, and its shard
+    /// (`shard::pressure`).
+    pub(super) from: Option<(usize, Publisher)>,
 }
 
 /// The route replica key of a subscription on shard `shard`.

@@ -1258,3 +1258,103 @@ fn new_connects_wait_for_the_routes_of_every_run_seen_up_in_any_order_and_not_fo
     c.routes_wait_tick(t0 + wait, wait);
     assert!(!c.routes_pending());
 }
+
+/// A subscriber behind holds the connections publishing to it, on its
+/// shard at once and on another through the mesh, and releases them once
+/// its writer took the backlog (`pressure`); its own publishes never hold
+/// it; a hold that ran out is armed again by another session behind; and
+/// a connection that ends releases what it held.
+#[test]
+fn a_subscriber_behind_holds_its_publishers_until_it_catches_up() {
+    let small = |c: &mut Config| c.mqtt.queue_messages_max = 4;
+    let (c0, c1) = (core_with(0, 2, small), core_with(1, 2, small));
+    let t0 = Instant::now();
+    let limit = c0.publisher_hold();
+    let v = Version::V3_1_1;
+    let on_1 = |prefix: &str| {
+        (0..)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|id| home_shard(id, 2) == 1)
+            .unwrap()
+    };
+    let subscriber = |id: &str, now: Instant| {
+        let conn = c1.attach(now, Box::new(connect(id, v)), None).unwrap();
+        written(&c1, &conn, v);
+        c1.handle_packet(
+            &conn,
+            now,
+            Packet::Subscribe(codec::Subscribe {
+                packet_id: 1,
+                filters: vec![("t/#".into(), codec::SubOptions::default())],
+                properties: Properties::default(),
+            }),
+        );
+        pump(&[&c0, &c1], now);
+        assert!(matches!(written(&c1, &conn, v)[..], [Packet::SubAck(_)]));
+        conn
+    };
+    let publish = |core: &ShardCore, conn: &ConnHandle, topic: &str, now: Instant| {
+        core.handle_packet(
+            conn,
+            now,
+            Packet::Publish(codec::Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: false,
+                topic: topic.into(),
+                packet_id: 0,
+                payload: Bytes::from_static(b"x"),
+                properties: Properties::default(),
+            }),
+        )
+    };
+    let sub = subscriber(&on_1("s"), t0);
+    let there = c0
+        .attach(t0, Box::new(connect(&id_on(0, 2), v)), None)
+        .unwrap();
+    let here = c1
+        .attach(t0, Box::new(connect(&on_1("h"), v)), None)
+        .unwrap();
+    // One message waits: not behind (half of 4 is 2).
+    publish(&c1, &here, "t/here", t0);
+    assert!(here.held(t0, limit).is_none());
+    // Two: behind. The publisher on its shard is held at once.
+    publish(&c1, &here, "t/here", t0);
+    assert_eq!(here.held(t0, limit), Some(limit));
+    // The one on the other shard once its message got there and the hold
+    // came back.
+    publish(&c0, &there, "t/there", t0);
+    assert!(there.held(t0, limit).is_none());
+    pump(&[&c0, &c1], t0);
+    assert!(there.held(t0, limit).is_some());
+    // Its own publishes do not hold the subscriber.
+    publish(&c1, &sub, "t/self", t0);
+    assert!(sub.held(t0, limit).is_none());
+    // A hold lasts `mqtt.publisher_hold_ms` at most.
+    let late = t0 + limit * 2;
+    assert!(here.held(late, limit).is_none());
+    assert!(here.is_held());
+    // Then another subscriber that falls behind holds it again.
+    let other = subscriber(&on_1("o"), late);
+    publish(&c1, &here, "t/here", late);
+    assert!(here.held(late, limit).is_none());
+    publish(&c1, &here, "t/here", late);
+    assert_eq!(here.held(late, limit), Some(limit));
+    // The writers take the backlogs: both are released.
+    assert_eq!(written(&c1, &sub, v).len(), 6);
+    assert!(here.is_held());
+    assert_eq!(written(&c1, &other, v).len(), 2);
+    assert!(!here.is_held());
+    pump(&[&c0, &c1], late);
+    assert!(!there.is_held());
+    // Behind again; then the subscriber's connection ends: what it held
+    // is released.
+    publish(&c1, &here, "t/here", late);
+    publish(&c1, &here, "t/here", late);
+    assert!(here.is_held());
+    c1.handle_connection_lost(&sub, late);
+    c1.handle_connection_lost(&other, late);
+    assert!(!here.is_held());
+    c0.check_invariants();
+    c1.check_invariants();
+}

@@ -378,6 +378,17 @@ pub fn self_signed(dir: &std::path::Path) -> (String, std::sync::Arc<rustls::Cli
     (cert.pem(), std::sync::Arc::new(config))
 }
 
+/// The sum over shards of the metric lines starting with `name` (its
+/// labels included, as far as given) in `/metrics` at `http`.
+#[allow(dead_code)]
+pub fn metric_sum(http: SocketAddr, name: &str) -> u64 {
+    let text = self::http(http, "GET", "/metrics", "", "").1;
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
 /// Status and body of one HTTP/1.1 request to `addr`: `method path`, extra
 /// header lines (each ending in CRLF), and `body` (sent with its length).
 pub fn http(

@@ -524,7 +524,8 @@ pub fn last_client() -> Option<crate::message::ClientId> {
 /// `last_topic` is the connection's last new PUBLISH topic, which the next
 /// PUBLISH to the same topic shares. Stops when a peer node falls
 /// behind ([`ShardCore::links_full`]: one read holds many small
-/// publishes), leaving the rest in `buf`: Ok(true) then.
+/// publishes), or a subscriber of the connection's (`shard::pressure`),
+/// leaving the rest in `buf`: Ok(true) then.
 fn handle_packets(
     shard: &ShardCore,
     conn: &Rc<ConnHandle>,
@@ -533,9 +534,10 @@ fn handle_packets(
 ) -> Result<bool, ()> {
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
     let now = Instant::now();
+    let hold = shard.publisher_hold();
     CURRENT_CLIENT.with(|c| *c.borrow_mut() = Some(conn.clone()));
     let result = loop {
-        if !buf.is_empty() && shard.links_full() {
+        if !buf.is_empty() && (shard.links_full() || conn.held(now, hold).is_some()) {
             break Ok(true);
         }
         match codec::decode_sharing(buf, conn.version, max, last_topic) {
@@ -582,6 +584,7 @@ async fn read_loop(
     mut buf: BytesMut,
 ) -> bool {
     let read_max = shard.config.server.read_buffer_bytes;
+    let hold = shard.publisher_hold();
     let mut last_topic = None;
     loop {
         let Ok(stopped) = handle_packets(shard, conn, &mut buf, &mut last_topic) else {
@@ -596,6 +599,10 @@ async fn read_loop(
         if shard.links_full() {
             shard.state.borrow_mut().stats.link_pauses += 1;
         }
+        let held = conn.held(Instant::now(), hold).is_some();
+        if held {
+            shard.state.borrow_mut().stats.publisher_holds += 1;
+        }
         loop {
             if conn.is_closing() {
                 return false;
@@ -608,6 +615,10 @@ async fn read_loop(
                 let ended = conn.drained.wait();
                 let look = glommio::timer::sleep(LINK_PAUSE_LOOK);
                 ended.or(look).await;
+            } else if let Some(left) = conn.held(Instant::now(), hold) {
+                // Woken when the last session that holds it releases it.
+                let released = conn.drained.wait();
+                released.or(glommio::timer::sleep(left)).await;
             } else if shard.transmit_backlogged(conn) {
                 // A client that does not read what we send it is not
                 // read either.
@@ -615,6 +626,10 @@ async fn read_loop(
             } else {
                 break;
             }
+        }
+        if held && conn.is_held() {
+            // Read again with a session still behind: the hold ran out.
+            shard.state.borrow_mut().stats.publisher_holds_expired += 1;
         }
         if stopped {
             continue; // what is left in the buffer goes before more is read
