@@ -138,6 +138,10 @@ struct Conn {
     shard: usize,
     handle: Rc<ConnHandle>,
     inbuf: BytesMut,
+    /// Packets the client sent that the broker has not read: a subscriber
+    /// behind holds the connection (`shard::pressure`), and the runtime
+    /// reads nothing from it until it is released ([`Sim::feed_unread`]).
+    unread: VecDeque<Packet>,
     connacked: bool,
     /// When its output was drained before the current read: what is read
     /// now was written by the broker after that.
@@ -308,8 +312,8 @@ struct Sim {
     /// when they had to be.
     expired: u64,
     resumed_in_time: u64,
-    /// Times a publisher did not publish: a subscriber behind held its
-    /// connection (`shard::pressure`; the shard would not read it).
+    /// Packets the broker did not read when sent: a subscriber behind
+    /// held their connection (`shard::pressure`).
     held: u64,
     /// Recoveries that died half-way (`Sim::start`).
     recovery_deaths: u64,
@@ -844,6 +848,8 @@ impl Sim {
         if handle.is_closing() {
             return;
         }
+        let limit = self.cores[shard].publisher_hold();
+        let held = handle.held(self.now, limit).is_some();
         if let Packet::Publish(p) = &packet {
             if p.retain {
                 let seq = p.payload.split(|&b| b == b':').nth(1).unwrap();
@@ -854,8 +860,54 @@ impl Sim {
                     .push((c, seq));
             }
         }
+        let conn = self.clients[c].conn.as_mut().expect("checked above");
+        if held || !conn.unread.is_empty() {
+            // Not read until the hold ends, and then in order.
+            conn.unread.push_back(packet);
+            self.held += 1;
+            return;
+        }
         self.cores[shard].handle_packet(&handle, self.now, packet);
         self.flush(shard);
+    }
+
+    /// The broker reads what held clients sent once they are no longer
+    /// held (or, `all`, what client `only` sent before it closes its end:
+    /// the runtime reads it before the end of the stream), in order.
+    fn feed_unread(&mut self, only: Option<usize>, all: bool) {
+        let clients = match only {
+            Some(c) => c..c + 1,
+            None => 0..self.clients.len(),
+        };
+        for c in clients {
+            while let Some(conn) = self.clients[c].conn.as_mut() {
+                let (shard, handle) = (conn.shard, conn.handle.clone());
+                let limit = self.cores[shard].publisher_hold();
+                if handle.is_closing() {
+                    conn.unread.clear();
+                    break;
+                }
+                if !all && handle.held(self.now, limit).is_some() {
+                    break;
+                }
+                let Some(packet) = conn.unread.pop_front() else {
+                    break;
+                };
+                if let Packet::Publish(p) = &packet {
+                    // A message's expiry counts from when the broker has it.
+                    let seq = p.payload.split(|&b| b == b':').nth(1).unwrap();
+                    let seq: u64 = std::str::from_utf8(seq).unwrap().parse().unwrap();
+                    let now = self.now;
+                    if let Some((_, at)) =
+                        self.sent.get_mut(&(c, seq)).and_then(|s| s.expiry.as_mut())
+                    {
+                        *at = now;
+                    }
+                }
+                self.cores[shard].handle_packet(&handle, self.now, packet);
+                self.flush(shard);
+            }
+        }
     }
 
     /// Connect client `c` (a takeover when it is connected), through a
@@ -962,6 +1014,7 @@ impl Sim {
                     shard: home,
                     handle,
                     inbuf: BytesMut::new(),
+                    unread: VecDeque::new(),
                     connacked: false,
                     drained_before: self.now,
                     drained_at: self.now,
@@ -1318,6 +1371,7 @@ impl Sim {
     /// One random step.
     fn step(&mut self, crashes: bool) {
         self.check_awaited_acks();
+        self.feed_unread(None, false);
         self.steps += 1;
         let roll = self.rng.below(100);
         let c = self.rng.below(self.clients.len() as u64) as usize;
@@ -1333,16 +1387,7 @@ impl Sim {
                     .conn
                     .as_ref()
                     .is_some_and(|k| k.connacked && !k.handle.is_closing());
-                let limit = self.cores[0].publisher_hold();
-                let held = self.clients[c]
-                    .conn
-                    .as_ref()
-                    .is_some_and(|k| k.handle.held(self.now, limit).is_some());
                 match (&self.clients[c].role, ready) {
-                    (Role::Publisher, true) if held => {
-                        self.held += 1;
-                        self.read(c)
-                    }
                     (Role::Publisher, true) if self.clients[c].outgoing.len() < 6 => {
                         self.mortal(crashes, |sim| sim.publish_next(c))
                     }
@@ -1458,12 +1503,16 @@ impl Sim {
         let (shard, handle) = (conn.shard, conn.handle.clone());
         let connacked = conn.connacked;
         let will = self.clients[c].will_seq.take().map(|seq| (c, seq));
+        // What it sent before is read first (a held client's too), and
+        // may end the connection.
+        self.feed_unread(Some(c), true);
         let closed_before = handle.is_closing();
         if closed_before {
             // The broker had closed it already (a takeover): its will
             // may or may not have gone out.
         } else if self.rng.chance(500) {
             self.send(c, Packet::Disconnect(Default::default()));
+            self.feed_unread(Some(c), true);
             if let Some(k) = will {
                 let s = self.sent.get_mut(&k).expect("a will is recorded as sent");
                 s.forbidden = if self.config.durability() == Durability::PowerSafe {
@@ -1609,6 +1658,7 @@ impl Sim {
                 }
             }
             self.check_awaited_acks();
+            self.feed_unread(None, false);
             while self.deliver_lane() {}
             self.advance(50);
             for id in 0..self.cores.len() {
@@ -1621,7 +1671,9 @@ impl Sim {
             let lanes_empty = self.lanes.values().all(VecDeque::is_empty);
             let quiet = self.clients.iter().all(|c| {
                 c.outgoing.is_empty()
-                    && c.conn.as_ref().is_some_and(|k| k.connacked)
+                    && c.conn
+                        .as_ref()
+                        .is_some_and(|k| k.connacked && k.unread.is_empty())
                     && (c.subscribed || matches!(c.role, Role::Publisher))
             });
             if round > 3 && before == self.trace && lanes_empty && quiet && self.now >= self.due_by
@@ -1899,7 +1951,8 @@ struct Outcome {
     /// Expiring sessions found ended, and resumed in time.
     expired: u64,
     resumed_in_time: u64,
-    /// Publishes held back for subscribers behind.
+    /// Packets not read when sent: a subscriber behind held their
+    /// connection.
     held: u64,
     /// Recoveries that died half-way.
     recovery_deaths: u64,
@@ -2092,7 +2145,7 @@ fn seeded_runs_lose_nothing_acknowledged() {
          {power_cuts} power cuts), \
          {disk_full} times a full disk, {sync_faults} failed syncs, {refused} publishes \
          refused, {closed} connections closed by the broker, {expired} sessions expired \
-         ({resumed_in_time} resumed in time), {held} publishes held back for subscribers \
+         ({resumed_in_time} resumed in time), {held} packets read late for subscribers \
          behind, trace sum {trace:016x}, {:.1} s",
         seeds.len(),
         started.elapsed().as_secs_f64()
