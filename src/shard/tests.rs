@@ -1280,33 +1280,13 @@ fn a_subscriber_behind_holds_its_publishers_until_it_catches_up() {
     let subscriber = |id: &str, now: Instant| {
         let conn = c1.attach(now, Box::new(connect(id, v)), None).unwrap();
         written(&c1, &conn, v);
-        c1.handle_packet(
-            &conn,
-            now,
-            Packet::Subscribe(codec::Subscribe {
-                packet_id: 1,
-                filters: vec![("t/#".into(), codec::SubOptions::default())],
-                properties: Properties::default(),
-            }),
-        );
+        c1.handle_packet(&conn, now, subscribe_packet(1, "t/#"));
         pump(&[&c0, &c1], now);
         assert!(matches!(written(&c1, &conn, v)[..], [Packet::SubAck(_)]));
         conn
     };
     let publish = |core: &ShardCore, conn: &ConnHandle, topic: &str, now: Instant| {
-        core.handle_packet(
-            conn,
-            now,
-            Packet::Publish(codec::Publish {
-                dup: false,
-                qos: QoS::AtMostOnce,
-                retain: false,
-                topic: topic.into(),
-                packet_id: 0,
-                payload: Bytes::from_static(b"x"),
-                properties: Properties::default(),
-            }),
-        )
+        core.handle_packet(conn, now, qos0_publish(topic))
     };
     let sub = subscriber(&on_1("s"), t0);
     let there = c0
