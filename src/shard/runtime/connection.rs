@@ -535,9 +535,10 @@ fn handle_packets(
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
     let now = Instant::now();
     let hold = shard.publisher_hold();
+    let held = || conn.is_held() && conn.held(now, hold).is_some();
     CURRENT_CLIENT.with(|c| *c.borrow_mut() = Some(conn.clone()));
     let result = loop {
-        if !buf.is_empty() && (shard.links_full() || conn.held(now, hold).is_some()) {
+        if !buf.is_empty() && (shard.links_full() || held()) {
             break Ok(true);
         }
         match codec::decode_sharing(buf, conn.version, max, last_topic) {
@@ -599,10 +600,9 @@ async fn read_loop(
         if shard.links_full() {
             shard.state.borrow_mut().stats.link_pauses += 1;
         }
-        let held = conn.held(Instant::now(), hold).is_some();
-        if held {
-            shard.state.borrow_mut().stats.publisher_holds += 1;
-        }
+        // Whether a subscriber behind held it during this pause (counted
+        // once).
+        let mut held = false;
         loop {
             if conn.is_closing() {
                 return false;
@@ -615,7 +615,15 @@ async fn read_loop(
                 let ended = conn.drained.wait();
                 let look = glommio::timer::sleep(LINK_PAUSE_LOOK);
                 ended.or(look).await;
-            } else if let Some(left) = conn.held(Instant::now(), hold) {
+            } else if let Some(left) = conn
+                .is_held()
+                .then(|| conn.held(Instant::now(), hold))
+                .flatten()
+            {
+                if !held {
+                    held = true;
+                    shard.state.borrow_mut().stats.publisher_holds += 1;
+                }
                 // Woken when the last session that holds it releases it.
                 let released = conn.drained.wait();
                 released.or(glommio::timer::sleep(left)).await;
