@@ -895,7 +895,8 @@ impl Config {
                 &why,
             ));
         }
-        let link_min = 2 * (m.packet_size_max_bytes as usize + 64);
+        let frame = crate::shard::FRAME_OVERHEAD_BYTES;
+        let link_min = 2 * (m.packet_size_max_bytes as usize + frame);
         let link = self.cluster.link_queue_bytes_max;
         if self.cluster.enabled() && !(link_min..=1 << 40).contains(&link) {
             let why = format!(

@@ -850,27 +850,24 @@ impl Sim {
         if handle.is_closing() {
             return;
         }
-        let limit = self.cores[shard].publisher_hold();
-        let held = handle.held(self.now, limit).is_some();
         if let Packet::Publish(p) = &packet {
             if p.retain {
-                let seq = p.payload.split(|&b| b == b':').nth(1).unwrap();
-                let seq = std::str::from_utf8(seq).unwrap().parse().unwrap();
+                let (_, seq) = publisher_seq(&p.payload);
                 self.retained_sends
                     .entry(p.topic.to_string())
                     .or_default()
                     .push((c, seq));
             }
         }
+        let limit = self.cores[shard].publisher_hold();
         let conn = self.clients[c].conn.as_mut().expect("checked above");
-        if held || !conn.unread.is_empty() {
-            // Not read until the hold ends, and then in order.
-            conn.unread.push_back(packet);
-            self.held += 1;
-            return;
+        let waits = !conn.unread.is_empty() || handle.held(self.now, limit).is_some();
+        conn.unread.push_back(packet);
+        if waits {
+            self.held += 1; // not read until the hold ends, and then in order
+        } else {
+            self.feed_unread(Some(c), false);
         }
-        self.cores[shard].handle_packet(&handle, self.now, packet);
-        self.flush(shard);
     }
 
     /// The broker reads what held clients sent once they are no longer
@@ -897,8 +894,7 @@ impl Sim {
                 };
                 if let Packet::Publish(p) = &packet {
                     // A message's expiry counts from when the broker has it.
-                    let seq = p.payload.split(|&b| b == b':').nth(1).unwrap();
-                    let seq: u64 = std::str::from_utf8(seq).unwrap().parse().unwrap();
+                    let (_, seq) = publisher_seq(&p.payload);
                     let now = self.now;
                     if let Some((_, at)) =
                         self.sent.get_mut(&(c, seq)).and_then(|s| s.expiry.as_mut())
@@ -1171,10 +1167,7 @@ impl Sim {
     }
 
     fn on_publish(&mut self, c: usize, p: Publish) {
-        let text = std::str::from_utf8(&p.payload).expect("payloads are text");
-        let mut fields = text.split(':');
-        let (from, seq) = (fields.next().unwrap(), fields.next().expect("pub:seq"));
-        let (from, seq): (usize, u64) = (from.parse().unwrap(), seq.parse().unwrap());
+        let (from, seq) = publisher_seq(&p.payload);
         let text = format!("{from}:{seq}");
         let Some(sent) = self.sent.get(&(from, seq)).cloned() else {
             self.fail(&format!("delivered {text}, never published"));
@@ -2095,6 +2088,15 @@ fn run(seed: u64) -> Outcome {
 const FOUND_BUGS: &[u64] = &[
     42, 1689, 160, 861, 345, 112304, 166345, 220370, 1993, 1757, 2910, 346073, 275, 479,
 ];
+
+/// The publishing client and its sequence number, which start every
+/// payload (`{client}:{seq}`, padding after).
+fn publisher_seq(payload: &[u8]) -> (usize, u64) {
+    let text = std::str::from_utf8(payload).expect("payloads are text");
+    let mut fields = text.split(':');
+    let (from, seq) = (fields.next().unwrap(), fields.next().expect("pub:seq"));
+    (from.parse().unwrap(), seq.parse().unwrap())
+}
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| {

@@ -195,6 +195,12 @@ const SYNC_WAITS_MAX: usize = 64;
 /// the read ends with a confirmation.
 const CONFIRM_AFTER: u64 = 64;
 
+/// Bytes of frames other than messages (sessions' moves, the protocol's
+/// answers) one peer may leave unconfirmed: two moves' worth, each at
+/// most [`super::moves::MOVE_BYTES_MAX`] and the frames around its
+/// messages.
+const OTHERS_BYTES_MAX: usize = super::moves::MOVE_BYTES_MAX * 2;
+
 /// The last message number taken from one peer shard's run.
 type LastTaken = Rc<Cell<u64>>;
 
@@ -278,12 +284,9 @@ impl Bridge {
     ) -> Bridge {
         core.enable_cluster(now, wall);
         core.set_refusing_connects(refuse_connects);
-        // Besides messages: sessions' moves (the largest other frames, each
-        // at most a move's bound and the frames around its messages) and
-        // the protocol's answers; past it, a move's parts are dropped (it
-        // is given up) and answers are waited for in vain.
-        let others_max = super::moves::MOVE_BYTES_MAX.saturating_mul(2);
-        let peers = PeerLinks::new(me.shard, settings.out_bytes_max, others_max);
+        // Past OTHERS_BYTES_MAX a move's parts are dropped (it is given up)
+        // and answers are waited for in vain.
+        let peers = PeerLinks::new(me.shard, settings.out_bytes_max, OTHERS_BYTES_MAX);
         let bridge = Bridge {
             core,
             epoch: now,
@@ -727,9 +730,7 @@ impl Bridge {
         l.session.borrow_mut().force_send(self.ms(now), frame);
         l.wake.notify();
         let max = self.settings.out_bytes_max;
-        let limit = max
-            .saturating_mul(4)
-            .saturating_add(super::moves::MOVE_BYTES_MAX.saturating_mul(2));
+        let limit = max.saturating_mul(4).saturating_add(OTHERS_BYTES_MAX);
         if l.session.borrow().out_bytes() > limit {
             self.close(now, l, &format!("{what} changes not read"));
         }
@@ -855,7 +856,8 @@ impl Bridge {
                     format_args!(
                         "{what} for node {node} was dropped: the node is not up, or it left \
                          too much unconfirmed (messages: cluster.link_queue_bytes_max, twice \
-                         it with a link up; moves and answers: 128 MiB) ({} so far)",
+                         it with a link up; moves and answers: {} MiB) ({} so far)",
+                        OTHERS_BYTES_MAX >> 20,
                         self.dropped.get()
                     ),
                 );
@@ -1043,14 +1045,18 @@ impl Bridge {
         self.send_confirmation(now, link, seq);
     }
 
-    fn send_confirmation(&self, now: Instant, link: &Link, seq: u64) {
-        if seq > link.confirmed.get() {
-            link.confirmed.set(seq);
-            link.session
-                .borrow_mut()
-                .force_send(self.ms(now), &Frame::Delivered { seq });
-            link.wake.notify();
+    /// Confirm messages up to `seq` on inbound `link`, unless they were;
+    /// true when it did.
+    fn send_confirmation(&self, now: Instant, link: &Link, seq: u64) -> bool {
+        if seq <= link.confirmed.get() {
+            return false;
         }
+        link.confirmed.set(seq);
+        link.session
+            .borrow_mut()
+            .force_send(self.ms(now), &Frame::Delivered { seq });
+        link.wake.notify();
+        true
     }
 
     /// Power-safe: confirm what this shard's log now holds for good.
@@ -1071,12 +1077,9 @@ impl Bridge {
                     upto = waits.pop_front().map(|(seq, _)| seq);
                 }
             }
-            if let Some(seq) = upto {
-                if seq > link.confirmed.get() {
-                    let n = self.confirms_after_sync.get();
-                    self.confirms_after_sync.set(n + 1);
-                }
-                self.send_confirmation(now, &link, seq);
+            if upto.is_some_and(|seq| self.send_confirmation(now, &link, seq)) {
+                let n = self.confirms_after_sync.get();
+                self.confirms_after_sync.set(n + 1);
             }
         }
     }
@@ -1368,7 +1371,7 @@ impl Bridge {
         let mut unlinked = self.full_unlinked.borrow_mut();
         let mut gave_up = Vec::new();
         // What keeps a pause going (`ShardCore::links_full`).
-        let quarter = self.settings.out_bytes_max / 4;
+        let quarter = super::links_resume_mark(self.settings.out_bytes_max);
         let peers = self.peers.borrow();
         for (index, bytes, linked) in peers.fills() {
             if linked || bytes < quarter {
@@ -1410,10 +1413,10 @@ impl Bridge {
                 publish,
                 ack,
                 again,
+                bytes,
             } => {
                 // Kept until the peer confirms it: within the bound of what
                 // it may leave unconfirmed, so past the link's.
-                let bytes = super::remote::link_bytes(&publish.message);
                 match self.send_numbered(now, node, Frame::Publish(publish), bytes, "a message") {
                     Ok(seq) => {
                         if ack.is_some() || again > 0 {

@@ -472,7 +472,7 @@ impl ShardCore {
         let bytes = self.links_fill.get() + self.routed_bytes.get();
         let max = self.config.cluster.link_queue_bytes_max;
         let mark = if self.links_paused.get() {
-            max / 4
+            super::links_resume_mark(max)
         } else {
             max / 2
         };
@@ -681,10 +681,8 @@ impl ShardCore {
         }
         // Room for the socket may be room for a parked retained gather.
         Self::resume_gathers(st, conn.key);
-        if !st.pressure.is_empty() {
-            // And may end a hold on its publishers (`pressure`).
-            self.ease(st, conn.key);
-        }
+        // And may end a hold on its publishers (`pressure`).
+        self.ease(st, conn.key);
     }
 }
 

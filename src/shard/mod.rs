@@ -114,8 +114,15 @@ pub use cluster_retained::RetainedSnapshot;
 pub use connect::{Arrival, CertLogin, Handshake};
 use mesh::{Mesh, RouteKey};
 use notify::Notify;
-pub use remote::{BridgeOut, ClusterReport, ClusterStats, RouteAckTo};
+pub use remote::{BridgeOut, ClusterReport, ClusterStats, RouteAckTo, FRAME_OVERHEAD_BYTES};
 pub use runtime::last_client;
+
+/// Where a pause for a peer that fell behind ends
+/// ([`ShardCore::links_full`]): a quarter of `cluster.link_queue_bytes_max`
+/// (`max`); it begins at half.
+fn links_resume_mark(max: usize) -> usize {
+    max / 4
+}
 use slab::Slab;
 
 /// Debug builds check a shard's invariants after every input up to this
@@ -887,11 +894,9 @@ impl ShardCore {
         if st.remote.is_some() {
             Self::export_will(st, key, now);
         }
-        if !st.pressure.is_empty() {
-            // Its client's acknowledgements, or its connection's end, may
-            // make room.
-            self.ease(st, key);
-        }
+        // Its client's acknowledgements, or its connection's end, may end
+        // a hold on its publishers.
+        self.ease(st, key);
         Self::after_step(st, key, now);
     }
 

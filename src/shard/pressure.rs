@@ -139,11 +139,7 @@ impl ShardCore {
         if !pressing {
             // A session under this key whose connection went is not
             // behind: what it held goes.
-            if let Some(stale) = st.pressure.remove(&key) {
-                for p in stale.held {
-                    self.send_hold(st, p, HoldChange::Release);
-                }
-            }
+            self.release_all(st, key);
             let pressing = Pressing {
                 conn,
                 held: HashSet::default(),
@@ -166,15 +162,23 @@ impl ShardCore {
     /// Session `key`, if it held connections, releases them once it is no
     /// longer behind (caught up, offline, gone).
     pub(super) fn ease(&self, st: &mut State, key: SessionKey) {
+        if st.pressure.is_empty() {
+            return; // the common case, on every step of every session
+        }
         let Some(p) = st.pressure.get(&key) else {
             return;
         };
         let still = st.sessions.get(key).is_some_and(|slot| {
             slot.conn.as_ref().is_some_and(|c| c.id == p.conn) && slot.session.presses(true)
         });
-        if still {
-            return;
+        if !still {
+            self.release_all(st, key);
         }
+    }
+
+    /// Session `key` holds nothing any more: every connection it held is
+    /// released, and its bounds are the limits again.
+    fn release_all(&self, st: &mut State, key: SessionKey) {
         let Some(p) = st.pressure.remove(&key) else {
             return;
         };
@@ -189,9 +193,6 @@ impl ShardCore {
     /// [`ShardCore::ease`] for every session that holds connections (the
     /// tick's look, for those whose end nothing else saw).
     pub(super) fn ease_all(&self, st: &mut State) {
-        if st.pressure.is_empty() {
-            return;
-        }
         let keys: Vec<SessionKey> = st.pressure.keys().copied().collect();
         for key in keys {
             self.ease(st, key);

@@ -58,6 +58,9 @@ pub enum BridgeOut {
         /// again (the nodes picked before will never get it): at most
         /// [`SERVED_AGAIN_MAX`], then it is dropped.
         again: u8,
+        /// What it counts against `cluster.link_queue_bytes_max`
+        /// ([`link_bytes`]), worked out once when it was routed.
+        bytes: usize,
     },
     /// Shard 0: the node's routes changed as a whole; tell every peer.
     Route {
@@ -236,10 +239,14 @@ pub struct RouteAckTo {
     pub seq: u64,
 }
 
+/// Bytes a message's frame to a peer takes besides the message's cost
+/// (`Message::cost_bytes`), about.
+pub const FRAME_OVERHEAD_BYTES: usize = 64;
+
 /// What a message for a peer counts against `cluster.link_queue_bytes_max`
 /// (its cost and the frame around it).
 pub fn link_bytes(message: &Message) -> usize {
-    message.cost_bytes() + 64
+    message.cost_bytes() + FRAME_OVERHEAD_BYTES
 }
 
 impl ShardCore {
@@ -397,10 +404,9 @@ impl ShardCore {
         let mut st = self.state.borrow_mut();
         let r = st.remote.as_mut()?;
         let out = r.out.pop_front()?;
-        if let BridgeOut::Publish { publish, .. } = &out {
-            let bytes = link_bytes(&publish.message);
+        if let BridgeOut::Publish { bytes, .. } = &out {
             let routed = self.routed_bytes.get();
-            debug_assert!(routed >= bytes, "taking more than was routed");
+            debug_assert!(routed >= *bytes, "taking more than was routed");
             self.routed_bytes.set(routed - bytes);
         }
         Some(out)
@@ -644,8 +650,9 @@ impl ShardCore {
         let Some(r) = st.remote.as_mut() else {
             return;
         };
-        let bytes = link_bytes(message) * nodes.len();
-        self.routed_bytes.set(self.routed_bytes.get() + bytes);
+        let bytes = link_bytes(message);
+        self.routed_bytes
+            .set(self.routed_bytes.get() + bytes * nodes.len());
         for node in nodes {
             let shared = plan
                 .node_picks
@@ -664,6 +671,7 @@ impl ShardCore {
                 },
                 ack,
                 again: plan.again,
+                bytes,
             });
         }
         r.wake.notify();

@@ -535,10 +535,9 @@ fn handle_packets(
     let max = shard.config.mqtt.packet_size_max_bytes as usize;
     let now = Instant::now();
     let hold = shard.publisher_hold();
-    let held = || conn.is_held() && conn.held(now, hold).is_some();
     CURRENT_CLIENT.with(|c| *c.borrow_mut() = Some(conn.clone()));
     let result = loop {
-        if !buf.is_empty() && (shard.links_full() || held()) {
+        if !buf.is_empty() && (shard.links_full() || conn.held(now, hold).is_some()) {
             break Ok(true);
         }
         match codec::decode_sharing(buf, conn.version, max, last_topic) {
