@@ -438,6 +438,9 @@ pub struct ClusterConfig {
     /// A file holding the cluster's shared secret (`cluster::secret`);
     /// empty: none (membership and links unauthenticated).
     pub secret_file: String,
+    /// Nodes whose logs hold what is acknowledged: this one and
+    /// `replicas - 1` standbys, 1 to 3.
+    pub replicas: usize,
 }
 
 /// How acknowledged messages and sessions are kept.
@@ -1042,6 +1045,7 @@ impl ClusterConfig {
             600_000,
         )?;
         range("cluster.routes_max", self.routes_max, 1, 100_000_000)?;
+        range("cluster.replicas", self.replicas, 1, 3)?;
         range(
             "cluster.peer_wills_max",
             self.peer_wills_max,

@@ -1050,6 +1050,86 @@ async fn a_session_follows_its_client_to_another_node() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Copy directory `from` into `to`, whole.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// What a node acknowledges is in its standby's log too (`cluster.replicas
+/// = 2`, the default): a's log is copied to b (the next name), and a
+/// QoS 1 PUBACK waits until b holds the records: while b is stopped
+/// (SIGSTOP) none comes, and it comes once b runs again. Node a is killed
+/// right after 300 messages for an offline persistent session there were
+/// acknowledged; a broker started alone on b's copy of a's log
+/// (`replicas/node-a`, a data directory) has the session with every one of
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_node_acknowledged_is_in_its_standbys_copy_of_its_log() {
+    use client::v3::{connect, options, QoS};
+    let dir = temp_dir("cluster-replica");
+    let [mut a, b, c] = three_nodes(&dir);
+    let mut o = options(a.addr, "kept");
+    o.set_clean_session(false);
+    let mut sub = connect(o).await;
+    sub.subscribe("rep/#", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    let mut publisher = connect(options(a.addr, "pub-a")).await;
+    for i in 0..300 {
+        publisher
+            .publish_acked(&format!("rep/{i}"), false, format!("m{i}").as_bytes())
+            .await;
+    }
+    let b_pid = b.pid().unwrap();
+    common::child::signal(b_pid, libc::SIGSTOP);
+    publisher
+        .publish("rep/300", QoS::AtLeastOnce, false, b"m300")
+        .await;
+    let early = publisher.puback_within(Duration::from_millis(700)).await;
+    common::child::signal(b_pid, libc::SIGCONT);
+    assert!(
+        !early,
+        "a PUBACK while the standby could not hold the message"
+    );
+    assert!(publisher.puback_within(Duration::from_secs(8)).await);
+    a.kill9();
+    assert_eq!(
+        metric_sum(&b, "shardmq_cluster_log_copies{"),
+        2,
+        "{}",
+        b.log_text()
+    );
+    assert_eq!(
+        metric_sum(&b, "shardmq_cluster_log_chunks_refused_total{"),
+        0
+    );
+    let copy = dir.join("b").join("replicas").join("node-a");
+    let restored = dir.join("restored");
+    copy_dir(&copy, &restored);
+    let alone = ChildBroker::start(&["--shards", "2", "--data-dir", restored.to_str().unwrap()]);
+    let mut o = options(alone.addr, "kept");
+    o.set_clean_session(false);
+    let mut sub = connect(o).await;
+    for i in 0..=300 {
+        let p = sub.next_publish_within(Duration::from_secs(10)).await;
+        assert_eq!(
+            &p.payload[..],
+            format!("m{i}").as_bytes(),
+            "message {i} from the copy"
+        );
+    }
+    drop((publisher, sub, alone, b, c));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A client that connects with Clean Start on another node ends the
 /// session it had on the first, as a Clean Start there would: coming back
 /// to the first node finds no session.

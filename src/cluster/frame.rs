@@ -24,11 +24,13 @@ use thiserror::Error;
 
 use super::node::NodeName;
 use crate::codec::{self, Packet, Version};
+use crate::log::ship::{Chunk, Have};
+use crate::log::RecordAt;
 use crate::message::Message;
 use crate::router::SharedPick;
 
 /// The bridge protocol version this node speaks.
-pub const BRIDGE_VERSION: u16 = 7;
+pub const BRIDGE_VERSION: u16 = 8;
 /// Bytes before a frame's body: its length and kind.
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Longest topic filter or other string in a frame, in bytes (the MQTT
@@ -62,6 +64,8 @@ mod kind {
     pub const SESSION_MOVED: u8 = 20;
     pub const MOVE_FENCE: u8 = 21;
     pub const MOVE_FENCE_DONE: u8 = 22;
+    pub const LOG_CHUNK: u8 = 23;
+    pub const LOG_HAVE: u8 = 24;
 }
 
 /// The first frame each side of a link sends.
@@ -258,6 +262,22 @@ pub enum Frame {
         seq: u64,
         /// The fence's id.
         id: u64,
+    },
+    /// Records of shard `shard`'s log for the receiver's copy of it
+    /// (`log::ship`): the receiver is a standby of the sender.
+    LogChunk {
+        /// The sending node's shard whose log it is.
+        shard: u16,
+        /// The records.
+        chunk: Box<Chunk>,
+    },
+    /// What the receiver's copy of shard `shard`'s log holds: the answer
+    /// to each [`Frame::LogChunk`].
+    LogHave {
+        /// The receiving node's shard whose log it is.
+        shard: u16,
+        /// What the copy holds.
+        have: Have,
     },
 }
 
@@ -627,6 +647,34 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u64(*seq);
             out.put_u64(*id);
         }
+        Frame::LogChunk { shard, chunk: c } => {
+            out.put_u8(kind::LOG_CHUNK);
+            out.put_u16(*shard);
+            out.put_u64(c.id);
+            out.put_u64(c.generation);
+            out.put_u64(c.segment_bytes);
+            out.put_u64(c.at.segment);
+            out.put_u64(c.at.offset);
+            out.put_u64(c.seq);
+            out.put_u8(u8::from(c.start.is_some()));
+            out.put_u64(c.start.unwrap_or(0));
+            out.put_u64(c.oldest);
+            out.put_u32(c.bytes.len() as u32);
+            out.put_slice(&c.bytes);
+        }
+        Frame::LogHave { shard, have: h } => {
+            out.put_u8(kind::LOG_HAVE);
+            out.put_u16(*shard);
+            out.put_u64(h.id);
+            out.put_u64(h.generation);
+            let flags =
+                u8::from(h.at.is_some()) | u8::from(h.whole) << 1 | u8::from(h.refused) << 2;
+            out.put_u8(flags);
+            let (at, next_seq) = h.at.unwrap_or_default();
+            out.put_u64(at.segment);
+            out.put_u64(at.offset);
+            out.put_u64(next_seq);
+        }
         Frame::SessionTake {
             seq,
             client_id,
@@ -892,6 +940,59 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             seq: u64_(b)?,
             id: u64_(b)?,
         },
+        kind::LOG_CHUNK => {
+            let shard = u16_(b)?;
+            let (id, generation, segment_bytes) = (u64_(b)?, u64_(b)?, u64_(b)?);
+            let at = RecordAt {
+                segment: u64_(b)?,
+                offset: u64_(b)?,
+            };
+            let seq = u64_(b)?;
+            let start = match (u8_(b)?, u64_(b)?) {
+                (0, _) => None,
+                (1, whole_at) => Some(whole_at),
+                _ => return Err(FrameError::Malformed("log chunk start flag")),
+            };
+            let oldest = u64_(b)?;
+            let n = u32_(b)? as usize;
+            need(b, n)?;
+            let bytes = b.split_to(n).to_vec();
+            Frame::LogChunk {
+                shard,
+                chunk: Box::new(Chunk {
+                    id,
+                    generation,
+                    segment_bytes,
+                    at,
+                    seq,
+                    start,
+                    oldest,
+                    bytes,
+                }),
+            }
+        }
+        kind::LOG_HAVE => {
+            let shard = u16_(b)?;
+            let (id, generation, flags) = (u64_(b)?, u64_(b)?, u8_(b)?);
+            if flags > 7 {
+                return Err(FrameError::Malformed("log have flags"));
+            }
+            let at = RecordAt {
+                segment: u64_(b)?,
+                offset: u64_(b)?,
+            };
+            let next_seq = u64_(b)?;
+            Frame::LogHave {
+                shard,
+                have: Have {
+                    id,
+                    generation,
+                    at: (flags & 1 != 0).then_some((at, next_seq)),
+                    whole: flags & 2 != 0,
+                    refused: flags & 4 != 0,
+                },
+            }
+        }
         kind::SESSION_TAKE => Frame::SessionTake {
             seq: u64_(b)?,
             client_id: client_id(b)?,
@@ -1420,6 +1521,45 @@ mod tests {
             },
             Frame::MoveFence { seq: 11, id: 3 },
             Frame::MoveFenceDone { seq: 4, id: 3 },
+            Frame::LogChunk {
+                shard: 1,
+                chunk: Box::new(Chunk {
+                    id: 9,
+                    generation: 4,
+                    segment_bytes: 1 << 20,
+                    at: RecordAt {
+                        segment: 3,
+                        offset: 128,
+                    },
+                    seq: 77,
+                    start: Some(90),
+                    oldest: 2,
+                    bytes: vec![1, 2, 3],
+                }),
+            },
+            Frame::LogHave {
+                shard: 1,
+                have: Have {
+                    id: 9,
+                    generation: 4,
+                    at: Some((
+                        RecordAt {
+                            segment: 3,
+                            offset: 131,
+                        },
+                        78,
+                    )),
+                    whole: true,
+                    refused: false,
+                },
+            },
+            Frame::LogHave {
+                shard: 0,
+                have: Have {
+                    refused: true,
+                    ..Have::default()
+                },
+            },
             Frame::SessionMoved(Box::new(SessionMoved {
                 seq: 12,
                 client_id: Arc::from("dev-1"),

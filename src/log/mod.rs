@@ -23,6 +23,7 @@ mod memdisk;
 pub mod record;
 pub mod scan;
 mod segment;
+pub mod ship;
 
 use std::collections::VecDeque;
 use std::io;
@@ -60,6 +61,20 @@ pub struct RecordAt {
     pub segment: u64,
     /// Byte offset of the record's header in the segment.
     pub offset: u64,
+}
+
+/// Records read back whole ([`Log::read_from`]), as they lie in their
+/// segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// Where the first one starts.
+    pub at: RecordAt,
+    /// Its sequence number.
+    pub first_seq: u64,
+    /// The sequence number after the last one.
+    pub next_seq: u64,
+    /// Their bytes, headers included.
+    pub bytes: Vec<u8>,
 }
 
 /// Why a record could not be read back.
@@ -229,36 +244,7 @@ impl Log {
         f: impl FnOnce(record::RecordRef<'_>) -> T,
     ) -> Result<T, ReadError> {
         let offset = usize::try_from(at.offset).unwrap_or(usize::MAX);
-        let bytes: &[u8] = if at.segment == self.current.index() {
-            self.current.written()
-        } else {
-            let Some(sealed) = self.sealed.iter().find(|s| s.index == at.segment) else {
-                return Err(ReadError::NoSegment(at.segment));
-            };
-            match self.read_maps.0.iter().position(|(i, _)| *i == at.segment) {
-                Some(i) => {
-                    let m = self.read_maps.0.remove(i).expect("found");
-                    self.read_maps.0.push_back(m);
-                }
-                None => {
-                    let map = self.disk.read(&sealed.path).map_err(|e| ReadError::Map {
-                        segment: at.segment,
-                        error: e.to_string(),
-                    })?;
-                    if self.read_maps.0.len() == READ_MAPS_MAX {
-                        self.read_maps.0.pop_front();
-                    }
-                    self.read_maps.0.push_back((at.segment, map));
-                }
-            }
-            self.read_maps
-                .0
-                .back()
-                .expect("just pushed")
-                .1
-                .as_ref()
-                .as_ref()
-        };
+        let bytes = self.segment_contents(at.segment)?;
         match record::read(bytes, offset) {
             record::Read::Record(r, _) => Ok(f(r)),
             record::Read::End => Err(ReadError::Bad {
@@ -267,6 +253,108 @@ impl Log {
             }),
             record::Read::Bad(why) => Err(ReadError::Bad { at, why }),
         }
+    }
+
+    /// The bytes of segment `index`: what was written of the current one,
+    /// the whole file of a sealed one (zeros after its last record),
+    /// mapped read-only on first use; the last few such mappings are kept.
+    fn segment_contents(&mut self, index: u64) -> Result<&[u8], ReadError> {
+        if index == self.current.index() {
+            return Ok(self.current.written());
+        }
+        let Some(sealed) = self.sealed.iter().find(|s| s.index == index) else {
+            return Err(ReadError::NoSegment(index));
+        };
+        match self.read_maps.0.iter().position(|(i, _)| *i == index) {
+            Some(i) => {
+                let m = self.read_maps.0.remove(i).expect("found");
+                self.read_maps.0.push_back(m);
+            }
+            None => {
+                let map = self.disk.read(&sealed.path).map_err(|e| ReadError::Map {
+                    segment: index,
+                    error: e.to_string(),
+                })?;
+                if self.read_maps.0.len() == READ_MAPS_MAX {
+                    self.read_maps.0.pop_front();
+                }
+                self.read_maps.0.push_back((index, map));
+            }
+        }
+        Ok(self
+            .read_maps
+            .0
+            .back()
+            .expect("just pushed")
+            .1
+            .as_ref()
+            .as_ref())
+    }
+
+    /// Whole records from `at` on (a record boundary), within one
+    /// segment: at least one, then more while they add up to at most
+    /// `max_bytes`. At the end of a sealed segment the read goes on at the
+    /// start of the next. None when nothing was written from `at` on.
+    /// Errors: `at`'s segment is gone (compacted away) or unreadable, or
+    /// `at` is not where a record starts.
+    pub fn read_from(&mut self, at: RecordAt, max_bytes: usize) -> Result<Option<Run>, ReadError> {
+        let mut at = at;
+        loop {
+            let current = self.current.index();
+            let bytes = self.segment_contents(at.segment)?;
+            let start = usize::try_from(at.offset).unwrap_or(usize::MAX);
+            let (mut end, mut first, mut next_seq) = (start, None, 0);
+            loop {
+                match record::read(bytes, end) {
+                    record::Read::Record(r, next) => {
+                        if first.is_some() && next - start > max_bytes {
+                            break;
+                        }
+                        first.get_or_insert(r.seq);
+                        next_seq = r.seq + 1;
+                        end = next;
+                    }
+                    record::Read::End => break,
+                    record::Read::Bad(why) => return Err(ReadError::Bad { at, why }),
+                }
+            }
+            if let Some(first_seq) = first {
+                return Ok(Some(Run {
+                    at,
+                    first_seq,
+                    next_seq,
+                    bytes: bytes[start..end].to_vec(),
+                }));
+            }
+            if at.segment >= current {
+                return Ok(None);
+            }
+            at = RecordAt {
+                segment: at.segment + 1,
+                offset: 0,
+            };
+        }
+    }
+
+    /// The sequence number of the first record of the oldest segment on
+    /// disk; None while the log holds no record.
+    pub fn oldest_seq(&mut self) -> Option<u64> {
+        let oldest = self.oldest_index();
+        match self.read_from(
+            RecordAt {
+                segment: oldest,
+                offset: 0,
+            },
+            0,
+        ) {
+            Ok(Some(run)) => Some(run.first_seq),
+            _ => None,
+        }
+    }
+
+    /// The disk the log is on.
+    pub fn disk(&self) -> &Arc<dyn Disk> {
+        &self.disk
     }
 
     /// Move to the spare segment (creating it now if it is missing).

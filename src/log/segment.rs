@@ -81,6 +81,19 @@ impl Segment {
         &self.file.bytes()[..self.used]
     }
 
+    /// Append records already encoded (checked by the caller) if they
+    /// fit; false when they do not.
+    pub fn append_encoded(&mut self, records: &[u8]) -> bool {
+        let range = self.used..self.used + records.len();
+        if range.end > self.size() {
+            return false;
+        }
+        self.file.bytes_mut()[range.clone()].copy_from_slice(records);
+        self.file.wrote(range);
+        self.used += records.len();
+        true
+    }
+
     /// Append a record if it fits. The bytes after it are zero, and fewer
     /// than a length field's 4 read as the end, so no end marker is
     /// needed. False when it does not fit.

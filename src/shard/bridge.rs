@@ -388,6 +388,7 @@ impl Bridge {
                     self.close_outbound(now, id, "a newer run of the node is up");
                 }
                 self.recompute_acks();
+                self.choose_standbys(now);
             }
             PeerEvent::Down { index, node } => {
                 let Some((link, dropped)) = self.peers.borrow_mut().down(index, &node) else {
@@ -414,8 +415,57 @@ impl Bridge {
                     self.close(now, &l, "the node is down");
                 }
                 self.recompute_acks();
+                self.choose_standbys(now);
             }
             PeerEvent::Quorum { refuse } => self.core.set_refusing_connects(refuse),
+        }
+    }
+
+    /// The standbys of this shard's log: the `cluster.replicas - 1` peers
+    /// up after this node in the order of their names (from the first
+    /// again after the last), the same choice on every shard.
+    fn choose_standbys(&self, now: Instant) {
+        let want = self.core.config().cluster.replicas.saturating_sub(1);
+        let peers = self.peers.borrow();
+        let mut up: Vec<(&str, u16)> = (peers.indices().into_iter())
+            .filter_map(|i| peers.node(i).map(|n| (n.name.as_str(), i)))
+            .collect();
+        up.sort_unstable();
+        let me = self.me.node.as_str();
+        let (after, before): (Vec<_>, Vec<_>) = up.into_iter().partition(|(n, _)| *n > me);
+        let chosen: Vec<u16> = (after.into_iter().chain(before))
+            .take(want)
+            .map(|(_, i)| i)
+            .collect();
+        drop(peers);
+        if chosen != self.core.standbys() {
+            self.core.set_standbys(now, &chosen);
+            self.ship_logs(now);
+        }
+    }
+
+    /// Copy new records of this shard's log to the standbys whose links
+    /// are up, while their windows and the links' output have room.
+    fn ship_logs(&self, now: Instant) {
+        let ms = self.ms(now);
+        // A chunk fits the peer's largest frame (one larger record goes
+        // alone: a record is at most a packet and its bookkeeping).
+        let max = super::durable_chunk_bytes(self.settings.frame_bytes_max);
+        for node in self.core.standbys() {
+            let Some(link) = self.up_link_to(node) else {
+                continue;
+            };
+            let mut sent = false;
+            while link.session.borrow().out_bytes() < self.settings.out_bytes_max / 2 {
+                let Some(frame) = self.core.poll_log_chunk(node, max) else {
+                    break;
+                };
+                link.session.borrow_mut().force_send(ms, &frame);
+                sent = true;
+            }
+            if sent {
+                link.wake.notify();
+            }
         }
     }
 
@@ -784,6 +834,8 @@ impl Bridge {
     /// dead links and the snapshots under way (every 50 ms or so).
     pub fn tick(&self, now: Instant) {
         let ms = self.ms(now);
+        self.core.replication_tick(now);
+        self.ship_logs(now);
         self.routes_wait_expired(now);
         self.ack_wait_expired(now);
         self.note_fill(now);
@@ -982,6 +1034,7 @@ impl Bridge {
                 self.peers
                     .borrow_mut()
                     .link_closed(index, link.id, self.ms(now));
+                self.core.log_link_down(index);
             }
             self.recompute_acks();
         }
@@ -1116,6 +1169,8 @@ impl Bridge {
                 drop(s);
             }
             self.recompute_acks();
+            // The log's copy goes on from where it ended.
+            self.ship_logs(now);
             // What the run has not confirmed, in order, before any new
             // message (it skips those it had).
             self.peers.borrow_mut().link_up(index, link.id, ms);
@@ -1238,6 +1293,50 @@ impl Bridge {
             }
             return;
         }
+        if let (Frame::LogChunk { shard, chunk }, false) = (&f, link.outbound) {
+            let Some(h) = link.hello.borrow().clone() else {
+                return;
+            };
+            if *shard >= h.shards {
+                self.warn(
+                    now,
+                    format_args!(
+                        "node {} sent a chunk of shard {shard}'s log, of {} shards; closing the link",
+                        quote(h.node.as_str()),
+                        h.shards
+                    ),
+                );
+                self.close(now, link, "bad log chunk");
+                return;
+            }
+            match self
+                .core
+                .take_log_chunk(h.node.as_str(), h.incarnation, *shard, chunk)
+            {
+                Ok(answer) => {
+                    link.session.borrow_mut().force_send(self.ms(now), &answer);
+                    link.wake.notify();
+                }
+                Err(e) => {
+                    self.warn(
+                        now,
+                        format_args!(
+                            "a chunk of node {}'s log refused: {e}; closing the link",
+                            quote(h.node.as_str())
+                        ),
+                    );
+                    self.close(now, link, "bad log chunk");
+                }
+            }
+            return;
+        }
+        if let (Frame::LogHave { have, .. }, true) = (&f, link.outbound) {
+            if let Some(index) = link.peer.get() {
+                self.core.log_have(now, index, *have);
+                self.ship_logs(now);
+            }
+            return;
+        }
         if let (Frame::Retained(_), false) = (&f, link.outbound) {
             if let (Frame::Retained(entries), Some(index)) = (f, link.peer.get()) {
                 self.core.handle_remote_retained(now, index, entries);
@@ -1354,6 +1453,7 @@ impl Bridge {
         while let Some(out) = self.core.poll_bridge() {
             self.bridge_out(now, out);
         }
+        self.ship_logs(now);
         self.note_fill(now);
         self.confirm_synced(now);
     }

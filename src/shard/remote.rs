@@ -187,6 +187,8 @@ pub struct ClusterStats {
     /// Deliveries lost in moves (past `MOVE_BYTES_MAX`, unreadable from
     /// the log, or their session gone before they came).
     pub move_deliveries_lost: u64,
+    /// The log's copies on standbys, and the copies kept here.
+    pub replication: super::ReplicationStats,
 }
 
 /// A shard's cluster state (None on a broker that runs alone).
@@ -257,6 +259,12 @@ impl ShardCore {
     /// stamps of its retained messages.
     pub fn enable_cluster(&self, now: Instant, wall: WallClock) {
         let mut st = self.state.borrow_mut();
+        let wake: Rc<Notify> = Rc::default();
+        if let Some(store) = st.store.as_mut() {
+            // New records wake the bridge, which copies them to the
+            // standbys.
+            store.set_ship_wake(wake.clone());
+        }
         let export = (self.id == 0).then(|| {
             let mut e = RouteExport::new();
             st.routes.for_each(|filter, key, _| {
@@ -269,7 +277,7 @@ impl ShardCore {
         st.remote = Some(Remote {
             export,
             out: VecDeque::new(),
-            wake: Rc::default(),
+            wake,
             remote_dropped: 0,
             acked_everywhere: 0,
             waiting: VecDeque::new(),
@@ -621,6 +629,8 @@ impl ShardCore {
             moves_stayed: r.moves.stayed,
             stale_deliveries_dropped: r.moves.stale_dropped,
             move_deliveries_lost: r.moves.lost,
+            replication: (st.store.as_ref())
+                .map_or_else(Default::default, |s| s.replication_stats()),
         })
     }
 

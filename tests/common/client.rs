@@ -260,6 +260,13 @@ macro_rules! client_common {
                     .await
             }
 
+            /// True when a PUBACK comes within `wait`.
+            #[allow(dead_code)]
+            pub async fn puback_within(&mut self, wait: Duration) -> bool {
+                let is_puback = |p: &Packet| matches!(p, Packet::PubAck(_)).then_some(());
+                (self.events.packet(wait, "publishing", is_puback).await).is_some()
+            }
+
             /// Publish at QoS 1 and wait for the broker's PUBACK.
             pub async fn publish_acked(&mut self, topic: &str, retain: bool, payload: &[u8]) {
                 self.publish(topic, QoS::AtLeastOnce, retain, payload).await;

@@ -260,8 +260,8 @@ impl ShardCore {
                 store.settle.settled_written_seq = store.rec.log.next_seq();
             }
         }
-        let durable = store.rec.mode != crate::config::Durability::PowerSafe
-            || store.gate.synced_next >= store.settle.settled_written_seq;
+        let durable =
+            !store.waits_for_gate() || store.gate.synced_next >= store.settle.settled_written_seq;
         if store.settle.settled_written > store.settle.known_settled[self.id] && durable {
             let upto = store.settle.settled_written;
             self.mesh.broadcast(|| MeshMsg::Settled { upto });

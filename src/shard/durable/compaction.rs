@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use crate::hash::HashMap;
 
-use crate::config::Durability;
 use crate::persist::{Causes, Rec, Target, TargetState};
 use crate::session::StoredDelivery;
 
@@ -155,8 +154,9 @@ impl ShardCore {
         }
         store.live.by_seg = store.live.by_seg.split_off(&(victim + 1));
         store.live.proofs = store.live.proofs.split_off(&(victim + 1));
-        if store.rec.mode == Durability::PowerSafe {
-            // The rewritten copies must be durable before the originals go.
+        if store.waits_for_gate() {
+            // The rewritten copies must be durable (synced, and held by
+            // the standbys) before the originals go.
             store.gate.pending_removal = Some((store.rec.log.next_seq(), victim));
             store.rec.sync_wake.notify();
             return Compacted::Done;

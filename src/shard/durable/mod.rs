@@ -48,6 +48,7 @@ mod answers;
 mod compaction;
 pub(super) mod invariants;
 mod messages;
+mod replicate;
 mod retry;
 mod routed;
 mod sessions;
@@ -76,6 +77,7 @@ use messages::StoredMessage;
 use retry::Retry;
 
 pub(super) use messages::{Held, StoreTarget};
+pub use replicate::{chunk_bytes, ReplicationStats, REPLICA_WAIT};
 pub(super) use routed::{Forward, Logged};
 
 /// A persistent session's place in the log.
@@ -137,6 +139,9 @@ pub(super) struct Store {
     next_message_id: u64,
     /// Stored messages by id (`messages`).
     messages: HashMap<u64, StoredMessage>,
+    /// Cluster mode: the log's copies on standbys, and the copies of
+    /// peers' logs kept here (`replicate`).
+    replication: replicate::Replication,
 }
 
 /// The record writer: the log, its room, and the failures it counts.
@@ -170,6 +175,9 @@ struct Records {
     /// Power-safe: wakes the group-commit task (every append, and
     /// compaction waiting to delete segments).
     sync_wake: Rc<Notify>,
+    /// Cluster mode: wakes the bridge, which copies new records to the
+    /// standbys.
+    ship_wake: Option<Rc<Notify>>,
 }
 
 /// Liveness and compaction accounting: where each live object's whole
@@ -209,8 +217,12 @@ struct Settle {
 
 /// The power-safe sync gate: what waits for records to be synced.
 struct SyncGate {
-    /// Records with a lower sequence number are synced (power-safe).
+    /// Records with a lower sequence number are durable: synced
+    /// (power-safe) and held by every standby waited for (`replicate`).
     synced_next: u64,
+    /// Records with a lower sequence number are synced (power-safe;
+    /// otherwise the largest number).
+    local_next: u64,
     /// Sessions whose output waits for a sync: (key, connection id).
     sync_waiters: Vec<(SessionKey, u64)>,
     /// Closing connections whose last packets wait for a sync.
@@ -336,6 +348,7 @@ impl Store {
                 appends_failed: 0,
                 status,
                 sync_wake,
+                ship_wake: None,
             },
             live: Liveness::default(),
             settle: Settle {
@@ -350,6 +363,11 @@ impl Store {
             },
             gate: SyncGate {
                 synced_next: next,
+                local_next: if mode == Durability::PowerSafe {
+                    next
+                } else {
+                    u64::MAX
+                },
                 sync_waiters: Vec::new(),
                 closing_waiters: Vec::new(),
                 after_sync: Vec::new(),
@@ -359,6 +377,7 @@ impl Store {
             next_sid,
             next_message_id,
             messages: HashMap::default(),
+            replication: replicate::Replication::default(),
         }
     }
 
@@ -403,11 +422,26 @@ impl Store {
         self.rec.wall_ms(t)
     }
 
-    /// Power-safe: the sequence number output must wait for, when records
-    /// are not yet synced.
+    /// The sequence number output must wait for, when records are not
+    /// yet durable: synced (power-safe), held by the standbys waited for
+    /// (cluster mode).
     fn unsynced_upto(&self) -> Option<u64> {
         let next = self.rec.log.next_seq();
-        (self.rec.mode == Durability::PowerSafe && next > self.gate.synced_next).then_some(next)
+        (self.waits_for_gate() && next > self.gate.synced_next).then_some(next)
+    }
+
+    /// True when what is acknowledged waits for records to be durable
+    /// beyond the mapping: power-safe mode, or a standby waited for.
+    fn waits_for_gate(&self) -> bool {
+        self.rec.mode == Durability::PowerSafe || self.replication.waits()
+    }
+
+    /// Records below this sequence number are durable.
+    fn durable_next(&self) -> u64 {
+        let next = self.rec.log.next_seq();
+        (self.gate.local_next)
+            .min(self.replication.held_below())
+            .min(next)
     }
 
     /// Send now (kill-safe) or after the records written so far are synced.
@@ -457,6 +491,9 @@ impl Records {
             Ok(placed) => {
                 if self.mode == Durability::PowerSafe {
                     self.sync_wake.notify();
+                }
+                if let Some(wake) = &self.ship_wake {
+                    wake.notify();
                 }
                 Ok(placed)
             }

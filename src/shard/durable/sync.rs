@@ -78,19 +78,34 @@ impl ShardCore {
     fn begin_sync(st: &mut State) -> Option<(u64, Vec<PathBuf>)> {
         let store = st.store.as_mut()?;
         let next = store.rec.log.next_seq();
-        if next <= store.gate.synced_next && store.gate.pending_removal.is_none() {
+        if next <= store.gate.local_next && store.gate.pending_removal.is_none() {
             return None;
         }
         Some((next, store.rec.log.take_dirty()))
     }
 
-    /// Records below `synced_next` are durable: release held output and
-    /// answers, delete compacted segments whose copies are now durable.
+    /// Records below `synced_next` are synced: release what that makes
+    /// durable.
     fn sync_done(&self, st: &mut State, synced_next: u64) {
+        if let Some(store) = st.store.as_mut() {
+            store.gate.local_next = store.gate.local_next.max(synced_next);
+        }
+        self.release_gate(st);
+    }
+
+    /// Release held output and answers up to what is durable now (synced,
+    /// held by the standbys), delete compacted segments whose copies are
+    /// durable.
+    pub(in crate::shard) fn release_gate(&self, st: &mut State) {
         let Some(store) = st.store.as_mut() else {
             return;
         };
-        store.gate.synced_next = store.gate.synced_next.max(synced_next);
+        let durable = store.durable_next();
+        let removal_due = (store.gate.pending_removal).is_some_and(|(seq, _)| seq <= durable);
+        if durable <= store.gate.synced_next && !removal_due {
+            return;
+        }
+        store.gate.synced_next = store.gate.synced_next.max(durable);
         let synced = store.gate.synced_next;
         if let Some((seq, victim)) = store.gate.pending_removal {
             if seq <= synced {

@@ -1,0 +1,422 @@
+//! Cluster mode with a log: this shard's log copied to its standby nodes
+//! before what it holds is acknowledged, and the copies this shard keeps
+//! for other nodes' shards.
+//!
+//! Shard-local, no I/O but the copies' files. The bridge names the
+//! standbys (`cluster.replicas - 1` nodes, [`ShardCore::set_standbys`]),
+//! carries [`Frame::LogChunk`]s to them ([`ShardCore::poll_log_chunk`])
+//! and brings their answers back ([`ShardCore::log_have`]). What is
+//! acknowledged waits for the copies through the same gate as power-safe
+//! mode's syncs (`sync`): session output, messages to other shards that
+//! name an origin, `Applied` answers and peers' confirmations are held
+//! until every standby holds the records written before them, whole. A
+//! standby that holds nothing new for [`REPLICA_WAIT`] stops being waited
+//! for (logged, counted) until it catches up again; a node with no
+//! standby up waits for none.
+//!
+//! The other way, this shard keeps copies of its peers' shards' logs
+//! ([`ShardCore::take_log_chunk`]) under
+//! `storage.data_dir/replicas/node-NAME/`, laid out like a data
+//! directory (`gen-N/shard-I/`, `CURRENT` once the copy of shard 0 is
+//! whole), so a broker started on it recovers that node's sessions and
+//! messages.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::cluster::frame::Frame;
+use crate::log::ship::{Chunk, Have, Replica, ReplicaError, Shipper};
+
+use super::{ShardCore, State, Store};
+
+/// How long acknowledgements wait for a standby that takes nothing new:
+/// then they go without it until it catches up.
+pub const REPLICA_WAIT: Duration = Duration::from_secs(10);
+
+/// Bytes of records per [`Frame::LogChunk`] at most (one larger record
+/// goes alone), and less than a peer's largest frame
+/// (`frame_bytes_max`) by room for the frame's own fields.
+pub fn chunk_bytes(frame_bytes_max: usize) -> usize {
+    (256 << 10).min(frame_bytes_max.saturating_sub(1024)).max(1)
+}
+
+/// Bytes of records sent to one standby and not yet answered.
+pub const WINDOW_BYTES: usize = 4 << 20;
+
+/// A standby this shard's log goes to.
+#[derive(Debug)]
+pub(in crate::shard) struct Standby {
+    /// The node (the bridge's index).
+    node: u16,
+    ship: Shipper,
+    /// Sequence numbers the log reached, and when (one a tick at most):
+    /// the oldest the standby does not hold says how long it is behind.
+    marks: VecDeque<(u64, Instant)>,
+    /// Not waited for: behind for [`REPLICA_WAIT`] or refusing.
+    given_up: bool,
+}
+
+/// A copy of a peer shard's log kept here.
+#[derive(Debug)]
+pub(in crate::shard) struct Copy {
+    node: Arc<str>,
+    run: u64,
+    shard: u16,
+    replica: Replica,
+    current_written: bool,
+}
+
+/// The replication side of a shard's store.
+#[derive(Debug, Default)]
+pub(in crate::shard) struct Replication {
+    pub(in crate::shard) standbys: Vec<Standby>,
+    copies: Vec<Copy>,
+    /// Times a standby stopped being waited for.
+    pub(in crate::shard) given_up: u64,
+    /// Chunks refused from peers (bad records), and copies started anew.
+    pub(in crate::shard) chunks_refused: u64,
+    pub(in crate::shard) copies_started: u64,
+}
+
+/// What replication counted, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicationStats {
+    /// Standbys this shard's log goes to, and of those, the ones waited
+    /// for.
+    pub standbys: usize,
+    /// Of those, waited for.
+    pub standbys_waited: usize,
+    /// Records of this shard's log not yet held by the slowest standby
+    /// waited for.
+    pub records_behind: u64,
+    /// Times a standby stopped being waited for.
+    pub standbys_given_up: u64,
+    /// Copies of peers' shard logs kept here, and their files' bytes.
+    pub copies: usize,
+    /// Their bytes.
+    pub copy_bytes: u64,
+    /// Copies started anew.
+    pub copies_started: u64,
+    /// Chunks from peers refused (records that do not check out).
+    pub chunks_refused: u64,
+}
+
+impl Replication {
+    /// True while some standby is waited for.
+    pub(super) fn waits(&self) -> bool {
+        self.standbys.iter().any(|s| !s.given_up)
+    }
+
+    /// Every record below this is held by every standby waited for.
+    pub(super) fn held_below(&self) -> u64 {
+        (self.standbys.iter())
+            .filter(|s| !s.given_up)
+            .map(|s| s.ship.confirmed())
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+}
+
+impl Store {
+    /// Cluster mode: new records wake the bridge.
+    pub(in crate::shard) fn set_ship_wake(
+        &mut self,
+        wake: std::rc::Rc<crate::shard::notify::Notify>,
+    ) {
+        self.rec.ship_wake = Some(wake);
+    }
+
+    /// The log's generation (its directory `gen-N/shard-I`), 0 if the
+    /// name says none.
+    fn generation(&self) -> u64 {
+        let gen = self.rec.log.dir().parent().and_then(|p| p.file_name());
+        gen.and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("gen-"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The data directory the log is in.
+    fn data_root(&self) -> Option<PathBuf> {
+        Some(self.rec.log.dir().parent()?.parent()?.to_path_buf())
+    }
+}
+
+impl ShardCore {
+    /// Cluster mode: the nodes (the bridge's indexes) this shard's log is
+    /// copied to; records written from now on wait for them. A node
+    /// dropped from the list is no longer waited for; a new one gets a
+    /// copy from the start. Without a log: nothing.
+    pub fn set_standbys(&self, now: Instant, nodes: &[u16]) {
+        let mut st = self.state.borrow_mut();
+        let Some(store) = st.store.as_mut() else {
+            return;
+        };
+        let gen = store.generation();
+        let r = &mut store.replication;
+        r.standbys.retain(|s| nodes.contains(&s.node));
+        for &node in nodes {
+            if !r.standbys.iter().any(|s| s.node == node) {
+                log::info!(
+                    "shard {}: log copied to peer {node} from now on (generation {gen})",
+                    self.id
+                );
+                r.standbys.push(Standby {
+                    node,
+                    ship: Shipper::new(gen),
+                    marks: VecDeque::from([(store.rec.log.next_seq(), now)]),
+                    given_up: false,
+                });
+            }
+        }
+        self.release_gate(&mut st);
+    }
+
+    /// The standbys this shard's log goes to.
+    pub fn standbys(&self) -> Vec<u16> {
+        let st = self.state.borrow();
+        st.store.as_ref().map_or_else(Vec::new, |s| {
+            s.replication.standbys.iter().map(|s| s.node).collect()
+        })
+    }
+
+    /// The next chunk of this shard's log for standby `node`, of at most
+    /// `max_bytes` of records (one larger record goes alone), while its
+    /// window has room.
+    pub fn poll_log_chunk(&self, node: u16, max_bytes: usize) -> Option<Frame> {
+        let mut st = self.state.borrow_mut();
+        let store = st.store.as_mut()?;
+        let log = &mut store.rec.log;
+        let standby = (store.replication.standbys.iter_mut()).find(|s| s.node == node)?;
+        match standby.ship.poll(log, max_bytes, WINDOW_BYTES) {
+            Ok(chunk) => chunk.map(|chunk| Frame::LogChunk {
+                shard: self.id as u16,
+                chunk: Box::new(chunk),
+            }),
+            Err(e) => {
+                log::error!(
+                    "shard {}: cannot read the log to copy it to peer {node}: {e}",
+                    self.id
+                );
+                None
+            }
+        }
+    }
+
+    /// Standby `node` answered a chunk.
+    pub fn log_have(&self, now: Instant, node: u16, have: Have) {
+        let mut st = self.state.borrow_mut();
+        let Some(store) = st.store.as_mut() else {
+            return;
+        };
+        let Some(s) = (store.replication.standbys.iter_mut()).find(|s| s.node == node) else {
+            return;
+        };
+        s.ship.have(have);
+        let confirmed = s.ship.confirmed();
+        while s.marks.len() > 1 && s.marks.get(1).is_some_and(|m| m.0 <= confirmed) {
+            s.marks.pop_front();
+        }
+        if s.ship.refused() && !s.given_up {
+            s.given_up = true;
+            store.replication.given_up += 1;
+            log::warn!(
+                "shard {}: peer {node} keeps no copy of this shard's log (no log there, or \
+                 its bound reached): acknowledgements no longer wait for it",
+                self.id
+            );
+        }
+        self.check_standbys(&mut st, now);
+    }
+
+    /// The link to standby `node` closed: what it had not answered goes
+    /// again on the next one.
+    pub fn log_link_down(&self, node: u16) {
+        let mut st = self.state.borrow_mut();
+        let Some(store) = st.store.as_mut() else {
+            return;
+        };
+        if let Some(s) = (store.replication.standbys.iter_mut()).find(|s| s.node == node) {
+            s.ship.link_down();
+        }
+    }
+
+    /// Every tick: note how far the log is, stop waiting for a standby
+    /// behind for [`REPLICA_WAIT`], wait again for one that caught up.
+    pub fn replication_tick(&self, now: Instant) {
+        let mut st = self.state.borrow_mut();
+        self.check_standbys(&mut st, now);
+    }
+
+    fn check_standbys(&self, st: &mut State, now: Instant) {
+        let Some(store) = st.store.as_mut() else {
+            return;
+        };
+        let next = store.rec.log.next_seq();
+        let me = self.id;
+        let r = &mut store.replication;
+        for s in &mut r.standbys {
+            if s.marks.back().is_none_or(|m| m.0 < next) {
+                s.marks.push_back((next, now));
+            }
+            let confirmed = s.ship.confirmed();
+            while s.marks.len() > 1 && s.marks.get(1).is_some_and(|m| m.0 <= confirmed) {
+                s.marks.pop_front();
+            }
+            // The oldest record it lacks was written after the front mark.
+            let behind = match s.marks.front() {
+                Some(m) if confirmed < next => now.saturating_duration_since(m.1),
+                _ => Duration::ZERO,
+            };
+            if !s.given_up && behind >= REPLICA_WAIT {
+                s.given_up = true;
+                r.given_up += 1;
+                log::warn!(
+                    "shard {me}: peer {} has held nothing new of this shard's log for {} s: \
+                     acknowledgements no longer wait for it until it catches up",
+                    s.node,
+                    behind.as_secs()
+                );
+            } else if s.given_up && !s.ship.refused() && behind < REPLICA_WAIT / 10 {
+                s.given_up = false;
+                log::info!(
+                    "shard {me}: peer {} caught up with this shard's log: acknowledgements \
+                     wait for it again",
+                    s.node
+                );
+            }
+        }
+        self.release_gate(st);
+    }
+
+    /// A chunk of peer `node`'s (run `run`) shard log for the copy kept
+    /// here; the answer goes back on the link it came on. Without a log
+    /// here the answer refuses. Errors close the link: the chunk does not
+    /// check out, or the copy's files failed.
+    pub fn take_log_chunk(
+        &self,
+        node: &str,
+        run: u64,
+        shard: u16,
+        chunk: &Chunk,
+    ) -> Result<Frame, ReplicaError> {
+        let mut st = self.state.borrow_mut();
+        let refused = Frame::LogHave {
+            shard,
+            have: Have {
+                id: chunk.id,
+                refused: true,
+                ..Have::default()
+            },
+        };
+        let Some(store) = st.store.as_mut() else {
+            return Ok(refused);
+        };
+        let Some(root) = store.data_root() else {
+            return Ok(refused);
+        };
+        let own_segment = store.rec.log.segment_bytes() as u64;
+        let i =
+            (store.replication.copies.iter()).position(|c| &*c.node == node && c.shard == shard);
+        let fits = |c: &Copy| c.run == run && c.replica.generation() == chunk.generation;
+        let i = match i {
+            Some(i) if fits(&store.replication.copies[i]) => i,
+            _ if chunk.start.is_none() => {
+                // Nothing of this run here: the owner starts anew.
+                return Ok(Frame::LogHave {
+                    shard,
+                    have: Have {
+                        id: chunk.id,
+                        ..Have::default()
+                    },
+                });
+            }
+            old => {
+                if chunk.segment_bytes == 0 || chunk.segment_bytes > own_segment.max(1 << 30) {
+                    return Err(ReplicaError::Bad("segment size out of range"));
+                }
+                let disk = store.rec.log.disk().clone();
+                let node_dir = root.join("replicas").join(format!("node-{node}"));
+                let dir = node_dir
+                    .join(format!("gen-{:06}", chunk.generation))
+                    .join(format!("shard-{shard}"));
+                // A share of the bound this node's own log has.
+                let segments_max =
+                    (self.config.storage.log_bytes_max / chunk.segment_bytes / self.shards as u64)
+                        .max(3) as usize;
+                let replica = Replica::new(
+                    disk.clone(),
+                    &dir,
+                    chunk.generation,
+                    chunk.segment_bytes as usize,
+                    segments_max,
+                );
+                if let Some(i) = old {
+                    let gone = store.replication.copies.remove(i);
+                    if gone.replica.dir() != dir {
+                        if let Err(e) = disk.remove_dir_all(gone.replica.dir()) {
+                            log::warn!(
+                                "shard {}: cannot remove the old copy {}: {e}",
+                                self.id,
+                                gone.replica.dir().display()
+                            );
+                        }
+                    }
+                }
+                store.replication.copies_started += 1;
+                store.replication.copies.push(Copy {
+                    node: Arc::from(node),
+                    run,
+                    shard,
+                    replica,
+                    current_written: false,
+                });
+                store.replication.copies.len() - 1
+            }
+        };
+        let copy = &mut store.replication.copies[i];
+        let have = match copy.replica.apply(chunk) {
+            Ok(have) => have,
+            Err(e) => {
+                store.replication.chunks_refused += 1;
+                return Err(e);
+            }
+        };
+        if copy.shard == 0 && copy.replica.whole() && !copy.current_written {
+            copy.current_written = true;
+            let node_dir = root.join("replicas").join(format!("node-{node}"));
+            let text = format!("gen-{:06}\n", chunk.generation);
+            if let Err(e) =
+                (store.rec.log.disk()).replace_synced(&node_dir, "CURRENT", text.as_bytes())
+            {
+                log::warn!(
+                    "shard {}: cannot write {}/CURRENT: {e}",
+                    self.id,
+                    node_dir.display()
+                );
+            }
+        }
+        Ok(Frame::LogHave { shard, have })
+    }
+}
+
+impl Store {
+    /// What replication counted on this shard.
+    pub(in crate::shard) fn replication_stats(&self) -> ReplicationStats {
+        let store = self;
+        let r = &store.replication;
+        let next = store.rec.log.next_seq();
+        ReplicationStats {
+            standbys: r.standbys.len(),
+            standbys_waited: r.standbys.iter().filter(|s| !s.given_up).count(),
+            records_behind: next.saturating_sub(r.held_below().min(next)),
+            standbys_given_up: r.given_up,
+            copies: r.copies.len(),
+            copy_bytes: r.copies.iter().map(|c| c.replica.file_bytes()).sum(),
+            copies_started: r.copies_started,
+            chunks_refused: r.chunks_refused,
+        }
+    }
+}
