@@ -456,6 +456,16 @@ impl Store {
             None => mesh.send(to, msg),
         }
     }
+
+    /// Send `msg` to shard `to` now, or behind what waits for a sync to
+    /// go there (it goes with the last of those).
+    fn send_behind(&mut self, mesh: &super::mesh::Mesh, to: usize, msg: MeshMsg) {
+        let waiting = (self.gate.after_sync.iter().rev()).find(|(_, t, _)| *t == to);
+        match waiting.map(|(seq, _, _)| *seq) {
+            Some(seq) => self.gate.after_sync.push((seq, to, msg)),
+            None => mesh.send(to, msg),
+        }
+    }
 }
 
 impl Records {

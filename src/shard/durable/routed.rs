@@ -256,6 +256,10 @@ impl ShardCore {
     ) {
         match (st.store.as_mut(), origin) {
             (Some(store), Some(_)) => store.send_after_sync(&self.mesh, to, msg),
+            // Behind what waits for that shard: a lane keeps its
+            // messages' order (a later message overtaking one held here
+            // would raise a moving session's marks past it).
+            (Some(store), None) => store.send_behind(&self.mesh, to, msg),
             _ => self.mesh.send(to, msg),
         }
     }
