@@ -511,7 +511,7 @@ fn start_cluster(
             .unwrap_or_default(),
     );
     let settings = LinkSettings {
-        frame_bytes_max: config.mqtt.packet_size_max_bytes as usize + (64 << 10),
+        frame_bytes_max: crate::cluster::link::frame_bytes_max(config),
         out_bytes_max: c.link_queue_bytes_max,
         ping_after_ms: 1_000,
         dead_after_ms: 5_000,

@@ -5,7 +5,9 @@
 //!
 //! Each seed builds 2 or 3 nodes of 1 or 2 shards (memory durability; a
 //! quarter of the seeds with a cluster secret that every link's handshake
-//! proves), brings their links up from membership events, connects persistent
+//! proves, and another quarter with `kill_safe` logs on disks in memory,
+//! each shard's log copied to a standby node, `cluster.replicas = 2`: a
+//! node killed there loses its disk, as with memory durability), brings their links up from membership events, connects persistent
 //! subscribers on every node (QoS 1 and 2, `t/#` and single topics) and
 //! waits for their SUBACKs, then runs random steps: QoS 0/1/2 publishes
 //! (some retained, some deleting a retained message) from publishers that
@@ -32,6 +34,12 @@
 //!   a shared group's message may reach a second member when the first
 //!   member's node died or a partition cut it off (served again), and
 //!   then come after later ones;
+//! - seeds with logs, at each node's death: every acknowledged message
+//!   owed to a subscriber whose session dies with the node and not yet
+//!   delivered is in the session that a recovery of its standby's copy of
+//!   the node's log gives back (checked when the standby held everything
+//!   acknowledged: waited for, with a whole copy of every shard; the
+//!   deaths not checked are counted);
 //! - no publisher's acknowledgement is still held once the run settles;
 //! - no QoS 2 delivery was ever duplicated;
 //! - first deliveries from one connection of a publisher on one topic
@@ -67,6 +75,8 @@ use shardmq::cluster::link::LinkSettings;
 use shardmq::cluster::node::{Node, NodeName};
 use shardmq::cluster::secret::ClusterSecret;
 use shardmq::codec::{Connect, Packet, Properties, Publish, QoS, Subscribe, Version, Will};
+use shardmq::log::disk::{Disk, MemDisk};
+use shardmq::persist::recover::{recover, RecoverySettings};
 use shardmq::persist::WallClock;
 use shardmq::shard::admin::{AdminAnswer, AdminRequest};
 use shardmq::shard::bridge::{Bridge, Dial, LinkId, PeerEvent};
@@ -199,6 +209,11 @@ struct NodeSim {
     /// New CONNECTs refused: the node sees no majority of the members
     /// (`cluster.on_minority = refuse_connects`, the default).
     refusing: bool,
+    /// Seeds with a log: this run's disk (a new run starts with an empty
+    /// one: what the node held is gone, as with memory durability) and
+    /// its wall clock.
+    disk: Option<Arc<MemDisk>>,
+    wall: Option<WallClock>,
 }
 
 struct Sim {
@@ -233,6 +248,11 @@ struct Sim {
     /// Subscribers whose session a crash took: what was owed before is
     /// not any more.
     lost_sessions: u64,
+    /// Seeds with logs, nodes killed: (deaths whose standby's copy was
+    /// not checked: no single standby waited for all along, or no whole
+    /// copy; copies recovered and checked; undelivered acknowledged
+    /// messages found in them).
+    copies: (u64, u64, u64),
     /// CONNECTs refused (0x88): a peer did not answer in time, or a
     /// peer's claim came first.
     refused: u64,
@@ -287,6 +307,14 @@ impl Sim {
             config.mqtt.packet_size_max_bytes = 960;
             config.cluster.link_queue_bytes_max = 2048;
         }
+        // A quarter of the seeds keep logs (kill_safe, on disks in
+        // memory), each shard's copied to a standby (`cluster.replicas =
+        // 2`): what a node acknowledges waits for its standby's copy.
+        if seed % 4 == 3 {
+            config.storage.durability = "kill_safe".into();
+            config.storage.segment_bytes = 256 << 10;
+            config.mqtt.packet_size_max_bytes = config.mqtt.packet_size_max_bytes.min(64 << 10);
+        }
         let nodes = (0..n)
             .map(|k| NodeSim {
                 name: NodeName::new(&format!("n{k}")).unwrap(),
@@ -298,6 +326,8 @@ impl Sim {
                 lanes: BTreeMap::new(),
                 view: BTreeMap::new(),
                 refusing: false,
+                disk: None,
+                wall: None,
             })
             .collect();
         let mut sim = Sim {
@@ -322,6 +352,7 @@ impl Sim {
             owed_by: HashMap::new(),
             group_got: HashMap::new(),
             lost_sessions: 0,
+            copies: (0, 0, 0),
             refused: 0,
             minority_refused: 0,
             routes_refused: 0,
@@ -406,8 +437,26 @@ impl Sim {
                 Rc::new(ShardCore::new(id, shards, config.clone(), mesh, boot))
             })
             .collect();
+        let wall = WallClock::at(self.now, 1_800_000_000_000 + self.steps);
+        node.wall = Some(wall);
+        node.disk = None;
+        if config.storage.durability != "memory" {
+            let disk = Arc::new(MemDisk::new());
+            let settings = RecoverySettings {
+                data_dir: "/data".into(),
+                shards,
+                segment_bytes: config.storage.segment_bytes,
+                clock: Some(wall),
+                disk: Some(disk.clone()),
+            };
+            let recovery = recover(&settings).expect("an empty disk recovers");
+            for (j, start) in recovery.shards.into_iter().enumerate() {
+                node.cores[j].restore(start, &recovery.routes, recovery.clock, self.now);
+            }
+            node.disk = Some(disk);
+        }
         let settings = LinkSettings {
-            frame_bytes_max: config.mqtt.packet_size_max_bytes as usize + (64 << 10),
+            frame_bytes_max: shardmq::cluster::link::frame_bytes_max(&config),
             out_bytes_max: config.cluster.link_queue_bytes_max,
             ping_after_ms: 1_000,
             dead_after_ms: 5_000,
@@ -423,7 +472,6 @@ impl Sim {
                 .try_into()
                 .unwrap(),
         };
-        let wall = WallClock::at(self.now, 1_800_000_000_000 + self.steps);
         node.bridges = (0..shards)
             .map(|j| {
                 Bridge::new(
@@ -1401,6 +1449,9 @@ impl Sim {
                     })
             })
             .collect();
+        if self.nodes[k].disk.is_some() && self.faults != Faults::All {
+            self.check_copy_of(k, &held, &moving);
+        }
         let node = &mut self.nodes[k];
         node.up = false;
         node.cores.clear();
@@ -1465,6 +1516,129 @@ impl Sim {
                     },
                     ms,
                 );
+            }
+        }
+    }
+
+    /// Node `k` dies now (seeds with logs): every acknowledged message
+    /// owed to a subscriber whose session dies with it, and not delivered
+    /// yet, is in the copy of its log its standby holds. Checked when
+    /// every shard's standby is the same node, waited for, holding all
+    /// that was acknowledged before it was (`log_copies_cover_acks`), with
+    /// a whole copy: a broker recovered from that copy holds each such
+    /// message for the subscriber. (`held`: the subscribers with a
+    /// session on node `k`; `moving`: client ids whose sessions were on
+    /// their way from it. Sessions on their way to it or from it are not
+    /// checked.)
+    fn check_copy_of(&mut self, k: usize, held: &BTreeSet<usize>, moving: &BTreeSet<Arc<str>>) {
+        let node = &self.nodes[k];
+        let coming: BTreeSet<Arc<str>> = (node.cores.iter())
+            .flat_map(|c| c.moving_in())
+            .map(|(id, _)| id)
+            .collect();
+        let standbys: BTreeSet<Vec<u16>> = node.cores.iter().map(|c| c.standbys()).collect();
+        let covered = node.cores.iter().all(|c| c.log_copies_cover_acks());
+        let Some(standby) = standbys.iter().next().and_then(|s| s.first().copied()) else {
+            self.copies.0 += 1;
+            return;
+        };
+        let p = standby as usize;
+        if standbys.len() > 1 || !covered || !self.nodes[p].up {
+            self.copies.0 += 1;
+            return;
+        }
+        let (name, run) = (node.name.as_str().to_string(), node.run);
+        let copies: Vec<_> = (self.nodes[p].cores.iter())
+            .flat_map(|c| c.log_copies())
+            .filter(|c| *c.node == *name && c.run == run && c.whole)
+            .collect();
+        let gens: BTreeSet<u64> = copies.iter().map(|c| c.generation).collect();
+        let all = (0..self.shards).all(|j| copies.iter().any(|c| c.shard as usize == j));
+        if !all || gens.len() != 1 {
+            self.copies.0 += 1;
+            return;
+        }
+        // Recover a scratch copy of the copy.
+        let from = self.nodes[p].disk.clone().expect("a node with a log");
+        let scratch = Arc::new(MemDisk::new());
+        let gen = *gens.iter().next().unwrap();
+        let root = std::path::Path::new("/copy");
+        for c in &copies {
+            let dir = root
+                .join(format!("gen-{gen:06}"))
+                .join(format!("shard-{}", c.shard));
+            scratch.create_dir_all(&dir).unwrap();
+            for file in from.list(&c.dir).unwrap() {
+                let bytes = from.read(&file).unwrap();
+                let to = dir.join(file.file_name().unwrap());
+                scratch.write_synced(&to, bytes.as_ref().as_ref()).unwrap();
+            }
+        }
+        let text = format!("gen-{gen:06}\n");
+        scratch
+            .write_synced(&root.join("CURRENT"), text.as_bytes())
+            .unwrap();
+        let settings = RecoverySettings {
+            data_dir: root.to_path_buf(),
+            shards: self.shards,
+            segment_bytes: self.config.storage.segment_bytes,
+            clock: self.nodes[k].wall,
+            disk: Some(scratch),
+        };
+        let recovery = recover(&settings)
+            .unwrap_or_else(|e| self.fail(&format!("node {k}'s copy on node {p}: {e}")));
+        let mut kept: BTreeMap<String, BTreeSet<(usize, u64)>> = BTreeMap::new();
+        for start in &recovery.shards {
+            for session in &start.sessions {
+                let got = kept.entry(session.client_id.to_string()).or_default();
+                let r = &session.restored;
+                let messages =
+                    (r.queue.iter().map(|(m, _)| m)).chain(r.inflight.iter().map(|i| &i.message));
+                for m in messages {
+                    let text = std::str::from_utf8(&m.payload).unwrap_or("");
+                    let mut f = text.split(':');
+                    if let (Some(Ok(from)), Some(Ok(seq))) =
+                        (f.next().map(str::parse), f.next().map(str::parse))
+                    {
+                        got.insert((from, seq));
+                    }
+                }
+            }
+        }
+        self.copies.1 += 1;
+        for (c, client) in self.clients.iter().enumerate() {
+            let Role::Subscriber { filter, .. } = &client.role else {
+                continue;
+            };
+            let Some(at) = client.subscribed_at else {
+                continue;
+            };
+            let id = &*client.id;
+            if !held.contains(&c) || moving.contains(id) || coming.contains(id) || client.split {
+                continue;
+            }
+            if filter.starts_with("$share/") {
+                continue;
+            }
+            let in_copy = kept.get(&client.id);
+            for (&(from, seq), s) in &self.sent {
+                let owed = s.acked
+                    && s.qos != QoS::AtMostOnce
+                    && s.will_of.is_none()
+                    && s.topic.starts_with("t/")
+                    && s.step > at
+                    && matches(filter, &s.topic);
+                if !owed || self.delivered.contains_key(&(c, from, seq)) {
+                    continue;
+                }
+                self.copies.2 += 1;
+                if !in_copy.is_some_and(|m| m.contains(&(from, seq))) {
+                    self.fail(&format!(
+                        "{from}:{seq} on {} (acknowledged) owed to {} is neither delivered nor in \
+                         node {p}'s copy of node {k}'s log",
+                        s.topic, client.id
+                    ));
+                }
             }
         }
     }
@@ -1922,6 +2096,7 @@ impl Sim {
             partitions: self.partitions,
             breaks: self.breaks,
             lost_sessions: self.lost_sessions,
+            copies: self.copies,
             refused: self.refused,
             minority_refused: self.minority_refused,
             routes_refused: self.routes_refused,
@@ -1973,6 +2148,7 @@ struct Outcome {
     partitions: u64,
     breaks: u64,
     lost_sessions: u64,
+    copies: (u64, u64, u64),
     refused: u64,
     minority_refused: u64,
     routes_refused: u64,
@@ -1995,6 +2171,9 @@ impl std::ops::AddAssign for Outcome {
         self.partitions += o.partitions;
         self.breaks += o.breaks;
         self.lost_sessions += o.lost_sessions;
+        self.copies.0 += o.copies.0;
+        self.copies.1 += o.copies.1;
+        self.copies.2 += o.copies.2;
         self.refused += o.refused;
         self.minority_refused += o.minority_refused;
         self.routes_refused += o.routes_refused;
@@ -2043,7 +2222,9 @@ fn seeded_cluster_runs() {
          one without the routes of a node it sees up, {} \
          sessions split by a move given up (their order across the split not checked); {} \
          publishes held back while a peer had too many messages unconfirmed or a subscriber was behind, {} messages for \
-         peers dropped by the bridges",
+         peers dropped by the bridges; nodes with logs killed: {} standbys' copies recovered, \
+         holding {} acknowledged messages not yet delivered, {} deaths not checked (no whole \
+         copy, or a standby not waited for all along)",
         seeds.len(),
         total.faulty,
         total.published,
@@ -2060,7 +2241,10 @@ fn seeded_cluster_runs() {
         total.routes_refused,
         total.splits,
         total.link_pauses,
-        total.dropped
+        total.dropped,
+        total.copies.1,
+        total.copies.2,
+        total.copies.0
     );
 }
 

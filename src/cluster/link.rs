@@ -74,6 +74,18 @@ pub struct LinkSettings {
     pub nonce_seed: [u8; 16],
 }
 
+/// The largest frame a node takes from a peer: a message (a packet of
+/// `mqtt.packet_size_max_bytes` and its fields), or with a log, a chunk
+/// of it holding one record, which may be as large as a segment (a
+/// session's whole state).
+pub fn frame_bytes_max(config: &crate::Config) -> usize {
+    let message = config.mqtt.packet_size_max_bytes as usize + (64 << 10);
+    match config.durability() {
+        crate::config::Durability::Memory => message,
+        _ => message.max(config.storage.segment_bytes + (64 << 10)),
+    }
+}
+
 /// How long a link may take to finish its handshake (and, with a secret,
 /// prove it), whatever it sends meanwhile, in ms.
 pub const HANDSHAKE_MS: u64 = 5_000;

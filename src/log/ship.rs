@@ -269,7 +269,6 @@ pub struct Replica {
     next_seq: u64,
     whole_at: u64,
     refused: bool,
-    dirty: Vec<PathBuf>,
 }
 
 impl Replica {
@@ -294,7 +293,6 @@ impl Replica {
             next_seq: 0,
             whole_at: u64::MAX,
             refused: false,
-            dirty: Vec::new(),
         }
     }
 
@@ -319,12 +317,10 @@ impl Replica {
         (n * self.segment_bytes) as u64
     }
 
-    /// The segment files written since the last call, to sync before
-    /// answering for them (power-safe).
-    pub fn take_dirty(&mut self) -> Vec<PathBuf> {
-        let mut dirty = std::mem::take(&mut self.dirty);
-        dirty.dedup();
-        dirty
+    /// Keep no copy from now on (the disk here failed it): answers say
+    /// so.
+    pub fn refuse(&mut self) {
+        self.refused = true;
     }
 
     /// What it holds, as an answer to chunk `id`.
@@ -365,6 +361,9 @@ impl Replica {
             if chunk.at.offset != 0 {
                 return Err(ReplicaError::Bad("a copy starts at a segment's start"));
             }
+            if chunk.at.segment >= u64::MAX / 2 {
+                return Err(ReplicaError::Bad("segment index out of range"));
+            }
             if whole_at < chunk.seq + count_records(&chunk.bytes) {
                 return Err(ReplicaError::Bad("whole before its own records"));
             }
@@ -380,7 +379,7 @@ impl Replica {
                 return Ok(self.have(chunk.id));
             }
             let here = chunk.at.segment == cur.index() && chunk.at.offset == cur.used() as u64;
-            let next = chunk.at.segment == cur.index() + 1 && chunk.at.offset == 0;
+            let next = Some(chunk.at.segment) == cur.index().checked_add(1) && chunk.at.offset == 0;
             if !here && !next {
                 return Ok(self.have(chunk.id));
             }
@@ -405,7 +404,6 @@ impl Replica {
             return Err(ReplicaError::Bad("records past the segment's end"));
         }
         self.next_seq = chunk.seq + count_records(&chunk.bytes);
-        self.dirty.push(seg.path().to_path_buf());
         if chunk.oldest > 0 && self.whole() {
             while let Some((index, path)) = self.sealed.front().cloned() {
                 if index >= chunk.oldest {

@@ -1169,11 +1169,11 @@ impl Bridge {
                 drop(s);
             }
             self.recompute_acks();
-            // The log's copy goes on from where it ended.
-            self.ship_logs(now);
             // What the run has not confirmed, in order, before any new
             // message (it skips those it had).
             self.peers.borrow_mut().link_up(index, link.id, ms);
+            // The log's copy goes on from where it ended.
+            self.ship_logs(now);
             let unconfirmed = self.peers.borrow().unconfirmed(index);
             self.replayed
                 .set(self.replayed.get() + unconfirmed.len() as u64);
@@ -1297,22 +1297,21 @@ impl Bridge {
             let Some(h) = link.hello.borrow().clone() else {
                 return;
             };
-            if *shard >= h.shards {
+            if *shard != h.shard {
                 self.warn(
                     now,
                     format_args!(
-                        "node {} sent a chunk of shard {shard}'s log, of {} shards; closing the link",
+                        "node {} sent a chunk of shard {shard}'s log on its shard {}'s link; \
+                         closing the link",
                         quote(h.node.as_str()),
-                        h.shards
+                        h.shard
                     ),
                 );
                 self.close(now, link, "bad log chunk");
                 return;
             }
-            match self
-                .core
-                .take_log_chunk(h.node.as_str(), h.incarnation, *shard, chunk)
-            {
+            let (name, run) = (h.node.as_str(), h.incarnation);
+            match self.core.take_log_chunk(name, run, h.shards, *shard, chunk) {
                 Ok(answer) => {
                     link.session.borrow_mut().force_send(self.ms(now), &answer);
                     link.wake.notify();
@@ -1334,6 +1333,8 @@ impl Bridge {
             if let Some(index) = link.peer.get() {
                 self.core.log_have(now, index, *have);
                 self.ship_logs(now);
+                // What the copy now holds may be confirmed to peers.
+                self.confirm_synced(now);
             }
             return;
         }

@@ -105,7 +105,9 @@ pub use crate::router::{home_shard, stable_hash};
 use crate::router::{FilterTrie, RetainedStore};
 use crate::session::{Action, Session, SessionLimits, SessionStats, Subscription};
 
-pub use durable::{chunk_bytes as durable_chunk_bytes, LogStatus, ReplicationStats, REPLICA_WAIT};
+pub use durable::{
+    chunk_bytes as durable_chunk_bytes, CopyInfo, LogStatus, ReplicationStats, REPLICA_WAIT,
+};
 use durable::{DurableSlot, Store};
 use routing::{Reach, Source};
 

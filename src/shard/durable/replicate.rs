@@ -54,8 +54,13 @@ pub(in crate::shard) struct Standby {
     /// Sequence numbers the log reached, and when (one a tick at most):
     /// the oldest the standby does not hold says how long it is behind.
     marks: VecDeque<(u64, Instant)>,
-    /// Not waited for: behind for [`REPLICA_WAIT`] or refusing.
-    given_up: bool,
+    /// Waited for since the log reached this sequence number (what came
+    /// before may have been acknowledged without it); None: not waited
+    /// for (new and catching up, behind for [`REPLICA_WAIT`], or
+    /// refusing).
+    waited_from: Option<u64>,
+    /// Its refusal was logged.
+    refusal_told: bool,
 }
 
 /// A copy of a peer shard's log kept here.
@@ -106,13 +111,13 @@ pub struct ReplicationStats {
 impl Replication {
     /// True while some standby is waited for.
     pub(super) fn waits(&self) -> bool {
-        self.standbys.iter().any(|s| !s.given_up)
+        self.standbys.iter().any(|s| s.waited_from.is_some())
     }
 
     /// Every record below this is held by every standby waited for.
     pub(super) fn held_below(&self) -> u64 {
         (self.standbys.iter())
-            .filter(|s| !s.given_up)
+            .filter(|s| s.waited_from.is_some())
             .map(|s| s.ship.confirmed())
             .min()
             .unwrap_or(u64::MAX)
@@ -144,7 +149,42 @@ impl Store {
     }
 }
 
+/// A copy of a peer shard's log kept here ([`ShardCore::log_copies`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyInfo {
+    /// The peer's name.
+    pub node: Arc<str>,
+    /// Its run (incarnation) the copy is of.
+    pub run: u64,
+    /// Its shard.
+    pub shard: u16,
+    /// The log's generation.
+    pub generation: u64,
+    /// The copy holds what the log held at some moment (recoverable).
+    pub whole: bool,
+    /// Where it is.
+    pub dir: PathBuf,
+}
+
 impl ShardCore {
+    /// The copies of peers' shard logs this shard keeps.
+    pub fn log_copies(&self) -> Vec<CopyInfo> {
+        let st = self.state.borrow();
+        let Some(store) = st.store.as_ref() else {
+            return Vec::new();
+        };
+        (store.replication.copies.iter())
+            .map(|c| CopyInfo {
+                node: c.node.clone(),
+                run: c.run,
+                shard: c.shard,
+                generation: c.replica.generation(),
+                whole: c.replica.whole(),
+                dir: c.replica.dir().to_path_buf(),
+            })
+            .collect()
+    }
+
     /// Cluster mode: the nodes (the bridge's indexes) this shard's log is
     /// copied to; records written from now on wait for them. A node
     /// dropped from the list is no longer waited for; a new one gets a
@@ -160,18 +200,35 @@ impl ShardCore {
         for &node in nodes {
             if !r.standbys.iter().any(|s| s.node == node) {
                 log::info!(
-                    "shard {}: log copied to peer {node} from now on (generation {gen})",
+                    "shard {}: log copied to peer {node} from now on (generation {gen}); \
+                     acknowledgements wait for it once it has caught up",
                     self.id
                 );
                 r.standbys.push(Standby {
                     node,
                     ship: Shipper::new(gen),
                     marks: VecDeque::from([(store.rec.log.next_seq(), now)]),
-                    given_up: false,
+                    waited_from: None,
+                    refusal_told: false,
                 });
             }
         }
         self.release_gate(&mut st);
+    }
+
+    /// True when every acknowledgement this shard's log made so far is
+    /// in its standbys' copies: it has standbys, each waited for, each
+    /// holding every record written before it was last waited for (what
+    /// came after waited for it).
+    pub fn log_copies_cover_acks(&self) -> bool {
+        let st = self.state.borrow();
+        let Some(store) = st.store.as_ref() else {
+            return false;
+        };
+        let r = &store.replication;
+        !r.standbys.is_empty()
+            && (r.standbys.iter())
+                .all(|s| s.waited_from.is_some_and(|from| s.ship.confirmed() >= from))
     }
 
     /// The standbys this shard's log goes to.
@@ -196,7 +253,9 @@ impl ShardCore {
                 chunk: Box::new(chunk),
             }),
             Err(e) => {
-                log::error!(
+                shard_log!(
+                    self,
+                    log::Level::Error,
                     "shard {}: cannot read the log to copy it to peer {node}: {e}",
                     self.id
                 );
@@ -219,9 +278,11 @@ impl ShardCore {
         while s.marks.len() > 1 && s.marks.get(1).is_some_and(|m| m.0 <= confirmed) {
             s.marks.pop_front();
         }
-        if s.ship.refused() && !s.given_up {
-            s.given_up = true;
+        if s.ship.refused() && s.waited_from.is_some() {
+            s.waited_from = None;
             store.replication.given_up += 1;
+        }
+        if s.ship.refused() && !std::mem::replace(&mut s.refusal_told, true) {
             log::warn!(
                 "shard {}: peer {node} keeps no copy of this shard's log (no log there, or \
                  its bound reached): acknowledgements no longer wait for it",
@@ -265,13 +326,21 @@ impl ShardCore {
             while s.marks.len() > 1 && s.marks.get(1).is_some_and(|m| m.0 <= confirmed) {
                 s.marks.pop_front();
             }
-            // The oldest record it lacks was written after the front mark.
-            let behind = match s.marks.front() {
-                Some(m) if confirmed < next => now.saturating_duration_since(m.1),
-                _ => Duration::ZERO,
+            // The oldest record it lacks was written after the last mark
+            // at or below what it holds and by the first one above: it
+            // has waited at least since the latter (given up past
+            // REPLICA_WAIT) and at most since the former (waited for
+            // again below a tenth of it).
+            let (after, by) = match s.marks.front() {
+                _ if confirmed >= next => (Some(now), Some(now)),
+                Some(m) if m.0 <= confirmed => (Some(m.1), s.marks.get(1).map(|m| m.1)),
+                m => (None, m.map(|m| m.1)),
             };
-            if !s.given_up && behind >= REPLICA_WAIT {
-                s.given_up = true;
+            let since = |t: Option<Instant>| t.map(|t| now.saturating_duration_since(t));
+            let behind = since(by).unwrap_or(Duration::ZERO);
+            let behind_at_most = since(after).unwrap_or(Duration::MAX);
+            if s.waited_from.is_some() && behind >= REPLICA_WAIT {
+                s.waited_from = None;
                 r.given_up += 1;
                 log::warn!(
                     "shard {me}: peer {} has held nothing new of this shard's log for {} s: \
@@ -279,11 +348,14 @@ impl ShardCore {
                     s.node,
                     behind.as_secs()
                 );
-            } else if s.given_up && !s.ship.refused() && behind < REPLICA_WAIT / 10 {
-                s.given_up = false;
+            } else if s.waited_from.is_none()
+                && !s.ship.refused()
+                && behind_at_most < REPLICA_WAIT / 10
+            {
+                s.waited_from = Some(next);
                 log::info!(
                     "shard {me}: peer {} caught up with this shard's log: acknowledgements \
-                     wait for it again",
+                     wait for it",
                     s.node
                 );
             }
@@ -299,6 +371,7 @@ impl ShardCore {
         &self,
         node: &str,
         run: u64,
+        shards: u16,
         shard: u16,
         chunk: &Chunk,
     ) -> Result<Frame, ReplicaError> {
@@ -334,18 +407,29 @@ impl ShardCore {
                 });
             }
             old => {
-                if chunk.segment_bytes == 0 || chunk.segment_bytes > own_segment.max(1 << 30) {
-                    return Err(ReplicaError::Bad("segment size out of range"));
+                // A segment size a node could have (`storage.segment_bytes`
+                // is at most 4 GiB; the simulator's are smaller than the
+                // configuration allows, 64 KiB at least).
+                if !((64 << 10)..=own_segment.max(1 << 32)).contains(&chunk.segment_bytes) {
+                    log::warn!(
+                        "shard {}: node {} copies its log in segments of {} bytes, out of \
+                         range here: no copy kept",
+                        self.id,
+                        crate::text::quote(node),
+                        chunk.segment_bytes
+                    );
+                    return Ok(refused);
                 }
                 let disk = store.rec.log.disk().clone();
                 let node_dir = root.join("replicas").join(format!("node-{node}"));
                 let dir = node_dir
                     .join(format!("gen-{:06}", chunk.generation))
                     .join(format!("shard-{shard}"));
-                // A share of the bound this node's own log has.
-                let segments_max =
-                    (self.config.storage.log_bytes_max / chunk.segment_bytes / self.shards as u64)
-                        .max(3) as usize;
+                // Twice the owner's share of `storage.log_bytes_max` (as
+                // configured here): the copy drops the segments its log
+                // dropped only once it has caught up.
+                let share = self.config.storage.log_bytes_max / u64::from(shards.max(1));
+                let segments_max = (2 * share / chunk.segment_bytes).max(3) as usize;
                 let replica = Replica::new(
                     disk.clone(),
                     &dir,
@@ -379,6 +463,21 @@ impl ShardCore {
         let copy = &mut store.replication.copies[i];
         let have = match copy.replica.apply(chunk) {
             Ok(have) => have,
+            Err(ReplicaError::Io(e)) => {
+                // The disk here, not the peer: no copy kept (the owner
+                // stops waiting for it); a new run of it starts again.
+                log::error!(
+                    "shard {}: cannot keep the copy of node {}'s log in {}: {e}",
+                    self.id,
+                    crate::text::quote(node),
+                    copy.replica.dir().display()
+                );
+                copy.replica.refuse();
+                return Ok(Frame::LogHave {
+                    shard,
+                    have: copy.replica.have(chunk.id),
+                });
+            }
             Err(e) => {
                 store.replication.chunks_refused += 1;
                 return Err(e);
@@ -410,7 +509,9 @@ impl Store {
         let next = store.rec.log.next_seq();
         ReplicationStats {
             standbys: r.standbys.len(),
-            standbys_waited: r.standbys.iter().filter(|s| !s.given_up).count(),
+            standbys_waited: (r.standbys.iter())
+                .filter(|s| s.waited_from.is_some())
+                .count(),
             records_behind: next.saturating_sub(r.held_below().min(next)),
             standbys_given_up: r.given_up,
             copies: r.copies.len(),
