@@ -375,6 +375,9 @@ fn only_nodes_that_hold_the_cluster_secret_form_the_cluster() {
         for shard in 0..2 {
             let line = format!("shard {shard}: link to node \"{peer}\" (its shard {shard}) is up");
             wait_log(n, &line, 30);
+            // New CONNECTs are taken once the peer's routes are here.
+            let line = format!("shard {shard}: the routes of every node up are here");
+            wait_log(n, &line, 30);
         }
     }
     let (mut sub, _) = common::Raw::connect(b.addr, Version::V3_1_1, "sec-sub", true);

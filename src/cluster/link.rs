@@ -75,15 +75,13 @@ pub struct LinkSettings {
 }
 
 /// The largest frame a node takes from a peer: a message (a packet of
-/// `mqtt.packet_size_max_bytes` and its fields), or with a log, a chunk
-/// of it holding one record, which may be as large as a segment (a
-/// session's whole state).
+/// `mqtt.packet_size_max_bytes` and its fields), or a chunk of a peer's
+/// log holding one record, which may be as large as a segment (a
+/// session's whole state). The same in every durability mode: a node
+/// without a log takes a peer's chunk too, to refuse it.
 pub fn frame_bytes_max(config: &crate::Config) -> usize {
     let message = config.mqtt.packet_size_max_bytes as usize + (64 << 10);
-    match config.durability() {
-        crate::config::Durability::Memory => message,
-        _ => message.max(config.storage.segment_bytes + (64 << 10)),
-    }
+    message.max(config.storage.segment_bytes + (64 << 10))
 }
 
 /// How long a link may take to finish its handshake (and, with a secret,

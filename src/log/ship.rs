@@ -101,6 +101,9 @@ pub struct Shipper {
     sent: VecDeque<Sent>,
     sent_bytes: usize,
     confirmed: u64,
+    /// The last chunk that started the copy anew: answers to chunks
+    /// before it speak of a copy since emptied, and confirm nothing.
+    start_id: u64,
     refused: bool,
 }
 
@@ -115,6 +118,7 @@ impl Shipper {
             sent: VecDeque::new(),
             sent_bytes: 0,
             confirmed: 0,
+            start_id: 0,
             refused: false,
         }
     }
@@ -175,6 +179,11 @@ impl Shipper {
         };
         let at_head = end.1 == log.next_seq();
         self.last_id += 1;
+        if start.is_some() {
+            // What the copy held before goes with it.
+            self.confirmed = 0;
+            self.start_id = self.last_id;
+        }
         let chunk = Chunk {
             id: self.last_id,
             generation: self.generation,
@@ -201,7 +210,8 @@ impl Shipper {
             self.refused = true;
             return;
         }
-        let ours = have.generation == self.generation;
+        let current = have.id >= self.start_id;
+        let ours = have.generation == self.generation && current;
         if let (true, true, Some((_, next_seq))) = (ours, have.whole, have.at) {
             self.confirmed = self.confirmed.max(next_seq);
         }
@@ -217,6 +227,10 @@ impl Shipper {
             return;
         }
         self.forget_front();
+        if !current {
+            // Sent before the copy started anew: what it says is void.
+            return;
+        }
         if ours && have.at == Some(front.end) {
             self.resume = have.at;
             return;
@@ -515,7 +529,11 @@ mod tests {
                         .poll(&mut log, 100 + rng.below(400) as usize, 2048)
                         .unwrap()
                     {
-                        starts += u64::from(c.start.is_some());
+                        if c.start.is_some() {
+                            // What a copy started anew confirms starts over.
+                            starts += 1;
+                            confirmed_max = 0;
+                        }
                         wire.push_back(c);
                     }
                 }

@@ -520,11 +520,18 @@ impl ShardCore {
 
     /// Every peer of this shard answered fence `id` of shard `home`.
     pub fn move_fence_passed(&self, now: Instant, id: u64, home: usize) {
+        let mut st = self.state.borrow_mut();
         if home != self.id {
-            self.mesh.send(home, MeshMsg::MoveFencePassed { id });
+            // Behind every message this shard routed there that still
+            // waits for the sync gate: the session must not go before
+            // they reach it.
+            let msg = MeshMsg::MoveFencePassed { id };
+            match st.store.as_mut() {
+                Some(store) => store.send_behind(&self.mesh, home, msg),
+                None => self.mesh.send(home, msg),
+            }
             return;
         }
-        let mut st = self.state.borrow_mut();
         self.move_fence_part(&mut st, now, id);
     }
 

@@ -229,6 +229,8 @@ struct SyncGate {
     closing_waiters: Vec<Rc<ConnHandle>>,
     /// Mesh messages that wait for a sync: (sequence needed, to, message).
     after_sync: Vec<(u64, usize, MeshMsg)>,
+    /// How many of those wait for each shard.
+    waiting_for: Vec<usize>,
     /// Power-safe compaction: segments up to the second number are deleted
     /// once records below the first are synced.
     pending_removal: Option<(u64, u64)>,
@@ -371,6 +373,7 @@ impl Store {
                 sync_waiters: Vec::new(),
                 closing_waiters: Vec::new(),
                 after_sync: Vec::new(),
+                waiting_for: vec![0; shards],
                 pending_removal: None,
             },
             retry: VecDeque::new(),
@@ -452,19 +455,28 @@ impl Store {
 
     fn send_after_sync(&mut self, mesh: &super::mesh::Mesh, to: usize, msg: MeshMsg) {
         match self.unsynced_upto() {
-            Some(seq) => self.gate.after_sync.push((seq, to, msg)),
-            None => mesh.send(to, msg),
+            Some(seq) => self.hold_for(seq, to, msg),
+            None => self.send_behind(mesh, to, msg),
         }
     }
 
     /// Send `msg` to shard `to` now, or behind what waits for a sync to
-    /// go there (it goes with the last of those).
-    fn send_behind(&mut self, mesh: &super::mesh::Mesh, to: usize, msg: MeshMsg) {
-        let waiting = (self.gate.after_sync.iter().rev()).find(|(_, t, _)| *t == to);
-        match waiting.map(|(seq, _, _)| *seq) {
-            Some(seq) => self.gate.after_sync.push((seq, to, msg)),
-            None => mesh.send(to, msg),
+    /// go there (it goes with the last of those): a lane keeps its order.
+    pub(super) fn send_behind(&mut self, mesh: &super::mesh::Mesh, to: usize, msg: MeshMsg) {
+        if self.gate.waiting_for.get(to).is_none_or(|&n| n == 0) {
+            mesh.send(to, msg);
+            return;
         }
+        let waiting = (self.gate.after_sync.iter().rev()).find(|(_, t, _)| *t == to);
+        let seq = waiting.map_or(0, |(seq, _, _)| *seq);
+        self.hold_for(seq, to, msg);
+    }
+
+    fn hold_for(&mut self, seq: u64, to: usize, msg: MeshMsg) {
+        if let Some(n) = self.gate.waiting_for.get_mut(to) {
+            *n += 1;
+        }
+        self.gate.after_sync.push((seq, to, msg));
     }
 }
 

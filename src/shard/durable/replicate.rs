@@ -248,9 +248,22 @@ impl ShardCore {
         let log = &mut store.rec.log;
         let standby = (store.replication.standbys.iter_mut()).find(|s| s.node == node)?;
         match standby.ship.poll(log, max_bytes, WINDOW_BYTES) {
-            Ok(chunk) => chunk.map(|chunk| Frame::LogChunk {
-                shard: self.id as u16,
-                chunk: Box::new(chunk),
+            Ok(chunk) => chunk.map(|chunk| {
+                if chunk.start.is_some() && standby.waited_from.take().is_some() {
+                    // A new run of the standby, or one too far behind:
+                    // the copy starts anew and is waited for again once
+                    // it has caught up.
+                    log::warn!(
+                        "shard {}: the copy of this shard's log on peer {node} starts anew \
+                         (a new run of it, or it fell behind compaction): acknowledgements \
+                         wait for it again once it has caught up",
+                        self.id
+                    );
+                }
+                Frame::LogChunk {
+                    shard: self.id as u16,
+                    chunk: Box::new(chunk),
+                }
             }),
             Err(e) => {
                 shard_log!(

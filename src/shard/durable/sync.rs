@@ -116,6 +116,9 @@ impl ShardCore {
         let mut later = Vec::new();
         for (seq, to, msg) in std::mem::take(&mut store.gate.after_sync) {
             if seq <= synced {
+                if let Some(n) = store.gate.waiting_for.get_mut(to) {
+                    *n -= 1;
+                }
                 self.mesh.send(to, msg);
             } else {
                 later.push((seq, to, msg));
