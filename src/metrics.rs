@@ -511,6 +511,13 @@ const METRICS: &[Metric] = &[
         value: |r, _| r.cluster.map(|c| c.core.replication.copies_started),
     },
     Metric {
+        name: "shardmq_cluster_log_copy_syncs_total",
+        kind: "counter",
+        help: "power_safe: group commits that synced peers' log copies before answering for them.",
+        label: None,
+        value: |r, _| r.cluster.map(|c| c.core.replication.copy_syncs),
+    },
+    Metric {
         name: "shardmq_cluster_log_chunks_refused_total",
         kind: "counter",
         help: "Chunks of peers' logs refused (records that do not check out); each closes its link.",

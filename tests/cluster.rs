@@ -896,7 +896,8 @@ async fn publishers_faster_than_a_link_are_paused_not_dropped() {
 /// was told is safe): 300 QoS 1 messages from a to a persistent
 /// subscriber on b all arrive and are acknowledged, every acknowledgement
 /// because b confirmed the message (none after the 10 s wait), and b
-/// counts confirmations that waited for its sync.
+/// counts confirmations that waited for its sync; every node's standby
+/// answered for its copy of the node's log after syncing it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_safe_nodes_confirm_messages_once_their_log_is_synced() {
     use client::v3::{connect, options, QoS};
@@ -925,6 +926,10 @@ async fn power_safe_nodes_confirm_messages_once_their_log_is_synced() {
         a.log_text()
     );
     assert!(metric_sum(&b, "shardmq_cluster_confirms_after_sync_total") > 0);
+    // Each node's standby answers for its copy after syncing it too.
+    for n in [&a, &b, &c] {
+        assert!(metric_sum(n, "shardmq_cluster_log_copy_syncs_total") > 0);
+    }
     drop((a, b, c));
 }
 

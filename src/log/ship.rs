@@ -283,6 +283,7 @@ pub struct Replica {
     next_seq: u64,
     whole_at: u64,
     refused: bool,
+    sync_dirs: bool,
 }
 
 impl Replica {
@@ -307,7 +308,14 @@ impl Replica {
             next_seq: 0,
             whole_at: u64::MAX,
             refused: false,
+            sync_dirs: false,
         }
+    }
+
+    /// Sync the directory after creating a segment (power-safe: the new
+    /// file's entry survives a power cut; its parents are not synced).
+    pub fn set_sync_dirs(&mut self, on: bool) {
+        self.sync_dirs = on;
     }
 
     /// The log generation it copies.
@@ -329,6 +337,11 @@ impl Replica {
     pub fn file_bytes(&self) -> u64 {
         let n = self.sealed.len() + usize::from(self.current.is_some());
         (n * self.segment_bytes) as u64
+    }
+
+    /// The segment file being written, if any.
+    pub fn current_path(&self) -> Option<&Path> {
+        self.current.as_ref().map(|s| s.path())
     }
 
     /// Keep no copy from now on (the disk here failed it): answers say
@@ -438,6 +451,9 @@ impl Replica {
             index,
             self.segment_bytes,
         )?);
+        if self.sync_dirs {
+            self.disk.sync_dir(&self.dir)?;
+        }
         Ok(())
     }
 

@@ -250,6 +250,9 @@ pub struct Bridge {
     /// sent to it for a shared subscription served again
     /// ([`BridgeOut::Publish`]'s `ack` and `again`).
     waiting: RefCell<HashMap<u16, VecDeque<Waiting>>>,
+    /// Power-safe: answers to peers' log chunks waiting for the sync of
+    /// the copy (the sync's number, the link, the answer).
+    copy_answers: RefCell<VecDeque<(u64, Rc<Link>, Frame)>>,
     acks_unconfirmed: Cell<u64>,
     confirms_after_sync: Cell<u64>,
     replayed: Cell<u64>,
@@ -305,6 +308,7 @@ impl Bridge {
             link_closes: Cell::new(0),
             move_fences: RefCell::new(HashMap::default()),
             waiting: RefCell::new(HashMap::default()),
+            copy_answers: RefCell::default(),
             acks_unconfirmed: Cell::new(0),
             confirms_after_sync: Cell::new(0),
             replayed: Cell::new(0),
@@ -1114,6 +1118,23 @@ impl Bridge {
 
     /// Power-safe: confirm what this shard's log now holds for good.
     fn confirm_synced(&self, now: Instant) {
+        let done = self.core.copy_syncs_done();
+        loop {
+            let next = self.copy_answers.borrow_mut().pop_front();
+            let Some((sync, link, answer)) = next else {
+                break;
+            };
+            if sync > done {
+                self.copy_answers
+                    .borrow_mut()
+                    .push_front((sync, link, answer));
+                break;
+            }
+            if !link.closed.get() {
+                link.session.borrow_mut().force_send(self.ms(now), &answer);
+                link.wake.notify();
+            }
+        }
         let links: Vec<Rc<Link>> = (self.inbound.borrow().iter())
             .filter(|l| !l.sync_waits.borrow().is_empty())
             .cloned()
@@ -1312,9 +1333,14 @@ impl Bridge {
             }
             let (name, run) = (h.node.as_str(), h.incarnation);
             match self.core.take_log_chunk(name, run, h.shards, *shard, chunk) {
-                Ok(answer) => {
+                Ok((answer, None)) => {
                     link.session.borrow_mut().force_send(self.ms(now), &answer);
                     link.wake.notify();
+                }
+                Ok((answer, Some(sync))) => {
+                    // Power-safe: once the copy is synced.
+                    let mut held = self.copy_answers.borrow_mut();
+                    held.push_back((sync, link.clone(), answer));
                 }
                 Err(e) => {
                     self.warn(

@@ -83,6 +83,12 @@ pub(in crate::shard) struct Replication {
     /// Chunks refused from peers (bad records), and copies started anew.
     pub(in crate::shard) chunks_refused: u64,
     pub(in crate::shard) copies_started: u64,
+    /// Power-safe: copy files written since the last sync began, and the
+    /// syncs begun and done that took such files (an answer waits for
+    /// the sync after the one running when it was made).
+    pub(in crate::shard) copy_dirty: Vec<PathBuf>,
+    pub(in crate::shard) copy_syncs_begun: u64,
+    pub(in crate::shard) copy_syncs_done: u64,
 }
 
 /// What replication counted, for metrics.
@@ -106,9 +112,20 @@ pub struct ReplicationStats {
     pub copies_started: u64,
     /// Chunks from peers refused (records that do not check out).
     pub chunks_refused: u64,
+    /// Power-safe: syncs that made peers' log copies durable before
+    /// their answers went.
+    pub copy_syncs: u64,
 }
 
 impl Replication {
+    /// Of `paths`, those in the directory of a live copy (a copy gone
+    /// took its files, and the answers waiting for them are void).
+    pub(super) fn live_copy_files(&self, paths: Vec<PathBuf>) -> Vec<PathBuf> {
+        (paths.into_iter())
+            .filter(|p| (self.copies.iter()).any(|c| p.starts_with(c.replica.dir())))
+            .collect()
+    }
+
     /// True while some standby is waited for.
     pub(super) fn waits(&self) -> bool {
         self.standbys.iter().any(|s| s.waited_from.is_some())
@@ -377,9 +394,11 @@ impl ShardCore {
     }
 
     /// A chunk of peer `node`'s (run `run`) shard log for the copy kept
-    /// here; the answer goes back on the link it came on. Without a log
-    /// here the answer refuses. Errors close the link: the chunk does not
-    /// check out, or the copy's files failed.
+    /// here; the answer goes back on the link it came on, in power-safe
+    /// mode once this shard's group commit has synced the copy (the
+    /// number with the answer: send it once [`ShardCore::copy_syncs_done`]
+    /// reaches it). Without a log here the answer refuses. Errors close
+    /// the link: the chunk does not check out.
     pub fn take_log_chunk(
         &self,
         node: &str,
@@ -387,7 +406,7 @@ impl ShardCore {
         shards: u16,
         shard: u16,
         chunk: &Chunk,
-    ) -> Result<Frame, ReplicaError> {
+    ) -> Result<(Frame, Option<u64>), ReplicaError> {
         let mut st = self.state.borrow_mut();
         let refused = Frame::LogHave {
             shard,
@@ -398,10 +417,10 @@ impl ShardCore {
             },
         };
         let Some(store) = st.store.as_mut() else {
-            return Ok(refused);
+            return Ok((refused, None));
         };
         let Some(root) = store.data_root() else {
-            return Ok(refused);
+            return Ok((refused, None));
         };
         let own_segment = store.rec.log.segment_bytes() as u64;
         let i =
@@ -411,13 +430,11 @@ impl ShardCore {
             Some(i) if fits(&store.replication.copies[i]) => i,
             _ if chunk.start.is_none() => {
                 // Nothing of this run here: the owner starts anew.
-                return Ok(Frame::LogHave {
-                    shard,
-                    have: Have {
-                        id: chunk.id,
-                        ..Have::default()
-                    },
-                });
+                let have = Have {
+                    id: chunk.id,
+                    ..Have::default()
+                };
+                return Ok((Frame::LogHave { shard, have }, None));
             }
             old => {
                 // A segment size a node could have (`storage.segment_bytes`
@@ -431,7 +448,7 @@ impl ShardCore {
                         crate::text::quote(node),
                         chunk.segment_bytes
                     );
-                    return Ok(refused);
+                    return Ok((refused, None));
                 }
                 let disk = store.rec.log.disk().clone();
                 let node_dir = root.join("replicas").join(format!("node-{node}"));
@@ -443,13 +460,15 @@ impl ShardCore {
                 // dropped only once it has caught up.
                 let share = self.config.storage.log_bytes_max / u64::from(shards.max(1));
                 let segments_max = (2 * share / chunk.segment_bytes).max(3) as usize;
-                let replica = Replica::new(
+                let mut replica = Replica::new(
                     disk.clone(),
                     &dir,
                     chunk.generation,
                     chunk.segment_bytes as usize,
                     segments_max,
                 );
+                let power_safe = self.config.durability() == crate::config::Durability::PowerSafe;
+                replica.set_sync_dirs(power_safe);
                 if let Some(i) = old {
                     let gone = store.replication.copies.remove(i);
                     if gone.replica.dir() != dir {
@@ -486,10 +505,8 @@ impl ShardCore {
                     copy.replica.dir().display()
                 );
                 copy.replica.refuse();
-                return Ok(Frame::LogHave {
-                    shard,
-                    have: copy.replica.have(chunk.id),
-                });
+                let have = copy.replica.have(chunk.id);
+                return Ok((Frame::LogHave { shard, have }, None));
             }
             Err(e) => {
                 store.replication.chunks_refused += 1;
@@ -510,7 +527,36 @@ impl ShardCore {
                 );
             }
         }
-        Ok(Frame::LogHave { shard, have })
+        let answer = Frame::LogHave { shard, have };
+        if self.config.durability() != crate::config::Durability::PowerSafe {
+            return Ok((answer, None));
+        }
+        let r = &mut store.replication;
+        let Some(path) = r.copies[i].replica.current_path() else {
+            // Nothing written (a refused copy): nothing to wait for.
+            return Ok((answer, None));
+        };
+        r.copy_dirty.push(path.to_path_buf());
+        self.sync_wake.notify();
+        Ok((answer, Some(r.copy_syncs_begun + 1)))
+    }
+
+    /// True when `path` is a file of a peer's log copy kept here.
+    pub fn is_log_copy(&self, path: &std::path::Path) -> bool {
+        let st = self.state.borrow();
+        st.store.as_ref().is_some_and(|s| {
+            s.data_root()
+                .is_some_and(|root| path.starts_with(root.join("replicas")))
+        })
+    }
+
+    /// Power-safe: the syncs of peers' log copies done (see
+    /// [`ShardCore::take_log_chunk`]).
+    pub fn copy_syncs_done(&self) -> u64 {
+        let st = self.state.borrow();
+        st.store
+            .as_ref()
+            .map_or(0, |s| s.replication.copy_syncs_done)
     }
 }
 
@@ -531,6 +577,7 @@ impl Store {
             copy_bytes: r.copies.iter().map(|c| c.replica.file_bytes()).sum(),
             copies_started: r.copies_started,
             chunks_refused: r.chunks_refused,
+            copy_syncs: r.copy_syncs_done,
         }
     }
 }

@@ -69,7 +69,14 @@ impl ShardCore {
     /// synced with the next one; what waits stays held.
     pub fn sync_failed(&self, paths: Vec<PathBuf>) {
         if let Some(store) = self.state.borrow_mut().store.as_mut() {
-            store.rec.log.mark_dirty(paths);
+            // A peer's log copy goes back to its own list while the copy
+            // lives (one started anew since took its files with it: its
+            // answers are void, and a file gone must not stop every sync).
+            let (own, copies): (Vec<PathBuf>, Vec<PathBuf>) =
+                (paths.into_iter()).partition(|p| p.starts_with(store.rec.log.dir()));
+            let live = store.replication.live_copy_files(copies);
+            store.replication.copy_dirty.extend(live);
+            store.rec.log.mark_dirty(own);
         }
     }
 
@@ -78,10 +85,23 @@ impl ShardCore {
     fn begin_sync(st: &mut State) -> Option<(u64, Vec<PathBuf>)> {
         let store = st.store.as_mut()?;
         let next = store.rec.log.next_seq();
-        if next <= store.gate.local_next && store.gate.pending_removal.is_none() {
+        let copies = &mut store.replication;
+        if next <= store.gate.local_next
+            && store.gate.pending_removal.is_none()
+            && copies.copy_dirty.is_empty()
+        {
             return None;
         }
-        Some((next, store.rec.log.take_dirty()))
+        let mut paths = store.rec.log.take_dirty();
+        if !copies.copy_dirty.is_empty() {
+            // Peers' log copies written since the last sync: the answers
+            // held for them go once this sync is done.
+            copies.copy_syncs_begun += 1;
+            paths.append(&mut copies.copy_dirty);
+            paths.sort_unstable();
+            paths.dedup();
+        }
+        Some((next, paths))
     }
 
     /// Records below `synced_next` are synced: release what that makes
@@ -89,6 +109,14 @@ impl ShardCore {
     fn sync_done(&self, st: &mut State, synced_next: u64) {
         if let Some(store) = st.store.as_mut() {
             store.gate.local_next = store.gate.local_next.max(synced_next);
+            let copies = &mut store.replication;
+            if copies.copy_syncs_done < copies.copy_syncs_begun {
+                copies.copy_syncs_done = copies.copy_syncs_begun;
+                // The bridge sends the answers that waited for it.
+                if let Some(r) = st.remote.as_ref() {
+                    r.wake.notify();
+                }
+            }
         }
         self.release_gate(st);
     }

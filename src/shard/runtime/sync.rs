@@ -78,6 +78,11 @@ async fn sync_once(
         let started = Instant::now();
         let result = files[path].fdatasync().await;
         synced += started.elapsed();
+        // A peer's log copy can be started anew under the same path (a
+        // new file): opened again at each sync, never kept.
+        if shard.is_log_copy(path) {
+            files.remove(path);
+        }
         if let Err(e) = result {
             // After a failed fdatasync the kernel may have dropped the
             // dirty pages, and a second one can succeed without them:
