@@ -1623,7 +1623,9 @@ async fn publish_until_closed(
 /// member of the group. A PUBACK for a message with subscribers on other
 /// nodes waits until those nodes confirm they have it, so the publisher's
 /// node can die at any moment without taking an acknowledged message with
-/// it. (The subscribers' nodes dying is replication, not done yet.)
+/// it. (The subscribers' nodes dying: their standbys' copies hold what
+/// their sessions had, `what_a_node_acknowledged_is_in_its_standbys_copy_of_its_log`;
+/// a survivor serving them is not built yet.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_publishers_node_20_times_under_qos1_loses_nothing_it_acknowledged() {
     use std::collections::BTreeSet;

@@ -29,7 +29,8 @@
 //!   subscriber (QoS 1 at least once, QoS 2 exactly once) and one member
 //!   of each matching shared group, with links breaking and nodes dying
 //!   too: what is forgiven is what a subscriber's own session held when
-//!   it died with its node (nothing is replicated yet), and, where
+//!   it died with its node (a standby's copy of its log is checked below,
+//!   not served by a survivor yet), and, where
 //!   partitions come, what crossed one when it formed (counted, reported);
 //!   a shared group's message may reach a second member when the first
 //!   member's node died or a partition cut it off (served again), and
@@ -2039,7 +2040,7 @@ impl Sim {
                 if !got {
                     lost += 1;
                     // A session whose move a node gave up, killed with the
-                    // session on its way (nothing is replicated yet), lost
+                    // session on its way (not in any copy), lost
                     // what it held there, wills too.
                     if client.split && self.faults == Faults::Crashes {
                         continue;
@@ -2069,7 +2070,7 @@ impl Sim {
             }
         }
         // A node that dies takes nothing acknowledged with it but the
-        // sessions it held (nothing is replicated yet: what they had
+        // sessions it held (no survivor serves a standby's copy yet: what they had
         // queued, and a shared group's message that went to a member
         // there, are forgiven above). A partition loses what crossed it
         // when it formed (the other side is declared down and its routes

@@ -32,8 +32,11 @@
 //! holds); one that takes longer than [`MOVE_GIVE_UP`], or whose other
 //! node is declared down, is given up on both sides (counted): B delivers
 //! what it held but QoS 2 messages within the marks of A's offer, A keeps
-//! its session, and parts that come after are dropped (counted). What a link loses during a move (a broken link, a
-//! killed node) is lost with it: nothing is replicated yet.
+//! its session, and parts that come after are dropped (counted). What a
+//! link loses during a move (a broken link, a killed node) is lost with
+//! it, and a session that moved is in the new node's standby copy
+//! (`durable::replicate`) only once that copy catches up: A does not wait
+//! for it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
