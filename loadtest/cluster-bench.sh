@@ -8,7 +8,10 @@
 # (kill_safe) log on a fresh data directory each run. Prints each round and
 # the median ratio cluster / single (the cluster issue's bound: 1.5).
 #
-#   [NODE_SHARDS=1] loadtest/cluster-bench.sh [SHARDMQ] [ROUNDS]
+#   [NODE_SHARDS=1] [CLUSTER_CONFIG=FILE] loadtest/cluster-bench.sh [SHARDMQ] [ROUNDS]
+#
+# CLUSTER_CONFIG: a TOML file given to both cluster nodes (--config), e.g.
+# "[cluster]\nreplicas = 1" to measure without the standbys' log copies.
 #
 # NODE_SHARDS (default 2) sets the shards of each cluster node: with 1,
 # the two nodes run as many shard threads as the single broker (on a
@@ -77,10 +80,11 @@ for round in $(seq "$ROUNDS"); do
     single=$pid
     bench_then_stop "$WORK/$name-single-$round.json" "$args -h 127.0.0.1 -p $PORT" "$single"
     # Two nodes: publishers on a, subscribers on b.
-    start a "$PORT" "$NODE_SHARDS" --node-id a --cluster-listen "127.0.0.1:$CPORT"
+    start a "$PORT" "$NODE_SHARDS" --node-id a --cluster-listen "127.0.0.1:$CPORT" \
+      ${CLUSTER_CONFIG:+--config "$CLUSTER_CONFIG"}
     a=$pid
     start b "$((PORT + 1))" "$NODE_SHARDS" --node-id b --cluster-listen "127.0.0.1:$((CPORT + 10))" \
-      --join "127.0.0.1:$CPORT"
+      --join "127.0.0.1:$CPORT" ${CLUSTER_CONFIG:+--config "$CLUSTER_CONFIG"}
     b=$pid
     # Links up, and every shard of both taking CONNECTs (a node refuses
     # them until it has its peer's routes).
