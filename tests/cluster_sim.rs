@@ -1548,7 +1548,8 @@ impl Sim {
             .flat_map(|c| c.moving_in())
             .map(|(id, _)| id)
             .collect();
-        let standbys: BTreeSet<Vec<u16>> = node.cores.iter().map(|c| c.standbys()).collect();
+        let standbys: BTreeSet<Vec<u16>> =
+            node.cores.iter().map(|c| c.standbys().to_vec()).collect();
         // Every acknowledgement is in the copies. A session that moved
         // here is not an acknowledgement of this node's, and the node it
         // came from forgot it once it sent it (the move does not wait for

@@ -157,11 +157,13 @@ impl DataDir {
     }
 }
 
-fn generation_name(gen: u64) -> String {
+/// The directory name of generation `gen`.
+pub(crate) fn generation_name(gen: u64) -> String {
     format!("gen-{gen:06}")
 }
 
-fn parse_generation(name: &str) -> Option<u64> {
+/// The generation a directory name names, if it is one.
+pub(crate) fn parse_generation(name: &str) -> Option<u64> {
     super::parse_counter(name.strip_prefix("gen-")?)
 }
 

@@ -336,22 +336,6 @@ impl Log {
         }
     }
 
-    /// The sequence number of the first record of the oldest segment on
-    /// disk; None while the log holds no record.
-    pub fn oldest_seq(&mut self) -> Option<u64> {
-        let oldest = self.oldest_index();
-        match self.read_from(
-            RecordAt {
-                segment: oldest,
-                offset: 0,
-            },
-            0,
-        ) {
-            Ok(Some(run)) => Some(run.first_seq),
-            _ => None,
-        }
-    }
-
     /// The disk the log is on.
     pub fn disk(&self) -> &Arc<dyn Disk> {
         &self.disk

@@ -204,11 +204,11 @@ impl Shipper {
         Ok(Some(chunk))
     }
 
-    /// The standby's answer to a chunk.
-    pub fn have(&mut self, have: Have) {
+    /// The standby's answer to a chunk; true when it refuses the copy
+    /// from now on (the first such answer).
+    pub fn have(&mut self, have: Have) -> bool {
         if have.refused {
-            self.refused = true;
-            return;
+            return !std::mem::replace(&mut self.refused, true);
         }
         let current = have.id >= self.start_id;
         let ours = have.generation == self.generation && current;
@@ -221,19 +221,19 @@ impl Shipper {
         let Some(front) = self.sent.front().copied() else {
             // The answer to a chunk of a link since gone, or sent before
             // the copy was found elsewhere: only its confirmation counts.
-            return;
+            return false;
         };
         if front.id != have.id {
-            return;
+            return false;
         }
         self.forget_front();
         if !current {
             // Sent before the copy started anew: what it says is void.
-            return;
+            return false;
         }
         if ours && have.at == Some(front.end) {
             self.resume = have.at;
-            return;
+            return false;
         }
         // The copy did not take it: go on from where it ends (or start
         // anew), and the chunks sent after it are void.
@@ -241,6 +241,7 @@ impl Shipper {
         self.next = self.resume;
         self.sent.clear();
         self.sent_bytes = 0;
+        false
     }
 
     /// The link to the standby closed: what was sent and not answered is
@@ -380,7 +381,7 @@ impl Replica {
         if chunk.at.offset.saturating_add(len) > self.segment_bytes as u64 {
             return Err(ReplicaError::Bad("records past the segment's end"));
         }
-        check_records(&chunk.bytes, chunk.seq)?;
+        let records = check_records(&chunk.bytes, chunk.seq)?;
         if self.refused {
             return Ok(self.have(chunk.id));
         }
@@ -391,7 +392,7 @@ impl Replica {
             if chunk.at.segment >= u64::MAX / 2 {
                 return Err(ReplicaError::Bad("segment index out of range"));
             }
-            if whole_at < chunk.seq + count_records(&chunk.bytes) {
+            if whole_at < chunk.seq + records {
                 return Err(ReplicaError::Bad("whole before its own records"));
             }
             self.clear()?;
@@ -430,7 +431,7 @@ impl Replica {
         if !seg.append_encoded(&chunk.bytes) {
             return Err(ReplicaError::Bad("records past the segment's end"));
         }
-        self.next_seq = chunk.seq + count_records(&chunk.bytes);
+        self.next_seq = chunk.seq + records;
         if chunk.oldest > 0 && self.whole() {
             while let Some((index, path)) = self.sealed.front().cloned() {
                 if index >= chunk.oldest {
@@ -468,8 +469,9 @@ impl Replica {
     }
 }
 
-/// Check that `bytes` are whole records numbered from `seq` on.
-fn check_records(bytes: &[u8], seq: u64) -> Result<(), ReplicaError> {
+/// Check that `bytes` are whole records numbered from `seq` on; how many
+/// they are.
+fn check_records(bytes: &[u8], seq: u64) -> Result<u64, ReplicaError> {
     let (mut off, mut want) = (0, seq);
     while off < bytes.len() {
         match record::read(bytes, off) {
@@ -482,17 +484,7 @@ fn check_records(bytes: &[u8], seq: u64) -> Result<(), ReplicaError> {
             record::Read::Bad(why) => return Err(ReplicaError::Bad(why)),
         }
     }
-    Ok(())
-}
-
-/// Records in `bytes` (checked by [`check_records`]).
-fn count_records(bytes: &[u8]) -> u64 {
-    let (mut off, mut n) = (0, 0);
-    while let record::Read::Record(_, next) = record::read(bytes, off) {
-        off = next;
-        n += 1;
-    }
-    n
+    Ok(want - seq)
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ use crate::cluster::node::{same_addr, Node};
 use crate::cluster::peers::PeerLinks;
 use crate::cluster::routes::{RouteFeed, RouteImport};
 use crate::hash::HashMap;
+use crate::log::ship::ReplicaError;
 use crate::shard::mesh::AckTo;
 use crate::shard::notify::Notify;
 use crate::shard::{BridgeOut, ClaimsSnapshot, RetainedSnapshot, RouteAckTo, ShardCore};
@@ -442,7 +443,7 @@ impl Bridge {
             .map(|(_, i)| i)
             .collect();
         drop(peers);
-        if chosen != self.core.standbys() {
+        if chosen[..] != self.core.standbys()[..] {
             self.core.set_standbys(now, &chosen);
             self.ship_logs(now);
         }
@@ -453,7 +454,7 @@ impl Bridge {
     fn ship_logs(&self, now: Instant) {
         let ms = self.ms(now);
         // A chunk fits the peer's largest frame (one larger record goes
-        // alone: a record is at most a packet and its bookkeeping).
+        // alone: the frame bound takes a segment, the largest record).
         let max = super::durable_chunk_bytes(self.settings.frame_bytes_max);
         for node in self.core.standbys() {
             let Some(link) = self.up_link_to(node) else {
@@ -1120,16 +1121,12 @@ impl Bridge {
     fn confirm_synced(&self, now: Instant) {
         let done = self.core.copy_syncs_done();
         loop {
-            let next = self.copy_answers.borrow_mut().pop_front();
-            let Some((sync, link, answer)) = next else {
-                break;
-            };
-            if sync > done {
-                self.copy_answers
-                    .borrow_mut()
-                    .push_front((sync, link, answer));
+            let mut answers = self.copy_answers.borrow_mut();
+            if answers.front().is_none_or(|(sync, _, _)| *sync > done) {
                 break;
             }
+            let (_, link, answer) = answers.pop_front().expect("checked");
+            drop(answers);
             if !link.closed.get() {
                 link.session.borrow_mut().force_send(self.ms(now), &answer);
                 link.wake.notify();
@@ -1318,21 +1315,12 @@ impl Bridge {
             let Some(h) = link.hello.borrow().clone() else {
                 return;
             };
-            if *shard != h.shard {
-                self.warn(
-                    now,
-                    format_args!(
-                        "node {} sent a chunk of shard {shard}'s log on its shard {}'s link; \
-                         closing the link",
-                        quote(h.node.as_str()),
-                        h.shard
-                    ),
-                );
-                self.close(now, link, "bad log chunk");
-                return;
-            }
             let (name, run) = (h.node.as_str(), h.incarnation);
-            match self.core.take_log_chunk(name, run, h.shards, *shard, chunk) {
+            let taken = match *shard == h.shard {
+                true => self.core.take_log_chunk(name, run, h.shards, *shard, chunk),
+                false => Err(ReplicaError::Bad("a chunk of another shard's log")),
+            };
+            match taken {
                 Ok((answer, None)) => {
                     link.session.borrow_mut().force_send(self.ms(now), &answer);
                     link.wake.notify();

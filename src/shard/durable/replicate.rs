@@ -59,8 +59,6 @@ pub(in crate::shard) struct Standby {
     /// for (new and catching up, behind for [`REPLICA_WAIT`], or
     /// refusing).
     waited_from: Option<u64>,
-    /// Its refusal was logged.
-    refusal_told: bool,
 }
 
 /// A copy of a peer shard's log kept here.
@@ -154,15 +152,15 @@ impl Store {
     /// name says none.
     fn generation(&self) -> u64 {
         let gen = self.rec.log.dir().parent().and_then(|p| p.file_name());
-        gen.and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("gen-"))
-            .and_then(|n| n.parse().ok())
+        (gen.and_then(|n| n.to_str()))
+            .and_then(crate::log::dir::parse_generation)
             .unwrap_or(0)
     }
 
-    /// The data directory the log is in.
-    fn data_root(&self) -> Option<PathBuf> {
-        Some(self.rec.log.dir().parent()?.parent()?.to_path_buf())
+    /// Where the copies of peers' logs are kept: `replicas/` in the data
+    /// directory the log is in.
+    fn copies_dir(&self) -> Option<PathBuf> {
+        Some(self.rec.log.dir().parent()?.parent()?.join("replicas"))
     }
 }
 
@@ -226,7 +224,6 @@ impl ShardCore {
                     ship: Shipper::new(gen),
                     marks: VecDeque::from([(store.rec.log.next_seq(), now)]),
                     waited_from: None,
-                    refusal_told: false,
                 });
             }
         }
@@ -248,12 +245,13 @@ impl ShardCore {
                 .all(|s| s.waited_from.is_some_and(|from| s.ship.confirmed() >= from))
     }
 
-    /// The standbys this shard's log goes to.
-    pub fn standbys(&self) -> Vec<u16> {
+    /// The standbys this shard's log goes to (asked at every outbox
+    /// drain: no allocation for up to two).
+    pub fn standbys(&self) -> smallvec::SmallVec<[u16; 2]> {
         let st = self.state.borrow();
-        st.store.as_ref().map_or_else(Vec::new, |s| {
-            s.replication.standbys.iter().map(|s| s.node).collect()
-        })
+        (st.store.iter())
+            .flat_map(|s| s.replication.standbys.iter().map(|s| s.node))
+            .collect()
     }
 
     /// The next chunk of this shard's log for standby `node`, of at most
@@ -303,16 +301,10 @@ impl ShardCore {
         let Some(s) = (store.replication.standbys.iter_mut()).find(|s| s.node == node) else {
             return;
         };
-        s.ship.have(have);
-        let confirmed = s.ship.confirmed();
-        while s.marks.len() > 1 && s.marks.get(1).is_some_and(|m| m.0 <= confirmed) {
-            s.marks.pop_front();
-        }
-        if s.ship.refused() && s.waited_from.is_some() {
-            s.waited_from = None;
-            store.replication.given_up += 1;
-        }
-        if s.ship.refused() && !std::mem::replace(&mut s.refusal_told, true) {
+        if s.ship.have(have) {
+            if s.waited_from.take().is_some() {
+                store.replication.given_up += 1;
+            }
             log::warn!(
                 "shard {}: peer {node} keeps no copy of this shard's log (no log there, or \
                  its bound reached): acknowledgements no longer wait for it",
@@ -419,9 +411,11 @@ impl ShardCore {
         let Some(store) = st.store.as_mut() else {
             return Ok((refused, None));
         };
-        let Some(root) = store.data_root() else {
+        let Some(copies_dir) = store.copies_dir() else {
             return Ok((refused, None));
         };
+        let node_dir = copies_dir.join(format!("node-{node}"));
+        let power_safe = self.config.durability() == crate::config::Durability::PowerSafe;
         let own_segment = store.rec.log.segment_bytes() as u64;
         let i =
             (store.replication.copies.iter()).position(|c| &*c.node == node && c.shard == shard);
@@ -451,9 +445,7 @@ impl ShardCore {
                     return Ok((refused, None));
                 }
                 let disk = store.rec.log.disk().clone();
-                let node_dir = root.join("replicas").join(format!("node-{node}"));
-                let dir = node_dir
-                    .join(format!("gen-{:06}", chunk.generation))
+                let dir = (node_dir.join(crate::log::dir::generation_name(chunk.generation)))
                     .join(format!("shard-{shard}"));
                 // Twice the owner's share of `storage.log_bytes_max` (as
                 // configured here): the copy drops the segments its log
@@ -467,7 +459,6 @@ impl ShardCore {
                     chunk.segment_bytes as usize,
                     segments_max,
                 );
-                let power_safe = self.config.durability() == crate::config::Durability::PowerSafe;
                 replica.set_sync_dirs(power_safe);
                 if let Some(i) = old {
                     let gone = store.replication.copies.remove(i);
@@ -515,8 +506,7 @@ impl ShardCore {
         };
         if copy.shard == 0 && copy.replica.whole() && !copy.current_written {
             copy.current_written = true;
-            let node_dir = root.join("replicas").join(format!("node-{node}"));
-            let text = format!("gen-{:06}\n", chunk.generation);
+            let text = format!("{}\n", crate::log::dir::generation_name(chunk.generation));
             if let Err(e) =
                 (store.rec.log.disk()).replace_synced(&node_dir, "CURRENT", text.as_bytes())
             {
@@ -528,7 +518,7 @@ impl ShardCore {
             }
         }
         let answer = Frame::LogHave { shard, have };
-        if self.config.durability() != crate::config::Durability::PowerSafe {
+        if !power_safe {
             return Ok((answer, None));
         }
         let r = &mut store.replication;
@@ -544,10 +534,9 @@ impl ShardCore {
     /// True when `path` is a file of a peer's log copy kept here.
     pub fn is_log_copy(&self, path: &std::path::Path) -> bool {
         let st = self.state.borrow();
-        st.store.as_ref().is_some_and(|s| {
-            s.data_root()
-                .is_some_and(|root| path.starts_with(root.join("replicas")))
-        })
+        (st.store.as_ref())
+            .and_then(Store::copies_dir)
+            .is_some_and(|dir| path.starts_with(dir))
     }
 
     /// Power-safe: the syncs of peers' log copies done (see
@@ -563,9 +552,8 @@ impl ShardCore {
 impl Store {
     /// What replication counted on this shard.
     pub(in crate::shard) fn replication_stats(&self) -> ReplicationStats {
-        let store = self;
-        let r = &store.replication;
-        let next = store.rec.log.next_seq();
+        let r = &self.replication;
+        let next = self.rec.log.next_seq();
         ReplicationStats {
             standbys: r.standbys.len(),
             standbys_waited: (r.standbys.iter())
