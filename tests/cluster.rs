@@ -1058,28 +1058,14 @@ async fn a_session_follows_its_client_to_another_node() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Copy directory `from` into `to`, whole.
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), dst).unwrap();
-        }
-    }
-}
-
 /// What a node acknowledges is in its standby's log too (`cluster.replicas
 /// = 2`, the default): a's log is copied to b (the next name), and a
 /// QoS 1 PUBACK waits until b holds the records: while b is stopped
 /// (SIGSTOP) none comes, and it comes once b runs again. Node a is killed
 /// right after 300 messages for an offline persistent session there were
-/// acknowledged; a broker started alone on b's copy of a's log
-/// (`replicas/node-a`, a data directory) has the session with every one of
-/// them.
+/// acknowledged; once a is declared down, b takes its sessions over from
+/// that copy, and the client, connecting to c, resumes its session with
+/// every one of them, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_a_node_acknowledged_is_in_its_standbys_copy_of_its_log() {
     use client::v3::{connect, options, QoS};
@@ -1119,11 +1105,13 @@ async fn what_a_node_acknowledged_is_in_its_standbys_copy_of_its_log() {
         metric_sum(&b, "shardmq_cluster_log_chunks_refused_total{"),
         0
     );
-    let copy = dir.join("b").join("replicas").join("node-a");
-    let restored = dir.join("restored");
-    copy_dir(&copy, &restored);
-    let alone = ChildBroker::start(&["--shards", "2", "--data-dir", restored.to_str().unwrap()]);
-    let mut o = options(alone.addr, "kept");
+    wait_log(
+        &b,
+        "cluster: node \"a\" is down: this node takes over its sessions",
+        15,
+    );
+    assert_eq!(metric_sum(&b, "shardmq_cluster_sessions_adopted_total{"), 1);
+    let mut o = options(c.addr, "kept");
     o.set_clean_session(false);
     let mut sub = connect(o).await;
     for i in 0..=300 {
@@ -1134,7 +1122,7 @@ async fn what_a_node_acknowledged_is_in_its_standbys_copy_of_its_log() {
             "message {i} from the copy"
         );
     }
-    drop((publisher, sub, alone, b, c));
+    drop((publisher, sub, b, c));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

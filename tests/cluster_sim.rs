@@ -137,6 +137,11 @@ struct Client {
     /// Subscribers: the steps at which a session of theirs died with its
     /// node or was cut short by a move (the messages it held with it).
     sessions_lost: Vec<u64>,
+    /// Seeds with logs: its session was on a node that died since its
+    /// last CONNACK; the next one tells whether a standby took it over
+    /// (Session Present, with its subscription: a CONNECT whose CONNACK
+    /// never came may have started a new session without it).
+    maybe_lost: bool,
     /// It connected on a node other than its home node at least once (its
     /// session may have moved).
     roamed: bool,
@@ -255,6 +260,9 @@ struct Sim {
     /// Seeds with logs: acknowledgements that went without a peer's
     /// confirmation after the bridge's 10 s (counted, not failed).
     late_acks: u64,
+    /// Sessions taken over from dead nodes' log copies, and messages
+    /// routed to a dead node given to them (`adopt`).
+    adopted: (u64, u64),
     /// Seeds with logs, nodes killed: (deaths whose standby's copy was
     /// not checked: no single standby waited for all along, or no whole
     /// copy; copies recovered and checked; undelivered acknowledged
@@ -361,6 +369,7 @@ impl Sim {
             lost_sessions: 0,
             copies: (0, 0, 0),
             late_acks: 0,
+            adopted: (0, 0),
             refused: 0,
             minority_refused: 0,
             routes_refused: 0,
@@ -597,6 +606,7 @@ impl Sim {
             connacked: false,
             split: false,
             sessions_lost: Vec::new(),
+            maybe_lost: false,
             roamed: false,
             next_seq: 0,
             retained: BTreeMap::new(),
@@ -853,11 +863,25 @@ impl Sim {
                         .collect();
                     self.clients[c].will_runs = runs;
                 }
+                let adopted = self.clients[c].maybe_lost && ack.session_present;
+                let kept = ack.session_present
+                    && (!self.clients[c].maybe_lost || self.holds_subscription(c));
                 let client = &mut self.clients[c];
+                // A session a standby took over: what it held and what
+                // came to the new node since may meet out of their
+                // publisher's order (seed 7124: the dead node had
+                // delivered a publisher's later message before an earlier
+                // one reached it, which the copy then brought), as in a
+                // split.
+                if adopted && !client.split {
+                    client.split = true;
+                    self.splits += 1;
+                }
                 client.connacked = true;
+                client.maybe_lost = false;
                 match client.role.clone() {
                     Role::Subscriber { filter, qos } => {
-                        if client.subscribed_at.is_some() && !ack.session_present {
+                        if client.subscribed_at.is_some() && !kept {
                             // Only faults may take it: a crash of its
                             // node, a move cut short.
                             if self.faults == Faults::None {
@@ -868,6 +892,9 @@ impl Sim {
                             client.inbound.clear();
                             client.sessions_lost.push(self.steps);
                             self.lost_sessions += 1;
+                            // Order holds within a session (what a node
+                            // took over may join the new one).
+                            self.last_first.retain(|k, _| k.0 != c);
                         }
                         let client = &mut self.clients[c];
                         if client.subscribed_at.is_none() {
@@ -978,11 +1005,11 @@ impl Sim {
             // confirmed the message: the publisher's node serves it with
             // another member, QoS 2 too (the README says why). So one whose
             // session died with its node, and where partitions cut nodes
-            // off, one on each side.
-            let died = self.clients[first]
-                .sessions_lost
-                .iter()
-                .any(|&at| at >= sent.step);
+            // off, one on each side. In seeds with logs, the session of
+            // the member that died comes back (its node's standby takes
+            // it over) and delivers it too, maybe after the other.
+            let died = |m: usize| (self.clients[m].sessions_lost.iter()).any(|&at| at >= sent.step);
+            let died = died(first) || died(c);
             if first != c && !died && self.faults != Faults::All {
                 self.fail(&format!(
                     "{text} reached two members of the shared group: {} and {}",
@@ -1458,9 +1485,13 @@ impl Sim {
                     })
             })
             .collect();
-        if self.nodes[k].disk.is_some() && self.faults != Faults::All {
+        let logged = self.nodes[k].disk.is_some();
+        if logged && self.faults != Faults::All {
             self.check_copy_of(k, &held, &moving);
         }
+        self.count_adoptions(k);
+        // (Its record of sessions split goes with it.)
+        self.note_splits();
         let node = &mut self.nodes[k];
         node.up = false;
         node.cores.clear();
@@ -1505,9 +1536,12 @@ impl Sim {
             if let (Role::Subscriber { .. }, true) = (&client.role, died) {
                 // Memory durability: its session died with the node, and
                 // what it held (a subscription whose SUBACK had not come
-                // yet may have taken effect).
+                // yet may have taken effect). With logs, the standby may
+                // take it over: its next CONNACK tells (Session Present),
+                // and until then it owes what it was owed.
                 client.sessions_lost.push(self.steps);
-                if client.subscribed_at.is_some() {
+                client.maybe_lost = logged;
+                if client.subscribed_at.is_some() && !logged {
                     client.subscribed_at = None;
                     client.inbound.clear();
                     self.lost_sessions += 1;
@@ -1663,6 +1697,31 @@ impl Sim {
                     ));
                 }
             }
+        }
+    }
+
+    /// Client `c`'s session on the node of its connection holds its
+    /// subscription.
+    fn holds_subscription(&self, c: usize) -> bool {
+        let client = &self.clients[c];
+        let (Some(conn), Role::Subscriber { filter, .. }) = (&client.conn, &client.role) else {
+            return false;
+        };
+        let ask = AdminRequest::Client {
+            client_id: client.id.clone(),
+        };
+        (self.nodes[conn.node].cores.iter()).any(|core| {
+            matches!(core.admin(self.now, ask.clone()), AdminAnswer::Client(Some(d))
+                if d.subscription_list.iter().any(|s| s.filter == *filter))
+        })
+    }
+
+    /// Add node `k`'s counts of sessions and messages taken over.
+    fn count_adoptions(&mut self, k: usize) {
+        for core in &self.nodes[k].cores {
+            let s = core.cluster_stats();
+            self.adopted.0 += s.sessions_adopted;
+            self.adopted.1 += s.adopted_messages;
         }
     }
 
@@ -1987,6 +2046,11 @@ impl Sim {
             }
         }
         self.late_acks += late_acks;
+        for k in 0..self.nodes.len() {
+            if self.nodes[k].up {
+                self.count_adoptions(k);
+            }
+        }
         // One live connection per client id (not always the newest: two
         // connections a partition let live meet when it heals, and the
         // later claim by the clocks wins).
@@ -2013,6 +2077,8 @@ impl Sim {
         // has (to one member of the shared group), and each will of a
         // killed node's live connection to the wills' subscribers of the
         // nodes that owe it.
+        // (Moves given up since the last delivery count too.)
+        self.note_splits();
         let mut lost = 0u64;
         let mut owed = 0u64;
         let mut wills_owed = 0u64;
@@ -2134,6 +2200,7 @@ impl Sim {
             lost_sessions: self.lost_sessions,
             copies: self.copies,
             late_acks: self.late_acks,
+            adopted: self.adopted,
             refused: self.refused,
             minority_refused: self.minority_refused,
             routes_refused: self.routes_refused,
@@ -2187,6 +2254,9 @@ struct Outcome {
     lost_sessions: u64,
     copies: (u64, u64, u64),
     late_acks: u64,
+    /// Sessions taken over from dead nodes' log copies, and messages
+    /// routed to a dead node given to them (`adopt`).
+    adopted: (u64, u64),
     refused: u64,
     minority_refused: u64,
     routes_refused: u64,
@@ -2213,6 +2283,8 @@ impl std::ops::AddAssign for Outcome {
         self.copies.1 += o.copies.1;
         self.copies.2 += o.copies.2;
         self.late_acks += o.late_acks;
+        self.adopted.0 += o.adopted.0;
+        self.adopted.1 += o.adopted.1;
         self.refused += o.refused;
         self.minority_refused += o.minority_refused;
         self.routes_refused += o.routes_refused;
@@ -2264,7 +2336,8 @@ fn seeded_cluster_runs() {
          peers dropped by the bridges; nodes with logs killed: {} standbys' copies recovered, \
          holding {} acknowledged messages not yet delivered, {} deaths not checked (no whole \
          copy, or acknowledgements made without the standby), {} acknowledgements that went \
-         after the bridge's 10 s without a peer's confirmation",
+         after the bridge's 10 s without a peer's confirmation; {} sessions taken over from \
+         dead nodes' copies, and {} messages in flight to a dead node given to them",
         seeds.len(),
         total.faulty,
         total.published,
@@ -2285,7 +2358,9 @@ fn seeded_cluster_runs() {
         total.copies.1,
         total.copies.2,
         total.copies.0,
-        total.late_acks
+        total.late_acks,
+        total.adopted.0,
+        total.adopted.1
     );
 }
 

@@ -30,7 +30,7 @@ use crate::message::Message;
 use crate::router::SharedPick;
 
 /// The bridge protocol version this node speaks.
-pub const BRIDGE_VERSION: u16 = 8;
+pub const BRIDGE_VERSION: u16 = 9;
 /// Bytes before a frame's body: its length and kind.
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Longest topic filter or other string in a frame, in bytes (the MQTT
@@ -458,6 +458,11 @@ pub struct RemotePublish {
     /// picked by was stale): the receiver serves them with a member of
     /// its own or drops them (counted), never passing them on again.
     pub passed_on: bool,
+    /// For the sessions the receiver took over from that node's run
+    /// (name, incarnation), declared down before it confirmed the message
+    /// (`shard::adopt`): only those take it (`ordinary` and `shared`
+    /// aside).
+    pub adopted_of: Option<(NodeName, u64)>,
 }
 
 /// A frame that cannot be read.
@@ -578,7 +583,12 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
         Frame::Publish(p) => {
             out.put_u8(kind::PUBLISH);
             out.put_u64(p.seq);
-            out.put_u8(u8::from(p.ordinary) | u8::from(p.passed_on) << 1);
+            let adopted = u8::from(p.adopted_of.is_some()) << 2;
+            out.put_u8(u8::from(p.ordinary) | u8::from(p.passed_on) << 1 | adopted);
+            if let Some((node, run)) = &p.adopted_of {
+                put_str(out, node.as_str());
+                out.put_u64(*run);
+            }
             out.put_u16(p.shared.len().min(usize::from(u16::MAX)) as u16);
             for pick in p.shared.iter().take(usize::from(u16::MAX)) {
                 put_str(out, &pick.group);
@@ -656,7 +666,7 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u64(c.at.segment);
             out.put_u64(c.at.offset);
             out.put_u64(c.seq);
-            out.put_u8(u8::from(c.start.is_some()));
+            out.put_u8(u8::from(c.start.is_some()) | u8::from(c.waited) << 1);
             out.put_u64(c.start.unwrap_or(0));
             out.put_u64(c.oldest);
             out.put_u32(c.bytes.len() as u32);
@@ -836,10 +846,18 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
         kind::PUBLISH => {
             let seq = u64_(b)?;
             let flags = u8_(b)?;
-            if flags > 3 {
+            if flags > 7 {
                 return Err(FrameError::Malformed("unknown message flags"));
             }
             let (ordinary, passed_on) = (flags & 1 != 0, flags & 2 != 0);
+            let adopted_of = match flags & 4 {
+                0 => None,
+                _ => {
+                    let node = NodeName::new(&string(b)?)
+                        .map_err(|_| FrameError::Malformed("node name"))?;
+                    Some((node, u64_(b)?))
+                }
+            };
             let n = usize::from(u16_(b)?);
             if n > b.len() / 4 {
                 return Err(FrameError::Malformed("shared count beyond the frame"));
@@ -867,6 +885,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                 ordinary,
                 shared,
                 passed_on,
+                adopted_of,
             })
         }
         kind::PING => Frame::Ping {
@@ -948,11 +967,12 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                 offset: u64_(b)?,
             };
             let seq = u64_(b)?;
-            let start = match (u8_(b)?, u64_(b)?) {
-                (0, _) => None,
-                (1, whole_at) => Some(whole_at),
-                _ => return Err(FrameError::Malformed("log chunk start flag")),
-            };
+            let (flags, whole_at) = (u8_(b)?, u64_(b)?);
+            if flags > 3 {
+                return Err(FrameError::Malformed("log chunk flags"));
+            }
+            let start = (flags & 1 != 0).then_some(whole_at);
+            let waited = flags & 2 != 0;
             let oldest = u64_(b)?;
             let n = u32_(b)? as usize;
             need(b, n)?;
@@ -968,6 +988,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                     start,
                     oldest,
                     bytes,
+                    waited,
                 }),
             }
         }
@@ -1436,6 +1457,15 @@ mod tests {
                     filter: Arc::from("a/+"),
                 }],
                 passed_on: true,
+                adopted_of: None,
+            }),
+            Frame::Publish(RemotePublish {
+                seq: 8,
+                message: Arc::new(message()),
+                ordinary: true,
+                shared: Vec::new(),
+                passed_on: false,
+                adopted_of: Some((NodeName::new("n-2").unwrap(), 9)),
             }),
             Frame::RouteDelta {
                 seq: 11,
@@ -1535,6 +1565,7 @@ mod tests {
                     start: Some(90),
                     oldest: 2,
                     bytes: vec![1, 2, 3],
+                    waited: true,
                 }),
             },
             Frame::LogHave {
@@ -1616,6 +1647,7 @@ mod tests {
             ordinary: true,
             shared: Vec::new(),
             passed_on: false,
+            adopted_of: None,
         };
         encode(&Frame::Publish(p), now, &mut buf);
         let later = now + Duration::from_secs(10);

@@ -299,7 +299,13 @@ impl LinkSession {
         self.peer.is_some()
     }
 
-    /// Bytes waiting to be written.
+    /// Milliseconds since the peer was last heard from (a healthy link
+    /// hears a ping's answer at least every `ping_after_ms` or so).
+    pub fn silent_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.last_rx_ms)
+    }
+
+    /// Bytes written to the link and not yet sent.
     pub fn out_bytes(&self) -> usize {
         self.tx.len()
     }

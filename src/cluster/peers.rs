@@ -456,6 +456,7 @@ mod tests {
             ordinary: true,
             shared: Vec::new(),
             passed_on: false,
+            adopted_of: None,
         })
     }
 

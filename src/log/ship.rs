@@ -61,6 +61,11 @@ pub struct Chunk {
     pub oldest: u64,
     /// The records, as they lie in the segment.
     pub bytes: Vec<u8>,
+    /// The owner waits for this copy (its acknowledgements hold until the
+    /// copy has the records) from a record at or below this chunk's end:
+    /// a copy that has taken it holds all the owner acknowledged (what a
+    /// standby that takes over a dead owner's sessions needs).
+    pub waited: bool,
 }
 
 /// What a copy holds: the standby's answer to each chunk.
@@ -121,6 +126,12 @@ impl Shipper {
             start_id: 0,
             refused: false,
         }
+    }
+
+    /// The sequence number below which the copy holds every record once
+    /// the chunks sent so far are taken (None: starting anew).
+    pub fn sent_end(&self) -> Option<u64> {
+        self.next.map(|(_, seq)| seq)
     }
 
     /// Every record below this sequence number is in the copy, whole.
@@ -193,6 +204,7 @@ impl Shipper {
             start,
             oldest: if at_head { oldest } else { 0 },
             bytes,
+            waited: false,
         };
         self.next = Some(end);
         self.sent.push_back(Sent {

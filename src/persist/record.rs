@@ -726,11 +726,17 @@ impl Writer<'_> {
             }
         }
     }
-    /// A message: expiry, publisher, then a 5.0 PUBLISH of the rest.
+    /// A message: expiry, publisher, flags (bit 0: a publisher; bit 1:
+    /// its id in the cluster follows, [`Message::id`]: a copy of the
+    /// session on another node skips what it has by it), then a 5.0
+    /// PUBLISH of the rest.
     fn message(&mut self, m: &Message, clock: &WallClock) {
         self.opt_u64(m.expires_at.map(|t| clock.to_ms(t)));
         self.str(m.publisher.as_deref().unwrap_or(""));
-        self.u8(u8::from(m.publisher.is_some()));
+        self.u8(u8::from(m.publisher.is_some()) | (u8::from(m.id != 0) << 1));
+        if m.id != 0 {
+            self.u64(m.id);
+        }
         let view = m.publish_view();
         self.u32(codec::publish_len(&view, Version::V5) as u32);
         codec::encode_publish(&view, Version::V5, self.0);
@@ -890,7 +896,15 @@ impl<'a> Reader<'a> {
     fn message(&mut self, clock: &WallClock) -> Result<Message, RecordError> {
         let expires_ms = self.opt_u64()?;
         let publisher = self.string()?;
-        let has_publisher = self.u8()? != 0;
+        let flags = self.u8()?;
+        if flags > 3 {
+            return Err(RecordError::Invalid("unknown message flags"));
+        }
+        let has_publisher = flags & 1 != 0;
+        let id = match flags & 2 {
+            0 => 0,
+            _ => self.u64()?,
+        };
         let mut p = self.publish()?;
         // The record's own expiry stands; a damaged record must not make
         // per-delivery properties appear twice when a copy is sent.
@@ -905,7 +919,7 @@ impl<'a> Reader<'a> {
             properties: p.properties.into(),
             expires_at: expires_ms.map(|ms| clock.to_instant(ms)),
             publisher: has_publisher.then(|| Arc::from(publisher)),
-            id: 0,
+            id,
         })
     }
     fn opt_will(&mut self, clock: &WallClock) -> Result<Option<Will>, RecordError> {

@@ -266,6 +266,104 @@ pub fn recover(settings: &RecoverySettings) -> Result<Recovery, RecoveryError> {
     })
 }
 
+/// A session of a dead peer's log copy, for the node that adopts it
+/// (`shard::adopt`).
+#[derive(Debug)]
+pub struct AdoptedSession {
+    /// Client identifier.
+    pub client_id: Arc<str>,
+    /// Its state, offline since the peer's last clock record, without
+    /// its will (every peer publishes a dead node's wills) and with no
+    /// delivery stored on the adopting node yet (`stored` is None).
+    pub restored: Restored,
+}
+
+/// What reading a peer's log copy gave ([`read_copy`]).
+#[derive(Debug)]
+pub struct Adoption {
+    /// The sessions that had not expired, in no particular order.
+    pub sessions: Vec<AdoptedSession>,
+    /// What was read, for the log.
+    pub summary: String,
+}
+
+/// Read the copy of a dead peer's logs at `root` (a data directory:
+/// `CURRENT` and its generation's shard logs) the way recovery reads a
+/// data directory, steps 1 to 3 of the module docs (a connected session
+/// counts as disconnected at the copy's last clock record, an expired one
+/// ends, an accepted message not known applied is routed again to the
+/// copy's sessions, a message a session would hold twice is held once),
+/// but writes no generation (only the lock file `DataDir` takes): the
+/// sessions are for the adopting node's shards to take in. Wills, retained messages and delayed
+/// publishes are left out (peers hold and publish a dead node's wills,
+/// retained messages are on every node; delayed publishes are not
+/// replicated: a cut). `Ok(None)` when the copy has no `CURRENT` (it never
+/// caught up once).
+pub fn read_copy(
+    disk: Arc<dyn Disk>,
+    root: &Path,
+    clock: WallClock,
+) -> Result<Option<Adoption>, RecoveryError> {
+    let dir = DataDir::open_on(disk, root)?;
+    let io = |what: &str| {
+        let dir = root.display().to_string();
+        let what = what.to_string();
+        move |source| RecoveryError::Io { dir, what, source }
+    };
+    let Some(gen) = dir.current().map_err(io("read CURRENT"))? else {
+        return Ok(None);
+    };
+    let mut lines = Vec::new();
+    let mut images = Vec::new();
+    for (shard, path) in dir.shard_dirs(gen).map_err(io("list shard logs"))? {
+        let (image, report, bad) = read_shard(dir.disk().as_ref(), &path, shard, &clock)
+            .map_err(io(&format!("read {}", path.display())))?;
+        lines.push(describe(shard, &report, bad));
+        images.push(image);
+    }
+    let mut state = Merge::new(&images, &clock);
+    state.gather_sessions();
+    state.settle_sessions();
+    state.wills.clear();
+    state.reroute_accepted();
+    let mut counts = Counts {
+        expired: state.expired,
+        rerouted: state.rerouted,
+        ..Counts::default()
+    };
+    let no_ids = HashMap::default();
+    let mut sessions = Vec::new();
+    for mut g in std::mem::take(&mut state.sessions) {
+        if g.ended {
+            continue;
+        }
+        // A message once per session: one the copy's shards hold both as
+        // stored and as accepted and not known applied (their copies were
+        // taken at different moments) is routed again above; its number
+        // in the cluster tells.
+        let mut ids = crate::hash::HashSet::default();
+        g.deliveries
+            .retain(|(_, m, _)| m.id == 0 || ids.insert(m.id));
+        // In the order recovery restores them.
+        let mut restored = restore(&g, &no_ids, &clock, &mut counts);
+        restored.pending_will = None;
+        counts.sessions += 1;
+        sessions.push(AdoptedSession {
+            client_id: Arc::from(g.rec.client_id.as_str()),
+            restored,
+        });
+    }
+    lines.push(format!(
+        "read {} sessions ({} ended on expiry), {} queued and {} in-flight messages \
+         ({} routed again) from generation {gen}",
+        counts.sessions, counts.expired, counts.queued, counts.inflight, counts.rerouted
+    ));
+    Ok(Some(Adoption {
+        sessions,
+        summary: lines.join("; "),
+    }))
+}
+
 /// Replay one shard log. Returns the image, the scan report and how many
 /// records were valid but could not be understood.
 fn read_shard(

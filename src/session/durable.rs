@@ -184,7 +184,11 @@ impl Session {
         }
         out.last_packet_id = out.inflight.iter().map(|m| m.packet_id).max().unwrap_or(0);
         for (message, delivery) in requeue.into_iter().chain(r.queue) {
-            out.push_queue(Some(message.clone()), message.cost_bytes(), delivery);
+            out.push_queue(
+                Some(message.clone()),
+                (message.cost_bytes(), message.id),
+                delivery,
+            );
         }
         // What the memory limits do not hold stays in the log until the
         // client is back to take it.

@@ -148,12 +148,7 @@ impl Session {
         // nodes had it) is not taken twice. (One held meanwhile gives way
         // to the copy taken here, which keeps its place: `end_move_in`.)
         let mut had: HashSet<u64> = self.out.inflight.iter().map(|m| m.message.id).collect();
-        had.extend(
-            self.out
-                .queue
-                .iter()
-                .filter_map(|q| q.message.as_ref().map(|m| m.id)),
-        );
+        had.extend(self.out.queue.iter().map(|q| q.id));
         had.remove(&0);
         // Nor, at QoS 2, one within what had reached this copy from its
         // origin, through a subscription it had, when the move began:
@@ -409,6 +404,14 @@ impl Session {
         self.moved_marks.as_deref().is_some_and(|m| m.had(message))
             || (qos == QoS::ExactlyOnce
                 && (self.given_up_marks.as_deref()).is_some_and(|m| m.had(message)))
+    }
+
+    /// `ids` came to the session by another path than its routes (taken
+    /// over from a dead node's copy, or sent on for it): a copy that comes
+    /// by its routes is skipped until [`Session::forget_moved_ids`].
+    pub fn note_moved_ids(&mut self, ids: impl IntoIterator<Item = u64>) {
+        let known = self.moved_ids.get_or_insert_with(Box::default);
+        known.extend(ids.into_iter().filter(|&id| id != 0));
     }
 
     /// Stop looking for copies of moved messages.

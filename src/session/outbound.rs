@@ -77,6 +77,9 @@ pub(super) struct Queued {
     pub(super) message: Option<Arc<Message>>,
     /// The message's `cost_bytes`, known while it is paged out.
     pub(super) cost: usize,
+    /// Its [`Message::id`], known while it is paged out (a copy that
+    /// comes to the session by another path is skipped by it).
+    pub(super) id: u64,
     pub(super) delivery: Delivery,
 }
 
@@ -174,7 +177,7 @@ impl Outbound {
     pub(super) fn push_queue(
         &mut self,
         message: Option<Arc<Message>>,
-        cost: usize,
+        (cost, id): (usize, u64),
         delivery: Delivery,
     ) {
         debug_assert!(message.is_some() || delivery.stored.is_some());
@@ -187,6 +190,7 @@ impl Outbound {
         self.queue.push_back(Queued {
             message,
             cost,
+            id,
             delivery,
         });
     }
@@ -463,9 +467,10 @@ impl Session {
             }
         }
         if resident_fits(&self.out) {
-            self.out.push_queue(Some(message.clone()), cost, delivery);
+            self.out
+                .push_queue(Some(message.clone()), (cost, message.id), delivery);
         } else {
-            self.out.push_queue(None, cost, delivery);
+            self.out.push_queue(None, (cost, message.id), delivery);
         }
     }
 

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
-use crate::cluster::frame::{Frame, Hello, RefuseReason};
+use crate::cluster::frame::{Frame, Hello, RefuseReason, RemotePublish};
 use crate::cluster::link::{LinkError, LinkEvent, LinkSession, LinkSettings};
 use crate::cluster::node::{same_addr, Node};
 use crate::cluster::peers::PeerLinks;
@@ -69,6 +69,12 @@ pub enum PeerEvent {
         refuse: bool,
     },
 }
+
+/// The longest a peer declared down may have been silent for this node to
+/// take its sessions over: under [`super::durable::REPLICA_WAIT`], after
+/// which a peer still running (cut off) acknowledges without this node's
+/// copy of its log.
+pub const ADOPT_SILENCE_MAX: Duration = Duration::from_secs(8);
 
 /// A link's id, the bridge's name for one socket.
 pub type LinkId = u64;
@@ -233,6 +239,12 @@ pub struct Bridge {
     log_gate: RefCell<LogGate>,
     /// Messages for a peer with no link up, or whose link was full.
     dropped: Cell<u64>,
+    /// When each peer was last heard on a link of this shard that closed
+    /// since (ms of the bridge's clock): a link up tells for itself.
+    heard: RefCell<HashMap<u16, u64>>,
+    /// Shard 0: the names of the nodes seen up in this run (for the
+    /// majority a node must hear to take a dead peer's sessions over).
+    known: RefCell<crate::hash::HashSet<String>>,
     /// Links closed here whose sockets the runtime still has to shut.
     closed: RefCell<Vec<LinkId>>,
     /// The messages taken from each peer shard's run: (peer, its shard) →
@@ -304,6 +316,8 @@ impl Bridge {
             next_id: Cell::new(0),
             log_gate: RefCell::new(LogGate::new(10, Duration::from_secs(10))),
             dropped: Cell::new(0),
+            heard: RefCell::new(HashMap::default()),
+            known: RefCell::new(Default::default()),
             closed: RefCell::new(Vec::new()),
             received: RefCell::new(HashMap::default()),
             link_closes: Cell::new(0),
@@ -374,6 +388,9 @@ impl Bridge {
         match ev {
             PeerEvent::Up { index, node } => {
                 self.core.peer_named(index, node.name.as_str());
+                self.known
+                    .borrow_mut()
+                    .insert(node.name.as_str().to_string());
                 let incarnation_up = node.incarnation;
                 self.core.peer_routes_expected(index, incarnation_up, now);
                 let replaced = self.peers.borrow_mut().up(index, node, self.ms(now));
@@ -387,8 +404,8 @@ impl Bridge {
                 }
                 // A run that rejoined after being declared down: its will
                 // frames count again.
-                self.core.peer_run_up(index, incarnation_up);
-                self.undeliverable(now, index, replaced.dropped);
+                self.core.peer_run_up(now, index, incarnation_up);
+                self.undeliverable(now, index, replaced.dropped, None);
                 if let Some(id) = replaced.close {
                     self.close_outbound(now, id, "a newer run of the node is up");
                 }
@@ -396,18 +413,52 @@ impl Bridge {
                 self.choose_standbys(now);
             }
             PeerEvent::Down { index, node } => {
+                let silent = self.silence_of(now, index);
                 let Some((link, dropped)) = self.peers.borrow_mut().down(index, &node) else {
                     return;
                 };
                 self.core.peer_run_ended(now, index, node.incarnation);
                 // Its answers to move fences will not come.
                 self.fence_answered(now, None, index);
-                self.undeliverable(now, index, dropped);
+                // What it did not confirm goes to the sessions taken over
+                // from it, wherever they are.
+                let adopter = self.adopter_of(node.name.as_str());
+                self.undeliverable(now, index, dropped, Some((adopter, &node)));
                 if let Some(id) = link {
                     self.close_outbound(now, id, "the node is down");
                 }
                 self.forget_routes(index);
                 self.core.peer_routes_gone(index, node.incarnation);
+                // A newer run of it up already (a restart) recovered its
+                // own log: nothing to take over.
+                let newer = self
+                    .peers
+                    .borrow()
+                    .node(index)
+                    .is_some_and(|n| n.name == node.name && n.incarnation > node.incarnation);
+                if self.me.shard == 0 && !newer {
+                    let next = self.adopter_of(node.name.as_str()).is_none();
+                    let why_not = match (self.hears_majority(now), silent) {
+                        (false, _) => Some(
+                            "it hears from no majority of the nodes it knows (it may be the \
+                             one cut off)",
+                        ),
+                        (_, Some(s)) if s >= ADOPT_SILENCE_MAX => Some(
+                            "that node was not heard from for longer than the wait for a \
+                             standby (cut off, it may have acknowledged without this copy)",
+                        ),
+                        _ => None,
+                    };
+                    if let (true, Some(why)) = (next, why_not) {
+                        log::warn!(
+                            "cluster: node {} is down; this node, next after it, does not take \
+                             its sessions over: {why}",
+                            quote(node.name.as_str())
+                        );
+                    }
+                    self.core
+                        .adopt_if_mine(now, index, &node, next && why_not.is_none());
+                }
                 // Every link from that run: nothing it still sends counts.
                 let from_it: Vec<Rc<Link>> = self
                     .inbound
@@ -424,6 +475,54 @@ impl Bridge {
             }
             PeerEvent::Quorum { refuse } => self.core.set_refusing_connects(refuse),
         }
+    }
+
+    /// This node hears from more than half of the nodes it has seen up
+    /// in this run (itself included, those declared down since too): its
+    /// links to them heard something within one and a half ping intervals
+    /// (a link with nothing else to say answers a ping every interval). A
+    /// node cut off from the others by a partition, which declares its
+    /// peers down one after the other, does not take over the first one's
+    /// sessions.
+    fn hears_majority(&self, now: Instant) -> bool {
+        let ms = self.ms(now);
+        let fresh = self.settings.ping_after_ms * 3 / 2;
+        let peers = self.peers.borrow().indices();
+        let heard = (peers.iter())
+            .filter(|&&p| {
+                (self.up_link_to(p)).is_some_and(|l| l.session.borrow().silent_ms(ms) < fresh)
+            })
+            .count();
+        let known = self.known.borrow().len().max(peers.len() + 1);
+        2 * (heard + 1) > known + 1
+    }
+
+    /// How long peer `index` has not been heard from on this shard's
+    /// links (None: never heard).
+    fn silence_of(&self, now: Instant, index: u16) -> Option<Duration> {
+        let ms = self.ms(now);
+        let live = (self.outbound.borrow().values())
+            .chain(self.inbound.borrow().iter())
+            .filter(|l| l.peer.get() == Some(index))
+            .map(|l| ms.saturating_sub(l.session.borrow().silent_ms(ms)))
+            .max();
+        let last = live.max(self.heard.borrow().get(&index).copied())?;
+        Some(Duration::from_millis(ms.saturating_sub(last)))
+    }
+
+    /// The node that takes over the sessions of `dead`, declared down:
+    /// the first up after it in name order (its first standby, as
+    /// [`Bridge::choose_standbys`] chooses on every node). None: this
+    /// node; else the peer's index.
+    fn adopter_of(&self, dead: &str) -> Option<u16> {
+        let peers = self.peers.borrow();
+        let mut up: Vec<(&str, Option<u16>)> = (peers.indices().into_iter())
+            .filter_map(|i| peers.node(i).map(|n| (n.name.as_str(), Some(i))))
+            .chain([(self.me.node.as_str(), None)])
+            .collect();
+        up.sort_unstable();
+        let next = up.iter().find(|(n, _)| *n > dead).or(up.first());
+        next.and_then(|(_, i)| *i)
     }
 
     /// The standbys of this shard's log: the `cluster.replicas - 1` peers
@@ -976,14 +1075,25 @@ impl Bridge {
     /// ended, or it is down), in order: counted, and each message goes
     /// back to the core with the publisher's acknowledgement that waited
     /// for it ([`ShardCore::remote_undeliverable`]).
-    fn undeliverable(&self, now: Instant, index: u16, frames: Vec<Frame>) {
+    /// With `adopter` (the peer declared down: the node that takes its
+    /// sessions over, None for this one, and the peer's run), a message
+    /// goes there with the publisher's acknowledgement: for the sessions
+    /// taken over from it, and its shared subscriptions to be served once
+    /// those are taken in (a member of them may be among them).
+    fn undeliverable(
+        &self,
+        now: Instant,
+        index: u16,
+        frames: Vec<Frame>,
+        adopter: Option<(Option<u16>, &Node)>,
+    ) {
         self.count_dropped(now, frames.len());
         let mut waiting = self.waiting.borrow_mut().remove(&index).unwrap_or_default();
         for f in frames {
-            let Frame::Publish(publish) = f else {
+            let Frame::Publish(mut publish) = f else {
                 continue;
             };
-            let (ack, again) = match waiting.front() {
+            let (mut ack, again) = match waiting.front() {
                 Some(m) if m.seq == publish.seq => {
                     let m = *m;
                     waiting.pop_front();
@@ -991,6 +1101,18 @@ impl Bridge {
                 }
                 _ => (None, 0),
             };
+            if let Some((to, node)) = adopter.filter(|_| publish.adopted_of.is_none()) {
+                // Its shared subscriptions are served by other members if
+                // any; those left, and its ordinary subscribers, by the
+                // sessions taken over.
+                let ordinary = std::mem::replace(&mut publish.ordinary, false);
+                let message = publish.message.clone();
+                let unserved = self
+                    .core
+                    .remote_undeliverable(now, index, publish, None, again);
+                self.to_adopter(now, to, node, message, (ordinary, unserved), ack.take());
+                continue;
+            }
             self.core
                 .remote_undeliverable(now, index, publish, ack, again);
         }
@@ -998,6 +1120,64 @@ impl Bridge {
         let rest: Vec<AckTo> = waiting.into_iter().filter_map(|m| m.ack).collect();
         if !rest.is_empty() {
             self.core.remote_confirmed(rest);
+        }
+    }
+
+    /// `message` was for `node` (for its ordinary subscribers, and the
+    /// shared subscriptions it was to serve: `(ordinary, shared)`),
+    /// declared down before it confirmed it: it goes to node `to` (None:
+    /// this one), which takes its sessions over (`adopt`), the publisher's
+    /// acknowledgement `ack` waiting for that node's confirmation.
+    fn to_adopter(
+        &self,
+        now: Instant,
+        to: Option<u16>,
+        node: &Node,
+        message: std::sync::Arc<crate::message::Message>,
+        (ordinary, shared): (bool, Vec<crate::router::SharedPick>),
+        ack: Option<AckTo>,
+    ) {
+        if !ordinary && shared.is_empty() {
+            self.core
+                .remote_confirmed(ack.into_iter().collect::<Vec<_>>());
+            return;
+        }
+        let run = (node.name.as_str(), node.incarnation);
+        let Some(peer) = to else {
+            self.core.for_adopted(now, run, message, ordinary, shared);
+            if let Some(a) = ack {
+                self.core.remote_confirmed(vec![a]);
+            }
+            return;
+        };
+        let bytes = super::remote::link_bytes(&message);
+        let publish = RemotePublish {
+            seq: 0,
+            message,
+            ordinary,
+            shared,
+            passed_on: false,
+            adopted_of: Some((node.name.clone(), node.incarnation)),
+        };
+        let what = "a message for the sessions taken over from a node";
+        match self.send_numbered(now, peer, Frame::Publish(publish), bytes, what) {
+            Ok(seq) if ack.is_some() => {
+                let m = Waiting {
+                    seq,
+                    ack,
+                    again: 0,
+                    sent: now,
+                };
+                self.waiting
+                    .borrow_mut()
+                    .entry(peer)
+                    .or_default()
+                    .push_back(m);
+            }
+            Ok(_) => {}
+            Err(_) => self
+                .core
+                .remote_confirmed(ack.into_iter().collect::<Vec<_>>()),
         }
     }
 
@@ -1031,6 +1211,13 @@ impl Bridge {
         link.wake.notify();
         self.inbound.borrow_mut().retain(|l| l.id != link.id);
         let peer = link.peer.get();
+        if let Some(index) = peer {
+            let ms = self.ms(now);
+            let at = ms.saturating_sub(link.session.borrow().silent_ms(ms));
+            let mut heard = self.heard.borrow_mut();
+            let last = heard.entry(index).or_insert(at);
+            *last = (*last).max(at);
+        }
         if link.outbound {
             self.outbound.borrow_mut().remove(&link.id);
             if let Some(index) = peer {
@@ -1546,7 +1733,8 @@ impl Bridge {
                         }
                     }
                     Err(Frame::Publish(publish)) => {
-                        self.core
+                        let _ = self
+                            .core
                             .remote_undeliverable(now, node, publish, ack, again);
                     }
                     Err(_) => {}

@@ -365,6 +365,7 @@ impl ShardCore {
                     slot.session.discard(now);
                     self.drive(&mut st, key, now);
                 } else {
+                    slot.adopted_from = None;
                     resumed = Some(key);
                 }
             }

@@ -181,6 +181,35 @@ pub enum MeshMsg {
         /// A SessionOffer, SessionTake or SessionMoved.
         frame: Box<crate::cluster::frame::Frame>,
     },
+    /// Sessions of peer `peer`'s run `run`, declared down, that this
+    /// node takes over (`adopt`), for their home shard.
+    Adopt {
+        /// The peer's index.
+        peer: u16,
+        /// Its name.
+        node: Arc<str>,
+        /// Its run.
+        run: u64,
+        /// The sessions.
+        sessions: Vec<crate::persist::recover::AdoptedSession>,
+    },
+    /// To shard 0: a message for the sessions taken over from a peer's
+    /// run (name, incarnation) declared down (`adopt`).
+    ForAdopted(Box<super::adopt::Pending>),
+    /// To shard 0: this shard took in its sessions of a peer's run
+    /// (`Adopt`), their routes sent ahead.
+    AdoptDone {
+        /// The run.
+        of: (Arc<str>, u64),
+    },
+    /// From shard 0: a message for this shard's sessions taken over from
+    /// a peer's run.
+    AdoptedPublish {
+        /// The run.
+        of: (Arc<str>, u64),
+        /// The message.
+        message: Arc<Message>,
+    },
     /// Send the next chunk of retained messages matching a subscription
     /// to `waiter`.
     RetainedQuery {

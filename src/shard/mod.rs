@@ -68,6 +68,7 @@ macro_rules! shard_log {
 }
 
 pub mod admin;
+mod adopt;
 pub mod bridge;
 mod claims;
 mod cluster_retained;
@@ -285,6 +286,9 @@ struct SessionSlot {
     /// previous run's, which the peers published already (this node
     /// publishes it to its own subscribers only, and exports it not).
     will_of_last_run: bool,
+    /// Taken over from peer run (index, incarnation) declared down, and
+    /// not connected to since (`adopt`).
+    adopted_from: Option<(u16, u64)>,
     /// The user name its last connection logged in with (its ACL is
     /// rebuilt from it when the rules are reloaded); None: anonymous, or
     /// restored from the log and not connected since.
@@ -313,6 +317,7 @@ impl SessionSlot {
             gather_credit_out: 0,
             will_mark: None,
             will_of_last_run: false,
+            adopted_from: None,
             claim: 0,
             born: 0,
             born_told: false,
@@ -988,6 +993,7 @@ impl ShardCore {
         Self::expire_tombstones(&mut st, now);
         self.release_overdue_claims(&mut st, now);
         self.release_overdue_moves(&mut st, now);
+        Self::expire_adopt_pending(&mut st, now);
         while let Some(Reverse((at, key))) = st.timers.peek().copied() {
             if at > now {
                 break;

@@ -92,9 +92,9 @@ pub(super) struct Moves {
     out: HashMap<Arc<str>, MoveOut>,
     /// Sessions coming here, by client id.
     inbound: HashMap<Arc<str>, MoveIn>,
-    /// Sessions that moved here: when they stop skipping copies of what
-    /// they brought.
-    recent: VecDeque<(Instant, SessionKey, u64)>,
+    /// Sessions that moved here (or were taken over, `adopt`): when they
+    /// stop skipping copies of what they brought.
+    pub(super) recent: VecDeque<(Instant, SessionKey, u64)>,
     /// Sessions moved to another node.
     pub(super) moved_out: u64,
     /// Sessions moved here.
@@ -113,7 +113,8 @@ pub(super) struct Moves {
     /// Offers declined: they came after the client's CONNACK went
     /// without them.
     pub(super) declined: u64,
-    /// The client ids of the moves given up lately (at most
+    /// The client ids of the moves given up lately, and of the sessions
+    /// that took in a copy taken over from a dead node (at most
     /// [`GIVEN_UP_KEPT`]), for [`ShardCore::take_moves_given_up`].
     given_up: VecDeque<Arc<str>>,
     /// The last [`crate::message::Message::id`] given here.
@@ -286,6 +287,19 @@ impl ShardCore {
             .as_mut()
             .map(|r| r.moves.given_up.drain(..).collect())
             .unwrap_or_default()
+    }
+
+    /// `client_id`'s session was taken over from a dead node's copy (into
+    /// a session here, maybe): as with a move given up, what the copy
+    /// holds and what reaches the session by other paths may meet out of
+    /// their publisher's order ([`ShardCore::take_moves_given_up`]).
+    pub(super) fn note_split(st: &mut State, client_id: &Arc<str>) {
+        if let Some(r) = st.remote.as_mut() {
+            if r.moves.given_up.len() == GIVEN_UP_KEPT {
+                r.moves.given_up.pop_front();
+            }
+            r.moves.given_up.push_back(client_id.clone());
+        }
     }
 
     /// Give a message accepted on this node its number in the cluster
@@ -846,7 +860,7 @@ impl ShardCore {
     /// Session `key` takes subscription `filter` from the node it moves
     /// from (logged), unless it has its own (`Session::take_subscription`):
     /// true when taken, for the caller to route.
-    fn take_subscription(
+    pub(super) fn take_subscription(
         st: &mut State,
         key: SessionKey,
         filter: &str,
@@ -993,27 +1007,13 @@ impl ShardCore {
         let (mut inflight, mut queued) = (Vec::new(), Vec::new());
         for d in part.deliveries {
             ids.push(d.message.id);
-            let sid = Self::storable(st, key, d.qos);
-            let id = sid.and_then(|_| Self::next_message_id(st));
-            if let (Some(id), Some(sid)) = (id, sid) {
-                let target = StoreTarget {
-                    key,
-                    sid,
-                    qos: d.qos,
-                    retain: d.retain,
-                    subscription_ids: d.subscription_ids.clone(),
-                };
-                // Handed over even when its record must wait for room,
-                // as a retained delivery is: held back, it could not keep
-                // its place ahead of the messages that came here directly.
-                Self::store_message(st, id, &d.message, None, Scope::default(), &[target]);
-            }
-            let delivery = Delivery {
+            let mut delivery = Delivery {
                 qos: d.qos,
                 retain: d.retain,
                 subscription_ids: d.subscription_ids,
-                stored: id,
+                stored: None,
             };
+            delivery.stored = Self::store_taken(st, key, &d.message, &delivery);
             match d.packet_id {
                 0 => queued.push((d.message, delivery)),
                 packet_id => inflight.push(RestoredInflight {
@@ -1057,6 +1057,31 @@ impl ShardCore {
             self.move_done(st, now, &part.client_id, from, end);
         }
         Self::after_step(st, key, now);
+    }
+
+    /// Store `delivery` of `message`, which session `key` takes from
+    /// another node (a move, an adoption), in this shard's log when the
+    /// session keeps it there: its stored id. Handed over even when its
+    /// record must wait for room, as a retained delivery is: held back, it
+    /// could not keep its place ahead of the messages that came here
+    /// directly.
+    pub(super) fn store_taken(
+        st: &mut State,
+        key: SessionKey,
+        message: &Arc<Message>,
+        delivery: &Delivery,
+    ) -> Option<u64> {
+        let sid = Self::storable(st, key, delivery.qos)?;
+        let id = Self::next_message_id(st)?;
+        let target = StoreTarget {
+            key,
+            sid,
+            qos: delivery.qos,
+            retain: delivery.retain,
+            subscription_ids: delivery.subscription_ids.clone(),
+        };
+        Self::store_message(st, id, message, None, Scope::default(), &[target]);
+        Some(id)
     }
 
     /// The session stays on peer `from` (its client came back there):
@@ -1280,7 +1305,7 @@ impl ShardCore {
     }
 
     /// Peer `index`'s name, for the log.
-    fn peer_name(st: &State, index: u16) -> Arc<str> {
+    pub(super) fn peer_name(st: &State, index: u16) -> Arc<str> {
         st.remote
             .as_ref()
             .and_then(|r| r.peer_names.get(&index).cloned())

@@ -187,6 +187,31 @@ pub struct ClusterStats {
     /// Deliveries lost in moves (past `MOVE_BYTES_MAX`, unreadable from
     /// the log, or their session gone before they came).
     pub move_deliveries_lost: u64,
+    /// Sessions taken over from dead nodes' log copies (`adopt`), of
+    /// those merged into a session here, and their deliveries.
+    pub sessions_adopted: u64,
+    /// Of those, taken into a session of the same client id here.
+    pub sessions_adopted_merged: u64,
+    /// Their deliveries.
+    pub adopted_deliveries: u64,
+    /// Adopted sessions given back (their node's run came back), and the
+    /// deliveries queued meanwhile that they dropped.
+    pub adopted_given_back: u64,
+    /// The deliveries those dropped.
+    pub adopted_given_back_deliveries: u64,
+    /// Adopted sessions refused (`limits.sessions_max`).
+    pub adopted_refused: u64,
+    /// Adopted sessions dropped because their client came back first and
+    /// was told its session is new, and their deliveries.
+    pub adopted_stale: u64,
+    /// The deliveries those dropped.
+    pub adopted_stale_deliveries: u64,
+    /// Messages a peer routed to a node declared down before it confirmed
+    /// them, given to the sessions taken over from it here.
+    pub adopted_messages: u64,
+    /// Such messages that found no session here (this node took none of
+    /// that run's, or they waited too long for the decision).
+    pub adopted_messages_dropped: u64,
     /// The log's copies on standbys, and the copies kept here.
     pub replication: super::ReplicationStats,
 }
@@ -223,6 +248,8 @@ pub(super) struct Remote {
     pub(super) claims: super::claims::Claims,
     /// Sessions moving between this node and others.
     pub(super) moves: super::moves::Moves,
+    /// Sessions taken over from dead nodes.
+    pub(super) adoptions: super::adopt::Adoptions,
     /// This node handed its wills over and is leaving: the peers publish
     /// what it still holds, so a will it publishes now goes to its own
     /// subscribers only.
@@ -300,6 +327,7 @@ impl ShardCore {
             peer_names: hashbrown::HashMap::new(),
             claims: super::claims::Claims::new(Arc::from(self.config.cluster.node_id.as_str())),
             moves: super::moves::Moves::new(&self.config.cluster.node_id, self.boot_stamp, self.id),
+            adoptions: Default::default(),
         });
         // Sessions restored from the log: their wills. (A connection
         // attached before the cluster started would be claimed too; the
@@ -332,7 +360,8 @@ impl ShardCore {
     /// it was to serve there is served by another member in the cluster
     /// (the node takes no turn); the node's ordinary subscribers lose it
     /// (counted by the bridge). The publisher's acknowledgement (`ack`)
-    /// then waits for wherever those picks went instead.
+    /// then waits for wherever those picks went instead. Returns the
+    /// picks no other member could serve.
     pub fn remote_undeliverable(
         &self,
         now: Instant,
@@ -340,7 +369,7 @@ impl ShardCore {
         publish: RemotePublish,
         ack: Option<AckTo>,
         again: u8,
-    ) {
+    ) -> Vec<SharedPick> {
         let mut st = self.state.borrow_mut();
         let RemotePublish {
             message, shared, ..
@@ -351,12 +380,21 @@ impl ShardCore {
         // acknowledged message lost when the node did not deliver it.
         let serve_again =
             !shared.is_empty() && again < SERVED_AGAIN_MAX && !message.is_expired(now);
+        let mut unserved = match serve_again {
+            true => Vec::new(),
+            false => shared.clone(),
+        };
         if serve_again {
             // Neither that node nor one this shard does not see up.
             let up = |n: u16| self.peer_routes.borrow().get(&n).is_some_and(|p| p.up);
             let without = |n: u16| n == node || !up(n);
             let mut plan = self.plan_picks(&mut st, &message, &shared, without);
             plan.again = again + 1;
+            let planned = |p: &SharedPick| {
+                (plan.picks.iter().any(|(_, q)| q == p))
+                    || (plan.node_picks.iter().any(|(_, q)| q == p))
+            };
+            unserved = shared.iter().filter(|p| !planned(p)).cloned().collect();
             if !plan.picks.is_empty() || !plan.node_picks.is_empty() {
                 let from = ack
                     .filter(|a| a.shard == self.id && Self::acked_slot(&mut st, a).is_some())
@@ -372,12 +410,13 @@ impl ShardCore {
             self.ack(&mut st, ack);
         }
         Self::debug_invariants(&st);
+        unserved
     }
 
     /// Where shared subscriptions `picks` of `message` go in the whole
     /// cluster, the nodes `without` names taking no turn; nothing else
     /// (no ordinary subscriber, no retained copy).
-    fn plan_picks(
+    pub(super) fn plan_picks(
         &self,
         st: &mut State,
         message: &Message,
@@ -454,8 +493,14 @@ impl ShardCore {
             ordinary,
             shared,
             passed_on,
+            adopted_of,
             ..
         } = publish;
+        if let Some((node, run)) = adopted_of {
+            drop(st);
+            self.for_adopted(now, (node.as_str(), run), message, ordinary, shared);
+            return;
+        }
         let routed = !message.is_expired(now) && {
             let mut plan = self.plan(&mut st, &message, Reach::FromPeer);
             if !ordinary {
@@ -629,6 +674,16 @@ impl ShardCore {
             moves_stayed: r.moves.stayed,
             stale_deliveries_dropped: r.moves.stale_dropped,
             move_deliveries_lost: r.moves.lost,
+            sessions_adopted: r.adoptions.sessions,
+            sessions_adopted_merged: r.adoptions.merged,
+            adopted_deliveries: r.adoptions.deliveries,
+            adopted_given_back: r.adoptions.given_back,
+            adopted_given_back_deliveries: r.adoptions.given_back_deliveries,
+            adopted_refused: r.adoptions.refused,
+            adopted_stale: r.adoptions.stale,
+            adopted_stale_deliveries: r.adoptions.stale_deliveries,
+            adopted_messages: r.adoptions.messages_delivered,
+            adopted_messages_dropped: r.adoptions.messages_dropped,
             replication: (st.store.as_ref())
                 .map_or_else(Default::default, |s| s.replication_stats()),
         })
@@ -678,6 +733,7 @@ impl ShardCore {
                     ordinary: plan.nodes.contains(&node),
                     shared,
                     passed_on: plan.passed_on,
+                    adopted_of: None,
                 },
                 ack,
                 again: plan.again,

@@ -934,6 +934,17 @@ impl ShardCore {
                 MeshMsg::SessionMove { from, frame } => {
                     self.session_frame(&mut st, now, from, *frame)
                 }
+                MeshMsg::Adopt {
+                    peer,
+                    node,
+                    run,
+                    sessions,
+                } => self.adopt_here(&mut st, now, peer, (node, run), sessions),
+                MeshMsg::ForAdopted(p) => self.held_for_adopted(&mut st, *p),
+                MeshMsg::AdoptDone { of } => self.adopt_done(&mut st, now, of),
+                MeshMsg::AdoptedPublish { of, message } => {
+                    self.deliver_adopted(&mut st, now, &of, &message)
+                }
                 MeshMsg::Applied { upto } => Self::on_applied(&mut st, from, upto),
                 MeshMsg::Settled { upto } => Self::on_settled(&mut st, from, upto),
                 MeshMsg::StoreFull { full } => self.on_store_full(&mut st, from, full),

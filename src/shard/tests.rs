@@ -477,6 +477,7 @@ fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
         ordinary: true,
         shared: Vec::new(),
         passed_on: false,
+        adopted_of: None,
     };
     c0.handle_remote_publish(t0, 7, publish);
     pump(&[&c0, &c1], t0);
@@ -547,6 +548,7 @@ fn a_shared_subscription_takes_turns_across_nodes() {
             ordinary: false,
             shared: vec![pick],
             passed_on: false,
+            adopted_of: None,
         },
     );
     assert_eq!(written(&c0, &member, Version::V3_1_1).len(), 1);
@@ -704,7 +706,7 @@ fn the_wills_of_a_peer_whose_run_ended_are_published_here_only() {
     assert_eq!(c.cluster_stats().peer_wills_held, 0);
     // Unless run 7 was declared down by mistake and is up again (a
     // rejoin): then its wills are held anew.
-    c.peer_run_up(3, 7);
+    c.peer_run_up(t1, 3, 7);
     c.peer_wills(
         t1,
         3,

@@ -219,14 +219,17 @@ impl ShardCore {
     /// Run `incarnation` of peer `peer` is up: when it is a run already
     /// held ended (declared down by mistake, it rejoined), its frames
     /// count again (its wills went out when it was declared down; the ones
-    /// it has now are held anew).
-    pub fn peer_run_up(&self, peer: u16, incarnation: u64) {
+    /// it has now are held anew), and the sessions adopted from it go back
+    /// (`adopt`).
+    pub fn peer_run_up(&self, now: Instant, peer: u16, incarnation: u64) {
         let mut st = self.state.borrow_mut();
         let Some(r) = st.remote.as_mut() else {
             return;
         };
         if r.wills.ended.get(&peer) == Some(&incarnation) {
             r.wills.ended.remove(&peer);
+            self.give_adopted_back(&mut st, now, peer, incarnation);
+            Self::debug_invariants(&st);
         }
     }
 
@@ -314,7 +317,19 @@ impl ShardCore {
     /// this node has the lowest name among the surviving nodes with
     /// members (each survivor decides the same from its route replica), so
     /// the group gets it once.
+    ///
+    /// The sessions this node took over from `dead` (`adopt`), its own
+    /// subscribers, get it too, once taken over: numbered, a copy that
+    /// reached one already by the route above is skipped there while it
+    /// holds it.
     fn route_peer_will(&self, st: &mut State, now: Instant, message: Arc<Message>, dead: u16) {
+        let message = Self::number_message(st, message);
+        let run = (st.remote.as_ref())
+            .and_then(|r| Some((r.peer_names.get(&dead)?.clone(), *r.wills.ended.get(&dead)?)));
+        if let Some(of) = run {
+            let p = super::adopt::Pending::will(now, of, message.clone());
+            self.held_for_adopted(st, p);
+        }
         let mut plan = self.plan(st, &message, Reach::Here);
         let Some(r) = st.remote.as_ref() else {
             return;

@@ -77,7 +77,7 @@ use messages::StoredMessage;
 use retry::Retry;
 
 pub(super) use messages::{Held, StoreTarget};
-pub use replicate::{chunk_bytes, CopyInfo, ReplicationStats, REPLICA_WAIT};
+pub use replicate::{chunk_bytes, CopyInfo, ReplicationStats, BEHIND, REPLICA_WAIT};
 pub(super) use routed::{Forward, Logged};
 
 /// A persistent session's place in the log.

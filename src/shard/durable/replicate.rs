@@ -16,10 +16,12 @@
 //!
 //! The other way, this shard keeps copies of its peers' shards' logs
 //! ([`ShardCore::take_log_chunk`]) under
-//! `storage.data_dir/replicas/node-NAME/`, laid out like a data
-//! directory (`gen-N/shard-I/`, `CURRENT` once the copy of shard 0 is
-//! whole), so a broker started on it recovers that node's sessions and
-//! messages.
+//! `storage.data_dir/replicas/node-NAME/run-R/` (R: the peer's run, its
+//! incarnation), laid out like a data directory (`gen-N/shard-I/`,
+//! `CURRENT` once the copy of shard 0 is whole, when the copies of the
+//! peer's earlier runs go), so a broker started on it recovers that
+//! node's sessions and messages, and so does adoption (`adopt`) when that
+//! run is declared down.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -69,7 +71,16 @@ pub(in crate::shard) struct Copy {
     shard: u16,
     replica: Replica,
     current_written: bool,
+    /// Whether the last chunk said the copy holds what its owner
+    /// acknowledged (waited for, or at the log's head); None before the
+    /// first. Marked on disk by a [`BEHIND`] file while not.
+    adoptable: Option<bool>,
 }
+
+/// The file in a copy's shard directory while the copy may lack records
+/// its owner acknowledged (it was not waited for, and is catching up): a
+/// node does not take over a dead peer's sessions from such a copy.
+pub const BEHIND: &str = "BEHIND";
 
 /// The replication side of a shard's store.
 #[derive(Debug, Default)]
@@ -155,6 +166,11 @@ impl Store {
         (gen.and_then(|n| n.to_str()))
             .and_then(crate::log::dir::parse_generation)
             .unwrap_or(0)
+    }
+
+    /// The disk the log is on.
+    pub(in crate::shard) fn disk(&self) -> std::sync::Arc<dyn crate::log::disk::Disk> {
+        self.rec.log.disk().clone()
     }
 
     /// Where the copies of peers' logs are kept: `replicas/` in the data
@@ -263,7 +279,7 @@ impl ShardCore {
         let log = &mut store.rec.log;
         let standby = (store.replication.standbys.iter_mut()).find(|s| s.node == node)?;
         match standby.ship.poll(log, max_bytes, WINDOW_BYTES) {
-            Ok(chunk) => chunk.map(|chunk| {
+            Ok(chunk) => chunk.map(|mut chunk| {
                 if chunk.start.is_some() && standby.waited_from.take().is_some() {
                     // A new run of the standby, or one too far behind:
                     // the copy starts anew and is waited for again once
@@ -275,6 +291,8 @@ impl ShardCore {
                         self.id
                     );
                 }
+                let end = standby.ship.sent_end();
+                chunk.waited = (standby.waited_from).is_some_and(|f| end.is_some_and(|e| e >= f));
                 Frame::LogChunk {
                     shard: self.id as u16,
                     chunk: Box::new(chunk),
@@ -415,6 +433,7 @@ impl ShardCore {
             return Ok((refused, None));
         };
         let node_dir = copies_dir.join(format!("node-{node}"));
+        let run_dir = node_dir.join(format!("run-{run}"));
         let power_safe = self.config.durability() == crate::config::Durability::PowerSafe;
         let own_segment = store.rec.log.segment_bytes() as u64;
         let i =
@@ -445,7 +464,7 @@ impl ShardCore {
                     return Ok((refused, None));
                 }
                 let disk = store.rec.log.disk().clone();
-                let dir = (node_dir.join(crate::log::dir::generation_name(chunk.generation)))
+                let dir = (run_dir.join(crate::log::dir::generation_name(chunk.generation)))
                     .join(format!("shard-{shard}"));
                 // Twice the owner's share of `storage.log_bytes_max` (as
                 // configured here): the copy drops the segments its log
@@ -479,6 +498,7 @@ impl ShardCore {
                     shard,
                     replica,
                     current_written: false,
+                    adoptable: None,
                 });
                 store.replication.copies.len() - 1
             }
@@ -496,6 +516,9 @@ impl ShardCore {
                     copy.replica.dir().display()
                 );
                 copy.replica.refuse();
+                copy.adoptable = Some(false);
+                let marker = copy.replica.dir().join(BEHIND);
+                let _ = store.rec.log.disk().write_synced(&marker, b"");
                 let have = copy.replica.have(chunk.id);
                 return Ok((Frame::LogHave { shard, have }, None));
             }
@@ -504,17 +527,57 @@ impl ShardCore {
                 return Err(e);
             }
         };
+        // Waited for through this chunk, and the copy took it whole (a
+        // chunk that does not continue the copy, or one refused, leaves it
+        // behind).
+        let took = have.at.is_some_and(|(_, seq)| seq >= chunk.seq);
+        let adoptable = chunk.waited && took && have.whole && !have.refused;
+        if chunk.start.is_some() {
+            // Started anew: its directory was emptied, marker included.
+            copy.adoptable = None;
+        }
+        if copy.adoptable != Some(adoptable) {
+            copy.adoptable = Some(adoptable);
+            let disk = store.rec.log.disk();
+            let marker = copy.replica.dir().join(BEHIND);
+            let marked = match adoptable {
+                true => disk.remove_file(&marker).or_else(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => Ok(()),
+                    _ => Err(e),
+                }),
+                false => disk.write_synced(&marker, b""),
+            };
+            if let Err(e) = marked {
+                log::warn!("shard {}: cannot mark {}: {e}", self.id, marker.display());
+            }
+        }
         if copy.shard == 0 && copy.replica.whole() && !copy.current_written {
             copy.current_written = true;
             let text = format!("{}\n", crate::log::dir::generation_name(chunk.generation));
-            if let Err(e) =
-                (store.rec.log.disk()).replace_synced(&node_dir, "CURRENT", text.as_bytes())
-            {
+            let disk = store.rec.log.disk();
+            if let Err(e) = disk.replace_synced(&run_dir, "CURRENT", text.as_bytes()) {
                 log::warn!(
                     "shard {}: cannot write {}/CURRENT: {e}",
                     self.id,
-                    node_dir.display()
+                    run_dir.display()
                 );
+            }
+            // The copies of its earlier runs are of no more use (and
+            // what an older version kept there, `CURRENT` and `gen-N`).
+            for old in disk.list(&node_dir).unwrap_or_default() {
+                if old != run_dir {
+                    let gone = match old.file_name().and_then(|n| n.to_str()) {
+                        Some("CURRENT") => disk.remove_file(&old),
+                        _ => disk.remove_dir_all(&old),
+                    };
+                    if let Err(e) = gone {
+                        log::warn!(
+                            "shard {}: cannot remove the old copy {}: {e}",
+                            self.id,
+                            old.display()
+                        );
+                    }
+                }
             }
         }
         let answer = Frame::LogHave { shard, have };

@@ -73,22 +73,29 @@ impl ShardCore {
                     will: state.will.map(Box::new),
                 });
             }
-            None if slot.session.lifetime().expiry_s > 0 => {
-                let sid = store.next_sid;
-                match store.put_session(sid, &slot.session) {
-                    Ok((seg, bytes)) => {
-                        store.next_sid += 1;
-                        store.live.live_bytes += u64::from(bytes);
-                        store.live.track(seg, Obj::Session(key, slot.uid));
-                        slot.durable = Some(DurableSlot { sid, seg, bytes });
-                    }
-                    Err(_) => log::warn!(
-                        "client {}: session not persisted (the log is full)",
-                        crate::text::quote(slot.session.client_id())
-                    ),
-                }
-            }
+            None if slot.session.lifetime().expiry_s > 0 => Self::durable_whole(st, key),
             None => {}
+        }
+    }
+
+    /// Write session `key`'s whole state for the first time (a new
+    /// persistent session, or one taken over from a dead node).
+    pub(in crate::shard) fn durable_whole(st: &mut State, key: SessionKey) {
+        let (Some(store), Some(slot)) = (st.store.as_mut(), st.sessions.get_mut(key)) else {
+            return;
+        };
+        let sid = store.next_sid;
+        match store.put_session(sid, &slot.session) {
+            Ok((seg, bytes)) => {
+                store.next_sid += 1;
+                store.live.live_bytes += u64::from(bytes);
+                store.live.track(seg, Obj::Session(key, slot.uid));
+                slot.durable = Some(DurableSlot { sid, seg, bytes });
+            }
+            Err(_) => log::warn!(
+                "client {}: session not persisted (the log is full)",
+                crate::text::quote(slot.session.client_id())
+            ),
         }
     }
 

@@ -52,13 +52,26 @@ impl Peers {
         if self.live.get(&index) == Some(node) {
             return;
         }
-        if let Some(old) = self.live.insert(index, node.clone()) {
-            out.push(PeerEvent::Down { index, node: old });
-        }
-        out.push(PeerEvent::Up {
+        let up = PeerEvent::Up {
             index,
             node: node.clone(),
-        });
+        };
+        match self.live.insert(index, node.clone()) {
+            // A new run (a restart) replaces the old one first: the old
+            // run's end is handled with the new one's start, and its Down
+            // after that changes nothing (it would make the node after it
+            // take over sessions that the new run recovered from its own
+            // log).
+            Some(old) if old.incarnation != node.incarnation => {
+                out.push(up);
+                out.push(PeerEvent::Down { index, node: old });
+            }
+            Some(old) => {
+                out.push(PeerEvent::Down { index, node: old });
+                out.push(up);
+            }
+            None => out.push(up),
+        }
     }
 
     fn down(&mut self, node: &Node, out: &mut Vec<PeerEvent>) {
