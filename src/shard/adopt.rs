@@ -49,7 +49,7 @@ use crate::persist::recover::{read_copy, AdoptedSession};
 use crate::persist::WallClock;
 use crate::router::fanout::{Fan, Match};
 use crate::router::{home_shard, SharedPick};
-use crate::session::{Restored, Session};
+use crate::session::Session;
 use crate::text::quote;
 
 use super::durable::BEHIND;
@@ -205,7 +205,7 @@ impl ShardCore {
         }
     }
 
-    /// Shard 0: shard `from` took in its sessions of run `of`.
+    /// Shard 0: another shard took in its sessions of run `of`.
     pub(super) fn adopt_done(&self, st: &mut State, now: Instant, of: Run) {
         let Some(r) = st.remote.as_mut() else {
             return;
@@ -343,23 +343,14 @@ impl ShardCore {
         }
         for AdoptedSession {
             client_id,
-            restored,
+            restored: mut bare,
         } in sessions
         {
-            let Restored {
-                subscriptions,
-                qos2_in,
-                inflight,
-                queue,
-                ..
-            } = restored.clone();
-            let bare = Restored {
-                subscriptions: Vec::new(),
-                qos2_in: Vec::new(),
-                inflight: Vec::new(),
-                queue: Vec::new(),
-                ..restored
-            };
+            // Taken in below, whether into a new session or one here.
+            let subscriptions = std::mem::take(&mut bare.subscriptions);
+            let qos2_in = std::mem::take(&mut bare.qos2_in);
+            let mut inflight = std::mem::take(&mut bare.inflight);
+            let mut queue = std::mem::take(&mut bare.queue);
             let here = st.by_client.get(&client_id).copied();
             let told = here
                 .and_then(|k| st.sessions.get(k))
@@ -451,23 +442,18 @@ impl ShardCore {
                 }
             }
             let count = (inflight.len() + queue.len()) as u64;
-            let mut taken_inflight = Vec::with_capacity(inflight.len());
-            for mut i in inflight {
+            for i in &mut inflight {
                 i.delivery.stored = Self::store_taken(st, key, &i.message, &i.delivery);
-                taken_inflight.push(i);
             }
-            let mut taken_queue = Vec::with_capacity(queue.len());
-            for (message, mut delivery) in queue {
-                delivery.stored = Self::store_taken(st, key, &message, &delivery);
-                taken_queue.push((message, delivery));
+            for (message, delivery) in &mut queue {
+                delivery.stored = Self::store_taken(st, key, message, delivery);
             }
-            let ids: Vec<u64> = (taken_inflight.iter().map(|i| i.message.id))
-                .chain(taken_queue.iter().map(|(m, _)| m.id))
+            let ids: Vec<u64> = (inflight.iter().map(|i| i.message.id))
+                .chain(queue.iter().map(|(m, _)| m.id))
                 .collect();
             if let Some(slot) = st.sessions.get_mut(key) {
                 slot.session.note_moved_ids(ids);
-                slot.session
-                    .take_deliveries(now, taken_inflight, taken_queue);
+                slot.session.take_deliveries(now, inflight, queue);
                 slot.session.take_qos2_in(&qos2_in);
                 slot.session.take_marks(&marks, filters, true);
             }
