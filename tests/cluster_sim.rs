@@ -203,7 +203,16 @@ struct Pipe {
     bytes: [VecDeque<Bytes>; 2],
     /// End `i` closed its socket: the other reads what is left, then EOF.
     closed: [bool; 2],
+    /// Deliveries of other pipes' bytes since end `i`'s bytes were last
+    /// delivered while they waited ([`PIPE_PASSED_MAX`]).
+    passed: [u32; 2],
 }
+
+/// How many deliveries of other pipes' bytes may pass bytes waiting in a
+/// pipe at most: a network without faults delivers every byte in bounded
+/// time (a random pick alone once starved one direction of a link for
+/// 5 s of simulated time, and its peer closed it as silent).
+const PIPE_PASSED_MAX: u32 = 64;
 
 struct NodeSim {
     name: NodeName,
@@ -1169,6 +1178,7 @@ impl Sim {
             ],
             bytes: [VecDeque::new(), VecDeque::new()],
             closed: [false, false],
+            passed: [0, 0],
         };
         match dialed {
             Some((link, _)) => pipe.ends[0].3 = link,
@@ -1228,7 +1238,22 @@ impl Sim {
         if ready.is_empty() {
             return false;
         }
-        let (id, e) = *self.rng.pick(&ready);
+        let starved = ready
+            .iter()
+            .find(|&&(id, e)| self.pipes[&id].passed[e] >= PIPE_PASSED_MAX)
+            .copied();
+        let (id, e) = match starved {
+            Some(end) => end,
+            None => *self.rng.pick(&ready),
+        };
+        for &(other, end) in &ready {
+            let p = self.pipes.get_mut(&other).unwrap();
+            p.passed[end] = if (other, end) == (id, e) {
+                0
+            } else {
+                p.passed[end] + 1
+            };
+        }
         let whole = self.rng.chance(700);
         let p = self.pipes.get_mut(&id).unwrap();
         let (k, run, j, link) = p.ends[1 - e];

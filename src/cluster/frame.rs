@@ -199,7 +199,9 @@ pub enum Frame {
     /// Client ids with a live connection on the sending node, each with
     /// the stamp of its claim (`cluster::claims`): one as it connects
     /// (`answer`: the receiver acknowledges it once it closed any older
-    /// connection of that client id), or every one when a link comes up.
+    /// connection of that client id), or every one when a link comes up
+    /// (unanswered, but for a connection still waiting to resume a
+    /// session: asked alone, answered).
     Claims {
         /// The claims.
         claims: Vec<ClaimEntry>,
@@ -403,9 +405,9 @@ pub struct ClaimEntry {
     pub client_id: Arc<str>,
     /// Its hybrid-logical-clock stamp (Unix ms).
     pub stamp: u64,
-    /// The client connected with Clean Start: a node where the client id
-    /// has an older session ends it (an answered claim only; a link's
-    /// snapshot of claims never ends a session).
+    /// The client connected with Clean Start (in a link's snapshot: or
+    /// was told it had no session): a node where the client id has an
+    /// older session ends it.
     pub clean_start: bool,
 }
 

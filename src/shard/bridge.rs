@@ -639,7 +639,9 @@ impl Bridge {
     /// shard 0 how far every such peer has acknowledged this node's routes
     /// (subscribers' SUBACKs wait for it). A peer without a link up is not
     /// waited for: its link starts from a snapshot that has the route and
-    /// the claim.
+    /// the claim. A session moving here waits for every peer up, linked
+    /// or not: until one has the route, it may route the session's
+    /// messages to the node the session leaves only.
     fn recompute_acks(&self) {
         let members = self.peers.borrow().count();
         self.core.set_peer_links_up(self.up_links().len(), members);
@@ -654,7 +656,19 @@ impl Bridge {
             .map(|l| l.acked.get())
             .min()
             .unwrap_or(u64::MAX);
-        self.core.routes_acked(upto);
+        let linked: Vec<u16> = self
+            .up_links()
+            .iter()
+            .filter_map(|l| l.peer.get())
+            .collect();
+        let all_linked = self
+            .peers
+            .borrow()
+            .indices()
+            .iter()
+            .all(|i| linked.contains(i));
+        let by_members = if all_linked { upto } else { 0 };
+        self.core.routes_acked(upto, by_members);
     }
 
     /// The dials due now (peers without a link, past their backoff).

@@ -9,7 +9,9 @@
 //! [`CLAIM_WAIT`] has passed: when the client hears CONNACK, no peer
 //! whose link is up still serves an older connection of its client id. A
 //! link that comes up sends every live connection's claim, a part at a
-//! time ([`ShardCore::claims_snapshot`]), without acknowledgements. A claim from a
+//! time ([`ShardCore::claims_snapshot`]), without acknowledgements except
+//! for a connection still waiting to resume a session (the peer may hold
+//! it). A claim from a
 //! peer ([`ShardCore::handle_remote_claims`]) goes to this node's home
 //! shard of its client id, which closes its own connection of that client
 //! id if the peer's claim is later, as a takeover on one node would
@@ -20,7 +22,8 @@
 //! connection holds here (two nodes' clocks may not order two CONNECTs).
 //! A CONNECT without Clean Start waits for every member up (any may hold
 //! its session) and is refused (0x88) when one did not answer in time.
-//! When the claim says the client started clean there, the session here
+//! When the claim says the client started clean there (or, in a link's
+//! snapshot, that it was told there it had no session), the session here
 //! ends (offline or just closed), as a Clean Start here would end it;
 //! otherwise it moves to the claiming node (`moves`), offered ahead of
 //! the acknowledgement.
@@ -63,6 +66,9 @@ struct Pending {
     /// Peers it was sent to (once the runtime said).
     sent: Option<usize>,
     acked: usize,
+    /// Peers whose link came up since and that were asked too (a link's
+    /// snapshot asks again for a connection that resumes a session).
+    asked: usize,
     since: Instant,
     /// A connection that resumes a session (no Clean Start): refused if
     /// a peer does not answer in time (that peer may hold the session);
@@ -170,6 +176,7 @@ impl ShardCore {
                 ack,
                 sent: None,
                 acked: 0,
+                asked: 0,
                 since: now,
                 refuse: (!clean_start).then_some(created),
             };
@@ -229,7 +236,7 @@ impl ShardCore {
             return;
         };
         f(p);
-        if p.sent.is_some_and(|n| p.acked >= n) {
+        if p.sent.is_some_and(|n| p.acked >= n.saturating_add(p.asked)) {
             let ack = p.ack;
             r.claims.pending.remove(&stamp);
             self.claim_done(st, now, ack, stamp);
@@ -383,8 +390,10 @@ impl ShardCore {
 
     fn apply_peer_claim(&self, st: &mut State, now: Instant, c: &PeerClaim) {
         let (client_id, stamp, node) = (&*c.claim.client_id, c.claim.stamp, &*c.node);
-        // Only an answered claim ends a session (a link's snapshot never).
-        let discard = c.answer && c.claim.clean_start;
+        // The client started clean there, or was told there that it had
+        // no session (a link's snapshot says so): a session here that it
+        // last had before ends.
+        let discard = c.claim.clean_start;
         let Some(r) = st.remote.as_mut() else {
             return;
         };
@@ -471,7 +480,10 @@ impl ShardCore {
         // declined): its output goes.
         let stamp = slot.claim;
         if refused {
-            self.claim_answered(st, now, stamp, |p| p.sent = Some(0));
+            self.claim_answered(st, now, stamp, |p| {
+                p.sent = Some(0);
+                p.asked = 0;
+            });
         }
         self.drive(st, key, now);
         // Its client is back (on the other node): a will waiting for its
@@ -505,34 +517,62 @@ impl ShardCore {
     /// The next part (at most `max` claims) of the live connections'
     /// claims for a link that came up; None once `snapshot` is done. A
     /// connection that attaches meanwhile reaches the link as a change.
+    ///
+    /// A connection its client was told had no session says so (Clean
+    /// Start in its entry): an older session of its client id on the peer
+    /// (a partition let both live) ends there. A connection that resumes
+    /// a session and still waits for its claim's answers asks the peer
+    /// too, in a part of its own, and waits for its answer: the peer came
+    /// up since and may hold the session.
     pub fn claims_snapshot(&self, snapshot: &mut ClaimsSnapshot, max: usize) -> Option<Frame> {
-        let st = self.state.borrow();
-        if st.remote.is_none() || snapshot.done {
+        let mut st = self.state.borrow_mut();
+        let st = &mut *st;
+        let (sessions, Some(r)) = (&st.sessions, st.remote.as_mut()) else {
             snapshot.done = true;
+            return None;
+        };
+        if snapshot.done {
             return None;
         }
         let mut claims = Vec::new();
         let mut next = None;
-        for (key, slot) in st.sessions.iter_from(snapshot.next) {
-            if claims.len() == max {
+        let mut asks = false;
+        for (key, slot) in sessions.iter_from(snapshot.next) {
+            if slot.conn.is_none() {
+                continue;
+            }
+            let pending = r.claims.pending.get(&slot.claim);
+            let waits = pending.is_some_and(|p| p.refuse.is_some());
+            if claims.len() == max || asks || (waits && !claims.is_empty()) {
                 next = Some(key);
                 break;
             }
-            if slot.conn.is_some() {
-                claims.push(ClaimEntry {
-                    client_id: slot.session.client_id().clone(),
-                    stamp: slot.claim,
-                    clean_start: false,
-                });
-            }
+            asks = waits;
+            // Told that it had no session, or about to be: a Clean Start
+            // (its claim said so already where it went).
+            let clean_start = slot.born == slot.claim
+                && (slot.born_told || pending.is_some_and(|p| p.refuse.is_none()));
+            claims.push(ClaimEntry {
+                client_id: slot.session.client_id().clone(),
+                stamp: slot.claim,
+                clean_start,
+            });
         }
         match next {
             Some(k) => snapshot.next = k,
             None => snapshot.done = true,
         }
+        if asks {
+            let asked = claims
+                .first()
+                .and_then(|c| r.claims.pending.get_mut(&c.stamp));
+            if let Some(p) = asked {
+                p.asked += 1;
+            }
+        }
         (!claims.is_empty()).then_some(Frame::Claims {
             claims,
-            answer: false,
+            answer: asks,
         })
     }
 }

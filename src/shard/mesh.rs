@@ -74,9 +74,11 @@ pub struct AckTo {
     /// old connection, yet a SUBSCRIBE repeating it is answered at once,
     /// the subscription being there already).
     pub uid: u64,
-    /// For the move of the session to this node (`moves`): the route it
-    /// waits for is applied; its output does not wait for this one.
-    pub move_in: bool,
+    /// For a move of the session to this node (`moves`), the move's
+    /// number (0: not a move): the route it waits for is applied; its
+    /// output does not wait for this one, and a later move of the same
+    /// session does not count it.
+    pub move_in: u64,
 }
 
 /// A connection a message was read from, on the shard that routed it:
@@ -247,6 +249,10 @@ pub enum MeshMsg {
     },
     /// A route delta or retained store asked for acknowledgement took effect.
     Ack(AckTo),
+    /// To shard 0: acknowledge once every peer up has this node's routes
+    /// as they are now (a session moving here whose route its shard had
+    /// already: a peer without a link up may not have it yet).
+    AckWhenPeersHave(AckTo),
     /// A connection whose home is the receiving shard.
     Handoff(Box<Handoff>),
     /// The sender applied (and logged) every message the receiver accepted

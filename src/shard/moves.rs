@@ -9,9 +9,11 @@
 //! meanwhile, still taking messages. B adds them to the client's session
 //! (a subscription the client made on B already stays as it is), holds the
 //! connection's output, and holds the live messages that reach the
-//! session. Once every shard of B and every peer can route the new
-//! subscriptions to B, every message for the session published from then
-//! on reaches B, and B asks A for the rest ([`Frame::SessionTake`]). A
+//! session. Once every shard of B and every peer up (linked or not: one
+//! without a link up may not have B's routes and still send the
+//! session's messages to A only) can route the new subscriptions to B,
+//! even those B routed already for another session, every message for
+//! the session published from then on reaches B, and B asks A for the rest ([`Frame::SessionTake`]). A
 //! sends the deliveries the session holds in order (in flight with their
 //! packet ids, queued, paged out to its log and read back) in parts
 //! ([`Frame::SessionMoved`]), the last with its inbound QoS 2 state, and
@@ -126,6 +128,8 @@ pub(super) struct Moves {
     /// Sessions about to go, by fence id.
     fences: HashMap<u64, Fence>,
     last_fence: u64,
+    /// The last move's number given here.
+    last_move: u64,
 }
 
 impl Moves {
@@ -204,6 +208,8 @@ struct MoveOut {
 struct MoveIn {
     key: SessionKey,
     uid: u64,
+    /// This move's number ([`AckTo::move_in`]).
+    id: u64,
     /// Route acknowledgements awaited before the Takes go.
     routes: u32,
     offers: Vec<Offer>,
@@ -800,6 +806,9 @@ impl ShardCore {
         {
             r.moves.inbound.remove(&o.client_id);
         }
+        // A number for a new move (one that goes on keeps its own).
+        r.moves.last_move += 1;
+        let id = r.moves.last_move;
         let m = r
             .moves
             .inbound
@@ -807,6 +816,7 @@ impl ShardCore {
             .or_insert(MoveIn {
                 key,
                 uid,
+                id,
                 routes: 0,
                 offers: Vec::new(),
                 ids: HashSet::default(),
@@ -899,7 +909,7 @@ impl ShardCore {
             shard: self.id,
             session: key,
             uid: slot.uid,
-            move_in: true,
+            move_in: m.id,
         })
     }
 
@@ -914,6 +924,7 @@ impl ShardCore {
             .remote
             .as_mut()
             .and_then(|r| r.moves.inbound.get_mut(&client_id))
+            .filter(|m| m.id == ack.move_in)
         else {
             return;
         };

@@ -232,6 +232,14 @@ pub(super) struct Remote {
     /// waits) held until the peers have the node's table up to the
     /// number.
     pub(super) waiting: VecDeque<(u64, AckTo)>,
+    /// Shard 0: the route sequence number every peer up by membership
+    /// has acknowledged (0 while one has no link up).
+    pub(super) acked_by_members: u64,
+    /// Shard 0: the routes a session moving here waits for, held until
+    /// every peer up has the node's table up to the number: one without
+    /// a link up may still route the session's messages to the node it
+    /// leaves only, which must keep it until then.
+    pub(super) waiting_members: VecDeque<(u64, AckTo)>,
     /// Shard 0: fences out for remote routes: id → (shards yet to answer,
     /// node, where the acknowledgement goes).
     pub(super) fences: hashbrown::HashMap<u64, (usize, u16, RouteAckTo)>,
@@ -308,6 +316,8 @@ impl ShardCore {
             remote_dropped: 0,
             acked_everywhere: 0,
             waiting: VecDeque::new(),
+            acked_by_members: 0,
+            waiting_members: VecDeque::new(),
             fences: hashbrown::HashMap::new(),
             next_fence: 0,
             wills: super::wills::Wills::new(
@@ -607,21 +617,25 @@ impl ShardCore {
     }
 
     /// Shard 0: every peer whose link is up has acknowledged this node's
-    /// routes up to `upto` (`u64::MAX`: no link is up). Releases the
-    /// subscribers waiting for that.
-    pub fn routes_acked(&self, upto: u64) {
+    /// routes up to `upto` (`u64::MAX`: no link is up), and every peer up
+    /// by membership up to `by_members` (0 while one has no link up).
+    /// Releases the subscribers and the moves waiting for that.
+    pub fn routes_acked(&self, upto: u64, by_members: u64) {
         let mut st = self.state.borrow_mut();
         let Some(r) = st.remote.as_mut() else {
             return;
         };
         r.acked_everywhere = upto;
+        r.acked_by_members = by_members;
         let mut released = Vec::new();
-        while let Some(&(seq, ack)) = r.waiting.front() {
-            if seq > upto {
-                break;
+        for (queue, upto) in [(&mut r.waiting, upto), (&mut r.waiting_members, by_members)] {
+            while let Some(&(seq, ack)) = queue.front() {
+                if seq > upto {
+                    break;
+                }
+                queue.pop_front();
+                released.push(ack);
             }
-            r.waiting.pop_front();
-            released.push(ack);
         }
         for ack in released {
             self.ack(&mut st, ack);
@@ -629,9 +643,10 @@ impl ShardCore {
     }
 
     /// Shard 0: acknowledge a new route once the peers can route it too:
-    /// at once when they have the table as it is now, else when they do.
-    /// Returns false (the caller acknowledges at once) off shard 0 or
-    /// outside a cluster.
+    /// at once when they have the table as it is now, else when they do
+    /// (every peer with a link up; for a session moving here, every peer
+    /// up). Returns false (the caller acknowledges at once) off shard 0
+    /// or outside a cluster.
     pub(super) fn ack_when_peers_have(st: &mut State, ack: AckTo) -> bool {
         let Some(r) = st.remote.as_mut() else {
             return false;
@@ -640,10 +655,14 @@ impl ShardCore {
             return false;
         };
         let seq = e.seq();
-        if r.acked_everywhere >= seq {
+        let (acked, queue) = match ack.move_in != 0 {
+            true => (r.acked_by_members, &mut r.waiting_members),
+            false => (r.acked_everywhere, &mut r.waiting),
+        };
+        if acked >= seq {
             return false;
         }
-        r.waiting.push_back((seq, ack));
+        queue.push_back((seq, ack));
         true
     }
 

@@ -674,6 +674,14 @@ impl ShardCore {
             *entry == 0
         };
         if !transition {
+            // A session moving here still waits for every peer up to
+            // have the route this shard had already.
+            let cluster = st.remote.is_some();
+            if let (true, true, Hold::Move) = (add, cluster, hold) {
+                if let Some(ack) = self.hold_move(st, subscriber, 1) {
+                    self.ack_when_peers_have_it(st, ack);
+                }
+            }
             return;
         }
         if !add {
@@ -720,7 +728,7 @@ impl ShardCore {
             shard: self.id,
             session: key,
             uid: slot.uid,
-            move_in: false,
+            move_in: 0,
         })
     }
 
@@ -732,6 +740,16 @@ impl ShardCore {
         st.sessions
             .get_mut(ack.session)
             .filter(|s| s.uid == ack.uid)
+    }
+
+    /// Acknowledge `ack` once every peer has this node's routes as they
+    /// are now (shard 0 knows; at once outside a cluster).
+    fn ack_when_peers_have_it(&self, st: &mut State, ack: AckTo) {
+        if self.id != 0 {
+            self.mesh.send(0, MeshMsg::AckWhenPeersHave(ack));
+        } else if !Self::ack_when_peers_have(st, ack) {
+            self.ack(st, ack);
+        }
     }
 
     /// Send `ack` to its shard, or take it here when it is this shard's.
@@ -746,7 +764,7 @@ impl ShardCore {
     /// Another shard applied a route delta or stored a retained message
     /// this session waits for.
     fn acked(st: &mut State, ack: AckTo) {
-        if ack.move_in {
+        if ack.move_in != 0 {
             Self::move_route_acked(st, ack);
             return;
         }
@@ -982,6 +1000,7 @@ impl ShardCore {
                     }
                 }
                 MeshMsg::Ack(ack) => Self::acked(&mut st, ack),
+                MeshMsg::AckWhenPeersHave(ack) => self.ack_when_peers_have_it(&mut st, ack),
                 MeshMsg::Fence { id } => self.mesh.send(from, MeshMsg::FenceDone { id }),
                 MeshMsg::FenceDone { id } => Self::fence_done(&mut st, id),
                 MeshMsg::RoutesKnown { node, run } => {

@@ -390,7 +390,7 @@ fn on_a_cluster_node_a_suback_waits_until_the_other_nodes_can_route_it() {
     let (c0, c1) = (cluster_core(0, 2), cluster_core(1, 2));
     let t0 = Instant::now();
     // One peer with its link up, which has acknowledged nothing yet.
-    c0.routes_acked(0);
+    c0.routes_acked(0, 0);
     let sub = attached(&c1, t0, &id_on(1, 2));
     c1.handle_packet(&sub, t0, subscribe_packet(1, "t/#"));
     pump(&[&c0, &c1], t0);
@@ -403,7 +403,7 @@ fn on_a_cluster_node_a_suback_waits_until_the_other_nodes_can_route_it() {
         [super::BridgeOut::Route { seq, change }] if change.add && &*change.filter == "t/#" => *seq,
         other => panic!("one route change for the peers: {other:?}"),
     };
-    c0.routes_acked(seq);
+    c0.routes_acked(seq, seq);
     pump(&[&c0, &c1], t0);
     assert!(matches!(
         &written(&c1, &sub, Version::V3_1_1)[..],
@@ -415,7 +415,7 @@ fn on_a_cluster_node_a_suback_waits_until_the_other_nodes_can_route_it() {
     c0.handle_packet(&sub0, t0, subscribe_packet(1, "u/#"));
     pump(&[&c0, &c1], t0);
     assert!(written(&c0, &sub0, Version::V3_1_1).is_empty());
-    c0.routes_acked(u64::MAX);
+    c0.routes_acked(u64::MAX, u64::MAX);
     pump(&[&c0, &c1], t0);
     assert!(matches!(
         &written(&c0, &sub0, Version::V3_1_1)[..],
@@ -466,7 +466,7 @@ fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
     let sub = attached(&c1, t0, &id_on(1, 2));
     c1.handle_packet(&sub, t0, subscribe_packet(1, "t/#"));
     pump(&[&c0, &c1], t0);
-    c0.routes_acked(u64::MAX);
+    c0.routes_acked(u64::MAX, u64::MAX);
     pump(&[&c0, &c1], t0);
     written(&c1, &sub, Version::V3_1_1);
     bridge_out(&c0);
@@ -500,7 +500,7 @@ fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
 #[test]
 fn a_shared_subscription_takes_turns_across_nodes() {
     let c0 = cluster_core(0, 1);
-    c0.routes_acked(u64::MAX);
+    c0.routes_acked(u64::MAX, u64::MAX);
     let t0 = Instant::now();
     let member = attached(&c0, t0, "m");
     c0.handle_packet(&member, t0, subscribe_packet(1, "$share/g/t/#"));
@@ -622,7 +622,7 @@ fn the_wills_of_a_peer_whose_run_ended_are_published_here_only() {
     let t0 = Instant::now();
     let sub = attached(&c, t0, "sub");
     c.handle_packet(&sub, t0, subscribe_packet(1, "status/#"));
-    c.routes_acked(u64::MAX);
+    c.routes_acked(u64::MAX, u64::MAX);
     pump(&[&c], t0);
     assert!(matches!(
         &written(&c, &sub, Version::V3_1_1)[..],
@@ -793,7 +793,7 @@ fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
     let held = |c: &ShardCore, t: &str| -> Option<Bytes> {
         let sub = attached(c, t0, "reader");
         c.handle_packet(&sub, t0, subscribe_packet(1, t));
-        c.routes_acked(u64::MAX);
+        c.routes_acked(u64::MAX, u64::MAX);
         pump(&[&c0, &c1], t0);
         let got = written(c, &sub, Version::V3_1_1)
             .into_iter()
@@ -980,10 +980,75 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
     c.check_invariants();
 }
 
-/// A client that connects with Clean Start on another node ends the
-/// session it had here, offline or connected (closed with 0x8E), when
-/// that node's claim is later and answered; a resume there, an earlier
-/// claim or a link's snapshot of claims leaves the session alone.
+/// A link that comes up gets every live connection's claim: one whose
+/// client was told it had no session says so (Clean Start in its entry),
+/// and one still waiting to resume a session asks that peer too, in a
+/// part of its own, and its CONNACK waits for the peer's answer (it came
+/// up since the claim went, and may hold the session).
+#[test]
+fn a_link_that_comes_up_is_asked_for_a_session_a_connection_waits_for() {
+    use crate::cluster::frame::{ClaimEntry, Frame};
+    let c = core_with(0, 1, |c| c.cluster.node_id = "b".into());
+    c.enable_cluster(Instant::now(), crate::persist::WallClock::now());
+    let t0 = Instant::now();
+    // No peer up: told at once that its session is new.
+    c.set_peer_links_up(0, 0);
+    attached(&c, t0, "told");
+    bridge_all(&c);
+    // One peer up and linked: a resume waits for its answer.
+    c.set_peer_links_up(1, 1);
+    let mut resume = connect("resume", Version::V5);
+    resume.clean_start = false;
+    resume.properties.session_expiry_interval = Some(3600);
+    let conn = c.attach(t0, Box::new(resume), None).unwrap();
+    let stamp = match &bridge_all(&c)[..] {
+        [super::BridgeOut::Claim(claim)] => claim.stamp,
+        other => panic!("{other:?}"),
+    };
+    c.claim_sent(t0, stamp, 1);
+    // A second peer's link comes up.
+    let mut s = super::ClaimsSnapshot::default();
+    let mut parts = Vec::new();
+    while !s.is_done() {
+        if let Some(Frame::Claims { claims, answer }) = c.claims_snapshot(&mut s, 10) {
+            let ids: Vec<(String, bool)> = claims
+                .iter()
+                .map(|c| (c.client_id.to_string(), c.clean_start))
+                .collect();
+            parts.push((ids, answer));
+        }
+    }
+    parts.sort();
+    assert_eq!(
+        parts,
+        [
+            (vec![("resume".to_string(), false)], true),
+            (vec![("told".to_string(), true)], false)
+        ]
+    );
+    let answer = ClaimEntry {
+        client_id: "resume".into(),
+        stamp,
+        clean_start: false,
+    };
+    c.handle_claim_acks(t0, vec![answer.clone()]);
+    assert!(
+        written(&c, &conn, Version::V5).is_empty(),
+        "the second peer is asked too"
+    );
+    c.handle_claim_acks(t0, vec![answer]);
+    assert!(matches!(
+        &written(&c, &conn, Version::V5)[..],
+        [Packet::ConnAck(a)] if !a.session_present
+    ));
+    c.check_invariants();
+}
+
+/// A client that connects with Clean Start on another node, or is told
+/// there that it has no session, ends the session it had here, offline
+/// or connected (closed with 0x8E), when that node's claim is later
+/// (answered, or in a link's snapshot); an earlier claim, or one that
+/// resumes a live connection's session, leaves the session alone.
 #[test]
 fn a_clean_start_on_another_node_ends_the_session_here() {
     use crate::cluster::frame::ClaimEntry;
@@ -1011,13 +1076,14 @@ fn a_clean_start_on_another_node_ends_the_session_here() {
         stamp,
         clean_start,
     };
-    c.handle_remote_claims(t0, ("c", 5), vec![claim("away", stamp + 9, false)], true);
-    c.handle_remote_claims(t0, ("c", 5), vec![claim("away", stamp + 9, true)], false);
+    c.handle_remote_claims(t0, ("c", 5), vec![claim("live", stamp - 1, false)], true);
     c.handle_remote_claims(t0, ("a", 5), vec![claim("live", stamp, true)], true);
+    c.handle_remote_claims(t0, ("c", 5), vec![claim("away", 1, true)], false);
     assert_eq!(c.session_count(), 2, "kept");
     assert!(!live.is_closing());
     assert_eq!(c.cluster_stats().sessions_discarded, 0);
-    c.handle_remote_claims(t0, ("c", 5), vec![claim("away", stamp + 9, true)], true);
+    // A link's snapshot: its client was told there that it had none.
+    c.handle_remote_claims(t0, ("c", 5), vec![claim("away", stamp + 9, true)], false);
     assert_eq!(c.session_count(), 1);
     c.handle_remote_claims(t0, ("c", 5), vec![claim("live", stamp + 10, true)], true);
     assert!(live.is_closing());
@@ -1036,7 +1102,7 @@ fn a_clean_start_on_another_node_ends_the_session_here() {
         .iter()
         .filter(|o| matches!(o, super::BridgeOut::ClaimAck { .. }))
         .count();
-    assert_eq!(acks, 4);
+    assert_eq!(acks, 3);
     c.check_invariants();
 }
 
@@ -1085,7 +1151,7 @@ fn a_retained_delete_is_remembered_for_its_tombstone_time() {
     assert_eq!(c.cluster_stats().tombstones_forgotten_early, 1);
     let sub = attached(&c, t0, "reader");
     c.handle_packet(&sub, t0, subscribe_packet(1, "gone"));
-    c.routes_acked(u64::MAX);
+    c.routes_acked(u64::MAX, u64::MAX);
     pump(&[&c], t0);
     assert!(written(&c, &sub, Version::V3_1_1)
         .iter()
@@ -1102,7 +1168,7 @@ fn a_dead_peers_will_reaches_a_shared_group_from_one_survivor() {
     let c = core_with(0, 1, |c| c.cluster.node_id = "m".into());
     let t0 = Instant::now();
     c.enable_cluster(t0, crate::persist::WallClock::now());
-    c.routes_acked(u64::MAX);
+    c.routes_acked(u64::MAX, u64::MAX);
     let member = attached(&c, t0, "member");
     c.handle_packet(&member, t0, subscribe_packet(1, "$share/g/status/#"));
     pump(&[&c], t0);
@@ -1178,7 +1244,7 @@ fn a_client_back_in_time_cancels_its_dead_nodes_will() {
     use crate::cluster::frame::{ClaimEntry, Frame, WillEntry};
     let c = cluster_core(0, 1);
     let t0 = Instant::now();
-    c.routes_acked(u64::MAX);
+    c.routes_acked(u64::MAX, u64::MAX);
     let sub = attached(&c, t0, "sub");
     c.handle_packet(&sub, t0, subscribe_packet(1, "status/#"));
     pump(&[&c], t0);
