@@ -270,8 +270,10 @@ struct Sim {
     /// confirmation after the bridge's 10 s (counted, not failed).
     late_acks: u64,
     /// Sessions taken over from dead nodes' log copies, and messages
-    /// routed to a dead node given to them (`adopt`).
-    adopted: (u64, u64),
+    /// routed to a dead node given to them (`adopt`), and copies of
+    /// sessions dropped as stale (their client was told first that its
+    /// session was new).
+    adopted: (u64, u64, u64),
     /// Seeds with logs, nodes killed: (deaths whose standby's copy was
     /// not checked: no single standby waited for all along, or no whole
     /// copy; copies recovered and checked; undelivered acknowledged
@@ -283,6 +285,13 @@ struct Sim {
     /// CONNECTs refused (0x88) by a node that saw no majority.
     minority_refused: u64,
     routes_refused: u64,
+    /// CONNECTs resuming a session refused (0x88) while a dead node's
+    /// sessions may still be taken over.
+    adoption_refused: u64,
+    /// Subscribers of a node with a log that died, told by their next
+    /// CONNACK that their session is gone (not taken over, or taken over
+    /// too late).
+    told_gone: u64,
     /// Publishes a client held back because its shard did not read it (a
     /// peer held too many of the shard's messages unconfirmed, or a
     /// subscriber behind held it).
@@ -378,10 +387,12 @@ impl Sim {
             lost_sessions: 0,
             copies: (0, 0, 0),
             late_acks: 0,
-            adopted: (0, 0),
+            adopted: (0, 0, 0),
             refused: 0,
             minority_refused: 0,
             routes_refused: 0,
+            adoption_refused: 0,
+            told_gone: 0,
             link_pauses: 0,
             splits: 0,
             crashes: 0,
@@ -725,6 +736,12 @@ impl Sim {
             match cores[accepting].handshake(&connect, Arrival::LOOPBACK, self.now) {
                 Handshake::Serve { assigned, .. } => (accepting, assigned),
                 Handshake::MoveTo { home, assigned, .. } => (home, assigned),
+                // A dead node's sessions may still be taken over: a
+                // resuming client comes back later, as it was.
+                Handshake::Refuse { code: 0x88, .. } if !clean => {
+                    self.adoption_refused += 1;
+                    return;
+                }
                 Handshake::Refuse { code, .. } => {
                     self.fail(&format!("CONNECT refused 0x{code:02X}"))
                 }
@@ -873,6 +890,9 @@ impl Sim {
                     self.clients[c].will_runs = runs;
                 }
                 let adopted = self.clients[c].maybe_lost && ack.session_present;
+                if self.clients[c].maybe_lost && !ack.session_present {
+                    self.told_gone += 1;
+                }
                 let kept = ack.session_present
                     && (!self.clients[c].maybe_lost || self.holds_subscription(c));
                 let client = &mut self.clients[c];
@@ -1566,6 +1586,10 @@ impl Sim {
                 // and until then it owes what it was owed.
                 client.sessions_lost.push(self.steps);
                 client.maybe_lost = logged;
+                // Taken over by a standby, its session lives on another
+                // node, in that node's standby copy once the copy catches
+                // up (as a moved session's; seed 9767).
+                client.roamed |= logged;
                 if client.subscribed_at.is_some() && !logged {
                     client.subscribed_at = None;
                     client.inbound.clear();
@@ -1747,6 +1771,7 @@ impl Sim {
             let s = core.cluster_stats();
             self.adopted.0 += s.sessions_adopted;
             self.adopted.1 += s.adopted_messages;
+            self.adopted.2 += s.adopted_stale;
         }
     }
 
@@ -2229,6 +2254,8 @@ impl Sim {
             refused: self.refused,
             minority_refused: self.minority_refused,
             routes_refused: self.routes_refused,
+            adoption_refused: self.adoption_refused,
+            told_gone: self.told_gone,
             link_pauses: self.link_pauses,
             dropped: self
                 .nodes
@@ -2280,11 +2307,15 @@ struct Outcome {
     copies: (u64, u64, u64),
     late_acks: u64,
     /// Sessions taken over from dead nodes' log copies, and messages
-    /// routed to a dead node given to them (`adopt`).
-    adopted: (u64, u64),
+    /// routed to a dead node given to them (`adopt`), and copies of
+    /// sessions dropped as stale (their client was told first that its
+    /// session was new).
+    adopted: (u64, u64, u64),
     refused: u64,
     minority_refused: u64,
     routes_refused: u64,
+    adoption_refused: u64,
+    told_gone: u64,
     link_pauses: u64,
     /// Messages for peers dropped by the bridges.
     dropped: u64,
@@ -2310,9 +2341,12 @@ impl std::ops::AddAssign for Outcome {
         self.late_acks += o.late_acks;
         self.adopted.0 += o.adopted.0;
         self.adopted.1 += o.adopted.1;
+        self.adopted.2 += o.adopted.2;
         self.refused += o.refused;
         self.minority_refused += o.minority_refused;
         self.routes_refused += o.routes_refused;
+        self.adoption_refused += o.adoption_refused;
+        self.told_gone += o.told_gone;
         self.link_pauses += o.link_pauses;
         self.dropped += o.dropped;
         self.splits += o.splits;
@@ -2355,14 +2389,17 @@ fn seeded_cluster_runs() {
          owed ({} of them wills of killed nodes' clients), {} of them lost ({} link breaks, {} partitions, {} node crashes, {} sessions \
          lost with their node or a move cut short); {} sessions moved between nodes, {} \
          CONNECTs refused for a peer's late answer, {} by a node without a majority and {} by \
-         one without the routes of a node it sees up, {} \
+         one without the routes of a node it sees up, {} resuming while a dead node's sessions \
+         may still be taken over, {} \
          sessions split by a move given up (their order across the split not checked); {} \
          publishes held back while a peer had too many messages unconfirmed or a subscriber was behind, {} messages for \
          peers dropped by the bridges; nodes with logs killed: {} standbys' copies recovered, \
          holding {} acknowledged messages not yet delivered, {} deaths not checked (no whole \
          copy, or acknowledgements made without the standby), {} acknowledgements that went \
          after the bridge's 10 s without a peer's confirmation; {} sessions taken over from \
-         dead nodes' copies, and {} messages in flight to a dead node given to them",
+         dead nodes' copies ({} dropped: their client was told first that its session was \
+         new), and {} messages in flight to a dead node given to them; {} \
+         subscribers of those nodes told their session was gone",
         seeds.len(),
         total.faulty,
         total.published,
@@ -2377,6 +2414,7 @@ fn seeded_cluster_runs() {
         total.refused,
         total.minority_refused,
         total.routes_refused,
+        total.adoption_refused,
         total.splits,
         total.link_pauses,
         total.dropped,
@@ -2385,7 +2423,9 @@ fn seeded_cluster_runs() {
         total.copies.0,
         total.late_acks,
         total.adopted.0,
-        total.adopted.1
+        total.adopted.2,
+        total.adopted.1,
+        total.told_gone
     );
 }
 

@@ -30,7 +30,7 @@ use crate::message::Message;
 use crate::router::SharedPick;
 
 /// The bridge protocol version this node speaks.
-pub const BRIDGE_VERSION: u16 = 9;
+pub const BRIDGE_VERSION: u16 = 10;
 /// Bytes before a frame's body: its length and kind.
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Longest topic filter or other string in a frame, in bytes (the MQTT
@@ -66,6 +66,7 @@ mod kind {
     pub const MOVE_FENCE_DONE: u8 = 22;
     pub const LOG_CHUNK: u8 = 23;
     pub const LOG_HAVE: u8 = 24;
+    pub const ADOPTED: u8 = 25;
 }
 
 /// The first frame each side of a link sends.
@@ -280,6 +281,15 @@ pub enum Frame {
         shard: u16,
         /// What the copy holds.
         have: Have,
+    },
+    /// The sender, next after a node declared down, is done with that
+    /// run's sessions (`shard::adopt`): taken over, or not taken at all. A
+    /// CONNECT that resumes a session may be served from now on.
+    Adopted {
+        /// The dead node.
+        node: NodeName,
+        /// Its run.
+        incarnation: u64,
     },
 }
 
@@ -674,6 +684,11 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u32(c.bytes.len() as u32);
             out.put_slice(&c.bytes);
         }
+        Frame::Adopted { node, incarnation } => {
+            out.put_u8(kind::ADOPTED);
+            put_str(out, node.as_str());
+            out.put_u64(*incarnation);
+        }
         Frame::LogHave { shard, have: h } => {
             out.put_u8(kind::LOG_HAVE);
             out.put_u16(*shard);
@@ -960,6 +975,10 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
         kind::MOVE_FENCE_DONE => Frame::MoveFenceDone {
             seq: u64_(b)?,
             id: u64_(b)?,
+        },
+        kind::ADOPTED => Frame::Adopted {
+            node: NodeName::new(&string(b)?).map_err(|_| FrameError::Malformed("node name"))?,
+            incarnation: u64_(b)?,
         },
         kind::LOG_CHUNK => {
             let shard = u16_(b)?;
@@ -1553,6 +1572,10 @@ mod tests {
             },
             Frame::MoveFence { seq: 11, id: 3 },
             Frame::MoveFenceDone { seq: 4, id: 3 },
+            Frame::Adopted {
+                node: NodeName::new("n-3").unwrap(),
+                incarnation: 12,
+            },
             Frame::LogChunk {
                 shard: 1,
                 chunk: Box::new(Chunk {

@@ -54,6 +54,7 @@ use crate::text::quote;
 
 use super::durable::BEHIND;
 use super::mesh::MeshMsg;
+use super::remote::BridgeOut;
 use super::{SessionKey, SessionSlot, ShardCore, State};
 
 /// The birth stamp of an adopted session (`SessionSlot::born`): older
@@ -74,8 +75,16 @@ pub const ADOPT_PENDING_BYTES_MAX: usize = 64 << 20;
 /// Runs of peers whose adoption shard 0 remembers deciding.
 const DECIDED_KEPT: usize = 64;
 
+/// How long a shard refuses CONNECTs that resume a session after a node
+/// was declared down, while the node next after it may be taking its
+/// sessions over: a client of the dead node told here that its session is
+/// new would make the copy taken over stale (it is dropped). The next
+/// node's word that it is done ([`crate::cluster::frame::Frame::Adopted`])
+/// ends the wait sooner, as does a newer run of the dead node coming up.
+pub const ADOPT_CONNECT_WAIT: Duration = Duration::from_secs(10);
+
 /// A run of a peer (its name and incarnation).
-type Run = (Arc<str>, u64);
+pub(super) type Run = (Arc<str>, u64);
 
 /// What adoption counted on a shard (part of its cluster state).
 #[derive(Debug, Default)]
@@ -109,6 +118,10 @@ pub(super) struct Adoptions {
     /// Shard 0: runs taken over whose sessions some shards have not taken
     /// in yet, and how many.
     taking: Vec<(Run, usize)>,
+    /// Shard 0: runs this node is next after, whose end of adoption the
+    /// peers and this node's shards are told of once every shard took its
+    /// sessions in (or at once when none are taken).
+    tell: Vec<Run>,
     /// Messages for adopted sessions that found none to go to (this node
     /// took no session of that run, or past the bounds above).
     pub(super) messages_dropped: u64,
@@ -156,14 +169,22 @@ pub(super) struct Taken {
 }
 
 impl ShardCore {
-    /// Shard 0, peer `peer` (`node`, run `run`) declared down; `mine`:
-    /// this node is the first up after it in name order. Then take over
+    /// Shard 0, peer `peer` (`node`, run `run`) declared down; `next`:
+    /// this node is the first up after it in name order (it tells the
+    /// others when it is done with that run's sessions), and `mine`: it
+    /// may take them (it hears a majority, heard the node lately). Then take over
     /// its sessions from the copy of its logs kept here, if the copy is of
     /// that run and whole: reads the copy's files (blocking), and each
     /// session goes to its home shard. Either way the messages held for
     /// that run's sessions go on (or are dropped, counted). Returns how
     /// many sessions were taken over.
-    pub fn adopt_if_mine(&self, now: Instant, peer: u16, dead: &Node, mine: bool) -> usize {
+    pub fn adopt_if_mine(
+        &self,
+        now: Instant,
+        peer: u16,
+        dead: &Node,
+        (next, mine): (bool, bool),
+    ) -> usize {
         let (node, run) = (dead.name.as_str(), dead.incarnation);
         let count = match mine {
             true => self.adopt_copy_of(now, peer, node, run, usize::from(dead.shards)),
@@ -179,6 +200,9 @@ impl ShardCore {
             a.decided.pop_front();
         }
         a.decided.push_back((key.clone(), count > 0));
+        if next && !a.tell.contains(&key) {
+            a.tell.push(key.clone());
+        }
         self.release_pending(&mut st, now, &key);
         Self::debug_invariants(&st);
         count
@@ -195,6 +219,18 @@ impl ShardCore {
         if a.taking.iter().any(|(k, _)| k == of) {
             return;
         }
+        // Done with that run's sessions: every shard here, and the peers,
+        // take CONNECTs that resume a session again.
+        if let Some(i) = a.tell.iter().position(|k| k == of) {
+            a.tell.swap_remove(i);
+            let of = of.clone();
+            self.mesh.broadcast(|| MeshMsg::Adopted { of: of.clone() });
+            self.adoption_over(st, &of);
+        }
+        let a = match st.remote.as_mut() {
+            Some(r) => &mut r.adoptions,
+            None => return,
+        };
         let (held, rest): (VecDeque<_>, VecDeque<_>) =
             a.pending.drain(..).partition(|p| p.of == *of);
         a.pending = rest;
@@ -203,6 +239,101 @@ impl ShardCore {
         for p in held {
             self.adopted_message(st, now, p);
         }
+    }
+
+    /// Run `dead` was declared down (no newer run of it up): until the
+    /// node next after it is done with its sessions, or for
+    /// [`ADOPT_CONNECT_WAIT`], a CONNECT here that resumes a session is
+    /// refused (0x88; its client tries again). Not without copies to take
+    /// over from (`cluster.replicas = 1`).
+    pub fn await_adoption(&self, now: Instant, dead: &Node) {
+        if self.config.cluster.replicas < 2 {
+            return;
+        }
+        let (node, run) = (dead.name.as_str(), dead.incarnation);
+        // Told already (the word can come before this shard hears of
+        // the death).
+        if (self.adoptions_over.borrow().iter()).any(|(n, r)| &**n == node && *r >= run) {
+            return;
+        }
+        let key: Run = (Arc::from(node), run);
+        let mut waits = self.adoption_waits.borrow_mut();
+        if !waits.iter().any(|(k, _)| *k == key) {
+            waits.push((key, now));
+        }
+    }
+
+    /// Remember that runs of `node` up to `run` need no wait.
+    pub(super) fn note_adoption_over(&self, node: &Arc<str>, run: u64) {
+        self.adoption_waits
+            .borrow_mut()
+            .retain(|((n, r), _)| n != node || *r > run);
+        let mut over = self.adoptions_over.borrow_mut();
+        if over.iter().any(|(n, r)| n == node && *r >= run) {
+            return;
+        }
+        over.retain(|(n, _)| n != node);
+        if over.len() == DECIDED_KEPT {
+            over.pop_front();
+        }
+        over.push_back((node.clone(), run));
+    }
+
+    /// Run `run` of `node` is up (a restart, or a run that rejoined after
+    /// it was declared down: it keeps its sessions): no wait for it or an
+    /// earlier run, and its next death waits again.
+    pub fn peer_run_is_up(&self, node: &str, run: u64) {
+        self.adoption_waits
+            .borrow_mut()
+            .retain(|((n, r), _)| &**n != node || *r > run);
+        (self.adoptions_over.borrow_mut()).retain(|(n, _)| &**n != node);
+        self.note_adoption_over(&Arc::from(node), run.saturating_sub(1));
+    }
+
+    /// The node next after run `of` is done with its sessions (its
+    /// [`crate::cluster::frame::Frame::Adopted`], or this node's shard 0):
+    /// the wait for it ends here, and this shard tells the peers on its
+    /// links when it is this node's.
+    pub(super) fn adoption_over(&self, st: &mut State, of: &Run) {
+        self.note_adoption_over(&of.0, of.1);
+        if let Some(r) = st.remote.as_mut() {
+            r.out.push_back(BridgeOut::Adopted { of: of.clone() });
+            r.wake.notify();
+        }
+    }
+
+    /// A peer next after `node`'s run `run` is done with its sessions
+    /// (its word reached this shard's link): the waits for that run and
+    /// earlier ones end here and on every other shard (a shard's link from
+    /// that peer may be down, or missing: nodes of fewer shards).
+    pub fn adopted_elsewhere(&self, node: &str, run: u64) {
+        let node: Arc<str> = Arc::from(node);
+        self.note_adoption_over(&node, run);
+        self.mesh.broadcast(|| MeshMsg::AdoptionNoted {
+            of: (node.clone(), run),
+        });
+    }
+
+    /// True while this shard waits for a dead run's sessions to be taken
+    /// over ([`ShardCore::await_adoption`]); waits past
+    /// [`ADOPT_CONNECT_WAIT`] end (logged).
+    pub(super) fn adoption_awaited(&self, now: Instant) -> bool {
+        let mut waits = self.adoption_waits.borrow_mut();
+        waits.retain(|((node, run), since)| {
+            let over = now.saturating_duration_since(*since) >= ADOPT_CONNECT_WAIT;
+            if over {
+                shard_log!(
+                    self,
+                    log::Level::Warn,
+                    "cluster: no word within {} s that node {}'s sessions (run {run}) were \
+                     taken over: CONNECTs that resume a session are taken again",
+                    ADOPT_CONNECT_WAIT.as_secs(),
+                    quote(node)
+                );
+            }
+            !over
+        });
+        !waits.is_empty()
     }
 
     /// Shard 0: another shard took in its sessions of run `of`.

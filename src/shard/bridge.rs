@@ -393,6 +393,9 @@ impl Bridge {
                     .insert(node.name.as_str().to_string());
                 let incarnation_up = node.incarnation;
                 self.core.peer_routes_expected(index, incarnation_up, now);
+                // A newer run recovers its own log, and one that rejoined
+                // kept its sessions: nothing of either is taken over.
+                (self.core).peer_run_is_up(node.name.as_str(), incarnation_up);
                 let replaced = self.peers.borrow_mut().up(index, node, self.ms(now));
                 if let Some(incarnation) = replaced.ended_run {
                     // Restarted before it was declared down: the old run
@@ -436,6 +439,9 @@ impl Bridge {
                     .borrow()
                     .node(index)
                     .is_some_and(|n| n.name == node.name && n.incarnation > node.incarnation);
+                if !newer {
+                    self.core.await_adoption(now, &node);
+                }
                 if self.me.shard == 0 && !newer {
                     let next = self.adopter_of(node.name.as_str()).is_none();
                     let why_not = match (self.hears_majority(now), silent) {
@@ -456,8 +462,8 @@ impl Bridge {
                             quote(node.name.as_str())
                         );
                     }
-                    self.core
-                        .adopt_if_mine(now, index, &node, next && why_not.is_none());
+                    let mine = next && why_not.is_none();
+                    self.core.adopt_if_mine(now, index, &node, (next, mine));
                 }
                 // Every link from that run: nothing it still sends counts.
                 let from_it: Vec<Rc<Link>> = self
@@ -1553,6 +1559,12 @@ impl Bridge {
             }
             return;
         }
+        if let (Frame::Adopted { node, incarnation }, false) = (&f, link.outbound) {
+            if link.peer.get().is_some() {
+                self.core.adopted_elsewhere(node.as_str(), *incarnation);
+            }
+            return;
+        }
         if let (Frame::Retained(_), false) = (&f, link.outbound) {
             if let (Frame::Retained(entries), Some(index)) = (f, link.peer.get()) {
                 self.core.handle_remote_retained(now, index, entries);
@@ -1792,6 +1804,14 @@ impl Bridge {
                 let links = self.to_every_link(now, &frame, "claim", None);
                 // Its CONNACK waits for that many acknowledgements.
                 self.core.claim_sent(now, stamp, links);
+            }
+            BridgeOut::Adopted {
+                of: (node, incarnation),
+            } => {
+                if let Ok(node) = crate::cluster::node::NodeName::new(&node) {
+                    let frame = Frame::Adopted { node, incarnation };
+                    self.to_every_link(now, &frame, "adopted", None);
+                }
             }
             BridgeOut::MoveFenceDone { node, id } => {
                 // Numbered with the messages ahead of it (a link that

@@ -139,7 +139,7 @@ impl ShardCore {
     /// describes: refuse it, serve it here, or move it to its home shard.
     pub fn handshake(&self, connect: &Connect, arrival: Arrival, now: Instant) -> Handshake {
         let peer = arrival.peer;
-        let checked = check_connect(self, connect).and_then(|a| {
+        let checked = check_connect(self, connect, now).and_then(|a| {
             let id = a.as_deref().unwrap_or(&connect.client_id);
             let grant = self.login(connect, id, arrival, now)?;
             Ok((a, grant))
@@ -764,7 +764,11 @@ impl Logins {
 /// requires one; a too long id is refused), no enhanced authentication
 /// (none is supported), and a will whose topic, response topic and payload
 /// format are valid. Returns the assigned client id, if any.
-fn check_connect(shard: &ShardCore, connect: &Connect) -> Result<Option<String>, Refusal> {
+fn check_connect(
+    shard: &ShardCore,
+    connect: &Connect,
+    now: Instant,
+) -> Result<Option<String>, Refusal> {
     if shard.refusing_connects.get() {
         let why = "this node sees no majority of the cluster's members \
                    (cluster.on_minority = refuse_connects)";
@@ -775,6 +779,14 @@ fn check_connect(shard: &ShardCore, connect: &Connect) -> Result<Option<String>,
     }
     if shard.routes_pending() {
         let why = "this node does not have the routes of every node it sees up yet";
+        return Err(Refusal {
+            counted: ConnectRefusal::Unavailable,
+            ..Refusal::new(reason::SERVER_UNAVAILABLE, why)
+        });
+    }
+    if !connect.clean_start && shard.adoption_awaited(now) {
+        let why = "a node was declared down and the node next after it may still be taking \
+                   its sessions over";
         return Err(Refusal {
             counted: ConnectRefusal::Unavailable,
             ..Refusal::new(reason::SERVER_UNAVAILABLE, why)

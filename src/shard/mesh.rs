@@ -204,6 +204,20 @@ pub enum MeshMsg {
         /// The run.
         of: (Arc<str>, u64),
     },
+    /// From shard 0: this node, next after a peer's run declared down, is
+    /// done with its sessions (taken in by every shard, or none taken):
+    /// CONNECTs that resume a session are taken again, and the peers are
+    /// told.
+    Adopted {
+        /// The run.
+        of: (Arc<str>, u64),
+    },
+    /// From a shard whose link brought a peer's word that it is done with
+    /// a run's sessions: CONNECTs that resume a session are taken again.
+    AdoptionNoted {
+        /// The run.
+        of: (Arc<str>, u64),
+    },
     /// From shard 0: a message for this shard's sessions taken over from
     /// a peer's run.
     AdoptedPublish {

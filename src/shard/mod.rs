@@ -635,6 +635,14 @@ pub struct ShardCore {
     /// whether it is up, and whether its routes are known here
     /// ([`ShardCore::peer_routes_expected`], [`ShardCore::routes_known`]).
     peer_routes: RefCell<hashbrown::HashMap<u16, PeerRoutes>>,
+    /// Runs of peers declared down whose sessions the node next after them
+    /// may still be taking over, since when: CONNECTs that resume a
+    /// session are refused meanwhile (`adopt`; outside `State`, for the
+    /// check at CONNECT).
+    adoption_waits: RefCell<Vec<(adopt::Run, Instant)>>,
+    /// The latest runs (and earlier ones of the same node) whose sessions
+    /// need no such wait any more.
+    adoptions_over: RefCell<std::collections::VecDeque<adopt::Run>>,
     /// Sockets of attached connections still open (reader or writer alive).
     sockets: Cell<usize>,
     /// Accepted connections that have not finished CONNECT yet; bounded by
@@ -706,6 +714,8 @@ impl ShardCore {
             routed_bytes: Cell::new(0),
             routes_gate_open: Cell::new(true),
             peer_routes: RefCell::new(hashbrown::HashMap::new()),
+            adoption_waits: RefCell::new(Vec::new()),
+            adoptions_over: RefCell::new(std::collections::VecDeque::new()),
             sockets: Cell::new(0),
             handshakes: Cell::new(0),
             tls_handshakes: Cell::new(0),

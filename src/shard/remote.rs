@@ -102,6 +102,13 @@ pub enum BridgeOut {
         /// The shard that waits for it.
         home: usize,
     },
+    /// This node, next after a peer's run declared down, is done with
+    /// that run's sessions: every peer with a link up is told
+    /// ([`Frame::Adopted`]).
+    Adopted {
+        /// The run (the node's name and incarnation).
+        of: (Arc<str>, u64),
+    },
     /// Peer `node` asked to be answered behind what this shard sent it
     /// ([`Frame::MoveFenceDone`]): the answer goes through the outbox, so
     /// every message this shard routed before the question is ahead of it.

@@ -960,6 +960,8 @@ impl ShardCore {
                 } => self.adopt_here(&mut st, now, peer, (node, run), sessions),
                 MeshMsg::ForAdopted(p) => self.held_for_adopted(&mut st, *p),
                 MeshMsg::AdoptDone { of } => self.adopt_done(&mut st, now, of),
+                MeshMsg::Adopted { of } => self.adoption_over(&mut st, &of),
+                MeshMsg::AdoptionNoted { of } => self.note_adoption_over(&of.0, of.1),
                 MeshMsg::AdoptedPublish { of, message } => {
                     self.deliver_adopted(&mut st, now, &of, &message)
                 }

@@ -980,6 +980,68 @@ fn a_later_connection_on_another_node_takes_the_client_id_over() {
     c.check_invariants();
 }
 
+/// After a node is declared down, a CONNECT that resumes a session is
+/// refused (0x88) until the node next after it says it is done with its
+/// sessions, a newer run of it comes up, or ADOPT_CONNECT_WAIT passes:
+/// told here that its session is new, a client of the dead node would
+/// make the copy taken over stale. A Clean Start is taken meanwhile, and
+/// a word that came before the death ends the wait before it starts.
+#[test]
+fn resuming_connects_wait_while_a_dead_nodes_sessions_are_taken_over() {
+    use crate::cluster::node::{Node, NodeName};
+    let c = core_with(0, 1, |c| c.cluster.node_id = "b".into());
+    let t0 = Instant::now();
+    c.enable_cluster(t0, crate::persist::WallClock::now());
+    let run = |incarnation| Node {
+        name: NodeName::new("a").unwrap(),
+        addr: "10.0.0.1:7000".parse().unwrap(),
+        incarnation,
+        rejoin: 0,
+        shards: 1,
+    };
+    let refused = |clean_start, at| {
+        let mut k = connect("dev", Version::V5);
+        k.clean_start = clean_start;
+        matches!(
+            c.handshake(&k, Arrival::LOOPBACK, at),
+            Handshake::Refuse { code: 0x88, .. }
+        )
+    };
+    assert!(!refused(false, t0));
+    c.await_adoption(t0, &run(3));
+    assert!(refused(false, t0), "a resume waits");
+    assert!(!refused(true, t0), "a Clean Start does not");
+    c.adopted_elsewhere("a", 3);
+    assert!(!refused(false, t0), "the next node is done");
+    c.await_adoption(t0, &run(3));
+    assert!(!refused(false, t0), "told before this shard heard of it");
+    // The run rejoins (a healed partition) and dies again: a new wait.
+    c.peer_run_is_up("a", 3);
+    c.await_adoption(t0, &run(3));
+    assert!(refused(false, t0));
+    c.peer_run_is_up("a", 6);
+    assert!(!refused(false, t0), "a newer run is up");
+    c.await_adoption(t0, &run(5));
+    assert!(!refused(false, t0), "an earlier run than the one up");
+    c.await_adoption(t0, &run(8));
+    let wait = super::adopt::ADOPT_CONNECT_WAIT;
+    assert!(refused(false, t0 + wait - Duration::from_millis(1)));
+    assert!(!refused(false, t0 + wait), "not forever");
+    // With one replica nothing is taken over: nothing to wait for.
+    let one = core_with(0, 1, |c| {
+        c.cluster.node_id = "b".into();
+        c.cluster.replicas = 1;
+    });
+    one.enable_cluster(t0, crate::persist::WallClock::now());
+    one.await_adoption(t0, &run(9));
+    let mut k = connect("dev", Version::V5);
+    k.clean_start = false;
+    assert!(!matches!(
+        one.handshake(&k, Arrival::LOOPBACK, t0),
+        Handshake::Refuse { .. }
+    ));
+}
+
 /// A link that comes up gets every live connection's claim: one whose
 /// client was told it had no session says so (Clean Start in its entry),
 /// and one still waiting to resume a session asks that peer too, in a
