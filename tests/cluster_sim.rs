@@ -250,6 +250,10 @@ struct Sim {
     /// Up names the run that is current when it is told (membership never
     /// brings back a run it knows was replaced).
     due: Vec<(Instant, usize, u64, PeerEvent)>,
+    /// A node started again before every peer declared its last run down
+    /// (a peer may take that run's sessions over while the new run
+    /// recovers its own log).
+    restart_raced: bool,
     clients: Vec<Client>,
     sent: BTreeMap<(usize, u64), Sent>,
     delivered: HashMap<(usize, usize, u64), u32>,
@@ -375,6 +379,7 @@ impl Sim {
             next_pipe: 0,
             cut: BTreeSet::new(),
             due: Vec::new(),
+            restart_raced: false,
             clients: Vec::new(),
             sent: BTreeMap::new(),
             delivered: HashMap::new(),
@@ -1783,6 +1788,9 @@ impl Sim {
             return;
         }
         let k = *self.rng.pick(&down);
+        self.restart_raced |= (self.due.iter()).any(
+            |(_, _, _, ev)| matches!(ev, PeerEvent::Down { index, .. } if *index as usize == k),
+        );
         self.start_node(k);
         let new = self.run_of(k);
         self.event(format_args!("node {k} started: run {}", new.incarnation));
@@ -2100,6 +2108,18 @@ impl Sim {
             if self.nodes[k].up {
                 self.count_adoptions(k);
             }
+        }
+        // Without partitions, no client of a dead node is told its session
+        // is new before the copy is taken in (CONNECTs that resume a
+        // session wait for the adoption; a session that was moving from it
+        // is the same session), so no copy taken over is stale; unless the
+        // node started again before its peers all declared it down.
+        if self.faults != Faults::All && !self.restart_raced && self.adopted.2 > 0 {
+            self.fail(&format!(
+                "{} sessions taken over from a dead node were dropped: their client had been \
+                 told its session was new",
+                self.adopted.2
+            ));
         }
         // One live connection per client id (not always the newest: two
         // connections a partition let live meet when it heals, and the

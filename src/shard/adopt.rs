@@ -483,9 +483,11 @@ impl ShardCore {
             let mut inflight = std::mem::take(&mut bare.inflight);
             let mut queue = std::mem::take(&mut bare.queue);
             let here = st.by_client.get(&client_id).copied();
-            let told = here
-                .and_then(|k| st.sessions.get(k))
-                .is_some_and(|s| s.born_told && s.born > ADOPTED_BORN);
+            // (A session that was moving here from that node when it died
+            // is the same one: the copy holds what the move did not bring.)
+            let told = here.and_then(|k| st.sessions.get(k)).is_some_and(|s| {
+                s.born_told && s.born > ADOPTED_BORN && s.born_at.as_deref() != Some(&*of.0)
+            });
             if told {
                 // Its client came back first and was told its session is
                 // new: the copy is older than what it knows (its QoS 2
@@ -539,7 +541,7 @@ impl ShardCore {
                     slot.adopted_from = Some((peer, run));
                     // Its client was told about it, once: any copy it was
                     // told about since is newer.
-                    (slot.born, slot.born_told) = (ADOPTED_BORN, true);
+                    (slot.born, slot.born_told, slot.born_at) = (ADOPTED_BORN, true, None);
                     let key = st.sessions.insert(slot);
                     st.by_client.insert(client_id.clone(), key);
                     Self::durable_whole(st, key);

@@ -282,6 +282,10 @@ struct SessionSlot {
     /// said it was new went): only then does `born` make an older copy
     /// stale.
     born_told: bool,
+    /// The node whose copy `born` came from (a move); None: born here.
+    /// A copy taken over from that node when it died is the same session
+    /// (what a move cut short did not bring), not an older one.
+    born_at: Option<Arc<str>>,
     /// Restored from the log and not connected since: its will is the
     /// previous run's, which the peers published already (this node
     /// publishes it to its own subscribers only, and exports it not).
@@ -321,6 +325,7 @@ impl SessionSlot {
             claim: 0,
             born: 0,
             born_told: false,
+            born_at: None,
             username: None,
             token_rules: None,
             counted_queued: 0,

@@ -778,6 +778,7 @@ impl ShardCore {
             }
             return;
         }
+        let from_name = (st.remote.as_ref()).and_then(|r| r.peer_names.get(&from).cloned());
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
         };
@@ -791,6 +792,7 @@ impl ShardCore {
         if fresh || (!stale && o.born > slot.born) {
             slot.born = o.born;
             slot.born_told = o.born != 0;
+            slot.born_at = from_name;
         }
         slot.session.begin_move_in();
         let output = self.hold_output(st, key, 1);
