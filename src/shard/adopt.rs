@@ -485,9 +485,14 @@ impl ShardCore {
             let here = st.by_client.get(&client_id).copied();
             // (A session that was moving here from that node when it died
             // is the same one: the copy holds what the move did not bring.)
-            let told = here.and_then(|k| st.sessions.get(k)).is_some_and(|s| {
-                s.born_told && s.born > ADOPTED_BORN && s.born_at.as_deref() != Some(&*of.0)
-            });
+            let cut_short = (here.and_then(|k| st.sessions.get_mut(k)))
+                .and_then(|s| s.cut_short_from.take_if(|n| **n == *of.0))
+                .is_some()
+                || (st.remote.as_ref())
+                    .is_some_and(|r| r.moves.is_moving_in_from(&client_id, peer));
+            let told = here
+                .and_then(|k| st.sessions.get(k))
+                .is_some_and(|s| !cut_short && s.born_told && s.born > ADOPTED_BORN);
             if told {
                 // Its client came back first and was told its session is
                 // new: the copy is older than what it knows (its QoS 2
@@ -541,7 +546,7 @@ impl ShardCore {
                     slot.adopted_from = Some((peer, run));
                     // Its client was told about it, once: any copy it was
                     // told about since is newer.
-                    (slot.born, slot.born_told, slot.born_at) = (ADOPTED_BORN, true, None);
+                    (slot.born, slot.born_told) = (ADOPTED_BORN, true);
                     let key = st.sessions.insert(slot);
                     st.by_client.insert(client_id.clone(), key);
                     Self::durable_whole(st, key);

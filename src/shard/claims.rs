@@ -169,7 +169,7 @@ impl ShardCore {
         if created {
             slot.born = slot.claim;
             slot.born_told = held.is_none();
-            slot.born_at = None;
+            slot.cut_short_from = None;
         }
         let client_id = slot.session.client_id().clone();
         if let Some(ack) = held {

@@ -282,10 +282,10 @@ struct SessionSlot {
     /// said it was new went): only then does `born` make an older copy
     /// stale.
     born_told: bool,
-    /// The node whose copy `born` came from (a move); None: born here.
-    /// A copy taken over from that node when it died is the same session
-    /// (what a move cut short did not bring), not an older one.
-    born_at: Option<Arc<str>>,
+    /// A move into it from this node was cut short by the node's death: a
+    /// copy taken over from that node (`adopt`) is this session (what the
+    /// move did not bring), not an older one. Cleared once taken in.
+    cut_short_from: Option<Arc<str>>,
     /// Restored from the log and not connected since: its will is the
     /// previous run's, which the peers published already (this node
     /// publishes it to its own subscribers only, and exports it not).
@@ -325,7 +325,7 @@ impl SessionSlot {
             claim: 0,
             born: 0,
             born_told: false,
-            born_at: None,
+            cut_short_from: None,
             username: None,
             token_rules: None,
             counted_queued: 0,

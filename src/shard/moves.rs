@@ -138,6 +138,12 @@ impl Moves {
         self.inbound.contains_key(client_id)
     }
 
+    /// True while a session of `client_id` is on its way here from peer
+    /// `from` (this shard may hear of its death after another shard).
+    pub(super) fn is_moving_in_from(&self, client_id: &str, from: u16) -> bool {
+        (self.inbound.get(client_id)).is_some_and(|m| m.offers.iter().any(|o| o.from == from))
+    }
+
     /// True when the session of `client_id` is offered to another node
     /// (or about to go there, behind its fence) for a claim later than
     /// `claim` of node `node`: a late, older claim does not take it back.
@@ -778,7 +784,6 @@ impl ShardCore {
             }
             return;
         }
-        let from_name = (st.remote.as_ref()).and_then(|r| r.peer_names.get(&from).cloned());
         let Some(slot) = st.sessions.get_mut(key) else {
             return;
         };
@@ -792,7 +797,6 @@ impl ShardCore {
         if fresh || (!stale && o.born > slot.born) {
             slot.born = o.born;
             slot.born_told = o.born != 0;
-            slot.born_at = from_name;
         }
         slot.session.begin_move_in();
         let output = self.hold_output(st, key, 1);
@@ -1299,8 +1303,18 @@ impl ShardCore {
             .map(|(c, _)| c.clone())
             .collect();
         ended.sort_unstable();
+        let name = Self::peer_name(st, peer);
         for client_id in ended {
+            let at = (st.remote.as_ref())
+                .and_then(|r| r.moves.inbound.get(&client_id))
+                .map(|m| (m.key, m.uid));
             self.move_done(st, now, &client_id, peer, MoveEnd::GivenUp);
+            // What the move did not bring is in that node's log: a copy
+            // of the session taken over from it (`adopt`) is this session.
+            let slot = at.and_then(|(k, uid)| st.sessions.get_mut(k).filter(|s| s.uid == uid));
+            if let Some(slot) = slot {
+                slot.cut_short_from = Some(name.clone());
+            }
         }
     }
 
