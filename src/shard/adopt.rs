@@ -485,14 +485,12 @@ impl ShardCore {
             let here = st.by_client.get(&client_id).copied();
             // (A session that was moving here from that node when it died
             // is the same one: the copy holds what the move did not bring.)
-            let cut_short = (here.and_then(|k| st.sessions.get_mut(k)))
-                .and_then(|s| s.cut_short_from.take_if(|n| **n == *of.0))
-                .is_some()
-                || (st.remote.as_ref())
-                    .is_some_and(|r| r.moves.is_moving_in_from(&client_id, peer));
-            let told = here
-                .and_then(|k| st.sessions.get(k))
-                .is_some_and(|s| !cut_short && s.born_told && s.born > ADOPTED_BORN);
+            let moving =
+                (st.remote.as_ref()).is_some_and(|r| r.moves.is_moving_in_from(&client_id, peer));
+            let told = here.and_then(|k| st.sessions.get_mut(k)).is_some_and(|s| {
+                let cut_short = s.cut_short_from.take_if(|n| **n == *of.0).is_some() || moving;
+                !cut_short && s.born_told && s.born > ADOPTED_BORN
+            });
             if told {
                 // Its client came back first and was told its session is
                 // new: the copy is older than what it knows (its QoS 2

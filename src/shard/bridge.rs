@@ -650,29 +650,14 @@ impl Bridge {
     /// messages to the node the session leaves only.
     fn recompute_acks(&self) {
         let members = self.peers.borrow().count();
-        self.core.set_peer_links_up(self.up_links().len(), members);
+        let up = self.up_links();
+        self.core.set_peer_links_up(up.len(), members);
         if self.me.shard != 0 {
             return;
         }
-        let upto = self
-            .outbound
-            .borrow()
-            .values()
-            .filter(|l| !l.closed.get() && l.session.borrow().is_up())
-            .map(|l| l.acked.get())
-            .min()
-            .unwrap_or(u64::MAX);
-        let linked: Vec<u16> = self
-            .up_links()
-            .iter()
-            .filter_map(|l| l.peer.get())
-            .collect();
-        let all_linked = self
-            .peers
-            .borrow()
-            .indices()
-            .iter()
-            .all(|i| linked.contains(i));
+        let upto = (up.iter().map(|l| l.acked.get()).min()).unwrap_or(u64::MAX);
+        let all_linked = (self.peers.borrow().indices().iter())
+            .all(|&i| up.iter().any(|l| l.peer.get() == Some(i)));
         let by_members = if all_linked { upto } else { 0 };
         self.core.routes_acked(upto, by_members);
     }
