@@ -19,7 +19,7 @@ fn qos0() -> Packet {
         topic: Arc::from("sensors/room-42/temp"),
         packet_id: 0,
         payload: Bytes::from(vec![0x5A; 64]),
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     })
 }
 
@@ -37,7 +37,8 @@ fn qos1_props() -> Packet {
             content_type: Some("application/json".into()),
             topic_alias: Some(3),
             ..Default::default()
-        },
+        }
+        .into(),
     })
 }
 

@@ -62,7 +62,7 @@ fn bench(c: &mut Criterion) {
             Packet::Subscribe(Subscribe {
                 packet_id: 1,
                 filters: vec![("w/#".into(), SubOptions::default())],
-                properties: Properties::default(),
+                properties: Properties::default().into(),
             }),
         );
         // The retained messages' walk a subscription starts (none here):
@@ -79,7 +79,7 @@ fn bench(c: &mut Criterion) {
                     topic: "w/bench".into(),
                     packet_id: 0,
                     payload: payload.clone(),
-                    properties: Properties::default(),
+                    properties: Properties::default().into(),
                 };
                 core.handle_packet(&publisher, now, Packet::Publish(publish));
             }

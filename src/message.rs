@@ -4,13 +4,12 @@
 //! every shard, so a fan-out to N sessions never copies the payload or topic.
 //! It is the one type that crosses shards on the publish path.
 
-use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::codec::{Properties, Publish, QoS, Topic, Will};
+use crate::codec::{BoxedProperties, Properties, Publish, QoS, Topic, Will};
 
 /// Client identifier, shared between a session, its messages and the maps
 /// that index it.
@@ -30,7 +29,7 @@ pub struct Message {
     /// Properties forwarded to subscribers: payload format, content type,
     /// response topic, correlation data, user properties. Never a topic
     /// alias, subscription identifier or expiry (those are per delivery).
-    pub properties: MessageProperties,
+    pub properties: BoxedProperties,
     /// When the message expires (5.0 Message Expiry Interval), if ever.
     pub expires_at: Option<Instant>,
     /// The publishing client, for No Local. `None` for broker-made messages.
@@ -45,62 +44,6 @@ pub struct Message {
     pub id: u64,
 }
 
-/// A message's properties, boxed when it has any. Most messages have none
-/// (every 3.x one), and a message is written once and read on every shard
-/// it reaches: inline, the properties were three quarters of its bytes.
-/// Reads of a message without properties see empty ones; a write boxes
-/// them. Equal when the properties are, boxed or not.
-///
-/// A message whose only property is a Payload Format Indicator boxes it
-/// too (one allocation more): holding that case unboxed made this type 16
-/// bytes instead of 8, and every message measured 4 to 9 % more broker CPU
-/// (`loadtest/before-after.sh`, 6 rounds).
-#[derive(Debug, Clone, Default)]
-pub struct MessageProperties(Option<Box<Properties>>);
-
-/// What a message without properties reads.
-static NO_PROPERTIES: Properties = Properties::EMPTY;
-
-impl From<Properties> for MessageProperties {
-    fn from(p: Properties) -> MessageProperties {
-        MessageProperties((!p.is_empty()).then(|| Box::new(p)))
-    }
-}
-
-impl Deref for MessageProperties {
-    type Target = Properties;
-
-    fn deref(&self) -> &Properties {
-        self.0.as_deref().unwrap_or(&NO_PROPERTIES)
-    }
-}
-
-impl DerefMut for MessageProperties {
-    fn deref_mut(&mut self) -> &mut Properties {
-        self.0.get_or_insert_with(Box::default)
-    }
-}
-
-impl PartialEq for MessageProperties {
-    fn eq(&self, other: &MessageProperties) -> bool {
-        **self == **other
-    }
-}
-
-impl Eq for MessageProperties {}
-
-impl MessageProperties {
-    /// The properties, copied.
-    pub fn to_properties(&self) -> Properties {
-        Properties::clone(self)
-    }
-
-    /// The properties, taken.
-    pub fn into_properties(self) -> Properties {
-        self.0.map_or_else(Properties::default, |p| *p)
-    }
-}
-
 /// Payloads up to this size are copied out of the connection's read buffer
 /// when a message is accepted. A decoded payload is a slice of that buffer,
 /// and a small retained or queued message would otherwise keep the whole
@@ -111,11 +54,11 @@ pub const PAYLOAD_COPY_MAX_BYTES: usize = 16 << 10;
 /// Make a payload and its properties keep no read buffer alive (see
 /// [`PAYLOAD_COPY_MAX_BYTES`]): decoded `Bytes` are slices of the buffer the
 /// packet was read into.
-pub fn own_buffers(payload: &mut Bytes, properties: &mut Properties) {
+pub fn own_buffers(payload: &mut Bytes, properties: Option<&mut Properties>) {
     if payload.len() <= PAYLOAD_COPY_MAX_BYTES {
         *payload = Bytes::copy_from_slice(payload);
     }
-    if let Some(c) = &mut properties.correlation_data {
+    if let Some(c) = properties.and_then(|p| p.correlation_data.as_mut()) {
         *c = Bytes::copy_from_slice(c);
     }
 }
@@ -146,7 +89,7 @@ impl Message {
     pub fn from_publish(publish: Publish, now: Instant, publisher: Option<ClientId>) -> Message {
         let mut payload = publish.payload;
         let mut properties = publish.properties;
-        own_buffers(&mut payload, &mut properties);
+        own_buffers(&mut payload, properties.get_mut());
         let expires_at = strip_per_delivery(&mut properties)
             .map(|s| now + std::time::Duration::from_secs(u64::from(s)));
         Message {
@@ -154,7 +97,7 @@ impl Message {
             payload,
             qos: publish.qos,
             retain: publish.retain,
-            properties: properties.into(),
+            properties,
             expires_at,
             publisher,
             id: 0,
@@ -231,10 +174,13 @@ impl Message {
 /// Take out the properties each delivery sets for itself (topic alias,
 /// subscription identifiers, message expiry), so a message never carries
 /// them; returns the Message Expiry Interval it had.
-pub fn strip_per_delivery(properties: &mut Properties) -> Option<u32> {
-    properties.topic_alias = None;
-    properties.subscription_identifiers.clear();
-    properties.message_expiry_interval.take()
+pub fn strip_per_delivery(properties: &mut BoxedProperties) -> Option<u32> {
+    let p = properties.get_mut()?;
+    p.topic_alias = None;
+    p.subscription_identifiers.clear();
+    let expiry = p.message_expiry_interval.take();
+    properties.shrink();
+    expiry
 }
 
 /// Bytes of the user properties in `p`: every name and value.
@@ -261,11 +207,12 @@ mod tests {
             properties: Properties {
                 message_expiry_interval: Some(5),
                 ..Properties::default()
-            },
+            }
+            .into(),
         };
         let m = Message::from_publish(p.clone(), Instant::now(), None);
         // The expiry is per delivery: nothing is left to box.
-        assert_eq!(m.properties, MessageProperties::default());
+        assert_eq!(m.properties, BoxedProperties::default());
         assert!(m.properties.is_empty());
         // Two cache lines: topic, payload and the rest, not the 344 bytes
         // of an inline `Properties`.
@@ -280,16 +227,16 @@ mod tests {
         props.content_type = None;
         assert!(props.is_empty());
         // Equal by what they hold, boxed or not.
-        assert_eq!(props, MessageProperties::default());
+        assert_eq!(props, BoxedProperties::default());
         assert_eq!(props.into_properties(), Properties::default());
 
         // Written to and emptied again: still equal to none.
-        let mut emptied = MessageProperties::from(Properties {
+        let mut emptied = BoxedProperties::from(Properties {
             payload_format_indicator: Some(1),
             ..Properties::default()
         });
-        assert_ne!(emptied, MessageProperties::default());
+        assert_ne!(emptied, BoxedProperties::default());
         emptied.payload_format_indicator = None;
-        assert_eq!(emptied, MessageProperties::default());
+        assert_eq!(emptied, BoxedProperties::default());
     }
 }

@@ -216,7 +216,7 @@ fn publishes(topic: &str, n: usize, version: Version, properties: &Properties) -
             topic: topic.into(),
             packet_id: 0,
             payload: Bytes::from(payload),
-            properties: properties.clone(),
+            properties: properties.clone().into(),
         };
         codec::encode(&Packet::Publish(p), version, &mut out);
     }
@@ -242,7 +242,7 @@ fn cross_shard_allocations(version: Version, properties: Properties, per_message
     let subscribe = Subscribe {
         packet_id: 1,
         filters: vec![("bench/pairs/+".into(), model::sub_options(QoS::AtMostOnce))],
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     };
     broker.cores[sub.shard].handle_packet(&sub.conn, broker.now, Packet::Subscribe(subscribe));
     broker.pump();
@@ -262,7 +262,7 @@ fn cross_shard_allocations(version: Version, properties: Properties, per_message
                 let Packet::Publish(p) = p else {
                     panic!("not a delivery: {p:?}");
                 };
-                assert_eq!(p.properties, properties);
+                assert_eq!(*p.properties, properties);
                 delivered += 1;
             }
         }
@@ -290,7 +290,7 @@ fn a_qos0_message_to_another_shard_allocates_at_most_twice() {
 #[test]
 fn a_qos0_message_with_a_property_allocates_once_more_for_it() {
     // A 5.0 client saying its payload is UTF-8: the message's properties
-    // are boxed (`message::MessageProperties` says why).
+    // are boxed (`codec::BoxedProperties` says why).
     let utf8 = Properties {
         payload_format_indicator: Some(1),
         ..Properties::default()

@@ -454,7 +454,7 @@ async fn disconnect_with_will_message_publishes_will() {
     assert_eq!(ack.reason, 0);
     raw.send(&codec::Packet::Disconnect(codec::Disconnect {
         reason: codec::reason::DISCONNECT_WITH_WILL,
-        properties: codec::Properties::default(),
+        properties: codec::Properties::default().into(),
     }));
     let m = s.next_publish().await;
     assert_eq!((topic(&m), text(&m)), ("dw/t".into(), "on purpose".into()));

@@ -936,7 +936,7 @@ impl Sim {
                             let sub = Subscribe {
                                 packet_id: pid,
                                 filters: vec![(filter, sub_options(qos))],
-                                properties: Properties::default(),
+                                properties: Properties::default().into(),
                             };
                             self.send(c, Packet::Subscribe(sub));
                         }
@@ -946,7 +946,7 @@ impl Sim {
                         let sub = Subscribe {
                             packet_id: pid,
                             filters: vec![("r/#".into(), sub_options(QoS::AtLeastOnce))],
-                            properties: Properties::default(),
+                            properties: Properties::default().into(),
                         };
                         self.send(c, Packet::Subscribe(sub));
                     }
@@ -1163,7 +1163,7 @@ impl Sim {
             retain: retained,
             topic: topic.into(),
             packet_id: pid,
-            properties: Properties::default(),
+            properties: Properties::default().into(),
             payload,
         };
         self.send(c, Packet::Publish(p));

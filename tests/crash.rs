@@ -110,7 +110,7 @@ impl Publisher {
             topic: format!("{}/{}", self.topic, n % 7).into(),
             packet_id: pid,
             payload: bytes::Bytes::from(format!("{}-{n}", self.id)),
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         })
     }
 
@@ -235,7 +235,7 @@ fn subscribe_once(addr: SocketAddr, id: &str, filter: &str, qos: QoS) {
                 ..SubOptions::default()
             },
         )],
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     }))
     .unwrap();
     match c.recv(Duration::from_secs(5)).unwrap() {
@@ -253,7 +253,7 @@ fn expect_retained(addr: SocketAddr, cycle: usize) {
     c.send(&Packet::Subscribe(Subscribe {
         packet_id: 1,
         filters: vec![("crash/retained".into(), SubOptions::default())],
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     }))
     .unwrap();
     let mut got = None;

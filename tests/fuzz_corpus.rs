@@ -149,7 +149,7 @@ fn seed_sessions() -> Vec<Vec<u8>> {
                     ..Default::default()
                 },
             )],
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         };
         codec::encode(&Packet::Subscribe(packet_sub), version, &mut sub);
         s.push(0x00);

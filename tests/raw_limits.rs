@@ -197,12 +197,12 @@ fn fuzz_templates(version: Version) -> Vec<Vec<u8>> {
                     },
                 ),
             ],
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         }),
         Packet::Unsubscribe(Unsubscribe {
             packet_id: 4,
             filters: vec!["fz/#".into()],
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         }),
         Packet::PubRel(PubResp {
             packet_id: 3,
@@ -215,7 +215,7 @@ fn fuzz_templates(version: Version) -> Vec<Vec<u8>> {
         Packet::PingReq,
         Packet::Disconnect(Disconnect {
             reason: 0x04,
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         }),
     ];
     packets.iter().map(|p| encode(p, version)).collect()

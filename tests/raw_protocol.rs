@@ -343,7 +343,8 @@ fn auth_packet_with_method_after_connect_gets_disconnect_0x8c() {
         properties: Properties {
             authentication_method: Some("SCRAM-SHA-1".into()),
             ..Default::default()
-        },
+        }
+        .into(),
     }));
     assert_eq!(c.expect_close(), Some(reason::BAD_AUTHENTICATION_METHOD));
 }
@@ -548,7 +549,7 @@ fn subscribe_many(c: &mut Raw, packet_id: u16, filters: &[&str]) {
                 )
             })
             .collect(),
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     }));
 }
 
@@ -611,7 +612,7 @@ fn shared_subscription_with_no_local_gets_disconnect_0x82() {
                 ..Default::default()
             },
         )],
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     }));
     // [MQTT-3.8.3-4].
     assert_eq!(c.expect_close(), Some(reason::PROTOCOL_ERROR));
@@ -699,7 +700,7 @@ fn unsubscribe_unknown_filter_v5_gets_0x11() {
     c.send(&Packet::Unsubscribe(Unsubscribe {
         packet_id: 5,
         filters: vec!["nope/t".into(), "known/t".into()],
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     }));
     assert_eq!(
         read_n(&mut c.stream, 7),
@@ -714,7 +715,7 @@ fn unsubscribe_unknown_filter_v311_gets_unsuback_without_codes() {
     c.send(&Packet::Unsubscribe(Unsubscribe {
         packet_id: 6,
         filters: vec!["nope/t".into()],
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     }));
     assert_eq!(read_n(&mut c.stream, 4), vec![0xB0, 0x02, 0x00, 0x06]);
     expect_no_bytes(&mut c.stream, QUIET);
@@ -1112,7 +1113,8 @@ fn disconnect_raising_session_expiry_from_zero_gets_disconnect_0x82() {
         properties: Properties {
             session_expiry_interval: Some(60),
             ..Default::default()
-        },
+        }
+        .into(),
     }));
     // [MQTT-3.14.2-2].
     assert_eq!(c.expect_close(), Some(reason::PROTOCOL_ERROR));

@@ -57,7 +57,7 @@ fn will_published_after_disconnect_with_an_error_reason() {
     );
     c.send(&Packet::Disconnect(Disconnect {
         reason: reason::UNSPECIFIED_ERROR,
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     }));
     assert_eq!(c.expect_close(), None);
     expect_message(&mut w, "will/err", b"gone");
@@ -304,7 +304,7 @@ fn a_disconnect_carries_a_reason_string_when_it_fits() {
     match c.recv() {
         Some(Packet::Disconnect(d)) => {
             assert_eq!(d.reason, reason::PROTOCOL_ERROR);
-            let why = d.properties.reason_string.expect("a reason string");
+            let why = d.properties.reason_string.clone().expect("a reason string");
             assert!(why.contains("second CONNECT"), "{why}");
         }
         other => panic!("expected DISCONNECT, got {other:?}"),

@@ -1282,7 +1282,7 @@ impl Sim {
                             retain_handling: 0,
                         },
                     )],
-                    properties: Properties::default(),
+                    properties: Properties::default().into(),
                 };
                 self.send(c, Packet::Subscribe(sub));
             }
@@ -1911,7 +1911,8 @@ fn publish(c: usize, o: &Outgoing, packet_id: u16, dup: bool, pad: usize) -> Pub
         properties: Properties {
             message_expiry_interval: o.expiry_s,
             ..Properties::default()
-        },
+        }
+        .into(),
     }
 }
 

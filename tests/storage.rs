@@ -524,7 +524,7 @@ fn wills_survive_a_restart() {
     let (mut leaving, _) = Raw::connect_with(b.addr, c);
     leaving.send(&Packet::Disconnect(Disconnect {
         reason: reason::DISCONNECT_WITH_WILL,
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     }));
     assert_eq!(leaving.expect_close(), None);
     let left = Instant::now();

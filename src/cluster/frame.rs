@@ -1169,13 +1169,13 @@ fn message(b: &mut BytesMut, now: Instant) -> Result<Message, FrameError> {
     crate::message::strip_per_delivery(&mut p.properties);
     let mut payload = p.payload;
     let mut properties = p.properties;
-    crate::message::own_buffers(&mut payload, &mut properties);
+    crate::message::own_buffers(&mut payload, properties.get_mut());
     Ok(Message {
         topic: p.topic,
         payload,
         qos: p.qos,
         retain: p.retain,
-        properties: properties.into(),
+        properties,
         expires_at,
         publisher,
         id,
@@ -1218,11 +1218,11 @@ fn will(b: &mut BytesMut) -> Result<WillEntry, FrameError> {
     if crate::router::topic::validate_topic_name(&p.topic, LEVELS_MAX).is_err() {
         return Err(FrameError::Malformed("will topic"));
     }
-    let mut properties = p.properties;
+    let mut properties = p.properties.into_properties();
     properties.topic_alias = None;
     properties.subscription_identifiers.clear();
     let mut payload = p.payload;
-    crate::message::own_buffers(&mut payload, &mut properties);
+    crate::message::own_buffers(&mut payload, Some(&mut properties));
     Ok(WillEntry {
         client_id,
         will: crate::codec::Will {

@@ -62,7 +62,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<ConnAck, DecodeEr
     Ok(ConnAck {
         session_present: flags & SESSION_PRESENT != 0,
         reason,
-        properties,
+        properties: properties.into(),
     })
 }
 

@@ -13,7 +13,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use super::header::{self, kind};
 use super::primitives::{field_len, Reader, MAX_FIELD_LEN};
 use super::properties::{self, PropKind};
-use super::{DecodeError, Packet, Properties, Publish, QoS, Version};
+use super::{BoxedProperties, DecodeError, Packet, Properties, Publish, QoS, Version};
 
 const DUP: u8 = 0x08;
 const RETAIN: u8 = 0x01;
@@ -49,10 +49,14 @@ pub(crate) fn decode(
             ));
         }
     }
-    let mut properties = Properties::default();
-    if version.is_v5() {
+    // Built (344 bytes) only for 5.0, boxed only when any is set.
+    let properties = if version.is_v5() {
+        let mut properties = Properties::default();
         properties::decode(&mut r, PropKind::Publish, &mut properties)?;
-    }
+        properties.into()
+    } else {
+        BoxedProperties::default()
+    };
     let consumed = r.position();
     body.advance(consumed);
     Ok(Some(Packet::Publish(Publish {

@@ -19,7 +19,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<PubResp, DecodeEr
     let mut resp = PubResp {
         packet_id,
         reason: 0,
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     };
     if version.is_v5() && r.remaining() > 0 {
         resp.reason = r.u8()?;

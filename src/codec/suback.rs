@@ -30,7 +30,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<SubAck, DecodeErr
     Ok(SubAck {
         packet_id,
         reasons,
-        properties,
+        properties: properties.into(),
     })
 }
 

@@ -83,7 +83,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<Subscribe, Decode
     Ok(Subscribe {
         packet_id,
         filters,
-        properties,
+        properties: properties.into(),
     })
 }
 

@@ -18,7 +18,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<UnsubAck, DecodeE
         return Ok(UnsubAck {
             packet_id,
             reasons: Vec::new(),
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         });
     }
     let mut properties = Properties::default();
@@ -32,7 +32,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<UnsubAck, DecodeE
     Ok(UnsubAck {
         packet_id,
         reasons,
-        properties,
+        properties: properties.into(),
     })
 }
 

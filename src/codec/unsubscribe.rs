@@ -32,7 +32,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<Unsubscribe, Deco
     Ok(Unsubscribe {
         packet_id,
         filters,
-        properties,
+        properties: properties.into(),
     })
 }
 

@@ -916,7 +916,7 @@ impl<'a> Reader<'a> {
             payload: p.payload,
             qos: p.qos,
             retain: p.retain,
-            properties: p.properties.into(),
+            properties: p.properties,
             expires_at: expires_ms.map(|ms| clock.to_instant(ms)),
             publisher: has_publisher.then(|| Arc::from(publisher)),
             id,

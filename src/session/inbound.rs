@@ -337,7 +337,7 @@ impl Session {
         self.push_packet(Packet::SubAck(SubAck {
             packet_id: s.packet_id,
             reasons,
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         }));
     }
 
@@ -443,7 +443,7 @@ impl Session {
         self.push_packet(Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             reasons,
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         }));
     }
 
@@ -483,7 +483,7 @@ impl Session {
         };
         self.push_packet(Packet::Disconnect(Disconnect {
             reason: code,
-            properties,
+            properties: properties.into(),
         }));
     }
 }

@@ -56,7 +56,7 @@ impl Session {
             aliases_out_bytes: 0,
             aliases_in: HashMap::default(),
             will: connect.will.map(|mut w| {
-                crate::message::own_buffers(&mut w.payload, &mut w.properties);
+                crate::message::own_buffers(&mut w.payload, Some(&mut w.properties));
                 Box::new(w)
             }),
             expiry_was_zero: requested_expiry == 0,
@@ -70,15 +70,17 @@ impl Session {
         let mut ack = ConnAck {
             session_present,
             reason: reason::SUCCESS,
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         };
         if connect.version.is_v5() {
-            ack.properties = self.connack_properties(
-                requested_expiry,
-                server_keep_alive,
-                assigned_client_id,
-                response_info,
-            );
+            ack.properties = self
+                .connack_properties(
+                    requested_expiry,
+                    server_keep_alive,
+                    assigned_client_id,
+                    response_info,
+                )
+                .into();
         }
         self.push_packet(Packet::ConnAck(ack));
         self.redeliver(now);

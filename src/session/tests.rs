@@ -251,7 +251,7 @@ fn normal_disconnect_drops_the_will_and_other_reasons_send_it() {
         drain(&mut s);
         let d = Disconnect {
             reason: code,
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         };
         s.handle_packet(t0, Packet::Disconnect(d));
         assert_eq!(will_published(&drain(&mut s).1), sent, "reason {code:#x}");
@@ -319,7 +319,8 @@ fn disconnect_may_not_raise_a_zero_session_expiry() {
         properties: Properties {
             session_expiry_interval: Some(30),
             ..Properties::default()
-        },
+        }
+        .into(),
     };
     s.handle_packet(t0, Packet::Disconnect(d));
     let (p, _) = drain(&mut s);
@@ -472,7 +473,7 @@ fn inbound_qos2_is_routed_once() {
         topic: "t".into(),
         packet_id: 9,
         payload: Bytes::new(),
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     };
     s.handle_packet(t0, Packet::Publish(p.clone()));
     // The shard routes (and logs) it, then gives its verdict.
@@ -715,7 +716,7 @@ fn a_publish_the_shard_cannot_store_is_refused() {
             topic: "t".into(),
             packet_id: 4,
             payload: Bytes::new(),
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         };
         s.handle_packet(t0, Packet::Publish(p.clone()));
         assert!(matches!(s.poll_action(), Some(Action::Publish { .. })));
@@ -786,7 +787,7 @@ fn ack_all(s: &mut Session, t0: Instant, p: &[Packet]) {
         let ack = PubResp {
             packet_id: x.packet_id,
             reason: 0,
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         };
         s.handle_packet(t0, Packet::PubAck(ack));
     }

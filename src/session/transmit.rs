@@ -81,7 +81,7 @@ impl Delivered {
             },
             packet_id: self.packet_id,
             payload: self.message.payload.clone(),
-            properties,
+            properties: properties.into(),
         }
     }
 }
@@ -117,7 +117,7 @@ impl TransmitQueue {
             **p = Packet::ConnAck(codec::ConnAck {
                 session_present: false,
                 reason,
-                properties: Properties::default(),
+                properties: Properties::default().into(),
             });
         }
         true
@@ -172,7 +172,7 @@ impl Outgoing {
                 let r = PubResp {
                     packet_id,
                     reason,
-                    properties: Properties::default(),
+                    properties: Properties::default().into(),
                 };
                 match kind {
                     AckKind::Ack => Packet::PubAck(r),
@@ -239,14 +239,15 @@ impl super::Session {
     }
 }
 
-/// The properties of the packets a server sends with a reason string.
+/// The properties of the packets a server sends with a reason string,
+/// when it has any.
 fn packet_properties(packet: &mut Packet) -> Option<&mut Properties> {
     match packet {
-        Packet::ConnAck(p) => Some(&mut p.properties),
-        Packet::SubAck(p) => Some(&mut p.properties),
-        Packet::UnsubAck(p) => Some(&mut p.properties),
-        Packet::Disconnect(p) => Some(&mut p.properties),
-        Packet::Auth(p) => Some(&mut p.properties),
+        Packet::ConnAck(p) => p.properties.get_mut(),
+        Packet::SubAck(p) => p.properties.get_mut(),
+        Packet::UnsubAck(p) => p.properties.get_mut(),
+        Packet::Disconnect(p) => p.properties.get_mut(),
+        Packet::Auth(p) => p.properties.get_mut(),
         _ => None,
     }
 }

@@ -330,6 +330,10 @@ impl MeshMsg {
     }
 }
 
+/// Most messages a new batch makes room for at once (see `Mesh::send`): a
+/// burst's batch length does not make every later batch that large.
+const BATCH_ROOM_MAX: usize = 256;
+
 /// One batch on a lane.
 pub type Batch = Vec<MeshMsg>;
 
@@ -337,6 +341,11 @@ pub type Batch = Vec<MeshMsg>;
 pub struct Mesh {
     me: usize,
     outbox: RefCell<Vec<Batch>>,
+    /// Per destination, the length of the last batch taken: the next one
+    /// starts with that much room (at most [`BATCH_ROOM_MAX`]), instead of
+    /// growing by doubling (each step a copy of every message so far)
+    /// under load.
+    last_len: RefCell<Vec<usize>>,
     /// Messages queued and not yet on a lane, for backpressure.
     pending: Cell<usize>,
     pending_max: usize,
@@ -356,6 +365,7 @@ impl Mesh {
         Mesh {
             me,
             outbox: RefCell::new((0..shards).map(|_| Vec::new()).collect()),
+            last_len: RefCell::new(vec![0; shards]),
             pending: Cell::new(0),
             pending_max,
             wake: Notify::default(),
@@ -368,7 +378,12 @@ impl Mesh {
     /// Queue `msg` for shard `to`; it leaves with this loop turn's batch.
     pub fn send(&self, to: usize, msg: MeshMsg) {
         debug_assert_ne!(to, self.me, "a shard never sends to itself");
-        self.outbox.borrow_mut()[to].push(msg);
+        let mut outbox = self.outbox.borrow_mut();
+        let batch = &mut outbox[to];
+        if batch.capacity() == 0 {
+            batch.reserve(self.last_len.borrow()[to].min(BATCH_ROOM_MAX));
+        }
+        batch.push(msg);
         self.pending.set(self.pending.get() + 1);
         self.wake.notify();
     }
@@ -391,11 +406,15 @@ impl Mesh {
     /// [`Mesh::sent`] says they are on their lane.
     pub fn poll_batches(&self) -> Vec<(usize, Batch)> {
         let mut outbox = self.outbox.borrow_mut();
+        let mut last_len = self.last_len.borrow_mut();
         outbox
             .iter_mut()
             .enumerate()
             .filter(|(_, b)| !b.is_empty())
-            .map(|(to, b)| (to, std::mem::take(b)))
+            .map(|(to, b)| {
+                last_len[to] = b.len();
+                (to, std::mem::take(b))
+            })
             .collect()
     }
 

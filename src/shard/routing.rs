@@ -109,7 +109,7 @@ pub(super) struct Local {
     /// The sessions that get it; the first `distinct` are different
     /// sessions, a later one may repeat one (an ordinary and a shared
     /// subscription of the same session).
-    pub(super) targets: SmallVec<[Target; 8]>,
+    pub(super) targets: fanout::Targets<SessionKey>,
     pub(super) distinct: usize,
     /// The ordinary subscribers and the shared picks served here.
     pub(super) scope: Scope,

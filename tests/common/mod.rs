@@ -241,7 +241,7 @@ impl Raw {
         self.send(&Packet::Subscribe(Subscribe {
             packet_id,
             filters: vec![(filter.to_string(), options)],
-            properties,
+            properties: properties.into(),
         }));
         match self.recv() {
             Some(Packet::SubAck(a)) => {
@@ -301,7 +301,7 @@ pub fn publish(
         topic: topic.into(),
         packet_id,
         payload: bytes::Bytes::copy_from_slice(payload),
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     }
 }
 

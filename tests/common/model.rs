@@ -84,7 +84,7 @@ pub fn resp(packet_id: u16) -> PubResp {
     PubResp {
         packet_id,
         reason: 0,
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     }
 }
 

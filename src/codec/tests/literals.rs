@@ -145,7 +145,7 @@ fn connack_3_x() {
         let ok = ConnAck {
             session_present: true,
             reason: reason::SUCCESS,
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         };
         roundtrip(&[0x20, 2, 1, 0], v, &Packet::ConnAck(ok));
         let codes = [0x00, 0x84, 0x85, 0x88, 0x86, 0x87];
@@ -183,7 +183,8 @@ fn connack_5_with_properties() {
             topic_alias_maximum: Some(10),
             maximum_qos: Some(1),
             ..Default::default()
-        },
+        }
+        .into(),
     };
     roundtrip(&bytes, V5, &Packet::ConnAck(ack));
     let refused = ConnAck {
@@ -201,7 +202,7 @@ fn publish(qos: QoS, topic_: &str, packet_id: u16, payload: &'static [u8]) -> Pu
         topic: topic(topic_),
         packet_id,
         payload: b(payload),
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     }
 }
 
@@ -263,7 +264,8 @@ fn publish_5_with_properties() {
             topic_alias: Some(5),
             user_properties: vec![user("a", "b")],
             ..Default::default()
-        },
+        }
+        .into(),
         ..publish(QoS::AtLeastOnce, "t", 7, b"hey")
     };
     roundtrip(&bytes, V5, &Packet::Publish(p));
@@ -276,7 +278,8 @@ fn publish_5_empty_topic_with_alias() {
         properties: Properties {
             topic_alias: Some(1),
             ..Default::default()
-        },
+        }
+        .into(),
         ..publish(QoS::AtMostOnce, "", 0, b"x")
     };
     roundtrip(&bytes, V5, &Packet::Publish(p));
@@ -296,7 +299,7 @@ fn resp(packet_id: u16, reason: u8) -> PubResp {
     PubResp {
         packet_id,
         reason,
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     }
 }
 
@@ -337,7 +340,8 @@ fn pub_responses_5_long_forms() {
             properties: Properties {
                 reason_string: Some("gone".into()),
                 ..Default::default()
-            },
+            }
+            .into(),
             ..resp(3, 0x92)
         };
         roundtrip(&bytes, V5, &wrap(p));
@@ -346,7 +350,8 @@ fn pub_responses_5_long_forms() {
             properties: Properties {
                 user_properties: vec![user("k", "v")],
                 ..Default::default()
-            },
+            }
+            .into(),
             ..resp(4, 0)
         };
         roundtrip(&bytes, V5, &wrap(p));
@@ -375,7 +380,7 @@ fn subscribe_3_x() {
                     },
                 ),
             ],
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         };
         roundtrip(&bytes, v, &Packet::Subscribe(s));
     }
@@ -398,7 +403,8 @@ fn subscribe_5_with_options_and_identifier() {
         properties: Properties {
             subscription_identifiers: smallvec![5],
             ..Default::default()
-        },
+        }
+        .into(),
     };
     roundtrip(&bytes, V5, &Packet::Subscribe(s));
 }
@@ -409,14 +415,14 @@ fn suback_all_versions() {
         let s = SubAck {
             packet_id: 10,
             reasons: vec![0, 1, 2, 0x80],
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         };
         roundtrip(&[0x90, 6, 0, 10, 0, 1, 2, 0x80], v, &Packet::SubAck(s));
         // 5.0 failure codes are written as 0x80 for 3.x.
         let s = SubAck {
             packet_id: 10,
             reasons: vec![0x8F, 1, 0xA2],
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         };
         encodes_to(&Packet::SubAck(s), v, &[0x90, 5, 0, 10, 0x80, 1, 0x80]);
     }
@@ -426,7 +432,8 @@ fn suback_all_versions() {
         properties: Properties {
             reason_string: Some("r".into()),
             ..Default::default()
-        },
+        }
+        .into(),
     };
     roundtrip(
         &[0x90, 9, 0, 11, 4, 0x1F, 0, 1, b'r', 2, 0xA2],
@@ -441,7 +448,7 @@ fn unsubscribe_all_versions() {
         let u = Unsubscribe {
             packet_id: 12,
             filters: vec!["a/b".into()],
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         };
         roundtrip(
             &cat(&[&[0xA2, 7, 0, 12, 0, 3], b"a/b"]),
@@ -452,7 +459,7 @@ fn unsubscribe_all_versions() {
     let u = Unsubscribe {
         packet_id: 12,
         filters: vec!["x".into(), "y".into()],
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     };
     let bytes = [0xA2, 9, 0, 12, 0, 0, 1, b'x', 0, 1, b'y'];
     roundtrip(&bytes, V5, &Packet::Unsubscribe(u));
@@ -464,14 +471,14 @@ fn unsuback_all_versions() {
         let u = UnsubAck {
             packet_id: 12,
             reasons: vec![],
-            properties: Properties::default(),
+            properties: Properties::default().into(),
         };
         roundtrip(&[0xB0, 2, 0, 12], v, &Packet::UnsubAck(u));
     }
     let u = UnsubAck {
         packet_id: 12,
         reasons: vec![0, 0x11],
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     };
     roundtrip(&[0xB0, 5, 0, 12, 0, 0, 0x11], V5, &Packet::UnsubAck(u));
 }
@@ -495,7 +502,8 @@ fn disconnect_all_versions() {
         properties: Properties {
             reason_string: Some("x".into()),
             ..Default::default()
-        },
+        }
+        .into(),
     };
     encodes_to(&Packet::Disconnect(d.clone()), V311, &[0xE0, 0]);
     let with_will = Disconnect {
@@ -507,8 +515,9 @@ fn disconnect_all_versions() {
     let d = Disconnect {
         properties: Properties {
             session_expiry_interval: Some(0),
-            ..d.properties
-        },
+            ..d.properties.into_properties()
+        }
+        .into(),
         ..d
     };
     roundtrip(&bytes, V5, &Packet::Disconnect(d));
@@ -519,7 +528,7 @@ fn auth_5() {
     roundtrip(&[0xF0, 0], V5, &Packet::Auth(Auth::default()));
     let a = Auth {
         reason: reason::CONTINUE_AUTHENTICATION,
-        properties: Properties::default(),
+        properties: Properties::default().into(),
     };
     roundtrip(&[0xF0, 1, 0x18], V5, &Packet::Auth(a));
     let bytes = cat(&[
@@ -533,7 +542,8 @@ fn auth_5() {
             authentication_method: Some("SCRAM".into()),
             authentication_data: Some(b(&[1, 2])),
             ..Default::default()
-        },
+        }
+        .into(),
     };
     roundtrip(&bytes, V5, &Packet::Auth(a));
 }
@@ -564,7 +574,8 @@ fn user_properties_keep_order_and_repeat() {
         properties: Properties {
             user_properties: vec![user("z", "1"), user("a", "2"), user("z", "3")],
             ..Default::default()
-        },
+        }
+        .into(),
         ..resp(1, 0)
     };
     roundtrip(&bytes, V5, &Packet::PubAck(p));
@@ -577,7 +588,8 @@ fn encoder_skips_properties_the_packet_does_not_allow() {
             session_expiry_interval: Some(5),
             reason_string: Some("no".into()),
             ..Default::default()
-        },
+        }
+        .into(),
         ..publish(QoS::AtMostOnce, "t", 0, b"")
     };
     encodes_to(&Packet::Publish(p), V5, &[0x30, 4, 0, 1, b't', 0]);

@@ -236,7 +236,7 @@ fn connack(v: Version) -> impl Strategy<Value = Packet> {
             Packet::ConnAck(ConnAck {
                 session_present,
                 reason,
-                properties,
+                properties: properties.into(),
             })
         },
     )
@@ -262,7 +262,7 @@ pub(super) fn publish(v: Version, max_payload: usize) -> impl Strategy<Value = P
                 topic: Arc::from(topic),
                 packet_id: if qos0 { 0 } else { id },
                 payload: Bytes::from(payload),
-                properties,
+                properties: properties.into(),
             }
         })
 }
@@ -277,7 +277,7 @@ fn pubresp(v: Version) -> impl Strategy<Value = PubResp> {
         |(packet_id, reason, properties)| PubResp {
             packet_id,
             reason,
-            properties,
+            properties: properties.into(),
         },
     )
 }
@@ -302,7 +302,7 @@ fn subscribe(v: Version) -> impl Strategy<Value = Packet> {
             Packet::Subscribe(Subscribe {
                 packet_id,
                 filters,
-                properties,
+                properties: properties.into(),
             })
         })
 }
@@ -318,7 +318,7 @@ fn suback(v: Version) -> impl Strategy<Value = Packet> {
             Packet::SubAck(SubAck {
                 packet_id,
                 reasons,
-                properties,
+                properties: properties.into(),
             })
         },
     )
@@ -334,7 +334,7 @@ fn unsubscribe(v: Version) -> impl Strategy<Value = Packet> {
             Packet::Unsubscribe(Unsubscribe {
                 packet_id,
                 filters,
-                properties,
+                properties: properties.into(),
             })
         })
 }
@@ -350,7 +350,7 @@ fn unsuback(v: Version) -> impl Strategy<Value = Packet> {
             Packet::UnsubAck(UnsubAck {
                 packet_id,
                 reasons,
-                properties,
+                properties: properties.into(),
             })
         })
 }
@@ -361,13 +361,21 @@ fn disconnect(v: Version) -> impl Strategy<Value = Packet> {
     } else {
         Just(0).boxed()
     };
-    (reason, properties(PropKind::Disconnect, v))
-        .prop_map(|(reason, properties)| Packet::Disconnect(Disconnect { reason, properties }))
+    (reason, properties(PropKind::Disconnect, v)).prop_map(|(reason, properties)| {
+        Packet::Disconnect(Disconnect {
+            reason,
+            properties: properties.into(),
+        })
+    })
 }
 
 fn auth() -> impl Strategy<Value = Packet> {
-    (any::<u8>(), properties(PropKind::Auth, Version::V5))
-        .prop_map(|(reason, properties)| Packet::Auth(Auth { reason, properties }))
+    (any::<u8>(), properties(PropKind::Auth, Version::V5)).prop_map(|(reason, properties)| {
+        Packet::Auth(Auth {
+            reason,
+            properties: properties.into(),
+        })
+    })
 }
 
 /// Any valid packet for `v`.
