@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Compare shardmq with Mosquitto and FlashMQ on this machine, with
-# shardmq-bench.
+# shardmq-bench, beside the floor: shardmq-floor (loadtest/src/bin/floor.rs),
+# a relay on shardmq's runtime that does only what the load generator needs
+# of a broker, so each row has a reference no broker here can beat.
 #
 # Builds shardmq and shardmq-bench (release), installs Mosquitto from the
 # distribution's packages if it is missing, then runs the same scenario
@@ -24,9 +26,10 @@
 #   WARMUP   [2]   unmeasured seconds before each
 #   IDLE     [10000] idle connections for the last row
 #   SKIP_BUILD=1   use the binaries already in target/release
-#   BROKERS ["shardmq mosquitto flashmq"]
+#   BROKERS ["floor shardmq mosquitto flashmq"]
 #   FLASHMQ        FlashMQ's binary (unset: FlashMQ is skipped)
 #   PORT_SHARDMQ [28883]  PORT_MOSQUITTO [28884]  PORT_FLASHMQ [28885]
+#   PORT_FLOOR [28886]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -36,12 +39,14 @@ source loadtest/lib.sh
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 IDLE=${IDLE:-10000}
-BROKERS=${BROKERS:-"shardmq mosquitto flashmq"}
+BROKERS=${BROKERS:-"floor shardmq mosquitto flashmq"}
 PORT_SHARDMQ=${PORT_SHARDMQ:-28883}
 PORT_MOSQUITTO=${PORT_MOSQUITTO:-28884}
 PORT_FLASHMQ=${PORT_FLASHMQ:-28885}
+PORT_FLOOR=${PORT_FLOOR:-28886}
 BENCH="$ROOT/target/release/shardmq-bench"
 SHARDMQ="$ROOT/target/release/shardmq"
+FLOOR="$ROOT/target/release/shardmq-floor"
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 results_dir shardmq-compare
 OUT_DIR="$ROOT/loadtest/results"
@@ -52,7 +57,7 @@ log() { echo "== $*" >&2; }
 
 # ---- build -------------------------------------------------------------------
 if [ -z "${SKIP_BUILD:-}" ]; then
-  log "building shardmq and shardmq-bench (release)"
+  log "building shardmq, shardmq-bench and shardmq-floor (release)"
   CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2} cargo build --release -p shardmq -p shardmq-bench
 fi
 
@@ -82,6 +87,7 @@ label() { # broker: its name in the tables
   case "$1" in
     mosquitto) echo Mosquitto ;;
     flashmq) echo FlashMQ ;;
+    floor) echo "floor (relay)" ;;
     *) echo "$1" ;;
   esac
 }
@@ -134,6 +140,10 @@ EOF
       PORT=$PORT_FLASHMQ
       flashmq_conf "$WORK" "$PORT"
       BROKER_CMD="$FLASHMQ --config-file $WORK/flashmq.conf"
+      ;;
+    floor)
+      PORT=$PORT_FLOOR
+      BROKER_CMD="$FLOOR --listen 127.0.0.1:$PORT"
       ;;
   esac
   log "starting $1: $BROKER_CMD"
@@ -300,6 +310,7 @@ seps() { for _ in $BROKERS; do printf -- '---|'; done; }
   echo "- shardmq: commit $SHARDMQ_REV, \`shardmq --listen 127.0.0.1:$PORT_SHARDMQ --shards 2 --data-dir DIR\` (default config: kill-safe log, inflight 128, queue 100,000 messages / 16 MiB)"
   echo "- Mosquitto: ${MOSQ_VER:-not run}, single-threaded; config: listener 127.0.0.1:$PORT_MOSQUITTO, allow_anonymous, no persistence, max_inflight_messages 128, max_queued_messages 100000, set_tcp_nodelay true"
   echo "- FlashMQ: ${FLASHMQ_VER:-not run}; config: thread_count 2, listen 127.0.0.1:$PORT_FLASHMQ, allow_anonymous, no persistence"
+  [[ " $BROKERS " == *" floor "* ]] && echo "- floor (relay): \`shardmq-floor --listen 127.0.0.1:$PORT_FLOOR\` (loadtest/src/bin/floor.rs): one glommio executor relaying each PUBLISH's bytes unchanged to the subscribers of its topic and answering only what the load generator waits for; no sessions, queues, limits or log: a reference per row that no broker here can beat, not a broker"
   echo "- **The load generator and the broker share the same $(nproc) cores** (and the machine is shared with other work):"
   echo "  absolute rates are bounded by shardmq-bench's own CPU use; compare the columns, not the numbers with other machines."
   echo "- MQTT 3.1.1, 64-byte payloads, ${WARMUP} s warmup then ${DURATION} s measured per row; latency is end to end (publisher send → subscriber read), µs."
