@@ -890,7 +890,7 @@ async fn publishers_faster_than_a_link_are_paused_not_dropped() {
     let first = sub.next_publish().await;
     assert_eq!(&*first.topic, "big/0");
     let pid = b.pid().unwrap();
-    common::child::signal(pid, libc::SIGSTOP);
+    common::child::stop(pid);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     common::child::signal(pid, libc::SIGCONT);
     expect_topics(&mut sub, "big", 1..N, &a).await;
@@ -1100,7 +1100,7 @@ async fn what_a_node_acknowledged_is_in_its_standbys_copy_of_its_log() {
     // here, and a's acknowledgements not yet waiting for it.
     wait_standbys_waited(&a).await;
     let b_pid = b.pid().unwrap();
-    common::child::signal(b_pid, libc::SIGSTOP);
+    common::child::stop(b_pid);
     publisher
         .publish("rep/300", QoS::AtLeastOnce, false, b"m300")
         .await;
@@ -1127,6 +1127,15 @@ async fn what_a_node_acknowledged_is_in_its_standbys_copy_of_its_log() {
         "cluster: node \"a\" is down: this node takes over its sessions",
         15,
     );
+    // The line comes as the takeover starts; the count once it is done.
+    let start = Instant::now();
+    while metric_sum(&b, "shardmq_cluster_sessions_adopted_total{") < 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no session adopted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(metric_sum(&b, "shardmq_cluster_sessions_adopted_total{"), 1);
     let mut o = options(c.addr, "kept");
     o.set_clean_session(false);

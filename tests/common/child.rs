@@ -290,6 +290,36 @@ pub fn signal(pid: u32, sig: i32) {
     );
 }
 
+/// SIGSTOP process `pid` and wait until every thread of it is stopped:
+/// kill(2) returns before they all are, and a thread that runs on meanwhile
+/// (on a busy machine, for milliseconds) may still answer its peers.
+/// Panics after 10 s.
+pub fn stop(pid: u32) {
+    signal(pid, libc::SIGSTOP);
+    let start = std::time::Instant::now();
+    let stopped = |stat: &str| {
+        // The state follows the command's closing parenthesis.
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        matches!(state, Some('T' | 't'))
+    };
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
+        let all = tasks
+            .flatten()
+            .all(|t| std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| stopped(&s)));
+        if all {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "process {pid} did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 impl Drop for ChildBroker {
     fn drop(&mut self) {
         self.kill9();
