@@ -10,7 +10,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::header;
 use super::primitives::Reader;
 use super::properties::{self, PropKind};
-use super::{DecodeError, Properties, PubResp, Version};
+use super::{BoxedProperties, DecodeError, PubResp, Version};
 
 /// Decodes the body of any of the four responses.
 pub(crate) fn decode(body: &Bytes, version: Version) -> Result<PubResp, DecodeError> {
@@ -19,7 +19,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<PubResp, DecodeEr
     let mut resp = PubResp {
         packet_id,
         reason: 0,
-        properties: Properties::default().into(),
+        properties: BoxedProperties::default(),
     };
     if version.is_v5() && r.remaining() > 0 {
         resp.reason = r.u8()?;

@@ -7,7 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::header::{self, kind};
 use super::primitives::Reader;
 use super::properties::{self, PropKind};
-use super::{DecodeError, Properties, UnsubAck, Version};
+use super::{BoxedProperties, DecodeError, Properties, UnsubAck, Version};
 
 /// Decodes an UNSUBACK body.
 pub(crate) fn decode(body: &Bytes, version: Version) -> Result<UnsubAck, DecodeError> {
@@ -18,7 +18,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<UnsubAck, DecodeE
         return Ok(UnsubAck {
             packet_id,
             reasons: Vec::new(),
-            properties: Properties::default().into(),
+            properties: BoxedProperties::default(),
         });
     }
     let mut properties = Properties::default();

@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use crate::auth::Want;
 use crate::codec::{
-    reason, Auth, Disconnect, Packet, Properties, PubResp, Publish, QoS, SubAck, SubOptions,
-    Subscribe, UnsubAck, Unsubscribe,
+    reason, Auth, BoxedProperties, Disconnect, Packet, Properties, PubResp, Publish, QoS, SubAck,
+    SubOptions, Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::message::{user_properties_bytes, Message};
 use crate::router::topic::{
@@ -337,7 +337,7 @@ impl Session {
         self.push_packet(Packet::SubAck(SubAck {
             packet_id: s.packet_id,
             reasons,
-            properties: Properties::default().into(),
+            properties: BoxedProperties::default(),
         }));
     }
 
@@ -443,7 +443,7 @@ impl Session {
         self.push_packet(Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             reasons,
-            properties: Properties::default().into(),
+            properties: BoxedProperties::default(),
         }));
     }
 

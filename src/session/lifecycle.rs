@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::hash::HashMap;
 
-use crate::codec::{self, reason, ConnAck, Connect, Packet, Properties, Will};
+use crate::codec::{self, reason, BoxedProperties, ConnAck, Connect, Packet, Properties, Will};
 use crate::message::Message;
 use crate::text::quote;
 
@@ -70,7 +70,7 @@ impl Session {
         let mut ack = ConnAck {
             session_present,
             reason: reason::SUCCESS,
-            properties: Properties::default().into(),
+            properties: BoxedProperties::default(),
         };
         if connect.version.is_v5() {
             ack.properties = self

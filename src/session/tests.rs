@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::*;
-use crate::codec::{reason, Connect, Disconnect, Properties, PubResp, Publish};
+use crate::codec::{reason, BoxedProperties, Connect, Disconnect, Properties, PubResp, Publish};
 
 const S: Duration = Duration::from_secs(1);
 
@@ -251,7 +251,7 @@ fn normal_disconnect_drops_the_will_and_other_reasons_send_it() {
         drain(&mut s);
         let d = Disconnect {
             reason: code,
-            properties: Properties::default().into(),
+            properties: BoxedProperties::default(),
         };
         s.handle_packet(t0, Packet::Disconnect(d));
         assert_eq!(will_published(&drain(&mut s).1), sent, "reason {code:#x}");
@@ -473,7 +473,7 @@ fn inbound_qos2_is_routed_once() {
         topic: "t".into(),
         packet_id: 9,
         payload: Bytes::new(),
-        properties: Properties::default().into(),
+        properties: BoxedProperties::default(),
     };
     s.handle_packet(t0, Packet::Publish(p.clone()));
     // The shard routes (and logs) it, then gives its verdict.
@@ -716,7 +716,7 @@ fn a_publish_the_shard_cannot_store_is_refused() {
             topic: "t".into(),
             packet_id: 4,
             payload: Bytes::new(),
-            properties: Properties::default().into(),
+            properties: BoxedProperties::default(),
         };
         s.handle_packet(t0, Packet::Publish(p.clone()));
         assert!(matches!(s.poll_action(), Some(Action::Publish { .. })));
@@ -787,7 +787,7 @@ fn ack_all(s: &mut Session, t0: Instant, p: &[Packet]) {
         let ack = PubResp {
             packet_id: x.packet_id,
             reason: 0,
-            properties: Properties::default().into(),
+            properties: BoxedProperties::default(),
         };
         s.handle_packet(t0, Packet::PubAck(ack));
     }

@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use crate::codec::{self, Packet, Properties, PubResp, Publish, PublishView, QoS, Version};
+use crate::codec::{
+    self, BoxedProperties, Packet, Properties, PubResp, Publish, PublishView, QoS, Version,
+};
 use crate::message::Message;
 use crate::text;
 
@@ -117,7 +119,7 @@ impl TransmitQueue {
             **p = Packet::ConnAck(codec::ConnAck {
                 session_present: false,
                 reason,
-                properties: Properties::default().into(),
+                properties: BoxedProperties::default(),
             });
         }
         true
@@ -172,7 +174,7 @@ impl Outgoing {
                 let r = PubResp {
                     packet_id,
                     reason,
-                    properties: Properties::default().into(),
+                    properties: BoxedProperties::default(),
                 };
                 match kind {
                     AckKind::Ack => Packet::PubAck(r),

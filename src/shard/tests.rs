@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::codec::{self, reason, Connect, Packet, Properties, QoS, Version, Will};
+use crate::codec::{
+    self, reason, BoxedProperties, Connect, Packet, Properties, QoS, Version, Will,
+};
 use crate::config::Config;
 
 use super::mesh::{Mesh, MeshMsg};
@@ -223,7 +225,7 @@ fn a_publish_for_another_shard_leaves_in_this_turns_batch_and_nothing_reads_a_cl
     let subscribe = codec::Subscribe {
         packet_id: 1,
         filters: vec![("t/#".into(), codec::SubOptions::default())],
-        properties: Properties::default().into(),
+        properties: BoxedProperties::default(),
     };
     c1.handle_packet(&sub, t0, Packet::Subscribe(subscribe));
     // The SUBACK waits until shard 0 applied the route.
@@ -244,7 +246,7 @@ fn a_publish_for_another_shard_leaves_in_this_turns_batch_and_nothing_reads_a_cl
         topic: "t/1".into(),
         packet_id: 0,
         payload: Bytes::from_static(b"hello"),
-        properties: Properties::default().into(),
+        properties: BoxedProperties::default(),
     };
     // A time far from any real clock: the core takes what it is given.
     let later = t0 + Duration::from_secs(3600);
@@ -285,7 +287,7 @@ fn a_resumed_session_s_suback_waits_for_the_route_its_last_connection_sent() {
         Packet::Subscribe(codec::Subscribe {
             packet_id,
             filters: vec![("t/#".into(), codec::SubOptions::default())],
-            properties: Properties::default().into(),
+            properties: BoxedProperties::default(),
         })
     };
     let first = c1.attach(t0, Box::new(resume.clone()), None).unwrap();
@@ -321,7 +323,7 @@ fn subscribe_packet(packet_id: u16, filter: &str) -> Packet {
     Packet::Subscribe(codec::Subscribe {
         packet_id,
         filters: vec![(filter.into(), codec::SubOptions::default())],
-        properties: Properties::default().into(),
+        properties: BoxedProperties::default(),
     })
 }
 
@@ -334,7 +336,7 @@ fn qos0_publish(topic: &str) -> Packet {
         topic: topic.into(),
         packet_id: 0,
         payload: Bytes::from_static(b"x"),
-        properties: Properties::default().into(),
+        properties: BoxedProperties::default(),
     })
 }
 
@@ -778,7 +780,7 @@ fn retained_messages_are_kept_on_every_node_and_the_last_writer_wins() {
             topic: topic.as_str().into(),
             packet_id: 0,
             payload: Bytes::from_static(payload),
-            properties: Properties::default().into(),
+            properties: BoxedProperties::default(),
         })
     };
     c0.handle_packet(&publisher, t0, retained(b"mine"));

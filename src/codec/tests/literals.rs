@@ -145,7 +145,7 @@ fn connack_3_x() {
         let ok = ConnAck {
             session_present: true,
             reason: reason::SUCCESS,
-            properties: Properties::default().into(),
+            properties: BoxedProperties::default(),
         };
         roundtrip(&[0x20, 2, 1, 0], v, &Packet::ConnAck(ok));
         let codes = [0x00, 0x84, 0x85, 0x88, 0x86, 0x87];
@@ -202,7 +202,7 @@ fn publish(qos: QoS, topic_: &str, packet_id: u16, payload: &'static [u8]) -> Pu
         topic: topic(topic_),
         packet_id,
         payload: b(payload),
-        properties: Properties::default().into(),
+        properties: BoxedProperties::default(),
     }
 }
 
@@ -299,7 +299,7 @@ fn resp(packet_id: u16, reason: u8) -> PubResp {
     PubResp {
         packet_id,
         reason,
-        properties: Properties::default().into(),
+        properties: BoxedProperties::default(),
     }
 }
 
@@ -380,7 +380,7 @@ fn subscribe_3_x() {
                     },
                 ),
             ],
-            properties: Properties::default().into(),
+            properties: BoxedProperties::default(),
         };
         roundtrip(&bytes, v, &Packet::Subscribe(s));
     }
@@ -415,14 +415,14 @@ fn suback_all_versions() {
         let s = SubAck {
             packet_id: 10,
             reasons: vec![0, 1, 2, 0x80],
-            properties: Properties::default().into(),
+            properties: BoxedProperties::default(),
         };
         roundtrip(&[0x90, 6, 0, 10, 0, 1, 2, 0x80], v, &Packet::SubAck(s));
         // 5.0 failure codes are written as 0x80 for 3.x.
         let s = SubAck {
             packet_id: 10,
             reasons: vec![0x8F, 1, 0xA2],
-            properties: Properties::default().into(),
+            properties: BoxedProperties::default(),
         };
         encodes_to(&Packet::SubAck(s), v, &[0x90, 5, 0, 10, 0x80, 1, 0x80]);
     }
@@ -448,7 +448,7 @@ fn unsubscribe_all_versions() {
         let u = Unsubscribe {
             packet_id: 12,
             filters: vec!["a/b".into()],
-            properties: Properties::default().into(),
+            properties: BoxedProperties::default(),
         };
         roundtrip(
             &cat(&[&[0xA2, 7, 0, 12, 0, 3], b"a/b"]),
@@ -459,7 +459,7 @@ fn unsubscribe_all_versions() {
     let u = Unsubscribe {
         packet_id: 12,
         filters: vec!["x".into(), "y".into()],
-        properties: Properties::default().into(),
+        properties: BoxedProperties::default(),
     };
     let bytes = [0xA2, 9, 0, 12, 0, 0, 1, b'x', 0, 1, b'y'];
     roundtrip(&bytes, V5, &Packet::Unsubscribe(u));
@@ -471,14 +471,14 @@ fn unsuback_all_versions() {
         let u = UnsubAck {
             packet_id: 12,
             reasons: vec![],
-            properties: Properties::default().into(),
+            properties: BoxedProperties::default(),
         };
         roundtrip(&[0xB0, 2, 0, 12], v, &Packet::UnsubAck(u));
     }
     let u = UnsubAck {
         packet_id: 12,
         reasons: vec![0, 0x11],
-        properties: Properties::default().into(),
+        properties: BoxedProperties::default(),
     };
     roundtrip(&[0xB0, 5, 0, 12, 0, 0, 0x11], V5, &Packet::UnsubAck(u));
 }
@@ -528,7 +528,7 @@ fn auth_5() {
     roundtrip(&[0xF0, 0], V5, &Packet::Auth(Auth::default()));
     let a = Auth {
         reason: reason::CONTINUE_AUTHENTICATION,
-        properties: Properties::default().into(),
+        properties: BoxedProperties::default(),
     };
     roundtrip(&[0xF0, 1, 0x18], V5, &Packet::Auth(a));
     let bytes = cat(&[

@@ -72,7 +72,7 @@ proptest! {
         prop_assert_eq!(out.len(), publish_len(&view, v));
         let mut expected = p.clone();
         if !v.is_v5() {
-            expected.properties = Properties::default().into();
+            expected.properties = BoxedProperties::default();
         }
         if expected.qos == QoS::AtMostOnce {
             expected.dup = false;
