@@ -19,7 +19,7 @@
 #
 # Everything is bounded: each bench run stops by itself (--duration, --drain,
 # connect timeouts) and is wrapped in `timeout`; the whole script takes about
-# 7 minutes.
+# 15 minutes with the four columns.
 #
 # Environment knobs (defaults in brackets):
 #   DURATION [10]  measured seconds per throughput / latency row
@@ -161,13 +161,19 @@ EOF
 # ---- scenarios ---------------------------------------------------------------
 # name | bench arguments (host, port, pid, json added per broker)
 COMMON="-V 4 -s 64 --warmup $WARMUP --duration $DURATION --drain 2 --quiet"
+# The fleet rows: every publisher has sent once (5 s) before the window.
+FLEET="-V 4 -s 64 --warmup 5 --duration $DURATION --drain 3 --max-connecting 200 --connect-timeout 30 --quiet"
 SCENARIOS=(
   "QoS 0 pairs 100, closed loop|bench --mode pairs --pubs 100 --subs 100 -q 0 --closed-loop 200 $COMMON"
   "QoS 1 pairs 100, closed loop|bench --mode pairs --pubs 100 --subs 100 -q 1 --closed-loop 200 --inflight 64 $COMMON"
   "QoS 2 pairs 100, closed loop|bench --mode pairs --pubs 100 --subs 100 -q 2 --closed-loop 200 --inflight 64 $COMMON"
   "fan-out 1 -> 100, QoS 0|bench --mode fanout --subs 100 -q 0 --closed-loop 200 $COMMON"
   "fan-in 100 -> 1, QoS 0|bench --mode fanin --pubs 100 -q 0 --closed-loop 8 $COMMON"
+  "fixed 2k msg/s, 100 pairs, QoS 0|bench --mode pairs --pubs 100 --subs 100 -q 0 --rate 2000 $COMMON"
   "fixed 20k msg/s, 100 pairs, QoS 0|bench --mode pairs --pubs 100 --subs 100 -q 0 --rate 20000 $COMMON"
+  "fixed 100k msg/s, 100 pairs, QoS 0|bench --mode pairs --pubs 100 --subs 100 -q 0 --rate 100000 $COMMON"
+  "fleet: 10,000 publishers, 1 msg / 5 s each, to 10 \$share subscribers, QoS 0|bench --mode shared --pubs 10000 --subs 10 -q 0 --rate 2000 $FLEET"
+  "fleet: the same at QoS 1|bench --mode shared --pubs 10000 --subs 10 -q 1 --rate 2000 $FLEET"
   "$IDLE idle connections|conn -c $IDLE -i 0 --max-connecting 200 -V 4 -k 300 --duration 20 --quiet"
 )
 

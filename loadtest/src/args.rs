@@ -38,6 +38,10 @@ pub enum Mode {
     Fanout,
     /// Every publisher → one subscriber on `bench/#`.
     Fanin,
+    /// Publisher i on `bench/{i}`, every subscriber in one shared
+    /// subscription `$share/bench/bench/#`: each message to exactly one of
+    /// them (a fleet of devices and its backends). Needs --rate.
+    Shared,
 }
 
 impl Mode {
@@ -46,6 +50,7 @@ impl Mode {
             Mode::Pairs => "pairs",
             Mode::Fanout => "fanout",
             Mode::Fanin => "fanin",
+            Mode::Shared => "shared",
         }
     }
 }
@@ -477,6 +482,13 @@ fn validate(a: &mut Args, pubs_set: bool, subs_set: bool) -> Result<(), String> 
                     }
                     a.subs = 1;
                 }
+                Mode::Shared => {
+                    if a.rate.is_none() {
+                        return Err("--mode shared needs --rate (no closed loop: a message \
+                                    may go to any subscriber)"
+                            .into());
+                    }
+                }
             }
             if a.pubs == 0 || a.subs == 0 {
                 return Err("--pubs and --subs must be > 0".into());
@@ -529,6 +541,12 @@ mod tests {
         assert_eq!(a.closed_loop, Some(100));
         assert!(p("bench -s 8").is_err());
         assert!(p("bench --rate 10 --closed-loop 5").is_err());
+        // A shared group has no closed loop: a message may go to any member.
+        assert!(p("bench --mode shared --pubs 10 --subs 2").is_err());
+        let a = p("bench --mode shared --pubs 10 --subs 2 --rate 100")
+            .unwrap()
+            .unwrap();
+        assert_eq!((a.pubs, a.subs, a.closed_loop), (10, 2, None));
         assert!(p("bench -t x").is_err());
         assert!(p("conn --mode pairs").is_err());
         assert!(p("pub -c 1").is_err(), "pub needs -t");

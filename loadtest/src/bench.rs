@@ -3,7 +3,10 @@
 //!
 //! Links: a (publisher, subscriber) pair that should see every message.
 //! pairs: link i = (pub i, sub i); fanout: link j = (pub 0, sub j);
-//! fanin: link i = (pub i, sub 0).
+//! fanin: link i = (pub i, sub 0); shared: link i = (pub i, whichever
+//! subscriber of the group gets each message), tracked across the
+//! subscribers (a message may overtake the one before it when the two go
+//! to different subscribers: counted as reordered).
 //!
 //! Timeline: subscribers connect and subscribe (SUBACK), publishers connect,
 //! then all publishers start at t0. Messages sent before t0 + warmup are
@@ -13,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shardmq::codec::Publish;
@@ -102,6 +105,9 @@ struct Shared {
     progress: Arc<[AtomicU64]>,
     /// Per publisher: woken when one of its subscribers advances.
     notify: Vec<Arc<Notify>>,
+    /// Shared mode, per publisher: its link's track, which every
+    /// subscriber of the group updates.
+    fleet: Vec<Mutex<SeqTrack>>,
     counters: Arc<Counters>,
     warm_ns: AtomicU64,
     pubs_done: AtomicUsize,
@@ -110,13 +116,13 @@ struct Shared {
 impl Shared {
     fn links_of_pub(&self, p: usize, subs: usize) -> Vec<usize> {
         match self.mode {
-            Mode::Pairs | Mode::Fanin => vec![p],
+            Mode::Pairs | Mode::Fanin | Mode::Shared => vec![p],
             Mode::Fanout => (0..subs).collect(),
         }
     }
     fn pub_of_link(&self, l: usize) -> usize {
         match self.mode {
-            Mode::Pairs | Mode::Fanin => l,
+            Mode::Pairs | Mode::Fanin | Mode::Shared => l,
             Mode::Fanout => 0,
         }
     }
@@ -126,7 +132,8 @@ impl Shared {
 struct BenchSink {
     shared: Arc<Shared>,
     sub: usize,
-    /// Local tracks; fanin: one per publisher, else one.
+    /// Local tracks; fanin: one per publisher, shared: none (the
+    /// publishers' tracks are in `Shared::fleet`), else one.
     tracks: Vec<SeqTrack>,
     touched: Vec<bool>,
     touched_list: Vec<usize>,
@@ -138,15 +145,18 @@ struct BenchSink {
 
 impl BenchSink {
     fn new(shared: Arc<Shared>, sub: usize) -> BenchSink {
-        let n = if shared.mode == Mode::Fanin {
-            shared.pubs
-        } else {
-            1
+        let n = match shared.mode {
+            Mode::Fanin | Mode::Shared => shared.pubs,
+            Mode::Pairs | Mode::Fanout => 1,
+        };
+        let tracks = match shared.mode {
+            Mode::Shared => Vec::new(),
+            _ => vec![SeqTrack::default(); n],
         };
         BenchSink {
             shared,
             sub,
-            tracks: vec![SeqTrack::default(); n],
+            tracks,
             touched: vec![false; n],
             touched_list: Vec::new(),
             lat: Vec::with_capacity(1024),
@@ -162,14 +172,22 @@ impl BenchSink {
         match self.shared.mode {
             Mode::Pairs => (pub_id == self.sub).then_some((0, self.sub)),
             Mode::Fanout => (pub_id == 0).then_some((0, self.sub)),
-            Mode::Fanin => (pub_id < self.shared.pubs).then_some((pub_id, pub_id)),
+            Mode::Fanin | Mode::Shared => (pub_id < self.shared.pubs).then_some((pub_id, pub_id)),
         }
     }
 
     fn global_link(&self, local: usize) -> usize {
         match self.shared.mode {
-            Mode::Fanin => local,
-            _ => self.sub,
+            Mode::Fanin | Mode::Shared => local,
+            Mode::Pairs | Mode::Fanout => self.sub,
+        }
+    }
+
+    /// The next sequence number link `local` expects.
+    fn next_of(&self, local: usize) -> u64 {
+        match self.shared.mode {
+            Mode::Shared => lock(&self.shared.fleet[local]).next,
+            _ => self.tracks[local].next,
         }
     }
 }
@@ -185,7 +203,10 @@ impl Sink for BenchSink {
             self.unexpected += 1;
             return;
         };
-        self.tracks[local].on_seq(seq);
+        match self.shared.mode {
+            Mode::Shared => lock(&self.shared.fleet[local]).on_seq(seq),
+            _ => self.tracks[local].on_seq(seq),
+        }
         if !self.touched[local] {
             self.touched[local] = true;
             self.touched_list.push(local);
@@ -206,7 +227,7 @@ impl Sink for BenchSink {
             let local = self.touched_list[i];
             self.touched[local] = false;
             let link = self.global_link(local);
-            self.shared.progress[link].store(self.tracks[local].next, Relaxed);
+            self.shared.progress[link].store(self.next_of(local), Relaxed);
             self.shared.notify[self.shared.pub_of_link(link)].notify_one();
         }
         self.touched_list.clear();
@@ -225,6 +246,21 @@ struct PubResult {
     error: Option<String>,
 }
 
+/// Add link track `t` (its publisher sent `sent`) to a publisher's
+/// received, lost, duplicated and reordered counts.
+fn tally(e: &mut [u64; 4], t: &SeqTrack, sent: u64) {
+    e[0] += t.received;
+    e[1] += t.lost(sent);
+    e[2] += t.dup;
+    e[3] += t.reorder;
+}
+
+/// A shared-mode track (a poisoned lock: a subscriber task panicked, and
+/// its counts so far still stand).
+fn lock(t: &Mutex<SeqTrack>) -> std::sync::MutexGuard<'_, SeqTrack> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn client_id(args: &Args, kind: &str, i: usize) -> String {
     format!("{}_{kind}_{}_{}", args.prefix, std::process::id(), i)
 }
@@ -235,7 +271,7 @@ pub async fn run(args: Args, opts: ConnectOpts) -> Result<i32, String> {
     let nlinks = match args.mode {
         Mode::Pairs => npub,
         Mode::Fanout => nsub,
-        Mode::Fanin => npub,
+        Mode::Fanin | Mode::Shared => npub,
     };
     let counters = Arc::new(Counters::default());
     let shared = Arc::new(Shared {
@@ -244,6 +280,10 @@ pub async fn run(args: Args, opts: ConnectOpts) -> Result<i32, String> {
         sent: (0..npub).map(|_| AtomicU64::new(0)).collect(),
         progress: (0..nlinks).map(|_| AtomicU64::new(0)).collect(),
         notify: (0..npub).map(|_| Arc::new(Notify::new())).collect(),
+        fleet: match args.mode {
+            Mode::Shared => (0..npub).map(|_| Mutex::default()).collect(),
+            _ => Vec::new(),
+        },
         counters: counters.clone(),
         warm_ns: AtomicU64::new(u64::MAX),
         pubs_done: AtomicUsize::new(0),
@@ -303,6 +343,7 @@ pub async fn run(args: Args, opts: ConnectOpts) -> Result<i32, String> {
             Mode::Pairs => format!("{}/{s}", args.topic_prefix),
             Mode::Fanout => format!("{}/0", args.topic_prefix),
             Mode::Fanin => format!("{}/#", args.topic_prefix),
+            Mode::Shared => format!("$share/bench/{}/#", args.topic_prefix),
         };
         let (id, qos, timeout) = (client_id(&args, "bs", s), args.qos, args.connect_timeout);
         sub_tasks.push(tokio::spawn(async move {
@@ -359,7 +400,7 @@ pub async fn run(args: Args, opts: ConnectOpts) -> Result<i32, String> {
                 (shared.clone(), opts.clone(), sem.clone(), ready_tx.clone());
             let (stop, finish, mut start) = (pub_stop.clone(), sub_stop.clone(), start_rx.clone());
             let topic = match args.mode {
-                Mode::Pairs | Mode::Fanin => format!("{}/{p}", args.topic_prefix),
+                Mode::Pairs | Mode::Fanin | Mode::Shared => format!("{}/{p}", args.topic_prefix),
                 Mode::Fanout => format!("{}/0", args.topic_prefix),
             };
             let id = client_id(&args, "bp", p);
@@ -565,13 +606,13 @@ pub async fn run(args: Args, opts: ConnectOpts) -> Result<i32, String> {
                 Mode::Pairs => r.sub,
                 Mode::Fanout => 0,
                 Mode::Fanin => local,
+                Mode::Shared => unreachable!("a shared-mode subscriber keeps no track"),
             };
-            let e = &mut per_pub[p];
-            e[0] += t.received;
-            e[1] += t.lost(sent[p]);
-            e[2] += t.dup;
-            e[3] += t.reorder;
+            tally(&mut per_pub[p], t, sent[p]);
         }
+    }
+    for (p, t) in shared.fleet.iter().enumerate() {
+        tally(&mut per_pub[p], &lock(t), sent[p]);
     }
     let subs_per_pub = if args.mode == Mode::Fanout {
         nsub as u64

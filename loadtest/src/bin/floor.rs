@@ -4,7 +4,8 @@
 //! PUBLISH's subscribers by its topic, write its bytes to them unchanged
 //! (one write per connection per loop turn), and answer what the load
 //! generator waits for (CONNACK, SUBACK, PUBACK, PUBREC / PUBREL /
-//! PUBCOMP, PINGRESP). No sessions, no queues, no limits, no log, no QoS
+//! PUBCOMP, PINGRESP), each message of a `$share/{group}/{filter}`
+//! subscription to one member in turn. No sessions, no queues, no limits, no log, no QoS
 //! downgrade, no retained messages, no second thread: its broker CPU per
 //! delivered message is a reference that no broker on the same machine
 //! can beat, not a broker. Never expose it: it trusts its clients.
@@ -88,16 +89,40 @@ async fn serve(addr: SocketAddr) -> io::Result<()> {
 }
 
 /// Who is subscribed to what: exact topics in a map, filters with
-/// wildcards in a list.
+/// wildcards in a list, shared subscriptions with their members.
 #[derive(Default)]
 struct Relay {
     exact: RefCell<HashMap<Vec<u8>, Vec<Rc<Conn>>>>,
     wild: RefCell<Vec<(String, Rc<Conn>)>>,
+    shared: RefCell<Vec<Group>>,
+}
+
+/// One `$share/{group}/{filter}`: its members, served in turn.
+struct Group {
+    /// `{group}/{filter}`, as subscribed after `$share/`.
+    name: Vec<u8>,
+    filter: String,
+    members: Vec<Rc<Conn>>,
+    next: usize,
 }
 
 impl Relay {
     fn subscribe(&self, filter: &[u8], conn: &Rc<Conn>) {
-        if filter.iter().any(|&b| b == b'+' || b == b'#') {
+        if let Some(name) = filter.strip_prefix(b"$share/") {
+            let Some(slash) = name.iter().position(|&b| b == b'/') else {
+                return;
+            };
+            let mut groups = self.shared.borrow_mut();
+            match groups.iter_mut().find(|g| g.name == name) {
+                Some(g) => g.members.push(conn.clone()),
+                None => groups.push(Group {
+                    name: name.to_vec(),
+                    filter: String::from_utf8_lossy(&name[slash + 1..]).into_owned(),
+                    members: vec![conn.clone()],
+                    next: 0,
+                }),
+            }
+        } else if filter.iter().any(|&b| b == b'+' || b == b'#') {
             let filter = String::from_utf8_lossy(filter).into_owned();
             self.wild.borrow_mut().push((filter, conn.clone()));
         } else {
@@ -114,6 +139,16 @@ impl Relay {
             subs.retain(|c| c.id != conn.id);
         }
         (self.wild.borrow_mut()).retain(|(f, c)| !(c.id == conn.id && f.as_bytes() == filter));
+        if let Some(name) = filter.strip_prefix(b"$share/") {
+            for g in self
+                .shared
+                .borrow_mut()
+                .iter_mut()
+                .filter(|g| g.name == name)
+            {
+                g.members.retain(|c| c.id != conn.id);
+            }
+        }
     }
 
     fn forget(&self, conn: &Conn) {
@@ -122,6 +157,9 @@ impl Relay {
             !subs.is_empty()
         });
         self.wild.borrow_mut().retain(|(_, c)| c.id != conn.id);
+        for g in self.shared.borrow_mut().iter_mut() {
+            g.members.retain(|c| c.id != conn.id);
+        }
     }
 
     /// Write `packet` (a whole PUBLISH) to every subscriber of `topic`.
@@ -132,12 +170,20 @@ impl Relay {
             }
         }
         let wild = self.wild.borrow();
-        if !wild.is_empty() {
-            let topic = String::from_utf8_lossy(topic);
-            for (filter, c) in wild.iter() {
-                if shardmq::router::topic::matches(filter, &topic) {
-                    c.send(packet);
-                }
+        let mut groups = self.shared.borrow_mut();
+        if wild.is_empty() && groups.is_empty() {
+            return;
+        }
+        let topic = String::from_utf8_lossy(topic);
+        for (filter, c) in wild.iter() {
+            if shardmq::router::topic::matches(filter, &topic) {
+                c.send(packet);
+            }
+        }
+        for g in groups.iter_mut() {
+            if !g.members.is_empty() && shardmq::router::topic::matches(&g.filter, &topic) {
+                g.members[g.next % g.members.len()].send(packet);
+                g.next = g.next.wrapping_add(1);
             }
         }
     }
