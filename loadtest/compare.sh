@@ -75,6 +75,14 @@ if [[ " $BROKERS " == *" mosquitto "* ]]; then
 fi
 MOSQUITTO_BIN=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 
+# ---- floor -------------------------------------------------------------------
+FLOOR_NOTE=""
+if [[ " $BROKERS " == *" floor "* ]] && [ ! -x "$FLOOR" ]; then
+  FLOOR_NOTE="floor not run: $FLOOR is missing (build shardmq-bench, or run without SKIP_BUILD)."
+  log "$FLOOR_NOTE"
+  BROKERS=$(echo " $BROKERS " | sed 's/ floor / /; s/^ *//; s/ *$//')
+fi
+
 # ---- flashmq -----------------------------------------------------------------
 FLASHMQ_NOTE=""
 if [[ " $BROKERS " == *" flashmq "* ]] && { [ -z "${FLASHMQ:-}" ] || [ ! -x "$FLASHMQ" ]; }; then
@@ -323,6 +331,7 @@ seps() { for _ in $BROKERS; do printf -- '---|'; done; }
   echo "- broker CPU = (utime + stime) of the broker over the measured window (+ drain) ÷ delivered messages; idle row: until all connected ÷ connections."
   [ -n "$MOSQUITTO_NOTE" ] && echo "- $MOSQUITTO_NOTE"
   [ -n "$FLASHMQ_NOTE" ] && echo "- $FLASHMQ_NOTE"
+  [ -n "$FLOOR_NOTE" ] && echo "- $FLOOR_NOTE"
   echo
   echo "| scenario |$(heads msg/s)$(heads 'CPU µs/msg')$(heads 'latency p50 / p99 / p99.9 / max µs')$(heads 'lost / dup / reorder')$(heads RSS)"
   echo "|---|$(seps)$(seps)$(seps)$(seps)$(seps)"

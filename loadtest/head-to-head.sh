@@ -72,8 +72,9 @@ for round in $(seq "$ROUNDS"); do
     s=$(json_value "$s_json" broker_cpu_us_per_msg)
     f=$(json_value "$f_json" broker_cpu_us_per_msg)
     r=$(json_value "$r_json" broker_cpu_us_per_msg)
-    ratio=$(awk -v s="$s" -v f="$f" 'BEGIN { printf "%.3f", s / f }')
-    above=$(awk -v s="$s" -v r="$r" 'BEGIN { printf "%.3f", s / r }')
+    # A run that measured nothing (no JSON, no CPU figure) gives "nan".
+    ratio=$(awk -v s="$s" -v f="$f" 'BEGIN { if (f + 0 > 0) printf "%.3f", s / f; else print "nan" }')
+    above=$(awk -v s="$s" -v r="$r" 'BEGIN { if (r + 0 > 0) printf "%.3f", s / r; else print "nan" }')
     echo "round $round $name: shardmq $s µs/msg (lost $(json_value "$s_json" lost)), FlashMQ $f µs/msg (lost $(json_value "$f_json" lost)), floor $r µs/msg (lost $(json_value "$r_json" lost)), shardmq/FlashMQ $ratio, shardmq/floor $above"
     echo "$name $ratio" >>"$WORK/ratios"
     echo "$name $above" >>"$WORK/ratios-floor"

@@ -89,6 +89,15 @@ impl SeqTrack {
         self.dup += 1;
     }
 
+    /// Every sequence number below this one arrived.
+    pub fn contiguous(&self) -> u64 {
+        match self.gaps.first_key_value() {
+            Some((&start, _)) => start,
+            None if self.untracked > 0 => 0,
+            None => self.next,
+        }
+    }
+
     /// Messages of the `sent` the publisher sent that never arrived.
     pub fn lost(&self, sent: u64) -> u64 {
         self.gap_total + self.untracked + sent.saturating_sub(self.next)
@@ -183,10 +192,13 @@ impl BenchSink {
         }
     }
 
-    /// The next sequence number link `local` expects.
+    /// How far link `local` has every message: the next sequence number
+    /// it expects; in shared mode the first one still missing (a message
+    /// may overtake the one before it through another subscriber, which
+    /// then still counts as on its way).
     fn next_of(&self, local: usize) -> u64 {
         match self.shared.mode {
-            Mode::Shared => lock(&self.shared.fleet[local]).next,
+            Mode::Shared => lock(&self.shared.fleet[local]).contiguous(),
             _ => self.tracks[local].next,
         }
     }
@@ -227,7 +239,8 @@ impl Sink for BenchSink {
             let local = self.touched_list[i];
             self.touched[local] = false;
             let link = self.global_link(local);
-            self.shared.progress[link].store(self.next_of(local), Relaxed);
+            // fetch_max: in shared mode two subscribers may race here.
+            self.shared.progress[link].fetch_max(self.next_of(local), Relaxed);
             self.shared.notify[self.shared.pub_of_link(link)].notify_one();
         }
         self.touched_list.clear();

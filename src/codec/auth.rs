@@ -18,7 +18,9 @@ pub(crate) fn decode(body: &Bytes) -> Result<Auth, DecodeError> {
     if r.remaining() > 0 {
         a.reason = r.u8()?;
         if r.remaining() > 0 {
-            properties::decode(&mut r, PropKind::Auth, &mut a.properties)?;
+            let mut p = super::Properties::default();
+            properties::decode(&mut r, PropKind::Auth, &mut p)?;
+            a.properties = p.into();
         }
     }
     r.finish()?;

@@ -16,7 +16,9 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<Disconnect, Decod
     if version.is_v5() && r.remaining() > 0 {
         d.reason = r.u8()?;
         if r.remaining() > 0 {
-            properties::decode(&mut r, PropKind::Disconnect, &mut d.properties)?;
+            let mut p = super::Properties::default();
+            properties::decode(&mut r, PropKind::Disconnect, &mut p)?;
+            d.properties = p.into();
         }
     }
     r.finish()?;

@@ -297,18 +297,24 @@ pub fn signal(pid: u32, sig: i32) {
 pub fn stop(pid: u32) {
     signal(pid, libc::SIGSTOP);
     let start = std::time::Instant::now();
-    let stopped = |stat: &str| {
-        // The state follows the command's closing parenthesis.
-        let state = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.chars().next());
-        matches!(state, Some('T' | 't'))
+    // "PID (NAME) STATE ...": io_uring's worker threads (iou-wrk-*,
+    // iou-sqp-*) never stop for a signal; a zombie has exited.
+    let state = |stat: &str| {
+        let (head, rest) = stat.rsplit_once(") ")?;
+        let name = head.split_once(" (").map_or("", |(_, n)| n);
+        Some((name.starts_with("iou-"), rest.chars().next()?))
     };
     loop {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
-        let all = tasks
-            .flatten()
-            .all(|t| std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| stopped(&s)));
+        let mut all = true;
+        for t in tasks.flatten() {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            match state(&stat) {
+                Some((true, _)) | Some((_, 'T' | 't')) => {}
+                Some((_, 'Z' | 'X')) => panic!("process {pid} exited instead of stopping"),
+                _ => all = false,
+            }
+        }
         if all {
             return;
         }

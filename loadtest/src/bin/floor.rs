@@ -22,12 +22,12 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Poll, Waker};
 
 use clap::Parser;
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_lite::io::{ReadHalf, WriteHalf};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 
@@ -75,11 +75,12 @@ async fn serve(addr: SocketAddr) -> io::Result<()> {
             closed: Cell::new(false),
             v5: Cell::new(false),
         });
-        let stream = Shared(Rc::new(RefCell::new(stream)));
-        glommio::spawn_local(write_loop(conn.clone(), stream.clone())).detach();
+        // Read by one task, written by another.
+        let (reader, writer) = futures_lite::io::split(stream);
+        glommio::spawn_local(write_loop(conn.clone(), writer)).detach();
         let relay = relay.clone();
         glommio::spawn_local(async move {
-            let _ = read_loop(&relay, &conn, stream).await;
+            let _ = read_loop(&relay, &conn, reader).await;
             relay.forget(&conn);
             conn.closed.set(true);
             conn.wake();
@@ -107,13 +108,19 @@ struct Group {
 }
 
 impl Relay {
-    fn subscribe(&self, filter: &[u8], conn: &Rc<Conn>) {
+    /// Subscribe `conn` to `filter`; false for a `$share/` filter without
+    /// its group and filter (refused in the SUBACK).
+    fn subscribe(&self, filter: &[u8], conn: &Rc<Conn>) -> bool {
         if let Some(name) = filter.strip_prefix(b"$share/") {
             let Some(slash) = name.iter().position(|&b| b == b'/') else {
-                return;
+                return false;
             };
+            if slash == 0 || slash + 1 == name.len() {
+                return false;
+            }
             let mut groups = self.shared.borrow_mut();
             match groups.iter_mut().find(|g| g.name == name) {
+                Some(g) if g.members.iter().any(|c| c.id == conn.id) => {}
                 Some(g) => g.members.push(conn.clone()),
                 None => groups.push(Group {
                     name: name.to_vec(),
@@ -124,7 +131,10 @@ impl Relay {
             }
         } else if filter.iter().any(|&b| b == b'+' || b == b'#') {
             let filter = String::from_utf8_lossy(filter).into_owned();
-            self.wild.borrow_mut().push((filter, conn.clone()));
+            let mut wild = self.wild.borrow_mut();
+            if !wild.iter().any(|(f, c)| c.id == conn.id && *f == filter) {
+                wild.push((filter, conn.clone()));
+            }
         } else {
             let mut exact = self.exact.borrow_mut();
             let subs = exact.entry(filter.to_vec()).or_default();
@@ -132,6 +142,7 @@ impl Relay {
                 subs.push(conn.clone());
             }
         }
+        true
     }
 
     fn unsubscribe(&self, filter: &[u8], conn: &Conn) {
@@ -211,40 +222,8 @@ impl Conn {
     }
 }
 
-/// The stream, read by one task and written by another.
-#[derive(Clone)]
-struct Shared(Rc<RefCell<TcpStream>>);
-
-impl AsyncRead for Shared {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Shared {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_close(cx)
-    }
-}
-
 /// Everything queued for the connection, in one write per wake-up.
-async fn write_loop(conn: Rc<Conn>, mut stream: Shared) {
+async fn write_loop(conn: Rc<Conn>, mut stream: WriteHalf<TcpStream>) {
     let mut spare = Vec::new();
     loop {
         let batch = std::future::poll_fn(|cx| {
@@ -274,7 +253,11 @@ async fn write_loop(conn: Rc<Conn>, mut stream: Shared) {
 }
 
 /// Read packets and act on each; Err or Ok at the end of the connection.
-async fn read_loop(relay: &Relay, conn: &Rc<Conn>, mut stream: Shared) -> io::Result<()> {
+async fn read_loop(
+    relay: &Relay,
+    conn: &Rc<Conn>,
+    mut stream: ReadHalf<TcpStream>,
+) -> io::Result<()> {
     let mut input: Vec<u8> = Vec::with_capacity(READ_BYTES);
     let mut chunk = vec![0u8; READ_BYTES];
     loop {
@@ -368,6 +351,8 @@ fn handle(relay: &Relay, conn: &Rc<Conn>, first: u8, body: &[u8], whole: &[u8]) 
             };
             match (first >> 1) & 3 {
                 0 => {}
+                // QoS 3 is malformed: close.
+                3 => return false,
                 qos => {
                     let Some([hi, lo]) = id(2 + topic_len as usize) else {
                         return false;
@@ -390,16 +375,9 @@ fn handle(relay: &Relay, conn: &Rc<Conn>, first: u8, body: &[u8], whole: &[u8]) 
         4 | 7 => true,
         // SUBSCRIBE: every filter granted the QoS asked for.
         8 => {
-            let Some([hi, lo]) = id(0) else {
+            let Some(([hi, lo], mut at)) = filters_at(conn, body) else {
                 return false;
             };
-            let mut at = 2;
-            if conn.v5.get() {
-                let Some((props, n)) = varint(&body[2..]) else {
-                    return false;
-                };
-                at += n + props;
-            }
             let mut codes = Vec::new();
             while at < body.len() {
                 let Some(len) = u16_at(body, at) else {
@@ -411,8 +389,11 @@ fn handle(relay: &Relay, conn: &Rc<Conn>, first: u8, body: &[u8], whole: &[u8]) 
                 let Some(&options) = body.get(at + 2 + len as usize) else {
                     return false;
                 };
-                relay.subscribe(filter, conn);
-                codes.push(options & 3);
+                // 0x80: refused (a malformed shared subscription).
+                codes.push(match relay.subscribe(filter, conn) {
+                    true => options & 3,
+                    false => 0x80,
+                });
                 at += 3 + len as usize;
             }
             ack_with_codes(conn, 0x90, [hi, lo], &codes);
@@ -420,16 +401,9 @@ fn handle(relay: &Relay, conn: &Rc<Conn>, first: u8, body: &[u8], whole: &[u8]) 
         }
         // UNSUBSCRIBE.
         10 => {
-            let Some([hi, lo]) = id(0) else {
+            let Some(([hi, lo], mut at)) = filters_at(conn, body) else {
                 return false;
             };
-            let mut at = 2;
-            if conn.v5.get() {
-                let Some((props, n)) = varint(&body[2..]) else {
-                    return false;
-                };
-                at += n + props;
-            }
             let mut codes = Vec::new();
             while let Some(len) = u16_at(body, at) {
                 let Some(filter) = body.get(at + 2..at + 2 + len as usize) else {
@@ -454,6 +428,17 @@ fn handle(relay: &Relay, conn: &Rc<Conn>, first: u8, body: &[u8], whole: &[u8]) 
         // DISCONNECT, or anything else.
         _ => false,
     }
+}
+
+/// A SUBSCRIBE's or UNSUBSCRIBE's packet id, and where its filters start
+/// (after the 5.0 properties).
+fn filters_at(conn: &Conn, body: &[u8]) -> Option<([u8; 2], usize)> {
+    let id = u16_at(body, 0)?.to_be_bytes();
+    if !conn.v5.get() {
+        return Some((id, 2));
+    }
+    let (props, n) = varint(&body[2..])?;
+    Some((id, 2 + n + props))
 }
 
 /// SUBACK or 5.0 UNSUBACK: packet id, empty properties in 5.0, one code

@@ -103,4 +103,10 @@ fn packets_stay_small_and_publishes_without_properties_box_none() {
         let mut p = p.properties;
         assert!(p.get_mut().is_none(), "{v:?}: empty properties boxed");
     }
+    // A 5.0 PUBACK in its long form with an empty property list.
+    let mut bytes = BytesMut::from(&[0x40, 4, 0, 7, 0, 0][..]);
+    let Ok(Some(Packet::PubAck(mut ack))) = decode(&mut bytes, Version::V5, MAX_PACKET_SIZE) else {
+        panic!("no PUBACK");
+    };
+    assert!(ack.properties.get_mut().is_none(), "an empty list boxed");
 }
