@@ -172,6 +172,8 @@ COMMON="-V 4 -s 64 --warmup $WARMUP --duration $DURATION --drain 2 --quiet"
 # The fleet rows: every publisher has sent once (5 s) before the window.
 FLEET="-V 4 -s 64 --warmup 5 --duration $DURATION --drain 3 --max-connecting 200 --connect-timeout 30 --quiet"
 SCENARIOS=(
+  # First, on the fresh broker: its memory per idle connection.
+  "$IDLE idle connections|conn -c $IDLE -i 0 --max-connecting 200 -V 4 -k 300 --duration 20 --quiet"
   "QoS 0 pairs 100, closed loop|bench --mode pairs --pubs 100 --subs 100 -q 0 --closed-loop 200 $COMMON"
   "QoS 1 pairs 100, closed loop|bench --mode pairs --pubs 100 --subs 100 -q 1 --closed-loop 200 --inflight 64 $COMMON"
   "QoS 2 pairs 100, closed loop|bench --mode pairs --pubs 100 --subs 100 -q 2 --closed-loop 200 --inflight 64 $COMMON"
@@ -182,7 +184,6 @@ SCENARIOS=(
   "fixed 100k msg/s, 100 pairs, QoS 0|bench --mode pairs --pubs 100 --subs 100 -q 0 --rate 100000 $COMMON"
   "fleet: 10,000 publishers, 1 msg / 5 s each, to 10 \$share subscribers, QoS 0|bench --mode shared --pubs 10000 --subs 10 -q 0 --rate 2000 $FLEET"
   "fleet: the same at QoS 1|bench --mode shared --pubs 10000 --subs 10 -q 1 --rate 2000 $FLEET"
-  "$IDLE idle connections|conn -c $IDLE -i 0 --max-connecting 200 -V 4 -k 300 --duration 20 --quiet"
 )
 
 jget() { # file key: a top-level value from a shardmq-bench JSON summary

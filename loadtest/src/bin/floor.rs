@@ -22,12 +22,13 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 use clap::Parser;
 use futures_lite::io::{ReadHalf, WriteHalf};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 
@@ -46,6 +47,12 @@ const PACKET_BYTES_MAX: usize = 1 << 20;
 
 /// Bytes asked of the socket per read.
 const READ_BYTES: usize = 64 << 10;
+
+thread_local! {
+    /// The one read buffer (one thread), borrowed only during a poll (like
+    /// the broker's): an idle connection holds no buffer.
+    static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_BYTES]);
+}
 
 fn main() {
     let args = Args::parse();
@@ -258,14 +265,22 @@ async fn read_loop(
     conn: &Rc<Conn>,
     mut stream: ReadHalf<TcpStream>,
 ) -> io::Result<()> {
-    let mut input: Vec<u8> = Vec::with_capacity(READ_BYTES);
-    let mut chunk = vec![0u8; READ_BYTES];
+    let mut input: Vec<u8> = Vec::new();
     loop {
-        let n = stream.read(&mut chunk).await?;
+        let n = std::future::poll_fn(|cx| {
+            READ_BUF.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                let poll = Pin::new(&mut stream).poll_read(cx, &mut buf[..]);
+                if let Poll::Ready(Ok(n)) = poll {
+                    input.extend_from_slice(&buf[..n]);
+                }
+                poll
+            })
+        })
+        .await?;
         if n == 0 {
             return Ok(());
         }
-        input.extend_from_slice(&chunk[..n]);
         let mut at = 0;
         while let Some((body_at, len)) = fixed_header(&input[at..])? {
             let end = at + body_at + len;
@@ -284,6 +299,9 @@ async fn read_loop(
             at = end;
         }
         input.drain(..at);
+        if input.is_empty() && input.capacity() > 4096 {
+            input = Vec::new(); // give back what a burst grew
+        }
     }
 }
 
