@@ -18,9 +18,7 @@ pub(crate) fn decode(body: &Bytes) -> Result<Auth, DecodeError> {
     if r.remaining() > 0 {
         a.reason = r.u8()?;
         if r.remaining() > 0 {
-            let mut p = super::Properties::default();
-            properties::decode(&mut r, PropKind::Auth, &mut p)?;
-            a.properties = p.into();
+            a.properties = properties::decode_boxed(&mut r, PropKind::Auth)?;
         }
     }
     r.finish()?;

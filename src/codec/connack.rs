@@ -10,7 +10,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::header::{self, kind};
 use super::primitives::Reader;
 use super::properties::{self, PropKind};
-use super::{reason, ConnAck, DecodeError, Properties, Version};
+use super::{reason, BoxedProperties, ConnAck, DecodeError, Version};
 
 const SESSION_PRESENT: u8 = 0x01;
 
@@ -49,9 +49,9 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<ConnAck, DecodeEr
         ));
     }
     let code = r.u8()?;
-    let mut properties = Properties::default();
+    let mut properties = BoxedProperties::default();
     let reason = if version.is_v5() {
-        properties::decode(&mut r, PropKind::ConnAck, &mut properties)?;
+        properties = properties::decode_boxed(&mut r, PropKind::ConnAck)?;
         code
     } else {
         reason_from_v3(code).ok_or(DecodeError::Malformed(
@@ -62,7 +62,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<ConnAck, DecodeEr
     Ok(ConnAck {
         session_present: flags & SESSION_PRESENT != 0,
         reason,
-        properties: properties.into(),
+        properties,
     })
 }
 

@@ -16,9 +16,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<Disconnect, Decod
     if version.is_v5() && r.remaining() > 0 {
         d.reason = r.u8()?;
         if r.remaining() > 0 {
-            let mut p = super::Properties::default();
-            properties::decode(&mut r, PropKind::Disconnect, &mut p)?;
-            d.properties = p.into();
+            d.properties = properties::decode_boxed(&mut r, PropKind::Disconnect)?;
         }
     }
     r.finish()?;

@@ -10,7 +10,7 @@
 use bytes::{BufMut, BytesMut};
 
 use super::primitives::{field_len, put_prefixed, put_vbi, vbi_len, Reader};
-use super::{DecodeError, Properties};
+use super::{BoxedProperties, DecodeError, Properties};
 
 /// Property identifiers.
 #[allow(missing_docs)]
@@ -192,6 +192,17 @@ impl PropKind {
     pub const fn allows(self, id: u8) -> bool {
         id < 64 && self.allowed() & bit(id) != 0
     }
+}
+
+/// [`decode`] into the form packets hold: a list that sets nothing (a
+/// length of 0 included) boxes nothing.
+pub(crate) fn decode_boxed(
+    r: &mut Reader<'_>,
+    kind: PropKind,
+) -> Result<BoxedProperties, DecodeError> {
+    let mut props = Properties::default();
+    decode(r, kind, &mut props)?;
+    Ok(props.into())
 }
 
 /// Reads a property length and the property list that follows it into

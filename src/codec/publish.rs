@@ -51,9 +51,7 @@ pub(crate) fn decode(
     }
     // Built (344 bytes) only for 5.0, boxed only when any is set.
     let properties = if version.is_v5() {
-        let mut properties = Properties::default();
-        properties::decode(&mut r, PropKind::Publish, &mut properties)?;
-        properties.into()
+        properties::decode_boxed(&mut r, PropKind::Publish)?
     } else {
         BoxedProperties::default()
     };

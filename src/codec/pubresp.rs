@@ -10,7 +10,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::header;
 use super::primitives::Reader;
 use super::properties::{self, PropKind};
-use super::{BoxedProperties, DecodeError, Properties, PubResp, Version};
+use super::{BoxedProperties, DecodeError, PubResp, Version};
 
 /// Decodes the body of any of the four responses.
 pub(crate) fn decode(body: &Bytes, version: Version) -> Result<PubResp, DecodeError> {
@@ -24,11 +24,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<PubResp, DecodeEr
     if version.is_v5() && r.remaining() > 0 {
         resp.reason = r.u8()?;
         if r.remaining() > 0 {
-            // Decoded aside and boxed only when any is set: an empty
-            // list (length 0) boxes nothing.
-            let mut p = Properties::default();
-            properties::decode(&mut r, PropKind::PubResp, &mut p)?;
-            resp.properties = p.into();
+            resp.properties = properties::decode_boxed(&mut r, PropKind::PubResp)?;
         }
     }
     r.finish()?;

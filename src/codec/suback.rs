@@ -6,16 +6,16 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::header::{self, kind};
 use super::primitives::Reader;
 use super::properties::{self, PropKind};
-use super::{DecodeError, Properties, SubAck, Version};
+use super::{BoxedProperties, DecodeError, SubAck, Version};
 
 /// Decodes a SUBACK body.
 pub(crate) fn decode(body: &Bytes, version: Version) -> Result<SubAck, DecodeError> {
     let mut r = Reader::new(body);
     let packet_id = r.u16()?;
-    let mut properties = Properties::default();
-    if version.is_v5() {
-        properties::decode(&mut r, PropKind::SubAck, &mut properties)?;
-    }
+    let properties = match version.is_v5() {
+        true => properties::decode_boxed(&mut r, PropKind::SubAck)?,
+        false => BoxedProperties::default(),
+    };
     let reasons = r.take(r.remaining())?.to_vec();
     if reasons.is_empty() {
         return Err(DecodeError::Protocol(
@@ -30,7 +30,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<SubAck, DecodeErr
     Ok(SubAck {
         packet_id,
         reasons,
-        properties: properties.into(),
+        properties,
     })
 }
 

@@ -8,7 +8,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::header::{self, kind};
 use super::primitives::{field_len, put_prefixed, Reader};
 use super::properties::{self, PropKind};
-use super::{DecodeError, Properties, QoS, SubOptions, Subscribe, Version};
+use super::{BoxedProperties, DecodeError, QoS, SubOptions, Subscribe, Version};
 
 const QOS_MASK: u8 = 0x03;
 const NO_LOCAL: u8 = 0x04;
@@ -65,10 +65,10 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<Subscribe, Decode
             "[MQTT-2.2.1-3] SUBSCRIBE has packet identifier 0",
         ));
     }
-    let mut properties = Properties::default();
-    if version.is_v5() {
-        properties::decode(&mut r, PropKind::Subscribe, &mut properties)?;
-    }
+    let properties = match version.is_v5() {
+        true => properties::decode_boxed(&mut r, PropKind::Subscribe)?,
+        false => BoxedProperties::default(),
+    };
     let mut filters = Vec::new();
     while r.remaining() > 0 {
         let filter = r.string()?;
@@ -83,7 +83,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<Subscribe, Decode
     Ok(Subscribe {
         packet_id,
         filters,
-        properties: properties.into(),
+        properties,
     })
 }
 

@@ -7,7 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::header::{self, kind};
 use super::primitives::Reader;
 use super::properties::{self, PropKind};
-use super::{BoxedProperties, DecodeError, Properties, UnsubAck, Version};
+use super::{BoxedProperties, DecodeError, UnsubAck, Version};
 
 /// Decodes an UNSUBACK body.
 pub(crate) fn decode(body: &Bytes, version: Version) -> Result<UnsubAck, DecodeError> {
@@ -21,8 +21,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<UnsubAck, DecodeE
             properties: BoxedProperties::default(),
         });
     }
-    let mut properties = Properties::default();
-    properties::decode(&mut r, PropKind::UnsubAck, &mut properties)?;
+    let properties = properties::decode_boxed(&mut r, PropKind::UnsubAck)?;
     let reasons = r.take(r.remaining())?.to_vec();
     if reasons.is_empty() {
         return Err(DecodeError::Protocol(
@@ -32,7 +31,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<UnsubAck, DecodeE
     Ok(UnsubAck {
         packet_id,
         reasons,
-        properties: properties.into(),
+        properties,
     })
 }
 

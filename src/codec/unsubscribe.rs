@@ -5,7 +5,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::header::{self, kind};
 use super::primitives::{field_len, put_prefixed, Reader};
 use super::properties::{self, PropKind};
-use super::{DecodeError, Properties, Unsubscribe, Version};
+use super::{BoxedProperties, DecodeError, Unsubscribe, Version};
 
 /// Decodes an UNSUBSCRIBE body.
 pub(crate) fn decode(body: &Bytes, version: Version) -> Result<Unsubscribe, DecodeError> {
@@ -16,10 +16,10 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<Unsubscribe, Deco
             "[MQTT-2.2.1-3] UNSUBSCRIBE has packet identifier 0",
         ));
     }
-    let mut properties = Properties::default();
-    if version.is_v5() {
-        properties::decode(&mut r, PropKind::Unsubscribe, &mut properties)?;
-    }
+    let properties = match version.is_v5() {
+        true => properties::decode_boxed(&mut r, PropKind::Unsubscribe)?,
+        false => BoxedProperties::default(),
+    };
     let mut filters = Vec::new();
     while r.remaining() > 0 {
         filters.push(r.string()?);
@@ -32,7 +32,7 @@ pub(crate) fn decode(body: &Bytes, version: Version) -> Result<Unsubscribe, Deco
     Ok(Unsubscribe {
         packet_id,
         filters,
-        properties: properties.into(),
+        properties,
     })
 }
 
