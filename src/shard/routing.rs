@@ -674,11 +674,17 @@ impl ShardCore {
             *entry == 0
         };
         if !transition {
-            // A session moving here still waits for every peer up to
-            // have the route this shard had already.
-            let cluster = st.remote.is_some();
-            if let (true, true, Hold::Move) = (add, cluster, hold) {
-                if let Some(ack) = self.hold_move(st, subscriber, 1) {
+            // A session that subscribes, or moves here, still waits for
+            // the peers to have the route this shard had already: the
+            // change that added it may not have reached them yet (a
+            // subscriber's SUBACK waits for every peer with a link up, a
+            // move for every peer up).
+            if add && st.remote.is_some() {
+                let ack = match hold {
+                    Hold::Output => self.hold_output(st, subscriber, 1),
+                    Hold::Move => self.hold_move(st, subscriber, 1),
+                };
+                if let Some(ack) = ack {
                     self.ack_when_peers_have_it(st, ack);
                 }
             }
@@ -957,7 +963,9 @@ impl ShardCore {
                     node,
                     run,
                     sessions,
-                } => self.adopt_here(&mut st, now, peer, (node, run), sessions),
+                    orphan,
+                } => self.adopt_here(&mut st, now, peer, (node, run), sessions, orphan),
+                MeshMsg::Orphaned(part) => self.orphan_at_zero(&mut st, now, *part),
                 MeshMsg::ForAdopted(p) => self.held_for_adopted(&mut st, *p),
                 MeshMsg::AdoptDone { of } => self.adopt_done(&mut st, now, of),
                 MeshMsg::Adopted { of } => self.adoption_over(&mut st, &of),
