@@ -145,6 +145,9 @@ struct Client {
     /// It connected on a node other than its home node at least once (its
     /// session may have moved).
     roamed: bool,
+    /// Seeds with logs: its session was on a node that died (a standby
+    /// may have taken it over).
+    taken_over: bool,
     next_seq: u64,
     /// Probes: topic → payload of the retained messages read.
     retained: BTreeMap<String, Bytes>,
@@ -278,6 +281,8 @@ struct Sim {
     /// sessions dropped as stale (their client was told first that its
     /// session was new).
     adopted: (u64, u64, u64),
+    /// See `Outcome::orphans`.
+    orphans: (u64, u64, u64, u64, u64),
     /// Seeds with logs, nodes killed: (deaths whose standby's copy was
     /// not checked: no single standby waited for all along, or no whole
     /// copy; copies recovered and checked; undelivered acknowledged
@@ -393,6 +398,7 @@ impl Sim {
             copies: (0, 0, 0),
             late_acks: 0,
             adopted: (0, 0, 0),
+            orphans: (0, 0, 0, 0, 0),
             refused: 0,
             minority_refused: 0,
             routes_refused: 0,
@@ -633,6 +639,7 @@ impl Sim {
             sessions_lost: Vec::new(),
             maybe_lost: false,
             roamed: false,
+            taken_over: false,
             next_seq: 0,
             retained: BTreeMap::new(),
             will_seq: None,
@@ -1593,8 +1600,8 @@ impl Sim {
                 client.maybe_lost = logged;
                 // Taken over by a standby, its session lives on another
                 // node, in that node's standby copy once the copy catches
-                // up (as a moved session's; seed 9767).
-                client.roamed |= logged;
+                // up (seed 9767): a second death within that lag loses it.
+                client.taken_over |= logged;
                 if client.subscribed_at.is_some() && !logged {
                     client.subscribed_at = None;
                     client.inbound.clear();
@@ -1622,11 +1629,12 @@ impl Sim {
     /// yet, is in the copy of its log its standby holds. Checked when
     /// every shard's standby is the same node, waited for, holding all
     /// that was acknowledged before it was (`log_copies_cover_acks`), with
-    /// a whole copy (and for subscribers that ever connected on another
-    /// node, a copy holding every record of the log: a session moved in is
-    /// in it only then, the node it came from does not wait for this
-    /// node's copy); a broker recovered from that copy holds each such
-    /// message for the subscriber. (`held`: the subscribers with a
+    /// a whole copy (for subscribers whose session was taken over from a
+    /// dead node, a copy holding every record of the log: nothing waits
+    /// for the adopter's copy); a broker recovered from that copy holds
+    /// each such message for the subscriber, or, for a session that moved
+    /// to node `k` and is not in its standby's copy yet, the node it came
+    /// from keeps it (`orphans`). (`held`: the subscribers with a
     /// session on node `k`; `moving`: client ids whose sessions were on
     /// their way from it. Sessions on their way to it or from it are not
     /// checked.)
@@ -1638,11 +1646,11 @@ impl Sim {
             .collect();
         let standbys: BTreeSet<Vec<u16>> =
             node.cores.iter().map(|c| c.standbys().to_vec()).collect();
-        // Every acknowledgement is in the copies. A session that moved
-        // here is not an acknowledgement of this node's, and the node it
-        // came from forgot it once it sent it (the move does not wait for
-        // this node's copy: a known gap), so only a copy that holds every
-        // record of the log answers for sessions that may have moved.
+        // Every acknowledgement is in the copies. A session taken over
+        // here is not an acknowledgement of this node's, and nothing else
+        // holds it until this node's copy does (a second death within
+        // that lag loses it), so only a copy that holds every record of
+        // the log answers for sessions taken over.
         let covered = node.cores.iter().all(|c| c.log_copies_cover_acks());
         let whole_log =
             (node.cores.iter()).all(|c| c.cluster_stats().replication.records_behind == 0);
@@ -1702,18 +1710,22 @@ impl Sim {
                 let r = &session.restored;
                 let messages =
                     (r.queue.iter().map(|(m, _)| m)).chain(r.inflight.iter().map(|i| &i.message));
-                for m in messages {
-                    let text = std::str::from_utf8(&m.payload).unwrap_or("");
-                    let mut f = text.split(':');
-                    if let (Some(Ok(from)), Some(Ok(seq))) =
-                        (f.next().map(str::parse), f.next().map(str::parse))
-                    {
-                        got.insert((from, seq));
-                    }
-                }
+                got.extend(messages.filter_map(|m| published_as(m)));
             }
         }
         self.copies.1 += 1;
+        let mut moved_away: BTreeMap<String, BTreeSet<(usize, u64)>> = BTreeMap::new();
+        for n in (self.nodes.iter().enumerate()).filter(|(q, n)| *q != k && n.up) {
+            for core in &n.1.cores {
+                for (id, to, messages) in core.kept_moves() {
+                    if to as usize != k {
+                        continue;
+                    }
+                    let got = moved_away.entry(id.to_string()).or_default();
+                    got.extend(messages.iter().filter_map(|m| published_as(m)));
+                }
+            }
+        }
         for (c, client) in self.clients.iter().enumerate() {
             let Role::Subscriber { filter, .. } = &client.role else {
                 continue;
@@ -1725,13 +1737,19 @@ impl Sim {
             if !held.contains(&c) || moving.contains(id) || coming.contains(id) || client.split {
                 continue;
             }
-            if client.roamed && !whole_log {
+            if client.taken_over && !whole_log {
                 continue;
             }
             if filter.starts_with("$share/") {
                 continue;
             }
             let in_copy = kept.get(&client.id);
+            // A session that moved to node k: until k's standbys held it,
+            // the node it came from kept it (`orphans`).
+            let in_kept = |from: usize, seq: u64| {
+                client.roamed
+                    && (moved_away.get(&*client.id)).is_some_and(|m| m.contains(&(from, seq)))
+            };
             for (&(from, seq), s) in &self.sent {
                 let owed = s.acked
                     && s.qos != QoS::AtMostOnce
@@ -1743,10 +1761,13 @@ impl Sim {
                     continue;
                 }
                 self.copies.2 += 1;
-                if !in_copy.is_some_and(|m| m.contains(&(from, seq))) {
+                let copied = in_copy.is_some_and(|m| m.contains(&(from, seq)));
+                if !copied && in_kept(from, seq) {
+                    self.orphans.4 += 1;
+                } else if !copied {
                     self.fail(&format!(
                         "{from}:{seq} on {} (acknowledged) owed to {} is neither delivered nor in \
-                         node {p}'s copy of node {k}'s log",
+                         node {p}'s copy of node {k}'s log, nor kept where it moved from",
                         s.topic, client.id
                     ));
                 }
@@ -1777,6 +1798,10 @@ impl Sim {
             self.adopted.0 += s.sessions_adopted;
             self.adopted.1 += s.adopted_messages;
             self.adopted.2 += s.adopted_stale;
+            self.orphans.0 += s.kept_confirmed + s.kept_unconfirmed + s.sessions_orphaned;
+            self.orphans.1 += s.sessions_orphaned;
+            self.orphans.2 += s.orphan_parts_taken;
+            self.orphans.3 += s.orphan_parts_superseded;
         }
     }
 
@@ -2271,6 +2296,7 @@ impl Sim {
             copies: self.copies,
             late_acks: self.late_acks,
             adopted: self.adopted,
+            orphans: self.orphans,
             refused: self.refused,
             minority_refused: self.minority_refused,
             routes_refused: self.routes_refused,
@@ -2331,6 +2357,11 @@ struct Outcome {
     /// sessions dropped as stale (their client was told first that its
     /// session was new).
     adopted: (u64, u64, u64),
+    /// Sessions moved away and kept until confirmed, kept ones sent on
+    /// when the node they went to died, their parts taken in and not
+    /// needed, and acknowledged messages a death check found only in a
+    /// kept copy.
+    orphans: (u64, u64, u64, u64, u64),
     refused: u64,
     minority_refused: u64,
     routes_refused: u64,
@@ -2362,6 +2393,11 @@ impl std::ops::AddAssign for Outcome {
         self.adopted.0 += o.adopted.0;
         self.adopted.1 += o.adopted.1;
         self.adopted.2 += o.adopted.2;
+        self.orphans.0 += o.orphans.0;
+        self.orphans.1 += o.orphans.1;
+        self.orphans.2 += o.orphans.2;
+        self.orphans.3 += o.orphans.3;
+        self.orphans.4 += o.orphans.4;
         self.refused += o.refused;
         self.minority_refused += o.minority_refused;
         self.routes_refused += o.routes_refused;
@@ -2373,6 +2409,14 @@ impl std::ops::AddAssign for Outcome {
         self.moved += o.moved;
         self.faulty += o.faulty;
     }
+}
+
+/// The publisher and sequence number a message's payload names
+/// ("from:seq"), if it does.
+fn published_as(m: &shardmq::message::Message) -> Option<(usize, u64)> {
+    let text = std::str::from_utf8(&m.payload).ok()?;
+    let mut f = text.split(':');
+    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
 }
 
 fn run(seed: u64) -> Outcome {
@@ -2419,7 +2463,10 @@ fn seeded_cluster_runs() {
          after the bridge's 10 s without a peer's confirmation; {} sessions taken over from \
          dead nodes' copies ({} dropped: their client was told first that its session was \
          new), and {} messages in flight to a dead node given to them; {} \
-         subscribers of those nodes told their session was gone",
+         subscribers of those nodes told their session was gone; {} sessions moved away and \
+         kept until their new node's standbys held them, {} of those sent on when that node \
+         died first ({} parts taken in, {} not needed: the copy held the move), {} \
+         acknowledged messages found at a death only in such a kept copy",
         seeds.len(),
         total.faulty,
         total.published,
@@ -2445,7 +2492,12 @@ fn seeded_cluster_runs() {
         total.adopted.0,
         total.adopted.2,
         total.adopted.1,
-        total.told_gone
+        total.told_gone,
+        total.orphans.0,
+        total.orphans.1,
+        total.orphans.2,
+        total.orphans.3,
+        total.orphans.4
     );
 }
 

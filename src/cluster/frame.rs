@@ -30,7 +30,7 @@ use crate::message::Message;
 use crate::router::SharedPick;
 
 /// The bridge protocol version this node speaks.
-pub const BRIDGE_VERSION: u16 = 10;
+pub const BRIDGE_VERSION: u16 = 11;
 /// Bytes before a frame's body: its length and kind.
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Longest topic filter or other string in a frame, in bytes (the MQTT
@@ -67,6 +67,8 @@ mod kind {
     pub const LOG_CHUNK: u8 = 23;
     pub const LOG_HAVE: u8 = 24;
     pub const ADOPTED: u8 = 25;
+    pub const SESSION_STORED: u8 = 26;
+    pub const ORPHANED: u8 = 27;
 }
 
 /// The first frame each side of a link sends.
@@ -291,6 +293,22 @@ pub enum Frame {
         /// Its run.
         incarnation: u64,
     },
+    /// The session of `client_id` that moved from the receiver to the
+    /// sender for claim `claim` is in the sender's log and in its
+    /// standbys' copies of it: the receiver forgets the copy it kept.
+    SessionStored {
+        /// Its number in the sender's stream ([`Frame::stream_seq`]).
+        seq: u64,
+        /// The client id.
+        client_id: Arc<str>,
+        /// The claim the move answered.
+        claim: u64,
+    },
+    /// Part of a session the sender moved to a node that was declared
+    /// down before it said the session was in its standbys' copies: for
+    /// the receiver, next after that node, to take in unless it took the
+    /// same session over from its copy of that node's log.
+    Orphaned(Box<Orphaned>),
 }
 
 impl Frame {
@@ -306,7 +324,9 @@ impl Frame {
             Frame::SessionTake { seq, .. }
             | Frame::MoveFence { seq, .. }
             | Frame::MoveFenceDone { seq, .. }
+            | Frame::SessionStored { seq, .. }
             | Frame::ClaimAcks { seq, .. } => Some(*seq),
+            Frame::Orphaned(o) => Some(o.seq),
             _ => None,
         }
     }
@@ -320,7 +340,9 @@ impl Frame {
             Frame::SessionTake { seq, .. }
             | Frame::MoveFence { seq, .. }
             | Frame::MoveFenceDone { seq, .. }
+            | Frame::SessionStored { seq, .. }
             | Frame::ClaimAcks { seq, .. } => *seq = to,
+            Frame::Orphaned(o) => o.seq = to,
             _ => {}
         }
     }
@@ -389,6 +411,29 @@ pub struct SessionMoved {
     /// back there), and the receiver drops the subscriptions it took from
     /// the offer.
     pub stays: bool,
+}
+
+/// Part of a session orphaned by a node's death ([`Frame::Orphaned`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Orphaned {
+    /// Its number in the sender's stream ([`Frame::stream_seq`]).
+    pub seq: u64,
+    /// The node the session moved to, declared down.
+    pub node: NodeName,
+    /// That node's run.
+    pub incarnation: u64,
+    /// The client id.
+    pub client_id: Arc<str>,
+    /// The claim the move answered.
+    pub claim: u64,
+    /// Session Expiry Interval, seconds.
+    pub expiry_s: u32,
+    /// Its subscriptions by full filter (the first part).
+    pub subscriptions: Vec<(String, crate::session::Subscription)>,
+    /// Inbound QoS 2 packet ids not yet released (the last part).
+    pub qos2_in: Vec<u16>,
+    /// Deliveries in this part, in order (in flight first).
+    pub deliveries: Vec<MovedDelivery>,
 }
 
 /// One delivery of a moving session.
@@ -651,12 +696,7 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             put_str(out, &o.client_id);
             out.put_u64(o.claim);
             out.put_u64(o.born);
-            out.put_u32(o.subscriptions.len() as u32);
-            for (filter, sub) in &o.subscriptions {
-                put_str(out, filter);
-                out.put_u8(codec::encode_options(&sub.options, Version::V5));
-                out.put_u32(sub.subscription_id.unwrap_or(0));
-            }
+            put_subscriptions(out, &o.subscriptions);
             put_marks(out, &o.seen);
         }
         Frame::MoveFence { seq, id } => {
@@ -719,21 +759,31 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u64(m.claim);
             out.put_u8(u8::from(m.last));
             out.put_u8(u8::from(m.stays));
-            out.put_u32(m.qos2_in.len() as u32);
-            for id in &m.qos2_in {
-                out.put_u16(*id);
-            }
+            put_packet_ids(out, &m.qos2_in);
             put_marks(out, &m.seen);
-            out.put_u32(m.deliveries.len() as u32);
-            for d in &m.deliveries {
-                out.put_u8(d.qos as u8 | u8::from(d.retain) << 2 | u8::from(d.released) << 3);
-                out.put_u16(d.packet_id);
-                out.put_u32(d.subscription_ids.len() as u32);
-                for id in &d.subscription_ids {
-                    out.put_u32(*id);
-                }
-                put_sized(out, |out| put_message(out, &d.message, now));
-            }
+            put_deliveries(out, &m.deliveries, now);
+        }
+        Frame::SessionStored {
+            seq,
+            client_id,
+            claim,
+        } => {
+            out.put_u8(kind::SESSION_STORED);
+            out.put_u64(*seq);
+            put_str(out, client_id);
+            out.put_u64(*claim);
+        }
+        Frame::Orphaned(o) => {
+            out.put_u8(kind::ORPHANED);
+            out.put_u64(o.seq);
+            put_str(out, o.node.as_str());
+            out.put_u64(o.incarnation);
+            put_str(out, &o.client_id);
+            out.put_u64(o.claim);
+            out.put_u32(o.expiry_s);
+            put_subscriptions(out, &o.subscriptions);
+            put_packet_ids(out, &o.qos2_in);
+            put_deliveries(out, &o.deliveries, now);
         }
         Frame::Retained(entries) => {
             out.put_u8(kind::RETAINED);
@@ -948,17 +998,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             let client_id = client_id(b)?;
             let claim = u64_(b)?;
             let born = u64_(b)?;
-            let subscriptions = list(b, 7, "subscription count beyond the frame", |b| {
-                let filter = filter(b)?.to_string();
-                let options = codec::decode_options(u8_(b)?, Version::V5)
-                    .map_err(|_| FrameError::Malformed("subscription options"))?;
-                let id = u32_(b)?;
-                let sub = crate::session::Subscription {
-                    options,
-                    subscription_id: (id != 0).then_some(id),
-                };
-                Ok((filter, sub))
-            })?;
+            let subscriptions = subscriptions(b)?;
             Frame::SessionOffer(Box::new(SessionOffer {
                 seq,
                 client_id,
@@ -1046,28 +1086,9 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
             let claim = u64_(b)?;
             let last = bool_(b)?;
             let stays = bool_(b)?;
-            let qos2_in = list(b, 2, "packet id count beyond the frame", |b| {
-                match u16_(b)? {
-                    0 => Err(FrameError::Malformed("packet id 0")),
-                    id => Ok(id),
-                }
-            })?;
+            let qos2_in = packet_ids(b)?;
             let seen = marks(b)?;
-            let deliveries = list(b, 11, "delivery count beyond the frame", |b| {
-                let flags = u8_(b)?;
-                let qos = codec::QoS::from_u8(flags & 3).ok_or(FrameError::Malformed("QoS 3"))?;
-                let packet_id = u16_(b)?;
-                let ids = list(b, 4, "subscription id count beyond the frame", u32_)?;
-                let message = message(&mut sized(b)?, now)?;
-                Ok(MovedDelivery {
-                    message: Arc::new(message),
-                    qos,
-                    retain: flags & 4 != 0,
-                    subscription_ids: ids.into_iter().collect(),
-                    packet_id,
-                    released: flags & 8 != 0,
-                })
-            })?;
+            let deliveries = deliveries(b, now)?;
             Frame::SessionMoved(Box::new(SessionMoved {
                 seq,
                 client_id,
@@ -1079,7 +1100,101 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                 stays,
             }))
         }
+        kind::SESSION_STORED => Frame::SessionStored {
+            seq: u64_(b)?,
+            client_id: client_id(b)?,
+            claim: u64_(b)?,
+        },
+        kind::ORPHANED => Frame::Orphaned(Box::new(Orphaned {
+            seq: u64_(b)?,
+            node: NodeName::new(&string(b)?).map_err(|_| FrameError::Malformed("node name"))?,
+            incarnation: u64_(b)?,
+            client_id: client_id(b)?,
+            claim: u64_(b)?,
+            expiry_s: u32_(b)?,
+            subscriptions: subscriptions(b)?,
+            qos2_in: packet_ids(b)?,
+            deliveries: deliveries(b, now)?,
+        })),
         _ => return Err(FrameError::Malformed("unknown frame kind")),
+    })
+}
+
+/// A session's subscriptions by full filter.
+fn put_subscriptions(out: &mut BytesMut, subs: &[(String, crate::session::Subscription)]) {
+    out.put_u32(subs.len() as u32);
+    for (filter, sub) in subs {
+        put_str(out, filter);
+        out.put_u8(codec::encode_options(&sub.options, Version::V5));
+        out.put_u32(sub.subscription_id.unwrap_or(0));
+    }
+}
+
+/// What [`put_subscriptions`] wrote.
+fn subscriptions(
+    b: &mut BytesMut,
+) -> Result<Vec<(String, crate::session::Subscription)>, FrameError> {
+    list(b, 7, "subscription count beyond the frame", |b| {
+        let filter = filter(b)?.to_string();
+        let options = codec::decode_options(u8_(b)?, Version::V5)
+            .map_err(|_| FrameError::Malformed("subscription options"))?;
+        let id = u32_(b)?;
+        let sub = crate::session::Subscription {
+            options,
+            subscription_id: (id != 0).then_some(id),
+        };
+        Ok((filter, sub))
+    })
+}
+
+/// Inbound QoS 2 packet ids.
+fn put_packet_ids(out: &mut BytesMut, ids: &[u16]) {
+    out.put_u32(ids.len() as u32);
+    for id in ids {
+        out.put_u16(*id);
+    }
+}
+
+/// What [`put_packet_ids`] wrote (none is 0).
+fn packet_ids(b: &mut BytesMut) -> Result<Vec<u16>, FrameError> {
+    list(b, 2, "packet id count beyond the frame", |b| {
+        match u16_(b)? {
+            0 => Err(FrameError::Malformed("packet id 0")),
+            id => Ok(id),
+        }
+    })
+}
+
+/// A moving session's deliveries.
+fn put_deliveries(out: &mut BytesMut, deliveries: &[MovedDelivery], now: Instant) {
+    out.put_u32(deliveries.len() as u32);
+    for d in deliveries {
+        out.put_u8(d.qos as u8 | u8::from(d.retain) << 2 | u8::from(d.released) << 3);
+        out.put_u16(d.packet_id);
+        out.put_u32(d.subscription_ids.len() as u32);
+        for id in &d.subscription_ids {
+            out.put_u32(*id);
+        }
+        put_sized(out, |out| put_message(out, &d.message, now));
+    }
+}
+
+/// What [`put_deliveries`] wrote.
+fn deliveries(b: &mut BytesMut, now: Instant) -> Result<Vec<MovedDelivery>, FrameError> {
+    list(b, 11, "delivery count beyond the frame", |b| {
+        let flags = u8_(b)?;
+        let qos = codec::QoS::from_u8(flags & 3).ok_or(FrameError::Malformed("QoS 3"))?;
+        let packet_id = u16_(b)?;
+        let ids = list(b, 4, "subscription id count beyond the frame", u32_)?;
+        let message = message(&mut sized(b)?, now)?;
+        Ok(MovedDelivery {
+            message: Arc::new(message),
+            qos,
+            retain: flags & 4 != 0,
+            subscription_ids: ids.into_iter().collect(),
+            packet_id,
+            released: flags & 8 != 0,
+        })
     })
 }
 
@@ -1653,6 +1768,29 @@ mod tests {
                 ],
                 last: true,
                 stays: false,
+            })),
+            Frame::SessionStored {
+                seq: 13,
+                client_id: Arc::from("dev-1"),
+                claim: 17,
+            },
+            Frame::Orphaned(Box::new(Orphaned {
+                seq: 14,
+                node: NodeName::new("n-2").unwrap(),
+                incarnation: 5,
+                client_id: Arc::from("dev-1"),
+                claim: 17,
+                expiry_s: 3600,
+                subscriptions: vec![("a/#".to_string(), sub(1, Some(4)))],
+                qos2_in: vec![9],
+                deliveries: vec![MovedDelivery {
+                    message: Arc::new(message()),
+                    qos: QoS::ExactlyOnce,
+                    retain: false,
+                    subscription_ids: [4].into_iter().collect(),
+                    packet_id: 3,
+                    released: false,
+                }],
             })),
         ];
         for f in &frames {

@@ -46,6 +46,9 @@ pub struct ShardImage {
     pub messages: BTreeMap<u64, MessageImage>,
     /// Message ids each session holds.
     by_session: HashMap<Sid, BTreeSet<u64>>,
+    /// Sessions that moved here whole from another node: the latest
+    /// claim such a move answered (`Rec::MovedIn`).
+    pub moved_in: BTreeMap<Sid, u64>,
     /// Accepted messages not known settled, by accept id.
     pub accepted: BTreeMap<u64, AcceptedImage>,
     /// Accepted messages up to here were applied everywhere.
@@ -130,6 +133,12 @@ impl ShardImage {
             Rec::Qos2Done { sid, packet_id } => {
                 if let Some(s) = self.sessions.get_mut(&sid) {
                     s.qos2_in.retain(|&p| p != packet_id);
+                }
+            }
+            Rec::MovedIn { sid, claim } => {
+                if self.sessions.contains_key(&sid) {
+                    let latest = self.moved_in.entry(sid).or_default();
+                    *latest = (*latest).max(claim);
                 }
             }
             Rec::Message {
@@ -287,6 +296,7 @@ impl ShardImage {
 
     fn end_session(&mut self, sid: Sid) {
         self.sessions.remove(&sid);
+        self.moved_in.remove(&sid);
         for id in self.by_session.remove(&sid).unwrap_or_default() {
             self.finish(sid, id);
         }

@@ -49,6 +49,8 @@ pub mod kind {
     pub const WILL_DONE: u8 = 16;
     /// An inbound QoS 2 packet id was released (PUBREL).
     pub const QOS2_DONE: u8 = 17;
+    /// A session moving here from another node came whole.
+    pub const MOVED_IN: u8 = 18;
     /// A message stored for sessions of this shard.
     pub const MESSAGE: u8 = 20;
     /// A stored message was sent to a session with a packet id.
@@ -239,6 +241,15 @@ pub enum Rec {
         /// The packet id.
         packet_id: u16,
     },
+    /// Every part of a session moving here from another node came, and
+    /// is in the records before this one (cluster mode: a copy of this
+    /// log that holds this record holds the whole move, `shard::orphans`).
+    MovedIn {
+        /// The session.
+        sid: Sid,
+        /// The claim the move answered.
+        claim: u64,
+    },
     /// A message stored for sessions of this shard. With no message it is a
     /// marker that the origin's message was applied here (kept until the
     /// origin has settled it).
@@ -400,6 +411,7 @@ impl Rec {
             Rec::WillDone { .. } => kind::WILL_DONE,
             Rec::SessionEnd { .. } => kind::SESSION_END,
             Rec::Qos2Done { .. } => kind::QOS2_DONE,
+            Rec::MovedIn { .. } => kind::MOVED_IN,
             Rec::Message { .. } => kind::MESSAGE,
             Rec::Sent { .. } => kind::SENT,
             Rec::Released { .. } => kind::RELEASED,
@@ -455,6 +467,10 @@ impl Rec {
             Rec::Qos2Done { sid, packet_id } => {
                 w.u64(*sid);
                 w.u16(*packet_id);
+            }
+            Rec::MovedIn { sid, claim } => {
+                w.u64(*sid);
+                w.u64(*claim);
             }
             Rec::Message {
                 id,
@@ -564,6 +580,10 @@ impl Rec {
             kind::QOS2_DONE => Rec::Qos2Done {
                 sid: r.u64()?,
                 packet_id: r.u16()?,
+            },
+            kind::MOVED_IN => Rec::MovedIn {
+                sid: r.u64()?,
+                claim: r.u64()?,
             },
             kind::MESSAGE => {
                 let id = r.u64()?;
@@ -1117,6 +1137,10 @@ mod tests {
             Rec::Qos2Done {
                 sid: 2,
                 packet_id: 65535,
+            },
+            Rec::MovedIn {
+                sid: 2,
+                claim: 1_700_000_000_000,
             },
             Rec::Message {
                 id: 11,

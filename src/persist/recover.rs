@@ -276,6 +276,9 @@ pub struct AdoptedSession {
     /// its will (every peer publishes a dead node's wills) and with no
     /// delivery stored on the adopting node yet (`stored` is None).
     pub restored: Restored,
+    /// The latest claim whose move brought it whole to the dead node and
+    /// is in the copy (`Rec::MovedIn`; 0: none).
+    pub moved_in: u64,
 }
 
 /// What reading a peer's log copy gave ([`read_copy`]).
@@ -348,9 +351,14 @@ pub fn read_copy(
         let mut restored = restore(&g, &no_ids, &clock, &mut counts);
         restored.pending_will = None;
         counts.sessions += 1;
+        let moved_in = (images.iter().find(|i| i.shard == g.old_shard))
+            .and_then(|i| i.moved_in.get(&g.rec.sid))
+            .copied()
+            .unwrap_or(0);
         sessions.push(AdoptedSession {
             client_id: Arc::from(g.rec.client_id.as_str()),
             restored,
+            moved_in,
         });
     }
     lines.push(format!(

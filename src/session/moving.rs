@@ -69,15 +69,32 @@ impl Session {
         self.queue_waits.1 += 1;
         // What it had before: a QoS 2 delivery that comes with the move
         // and that this copy went through already is not taken again.
-        if self.pre_move.is_none() {
-            let filters = (self.subscriptions.keys())
-                .filter(|f| !f.starts_with("$share/"))
-                .take(MARKED_FILTERS_MAX)
-                .cloned()
-                .collect();
-            let marks = self.seen.as_deref().cloned().unwrap_or_default();
-            self.pre_move = Some(Box::new(MovedMarks { marks, filters }));
+        self.begin_merge();
+    }
+
+    /// Another copy of this session is about to be merged in: a QoS 2
+    /// delivery it brings that this copy went through already (within
+    /// what reached it, through a subscription it has) is not taken again
+    /// ([`Session::take_deliveries`]). True when this call marked it (a
+    /// move in marks it for its whole length); [`Session::end_merge`]
+    /// then clears it.
+    pub fn begin_merge(&mut self) -> bool {
+        if self.pre_move.is_some() {
+            return false;
         }
+        let filters = (self.subscriptions.keys())
+            .filter(|f| !f.starts_with("$share/"))
+            .take(MARKED_FILTERS_MAX)
+            .cloned()
+            .collect();
+        let marks = self.seen.as_deref().cloned().unwrap_or_default();
+        self.pre_move = Some(Box::new(MovedMarks { marks, filters }));
+        true
+    }
+
+    /// The merge [`Session::begin_merge`] marked is done.
+    pub fn end_merge(&mut self) {
+        self.pre_move = None;
     }
 
     /// Take a subscription the session had on the node it comes from,

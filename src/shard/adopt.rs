@@ -109,15 +109,16 @@ pub(super) struct Adoptions {
     /// came from, their key and uid. Pruned of sessions gone.
     pub(super) taken: Vec<Taken>,
     /// Shard 0: the runs declared down whose adoption this node decided,
-    /// and whether it took their sessions (latest [`DECIDED_KEPT`]).
-    decided: VecDeque<(Run, bool)>,
+    /// and whether it took their sessions, with the peer's index (latest
+    /// [`DECIDED_KEPT`]).
+    pub(super) decided: VecDeque<(Run, bool, u16)>,
     /// Shard 0: messages for the sessions of runs not decided yet (or
     /// whose sessions every shard has not taken in yet).
     pending: VecDeque<Pending>,
     pending_bytes: usize,
     /// Shard 0: runs taken over whose sessions some shards have not taken
     /// in yet, and how many.
-    taking: Vec<(Run, usize)>,
+    pub(super) taking: Vec<(Run, usize)>,
     /// Shard 0: runs this node is next after, whose end of adoption the
     /// peers and this node's shards are told of once every shard took its
     /// sessions in (or at once when none are taken).
@@ -199,7 +200,7 @@ impl ShardCore {
         if a.decided.len() == DECIDED_KEPT {
             a.decided.pop_front();
         }
-        a.decided.push_back((key.clone(), count > 0));
+        a.decided.push_back((key.clone(), count > 0, peer));
         if next && !a.tell.contains(&key) {
             a.tell.push(key.clone());
         }
@@ -227,6 +228,9 @@ impl ShardCore {
             self.mesh.broadcast(|| MeshMsg::Adopted { of: of.clone() });
             self.adoption_over(st, &of);
         }
+        // Sessions orphaned by that run's death first: the messages held
+        // may be for them.
+        self.release_orphans(st, now, of);
         let a = match st.remote.as_mut() {
             Some(r) => &mut r.adoptions,
             None => return,
@@ -443,13 +447,14 @@ impl ShardCore {
                 continue;
             }
             if shard == self.id {
-                self.adopt_here(&mut st, now, peer, (node.clone(), run), sessions);
+                self.adopt_here(&mut st, now, peer, (node.clone(), run), sessions, None);
             } else {
                 let msg = MeshMsg::Adopt {
                     peer,
                     node: node.clone(),
                     run,
                     sessions,
+                    orphan: None,
                 };
                 self.mesh.send(shard, msg);
             }
@@ -457,7 +462,9 @@ impl ShardCore {
         count
     }
 
-    /// On the home shard: take in `sessions` of peer `peer`'s run `of`.
+    /// On the home shard: take in `sessions` of peer `peer`'s run `of`:
+    /// from the copy of its log, or (`orphan`: the claim of its move) one
+    /// that moved there and was orphaned by its death (`orphans`).
     pub(super) fn adopt_here(
         &self,
         st: &mut State,
@@ -465,6 +472,7 @@ impl ShardCore {
         peer: u16,
         of: Run,
         sessions: Vec<AdoptedSession>,
+        orphan: Option<u64>,
     ) {
         let run = of.1;
         // Those gone since the last adoption go from the list.
@@ -475,8 +483,12 @@ impl ShardCore {
         for AdoptedSession {
             client_id,
             restored: mut bare,
+            moved_in,
         } in sessions
         {
+            if !self.orphan_wanted(st, now, &of, &client_id, (orphan, moved_in)) {
+                continue;
+            }
             // Taken in below, whether into a new session or one here.
             let subscriptions = std::mem::take(&mut bare.subscriptions);
             let qos2_in = std::mem::take(&mut bare.qos2_in);
@@ -512,7 +524,7 @@ impl ShardCore {
             }
             let key = match here {
                 Some(key) => {
-                    if let Some(r) = st.remote.as_mut() {
+                    if let (Some(r), None) = (st.remote.as_mut(), orphan) {
                         r.adoptions.merged += 1;
                     }
 
@@ -556,12 +568,15 @@ impl ShardCore {
             Self::note_split(st, &client_id);
             let uid = st.sessions.get(key).map_or(0, |s| s.uid);
             if let Some(r) = st.remote.as_mut() {
-                r.adoptions.taken.push(Taken {
-                    peer,
-                    run: of.clone(),
-                    key,
-                    uid,
-                });
+                let taken = &mut r.adoptions.taken;
+                if !taken.iter().any(|t| t.key == key && t.uid == uid) {
+                    taken.push(Taken {
+                        peer,
+                        run: of.clone(),
+                        key,
+                        uid,
+                    });
+                }
             }
             // A copy of one of its messages that comes later by a slower
             // path (held in a lane here, say) is skipped: what the dead
@@ -589,18 +604,30 @@ impl ShardCore {
                 .collect();
             if let Some(slot) = st.sessions.get_mut(key) {
                 slot.session.note_moved_ids(ids);
+                // An orphaned copy merged into one here (taken over from
+                // a copy of the log without its move, or its client came
+                // back): its QoS 2 messages this one went through already
+                // do not come again.
+                let marked = here.is_some() && orphan.is_some() && slot.session.begin_merge();
                 slot.session.take_deliveries(now, inflight, queue);
+                if marked {
+                    slot.session.end_merge();
+                }
                 slot.session.take_qos2_in(&qos2_in);
                 slot.session.take_marks(&marks, filters, true);
             }
-            if let Some(r) = st.remote.as_mut() {
-                r.adoptions.sessions += 1;
-                r.adoptions.deliveries += count;
+            match (st.remote.as_mut(), orphan) {
+                (Some(r), None) => {
+                    r.adoptions.sessions += 1;
+                    r.adoptions.deliveries += count;
+                }
+                (Some(r), Some(_)) => r.orphans.taken += 1,
+                (None, _) => {}
             }
             Self::skip_copies_for_a_while(st, now, key);
             Self::after_step(st, key, now);
         }
-        if self.id != 0 {
+        if self.id != 0 && orphan.is_none() {
             self.mesh.send(0, MeshMsg::AdoptDone { of });
         }
     }
@@ -706,7 +733,7 @@ impl ShardCore {
             return;
         };
         let a = &mut r.adoptions;
-        let decided = a.decided.iter().any(|(k, _)| *k == p.of);
+        let decided = a.decided.iter().any(|(k, _, _)| *k == p.of);
         if decided && !a.taking.iter().any(|(k, _)| *k == p.of) {
             self.adopted_message(st, now, p);
         } else if a.pending.len() >= ADOPT_PENDING_MAX
@@ -768,7 +795,7 @@ impl ShardCore {
         let took = st
             .remote
             .as_ref()
-            .is_some_and(|r| (r.adoptions.decided.iter()).any(|(k, took)| *k == of && *took));
+            .is_some_and(|r| (r.adoptions.decided.iter()).any(|(k, took, _)| *k == of && *took));
         if !took {
             if let Some(r) = st.remote.as_mut() {
                 r.adoptions.messages_dropped += u64::from(!will);

@@ -420,6 +420,20 @@ impl Bridge {
                 let Some((link, dropped)) = self.peers.borrow_mut().down(index, &node) else {
                     return;
                 };
+                // A newer run of it up already (a restart) recovered its
+                // own log: nothing to take over.
+                let newer = self
+                    .peers
+                    .borrow()
+                    .node(index)
+                    .is_some_and(|n| n.name == node.name && n.incarnation > node.incarnation);
+                // The sessions that moved there and are not in its
+                // standbys' copies yet go to the node that takes its
+                // sessions over (before its moves end).
+                if !newer {
+                    let adopter = self.adopter_of(node.name.as_str());
+                    self.core.orphan_moves(now, index, &node, adopter);
+                }
                 self.core.peer_run_ended(now, index, node.incarnation);
                 // Its answers to move fences will not come.
                 self.fence_answered(now, None, index);
@@ -432,13 +446,6 @@ impl Bridge {
                 }
                 self.forget_routes(index);
                 self.core.peer_routes_gone(index, node.incarnation);
-                // A newer run of it up already (a restart) recovered its
-                // own log: nothing to take over.
-                let newer = self
-                    .peers
-                    .borrow()
-                    .node(index)
-                    .is_some_and(|n| n.name == node.name && n.incarnation > node.incarnation);
                 if !newer {
                     self.core.await_adoption(now, &node);
                 }
@@ -1494,12 +1501,21 @@ impl Bridge {
             return;
         }
         if let (
-            Frame::SessionOffer(_) | Frame::SessionTake { .. } | Frame::SessionMoved(_),
+            Frame::SessionOffer(_)
+            | Frame::SessionTake { .. }
+            | Frame::SessionMoved(_)
+            | Frame::SessionStored { .. },
             false,
         ) = (&f, link.outbound)
         {
             if let Some(index) = link.peer.get() {
                 self.core.handle_session_frame(now, index, f);
+            }
+            return;
+        }
+        if let (Frame::Orphaned(_), false) = (&f, link.outbound) {
+            if let (Frame::Orphaned(part), Some(_)) = (f, link.peer.get()) {
+                self.core.orphan_arrived(now, part);
             }
             return;
         }
@@ -1828,6 +1844,9 @@ impl Bridge {
                     Frame::SessionMoved(m) => m
                         .deliveries
                         .iter()
+                        .map(|d| d.message.cost_bytes() + 64)
+                        .sum::<usize>(),
+                    Frame::Orphaned(o) => (o.deliveries.iter())
                         .map(|d| d.message.cost_bytes() + 64)
                         .sum::<usize>(),
                     _ => 0,

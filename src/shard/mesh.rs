@@ -194,7 +194,13 @@ pub enum MeshMsg {
         run: u64,
         /// The sessions.
         sessions: Vec<crate::persist::recover::AdoptedSession>,
+        /// A session orphaned by that run's death (`orphans`): the claim
+        /// of its move there.
+        orphan: Option<u64>,
     },
+    /// To shard 0: part of a session orphaned by a peer's death, sent
+    /// here by a node it moved from (`orphans`).
+    Orphaned(Box<crate::cluster::frame::Orphaned>),
     /// To shard 0: a message for the sessions taken over from a peer's
     /// run (name, incarnation) declared down (`adopt`).
     ForAdopted(Box<super::adopt::Pending>),

@@ -80,6 +80,7 @@ pub mod latency;
 pub mod mesh;
 mod moves;
 pub mod notify;
+mod orphans;
 mod pressure;
 mod remote;
 mod restore;
@@ -286,6 +287,10 @@ struct SessionSlot {
     /// copy taken over from that node (`adopt`) is this session (what the
     /// move did not bring), not an older one. Cleared once taken in.
     cut_short_from: Option<Arc<str>>,
+    /// In a cluster: the latest claim whose move brought the session here
+    /// whole, as its log says (`Rec::MovedIn`, written again when
+    /// compaction rewrites the session; 0: none).
+    moved_in: u64,
     /// Restored from the log and not connected since: its will is the
     /// previous run's, which the peers published already (this node
     /// publishes it to its own subscribers only, and exports it not).
@@ -326,6 +331,7 @@ impl SessionSlot {
             born: 0,
             born_told: false,
             cut_short_from: None,
+            moved_in: 0,
             username: None,
             token_rules: None,
             counted_queued: 0,
@@ -1008,7 +1014,9 @@ impl ShardCore {
         Self::expire_tombstones(&mut st, now);
         self.release_overdue_claims(&mut st, now);
         self.release_overdue_moves(&mut st, now);
+        self.expire_kept(&mut st, now);
         Self::expire_adopt_pending(&mut st, now);
+        self.expire_orphans(&mut st, now);
         while let Some(Reverse((at, key))) = st.timers.peek().copied() {
             if at > now {
                 break;

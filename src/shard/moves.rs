@@ -36,9 +36,11 @@
 //! what it held but QoS 2 messages within the marks of A's offer, A keeps
 //! its session, and parts that come after are dropped (counted). What a
 //! link loses during a move (a broken link, a killed node) is lost with
-//! it, and a session that moved is in the new node's standby copy
-//! (`durable::replicate`) only once that copy catches up: A does not wait
-//! for it.
+//! it. A session that moved is in B's standby copy
+//! (`durable::replicate`) only once that copy catches up: B writes
+//! `Rec::MovedIn` after the parts and tells A behind its sync gate
+//! ([`Frame::SessionStored`]); until then A keeps a copy (`orphans`),
+//! which goes to the node taking B's sessions over if B dies first.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -80,7 +82,7 @@ pub const GIVEN_UP_KEPT: usize = 256;
 
 /// Bytes of messages per [`Frame::SessionMoved`] part (one larger
 /// message goes alone).
-const MOVE_PART_BYTES: usize = 256 << 10;
+pub(super) const MOVE_PART_BYTES: usize = 256 << 10;
 
 /// Bytes of messages one move carries at most; deliveries past it are
 /// dropped, counted and logged.
@@ -331,6 +333,7 @@ impl ShardCore {
             Frame::SessionOffer(o) => o.client_id.clone(),
             Frame::SessionTake { client_id, .. } => client_id.clone(),
             Frame::SessionMoved(m) => m.client_id.clone(),
+            Frame::SessionStored { client_id, .. } => client_id.clone(),
             _ => return,
         };
         let home = home_shard(&client_id, self.shards);
@@ -355,6 +358,9 @@ impl ShardCore {
                 client_id, claim, ..
             } => self.take_asked(st, now, from, client_id, claim),
             Frame::SessionMoved(m) => self.moved_part(st, now, from, *m),
+            Frame::SessionStored {
+                client_id, claim, ..
+            } => Self::moved_stored(st, from, &client_id, claim),
             _ => {}
         }
     }
@@ -641,6 +647,11 @@ impl ShardCore {
         };
         let qos2_in = slot.session.durable_state().qos2_in;
         let seen = slot.session.seen_marks();
+        // Kept until that node's standbys hold it (`orphans`).
+        self.keep_moving(st, now, key, (from, claim), &deliveries, &qos2_in);
+        let Some(slot) = st.sessions.get_mut(key) else {
+            return;
+        };
         // Its client is back (on that node): the session ends without
         // its will.
         slot.session.cancel_pending_will();
@@ -1155,6 +1166,14 @@ impl ShardCore {
             r.moves.inbound.remove(client_id);
             r.moves.recent.push_back((now + MOVED_IDS_KEPT, key, uid));
         }
+        if end == MoveEnd::Whole {
+            let last =
+                (st.remote.as_ref()).is_none_or(|r| !r.moves.inbound.contains_key(client_id));
+            self.moved_in_whole(st, key, uid, (from, client_id, offer.claim), last);
+        }
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
         match end {
             MoveEnd::Whole => r.moves.moved_in += 1,
             MoveEnd::Stays => r.moves.stayed += 1,
@@ -1292,6 +1311,12 @@ impl ShardCore {
             return;
         };
         r.moves.out.retain(|_, o| o.to != peer);
+        // What is kept for it and not sent on (`orphan_moves`): a newer
+        // run of it recovered its own log.
+        Self::kept_for_gone(st, peer);
+        let Some(r) = st.remote.as_mut() else {
+            return;
+        };
         // A session about to go there stays (its fence passes as the
         // peer's run ends: it must not be sent into that link).
         r.moves.fences.retain(|_, f| f.to != peer);

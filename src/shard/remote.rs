@@ -219,6 +219,26 @@ pub struct ClusterStats {
     /// Such messages that found no session here (this node took none of
     /// that run's, or they waited too long for the decision).
     pub adopted_messages_dropped: u64,
+    /// Sessions that moved away kept here now (`orphans`), until the node
+    /// they went to has them in its standbys' copies.
+    pub sessions_kept: u64,
+    /// Kept sessions that node confirmed, and those dropped without its
+    /// word (60 s, the byte bound, or a newer run of it recovered its
+    /// log).
+    pub kept_confirmed: u64,
+    /// See [`ClusterStats::kept_confirmed`].
+    pub kept_unconfirmed: u64,
+    /// Kept sessions sent to the node that took over from the node they
+    /// went to, declared down first.
+    pub sessions_orphaned: u64,
+    /// Parts of such sessions taken in here, those not needed (the copy
+    /// taken over held the move), and those dropped (no decision on their
+    /// node in time, or past the byte bound).
+    pub orphan_parts_taken: u64,
+    /// See [`ClusterStats::orphan_parts_taken`].
+    pub orphan_parts_superseded: u64,
+    /// See [`ClusterStats::orphan_parts_taken`].
+    pub orphan_parts_dropped: u64,
     /// The log's copies on standbys, and the copies kept here.
     pub replication: super::ReplicationStats,
 }
@@ -265,6 +285,8 @@ pub(super) struct Remote {
     pub(super) moves: super::moves::Moves,
     /// Sessions taken over from dead nodes.
     pub(super) adoptions: super::adopt::Adoptions,
+    /// Sessions moved away and kept, and those orphaned by a death.
+    pub(super) orphans: super::orphans::Orphans,
     /// This node handed its wills over and is leaving: the peers publish
     /// what it still holds, so a will it publishes now goes to its own
     /// subscribers only.
@@ -345,6 +367,7 @@ impl ShardCore {
             claims: super::claims::Claims::new(Arc::from(self.config.cluster.node_id.as_str())),
             moves: super::moves::Moves::new(&self.config.cluster.node_id, self.boot_stamp, self.id),
             adoptions: Default::default(),
+            orphans: Default::default(),
         });
         // Sessions restored from the log: their wills. (A connection
         // attached before the cluster started would be claimed too; the
@@ -710,6 +733,13 @@ impl ShardCore {
             adopted_stale_deliveries: r.adoptions.stale_deliveries,
             adopted_messages: r.adoptions.messages_delivered,
             adopted_messages_dropped: r.adoptions.messages_dropped,
+            sessions_kept: r.orphans.kept_len() as u64,
+            kept_confirmed: r.orphans.confirmed,
+            kept_unconfirmed: r.orphans.unconfirmed,
+            sessions_orphaned: r.orphans.orphaned,
+            orphan_parts_taken: r.orphans.taken,
+            orphan_parts_superseded: r.orphans.superseded,
+            orphan_parts_dropped: r.orphans.dropped,
             replication: (st.store.as_ref())
                 .map_or_else(Default::default, |s| s.replication_stats()),
         })

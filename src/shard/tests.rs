@@ -1486,3 +1486,135 @@ fn a_subscriber_behind_holds_its_publishers_until_it_catches_up() {
     c0.check_invariants();
     c1.check_invariants();
 }
+
+/// A session orphaned by the death of the node it moved to (the node it
+/// came from sends what it kept, `orphans`) is taken in as a session
+/// taken over from that node's run once this node decided on the run;
+/// it is not needed when the copy of that node's log taken over here says
+/// the same move came whole, and merged (each message once) when the copy
+/// holds only an older one; a part whose run is never decided here waits
+/// at most `ADOPT_PENDING_WAIT`.
+#[test]
+fn an_orphaned_session_is_taken_in_unless_the_copy_taken_over_holds_its_move() {
+    use super::admin::{AdminAnswer, AdminRequest};
+    use crate::cluster::frame::{MovedDelivery, Orphaned};
+    use crate::cluster::node::{Node, NodeName};
+    use crate::persist::recover::AdoptedSession;
+    use crate::session::{Delivery, Restored, Subscription};
+    let c = core_with(0, 1, |c| c.cluster.node_id = "c".into());
+    let t0 = Instant::now();
+    c.enable_cluster(t0, crate::persist::WallClock::now());
+    let dead = |incarnation| Node {
+        name: NodeName::new("b").unwrap(),
+        addr: "10.0.0.2:7000".parse().unwrap(),
+        incarnation,
+        rejoin: 0,
+        shards: 1,
+    };
+    let message = |id: u64| {
+        Arc::new(crate::message::Message {
+            topic: "t/1".into(),
+            payload: Bytes::from(format!("m{id}")),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Default::default(),
+            expires_at: None,
+            publisher: None,
+            id: 7 << 32 | id,
+        })
+    };
+    let delivery = |id| MovedDelivery {
+        message: message(id),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        subscription_ids: Default::default(),
+        packet_id: 0,
+        released: false,
+    };
+    let sub = Subscription {
+        options: codec::SubOptions {
+            qos: QoS::AtLeastOnce,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+        },
+        subscription_id: None,
+    };
+    let part = |client_id: &str, incarnation, claim, ids: &[u64]| {
+        Box::new(Orphaned {
+            seq: 0,
+            node: NodeName::new("b").unwrap(),
+            incarnation,
+            client_id: Arc::from(client_id),
+            claim,
+            expiry_s: 3600,
+            subscriptions: vec![("t/#".to_string(), sub.clone())],
+            qos2_in: Vec::new(),
+            deliveries: ids.iter().map(|&i| delivery(i)).collect(),
+        })
+    };
+    let queued = |id: &str| match c.admin(
+        t0,
+        AdminRequest::Client {
+            client_id: id.into(),
+        },
+    ) {
+        AdminAnswer::Client(Some(d)) => Some((d.info.queued, d.info.subscriptions)),
+        _ => None,
+    };
+    // Before this node decided on run 4 of "b": it waits.
+    c.orphan_arrived(t0, part("dev-1", 4, 10, &[1, 2]));
+    assert_eq!(queued("dev-1"), None);
+    // Decided (nothing taken from a copy here): taken in.
+    c.adopt_if_mine(t0, 1, &dead(4), (true, false));
+    assert_eq!(queued("dev-1"), Some((2, 1)));
+    // Copies of the dead node's log taken over: dev-2's says the move for
+    // claim 10 came whole, dev-3's only an older one (claim 8).
+    let copy = |client_id: &str, moved_in, ids: &[u64]| AdoptedSession {
+        client_id: Arc::from(client_id),
+        restored: Restored {
+            expiry_s: 3600,
+            offline_since: t0,
+            subscriptions: vec![("t/#".to_string(), sub.clone())],
+            qos2_in: Vec::new(),
+            pending_will: None,
+            inflight: Vec::new(),
+            queue: (ids.iter())
+                .map(|&i| {
+                    let d = Delivery {
+                        qos: QoS::AtLeastOnce,
+                        retain: false,
+                        subscription_ids: Default::default(),
+                        stored: None,
+                    };
+                    (message(i), d)
+                })
+                .collect(),
+        },
+        moved_in,
+    };
+    {
+        let mut st = c.state.borrow_mut();
+        let run = (Arc::from("b"), 4);
+        let sessions = vec![copy("dev-2", 10, &[3]), copy("dev-3", 8, &[5])];
+        c.adopt_here(&mut st, t0, 1, run, sessions, None);
+    }
+    c.orphan_arrived(t0, part("dev-2", 4, 10, &[3, 4]));
+    assert_eq!(
+        queued("dev-2"),
+        Some((1, 1)),
+        "the copy held the whole move"
+    );
+    c.orphan_arrived(t0, part("dev-3", 4, 10, &[5, 6]));
+    assert_eq!(queued("dev-3"), Some((2, 1)), "merged, each message once");
+    let s = c.cluster_stats();
+    assert_eq!((s.orphan_parts_taken, s.orphan_parts_superseded), (2, 1));
+    // A run never declared down here: dropped after the wait.
+    c.orphan_arrived(t0, part("dev-4", 9, 10, &[7]));
+    let wait = super::adopt::ADOPT_PENDING_WAIT;
+    c.handle_tick(t0 + wait - Duration::from_millis(1));
+    assert_eq!(c.cluster_stats().orphan_parts_dropped, 0);
+    c.handle_tick(t0 + wait);
+    assert_eq!(c.cluster_stats().orphan_parts_dropped, 1);
+    assert_eq!(queued("dev-4"), None);
+}

@@ -286,6 +286,15 @@ fn rewrite_session(
     };
     match store.put_session(d.sid, &slot.session) {
         Ok((seg, bytes)) => {
+            // The mark of a whole move in goes with the session (after
+            // its rewrite, as after the move's records).
+            if slot.moved_in != 0 {
+                let mark = Rec::MovedIn {
+                    sid: d.sid,
+                    claim: slot.moved_in,
+                };
+                store.rec.note(&mark);
+            }
             store.live.live_bytes = store.live.live_bytes - u64::from(d.bytes) + u64::from(bytes);
             store.live.track(seg, Obj::Session(key, uid));
             slot.durable = Some(DurableSlot {

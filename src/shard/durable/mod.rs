@@ -231,6 +231,8 @@ struct SyncGate {
     after_sync: Vec<(u64, usize, MeshMsg)>,
     /// How many of those wait for each shard.
     waiting_for: Vec<usize>,
+    /// Frames for peers that wait for a sync: (sequence needed, frame).
+    frames_after_sync: Vec<(u64, super::remote::BridgeOut)>,
     /// Power-safe compaction: segments up to the second number are deleted
     /// once records below the first are synced.
     pending_removal: Option<(u64, u64)>,
@@ -374,6 +376,7 @@ impl Store {
                 closing_waiters: Vec::new(),
                 after_sync: Vec::new(),
                 waiting_for: vec![0; shards],
+                frames_after_sync: Vec::new(),
                 pending_removal: None,
             },
             retry: VecDeque::new(),
@@ -470,6 +473,25 @@ impl Store {
         let waiting = (self.gate.after_sync.iter().rev()).find(|(_, t, _)| *t == to);
         let seq = waiting.map_or(0, |(seq, _, _)| *seq);
         self.hold_for(seq, to, msg);
+    }
+
+    /// True when every record asked for so far is in the log (none waits
+    /// for room, `retry`): a mark written now follows them.
+    pub(super) fn all_written(&self) -> bool {
+        self.retry.is_empty()
+    }
+
+    /// `out` for the bridge once a standby waited for holds the records
+    /// written so far (and, power-safe, they are synced): held until then
+    /// and sent by [`ShardCore::release_gate`]. False when no standby is
+    /// waited for (none up, or every one behind): `out` is not sent.
+    pub(super) fn bridge_after_standbys(&mut self, out: super::remote::BridgeOut) -> bool {
+        if !self.replication.waits() {
+            return false;
+        }
+        let seq = self.rec.log.next_seq();
+        self.gate.frames_after_sync.push((seq, out));
+        true
     }
 
     fn hold_for(&mut self, seq: u64, to: usize, msg: MeshMsg) {

@@ -8,8 +8,10 @@
 //! and brings their answers back ([`ShardCore::log_have`]). What is
 //! acknowledged waits for the copies through the same gate as power-safe
 //! mode's syncs (`sync`): session output, messages to other shards that
-//! name an origin, `Applied` answers and peers' confirmations are held
-//! until every standby holds the records written before them, whole. A
+//! name an origin, `Applied` answers, peers' confirmations and the word
+//! that a session moved here is whole ([`Frame::SessionStored`],
+//! `orphans`) are held until every standby holds the records written
+//! before them, whole. A
 //! standby that holds nothing new for [`REPLICA_WAIT`] stops being waited
 //! for (logged, counted) until it catches up again; a node with no
 //! standby up waits for none.

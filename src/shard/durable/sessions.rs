@@ -99,6 +99,20 @@ impl ShardCore {
         }
     }
 
+    /// Every part of a session moving here came (the move answered
+    /// `claim`): its log says so after what the parts brought, so that a
+    /// copy of the log holding this record holds the whole move.
+    pub(in crate::shard) fn durable_moved_in(st: &mut State, key: SessionKey, claim: u64) {
+        let Some(slot) = st.sessions.get_mut(key) else {
+            return;
+        };
+        slot.moved_in = slot.moved_in.max(claim);
+        let (Some(store), Some(d)) = (st.store.as_mut(), slot.durable) else {
+            return;
+        };
+        store.rec.note(&Rec::MovedIn { sid: d.sid, claim });
+    }
+
     /// A subscription of a persistent session changed (`None`: removed).
     pub(in crate::shard) fn durable_subscription(
         st: &mut State,

@@ -153,6 +153,13 @@ impl ShardCore {
             }
         }
         store.gate.after_sync = later;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut store.gate.frames_after_sync)
+            .into_iter()
+            .partition(|(seq, _)| *seq <= synced);
+        store.gate.frames_after_sync = later;
+        if let Some(r) = st.remote.as_mut() {
+            r.out.extend(due.into_iter().map(|(_, out)| out));
+        }
         for c in std::mem::take(&mut store.gate.closing_waiters) {
             c.wake.notify();
         }
