@@ -2,7 +2,9 @@
 # Compare shardmq with Mosquitto and FlashMQ on this machine, with
 # shardmq-bench, beside the floor: shardmq-floor (loadtest/src/bin/floor.rs),
 # a relay on shardmq's runtime that does only what the load generator needs
-# of a broker, so each row has a reference no broker here can beat.
+# of a broker, so each closed-loop row has a reference no broker here can
+# beat (at low fixed rates and in the fleet rows it is no floor: a
+# single-threaded broker can spend less per message there).
 #
 # Builds shardmq and shardmq-bench (release), installs Mosquitto from the
 # distribution's packages if it is missing, then runs the same scenario
@@ -24,7 +26,7 @@
 # Environment knobs (defaults in brackets):
 #   DURATION [10]  measured seconds per throughput / latency row
 #   WARMUP   [2]   unmeasured seconds before each
-#   IDLE     [10000] idle connections for the last row
+#   IDLE     [10000] idle connections for the first row (fresh broker)
 #   SKIP_BUILD=1   use the binaries already in target/release
 #   BROKERS ["floor shardmq mosquitto flashmq"]
 #   FLASHMQ        FlashMQ's binary (unset: FlashMQ is skipped)
@@ -325,7 +327,7 @@ seps() { for _ in $BROKERS; do printf -- '---|'; done; }
   echo "- shardmq: commit $SHARDMQ_REV, \`shardmq --listen 127.0.0.1:$PORT_SHARDMQ --shards 2 --data-dir DIR\` (default config: kill-safe log, inflight 128, queue 100,000 messages / 16 MiB)"
   echo "- Mosquitto: ${MOSQ_VER:-not run}, single-threaded; config: listener 127.0.0.1:$PORT_MOSQUITTO, allow_anonymous, no persistence, max_inflight_messages 128, max_queued_messages 100000, set_tcp_nodelay true"
   echo "- FlashMQ: ${FLASHMQ_VER:-not run}; config: thread_count 2, listen 127.0.0.1:$PORT_FLASHMQ, allow_anonymous, no persistence"
-  [[ " $BROKERS " == *" floor "* ]] && echo "- floor (relay): \`shardmq-floor --listen 127.0.0.1:$PORT_FLOOR\` (loadtest/src/bin/floor.rs): one glommio executor relaying each PUBLISH's bytes unchanged to the subscribers of its topic and answering only what the load generator waits for; no sessions, queues, limits or log: a reference per row that no broker here can beat, not a broker"
+  [[ " $BROKERS " == *" floor "* ]] && echo "- floor (relay): \`shardmq-floor --listen 127.0.0.1:$PORT_FLOOR\` (loadtest/src/bin/floor.rs): one glommio executor relaying each PUBLISH's bytes unchanged to the subscribers of its topic and answering only what the load generator waits for; no sessions, queues, limits or log: a reference no broker here can beat on the closed-loop rows (not on the low-rate ones), not a broker"
   echo "- **The load generator and the broker share the same $(nproc) cores** (and the machine is shared with other work):"
   echo "  absolute rates are bounded by shardmq-bench's own CPU use; compare the columns, not the numbers with other machines."
   echo "- MQTT 3.1.1, 64-byte payloads, ${WARMUP} s warmup then ${DURATION} s measured per row; latency is end to end (publisher send → subscriber read), µs."

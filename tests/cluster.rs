@@ -811,22 +811,26 @@ async fn retained_messages_are_kept_on_every_node() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The sum over shards of the metric lines starting with `name` (its
-/// labels included, as far as given) in `/metrics` of `b`.
 /// Until both of `b`'s shards wait for their standby: the copies caught
 /// up, and what `b` acknowledges from now on is in them (a new standby is
 /// not waited for while it catches up).
 async fn wait_standbys_waited(b: &ChildBroker) {
+    let metric = "shardmq_cluster_log_standbys_waited";
+    wait_metric(b, metric, 2, 30, "no standby caught up").await;
+}
+
+/// Until `metric_sum(b, name)` reaches `at_least`, for at most `secs`
+/// seconds (then fails with `what`).
+async fn wait_metric(b: &ChildBroker, name: &str, at_least: u64, secs: u64, what: &str) {
     let start = Instant::now();
-    while metric_sum(b, "shardmq_cluster_log_standbys_waited") < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no standby caught up"
-        );
+    while metric_sum(b, name) < at_least {
+        assert!(start.elapsed() < Duration::from_secs(secs), "{what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
+/// The sum over shards of the metric lines starting with `name` (its
+/// labels included, as far as given) in `/metrics` of `b`.
 fn metric_sum(b: &ChildBroker, name: &str) -> u64 {
     common::metric_sum(b.http_addr(), name)
 }
@@ -890,7 +894,7 @@ async fn publishers_faster_than_a_link_are_paused_not_dropped() {
     let first = sub.next_publish().await;
     assert_eq!(&*first.topic, "big/0");
     let pid = b.pid().unwrap();
-    common::child::stop(pid);
+    common::child::sigstop_and_wait(pid);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     common::child::signal(pid, libc::SIGCONT);
     expect_topics(&mut sub, "big", 1..N, &a).await;
@@ -1100,7 +1104,7 @@ async fn what_a_node_acknowledged_is_in_its_standbys_copy_of_its_log() {
     // here, and a's acknowledgements not yet waiting for it.
     wait_standbys_waited(&a).await;
     let b_pid = b.pid().unwrap();
-    common::child::stop(b_pid);
+    common::child::sigstop_and_wait(b_pid);
     publisher
         .publish("rep/300", QoS::AtLeastOnce, false, b"m300")
         .await;
@@ -1128,14 +1132,8 @@ async fn what_a_node_acknowledged_is_in_its_standbys_copy_of_its_log() {
         15,
     );
     // The line comes as the takeover starts; the count once it is done.
-    let start = Instant::now();
-    while metric_sum(&b, "shardmq_cluster_sessions_adopted_total{") < 1 {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "no session adopted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let adopted = "shardmq_cluster_sessions_adopted_total{";
+    wait_metric(&b, adopted, 1, 15, "no session adopted").await;
     assert_eq!(metric_sum(&b, "shardmq_cluster_sessions_adopted_total{"), 1);
     let mut o = options(c.addr, "kept");
     o.set_clean_session(false);

@@ -420,37 +420,27 @@ impl Bridge {
                 let Some((link, dropped)) = self.peers.borrow_mut().down(index, &node) else {
                     return;
                 };
-                // A newer run of it up already (a restart) recovered its
-                // own log: nothing to take over.
-                let newer = self
-                    .peers
-                    .borrow()
-                    .node(index)
-                    .is_some_and(|n| n.name == node.name && n.incarnation > node.incarnation);
+                // (This is that run: a newer one up, a restart, ended it
+                // already, `up` above, and recovered its own log.)
+                // The node that takes its sessions over (None: this one).
+                let adopter = self.adopter_of(node.name.as_str());
                 // The sessions that moved there and are not in its
-                // standbys' copies yet go to the node that takes its
-                // sessions over (before its moves end).
-                if !newer {
-                    let adopter = self.adopter_of(node.name.as_str());
-                    self.core.orphan_moves(now, index, &node, adopter);
-                }
+                // standbys' copies yet go to it (before its moves end).
+                self.core.orphan_moves(now, index, &node, adopter);
                 self.core.peer_run_ended(now, index, node.incarnation);
                 // Its answers to move fences will not come.
                 self.fence_answered(now, None, index);
                 // What it did not confirm goes to the sessions taken over
                 // from it, wherever they are.
-                let adopter = self.adopter_of(node.name.as_str());
                 self.undeliverable(now, index, dropped, Some((adopter, &node)));
                 if let Some(id) = link {
                     self.close_outbound(now, id, "the node is down");
                 }
                 self.forget_routes(index);
                 self.core.peer_routes_gone(index, node.incarnation);
-                if !newer {
-                    self.core.await_adoption(now, &node);
-                }
-                if self.me.shard == 0 && !newer {
-                    let next = self.adopter_of(node.name.as_str()).is_none();
+                self.core.await_adoption(now, &node);
+                if self.me.shard == 0 {
+                    let next = adopter.is_none();
                     let why_not = match (self.hears_majority(now), silent) {
                         (false, _) => Some(
                             "it hears from no majority of the nodes it knows (it may be the \

@@ -82,7 +82,51 @@ pub const GIVEN_UP_KEPT: usize = 256;
 
 /// Bytes of messages per [`Frame::SessionMoved`] part (one larger
 /// message goes alone).
-pub(super) const MOVE_PART_BYTES: usize = 256 << 10;
+const MOVE_PART_BYTES: usize = 256 << 10;
+
+/// Moved deliveries as a session takes them: those in flight (a packet
+/// id) and those queued, each in order, none stored here yet.
+pub(super) fn restored_deliveries(
+    deliveries: Vec<MovedDelivery>,
+) -> (Vec<RestoredInflight>, Vec<(Arc<Message>, Delivery)>) {
+    let (mut inflight, mut queued) = (Vec::new(), Vec::new());
+    for d in deliveries {
+        let delivery = Delivery {
+            qos: d.qos,
+            retain: d.retain,
+            subscription_ids: d.subscription_ids,
+            stored: None,
+        };
+        match d.packet_id {
+            0 => queued.push((d.message, delivery)),
+            packet_id => inflight.push(RestoredInflight {
+                message: d.message,
+                delivery,
+                packet_id,
+                released: d.released,
+            }),
+        }
+    }
+    (inflight, queued)
+}
+
+/// `deliveries` in order, in parts of at most [`MOVE_PART_BYTES`] of
+/// messages (one larger message alone); at least one part, maybe empty.
+pub(super) fn in_parts(deliveries: Vec<MovedDelivery>) -> Vec<Vec<MovedDelivery>> {
+    let mut parts = Vec::new();
+    let (mut part, mut bytes) = (Vec::new(), 0);
+    for d in deliveries {
+        let cost = d.message.cost_bytes();
+        if !part.is_empty() && bytes + cost > MOVE_PART_BYTES {
+            parts.push(std::mem::take(&mut part));
+            bytes = 0;
+        }
+        bytes += cost;
+        part.push(d);
+    }
+    parts.push(part);
+    parts
+}
 
 /// Bytes of messages one move carries at most; deliveries past it are
 /// dropped, counted and logged.
@@ -658,32 +702,26 @@ impl ShardCore {
         slot.session.discard(now);
         self.drive(st, key, now);
         let count = deliveries.len();
-        let mut part = Vec::new();
-        let mut bytes = 0;
-        for d in deliveries {
-            let cost = d.message.cost_bytes();
-            if !part.is_empty() && bytes + cost > MOVE_PART_BYTES {
-                let m = SessionMoved {
-                    seq: 0,
-                    client_id: client_id.clone(),
-                    claim,
-                    deliveries: std::mem::take(&mut part),
-                    qos2_in: Vec::new(),
-                    seen: Vec::new(),
-                    last: false,
-                    stays: false,
-                };
-                Self::to_peer(st, from, Frame::SessionMoved(Box::new(m)));
-                bytes = 0;
-            }
-            bytes += cost;
-            part.push(d);
+        let mut parts = in_parts(deliveries);
+        let last = parts.pop().unwrap_or_default();
+        for part in parts {
+            let m = SessionMoved {
+                seq: 0,
+                client_id: client_id.clone(),
+                claim,
+                deliveries: part,
+                qos2_in: Vec::new(),
+                seen: Vec::new(),
+                last: false,
+                stays: false,
+            };
+            Self::to_peer(st, from, Frame::SessionMoved(Box::new(m)));
         }
         let m = SessionMoved {
             seq: 0,
             client_id: client_id.clone(),
             claim,
-            deliveries: part,
+            deliveries: last,
             qos2_in,
             seen,
             last: true,
@@ -1031,26 +1069,14 @@ impl ShardCore {
                 );
             }
         }
-        let mut ids = Vec::with_capacity(part.deliveries.len());
-        let (mut inflight, mut queued) = (Vec::new(), Vec::new());
-        for d in part.deliveries {
-            ids.push(d.message.id);
-            let mut delivery = Delivery {
-                qos: d.qos,
-                retain: d.retain,
-                subscription_ids: d.subscription_ids,
-                stored: None,
-            };
-            delivery.stored = Self::store_taken(st, key, &d.message, &delivery);
-            match d.packet_id {
-                0 => queued.push((d.message, delivery)),
-                packet_id => inflight.push(RestoredInflight {
-                    message: d.message,
-                    delivery,
-                    packet_id,
-                    released: d.released,
-                }),
-            }
+        let ids: Vec<u64> = part.deliveries.iter().map(|d| d.message.id).collect();
+        // (In flight first, then queued, as the parts carry them.)
+        let (mut inflight, mut queued) = restored_deliveries(part.deliveries);
+        for i in &mut inflight {
+            i.delivery.stored = Self::store_taken(st, key, &i.message, &i.delivery);
+        }
+        for (message, delivery) in &mut queued {
+            delivery.stored = Self::store_taken(st, key, message, delivery);
         }
         let offered = match part.last && !part.stays && !stale {
             true => {
@@ -1344,7 +1370,7 @@ impl ShardCore {
     }
 
     /// Put `frame` in the outbox for peer `node`.
-    fn to_peer(st: &mut State, node: u16, frame: Frame) {
+    pub(super) fn to_peer(st: &mut State, node: u16, frame: Frame) {
         Self::to_bridge(st, BridgeOut::Peer { node, frame });
     }
 

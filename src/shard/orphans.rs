@@ -46,12 +46,12 @@ use crate::cluster::frame::{Frame, MovedDelivery, Orphaned};
 use crate::cluster::node::Node;
 use crate::hash::HashMap;
 use crate::persist::recover::AdoptedSession;
-use crate::session::{Delivery, Restored, RestoredInflight, Subscription};
+use crate::session::{Restored, Subscription};
 use crate::text::quote;
 
 use super::adopt::{Run, ADOPT_PENDING_BYTES_MAX, ADOPT_PENDING_WAIT};
 use super::mesh::MeshMsg;
-use super::moves::MOVE_PART_BYTES;
+use super::moves::{in_parts, restored_deliveries};
 use super::remote::BridgeOut;
 use super::{home_shard, SessionKey, ShardCore, State};
 
@@ -129,18 +129,21 @@ impl Orphans {
     pub(super) fn kept_len(&self) -> usize {
         self.kept.len()
     }
-}
 
-/// The bytes a delivery counts against the bounds.
-fn cost(d: &MovedDelivery) -> usize {
-    d.message.cost_bytes()
+    /// The copy kept of `client_id`'s session, taken out.
+    fn take_kept(&mut self, client_id: &str) -> Option<Kept> {
+        let k = self.kept.remove(client_id)?;
+        self.kept_bytes -= k.bytes;
+        Some(k)
+    }
 }
 
 /// The bytes a kept copy or an orphaned part counts against the bounds:
 /// its deliveries, its subscriptions' filters, and a little for itself.
 fn cost_of(deliveries: &[MovedDelivery], subscriptions: &[(String, Subscription)]) -> usize {
     let filters: usize = subscriptions.iter().map(|(f, _)| f.len() + 16).sum();
-    deliveries.iter().map(cost).sum::<usize>() + filters + 256
+    let messages: usize = deliveries.iter().map(|d| d.message.cost_bytes()).sum();
+    messages + filters + 256
 }
 
 /// Orphaned parts shard 0 holds at most while it waits for decisions.
@@ -224,10 +227,9 @@ impl ShardCore {
                 return;
             }
             o.order.pop_front();
-            let Some(k) = o.kept.remove(&client_id) else {
+            let Some(k) = o.take_kept(&client_id) else {
                 return;
             };
-            o.kept_bytes -= k.bytes;
             o.unconfirmed += 1;
             let name = Self::peer_name(st, k.to);
             shard_log!(
@@ -268,25 +270,18 @@ impl ShardCore {
         if written && live && last {
             Self::durable_moved_in(st, key, claim);
         }
-        let word = BridgeOut::Peer {
-            node: from,
-            frame: Frame::SessionStored {
-                seq: 0,
-                client_id: client_id.clone(),
-                claim,
-            },
+        let word = Frame::SessionStored {
+            seq: 0,
+            client_id: client_id.clone(),
+            claim,
         };
-        let now = match st.store.as_mut() {
-            None => Some(word),
-            Some(store) if written => {
-                store.bridge_after_standbys(word);
-                None
-            }
-            Some(_) => None,
-        };
-        if let (Some(word), Some(r)) = (now, st.remote.as_mut()) {
-            r.out.push_back(word);
-            r.wake.notify();
+        match st.store.as_mut() {
+            Some(store) if written => store.after_standbys(BridgeOut::Peer {
+                node: from,
+                frame: word,
+            }),
+            Some(_) => {}
+            None => Self::to_peer(st, from, word),
         }
     }
 
@@ -328,8 +323,7 @@ impl ShardCore {
         };
         let o = &mut r.orphans;
         let done = (o.kept.get(client_id)).is_some_and(|k| k.to == from && k.claim <= claim);
-        if let (true, Some(k)) = (done, o.kept.remove(client_id)) {
-            o.kept_bytes -= k.bytes;
+        if done && o.take_kept(client_id).is_some() {
             o.confirmed += 1;
         }
     }
@@ -340,10 +334,7 @@ impl ShardCore {
         let Some(r) = st.remote.as_mut() else {
             return;
         };
-        let o = &mut r.orphans;
-        if let Some(k) = o.kept.remove(client_id) {
-            o.kept_bytes -= k.bytes;
-        }
+        r.orphans.take_kept(client_id);
     }
 
     /// Peer `peer`'s run ended with a newer run up (it recovered its own
@@ -378,27 +369,15 @@ impl ShardCore {
             let Some(r) = st.remote.as_mut() else {
                 return;
             };
-            let o = &mut r.orphans;
-            let Some(k) = o.kept.remove(&client_id) else {
+            let Some(k) = r.orphans.take_kept(&client_id) else {
                 continue;
             };
-            o.kept_bytes -= k.bytes;
-            o.orphaned += 1;
+            r.orphans.orphaned += 1;
             let count = k.deliveries.len();
             for part in orphan_parts(dead, client_id.clone(), k) {
                 match adopter {
-                    Some(p) => {
-                        let out = BridgeOut::Peer {
-                            node: p,
-                            frame: Frame::Orphaned(Box::new(part)),
-                        };
-                        if let Some(r) = st.remote.as_mut() {
-                            r.out.push_back(out);
-                            r.wake.notify();
-                        }
-                    }
-                    None if self.id == 0 => self.orphan_at_zero(&mut st, now, part),
-                    None => self.mesh.send(0, MeshMsg::Orphaned(Box::new(part))),
+                    Some(p) => Self::to_peer(&mut st, p, Frame::Orphaned(Box::new(part))),
+                    None => self.orphan_to_zero(&mut st, now, Box::new(part)),
                 }
             }
             let to = match adopter {
@@ -421,13 +400,17 @@ impl ShardCore {
     /// Part of a session orphaned by a peer's death came from a peer: to
     /// shard 0.
     pub fn orphan_arrived(&self, now: Instant, part: Box<Orphaned>) {
-        if self.id != 0 {
-            self.mesh.send(0, MeshMsg::Orphaned(part));
-            return;
-        }
         let mut st = self.state.borrow_mut();
-        self.orphan_at_zero(&mut st, now, *part);
+        self.orphan_to_zero(&mut st, now, part);
         Self::debug_invariants(&st);
+    }
+
+    /// `part` to shard 0 (`orphan_at_zero`).
+    fn orphan_to_zero(&self, st: &mut State, now: Instant, part: Box<Orphaned>) {
+        match self.id {
+            0 => self.orphan_at_zero(st, now, *part),
+            _ => self.mesh.send(0, MeshMsg::Orphaned(part)),
+        }
     }
 
     /// Shard 0: `part` goes to its home shard once this node decided on
@@ -584,61 +567,42 @@ impl ShardCore {
     }
 }
 
-/// What `kept` holds for `client_id`, in parts of at most
-/// [`MOVE_PART_BYTES`] (one larger message alone): the subscriptions in
-/// the first, the inbound QoS 2 state in the last.
+/// What `kept` holds for `client_id`, in parts (`moves::in_parts`): the
+/// subscriptions in the first, the inbound QoS 2 state in the last.
 fn orphan_parts(dead: &Node, client_id: Arc<str>, kept: Kept) -> Vec<Orphaned> {
-    let part = |deliveries| Orphaned {
-        seq: 0,
-        node: dead.name.clone(),
-        incarnation: dead.incarnation,
-        client_id: client_id.clone(),
-        claim: kept.claim,
-        expiry_s: kept.expiry_s,
-        subscriptions: Vec::new(),
-        qos2_in: Vec::new(),
+    let Kept {
+        claim,
+        expiry_s,
+        subscriptions,
         deliveries,
-    };
-    let mut parts = Vec::new();
-    let (mut current, mut bytes) = (Vec::new(), 0);
-    for d in kept.deliveries.iter().cloned() {
-        if !current.is_empty() && bytes + cost(&d) > MOVE_PART_BYTES {
-            parts.push(part(std::mem::take(&mut current)));
-            bytes = 0;
-        }
-        bytes += cost(&d);
-        current.push(d);
-    }
-    parts.push(part(current));
+        qos2_in,
+        ..
+    } = kept;
+    let mut parts: Vec<Orphaned> = (in_parts(deliveries).into_iter())
+        .map(|deliveries| Orphaned {
+            seq: 0,
+            node: dead.name.clone(),
+            incarnation: dead.incarnation,
+            client_id: client_id.clone(),
+            claim,
+            expiry_s,
+            subscriptions: Vec::new(),
+            qos2_in: Vec::new(),
+            deliveries,
+        })
+        .collect();
     if let Some(first) = parts.first_mut() {
-        first.subscriptions = kept.subscriptions.clone();
+        first.subscriptions = subscriptions;
     }
     if let Some(last) = parts.last_mut() {
-        last.qos2_in = kept.qos2_in.clone();
+        last.qos2_in = qos2_in;
     }
     parts
 }
 
 /// An orphaned part as a session taken over: offline since `now`.
 fn adopted_from_orphan(now: Instant, part: Orphaned) -> AdoptedSession {
-    let (mut inflight, mut queue) = (Vec::new(), Vec::new());
-    for d in part.deliveries {
-        let delivery = Delivery {
-            qos: d.qos,
-            retain: d.retain,
-            subscription_ids: d.subscription_ids,
-            stored: None,
-        };
-        match d.packet_id {
-            0 => queue.push((d.message, delivery)),
-            packet_id => inflight.push(RestoredInflight {
-                message: d.message,
-                delivery,
-                packet_id,
-                released: d.released,
-            }),
-        }
-    }
+    let (inflight, queue) = restored_deliveries(part.deliveries);
     AdoptedSession {
         client_id: part.client_id,
         restored: Restored {

@@ -294,7 +294,7 @@ pub fn signal(pid: u32, sig: i32) {
 /// kill(2) returns before they all are, and a thread that runs on meanwhile
 /// (on a busy machine, for milliseconds) may still answer its peers.
 /// Panics after 10 s.
-pub fn stop(pid: u32) {
+pub fn sigstop_and_wait(pid: u32) {
     signal(pid, libc::SIGSTOP);
     let start = std::time::Instant::now();
     // "PID (NAME) STATE ...": io_uring's worker threads (iou-wrk-*,

@@ -4,11 +4,15 @@
 //! PUBLISH's subscribers by its topic, write its bytes to them unchanged
 //! (one write per connection per loop turn), and answer what the load
 //! generator waits for (CONNACK, SUBACK, PUBACK, PUBREC / PUBREL /
-//! PUBCOMP, PINGRESP), each message of a `$share/{group}/{filter}`
-//! subscription to one member in turn. No sessions, no queues, no limits, no log, no QoS
-//! downgrade, no retained messages, no second thread: its broker CPU per
+//! PUBCOMP, UNSUBACK, PINGRESP), each message of a
+//! `$share/{group}/{filter}` subscription to one member in turn. No
+//! sessions, no queues, no limits, no log, no QoS downgrade, no retained
+//! messages, no second thread: on the closed-loop rows its broker CPU per
 //! delivered message is a reference that no broker on the same machine
-//! can beat, not a broker. Never expose it: it trusts its clients.
+//! can beat (at low fixed rates, where each message is a wake-up, a
+//! single-threaded broker that batches differently can: see the fixed-rate
+//! and fleet rows of `loadtest/compare.sh`). Not a broker. Never expose
+//! it: it trusts its clients.
 //!
 //! ```text
 //! shardmq-floor --listen 127.0.0.1:1883
@@ -31,6 +35,7 @@ use futures_lite::io::{ReadHalf, WriteHalf};
 use futures_lite::{AsyncRead, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
+use shardmq::codec::{Packet, SubAck, UnsubAck, Version};
 
 /// A relay that does the least an MQTT broker must do for shardmq-bench.
 #[derive(Parser)]
@@ -115,29 +120,29 @@ struct Group {
 }
 
 impl Relay {
-    /// Subscribe `conn` to `filter`; false for a `$share/` filter without
-    /// its group and filter (refused in the SUBACK).
+    /// Subscribe `conn` to `filter`; false for a malformed shared
+    /// subscription (refused in the SUBACK, as the broker's
+    /// `router::topic::parse_shared` says).
     fn subscribe(&self, filter: &[u8], conn: &Rc<Conn>) -> bool {
-        if let Some(name) = filter.strip_prefix(b"$share/") {
-            let Some(slash) = name.iter().position(|&b| b == b'/') else {
-                return false;
-            };
-            if slash == 0 || slash + 1 == name.len() {
-                return false;
-            }
+        let text = String::from_utf8_lossy(filter);
+        let Ok(shared) = shardmq::router::topic::parse_shared(&text) else {
+            return false;
+        };
+        if let Some((_, inner)) = shared {
+            let name = &filter[b"$share/".len()..];
             let mut groups = self.shared.borrow_mut();
             match groups.iter_mut().find(|g| g.name == name) {
                 Some(g) if g.members.iter().any(|c| c.id == conn.id) => {}
                 Some(g) => g.members.push(conn.clone()),
                 None => groups.push(Group {
                     name: name.to_vec(),
-                    filter: String::from_utf8_lossy(&name[slash + 1..]).into_owned(),
+                    filter: inner.to_string(),
                     members: vec![conn.clone()],
                     next: 0,
                 }),
             }
         } else if filter.iter().any(|&b| b == b'+' || b == b'#') {
-            let filter = String::from_utf8_lossy(filter).into_owned();
+            let filter = text.into_owned();
             let mut wild = self.wild.borrow_mut();
             if !wild.iter().any(|(f, c)| c.id == conn.id && *f == filter) {
                 wild.push((filter, conn.clone()));
@@ -414,7 +419,13 @@ fn handle(relay: &Relay, conn: &Rc<Conn>, first: u8, body: &[u8], whole: &[u8]) 
                 });
                 at += 3 + len as usize;
             }
-            ack_with_codes(conn, 0x90, [hi, lo], &codes);
+            let packet_id = u16::from_be_bytes([hi, lo]);
+            let suback = SubAck {
+                packet_id,
+                reasons: codes,
+                properties: Default::default(),
+            };
+            ack(conn, Packet::SubAck(suback));
             true
         }
         // UNSUBSCRIBE.
@@ -431,11 +442,12 @@ fn handle(relay: &Relay, conn: &Rc<Conn>, first: u8, body: &[u8], whole: &[u8]) 
                 codes.push(0);
                 at += 2 + len as usize;
             }
-            if conn.v5.get() {
-                ack_with_codes(conn, 0xB0, [hi, lo], &codes);
-            } else {
-                conn.send(&[0xB0, 2, hi, lo]);
-            }
+            let unsuback = UnsubAck {
+                packet_id: u16::from_be_bytes([hi, lo]),
+                reasons: codes,
+                properties: Default::default(),
+            };
+            ack(conn, Packet::UnsubAck(unsuback));
             true
         }
         // PINGREQ.
@@ -459,26 +471,14 @@ fn filters_at(conn: &Conn, body: &[u8]) -> Option<([u8; 2], usize)> {
     Some((id, 2 + n + props))
 }
 
-/// SUBACK or 5.0 UNSUBACK: packet id, empty properties in 5.0, one code
-/// per filter.
-fn ack_with_codes(conn: &Conn, first: u8, id: [u8; 2], codes: &[u8]) {
-    let v5 = conn.v5.get();
-    let len = 2 + usize::from(v5) + codes.len();
-    let mut packet = vec![first];
-    let mut rest = len;
-    loop {
-        let byte = (rest & 0x7f) as u8;
-        rest >>= 7;
-        if rest == 0 {
-            packet.push(byte);
-            break;
-        }
-        packet.push(byte | 0x80);
-    }
-    packet.extend_from_slice(&id);
-    if v5 {
-        packet.push(0);
-    }
-    packet.extend_from_slice(codes);
-    conn.send(&packet);
+/// SUBACK or UNSUBACK, as the broker's codec encodes it (a 3.x UNSUBACK
+/// carries no codes).
+fn ack(conn: &Conn, packet: Packet) {
+    let version = match conn.v5.get() {
+        true => Version::V5,
+        false => Version::V3_1_1,
+    };
+    let mut out = bytes::BytesMut::new();
+    shardmq::codec::encode(&packet, version, &mut out);
+    conn.send(&out);
 }

@@ -104,8 +104,7 @@ fn packets_stay_small_and_publishes_without_properties_box_none() {
         assert!(p.get_mut().is_none(), "{v:?}: empty properties boxed");
     }
     // A 5.0 PUBACK in its long form with an empty property list.
-    let mut bytes = BytesMut::from(&[0x40, 4, 0, 7, 0, 0][..]);
-    let Ok(Some(Packet::PubAck(mut ack))) = decode(&mut bytes, Version::V5, MAX_PACKET_SIZE) else {
+    let Ok(Some(Packet::PubAck(mut ack))) = try_decode(&[0x40, 4, 0, 7, 0, 0], Version::V5) else {
         panic!("no PUBACK");
     };
     assert!(ack.properties.get_mut().is_none(), "an empty list boxed");

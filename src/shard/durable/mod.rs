@@ -483,15 +483,13 @@ impl Store {
 
     /// `out` for the bridge once a standby waited for holds the records
     /// written so far (and, power-safe, they are synced): held until then
-    /// and sent by [`ShardCore::release_gate`]. False when no standby is
-    /// waited for (none up, or every one behind): `out` is not sent.
-    pub(super) fn bridge_after_standbys(&mut self, out: super::remote::BridgeOut) -> bool {
-        if !self.replication.waits() {
-            return false;
+    /// and sent by [`ShardCore::release_gate`]. Not sent when no standby
+    /// is waited for (none up, or every one behind).
+    pub(super) fn after_standbys(&mut self, out: super::remote::BridgeOut) {
+        if self.replication.waits() {
+            let seq = self.rec.log.next_seq();
+            self.gate.frames_after_sync.push((seq, out));
         }
-        let seq = self.rec.log.next_seq();
-        self.gate.frames_after_sync.push((seq, out));
-        true
     }
 
     fn hold_for(&mut self, seq: u64, to: usize, msg: MeshMsg) {

@@ -153,12 +153,11 @@ impl ShardCore {
             }
         }
         store.gate.after_sync = later;
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut store.gate.frames_after_sync)
-            .into_iter()
-            .partition(|(seq, _)| *seq <= synced);
-        store.gate.frames_after_sync = later;
-        if let Some(r) = st.remote.as_mut() {
-            r.out.extend(due.into_iter().map(|(_, out)| out));
+        // (Pushed in sequence order: those due lead.)
+        let frames = &mut store.gate.frames_after_sync;
+        let due = frames.iter().take_while(|(seq, _)| *seq <= synced).count();
+        if let (true, Some(r)) = (due > 0, st.remote.as_mut()) {
+            r.out.extend(frames.drain(..due).map(|(_, out)| out));
         }
         for c in std::mem::take(&mut store.gate.closing_waiters) {
             c.wake.notify();
