@@ -287,7 +287,9 @@ struct Offer {
     from: u16,
     claim: u64,
     /// The subscriptions taken from it (dropped if the session stays
-    /// there).
+    /// there, but those another node's offer still coming offered too,
+    /// which pass to that offer, and those a move that ended whole or
+    /// was given up brought too).
     filters: Vec<String>,
     /// Every subscription it offered (shared ones aside): a late copy of
     /// a message of one of them that it had is skipped here.
@@ -508,9 +510,10 @@ impl ShardCore {
 
     /// A's side: peer `from` routes what was offered; send it the rest of
     /// the session and end the session here. (Its client may have
-    /// connected there again meanwhile, and the offer been made again:
-    /// whichever Take comes first moves the session, the other gets
-    /// nothing.)
+    /// connected there again meanwhile, and the offer been made again for
+    /// the later claim: the Take of that claim moves the session, one of
+    /// an earlier claim is answered that it stays, and that node asks
+    /// again with the later one.)
     fn take_asked(&self, st: &mut State, now: Instant, from: u16, client_id: Arc<str>, claim: u64) {
         // Coming here from that node for a later claim (two clients'
         // CONNECTs crossed): it stays here (the offer to it ends), and the
@@ -520,16 +523,22 @@ impl ShardCore {
         // is all here (in order).
         if let (Some(r), false) = (st.remote.as_mut(), later) {
             if r.moves.inbound.contains_key(&client_id) {
-                if let Some(m) = r.moves.out.get_mut(&client_id).filter(|m| m.to == from) {
+                let out = r.moves.out.get_mut(&client_id);
+                if let Some(m) = out.filter(|m| m.to == from && m.claim.0 <= claim) {
                     m.deferred = Some(claim);
                     return;
                 }
             }
         }
         // (An offer made since to another node stays: that node's Take
-        // moves the session, this one gets nothing.)
+        // moves the session, this one gets nothing. So does one made since
+        // to that node for a later claim of its: the Take of that claim
+        // follows, and this one, for an earlier claim, gets nothing (seed
+        // 37929: taken here, the offer ended with the earlier claim's
+        // answer, and so did the move there).)
         let offered = st.remote.as_mut().and_then(|r| {
-            let to_from = r.moves.out.get(&client_id).is_some_and(|m| m.to == from);
+            let out = r.moves.out.get(&client_id);
+            let to_from = out.is_some_and(|m| m.to == from && m.claim.0 <= claim);
             to_from.then(|| r.moves.out.remove(&client_id)).flatten()
         });
         let uid = offered.as_ref().map(|m| m.uid).filter(|_| !later);
@@ -942,8 +951,23 @@ impl ShardCore {
     /// The offer from peer `from` of the move of `client_id`'s session
     /// here, if that move is on.
     fn offer_mut<'a>(st: &'a mut State, client_id: &str, from: u16) -> Option<&'a mut Offer> {
-        let m = st.remote.as_mut()?.moves.inbound.get_mut(client_id)?;
+        let m = Self::move_in_mut(st, client_id)?;
         m.offers.iter_mut().find(|x| x.from == from)
+    }
+
+    /// The move `m` from peer `from` ended whole or given up: the
+    /// subscriptions it offered (`filters`) are the session's now,
+    /// whichever other node's offer brought them first (that one ending
+    /// "stays" leaves them; seed 34698).
+    fn own_offered(m: &mut MoveIn, from: u16, filters: &[String]) {
+        for o in m.offers.iter_mut().filter(|o| o.from != from) {
+            o.filters.retain(|f| !filters.contains(f));
+        }
+    }
+
+    /// The move of `client_id`'s session here, if one is on.
+    fn move_in_mut<'a>(st: &'a mut State, client_id: &str) -> Option<&'a mut MoveIn> {
+        st.remote.as_mut()?.moves.inbound.get_mut(client_id)
     }
 
     /// Hold `count` route acknowledgements for the move into session
@@ -1049,6 +1073,16 @@ impl ShardCore {
             }
             return;
         };
+        // The answer to a Take for an earlier claim of this node's than
+        // the one the offer now answers (its client connected here again
+        // meanwhile): the node asked answers the Take of the current claim
+        // alone, so that one goes (again).
+        let offer = Self::offer_mut(st, &part.client_id, from);
+        if let Some(offer) = offer.filter(|o| part.stays && part.claim < o.claim) {
+            offer.taken = false;
+            Self::send_takes(st, &part.client_id);
+            return;
+        }
         let stale = Self::offer_mut(st, &part.client_id, from).is_some_and(|o| o.stale);
         if stale {
             let n = std::mem::take(&mut part.deliveries).len() as u64;
@@ -1084,6 +1118,9 @@ impl ShardCore {
             }
             false => None,
         };
+        if let (Some(filters), Some(m)) = (&offered, Self::move_in_mut(st, &part.client_id)) {
+            Self::own_offered(m, from, filters);
+        }
         if let Some(slot) = st.sessions.get_mut(key) {
             slot.session.take_deliveries(now, inflight, queued);
             if part.last {
@@ -1142,9 +1179,20 @@ impl ShardCore {
     /// the subscriptions session `key` took from its offer go, and so do
     /// the messages it held meanwhile.
     fn drop_offered(&self, st: &mut State, key: SessionKey, client_id: &Arc<str>, from: u16) {
-        let filters = Self::offer_mut(st, client_id, from)
+        let mut filters = Self::offer_mut(st, client_id, from)
             .map(|o| std::mem::take(&mut o.filters))
             .unwrap_or_default();
+        // A subscription another node's copy (still coming) offered too
+        // stays, as if that offer had brought it (seed 34698: taken from
+        // this offer first, then the other copy came whole without it).
+        if let Some(m) = Self::move_in_mut(st, client_id) {
+            for o in m.offers.iter_mut().filter(|o| o.from != from && !o.stale) {
+                let (shared, own): (Vec<_>, Vec<_>) =
+                    filters.into_iter().partition(|f| o.offered.contains(f));
+                o.filters.extend(shared);
+                filters = own;
+            }
+        }
         for filter in filters {
             let dropped = st
                 .sessions
@@ -1186,6 +1234,9 @@ impl ShardCore {
             return;
         };
         let offer = m.offers.remove(i);
+        if end == MoveEnd::GivenUp {
+            Self::own_offered(m, from, &offer.offered);
+        }
         let (key, uid) = (m.key, m.uid);
         let ids = std::mem::take(&mut m.ids);
         if m.offers.is_empty() {
