@@ -49,6 +49,9 @@ pub struct ShardImage {
     /// Sessions that moved here whole from another node: the latest
     /// claim such a move answered (`Rec::MovedIn`).
     pub moved_in: BTreeMap<Sid, u64>,
+    /// Sessions whose client was told about them: their birth stamp
+    /// (`Rec::Told`, the latest).
+    pub told: BTreeMap<Sid, u64>,
     /// Accepted messages not known settled, by accept id.
     pub accepted: BTreeMap<u64, AcceptedImage>,
     /// Accepted messages up to here were applied everywhere.
@@ -139,6 +142,14 @@ impl ShardImage {
                 if self.sessions.contains_key(&sid) {
                     let latest = self.moved_in.entry(sid).or_default();
                     *latest = (*latest).max(claim);
+                }
+            }
+            Rec::Told { sid, born: 0 } => {
+                self.told.remove(&sid);
+            }
+            Rec::Told { sid, born } => {
+                if self.sessions.contains_key(&sid) {
+                    self.told.insert(sid, born);
                 }
             }
             Rec::Message {
@@ -297,6 +308,7 @@ impl ShardImage {
     fn end_session(&mut self, sid: Sid) {
         self.sessions.remove(&sid);
         self.moved_in.remove(&sid);
+        self.told.remove(&sid);
         for id in self.by_session.remove(&sid).unwrap_or_default() {
             self.finish(sid, id);
         }
@@ -404,6 +416,26 @@ mod tests {
         }
         assert!(img.messages.is_empty(), "no target left");
         assert!(img.applied.contains_key(&Origin { shard: 1, id: 110 }));
+    }
+
+    #[test]
+    fn a_session_s_marks_follow_it_and_end_with_it() {
+        let mut img = ShardImage::new(0);
+        // A mark before its session (or after its end) names nothing.
+        img.apply(Rec::Told { sid: 1, born: 5 });
+        img.apply(session(1));
+        img.apply(Rec::MovedIn { sid: 1, claim: 9 });
+        img.apply(Rec::MovedIn { sid: 1, claim: 8 });
+        img.apply(Rec::Told { sid: 1, born: 7 });
+        img.apply(Rec::Told { sid: 1, born: 6 });
+        assert_eq!(img.moved_in.get(&1), Some(&9), "the latest claim");
+        assert_eq!(img.told.get(&1), Some(&6), "the last birth told");
+        img.apply(Rec::Told { sid: 1, born: 0 });
+        assert!(img.told.is_empty(), "it took a birth never told");
+        img.apply(Rec::Told { sid: 1, born: 6 });
+        img.apply(Rec::SessionEnd { sid: 1 });
+        img.apply(Rec::Told { sid: 1, born: 10 });
+        assert!(img.moved_in.is_empty() && img.told.is_empty());
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub mod kind {
     pub const QOS2_DONE: u8 = 17;
     /// A session moving here from another node came whole.
     pub const MOVED_IN: u8 = 18;
+    /// A session's client was told about it (its birth stamp).
+    pub const TOLD: u8 = 19;
     /// A message stored for sessions of this shard.
     pub const MESSAGE: u8 = 20;
     /// A stored message was sent to a session with a packet id.
@@ -250,6 +252,17 @@ pub enum Rec {
         /// The claim the move answered.
         claim: u64,
     },
+    /// The session's client was told about it: the CONNACK that said it
+    /// was new went, or it took the birth of a copy its client knew
+    /// (cluster mode: of two copies of one session, the one born later is
+    /// the one the client knows, `shard::adopt`).
+    Told {
+        /// The session.
+        sid: Sid,
+        /// Its birth stamp (a claim's hybrid-clock stamp); 0: it took the
+        /// birth of a copy its client was never told about.
+        born: u64,
+    },
     /// A message stored for sessions of this shard. With no message it is a
     /// marker that the origin's message was applied here (kept until the
     /// origin has settled it).
@@ -412,6 +425,7 @@ impl Rec {
             Rec::SessionEnd { .. } => kind::SESSION_END,
             Rec::Qos2Done { .. } => kind::QOS2_DONE,
             Rec::MovedIn { .. } => kind::MOVED_IN,
+            Rec::Told { .. } => kind::TOLD,
             Rec::Message { .. } => kind::MESSAGE,
             Rec::Sent { .. } => kind::SENT,
             Rec::Released { .. } => kind::RELEASED,
@@ -471,6 +485,10 @@ impl Rec {
             Rec::MovedIn { sid, claim } => {
                 w.u64(*sid);
                 w.u64(*claim);
+            }
+            Rec::Told { sid, born } => {
+                w.u64(*sid);
+                w.u64(*born);
             }
             Rec::Message {
                 id,
@@ -584,6 +602,10 @@ impl Rec {
             kind::MOVED_IN => Rec::MovedIn {
                 sid: r.u64()?,
                 claim: r.u64()?,
+            },
+            kind::TOLD => Rec::Told {
+                sid: r.u64()?,
+                born: r.u64()?,
             },
             kind::MESSAGE => {
                 let id = r.u64()?;
@@ -1141,6 +1163,10 @@ mod tests {
             Rec::MovedIn {
                 sid: 2,
                 claim: 1_700_000_000_000,
+            },
+            Rec::Told {
+                sid: 2,
+                born: 1_700_000_000_001,
             },
             Rec::Message {
                 id: 11,

@@ -77,6 +77,43 @@ pub struct SessionStart {
     pub client_id: Arc<str>,
     /// Its state, offline.
     pub restored: Restored,
+    /// Its marks, written again after its records in the new log.
+    pub marks: Marks,
+}
+
+/// What a session's log says of it besides its state (cluster mode; 0:
+/// nothing): the records after its Session record that name it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Marks {
+    /// The latest claim whose move brought it whole to the node
+    /// (`Rec::MovedIn`).
+    pub moved_in: u64,
+    /// The birth stamp of the session as its client was told about it
+    /// (`Rec::Told`).
+    pub told: u64,
+}
+
+impl Marks {
+    /// Session `sid`'s marks in `image`.
+    fn of(image: &ShardImage, sid: Sid) -> Marks {
+        Marks {
+            moved_in: image.moved_in.get(&sid).copied().unwrap_or(0),
+            told: image.told.get(&sid).copied().unwrap_or(0),
+        }
+    }
+
+    /// Their records for session `sid` (none for a mark that is 0).
+    pub fn records(self, sid: Sid) -> impl Iterator<Item = Rec> {
+        let moved = (self.moved_in != 0).then_some(Rec::MovedIn {
+            sid,
+            claim: self.moved_in,
+        });
+        let told = (self.told != 0).then_some(Rec::Told {
+            sid,
+            born: self.told,
+        });
+        moved.into_iter().chain(told)
+    }
 }
 
 /// A stored message of a new shard log: which sessions hold it.
@@ -178,6 +215,7 @@ pub struct RecoverySettings {
 struct Gathered {
     old_shard: usize,
     rec: SessionRec,
+    marks: Marks,
     /// Its deliveries, each with an ordering key (see `OrderKey`).
     deliveries: Vec<(OrderKey, Arc<Message>, Target)>,
     ended: bool,
@@ -276,9 +314,10 @@ pub struct AdoptedSession {
     /// its will (every peer publishes a dead node's wills) and with no
     /// delivery stored on the adopting node yet (`stored` is None).
     pub restored: Restored,
-    /// The latest claim whose move brought it whole to the dead node and
-    /// is in the copy (`Rec::MovedIn`; 0: none).
-    pub moved_in: u64,
+    /// What the copy says of it besides: the latest claim whose move
+    /// brought it whole to the dead node (0: none), and its birth as its
+    /// client was told about it (0: never told, as far as the copy says).
+    pub marks: Marks,
 }
 
 /// What reading a peer's log copy gave ([`read_copy`]).
@@ -351,14 +390,10 @@ pub fn read_copy(
         let mut restored = restore(&g, &no_ids, &clock, &mut counts);
         restored.pending_will = None;
         counts.sessions += 1;
-        let moved_in = (images.iter().find(|i| i.shard == g.old_shard))
-            .and_then(|i| i.moved_in.get(&g.rec.sid))
-            .copied()
-            .unwrap_or(0);
         sessions.push(AdoptedSession {
             client_id: Arc::from(g.rec.client_id.as_str()),
             restored,
-            moved_in,
+            marks: g.marks,
         });
     }
     lines.push(format!(
@@ -531,6 +566,7 @@ impl<'a> Merge<'a> {
                 self.sessions.push(Gathered {
                     old_shard: image.shard,
                     rec: rec.clone(),
+                    marks: Marks::of(image, *sid),
                     deliveries,
                     ended: false,
                 });
@@ -845,6 +881,9 @@ fn write_generation(
             }
             let budget = start.log.segment_bytes() / 8;
             let (at, bytes) = w.put_all(&mut start.log, &session_records(g.rec.clone(), budget))?;
+            for mark in g.marks.records(sid) {
+                w.put(&mut start.log, &mark)?;
+            }
             let seg = at.segment;
             for (key, m, t) in &g.deliveries {
                 let e = order.entry(*key).or_insert_with(|| (m.clone(), Vec::new()));
@@ -876,6 +915,7 @@ fn write_generation(
                 bytes,
                 client_id: Arc::from(g.rec.client_id.as_str()),
                 restored,
+                marks: g.marks,
             });
         }
     }

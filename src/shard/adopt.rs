@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use crate::cluster::frame::OriginMark;
 use crate::cluster::node::Node;
 use crate::message::Message;
-use crate::persist::recover::{read_copy, AdoptedSession};
+use crate::persist::recover::{read_copy, AdoptedSession, Marks};
 use crate::persist::WallClock;
 use crate::router::fanout::{Fan, Match};
 use crate::router::{home_shard, SharedPick};
@@ -57,10 +57,11 @@ use super::mesh::MeshMsg;
 use super::remote::BridgeOut;
 use super::{SessionKey, SessionSlot, ShardCore, State};
 
-/// The birth stamp of an adopted session (`SessionSlot::born`): older
-/// than any claim, so that a copy its client was told about since (it came
-/// back before the adoption, and was told its session is new) wins.
-const ADOPTED_BORN: u64 = 1;
+/// The birth stamp of an adopted session whose copy does not say when its
+/// client was told about it (`SessionSlot::born`; an orphan): older than
+/// any claim, so that a copy its client was told about since (it came back
+/// before the adoption, and was told its session is new) wins.
+pub(super) const ADOPTED_BORN: u64 = 1;
 
 /// How long shard 0 holds messages for the sessions of a run declared
 /// down until this node has decided whether it takes them over.
@@ -483,7 +484,10 @@ impl ShardCore {
         for AdoptedSession {
             client_id,
             restored: mut bare,
-            moved_in,
+            marks: Marks {
+                moved_in,
+                told: copy_told,
+            },
         } in sessions
         {
             if !self.orphan_wanted(st, now, &of, &client_id, (orphan, moved_in)) {
@@ -499,9 +503,14 @@ impl ShardCore {
             // is the same one: the copy holds what the move did not bring.)
             let moving =
                 (st.remote.as_ref()).is_some_and(|r| r.moves.is_moving_in_from(&client_id, peer));
+            // Stale only if its client was told about it, and about the
+            // session here later (seed 47263: a copy made for a CONNECT
+            // never answered there, the session here the one its client
+            // knew, both with messages of their own).
             let told = here.and_then(|k| st.sessions.get_mut(k)).is_some_and(|s| {
                 let cut_short = s.cut_short_from.take_if(|n| **n == *of.0).is_some() || moving;
-                !cut_short && s.born_told && s.born > ADOPTED_BORN
+                let copy_born = (copy_told != 0).then_some(copy_told.max(ADOPTED_BORN));
+                !cut_short && s.born_told && copy_born.is_some_and(|b| s.born > b)
             });
             if told {
                 // Its client came back first and was told its session is
@@ -526,6 +535,15 @@ impl ShardCore {
                 Some(key) => {
                     if let (Some(r), None) = (st.remote.as_mut(), orphan) {
                         r.adoptions.merged += 1;
+                    }
+                    // Its client was told about the copy later than about
+                    // this one (or never about this one): the merged
+                    // session is the one it knows.
+                    let later = (st.sessions.get_mut(key))
+                        .filter(|s| copy_told != 0 && (!s.born_told || copy_told > s.born));
+                    if let Some(slot) = later {
+                        (slot.born, slot.born_told) = (copy_told, true);
+                        Self::durable_told(st, key);
                     }
 
                     // A CONNACK still waiting says the session is present.
@@ -554,9 +572,9 @@ impl ShardCore {
                     let uid = st.last_session_uid;
                     let mut slot = SessionSlot::new(session, uid, None);
                     slot.adopted_from = Some((peer, run));
-                    // Its client was told about it, once: any copy it was
-                    // told about since is newer.
-                    (slot.born, slot.born_told) = (ADOPTED_BORN, true);
+                    // Its client was told about it (as the copy says): any
+                    // copy it was told about since is newer.
+                    (slot.born, slot.born_told) = (copy_told.max(ADOPTED_BORN), copy_told != 0);
                     let key = st.sessions.insert(slot);
                     st.by_client.insert(client_id.clone(), key);
                     Self::durable_whole(st, key);

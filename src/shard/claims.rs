@@ -193,6 +193,8 @@ impl ShardCore {
         // and the session stays here if it was offered to another node.
         Self::cancel_peer_will(st, &client_id);
         Self::keep_offered(st, &client_id);
+        // (A session created here is not in the log yet: its record, once
+        // written, says it was told, `durable_connect`.)
     }
 
     /// How many peers have a link up from this shard now (a new
@@ -247,13 +249,16 @@ impl ShardCore {
     /// A claim waits no more: its session's queue goes on, and its output
     /// once nothing else holds it.
     fn claim_done(&self, st: &mut State, now: Instant, ack: AckTo, stamp: u64) {
+        let mut told = false;
         if let Some(slot) = Self::acked_slot(st, &ack) {
             slot.session.release_queue(now);
             // Its CONNACK goes: a copy it created is the one the client
             // knows.
-            if slot.born == stamp && slot.session.is_connected() {
-                slot.born_told = true;
-            }
+            told = slot.born == stamp && slot.session.is_connected();
+            slot.born_told |= told;
+        }
+        if told {
+            Self::durable_told(st, ack.session);
         }
         self.ack(st, ack);
         self.drive(st, ack.session, now);

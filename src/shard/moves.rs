@@ -852,11 +852,15 @@ impl ShardCore {
         // and only ends there.
         let fresh = slot.session.subscriptions().is_empty() || slot.born == slot.claim;
         let stale = !fresh && slot.born_told && o.born != 0 && slot.born > o.born;
-        if fresh || (!stale && o.born > slot.born) {
+        let took_birth = fresh || (!stale && o.born > slot.born);
+        if took_birth {
             slot.born = o.born;
             slot.born_told = o.born != 0;
         }
         slot.session.begin_move_in();
+        if took_birth {
+            Self::durable_told(st, key);
+        }
         let output = self.hold_output(st, key, 1);
         let Some(r) = st.remote.as_mut() else {
             return;

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use crate::cluster::frame::{Frame, MovedDelivery, Orphaned};
 use crate::cluster::node::Node;
 use crate::hash::HashMap;
-use crate::persist::recover::AdoptedSession;
+use crate::persist::recover::{AdoptedSession, Marks};
 use crate::session::{Restored, Subscription};
 use crate::text::quote;
 
@@ -614,6 +614,10 @@ fn adopted_from_orphan(now: Instant, part: Orphaned) -> AdoptedSession {
             inflight,
             queue,
         },
-        moved_in: 0,
+        // (Taken for one its client was told about before any other.)
+        marks: Marks {
+            moved_in: 0,
+            told: super::adopt::ADOPTED_BORN,
+        },
     }
 }

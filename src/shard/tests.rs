@@ -1499,7 +1499,7 @@ fn an_orphaned_session_is_taken_in_unless_the_copy_taken_over_holds_its_move() {
     use super::admin::{AdminAnswer, AdminRequest};
     use crate::cluster::frame::{MovedDelivery, Orphaned};
     use crate::cluster::node::{Node, NodeName};
-    use crate::persist::recover::AdoptedSession;
+    use crate::persist::recover::{AdoptedSession, Marks};
     use crate::session::{Delivery, Restored, Subscription};
     let c = core_with(0, 1, |c| c.cluster.node_id = "c".into());
     let t0 = Instant::now();
@@ -1591,7 +1591,7 @@ fn an_orphaned_session_is_taken_in_unless_the_copy_taken_over_holds_its_move() {
                 })
                 .collect(),
         },
-        moved_in,
+        marks: Marks { moved_in, told: 0 },
     };
     {
         let mut st = c.state.borrow_mut();
@@ -1617,4 +1617,52 @@ fn an_orphaned_session_is_taken_in_unless_the_copy_taken_over_holds_its_move() {
     c.handle_tick(t0 + wait);
     assert_eq!(c.cluster_stats().orphan_parts_dropped, 1);
     assert_eq!(queued("dev-4"), None);
+}
+
+/// A copy taken over from a dead node is dropped as stale only when it
+/// says its client was told about it (`Rec::Told`) before the client was
+/// told about the session here: a copy made for a CONNECT never answered
+/// there, or one told of later, is merged (seed 47263 of the cluster
+/// simulator: dropped with its messages, the client never having known
+/// it).
+#[test]
+fn a_copy_taken_over_is_stale_only_if_its_client_knew_it_before_the_session_here() {
+    use crate::persist::recover::{AdoptedSession, Marks};
+    use crate::session::Restored;
+    let c = cluster_core(0, 1);
+    let t0 = Instant::now();
+    // Told here at once (no peer to wait for): born at this claim.
+    let _conn = attached(&c, t0, "dev");
+    let born = c.state.borrow().sessions.iter().next().unwrap().1.born;
+    assert!(born > 1);
+    let copy = |told| AdoptedSession {
+        client_id: Arc::from("dev"),
+        restored: Restored {
+            expiry_s: 3600,
+            offline_since: t0,
+            subscriptions: Vec::new(),
+            qos2_in: Vec::new(),
+            pending_will: None,
+            inflight: Vec::new(),
+            queue: Vec::new(),
+        },
+        marks: Marks { moved_in: 0, told },
+    };
+    let adopt = |told| {
+        let mut st = c.state.borrow_mut();
+        let run = (Arc::from("b"), 4);
+        c.adopt_here(&mut st, t0, 1, run, vec![copy(told)], None);
+        drop(st);
+        let s = c.cluster_stats();
+        (s.sessions_adopted_merged, s.adopted_stale)
+    };
+    assert_eq!(adopt(0), (1, 0), "never told there: merged");
+    assert_eq!(adopt(born - 1), (1, 1), "told there before here: stale");
+    assert_eq!(adopt(born), (2, 1), "the same birth: the same session");
+    assert_eq!(adopt(born + 1), (3, 1), "told there later: merged");
+    assert_eq!(
+        adopt(born),
+        (3, 2),
+        "the session here took the later birth its client knew"
+    );
 }

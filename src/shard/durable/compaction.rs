@@ -184,6 +184,10 @@ pub(super) fn remove_segments(store: &mut Store, victim: u64) -> bool {
 }
 
 /// Bytes a live object of the victim segment takes when rewritten.
+/// Bytes a session's marks take at most when compaction writes them again
+/// (two records of a sid and a stamp, with their headers).
+pub(super) const SESSION_MARKS_BYTES: u32 = 80;
+
 fn live_size(st: &State, obj: &Obj, victim: u64) -> u64 {
     let store = st.store.as_ref().expect("a store");
     let bytes = match obj {
@@ -193,7 +197,8 @@ fn live_size(st: &State, obj: &Obj, victim: u64) -> u64 {
             .filter(|s| s.uid == *uid)
             .and_then(|s| s.durable)
             .filter(|d| d.seg <= victim)
-            .map(|d| d.bytes),
+            // With its marks (`Store::note_marks`).
+            .map(|d| d.bytes + SESSION_MARKS_BYTES),
         Obj::Message(id) => store
             .messages
             .get(id)
@@ -286,15 +291,9 @@ fn rewrite_session(
     };
     match store.put_session(d.sid, &slot.session) {
         Ok((seg, bytes)) => {
-            // The mark of a whole move in goes with the session (after
-            // its rewrite, as after the move's records).
-            if slot.moved_in != 0 {
-                let mark = Rec::MovedIn {
-                    sid: d.sid,
-                    claim: slot.moved_in,
-                };
-                store.rec.note(&mark);
-            }
+            // Its marks go with it (after its rewrite, as after the
+            // records they follow).
+            store.note_marks(slot, d.sid);
             store.live.live_bytes = store.live.live_bytes - u64::from(d.bytes) + u64::from(bytes);
             store.live.track(seg, Obj::Session(key, uid));
             slot.durable = Some(DurableSlot {
@@ -440,4 +439,19 @@ fn rewrite_accepted(store: &mut Store, id: u64, victim: u64) -> bool {
     a.seg = seg;
     a.bytes = bytes;
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SESSION_MARKS_BYTES;
+    use crate::persist::{Rec, WallClock, Writer};
+
+    #[test]
+    fn a_session_s_marks_fit_the_room_compaction_counts_for_them() {
+        let (mut w, clock) = (Writer::default(), WallClock::now());
+        let (sid, stamp) = (u64::MAX, u64::MAX);
+        let moved = w.size(&clock, &Rec::MovedIn { sid, claim: stamp });
+        let told = w.size(&clock, &Rec::Told { sid, born: stamp });
+        assert!(moved + told <= SESSION_MARKS_BYTES, "{moved} + {told}");
+    }
 }

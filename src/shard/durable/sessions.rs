@@ -19,6 +19,20 @@ use super::{DurableSlot, Obj, SessionKey, ShardCore, State, Store};
 const PAGE_IN_READS_MAX: usize = 1024;
 
 impl Store {
+    /// The marks a session's log holds after its Session record, written
+    /// again after each rewrite of it: a whole move in (`Rec::MovedIn`)
+    /// and the birth its client was told of (`Rec::Told`).
+    pub(super) fn note_marks(&mut self, slot: &super::super::SessionSlot, sid: Sid) {
+        if slot.moved_in != 0 {
+            let claim = slot.moved_in;
+            self.rec.note(&Rec::MovedIn { sid, claim });
+        }
+        if slot.born_told {
+            let born = slot.born;
+            self.rec.note(&Rec::Told { sid, born });
+        }
+    }
+
     /// Write a session's whole state as sid `sid` (a Session record, then
     /// Subscribe records for what does not fit one). All or none: when the
     /// log has no spare segment and the current one cannot take them all,
@@ -91,12 +105,28 @@ impl ShardCore {
                 store.live.live_bytes += u64::from(bytes);
                 store.live.track(seg, Obj::Session(key, slot.uid));
                 slot.durable = Some(DurableSlot { sid, seg, bytes });
+                store.note_marks(slot, sid);
             }
             Err(_) => log::warn!(
                 "client {}: session not persisted (the log is full)",
                 crate::text::quote(slot.session.client_id())
             ),
         }
+    }
+
+    /// Session `key`'s birth as its client was told about it changed
+    /// (`SessionSlot::born`; 0 when it took that of a copy never told):
+    /// its log says so, so that a copy taken over from it knows which
+    /// copies its client knew of (`adopt`).
+    pub(in crate::shard) fn durable_told(st: &mut State, key: SessionKey) {
+        let Some(slot) = st.sessions.get(key) else {
+            return;
+        };
+        let (Some(store), Some(d)) = (st.store.as_mut(), slot.durable) else {
+            return;
+        };
+        let born = if slot.born_told { slot.born } else { 0 };
+        store.rec.note(&Rec::Told { sid: d.sid, born });
     }
 
     /// Every part of a session moving here came (the move answered
