@@ -296,7 +296,7 @@ impl Session {
                 return Err((reason::TOPIC_ALIAS_INVALID, why));
             }
             if p.topic.is_empty() {
-                match conn.aliases_in.get(&alias) {
+                match conn.aliases.as_ref().and_then(|a| a.inbound.get(&alias)) {
                     Some(t) => p.topic = t.clone(),
                     None => {
                         let why = format!("[MQTT-3.3.2-7] topic alias {alias} was never set");
@@ -304,7 +304,8 @@ impl Session {
                     }
                 }
             } else {
-                conn.aliases_in.insert(alias, p.topic.clone());
+                let aliases = conn.aliases.get_or_insert_with(Box::default);
+                aliases.inbound.insert(alias, p.topic.clone());
             }
         }
         validate_topic_name(&p.topic, self.limits.topic_levels_max)

@@ -3,8 +3,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::hash::HashMap;
-
 use crate::codec::{self, reason, BoxedProperties, ConnAck, Connect, Packet, Properties, Will};
 use crate::message::Message;
 use crate::text::quote;
@@ -52,9 +50,7 @@ impl Session {
                 .unwrap_or(u32::MAX)
                 .min(codec::MAX_PACKET_SIZE as u32),
             alias_out_max: props.topic_alias_maximum.unwrap_or(0),
-            aliases_out: HashMap::default(),
-            aliases_out_bytes: 0,
-            aliases_in: HashMap::default(),
+            aliases: None,
             will: connect.will.map(|mut w| {
                 crate::message::own_buffers(&mut w.payload, Some(&mut w.properties));
                 Box::new(w)

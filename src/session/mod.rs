@@ -25,7 +25,8 @@
 macro_rules! client_log {
     ($s:expr, $now:expr, $level:expr, $($arg:tt)+) => {
         if log::log_enabled!($level) {
-            if let Some(n) = $s.log_gate.allow($now) {
+            let gate = $s.log_gate.get_or_insert_with(|| Box::new($crate::text::LogGate::per_client()));
+            if let Some(n) = gate.allow($now) {
                 log::log!(
                     $level,
                     "client {}: {}{}",
@@ -303,6 +304,17 @@ pub struct SessionStats {
     pub refused_delayed_full: u64,
 }
 
+/// A connection's topic aliases (MQTT 5.0).
+#[derive(Debug, Default)]
+struct Aliases {
+    /// Those we assigned towards the client.
+    out: HashMap<Topic, u16>,
+    /// Bytes of the topics in `out`.
+    out_bytes: usize,
+    /// Those the client set.
+    inbound: HashMap<u16, Topic>,
+}
+
 /// The part of a session that exists only while a connection is attached.
 #[derive(Debug)]
 struct Conn {
@@ -316,10 +328,8 @@ struct Conn {
     max_packet_out: u32,
     /// Topic aliases we may assign towards the client.
     alias_out_max: u16,
-    aliases_out: HashMap<Topic, u16>,
-    /// Bytes of the topics in `aliases_out`.
-    aliases_out_bytes: usize,
-    aliases_in: HashMap<u16, Topic>,
+    /// Made by the first alias either way: most connections use none.
+    aliases: Option<Box<Aliases>>,
     /// Boxed: most connections have none, and a will is large.
     will: Option<Box<Will>>,
     /// The session expiry sent in CONNECT was 0: a DISCONNECT may not raise it.
@@ -361,8 +371,9 @@ pub struct Session {
     /// What `inbound_qos2` may hold: the Receive Maximum, or more when a
     /// restart under a lower one restored more.
     inbound_qos2_max: usize,
-    /// Rate limit of the log lines this client causes.
-    log_gate: crate::text::LogGate,
+    /// Rate limit of the log lines this client causes (made by the first
+    /// one: most clients cause none).
+    log_gate: Option<Box<crate::text::LogGate>>,
     transmit: TransmitQueue,
     actions: VecDeque<Action>,
     journal: VecDeque<Journal>,
@@ -430,7 +441,7 @@ impl Session {
             out: Outbound::default(),
             inbound_qos2: HashSet::default(),
             inbound_qos2_max,
-            log_gate: crate::text::LogGate::per_client(),
+            log_gate: None,
             transmit: TransmitQueue::default(),
             actions: VecDeque::new(),
             journal: VecDeque::new(),

@@ -824,22 +824,31 @@ impl Conn {
         if self.alias_out_max == 0 {
             return false;
         }
-        if let Some(&alias) = self.aliases_out.get(&d.message.topic) {
+        let (set, (count, held)) = match self.aliases.as_deref() {
+            Some(a) => (
+                a.out.get(&d.message.topic).copied(),
+                (a.out.len(), a.out_bytes),
+            ),
+            None => (None, (0, 0)),
+        };
+        if let Some(alias) = set {
             d.topic_alias = Some(alias);
             d.elide_topic = true;
             return false;
         }
-        let next = self.aliases_out.len() + 1;
+        let next = count + 1;
         if !room_for_new || next > usize::from(self.alias_out_max) {
             return false;
         }
-        let bytes = self.aliases_out_bytes + d.message.topic.len();
+        let bytes = held + d.message.topic.len();
         if bytes > bytes_max {
             return true;
         }
         let alias = next as u16;
-        self.aliases_out.insert(d.message.topic.clone(), alias);
-        self.aliases_out_bytes = bytes;
+        // Made by the first alias assigned.
+        let aliases = self.aliases.get_or_insert_with(Box::default);
+        aliases.out.insert(d.message.topic.clone(), alias);
+        aliases.out_bytes = bytes;
         d.topic_alias = Some(alias);
         false
     }

@@ -1089,3 +1089,12 @@ fn two_copies_ranges_merge_only_when_they_overlap() {
         0
     );
 }
+
+/// Every connection holds a session, idle ones too: what only some
+/// connections use (topic aliases, a log gate) is boxed and made on first
+/// use, so the session stays small (`loadtest/compare.sh`'s idle row).
+#[test]
+fn a_session_keeps_what_few_connections_use_out_of_line() {
+    let size = std::mem::size_of::<Session>();
+    assert!(size <= 560, "Session is {size} bytes");
+}

@@ -182,9 +182,9 @@ async fn handshake(
     }
     let (home, assigned, grant) = match shard.handshake(&connect, arrival, Instant::now()) {
         Handshake::Serve { assigned, grant } => {
-            // A task of its own: this handshake's future is freed now.
-            let served = serve(shard, stream, connect, buf, assigned, grant);
-            glommio::spawn_local(served).detach();
+            // Served by a task of its own: this handshake's future is
+            // freed now.
+            serve(shard, stream, connect, buf, assigned, grant);
             return;
         }
         Handshake::MoveTo {
@@ -457,23 +457,24 @@ pub(super) fn duplicate(stream: &TcpStream) -> io::Result<socket2::Socket> {
 /// A connection handed over by another shard.
 pub(crate) fn spawn_handoff(shard: Rc<ShardCore>, h: Handoff) {
     let stream = Stream::from_parts(TcpStream::from(h.socket), h.tls, h.ws);
-    glommio::spawn_local(serve(
+    serve(
         shard,
         stream,
         h.connect,
         h.buffered,
         h.assigned_client_id,
         h.grant,
-    ))
-    .detach();
+    );
 }
 
-/// Serve an accepted (or handed over) connection on its home shard.
+/// Serve an accepted (or handed over) connection on its home shard: attach
+/// it, then a task serves it (or answers its refusal).
 ///
-/// This task lives as long as the connection, so its future is kept small
-/// (bytes per idle connection): the closing paths are boxed, allocated
+/// That task lives as long as the connection, so its future is kept small
+/// (bytes per idle connection): it starts from what the connection needs
+/// once attached, and the closing and pausing paths are boxed, allocated
 /// only when taken.
-async fn serve(
+fn serve(
     shard: Rc<ShardCore>,
     mut stream: Stream,
     connect: Box<Connect>,
@@ -482,17 +483,32 @@ async fn serve(
     grant: crate::auth::Grant,
 ) {
     let version = connect.version;
-    let handle = match shard.attach_granted(Instant::now(), connect, assigned, grant) {
-        Ok(h) => h,
-        Err(code) => {
-            let refuse = send_connack_error(&shard, &mut stream, version, code);
-            return Box::pin(refuse).await;
+    match shard.attach_granted(Instant::now(), connect, assigned, grant) {
+        Ok(handle) => {
+            // Counted at once (a stop waits for the sockets it counts to
+            // flush); `connected` counts it down.
+            shard.sockets.set(shard.sockets.get() + 1);
+            stream.split(handle.clone());
+            let stream = SharedStream(Rc::new(RefCell::new(stream)));
+            glommio::spawn_local(connected(shard, handle, stream, buffered)).detach();
         }
-    };
-    shard.sockets.set(shard.sockets.get() + 1);
+        Err(code) => {
+            let refuse =
+                async move { send_connack_error(&shard, &mut stream, version, code).await };
+            glommio::spawn_local(refuse).detach();
+        }
+    }
+}
+
+/// Serve connection `handle` until it closes: its writer task beside,
+/// its reader here.
+async fn connected(
+    shard: Rc<ShardCore>,
+    handle: Rc<ConnHandle>,
+    stream: SharedStream,
+    buffered: BytesMut,
+) {
     let _open = scopeguard(|| shard.sockets.set(shard.sockets.get() - 1));
-    stream.split(handle.clone());
-    let stream = SharedStream(Rc::new(RefCell::new(stream)));
     let writer = glommio::spawn_local(write_loop(shard.clone(), handle.clone(), stream.clone()));
     let peer_ended = read_loop(&shard, &handle, stream.clone(), buffered).await;
     if !handle.is_closing() {
@@ -599,44 +615,10 @@ async fn read_loop(
         if shard.links_full() {
             shard.state.borrow_mut().stats.link_pauses += 1;
         }
-        // Whether a subscriber behind held it during this pause (counted
-        // once).
-        let mut held = false;
-        loop {
-            if conn.is_closing() {
-                return false;
-            }
-            if shard.mesh.congested() {
-                glommio::timer::sleep(Duration::from_millis(1)).await;
-            } else if shard.links_full() {
-                // Woken when the pause ends; looks again now and then
-                // all the same.
-                let ended = conn.drained.wait();
-                let look = glommio::timer::sleep(LINK_PAUSE_LOOK);
-                ended.or(look).await;
-            } else if let Some(left) = conn
-                .is_held()
-                .then(|| conn.held(Instant::now(), hold))
-                .flatten()
-            {
-                if !held {
-                    held = true;
-                    shard.state.borrow_mut().stats.publisher_holds += 1;
-                }
-                // Woken when the last session that holds it releases it.
-                let released = conn.drained.wait();
-                released.or(glommio::timer::sleep(left)).await;
-            } else if shard.transmit_backlogged(conn) {
-                // A client that does not read what we send it is not
-                // read either.
-                conn.drained.wait().await;
-            } else {
-                break;
-            }
-        }
-        if held && conn.is_held() {
-            // Read again with a session still behind: the hold ran out.
-            shard.state.borrow_mut().stats.publisher_holds_expired += 1;
+        // Paused (rarely): the wait is a future of its own, so that an
+        // idle connection's task does not carry its room.
+        if pause_needed(shard, conn, hold) && Box::pin(pause(shard, conn, hold)).await {
+            return false;
         }
         if stopped {
             continue; // what is left in the buffer goes before more is read
@@ -658,6 +640,61 @@ async fn read_loop(
             return false;
         }
     }
+}
+
+/// True when the reader must wait before it reads again: the mesh
+/// congested, a peer node behind, a subscriber of the connection's behind
+/// (within the hold), or the client not reading what it is sent.
+fn pause_needed(shard: &ShardCore, conn: &ConnHandle, hold: Duration) -> bool {
+    shard.mesh.congested()
+        || shard.links_full()
+        || (conn.is_held() && conn.held(Instant::now(), hold).is_some())
+        || shard.transmit_backlogged(conn)
+}
+
+/// Wait until [`pause_needed`] says the reader may read again; true when
+/// the connection is closing meanwhile.
+async fn pause(shard: &ShardCore, conn: &Rc<ConnHandle>, hold: Duration) -> bool {
+    // Whether a subscriber behind held it during this pause (counted
+    // once).
+    let mut held = false;
+    loop {
+        if conn.is_closing() {
+            return true;
+        }
+        if shard.mesh.congested() {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        } else if shard.links_full() {
+            // Woken when the pause ends; looks again now and then
+            // all the same.
+            let ended = conn.drained.wait();
+            let look = glommio::timer::sleep(LINK_PAUSE_LOOK);
+            ended.or(look).await;
+        } else if let Some(left) = conn
+            .is_held()
+            .then(|| conn.held(Instant::now(), hold))
+            .flatten()
+        {
+            if !held {
+                held = true;
+                shard.state.borrow_mut().stats.publisher_holds += 1;
+            }
+            // Woken when the last session that holds it releases it.
+            let released = conn.drained.wait();
+            released.or(glommio::timer::sleep(left)).await;
+        } else if shard.transmit_backlogged(conn) {
+            // A client that does not read what we send it is not
+            // read either.
+            conn.drained.wait().await;
+        } else {
+            break;
+        }
+    }
+    if held && conn.is_held() {
+        // Read again with a session still behind: the hold ran out.
+        shard.state.borrow_mut().stats.publisher_holds_expired += 1;
+    }
+    false
 }
 
 /// Write the session's packets until the connection closes; true when
