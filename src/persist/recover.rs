@@ -1016,3 +1016,64 @@ fn restore(
         queue,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::log::disk::MemDisk;
+
+    /// A restart keeps what a session's log says of it besides its state
+    /// (`Rec::MovedIn`, `Rec::Told`): recovery hands the marks to the
+    /// shard and writes them again in the new generation, so a second
+    /// restart (or a copy of the log) still has them.
+    #[test]
+    fn a_restart_keeps_a_session_s_marks() {
+        let disk = Arc::new(MemDisk::new());
+        let clock = WallClock::now();
+        let settings = RecoverySettings {
+            data_dir: "/data".into(),
+            shards: 1,
+            segment_bytes: 1 << 20,
+            clock: Some(clock),
+            disk: Some(disk.clone()),
+        };
+        let recovered = |settings: &RecoverySettings| {
+            let mut r = recover(settings).expect("recovers");
+            let start = r.shards.remove(0);
+            (start.sessions.first().map(|s| s.marks), start.log)
+        };
+        let (none, mut log) = recovered(&settings);
+        assert_eq!(none, None, "an empty disk");
+        let session = SessionRec {
+            sid: 1,
+            client_id: "dev".into(),
+            expiry_s: 3600,
+            offline_since_ms: None,
+            subscriptions: Vec::new(),
+            qos2_in: Vec::new(),
+            will: None,
+            will_due_ms: None,
+        };
+        let mut w = Writer::default();
+        for rec in [
+            Rec::Session(Box::new(session)),
+            Rec::MovedIn { sid: 1, claim: 7 },
+            Rec::Told { sid: 1, born: 9 },
+        ] {
+            w.append(&mut log, &clock, &rec).expect("room");
+        }
+        log.sync_all().expect("synced");
+        drop(log);
+        let marks = Marks {
+            moved_in: 7,
+            told: 9,
+        };
+        let (first, log) = recovered(&settings);
+        assert_eq!(first, Some(marks));
+        drop(log);
+        let (second, _) = recovered(&settings);
+        assert_eq!(second, Some(marks), "written again in the new generation");
+    }
+}

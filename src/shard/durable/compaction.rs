@@ -183,22 +183,22 @@ pub(super) fn remove_segments(store: &mut Store, victim: u64) -> bool {
     }
 }
 
-/// Bytes a live object of the victim segment takes when rewritten.
-/// Bytes a session's marks take at most when compaction writes them again
-/// (two records of a sid and a stamp, with their headers).
-pub(super) const SESSION_MARKS_BYTES: u32 = 80;
+/// Bytes a session's mark takes at most when compaction writes it again
+/// (a record of a sid and a stamp, with its header).
+pub(super) const MARK_BYTES: u32 = 40;
 
+/// Bytes a live object of the victim segment takes when rewritten.
 fn live_size(st: &State, obj: &Obj, victim: u64) -> u64 {
     let store = st.store.as_ref().expect("a store");
     let bytes = match obj {
-        Obj::Session(key, uid) => st
-            .sessions
-            .get(*key)
+        Obj::Session(key, uid) => (st.sessions.get(*key))
             .filter(|s| s.uid == *uid)
-            .and_then(|s| s.durable)
-            .filter(|d| d.seg <= victim)
-            // With its marks (`Store::note_marks`).
-            .map(|d| d.bytes + SESSION_MARKS_BYTES),
+            .and_then(|s| {
+                let d = s.durable.filter(|d| d.seg <= victim)?;
+                // With its marks (`Store::note_marks`).
+                let marks = u32::from(s.moved_in != 0) + u32::from(s.born_told);
+                Some(d.bytes + marks * MARK_BYTES)
+            }),
         Obj::Message(id) => store
             .messages
             .get(id)
@@ -443,7 +443,7 @@ fn rewrite_accepted(store: &mut Store, id: u64, victim: u64) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::SESSION_MARKS_BYTES;
+    use super::MARK_BYTES;
     use crate::persist::{Rec, WallClock, Writer};
 
     #[test]
@@ -452,6 +452,6 @@ mod tests {
         let (sid, stamp) = (u64::MAX, u64::MAX);
         let moved = w.size(&clock, &Rec::MovedIn { sid, claim: stamp });
         let told = w.size(&clock, &Rec::Told { sid, born: stamp });
-        assert!(moved + told <= SESSION_MARKS_BYTES, "{moved} + {told}");
+        assert!(moved <= MARK_BYTES && told <= MARK_BYTES, "{moved}, {told}");
     }
 }
