@@ -157,8 +157,9 @@ impl Broker {
         let started = Instant::now();
         config.validate()?;
         let shards = config.shard_count();
-        check_io_uring()?;
+        // (Limits first: the probe's ring is as large as the shards'.)
         check_os_limits(&config, shards)?;
+        check_io_uring()?;
         let auth = Arc::new(Auth::load(&config.auth)?);
         log::info!("{}", auth.describe());
         let wanted = config.effective_listeners();
@@ -680,9 +681,12 @@ fn check_io_uring() -> Result<(), StartError> {
 fn probe_io_uring() -> Result<(), StartError> {
     // struct io_uring_params: 120 bytes, zeroed (no flags).
     let mut params = [0u8; 120];
+    // A ring as large as the shards' (a kernel that counts rings as
+    // locked memory refuses it here, with the line below).
+    let entries = RING_DEPTH as u32;
     // SAFETY: io_uring_setup(2) with a valid, writable params buffer of
     // the kernel's struct size; the returned descriptor is closed below.
-    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, entries, params.as_mut_ptr()) };
     if fd >= 0 {
         // SAFETY: the descriptor was just returned to us and is not shared.
         unsafe { libc::close(fd as i32) };
@@ -730,11 +734,11 @@ fn probe_io_uring() -> Result<(), StartError> {
 /// to start (saying what to change) when locked memory stays too low.
 fn check_os_limits(config: &Config, shards: usize) -> Result<(), StartError> {
     use rlimit::Resource;
-    // io_memory per shard plus room for its three rings (where the kernel
-    // counts rings as locked: each entry a 64-byte submission, its index
-    // and two 16-byte completions).
-    let rings = 3 * RING_DEPTH * (64 + 4 + 2 * 16);
-    let need = (shards * (config.server.io_memory_bytes + rings)) as u64;
+    // io_memory per shard plus some room. Kernels since 5.12 do not count
+    // the rings as locked memory; older ones do (about 1.2 MiB a shard at
+    // RING_DEPTH), and refuse the ring with ENOMEM, which
+    // `check_io_uring` finds (its probe ring is as large) and explains.
+    let need = (shards * (config.server.io_memory_bytes + (256 << 10))) as u64;
     let (soft, hard) = Resource::MEMLOCK.get().unwrap_or((0, 0));
     if soft < need
         && Resource::MEMLOCK
