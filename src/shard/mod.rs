@@ -312,6 +312,20 @@ struct SessionSlot {
 }
 
 impl SessionSlot {
+    /// What its log says of it besides its state (`Store::note_marks`).
+    fn marks(&self) -> crate::persist::recover::Marks {
+        crate::persist::recover::Marks {
+            moved_in: self.moved_in,
+            told: if self.born_told { self.born } else { 0 },
+        }
+    }
+
+    /// Take what its log said of it (a restart).
+    fn set_marks(&mut self, marks: crate::persist::recover::Marks) {
+        self.moved_in = marks.moved_in;
+        (self.born, self.born_told) = (marks.told, marks.told != 0);
+    }
+
     /// A slot for `session`, without a connection yet.
     fn new(session: Session, uid: u64, durable: Option<DurableSlot>) -> SessionSlot {
         SessionSlot {

@@ -255,6 +255,15 @@ struct MoveOut {
     deferred: Option<u64>,
 }
 
+impl MoveOut {
+    /// True when a Take from peer `from` for its claim `claim` answers this
+    /// offer: one made to that node, for that claim or an earlier one (an
+    /// offer made since for a later claim waits for that claim's Take).
+    fn answered_by(&self, from: u16, claim: u64) -> bool {
+        self.to == from && self.claim.0 <= claim
+    }
+}
+
 /// A session coming here from one or more nodes (a partition may have
 /// left one on each).
 struct MoveIn {
@@ -524,7 +533,7 @@ impl ShardCore {
         if let (Some(r), false) = (st.remote.as_mut(), later) {
             if r.moves.inbound.contains_key(&client_id) {
                 let out = r.moves.out.get_mut(&client_id);
-                if let Some(m) = out.filter(|m| m.to == from && m.claim.0 <= claim) {
+                if let Some(m) = out.filter(|m| m.answered_by(from, claim)) {
                     m.deferred = Some(claim);
                     return;
                 }
@@ -538,7 +547,7 @@ impl ShardCore {
         // answer, and so did the move there).)
         let offered = st.remote.as_mut().and_then(|r| {
             let out = r.moves.out.get(&client_id);
-            let to_from = out.is_some_and(|m| m.to == from && m.claim.0 <= claim);
+            let to_from = out.is_some_and(|m| m.answered_by(from, claim));
             to_from.then(|| r.moves.out.remove(&client_id)).flatten()
         });
         let uid = offered.as_ref().map(|m| m.uid).filter(|_| !later);

@@ -76,8 +76,7 @@ impl ShardCore {
             slot.will_of_last_run = slot.session.will_now().is_some();
             // What its log said of it, written again after it
             // (`Store::note_marks` keeps them through compaction).
-            slot.moved_in = s.marks.moved_in;
-            (slot.born, slot.born_told) = (s.marks.told, s.marks.told != 0);
+            slot.set_marks(s.marks);
             let key = st.sessions.insert(slot);
             st.by_client.insert(s.client_id, key);
             store.live.restore_session(key, uid, s.seg, s.bytes);

@@ -196,7 +196,7 @@ fn live_size(st: &State, obj: &Obj, victim: u64) -> u64 {
             .and_then(|s| {
                 let d = s.durable.filter(|d| d.seg <= victim)?;
                 // With its marks (`Store::note_marks`).
-                let marks = u32::from(s.moved_in != 0) + u32::from(s.born_told);
+                let marks = s.marks().records(d.sid).count() as u32;
                 Some(d.bytes + marks * MARK_BYTES)
             }),
         Obj::Message(id) => store

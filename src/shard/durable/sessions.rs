@@ -23,13 +23,8 @@ impl Store {
     /// again after each rewrite of it: a whole move in (`Rec::MovedIn`)
     /// and the birth its client was told of (`Rec::Told`).
     pub(super) fn note_marks(&mut self, slot: &super::super::SessionSlot, sid: Sid) {
-        if slot.moved_in != 0 {
-            let claim = slot.moved_in;
-            self.rec.note(&Rec::MovedIn { sid, claim });
-        }
-        if slot.born_told {
-            let born = slot.born;
-            self.rec.note(&Rec::Told { sid, born });
+        for mark in slot.marks().records(sid) {
+            self.rec.note(&mark);
         }
     }
 
@@ -125,7 +120,7 @@ impl ShardCore {
         let (Some(store), Some(d)) = (st.store.as_mut(), slot.durable) else {
             return;
         };
-        let born = if slot.born_told { slot.born } else { 0 };
+        let born = slot.marks().told;
         store.rec.note(&Rec::Told { sid: d.sid, born });
     }
 

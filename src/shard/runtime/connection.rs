@@ -617,7 +617,7 @@ async fn read_loop(
         }
         // Paused (rarely): the wait is a future of its own, so that an
         // idle connection's task does not carry its room.
-        if pause_needed(shard, conn, hold) && Box::pin(pause(shard, conn, hold)).await {
+        if pause_needed(shard, conn, hold).is_some() && Box::pin(pause(shard, conn, hold)).await {
             return false;
         }
         if stopped {
@@ -642,14 +642,32 @@ async fn read_loop(
     }
 }
 
-/// True when the reader must wait before it reads again: the mesh
-/// congested, a peer node behind, a subscriber of the connection's behind
-/// (within the hold), or the client not reading what it is sent.
-fn pause_needed(shard: &ShardCore, conn: &ConnHandle, hold: Duration) -> bool {
-    shard.mesh.congested()
-        || shard.links_full()
-        || (conn.is_held() && conn.held(Instant::now(), hold).is_some())
-        || shard.transmit_backlogged(conn)
+/// Why the reader must wait before it reads again.
+enum Pause {
+    /// The mesh to the other shards is congested.
+    Mesh,
+    /// A peer node is behind.
+    Links,
+    /// A subscriber of the connection's is behind: for at most this long.
+    Held(Duration),
+    /// The client does not read what it is sent.
+    Backlog,
+}
+
+/// Whether the reader must wait before it reads again, and why.
+fn pause_needed(shard: &ShardCore, conn: &ConnHandle, hold: Duration) -> Option<Pause> {
+    if shard.mesh.congested() {
+        Some(Pause::Mesh)
+    } else if shard.links_full() {
+        Some(Pause::Links)
+    } else if let Some(left) = (conn.is_held())
+        .then(|| conn.held(Instant::now(), hold))
+        .flatten()
+    {
+        Some(Pause::Held(left))
+    } else {
+        shard.transmit_backlogged(conn).then_some(Pause::Backlog)
+    }
 }
 
 /// Wait until [`pause_needed`] says the reader may read again; true when
@@ -658,43 +676,38 @@ async fn pause(shard: &ShardCore, conn: &Rc<ConnHandle>, hold: Duration) -> bool
     // Whether a subscriber behind held it during this pause (counted
     // once).
     let mut held = false;
-    loop {
+    while let Some(why) = pause_needed(shard, conn, hold) {
         if conn.is_closing() {
             return true;
         }
-        if shard.mesh.congested() {
-            glommio::timer::sleep(Duration::from_millis(1)).await;
-        } else if shard.links_full() {
-            // Woken when the pause ends; looks again now and then
-            // all the same.
-            let ended = conn.drained.wait();
-            let look = glommio::timer::sleep(LINK_PAUSE_LOOK);
-            ended.or(look).await;
-        } else if let Some(left) = conn
-            .is_held()
-            .then(|| conn.held(Instant::now(), hold))
-            .flatten()
-        {
-            if !held {
-                held = true;
-                shard.state.borrow_mut().stats.publisher_holds += 1;
+        match why {
+            Pause::Mesh => glommio::timer::sleep(Duration::from_millis(1)).await,
+            Pause::Links => {
+                // Woken when the pause ends; looks again now and then
+                // all the same.
+                let ended = conn.drained.wait();
+                let look = glommio::timer::sleep(LINK_PAUSE_LOOK);
+                ended.or(look).await;
             }
-            // Woken when the last session that holds it releases it.
-            let released = conn.drained.wait();
-            released.or(glommio::timer::sleep(left)).await;
-        } else if shard.transmit_backlogged(conn) {
-            // A client that does not read what we send it is not
-            // read either.
-            conn.drained.wait().await;
-        } else {
-            break;
+            Pause::Held(left) => {
+                if !held {
+                    held = true;
+                    shard.state.borrow_mut().stats.publisher_holds += 1;
+                }
+                // Woken when the last session that holds it releases it.
+                let released = conn.drained.wait();
+                released.or(glommio::timer::sleep(left)).await;
+            }
+            // A client that does not read what we send it is not read
+            // either.
+            Pause::Backlog => conn.drained.wait().await,
         }
     }
     if held && conn.is_held() {
         // Read again with a session still behind: the hold ran out.
         shard.state.borrow_mut().stats.publisher_holds_expired += 1;
     }
-    false
+    conn.is_closing()
 }
 
 /// Write the session's packets until the connection closes; true when
