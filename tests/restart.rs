@@ -70,10 +70,12 @@ fn fifty_restarts_on_one_port_all_listen_at_once_and_serve() {
         let mut b = ChildBroker::try_start_on(&addr, &["--shards", "2", "--data-dir", data])
             .unwrap_or_else(|log| panic!("cycle {cycle}: the broker did not start:\n{log}"));
         let took = started.elapsed();
+        // The previous run's sockets closed while this one waited for them
+        // (a wall-clock bound would measure the machine's load, not this).
+        let log = b.log_text();
         assert!(
-            took < Duration::from_secs(2),
-            "cycle {cycle}: listening took {took:?}:\n{}",
-            b.log_text()
+            !log.contains("serving anyway") && !log.contains("retrying the bind"),
+            "cycle {cycle}: the previous run's sockets were in the way:\n{log}"
         );
         // A persistent subscriber resumes its session every cycle, so every
         // start recovers it (and its subscription) from the log.
