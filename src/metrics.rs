@@ -89,7 +89,8 @@ const METRICS: &[Metric] = &[
     Metric {
         name: "shardmq_routes",
         kind: "gauge",
-        help: "Entries of the shard's route replica: (filter, shard or node) pairs.",
+        help: "Entries of the shard's route replica: (filter, shard or node) pairs, \
+               and (filter, shard) pairs with persistent subscribers.",
         label: None,
         value: |r, _| Some(r.routes as u64),
     },

@@ -96,6 +96,11 @@ pub struct Publisher {
 pub enum RouteKey {
     /// Shard `0` has ordinary subscribers of the filter.
     Shard(u16),
+    /// Shard `0` has ordinary subscribers of the filter in persistent
+    /// sessions (ones with a place in its log): a QoS 1/2 message going
+    /// there is logged as Accepted before its publisher is answered, so a
+    /// crash cannot lose it (`durable_accept`). Never leaves the node.
+    Kept(u16),
     /// Shard has members of a shared subscription (`group`, `filter`).
     Shared {
         /// The shared subscription.
@@ -256,7 +261,8 @@ pub enum MeshMsg {
         /// The rest of the walk; `None` when this owner has no more.
         rest: Option<Box<MatchWalk>>,
     },
-    /// Route replica delta (broadcast on 0↔1 transitions).
+    /// Route replica delta (broadcast on 0↔1 transitions, and sent again
+    /// for another subscriber to wait on: applying it again changes nothing).
     Route {
         /// The filter.
         filter: Arc<str>,
@@ -269,10 +275,6 @@ pub enum MeshMsg {
     },
     /// A route delta or retained store asked for acknowledgement took effect.
     Ack(AckTo),
-    /// To shard 0: acknowledge once every peer up has this node's routes
-    /// as they are now (a session moving here whose route its shard had
-    /// already: a peer without a link up may not have it yet).
-    AckWhenPeersHave(AckTo),
     /// A connection whose home is the receiving shard.
     Handoff(Box<Handoff>),
     /// The sender applied (and logged) every message the receiver accepted

@@ -514,7 +514,8 @@ pub struct ShardReport {
     pub sessions: usize,
     /// Subscriptions of its sessions.
     pub subscriptions: usize,
-    /// Entries of its route replica: (filter, shard or node) pairs.
+    /// Entries of its route replica: (filter, shard or node) pairs, and
+    /// (filter, shard) pairs with persistent subscribers.
     pub routes: usize,
     /// Retained messages it stores.
     pub retained: usize,
@@ -568,7 +569,7 @@ struct State {
     /// filter → local subscriptions.
     subscribers: FilterTrie<SubKey, SubEntry>,
     /// How many local subscriptions each route key has per filter; a route
-    /// delta is broadcast on 0↔1 only.
+    /// delta changes the replicas on 0↔1 only.
     local_routes: HashMap<(Arc<str>, RouteKey), u32>,
     /// Replica of every shard's routes: filter → who has subscribers.
     routes: FilterTrie<RouteKey, ()>,
@@ -1079,12 +1080,20 @@ impl ShardCore {
     fn invariants(st: &State) {
         durable::invariants::check(st);
         // Route refcounts match the subscriber trie: per filter and share
-        // name, the count is the number of local subscriptions.
-        let mut counted = 0u64;
+        // name, the count is the number of local subscriptions; a filter's
+        // persistent-subscriber mark counts its ordinary subscriptions of
+        // persistent sessions.
+        let persistent = |k: &SubKey| {
+            st.sessions
+                .get(k.session)
+                .is_some_and(|s| s.durable.is_some())
+        };
+        let (mut counted, mut kept) = (0u64, 0u64);
         for ((filter, route), &count) in &st.local_routes {
-            let group = match route {
-                RouteKey::Shard(_) => None,
-                RouteKey::Shared { pick, .. } => Some(&pick.group),
+            let (group, only_kept) = match route {
+                RouteKey::Shard(_) => (None, false),
+                RouteKey::Kept(_) => (None, true),
+                RouteKey::Shared { pick, .. } => (Some(&pick.group), false),
                 RouteKey::Node(_) | RouteKey::NodeShared { .. } => {
                     unreachable!("a remote node's route counted locally")
                 }
@@ -1092,18 +1101,31 @@ impl ShardCore {
             let entries = st
                 .subscribers
                 .entries(filter)
-                .filter(|(k, _)| k.group.as_ref() == group)
+                .filter(|(k, _)| k.group.as_ref() == group && (!only_kept || persistent(k)))
                 .count();
             assert_eq!(
                 entries, count as usize,
-                "route refcount of {filter:?} matches the subscriber trie"
+                "route refcount of {filter:?} ({route:?}) matches the subscriber trie"
             );
-            counted += u64::from(count);
+            match only_kept {
+                true => kept += u64::from(count),
+                false => counted += u64::from(count),
+            }
         }
         assert_eq!(
             counted,
             st.subscribers.len() as u64,
             "every local subscription is counted in a route"
+        );
+        let mut of_persistent = 0u64;
+        st.subscribers.for_each(|_, k, _| {
+            if k.group.is_none() && persistent(k) {
+                of_persistent += 1;
+            }
+        });
+        assert_eq!(
+            kept, of_persistent,
+            "every ordinary subscription of a persistent session is marked"
         );
         let mut retained = 0u64;
         st.retained

@@ -465,7 +465,7 @@ impl ShardCore {
     ) -> Plan {
         let mut plan = self.plan_without(st, message, Reach::Cluster, without);
         plan.owner = None;
-        plan.ordinary.clear();
+        plan.drop_ordinary();
         plan.nodes.clear();
         plan.picks.retain(|(_, p)| picks.contains(p));
         plan.node_picks.retain(|(_, p)| picks.contains(p));
@@ -544,7 +544,7 @@ impl ShardCore {
         let routed = !message.is_expired(now) && {
             let mut plan = self.plan(&mut st, &message, Reach::FromPeer);
             if !ordinary {
-                plan.ordinary.clear();
+                plan.drop_ordinary();
             }
             plan.picks.retain(|(_, p)| shared.contains(p));
             // A pick this node has no member of (its member left, or the
@@ -817,7 +817,8 @@ impl ShardCore {
 
 /// The name a local route has in the node's export: its filter, or
 /// `$share/{group}/{filter}` for a shared subscription; None for a remote
-/// node's route (never exported again).
+/// node's route (never exported again) and for a persistent-subscriber mark
+/// (the node's own business).
 fn exported_name<'a>(filter: &'a str, key: &RouteKey) -> Option<std::borrow::Cow<'a, str>> {
     match key {
         RouteKey::Shard(_) => Some(std::borrow::Cow::Borrowed(filter)),
@@ -825,6 +826,6 @@ fn exported_name<'a>(filter: &'a str, key: &RouteKey) -> Option<std::borrow::Cow
             "$share/{}/{}",
             pick.group, pick.filter
         ))),
-        RouteKey::Node(_) | RouteKey::NodeShared { .. } => None,
+        RouteKey::Kept(_) | RouteKey::Node(_) | RouteKey::NodeShared { .. } => None,
     }
 }

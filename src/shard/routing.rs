@@ -65,6 +65,9 @@ pub(super) struct Plan {
     pub(super) owner: Option<usize>,
     /// Shards with ordinary subscribers of the topic.
     pub(super) ordinary: SmallVec<[u16; 8]>,
+    /// Those of them whose subscribers include persistent sessions
+    /// ([`RouteKey::Kept`]).
+    pub(super) kept: SmallVec<[u16; 4]>,
     /// Each matching shared subscription, with the shard chosen to serve it.
     pub(super) picks: SmallVec<[(u16, SharedPick); 1]>,
     /// Remote nodes with ordinary subscribers of the topic (none for a
@@ -88,17 +91,29 @@ enum Server {
 }
 
 impl Plan {
-    /// The shards other than `me` the message goes to, each once.
-    pub(super) fn others(&self, me: u16) -> SmallVec<[u16; 4]> {
+    /// The shards other than `me` whose part of the message a crash there
+    /// could lose after its publisher was answered, each once: those with
+    /// persistent ordinary subscribers, those serving a shared
+    /// subscription (its member is chosen there) and the retained copy's
+    /// owner. A shard whose subscribers of it all end with their
+    /// connections (clean sessions) is not one: a crash ends them too.
+    pub(super) fn kept_by(&self, me: u16) -> SmallVec<[u16; 4]> {
         let mut others: SmallVec<[u16; 4]> = SmallVec::new();
-        let all = self.ordinary.iter().copied();
-        let all = all.chain(self.picks.iter().map(|(s, _)| *s));
+        let kept = self.kept.iter().filter(|s| self.ordinary.contains(s));
+        let all = kept.copied().chain(self.picks.iter().map(|(s, _)| *s));
         for d in all.chain(self.owner.map(|o| o as u16)) {
             if d != me && !others.contains(&d) {
                 others.push(d);
             }
         }
         others
+    }
+
+    /// No ordinary subscriber gets it (only the shared subscriptions
+    /// planned).
+    pub(super) fn drop_ordinary(&mut self) {
+        self.ordinary.clear();
+        self.kept.clear();
     }
 }
 
@@ -283,6 +298,7 @@ impl ShardCore {
         let owner = (message.retain && reach != Reach::FromPeer).then(|| self.topic_owner(topic));
         let remote = reach != Reach::Cluster;
         let mut ordinary: SmallVec<[u16; 8]> = SmallVec::new();
+        let mut kept: SmallVec<[u16; 4]> = SmallVec::new();
         let mut nodes: SmallVec<[u16; 4]> = SmallVec::new();
         let mut shared: SmallVec<[(SharedPick, SmallVec<[Server; 4]>); 1]> = SmallVec::new();
         let mut serve =
@@ -294,6 +310,11 @@ impl ShardCore {
             RouteKey::Shard(s) => {
                 if !ordinary.contains(s) {
                     ordinary.push(*s);
+                }
+            }
+            RouteKey::Kept(s) => {
+                if !kept.contains(s) {
+                    kept.push(*s);
                 }
             }
             RouteKey::Shared { pick, shard } => serve(pick, Server::Shard(*shard)),
@@ -324,6 +345,7 @@ impl ShardCore {
         Plan {
             owner,
             ordinary,
+            kept,
             picks,
             nodes,
             node_picks,
@@ -603,8 +625,40 @@ impl ShardCore {
         if added {
             let route = self.route_key(group.clone(), inner.clone());
             self.route_count(st, inner.clone(), route, true, key, hold);
+            if group.is_none() && Self::durable_sid(st, key).is_some() {
+                self.route_count(st, inner.clone(), self.kept_key(), true, key, hold);
+            }
         }
         (group, inner)
+    }
+
+    /// Session `key` became persistent (a connection taking over a live
+    /// session asked it to outlive it): mark its ordinary subscriptions'
+    /// routes, its output (the CONNACK) waiting until every shard has the
+    /// marks, so that what is acknowledged after it is logged for it.
+    pub(super) fn keep_routes(&self, st: &mut State, key: SessionKey) {
+        if Self::durable_sid(st, key).is_none() {
+            return;
+        }
+        let Some(slot) = st.sessions.get(key) else {
+            return;
+        };
+        let routed = |f: &&String| {
+            let mut entries = st.subscribers.entries(f);
+            entries.any(|(k, _)| k.session == key && k.group.is_none())
+        };
+        let filters: Vec<Arc<str>> = (slot.session.subscriptions().keys())
+            .filter(routed)
+            .map(|f| Arc::from(f.as_str()))
+            .collect();
+        for filter in filters {
+            self.route_count(st, filter, self.kept_key(), true, key, Hold::Output);
+        }
+    }
+
+    /// This shard's persistent-subscriber mark.
+    fn kept_key(&self) -> RouteKey {
+        RouteKey::Kept(self.id as u16)
     }
 
     /// Put session `key`'s subscription to `filter` into the subscriber
@@ -639,6 +693,9 @@ impl ShardCore {
         };
         if st.subscribers.remove(inner, &sub_key).0.is_some() {
             let inner: Arc<str> = Arc::from(inner);
+            if group.is_none() && Self::durable_sid(st, key).is_some() {
+                self.route_count(st, inner.clone(), self.kept_key(), false, key, Hold::Output);
+            }
             let route = self.route_key(group, inner.clone());
             self.route_count(st, inner, route, false, key, Hold::Output);
         }
@@ -649,10 +706,13 @@ impl ShardCore {
     }
 
     /// Count local subscriptions per route key; broadcast on 0↔1. A new
-    /// route holds the subscriber's output (its SUBACK) until every other
-    /// shard has applied it, so a publish that follows the SUBACK anywhere
-    /// on the node reaches the new subscription (`hold`: or the session's
-    /// move here).
+    /// subscriber's output (its SUBACK) waits until every other shard has
+    /// the route, so a publish that follows the SUBACK anywhere on the node
+    /// reaches the new subscription (`hold`: or the session's move here):
+    /// when this shard had the route already, it is sent again to wait on,
+    /// as the change that added it may still be on its way. Other nodes
+    /// learn of routes but the persistent-subscriber marks, which are this
+    /// node's own.
     fn route_count(
         &self,
         st: &mut State,
@@ -673,21 +733,8 @@ impl ShardCore {
             *entry -= 1;
             *entry == 0
         };
-        if !transition {
-            // A session that subscribes, or moves here, still waits for
-            // the peers to have the route this shard had already: the
-            // change that added it may not have reached them yet (a
-            // subscriber's SUBACK waits for every peer with a link up, a
-            // move for every peer up).
-            if add && st.remote.is_some() {
-                let ack = match hold {
-                    Hold::Output => self.hold_output(st, subscriber, 1),
-                    Hold::Move => self.hold_move(st, subscriber, 1),
-                };
-                if let Some(ack) = ack {
-                    self.ack_when_peers_have_it(st, ack);
-                }
-            }
+        let local = matches!(key, RouteKey::Kept(_));
+        if !transition && !add {
             return;
         }
         if !add {
@@ -697,10 +744,14 @@ impl ShardCore {
                 st.shared_member_next.remove(pick);
             }
         }
-        Self::apply_route(st, &filter, key.clone(), add);
+        if transition {
+            Self::apply_route(st, &filter, key.clone(), add);
+        }
         // On shard 0 of a cluster node, the other nodes must have the
-        // route too: one more acknowledgement, from the bridge.
-        let remote = add && st.remote.as_ref().is_some_and(|r| r.export.is_some());
+        // route too: one more acknowledgement, from the bridge (a
+        // subscriber's SUBACK waits for every peer with a link up, a move
+        // for every peer up; other shards send their routes' waits there).
+        let remote = add && !local && st.remote.as_ref().is_some_and(|r| r.export.is_some());
         let count = self.shards as u32 - 1 + u32::from(remote);
         let ack_to = match (add, hold) {
             (false, _) => None,
@@ -712,12 +763,14 @@ impl ShardCore {
                 Self::acked(st, ack);
             }
         }
-        self.mesh.broadcast(|| MeshMsg::Route {
-            filter: filter.clone(),
-            key: key.clone(),
-            add,
-            ack_to,
-        });
+        if transition || ack_to.is_some() {
+            self.mesh.broadcast(|| MeshMsg::Route {
+                filter: filter.clone(),
+                key: key.clone(),
+                add,
+                ack_to,
+            });
+        }
     }
 
     /// Hold a connected session's output until `count` acknowledgements
@@ -748,16 +801,6 @@ impl ShardCore {
             .filter(|s| s.uid == ack.uid)
     }
 
-    /// Acknowledge `ack` once every peer has this node's routes as they
-    /// are now (shard 0 knows; at once outside a cluster).
-    fn ack_when_peers_have_it(&self, st: &mut State, ack: AckTo) {
-        if self.id != 0 {
-            self.mesh.send(0, MeshMsg::AckWhenPeersHave(ack));
-        } else if !Self::ack_when_peers_have(st, ack) {
-            self.ack(st, ack);
-        }
-    }
-
     /// Send `ack` to its shard, or take it here when it is this shard's.
     pub(super) fn ack(&self, st: &mut State, ack: AckTo) {
         if ack.shard == self.id {
@@ -785,16 +828,21 @@ impl ShardCore {
         }
     }
 
-    /// Apply a route delta to the replica. When the last shard with
-    /// members of a shared subscription leaves, its round-robin position
-    /// goes too: nothing is kept for a group that no longer exists.
+    /// Apply a route delta to the replica (an add it has already changes
+    /// nothing: `route_count` sends one again for a subscriber to wait
+    /// on). When the last shard with members of a shared subscription
+    /// leaves, its round-robin position goes too: nothing is kept for a
+    /// group that no longer exists.
     pub(super) fn apply_route(st: &mut State, filter: &str, key: RouteKey, add: bool) {
-        Self::export_route(st, filter, &key, add);
         if add {
-            st.routes.insert(filter, key, ());
+            if st.routes.insert(filter, key.clone(), ()).0.is_none() {
+                Self::export_route(st, filter, &key, add);
+            }
             return;
         }
-        st.routes.remove(filter, &key);
+        if st.routes.remove(filter, &key).0.is_some() {
+            Self::export_route(st, filter, &key, add);
+        }
         if let RouteKey::Shared { pick, .. } | RouteKey::NodeShared { pick, .. } = &key {
             let same_pick = |k: &RouteKey| {
                 matches!(k, RouteKey::Shared { pick: p, .. } | RouteKey::NodeShared { pick: p, .. }
@@ -1000,17 +1048,18 @@ impl ShardCore {
                     add,
                     ack_to,
                 } => {
+                    let local = matches!(key, RouteKey::Kept(_));
                     Self::apply_route(&mut st, &filter, key, add);
                     if let Some(ack) = ack_to {
                         // Shard 0 of a cluster node answers once the
-                        // other nodes have the route too.
-                        if !(add && Self::ack_when_peers_have(&mut st, ack)) {
+                        // other nodes have the route too (a mark of
+                        // persistent subscribers is not theirs).
+                        if !(add && !local && Self::ack_when_peers_have(&mut st, ack)) {
                             self.mesh.send(ack.shard, MeshMsg::Ack(ack));
                         }
                     }
                 }
                 MeshMsg::Ack(ack) => Self::acked(&mut st, ack),
-                MeshMsg::AckWhenPeersHave(ack) => self.ack_when_peers_have_it(&mut st, ack),
                 MeshMsg::Fence { id } => self.mesh.send(from, MeshMsg::FenceDone { id }),
                 MeshMsg::FenceDone { id } => Self::fence_done(&mut st, id),
                 MeshMsg::RoutesKnown { node, run } => {

@@ -51,7 +51,8 @@ pub(in crate::shard) struct Logged {
 
 impl ShardCore {
     /// Log a message as Accepted when a crash could otherwise lose or
-    /// repeat it: a QoS 1/2 message that goes to other shards, a
+    /// repeat it: a QoS 1/2 message that goes to other shards' persistent
+    /// sessions, shared subscriptions or retained store ([`Plan::kept_by`]), a
     /// persistent session's QoS 2 publish, a delayed publish leaving, or a
     /// will (of any QoS: the record also says the session's will is gone).
     /// While the log is full, or its fan-out could fill it, every QoS 1/2
@@ -79,7 +80,7 @@ impl ShardCore {
             return Ok(none);
         }
         let full = store.must_accept_first(message);
-        let dests = plan.others(self.id as u16);
+        let dests = plan.kept_by(self.id as u16);
         let causes = Causes {
             qos2_from: source
                 .qos2_packet_id
