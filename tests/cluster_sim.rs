@@ -2546,10 +2546,14 @@ fn a_cluster_seed_replays_the_same_run() {
 /// route the filter; 37929 (before the fix only) and 34698: crossing
 /// CONNECTs that left a client's session without its subscription; 47263:
 /// a copy taken over dropped as stale though its client never knew of it;
-/// 31674: QoS 2 again in a session its client was told was new.
+/// 31674: QoS 2 again in a session its client was told was new; 25855
+/// (once the routes were sent again for each subscriber): a node whose
+/// clock lagged claimed a session offered to it already for a claim whose
+/// connection was gone, was not offered it again, and told its client
+/// of a copy it never had.
 #[test]
 fn seeds_that_once_failed_still_pass() {
-    for seed in [3661, 31674, 33350, 34698, 37929, 47263] {
+    for seed in [3661, 25855, 31674, 33350, 34698, 37929, 47263] {
         run(seed);
     }
 }

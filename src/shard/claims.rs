@@ -415,16 +415,19 @@ impl ShardCore {
         };
         // A claim no later by the clocks than this node's last one still
         // takes the session when no connection holds it here and it is
-        // not on its way elsewhere: the clocks of two nodes may not tell
-        // which CONNECT came first (a claim from a connection that is gone
-        // there too is declined).
+        // not on its way to another node: the clocks of two nodes may not
+        // tell which CONNECT came first (a claim from a connection that is
+        // gone there too is declined). Offered to the claiming node
+        // already, it is offered again for this claim: that node declined
+        // the offer if the connection it was for is gone, and would
+        // otherwise answer this one with a copy the client never had.
         let moot = slot.conn.is_none()
             && c.answer
             && !discard
             && st
                 .remote
                 .as_ref()
-                .is_some_and(|r| !r.moves.is_moving_out(client_id));
+                .is_some_and(|r| !r.moves.is_moving_out_elsewhere(client_id, c.index));
         if !wins((stamp, node), (slot.claim, &me)) && !moot {
             return;
         }

@@ -199,10 +199,11 @@ impl Moves {
             || (self.fences.values()).any(|f| &*f.client_id == client_id && later(&f.promised))
     }
 
-    /// True while a session of `client_id` is offered to another node or
-    /// waits for its fence to go there.
-    pub(super) fn is_moving_out(&self, client_id: &str) -> bool {
-        self.out.contains_key(client_id) || self.fences.values().any(|f| &*f.client_id == client_id)
+    /// The session of `client_id` is offered, or on its way, to a node
+    /// other than `to` (by index).
+    pub(super) fn is_moving_out_elsewhere(&self, client_id: &str, to: u16) -> bool {
+        self.out.get(client_id).is_some_and(|m| m.to != to)
+            || (self.fences.values()).any(|f| &*f.client_id == client_id && f.to != to)
     }
 
     /// A shard's moves, numbering messages from a base no other run of a
