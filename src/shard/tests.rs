@@ -46,8 +46,14 @@ fn connect(id: &str, version: Version) -> Connect {
 
 /// A client id whose home is shard `shard` of `shards`.
 fn id_on(shard: usize, shards: usize) -> String {
+    named_on("c", shard, shards)
+}
+
+/// A client id starting with `prefix` whose home is shard `shard` of
+/// `shards`.
+fn named_on(prefix: &str, shard: usize, shards: usize) -> String {
     (0..)
-        .map(|i| format!("c{i}"))
+        .map(|i| format!("{prefix}{i}"))
         .find(|id| home_shard(id, shards) == shard)
         .expect("some id lands on every shard")
 }
@@ -1419,12 +1425,7 @@ fn a_subscriber_behind_holds_its_publishers_until_it_catches_up() {
     let t0 = Instant::now();
     let limit = c0.publisher_hold();
     let v = Version::V3_1_1;
-    let on_1 = |prefix: &str| {
-        (0..)
-            .map(|i| format!("{prefix}{i}"))
-            .find(|id| home_shard(id, 2) == 1)
-            .unwrap()
-    };
+    let on_1 = |prefix: &str| named_on(prefix, 1, 2);
     let subscriber = |id: &str, now: Instant| {
         let conn = c1.attach(now, Box::new(connect(id, v)), None).unwrap();
         written(&c1, &conn, v);
@@ -1733,12 +1734,7 @@ fn publish_logged(c: &[ShardCore], publisher: &ConnHandle, packet_id: u16, now: 
 fn a_message_to_another_shard_is_logged_first_only_for_a_persistent_subscriber() {
     let t0 = Instant::now();
     let c = logged_cores(2, t0);
-    let on_1 = |prefix: &str| {
-        (0..)
-            .map(|i| format!("{prefix}{i}"))
-            .find(|id| home_shard(id, 2) == 1)
-            .unwrap()
-    };
+    let on_1 = |prefix: &str| named_on(prefix, 1, 2);
     let clean = c[1]
         .attach(t0, Box::new(connect(&on_1("clean"), Version::V5)), None)
         .unwrap();
@@ -1808,12 +1804,7 @@ fn a_message_to_another_shard_is_logged_first_only_for_a_persistent_subscriber()
 fn a_second_subscriber_waits_for_the_route_sent_for_the_first() {
     let (c0, c1) = (core(0, 2), core(1, 2));
     let t0 = Instant::now();
-    let on_1 = |prefix: &str| {
-        (0..)
-            .map(|i| format!("{prefix}{i}"))
-            .find(|id| home_shard(id, 2) == 1)
-            .unwrap()
-    };
+    let on_1 = |prefix: &str| named_on(prefix, 1, 2);
     let first = attached(&c1, t0, &on_1("first"));
     let second = attached(&c1, t0, &on_1("second"));
     c1.handle_packet(&first, t0, subscribe_packet(1, "t/#"));
