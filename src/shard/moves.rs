@@ -453,17 +453,17 @@ impl ShardCore {
             return;
         };
         // The same node's claim again: a Take it sent meanwhile, waiting
-        // for a move here to end, still stands.
-        let deferred = r
-            .moves
-            .out
-            .get(&client_id)
-            .filter(|m| m.to == c.index && m.uid == uid)
-            .and_then(|m| m.deferred);
+        // for a move here to end, still stands, and the move keeps its
+        // start (that node keeps its own: this side gives up first).
+        let (deferred, since) =
+            match (r.moves.out.get(&client_id)).filter(|m| m.to == c.index && m.uid == uid) {
+                Some(m) => (m.deferred, m.since),
+                None => (None, now),
+            };
         let m = MoveOut {
             to: c.index,
             uid,
-            since: now,
+            since,
             claim: (c.claim.stamp, c.node.clone()),
             deferred,
         };
