@@ -448,9 +448,7 @@ impl ShardCore {
         st.stats.connections += 1;
         st.stats.connects_accepted += 1;
         self.claim_connection(&mut st, key, now, (clean_start, resumed.is_none()));
-        let was_persistent = Self::durable_sid(&st, key).is_some();
-        Self::durable_connect(&mut st, key);
-        if !was_persistent {
+        if Self::durable_connect(&mut st, key) {
             self.keep_routes(&mut st, key);
         }
         self.drive(&mut st, key, now);

@@ -120,6 +120,14 @@ pub enum RouteKey {
     },
 }
 
+impl RouteKey {
+    /// A persistent-subscriber mark ([`RouteKey::Kept`]): this node's own,
+    /// neither exported to other nodes nor waiting for them.
+    pub fn is_node_local(&self) -> bool {
+        matches!(self, RouteKey::Kept(_))
+    }
+}
+
 /// One message on the mesh.
 #[derive(Debug)]
 pub enum MeshMsg {

@@ -14,8 +14,7 @@ use crate::persist::WallClock;
 use crate::session::Session;
 
 use super::durable::{DurableSlot, Store, StoreEnv};
-use super::mesh::RouteKey;
-use super::routing::route_key_of;
+use super::routing::route_keys_of;
 use super::{SessionSlot, ShardCore};
 use crate::router::split_shared;
 
@@ -53,15 +52,12 @@ impl ShardCore {
         let mut log = log;
         log.set_segments_max(self.config.log_segments_max(self.shards));
         let mut store = Store::new(next_sid, next_message_id, log, env);
-        // Every recovered session is persistent: an ordinary subscription
-        // also marks its shard's route (`RouteKey::Kept`).
+        // Every recovered session is persistent (`route_keys_of`).
         for (shard, filter) in routes {
             let (group, inner) = split_shared(filter);
-            if group.is_none() {
-                st.routes.insert(inner, RouteKey::Kept(*shard as u16), ());
+            for key in route_keys_of(*shard, group, Arc::from(inner), true) {
+                st.routes.insert(inner, key, ());
             }
-            let key = route_key_of(*shard, group, Arc::from(inner));
-            st.routes.insert(inner, key, ());
         }
         let mut keys = HashMap::default();
         for s in sessions {
@@ -92,12 +88,9 @@ impl ShardCore {
             for (filter, subscription) in subscriptions {
                 let (group, inner, _) =
                     Self::insert_subscriber(&mut st, key, &filter, subscription);
-                if group.is_none() {
-                    let kept = RouteKey::Kept(self.id as u16);
-                    *st.local_routes.entry((inner.clone(), kept)).or_insert(0) += 1;
+                for route in route_keys_of(self.id, group, inner.clone(), true) {
+                    *st.local_routes.entry((inner.clone(), route)).or_insert(0) += 1;
                 }
-                let route = route_key_of(self.id, group, inner.clone());
-                *st.local_routes.entry((inner, route)).or_insert(0) += 1;
             }
         }
         for m in messages {

@@ -623,23 +623,19 @@ impl ShardCore {
     ) -> (Option<Arc<str>>, Arc<str>) {
         let (group, inner, added) = Self::insert_subscriber(st, key, filter, subscription);
         if added {
-            let route = self.route_key(group.clone(), inner.clone());
-            self.route_count(st, inner.clone(), route, true, key, hold);
-            if group.is_none() && Self::durable_sid(st, key).is_some() {
-                self.route_count(st, inner.clone(), self.kept_key(), true, key, hold);
+            for route in self.route_keys(st, key, group.clone(), inner.clone()) {
+                self.route_count(st, inner.clone(), route, true, key, hold);
             }
         }
         (group, inner)
     }
 
-    /// Session `key` became persistent (a connection taking over a live
-    /// session asked it to outlive it): mark its ordinary subscriptions'
-    /// routes, its output (the CONNACK) waiting until every shard has the
-    /// marks, so that what is acknowledged after it is logged for it.
+    /// Session `key` became persistent with subscriptions (its first
+    /// write to the log, at an earlier connect, found the log full): mark
+    /// its ordinary subscriptions' routes, its output (the CONNACK)
+    /// waiting until every shard has the marks, so that what is
+    /// acknowledged after it is logged for it.
     pub(super) fn keep_routes(&self, st: &mut State, key: SessionKey) {
-        if Self::durable_sid(st, key).is_none() {
-            return;
-        }
         let Some(slot) = st.sessions.get(key) else {
             return;
         };
@@ -651,14 +647,10 @@ impl ShardCore {
             .filter(routed)
             .map(|f| Arc::from(f.as_str()))
             .collect();
+        let mark = RouteKey::Kept(self.id as u16);
         for filter in filters {
-            self.route_count(st, filter, self.kept_key(), true, key, Hold::Output);
+            self.route_count(st, filter, mark.clone(), true, key, Hold::Output);
         }
-    }
-
-    /// This shard's persistent-subscriber mark.
-    fn kept_key(&self) -> RouteKey {
-        RouteKey::Kept(self.id as u16)
     }
 
     /// Put session `key`'s subscription to `filter` into the subscriber
@@ -693,16 +685,27 @@ impl ShardCore {
         };
         if st.subscribers.remove(inner, &sub_key).0.is_some() {
             let inner: Arc<str> = Arc::from(inner);
-            if group.is_none() && Self::durable_sid(st, key).is_some() {
-                self.route_count(st, inner.clone(), self.kept_key(), false, key, Hold::Output);
+            // The mark goes first: no shard sees it without the route.
+            for route in self
+                .route_keys(st, key, group, inner.clone())
+                .into_iter()
+                .rev()
+            {
+                self.route_count(st, inner.clone(), route, false, key, Hold::Output);
             }
-            let route = self.route_key(group, inner.clone());
-            self.route_count(st, inner, route, false, key, Hold::Output);
         }
     }
 
-    fn route_key(&self, group: Option<Arc<str>>, filter: Arc<str>) -> RouteKey {
-        route_key_of(self.id, group, filter)
+    /// The route replica keys session `key`'s subscription counts in.
+    fn route_keys(
+        &self,
+        st: &State,
+        key: SessionKey,
+        group: Option<Arc<str>>,
+        filter: Arc<str>,
+    ) -> SmallVec<[RouteKey; 2]> {
+        let persistent = Self::durable_sid(st, key).is_some();
+        route_keys_of(self.id, group, filter, persistent)
     }
 
     /// Count local subscriptions per route key; broadcast on 0↔1. A new
@@ -733,7 +736,7 @@ impl ShardCore {
             *entry -= 1;
             *entry == 0
         };
-        let local = matches!(key, RouteKey::Kept(_));
+        let local = key.is_node_local();
         if !transition && !add {
             return;
         }
@@ -1048,7 +1051,7 @@ impl ShardCore {
                     add,
                     ack_to,
                 } => {
-                    let local = matches!(key, RouteKey::Kept(_));
+                    let local = key.is_node_local();
                     Self::apply_route(&mut st, &filter, key, add);
                     if let Some(ack) = ack_to {
                         // Shard 0 of a cluster node answers once the
@@ -1126,15 +1129,30 @@ pub(super) struct Hop {
     pub(super) from: Option<(usize, Publisher)>,
 }
 
-/// The route replica key of a subscription on shard `shard`.
-pub(super) fn route_key_of(shard: usize, group: Option<Arc<str>>, filter: Arc<str>) -> RouteKey {
-    match group {
-        None => RouteKey::Shard(shard as u16),
+/// The route replica keys a subscription on shard `shard` counts in: its
+/// route, and for an ordinary subscription of a persistent session the
+/// shard's mark ([`RouteKey::Kept`]), in that order.
+pub(super) fn route_keys_of(
+    shard: usize,
+    group: Option<Arc<str>>,
+    filter: Arc<str>,
+    persistent: bool,
+) -> SmallVec<[RouteKey; 2]> {
+    let shard = shard as u16;
+    let marked = persistent && group.is_none();
+    let route = match group {
+        None => RouteKey::Shard(shard),
         Some(group) => RouteKey::Shared {
             pick: SharedPick { group, filter },
-            shard: shard as u16,
+            shard,
         },
+    };
+    let mut keys = SmallVec::new();
+    keys.push(route);
+    if marked {
+        keys.push(RouteKey::Kept(shard));
     }
+    keys
 }
 
 /// What a new route's acknowledgements release.

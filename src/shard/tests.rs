@@ -69,6 +69,16 @@ fn written(core: &ShardCore, conn: &ConnHandle, version: Version) -> Vec<Packet>
     packets
 }
 
+/// This turn's mesh batches of `core`, taken as the runtime takes them:
+/// on their lanes, not yet delivered.
+fn take_batches(core: &ShardCore) -> Vec<(usize, super::mesh::Batch)> {
+    let batches = core.mesh().poll_batches();
+    for (_, b) in &batches {
+        core.mesh().sent(b.len());
+    }
+    batches
+}
+
 /// Run every core's gather task and carry every batch, until quiet: what
 /// the runtime does between two reads.
 fn pump(cores: &[&ShardCore], now: Instant) {
@@ -300,10 +310,7 @@ fn a_resumed_session_s_suback_waits_for_the_route_its_last_connection_sent() {
     written(&c1, &first, Version::V5);
     c1.handle_packet(&first, t0, subscribe(1));
     // The route is on its way to shard 0; the connection ends.
-    let route = c1.mesh().poll_batches();
-    for (_, b) in &route {
-        c1.mesh().sent(b.len());
-    }
+    let route = take_batches(&c1);
     c1.handle_connection_lost(&first, t0);
     let second = c1.attach(t0, Box::new(resume), None).unwrap();
     c1.handle_packet(&second, t0, subscribe(2));
@@ -1709,7 +1716,7 @@ fn publish_logged(c: &[ShardCore], publisher: &ConnHandle, packet_id: u16, now: 
         properties: BoxedProperties::default(),
     };
     c[0].handle_packet(publisher, now, Packet::Publish(publish));
-    let batches = c[0].mesh().poll_batches();
+    let batches = take_batches(&c[0]);
     let origin = match &batches[..] {
         [(1, batch)] => match &batch[..] {
             [MeshMsg::Publish { origin, .. }] => origin.is_some(),
@@ -1718,7 +1725,6 @@ fn publish_logged(c: &[ShardCore], publisher: &ConnHandle, packet_id: u16, now: 
         other => panic!("one batch for shard 1, got {other:?}"),
     };
     for (to, batch) in batches {
-        c[0].mesh().sent(batch.len());
         assert!(c[to].handle_mesh(batch, 0, now).is_empty());
     }
     pump(&[&c[0], &c[1]], now);
@@ -1808,10 +1814,7 @@ fn a_second_subscriber_waits_for_the_route_sent_for_the_first() {
     let first = attached(&c1, t0, &on_1("first"));
     let second = attached(&c1, t0, &on_1("second"));
     c1.handle_packet(&first, t0, subscribe_packet(1, "t/#"));
-    let route = c1.mesh().poll_batches();
-    for (_, b) in &route {
-        c1.mesh().sent(b.len());
-    }
+    let route = take_batches(&c1);
     c1.handle_packet(&second, t0, subscribe_packet(1, "t/#"));
     assert!(
         written(&c1, &second, Version::V3_1_1).is_empty(),

@@ -68,10 +68,11 @@ impl Store {
 
 impl ShardCore {
     /// A connection attached: a persistent session writes its whole state
-    /// the first time, an Online record after.
-    pub(in crate::shard) fn durable_connect(st: &mut State, key: SessionKey) {
+    /// the first time, an Online record after. True when the session got
+    /// its place in the log now (it became persistent).
+    pub(in crate::shard) fn durable_connect(st: &mut State, key: SessionKey) -> bool {
         let (Some(store), Some(slot)) = (st.store.as_mut(), st.sessions.get_mut(key)) else {
-            return;
+            return false;
         };
         match slot.durable {
             Some(d) => {
@@ -81,9 +82,13 @@ impl ShardCore {
                     expiry_s: state.expiry_s,
                     will: state.will.map(Box::new),
                 });
+                false
             }
-            None if slot.session.lifetime().expiry_s > 0 => Self::durable_whole(st, key),
-            None => {}
+            None if slot.session.lifetime().expiry_s > 0 => {
+                Self::durable_whole(st, key);
+                Self::durable_sid(st, key).is_some()
+            }
+            None => false,
         }
     }
 
