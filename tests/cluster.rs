@@ -804,6 +804,9 @@ async fn retained_messages_are_kept_on_every_node() {
     // d joins later: it gets what the cluster keeps, not what it deleted.
     let d = node("d", &dir, 0, &[membership_port(&a)]);
     wait_log(&d, "3 peers up", 30);
+    // Up is not serving: CONNECTs are refused (0x88) until the peers'
+    // routes are here.
+    wait_serving(&d);
     wait_retained(d.addr, "ret/2", Some(b"kept")).await;
     assert_eq!(retained_at(d.addr, "ret/1").await, None);
     drop((pub_a, pub_b, pub_c));
