@@ -451,6 +451,7 @@ mod tests {
             scope: Scope {
                 ordinary: false,
                 shared: SmallVec::from_buf([pick.clone()]),
+                every_pick: false,
             },
             message: msg("t/1"),
             stamp_ms: 1,

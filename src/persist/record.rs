@@ -85,13 +85,18 @@ pub struct Origin {
 }
 
 /// Which subscribers of a shard a routed message is for: the ordinary ones
-/// and/or one member of each listed shared subscription.
+/// and/or one member of each listed shared subscription (or of every one).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Scope {
     /// Every ordinary (non-shared) subscriber.
     pub ordinary: bool,
     /// Shared subscriptions to serve.
     pub shared: SmallVec<[SharedPick; 1]>,
+    /// Every shared subscription, listed or not: a fresh publish's
+    /// Accepted record. Not one whose shared subscriptions were decided
+    /// elsewhere or before (a peer's message, a pick served again): routed
+    /// again, it would reach groups that had it.
+    pub every_pick: bool,
 }
 
 impl Scope {
@@ -100,6 +105,7 @@ impl Scope {
         Scope {
             ordinary: true,
             shared: SmallVec::new(),
+            every_pick: true,
         }
     }
 }
@@ -738,7 +744,10 @@ impl Writer<'_> {
         }
     }
     fn scope(&mut self, s: &Scope) {
-        self.u8(u8::from(s.ordinary));
+        // Bit 0: ordinary; bit 1: every pick differs from ordinary (logs
+        // written before the flag hold 0 or 1, which meant both or
+        // neither).
+        self.u8(u8::from(s.ordinary) | (u8::from(s.every_pick != s.ordinary) << 1));
         self.u32(s.shared.len() as u32);
         for p in &s.shared {
             self.str(&p.group);
@@ -880,7 +889,12 @@ impl<'a> Reader<'a> {
         })
     }
     fn scope(&mut self) -> Result<Scope, RecordError> {
-        let ordinary = self.u8()? != 0;
+        let flags = self.u8()?;
+        if flags > 3 {
+            return Err(RecordError::Invalid("scope flags"));
+        }
+        let ordinary = flags & 1 != 0;
+        let every_pick = ordinary != (flags & 2 != 0);
         let n = self.u32()? as usize;
         let mut shared = SmallVec::new();
         for _ in 0..n {
@@ -889,7 +903,11 @@ impl<'a> Reader<'a> {
                 filter: Arc::from(self.string()?),
             });
         }
-        Ok(Scope { ordinary, shared })
+        Ok(Scope {
+            ordinary,
+            shared,
+            every_pick,
+        })
     }
     fn qos(b: u8) -> Result<QoS, RecordError> {
         QoS::from_u8(b & 3).ok_or(RecordError::Invalid("QoS 3"))
@@ -1102,6 +1120,7 @@ mod tests {
                 group: "g".into(),
                 filter: "a/#".into(),
             }]),
+            every_pick: false,
         };
         let target = Target {
             sid: 3,
@@ -1197,7 +1216,7 @@ mod tests {
             Rec::Done { sid: 1, id: 2 },
             Rec::Accepted {
                 id: 4,
-                scope,
+                scope: scope.clone(),
                 message: message(&c),
                 stamp_ms: 8,
                 causes: Causes {
@@ -1206,6 +1225,27 @@ mod tests {
                     will_of: Some(4),
                     passes_on: Some(Origin { shard: 2, id: 9 }),
                 },
+            },
+            Rec::Accepted {
+                id: 5,
+                scope: Scope {
+                    ordinary: true,
+                    ..scope.clone()
+                },
+                message: message(&c),
+                stamp_ms: 9,
+                causes: Causes::default(),
+            },
+            Rec::Accepted {
+                id: 6,
+                scope: Scope {
+                    every_pick: true,
+                    shared: SmallVec::new(),
+                    ..scope.clone()
+                },
+                message: message(&c),
+                stamp_ms: 9,
+                causes: Causes::default(),
             },
             Rec::Settled { upto: 44 },
             Rec::Retain {
@@ -1224,6 +1264,46 @@ mod tests {
         for rec in cases {
             round_trip(rec);
         }
+    }
+
+    /// The scope's flags byte as logs written before `every_pick` hold it
+    /// (0: nobody but the listed picks, 1: everyone) means what it meant.
+    #[test]
+    fn a_scope_reads_as_it_did_before_every_pick_had_a_bit() {
+        let c = clock();
+        let at = |scope: Scope| {
+            let rec = Rec::Message {
+                id: 1,
+                origin: None,
+                scope,
+                message: None,
+                targets: vec![],
+            };
+            let mut buf = BytesMut::new();
+            let kind = rec.encode(&c, &mut buf);
+            (kind, buf)
+        };
+        // After the id (8 bytes) and an absent origin (1).
+        const FLAGS: usize = 9;
+        let scope_of = |kind, buf: &[u8]| match Rec::decode(kind, buf, &c) {
+            Ok(Rec::Message { scope, .. }) => Ok(scope),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        let (kind, everyone) = at(Scope::everyone());
+        assert_eq!(everyone[FLAGS], 1);
+        let (_, listed) = at(Scope::default());
+        assert_eq!(listed[FLAGS], 0);
+        let ordinary_only = Scope {
+            ordinary: true,
+            ..Scope::default()
+        };
+        let (_, buf) = at(ordinary_only.clone());
+        assert_eq!(buf[FLAGS], 3);
+        assert_eq!(scope_of(kind, &buf).unwrap(), ordinary_only);
+        let mut bad = buf.to_vec();
+        bad[FLAGS] = 4;
+        assert!(scope_of(kind, &bad).is_err());
     }
 
     #[test]

@@ -670,7 +670,7 @@ impl<'a> Merge<'a> {
         let sessions = &self.sessions;
         let publisher = message.publisher.as_deref();
         let is_publisher = |i: usize| publisher == Some(sessions[i].rec.client_id.as_str());
-        let wants = |p: &SharedPick| scope.ordinary || scope.shared.contains(p);
+        let wants = |p: &SharedPick| scope.every_pick || scope.shared.contains(p);
         let mut fan = Fan::new(message, scope.ordinary, wants, is_publisher);
         self.subscriptions
             .for_each_match(&message.topic, |(i, group), (sub, inner)| {

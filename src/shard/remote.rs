@@ -467,8 +467,7 @@ impl ShardCore {
         plan.owner = None;
         plan.drop_ordinary();
         plan.nodes.clear();
-        plan.picks.retain(|(_, p)| picks.contains(p));
-        plan.node_picks.retain(|(_, p)| picks.contains(p));
+        plan.restrict_picks(|p| picks.contains(p));
         plan
     }
 
@@ -546,7 +545,7 @@ impl ShardCore {
             if !ordinary {
                 plan.drop_ordinary();
             }
-            plan.picks.retain(|(_, p)| shared.contains(p));
+            plan.restrict_picks(|p| shared.contains(p));
             // A pick this node has no member of (its member left, or the
             // sender's route was stale: this node's run ended since) goes
             // on once to another node with members: dropped, it would be

@@ -81,6 +81,12 @@ pub(super) struct Plan {
     /// How many times the node picks were served again: the nodes picked
     /// before will never get the message ([`ShardCore::remote_undeliverable`]).
     pub(super) again: u8,
+    /// For the topic's ordinary subscribers (false: only the shared
+    /// subscriptions planned, [`Plan::drop_ordinary`]).
+    pub(super) for_ordinary: bool,
+    /// Every shared subscription of the topic took a turn (false: only
+    /// those another node or an earlier turn chose, [`Plan::restrict_picks`]).
+    pub(super) every_pick: bool,
 }
 
 /// Who may serve a shared subscription: a shard here, or another node.
@@ -114,6 +120,35 @@ impl Plan {
     pub(super) fn drop_ordinary(&mut self) {
         self.ordinary.clear();
         self.kept.clear();
+        self.for_ordinary = false;
+    }
+
+    /// Only the shared subscriptions `keep` names take a turn.
+    pub(super) fn restrict_picks(&mut self, keep: impl Fn(&SharedPick) -> bool) {
+        self.picks.retain(|(_, p)| keep(p));
+        self.node_picks.retain(|(_, p)| keep(p));
+        self.every_pick = false;
+    }
+
+    /// Whom its Accepted record says it is for: what recovery routes it
+    /// to again if it is not known applied. A message served again or
+    /// passed on names its picks; as "everyone" it would reach the
+    /// ordinary subscribers and groups that had it (a QoS 2 message
+    /// delivered twice, found by the cluster simulator, seed 42371).
+    pub(super) fn scope(&self) -> Scope {
+        let mut shared: SmallVec<[SharedPick; 1]> = SmallVec::new();
+        if !self.every_pick {
+            for (_, p) in self.picks.iter().chain(&self.node_picks) {
+                if !shared.contains(p) {
+                    shared.push(p.clone());
+                }
+            }
+        }
+        Scope {
+            ordinary: self.for_ordinary,
+            shared,
+            every_pick: self.every_pick,
+        }
     }
 }
 
@@ -351,6 +386,8 @@ impl ShardCore {
             node_picks,
             passed_on: false,
             again: 0,
+            for_ordinary: true,
+            every_pick: true,
         }
     }
 
@@ -429,6 +466,7 @@ impl ShardCore {
             scope: Scope {
                 ordinary,
                 shared: served,
+                every_pick: false,
             },
         };
         self.deliver_targets(st, now, message, local, origin, from);

@@ -336,7 +336,7 @@ impl ShardCore {
         };
         let me = r.claims.me();
         let names = &r.peer_names;
-        plan.picks.retain(|(_, pick)| {
+        plan.restrict_picks(|pick| {
             let mut lowest = true;
             st.routes.for_each_match(&message.topic, |key, _| {
                 if let RouteKey::NodeShared { pick: p, node } = key {

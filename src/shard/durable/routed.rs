@@ -92,7 +92,7 @@ impl ShardCore {
         if dests.is_empty() && causes == Causes::default() && !full {
             return Ok(none);
         }
-        let origin = self.accept(st, message, Scope::everyone(), causes, stamp_ms, dests)?;
+        let origin = self.accept(st, message, plan.scope(), causes, stamp_ms, dests)?;
         Ok(Logged {
             origin: Some(origin),
             stamp_ms,
@@ -229,6 +229,7 @@ impl ShardCore {
         let scope = Scope {
             ordinary: false,
             shared: SmallVec::from_buf([pick.clone()]),
+            every_pick: false,
         };
         let stamp_ms = st.store.as_ref().map_or(0, |s| s.wall_ms(now));
         let dests = SmallVec::from_slice(&[to]);
