@@ -452,6 +452,7 @@ mod tests {
                 ordinary: false,
                 shared: SmallVec::from_buf([pick.clone()]),
                 every_pick: false,
+                retained_elsewhere: false,
             },
             message: msg("t/1"),
             stamp_ms: 1,

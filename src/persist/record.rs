@@ -97,6 +97,10 @@ pub struct Scope {
     /// elsewhere or before (a peer's message, a pick served again): routed
     /// again, it would reach groups that had it.
     pub every_pick: bool,
+    /// A retained message for ordinary subscribers whose retained copy
+    /// another node keeps (a peer's message): routed again, this node's
+    /// retained store does not take it (a newer version may be there).
+    pub retained_elsewhere: bool,
 }
 
 impl Scope {
@@ -106,6 +110,7 @@ impl Scope {
             ordinary: true,
             shared: SmallVec::new(),
             every_pick: true,
+            retained_elsewhere: false,
         }
     }
 }
@@ -746,8 +751,10 @@ impl Writer<'_> {
     fn scope(&mut self, s: &Scope) {
         // Bit 0: ordinary; bit 1: every pick differs from ordinary (logs
         // written before the flag hold 0 or 1, which meant both or
-        // neither).
-        self.u8(u8::from(s.ordinary) | (u8::from(s.every_pick != s.ordinary) << 1));
+        // neither); bit 2: retained elsewhere.
+        self.u8(u8::from(s.ordinary)
+            | (u8::from(s.every_pick != s.ordinary) << 1)
+            | (u8::from(s.retained_elsewhere) << 2));
         self.u32(s.shared.len() as u32);
         for p in &s.shared {
             self.str(&p.group);
@@ -890,11 +897,12 @@ impl<'a> Reader<'a> {
     }
     fn scope(&mut self) -> Result<Scope, RecordError> {
         let flags = self.u8()?;
-        if flags > 3 {
+        if flags > 7 {
             return Err(RecordError::Invalid("scope flags"));
         }
         let ordinary = flags & 1 != 0;
         let every_pick = ordinary != (flags & 2 != 0);
+        let retained_elsewhere = flags & 4 != 0;
         let n = self.u32()? as usize;
         let mut shared = SmallVec::new();
         for _ in 0..n {
@@ -907,6 +915,7 @@ impl<'a> Reader<'a> {
             ordinary,
             shared,
             every_pick,
+            retained_elsewhere,
         })
     }
     fn qos(b: u8) -> Result<QoS, RecordError> {
@@ -1121,6 +1130,7 @@ mod tests {
                 filter: "a/#".into(),
             }]),
             every_pick: false,
+            retained_elsewhere: false,
         };
         let target = Target {
             sid: 3,
@@ -1230,6 +1240,7 @@ mod tests {
                 id: 5,
                 scope: Scope {
                     ordinary: true,
+                    retained_elsewhere: true,
                     ..scope.clone()
                 },
                 message: message(&c),
@@ -1301,8 +1312,15 @@ mod tests {
         let (_, buf) = at(ordinary_only.clone());
         assert_eq!(buf[FLAGS], 3);
         assert_eq!(scope_of(kind, &buf).unwrap(), ordinary_only);
+        let peers = Scope {
+            retained_elsewhere: true,
+            ..ordinary_only
+        };
+        let (_, buf) = at(peers.clone());
+        assert_eq!(buf[FLAGS], 7);
+        assert_eq!(scope_of(kind, &buf).unwrap(), peers);
         let mut bad = buf.to_vec();
-        bad[FLAGS] = 4;
+        bad[FLAGS] = 8;
         assert!(scope_of(kind, &bad).is_err());
     }
 

@@ -655,7 +655,7 @@ impl<'a> Merge<'a> {
             return;
         }
         self.rerouted += u64::from(origin.is_some());
-        if message.retain && scope.ordinary {
+        if message.retain && scope.ordinary && !scope.retained_elsewhere {
             let owner = home_shard(&message.topic, self.old_shards);
             let stored = origin.is_some_and(|o| {
                 self.images
@@ -1075,5 +1075,128 @@ mod tests {
         drop(log);
         let (second, _) = recovered(&settings);
         assert_eq!(second, Some(marks), "written again in the new generation");
+    }
+
+    /// An accepted message not known applied goes again to whom its
+    /// record names: a fresh publish to everyone, a pick served again to
+    /// its group only, a peer's message to the ordinary subscribers (and
+    /// the picks it lists), its retained copy to this node's store only
+    /// when this node keeps it.
+    #[test]
+    fn an_unsettled_accept_goes_again_only_to_whom_its_record_names() {
+        use crate::codec::{Properties, QoS, SubOptions};
+        use crate::persist::record::Causes;
+        let disk = Arc::new(MemDisk::new());
+        let clock = WallClock::now();
+        let settings = RecoverySettings {
+            data_dir: "/data".into(),
+            shards: 1,
+            segment_bytes: 1 << 20,
+            clock: Some(clock),
+            disk: Some(disk.clone()),
+        };
+        let mut log = recover(&settings).expect("recovers").shards.remove(0).log;
+        let sub = |filter: &str| {
+            let options = SubOptions {
+                qos: QoS::AtLeastOnce,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: 0,
+            };
+            let s = Subscription {
+                options,
+                subscription_id: None,
+            };
+            (filter.to_string(), s)
+        };
+        let session = |sid, client_id: &str, filter: &str| {
+            Rec::Session(Box::new(SessionRec {
+                sid,
+                client_id: client_id.into(),
+                expiry_s: 3600,
+                offline_since_ms: None,
+                subscriptions: vec![sub(filter)],
+                qos2_in: Vec::new(),
+                will: None,
+                will_due_ms: None,
+            }))
+        };
+        let message = |topic: &str, retain: bool| {
+            Arc::new(Message {
+                topic: topic.into(),
+                payload: bytes::Bytes::copy_from_slice(topic.as_bytes()),
+                qos: QoS::AtLeastOnce,
+                retain,
+                properties: Properties::default().into(),
+                expires_at: None,
+                publisher: None,
+                id: 0,
+            })
+        };
+        let pick = SharedPick {
+            group: "g".into(),
+            filter: "t/#".into(),
+        };
+        let picks_only = Scope {
+            shared: smallvec::SmallVec::from_buf([pick]),
+            ..Scope::default()
+        };
+        let peers = Scope {
+            ordinary: true,
+            retained_elsewhere: true,
+            ..Scope::default()
+        };
+        let accepts = [
+            ("t/picks", false, picks_only),
+            ("t/peers", false, peers.clone()),
+            ("t/everyone", false, Scope::everyone()),
+            ("t/peers-retained", true, peers),
+            ("t/retained", true, Scope::everyone()),
+        ];
+        let mut w = Writer::default();
+        let mut recs = vec![
+            session(1, "sub", "t/#"),
+            session(2, "member", "$share/g/t/#"),
+        ];
+        for (id, (topic, retain, scope)) in accepts.into_iter().enumerate() {
+            recs.push(Rec::Accepted {
+                id: id as u64 + 1,
+                scope,
+                message: message(topic, retain),
+                stamp_ms: clock.anchor_ms(),
+                causes: Causes::default(),
+            });
+        }
+        for rec in recs {
+            w.append(&mut log, &clock, &rec).expect("room");
+        }
+        log.sync_all().expect("synced");
+        drop(log);
+        let start = recover(&settings).expect("recovers").shards.remove(0);
+        let got = |client_id: &str| -> Vec<String> {
+            let s = (start.sessions.iter())
+                .find(|s| &*s.client_id == client_id)
+                .expect("recovered");
+            let mut topics: Vec<String> = (s.restored.queue.iter())
+                .map(|(m, _)| m.topic.to_string())
+                .collect();
+            topics.sort();
+            topics
+        };
+        let expect = |topics: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            got("sub"),
+            expect(&["t/peers", "t/everyone", "t/peers-retained", "t/retained"])
+        );
+        assert_eq!(
+            got("member"),
+            expect(&["t/picks", "t/everyone", "t/retained"])
+        );
+        let retained: Vec<&str> = start.retained.iter().map(|r| &*r.message.topic).collect();
+        assert_eq!(retained, ["t/retained"]);
     }
 }

@@ -130,12 +130,14 @@ impl Plan {
         self.every_pick = false;
     }
 
-    /// Whom its Accepted record says it is for: what recovery routes it
-    /// to again if it is not known applied. A message served again or
-    /// passed on names its picks; as "everyone" it would reach the
-    /// ordinary subscribers and groups that had it (a QoS 2 message
-    /// delivered twice, found by the cluster simulator, seed 42371).
-    pub(super) fn scope(&self) -> Scope {
+    /// Whom the Accepted record of `message` says it is for: what
+    /// recovery routes it to again if it is not known applied. A message
+    /// served again or passed on names its picks; as "everyone" it would
+    /// reach the ordinary subscribers and groups that had it (a QoS 2
+    /// message delivered twice, found by the cluster simulator, seed
+    /// 42371). A peer's retained message is not for this node's retained
+    /// store.
+    pub(super) fn scope(&self, message: &Message) -> Scope {
         let mut shared: SmallVec<[SharedPick; 1]> = SmallVec::new();
         if !self.every_pick {
             for (_, p) in self.picks.iter().chain(&self.node_picks) {
@@ -148,6 +150,7 @@ impl Plan {
             ordinary: self.for_ordinary,
             shared,
             every_pick: self.every_pick,
+            retained_elsewhere: message.retain && self.for_ordinary && self.owner.is_none(),
         }
     }
 }
@@ -210,7 +213,7 @@ impl ShardCore {
     ) -> bool {
         let mut plan = self.plan(st, &message, reach);
         if reach == Reach::Here {
-            plan.picks.clear();
+            plan.restrict_picks(|_| false);
         }
         self.route_planned(st, now, message, source, plan)
     }
@@ -467,6 +470,7 @@ impl ShardCore {
                 ordinary,
                 shared: served,
                 every_pick: false,
+                retained_elsewhere: false,
             },
         };
         self.deliver_targets(st, now, message, local, origin, from);

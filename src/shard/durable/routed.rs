@@ -92,7 +92,7 @@ impl ShardCore {
         if dests.is_empty() && causes == Causes::default() && !full {
             return Ok(none);
         }
-        let origin = self.accept(st, message, plan.scope(), causes, stamp_ms, dests)?;
+        let origin = self.accept(st, message, plan.scope(message), causes, stamp_ms, dests)?;
         Ok(Logged {
             origin: Some(origin),
             stamp_ms,
@@ -230,6 +230,7 @@ impl ShardCore {
             ordinary: false,
             shared: SmallVec::from_buf([pick.clone()]),
             every_pick: false,
+            retained_elsewhere: false,
         };
         let stamp_ms = st.store.as_ref().map_or(0, |s| s.wall_ms(now));
         let dests = SmallVec::from_slice(&[to]);
