@@ -1024,21 +1024,27 @@ mod tests {
     use super::*;
     use crate::log::disk::MemDisk;
 
-    /// A restart keeps what a session's log says of it besides its state
-    /// (`Rec::MovedIn`, `Rec::Told`): recovery hands the marks to the
-    /// shard and writes them again in the new generation, so a second
-    /// restart (or a copy of the log) still has them.
-    #[test]
-    fn a_restart_keeps_a_session_s_marks() {
-        let disk = Arc::new(MemDisk::new());
+    /// Recovery settings for one shard on an empty disk in memory, and
+    /// their clock.
+    fn one_shard_on_a_disk_in_memory() -> (RecoverySettings, WallClock) {
         let clock = WallClock::now();
         let settings = RecoverySettings {
             data_dir: "/data".into(),
             shards: 1,
             segment_bytes: 1 << 20,
             clock: Some(clock),
-            disk: Some(disk.clone()),
+            disk: Some(Arc::new(MemDisk::new())),
         };
+        (settings, clock)
+    }
+
+    /// A restart keeps what a session's log says of it besides its state
+    /// (`Rec::MovedIn`, `Rec::Told`): recovery hands the marks to the
+    /// shard and writes them again in the new generation, so a second
+    /// restart (or a copy of the log) still has them.
+    #[test]
+    fn a_restart_keeps_a_session_s_marks() {
+        let (settings, clock) = one_shard_on_a_disk_in_memory();
         let recovered = |settings: &RecoverySettings| {
             let mut r = recover(settings).expect("recovers");
             let start = r.shards.remove(0);
@@ -1086,15 +1092,7 @@ mod tests {
     fn an_unsettled_accept_goes_again_only_to_whom_its_record_names() {
         use crate::codec::{Properties, QoS, SubOptions};
         use crate::persist::record::Causes;
-        let disk = Arc::new(MemDisk::new());
-        let clock = WallClock::now();
-        let settings = RecoverySettings {
-            data_dir: "/data".into(),
-            shards: 1,
-            segment_bytes: 1 << 20,
-            clock: Some(clock),
-            disk: Some(disk.clone()),
-        };
+        let (settings, clock) = one_shard_on_a_disk_in_memory();
         let mut log = recover(&settings).expect("recovers").shards.remove(0).log;
         let sub = |filter: &str| {
             let options = SubOptions {
