@@ -451,8 +451,7 @@ mod tests {
             scope: Scope {
                 ordinary: false,
                 shared: SmallVec::from_buf([pick.clone()]),
-                every_pick: false,
-                retained_elsewhere: false,
+                ..Scope::default()
             },
             message: msg("t/1"),
             stamp_ms: 1,

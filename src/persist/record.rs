@@ -1129,8 +1129,7 @@ mod tests {
                 group: "g".into(),
                 filter: "a/#".into(),
             }]),
-            every_pick: false,
-            retained_elsewhere: false,
+            ..Scope::default()
         };
         let target = Target {
             sid: 3,

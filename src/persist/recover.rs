@@ -1171,6 +1171,7 @@ mod tests {
         log.sync_all().expect("synced");
         drop(log);
         let start = recover(&settings).expect("recovers").shards.remove(0);
+        // What each session got, sorted.
         let got = |client_id: &str| -> Vec<String> {
             let s = (start.sessions.iter())
                 .find(|s| &*s.client_id == client_id)
@@ -1181,19 +1182,11 @@ mod tests {
             topics.sort();
             topics
         };
-        let expect = |topics: &[&str]| -> Vec<String> {
-            let mut v: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
-            v.sort();
-            v
-        };
         assert_eq!(
             got("sub"),
-            expect(&["t/peers", "t/everyone", "t/peers-retained", "t/retained"])
+            ["t/everyone", "t/peers", "t/peers-retained", "t/retained"]
         );
-        assert_eq!(
-            got("member"),
-            expect(&["t/picks", "t/everyone", "t/retained"])
-        );
+        assert_eq!(got("member"), ["t/everyone", "t/picks", "t/retained"]);
         let retained: Vec<&str> = start.retained.iter().map(|r| &*r.message.topic).collect();
         assert_eq!(retained, ["t/retained"]);
     }

@@ -138,14 +138,13 @@ impl Plan {
     /// 42371). A peer's retained message is not for this node's retained
     /// store.
     pub(super) fn scope(&self, message: &Message) -> Scope {
-        let mut shared: SmallVec<[SharedPick; 1]> = SmallVec::new();
-        if !self.every_pick {
-            for (_, p) in self.picks.iter().chain(&self.node_picks) {
-                if !shared.contains(p) {
-                    shared.push(p.clone());
-                }
-            }
-        }
+        // Each pick has one server: here or on another node.
+        let shared = match self.every_pick {
+            true => SmallVec::new(),
+            false => (self.picks.iter().chain(&self.node_picks))
+                .map(|(_, p)| p.clone())
+                .collect(),
+        };
         Scope {
             ordinary: self.for_ordinary,
             shared,
@@ -469,8 +468,7 @@ impl ShardCore {
             scope: Scope {
                 ordinary,
                 shared: served,
-                every_pick: false,
-                retained_elsewhere: false,
+                ..Scope::default()
             },
         };
         self.deliver_targets(st, now, message, local, origin, from);

@@ -229,8 +229,7 @@ impl ShardCore {
         let scope = Scope {
             ordinary: false,
             shared: SmallVec::from_buf([pick.clone()]),
-            every_pick: false,
-            retained_elsewhere: false,
+            ..Scope::default()
         };
         let stamp_ms = st.store.as_ref().map_or(0, |s| s.wall_ms(now));
         let dests = SmallVec::from_slice(&[to]);
