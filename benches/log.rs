@@ -48,6 +48,7 @@ fn message_record() -> Rec {
         expires_at: None,
         publisher: Some("device-17".into()),
         id: 0,
+        late: false,
     });
     Rec::Message {
         id: 123_456,

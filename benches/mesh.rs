@@ -33,6 +33,7 @@ fn message() -> Arc<Message> {
         expires_at: None,
         publisher: None,
         id: 0,
+        late: false,
     })
 }
 

@@ -42,6 +42,15 @@ pub struct Message {
     /// origin compare in the order they were accepted. Not kept in the
     /// log.
     pub id: u64,
+    /// It reached its session out of its origin's order, or may have: its
+    /// frame was sent again on a link that came up after the message was
+    /// routed (a broken link's replay), it came while a move into the
+    /// session was on, or with such a move (in each case its node may have
+    /// routed it by a route to an older copy of the session, and its
+    /// origin's next messages elsewhere). The session does not count it as
+    /// a sign of what came before it from its origin (`Session::note_seen`).
+    /// Not kept in the log; a move does not carry it (the marks do).
+    pub late: bool,
 }
 
 /// Payloads up to this size are copied out of the connection's read buffer
@@ -76,6 +85,7 @@ impl Message {
             expires_at: None,
             publisher: None,
             id: 0,
+            late: false,
         }
     }
 
@@ -101,6 +111,7 @@ impl Message {
             expires_at,
             publisher,
             id: 0,
+            late: false,
         }
     }
 
@@ -121,6 +132,7 @@ impl Message {
             expires_at,
             publisher: None,
             id: 0,
+            late: false,
         }
     }
 

@@ -153,6 +153,7 @@ fn retained_message(topic: &str, payload: String) -> Arc<Message> {
         expires_at: None,
         publisher: None,
         id: 0,
+        late: false,
     })
 }
 

@@ -30,7 +30,7 @@ use crate::message::Message;
 use crate::router::SharedPick;
 
 /// The bridge protocol version this node speaks.
-pub const BRIDGE_VERSION: u16 = 11;
+pub const BRIDGE_VERSION: u16 = 12;
 /// Bytes before a frame's body: its length and kind.
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Longest topic filter or other string in a frame, in bytes (the MQTT
@@ -374,7 +374,10 @@ pub struct SessionOffer {
 /// [`crate::message::Message::id`]) that reached a session: the lowest
 /// and the highest id. Those between that its subscriptions matched
 /// reached it (taken as had: a copy merged from elsewhere keeps its own
-/// range unless the two overlap); those below came before it had any.
+/// range unless the two overlap); those below came before it had any. A
+/// mark whose lowest and highest are the same is that one message alone
+/// (one that reached the session outside its origin's order, say): the
+/// receiver widens no range with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OriginMark {
     /// The origin.
@@ -520,6 +523,11 @@ pub struct RemotePublish {
     /// (`shard::adopt`): only those take it (`ordinary` and `shared`
     /// aside).
     pub adopted_of: Option<(NodeName, u64)>,
+    /// Sent again on a link that came up after it was routed (a broken
+    /// link's replay, or one that waited for the link): the peer's routes
+    /// may have changed meanwhile, and its sessions do not take it as a
+    /// sign of what came before it from its origin ([`Message::late`]).
+    pub late: bool,
 }
 
 /// A frame that cannot be read.
@@ -641,7 +649,8 @@ pub fn encode(frame: &Frame, now: Instant, out: &mut BytesMut) {
             out.put_u8(kind::PUBLISH);
             out.put_u64(p.seq);
             let adopted = u8::from(p.adopted_of.is_some()) << 2;
-            out.put_u8(u8::from(p.ordinary) | u8::from(p.passed_on) << 1 | adopted);
+            let late = u8::from(p.late) << 3;
+            out.put_u8(u8::from(p.ordinary) | u8::from(p.passed_on) << 1 | adopted | late);
             if let Some((node, run)) = &p.adopted_of {
                 put_str(out, node.as_str());
                 out.put_u64(*run);
@@ -913,10 +922,10 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
         kind::PUBLISH => {
             let seq = u64_(b)?;
             let flags = u8_(b)?;
-            if flags > 7 {
+            if flags > 15 {
                 return Err(FrameError::Malformed("unknown message flags"));
             }
-            let (ordinary, passed_on) = (flags & 1 != 0, flags & 2 != 0);
+            let (ordinary, passed_on, late) = (flags & 1 != 0, flags & 2 != 0, flags & 8 != 0);
             let adopted_of = match flags & 4 {
                 0 => None,
                 _ => {
@@ -953,6 +962,7 @@ fn read_frame(b: &mut BytesMut, now: Instant) -> Result<Frame, FrameError> {
                 shared,
                 passed_on,
                 adopted_of,
+                late,
             })
         }
         kind::PING => Frame::Ping {
@@ -1294,6 +1304,7 @@ fn message(b: &mut BytesMut, now: Instant) -> Result<Message, FrameError> {
         expires_at,
         publisher,
         id,
+        late: false,
     })
 }
 
@@ -1525,6 +1536,7 @@ mod tests {
             expires_at: None,
             publisher: Some(Arc::from("pub1")),
             id: 0x0123_4567_89ab_cdef,
+            late: false,
         }
     }
 
@@ -1594,6 +1606,7 @@ mod tests {
                 }],
                 passed_on: true,
                 adopted_of: None,
+                late: false,
             }),
             Frame::Publish(RemotePublish {
                 seq: 8,
@@ -1602,6 +1615,7 @@ mod tests {
                 shared: Vec::new(),
                 passed_on: false,
                 adopted_of: Some((NodeName::new("n-2").unwrap(), 9)),
+                late: true,
             }),
             Frame::RouteDelta {
                 seq: 11,
@@ -1811,6 +1825,7 @@ mod tests {
             shared: Vec::new(),
             passed_on: false,
             adopted_of: None,
+            late: false,
         };
         encode(&Frame::Publish(p), now, &mut buf);
         let later = now + Duration::from_secs(10);

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 
 use crate::hash::HashMap;
 
-use super::frame::Frame;
+use super::frame::{Frame, RemotePublish};
 use super::node::Node;
 
 /// First and longest wait before dialing a peer again, in ms.
@@ -308,11 +308,20 @@ impl PeerLinks {
     }
 
     /// The messages `index`'s run has not confirmed, in order: for a link
-    /// that came up (the run skips those it had).
+    /// that came up (the run skips those it had). Each message among them
+    /// says it is late: routed before this link came up, by what this
+    /// node knew of the peer's routes then (`Message::late`).
     pub fn unconfirmed(&self, index: u16) -> Vec<Frame> {
+        let again = |f: &Frame| match f {
+            Frame::Publish(p) => Frame::Publish(RemotePublish {
+                late: true,
+                ..p.clone()
+            }),
+            other => other.clone(),
+        };
         self.peers
             .get(&index)
-            .map(|p| p.unacked.iter().map(|(_, f, _)| f.clone()).collect())
+            .map(|p| p.unacked.iter().map(|(_, f, _)| again(f)).collect())
             .unwrap_or_default()
     }
 
@@ -443,7 +452,6 @@ mod tests {
     }
 
     fn message() -> Frame {
-        use crate::cluster::frame::RemotePublish;
         use crate::message::Message;
         Frame::Publish(RemotePublish {
             seq: 0,
@@ -457,6 +465,7 @@ mod tests {
             shared: Vec::new(),
             passed_on: false,
             adopted_of: None,
+            late: false,
         })
     }
 
@@ -507,6 +516,9 @@ mod tests {
         assert_eq!(seqs(&sent), [1, 2, 3]);
         assert!(t.number(1, message(), 11).is_err(), "past the bound");
         assert_eq!(seqs(&t.unconfirmed(1)), [1, 2, 3]);
+        let late = |f: &Frame| matches!(f, Frame::Publish(p) if p.late);
+        assert!(!sent.iter().any(late), "written on a link up");
+        assert!(t.unconfirmed(1).iter().all(late), "written again");
         // Confirmed up to 2: only 3 is written again on the next link, and
         // there is room for more.
         assert!(t.delivered(1, 2));

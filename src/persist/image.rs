@@ -348,6 +348,7 @@ mod tests {
             expires_at: None,
             publisher: None,
             id: 0,
+            late: false,
         })
     }
 

@@ -817,6 +817,7 @@ impl Writer<'_> {
             expires_at: None,
             publisher: None,
             id: 0,
+            late: false,
         };
         self.message(&m, clock);
     }
@@ -989,6 +990,7 @@ impl<'a> Reader<'a> {
             expires_at: expires_ms.map(|ms| clock.to_instant(ms)),
             publisher: has_publisher.then(|| Arc::from(publisher)),
             id,
+            late: false,
         })
     }
     fn opt_will(&mut self, clock: &WallClock) -> Result<Option<Will>, RecordError> {
@@ -1071,6 +1073,7 @@ mod tests {
             expires_at: Some(c.to_instant(1_700_000_060_000)),
             publisher: Some("pub-1".into()),
             id: 0,
+            late: false,
         })
     }
 

@@ -1129,6 +1129,7 @@ mod tests {
                 expires_at: None,
                 publisher: None,
                 id: 0,
+                late: false,
             })
         };
         let pick = SharedPick {

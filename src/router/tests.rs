@@ -577,6 +577,7 @@ proptest! {
             expires_at: None,
             publisher: None,
             id: 0,
+            late: false,
         };
         let wants = |p: &SharedPick| {
             let g = GROUPS.iter().position(|g| **g == *p.group).unwrap();

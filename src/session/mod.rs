@@ -397,8 +397,9 @@ pub struct Session {
     moved_ids: Option<Box<HashSet<u64>>>,
     /// Cluster mode: per message origin (the high half of
     /// [`Message::id`]), the lowest and highest id that reached the
-    /// session live or with a move; a move to another node carries them.
-    seen: Option<Box<HashMap<u32, (u64, u64)>>>,
+    /// session live or with a move (a move to another node carries them),
+    /// and the QoS 2 messages that reached it late ([`Message::late`]).
+    seen: Option<Box<moving::Seen>>,
     /// What the last move here brought of the other node's `seen`, and
     /// the subscriptions the session had there: a live copy of a message
     /// of those within its origin's marks was had there, and is

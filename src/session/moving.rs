@@ -4,6 +4,7 @@
 //!
 //! Still sans-IO: plain values in and out.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -87,8 +88,15 @@ impl Session {
             .take(MARKED_FILTERS_MAX)
             .cloned()
             .collect();
-        let marks = self.seen.as_deref().cloned().unwrap_or_default();
-        self.pre_move = Some(Box::new(MovedMarks { marks, filters }));
+        let (marks, singles) = match self.seen.as_deref() {
+            Some(seen) => (seen.ranges.clone(), seen.singles.iter().copied().collect()),
+            None => Default::default(),
+        };
+        self.pre_move = Some(Box::new(MovedMarks {
+            marks,
+            filters,
+            singles,
+        }));
         true
     }
 
@@ -174,11 +182,22 @@ impl Session {
         // allowed, a loss is not). Nor one this node's ACL does not let its
         // user read.
         let pre = self.pre_move.take();
-        for m in (inflight.iter().map(|i| &i.message)).chain(queued.iter().map(|(m, _)| m)) {
-            self.note_seen(m);
-        }
+        // What the other copy held says nothing of what came between (it
+        // went through some, and some may have reached it late): its marks
+        // say that ([`Session::take_marks`]). Here each is a single.
         let mut inflight = inflight;
         let mut queued = queued;
+        for i in &mut inflight {
+            i.message = late(&i.message);
+        }
+        for (m, _) in &mut queued {
+            *m = late(m);
+        }
+        let brought = (inflight.iter().map(|i| (&i.message, &i.delivery)))
+            .chain(queued.iter().map(|(m, d)| (m, d)));
+        for (m, d) in brought {
+            self.note_seen(m, d.qos.min(m.qos));
+        }
         inflight.retain(|i| self.keep_moved(&had, pre.as_deref(), &i.message, &i.delivery));
         queued.retain(|(m, d)| self.keep_moved(&had, pre.as_deref(), m, d));
         self.pre_move = pre;
@@ -364,24 +383,58 @@ impl Session {
         }
     }
 
-    /// Note that `message` reached the session (cluster mode: it has an
-    /// id).
-    pub(super) fn note_seen(&mut self, message: &Message) {
+    /// Note that `message` reached the session at `qos` (cluster mode: it
+    /// has an id). One that came late ([`Message::late`]) says nothing of
+    /// the messages of its origin between it and those that reached the
+    /// session before: its origin's node may have sent those elsewhere
+    /// (its route to this node was for another copy of the session, since
+    /// gone). It widens no range; at QoS 2 its id is kept among the
+    /// singles ([`Seen`]).
+    pub(super) fn note_seen(&mut self, message: &Message, qos: QoS) {
         if message.id == 0 {
             return;
         }
         let seen = self.seen.get_or_insert_with(Box::default);
-        raise_mark(seen, origin(message.id), message.id);
+        let o = origin(message.id);
+        let past = |seen: &Seen| (seen.ranges.get(&o)).is_some_and(|&(_, high)| message.id > high);
+        if !message.late {
+            // Past a range a late one closed: the range starts anew.
+            if let Some(i) = seen.closed.iter().position(|&c| c == o) {
+                seen.closed.swap_remove(i);
+                if past(seen) {
+                    seen.ranges.remove(&o);
+                }
+            }
+            raise_mark(&mut seen.ranges, o, message.id);
+            return;
+        }
+        if qos == QoS::ExactlyOnce {
+            seen.note_single(message.id);
+        }
+        // One late past its origin's range: the origin's next one in
+        // order does not widen the range over what lies between.
+        if past(seen) && !seen.closed.contains(&o) {
+            seen.closed.push(o);
+        }
     }
 
     /// Per message origin, the lowest and highest id that reached the
-    /// session (for the node it moves to).
+    /// session in its origin's order, and each of the single ones that
+    /// reached it outside that order (low and high the same), for the
+    /// node it moves to.
     pub fn seen_marks(&self) -> Vec<OriginMark> {
-        let mut marks: Vec<OriginMark> = (self.seen.iter())
-            .flat_map(|s| s.iter())
-            .map(|(&origin, &(low, high))| OriginMark { origin, low, high })
-            .collect();
-        marks.sort_unstable_by_key(|m| m.origin);
+        let Some(seen) = self.seen.as_deref() else {
+            return Vec::new();
+        };
+        let ranges =
+            (seen.ranges.iter()).map(|(&origin, &(low, high))| OriginMark { origin, low, high });
+        let singles = (seen.singles.iter()).map(|&id| OriginMark {
+            origin: origin(id),
+            low: id,
+            high: id,
+        });
+        let mut marks: Vec<OriginMark> = ranges.chain(singles).collect();
+        marks.sort_unstable_by_key(|m| (m.origin, m.low));
         marks
     }
 
@@ -392,7 +445,9 @@ impl Session {
     /// had there. Else (the move was given up) the copy there lives on,
     /// or was lost with its node: only QoS 2 copies are skipped (a
     /// duplicate is allowed at QoS 1, a loss is not), and the session's
-    /// own marks stay its own.
+    /// own marks stay its own. A mark of one id is that message alone
+    /// (one that reached the other copy outside its origin's order, or
+    /// the only one of its origin that did): it widens no range.
     pub fn take_marks(&mut self, marks: &[OriginMark], filters: Vec<String>, whole: bool) {
         let slot = match whole {
             true => &mut self.moved_marks,
@@ -403,9 +458,18 @@ impl Session {
             if origin(m.low) != m.origin || origin(m.high) != m.origin || m.low > m.high {
                 continue;
             }
-            merge_range(&mut moved.marks, m);
+            let single = m.low == m.high;
+            if !single {
+                merge_range(&mut moved.marks, m);
+            } else if moved.singles.len() < SINGLES_MAX + MARKED_ORIGINS_MAX {
+                moved.singles.insert(m.low);
+            }
             if whole {
-                merge_range(self.seen.get_or_insert_with(Box::default), m);
+                let seen = self.seen.get_or_insert_with(Box::default);
+                match single {
+                    true => seen.note_single(m.low),
+                    false => merge_range(&mut seen.ranges, m),
+                }
             }
         }
         for f in filters {
@@ -468,8 +532,44 @@ fn order_by_origin(items: &mut [(Arc<Message>, Delivery)]) {
     }
 }
 
+/// What reached a session of the messages routed in the cluster
+/// ([`Session::note_seen`]).
+#[derive(Debug, Default)]
+pub(super) struct Seen {
+    /// Per origin, the lowest and highest id that reached it in its
+    /// origin's order.
+    ranges: HashMap<u32, (u64, u64)>,
+    /// Single messages outside those ranges, oldest first: the QoS 2 ones
+    /// that reached it late, and those a move brought as single marks.
+    singles: VecDeque<u64>,
+    /// Origins whose range a late message past it closed: their next
+    /// message in order starts it anew (the ids between may have gone to
+    /// another copy of the session). At most one per range.
+    closed: Vec<u32>,
+}
+
+impl Seen {
+    /// Keep `id` among the singles, the last [`SINGLES_MAX`] of them.
+    fn note_single(&mut self, id: u64) {
+        if self.singles.contains(&id) {
+            return;
+        }
+        if self.singles.len() >= SINGLES_MAX {
+            self.singles.pop_front();
+        }
+        self.singles.push_back(id);
+    }
+}
+
+/// Single messages outside its ranges a session keeps the ids of
+/// ([`Seen`]); past that, the oldest is forgotten (a copy of it that a
+/// merge brings later reaches the client again: a duplicate rather than a
+/// loss).
+pub const SINGLES_MAX: usize = 256;
+
 /// What a move brought to skip late copies by (see
-/// [`Session::take_marks`]).
+/// [`Session::take_marks`]), or a session's own marks when a move into
+/// it began ([`Session::begin_merge`]).
 #[derive(Debug, Default)]
 pub(super) struct MovedMarks {
     /// Per origin, the lowest and highest id the other node's session
@@ -477,6 +577,8 @@ pub(super) struct MovedMarks {
     marks: HashMap<u32, (u64, u64)>,
     /// The subscriptions it had there (shared ones aside).
     filters: HashSet<String>,
+    /// Single messages outside those ranges (see [`Seen`]).
+    singles: HashSet<u64>,
 }
 
 /// Origins a session keeps marks of: past it, a new origin is not marked
@@ -516,12 +618,27 @@ fn raise_mark(marks: &mut HashMap<u32, (u64, u64)>, o: u32, id: u64) {
 
 impl MovedMarks {
     /// True when `message` is within its origin's marks and one of the
-    /// filters matches it.
+    /// filters matches it, or is one of the singles.
     fn had(&self, message: &Message) -> bool {
-        message.id != 0
-            && (self.marks.get(&origin(message.id)))
-                .is_some_and(|&(low, high)| (low..=high).contains(&message.id))
-            && (self.filters.iter()).any(|f| crate::router::topic::matches(f, &message.topic))
+        if message.id == 0 {
+            return false;
+        }
+        let marked = (self.marks.get(&origin(message.id)))
+            .is_some_and(|&(low, high)| (low..=high).contains(&message.id))
+            && (self.filters.iter()).any(|f| crate::router::topic::matches(f, &message.topic));
+        marked || self.singles.contains(&message.id)
+    }
+}
+
+/// `message`, marked late ([`Message::late`]): a copy when it is not
+/// already (or has no id).
+pub(super) fn late(message: &Arc<Message>) -> Arc<Message> {
+    match message.late || message.id == 0 {
+        true => message.clone(),
+        false => Arc::new(Message {
+            late: true,
+            ..Message::clone(message)
+        }),
     }
 }
 

@@ -266,6 +266,19 @@ impl Session {
             self.done(delivery.stored);
             return;
         }
+        // While a move into the session is on, the nodes route to it by
+        // what they last knew of it: one that still had this node's route
+        // for a copy of the session since gone sends some of an origin's
+        // messages here, and the rest where the session was. What comes
+        // now is late (`Message::late`).
+        let late;
+        let message = match self.queue_waits.1 > 0 {
+            true => {
+                late = super::moving::late(message);
+                &late
+            }
+            false => message,
+        };
         if self.gathers_pending > 0 && !self.ended && !self.held_released {
             if self.held.len() < self.limits.queue_messages_max {
                 self.held.push_back((message.clone(), delivery));
@@ -343,7 +356,7 @@ impl Session {
         // other node has (a move that did not happen). A retained one for a
         // new subscription says nothing of its origin's live messages.
         if !delivery.retain {
-            self.note_seen(message);
+            self.note_seen(message, delivery.qos.min(message.qos));
         }
         if message.is_expired(now) {
             self.counters().dropped_expired += 1;

@@ -55,6 +55,7 @@ fn message(qos: QoS, expires_at: Option<Instant>) -> Arc<Message> {
         expires_at,
         publisher: None,
         id: 0,
+        late: false,
     })
 }
 
@@ -1088,6 +1089,149 @@ fn two_copies_ranges_merge_only_when_they_overlap() {
         reaching(&[(30, 40), (35, 50)], true, QoS::AtLeastOnce, &[45, 32]),
         0
     );
+}
+
+/// How 9, of origin 1, reaches a session before its 12 (see
+/// [`after_a_merge`]).
+#[derive(Clone, Copy)]
+enum Nine {
+    /// In its origin's order.
+    InOrder,
+    /// Late: a link's replay.
+    Late,
+    /// While a move into the session was on (12 after it).
+    Held,
+    /// With a move (12 too).
+    Brought,
+    /// Late, after 5 in order.
+    LateAfterFive,
+}
+
+/// How many of origin 1's messages 9 and 10, brought by a merge with
+/// another copy of a session subscribed to `a/#` at QoS 2, reach its
+/// client, once the client went through 9 and 12 there (`nine`: how 9
+/// came).
+fn after_a_merge(nine: Nine) -> usize {
+    let t0 = Instant::now();
+    let mut s = session(t0);
+    s.connect(t0, connect(Version::V5, false, 0, Some(60)), false, None);
+    drain(&mut s);
+    let options = crate::codec::SubOptions {
+        qos: QoS::ExactlyOnce,
+        ..Default::default()
+    };
+    let sub = Subscription {
+        options,
+        subscription_id: None,
+    };
+    assert!(s.take_subscription("a/#", sub));
+    let one = |id: u64| with_id(QoS::ExactlyOnce, 1 << 32 | id);
+    let late = |id: u64| {
+        Arc::new(Message {
+            late: true,
+            ..(*one(id)).clone()
+        })
+    };
+    let d = || delivery(QoS::ExactlyOnce);
+    match nine {
+        Nine::InOrder => s.deliver(t0, &one(9), d()),
+        Nine::Late => s.deliver(t0, &late(9), d()),
+        Nine::LateAfterFive => {
+            s.deliver(t0, &one(5), d());
+            s.deliver(t0, &late(9), d());
+        }
+        Nine::Held => {
+            s.begin_move_in();
+            s.deliver(t0, &one(9), d());
+            s.end_move_in(t0, HashSet::default());
+        }
+        Nine::Brought => {
+            s.begin_move_in();
+            s.take_deliveries(t0, Vec::new(), vec![(one(9), d()), (one(12), d())]);
+            s.end_move_in(t0, HashSet::default());
+        }
+    }
+    if !matches!(nine, Nine::Brought) {
+        s.deliver(t0, &one(12), d());
+    }
+    // The client goes through what it got (PUBREC, PUBCOMP).
+    let (packets, _) = drain(&mut s);
+    let ids: Vec<u16> = publishes(&packets).iter().map(|p| p.packet_id).collect();
+    for packet_id in ids {
+        let resp = PubResp {
+            packet_id,
+            ..PubResp::default()
+        };
+        s.handle_packet(t0, Packet::PubRec(resp.clone()));
+        s.handle_packet(t0, Packet::PubComp(resp));
+    }
+    drain(&mut s);
+    let marked = s.begin_merge();
+    let brought = [9, 10].map(|id| (one(id), d()));
+    s.take_deliveries(t0, Vec::new(), brought.to_vec());
+    if marked {
+        s.end_merge();
+    }
+    let (packets, _) = drain(&mut s);
+    s.check_invariants();
+    publishes(&packets).len()
+}
+
+/// Seeds 69617 and 87072 of the cluster simulator: a copy of the session
+/// took a message of an origin that its node had been sent by a route to
+/// it for an older copy, then that origin's later ones; a merge brought a
+/// QoS 2 message of that origin between the two, which the copy never
+/// had, and it was dropped as one the copy had gone through.
+#[test]
+fn a_late_message_says_nothing_of_what_came_before_it() {
+    // 9 went through this copy already; 10 never reached it.
+    assert_eq!(after_a_merge(Nine::Late), 1, "a link's replay");
+    assert_eq!(after_a_merge(Nine::Held), 1, "during a move in");
+    assert_eq!(after_a_merge(Nine::Brought), 1, "with a move");
+    assert_eq!(after_a_merge(Nine::LateAfterFive), 1, "after a range");
+    // In its origin's order, the ids between reached the copy, or were
+    // not for it (another node's route is never stale by more than that).
+    assert_eq!(after_a_merge(Nine::InOrder), 0);
+}
+
+/// Seed 87998 of the cluster simulator (with the fix above): a QoS 2
+/// message reached a session late and its client went through it; the
+/// session moved to another node, and a copy of the message that reached
+/// that node by another path went to the client again. The marks a move
+/// carries name each single message outside the ranges.
+#[test]
+fn a_late_message_goes_with_the_session_as_a_single_mark() {
+    let t0 = Instant::now();
+    let mut from = session(t0);
+    for (id, late) in [(9, true), (12, false), (13, false)] {
+        let m = Message {
+            late,
+            ..(*with_id(QoS::ExactlyOnce, 1 << 32 | id)).clone()
+        };
+        from.deliver(t0, &Arc::new(m), delivery(QoS::ExactlyOnce));
+    }
+    let marks = from.seen_marks();
+    let mark = |low: u64, high: u64| crate::cluster::frame::OriginMark {
+        origin: 1,
+        low: 1 << 32 | low,
+        high: 1 << 32 | high,
+    };
+    assert_eq!(marks, vec![mark(9, 9), mark(12, 13)]);
+    let mut to = session(t0);
+    to.connect(t0, connect(Version::V5, false, 0, Some(60)), false, None);
+    to.take_marks(&marks, vec!["a/#".to_string()], true);
+    drain(&mut to);
+    for id in [9, 10, 12] {
+        to.deliver(
+            t0,
+            &with_id(QoS::ExactlyOnce, 1 << 32 | id),
+            delivery(QoS::ExactlyOnce),
+        );
+    }
+    let (packets, _) = drain(&mut to);
+    assert_eq!(publishes(&packets).len(), 1, "10 alone");
+    // And where it goes next, the single goes too.
+    assert!(to.seen_marks().contains(&mark(9, 9)));
 }
 
 /// Every connection holds a session, idle ones too: what only some

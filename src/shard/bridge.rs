@@ -1160,6 +1160,7 @@ impl Bridge {
             shared,
             passed_on: false,
             adopted_of: Some((node.name.clone(), node.incarnation)),
+            late: false,
         };
         let what = "a message for the sessions taken over from a node";
         match self.send_numbered(now, peer, Frame::Publish(publish), bytes, what) {

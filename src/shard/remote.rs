@@ -533,8 +533,13 @@ impl ShardCore {
             shared,
             passed_on,
             adopted_of,
+            late,
             ..
         } = publish;
+        let mut message = message;
+        if late {
+            Arc::make_mut(&mut message).late = true;
+        }
         if let Some((node, run)) = adopted_of {
             drop(st);
             self.for_adopted(now, (node.as_str(), run), message, ordinary, shared);
@@ -789,6 +794,9 @@ impl ShardCore {
                     shared,
                     passed_on: plan.passed_on,
                     adopted_of: None,
+                    // Passed on, it reaches that node out of its origin's
+                    // order.
+                    late: message.late || plan.passed_on,
                 },
                 ack,
                 again: plan.again,

@@ -364,6 +364,7 @@ fn qos0_message(topic: &str) -> Arc<crate::message::Message> {
         expires_at: None,
         publisher: None,
         id: 0,
+        late: false,
     })
 }
 
@@ -509,6 +510,7 @@ fn remote_routes_reach_every_shard_before_they_are_acknowledged() {
         shared: Vec::new(),
         passed_on: false,
         adopted_of: None,
+        late: false,
     };
     c0.handle_remote_publish(t0, 7, publish);
     pump(&[&c0, &c1], t0);
@@ -580,6 +582,7 @@ fn a_shared_subscription_takes_turns_across_nodes() {
             shared: vec![pick],
             passed_on: false,
             adopted_of: None,
+            late: false,
         },
     );
     assert_eq!(written(&c0, &member, Version::V3_1_1).len(), 1);
@@ -1529,6 +1532,7 @@ fn an_orphaned_session_is_taken_in_unless_the_copy_taken_over_holds_its_move() {
             expires_at: None,
             publisher: None,
             id: 7 << 32 | id,
+            late: false,
         })
     };
     let delivery = |id| MovedDelivery {

@@ -320,6 +320,7 @@ mod tests {
             expires_at: None,
             publisher: None,
             id: 0,
+            late: false,
         });
         let rec = Rec::Accepted {
             id,

@@ -131,6 +131,7 @@ impl ShardCore {
                         expires_at: None,
                         publisher: None,
                         id: 0,
+                        late: false,
                     })
                 });
                 let store = st.store.as_mut().expect("a store");

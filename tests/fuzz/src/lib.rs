@@ -257,6 +257,7 @@ fn deliver(s: &mut Session, now: Instant, op: u8, input: &mut BytesMut, log: &mu
         expires_at: (op & 8 != 0).then(|| now + Duration::from_secs(u64::from(size % 3))),
         publisher: None,
         id: 0,
+        late: false,
     });
     let mut subscription_ids = SubIds::new();
     if op & 0x10 != 0 {
