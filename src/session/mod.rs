@@ -397,8 +397,8 @@ pub struct Session {
     moved_ids: Option<Box<HashSet<u64>>>,
     /// Cluster mode: per message origin (the high half of
     /// [`Message::id`]), the lowest and highest id that reached the
-    /// session live or with a move (a move to another node carries them),
-    /// and the QoS 2 messages that reached it late ([`Message::late`]).
+    /// session in its origin's order, and single ones outside those ranges
+    /// (`moving::Seen`); a move to another node carries them.
     seen: Option<Box<moving::Seen>>,
     /// What the last move here brought of the other node's `seen`, and
     /// the subscriptions the session had there: a live copy of a message

@@ -189,13 +189,10 @@ impl Session {
         let mut queued = queued;
         for i in &mut inflight {
             i.message = late(&i.message);
+            self.note_seen(&i.message, i.delivery.qos.min(i.message.qos));
         }
-        for (m, _) in &mut queued {
+        for (m, d) in &mut queued {
             *m = late(m);
-        }
-        let brought = (inflight.iter().map(|i| (&i.message, &i.delivery)))
-            .chain(queued.iter().map(|(m, d)| (m, d)));
-        for (m, d) in brought {
             self.note_seen(m, d.qos.min(m.qos));
         }
         inflight.retain(|i| self.keep_moved(&had, pre.as_deref(), &i.message, &i.delivery));
@@ -461,7 +458,7 @@ impl Session {
             let single = m.low == m.high;
             if !single {
                 merge_range(&mut moved.marks, m);
-            } else if moved.singles.len() < SINGLES_MAX + MARKED_ORIGINS_MAX {
+            } else if moved.singles.len() < MOVED_SINGLES_MAX {
                 moved.singles.insert(m.low);
             }
             if whole {
@@ -566,6 +563,10 @@ impl Seen {
 /// merge brings later reaches the client again: a duplicate rather than a
 /// loss).
 pub const SINGLES_MAX: usize = 256;
+
+/// Single marks a session keeps of what moves brought: as many as one
+/// move sends (its singles and a one-id range per origin).
+const MOVED_SINGLES_MAX: usize = SINGLES_MAX + MARKED_ORIGINS_MAX;
 
 /// What a move brought to skip late copies by (see
 /// [`Session::take_marks`]), or a session's own marks when a move into

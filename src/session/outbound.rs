@@ -355,15 +355,15 @@ impl Session {
         // Noted here, not while held: a held copy may be dropped as one the
         // other node has (a move that did not happen). A retained one for a
         // new subscription says nothing of its origin's live messages.
+        let qos = delivery.qos.min(message.qos);
         if !delivery.retain {
-            self.note_seen(message, delivery.qos.min(message.qos));
+            self.note_seen(message, qos);
         }
         if message.is_expired(now) {
             self.counters().dropped_expired += 1;
             self.done(delivery.stored);
             return;
         }
-        let qos = delivery.qos.min(message.qos);
         let delivery = Delivery { qos, ..delivery };
         if !self.is_connected() {
             if qos == QoS::AtMostOnce && !self.limits.queue_qos0_offline {

@@ -1126,12 +1126,7 @@ fn after_a_merge(nine: Nine) -> usize {
     };
     assert!(s.take_subscription("a/#", sub));
     let one = |id: u64| with_id(QoS::ExactlyOnce, 1 << 32 | id);
-    let late = |id: u64| {
-        Arc::new(Message {
-            late: true,
-            ..(*one(id)).clone()
-        })
-    };
+    let late = |id: u64| moving::late(&one(id));
     let d = || delivery(QoS::ExactlyOnce);
     match nine {
         Nine::InOrder => s.deliver(t0, &one(9), d()),
@@ -1204,11 +1199,9 @@ fn a_late_message_goes_with_the_session_as_a_single_mark() {
     let t0 = Instant::now();
     let mut from = session(t0);
     for (id, late) in [(9, true), (12, false), (13, false)] {
-        let m = Message {
-            late,
-            ..(*with_id(QoS::ExactlyOnce, 1 << 32 | id)).clone()
-        };
-        from.deliver(t0, &Arc::new(m), delivery(QoS::ExactlyOnce));
+        let m = with_id(QoS::ExactlyOnce, 1 << 32 | id);
+        let m = if late { moving::late(&m) } else { m };
+        from.deliver(t0, &m, delivery(QoS::ExactlyOnce));
     }
     let marks = from.seen_marks();
     let mark = |low: u64, high: u64| crate::cluster::frame::OriginMark {

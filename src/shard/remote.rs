@@ -528,7 +528,7 @@ impl ShardCore {
     pub fn handle_remote_publish(&self, now: Instant, from: u16, publish: RemotePublish) {
         let mut st = self.state.borrow_mut();
         let RemotePublish {
-            message,
+            mut message,
             ordinary,
             shared,
             passed_on,
@@ -536,7 +536,6 @@ impl ShardCore {
             late,
             ..
         } = publish;
-        let mut message = message;
         if late {
             Arc::make_mut(&mut message).late = true;
         }
